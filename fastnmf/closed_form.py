@@ -1,0 +1,124 @@
+"""Rank-one NMF in closed form (``kernel="torch"``), with a hand-written backward.
+
+For R = 1, HALS and MU agree, and after T outer iterations started from G = g0
+
+    F G^T = P X,   P = u u^T,   u = f / ||f||,   f = (X X^T)^(T-1) X g0.
+
+(Each F update is f <- X g / ||g||^2 and each G update g <- X^T f / ||f||^2; the scalings cancel
+in P.) So one pass builds the M x M Gram matrix K = X X^T and h = X g0, T - 1 small products
+give u, and a second pass writes u (u^T X). The cost does not grow with T.
+
+Forward, with every iterate normalised (no overflow for large T or large inputs):
+
+    a_1 = h,  a_t = K â_{t-1} (t = 2..T),  â_t = a_t / ||a_t||  (0 when a_t = 0),  u = â_T.
+
+Backward, given dY = dL/dY:
+
+    dP = dY X^T                                  (M x M)
+    ū_T = (dP + dP^T) u                          (from Y = u u^T X)
+    ā_t = (ū_t - â_t (â_t^T ū_t)) / ||a_t||      (through the normalisation; 0 when a_t = 0)
+    K̄ += ā_t â_{t-1}^T,  ū_{t-1} = K ā_t         (t = T..2, K symmetric)
+    h̄ = ā_1
+    dX = P dY + (K̄ + K̄^T) X + h̄ g0^T,   dg0 = X^T h̄.
+
+A zero matrix gives a zero output and a zero gradient; nothing is ever NaN.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["Rank1ClosedForm", "rank1_closed_form", "power_iterates", "compute_dtype"]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 stays float64, everything else runs in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _matvec(a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(Bm, M, N) x (N,) or (Bm, N) -> (Bm, M)."""
+    if v.dim() == 1:
+        return a @ v
+    return (a @ v.unsqueeze(-1)).squeeze(-1)
+
+
+def _normalise(a: torch.Tensor):
+    """â = a / ||a|| over the last dim, 0 where ||a|| = 0. Returns (â, ||a||)."""
+    norm = torch.linalg.vector_norm(a, dim=-1)  # (Bm,)
+    safe = torch.where(norm > 0, norm, torch.ones_like(norm))
+    return a / safe.unsqueeze(-1), norm
+
+
+def power_iterates(x: torch.Tensor, g0: torch.Tensor, iters: int):
+    """The normalised iterates â_1..â_T of the closed form and K = X X^T.
+
+    x (Bm, M, N) in the compute dtype; g0 (N,) or (Bm, N). Returns (â (Bm, T, M), norms (Bm, T),
+    K (Bm, M, M)).
+    """
+    k = x @ x.transpose(-1, -2)  # (Bm, M, M)
+    a = _matvec(x, g0)  # (Bm, M)
+    hats, norms = [], []
+    for t in range(iters):
+        if t > 0:
+            a = _matvec(k, hats[-1])  # (Bm, M)
+        a_hat, norm = _normalise(a)
+        hats.append(a_hat)
+        norms.append(norm)
+    return torch.stack(hats, dim=1), torch.stack(norms, dim=1), k
+
+
+class Rank1ClosedForm(torch.autograd.Function):
+    """Y = u u^T X for every matrix of x (Bm, M, N); see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, g0: torch.Tensor, iters: int) -> torch.Tensor:
+        cdt = compute_dtype(x.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            xc = x.to(cdt)
+            hats, norms, k = power_iterates(xc, g0.to(cdt), iters)
+            u = hats[:, -1]  # (Bm, M)
+            y = u.unsqueeze(-1) * (u.unsqueeze(-2) @ xc)  # (Bm, M, 1) * (Bm, 1, N)
+        ctx.save_for_backward(x, g0, hats, norms, k)
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, g0, hats, norms, k = ctx.saved_tensors
+        cdt = hats.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            dx, dg0 = _rank1_backward(x.to(cdt), g0.to(cdt), hats, norms, k, dy.to(cdt))
+        dg0 = dg0.to(g0.dtype) if ctx.needs_input_grad[1] else None
+        return dx.to(x.dtype), dg0, None
+
+
+def _rank1_backward(x, g0, hats, norms, k, dy):
+    """dX and dg0 of Y = u u^T X (formulas in the module docstring)."""
+    iters = hats.shape[1]
+    u = hats[:, -1]  # (Bm, M)
+    dp = dy @ x.transpose(-1, -2)  # (Bm, M, M)
+    grad_hat = _matvec(dp + dp.transpose(-1, -2), u)  # (Bm, M)
+    kbar = torch.zeros_like(k)  # (Bm, M, M)
+    hbar = torch.zeros_like(u)
+    for t in reversed(range(iters)):
+        a_hat, norm = hats[:, t], norms[:, t]  # (Bm, M), (Bm,)
+        radial = (a_hat * grad_hat).sum(-1, keepdim=True)  # (Bm, 1)
+        inv = torch.where(norm > 0, 1.0 / torch.where(norm > 0, norm, 1.0), 0.0)
+        a_bar = (grad_hat - a_hat * radial) * inv.unsqueeze(-1)  # (Bm, M)
+        if t > 0:
+            kbar = kbar + a_bar.unsqueeze(-1) * hats[:, t - 1].unsqueeze(-2)
+            grad_hat = _matvec(k, a_bar)
+        else:
+            hbar = a_bar
+    sym = kbar + kbar.transpose(-1, -2)  # (Bm, M, M)
+    g_row = g0.unsqueeze(-2)  # (1, N) or (Bm, 1, N)
+    dx = u.unsqueeze(-1) * (u.unsqueeze(-2) @ dy) + sym @ x + hbar.unsqueeze(-1) * g_row
+    dg0 = (hbar.unsqueeze(-2) @ x).squeeze(-2)  # (Bm, N)
+    if g0.dim() == 1:
+        dg0 = dg0.sum(0)
+    return dx, dg0
+
+
+def rank1_closed_form(x: torch.Tensor, g0: torch.Tensor, iters: int) -> torch.Tensor:
+    """P X for every matrix of x (Bm, M, N), P the rank-one projector after ``iters`` >= 1."""
+    return Rank1ClosedForm.apply(x, g0, iters)

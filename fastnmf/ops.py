@@ -1,0 +1,233 @@
+"""Public functional API and kernel dispatch: ``nmf`` and ``matricized_nmf``.
+
+``kernel`` picks the implementation:
+
+- ``"reference"``: the literal unrolled algorithms of :mod:`fastnmf.reference`, autograd.
+- ``"torch"``: fast vectorised PyTorch. Rank one uses the exact closed form of
+  :mod:`fastnmf.closed_form` (cost independent of ``iters``, hand-written backward); rank > 1 runs
+  the same batched loop as the reference.
+- ``"triton"``: the fused kernels of :mod:`fastnmf.kernels`.
+- ``"auto"``: triton for CUDA tensors, torch otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import _checks as C
+from . import reference
+from .closed_form import compute_dtype, power_iterates, rank1_closed_form
+
+__all__ = ["nmf", "matricized_nmf", "resolve_kernel"]
+
+
+def resolve_kernel(kernel: str, x: torch.Tensor) -> str:
+    """Map ``"auto"`` to ``"triton"`` on CUDA tensors and ``"torch"`` otherwise."""
+    C.check_choice("kernel", kernel, C.KERNELS)
+    if kernel == "auto":
+        return "triton" if x.is_cuda else "torch"
+    return kernel
+
+
+def _triton():
+    try:
+        from . import kernels
+    except ImportError as err:  # pragma: no cover - depends on the machine
+        raise RuntimeError(f"kernel='triton' needs triton, which failed to import: {err}") from err
+    return kernels
+
+
+def _check_common(iters, solver, num_grad_steps):
+    C.check_int("iters", iters, 0)
+    C.check_choice("solver", solver, C.SOLVERS)
+    if num_grad_steps is not None:
+        C.check_int("num_grad_steps", num_grad_steps, 0)
+
+
+def _mu_masks(x, g0, u0):
+    """MU keeps a zero entry of u0 or v0 at zero for ever: mask those rows and columns of X."""
+    x = x * (g0 > 0).to(x.dtype)
+    if u0 is not None:
+        x = x * (u0[:, 0] > 0).to(x.dtype).unsqueeze(-1)
+    return x
+
+
+def _start_vector(x, g0, done: int):
+    """Direction of G after ``done`` detached iterations (the scale cancels in the closed form)."""
+    if done == 0:
+        return g0
+    with torch.no_grad():
+        cdt = compute_dtype(x.dtype)
+        hats, _, _ = power_iterates(x.to(cdt), g0.to(cdt), done)
+        return (hats[:, -1].unsqueeze(-2) @ x.to(cdt)).squeeze(-2).to(x.dtype)  # (Bm, N)
+
+
+def _torch_rank1(x, g0, u0, iters, solver, num_grad_steps):
+    """Closed form on x (Bm, M, N) with start vector g0 (N,) or (Bm, N); iters >= 1."""
+    if solver == "mu":
+        x = _mu_masks(x, g0, u0)
+    k = iters if num_grad_steps is None else min(num_grad_steps, iters)
+    if k == 0:
+        with torch.no_grad():
+            return rank1_closed_form(x, g0, iters)
+    g = _start_vector(x, g0, iters - k)
+    return rank1_closed_form(x, g, k)
+
+
+def nmf(
+    x: torch.Tensor,
+    v0: torch.Tensor,
+    *,
+    u0: torch.Tensor | None = None,
+    iters: int = 5,
+    solver: str = "hals",
+    kernel: str = "auto",
+    num_grad_steps: int | None = None,
+    check: bool | None = None,
+) -> torch.Tensor:
+    """NMF of every matrix of ``x`` (..., M, N), returning F G^T after ``iters`` iterations.
+
+    Args:
+        x: nonnegative input (..., M, N), floating dtype.
+        v0: (N, R) initial G, shared by every matrix.
+        u0: (M, R) initial F where the solver uses it (None: all ones).
+        iters: outer iterations T (F then G in each); 0 returns u0 v0^T.
+        solver: ``"hals"`` (Algorithm 2) or ``"mu"`` (Algorithm 1).
+        kernel: ``"auto"``, ``"triton"``, ``"torch"`` or ``"reference"``.
+        num_grad_steps: only the last k iterations carry gradient (None: all).
+        check: check values (finite, nonnegative). None: on CPU only, since on a GPU the check
+            forces a device sync.
+
+    Returns:
+        Tensor of the same shape and dtype as ``x``.
+    """
+    C.check_float_tensor("x", x)
+    if x.dim() < 2 or x.shape[-1] == 0 or x.shape[-2] == 0:
+        raise ValueError(f"x must have shape (..., M, N) with M, N >= 1, got {tuple(x.shape)}")
+    m, n = x.shape[-2:]
+    C.check_factor("v0", v0, n, "N = x.shape[-1]", x)
+    rank = v0.shape[1]
+    if u0 is not None:
+        C.check_factor("u0", u0, m, "M = x.shape[-2]", x, rank)
+    _check_common(iters, solver, num_grad_steps)
+    kernel = resolve_kernel(kernel, x)
+    if C.want_value_checks(check, x):
+        C.check_nonnegative("x", x)
+        C.check_nonnegative("v0", v0)
+        if u0 is not None:
+            C.check_nonnegative("u0", u0)
+    if x.numel() == 0:
+        return x.clone()
+    if kernel == "reference" or iters == 0:  # iters == 0: u0 v0^T, nothing to accelerate
+        return reference.nmf_loop(x, v0, u0, iters, solver, num_grad_steps)
+    if kernel == "triton":
+        return _triton().nmf(
+            x, v0, u0=u0, iters=iters, solver=solver, num_grad_steps=num_grad_steps
+        )
+    if rank > 1:
+        return reference.nmf_loop(x, v0, u0, iters, solver, num_grad_steps)
+    y = _torch_rank1(x.reshape(-1, m, n), v0[:, 0], u0, iters, solver, num_grad_steps)
+    return y.reshape(x.shape)  # (..., M, N)
+
+
+def _torch_matricized(z, v0, head_dim, patch, shifts, u0, iters, solver, num_grad_steps):
+    """Rank-one closed form over the matricization of z = ReLU(x) (B, C, *S)."""
+    spatial = tuple(z.shape[2:])
+    dims = tuple(range(2, z.dim()))
+    items = reference.shifts_as_tuples(shifts, len(spatial))
+    g0 = v0[:, 0]
+    out = None
+    if patch is None:
+        # A roll permutes the columns of a global matrix: X_s g0 = X roll(g0, -s) and K is
+        # unchanged, so roll g0 instead of the volume.
+        mats = reference.matricize(z, head_dim, None)  # (B, H, 1, E, N)
+        flat = mats.reshape(-1, head_dim, mats.shape[-1])  # (B*H, E, N)
+        for s in items:
+            g = torch.roll(g0.reshape(spatial), tuple(-v for v in s), dims=tuple(range(len(spatial))))
+            g = g.reshape(-1)  # (N,)
+            y = _torch_rank1(flat, g, u0, iters, solver, num_grad_steps)  # (B*H, E, N)
+            out = y if out is None else out + y
+        out = reference.dematricize(out.reshape(mats.shape), spatial, None)
+        return out / len(items)
+    for s in items:
+        rolled = torch.roll(z, s, dims) if any(s) else z
+        mats = reference.matricize(rolled, head_dim, patch)  # (B, H, nw, E, N)
+        y = _torch_rank1(mats.reshape(-1, *mats.shape[-2:]), g0, u0, iters, solver, num_grad_steps)
+        y = reference.dematricize(y.reshape(mats.shape), spatial, patch)  # (B, C, *S)
+        y = torch.roll(y, tuple(-v for v in s), dims) if any(s) else y
+        out = y if out is None else out + y
+    return out / len(items)
+
+
+def matricized_nmf(
+    x: torch.Tensor,
+    v0: torch.Tensor,
+    *,
+    head_dim: int = 8,
+    patch_size: int | Sequence[int] | None = None,
+    shifts: Sequence | None = None,
+    u0: torch.Tensor | None = None,
+    iters: int = 5,
+    solver: str = "hals",
+    kernel: str = "auto",
+    num_grad_steps: int | None = None,
+    check: bool | None = None,
+) -> torch.Tensor:
+    """Dematricize(NMF(ReLU(Matricize(x)))), averaged over shifted windows.
+
+    Args:
+        x: (B, C, *S) before ReLU, 2 or 3 spatial dims, C divisible by ``head_dim``.
+        v0: (N, R) initial G with N = prod(patch_size), or prod(S) for a global matricization.
+        head_dim: rows E of each matrix (channels per head).
+        patch_size: window size (int or one int per spatial dim; S must be divisible by it);
+            None matricizes each head globally.
+        shifts: None for one unshifted matricization, or a list whose items are None, an int or
+            one int per spatial dim: the input is rolled by +s, factorized, the reconstruction
+            rolled back by -s, and the results averaged. Swin default: ``[None, P // 2]``.
+        u0, iters, solver, kernel, num_grad_steps, check: as in :func:`nmf`; ``check`` here only
+            looks for NaN/Inf in x (the ReLU makes any finite input valid).
+
+    Returns:
+        Tensor of the same shape and dtype as ``x``.
+    """
+    spatial = C.check_matricized_input(x, head_dim)
+    patch = C.check_patch(patch_size, spatial)
+    shifts = C.check_shifts(shifts, len(spatial))
+    n = C.matrix_columns(spatial, patch)
+    what = "N = prod(patch_size)" if patch is not None else "N = prod(spatial size)"
+    C.check_factor("v0", v0, n, what, x)
+    rank = v0.shape[1]
+    if u0 is not None:
+        C.check_factor("u0", u0, head_dim, "M = head_dim", x, rank)
+    _check_common(iters, solver, num_grad_steps)
+    kernel = resolve_kernel(kernel, x)
+    if C.want_value_checks(check, x):
+        C.check_finite("x", x)
+        C.check_nonnegative("v0", v0)
+        if u0 is not None:
+            C.check_nonnegative("u0", u0)
+    if kernel == "reference" or iters == 0:  # iters == 0: u0 v0^T, nothing to accelerate
+        return reference.matricized_nmf(
+            x, v0, head_dim, patch, shifts, u0, iters, solver, num_grad_steps
+        )
+    if kernel == "triton":
+        return _triton().matricized_nmf(
+            x,
+            v0,
+            head_dim=head_dim,
+            patch_size=patch,
+            shifts=shifts,
+            u0=u0,
+            iters=iters,
+            solver=solver,
+            num_grad_steps=num_grad_steps,
+        )
+    if rank > 1:
+        return reference.matricized_nmf(
+            x, v0, head_dim, patch, shifts, u0, iters, solver, num_grad_steps
+        )
+    return _torch_matricized(
+        torch.relu(x), v0, head_dim, patch, shifts, u0, iters, solver, num_grad_steps
+    )

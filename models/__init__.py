@@ -1,0 +1,1 @@
+"""Factorizer models, baselines and the model registry (installed as ``fastnmf.models``)."""
