@@ -49,7 +49,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         y = step()
         outputs[kernel] = (y.detach(), x.grad.detach().clone())
         seconds = _time(step, args.repeats)
-        print(f"  kernel={kernel:<9} output {tuple(y.shape)}  forward+backward {seconds * 1e3:8.1f} ms")
+        ms = seconds * 1e3
+        print(f"  kernel={kernel:<9} output {tuple(y.shape)}  forward+backward {ms:8.1f} ms")
     names = list(outputs)
     for other in names[1:]:
         dy = (outputs[other][0] - outputs[names[0]][0]).abs().max().item()

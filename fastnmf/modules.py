@@ -103,7 +103,10 @@ class NMF(_FactorBuffers):
 
     def extra_repr(self) -> str:
         m, n = self.u0.shape[0], self.v0.shape[0]
-        return f"size=({m}, {n}), rank={self.rank}, iters={self.iters}, solver={self.solver!r}, kernel={self.kernel!r}"
+        return (
+            f"size=({m}, {n}), rank={self.rank}, iters={self.iters}, "
+            f"solver={self.solver!r}, kernel={self.kernel!r}"
+        )
 
 
 class MatricizedNMF(_FactorBuffers):

@@ -145,7 +145,9 @@ def _torch_matricized(z, v0, head_dim, patch, shifts, u0, iters, solver, num_gra
         mats = reference.matricize(z, head_dim, None)  # (B, H, 1, E, N)
         flat = mats.reshape(-1, head_dim, mats.shape[-1])  # (B*H, E, N)
         for s in items:
-            g = torch.roll(g0.reshape(spatial), tuple(-v for v in s), dims=tuple(range(len(spatial))))
+            g = torch.roll(
+                g0.reshape(spatial), tuple(-v for v in s), dims=tuple(range(len(spatial)))
+            )
             g = g.reshape(-1)  # (N,)
             y = _torch_rank1(flat, g, u0, iters, solver, num_grad_steps)  # (B*H, E, N)
             out = y if out is None else out + y
