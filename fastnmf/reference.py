@@ -24,10 +24,13 @@ __all__ = [
     "safe_div",
     "mu_step",
     "hals_step",
+    "nmf_factors",
     "nmf_loop",
     "matricize",
     "dematricize",
     "matricized_nmf",
+    "shifts_as_tuples",
+    "window_count",
 ]
 
 
@@ -77,19 +80,19 @@ def hals_step(x: torch.Tensor, f: torch.Tensor, g: torch.Tensor):
 _STEPS = {"mu": mu_step, "hals": hals_step}
 
 
-def nmf_loop(
+def nmf_factors(
     x: torch.Tensor,
     v0: torch.Tensor,
     u0: torch.Tensor | None = None,
     iters: int = 5,
     solver: str = "hals",
     num_grad_steps: int | None = None,
-) -> torch.Tensor:
-    """F G^T after ``iters`` outer iterations of ``solver`` on every matrix of ``x`` (..., M, N).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(F, G) after ``iters`` outer iterations of ``solver`` on every matrix of ``x`` (..., M, N).
 
     ``v0`` (N, R) initialises G and ``u0`` (M, R) initialises F (all ones when None); both are
     shared by every matrix. Only the last ``num_grad_steps`` iterations carry gradient (None:
-    all), as in the original code.
+    all), as in the original code. F is (..., M, R) and G is (..., N, R).
     """
     step = _STEPS[solver]
     m, n = x.shape[-2:]
@@ -103,6 +106,19 @@ def nmf_loop(
     for it in range(1, iters + 1):
         with torch.set_grad_enabled(torch.is_grad_enabled() and it >= iters - k + 1):
             f, g = step(x, f, g)
+    return f, g
+
+
+def nmf_loop(
+    x: torch.Tensor,
+    v0: torch.Tensor,
+    u0: torch.Tensor | None = None,
+    iters: int = 5,
+    solver: str = "hals",
+    num_grad_steps: int | None = None,
+) -> torch.Tensor:
+    """F G^T of :func:`nmf_factors`: the reconstruction (..., M, N)."""
+    f, g = nmf_factors(x, v0, u0, iters, solver, num_grad_steps)
     return f @ g.transpose(-1, -2)  # (..., M, N)
 
 
