@@ -1,0 +1,276 @@
+"""Building blocks of the Factorizer networks and the Performer baseline.
+
+- :class:`ChannelLayerNorm`: LayerNorm over the channels of a (B, C, *S) tensor.
+- :class:`MLP`: pointwise conv -> GELU -> dropout -> pointwise conv -> dropout (Eq. 5).
+- :class:`WrappedNMF`: pointwise conv in -> matricized NMF -> pointwise conv out -> dropout
+  (paper Eq. 6), the context sub-block of a Factorizer.
+- :class:`FavorAttention`: multi-head self-attention over all voxels with FAVOR+ (positive
+  orthogonal random features, Choromanski et al. 2020), the context sub-block of the Performer.
+- :class:`FactorizerBlock`: [adapter] -> x + mixer(LN(x)) -> x + MLP(LN(x)) (Eq. 4-5); with a
+  :class:`FavorAttention` mixer it is the ViT block of the Performer baseline.
+- :class:`PositionEmbedding`: a learnable (1, C, *S) tensor added to the input.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from monai.networks.layers.factories import Conv
+from torch import nn
+
+from fastnmf import MatricizedNMF
+
+__all__ = [
+    "pointwise_conv",
+    "ChannelLayerNorm",
+    "MLP",
+    "WrappedNMF",
+    "FavorAttention",
+    "FactorizerBlock",
+    "PositionEmbedding",
+    "orthogonal_random_features",
+]
+
+
+def pointwise_conv(
+    in_channels: int, out_channels: int, *, spatial_dims: int, bias: bool
+) -> nn.Module:
+    """A 1 x 1 (x 1) convolution: a per-voxel linear map of the channels."""
+    return Conv[Conv.CONV, spatial_dims](in_channels, out_channels, kernel_size=1, bias=bias)
+
+
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over the channel dim of a channels-first (B, C, *S) tensor."""
+
+    def __init__(self, channels: int, *, eps: float = 1e-5):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(x.movedim(1, -1))  # (B, *S, C)
+        return y.movedim(-1, 1)  # (B, C, *S)
+
+
+class MLP(nn.Module):
+    """Pointwise conv (C -> ratio * C), GELU, dropout, pointwise conv (-> C), dropout."""
+
+    def __init__(self, channels: int, *, spatial_dims: int, ratio: float, dropout: float):
+        super().__init__()
+        hidden = int(ratio * channels)
+        if hidden < 1:
+            raise ValueError(f"mlp_ratio={ratio} gives {hidden} hidden channels for C={channels}")
+        self.fc1 = pointwise_conv(channels, hidden, spatial_dims=spatial_dims, bias=True)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(dropout)
+        self.fc2 = pointwise_conv(hidden, channels, spatial_dims=spatial_dims, bias=True)
+        self.drop2 = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class WrappedNMF(nn.Module):
+    """``y = Dropout(W_out Dematricize(NMF(ReLU(Matricize(W_in x)))))`` (paper Eq. 6).
+
+    ``W_in`` is a pointwise conv without bias and ``W_out`` one with bias, both C -> C (the
+    original code's ``ratio=1``). The middle is :class:`fastnmf.MatricizedNMF`, kept as
+    ``self.nmf`` so that its rank, iters, solver and kernel can be changed at any time.
+
+    ``bypass = True`` short-circuits the factorization (the NMF becomes the identity, leaving
+    ``W_out ReLU(W_in x)``), which is how the paper removes the NMF of a block at inference time
+    (Fig. 8, "removing one layer" and "keeping up to layer L").
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        spatial_dims: int,
+        head_dim: int,
+        patch_size: int | Sequence[int] | None,
+        spatial_size: Sequence[int] | None,
+        shifts: Sequence | str | None,
+        rank: int,
+        iters: int,
+        solver: str,
+        kernel: str,
+        dropout: float,
+        seed: int | None = None,
+    ):
+        super().__init__()
+        if channels % head_dim:
+            raise ValueError(
+                f"channels C={channels} are not divisible by head_dim={head_dim}; valid head_dim "
+                f"values: {[d for d in range(1, channels + 1) if channels % d == 0]}"
+            )
+        self.in_proj = pointwise_conv(channels, channels, spatial_dims=spatial_dims, bias=False)
+        self.nmf = MatricizedNMF(
+            head_dim=head_dim,
+            patch_size=patch_size,
+            spatial_size=None if patch_size is not None else spatial_size,
+            spatial_dims=spatial_dims,
+            shifts=shifts,
+            rank=rank,
+            iters=iters,
+            solver=solver,
+            kernel=kernel,
+            seed=seed,
+        )
+        self.out_proj = pointwise_conv(channels, channels, spatial_dims=spatial_dims, bias=True)
+        self.dropout = nn.Dropout(dropout)
+        self.bypass = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.in_proj(x)  # (B, C, *S)
+        z = torch.relu(z) if self.bypass else self.nmf(z)
+        return self.dropout(self.out_proj(z))
+
+    def extra_repr(self) -> str:
+        return f"bypass={self.bypass}"
+
+
+def orthogonal_random_features(
+    num_features: int, dim: int, *, generator: torch.Generator
+) -> torch.Tensor:
+    """(num_features, dim): rows orthogonal in blocks of ``dim``, norms chi(dim)-distributed.
+
+    The orthogonal random features of FAVOR+ (Choromanski et al. 2020, section 2.4): each block
+    of ``dim`` rows is the Q of a Gaussian matrix's QR decomposition, and every row is rescaled
+    to the norm of an independent Gaussian vector so that rows are marginally N(0, I).
+    """
+    blocks = []
+    for _ in range(math.ceil(num_features / dim)):
+        gauss = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
+        q, _ = torch.linalg.qr(gauss)
+        blocks.append(q.T)  # (dim, dim), orthonormal rows
+    w = torch.cat(blocks, dim=0)[:num_features]  # (m, dim)
+    norms = torch.randn(num_features, dim, generator=generator, dtype=torch.float64).norm(dim=1)
+    return (w * norms.unsqueeze(1)).float()  # (m, dim)
+
+
+class FavorAttention(nn.Module):
+    """Global multi-head self-attention over all voxels, approximated by FAVOR+.
+
+    softmax(q k^T / sqrt(E)) v is replaced by D^-1 phi(q) (phi(k)^T v) with the positive random
+    features phi(x) = exp(W x' - |x'|^2 / 2) / sqrt(m), x' = x / E^(1/4), W the
+    (m, E) orthogonal random features (a buffer drawn once from a private generator; m =
+    ``num_features``, default int(E ln E) as in the reference implementation). Cost is linear in
+    the number of voxels. Projections: q, k, v pointwise convs without bias (one fused C -> 3C
+    conv) and an output pointwise conv with bias, then dropout.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        spatial_dims: int,
+        head_dim: int,
+        dropout: float,
+        num_features: int | None = None,
+        seed: int | None = None,
+        eps: float = 1e-6,
+    ):
+        super().__init__()
+        if channels % head_dim:
+            raise ValueError(
+                f"channels C={channels} are not divisible by head_dim={head_dim}; valid head_dim "
+                f"values: {[d for d in range(1, channels + 1) if channels % d == 0]}"
+            )
+        self.head_dim = head_dim
+        self.num_heads = channels // head_dim
+        m = num_features if num_features is not None else max(1, int(head_dim * math.log(head_dim)))
+        gen = torch.Generator()
+        gen.manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else seed)
+        self.register_buffer("projection", orthogonal_random_features(m, head_dim, generator=gen))
+        self.eps = eps
+        self.qkv = pointwise_conv(channels, 3 * channels, spatial_dims=spatial_dims, bias=False)
+        self.out_proj = pointwise_conv(channels, channels, spatial_dims=spatial_dims, bias=True)
+        self.dropout = nn.Dropout(dropout)
+
+    def _features(self, x: torch.Tensor, *, is_query: bool) -> torch.Tensor:
+        """Positive random features of x (B, H, N, E) -> (B, H, N, m)."""
+        x = x * self.head_dim**-0.25
+        proj = x @ self.projection.to(x.dtype).T  # (B, H, N, m)
+        diag = 0.5 * (x * x).sum(-1, keepdim=True)  # (B, H, N, 1)
+        # A constant shift per query row (or per key matrix) cancels in D^-1; it only prevents
+        # overflow of the exponential.
+        if is_query:
+            stab = proj.amax(dim=-1, keepdim=True).detach()  # (B, H, N, 1)
+        else:
+            stab = proj.amax(dim=(-2, -1), keepdim=True).detach()  # (B, H, 1, 1)
+        m = proj.shape[-1]
+        return (torch.exp(proj - diag - stab) + self.eps) / math.sqrt(m)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, *spatial = x.shape
+        qkv = self.qkv(x).reshape(b, 3, self.num_heads, self.head_dim, -1)  # (B, 3, H, E, N)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)  # each (B, H, N, E)
+        qf = self._features(q, is_query=True)  # (B, H, N, m)
+        kf = self._features(k, is_query=False)  # (B, H, N, m)
+        kv = kf.transpose(-1, -2) @ v  # (B, H, m, E)
+        norm = qf @ kf.sum(dim=-2).unsqueeze(-1)  # (B, H, N, 1)
+        out = (qf @ kv) / norm  # (B, H, N, E)
+        out = out.transpose(-1, -2).reshape(b, c, *spatial)  # (B, C, *S)
+        return self.dropout(self.out_proj(out))
+
+    def extra_repr(self) -> str:
+        return (
+            f"heads={self.num_heads}, head_dim={self.head_dim}, features={self.projection.shape[0]}"
+        )
+
+
+class FactorizerBlock(nn.Module):
+    """A Factorizer block (Eq. 4-5): ``x = x + mixer(LN(x)); x = x + MLP(LN(x))``.
+
+    With ``in_channels != out_channels`` (decoder blocks, after the skip concatenation) a
+    pointwise conv without bias and a dropout first map the input to ``out_channels``, as in the
+    original code. ``mixer`` is a :class:`WrappedNMF` for a Factorizer, a
+    :class:`FavorAttention` for the Performer baseline.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        mixer: nn.Module,
+        spatial_dims: int,
+        mlp_ratio: float,
+        dropout: float,
+    ):
+        super().__init__()
+        if in_channels != out_channels:
+            self.adapter = nn.Sequential(
+                pointwise_conv(in_channels, out_channels, spatial_dims=spatial_dims, bias=False),
+                nn.Dropout(dropout),
+            )
+        else:
+            self.adapter = nn.Identity()
+        self.norm1 = ChannelLayerNorm(out_channels)
+        self.mixer = mixer
+        self.norm2 = ChannelLayerNorm(out_channels)
+        self.mlp = MLP(out_channels, spatial_dims=spatial_dims, ratio=mlp_ratio, dropout=dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.adapter(x)
+        x = x + self.mixer(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class PositionEmbedding(nn.Module):
+    """A learnable (1, C, *S) embedding added to the input (init N(0, 1) as in the original)."""
+
+    def __init__(self, channels: int, spatial_size: Sequence[int], *, dropout: float = 0.0):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(1, channels, *spatial_size))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1:] != self.pos.shape[1:]:
+            raise ValueError(
+                f"the position embedding has shape {tuple(self.pos.shape[1:])} (C, *S) but the "
+                f"bridge input has shape {tuple(x.shape[1:])}"
+            )
+        return self.dropout(x + self.pos)

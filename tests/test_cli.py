@@ -1,0 +1,33 @@
+"""The fastnmf command."""
+
+import subprocess
+import sys
+
+from fastnmf.cli import main
+
+
+def test_help_lists_subcommands(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert "demo" in out and "info" in out
+
+
+def test_demo_runs_and_kernels_agree(capsys):
+    assert main(["demo", "--size", "16", "--channels", "16", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "kernel=torch" in out and "kernel=reference" in out
+    line = next(s for s in out.splitlines() if "max |reference - torch|" in s)
+    err = float(line.split("output")[1].split(",")[0])
+    assert err < 1e-4
+
+
+def test_bad_argument_exit_code(capsys):
+    assert main(["demo", "--size", "12", "--window", "8", "--repeats", "1"]) == 2
+    assert "not divisible by patch_size" in capsys.readouterr().err
+
+
+def test_console_module_entry():
+    out = subprocess.run(
+        [sys.executable, "-m", "fastnmf", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "demo" in out
