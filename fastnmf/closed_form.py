@@ -28,7 +28,14 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["Rank1ClosedForm", "rank1_closed_form", "power_iterates", "compute_dtype"]
+__all__ = [
+    "Rank1ClosedForm",
+    "rank1_closed_form",
+    "power_iterates",
+    "iterate_gram",
+    "backprop_iterates",
+    "compute_dtype",
+]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -50,6 +57,22 @@ def _normalise(a: torch.Tensor):
     return a / safe.unsqueeze(-1), norm
 
 
+def iterate_gram(k: torch.Tensor, h: torch.Tensor, iters: int):
+    """Normalised iterates from the Gram matrix: â_1 = h/||h||, â_t ∝ K â_{t-1}.
+
+    k (..., M, M), h (..., M). Returns (â (..., T, M), norms ||a_t|| (..., T)).
+    """
+    a = h
+    hats, norms = [], []
+    for t in range(iters):
+        if t > 0:
+            a = (k @ hats[-1].unsqueeze(-1)).squeeze(-1)  # (..., M)
+        a_hat, norm = _normalise(a)
+        hats.append(a_hat)
+        norms.append(norm)
+    return torch.stack(hats, dim=-2), torch.stack(norms, dim=-1)
+
+
 def power_iterates(x: torch.Tensor, g0: torch.Tensor, iters: int):
     """The normalised iterates â_1..â_T of the closed form and K = X X^T.
 
@@ -57,15 +80,30 @@ def power_iterates(x: torch.Tensor, g0: torch.Tensor, iters: int):
     K (Bm, M, M)).
     """
     k = x @ x.transpose(-1, -2)  # (Bm, M, M)
-    a = _matvec(x, g0)  # (Bm, M)
-    hats, norms = [], []
-    for t in range(iters):
+    hats, norms = iterate_gram(k, _matvec(x, g0), iters)
+    return hats, norms, k
+
+
+def backprop_iterates(dp: torch.Tensor, hats: torch.Tensor, norms: torch.Tensor, k: torch.Tensor):
+    """From dP = dL/dP (..., M, M) back through u = â_T to (S = K̄ + K̄^T, h̄).
+
+    hats (..., T, M), norms (..., T), k (..., M, M) as from :func:`iterate_gram`.
+    """
+    iters = hats.shape[-2]
+    grad_hat = ((dp + dp.transpose(-1, -2)) @ hats[..., -1, :].unsqueeze(-1)).squeeze(-1)
+    kbar = torch.zeros_like(k)  # (..., M, M)
+    hbar = torch.zeros_like(grad_hat)
+    for t in reversed(range(iters)):
+        a_hat, norm = hats[..., t, :], norms[..., t]  # (..., M), (...)
+        radial = (a_hat * grad_hat).sum(-1, keepdim=True)  # (..., 1)
+        inv = torch.where(norm > 0, 1.0 / torch.where(norm > 0, norm, 1.0), 0.0)
+        a_bar = (grad_hat - a_hat * radial) * inv.unsqueeze(-1)  # (..., M)
         if t > 0:
-            a = _matvec(k, hats[-1])  # (Bm, M)
-        a_hat, norm = _normalise(a)
-        hats.append(a_hat)
-        norms.append(norm)
-    return torch.stack(hats, dim=1), torch.stack(norms, dim=1), k
+            kbar = kbar + a_bar.unsqueeze(-1) * hats[..., t - 1, :].unsqueeze(-2)
+            grad_hat = (k @ a_bar.unsqueeze(-1)).squeeze(-1)
+        else:
+            hbar = a_bar
+    return kbar + kbar.transpose(-1, -2), hbar
 
 
 class Rank1ClosedForm(torch.autograd.Function):
@@ -94,23 +132,9 @@ class Rank1ClosedForm(torch.autograd.Function):
 
 def _rank1_backward(x, g0, hats, norms, k, dy):
     """dX and dg0 of Y = u u^T X (formulas in the module docstring)."""
-    iters = hats.shape[1]
     u = hats[:, -1]  # (Bm, M)
     dp = dy @ x.transpose(-1, -2)  # (Bm, M, M)
-    grad_hat = _matvec(dp + dp.transpose(-1, -2), u)  # (Bm, M)
-    kbar = torch.zeros_like(k)  # (Bm, M, M)
-    hbar = torch.zeros_like(u)
-    for t in reversed(range(iters)):
-        a_hat, norm = hats[:, t], norms[:, t]  # (Bm, M), (Bm,)
-        radial = (a_hat * grad_hat).sum(-1, keepdim=True)  # (Bm, 1)
-        inv = torch.where(norm > 0, 1.0 / torch.where(norm > 0, norm, 1.0), 0.0)
-        a_bar = (grad_hat - a_hat * radial) * inv.unsqueeze(-1)  # (Bm, M)
-        if t > 0:
-            kbar = kbar + a_bar.unsqueeze(-1) * hats[:, t - 1].unsqueeze(-2)
-            grad_hat = _matvec(k, a_bar)
-        else:
-            hbar = a_bar
-    sym = kbar + kbar.transpose(-1, -2)  # (Bm, M, M)
+    sym, hbar = backprop_iterates(dp, hats, norms, k)  # (Bm, M, M), (Bm, M)
     g_row = g0.unsqueeze(-2)  # (1, N) or (Bm, 1, N)
     dx = u.unsqueeze(-1) * (u.unsqueeze(-2) @ dy) + sym @ x + hbar.unsqueeze(-1) * g_row
     dg0 = (hbar.unsqueeze(-2) @ x).squeeze(-2)  # (Bm, N)
