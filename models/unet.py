@@ -162,7 +162,9 @@ class UNet(nn.Module):
         spatial = tuple(x.shape[2:])
         self._check_spatial(spatial, what="input spatial size")
         if self.fixed_size and spatial != self.spatial_size:
-            d = next(i for i, (a, b) in enumerate(zip(spatial, self.spatial_size)) if a != b)
+            d = next(
+                i for i, (a, b) in enumerate(zip(spatial, self.spatial_size, strict=True)) if a != b
+            )
             raise ValueError(
                 f"input spatial size {spatial} differs from this network's spatial_size "
                 f"{self.spatial_size} at dim {d} ({spatial[d]} != {self.spatial_size[d]}); its "
