@@ -168,13 +168,18 @@ def _warp_anatomy(
     return {k: v.astype(np.float32) * mask for k, v in maps.items()} | {"mask": mask}, out_aff
 
 
-def _tumour(rng: np.random.Generator, anat: dict[str, np.ndarray], spacing: float) -> np.ndarray:
+def _tumour(
+    rng: np.random.Generator, anat: dict[str, np.ndarray], affine: np.ndarray, spacing: float
+) -> np.ndarray:
     """MSD-style label map: 1 oedema, 2 necrotic core, 3 enhancing rim (nested by construction)."""
     mask, wm, gm = anat["mask"], anat["wm"], anat["gm"]
     shape = mask.shape
     r_core = rng.uniform(11.0, 22.0)  # tumour-core radius, mm
     depth = max(1, int(round(0.5 * r_core / spacing)))
     inner = ndi.binary_erosion(mask, iterations=depth) & (wm + gm > 0.6)
+    z_world = affine[2, 2] * np.arange(shape[2]) + affine[2, 3]  # MNI z (mm) of each slice
+    supra = inner & (z_world > -10.0)[None, None, :]  # gliomas: mostly above the tentorium
+    inner = supra if supra.any() else inner
     if not inner.any():  # tiny grids: fall back to the brain itself
         inner = mask if mask.any() else np.ones(shape, bool)
     cands = np.argwhere(inner)
@@ -186,8 +191,8 @@ def _tumour(rng: np.random.Generator, anat: dict[str, np.ndarray], spacing: floa
     r = np.sqrt(((local / axes[:, None]) ** 2).sum(0)).reshape(shape)  # 1 on the core boundary
     r_core_eff = r * (1.0 + 0.15 * _smooth_field(rng, shape, 6))
     r_oed_eff = r * (1.0 + 0.25 * _smooth_field(rng, shape, 6))
-    necrosis = rng.uniform(0.45, 0.75)
-    oedema = rng.uniform(1.3, 1.8) * (0.8 + 0.4 * wm)  # spreads further in white matter
+    necrosis = rng.uniform(0.55, 0.8)
+    oedema = rng.uniform(1.4, 2.0) * (0.8 + 0.4 * wm)  # spreads further in white matter
     label = np.zeros(shape, np.uint8)
     label[r_oed_eff < oedema] = 1
     label[r_core_eff < 1.0] = 3
@@ -241,7 +246,7 @@ def generate_case(index: int, *, size: int = 48, seed: int = 0) -> dict[str, Any
     rng = np.random.default_rng([int(seed), int(index)])
     spacing = _spacing(size)
     anat, affine = _warp_anatomy(rng, size, spacing)
-    label = _tumour(rng, anat, spacing)
+    label = _tumour(rng, anat, affine, spacing)
     image = _contrasts(rng, anat, label)
     return {"image": image, "label": label, "affine": affine, "mask": anat["mask"]}
 
