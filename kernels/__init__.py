@@ -1,12 +1,58 @@
-"""Fused Triton kernels for the NMF layer (installed as ``fastnmf.kernels``)."""
+"""Fused Triton kernels for the NMF layer (installed as ``fastnmf.kernels``).
+
+- :mod:`.window_nmf`: rank one over (shifted) windows, forward and backward;
+- :mod:`.global_nmf`: rank one over whole matrices (global matricization, plain NMF).
+
+The entry points take arguments already validated by :func:`fastnmf.nmf` /
+:func:`fastnmf.matricized_nmf`. Inputs are made contiguous (a channels_last input is copied once).
+On a machine without a GPU the kernels run on CPU tensors under ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .global_nmf import global_nmf
+from .window_nmf import window_nmf
+
+__all__ = ["nmf", "matricized_nmf"]
 
 
-def _not_yet(*_args, **_kwargs):
-    raise NotImplementedError(
-        "kernel='triton' is not implemented yet; use kernel='torch' (fast closed form) or "
-        "kernel='reference'"
-    )
+def _common_checks(v0: torch.Tensor, iters: int, num_grad_steps) -> None:
+    if num_grad_steps is not None and num_grad_steps < iters:
+        raise NotImplementedError(
+            "kernel='triton' computes the exact gradient of all iterations; num_grad_steps "
+            "needs kernel='torch' or kernel='reference'"
+        )
+    if v0.shape[1] != 1:
+        raise NotImplementedError(
+            f"kernel='triton' supports rank 1 so far (v0 has rank {v0.shape[1]}); use "
+            "kernel='torch' for rank > 1"
+        )
+    if v0.requires_grad and torch.is_grad_enabled():
+        raise NotImplementedError(
+            "kernel='triton' does not differentiate v0 (a fixed buffer in Factorizer); use "
+            "kernel='torch' to learn v0"
+        )
 
 
-nmf = _not_yet
-matricized_nmf = _not_yet
+def matricized_nmf(
+    x, v0, *, head_dim, patch_size, shifts, u0=None, iters=5, solver="hals", num_grad_steps=None
+):
+    """Triton path of :func:`fastnmf.matricized_nmf` (arguments already validated)."""
+    _common_checks(v0, iters, num_grad_steps)
+    x = x.contiguous()
+    if patch_size is None:
+        return global_nmf(x, v0, rows=head_dim, spatial=x.shape[2:], shifts=shifts, u0=u0,
+                          iters=iters, solver=solver, relu=True)  # fmt: skip
+    return window_nmf(x, v0, head_dim=head_dim, patch_size=patch_size, shifts=shifts, u0=u0,
+                      iters=iters, solver=solver)  # fmt: skip
+
+
+def nmf(x, v0, *, u0=None, iters=5, solver="hals", num_grad_steps=None):
+    """Triton path of :func:`fastnmf.nmf` (arguments already validated)."""
+    _common_checks(v0, iters, num_grad_steps)
+    m, n = x.shape[-2:]
+    flat = x.reshape(-1, m, n).contiguous()  # (Bm, M, N)
+    y = global_nmf(flat, v0, rows=m, spatial=(n,), u0=u0, iters=iters, solver=solver, relu=False)
+    return y.reshape(x.shape)

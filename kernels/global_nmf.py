@@ -1,0 +1,283 @@
+"""Rank-one NMF of whole matrices (global matricization, and plain ``fastnmf.nmf``) in two passes.
+
+Each matrix X (M x N) is one head of a (B, C, *S) volume (M = E rows, N = prod(S) columns) or one
+matrix of a (..., M, N) batch. Rank one gives Y = u u^T X, u ∝ (X X^T)^(T-1) X g0
+(fastnmf/closed_form.py), so:
+
+1. ``_reduce_kernel`` (one program per (matrix, chunk of columns)) reads X once and writes the
+   chunk's partial Gram matrix K and partial h_s = X g0_s for every shift s. A roll by s only
+   permutes the columns of a global matrix: K is unchanged and X_s g0 = X g0_s with
+   g0_s[v] = g0[(v + s) mod S], so shifts cost no extra pass. The partials are summed in a fixed
+   order (deterministic; no atomics), and the T - 1 power steps on the tiny E x E matrices run in
+   PyTorch. The cost does not grow with T.
+2. ``_apply_fwd_kernel`` reads X again and writes sum_s u_s (u_s^T x(v)) / n_shifts.
+
+Backward: ``_reduce_kernel`` in its backward mode gives dP = dY X^T / n_shifts per matrix, the
+tiny chain back through the normalised power steps (fastnmf.closed_form.backprop_iterates) gives
+S_s = K̄_s + K̄_s^T and h̄_s, and ``_apply_bwd_kernel`` writes
+dX(v) = sum_s [u_s (u_s^T dY(v)) / n_shifts + S_s x(v) + h̄_s g0_s(v)], times ReLU'(x).
+Saved for backward: the input, plus O(E^2) per matrix and shift.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from fastnmf.closed_form import backprop_iterates, iterate_gram
+
+__all__ = ["GlobalNMF", "global_nmf"]
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _rolled_index(v, s0, s1, s2, S0, S1, S2):
+    """Flat index of voxel (v + s) mod S."""
+    r2 = (v % S2 + s2) % S2
+    r1 = ((v // S2) % S1 + s1) % S1
+    r0 = (v // (S1 * S2) + s0) % S0
+    return (r0 * S1 + r1) * S2 + r2
+
+
+@triton.jit
+def _load_x(x_ptr, offset, e, v, mask, nvox, rowmask, RELU: tl.constexpr, ACC: tl.constexpr):
+    x = tl.load(x_ptr + offset + e[:, None] * nvox + v[None, :], mask=mask, other=0).to(ACC)
+    if RELU:
+        x = tl.maximum(x, 0)
+    return x * rowmask[:, None]
+
+
+@triton.jit
+def _reduce_kernel(
+    x_ptr, dy_ptr, g0_ptr, rowmask_ptr, shift_ptr, kp_ptr, hp_ptr,
+    E, NSHIFT, NK, NCHUNK, S0, S1, S2,
+    BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr, RELU: tl.constexpr, MU: tl.constexpr,
+    BACKWARD: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """Forward: partial K_s = X_s X_s^T and h_s = X g0_s. Backward: partial dP_s = dY X_s^T."""
+    chunk = tl.program_id(0)
+    m = tl.program_id(1)
+    nvox = S0 * S1 * S2
+    offset = m.to(tl.int64) * E * nvox
+    v = chunk * BLOCK_V + tl.arange(0, BLOCK_V)
+    vmask = v < nvox
+    e = tl.arange(0, BLOCK_E)
+    emask = e < E
+    mask = emask[:, None] & vmask[None, :]
+    rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
+    x = _load_x(x_ptr, offset, e, v, mask, nvox, rowmask, RELU, ACC)  # (BLOCK_E, BLOCK_V)
+    if BACKWARD:
+        a = tl.load(dy_ptr + offset + e[:, None] * nvox + v[None, :], mask=mask, other=0)
+        a = a.to(ACC) / NSHIFT
+    else:
+        a = x
+    out = (m * NCHUNK + chunk).to(tl.int64)
+    kmask = emask[:, None] & emask[None, :]
+    kofs = e[:, None] * E + e[None, :]
+    for s in range(0, NSHIFT):
+        s0 = tl.load(shift_ptr + s * 3)
+        s1 = tl.load(shift_ptr + s * 3 + 1)
+        s2 = tl.load(shift_ptr + s * 3 + 2)
+        g = tl.load(g0_ptr + _rolled_index(v, s0, s1, s2, S0, S1, S2), mask=vmask, other=0)
+        g = g.to(ACC)
+        xs = x
+        if MU:
+            xs = tl.where(g[None, :] > 0, x, 0)
+        if s < NK:  # one K (or dP) for all shifts, except MU where the column masks differ
+            k = tl.sum(a[:, None, :] * xs[None, :, :], axis=2)
+            tl.store(kp_ptr + (out * NK + s) * E * E + kofs, k, mask=kmask)
+        if not BACKWARD:
+            h = tl.sum(xs * g[None, :], axis=1)
+            tl.store(hp_ptr + (out * NSHIFT + s) * E + e, h, mask=emask)
+
+
+@triton.jit
+def _apply_fwd_kernel(
+    x_ptr, y_ptr, g0_ptr, rowmask_ptr, shift_ptr, u_ptr,
+    E, NSHIFT, S0, S1, S2,
+    BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr, RELU: tl.constexpr, MU: tl.constexpr,
+    ACC: tl.constexpr,
+):  # fmt: skip
+    chunk = tl.program_id(0)
+    m = tl.program_id(1)
+    nvox = S0 * S1 * S2
+    offset = m.to(tl.int64) * E * nvox
+    v = chunk * BLOCK_V + tl.arange(0, BLOCK_V)
+    vmask = v < nvox
+    e = tl.arange(0, BLOCK_E)
+    emask = e < E
+    mask = emask[:, None] & vmask[None, :]
+    rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
+    x = _load_x(x_ptr, offset, e, v, mask, nvox, rowmask, RELU, ACC)
+    y = tl.zeros((BLOCK_E, BLOCK_V), dtype=ACC)
+    for s in range(0, NSHIFT):
+        u = tl.load(u_ptr + (m * NSHIFT + s) * E + e, mask=emask, other=0).to(ACC)
+        xs = x
+        if MU:
+            s0 = tl.load(shift_ptr + s * 3)
+            s1 = tl.load(shift_ptr + s * 3 + 1)
+            s2 = tl.load(shift_ptr + s * 3 + 2)
+            idx = _rolled_index(v, s0, s1, s2, S0, S1, S2)
+            g = tl.load(g0_ptr + idx, mask=vmask, other=0)
+            xs = tl.where(g[None, :] > 0, x, 0)
+        c = tl.sum(u[:, None] * xs, axis=0)  # (BLOCK_V,)
+        y += u[:, None] * c[None, :]
+    y = y / NSHIFT
+    ptrs = y_ptr + offset + e[:, None] * nvox + v[None, :]
+    tl.store(ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _apply_bwd_kernel(
+    x_ptr, dy_ptr, dx_ptr, g0_ptr, rowmask_ptr, shift_ptr, u_ptr, sym_ptr, hbar_ptr,
+    E, NSHIFT, S0, S1, S2,
+    BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr, RELU: tl.constexpr, MU: tl.constexpr,
+    ACC: tl.constexpr,
+):  # fmt: skip
+    chunk = tl.program_id(0)
+    m = tl.program_id(1)
+    nvox = S0 * S1 * S2
+    offset = m.to(tl.int64) * E * nvox
+    v = chunk * BLOCK_V + tl.arange(0, BLOCK_V)
+    vmask = v < nvox
+    e = tl.arange(0, BLOCK_E)
+    emask = e < E
+    mask = emask[:, None] & vmask[None, :]
+    ptrs = offset + e[:, None] * nvox + v[None, :]
+    rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
+    x_raw = tl.load(x_ptr + ptrs, mask=mask, other=0).to(ACC)
+    x = x_raw * rowmask[:, None]
+    if RELU:
+        x = tl.maximum(x, 0)
+    dy = tl.load(dy_ptr + ptrs, mask=mask, other=0).to(ACC) / NSHIFT
+    kmask = emask[:, None] & emask[None, :]
+    dx = tl.zeros((BLOCK_E, BLOCK_V), dtype=ACC)
+    for s in range(0, NSHIFT):
+        ms = m * NSHIFT + s
+        u = tl.load(u_ptr + ms * E + e, mask=emask, other=0).to(ACC)
+        hb = tl.load(hbar_ptr + ms * E + e, mask=emask, other=0).to(ACC)
+        sym = tl.load(sym_ptr + ms * E * E + e[:, None] * E + e[None, :], mask=kmask, other=0)
+        s0 = tl.load(shift_ptr + s * 3)
+        s1 = tl.load(shift_ptr + s * 3 + 1)
+        s2 = tl.load(shift_ptr + s * 3 + 2)
+        g = tl.load(g0_ptr + _rolled_index(v, s0, s1, s2, S0, S1, S2), mask=vmask, other=0)
+        g = g.to(ACC)
+        c = tl.sum(u[:, None] * dy, axis=0)  # (BLOCK_V,): u^T dY(v)
+        term = u[:, None] * c[None, :] + tl.sum(sym.to(ACC)[:, :, None] * x[None, :, :], axis=1)
+        term += hb[:, None] * g[None, :]
+        if MU:
+            term = tl.where(g[None, :] > 0, term, 0)
+        dx += term
+    dx = dx * rowmask[:, None]
+    if RELU:
+        dx = tl.where(x_raw > 0, dx, 0)
+    tl.store(dx_ptr + ptrs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------------------------------------------------------
+# Launchers
+# ------------------------------------------------------------------------------------------------
+
+
+class _Plan:
+    """Matrix count, rows, the spatial grid the columns live on, shifts and block sizes."""
+
+    def __init__(self, x: torch.Tensor, rows: int, spatial, shifts, mu: bool):
+        self.E = rows
+        self.S = (1,) * (3 - len(spatial)) + tuple(spatial)
+        self.nvox = math.prod(self.S)
+        self.matrices = x.numel() // (rows * self.nvox)
+        pad = 3 - len(spatial)
+        rows_ = [(0,) * 3 if s is None else (0,) * pad + tuple(s) for s in (shifts or [None])]
+        rows_ = [tuple(v % n for v, n in zip(r, self.S, strict=True)) for r in rows_]
+        self.shifts = torch.tensor(rows_, dtype=torch.int32, device=x.device)  # (nshift, 3)
+        self.nshift = len(rows_)
+        self.nk = self.nshift if mu else 1
+        self.block_e = max(triton.next_power_of_2(rows), 2)
+        if _INTERPRET:  # the CPU interpreter pays per operation, not per register: big tiles
+            self.block_v = 1024
+        else:
+            self.block_v = max(16, min(256, 4096 // self.block_e**2 * 4))
+        self.nchunk = triton.cdiv(self.nvox, self.block_v)
+        self.acc = tl.float64 if x.dtype == torch.float64 else tl.float32
+        self.cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _reduce(x, dy, g0, rowmask, plan: _Plan, relu: bool, mu: bool):
+    dev = x.device
+    kp = torch.empty(
+        plan.matrices, plan.nchunk, plan.nk, plan.E, plan.E, dtype=plan.cdt, device=dev
+    )
+    backward = dy is not None
+    hp = kp if backward else torch.empty(
+        plan.matrices, plan.nchunk, plan.nshift, plan.E, dtype=plan.cdt, device=dev
+    )  # fmt: skip
+    _reduce_kernel[(plan.nchunk, plan.matrices)](
+        x, dy if backward else x, g0, rowmask, plan.shifts, kp, hp,
+        plan.E, plan.nshift, plan.nk, plan.nchunk, *plan.S,
+        BLOCK_E=plan.block_e, BLOCK_V=plan.block_v, RELU=relu, MU=mu, BACKWARD=backward,
+        ACC=plan.acc,
+    )  # fmt: skip
+    k = kp.sum(1).expand(plan.matrices, plan.nshift, plan.E, plan.E)  # (Bm, nshift, E, E)
+    return k, (None if backward else hp.sum(1))  # h: (Bm, nshift, E)
+
+
+class GlobalNMF(torch.autograd.Function):
+    """Rank-one NMF of every (E, prod(S)) matrix; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, x, g0, rowmask, rows, spatial, shifts, iters, relu, mu):
+        plan = _Plan(x, rows, spatial, shifts, mu)
+        k, h = _reduce(x, None, g0, rowmask, plan, relu, mu)
+        hats, norms = iterate_gram(k, h, iters)  # (Bm, nshift, T, E), (Bm, nshift, T)
+        u = hats[..., -1, :].contiguous()  # (Bm, nshift, E)
+        y = torch.empty_like(x)
+        _apply_fwd_kernel[(plan.nchunk, plan.matrices)](
+            x, y, g0, rowmask, plan.shifts, u, plan.E, plan.nshift, *plan.S,
+            BLOCK_E=plan.block_e, BLOCK_V=plan.block_v, RELU=relu, MU=mu, ACC=plan.acc,
+        )  # fmt: skip
+        ctx.save_for_backward(x, g0, rowmask, hats, norms, k)
+        ctx.plan, ctx.relu, ctx.mu = plan, relu, mu
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, g0, rowmask, hats, norms, k = ctx.saved_tensors
+        plan, relu, mu = ctx.plan, ctx.relu, ctx.mu
+        dy = dy.contiguous()
+        dp, _ = _reduce(x, dy, g0, rowmask, plan, relu, mu)  # (Bm, nshift, E, E)
+        sym, hbar = backprop_iterates(dp, hats, norms, k)
+        u = hats[..., -1, :].contiguous()
+        dx = torch.empty_like(x)
+        _apply_bwd_kernel[(plan.nchunk, plan.matrices)](
+            x, dy, dx, g0, rowmask, plan.shifts, u, sym.contiguous(), hbar.contiguous(),
+            plan.E, plan.nshift, *plan.S,
+            BLOCK_E=plan.block_e, BLOCK_V=plan.block_v, RELU=relu, MU=mu, ACC=plan.acc,
+        )  # fmt: skip
+        return dx, None, None, None, None, None, None, None, None
+
+
+def global_nmf(x, v0, *, rows, spatial, shifts=None, u0=None, iters=5, solver="hals", relu=True):
+    """Rank-one NMF of every (rows, prod(spatial)) matrix of the contiguous tensor ``x``.
+
+    ``x`` is (B, C, *spatial) with C a multiple of ``rows`` (global matricization, ``relu=True``)
+    or (..., rows, N) with ``spatial=(N,)`` (plain NMF, ``relu=False``). Arguments are assumed
+    validated by the public API.
+    """
+    if not x.is_contiguous():
+        raise ValueError("x must be contiguous for the Triton global kernels")
+    if rows > 64:
+        raise ValueError(f"M={rows} rows is too many for the Triton kernels (max 64)")
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    g0 = v0[:, 0].detach().to(cdt).contiguous()
+    mu = solver == "mu"
+    if mu and u0 is not None:
+        rowmask = (u0[:, 0] > 0).to(cdt)
+    else:
+        rowmask = torch.ones(rows, dtype=cdt, device=x.device)
+    return GlobalNMF.apply(x, g0, rowmask, rows, tuple(spatial), shifts, iters, relu, mu)

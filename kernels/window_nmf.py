@@ -1,0 +1,412 @@
+"""Fused rank-one NMF over (shifted) windows: roll + matricize + ReLU + NMF + dematricize-average.
+
+For rank one, every window's reconstruction is Y = u u^T X with u ∝ (X X^T)^(T-1) X g0
+(fastnmf/closed_form.py). Y is column-local: the output at voxel v only needs x(v) and the
+E-vector u of the window that holds v. So the layer is two kernels, each one pass:
+
+1. ``_stats_fwd_kernel``, one program per (batch*head, shift, window): reads the window straight
+   from the (B, C, *S) input, the roll folded into the index arithmetic (rolled position r holds
+   voxel (r - s) mod S), applies ReLU, accumulates the E x E Gram matrix K and h = X g0 on chip,
+   runs the T - 1 normalised power steps and writes the E-vector u (and, for training, the
+   iterates â_t and their norms: T*(E+1) floats per window).
+2. ``_apply_fwd_kernel``, one program per (batch*head, block of voxels): reads x(v), and for each
+   shift gathers the u of the window holding v and adds u (u^T x(v)); writes the shift average.
+
+No rolled copy, no matricized copy, no concatenation and no averaging pass through memory; no
+atomics, so the result is bitwise deterministic.
+
+Backward (derivation in fastnmf/closed_form.py): with dY_s = dY / n_shifts for each shift,
+
+    dP = dY_s X^T,  ū = (dP + dP^T) u,
+    ā_t = (ū_t - â_t (â_t^T ū_t)) / ||a_t||,  K̄ += ā_t â_{t-1}^T,  ū_{t-1} = K ā_t,  h̄ = ā_1,
+    dX = u (u^T dY_s) + (K̄ + K̄^T) X + h̄ g0^T,  then times ReLU'(x).
+
+dX is column-local too: ``_stats_bwd_kernel`` computes per window the small S = K̄ + K̄^T and h̄
+(E^2 + E floats) from X, dY and the saved iterates; ``_apply_bwd_kernel`` sums the three terms
+over the shifts for each voxel. Saved for backward: the input x and T*(E+1) floats per window.
+
+MU with zero entries in u0 or v0 keeps those rows/columns of F and G at zero: the kernels mask
+the rows (``rowmask``) and, for MU, the columns where g0 is zero.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from fastnmf._checks import FLOAT_DTYPES
+
+__all__ = ["WindowNMF", "window_nmf"]
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _window_coords(p, w0, w1, w2, s0, s1, s2, S0, S1, S2, P0, P1, P2):
+    """Flat voxel index of position p of rolled window (w0, w1, w2) under shift (s0, s1, s2)."""
+    p2 = p % P2
+    p1 = (p // P2) % P1
+    p0 = p // (P1 * P2)
+    v0 = (w0 * P0 + p0 - s0 + S0) % S0
+    v1 = (w1 * P1 + p1 - s1 + S1) % S1
+    v2 = (w2 * P2 + p2 - s2 + S2) % S2
+    return (v0 * S1 + v1) * S2 + v2
+
+
+@triton.jit
+def _voxel_window(v, s0, s1, s2, S0, S1, S2, P0, P1, P2, NW1, NW2):
+    """For flat voxel v under shift s: (window index, position inside the window)."""
+    r2 = (v % S2 + s2) % S2
+    r1 = ((v // S2) % S1 + s1) % S1
+    r0 = (v // (S1 * S2) + s0) % S0
+    w = ((r0 // P0) * NW1 + r1 // P1) * NW2 + r2 // P2
+    p = ((r0 % P0) * P1 + r1 % P1) * P2 + r2 % P2
+    return w, p
+
+
+@triton.jit
+def _stats_fwd_kernel(
+    x_ptr, g0_ptr, rowmask_ptr, shift_ptr, u_ptr, hats_ptr, norms_ptr,
+    C, E, HEADS, NSHIFT, NWIN, ITERS, PN,
+    S0, S1, S2, P0, P1, P2, NW1, NW2,
+    BLOCK_E: tl.constexpr, CHUNK: tl.constexpr, MU: tl.constexpr, SAVE: tl.constexpr,
+    ACC: tl.constexpr,
+):  # fmt: skip
+    w = tl.program_id(0)
+    s = tl.program_id(1)
+    bh = tl.program_id(2)
+    b = bh // HEADS
+    head = bh % HEADS
+    nvox = S0 * S1 * S2
+    base = x_ptr + (b * C + head * E).to(tl.int64) * nvox
+    w2 = w % NW2
+    w1 = (w // NW2) % NW1
+    w0 = w // (NW1 * NW2)
+    s0 = tl.load(shift_ptr + s * 3)
+    s1 = tl.load(shift_ptr + s * 3 + 1)
+    s2 = tl.load(shift_ptr + s * 3 + 2)
+    e = tl.arange(0, BLOCK_E)
+    emask = e < E
+    rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
+    k = tl.zeros((BLOCK_E, BLOCK_E), dtype=ACC)
+    h = tl.zeros((BLOCK_E,), dtype=ACC)
+    for start in range(0, PN, CHUNK):
+        p = start + tl.arange(0, CHUNK)
+        pmask = p < PN
+        vox = _window_coords(p, w0, w1, w2, s0, s1, s2, S0, S1, S2, P0, P1, P2)
+        mask = emask[:, None] & pmask[None, :]
+        x = tl.load(base + e[:, None] * nvox + vox[None, :], mask=mask, other=0).to(ACC)
+        x = tl.maximum(x, 0) * rowmask[:, None]  # (BLOCK_E, CHUNK): ReLU(X) of this chunk
+        g = tl.load(g0_ptr + p, mask=pmask, other=0).to(ACC)
+        if MU:
+            x = tl.where(g[None, :] > 0, x, 0)
+        k += tl.sum(x[:, None, :] * x[None, :, :], axis=2)
+        h += tl.sum(x * g[None, :], axis=1)
+    prog = (bh * NSHIFT + s) * NWIN + w
+    norm = tl.sqrt(tl.sum(h * h, axis=0))
+    a_hat = tl.where(norm > 0, h / tl.where(norm > 0, norm, 1), 0)
+    if SAVE:
+        tl.store(hats_ptr + (prog * ITERS) * E + e, a_hat, mask=emask)
+        tl.store(norms_ptr + prog * ITERS, norm)
+    for t in range(1, ITERS):
+        a = tl.sum(k * a_hat[None, :], axis=1)
+        norm = tl.sqrt(tl.sum(a * a, axis=0))
+        a_hat = tl.where(norm > 0, a / tl.where(norm > 0, norm, 1), 0)
+        if SAVE:
+            tl.store(hats_ptr + (prog * ITERS + t) * E + e, a_hat, mask=emask)
+            tl.store(norms_ptr + prog * ITERS + t, norm)
+    tl.store(u_ptr + prog * E + e, a_hat, mask=emask)
+
+
+@triton.jit
+def _apply_fwd_kernel(
+    x_ptr, y_ptr, g0_ptr, rowmask_ptr, shift_ptr, u_ptr,
+    C, E, HEADS, NSHIFT, NWIN,
+    S0, S1, S2, P0, P1, P2, NW1, NW2,
+    BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HEADS
+    head = bh % HEADS
+    nvox = S0 * S1 * S2
+    offset = (b * C + head * E).to(tl.int64) * nvox
+    v = pid * BLOCK_V + tl.arange(0, BLOCK_V)
+    vmask = v < nvox
+    e = tl.arange(0, BLOCK_E)
+    emask = e < E
+    mask = emask[:, None] & vmask[None, :]
+    ptrs = offset + e[:, None] * nvox + v[None, :]
+    x = tl.load(x_ptr + ptrs, mask=mask, other=0)
+    rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
+    x = tl.maximum(x.to(ACC), 0) * rowmask[:, None]  # (BLOCK_E, BLOCK_V)
+    y = tl.zeros((BLOCK_E, BLOCK_V), dtype=ACC)
+    for s in range(0, NSHIFT):
+        s0 = tl.load(shift_ptr + s * 3)
+        s1 = tl.load(shift_ptr + s * 3 + 1)
+        s2 = tl.load(shift_ptr + s * 3 + 2)
+        w, p = _voxel_window(v, s0, s1, s2, S0, S1, S2, P0, P1, P2, NW1, NW2)
+        prog = (bh * NSHIFT + s) * NWIN + w
+        u = tl.load(u_ptr + prog[None, :] * E + e[:, None], mask=mask, other=0)
+        xs = x
+        if MU:
+            g = tl.load(g0_ptr + p, mask=vmask, other=0)
+            xs = tl.where(g[None, :] > 0, x, 0)
+        c = tl.sum(u * xs, axis=0)  # (BLOCK_V,): u^T x(v)
+        y += u * c[None, :]
+    y = y / NSHIFT
+    tl.store(y_ptr + ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _stats_bwd_kernel(
+    x_ptr, dy_ptr, g0_ptr, rowmask_ptr, shift_ptr, hats_ptr, norms_ptr, sym_ptr, hbar_ptr,
+    C, E, HEADS, NSHIFT, NWIN, ITERS, PN,
+    S0, S1, S2, P0, P1, P2, NW1, NW2,
+    BLOCK_E: tl.constexpr, CHUNK: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    w = tl.program_id(0)
+    s = tl.program_id(1)
+    bh = tl.program_id(2)
+    b = bh // HEADS
+    head = bh % HEADS
+    nvox = S0 * S1 * S2
+    offset = (b * C + head * E).to(tl.int64) * nvox
+    w2 = w % NW2
+    w1 = (w // NW2) % NW1
+    w0 = w // (NW1 * NW2)
+    s0 = tl.load(shift_ptr + s * 3)
+    s1 = tl.load(shift_ptr + s * 3 + 1)
+    s2 = tl.load(shift_ptr + s * 3 + 2)
+    e = tl.arange(0, BLOCK_E)
+    emask = e < E
+    rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
+    k = tl.zeros((BLOCK_E, BLOCK_E), dtype=ACC)
+    dp = tl.zeros((BLOCK_E, BLOCK_E), dtype=ACC)
+    for start in range(0, PN, CHUNK):
+        p = start + tl.arange(0, CHUNK)
+        pmask = p < PN
+        vox = _window_coords(p, w0, w1, w2, s0, s1, s2, S0, S1, S2, P0, P1, P2)
+        mask = emask[:, None] & pmask[None, :]
+        ptrs = offset + e[:, None] * nvox + vox[None, :]
+        x = tl.load(x_ptr + ptrs, mask=mask, other=0).to(ACC)
+        x = tl.maximum(x, 0) * rowmask[:, None]  # (BLOCK_E, CHUNK)
+        if MU:
+            g = tl.load(g0_ptr + p, mask=pmask, other=0)
+            x = tl.where(g[None, :] > 0, x, 0)
+        dy = tl.load(dy_ptr + ptrs, mask=mask, other=0).to(ACC)
+        k += tl.sum(x[:, None, :] * x[None, :, :], axis=2)
+        dp += tl.sum(dy[:, None, :] * x[None, :, :], axis=2)  # dY X^T
+    dp = dp / NSHIFT
+    prog = (bh * NSHIFT + s) * NWIN + w
+    hats = hats_ptr + prog * ITERS * E
+    u = tl.load(hats + (ITERS - 1) * E + e, mask=emask, other=0)
+    grad = tl.sum(dp * u[None, :], axis=1) + tl.sum(dp * u[:, None], axis=0)  # (dP + dP^T) u
+    kbar = tl.zeros((BLOCK_E, BLOCK_E), dtype=ACC)
+    hbar = tl.zeros((BLOCK_E,), dtype=ACC)
+    for i in range(0, ITERS):
+        t = ITERS - 1 - i
+        a_hat = tl.load(hats + t * E + e, mask=emask, other=0)
+        norm = tl.load(norms_ptr + prog * ITERS + t)
+        radial = tl.sum(a_hat * grad, axis=0)
+        a_bar = tl.where(norm > 0, (grad - a_hat * radial) / tl.where(norm > 0, norm, 1), 0)
+        prev = tl.load(hats + tl.maximum(t - 1, 0) * E + e, mask=emask, other=0)
+        kbar += tl.where(t > 0, a_bar[:, None] * prev[None, :], 0.0)  # no K̄ term at t = 0
+        hbar = a_bar  # the last pass (t = 0) leaves h̄ = ā_1
+        grad = tl.sum(k * a_bar[None, :], axis=1)
+    sym = kbar + tl.trans(kbar)
+    tl.store(
+        sym_ptr + prog * E * E + e[:, None] * E + e[None, :],
+        sym,
+        mask=emask[:, None] & emask[None, :],
+    )
+    tl.store(hbar_ptr + prog * E + e, hbar, mask=emask)
+
+
+@triton.jit
+def _apply_bwd_kernel(
+    x_ptr, dy_ptr, dx_ptr, g0_ptr, rowmask_ptr, shift_ptr, hats_ptr, sym_ptr, hbar_ptr,
+    C, E, HEADS, NSHIFT, NWIN, ITERS,
+    S0, S1, S2, P0, P1, P2, NW1, NW2,
+    BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HEADS
+    head = bh % HEADS
+    nvox = S0 * S1 * S2
+    offset = (b * C + head * E).to(tl.int64) * nvox
+    v = pid * BLOCK_V + tl.arange(0, BLOCK_V)
+    vmask = v < nvox
+    e = tl.arange(0, BLOCK_E)
+    emask = e < E
+    mask = emask[:, None] & vmask[None, :]
+    ptrs = offset + e[:, None] * nvox + v[None, :]
+    x_raw = tl.load(x_ptr + ptrs, mask=mask, other=0).to(ACC)
+    rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
+    x = tl.maximum(x_raw, 0) * rowmask[:, None]  # (BLOCK_E, BLOCK_V)
+    dy = tl.load(dy_ptr + ptrs, mask=mask, other=0).to(ACC) / NSHIFT
+    dx = tl.zeros((BLOCK_E, BLOCK_V), dtype=ACC)
+    for s in range(0, NSHIFT):
+        s0 = tl.load(shift_ptr + s * 3)
+        s1 = tl.load(shift_ptr + s * 3 + 1)
+        s2 = tl.load(shift_ptr + s * 3 + 2)
+        w, p = _voxel_window(v, s0, s1, s2, S0, S1, S2, P0, P1, P2, NW1, NW2)
+        prog = (bh * NSHIFT + s) * NWIN + w  # (BLOCK_V,)
+        u = tl.load(hats_ptr + ((prog * ITERS + ITERS - 1) * E)[None, :] + e[:, None], mask=mask,
+                    other=0)  # fmt: skip
+        hb = tl.load(hbar_ptr + (prog * E)[None, :] + e[:, None], mask=mask, other=0)
+        sym = tl.load(
+            sym_ptr + (prog * E * E)[None, None, :] + e[:, None, None] * E + e[None, :, None],
+            mask=emask[:, None, None] & emask[None, :, None] & vmask[None, None, :],
+            other=0,
+        )  # (BLOCK_E, BLOCK_E, BLOCK_V): S of each voxel's window
+        g = tl.load(g0_ptr + p, mask=vmask, other=0).to(ACC)
+        c = tl.sum(u * dy, axis=0)  # (BLOCK_V,): u^T dY_s(v)
+        term = u * c[None, :] + tl.sum(sym * x[None, :, :], axis=1) + hb * g[None, :]
+        if MU:
+            term = tl.where(g[None, :] > 0, term, 0)
+        dx += term
+    dx = tl.where(x_raw > 0, dx * rowmask[:, None], 0)  # ReLU'
+    tl.store(dx_ptr + ptrs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------------------------------------------------------
+# Launchers
+# ------------------------------------------------------------------------------------------------
+
+
+def _acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+class _Geometry:
+    """Sizes of a (B, C, *S) input as 3D (a 2D input gets a leading spatial dim of 1)."""
+
+    def __init__(self, x: torch.Tensor, head_dim: int, patch, shifts):
+        spatial = tuple(x.shape[2:])
+        pad = 3 - len(spatial)
+        self.batch, self.channels = x.shape[:2]
+        self.E = head_dim
+        self.heads = self.channels // head_dim
+        self.S = (1,) * pad + spatial
+        self.P = (1,) * pad + tuple(patch)
+        self.NW = tuple(s // p for s, p in zip(self.S, self.P, strict=True))
+        self.nwin = math.prod(self.NW)
+        self.pn = math.prod(self.P)
+        self.nvox = math.prod(self.S)
+        rows = [(0,) * 3 if s is None else (0,) * pad + tuple(s) for s in (shifts or [None])]
+        rows = [tuple(v % n for v, n in zip(r, self.S, strict=True)) for r in rows]
+        self.shifts = torch.tensor(rows, dtype=torch.int32, device=x.device)  # (nshift, 3)
+        self.nshift = len(rows)
+        self.block_e = max(triton.next_power_of_2(head_dim), 2)
+        if _INTERPRET:  # the CPU interpreter pays per operation, not per register: big tiles
+            self.chunk = triton.next_power_of_2(self.pn)
+            self.block_v = 1024
+        else:
+            self.chunk = min(triton.next_power_of_2(self.pn), max(16, 4096 // self.block_e**2))
+            self.block_v = 128 if self.block_e <= 8 else 32
+
+    def common(self):
+        return (
+            self.channels, self.E, self.heads, self.nshift, self.nwin,
+        )  # fmt: skip
+
+    def spatial_args(self):
+        return (*self.S, *self.P, self.NW[1], self.NW[2])
+
+
+def _check_inputs(x: torch.Tensor, v0: torch.Tensor, head_dim: int) -> None:
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x has dtype {x.dtype}; the Triton kernels take float16/32/64, bfloat16")
+    if not x.is_contiguous():
+        raise ValueError(
+            "x must be contiguous for the Triton window kernels (channels_last inputs are copied "
+            "by fastnmf.kernels.matricized_nmf)"
+        )
+    if head_dim > 64:
+        raise ValueError(f"head_dim={head_dim} is too large for the Triton kernels (max 64)")
+    if v0.device != x.device:
+        raise ValueError(f"v0 is on {v0.device} but x is on {x.device}")
+
+
+class WindowNMF(torch.autograd.Function):
+    """Rank-one matricized NMF over windows; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, x, g0, rowmask, head_dim, patch, shifts, iters, mu):
+        geo = _Geometry(x, head_dim, patch, shifts)
+        y, hats, norms = _forward(x, g0, rowmask, geo, iters, mu, save=ctx.needs_input_grad[0])
+        ctx.save_for_backward(x, g0, rowmask, hats, norms)
+        ctx.geo, ctx.iters, ctx.mu = geo, iters, mu
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, g0, rowmask, hats, norms = ctx.saved_tensors
+        dx = _backward(x, g0, rowmask, hats, norms, dy.contiguous(), ctx.geo, ctx.iters, ctx.mu)
+        return dx, None, None, None, None, None, None, None
+
+
+def _forward(x, g0, rowmask, geo: _Geometry, iters: int, mu: bool, save: bool):
+    progs = geo.batch * geo.heads * geo.nshift * geo.nwin
+    f32 = torch.float64 if x.dtype == torch.float64 else torch.float32
+    u = torch.empty(progs, geo.E, dtype=f32, device=x.device)
+    hats = torch.empty(progs, iters, geo.E, dtype=f32, device=x.device) if save else u
+    norms = torch.empty(progs, iters, dtype=f32, device=x.device) if save else u
+    acc = _acc_dtype(x.dtype)
+    _stats_fwd_kernel[(geo.nwin, geo.nshift, geo.batch * geo.heads)](
+        x, g0, rowmask, geo.shifts, u, hats, norms,
+        *geo.common(), iters, geo.pn, *geo.spatial_args(),
+        BLOCK_E=geo.block_e, CHUNK=geo.chunk, MU=mu, SAVE=save, ACC=acc,
+    )  # fmt: skip
+    y = torch.empty_like(x)
+    _apply_fwd_kernel[(triton.cdiv(geo.nvox, geo.block_v), geo.batch * geo.heads)](
+        x, y, g0, rowmask, geo.shifts, u,
+        *geo.common(), *geo.spatial_args(),
+        BLOCK_E=geo.block_e, BLOCK_V=geo.block_v, MU=mu, ACC=acc,
+    )  # fmt: skip
+    if not save:
+        hats = norms = None
+    return y, hats, norms
+
+
+def _backward(x, g0, rowmask, hats, norms, dy, geo: _Geometry, iters: int, mu: bool):
+    progs = hats.shape[0]
+    sym = torch.empty(progs, geo.E, geo.E, dtype=hats.dtype, device=x.device)
+    hbar = torch.empty(progs, geo.E, dtype=hats.dtype, device=x.device)
+    acc = _acc_dtype(x.dtype)
+    _stats_bwd_kernel[(geo.nwin, geo.nshift, geo.batch * geo.heads)](
+        x, dy, g0, rowmask, geo.shifts, hats, norms, sym, hbar,
+        *geo.common(), iters, geo.pn, *geo.spatial_args(),
+        BLOCK_E=geo.block_e, CHUNK=geo.chunk, MU=mu, ACC=acc,
+    )  # fmt: skip
+    dx = torch.empty_like(x)
+    _apply_bwd_kernel[(triton.cdiv(geo.nvox, geo.block_v), geo.batch * geo.heads)](
+        x, dy, dx, g0, rowmask, geo.shifts, hats, sym, hbar,
+        *geo.common(), iters, *geo.spatial_args(),
+        BLOCK_E=geo.block_e, BLOCK_V=geo.block_v, MU=mu, ACC=acc,
+    )  # fmt: skip
+    return dx
+
+
+def window_nmf(x, v0, *, head_dim, patch_size, shifts, u0=None, iters=5, solver="hals"):
+    """Rank-one matricized NMF over (shifted) windows with the fused kernels.
+
+    x (B, C, *S) before ReLU, contiguous; v0 (prod(P), 1); patch_size a tuple per spatial dim;
+    shifts None or a list of None / tuples. Arguments are assumed validated by
+    :func:`fastnmf.matricized_nmf`.
+    """
+    _check_inputs(x, v0, head_dim)
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    g0 = v0[:, 0].detach().to(cdt).contiguous()
+    mu = solver == "mu"
+    if mu and u0 is not None:
+        rowmask = (u0[:, 0] > 0).to(cdt)
+    else:
+        rowmask = torch.ones(head_dim, dtype=cdt, device=x.device)
+    return WindowNMF.apply(x, g0, rowmask, head_dim, tuple(patch_size), shifts, iters, mu)
