@@ -48,7 +48,14 @@ def _blob_case(rng, shape=(12, 10, 8), channels=4, values=(0, 1, 2, 3)):
 
 def test_demo_layout_and_loader(demo_dir):
     obj = json.loads((demo_dir / "dataset.json").read_text())
-    assert obj["fastnmf_demo"] == {"version": data.demo.DEMO_VERSION, **DEMO, "seed": 0}
+    spec = obj["fastnmf_demo"]
+    assert spec == {
+        "version": data.demo.DEMO_VERSION,
+        **DEMO,
+        "seed": 0,
+        "template": spec["template"],
+    }
+    assert spec["template"].startswith("nilearn-")
     ds = data.open_dataset(demo_dir)
     assert ds.kind == "demo" and len(ds) == DEMO["n_cases"]
     assert ds.info.in_channels == 4 and ds.info.regions == ("ET", "TC", "WT")

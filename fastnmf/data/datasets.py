@@ -59,12 +59,14 @@ _NIFTI_SUFFIXES = (".nii.gz", ".nii")
 class DataError(ValueError):
     """Bad input data. The message starts with the offending file: ``"<path>: <problem>"``."""
 
-    def __init__(self, path: str | Path, problem: str) -> None:
+    def __init__(self, path: str | Path, problem: str | None = None) -> None:
+        # one argument: an already formatted message (how torch's DataLoader re-raises a
+        # worker's exception)
         self.path = str(path)
         self.problem = problem
-        super().__init__(f"{path}: {problem}")
+        super().__init__(str(path) if problem is None else f"{path}: {problem}")
 
-    def __reduce__(self):  # keep the two-argument form picklable (DataLoader workers)
+    def __reduce__(self):
         return (type(self), (self.path, self.problem))
 
 

@@ -27,6 +27,7 @@ back by the same loader as any data set.
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import json
 import os
 import shutil
@@ -252,8 +253,15 @@ def generate_case(index: int, *, size: int = 48, seed: int = 0) -> dict[str, Any
 
 
 def demo_spec(*, n_cases: int = 16, size: int = 48, seed: int = 0) -> dict[str, Any]:
-    """What identifies a cached demo set: generator version, case count, grid size, seed."""
-    return {"version": DEMO_VERSION, "n_cases": int(n_cases), "size": int(size), "seed": int(seed)}
+    """What identifies a cached demo set: generator version, case count, grid size, seed, and the
+    nilearn release whose MNI152 files it was built from."""
+    return {
+        "version": DEMO_VERSION,
+        "n_cases": int(n_cases),
+        "size": int(size),
+        "seed": int(seed),
+        "template": f"nilearn-{importlib.metadata.version('nilearn')}",
+    }
 
 
 def _is_complete(folder: Path, spec: dict[str, Any]) -> bool:
