@@ -1,0 +1,158 @@
+"""kernel="triton" against the float64 reference.
+
+Without a GPU the kernels run on CPU tensors under TRITON_INTERPRET=1 (set in conftest.py);
+with one, the same tests run on CUDA tensors (the CPU variant is skipped there).
+"""
+
+import math
+
+import pytest
+import torch
+from conftest import rel_err
+
+import fastnmf
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(HAS_CUDA, reason="interpreter runs without GPU")),
+    pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")),
+]
+
+
+def _n(spatial, patch):
+    if patch is None:
+        return math.prod(spatial)
+    return patch ** len(spatial) if isinstance(patch, int) else math.prod(patch)
+
+
+def _run(kernel, x, v0, dy, dtype, device, **kw):
+    xi = x.detach().to(device=device, dtype=dtype).requires_grad_()
+    y = fastnmf.matricized_nmf(xi, v0.to(device=device, dtype=dtype), kernel=kernel, **kw)
+    (dx,) = torch.autograd.grad(y, xi, dy.to(device=device, dtype=dtype))
+    return y.cpu(), dx.cpu()
+
+
+def _inputs(gen, shape, patch, zero_windows=False):
+    x = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    if zero_windows:  # a zero window of every head in batch 0, and zero columns
+        x[0, :, ..., :4, :4] = -1.0
+        x[-1, :, ..., 1, :] = -0.5
+    v0 = torch.rand(_n(shape[2:], patch), 1, generator=gen, dtype=torch.float64)
+    dy = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    return x, v0, dy
+
+
+CASES = [
+    # shape, head_dim, patch, shifts, solver, iters, zero_windows
+    ((1, 8, 8, 8, 8), 4, 4, None, "hals", 5, False),  # local 3D
+    ((2, 8, 8, 8, 12), 4, 4, [None, 2], "mu", 5, True),  # swin 3D, non-cubic, degenerate
+    ((1, 16, 8, 8, 8), 8, 4, [None, 1, 2, 3], "hals", 1, False),  # four shifts, E = 8
+    ((1, 8, 8, 16, 8), 8, 8, [None, 4], "hals", 5, True),  # P = 8, C = E
+    ((2, 8, 8, 8, 8), 8, 8, [None, 2, 4, 6], "mu", 1, False),  # the original BraTS shifts
+    ((1, 8, 8, 8, 4), 4, (4, 2, 4), [None, (1, 1, 2)], "hals", 5, False),  # anisotropic
+    ((2, 8, 8, 12), 4, 4, [None, 2], "hals", 5, True),  # swin 2D
+    ((1, 8, 16, 8), 8, 8, [None, 2, 4, 6], "mu", 5, False),  # 2D, four shifts
+    ((1, 4, 12, 8), 4, (4, 2), None, "hals", 1, False),  # 2D local, C = E
+    ((2, 8, 6, 10, 4), 4, None, None, "hals", 5, True),  # global 3D
+    ((1, 16, 4, 6, 8), 8, None, [None, 2], "mu", 5, False),  # global with shifts
+    ((2, 8, 6, 10), 4, None, [None, (1, 3), (2, 5), 4], "hals", 1, False),  # global 2D, 4 shifts
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,head_dim,patch,shifts,solver,iters,zero", CASES)
+def test_triton_fp32_matches_reference(gen, device, shape, head_dim, patch, shifts, solver,
+                                       iters, zero):  # fmt: skip
+    x, v0, dy = _inputs(gen, shape, patch, zero)
+    kw = dict(head_dim=head_dim, patch_size=patch, shifts=shifts, solver=solver, iters=iters)
+    y_ref, dx_ref = _run("reference", x, v0, dy, torch.float64, "cpu", **kw)
+    y, dx = _run("triton", x, v0, dy, torch.float32, device, **kw)
+    assert y.dtype == torch.float32 and y.shape == x.shape
+    assert rel_err(y, y_ref) <= 1e-5
+    assert rel_err(dx, dx_ref) <= 1e-4
+    assert torch.isfinite(dx).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("patch,shifts", [(4, [None, 2]), (None, None)])
+def test_triton_low_precision(gen, device, dtype, patch, shifts):
+    """Within 2x the reference's own error at that dtype, plus an atol."""
+    x, v0, dy = _inputs(gen, (2, 8, 8, 8, 8), patch)
+    kw = dict(head_dim=4, patch_size=patch, shifts=shifts)
+    y64, dx64 = _run("reference", x, v0, dy, torch.float64, "cpu", **kw)
+    y_low, dx_low = _run("reference", x, v0, dy, dtype, "cpu", **kw)
+    y, dx = _run("triton", x, v0, dy, dtype, device, **kw)
+    assert y.dtype == dtype and dx.dtype == dtype
+    assert rel_err(y, y64) <= 2 * rel_err(y_low, y64) + 1e-3
+    assert rel_err(dx, dx64) <= 2 * rel_err(dx_low, dx64) + 1e-3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_float64(gen, device):
+    x, v0, dy = _inputs(gen, (1, 8, 8, 8, 8), 4)
+    kw = dict(head_dim=4, patch_size=4, shifts=[None, 2])
+    y_ref, dx_ref = _run("reference", x, v0, dy, torch.float64, "cpu", **kw)
+    y, dx = _run("triton", x, v0, dy, torch.float64, device, **kw)
+    assert rel_err(y, y_ref) <= 1e-12 and rel_err(dx, dx_ref) <= 1e-12
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("patch", [4, None])
+def test_triton_deterministic(gen, device, patch):
+    x, v0, dy = _inputs(gen, (1, 8, 8, 8, 8), patch)
+    kw = dict(head_dim=4, patch_size=patch, shifts=[None, 2])
+    runs = [_run("triton", x, v0, dy, torch.float32, device, **kw) for _ in range(3)]
+    for y, dx in runs[1:]:
+        assert torch.equal(y, runs[0][0]) and torch.equal(dx, runs[0][1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("solver", ["hals", "mu"])
+def test_triton_plain_nmf(gen, device, solver):
+    x = torch.rand(3, 2, 6, 50, generator=gen, dtype=torch.float64)
+    v0 = torch.rand(50, 1, generator=gen, dtype=torch.float64)
+    u0 = torch.rand(6, 1, generator=gen, dtype=torch.float64)
+    u0[2] = 0  # MU keeps this row at zero
+    dy = torch.randn(3, 2, 6, 50, generator=gen, dtype=torch.float64)
+    ref = fastnmf.nmf(x.requires_grad_(), v0, u0=u0, solver=solver, kernel="reference")
+    (g_ref,) = torch.autograd.grad(ref, x, dy)
+    xf = x.detach().float().to(device).requires_grad_()
+    y = fastnmf.nmf(xf, v0.float().to(device), u0=u0.float().to(device), solver=solver,
+                    kernel="triton")  # fmt: skip
+    (g,) = torch.autograd.grad(y, xf, dy.float().to(device))
+    assert rel_err(y.cpu(), ref) <= 1e-5 and rel_err(g.cpu(), g_ref) <= 1e-4
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_channels_last_and_autocast(gen, device):
+    x, v0, dy = _inputs(gen, (1, 8, 8, 8, 8), 4)
+    kw = dict(head_dim=4, patch_size=4, shifts=[None, 2])
+    y_ref, _ = _run("reference", x, v0, dy, torch.float64, "cpu", **kw)
+    xc = x.float().to(device).to(memory_format=torch.channels_last_3d)
+    y = fastnmf.matricized_nmf(xc, v0.float().to(device), kernel="triton", **kw)
+    assert rel_err(y.cpu(), y_ref) <= 1e-5
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        y_ac = fastnmf.matricized_nmf(x.float().to(device), v0.float().to(device),
+                                      kernel="triton", **kw)  # fmt: skip
+    assert y_ac.dtype == torch.float32  # the kernels keep the input dtype
+    assert rel_err(y_ac.cpu(), y_ref) <= 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_all_zero_window_gives_zero(device):
+    x = -torch.ones(1, 8, 8, 8, 8, device=device, requires_grad=True)
+    v0 = torch.rand(64, 1, device=device)
+    y = fastnmf.matricized_nmf(x, v0, head_dim=4, patch_size=4, shifts=[None, 2], kernel="triton")
+    (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    assert torch.equal(y, torch.zeros_like(y)) and torch.equal(dx, torch.zeros_like(dx))
+
+
+def test_triton_rejects_what_it_does_not_do(gen):
+    x = torch.randn(1, 8, 8, 8, 8, generator=gen)
+    with pytest.raises(NotImplementedError, match="num_grad_steps"):
+        fastnmf.matricized_nmf(x, torch.rand(64, 1), head_dim=4, patch_size=4, kernel="triton",
+                               num_grad_steps=1)  # fmt: skip
+    with pytest.raises(NotImplementedError, match="does not differentiate v0"):
+        fastnmf.matricized_nmf(x, torch.rand(64, 1, requires_grad=True), head_dim=4,
+                               patch_size=4, kernel="triton")  # fmt: skip
