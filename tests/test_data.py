@@ -250,6 +250,20 @@ def test_generic_folder_and_json(tmp_path):
     s = data.train_transforms(ds.info, patch_size=(6, 6, 4), seed=1)(ds.cases[1])
     assert s["image"].shape == (2, 6, 6, 4) and s["label"].shape == (1, 6, 6, 4)
 
+    # single-file cases whose ids end in digits; an image without label is an error
+    single = tmp_path / "single"
+    for cid in ("case_0001", "case_0002"):
+        image, label = _blob_case(rng, channels=1, values=(0, 1))
+        _save(image, single / f"images/{cid}.nii.gz")
+        _save(label, single / f"labels/{cid}.nii.gz")
+    ds = data.open_dataset(single)
+    assert [c["id"] for c in ds.cases] == ["case_0001", "case_0002"] and ds.info.in_channels == 1
+    extra = _save(image, single / "images/case_0003.nii.gz")
+    e = _raises_naming(extra, lambda: data.open_dataset(single))
+    assert "case_0003.nii.gz" in str(e).split("looked for")[1]
+    (root / "imagesTr/a_0000.nii.gz").unlink()
+    _raises_naming(root / "imagesTr/a_0000.nii.gz", lambda: data.open_dataset(root))
+
     # a decathlon-style JSON datalist elsewhere, relative paths, multi-class labels
     image, label = _blob_case(rng, channels=1, values=(0, 1, 2))
     _save(image[..., 0], tmp_path / "lists/img/x.nii.gz")

@@ -424,33 +424,36 @@ def _read_folder(root: Path) -> list[dict[str, Any]]:
             f"or image and label folders (one of {', '.join(_IMAGE_DIRS)} and one of "
             f"{', '.join(_LABEL_DIRS)})",
         )
-    images: dict[str, list[tuple[int, Path]]] = {}
-    for p in sorted(img_dir.iterdir()):
-        if not _is_nifti(p):
-            continue
-        stem = _strip_nifti(p.name)
-        m = re.fullmatch(r"(.+)_(\d{4})", stem)
-        cid, ch = (m.group(1), int(m.group(2))) if m else (stem, 0)
-        images.setdefault(cid, []).append((ch, p))
+    images = {_strip_nifti(p.name): p for p in sorted(img_dir.iterdir()) if _is_nifti(p)}
     labels = {_strip_nifti(p.name): p for p in sorted(lab_dir.iterdir()) if _is_nifti(p)}
     if not labels:
         raise MissingFileError(lab_dir / "*.nii.gz", "no label files")
     cases = []
     for cid, lab in labels.items():
-        if cid not in images:
-            raise MissingFileError(img_dir / f"{cid}.nii.gz", f"no image for label {lab}")
-        chans = sorted(images.pop(cid))
-        if [c for c, _ in chans] != list(range(len(chans))):
-            raise MissingFileError(
-                img_dir / f"{cid}_{len(chans):04d}.nii.gz",
-                f"channel files of case {cid!r} are not numbered 0000, 0001, ...",
-            )
+        if cid in images:  # one file: 3D, or 4D with channels last
+            chans = [images.pop(cid)]
+        else:  # nnU-Net style: <id>_0000, <id>_0001, ...
+            found = sorted(k for k in images if re.fullmatch(re.escape(cid) + r"_\d{4}", k))
+            if not found:
+                raise MissingFileError(img_dir / f"{cid}.nii.gz", f"no image for label {lab}")
+            idx = [int(k[-4:]) for k in found]
+            if idx != list(range(len(found))):
+                gap = min(set(range(max(idx) + 2)) - set(idx))
+                raise MissingFileError(
+                    img_dir / f"{cid}_{gap:04d}.nii.gz",
+                    f"channel file missing: case {cid!r} has channels {idx}",
+                )
+            chans = [images.pop(k) for k in found]
         cases.append(
-            {"id": cid, "image": [str(p.resolve()) for _, p in chans], "label": str(lab.resolve())}
+            {"id": cid, "image": [str(p.resolve()) for p in chans], "label": str(lab.resolve())}
         )
     if images:
-        cid = sorted(images)[0]
-        raise MissingFileError(lab_dir / f"{cid}.nii.gz", f"no label for image(s) of case {cid!r}")
+        stem = sorted(images)[0]
+        cid = re.sub(r"_\d{4}$", "", stem)
+        want = sorted({f"{stem}.nii.gz", f"{cid}.nii.gz"})
+        raise MissingFileError(
+            images[stem], f"image without label (looked for {' or '.join(want)} in {lab_dir})"
+        )
     return cases
 
 
