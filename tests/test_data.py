@@ -211,6 +211,9 @@ def test_msd_loader(tmp_path):
         abs(float(s["image"][0][nz].mean())) < 1e-4
         and abs(float(s["image"][0][nz].std()) - 1) < 1e-2
     )
+    # a case whose image is a plain path, as MONAI datalists often have
+    plain = {"image": ds.cases[0]["image"][0], "label": ds.cases[0]["label"]}
+    assert torch.equal(data.val_transforms("brats")(plain)["image"], s["image"])
     # the dataset.json alone works as a datalist too
     assert data.load_datalist(root / "dataset.json") == ds.cases
 

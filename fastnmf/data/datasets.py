@@ -220,13 +220,22 @@ def _label_spatial_shape(shape: tuple[int, ...], path: str | Path) -> tuple[int,
     raise DataError(path, f"expected a 3D label map, got shape {tuple(shape)}")
 
 
+def _image_paths(case: dict[str, Any]) -> list[str]:
+    image = case.get("image")
+    if isinstance(image, (str, Path)):
+        return [str(image)]
+    if not isinstance(image, (list, tuple)) or not image:
+        raise DataError(case.get("id", "?"), "case needs an 'image' path or list of paths")
+    return [str(p) for p in image]
+
+
 def check_case(case: dict[str, Any], info: DatasetInfo) -> int:
     """Check one case from the NIfTI headers only (cheap): files exist and are NIfTI, the number
     of channels is ``info.in_channels``, all channels and the label share one spatial shape.
 
     Returns the number of channels. Raises :class:`DataError` naming the bad file.
     """
-    paths = case["image"]
+    paths = _image_paths(case)
     shape = None
     n = 0
     for p in paths:
@@ -268,7 +277,7 @@ def read_case(
     check_case(case, info)
     chans = []
     affine = None
-    for p in case["image"]:
+    for p in _image_paths(case):
         img = _load_header(p)
         data = _read_data(img, p).astype(np.float32, copy=False)
         if affine is None:

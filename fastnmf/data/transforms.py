@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -125,10 +126,11 @@ class LoadCased(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
+        first = d["image"] if isinstance(d.get("image"), (str, Path)) else d["image"][0]
         if d.get("label") is None and not self.allow_missing_label:
-            raise DataError(d.get("image", ["?"])[0], "case has no label")
+            raise DataError(first, "case has no label")
         image, label, affine = read_case(d, self.info)
-        meta = {"filename_or_obj": d["image"][0], "case_id": d.get("id")}
+        meta = {"filename_or_obj": str(first), "case_id": d.get("id")}
         d["image"] = MetaTensor(torch.from_numpy(image), affine=torch.from_numpy(affine), meta=meta)
         if label is not None:
             lmeta = {"filename_or_obj": d["label"], "case_id": d.get("id")}
