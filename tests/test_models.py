@@ -24,8 +24,7 @@ TINY = {
 
 
 def tiny(name="swin_factorizer", preset="brats", spatial=(16, 16, 16), **kw):
-    """A small model; TINY's settings that ``name`` does not take are left out."""
-    torch.manual_seed(0)
+    """A small model (fresh random weights); TINY's settings ``name`` does not take left out."""
     accepted = inspect.signature(models.MODELS[name]).parameters
     opts = {k: v for k, v in TINY.items() if k in accepted}
     return models.build(name, preset=preset, **{**opts, "spatial_size": spatial, **kw})
@@ -159,11 +158,9 @@ def test_kernel_switch_triton_interpreter(variant, gen):
     net.eval()
     x = rand_input(net, gen)
     y_ref, gx_ref, _ = _grads(net, x)
+    pytest.importorskip("triton")
     models.set_kernel(net, "triton")
-    try:
-        y, gx, _ = _grads(net, x)
-    except (NotImplementedError, RuntimeError) as err:
-        pytest.skip(f"triton kernel not available: {err}")
+    y, gx, _ = _grads(net, x)
     assert rel_err(y, y_ref) < 1e-4
     assert rel_err(gx, gx_ref) < 1e-3
 
@@ -302,7 +299,6 @@ def test_components_swin_rank2_shape_and_nonnegativity(gen):
     ],
 )
 def test_baselines_forward(name, overrides, spatial, gen):
-    torch.manual_seed(0)
     net = models.build(name, preset="isles", spatial_size=spatial, **overrides).eval()
     x = torch.randn(1, 2, *spatial, generator=gen)
     with torch.no_grad():
