@@ -110,14 +110,15 @@ class Rank1ClosedForm(torch.autograd.Function):
     """Y = u u^T X for every matrix of x (Bm, M, N); see the module docstring."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, g0: torch.Tensor, iters: int) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, g0: torch.Tensor, iters: int, scale: float = 1.0):
         cdt = compute_dtype(x.dtype)
         with torch.autocast(x.device.type, enabled=False):
             xc = x.to(cdt)
             hats, norms, k = power_iterates(xc, g0.to(cdt), iters)
             u = hats[:, -1]  # (Bm, M)
-            y = u.unsqueeze(-1) * (u.unsqueeze(-2) @ xc)  # (Bm, M, 1) * (Bm, 1, N)
+            y = u.unsqueeze(-1) * ((u * scale).unsqueeze(-2) @ xc)  # (Bm, M, 1) * (Bm, 1, N)
         ctx.save_for_backward(x, g0, hats, norms, k)
+        ctx.scale = scale
         return y.to(x.dtype)
 
     @staticmethod
@@ -125,24 +126,27 @@ class Rank1ClosedForm(torch.autograd.Function):
         x, g0, hats, norms, k = ctx.saved_tensors
         cdt = hats.dtype
         with torch.autocast(x.device.type, enabled=False):
-            dx, dg0 = _rank1_backward(x.to(cdt), g0.to(cdt), hats, norms, k, dy.to(cdt))
+            dy = dy.to(cdt)
+            dx, dg0 = _rank1_backward(x.to(cdt), g0.to(cdt), hats, norms, k, dy, ctx.scale)
         dg0 = dg0.to(g0.dtype) if ctx.needs_input_grad[1] else None
-        return dx.to(x.dtype), dg0, None
+        return dx.to(x.dtype), dg0, None, None
 
 
-def _rank1_backward(x, g0, hats, norms, k, dy):
-    """dX and dg0 of Y = u u^T X (formulas in the module docstring)."""
+def _rank1_backward(x, g0, hats, norms, k, dy, scale=1.0):
+    """dX and dg0 of Y = scale * u u^T X (formulas in the module docstring)."""
     u = hats[:, -1]  # (Bm, M)
-    dp = dy @ x.transpose(-1, -2)  # (Bm, M, M)
+    dp = (dy @ x.transpose(-1, -2)) * scale  # (Bm, M, M)
     sym, hbar = backprop_iterates(dp, hats, norms, k)  # (Bm, M, M), (Bm, M)
     g_row = g0.unsqueeze(-2)  # (1, N) or (Bm, 1, N)
-    dx = u.unsqueeze(-1) * (u.unsqueeze(-2) @ dy) + sym @ x + hbar.unsqueeze(-1) * g_row
+    dx = u.unsqueeze(-1) * ((u * scale).unsqueeze(-2) @ dy) + sym @ x + hbar.unsqueeze(-1) * g_row
     dg0 = (hbar.unsqueeze(-2) @ x).squeeze(-2)  # (Bm, N)
     if g0.dim() == 1:
         dg0 = dg0.sum(0)
     return dx, dg0
 
 
-def rank1_closed_form(x: torch.Tensor, g0: torch.Tensor, iters: int) -> torch.Tensor:
-    """P X for every matrix of x (Bm, M, N), P the rank-one projector after ``iters`` >= 1."""
-    return Rank1ClosedForm.apply(x, g0, iters)
+def rank1_closed_form(
+    x: torch.Tensor, g0: torch.Tensor, iters: int, scale: float = 1.0
+) -> torch.Tensor:
+    """scale * P X for every matrix of x (Bm, M, N), P the rank-one projector after ``iters``."""
+    return Rank1ClosedForm.apply(x, g0, iters, scale)

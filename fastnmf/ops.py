@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -64,16 +65,16 @@ def _start_vector(x, g0, done: int):
         return (hats[:, -1].unsqueeze(-2) @ x.to(cdt)).squeeze(-2).to(x.dtype)  # (Bm, N)
 
 
-def _torch_rank1(x, g0, u0, iters, solver, num_grad_steps):
-    """Closed form on x (Bm, M, N) with start vector g0 (N,) or (Bm, N); iters >= 1."""
+def _torch_rank1(x, g0, u0, iters, solver, num_grad_steps, scale=1.0):
+    """scale * closed form on x (Bm, M, N), start vector g0 (N,) or (Bm, N); iters >= 1."""
     if solver == "mu":
         x = _mu_masks(x, g0, u0)
     k = iters if num_grad_steps is None else min(num_grad_steps, iters)
     if k == 0:
         with torch.no_grad():
-            return rank1_closed_form(x, g0, iters)
+            return rank1_closed_form(x, g0, iters, scale)
     g = _start_vector(x, g0, iters - k)
-    return rank1_closed_form(x, g, k)
+    return rank1_closed_form(x, g, k, scale)
 
 
 def nmf(
@@ -135,7 +136,6 @@ def nmf(
 def _torch_matricized(z, v0, head_dim, patch, shifts, u0, iters, solver, num_grad_steps):
     """Rank-one closed form over the matricization of z = ReLU(x) (B, C, *S)."""
     spatial = tuple(z.shape[2:])
-    dims = tuple(range(2, z.dim()))
     items = reference.shifts_as_tuples(shifts, len(spatial))
     g0 = v0[:, 0]
     out = None
@@ -149,18 +149,52 @@ def _torch_matricized(z, v0, head_dim, patch, shifts, u0, iters, solver, num_gra
                 g0.reshape(spatial), tuple(-v for v in s), dims=tuple(range(len(spatial)))
             )
             g = g.reshape(-1)  # (N,)
-            y = _torch_rank1(flat, g, u0, iters, solver, num_grad_steps)  # (B*H, E, N)
-            out = y if out is None else out + y
-        out = reference.dematricize(out.reshape(mats.shape), spatial, None)
-        return out / len(items)
+            y = _torch_rank1(flat, g, u0, iters, solver, num_grad_steps, scale=1 / len(items))
+            out = y if out is None else out + y  # (B*H, E, N)
+        return reference.dematricize(out.reshape(mats.shape), spatial, None)
+    dims = tuple(range(2, z.dim()))
     for s in items:
-        rolled = torch.roll(z, s, dims) if any(s) else z
+        rolled = _Roll.apply(z, s, dims) if any(s) else z
         mats = reference.matricize(rolled, head_dim, patch)  # (B, H, nw, E, N)
-        y = _torch_rank1(mats.reshape(-1, *mats.shape[-2:]), g0, u0, iters, solver, num_grad_steps)
+        flat = mats.reshape(-1, *mats.shape[-2:])  # (B*H*nw, E, N)
+        y = _torch_rank1(flat, g0, u0, iters, solver, num_grad_steps, scale=1 / len(items))
         y = reference.dematricize(y.reshape(mats.shape), spatial, patch)  # (B, C, *S)
-        y = torch.roll(y, tuple(-v for v in s), dims) if any(s) else y
+        y = _Roll.apply(y, tuple(-v for v in s), dims) if any(s) else y
         out = y if out is None else out + y
-    return out / len(items)
+    return out
+
+
+def _roll_once(x: torch.Tensor, shifts, dims) -> torch.Tensor:
+    """torch.roll in one pass: one block copy per combination of wrapped/unwrapped parts
+    (torch.roll over k dims makes k full copies)."""
+    out = torch.empty_like(x)
+    parts = []
+    for d, s in zip(dims, shifts, strict=True):
+        n = x.shape[d]
+        s %= n
+        if s == 0:
+            parts.append([(slice(None), slice(None))])
+        else:  # (destination, source) along dim d
+            parts.append([(slice(s, n), slice(0, n - s)), (slice(0, s), slice(n - s, n))])
+    for combo in itertools.product(*parts):
+        dst, src = [slice(None)] * x.dim(), [slice(None)] * x.dim()
+        for d, (a, b) in zip(dims, combo, strict=True):
+            dst[d], src[d] = a, b
+        out[tuple(dst)] = x[tuple(src)]
+    return out
+
+
+class _Roll(torch.autograd.Function):
+    """Differentiable :func:`_roll_once`; the backward rolls the gradient back."""
+
+    @staticmethod
+    def forward(ctx, x, shifts, dims):
+        ctx.shifts, ctx.dims = shifts, dims
+        return _roll_once(x, shifts, dims)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _roll_once(grad, tuple(-s for s in ctx.shifts), ctx.dims), None, None
 
 
 def matricized_nmf(
