@@ -26,6 +26,8 @@ A zero matrix gives a zero output and a zero gradient; nothing is ever NaN.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 __all__ = [
@@ -36,6 +38,13 @@ __all__ = [
     "backprop_iterates",
     "compute_dtype",
 ]
+
+
+def _no_autocast(device: torch.device):
+    """Disable autocast inside the closed form (it accumulates in fp32 itself)."""
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()  # e.g. the meta device used for FLOP counting
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -112,7 +121,7 @@ class Rank1ClosedForm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, g0: torch.Tensor, iters: int, scale: float = 1.0):
         cdt = compute_dtype(x.dtype)
-        with torch.autocast(x.device.type, enabled=False):
+        with _no_autocast(x.device):
             xc = x.to(cdt)
             hats, norms, k = power_iterates(xc, g0.to(cdt), iters)
             u = hats[:, -1]  # (Bm, M)
@@ -125,7 +134,7 @@ class Rank1ClosedForm(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         x, g0, hats, norms, k = ctx.saved_tensors
         cdt = hats.dtype
-        with torch.autocast(x.device.type, enabled=False):
+        with _no_autocast(x.device):
             dy = dy.to(cdt)
             dx, dg0 = _rank1_backward(x.to(cdt), g0.to(cdt), hats, norms, k, dy, ctx.scale)
         dg0 = dg0.to(g0.dtype) if ctx.needs_input_grad[1] else None
