@@ -1,7 +1,11 @@
 """Fused Triton kernels for the NMF layer (installed as ``fastnmf.kernels``).
 
 - :mod:`.window_nmf`: rank one over (shifted) windows, forward and backward;
-- :mod:`.global_nmf`: rank one over whole matrices (global matricization, plain NMF).
+- :mod:`.global_nmf`: rank one over whole matrices (global matricization, plain NMF);
+- :mod:`.window_nmf_rank`: rank R > 1 over (shifted) windows, the literal MU / HALS loop on chip,
+  forward and backward;
+- :mod:`.global_nmf_rank`: rank R > 1 over whole matrices, forward only (one reduction pass per
+  iteration); its backward raises NotImplementedError (use kernel='torch').
 
 The entry points take arguments already validated by :func:`fastnmf.nmf` /
 :func:`fastnmf.matricized_nmf`. Inputs are made contiguous (a channels_last input is copied once).
@@ -13,7 +17,9 @@ from __future__ import annotations
 import torch
 
 from .global_nmf import global_nmf
+from .global_nmf_rank import global_nmf_rank
 from .window_nmf import window_nmf
+from .window_nmf_rank import window_nmf_rank
 
 __all__ = ["nmf", "matricized_nmf"]
 
@@ -23,11 +29,6 @@ def _common_checks(v0: torch.Tensor, iters: int, num_grad_steps) -> None:
         raise NotImplementedError(
             "kernel='triton' computes the exact gradient of all iterations; num_grad_steps "
             "needs kernel='torch' or kernel='reference'"
-        )
-    if v0.shape[1] != 1:
-        raise NotImplementedError(
-            f"kernel='triton' supports rank 1 so far (v0 has rank {v0.shape[1]}); use "
-            "kernel='torch' for rank > 1"
         )
     if v0.requires_grad and torch.is_grad_enabled():
         raise NotImplementedError(
@@ -42,6 +43,12 @@ def matricized_nmf(
     """Triton path of :func:`fastnmf.matricized_nmf` (arguments already validated)."""
     _common_checks(v0, iters, num_grad_steps)
     x = x.contiguous()
+    if v0.shape[1] > 1:
+        if patch_size is None:
+            return global_nmf_rank(x, v0, rows=head_dim, spatial=x.shape[2:], shifts=shifts,
+                                   u0=u0, iters=iters, solver=solver, relu=True)  # fmt: skip
+        return window_nmf_rank(x, v0, head_dim=head_dim, patch_size=patch_size, shifts=shifts,
+                               u0=u0, iters=iters, solver=solver)  # fmt: skip
     if patch_size is None:
         return global_nmf(x, v0, rows=head_dim, spatial=x.shape[2:], shifts=shifts, u0=u0,
                           iters=iters, solver=solver, relu=True)  # fmt: skip
@@ -54,5 +61,9 @@ def nmf(x, v0, *, u0=None, iters=5, solver="hals", num_grad_steps=None):
     _common_checks(v0, iters, num_grad_steps)
     m, n = x.shape[-2:]
     flat = x.reshape(-1, m, n).contiguous()  # (Bm, M, N)
+    if v0.shape[1] > 1:
+        y = global_nmf_rank(flat, v0, rows=m, spatial=(n,), u0=u0, iters=iters, solver=solver,
+                            relu=False)  # fmt: skip
+        return y.reshape(x.shape)
     y = global_nmf(flat, v0, rows=m, spatial=(n,), u0=u0, iters=iters, solver=solver, relu=False)
     return y.reshape(x.shape)
