@@ -1,15 +1,34 @@
-"""The ``fastnmf`` command. ``fastnmf --help`` lists the subcommands."""
+"""The ``fastnmf`` command. ``fastnmf --help`` lists the subcommands.
+
+- ``fastnmf train``: with no arguments, the main job: a small swin Factorizer trained on the demo
+  set (fold 0), then inference and evaluation of the validation fold; ``--preset brats|isles``
+  with ``--data PATH`` for the paper's settings. Works under ``torchrun`` (DDP).
+- ``fastnmf infer``: sliding-window segmentation → NIfTI (input's affine/header) + overlay PNG.
+- ``fastnmf evaluate``: Dice and HD95 per region → per-case CSV and summary.
+- ``fastnmf compare``: paired Wilcoxon signed-rank tests between two runs' per-case CSVs.
+- ``fastnmf components``: NMF component maps of one block for one case (NIfTI + PNG).
+- ``fastnmf info``: versions, devices, kernels; ``fastnmf bench-layer``: time the NMF layer.
+
+Bad input (missing or corrupt files, wrong channels or labels, bad options) is reported as one
+line ``fastnmf <command>: error: ...`` with exit status 2, no traceback; a diverged training run
+exits with status 3.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import platform
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from . import _checks as C
+
+KERNELS = ("auto", "triton", "torch", "reference")
 
 
 def _time(fn, repeats: int) -> float:
@@ -22,7 +41,11 @@ def _time(fn, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+# ----------------------------------------------------------------------------------------------
+# bench-layer / info
+
+
+def cmd_bench_layer(args: argparse.Namespace) -> int:
     """Run the swin NMF layer over a volume with each kernel and print shapes and times."""
     from . import MatricizedNMF
 
@@ -33,7 +56,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     layer = MatricizedNMF(
         head_dim=args.head_dim, patch_size=args.window, shifts="default", iters=args.iters, seed=0
     ).to(device)
-    print(f"fastnmf demo: swin NMF layer, input {tuple(x.shape)} on {device}")
+    print(f"fastnmf bench-layer: swin NMF layer, input {tuple(x.shape)} on {device}")
     print(f"  head_dim={args.head_dim} window={args.window} shifts={layer.resolved_shifts(3)}")
     print(f"  rank={layer.rank} iters={layer.iters} solver={layer.solver}")
     outputs = {}
@@ -76,25 +99,344 @@ def cmd_info(_args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------
+# train
+
+
+def _model_opts(items: list[str] | None) -> dict:
+    opts = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--model-opt expects KEY=VALUE (VALUE as JSON), got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            opts[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            opts[key.strip()] = value
+    return opts
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m} min {s:02d} s" if m else f"{s} s"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train (or resume); then, by default, infer and evaluate the validation fold."""
+    from .config import TrainConfig, resolve
+    from .train import train
+
+    t0 = time.perf_counter()
+    overrides = {
+        "model": args.model,
+        "data": args.data,
+        "kernel": args.kernel,
+        "fold": args.fold,
+        "n_folds": args.folds,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "patch": args.patch,
+        "amp": args.amp,
+        "device": args.device,
+        "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "warmup": args.warmup,
+        "val_every": args.val_every,
+        "val_cases": args.val_cases,
+        "seed": args.seed,
+        "num_workers": args.workers,
+        "grad_clip": args.grad_clip,
+        "evaluate": False if args.no_eval else None,
+    }
+    if args.model_opt:
+        overrides["model_options"] = _model_opts(args.model_opt)
+    if args.demo_cases is not None or args.demo_size is not None:
+        demo = {"n_cases": 16, "size": 48, "seed": 0}
+        demo.update(
+            {k: v for k, v in (("n_cases", args.demo_cases), ("size", args.demo_size)) if v}
+        )
+        overrides["demo"] = demo
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    resume = None
+    if args.resume is not None:
+        if args.resume == "last":
+            if args.out is None:
+                raise ValueError("--resume without a checkpoint needs --out RUN_DIR")
+            resume = Path(args.out) / "last.pt"
+        else:
+            resume = Path(args.resume)
+            if resume.is_dir():
+                resume = resume / "last.pt"
+        out = Path(args.out) if args.out else resume.parent
+        from .infer import load_checkpoint
+
+        cfg = TrainConfig.from_dict(load_checkpoint(resume)["config"])
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if args.preset is not None and args.preset != cfg.preset:
+            given["preset"] = args.preset
+        if "model_options" in given:
+            given["model_options"] = {**cfg.model_options, **given["model_options"]}
+        cfg = TrainConfig.from_dict({**cfg.to_dict(), **given})
+    else:
+        cfg = resolve(args.preset or "demo", **overrides)
+        if args.out is not None:
+            out = Path(args.out)
+        elif distributed:
+            raise ValueError("under torchrun, give every process the same --out RUN_DIR")
+        else:
+            out = Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if (out / "last.pt").exists():
+            raise ValueError(
+                f"{out} already holds a run (last.pt); pass --resume to continue it or choose "
+                "another --out"
+            )
+    result = train(cfg, out=out, resume=resume, stop_at=args.stop_at, progress=not args.no_progress)
+    rank = int(os.environ.get("RANK", "0"))
+    if rank != 0:
+        return 0
+    wall = time.perf_counter() - t0
+    print(f"\n== fastnmf train: {result.step}/{cfg.steps} steps, wall time {_duration(wall)} ==")
+    regions = list((result.baseline or {}).keys())
+    region = "WT" if "WT" in regions else (regions[-2] if len(regions) > 1 else "mean")
+    if result.baseline:
+        print(
+            f"untrained model (step 0), validation {region} Dice: "
+            f"{result.baseline.get(region, float('nan')):.4f}"
+        )
+    if result.best and result.best.get("scores"):
+        scores = result.best["scores"]
+        print(
+            f"trained model (best, step {result.best['step']}), validation {region} Dice: "
+            f"{scores.get(region, float('nan')):.4f}   (all: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
+            + ")"
+        )
+    if result.evaluation:
+        e = result.evaluation
+        line = ", ".join(
+            f"{k} {v['mean']:.4f}" for k, v in e.items() if k.startswith(("dice_", "hd95_"))
+        )
+        print(f"validation fold, saved predictions scored: {line}")
+    if not result.finished:
+        print(f"stopped at step {result.step}; continue with: fastnmf train --resume --out {out}")
+    print(f"outputs in {out}/:")
+    print("  config.json, last.pt, best.pt       resolved config, checkpoints")
+    print("  train.csv, val.csv, tb/             logs (tensorboard --logdir " + f"{out / 'tb'})")
+    if result.predictions is not None:
+        print(
+            "  predictions/<id>.nii.gz, <id>.png   segmentations and overlays of the "
+            "validation fold"
+        )
+        print("  predictions/metrics.csv, summary.json  Dice and HD95 per case, summary")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# infer / evaluate / compare / components
+
+
+def _checkpoint_path(path: str) -> Path:
+    p = Path(path)
+    return p / "best.pt" if p.is_dir() else p
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    """Segment cases with a checkpoint; write NIfTI label maps and overlay PNGs."""
+    from .config import TrainConfig
+    from .infer import cases_for, infer, load_checkpoint
+
+    ckpt = _checkpoint_path(args.checkpoint)
+    cfg = TrainConfig.from_dict(load_checkpoint(ckpt)["config"])
+    data = args.data or cfg.data
+    cases, _ = cases_for(data, cfg=cfg, fold=args.fold, select=args.cases)
+    out = Path(args.out) if args.out else ckpt.parent / "predictions"
+    written = infer(
+        ckpt,
+        cases,
+        out,
+        device=args.device,
+        kernel=args.kernel,
+        iters=args.iters,
+        skip=args.skip,
+        overlap=args.overlap,
+        png=not args.no_png,
+        progress=True,
+    )
+    for w in written:
+        print(f"{w['id']}: {w['prediction']}" + (f", {w['png']}" if w["png"] != "None" else ""))
+    print(f"{len(written)} case(s) segmented into {out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Dice and HD95 per region of saved predictions against the labels."""
+    from .config import TrainConfig
+    from .evaluate import evaluate, format_summary
+    from .infer import cases_for, load_checkpoint
+
+    cfg = None
+    if args.checkpoint:
+        cfg = TrainConfig.from_dict(load_checkpoint(_checkpoint_path(args.checkpoint))["config"])
+    data = args.data or (cfg.data if cfg else "demo")
+    cases, info = cases_for(data, cfg=cfg, fold=args.fold, select=args.cases)
+    if info is None:
+        raise ValueError("--data must be a data set (with labels), not a single image")
+    pred = Path(args.pred)
+    if not pred.is_dir():
+        raise FileNotFoundError(f"{pred}: predictions folder not found")
+    rows, summary = evaluate(pred, cases, info, out=args.out)
+    out = Path(args.out) if args.out else pred
+    print(f"{len(rows)} case(s); per-case metrics: {out / 'metrics.csv'}")
+    print(format_summary(summary))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Paired Wilcoxon signed-rank tests between two runs' per-case metrics."""
+    from .evaluate import compare, format_comparison, write_csv
+
+    rows = compare(args.a, args.b)
+    print(f"A = {args.a}\nB = {args.b}\npaired Wilcoxon signed-rank test (two-sided):")
+    print(format_comparison(rows))
+    if args.out:
+        write_csv(rows, args.out)
+        print(f"written {args.out}")
+    return 0
+
+
+def cmd_components(args: argparse.Namespace) -> int:
+    """NMF component maps (paper Fig. 6) of one block for one case."""
+    from .components import save_components
+    from .config import TrainConfig
+    from .infer import cases_for, load_checkpoint
+
+    ckpt = _checkpoint_path(args.checkpoint)
+    cfg = TrainConfig.from_dict(load_checkpoint(ckpt)["config"])
+    cases, _ = cases_for(args.data or cfg.data, cfg=cfg, fold=args.fold, select=args.case)
+    out = Path(args.out) if args.out else ckpt.parent / "components"
+    files = save_components(
+        ckpt, cases[0], out, block=args.block, device=args.device, iters=args.iters
+    )
+    print(f"{cases[0]['id']}, block {args.block}: {files['nifti']}, {files['png']}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# parser
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .config import AMP_MODES, PRESETS
+
     parser = argparse.ArgumentParser(
         prog="fastnmf", description="Factorizer segmentation with fused NMF kernels."
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    demo = sub.add_parser("demo", help="run the swin NMF layer over a volume and time it")
-    demo.add_argument("--size", type=int, default=32, help="cubic volume side (default 32)")
-    demo.add_argument("--channels", type=int, default=32)
-    demo.add_argument("--batch", type=int, default=1)
-    demo.add_argument("--head-dim", type=int, default=8)
-    demo.add_argument("--window", type=int, default=8)
-    demo.add_argument("--iters", type=int, default=5)
-    demo.add_argument("--kernels", nargs="+", default=["torch", "reference"], choices=C.KERNELS)
-    demo.add_argument("--repeats", type=int, default=3)
-    demo.add_argument("--device", default="cpu")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(func=cmd_demo)
+
+    tr = sub.add_parser(
+        "train",
+        help="train a model (no arguments: the demo main job: train, infer, evaluate)",
+        description="Train a segmentation model. With no arguments: the main job (preset "
+        "'demo': a small swin Factorizer on the built-in demo data, fold 0, then inference and "
+        "evaluation of the validation fold). Unset options come from the preset.",
+    )
+    tr.add_argument("--preset", choices=sorted(PRESETS), help="config preset (default demo)")
+    tr.add_argument("--model", help="model name (fastnmf.models.available())")
+    tr.add_argument("--data", help="'demo', a data-set folder or a JSON datalist")
+    tr.add_argument("--kernel", choices=KERNELS, help="NMF kernel (default auto)")
+    tr.add_argument("--fold", type=int, help="cross-validation fold 0..4 (default 0)")
+    tr.add_argument("--folds", type=int, help="number of cross-validation folds (default 5)")
+    tr.add_argument("--steps", type=int, help="total training steps")
+    tr.add_argument("--batch-size", type=int, help="patches per step and process")
+    tr.add_argument("--patch", type=int, help="cubic training patch edge (model spatial size)")
+    tr.add_argument("--amp", choices=AMP_MODES, help="mixed precision (default none)")
+    tr.add_argument("--out", help="run folder (default runs/<preset>-<time>)")
+    tr.add_argument(
+        "--resume",
+        nargs="?",
+        const="last",
+        metavar="CKPT",
+        help="continue a run: its last.pt (in --out) or the checkpoint/run folder given",
+    )
+    tr.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
+    tr.add_argument("--lr", type=float)
+    tr.add_argument("--weight-decay", type=float)
+    tr.add_argument("--warmup", type=int, help="linear warm-up steps")
+    tr.add_argument("--val-every", type=int, help="validate and checkpoint every N steps")
+    tr.add_argument("--val-cases", type=int, help="validate on at most N cases (0: all)")
+    tr.add_argument("--grad-clip", type=float, help="max gradient norm (0: off)")
+    tr.add_argument("--seed", type=int, help="run seed (default 0)")
+    tr.add_argument("--workers", type=int, help="DataLoader workers")
+    tr.add_argument(
+        "--model-opt",
+        action="append",
+        metavar="KEY=VALUE",
+        help="model builder option, VALUE as JSON (e.g. widths=[8,16,32,64]); repeatable",
+    )
+    tr.add_argument("--demo-cases", type=int, help="number of demo cases (default 16)")
+    tr.add_argument("--demo-size", type=int, help="demo volume edge (default 48)")
+    tr.add_argument("--stop-at", type=int, help="stop after this step (resume later)")
+    tr.add_argument("--no-eval", action="store_true", help="skip the final infer + evaluate")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tr.set_defaults(func=cmd_train)
+
+    inf = sub.add_parser("infer", help="segment volumes: NIfTI label maps + overlay PNGs")
+    inf.add_argument("--checkpoint", required=True, help="checkpoint or run folder (best.pt)")
+    inf.add_argument("--data", help="data set, 'demo' or one NIfTI image (default: training's)")
+    inf.add_argument("--cases", default="val", help="val (default) | all | ID,ID,...")
+    inf.add_argument("--fold", type=int, help="fold for --cases val (default: training's)")
+    inf.add_argument("--out", help="output folder (default <run>/predictions)")
+    inf.add_argument("--device", default="auto")
+    inf.add_argument("--kernel", choices=KERNELS, help="NMF kernel at inference")
+    inf.add_argument("--iters", type=int, help="NMF iterations T at inference")
+    inf.add_argument(
+        "--skip", type=int, nargs="+", metavar="BLOCK", help="short-circuit these NMF blocks"
+    )
+    inf.add_argument("--overlap", type=float, default=0.5)
+    inf.add_argument("--no-png", action="store_true")
+    inf.set_defaults(func=cmd_infer)
+
+    ev = sub.add_parser("evaluate", help="Dice and HD95 per region: per-case CSV and summary")
+    ev.add_argument("--pred", required=True, help="folder of <id>.nii.gz predictions")
+    ev.add_argument("--data", help="data set with labels (default: the checkpoint's, or demo)")
+    ev.add_argument("--checkpoint", help="take data and fold from this checkpoint / run folder")
+    ev.add_argument("--cases", default="val", help="val (default) | all | ID,ID,...")
+    ev.add_argument("--fold", type=int)
+    ev.add_argument("--out", help="where metrics.csv and summary.json go (default --pred)")
+    ev.set_defaults(func=cmd_evaluate)
+
+    cmp = sub.add_parser("compare", help="paired Wilcoxon tests between two runs' metrics")
+    cmp.add_argument("a", help="metrics.csv (or its folder) of run A")
+    cmp.add_argument("b", help="metrics.csv (or its folder) of run B")
+    cmp.add_argument("--out", help="write the table as CSV")
+    cmp.set_defaults(func=cmd_compare)
+
+    co = sub.add_parser("components", help="NMF component maps of a block for one case")
+    co.add_argument("--checkpoint", required=True, help="checkpoint or run folder (best.pt)")
+    co.add_argument("--block", type=int, required=True, help="NMF block index (0 = first)")
+    co.add_argument("--data", help="data set, 'demo' or one NIfTI image (default: training's)")
+    co.add_argument("--case", default="val", help="case id (default: first validation case)")
+    co.add_argument("--fold", type=int)
+    co.add_argument("--iters", type=int, help="NMF iterations T")
+    co.add_argument("--out", help="output folder (default <run>/components)")
+    co.add_argument("--device", default="auto")
+    co.set_defaults(func=cmd_components)
+
     info = sub.add_parser("info", help="print versions, devices and kernels")
     info.set_defaults(func=cmd_info)
+
+    bench = sub.add_parser("bench-layer", help="run the swin NMF layer over a volume and time it")
+    bench.add_argument("--size", type=int, default=32, help="cubic volume side (default 32)")
+    bench.add_argument("--channels", type=int, default=32)
+    bench.add_argument("--batch", type=int, default=1)
+    bench.add_argument("--head-dim", type=int, default=8)
+    bench.add_argument("--window", type=int, default=8)
+    bench.add_argument("--iters", type=int, default=5)
+    bench.add_argument("--kernels", nargs="+", default=["torch", "reference"], choices=C.KERNELS)
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.set_defaults(func=cmd_bench_layer)
     return parser
 
 
@@ -104,11 +446,20 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    from .infer import CheckpointError
+    from .train import TrainingDiverged
+
     try:
         return args.func(args)
-    except (ValueError, TypeError, NotImplementedError, FileNotFoundError) as err:
+    except TrainingDiverged as err:
+        print(f"fastnmf {args.command}: {err}", file=sys.stderr)
+        return 3
+    except (ValueError, TypeError, NotImplementedError, FileNotFoundError, CheckpointError) as err:
         print(f"fastnmf {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"fastnmf {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,0 +1,230 @@
+"""Training configuration: one JSON-able dataclass, presets, and overrides.
+
+A run is described by a :class:`TrainConfig`. It is built from a preset (:data:`PRESETS`):
+
+==========  ==========================================================================  ======
+preset      what                                                                        data
+==========  ==========================================================================  ======
+``demo``    the main job: a small swin Factorizer (widths 16…128, patch 32³, window 4)   demo
+            trained for 800 steps on the built-in demo set, learns within minutes on
+            2 CPU cores
+``brats``   the paper's BraTS setting (section 4.2): swin Factorizer, patch 128³,         (path)
+            100k steps, 2k warmup, batch 2, AdamW lr 1e-4, weight decay 1e-2
+``isles``   the paper's ISLES'22 setting: patch 64³, E = 4, window 4, mlp ratio 4        (path)
+==========  ==========================================================================  ======
+
+then updated with explicit overrides (:func:`resolve`). The resolved config is printed at the
+start of training and saved as ``config.json`` beside the checkpoints, and stored (as plain JSON
+data) inside every checkpoint, so :mod:`fastnmf.infer` can rebuild the model from a checkpoint
+alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+__all__ = ["TrainConfig", "PRESETS", "AMP_MODES", "resolve", "model_preset_for"]
+
+AMP_MODES = ("none", "bf16", "fp16")
+CROPS = ("random", "posneg")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (all fields JSON-able).
+
+    Attributes:
+        preset: the preset this config started from.
+        model: a name of :func:`fastnmf.models.available`.
+        model_preset: the :func:`fastnmf.models.build` preset (``"brats"`` or ``"isles"``); by
+            default chosen from the data kind.
+        model_options: extra keyword arguments of the model builder (e.g. ``widths``).
+        kernel: NMF kernel: ``auto`` | ``triton`` | ``torch`` | ``reference``.
+        data: ``"demo"``, a data-set folder or a JSON datalist.
+        demo: :func:`fastnmf.data.make_demo` arguments when ``data == "demo"``.
+        fold, n_folds, split_seed: cross-validation split (:func:`fastnmf.data.split`).
+        steps: total optimiser steps (the LR schedule spans them).
+        warmup: linear warm-up steps, then cosine decay to 0 at ``steps``.
+        batch_size: patches per step and per process (DDP: the global batch is
+            ``batch_size × world size``).
+        patch: training patch edge (cubic); also the model's ``spatial_size``.
+        lr, weight_decay: AdamW.
+        grad_clip: max gradient norm (0: off).
+        amp: ``none`` | ``bf16`` (autocast) | ``fp16`` (autocast + GradScaler, CUDA).
+        deep_supervision: loss weights of the outputs [full, 1/2, 1/4, ...] (paper 1, .5, .25);
+            normalised to sum to one.
+        crop: training patch sampling: ``random`` (paper) or ``posneg``.
+        augment: the paper's random augmentations.
+        val_every: validate (sliding-window Dice) and checkpoint every this many steps.
+        val_cases: validate on at most this many cases of the validation fold (0: all).
+        overlap, sw_batch_size: sliding-window inference (50 % overlap, gaussian blending).
+        seed: seeds torch, numpy and random at the start of the run, the model's NMF factors and
+            the data sampling.
+        num_workers: DataLoader worker processes.
+        device: ``auto`` (cuda if available), ``cpu``, ``cuda``, ``cuda:1``...
+        log_every: CSV / TensorBoard logging interval (steps).
+        evaluate: after training, infer and evaluate the validation fold with the best checkpoint.
+    """
+
+    preset: str = "demo"
+    model: str = "swin_factorizer"
+    model_preset: str | None = None
+    model_options: dict[str, Any] = field(default_factory=dict)
+    kernel: str = "auto"
+    data: str = "demo"
+    demo: dict[str, Any] = field(default_factory=dict)
+    fold: int = 0
+    n_folds: int = 5
+    split_seed: int = 0
+    steps: int = 100_000
+    warmup: int = 2_000
+    batch_size: int = 2
+    patch: int = 128
+    lr: float = 1e-4
+    weight_decay: float = 1e-2
+    grad_clip: float = 1.0
+    amp: str = "none"
+    deep_supervision: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.25])
+    crop: str = "random"
+    augment: bool = True
+    val_every: int = 1_000
+    val_cases: int = 0
+    overlap: float = 0.5
+    sw_batch_size: int = 4
+    seed: int = 0
+    num_workers: int = 2
+    device: str = "auto"
+    log_every: int = 10
+    evaluate: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(
+                f"unknown config key(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}"
+            )
+        return validate(cls(**d))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def summary(self) -> str:
+        """The config as aligned ``key: value`` lines."""
+        d = self.to_dict()
+        width = max(map(len, d))
+        return "\n".join(f"  {k:<{width}} : {json.dumps(v)}" for k, v in d.items())
+
+
+_DEMO_MODEL = {
+    "widths": [16, 32, 64, 128],
+    "head_dim": 8,
+    "window": 4,
+    "shifts": "default",
+    "mlp_ratio": 2.0,
+    "dropout": 0.0,
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "demo": {
+        "model_options": _DEMO_MODEL,
+        "data": "demo",
+        "demo": {"n_cases": 16, "size": 48, "seed": 0},
+        "steps": 800,
+        "warmup": 50,
+        "batch_size": 2,
+        "patch": 32,
+        "lr": 3e-3,
+        "val_every": 200,
+        "num_workers": 1,
+        "log_every": 10,
+    },
+    "brats": {"patch": 128, "val_every": 1000},
+    "isles": {"patch": 64, "val_every": 1000, "model_preset": "isles"},
+}
+
+
+def model_preset_for(kind: str) -> str:
+    """The :func:`fastnmf.models.build` preset for a data kind (ISLES → ``isles``)."""
+    return "isles" if kind == "isles" else "brats"
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Check values; raise ``ValueError`` naming the field and the valid options."""
+    from fastnmf import models
+
+    if cfg.preset not in PRESETS:
+        raise ValueError(f"unknown preset {cfg.preset!r}; valid presets: {', '.join(PRESETS)}")
+    if cfg.model not in models.available():
+        raise ValueError(
+            f"unknown model {cfg.model!r}; available models: {', '.join(models.available())}"
+        )
+    if cfg.model_preset is not None and cfg.model_preset not in models.presets():
+        raise ValueError(
+            f"unknown model_preset {cfg.model_preset!r}; valid: {', '.join(models.presets())}"
+        )
+    kernels = ("auto", "triton", "torch", "reference")
+    if cfg.kernel not in kernels:
+        raise ValueError(f"unknown kernel {cfg.kernel!r}; valid choices: {', '.join(kernels)}")
+    if cfg.amp not in AMP_MODES:
+        raise ValueError(f"unknown amp mode {cfg.amp!r}; valid: {', '.join(AMP_MODES)}")
+    if cfg.crop not in CROPS:
+        raise ValueError(f"unknown crop {cfg.crop!r}; valid: {', '.join(CROPS)}")
+    for name in ("steps", "batch_size", "patch", "val_every", "log_every", "sw_batch_size"):
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    for name in ("warmup", "num_workers", "val_cases", "fold", "seed"):
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
+    if not 0 <= cfg.fold < cfg.n_folds:
+        raise ValueError(f"fold must be in 0..{cfg.n_folds - 1}, got {cfg.fold}")
+    if not cfg.lr > 0 or cfg.weight_decay < 0 or cfg.grad_clip < 0:
+        raise ValueError("lr must be > 0, weight_decay and grad_clip >= 0")
+    if not 0 <= cfg.overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1), got {cfg.overlap}")
+    if not cfg.deep_supervision or any(w < 0 for w in cfg.deep_supervision):
+        raise ValueError(
+            f"deep_supervision must be a non-empty list of weights >= 0, got {cfg.deep_supervision}"
+        )
+    if not isinstance(cfg.model_options, dict):
+        raise ValueError("model_options must be a dict")
+    return cfg
+
+
+def resolve(preset: str = "demo", **overrides: Any) -> TrainConfig:
+    """The config of ``preset`` with ``overrides`` applied (``None`` values are ignored).
+
+    ``model_options`` given here update the preset's (they do not replace them); overriding the
+    model drops the preset's model options (they belong to the preset's model).
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}")
+    base: dict[str, Any] = {"preset": preset, **json.loads(json.dumps(PRESETS[preset]))}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    names = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ValueError(
+            f"unknown config key(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}"
+        )
+    if "model" in overrides and overrides["model"] != base.get("model", "swin_factorizer"):
+        base.pop("model_options", None)
+    opts = dict(base.get("model_options", {}))
+    opts.update(overrides.pop("model_options", {}) or {})
+    base["model_options"] = opts
+    base.update(overrides)
+    return TrainConfig.from_dict(base)

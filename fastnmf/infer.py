@@ -1,0 +1,394 @@
+"""Inference: checkpoints → models, sliding-window prediction, NIfTI and overlay PNG outputs.
+
+- :func:`load_checkpoint` reads a checkpoint with ``torch.load(weights_only=True)``;
+  :func:`model_from_checkpoint` rebuilds the model from the config stored inside it.
+- :func:`sliding_window_logits`: MONAI's sliding-window inference with windows of the model's
+  ``spatial_size``, 50 % overlap and gaussian blending, so a volume of any size can be segmented
+  (smaller volumes are padded).
+- :func:`predict_case`: one preprocessed case → region probabilities; thresholded at 0.5.
+- :func:`infer`: a list of cases → ``<out>/<id>.nii.gz`` label maps (the input's affine and
+  header, MSD label values for BraTS-style data) and ``<out>/<id>.png`` overlays.
+
+The inference-time controls of the models (``iters``, ``skip``, ``kernel``: paper Fig. 8) are
+applied with :func:`fastnmf.models.inference_controls`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from torch import nn
+
+from . import data as fdata
+from .config import TrainConfig
+
+__all__ = [
+    "CheckpointError",
+    "load_checkpoint",
+    "info_from_dict",
+    "model_from_checkpoint",
+    "build_model",
+    "resolve_device",
+    "sliding_window_logits",
+    "predict_case",
+    "save_label_map",
+    "overlay_png",
+    "infer",
+    "cases_for",
+]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, unreadable or not a fastnmf checkpoint."""
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` → ``cuda`` (the local rank's GPU under torchrun) if available, else ``cpu``."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            import os
+
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"unknown device {device!r}; valid: auto, cpu, cuda, cuda:N") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available here")
+    return dev
+
+
+def build_model(cfg: TrainConfig, info: fdata.DatasetInfo) -> nn.Module:
+    """The model a config describes, sized for the data (channels) and the training patch."""
+    from fastnmf import models
+    from fastnmf.config import model_preset_for
+
+    preset = cfg.model_preset or model_preset_for(info.kind)
+    opts: dict[str, Any] = dict(cfg.model_options)
+    opts.setdefault("spatial_size", (cfg.patch,) * 3)
+    opts.setdefault("in_channels", info.in_channels)
+    opts.setdefault("out_channels", info.out_channels)
+    for key in ("widths", "spatial_size"):
+        if key in opts and isinstance(opts[key], list):
+            opts[key] = tuple(opts[key])
+    import inspect
+
+    fn = models.MODELS.get(cfg.model, models.MODELS.get("swin_factorizer"))
+    params = inspect.signature(fn).parameters
+    if "seed" in params and "seed" not in opts:
+        opts["seed"] = cfg.seed
+    return models.build(cfg.model, preset=preset, kernel=cfg.kernel, **opts)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a fastnmf checkpoint safely (``weights_only=True``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{p}: checkpoint not found")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and unpickling-policy errors
+        raise CheckpointError(f"{p}: cannot read checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        raise CheckpointError(f"{p}: not a fastnmf checkpoint (no config/model)")
+    return ckpt
+
+
+def info_from_dict(d: dict[str, Any]) -> fdata.DatasetInfo:
+    """Inverse of ``dataclasses.asdict(DatasetInfo)`` after a JSON round trip."""
+    kw = dict(d)
+    for key in ("channel_names", "regions", "label_values", "patch_size", "spacing"):
+        if kw.get(key) is not None:
+            kw[key] = tuple(kw[key])
+    return fdata.DatasetInfo(**kw)
+
+
+def info_to_dict(info: fdata.DatasetInfo) -> dict[str, Any]:
+    return {
+        k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(info).items()
+    }
+
+
+def model_from_checkpoint(
+    path: str | Path, *, device: str | torch.device = "cpu", kernel: str | None = None
+) -> tuple[nn.Module, TrainConfig, fdata.DatasetInfo, dict[str, Any]]:
+    """``(model in eval mode, config, data info, checkpoint)`` from a checkpoint file."""
+    ckpt = load_checkpoint(path)
+    cfg = TrainConfig.from_dict(ckpt["config"])
+    if kernel is not None:
+        cfg.kernel = kernel
+    info = info_from_dict(ckpt["info"])
+    model = build_model(cfg, info)
+    model.load_state_dict(ckpt["model"])
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    return model.to(dev).eval(), cfg, info, ckpt
+
+
+def _roi(model: nn.Module) -> tuple[int, ...]:
+    size = getattr(model, "spatial_size", None)
+    if size is None:
+        raise ValueError("model has no spatial_size: cannot choose a sliding-window size")
+    return tuple(int(s) for s in size)
+
+
+@torch.no_grad()
+def sliding_window_logits(
+    model: nn.Module,
+    image: torch.Tensor,
+    *,
+    roi_size: Sequence[int] | None = None,
+    overlap: float = 0.5,
+    sw_batch_size: int = 4,
+    mode: str = "gaussian",
+    amp: str = "none",
+) -> torch.Tensor:
+    """Logits ``(B, out, *S)`` for an image ``(B, C, *S)`` of any spatial size.
+
+    Windows are the model's ``spatial_size`` (``roi_size`` overrides), ``overlap`` 0.5 and
+    ``mode`` ``"gaussian"`` blending by default (MONAI :func:`sliding_window_inference`).
+    """
+    from monai.inferers import sliding_window_inference
+
+    roi = tuple(roi_size) if roi_size is not None else _roi(model)
+    was_training = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+
+    def predictor(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            return model(x).float()
+
+    try:
+        x = image.as_tensor() if hasattr(image, "as_tensor") else image
+        out = sliding_window_inference(
+            x.to(dev),
+            roi_size=roi,
+            sw_batch_size=sw_batch_size,
+            predictor=predictor,
+            overlap=overlap,
+            mode=mode,
+        )
+    finally:
+        model.train(was_training)
+    return out.as_tensor() if hasattr(out, "as_tensor") else out
+
+
+def predict_case(
+    model: nn.Module,
+    image: torch.Tensor,
+    *,
+    overlap: float = 0.5,
+    sw_batch_size: int = 4,
+    threshold: float = 0.5,
+) -> torch.Tensor:
+    """Binary region masks ``(R, *S)`` (bool, CPU) for one preprocessed image ``(C, *S)``:
+    sigmoid of the sliding-window logits, thresholded at ``threshold``."""
+    logits = sliding_window_logits(
+        model, image[None], overlap=overlap, sw_batch_size=sw_batch_size
+    )  # (1, R, *S)
+    return (torch.sigmoid(logits[0]) > threshold).cpu()
+
+
+def save_label_map(labels: np.ndarray, reference: str | Path, path: str | Path) -> Path:
+    """Write an integer label map ``(X, Y, Z)`` as NIfTI with the affine and header of the image
+    file ``reference`` (a 4D reference's header is reduced to 3D). Written atomically."""
+    ref = nib.load(str(reference))
+    header = ref.header.copy()
+    header.set_data_dtype(np.uint8)
+    img = nib.Nifti1Image(labels.astype(np.uint8), ref.affine, header=header)
+    img.header.set_data_shape(labels.shape)
+    img.set_qform(ref.affine, code=int(ref.header["qform_code"]) or 1)
+    img.set_sform(ref.affine, code=int(ref.header["sform_code"]) or 1)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.nii.gz")
+    nib.save(img, str(tmp))
+    tmp.replace(out)
+    return out
+
+
+_COLOURS = [(0.0, 0.9, 0.2), (1.0, 0.85, 0.0), (1.0, 0.15, 0.1), (0.2, 0.6, 1.0)]
+
+
+def overlay_png(
+    image: np.ndarray,
+    regions: np.ndarray,
+    path: str | Path,
+    *,
+    names: Sequence[str] = (),
+    title: str = "",
+    truth: np.ndarray | None = None,
+) -> Path:
+    """Middle slice of each axis: the image's first channel in grey, each region's prediction as
+    a coloured overlay (outermost region drawn first), ground-truth contours if given.
+
+    Args:
+        image: ``(C, X, Y, Z)`` or ``(X, Y, Z)``.
+        regions: ``(R, X, Y, Z)`` binary.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    img = np.asarray(image, dtype=np.float32)
+    img = img[0] if img.ndim == 4 else img
+    reg = np.asarray(regions) > 0.5
+    lo, hi = np.percentile(img, [1, 99]) if img.size else (0.0, 1.0)
+    fig, axes = plt.subplots(1, 3, figsize=(9, 3.4))
+    order = np.argsort([-r.sum() for r in reg]) if len(reg) else []
+    for ax_i, ax in enumerate(axes):
+        mid = img.shape[ax_i] // 2
+        sl = np.take(img, mid, axis=ax_i)
+        ax.imshow(sl.T, cmap="gray", origin="lower", vmin=lo, vmax=hi if hi > lo else lo + 1)
+        rgba = np.zeros((*sl.T.shape, 4), np.float32)
+        for k in order:
+            m = np.take(reg[k], mid, axis=ax_i).T
+            rgba[m] = (*_COLOURS[k % len(_COLOURS)], 0.45)
+        ax.imshow(rgba, origin="lower")
+        if truth is not None and len(truth):
+            t = np.take(np.asarray(truth)[-1] > 0.5, mid, axis=ax_i).T.astype(float)
+            if t.any():
+                ax.contour(t, levels=[0.5], colors="cyan", linewidths=0.8)
+        ax.set_title(f"axis {ax_i}, slice {mid}", fontsize=8)
+        ax.axis("off")
+    if names:
+        handles = [
+            plt.Rectangle((0, 0), 1, 1, color=_COLOURS[k % len(_COLOURS)])
+            for k in range(len(names))
+        ]
+        fig.legend(handles, list(names), loc="lower center", ncol=len(names), fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
+def cases_for(
+    data: str | Path,
+    *,
+    cfg: TrainConfig | None = None,
+    fold: int | None = None,
+    select: str = "val",
+) -> tuple[list[dict[str, Any]], fdata.DatasetInfo | None]:
+    """The cases to run on: ``data`` is ``"demo"``, a data-set folder / JSON datalist, or a single
+    NIfTI image file. ``select``: ``"val"`` (the validation fold ``fold``, default the
+    checkpoint's), ``"all"``, or comma-separated case ids."""
+    p = Path(str(data))
+    if p.suffix in (".nii", ".gz") and p.name.endswith((".nii", ".nii.gz")):
+        if not p.is_file():
+            raise fdata.MissingFileError(p, "file not found")
+        cid = p.name[: -len(".nii.gz")] if p.name.endswith(".nii.gz") else p.stem
+        return [{"id": cid, "image": [str(p.resolve())]}], None
+    demo_kwargs = dict(cfg.demo) if (cfg is not None and str(data) == "demo") else {}
+    ds = fdata.open_dataset(data, **demo_kwargs)
+    if select == "all":
+        return ds.cases, ds.info
+    if select == "val":
+        n_folds = cfg.n_folds if cfg else 5
+        seed = cfg.split_seed if cfg else 0
+        k = fold if fold is not None else (cfg.fold if cfg else 0)
+        _, val = fdata.split(ds.cases, k, n_folds=n_folds, seed=seed)
+        return val, ds.info
+    ids = [s.strip() for s in select.split(",") if s.strip()]
+    by_id = {c["id"]: c for c in ds.cases}
+    missing = [i for i in ids if i not in by_id]
+    if missing:
+        some = ", ".join(list(by_id)[:5])
+        raise ValueError(f"unknown case id(s) {', '.join(missing)}; e.g. {some}; or 'val'/'all'")
+    return [by_id[i] for i in ids], ds.info
+
+
+def infer(
+    checkpoint: str | Path,
+    cases: list[dict[str, Any]],
+    out: str | Path,
+    *,
+    device: str = "auto",
+    kernel: str | None = None,
+    iters: int | None = None,
+    skip: Sequence[int] | None = None,
+    overlap: float = 0.5,
+    sw_batch_size: int | None = None,
+    threshold: float = 0.5,
+    png: bool = True,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """Segment ``cases`` with the model of ``checkpoint``; write ``<out>/<id>.nii.gz`` (label map
+    with the input's affine/header) and, if ``png``, ``<out>/<id>.png`` overlays.
+
+    ``iters``, ``skip`` (NMF block indices short-circuited) and ``kernel`` are the inference-time
+    controls (no retraining). Returns ``[{"id", "prediction", "png"}]``.
+    """
+    from fastnmf import models
+
+    model, cfg, info, _ = model_from_checkpoint(checkpoint, device=device, kernel=kernel)
+    has_label = all(c.get("label") for c in cases)
+    transform = fdata.val_transforms(info, resample=True, require_label=has_label)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    nmf_blocks = len(models.wrapped_nmf_blocks(model))
+    if (iters is not None or skip) and nmf_blocks == 0:
+        raise ValueError(f"--iters/--skip need a Factorizer; {cfg.model} has no NMF layers")
+    from tqdm.auto import tqdm
+
+    with models.inference_controls(model, iters=iters, skip=skip) if nmf_blocks else _null():
+        for case in tqdm(cases, desc="infer", disable=not progress, leave=False):
+            item = transform(case)
+            image = item["image"]
+            masks = predict_case(
+                model,
+                image,
+                overlap=overlap,
+                sw_batch_size=sw_batch_size or cfg.sw_batch_size,
+                threshold=threshold,
+            ).numpy()
+            ref = case["image"][0] if isinstance(case["image"], list) else case["image"]
+            original = nib.load(str(ref)).shape[:3]
+            if masks.shape[1:] != tuple(original):  # resampled (ISLES: 2 mm): back to the input
+                t = torch.from_numpy(masks[None].astype(np.float32))
+                masks = (
+                    torch.nn.functional.interpolate(t, size=tuple(original), mode="nearest")[0]
+                    .numpy()
+                    .astype(bool)
+                )
+            labels = fdata.regions_to_labels(masks, info)
+            pred_path = save_label_map(labels, ref, out / f"{case['id']}.nii.gz")
+            png_path = None
+            if png:
+                img = image.as_tensor() if hasattr(image, "as_tensor") else torch.as_tensor(image)
+                truth = item.get("label")
+                if tuple(img.shape[1:]) != masks.shape[1:]:
+                    size = masks.shape[1:]
+                    img = torch.nn.functional.interpolate(img[None].float(), size=size)[0]
+                    truth = None
+                png_path = overlay_png(
+                    img.numpy(),
+                    masks,
+                    out / f"{case['id']}.png",
+                    names=info.regions,
+                    title=f"{case['id']}: prediction (colour), truth WT outline (cyan)",
+                    truth=None if truth is None else np.asarray(truth),
+                )
+            written.append({"id": case["id"], "prediction": str(pred_path), "png": str(png_path)})
+    return written
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
