@@ -79,7 +79,7 @@ def _pass_kernel(
         f = tl.load(f_ptr + (ms * E + e[:, None]) * R + rr[None, :], mask=fmask, other=0)
         dmask = rmask[:, None] & rmask[None, :]
         d = tl.load(d_ptr + (ms * R + rr[:, None]) * R + rr[None, :], mask=dmask, other=0)
-        c = _xt_times(x, f, R, BLOCK_R)  # (BLOCK_V, BLOCK_R): X^T F
+        c = _xt_times(x, f)  # (BLOCK_V, BLOCK_R): X^T F
         if MU:
             g = _mu_update(g, c, d, R, BLOCK_R)
         else:
@@ -93,10 +93,10 @@ def _pass_kernel(
     tl.store(g_ptr + gofs, g, mask=gmask)
     if PARTIALS:
         out = (ms * NCHUNK + chunk).to(tl.int64)
-        a = _x_times(x, g, R, BLOCK_R)  # (BLOCK_E, BLOCK_R)
+        a = _x_times(x, g)  # (BLOCK_E, BLOCK_R)
         tl.store(ap_ptr + (out * E + e[:, None]) * R + rr[None, :], a,
                  mask=emask[:, None] & rmask[None, :])  # fmt: skip
-        b = _gram(g, g, R, BLOCK_R)  # (BLOCK_R, BLOCK_R)
+        b = _gram(g, g)  # (BLOCK_R, BLOCK_R)
         tl.store(bp_ptr + (out * R + rr[:, None]) * R + rr[None, :], b,
                  mask=rmask[:, None] & rmask[None, :])  # fmt: skip
 

@@ -35,80 +35,46 @@ import torch
 import triton
 import triton.language as tl
 
-from .window_nmf import _INTERPRET, _check_inputs, _Geometry, _voxel_window, _window_coords
+from .window_nmf import _check_inputs, _Geometry, _voxel_window, _window_coords
 
 __all__ = ["WindowNMFRank", "window_nmf_rank"]
 
 
 # ------------------------------------------------------------------------------------------------
-# Small dense algebra on (rows, BLOCK_R) register tiles, one column of R at a time.
+# Small dense algebra on register tiles. The factors are (rows, BLOCK_R) tiles; products are
+# broadcast-multiply-and-sum (tl.dot needs tiles >= 16 on a GPU, and E, R are smaller): the
+# largest temporary is E x N x BLOCK_R (8 x 512 x 8 floats for the biggest windows).
 # ------------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _col(m, r, BLOCK_R: tl.constexpr):
-    """Column r of m (K, BLOCK_R) -> (K,)."""
-    rr = tl.arange(0, BLOCK_R)
-    return tl.sum(tl.where(rr[None, :] == r, m, 0.0), axis=1)
-
-
-@triton.jit
-def _row(b, r, BLOCK_R: tl.constexpr):
-    """Row r of b (BLOCK_R, BLOCK_R) -> (BLOCK_R,)."""
-    rr = tl.arange(0, BLOCK_R)
-    return tl.sum(tl.where(rr[:, None] == r, b, 0.0), axis=0)
-
-
-@triton.jit
-def _put(m, r, c, BLOCK_R: tl.constexpr):
-    """m with column r replaced by c (K,)."""
-    rr = tl.arange(0, BLOCK_R)
-    return tl.where(rr[None, :] == r, c[:, None], m)
-
-
-@triton.jit
-def _x_times(x, y, R: tl.constexpr, BLOCK_R: tl.constexpr):
+def _x_times(x, y):
     """X Y: x (M, N), y (N, BLOCK_R) -> (M, BLOCK_R)."""
-    out = tl.zeros((x.shape[0], BLOCK_R), dtype=x.dtype)
-    for r in tl.static_range(R):
-        out = _put(out, r, tl.sum(x * _col(y, r, BLOCK_R)[None, :], axis=1), BLOCK_R)
-    return out
+    return tl.sum(x[:, :, None] * y[None, :, :], axis=1)
 
 
 @triton.jit
-def _xt_times(x, z, R: tl.constexpr, BLOCK_R: tl.constexpr):
+def _xt_times(x, z):
     """X^T Z: x (M, N), z (M, BLOCK_R) -> (N, BLOCK_R)."""
-    out = tl.zeros((x.shape[1], BLOCK_R), dtype=x.dtype)
-    for r in tl.static_range(R):
-        out = _put(out, r, tl.sum(x * _col(z, r, BLOCK_R)[:, None], axis=0), BLOCK_R)
-    return out
+    return tl.sum(x[:, :, None] * z[:, None, :], axis=0)
 
 
 @triton.jit
-def _gram(z, w, R: tl.constexpr, BLOCK_R: tl.constexpr):
+def _gram(z, w):
     """Z^T W: z, w (K, BLOCK_R) -> (BLOCK_R, BLOCK_R)."""
-    out = tl.zeros((BLOCK_R, BLOCK_R), dtype=z.dtype)
-    for r in tl.static_range(R):
-        out = _put(out, r, tl.sum(z * _col(w, r, BLOCK_R)[:, None], axis=0), BLOCK_R)
-    return out
+    return tl.sum(z[:, :, None] * w[:, None, :], axis=0)
 
 
 @triton.jit
-def _times_small(z, b, R: tl.constexpr, BLOCK_R: tl.constexpr):
+def _times_small(z, b):
     """Z B: z (K, BLOCK_R), b (BLOCK_R, BLOCK_R) -> (K, BLOCK_R)."""
-    out = tl.zeros(z.shape, dtype=z.dtype)
-    for r in tl.static_range(R):
-        out = _put(out, r, tl.sum(z * _col(b, r, BLOCK_R)[None, :], axis=1), BLOCK_R)
-    return out
+    return tl.sum(z[:, :, None] * b[None, :, :], axis=1)
 
 
 @triton.jit
-def _outer(z, w, R: tl.constexpr, BLOCK_R: tl.constexpr):
+def _outer(z, w):
     """Z W^T: z (M, BLOCK_R), w (N, BLOCK_R) -> (M, N)."""
-    out = tl.zeros((z.shape[0], w.shape[0]), dtype=z.dtype)
-    for r in tl.static_range(R):
-        out += _col(z, r, BLOCK_R)[:, None] * _col(w, r, BLOCK_R)[None, :]
-    return out
+    return tl.sum(z[:, None, :] * w[None, :, :], axis=2)
 
 
 @triton.jit
@@ -118,83 +84,86 @@ def _safe_div(a, b):
     return tl.where(nz, a / tl.where(nz, b, 1.0), 0.0)
 
 
-@triton.jit
-def _diag(b, r, BLOCK_R: tl.constexpr):
-    rr = tl.arange(0, BLOCK_R)
-    return tl.sum(tl.where(rr == r, _col(b, r, BLOCK_R), 0.0), axis=0)
-
-
 # ------------------------------------------------------------------------------------------------
 # One outer iteration (forward) and its vector-Jacobian product.
 # ------------------------------------------------------------------------------------------------
 
 
 @triton.jit
+def _hals_column(a, b, state, onehot, onehot1):
+    """Step r of the sweep (onehot (1, BLOCK_R), onehot1 (BLOCK_R,) mark r): q_r, B_:r, B_rr."""
+    bcol = tl.sum(tl.where(onehot, b, 0.0), axis=1)  # (BLOCK_R,): B_sr, column r
+    brr = tl.sum(tl.where(onehot1, bcol, 0.0), axis=0)  # B_rr
+    others = tl.sum(tl.where(onehot, 0.0, state * bcol[None, :]), axis=1)  # sum_{s!=r} f_s B_sr
+    q = _safe_div(tl.sum(tl.where(onehot, a, 0.0), axis=1) - others, brr)  # (K,)
+    return q, bcol, brr
+
+
+@triton.jit
 def _hals_sweep(a, b, f, R: tl.constexpr, BLOCK_R: tl.constexpr):
     """f_r <- relu(safe_div(A_r - sum_{s != r} f_s B_sr, B_rr)) for r = 0, ..., R - 1 in turn."""
-    rr = tl.arange(0, BLOCK_R)
+    rr1 = tl.arange(0, BLOCK_R)
+    rr = rr1[None, :]
     for r in tl.static_range(R):
-        bcol = _col(b, r, BLOCK_R)  # (BLOCK_R,): B_sr
-        others = tl.sum(tl.where(rr[None, :] != r, f * bcol[None, :], 0.0), axis=1)
-        q = _safe_div(_col(a, r, BLOCK_R) - others, _diag(b, r, BLOCK_R))
-        f = _put(f, r, tl.maximum(q, 0.0), BLOCK_R)
+        onehot = rr == r
+        q, bcol, brr = _hals_column(a, b, f, onehot, rr1 == r)
+        f = tl.where(onehot, tl.maximum(q, 0.0)[:, None], f)
     return f
 
 
 @triton.jit
 def _hals_sweep_bwd(a, b, f_in, f_out, df, R: tl.constexpr, BLOCK_R: tl.constexpr):
     """VJP of ``_hals_sweep``: (dA, dB, df_in) from df = d f_out (see the backward derivation)."""
-    rr = tl.arange(0, BLOCK_R)
+    rr1 = tl.arange(0, BLOCK_R)
+    rr = rr1[None, :]
     da = tl.zeros(a.shape, dtype=a.dtype)
     db = tl.zeros(b.shape, dtype=b.dtype)
     for i in tl.static_range(R):
         r = R - 1 - i
-        state = tl.where(rr[None, :] < r, f_out, f_in)  # columns < r updated, >= r not yet
-        bcol = _col(b, r, BLOCK_R)
-        others = tl.sum(tl.where(rr[None, :] != r, state * bcol[None, :], 0.0), axis=1)
-        brr = _diag(b, r, BLOCK_R)
-        q = _safe_div(_col(a, r, BLOCK_R) - others, brr)
-        dq = tl.where(q > 0, _col(df, r, BLOCK_R), 0.0)  # relu'(0) = 0
+        onehot = rr == r
+        state = tl.where(rr < r, f_out, f_in)  # columns < r updated, >= r not yet
+        q, bcol, brr = _hals_column(a, b, state, onehot, rr1 == r)
+        dq = tl.where(q > 0, tl.sum(tl.where(onehot, df, 0.0), axis=1), 0.0)  # relu'(0) = 0
         dnum = _safe_div(dq, brr)  # no gradient where B_rr == 0
-        dbrr = -tl.sum(dnum * q, axis=0)
-        da = _put(da, r, dnum, BLOCK_R)
-        dbcol = -tl.sum(state * dnum[:, None], axis=0)  # d B_sr, s != r
-        dbcol = tl.where(rr == r, dbrr, dbcol)
-        db = _put(db, r, dbcol, BLOCK_R)
-        df = df - tl.where(rr[None, :] != r, dnum[:, None] * bcol[None, :], 0.0)
-        df = tl.where(rr[None, :] == r, 0.0, df)  # the old f_r is overwritten, unused by step r
+        da = tl.where(onehot, dnum[:, None], da)
+        # column r of dB: -f_s . n for s != r, -sum(n q_r) on the diagonal
+        dbcol = tl.where(rr1 == r, -tl.sum(dnum * q, axis=0),
+                         -tl.sum(state * dnum[:, None], axis=0))  # fmt: skip
+        db = tl.where(onehot, dbcol[:, None], db)
+        # df_s -= n B_sr for s != r; the old f_r is overwritten and unused by step r: df_r = 0
+        df = tl.where(onehot, 0.0, df - dnum[:, None] * bcol[None, :])
     return da, db, df
 
 
 @triton.jit
 def _mu_update(f, a, b, R: tl.constexpr, BLOCK_R: tl.constexpr):
     """safe_div(F * A, F B)."""
-    return _safe_div(f * a, _times_small(f, b, R, BLOCK_R))
+    return _safe_div(f * a, _times_small(f, b))
 
 
 @triton.jit
 def _mu_update_bwd(f_in, f_out, a, b, df, R: tl.constexpr, BLOCK_R: tl.constexpr):
     """VJP of ``_mu_update``: (dA, dB, df_in)."""
-    den = _times_small(f_in, b, R, BLOCK_R)
+    den = _times_small(f_in, b)
     dnum = _safe_div(df, den)
     dden = -dnum * f_out  # f_out = F * A / den where den != 0, and dnum = 0 elsewhere
-    df_in = dnum * a + _times_small(dden, tl.trans(b), R, BLOCK_R)
+    df_in = dnum * a + _times_small(dden, tl.trans(b))
     da = dnum * f_in
-    db = _gram(f_in, dden, R, BLOCK_R)
+    db = _gram(f_in, dden)
     return da, db, df_in
 
 
 @triton.jit
 def _step(x, f, g, R: tl.constexpr, BLOCK_R: tl.constexpr, MU: tl.constexpr):
     """One outer iteration: F from A = X G, B = G^T G; then G from C = X^T F, D = F^T F."""
-    a = _x_times(x, g, R, BLOCK_R)
-    b = _gram(g, g, R, BLOCK_R)
+    a = _x_times(x, g)
+    b = _gram(g, g)
     if MU:
         f = _mu_update(f, a, b, R, BLOCK_R)
     else:
         f = _hals_sweep(a, b, f, R, BLOCK_R)
-    c = _xt_times(x, f, R, BLOCK_R)
-    d = _gram(f, f, R, BLOCK_R)
+    c = _xt_times(x, f)
+    d = _gram(f, f)
     if MU:
         g = _mu_update(g, c, d, R, BLOCK_R)
     else:
@@ -207,23 +176,23 @@ def _step_bwd(x, f_in, g_in, f_out, g_out, df, dg, R: tl.constexpr, BLOCK_R: tl.
               MU: tl.constexpr):  # fmt: skip
     """VJP of ``_step``: (dX, dF_in, dG_in) from (dF_out, dG_out)."""
     # G update: G_out = upd(C, D, G_in), C = X^T F_out, D = F_out^T F_out
-    c = _xt_times(x, f_out, R, BLOCK_R)
-    d = _gram(f_out, f_out, R, BLOCK_R)
+    c = _xt_times(x, f_out)
+    d = _gram(f_out, f_out)
     if MU:
         dc, dd, dg_in = _mu_update_bwd(g_in, g_out, c, d, dg, R, BLOCK_R)
     else:
         dc, dd, dg_in = _hals_sweep_bwd(c, d, g_in, g_out, dg, R, BLOCK_R)
-    df = df + _x_times(x, dc, R, BLOCK_R) + _times_small(f_out, dd + tl.trans(dd), R, BLOCK_R)
-    dx = _outer(f_out, dc, R, BLOCK_R)
+    df = df + _x_times(x, dc) + _times_small(f_out, dd + tl.trans(dd))
+    dx = _outer(f_out, dc)
     # F update: F_out = upd(A, B, F_in), A = X G_in, B = G_in^T G_in
-    a = _x_times(x, g_in, R, BLOCK_R)
-    b = _gram(g_in, g_in, R, BLOCK_R)
+    a = _x_times(x, g_in)
+    b = _gram(g_in, g_in)
     if MU:
         da, db, df_in = _mu_update_bwd(f_in, f_out, a, b, df, R, BLOCK_R)
     else:
         da, db, df_in = _hals_sweep_bwd(a, b, f_in, f_out, df, R, BLOCK_R)
-    dx += _outer(da, g_in, R, BLOCK_R)
-    dg_in += _xt_times(x, da, R, BLOCK_R) + _times_small(g_in, db + tl.trans(db), R, BLOCK_R)
+    dx += _outer(da, g_in)
+    dg_in += _xt_times(x, da) + _times_small(g_in, db + tl.trans(db))
     return dx, df_in, dg_in
 
 
@@ -393,8 +362,8 @@ def _window_bwd_kernel(
         f, g = _step(x, f, g, R, BLOCK_R, MU)
     tl.debug_barrier()
     dy = tl.load(dy_ptr + ptrs, mask=mask, other=0).to(ACC) / NSHIFT  # (BLOCK_E, BLOCK_N)
-    df = _x_times(dy, g, R, BLOCK_R)  # dY G_T
-    dg = _xt_times(dy, f, R, BLOCK_R)  # dY^T F_T
+    df = _x_times(dy, g)  # dY G_T
+    dg = _xt_times(dy, f)  # dY^T F_T
     dx = tl.zeros((BLOCK_E, BLOCK_N), dtype=ACC)
     for i in range(0, ITERS):
         t = ITERS - 1 - i
