@@ -1,0 +1,166 @@
+"""kernel="triton" for rank R > 1 against the float64 reference (the literal MU / HALS loop).
+
+Without a GPU the kernels run on CPU tensors under TRITON_INTERPRET=1 (set in conftest.py);
+with one, the same tests run on CUDA tensors (the CPU variant is skipped there). Volumes are tiny:
+the interpreter pays per program and per operation.
+"""
+
+import math
+
+import pytest
+import torch
+from conftest import rel_err
+
+import fastnmf
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(HAS_CUDA, reason="interpreter runs without GPU")),
+    pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")),
+]
+
+
+def _n(spatial, patch):
+    if patch is None:
+        return math.prod(spatial)
+    return patch ** len(spatial) if isinstance(patch, int) else math.prod(patch)
+
+
+def _run(kernel, x, v0, dy, dtype, device, u0=None, **kw):
+    xi = x.detach().to(device=device, dtype=dtype).requires_grad_()
+    if u0 is not None:
+        u0 = u0.to(device=device, dtype=dtype)
+    y = fastnmf.matricized_nmf(xi, v0.to(device=device, dtype=dtype), u0=u0, kernel=kernel, **kw)
+    (dx,) = torch.autograd.grad(y, xi, dy.to(device=device, dtype=dtype))
+    return y.cpu(), dx.cpu()
+
+
+def _inputs(gen, shape, patch, rank, zero_windows=False):
+    x = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    if zero_windows:  # a zero window of every head in batch 0, and zero columns
+        x[0, :, ..., :4, :4] = -1.0
+        x[-1, :, ..., 1, :] = -0.5
+    v0 = torch.rand(_n(shape[2:], patch), rank, generator=gen, dtype=torch.float64)
+    dy = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    return x, v0, dy
+
+
+WINDOW_CASES = [
+    # shape, head_dim, patch, shifts, solver, rank, iters, zero_windows
+    ((1, 4, 8, 8, 8), 4, 4, None, "hals", 2, 5, False),  # local 3D
+    ((1, 4, 8, 8, 8), 4, 4, None, "mu", 3, 1, True),  # local 3D, degenerate
+    ((2, 4, 8, 8, 4), 4, 4, [None, 2], "mu", 3, 5, True),  # swin 3D, batch 2, non-cubic
+    ((1, 4, 8, 8, 4), 4, 4, [None, 2], "hals", 3, 5, True),  # swin 3D, degenerate
+    ((1, 8, 4, 8, 8), 4, 4, [None, 1, 2, 3], "hals", 3, 1, False),  # four shifts, two heads
+    ((1, 8, 8, 8, 8), 8, 8, [None, 4], "hals", 2, 5, True),  # P = 8 (512 columns), E = 8
+    ((1, 4, 8, 8, 4), 4, (4, 2, 4), [None, (1, 1, 2)], "mu", 2, 5, False),  # anisotropic
+    ((2, 4, 8, 12), 4, 4, [None, 2], "hals", 2, 5, True),  # swin 2D, batch 2
+    ((1, 8, 16, 8), 8, 8, [None, 2, 4, 6], "mu", 2, 5, False),  # 2D, four shifts
+    ((1, 4, 12, 8), 4, (4, 2), None, "hals", 3, 1, False),  # 2D local, anisotropic
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,head_dim,patch,shifts,solver,rank,iters,zero", WINDOW_CASES)
+def test_window_rank_matches_reference(gen, device, shape, head_dim, patch, shifts, solver,
+                                       rank, iters, zero):  # fmt: skip
+    x, v0, dy = _inputs(gen, shape, patch, rank, zero)
+    kw = dict(head_dim=head_dim, patch_size=patch, shifts=shifts, solver=solver, iters=iters)
+    y_ref, dx_ref = _run("reference", x, v0, dy, torch.float64, "cpu", **kw)
+    y, dx = _run("triton", x, v0, dy, torch.float32, device, **kw)
+    assert y.dtype == torch.float32 and y.shape == x.shape
+    assert rel_err(y, y_ref) <= 1e-5
+    assert rel_err(dx, dx_ref) <= 1e-4
+    assert torch.isfinite(dx).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("solver", ["hals", "mu"])
+def test_window_rank_u0_with_zeros(gen, device, solver):
+    """An explicit u0 with a zero entry (MU keeps it at zero; HALS does not)."""
+    x, v0, dy = _inputs(gen, (1, 4, 8, 8, 4), 4, 2, zero_windows=True)
+    u0 = torch.rand(4, 2, generator=gen, dtype=torch.float64)
+    u0[1, 0] = 0
+    kw = dict(head_dim=4, patch_size=4, shifts=[None, 2], solver=solver, iters=5)
+    y_ref, dx_ref = _run("reference", x, v0, dy, torch.float64, "cpu", u0=u0, **kw)
+    y, dx = _run("triton", x, v0, dy, torch.float32, device, u0=u0, **kw)
+    assert rel_err(y, y_ref) <= 1e-5 and rel_err(dx, dx_ref) <= 1e-4
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_window_rank_float64(gen, device):
+    x, v0, dy = _inputs(gen, (1, 4, 8, 8, 4), 4, 3, zero_windows=True)
+    kw = dict(head_dim=4, patch_size=4, shifts=[None, 2], solver="hals", iters=5)
+    y_ref, dx_ref = _run("reference", x, v0, dy, torch.float64, "cpu", **kw)
+    y, dx = _run("triton", x, v0, dy, torch.float64, device, **kw)
+    assert rel_err(y, y_ref) <= 1e-12 and rel_err(dx, dx_ref) <= 1e-12
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("solver", ["hals", "mu"])
+def test_window_rank_all_zero_gives_zero(device, solver):
+    x = -torch.ones(1, 4, 8, 8, 4, device=device, requires_grad=True)
+    v0 = torch.rand(64, 2, device=device)
+    y = fastnmf.matricized_nmf(x, v0, head_dim=4, patch_size=4, shifts=[None, 2], solver=solver,
+                               kernel="triton")  # fmt: skip
+    (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    assert torch.equal(y, torch.zeros_like(y)) and torch.equal(dx, torch.zeros_like(dx))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_window_rank_deterministic(gen, device):
+    x, v0, dy = _inputs(gen, (1, 4, 8, 8, 4), 4, 2, zero_windows=True)
+    kw = dict(head_dim=4, patch_size=4, shifts=[None, 1, 2, 3], solver="hals", iters=5)
+    runs = [_run("triton", x, v0, dy, torch.float32, device, **kw) for _ in range(2)]
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+GLOBAL_CASES = [
+    # shape, head_dim, shifts, solver, iters, zero
+    ((2, 8, 6, 10, 4), 4, None, "hals", 5, True),  # global 3D, degenerate
+    ((1, 8, 4, 6, 8), 8, [None, 2], "mu", 5, False),  # with shifts
+    ((2, 8, 6, 10), 4, [None, (1, 3), (2, 5), 4], "hals", 1, False),  # 2D, four shifts
+    ((1, 4, 6, 10), 4, [None, 2], "mu", 1, True),  # 2D, degenerate
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,head_dim,shifts,solver,iters,zero", GLOBAL_CASES)
+def test_global_rank_forward_matches_reference(gen, device, shape, head_dim, shifts, solver,
+                                               iters, zero):  # fmt: skip
+    x, v0, _ = _inputs(gen, shape, None, 2, zero)
+    kw = dict(head_dim=head_dim, patch_size=None, shifts=shifts, solver=solver, iters=iters)
+    y_ref = fastnmf.matricized_nmf(x, v0, kernel="reference", **kw)
+    with torch.no_grad():
+        runs = [
+            fastnmf.matricized_nmf(
+                x.float().to(device), v0.float().to(device), kernel="triton", **kw
+            ).cpu()  # fmt: skip
+            for _ in range(2)
+        ]
+    assert runs[0].dtype == torch.float32 and runs[0].shape == x.shape
+    assert rel_err(runs[0], y_ref) <= 1e-5
+    assert torch.equal(runs[0], runs[1])  # deterministic
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("solver", ["hals", "mu"])
+@pytest.mark.parametrize("rank", [2, 3])
+def test_plain_nmf_rank(gen, device, solver, rank):
+    x = torch.rand(3, 2, 6, 50, generator=gen, dtype=torch.float64)
+    x[0, 1, :, 7] = 0  # a zero column
+    v0 = torch.rand(50, rank, generator=gen, dtype=torch.float64)
+    u0 = torch.rand(6, rank, generator=gen, dtype=torch.float64)
+    u0[2, 0] = 0
+    ref = fastnmf.nmf(x, v0, u0=u0, solver=solver, kernel="reference")
+    y = fastnmf.nmf(x.float().to(device), v0.float().to(device), u0=u0.float().to(device),
+                    solver=solver, kernel="triton")  # fmt: skip
+    assert rel_err(y.cpu(), ref) <= 1e-5
+
+
+def test_global_rank_backward_not_implemented(gen):
+    x = torch.randn(1, 8, 4, 4, 4, generator=gen, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="kernel='torch'"):
+        fastnmf.matricized_nmf(x, torch.rand(64, 2), head_dim=4, kernel="triton")
+    with pytest.raises(NotImplementedError, match="kernel='torch'"):
+        fastnmf.nmf(torch.rand(2, 4, 9, requires_grad=True), torch.rand(9, 2), kernel="triton")
