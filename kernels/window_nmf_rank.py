@@ -25,6 +25,11 @@ per-program scratch buffer, then runs reverse mode through each outer iteration'
 update, accumulating dX_w on chip. dX_w / n_shifts goes to a per-shift buffer at its voxels (each
 voxel is written by exactly one window per shift); the shifts are summed by one ``sum(0)`` over
 that buffer (a fixed-order reduction, deterministic) and multiplied by ReLU'(x).
+
+Memory of the backward: the per-shift dX buffer (n_shifts x the input, fp32) and the scratch
+iterates, T (E + P^3) R floats per (batch*head, shift, window), i.e. about T R / E of the input
+per shift. (Recomputing the iterates from scratch at every reverse step instead would cost
+T(T-1)/2 extra forward steps and no memory; not done.)
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ import triton.language as tl
 from .window_nmf import _check_inputs, _Geometry, _voxel_window, _window_coords
 
 __all__ = ["WindowNMFRank", "window_nmf_rank"]
+
+_MAX_TILE = 65536  # E x N x R of the broadcast products (16 x 512 x 8)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -385,13 +392,16 @@ def _acc(dtype: torch.dtype):
 
 
 def _meta(geo: _Geometry, rank: int, x: torch.Tensor, mu: bool):
+    block_n = max(triton.next_power_of_2(geo.pn), 2)
+    block_r = max(triton.next_power_of_2(rank), 2)
     return dict(
         R=rank,
         BLOCK_E=geo.block_e,
-        BLOCK_N=max(triton.next_power_of_2(geo.pn), 2),
-        BLOCK_R=max(triton.next_power_of_2(rank), 2),
+        BLOCK_N=block_n,
+        BLOCK_R=block_r,
         MU=mu,
         ACC=_acc(x.dtype),
+        num_warps=8 if geo.block_e * block_n * block_r > 8192 else 4,  # the E x N x R temporary
     )
 
 
@@ -454,11 +464,16 @@ def window_nmf_rank(x, v0, *, head_dim, patch_size, shifts, u0=None, iters=5, so
     """
     _check_inputs(x, v0, head_dim)
     pn = math.prod(patch_size)
-    if pn > 4096:
-        raise ValueError(f"patch_size {tuple(patch_size)} has {pn} voxels; the rank-R Triton "
-                         "window kernels hold a window on chip (max 4096)")  # fmt: skip
-    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     rank = v0.shape[1]
+    tile = triton.next_power_of_2(head_dim) * triton.next_power_of_2(pn)
+    tile *= triton.next_power_of_2(rank)
+    if tile > _MAX_TILE:
+        raise ValueError(
+            f"head_dim={head_dim} x prod(patch_size)={pn} x rank={rank} is too large for the "
+            f"rank-R Triton window kernels, which hold a window on chip (padded to powers of two, "
+            f"at most {_MAX_TILE}); use kernel='torch'"
+        )
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     v0c = v0.detach().to(cdt).contiguous()  # (N, R)
     if u0 is None:
         u0c = torch.ones(head_dim, rank, dtype=cdt, device=x.device)

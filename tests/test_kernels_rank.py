@@ -164,3 +164,23 @@ def test_global_rank_backward_not_implemented(gen):
         fastnmf.matricized_nmf(x, torch.rand(64, 2), head_dim=4, kernel="triton")
     with pytest.raises(NotImplementedError, match="kernel='torch'"):
         fastnmf.nmf(torch.rand(2, 4, 9, requires_grad=True), torch.rand(9, 2), kernel="triton")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_window_rank_low_precision(gen, device, dtype):
+    """Low-precision in and out, fp32 inside: only the output rounding differs from float64."""
+    x, v0, dy = _inputs(gen, (1, 4, 8, 8, 4), 4, 2)
+    x, v0, dy = (t.to(dtype).double() for t in (x, v0, dy))  # exactly representable inputs
+    kw = dict(head_dim=4, patch_size=4, shifts=[None, 2], solver="hals", iters=5)
+    y_ref, dx_ref = _run("reference", x, v0, dy, torch.float64, "cpu", **kw)
+    y, dx = _run("triton", x, v0, dy, dtype, device, **kw)
+    assert y.dtype == dtype and dx.dtype == dtype
+    eps = torch.finfo(dtype).eps
+    assert rel_err(y, y_ref) <= 2 * eps and rel_err(dx, dx_ref) <= 2 * eps
+
+
+def test_window_rank_rejects_too_large_tiles(gen):
+    x = torch.randn(1, 32, 8, 8, 8, generator=gen)
+    with pytest.raises(ValueError, match="too large.*kernel='torch'"):
+        fastnmf.matricized_nmf(x, torch.rand(512, 8), head_dim=32, patch_size=8, kernel="triton")
