@@ -77,8 +77,14 @@ def test_nmf_torch_matches_reference(gen, solver, rank):
     for kernel in ("reference", "torch"):
         y = fastnmf.nmf(x, v0, u0=u0, iters=5, solver=solver, kernel=kernel)
         outs[kernel] = (y, *torch.autograd.grad(y, (x, v0), dy))
-    for a, b in zip(outs["torch"], outs["reference"], strict=True):
-        assert rel_err(a, b) <= 1e-10
+    (y, dx, dv), (y_ref, dx_ref, dv_ref) = outs["torch"], outs["reference"]
+    assert rel_err(y, y_ref) <= 1e-10 and rel_err(dx, dx_ref) <= 1e-10
+    # dv0 is small by cancellation (the power steps forget their start vector like
+    # (lambda2/lambda1)^(T-1)), so its rounding error is set by the size of the terms that cancel,
+    # which are of the size of dx: measure it on that scale (seen: 1e-10 relative to itself,
+    # 4e-15 absolute, over 300 seeds).
+    scale = max(dv_ref.abs().max().item(), dx_ref.abs().max().item())
+    assert (dv - dv_ref).abs().max().item() <= 1e-10 * scale
 
 
 @pytest.mark.parametrize("k", [0, 1, 3, 5])
