@@ -425,7 +425,11 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="print versions, devices and kernels")
     info.set_defaults(func=cmd_info)
 
-    bench = sub.add_parser("bench-layer", help="run the swin NMF layer over a volume and time it")
+    bench = sub.add_parser(
+        "bench-layer",
+        aliases=["demo"],  # the name the README used before the training pipeline
+        help="run the swin NMF layer over a volume and time it",
+    )
     bench.add_argument("--size", type=int, default=32, help="cubic volume side (default 32)")
     bench.add_argument("--channels", type=int, default=32)
     bench.add_argument("--batch", type=int, default=1)

@@ -6,7 +6,7 @@ A run is described by a :class:`TrainConfig`. It is built from a preset (:data:`
 preset      what                                                                        data
 ==========  ==========================================================================  ======
 ``demo``    the main job: a small swin Factorizer (widths 16…128, patch 32³, window 4)   demo
-            trained for 800 steps on the built-in demo set, learns within minutes on
+            trained for 300 steps on the built-in demo set, learns within minutes on
             2 CPU cores
 ``brats``   the paper's BraTS setting (section 4.2): swin Factorizer, patch 128³,         (path)
             100k steps, 2k warmup, batch 2, AdamW lr 1e-4, weight decay 1e-2
@@ -142,13 +142,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model_options": _DEMO_MODEL,
         "data": "demo",
         "demo": {"n_cases": 16, "size": 48, "seed": 0},
-        "steps": 800,
-        "warmup": 50,
+        "steps": 300,
+        "warmup": 30,
         "batch_size": 2,
         "patch": 32,
         "lr": 3e-3,
-        "val_every": 200,
-        "num_workers": 1,
+        "val_every": 100,
+        "num_workers": 0,
         "log_every": 10,
     },
     "brats": {"patch": 128, "val_every": 1000},

@@ -1,19 +1,27 @@
-"""The fastnmf command."""
+"""The fastnmf command: help, info, bench-layer; the pipeline commands are in test_pipeline.py."""
 
 import subprocess
 import sys
 
 from fastnmf.cli import main
 
+SUBCOMMANDS = ("train", "infer", "evaluate", "compare", "components", "info", "bench-layer")
+
 
 def test_help_lists_subcommands(capsys):
     assert main([]) == 0
     out = capsys.readouterr().out
-    assert "demo" in out and "info" in out
+    for name in SUBCOMMANDS:
+        assert name in out, name
 
 
-def test_demo_runs_and_kernels_agree(capsys):
-    assert main(["demo", "--size", "16", "--channels", "16", "--repeats", "1"]) == 0
+def test_info(capsys):
+    assert main(["info"]) == 0
+    assert "kernels:" in capsys.readouterr().out
+
+
+def test_bench_layer_runs_and_kernels_agree(capsys):
+    assert main(["bench-layer", "--size", "16", "--channels", "16", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "kernel=torch" in out and "kernel=reference" in out
     line = next(s for s in out.splitlines() if "max |reference - torch|" in s)
@@ -22,7 +30,7 @@ def test_demo_runs_and_kernels_agree(capsys):
 
 
 def test_bad_argument_exit_code(capsys):
-    assert main(["demo", "--size", "12", "--window", "8", "--repeats", "1"]) == 2
+    assert main(["bench-layer", "--size", "12", "--window", "8", "--repeats", "1"]) == 2
     assert "not divisible by patch_size" in capsys.readouterr().err
 
 
@@ -30,4 +38,5 @@ def test_console_module_entry():
     out = subprocess.run(
         [sys.executable, "-m", "fastnmf", "--help"], capture_output=True, text=True, check=True
     ).stdout
-    assert "demo" in out
+    for name in SUBCOMMANDS:
+        assert name in out, name
