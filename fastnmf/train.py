@@ -10,7 +10,8 @@
   random state seeded by ``(seed, g)``; step ``s`` of rank ``r`` takes
   ``g = (s·world + r)·batch + i`` (:class:`DistributedSampler`'s interleaving). So a resumed run
   sees exactly the patches the uninterrupted run would have, whatever the number of workers.
-- loss: MONAI :class:`DiceCELoss` with sigmoid (one channel per region, Eq. 15-17) on each
+- loss: Dice (MONAI :class:`DiceLoss`, sigmoid) + binary cross-entropy per region channel
+  (Eq. 15-17; one sigmoid channel per region) on each
   deep-supervision output against the label resized (nearest) to it, weighted 1, 0.5, 0.25
   (normalised);
 - AdamW (lr 1e-4, weight decay 1e-2 by default), linear warm-up then cosine decay to zero,
@@ -98,10 +99,18 @@ class DeepSupervisionLoss(nn.Module):
 
     def __init__(self, *, weights: list[float] | tuple[float, ...] = (1.0, 0.5, 0.25)) -> None:
         super().__init__()
-        from monai.losses import DiceCELoss
+        from monai.losses import DiceLoss
 
         self.weights = [float(w) for w in weights]
-        self.dicece = DiceCELoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5)
+        # Dice (sigmoid) + binary CE per region channel. MONAI's DiceCELoss(sigmoid=True) is not
+        # used: with more than one output channel its CE term is a softmax cross-entropy across
+        # the channels, wrong for nested (multi-label) regions.
+        self.dice = DiceLoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5)
+        self.bce = nn.BCEWithLogitsLoss()
+
+    def dicece(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Dice + BCE of one output (paper Eq. 15-17)."""
+        return self.dice(logits, target) + self.bce(logits, target)
 
     def forward(self, outputs: torch.Tensor | list[torch.Tensor], label: torch.Tensor):
         outs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
@@ -464,11 +473,6 @@ def train(
         step = int(ckpt["step"])
         best = dict(ckpt.get("best") or best)
         baseline = ckpt.get("baseline")
-        rngs = ckpt.get("rng") or []
-        if len(rngs) == world:
-            _set_rng_state(rngs[rank])
-        else:
-            say(f"note: checkpoint has RNG states of {len(rngs)} rank(s), running {world}")
 
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -492,7 +496,11 @@ def train(
         if distributed
         else None
     )
-    va_loader = DataLoader(va_ds, batch_size=1, sampler=va_sampler, num_workers=0)
+    # a private generator: MONAI's DataLoader with num_workers=0 otherwise draws from, and then
+    # re-seeds, torch's global generator
+    va_loader = DataLoader(
+        va_ds, batch_size=1, sampler=va_sampler, num_workers=0, generator=torch.Generator()
+    )
 
     def run_validation() -> dict[str, float]:
         return validate(
@@ -548,6 +556,12 @@ def train(
         generator=torch.Generator(),  # keeps the global torch RNG untouched
         pin_memory=device.type == "cuda",
     )
+    if ckpt is not None:  # restored last, so that nothing above can disturb the streams
+        rngs = ckpt.get("rng") or []
+        if len(rngs) == world:
+            _set_rng_state(rngs[rank])
+        else:
+            say(f"note: checkpoint has RNG states of {len(rngs)} rank(s), running {world}")
     model.train()
     bar = tqdm(
         total=cfg.steps,
