@@ -421,3 +421,37 @@ def test_cli_infer_evaluate_compare_components(run, capsys, tmp_path):
     assert rc == 0 and list((tmp_path / "c").glob("*.png"))
     rc = _cli("components", "--checkpoint", str(out), "--block", "99")
     assert rc == 2 and "out of range" in capsys.readouterr().err
+
+
+TINY_ARGS = [
+    "--demo-cases=4",
+    "--demo-size=32",
+    "--folds=4",
+    "--patch=16",
+    "--model-opt=widths=[8,16,32]",
+    "--model-opt=head_dim=4",
+    "--model-opt=window=4",
+    "--model-opt=deep_supervision=2",
+    "--workers=0",
+    "--device=cpu",
+    "--no-progress",
+]
+
+
+def test_cli_train_main_job_summary_bf16_and_resume(cache, capsys, tmp_path):
+    out = tmp_path / "r"
+    args = ["train", *TINY_ARGS, "--steps=2", "--val-every=1", "--amp=bf16", f"--out={out}"]
+    assert _cli(*args, "--stop-at=1") == 0
+    text = capsys.readouterr().out
+    assert "continue with: fastnmf train --resume" in text
+    assert '"amp"' not in text and 'amp              : "bf16"' in text  # config printed
+    assert _cli(*args) == 2  # the run exists: refuse to overwrite
+    assert "--resume" in capsys.readouterr().err
+    assert _cli("train", "--resume", f"--out={out}", "--no-progress") == 0
+    text = capsys.readouterr().out
+    assert "2/2 steps" in text
+    assert "untrained model (step 0), validation WT Dice:" in text
+    assert "trained model (best, step" in text and "saved predictions scored" in text
+    assert len(list((out / "predictions").glob("*.nii.gz"))) == 1
+    assert _cli("train", "--resume", f"--out={out}", "--lr=0.5") == 2
+    assert "differs in lr" in capsys.readouterr().err
