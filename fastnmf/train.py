@@ -608,8 +608,8 @@ def train(
             sched.step()
             step += 1
             lv = float(loss.item())
-            bar.update(1)
-            bar.set_postfix(loss=f"{lv:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+            bar.set_postfix(loss=f"{lv:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}", refresh=False)
+            bar.update(1)  # redraws at most every mininterval: steps/s and ETA from tqdm
             if step % cfg.log_every == 0 or step == end:
                 now = time.perf_counter()
                 sps = (step - s_log) / max(now - t_log, 1e-9)
