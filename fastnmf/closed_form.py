@@ -146,8 +146,11 @@ def _rank1_backward(x, g0, hats, norms, k, dy, scale=1.0):
     u = hats[:, -1]  # (Bm, M)
     dp = (dy @ x.transpose(-1, -2)) * scale  # (Bm, M, M)
     sym, hbar = backprop_iterates(dp, hats, norms, k)  # (Bm, M, M), (Bm, M)
-    g_row = g0.unsqueeze(-2)  # (1, N) or (Bm, 1, N)
-    dx = u.unsqueeze(-1) * ((u * scale).unsqueeze(-2) @ dy) + sym @ x + hbar.unsqueeze(-1) * g_row
+    c = (u * scale).unsqueeze(-2) @ dy  # (Bm, 1, N): scale u^T dY
+    g_row = g0.unsqueeze(-2).expand_as(c)  # (Bm, 1, N)
+    # dX = u c + h̄ g0^T + S X as two batched products: [u h̄] [c; g0^T], then + S X
+    dx = torch.stack([u, hbar], -1) @ torch.cat([c, g_row], -2)  # (Bm, M, N)
+    dx.baddbmm_(sym, x)
     dg0 = (hbar.unsqueeze(-2) @ x).squeeze(-2)  # (Bm, N)
     if g0.dim() == 1:
         dg0 = dg0.sum(0)
