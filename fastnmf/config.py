@@ -64,6 +64,8 @@ class TrainConfig:
         overlap, sw_batch_size: sliding-window inference (50 % overlap, gaussian blending).
         seed: seeds torch, numpy and random at the start of the run, the model's NMF factors and
             the data sampling.
+        deterministic: :func:`fastnmf.determinism.set_deterministic` at the start of the run
+            (deterministic algorithms, cuDNN and cuBLAS settings): bitwise-repeatable on CUDA too.
         num_workers: DataLoader worker processes.
         device: ``auto`` (cuda if available), ``cpu``, ``cuda``, ``cuda:1``...
         log_every: CSV / TensorBoard logging interval (steps).
@@ -96,6 +98,7 @@ class TrainConfig:
     overlap: float = 0.5
     sw_batch_size: int = 4
     seed: int = 0
+    deterministic: bool = False
     num_workers: int = 2
     device: str = "auto"
     log_every: int = 10
@@ -190,6 +193,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         v = getattr(cfg, name)
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
+    if not isinstance(cfg.deterministic, bool):
+        raise ValueError(f"deterministic must be true or false, got {cfg.deterministic!r}")
     if not 0 <= cfg.fold < cfg.n_folds:
         raise ValueError(f"fold must be in 0..{cfg.n_folds - 1}, got {cfg.fold}")
     if not cfg.lr > 0 or cfg.weight_decay < 0 or cfg.grad_clip < 0:
