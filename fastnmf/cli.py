@@ -144,6 +144,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "val_every": args.val_every,
         "val_cases": args.val_cases,
         "seed": args.seed,
+        "deterministic": True if args.deterministic else None,
         "num_workers": args.workers,
         "grad_clip": args.grad_clip,
         "evaluate": False if args.no_eval else None,
@@ -366,6 +367,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--val-cases", type=int, help="validate on at most N cases (0: all)")
     tr.add_argument("--grad-clip", type=float, help="max gradient norm (0: off)")
     tr.add_argument("--seed", type=int, help="run seed (default 0)")
+    tr.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="deterministic algorithms (torch, cuDNN, cuBLAS): bitwise-repeatable runs",
+    )
     tr.add_argument("--workers", type=int, help="DataLoader workers")
     tr.add_argument(
         "--model-opt",
