@@ -331,18 +331,36 @@ def _fmt(d: dict[str, float] | None) -> str:
 class _Logs:
     """Rank-0 CSV and TensorBoard logging (TensorBoard only if installed)."""
 
-    def __init__(self, out: Path, *, enabled: bool, regions: tuple[str, ...]) -> None:
+    def __init__(
+        self, out: Path, *, enabled: bool, regions: tuple[str, ...], resume_step: int | None = None
+    ) -> None:
         self.enabled = enabled
         self.out = out
         self.regions = regions
         self.tb = None
+        if enabled and resume_step is not None:
+            self._truncate(resume_step)
         if enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(out / "tb"))
+                purge = None if resume_step is None else resume_step + 1
+                self.tb = SummaryWriter(str(out / "tb"), purge_step=purge)
             except ImportError:  # pragma: no cover - tensorboard is a dependency
                 self.tb = None
+
+    def _truncate(self, step: int) -> None:
+        """Drop CSV rows logged after ``step`` by a run that was stopped or killed before its
+        next checkpoint: the resumed run logs those steps again."""
+        for name in ("train.csv", "val.csv"):
+            path = self.out / name
+            if not path.is_file():
+                continue
+            rows = list(csv.reader(path.read_text().splitlines()))
+            keep = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]
+            if len(keep) != len(rows):
+                with open(path, "w", newline="") as f:
+                    csv.writer(f).writerows(keep)
 
     def _append(self, name: str, header: list[str], row: list[Any]) -> None:
         path = self.out / name
@@ -506,7 +524,9 @@ def train(
         f"{count_parameters(raw_model) / 1e6:.3f}M parameters; device {device}, "
         f"{world} process(es)"
     )
-    logs = _Logs(out, enabled=is_main, regions=info.regions)
+    logs = _Logs(
+        out, enabled=is_main, regions=info.regions, resume_step=step if ckpt is not None else None
+    )
     va_sampler = (
         torch.utils.data.distributed.DistributedSampler(
             va_ds, num_replicas=world, rank=rank, shuffle=False
