@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 
 import torch
@@ -45,6 +46,57 @@ def _check_common(iters, solver, num_grad_steps):
     C.check_choice("solver", solver, C.SOLVERS)
     if num_grad_steps is not None:
         C.check_int("num_grad_steps", num_grad_steps, 0)
+
+
+# Magnitudes. NMF is positively homogeneous: NMF(c X; c u0) = c NMF(X; u0) for c > 0, every
+# solver, rank and iters. The fp32 Gram matrix X X^T overflows for entries beyond ~1e19 and
+# underflows below ~1e-19 (bf16 spans 1e±38), which would give NaN or silently zero outputs. With
+# value checks on (``check``; default on CPU), an input whose largest entry lies outside
+# [2^-32, 2^32] is scaled by a power of two (exact) to [0.5, 1), factorized and scaled back.
+# Gradients of x and u0 pass unscaled (the Jacobian of a degree-1 homogeneous map has degree 0),
+# that of v0 is scaled back, so no extreme intermediate is ever formed.
+_SAFE_RANGE = (2.0**-32, 2.0**32)
+
+
+def _range_exponent(t: torch.Tensor) -> int:
+    """0 if the largest entry of ``t`` is in the safe range (or <= 0), else k with max * 2**k
+    in [0.5, 1)."""
+    m = float(t.detach().amax()) if t.numel() else 0.0
+    if not m > 0 or _SAFE_RANGE[0] <= m <= _SAFE_RANGE[1]:
+        return 0
+    return -math.frexp(m)[1]
+
+
+def _ldexp(t: torch.Tensor, k: int) -> torch.Tensor:
+    """t * 2**k in steps of at most 2**±64 (each exact, and a float32 scalar)."""
+    while k:
+        step = max(-64, min(64, k))
+        t = t * 2.0**step
+        k -= step
+    return t
+
+
+class _Rescale(torch.autograd.Function):
+    """Forward ``t * 2**k``, backward ``grad * 2**grad_k``."""
+
+    @staticmethod
+    def forward(ctx, t, k, grad_k):
+        ctx.grad_k = grad_k
+        return _ldexp(t, k) if k else t.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _ldexp(grad, ctx.grad_k), None, None
+
+
+def _rescaled(fn, x, v0, u0, k: int, rows: int, **kw):
+    """``fn`` on x * 2**k (u0 scaled alike; None = ones), output scaled back by 2**-k."""
+    u0 = u0 if u0 is not None else v0.new_ones(rows, v0.shape[1])
+    xs = _Rescale.apply(x, k, 0)  # (same shape as x)
+    us = _Rescale.apply(u0, k, 0)  # (M, R)
+    vs = _Rescale.apply(v0, 0, -k) if v0.requires_grad else v0  # (N, R)
+    y = fn(xs, vs, u0=us, check=False, **kw)
+    return _Rescale.apply(y, -k, 0)
 
 
 def _mu_masks(x, g0, u0):
@@ -119,6 +171,10 @@ def nmf(
         C.check_nonnegative("v0", v0)
         if u0 is not None:
             C.check_nonnegative("u0", u0)
+        k = _range_exponent(x)
+        if k:
+            kw = dict(iters=iters, solver=solver, kernel=kernel, num_grad_steps=num_grad_steps)
+            return _rescaled(nmf, x, v0, u0, k, m, **kw)
     if x.numel() == 0:
         return x.clone()
     if kernel == "reference" or iters == 0:  # iters == 0: u0 v0^T, nothing to accelerate
@@ -244,6 +300,11 @@ def matricized_nmf(
         C.check_nonnegative("v0", v0)
         if u0 is not None:
             C.check_nonnegative("u0", u0)
+        k = _range_exponent(x)  # the largest positive entry: the ReLU drops the rest
+        if k:
+            kw = dict(head_dim=head_dim, patch_size=patch, shifts=shifts, iters=iters)
+            kw.update(solver=solver, kernel=kernel, num_grad_steps=num_grad_steps)
+            return _rescaled(matricized_nmf, x, v0, u0, k, head_dim, **kw)
     if kernel == "reference" or iters == 0:  # iters == 0: u0 v0^T, nothing to accelerate
         return reference.matricized_nmf(
             x, v0, head_dim, patch, shifts, u0, iters, solver, num_grad_steps
