@@ -143,7 +143,8 @@ def orthogonal_random_features(
     blocks = []
     for _ in range(math.ceil(num_features / dim)):
         gauss = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
-        q, _ = torch.linalg.qr(gauss)
+        q, r = torch.linalg.qr(gauss)
+        q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)  # sign fix: Haar-distributed Q
         blocks.append(q.T)  # (dim, dim), orthonormal rows
     w = torch.cat(blocks, dim=0)[:num_features]  # (m, dim)
     norms = torch.randn(num_features, dim, generator=generator, dtype=torch.float64).norm(dim=1)

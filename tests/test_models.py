@@ -318,7 +318,7 @@ def test_favor_attention_approximates_softmax_attention(gen):
         q, k, v = attn.qkv(x).reshape(1, 3, 1, 4, -1).transpose(-1, -2).unbind(1)  # (B,H,N,E)
         a = torch.softmax(q @ k.transpose(-1, -2) / 2.0, dim=-1)  # (B, H, N, N)
         exact = attn.out_proj((a @ v).transpose(-1, -2).reshape(1, 4, 6, 5))
-    assert rel_err(y, exact) < 0.05
+    assert rel_err(y, exact) < 0.02  # seen: mean 0.003, max 0.009 over 20 seeds
 
 
 # ---------------------------------------------------------------------------------------------
