@@ -8,6 +8,7 @@
 - ``fastnmf compare``: paired Wilcoxon signed-rank tests between two runs' per-case CSVs.
 - ``fastnmf components``: NMF component maps of one block for one case (NIfTI + PNG).
 - ``fastnmf info``: versions, devices, kernels; ``fastnmf bench-layer``: time the NMF layer.
+- ``fastnmf profile``: layer and model suites vs attention and CNN baselines → table + plots.
 
 Bad input (missing or corrupt files, wrong channels or labels, bad options) is reported as one
 line ``fastnmf <command>: error: ...`` with exit status 2, no traceback; a diverged training run
@@ -323,6 +324,50 @@ def cmd_components(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# profile
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    """Run the layer and/or model benchmark suites; write table.md, table.csv and PNG plots."""
+    from . import profile as P
+
+    device = P.pick_device(args.device)
+    out = Path(args.out) if args.out else Path("runs") / f"profile-{time.strftime('%Y%m%d-%H%M%S')}"
+    suites = ["layer", "model"] if args.suite == "all" else [args.suite]
+    env = P.environment(device)
+    print(
+        f"fastnmf profile: {' + '.join(suites)} suite on {env['device']} (torch {env['torch']}, "
+        f"triton {env['triton']}, commit {(env['commit'] or '?')[:10]})"
+    )
+    t0 = time.perf_counter()
+    rows = []
+    for suite in suites:
+        opts: dict = {"dtypes": args.dtypes}
+        if suite == "layer":
+            opts.update(sizes=args.sizes, deep=args.deep, mixers=args.mixers, impls=args.impls)
+        else:
+            opts.update(
+                models=args.models, kernels=args.kernels, patch=args.patch, batch=args.batch
+            )
+        rows += P.run_suite(
+            suite,
+            device,
+            repeats=args.repeats,
+            only=args.only or (),
+            progress=None if args.quiet else print,
+            **{k: v for k, v in opts.items() if v is not None},
+        )
+    files = P.write_report(rows, out, env)
+    ok = sum(r["status"] == "ok" for r in rows)
+    took = _duration(time.perf_counter() - t0)
+    print(f"{ok} case(s) timed, {len(rows) - ok} unsupported here, in {took}")
+    for line in P.targets(rows):
+        print(line)
+    print(f"written to {out}/: " + ", ".join(f.name for f in files))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
 # parser
 
 
@@ -447,6 +492,41 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--seed", type=int, default=0)
     bench.set_defaults(func=cmd_bench_layer)
+
+    pr = sub.add_parser(
+        "profile",
+        help="NMF layer and Factorizers vs attention and CNN baselines: table + plots",
+        description="Run the layer suite (context mixers: NMF vs windowed/global SDPA, MONAI "
+        "window attention, FAVOR+) and/or the model suite (training step, sliding-window "
+        "inference) and write table.md, table.csv, meta.json and PNG plots. On a GPU the "
+        "issue's shapes (128^3 batch 2, fp32 and bf16); on a CPU tiny shapes (seconds).",
+    )
+    pr.add_argument("--suite", choices=["layer", "model", "all"], default="all")
+    pr.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    pr.add_argument("--out", help="output folder (default runs/profile-<time>)")
+    pr.add_argument("--repeats", type=int, help="timed repetitions per case (median)")
+    pr.add_argument(
+        "--only",
+        action="append",
+        metavar="TEXT",
+        help="run only cases whose id contains TEXT (repeatable: all must match)",
+    )
+    pr.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16", "fp16"])
+    pr.add_argument("--sizes", nargs="+", type=int, help="layer: cubic sizes at C=32")
+    pr.add_argument(
+        "--deep",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="layer: add the deeper-stage shapes (default: on a GPU)",
+    )
+    pr.add_argument("--mixers", nargs="+", help="layer: mixers (default all)")
+    pr.add_argument("--impls", nargs="+", help="layer: kernels / SDPA backends")
+    pr.add_argument("--models", nargs="+", help="model: models (default all)")
+    pr.add_argument("--kernels", nargs="+", choices=KERNELS, help="model: Factorizer kernels")
+    pr.add_argument("--patch", type=int, help="model: patch edge (default 128 GPU, tiny CPU)")
+    pr.add_argument("--batch", type=int, help="model: training batch (default 2 GPU, 1 CPU)")
+    pr.add_argument("--quiet", action="store_true", help="no line per case")
+    pr.set_defaults(func=cmd_profile)
     return parser
 
 
