@@ -1,68 +1,35 @@
-"""Shared helpers of the benchmark suites: timing, memory, bandwidth."""
+"""Shared helpers of the benchmark suites: timing, memory, bandwidth, environment.
+
+The timing and memory helpers live in :mod:`fastnmf.profile` (which ``fastnmf profile`` uses
+too); they are re-exported here for the suites.
+"""
 
 from __future__ import annotations
 
-import time
+import functools
 
 import torch
 
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_ms(fn, device: torch.device, repeats: int = 10, warmup: int = 2) -> float:
-    """Median wall time of ``fn`` in ms, synchronised (CUDA events on a GPU)."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return times[len(times) // 2]
+from fastnmf.profile import (  # noqa: F401  (re-exported)
+    copy_bandwidth_gbs,
+    environment,
+    median_ms,
+    peak_bytes,
+    saved_bytes,
+    sync,
+)
 
 
-def copy_bandwidth_gbs(device: torch.device, nbytes: int = 256 * 2**20) -> float:
-    """Device copy bandwidth (read + write bytes per second) of a large clone, GB/s."""
-    x = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
-    ms = median_ms(lambda: x.clone(), device, repeats=10)
-    return 2 * nbytes / (ms * 1e-3) / 1e9
+@functools.cache
+def env_info(device: torch.device) -> dict:
+    """Device name, torch/triton versions and the git commit, for every benchmark's extra_info."""
+    env = environment(device)
+    return {k: env[k] for k in ("device", "torch", "triton", "cuda", "commit", "dirty")}
 
 
-def saved_bytes(fn) -> int:
-    """Bytes of the distinct storages autograd keeps for backward while running ``fn``."""
-    storages = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        storages[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    del out
-    return sum(storages.values())
-
-
-def peak_bytes(fn, device: torch.device) -> int | None:
-    """Peak memory allocated during ``fn`` on a GPU (None on CPU)."""
-    if device.type != "cuda":
-        return None
-    sync(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    fn()
-    sync(device)
-    return torch.cuda.max_memory_allocated(device) - base
+def timed_median_s(benchmark, run, device: torch.device) -> float:
+    """pytest-benchmark's median in seconds; under ``--benchmark-disable`` (no stats) one
+    synchronised repetition so that the figures are still computed (and tested)."""
+    if benchmark.stats is None:
+        return median_ms(run, device, repeats=1, warmup=0) / 1e3
+    return benchmark.stats.stats.median

@@ -1,0 +1,51 @@
+"""Whole models: a training step and sliding-window inference (issue 6).
+
+    pytest bench/bench_models.py --benchmark-only --benchmark-json=models.json
+    pytest bench/bench_models.py --benchmark-only -k "swin_factorizer and train"
+
+The cases (ids ``<model>-<kernel>-<task>-<shape>-<dtype>``) and the code come from
+:mod:`fastnmf.profile`, which ``fastnmf profile --suite model`` runs too. Models: swin / local /
+global Factorizer with each kernel (triton, torch, reference), nnunet, resunet, performer, unetr,
+swin_unetr, segresnet (brats preset: 4 -> 3 channels). ``train``: forward, deep-supervision BCE,
+backward, AdamW step at the patch (GPU: 128^3, batch 2; fp32 and bf16 autocast). ``infer``:
+MONAI sliding-window inference (windows of the patch, 50 % overlap, gaussian blending) over one
+4 x 240 x 240 x 155 volume. On the CPU small versions of the models at 16^3 - 32^3, batch 1,
+inference over 24 x 24 x 16 (SwinUNETR, 64^3 at the least, skips there).
+
+extra_info: step time (median ms), samples/s (training patches or volumes per second), peak
+memory (absolute, GPU), parameters, forward GFLOPs at batch 1, device, versions, commit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from _util import env_info, timed_median_s
+
+from fastnmf import profile as P
+
+DEVICE = P.pick_device(None)
+CASES = P.model_cases(DEVICE)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_model(benchmark, case):
+    try:
+        prep = P.prepare_model(case, DEVICE)
+    except P.Unsupported as why:
+        pytest.skip(str(why))
+    row = P.model_row(case)
+    benchmark.group = f"{case.task} {row['shape']} {case.dtype}"
+    rounds = 5 if DEVICE.type == "cuda" else 2
+    benchmark.pedantic(prep.run, rounds=rounds, warmup_rounds=1, iterations=1)
+    median_s = timed_median_s(benchmark, prep.run, DEVICE)
+    peak = P.peak_bytes(prep.run, DEVICE, absolute=True)
+    figures = P.figures(prep, median_s * 1e3, DEVICE, peak)
+    assert figures["median_ms"] > 0 and figures["per_s"] > 0 and figures["params"] > 0
+    benchmark.extra_info.update(dataclasses.asdict(case))
+    benchmark.extra_info.update(row, samples_per_s=figures.pop("per_s"), **figures)
+    benchmark.extra_info.update(env_info(DEVICE))
+    if DEVICE.type == "cuda":
+        torch.cuda.empty_cache()
