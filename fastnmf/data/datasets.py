@@ -346,6 +346,10 @@ def _cases_from_json(path: Path, obj: dict[str, Any], section: str) -> list[dict
         if not isinstance(item, dict) or "image" not in item:
             raise DataError(path, f"{section}[{i}] must be an object with an 'image' entry")
         images = item["image"] if isinstance(item["image"], list) else [item["image"]]
+        if not images or not all(isinstance(p, str) and p for p in images):
+            raise DataError(
+                path, f"{section}[{i}]['image'] must be a path or a non-empty list of paths"
+            )
         images = [str((base / str(p)).resolve()) for p in images]
         label = item.get("label")
         if label is not None:
