@@ -22,7 +22,7 @@ from monai.networks.nets import UNETR, SegResNet, SwinUNETR
 from torch import nn
 
 from .layers import FactorizerBlock, FavorAttention
-from .unet import UNet
+from .unet import UNet, _check_dtype_device
 
 __all__ = ["nnunet", "resunet", "performer", "unetr", "swin_unetr", "segresnet", "MonaiNet"]
 
@@ -186,6 +186,7 @@ class MonaiNet(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_dtype_device(self, x)
         self.check_input(x)
         return self.net(x)
 

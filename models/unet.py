@@ -40,6 +40,28 @@ def _valid_sizes(size: int, multiple: int) -> str:
     return " or ".join(str(v) for v in candidates)
 
 
+def _check_dtype_device(model: nn.Module, x: torch.Tensor) -> None:
+    """A TypeError / ValueError naming the input's dtype or device when they differ from the
+    network's parameters, or an empty input (instead of a low-level error further in)."""
+    p = next(model.parameters(), None)
+    if p is None or not isinstance(x, torch.Tensor):
+        return
+    if not x.is_floating_point():
+        raise TypeError(f"the input has dtype {x.dtype}; the network needs a floating input")
+    if x.numel() == 0:
+        raise ValueError(f"the input is empty (shape {tuple(x.shape)})")
+    if x.device != p.device:
+        raise ValueError(
+            f"the input is on {x.device} but the network's parameters are on {p.device}; "
+            "move them together"
+        )
+    if x.dtype != p.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(
+            f"the input has dtype {x.dtype} but the network's parameters are {p.dtype}; cast "
+            f"the input (x.to({p.dtype})) or the network, or run under torch.autocast"
+        )
+
+
 class UNet(nn.Module):
     """Generic U-Net with pluggable blocks; see the module docstring for the layout.
 
@@ -148,6 +170,7 @@ class UNet(nn.Module):
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise a ValueError naming the bad dimension if ``x`` does not fit this network."""
+        _check_dtype_device(self, x)
         nd = self.spatial_dims
         if x.dim() != nd + 2:
             raise ValueError(
