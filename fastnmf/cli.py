@@ -332,6 +332,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from . import profile as P
 
     device = P.pick_device(args.device)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     out = Path(args.out) if args.out else Path("runs") / f"profile-{time.strftime('%Y%m%d-%H%M%S')}"
     suites = ["layer", "model"] if args.suite == "all" else [args.suite]
     env = P.environment(device)
@@ -525,6 +529,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--kernels", nargs="+", choices=KERNELS, help="model: Factorizer kernels")
     pr.add_argument("--patch", type=int, help="model: patch edge (default 128 GPU, tiny CPU)")
     pr.add_argument("--batch", type=int, help="model: training batch (default 2 GPU, 1 CPU)")
+    pr.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads for torch (default torch's; 1 is steadier on a busy machine)",
+    )
     pr.add_argument("--quiet", action="store_true", help="no line per case")
     pr.set_defaults(func=cmd_profile)
     return parser
@@ -544,7 +553,8 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as err:
         print(f"fastnmf {args.command}: {err}", file=sys.stderr)
         return 3
-    except (ValueError, TypeError, NotImplementedError, FileNotFoundError, CheckpointError) as err:
+    except (ValueError, TypeError, NotImplementedError, OSError, CheckpointError) as err:
+        # OSError: missing files, unwritable or non-directory output paths, full disks
         print(f"fastnmf {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
