@@ -228,8 +228,11 @@ def resolve(preset: str = "demo", **overrides: Any) -> TrainConfig:
         )
     if "model" in overrides and overrides["model"] != base.get("model", "swin_factorizer"):
         base.pop("model_options", None)
+    given = overrides.pop("model_options", {}) or {}
+    if not isinstance(given, dict):
+        raise ValueError(f"model_options must be a dict, got {given!r}")
     opts = dict(base.get("model_options", {}))
-    opts.update(overrides.pop("model_options", {}) or {})
+    opts.update(given)
     base["model_options"] = opts
     base.update(overrides)
     return TrainConfig.from_dict(base)
