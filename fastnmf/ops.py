@@ -53,8 +53,9 @@ def _check_common(iters, solver, num_grad_steps):
 # underflows below ~1e-19 (bf16 spans 1e±38), which would give NaN or silently zero outputs. With
 # value checks on (``check``; default on CPU), an input whose largest entry lies outside
 # [2^-32, 2^32] is scaled by a power of two (exact) to [0.5, 1), factorized and scaled back.
-# Gradients of x and u0 pass unscaled (the Jacobian of a degree-1 homogeneous map has degree 0),
-# that of v0 is scaled back, so no extreme intermediate is ever formed.
+# MU does not depend on the scale of u0 (and keeps a zero entry at zero, so u0 must not underflow):
+# only HALS scales u0 too. Gradients of x and u0 pass unscaled (the Jacobian of a degree-1
+# homogeneous map has degree 0), that of v0 is scaled back: no extreme intermediate is formed.
 _SAFE_RANGE = (2.0**-32, 2.0**32)
 
 
@@ -89,13 +90,14 @@ class _Rescale(torch.autograd.Function):
         return _ldexp(grad, ctx.grad_k), None, None
 
 
-def _rescaled(fn, x, v0, u0, k: int, rows: int, **kw):
-    """``fn`` on x * 2**k (u0 scaled alike; None = ones), output scaled back by 2**-k."""
-    u0 = u0 if u0 is not None else v0.new_ones(rows, v0.shape[1])
+def _rescaled(fn, x, v0, u0, k: int, rows: int, solver: str, **kw):
+    """``fn`` on x * 2**k (HALS: u0 scaled alike, None = ones), output scaled back by 2**-k."""
+    if solver == "hals":
+        u0 = u0 if u0 is not None else v0.new_ones(rows, v0.shape[1])
+        u0 = _Rescale.apply(u0, k, 0)  # (M, R)
     xs = _Rescale.apply(x, k, 0)  # (same shape as x)
-    us = _Rescale.apply(u0, k, 0)  # (M, R)
     vs = _Rescale.apply(v0, 0, -k) if v0.requires_grad else v0  # (N, R)
-    y = fn(xs, vs, u0=us, check=False, **kw)
+    y = fn(xs, vs, u0=u0, solver=solver, check=False, **kw)
     return _Rescale.apply(y, -k, 0)
 
 
@@ -173,8 +175,8 @@ def nmf(
             C.check_nonnegative("u0", u0)
         k = _range_exponent(x)
         if k:
-            kw = dict(iters=iters, solver=solver, kernel=kernel, num_grad_steps=num_grad_steps)
-            return _rescaled(nmf, x, v0, u0, k, m, **kw)
+            kw = dict(iters=iters, kernel=kernel, num_grad_steps=num_grad_steps)
+            return _rescaled(nmf, x, v0, u0, k, m, solver, **kw)
     if x.numel() == 0:
         return x.clone()
     if kernel == "reference" or iters == 0:  # iters == 0: u0 v0^T, nothing to accelerate
@@ -303,8 +305,8 @@ def matricized_nmf(
         k = _range_exponent(x)  # the largest positive entry: the ReLU drops the rest
         if k:
             kw = dict(head_dim=head_dim, patch_size=patch, shifts=shifts, iters=iters)
-            kw.update(solver=solver, kernel=kernel, num_grad_steps=num_grad_steps)
-            return _rescaled(matricized_nmf, x, v0, u0, k, head_dim, **kw)
+            kw.update(kernel=kernel, num_grad_steps=num_grad_steps)
+            return _rescaled(matricized_nmf, x, v0, u0, k, head_dim, solver, **kw)
     if kernel == "reference" or iters == 0:  # iters == 0: u0 v0^T, nothing to accelerate
         return reference.matricized_nmf(
             x, v0, head_dim, patch, shifts, u0, iters, solver, num_grad_steps
