@@ -151,6 +151,8 @@ class MatricizedNMF(_FactorBuffers):
         self.iters = C.check_int("iters", iters, 0)
         self.solver = C.check_choice("solver", solver, C.SOLVERS)
         self.kernel = C.check_choice("kernel", kernel, C.KERNELS)
+        if num_grad_steps is not None:
+            C.check_int("num_grad_steps", num_grad_steps, 0)
         self.num_grad_steps = num_grad_steps
 
     def _columns(self) -> int:
@@ -161,7 +163,10 @@ class MatricizedNMF(_FactorBuffers):
                     "spatial size (N = prod(spatial_size))"
                 )
             return math.prod(self._spatial_size)
-        return math.prod(C.as_spatial_tuple("patch_size", self._patch_size, self.spatial_dims))
+        p = C.as_spatial_tuple("patch_size", self._patch_size, self.spatial_dims)
+        if any(v < 1 for v in p):
+            raise ValueError(f"patch_size must be positive, got {p}")
+        return math.prod(p)
 
     @property
     def head_dim(self) -> int:
