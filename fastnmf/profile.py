@@ -49,6 +49,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import platform
 import subprocess
 import time
@@ -182,15 +183,13 @@ def environment(device: torch.device) -> dict:
     except ImportError:
         triton_version = None
     root = Path(__file__).resolve().parents[1]
-    commit = dirty = None
+    commit, dirty = os.environ.get("FASTNMF_COMMIT") or None, None  # e.g. a copy without .git
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        commit = (
-            subprocess.run(
-                ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
-            ).stdout.strip()
-            or None
-        )
-        if commit:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        if head:
+            commit = head
             status = subprocess.run(
                 ["git", "status", "--porcelain", "--untracked-files=no"],
                 cwd=root,
@@ -834,12 +833,20 @@ def build_model(case: ModelCase) -> nn.Module:
     return models.build(case.model, "brats", **over)
 
 
-@functools.cache
 def _static_figures(case: ModelCase) -> tuple[int, int]:
-    """(parameters, forward GFLOPs x 1e9) at batch 1 and the case's patch."""
+    """(parameters, forward FLOPs) at batch 1 and the case's patch (kernel independent)."""
+    return _static_figures_of(
+        dataclasses.replace(
+            case, kernel="torch" if case.kernel != "-" else "-", task="train", dtype="fp32"
+        )
+    )
+
+
+@functools.cache
+def _static_figures_of(case: ModelCase) -> tuple[int, int]:
     from fastnmf.models import count_flops, count_parameters
 
-    net = build_model(dataclasses.replace(case, kernel="torch" if case.kernel != "-" else "-"))
+    net = build_model(case)
     flops = count_flops(net, (1, net.in_channels, *(case.patch,) * 3))
     return count_parameters(net), flops
 
@@ -1050,40 +1057,35 @@ def targets(rows: list[dict]) -> list[str]:
     """The issue's targets, checked on whatever rows there are (lines of markdown)."""
     out = []
     layer = [r for r in rows if r["suite"] == "layer"]
-    nmf_kernel = "triton" if _get(layer, subject="nmf-swin", impl="triton") else "torch"
-    for r in layer:
-        if r["subject"] != "nmf-swin" or r["impl"] != nmf_kernel or r["task"] != "fwdbwd":
-            continue
-        if r["status"] != "ok":
-            continue
-        att = _get(
-            layer,
-            subject="sdpa-window",
-            impl="flash",
-            shape=r["shape"],
-            dtype=r["dtype"],
-            task="fwdbwd",
-        )
-        if att is None:
-            out.append(
-                f"- swin NMF ({nmf_kernel}) vs windowed SDPA flash, {r['shape']} "
-                f"{r['dtype']} fwd+bwd: no flash row (backend unavailable)"
+    pairs = [
+        ("nmf-swin", "sdpa-window", "swin NMF"),
+        ("nmf-swin-layer", "sdpa-window-layer", "swin NMF layer (projections)"),
+    ]
+    for nmf, sdpa, name in pairs:
+        kernel = "triton" if _get(layer, subject=nmf, impl="triton") else "torch"
+        for r in layer:
+            if (r["subject"], r["impl"], r["task"], r["status"]) != (nmf, kernel, "fwdbwd", "ok"):
+                continue
+            what = f"- {name} ({kernel}) vs {sdpa} flash, {r['shape']} {r['dtype']} fwd+bwd"
+            att = _get(
+                layer, subject=sdpa, impl="flash", shape=r["shape"], dtype=r["dtype"], task="fwdbwd"
             )
-            continue
-        t = att["median_ms"] / r["median_ms"]
-        line = (
-            f"- swin NMF ({nmf_kernel}) vs windowed SDPA flash, {r['shape']} {r['dtype']} "
-            f"fwd+bwd: time {r['median_ms']:.3g} vs {att['median_ms']:.3g} ms "
-            f"(NMF {t:.2f}x as fast: {'met' if t > 1 else f'missed by {1 / t:.2f}x'})"
-        )
-        mem_key = "peak_bytes" if r.get("peak_bytes") is not None else "saved_bytes"
-        if r.get(mem_key) and att.get(mem_key):
-            m = att[mem_key] / r[mem_key]
-            line += (
-                f"; {mem_key.split('_')[0]} memory {r[mem_key] / 2**20:.1f} vs "
-                f"{att[mem_key] / 2**20:.1f} MiB ({'met' if m > 1 else f'missed by {1 / m:.2f}x'})"
+            if att is None:
+                out.append(f"{what}: no flash row (backend unavailable)")
+                continue
+            t = att["median_ms"] / r["median_ms"]
+            line = (
+                f"{what}: time {r['median_ms']:.3g} vs {att['median_ms']:.3g} ms "
+                f"(NMF {t:.2f}x as fast: {'met' if t > 1 else f'missed by {1 / t:.2f}x'})"
             )
-        out.append(line)
+            key = "peak_bytes" if r.get("peak_bytes") is not None else "saved_bytes"
+            if r.get(key) and att.get(key):
+                m = att[key] / r[key]
+                line += (
+                    f"; {key.split('_')[0]} memory {r[key] / 2**20:.1f} vs "
+                    f"{att[key] / 2**20:.1f} MiB ({'met' if m > 1 else f'missed by {1 / m:.2f}x'})"
+                )
+            out.append(line)
     model = [r for r in rows if r["suite"] == "model" and r["task"] == "train"]
     for dtype in ("fp32", "bf16"):
         tri = _get(model, subject="swin_factorizer", impl="triton", dtype=dtype) or _get(

@@ -106,7 +106,7 @@ def test_profile_cli_writes_table_and_plots(tmp_path, capsys):
     finally:
         torch.set_num_threads(threads)
     printed = capsys.readouterr().out
-    assert f"written to {out}/" in printed and "swin NMF (torch) vs windowed SDPA flash" in printed
+    assert f"written to {out}/" in printed and "swin NMF (torch) vs sdpa-window flash" in printed
     for name in (
         "table.md",
         "table.csv",
