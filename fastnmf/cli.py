@@ -332,10 +332,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from . import profile as P
 
     device = P.pick_device(args.device)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    threads = args.threads if args.threads is not None else 1 if device.type == "cpu" else None
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
     out = Path(args.out) if args.out else Path("runs") / f"profile-{time.strftime('%Y%m%d-%H%M%S')}"
     suites = ["layer", "model"] if args.suite == "all" else [args.suite]
     env = P.environment(device)
@@ -532,7 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument(
         "--threads",
         type=int,
-        help="CPU threads for torch (default torch's; 1 is steadier on a busy machine)",
+        help="CPU threads for torch (default on a CPU: 1; tiny shapes gain little from more, "
+        "and OpenMP threads on a busy machine stall)",
     )
     pr.add_argument("--quiet", action="store_true", help="no line per case")
     pr.set_defaults(func=cmd_profile)
