@@ -15,6 +15,13 @@ from fastnmf import profile as P
 from fastnmf.cli import main
 
 
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    threads = torch.get_num_threads()  # ``fastnmf profile`` on a CPU sets one thread
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_windows_round_trip_and_content():
     x = torch.randn(2, 12, 8, 16, 24)  # (B, C, D, H, W), E = 4, P = 8
     w = P.to_windows(x, 4, 8)  # (B nW, H, P^3, E)
@@ -100,11 +107,7 @@ def test_profile_cli_writes_table_and_plots(tmp_path, capsys):
     out = tmp_path / "prof"
     args = ["profile", "--device", "cpu", "--out", str(out), "--quiet"]
     args += "--sizes 8 16 --repeats 1 --threads 1 --models swin_factorizer nnunet".split()
-    threads = torch.get_num_threads()
-    try:
-        assert main(args) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert main(args) == 0
     printed = capsys.readouterr().out
     assert f"written to {out}/" in printed and "swin NMF (torch) vs sdpa-window flash" in printed
     for name in (
