@@ -1155,7 +1155,8 @@ def _plot_layers(rows: list[dict], out: Path) -> list[Path]:
 
     def lines(metric, ax, keep=lambda r: True):
         keys = sorted({(r["subject"], r["impl"]) for r in series if keep(r)})
-        for subject, impl in keys:
+        colors = plt.get_cmap("tab20").colors
+        for i, (subject, impl) in enumerate(keys):
             pts = sorted(
                 (r["size"] ** 3 * r["batch"], r[metric])
                 for r in series
@@ -1167,7 +1168,7 @@ def _plot_layers(rows: list[dict], out: Path) -> list[Path]:
             k = _slope(xs, ys)
             label = f"{subject} {impl}" + (f" (slope {k:.2f})" if k is not None else "")
             style = "-" if subject.startswith("nmf") else "--"
-            ax.plot(xs, ys, style, marker="o", ms=3, label=label)
+            ax.plot(xs, ys, style, marker="o", ms=3, label=label, color=colors[i % 20])
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("voxels (B x S^3)")
