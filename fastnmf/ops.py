@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-import itertools
+import functools
 import math
 from collections.abc import Sequence
 
@@ -210,49 +210,48 @@ def _torch_matricized(z, v0, head_dim, patch, shifts, u0, iters, solver, num_gra
             y = _torch_rank1(flat, g, u0, iters, solver, num_grad_steps, scale=1 / len(items))
             out = y if out is None else out + y  # (B*H, E, N)
         return reference.dematricize(out.reshape(mats.shape), spatial, None)
-    dims = tuple(range(2, z.dim()))
+    b, c = z.shape[:2]
+    flat = z.reshape(b * c // head_dim, -1)  # (B*H, E*Nvox)
     for s in items:
-        rolled = _Roll.apply(z, s, dims) if any(s) else z
-        mats = reference.matricize(rolled, head_dim, patch)  # (B, H, nw, E, N)
-        flat = mats.reshape(-1, *mats.shape[-2:])  # (B*H*nw, E, N)
-        y = _torch_rank1(flat, g0, u0, iters, solver, num_grad_steps, scale=1 / len(items))
-        y = reference.dematricize(y.reshape(mats.shape), spatial, patch)  # (B, C, *S)
-        y = _Roll.apply(y, tuple(-v for v in s), dims) if any(s) else y
+        idx, inv = _window_gather_index(spatial, patch, s, head_dim, str(z.device))
+        mats = _Gather.apply(flat, idx, inv).view(-1, head_dim, math.prod(patch))  # (B*H*nw, E, Pn)
+        y = _torch_rank1(mats, g0, u0, iters, solver, num_grad_steps, scale=1 / len(items))
+        y = _Gather.apply(y.reshape(flat.shape), inv, idx)  # (B*H, E*Nvox)
         out = y if out is None else out + y
-    return out
+    return out.view(z.shape)
 
 
-def _roll_once(x: torch.Tensor, shifts, dims) -> torch.Tensor:
-    """torch.roll in one pass: one block copy per combination of wrapped/unwrapped parts
-    (torch.roll over k dims makes k full copies)."""
-    out = torch.empty_like(x)
-    parts = []
-    for d, s in zip(dims, shifts, strict=True):
-        n = x.shape[d]
-        s %= n
-        if s == 0:
-            parts.append([(slice(None), slice(None))])
-        else:  # (destination, source) along dim d
-            parts.append([(slice(s, n), slice(0, n - s)), (slice(0, s), slice(n - s, n))])
-    for combo in itertools.product(*parts):
-        dst, src = [slice(None)] * x.dim(), [slice(None)] * x.dim()
-        for d, (a, b) in zip(dims, combo, strict=True):
-            dst[d], src[d] = a, b
-        out[tuple(dst)] = x[tuple(src)]
-    return out
+@functools.lru_cache(maxsize=16)
+def _window_gather_index(spatial, patch, shift, head_dim: int, device: str):
+    """Roll + matricize of one head as a single gather, and its inverse.
+
+    Entry i of ``idx`` is the offset, in a head's (E, Nvox) block, of element i of that head's
+    matrices (window-major, then row e, then position p) after rolling the volume by ``shift``:
+    ``block.index_select(-1, idx)`` is ``matricize(roll(z, shift))`` in one pass.
+    """
+    nvox = math.prod(spatial)
+    grid = torch.arange(nvox).reshape(spatial)
+    rolled = torch.roll(grid, shift, tuple(range(len(spatial))))  # rolled[r] = voxel landing at r
+    pos = reference.matricize(rolled[None, None], 1, patch).reshape(-1, 1, math.prod(patch))
+    idx = (torch.arange(head_dim).reshape(1, -1, 1) * nvox + pos).reshape(-1)  # (nw*E*Pn,)
+    inv = torch.empty_like(idx)
+    inv[idx] = torch.arange(idx.numel())
+    dtype = torch.int32 if idx.numel() < 2**31 else torch.int64
+    return idx.to(device=device, dtype=dtype), inv.to(device=device, dtype=dtype)
 
 
-class _Roll(torch.autograd.Function):
-    """Differentiable :func:`_roll_once`; the backward rolls the gradient back."""
+class _Gather(torch.autograd.Function):
+    """``x.index_select(-1, idx)`` for a permutation; the backward gathers with the inverse."""
 
     @staticmethod
-    def forward(ctx, x, shifts, dims):
-        ctx.shifts, ctx.dims = shifts, dims
-        return _roll_once(x, shifts, dims)
+    def forward(ctx, x, idx, inv):
+        ctx.save_for_backward(inv)
+        return x.index_select(-1, idx)
 
     @staticmethod
     def backward(ctx, grad):
-        return _roll_once(grad, tuple(-s for s in ctx.shifts), ctx.dims), None, None
+        (inv,) = ctx.saved_tensors
+        return grad.contiguous().index_select(-1, inv), None, None
 
 
 def matricized_nmf(
