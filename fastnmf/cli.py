@@ -352,7 +352,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
             opts.update(sizes=args.sizes, deep=args.deep, mixers=args.mixers, impls=args.impls)
         else:
             opts.update(
-                models=args.models, kernels=args.kernels, patch=args.patch, batch=args.batch
+                models=args.models,
+                kernels=args.kernels,
+                tasks=args.tasks,
+                patch=args.patch,
+                batch=args.batch,
             )
         rows += P.run_suite(
             suite,
@@ -528,6 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--impls", nargs="+", help="layer: kernels / SDPA backends")
     pr.add_argument("--models", nargs="+", help="model: models (default all)")
     pr.add_argument("--kernels", nargs="+", choices=KERNELS, help="model: Factorizer kernels")
+    pr.add_argument("--tasks", nargs="+", choices=["train", "infer"], help="model: tasks")
     pr.add_argument("--patch", type=int, help="model: patch edge (default 128 GPU, tiny CPU)")
     pr.add_argument("--batch", type=int, help="model: training batch (default 2 GPU, 1 CPU)")
     pr.add_argument(
