@@ -368,12 +368,15 @@ def cmd_profile(args: argparse.Namespace) -> int:
         )
     files = P.write_report(rows, out, env)
     ok = sum(r["status"] == "ok" for r in rows)
+    failed = [r for r in rows if r["status"] == "error"]
     took = _duration(time.perf_counter() - t0)
-    print(f"{ok} case(s) timed, {len(rows) - ok} unsupported here, in {took}")
+    print(f"{ok} case(s) timed, {len(rows) - ok - len(failed)} unsupported here, in {took}")
+    for r in failed:
+        print(f"ERROR {r['id']}: {r['reason']}")
     for line in P.targets(rows):
         print(line)
     print(f"written to {out}/: " + ", ".join(f.name for f in files))
-    return 0
+    return 1 if failed else 0
 
 
 # ----------------------------------------------------------------------------------------------

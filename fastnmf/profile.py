@@ -964,9 +964,13 @@ def run_suite(
     repeats: int | None = None,
     only: Sequence[str] = (),
     progress: Callable[[str], None] | None = None,
+    keep_going: bool = True,
     **case_options,
 ) -> list[dict]:
-    """Run every case of ``suite`` ("layer" | "model") whose id contains all of ``only``."""
+    """Run every case of ``suite`` ("layer" | "model") whose id contains all of ``only``.
+
+    A case that cannot run here gives a row with status ``unsupported``; one that fails with
+    ``keep_going`` a row with status ``error`` (both with the reason)."""
     dev = pick_device(device)
     if suite == "layer":
         cases, runner = layer_cases(dev, **case_options), run_layer_case
@@ -981,7 +985,17 @@ def run_suite(
     rows = []
     for i, case in enumerate(cases):
         t0 = time.perf_counter()
-        row = runner(case, dev, repeats=reps)
+        try:
+            row = runner(case, dev, repeats=reps)
+        except Exception as err:  # one broken case must not lose a long GPU run: a row says why
+            if not keep_going:
+                raise
+            base = _row_base(suite, case.id, dev)
+            info = layer_row(case) if suite == "layer" else model_row(case)
+            msg = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+            row = base | info | {"status": "error", "reason": msg}
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
         rows.append(row)
         if progress:
             what = f"{row['median_ms']:.2f} ms" if row["status"] == "ok" else row["reason"]

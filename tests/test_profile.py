@@ -132,6 +132,7 @@ def test_profile_cli_writes_table_and_plots(tmp_path, capsys):
     # on a CPU only the CUDA-only SDPA backends and oversized global attention may be missing
     assert len(ok) >= len(rows) - 4
     for r in rows:
+        assert r["status"] in ("ok", "unsupported"), (r["id"], r["reason"])
         if r["status"] != "ok":
             assert r["reason"], r["id"]
             continue
