@@ -14,7 +14,11 @@ On a machine without a GPU the kernels run on CPU tensors under ``TRITON_INTERPR
 
 from __future__ import annotations
 
+import os
+
+import numpy as np
 import torch
+import triton
 
 from .global_nmf import global_nmf
 from .global_nmf_rank import global_nmf_rank
@@ -22,6 +26,26 @@ from .window_nmf import window_nmf
 from .window_nmf_rank import window_nmf_rank
 
 __all__ = ["nmf", "matricized_nmf"]
+
+
+def _version(text: str) -> tuple[int, int]:
+    major, minor = (text.split("+")[0].split(".") + ["0"])[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def _interpreter_check(x: torch.Tensor) -> None:
+    """Triton < 3.7's interpreter turns loop bounds into ints with ``int(one-element array)``,
+    which NumPy >= 2.4 refuses; fail with the fix instead of an InterpreterError from deep inside.
+    """
+    if x.device.type != "cpu" or os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    if _version(triton.__version__) < (3, 7) and _version(np.__version__) >= (2, 4):
+        raise RuntimeError(
+            f"kernel='triton' on CPU runs Triton's interpreter, and the interpreter of Triton "
+            f"{triton.__version__} cannot run with NumPy {np.__version__} (it converts "
+            "one-element arrays to int, an error since NumPy 2.4); install numpy<2.4 or "
+            "triton>=3.7, or use kernel='torch' on CPU"
+        )
 
 
 def _common_checks(v0: torch.Tensor, iters: int, num_grad_steps) -> None:
@@ -41,6 +65,7 @@ def matricized_nmf(
     x, v0, *, head_dim, patch_size, shifts, u0=None, iters=5, solver="hals", num_grad_steps=None
 ):
     """Triton path of :func:`fastnmf.matricized_nmf` (arguments already validated)."""
+    _interpreter_check(x)
     _common_checks(v0, iters, num_grad_steps)
     x = x.contiguous()
     if v0.shape[1] > 1:
@@ -58,6 +83,7 @@ def matricized_nmf(
 
 def nmf(x, v0, *, u0=None, iters=5, solver="hals", num_grad_steps=None):
     """Triton path of :func:`fastnmf.nmf` (arguments already validated)."""
+    _interpreter_check(x)
     _common_checks(v0, iters, num_grad_steps)
     m, n = x.shape[-2:]
     flat = x.reshape(-1, m, n).contiguous()  # (Bm, M, N)

@@ -156,3 +156,28 @@ def test_triton_rejects_what_it_does_not_do(gen):
     with pytest.raises(NotImplementedError, match="does not differentiate v0"):
         fastnmf.matricized_nmf(x, torch.rand(64, 1, requires_grad=True), head_dim=4,
                                patch_size=4, kernel="triton")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("triton_version", "numpy_version", "fails"),
+    [("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.6", False),
+     ("3.9.0+git1234", "2.5.0.dev0", False)],
+)  # fmt: skip
+def test_interpreter_version_clash_is_a_clear_error(monkeypatch, triton_version, numpy_version,
+                                                    fails):  # fmt: skip
+    """Triton < 3.7's interpreter cannot run with NumPy >= 2.4: say so and name the fix."""
+    import fastnmf.kernels as kernels
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(kernels.triton, "__version__", triton_version)
+    monkeypatch.setattr(kernels.np, "__version__", numpy_version)
+    x = torch.rand(1, 4, 8, 8)
+    if fails:
+        with pytest.raises(RuntimeError, match=r"NumPy 2\.4\.6.*numpy<2\.4 or triton>=3\.7"):
+            kernels._interpreter_check(x)
+    else:
+        kernels._interpreter_check(x)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # compiled Triton is not affected
+    monkeypatch.setattr(kernels.triton, "__version__", "3.6.0")
+    monkeypatch.setattr(kernels.np, "__version__", "2.4.6")
+    kernels._interpreter_check(x)
