@@ -44,10 +44,10 @@ def _compiled():
     return torch.compile(reference.matricized_nmf)
 
 
-def _layer(kernel, x, v0, mode):
-    kw = dict(head_dim=8, iters=5, **MODES[mode])
+def _layer(kernel, x, v0, mode, iters=5):
+    kw = dict(head_dim=8, iters=iters, **MODES[mode])
     if kernel == "compiled-reference":
-        return _compiled()(x, v0, kw["head_dim"], kw["patch_size"], kw.get("shifts"), None, 5)
+        return _compiled()(x, v0, kw["head_dim"], kw["patch_size"], kw.get("shifts"), None, iters)
     return fastnmf.matricized_nmf(x, v0, kernel=kernel, check=False, **kw)
 
 
@@ -115,3 +115,39 @@ def test_nmf_layer(benchmark, shape, dtype, mode, pass_, kernel):
     if peak is not None:
         info["peak_bytes"] = peak
     benchmark.extra_info.update(info)
+
+
+ITERS_SHAPE = (2, 32, 128) if CUDA else (1, 32, 16)
+
+
+@pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("iters", [1, 5, 20], ids=lambda t: f"T{t}")
+@pytest.mark.parametrize("kernel", ["triton", "torch"] if CUDA else ["torch"])
+def test_global_iters(benchmark, kernel, iters, pass_):
+    """The global path's time against T (the closed form: independent of T), fp32."""
+    b, c, s = ITERS_SHAPE
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(b, c, s, s, s, generator=gen).to(DEVICE).requires_grad_(pass_ != "fwd")
+    v0 = torch.rand(s**3, 1, generator=gen).to(DEVICE)
+    dy = torch.randn_like(x)
+
+    def run():
+        if pass_ == "fwd":
+            with torch.no_grad():
+                _layer(kernel, x, v0, "global", iters)
+        else:
+            torch.autograd.grad(_layer(kernel, x, v0, "global", iters), x, dy)
+        sync(DEVICE)
+
+    benchmark.group = f"global-iters {b}x{c}x{s}^3 float32 {pass_} {kernel}"
+    benchmark.pedantic(run, rounds=5 if CUDA else 2, warmup_rounds=1, iterations=1)
+    if benchmark.stats is None:  # --benchmark-disable: one untimed smoke run
+        median_s = median_ms(run, DEVICE, repeats=1, warmup=0) / 1e3
+    else:
+        median_s = benchmark.stats.stats.median
+    benchmark.extra_info.update(
+        device=torch.cuda.get_device_name(0) if CUDA else "cpu",
+        kernel=kernel,
+        iters=iters,
+        median_ms=round(median_s * 1e3, 4),
+    )

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
     "target,select",
     [
         ("bench/bench_nmf.py", "1x128x8 and not compiled"),
+        ("bench/bench_nmf.py", "global_iters and T20"),
         ("bench/bench_nmf_torch.py", "32 and 5 and swin"),
         # every mixer at 8^3, forward + backward (CPU: SDPA flash; the CUDA backends skip)
         ("bench/bench_layers.py", "s8 and fwdbwd"),
@@ -35,3 +36,60 @@ def test_bench_suite_runs(target, select):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout and " failed" not in proc.stdout
+
+
+def _determinism_module():
+    import importlib.util
+
+    path = ROOT / "bench" / "check_determinism.py"
+    spec = importlib.util.spec_from_file_location("check_determinism", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_check_determinism_passes_on_a_deterministic_kernel(tmp_path):
+    out = tmp_path / "det.json"
+    proc = subprocess.run(
+        [sys.executable, "bench/check_determinism.py", "--kernel", "torch", "--device", "cpu",
+         "--size", "8", "--channels", "16", "--batch", "1", "--runs", "3", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    import json
+
+    report = json.loads(out.read_text())
+    assert report["kernel"] == "torch" and len(report["cases"]) == 6  # 3 modes x fp32, bf16
+    assert all(c["forward_bitwise_equal"] and c["backward_bitwise_equal"] for c in report["cases"])
+    assert report["environment"]["torch"] == __import__("torch").__version__
+
+
+def test_check_determinism_catches_a_nondeterministic_kernel(monkeypatch, tmp_path):
+    """A layer whose output drifts from run to run is reported (and the exit status is 1)."""
+    import torch
+
+    mod = _determinism_module()
+    real = mod.fastnmf.matricized_nmf
+
+    def noisy(x, v0, **kw):
+        y = real(x, v0, **kw)
+        return y + 1e-3 * torch.rand((), dtype=y.dtype) * x  # a different sum order each run
+
+    monkeypatch.setattr(mod.fastnmf, "matricized_nmf", noisy)
+    r = mod.check_case("torch", torch.device("cpu"), (1, 16, 8), torch.float32, "swin", runs=3)
+    assert not r["forward_bitwise_equal"] and r["max_abs_diff_forward"] > 0
+    assert not r["backward_bitwise_equal"] and r["max_abs_diff_backward"] > 0
+    status = mod.main(["--kernel", "torch", "--device", "cpu", "--size", "8", "--channels", "16",
+                       "--batch", "1", "--runs", "2", "--modes", "local", "--dtypes", "fp32",
+                       "--out", str(tmp_path / "d.json")])  # fmt: skip
+    assert status == 1
+
+
+@pytest.mark.parametrize(
+    "args,problem",
+    [(["--runs", "1"], "--runs must be at least 2"), (["--size", "12"], "multiple of the 8^3")],
+)
+def test_check_determinism_bad_arguments(capsys, args, problem):
+    with pytest.raises(SystemExit) as exc:
+        _determinism_module().main(args)
+    assert exc.value.code == 2 and problem in capsys.readouterr().err
