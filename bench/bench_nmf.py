@@ -17,7 +17,7 @@ import functools
 
 import pytest
 import torch
-from _util import copy_bandwidth_gbs, median_ms, peak_bytes, saved_bytes, sync
+from _util import copy_bandwidth_gbs, env_info, median_ms, peak_bytes, saved_bytes, sync
 
 import fastnmf
 from fastnmf import reference
@@ -101,7 +101,7 @@ def test_nmf_layer(benchmark, shape, dtype, mode, pass_, kernel):
         median_s = benchmark.stats.stats.median
     gbs = moved / median_s / 1e9
     info = dict(
-        device=torch.cuda.get_device_name(0) if CUDA else "cpu",
+        **env_info(DEVICE),
         kernel=kernel,
         gb_per_s=round(gbs, 2),
         pct_copy_bandwidth=round(100 * gbs / _copy_bw(), 1),
@@ -146,7 +146,7 @@ def test_global_iters(benchmark, kernel, iters, pass_):
     else:
         median_s = benchmark.stats.stats.median
     benchmark.extra_info.update(
-        device=torch.cuda.get_device_name(0) if CUDA else "cpu",
+        **env_info(DEVICE),
         kernel=kernel,
         iters=iters,
         median_ms=round(median_s * 1e3, 4),

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# The GPU session of issue 8 in a few device calls (each call may run 600 s; a session has 1800 s).
+#
+#   bench/gpu_session.sh PHASE [PHASE ...]      (from the repository root, on the GPU machine)
+#
+# Phases, in the order worth running them:
+#   setup     install the carried wheels (.whl/, see ../shared/device/README.md) and the project
+#   check     CUDA variants of the test suite; 10-run bitwise determinism at 2x32x128^3;
+#             compute-sanitizer memcheck of one small forward+backward (if the tool is there)
+#   nmf       bench_nmf.py for triton, torch and reference (all shapes, fp32 + bf16) and the
+#             global path's T sweep, as pytest-benchmark JSON
+#   compiled  bench_nmf.py for torch.compile(reference) (slow: one compilation per case)
+#   profile   fastnmf profile --suite all (layer + model suites, targets of issues 6 and 8)
+#
+# Every step has its own time limit (STEP_LIMIT_<PHASE>, seconds) so that a slow step cannot take
+# the whole call; its log, exit status and wall time go to $OUT/<phase>/ and a line to
+# $OUT/summary.txt. At the end each phase folder is packed into $OUT/<phase>.tgz (the device tool
+# brings back at most 8 files). Commit what matters under bench/results/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-runs/gpu}"
+[ $# -gt 0 ] || { echo "usage: bench/gpu_session.sh PHASE [PHASE ...] (setup, check, nmf, compiled, profile)" >&2; exit 2; }
+for phase in "$@"; do
+    case "$phase" in
+    setup | check | nmf | compiled | profile) ;;
+    *)
+        echo "gpu_session.sh: error: unknown phase '$phase' (setup, check, nmf, compiled, profile)" >&2
+        exit 2
+        ;;
+    esac
+done
+mkdir -p "$OUT"
+# the wheels installed by 'setup' (in this call or an earlier one on a still-warm machine)
+[ -d "$HOME/site" ] && export PYTHONPATH="$HOME/site${PYTHONPATH:+:$PYTHONPATH}"
+
+step() {  # step PHASE NAME LIMIT CMD...: run CMD with a time limit, log it, record rc and seconds
+    local phase=$1 name=$2 limit=$3
+    shift 3
+    mkdir -p "$OUT/$phase"
+    local t0=$SECONDS rc=0
+    timeout "$limit" "$@" >"$OUT/$phase/$name.log" 2>&1 || rc=$?
+    printf '%-9s %-22s rc=%-3s %4ss\n' "$phase" "$name" "$rc" "$((SECONDS - t0))" | tee -a "$OUT/summary.txt"
+}
+
+pack() {
+    [ -d "$OUT/$1" ] && tar czf "$OUT/$1.tgz" -C "$OUT" "$1" && rm -rf "${OUT:?}/$1"
+}
+
+for phase in "$@"; do
+    case "$phase" in
+    setup)
+        # shellcheck disable=SC2086
+        step setup wheels 120 python3 -m pip install -q --no-index --no-deps --no-compile \
+            --no-cache-dir --target "$HOME/site" .whl/*.whl
+        case ":${PYTHONPATH:-}:" in *":$HOME/site:"*) ;; *) export PYTHONPATH="$HOME/site${PYTHONPATH:+:$PYTHONPATH}" ;; esac
+        step setup project 120 python3 -m pip install -q --no-index --no-deps \
+            --no-build-isolation -e .
+        step setup info 60 python3 -m fastnmf info
+        nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader \
+            >"$OUT/setup/nvidia-smi.txt" 2>&1
+        ;;
+    check)
+        step check cuda-tests "${STEP_LIMIT_CHECK:-300}" python3 -m pytest tests -q -k cuda \
+            -p no:cacheprovider -rs
+        step check determinism 120 python3 bench/check_determinism.py --runs 10 \
+            --dtypes fp32 bf16 fp16 --out "$OUT/check/determinism.json"
+        if command -v compute-sanitizer >/dev/null; then
+            step check memcheck 240 compute-sanitizer --tool memcheck --error-exitcode 1 \
+                python3 bench/check_determinism.py --runs 2 --batch 1 --channels 16 --size 16 \
+                --dtypes fp32
+        else
+            echo "compute-sanitizer not on PATH" >"$OUT/check/memcheck.log"
+        fi
+        ;;
+    nmf)
+        for k in triton torch reference; do
+            step nmf "bench-$k" "${STEP_LIMIT_NMF:-180}" python3 -m pytest bench/bench_nmf.py \
+                --benchmark-only -q -p no:cacheprovider -k "test_nmf_layer and $k and not compiled" \
+                --benchmark-json "$OUT/nmf/bench_nmf_$k.json"
+        done
+        step nmf global-iters 120 python3 -m pytest bench/bench_nmf.py --benchmark-only -q \
+            -p no:cacheprovider -k global_iters --benchmark-json "$OUT/nmf/global_iters.json"
+        ;;
+    compiled)
+        step compiled bench "${STEP_LIMIT_COMPILED:-540}" python3 -m pytest bench/bench_nmf.py \
+            --benchmark-only -q -p no:cacheprovider -k "compiled and 2x32x128" \
+            --benchmark-json "$OUT/compiled/bench_nmf_compiled.json"
+        ;;
+    profile)
+        step profile all "${STEP_LIMIT_PROFILE:-540}" python3 -m fastnmf profile --suite all \
+            --out "$OUT/profile/report"
+        ;;
+    esac
+done
+for phase in "$@"; do
+    [ "$phase" = setup ] || pack "$phase"
+done
+cat "$OUT/summary.txt"
