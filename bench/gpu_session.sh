@@ -80,6 +80,8 @@ for phase in "$@"; do
         done
         step nmf global-iters 120 python3 -m pytest bench/bench_nmf.py --benchmark-only -q \
             -p no:cacheprovider -k global_iters --benchmark-json "$OUT/nmf/global_iters.json"
+        step nmf summary 60 python3 bench/summarize_nmf.py "$OUT"/nmf/*.json \
+            --json "$OUT/nmf/summary.json" --md "$OUT/nmf/summary.md"
         ;;
     compiled)
         step compiled bench "${STEP_LIMIT_COMPILED:-540}" python3 -m pytest bench/bench_nmf.py \
