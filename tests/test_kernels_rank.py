@@ -70,8 +70,17 @@ def test_window_rank_matches_reference(gen, device, shape, head_dim, patch, shif
     y, dx = _run("triton", x, v0, dy, torch.float32, device, **kw)
     assert y.dtype == torch.float32 and y.shape == x.shape
     assert rel_err(y, y_ref) <= 1e-5
-    assert rel_err(dx, dx_ref) <= 1e-4
     assert torch.isfinite(dx).all()
+    err = rel_err(dx, dx_ref)
+    if err > 1e-4:
+        # HALS's gradient through T iterations can amplify fp32 rounding: on about 1 % of random
+        # draws (seed sweep of these cases) the oracle itself, run in fp32, misses 1e-4. Only
+        # then is the kernel held to the rule for reduced precision: within 2x the oracle's own
+        # error at that precision. Any other miss fails.
+        _, dx_ref32 = _run("reference", x, v0, dy, torch.float32, "cpu", **kw)
+        ref_err = rel_err(dx_ref32, dx_ref)
+        assert ref_err > 1e-4, f"gradient error {err:.3g} > 1e-4 (fp32 reference: {ref_err:.3g})"
+        assert err <= 2 * ref_err, f"gradient error {err:.3g} > 2 x fp32 reference's {ref_err:.3g}"
 
 
 @pytest.mark.parametrize("device", DEVICES)
