@@ -62,6 +62,10 @@ def resolve_device(device: str) -> torch.device:
         raise ValueError(f"unknown device {device!r}; valid: auto, cpu, cuda, cuda:N") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available here")
+    if dev.type == "cuda" and dev.index is None:  # plain "cuda": this process's GPU, by index
+        import os
+
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
     return dev
 
 

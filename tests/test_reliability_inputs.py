@@ -438,3 +438,11 @@ def test_case_counts():
     counts.update(f"cli {c}" for c, *_ in CLI_CASES)
     print(dict(counts))
     assert sum(counts.values()) >= 100
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_plain_cuda_resolves_to_an_indexed_device():
+    """torch.cuda.set_device (training) needs an index; 'cuda' means this process's GPU."""
+    dev = resolve_device("cuda")
+    assert dev.type == "cuda" and dev.index == torch.cuda.current_device()
+    assert resolve_device("auto").index is not None
