@@ -55,7 +55,7 @@ def _layer(kernel, x, v0, mode, iters=5):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("pass_", ["fwd", "bwd", "fwd+bwd"])
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: "k_" + k.replace("-", "_"))
 def test_nmf_layer(benchmark, shape, dtype, mode, pass_, kernel):
     b, c, s = shape
     if mode == "global" and s > 64 and kernel in ("reference", "compiled-reference"):

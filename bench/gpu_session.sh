@@ -9,6 +9,7 @@
 #             compute-sanitizer memcheck of one small forward+backward (if the tool is there)
 #   nmf       bench_nmf.py for triton, torch and reference (all shapes, fp32 + bf16) and the
 #             global path's T sweep, as pytest-benchmark JSON
+#   tune      bench/tune_window.py: per-kernel time split and launch-parameter sweeps
 #   compiled  bench_nmf.py for torch.compile(reference) (slow: one compilation per case)
 #   profile   fastnmf profile --suite all (layer + model suites, targets of issues 6 and 8)
 #
@@ -19,12 +20,12 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/gpu}"
-[ $# -gt 0 ] || { echo "usage: bench/gpu_session.sh PHASE [PHASE ...] (setup, check, nmf, compiled, profile)" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: bench/gpu_session.sh PHASE [PHASE ...] (setup, check, nmf, compiled, tune, profile)" >&2; exit 2; }
 for phase in "$@"; do
     case "$phase" in
-    setup | check | nmf | compiled | profile) ;;
+    setup | check | nmf | compiled | tune | profile) ;;
     *)
-        echo "gpu_session.sh: error: unknown phase '$phase' (setup, check, nmf, compiled, profile)" >&2
+        echo "gpu_session.sh: error: unknown phase '$phase' (setup, check, nmf, compiled, tune, profile)" >&2
         exit 2
         ;;
     esac
@@ -75,7 +76,7 @@ for phase in "$@"; do
     nmf)
         for k in triton torch reference; do
             step nmf "bench-$k" "${STEP_LIMIT_NMF:-180}" python3 -m pytest bench/bench_nmf.py \
-                --benchmark-only -q -p no:cacheprovider -k "test_nmf_layer and $k and not compiled" \
+                --benchmark-only -q -p no:cacheprovider -k "test_nmf_layer and k_$k" \
                 --benchmark-json "$OUT/nmf/bench_nmf_$k.json"
         done
         step nmf global-iters 120 python3 -m pytest bench/bench_nmf.py --benchmark-only -q \
@@ -87,6 +88,9 @@ for phase in "$@"; do
         step compiled bench "${STEP_LIMIT_COMPILED:-540}" python3 -m pytest bench/bench_nmf.py \
             --benchmark-only -q -p no:cacheprovider -k "compiled and 2x32x128" \
             --benchmark-json "$OUT/compiled/bench_nmf_compiled.json"
+        ;;
+    tune)
+        step tune window 300 python3 bench/tune_window.py --out "$OUT/tune/tune_window.json"
         ;;
     profile)
         step profile all "${STEP_LIMIT_PROFILE:-540}" python3 -m fastnmf profile --suite all \

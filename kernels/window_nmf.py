@@ -44,6 +44,10 @@ __all__ = ["WindowNMF", "window_nmf"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
+# Launch parameters that bench/tune_window.py sweeps on a GPU; None / 4 keep the defaults of
+# _Geometry and Triton. Not part of the public API.
+TUNING: dict = {"chunk": None, "block_v": None, "stats_warps": 4, "apply_warps": 4}
+
 
 @triton.jit
 def _window_coords(p, w0, w1, w2, s0, s1, s2, S0, S1, S2, P0, P1, P2):
@@ -362,13 +366,15 @@ def _forward(x, g0, rowmask, geo: _Geometry, iters: int, mu: bool, save: bool):
     _stats_fwd_kernel[(geo.nwin, geo.nshift, geo.batch * geo.heads)](
         x, g0, rowmask, geo.shifts, u, hats, norms,
         *geo.common(), iters, geo.pn, *geo.spatial_args(),
-        BLOCK_E=geo.block_e, CHUNK=geo.chunk, MU=mu, SAVE=save, ACC=acc,
+        BLOCK_E=geo.block_e, CHUNK=TUNING["chunk"] or geo.chunk, MU=mu, SAVE=save, ACC=acc,
+        num_warps=TUNING["stats_warps"],
     )  # fmt: skip
     y = torch.empty_like(x)
-    _apply_fwd_kernel[(triton.cdiv(geo.nvox, geo.block_v), geo.batch * geo.heads)](
+    block_v = TUNING["block_v"] or geo.block_v
+    _apply_fwd_kernel[(triton.cdiv(geo.nvox, block_v), geo.batch * geo.heads)](
         x, y, g0, rowmask, geo.shifts, u,
         *geo.common(), *geo.spatial_args(),
-        BLOCK_E=geo.block_e, BLOCK_V=geo.block_v, MU=mu, ACC=acc,
+        BLOCK_E=geo.block_e, BLOCK_V=block_v, MU=mu, ACC=acc, num_warps=TUNING["apply_warps"],
     )  # fmt: skip
     if not save:
         hats = norms = None
@@ -383,13 +389,15 @@ def _backward(x, g0, rowmask, hats, norms, dy, geo: _Geometry, iters: int, mu: b
     _stats_bwd_kernel[(geo.nwin, geo.nshift, geo.batch * geo.heads)](
         x, dy, g0, rowmask, geo.shifts, hats, norms, sym, hbar,
         *geo.common(), iters, geo.pn, *geo.spatial_args(),
-        BLOCK_E=geo.block_e, CHUNK=geo.chunk, MU=mu, ACC=acc,
+        BLOCK_E=geo.block_e, CHUNK=TUNING["chunk"] or geo.chunk, MU=mu, ACC=acc,
+        num_warps=TUNING["stats_warps"],
     )  # fmt: skip
     dx = torch.empty_like(x)
-    _apply_bwd_kernel[(triton.cdiv(geo.nvox, geo.block_v), geo.batch * geo.heads)](
+    block_v = TUNING["block_v"] or geo.block_v
+    _apply_bwd_kernel[(triton.cdiv(geo.nvox, block_v), geo.batch * geo.heads)](
         x, dy, dx, g0, rowmask, geo.shifts, hats, sym, hbar,
         *geo.common(), iters, *geo.spatial_args(),
-        BLOCK_E=geo.block_e, BLOCK_V=geo.block_v, MU=mu, ACC=acc,
+        BLOCK_E=geo.block_e, BLOCK_V=block_v, MU=mu, ACC=acc, num_warps=TUNING["apply_warps"],
     )  # fmt: skip
     return dx
 
