@@ -48,7 +48,14 @@ def load(paths):
             ))  # fmt: skip
     if not rows:
         raise SystemExit("summarize_nmf: error: no bench_nmf.py benchmarks in " + ", ".join(paths))
-    return rows, env or {}
+    seen, unique = set(), []  # a case timed in two files: the first file's figure counts
+    for r in rows:
+        key = tuple(sorted((k, v) for k, v in r.items() if k != "median_ms" and not k.startswith(
+            ("gb_", "pct_", "copy_", "saved_", "peak_"))))  # fmt: skip
+        if key not in seen:
+            seen.add(key)
+            unique.append(r)
+    return unique, env or {}
 
 
 def _find(rows, **kw):

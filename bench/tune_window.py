@@ -16,6 +16,7 @@ Shape: B x C x S^3 (default the BraTS stage-1 layer 2 x 32 x 128^3), E = 8, P = 
 from __future__ import annotations
 
 import argparse
+import importlib
 import itertools
 import json
 import sys
@@ -34,7 +35,8 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU (the launch parameters mean nothing to the interpreter)")
     import triton.testing
-    from fastnmf.kernels import window_nmf as wn
+
+    wn = importlib.import_module("fastnmf.kernels.window_nmf")  # the module, not the function
 
     import fastnmf
     from fastnmf.profile import environment
@@ -83,8 +85,9 @@ def main(argv=None) -> int:
         wn.TUNING.update(tuning)
         try:
             y, dx = fwd(), fwdbwd()
-            ok = torch.equal(y, y_ref) and (dx - dx_ref).abs().max().item() <= 1e-4 * dx_ref.abs(
-            ).max().item()  # fmt: skip
+            # another CHUNK sums in another order: same function within fp32 rounding
+            ok = (y - y_ref).abs().max().item() <= 1e-5 * y_ref.abs().max().item() and (
+                dx - dx_ref).abs().max().item() <= 1e-4 * dx_ref.abs().max().item()  # fmt: skip
             f_ms = triton.testing.do_bench(fwd, warmup=25, rep=100, return_mode="median")
             fb_ms = triton.testing.do_bench(fwdbwd, warmup=25, rep=100, return_mode="median")
             row = dict(tuning, fwd_ms=round(f_ms, 4), fwdbwd_ms=round(fb_ms, 4), matches=ok)

@@ -81,3 +81,10 @@ def test_bad_inputs_name_the_problem(summ, tmp_path):
         summ.main([str(tmp_path / "missing.json")])
     with pytest.raises(SystemExit, match="no bench_nmf.py benchmarks"):
         summ.main([_write(tmp_path, [])])
+
+
+def test_a_case_in_two_files_counts_once(summ, tmp_path):
+    a = _write(tmp_path, [_bench("triton", "fwd", 0.001, pct_copy_bandwidth=90.0)], "a.json")
+    b = _write(tmp_path, [_bench("triton", "fwd", 0.002, pct_copy_bandwidth=45.0)], "b.json")
+    rows, _ = summ.load([a, b])
+    assert len(rows) == 1 and rows[0]["median_ms"] == 1.0
