@@ -17,7 +17,7 @@ import functools
 
 import pytest
 import torch
-from _util import copy_bandwidth_gbs, env_info, median_ms, peak_bytes, saved_bytes, sync
+from _util import copy_bandwidth_gbs, env_info, peak_bytes, saved_bytes, sync, timed_median_s
 
 import fastnmf
 from fastnmf import reference
@@ -95,10 +95,7 @@ def test_nmf_layer(benchmark, shape, dtype, mode, pass_, kernel):
 
     benchmark.group = f"{mode} {b}x{c}x{s}^3 {str(dtype)[6:]} {pass_}"
     benchmark.pedantic(run, rounds=5 if CUDA else 2, warmup_rounds=1, iterations=1)
-    if benchmark.stats is None:  # --benchmark-disable: one untimed smoke run
-        median_s = median_ms(run, DEVICE, repeats=1, warmup=0) / 1e3
-    else:
-        median_s = benchmark.stats.stats.median
+    median_s = timed_median_s(benchmark, run, DEVICE)
     gbs = moved / median_s / 1e9
     info = dict(
         **env_info(DEVICE),
@@ -141,10 +138,7 @@ def test_global_iters(benchmark, kernel, iters, pass_):
 
     benchmark.group = f"global-iters {b}x{c}x{s}^3 float32 {pass_} {kernel}"
     benchmark.pedantic(run, rounds=5 if CUDA else 2, warmup_rounds=1, iterations=1)
-    if benchmark.stats is None:  # --benchmark-disable: one untimed smoke run
-        median_s = median_ms(run, DEVICE, repeats=1, warmup=0) / 1e3
-    else:
-        median_s = benchmark.stats.stats.median
+    median_s = timed_median_s(benchmark, run, DEVICE)
     benchmark.extra_info.update(
         **env_info(DEVICE),
         kernel=kernel,

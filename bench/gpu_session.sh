@@ -101,4 +101,3 @@ done
 for phase in "$@"; do
     [ "$phase" = setup ] || pack "$phase"
 done
-cat "$OUT/summary.txt"

@@ -16,6 +16,7 @@ applied with :func:`fastnmf.models.inference_controls`.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -51,20 +52,14 @@ class CheckpointError(ValueError):
 def resolve_device(device: str) -> torch.device:
     """``"auto"`` → ``cuda`` (the local rank's GPU under torchrun) if available, else ``cpu``."""
     if device == "auto":
-        if torch.cuda.is_available():
-            import os
-
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except RuntimeError as e:
         raise ValueError(f"unknown device {device!r}; valid: auto, cpu, cuda, cuda:N") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available here")
-    if dev.type == "cuda" and dev.index is None:  # plain "cuda": this process's GPU, by index
-        import os
-
+    if dev.type == "cuda" and dev.index is None:  # this process's GPU, by index (set_device)
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
     return dev
 
