@@ -9,8 +9,12 @@ E-vector u of the window that holds v. So the layer is two kernels, each one pas
    voxel (r - s) mod S), applies ReLU, accumulates the E x E Gram matrix K and h = X g0 on chip,
    runs the T - 1 normalised power steps and writes the E-vector u (and, for training, the
    iterates â_t and their norms: T*(E+1) floats per window).
-2. ``_apply_fwd_kernel``, one program per (batch*head, block of voxels): reads x(v), and for each
-   shift gathers the u of the window holding v and adds u (u^T x(v)); writes the shift average.
+2. ``_apply_fwd_tile_kernel``, one program per (batch*head, tile of voxels): reads x(v) and for
+   each shift adds u (u^T x(v)); writes the shift average. A tile is a block of voxels that lies
+   inside one window under every shift (its side divides P and every shift mod P), so the
+   program loads each shift's u once and reuses it for all its voxels. Shifts that leave tiles
+   of fewer than ``_MIN_TILE`` voxels (e.g. a shift of 1) use ``_apply_fwd_kernel`` instead,
+   which looks up the window of every voxel.
 
 No rolled copy, no matricized copy, no concatenation and no averaging pass through memory; no
 atomics, so the result is bitwise deterministic.
@@ -22,8 +26,10 @@ Backward (derivation in fastnmf/closed_form.py): with dY_s = dY / n_shifts for e
     dX = u (u^T dY_s) + (K̄ + K̄^T) X + h̄ g0^T,  then times ReLU'(x).
 
 dX is column-local too: ``_stats_bwd_kernel`` computes per window the small S = K̄ + K̄^T and h̄
-(E^2 + E floats) from X, dY and the saved iterates; ``_apply_bwd_kernel`` sums the three terms
-over the shifts for each voxel. Saved for backward: the input x and T*(E+1) floats per window.
+(E^2 + E floats) from X, dY and the saved iterates; ``_apply_bwd_tile_kernel`` (or
+``_apply_bwd_kernel`` for small tiles) sums the three terms over the shifts for each voxel, the
+E x E matrix S loaded once per tile and shift. Saved for backward: the input x and T*(E+1)
+floats per window.
 
 MU with zero entries in u0 or v0 keeps those rows/columns of F and G at zero: the kernels mask
 the rows (``rowmask``) and, for MU, the columns where g0 is zero.
@@ -46,7 +52,12 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # Launch parameters that bench/tune_window.py sweeps on a GPU; None / 4 keep the defaults of
 # _Geometry and Triton. Not part of the public API.
-TUNING: dict = {"chunk": None, "block_v": None, "stats_warps": 4, "apply_warps": 4}
+# "tile": most voxels per program of the tiled apply kernels.
+TUNING: dict = {"chunk": None, "block_v": None, "stats_warps": None, "apply_warps": 4, "tile": None}
+
+# Tiled apply kernels when a tile (a block inside one window under every shift) has at least
+# this many voxels; below it, the per-voxel lookup of _apply_fwd_kernel / _apply_bwd_kernel.
+_MIN_TILE = 4
 
 
 @triton.jit
@@ -69,6 +80,38 @@ def _voxel_window(v, s0, s1, s2, S0, S1, S2, P0, P1, P2, NW1, NW2):
     r0 = (v // (S1 * S2) + s0) % S0
     w = ((r0 // P0) * NW1 + r1 // P1) * NW2 + r2 // P2
     p = ((r0 % P0) * P1 + r1 % P1) * P2 + r2 % P2
+    return w, p
+
+
+@triton.jit
+def _tile_lanes(t, H0, H1, H2, NT1, NT2, S1, S2, HB: tl.constexpr):
+    """Tile t of the (H0, H1, H2) tiling: its origin, each lane's offsets, flat voxel and mask."""
+    t2 = t % NT2
+    t1 = (t // NT2) % NT1
+    t0 = t // (NT1 * NT2)
+    q = tl.arange(0, HB)
+    q2 = q % H2
+    q1 = (q // H2) % H1
+    q0 = q // (H1 * H2)
+    qmask = q < H0 * H1 * H2
+    o0 = t0 * H0
+    o1 = t1 * H1
+    o2 = t2 * H2
+    v = ((o0 + q0) * S1 + o1 + q1) * S2 + o2 + q2
+    return o0, o1, o2, q0, q1, q2, v, qmask
+
+
+@triton.jit
+def _tile_window(o0, o1, o2, q0, q1, q2, s0, s1, s2, S0, S1, S2, P0, P1, P2, NW1, NW2):
+    """Window of a whole tile under shift s (one index) and each lane's position in it.
+
+    The tile lies inside one rolled window, so position = (rolled origin mod P) + lane offset.
+    """
+    r0 = (o0 + s0) % S0
+    r1 = (o1 + s1) % S1
+    r2 = (o2 + s2) % S2
+    w = ((r0 // P0) * NW1 + r1 // P1) * NW2 + r2 // P2
+    p = ((r0 % P0 + q0) * P1 + r1 % P1 + q1) * P2 + r2 % P2 + q2
     return w, p
 
 
@@ -162,6 +205,45 @@ def _apply_fwd_kernel(
             xs = tl.where(g[None, :] > 0, x, 0)
         c = tl.sum(u * xs, axis=0)  # (BLOCK_V,): u^T x(v)
         y += u * c[None, :]
+    y = y / NSHIFT
+    tl.store(y_ptr + ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _apply_fwd_tile_kernel(
+    x_ptr, y_ptr, g0_ptr, rowmask_ptr, shift_ptr, u_ptr,
+    C, E, HEADS, NSHIFT, NWIN,
+    S0, S1, S2, P0, P1, P2, NW1, NW2, H0, H1, H2, NT1, NT2,
+    BLOCK_E: tl.constexpr, HB: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HEADS
+    head = bh % HEADS
+    nvox = S0 * S1 * S2
+    offset = (b * C + head * E).to(tl.int64) * nvox
+    o0, o1, o2, q0, q1, q2, v, qmask = _tile_lanes(t, H0, H1, H2, NT1, NT2, S1, S2, HB)
+    e = tl.arange(0, BLOCK_E)
+    emask = e < E
+    mask = emask[:, None] & qmask[None, :]
+    ptrs = offset + e[:, None] * nvox + v[None, :]
+    x = tl.load(x_ptr + ptrs, mask=mask, other=0)
+    rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
+    x = tl.maximum(x.to(ACC), 0) * rowmask[:, None]  # (BLOCK_E, HB)
+    y = tl.zeros((BLOCK_E, HB), dtype=ACC)
+    for s in range(0, NSHIFT):
+        s0 = tl.load(shift_ptr + s * 3)
+        s1 = tl.load(shift_ptr + s * 3 + 1)
+        s2 = tl.load(shift_ptr + s * 3 + 2)
+        w, p = _tile_window(o0, o1, o2, q0, q1, q2, s0, s1, s2, S0, S1, S2, P0, P1, P2, NW1, NW2)
+        prog = (bh * NSHIFT + s) * NWIN + w  # one window for the whole tile
+        u = tl.load(u_ptr + prog * E + e, mask=emask, other=0).to(ACC)  # (BLOCK_E,)
+        xs = x
+        if MU:
+            g = tl.load(g0_ptr + p, mask=qmask, other=0)
+            xs = tl.where(g[None, :] > 0, x, 0)
+        c = tl.sum(u[:, None] * xs, axis=0)  # (HB,): u^T x(v)
+        y += u[:, None] * c[None, :]
     y = y / NSHIFT
     tl.store(y_ptr + ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -279,6 +361,50 @@ def _apply_bwd_kernel(
     tl.store(dx_ptr + ptrs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _apply_bwd_tile_kernel(
+    x_ptr, dy_ptr, dx_ptr, g0_ptr, rowmask_ptr, shift_ptr, hats_ptr, sym_ptr, hbar_ptr,
+    C, E, HEADS, NSHIFT, NWIN, ITERS,
+    S0, S1, S2, P0, P1, P2, NW1, NW2, H0, H1, H2, NT1, NT2,
+    BLOCK_E: tl.constexpr, HB: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HEADS
+    head = bh % HEADS
+    nvox = S0 * S1 * S2
+    offset = (b * C + head * E).to(tl.int64) * nvox
+    o0, o1, o2, q0, q1, q2, v, qmask = _tile_lanes(t, H0, H1, H2, NT1, NT2, S1, S2, HB)
+    e = tl.arange(0, BLOCK_E)
+    emask = e < E
+    mask = emask[:, None] & qmask[None, :]
+    ptrs = offset + e[:, None] * nvox + v[None, :]
+    x_raw = tl.load(x_ptr + ptrs, mask=mask, other=0).to(ACC)
+    rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
+    x = tl.maximum(x_raw, 0) * rowmask[:, None]  # (BLOCK_E, HB)
+    dy = tl.load(dy_ptr + ptrs, mask=mask, other=0).to(ACC) / NSHIFT
+    dx = tl.zeros((BLOCK_E, HB), dtype=ACC)
+    emask2 = emask[:, None] & emask[None, :]
+    for s in range(0, NSHIFT):
+        s0 = tl.load(shift_ptr + s * 3)
+        s1 = tl.load(shift_ptr + s * 3 + 1)
+        s2 = tl.load(shift_ptr + s * 3 + 2)
+        w, p = _tile_window(o0, o1, o2, q0, q1, q2, s0, s1, s2, S0, S1, S2, P0, P1, P2, NW1, NW2)
+        prog = (bh * NSHIFT + s) * NWIN + w  # one window for the whole tile
+        u = tl.load(hats_ptr + (prog * ITERS + ITERS - 1) * E + e, mask=emask, other=0)
+        hb = tl.load(hbar_ptr + prog * E + e, mask=emask, other=0)
+        sym = tl.load(sym_ptr + prog * E * E + e[:, None] * E + e[None, :], mask=emask2, other=0)
+        g = tl.load(g0_ptr + p, mask=qmask, other=0).to(ACC)
+        c = tl.sum(u[:, None] * dy, axis=0)  # (HB,): u^T dY_s(v)
+        sx = tl.sum(sym[:, :, None] * x[None, :, :], axis=1)  # (BLOCK_E, HB): S x(v)
+        term = u[:, None] * c[None, :] + sx + hb[:, None] * g[None, :]
+        if MU:
+            term = tl.where(g[None, :] > 0, term, 0)
+        dx += term
+    dx = tl.where(x_raw > 0, dx * rowmask[:, None], 0)  # ReLU'
+    tl.store(dx_ptr + ptrs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
 # ------------------------------------------------------------------------------------------------
 # Launchers
 # ------------------------------------------------------------------------------------------------
@@ -311,9 +437,23 @@ class _Geometry:
         if _INTERPRET:  # the CPU interpreter pays per operation, not per register: big tiles
             self.chunk = triton.next_power_of_2(self.pn)
             self.block_v = 1024
+            self.stats_warps = 4
+            max_tile = 4096
+        elif self.block_e <= 8:  # measured on an H200 (bench/results/tune_window_h200.log)
+            self.chunk = min(triton.next_power_of_2(self.pn), 128)
+            self.block_v = 128
+            self.stats_warps = 1
+            max_tile = 64
         else:
             self.chunk = min(triton.next_power_of_2(self.pn), max(16, 4096 // self.block_e**2))
-            self.block_v = 128 if self.block_e <= 8 else 32
+            self.block_v = 32
+            self.stats_warps = 4
+            max_tile = max(16, 4096 // self.block_e**2)
+        self.tile = _tile_shape(self.P, rows)
+        self.tiled = math.prod(self.tile) >= _MIN_TILE
+        self.h = _program_tile(self.tile, TUNING["tile"] or max_tile)
+        self.ntiles = self.nvox // math.prod(self.h)
+        self.hb = max(2, triton.next_power_of_2(math.prod(self.h)))
 
     def common(self):
         return (
@@ -322,6 +462,25 @@ class _Geometry:
 
     def spatial_args(self):
         return (*self.S, *self.P, self.NW[1], self.NW[2])
+
+    def tile_args(self):
+        return (*self.h, self.S[1] // self.h[1], self.S[2] // self.h[2])
+
+
+def _tile_shape(patch, shift_rows) -> tuple[int, ...]:
+    """The largest block (per axis: a divisor of P and of every shift mod P) such that each
+    aligned block lies inside one window under every shift."""
+    return tuple(math.gcd(p, *(r[d] % p for r in shift_rows)) for d, p in enumerate(patch))
+
+
+def _program_tile(tile, max_voxels: int) -> tuple[int, ...]:
+    """A sub-block of ``tile`` (each side a divisor) of at most ``max_voxels`` voxels, shrunk along
+    the slowest axes first so that rows stay contiguous in memory."""
+    h = list(tile)
+    for d in range(3):
+        while math.prod(h) > max_voxels and h[d] > 1:
+            h[d] = max(k for k in range(1, h[d]) if tile[d] % k == 0)
+    return tuple(h)
 
 
 def _check_inputs(x: torch.Tensor, v0: torch.Tensor, head_dim: int) -> None:
@@ -367,15 +526,22 @@ def _forward(x, g0, rowmask, geo: _Geometry, iters: int, mu: bool, save: bool):
         x, g0, rowmask, geo.shifts, u, hats, norms,
         *geo.common(), iters, geo.pn, *geo.spatial_args(),
         BLOCK_E=geo.block_e, CHUNK=TUNING["chunk"] or geo.chunk, MU=mu, SAVE=save, ACC=acc,
-        num_warps=TUNING["stats_warps"],
+        num_warps=TUNING["stats_warps"] or geo.stats_warps,
     )  # fmt: skip
     y = torch.empty_like(x)
-    block_v = TUNING["block_v"] or geo.block_v
-    _apply_fwd_kernel[(triton.cdiv(geo.nvox, block_v), geo.batch * geo.heads)](
-        x, y, g0, rowmask, geo.shifts, u,
-        *geo.common(), *geo.spatial_args(),
-        BLOCK_E=geo.block_e, BLOCK_V=block_v, MU=mu, ACC=acc, num_warps=TUNING["apply_warps"],
-    )  # fmt: skip
+    if geo.tiled:
+        _apply_fwd_tile_kernel[(geo.ntiles, geo.batch * geo.heads)](
+            x, y, g0, rowmask, geo.shifts, u,
+            *geo.common(), *geo.spatial_args(), *geo.tile_args(),
+            BLOCK_E=geo.block_e, HB=geo.hb, MU=mu, ACC=acc, num_warps=TUNING["apply_warps"],
+        )  # fmt: skip
+    else:
+        block_v = TUNING["block_v"] or geo.block_v
+        _apply_fwd_kernel[(triton.cdiv(geo.nvox, block_v), geo.batch * geo.heads)](
+            x, y, g0, rowmask, geo.shifts, u,
+            *geo.common(), *geo.spatial_args(),
+            BLOCK_E=geo.block_e, BLOCK_V=block_v, MU=mu, ACC=acc, num_warps=TUNING["apply_warps"],
+        )  # fmt: skip
     if not save:
         hats = norms = None
     return y, hats, norms
@@ -390,15 +556,22 @@ def _backward(x, g0, rowmask, hats, norms, dy, geo: _Geometry, iters: int, mu: b
         x, dy, g0, rowmask, geo.shifts, hats, norms, sym, hbar,
         *geo.common(), iters, geo.pn, *geo.spatial_args(),
         BLOCK_E=geo.block_e, CHUNK=TUNING["chunk"] or geo.chunk, MU=mu, ACC=acc,
-        num_warps=TUNING["stats_warps"],
+        num_warps=TUNING["stats_warps"] or geo.stats_warps,
     )  # fmt: skip
     dx = torch.empty_like(x)
-    block_v = TUNING["block_v"] or geo.block_v
-    _apply_bwd_kernel[(triton.cdiv(geo.nvox, block_v), geo.batch * geo.heads)](
-        x, dy, dx, g0, rowmask, geo.shifts, hats, sym, hbar,
-        *geo.common(), iters, *geo.spatial_args(),
-        BLOCK_E=geo.block_e, BLOCK_V=block_v, MU=mu, ACC=acc, num_warps=TUNING["apply_warps"],
-    )  # fmt: skip
+    if geo.tiled:
+        _apply_bwd_tile_kernel[(geo.ntiles, geo.batch * geo.heads)](
+            x, dy, dx, g0, rowmask, geo.shifts, hats, sym, hbar,
+            *geo.common(), iters, *geo.spatial_args(), *geo.tile_args(),
+            BLOCK_E=geo.block_e, HB=geo.hb, MU=mu, ACC=acc, num_warps=TUNING["apply_warps"],
+        )  # fmt: skip
+    else:
+        block_v = TUNING["block_v"] or geo.block_v
+        _apply_bwd_kernel[(triton.cdiv(geo.nvox, block_v), geo.batch * geo.heads)](
+            x, dy, dx, g0, rowmask, geo.shifts, hats, sym, hbar,
+            *geo.common(), iters, *geo.spatial_args(),
+            BLOCK_E=geo.block_e, BLOCK_V=block_v, MU=mu, ACC=acc, num_warps=TUNING["apply_warps"],
+        )  # fmt: skip
     return dx
 
 

@@ -4,6 +4,7 @@ Without a GPU the kernels run on CPU tensors under TRITON_INTERPRET=1 (set in co
 with one, the same tests run on CUDA tensors (the CPU variant is skipped there).
 """
 
+import importlib
 import math
 
 import pytest
@@ -95,6 +96,44 @@ def test_triton_float64(gen, device):
     y_ref, dx_ref = _run("reference", x, v0, dy, torch.float64, "cpu", **kw)
     y, dx = _run("triton", x, v0, dy, torch.float64, device, **kw)
     assert rel_err(y, y_ref) <= 1e-12 and rel_err(dx, dx_ref) <= 1e-12
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "shape,patch,shifts,solver",
+    [
+        ((1, 8, 8, 8, 8), 4, [None, 2], "hals"),  # 2 x 2 x 2 tiles
+        ((1, 8, 8, 16, 8), 8, [None, 4], "mu"),  # 4 x 4 x 4 tiles, MU masks
+        ((1, 8, 8, 12), (4, 2), None, "hals"),  # 2D, local: the tile is the window
+    ],
+)
+def test_tiled_apply_matches_per_voxel_lookup(gen, device, monkeypatch, shape, patch, shifts,
+                                              solver):  # fmt: skip
+    """The tiled apply kernels (one window lookup per tile) give what the per-voxel ones give."""
+    wn = importlib.import_module("fastnmf.kernels.window_nmf")
+    launched = []
+
+    class Spy:  # records which apply kernels are launched
+        def __init__(self, name):
+            self.name, self.kernel = name, getattr(wn, name)
+
+        def __getitem__(self, grid):
+            launched.append(self.name)
+            return self.kernel[grid]
+
+    for name in ("_apply_fwd_kernel", "_apply_fwd_tile_kernel", "_apply_bwd_kernel",
+                 "_apply_bwd_tile_kernel"):  # fmt: skip
+        monkeypatch.setattr(wn, name, Spy(name))
+    x, v0, dy = _inputs(gen, shape, patch)
+    kw = dict(head_dim=4, patch_size=patch, shifts=shifts, solver=solver)
+    x64 = x.to(torch.float64)
+    tiled = _run("triton", x64, v0, dy, torch.float64, device, **kw)
+    assert launched == ["_apply_fwd_tile_kernel", "_apply_bwd_tile_kernel"]
+    monkeypatch.setattr(wn, "_MIN_TILE", 10**9)  # force the per-voxel lookup
+    lookup = _run("triton", x64, v0, dy, torch.float64, device, **kw)
+    assert launched[2:] == ["_apply_fwd_kernel", "_apply_bwd_kernel"]
+    assert rel_err(tiled[0], lookup[0]) <= 1e-13 and rel_err(tiled[1], lookup[1]) <= 1e-13
+    assert tiled[1].abs().sum() > 0
 
 
 @pytest.mark.parametrize("device", DEVICES)
