@@ -8,13 +8,14 @@ matrix of a (..., M, N) batch. Rank one gives Y = u u^T X, u ∝ (X X^T)^(T-1) X
    chunk's partial Gram matrix K and partial h_s = X g0_s for every shift s. A roll by s only
    permutes the columns of a global matrix: K is unchanged and X_s g0 = X g0_s with
    g0_s[v] = g0[(v + s) mod S], so shifts cost no extra pass. The partials are summed in a fixed
-   order (deterministic; no atomics), and the T - 1 power steps on the tiny E x E matrices run in
-   PyTorch. The cost does not grow with T.
+   order (deterministic; no atomics), and ``_iterate_kernel`` (one program per matrix and shift)
+   runs the T - 1 power steps on the tiny E x E matrices in registers: one launch whatever T.
 2. ``_apply_fwd_kernel`` reads X again and writes sum_s u_s (u_s^T x(v)) / n_shifts.
 
-Backward: ``_reduce_kernel`` in its backward mode gives dP = dY X^T / n_shifts per matrix, the
-tiny chain back through the normalised power steps (fastnmf.closed_form.backprop_iterates) gives
-S_s = K̄_s + K̄_s^T and h̄_s, and ``_apply_bwd_kernel`` writes
+Backward: ``_reduce_kernel`` in its backward mode gives dP = dY X^T / n_shifts per matrix,
+``_iterate_bwd_kernel`` goes back through the normalised power steps (the chain of
+fastnmf.closed_form.backprop_iterates, in registers, one launch) to S_s = K̄_s + K̄_s^T and h̄_s,
+and ``_apply_bwd_kernel`` writes
 dX(v) = sum_s [u_s (u_s^T dY(v)) / n_shifts + S_s x(v) + h̄_s g0_s(v)], times ReLU'(x).
 Saved for backward: the input, plus O(E^2) per matrix and shift.
 """
@@ -28,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastnmf.closed_form import backprop_iterates, iterate_gram
+from .window_nmf import _power_steps, _power_steps_backward
 
 __all__ = ["GlobalNMF", "global_nmf"]
 
@@ -94,6 +95,45 @@ def _reduce_kernel(
         if not BACKWARD:
             h = tl.sum(xs * g[None, :], axis=1)
             tl.store(hp_ptr + (out * NSHIFT + s) * E + e, h, mask=emask)
+
+
+@triton.jit
+def _iterate_kernel(
+    k_ptr, h_ptr, hats_ptr, norms_ptr, u_ptr, E, NSHIFT, NK, ITERS, BLOCK_E: tl.constexpr,
+):  # fmt: skip
+    """Program (shift s, matrix m): the power steps from K (m, s mod NK) and h (m, s)."""
+    s = tl.program_id(0)
+    m = tl.program_id(1)
+    e = tl.arange(0, BLOCK_E)
+    emask = e < E
+    kofs = ((m * NK + s % NK) * E + e[:, None]) * E + e[None, :]
+    k = tl.load(k_ptr + kofs, mask=emask[:, None] & emask[None, :], other=0)
+    ms = m * NSHIFT + s
+    h = tl.load(h_ptr + ms * E + e, mask=emask, other=0)
+    u = _power_steps(k, h, hats_ptr + ms * ITERS * E, norms_ptr + ms * ITERS, e, emask, E, ITERS,
+                     True)  # fmt: skip
+    tl.store(u_ptr + ms * E + e, u, mask=emask)
+
+
+@triton.jit
+def _iterate_bwd_kernel(
+    k_ptr, dp_ptr, hats_ptr, norms_ptr, sym_ptr, hbar_ptr, E, NSHIFT, NK, ITERS,
+    BLOCK_E: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """Program (shift s, matrix m): S = K̄ + K̄^T and h̄ from dP (m, s mod NK)."""
+    s = tl.program_id(0)
+    m = tl.program_id(1)
+    e = tl.arange(0, BLOCK_E)
+    emask = e < E
+    kmask = emask[:, None] & emask[None, :]
+    kofs = ((m * NK + s % NK) * E + e[:, None]) * E + e[None, :]
+    k = tl.load(k_ptr + kofs, mask=kmask, other=0)
+    dp = tl.load(dp_ptr + kofs, mask=kmask, other=0)
+    ms = m * NSHIFT + s
+    sym, hbar = _power_steps_backward(k, dp, hats_ptr + ms * ITERS * E, norms_ptr + ms * ITERS, e,
+                                      emask, E, ITERS, BLOCK_E, ACC)  # fmt: skip
+    tl.store(sym_ptr + (ms * E + e[:, None]) * E + e[None, :], sym, mask=kmask)
+    tl.store(hbar_ptr + ms * E + e, hbar, mask=emask)
 
 
 @triton.jit
@@ -223,7 +263,7 @@ def _reduce(x, dy, g0, rowmask, plan: _Plan, relu: bool, mu: bool):
         BLOCK_E=plan.block_e, BLOCK_V=plan.block_v, RELU=relu, MU=mu, BACKWARD=backward,
         ACC=plan.acc,
     )  # fmt: skip
-    k = kp.sum(1).expand(plan.matrices, plan.nshift, plan.E, plan.E)  # (Bm, nshift, E, E)
+    k = kp.sum(1)  # (Bm, nk, E, E): one per shift for MU, else one for all shifts
     return k, (None if backward else hp.sum(1))  # h: (Bm, nshift, E)
 
 
@@ -234,8 +274,13 @@ class GlobalNMF(torch.autograd.Function):
     def forward(ctx, x, g0, rowmask, rows, spatial, shifts, iters, relu, mu):
         plan = _Plan(x, rows, spatial, shifts, mu)
         k, h = _reduce(x, None, g0, rowmask, plan, relu, mu)
-        hats, norms = iterate_gram(k, h, iters)  # (Bm, nshift, T, E), (Bm, nshift, T)
-        u = hats[..., -1, :].contiguous()  # (Bm, nshift, E)
+        shape = (plan.matrices, plan.nshift)
+        hats = torch.empty(*shape, iters, plan.E, dtype=plan.cdt, device=x.device)
+        norms = torch.empty(*shape, iters, dtype=plan.cdt, device=x.device)
+        u = torch.empty(*shape, plan.E, dtype=plan.cdt, device=x.device)
+        _iterate_kernel[(plan.nshift, plan.matrices)](
+            k, h, hats, norms, u, plan.E, plan.nshift, plan.nk, iters, BLOCK_E=plan.block_e,
+        )  # fmt: skip
         y = torch.empty_like(x)
         _apply_fwd_kernel[(plan.nchunk, plan.matrices)](
             x, y, g0, rowmask, plan.shifts, u, plan.E, plan.nshift, *plan.S,
@@ -250,12 +295,18 @@ class GlobalNMF(torch.autograd.Function):
         x, g0, rowmask, hats, norms, k = ctx.saved_tensors
         plan, relu, mu = ctx.plan, ctx.relu, ctx.mu
         dy = dy.contiguous()
-        dp, _ = _reduce(x, dy, g0, rowmask, plan, relu, mu)  # (Bm, nshift, E, E)
-        sym, hbar = backprop_iterates(dp, hats, norms, k)
+        dp, _ = _reduce(x, dy, g0, rowmask, plan, relu, mu)  # (Bm, nk, E, E)
+        sym = torch.empty(plan.matrices, plan.nshift, plan.E, plan.E, dtype=plan.cdt,
+                          device=x.device)  # fmt: skip
+        hbar = torch.empty(plan.matrices, plan.nshift, plan.E, dtype=plan.cdt, device=x.device)
+        _iterate_bwd_kernel[(plan.nshift, plan.matrices)](
+            k, dp, hats, norms, sym, hbar, plan.E, plan.nshift, plan.nk, hats.shape[-2],
+            BLOCK_E=plan.block_e, ACC=plan.acc,
+        )  # fmt: skip
         u = hats[..., -1, :].contiguous()
         dx = torch.empty_like(x)
         _apply_bwd_kernel[(plan.nchunk, plan.matrices)](
-            x, dy, dx, g0, rowmask, plan.shifts, u, sym.contiguous(), hbar.contiguous(),
+            x, dy, dx, g0, rowmask, plan.shifts, u, sym, hbar,
             plan.E, plan.nshift, *plan.S,
             BLOCK_E=plan.block_e, BLOCK_V=plan.block_v, RELU=relu, MU=mu, ACC=plan.acc,
         )  # fmt: skip

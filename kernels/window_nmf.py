@@ -84,6 +84,48 @@ def _voxel_window(v, s0, s1, s2, S0, S1, S2, P0, P1, P2, NW1, NW2):
 
 
 @triton.jit
+def _power_steps(k, h, hats_ptr, norms_ptr, e, emask, E, ITERS, SAVE: tl.constexpr):
+    """â_1 = h / ||h||, â_t = K â_{t-1} / ||K â_{t-1}|| (0 where the norm is 0); returns â_T.
+
+    With SAVE, stores â_t at hats_ptr + t*E and ||a_t|| at norms_ptr + t (what backward needs).
+    """
+    norm = tl.sqrt(tl.sum(h * h, axis=0))
+    a_hat = tl.where(norm > 0, h / tl.where(norm > 0, norm, 1), 0)
+    if SAVE:
+        tl.store(hats_ptr + e, a_hat, mask=emask)
+        tl.store(norms_ptr, norm)
+    for t in range(1, ITERS):
+        a = tl.sum(k * a_hat[None, :], axis=1)
+        norm = tl.sqrt(tl.sum(a * a, axis=0))
+        a_hat = tl.where(norm > 0, a / tl.where(norm > 0, norm, 1), 0)
+        if SAVE:
+            tl.store(hats_ptr + t * E + e, a_hat, mask=emask)
+            tl.store(norms_ptr + t, norm)
+    return a_hat
+
+
+@triton.jit
+def _power_steps_backward(k, dp, hats_ptr, norms_ptr, e, emask, E, ITERS, BLOCK_E: tl.constexpr,
+                          ACC: tl.constexpr):  # fmt: skip
+    """From dP (dL/dP of P = u u^T, u = â_T) back through the power steps: (K̄ + K̄^T, h̄)."""
+    u = tl.load(hats_ptr + (ITERS - 1) * E + e, mask=emask, other=0)
+    grad = tl.sum(dp * u[None, :], axis=1) + tl.sum(dp * u[:, None], axis=0)  # (dP + dP^T) u
+    kbar = tl.zeros((BLOCK_E, BLOCK_E), dtype=ACC)
+    hbar = tl.zeros((BLOCK_E,), dtype=ACC)
+    for i in range(0, ITERS):
+        t = ITERS - 1 - i
+        a_hat = tl.load(hats_ptr + t * E + e, mask=emask, other=0)
+        norm = tl.load(norms_ptr + t)
+        radial = tl.sum(a_hat * grad, axis=0)
+        a_bar = tl.where(norm > 0, (grad - a_hat * radial) / tl.where(norm > 0, norm, 1), 0)
+        prev = tl.load(hats_ptr + tl.maximum(t - 1, 0) * E + e, mask=emask, other=0)
+        kbar += tl.where(t > 0, a_bar[:, None] * prev[None, :], 0.0)  # no K̄ term at t = 0
+        hbar = a_bar  # the last pass (t = 0) leaves h̄ = ā_1
+        grad = tl.sum(k * a_bar[None, :], axis=1)
+    return kbar + tl.trans(kbar), hbar
+
+
+@triton.jit
 def _tile_lanes(t, H0, H1, H2, NT1, NT2, S1, S2, HB: tl.constexpr):
     """Tile t of the (H0, H1, H2) tiling: its origin, each lane's offsets, flat voxel and mask."""
     t2 = t % NT2
@@ -154,18 +196,8 @@ def _stats_fwd_kernel(
         k += tl.sum(x[:, None, :] * x[None, :, :], axis=2)
         h += tl.sum(x * g[None, :], axis=1)
     prog = (bh * NSHIFT + s) * NWIN + w
-    norm = tl.sqrt(tl.sum(h * h, axis=0))
-    a_hat = tl.where(norm > 0, h / tl.where(norm > 0, norm, 1), 0)
-    if SAVE:
-        tl.store(hats_ptr + (prog * ITERS) * E + e, a_hat, mask=emask)
-        tl.store(norms_ptr + prog * ITERS, norm)
-    for t in range(1, ITERS):
-        a = tl.sum(k * a_hat[None, :], axis=1)
-        norm = tl.sqrt(tl.sum(a * a, axis=0))
-        a_hat = tl.where(norm > 0, a / tl.where(norm > 0, norm, 1), 0)
-        if SAVE:
-            tl.store(hats_ptr + (prog * ITERS + t) * E + e, a_hat, mask=emask)
-            tl.store(norms_ptr + prog * ITERS + t, norm)
+    a_hat = _power_steps(k, h, hats_ptr + prog * ITERS * E, norms_ptr + prog * ITERS, e, emask, E,
+                         ITERS, SAVE)  # fmt: skip
     tl.store(u_ptr + prog * E + e, a_hat, mask=emask)
 
 
@@ -289,22 +321,8 @@ def _stats_bwd_kernel(
         dp += tl.sum(dy[:, None, :] * x[None, :, :], axis=2)  # dY X^T
     dp = dp / NSHIFT
     prog = (bh * NSHIFT + s) * NWIN + w
-    hats = hats_ptr + prog * ITERS * E
-    u = tl.load(hats + (ITERS - 1) * E + e, mask=emask, other=0)
-    grad = tl.sum(dp * u[None, :], axis=1) + tl.sum(dp * u[:, None], axis=0)  # (dP + dP^T) u
-    kbar = tl.zeros((BLOCK_E, BLOCK_E), dtype=ACC)
-    hbar = tl.zeros((BLOCK_E,), dtype=ACC)
-    for i in range(0, ITERS):
-        t = ITERS - 1 - i
-        a_hat = tl.load(hats + t * E + e, mask=emask, other=0)
-        norm = tl.load(norms_ptr + prog * ITERS + t)
-        radial = tl.sum(a_hat * grad, axis=0)
-        a_bar = tl.where(norm > 0, (grad - a_hat * radial) / tl.where(norm > 0, norm, 1), 0)
-        prev = tl.load(hats + tl.maximum(t - 1, 0) * E + e, mask=emask, other=0)
-        kbar += tl.where(t > 0, a_bar[:, None] * prev[None, :], 0.0)  # no K̄ term at t = 0
-        hbar = a_bar  # the last pass (t = 0) leaves h̄ = ā_1
-        grad = tl.sum(k * a_bar[None, :], axis=1)
-    sym = kbar + tl.trans(kbar)
+    sym, hbar = _power_steps_backward(k, dp, hats_ptr + prog * ITERS * E, norms_ptr + prog * ITERS,
+                                      e, emask, E, ITERS, BLOCK_E, ACC)  # fmt: skip
     tl.store(
         sym_ptr + prog * E * E + e[:, None] * E + e[None, :],
         sym,
