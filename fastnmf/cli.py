@@ -357,6 +357,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
                 tasks=args.tasks,
                 patch=args.patch,
                 batch=args.batch,
+                checkpoint=args.checkpoint,
             )
         rows += P.run_suite(
             suite,
@@ -538,6 +539,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--tasks", nargs="+", choices=["train", "infer"], help="model: tasks")
     pr.add_argument("--patch", type=int, help="model: patch edge (default 128 GPU, tiny CPU)")
     pr.add_argument("--batch", type=int, help="model: training batch (default 2 GPU, 1 CPU)")
+    pr.add_argument(
+        "--checkpoint",
+        action="store_true",
+        default=None,
+        help="model: Factorizers with activation checkpointing (less memory, one more forward)",
+    )
     pr.add_argument(
         "--threads",
         type=int,

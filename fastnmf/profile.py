@@ -741,6 +741,7 @@ class ModelCase:
     volume: tuple[int, int, int] = INFER_VOLUME
     tiny: bool = False
     skip: str = ""  # reason to leave the case out of this run (a row says so)
+    checkpoint: bool = False  # Factorizers: activation checkpointing of every block
 
     @property
     def id(self) -> str:
@@ -749,7 +750,8 @@ class ModelCase:
             if self.task == "train"
             else "v" + "x".join(map(str, self.volume))
         )
-        return f"{self.model}-{self.kernel}-{self.task}-{where}-{self.dtype}"
+        ckpt = "-ckpt" if self.checkpoint else ""
+        return f"{self.model}-{self.kernel}{ckpt}-{self.task}-{where}-{self.dtype}"
 
 
 FACTORIZERS = ("swin_factorizer", "local_factorizer", "global_factorizer")
@@ -787,12 +789,14 @@ def model_cases(
     tiny: bool | None = None,
     batch: int | None = None,
     patch: int | None = None,
+    checkpoint: bool = False,
 ) -> list[ModelCase]:
     """The model suite's cases: GPU: brats models at 128^3, batch 2, fp32 + bf16 autocast,
     inference over 240 x 240 x 155; CPU (``tiny``): small models at 16^3 (SwinUNETR 32^3),
     batch 1, inference over 24 x 24 x 16; SwinUNETR (64^3, its smallest size: seconds per step
     on a CPU) only when ``models`` names it. ``patch`` overrides every model's
-    patch edge."""
+    patch edge; ``checkpoint`` turns on the Factorizers' activation checkpointing (the
+    baselines are run as they are)."""
     dev = pick_device(device)
     gpu = dev.type == "cuda"
     tiny = (not gpu) if tiny is None else tiny
@@ -814,8 +818,12 @@ def model_cases(
                 skip = ""
                 if tiny and models is None and name == "swin_unetr":
                     skip = "left out of the quick CPU run (its smallest size, 64^3: seconds)"
-                for k in kernels if name in FACTORIZERS else ["-"]:
-                    cases.append(ModelCase(name, k, task, dtype, b, edge, volume, tiny, skip))
+                fact = name in FACTORIZERS
+                for k in kernels if fact else ["-"]:
+                    cases.append(
+                        ModelCase(name, k, task, dtype, b, edge, volume, tiny, skip,
+                                  checkpoint=checkpoint and fact)
+                    )  # fmt: skip
     return cases
 
 
@@ -829,6 +837,8 @@ def build_model(case: ModelCase) -> nn.Module:
     elif case.patch != 128:
         over = {"spatial_size": (case.patch,) * 3}
     if case.model in FACTORIZERS:
+        if case.checkpoint:
+            over["checkpoint"] = True
         return models.build(case.model, "brats", kernel=case.kernel, seed=0, **over)
     return models.build(case.model, "brats", **over)
 
@@ -929,6 +939,7 @@ def model_row(case: ModelCase) -> dict:
         "batch": case.batch,
         "dtype": case.dtype,
         "task": case.task,
+        "checkpoint": case.checkpoint,
     }
 
 
@@ -1107,7 +1118,7 @@ def targets(rows: list[dict]) -> list[str]:
         )
         if tri is None:
             continue
-        k = tri["impl"]
+        k = tri["impl"] + (", checkpointed" if tri.get("checkpoint") else "")
         ref = _get(model, subject="swin_factorizer", impl="reference", dtype=dtype)
         if ref:
             x = tri["per_s"] / ref["per_s"]

@@ -63,6 +63,7 @@ def factorizer(
     pos_embed: bool = True,
     deep_supervision: int = 3,
     seed: int | None = None,
+    checkpoint: bool = False,
 ) -> UNet:
     """A Factorizer U-Net.
 
@@ -85,6 +86,9 @@ def factorizer(
         deep_supervision: output heads at the highest decoder resolutions (1 = none).
         seed: seeds the NMF layers' initial factors (layer i uses seed + i); None: drawn from
             torch's RNG.
+        checkpoint: activation checkpointing of every Factorizer block while training (keeps
+            each block's input only and recomputes the block in backward): much less memory,
+            about one more forward per step, same results.
     """
     _choice("variant", variant, VARIANTS)
     _choice("kernel", kernel, KERNELS)
@@ -110,7 +114,13 @@ def factorizer(
             seed=None if seed is None else seed + index,
         )
         return FactorizerBlock(
-            cin, cout, mixer=mixer, spatial_dims=nd, mlp_ratio=mlp_ratio, dropout=dropout
+            cin,
+            cout,
+            mixer=mixer,
+            spatial_dims=nd,
+            mlp_ratio=mlp_ratio,
+            dropout=dropout,
+            checkpoint=bool(checkpoint),
         )
 
     base = 2 ** (levels - 1)

@@ -17,6 +17,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.utils.checkpoint
 from monai.networks.layers.factories import Conv
 from torch import nn
 
@@ -229,6 +230,11 @@ class FactorizerBlock(nn.Module):
     pointwise conv without bias and a dropout first map the input to ``out_channels``, as in the
     original code. ``mixer`` is a :class:`WrappedNMF` for a Factorizer, a
     :class:`FavorAttention` for the Performer baseline.
+
+    ``checkpoint=True`` (activation checkpointing, :func:`torch.utils.checkpoint.checkpoint`):
+    while training, only the block's input is kept for backward and the block is run again
+    during backward, so a block's activations are held one block at a time. Results and
+    gradients are the same; a training step costs about one more forward.
     """
 
     def __init__(
@@ -240,6 +246,7 @@ class FactorizerBlock(nn.Module):
         spatial_dims: int,
         mlp_ratio: float,
         dropout: float,
+        checkpoint: bool = False,
     ):
         super().__init__()
         if in_channels != out_channels:
@@ -254,10 +261,19 @@ class FactorizerBlock(nn.Module):
         self.norm2 = ChannelLayerNorm(out_channels)
         self.mlp = MLP(out_channels, spatial_dims=spatial_dims, ratio=mlp_ratio, dropout=dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.checkpoint = checkpoint
+
+    def _body(self, x: torch.Tensor) -> torch.Tensor:
         x = self.adapter(x)
         x = x + self.mixer(self.norm1(x))
         return x + self.mlp(self.norm2(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.checkpoint and self.training and torch.is_grad_enabled():
+            # keeps only the block's input for backward and recomputes the rest (same dropout
+            # masks: the RNG state is restored), trading one more forward for memory
+            return torch.utils.checkpoint.checkpoint(self._body, x, use_reentrant=False)
+        return self._body(x)
 
 
 class PositionEmbedding(nn.Module):

@@ -53,6 +53,38 @@ def test_training_returns_deep_supervision_list_and_eval_the_full_resolution(gen
     assert rel_err(y, outs[0]) < 1e-6
 
 
+def _saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd keeps for backward while ``fn`` runs."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+def test_checkpointed_blocks_give_the_same_step_with_less_memory(gen):
+    """checkpoint=True: same outputs and gradients (dropout masks replayed), fewer bytes kept."""
+    x = rand_input(tiny(kernel="torch", seed=0), gen, batch=2)
+    runs = []
+    for ckpt in (False, True):
+        net = tiny(kernel="torch", seed=0, dropout=0.1, checkpoint=ckpt)
+        net.load_state_dict(runs[0][2] if runs else net.state_dict())
+        net.train()
+        torch.manual_seed(123)  # the same dropout masks in both runs
+        outs, kept = _saved_bytes(lambda net=net: net(x))
+        sum(o.square().mean() for o in outs).backward()
+        grads = [p.grad.clone() for p in net.parameters()]
+        runs.append((outs[0].detach(), grads, net.state_dict(), kept))
+    (y0, g0, _, kept0), (y1, g1, _, kept1) = runs
+    assert torch.equal(y0, y1)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(g0, g1, strict=True))
+    assert kept1 < 0.5 * kept0, (kept0, kept1)
+
+
 @pytest.mark.parametrize("variant", ["global", "local", "swin"])
 @pytest.mark.parametrize("spatial", [(16, 24), (8, 16, 16)])
 def test_variants_2d_and_3d(variant, spatial, gen):

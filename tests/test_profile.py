@@ -71,6 +71,21 @@ def test_unsupported_cases_say_why():
     assert row["status"] == "unsupported" and "CUDA" in row["reason"]
 
 
+def test_model_case_with_checkpointing_runs_and_keeps_less():
+    cpu = torch.device("cpu")
+    rows = {}
+    for ckpt in (False, True):
+        (case,) = P.model_cases(cpu, models=["swin_factorizer"], kernels=["torch"],
+                                tasks=["train"], checkpoint=ckpt)  # fmt: skip
+        assert case.checkpoint is ckpt and ("-ckpt-" in case.id) is ckpt
+        net = P.build_model(case)
+        assert all(b.checkpoint is ckpt for b in net.blocks)
+        rows[ckpt] = P.run_model_case(case, cpu, repeats=1)
+        assert rows[ckpt]["status"] == "ok" and rows[ckpt]["checkpoint"] is ckpt
+    (base,) = P.model_cases(cpu, models=["nnunet"], tasks=["train"], checkpoint=True)
+    assert not base.checkpoint  # baselines run as they are
+
+
 def test_targets_report_met_and_missed():
     def row(subject, impl, ms, mem, task="fwdbwd", suite="layer", **kw):
         return dict(
