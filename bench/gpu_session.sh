@@ -9,9 +9,14 @@
 #             compute-sanitizer memcheck of one small forward+backward (if the tool is there)
 #   nmf       bench_nmf.py for triton, torch and reference (all shapes, fp32 + bf16) and the
 #             global path's T sweep, as pytest-benchmark JSON
-#   tune      bench/tune_window.py: per-kernel time split and launch-parameter sweeps
+#   tune      bench/tune_window.py --quick: per-kernel time split and launch-parameter sweeps, for
+#             shifts [None, 4] (the layer target) and [None, 2, 4, 6] (the BraTS preset)
 #   compiled  bench_nmf.py for torch.compile(reference) (slow: one compilation per case)
-#   profile   fastnmf profile --suite all (layer + model suites, targets of issues 6 and 8)
+#   layer     fastnmf profile --suite layer, the cases of issue 6's first target only (swin NMF
+#             and windowed SDPA, with and without projections; triton / torch / flash / efficient)
+#   model     fastnmf profile --suite model, training step of swin Factorizer (triton, reference),
+#             swin_unetr and nnunet, fp32 and bf16, then the Factorizers with --checkpoint
+#   profile   fastnmf profile --suite all (everything; longer than one call on a GPU)
 #
 # Every step has its own time limit (STEP_LIMIT_<PHASE>, seconds) so that a slow step cannot take
 # the whole call; its log, exit status and wall time go to $OUT/<phase>/ and a line to
@@ -20,12 +25,12 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/gpu}"
-[ $# -gt 0 ] || { echo "usage: bench/gpu_session.sh PHASE [PHASE ...] (setup, check, nmf, compiled, tune, profile)" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: bench/gpu_session.sh PHASE [PHASE ...] (setup, check, nmf, compiled, tune, layer, model, profile)" >&2; exit 2; }
 for phase in "$@"; do
     case "$phase" in
-    setup | check | nmf | compiled | tune | profile) ;;
+    setup | check | nmf | compiled | tune | layer | model | profile) ;;
     *)
-        echo "gpu_session.sh: error: unknown phase '$phase' (setup, check, nmf, compiled, tune, profile)" >&2
+        echo "gpu_session.sh: error: unknown phase '$phase' (setup, check, nmf, compiled, tune, layer, model, profile)" >&2
         exit 2
         ;;
     esac
@@ -90,7 +95,23 @@ for phase in "$@"; do
             --benchmark-json "$OUT/compiled/bench_nmf_compiled.json"
         ;;
     tune)
-        step tune window 300 python3 bench/tune_window.py --out "$OUT/tune/tune_window.json"
+        step tune window-s4 "${STEP_LIMIT_TUNE:-240}" python3 bench/tune_window.py --quick \
+            --shifts 4 --out "$OUT/tune/tune_window_s4.json"
+        step tune window-s246 "${STEP_LIMIT_TUNE:-240}" python3 bench/tune_window.py --quick \
+            --shifts 2 4 6 --out "$OUT/tune/tune_window_s246.json"
+        ;;
+    layer)
+        step layer swin-vs-sdpa "${STEP_LIMIT_LAYER:-400}" python3 -m fastnmf profile \
+            --suite layer --mixers nmf-swin sdpa-window nmf-swin-layer sdpa-window-layer \
+            --impls triton torch flash efficient --out "$OUT/layer/report"
+        ;;
+    model)
+        step model train "${STEP_LIMIT_MODEL:-300}" python3 -m fastnmf profile --suite model \
+            --tasks train --dtypes fp32 bf16 --kernels triton reference \
+            --models swin_factorizer swin_unetr nnunet --out "$OUT/model/report"
+        step model train-ckpt "${STEP_LIMIT_MODEL:-200}" python3 -m fastnmf profile --suite model \
+            --tasks train --dtypes fp32 bf16 --kernels triton reference --checkpoint \
+            --models swin_factorizer --out "$OUT/model/report-ckpt"
         ;;
     profile)
         step profile all "${STEP_LIMIT_PROFILE:-540}" python3 -m fastnmf profile --suite all \

@@ -1061,7 +1061,8 @@ def _model_md(rows: list[dict]) -> list[str]:
     for r in rows:
         ok = r["status"] == "ok"
         out.append(
-            f"| {r['subject']} | {r['impl']} | {r['task']} | {r['shape']} | {r['dtype']} | "
+            f"| {r['subject']} | {r['impl']}{' + checkpointing' if r.get('checkpoint') else ''} | "
+            f"{r['task']} | {r['shape']} | {r['dtype']} | "
             f"{_fmt(r.get('median_ms')) if ok else ''} | {_fmt(r.get('per_s')) if ok else ''} | "
             f"{_mib(r.get('peak_bytes'))} | "
             f"{_fmt(r['params'] / 1e6, 4) if r.get('params') else ''} | "

@@ -71,7 +71,7 @@ def test_unsupported_cases_say_why():
     assert row["status"] == "unsupported" and "CUDA" in row["reason"]
 
 
-def test_model_case_with_checkpointing_runs_and_keeps_less():
+def test_model_case_with_checkpointing_runs_and_is_marked(tmp_path):
     cpu = torch.device("cpu")
     rows = {}
     for ckpt in (False, True):
@@ -82,6 +82,9 @@ def test_model_case_with_checkpointing_runs_and_keeps_less():
         assert all(b.checkpoint is ckpt for b in net.blocks)
         rows[ckpt] = P.run_model_case(case, cpu, repeats=1)
         assert rows[ckpt]["status"] == "ok" and rows[ckpt]["checkpoint"] is ckpt
+    table = P.write_report(list(rows.values()), tmp_path, P.environment(cpu))
+    md = next(p for p in table if p.name == "table.md").read_text()
+    assert md.count("torch + checkpointing") == 1
     (base,) = P.model_cases(cpu, models=["nnunet"], tasks=["train"], checkpoint=True)
     assert not base.checkpoint  # baselines run as they are
 
