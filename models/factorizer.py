@@ -87,8 +87,8 @@ def factorizer(
         seed: seeds the NMF layers' initial factors (layer i uses seed + i); None: drawn from
             torch's RNG.
         checkpoint: activation checkpointing of every Factorizer block while training (keeps
-            each block's input only and recomputes the block in backward): much less memory,
-            about one more forward per step, same results.
+            only the inputs of each block's two residual branches and recomputes the branches
+            in backward): much less memory, about one more forward per step, same results.
     """
     _choice("variant", variant, VARIANTS)
     _choice("kernel", kernel, KERNELS)

@@ -232,9 +232,10 @@ class FactorizerBlock(nn.Module):
     :class:`FavorAttention` for the Performer baseline.
 
     ``checkpoint=True`` (activation checkpointing, :func:`torch.utils.checkpoint.checkpoint`):
-    while training, only the block's input is kept for backward and the block is run again
-    during backward, so a block's activations are held one block at a time. Results and
-    gradients are the same; a training step costs about one more forward.
+    while training, only the inputs of the two residual branches (adapter + context, MLP) are
+    kept for backward and each branch is run again during backward, so activations are held one
+    branch at a time. Results and gradients are the same; a training step costs about one more
+    forward.
     """
 
     def __init__(
@@ -263,17 +264,22 @@ class FactorizerBlock(nn.Module):
 
         self.checkpoint = checkpoint
 
-    def _body(self, x: torch.Tensor) -> torch.Tensor:
+    def _context(self, x: torch.Tensor) -> torch.Tensor:
         x = self.adapter(x)
-        x = x + self.mixer(self.norm1(x))
+        return x + self.mixer(self.norm1(x))
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.mlp(self.norm2(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.checkpoint and self.training and torch.is_grad_enabled():
-            # keeps only the block's input for backward and recomputes the rest (same dropout
-            # masks: the RNG state is restored), trading one more forward for memory
-            return torch.utils.checkpoint.checkpoint(self._body, x, use_reentrant=False)
-        return self._body(x)
+            # each residual branch keeps only its input for backward and is run again there
+            # (same dropout masks: the RNG state is restored); two checkpoints rather than one
+            # so that a recomputation holds half a block's activations at a time
+            ckpt = torch.utils.checkpoint.checkpoint
+            x = ckpt(self._context, x, use_reentrant=False)
+            return ckpt(self._mlp, x, use_reentrant=False)
+        return self._mlp(self._context(x))
 
 
 class PositionEmbedding(nn.Module):
