@@ -4,7 +4,7 @@ For rank one, every window's reconstruction is Y = u u^T X with u ∝ (X X^T)^(T
 (fastnmf/closed_form.py). Y is column-local: the output at voxel v only needs x(v) and the
 E-vector u of the window that holds v. So the layer is two kernels, each one pass:
 
-1. ``_stats_fwd_kernel``, one program per (batch*head, shift, window): reads the window straight
+1. ``_stats_fwd_kernel``, one program per (batch*head, window, shift): reads the window straight
    from the (B, C, *S) input, the roll folded into the index arithmetic (rolled position r holds
    voxel (r - s) mod S), applies ReLU, accumulates the E x E Gram matrix K and h = X g0 on chip,
    runs the T - 1 normalised power steps and writes the E-vector u (and, for training, the
@@ -165,9 +165,11 @@ def _stats_fwd_kernel(
     BLOCK_E: tl.constexpr, CHUNK: tl.constexpr, MU: tl.constexpr, SAVE: tl.constexpr,
     ACC: tl.constexpr,
 ):  # fmt: skip
-    w = tl.program_id(0)
-    s = tl.program_id(1)
-    bh = tl.program_id(2)
+    # the shifts of one window are neighbouring programs: they read overlapping voxels at about
+    # the same time, so the second read of a voxel tends to come from L2, not from memory
+    s = tl.program_id(0) % NSHIFT
+    w = tl.program_id(0) // NSHIFT
+    bh = tl.program_id(1)
     b = bh // HEADS
     head = bh % HEADS
     nvox = S0 * S1 * S2
@@ -287,9 +289,11 @@ def _stats_bwd_kernel(
     S0, S1, S2, P0, P1, P2, NW1, NW2,
     BLOCK_E: tl.constexpr, CHUNK: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    w = tl.program_id(0)
-    s = tl.program_id(1)
-    bh = tl.program_id(2)
+    # the shifts of one window are neighbouring programs: they read overlapping voxels at about
+    # the same time, so the second read of a voxel tends to come from L2, not from memory
+    s = tl.program_id(0) % NSHIFT
+    w = tl.program_id(0) // NSHIFT
+    bh = tl.program_id(1)
     b = bh // HEADS
     head = bh % HEADS
     nvox = S0 * S1 * S2
@@ -540,7 +544,7 @@ def _forward(x, g0, rowmask, geo: _Geometry, iters: int, mu: bool, save: bool):
     hats = torch.empty(progs, iters, geo.E, dtype=f32, device=x.device) if save else u
     norms = torch.empty(progs, iters, dtype=f32, device=x.device) if save else u
     acc = _acc_dtype(x.dtype)
-    _stats_fwd_kernel[(geo.nwin, geo.nshift, geo.batch * geo.heads)](
+    _stats_fwd_kernel[(geo.nwin * geo.nshift, geo.batch * geo.heads)](
         x, g0, rowmask, geo.shifts, u, hats, norms,
         *geo.common(), iters, geo.pn, *geo.spatial_args(),
         BLOCK_E=geo.block_e, CHUNK=TUNING["chunk"] or geo.chunk, MU=mu, SAVE=save, ACC=acc,
@@ -570,7 +574,7 @@ def _backward(x, g0, rowmask, hats, norms, dy, geo: _Geometry, iters: int, mu: b
     sym = torch.empty(progs, geo.E, geo.E, dtype=hats.dtype, device=x.device)
     hbar = torch.empty(progs, geo.E, dtype=hats.dtype, device=x.device)
     acc = _acc_dtype(x.dtype)
-    _stats_bwd_kernel[(geo.nwin, geo.nshift, geo.batch * geo.heads)](
+    _stats_bwd_kernel[(geo.nwin * geo.nshift, geo.batch * geo.heads)](
         x, dy, g0, rowmask, geo.shifts, hats, norms, sym, hbar,
         *geo.common(), iters, geo.pn, *geo.spatial_args(),
         BLOCK_E=geo.block_e, CHUNK=TUNING["chunk"] or geo.chunk, MU=mu, ACC=acc,
