@@ -13,7 +13,7 @@
 #             shifts [None, 4] (the layer target) and [None, 2, 4, 6] (the BraTS preset)
 #   compiled  bench_nmf.py for torch.compile(reference) (slow: one compilation per case)
 #   layer     fastnmf profile --suite layer, the cases of issue 6's first target only (swin NMF
-#             and windowed SDPA, with and without projections; triton / torch / flash / efficient)
+#             and windowed SDPA, with and without projections; triton / torch / flash)
 #   model     fastnmf profile --suite model, training step of swin Factorizer (triton, reference),
 #             swin_unetr and nnunet, fp32 and bf16, then the Factorizers with --checkpoint
 #   profile   fastnmf profile --suite all (everything; longer than one call on a GPU)
@@ -103,7 +103,7 @@ for phase in "$@"; do
     layer)
         step layer swin-vs-sdpa "${STEP_LIMIT_LAYER:-400}" python3 -m fastnmf profile \
             --suite layer --mixers nmf-swin sdpa-window nmf-swin-layer sdpa-window-layer \
-            --impls triton torch flash efficient --out "$OUT/layer/report"
+            --impls triton torch flash --repeats 5 --out "$OUT/layer/report"
         ;;
     model)
         step model train "${STEP_LIMIT_MODEL:-300}" python3 -m fastnmf profile --suite model \
