@@ -53,7 +53,13 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Launch parameters that bench/tune_window.py sweeps on a GPU; None / 4 keep the defaults of
 # _Geometry and Triton. Not part of the public API.
 # "tile": most voxels per program of the tiled apply kernels.
-TUNING: dict = {"chunk": None, "block_v": None, "stats_warps": None, "apply_warps": 4, "tile": None}
+TUNING: dict = {
+    "chunk": None,
+    "block_v": None,
+    "stats_warps": None,
+    "apply_warps": None,
+    "tile": None,
+}
 
 # Tiled apply kernels when a tile (a block inside one window under every shift) has at least
 # this many voxels; below it, the per-voxel lookup of _apply_fwd_kernel / _apply_bwd_kernel.
@@ -476,6 +482,8 @@ class _Geometry:
         self.h = _program_tile(self.tile, TUNING["tile"] or max_tile)
         self.ntiles = self.nvox // math.prod(self.h)
         self.hb = max(2, triton.next_power_of_2(math.prod(self.h)))
+        # about 4 values of the (E, tile) block per thread: small tiles get fewer warps
+        self.tile_warps = TUNING["apply_warps"] or max(1, min(4, self.block_e * self.hb // 128))
 
     def common(self):
         return (
@@ -555,14 +563,15 @@ def _forward(x, g0, rowmask, geo: _Geometry, iters: int, mu: bool, save: bool):
         _apply_fwd_tile_kernel[(geo.ntiles, geo.batch * geo.heads)](
             x, y, g0, rowmask, geo.shifts, u,
             *geo.common(), *geo.spatial_args(), *geo.tile_args(),
-            BLOCK_E=geo.block_e, HB=geo.hb, MU=mu, ACC=acc, num_warps=TUNING["apply_warps"],
+            BLOCK_E=geo.block_e, HB=geo.hb, MU=mu, ACC=acc, num_warps=geo.tile_warps,
         )  # fmt: skip
     else:
         block_v = TUNING["block_v"] or geo.block_v
         _apply_fwd_kernel[(triton.cdiv(geo.nvox, block_v), geo.batch * geo.heads)](
             x, y, g0, rowmask, geo.shifts, u,
             *geo.common(), *geo.spatial_args(),
-            BLOCK_E=geo.block_e, BLOCK_V=block_v, MU=mu, ACC=acc, num_warps=TUNING["apply_warps"],
+            BLOCK_E=geo.block_e, BLOCK_V=block_v, MU=mu, ACC=acc,
+                num_warps=TUNING["apply_warps"] or 4,
         )  # fmt: skip
     if not save:
         hats = norms = None
@@ -585,14 +594,15 @@ def _backward(x, g0, rowmask, hats, norms, dy, geo: _Geometry, iters: int, mu: b
         _apply_bwd_tile_kernel[(geo.ntiles, geo.batch * geo.heads)](
             x, dy, dx, g0, rowmask, geo.shifts, hats, sym, hbar,
             *geo.common(), iters, *geo.spatial_args(), *geo.tile_args(),
-            BLOCK_E=geo.block_e, HB=geo.hb, MU=mu, ACC=acc, num_warps=TUNING["apply_warps"],
+            BLOCK_E=geo.block_e, HB=geo.hb, MU=mu, ACC=acc, num_warps=geo.tile_warps,
         )  # fmt: skip
     else:
         block_v = TUNING["block_v"] or geo.block_v
         _apply_bwd_kernel[(triton.cdiv(geo.nvox, block_v), geo.batch * geo.heads)](
             x, dy, dx, g0, rowmask, geo.shifts, hats, sym, hbar,
             *geo.common(), iters, *geo.spatial_args(),
-            BLOCK_E=geo.block_e, BLOCK_V=block_v, MU=mu, ACC=acc, num_warps=TUNING["apply_warps"],
+            BLOCK_E=geo.block_e, BLOCK_V=block_v, MU=mu, ACC=acc,
+                num_warps=TUNING["apply_warps"] or 4,
         )  # fmt: skip
     return dx
 
