@@ -132,8 +132,10 @@ def _power_steps_backward(k, dp, hats_ptr, norms_ptr, e, emask, E, ITERS, BLOCK_
 
 
 @triton.jit
-def _tile_lanes(t, H0, H1, H2, NT1, NT2, S1, S2, HB: tl.constexpr):
-    """Tile t of the (H0, H1, H2) tiling: its origin, each lane's offsets, flat voxel and mask."""
+def _tile_setup(t, bh, C, E, HEADS, S0, S1, S2, H0, H1, H2, NT1, NT2, BLOCK_E: tl.constexpr,
+                HB: tl.constexpr):  # fmt: skip
+    """Tile t of the (H0, H1, H2) tiling of head bh: the tile's origin, each lane's offsets in
+    it, and the (BLOCK_E, HB) element offsets and mask of its block of the input."""
     t2 = t % NT2
     t1 = (t // NT2) % NT1
     t0 = t // (NT1 * NT2)
@@ -146,15 +148,24 @@ def _tile_lanes(t, H0, H1, H2, NT1, NT2, S1, S2, HB: tl.constexpr):
     o1 = t1 * H1
     o2 = t2 * H2
     v = ((o0 + q0) * S1 + o1 + q1) * S2 + o2 + q2
-    return o0, o1, o2, q0, q1, q2, v, qmask
+    nvox = S0 * S1 * S2
+    offset = ((bh // HEADS) * C + (bh % HEADS) * E).to(tl.int64) * nvox
+    e = tl.arange(0, BLOCK_E)
+    emask = e < E
+    mask = emask[:, None] & qmask[None, :]
+    ptrs = offset + e[:, None] * nvox + v[None, :]
+    return o0, o1, o2, q0, q1, q2, qmask, e, emask, mask, ptrs
 
 
 @triton.jit
-def _tile_window(o0, o1, o2, q0, q1, q2, s0, s1, s2, S0, S1, S2, P0, P1, P2, NW1, NW2):
+def _tile_window(shift_ptr, s, o0, o1, o2, q0, q1, q2, S0, S1, S2, P0, P1, P2, NW1, NW2):
     """Window of a whole tile under shift s (one index) and each lane's position in it.
 
     The tile lies inside one rolled window, so position = (rolled origin mod P) + lane offset.
     """
+    s0 = tl.load(shift_ptr + s * 3)
+    s1 = tl.load(shift_ptr + s * 3 + 1)
+    s2 = tl.load(shift_ptr + s * 3 + 2)
     r0 = (o0 + s0) % S0
     r1 = (o1 + s1) % S1
     r2 = (o2 + s2) % S2
@@ -256,26 +267,16 @@ def _apply_fwd_tile_kernel(
     S0, S1, S2, P0, P1, P2, NW1, NW2, H0, H1, H2, NT1, NT2,
     BLOCK_E: tl.constexpr, HB: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    t = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // HEADS
-    head = bh % HEADS
-    nvox = S0 * S1 * S2
-    offset = (b * C + head * E).to(tl.int64) * nvox
-    o0, o1, o2, q0, q1, q2, v, qmask = _tile_lanes(t, H0, H1, H2, NT1, NT2, S1, S2, HB)
-    e = tl.arange(0, BLOCK_E)
-    emask = e < E
-    mask = emask[:, None] & qmask[None, :]
-    ptrs = offset + e[:, None] * nvox + v[None, :]
+    o0, o1, o2, q0, q1, q2, qmask, e, emask, mask, ptrs = _tile_setup(
+        tl.program_id(0), bh, C, E, HEADS, S0, S1, S2, H0, H1, H2, NT1, NT2, BLOCK_E, HB
+    )
     x = tl.load(x_ptr + ptrs, mask=mask, other=0)
     rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
     x = tl.maximum(x.to(ACC), 0) * rowmask[:, None]  # (BLOCK_E, HB)
     y = tl.zeros((BLOCK_E, HB), dtype=ACC)
     for s in range(0, NSHIFT):
-        s0 = tl.load(shift_ptr + s * 3)
-        s1 = tl.load(shift_ptr + s * 3 + 1)
-        s2 = tl.load(shift_ptr + s * 3 + 2)
-        w, p = _tile_window(o0, o1, o2, q0, q1, q2, s0, s1, s2, S0, S1, S2, P0, P1, P2, NW1, NW2)
+        w, p = _tile_window(shift_ptr, s, o0, o1, o2, q0, q1, q2, S0, S1, S2, P0, P1, P2, NW1, NW2)
         prog = (bh * NSHIFT + s) * NWIN + w  # one window for the whole tile
         u = tl.load(u_ptr + prog * E + e, mask=emask, other=0).to(ACC)  # (BLOCK_E,)
         xs = x
@@ -396,17 +397,10 @@ def _apply_bwd_tile_kernel(
     S0, S1, S2, P0, P1, P2, NW1, NW2, H0, H1, H2, NT1, NT2,
     BLOCK_E: tl.constexpr, HB: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    t = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // HEADS
-    head = bh % HEADS
-    nvox = S0 * S1 * S2
-    offset = (b * C + head * E).to(tl.int64) * nvox
-    o0, o1, o2, q0, q1, q2, v, qmask = _tile_lanes(t, H0, H1, H2, NT1, NT2, S1, S2, HB)
-    e = tl.arange(0, BLOCK_E)
-    emask = e < E
-    mask = emask[:, None] & qmask[None, :]
-    ptrs = offset + e[:, None] * nvox + v[None, :]
+    o0, o1, o2, q0, q1, q2, qmask, e, emask, mask, ptrs = _tile_setup(
+        tl.program_id(0), bh, C, E, HEADS, S0, S1, S2, H0, H1, H2, NT1, NT2, BLOCK_E, HB
+    )
     x_raw = tl.load(x_ptr + ptrs, mask=mask, other=0).to(ACC)
     rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
     x = tl.maximum(x_raw, 0) * rowmask[:, None]  # (BLOCK_E, HB)
@@ -414,10 +408,7 @@ def _apply_bwd_tile_kernel(
     dx = tl.zeros((BLOCK_E, HB), dtype=ACC)
     emask2 = emask[:, None] & emask[None, :]
     for s in range(0, NSHIFT):
-        s0 = tl.load(shift_ptr + s * 3)
-        s1 = tl.load(shift_ptr + s * 3 + 1)
-        s2 = tl.load(shift_ptr + s * 3 + 2)
-        w, p = _tile_window(o0, o1, o2, q0, q1, q2, s0, s1, s2, S0, S1, S2, P0, P1, P2, NW1, NW2)
+        w, p = _tile_window(shift_ptr, s, o0, o1, o2, q0, q1, q2, S0, S1, S2, P0, P1, P2, NW1, NW2)
         prog = (bh * NSHIFT + s) * NWIN + w  # one window for the whole tile
         u = tl.load(hats_ptr + (prog * ITERS + ITERS - 1) * E + e, mask=emask, other=0)
         hb = tl.load(hbar_ptr + prog * E + e, mask=emask, other=0)
