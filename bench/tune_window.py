@@ -5,7 +5,8 @@
 1. A per-kernel breakdown (torch.profiler, CUDA time) of forward + backward at the default
    launch parameters: the stats passes (Gram matrix and power steps per window and shift) against
    the apply passes (tiled: one window lookup per tile of voxels and shift).
-2. Sweeps of ``kernels.window_nmf.TUNING``: CHUNK x warps of the stats kernels; the largest
+2. Sweeps of ``kernels.window_nmf.TUNING``: CHUNK x warps of the stats kernels (Gram matrices
+   by broadcast-and-sum, and by tl.dot); the largest
    program tile (voxels) x warps of the tiled apply kernels (BLOCK_V x warps of the per-voxel
    ones when the shifts leave no tiles); forward and forward + backward medians
    (triton.testing.do_bench). Every variant's error against a float64 computation is recorded;
@@ -147,6 +148,8 @@ def main(argv=None) -> int:
     chunks, warps = ([64, 128, 256], [1, 2, 4]) if a.quick else ([32, 64, 128, 256], [1, 2, 4, 8])
     for chunk, w in variants(chunks, warps):
         measure(dict(chunk=chunk, stats_warps=w))
+    for chunk, w in variants([64, 128], [1, 2, 4]):  # Gram matrices by tl.dot (IEEE fp32)
+        measure(dict(gram="dot", chunk=chunk, stats_warps=w))
     if geo.tiled:
         caps = (8, 16, 32, 64, 128, 256, 512)
         tiles = sorted({math.prod(wn._program_tile(geo.tile, t)) for t in caps})

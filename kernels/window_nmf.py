@@ -52,13 +52,14 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # Launch parameters that bench/tune_window.py sweeps on a GPU; None / 4 keep the defaults of
 # _Geometry and Triton. Not part of the public API.
-# "tile": most voxels per program of the tiled apply kernels.
+# "tile": most voxels per program of the tiled apply kernels; "gram": "sum" or "dot" (_gram).
 TUNING: dict = {
     "chunk": None,
     "block_v": None,
     "stats_warps": None,
     "apply_warps": None,
     "tile": None,
+    "gram": "sum",
 }
 
 # Tiled apply kernels when a tile (a block inside one window under every shift) has at least
@@ -87,6 +88,23 @@ def _voxel_window(v, s0, s1, s2, S0, S1, S2, P0, P1, P2, NW1, NW2):
     w = ((r0 // P0) * NW1 + r1 // P1) * NW2 + r2 // P2
     p = ((r0 % P0) * P1 + r1 % P1) * P2 + r2 % P2
     return w, p
+
+
+@triton.jit
+def _gram(a, b, DOT: tl.constexpr, ACC: tl.constexpr):
+    """a b^T of two (BLOCK_E, CHUNK) tiles, in ACC.
+
+    DOT=False: broadcast-multiply-and-sum. DOT=True: ``tl.dot`` (needs BLOCK_E >= 16) in IEEE
+    fp32 (not TF32: the products stay exact). 16-bit tiles are widened first: Triton's
+    interpreter computes 16-bit ``tl.dot`` wrongly, so that path could not be tested without a
+    GPU.
+    """
+    a = a.to(ACC)
+    b = b.to(ACC)
+    if DOT:
+        return tl.dot(a, tl.trans(b), input_precision="ieee", out_dtype=ACC)
+    else:
+        return tl.sum(a[:, None, :] * b[None, :, :], axis=2)
 
 
 @triton.jit
@@ -180,7 +198,7 @@ def _stats_fwd_kernel(
     C, E, HEADS, NSHIFT, NWIN, ITERS, PN,
     S0, S1, S2, P0, P1, P2, NW1, NW2,
     BLOCK_E: tl.constexpr, CHUNK: tl.constexpr, MU: tl.constexpr, SAVE: tl.constexpr,
-    ACC: tl.constexpr,
+    ACC: tl.constexpr, DOT: tl.constexpr,
 ):  # fmt: skip
     # the shifts of one window are neighbouring programs: they read overlapping voxels at about
     # the same time, so the second read of a voxel tends to come from L2, not from memory
@@ -212,7 +230,7 @@ def _stats_fwd_kernel(
         g = tl.load(g0_ptr + p, mask=pmask, other=0).to(ACC)
         if MU:
             x = tl.where(g[None, :] > 0, x, 0)
-        k += tl.sum(x[:, None, :] * x[None, :, :], axis=2)
+        k += _gram(x, x, DOT, ACC)
         h += tl.sum(x * g[None, :], axis=1)
     prog = (bh * NSHIFT + s) * NWIN + w
     a_hat = _power_steps(k, h, hats_ptr + prog * ITERS * E, norms_ptr + prog * ITERS, e, emask, E,
@@ -295,6 +313,7 @@ def _stats_bwd_kernel(
     C, E, HEADS, NSHIFT, NWIN, ITERS, PN,
     S0, S1, S2, P0, P1, P2, NW1, NW2,
     BLOCK_E: tl.constexpr, CHUNK: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
+    DOT: tl.constexpr,
 ):  # fmt: skip
     # the shifts of one window are neighbouring programs: they read overlapping voxels at about
     # the same time, so the second read of a voxel tends to come from L2, not from memory
@@ -327,9 +346,9 @@ def _stats_bwd_kernel(
         if MU:
             g = tl.load(g0_ptr + p, mask=pmask, other=0)
             x = tl.where(g[None, :] > 0, x, 0)
-        dy = tl.load(dy_ptr + ptrs, mask=mask, other=0).to(ACC)
-        k += tl.sum(x[:, None, :] * x[None, :, :], axis=2)
-        dp += tl.sum(dy[:, None, :] * x[None, :, :], axis=2)  # dY X^T
+        dy = tl.load(dy_ptr + ptrs, mask=mask, other=0)
+        k += _gram(x, x, DOT, ACC)
+        dp += _gram(dy, x, DOT, ACC)  # dY X^T
     dp = dp / NSHIFT
     prog = (bh * NSHIFT + s) * NWIN + w
     sym, hbar = _power_steps_backward(k, dp, hats_ptr + prog * ITERS * E, norms_ptr + prog * ITERS,
@@ -468,6 +487,10 @@ class _Geometry:
             self.block_v = 32
             self.stats_warps = 4
             max_tile = max(16, 4096 // self.block_e**2)
+        # Gram matrices of the stats kernels by tl.dot (E padded to 16) instead of
+        # broadcast-and-sum: an option for the tuning sweeps, not the default (not yet timed)
+        self.gram_dot = TUNING["gram"] == "dot" and x.dtype != torch.float64
+        self.stats_block_e = max(self.block_e, 16) if self.gram_dot else self.block_e
         self.tile = _tile_shape(self.P, rows)
         self.tiled = math.prod(self.tile) >= _MIN_TILE
         self.h = _program_tile(self.tile, TUNING["tile"] or max_tile)
@@ -546,8 +569,8 @@ def _forward(x, g0, rowmask, geo: _Geometry, iters: int, mu: bool, save: bool):
     _stats_fwd_kernel[(geo.nwin * geo.nshift, geo.batch * geo.heads)](
         x, g0, rowmask, geo.shifts, u, hats, norms,
         *geo.common(), iters, geo.pn, *geo.spatial_args(),
-        BLOCK_E=geo.block_e, CHUNK=TUNING["chunk"] or geo.chunk, MU=mu, SAVE=save, ACC=acc,
-        num_warps=TUNING["stats_warps"] or geo.stats_warps,
+        BLOCK_E=geo.stats_block_e, CHUNK=TUNING["chunk"] or geo.chunk, MU=mu, SAVE=save,
+        ACC=acc, DOT=geo.gram_dot, num_warps=TUNING["stats_warps"] or geo.stats_warps,
     )  # fmt: skip
     y = torch.empty_like(x)
     if geo.tiled:
@@ -577,8 +600,8 @@ def _backward(x, g0, rowmask, hats, norms, dy, geo: _Geometry, iters: int, mu: b
     _stats_bwd_kernel[(geo.nwin * geo.nshift, geo.batch * geo.heads)](
         x, dy, g0, rowmask, geo.shifts, hats, norms, sym, hbar,
         *geo.common(), iters, geo.pn, *geo.spatial_args(),
-        BLOCK_E=geo.block_e, CHUNK=TUNING["chunk"] or geo.chunk, MU=mu, ACC=acc,
-        num_warps=TUNING["stats_warps"] or geo.stats_warps,
+        BLOCK_E=geo.stats_block_e, CHUNK=TUNING["chunk"] or geo.chunk, MU=mu, ACC=acc,
+        DOT=geo.gram_dot, num_warps=TUNING["stats_warps"] or geo.stats_warps,
     )  # fmt: skip
     dx = torch.empty_like(x)
     if geo.tiled:

@@ -137,6 +137,22 @@ def test_tiled_apply_matches_per_voxel_lookup(gen, device, monkeypatch, shape, p
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gram_by_dot_matches_broadcast_sum(gen, device, monkeypatch, dtype):
+    """TUNING["gram"] = "dot" (tl.dot in the stats kernels, a tuning option) computes the same."""
+    wn = importlib.import_module("fastnmf.kernels.window_nmf")
+    x, v0, dy = _inputs(gen, (1, 8, 8, 8, 8), 4)
+    kw = dict(head_dim=4, patch_size=4, shifts=[None, 2], solver="mu")
+    y_sum, dx_sum = _run("triton", x, v0, dy, dtype, device, **kw)
+    monkeypatch.setitem(wn.TUNING, "gram", "dot")
+    assert wn._Geometry(x.to(dtype), 4, (4, 4, 4), None).gram_dot
+    y_dot, dx_dot = _run("triton", x, v0, dy, dtype, device, **kw)
+    y64, dx64 = _run("reference", x, v0, dy, torch.float64, "cpu", **kw)
+    assert rel_err(y_dot, y64) <= 2 * rel_err(y_sum, y64) + 1e-6
+    assert rel_err(dx_dot, dx64) <= 2 * rel_err(dx_sum, dx64) + 1e-6
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("patch", [4, None])
 def test_triton_deterministic(gen, device, patch):
     x, v0, dy = _inputs(gen, (1, 8, 8, 8, 8), patch)
