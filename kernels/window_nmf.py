@@ -16,6 +16,10 @@ E-vector u of the window that holds v. So the layer is two kernels, each one pas
    of fewer than ``_MIN_TILE`` voxels (e.g. a shift of 1) use ``_apply_fwd_kernel`` instead,
    which looks up the window of every voxel.
 
+With one shift (local windows) every voxel lies in one window, so the stats kernels write the
+output themselves right after the power steps (the window's second read comes from cache): one
+launch and one read of x from memory, the backward likewise.
+
 No rolled copy, no matricized copy, no concatenation and no averaging pass through memory; no
 atomics, so the result is bitwise deterministic.
 
@@ -60,6 +64,7 @@ TUNING: dict = {
     "apply_warps": None,
     "tile": None,
     "gram": "sum",
+    "fuse": True,
 }
 
 # Tiled apply kernels when a tile (a block inside one window under every shift) has at least
@@ -194,11 +199,11 @@ def _tile_window(shift_ptr, s, o0, o1, o2, q0, q1, q2, S0, S1, S2, P0, P1, P2, N
 
 @triton.jit
 def _stats_fwd_kernel(
-    x_ptr, g0_ptr, rowmask_ptr, shift_ptr, u_ptr, hats_ptr, norms_ptr,
+    x_ptr, y_ptr, g0_ptr, rowmask_ptr, shift_ptr, u_ptr, hats_ptr, norms_ptr,
     C, E, HEADS, NSHIFT, NWIN, ITERS, PN,
     S0, S1, S2, P0, P1, P2, NW1, NW2,
     BLOCK_E: tl.constexpr, CHUNK: tl.constexpr, MU: tl.constexpr, SAVE: tl.constexpr,
-    ACC: tl.constexpr, DOT: tl.constexpr,
+    ACC: tl.constexpr, DOT: tl.constexpr, FUSE: tl.constexpr,
 ):  # fmt: skip
     # the shifts of one window are neighbouring programs: they read overlapping voxels at about
     # the same time, so the second read of a voxel tends to come from L2, not from memory
@@ -236,6 +241,22 @@ def _stats_fwd_kernel(
     a_hat = _power_steps(k, h, hats_ptr + prog * ITERS * E, norms_ptr + prog * ITERS, e, emask, E,
                          ITERS, SAVE)  # fmt: skip
     tl.store(u_ptr + prog * E + e, a_hat, mask=emask)
+    if FUSE:  # one shift: every voxel is in this window only, so write y = u (u^T x) here
+        for start in range(0, PN, CHUNK):
+            p = start + tl.arange(0, CHUNK)
+            pmask = p < PN
+            vox = _window_coords(p, w0, w1, w2, s0, s1, s2, S0, S1, S2, P0, P1, P2)
+            mask = emask[:, None] & pmask[None, :]
+            ofs = e[:, None] * nvox + vox[None, :]
+            x = tl.load(base + ofs, mask=mask, other=0).to(ACC)  # just read: from cache
+            x = tl.maximum(x, 0) * rowmask[:, None]
+            if MU:
+                g = tl.load(g0_ptr + p, mask=pmask, other=0)
+                x = tl.where(g[None, :] > 0, x, 0)
+            c = tl.sum(a_hat[:, None] * x, axis=0)  # (CHUNK,): u^T x(v)
+            y = a_hat[:, None] * c[None, :]
+            ybase = y_ptr + (b * C + head * E).to(tl.int64) * nvox
+            tl.store(ybase + ofs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -309,11 +330,11 @@ def _apply_fwd_tile_kernel(
 
 @triton.jit
 def _stats_bwd_kernel(
-    x_ptr, dy_ptr, g0_ptr, rowmask_ptr, shift_ptr, hats_ptr, norms_ptr, sym_ptr, hbar_ptr,
+    x_ptr, dy_ptr, dx_ptr, g0_ptr, rowmask_ptr, shift_ptr, hats_ptr, norms_ptr, sym_ptr, hbar_ptr,
     C, E, HEADS, NSHIFT, NWIN, ITERS, PN,
     S0, S1, S2, P0, P1, P2, NW1, NW2,
     BLOCK_E: tl.constexpr, CHUNK: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
-    DOT: tl.constexpr,
+    DOT: tl.constexpr, FUSE: tl.constexpr,
 ):  # fmt: skip
     # the shifts of one window are neighbouring programs: they read overlapping voxels at about
     # the same time, so the second read of a voxel tends to come from L2, not from memory
@@ -359,6 +380,25 @@ def _stats_bwd_kernel(
         mask=emask[:, None] & emask[None, :],
     )
     tl.store(hbar_ptr + prog * E + e, hbar, mask=emask)
+    if FUSE:  # one shift: dX = u (u^T dY) + S x + h̄ g0^T for this window's voxels, here
+        u = tl.load(hats_ptr + (prog * ITERS + ITERS - 1) * E + e, mask=emask, other=0)
+        for start in range(0, PN, CHUNK):
+            p = start + tl.arange(0, CHUNK)
+            pmask = p < PN
+            vox = _window_coords(p, w0, w1, w2, s0, s1, s2, S0, S1, S2, P0, P1, P2)
+            mask = emask[:, None] & pmask[None, :]
+            ptrs = offset + e[:, None] * nvox + vox[None, :]
+            x_raw = tl.load(x_ptr + ptrs, mask=mask, other=0).to(ACC)  # just read: from cache
+            x = tl.maximum(x_raw, 0) * rowmask[:, None]
+            dy = tl.load(dy_ptr + ptrs, mask=mask, other=0).to(ACC)
+            g = tl.load(g0_ptr + p, mask=pmask, other=0).to(ACC)
+            c = tl.sum(u[:, None] * dy, axis=0)  # (CHUNK,): u^T dY(v)
+            sx = tl.sum(sym[:, :, None] * x[None, :, :], axis=1)  # S x(v)
+            dx = u[:, None] * c[None, :] + sx + hbar[:, None] * g[None, :]
+            if MU:
+                dx = tl.where(g[None, :] > 0, dx, 0)
+            dx = tl.where(x_raw > 0, dx * rowmask[:, None], 0)  # ReLU'
+            tl.store(dx_ptr + ptrs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -491,6 +531,9 @@ class _Geometry:
         # broadcast-and-sum: an option for the tuning sweeps, not the default (not yet timed)
         self.gram_dot = TUNING["gram"] == "dot" and x.dtype != torch.float64
         self.stats_block_e = max(self.block_e, 16) if self.gram_dot else self.block_e
+        # one shift (local windows): the stats kernels also write the output (one read of x
+        # from memory instead of two); TUNING["fuse"] = False keeps the separate output pass
+        self.fused = self.nshift == 1 and TUNING["fuse"]
         self.tile = _tile_shape(self.P, rows)
         self.tiled = math.prod(self.tile) >= _MIN_TILE
         self.h = _program_tile(self.tile, TUNING["tile"] or max_tile)
@@ -566,14 +609,17 @@ def _forward(x, g0, rowmask, geo: _Geometry, iters: int, mu: bool, save: bool):
     hats = torch.empty(progs, iters, geo.E, dtype=f32, device=x.device) if save else u
     norms = torch.empty(progs, iters, dtype=f32, device=x.device) if save else u
     acc = _acc_dtype(x.dtype)
+    y = torch.empty_like(x)
     _stats_fwd_kernel[(geo.nwin * geo.nshift, geo.batch * geo.heads)](
-        x, g0, rowmask, geo.shifts, u, hats, norms,
+        x, y, g0, rowmask, geo.shifts, u, hats, norms,
         *geo.common(), iters, geo.pn, *geo.spatial_args(),
         BLOCK_E=geo.stats_block_e, CHUNK=TUNING["chunk"] or geo.chunk, MU=mu, SAVE=save,
-        ACC=acc, DOT=geo.gram_dot, num_warps=TUNING["stats_warps"] or geo.stats_warps,
+        ACC=acc, DOT=geo.gram_dot, FUSE=geo.fused,
+        num_warps=TUNING["stats_warps"] or geo.stats_warps,
     )  # fmt: skip
-    y = torch.empty_like(x)
-    if geo.tiled:
+    if geo.fused:
+        pass  # the stats kernel wrote y
+    elif geo.tiled:
         _apply_fwd_tile_kernel[(geo.ntiles, geo.batch * geo.heads)](
             x, y, g0, rowmask, geo.shifts, u,
             *geo.common(), *geo.spatial_args(), *geo.tile_args(),
@@ -597,14 +643,16 @@ def _backward(x, g0, rowmask, hats, norms, dy, geo: _Geometry, iters: int, mu: b
     sym = torch.empty(progs, geo.E, geo.E, dtype=hats.dtype, device=x.device)
     hbar = torch.empty(progs, geo.E, dtype=hats.dtype, device=x.device)
     acc = _acc_dtype(x.dtype)
+    dx = torch.empty_like(x)
     _stats_bwd_kernel[(geo.nwin * geo.nshift, geo.batch * geo.heads)](
-        x, dy, g0, rowmask, geo.shifts, hats, norms, sym, hbar,
+        x, dy, dx, g0, rowmask, geo.shifts, hats, norms, sym, hbar,
         *geo.common(), iters, geo.pn, *geo.spatial_args(),
         BLOCK_E=geo.stats_block_e, CHUNK=TUNING["chunk"] or geo.chunk, MU=mu, ACC=acc,
-        DOT=geo.gram_dot, num_warps=TUNING["stats_warps"] or geo.stats_warps,
+        DOT=geo.gram_dot, FUSE=geo.fused, num_warps=TUNING["stats_warps"] or geo.stats_warps,
     )  # fmt: skip
-    dx = torch.empty_like(x)
-    if geo.tiled:
+    if geo.fused:
+        pass  # the stats kernel wrote dx
+    elif geo.tiled:
         _apply_bwd_tile_kernel[(geo.ntiles, geo.batch * geo.heads)](
             x, dy, dx, g0, rowmask, geo.shifts, hats, sym, hbar,
             *geo.common(), iters, *geo.spatial_args(), *geo.tile_args(),

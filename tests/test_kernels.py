@@ -33,6 +33,17 @@ def _run(kernel, x, v0, dy, dtype, device, **kw):
     return y.cpu(), dx.cpu()
 
 
+class _Spy:
+    """Stands in for a Triton kernel and records its name in ``launched`` at each launch."""
+
+    def __init__(self, name, kernel, launched):
+        self.name, self.kernel, self.launched = name, kernel, launched
+
+    def __getitem__(self, grid):
+        self.launched.append(self.name)
+        return self.kernel[grid]
+
+
 def _inputs(gen, shape, patch, zero_windows=False):
     x = torch.randn(*shape, generator=gen, dtype=torch.float64)
     if zero_windows:  # a zero window of every head in batch 0, and zero columns
@@ -104,7 +115,7 @@ def test_triton_float64(gen, device):
     [
         ((1, 8, 8, 8, 8), 4, [None, 2], "hals"),  # 2 x 2 x 2 tiles
         ((1, 8, 8, 16, 8), 8, [None, 4], "mu"),  # 4 x 4 x 4 tiles, MU masks
-        ((1, 8, 8, 12), (4, 2), None, "hals"),  # 2D, local: the tile is the window
+        ((1, 8, 8, 12), (4, 4), [None, (2, 2)], "hals"),  # 2D
     ],
 )
 def test_tiled_apply_matches_per_voxel_lookup(gen, device, monkeypatch, shape, patch, shifts,
@@ -112,18 +123,9 @@ def test_tiled_apply_matches_per_voxel_lookup(gen, device, monkeypatch, shape, p
     """The tiled apply kernels (one window lookup per tile) give what the per-voxel ones give."""
     wn = importlib.import_module("fastnmf.kernels.window_nmf")
     launched = []
-
-    class Spy:  # records which apply kernels are launched
-        def __init__(self, name):
-            self.name, self.kernel = name, getattr(wn, name)
-
-        def __getitem__(self, grid):
-            launched.append(self.name)
-            return self.kernel[grid]
-
     for name in ("_apply_fwd_kernel", "_apply_fwd_tile_kernel", "_apply_bwd_kernel",
                  "_apply_bwd_tile_kernel"):  # fmt: skip
-        monkeypatch.setattr(wn, name, Spy(name))
+        monkeypatch.setattr(wn, name, _Spy(name, getattr(wn, name), launched))
     x, v0, dy = _inputs(gen, shape, patch)
     kw = dict(head_dim=4, patch_size=patch, shifts=shifts, solver=solver)
     x64 = x.to(torch.float64)
@@ -134,6 +136,31 @@ def test_tiled_apply_matches_per_voxel_lookup(gen, device, monkeypatch, shape, p
     assert launched[2:] == ["_apply_fwd_kernel", "_apply_bwd_kernel"]
     assert rel_err(tiled[0], lookup[0]) <= 1e-13 and rel_err(tiled[1], lookup[1]) <= 1e-13
     assert tiled[1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "shape,patch,solver",
+    [((1, 8, 8, 8, 8), 4, "hals"), ((2, 8, 8, 12), (4, 2), "mu")],  # 3D; 2D with MU masks
+)
+def test_local_windows_fuse_the_output_pass(gen, device, monkeypatch, shape, patch, solver):
+    """One shift: the stats kernels write y and dx; same result as the separate output pass."""
+    wn = importlib.import_module("fastnmf.kernels.window_nmf")
+    launched = []
+    for name in ("_apply_fwd_kernel", "_apply_fwd_tile_kernel", "_apply_bwd_kernel",
+                 "_apply_bwd_tile_kernel"):  # fmt: skip
+        monkeypatch.setattr(wn, name, _Spy(name, getattr(wn, name), launched))
+    x, v0, dy = _inputs(gen, shape, patch, zero_windows=True)
+    kw = dict(head_dim=4, patch_size=patch, shifts=None, solver=solver)
+    x64 = x.to(torch.float64)
+    fused = _run("triton", x64, v0, dy, torch.float64, device, **kw)
+    assert launched == []  # no output pass
+    monkeypatch.setitem(wn.TUNING, "fuse", False)
+    separate = _run("triton", x64, v0, dy, torch.float64, device, **kw)
+    assert launched == ["_apply_fwd_tile_kernel", "_apply_bwd_tile_kernel"]
+    assert rel_err(fused[0], separate[0]) <= 1e-13 and rel_err(fused[1], separate[1]) <= 1e-13
+    y_ref, dx_ref = _run("reference", x64, v0, dy, torch.float64, "cpu", **kw)
+    assert rel_err(fused[0], y_ref) <= 1e-12 and rel_err(fused[1], dx_ref) <= 1e-12
 
 
 @pytest.mark.parametrize("device", DEVICES)
