@@ -129,6 +129,7 @@ def test_tiled_apply_matches_per_voxel_lookup(gen, device, monkeypatch, shape, p
     x, v0, dy = _inputs(gen, shape, patch)
     kw = dict(head_dim=4, patch_size=patch, shifts=shifts, solver=solver)
     x64 = x.to(torch.float64)
+    monkeypatch.setattr(wn, "_MIN_TILE", 4)  # the GPU's threshold (the interpreter's is higher)
     tiled = _run("triton", x64, v0, dy, torch.float64, device, **kw)
     assert launched == ["_apply_fwd_tile_kernel", "_apply_bwd_tile_kernel"]
     monkeypatch.setattr(wn, "_MIN_TILE", 10**9)  # force the per-voxel lookup
@@ -157,7 +158,7 @@ def test_local_windows_fuse_the_output_pass(gen, device, monkeypatch, shape, pat
     assert launched == []  # no output pass
     monkeypatch.setitem(wn.TUNING, "fuse", False)
     separate = _run("triton", x64, v0, dy, torch.float64, device, **kw)
-    assert launched == ["_apply_fwd_tile_kernel", "_apply_bwd_tile_kernel"]
+    assert [n[:10] for n in launched] == ["_apply_fwd", "_apply_bwd"]  # an output pass ran
     assert rel_err(fused[0], separate[0]) <= 1e-13 and rel_err(fused[1], separate[1]) <= 1e-13
     y_ref, dx_ref = _run("reference", x64, v0, dy, torch.float64, "cpu", **kw)
     assert rel_err(fused[0], y_ref) <= 1e-12 and rel_err(fused[1], dx_ref) <= 1e-12
