@@ -182,7 +182,7 @@ def environment(device: torch.device) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     commit, dirty = os.environ.get("FASTNMF_COMMIT") or None, None  # e.g. a copy without .git
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         head = subprocess.run(
@@ -198,7 +198,7 @@ def environment(device: torch.device) -> dict:
                 timeout=10,
             ).stdout
             dirty = bool(status.strip())
-    from . import __version__
+    from .. import __version__
 
     return {
         "device": _device_name(device),
@@ -500,12 +500,12 @@ class NMFCore(nn.Module):
         self.fn = None
         if kernel == "compiled-reference":
             _raise_compile_limits()
-            from . import reference
+            from .. import reference
 
             self.fn = torch.compile(reference.matricized_nmf, dynamic=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from . import matricized_nmf
+        from .. import matricized_nmf
 
         if self.fn is not None:
             kw = self.kw
@@ -904,7 +904,7 @@ def prepare_model(case: ModelCase, device: torch.device | str | None = None) -> 
 
         work = case.batch
     else:
-        from .infer import sliding_window_logits
+        from ..infer import sliding_window_logits
 
         image = torch.randn(1, cin, *case.volume, generator=gen).to(dev)
 
