@@ -1,0 +1,104 @@
+"""The calls the static suite analyses: one source for the kernel report, traffic and step account.
+
+A :class:`StaticCase` is one call of ``fastnmf.matricized_nmf`` (the NMF layer's core) at the
+benchmark shapes of issue 14: 2x32x128^3 and 2x64x64^3, E = 8, P = 8, T = 5, shifts [None, 4]
+(the module default) and [None, 2, 4, 6] (the original code's BraTS config), fp32 and bf16, rank
+one and rank two; plus the global path. ``ideal_bytes`` is what a perfect kernel moves: forward
+reads x once and writes y once; backward reads x and dy once and writes dx once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+__all__ = ["StaticCase", "benchmark_cases", "small_case", "ideal_bytes", "DTYPES", "PASSES"]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PASSES = ("fwd", "bwd")
+BENCH_SHAPES = ((2, 32, 128), (2, 64, 64))  # (batch, channels, side): volumes side^3
+SHIFT_SETS = {"swin2": (None, 4), "swin4": (None, 2, 4, 6), "local": (None,)}
+HEAD_DIM = 8
+WINDOW = 8
+ITERS = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class StaticCase:
+    """One NMF layer call: ``mode`` "window" or "global"; ``shifts`` a tuple (None = unshifted)."""
+
+    mode: str
+    batch: int
+    channels: int
+    spatial: tuple[int, ...]
+    dtype: str = "fp32"
+    shifts: tuple = (None,)
+    head_dim: int = HEAD_DIM
+    window: int | None = WINDOW
+    rank: int = 1
+    iters: int = ITERS
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.batch, self.channels, *self.spatial)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPES[self.dtype].itemsize
+
+    @property
+    def shift_name(self) -> str:
+        if self.mode == "global":
+            return "global"
+        return "[" + ", ".join("None" if s is None else str(s) for s in self.shifts) + "]"
+
+    @property
+    def id(self) -> str:
+        size = "x".join(map(str, self.shape))
+        return f"{self.mode}-{self.shift_name}-{self.dtype}-r{self.rank}-{size}"
+
+    def kwargs(self) -> dict:
+        """Keyword arguments of ``fastnmf.matricized_nmf`` for this case (v0 excluded)."""
+        shifts = None if self.mode == "global" else list(self.shifts)
+        patch = None if self.mode == "global" else self.window
+        return dict(head_dim=self.head_dim, patch_size=patch, shifts=shifts, iters=self.iters)
+
+    def scaled(self, side: int, channels: int | None = None, batch: int | None = None):
+        """The same case at a smaller cube ``side^nd`` (for the interpreter's byte counter)."""
+        spatial = (side,) * len(self.spatial)
+        return dataclasses.replace(
+            self, spatial=spatial, channels=channels or self.channels, batch=batch or self.batch
+        )
+
+
+def ideal_bytes(case: StaticCase, pass_: str) -> int:
+    """fwd: read x + write y; bwd: read x and dy + write dx (each once)."""
+    if pass_ not in PASSES:
+        raise ValueError(f"pass_ must be one of {PASSES}, got {pass_!r}")
+    tensors = 2 if pass_ == "fwd" else 3
+    return tensors * case.numel * case.itemsize
+
+
+def benchmark_cases(*, ranks=(1, 2), dtypes=tuple(DTYPES)) -> list[StaticCase]:
+    """Every case of the static suite at the benchmark shapes (3D)."""
+    cases = []
+    for batch, channels, side in BENCH_SHAPES:
+        for dtype in dtypes:
+            for rank in ranks:
+                for shifts in SHIFT_SETS.values():
+                    cases.append(StaticCase("window", batch, channels, (side,) * 3, dtype,
+                                            shifts, rank=rank))  # fmt: skip
+                cases.append(StaticCase("global", batch, channels, (side,) * 3, dtype,
+                                        (None,), window=None, rank=rank))  # fmt: skip
+    return cases
+
+
+def small_case(case: StaticCase, side: int = 16) -> StaticCase:
+    """``case`` at a cube of ``side`` (default 16^3, batch 1): cheap enough for the interpreter."""
+    return case.scaled(side, batch=1)
