@@ -43,7 +43,8 @@ def overlay_png(
     title: str = "",
     truth: np.ndarray | None = None,
     spacing: Sequence[float] | None = None,
-) -> Path:
+    return_figure: bool = False,
+):
     """Write a PNG: per axis, the image's first channel in grey, each predicted region as a
     coloured overlay (largest region drawn first), the outline of the true foreground (union of
     the regions) if ``truth`` is given, through the slice of :func:`lesion_slices` of the union
@@ -56,6 +57,7 @@ def overlay_png(
         title: the picture's title, e.g. the case id; what is drawn is added to it.
         truth: ``(R, X, Y, Z)`` binary true regions, or None (no truth: none is drawn or named).
         spacing: voxel size (mm) along X, Y, Z; pixels are drawn in these proportions.
+        return_figure: return the matplotlib figure (left open) instead of the path.
     """
     import matplotlib
 
@@ -109,5 +111,7 @@ def overlay_png(
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=80, bbox_inches="tight")
+    if return_figure:
+        return fig
     plt.close(fig)
     return out

@@ -80,7 +80,8 @@ def test_few_step_training_writes_everything(run):
         assert (out / name).is_file(), name
     assert any((out / "tb").iterdir())
     val = (out / "val.csv").read_text().splitlines()
-    assert val[0] == "step,ET,TC,WT,mean,loss" and [r.split(",")[0] for r in val[1:]] == ["0", "2", "4"]
+    assert val[0] == "step,ET,TC,WT,mean,loss"
+    assert [r.split(",")[0] for r in val[1:]] == ["0", "2", "4"]
     cfg = TrainConfig.load(out / "config.json")
     assert cfg.steps == 4 and cfg.model_options["widths"] == [8, 16, 32]
     ckpt = load_checkpoint(out / "last.pt")  # weights_only=True
