@@ -170,7 +170,6 @@ def _versions() -> dict[str, str]:
         "pytorch_version": torch.__version__.split("+")[0],
         "numpy_version": np.__version__,
         "required_packages_version": {"fastnmf": __version__, "nibabel": _version("nibabel")},
-        "optional_packages_version": {},
     }
 
 
@@ -239,7 +238,7 @@ def _inference_config(cfg, info: fdata.DatasetInfo, root: Path) -> dict[str, Any
     config = cfg.to_dict()
     config["kernel"] = "auto"  # triton on CUDA, torch on CPU (see --kernel of fastnmf infer)
     return {
-        "imports": ["$import os", "$from fastnmf import bundle as fastnmf_bundle"],
+        "imports": ["$import os", "$import fastnmf.bundle as fastnmf_bundle"],
         "bundle_root": str(root),
         "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
         "ckpt_path": "$@bundle_root + '/models/model.pt'",
