@@ -119,8 +119,9 @@ def _model_opts(items: list[str] | None) -> dict:
 
 
 def _duration(seconds: float) -> str:
-    m, s = divmod(int(round(seconds)), 60)
-    return f"{m} min {s:02d} s" if m else f"{s} s"
+    from .logs import duration
+
+    return duration(seconds)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -270,6 +270,11 @@ def resolve(
     base["model_options"] = opts
     _adapt_schedule(base, overrides, notes if notes is not None else [])
     base.update(overrides)
+    if "pos_ratio" in overrides and base.get("crop") != "posneg":
+        raise ValueError(
+            f"pos_ratio applies to crop='posneg' only, but the crop is {base.get('crop')!r}; "
+            "drop --pos-ratio or pass --crop posneg"
+        )
     return TrainConfig.from_dict(base)
 
 

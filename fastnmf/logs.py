@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TrainLogs", "Progress", "print_line"]
+__all__ = ["TrainLogs", "Progress", "print_line", "duration"]
 
 
 class TrainLogs:
@@ -91,7 +91,8 @@ def print_line(msg: str, rank: int = 0) -> None:
         sys.stdout.flush()
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """``'3 min 07 s'`` or ``'42 s'``."""
     m, s = divmod(int(round(seconds)), 60)
     return f"{m} min {s:02d} s" if m else f"{s} s"
 
@@ -140,7 +141,7 @@ class Progress:
         pct = 100 * self.step / max(self.total, 1)
         return (
             f"train: step {self.step}/{self.total} ({pct:.0f} %), {self.postfix}, "
-            f"{rate:.2f} steps/s, ETA {_duration(eta) if eta == eta else '?'}"
+            f"{rate:.2f} steps/s, ETA {duration(eta) if eta == eta else '?'}"
         )
 
     def close(self) -> None:

@@ -75,6 +75,8 @@ def test_non_demo_data_defaults_to_posneg(dataset):
     assert resolve("demo").crop == "random"  # the demo keeps the paper's uniform patches
     with pytest.raises(ValueError, match="pos_ratio"):
         resolve("demo", data=str(dataset), pos_ratio=1.5)
+    with pytest.raises(ValueError, match="pos_ratio applies to crop='posneg' only"):
+        resolve("demo", data=str(dataset), crop="random", pos_ratio=0.5)
 
 
 # ----------------------------------------------------------------------------------------------
