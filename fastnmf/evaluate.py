@@ -57,11 +57,13 @@ def check_grid(
     label: nib.spatialimages.SpatialImage,
     *,
     ignore_affine: bool = False,
+    image_affine: np.ndarray | None = None,
 ) -> None:
     """Raise :class:`fastnmf.data.DataError` naming ``pred_path`` unless the prediction has the
     label's spatial shape and (unless ``ignore_affine``) its affine, within
     :data:`AFFINE_RTOL` / :data:`AFFINE_ATOL` (mm): a prediction shifted, flipped or resampled
-    would otherwise be scored voxel by voxel against the wrong anatomy."""
+    would otherwise be scored voxel by voxel against the wrong anatomy. ``image_affine`` (the
+    case's image) lets the message say when it is the label that disagrees with its image."""
     ps, ls = tuple(pred.shape[:3]), tuple(label.shape[:3])
     if ps != ls:
         raise fdata.DataError(
@@ -79,6 +81,9 @@ def check_grid(
         parts.append("origin shifted by (" + ", ".join(f"{v:+.4g}" for v in shift) + ") mm")
     if linear > AFFINE_ATOL:
         parts.append(f"rotation/spacing part differs by up to {linear:.4g}")
+    has_image = image_affine is not None
+    if has_image and np.allclose(a, image_affine, rtol=AFFINE_RTOL, atol=AFFINE_ATOL):
+        parts.append("the prediction has the image's affine: the label's differs from its image's")
     raise fdata.DataError(
         pred_path,
         f"prediction affine differs from that of the label {label_path}: {'; '.join(parts)}"
@@ -216,7 +221,8 @@ def evaluate(
         except Exception as e:
             raise fdata.DataError(pred_path, f"cannot read prediction ({e})") from e
         label_img = nib.load(str(case["label"]))
-        check_grid(pred_path, pred_img, case["label"], label_img, ignore_affine=ignore_affine)
+        check_grid(pred_path, pred_img, case["label"], label_img, ignore_affine=ignore_affine,
+                   image_affine=affine)  # fmt: skip
         pred = pred.reshape(pred.shape[:3]) if pred.ndim > 3 else pred
         truth = fdata.labels_to_regions(label, info)
         pr = fdata.labels_to_regions(pred.astype(np.int64), info)

@@ -104,7 +104,8 @@ def overlay_png(
         labels.append(f"true {_union_name(names) if names else 'foreground'} (outline)")
     if handles:
         fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
-    what = "prediction" + (" and truth" if true_fg is not None else "")
+    what = ", ".join(names) + ": " if names else ""
+    what += "prediction" + (" and truth" if true_fg is not None else "")
     found = fg.any() or (true_fg is not None and true_fg.any())
     where = "slices through the lesion" if found else "centre slices (nothing found)"
     fig.suptitle(f"{title}: {what}, {where}" if title else f"{what}, {where}", fontsize=9)

@@ -194,6 +194,21 @@ def test_evaluate_refuses_a_shifted_prediction(dataset, tmp_path):
     assert len(evaluate(noisy, ds.cases, ds.info)[0]) == len(CASES)
 
 
+def test_check_grid_names_a_label_that_disagrees_with_its_image(tmp_path):
+    from fastnmf.evaluate import check_grid
+
+    image, label, aff = volume(1)  # LAS
+    moved = aff.copy()
+    moved[2, 3] += 2.5
+    pred = nib.Nifti1Image(label, aff)  # as fastnmf infer writes it: the image's grid
+    check_grid("p.nii.gz", pred, "l.nii.gz", nib.Nifti1Image(label, aff), image_affine=aff)
+    with pytest.raises(fdata.DataError, match=r"shifted by \(\+0, \+0, -2\.5\) mm.*its image's"):
+        check_grid("p.nii.gz", pred, "l.nii.gz", nib.Nifti1Image(label, moved), image_affine=aff)
+    with pytest.raises(fdata.DataError, match=r"shape \(39, 44, 16\) != shape \(39, 44, 17\)"):
+        check_grid("p.nii.gz", nib.Nifti1Image(label[..., :16], aff), "l.nii.gz",
+                   nib.Nifti1Image(label, aff), ignore_affine=True)  # fmt: skip
+
+
 def test_cli_evaluate_affine_error_and_override(dataset, tmp_path, capsys):
     shifted = _predictions(dataset, tmp_path / "p", shift_mm=1.0)
     args = ("evaluate", "--pred", str(shifted), "--data", str(dataset), "--cases", "all")
@@ -226,7 +241,8 @@ def test_overlay_slices_through_the_lesion_with_spacing(tmp_path):
     assert axes[2].get_aspect() == pytest.approx(spacing[1] / spacing[0])
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
     assert legend == [f"predicted {REGION}", f"true {REGION} (outline)"]
-    assert "truth" in fig._suptitle.get_text() and "WT" not in fig._suptitle.get_text()
+    title = fig._suptitle.get_text()
+    assert title.startswith(f"case_000: {REGION}: prediction and truth") and "WT" not in title
     fig = overlay_png(image, regions, tmp_path / "n.png", names=(REGION,), title="x",
                       spacing=spacing, return_figure=True)  # fmt: skip
     text = fig._suptitle.get_text() + " ".join(t.get_text() for t in fig.legends[0].get_texts())
