@@ -5,6 +5,7 @@
   with ``--data PATH`` for the paper's settings. Works under ``torchrun`` (DDP).
 - ``fastnmf infer``: sliding-window segmentation → NIfTI (input's affine/header) + overlay PNG.
 - ``fastnmf evaluate``: Dice and HD95 per region → per-case CSV and summary.
+- ``fastnmf export``: a MONAI bundle of a checkpoint, for ``python -m monai.bundle run``.
 - ``fastnmf compare``: paired Wilcoxon signed-rank tests between two runs' per-case CSVs.
 - ``fastnmf components``: NMF component maps of one block for one case (NIfTI + PNG).
 - ``fastnmf info``: versions, devices, kernels; ``fastnmf bench-layer``: time the NMF layer.
@@ -118,8 +119,9 @@ def _model_opts(items: list[str] | None) -> dict:
 
 
 def _duration(seconds: float) -> str:
-    m, s = divmod(int(round(seconds)), 60)
-    return f"{m} min {s:02d} s" if m else f"{s} s"
+    from .logs import duration
+
+    return duration(seconds)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -148,6 +150,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         "deterministic": True if args.deterministic else None,
         "num_workers": args.workers,
         "grad_clip": args.grad_clip,
+        "crop": args.crop,
+        "pos_ratio": args.pos_ratio,
         "evaluate": False if args.no_eval else None,
     }
     if args.model_opt:
@@ -160,6 +164,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides["demo"] = demo
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     resume = None
+    notes: list[str] = []
     if args.resume is not None:
         if args.resume == "last":
             if args.out is None:
@@ -180,7 +185,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             given["model_options"] = {**cfg.model_options, **given["model_options"]}
         cfg = TrainConfig.from_dict({**cfg.to_dict(), **given})
     else:
-        cfg = resolve(args.preset or "demo", **overrides)
+        cfg = resolve(args.preset or "demo", notes=notes, **overrides)
         if args.out is not None:
             out = Path(args.out)
         elif distributed:
@@ -192,14 +197,17 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f"{out} already holds a run (last.pt); pass --resume to continue it or choose "
                 "another --out"
             )
+    if int(os.environ.get("RANK", "0")) == 0:
+        for note in notes:
+            print(f"note: {note}")
     result = train(cfg, out=out, resume=resume, stop_at=args.stop_at, progress=not args.no_progress)
     rank = int(os.environ.get("RANK", "0"))
     if rank != 0:
         return 0
     wall = time.perf_counter() - t0
     print(f"\n== fastnmf train: {result.step}/{cfg.steps} steps, wall time {_duration(wall)} ==")
-    regions = list((result.baseline or {}).keys())
-    region = "WT" if "WT" in regions else (regions[-2] if len(regions) > 1 else "mean")
+    regions = [k for k in (result.baseline or {}) if k not in ("mean", "loss")]
+    region = "WT" if "WT" in regions else (regions[0] if len(regions) == 1 else "mean")
     if result.baseline:
         print(
             f"untrained model (step 0), validation {region} Dice: "
@@ -286,10 +294,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     pred = Path(args.pred)
     if not pred.is_dir():
         raise FileNotFoundError(f"{pred}: predictions folder not found")
-    rows, summary = evaluate(pred, cases, info, out=args.out)
+    rows, summary = evaluate(pred, cases, info, out=args.out, ignore_affine=args.ignore_affine)
     out = Path(args.out) if args.out else pred
     print(f"{len(rows)} case(s); per-case metrics: {out / 'metrics.csv'}")
     print(format_summary(summary))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a MONAI bundle (configs, weights, docs, licence) of a checkpoint."""
+    from .bundle import export_bundle
+
+    ckpt = _checkpoint_path(args.checkpoint)
+    root = export_bundle(ckpt, args.bundle, overwrite=args.overwrite)
+    print(f"MONAI bundle of {ckpt} written to {root}/")
+    print(
+        f"run it: python -m monai.bundle run --config_file {root}/configs/inference.json "
+        "--dataset_dir NIFTI_FOLDER --output_dir OUT_FOLDER"
+    )
     return 0
 
 
@@ -385,7 +407,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import AMP_MODES, PRESETS
+    from .config import AMP_MODES, CROPS, PRESETS
 
     parser = argparse.ArgumentParser(
         prog="fastnmf", description="Factorizer segmentation with fused NMF kernels."
@@ -424,6 +446,17 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--val-every", type=int, help="validate and checkpoint every N steps")
     tr.add_argument("--val-cases", type=int, help="validate on at most N cases (0: all)")
     tr.add_argument("--grad-clip", type=float, help="max gradient norm (0: off)")
+    tr.add_argument(
+        "--crop",
+        choices=CROPS,
+        help="patch sampling: random (uniform; demo default) or posneg (a --pos-ratio share "
+        "centred on lesion voxels; default for other data)",
+    )
+    tr.add_argument(
+        "--pos-ratio",
+        type=float,
+        help="posneg: share of patches centred on foreground (default 1/3, as nnU-Net)",
+    )
     tr.add_argument("--seed", type=int, help="run seed (default 0)")
     tr.add_argument(
         "--deterministic",
@@ -467,7 +500,24 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--cases", default="val", help="val (default) | all | ID,ID,...")
     ev.add_argument("--fold", type=int)
     ev.add_argument("--out", help="where metrics.csv and summary.json go (default --pred)")
+    ev.add_argument(
+        "--ignore-affine",
+        action="store_true",
+        help="score predictions whose affine differs from the label's (same shape needed)",
+    )
     ev.set_defaults(func=cmd_evaluate)
+
+    exp = sub.add_parser(
+        "export",
+        help="export a checkpoint as a MONAI bundle (python -m monai.bundle run ...)",
+        description="Write a MONAI bundle: configs/metadata.json, configs/inference.json, "
+        "models/model.pt, docs/README.md, LICENSE. Its network is built by fastnmf, so running it "
+        "needs fastnmf installed. (An exported program, .pt2, is not written yet.)",
+    )
+    exp.add_argument("--checkpoint", required=True, help="checkpoint or run folder (best.pt)")
+    exp.add_argument("--bundle", required=True, help="bundle folder to write (new or empty)")
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
+    exp.set_defaults(func=cmd_export)
 
     cmp = sub.add_parser("compare", help="paired Wilcoxon tests between two runs' metrics")
     cmp.add_argument("a", help="metrics.csv (or its folder) of run A")

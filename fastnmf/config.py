@@ -13,10 +13,14 @@ preset      what                                                                
 ``isles``   the paper's ISLES'22 setting: patch 64³, E = 4, window 4, mlp ratio 4        (path)
 ==========  ==========================================================================  ======
 
-then updated with explicit overrides (:func:`resolve`). The resolved config is printed at the
-start of training and saved as ``config.json`` beside the checkpoints, and stored (as plain JSON
-data) inside every checkpoint, so :mod:`fastnmf.infer` can rebuild the model from a checkpoint
-alone.
+then updated with explicit overrides (:func:`resolve`). A preset describes a model and a
+schedule, not a data set: given ``steps`` but no ``warmup``, the preset's warm-up keeps its
+fraction of the run (demo: 30 of 300 steps → 2 of 20); a warm-up longer than the run is refused.
+Non-demo data gets lesion-centred crops by default (``crop="posneg"``, one patch in three centred
+on foreground, as nnU-Net) and no demo settings. The resolved config is printed at the start of
+training and saved as ``config.json`` beside the checkpoints (both show only the settings that
+apply, :meth:`TrainConfig.applicable`), and stored (as plain JSON data) inside every checkpoint,
+so :mod:`fastnmf.infer` can rebuild the model from a checkpoint alone.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ __all__ = ["TrainConfig", "PRESETS", "AMP_MODES", "resolve", "model_preset_for"]
 
 AMP_MODES = ("none", "bf16", "fp16")
 CROPS = ("random", "posneg")
+# nnU-Net centres one patch in three on foreground: small lesions are seen without a bias to them
+DEFAULT_POS_RATIO = 1 / 3
 
 
 @dataclass
@@ -57,7 +63,10 @@ class TrainConfig:
         amp: ``none`` | ``bf16`` (autocast) | ``fp16`` (autocast + GradScaler, CUDA).
         deep_supervision: loss weights of the outputs [full, 1/2, 1/4, ...] (paper 1, .5, .25);
             normalised to sum to one.
-        crop: training patch sampling: ``random`` (paper) or ``posneg``.
+        crop: training patch sampling: ``random`` (uniform, the paper's BraTS setting; the demo
+            preset) or ``posneg`` (a ``pos_ratio`` share of patches centred on a foreground
+            voxel, the rest on background; the default for non-demo data).
+        pos_ratio: share of ``posneg`` patches centred on foreground, in [0, 1].
         augment: the paper's random augmentations.
         val_every: validate (sliding-window Dice) and checkpoint every this many steps.
         val_cases: validate on at most this many cases of the validation fold (0: all).
@@ -92,6 +101,7 @@ class TrainConfig:
     amp: str = "none"
     deep_supervision: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.25])
     crop: str = "random"
+    pos_ratio: float = DEFAULT_POS_RATIO
     augment: bool = True
     val_every: int = 1_000
     val_cases: int = 0
@@ -117,8 +127,18 @@ class TrainConfig:
             )
         return validate(cls(**d))
 
+    def applicable(self) -> dict[str, Any]:
+        """:meth:`to_dict` without the settings that do not apply to this run (the demo data set's
+        for other data, ``pos_ratio`` for random crops); :meth:`from_dict` restores them."""
+        d = self.to_dict()
+        if self.data != "demo":
+            d.pop("demo")
+        if self.crop != "posneg":
+            d.pop("pos_ratio")
+        return d
+
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        Path(path).write_text(json.dumps(self.applicable(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
@@ -126,7 +146,7 @@ class TrainConfig:
 
     def summary(self) -> str:
         """The config as aligned ``key: value`` lines."""
-        d = self.to_dict()
+        d = self.applicable()
         width = max(map(len, d))
         return "\n".join(f"  {k:<{width}} : {json.dumps(v)}" for k, v in d.items())
 
@@ -193,6 +213,15 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         v = getattr(cfg, name)
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
+    if cfg.warmup > cfg.steps:
+        raise ValueError(
+            f"warmup ({cfg.warmup} steps) is longer than the run (steps {cfg.steps}): the "
+            "learning rate would never reach its peak; give --warmup <= --steps (0: none)"
+        )
+    if isinstance(cfg.pos_ratio, bool) or not isinstance(cfg.pos_ratio, (int, float)):
+        raise ValueError(f"pos_ratio must be a number in [0, 1], got {cfg.pos_ratio!r}")
+    if not 0 <= cfg.pos_ratio <= 1:
+        raise ValueError(f"pos_ratio must be in [0, 1], got {cfg.pos_ratio}")
     if not isinstance(cfg.deterministic, bool):
         raise ValueError(f"deterministic must be true or false, got {cfg.deterministic!r}")
     if not 0 <= cfg.fold < cfg.n_folds:
@@ -210,11 +239,16 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def resolve(preset: str = "demo", **overrides: Any) -> TrainConfig:
+def resolve(
+    preset: str = "demo", *, notes: list[str] | None = None, **overrides: Any
+) -> TrainConfig:
     """The config of ``preset`` with ``overrides`` applied (``None`` values are ignored).
 
     ``model_options`` given here update the preset's (they do not replace them); overriding the
-    model drops the preset's model options (they belong to the preset's model).
+    model drops the preset's model options (they belong to the preset's model). ``steps`` without
+    ``warmup`` scales the preset's warm-up to the same fraction of the run; data other than the
+    demo drops the demo settings and, without ``crop``, samples ``posneg`` patches. What was
+    adapted is appended to ``notes`` (one line each), for the caller to print.
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}")
@@ -234,5 +268,39 @@ def resolve(preset: str = "demo", **overrides: Any) -> TrainConfig:
     opts = dict(base.get("model_options", {}))
     opts.update(given)
     base["model_options"] = opts
+    _adapt_schedule(base, overrides, notes if notes is not None else [])
     base.update(overrides)
+    if "pos_ratio" in overrides and base.get("crop") != "posneg":
+        raise ValueError(
+            f"pos_ratio applies to crop='posneg' only, but the crop is {base.get('crop')!r}; "
+            "drop --pos-ratio or pass --crop posneg"
+        )
     return TrainConfig.from_dict(base)
+
+
+def _adapt_schedule(base: dict[str, Any], overrides: dict[str, Any], notes: list[str]) -> None:
+    """Fit the preset ``base`` to the run the overrides ask for (see :func:`resolve`)."""
+    default = TrainConfig()
+    if "steps" in overrides and "warmup" not in overrides:
+        steps, warmup = base.get("steps", default.steps), base.get("warmup", default.warmup)
+        scaled = round(warmup * overrides["steps"] / steps)
+        scaled = min(scaled, overrides["steps"] - 1)
+        if scaled != warmup:
+            base["warmup"] = scaled
+            notes.append(
+                f"warm-up scaled with the run: the {base['preset']} preset warms up for {warmup} "
+                f"of {steps} steps, this run for {scaled} of {overrides['steps']}"
+            )
+    val_every = base.get("val_every", default.val_every)
+    if "steps" in overrides and "val_every" not in overrides and val_every > overrides["steps"]:
+        base["val_every"] = overrides["steps"]
+        notes.append(f"validation at the end of the run (the preset validates every {val_every})")
+    if overrides.get("data", base.get("data", default.data)) != "demo":
+        base["demo"] = {}
+        if "crop" not in overrides and base.get("crop", default.crop) != "posneg":
+            base["crop"] = "posneg"
+            ratio = overrides.get("pos_ratio", base.get("pos_ratio", default.pos_ratio))
+            notes.append(
+                f"crop: posneg ({ratio:.2f} of the patches centred on a lesion voxel; "
+                "--crop random for uniform patches)"
+            )

@@ -5,7 +5,9 @@
   empty → Dice 0, HD95 NaN (left out of means and of the paired tests).
 - :func:`evaluate`: predictions ``<pred_dir>/<id>.nii.gz`` (label maps, as written by
   :func:`fastnmf.infer.infer`) against the cases' labels → ``metrics.csv`` (one row per case)
-  and ``summary.json`` / printed table (mean, std, median per column).
+  and ``summary.json`` / printed table (mean, std, median per column). Each prediction must lie
+  in its label's voxel grid: same shape, same affine up to float noise (:func:`check_grid`),
+  otherwise an error names the file and the difference (``ignore_affine=True`` skips the affine).
 - :func:`compare`: two runs' per-case CSVs → paired Wilcoxon signed-rank p-values per column
   (scipy), over the cases both runs have (the paper's Fig. 3).
 """
@@ -28,6 +30,7 @@ from . import data as fdata
 
 __all__ = [
     "case_metrics",
+    "check_grid",
     "evaluate",
     "summarise",
     "compare",
@@ -40,6 +43,54 @@ __all__ = [
 
 def _spacing(affine: np.ndarray) -> tuple[float, ...]:
     return tuple(float(v) for v in np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0)))
+
+
+# NIfTI stores the affine as float32: a grid saved and re-read differs by ~1e-5 of its values
+AFFINE_RTOL = 1e-5
+AFFINE_ATOL = 1e-4  # mm
+
+
+def check_grid(
+    pred_path: str | Path,
+    pred: nib.spatialimages.SpatialImage,
+    label_path: str | Path,
+    label: nib.spatialimages.SpatialImage,
+    *,
+    ignore_affine: bool = False,
+    image_affine: np.ndarray | None = None,
+) -> None:
+    """Raise :class:`fastnmf.data.DataError` naming ``pred_path`` unless the prediction has the
+    label's spatial shape and (unless ``ignore_affine``) its affine, within
+    :data:`AFFINE_RTOL` / :data:`AFFINE_ATOL` (mm): a prediction shifted, flipped or resampled
+    would otherwise be scored voxel by voxel against the wrong anatomy. ``image_affine`` (the
+    case's image) lets the message say when it is the label that disagrees with its image."""
+    ps, ls = tuple(pred.shape[:3]), tuple(label.shape[:3])
+    if ps != ls:
+        raise fdata.DataError(
+            pred_path, f"prediction shape {ps} != shape {ls} of the label {label_path}"
+        )
+    if ignore_affine:
+        return
+    a, b = np.asarray(pred.affine, np.float64), np.asarray(label.affine, np.float64)
+    if np.allclose(a, b, rtol=AFFINE_RTOL, atol=AFFINE_ATOL):
+        return
+    shift = a[:3, 3] - b[:3, 3]
+    linear = np.abs(a[:3, :3] - b[:3, :3]).max()
+    parts = []
+    if np.abs(shift).max() > AFFINE_ATOL:
+        parts.append("origin shifted by (" + ", ".join(f"{v:+.4g}" for v in shift) + ") mm")
+    if linear > AFFINE_ATOL:
+        parts.append(f"rotation/spacing part differs by up to {linear:.4g}")
+    has_image = image_affine is not None
+    if has_image and np.allclose(a, image_affine, rtol=AFFINE_RTOL, atol=AFFINE_ATOL):
+        parts.append("the prediction has the image's affine: the label's differs from its image's")
+    raise fdata.DataError(
+        pred_path,
+        f"prediction affine differs from that of the label {label_path}: {'; '.join(parts)}"
+        f"\nprediction affine:\n{np.array2string(a, precision=4)}\nlabel affine:\n"
+        f"{np.array2string(b, precision=4)}\n(pass --ignore-affine / ignore_affine=True to "
+        "score it voxel by voxel anyway)",
+    )
 
 
 def case_metrics(
@@ -147,9 +198,13 @@ def evaluate(
     info: fdata.DatasetInfo,
     *,
     out: str | Path | None = None,
+    ignore_affine: bool = False,
 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, float]]]:
     """Score ``<pred_dir>/<id>.nii.gz`` against each case's label; write ``metrics.csv`` and
-    ``summary.json`` into ``out`` (default ``pred_dir``). Returns ``(rows, summary)``."""
+    ``summary.json`` into ``out`` (default ``pred_dir``). Returns ``(rows, summary)``.
+
+    Every prediction is checked against its label's grid first (:func:`check_grid`); all are
+    checked before anything is written."""
     pred_dir = Path(pred_dir)
     out = Path(out) if out is not None else pred_dir
     rows = []
@@ -161,14 +216,14 @@ def evaluate(
             raise fdata.MissingFileError(pred_path, f"no prediction for case {case['id']!r}")
         _, label, affine = fdata.read_case(case, info)
         try:
-            pred = np.asarray(nib.load(str(pred_path)).dataobj)
+            pred_img = nib.load(str(pred_path))
+            pred = np.asarray(pred_img.dataobj)
         except Exception as e:
             raise fdata.DataError(pred_path, f"cannot read prediction ({e})") from e
+        label_img = nib.load(str(case["label"]))
+        check_grid(pred_path, pred_img, case["label"], label_img, ignore_affine=ignore_affine,
+                   image_affine=affine)  # fmt: skip
         pred = pred.reshape(pred.shape[:3]) if pred.ndim > 3 else pred
-        if pred.shape != label.shape:
-            raise fdata.DataError(
-                pred_path, f"prediction shape {pred.shape} != label shape {label.shape}"
-            )
         truth = fdata.labels_to_regions(label, info)
         pr = fdata.labels_to_regions(pred.astype(np.int64), info)
         m = case_metrics(pr, truth, names=info.regions, spacing=_spacing(affine))

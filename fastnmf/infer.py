@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from torch import nn
 
 from . import data as fdata
 from .config import TrainConfig
+from .overlay import overlay_png
 
 __all__ = [
     "CheckpointError",
@@ -39,6 +41,8 @@ __all__ = [
     "sliding_window_logits",
     "predict_case",
     "save_label_map",
+    "to_input_grid",
+    "write_prediction",
     "overlay_png",
     "infer",
     "cases_for",
@@ -214,64 +218,23 @@ def save_label_map(labels: np.ndarray, reference: str | Path, path: str | Path) 
     return out
 
 
-_COLOURS = [(0.0, 0.9, 0.2), (1.0, 0.85, 0.0), (1.0, 0.15, 0.1), (0.2, 0.6, 1.0)]
+def to_input_grid(masks: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Binary masks ``(R, *S)`` predicted on a resampled grid (ISLES: 2 mm) → the input's voxel
+    grid ``shape`` (nearest neighbour); unchanged if already there."""
+    if masks.shape[1:] == tuple(shape):
+        return masks
+    t = torch.from_numpy(masks[None].astype(np.float32))  # (1, R, *S)
+    return torch.nn.functional.interpolate(t, size=tuple(shape), mode="nearest")[0].numpy() > 0.5
 
 
-def overlay_png(
-    image: np.ndarray,
-    regions: np.ndarray,
-    path: str | Path,
-    *,
-    names: Sequence[str] = (),
-    title: str = "",
-    truth: np.ndarray | None = None,
-) -> Path:
-    """Middle slice of each axis: the image's first channel in grey, each region's prediction as
-    a coloured overlay (outermost region drawn first), ground-truth contours if given.
-
-    Args:
-        image: ``(C, X, Y, Z)`` or ``(X, Y, Z)``.
-        regions: ``(R, X, Y, Z)`` binary.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    img = np.asarray(image, dtype=np.float32)
-    img = img[0] if img.ndim == 4 else img
-    reg = np.asarray(regions) > 0.5
-    lo, hi = np.percentile(img, [1, 99]) if img.size else (0.0, 1.0)
-    fig, axes = plt.subplots(1, 3, figsize=(9, 3.4))
-    order = np.argsort([-r.sum() for r in reg]) if len(reg) else []
-    for ax_i, ax in enumerate(axes):
-        mid = img.shape[ax_i] // 2
-        sl = np.take(img, mid, axis=ax_i)
-        ax.imshow(sl.T, cmap="gray", origin="lower", vmin=lo, vmax=hi if hi > lo else lo + 1)
-        rgba = np.zeros((*sl.T.shape, 4), np.float32)
-        for k in order:
-            m = np.take(reg[k], mid, axis=ax_i).T
-            rgba[m] = (*_COLOURS[k % len(_COLOURS)], 0.45)
-        ax.imshow(rgba, origin="lower")
-        if truth is not None and len(truth):
-            t = np.take(np.asarray(truth)[-1] > 0.5, mid, axis=ax_i).T.astype(float)
-            if t.any():
-                ax.contour(t, levels=[0.5], colors="cyan", linewidths=0.8)
-        ax.set_title(f"axis {ax_i}, slice {mid}", fontsize=8)
-        ax.axis("off")
-    if names:
-        handles = [
-            plt.Rectangle((0, 0), 1, 1, color=_COLOURS[k % len(_COLOURS)])
-            for k in range(len(names))
-        ]
-        fig.legend(handles, list(names), loc="lower center", ncol=len(names), fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=80, bbox_inches="tight")
-    plt.close(fig)
-    return out
+def write_prediction(
+    masks: np.ndarray, info: fdata.DatasetInfo, reference: str | Path, path: str | Path
+) -> tuple[np.ndarray, Path]:
+    """Region masks ``(R, *S)`` → the label map of the input file ``reference`` (its grid,
+    affine and header; data-set label values) at ``path``. Returns ``(masks on the input's grid,
+    path)``. The one writer of :func:`infer` and of exported MONAI bundles."""
+    masks = to_input_grid(np.asarray(masks) > 0.5, nib.load(str(reference)).shape[:3])
+    return masks, save_label_map(fdata.regions_to_labels(masks, info), reference, path)
 
 
 def cases_for(
@@ -344,7 +307,8 @@ def infer(
     from tqdm.auto import tqdm
 
     with models.inference_controls(model, iters=iters, skip=skip) if nmf_blocks else _null():
-        for case in tqdm(cases, desc="infer", disable=not progress, leave=False):
+        quiet = not progress or not sys.stderr.isatty()  # a bar only on a terminal
+        for case in tqdm(cases, desc="infer", disable=quiet, leave=False):
             item = transform(case)
             image = item["image"]
             masks = predict_case(
@@ -355,34 +319,35 @@ def infer(
                 threshold=threshold,
             ).numpy()
             ref = case["image"][0] if isinstance(case["image"], list) else case["image"]
-            original = nib.load(str(ref)).shape[:3]
-            if masks.shape[1:] != tuple(original):  # resampled (ISLES: 2 mm): back to the input
-                t = torch.from_numpy(masks[None].astype(np.float32))
-                masks = (
-                    torch.nn.functional.interpolate(t, size=tuple(original), mode="nearest")[0]
-                    .numpy()
-                    .astype(bool)
-                )
-            labels = fdata.regions_to_labels(masks, info)
-            pred_path = save_label_map(labels, ref, out / f"{case['id']}.nii.gz")
+            masks, pred_path = write_prediction(masks, info, ref, out / f"{case['id']}.nii.gz")
             png_path = None
             if png:
-                img = image.as_tensor() if hasattr(image, "as_tensor") else torch.as_tensor(image)
-                truth = item.get("label")
-                if tuple(img.shape[1:]) != masks.shape[1:]:
-                    size = masks.shape[1:]
-                    img = torch.nn.functional.interpolate(img[None].float(), size=size)[0]
-                    truth = None
-                png_path = overlay_png(
-                    img.numpy(),
-                    masks,
-                    out / f"{case['id']}.png",
-                    names=info.regions,
-                    title=f"{case['id']}: prediction (colour), truth WT outline (cyan)",
-                    truth=None if truth is None else np.asarray(truth),
-                )
+                png_path = _overlay(case, item, masks, info, ref, out / f"{case['id']}.png")
             written.append({"id": case["id"], "prediction": str(pred_path), "png": str(png_path)})
     return written
+
+
+def _overlay(case, item, masks, info, ref, path) -> Path:
+    """The overlay PNG of one case, on the input's voxel grid and spacing."""
+    image = item["image"]
+    img = image.as_tensor() if hasattr(image, "as_tensor") else torch.as_tensor(image)
+    truth = item.get("label")
+    if tuple(img.shape[1:]) != masks.shape[1:]:  # resampled: back to the input's grid
+        img = torch.nn.functional.interpolate(img[None].float(), size=masks.shape[1:])[0]
+        truth = None
+        if case.get("label"):
+            _, label, _ = fdata.read_case(case, info)
+            truth = fdata.labels_to_regions(label, info)
+    spacing = nib.load(str(ref)).header.get_zooms()[:3]
+    return overlay_png(
+        img.numpy(),
+        masks,
+        path,
+        names=info.regions,
+        title=str(case["id"]),
+        truth=None if truth is None else np.asarray(truth),
+        spacing=spacing,
+    )
 
 
 class _null:

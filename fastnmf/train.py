@@ -16,12 +16,15 @@
   (normalised);
 - AdamW (lr 1e-4, weight decay 1e-2 by default), linear warm-up then cosine decay to zero,
   gradient clipping, optional bf16 autocast (fp16 with a GradScaler);
-- validation every ``val_every`` steps: sliding-window Dice per region on the validation fold
-  (split across ranks by a :class:`DistributedSampler`); ``best.pt`` (mean Dice) and ``last.pt``,
+- validation every ``val_every`` steps: sliding-window Dice per region and the validation loss on
+  the validation fold (split across ranks by a :class:`DistributedSampler`); ``best.pt`` (the
+  model :func:`is_better` picks: higher mean Dice, ties broken by the lower validation loss) and
+  ``last.pt``,
   written atomically, with the model, optimiser, scheduler, scaler, per-rank RNG states, step and
   the config as plain data, so ``torch.load(weights_only=True)`` reads them and a resumed run
   continues bit for bit;
-- logs: ``train.csv`` / ``val.csv``, TensorBoard (``tb/``), a tqdm bar with loss, steps/s, ETA;
+- logs: ``train.csv`` / ``val.csv``, TensorBoard (``tb/``), progress with loss, steps/s, ETA
+  (a tqdm bar on a terminal, whole lines otherwise: :class:`fastnmf.logs.Progress`);
 - a non-finite loss stops the run with :class:`TrainingDiverged`, after saving the last good
   state (before the bad step) as ``last.pt``.
 - multi-GPU / multi-process: under ``torchrun`` (``WORLD_SIZE > 1``) the model is wrapped in
@@ -32,11 +35,8 @@
 
 from __future__ import annotations
 
-import csv
 import math
 import os
-import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,8 +49,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import data as fdata
+from .checkpoints import _rng_state, _seed_everything, _set_rng_state, save_checkpoint
 from .config import TrainConfig
 from .infer import build_model, info_to_dict, resolve_device, sliding_window_logits
+from .logs import Progress, TrainLogs, print_line
 
 __all__ = [
     "TrainingDiverged",
@@ -61,7 +63,11 @@ __all__ = [
     "save_checkpoint",
     "validate",
     "case_seed",
+    "is_better",
 ]
+
+# mean Dice values closer than this are a tie (e.g. 0 = 0 before a small lesion is found)
+DICE_TIE = 1e-6
 
 CHECKPOINT_FORMAT = 1
 
@@ -218,72 +224,6 @@ def _any(flag: bool, world: int, device: torch.device) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
-# RNG and checkpoints
-
-
-def _rng_state() -> dict[str, Any]:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    version, pstate, gauss = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {
-            "name": str(name),
-            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached": float(cached),
-        },
-        "python": {"version": int(version), "state": list(pstate), "gauss": gauss},
-    }
-
-
-def _set_rng_state(s: dict[str, Any]) -> None:
-    torch.set_rng_state(s["torch"])
-    if s.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-    n = s["numpy"]
-    np.random.set_state(
-        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"])
-    )
-    p = s["python"]
-    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
-
-
-def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
-    """``torch.save`` to a temporary file beside ``path``, flushed to disk, then renamed: a
-    process killed at any moment leaves the previous checkpoint or the new one, never a
-    half-written file (a leftover ``.<name>.tmp-<pid>`` may remain; it is never read).
-
-    Test hook: ``FASTNMF_TEST_SLOW_SAVE=<seconds>`` pauses between writing the temporary file and
-    the rename, so tests/test_reliability_faults.py can kill a run inside that window. Unset in
-    normal use; it changes nothing but timing.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        delay = os.environ.get("FASTNMF_TEST_SLOW_SAVE")
-        if delay:
-            time.sleep(float(delay))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-# ----------------------------------------------------------------------------------------------
 # Validation
 
 
@@ -297,12 +237,15 @@ def validate(
     sw_batch_size: int,
     amp: str = "none",
     world: int = 1,
+    loss_fn: DeepSupervisionLoss | None = None,
 ) -> dict[str, float]:
     """Sliding-window Dice per region (sigmoid > 0.5; empty truth and prediction = 1), averaged
-    over the validation cases (gathered across ranks, each case once); adds ``"mean"``."""
+    over the validation cases (gathered across ranks, each case once); adds ``"mean"`` and, with
+    ``loss_fn``, ``"loss"`` (its Dice + BCE on the whole volume's logits, mean over cases)."""
     from monai.metrics import DiceMetric
 
     metric = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
+    loss_fn = loss_fn or DeepSupervisionLoss()
     per_case: list[tuple[str, list[float]]] = []
     for batch in loader:
         logits = sliding_window_logits(
@@ -312,99 +255,38 @@ def validate(
         label = torch.as_tensor(batch["label"]).cpu()
         d = metric(pred, label)  # (B, R)
         for i in range(d.shape[0]):
-            per_case.append((str(batch["id"][i]), d[i].tolist()))
+            loss = loss_fn.dicece(logits[i : i + 1].float().cpu(), label[i : i + 1].float())
+            per_case.append((str(batch["id"][i]), [*d[i].tolist(), float(loss)]))
     merged = {cid: v for part in _gather(per_case, world) for cid, v in part}
-    scores = np.array(list(merged.values()), dtype=np.float64).reshape(-1, len(regions))
+    scores = np.array(list(merged.values()), dtype=np.float64).reshape(-1, len(regions) + 1)
     result = {name: float(scores[:, k].mean()) for k, name in enumerate(regions)}
     result["mean"] = float(np.mean([result[r] for r in regions]))
+    result["loss"] = float(scores[:, -1].mean())
     return result
 
 
+def is_better(scores: dict[str, float], best: dict[str, Any]) -> bool:
+    """Whether a validation result (``mean`` Dice, ``loss``) beats the best so far (``dice``,
+    ``loss``, ``scores``): a higher mean Dice (by more than :data:`DICE_TIE`) wins; a tie goes to
+    the lower validation loss, and an equal loss to the newer model. So a run whose Dice is stuck
+    at 0 keeps the model that is closest to finding the lesion, not the first one."""
+    if best.get("scores") is None:
+        return True
+    diff = scores["mean"] - best["dice"]
+    if abs(diff) > DICE_TIE:
+        return diff > 0
+    return scores.get("loss", math.inf) <= best.get("loss", math.inf)
+
+
 def _fmt(d: dict[str, float] | None) -> str:
-    return "n/a" if not d else "  ".join(f"{k} {v:.4f}" for k, v in d.items())
+    if not d:
+        return "n/a"
+    dice = "  ".join(f"{k} {v:.4f}" for k, v in d.items() if k != "loss")
+    return dice + (f";  validation loss {d['loss']:.4f}" if "loss" in d else "")
 
 
 # ----------------------------------------------------------------------------------------------
 # Training
-
-
-class _Logs:
-    """Rank-0 CSV and TensorBoard logging (TensorBoard only if installed)."""
-
-    def __init__(
-        self, out: Path, *, enabled: bool, regions: tuple[str, ...], resume_step: int | None = None
-    ) -> None:
-        self.enabled = enabled
-        self.out = out
-        self.regions = regions
-        self.tb = None
-        if enabled and resume_step is not None:
-            self._truncate(resume_step)
-        if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                purge = None if resume_step is None else resume_step + 1
-                self.tb = SummaryWriter(str(out / "tb"), purge_step=purge)
-            except ImportError:  # pragma: no cover - tensorboard is a dependency
-                self.tb = None
-
-    def _truncate(self, step: int) -> None:
-        """Drop CSV rows logged after ``step`` by a run that was stopped or killed before its
-        next checkpoint: the resumed run logs those steps again."""
-        for name in ("train.csv", "val.csv"):
-            path = self.out / name
-            if not path.is_file():
-                continue
-            rows = list(csv.reader(path.read_text().splitlines()))
-            keep = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]
-            if len(keep) != len(rows):
-                with open(path, "w", newline="") as f:
-                    csv.writer(f).writerows(keep)
-
-    def _append(self, name: str, header: list[str], row: list[Any]) -> None:
-        path = self.out / name
-        new = not path.exists()
-        with open(path, "a", newline="") as f:
-            w = csv.writer(f)
-            if new:
-                w.writerow(header)
-            w.writerow(row)
-
-    def train(self, step: int, loss: float, lr: float, grad_norm: float, sps: float) -> None:
-        if not self.enabled:
-            return
-        self._append(
-            "train.csv",
-            ["step", "loss", "lr", "grad_norm", "steps_per_s"],
-            [step, f"{loss:.6f}", f"{lr:.6g}", f"{grad_norm:.4f}", f"{sps:.3f}"],
-        )
-        if self.tb is not None:
-            self.tb.add_scalar("train/loss", loss, step)
-            self.tb.add_scalar("train/lr", lr, step)
-            self.tb.add_scalar("train/grad_norm", grad_norm, step)
-
-    def val(self, step: int, scores: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        keys = [*self.regions, "mean"]
-        self._append("val.csv", ["step", *keys], [step, *(f"{scores[k]:.6f}" for k in keys)])
-        if self.tb is not None:
-            for k in keys:
-                self.tb.add_scalar(f"val/dice_{k}", scores[k], step)
-            self.tb.flush()
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-def _print(msg: str, rank: int) -> None:
-    if rank == 0:
-        from tqdm.auto import tqdm
-
-        tqdm.write(msg, file=sys.stdout)
-        sys.stdout.flush()
 
 
 def train(
@@ -433,7 +315,6 @@ def train(
         TrainingDiverged: a non-finite loss (``last.pt`` holds the state before the bad step).
     """
     from monai.data import CacheDataset, DataLoader
-    from tqdm.auto import tqdm
 
     from .infer import load_checkpoint
 
@@ -447,7 +328,7 @@ def train(
         torch.cuda.set_device(device)
     out = Path(out)
     is_main = rank == 0
-    say = (lambda m: _print(m, rank)) if verbose else (lambda m: None)
+    say = (lambda m: print_line(m, rank)) if verbose else (lambda m: None)
 
     ckpt = None
     if resume is not None:
@@ -479,7 +360,9 @@ def train(
     )
     if cfg.val_cases:
         val_cases = val_cases[: cfg.val_cases]
-    tr_tf = fdata.train_transforms(info, patch_size=cfg.patch, crop=cfg.crop, augment=cfg.augment)
+    tr_tf = fdata.train_transforms(
+        info, patch_size=cfg.patch, crop=cfg.crop, pos_ratio=cfg.pos_ratio, augment=cfg.augment
+    )
     va_tf = fdata.val_transforms(info, resample=True)
     tr_cache = CacheDataset(train_cases, tr_tf, progress=False, num_workers=0)
     va_ds = CacheDataset(val_cases, va_tf, progress=False, num_workers=0)
@@ -499,7 +382,7 @@ def train(
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
 
     step = 0
-    best: dict[str, Any] = {"step": 0, "dice": -1.0, "scores": None}
+    best: dict[str, Any] = {"step": 0, "dice": -1.0, "loss": math.inf, "scores": None}
     baseline = None
     if ckpt is not None:
         raw_model.load_state_dict(ckpt["model"])
@@ -524,7 +407,7 @@ def train(
         f"{count_parameters(raw_model) / 1e6:.3f}M parameters; device {device}, "
         f"{world} process(es)"
     )
-    logs = _Logs(
+    logs = TrainLogs(
         out, enabled=is_main, regions=info.regions, resume_step=step if ckpt is not None else None
     )
     va_sampler = (
@@ -549,6 +432,7 @@ def train(
             sw_batch_size=cfg.sw_batch_size,
             amp=cfg.amp,
             world=world,
+            loss_fn=loss_fn,
         )
 
     def state(at_step: int, rng: dict[str, Any]) -> dict[str, Any]:
@@ -601,15 +485,7 @@ def train(
         else:
             say(f"note: checkpoint has RNG states of {len(rngs)} rank(s), running {world}")
     model.train()
-    bar = tqdm(
-        total=cfg.steps,
-        initial=step,
-        desc="train",
-        disable=not (progress and is_main),
-        dynamic_ncols=True,
-        mininterval=0.5 if sys.stderr.isatty() else 10.0,
-        unit="step",
-    )
+    bar = Progress(total=cfg.steps, initial=step, enabled=progress and is_main)
     last_val = None
     t_log, s_log = time.perf_counter(), step
     try:
@@ -646,8 +522,7 @@ def train(
             sched.step()
             step += 1
             lv = float(loss.item())
-            bar.set_postfix(loss=f"{lv:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}", refresh=False)
-            bar.update(1)  # redraws at most every mininterval: steps/s and ETA from tqdm
+            bar.update(loss=lv, lr=sched.get_last_lr()[0])
             if step % cfg.log_every == 0 or step == end:
                 now = time.perf_counter()
                 sps = (step - s_log) / max(now - t_log, 1e-9)
@@ -656,9 +531,14 @@ def train(
             if step % cfg.val_every == 0 or step == cfg.steps:
                 last_val = run_validation()
                 logs.val(step, last_val)
-                improved = last_val["mean"] > best["dice"]
+                improved = is_better(last_val, best)
                 if improved:
-                    best = {"step": step, "dice": last_val["mean"], "scores": last_val}
+                    best = {
+                        "step": step,
+                        "dice": last_val["mean"],
+                        "loss": last_val["loss"],
+                        "scores": last_val,
+                    }
                 say(
                     f"step {step} validation Dice: {_fmt(last_val)}"
                     + ("  (best)" if improved else "")

@@ -33,11 +33,24 @@ def _version(text: str) -> tuple[int, int]:
     return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
 
 
+# Triton reads TRITON_INTERPRET when the kernels are decorated, i.e. when this package is imported
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _interpreter_check(x: torch.Tensor) -> None:
-    """Triton < 3.7's interpreter turns loop bounds into ints with ``int(one-element array)``,
-    which NumPy >= 2.4 refuses; fail with the fix instead of an InterpreterError from deep inside.
+    """CPU tensors need the interpreter, enabled before import (otherwise Triton fails with "0
+    active drivers"). Triton < 3.7's interpreter turns loop bounds into ints with
+    ``int(one-element array)``, which NumPy >= 2.4 refuses; fail with the fix instead of an
+    InterpreterError from deep inside.
     """
-    if x.device.type != "cpu" or os.environ.get("TRITON_INTERPRET") != "1":
+    if x.device.type == "cpu" and not _INTERPRETED:
+        raise RuntimeError(
+            "kernel='triton' got CPU tensors, but Triton's CPU interpreter is off (Triton would "
+            "fail with '0 active drivers'). Either use kernel='torch' (or 'auto': torch on CPU, "
+            "triton on CUDA), or set TRITON_INTERPRET=1 in the environment before importing "
+            "fastnmf (runs the Triton kernels on the CPU, slowly)"
+        )
+    if x.device.type != "cpu":
         return
     if _version(triton.__version__) < (3, 7) and _version(np.__version__) >= (2, 4):
         raise RuntimeError(

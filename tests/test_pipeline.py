@@ -80,13 +80,14 @@ def test_few_step_training_writes_everything(run):
         assert (out / name).is_file(), name
     assert any((out / "tb").iterdir())
     val = (out / "val.csv").read_text().splitlines()
-    assert val[0] == "step,ET,TC,WT,mean" and [r.split(",")[0] for r in val[1:]] == ["0", "2", "4"]
+    assert val[0] == "step,ET,TC,WT,mean,loss"
+    assert [r.split(",")[0] for r in val[1:]] == ["0", "2", "4"]
     cfg = TrainConfig.load(out / "config.json")
     assert cfg.steps == 4 and cfg.model_options["widths"] == [8, 16, 32]
     ckpt = load_checkpoint(out / "last.pt")  # weights_only=True
     assert ckpt["step"] == 4 and ckpt["config"] == cfg.to_dict()
     assert {"model", "optimizer", "scheduler", "scaler", "rng", "best", "baseline"} <= set(ckpt)
-    assert set(result.baseline) == {"ET", "TC", "WT", "mean"}
+    assert set(result.baseline) == {"ET", "TC", "WT", "mean", "loss"}
     # final evaluation of the validation fold
     assert (out / "predictions" / "metrics.csv").is_file()
     summary = json.loads((out / "predictions" / "summary.json").read_text())

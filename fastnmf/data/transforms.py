@@ -45,6 +45,7 @@ from monai.transforms import (
     Compose,
     CropForegroundd,
     EnsureTyped,
+    FgBgToIndicesd,
     MapTransform,
     NormalizeIntensityd,
     RandAdjustContrastd,
@@ -188,6 +189,7 @@ def train_transforms(
     *,
     patch_size: int | tuple[int, int, int] | None = None,
     crop: str = "random",
+    pos_ratio: float = 0.5,
     augment: bool = True,
     seed: int | None = None,
 ) -> Compose:
@@ -197,9 +199,12 @@ def train_transforms(
     Args:
         kind: ``"demo"``, ``"brats"``, ``"isles"``, ``"generic"`` or a :class:`DatasetInfo`.
         patch_size: training patch (default ``info.patch_size``).
-        crop: ``"random"`` (uniform random patch, as the paper) or ``"posneg"`` (centre on
-            foreground and background with equal odds; MONAI then returns a one-element list
-            per case, which MONAI's DataLoader flattens).
+        crop: ``"random"`` (uniform random patch, as the paper) or ``"posneg"`` (centre on a
+            foreground voxel, any region, with probability ``pos_ratio``, else on a background
+            voxel; MONAI then returns a one-element list per case, which MONAI's DataLoader
+            flattens). The voxel indices are computed once per case, before the first random
+            transform, so :class:`monai.data.CacheDataset` keeps them.
+        pos_ratio: share of ``posneg`` patches centred on foreground, in [0, 1].
         augment: apply the paper's seven random augmentations.
         seed: seed the pipeline's random state (``Compose.set_random_state``).
     """
@@ -207,6 +212,8 @@ def train_transforms(
     patch = _patch(patch_size, info)
     if crop not in ("random", "posneg"):
         raise ValueError(f"unknown crop {crop!r}; valid: random, posneg")
+    if not 0 <= pos_ratio <= 1:
+        raise ValueError(f"pos_ratio must be in [0, 1], got {pos_ratio}")
     t: list = [LoadCased(info), LabelsToRegionsd(info)]
     if info.spacing is not None:
         t.append(Spacingd(KEYS, pixdim=info.spacing, mode=("bilinear", "bilinear")))
@@ -218,11 +225,19 @@ def train_transforms(
     if crop == "random":
         t.append(RandSpatialCropd(KEYS, roi_size=patch, random_size=False))
     else:
-        t.append(
+        t += [
+            FgBgToIndicesd("label"),  # label_fg_indices, label_bg_indices (any region > 0)
             RandCropByPosNegLabeld(
-                KEYS, label_key="label", spatial_size=patch, pos=1, neg=1, num_samples=1
-            )
-        )
+                KEYS,
+                label_key="label",
+                spatial_size=patch,
+                pos=pos_ratio,
+                neg=1 - pos_ratio,
+                num_samples=1,
+                fg_indices_key="label_fg_indices",
+                bg_indices_key="label_bg_indices",
+            ),
+        ]
     if augment:
         t += [
             RandAffined(
