@@ -1,0 +1,202 @@
+"""The static kernel report (issue 14): every Triton kernel of the NMF layer compiles for sm_90a
+without spilling, the report's rows hold what they say, and ``fastnmf profile --suite static``
+writes static.json / static.md.
+
+The kernels are compiled once per test session (a compiling subprocess: this process runs
+Triton's interpreter), at the benchmark shape 2x32x128^3 fp32 on meta tensors.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+
+import pytest
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.runtime.jit import JITFunction
+
+from fastnmf.cli import main
+from fastnmf.profile.static import ptx_tools
+from fastnmf.profile.static.cases import coverage_cases
+from fastnmf.profile.static.driver import stub_driver
+from fastnmf.profile.static.kernel_report import LAUNCH_FIELDS, kernel_report
+from fastnmf.profile.static.suite import run_static
+
+KERNEL_MODULES = ("window_nmf", "window_nmf_rank", "global_nmf", "global_nmf_rank")
+_MISSING = ptx_tools.missing_tools(["sm_90a"])
+needs_ptxas = pytest.mark.skipif(bool(_MISSING), reason="; ".join(_MISSING) or "tools present")
+
+# Kernels that spill today (sm_90a, Triton 3.9, ptxas 13.4), measured by this report: a strict
+# xfail, so the test fails as soon as one stops spilling (remove it here then) and any other kernel
+# that starts spilling fails at once.
+KNOWN_SPILLS = {
+    ("fastnmf.kernels.window_nmf", "_stats_bwd_kernel"):
+        "shifted windows: 168 registers, 8 B spill stores + 4 B spill loads",
+    ("fastnmf.kernels.window_nmf", "_apply_bwd_kernel"):
+        "per-voxel backward (tiles under 4 voxels, e.g. shift 3; BLOCK_V 128, 4 warps): 255 "
+        "registers, 8 B + 8 B",
+    ("fastnmf.kernels.window_nmf_rank", "_window_bwd_kernel"):
+        "rank-2 window backward (4 warps): 255 registers, 292 B + 564 B",
+}  # fmt: skip
+
+
+def _launched_kernels() -> list[tuple[str, str]]:
+    """Every ``*_kernel`` Triton function of the kernel modules: (module, name)."""
+    found = []
+    for short in KERNEL_MODULES:
+        module = importlib.import_module(f"fastnmf.kernels.{short}")
+        for name, obj in vars(module).items():
+            if name.endswith("_kernel") and hasattr(obj, "fn"):  # jit or interpreted function
+                found.append((module.__name__, name))
+    return found
+
+
+KERNELS = _launched_kernels()
+
+
+@pytest.fixture(scope="module")
+def report():
+    if _MISSING:
+        pytest.skip("; ".join(_MISSING))
+    return kernel_report(coverage_cases(), targets=("sm_90a",))
+
+
+def _spill_param(module: str, name: str):
+    reason = KNOWN_SPILLS.get((module, name))
+    marks = [pytest.mark.xfail(strict=True, reason=f"spills today: {reason}")] if reason else []
+    return pytest.param(module, name, marks=marks, id=f"{module.rsplit('.', 1)[1]}.{name}")
+
+
+@needs_ptxas
+@pytest.mark.parametrize(("module", "name"), [_spill_param(m, n) for m, n in KERNELS])
+def test_every_kernel_compiles_for_sm90a_without_spills(report, module, name):
+    rows = [r for r in report["launches"] if r["module"] == module and r["kernel"] == name]
+    assert rows, f"{module}.{name} was never launched by the coverage cases"
+    for r in rows:
+        assert r["target"] == "sm_90a" and r["regs"] > 0
+        assert r["spill_bytes"] == 0, (
+            f"{name} ({r['case']}, {r['pass']} #{r['launch_index']}, {r['warps']} warps, "
+            f"{r['constexprs']}) spills {r['spill_store_bytes']} B stores + "
+            f"{r['spill_load_bytes']} B loads at {r['regs']} registers"
+        )
+
+
+@needs_ptxas
+def test_report_rows_hold_the_launch_configuration(report):
+    launches, calls = report["launches"], report["calls"]
+    assert len(KERNELS) >= 10 and {(r["module"], r["kernel"]) for r in launches} == set(KERNELS)
+    per_call: dict = {}
+    for r in launches:
+        assert set(LAUNCH_FIELDS) <= set(r), set(LAUNCH_FIELDS) - set(r)
+        assert r["programs"] == math.prod(r["grid"]) > 0
+        assert r["warps"] <= r["resident_warps_per_sm"] <= 64, r
+        assert r["ldg_by_width"] and r["stg_by_width"], r  # every kernel reads and writes
+        per_call.setdefault((r["case"], r["pass"]), []).append(r["launch_index"])
+    assert all(sorted(ix) == list(range(len(ix))) for ix in per_call.values())
+    # the GPU's geometry, not the interpreter's: 2x32x128^3, E = 8, P = 8 -> 4096 windows per
+    # head, 8 = batch x heads; shifts [None, 2, 4, 6] leave 2^3 tiles, which a GPU runs as tiles
+    # of 8 voxels (the interpreter would take the per-voxel kernel with 1024-voxel blocks)
+    swin4 = {(r["pass"], r["launch_index"]): r for r in launches
+             if r["case"] == "window-[None, 2, 4, 6]-fp32-r1-2x32x128x128x128"}  # fmt: skip
+    assert swin4["fwd", 0]["kernel"] == "_stats_fwd_kernel"
+    assert swin4["fwd", 0]["grid"] == [4096 * 4, 8, 1] and swin4["fwd", 0]["warps"] == 1
+    assert swin4["fwd", 1]["kernel"] == "_apply_fwd_tile_kernel"
+    assert swin4["fwd", 1]["grid"] == [128**3 // 8, 8, 1]
+    assert swin4["fwd", 1]["constexprs"]["HB"] == 8
+    # host->device copies: the shift table (n_shifts x 3 int32) once per forward
+    by_call = {(c["case"], c["pass"]): c for c in calls}
+    fwd = by_call["window-[None, 2, 4, 6]-fp32-r1-2x32x128x128x128", "fwd"]
+    assert fwd["host_device_copies"] == 1 and fwd["host_device_copy_bytes"] == 4 * 3 * 4
+    assert by_call["window-[None, 2, 4, 6]-fp32-r1-2x32x128x128x128", "bwd"]["launches"] == 2
+    glob2 = by_call["global-global-fp32-r2-2x32x128x128x128", "bwd"]
+    assert glob2["launches"] == 0 and "NotImplementedError" in glob2["unsupported"]
+
+
+def test_occupancy_arithmetic():
+    # registers per warp rounded up to 256: 112 x 32 = 3584 -> 65536 // 3584 = 18 warps
+    assert ptx_tools.occupancy(regs=112, warps=1, smem=512, target="sm_90a") == {
+        "blocks_per_sm": 18, "resident_warps_per_sm": 18, "limited_by": "registers"}  # fmt: skip
+    # 46 x 32 = 1472 -> 1536 per warp -> 42 warps, but at most 32 blocks of one warp
+    occ = ptx_tools.occupancy(regs=46, warps=1, smem=0, target="sm_90a")
+    assert occ["resident_warps_per_sm"] == 32 and occ["limited_by"] == "blocks"
+    # 100 KB of shared memory per block: 2 blocks on sm_90 (228 KB), 1 on sm_80 (164 KB)
+    assert ptx_tools.occupancy(regs=32, warps=4, smem=100 * 1024, target="sm_90a")[
+        "blocks_per_sm"] == 2  # fmt: skip
+    assert ptx_tools.occupancy(regs=32, warps=4, smem=100 * 1024, target="sm_80")[
+        "blocks_per_sm"] == 1  # fmt: skip
+    with pytest.raises(ValueError, match="sm_80"):
+        ptx_tools.occupancy(regs=32, warps=4, smem=0, target="sm_70")
+
+
+def _double(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(y_ptr + i, tl.load(x_ptr + i, mask=i < n) * 2, mask=i < n)
+
+
+@needs_ptxas
+def test_stub_driver_compiles_records_and_restores():
+    import torch
+    from triton.runtime.driver import driver
+
+    before = driver._active
+    kernel = JITFunction(_double)  # compiled even where @triton.jit would interpret
+    x = torch.empty(1000, device="meta")
+    with stub_driver("sm_80") as stub:
+        assert driver.active is stub
+        assert stub.get_current_target() == GPUTarget("cuda", 80, 32)
+        kernel[(8,)](x, torch.empty_like(x), 1000, BLOCK=128, num_warps=4)
+    assert driver._active is before
+    (launch,) = stub.launches
+    assert (launch.kernel, launch.grid, launch.num_warps) == ("_double", (8, 1, 1), 4)
+    assert launch.constexprs == {"BLOCK": 128} and launch.args[2] == 1000
+    assert ".target sm_80" in launch.compiled.asm["ptx"]
+    info = ptx_tools.ptxas_info(launch.compiled.asm["ptx"], "sm_80")
+    assert info["regs"] > 0 and info["spill_store_bytes"] == 0
+    with pytest.raises(ValueError, match="sm_90a"), stub_driver("sm_100"):
+        pass
+    assert driver._active is before
+
+
+def test_missing_ptxas_is_a_clear_error(monkeypatch):
+    class Gone:
+        @property
+        def path(self):
+            raise RuntimeError("Cannot find ptxas-blackwell")
+
+    monkeypatch.setattr(ptx_tools, "_tool", lambda binary: (Gone(), f"/nowhere/bin/{binary}"))
+    with pytest.raises(FileNotFoundError, match="/nowhere/bin/ptxas-blackwell"):
+        ptx_tools.tool_path("ptxas-blackwell")
+    missing = ptx_tools.missing_tools(["sm_90a"])
+    assert len(missing) == 2 and any("/nowhere/bin/ptxas-blackwell" in m for m in missing)
+
+
+@needs_ptxas
+def test_cli_static_suite_writes_json_and_markdown(tmp_path, capsys):
+    out = tmp_path / "static"
+    args = ["profile", "--suite", "static", "--target", "sm_90a", "--parts", "kernels",
+            "--only", "window-[None, 4]-fp32-r1-2x32", "--out", str(out), "--quiet"]  # fmt: skip
+    assert main(args) == 0
+    doc = json.loads((out / "static.json").read_text())
+    assert doc["meta"]["cases"] == ["window-[None, 4]-fp32-r1-2x32x128x128x128"]
+    kernels = [(r["pass"], r["launch_index"], r["kernel"]) for r in doc["launches"]]
+    assert kernels == [("fwd", 0, "_stats_fwd_kernel"), ("fwd", 1, "_apply_fwd_tile_kernel"),
+                       ("bwd", 0, "_stats_bwd_kernel"), ("bwd", 1, "_apply_bwd_tile_kernel")]
+    both = [c for c in doc["calls"] if c["pass"] == "fwd+bwd"]
+    assert len(both) == 1 and both[0]["launches"] == 4
+    assert both[0]["ideal_bytes"] == 5 * 2 * 32 * 128**3 * 4  # x, y; x, dy, dx
+    md = (out / "static.md").read_text()
+    assert "## Kernels" in md and "_apply_bwd_tile_kernel" in md
+    assert "What these figures cannot tell" in md
+    assert "kernels that spill" in capsys.readouterr().out
+
+
+def test_static_suite_bad_input(tmp_path, capsys):
+    with pytest.raises(ValueError, match="kernels"):
+        run_static(targets=("sm_90a",), out=tmp_path, parts=("bogus",))
+    with pytest.raises(ValueError, match="sm_80"):
+        run_static(targets=("sm_75",), out=tmp_path, parts=("kernels",))
+    args = ["profile", "--suite", "static", "--only", "no-such-case", "--out", str(tmp_path)]
+    assert main(args) == 2
+    assert "no static case id contains" in capsys.readouterr().err
