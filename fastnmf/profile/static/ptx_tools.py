@@ -4,13 +4,17 @@ loads/stores by width, SHFL, integer-division sequences), the PTX, and occupancy
 The tools are the ones bundled with Triton (``triton/backends/nvidia/bin``): the ptxas Triton
 itself uses for the target (``ptxas-blackwell``, CUDA 13, for sm_90a; ``ptxas``, CUDA 12.9, for
 sm_80), run with the flags of Triton's ``make_cubin``, so the figures are those of the cubin a GPU
-would load; ``nvdisasm`` for the SASS of Triton's cubin. Results are cached per (text, target).
+would load; ``nvdisasm`` for the SASS of Triton's cubin. Results are cached in memory and on disk
+beside Triton's own cache (``<triton cache dir>/fastnmf-static/``), keyed by a hash of the text,
+the target, the flags and the tool's version.
 """
 
 from __future__ import annotations
 
 import collections
 import functools
+import hashlib
+import json
 import os
 import re
 import subprocess
@@ -73,8 +77,45 @@ def ptxas_info(ptx: str, target: str, *, fp_fusion: bool = True, ptx_options=Non
     return dict(_ptxas_cached(ptx, target, fp_fusion, ptx_options or ""))
 
 
+def _disk_cached(tool: str, data, *key, compute):
+    """``compute()`` (a JSON-able dict), cached on disk by a hash of the tool, its version, the
+    input and ``key``; an unwritable cache directory only costs the recomputation."""
+    import triton
+
+    h = hashlib.sha256(f"{tool}|{_tool_version(tool)}|{key}|".encode())
+    h.update(data.encode() if isinstance(data, str) else data)
+    path = os.path.join(triton.knobs.cache.dir, "fastnmf-static", h.hexdigest() + ".json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        pass
+    result = compute()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(result, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return result
+
+
+@functools.cache
+def _tool_version(binary: str) -> str:
+    knob, _ = _tool(binary)
+    return knob.version
+
+
 @functools.cache
 def _ptxas_cached(ptx, target, fp_fusion, ptx_options):
+    name = _ptxas_name(check_target(target))
+    run = functools.partial(_run_ptxas, ptx, target, fp_fusion, ptx_options)
+    return _disk_cached(name, ptx, target, fp_fusion, ptx_options, compute=run)
+
+
+def _run_ptxas(ptx, target, fp_fusion, ptx_options) -> dict:
     arch = "sm_90a" if check_target(target) >= 90 else target
     ptxas = tool_path(_ptxas_name(check_target(target)))
     with tempfile.TemporaryDirectory() as tmp:
@@ -129,12 +170,17 @@ def sass_counts(cubin: bytes) -> dict:
 
 @functools.cache
 def _sass_cached(cubin):
+    return _disk_cached("nvdisasm", cubin, compute=functools.partial(_run_nvdisasm, cubin))
+
+
+def _run_nvdisasm(cubin) -> dict:
     nvdisasm = tool_path("nvdisasm")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
-        done = subprocess.run([nvdisasm, path], capture_output=True, text=True)
+        # -c: code sections only; -ndf: no dataflow comments (half the time, same instructions)
+        done = subprocess.run([nvdisasm, "-c", "-ndf", path], capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"nvdisasm failed ({done.returncode}): {done.stderr.strip()}")
     ops = [m.group(1) for m in _SASS_LINE.finditer(done.stdout)]
