@@ -112,7 +112,8 @@ def _tool_version(binary: str) -> str:
 def _ptxas_cached(ptx, target, fp_fusion, ptx_options):
     name = _ptxas_name(check_target(target))
     run = functools.partial(_run_ptxas, ptx, target, fp_fusion, ptx_options)
-    return _disk_cached(name, ptx, target, fp_fusion, ptx_options, compute=run)
+    # the raw log is cached, not its reading: a change of the parser needs no invalidation
+    return _parse_ptxas(_disk_cached(name, ptx, target, fp_fusion, ptx_options, compute=run)["log"])
 
 
 def _run_ptxas(ptx, target, fp_fusion, ptx_options) -> dict:
@@ -128,7 +129,7 @@ def _run_ptxas(ptx, target, fp_fusion, ptx_options) -> dict:
         done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr.strip()}")
-    return _parse_ptxas(done.stderr)
+    return {"log": done.stderr}
 
 
 def _parse_ptxas(log: str) -> dict:
@@ -170,7 +171,9 @@ def sass_counts(cubin: bytes) -> dict:
 
 @functools.cache
 def _sass_cached(cubin):
-    return _disk_cached("nvdisasm", cubin, compute=functools.partial(_run_nvdisasm, cubin))
+    # the opcodes are cached (a few thousand short strings), their counts computed here
+    ops = _disk_cached("nvdisasm", cubin, compute=functools.partial(_run_nvdisasm, cubin))["ops"]
+    return _count_sass(ops)
 
 
 def _run_nvdisasm(cubin) -> dict:
@@ -183,7 +186,10 @@ def _run_nvdisasm(cubin) -> dict:
         done = subprocess.run([nvdisasm, "-c", "-ndf", path], capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"nvdisasm failed ({done.returncode}): {done.stderr.strip()}")
-    ops = [m.group(1) for m in _SASS_LINE.finditer(done.stdout)]
+    return {"ops": [m.group(1) for m in _SASS_LINE.finditer(done.stdout)]}
+
+
+def _count_sass(ops: list[str]) -> dict:
     loads, stores = collections.Counter(), collections.Counter()
     for op in ops:
         head = op.split(".")[0]
