@@ -21,8 +21,8 @@ _MEANINGS = [
     "- **LDG / STG**: global load / store instructions in the SASS by width in bits "
     "(`32:43` = 43 32-bit instructions), counted once each: a loop body counts once however "
     "often it runs. **SHFL**: warp shuffles in the SASS. **div**: 32-bit integer "
-    "division sequences in the SASS (one per runtime divisor, `I2F.U32.RP`) / integer div+rem "
-    "instructions in the PTX.",
+    "division sequences in the SASS (`I2F.RP` + `MUFU.RCP`: one per runtime divisor, shared by "
+    "the divisions and remainders by it) / integer div + rem instructions in the PTX.",
     "- **programs**: grid size; **waves**: programs / (resident programs per SM x SMs).",
     "- **H→D**: tensors built on the host from Python data per call (a host-to-device copy on a "
     "GPU, e.g. the shift table). **torch ops**: other PyTorch ops of the call that launch a "
