@@ -200,3 +200,46 @@ def test_static_suite_bad_input(tmp_path, capsys):
     args = ["profile", "--suite", "static", "--only", "no-such-case", "--out", str(tmp_path)]
     assert main(args) == 2
     assert "no static case id contains" in capsys.readouterr().err
+
+
+@needs_ptxas
+def test_suite_joins_traffic_rows_on_case_pass_and_launch_index(report, tmp_path, monkeypatch):
+    """The traffic part (another module) is stood in for by rows derived from the kernel rows;
+    what is tested is the join and the per-call sums of the suite."""
+    import sys
+    import types
+
+    from fastnmf.profile import static as static_pkg
+    from fastnmf.profile.static import kernel_report as kr_module
+    from fastnmf.profile.static.cases import ideal_bytes
+
+    cases = [c for c in coverage_cases() if c.id.startswith("window-[None, 4]-fp32-r1")]
+
+    def launch_rows(cases_, *, target):
+        rows = [r for r in report["launches"] if r["case"] in {c.id for c in cases_}]
+        return [{"case": r["case"], "pass": r["pass"], "launch_index": r["launch_index"],
+                 "kernel": r["kernel"] if r["launch_index"] == 0 else "_other_kernel",
+                 "bytes_loaded": 1000 + r["launch_index"], "bytes_stored": 10}
+                for r in rows]  # fmt: skip
+
+    fake = types.SimpleNamespace(launch_rows=launch_rows, call_rows=lambda rows: [],
+                                 markdown=lambda calls: ["## Traffic (stand-in)"])  # fmt: skip
+    monkeypatch.setitem(sys.modules, "fastnmf.profile.static.traffic", fake)
+    monkeypatch.setattr(static_pkg, "traffic", fake, raising=False)
+    monkeypatch.setattr(kr_module, "kernel_report", lambda cases_, targets: {
+        "launches": [r for r in report["launches"] if r["case"] == cases[0].id],
+        "calls": [c for c in report["calls"] if c["case"] == cases[0].id]})  # fmt: skip
+    doc = run_static(targets=("sm_90a",), out=tmp_path, parts=("kernels", "traffic"), cases=cases)
+    joined = {(r["pass"], r["launch_index"]): r for r in doc["launches"]}
+    # launch 0 of each call: one row with the kernel report's and the traffic part's fields
+    for pass_ in ("fwd", "bwd"):
+        assert joined[pass_, 0]["regs"] > 0 and joined[pass_, 0]["bytes_loaded"] == 1000
+    # launch 1 counted under another kernel name: kept apart and noted, never merged
+    assert sum(1 for r in doc["launches"] if r["launch_index"] == 1) == 4
+    assert sum("rows kept apart" in n for n in doc["notes"]) == 2
+    calls = {c["pass"]: c for c in doc["calls"]}
+    assert calls["fwd"]["bytes_loaded"] == 1000 + 1001 and calls["fwd"]["bytes_stored"] == 20
+    assert calls["fwd+bwd"]["bytes_loaded"] == 2 * 2001
+    assert calls["fwd+bwd"]["ideal_bytes"] == ideal_bytes(cases[0], "fwd") + ideal_bytes(
+        cases[0], "bwd")  # fmt: skip
+    assert "## Traffic (stand-in)" in (tmp_path / "static.md").read_text()

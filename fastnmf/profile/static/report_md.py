@@ -96,7 +96,8 @@ def _call_table(doc: dict) -> list[str]:
             what = f"unsupported: {c['unsupported'].split(';')[0][:90]}"
         else:
             what = "; ".join(
-                f"{r['launch_index']}: {r['kernel']} {r['grid']} {r.get('warps', '?')}w, "
+                f"{r['launch_index']}: {r.get('kernel', '?')} {r.get('grid', '?')} "
+                f"{r.get('warps', '?')}w, "
                 f"{_waves(r.get('waves'))}" for r in rows
             )  # fmt: skip
         ops = c.get("torch_op_detail") or {}
