@@ -545,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="static: parts to run (default all)")  # fmt: skip
     pr.add_argument("--quick", action="store_true", help="static: rank one fp32 at 128^3 only")
     pr.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
-    pr.add_argument("--out", help="output folder (default runs/profile-<time>)")
+    pr.add_argument("--out", help="output folder (default runs/profile-<time>, static-<time>)")
     pr.add_argument("--repeats", type=int, help="timed repetitions per case (median)")
     pr.add_argument(
         "--only",

@@ -36,11 +36,31 @@ _REG_ALLOC_UNIT = 256
 _WARP = 32
 
 
+class _BundledOnly:
+    """For a Triton without a knob for ``binary``: the bundled copy, if it is there."""
+
+    def __init__(self, path: str):
+        self._path = path
+
+    @property
+    def path(self) -> str:
+        if not os.access(self._path, os.X_OK):
+            raise RuntimeError(f"Cannot find {os.path.basename(self._path)}")
+        return self._path
+
+    @property
+    def version(self) -> str:
+        out = subprocess.run([self.path, "--version"], capture_output=True, text=True).stdout
+        return (re.search(r"release (\d+\.\d+)", out) or [None, "?"])[1]
+
+
 def _tool(binary: str):
+    """(Triton's knob for ``binary``, the path of Triton's bundled copy)."""
     import triton
 
-    knob = getattr(triton.knobs.nvidia, binary.replace("-", "_"))
-    return knob, os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", binary)
+    default = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", binary)
+    knob = getattr(triton.knobs.nvidia, binary.replace("-", "_"), None)
+    return knob or _BundledOnly(default), default
 
 
 def _ptxas_name(capability: int) -> str:
