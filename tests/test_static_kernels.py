@@ -115,12 +115,18 @@ def test_report_rows_hold_the_launch_configuration(report):
 
 
 def test_occupancy_arithmetic():
-    # registers per warp rounded up to 256: 112 x 32 = 3584 -> 65536 // 3584 = 18 warps
+    # registers per warp rounded up to 256, in 4 sub-partitions of 16K: 112 x 32 = 3584 ->
+    # 16384 // 3584 = 4 warps per sub-partition -> 16 warps (not 65536 // 3584 = 18)
     assert ptx_tools.occupancy(regs=112, warps=1, smem=512, target="sm_90a") == {
-        "blocks_per_sm": 18, "resident_warps_per_sm": 18, "limited_by": "registers"}  # fmt: skip
-    # 46 x 32 = 1472 -> 1536 per warp -> 42 warps, but at most 32 blocks of one warp
+        "blocks_per_sm": 16, "resident_warps_per_sm": 16, "limited_by": "registers"}  # fmt: skip
+    # 168 x 32 = 5376 -> 3 per sub-partition -> 12; 96 x 32 = 3072 -> 5 -> 20 warps = 5 blocks of 4
+    assert ptx_tools.occupancy(regs=168, warps=1, smem=0, target="sm_90a")["blocks_per_sm"] == 12
+    assert ptx_tools.occupancy(regs=96, warps=4, smem=0, target="sm_90a")["blocks_per_sm"] == 5
+    # 46 x 32 = 1472 -> 1536 per warp -> 40 warps, but at most 32 blocks of one warp
     occ = ptx_tools.occupancy(regs=46, warps=1, smem=0, target="sm_90a")
     assert occ["resident_warps_per_sm"] == 32 and occ["limited_by"] == "blocks"
+    # 255 registers x 32 x 8 warps exceeds the 64K registers a block may hold: it cannot launch
+    assert ptx_tools.occupancy(regs=255, warps=8, smem=0, target="sm_90a")["blocks_per_sm"] == 0
     # 100 KB of shared memory per block: 2 blocks on sm_90 (228 KB), 1 on sm_80 (164 KB)
     assert ptx_tools.occupancy(regs=32, warps=4, smem=100 * 1024, target="sm_90a")[
         "blocks_per_sm"] == 2  # fmt: skip

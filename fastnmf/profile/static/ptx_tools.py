@@ -25,14 +25,19 @@ from .driver import check_target
 __all__ = ["SM_LIMITS", "tool_path", "missing_tools", "ptxas_info", "sass_counts", "ptx_counts",
            "occupancy"]  # fmt: skip
 
-# per SM: registers, resident warps, resident blocks, shared memory (bytes); the CUDA runtime
-# reserves 1 KB of shared memory per block; registers are allocated per warp in units of 256
+# per SM: registers, resident warps, resident blocks, shared memory (bytes). The occupancy
+# arithmetic follows CUDA's cuda_occupancy.h (bundled with Triton): registers are allocated per
+# warp in units of 256 within each of 4 sub-partitions of 16K registers; shared memory per block
+# is rounded up to 128 bytes after adding the 1 KB the driver reserves per block (sm_80 and later).
 SM_LIMITS = {
     90: dict(regs=65536, warps=64, blocks=32, smem=228 * 1024),
     80: dict(regs=65536, warps=64, blocks=32, smem=164 * 1024),
 }
+_SUB_PARTITIONS = 4
 _SMEM_RESERVED_PER_BLOCK = 1024
+_SMEM_UNIT = 128
 _REG_ALLOC_UNIT = 256
+_MAX_REGS_PER_THREAD = 255
 _WARP = 32
 
 
@@ -239,16 +244,27 @@ def ptx_counts(ptx: str) -> dict:
     return {"ptx_int_div": len(_PTX_INT_DIV.findall(ptx)), "ptx_shfl": len(_PTX_SHFL.findall(ptx))}
 
 
+def _round_up(value: int, unit: int) -> int:
+    return -(-value // unit) * unit
+
+
 def occupancy(*, regs: int, warps: int, smem: int, target: str) -> dict:
-    """Resident blocks and warps per SM for a block of ``warps`` warps, and what limits them."""
+    """Resident blocks and warps per SM for a block of ``warps`` warps using ``regs`` registers
+    per thread and ``smem`` bytes of shared memory, and which limit binds (as cuda_occupancy.h)."""
     lim = SM_LIMITS[check_target(target)]
-    per_warp = -(-regs * _WARP // _REG_ALLOC_UNIT) * _REG_ALLOC_UNIT
+    per_warp = _round_up(regs * _WARP, _REG_ALLOC_UNIT)
+    if regs > _MAX_REGS_PER_THREAD or per_warp * _round_up(warps, _SUB_PARTITIONS) > lim["regs"]:
+        by_regs = 0
+    elif per_warp:
+        by_regs = (lim["regs"] // _SUB_PARTITIONS // per_warp) * _SUB_PARTITIONS // warps
+    else:
+        by_regs = lim["blocks"]
     limits = {
+        "registers": by_regs,
+        "shared memory": lim["smem"] // _round_up(smem + _SMEM_RESERVED_PER_BLOCK, _SMEM_UNIT),
         "warps": lim["warps"] // warps,
         "blocks": lim["blocks"],
-        "registers": (lim["regs"] // per_warp) // warps if per_warp else lim["blocks"],
-        "shared memory": lim["smem"] // (smem + _SMEM_RESERVED_PER_BLOCK),
     }
     blocks = min(limits.values())
-    limiter = min(limits, key=lambda k: (limits[k], k != "registers"))
+    limiter = next(k for k, v in limits.items() if v == blocks)  # first of equals, in this order
     return {"blocks_per_sm": blocks, "resident_warps_per_sm": blocks * warps, "limited_by": limiter}

@@ -15,9 +15,11 @@ _MEANINGS = [
     "(the ptxas Triton uses for the target, with Triton's flags). **spill B**: spill stores + "
     "spill loads in bytes per thread (0 = no local-memory traffic from register pressure). "
     "**smem B**: shared memory per program (Triton's allocation + static).",
-    "- **warps/SM**: resident warps per SM of 64, from registers (64K per SM, allocated per warp "
-    "in units of 256), warps (64), blocks (32) and shared memory (228 KB sm_90, 164 KB sm_80, "
-    "1 KB reserved per block); **limited by** names the binding limit.",
+    "- **warps/SM**: resident warps per SM of 64, as CUDA's occupancy calculator "
+    "(cuda_occupancy.h) computes them from registers (64K per SM in 4 sub-partitions, "
+    "allocated per warp in units of 256), warps (64), blocks (32) and shared memory (228 KB "
+    "sm_90, 164 KB sm_80; 1 KB reserved per block, 128-byte units); **limited by** names the "
+    "binding limit.",
     "- **LDG / STG**: global load / store instructions in the SASS by width in bits "
     "(`32:43` = 43 32-bit instructions), counted once each: a loop body counts once however "
     "often it runs. **SHFL**: warp shuffles in the SASS. **div**: 32-bit integer "
