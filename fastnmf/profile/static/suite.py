@@ -202,5 +202,18 @@ def _write(doc: dict, out: Path, parts, traffic_calls) -> None:
         from . import step_account
 
         lines += ["", *step_account.steps_markdown(doc["steps"])]
-    (out / "static.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    (out / "static.json").write_text(_json_rows(doc))
     (out / "static.md").write_text("\n".join(lines) + "\n")
+
+
+def _json_rows(doc: dict) -> str:
+    """JSON with one line per row of each list (readable, diffable, a third of indent=1)."""
+    parts = []
+    for key, value in doc.items():
+        if isinstance(value, list):
+            rows = ",\n  ".join(json.dumps(row, default=str) for row in value)
+            text = f"[\n  {rows}\n ]" if value else "[]"
+        else:
+            text = json.dumps(value, default=str)
+        parts.append(f" {json.dumps(key)}: {text}")
+    return "{\n" + ",\n".join(parts) + "\n}\n"
