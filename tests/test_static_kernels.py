@@ -112,6 +112,12 @@ def test_report_rows_hold_the_launch_configuration(report):
     assert by_call["window-[None, 2, 4, 6]-fp32-r1-2x32x128x128x128", "bwd"]["launches"] == 2
     glob2 = by_call["global-global-fp32-r2-2x32x128x128x128", "bwd"]
     assert glob2["launches"] == 0 and "NotImplementedError" in glob2["unsupported"]
+    # global rank 2, inference: one pass for G_0, one per iteration (T = 5), the output pass; the
+    # F updates between them run as PyTorch ops (each a device kernel on a GPU)
+    glob2 = by_call["global-global-fp32-r2-2x32x128x128x128", "fwd"]
+    assert glob2["forward_mode"] == "inference"
+    assert glob2["kernels"] == ["_pass_kernel"] * 6 + ["_apply_kernel"]
+    assert glob2["torch_ops"] >= 5 and glob2["torch_op_detail"]["aten.bmm"] == 5
 
 
 def test_occupancy_arithmetic():
