@@ -351,6 +351,8 @@ def cmd_components(args: argparse.Namespace) -> int:
 
 def cmd_profile(args: argparse.Namespace) -> int:
     """Run the layer and/or model benchmark suites; write table.md, table.csv and PNG plots."""
+    if args.suite == "static":
+        return _cmd_profile_static(args)
     from . import profile as P
 
     device = P.pick_device(args.device)
@@ -400,6 +402,22 @@ def cmd_profile(args: argparse.Namespace) -> int:
         print(line)
     print(f"written to {out}/: " + ", ".join(f.name for f in files))
     return 1 if failed else 0
+
+
+def _cmd_profile_static(args: argparse.Namespace) -> int:
+    """The static suite (no GPU, no timing): write static.md and static.json."""
+    from .profile.static.suite import PARTS, run_static
+
+    targets = [args.target] if args.target else ["sm_90a", "sm_80"]
+    out = Path(args.out) if args.out else Path("runs") / f"static-{time.strftime('%Y%m%d-%H%M%S')}"
+    t0 = time.perf_counter()
+    doc = run_static(targets=targets, out=out, parts=args.parts or PARTS, quick=args.quick,
+                     only=args.only or (), progress=None if args.quiet else print)  # fmt: skip
+    spills = sorted({r["kernel"] for r in doc["launches"] if r.get("spill_bytes")})
+    print(f"{len(doc['launches'])} launch(es), {len(doc['calls'])} call row(s), "
+          f"{len(doc['steps'])} step row(s) in {_duration(time.perf_counter() - t0)}; "
+          f"kernels that spill: {', '.join(spills) or 'none'}")  # fmt: skip
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -564,9 +582,20 @@ def build_parser() -> argparse.ArgumentParser:
         "inference) and write table.md, table.csv, meta.json and PNG plots. On a GPU the "
         "issue's shapes (128^3 batch 2, fp32 and bf16); on a CPU tiny shapes (seconds).",
     )
-    pr.add_argument("--suite", choices=["layer", "model", "all"], default="all")
+    pr.add_argument(
+        "--suite",
+        choices=["layer", "model", "all", "static"],
+        default="all",
+        help="all = layer + model (timed). static (not part of all: no GPU, no timing) compiles "
+        "every NMF kernel for --target and writes static.md / static.json: registers, spills, "
+        "occupancy, SASS counts, bytes moved, training-step account (default all)",
+    )
+    pr.add_argument("--target", choices=["sm_90a", "sm_80"], help="static: GPU (default both)")
+    pr.add_argument("--parts", nargs="+", choices=["kernels", "traffic", "steps"],
+                    help="static: parts to run (default all)")  # fmt: skip
+    pr.add_argument("--quick", action="store_true", help="static: rank one fp32 at 128^3 only")
     pr.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
-    pr.add_argument("--out", help="output folder (default runs/profile-<time>)")
+    pr.add_argument("--out", help="output folder (default runs/profile-<time>, static-<time>)")
     pr.add_argument("--repeats", type=int, help="timed repetitions per case (median)")
     pr.add_argument(
         "--only",

@@ -14,7 +14,8 @@ import math
 
 import torch
 
-__all__ = ["StaticCase", "benchmark_cases", "small_case", "ideal_bytes", "DTYPES", "PASSES"]
+__all__ = ["StaticCase", "benchmark_cases", "small_case", "ideal_bytes", "coverage_cases",
+           "DTYPES", "PASSES"]  # fmt: skip
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PASSES = ("fwd", "bwd")
@@ -102,3 +103,13 @@ def benchmark_cases(*, ranks=(1, 2), dtypes=tuple(DTYPES)) -> list[StaticCase]:
 def small_case(case: StaticCase, side: int = 16) -> StaticCase:
     """``case`` at a cube of ``side`` (default 16^3, batch 1): cheap enough for the interpreter."""
     return case.scaled(side, batch=1)
+
+
+def coverage_cases(dtype: str = "fp32") -> list[StaticCase]:
+    """Cases that launch every Triton kernel of the layer: the benchmark cases at the first
+    benchmark shape (rank one and two, every shift set, global) plus shifts [None, 3], whose
+    tiles of one voxel send the window apply passes to the per-voxel kernels."""
+    cases = benchmark_cases(dtypes=(dtype,))
+    cases = [c for c in cases if c.shape == cases[0].shape]
+    odd = dataclasses.replace(cases[0], mode="window", shifts=(None, 3), window=WINDOW, rank=1)
+    return [*cases, odd]

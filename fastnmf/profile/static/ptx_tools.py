@@ -1,0 +1,270 @@
+"""Read a compiled Triton kernel: ``ptxas -v`` (registers, spills, shared memory), the SASS (global
+loads/stores by width, SHFL, integer-division sequences), the PTX, and occupancy per SM.
+
+The tools are the ones bundled with Triton (``triton/backends/nvidia/bin``): the ptxas Triton
+itself uses for the target (``ptxas-blackwell``, CUDA 13, for sm_90a; ``ptxas``, CUDA 12.9, for
+sm_80), run with the flags of Triton's ``make_cubin``, so the figures are those of the cubin a GPU
+would load; ``nvdisasm`` for the SASS of Triton's cubin. Results are cached in memory and on disk
+beside Triton's own cache (``<triton cache dir>/fastnmf-static/``), keyed by a hash of the text,
+the target, the flags and the tool's version.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import hashlib
+import json
+import os
+import re
+import subprocess
+import tempfile
+
+from .driver import check_target
+
+__all__ = ["SM_LIMITS", "tool_path", "missing_tools", "ptxas_info", "sass_counts", "ptx_counts",
+           "occupancy"]  # fmt: skip
+
+# per SM: registers, resident warps, resident blocks, shared memory (bytes). The occupancy
+# arithmetic follows CUDA's cuda_occupancy.h (bundled with Triton): registers are allocated per
+# warp in units of 256 within each of 4 sub-partitions of 16K registers; shared memory per block
+# is rounded up to 128 bytes after adding the 1 KB the driver reserves per block (sm_80 and later).
+SM_LIMITS = {
+    90: dict(regs=65536, warps=64, blocks=32, smem=228 * 1024),
+    80: dict(regs=65536, warps=64, blocks=32, smem=164 * 1024),
+}
+_SUB_PARTITIONS = 4
+_SMEM_RESERVED_PER_BLOCK = 1024
+_SMEM_UNIT = 128
+_REG_ALLOC_UNIT = 256
+_MAX_REGS_PER_THREAD = 255
+_WARP = 32
+
+
+class _BundledOnly:
+    """For a Triton without a knob for ``binary``: the bundled copy, if it is there."""
+
+    def __init__(self, path: str):
+        self._path = path
+
+    @property
+    def path(self) -> str:
+        if not os.access(self._path, os.X_OK):
+            raise RuntimeError(f"Cannot find {os.path.basename(self._path)}")
+        return self._path
+
+    @property
+    def version(self) -> str:
+        out = subprocess.run([self.path, "--version"], capture_output=True, text=True).stdout
+        return (re.search(r"release (\d+\.\d+)", out) or [None, "?"])[1]
+
+
+def _tool(binary: str):
+    """(Triton's knob for ``binary``, the path of Triton's bundled copy)."""
+    import triton
+
+    default = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", binary)
+    knob = getattr(triton.knobs.nvidia, binary.replace("-", "_"), None)
+    return knob or _BundledOnly(default), default
+
+
+def _ptxas_name(capability: int) -> str:
+    return "ptxas-blackwell" if capability >= 90 else "ptxas"  # as triton's get_ptxas
+
+
+def tool_path(binary: str) -> str:
+    """Path of Triton's ``binary`` (honouring TRITON_<BINARY>_PATH); a clear error if missing."""
+    knob, default = _tool(binary)
+    try:
+        return knob.path
+    except RuntimeError as err:
+        env = "TRITON_" + binary.upper().replace("-", "_") + "_PATH"
+        raise FileNotFoundError(
+            f"{binary} not found: Triton's bundled copy should be at {default} (or set {env}); "
+            f"the static kernel report needs it ({err})"
+        ) from None
+
+
+def missing_tools(targets) -> list[str]:
+    """A message for each tool the report needs for ``targets`` that is missing (empty: none)."""
+    names = {_ptxas_name(check_target(t)) for t in targets} | {"nvdisasm"}
+    missing = []
+    for name in sorted(names):
+        try:
+            tool_path(name)
+        except FileNotFoundError as err:
+            missing.append(str(err))
+    return missing
+
+
+def ptxas_info(ptx: str, target: str, *, fp_fusion: bool = True, ptx_options=None) -> dict:
+    """``ptxas -v`` of ``ptx`` for ``target``: regs, spill stores/loads, stack, static smem."""
+    return dict(_ptxas_cached(ptx, target, fp_fusion, ptx_options or ""))
+
+
+def _disk_cached(tool: str, data, *key, compute):
+    """``compute()`` (a JSON-able dict), cached on disk by a hash of the tool, its version, the
+    input and ``key``; an unwritable cache directory only costs the recomputation."""
+    import triton
+
+    h = hashlib.sha256(f"{tool}|{_tool_version(tool)}|{key}|".encode())
+    h.update(data.encode() if isinstance(data, str) else data)
+    path = os.path.join(triton.knobs.cache.dir, "fastnmf-static", h.hexdigest() + ".json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        pass
+    result = compute()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(result, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return result
+
+
+@functools.cache
+def _tool_version(binary: str) -> str:
+    knob, _ = _tool(binary)
+    return knob.version
+
+
+@functools.cache
+def _ptxas_cached(ptx, target, fp_fusion, ptx_options):
+    name = _ptxas_name(check_target(target))
+    run = functools.partial(_run_ptxas, ptx, target, fp_fusion, ptx_options)
+    # the raw log is cached, not its reading: a change of the parser needs no invalidation
+    return _parse_ptxas(_disk_cached(name, ptx, target, fp_fusion, ptx_options, compute=run)["log"])
+
+
+def _run_ptxas(ptx, target, fp_fusion, ptx_options) -> dict:
+    arch = "sm_90a" if check_target(target) >= 90 else target
+    ptxas = tool_path(_ptxas_name(check_target(target)))
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "kernel.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        cmd = [ptxas, "-lineinfo", *([] if fp_fusion else ["--fmad=false"]), "-v",
+               "--regAllocOptLevel=2", *ptx_options.split(), f"--gpu-name={arch}", src,
+               "-o", os.path.join(tmp, "kernel.o")]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr.strip()}")
+    return {"log": done.stderr}
+
+
+def _parse_ptxas(log: str) -> dict:
+    def grab(pattern, default=0):
+        m = re.search(pattern, log)
+        return int(m.group(1)) if m else default
+
+    regs = grab(r"Used (\d+) registers", None)
+    if regs is None:
+        raise RuntimeError(f"no register count in the ptxas log:\n{log}")
+    return {
+        "regs": regs,
+        "spill_store_bytes": grab(r"(\d+) bytes spill stores"),
+        "spill_load_bytes": grab(r"(\d+) bytes spill loads"),
+        "stack_bytes": grab(r"(\d+) bytes stack frame"),
+        "static_smem_bytes": grab(r"(\d+) bytes smem"),
+        "ptxas_version": (re.search(r"^(ptxas[\w-]*) info", log, re.M) or [None, "ptxas"])[1],
+    }
+
+
+# a SASS instruction line of nvdisasm: "/*0070*/   @!P0 LDG.E.128 R4, desc[UR4][R2.64] ;"
+_SASS_LINE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)")
+_WIDTH = {"U8": 8, "S8": 8, "U16": 16, "S16": 16, "64": 64, "128": 128}
+
+
+def _width(opcode: str) -> int:
+    for mod in opcode.split(".")[1:]:
+        if mod in _WIDTH:
+            return _WIDTH[mod]
+    return 32
+
+
+def sass_counts(cubin: bytes) -> dict:
+    """Static instruction counts in the SASS of ``cubin`` (each instruction once, loops not
+    unrolled by the count): global loads / stores by width in bits, SHFL, 32-bit integer
+    division sequences (``I2F.U32.RP``: one per runtime divisor), calls (64-bit division)."""
+    return dict(_sass_cached(cubin))
+
+
+@functools.cache
+def _sass_cached(cubin):
+    # the opcodes are cached (a few thousand short strings), their counts computed here
+    ops = _disk_cached("nvdisasm", cubin, compute=functools.partial(_run_nvdisasm, cubin))["ops"]
+    return _count_sass(ops)
+
+
+def _run_nvdisasm(cubin) -> dict:
+    nvdisasm = tool_path("nvdisasm")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        # -c: code sections only; -ndf: no dataflow comments (half the time, same instructions)
+        done = subprocess.run([nvdisasm, "-c", "-ndf", path], capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"nvdisasm failed ({done.returncode}): {done.stderr.strip()}")
+    return {"ops": [m.group(1) for m in _SASS_LINE.finditer(done.stdout)]}
+
+
+def _count_sass(ops: list[str]) -> dict:
+    loads, stores = collections.Counter(), collections.Counter()
+    for op in ops:
+        head = op.split(".")[0]
+        if head == "LDG":
+            loads[_width(op)] += 1
+        elif head == "STG":
+            stores[_width(op)] += 1
+    heads = collections.Counter(op.split(".")[0] for op in ops)
+    return {
+        "sass_instructions": len(ops),
+        "ldg_by_width": {str(k): v for k, v in sorted(loads.items())},
+        "stg_by_width": {str(k): v for k, v in sorted(stores.items())},
+        "shfl": heads["SHFL"],
+        "int_div_seqs": sum(1 for op in ops if op.startswith("I2F") and op.endswith(".RP")),
+        "calls": heads["CALL"],
+        "atomics": heads["ATOM"] + heads["RED"] + heads["ATOMG"] + heads["REDG"],
+        "local_mem_ops": heads["LDL"] + heads["STL"],
+    }
+
+
+_PTX_INT_DIV = re.compile(r"^\s*(?:@%p\d+\s+)?(div|rem)\.(?:s|u)(?:32|64)\b", re.M)
+_PTX_SHFL = re.compile(r"^\s*(?:@%p\d+\s+)?shfl\.sync\b", re.M)
+
+
+def ptx_counts(ptx: str) -> dict:
+    """Static counts in the PTX: integer div/rem instructions, shfl.sync."""
+    return {"ptx_int_div": len(_PTX_INT_DIV.findall(ptx)), "ptx_shfl": len(_PTX_SHFL.findall(ptx))}
+
+
+def _round_up(value: int, unit: int) -> int:
+    return -(-value // unit) * unit
+
+
+def occupancy(*, regs: int, warps: int, smem: int, target: str) -> dict:
+    """Resident blocks and warps per SM for a block of ``warps`` warps using ``regs`` registers
+    per thread and ``smem`` bytes of shared memory, and which limit binds (as cuda_occupancy.h)."""
+    lim = SM_LIMITS[check_target(target)]
+    per_warp = _round_up(regs * _WARP, _REG_ALLOC_UNIT)
+    if regs > _MAX_REGS_PER_THREAD or per_warp * _round_up(warps, _SUB_PARTITIONS) > lim["regs"]:
+        by_regs = 0
+    elif per_warp:
+        by_regs = (lim["regs"] // _SUB_PARTITIONS // per_warp) * _SUB_PARTITIONS // warps
+    else:
+        by_regs = lim["blocks"]
+    limits = {
+        "registers": by_regs,
+        "shared memory": lim["smem"] // _round_up(smem + _SMEM_RESERVED_PER_BLOCK, _SMEM_UNIT),
+        "warps": lim["warps"] // warps,
+        "blocks": lim["blocks"],
+    }
+    blocks = min(limits.values())
+    limiter = next(k for k, v in limits.items() if v == blocks)  # first of equals, in this order
+    return {"blocks_per_sm": blocks, "resident_warps_per_sm": blocks * warps, "limited_by": limiter}
