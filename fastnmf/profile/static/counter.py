@@ -307,9 +307,11 @@ def _record_torch_op(session: _Session, func, args, kwargs, out) -> None:
         session.d2h += 1
         return
     returns = func._schema.returns
-    if name.startswith(("empty", "new_empty")) or any(r.alias_info for r in returns):
-        return  # no memory traffic: allocation, view, or in-place on an argument (counted below)
-    ins = _tensors((args, kwargs))
+    views = [r.alias_info is not None and not r.alias_info.is_write for r in returns]
+    if name.startswith(("empty", "new_empty")) or (views and all(views)):
+        return  # no memory traffic: an allocation or a view
+    # read: the tensor arguments (an out= argument is only written); written: the results
+    ins = _tensors((args, {k: v for k, v in kwargs.items() if k != "out"}))
     outs = _tensors(out)
     stats, progs, sectors, stores = {}, [], [], []
     for label, ts, store in (("in", ins, False), ("out", outs, True)):
@@ -411,7 +413,9 @@ def _main() -> None:  # run by traffic.py in a subprocess with TRITON_INTERPRET=
     src, dst = sys.argv[1], sys.argv[2]
     with open(src, "rb") as f:
         cases = pickle.load(f)
-    result = [count_call(c) for c in cases]
+    # the importable module's classes (not __main__'s), so that the caller can unpickle them
+    mod = importlib.import_module("fastnmf.profile.static.counter")
+    result = [mod.count_call(c) for c in cases]
     with open(dst, "wb") as f:
         pickle.dump(result, f)
 
