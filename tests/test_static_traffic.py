@@ -90,6 +90,9 @@ COVERED = [
     # global: reduce, iterate, apply (two matrices: the backward copies hats[..., -1, :])
     StaticCase("global", 1, 16, (16, 16, 16), "fp32", (None,), window=None),
     StaticCase("global", 1, 8, (16, 32), "bf16", (None,), window=None),
+    # rank > 1, window: fwd, apply, bwd (per-shift dx buffer) and the PyTorch sum / where / to
+    StaticCase("window", 1, 8, (16, 16), "bf16", (None, 2), rank=2),
+    StaticCase("window", 1, 8, (16, 16), "fp32", (None,), rank=4),
 ]
 
 
@@ -110,7 +113,7 @@ def test_model_equals_counter(case):
 
 def test_model_refuses_what_it_does_not_cover():
     with pytest.raises(ModelUnsupported, match="rank 2"):
-        model_launches(StaticCase("window", 1, 8, (16, 16, 16), rank=2), "fwd")
+        model_launches(StaticCase("global", 1, 8, (16, 16, 16), window=None, rank=2), "fwd")
     with pytest.raises(ModelUnsupported, match="whole sectors"):
         model_launches(StaticCase("window", 1, 8, (8, 8, 8), "bf16", (None, 4)), "fwd")
     with pytest.raises(ValueError, match="pass_"):

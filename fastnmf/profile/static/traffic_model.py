@@ -16,12 +16,16 @@ element: their sectors are counted from the byte offsets of one access (tiny set
 kernel gathers per voxel (the per-voxel apply kernels, the global kernels' rolled g0) the
 distinct sectors per program are counted over one head's voxels (vectorised; exact).
 
-Covered: rank one, window (``_stats_fwd_kernel``, ``_stats_bwd_kernel``, fused or not,
-``_apply_{fwd,bwd}_tile_kernel``, ``_apply_{fwd,bwd}_kernel``) and global (``_reduce_kernel``,
-``_iterate_kernel``, ``_iterate_bwd_kernel``, ``_apply_{fwd,bwd}_kernel``), HALS (the layer's
-solver; MU adds g0 loads not modelled), with the PyTorch ops between the launches. Not covered:
-rank > 1 (``window_nmf_rank``, ``global_nmf_rank``): :func:`model_launches` raises
-NotImplementedError and the suite takes those figures from the counter, scaled.
+Covered, with the PyTorch ops between the launches, for HALS (the layer's solver; MU adds g0
+loads that are not modelled): rank one, window (``_stats_fwd_kernel``, ``_stats_bwd_kernel``,
+fused or not, ``_apply_{fwd,bwd}_tile_kernel``, ``_apply_{fwd,bwd}_kernel``) and global
+(``_reduce_kernel``, ``_iterate_kernel``, ``_iterate_bwd_kernel``, ``_apply_{fwd,bwd}_kernel``);
+rank R > 1, window (``_window_fwd_kernel``, ``_window_apply_kernel``, ``_window_bwd_kernel``).
+Not covered: rank > 1 global (``global_nmf_rank``: T + 1 passes and a PyTorch F update of ~20
+small ops per iteration): :func:`model_launches` raises :class:`ModelUnsupported` and
+:mod:`.traffic` takes those figures from the counter, scaled. Also refused (with the reason):
+rows that are not whole sectors (``S2 * itemsize % 32``), ``E * 4`` (rank one) or ``E * R * 4``
+not a multiple of 32, non-default ``TUNING``.
 """
 
 from __future__ import annotations
@@ -341,6 +345,82 @@ def _window_launches(case: StaticCase, pass_: str) -> list[_Launch]:
 
 
 # ----------------------------------------------------------------------------------------------
+# window kernels, rank R > 1 (window_nmf_rank)
+
+
+def _window_rank_launches(case: StaticCase, pass_: str) -> list[_Launch]:
+    geo = _window_geometry(case)
+    isz, R, E, T, PN, NS = case.itemsize, case.rank, geo.E, case.iters, geo.pn, geo.nshift
+    _check_rows(geo.S, isz)
+    bh = geo.batch * geo.heads
+    progs = geo.nwin * NS * bh
+    grid = (geo.nwin, NS, bh)
+    rows1 = _window_rows_sectors(geo, isz) * bh * E  # one read of every window of every shift
+    fsz, gsz = E * R * F32, PN * R * F32  # one window's F and G
+    xbytes = case.numel * isz
+
+    def window_part(L):
+        L.add("shift_ptr", loaded=12 * progs, sectors=3 * progs, unique=12 * NS)
+        L.add("x_ptr", loaded=progs * E * PN * isz, sectors=rows1, unique=xbytes)
+        L.add("u0_ptr", loaded=progs * fsz, sectors=progs * _vec_secs(0, E * R, F32), unique=fsz)
+        L.add("v0_ptr", loaded=progs * gsz, sectors=progs * _vec_secs(0, PN * R, F32),
+              unique=gsz)  # fmt: skip
+
+    if pass_ == "fwd":
+        fwd = _Launch("_window_fwd_kernel", grid)
+        window_part(fwd)
+        fwd.add("f_ptr", stored=progs * fsz, sectors=_per_prog_vectors(progs, E * R, E * R),
+                unique=progs * fsz)  # fmt: skip
+        fwd.add("g_ptr", stored=progs * gsz, sectors=_per_prog_vectors(progs, PN * R, PN * R),
+                unique=progs * gsz)  # fmt: skip
+        return [_torch_op("ones", outs=[fsz]), fwd, _window_rank_apply(geo, case)]
+    bwd = _Launch("_window_bwd_kernel", grid)
+    window_part(bwd)
+    bwd.add("dy_ptr", loaded=progs * E * PN * isz, sectors=rows1, unique=xbytes)
+    nf, ng = progs * T, progs * T
+    for name, size, n in (("fs_ptr", E * R, nf), ("gs_ptr", PN * R, ng)):
+        secs = _per_prog_vectors(n, size, size)
+        bwd.add(name, loaded=n * size * F32, stored=n * size * F32, sectors=2 * secs,
+                unique=n * size * F32)  # fmt: skip
+    numel = case.numel
+    bwd.add("dx_ptr", stored=progs * E * PN * F32,
+            sectors=_window_rows_sectors(geo, F32) * bh * E, unique=NS * numel * F32)
+    out = [bwd]
+    if NS > 1:
+        out.append(_torch_op("sum", ins=[NS * numel * F32], outs=[numel * F32]))
+    out.append(_torch_op("gt", ins=[xbytes], outs=[numel]))  # torch.where(x > 0, dx, 0)
+    out.append(_torch_op("where", ins=[numel, numel * F32], outs=[numel * F32]))
+    if isz != F32:
+        out.append(_torch_op("_to_copy", ins=[numel * F32], outs=[xbytes]))  # .to(x.dtype)
+    return out
+
+
+def _window_rank_apply(geo, case) -> _Launch:
+    R, E, PN, NS, BV, nvox = case.rank, geo.E, geo.pn, geo.nshift, geo.block_v, geo.nvox
+    bh = geo.batch * geo.heads
+    nblk = math.ceil(nvox / BV)
+    progs = nblk * bh
+    L = _Launch("_window_apply_kernel", (nblk, bh))
+    L.add("shift_ptr", loaded=12 * NS * progs, sectors=3 * NS * progs, unique=12 * NS)
+    block = np.arange(nvox, dtype=np.int64) // BV
+    wins = geo.nwin * NS * bh
+    for s, r in enumerate(geo.rows):
+        w, p = _voxel_windows(geo, r)
+        nwin = _distinct_per_block(block, w) * bh
+        prog = s * geo.nwin + w  # one head; heads add whole multiples of the window buffers
+        for c in range(R):
+            fsec = _secs((np.arange(E) * R + c) * F32)  # F rows start sector-aligned (checked)
+            L.add("f_ptr", loaded=bh * E * nvox * F32, sectors=nwin * fsec)
+            gsec = _distinct_per_block(block, ((prog * PN + p) * R + c) * F32 // SECTOR)
+            L.add("g_ptr", loaded=bh * nvox * F32, sectors=gsec * bh)
+    L.add("f_ptr", unique=wins * E * R * F32)
+    L.add("g_ptr", unique=wins * PN * R * F32)
+    L.add("y_ptr", stored=bh * E * nvox * case.itemsize,
+          sectors=_blocks_secs(nvox, BV, case.itemsize) * E * bh, unique=case.numel * case.itemsize)
+    return L
+
+
+# ----------------------------------------------------------------------------------------------
 # global kernels, rank one
 
 
@@ -438,9 +518,13 @@ def model_launches(case: StaticCase, pass_: str) -> list[dict]:
     with kind, kernel, grid, args ({label: bytes_loaded, bytes_stored, unique_bytes, sectors})."""
     if pass_ not in ("fwd", "bwd"):
         raise ValueError(f"pass_ must be 'fwd' or 'bwd', got {pass_!r}")
-    if case.rank != 1:
-        raise ModelUnsupported(f"rank {case.rank}: the model covers rank one only")
-    if case.mode == "window":
+    if case.rank != 1 and case.mode == "window":
+        if case.rank * case.head_dim * F32 % SECTOR:
+            raise ModelUnsupported(f"rank {case.rank}: the model needs E * R * 4 a multiple of 32")
+        launches = _window_rank_launches(case, pass_)
+    elif case.rank != 1:
+        raise ModelUnsupported(f"rank {case.rank}, {case.mode}: not modelled")
+    elif case.mode == "window":
         launches = _window_launches(case, pass_)
     elif case.mode == "global":
         launches = _global_launches(case, pass_)
