@@ -44,7 +44,8 @@ import sys
 import numpy as np
 import torch
 
-__all__ = ["LaunchCount", "CallCount", "count_call", "gpu_geometry", "interpreting", "SECTOR"]
+__all__ = ["LaunchCount", "CallCount", "count_call", "counting", "torch_ops", "gpu_geometry",
+           "interpreting", "SECTOR"]  # fmt: skip
 
 SECTOR = 32  # bytes per L2 sector (NVIDIA sm_80 / sm_90)
 _STORAGE_SHIFT = 31  # canonical sector id = (storage index << 31) + sector in storage
@@ -362,6 +363,22 @@ def counting():
     result.launches = session.launches
     result.host_device_copies = session.h2d
     result.device_host_copies = session.d2h
+
+
+@contextlib.contextmanager
+def torch_ops():
+    """Record only the PyTorch ops of the block (no interpreter needed); yields the list of
+    :class:`LaunchCount` (kind "torch") that fills as the block runs."""
+    global _SESSION
+    if _SESSION is not None:
+        raise RuntimeError("torch_ops() does not nest with counting()")
+    session = _Session()
+    _SESSION = session
+    try:
+        with _torch_mode():
+            yield session.launches
+    finally:
+        _SESSION = None
 
 
 def _inputs(case, seed: int):

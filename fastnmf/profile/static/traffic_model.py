@@ -20,10 +20,11 @@ Covered, with the PyTorch ops between the launches, for HALS (the layer's solver
 loads that are not modelled): rank one, window (``_stats_fwd_kernel``, ``_stats_bwd_kernel``,
 fused or not, ``_apply_{fwd,bwd}_tile_kernel``, ``_apply_{fwd,bwd}_kernel``) and global
 (``_reduce_kernel``, ``_iterate_kernel``, ``_iterate_bwd_kernel``, ``_apply_{fwd,bwd}_kernel``);
-rank R > 1, window (``_window_fwd_kernel``, ``_window_apply_kernel``, ``_window_bwd_kernel``).
-Not covered: rank > 1 global (``global_nmf_rank``: T + 1 passes and a PyTorch F update of ~20
-small ops per iteration): :func:`model_launches` raises :class:`ModelUnsupported` and
-:mod:`.traffic` takes those figures from the counter, scaled. Also refused (with the reason):
+rank R > 1, window (``_window_fwd_kernel``, ``_window_apply_kernel``, ``_window_bwd_kernel``)
+and global, forward only as the Triton path (``_pass_kernel`` T + 1 times, ``_apply_kernel``;
+the PyTorch F update between the passes, ~20 small ops on (B*heads*shifts, E, R) tensors, is
+recorded by running it on tensors of those shapes, not derived by hand). Refused with the reason
+(:class:`ModelUnsupported`; :mod:`.traffic` then takes the counter's figures, scaled):
 rows that are not whole sectors (``S2 * itemsize % 32``), ``E * 4`` (rank one) or ``E * R * 4``
 not a multiple of 32, non-default ``TUNING``.
 """
@@ -35,6 +36,7 @@ import math
 
 import numpy as np
 import torch
+import triton
 
 from .cases import DTYPES, StaticCase
 from .counter import SECTOR, gpu_geometry
@@ -431,9 +433,10 @@ def _global_plan(case: StaticCase):
         return gn._Plan(x, case.head_dim, case.spatial, None, False)
 
 
-def _rolled_g0_sectors(plan, S, rows) -> int:
+def _rolled_g0_sectors(plan, S, rows, scale: int = 1) -> int:
     """Distinct sectors of g0[(v + s) mod S] per block of BLOCK_V voxels, summed over blocks and
-    shifts (one matrix)."""
+    shifts (one matrix); ``scale`` > 1: the ``scale`` fp32 entries of each voxel's row (v0 of
+    rank R: the R entries of row (v + s) mod S)."""
     v = np.arange(plan.nvox, dtype=np.int64)
     block = v // plan.block_v
     total = 0
@@ -442,7 +445,8 @@ def _rolled_g0_sectors(plan, S, rows) -> int:
         r1 = ((v // S[2]) % S[1] + r[1]) % S[1]
         r0 = (v // (S[1] * S[2]) + r[0]) % S[0]
         idx = (r0 * S[1] + r1) * S[2] + r2
-        total += _distinct_per_block(block, idx * F32 // SECTOR)
+        keys = np.concatenate([(idx * scale + c) * F32 // SECTOR for c in range(scale)])
+        total += _distinct_per_block(np.tile(block, scale), keys)  # one access: all R entries
     return total
 
 
@@ -513,6 +517,92 @@ def _global_launches(case: StaticCase, pass_: str) -> list[_Launch]:
     return [red, k_sum, it, *copy, ap]
 
 
+# ----------------------------------------------------------------------------------------------
+# global kernels, rank R > 1 (global_nmf_rank: forward only)
+
+
+def _strided_secs(n: int, block: int, stride: int, offset: int) -> int:
+    """Sectors of fp32 elements (v * stride + offset) for v < n, read in blocks of ``block``."""
+    v = np.arange(n, dtype=np.int64)
+    return _distinct_per_block(v // block, (v * stride + offset) * F32 // SECTOR)
+
+
+def _f_update_ops(ms: int, E: int, R: int) -> list[_Launch]:
+    """The PyTorch F update of one iteration (HALS sweep, F^T F), recorded on tensors of the
+    launcher's shapes: a fixed sequence of small ops whose sizes depend on ms, E, R only."""
+    from .counter import torch_ops
+
+    gr = importlib.import_module("fastnmf.kernels.global_nmf_rank")
+    a, b = torch.zeros(ms, E, R), torch.zeros(ms, R, R)  # (Bm*nshift, M, R), (.., R, R)
+    f, d = torch.ones(ms, E, R), torch.empty(ms, R, R)
+    with torch_ops() as ops:
+        f = gr._torch_hals_sweep(a, b, f).contiguous()
+        torch.matmul(f.transpose(-1, -2), f, out=d)
+    out = []
+    for op in ops:
+        launch = _Launch(op.kernel, kind="torch")
+        launch.args = op.args
+        out.append(launch)
+    return out
+
+
+def _global_rank_launches(case: StaticCase) -> list[_Launch]:
+    S, rows = _spatial3(case)
+    E, R, T, isz = case.head_dim, case.rank, case.iters, case.itemsize
+    nvox = math.prod(S)
+    M = case.numel // (E * nvox)
+    NS = len(rows)
+    ms = M * NS
+    block_e, block_r = max(triton.next_power_of_2(E), 2), max(triton.next_power_of_2(R), 2)
+    BV = max(16, min(256, 4096 // (block_e * block_r)))  # global_nmf_rank's GPU block
+    NC = math.ceil(nvox / BV)
+    progs = NC * ms
+    xsec = _blocks_secs(nvox, BV, isz) * E * ms  # every shift re-reads its matrix
+    gsz = ms * nvox * R * F32
+    gsec = _blocks_secs(nvox * R, BV * R, F32) * ms
+    out = [_torch_op("ones", outs=[ms * E * R * F32])]
+    for t in range(T + 1):
+        L = _Launch("_pass_kernel", (NC, ms))
+        L.add("x_ptr", loaded=NS * case.numel * isz, sectors=xsec, unique=case.numel * isz)
+        if t == 0:
+            L.add("shift_ptr", loaded=12 * progs, sectors=3 * progs, unique=12 * NS)
+            v0sec = sum(_rolled_g0_sectors(_PlanLike(nvox, BV), S, [r], scale=R) for r in rows)
+            L.add("v0_ptr", loaded=ms * nvox * R * F32, sectors=v0sec * M,
+                  unique=nvox * R * F32)  # fmt: skip
+            L.add("g_ptr", stored=gsz, sectors=gsec, unique=gsz)
+        else:
+            L.add("g_ptr", loaded=gsz, stored=gsz, sectors=2 * gsec, unique=gsz)
+            L.add("f_ptr", loaded=progs * E * R * F32,
+                  sectors=NC * _per_prog_vectors(ms, E * R, E * R), unique=ms * E * R * F32)
+            L.add("d_ptr", loaded=progs * R * R * F32,
+                  sectors=NC * _per_prog_vectors(ms, R * R, R * R), unique=ms * R * R * F32)
+        if t < T:
+            n = progs
+            L.add("ap_ptr", stored=n * E * R * F32, sectors=_per_prog_vectors(n, E * R, E * R),
+                  unique=n * E * R * F32)  # fmt: skip
+            L.add("bp_ptr", stored=n * R * R * F32, sectors=_per_prog_vectors(n, R * R, R * R),
+                  unique=n * R * R * F32)  # fmt: skip
+        out.append(L)
+        if t < T:
+            out.append(_torch_op("sum", ins=[progs * E * R * F32], outs=[ms * E * R * F32]))
+            out.append(_torch_op("sum", ins=[progs * R * R * F32], outs=[ms * R * R * F32]))
+            out.extend(_f_update_ops(ms, E, R))
+    ap = _Launch("_apply_kernel", (NC, M))
+    fsec = sum(_secs(((s * E + np.arange(E)) * R + r) * F32) for s in range(ms) for r in range(R))
+    ap.add("f_ptr", loaded=NC * ms * R * E * F32, sectors=NC * fsec, unique=ms * E * R * F32)
+    gs = sum(_strided_secs(nvox, BV, R, r) for r in range(R)) * ms
+    ap.add("g_ptr", loaded=ms * R * nvox * F32, sectors=gs, unique=gsz)
+    ap.add("y_ptr", stored=case.numel * isz, sectors=_blocks_secs(nvox, BV, isz) * E * M,
+           unique=case.numel * isz)  # fmt: skip
+    out.append(ap)
+    return out
+
+
+class _PlanLike:
+    def __init__(self, nvox, block_v):
+        self.nvox, self.block_v = nvox, block_v
+
+
 def model_launches(case: StaticCase, pass_: str) -> list[dict]:
     """The launches of one call of ``case`` (``pass_`` "fwd" or "bwd"), in launch order: dicts
     with kind, kernel, grid, args ({label: bytes_loaded, bytes_stored, unique_bytes, sectors})."""
@@ -522,8 +612,10 @@ def model_launches(case: StaticCase, pass_: str) -> list[dict]:
         if case.rank * case.head_dim * F32 % SECTOR:
             raise ModelUnsupported(f"rank {case.rank}: the model needs E * R * 4 a multiple of 32")
         launches = _window_rank_launches(case, pass_)
-    elif case.rank != 1:
-        raise ModelUnsupported(f"rank {case.rank}, {case.mode}: not modelled")
+    elif case.rank != 1 and case.mode == "global":
+        if pass_ == "bwd":
+            raise ModelUnsupported("global rank > 1 has no Triton backward")
+        launches = _global_rank_launches(case)
     elif case.mode == "window":
         launches = _window_launches(case, pass_)
     elif case.mode == "global":
