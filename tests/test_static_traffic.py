@@ -197,3 +197,18 @@ def test_api_rows():
     assert (m["bytes_loaded"], m["bytes_stored"]) == (calls["fwd"]["bytes_loaded"],
                                                       calls["fwd"]["bytes_stored"])  # fmt: skip
     assert len(traffic.markdown(list(calls.values()))) == 2 + 3 + 2
+
+
+@needs_interpreter
+def test_model_bytes_when_rows_are_not_whole_sectors():
+    """Deep U-Net levels (S2 * itemsize < 32): the model gives bytes (no sectors), still exact."""
+    case = StaticCase("window", 1, 8, (8, 8), "bf16", (None, 2), window=4)
+    counts = traffic._count([case])[0]
+    for pass_, call in counts.items():
+        model = model_launches(case, pass_, sectors=False)
+        for m, c in zip(model, call.launches, strict=True):
+            for label, a in m["args"].items():
+                got = c.args[label]
+                assert a["sectors"] is None
+                assert (a["bytes_loaded"], a["bytes_stored"], a["unique_bytes"]) == (
+                    got["bytes_loaded"], got["bytes_stored"], got["unique_bytes"])  # fmt: skip

@@ -90,7 +90,7 @@ def _as_model(launch) -> dict:
 
 
 def _dram(call, ratio: float, target: str, resident: dict) -> list[int]:
-    """DRAM bytes per launch of a counted call (small shape), scaled back by 1 / ratio."""
+    """DRAM bytes per launch of a counted call (at the small shape)."""
     l2_bytes, sms = l2.TARGETS[target]
     sectors, stores, owner, programs, waves = [], [], [], [], []
     for i, launch in enumerate(call.launches):
@@ -107,8 +107,7 @@ def _dram(call, ratio: float, target: str, resident: dict) -> list[int]:
     intra, inter = l2.capacities(l2_bytes, programs, waves, ratio)
     read, write = l2.replay(np.concatenate(sectors), np.concatenate(stores), owner,
                             intra_lines=intra, inter_lines=inter)  # fmt: skip
-    per = np.bincount(owner, weights=read + write, minlength=len(call.launches))
-    return [int(round(v / ratio)) for v in per]
+    return np.bincount(owner, weights=read + write, minlength=len(call.launches)).tolist()
 
 
 def _check(model: list[dict], counted: list[dict]) -> str:
@@ -117,7 +116,12 @@ def _check(model: list[dict], counted: list[dict]) -> str:
 
 def launch_rows(cases, *, target: str = "sm_90a", small_side: int = 16,
                 resident: dict | None = None) -> list[dict]:  # fmt: skip
-    """One row per launch of each case's forward and backward call (see the module docstring)."""
+    """One row per launch of each case's forward and backward call (see the module docstring).
+
+    ``resident``: resident programs per SM by kernel name (the kernel report's occupancy), for
+    the wave order of the DRAM estimate; kernels not named take :data:`DEFAULT_RESIDENT`, then
+    :data:`FALLBACK_RESIDENT`. Rows of the torch ops between launches have kind "torch".
+    """
     if target not in l2.TARGETS:
         raise ValueError(f"unknown target {target!r}; valid: {', '.join(l2.TARGETS)}")
     resident = {**DEFAULT_RESIDENT, **(resident or {})}
@@ -139,9 +143,16 @@ def launch_rows(cases, *, target: str = "sm_90a", small_side: int = 16,
             if len(launches) != len(call.launches):
                 raise RuntimeError(f"{case.id} {pass_}: model and counter launch lists differ")
             dram = _dram(call, ratio, target, resident)
-            for i, launch in enumerate(launches):
-                rows.append(_row(case, pass_, i, launch, dram[i], source, check, call, target))
+            for i, (launch, small_launch) in enumerate(zip(launches, counted, strict=True)):
+                # scaled back by the launch's own ratio of bytes (a fixed-size op stays put)
+                big, small = _bytes(launch), _bytes(small_launch)
+                est = int(round(dram[i] * (big / small if small else 1 / ratio)))
+                rows.append(_row(case, pass_, i, launch, est, source, check, call, target))
     return rows
+
+
+def _bytes(launch: dict) -> int:
+    return sum(a["bytes_loaded"] + a["bytes_stored"] for a in launch["args"].values())
 
 
 def _scaled(counted: list[dict], factor: float) -> list[dict]:
@@ -214,7 +225,7 @@ def model_call(case: StaticCase, pass_: str) -> dict:
     if pass_ not in PASSES:
         raise ValueError(f"pass_ must be one of {PASSES}, got {pass_!r}")
     try:
-        launches, source = model_launches(case, pass_), "model"
+        launches, source = model_launches(case, pass_, sectors=False), "model"
     except ModelUnsupported:
         sc = counted_case(case)
         (counts,) = _count([sc])

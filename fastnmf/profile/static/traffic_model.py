@@ -128,8 +128,11 @@ def _window_geometry(case: StaticCase):
     return geo
 
 
+_ROW_CHECK = {"on": True}  # model_launches(sectors=False) turns the row check off
+
+
 def _check_rows(S, isz: int):
-    if S[2] * isz % SECTOR:
+    if _ROW_CHECK["on"] and S[2] * isz % SECTOR:
         raise ModelUnsupported(
             f"the model needs rows of whole sectors: last spatial size {S[2]} x {isz} bytes is "
             f"not a multiple of {SECTOR}"
@@ -603,11 +606,25 @@ class _PlanLike:
         self.nvox, self.block_v = nvox, block_v
 
 
-def model_launches(case: StaticCase, pass_: str) -> list[dict]:
+def model_launches(case: StaticCase, pass_: str, *, sectors: bool = True) -> list[dict]:
     """The launches of one call of ``case`` (``pass_`` "fwd" or "bwd"), in launch order: dicts
-    with kind, kernel, grid, args ({label: bytes_loaded, bytes_stored, unique_bytes, sectors})."""
+    with kind, kernel, grid, args ({label: bytes_loaded, bytes_stored, unique_bytes, sectors}).
+
+    ``sectors=False``: bytes only (sectors set to None), also for shapes whose rows are not whole
+    sectors (e.g. the deep levels of a U-Net, S2 * itemsize < 32).
+    """
     if pass_ not in ("fwd", "bwd"):
         raise ValueError(f"pass_ must be 'fwd' or 'bwd', got {pass_!r}")
+    if not sectors:
+        _ROW_CHECK["on"] = False
+        try:
+            out = model_launches(case, pass_)
+        finally:
+            _ROW_CHECK["on"] = True
+        for launch in out:
+            for a in launch["args"].values():
+                a["sectors"] = None
+        return out
     if case.rank != 1 and case.mode == "window":
         if case.rank * case.head_dim * F32 % SECTOR:
             raise ModelUnsupported(f"rank {case.rank}: the model needs E * R * 4 a multiple of 32")
