@@ -180,11 +180,11 @@ def test_dram_estimate_monotone_and_fits():
 def test_api_rows():
     case = StaticCase("window", 2, 16, (32, 32, 32), "fp32", (None,))
     rows = traffic.launch_rows([case], small_side=16)
-    assert [(r["pass_"], r["launch_index"], r["kernel"]) for r in rows] == [
+    assert [(r["pass"], r["launch_index"], r["kernel"]) for r in rows] == [
         ("fwd", 0, "aten.ones"), ("fwd", 1, "_stats_fwd_kernel"), ("bwd", 0, "_stats_bwd_kernel")
     ]  # fmt: skip
     assert all(r["model_check"] == "equal" and r["source"] == "model" for r in rows)
-    calls = {r["pass_"]: r for r in traffic.call_rows(rows)}
+    calls = {r["pass"]: r for r in traffic.call_rows(rows)}
     both = calls["fwdbwd"]
     for k in ("bytes_loaded", "bytes_stored", "sectors", "dram_estimate_bytes", "launches"):
         assert both[k] == calls["fwd"][k] + calls["bwd"][k]

@@ -167,20 +167,25 @@ def _scaled(counted: list[dict], factor: float) -> list[dict]:
 def _row(case, pass_, i, launch, dram, source, check, call, target) -> dict:
     sums = {k: sum(a[k] for a in launch["args"].values()) for k in KEYS}
     vol = sum(a["sectors"] for n, a in launch["args"].items() if n in VOLUME_TENSORS)
-    return dict(
-        case=case.id, mode=case.mode, shifts=case.shift_name, dtype=case.dtype, rank=case.rank,
-        shape=list(case.shape), pass_=pass_, launch_index=i, kind=launch["kind"],
-        kernel=launch["kernel"], grid=launch["grid"], target=target, **sums,
-        volume_sectors=vol, dram_estimate_bytes=dram, ideal_bytes=ideal_bytes(case, pass_),
-        source=source, model_check=check, host_device_copies_call=call.host_device_copies,
-    )
+    return {
+        "case": case.id, "case_id": case.id, "mode": case.mode, "shifts": case.shift_name,
+        "dtype": case.dtype, "rank": case.rank, "shape": list(case.shape), "pass": pass_,
+        "launch_index": i, "kind": launch["kind"], "kernel": launch["kernel"],
+        "grid": launch["grid"], "target": target, **sums, "volume_sectors": vol,
+        "dram_estimate_bytes": dram, "ideal_bytes": ideal_bytes(case, pass_), "source": source,
+        "model_check": check, "host_device_copies_call": call.host_device_copies,
+    }  # fmt: skip
 
 
 def call_rows(launch_rows: list[dict]) -> list[dict]:
-    """Per case and pass ("fwd", "bwd", "fwdbwd"): sums, launches, host_device_copies, ratios."""
+    """Per case and pass ("fwd", "bwd", "fwdbwd"): sums, launches, host_device_copies, ratios.
+
+    ``unique_bytes`` of a call is the sum over its launches of each launch's unique bytes (a
+    tensor read by two launches counts twice: once per launch).
+    """
     groups: dict = {}
     for r in launch_rows:
-        groups.setdefault((r["case"], r["pass_"]), []).append(r)
+        groups.setdefault((r["case"], r["pass"]), []).append(r)
     out = []
     for case in dict.fromkeys(r["case"] for r in launch_rows):
         parts = [p for p in PASSES if (case, p) in groups]
@@ -196,8 +201,9 @@ def call_rows(launch_rows: list[dict]) -> list[dict]:
 
 def _sum_call(rows: list[dict], pass_: str) -> dict:
     first = rows[0]
-    row = {k: first[k] for k in ("case", "mode", "shifts", "dtype", "rank", "shape", "target")}
-    row["pass_"] = pass_
+    keys = ("case", "case_id", "mode", "shifts", "dtype", "rank", "shape", "target")
+    row = {k: first[k] for k in keys}
+    row["pass"] = pass_
     for k in (*KEYS, "volume_sectors", "dram_estimate_bytes"):
         row[k] = sum(r[k] for r in rows)
     row["launches"] = len(rows)
@@ -251,7 +257,7 @@ def markdown(call_rows: list[dict]) -> list[str]:
         "|---|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in call_rows:
-        p = "fwd+bwd" if r["pass_"] == "fwdbwd" else r["pass_"]
+        p = "fwd+bwd" if r["pass"] == "fwdbwd" else r["pass"]
         out.append(
             f"| {r['case']} | {p} | {r['launches']} ({r['triton_launches']}) | "
             f"{r['host_device_copies']} | {_x(r['bytes_over_ideal'])} | "
@@ -278,5 +284,5 @@ def _fmt_bytes(n: float) -> str:
 if __name__ == "__main__":  # python -m fastnmf.profile.static.traffic: the benchmark figures
     from .cases import benchmark_cases
 
-    rows = call_rows(launch_rows([c for c in benchmark_cases() if math.prod(c.shape) > 0]))
+    rows = call_rows(launch_rows(benchmark_cases()))
     print("\n".join(markdown(rows)))
