@@ -349,15 +349,22 @@ def counting():
         )
     if _SESSION is not None:
         raise RuntimeError("counting() does not nest")
+    from triton.runtime.interpreter import interpreter_builder
+
     session = _Session()
     result = CallCount([], 0, 0)
     saved = _patch_interpreter()
+    # the interpreter checks every integer add / sub / mul for int32 overflow (half its time on
+    # these kernels); addresses do not depend on it, so the counter turns it off
+    options = interpreter_builder.options
+    interpreter_builder.options = dataclasses.replace(options, sanitize_overflow=False)
     _SESSION = session
     try:
         with gpu_geometry(), _torch_mode():
             yield result
     finally:
         _SESSION = None
+        interpreter_builder.options = options
         for obj, name, fn in reversed(saved):
             setattr(obj, name, fn)
     result.launches = session.launches
