@@ -53,6 +53,25 @@ def test_counter_counts_a_copy_kernel(stride):
 
 
 @triton.jit
+def _atomic_kernel(out_ptr, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    tl.atomic_add(out_ptr + i % 4, 1.0)  # a read-modify-write of each lane's address
+    tl.atomic_cas(out_ptr + 8, 0.0, 2.0)
+
+
+@needs_interpreter
+def test_counter_counts_atomics_as_load_and_store():
+    out = torch.zeros(16)
+    with counting() as call:
+        _atomic_kernel[(2,)](out, BLOCK=16)
+    (launch,) = call.launches
+    a = launch.args["out_ptr"]
+    # per program: 16 lanes x 4 B read and written (add), 4 B read and written (cas)
+    assert (a["bytes_loaded"], a["bytes_stored"]) == (2 * (64 + 4), 2 * (64 + 4))
+    assert a["unique_bytes"] == 5 * 4 and a["sectors"] == 2 * 4
+
+
+@triton.jit
 def _grid_kernel(out_ptr):
     tl.store(out_ptr + (tl.program_id(0) + 3 * tl.program_id(1)) * 8, 1.0)  # a sector each
 

@@ -40,6 +40,7 @@ import math
 import os
 import pkgutil
 import sys
+import types
 
 import numpy as np
 import torch
@@ -185,9 +186,9 @@ def _patch_interpreter():
         return orig["create_atomic_rmw"](self, rmw_op, ptr, val, mask, sem, scope)
 
     def atomic_cas(self, ptr, cmp, val, sem, scope):
-        ones = it.TensorHandle(np.ones_like(ptr.data, dtype=bool), None)
-        _record("load", ptr, ones)
-        _record("store", ptr, ones)
+        every = types.SimpleNamespace(data=np.ones_like(ptr.data, dtype=bool))  # no mask
+        _record("load", ptr, every)
+        _record("store", ptr, every)
         return orig["create_atomic_cas"](self, ptr, cmp, val, sem, scope)
 
     def grid_call(self, *args, **kwargs):
