@@ -14,13 +14,20 @@ the previous access to its line) is counted offline, level by level of a binary 
 trace (sort + searchsorted per level, O(n log^2 n)); an access hits when that distance is below
 the capacity in lines.
 
+Trace from a smaller shape (the counter runs 16^3): reuse inside a launch happens between the
+programs in flight together, so a launch gets the L2 share of the programs it has in flight
+(``l2_bytes * min(programs, wave) / wave``); reuse across launches spans a whole launch's data,
+which scales with the shape, so it gets ``l2_bytes * ratio`` (ratio = small / target elements).
+See :func:`capacities`.
+
 Left out: set associativity, hashing and the real replacement policy; the two L2 partitions of
 sm_80 / sm_90 (data may be duplicated across them); L1 hits (bytes asked twice by one program
 may never reach L2); prefetching and DRAM page effects; what the previous layer left in L2 (the
-replay starts cold); other streams. When the trace comes from a smaller shape, capacity and wave
-are scaled by the ratio of the shapes, which keeps the ratio of footprints to capacity but not
-the size of one program: if one program's footprint exceeds the scaled capacity, reuse inside a
-program is missed (the estimate errs high).
+replay starts cold); other streams. Programs of a wave progress in lockstep here, which makes
+a wave's footprint peak at once (real programs drift apart): e.g. the fused one-shift kernel's
+second read of x, meant to come from L2, partly misses here (the estimate errs high). Reuse
+inside a launch at distances of more than a wave at the target shape (e.g. g0 shared by every
+matrix of the global kernels) is counted as hits at the small shape.
 """
 
 from __future__ import annotations

@@ -269,10 +269,12 @@ def markdown(call_rows: list[dict]) -> list[str]:
         "",
         "Ideal: forward reads x and writes y once, backward reads x and dy and writes dx once. "
         "Sectors: 32-byte sectors per access, summed (all tensors / the volume-sized ones). "
-        "The DRAM column is an estimate: the small-shape trace replayed through a fully "
-        "associative LRU model of the L2 scaled to the shape ratio, cold at the start of each "
-        "call; it leaves out set associativity and the real replacement policy, the two L2 "
-        "partitions, L1 hits, prefetching, and what earlier layers left in L2.",
+        "The DRAM column is an estimate, not a measurement: the 16^3 trace replayed in GPU "
+        "order, waves of resident programs in lockstep, through a fully associative, sectored "
+        "LRU model of the L2 (inside a launch the L2 share of the programs in flight; across "
+        "launches the L2 scaled by the shape ratio), cold at the start of each call. It leaves "
+        "out set associativity and the real replacement policy, the two L2 partitions, L1 "
+        "hits, prefetching, DRAM page effects and what earlier layers left in L2.",
     ]
     return out
 
