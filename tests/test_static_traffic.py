@@ -216,6 +216,10 @@ def test_api_rows():
     assert (m["bytes_loaded"], m["bytes_stored"]) == (calls["fwd"]["bytes_loaded"],
                                                       calls["fwd"]["bytes_stored"])  # fmt: skip
     assert len(traffic.markdown(list(calls.values()))) == 2 + 3 + 2
+    with pytest.raises(ValueError, match="not a multiple of the window 8"):
+        traffic.launch_rows([case], small_side=12)
+    with pytest.raises(ValueError, match="valid: sm_90a, sm_80"):
+        traffic.launch_rows([case], target="sm_100")
 
 
 @needs_interpreter

@@ -55,6 +55,11 @@ def counted_case(case: StaticCase, side: int = 16) -> StaticCase:
     """The case the counter runs for ``case``: ``side``^d, batch 1, one head (C = E); two heads
     for a global matricization (its backward copies ``hats[..., -1, :]`` only when there is more
     than one matrix, so one head would launch one op fewer than the benchmark shape)."""
+    if case.mode == "window" and side % case.window:
+        raise ValueError(
+            f"small_side={side} is not a multiple of the window {case.window} of {case.id}; "
+            f"use a multiple of {case.window}"
+        )
     heads = 2 if case.mode == "global" and case.channels > case.head_dim else 1
     return dataclasses.replace(small_case(case, side), channels=heads * case.head_dim)
 
