@@ -1,0 +1,295 @@
+"""Memory traffic of the NMF layer's kernels without a GPU (issue 14, part 2).
+
+Per launch and per call (forward = the training forward, backward, forward + backward): bytes
+loaded and stored, unique bytes, 32-byte sectors, launches, host-to-device copies, and a DRAM
+estimate, each also as a ratio to the ideal (forward: read x once, write y once; backward: read
+x and dy once, write dx once).
+
+- At the benchmark shape the figures come from the analytic model (:mod:`.traffic_model`);
+  the same case at a small shape (``small_side``^d, batch 1, one head) is run under Triton's
+  interpreter by the counter (:mod:`.counter`) with the GPU's launch geometry, and the model is
+  checked against it launch by launch, tensor by tensor (``model_check``: "equal" or
+  "DIFFERS"). Cases the model does not cover (rank > 1) take the counter's figures scaled by the
+  ratio of the shapes (``source`` "counter-scaled").
+- ``dram_estimate_bytes``: the counted small-shape trace replayed through an LRU model of the
+  target's L2 (:mod:`.l2`), capacity and wave scaled by the ratio of the shapes, scaled back.
+  An estimate: see :mod:`.l2` for what it leaves out.
+- ``volume_sectors``: the sectors of the volume-sized tensors only (x, y, dy, dx): DESIGN.md
+  section 6's "sectors / ideal" column counted these.
+
+The counter needs ``TRITON_INTERPRET=1`` before the kernels are imported; in a process without
+it (e.g. the suite, which compiles the kernels for sm_90a) the counting runs in a subprocess.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+from . import l2
+from .cases import PASSES, StaticCase, ideal_bytes, small_case
+from .traffic_model import ModelUnsupported, model_launches
+
+__all__ = ["launch_rows", "call_rows", "model_call", "markdown", "counted_case",
+           "DEFAULT_RESIDENT", "VOLUME_TENSORS"]  # fmt: skip
+
+KEYS = ("bytes_loaded", "bytes_stored", "unique_bytes", "sectors")
+VOLUME_TENSORS = ("x_ptr", "y_ptr", "dy_ptr", "dx_ptr", "dy_ptr/x_ptr")
+# Resident programs per SM for the wave order of the DRAM estimate: DESIGN.md section 6's sm_90a
+# occupancy of commit 747987a (stats fwd 18 one-warp programs, stats bwd 12; tiled apply with 4^3
+# tiles: 40 / 20 resident warps of 4-warp programs); others: 16. The suite passes the kernel
+# report's figures instead.
+DEFAULT_RESIDENT = {"_stats_fwd_kernel": 18, "_stats_bwd_kernel": 12,
+                    "_apply_fwd_tile_kernel": 10, "_apply_bwd_tile_kernel": 5}  # fmt: skip
+FALLBACK_RESIDENT = 16
+
+
+def counted_case(case: StaticCase, side: int = 16) -> StaticCase:
+    """The case the counter runs for ``case``: ``side``^d, batch 1, one head (C = E); two heads
+    for a global matricization (its backward copies ``hats[..., -1, :]`` only when there is more
+    than one matrix, so one head would launch one op fewer than the benchmark shape)."""
+    if case.mode == "window" and side % case.window:
+        raise ValueError(
+            f"small_side={side} is not a multiple of the window {case.window} of {case.id}; "
+            f"use a multiple of {case.window}"
+        )
+    heads = 2 if case.mode == "global" and case.channels > case.head_dim else 1
+    return dataclasses.replace(small_case(case, side), channels=heads * case.head_dim)
+
+
+_COUNTS: dict = {}
+
+
+def _count(cases: list[StaticCase]) -> list[dict]:
+    """counter.count_call for each case (cached), in a subprocess when not interpreting."""
+    todo = [c for c in dict.fromkeys(cases) if c not in _COUNTS]
+    if todo:
+        from .counter import count_call, interpreting
+
+        if interpreting():
+            for c in todo:
+                _COUNTS[c] = count_call(c)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                src, dst = os.path.join(tmp, "in.pkl"), os.path.join(tmp, "out.pkl")
+                with open(src, "wb") as f:
+                    pickle.dump(todo, f)
+                env = dict(os.environ, TRITON_INTERPRET="1")
+                subprocess.run([sys.executable, "-m", "fastnmf.profile.static.counter", src, dst],
+                               env=env, check=True)  # fmt: skip
+                with open(dst, "rb") as f:
+                    for c, r in zip(todo, pickle.load(f), strict=True):
+                        _COUNTS[c] = r
+    return [_COUNTS[c] for c in cases]
+
+
+def _as_model(launch) -> dict:
+    return dict(kind=launch.kind, kernel=launch.kernel, grid=launch.grid, args=launch.args)
+
+
+def _dram(call, ratio: float, target: str, resident: dict) -> list[int]:
+    """DRAM bytes per launch of a counted call (at the small shape)."""
+    l2_bytes, sms = l2.TARGETS[target]
+    sectors, stores, owner, programs, waves = [], [], [], [], []
+    for i, launch in enumerate(call.launches):
+        wave = resident.get(launch.kernel, FALLBACK_RESIDENT) * sms
+        order = l2.interleave(launch.prog, wave)
+        sectors.append(launch.sector[order])
+        stores.append(launch.store[order])
+        owner.append(np.full(order.size, i))
+        programs.append(math.prod(launch.grid) if launch.grid else 1)
+        waves.append(wave)
+    if not sectors:
+        return []
+    owner = np.concatenate(owner)
+    intra, inter = l2.capacities(l2_bytes, programs, waves, ratio)
+    read, write = l2.replay(np.concatenate(sectors), np.concatenate(stores), owner,
+                            intra_lines=intra, inter_lines=inter)  # fmt: skip
+    return np.bincount(owner, weights=read + write, minlength=len(call.launches)).tolist()
+
+
+def _check(model: list[dict], counted: list[dict]) -> str:
+    return "equal" if model == counted else "DIFFERS"
+
+
+def launch_rows(cases, *, target: str = "sm_90a", small_side: int = 16,
+                resident: dict | None = None) -> list[dict]:  # fmt: skip
+    """One row per launch of each case's forward and backward call (see the module docstring).
+
+    ``resident``: resident programs per SM by kernel name (the kernel report's occupancy), for
+    the wave order of the DRAM estimate; kernels not named take :data:`DEFAULT_RESIDENT`, then
+    :data:`FALLBACK_RESIDENT`. Rows of the torch ops between launches have kind "torch".
+    """
+    if target not in l2.TARGETS:
+        raise ValueError(f"unknown target {target!r}; valid: {', '.join(l2.TARGETS)}")
+    resident = {**DEFAULT_RESIDENT, **(resident or {})}
+    cases = list(cases)
+    small = [counted_case(c, small_side) for c in cases]
+    rows = []
+    for case, sc, counts in zip(cases, small, _count(small), strict=True):
+        ratio = sc.numel / case.numel
+        for pass_ in PASSES:
+            if pass_ not in counts:
+                continue
+            call = counts[pass_]
+            counted = [_as_model(launch) for launch in call.launches]
+            try:
+                launches, source = model_launches(case, pass_), "model"
+                check = _check(model_launches(sc, pass_), counted)
+            except ModelUnsupported:
+                launches, source, check = _scaled(counted, 1 / ratio), "counter-scaled", "-"
+            if len(launches) != len(call.launches):
+                raise RuntimeError(f"{case.id} {pass_}: model and counter launch lists differ")
+            dram = _dram(call, ratio, target, resident)
+            for i, (launch, small_launch) in enumerate(zip(launches, counted, strict=True)):
+                # scaled back by the launch's own ratio of bytes (a fixed-size op stays put)
+                big, small = _bytes(launch), _bytes(small_launch)
+                est = int(round(dram[i] * (big / small if small else 1 / ratio)))
+                rows.append(_row(case, pass_, i, launch, est, source, check, call, target))
+    return rows
+
+
+def _bytes(launch: dict) -> int:
+    return sum(a["bytes_loaded"] + a["bytes_stored"] for a in launch["args"].values())
+
+
+def _scaled(counted: list[dict], factor: float) -> list[dict]:
+    out = []
+    for launch in counted:
+        args = {k: {key: int(round(v * factor)) for key, v in a.items()}
+                for k, a in launch["args"].items()}  # fmt: skip
+        out.append({**launch, "args": args, "grid": None})
+    return out
+
+
+def _row(case, pass_, i, launch, dram, source, check, call, target) -> dict:
+    sums = {k: sum(a[k] for a in launch["args"].values()) for k in KEYS}
+    vol = sum(a["sectors"] for n, a in launch["args"].items() if n in VOLUME_TENSORS)
+    return {
+        "case": case.id, "case_id": case.id, "mode": case.mode, "shifts": case.shift_name,
+        "dtype": case.dtype, "rank": case.rank, "shape": list(case.shape), "pass": pass_,
+        "launch_index": i, "kind": launch["kind"], "kernel": launch["kernel"],
+        "grid": launch["grid"], "target": target, **sums, "volume_sectors": vol,
+        "dram_estimate_bytes": dram, "ideal_bytes": ideal_bytes(case, pass_), "source": source,
+        "model_check": check, "host_device_copies_call": call.host_device_copies,
+    }  # fmt: skip
+
+
+def call_rows(launch_rows: list[dict]) -> list[dict]:
+    """Per case and pass ("fwd", "bwd", "fwdbwd"): sums, launches, host_device_copies, ratios.
+
+    ``unique_bytes`` of a call is the sum over its launches of each launch's unique bytes (a
+    tensor read by two launches counts twice: once per launch).
+    """
+    groups: dict = {}
+    for r in launch_rows:
+        groups.setdefault((r["case"], r["pass"]), []).append(r)
+    out = []
+    for case in dict.fromkeys(r["case"] for r in launch_rows):
+        parts = [p for p in PASSES if (case, p) in groups]
+        calls = {p: _sum_call(groups[(case, p)], p) for p in parts}
+        out.extend(calls.values())
+        if len(parts) == 2:
+            both = _sum_call(groups[(case, "fwd")] + groups[(case, "bwd")], "fwdbwd")
+            both["ideal_bytes"] = calls["fwd"]["ideal_bytes"] + calls["bwd"]["ideal_bytes"]
+            both["host_device_copies"] = sum(c["host_device_copies"] for c in calls.values())
+            out.append(_ratios(both))
+    return out
+
+
+def _sum_call(rows: list[dict], pass_: str) -> dict:
+    first = rows[0]
+    keys = ("case", "case_id", "mode", "shifts", "dtype", "rank", "shape", "target")
+    row = {k: first[k] for k in keys}
+    row["pass"] = pass_
+    for k in (*KEYS, "volume_sectors", "dram_estimate_bytes"):
+        row[k] = sum(r[k] for r in rows)
+    row["launches"] = len(rows)
+    row["triton_launches"] = sum(r["kind"] == "triton" for r in rows)
+    row["host_device_copies"] = first["host_device_copies_call"]
+    row["ideal_bytes"] = first["ideal_bytes"]
+    row["source"] = ",".join(sorted({r["source"] for r in rows}))
+    row["model_check"] = ",".join(sorted({r["model_check"] for r in rows}))
+    return _ratios(row)
+
+
+def _ratios(row: dict) -> dict:
+    ideal = row["ideal_bytes"]
+    row["bytes_over_ideal"] = (row["bytes_loaded"] + row["bytes_stored"]) / ideal
+    row["unique_over_ideal"] = row["unique_bytes"] / ideal
+    row["sector_bytes_over_ideal"] = row["sectors"] * l2.SECTOR / ideal
+    row["volume_sector_bytes_over_ideal"] = row["volume_sectors"] * l2.SECTOR / ideal
+    row["dram_over_ideal"] = row["dram_estimate_bytes"] / ideal
+    return row
+
+
+def model_call(case: StaticCase, pass_: str) -> dict:
+    """bytes_loaded, bytes_stored, launches (all), triton_launches of one call of ``case``:
+    the analytic model, or for cases it does not cover the counter at 16^d scaled."""
+    if pass_ not in PASSES:
+        raise ValueError(f"pass_ must be one of {PASSES}, got {pass_!r}")
+    try:
+        launches, source = model_launches(case, pass_, sectors=False), "model"
+    except ModelUnsupported:
+        sc = counted_case(case)
+        (counts,) = _count([sc])
+        if pass_ not in counts:
+            raise NotImplementedError(f"{case.id}: the Triton path has no {pass_} call") from None
+        launches = _scaled([_as_model(x) for x in counts[pass_].launches], case.numel / sc.numel)
+        source = "counter-scaled"
+    loaded = sum(a["bytes_loaded"] for x in launches for a in x["args"].values())
+    stored = sum(a["bytes_stored"] for x in launches for a in x["args"].values())
+    return dict(bytes_loaded=loaded, bytes_stored=stored, launches=len(launches),
+                triton_launches=sum(x["kind"] == "triton" for x in launches), source=source)
+
+
+def _x(v: float) -> str:
+    return f"{v:.2f}x"
+
+
+def markdown(call_rows: list[dict]) -> list[str]:
+    """A table of the per-call figures (ratios to the ideal) and a note on what they mean."""
+    out = [
+        "| case | pass | launches (triton) | H2D copies | bytes asked / ideal | unique / ideal "
+        "| sectors / ideal (all / volume) | DRAM estimate / ideal | source | model = counter |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for r in call_rows:
+        p = "fwd+bwd" if r["pass"] == "fwdbwd" else r["pass"]
+        out.append(
+            f"| {r['case']} | {p} | {r['launches']} ({r['triton_launches']}) | "
+            f"{r['host_device_copies']} | {_x(r['bytes_over_ideal'])} | "
+            f"{_x(r['unique_over_ideal'])} | {_x(r['sector_bytes_over_ideal'])} / "
+            f"{_x(r['volume_sector_bytes_over_ideal'])} | {_x(r['dram_over_ideal'])} | "
+            f"{r['source']} | {r['model_check']} |"
+        )
+    out += [
+        "",
+        "Ideal: forward reads x and writes y once, backward reads x and dy and writes dx once. "
+        "Sectors: 32-byte sectors per access, summed (all tensors / the volume-sized ones). "
+        "The DRAM column is an estimate, not a measurement: the 16^3 trace replayed in GPU "
+        "order, waves of resident programs in lockstep, through a fully associative, sectored "
+        "LRU model of the L2 (inside a launch the L2 share of the programs in flight; across "
+        "launches the L2 scaled by the shape ratio), cold at the start of each call. It leaves "
+        "out set associativity and the real replacement policy, the two L2 partitions, L1 "
+        "hits, prefetching, DRAM page effects and what earlier layers left in L2.",
+    ]
+    return out
+
+
+def _fmt_bytes(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
+
+
+if __name__ == "__main__":  # python -m fastnmf.profile.static.traffic: the benchmark figures
+    from .cases import benchmark_cases
+
+    rows = call_rows(launch_rows(benchmark_cases()))
+    print("\n".join(markdown(rows)))

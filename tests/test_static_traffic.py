@@ -1,0 +1,237 @@
+"""Static traffic (issue 14): the interpreter's byte counter, the analytic model, the L2 replay."""
+
+from __future__ import annotations
+
+import importlib
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from fastnmf.profile.static import l2, traffic
+from fastnmf.profile.static.cases import StaticCase
+from fastnmf.profile.static.counter import counting, gpu_geometry, interpreting
+from fastnmf.profile.static.traffic_model import ModelUnsupported, model_launches
+
+needs_interpreter = pytest.mark.skipif(
+    not interpreting(), reason="the counter runs the kernels under TRITON_INTERPRET=1"
+)
+
+
+@triton.jit
+def _copy_kernel(x_ptr, y_ptr, n, STRIDE: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < n
+    v = tl.load(x_ptr + i * STRIDE, mask=mask)
+    tl.store(y_ptr + i, v, mask=mask)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("stride", [1, 8])
+def test_counter_counts_a_copy_kernel(stride):
+    """Bytes, unique bytes and sectors of a kernel whose accesses are known by hand."""
+    n, block = 1000, 128  # 8 programs, the last one 104 lanes
+    x = torch.randn(n * stride)
+    y = torch.empty(n)
+    with counting() as call:
+        _copy_kernel[(triton.cdiv(n, block),)](x, y, n, STRIDE=stride, BLOCK=block)
+    (launch,) = call.launches
+    assert torch.equal(y, x[::stride])
+    assert launch.grid == (8, 1, 1)
+    xs, ys = launch.args["x_ptr"], launch.args["y_ptr"]
+    assert (xs["bytes_loaded"], xs["bytes_stored"], xs["unique_bytes"]) == (4 * n, 0, 4 * n)
+    assert (ys["bytes_loaded"], ys["bytes_stored"], ys["unique_bytes"]) == (0, 4 * n, 4 * n)
+    # contiguous: 128 floats = 16 sectors per full program, 104 floats = 13 sectors;
+    # stride 8 floats = 32 bytes: one sector per lane
+    assert ys["sectors"] == 7 * 16 + 13
+    assert xs["sectors"] == (7 * 16 + 13 if stride == 1 else n)
+    assert launch.prog.tolist() == sorted(launch.prog.tolist())  # trace in GPU program order
+    assert call.host_device_copies == 0
+
+
+@triton.jit
+def _atomic_kernel(out_ptr, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    tl.atomic_add(out_ptr + i % 4, 1.0)  # a read-modify-write of each lane's address
+    tl.atomic_cas(out_ptr + 8, 0.0, 2.0)
+
+
+@needs_interpreter
+def test_counter_counts_atomics_as_load_and_store():
+    out = torch.zeros(16)
+    with counting() as call:
+        _atomic_kernel[(2,)](out, BLOCK=16)
+    (launch,) = call.launches
+    a = launch.args["out_ptr"]
+    # per program: 16 lanes x 4 B read and written (add), 4 B read and written (cas)
+    assert (a["bytes_loaded"], a["bytes_stored"]) == (2 * (64 + 4), 2 * (64 + 4))
+    assert a["unique_bytes"] == 5 * 4 and a["sectors"] == 2 * 4
+
+
+@triton.jit
+def _grid_kernel(out_ptr):
+    tl.store(out_ptr + (tl.program_id(0) + 3 * tl.program_id(1)) * 8, 1.0)  # a sector each
+
+
+@needs_interpreter
+def test_counter_trace_is_in_gpu_order():
+    """The interpreter runs axis 0 outermost; the trace must follow a GPU's linear order."""
+    out = torch.zeros(3 * 4 * 8)
+    with counting() as call:
+        _grid_kernel[(3, 4)](out)
+    (launch,) = call.launches
+    assert launch.prog.tolist() == list(range(12))
+    offsets = (launch.sector & ((1 << 31) - 1)).tolist()
+    assert offsets == [x + 3 * y for y in range(4) for x in range(3)]
+
+
+def test_gpu_geometry_sets_and_restores_the_gpu_values():
+    wn = importlib.import_module("fastnmf.kernels.window_nmf")
+    before = (wn._INTERPRET, wn._MIN_TILE)
+    with gpu_geometry():
+        assert wn._INTERPRET is False
+        assert wn._MIN_TILE == 4  # the GPU branch of `64 if _INTERPRET else 4`
+    assert (wn._INTERPRET, wn._MIN_TILE) == before
+
+
+COVERED = [
+    # rank one, window: stats fwd/bwd + tiled apply (4^3 tiles)
+    StaticCase("window", 1, 8, (16, 16, 16), "fp32", (None, 4)),
+    # one shift: stats kernels fused with the output pass
+    StaticCase("window", 1, 16, (16, 16, 16), "bf16", (None,)),
+    # an odd shift: per-voxel apply kernels (2D)
+    StaticCase("window", 1, 8, (16, 16), "fp32", (None, 3)),
+    # non-cubic 3D, per-axis shifts, 4x2x4 tiles
+    StaticCase("window", 1, 8, (8, 16, 24), "fp32", (None, (4, 2, 4))),
+    # global: reduce, iterate, apply (two matrices: the backward copies hats[..., -1, :])
+    StaticCase("global", 1, 16, (16, 16, 16), "fp32", (None,), window=None),
+    StaticCase("global", 1, 8, (16, 32), "bf16", (None,), window=None),
+    # rank > 1, window: fwd, apply, bwd (per-shift dx buffer) and the PyTorch sum / where / to
+    StaticCase("window", 1, 8, (16, 16), "bf16", (None, 2), rank=2),
+    StaticCase("window", 1, 8, (16, 16), "fp32", (None,), rank=4),
+    # rank > 1, global (forward only): T + 1 passes, the PyTorch F update, apply
+    StaticCase("global", 1, 16, (16, 16), "fp32", (None,), window=None, rank=2, iters=2),
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case", COVERED, ids=[c.id for c in COVERED])
+def test_model_equals_counter(case):
+    """Launch by launch, tensor by tensor: bytes loaded/stored, unique bytes, sectors, grid."""
+    counts = traffic._count([case])[0]
+    assert set(counts) == ({"fwd"} if case.mode == "global" and case.rank > 1 else {"fwd", "bwd"})
+    for pass_, call in counts.items():
+        counted = [traffic._as_model(launch) for launch in call.launches]
+        model = model_launches(case, pass_)
+        assert [m["kernel"] for m in model] == [c["kernel"] for c in counted]
+        for m, c in zip(model, counted, strict=True):
+            assert m == c, (pass_, m["kernel"])
+        assert call.host_device_copies == (1 if pass_ == "fwd" else 0)  # the shift table
+
+
+def test_model_refuses_what_it_does_not_cover():
+    with pytest.raises(ModelUnsupported, match="no Triton backward"):
+        model_launches(StaticCase("global", 1, 8, (16, 16, 16), window=None, rank=2), "bwd")
+    with pytest.raises(ModelUnsupported, match="whole sectors"):
+        model_launches(StaticCase("window", 1, 8, (8, 8, 8), "bf16", (None, 4)), "fwd")
+    with pytest.raises(ValueError, match="pass_"):
+        model_launches(StaticCase("window", 1, 8, (16, 16, 16)), "fwdbwd")
+
+
+def _naive_lru(sector, store, lines):
+    """Sectored LRU by hand: (DRAM bytes read, written)."""
+    cache, read, written = OrderedDict(), 0, 0
+    for s, st in zip(sector.tolist(), store.tolist(), strict=True):
+        line = s >> 2
+        if line in cache:
+            cache.move_to_end(line)
+        else:
+            cache[line] = {}
+            if len(cache) > lines:
+                written += 32 * sum(cache.popitem(last=False)[1].values())
+        sectors = cache[line]
+        if s & 3 not in sectors:
+            sectors[s & 3] = False
+            read += 0 if st else 32
+        sectors[s & 3] = sectors[s & 3] or st
+    return read, written + 32 * sum(sum(v.values()) for v in cache.values())
+
+
+def _replay(sector, store, lines):
+    launch = np.zeros(sector.size, np.int64)
+    return l2.replay(sector, store, launch, intra_lines=np.array([lines]), inter_lines=lines)
+
+
+def test_stack_distances_and_replay_match_a_naive_lru():
+    rng = np.random.default_rng()
+    keys = rng.integers(0, 60, 2000)
+    stack, naive = [], []
+    for k in keys.tolist():
+        naive.append(len(stack) - 1 - stack.index(k) if k in stack else -1)
+        if k in stack:
+            stack.remove(k)
+        stack.append(k)
+    assert l2.stack_distances(keys).tolist() == naive
+    sector = rng.integers(0, 500, 4000)
+    store = rng.random(4000) < 0.3
+    for lines in (3, 40, 100):
+        read, written = _replay(sector, store, lines)
+        assert (int(read.sum()), int(written.sum())) == _naive_lru(sector, store, lines)
+
+
+def test_dram_estimate_monotone_and_fits():
+    rng = np.random.default_rng()
+    sector = rng.integers(0, 2000, 20000)
+    store = rng.random(20000) < 0.2
+    totals = [sum(int(a.sum()) for a in _replay(sector, store, lines)) for lines in
+              (1, 4, 16, 64, 256, 1024)]  # fmt: skip
+    assert all(a >= b for a, b in zip(totals, totals[1:], strict=False))
+    # a load-only trace that fits: every distinct sector read once
+    loads = np.zeros_like(store)
+    read, written = _replay(sector, loads, 2000)
+    assert int(read.sum()) == 32 * np.unique(sector).size and int(written.sum()) == 0
+
+
+@needs_interpreter
+def test_api_rows():
+    case = StaticCase("window", 2, 16, (32, 32, 32), "fp32", (None,))
+    rows = traffic.launch_rows([case], small_side=16)
+    assert [(r["pass"], r["launch_index"], r["kernel"]) for r in rows] == [
+        ("fwd", 0, "aten.ones"), ("fwd", 1, "_stats_fwd_kernel"), ("bwd", 0, "_stats_bwd_kernel")
+    ]  # fmt: skip
+    assert all(r["model_check"] == "equal" and r["source"] == "model" for r in rows)
+    calls = {r["pass"]: r for r in traffic.call_rows(rows)}
+    both = calls["fwdbwd"]
+    for k in ("bytes_loaded", "bytes_stored", "sectors", "dram_estimate_bytes", "launches"):
+        assert both[k] == calls["fwd"][k] + calls["bwd"][k]
+    x = case.numel * 4
+    # fused local windows: x read twice (the second time from cache), y written once
+    assert calls["fwd"]["bytes_loaded"] > 2 * x and calls["fwd"]["ideal_bytes"] == 2 * x
+    assert calls["fwd"]["host_device_copies"] == 1
+    assert 2 * x <= calls["fwd"]["dram_estimate_bytes"] < calls["fwd"]["sectors"] * 32
+    m = traffic.model_call(case, "fwd")
+    assert (m["bytes_loaded"], m["bytes_stored"]) == (calls["fwd"]["bytes_loaded"],
+                                                      calls["fwd"]["bytes_stored"])  # fmt: skip
+    assert len(traffic.markdown(list(calls.values()))) == 2 + 3 + 2
+    with pytest.raises(ValueError, match="not a multiple of the window 8"):
+        traffic.launch_rows([case], small_side=12)
+    with pytest.raises(ValueError, match="valid: sm_90a, sm_80"):
+        traffic.launch_rows([case], target="sm_100")
+
+
+@needs_interpreter
+def test_model_bytes_when_rows_are_not_whole_sectors():
+    """Deep U-Net levels (S2 * itemsize < 32): the model gives bytes (no sectors), still exact."""
+    case = StaticCase("window", 1, 8, (8, 8), "bf16", (None, 2), window=4)
+    counts = traffic._count([case])[0]
+    for pass_, call in counts.items():
+        model = model_launches(case, pass_, sectors=False)
+        for m, c in zip(model, call.launches, strict=True):
+            for label, a in m["args"].items():
+                got = c.args[label]
+                assert a["sectors"] is None
+                assert (a["bytes_loaded"], a["bytes_stored"], a["unique_bytes"]) == (
+                    got["bytes_loaded"], got["bytes_stored"], got["unique_bytes"])  # fmt: skip
