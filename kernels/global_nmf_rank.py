@@ -1,9 +1,8 @@
 """Rank-R NMF (R > 1) of whole matrices (global matricization, plain ``fastnmf.nmf``), forward.
 
 Each matrix X (M x N) is one head of a (B, C, *S) volume (M = E rows, N = prod(S) columns) or one
-matrix of a (..., M, N) batch. We run the literal loop of :mod:`fastnmf.reference` (guarded
-divisions, HALS column order, F then G). A global matrix does not fit on chip, but within one
-outer iteration:
+matrix of a (..., M, N) batch. We run the loop of :mod:`fastnmf.loop` (guarded divisions, HALS
+column order, F then G). A global matrix does not fit on chip, but within one outer iteration:
 
 - the F update needs only A = X G (M x R) and B = G^T G (R x R): sums over columns;
 - the G update is row-local: row j of G_t needs only column j of X, G_{t-1}[j], F_t and
@@ -13,9 +12,9 @@ So G lives in a global buffer (N x R per matrix and shift), and each outer itera
 of ``_pass_kernel`` over X, one program per (matrix*shift, chunk of columns): it updates its rows
 of G in place (from F_t, D_t) and writes the chunk's partial A and B for the next F update. The
 partials are summed in a fixed order by ``sum`` over the chunk dim (deterministic, no atomics),
-and the tiny F update (M x R, R x R) runs in PyTorch with :func:`fastnmf.reference.safe_div` /
-the reference HALS sweep. ``_apply_kernel`` then writes sum_s F_s G_s[v]^T / n_shifts from the G
-buffer (no read of X). Passes over X: T + 1.
+and the tiny F update (M x R, R x R) runs in PyTorch (:func:`fastnmf.loop.mu_update` /
+:func:`fastnmf.loop.hals_sweep`). ``_apply_kernel`` then writes sum_s F_s G_s[v]^T / n_shifts
+from the G buffer (no read of X). Passes over X: T + 1.
 
 A roll by s permutes the columns of a global matrix, and every step of MU and HALS is equivariant
 under a column permutation, so shift s is the NMF of X itself from G_0 = v0[(v + s) mod S]:
@@ -35,8 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastnmf.reference import _hals_sweep as _torch_hals_sweep
-from fastnmf.reference import safe_div
+from fastnmf import loop
 
 from .global_nmf import _rolled_index
 from .window_nmf_rank import _gram, _hals_sweep, _mu_update, _x_times, _xt_times
@@ -182,10 +180,7 @@ def global_nmf_rank(x, v0, *, rows, spatial, shifts=None, u0=None, iters=5, solv
     for t in range(1, iters + 1):
         a = ap.sum(1)  # (Bm*nshift, M, R): X G_{t-1}, fixed-order sum over chunks
         b = bp.sum(1)  # (Bm*nshift, R, R): G_{t-1}^T G_{t-1}
-        if mu:
-            f = safe_div(f * a, f @ b)
-        else:
-            f = _torch_hals_sweep(a, b, f)
+        f = loop.mu_update(f, a, b) if mu else loop.hals_sweep(f, a, b)  # (Bm*nshift, M, R)
         f = f.contiguous()
         torch.matmul(f.transpose(-1, -2), f, out=d)  # F_t^T F_t
         args = (x, v0c, shift_t, g, f, d, ap, bp, rows, nshift, nchunk, *S)

@@ -1,6 +1,6 @@
 """Fused rank-R NMF (R > 1) over (shifted) windows: the literal MU / HALS loop, on chip per window.
 
-For R > 1 there is no closed form: we run the exact algorithm of :mod:`fastnmf.reference` (same
+For R > 1 there is no closed form: we run the exact algorithm of :mod:`fastnmf.loop` (same
 guarded divisions, same HALS column order, F then G in every outer iteration). A window matrix
 X (E x P^3, E <= 64, P^3 <= 512 in practice) and its factors F (E x R), G (P^3 x R) fit on chip.
 
@@ -86,7 +86,7 @@ def _outer(z, w):
 
 @triton.jit
 def _safe_div(a, b):
-    """a / b where b != 0, else 0 (fastnmf.reference.safe_div)."""
+    """a / b where b != 0, else 0 (fastnmf.loop.safe_div)."""
     nz = b != 0
     return tl.where(nz, a / tl.where(nz, b, 1.0), 0.0)
 

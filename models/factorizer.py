@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from fastnmf import MatricizedNMF, reference
+from fastnmf import MatricizedNMF, layout, loop
 
 from .layers import FactorizerBlock, WrappedNMF
 from .unet import UNet
@@ -246,7 +246,7 @@ def nmf_components(model: nn.Module, x: torch.Tensor, *, block: int) -> torch.Te
 
     Runs the model on ``x``, takes the input z of the chosen block's NMF layer, and for every
     head recomputes the factors (F, G) of ReLU(Matricize(z)) with that layer's settings (the
-    literal algorithm of :func:`fastnmf.reference.nmf_factors`). Each head's G (N x R per window)
+    batched loop of :func:`fastnmf.loop.nmf_factors`). Each head's G (N x R per window)
     is put back at the voxel positions its columns came from; with shifted windows every shift's
     map is rolled back by -s and the shifts are averaged, as in the forward.
 
@@ -272,17 +272,17 @@ def nmf_components(model: nn.Module, x: torch.Tensor, *, block: int) -> torch.Te
     dims = tuple(range(2, z.dim()))
     ndim = len(spatial)
     patch = layer.patch_size
-    items = reference.shifts_as_tuples(layer.resolved_shifts(ndim), ndim)
+    items = layout.shift_table(layer.resolved_shifts(ndim), ndim)
     b, c = z.shape[:2]
     heads = c // layer.head_dim
     out = None
     for s in items:
         rolled = torch.roll(z, s, dims) if any(s) else z
-        mats = reference.matricize(rolled, layer.head_dim, patch)  # (B, H, nw, E, N)
+        mats = layout.matricize(rolled, layer.head_dim, patch)  # (B, H, nw, E, N)
         v0 = layer.v0.to(mats.dtype)
         u0 = layer.u0.to(mats.dtype)
-        _, g = reference.nmf_factors(mats, v0, u0, layer.iters, layer.solver)  # (B,H,nw,N,R)
-        maps = reference.dematricize(g.transpose(-1, -2), spatial, patch)  # (B, H*R, *S)
+        _, g = loop.nmf_factors(mats, v0, u0, iters=layer.iters, solver=layer.solver)
+        maps = layout.dematricize(g.transpose(-1, -2), spatial, patch)  # (B, H*R, *S)
         maps = torch.roll(maps, tuple(-v for v in s), dims) if any(s) else maps
         out = maps if out is None else out + maps
     out = out / len(items)
