@@ -30,3 +30,22 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     scale = b.abs().max().item()
     diff = (a - b).abs().max().item()
     return diff if scale == 0 else diff / scale
+
+
+@pytest.fixture(scope="module")
+def demo_cache(tmp_path_factory):
+    """A private FASTNMF_CACHE holding the 4-case 32³ demo set, set for the module's tests (a
+    fresh folder per module, so that no module sees what another wrote) and restored after."""
+    from fastnmf import data
+
+    root = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("FASTNMF_CACHE")
+    os.environ["FASTNMF_CACHE"] = str(root)
+    try:
+        data.make_demo(n_cases=4, size=32)
+        yield root
+    finally:
+        if old is None:
+            os.environ.pop("FASTNMF_CACHE", None)
+        else:
+            os.environ["FASTNMF_CACHE"] = old

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from fastnmf import data as fdata
 from fastnmf.config import resolve
 from fastnmf.determinism import restore, set_deterministic
 from fastnmf.infer import load_checkpoint
@@ -57,19 +56,6 @@ def test_set_deterministic_seeds_and_flags(restored):
         set_deterministic(-1)
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cache")
-    old = os.environ.get("FASTNMF_CACHE")
-    os.environ["FASTNMF_CACHE"] = str(root)
-    fdata.make_demo(n_cases=4, size=32)
-    yield root
-    if old is None:
-        os.environ.pop("FASTNMF_CACHE", None)
-    else:
-        os.environ["FASTNMF_CACHE"] = old
-
-
 def _cfg(device):
     return resolve(
         "demo",
@@ -96,7 +82,7 @@ def _cfg(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_two_deterministic_runs_are_bitwise_equal(cache, tmp_path, device, restored):
+def test_two_deterministic_runs_are_bitwise_equal(demo_cache, tmp_path, device, restored):
     cfg = _cfg(device)
     for name in ("a", "b"):
         torch.manual_seed(len(name) * 7 + ord(name))  # a different global state before each run

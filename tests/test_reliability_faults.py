@@ -19,8 +19,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastnmf import data as fdata
-
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL (POSIX)")
 
 STEPS = 6
@@ -47,17 +45,8 @@ ARGS = [
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    old = os.environ.get("FASTNMF_CACHE")
-    os.environ["FASTNMF_CACHE"] = str(cache)
-    try:
-        fdata.make_demo(n_cases=4, size=32)
-    finally:
-        if old is None:
-            os.environ.pop("FASTNMF_CACHE")
-        else:
-            os.environ["FASTNMF_CACHE"] = old
+def env(demo_cache):
+    cache = demo_cache
     e = {**os.environ, "FASTNMF_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
     e.pop("FASTNMF_TEST_SLOW_SAVE", None)
     return e
