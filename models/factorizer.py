@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from fastnmf import MatricizedNMF, layout, loop
+from fastnmf._checks import KERNELS, SOLVERS, check_choice, check_int
 
 from .layers import FactorizerBlock, WrappedNMF
 from .unet import UNet
@@ -34,14 +35,6 @@ __all__ = [
 ]
 
 VARIANTS = ("global", "local", "swin")
-KERNELS = ("auto", "triton", "torch", "reference")
-SOLVERS = ("hals", "mu")
-
-
-def _choice(name: str, value, choices: Sequence[str]) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; valid choices: {', '.join(choices)}")
-    return value
 
 
 def factorizer(
@@ -90,9 +83,9 @@ def factorizer(
             only the inputs of each block's two residual branches and recomputes the branches
             in backward): much less memory, about one more forward per step, same results.
     """
-    _choice("variant", variant, VARIANTS)
-    _choice("kernel", kernel, KERNELS)
-    _choice("solver", solver, SOLVERS)
+    check_choice("variant", variant, VARIANTS)
+    check_choice("kernel", kernel, KERNELS)
+    check_choice("solver", solver, SOLVERS)
     nd = len(spatial_size)
     levels = len(widths)
     patch = None if variant == "global" else window
@@ -187,16 +180,14 @@ def set_nmf(
     keeping the existing columns, so restoring the rank restores the model exactly.
     """
     if solver is not None:
-        _choice("solver", solver, SOLVERS)
+        check_choice("solver", solver, SOLVERS)
     if kernel is not None:
-        _choice("kernel", kernel, KERNELS)
+        check_choice("kernel", kernel, KERNELS)
     chosen = None if skip is None else set(_check_blocks(model, skip))
     for i, wrapped in enumerate(wrapped_nmf_blocks(model)):
         layer = wrapped.nmf
         if iters is not None:
-            if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
-                raise ValueError(f"iters must be an int >= 0, got {iters!r}")
-            layer.iters = iters
+            layer.iters = check_int("iters", iters, 0)
         if rank is not None and rank != layer.rank:
             layer.rank = rank
         if solver is not None:
