@@ -89,15 +89,8 @@ def nmf_factors(
     return f, g
 
 
-def nmf_loop(
-    x: torch.Tensor,
-    v0: torch.Tensor,
-    u0: torch.Tensor | None = None,
-    *,
-    iters: int,
-    solver: str,
-    num_grad_steps: int | None = None,
-) -> torch.Tensor:
+def nmf_loop(x: torch.Tensor, v0: torch.Tensor, u0: torch.Tensor | None = None, *, iters: int,
+             solver: str, num_grad_steps: int | None = None) -> torch.Tensor:  # fmt: skip
     """The reconstruction F G^T (..., M, N) of :func:`nmf_factors`."""
     f, g = nmf_factors(x, v0, u0, iters=iters, solver=solver, num_grad_steps=num_grad_steps)
     return f @ g.transpose(-1, -2)  # (..., M, N)

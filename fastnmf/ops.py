@@ -75,6 +75,16 @@ def _range_exponent(t: torch.Tensor) -> int:
     return -math.frexp(m)[1]
 
 
+def _checked_exponent(x, v0, u0, check_x) -> int:
+    """Check the values (x by ``check_x``, v0 and u0 nonnegative) and return the exponent k of
+    :func:`_range_exponent` (0: x needs no rescaling)."""
+    check_x("x", x)
+    C.check_nonnegative("v0", v0)
+    if u0 is not None:
+        C.check_nonnegative("u0", u0)
+    return _range_exponent(x)
+
+
 def _ldexp(t: torch.Tensor, k: int) -> torch.Tensor:
     """t * 2**k in steps of at most 2**±64 (each exact, and a float32 scalar)."""
     while k:
@@ -176,11 +186,7 @@ def nmf(
     _check_common(iters, solver, num_grad_steps)
     kernel = resolve_kernel(kernel, x)
     if C.want_value_checks(check, x):
-        C.check_nonnegative("x", x)
-        C.check_nonnegative("v0", v0)
-        if u0 is not None:
-            C.check_nonnegative("u0", u0)
-        k = _range_exponent(x)
+        k = _checked_exponent(x, v0, u0, C.check_nonnegative)
         if k:
             kw = dict(iters=iters, kernel=kernel, num_grad_steps=num_grad_steps)
             return _rescaled(nmf, x, v0, u0, k, m, solver, **kw)
@@ -321,11 +327,8 @@ def matricized_nmf(
     _check_common(iters, solver, num_grad_steps)
     kernel = resolve_kernel(kernel, x)
     if C.want_value_checks(check, x):
-        C.check_finite("x", x)
-        C.check_nonnegative("v0", v0)
-        if u0 is not None:
-            C.check_nonnegative("u0", u0)
-        k = _range_exponent(x)  # the largest positive entry: the ReLU drops the rest
+        # any finite x is valid (the ReLU drops negatives); k from the largest positive entry
+        k = _checked_exponent(x, v0, u0, C.check_finite)
         if k:
             kw = dict(head_dim=head_dim, patch_size=patch, shifts=shifts, iters=iters)
             kw.update(kernel=kernel, num_grad_steps=num_grad_steps)

@@ -28,7 +28,6 @@ autograd).
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
@@ -36,12 +35,10 @@ import triton.language as tl
 
 from fastnmf import loop
 
-from .global_nmf import _rolled_index
-from .window_nmf_rank import _gram, _hals_sweep, _mu_update, _x_times, _xt_times
+from ._common import INTERPRET, _load_shift, _rolled_index, acc_dtype, compute_dtype, shift_tensor
+from ._rank_algebra import _gram, _hals_sweep, _mu_update, _x_times, _xt_times
 
 __all__ = ["global_nmf_rank"]
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -83,9 +80,7 @@ def _pass_kernel(
         else:
             g = _hals_sweep(c, d, g, R, BLOCK_R)
     else:
-        s0 = tl.load(shift_ptr + s * 3)
-        s1 = tl.load(shift_ptr + s * 3 + 1)
-        s2 = tl.load(shift_ptr + s * 3 + 2)
+        s0, s1, s2 = _load_shift(shift_ptr, s)
         idx = _rolled_index(v, s0, s1, s2, S0, S1, S2)
         g = tl.load(v0_ptr + idx[:, None] * R + rr[None, :], mask=gmask, other=0).to(ACC)
     tl.store(g_ptr + gofs, g, mask=gmask)
@@ -142,21 +137,19 @@ def global_nmf_rank(x, v0, *, rows, spatial, shifts=None, u0=None, iters=5, solv
         raise ValueError(f"M={rows} rows is too many for the Triton kernels (max 64)")
     if v0.device != x.device:
         raise ValueError(f"v0 is on {v0.device} but x is on {x.device}")
-    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    acc = tl.float64 if x.dtype == torch.float64 else tl.float32
+    cdt = compute_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     dev = x.device
     rank = v0.shape[1]
     pad = 3 - len(spatial)
     S = (1,) * pad + tuple(spatial)
     nvox = math.prod(S)
     matrices = x.numel() // (rows * nvox)
-    items = [(0,) * 3 if s is None else (0,) * pad + tuple(s) for s in (shifts or [None])]
-    items = [tuple(v % n for v, n in zip(r, S, strict=True)) for r in items]
-    shift_t = torch.tensor(items, dtype=torch.int32, device=dev)  # (nshift, 3)
-    nshift = len(items)
+    shift_t = shift_tensor(shifts, spatial, dev)  # (nshift, 3)
+    nshift = shift_t.shape[0]
     block_e = max(triton.next_power_of_2(rows), 2)
     block_r = max(triton.next_power_of_2(rank), 2)
-    if _INTERPRET:  # the CPU interpreter pays per operation, not per register: big tiles
+    if INTERPRET:  # the CPU interpreter pays per operation, not per register: big tiles
         block_v = 1024
     else:
         block_v = max(16, min(256, 4096 // (block_e * block_r)))

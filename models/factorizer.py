@@ -116,19 +116,13 @@ def factorizer(
             checkpoint=bool(checkpoint),
         )
 
-    base = 2 ** (levels - 1)
+    base = 2 ** (levels - 1)  # the deepest stage is 1 / base of the input
     return UNet(
-        in_channels=in_channels,
-        out_channels=out_channels,
-        spatial_size=spatial_size,
-        make_block=make_block,
-        widths=widths,
-        pos_embed=pos_embed,
-        pos_dropout=dropout,
-        deep_supervision=deep_supervision,
-        size_multiple=base * (window if patch is not None else 1),
-        fixed_size=variant == "global",
-    )
+        in_channels=in_channels, out_channels=out_channels, spatial_size=spatial_size,
+        make_block=make_block, widths=widths, deep_supervision=deep_supervision,
+        pos_embed=pos_embed, pos_dropout=dropout,
+        size_multiple=base * (window if patch is not None else 1), fixed_size=variant == "global",
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,15 +194,9 @@ def set_nmf(
 
 
 @contextlib.contextmanager
-def inference_controls(
-    model: nn.Module,
-    *,
-    iters: int | None = None,
-    rank: int | None = None,
-    solver: str | None = None,
-    kernel: str | None = None,
-    skip: Iterable[int] | None = None,
-) -> Iterator[nn.Module]:
+def inference_controls(model: nn.Module, *, iters: int | None = None, rank: int | None = None,
+                       solver: str | None = None, kernel: str | None = None,
+                       skip: Iterable[int] | None = None) -> Iterator[nn.Module]:  # fmt: skip
     """Apply :func:`set_nmf` inside a ``with`` block and restore every layer on exit.
 
     >>> with inference_controls(model, iters=10, skip=[4]):   # doctest: +SKIP

@@ -4,28 +4,22 @@ and the report (table.md, table.csv, PNG plots) is written on the CPU at tiny sh
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import load_bench
 
 from fastnmf import profile as P
 from fastnmf.cli import main
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def bench_targets():
     """bench/targets.py: the issue targets live with the benchmarks, not in the library."""
-    spec = importlib.util.spec_from_file_location("bench_targets", ROOT / "bench/targets.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("targets")
 
 
 @pytest.fixture(autouse=True)

@@ -12,6 +12,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_MODEL_OPTIONS, TINY_RUN
 
 from fastnmf.config import resolve
 from fastnmf.determinism import restore, set_deterministic
@@ -59,16 +60,8 @@ def test_set_deterministic_seeds_and_flags(restored):
 def _cfg(device):
     return resolve(
         "demo",
-        demo={"n_cases": 4, "size": 32, "seed": 0},
-        n_folds=4,
-        patch=16,
-        model_options={
-            "widths": [8, 16, 32],
-            "head_dim": 4,
-            "window": 4,
-            "deep_supervision": 2,
-            "dropout": 0.1,
-        },
+        **TINY_RUN,
+        model_options={**TINY_MODEL_OPTIONS, "dropout": 0.1},
         steps=3,
         warmup=1,
         val_every=3,

@@ -18,19 +18,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_TRAIN_ARGS
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL (POSIX)")
 
 STEPS = 6
 ARGS = [
-    "--demo-cases=4",
-    "--demo-size=32",
-    "--folds=4",
-    "--patch=16",
-    "--model-opt=widths=[8,16,32]",
-    "--model-opt=head_dim=4",
-    "--model-opt=window=4",
-    "--model-opt=deep_supervision=2",
+    *TINY_TRAIN_ARGS,
     "--model-opt=dropout=0.1",  # the RNG state must survive the kill too
     "--workers=0",
     "--device=cpu",

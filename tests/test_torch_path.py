@@ -1,18 +1,12 @@
 """kernel="torch" (closed form, hand-written backward) against the float64 reference."""
 
-import math
-
 import pytest
 import torch
-from conftest import rel_err
+from conftest import n_columns, rel_err
 
 import fastnmf
 
-
-def _n(spatial, patch):
-    if patch is None:
-        return math.prod(spatial)
-    return patch ** len(spatial) if isinstance(patch, int) else math.prod(patch)
+_n = n_columns
 
 
 def _run(kernel, x, v0, dy, dtype, **kw):

@@ -52,11 +52,7 @@ from __future__ import annotations
 import warnings
 
 from .competitors import (
-    HEAD_DIM,
-    ITERS,
-    NMF_KERNELS,
     SDPA_BACKENDS,
-    WINDOW,
     MonaiWindowAttention,
     NMFCore,
     WindowSDPA,
@@ -104,11 +100,7 @@ from .timing import (
 )
 
 __all__ = [
-    "HEAD_DIM",
-    "ITERS",
-    "NMF_KERNELS",
     "SDPA_BACKENDS",
-    "WINDOW",
     "MonaiWindowAttention",
     "NMFCore",
     "WindowSDPA",

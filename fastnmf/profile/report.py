@@ -29,43 +29,49 @@ def _mib(v) -> str:
     return "" if v is None or v == "" else f"{v / 2**20:.1f}"
 
 
-def _layer_md(rows: list[dict]) -> list[str]:
-    out = [
-        "| mixer | impl | scope | shape | dtype | pass | median ms | Mvoxel/s | peak MiB "
-        "| saved MiB | % copy BW | status |",
-        "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---|",
-    ]
+def _md_table(header: list[str], left: int, rows: list[dict], cells) -> list[str]:
+    """A markdown table: ``header`` columns (the first ``left`` descriptive ones left-aligned,
+    the measured ones right-aligned, the status last), one line per row with the cells of
+    ``cells(row, ok)`` and the row's status."""
+    align = ["---"] * left + ["---:"] * (len(header) - left - 1) + ["---"]
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     for r in rows:
         ok = r["status"] == "ok"
-        out.append(
-            f"| {r['subject']} | {r['impl']} | {r['scope']} | {r['shape']} | {r['dtype']} | "
-            f"{'fwd+bwd' if r['task'] == 'fwdbwd' else r['task']} | "
-            f"{_fmt(r.get('median_ms')) if ok else ''} | "
-            f"{_fmt(r['per_s'] / 1e6) if ok else ''} | {_mib(r.get('peak_bytes'))} | "
-            f"{_mib(r.get('saved_bytes'))} | {_fmt(r.get('pct_copy_bandwidth'))} | "
-            f"{r['status'] if ok else r['status'] + ': ' + r['reason']} |"
-        )
+        status = r["status"] if ok else r["status"] + ": " + r["reason"]
+        out.append("| " + " | ".join([*cells(r, ok), status]) + " |")
     return out
+
+
+def _layer_md(rows: list[dict]) -> list[str]:
+    header = ["mixer", "impl", "scope", "shape", "dtype", "pass", "median ms", "Mvoxel/s"]
+    header += ["peak MiB", "saved MiB", "% copy BW", "status"]
+
+    def cells(r, ok):
+        return [
+            r["subject"], r["impl"], r["scope"], r["shape"], r["dtype"],
+            "fwd+bwd" if r["task"] == "fwdbwd" else r["task"],
+            _fmt(r.get("median_ms")) if ok else "", _fmt(r["per_s"] / 1e6) if ok else "",
+            _mib(r.get("peak_bytes")), _mib(r.get("saved_bytes")),
+            _fmt(r.get("pct_copy_bandwidth")),
+        ]  # fmt: skip
+
+    return _md_table(header, 6, rows, cells)
 
 
 def _model_md(rows: list[dict]) -> list[str]:
-    out = [
-        "| model | kernel | task | shape | dtype | time ms | samples/s | peak MiB | params M "
-        "| GFLOPs | status |",
-        "|---|---|---|---|---|---:|---:|---:|---:|---:|---|",
-    ]
-    for r in rows:
-        ok = r["status"] == "ok"
-        out.append(
-            f"| {r['subject']} | {r['impl']}{' + checkpointing' if r.get('checkpoint') else ''} | "
-            f"{r['task']} | {r['shape']} | {r['dtype']} | "
-            f"{_fmt(r.get('median_ms')) if ok else ''} | {_fmt(r.get('per_s')) if ok else ''} | "
-            f"{_mib(r.get('peak_bytes'))} | "
-            f"{_fmt(r['params'] / 1e6, 4) if r.get('params') else ''} | "
-            f"{_fmt(r.get('gflops'), 4)} | "
-            f"{r['status'] if ok else r['status'] + ': ' + r['reason']} |"
-        )
-    return out
+    header = ["model", "kernel", "task", "shape", "dtype", "time ms", "samples/s", "peak MiB"]
+    header += ["params M", "GFLOPs", "status"]
+
+    def cells(r, ok):
+        return [
+            r["subject"], r["impl"] + (" + checkpointing" if r.get("checkpoint") else ""),
+            r["task"], r["shape"], r["dtype"],
+            _fmt(r.get("median_ms")) if ok else "", _fmt(r.get("per_s")) if ok else "",
+            _mib(r.get("peak_bytes")), _fmt(r["params"] / 1e6, 4) if r.get("params") else "",
+            _fmt(r.get("gflops"), 4),
+        ]  # fmt: skip
+
+    return _md_table(header, 5, rows, cells)
 
 
 def _slope(xs, ys) -> float | None:
