@@ -8,7 +8,7 @@ Forward, two kernels (no atomics, bitwise deterministic):
 
 1. ``_window_fwd_kernel``, one program per (batch*head, shift, window): reads the window straight
    from the (B, C, *S) input, the roll folded into the index arithmetic (rolled position r holds
-   voxel (r - s) mod S, ``_window_coords`` of :mod:`.window_nmf`), applies ReLU, starts from
+   voxel (r - s) mod S, ``_window_coords`` of :mod:`._common`), applies ReLU, starts from
    F = u0 (ones when None) and G = v0, runs T outer iterations in registers and writes F_w
    (E x R) and G_w (P^3 x R) to a small buffer: R/E of the input's size per shift.
 2. ``_window_apply_kernel``, one program per (batch*head, block of voxels): for each shift finds
