@@ -15,10 +15,23 @@ KERNELS = ("auto", "triton", "torch", "reference")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_choice(name: str, value, choices: Sequence[str]) -> str:
+def check_choice(
+    name: str, value, choices: Sequence[str], *, listing: str = "valid choices"
+) -> str:
+    """``value`` if it is one of ``choices``; else a ValueError listing them (after ``listing``)."""
     if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; valid choices: {', '.join(choices)}")
+        raise ValueError(f"unknown {name} {value!r}; {listing}: {', '.join(choices)}")
     return value
+
+
+def check_heads(channels: int, head_dim: int) -> int:
+    """The number of heads: ``channels`` must be divisible by ``head_dim``."""
+    if channels % head_dim:
+        raise ValueError(
+            f"channels C={channels} are not divisible by head_dim={head_dim}; valid head_dim "
+            f"values: {[d for d in range(1, channels + 1) if channels % d == 0]}"
+        )
+    return channels // head_dim
 
 
 def check_int(name: str, value, minimum: int) -> int:
@@ -132,12 +145,7 @@ def check_matricized_input(x, head_dim: int) -> tuple[int, ...]:
         )
     if x.numel() == 0:
         raise ValueError(f"x is empty (shape {tuple(x.shape)})")
-    c = x.shape[1]
-    if c % head_dim:
-        raise ValueError(
-            f"channels C={c} are not divisible by head_dim={head_dim}; valid head_dim values: "
-            f"{[d for d in range(1, c + 1) if c % d == 0]}"
-        )
+    check_heads(x.shape[1], head_dim)
     return tuple(x.shape[2:])
 
 

@@ -67,7 +67,7 @@ def save_components(
     """Write ``<out>/<id>_block<k>_components.nii.gz`` and ``.png`` for one case."""
     from fastnmf import models
 
-    from .infer import model_from_checkpoint, overlay_png  # noqa: F401
+    from .infer import model_from_checkpoint
 
     model, cfg, info, _ = model_from_checkpoint(checkpoint, device=device)
     n = len(models.wrapped_nmf_blocks(model))

@@ -44,6 +44,11 @@ class _FactorBuffers(nn.Module):
         self.register_buffer("u0", draw_factor(rows, rank, self.seed, 0))
         self.register_buffer("v0", draw_factor(cols, rank, self.seed, 1))
 
+    def _solver_options(self) -> dict:
+        """The keyword arguments of :func:`fastnmf.nmf` this layer holds (u0 and the settings)."""
+        return dict(u0=self.u0, iters=self.iters, solver=self.solver, kernel=self.kernel,
+                    num_grad_steps=self.num_grad_steps)  # fmt: skip
+
     def _redraw(self, rows: int, cols: int, rank: int) -> None:
         device = self.v0.device
         self.u0 = draw_factor(rows, rank, self.seed, 0).to(device)
@@ -91,15 +96,7 @@ class NMF(_FactorBuffers):
         self.num_grad_steps = num_grad_steps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nmf(
-            x,
-            self.v0,
-            u0=self.u0,
-            iters=self.iters,
-            solver=self.solver,
-            kernel=self.kernel,
-            num_grad_steps=self.num_grad_steps,
-        )
+        return nmf(x, self.v0, **self._solver_options())
 
     def extra_repr(self) -> str:
         m, n = self.u0.shape[0], self.v0.shape[0]
@@ -218,11 +215,7 @@ class MatricizedNMF(_FactorBuffers):
             head_dim=self._head_dim,
             patch_size=self._patch_size,
             shifts=self.resolved_shifts(ndim),
-            u0=self.u0,
-            iters=self.iters,
-            solver=self.solver,
-            kernel=self.kernel,
-            num_grad_steps=self.num_grad_steps,
+            **self._solver_options(),
         )
 
     def extra_repr(self) -> str:

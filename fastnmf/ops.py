@@ -5,7 +5,7 @@
 - ``"reference"``: the literal unrolled algorithms of :mod:`fastnmf.reference`, autograd.
 - ``"torch"``: fast vectorised PyTorch. Rank one uses the exact closed form of
   :mod:`fastnmf.closed_form` (cost independent of ``iters``, hand-written backward); rank > 1 runs
-  the same batched loop as the reference.
+  the batched loop of :mod:`fastnmf.loop` (autograd) on the layout of :mod:`fastnmf.layout`.
 - ``"triton"``: the fused kernels of :mod:`fastnmf.kernels`.
 - ``"auto"``: triton for CUDA tensors, torch otherwise.
 """
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from . import _checks as C
-from . import reference
+from . import layout, loop
 from .closed_form import compute_dtype, power_iterates, rank1_closed_form
 
 __all__ = ["nmf", "matricized_nmf", "resolve_kernel"]
@@ -39,6 +39,13 @@ def _triton():
     except ImportError as err:  # pragma: no cover - depends on the machine
         raise RuntimeError(f"kernel='triton' needs triton, which failed to import: {err}") from err
     return kernels
+
+
+def _oracle():
+    """The literal oracle, imported only when ``kernel="reference"`` asks for it."""
+    from . import reference
+
+    return reference
 
 
 def _check_common(iters, solver, num_grad_steps):
@@ -66,6 +73,16 @@ def _range_exponent(t: torch.Tensor) -> int:
     if not m > 0 or _SAFE_RANGE[0] <= m <= _SAFE_RANGE[1]:
         return 0
     return -math.frexp(m)[1]
+
+
+def _checked_exponent(x, v0, u0, check_x) -> int:
+    """Check the values (x by ``check_x``, v0 and u0 nonnegative) and return the exponent k of
+    :func:`_range_exponent` (0: x needs no rescaling)."""
+    check_x("x", x)
+    C.check_nonnegative("v0", v0)
+    if u0 is not None:
+        C.check_nonnegative("u0", u0)
+    return _range_exponent(x)
 
 
 def _ldexp(t: torch.Tensor, k: int) -> torch.Tensor:
@@ -169,24 +186,20 @@ def nmf(
     _check_common(iters, solver, num_grad_steps)
     kernel = resolve_kernel(kernel, x)
     if C.want_value_checks(check, x):
-        C.check_nonnegative("x", x)
-        C.check_nonnegative("v0", v0)
-        if u0 is not None:
-            C.check_nonnegative("u0", u0)
-        k = _range_exponent(x)
+        k = _checked_exponent(x, v0, u0, C.check_nonnegative)
         if k:
             kw = dict(iters=iters, kernel=kernel, num_grad_steps=num_grad_steps)
             return _rescaled(nmf, x, v0, u0, k, m, solver, **kw)
     if x.numel() == 0:
         return x.clone()
-    if kernel == "reference" or iters == 0:  # iters == 0: u0 v0^T, nothing to accelerate
-        return reference.nmf_loop(x, v0, u0, iters, solver, num_grad_steps)
+    if kernel == "reference":
+        return _oracle().nmf_loop(x, v0, u0, iters, solver, num_grad_steps)
+    if iters == 0 or (kernel == "torch" and rank > 1):  # iters == 0: u0 v0^T
+        return loop.nmf_loop(x, v0, u0, iters=iters, solver=solver, num_grad_steps=num_grad_steps)
     if kernel == "triton":
         return _triton().nmf(
             x, v0, u0=u0, iters=iters, solver=solver, num_grad_steps=num_grad_steps
         )
-    if rank > 1:
-        return reference.nmf_loop(x, v0, u0, iters, solver, num_grad_steps)
     y = _torch_rank1(x.reshape(-1, m, n), v0[:, 0], u0, iters, solver, num_grad_steps)
     return y.reshape(x.shape)  # (..., M, N)
 
@@ -194,13 +207,13 @@ def nmf(
 def _torch_matricized(z, v0, head_dim, patch, shifts, u0, iters, solver, num_grad_steps):
     """Rank-one closed form over the matricization of z = ReLU(x) (B, C, *S)."""
     spatial = tuple(z.shape[2:])
-    items = reference.shifts_as_tuples(shifts, len(spatial))
+    items = layout.shift_table(shifts, len(spatial))
     g0 = v0[:, 0]
     out = None
     if patch is None:
         # A roll permutes the columns of a global matrix: X_s g0 = X roll(g0, -s) and K is
         # unchanged, so roll g0 instead of the volume.
-        mats = reference.matricize(z, head_dim, None)  # (B, H, 1, E, N)
+        mats = layout.matricize(z, head_dim, None)  # (B, H, 1, E, N)
         flat = mats.reshape(-1, head_dim, mats.shape[-1])  # (B*H, E, N)
         for s in items:
             g = torch.roll(
@@ -209,7 +222,7 @@ def _torch_matricized(z, v0, head_dim, patch, shifts, u0, iters, solver, num_gra
             g = g.reshape(-1)  # (N,)
             y = _torch_rank1(flat, g, u0, iters, solver, num_grad_steps, scale=1 / len(items))
             out = y if out is None else out + y  # (B*H, E, N)
-        return reference.dematricize(out.reshape(mats.shape), spatial, None)
+        return layout.dematricize(out.reshape(mats.shape), spatial, None)
     b, c = z.shape[:2]
     flat = z.reshape(b * c // head_dim, -1)  # (B*H, E*Nvox)
     for s in items:
@@ -219,6 +232,23 @@ def _torch_matricized(z, v0, head_dim, patch, shifts, u0, iters, solver, num_gra
         y = _Gather.apply(y.reshape(flat.shape), inv, idx)  # (B*H, E*Nvox)
         out = y if out is None else out + y
     return out.view(z.shape)
+
+
+def _loop_matricized(z, v0, head_dim, patch, shifts, u0, iters, solver, num_grad_steps):
+    """The batched loop of :mod:`fastnmf.loop` over the matricization of z = ReLU(x)."""
+    spatial = tuple(z.shape[2:])
+    dims = tuple(range(2, z.dim()))
+    items = layout.shift_table(shifts, len(spatial))
+    out = None
+    for s in items:
+        rolled = torch.roll(z, s, dims) if any(s) else z
+        mats = layout.matricize(rolled, head_dim, patch)  # (B, H, nw, E, N)
+        rec = loop.nmf_loop(mats, v0, u0, iters=iters, solver=solver,
+                            num_grad_steps=num_grad_steps)  # fmt: skip
+        rec = layout.dematricize(rec, spatial, patch)  # (B, C, *S)
+        rec = torch.roll(rec, tuple(-v for v in s), dims) if any(s) else rec
+        out = rec if out is None else out + rec
+    return out / len(items)
 
 
 @functools.lru_cache(maxsize=16)
@@ -232,7 +262,7 @@ def _window_gather_index(spatial, patch, shift, head_dim: int, device: str):
     nvox = math.prod(spatial)
     grid = torch.arange(nvox).reshape(spatial)
     rolled = torch.roll(grid, shift, tuple(range(len(spatial))))  # rolled[r] = voxel landing at r
-    pos = reference.matricize(rolled[None, None], 1, patch).reshape(-1, 1, math.prod(patch))
+    pos = layout.matricize(rolled[None, None], 1, patch).reshape(-1, 1, math.prod(patch))
     idx = (torch.arange(head_dim).reshape(1, -1, 1) * nvox + pos).reshape(-1)  # (nw*E*Pn,)
     inv = torch.empty_like(idx)
     inv[idx] = torch.arange(idx.numel())
@@ -297,18 +327,19 @@ def matricized_nmf(
     _check_common(iters, solver, num_grad_steps)
     kernel = resolve_kernel(kernel, x)
     if C.want_value_checks(check, x):
-        C.check_finite("x", x)
-        C.check_nonnegative("v0", v0)
-        if u0 is not None:
-            C.check_nonnegative("u0", u0)
-        k = _range_exponent(x)  # the largest positive entry: the ReLU drops the rest
+        # any finite x is valid (the ReLU drops negatives); k from the largest positive entry
+        k = _checked_exponent(x, v0, u0, C.check_finite)
         if k:
             kw = dict(head_dim=head_dim, patch_size=patch, shifts=shifts, iters=iters)
             kw.update(kernel=kernel, num_grad_steps=num_grad_steps)
             return _rescaled(matricized_nmf, x, v0, u0, k, head_dim, solver, **kw)
-    if kernel == "reference" or iters == 0:  # iters == 0: u0 v0^T, nothing to accelerate
-        return reference.matricized_nmf(
+    if kernel == "reference":
+        return _oracle().matricized_nmf(
             x, v0, head_dim, patch, shifts, u0, iters, solver, num_grad_steps
+        )
+    if iters == 0 or (kernel == "torch" and rank > 1):  # iters == 0: u0 v0^T in every window
+        return _loop_matricized(
+            torch.relu(x), v0, head_dim, patch, shifts, u0, iters, solver, num_grad_steps
         )
     if kernel == "triton":
         return _triton().matricized_nmf(
@@ -321,10 +352,6 @@ def matricized_nmf(
             iters=iters,
             solver=solver,
             num_grad_steps=num_grad_steps,
-        )
-    if rank > 1:
-        return reference.matricized_nmf(
-            x, v0, head_dim, patch, shifts, u0, iters, solver, num_grad_steps
         )
     return _torch_matricized(
         torch.relu(x), v0, head_dim, patch, shifts, u0, iters, solver, num_grad_steps

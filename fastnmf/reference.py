@@ -9,7 +9,8 @@ F G^T with F (M x R) and G (N x R). One outer iteration updates F, then G.
 Divisions are *guarded*: ``a / b`` is taken as 0 where ``b == 0``. The unguarded multiplicative
 update turns a zero row or column into 0/0 = NaN after one iteration; the original code adds an
 ``eps`` instead, which biases every result. A guarded division is exact wherever the denominator
-is nonzero, so the closed form of DESIGN.md section 1 matches this loop to rounding error.
+is nonzero, so the rank-one closed form (derived in fastnmf/closed_form.py) matches this loop to
+rounding error.
 """
 
 from __future__ import annotations
@@ -109,14 +110,8 @@ def nmf_factors(
     return f, g
 
 
-def nmf_loop(
-    x: torch.Tensor,
-    v0: torch.Tensor,
-    u0: torch.Tensor | None = None,
-    iters: int = 5,
-    solver: str = "hals",
-    num_grad_steps: int | None = None,
-) -> torch.Tensor:
+def nmf_loop(x: torch.Tensor, v0: torch.Tensor, u0: torch.Tensor | None = None, iters: int = 5,
+             solver: str = "hals", num_grad_steps: int | None = None) -> torch.Tensor:  # fmt: skip
     """F G^T of :func:`nmf_factors`: the reconstruction (..., M, N)."""
     f, g = nmf_factors(x, v0, u0, iters, solver, num_grad_steps)
     return f @ g.transpose(-1, -2)  # (..., M, N)

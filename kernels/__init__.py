@@ -7,6 +7,10 @@
 - :mod:`.global_nmf_rank`: rank R > 1 over whole matrices, forward only (one reduction pass per
   iteration); its backward raises NotImplementedError (use kernel='torch').
 
+Shared by the families: :mod:`._common` (interpreter flag, accumulation dtype, shift table, MU row
+mask, input checks, index arithmetic and power steps as ``@triton.jit`` functions) and
+:mod:`._rank_algebra` (the rank-R MU / HALS step and its vector-Jacobian product on chip).
+
 The entry points take arguments already validated by :func:`fastnmf.nmf` /
 :func:`fastnmf.matricized_nmf`. Inputs are made contiguous (a channels_last input is copied once).
 On a machine without a GPU the kernels run on CPU tensors under ``TRITON_INTERPRET=1``.

@@ -23,26 +23,47 @@ Saved for backward: the input, plus O(E^2) per matrix and shift.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .window_nmf import _power_steps, _power_steps_backward
+from ._common import (
+    INTERPRET,
+    _load_shift,
+    _power_steps,
+    _power_steps_backward,
+    _rolled_index,
+    acc_dtype,
+    compute_dtype,
+    row_mask,
+    shift_tensor,
+)
 
 __all__ = ["GlobalNMF", "global_nmf"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+@triton.jit
+def _chunk_block(rowmask_ptr, E, NVOX, BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr,
+                 ACC: tl.constexpr):  # fmt: skip
+    """Program (chunk, matrix m): m, m's offset, the columns v of the chunk, the rows e, their
+    masks, the (BLOCK_E, BLOCK_V) mask and the MU row mask."""
+    chunk = tl.program_id(0)
+    m = tl.program_id(1)
+    offset = m.to(tl.int64) * E * NVOX
+    v = chunk * BLOCK_V + tl.arange(0, BLOCK_V)
+    vmask = v < NVOX
+    e = tl.arange(0, BLOCK_E)
+    emask = e < E
+    rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
+    return chunk, m, offset, v, vmask, e, emask, emask[:, None] & vmask[None, :], rowmask
 
 
 @triton.jit
-def _rolled_index(v, s0, s1, s2, S0, S1, S2):
-    """Flat index of voxel (v + s) mod S."""
-    r2 = (v % S2 + s2) % S2
-    r1 = ((v // S2) % S1 + s1) % S1
-    r0 = (v // (S1 * S2) + s0) % S0
-    return (r0 * S1 + r1) * S2 + r2
+def _rolled_g0(g0_ptr, shift_ptr, s, v, vmask, S0, S1, S2):
+    """g0_s(v) = g0[(v + s) mod S]: the start vector of shift s at columns v."""
+    s0, s1, s2 = _load_shift(shift_ptr, s)
+    return tl.load(g0_ptr + _rolled_index(v, s0, s1, s2, S0, S1, S2), mask=vmask, other=0)
 
 
 @triton.jit
@@ -61,16 +82,10 @@ def _reduce_kernel(
     BACKWARD: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     """Forward: partial K_s = X_s X_s^T and h_s = X g0_s. Backward: partial dP_s = dY X_s^T."""
-    chunk = tl.program_id(0)
-    m = tl.program_id(1)
     nvox = S0 * S1 * S2
-    offset = m.to(tl.int64) * E * nvox
-    v = chunk * BLOCK_V + tl.arange(0, BLOCK_V)
-    vmask = v < nvox
-    e = tl.arange(0, BLOCK_E)
-    emask = e < E
-    mask = emask[:, None] & vmask[None, :]
-    rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
+    chunk, m, offset, v, vmask, e, emask, mask, rowmask = _chunk_block(
+        rowmask_ptr, E, nvox, BLOCK_E, BLOCK_V, ACC
+    )
     x = _load_x(x_ptr, offset, e, v, mask, nvox, rowmask, RELU, ACC)  # (BLOCK_E, BLOCK_V)
     if BACKWARD:
         a = tl.load(dy_ptr + offset + e[:, None] * nvox + v[None, :], mask=mask, other=0)
@@ -81,11 +96,7 @@ def _reduce_kernel(
     kmask = emask[:, None] & emask[None, :]
     kofs = e[:, None] * E + e[None, :]
     for s in range(0, NSHIFT):
-        s0 = tl.load(shift_ptr + s * 3)
-        s1 = tl.load(shift_ptr + s * 3 + 1)
-        s2 = tl.load(shift_ptr + s * 3 + 2)
-        g = tl.load(g0_ptr + _rolled_index(v, s0, s1, s2, S0, S1, S2), mask=vmask, other=0)
-        g = g.to(ACC)
+        g = _rolled_g0(g0_ptr, shift_ptr, s, v, vmask, S0, S1, S2).to(ACC)
         xs = x
         if MU:
             xs = tl.where(g[None, :] > 0, x, 0)
@@ -143,27 +154,17 @@ def _apply_fwd_kernel(
     BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr, RELU: tl.constexpr, MU: tl.constexpr,
     ACC: tl.constexpr,
 ):  # fmt: skip
-    chunk = tl.program_id(0)
-    m = tl.program_id(1)
     nvox = S0 * S1 * S2
-    offset = m.to(tl.int64) * E * nvox
-    v = chunk * BLOCK_V + tl.arange(0, BLOCK_V)
-    vmask = v < nvox
-    e = tl.arange(0, BLOCK_E)
-    emask = e < E
-    mask = emask[:, None] & vmask[None, :]
-    rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
+    chunk, m, offset, v, vmask, e, emask, mask, rowmask = _chunk_block(
+        rowmask_ptr, E, nvox, BLOCK_E, BLOCK_V, ACC
+    )
     x = _load_x(x_ptr, offset, e, v, mask, nvox, rowmask, RELU, ACC)
     y = tl.zeros((BLOCK_E, BLOCK_V), dtype=ACC)
     for s in range(0, NSHIFT):
         u = tl.load(u_ptr + (m * NSHIFT + s) * E + e, mask=emask, other=0).to(ACC)
         xs = x
         if MU:
-            s0 = tl.load(shift_ptr + s * 3)
-            s1 = tl.load(shift_ptr + s * 3 + 1)
-            s2 = tl.load(shift_ptr + s * 3 + 2)
-            idx = _rolled_index(v, s0, s1, s2, S0, S1, S2)
-            g = tl.load(g0_ptr + idx, mask=vmask, other=0)
+            g = _rolled_g0(g0_ptr, shift_ptr, s, v, vmask, S0, S1, S2)
             xs = tl.where(g[None, :] > 0, x, 0)
         c = tl.sum(u[:, None] * xs, axis=0)  # (BLOCK_V,)
         y += u[:, None] * c[None, :]
@@ -179,17 +180,11 @@ def _apply_bwd_kernel(
     BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr, RELU: tl.constexpr, MU: tl.constexpr,
     ACC: tl.constexpr,
 ):  # fmt: skip
-    chunk = tl.program_id(0)
-    m = tl.program_id(1)
     nvox = S0 * S1 * S2
-    offset = m.to(tl.int64) * E * nvox
-    v = chunk * BLOCK_V + tl.arange(0, BLOCK_V)
-    vmask = v < nvox
-    e = tl.arange(0, BLOCK_E)
-    emask = e < E
-    mask = emask[:, None] & vmask[None, :]
+    chunk, m, offset, v, vmask, e, emask, mask, rowmask = _chunk_block(
+        rowmask_ptr, E, nvox, BLOCK_E, BLOCK_V, ACC
+    )
     ptrs = offset + e[:, None] * nvox + v[None, :]
-    rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
     x_raw = tl.load(x_ptr + ptrs, mask=mask, other=0).to(ACC)
     x = x_raw * rowmask[:, None]
     if RELU:
@@ -202,11 +197,7 @@ def _apply_bwd_kernel(
         u = tl.load(u_ptr + ms * E + e, mask=emask, other=0).to(ACC)
         hb = tl.load(hbar_ptr + ms * E + e, mask=emask, other=0).to(ACC)
         sym = tl.load(sym_ptr + ms * E * E + e[:, None] * E + e[None, :], mask=kmask, other=0)
-        s0 = tl.load(shift_ptr + s * 3)
-        s1 = tl.load(shift_ptr + s * 3 + 1)
-        s2 = tl.load(shift_ptr + s * 3 + 2)
-        g = tl.load(g0_ptr + _rolled_index(v, s0, s1, s2, S0, S1, S2), mask=vmask, other=0)
-        g = g.to(ACC)
+        g = _rolled_g0(g0_ptr, shift_ptr, s, v, vmask, S0, S1, S2).to(ACC)
         c = tl.sum(u[:, None] * dy, axis=0)  # (BLOCK_V,): u^T dY(v)
         term = u[:, None] * c[None, :] + tl.sum(sym.to(ACC)[:, :, None] * x[None, :, :], axis=1)
         term += hb[:, None] * g[None, :]
@@ -232,20 +223,17 @@ class _Plan:
         self.S = (1,) * (3 - len(spatial)) + tuple(spatial)
         self.nvox = math.prod(self.S)
         self.matrices = x.numel() // (rows * self.nvox)
-        pad = 3 - len(spatial)
-        rows_ = [(0,) * 3 if s is None else (0,) * pad + tuple(s) for s in (shifts or [None])]
-        rows_ = [tuple(v % n for v, n in zip(r, self.S, strict=True)) for r in rows_]
-        self.shifts = torch.tensor(rows_, dtype=torch.int32, device=x.device)  # (nshift, 3)
-        self.nshift = len(rows_)
+        self.shifts = shift_tensor(shifts, spatial, x.device)  # (nshift, 3)
+        self.nshift = self.shifts.shape[0]
         self.nk = self.nshift if mu else 1
         self.block_e = max(triton.next_power_of_2(rows), 2)
-        if _INTERPRET:  # the CPU interpreter pays per operation, not per register: big tiles
+        if INTERPRET:  # the CPU interpreter pays per operation, not per register: big tiles
             self.block_v = 1024
         else:
             self.block_v = max(16, min(256, 4096 // self.block_e**2 * 4))
         self.nchunk = triton.cdiv(self.nvox, self.block_v)
-        self.acc = tl.float64 if x.dtype == torch.float64 else tl.float32
-        self.cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        self.acc = acc_dtype(x.dtype)
+        self.cdt = compute_dtype(x.dtype)
 
 
 def _reduce(x, dy, g0, rowmask, plan: _Plan, relu: bool, mu: bool):
@@ -324,11 +312,8 @@ def global_nmf(x, v0, *, rows, spatial, shifts=None, u0=None, iters=5, solver="h
         raise ValueError("x must be contiguous for the Triton global kernels")
     if rows > 64:
         raise ValueError(f"M={rows} rows is too many for the Triton kernels (max 64)")
-    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    cdt = compute_dtype(x.dtype)
     g0 = v0[:, 0].detach().to(cdt).contiguous()
     mu = solver == "mu"
-    if mu and u0 is not None:
-        rowmask = (u0[:, 0] > 0).to(cdt)
-    else:
-        rowmask = torch.ones(rows, dtype=cdt, device=x.device)
+    rowmask = row_mask(rows, u0, mu, cdt, x.device)
     return GlobalNMF.apply(x, g0, rowmask, rows, tuple(spatial), shifts, iters, relu, mu)

@@ -1,9 +1,8 @@
 """Rank-R NMF (R > 1) of whole matrices (global matricization, plain ``fastnmf.nmf``), forward.
 
 Each matrix X (M x N) is one head of a (B, C, *S) volume (M = E rows, N = prod(S) columns) or one
-matrix of a (..., M, N) batch. We run the literal loop of :mod:`fastnmf.reference` (guarded
-divisions, HALS column order, F then G). A global matrix does not fit on chip, but within one
-outer iteration:
+matrix of a (..., M, N) batch. We run the loop of :mod:`fastnmf.loop` (guarded divisions, HALS
+column order, F then G). A global matrix does not fit on chip, but within one outer iteration:
 
 - the F update needs only A = X G (M x R) and B = G^T G (R x R): sums over columns;
 - the G update is row-local: row j of G_t needs only column j of X, G_{t-1}[j], F_t and
@@ -13,9 +12,9 @@ So G lives in a global buffer (N x R per matrix and shift), and each outer itera
 of ``_pass_kernel`` over X, one program per (matrix*shift, chunk of columns): it updates its rows
 of G in place (from F_t, D_t) and writes the chunk's partial A and B for the next F update. The
 partials are summed in a fixed order by ``sum`` over the chunk dim (deterministic, no atomics),
-and the tiny F update (M x R, R x R) runs in PyTorch with :func:`fastnmf.reference.safe_div` /
-the reference HALS sweep. ``_apply_kernel`` then writes sum_s F_s G_s[v]^T / n_shifts from the G
-buffer (no read of X). Passes over X: T + 1.
+and the tiny F update (M x R, R x R) runs in PyTorch (:func:`fastnmf.loop.mu_update` /
+:func:`fastnmf.loop.hals_sweep`). ``_apply_kernel`` then writes sum_s F_s G_s[v]^T / n_shifts
+from the G buffer (no read of X). Passes over X: T + 1.
 
 A roll by s permutes the columns of a global matrix, and every step of MU and HALS is equivariant
 under a column permutation, so shift s is the NMF of X itself from G_0 = v0[(v + s) mod S]:
@@ -29,21 +28,17 @@ autograd).
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from fastnmf.reference import _hals_sweep as _torch_hals_sweep
-from fastnmf.reference import safe_div
+from fastnmf import loop
 
-from .global_nmf import _rolled_index
-from .window_nmf_rank import _gram, _hals_sweep, _mu_update, _x_times, _xt_times
+from ._common import INTERPRET, _load_shift, _rolled_index, acc_dtype, compute_dtype, shift_tensor
+from ._rank_algebra import _gram, _hals_sweep, _mu_update, _x_times, _xt_times
 
 __all__ = ["global_nmf_rank"]
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -85,9 +80,7 @@ def _pass_kernel(
         else:
             g = _hals_sweep(c, d, g, R, BLOCK_R)
     else:
-        s0 = tl.load(shift_ptr + s * 3)
-        s1 = tl.load(shift_ptr + s * 3 + 1)
-        s2 = tl.load(shift_ptr + s * 3 + 2)
+        s0, s1, s2 = _load_shift(shift_ptr, s)
         idx = _rolled_index(v, s0, s1, s2, S0, S1, S2)
         g = tl.load(v0_ptr + idx[:, None] * R + rr[None, :], mask=gmask, other=0).to(ACC)
     tl.store(g_ptr + gofs, g, mask=gmask)
@@ -144,21 +137,19 @@ def global_nmf_rank(x, v0, *, rows, spatial, shifts=None, u0=None, iters=5, solv
         raise ValueError(f"M={rows} rows is too many for the Triton kernels (max 64)")
     if v0.device != x.device:
         raise ValueError(f"v0 is on {v0.device} but x is on {x.device}")
-    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    acc = tl.float64 if x.dtype == torch.float64 else tl.float32
+    cdt = compute_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     dev = x.device
     rank = v0.shape[1]
     pad = 3 - len(spatial)
     S = (1,) * pad + tuple(spatial)
     nvox = math.prod(S)
     matrices = x.numel() // (rows * nvox)
-    items = [(0,) * 3 if s is None else (0,) * pad + tuple(s) for s in (shifts or [None])]
-    items = [tuple(v % n for v, n in zip(r, S, strict=True)) for r in items]
-    shift_t = torch.tensor(items, dtype=torch.int32, device=dev)  # (nshift, 3)
-    nshift = len(items)
+    shift_t = shift_tensor(shifts, spatial, dev)  # (nshift, 3)
+    nshift = shift_t.shape[0]
     block_e = max(triton.next_power_of_2(rows), 2)
     block_r = max(triton.next_power_of_2(rank), 2)
-    if _INTERPRET:  # the CPU interpreter pays per operation, not per register: big tiles
+    if INTERPRET:  # the CPU interpreter pays per operation, not per register: big tiles
         block_v = 1024
     else:
         block_v = max(16, min(256, 4096 // (block_e * block_r)))
@@ -182,10 +173,7 @@ def global_nmf_rank(x, v0, *, rows, spatial, shifts=None, u0=None, iters=5, solv
     for t in range(1, iters + 1):
         a = ap.sum(1)  # (Bm*nshift, M, R): X G_{t-1}, fixed-order sum over chunks
         b = bp.sum(1)  # (Bm*nshift, R, R): G_{t-1}^T G_{t-1}
-        if mu:
-            f = safe_div(f * a, f @ b)
-        else:
-            f = _torch_hals_sweep(a, b, f)
+        f = loop.mu_update(f, a, b) if mu else loop.hals_sweep(f, a, b)  # (Bm*nshift, M, R)
         f = f.contiguous()
         torch.matmul(f.transpose(-1, -2), f, out=d)  # F_t^T F_t
         args = (x, v0c, shift_t, g, f, d, ap, bp, rows, nshift, nchunk, *S)

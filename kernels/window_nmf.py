@@ -42,17 +42,30 @@ the rows (``rowmask``) and, for MU, the columns where g0 is zero.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from fastnmf._checks import FLOAT_DTYPES
+from fastnmf.layout import padded_shift_table
+
+from ._common import (
+    INTERPRET,
+    _head_block,
+    _load_shift,
+    _power_steps,
+    _power_steps_backward,
+    _voxel_block,
+    _voxel_window,
+    _window_and_shift,
+    _window_coords,
+    acc_dtype,
+    check_window_inputs,
+    compute_dtype,
+    row_mask,
+)
 
 __all__ = ["WindowNMF", "window_nmf"]
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # Launch parameters that bench/tune_window.py sweeps on a GPU; None / 4 keep the defaults of
 # _Geometry and Triton. Not part of the public API.
@@ -72,30 +85,30 @@ TUNING: dict = {
 # The CPU interpreter pays per program, not per register, so there small tiles (thousands of
 # 8-voxel programs) take the per-voxel kernels with their 1024-voxel blocks; the tests force the
 # tiled kernels on small tiles too (test_tiled_apply_matches_per_voxel_lookup).
-_MIN_TILE = 64 if _INTERPRET else 4
+_MIN_TILE = 64 if INTERPRET else 4
 
 
 @triton.jit
-def _window_coords(p, w0, w1, w2, s0, s1, s2, S0, S1, S2, P0, P1, P2):
-    """Flat voxel index of position p of rolled window (w0, w1, w2) under shift (s0, s1, s2)."""
-    p2 = p % P2
-    p1 = (p // P2) % P1
-    p0 = p // (P1 * P2)
-    v0 = (w0 * P0 + p0 - s0 + S0) % S0
-    v1 = (w1 * P1 + p1 - s1 + S1) % S1
-    v2 = (w2 * P2 + p2 - s2 + S2) % S2
-    return (v0 * S1 + v1) * S2 + v2
+def _stats_program(shift_ptr, C, E, HEADS, NSHIFT, S0, S1, S2, NW1, NW2, BLOCK_E: tl.constexpr):
+    """What a stats program (window w, shift s, head bh) works on.
+
+    The shifts of one window are neighbouring programs: they read overlapping voxels at about
+    the same time, so the second read of a voxel tends to come from L2, not from memory.
+    """
+    s = tl.program_id(0) % NSHIFT
+    w = tl.program_id(0) // NSHIFT
+    bh = tl.program_id(1)
+    nvox = S0 * S1 * S2
+    offset, e, emask = _head_block(bh, C, E, HEADS, nvox, BLOCK_E)
+    w0, w1, w2, s0, s1, s2 = _window_and_shift(w, s, shift_ptr, NW1, NW2)
+    return s, w, bh, nvox, offset, e, emask, w0, w1, w2, s0, s1, s2
 
 
 @triton.jit
-def _voxel_window(v, s0, s1, s2, S0, S1, S2, P0, P1, P2, NW1, NW2):
-    """For flat voxel v under shift s: (window index, position inside the window)."""
-    r2 = (v % S2 + s2) % S2
-    r1 = ((v // S2) % S1 + s1) % S1
-    r0 = (v // (S1 * S2) + s0) % S0
-    w = ((r0 // P0) * NW1 + r1 // P1) * NW2 + r2 // P2
-    p = ((r0 % P0) * P1 + r1 % P1) * P2 + r2 % P2
-    return w, p
+def _store_dx(dx_ptr, ptrs, mask, dx, x_raw, rowmask):
+    """Store dX times ReLU'(x) and the MU row mask."""
+    dx = tl.where(x_raw > 0, dx * rowmask[:, None], 0)
+    tl.store(dx_ptr + ptrs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -113,48 +126,6 @@ def _gram(a, b, DOT: tl.constexpr, ACC: tl.constexpr):
         return tl.dot(a, tl.trans(b), input_precision="ieee", out_dtype=ACC)
     else:
         return tl.sum(a[:, None, :] * b[None, :, :], axis=2)
-
-
-@triton.jit
-def _power_steps(k, h, hats_ptr, norms_ptr, e, emask, E, ITERS, SAVE: tl.constexpr):
-    """â_1 = h / ||h||, â_t = K â_{t-1} / ||K â_{t-1}|| (0 where the norm is 0); returns â_T.
-
-    With SAVE, stores â_t at hats_ptr + t*E and ||a_t|| at norms_ptr + t (what backward needs).
-    """
-    norm = tl.sqrt(tl.sum(h * h, axis=0))
-    a_hat = tl.where(norm > 0, h / tl.where(norm > 0, norm, 1), 0)
-    if SAVE:
-        tl.store(hats_ptr + e, a_hat, mask=emask)
-        tl.store(norms_ptr, norm)
-    for t in range(1, ITERS):
-        a = tl.sum(k * a_hat[None, :], axis=1)
-        norm = tl.sqrt(tl.sum(a * a, axis=0))
-        a_hat = tl.where(norm > 0, a / tl.where(norm > 0, norm, 1), 0)
-        if SAVE:
-            tl.store(hats_ptr + t * E + e, a_hat, mask=emask)
-            tl.store(norms_ptr + t, norm)
-    return a_hat
-
-
-@triton.jit
-def _power_steps_backward(k, dp, hats_ptr, norms_ptr, e, emask, E, ITERS, BLOCK_E: tl.constexpr,
-                          ACC: tl.constexpr):  # fmt: skip
-    """From dP (dL/dP of P = u u^T, u = â_T) back through the power steps: (K̄ + K̄^T, h̄)."""
-    u = tl.load(hats_ptr + (ITERS - 1) * E + e, mask=emask, other=0)
-    grad = tl.sum(dp * u[None, :], axis=1) + tl.sum(dp * u[:, None], axis=0)  # (dP + dP^T) u
-    kbar = tl.zeros((BLOCK_E, BLOCK_E), dtype=ACC)
-    hbar = tl.zeros((BLOCK_E,), dtype=ACC)
-    for i in range(0, ITERS):
-        t = ITERS - 1 - i
-        a_hat = tl.load(hats_ptr + t * E + e, mask=emask, other=0)
-        norm = tl.load(norms_ptr + t)
-        radial = tl.sum(a_hat * grad, axis=0)
-        a_bar = tl.where(norm > 0, (grad - a_hat * radial) / tl.where(norm > 0, norm, 1), 0)
-        prev = tl.load(hats_ptr + tl.maximum(t - 1, 0) * E + e, mask=emask, other=0)
-        kbar += tl.where(t > 0, a_bar[:, None] * prev[None, :], 0.0)  # no K̄ term at t = 0
-        hbar = a_bar  # the last pass (t = 0) leaves h̄ = ā_1
-        grad = tl.sum(k * a_bar[None, :], axis=1)
-    return kbar + tl.trans(kbar), hbar
 
 
 @triton.jit
@@ -189,9 +160,7 @@ def _tile_window(shift_ptr, s, o0, o1, o2, q0, q1, q2, S0, S1, S2, P0, P1, P2, N
 
     The tile lies inside one rolled window, so position = (rolled origin mod P) + lane offset.
     """
-    s0 = tl.load(shift_ptr + s * 3)
-    s1 = tl.load(shift_ptr + s * 3 + 1)
-    s2 = tl.load(shift_ptr + s * 3 + 2)
+    s0, s1, s2 = _load_shift(shift_ptr, s)
     r0 = (o0 + s0) % S0
     r1 = (o1 + s1) % S1
     r2 = (o2 + s2) % S2
@@ -208,24 +177,11 @@ def _stats_fwd_kernel(
     BLOCK_E: tl.constexpr, CHUNK: tl.constexpr, MU: tl.constexpr, SAVE: tl.constexpr,
     ACC: tl.constexpr, DOT: tl.constexpr, FUSE: tl.constexpr,
 ):  # fmt: skip
-    # the shifts of one window are neighbouring programs: they read overlapping voxels at about
-    # the same time, so the second read of a voxel tends to come from L2, not from memory
-    s = tl.program_id(0) % NSHIFT
-    w = tl.program_id(0) // NSHIFT
-    bh = tl.program_id(1)
-    b = bh // HEADS
-    head = bh % HEADS
-    nvox = S0 * S1 * S2
-    base = x_ptr + (b * C + head * E).to(tl.int64) * nvox
-    w2 = w % NW2
-    w1 = (w // NW2) % NW1
-    w0 = w // (NW1 * NW2)
-    s0 = tl.load(shift_ptr + s * 3)
-    s1 = tl.load(shift_ptr + s * 3 + 1)
-    s2 = tl.load(shift_ptr + s * 3 + 2)
-    e = tl.arange(0, BLOCK_E)
-    emask = e < E
+    s, w, bh, nvox, offset, e, emask, w0, w1, w2, s0, s1, s2 = _stats_program(
+        shift_ptr, C, E, HEADS, NSHIFT, S0, S1, S2, NW1, NW2, BLOCK_E
+    )
     rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
+    base = x_ptr + offset
     k = tl.zeros((BLOCK_E, BLOCK_E), dtype=ACC)
     h = tl.zeros((BLOCK_E,), dtype=ACC)
     for start in range(0, PN, CHUNK):
@@ -258,7 +214,7 @@ def _stats_fwd_kernel(
                 x = tl.where(g[None, :] > 0, x, 0)
             c = tl.sum(a_hat[:, None] * x, axis=0)  # (CHUNK,): u^T x(v)
             y = a_hat[:, None] * c[None, :]
-            ybase = y_ptr + (b * C + head * E).to(tl.int64) * nvox
+            ybase = y_ptr + offset
             tl.store(ybase + ofs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -269,26 +225,14 @@ def _apply_fwd_kernel(
     S0, S1, S2, P0, P1, P2, NW1, NW2,
     BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // HEADS
-    head = bh % HEADS
-    nvox = S0 * S1 * S2
-    offset = (b * C + head * E).to(tl.int64) * nvox
-    v = pid * BLOCK_V + tl.arange(0, BLOCK_V)
-    vmask = v < nvox
-    e = tl.arange(0, BLOCK_E)
-    emask = e < E
-    mask = emask[:, None] & vmask[None, :]
-    ptrs = offset + e[:, None] * nvox + v[None, :]
+    v, vmask, e, emask, mask, ptrs = _voxel_block(bh, C, E, HEADS, S0 * S1 * S2, BLOCK_E, BLOCK_V)
     x = tl.load(x_ptr + ptrs, mask=mask, other=0)
     rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
     x = tl.maximum(x.to(ACC), 0) * rowmask[:, None]  # (BLOCK_E, BLOCK_V)
     y = tl.zeros((BLOCK_E, BLOCK_V), dtype=ACC)
     for s in range(0, NSHIFT):
-        s0 = tl.load(shift_ptr + s * 3)
-        s1 = tl.load(shift_ptr + s * 3 + 1)
-        s2 = tl.load(shift_ptr + s * 3 + 2)
+        s0, s1, s2 = _load_shift(shift_ptr, s)
         w, p = _voxel_window(v, s0, s1, s2, S0, S1, S2, P0, P1, P2, NW1, NW2)
         prog = (bh * NSHIFT + s) * NWIN + w
         u = tl.load(u_ptr + prog[None, :] * E + e[:, None], mask=mask, other=0)
@@ -339,23 +283,9 @@ def _stats_bwd_kernel(
     BLOCK_E: tl.constexpr, CHUNK: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
     DOT: tl.constexpr, FUSE: tl.constexpr,
 ):  # fmt: skip
-    # the shifts of one window are neighbouring programs: they read overlapping voxels at about
-    # the same time, so the second read of a voxel tends to come from L2, not from memory
-    s = tl.program_id(0) % NSHIFT
-    w = tl.program_id(0) // NSHIFT
-    bh = tl.program_id(1)
-    b = bh // HEADS
-    head = bh % HEADS
-    nvox = S0 * S1 * S2
-    offset = (b * C + head * E).to(tl.int64) * nvox
-    w2 = w % NW2
-    w1 = (w // NW2) % NW1
-    w0 = w // (NW1 * NW2)
-    s0 = tl.load(shift_ptr + s * 3)
-    s1 = tl.load(shift_ptr + s * 3 + 1)
-    s2 = tl.load(shift_ptr + s * 3 + 2)
-    e = tl.arange(0, BLOCK_E)
-    emask = e < E
+    s, w, bh, nvox, offset, e, emask, w0, w1, w2, s0, s1, s2 = _stats_program(
+        shift_ptr, C, E, HEADS, NSHIFT, S0, S1, S2, NW1, NW2, BLOCK_E
+    )
     rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
     k = tl.zeros((BLOCK_E, BLOCK_E), dtype=ACC)
     dp = tl.zeros((BLOCK_E, BLOCK_E), dtype=ACC)
@@ -400,8 +330,7 @@ def _stats_bwd_kernel(
             dx = u[:, None] * c[None, :] + sx + hbar[:, None] * g[None, :]
             if MU:
                 dx = tl.where(g[None, :] > 0, dx, 0)
-            dx = tl.where(x_raw > 0, dx * rowmask[:, None], 0)  # ReLU'
-            tl.store(dx_ptr + ptrs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            _store_dx(dx_ptr, ptrs, mask, dx, x_raw, rowmask)
 
 
 @triton.jit
@@ -411,27 +340,15 @@ def _apply_bwd_kernel(
     S0, S1, S2, P0, P1, P2, NW1, NW2,
     BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // HEADS
-    head = bh % HEADS
-    nvox = S0 * S1 * S2
-    offset = (b * C + head * E).to(tl.int64) * nvox
-    v = pid * BLOCK_V + tl.arange(0, BLOCK_V)
-    vmask = v < nvox
-    e = tl.arange(0, BLOCK_E)
-    emask = e < E
-    mask = emask[:, None] & vmask[None, :]
-    ptrs = offset + e[:, None] * nvox + v[None, :]
+    v, vmask, e, emask, mask, ptrs = _voxel_block(bh, C, E, HEADS, S0 * S1 * S2, BLOCK_E, BLOCK_V)
     x_raw = tl.load(x_ptr + ptrs, mask=mask, other=0).to(ACC)
     rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
     x = tl.maximum(x_raw, 0) * rowmask[:, None]  # (BLOCK_E, BLOCK_V)
     dy = tl.load(dy_ptr + ptrs, mask=mask, other=0).to(ACC) / NSHIFT
     dx = tl.zeros((BLOCK_E, BLOCK_V), dtype=ACC)
     for s in range(0, NSHIFT):
-        s0 = tl.load(shift_ptr + s * 3)
-        s1 = tl.load(shift_ptr + s * 3 + 1)
-        s2 = tl.load(shift_ptr + s * 3 + 2)
+        s0, s1, s2 = _load_shift(shift_ptr, s)
         w, p = _voxel_window(v, s0, s1, s2, S0, S1, S2, P0, P1, P2, NW1, NW2)
         prog = (bh * NSHIFT + s) * NWIN + w  # (BLOCK_V,)
         u = tl.load(hats_ptr + ((prog * ITERS + ITERS - 1) * E)[None, :] + e[:, None], mask=mask,
@@ -448,8 +365,7 @@ def _apply_bwd_kernel(
         if MU:
             term = tl.where(g[None, :] > 0, term, 0)
         dx += term
-    dx = tl.where(x_raw > 0, dx * rowmask[:, None], 0)  # ReLU'
-    tl.store(dx_ptr + ptrs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    _store_dx(dx_ptr, ptrs, mask, dx, x_raw, rowmask)
 
 
 @triton.jit
@@ -482,17 +398,12 @@ def _apply_bwd_tile_kernel(
         if MU:
             term = tl.where(g[None, :] > 0, term, 0)
         dx += term
-    dx = tl.where(x_raw > 0, dx * rowmask[:, None], 0)  # ReLU'
-    tl.store(dx_ptr + ptrs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    _store_dx(dx_ptr, ptrs, mask, dx, x_raw, rowmask)
 
 
 # ------------------------------------------------------------------------------------------------
 # Launchers
 # ------------------------------------------------------------------------------------------------
-
-
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 class _Geometry:
@@ -510,12 +421,11 @@ class _Geometry:
         self.nwin = math.prod(self.NW)
         self.pn = math.prod(self.P)
         self.nvox = math.prod(self.S)
-        rows = [(0,) * 3 if s is None else (0,) * pad + tuple(s) for s in (shifts or [None])]
-        rows = [tuple(v % n for v, n in zip(r, self.S, strict=True)) for r in rows]
+        rows = padded_shift_table(shifts, spatial)  # one 3D roll per shift, reduced mod S
         self.shifts = torch.tensor(rows, dtype=torch.int32, device=x.device)  # (nshift, 3)
         self.nshift = len(rows)
         self.block_e = max(triton.next_power_of_2(head_dim), 2)
-        if _INTERPRET:  # the CPU interpreter pays per operation, not per register: big tiles
+        if INTERPRET:  # the CPU interpreter pays per operation, not per register: big tiles
             self.chunk = triton.next_power_of_2(self.pn)
             self.block_v = 1024
             self.stats_warps = 4
@@ -573,20 +483,6 @@ def _program_tile(tile, max_voxels: int) -> tuple[int, ...]:
     return tuple(h)
 
 
-def _check_inputs(x: torch.Tensor, v0: torch.Tensor, head_dim: int) -> None:
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"x has dtype {x.dtype}; the Triton kernels take float16/32/64, bfloat16")
-    if not x.is_contiguous():
-        raise ValueError(
-            "x must be contiguous for the Triton window kernels (channels_last inputs are copied "
-            "by fastnmf.kernels.matricized_nmf)"
-        )
-    if head_dim > 64:
-        raise ValueError(f"head_dim={head_dim} is too large for the Triton kernels (max 64)")
-    if v0.device != x.device:
-        raise ValueError(f"v0 is on {v0.device} but x is on {x.device}")
-
-
 class WindowNMF(torch.autograd.Function):
     """Rank-one matricized NMF over windows; see the module docstring."""
 
@@ -607,11 +503,11 @@ class WindowNMF(torch.autograd.Function):
 
 def _forward(x, g0, rowmask, geo: _Geometry, iters: int, mu: bool, save: bool):
     progs = geo.batch * geo.heads * geo.nshift * geo.nwin
-    f32 = torch.float64 if x.dtype == torch.float64 else torch.float32
+    f32 = compute_dtype(x.dtype)
     u = torch.empty(progs, geo.E, dtype=f32, device=x.device)
     hats = torch.empty(progs, iters, geo.E, dtype=f32, device=x.device) if save else u
     norms = torch.empty(progs, iters, dtype=f32, device=x.device) if save else u
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     y = torch.empty_like(x)
     _stats_fwd_kernel[(geo.nwin * geo.nshift, geo.batch * geo.heads)](
         x, y, g0, rowmask, geo.shifts, u, hats, norms,
@@ -645,7 +541,7 @@ def _backward(x, g0, rowmask, hats, norms, dy, geo: _Geometry, iters: int, mu: b
     progs = hats.shape[0]
     sym = torch.empty(progs, geo.E, geo.E, dtype=hats.dtype, device=x.device)
     hbar = torch.empty(progs, geo.E, dtype=hats.dtype, device=x.device)
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     dx = torch.empty_like(x)
     _stats_bwd_kernel[(geo.nwin * geo.nshift, geo.batch * geo.heads)](
         x, dy, dx, g0, rowmask, geo.shifts, hats, norms, sym, hbar,
@@ -679,12 +575,9 @@ def window_nmf(x, v0, *, head_dim, patch_size, shifts, u0=None, iters=5, solver=
     shifts None or a list of None / tuples. Arguments are assumed validated by
     :func:`fastnmf.matricized_nmf`.
     """
-    _check_inputs(x, v0, head_dim)
-    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    check_window_inputs(x, v0, head_dim)
+    cdt = compute_dtype(x.dtype)
     g0 = v0[:, 0].detach().to(cdt).contiguous()
     mu = solver == "mu"
-    if mu and u0 is not None:
-        rowmask = (u0[:, 0] > 0).to(cdt)
-    else:
-        rowmask = torch.ones(head_dim, dtype=cdt, device=x.device)
+    rowmask = row_mask(head_dim, u0, mu, cdt, x.device)
     return WindowNMF.apply(x, g0, rowmask, head_dim, tuple(patch_size), shifts, iters, mu)

@@ -1,6 +1,6 @@
 """Fused rank-R NMF (R > 1) over (shifted) windows: the literal MU / HALS loop, on chip per window.
 
-For R > 1 there is no closed form: we run the exact algorithm of :mod:`fastnmf.reference` (same
+For R > 1 there is no closed form: we run the exact algorithm of :mod:`fastnmf.loop` (same
 guarded divisions, same HALS column order, F then G in every outer iteration). A window matrix
 X (E x P^3, E <= 64, P^3 <= 512 in practice) and its factors F (E x R), G (P^3 x R) fit on chip.
 
@@ -8,7 +8,7 @@ Forward, two kernels (no atomics, bitwise deterministic):
 
 1. ``_window_fwd_kernel``, one program per (batch*head, shift, window): reads the window straight
    from the (B, C, *S) input, the roll folded into the index arithmetic (rolled position r holds
-   voxel (r - s) mod S, ``_window_coords`` of :mod:`.window_nmf`), applies ReLU, starts from
+   voxel (r - s) mod S, ``_window_coords`` of :mod:`._common`), applies ReLU, starts from
    F = u0 (ones when None) and G = v0, runs T outer iterations in registers and writes F_w
    (E x R) and G_w (P^3 x R) to a small buffer: R/E of the input's size per shift.
 2. ``_window_apply_kernel``, one program per (batch*head, block of voxels): for each shift finds
@@ -40,167 +40,21 @@ import torch
 import triton
 import triton.language as tl
 
-from .window_nmf import _check_inputs, _Geometry, _voxel_window, _window_coords
+from . import _common as common
+from ._common import (
+    _head_block,
+    _load_shift,
+    _voxel_block,
+    _voxel_window,
+    _window_and_shift,
+    _window_coords,
+)
+from ._rank_algebra import _step, _step_bwd, _x_times, _xt_times
+from .window_nmf import _Geometry
 
 __all__ = ["WindowNMFRank", "window_nmf_rank"]
 
 _MAX_TILE = 65536  # E x N x R of the broadcast products (16 x 512 x 8)
-
-
-# ------------------------------------------------------------------------------------------------
-# Small dense algebra on register tiles. The factors are (rows, BLOCK_R) tiles; products are
-# broadcast-multiply-and-sum (tl.dot needs tiles >= 16 on a GPU, and E, R are smaller): the
-# largest temporary is E x N x BLOCK_R (8 x 512 x 8 floats for the biggest windows).
-# ------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _x_times(x, y):
-    """X Y: x (M, N), y (N, BLOCK_R) -> (M, BLOCK_R)."""
-    return tl.sum(x[:, :, None] * y[None, :, :], axis=1)
-
-
-@triton.jit
-def _xt_times(x, z):
-    """X^T Z: x (M, N), z (M, BLOCK_R) -> (N, BLOCK_R)."""
-    return tl.sum(x[:, :, None] * z[:, None, :], axis=0)
-
-
-@triton.jit
-def _gram(z, w):
-    """Z^T W: z, w (K, BLOCK_R) -> (BLOCK_R, BLOCK_R)."""
-    return tl.sum(z[:, :, None] * w[:, None, :], axis=0)
-
-
-@triton.jit
-def _times_small(z, b):
-    """Z B: z (K, BLOCK_R), b (BLOCK_R, BLOCK_R) -> (K, BLOCK_R)."""
-    return tl.sum(z[:, :, None] * b[None, :, :], axis=1)
-
-
-@triton.jit
-def _outer(z, w):
-    """Z W^T: z (M, BLOCK_R), w (N, BLOCK_R) -> (M, N)."""
-    return tl.sum(z[:, None, :] * w[None, :, :], axis=2)
-
-
-@triton.jit
-def _safe_div(a, b):
-    """a / b where b != 0, else 0 (fastnmf.reference.safe_div)."""
-    nz = b != 0
-    return tl.where(nz, a / tl.where(nz, b, 1.0), 0.0)
-
-
-# ------------------------------------------------------------------------------------------------
-# One outer iteration (forward) and its vector-Jacobian product.
-# ------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _hals_column(a, b, state, onehot, onehot1):
-    """Step r of the sweep (onehot (1, BLOCK_R), onehot1 (BLOCK_R,) mark r): q_r, B_:r, B_rr."""
-    bcol = tl.sum(tl.where(onehot, b, 0.0), axis=1)  # (BLOCK_R,): B_sr, column r
-    brr = tl.sum(tl.where(onehot1, bcol, 0.0), axis=0)  # B_rr
-    others = tl.sum(tl.where(onehot, 0.0, state * bcol[None, :]), axis=1)  # sum_{s!=r} f_s B_sr
-    q = _safe_div(tl.sum(tl.where(onehot, a, 0.0), axis=1) - others, brr)  # (K,)
-    return q, bcol, brr
-
-
-@triton.jit
-def _hals_sweep(a, b, f, R: tl.constexpr, BLOCK_R: tl.constexpr):
-    """f_r <- relu(safe_div(A_r - sum_{s != r} f_s B_sr, B_rr)) for r = 0, ..., R - 1 in turn."""
-    rr1 = tl.arange(0, BLOCK_R)
-    rr = rr1[None, :]
-    for r in tl.static_range(R):
-        onehot = rr == r
-        q, bcol, brr = _hals_column(a, b, f, onehot, rr1 == r)
-        f = tl.where(onehot, tl.maximum(q, 0.0)[:, None], f)
-    return f
-
-
-@triton.jit
-def _hals_sweep_bwd(a, b, f_in, f_out, df, R: tl.constexpr, BLOCK_R: tl.constexpr):
-    """VJP of ``_hals_sweep``: (dA, dB, df_in) from df = d f_out (see the backward derivation)."""
-    rr1 = tl.arange(0, BLOCK_R)
-    rr = rr1[None, :]
-    da = tl.zeros(a.shape, dtype=a.dtype)
-    db = tl.zeros(b.shape, dtype=b.dtype)
-    for i in tl.static_range(R):
-        r = R - 1 - i
-        onehot = rr == r
-        state = tl.where(rr < r, f_out, f_in)  # columns < r updated, >= r not yet
-        q, bcol, brr = _hals_column(a, b, state, onehot, rr1 == r)
-        dq = tl.where(q > 0, tl.sum(tl.where(onehot, df, 0.0), axis=1), 0.0)  # relu'(0) = 0
-        dnum = _safe_div(dq, brr)  # no gradient where B_rr == 0
-        da = tl.where(onehot, dnum[:, None], da)
-        # column r of dB: -f_s . n for s != r, -sum(n q_r) on the diagonal
-        dbcol = tl.where(rr1 == r, -tl.sum(dnum * q, axis=0),
-                         -tl.sum(state * dnum[:, None], axis=0))  # fmt: skip
-        db = tl.where(onehot, dbcol[:, None], db)
-        # df_s -= n B_sr for s != r; the old f_r is overwritten and unused by step r: df_r = 0
-        df = tl.where(onehot, 0.0, df - dnum[:, None] * bcol[None, :])
-    return da, db, df
-
-
-@triton.jit
-def _mu_update(f, a, b, R: tl.constexpr, BLOCK_R: tl.constexpr):
-    """safe_div(F * A, F B)."""
-    return _safe_div(f * a, _times_small(f, b))
-
-
-@triton.jit
-def _mu_update_bwd(f_in, f_out, a, b, df, R: tl.constexpr, BLOCK_R: tl.constexpr):
-    """VJP of ``_mu_update``: (dA, dB, df_in)."""
-    den = _times_small(f_in, b)
-    dnum = _safe_div(df, den)
-    dden = -dnum * f_out  # f_out = F * A / den where den != 0, and dnum = 0 elsewhere
-    df_in = dnum * a + _times_small(dden, tl.trans(b))
-    da = dnum * f_in
-    db = _gram(f_in, dden)
-    return da, db, df_in
-
-
-@triton.jit
-def _step(x, f, g, R: tl.constexpr, BLOCK_R: tl.constexpr, MU: tl.constexpr):
-    """One outer iteration: F from A = X G, B = G^T G; then G from C = X^T F, D = F^T F."""
-    a = _x_times(x, g)
-    b = _gram(g, g)
-    if MU:
-        f = _mu_update(f, a, b, R, BLOCK_R)
-    else:
-        f = _hals_sweep(a, b, f, R, BLOCK_R)
-    c = _xt_times(x, f)
-    d = _gram(f, f)
-    if MU:
-        g = _mu_update(g, c, d, R, BLOCK_R)
-    else:
-        g = _hals_sweep(c, d, g, R, BLOCK_R)
-    return f, g
-
-
-@triton.jit
-def _step_bwd(x, f_in, g_in, f_out, g_out, df, dg, R: tl.constexpr, BLOCK_R: tl.constexpr,
-              MU: tl.constexpr):  # fmt: skip
-    """VJP of ``_step``: (dX, dF_in, dG_in) from (dF_out, dG_out)."""
-    # G update: G_out = upd(C, D, G_in), C = X^T F_out, D = F_out^T F_out
-    c = _xt_times(x, f_out)
-    d = _gram(f_out, f_out)
-    if MU:
-        dc, dd, dg_in = _mu_update_bwd(g_in, g_out, c, d, dg, R, BLOCK_R)
-    else:
-        dc, dd, dg_in = _hals_sweep_bwd(c, d, g_in, g_out, dg, R, BLOCK_R)
-    df = df + _x_times(x, dc) + _times_small(f_out, dd + tl.trans(dd))
-    dx = _outer(f_out, dc)
-    # F update: F_out = upd(A, B, F_in), A = X G_in, B = G_in^T G_in
-    a = _x_times(x, g_in)
-    b = _gram(g_in, g_in)
-    if MU:
-        da, db, df_in = _mu_update_bwd(f_in, f_out, a, b, df, R, BLOCK_R)
-    else:
-        da, db, df_in = _hals_sweep_bwd(a, b, f_in, f_out, df, R, BLOCK_R)
-    dx += _outer(da, g_in)
-    dg_in += _xt_times(x, da) + _times_small(g_in, db + tl.trans(db))
-    return dx, df_in, dg_in
 
 
 # ------------------------------------------------------------------------------------------------
@@ -212,20 +66,12 @@ def _step_bwd(x, f_in, g_in, f_out, g_out, df, dg, R: tl.constexpr, BLOCK_R: tl.
 def _load_window(x_ptr, shift_ptr, w, s, bh, C, E, HEADS, PN, S0, S1, S2, P0, P1, P2, NW1, NW2,
                  BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     """Pointer offsets (BLOCK_E, BLOCK_N) of window w under shift s, and their mask."""
-    b = bh // HEADS
-    head = bh % HEADS
     nvox = S0 * S1 * S2
-    offset = (b * C + head * E).to(tl.int64) * nvox
-    w2 = w % NW2
-    w1 = (w // NW2) % NW1
-    w0 = w // (NW1 * NW2)
-    s0 = tl.load(shift_ptr + s * 3)
-    s1 = tl.load(shift_ptr + s * 3 + 1)
-    s2 = tl.load(shift_ptr + s * 3 + 2)
-    e = tl.arange(0, BLOCK_E)
+    offset, e, emask = _head_block(bh, C, E, HEADS, nvox, BLOCK_E)
+    w0, w1, w2, s0, s1, s2 = _window_and_shift(w, s, shift_ptr, NW1, NW2)
     p = tl.arange(0, BLOCK_N)
     vox = _window_coords(p, w0, w1, w2, s0, s1, s2, S0, S1, S2, P0, P1, P2)
-    mask = (e < E)[:, None] & (p < PN)[None, :]
+    mask = emask[:, None] & (p < PN)[None, :]
     return offset + e[:, None] * nvox + vox[None, :], mask
 
 
@@ -243,13 +89,11 @@ def _load_init(u0_ptr, v0_ptr, E, PN, R: tl.constexpr, BLOCK_E: tl.constexpr,
 
 
 @triton.jit
-def _window_fwd_kernel(
-    x_ptr, u0_ptr, v0_ptr, shift_ptr, f_ptr, g_ptr,
-    C, E, HEADS, NSHIFT, NWIN, ITERS, PN,
-    S0, S1, S2, P0, P1, P2, NW1, NW2,
-    R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    MU: tl.constexpr, ACC: tl.constexpr,
-):  # fmt: skip
+def _window_start(x_ptr, u0_ptr, v0_ptr, shift_ptr, C, E, HEADS, NSHIFT, NWIN, PN,
+                  S0, S1, S2, P0, P1, P2, NW1, NW2, R: tl.constexpr, BLOCK_E: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """Program (window w, shift s, head bh): s, the window's offsets and mask, X = ReLU of the
+    window, the initial F and G, and the program's index."""
     w = tl.program_id(0)
     s = tl.program_id(1)
     bh = tl.program_id(2)
@@ -257,9 +101,24 @@ def _window_fwd_kernel(
                               P2, NW1, NW2, BLOCK_E, BLOCK_N)  # fmt: skip
     x = tl.maximum(tl.load(x_ptr + ptrs, mask=mask, other=0).to(ACC), 0)  # (BLOCK_E, BLOCK_N)
     f, g = _load_init(u0_ptr, v0_ptr, E, PN, R, BLOCK_E, BLOCK_N, BLOCK_R, ACC)
+    prog = ((bh * NSHIFT + s) * NWIN + w).to(tl.int64)
+    return s, ptrs, mask, x, f, g, prog
+
+
+@triton.jit
+def _window_fwd_kernel(
+    x_ptr, u0_ptr, v0_ptr, shift_ptr, f_ptr, g_ptr,
+    C, E, HEADS, NSHIFT, NWIN, ITERS, PN,
+    S0, S1, S2, P0, P1, P2, NW1, NW2,
+    R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    MU: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    s, ptrs, mask, x, f, g, prog = _window_start(
+        x_ptr, u0_ptr, v0_ptr, shift_ptr, C, E, HEADS, NSHIFT, NWIN, PN,
+        S0, S1, S2, P0, P1, P2, NW1, NW2, R, BLOCK_E, BLOCK_N, BLOCK_R, ACC,
+    )  # fmt: skip
     for _ in range(0, ITERS):
         f, g = _step(x, f, g, R, BLOCK_R, MU)
-    prog = ((bh * NSHIFT + s) * NWIN + w).to(tl.int64)
     e = tl.arange(0, BLOCK_E)
     p = tl.arange(0, BLOCK_N)
     rr = tl.arange(0, BLOCK_R)
@@ -276,21 +135,11 @@ def _window_apply_kernel(
     S0, S1, S2, P0, P1, P2, NW1, NW2,
     R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // HEADS
-    head = bh % HEADS
-    nvox = S0 * S1 * S2
-    offset = (b * C + head * E).to(tl.int64) * nvox
-    v = pid * BLOCK_V + tl.arange(0, BLOCK_V)
-    vmask = v < nvox
-    e = tl.arange(0, BLOCK_E)
-    mask = (e < E)[:, None] & vmask[None, :]
+    v, vmask, e, emask, mask, ptrs = _voxel_block(bh, C, E, HEADS, S0 * S1 * S2, BLOCK_E, BLOCK_V)
     y = tl.zeros((BLOCK_E, BLOCK_V), dtype=ACC)
     for s in range(0, NSHIFT):
-        s0 = tl.load(shift_ptr + s * 3)
-        s1 = tl.load(shift_ptr + s * 3 + 1)
-        s2 = tl.load(shift_ptr + s * 3 + 2)
+        s0, s1, s2 = _load_shift(shift_ptr, s)
         w, p = _voxel_window(v, s0, s1, s2, S0, S1, S2, P0, P1, P2, NW1, NW2)
         prog = ((bh * NSHIFT + s) * NWIN + w).to(tl.int64)  # (BLOCK_V,)
         for r in tl.static_range(R):
@@ -298,8 +147,7 @@ def _window_apply_kernel(
             g = tl.load(g_ptr + (prog * PN + p) * R + r, mask=vmask, other=0)
             y += f * g[None, :]  # F_w[:, r] G_w[p, r]
     y = y / NSHIFT
-    tl.store(y_ptr + offset + e[:, None] * nvox + v[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=mask)  # fmt: skip
+    tl.store(y_ptr + ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # Backward.
@@ -346,14 +194,10 @@ def _window_bwd_kernel(
     R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     MU: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    w = tl.program_id(0)
-    s = tl.program_id(1)
-    bh = tl.program_id(2)
-    ptrs, mask = _load_window(x_ptr, shift_ptr, w, s, bh, C, E, HEADS, PN, S0, S1, S2, P0, P1,
-                              P2, NW1, NW2, BLOCK_E, BLOCK_N)  # fmt: skip
-    x = tl.maximum(tl.load(x_ptr + ptrs, mask=mask, other=0).to(ACC), 0)  # (BLOCK_E, BLOCK_N)
-    f, g = _load_init(u0_ptr, v0_ptr, E, PN, R, BLOCK_E, BLOCK_N, BLOCK_R, ACC)
-    prog = ((bh * NSHIFT + s) * NWIN + w).to(tl.int64)
+    s, ptrs, mask, x, f, g, prog = _window_start(
+        x_ptr, u0_ptr, v0_ptr, shift_ptr, C, E, HEADS, NSHIFT, NWIN, PN,
+        S0, S1, S2, P0, P1, P2, NW1, NW2, R, BLOCK_E, BLOCK_N, BLOCK_R, ACC,
+    )  # fmt: skip
     e = tl.arange(0, BLOCK_E)
     p = tl.arange(0, BLOCK_N)
     rr = tl.arange(0, BLOCK_R)
@@ -387,10 +231,6 @@ def _window_bwd_kernel(
 # ------------------------------------------------------------------------------------------------
 
 
-def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _meta(geo: _Geometry, rank: int, x: torch.Tensor, mu: bool):
     block_n = max(triton.next_power_of_2(geo.pn), 2)
     block_r = max(triton.next_power_of_2(rank), 2)
@@ -400,7 +240,7 @@ def _meta(geo: _Geometry, rank: int, x: torch.Tensor, mu: bool):
         BLOCK_N=block_n,
         BLOCK_R=block_r,
         MU=mu,
-        ACC=_acc(x.dtype),
+        ACC=common.acc_dtype(x.dtype),
         num_warps=8 if geo.block_e * block_n * block_r > 8192 else 4,  # the E x N x R temporary
     )
 
@@ -462,7 +302,7 @@ def window_nmf_rank(x, v0, *, head_dim, patch_size, shifts, u0=None, iters=5, so
     patch_size a tuple per spatial dim; shifts None or a list of None / tuples. Arguments are
     assumed validated by :func:`fastnmf.matricized_nmf`.
     """
-    _check_inputs(x, v0, head_dim)
+    common.check_window_inputs(x, v0, head_dim)
     pn = math.prod(patch_size)
     rank = v0.shape[1]
     tile = triton.next_power_of_2(head_dim) * triton.next_power_of_2(pn)
@@ -473,7 +313,7 @@ def window_nmf_rank(x, v0, *, head_dim, patch_size, shifts, u0=None, iters=5, so
             f"rank-R Triton window kernels, which hold a window on chip (padded to powers of two, "
             f"at most {_MAX_TILE}); use kernel='torch'"
         )
-    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    cdt = common.compute_dtype(x.dtype)
     v0c = v0.detach().to(cdt).contiguous()  # (N, R)
     if u0 is None:
         u0c = torch.ones(head_dim, rank, dtype=cdt, device=x.device)

@@ -58,42 +58,33 @@ def _conv_unet(
     )
 
 
-def nnunet(
-    *,
-    in_channels: int,
-    out_channels: int,
-    spatial_size: Sequence[int],
-    widths: Sequence[int] = (32, 64, 128, 256, 512),
-    deep_supervision: int = 3,
-) -> UNet:
-    """U-Net with (3^d conv -> GroupNorm -> LeakyReLU) x 2 blocks (nnU-Net style)."""
-    return _conv_unet(
-        UnetBasicBlock,
-        in_channels=in_channels,
-        out_channels=out_channels,
-        spatial_size=spatial_size,
-        widths=widths,
-        deep_supervision=deep_supervision,
-    )
+def _conv_unet_builder(block_cls, name: str, doc: str):
+    """A builder with the keyword arguments of :func:`_conv_unet` for one block class."""
+
+    def build(
+        *,
+        in_channels: int,
+        out_channels: int,
+        spatial_size: Sequence[int],
+        widths: Sequence[int] = (32, 64, 128, 256, 512),
+        deep_supervision: int = 3,
+    ) -> UNet:
+        io = dict(in_channels=in_channels, out_channels=out_channels, spatial_size=spatial_size)
+        return _conv_unet(block_cls, **io, widths=widths, deep_supervision=deep_supervision)
+
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = doc
+    return build
 
 
-def resunet(
-    *,
-    in_channels: int,
-    out_channels: int,
-    spatial_size: Sequence[int],
-    widths: Sequence[int] = (32, 64, 128, 256, 512),
-    deep_supervision: int = 3,
-) -> UNet:
-    """U-Net with residual (3^d conv -> GroupNorm -> LeakyReLU) x 2 blocks."""
-    return _conv_unet(
-        UnetResBlock,
-        in_channels=in_channels,
-        out_channels=out_channels,
-        spatial_size=spatial_size,
-        widths=widths,
-        deep_supervision=deep_supervision,
-    )
+nnunet = _conv_unet_builder(
+    UnetBasicBlock,
+    "nnunet",
+    "U-Net with (3^d conv -> GroupNorm -> LeakyReLU) x 2 blocks (nnU-Net style).",
+)
+resunet = _conv_unet_builder(
+    UnetResBlock, "resunet", "U-Net with residual (3^d conv -> GroupNorm -> LeakyReLU) x 2 blocks."
+)
 
 
 def performer(
@@ -126,16 +117,9 @@ def performer(
             cin, cout, mixer=mixer, spatial_dims=nd, mlp_ratio=mlp_ratio, dropout=dropout
         )
 
-    return UNet(
-        in_channels=in_channels,
-        out_channels=out_channels,
-        spatial_size=spatial_size,
-        make_block=make_block,
-        widths=widths,
-        pos_embed=pos_embed,
-        pos_dropout=dropout,
-        deep_supervision=deep_supervision,
-    )
+    io = dict(in_channels=in_channels, out_channels=out_channels, spatial_size=spatial_size)
+    arch = dict(make_block=make_block, widths=widths, deep_supervision=deep_supervision)
+    return UNet(**io, **arch, pos_embed=pos_embed, pos_dropout=dropout)
 
 
 class MonaiNet(nn.Module):
@@ -214,14 +198,8 @@ def unetr(
         dropout_rate=dropout,
         spatial_dims=len(spatial_size),
     )
-    return MonaiNet(
-        net,
-        in_channels=in_channels,
-        out_channels=out_channels,
-        spatial_size=spatial_size,
-        size_multiple=16,
-        fixed_size=True,
-    )
+    io = dict(in_channels=in_channels, out_channels=out_channels, spatial_size=spatial_size)
+    return MonaiNet(net, **io, size_multiple=16, fixed_size=True)
 
 
 def swin_unetr(
@@ -246,14 +224,8 @@ def swin_unetr(
         drop_rate=dropout,
         spatial_dims=len(spatial_size),
     )
-    return MonaiNet(
-        net,
-        in_channels=in_channels,
-        out_channels=out_channels,
-        spatial_size=spatial_size,
-        size_multiple=32,
-        fixed_size=False,
-    )
+    io = dict(in_channels=in_channels, out_channels=out_channels, spatial_size=spatial_size)
+    return MonaiNet(net, **io, size_multiple=32, fixed_size=False)
 
 
 def segresnet(
@@ -276,11 +248,5 @@ def segresnet(
         blocks_down=tuple(blocks_down),
         blocks_up=tuple(blocks_up),
     )
-    return MonaiNet(
-        net,
-        in_channels=in_channels,
-        out_channels=out_channels,
-        spatial_size=spatial_size,
-        size_multiple=2 ** (len(blocks_down) - 1),
-        fixed_size=False,
-    )
+    io = dict(in_channels=in_channels, out_channels=out_channels, spatial_size=spatial_size)
+    return MonaiNet(net, **io, size_multiple=2 ** (len(blocks_down) - 1), fixed_size=False)

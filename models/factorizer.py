@@ -17,7 +17,8 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from fastnmf import MatricizedNMF, reference
+from fastnmf import MatricizedNMF, layout, loop
+from fastnmf._checks import KERNELS, SOLVERS, check_choice, check_int
 
 from .layers import FactorizerBlock, WrappedNMF
 from .unet import UNet
@@ -34,14 +35,6 @@ __all__ = [
 ]
 
 VARIANTS = ("global", "local", "swin")
-KERNELS = ("auto", "triton", "torch", "reference")
-SOLVERS = ("hals", "mu")
-
-
-def _choice(name: str, value, choices: Sequence[str]) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; valid choices: {', '.join(choices)}")
-    return value
 
 
 def factorizer(
@@ -90,9 +83,9 @@ def factorizer(
             only the inputs of each block's two residual branches and recomputes the branches
             in backward): much less memory, about one more forward per step, same results.
     """
-    _choice("variant", variant, VARIANTS)
-    _choice("kernel", kernel, KERNELS)
-    _choice("solver", solver, SOLVERS)
+    check_choice("variant", variant, VARIANTS)
+    check_choice("kernel", kernel, KERNELS)
+    check_choice("solver", solver, SOLVERS)
     nd = len(spatial_size)
     levels = len(widths)
     patch = None if variant == "global" else window
@@ -123,19 +116,13 @@ def factorizer(
             checkpoint=bool(checkpoint),
         )
 
-    base = 2 ** (levels - 1)
+    base = 2 ** (levels - 1)  # the deepest stage is 1 / base of the input
     return UNet(
-        in_channels=in_channels,
-        out_channels=out_channels,
-        spatial_size=spatial_size,
-        make_block=make_block,
-        widths=widths,
-        pos_embed=pos_embed,
-        pos_dropout=dropout,
-        deep_supervision=deep_supervision,
-        size_multiple=base * (window if patch is not None else 1),
-        fixed_size=variant == "global",
-    )
+        in_channels=in_channels, out_channels=out_channels, spatial_size=spatial_size,
+        make_block=make_block, widths=widths, deep_supervision=deep_supervision,
+        pos_embed=pos_embed, pos_dropout=dropout,
+        size_multiple=base * (window if patch is not None else 1), fixed_size=variant == "global",
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -187,16 +174,14 @@ def set_nmf(
     keeping the existing columns, so restoring the rank restores the model exactly.
     """
     if solver is not None:
-        _choice("solver", solver, SOLVERS)
+        check_choice("solver", solver, SOLVERS)
     if kernel is not None:
-        _choice("kernel", kernel, KERNELS)
+        check_choice("kernel", kernel, KERNELS)
     chosen = None if skip is None else set(_check_blocks(model, skip))
     for i, wrapped in enumerate(wrapped_nmf_blocks(model)):
         layer = wrapped.nmf
         if iters is not None:
-            if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
-                raise ValueError(f"iters must be an int >= 0, got {iters!r}")
-            layer.iters = iters
+            layer.iters = check_int("iters", iters, 0)
         if rank is not None and rank != layer.rank:
             layer.rank = rank
         if solver is not None:
@@ -209,15 +194,9 @@ def set_nmf(
 
 
 @contextlib.contextmanager
-def inference_controls(
-    model: nn.Module,
-    *,
-    iters: int | None = None,
-    rank: int | None = None,
-    solver: str | None = None,
-    kernel: str | None = None,
-    skip: Iterable[int] | None = None,
-) -> Iterator[nn.Module]:
+def inference_controls(model: nn.Module, *, iters: int | None = None, rank: int | None = None,
+                       solver: str | None = None, kernel: str | None = None,
+                       skip: Iterable[int] | None = None) -> Iterator[nn.Module]:  # fmt: skip
     """Apply :func:`set_nmf` inside a ``with`` block and restore every layer on exit.
 
     >>> with inference_controls(model, iters=10, skip=[4]):   # doctest: +SKIP
@@ -246,7 +225,7 @@ def nmf_components(model: nn.Module, x: torch.Tensor, *, block: int) -> torch.Te
 
     Runs the model on ``x``, takes the input z of the chosen block's NMF layer, and for every
     head recomputes the factors (F, G) of ReLU(Matricize(z)) with that layer's settings (the
-    literal algorithm of :func:`fastnmf.reference.nmf_factors`). Each head's G (N x R per window)
+    batched loop of :func:`fastnmf.loop.nmf_factors`). Each head's G (N x R per window)
     is put back at the voxel positions its columns came from; with shifted windows every shift's
     map is rolled back by -s and the shifts are averaged, as in the forward.
 
@@ -272,17 +251,17 @@ def nmf_components(model: nn.Module, x: torch.Tensor, *, block: int) -> torch.Te
     dims = tuple(range(2, z.dim()))
     ndim = len(spatial)
     patch = layer.patch_size
-    items = reference.shifts_as_tuples(layer.resolved_shifts(ndim), ndim)
+    items = layout.shift_table(layer.resolved_shifts(ndim), ndim)
     b, c = z.shape[:2]
     heads = c // layer.head_dim
     out = None
     for s in items:
         rolled = torch.roll(z, s, dims) if any(s) else z
-        mats = reference.matricize(rolled, layer.head_dim, patch)  # (B, H, nw, E, N)
+        mats = layout.matricize(rolled, layer.head_dim, patch)  # (B, H, nw, E, N)
         v0 = layer.v0.to(mats.dtype)
         u0 = layer.u0.to(mats.dtype)
-        _, g = reference.nmf_factors(mats, v0, u0, layer.iters, layer.solver)  # (B,H,nw,N,R)
-        maps = reference.dematricize(g.transpose(-1, -2), spatial, patch)  # (B, H*R, *S)
+        _, g = loop.nmf_factors(mats, v0, u0, iters=layer.iters, solver=layer.solver)
+        maps = layout.dematricize(g.transpose(-1, -2), spatial, patch)  # (B, H*R, *S)
         maps = torch.roll(maps, tuple(-v for v in s), dims) if any(s) else maps
         out = maps if out is None else out + maps
     out = out / len(items)

@@ -22,6 +22,7 @@ from monai.networks.layers.factories import Conv
 from torch import nn
 
 from fastnmf import MatricizedNMF
+from fastnmf._checks import check_heads
 
 __all__ = [
     "pointwise_conv",
@@ -101,11 +102,7 @@ class WrappedNMF(nn.Module):
         seed: int | None = None,
     ):
         super().__init__()
-        if channels % head_dim:
-            raise ValueError(
-                f"channels C={channels} are not divisible by head_dim={head_dim}; valid head_dim "
-                f"values: {[d for d in range(1, channels + 1) if channels % d == 0]}"
-            )
+        check_heads(channels, head_dim)
         self.in_proj = pointwise_conv(channels, channels, spatial_dims=spatial_dims, bias=False)
         self.nmf = MatricizedNMF(
             head_dim=head_dim,
@@ -175,11 +172,7 @@ class FavorAttention(nn.Module):
         eps: float = 1e-6,
     ):
         super().__init__()
-        if channels % head_dim:
-            raise ValueError(
-                f"channels C={channels} are not divisible by head_dim={head_dim}; valid head_dim "
-                f"values: {[d for d in range(1, channels + 1) if channels % d == 0]}"
-            )
+        check_heads(channels, head_dim)
         self.head_dim = head_dim
         self.num_heads = channels // head_dim
         m = num_features if num_features is not None else max(1, int(head_dim * math.log(head_dim)))

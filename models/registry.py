@@ -22,8 +22,10 @@ from collections.abc import Callable
 
 from torch import nn
 
+from fastnmf._checks import KERNELS, check_choice
+
 from . import baselines
-from .factorizer import KERNELS, factorizer
+from .factorizer import factorizer
 
 __all__ = ["PRESETS", "MODELS", "available", "presets", "build"]
 
@@ -90,12 +92,9 @@ def build(name: str, preset: str = "brats", kernel: str = "auto", **overrides) -
 
     ``kernel`` reaches every NMF layer (Factorizers only; other models ignore it).
     """
-    if not isinstance(name, str) or (name not in MODELS and name not in _ALIASES):
-        raise ValueError(f"unknown model {name!r}; available models: {', '.join(available())}")
-    if not isinstance(preset, str) or preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; valid presets: {', '.join(presets())}")
-    if not isinstance(kernel, str) or kernel not in KERNELS:
-        raise ValueError(f"unknown kernel {kernel!r}; valid choices: {', '.join(KERNELS)}")
+    check_choice("model", name, available(), listing="available models")
+    check_choice("preset", preset, presets(), listing="valid presets")
+    check_choice("kernel", kernel, KERNELS)
     fn = MODELS[_ALIASES.get(name, name)]
     params = inspect.signature(fn).parameters
     unknown = sorted(k for k in overrides if k not in params)

@@ -4,7 +4,7 @@ Layout (paper section 3.4, Fig. 2; widths (32, 64, 128, 256, 512) by default)::
 
     stem     3^d conv (no bias) in_channels -> widths[0]
     level 0  block(widths[0] -> widths[0])                                 index 0
-    level l  2^d stride-2 conv (no bias) widths[l-1] -> widths[l], block   index l
+    level l  2^d stride-2 conv (bias) widths[l-1] -> widths[l], block      index l
              (the last level is the bridge; a position embedding, if any, is added right after
              its downsampling)
     decoder  2^d stride-2 transposed conv widths[l+1] -> widths[l], concatenation with the
@@ -122,8 +122,12 @@ class UNet(nn.Module):
         stage_size = [tuple(s // 2**lvl for s in spatial_size) for lvl in range(levels)]
 
         self.stem = conv(in_channels, widths[0], kernel_size=3, padding=1, bias=False)
+        # The downsampling convs carry a bias, as in the original Factorizer code (the paper is
+        # silent; 960 parameters at the default widths). No reason to differ: the next block's
+        # LayerNorm, over channels, does not remove a per-channel bias, and with it the
+        # parameter count of the BraTS model matches the paper's 5.856 M.
         self.down = nn.ModuleList(
-            conv(widths[lvl - 1], widths[lvl], kernel_size=2, stride=2, bias=False)
+            conv(widths[lvl - 1], widths[lvl], kernel_size=2, stride=2, bias=True)
             for lvl in range(1, levels)
         )
         self.pos_embed = (

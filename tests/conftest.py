@@ -3,10 +3,15 @@
 TRITON_INTERPRET must be set before triton is first imported, so it is set here, at collection.
 """
 
+import importlib.util
+import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -24,9 +29,67 @@ def gen():
     return torch.Generator().manual_seed(seed)
 
 
+# The tiny demo run of the pipeline tests (4 cases of 32^3, 16^3 patches, a 3-level net), as
+# TrainConfig options and as `fastnmf train` arguments
+TINY_MODEL_OPTIONS = {"widths": [8, 16, 32], "head_dim": 4, "window": 4, "deep_supervision": 2}
+TINY_RUN = dict(demo={"n_cases": 4, "size": 32, "seed": 0}, n_folds=4, patch=16)
+TINY_TRAIN_ARGS = [
+    "--demo-cases=4",
+    "--demo-size=32",
+    "--folds=4",
+    "--patch=16",
+    *(f"--model-opt={k}={v}".replace(" ", "") for k, v in TINY_MODEL_OPTIONS.items()),
+]
+
+# the kernel tests' devices: the interpreter on a CPU without a GPU, else the GPU
+DEVICES = [
+    pytest.param(
+        "cpu",
+        marks=pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter runs without GPU"),
+    ),
+    pytest.param(
+        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+    ),
+]
+
+
+def n_columns(spatial, patch) -> int:
+    """Columns N of each matrix: prod(patch) (an int: per spatial dim), prod(spatial) if None."""
+    if patch is None:
+        return math.prod(spatial)
+    return patch ** len(spatial) if isinstance(patch, int) else math.prod(patch)
+
+
+def load_bench(name: str):
+    """Import bench/<name>.py (the benchmarks are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b| (0 when both are zero)."""
     a, b = a.double(), b.double()
     scale = b.abs().max().item()
     diff = (a - b).abs().max().item()
     return diff if scale == 0 else diff / scale
+
+
+@pytest.fixture(scope="module")
+def demo_cache(tmp_path_factory):
+    """A private FASTNMF_CACHE holding the 4-case 32³ demo set, set for the module's tests (a
+    fresh folder per module, so that no module sees what another wrote) and restored after."""
+    from fastnmf import data
+
+    root = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("FASTNMF_CACHE")
+    os.environ["FASTNMF_CACHE"] = str(root)
+    try:
+        data.make_demo(n_cases=4, size=32)
+        yield root
+    finally:
+        if old is None:
+            os.environ.pop("FASTNMF_CACHE", None)
+        else:
+            os.environ["FASTNMF_CACHE"] = old

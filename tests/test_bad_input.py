@@ -1,5 +1,7 @@
 """Bad input raises ValueError/TypeError whose message names the problem and the valid choices."""
 
+import sys
+
 import pytest
 import torch
 
@@ -95,15 +97,31 @@ def test_value_checks_can_be_disabled():
         fastnmf.nmf(x, torch.rand(5, 1), check=True)
 
 
-def test_triton_kernel_reports_clearly_on_cpu_or_runs():
-    """kernel='triton' either runs (interpreter) or says why it cannot."""
-    x = torch.randn(*X5)
-    try:
-        y = _mnmf(x=x, kernel="triton")
-    except (NotImplementedError, RuntimeError) as err:
-        assert "triton" in str(err).lower()
-    else:
-        assert y.shape == x.shape
+def test_triton_kernel_runs_on_cpu_under_the_interpreter():
+    """With Triton installed, kernel='triton' on a CPU tensor runs (interpreter) and is right."""
+    pytest.importorskip("triton")
+    x = torch.randn(*X5, dtype=torch.float64)
+    v0 = torch.rand(64, 1, dtype=torch.float64)
+    y = _mnmf(x=x.float(), v0=v0.float(), kernel="triton")
+    ref = _mnmf(x=x, v0=v0, kernel="reference")
+    assert y.shape == x.shape and y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_triton_kernel_without_triton_says_so(monkeypatch):
+    monkeypatch.setitem(sys.modules, "fastnmf.kernels", None)  # the import now fails
+    monkeypatch.delattr(fastnmf, "kernels", raising=False)  # (an earlier import set it)
+    with pytest.raises(RuntimeError, match="kernel='triton' needs triton, which failed to import"):
+        _mnmf(kernel="triton")
+
+
+def test_triton_interpreter_with_incompatible_numpy_says_how_to_fix(monkeypatch):
+    kernels = pytest.importorskip("fastnmf.kernels")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(kernels.triton, "__version__", "3.6.0")
+    monkeypatch.setattr(kernels.np, "__version__", "2.4.1")
+    with pytest.raises(RuntimeError, match="install numpy<2.4 or triton>=3.7"):
+        _mnmf(kernel="triton")
 
 
 def test_module_errors():

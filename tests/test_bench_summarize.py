@@ -1,21 +1,15 @@
 """bench/summarize_nmf.py: issue 8's targets from bench_nmf.py JSON (synthetic inputs test the
 bookkeeping — met, missed by how much, not measured — not any device's figures)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_bench
 
 
 @pytest.fixture(scope="module")
 def summ():
-    spec = importlib.util.spec_from_file_location("summarize_nmf", ROOT / "bench/summarize_nmf.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("summarize_nmf")
 
 
 def _bench(kernel, pass_, median_s, mode="swin", shape="2x32x128^3", **info):

@@ -5,25 +5,16 @@ with one, the same tests run on CUDA tensors (the CPU variant is skipped there).
 the interpreter pays per program and per operation.
 """
 
-import math
-
 import pytest
 import torch
-from conftest import rel_err
+from conftest import DEVICES, n_columns, rel_err
 
 import fastnmf
 
 HAS_CUDA = torch.cuda.is_available()
-DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(HAS_CUDA, reason="interpreter runs without GPU")),
-    pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")),
-]
 
 
-def _n(spatial, patch):
-    if patch is None:
-        return math.prod(spatial)
-    return patch ** len(spatial) if isinstance(patch, int) else math.prod(patch)
+_n = n_columns
 
 
 def _run(kernel, x, v0, dy, dtype, device, u0=None, **kw):

@@ -136,12 +136,17 @@ def test_parameter_counts_match_the_paper(name, preset, paper):
 
 def test_exact_factorizer_parameter_counts():
     # 6 C^2 + 8 C per block (2 LayerNorms, C x C in/out projections, MLP ratio 2), convs, heads,
-    # the 512 x 8^3 position embedding: worked out by hand in the report.
-    assert models.count_parameters(models.build("swin_factorizer", preset="brats")) == 5_855_241
-    assert models.count_parameters(models.build("swin_factorizer", preset="isles")) == 7_371_523
+    # the 512 x 8^3 position embedding: worked out by hand in the report; the four stride-2
+    # downsampling convs carry a bias as in the original code: 64 + 128 + 256 + 512 = 960.
+    brats = models.build("swin_factorizer", preset="brats")
+    assert sum(m.bias.numel() for m in brats.down) == 960
+    assert models.count_parameters(brats) == 5_855_241 + 960
+    assert models.count_parameters(models.build("swin_factorizer", preset="isles")) == (
+        7_371_523 + 960
+    )
     # the variant changes no parameter
     for v in ("global", "local"):
-        assert models.count_parameters(models.build(f"{v}_factorizer")) == 5_855_241
+        assert models.count_parameters(models.build(f"{v}_factorizer")) == 5_855_241 + 960
 
 
 # ---------------------------------------------------------------------------------------------

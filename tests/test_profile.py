@@ -10,9 +10,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import load_bench
 
 from fastnmf import profile as P
 from fastnmf.cli import main
+
+
+@pytest.fixture(scope="module")
+def bench_targets():
+    """bench/targets.py: the issue targets live with the benchmarks, not in the library."""
+    return load_bench("targets")
 
 
 @pytest.fixture(autouse=True)
@@ -89,7 +96,7 @@ def test_model_case_with_checkpointing_runs_and_is_marked(tmp_path):
     assert not base.checkpoint  # baselines run as they are
 
 
-def test_targets_report_met_and_missed():
+def test_targets_report_met_and_missed(bench_targets, tmp_path):
     def row(subject, impl, ms, mem, task="fwdbwd", suite="layer", **kw):
         return dict(
             suite=suite,
@@ -105,29 +112,35 @@ def test_targets_report_met_and_missed():
             **kw,
         )
 
-    lines = P.targets(
-        [
-            row("nmf-swin", "triton", 2.0, 100),
-            row("sdpa-window", "flash", 3.0, 50),
-            row("swin_factorizer", "triton", 100.0, 7e9, task="train", suite="model"),
-            row("swin_factorizer", "reference", 400.0, 3e10, task="train", suite="model"),
-            row("nnunet", "-", 150.0, 9e9, task="train", suite="model"),
-        ]
-    )
+    rows = [
+        row("nmf-swin", "triton", 2.0, 100),
+        row("sdpa-window", "flash", 3.0, 50),
+        row("swin_factorizer", "triton", 100.0, 7e9, task="train", suite="model"),
+        row("swin_factorizer", "reference", 400.0, 3e10, task="train", suite="model"),
+        row("nnunet", "-", 150.0, 9e9, task="train", suite="model"),
+    ]
+    lines = bench_targets.targets(rows)
     text = "\n".join(lines)
     assert "NMF 1.50x as fast: met" in text and "missed by 2.00x" in text  # memory 100 vs 50
     assert "4.00x the throughput of reference (target >= 3x: met)" in text
     assert "peak 7.00 GB (target <= 8 GB: met)" in text
     assert "vs nnunet" in text and "(faster)" in text and "(leaner)" in text
+    # the library's report embeds them only when given the function
+    env = {k: "-" for k in ("device", "torch", "triton", "cuda", "fastnmf", "commit", "time")}
+    for with_targets in (False, True):
+        out = tmp_path / str(with_targets)
+        P.write_report([], out, env, targets=(lambda _rows: lines) if with_targets else None)
+        md = (out / "table.md").read_text()
+        assert ("## Targets" in md) == with_targets and ("NMF 1.50x" in md) == with_targets
 
 
-def test_profile_cli_writes_table_and_plots(tmp_path, capsys):
+def test_profile_cli_writes_table_and_plots(tmp_path, capsys, bench_targets):
     out = tmp_path / "prof"
     args = ["profile", "--device", "cpu", "--out", str(out), "--quiet"]
     args += "--sizes 8 16 --repeats 1 --threads 1 --models swin_factorizer nnunet".split()
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert f"written to {out}/" in printed and "swin NMF (torch) vs sdpa-window flash" in printed
+    assert f"written to {out}/" in printed and "bench/targets.py" in printed
     for name in (
         "table.md",
         "table.csv",
@@ -178,8 +191,10 @@ def test_profile_cli_writes_table_and_plots(tmp_path, capsys):
     meta = json.loads((out / "meta.json").read_text())["environment"]
     assert meta["torch"] == torch.__version__ and meta["device"].startswith("cpu")
     md = (out / "table.md").read_text()
-    assert "## Layer suite" in md and "## Model suite" in md and "## Targets" in md
+    assert "## Layer suite" in md and "## Model suite" in md and "## Targets" not in md
     assert meta["device"] in md
+    assert bench_targets.main([str(out / "meta.json")]) == 0
+    assert "swin NMF (torch) vs sdpa-window flash" in capsys.readouterr().out
 
 
 def test_profile_cli_bad_input(capsys):

@@ -12,8 +12,8 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_MODEL_OPTIONS, TINY_RUN
 
-from fastnmf import data as fdata
 from fastnmf.config import resolve
 from fastnmf.determinism import restore, set_deterministic
 from fastnmf.infer import load_checkpoint
@@ -57,32 +57,11 @@ def test_set_deterministic_seeds_and_flags(restored):
         set_deterministic(-1)
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cache")
-    old = os.environ.get("FASTNMF_CACHE")
-    os.environ["FASTNMF_CACHE"] = str(root)
-    fdata.make_demo(n_cases=4, size=32)
-    yield root
-    if old is None:
-        os.environ.pop("FASTNMF_CACHE", None)
-    else:
-        os.environ["FASTNMF_CACHE"] = old
-
-
 def _cfg(device):
     return resolve(
         "demo",
-        demo={"n_cases": 4, "size": 32, "seed": 0},
-        n_folds=4,
-        patch=16,
-        model_options={
-            "widths": [8, 16, 32],
-            "head_dim": 4,
-            "window": 4,
-            "deep_supervision": 2,
-            "dropout": 0.1,
-        },
+        **TINY_RUN,
+        model_options={**TINY_MODEL_OPTIONS, "dropout": 0.1},
         steps=3,
         warmup=1,
         val_every=3,
@@ -96,7 +75,7 @@ def _cfg(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_two_deterministic_runs_are_bitwise_equal(cache, tmp_path, device, restored):
+def test_two_deterministic_runs_are_bitwise_equal(demo_cache, tmp_path, device, restored):
     cfg = _cfg(device)
     for name in ("a", "b"):
         torch.manual_seed(len(name) * 7 + ord(name))  # a different global state before each run

@@ -18,21 +18,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from fastnmf import data as fdata
+from conftest import TINY_TRAIN_ARGS
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL (POSIX)")
 
 STEPS = 6
 ARGS = [
-    "--demo-cases=4",
-    "--demo-size=32",
-    "--folds=4",
-    "--patch=16",
-    "--model-opt=widths=[8,16,32]",
-    "--model-opt=head_dim=4",
-    "--model-opt=window=4",
-    "--model-opt=deep_supervision=2",
+    *TINY_TRAIN_ARGS,
     "--model-opt=dropout=0.1",  # the RNG state must survive the kill too
     "--workers=0",
     "--device=cpu",
@@ -47,17 +39,8 @@ ARGS = [
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    old = os.environ.get("FASTNMF_CACHE")
-    os.environ["FASTNMF_CACHE"] = str(cache)
-    try:
-        fdata.make_demo(n_cases=4, size=32)
-    finally:
-        if old is None:
-            os.environ.pop("FASTNMF_CACHE")
-        else:
-            os.environ["FASTNMF_CACHE"] = old
+def env(demo_cache):
+    cache = demo_cache
     e = {**os.environ, "FASTNMF_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
     e.pop("FASTNMF_TEST_SLOW_SAVE", None)
     return e

@@ -2,13 +2,14 @@
 
 ``expected`` is ``(exception type, message regex)`` — a clear error naming the problem — or a
 callable checking a documented correct result. Cases already in test_bad_input.py, test_data.py,
-test_models.py, test_pipeline.py and test_degenerate.py are not repeated here; the README's
-Reliability section counts both. ``CASES`` is counted per entry in ``test_case_counts``.
+test_models.py and test_pipeline.py are not repeated here. The README's Reliability section quotes
+how many cases this file tries; ``test_case_counts_match_the_readme`` reads it and compares.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -432,12 +433,46 @@ def test_cli_infer_unwritable_output(tmp_path, capsys, monkeypatch):
     assert rc == 2 and err.startswith("fastnmf infer: error: ") and "Traceback" not in err, err
 
 
-def test_case_counts():
-    """The numbers the README's Reliability section quotes (update both together)."""
+README = Path(__file__).resolve().parents[1] / "README.md"
+# the README's names for the areas of CASES ("cli" gathers every CLI_CASES row)
+README_AREAS = {
+    "`nmf`": "nmf",
+    "`matricized_nmf`": "matricized_nmf",
+    "modules": "modules",
+    "models": "models",
+    "data": "data",
+    "config": "config",
+    "checkpoints": "checkpoint",
+    "CLI": "cli",
+}
+
+
+def _readme_counts() -> tuple[int, dict[str, int]]:
+    """The total and the per-area counts in the README's Reliability row for this file."""
+    row = next(
+        line for line in README.read_text().splitlines() if "test_reliability_inputs" in line
+    )
+    cell = row.rstrip(" |").rsplit("|", 1)[-1]  # "106: `nmf` 18, `matricized_nmf` 21, ..."
+    total, areas = cell.split(":", 1)
+    counts = {}
+    for name, key in README_AREAS.items():
+        found = re.search(rf"(?:^|, ){re.escape(name)} (\d+)", areas.strip())
+        assert found, f"README's reliability row names no count for {name}: {cell!r}"
+        counts[key] = int(found.group(1))
+    return int(total), counts
+
+
+def test_case_counts_match_the_readme():
+    """The README's Reliability section quotes how many bad inputs this file tries: the table
+    rows per area, and in all (the rows plus this file's other tests)."""
     counts = Counter(e for e, *_ in CASES)
-    counts.update(f"cli {c}" for c, *_ in CLI_CASES)
-    print(dict(counts))
-    assert sum(counts.values()) >= 100
+    counts["cli"] = len(CLI_CASES)
+    others = [n for n, f in globals().items() if n.startswith("test_") and callable(f)]
+    others = [n for n in others if n not in ("test_bad_input", "test_cli_bad_input")]
+    others.remove("test_case_counts_match_the_readme")
+    total, quoted = _readme_counts()
+    assert dict(counts) == quoted
+    assert total == len(CASES) + len(CLI_CASES) + len(others)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -72,6 +72,53 @@ def test_zero_windows_rows_columns(gen, kernel, patch, shifts, rank, solver):
     _check(kernel, x, v0, dy, **kw)
 
 
+def _layer(kernel, x, v0, **kw):
+    """fp32 ``kernel`` on x with dY = 1: (y, dx)."""
+    dev = _dev(kernel)
+    xi = x.detach().to(dev).requires_grad_()
+    y = fastnmf.matricized_nmf(xi, v0.to(dev), head_dim=4, kernel=kernel, **kw)
+    (dx,) = torch.autograd.grad(y, xi, torch.ones_like(y))
+    return y.cpu(), dx.cpu()
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("solver", ["hals", "mu"])
+@pytest.mark.parametrize("patch,shifts", [(4, [None, 2]), (None, None)])
+def test_all_zero_and_all_negative_input(gen, kernel, solver, patch, shifts):
+    """Nothing left after the ReLU: exactly zero output and zero gradient, no NaN."""
+    v0 = torch.rand(64 if patch else 512, 1, generator=gen)
+    for x in (torch.zeros(1, 8, 8, 8, 8), -torch.rand(1, 8, 8, 8, 8, generator=gen)):
+        y, dx = _layer(kernel, x, v0, patch_size=patch, shifts=shifts, solver=solver)
+        assert torch.equal(y, torch.zeros_like(y))
+        assert torch.equal(dx, torch.zeros_like(dx))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_single_nonzero_voxel_is_reproduced(gen, kernel):
+    """A rank-one fit of a matrix with one nonzero entry is exact, under every shift."""
+    x = -torch.ones(1, 8, 8, 8, 8)
+    x[0, 2, 3, 4, 5] = 2.5
+    v0 = torch.rand(64, 1, generator=gen)
+    y, dx = _layer(kernel, x, v0, patch_size=4, shifts=[None, 2])
+    assert torch.isfinite(dx).all()
+    want = torch.zeros_like(y)
+    want[0, 2, 3, 4, 5] = 2.5
+    torch.testing.assert_close(y, want)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_nmf_zero_matrix_gives_zero_output_and_gradient(gen, kernel):
+    x = torch.rand(3, 4, 10, generator=gen)
+    x[1] = 0
+    x = x.to(_dev(kernel)).requires_grad_()
+    v0 = torch.rand(10, 1, generator=gen).to(_dev(kernel))
+    y = fastnmf.nmf(x, v0, kernel=kernel)
+    (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    zero = torch.zeros(4, 10, device=x.device)
+    assert torch.equal(y[1], zero) and torch.equal(dx[1], zero)
+    assert torch.isfinite(dx).all()
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("rank", [1, 2])
 def test_single_voxel_inputs(gen, kernel, rank):

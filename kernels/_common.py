@@ -1,0 +1,177 @@
+"""Helpers shared by the kernel families (the Liger-Kernel ``ops/utils.py`` habit).
+
+Host side: whether Triton runs its CPU interpreter, the accumulation dtype, the shift table the
+kernels read, the MU row mask and the input checks of the window launchers. Device side
+(``@triton.jit`` functions inlined into the kernels): voxel <-> window index arithmetic under a
+roll, and the normalised power steps of the rank-one closed form with their backward.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from fastnmf._checks import FLOAT_DTYPES
+from fastnmf.layout import padded_shift_table
+
+# Triton's CPU interpreter (no GPU): it pays per operation, not per register, so the launchers
+# pick big tiles there
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype in memory: float64 for float64 input, float32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def acc_dtype(dtype: torch.dtype):
+    """:func:`compute_dtype` as a Triton dtype (the ``ACC`` constexpr of the kernels)."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def shift_tensor(shifts, spatial, device) -> torch.Tensor:
+    """The shift table of the kernels: (n_shifts, 3) int32, each roll as 3D (a 2D grid gets a
+    leading axis of size 1) and reduced modulo the size of its axis."""
+    rows = padded_shift_table(shifts, tuple(spatial))
+    return torch.tensor(rows, dtype=torch.int32, device=device)  # (nshift, 3)
+
+
+def row_mask(rows: int, u0, mu: bool, dtype: torch.dtype, device) -> torch.Tensor:
+    """(rows,) 1/0: MU keeps a zero entry of u0 at zero for ever, so its row of X is dropped;
+    all ones for HALS or without u0."""
+    if mu and u0 is not None:
+        return (u0[:, 0] > 0).to(device=device, dtype=dtype)
+    return torch.ones(rows, dtype=dtype, device=device)
+
+
+def check_window_inputs(x: torch.Tensor, v0: torch.Tensor, head_dim: int) -> None:
+    """What the window launchers need beyond the public API's checks."""
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x has dtype {x.dtype}; the Triton kernels take float16/32/64, bfloat16")
+    if not x.is_contiguous():
+        raise ValueError(
+            "x must be contiguous for the Triton window kernels (channels_last inputs are copied "
+            "by fastnmf.kernels.matricized_nmf)"
+        )
+    if head_dim > 64:
+        raise ValueError(f"head_dim={head_dim} is too large for the Triton kernels (max 64)")
+    if v0.device != x.device:
+        raise ValueError(f"v0 is on {v0.device} but x is on {x.device}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Device functions
+# ------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_shift(shift_ptr, s):
+    """Row s of the (n_shifts, 3) shift table."""
+    s0 = tl.load(shift_ptr + s * 3)
+    return s0, tl.load(shift_ptr + s * 3 + 1), tl.load(shift_ptr + s * 3 + 2)
+
+
+@triton.jit
+def _window_and_shift(w, s, shift_ptr, NW1, NW2):
+    """Grid coordinates (w0, w1, w2) of window w and the roll (s0, s1, s2) of shift s."""
+    w2 = w % NW2
+    w1 = (w // NW2) % NW1
+    w0 = w // (NW1 * NW2)
+    s0, s1, s2 = _load_shift(shift_ptr, s)
+    return w0, w1, w2, s0, s1, s2
+
+
+@triton.jit
+def _window_coords(p, w0, w1, w2, s0, s1, s2, S0, S1, S2, P0, P1, P2):
+    """Flat voxel index of position p of rolled window (w0, w1, w2) under shift (s0, s1, s2)."""
+    p2 = p % P2
+    p1 = (p // P2) % P1
+    p0 = p // (P1 * P2)
+    v0 = (w0 * P0 + p0 - s0 + S0) % S0
+    v1 = (w1 * P1 + p1 - s1 + S1) % S1
+    v2 = (w2 * P2 + p2 - s2 + S2) % S2
+    return (v0 * S1 + v1) * S2 + v2
+
+
+@triton.jit
+def _voxel_window(v, s0, s1, s2, S0, S1, S2, P0, P1, P2, NW1, NW2):
+    """For flat voxel v under shift s: (window index, position inside the window)."""
+    r2 = (v % S2 + s2) % S2
+    r1 = ((v // S2) % S1 + s1) % S1
+    r0 = (v // (S1 * S2) + s0) % S0
+    w = ((r0 // P0) * NW1 + r1 // P1) * NW2 + r2 // P2
+    p = ((r0 % P0) * P1 + r1 % P1) * P2 + r2 % P2
+    return w, p
+
+
+@triton.jit
+def _rolled_index(v, s0, s1, s2, S0, S1, S2):
+    """Flat index of voxel (v + s) mod S."""
+    r2 = (v % S2 + s2) % S2
+    r1 = ((v // S2) % S1 + s1) % S1
+    r0 = (v // (S1 * S2) + s0) % S0
+    return (r0 * S1 + r1) * S2 + r2
+
+
+@triton.jit
+def _head_block(bh, C, E, HEADS, NVOX, BLOCK_E: tl.constexpr):
+    """Offset of head bh's (E, NVOX) block in a (B, C, *S) tensor, its rows e and their mask."""
+    offset = ((bh // HEADS) * C + (bh % HEADS) * E).to(tl.int64) * NVOX
+    e = tl.arange(0, BLOCK_E)
+    return offset, e, e < E
+
+
+@triton.jit
+def _voxel_block(bh, C, E, HEADS, NVOX, BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Block program_id(0) of BLOCK_V voxels of head bh: the voxels v, their mask, the rows e,
+    their mask, the (BLOCK_E, BLOCK_V) mask and element offsets in the (B, C, *S) tensor."""
+    offset, e, emask = _head_block(bh, C, E, HEADS, NVOX, BLOCK_E)
+    v = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
+    vmask = v < NVOX
+    mask = emask[:, None] & vmask[None, :]
+    return v, vmask, e, emask, mask, offset + e[:, None] * NVOX + v[None, :]
+
+
+@triton.jit
+def _power_steps(k, h, hats_ptr, norms_ptr, e, emask, E, ITERS, SAVE: tl.constexpr):
+    """â_1 = h / ||h||, â_t = K â_{t-1} / ||K â_{t-1}|| (0 where the norm is 0); returns â_T.
+
+    With SAVE, stores â_t at hats_ptr + t*E and ||a_t|| at norms_ptr + t (what backward needs).
+    """
+    norm = tl.sqrt(tl.sum(h * h, axis=0))
+    a_hat = tl.where(norm > 0, h / tl.where(norm > 0, norm, 1), 0)
+    if SAVE:
+        tl.store(hats_ptr + e, a_hat, mask=emask)
+        tl.store(norms_ptr, norm)
+    for t in range(1, ITERS):
+        a = tl.sum(k * a_hat[None, :], axis=1)
+        norm = tl.sqrt(tl.sum(a * a, axis=0))
+        a_hat = tl.where(norm > 0, a / tl.where(norm > 0, norm, 1), 0)
+        if SAVE:
+            tl.store(hats_ptr + t * E + e, a_hat, mask=emask)
+            tl.store(norms_ptr + t, norm)
+    return a_hat
+
+
+@triton.jit
+def _power_steps_backward(k, dp, hats_ptr, norms_ptr, e, emask, E, ITERS, BLOCK_E: tl.constexpr,
+                          ACC: tl.constexpr):  # fmt: skip
+    """From dP (dL/dP of P = u u^T, u = â_T) back through the power steps: (K̄ + K̄^T, h̄)."""
+    u = tl.load(hats_ptr + (ITERS - 1) * E + e, mask=emask, other=0)
+    grad = tl.sum(dp * u[None, :], axis=1) + tl.sum(dp * u[:, None], axis=0)  # (dP + dP^T) u
+    kbar = tl.zeros((BLOCK_E, BLOCK_E), dtype=ACC)
+    hbar = tl.zeros((BLOCK_E,), dtype=ACC)
+    for i in range(0, ITERS):
+        t = ITERS - 1 - i
+        a_hat = tl.load(hats_ptr + t * E + e, mask=emask, other=0)
+        norm = tl.load(norms_ptr + t)
+        radial = tl.sum(a_hat * grad, axis=0)
+        a_bar = tl.where(norm > 0, (grad - a_hat * radial) / tl.where(norm > 0, norm, 1), 0)
+        prev = tl.load(hats_ptr + tl.maximum(t - 1, 0) * E + e, mask=emask, other=0)
+        kbar += tl.where(t > 0, a_bar[:, None] * prev[None, :], 0.0)  # no K̄ term at t = 0
+        hbar = a_bar  # the last pass (t = 0) leaves h̄ = ā_1
+        grad = tl.sum(k * a_bar[None, :], axis=1)
+    return kbar + tl.trans(kbar), hbar
