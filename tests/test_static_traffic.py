@@ -90,11 +90,11 @@ def test_counter_trace_is_in_gpu_order():
 
 def test_gpu_geometry_sets_and_restores_the_gpu_values():
     wn = importlib.import_module("fastnmf.kernels.window_nmf")
-    before = (wn._INTERPRET, wn._MIN_TILE)
+    before = (wn.INTERPRET, wn._MIN_TILE)
     with gpu_geometry():
-        assert wn._INTERPRET is False
-        assert wn._MIN_TILE == 4  # the GPU branch of `64 if _INTERPRET else 4`
-    assert (wn._INTERPRET, wn._MIN_TILE) == before
+        assert wn.INTERPRET is False
+        assert wn._MIN_TILE == 4  # the GPU branch of `64 if INTERPRET else 4`
+    assert (wn.INTERPRET, wn._MIN_TILE) == before
 
 
 COVERED = [

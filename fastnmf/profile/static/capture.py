@@ -61,7 +61,7 @@ def check_compiling() -> None:
     import triton
 
     window = importlib.import_module("fastnmf.kernels.window_nmf")  # the module, not the function
-    if triton.knobs.runtime.interpret or window._INTERPRET:
+    if triton.knobs.runtime.interpret or window.INTERPRET:
         raise RuntimeError(
             "the static kernel report compiles the kernels for a GPU and needs the launch geometry "
             "a GPU would use, but this process runs Triton's interpreter (TRITON_INTERPRET=1 when "

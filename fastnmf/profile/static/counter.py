@@ -15,9 +15,9 @@ program). Sector ids are canonical: ``(storage index << 31) + (offset in storage
 storage index numbered in order of first appearance within one counted call (a freed buffer whose
 memory is reused gets the same index, as on a GPU caching allocator).
 
-Launch geometry: ``fastnmf.kernels`` picks some launch parameters from ``_INTERPRET`` (bigger
-tiles for the interpreter). :func:`gpu_geometry` sets every kernels module's ``_INTERPRET`` to
-False and every module-level ``NAME = A if _INTERPRET else B`` to ``B`` (read from the source),
+Launch geometry: ``fastnmf.kernels`` picks some launch parameters from ``INTERPRET`` (bigger
+tiles for the interpreter). :func:`gpu_geometry` sets every kernels module's ``INTERPRET`` to
+False and every module-level ``NAME = A if INTERPRET else B`` to ``B`` (read from the source),
 so the kernels run with the launch geometry a GPU would use.
 
 PyTorch work between the launches (fills, sums over partials, ``contiguous`` copies) is seen by a
@@ -97,14 +97,18 @@ def _kernel_modules():
         yield importlib.import_module(f"{pkg.__name__}.{info.name}")
 
 
+# The kernels modules' interpreter flag (kernels/_common.py, imported by each module by this name)
+_FLAG = "INTERPRET"
+
+
 def _gpu_values(module) -> dict:
-    """Module-level ``NAME = A if _INTERPRET else B``: {NAME: B} (B a literal)."""
+    """Module-level ``NAME = A if INTERPRET else B``: {NAME: B} (B a literal)."""
     tree = ast.parse(inspect.getsource(module))
     out = {}
     for node in tree.body:
         if isinstance(node, ast.Assign) and isinstance(node.value, ast.IfExp):
             test = node.value.test
-            if isinstance(test, ast.Name) and test.id == "_INTERPRET":
+            if isinstance(test, ast.Name) and test.id == _FLAG:
                 for target in node.targets:
                     out[target.id] = ast.literal_eval(node.value.orelse)
     return out
@@ -115,9 +119,9 @@ def gpu_geometry():
     """Make the kernels' launchers choose the launch geometry of a GPU (see module docstring)."""
     saved = []
     for mod in _kernel_modules():
-        if not hasattr(mod, "_INTERPRET"):
+        if not hasattr(mod, _FLAG):
             continue
-        values = {"_INTERPRET": False, **_gpu_values(mod)}
+        values = {_FLAG: False, **_gpu_values(mod)}
         for name, value in values.items():
             saved.append((mod, name, getattr(mod, name)))
             setattr(mod, name, value)

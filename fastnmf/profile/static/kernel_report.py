@@ -64,7 +64,7 @@ def _compiling_here() -> bool:
     if os.environ.get("TRITON_INTERPRET") == "1":
         return False
     window = sys.modules.get("fastnmf.kernels.window_nmf")
-    return window is None or not window._INTERPRET
+    return window is None or not window.INTERPRET
 
 
 def _report(cases, targets) -> dict:

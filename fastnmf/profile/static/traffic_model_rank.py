@@ -126,11 +126,11 @@ def _f_update_ops(ms: int, E: int, R: int) -> list[_Launch]:
     launcher's shapes: a fixed sequence of small ops whose sizes depend on ms, E, R only."""
     from .counter import torch_ops
 
-    gr = importlib.import_module("fastnmf.kernels.global_nmf_rank")
+    loop = importlib.import_module("fastnmf.loop")  # the launcher's F update (HALS sweep)
     a, b = torch.zeros(ms, E, R), torch.zeros(ms, R, R)  # (Bm*nshift, M, R), (.., R, R)
     f, d = torch.ones(ms, E, R), torch.empty(ms, R, R)
     with torch_ops() as ops:
-        f = gr._torch_hals_sweep(a, b, f).contiguous()
+        f = loop.hals_sweep(f, a, b).contiguous()
         torch.matmul(f.transpose(-1, -2), f, out=d)
     out = []
     for op in ops:
