@@ -7,10 +7,10 @@ timed), backward, AdamW step (``foreach``, as on CUDA; its state made by one ste
 in a timed step). Each model is built on the CPU with the brats preset (Factorizers with
 ``kernel="triton"``, ``seed=0`` and optionally ``checkpoint=True``; the baselines have no
 checkpointing option: their checkpointed rows are left out), turned into fake tensors (shapes,
-strides and dtypes only: no memory, no arithmetic; ``torch._subclasses.FakeTensorMode`` on the CPU,
-since CPU autocast works there and not on the meta device) and run with the NMF layers' value
-checks off. :class:`~fastnmf.profile.static.step_ops.StepCounter` counts every op; the NMF core is
-one opaque op counted by the traffic model (:mod:`.step_nmf`).
+strides and dtypes only: no memory, no arithmetic; ``torch._subclasses.FakeTensorMode`` on the CPU)
+and run with the NMF layers' value checks off; bf16 autocast follows CUDA's casting policy
+(:mod:`.step_amp`). :class:`~fastnmf.profile.static.step_ops.StepCounter` counts every op; the
+NMF core is one opaque op counted by the traffic model (:mod:`.step_nmf`).
 
 Figures per step:
 
@@ -42,6 +42,7 @@ import torch.utils.checkpoint
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from .step_amp import CudaAutocast
 from .step_device import h200, measured_steps
 from .step_nmf import nmf_as_opaque_op
 from .step_ops import CLASSES, StepCounter
@@ -169,7 +170,7 @@ def _run_step(net, counter, mode, *, dtype, size, batch, loss) -> dict:
     x = torch.empty(batch, net.in_channels, size, size, size)
     label = torch.empty(batch, net.out_channels, size, size, size)
     loss_fn = _loss_fn(loss)
-    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
+    amp = CudaAutocast(torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
     with counter:
         groups = {"params": set(counter.track([*net.parameters(), *net.buffers()])),
                   "optimizer": set(counter.track(_opt_state(opt))),
