@@ -38,6 +38,36 @@ def test_bench_suite_runs(target, select):
     assert " passed" in proc.stdout and " failed" not in proc.stdout
 
 
+def _collect(*args):
+    """Test ids that ``pytest ARGS --collect-only`` collects from the repository root."""
+    env = dict(os.environ)
+    env.pop("PYTEST_ADDOPTS", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", *args, "--collect-only", "-q", "-p", "no:cacheprovider"],
+        cwd=ROOT, capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode in (0, 5), proc.stdout[-3000:] + proc.stderr[-3000:]  # 5: none
+    return [line for line in proc.stdout.splitlines() if "::" in line]
+
+
+@pytest.mark.parametrize(
+    "args,collects_bench",
+    [
+        # tests/ left out only to keep this quick (testpaths holds it too); `pytest bench
+        # --benchmark-only` and named files are collected alike (bench/conftest.py)
+        (["--benchmark-only", "--ignore=tests"], True),  # `pytest --benchmark-only` at the root
+        (["--ignore=tests"], False),  # a plain `pytest`: the suites run only via the smoke test
+    ],
+)
+def test_benchmark_suites_are_collected_when_asked_for(args, collects_bench):
+    ids = _collect(*args)
+    bench = [i for i in ids if i.startswith("bench/bench_")]
+    assert bool(bench) == collects_bench, ids[:5]
+    if collects_bench:
+        files = {i.split("::")[0] for i in bench}
+        assert files == {f"bench/{p.name}" for p in (ROOT / "bench").glob("bench_*.py")}
+
+
 def _determinism_module():
     import importlib.util
 

@@ -125,8 +125,9 @@ class _Saved:
     """Distinct storages autograd keeps for backward (and checkpoints keep as inputs), by the
     counter's serial numbers; parameters excluded."""
 
-    def __init__(self, counter: StepCounter, exclude: set[int]):
+    def __init__(self, counter: StepCounter, exclude: set[int], amp: torch.dtype | None):
         self.counter = counter
+        self.amp = amp
         self.exclude = exclude
         self.by_serial: dict[int, int] = {}
         self.ckpt: dict[int, int] = {}
@@ -148,6 +149,9 @@ class _Saved:
             for a in args:
                 if isinstance(a, torch.Tensor):
                     self._add(a, self.ckpt)
+            if self.amp is not None:  # recompute under autocast, as checkpoint does for CUDA's
+                amp = self.amp
+                kwargs["context_fn"] = lambda: (contextlib.nullcontext(), CudaAutocast(amp))
             return real(fn, *args, **kwargs)
 
         with mock.patch("torch.utils.checkpoint.checkpoint", kept):
@@ -175,7 +179,7 @@ def _run_step(net, counter, mode, *, dtype, size, batch, loss) -> dict:
         groups = {"params": set(counter.track([*net.parameters(), *net.buffers()])),
                   "optimizer": set(counter.track(_opt_state(opt))),
                   "inputs": set(counter.track([x, label]))}  # fmt: skip
-        saved = _Saved(counter, groups["params"])
+        saved = _Saved(counter, groups["params"], torch.bfloat16 if dtype == "bf16" else None)
         counter.phase = "forward"
         with saved.hooks(), amp:
             outs = net(x)
