@@ -12,6 +12,7 @@ from fastnmf import models
 from fastnmf.profile.static import step_nmf
 from fastnmf.profile.static.cases import StaticCase, ideal_bytes
 from fastnmf.profile.static.step_account import account_step, account_steps, steps_markdown
+from fastnmf.profile.static.step_cuda import CudaPolicy
 from fastnmf.profile.static.step_device import h200, measured_steps
 from fastnmf.profile.static.step_ops import CLASSES, StepCounter
 
@@ -131,6 +132,19 @@ def test_layer_norm_over_channels_counts_the_kernels_copy():
     assert counter.by_class["norm"]["bytes_read"] == n
     layout = counter.by_class["layout"]
     assert layout["bytes_read"] == layout["bytes_written"] == n
+
+
+def test_dropout_runs_as_cudas_fused_kernel_with_a_bool_mask():
+    drop = nn.Dropout(0.1)
+
+    def run(x):
+        with CudaPolicy(None):
+            return drop(x)
+
+    counter = _count(run, (2, 8, 4, 4, 4))
+    e = counter.by_class["elementwise"]
+    n = 2 * 8 * 64
+    assert (e["ops"], e["bytes_read"], e["bytes_written"]) == (1, 4 * n, 4 * n + n)  # y + mask
 
 
 def test_traffic_adapter_falls_back_to_ideal_only_when_missing(monkeypatch):

@@ -8,8 +8,8 @@ in a timed step). Each model is built on the CPU with the brats preset (Factoriz
 ``kernel="triton"``, ``seed=0`` and optionally ``checkpoint=True``; the baselines have no
 checkpointing option: their checkpointed rows are left out), turned into fake tensors (shapes,
 strides and dtypes only: no memory, no arithmetic; ``torch._subclasses.FakeTensorMode`` on the CPU)
-and run with the NMF layers' value checks off; bf16 autocast follows CUDA's casting policy
-(:mod:`.step_amp`). :class:`~fastnmf.profile.static.step_ops.StepCounter` counts every op; the
+and run with the NMF layers' value checks off, with CUDA's dropout and (bf16) autocast policy
+(:mod:`.step_cuda`). :class:`~fastnmf.profile.static.step_ops.StepCounter` counts every op; the
 NMF core is one opaque op counted by the traffic model (:mod:`.step_nmf`).
 
 Figures per step:
@@ -42,7 +42,7 @@ import torch.utils.checkpoint
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from .step_amp import CudaAutocast
+from .step_cuda import CudaPolicy
 from .step_device import h200, measured_steps
 from .step_nmf import nmf_as_opaque_op
 from .step_ops import CLASSES, StepCounter
@@ -149,9 +149,10 @@ class _Saved:
             for a in args:
                 if isinstance(a, torch.Tensor):
                     self._add(a, self.ckpt)
-            if self.amp is not None:  # recompute under autocast, as checkpoint does for CUDA's
-                amp = self.amp
-                kwargs["context_fn"] = lambda: (contextlib.nullcontext(), CudaAutocast(amp))
+            # the recomputation (in backward) under the same policy; checkpoint restores CUDA's
+            # autocast state likewise
+            amp = self.amp
+            kwargs["context_fn"] = lambda: (contextlib.nullcontext(), CudaPolicy(amp))
             return real(fn, *args, **kwargs)
 
         with mock.patch("torch.utils.checkpoint.checkpoint", kept):
@@ -174,7 +175,7 @@ def _run_step(net, counter, mode, *, dtype, size, batch, loss) -> dict:
     x = torch.empty(batch, net.in_channels, size, size, size)
     label = torch.empty(batch, net.out_channels, size, size, size)
     loss_fn = _loss_fn(loss)
-    amp = CudaAutocast(torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
+    amp = CudaPolicy(torch.bfloat16 if dtype == "bf16" else None)
     with counter:
         groups = {"params": set(counter.track([*net.parameters(), *net.buffers()])),
                   "optimizer": set(counter.track(_opt_state(opt))),
