@@ -331,10 +331,13 @@ def steps_markdown(rows: list[dict]) -> list[str]:
         f"AdamW at {rows[0]['batch']} x {rows[0]['size']}^3; NMF bytes from: "
         f"{', '.join(sorted({r['nmf_source'] for r in rows}))}.",
         "",
-        "Bytes (read + written, GB) and roofline lower bound (ms) per op class:",
+        "Bytes (read + written, GB) / roofline lower bound (ms) per op class; ops = kernels "
+        "counted (NMF: the traffic model's launches):",
         "",
-        "| model | dtype | ckpt | " + " | ".join(CLASSES) + " | total GB | TFLOP | roofline ms |",
-        "|---|---|---|" + "---:|" * (len(CLASSES) + 3),
+        "| model | dtype | ckpt | "
+        + " | ".join(CLASSES)
+        + " | total GB | TFLOP | ops | roofline ms |",
+        "|---|---|---|" + "---:|" * (len(CLASSES) + 4),
     ]
     for r in rows:
         cells = [f"{_gb(r['bytes'][c])} / {_ms(r['roofline_ms'][c])}" for c in CLASSES]
@@ -342,7 +345,7 @@ def steps_markdown(rows: list[dict]) -> list[str]:
             f"| {r['model']} | {r['dtype']} | {'yes' if r['checkpoint'] else 'no'} | "
             + " | ".join(cells)
             + f" | {_gb(r['bytes_total'])} | {r['flops_total'] / 1e12:.2f} | "
-            f"{_ms(r['roofline_ms']['total'])} |"
+            f"{sum(r['ops'].values())} | {_ms(r['roofline_ms']['total'])} |"
         )
     out += [
         "",
@@ -362,7 +365,16 @@ def steps_markdown(rows: list[dict]) -> list[str]:
             f"{_gb(b['params'])} | {_gb(b['grads'])} | {_gb(b['optimizer'])} | "
             f"{_gb(b['saved'])} | {_gb(b['inputs'])} | {_gb(b['transient'])} |"
         )
-    out += ["", *compare_lines(rows)]
+    out += [
+        "",
+        "Peak = the largest total of live storages (parameters, AdamW state, gradients, what "
+        "autograd keeps, inputs, tensors in flight); the CUDA allocator's rounding and "
+        "fragmentation, cuDNN / cuBLAS workspaces and kernels' internal buffers are left out. "
+        "Roofline = a lower bound: every op at copy bandwidth or peak FLOP rate, whichever binds, "
+        "no launch gaps, no cache reuse between ops.",
+        "",
+        *compare_lines(rows),
+    ]
     return out
 
 
