@@ -160,6 +160,32 @@ def test_traffic_adapter_falls_back_to_ideal_only_when_missing(monkeypatch):
         step_nmf._nmf_traffic.cache_clear()
 
 
+def test_nmf_bytes_and_launches_come_from_the_traffic_model(monkeypatch, swin):
+    """With a traffic model present, its figures are used as they are (a stand-in model here:
+    3x the ideal bytes, 2 launches a pass)."""
+    import types
+
+    def model_call(case, pass_):
+        ideal = ideal_bytes(case, pass_)
+        return {"bytes_loaded": 2 * ideal, "bytes_stored": ideal, "launches": 2}
+
+    stub = types.ModuleType("fastnmf.profile.static.traffic")
+    stub.model_call = model_call
+    monkeypatch.setitem(sys.modules, "fastnmf.profile.static.traffic", stub)
+    step_nmf._nmf_traffic.cache_clear()
+    try:
+        row = _small("swin_factorizer")
+    finally:
+        step_nmf._nmf_traffic.cache_clear()
+    assert row["nmf_source"] == "traffic model"
+    assert swin["nmf_source"] in ("traffic model", "ideal (traffic model missing)")
+    if swin["nmf_source"].startswith("ideal"):
+        assert row["bytes"]["nmf"] == 3 * swin["bytes"]["nmf"]
+    assert row["ops"]["nmf"] == 2 * row["nmf_calls"]
+    others = [c for c in CLASSES if c != "nmf"]
+    assert [row["bytes"][c] for c in others] == [swin["bytes"][c] for c in others]
+
+
 def test_bf16_autocast_follows_cuda_and_reaches_the_recomputation(swin, swin_ckpt):
     bf = _small("swin_factorizer", dtype="bf16")
     assert 0 < bf["bytes"]["nmf"] < swin["bytes"]["nmf"]  # the NMF runs on bf16 conv outputs
