@@ -50,22 +50,49 @@ def _collect(*args):
     return [line for line in proc.stdout.splitlines() if "::" in line]
 
 
+def test_pytest_benchmark_only_at_the_root_collects_every_suite():
+    # tests/ left out only to keep this quick: testpaths holds it too
+    ids = _collect("--benchmark-only", "--ignore=tests")
+    files = {i.split("::")[0] for i in ids if i.startswith("bench/bench_")}
+    assert files == {f"bench/{p.name}" for p in (ROOT / "bench").glob("bench_*.py")}
+
+
+def _bench_conftest():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_conftest", ROOT / "bench" / "conftest.py")
+    mod = importlib.util.module_from_spec(spec)
+    path = list(sys.path)
+    try:
+        spec.loader.exec_module(mod)  # it puts bench/ on sys.path, for the suites' helpers
+    finally:
+        sys.path[:] = path
+    return mod
+
+
 @pytest.mark.parametrize(
-    "args,collects_bench",
+    "args,benchmark_only,collected",
     [
-        # tests/ left out only to keep this quick (testpaths holds it too); `pytest bench
-        # --benchmark-only` and named files are collected alike (bench/conftest.py)
-        (["--benchmark-only", "--ignore=tests"], True),  # `pytest --benchmark-only` at the root
-        (["--ignore=tests"], False),  # a plain `pytest`: the suites run only via the smoke test
+        ([], False, False),  # a plain `pytest`: the suites run only through the smoke test above
+        (["-q"], True, True),  # `pytest --benchmark-only`
+        (["bench"], False, True),  # `pytest bench [--benchmark-only]`
+        (["bench/bench_nmf.py::test_nmf_layer", "-k", "swin"], False, True),  # a file named
+        (["tests", "."], False, False),  # the root is not "naming bench/"
     ],
 )
-def test_benchmark_suites_are_collected_when_asked_for(args, collects_bench):
-    ids = _collect(*args)
-    bench = [i for i in ids if i.startswith("bench/bench_")]
-    assert bool(bench) == collects_bench, ids[:5]
-    if collects_bench:
-        files = {i.split("::")[0] for i in bench}
-        assert files == {f"bench/{p.name}" for p in (ROOT / "bench").glob("bench_*.py")}
+def test_bench_conftest_collects_the_suites_only_when_asked(args, benchmark_only, collected):
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(
+        rootpath=ROOT,
+        invocation_params=SimpleNamespace(args=tuple(args), dir=ROOT),
+        getoption=lambda name, default=None: (
+            benchmark_only if name == "benchmark_only" else default
+        ),
+    )
+    hook = _bench_conftest().pytest_ignore_collect
+    assert hook(ROOT / "bench" / "bench_nmf.py", config) is (None if collected else True)
+    assert hook(ROOT / "bench" / "tune_window.py", config) is None  # other files: pytest decides
 
 
 def _determinism_module():
