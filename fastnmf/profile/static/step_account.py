@@ -329,7 +329,7 @@ def steps_markdown(rows: list[dict]) -> list[str]:
         "",
         f"Device model: {rows[0]['device']}. Step: forward, loss ({rows[0]['loss']}), backward, "
         f"AdamW at {rows[0]['batch']} x {rows[0]['size']}^3; NMF bytes from: "
-        f"{', '.join(sorted({r['nmf_source'] for r in rows}))}.",
+        f"{', '.join(sorted({r['nmf_source'] for r in rows} - {'-'})) or '-'}.",
         "",
         "Bytes (read + written, GB) / roofline lower bound (ms) per op class; ops = kernels "
         "counted (NMF: the traffic model's launches):",
