@@ -47,11 +47,12 @@ from .step_device import h200, measured_steps
 from .step_nmf import nmf_as_opaque_op
 from .step_ops import CLASSES, StepCounter
 
-__all__ = ["account_steps", "account_step", "steps_markdown", "LOSSES", "CLASSES"]
+__all__ = ["account_steps", "account_step", "steps_markdown", "LOSSES", "CLASSES", "QUICK_MODELS"]
 
 LOSSES = ("train", "bce")
 STEP_DTYPES = ("fp32", "bf16")
 _FACTORIZERS = ("swin_factorizer", "local_factorizer", "global_factorizer")
+QUICK_MODELS = ("swin_factorizer", "nnunet", "swin_unetr")  # the H200's measured steps
 
 
 def _build(model: str, *, checkpoint: bool, size: int, overrides: dict | None) -> nn.Module:
@@ -274,20 +275,28 @@ def _row(model, dtype, checkpoint, size, batch, loss, n_params, counter, run, de
 def account_steps(
     *,
     models: Sequence[str] | None = None,
-    dtypes: Sequence[str] = STEP_DTYPES,
-    checkpoint: Sequence[bool] = (False, True),
+    dtypes: Sequence[str] | None = None,
+    checkpoint: Sequence[bool] | None = None,
     size: int = 128,
     batch: int = 2,
     loss: str = "train",
     overrides: dict[str, dict] | None = None,
+    quick: bool = False,
 ) -> list[dict]:
     """One row per (model, dtype, checkpoint) step; checkpointed rows for the Factorizers only.
 
+    Defaults: every registry model, fp32 and bf16, without and with checkpointing; ``quick``:
+    the models measured on the H200 (:data:`QUICK_MODELS`), fp32, no checkpointing (what the
+    comparison needs; explicit ``models`` / ``dtypes`` / ``checkpoint`` still win).
     ``overrides`` maps a model name to builder options (e.g. small widths for a quick run).
     """
     from fastnmf.models import MODELS
 
-    names = list(models) if models is not None else list(MODELS)
+    if models is None:
+        models = QUICK_MODELS if quick else list(MODELS)
+    dtypes = dtypes if dtypes is not None else (("fp32",) if quick else STEP_DTYPES)
+    checkpoint = checkpoint if checkpoint is not None else ((False,) if quick else (False, True))
+    names = list(models)
     for m in names:
         if m not in MODELS:
             raise ValueError(f"unknown model {m!r}; valid: {', '.join(MODELS)}")

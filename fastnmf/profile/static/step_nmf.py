@@ -45,7 +45,8 @@ def _nmf_traffic(case: StaticCase, pass_: str) -> dict:
             "source": "ideal (traffic model missing)",
         }
     out = dict(model_call(case, pass_))
-    out.setdefault("source", "traffic model")
+    how = out.get("source")  # the traffic module's own label (e.g. analytic model or counter)
+    out["source"] = f"traffic model ({how})" if how else "traffic model"
     return out
 
 
