@@ -38,6 +38,63 @@ def test_bench_suite_runs(target, select):
     assert " passed" in proc.stdout and " failed" not in proc.stdout
 
 
+def _collect(*args):
+    """Test ids that ``pytest ARGS --collect-only`` collects from the repository root."""
+    env = dict(os.environ)
+    env.pop("PYTEST_ADDOPTS", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", *args, "--collect-only", "-q", "-p", "no:cacheprovider"],
+        cwd=ROOT, capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode in (0, 5), proc.stdout[-3000:] + proc.stderr[-3000:]  # 5: none
+    return [line for line in proc.stdout.splitlines() if "::" in line]
+
+
+def test_pytest_benchmark_only_at_the_root_collects_every_suite():
+    # tests/ left out only to keep this quick: testpaths holds it too
+    ids = _collect("--benchmark-only", "--ignore=tests")
+    files = {i.split("::")[0] for i in ids if i.startswith("bench/bench_")}
+    assert files == {f"bench/{p.name}" for p in (ROOT / "bench").glob("bench_*.py")}
+
+
+def _bench_conftest():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_conftest", ROOT / "bench" / "conftest.py")
+    mod = importlib.util.module_from_spec(spec)
+    path = list(sys.path)
+    try:
+        spec.loader.exec_module(mod)  # it puts bench/ on sys.path, for the suites' helpers
+    finally:
+        sys.path[:] = path
+    return mod
+
+
+@pytest.mark.parametrize(
+    "args,benchmark_only,collected",
+    [
+        ([], False, False),  # a plain `pytest`: the suites run only through the smoke test above
+        (["-q"], True, True),  # `pytest --benchmark-only`
+        (["bench"], False, True),  # `pytest bench [--benchmark-only]`
+        (["bench/bench_nmf.py::test_nmf_layer", "-k", "swin"], False, True),  # a file named
+        (["tests", "."], False, False),  # the root is not "naming bench/"
+    ],
+)
+def test_bench_conftest_collects_the_suites_only_when_asked(args, benchmark_only, collected):
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(
+        rootpath=ROOT,
+        invocation_params=SimpleNamespace(args=tuple(args), dir=ROOT),
+        getoption=lambda name, default=None: (
+            benchmark_only if name == "benchmark_only" else default
+        ),
+    )
+    hook = _bench_conftest().pytest_ignore_collect
+    assert hook(ROOT / "bench" / "bench_nmf.py", config) is (None if collected else True)
+    assert hook(ROOT / "bench" / "tune_window.py", config) is None  # other files: pytest decides
+
+
 def _determinism_module():
     import importlib.util
 

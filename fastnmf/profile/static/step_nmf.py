@@ -1,0 +1,150 @@
+"""The NMF layer in the training-step account: one opaque op whose bytes come from the traffic
+model of the Triton kernels (issue 14, part 3).
+
+During the account every NMF layer runs with ``kernel="triton"``, and ``fastnmf.ops._triton`` (the
+dispatch's hook to :mod:`fastnmf.kernels`) is replaced by :class:`_Shim`. Its
+``matricized_nmf`` does what :func:`fastnmf.kernels.matricized_nmf` does around the kernels
+(``x.contiguous()``: a copy when x is not contiguous, counted as a layout copy), then runs the
+core as :class:`_OpaqueNMF`: forward allocates y and keeps for backward what
+``kernels.window_nmf.WindowNMF`` keeps (x, and the per-program power iterates ``hats`` / ``norms``:
+``programs x T x (E + 1)`` fp32 values, programs = B x heads x shifts x windows; rank > 1 keeps x
+only), backward allocates dx. The bytes, launches and FLOPs of each pass come from
+:func:`_nmf_traffic` for a :class:`~fastnmf.profile.static.cases.StaticCase` built from the call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from unittest import mock
+
+import torch
+
+from .cases import DTYPES, StaticCase, ideal_bytes
+
+__all__ = ["nmf_as_opaque_op", "static_case", "_nmf_traffic"]
+
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+@functools.cache
+def _nmf_traffic(case: StaticCase, pass_: str) -> dict:
+    """Bytes loaded / stored and launches of one NMF call and pass (``"fwd"`` / ``"bwd"``) from the
+    traffic model (``fastnmf.profile.static.traffic.model_call``); where that module is missing,
+    the ideal traffic (read x once, write y once; backward read x and dy, write dx), marked so."""
+    try:
+        from fastnmf.profile.static.traffic import model_call
+    except ImportError:
+        total = ideal_bytes(case, pass_)
+        stored = case.numel * case.itemsize
+        return {
+            "bytes_loaded": total - stored,
+            "bytes_stored": stored,
+            "launches": None,
+            "source": "ideal (traffic model missing)",
+        }
+    out = dict(model_call(case, pass_))
+    how = out.get("source")  # the traffic module's own label (e.g. analytic model or counter)
+    out["source"] = f"traffic model ({how})" if how else "traffic model"
+    return out
+
+
+def _uniform(value):
+    """A tuple with equal entries -> the entry (StaticCase's int form); None stays None."""
+    if value is None or isinstance(value, int):
+        return value
+    value = tuple(value)
+    return value[0] if len(set(value)) == 1 else value
+
+
+def static_case(x: torch.Tensor, v0: torch.Tensor, *, head_dim, patch_size, shifts, iters):
+    """The :class:`StaticCase` of one ``matricized_nmf`` call (arguments as validated by ops)."""
+    if x.dtype not in _DTYPE_NAMES:
+        raise ValueError(
+            f"the step account models the NMF in {', '.join(DTYPES)}, got an input of {x.dtype}"
+        )
+    mode = "global" if patch_size is None else "window"
+    items = tuple(_uniform(s) for s in shifts) if shifts is not None else (None,)
+    return StaticCase(
+        mode=mode,
+        batch=x.shape[0],
+        channels=x.shape[1],
+        spatial=tuple(x.shape[2:]),
+        dtype=_DTYPE_NAMES[x.dtype],
+        shifts=items,
+        head_dim=head_dim,
+        window=_uniform(patch_size),
+        rank=v0.shape[1],
+        iters=iters,
+    )
+
+
+def _saved_aux_numel(case: StaticCase) -> int:
+    """fp32 values the rank-one kernels keep for backward besides x (hats and norms)."""
+    if case.rank > 1:
+        return 0
+    heads = case.channels // case.head_dim
+    windows = 1
+    if case.mode == "window":
+        win = case.window if isinstance(case.window, tuple) else (case.window,) * len(case.spatial)
+        windows = math.prod(s // p for s, p in zip(case.spatial, win, strict=True))
+    programs = case.batch * heads * len(case.shifts) * windows
+    return programs * case.iters * (case.head_dim + 1)
+
+
+class _OpaqueNMF(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, counter, case):
+        with counter.opaque():
+            y = torch.empty_like(x)
+            aux = x.new_empty(_saved_aux_numel(case), dtype=torch.float32)
+        _add(counter, case, "fwd")
+        ctx.save_for_backward(x, aux)
+        ctx.counter, ctx.case = counter, case
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, _aux = ctx.saved_tensors
+        with ctx.counter.opaque():
+            dx = torch.empty_like(x)
+        _add(ctx.counter, ctx.case, "bwd")
+        return dx, None, None
+
+
+def _add(counter, case: StaticCase, pass_: str) -> None:
+    t = _nmf_traffic(case, pass_)
+    read, written = int(t["bytes_loaded"]), int(t["bytes_stored"])
+    flops = int(t.get("flops") or 0)
+    secs = counter.device.op_seconds(read + written, flops, "simt", None)
+    counter.add("nmf", read, written, flops, secs, ops=int(t.get("launches") or 1))
+    counter.nmf_sources.add(t["source"])
+    counter.nmf_calls.append((case, pass_))
+
+
+class _Shim:
+    """Stands in for :mod:`fastnmf.kernels` during the account."""
+
+    def __init__(self, counter):
+        self.counter = counter
+
+    def matricized_nmf(self, x, v0, *, head_dim, patch_size, shifts, u0=None, iters=5,
+                       solver="hals", num_grad_steps=None):  # fmt: skip
+        x = x.contiguous()
+        case = static_case(x, v0, head_dim=head_dim, patch_size=patch_size, shifts=shifts,
+                           iters=iters)  # fmt: skip
+        return _OpaqueNMF.apply(x, self.counter, case)
+
+    def nmf(self, *args, **kwargs):
+        raise NotImplementedError("the step account models matricized_nmf only (the NMF layer)")
+
+
+@contextlib.contextmanager
+def nmf_as_opaque_op(counter):
+    """While active, every ``kernel="triton"`` NMF layer call is one opaque op counted on
+    ``counter`` by the traffic model."""
+    counter.nmf_sources = set()
+    counter.nmf_calls = []
+    with mock.patch("fastnmf.ops._triton", lambda: _Shim(counter)):
+        yield

@@ -1,0 +1,234 @@
+"""The training-step account (issue 14, part 3) on small models: op classes, NMF by the traffic
+model, saved bytes with and without checkpointing, and hand counts of single ops."""
+
+import sys
+
+import pytest
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from fastnmf import models
+from fastnmf.profile.static import step_nmf
+from fastnmf.profile.static.cases import StaticCase, ideal_bytes
+from fastnmf.profile.static.step_account import account_step, account_steps, steps_markdown
+from fastnmf.profile.static.step_cuda import CudaPolicy
+from fastnmf.profile.static.step_device import h200, measured_steps
+from fastnmf.profile.static.step_ops import CLASSES, StepCounter
+
+SMALL = dict(widths=(8, 16, 32), deep_supervision=2)
+SIZE = 32  # Factorizer: a multiple of 2^(levels - 1) x window = 4 x 8
+
+
+def _small(model, **kw):
+    return account_step(model, size=SIZE, batch=1, overrides=SMALL, **kw)
+
+
+@pytest.fixture(scope="module")
+def swin():
+    return _small("swin_factorizer")
+
+
+@pytest.fixture(scope="module")
+def swin_ckpt():
+    return _small("swin_factorizer", checkpoint=True)
+
+
+def test_classes_and_phases_count_the_same_ops(swin):
+    phases = swin["by_phase"]
+    assert set(phases) == {"forward", "loss", "backward", "optimizer"}
+    by_phase = sum(p["bytes_read"] + p["bytes_written"] for p in phases.values())
+    assert sum(swin["bytes"][c] for c in CLASSES) == swin["bytes_total"] == by_phase
+    assert sum(p["flops"] for p in phases.values()) == swin["flops_total"]
+    assert all(swin["bytes"][c] > 0 for c in ("nmf", "norm", "pointwise_conv", "elementwise"))
+    roof = swin["roofline_ms"]
+    assert roof["total"] == pytest.approx(sum(roof[c] for c in CLASSES))
+
+
+def test_nmf_counted_once_per_layer_and_pass_by_the_traffic_model(swin):
+    net = models.build("swin_factorizer", "brats", spatial_size=(SIZE,) * 3, **SMALL)
+    layers = len(models.nmf_layers(net))
+    assert swin["nmf_calls"] == 2 * layers  # one forward + one backward per layer
+    case = StaticCase("window", 1, 8, (SIZE,) * 3, "fp32", (None, 2, 4, 6))
+    one = [step_nmf._nmf_traffic(case, p) for p in ("fwd", "bwd")]
+    one_bytes = sum(t["bytes_loaded"] + t["bytes_stored"] for t in one)
+    # the first block runs at 8 channels, SIZE^3: its share is one call's fwd + bwd
+    assert swin["bytes"]["nmf"] >= one_bytes > 0
+
+
+def test_nnunet_has_no_nmf_and_more_conv_flops():
+    row = _small("nnunet")
+    assert row["bytes"]["nmf"] == 0 and row["nmf_calls"] == 0
+    assert row["flops"]["conv"] > 0 and row["bytes_total"] > 0
+
+
+def test_checkpointing_keeps_less_and_recomputes(swin, swin_ckpt):
+    assert swin_ckpt["checkpoint_kept_bytes"] > 0
+    assert swin_ckpt["saved_bytes"] < swin["saved_bytes"] / 2
+    assert swin_ckpt["predicted_peak_bytes"] < swin["predicted_peak_bytes"]
+    # the recomputation runs each block's forward again, NMF included
+    assert swin_ckpt["bytes"]["nmf"] > swin["bytes"]["nmf"]
+    assert swin_ckpt["bytes_total"] > swin["bytes_total"]
+
+
+def test_peak_breakdown_adds_up(swin):
+    b = swin["peak_breakdown"]
+    assert sum(b.values()) == swin["predicted_peak_bytes"]
+    params = sum(4 * p for p in [swin["params"]])
+    assert b["params"] >= params  # parameters (and buffers) are live all step
+    assert b["optimizer"] >= 2 * params  # AdamW's two moments
+    assert b["saved"] > 0
+
+
+def _count(fn, *shapes, dtype=torch.float32):
+    counter = StepCounter(h200())
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        ts = [torch.empty(s, dtype=dtype) for s in shapes]
+        with counter:
+            fn(*ts)
+    return counter
+
+
+def test_conv_bytes_and_flops_by_hand():
+    conv = nn.Conv3d(4, 8, 3, padding=1)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        conv.weight = nn.Parameter(mode.from_tensor(conv.weight.detach()))
+        conv.bias = nn.Parameter(mode.from_tensor(conv.bias.detach()))
+        x = torch.empty(2, 4, 6, 7, 5)
+        counter = StepCounter(h200())
+        with counter, torch.no_grad():
+            conv(x)
+    c = counter.by_class["conv"]
+    vox = 6 * 7 * 5
+    assert c["ops"] == 1
+    assert c["bytes_read"] == 4 * (2 * 4 * vox + 8 * 4 * 27 + 8)  # x, weight, bias
+    assert c["bytes_written"] == 4 * 2 * 8 * vox
+    assert c["flops"] == 2 * (2 * 8 * vox) * 4 * 27  # 2 per multiply-add
+    dev = h200()
+    expect = max((c["bytes_read"] + c["bytes_written"]) / dev.copy_bytes_per_s,
+                 c["flops"] / dev.tf32_flops)  # fmt: skip
+    assert c["seconds"] == pytest.approx(expect)
+    assert sum(counter.by_class[k]["ops"] for k in CLASSES) == 1
+
+
+def test_pointwise_conv_broadcast_views_and_inplace_by_hand():
+    pw = _count(lambda x, w: torch.nn.functional.conv3d(x, w), (1, 16, 4, 4, 4), (8, 16, 1, 1, 1))
+    assert pw.by_class["pointwise_conv"]["ops"] == 1 and pw.by_class["conv"]["ops"] == 0
+    # a broadcast operand is read once; a view moves nothing
+    add = _count(lambda a, b: a.permute(0, 2, 1) + b.expand(7, 5), (3, 5, 7), (1, 5))
+    e = add.by_class["elementwise"]
+    assert (e["bytes_read"], e["bytes_written"], e["ops"]) == (4 * (105 + 5), 4 * 105, 1)
+    assert add.views == 2  # permute, expand
+    # in place: read and write the operand; fill_: write only
+    ip = _count(lambda a: (a.mul_(2.0), a.fill_(1.0)), (10, 10))
+    assert ip.by_class["elementwise"]["bytes_read"] == 400
+    assert ip.by_class["elementwise"]["bytes_written"] == 800
+
+
+def test_layer_norm_over_channels_counts_the_kernels_copy():
+    ln = nn.LayerNorm(8, elementwise_affine=False)
+    counter = _count(lambda x: ln(x.movedim(1, -1)), (2, 8, 4, 4, 4))
+    n = 4 * 2 * 8 * 64
+    assert counter.by_class["norm"]["bytes_read"] == n
+    layout = counter.by_class["layout"]
+    assert layout["bytes_read"] == layout["bytes_written"] == n
+
+
+def test_dropout_runs_as_cudas_fused_kernel_with_a_bool_mask():
+    drop = nn.Dropout(0.1)
+
+    def run(x):
+        with CudaPolicy(None):
+            return drop(x)
+
+    counter = _count(run, (2, 8, 4, 4, 4))
+    e = counter.by_class["elementwise"]
+    n = 2 * 8 * 64
+    assert (e["ops"], e["bytes_read"], e["bytes_written"]) == (1, 4 * n, 4 * n + n)  # y + mask
+
+
+def test_traffic_adapter_falls_back_to_ideal_only_when_missing(monkeypatch):
+    case = StaticCase("window", 1, 8, (16, 16, 16), "bf16", (None, 4))
+    step_nmf._nmf_traffic.cache_clear()
+    monkeypatch.setitem(sys.modules, "fastnmf.profile.static.traffic", None)  # import fails
+    try:
+        for pass_ in ("fwd", "bwd"):
+            t = step_nmf._nmf_traffic(case, pass_)
+            assert t["source"] == "ideal (traffic model missing)"
+            assert t["bytes_loaded"] + t["bytes_stored"] == ideal_bytes(case, pass_)
+    finally:
+        step_nmf._nmf_traffic.cache_clear()
+
+
+def test_nmf_bytes_and_launches_come_from_the_traffic_model(monkeypatch, swin):
+    """With a traffic model present, its figures are used as they are (a stand-in model here:
+    3x the ideal bytes, 2 launches a pass)."""
+    import types
+
+    def model_call(case, pass_):
+        ideal = ideal_bytes(case, pass_)
+        return {"bytes_loaded": 2 * ideal, "bytes_stored": ideal, "launches": 2}
+
+    stub = types.ModuleType("fastnmf.profile.static.traffic")
+    stub.model_call = model_call
+    monkeypatch.setitem(sys.modules, "fastnmf.profile.static.traffic", stub)
+    step_nmf._nmf_traffic.cache_clear()
+    try:
+        row = _small("swin_factorizer")
+    finally:
+        step_nmf._nmf_traffic.cache_clear()
+    assert row["nmf_source"] == "traffic model"
+    assert swin["nmf_source"].startswith(("traffic model", "ideal (traffic model missing)"))
+    if swin["nmf_source"].startswith("ideal"):
+        assert row["bytes"]["nmf"] == 3 * swin["bytes"]["nmf"]
+    assert row["ops"]["nmf"] == 2 * row["nmf_calls"]
+    others = [c for c in CLASSES if c != "nmf"]
+    assert [row["bytes"][c] for c in others] == [swin["bytes"][c] for c in others]
+
+
+def test_bf16_autocast_follows_cuda_and_reaches_the_recomputation(swin, swin_ckpt):
+    bf = _small("swin_factorizer", dtype="bf16")
+    assert 0 < bf["bytes"]["nmf"] < swin["bytes"]["nmf"]  # the NMF runs on bf16 conv outputs
+    assert bf["bytes"]["pointwise_conv"] < swin["bytes"]["pointwise_conv"]
+    # CUDA autocast runs layer norm in fp32 (CPU autocast would not): its outputs stay fp32
+    assert bf["bytes_written"]["norm"] > 0.9 * swin["bytes_written"]["norm"]
+    bf_ckpt = _small("swin_factorizer", dtype="bf16", checkpoint=True)
+    assert bf_ckpt["nmf_calls"] == bf["nmf_calls"] * 3 // 2  # forward twice, backward once
+    # the recomputed forward runs under autocast too (bf16 NMF input): about half of fp32's
+    assert bf_ckpt["bytes"]["nmf"] < 0.75 * swin_ckpt["bytes"]["nmf"]
+
+
+def test_bad_arguments_name_the_valid_options():
+    with pytest.raises(ValueError, match="valid: fp32, bf16"):
+        account_step("nnunet", dtype="fp16")
+    with pytest.raises(ValueError, match="valid: train, bce"):
+        account_step("nnunet", loss="dice")
+    with pytest.raises(ValueError, match="unknown model 'unet3d'; valid: "):
+        account_steps(models=["unet3d"])
+    with pytest.raises(ValueError, match="no checkpointing option"):
+        account_step("nnunet", checkpoint=True)
+
+
+def test_quick_selection_is_the_measured_comparison(monkeypatch):
+    from fastnmf.profile.static import step_account
+
+    calls = []
+    monkeypatch.setattr(step_account, "account_step", lambda m, **kw: calls.append((m, kw)))
+    account_steps(quick=True)
+    assert [(m, kw["dtype"], kw["checkpoint"]) for m, kw in calls] == [
+        ("swin_factorizer", "fp32", False), ("nnunet", "fp32", False), ("swin_unetr", "fp32", False)
+    ]  # fmt: skip
+    calls.clear()
+    account_steps(models=["nnunet", "global_factorizer"])
+    assert len(calls) == 2 + 4  # nnunet: fp32, bf16; the Factorizer: x (no ckpt, ckpt)
+
+
+def test_h200_figures_and_report(swin):
+    dev = h200()
+    assert 3.0e12 < dev.copy_bytes_per_s < 4.8e12  # the H200's HBM3e: 4.8 TB/s at most
+    meas = measured_steps()
+    for model in ("swin_factorizer", "nnunet", "swin_unetr"):
+        assert meas[(model, "fp32", False, 128, 2)]["ms"] > 0
+    assert swin["measured_ms"] is None  # no measurement at this small size
+    text = "\n".join(steps_markdown([swin]))
+    assert "swin_factorizer" in text and "No H200 measurement" in text
