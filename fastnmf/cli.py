@@ -30,8 +30,6 @@ import torch
 
 from . import _checks as C
 
-KERNELS = ("auto", "triton", "torch", "reference")
-
 
 def _time(fn, repeats: int) -> float:
     fn()  # warm-up
@@ -398,8 +396,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     print(f"{ok} case(s) timed, {len(rows) - ok - len(failed)} unsupported here, in {took}")
     for r in failed:
         print(f"ERROR {r['id']}: {r['reason']}")
-    for line in P.targets(rows):
-        print(line)
+    print(f"issue targets: python bench/targets.py {out}/meta.json")
     print(f"written to {out}/: " + ", ".join(f.name for f in files))
     return 1 if failed else 0
 
@@ -442,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--preset", choices=sorted(PRESETS), help="config preset (default demo)")
     tr.add_argument("--model", help="model name (fastnmf.models.available())")
     tr.add_argument("--data", help="'demo', a data-set folder or a JSON datalist")
-    tr.add_argument("--kernel", choices=KERNELS, help="NMF kernel (default auto)")
+    tr.add_argument("--kernel", choices=C.KERNELS, help="NMF kernel (default auto)")
     tr.add_argument("--fold", type=int, help="cross-validation fold 0..4 (default 0)")
     tr.add_argument("--folds", type=int, help="number of cross-validation folds (default 5)")
     tr.add_argument("--steps", type=int, help="total training steps")
@@ -502,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--fold", type=int, help="fold for --cases val (default: training's)")
     inf.add_argument("--out", help="output folder (default <run>/predictions)")
     inf.add_argument("--device", default="auto")
-    inf.add_argument("--kernel", choices=KERNELS, help="NMF kernel at inference")
+    inf.add_argument("--kernel", choices=C.KERNELS, help="NMF kernel at inference")
     inf.add_argument("--iters", type=int, help="NMF iterations T at inference")
     inf.add_argument(
         "--skip", type=int, nargs="+", metavar="BLOCK", help="short-circuit these NMF blocks"
@@ -614,7 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--mixers", nargs="+", help="layer: mixers (default all)")
     pr.add_argument("--impls", nargs="+", help="layer: kernels / SDPA backends")
     pr.add_argument("--models", nargs="+", help="model: models (default all)")
-    pr.add_argument("--kernels", nargs="+", choices=KERNELS, help="model: Factorizer kernels")
+    pr.add_argument("--kernels", nargs="+", choices=C.KERNELS, help="model: Factorizer kernels")
     pr.add_argument("--tasks", nargs="+", choices=["train", "infer"], help="model: tasks")
     pr.add_argument("--patch", type=int, help="model: patch edge (default 128 GPU, tiny CPU)")
     pr.add_argument("--batch", type=int, help="model: training batch (default 2 GPU, 1 CPU)")

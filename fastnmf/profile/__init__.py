@@ -49,8 +49,6 @@ batch 1 (:func:`fastnmf.models.count_flops`, NMF counted as the literal loop).
 
 from __future__ import annotations
 
-import warnings
-
 from .competitors import (
     SDPA_BACKENDS,
     MonaiWindowAttention,
@@ -143,19 +141,4 @@ __all__ = [
     "pick_device",
     "saved_bytes",
     "sync",
-    "targets",
 ]
-
-
-def targets(rows: list[dict]) -> list[str]:
-    """Deprecated: the issue targets moved to ``bench/targets.py`` (benchmarks, not the library).
-
-    Kept so that callers of ``fastnmf.profile.targets`` keep running; returns one line saying
-    where the targets are checked now.
-    """
-    warnings.warn(
-        "fastnmf.profile.targets moved to bench/targets.py", DeprecationWarning, stacklevel=2
-    )
-    return [
-        "- targets: `python bench/targets.py <out>/meta.json` checks the issue targets on this run"
-    ]

@@ -105,7 +105,9 @@ def _with_traffic(cases, targets, launches, notes) -> tuple[list[dict], list[dic
     joined, calls = [], []
     kernel_rows = {(r["target"], r["case"], r["pass"], r["launch_index"]): r for r in launches}
     for target in targets:
-        rows = traffic.launch_rows(cases, target=target)
+        rows = []
+        for resident, group in _by_occupancy(cases, target, launches):
+            rows += traffic.launch_rows(group, target=target, resident=resident)
         calls += [dict(c, target=target) for c in traffic.call_rows(rows)]
         for t in rows:
             case = t.get("case", t.get("case_id"))
@@ -125,6 +127,20 @@ def _with_traffic(cases, targets, launches, notes) -> tuple[list[dict], list[dic
     if launches and kernel_rows:
         notes.append(f"{len(kernel_rows)} compiled launch(es) have no traffic row")
     return joined, calls
+
+
+def _by_occupancy(cases, target, launches) -> list[tuple[dict, list[StaticCase]]]:
+    """Cases grouped by the resident programs per SM of their kernels (from the kernel report),
+    which set the wave order of the traffic part's DRAM estimate; without kernel rows the
+    traffic part's own defaults apply (resident None)."""
+    groups: dict = {}
+    for case in cases:
+        resident = {r["kernel"]: max(1, r["resident_warps_per_sm"] // r["warps"])
+                    for r in launches if r["target"] == target and r["case"] == case.id
+                    and r.get("resident_warps_per_sm")}  # fmt: skip
+        key = tuple(sorted(resident.items()))
+        groups.setdefault(key, []).append(case)
+    return [(dict(key) or None, group) for key, group in groups.items()]
 
 
 def _call_rows(cases, targets, launches, kernel_calls, traffic_calls) -> list[dict]:
