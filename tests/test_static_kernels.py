@@ -230,12 +230,20 @@ def test_suite_joins_traffic_rows_on_case_pass_and_launch_index(report, tmp_path
 
     cases = [c for c in coverage_cases() if c.id.startswith("window-[None, 4]-fp32-r1")]
 
-    def launch_rows(cases_, *, target):
+    def launch_rows(cases_, *, target, resident=None):
+        assert resident and all(n >= 1 for n in resident.values())  # from the kernel rows
         rows = [r for r in report["launches"] if r["case"] in {c.id for c in cases_}]
-        return [{"case": r["case"], "pass": r["pass"], "launch_index": r["launch_index"],
-                 "kernel": r["kernel"] if r["launch_index"] == 0 else "_other_kernel",
-                 "bytes_loaded": 1000 + r["launch_index"], "bytes_stored": 10}
-                for r in rows]  # fmt: skip
+        # the traffic part numbers every launch, PyTorch ops too (a fill before the forward's
+        # first kernel, as the launcher's row mask); the kernel report numbers Triton's only
+        torch_op = {"case": cases_[0].id, "pass": "fwd", "launch_index": 0, "kind": "torch",
+                    "kernel": "aten.ones", "bytes_loaded": 0, "bytes_stored": 32}
+        shift = {"fwd": 1, "bwd": 0}
+        return [torch_op] + [
+            {"case": r["case"], "pass": r["pass"], "kind": "triton",
+             "launch_index": r["launch_index"] + shift[r["pass"]],
+             "kernel": r["kernel"] if r["launch_index"] == 0 else "_other_kernel",
+             "bytes_loaded": 1000 + r["launch_index"], "bytes_stored": 10}
+            for r in rows]  # fmt: skip
 
     fake = types.SimpleNamespace(launch_rows=launch_rows, call_rows=lambda rows: [],
                                  markdown=lambda calls: ["## Traffic (stand-in)"])  # fmt: skip
@@ -245,15 +253,18 @@ def test_suite_joins_traffic_rows_on_case_pass_and_launch_index(report, tmp_path
         "launches": [r for r in report["launches"] if r["case"] == cases[0].id],
         "calls": [c for c in report["calls"] if c["case"] == cases[0].id]})  # fmt: skip
     doc = run_static(targets=("sm_90a",), out=tmp_path, parts=("kernels", "traffic"), cases=cases)
-    joined = {(r["pass"], r["launch_index"]): r for r in doc["launches"]}
+    joined = {(r["pass"], r["launch_index"]): r for r in doc["launches"] if r.get("kind") != "torch"}
     # launch 0 of each call: one row with the kernel report's and the traffic part's fields
     for pass_ in ("fwd", "bwd"):
         assert joined[pass_, 0]["regs"] > 0 and joined[pass_, 0]["bytes_loaded"] == 1000
     # launch 1 counted under another kernel name: kept apart and noted, never merged
-    assert sum(1 for r in doc["launches"] if r["launch_index"] == 1) == 4
+    assert sum(r.get("kernel") == "_other_kernel" for r in doc["launches"]) == 2
+    assert sum(r.get("regs", 0) > 0 and r["launch_index"] == 1 for r in doc["launches"]) == 2
+    # the PyTorch op is its own row, never joined onto a kernel's
+    assert [r["kernel"] for r in doc["launches"] if r.get("kind") == "torch"] == ["aten.ones"]
     assert sum("rows kept apart" in n for n in doc["notes"]) == 2
     calls = {c["pass"]: c for c in doc["calls"]}
-    assert calls["fwd"]["bytes_loaded"] == 1000 + 1001 and calls["fwd"]["bytes_stored"] == 20
+    assert calls["fwd"]["bytes_loaded"] == 1000 + 1001 and calls["fwd"]["bytes_stored"] == 20 + 32
     assert calls["fwd+bwd"]["bytes_loaded"] == 2 * 2001
     assert calls["fwd+bwd"]["ideal_bytes"] == ideal_bytes(cases[0], "fwd") + ideal_bytes(
         cases[0], "bwd")  # fmt: skip

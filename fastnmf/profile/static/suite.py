@@ -109,16 +109,20 @@ def _with_traffic(cases, targets, launches, notes) -> tuple[list[dict], list[dic
         for resident, group in _by_occupancy(cases, target, launches):
             rows += traffic.launch_rows(group, target=target, resident=resident)
         calls += [dict(c, target=target) for c in traffic.call_rows(rows)]
+        triton_index: dict = {}  # the kernel report numbers Triton launches only
         for t in rows:
             case = t.get("case", t.get("case_id"))
-            key = (target, case, t["pass"], t["launch_index"])
-            k = kernel_rows.pop(key, None)
+            k = None
+            if t.get("kind", "triton") != "torch":
+                i = triton_index[case, t["pass"]] = triton_index.get((case, t["pass"]), -1) + 1
+                key = (target, case, t["pass"], i)
+                k = kernel_rows.pop(key, None)
             if k is not None and t.get("kernel") not in (None, k["kernel"]):
                 notes.append(f"{key}: kernel report launched {k['kernel']}, traffic counted "
                              f"{t['kernel']}; rows kept apart")  # fmt: skip
                 joined.append(k)
                 k = None
-            if k is not None and t.get("grid") not in (None, k["grid"]):
+            if k is not None and t.get("grid") is not None and list(t["grid"]) != list(k["grid"]):
                 notes.append(f"{key}: grid {k['grid']} compiled, {t['grid']} counted")
             merged = dict(k or {}, **{f: v for f, v in t.items() if k is None or f not in k})
             merged.update(case=case, target=target)
