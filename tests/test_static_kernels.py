@@ -253,7 +253,8 @@ def test_suite_joins_traffic_rows_on_case_pass_and_launch_index(report, tmp_path
         "launches": [r for r in report["launches"] if r["case"] == cases[0].id],
         "calls": [c for c in report["calls"] if c["case"] == cases[0].id]})  # fmt: skip
     doc = run_static(targets=("sm_90a",), out=tmp_path, parts=("kernels", "traffic"), cases=cases)
-    joined = {(r["pass"], r["launch_index"]): r for r in doc["launches"] if r.get("kind") != "torch"}
+    kernels = [r for r in doc["launches"] if r.get("kind") != "torch"]
+    joined = {(r["pass"], r["launch_index"]): r for r in kernels}
     # launch 0 of each call: one row with the kernel report's and the traffic part's fields
     for pass_ in ("fwd", "bwd"):
         assert joined[pass_, 0]["regs"] > 0 and joined[pass_, 0]["bytes_loaded"] == 1000
