@@ -118,6 +118,29 @@ COVERED = [
 
 
 @needs_interpreter
+def test_counts_from_the_counting_subprocess_equal_counts_in_process(monkeypatch):
+    """A compiling process (the CLI's) counts in a subprocess under the interpreter and reads
+    the counts back from JSON and raw arrays (no pickle): the same counts as in this process."""
+    from fastnmf.profile.static import counter
+
+    case = COVERED[6]  # 2D rank 2: cheap, and tuple shifts go through JSON
+    here = counter.count_call(case)
+    monkeypatch.setattr(traffic, "_COUNTS", {})
+    monkeypatch.setattr(counter, "interpreting", lambda: False)  # as in a compiling process
+    there = traffic._count([case])[0]
+    assert set(here) == set(there)
+    for pass_ in here:
+        a, b = here[pass_], there[pass_]
+        assert (a.host_device_copies, a.device_host_copies) == (
+            b.host_device_copies, b.device_host_copies)  # fmt: skip
+        assert len(a.launches) == len(b.launches) > 0
+        for x, y in zip(a.launches, b.launches, strict=True):
+            assert (x.kind, x.kernel, tuple(x.grid), x.args) == (y.kind, y.kernel, y.grid, y.args)
+            for name in ("prog", "sector", "store"):
+                assert np.array_equal(getattr(x, name), getattr(y, name)), (x.kernel, name)
+
+
+@needs_interpreter
 @pytest.mark.parametrize("case", COVERED, ids=[c.id for c in COVERED])
 def test_model_equals_counter(case):
     """Launch by launch, tensor by tensor: bytes loaded/stored, unique bytes, sectors, grid."""

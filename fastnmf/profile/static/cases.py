@@ -14,8 +14,8 @@ import math
 
 import torch
 
-__all__ = ["StaticCase", "benchmark_cases", "small_case", "ideal_bytes", "coverage_cases",
-           "DTYPES", "PASSES"]  # fmt: skip
+__all__ = ["StaticCase", "case_to_json", "case_from_json", "benchmark_cases", "small_case",
+           "ideal_bytes", "coverage_cases", "DTYPES", "PASSES"]  # fmt: skip
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PASSES = ("fwd", "bwd")
@@ -113,3 +113,17 @@ def coverage_cases(dtype: str = "fp32") -> list[StaticCase]:
     cases = [c for c in cases if c.shape == cases[0].shape]
     odd = dataclasses.replace(cases[0], mode="window", shifts=(None, 3), window=WINDOW, rank=1)
     return [*cases, odd]
+
+
+def _tuples(value):
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def case_to_json(case: StaticCase) -> dict:
+    """A case as plain JSON data (for the suite's subprocesses: JSON, never pickle)."""
+    return dataclasses.asdict(case)
+
+
+def case_from_json(data: dict) -> StaticCase:
+    """The inverse of :func:`case_to_json` (JSON lists back to the tuples of the dataclass)."""
+    return StaticCase(**{k: _tuples(v) for k, v in data.items()})

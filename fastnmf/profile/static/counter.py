@@ -36,6 +36,7 @@ import contextlib
 import dataclasses
 import importlib
 import inspect
+import json
 import math
 import os
 import pkgutil
@@ -436,17 +437,64 @@ def count_call(case, *, seed: int = 0) -> dict[str, CallCount]:
     return out
 
 
+def write_counts(results: list[dict], path: str) -> None:
+    """Counts of several calls to ``path`` (JSON: launches and figures) and the raw sector traces
+    beside it (``path.d/``, one flat binary file per array, its dtype in the JSON): no pickle,
+    so reading them back runs no code."""
+    meta, arrays = [], {}
+    for i, result in enumerate(results):
+        calls = {}
+        for pass_, call in result.items():
+            launches = []
+            for j, launch in enumerate(call.launches):
+                dtypes = {}
+                for name in ("prog", "sector", "store"):
+                    arrays[f"{i}_{pass_}_{j}_{name}"] = array = getattr(launch, name)
+                    dtypes[name] = array.dtype.str
+                launches.append(dict(kind=launch.kind, kernel=launch.kernel, dtypes=dtypes,
+                                     grid=list(launch.grid), args=launch.args))  # fmt: skip
+            calls[pass_] = dict(launches=launches, host_device_copies=call.host_device_copies,
+                                device_host_copies=call.device_host_copies)  # fmt: skip
+        meta.append(calls)
+    with open(path, "w") as f:
+        json.dump(meta, f, default=int)  # numpy integers in the figures
+    os.makedirs(path + ".d", exist_ok=True)
+    for key, array in arrays.items():
+        np.ascontiguousarray(array).tofile(os.path.join(path + ".d", key))
+
+
+def read_counts(path: str) -> list[dict]:
+    """The inverse of :func:`write_counts`."""
+    with open(path) as f:
+        meta = json.load(f)
+    def array(key: str, dtype: str) -> np.ndarray:
+        return np.fromfile(os.path.join(path + ".d", key), dtype=np.dtype(dtype))
+
+    out = []
+    for i, calls in enumerate(meta):
+        result = {}
+        for pass_, call in calls.items():
+            launches = [
+                LaunchCount(kind=L["kind"], kernel=L["kernel"], grid=tuple(L["grid"]),
+                            args=L["args"], **{n: array(f"{i}_{pass_}_{j}_{n}", L["dtypes"][n])
+                                               for n in ("prog", "sector", "store")})
+                for j, L in enumerate(call["launches"])
+            ]  # fmt: skip
+            result[pass_] = CallCount(launches, call["host_device_copies"],
+                                      call["device_host_copies"])  # fmt: skip
+        out.append(result)
+    return out
+
+
 def _main() -> None:  # run by traffic.py in a subprocess with TRITON_INTERPRET=1
-    import pickle
+    from .cases import case_from_json
 
     src, dst = sys.argv[1], sys.argv[2]
-    with open(src, "rb") as f:
-        cases = pickle.load(f)
-    # the importable module's classes (not __main__'s), so that the caller can unpickle them
+    with open(src) as f:
+        cases = [case_from_json(c) for c in json.load(f)]
+    # the importable module's functions (not __main__'s)
     mod = importlib.import_module("fastnmf.profile.static.counter")
-    result = [mod.count_call(c) for c in cases]
-    with open(dst, "wb") as f:
-        pickle.dump(result, f)
+    mod.write_counts([mod.count_call(c) for c in cases], dst)
 
 
 if __name__ == "__main__":

@@ -17,14 +17,13 @@ Compiled kernels are cached by Triton (on disk) and their ptxas / SASS figures p
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import subprocess
 import sys
 import tempfile
 
-from .cases import StaticCase, benchmark_cases
+from .cases import StaticCase, benchmark_cases, case_from_json, case_to_json
 from .driver import TARGETS, check_target
 from .ptx_tools import missing_tools, occupancy, ptx_counts, ptxas_info, sass_counts
 
@@ -134,21 +133,13 @@ def _call_row(case: StaticCase, target: str, record) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
-def _tuples(value):
-    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
-
-
-def _case_from_json(data: dict) -> StaticCase:
-    return StaticCase(**{k: _tuples(v) for k, v in data.items()})
-
-
 def _report_in_subprocess(cases, targets) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     with tempfile.TemporaryDirectory() as tmp:
         request = os.path.join(tmp, "request.json")
         out = os.path.join(tmp, "report.json")
         with open(request, "w") as f:
-            json.dump({"cases": [dataclasses.asdict(c) for c in cases], "targets": targets}, f)
+            json.dump({"cases": [case_to_json(c) for c in cases], "targets": targets}, f)
         cmd = [sys.executable, "-m", "fastnmf.profile.static.kernel_report", "--request", request,
                "--out", out]  # fmt: skip
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -168,7 +159,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     with open(args.request) as f:
         request = json.load(f)
-    cases = [_case_from_json(c) for c in request["cases"]]
+    cases = [case_from_json(c) for c in request["cases"]]
     report = _report(cases, tuple(request["targets"]))  # never another subprocess
     with open(args.out, "w") as f:
         json.dump(report, f)

@@ -24,9 +24,9 @@ it (e.g. the suite, which compiles the kernels for sm_90a) the counting runs in 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
-import pickle
 import subprocess
 import sys
 import tempfile
@@ -34,7 +34,7 @@ import tempfile
 import numpy as np
 
 from . import l2
-from .cases import PASSES, StaticCase, ideal_bytes, small_case
+from .cases import PASSES, StaticCase, case_to_json, ideal_bytes, small_case
 from .traffic_model import ModelUnsupported, model_launches
 
 __all__ = ["launch_rows", "call_rows", "model_call", "markdown", "counted_case",
@@ -71,22 +71,21 @@ def _count(cases: list[StaticCase]) -> list[dict]:
     """counter.count_call for each case (cached), in a subprocess when not interpreting."""
     todo = [c for c in dict.fromkeys(cases) if c not in _COUNTS]
     if todo:
-        from .counter import count_call, interpreting
+        from .counter import count_call, interpreting, read_counts
 
         if interpreting():
             for c in todo:
                 _COUNTS[c] = count_call(c)
         else:
             with tempfile.TemporaryDirectory() as tmp:
-                src, dst = os.path.join(tmp, "in.pkl"), os.path.join(tmp, "out.pkl")
-                with open(src, "wb") as f:
-                    pickle.dump(todo, f)
+                src, dst = os.path.join(tmp, "cases.json"), os.path.join(tmp, "counts.json")
+                with open(src, "w") as f:
+                    json.dump([case_to_json(c) for c in todo], f)
                 env = dict(os.environ, TRITON_INTERPRET="1")
                 subprocess.run([sys.executable, "-m", "fastnmf.profile.static.counter", src, dst],
                                env=env, check=True)  # fmt: skip
-                with open(dst, "rb") as f:
-                    for c, r in zip(todo, pickle.load(f), strict=True):
-                        _COUNTS[c] = r
+                for c, r in zip(todo, read_counts(dst), strict=True):
+                    _COUNTS[c] = r
     return [_COUNTS[c] for c in cases]
 
 
