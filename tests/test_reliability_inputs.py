@@ -418,7 +418,7 @@ def test_cli_infer_unwritable_output(tmp_path, capsys, monkeypatch):
         "demo",
         demo={"n_cases": 4, "size": 32, "seed": 0},
         n_folds=4,
-        patch=16,
+        crop_size=16,
         model_options={"widths": [8, 16, 32], "head_dim": 4, "window": 4, "deep_supervision": 2},
         steps=1,
         val_every=1,
