@@ -325,8 +325,8 @@ def _readme(cfg, info: fdata.DatasetInfo, meta: dict[str, Any]) -> str:
   non-zero voxels{f"; resampled to {info.spacing} mm" if info.spacing else ""});
 - output: `<id>.nii.gz` label maps (values {list(info.label_values)}; regions
   {", ".join(info.regions)}) on the input's voxel grid, with its affine and header;
-- sliding-window inference with {cfg.crop_size}³ windows, {cfg.overlap:.0%} overlap, gaussian blending;
-  sigmoid per region, threshold 0.5 — the output of `fastnmf infer`.
+- sliding-window inference with {cfg.crop_size}³ windows, {cfg.overlap:.0%} overlap, gaussian
+  blending; sigmoid per region, threshold 0.5 — the output of `fastnmf infer`.
 
 Run (fastnmf and MONAI installed):
 

@@ -32,13 +32,14 @@ size was called ``patch`` before; that key (in old ``config.json`` files and che
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import warnings
 from dataclasses import dataclass, field, fields
-
-from . import _checks as C
 from pathlib import Path
 from typing import Any
+
+from . import _checks as C
 
 __all__ = ["TrainConfig", "RUN_PRESETS", "PRESETS", "AMP_MODES", "resolve", "model_preset_for"]
 
@@ -270,6 +271,14 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         )
     if not isinstance(cfg.model_options, dict):
         raise ValueError("model_options must be a dict")
+    builder = models.MODELS.get(cfg.model, models.MODELS["swin_factorizer"])  # or its alias
+    params = inspect.signature(builder).parameters
+    unknown = sorted(k for k in cfg.model_options if k not in params)
+    if unknown:
+        raise ValueError(
+            f"model {cfg.model!r} has no option(s) {', '.join(unknown)} (--model-opt); valid "
+            f"options: {', '.join(params)}"
+        )
     return cfg
 
 

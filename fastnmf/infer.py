@@ -17,8 +17,8 @@ applied with :func:`fastnmf.models.inference_controls`.
 from __future__ import annotations
 
 import sys
-from contextlib import nullcontext
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 

@@ -49,8 +49,16 @@ from torch import nn
 
 from . import data as fdata
 from .build import build_model, resolve_device
-from .checkpoints import CHECKPOINT_FORMAT, _rng_state, _seed_everything, _set_rng_state
-from .checkpoints import check_resume, info_to_dict, load_checkpoint, save_checkpoint
+from .checkpoints import (
+    CHECKPOINT_FORMAT,
+    _rng_state,
+    _seed_everything,
+    _set_rng_state,
+    check_resume,
+    info_to_dict,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .config import TrainConfig
 from .data.sampling import CropStream, StepBatches, case_seed
 from .infer import sliding_window_logits
@@ -387,7 +395,8 @@ class TrainRun:
         if len(rngs) == self.world:
             _set_rng_state(rngs[self.rank])
         else:
-            self.say(f"note: checkpoint has RNG states of {len(rngs)} rank(s), running {self.world}")
+            self.say(f"note: checkpoint has RNG states of {len(rngs)} rank(s), running "
+                     f"{self.world}")  # fmt: skip
 
     def _set_up_outputs(self) -> None:
         from fastnmf.models import count_parameters

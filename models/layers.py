@@ -91,7 +91,7 @@ class WrappedNMF(nn.Module):
         *,
         spatial_dims: int,
         head_dim: int,
-        patch_size: int | Sequence[int] | None,
+        window: int | Sequence[int] | None,
         spatial_size: Sequence[int] | None,
         shifts: Sequence | str | None,
         rank: int,
@@ -106,8 +106,8 @@ class WrappedNMF(nn.Module):
         self.in_proj = pointwise_conv(channels, channels, spatial_dims=spatial_dims, bias=False)
         self.nmf = MatricizedNMF(
             head_dim=head_dim,
-            patch_size=patch_size,
-            spatial_size=None if patch_size is not None else spatial_size,
+            window=window,
+            spatial_size=None if window is not None else spatial_size,
             spatial_dims=spatial_dims,
             shifts=shifts,
             rank=rank,
