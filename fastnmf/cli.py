@@ -190,7 +190,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     rank = int(os.environ.get("RANK", "0"))
     if rank != 0:
         return 0
-    wall = time.perf_counter() - t0
+    _print_train_summary(result, cfg, out, wall=time.perf_counter() - t0)
+    return 0
+
+
+def _print_train_summary(result, cfg, out: Path, *, wall: float) -> None:
+    """What ``fastnmf train`` prints at the end (rank 0): Dice before and after, the outputs."""
     print(f"\n== fastnmf train: {result.step}/{cfg.steps} steps, wall time {_duration(wall)} ==")
     regions = [k for k in (result.baseline or {}) if k not in ("mean", "loss")]
     region = "WT" if "WT" in regions else (regions[0] if len(regions) == 1 else "mean")
@@ -224,7 +229,6 @@ def cmd_train(args: argparse.Namespace) -> int:
             "validation fold"
         )
         print("  predictions/metrics.csv, summary.json  Dice and HD95 per case, summary")
-    return 0
 
 
 # ----------------------------------------------------------------------------------------------

@@ -35,7 +35,6 @@ validate-and-checkpoint, each a method over the run's state; :func:`train` build
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +60,7 @@ from .checkpoints import (
 )
 from .config import TrainConfig
 from .data.sampling import CropStream, StepBatches, case_seed
+from .distributed import any_rank, dist_env, gather
 from .infer import sliding_window_logits
 from .logs import Progress, TrainLogs, print_line
 
@@ -154,33 +154,6 @@ def warmup_cosine(warmup: int, total: int):
 
 
 # ----------------------------------------------------------------------------------------------
-# Distributed helpers
-
-
-def _dist_env() -> tuple[int, int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    return rank, world, local
-
-
-def _gather(obj: Any, world: int) -> list[Any]:
-    if world == 1:
-        return [obj]
-    out: list[Any] = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _any(flag: bool, world: int, device: torch.device) -> bool:
-    if world == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t)
-    return bool(t.item() > 0)
-
-
-# ----------------------------------------------------------------------------------------------
 # Validation
 
 
@@ -214,7 +187,7 @@ def validate(
         for i in range(d.shape[0]):
             loss = loss_fn.dicece(logits[i : i + 1].float().cpu(), label[i : i + 1].float())
             per_case.append((str(batch["id"][i]), [*d[i].tolist(), float(loss)]))
-    merged = {cid: v for part in _gather(per_case, world) for cid, v in part}
+    merged = {cid: v for part in gather(per_case, world) for cid, v in part}
     scores = np.array(list(merged.values()), dtype=np.float64).reshape(-1, len(regions) + 1)
     result = {name: float(scores[:, k].mean()) for k, name in enumerate(regions)}
     result["mean"] = float(np.mean([result[r] for r in regions]))
@@ -295,7 +268,7 @@ class TrainRun:
         verbose: bool = True,
     ) -> None:
         self.cfg, self.out = cfg, Path(out)
-        self.rank, self.world, _ = _dist_env()
+        self.rank, self.world, _ = dist_env()
         self.distributed = self.world > 1
         self.is_main = self.rank == 0
         self.device = resolve_device(cfg.device)
@@ -434,7 +407,7 @@ class TrainRun:
             "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "rng": _gather(rng, self.world),
+            "rng": gather(rng, self.world),
             "best": self.best,
             "baseline": self.baseline,
         }
@@ -505,7 +478,7 @@ class TrainRun:
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             outputs = self.model(image)
         loss = self.loss_fn(outputs, label)
-        if _any(not torch.isfinite(loss).item(), self.world, device):
+        if any_rank(not torch.isfinite(loss).item(), self.world, device):
             path = self.checkpoint("last.pt", rng_at_start)
             raise TrainingDiverged(
                 f"non-finite loss ({loss.item()}) at step {self.step + 1}: training stopped; the "

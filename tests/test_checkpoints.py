@@ -1,10 +1,10 @@
 """fastnmf.checkpoints: the format check, old key spellings, the resume rules; CLI error handling
 (--debug, programming errors keep their traceback) and the renamed options' old spellings."""
 
+import fastnmf.models as models
 import pytest
 import torch
 
-import fastnmf.models as models
 from fastnmf import checkpoints as ck
 from fastnmf import config as fconfig
 from fastnmf import data as fdata
@@ -14,8 +14,9 @@ from fastnmf.config import TrainConfig, resolve
 
 def _write(path, **changes):
     cfg = resolve("demo", crop_size=16, steps=4, warmup=1)
-    state = {"format": ck.CHECKPOINT_FORMAT, "config": cfg.to_dict(),
-             "info": ck.info_to_dict(fdata.dataset_info("demo")), "model": {}, "step": 3}  # fmt: skip
+    info = ck.info_to_dict(fdata.dataset_info("demo"))
+    state = {"format": ck.CHECKPOINT_FORMAT, "config": cfg.to_dict(), "info": info, "model": {},
+             "step": 3}  # fmt: skip
     state.update(changes)
     state = {k: v for k, v in state.items() if v is not None}
     torch.save(state, path)
@@ -78,7 +79,8 @@ def test_cli_user_error_is_one_line_and_debug_shows_the_traceback(tmp_path, caps
     assert err.startswith("fastnmf infer: error: ") and "Traceback" not in err
     assert main(["--debug", *argv]) == 2
     err = capsys.readouterr().err
-    assert "Traceback" in err and "CheckpointError" in err and "none.pt: checkpoint not found" in err
+    assert "Traceback" in err and "CheckpointError" in err
+    assert "none.pt: checkpoint not found" in err
 
 
 def test_cli_programming_error_keeps_its_traceback(monkeypatch):

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -105,15 +106,8 @@ class DatasetInfo:
 
     @property
     def patch_size(self) -> tuple[int, int, int]:
-        """Deprecated: the old name of :attr:`crop_size`."""
-        import warnings
-
-        warnings.warn(
-            "DatasetInfo.patch_size is now crop_size; the old name will be removed in the next "
-            "release",
-            DeprecationWarning,
-            stacklevel=2,
-        )
+        """Deprecated: the old name of :attr:`crop_size` (removed in the next release)."""
+        warnings.warn("DatasetInfo.patch_size is now crop_size", DeprecationWarning, stacklevel=2)
         return self.crop_size
 
 
