@@ -2,7 +2,7 @@
 
 Training (paper §4.2 / Appendix A, and the original code's ``brats_train_transform`` and
 ``isles_train_transform``): load → labels to region channels → (ISLES: resample to 2 mm) →
-crop to the image foreground → channel-wise z-score over non-zero voxels → random patch
+crop to the image foreground → channel-wise z-score over non-zero voxels → random crop
 (128³ BraTS, 64³ ISLES, 32³ demo) → the seven random augmentations
 
 =====================  ======  =================================================
@@ -61,6 +61,7 @@ from monai.transforms import (
     SpatialPadd,
 )
 
+from .._checks import renamed_argument
 from .datasets import DataError, DatasetInfo, dataset_info, read_case
 
 __all__ = [
@@ -200,29 +201,20 @@ def train_transforms(
     Args:
         kind: ``"demo"``, ``"brats"``, ``"isles"``, ``"generic"`` or a :class:`DatasetInfo`.
         crop_size: training crop (default ``info.crop_size``).
-        crop: ``"random"`` (uniform random patch, as the paper) or ``"posneg"`` (centre on a
+        crop: ``"random"`` (uniform random crop, as the paper) or ``"posneg"`` (centre on a
             foreground voxel, any region, with probability ``pos_ratio``, else on a background
             voxel; MONAI then returns a one-element list per case, which MONAI's DataLoader
             flattens). The voxel indices are computed once per case, before the first random
             transform, so :class:`monai.data.CacheDataset` keeps them.
-        pos_ratio: share of ``posneg`` patches centred on foreground, in [0, 1].
+        pos_ratio: share of ``posneg`` crops centred on foreground, in [0, 1].
         augment: apply the paper's seven random augmentations.
         seed: seed the pipeline's random state (``Compose.set_random_state``).
         patch_size: deprecated name of ``crop_size`` (a DeprecationWarning; next release: gone).
     """
     info = _info(kind)
-    if patch_size is not None:
-        import warnings
-
-        warnings.warn(
-            "train_transforms(patch_size=) is now crop_size=; the old name will be removed in "
-            "the next release",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        if crop_size is not None:
-            raise ValueError("give crop_size only (patch_size is its old name)")
-        crop_size = patch_size
+    crop_size = renamed_argument(
+        "crop_size", crop_size, "patch_size", patch_size, where="train_transforms"
+    )
     patch = _crop(crop_size, info)
     if crop not in ("random", "posneg"):
         raise ValueError(f"unknown crop {crop!r}; valid: random, posneg")
