@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from . import data as fdata
-from .config import TrainConfig
+from .config import TrainConfig, renamed_keys
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -125,9 +125,7 @@ def resume_config(
     again (``None`` values ignored; ``model_options`` merged). :func:`check_resume` then refuses
     any change that is not a runtime setting."""
     cfg = config_of(load_checkpoint(ckpt))
-    given = {k: v for k, v in given.items() if v is not None}
-    if "patch" in given:  # the old spelling of crop_size (TrainConfig.from_dict warns)
-        given["crop_size"] = given.pop("patch")
+    given = renamed_keys({k: v for k, v in given.items() if v is not None})  # old spellings
     if preset is not None and preset != cfg.preset:
         given["preset"] = preset
     if "model_options" in given:

@@ -29,6 +29,9 @@ def build_parser(commands) -> argparse.ArgumentParser:
     for add in (_add_train, _add_infer, _add_evaluate, _add_export, _add_compare,
                 _add_components, _add_info, _add_bench_layer, _add_profile):  # fmt: skip
         add(sub, commands)
+    for command in {id(p): p for p in sub.choices.values()}.values():  # also after the command
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show the full traceback of any error")  # fmt: skip
     return parser
 
 

@@ -130,7 +130,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        d = _renamed_keys(d)
+        d = renamed_keys(d)
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -195,7 +195,7 @@ PRESETS = RUN_PRESETS  # the old name (fastnmf.models.ARCH_PRESETS are the archi
 RENAMED_KEYS = {"patch": "crop_size"}
 
 
-def _renamed_keys(d: dict[str, Any]) -> dict[str, Any]:
+def renamed_keys(d: dict[str, Any]) -> dict[str, Any]:
     """``d`` with old key spellings (:data:`RENAMED_KEYS`) replaced, warning once per key."""
     old = [k for k in RENAMED_KEYS if k in d]
     if not old:
@@ -296,7 +296,7 @@ def resolve(
     if preset not in RUN_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; valid presets: {', '.join(RUN_PRESETS)}")
     base: dict[str, Any] = {"preset": preset, **json.loads(json.dumps(RUN_PRESETS[preset]))}
-    overrides = _renamed_keys({k: v for k, v in overrides.items() if v is not None})
+    overrides = renamed_keys({k: v for k, v in overrides.items() if v is not None})
     names = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(overrides) - names)
     if unknown:

@@ -54,6 +54,8 @@ def test_resume_rules(tmp_path):
     with pytest.raises(ValueError, match="needs --out"):
         ck.resume_target("last", None)
     cfg = ck.resume_config(path, {"device": "cpu", "lr": None})
+    with pytest.warns(DeprecationWarning, match="'patch' is now 'crop_size'"):
+        assert ck.resume_config(path, {"patch": 16}).crop_size == 16
     assert cfg.device == "cpu" and cfg.lr == resolve("demo").lr and cfg.crop_size == 16
     ckpt = ck.load_checkpoint(path)
     ck.check_resume(ckpt, cfg, path=path)  # a runtime setting may change
@@ -77,10 +79,11 @@ def test_cli_user_error_is_one_line_and_debug_shows_the_traceback(tmp_path, caps
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("fastnmf infer: error: ") and "Traceback" not in err
-    assert main(["--debug", *argv]) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" in err and "CheckpointError" in err
-    assert "none.pt: checkpoint not found" in err
+    for debug in (["--debug", *argv], [*argv, "--debug"]):
+        assert main(debug) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" in err and "CheckpointError" in err
+        assert "none.pt: checkpoint not found" in err
 
 
 def test_cli_programming_error_keeps_its_traceback(monkeypatch):
