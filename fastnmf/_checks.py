@@ -103,22 +103,42 @@ def as_spatial_tuple(name: str, value, ndim: int) -> tuple[int, ...]:
     return value
 
 
-def check_patch(patch_size, spatial: Sequence[int]) -> tuple[int, ...] | None:
-    """Window size per spatial dim; every spatial size must be a multiple of it."""
-    if patch_size is None:
+def renamed_argument(new: str, value, old: str, old_value, *, where: str):
+    """The value of keyword ``new``, or of its deprecated old name ``old`` (a
+    DeprecationWarning; both given is an error). E.g. ``window`` / ``patch_size``."""
+    if old_value is None:
+        return value
+    import warnings
+
+    warnings.warn(
+        f"{where}({old}=...) is now {new}=...; {old} will be removed in the next release",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    if value is not None:
+        raise TypeError(f"{where}: give {new} only ({old} is its deprecated old name)")
+    return old_value
+
+
+def check_window(window, spatial: Sequence[int]) -> tuple[int, ...] | None:
+    """NMF window size per spatial dim; every spatial size must be a multiple of it."""
+    if window is None:
         return None
-    p = as_spatial_tuple("patch_size", patch_size, len(spatial))
+    p = as_spatial_tuple("window", window, len(spatial))
     if any(v < 1 for v in p):
-        raise ValueError(f"patch_size must be positive, got {p}")
+        raise ValueError(f"window must be positive, got {p}")
     bad = [(d, s, q) for d, (s, q) in enumerate(zip(spatial, p, strict=True)) if s % q]
     if bad:
         d, s, q = bad[0]
         raise ValueError(
-            f"spatial size {tuple(spatial)} is not divisible by patch_size {p}: dim {d} has "
+            f"spatial size {tuple(spatial)} is not divisible by window {p}: dim {d} has "
             f"size {s}, not a multiple of {q} (nearest valid sizes: {s - s % q or q}, "
             f"{s - s % q + q}); pad or crop the input"
         )
     return p
+
+
+check_patch = check_window  # the old name
 
 
 def check_shifts(shifts, ndim: int) -> list | None:

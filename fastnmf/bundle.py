@@ -11,7 +11,7 @@
 
 The workflow is MONAI's own: a ``Dataset`` over the NIfTI files of ``dataset_dir`` (one case per
 file; channels in the 4th dimension), fastnmf's validation transforms (the same loading checks and
-normalisation as training), a ``DataLoader``, a ``SlidingWindowInferer`` (the training patch,
+normalisation as training), a ``DataLoader``, a ``SlidingWindowInferer`` (the training crop,
 50 % overlap, gaussian blending), ``Activationsd`` (sigmoid), then :class:`SaveLabelMapd`, which
 writes each case through
 :func:`fastnmf.infer.write_prediction`, the writer of ``fastnmf infer``: same threshold, label
@@ -183,7 +183,7 @@ def _metadata(cfg, info: fdata.DatasetInfo, ckpt: dict[str, Any]) -> dict[str, A
     from . import __version__
 
     best = ckpt.get("best") or {}
-    patch = [cfg.patch] * 3
+    patch = [cfg.crop_size] * 3
     regions = {str(k): name for k, name in enumerate(info.regions)}
     channels = {str(k): name for k, name in enumerate(info.channel_names)} or {"0": "image"}
     return {
@@ -266,7 +266,7 @@ def _inference_config(cfg, info: fdata.DatasetInfo, root: Path) -> dict[str, Any
         },
         "inferer": {
             "_target_": "SlidingWindowInferer",
-            "roi_size": [cfg.patch] * 3,
+            "roi_size": [cfg.crop_size] * 3,
             "sw_batch_size": cfg.sw_batch_size,
             "overlap": cfg.overlap,
             "mode": "gaussian",
@@ -325,8 +325,8 @@ def _readme(cfg, info: fdata.DatasetInfo, meta: dict[str, Any]) -> str:
   non-zero voxels{f"; resampled to {info.spacing} mm" if info.spacing else ""});
 - output: `<id>.nii.gz` label maps (values {list(info.label_values)}; regions
   {", ".join(info.regions)}) on the input's voxel grid, with its affine and header;
-- sliding-window inference with {cfg.patch}³ windows, {cfg.overlap:.0%} overlap, gaussian blending;
-  sigmoid per region, threshold 0.5 — the output of `fastnmf infer`.
+- sliding-window inference with {cfg.crop_size}³ windows, {cfg.overlap:.0%} overlap, gaussian
+  blending; sigmoid per region, threshold 0.5 — the output of `fastnmf infer`.
 
 Run (fastnmf and MONAI installed):
 

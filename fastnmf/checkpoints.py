@@ -1,7 +1,24 @@
-"""Checkpoint writing and the RNG state of a run (all generators, as plain data)."""
+"""Checkpoints of a training run: the one place for their format and the resume rules.
+
+A checkpoint is a ``torch.save`` dict of plain data (``torch.load(weights_only=True)`` reads it):
+
+- ``format``: :data:`CHECKPOINT_FORMAT` (a checkpoint without it is read as format 1, the format
+  every checkpoint had before the field was checked; an unknown format is refused);
+- ``config`` (:meth:`TrainConfig.to_dict`), ``info`` (:func:`info_to_dict` of the data set),
+  ``step``, ``model``, ``optimizer``, ``scheduler``, ``scaler``, ``rng`` (one
+  :func:`_rng_state` per rank), ``best`` and ``baseline`` (validation results).
+
+Written by :mod:`fastnmf.train` (:func:`save_checkpoint`, atomically), read by
+:mod:`fastnmf.infer`, :mod:`fastnmf.bundle` and the CLI (:func:`load_checkpoint`,
+:func:`config_of`). The resume rules: :func:`resume_target` (which file and run folder
+``--resume`` means), :func:`resume_config` (the checkpoint's config with the options given again)
+and :func:`check_resume` (a run resumes only with the config it was started with, runtime settings
+aside).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import time
@@ -11,7 +28,122 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["save_checkpoint"]
+from . import data as fdata
+from .config import TrainConfig, renamed_keys
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "RUNTIME_KEYS",
+    "CheckpointError",
+    "save_checkpoint",
+    "load_checkpoint",
+    "config_of",
+    "info_to_dict",
+    "info_from_dict",
+    "checkpoint_path",
+    "resume_target",
+    "resume_config",
+    "check_resume",
+]
+
+# the layout of the dict above; bump it (and read the old one, or refuse it clearly) on a change
+CHECKPOINT_FORMAT = 1
+# config keys a resumed run may change: they do not alter what the run computes
+RUNTIME_KEYS = frozenset({"device", "num_workers", "evaluate", "log_every", "deterministic"})
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, unreadable or not a fastnmf checkpoint."""
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a fastnmf checkpoint safely (``weights_only=True``); check its format."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{p}: checkpoint not found")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and unpickling-policy errors
+        raise CheckpointError(f"{p}: cannot read checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        raise CheckpointError(f"{p}: not a fastnmf checkpoint (no config/model)")
+    fmt = ckpt.get("format", 1)
+    if fmt != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{p}: checkpoint format {fmt!r} is unknown to this fastnmf (reads format "
+            f"{CHECKPOINT_FORMAT}); use the fastnmf version that wrote it"
+        )
+    return ckpt
+
+
+def config_of(ckpt: dict[str, Any]) -> TrainConfig:
+    """The training config stored in a checkpoint (old key spellings accepted, with a warning)."""
+    return TrainConfig.from_dict(ckpt["config"])
+
+
+def info_to_dict(info: fdata.DatasetInfo) -> dict[str, Any]:
+    """A :class:`~fastnmf.data.DatasetInfo` as plain (JSON-able) data."""
+    return {
+        k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(info).items()
+    }
+
+
+def info_from_dict(d: dict[str, Any]) -> fdata.DatasetInfo:
+    """Inverse of :func:`info_to_dict` (also after a JSON round trip; an old ``patch_size`` key
+    is read as ``crop_size``)."""
+    kw = dict(d)
+    if "patch_size" in kw and "crop_size" not in kw:
+        kw["crop_size"] = kw.pop("patch_size")
+    for key in ("channel_names", "regions", "label_values", "crop_size", "spacing"):
+        if kw.get(key) is not None:
+            kw[key] = tuple(kw[key])
+    return fdata.DatasetInfo(**kw)
+
+
+def checkpoint_path(path: str | Path, *, name: str = "best.pt") -> Path:
+    """A checkpoint file, or a run folder standing for its ``name`` checkpoint."""
+    p = Path(path)
+    return p / name if p.is_dir() else p
+
+
+def resume_target(resume: str, out: str | Path | None) -> tuple[Path, Path]:
+    """``(checkpoint, run folder)`` of ``--resume [CKPT]``: ``"last"`` (the flag alone) is
+    ``<out>/last.pt``; a folder is its ``last.pt``; the run folder defaults to the checkpoint's."""
+    if resume == "last":
+        if out is None:
+            raise ValueError("--resume without a checkpoint needs --out RUN_DIR")
+        ckpt = Path(out) / "last.pt"
+    else:
+        ckpt = checkpoint_path(resume, name="last.pt")
+    return ckpt, Path(out) if out else ckpt.parent
+
+
+def resume_config(
+    ckpt: str | Path, given: dict[str, Any], *, preset: str | None = None
+) -> TrainConfig:
+    """The config to resume ``ckpt`` with: the checkpoint's, updated with the options ``given``
+    again (``None`` values ignored; ``model_options`` merged). :func:`check_resume` then refuses
+    any change that is not a runtime setting."""
+    cfg = config_of(load_checkpoint(ckpt))
+    given = renamed_keys({k: v for k, v in given.items() if v is not None})  # old spellings
+    if preset is not None and preset != cfg.preset:
+        given["preset"] = preset
+    if "model_options" in given:
+        given["model_options"] = {**cfg.model_options, **given["model_options"]}
+    return TrainConfig.from_dict({**cfg.to_dict(), **given})
+
+
+def check_resume(ckpt: dict[str, Any], cfg: TrainConfig, *, path: str | Path) -> None:
+    """Refuse to resume the checkpoint ``ckpt`` (read from ``path``) with a config that differs
+    from its own in anything but :data:`RUNTIME_KEYS`."""
+    saved = config_of(ckpt).to_dict()
+    now = cfg.to_dict()
+    diff = [k for k, v in saved.items() if k not in RUNTIME_KEYS and now.get(k) != v]
+    if diff:
+        raise ValueError(
+            f"{path}: the checkpoint's config differs in {', '.join(diff)}; resume with the "
+            "same settings (they are read from the checkpoint when not given)"
+        )
 
 
 def _rng_state() -> dict[str, Any]:

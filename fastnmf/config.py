@@ -1,16 +1,17 @@
 """Training configuration: one JSON-able dataclass, presets, and overrides.
 
-A run is described by a :class:`TrainConfig`. It is built from a preset (:data:`PRESETS`):
+A run is described by a :class:`TrainConfig`. It is built from a run preset (:data:`RUN_PRESETS`;
+``PRESETS`` is its old name, kept importable):
 
 ==========  ==========================================================================  ======
 preset      what                                                                        data
 ==========  ==========================================================================  ======
-``demo``    the main job: a small swin Factorizer (widths 16…128, patch 32³, window 4)   demo
+``demo``    the main job: a small swin Factorizer (widths 16…128, crop 32³, window 4)    demo
             trained for 300 steps on the built-in demo set, learns within minutes on
             2 CPU cores
-``brats``   the paper's BraTS setting (section 4.2): swin Factorizer, patch 128³,         (path)
+``brats``   the paper's BraTS setting (section 4.2): swin Factorizer, crop 128³,          (path)
             100k steps, 2k warmup, batch 2, AdamW lr 1e-4, weight decay 1e-2
-``isles``   the paper's ISLES'22 setting: patch 64³, E = 4, window 4, mlp ratio 4        (path)
+``isles``   the paper's ISLES'22 setting: crop 64³, E = 4, window 4, mlp ratio 4         (path)
 ==========  ==========================================================================  ======
 
 then updated with explicit overrides (:func:`resolve`). A preset describes a model and a
@@ -21,17 +22,26 @@ on foreground, as nnU-Net) and no demo settings. The resolved config is printed 
 training and saved as ``config.json`` beside the checkpoints (both show only the settings that
 apply, :meth:`TrainConfig.applicable`), and stored (as plain JSON data) inside every checkpoint,
 so :mod:`fastnmf.infer` can rebuild the model from a checkpoint alone.
+
+Names: the training *crop* (``crop_size``, ``--crop-size``; ``crop`` is its kind) is the volume a
+training step sees; the NMF *window* is a model option (``model_options["window"]``). The crop
+size was called ``patch`` before; that key (in old ``config.json`` files and checkpoints) and the
+``--patch`` flag still work for one release, with a :class:`DeprecationWarning`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TrainConfig", "PRESETS", "AMP_MODES", "resolve", "model_preset_for"]
+from . import _checks as C
+
+__all__ = ["TrainConfig", "RUN_PRESETS", "PRESETS", "AMP_MODES", "resolve", "model_preset_for"]
 
 AMP_MODES = ("none", "bf16", "fp16")
 CROPS = ("random", "posneg")
@@ -57,7 +67,8 @@ class TrainConfig:
         warmup: linear warm-up steps, then cosine decay to 0 at ``steps``.
         batch_size: patches per step and per process (DDP: the global batch is
             ``batch_size × world size``).
-        patch: training patch edge (cubic); also the model's ``spatial_size``.
+        crop_size: training crop edge (cubic); also the model's ``spatial_size`` and the
+            sliding-window size at inference (formerly ``patch``).
         lr, weight_decay: AdamW.
         grad_clip: max gradient norm (0: off).
         amp: ``none`` | ``bf16`` (autocast) | ``fp16`` (autocast + GradScaler, CUDA).
@@ -94,7 +105,7 @@ class TrainConfig:
     steps: int = 100_000
     warmup: int = 2_000
     batch_size: int = 2
-    patch: int = 128
+    crop_size: int = 128
     lr: float = 1e-4
     weight_decay: float = 1e-2
     grad_clip: float = 1.0
@@ -119,6 +130,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        d = renamed_keys(d)
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -160,7 +172,7 @@ _DEMO_MODEL = {
     "dropout": 0.0,
 }
 
-PRESETS: dict[str, dict[str, Any]] = {
+RUN_PRESETS: dict[str, dict[str, Any]] = {
     "demo": {
         "model_options": _DEMO_MODEL,
         "data": "demo",
@@ -168,15 +180,38 @@ PRESETS: dict[str, dict[str, Any]] = {
         "steps": 300,
         "warmup": 30,
         "batch_size": 2,
-        "patch": 32,
+        "crop_size": 32,
         "lr": 3e-3,
         "val_every": 100,
         "num_workers": 0,
         "log_every": 10,
     },
-    "brats": {"patch": 128, "val_every": 1000},
-    "isles": {"patch": 64, "val_every": 1000, "model_preset": "isles"},
+    "brats": {"crop_size": 128, "val_every": 1000},
+    "isles": {"crop_size": 64, "val_every": 1000, "model_preset": "isles"},
 }
+PRESETS = RUN_PRESETS  # the old name (fastnmf.models.ARCH_PRESETS are the architecture presets)
+
+# old config keys -> their names now (read with a DeprecationWarning, for one release)
+RENAMED_KEYS = {"patch": "crop_size"}
+
+
+def renamed_keys(d: dict[str, Any]) -> dict[str, Any]:
+    """``d`` with old key spellings (:data:`RENAMED_KEYS`) replaced, warning once per key."""
+    old = [k for k in RENAMED_KEYS if k in d]
+    if not old:
+        return d
+    d = dict(d)
+    for k in old:
+        new = RENAMED_KEYS[k]
+        warnings.warn(
+            f"config key {k!r} is now {new!r}; the old name will be removed in the next release",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        if new in d:
+            raise ValueError(f"config has both {k!r} (old name) and {new!r}; keep {new!r} only")
+        d[new] = d.pop(k)
+    return d
 
 
 def model_preset_for(kind: str) -> str:
@@ -188,8 +223,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     """Check values; raise ``ValueError`` naming the field and the valid options."""
     from fastnmf import models
 
-    if cfg.preset not in PRESETS:
-        raise ValueError(f"unknown preset {cfg.preset!r}; valid presets: {', '.join(PRESETS)}")
+    if cfg.preset not in RUN_PRESETS:
+        raise ValueError(
+            f"unknown preset {cfg.preset!r}; valid presets: {', '.join(RUN_PRESETS)}"
+        )
     if cfg.model not in models.available():
         raise ValueError(
             f"unknown model {cfg.model!r}; available models: {', '.join(models.available())}"
@@ -198,14 +235,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ValueError(
             f"unknown model_preset {cfg.model_preset!r}; valid: {', '.join(models.presets())}"
         )
-    kernels = ("auto", "triton", "torch", "reference")
-    if cfg.kernel not in kernels:
-        raise ValueError(f"unknown kernel {cfg.kernel!r}; valid choices: {', '.join(kernels)}")
+    C.check_choice("kernel", cfg.kernel, C.KERNELS)
     if cfg.amp not in AMP_MODES:
         raise ValueError(f"unknown amp mode {cfg.amp!r}; valid: {', '.join(AMP_MODES)}")
     if cfg.crop not in CROPS:
         raise ValueError(f"unknown crop {cfg.crop!r}; valid: {', '.join(CROPS)}")
-    for name in ("steps", "batch_size", "patch", "val_every", "log_every", "sw_batch_size"):
+    for name in ("steps", "batch_size", "crop_size", "val_every", "log_every", "sw_batch_size"):
         v = getattr(cfg, name)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
@@ -236,6 +271,14 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         )
     if not isinstance(cfg.model_options, dict):
         raise ValueError("model_options must be a dict")
+    builder = models.MODELS.get(cfg.model, models.MODELS["swin_factorizer"])  # or its alias
+    params = inspect.signature(builder).parameters
+    unknown = sorted(k for k in cfg.model_options if k not in params)
+    if unknown:
+        raise ValueError(
+            f"model {cfg.model!r} has no option(s) {', '.join(unknown)} (--model-opt); valid "
+            f"options: {', '.join(params)}"
+        )
     return cfg
 
 
@@ -250,10 +293,10 @@ def resolve(
     demo drops the demo settings and, without ``crop``, samples ``posneg`` patches. What was
     adapted is appended to ``notes`` (one line each), for the caller to print.
     """
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}")
-    base: dict[str, Any] = {"preset": preset, **json.loads(json.dumps(PRESETS[preset]))}
-    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if preset not in RUN_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; valid presets: {', '.join(RUN_PRESETS)}")
+    base: dict[str, Any] = {"preset": preset, **json.loads(json.dumps(RUN_PRESETS[preset]))}
+    overrides = renamed_keys({k: v for k, v in overrides.items() if v is not None})
     names = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(overrides) - names)
     if unknown:

@@ -1,7 +1,8 @@
 """Inference: checkpoints → models, sliding-window prediction, NIfTI and overlay PNG outputs.
 
-- :func:`load_checkpoint` reads a checkpoint with ``torch.load(weights_only=True)``;
-  :func:`model_from_checkpoint` rebuilds the model from the config stored inside it.
+- :func:`model_from_checkpoint` rebuilds the model from the config stored inside a checkpoint
+  (read by :func:`fastnmf.checkpoints.load_checkpoint`, which owns the format; it and
+  :func:`fastnmf.build.build_model` / :func:`~fastnmf.build.resolve_device` are re-exported here).
 - :func:`sliding_window_logits`: MONAI's sliding-window inference with windows of the model's
   ``spatial_size``, 50 % overlap and gaussian blending, so a volume of any size can be segmented
   (smaller volumes are padded).
@@ -15,10 +16,9 @@ applied with :func:`fastnmf.models.inference_controls`.
 
 from __future__ import annotations
 
-import dataclasses
-import os
 import sys
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,8 @@ import torch
 from torch import nn
 
 from . import data as fdata
+from .build import build_model, resolve_device
+from .checkpoints import CheckpointError, config_of, info_from_dict, info_to_dict, load_checkpoint
 from .config import TrainConfig
 from .overlay import overlay_png
 
@@ -35,6 +37,7 @@ __all__ = [
     "CheckpointError",
     "load_checkpoint",
     "info_from_dict",
+    "info_to_dict",
     "model_from_checkpoint",
     "build_model",
     "resolve_device",
@@ -49,82 +52,12 @@ __all__ = [
 ]
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file that is missing, unreadable or not a fastnmf checkpoint."""
-
-
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` → ``cuda`` (the local rank's GPU under torchrun) if available, else ``cpu``."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise ValueError(f"unknown device {device!r}; valid: auto, cpu, cuda, cuda:N") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available here")
-    if dev.type == "cuda" and dev.index is None:  # this process's GPU, by index (set_device)
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
-    return dev
-
-
-def build_model(cfg: TrainConfig, info: fdata.DatasetInfo) -> nn.Module:
-    """The model a config describes, sized for the data (channels) and the training patch."""
-    from fastnmf import models
-    from fastnmf.config import model_preset_for
-
-    preset = cfg.model_preset or model_preset_for(info.kind)
-    opts: dict[str, Any] = dict(cfg.model_options)
-    opts.setdefault("spatial_size", (cfg.patch,) * 3)
-    opts.setdefault("in_channels", info.in_channels)
-    opts.setdefault("out_channels", info.out_channels)
-    for key in ("widths", "spatial_size"):
-        if key in opts and isinstance(opts[key], list):
-            opts[key] = tuple(opts[key])
-    import inspect
-
-    fn = models.MODELS.get(cfg.model, models.MODELS.get("swin_factorizer"))
-    params = inspect.signature(fn).parameters
-    if "seed" in params and "seed" not in opts:
-        opts["seed"] = cfg.seed
-    return models.build(cfg.model, preset=preset, kernel=cfg.kernel, **opts)
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a fastnmf checkpoint safely (``weights_only=True``)."""
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"{p}: checkpoint not found")
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle, zip and unpickling-policy errors
-        raise CheckpointError(f"{p}: cannot read checkpoint ({type(e).__name__}: {e})") from e
-    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
-        raise CheckpointError(f"{p}: not a fastnmf checkpoint (no config/model)")
-    return ckpt
-
-
-def info_from_dict(d: dict[str, Any]) -> fdata.DatasetInfo:
-    """Inverse of ``dataclasses.asdict(DatasetInfo)`` after a JSON round trip."""
-    kw = dict(d)
-    for key in ("channel_names", "regions", "label_values", "patch_size", "spacing"):
-        if kw.get(key) is not None:
-            kw[key] = tuple(kw[key])
-    return fdata.DatasetInfo(**kw)
-
-
-def info_to_dict(info: fdata.DatasetInfo) -> dict[str, Any]:
-    return {
-        k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(info).items()
-    }
-
-
 def model_from_checkpoint(
     path: str | Path, *, device: str | torch.device = "cpu", kernel: str | None = None
 ) -> tuple[nn.Module, TrainConfig, fdata.DatasetInfo, dict[str, Any]]:
     """``(model in eval mode, config, data info, checkpoint)`` from a checkpoint file."""
     ckpt = load_checkpoint(path)
-    cfg = TrainConfig.from_dict(ckpt["config"])
+    cfg = config_of(ckpt)
     if kernel is not None:
         cfg.kernel = kernel
     info = info_from_dict(ckpt["info"])
@@ -291,7 +224,8 @@ def infer(
     with the input's affine/header) and, if ``png``, ``<out>/<id>.png`` overlays.
 
     ``iters``, ``skip`` (NMF block indices short-circuited) and ``kernel`` are the inference-time
-    controls (no retraining). Returns ``[{"id", "prediction", "png"}]``.
+    controls (no retraining). Returns ``[{"id", "prediction", "png"}]`` (paths as strings;
+    ``png`` is ``None`` without ``png``).
     """
     from fastnmf import models
 
@@ -306,7 +240,7 @@ def infer(
         raise ValueError(f"--iters/--skip need a Factorizer; {cfg.model} has no NMF layers")
     from tqdm.auto import tqdm
 
-    with models.inference_controls(model, iters=iters, skip=skip) if nmf_blocks else _null():
+    with models.inference_controls(model, iters=iters, skip=skip) if nmf_blocks else nullcontext():
         quiet = not progress or not sys.stderr.isatty()  # a bar only on a terminal
         for case in tqdm(cases, desc="infer", disable=quiet, leave=False):
             item = transform(case)
@@ -323,7 +257,8 @@ def infer(
             png_path = None
             if png:
                 png_path = _overlay(case, item, masks, info, ref, out / f"{case['id']}.png")
-            written.append({"id": case["id"], "prediction": str(pred_path), "png": str(png_path)})
+            png_file = None if png_path is None else str(png_path)
+            written.append({"id": case["id"], "prediction": str(pred_path), "png": png_file})
     return written
 
 
@@ -348,11 +283,3 @@ def _overlay(case, item, masks, info, ref, path) -> Path:
         truth=None if truth is None else np.asarray(truth),
         spacing=spacing,
     )
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False

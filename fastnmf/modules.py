@@ -4,7 +4,7 @@ The initial factors are buffers drawn once from U(0, 1] with a private ``torch.G
 (never the global seed): column r of v0/u0 depends only on ``seed`` and r, so changing the rank
 after construction keeps the existing columns and draws the new ones reproducibly.
 
-Every hyper-parameter (rank, iters, solver, head_dim, patch_size, shifts, kernel,
+Every hyper-parameter (rank, iters, solver, head_dim, window, shifts, kernel,
 num_grad_steps) can be changed after construction, e.g. for the inference-time ablations of the
 paper's Fig. 8. ``num_grad_steps`` (only the last k iterations carry gradient, as in the original
 code) is honoured by ``kernel="reference"`` and ``"torch"``; the Triton kernels compute the full
@@ -111,20 +111,22 @@ class MatricizedNMF(_FactorBuffers):
 
     Args:
         head_dim: channels per head E (the matrices are E x N).
-        patch_size: window size (int or tuple); None for a global matricization.
+        window: NMF window size (int or tuple); None for a global matricization.
         spatial_size: the input's spatial size, needed for a global matricization
             (N = prod(spatial_size)); ignored with windows.
         spatial_dims: 2 or 3 (taken from ``spatial_size`` when given).
         shifts: None, or a list of shifts (None / int / tuple) averaged as in Swin;
             ``"default"`` means ``[None, P // 2]``.
         rank, iters, solver, kernel, num_grad_steps, seed: as in :class:`NMF`.
+        patch_size: the deprecated old name of ``window`` (a DeprecationWarning); so is the
+            ``patch_size`` attribute.
     """
 
     def __init__(
         self,
         *,
         head_dim: int = 8,
-        patch_size: int | Sequence[int] | None = None,
+        window: int | Sequence[int] | None = None,
         spatial_size: Sequence[int] | None = None,
         spatial_dims: int = 3,
         shifts: Sequence | str | None = None,
@@ -134,9 +136,12 @@ class MatricizedNMF(_FactorBuffers):
         kernel: str = "auto",
         num_grad_steps: int | None = None,
         seed: int | None = None,
+        patch_size: int | Sequence[int] | None = None,
     ):
         self._head_dim = C.check_int("head_dim", head_dim, 1)
-        self._patch_size = patch_size
+        self._window = C.renamed_argument(
+            "window", window, "patch_size", patch_size, where="MatricizedNMF"
+        )
         self._spatial_size = None if spatial_size is None else tuple(spatial_size)
         if self._spatial_size is not None:
             spatial_dims = len(self._spatial_size)
@@ -153,16 +158,16 @@ class MatricizedNMF(_FactorBuffers):
         self.num_grad_steps = num_grad_steps
 
     def _columns(self) -> int:
-        if self._patch_size is None:
+        if self._window is None:
             if self._spatial_size is None:
                 raise ValueError(
-                    "a global MatricizedNMF (patch_size=None) needs spatial_size, the input's "
+                    "a global MatricizedNMF (window=None) needs spatial_size, the input's "
                     "spatial size (N = prod(spatial_size))"
                 )
             return math.prod(self._spatial_size)
-        p = C.as_spatial_tuple("patch_size", self._patch_size, self.spatial_dims)
+        p = C.as_spatial_tuple("window", self._window, self.spatial_dims)
         if any(v < 1 for v in p):
-            raise ValueError(f"patch_size must be positive, got {p}")
+            raise ValueError(f"window must be positive, got {p}")
         return math.prod(p)
 
     @property
@@ -175,13 +180,25 @@ class MatricizedNMF(_FactorBuffers):
         self._redraw(value, self.v0.shape[0], self.rank)
 
     @property
+    def window(self):
+        """The NMF window (int or tuple, as given), or None for a global matricization."""
+        return self._window
+
+    @window.setter
+    def window(self, value) -> None:
+        self._window = value
+        self._redraw(self._head_dim, self._columns(), self.rank)
+
+    @property
     def patch_size(self):
-        return self._patch_size
+        """Deprecated: the old name of :attr:`window`."""
+        _warn_patch_size()
+        return self._window
 
     @patch_size.setter
     def patch_size(self, value) -> None:
-        self._patch_size = value
-        self._redraw(self._head_dim, self._columns(), self.rank)
+        _warn_patch_size()
+        self.window = value
 
     @property
     def spatial_size(self):
@@ -196,9 +213,9 @@ class MatricizedNMF(_FactorBuffers):
         if isinstance(self.shifts, str):
             if self.shifts != "default":
                 raise ValueError(f"unknown shifts {self.shifts!r}; use 'default', None or a list")
-            if self._patch_size is None:
-                raise ValueError("shifts='default' needs windows (patch_size)")
-            p = C.as_spatial_tuple("patch_size", self._patch_size, ndim)
+            if self._window is None:
+                raise ValueError("shifts='default' needs windows (window)")
+            p = C.as_spatial_tuple("window", self._window, ndim)
             return [None, tuple(q // 2 for q in p)]
         return self.shifts
 
@@ -213,14 +230,24 @@ class MatricizedNMF(_FactorBuffers):
             x,
             self.v0,
             head_dim=self._head_dim,
-            patch_size=self._patch_size,
+            window=self._window,
             shifts=self.resolved_shifts(ndim),
             **self._solver_options(),
         )
 
     def extra_repr(self) -> str:
         return (
-            f"head_dim={self._head_dim}, patch_size={self._patch_size}, shifts={self.shifts}, "
+            f"head_dim={self._head_dim}, window={self._window}, shifts={self.shifts}, "
             f"rank={self.rank}, iters={self.iters}, solver={self.solver!r}, "
             f"kernel={self.kernel!r}"
         )
+
+
+def _warn_patch_size() -> None:
+    import warnings
+
+    warnings.warn(
+        "MatricizedNMF.patch_size is now window; the old name will be removed in the next release",
+        DeprecationWarning,
+        stacklevel=3,
+    )

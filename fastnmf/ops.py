@@ -289,7 +289,7 @@ def matricized_nmf(
     v0: torch.Tensor,
     *,
     head_dim: int = 8,
-    patch_size: int | Sequence[int] | None = None,
+    window: int | Sequence[int] | None = None,
     shifts: Sequence | None = None,
     u0: torch.Tensor | None = None,
     iters: int = 5,
@@ -297,29 +297,32 @@ def matricized_nmf(
     kernel: str = "auto",
     num_grad_steps: int | None = None,
     check: bool | None = None,
+    patch_size: int | Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Dematricize(NMF(ReLU(Matricize(x)))), averaged over shifted windows.
 
     Args:
         x: (B, C, *S) before ReLU, 2 or 3 spatial dims, C divisible by ``head_dim``.
-        v0: (N, R) initial G with N = prod(patch_size), or prod(S) for a global matricization.
+        v0: (N, R) initial G with N = prod(window), or prod(S) for a global matricization.
         head_dim: rows E of each matrix (channels per head).
-        patch_size: window size (int or one int per spatial dim; S must be divisible by it);
+        window: NMF window size (int or one int per spatial dim; S must be divisible by it);
             None matricizes each head globally.
         shifts: None for one unshifted matricization, or a list whose items are None, an int or
             one int per spatial dim: the input is rolled by +s, factorized, the reconstruction
             rolled back by -s, and the results averaged. Swin default: ``[None, P // 2]``.
         u0, iters, solver, kernel, num_grad_steps, check: as in :func:`nmf`; ``check`` here only
             looks for NaN/Inf in x (the ReLU makes any finite input valid).
+        patch_size: the deprecated old name of ``window`` (a DeprecationWarning).
 
     Returns:
         Tensor of the same shape and dtype as ``x``.
     """
+    window = C.renamed_argument("window", window, "patch_size", patch_size, where="matricized_nmf")
     spatial = C.check_matricized_input(x, head_dim)
-    patch = C.check_patch(patch_size, spatial)
+    patch = C.check_window(window, spatial)  # the window; kernels/ and layout.py say "patch"
     shifts = C.check_shifts(shifts, len(spatial))
     n = C.matrix_columns(spatial, patch)
-    what = "N = prod(patch_size)" if patch is not None else "N = prod(spatial size)"
+    what = "N = prod(window)" if patch is not None else "N = prod(spatial size)"
     C.check_factor("v0", v0, n, what, x)
     rank = v0.shape[1]
     if u0 is not None:
@@ -330,7 +333,7 @@ def matricized_nmf(
         # any finite x is valid (the ReLU drops negatives); k from the largest positive entry
         k = _checked_exponent(x, v0, u0, C.check_finite)
         if k:
-            kw = dict(head_dim=head_dim, patch_size=patch, shifts=shifts, iters=iters)
+            kw = dict(head_dim=head_dim, window=patch, shifts=shifts, iters=iters)
             kw.update(kernel=kernel, num_grad_steps=num_grad_steps)
             return _rescaled(matricized_nmf, x, v0, u0, k, head_dim, solver, **kw)
     if kernel == "reference":

@@ -5,11 +5,8 @@
 - data: :func:`fastnmf.data.open_dataset`, fold ``cfg.fold`` of a deterministic k-fold split,
   the paper's MONAI pipelines; the deterministic part of each case is cached
   (:class:`monai.data.CacheDataset`).
-- sampling is a pure function of ``(seed, step)``: patch ``g`` of the run is case
-  ``perm_e[g mod n]`` (``perm_e`` a permutation drawn from ``(seed, epoch e)``) augmented with
-  random state seeded by ``(seed, g)``; step ``s`` of rank ``r`` takes
-  ``g = (s·world + r)·batch + i`` (:class:`DistributedSampler`'s interleaving). So a resumed run
-  sees exactly the patches the uninterrupted run would have, whatever the number of workers.
+- sampling is a pure function of ``(seed, step)`` (:mod:`fastnmf.data.sampling`): a resumed run
+  sees exactly the crops the uninterrupted run would have, whatever the number of workers.
 - loss: Dice (MONAI :class:`DiceLoss`, sigmoid) + binary cross-entropy per region channel
   (Eq. 15-17; one sigmoid channel per region) on each
   deep-supervision output against the label resized (nearest) to it, weighted 1, 0.5, 0.25
@@ -19,10 +16,9 @@
 - validation every ``val_every`` steps: sliding-window Dice per region and the validation loss on
   the validation fold (split across ranks by a :class:`DistributedSampler`); ``best.pt`` (the
   model :func:`is_better` picks: higher mean Dice, ties broken by the lower validation loss) and
-  ``last.pt``,
-  written atomically, with the model, optimiser, scheduler, scaler, per-rank RNG states, step and
-  the config as plain data, so ``torch.load(weights_only=True)`` reads them and a resumed run
-  continues bit for bit;
+  ``last.pt``, written atomically in the format of :mod:`fastnmf.checkpoints` (which also holds
+  the resume rules), so ``torch.load(weights_only=True)`` reads them and a resumed run continues
+  bit for bit;
 - logs: ``train.csv`` / ``val.csv``, TensorBoard (``tb/``), progress with loss, steps/s, ETA
   (a tqdm bar on a terminal, whole lines otherwise: :class:`fastnmf.logs.Progress`);
 - a non-finite loss stops the run with :class:`TrainingDiverged`, after saving the last good
@@ -31,14 +27,16 @@
   DDP (NCCL on GPUs, gloo on CPUs); rank 0 logs and writes checkpoints.
 - at the end (``cfg.evaluate``) rank 0 segments the validation fold with ``best.pt``
   (:func:`fastnmf.infer.infer`) and scores it (:func:`fastnmf.evaluate.evaluate`).
+
+The run itself is a :class:`TrainRun`: set-up (``__init__``), restore, step,
+validate-and-checkpoint, each a method over the run's state; :func:`train` builds one and runs it.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,14 +47,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import data as fdata
-from .checkpoints import _rng_state, _seed_everything, _set_rng_state, save_checkpoint
+from .build import build_model, resolve_device
+from .checkpoints import (
+    CHECKPOINT_FORMAT,
+    _rng_state,
+    _seed_everything,
+    _set_rng_state,
+    check_resume,
+    info_to_dict,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .config import TrainConfig
-from .infer import build_model, info_to_dict, resolve_device, sliding_window_logits
+from .data.sampling import CropStream, StepBatches, case_seed
+from .distributed import any_rank, dist_env, gather
+from .infer import sliding_window_logits
 from .logs import Progress, TrainLogs, print_line
 
 __all__ = [
     "TrainingDiverged",
     "TrainResult",
+    "TrainRun",
     "train",
     "DeepSupervisionLoss",
     "warmup_cosine",
@@ -68,8 +79,6 @@ __all__ = [
 
 # mean Dice values closer than this are a tie (e.g. 0 = 0 before a small lesion is found)
 DICE_TIE = 1e-6
-
-CHECKPOINT_FORMAT = 1
 
 
 class TrainingDiverged(RuntimeError):
@@ -89,7 +98,6 @@ class TrainResult:
     seconds: float = 0.0
     evaluation: dict[str, Any] | None = None
     predictions: Path | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -146,84 +154,6 @@ def warmup_cosine(warmup: int, total: int):
 
 
 # ----------------------------------------------------------------------------------------------
-# Data
-
-
-def case_seed(seed: int, index: int) -> int:
-    """A 32-bit seed for patch ``index`` of a run seeded with ``seed``."""
-    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
-
-
-class PatchStream(torch.utils.data.Dataset):
-    """Training patch ``g`` of a run (see the module docstring): deterministic in (seed, g)."""
-
-    def __init__(self, cached, transform, *, seed: int) -> None:
-        self.cached = cached  # CacheDataset over the training cases
-        self.transform = transform
-        self.seed = seed
-        self.n = len(cached)
-        self._perm: tuple[int, np.ndarray] | None = None
-
-    def __len__(self) -> int:
-        return 2**62
-
-    def case_index(self, g: int) -> int:
-        epoch = g // self.n
-        if self._perm is None or self._perm[0] != epoch:
-            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n))
-        return int(self._perm[1][g % self.n])
-
-    def __getitem__(self, g: int) -> dict[str, Any]:
-        self.transform.set_random_state(seed=case_seed(self.seed, g))
-        item = self.cached[self.case_index(g)]
-        if isinstance(item, list):  # RandCropByPosNegLabeld returns a list of samples
-            item = item[0]
-        return {"image": torch.as_tensor(item["image"]), "label": torch.as_tensor(item["label"])}
-
-
-class StepBatches(torch.utils.data.Sampler):
-    """Batches of patch indices for steps ``start..stop-1`` of rank ``rank`` of ``world``."""
-
-    def __init__(self, *, start: int, stop: int, batch: int, rank: int, world: int) -> None:
-        self.start, self.stop, self.batch, self.rank, self.world = start, stop, batch, rank, world
-
-    def __len__(self) -> int:
-        return max(0, self.stop - self.start)
-
-    def __iter__(self):
-        for s in range(self.start, self.stop):
-            base = (s * self.world + self.rank) * self.batch
-            yield list(range(base, base + self.batch))
-
-
-# ----------------------------------------------------------------------------------------------
-# Distributed helpers
-
-
-def _dist_env() -> tuple[int, int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    return rank, world, local
-
-
-def _gather(obj: Any, world: int) -> list[Any]:
-    if world == 1:
-        return [obj]
-    out: list[Any] = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _any(flag: bool, world: int, device: torch.device) -> bool:
-    if world == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t)
-    return bool(t.item() > 0)
-
-
-# ----------------------------------------------------------------------------------------------
 # Validation
 
 
@@ -257,7 +187,7 @@ def validate(
         for i in range(d.shape[0]):
             loss = loss_fn.dicece(logits[i : i + 1].float().cpu(), label[i : i + 1].float())
             per_case.append((str(batch["id"][i]), [*d[i].tolist(), float(loss)]))
-    merged = {cid: v for part in _gather(per_case, world) for cid, v in part}
+    merged = {cid: v for part in gather(per_case, world) for cid, v in part}
     scores = np.array(list(merged.values()), dtype=np.float64).reshape(-1, len(regions) + 1)
     result = {name: float(scores[:, k].mean()) for k, name in enumerate(regions)}
     result["mean"] = float(np.mean([result[r] for r in regions]))
@@ -305,7 +235,7 @@ def train(
         out: run folder: ``last.pt``, ``best.pt``, ``config.json``, ``train.csv``, ``val.csv``,
             ``tb/``, and after evaluation ``predictions/`` (NIfTI, PNG, ``metrics.csv``).
         resume: a checkpoint to continue from (model, optimiser, scheduler, scaler, RNG, step);
-            its config must equal ``cfg``.
+            its config must equal ``cfg`` (:func:`fastnmf.checkpoints.check_resume`).
         stop_at: stop after this global step (saving ``last.pt``) without finishing the schedule,
             e.g. to split a long run into chunks; ``resume`` continues it.
         progress: show the tqdm bar (rank 0).
@@ -314,262 +244,314 @@ def train(
     Raises:
         TrainingDiverged: a non-finite loss (``last.pt`` holds the state before the bad step).
     """
-    from monai.data import CacheDataset, DataLoader
+    run = TrainRun(cfg, out=out, resume=resume, stop_at=stop_at, verbose=verbose)
+    return run.run(progress=progress)
 
-    from .infer import load_checkpoint
 
-    rank, world, local = _dist_env()
-    distributed = world > 1
-    device = resolve_device(cfg.device)
-    if distributed and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    out = Path(out)
-    is_main = rank == 0
-    say = (lambda m: print_line(m, rank)) if verbose else (lambda m: None)
+class TrainRun:
+    """The state of one training job, and its phases as methods.
 
-    ckpt = None
-    if resume is not None:
-        ckpt = load_checkpoint(resume)
-        saved = TrainConfig.from_dict(ckpt["config"])
-        runtime = {"device", "num_workers", "evaluate", "log_every", "deterministic"}
-        diff = [
-            k for k, v in saved.to_dict().items() if k not in runtime and cfg.to_dict().get(k) != v
-        ]
-        if diff:
-            raise ValueError(
-                f"{resume}: the checkpoint's config differs in {', '.join(diff)}; resume with the "
-                "same settings (they are read from the checkpoint when not given)"
+    ``__init__`` sets the run up (process group, seeds, data, model, optimiser, and the state of
+    ``resume`` if given: :meth:`_restore`), :meth:`run` validates the untrained model, then
+    :meth:`_step` per batch and :meth:`_validate_and_checkpoint` every ``val_every`` steps.
+    The order of these phases is part of the result: nothing may draw random numbers between the
+    seeding and the data set-up, nor between restoring the RNG states and the first step.
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        *,
+        out: str | Path,
+        resume: str | Path | None = None,
+        stop_at: int | None = None,
+        verbose: bool = True,
+    ) -> None:
+        self.cfg, self.out = cfg, Path(out)
+        self.rank, self.world, _ = dist_env()
+        self.distributed = self.world > 1
+        self.is_main = self.rank == 0
+        self.device = resolve_device(cfg.device)
+        if self.distributed and not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.verbose = verbose
+        self.ckpt = None
+        if resume is not None:
+            self.ckpt = load_checkpoint(resume)
+            check_resume(self.ckpt, cfg, path=resume)
+        self.start = time.perf_counter()
+        if cfg.deterministic:
+            from .determinism import set_deterministic
+
+            set_deterministic(cfg.seed + self.rank)
+        else:
+            _seed_everything(cfg.seed + self.rank)
+        self.end = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
+        self._set_up_data()
+        self._set_up_model()
+        self.step = 0
+        self.best: dict[str, Any] = {"step": 0, "dice": -1.0, "loss": math.inf, "scores": None}
+        self.baseline: dict[str, float] | None = None
+        self.last_val: dict[str, float] | None = None
+        if self.ckpt is not None:
+            self._restore(self.ckpt)
+        self._set_up_outputs()
+
+    def say(self, message: str) -> None:
+        if self.verbose:
+            print_line(message, self.rank)
+
+    # -- set-up
+
+    def _set_up_data(self) -> None:
+        from monai.data import CacheDataset, DataLoader
+
+        cfg = self.cfg
+        demo_kwargs = dict(cfg.demo) if cfg.data == "demo" else {}
+        self.ds = fdata.open_dataset(cfg.data, **demo_kwargs)
+        self.info = self.ds.info
+        self.train_cases, self.val_cases = fdata.split(
+            self.ds.cases, cfg.fold, n_folds=cfg.n_folds, seed=cfg.split_seed
+        )
+        if cfg.val_cases:
+            self.val_cases = self.val_cases[: cfg.val_cases]
+        tr_tf = fdata.train_transforms(self.info, crop_size=cfg.crop_size, crop=cfg.crop,
+                                       pos_ratio=cfg.pos_ratio, augment=cfg.augment)  # fmt: skip
+        va_tf = fdata.val_transforms(self.info, resample=True)
+        tr_cache = CacheDataset(self.train_cases, tr_tf, progress=False, num_workers=0)
+        va_ds = CacheDataset(self.val_cases, va_tf, progress=False, num_workers=0)
+        self.stream = CropStream(tr_cache, tr_tf, seed=cfg.seed)
+        va_sampler = None
+        if self.distributed:
+            va_sampler = torch.utils.data.distributed.DistributedSampler(
+                va_ds, num_replicas=self.world, rank=self.rank, shuffle=False
             )
-    start = time.perf_counter()
-    if cfg.deterministic:
-        from .determinism import set_deterministic
-
-        set_deterministic(cfg.seed + rank)
-    else:
-        _seed_everything(cfg.seed + rank)
-
-    # data
-    demo_kwargs = dict(cfg.demo) if cfg.data == "demo" else {}
-    ds = fdata.open_dataset(cfg.data, **demo_kwargs)
-    info = ds.info
-    train_cases, val_cases = fdata.split(
-        ds.cases, cfg.fold, n_folds=cfg.n_folds, seed=cfg.split_seed
-    )
-    if cfg.val_cases:
-        val_cases = val_cases[: cfg.val_cases]
-    tr_tf = fdata.train_transforms(
-        info, patch_size=cfg.patch, crop=cfg.crop, pos_ratio=cfg.pos_ratio, augment=cfg.augment
-    )
-    va_tf = fdata.val_transforms(info, resample=True)
-    tr_cache = CacheDataset(train_cases, tr_tf, progress=False, num_workers=0)
-    va_ds = CacheDataset(val_cases, va_tf, progress=False, num_workers=0)
-    stream = PatchStream(tr_cache, tr_tf, seed=cfg.seed)
-
-    # model, optimiser, schedule
-    model = build_model(cfg, info).to(device)
-    raw_model = model
-    if distributed:
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    loss_fn = DeepSupervisionLoss(weights=cfg.deep_supervision)
-    opt = torch.optim.AdamW(raw_model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup, cfg.steps))
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-
-    step = 0
-    best: dict[str, Any] = {"step": 0, "dice": -1.0, "loss": math.inf, "scores": None}
-    baseline = None
-    if ckpt is not None:
-        raw_model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        step = int(ckpt["step"])
-        best = dict(ckpt.get("best") or best)
-        baseline = ckpt.get("baseline")
-
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        cfg.save(out / "config.json")
-    if distributed:
-        dist.barrier()
-    say(f"fastnmf train: config (saved to {out / 'config.json'})\n{cfg.summary()}")
-    from fastnmf.models import count_parameters
-
-    say(
-        f"data: {ds.kind} at {ds.root}: {len(train_cases)} training / {len(val_cases)} validation "
-        f"cases (fold {cfg.fold} of {cfg.n_folds}); model {cfg.model}: "
-        f"{count_parameters(raw_model) / 1e6:.3f}M parameters; device {device}, "
-        f"{world} process(es)"
-    )
-    logs = TrainLogs(
-        out, enabled=is_main, regions=info.regions, resume_step=step if ckpt is not None else None
-    )
-    va_sampler = (
-        torch.utils.data.distributed.DistributedSampler(
-            va_ds, num_replicas=world, rank=rank, shuffle=False
-        )
-        if distributed
-        else None
-    )
-    # a private generator: MONAI's DataLoader with num_workers=0 otherwise draws from, and then
-    # re-seeds, torch's global generator
-    va_loader = DataLoader(
-        va_ds, batch_size=1, sampler=va_sampler, num_workers=0, generator=torch.Generator()
-    )
-
-    def run_validation() -> dict[str, float]:
-        return validate(
-            raw_model,
-            va_loader,
-            regions=info.regions,
-            overlap=cfg.overlap,
-            sw_batch_size=cfg.sw_batch_size,
-            amp=cfg.amp,
-            world=world,
-            loss_fn=loss_fn,
+        # a private generator: MONAI's DataLoader with num_workers=0 otherwise draws from, and
+        # then re-seeds, torch's global generator
+        self.va_loader = DataLoader(
+            va_ds, batch_size=1, sampler=va_sampler, num_workers=0, generator=torch.Generator()
         )
 
-    def state(at_step: int, rng: dict[str, Any]) -> dict[str, Any]:
-        rngs = _gather(rng, world)
+    def _set_up_model(self) -> None:
+        cfg, device = self.cfg, self.device
+        self.raw_model = build_model(cfg, self.info).to(device)
+        self.model = self.raw_model
+        if self.distributed:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.raw_model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        self.loss_fn = DeepSupervisionLoss(weights=cfg.deep_supervision)
+        self.opt = torch.optim.AdamW(
+            self.raw_model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
+        )
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, warmup_cosine(cfg.warmup, cfg.steps)
+        )
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+
+    def _restore(self, ckpt: dict[str, Any]) -> None:
+        """Model, optimiser, schedule, scaler, step and validation results of a checkpoint (its
+        RNG states come last, in :meth:`_restore_rng`)."""
+        self.raw_model.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.sched.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.step = int(ckpt["step"])
+        self.best = dict(ckpt.get("best") or self.best)
+        self.baseline = ckpt.get("baseline")
+
+    def _restore_rng(self) -> None:
+        rngs = (self.ckpt or {}).get("rng") or []
+        if len(rngs) == self.world:
+            _set_rng_state(rngs[self.rank])
+        else:
+            self.say(f"note: checkpoint has RNG states of {len(rngs)} rank(s), running "
+                     f"{self.world}")  # fmt: skip
+
+    def _set_up_outputs(self) -> None:
+        from fastnmf.models import count_parameters
+
+        cfg, out = self.cfg, self.out
+        if self.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            cfg.save(out / "config.json")
+        if self.distributed:
+            dist.barrier()
+        self.say(f"fastnmf train: config (saved to {out / 'config.json'})\n{cfg.summary()}")
+        self.say(
+            f"data: {self.ds.kind} at {self.ds.root}: {len(self.train_cases)} training / "
+            f"{len(self.val_cases)} validation cases (fold {cfg.fold} of {cfg.n_folds}); model "
+            f"{cfg.model}: {count_parameters(self.raw_model) / 1e6:.3f}M parameters; device "
+            f"{self.device}, {self.world} process(es)"
+        )
+        self.logs = TrainLogs(
+            out,
+            enabled=self.is_main,
+            regions=self.info.regions,
+            resume_step=self.step if self.ckpt is not None else None,
+        )
+
+    # -- checkpoints
+
+    def state(self, rng: dict[str, Any]) -> dict[str, Any]:
+        """The checkpoint of the run now (collective under DDP: it gathers every rank's RNG)."""
         return {
             "format": CHECKPOINT_FORMAT,
-            "config": cfg.to_dict(),
-            "info": info_to_dict(info),
-            "step": at_step,
-            "model": raw_model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "scaler": scaler.state_dict(),
-            "rng": rngs,
-            "best": best,
-            "baseline": baseline,
+            "config": self.cfg.to_dict(),
+            "info": info_to_dict(self.info),
+            "step": self.step,
+            "model": self.raw_model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": gather(rng, self.world),
+            "best": self.best,
+            "baseline": self.baseline,
         }
 
-    def checkpoint(name: str, at_step: int, rng: dict[str, Any]) -> Path:
-        s = state(at_step, rng)  # collective under DDP: every rank calls it
-        path = out / name
-        if is_main:
+    def checkpoint(self, name: str, rng: dict[str, Any]) -> Path:
+        """Write ``out/name`` (rank 0; every rank must call it)."""
+        s = self.state(rng)
+        path = self.out / name
+        if self.is_main:
             save_checkpoint(s, path)
-        if distributed:
+        if self.distributed:
             dist.barrier()
         return path
 
-    if baseline is None:
-        rng_before = _rng_state()
-        baseline = run_validation()
-        _set_rng_state(rng_before)  # validation draws nothing, but keep the stream exact anyway
-        logs.val(0, baseline)
-        say(f"step 0 (untrained) validation Dice: {_fmt(baseline)}")
+    # -- the loop
 
-    end = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
-    loader = DataLoader(
-        stream,
-        batch_sampler=StepBatches(
-            start=step, stop=end, batch=cfg.batch_size, rank=rank, world=world
-        ),
-        num_workers=cfg.num_workers,
-        persistent_workers=False,
-        generator=torch.Generator(),  # keeps the global torch RNG untouched
-        pin_memory=device.type == "cuda",
-    )
-    if ckpt is not None:  # restored last, so that nothing above can disturb the streams
-        rngs = ckpt.get("rng") or []
-        if len(rngs) == world:
-            _set_rng_state(rngs[rank])
-        else:
-            say(f"note: checkpoint has RNG states of {len(rngs)} rank(s), running {world}")
-    model.train()
-    bar = Progress(total=cfg.steps, initial=step, enabled=progress and is_main)
-    last_val = None
-    t_log, s_log = time.perf_counter(), step
-    try:
-        for batch in loader:
-            rng_at_start = _rng_state()
-            image = batch["image"].to(device, non_blocking=True)
-            label = batch["label"].to(device, non_blocking=True)
-            with torch.autocast(
-                device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+    def run(self, *, progress: bool = True) -> TrainResult:
+        """Train from the current step to the end (``stop_at`` or ``steps``); evaluate."""
+        from monai.data import DataLoader
+
+        cfg = self.cfg
+        if self.baseline is None:
+            rng_before = _rng_state()
+            self.baseline = self._validate()
+            _set_rng_state(rng_before)  # validation draws nothing, but keep the stream exact
+            self.logs.val(0, self.baseline)
+            self.say(f"step 0 (untrained) validation Dice: {_fmt(self.baseline)}")
+        loader = DataLoader(
+            self.stream,
+            batch_sampler=StepBatches(
+                start=self.step, stop=self.end, batch=cfg.batch_size, rank=self.rank,
+                world=self.world,
+            ),  # fmt: skip
+            num_workers=cfg.num_workers,
+            persistent_workers=False,
+            generator=torch.Generator(),  # keeps the global torch RNG untouched
+            pin_memory=self.device.type == "cuda",
+        )
+        if self.ckpt is not None:  # restored last, so that nothing above can disturb the streams
+            self._restore_rng()
+        self.model.train()
+        bar = Progress(total=cfg.steps, initial=self.step, enabled=progress and self.is_main)
+        self._t_log, self._s_log = time.perf_counter(), self.step
+        try:
+            for batch in loader:
+                loss, gnorm = self._step(batch)
+                bar.update(loss=loss, lr=self.sched.get_last_lr()[0])
+                self._log_step(loss, gnorm)
+                if self.step % cfg.val_every == 0 or self.step == cfg.steps:
+                    self._validate_and_checkpoint()
+            if self.step == self.end and (
+                self.step % cfg.val_every != 0 and self.step != cfg.steps
             ):
-                outputs = model(image)
-            loss = loss_fn(outputs, label)
-            if _any(not torch.isfinite(loss).item(), world, device):
-                path = checkpoint("last.pt", step, rng_at_start)
-                raise TrainingDiverged(
-                    f"non-finite loss ({loss.item()}) at step {step + 1}: training stopped; the "
-                    f"last good state (after step {step}) is in {path}"
-                )
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            if cfg.grad_clip > 0:
-                gnorm = float(nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip))
-            else:
-                gnorm = float(
-                    torch.norm(
-                        torch.stack(
-                            [p.grad.norm() for p in raw_model.parameters() if p.grad is not None]
-                        )
-                    )
-                )
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            step += 1
-            lv = float(loss.item())
-            bar.update(loss=lv, lr=sched.get_last_lr()[0])
-            if step % cfg.log_every == 0 or step == end:
-                now = time.perf_counter()
-                sps = (step - s_log) / max(now - t_log, 1e-9)
-                t_log, s_log = now, step
-                logs.train(step, lv, sched.get_last_lr()[0], gnorm, sps)
-            if step % cfg.val_every == 0 or step == cfg.steps:
-                last_val = run_validation()
-                logs.val(step, last_val)
-                improved = is_better(last_val, best)
-                if improved:
-                    best = {
-                        "step": step,
-                        "dice": last_val["mean"],
-                        "loss": last_val["loss"],
-                        "scores": last_val,
-                    }
-                say(
-                    f"step {step} validation Dice: {_fmt(last_val)}"
-                    + ("  (best)" if improved else "")
-                )
-                rng_now = _rng_state()
-                if improved:
-                    checkpoint("best.pt", step, rng_now)
-                checkpoint("last.pt", step, rng_now)
-        if step == end and (step % cfg.val_every != 0 and step != cfg.steps):
-            checkpoint("last.pt", step, _rng_state())
-    finally:
-        bar.close()
-        logs.close()
+                self.checkpoint("last.pt", _rng_state())
+        finally:
+            bar.close()
+            self.logs.close()
+        return self._finish()
 
-    finished = step >= cfg.steps
-    result = TrainResult(
-        out=out,
-        step=step,
-        finished=finished,
-        baseline=baseline,
-        best=best,
-        last_val=last_val,
-        seconds=time.perf_counter() - start,
-    )
-    if finished and cfg.evaluate and is_main:
-        result.evaluation, result.predictions = _final_evaluation(out, val_cases, info, cfg, say)
-    if distributed:
-        dist.barrier()
-    result.seconds = time.perf_counter() - start
-    return result
+    def _step(self, batch: dict[str, Any]) -> tuple[float, float]:
+        """One optimiser step; ``(loss, gradient norm)``. A non-finite loss (on any rank) saves
+        the state before the step as ``last.pt`` and raises :class:`TrainingDiverged`."""
+        cfg, device, params = self.cfg, self.device, self.raw_model.parameters
+        rng_at_start = _rng_state()
+        image = batch["image"].to(device, non_blocking=True)
+        label = batch["label"].to(device, non_blocking=True)
+        dtype = self.amp_dtype
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            outputs = self.model(image)
+        loss = self.loss_fn(outputs, label)
+        if any_rank(not torch.isfinite(loss).item(), self.world, device):
+            path = self.checkpoint("last.pt", rng_at_start)
+            raise TrainingDiverged(
+                f"non-finite loss ({loss.item()}) at step {self.step + 1}: training stopped; the "
+                f"last good state (after step {self.step}) is in {path}"
+            )
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.opt)
+        if cfg.grad_clip > 0:
+            gnorm = float(nn.utils.clip_grad_norm_(params(), cfg.grad_clip))
+        else:
+            norms = [p.grad.norm() for p in params() if p.grad is not None]
+            gnorm = float(torch.norm(torch.stack(norms)))
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.sched.step()
+        self.step += 1
+        return float(loss.item()), gnorm
 
+    def _log_step(self, loss: float, gnorm: float) -> None:
+        if self.step % self.cfg.log_every == 0 or self.step == self.end:
+            now = time.perf_counter()
+            sps = (self.step - self._s_log) / max(now - self._t_log, 1e-9)
+            self._t_log, self._s_log = now, self.step
+            self.logs.train(self.step, loss, self.sched.get_last_lr()[0], gnorm, sps)
+
+    def _validate(self) -> dict[str, float]:
+        return validate(
+            self.raw_model,
+            self.va_loader,
+            regions=self.info.regions,
+            overlap=self.cfg.overlap,
+            sw_batch_size=self.cfg.sw_batch_size,
+            amp=self.cfg.amp,
+            world=self.world,
+            loss_fn=self.loss_fn,
+        )
+
+    def _validate_and_checkpoint(self) -> None:
+        """Validate; write ``best.pt`` if the model is the best so far, and ``last.pt``."""
+        step = self.step
+        self.last_val = scores = self._validate()
+        self.logs.val(step, scores)
+        improved = is_better(scores, self.best)
+        if improved:
+            self.best = {"step": step, "dice": scores["mean"], "loss": scores["loss"],
+                         "scores": scores}  # fmt: skip
+        self.say(f"step {step} validation Dice: {_fmt(scores)}" + ("  (best)" if improved else ""))
+        rng_now = _rng_state()
+        if improved:
+            self.checkpoint("best.pt", rng_now)
+        self.checkpoint("last.pt", rng_now)
+
+    def _finish(self) -> TrainResult:
+        """The result; the final inference and evaluation (rank 0) if the run is complete."""
+        cfg = self.cfg
+        finished = self.step >= cfg.steps
+        result = TrainResult(
+            out=self.out,
+            step=self.step,
+            finished=finished,
+            baseline=self.baseline,
+            best=self.best,
+            last_val=self.last_val,
+        )
+        if finished and cfg.evaluate and self.is_main:
+            result.evaluation, result.predictions = _final_evaluation(
+                self.out, self.val_cases, self.info, cfg, self.say
+            )
+        if self.distributed:
+            dist.barrier()
+        result.seconds = time.perf_counter() - self.start
+        return result
 
 def _final_evaluation(out: Path, cases, info, cfg: TrainConfig, say):
     from .evaluate import evaluate, format_summary

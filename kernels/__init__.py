@@ -12,7 +12,10 @@ mask, input checks, index arithmetic and power steps as ``@triton.jit`` function
 :mod:`._rank_algebra` (the rank-R MU / HALS step and its vector-Jacobian product on chip).
 
 The entry points take arguments already validated by :func:`fastnmf.nmf` /
-:func:`fastnmf.matricized_nmf`. Inputs are made contiguous (a channels_last input is copied once).
+:func:`fastnmf.matricized_nmf`. Names change at this boundary: the public ``window`` is
+``patch_size`` here and in the kernel files, and the start vectors ``v0`` (G, N × R) / ``u0``
+(F, M × R) of the API are ``g0`` / ``u0`` inside the kernels (rank one: ``g0`` is ``v0[:, 0]``).
+Inputs are made contiguous (a channels_last input is copied once).
 On a machine without a GPU the kernels run on CPU tensors under ``TRITON_INTERPRET=1``.
 """
 

@@ -33,7 +33,7 @@ from .layers import (
     PositionEmbedding,
     WrappedNMF,
 )
-from .registry import MODELS, PRESETS, available, build, presets
+from .registry import ARCH_PRESETS, MODELS, PRESETS, available, build, presets
 from .unet import UNet
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "available",
     "presets",
     "MODELS",
+    "ARCH_PRESETS",
     "PRESETS",
     "VARIANTS",
     "factorizer",

@@ -62,7 +62,7 @@ def factorizer(
 
     Args:
         in_channels, out_channels: input modalities and output classes.
-        spatial_size: training patch size (2 or 3 entries: 2D or 3D). Sets each stage's size
+        spatial_size: training crop size (2 or 3 entries: 2D or 3D). Sets each stage's size
             (N = prod(stage size) for the global variant) and the position embedding's.
         variant: ``"global"`` (one E x N matrix per head over the whole stage), ``"local"``
             (non-overlapping windows of ``window`` voxels per axis) or ``"swin"`` (windows
@@ -88,7 +88,7 @@ def factorizer(
     check_choice("solver", solver, SOLVERS)
     nd = len(spatial_size)
     levels = len(widths)
-    patch = None if variant == "global" else window
+    layer_window = None if variant == "global" else window
     layer_shifts = shifts if variant == "swin" else None
 
     def make_block(cin: int, cout: int, size: tuple[int, ...], index: int) -> nn.Module:
@@ -96,7 +96,7 @@ def factorizer(
             cout,
             spatial_dims=nd,
             head_dim=head_dim,
-            patch_size=patch,
+            window=layer_window,
             spatial_size=size,
             shifts=layer_shifts,
             rank=rank,
@@ -121,7 +121,8 @@ def factorizer(
         in_channels=in_channels, out_channels=out_channels, spatial_size=spatial_size,
         make_block=make_block, widths=widths, deep_supervision=deep_supervision,
         pos_embed=pos_embed, pos_dropout=dropout,
-        size_multiple=base * (window if patch is not None else 1), fixed_size=variant == "global",
+        size_multiple=base * (window if layer_window is not None else 1),
+        fixed_size=variant == "global",
     )  # fmt: skip
 
 
@@ -250,7 +251,7 @@ def nmf_components(model: nn.Module, x: torch.Tensor, *, block: int) -> torch.Te
     spatial = tuple(z.shape[2:])
     dims = tuple(range(2, z.dim()))
     ndim = len(spatial)
-    patch = layer.patch_size
+    patch = layer.window  # the window, in fastnmf.layout's name
     items = layout.shift_table(layer.resolved_shifts(ndim), ndim)
     b, c = z.shape[:2]
     heads = c // layer.head_dim

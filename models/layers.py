@@ -22,7 +22,7 @@ from monai.networks.layers.factories import Conv
 from torch import nn
 
 from fastnmf import MatricizedNMF
-from fastnmf._checks import check_heads
+from fastnmf._checks import check_heads, renamed_argument
 
 __all__ = [
     "pointwise_conv",
@@ -91,7 +91,7 @@ class WrappedNMF(nn.Module):
         *,
         spatial_dims: int,
         head_dim: int,
-        patch_size: int | Sequence[int] | None,
+        window: int | Sequence[int] | None = None,
         spatial_size: Sequence[int] | None,
         shifts: Sequence | str | None,
         rank: int,
@@ -100,14 +100,17 @@ class WrappedNMF(nn.Module):
         kernel: str,
         dropout: float,
         seed: int | None = None,
+        patch_size: int | Sequence[int] | None = None,
     ):
         super().__init__()
+        # patch_size: the old name of window (a DeprecationWarning); window None: global
+        window = renamed_argument("window", window, "patch_size", patch_size, where="WrappedNMF")
         check_heads(channels, head_dim)
         self.in_proj = pointwise_conv(channels, channels, spatial_dims=spatial_dims, bias=False)
         self.nmf = MatricizedNMF(
             head_dim=head_dim,
-            patch_size=patch_size,
-            spatial_size=None if patch_size is not None else spatial_size,
+            window=window,
+            spatial_size=None if window is not None else spatial_size,
             spatial_dims=spatial_dims,
             shifts=shifts,
             rank=rank,

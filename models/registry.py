@@ -27,9 +27,9 @@ from fastnmf._checks import KERNELS, check_choice
 from . import baselines
 from .factorizer import factorizer
 
-__all__ = ["PRESETS", "MODELS", "available", "presets", "build"]
+__all__ = ["ARCH_PRESETS", "PRESETS", "MODELS", "available", "presets", "build"]
 
-PRESETS: dict[str, dict] = {
+ARCH_PRESETS: dict[str, dict] = {
     "brats": {
         "in_channels": 4,
         "out_channels": 3,
@@ -49,6 +49,7 @@ PRESETS: dict[str, dict] = {
         "shifts": [None, 1, 2, 3],
     },
 }
+PRESETS = ARCH_PRESETS  # the old name (fastnmf.config.RUN_PRESETS are the run presets)
 
 
 def _factorizer_variant(variant: str) -> Callable[..., nn.Module]:
@@ -84,7 +85,7 @@ def available() -> list[str]:
 
 
 def presets() -> list[str]:
-    return sorted(PRESETS)
+    return sorted(ARCH_PRESETS)
 
 
 def build(name: str, preset: str = "brats", kernel: str = "auto", **overrides) -> nn.Module:
@@ -103,7 +104,7 @@ def build(name: str, preset: str = "brats", kernel: str = "auto", **overrides) -
             f"model {name!r} has no option(s) {', '.join(unknown)}; valid options: "
             f"{', '.join(params)}"
         )
-    kwargs = {k: v for k, v in PRESETS[preset].items() if k in params}
+    kwargs = {k: v for k, v in ARCH_PRESETS[preset].items() if k in params}
     if "kernel" in params:
         kwargs["kernel"] = kernel
     kwargs.update(overrides)

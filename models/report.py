@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .flops import count_flops, count_parameters
-from .registry import PRESETS, available, build
+from .registry import ARCH_PRESETS, available, build
 
 __all__ = ["table"]
 
@@ -22,7 +22,7 @@ def table(names: Sequence[str] | None = None, presets: Sequence[str] = ("brats",
     for name in names:
         cells = []
         for preset in presets:
-            cfg = PRESETS[preset]
+            cfg = ARCH_PRESETS[preset]
             model = build(name, preset=preset)
             shape = (1, cfg["in_channels"], *cfg["spatial_size"])
             cells.append(f"{count_parameters(model) / 1e6:.3f}")

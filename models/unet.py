@@ -68,7 +68,7 @@ class UNet(nn.Module):
     Args:
         in_channels: input channels (modalities).
         out_channels: output channels (classes).
-        spatial_size: the training patch size; its length sets 2D or 3D. Every stage's spatial
+        spatial_size: the training crop size; its length sets 2D or 3D. Every stage's spatial
             size is derived from it (level l: ``spatial_size // 2**l``).
         make_block: ``make_block(in_ch, out_ch, stage_spatial_size, index)`` builds block
             ``index``.

@@ -29,15 +29,15 @@ def gen():
     return torch.Generator().manual_seed(seed)
 
 
-# The tiny demo run of the pipeline tests (4 cases of 32^3, 16^3 patches, a 3-level net), as
+# The tiny demo run of the pipeline tests (4 cases of 32^3, 16^3 crops, a 3-level net), as
 # TrainConfig options and as `fastnmf train` arguments
 TINY_MODEL_OPTIONS = {"widths": [8, 16, 32], "head_dim": 4, "window": 4, "deep_supervision": 2}
-TINY_RUN = dict(demo={"n_cases": 4, "size": 32, "seed": 0}, n_folds=4, patch=16)
+TINY_RUN = dict(demo={"n_cases": 4, "size": 32, "seed": 0}, n_folds=4, crop_size=16)
 TINY_TRAIN_ARGS = [
     "--demo-cases=4",
     "--demo-size=32",
     "--folds=4",
-    "--patch=16",
+    "--crop-size=16",
     *(f"--model-opt={k}={v}".replace(" ", "") for k, v in TINY_MODEL_OPTIONS.items()),
 ]
 

@@ -14,7 +14,7 @@ def _mnmf(x=None, v0=None, **kw):
     x = torch.randn(*X5) if x is None else x
     v0 = torch.rand(64, 1) if v0 is None else v0
     kw.setdefault("head_dim", 4)
-    kw.setdefault("patch_size", 4)
+    kw.setdefault("window", 4)
     return fastnmf.matricized_nmf(x, v0, **kw)
 
 
@@ -27,9 +27,9 @@ def _mnmf(x=None, v0=None, **kw):
             r"C=8 are not divisible by head_dim=3.*\[1, 2, 4, 8\]",
         ),
         (
-            lambda: _mnmf(patch_size=3, v0=torch.rand(27, 1)),
+            lambda: _mnmf(window=3, v0=torch.rand(27, 1)),
             ValueError,
-            r"not divisible by patch_size \(3, 3, 3\).*dim 0 has size 8.*6, 9",
+            r"not divisible by window \(3, 3, 3\).*dim 0 has size 8.*6, 9",
         ),
         (lambda: _mnmf(v0=torch.rand(60, 1)), ValueError, r"v0 must have shape \(64, R\)"),
         (lambda: _mnmf(v0=torch.rand(64)), ValueError, r"v0 must have shape \(64, R\)"),
@@ -131,6 +131,6 @@ def test_module_errors():
     with pytest.raises(ValueError, match="built for 3 spatial dims"):
         layer(torch.randn(1, 8, 8, 8))
     with pytest.raises(ValueError, match="unknown solver"):
-        fastnmf.MatricizedNMF(head_dim=4, patch_size=4, solver="sgd")
+        fastnmf.MatricizedNMF(head_dim=4, window=4, solver="sgd")
     with pytest.raises(ValueError, match="rank must be an int >= 1"):
         layer.rank = 0

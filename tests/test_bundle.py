@@ -29,7 +29,7 @@ def exported(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("bundle")
     ds = fdata.open_dataset(make_dataset(root / "data", n=2))
-    cfg = resolve("demo", data=str(ds.root), patch=16, n_folds=2, kernel="torch", device="cpu",
+    cfg = resolve("demo", data=str(ds.root), crop_size=16, n_folds=2, kernel="torch", device="cpu",
                   model_options=TINY_MODEL)  # fmt: skip
     torch.manual_seed(0)
     model = build_model(cfg, ds.info)

@@ -31,7 +31,7 @@ def test_bench_layer_runs_and_kernels_agree(capsys):
 
 def test_bad_argument_exit_code(capsys):
     assert main(["bench-layer", "--size", "12", "--window", "8", "--repeats", "1"]) == 2
-    assert "not divisible by patch_size" in capsys.readouterr().err
+    assert "not divisible by window" in capsys.readouterr().err
 
 
 def test_console_module_entry():

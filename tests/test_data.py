@@ -234,7 +234,7 @@ def test_isles_loader(tmp_path):
     assert r["image"].shape[1:] == r["label"].shape[1:]
     assert all(abs(n - s / 2) <= 1 for n, s in zip(r["image"].shape[1:], (16, 14, 12), strict=True))
     assert torch.allclose(r["image"].pixdim.float(), torch.tensor([2.0, 2.0, 2.0]))
-    t = data.train_transforms(ds.info, patch_size=4, seed=0)(c)
+    t = data.train_transforms(ds.info, crop_size=4, seed=0)(c)
     assert t["image"].shape == (2, 4, 4, 4) and set(t["label"].unique().tolist()) <= {0.0, 1.0}
 
 
@@ -250,7 +250,7 @@ def test_generic_folder_and_json(tmp_path):
     ds = data.open_dataset(root)
     assert ds.info.in_channels == 2 and ds.info.out_channels == 1
     assert [len(c["image"]) for c in ds.cases] == [2, 2]
-    s = data.train_transforms(ds.info, patch_size=(6, 6, 4), seed=1)(ds.cases[1])
+    s = data.train_transforms(ds.info, crop_size=(6, 6, 4), seed=1)(ds.cases[1])
     assert s["image"].shape == (2, 6, 6, 4) and s["label"].shape == (1, 6, 6, 4)
 
     # single-file cases whose ids end in digits; an image without label is an error
@@ -285,15 +285,15 @@ def test_generic_folder_and_json(tmp_path):
 
 def test_demo_train_pipeline(demo_dir):
     ds = data.open_dataset(demo_dir)
-    tr = data.train_transforms(ds.info, patch_size=16, seed=0)
+    tr = data.train_transforms(ds.info, crop_size=16, seed=0)
     a = tr(ds.cases[0])
     assert a["image"].shape == (4, 16, 16, 16) and a["label"].shape == (3, 16, 16, 16)
     assert a["image"].dtype == torch.float32 and torch.isfinite(a["image"]).all()
     et, tc, wt = a["label"].bool()
     assert not (et & ~tc).any() and not (tc & ~wt).any()  # nesting survives augmentation
-    b = data.train_transforms(ds.info, patch_size=16, seed=0)(ds.cases[0])
+    b = data.train_transforms(ds.info, crop_size=16, seed=0)(ds.cases[0])
     assert torch.equal(a["image"], b["image"])  # seeded pipelines repeat
-    p = data.train_transforms(ds.info, patch_size=16, crop="posneg", seed=0)(ds.cases[0])
+    p = data.train_transforms(ds.info, crop_size=16, crop="posneg", seed=0)(ds.cases[0])
     assert isinstance(p, list) and p[0]["image"].shape == (4, 16, 16, 16)
 
 
@@ -345,7 +345,7 @@ def test_label_values_outside_set(tmp_path):
     lab = root / "labelsTr/BRATS_000.nii.gz"
     e = _raises_naming(lab, lambda: data.val_transforms(ds.info)(ds.cases[0]))
     assert "[4]" in str(e)
-    _raises_naming(lab, lambda: data.train_transforms(ds.info, patch_size=4)(ds.cases[0]))
+    _raises_naming(lab, lambda: data.train_transforms(ds.info, crop_size=4)(ds.cases[0]))
 
 
 def test_shape_mismatch(tmp_path):

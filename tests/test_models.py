@@ -100,7 +100,7 @@ def test_variants_2d_and_3d(variant, spatial, gen):
         stage = [s // 2**lvl for s in spatial]
         expected_n = math.prod(stage) if variant == "global" else 2 ** len(spatial)
         assert layer.v0.shape == (expected_n, 1)
-        assert layer.patch_size == (None if variant == "global" else 2)
+        assert layer.window == (None if variant == "global" else 2)
         assert (layer.shifts is not None) == (variant == "swin")
 
 
@@ -252,7 +252,7 @@ def test_short_circuit_is_identity_factorization(gen):
         8,
         spatial_dims=3,
         head_dim=4,
-        patch_size=2,
+        window=2,
         spatial_size=None,
         shifts=None,
         rank=1,
@@ -299,8 +299,8 @@ def test_components_span_each_window_of_the_reconstruction(variant, block, gen):
     heads = c // layer.head_dim
     assert comps.shape == (b, heads, 1, *spatial)
     assert (comps >= 0).all() and comps.sum() > 0
-    ym = reference.matricize(y, layer.head_dim, layer.patch_size)  # (B, H, nw, E, N)
-    gm = reference.matricize(comps.reshape(b, heads, *spatial), 1, layer.patch_size)
+    ym = reference.matricize(y, layer.head_dim, layer.window)  # (B, H, nw, E, N)
+    gm = reference.matricize(comps.reshape(b, heads, *spatial), 1, layer.window)
     g = gm.squeeze(-2).unsqueeze(-1)  # (B, H, nw, N, 1)
     gg = (g * g).sum(-2, keepdim=True)  # (B, H, nw, 1, 1)
     proj = (ym @ g) @ g.transpose(-1, -2) / gg.clamp_min(1e-300)  # (B, H, nw, E, N)

@@ -1,5 +1,6 @@
 """The nn.Module wrappers: buffers, reproducibility, switching hyper-parameters."""
 
+import pytest
 import torch
 from conftest import rel_err
 
@@ -7,9 +8,9 @@ import fastnmf
 
 
 def test_buffers_are_positive_and_reproducible():
-    a = fastnmf.MatricizedNMF(head_dim=8, patch_size=4, rank=2, seed=3)
-    b = fastnmf.MatricizedNMF(head_dim=8, patch_size=4, rank=2, seed=3)
-    c = fastnmf.MatricizedNMF(head_dim=8, patch_size=4, rank=2, seed=4)
+    a = fastnmf.MatricizedNMF(head_dim=8, window=4, rank=2, seed=3)
+    b = fastnmf.MatricizedNMF(head_dim=8, window=4, rank=2, seed=3)
+    c = fastnmf.MatricizedNMF(head_dim=8, window=4, rank=2, seed=4)
     assert a.v0.shape == (64, 2) and a.u0.shape == (8, 2)
     assert torch.equal(a.v0, b.v0) and not torch.equal(a.v0, c.v0)
     assert (a.v0 > 0).all() and (a.v0 <= 1).all()
@@ -20,12 +21,12 @@ def test_no_global_seeding():
     torch.manual_seed(123)
     before = torch.rand(3)
     torch.manual_seed(123)
-    fastnmf.MatricizedNMF(head_dim=8, patch_size=4, seed=0)
+    fastnmf.MatricizedNMF(head_dim=8, window=4, seed=0)
     assert torch.equal(torch.rand(3), before)  # a fixed seed leaves the global RNG alone
 
 
 def test_rank_change_keeps_existing_columns():
-    layer = fastnmf.MatricizedNMF(head_dim=4, patch_size=4, rank=1, seed=1)
+    layer = fastnmf.MatricizedNMF(head_dim=4, window=4, rank=1, seed=1)
     first = layer.v0.clone()
     layer.rank = 3
     assert layer.v0.shape == (64, 3) and layer.u0.shape == (4, 3)
@@ -36,7 +37,7 @@ def test_rank_change_keeps_existing_columns():
 
 def test_switch_kernel_iters_solver_shifts(gen):
     x = torch.randn(2, 8, 8, 8, 8, generator=gen)
-    layer = fastnmf.MatricizedNMF(head_dim=4, patch_size=4, shifts="default", seed=0)
+    layer = fastnmf.MatricizedNMF(head_dim=4, window=4, shifts="default", seed=0)
     assert layer.resolved_shifts(3) == [None, (2, 2, 2)]
     layer.kernel = "reference"
     ref = layer(x)
@@ -71,7 +72,28 @@ def test_nmf_module(gen):
 
 
 def test_state_dict_round_trip():
-    a = fastnmf.MatricizedNMF(head_dim=4, patch_size=4, seed=5)
-    b = fastnmf.MatricizedNMF(head_dim=4, patch_size=4, seed=6)
+    a = fastnmf.MatricizedNMF(head_dim=4, window=4, seed=5)
+    b = fastnmf.MatricizedNMF(head_dim=4, window=4, seed=6)
     b.load_state_dict(a.state_dict())
     assert torch.equal(a.v0, b.v0)
+
+
+def test_patch_size_is_a_deprecated_name_of_window():
+    """The old keyword (function and module) and attribute still work, with a warning, and give
+    exactly what ``window=`` gives; both names at once are refused."""
+    x = torch.randn(1, 8, 8, 8, 8)
+    v0 = torch.rand(64, 1)
+    kw = dict(head_dim=4, shifts=[None, 2], kernel="torch")
+    new = fastnmf.matricized_nmf(x, v0, window=4, **kw)
+    with pytest.warns(DeprecationWarning, match=r"patch_size=.*is now window="):
+        old = fastnmf.matricized_nmf(x, v0, patch_size=4, **kw)
+    assert torch.equal(new, old)
+    with pytest.raises(TypeError, match="give window only"):
+        fastnmf.matricized_nmf(x, v0, window=4, patch_size=4, **kw)
+    with pytest.warns(DeprecationWarning, match=r"MatricizedNMF\(patch_size=.*is now window="):
+        layer = fastnmf.MatricizedNMF(head_dim=4, patch_size=4, seed=0)
+    assert layer.window == 4
+    with pytest.warns(DeprecationWarning, match="MatricizedNMF.patch_size is now window"):
+        assert layer.patch_size == 4
+    ref = fastnmf.MatricizedNMF(head_dim=4, window=4, seed=0)
+    assert torch.equal(layer(x), ref(x))

@@ -47,7 +47,7 @@ def tiny(**kw) -> TrainConfig:
     base = dict(
         demo={"n_cases": 4, "size": 32, "seed": 0},
         n_folds=4,
-        patch=16,
+        crop_size=16,
         model_options=TINY_MODEL,
         steps=4,
         warmup=1,
@@ -123,6 +123,24 @@ def test_resume_is_exact(cache, tmp_path):
     assert torch.equal(ca["rng"][0]["torch"], cb["rng"][0]["torch"])
 
 
+def test_run_of_the_previous_release_resumes_and_infers(cache, tmp_path, capsys):
+    """A checkpoint whose config says ``patch`` and whose data info says ``patch_size`` (the old
+    names of the crop size) resumes through the CLI, and its model loads, with a warning."""
+    train(tiny(steps=2, evaluate=False), out=tmp_path, stop_at=1, progress=False, verbose=False)
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    ckpt["config"]["patch"] = ckpt["config"].pop("crop_size")
+    ckpt["info"]["patch_size"] = default_crop = ckpt["info"].pop("crop_size")
+    torch.save(ckpt, tmp_path / "last.pt")
+    with pytest.warns(DeprecationWarning, match="'patch' is now 'crop_size'"):
+        model, cfg, info, _ = model_from_checkpoint(tmp_path / "last.pt")
+    assert cfg.crop_size == 16 and info.crop_size == tuple(default_crop)
+    assert tuple(model.spatial_size) == (16, 16, 16)
+    with pytest.warns(DeprecationWarning):
+        rc = _cli("train", "--resume", f"--out={tmp_path}", "--no-progress", "--workers=0")
+    assert rc == 0, capsys.readouterr().err
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 2
+
+
 def test_resume_rejects_changed_config(cache, tmp_path):
     cfg = tiny(steps=2)
     train(cfg, out=tmp_path, stop_at=1, progress=False, verbose=False)
@@ -173,7 +191,7 @@ def test_ddp_two_processes_gloo(cache, tmp_path):
         "--demo-cases=4",
         "--demo-size=32",
         "--folds=4",
-        "--patch=16",
+        "--crop-size=16",
         "--model-opt=widths=[8,16,32]",
         "--model-opt=head_dim=4",
         "--model-opt=window=4",
@@ -359,7 +377,7 @@ def test_cli_train_bad_data(capsys, tmp_path, kind, expect):
         str(root),
         "--folds",
         "2",
-        "--patch",
+        "--crop-size",
         "16",
         "--model",
         "nnunet",
@@ -428,7 +446,7 @@ TINY_ARGS = [
     "--demo-cases=4",
     "--demo-size=32",
     "--folds=4",
-    "--patch=16",
+    "--crop-size=16",
     "--model-opt=widths=[8,16,32]",
     "--model-opt=head_dim=4",
     "--model-opt=window=4",

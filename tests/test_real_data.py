@@ -45,7 +45,7 @@ def _cli(*args: str) -> int:
 
 def _hits(ds, *, crop: str, pos_ratio: float, n: int = 12) -> list[bool]:
     tf = fdata.train_transforms(
-        ds.info, patch_size=16, crop=crop, pos_ratio=pos_ratio, augment=False
+        ds.info, crop_size=16, crop=crop, pos_ratio=pos_ratio, augment=False
     )
     hits = []
     for g in range(n):
@@ -96,7 +96,7 @@ def _tiny(dataset: Path, **kw) -> TrainConfig:
     base = dict(
         data=str(dataset),
         n_folds=3,
-        patch=16,
+        crop_size=16,
         model_options=TINY_MODEL,
         kernel="torch",
         steps=6,

@@ -30,7 +30,7 @@ X5 = (1, 8, 8, 8, 8)
 def mnmf(x=None, v0=None, **kw):
     x = torch.randn(*X5) if x is None else x
     v0 = torch.rand(64, 1) if v0 is None else v0
-    return fastnmf.matricized_nmf(x, v0, **{"head_dim": 4, "patch_size": 4, **kw})
+    return fastnmf.matricized_nmf(x, v0, **{"head_dim": 4, "window": 4, **kw})
 
 
 def nmf(x=None, v0=None, **kw):
@@ -160,11 +160,11 @@ CASES = [
      lambda p: mnmf(torch.randn(X5, device="meta"), torch.rand(64, 1, device="meta")),
      shape(*X5)),
     ("matricized_nmf", "head_dim 0", lambda p: mnmf(head_dim=0), (E, r"head_dim must be an int")),
-    ("matricized_nmf", "patch_size 0", lambda p: mnmf(patch_size=0),
-     (E, r"patch_size must be positive")),
-    ("matricized_nmf", "patch_size a float", lambda p: mnmf(patch_size=4.0),
-     (T, r"patch_size must be an int or a tuple of 3 ints, got 4.0")),
-    ("matricized_nmf", "patch larger than the volume", lambda p: mnmf(patch_size=16),
+    ("matricized_nmf", "window 0", lambda p: mnmf(window=0),
+     (E, r"window must be positive")),
+    ("matricized_nmf", "window a float", lambda p: mnmf(window=4.0),
+     (T, r"window must be an int or a tuple of 3 ints, got 4.0")),
+    ("matricized_nmf", "window larger than the volume", lambda p: mnmf(window=16),
      (E, r"dim 0 has size 8, not a multiple of 16")),
     ("matricized_nmf", "zero-size spatial dim", lambda p: mnmf(torch.randn(1, 8, 0, 8, 8)),
      (E, r"x is empty")),
@@ -191,25 +191,25 @@ CASES = [
     ("matricized_nmf", "huge magnitude 1e30", lambda p: mnmf(torch.randn(X5) * 1e30), finite),
     ("matricized_nmf", "tiny magnitude 1e-30", lambda p: mnmf(torch.randn(X5) * 1e-30), finite),
     ("matricized_nmf", "single voxel, global", lambda p: mnmf(torch.randn(1, 8, 1, 1, 1),
-     torch.rand(1, 1), patch_size=None), finite),
+     torch.rand(1, 1), window=None), finite),
     # modules
-    ("modules", "MatricizedNMF patch_size 0",
-     lambda p: fastnmf.MatricizedNMF(head_dim=4, patch_size=0),
-     (E, r"patch_size must be positive")),
+    ("modules", "MatricizedNMF window 0",
+     lambda p: fastnmf.MatricizedNMF(head_dim=4, window=0),
+     (E, r"window must be positive")),
     ("modules", "MatricizedNMF num_grad_steps < 0",
-     lambda p: fastnmf.MatricizedNMF(head_dim=4, patch_size=4, num_grad_steps=-3),
+     lambda p: fastnmf.MatricizedNMF(head_dim=4, window=4, num_grad_steps=-3),
      (E, r"num_grad_steps must be an int >= 0")),
     ("modules", "MatricizedNMF unknown shifts string",
-     lambda p: fastnmf.MatricizedNMF(head_dim=4, patch_size=4, shifts="swin")(torch.randn(X5)),
+     lambda p: fastnmf.MatricizedNMF(head_dim=4, window=4, shifts="swin")(torch.randn(X5)),
      (E, r"unknown shifts 'swin'")),
     ("modules", "MatricizedNMF spatial_dims 4",
-     lambda p: fastnmf.MatricizedNMF(head_dim=4, patch_size=4, spatial_dims=4),
+     lambda p: fastnmf.MatricizedNMF(head_dim=4, window=4, spatial_dims=4),
      (E, r"spatial_dims must be 2 or 3")),
     ("modules", "MatricizedNMF input on meta, buffers on cpu",
-     lambda p: fastnmf.MatricizedNMF(head_dim=4, patch_size=4)(torch.randn(X5, device="meta")),
+     lambda p: fastnmf.MatricizedNMF(head_dim=4, window=4)(torch.randn(X5, device="meta")),
      (E, r"v0 is on cpu but x is on meta")),
     ("modules", "MatricizedNMF non-divisible input",
-     lambda p: fastnmf.MatricizedNMF(head_dim=4, patch_size=4)(torch.randn(1, 8, 6, 8, 8)),
+     lambda p: fastnmf.MatricizedNMF(head_dim=4, window=4)(torch.randn(1, 8, 6, 8, 8)),
      (E, r"dim 0 has size 6, not a multiple of 4 \(nearest valid sizes: 4, 8\)")),
     ("modules", "NMF size 0", lambda p: fastnmf.NMF((0, 5)), (E, r"size\[0\] must be an int >= 1")),
     ("modules", "NMF wrong matrix width", lambda p: fastnmf.NMF((3, 5))(torch.rand(2, 3, 6)),
@@ -286,8 +286,8 @@ CASES = [
      (E, r"size must be >= 16, got 8")),
     ("data", "demo with no cases", lambda p: data.make_demo(n_cases=0, size=16),
      (E, r"n_cases must be >= 1")),
-    ("data", "patch size 0", lambda p: data.train_transforms("demo", patch_size=0),
-     (E, r"patch_size must be an int or three positive ints, got 0")),
+    ("data", "crop size 0", lambda p: data.train_transforms("demo", crop_size=0),
+     (E, r"crop_size must be an int or three positive ints, got 0")),
     ("data", "one fold", lambda p: data.split([{"id": "a", "image": ["x"]}] * 3, 0, n_folds=1),
      (E, r"n_folds must be an integer >= 2")),
     # config
@@ -389,7 +389,7 @@ CLI_CASES = [
      r"a.csv: per-case metrics CSV not found"),
     ("bench-layer", "volume not divisible by the window",
      lambda p: ["bench-layer", "--size", 10, "--window", 4, "--repeats", 1],
-     r"not divisible by patch_size"),
+     r"not divisible by window"),
 ]  # fmt: skip
 
 
@@ -418,7 +418,7 @@ def test_cli_infer_unwritable_output(tmp_path, capsys, monkeypatch):
         "demo",
         demo={"n_cases": 4, "size": 32, "seed": 0},
         n_folds=4,
-        patch=16,
+        crop_size=16,
         model_options={"widths": [8, 16, 32], "head_dim": 4, "window": 4, "deep_supervision": 2},
         steps=1,
         val_every=1,

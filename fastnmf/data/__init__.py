@@ -6,9 +6,9 @@ Typical use by the training pipeline::
 
     ds = data.open_dataset("demo")            # or an MSD / ISLES'22 folder, or a JSON datalist
     train_cases, val_cases = data.split(ds.cases, fold=0)
-    tr = data.train_transforms(ds.info)       # ds.info: channels, regions, default patch
+    tr = data.train_transforms(ds.info)       # ds.info: channels, regions, default crop
     va = data.val_transforms(ds.info)
-    sample = tr(train_cases[0])               # {"id", "image": (C, *patch), "label": (R, *patch)}
+    sample = tr(train_cases[0])               # {"id", "image": (C, *crop), "label": (R, *crop)}
 
 Kinds: ``"demo"`` (default, synthetic, cached), ``"brats"`` (MSD Task01_BrainTumour),
 ``"isles"`` (ISLES'22), ``"generic"``. Region channels of BraTS-style data are

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -88,7 +89,8 @@ class DatasetInfo:
         label_values: the integer values a label file may contain.
         label_mode: ``"brats"`` (MSD labels → nested ET, TC, WT) or ``"onehot"`` (channel k is
             ``label == label_values[k + 1]``; a binary mask is the one-channel case).
-        patch_size: default training patch (paper: 128³ BraTS, 64³ ISLES).
+        crop_size: default training crop (paper: 128³ BraTS, 64³ ISLES); formerly
+            ``patch_size`` (still readable as an attribute, with a DeprecationWarning).
         spacing: voxel size (mm) to resample to before training, or ``None`` to keep the data's.
     """
 
@@ -99,8 +101,14 @@ class DatasetInfo:
     regions: tuple[str, ...]
     label_values: tuple[int, ...]
     label_mode: str
-    patch_size: tuple[int, int, int]
+    crop_size: tuple[int, int, int]
     spacing: tuple[float, float, float] | None = None
+
+    @property
+    def patch_size(self) -> tuple[int, int, int]:
+        """Deprecated: the old name of :attr:`crop_size` (removed in the next release)."""
+        warnings.warn("DatasetInfo.patch_size is now crop_size", DeprecationWarning, stacklevel=2)
+        return self.crop_size
 
 
 _BRATS_CHANNELS = ("FLAIR", "T1w", "T1gd", "T2w")  # MSD Task01 order (dataset.json "modality")
@@ -113,7 +121,7 @@ _INFOS = {
         regions=("ET", "TC", "WT"),
         label_values=(0, 1, 2, 3),
         label_mode="brats",
-        patch_size=(128, 128, 128),
+        crop_size=(128, 128, 128),
     ),
     "demo": DatasetInfo(
         kind="demo",
@@ -123,7 +131,7 @@ _INFOS = {
         regions=("ET", "TC", "WT"),
         label_values=(0, 1, 2, 3),
         label_mode="brats",
-        patch_size=(32, 32, 32),
+        crop_size=(32, 32, 32),
     ),
     "isles": DatasetInfo(
         kind="isles",
@@ -133,7 +141,7 @@ _INFOS = {
         regions=("lesion",),
         label_values=(0, 1),
         label_mode="onehot",
-        patch_size=(64, 64, 64),
+        crop_size=(64, 64, 64),
         spacing=(2.0, 2.0, 2.0),
     ),
     "generic": DatasetInfo(
@@ -144,7 +152,7 @@ _INFOS = {
         regions=("foreground",),
         label_values=(0, 1),
         label_mode="onehot",
-        patch_size=(96, 96, 96),
+        crop_size=(96, 96, 96),
     ),
 }
 

@@ -2,7 +2,7 @@
 
 Training (paper §4.2 / Appendix A, and the original code's ``brats_train_transform`` and
 ``isles_train_transform``): load → labels to region channels → (ISLES: resample to 2 mm) →
-crop to the image foreground → channel-wise z-score over non-zero voxels → random patch
+crop to the image foreground → channel-wise z-score over non-zero voxels → random crop
 (128³ BraTS, 64³ ISLES, 32³ demo) → the seven random augmentations
 
 =====================  ======  =================================================
@@ -61,6 +61,7 @@ from monai.transforms import (
     SpatialPadd,
 )
 
+from .._checks import renamed_argument
 from .datasets import DataError, DatasetInfo, dataset_info, read_case
 
 __all__ = [
@@ -175,41 +176,46 @@ class _Pipeline(Compose):
             raise cause from None
 
 
-def _patch(patch_size: int | tuple[int, ...] | None, info: DatasetInfo) -> tuple[int, int, int]:
-    if patch_size is None:
-        return tuple(info.patch_size)
-    p = (patch_size,) * 3 if isinstance(patch_size, int) else tuple(int(s) for s in patch_size)
+def _crop(crop_size: int | tuple[int, ...] | None, info: DatasetInfo) -> tuple[int, int, int]:
+    if crop_size is None:
+        return tuple(info.crop_size)
+    p = (crop_size,) * 3 if isinstance(crop_size, int) else tuple(int(s) for s in crop_size)
     if len(p) != 3 or min(p) < 1:
-        raise ValueError(f"patch_size must be an int or three positive ints, got {patch_size!r}")
+        raise ValueError(f"crop_size must be an int or three positive ints, got {crop_size!r}")
     return p
 
 
 def train_transforms(
     kind: str | DatasetInfo,
     *,
-    patch_size: int | tuple[int, int, int] | None = None,
+    crop_size: int | tuple[int, int, int] | None = None,
     crop: str = "random",
     pos_ratio: float = 0.5,
     augment: bool = True,
     seed: int | None = None,
+    patch_size: int | tuple[int, int, int] | None = None,
 ) -> Compose:
     """Training pipeline for a data-set kind (or the :class:`DatasetInfo` of
     :func:`fastnmf.data.open_dataset`).
 
     Args:
         kind: ``"demo"``, ``"brats"``, ``"isles"``, ``"generic"`` or a :class:`DatasetInfo`.
-        patch_size: training patch (default ``info.patch_size``).
-        crop: ``"random"`` (uniform random patch, as the paper) or ``"posneg"`` (centre on a
+        crop_size: training crop (default ``info.crop_size``).
+        crop: ``"random"`` (uniform random crop, as the paper) or ``"posneg"`` (centre on a
             foreground voxel, any region, with probability ``pos_ratio``, else on a background
             voxel; MONAI then returns a one-element list per case, which MONAI's DataLoader
             flattens). The voxel indices are computed once per case, before the first random
             transform, so :class:`monai.data.CacheDataset` keeps them.
-        pos_ratio: share of ``posneg`` patches centred on foreground, in [0, 1].
+        pos_ratio: share of ``posneg`` crops centred on foreground, in [0, 1].
         augment: apply the paper's seven random augmentations.
         seed: seed the pipeline's random state (``Compose.set_random_state``).
+        patch_size: deprecated name of ``crop_size`` (a DeprecationWarning; next release: gone).
     """
     info = _info(kind)
-    patch = _patch(patch_size, info)
+    crop_size = renamed_argument(
+        "crop_size", crop_size, "patch_size", patch_size, where="train_transforms"
+    )
+    patch = _crop(crop_size, info)
     if crop not in ("random", "posneg"):
         raise ValueError(f"unknown crop {crop!r}; valid: random, posneg")
     if not 0 <= pos_ratio <= 1:
