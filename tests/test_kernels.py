@@ -252,7 +252,11 @@ def test_interpreter_version_clash_is_a_clear_error(monkeypatch, triton_version,
             kernels._interpreter_check(x)
     else:
         kernels._interpreter_check(x)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # compiled Triton is not affected
+    # compiled Triton (device tensors; a meta tensor stands in for one) is not affected
     monkeypatch.setattr(kernels.triton, "__version__", "3.6.0")
     monkeypatch.setattr(kernels.np, "__version__", "2.4.6")
-    kernels._interpreter_check(x)
+    kernels._interpreter_check(torch.empty(1, 4, 8, 8, device="meta"))
+    # without the interpreter, CPU tensors get the error naming the two ways out instead
+    monkeypatch.setattr(kernels, "_INTERPRETED", False)
+    with pytest.raises(RuntimeError, match=r"interpreter is off.*kernel='torch'.*TRITON_INTERPRET"):
+        kernels._interpreter_check(x)

@@ -204,7 +204,7 @@ def build_mixer(case: LayerCase, device: torch.device) -> nn.Module:
             c,
             spatial_dims=3,
             head_dim=e,
-            patch_size=p,
+            window=p,
             spatial_size=size,
             shifts="default",
             rank=1,

@@ -68,7 +68,7 @@ class StaticCase:
         """Keyword arguments of ``fastnmf.matricized_nmf`` for this case (v0 excluded)."""
         shifts = None if self.mode == "global" else list(self.shifts)
         patch = None if self.mode == "global" else self.window
-        return dict(head_dim=self.head_dim, patch_size=patch, shifts=shifts, iters=self.iters)
+        return dict(head_dim=self.head_dim, window=patch, shifts=shifts, iters=self.iters)
 
     def scaled(self, side: int, channels: int | None = None, batch: int | None = None):
         """The same case at a smaller cube ``side^nd`` (for the interpreter's byte counter)."""
