@@ -53,7 +53,9 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["matricized_nmf_op", "wanted", "forced", "encode_shifts", "decode_shifts"]
+__all__ = [
+    "matricized_nmf_op", "wanted", "forced", "encode_shifts", "decode_shifts", "maybe_compile",
+]  # fmt: skip
 
 _STATE = threading.local()
 
@@ -249,3 +251,17 @@ def matricized_nmf_op(
         x, v0, u0, head_dim, [] if patch is None else [int(p) for p in patch],
         encode_shifts(shifts, ndim), iters, solver, kernel, num_grad_steps, check,
     )  # fmt: skip
+
+
+def maybe_compile(model: torch.nn.Module, *, enabled: bool, backend: str = "inductor", mode=None):
+    """``torch.compile(model)`` when ``enabled`` (``fastnmf train --compile``), else ``model``.
+
+    The NMF layers are one registered op each, so the compiled model has no graph breaks;
+    Inductor compiles the convolutions, norms and activations around them. The parameters are
+    shared with ``model`` (save and load the state dict of ``model``, not of the wrapper).
+    """
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {enabled!r}")
+    if not enabled:
+        return model
+    return torch.compile(model, backend=backend, mode=mode)
