@@ -27,7 +27,13 @@ Schema (every non-tensor argument is an attribute the schema allows)::
   same. ``[None, 2]`` in 3D is ``[0, 0, 0, 2, 2, 2]``.
 - ``kernel``: already resolved (``"torch"`` or ``"triton"``; ``"auto"`` is resolved before).
 
-Autograd: ``fastnmf::matricized_nmf_backward`` recomputes the layer's forward under
+Triton, rank one, windows, values unchecked (the default on a GPU): a second op,
+``fastnmf::window_nmf_triton(x, g0, rowmask, head_dim, patch, shifts, iters, mu) -> (y, hats,
+norms)``, is WindowNMF's forward (``kernels.window_nmf._forward``) with the saved iterates as
+outputs, and ``fastnmf::window_nmf_triton_backward`` is its backward (``_backward``, the
+hand-written backward kernels): no recomputation, the same bits as eager.
+
+Autograd elsewhere: ``fastnmf::matricized_nmf_backward`` recomputes the layer's forward under
 ``torch.enable_grad()`` and back-propagates ``dy`` through it with ``torch.autograd.grad`` — i.e.
 through the same hand-written backward the eager path uses (``WindowNMF`` / ``GlobalNMF``
 Triton backward kernels, ``Rank1ClosedForm`` for kernel="torch", autograd of the batched loop for
@@ -53,6 +59,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .layout import as_tuple
+
 __all__ = [
     "matricized_nmf_op", "wanted", "forced", "encode_shifts", "decode_shifts", "maybe_compile",
 ]  # fmt: skip
@@ -61,13 +69,13 @@ _STATE = threading.local()
 
 
 def encode_shifts(shifts: Sequence | None, ndim: int) -> list[int]:
-    """Validated shifts (None, or a list of None / tuples of ``ndim`` ints) -> the flat int list
-    of the schema (see the module docstring)."""
+    """Shifts (None, or a list of None / ints / tuples of ``ndim`` ints) -> the flat int list of
+    the schema (see the module docstring)."""
     if shifts is None:
         return []
     flat: list[int] = []
     for s in shifts:
-        flat.extend((0,) * ndim if s is None else (int(v) for v in s))
+        flat.extend((0,) * ndim if s is None else (int(v) for v in as_tuple(s, ndim)))
     return flat
 
 
@@ -228,6 +236,109 @@ def _op_backward(ctx, dy):
 _op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
+# --------------------------------------------------------------------------------------------
+# Triton, rank one, windows: the forward kernels' saved iterates are op outputs, and the backward
+# op calls the backward kernels on them (no recomputation). The pieces are WindowNMF's own:
+# kernels.window_nmf._forward / _backward on a _Geometry.
+
+
+def _window_geometry(x, head_dim, patch, shifts):
+    from .kernels.window_nmf import _Geometry
+
+    return _Geometry(x, head_dim, tuple(patch), decode_shifts(shifts, x.dim() - 2))
+
+
+@torch.library.custom_op("fastnmf::window_nmf_triton", mutates_args=())
+def _window_op(
+    x: torch.Tensor, g0: torch.Tensor, rowmask: torch.Tensor, head_dim: int, patch: list[int],
+    shifts: list[int], iters: int, mu: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, hats, norms) of WindowNMF's forward; hats / norms are what its backward needs."""
+    from .kernels.window_nmf import _forward
+
+    geo = _window_geometry(x, head_dim, patch, shifts)
+    y, hats, norms = _forward(x, g0, rowmask, geo, iters, mu, save=True)
+    return y, hats, norms
+
+
+@_window_op.register_fake
+def _window_fake(x, g0, rowmask, head_dim, patch, shifts, iters, mu):
+    from .kernels._common import compute_dtype
+
+    nshift = max(1, len(shifts) // max(1, x.dim() - 2))
+    nwin = 1
+    for s, q in zip(x.shape[2:], patch, strict=True):
+        nwin *= s // q
+    progs = x.shape[0] * (x.shape[1] // head_dim) * nshift * nwin
+    f32 = compute_dtype(x.dtype)
+    hats = x.new_empty((progs, iters, head_dim), dtype=f32)
+    return x.new_empty(x.shape), hats, x.new_empty((progs, iters), dtype=f32)
+
+
+@torch.library.custom_op("fastnmf::window_nmf_triton_backward", mutates_args=())
+def _window_backward_op(
+    dy: torch.Tensor, x: torch.Tensor, g0: torch.Tensor, rowmask: torch.Tensor,
+    hats: torch.Tensor, norms: torch.Tensor, head_dim: int, patch: list[int], shifts: list[int],
+    iters: int, mu: bool,
+) -> torch.Tensor:
+    from .kernels.window_nmf import _backward
+
+    geo = _window_geometry(x, head_dim, patch, shifts)
+    return _backward(x, g0, rowmask, hats, norms, dy.contiguous(), geo, iters, mu)
+
+
+@_window_backward_op.register_fake
+def _window_backward_fake(dy, x, g0, rowmask, hats, norms, head_dim, patch, shifts, iters, mu):
+    return x.new_empty(x.shape)
+
+
+def _window_setup_context(ctx, inputs, output):
+    x, g0, rowmask, *attrs = inputs
+    _, hats, norms = output
+    ctx.save_for_backward(x, g0, rowmask, hats, norms)
+    ctx.attrs = attrs
+    ctx.mark_non_differentiable(hats, norms)
+
+
+def _window_backward(ctx, dy, _dhats, _dnorms):
+    x, g0, rowmask, hats, norms = ctx.saved_tensors
+    dx = _window_backward_op(dy, x, g0, rowmask, hats, norms, *ctx.attrs)
+    return (dx,) + (None,) * 7
+
+
+_window_op.register_autograd(_window_backward, setup_context=_window_setup_context)
+
+
+def _direct_window_path(x, v0, u0, patch, iters, kernel, num_grad_steps, check) -> bool:
+    """Whether the eager path would reach WindowNMF with x as is: Triton, rank one, windows,
+    iters >= 1, no value checks (no rescaling: the default on a GPU), the full gradient, v0
+    fixed."""
+    from . import _checks as C
+
+    return (
+        kernel == "triton" and patch is not None and v0.shape[1] == 1 and iters >= 1
+        and not C.want_value_checks(check, x) and not v0.requires_grad
+        and (num_grad_steps is None or num_grad_steps >= iters)
+    )  # fmt: skip
+
+
+def _window_triton(x, v0, u0, head_dim, patch, shifts, iters, solver):
+    """kernels.matricized_nmf -> window_nmf's set-up (the same checks and inputs), then the op."""
+    from .kernels import _interpreter_check
+    from .kernels._common import check_window_inputs, compute_dtype, row_mask
+
+    _interpreter_check(x)
+    x = x.contiguous()
+    check_window_inputs(x, v0, head_dim)
+    cdt = compute_dtype(x.dtype)
+    g0 = v0[:, 0].detach().to(cdt).contiguous()
+    mu = solver == "mu"
+    rowmask = row_mask(head_dim, u0, mu, cdt, x.device)
+    y, _, _ = _window_op(x, g0, rowmask, head_dim, [int(p) for p in patch],
+                         encode_shifts(shifts, x.dim() - 2), iters, mu)  # fmt: skip
+    return y
+
+
 def matricized_nmf_op(
     x: torch.Tensor,
     v0: torch.Tensor,
@@ -246,6 +357,8 @@ def matricized_nmf_op(
     :func:`fastnmf.matricized_nmf` (patch a tuple or None, shifts validated, kernel resolved)."""
     if kernel not in ("torch", "triton"):
         raise ValueError(f"the fastnmf op takes kernel 'torch' or 'triton', got {kernel!r}")
+    if _direct_window_path(x, v0, u0, patch, iters, kernel, num_grad_steps, check):
+        return _window_triton(x, v0, u0, head_dim, patch, shifts, iters, solver)
     ndim = x.dim() - 2
     return _op(
         x, v0, u0, head_dim, [] if patch is None else [int(p) for p in patch],

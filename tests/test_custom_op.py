@@ -96,6 +96,39 @@ def test_op_matches_direct_path_bitwise(kernel, gen):
     assert outs[0][1].abs().sum() > 0
 
 
+@pytest.mark.parametrize("shifts", [[None, 2], None])
+def test_triton_window_op_saves_iterates_bitwise(shifts, gen):
+    """Triton, windows, values unchecked (a GPU's default): fastnmf::window_nmf_triton runs
+    WindowNMF's forward and backward kernels (no recomputation); compiled (fullgraph,
+    aot_eager) and forced eager calls equal the direct path bit for bit."""
+    dev = device_for("triton")
+    torch._dynamo.reset()
+    x = torch.randn(1, 8, 8, 8, 8, generator=gen).to(dev)
+    v0 = torch.rand(64, 1, generator=gen).to(dev)
+    dy = torch.randn(x.shape, generator=gen).to(dev)
+
+    def layer(t):
+        return matricized_nmf(t, v0, head_dim=4, patch_size=4, shifts=shifts, kernel="triton",
+                              check=False)  # fmt: skip
+
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    outs = []
+    for mode in ("direct", "forced", "compiled"):
+        xr = x.clone().requires_grad_(True)
+        with custom_op.forced(mode == "forced"):
+            y = compiled(xr) if mode == "compiled" else layer(xr)
+        if mode == "forced":
+            assert "window_nmf_triton" in type(y.grad_fn).__name__
+        y.backward(dy)
+        outs.append((y.detach(), xr.grad))
+    for y, dx in outs[1:]:
+        assert torch.equal(y, outs[0][0]) and torch.equal(dx, outs[0][1])
+    g0 = v0[:, 0].double()
+    args = (x.double().requires_grad_(True), g0, torch.ones(4, dtype=torch.float64, device=dev), 4,
+            [4, 4, 4], custom_op.encode_shifts(shifts, 3), 3, False)  # fmt: skip
+    torch.library.opcheck(torch.ops.fastnmf.window_nmf_triton.default, args)
+
+
 def test_op_learns_v0_like_the_direct_path(gen):
     """kernel='torch' differentiates v0: the op's backward returns the same dv0."""
     x = torch.randn(1, 8, 8, 8, generator=gen)
