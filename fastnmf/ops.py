@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from . import _checks as C
-from . import layout, loop
+from . import custom_op, layout, loop
 from .closed_form import compute_dtype, power_iterates, rank1_closed_form
 
 __all__ = ["nmf", "matricized_nmf", "resolve_kernel"]
@@ -329,6 +329,11 @@ def matricized_nmf(
         C.check_factor("u0", u0, head_dim, "M = head_dim", x, rank)
     _check_common(iters, solver, num_grad_steps)
     kernel = resolve_kernel(kernel, x)
+    if kernel != "reference" and custom_op.wanted():  # compile / export: one registered op
+        return custom_op.matricized_nmf_op(
+            x, v0, head_dim=head_dim, patch=patch, shifts=shifts, u0=u0, iters=iters,
+            solver=solver, kernel=kernel, num_grad_steps=num_grad_steps, check=check,
+        )  # fmt: skip
     if C.want_value_checks(check, x):
         # any finite x is valid (the ReLU drops negatives); k from the largest positive entry
         k = _checked_exponent(x, v0, u0, C.check_finite)

@@ -1,0 +1,380 @@
+"""The NMF layer core as a registered PyTorch op: ``torch.ops.fastnmf.matricized_nmf``.
+
+Why: ``torch.compile`` and ``torch.export`` cannot trace through the eager dispatch of
+:func:`fastnmf.matricized_nmf` without graph breaks (the value checks read data with
+``float(t.amax())``, the window path caches gather indices with ``functools.lru_cache``, the
+Triton launchers build shift tables on the host). As one opaque op with a fake (meta)
+implementation and a registered autograd formula, the layer is a single node of the graph:
+zero graph breaks, Inductor fuses the convolutions / norms / activations around it, and an
+exported program holds ``fastnmf.matricized_nmf`` as one call.
+
+When it is used: :func:`fastnmf.matricized_nmf` routes to the op only while a graph is being
+captured (``torch.compiler.is_compiling()``: ``torch.compile`` and strict ``torch.export``; or
+``torch.compiler.is_exporting()``) or inside :func:`forced` (tests). Eager calls keep the direct
+path, so eager results are bitwise what they were. The op's own implementation is that eager
+path, so compiled and eager runs compute the same thing.
+
+Schema (every non-tensor argument is an attribute the schema allows)::
+
+    fastnmf::matricized_nmf(Tensor x, Tensor v0, Tensor? u0, int head_dim, int[] patch,
+        int[] shifts, int iters, str solver, str kernel, int? num_grad_steps, bool? check)
+        -> Tensor
+
+- ``patch``: the window per spatial dim; ``[]`` = global matricization (``patch_size=None``).
+- ``shifts``: flat, ``ndim`` ints per shift (ndim = x.dim() - 2, the number of spatial dims);
+  ``[]`` = ``shifts=None``. A ``None`` item is written as ``ndim`` zeros: both mean "no roll"
+  (:func:`fastnmf.layout.shift_table` maps ``None`` to zeros), so the decoded list computes the
+  same. ``[None, 2]`` in 3D is ``[0, 0, 0, 2, 2, 2]``.
+- ``kernel``: already resolved (``"torch"`` or ``"triton"``; ``"auto"`` is resolved before).
+
+Triton, rank one, windows, values unchecked (the default on a GPU): a second op,
+``fastnmf::window_nmf_triton(x, g0, rowmask, head_dim, patch, shifts, iters, mu) -> (y, hats,
+norms)``, is WindowNMF's forward (``kernels.window_nmf._forward``) with the saved iterates as
+outputs, and ``fastnmf::window_nmf_triton_backward`` is its backward (``_backward``, the
+hand-written backward kernels): no recomputation, the same bits as eager.
+
+Autograd elsewhere: ``fastnmf::matricized_nmf_backward`` recomputes the layer's forward under
+``torch.enable_grad()`` and back-propagates ``dy`` through it with ``torch.autograd.grad`` — i.e.
+through the same hand-written backward the eager path uses (``WindowNMF`` / ``GlobalNMF``
+Triton backward kernels, ``Rank1ClosedForm`` for kernel="torch", autograd of the batched loop for
+rank > 1). No formula is duplicated here. The price is one extra forward of the NMF layer in the
+backward (like activation checkpointing of that layer alone); only x (and v0, u0) are saved.
+
+Autocast: the op has no autocast rule, so under ``torch.autocast`` it receives the tensor its
+producer made (bf16 after an autocast conv) and returns the same dtype; the kernels load bf16 and
+accumulate in fp32 (the closed form and the Triton kernels cast to fp32 themselves).
+
+Triton: the op wraps the Triton launchers as an opaque ``custom_op`` rather than a
+``torch.library.triton_op``: ``triton_op`` needs every kernel launch written as
+``wrap_triton(kernel)[grid](...)`` inside the op, and the launches live in ``fastnmf.kernels``'
+launchers, which call ``kernel[grid](...)`` directly. Inductor cannot look inside either way (it
+does not fuse into a user Triton kernel); what ``triton_op`` would add is AOTInductor packaging.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Sequence
+
+import torch
+
+from .layout import as_tuple
+
+__all__ = [
+    "matricized_nmf_op", "wanted", "forced", "encode_shifts", "decode_shifts", "maybe_compile",
+]  # fmt: skip
+
+_STATE = threading.local()
+
+
+def encode_shifts(shifts: Sequence | None, ndim: int) -> list[int]:
+    """Shifts (None, or a list of None / ints / tuples of ``ndim`` ints) -> the flat int list of
+    the schema (see the module docstring)."""
+    if shifts is None:
+        return []
+    flat: list[int] = []
+    for s in shifts:
+        flat.extend((0,) * ndim if s is None else (int(v) for v in as_tuple(s, ndim)))
+    return flat
+
+
+def decode_shifts(flat: Sequence[int], ndim: int) -> list[tuple[int, ...]] | None:
+    """Inverse of :func:`encode_shifts` (``None`` items come back as zero tuples)."""
+    if len(flat) == 0:
+        return None
+    if len(flat) % ndim:
+        raise ValueError(f"shifts list of {len(flat)} ints is not a multiple of ndim={ndim}")
+    return [tuple(flat[i : i + ndim]) for i in range(0, len(flat), ndim)]
+
+
+def wanted() -> bool:
+    """Whether :func:`fastnmf.matricized_nmf` should call the op: while a graph is captured
+    (compile / export) or inside :func:`forced`, and never from within the op itself."""
+    if getattr(_STATE, "inside", False):
+        return False
+    if getattr(_STATE, "forced", False):
+        return True
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
+@contextlib.contextmanager
+def forced(enabled: bool = True):
+    """Route eager calls through the op too (tests compare the op with the direct path)."""
+    prev = getattr(_STATE, "forced", False)
+    _STATE.forced = enabled
+    try:
+        yield
+    finally:
+        _STATE.forced = prev
+
+
+@contextlib.contextmanager
+def _autograd_on():
+    """Record autograd inside an op's implementation. A custom op runs below the Autograd
+    dispatch key (``_AutoDispatchBelowAutograd``: autograd is excluded from dispatch, so
+    ``torch.enable_grad()`` alone records nothing); the backward op re-includes it to
+    differentiate the eager path. Autocast stays excluded."""
+    c = torch._C
+    exclude = c._dispatch_tls_local_exclude_set().remove(c.DispatchKey.AutogradFunctionality)
+    with c._ForceDispatchKeyGuard(c._dispatch_tls_local_include_set(), exclude):
+        with torch.enable_grad():
+            yield
+
+
+@contextlib.contextmanager
+def _inside():
+    prev = getattr(_STATE, "inside", False)
+    _STATE.inside = True
+    try:
+        yield
+    finally:
+        _STATE.inside = prev
+
+
+def _eager(x, v0, u0, head_dim, patch, shifts, iters, solver, kernel, num_grad_steps, check):
+    """The eager :func:`fastnmf.matricized_nmf` on decoded attributes."""
+    from .ops import matricized_nmf
+
+    ndim = x.dim() - 2
+    with _inside():
+        return matricized_nmf(
+            x, v0, head_dim=head_dim, patch_size=tuple(patch) if len(patch) else None,
+            shifts=decode_shifts(shifts, ndim), u0=u0, iters=iters, solver=solver, kernel=kernel,
+            num_grad_steps=num_grad_steps, check=check,
+        )  # fmt: skip
+
+
+@torch.library.custom_op("fastnmf::matricized_nmf", mutates_args=())
+def _op(
+    x: torch.Tensor,
+    v0: torch.Tensor,
+    u0: torch.Tensor | None,
+    head_dim: int,
+    patch: list[int],
+    shifts: list[int],
+    iters: int,
+    solver: str,
+    kernel: str,
+    num_grad_steps: int | None,
+    check: bool | None,
+) -> torch.Tensor:
+    with torch.no_grad():
+        y = _eager(x, v0, u0, head_dim, patch, shifts, iters, solver, kernel, num_grad_steps, check)
+    # an op output may not alias an input; the eager path always returns a fresh tensor, but
+    # make it a guarantee (contiguous, like the fake)
+    if y.data_ptr() == x.data_ptr():
+        y = y.clone()
+    return y.contiguous()
+
+
+@_op.register_fake
+def _op_fake(x, v0, u0, head_dim, patch, shifts, iters, solver, kernel, num_grad_steps, check):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("fastnmf::matricized_nmf_backward", mutates_args=())
+def _backward_op(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    v0: torch.Tensor,
+    u0: torch.Tensor | None,
+    head_dim: int,
+    patch: list[int],
+    shifts: list[int],
+    iters: int,
+    solver: str,
+    kernel: str,
+    num_grad_steps: int | None,
+    check: bool | None,
+    grad_v0: bool,
+    grad_u0: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dv0, du0): dv0 / du0 are zeros when not asked for, du0 is empty when u0 is None."""
+    with _autograd_on():
+        xg = x.detach().requires_grad_(True)
+        vg = v0.detach().requires_grad_(grad_v0)
+        ug = None if u0 is None else u0.detach().requires_grad_(grad_u0)
+        y = _eager(xg, vg, ug, head_dim, patch, shifts, iters, solver, kernel, num_grad_steps,
+                   check)  # fmt: skip
+        inputs = [xg] + ([vg] if grad_v0 else []) + ([ug] if grad_u0 and ug is not None else [])
+        grads = torch.autograd.grad(y, inputs, dy, allow_unused=True)
+    dx = grads[0] if grads[0] is not None else torch.zeros_like(x)
+    rest = list(grads[1:])
+    dv0 = rest.pop(0) if grad_v0 else None
+    du0 = rest.pop(0) if grad_u0 and u0 is not None else None
+    dv0 = torch.zeros_like(v0) if dv0 is None else dv0
+    du0 = (x.new_empty(0) if u0 is None else torch.zeros_like(u0)) if du0 is None else du0
+    return dx.contiguous(), dv0.contiguous(), du0.contiguous()
+
+
+@_backward_op.register_fake
+def _backward_fake(dy, x, v0, u0, head_dim, patch, shifts, iters, solver, kernel,
+                   num_grad_steps, check, grad_v0, grad_u0):  # fmt: skip
+    du0 = x.new_empty(0) if u0 is None else u0.new_empty(u0.shape)
+    return x.new_empty(x.shape), v0.new_empty(v0.shape), du0
+
+
+_ATTRS = ("head_dim", "patch", "shifts", "iters", "solver", "kernel", "num_grad_steps", "check")
+
+
+def _setup_context(ctx, inputs, output):
+    x, v0, u0, *attrs = inputs
+    ctx.save_for_backward(x, v0, u0)
+    ctx.attrs = attrs
+    ctx.has_u0 = u0 is not None
+
+
+def _op_backward(ctx, dy):
+    x, v0, u0 = ctx.saved_tensors
+    grad_v0 = ctx.needs_input_grad[1]
+    grad_u0 = ctx.has_u0 and ctx.needs_input_grad[2]
+    dx, dv0, du0 = _backward_op(dy, x, v0, u0, *ctx.attrs, grad_v0, grad_u0)
+    return (dx, dv0 if grad_v0 else None, du0 if grad_u0 else None) + (None,) * len(_ATTRS)
+
+
+_op.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# Triton, rank one, windows: the forward kernels' saved iterates are op outputs, and the backward
+# op calls the backward kernels on them (no recomputation). The pieces are WindowNMF's own:
+# kernels.window_nmf._forward / _backward on a _Geometry.
+
+
+def _window_geometry(x, head_dim, patch, shifts):
+    from .kernels.window_nmf import _Geometry
+
+    return _Geometry(x, head_dim, tuple(patch), decode_shifts(shifts, x.dim() - 2))
+
+
+@torch.library.custom_op("fastnmf::window_nmf_triton", mutates_args=())
+def _window_op(
+    x: torch.Tensor, g0: torch.Tensor, rowmask: torch.Tensor, head_dim: int, patch: list[int],
+    shifts: list[int], iters: int, mu: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, hats, norms) of WindowNMF's forward; hats / norms are what its backward needs."""
+    from .kernels.window_nmf import _forward
+
+    geo = _window_geometry(x, head_dim, patch, shifts)
+    y, hats, norms = _forward(x, g0, rowmask, geo, iters, mu, save=True)
+    return y, hats, norms
+
+
+@_window_op.register_fake
+def _window_fake(x, g0, rowmask, head_dim, patch, shifts, iters, mu):
+    from .kernels._common import compute_dtype
+
+    nshift = max(1, len(shifts) // max(1, x.dim() - 2))
+    nwin = 1
+    for s, q in zip(x.shape[2:], patch, strict=True):
+        nwin *= s // q
+    progs = x.shape[0] * (x.shape[1] // head_dim) * nshift * nwin
+    f32 = compute_dtype(x.dtype)
+    hats = x.new_empty((progs, iters, head_dim), dtype=f32)
+    return x.new_empty(x.shape), hats, x.new_empty((progs, iters), dtype=f32)
+
+
+@torch.library.custom_op("fastnmf::window_nmf_triton_backward", mutates_args=())
+def _window_backward_op(
+    dy: torch.Tensor, x: torch.Tensor, g0: torch.Tensor, rowmask: torch.Tensor,
+    hats: torch.Tensor, norms: torch.Tensor, head_dim: int, patch: list[int], shifts: list[int],
+    iters: int, mu: bool,
+) -> torch.Tensor:
+    from .kernels.window_nmf import _backward
+
+    geo = _window_geometry(x, head_dim, patch, shifts)
+    return _backward(x, g0, rowmask, hats, norms, dy.contiguous(), geo, iters, mu)
+
+
+@_window_backward_op.register_fake
+def _window_backward_fake(dy, x, g0, rowmask, hats, norms, head_dim, patch, shifts, iters, mu):
+    return x.new_empty(x.shape)
+
+
+def _window_setup_context(ctx, inputs, output):
+    x, g0, rowmask, *attrs = inputs
+    _, hats, norms = output
+    ctx.save_for_backward(x, g0, rowmask, hats, norms)
+    ctx.attrs = attrs
+    ctx.mark_non_differentiable(hats, norms)
+
+
+def _window_backward(ctx, dy, _dhats, _dnorms):
+    x, g0, rowmask, hats, norms = ctx.saved_tensors
+    dx = _window_backward_op(dy, x, g0, rowmask, hats, norms, *ctx.attrs)
+    return (dx,) + (None,) * 7
+
+
+_window_op.register_autograd(_window_backward, setup_context=_window_setup_context)
+
+
+def _direct_window_path(x, v0, u0, patch, iters, kernel, num_grad_steps, check) -> bool:
+    """Whether the eager path would reach WindowNMF with x as is: Triton, rank one, windows,
+    iters >= 1, no value checks (no rescaling: the default on a GPU), the full gradient, v0
+    fixed."""
+    from . import _checks as C
+
+    return (
+        kernel == "triton" and patch is not None and v0.shape[1] == 1 and iters >= 1
+        and not C.want_value_checks(check, x) and not v0.requires_grad
+        and (num_grad_steps is None or num_grad_steps >= iters)
+    )  # fmt: skip
+
+
+def _window_triton(x, v0, u0, head_dim, patch, shifts, iters, solver):
+    """kernels.matricized_nmf -> window_nmf's set-up (the same checks and inputs), then the op."""
+    from .kernels import _interpreter_check
+    from .kernels._common import check_window_inputs, compute_dtype, row_mask
+
+    _interpreter_check(x)
+    x = x.contiguous()
+    check_window_inputs(x, v0, head_dim)
+    cdt = compute_dtype(x.dtype)
+    g0 = v0[:, 0].detach().to(cdt).contiguous()
+    mu = solver == "mu"
+    rowmask = row_mask(head_dim, u0, mu, cdt, x.device)
+    y, _, _ = _window_op(x, g0, rowmask, head_dim, [int(p) for p in patch],
+                         encode_shifts(shifts, x.dim() - 2), iters, mu)  # fmt: skip
+    return y
+
+
+def matricized_nmf_op(
+    x: torch.Tensor,
+    v0: torch.Tensor,
+    *,
+    head_dim: int,
+    patch: Sequence[int] | None,
+    shifts: Sequence | None,
+    u0: torch.Tensor | None,
+    iters: int,
+    solver: str,
+    kernel: str,
+    num_grad_steps: int | None,
+    check: bool | None,
+) -> torch.Tensor:
+    """Call ``torch.ops.fastnmf.matricized_nmf`` with validated arguments of
+    :func:`fastnmf.matricized_nmf` (patch a tuple or None, shifts validated, kernel resolved)."""
+    if kernel not in ("torch", "triton"):
+        raise ValueError(f"the fastnmf op takes kernel 'torch' or 'triton', got {kernel!r}")
+    if _direct_window_path(x, v0, u0, patch, iters, kernel, num_grad_steps, check):
+        return _window_triton(x, v0, u0, head_dim, patch, shifts, iters, solver)
+    ndim = x.dim() - 2
+    return _op(
+        x, v0, u0, head_dim, [] if patch is None else [int(p) for p in patch],
+        encode_shifts(shifts, ndim), iters, solver, kernel, num_grad_steps, check,
+    )  # fmt: skip
+
+
+def maybe_compile(model: torch.nn.Module, *, enabled: bool, backend: str = "inductor", mode=None):
+    """``torch.compile(model)`` when ``enabled`` (``fastnmf train --compile``), else ``model``.
+
+    The NMF layers are one registered op each, so the compiled model has no graph breaks;
+    Inductor compiles the convolutions, norms and activations around them. The parameters are
+    shared with ``model`` (save and load the state dict of ``model``, not of the wrapper).
+    """
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {enabled!r}")
+    if not enabled:
+        return model
+    return torch.compile(model, backend=backend, mode=mode)

@@ -1,0 +1,171 @@
+"""Memory planner: the batch size, crop and checkpointing whose training step fits a GPU.
+
+``plan(model=..., preset=..., gpu_memory="24GB", amp="bf16")`` asks issue 14's training-step
+account (:func:`fastnmf.profile.static.step_account.account_step`: one fake-tensor step on the
+CPU, ``predicted_peak_bytes``) about candidate settings, in order of preference, and returns the
+first whose predicted peak fits the budget ``gpu_memory × (1 - headroom)``:
+
+1. the largest crop first (the preset's training patch, then smaller cubes in steps of 16
+   voxels that the model can take — a Swin Factorizer needs multiples of 16 × window);
+2. for a crop, the largest batch first (``max_batch`` down to 1);
+3. for a batch, without activation checkpointing first (faster), then with it (Factorizers).
+
+The headroom (default 15 %) covers what the account leaves out: the CUDA context, the caching
+allocator's rounding and fragmentation, library workspaces (its errors against the H200 peaks were
+10–25 %, DESIGN.md §6). ``amp="fp16"`` is accounted as bf16 (same element size).
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from . import _checks as C
+
+__all__ = ["Plan", "plan", "parse_memory", "AMP_DTYPES"]
+
+# amp mode of TrainConfig -> the step account's dtype (fp16 has bf16's element size)
+AMP_DTYPES = {"none": "fp32", "bf16": "bf16", "fp16": "bf16"}
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+_FACTORIZERS = ("swin_factorizer", "local_factorizer", "global_factorizer", "factorizer")
+_STEP = 16  # crops are tried in steps of 16 voxels (four stride-2 downsamplings)
+
+
+def parse_memory(text: str | int | float) -> int:
+    """``"24GB"`` (10^9), ``"24GiB"`` (2^30), ``"80 GB"``, ``"512MiB"`` or a byte count -> bytes."""
+    if isinstance(text, bool):
+        raise TypeError(f"gpu memory must be a size like '24GB', got {text!r}")
+    if isinstance(text, (int, float)):
+        value, unit = float(text), ""
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+        if not m:
+            raise ValueError(f"gpu memory must be a size like '24GB' or '80GiB', got {text!r}")
+        value, unit = float(m.group(1)), m.group(2).lower()
+        unit = unit if unit in _UNITS else unit + "b"  # "24G" -> "24GB"
+        if unit not in _UNITS:
+            raise ValueError(
+                f"unknown memory unit {m.group(2)!r} in {text!r}; valid: B, KB, MB, GB, TB, "
+                "KiB, MiB, GiB, TiB"
+            )
+    if not value > 0:
+        raise ValueError(f"gpu memory must be positive, got {text!r}")
+    return int(value * _UNITS[unit])
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The chosen settings, the predicted peak and every candidate asked (in order)."""
+
+    model: str
+    preset: str
+    amp: str
+    batch: int
+    crop: int
+    checkpoint: bool
+    predicted_peak_bytes: int
+    budget_bytes: int
+    gpu_memory_bytes: int
+    tried: list[dict] = field(default_factory=list)
+
+    def summary(self) -> str:
+        gb = 1e9
+        return (
+            f"{self.model} ({self.preset}, amp {self.amp}): batch {self.batch}, crop "
+            f"{self.crop}^3, checkpointing {'on' if self.checkpoint else 'off'}; predicted peak "
+            f"{self.predicted_peak_bytes / gb:.2f} GB of a {self.budget_bytes / gb:.2f} GB budget "
+            f"({self.gpu_memory_bytes / gb:.2f} GB GPU)"
+        )
+
+
+def _crops(model: str, preset: str, crop: int | None) -> list[int]:
+    from fastnmf import models
+
+    C.check_choice("preset", preset, models.presets(), listing="valid presets")
+    top = crop if crop is not None else int(models.PRESETS[preset]["spatial_size"][0])
+    C.check_int("crop", top, _STEP)
+    return list(range(top - top % _STEP, _STEP - 1, -_STEP))
+
+
+def _preset_overrides(model: str, preset: str) -> dict:
+    """The preset's model settings the builder takes (the account builds on brats' defaults)."""
+    from fastnmf import models
+
+    C.check_choice("preset", preset, models.presets(), listing="valid presets")
+    name = "swin_factorizer" if model == "factorizer" else model
+    params = inspect.signature(models.MODELS[name]).parameters
+    return {k: v for k, v in models.PRESETS[preset].items() if k in params and k != "spatial_size"}
+
+
+def _default_account(model, *, dtype, checkpoint, size, batch, overrides):
+    from .profile.static.step_account import account_step
+
+    return account_step(model, dtype=dtype, checkpoint=checkpoint, size=size, batch=batch,
+                        overrides=overrides)  # fmt: skip
+
+
+def plan(
+    *,
+    model: str,
+    preset: str = "brats",
+    gpu_memory: str | int | float,
+    amp: str = "none",
+    max_batch: int = 2,
+    crop: int | None = None,
+    headroom: float = 0.15,
+    account: Callable[..., dict] | None = None,
+) -> Plan:
+    """The first setting (order in the module docstring) whose predicted peak fits.
+
+    Args:
+        model: a registry model name.
+        preset: model preset (in/out channels, E, window, shifts; its patch is the largest crop).
+        gpu_memory: the GPU's memory, e.g. ``"24GB"`` (see :func:`parse_memory`).
+        amp: ``"none"``, ``"bf16"`` or ``"fp16"`` (TrainConfig's amp modes).
+        max_batch: the largest batch to try.
+        crop: the largest cube side to try (None: the preset's patch).
+        headroom: fraction of ``gpu_memory`` kept free for what the account leaves out.
+        account: ``account_step``-like callable (tests); default the real step account.
+
+    Raises:
+        ValueError: nothing fits (the smallest peak seen is named) or an argument is invalid.
+    """
+    from fastnmf import models
+
+    C.check_choice("model", model, models.available(), listing="available models")
+    C.check_choice("amp", amp, tuple(AMP_DTYPES))
+    C.check_int("max_batch", max_batch, 1)
+    if not 0 <= headroom < 1:
+        raise ValueError(f"headroom must be in [0, 1), got {headroom!r}")
+    total = parse_memory(gpu_memory)
+    budget = int(total * (1 - headroom))
+    account = account or _default_account
+    overrides = _preset_overrides(model, preset)
+    ckpts = (False, True) if model in _FACTORIZERS else (False,)
+    tried: list[dict] = []
+    for size in _crops(model, preset, crop):
+        for batch in range(max_batch, 0, -1):
+            for ckpt in ckpts:
+                entry = dict(crop=size, batch=batch, checkpoint=ckpt)
+                try:
+                    row = account(model, dtype=AMP_DTYPES[amp], checkpoint=ckpt, size=size,
+                                  batch=batch, overrides=overrides)  # fmt: skip
+                except ValueError as err:  # a crop the model cannot take
+                    tried.append({**entry, "error": str(err)})
+                    break
+                peak = int(row["predicted_peak_bytes"])
+                tried.append({**entry, "predicted_peak_bytes": peak})
+                if peak <= budget:
+                    return Plan(model, preset, amp, batch, size, ckpt, peak, budget, total, tried)
+            if tried and "error" in tried[-1]:
+                break  # this crop cannot be built: the next crop
+    peaks = [t["predicted_peak_bytes"] for t in tried if "predicted_peak_bytes" in t]
+    smallest = f"the smallest predicted peak was {min(peaks) / 1e9:.2f} GB" if peaks else (
+        "no candidate crop could be built for this model")  # fmt: skip
+    raise ValueError(
+        f"no batch / crop / checkpointing of {model} ({preset}, amp {amp}) fits "
+        f"{budget / 1e9:.2f} GB ({total / 1e9:.2f} GB minus {headroom:.0%} headroom): {smallest}"
+    )
