@@ -20,7 +20,7 @@ Schema (every non-tensor argument is an attribute the schema allows)::
         int[] shifts, int iters, str solver, str kernel, int? num_grad_steps, bool? check)
         -> Tensor
 
-- ``patch``: the window per spatial dim; ``[]`` = global matricization (``patch_size=None``).
+- ``patch``: the window per spatial dim; ``[]`` = global matricization (``window=None``).
 - ``shifts``: flat, ``ndim`` ints per shift (ndim = x.dim() - 2, the number of spatial dims);
   ``[]`` = ``shifts=None``. A ``None`` item is written as ``ndim`` zeros: both mean "no roll"
   (:func:`fastnmf.layout.shift_table` maps ``None`` to zeros), so the decoded list computes the
@@ -139,7 +139,7 @@ def _eager(x, v0, u0, head_dim, patch, shifts, iters, solver, kernel, num_grad_s
     ndim = x.dim() - 2
     with _inside():
         return matricized_nmf(
-            x, v0, head_dim=head_dim, patch_size=tuple(patch) if len(patch) else None,
+            x, v0, head_dim=head_dim, window=tuple(patch) if len(patch) else None,
             shifts=decode_shifts(shifts, ndim), u0=u0, iters=iters, solver=solver, kernel=kernel,
             num_grad_steps=num_grad_steps, check=check,
         )  # fmt: skip

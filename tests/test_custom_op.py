@@ -80,7 +80,7 @@ def test_opcheck(case, gen):
 def test_op_matches_direct_path_bitwise(kernel, gen):
     """Routed through the op (forced) or not: the same forward and gradient, bit for bit."""
     dev = device_for(kernel)
-    layer = MatricizedNMF(head_dim=4, patch_size=4, shifts="default", kernel=kernel, seed=5).to(dev)
+    layer = MatricizedNMF(head_dim=4, window=4, shifts="default", kernel=kernel, seed=5).to(dev)
     x = torch.randn(1, 4, 8, 8, 8, generator=gen).to(dev)
     dy = torch.randn(x.shape, generator=gen).to(dev)
     outs = []
@@ -108,7 +108,7 @@ def test_triton_window_op_saves_iterates_bitwise(shifts, gen):
     dy = torch.randn(x.shape, generator=gen).to(dev)
 
     def layer(t):
-        return matricized_nmf(t, v0, head_dim=4, patch_size=4, shifts=shifts, kernel="triton",
+        return matricized_nmf(t, v0, head_dim=4, window=4, shifts=shifts, kernel="triton",
                               check=False)  # fmt: skip
 
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
@@ -137,7 +137,7 @@ def test_op_learns_v0_like_the_direct_path(gen):
     for force in (False, True):
         v = v0.clone().requires_grad_(True)
         with custom_op.forced(force):
-            y = matricized_nmf(x, v, head_dim=4, patch_size=4, shifts=[None, 2], kernel="torch")
+            y = matricized_nmf(x, v, head_dim=4, window=4, shifts=[None, 2], kernel="torch")
         (y**2).sum().backward()
         grads.append(v.grad)
     assert grads[1] is not None and torch.equal(grads[0], grads[1])
@@ -149,7 +149,7 @@ def test_layer_compiles_without_graph_breaks(kernel, gen):
     graph, compiled (aot_eager: the captured forward and backward graphs) equal to eager."""
     dev = device_for(kernel)
     torch._dynamo.reset()
-    layer = MatricizedNMF(head_dim=4, patch_size=4, shifts="default", kernel=kernel, seed=7).to(dev)
+    layer = MatricizedNMF(head_dim=4, window=4, shifts="default", kernel=kernel, seed=7).to(dev)
     x = torch.randn(1, 4, 8, 8, 8, generator=gen).to(dev)
     explained = torch._dynamo.explain(layer)(x)
     assert explained.graph_break_count == 0 and explained.graph_count == 1
@@ -194,10 +194,10 @@ def test_inductor_compiles_the_glue(gen):
     second = "triton" if have_triton else "torch"
     block = torch.nn.Sequential(
         torch.nn.Conv3d(4, 4, 1, bias=False),
-        MatricizedNMF(head_dim=4, patch_size=4, shifts="default", kernel="torch", seed=2),
+        MatricizedNMF(head_dim=4, window=4, shifts="default", kernel="torch", seed=2),
         torch.nn.Conv3d(4, 4, 1),
         torch.nn.GELU(),
-        MatricizedNMF(head_dim=4, patch_size=2, shifts=[None, 1], kernel=second, seed=3),
+        MatricizedNMF(head_dim=4, window=2, shifts=[None, 1], kernel=second, seed=3),
         torch.nn.Conv3d(4, 4, 1),
     ).to(dev)
     compiled = torch.compile(block, fullgraph=True)
@@ -283,7 +283,7 @@ def test_bf16_autocast_triton_layer(gen):
     torch._dynamo.reset()
     block = torch.nn.Sequential(
         torch.nn.Conv3d(4, 4, 1, bias=False),
-        MatricizedNMF(head_dim=4, patch_size=4, shifts="default", kernel="triton", seed=4),
+        MatricizedNMF(head_dim=4, window=4, shifts="default", kernel="triton", seed=4),
     ).to(dev)
     x = torch.randn(1, 4, 8, 8, 8, generator=gen).to(dev)
     y32 = block(x)
