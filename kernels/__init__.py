@@ -26,7 +26,9 @@ import triton
 
 from .global_nmf import global_nmf
 from .global_nmf_rank import global_nmf_rank
+from .window_nmf import TUNING as _WINDOW_TUNING
 from .window_nmf import window_nmf
+from .window_nmf2 import window_nmf2
 from .window_nmf_rank import window_nmf_rank
 
 __all__ = ["nmf", "matricized_nmf"]
@@ -94,8 +96,12 @@ def matricized_nmf(
     if patch_size is None:
         return global_nmf(x, v0, rows=head_dim, spatial=x.shape[2:], shifts=shifts, u0=u0,
                           iters=iters, solver=solver, relu=True)  # fmt: skip
-    return window_nmf(x, v0, head_dim=head_dim, patch_size=patch_size, shifts=shifts, u0=u0,
-                      iters=iters, solver=solver)  # fmt: skip
+    design = _WINDOW_TUNING["design"]
+    if design not in (1, 2):
+        raise ValueError(f"window_nmf.TUNING['design'] is {design!r}; valid options: 1, 2")
+    window = window_nmf2 if design == 2 else window_nmf
+    return window(x, v0, head_dim=head_dim, patch_size=patch_size, shifts=shifts, u0=u0,
+                  iters=iters, solver=solver)  # fmt: skip
 
 
 def nmf(x, v0, *, u0=None, iters=5, solver="hals", num_grad_steps=None):

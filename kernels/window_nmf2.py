@@ -1,0 +1,378 @@
+"""Rank-one window NMF, second design: every shift's statistics from one read of x.
+
+Same interface and result as :mod:`.window_nmf` (selected by ``window_nmf.TUNING["design"] = 2``;
+the first design stays the default until this one has been timed on a GPU).
+
+Idea (DESIGN.md §6 (a)). Shift s rolls voxel v to r = v + s; its window is r // P, its position
+r mod P. Take an *unshifted* window W (grid coordinates w, local voxel q, 0 <= q < P per axis) and
+write s_d = Q_d P_d + s'_d (0 <= s'_d < P_d). Along axis d the voxels with q_d < P_d - s'_d land
+in shifted window w_d + Q_d, the others in w_d + Q_d + 1; their position is (q_d + s'_d) mod P_d.
+So under every shift W splits into at most 2^3 boxes ("parts", b in {0, 1}^3; one part along an
+axis with s'_d = 0), and each part lies inside one shifted window. The statistics of a shifted
+window are the sums over the (at most 8) parts that fall into it:
+
+    K_s(omega) = sum_parts X_b X_b^T,   h_s(omega) = sum_parts X_b g0_s,b
+
+where g0_s,b is g0 read at the part's positions under shift s. One read of x gives every shift's
+parts. Three launches per call:
+
+1. ``_parts_kernel``, one program per (batch*head, WPP unshifted windows): loads a window as an
+   (E, P0, P1, P2) block (P and the shifts are compile-time constants: no integer division per
+   voxel, contiguous rows), forms each Gram row x_i * x, and reduces it by split sums along the
+   three axes into every shift's parts (E x E and E floats per part);
+2. ``_solve_kernel``, one program per (batch*head, shifted window): for every shift sums its
+   parts from the neighbouring unshifted windows, runs the T - 1 normalised power steps
+   (``_power_steps``) and writes u (and the iterates for backward, in the layout of the first
+   design);
+3. ``_apply_kernel``, one program per (batch*head, WPP unshifted windows): reads x again and
+   writes y = mean_s u_s,b (u_s,b^T x) with u_s,b the vector of the shifted window each part lies
+   in.
+
+MU with zero entries of g0: those columns are dropped, and which columns that are depends on the
+shift, so with ``MU`` the Gram rows are masked per shift before the split sums.
+
+Backward: the iterates are saved in the first design's layout ((bh * n_shifts + s) * n_windows +
+window), so :func:`.window_nmf._backward` computes the exact gradient from them (derivation in
+the first design's docstring and fastnmf/closed_form.py). A backward of this design (per-part dP
+= dY X^T, shift-independent per part in the same way as K) is not written yet.
+
+No atomics: every output element is written by one program in a fixed order, so results are
+bitwise deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from fastnmf.layout import padded_shift_table
+
+from . import window_nmf as _v1
+from ._common import (
+    INTERPRET,
+    _power_steps,
+    acc_dtype,
+    check_window_inputs,
+    compute_dtype,
+    row_mask,
+)
+
+__all__ = ["WindowNMF2", "window_nmf2"]
+
+
+@triton.jit
+def _block_coords(BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr):
+    """Local voxel coordinates of a window block as broadcastable (1, BP0, 1, 1) etc."""
+    q0 = tl.arange(0, BP0)[None, :, None, None]
+    q1 = tl.arange(0, BP1)[None, None, :, None]
+    q2 = tl.arange(0, BP2)[None, None, None, :]
+    return q0, q1, q2
+
+
+@triton.jit
+def _window_origin(w, NW1, NW2):
+    """Grid coordinates of flat window w."""
+    w2 = w % NW2
+    w1 = (w // NW2) % NW1
+    w0 = w // (NW1 * NW2)
+    return w0, w1, w2
+
+
+@triton.jit
+def _window_offsets(offset, e, emask, w0, w1, w2, nvox, S1, S2,
+                 P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+                 BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr):  # fmt: skip
+    """(BLOCK_E, BP0, BP1, BP2) element offsets and mask of unshifted window (w0, w1, w2)."""
+    q0, q1, q2 = _block_coords(BP0, BP1, BP2)
+    e4 = e[:, None, None, None]
+    v = ((w0 * P0 + q0) * S1 + w1 * P1 + q1) * S2 + w2 * P2 + q2
+    mask = emask[:, None, None, None] & (q0 < P0) & (q1 < P1) & (q2 < P2)
+    return offset + e4.to(tl.int64) * nvox + v, mask
+
+
+@triton.jit
+def _shifted_g(g0_ptr, SH0: tl.constexpr, SH1: tl.constexpr, SH2: tl.constexpr,
+               P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+               BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr):  # fmt: skip
+    """(1, BP0, BP1, BP2): g0 at the position each voxel of a window has under the shift whose
+    in-window offsets are (SH0, SH1, SH2) = s mod P (0 on the padding)."""
+    q0, q1, q2 = _block_coords(BP0, BP1, BP2)
+    p0 = q0 + SH0 % P0
+    p1 = q1 + SH1 % P1
+    p2 = q2 + SH2 % P2
+    p0 = tl.where(p0 >= P0, p0 - P0, p0)
+    p1 = tl.where(p1 >= P1, p1 - P1, p1)
+    p2 = tl.where(p2 >= P2, p2 - P2, p2)
+    m = (q0 < P0) & (q1 < P1) & (q2 < P2)
+    return tl.load(g0_ptr + (p0 * P1 + p1) * P2 + p2, mask=m, other=0)
+
+
+@triton.jit
+def _part_mask(q, C: tl.constexpr, B: tl.constexpr):
+    """Voxels of part B (0: q < C, 1: q >= C) along one axis."""
+    if B == 0:
+        return q < C
+    else:
+        return q >= C
+
+
+@triton.jit
+def _store_parts(z, dst, stride, e, emask, SH0: tl.constexpr, SH1: tl.constexpr,
+                 SH2: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+                 BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr):  # fmt: skip
+    """Split sums of z (BLOCK_E, BP0, BP1, BP2) over the parts of one shift, part b stored at
+    dst + b * stride (b = (b0 * 2 + b1) * 2 + b2); axis by axis, the big axis first."""
+    r0 = tl.arange(0, BP0)[None, :]
+    r1 = tl.arange(0, BP1)[None, None, :]
+    r2 = tl.arange(0, BP2)[None, None, None, :]
+    for b2 in tl.static_range(2 if SH2 % P2 else 1):
+        z2 = tl.sum(tl.where(_part_mask(r2, P2 - SH2 % P2, b2), z, 0), axis=3)
+        for b1 in tl.static_range(2 if SH1 % P1 else 1):
+            z1 = tl.sum(tl.where(_part_mask(r1, P1 - SH1 % P1, b1), z2, 0), axis=2)
+            for b0 in tl.static_range(2 if SH0 % P0 else 1):
+                z0 = tl.sum(tl.where(_part_mask(r0, P0 - SH0 % P0, b0), z1, 0), axis=1)
+                tl.store(dst + ((b0 * 2 + b1) * 2 + b2) * stride + e, z0, mask=emask)
+
+
+@triton.jit
+def _parts_kernel(
+    x_ptr, g0_ptr, rowmask_ptr, kpart_ptr, hpart_ptr,
+    C, E, HEADS, NWIN, NVOX, S1, S2, NW1, NW2,
+    SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr,
+    P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+    BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
+    BLOCK_E: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    bh = tl.program_id(1)
+    offset = ((bh // HEADS) * C + (bh % HEADS) * E).to(tl.int64) * NVOX
+    e = tl.arange(0, BLOCK_E)
+    emask = e < E
+    e4 = e[:, None, None, None]
+    rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
+    for j in range(0, WPP):
+        w = tl.program_id(0) * WPP + j
+        if w < NWIN:
+            w0, w1, w2 = _window_origin(w, NW1, NW2)
+            ptrs, mask = _window_offsets(offset, e, emask, w0, w1, w2, NVOX, S1, S2,
+                                      P0, P1, P2, BP0, BP1, BP2)  # fmt: skip
+            x = tl.load(x_ptr + ptrs, mask=mask, other=0).to(ACC)
+            x = tl.maximum(x, 0) * rowmask[:, None, None, None]  # (BLOCK_E, BP0, BP1, BP2)
+            slot = (bh * NWIN + w) * (NSHIFT * 8)
+            for k in tl.static_range(NSHIFT):
+                g = _shifted_g(g0_ptr, SHIFTS[k][0], SHIFTS[k][1], SHIFTS[k][2],
+                               P0, P1, P2, BP0, BP1, BP2).to(ACC)  # fmt: skip
+                xs = x
+                if MU:
+                    xs = tl.where(g > 0, x, 0)
+                _store_parts(xs * g, hpart_ptr + (slot + k * 8) * E, E, e, emask,
+                             SHIFTS[k][0], SHIFTS[k][1], SHIFTS[k][2],
+                             P0, P1, P2, BP0, BP1, BP2)  # fmt: skip
+            for i in tl.static_range(BLOCK_E):
+                xi = tl.sum(tl.where(e4 == i, x, 0), axis=0)[None, :, :, :]  # row i of X
+                for k in tl.static_range(NSHIFT):
+                    z = x * xi  # (BLOCK_E, BP0, BP1, BP2): row i of each voxel's x x^T
+                    if MU:
+                        g = _shifted_g(g0_ptr, SHIFTS[k][0], SHIFTS[k][1], SHIFTS[k][2],
+                                       P0, P1, P2, BP0, BP1, BP2)  # fmt: skip
+                        z = tl.where(g > 0, z, 0)
+                    _store_parts(z, kpart_ptr + (slot + k * 8) * E * E + i * E, E * E, e,
+                                 emask & (tl.full((BLOCK_E,), i, tl.int32) < E), SHIFTS[k][0], SHIFTS[k][1], SHIFTS[k][2],
+                                 P0, P1, P2, BP0, BP1, BP2)  # fmt: skip
+
+
+@triton.jit
+def _solve_kernel(
+    kpart_ptr, hpart_ptr, u_ptr, hats_ptr, norms_ptr,
+    E, NWIN, ITERS, NW0, NW1, NW2,
+    SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr,
+    P2: tl.constexpr, BLOCK_E: tl.constexpr, SAVE: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    om = tl.program_id(0)  # a shifted window
+    bh = tl.program_id(1)
+    o0, o1, o2 = _window_origin(om, NW1, NW2)
+    e = tl.arange(0, BLOCK_E)
+    emask = e < E
+    ee = e[:, None] * E + e[None, :]
+    emask2 = emask[:, None] & emask[None, :]
+    for k in tl.static_range(NSHIFT):
+        k_mat = tl.zeros((BLOCK_E, BLOCK_E), dtype=ACC)
+        h = tl.zeros((BLOCK_E,), dtype=ACC)
+        for b2 in tl.static_range(2 if SHIFTS[k][2] else 1):
+            w2 = (o2 - b2 - SHIFTS[k][5] + 2 * NW2) % NW2
+            for b1 in tl.static_range(2 if SHIFTS[k][1] else 1):
+                w1 = (o1 - b1 - SHIFTS[k][4] + 2 * NW1) % NW1
+                for b0 in tl.static_range(2 if SHIFTS[k][0] else 1):
+                    w0 = (o0 - b0 - SHIFTS[k][3] + 2 * NW0) % NW0
+                    w = (w0 * NW1 + w1) * NW2 + w2  # the unshifted window holding this part
+                    slot = (bh * NWIN + w) * (NSHIFT * 8) + k * 8 + (b0 * 2 + b1) * 2 + b2
+                    k_mat += tl.load(kpart_ptr + slot * E * E + ee, mask=emask2, other=0)
+                    h += tl.load(hpart_ptr + slot * E + e, mask=emask, other=0)
+        prog = (bh * NSHIFT + k) * NWIN + om
+        a_hat = _power_steps(k_mat, h, hats_ptr + prog * ITERS * E, norms_ptr + prog * ITERS, e,
+                             emask, E, ITERS, SAVE)  # fmt: skip
+        tl.store(u_ptr + prog * E + e, a_hat, mask=emask)
+
+
+@triton.jit
+def _apply_kernel(
+    x_ptr, y_ptr, g0_ptr, rowmask_ptr, u_ptr,
+    C, E, HEADS, NWIN, NVOX, S1, S2, NW0, NW1, NW2,
+    SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr,
+    P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+    BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
+    BLOCK_E: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    bh = tl.program_id(1)
+    offset = ((bh // HEADS) * C + (bh % HEADS) * E).to(tl.int64) * NVOX
+    e = tl.arange(0, BLOCK_E)
+    emask = e < E
+    rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
+    q0, q1, q2 = _block_coords(BP0, BP1, BP2)
+    for j in range(0, WPP):
+        w = tl.program_id(0) * WPP + j
+        if w < NWIN:
+            w0, w1, w2 = _window_origin(w, NW1, NW2)
+            ptrs, mask = _window_offsets(offset, e, emask, w0, w1, w2, NVOX, S1, S2,
+                                      P0, P1, P2, BP0, BP1, BP2)  # fmt: skip
+            x = tl.load(x_ptr + ptrs, mask=mask, other=0).to(ACC)
+            x = tl.maximum(x, 0) * rowmask[:, None, None, None]  # (BLOCK_E, BP0, BP1, BP2)
+            y = tl.zeros((BLOCK_E, BP0, BP1, BP2), dtype=ACC)
+            for k in tl.static_range(NSHIFT):
+                uu = tl.zeros((BLOCK_E, BP0, BP1, BP2), dtype=ACC)  # u of each voxel's window
+                for b2 in tl.static_range(2 if SHIFTS[k][2] else 1):
+                    m2 = _part_mask(q2, P2 - SHIFTS[k][2], b2)
+                    o2 = (w2 + b2 + SHIFTS[k][5]) % NW2
+                    for b1 in tl.static_range(2 if SHIFTS[k][1] else 1):
+                        m1 = _part_mask(q1, P1 - SHIFTS[k][1], b1)
+                        o1 = (w1 + b1 + SHIFTS[k][4]) % NW1
+                        for b0 in tl.static_range(2 if SHIFTS[k][0] else 1):
+                            m0 = _part_mask(q0, P0 - SHIFTS[k][0], b0)
+                            o0 = (w0 + b0 + SHIFTS[k][3]) % NW0
+                            prog = (bh * NSHIFT + k) * NWIN + (o0 * NW1 + o1) * NW2 + o2
+                            u = tl.load(u_ptr + prog * E + e, mask=emask, other=0)
+                            uu = tl.where(m0 & m1 & m2, u[:, None, None, None], uu)
+                xs = x
+                if MU:
+                    g = _shifted_g(g0_ptr, SHIFTS[k][0], SHIFTS[k][1], SHIFTS[k][2],
+                                   P0, P1, P2, BP0, BP1, BP2)  # fmt: skip
+                    xs = tl.where(g > 0, x, 0)
+                c = tl.sum(uu * xs, axis=0)[None, :, :, :]  # u^T x(v) per voxel
+                y += uu * c
+            y = y / NSHIFT
+            tl.store(y_ptr + ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------------------------------------------------------
+# Launchers
+# ------------------------------------------------------------------------------------------------
+
+# Unshifted windows per program of the parts and apply kernels (the interpreter pays per
+# program, so it takes more); read by the launcher at each call.
+TUNING: dict = {"wpp": None, "warps": None}
+
+
+def _shift_constants(shifts, spatial, patch3) -> tuple[tuple[int, ...], ...]:
+    """Each shift as (s'0, s'1, s'2, Q0, Q1, Q2): s mod S = Q P + s' per axis (compile-time)."""
+    rows = padded_shift_table(shifts, spatial)  # 3D, reduced mod S
+    return tuple(
+        tuple(r[d] % patch3[d] for d in range(3)) + tuple(r[d] // patch3[d] for d in range(3))
+        for r in rows
+    )
+
+
+class _Geometry2:
+    """Sizes of a (B, C, *S) input as 3D and the compile-time constants of the kernels."""
+
+    def __init__(self, x: torch.Tensor, head_dim: int, patch, shifts):
+        spatial = tuple(x.shape[2:])
+        pad = 3 - len(spatial)
+        self.batch, self.channels = x.shape[:2]
+        self.E = head_dim
+        self.heads = self.channels // head_dim
+        self.S = (1,) * pad + spatial
+        self.P = (1,) * pad + tuple(patch)
+        self.NW = tuple(s // p for s, p in zip(self.S, self.P, strict=True))
+        self.nwin = math.prod(self.NW)
+        self.nvox = math.prod(self.S)
+        self.bp = tuple(triton.next_power_of_2(p) for p in self.P)
+        self.shifts = _shift_constants(shifts, spatial, self.P)
+        self.nshift = len(self.shifts)
+        self.block_e = max(triton.next_power_of_2(head_dim), 2)
+        self.wpp = TUNING["wpp"] or (16 if INTERPRET else 4)
+        self.warps = TUNING["warps"] or 4
+        self.bh = self.batch * self.heads
+
+    def consts(self) -> dict:
+        return dict(SHIFTS=self.shifts, NSHIFT=self.nshift, P0=self.P[0], P1=self.P[1],
+                    P2=self.P[2])  # fmt: skip
+
+    def block(self) -> dict:
+        return dict(WPP=self.wpp, BP0=self.bp[0], BP1=self.bp[1], BP2=self.bp[2],
+                    BLOCK_E=self.block_e)  # fmt: skip
+
+
+def _forward(x, g0, rowmask, geo: _Geometry2, iters: int, mu: bool, save: bool):
+    f32 = compute_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
+    dev = x.device
+    slots = geo.bh * geo.nwin * geo.nshift * 8
+    kpart = torch.empty(slots, geo.E, geo.E, dtype=f32, device=dev)  # unused slots stay unread
+    hpart = torch.empty(slots, geo.E, dtype=f32, device=dev)
+    progs = geo.bh * geo.nshift * geo.nwin
+    u = torch.empty(progs, geo.E, dtype=f32, device=dev)
+    hats = torch.empty(progs, iters, geo.E, dtype=f32, device=dev) if save else u
+    norms = torch.empty(progs, iters, dtype=f32, device=dev) if save else u
+    y = torch.empty_like(x)
+    grid = (triton.cdiv(geo.nwin, geo.wpp), geo.bh)
+    _parts_kernel[grid](
+        x, g0, rowmask, kpart, hpart,
+        geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, geo.S[1], geo.S[2], *geo.NW[1:],
+        **geo.consts(), **geo.block(), MU=mu, ACC=acc, num_warps=geo.warps,
+    )  # fmt: skip
+    _solve_kernel[(geo.nwin, geo.bh)](
+        kpart, hpart, u, hats, norms, geo.E, geo.nwin, iters, *geo.NW,
+        **geo.consts(), BLOCK_E=geo.block_e, SAVE=save, ACC=acc, num_warps=1,
+    )  # fmt: skip
+    _apply_kernel[grid](
+        x, y, g0, rowmask, u,
+        geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, geo.S[1], geo.S[2], *geo.NW,
+        **geo.consts(), **geo.block(), MU=mu, ACC=acc, num_warps=geo.warps,
+    )  # fmt: skip
+    if not save:
+        hats = norms = None
+    return y, hats, norms
+
+
+class WindowNMF2(torch.autograd.Function):
+    """Rank-one matricized NMF over windows, second design; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, x, g0, rowmask, head_dim, patch, shifts, iters, mu):
+        geo = _Geometry2(x, head_dim, patch, shifts)
+        y, hats, norms = _forward(x, g0, rowmask, geo, iters, mu, save=ctx.needs_input_grad[0])
+        ctx.save_for_backward(x, g0, rowmask, hats, norms)
+        ctx.args = (head_dim, patch, shifts, iters, mu)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, g0, rowmask, hats, norms = ctx.saved_tensors
+        head_dim, patch, shifts, iters, mu = ctx.args
+        geo = _v1._Geometry(x, head_dim, patch, shifts)  # the first design's backward
+        dx = _v1._backward(x, g0, rowmask, hats, norms, dy.contiguous(), geo, iters, mu)
+        return dx, None, None, None, None, None, None, None
+
+
+def window_nmf2(x, v0, *, head_dim, patch_size, shifts, u0=None, iters=5, solver="hals"):
+    """Rank-one matricized NMF over (shifted) windows, second design (same interface as
+    :func:`.window_nmf.window_nmf`; arguments assumed validated by :func:`fastnmf.matricized_nmf`).
+    """
+    check_window_inputs(x, v0, head_dim)
+    cdt = compute_dtype(x.dtype)
+    g0 = v0[:, 0].detach().to(cdt).contiguous()
+    mu = solver == "mu"
+    rowmask = row_mask(head_dim, u0, mu, cdt, x.device)
+    return WindowNMF2.apply(x, g0, rowmask, head_dim, tuple(patch_size), shifts, iters, mu)
