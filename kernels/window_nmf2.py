@@ -50,7 +50,6 @@ import triton.language as tl
 
 from fastnmf.layout import padded_shift_table
 
-from . import window_nmf as _v1
 from ._common import (
     INTERPRET,
     _power_steps,
@@ -59,6 +58,8 @@ from ._common import (
     compute_dtype,
     row_mask,
 )
+from .window_nmf import _backward as _backward1
+from .window_nmf import _Geometry as _Geometry1
 
 __all__ = ["WindowNMF2", "window_nmf2"]
 
@@ -111,15 +112,6 @@ def _shifted_g(g0_ptr, SH0: tl.constexpr, SH1: tl.constexpr, SH2: tl.constexpr,
 
 
 @triton.jit
-def _part_mask(q, C: tl.constexpr, B: tl.constexpr):
-    """Voxels of part B (0: q < C, 1: q >= C) along one axis."""
-    if B == 0:
-        return q < C
-    else:
-        return q >= C
-
-
-@triton.jit
 def _store_parts(z, dst, stride, e, emask, SH0: tl.constexpr, SH1: tl.constexpr,
                  SH2: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
                  BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr):  # fmt: skip
@@ -129,11 +121,11 @@ def _store_parts(z, dst, stride, e, emask, SH0: tl.constexpr, SH1: tl.constexpr,
     r1 = tl.arange(0, BP1)[None, None, :]
     r2 = tl.arange(0, BP2)[None, None, None, :]
     for b2 in tl.static_range(2 if SH2 % P2 else 1):
-        z2 = tl.sum(tl.where(_part_mask(r2, P2 - SH2 % P2, b2), z, 0), axis=3)
+        z2 = tl.sum(tl.where((r2 >= P2 - SH2 % P2).to(tl.int32) == b2, z, 0), axis=3)
         for b1 in tl.static_range(2 if SH1 % P1 else 1):
-            z1 = tl.sum(tl.where(_part_mask(r1, P1 - SH1 % P1, b1), z2, 0), axis=2)
+            z1 = tl.sum(tl.where((r1 >= P1 - SH1 % P1).to(tl.int32) == b1, z2, 0), axis=2)
             for b0 in tl.static_range(2 if SH0 % P0 else 1):
-                z0 = tl.sum(tl.where(_part_mask(r0, P0 - SH0 % P0, b0), z1, 0), axis=1)
+                z0 = tl.sum(tl.where((r0 >= P0 - SH0 % P0).to(tl.int32) == b0, z1, 0), axis=1)
                 tl.store(dst + ((b0 * 2 + b1) * 2 + b2) * stride + e, z0, mask=emask)
 
 
@@ -178,8 +170,9 @@ def _parts_kernel(
                         g = _shifted_g(g0_ptr, SHIFTS[k][0], SHIFTS[k][1], SHIFTS[k][2],
                                        P0, P1, P2, BP0, BP1, BP2)  # fmt: skip
                         z = tl.where(g > 0, z, 0)
-                    _store_parts(z, kpart_ptr + (slot + k * 8) * E * E + i * E, E * E, e,
-                                 emask & (tl.full((BLOCK_E,), i, tl.int32) < E), SHIFTS[k][0], SHIFTS[k][1], SHIFTS[k][2],
+                    row_ok = emask & (tl.full((BLOCK_E,), i, tl.int32) < E)
+                    _store_parts(z, kpart_ptr + (slot + k * 8) * E * E + i * E, E * E, e, row_ok,
+                                 SHIFTS[k][0], SHIFTS[k][1], SHIFTS[k][2],
                                  P0, P1, P2, BP0, BP1, BP2)  # fmt: skip
 
 
@@ -243,13 +236,13 @@ def _apply_kernel(
             for k in tl.static_range(NSHIFT):
                 uu = tl.zeros((BLOCK_E, BP0, BP1, BP2), dtype=ACC)  # u of each voxel's window
                 for b2 in tl.static_range(2 if SHIFTS[k][2] else 1):
-                    m2 = _part_mask(q2, P2 - SHIFTS[k][2], b2)
+                    m2 = (q2 >= P2 - SHIFTS[k][2]).to(tl.int32) == b2
                     o2 = (w2 + b2 + SHIFTS[k][5]) % NW2
                     for b1 in tl.static_range(2 if SHIFTS[k][1] else 1):
-                        m1 = _part_mask(q1, P1 - SHIFTS[k][1], b1)
+                        m1 = (q1 >= P1 - SHIFTS[k][1]).to(tl.int32) == b1
                         o1 = (w1 + b1 + SHIFTS[k][4]) % NW1
                         for b0 in tl.static_range(2 if SHIFTS[k][0] else 1):
-                            m0 = _part_mask(q0, P0 - SHIFTS[k][0], b0)
+                            m0 = (q0 >= P0 - SHIFTS[k][0]).to(tl.int32) == b0
                             o0 = (w0 + b0 + SHIFTS[k][3]) % NW0
                             prog = (bh * NSHIFT + k) * NWIN + (o0 * NW1 + o1) * NW2 + o2
                             u = tl.load(u_ptr + prog * E + e, mask=emask, other=0)
@@ -361,8 +354,8 @@ class WindowNMF2(torch.autograd.Function):
     def backward(ctx, dy):
         x, g0, rowmask, hats, norms = ctx.saved_tensors
         head_dim, patch, shifts, iters, mu = ctx.args
-        geo = _v1._Geometry(x, head_dim, patch, shifts)  # the first design's backward
-        dx = _v1._backward(x, g0, rowmask, hats, norms, dy.contiguous(), geo, iters, mu)
+        geo = _Geometry1(x, head_dim, patch, shifts)  # the first design's backward
+        dx = _backward1(x, g0, rowmask, hats, norms, dy.contiguous(), geo, iters, mu)
         return dx, None, None, None, None, None, None, None
 
 
