@@ -1,0 +1,160 @@
+"""Backward of the second window design (kernels/window_nmf2.py): statistics from one read.
+
+Per shifted window (first design's docstring, fastnmf/closed_form.py), with dY_s = dY / n_shifts:
+
+    dP = dY_s X^T,  then back through the power steps: S = K̄ + K̄^T and h̄ (E^2 + E floats),
+    dX = u (u^T dY_s) + S X + h̄ g0^T (per shift, summed), times ReLU'(x).
+
+Both statistics the power-step backward needs, K = X X^T and dP, are sums over the voxels of the
+window, so like K in the forward they split into parts: an unshifted window W meets at most 8
+shifted windows per shift, and
+
+    K_s(omega) = sum_parts X_b X_b^T,   dP_s(omega) = (1 / n_shifts) sum_parts dY_b X_b^T.
+
+Three launches:
+
+1. ``_parts_bwd_kernel``, per (batch*head, WPP unshifted windows): reads x and dy once, forms
+   row i of x x^T and of dy x^T for every voxel and split-sums them into every shift's parts;
+2. ``_solve_bwd_kernel``, per (batch*head, shifted window): sums the parts of each shift and runs
+   ``_power_steps_backward`` from the saved iterates; writes S and h̄ in the first design's layout;
+3. the first design's output pass (``_apply_bwd_tile_kernel`` or ``_apply_bwd_kernel``): per
+   voxel block, the sum over shifts of the three terms of dX, reading x and dy a second time.
+
+With MU and zero entries of g0 the dropped columns depend on the shift, so x is masked per shift
+before the split sums (as in the forward).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import _power_steps_backward, acc_dtype
+from ._window2_common import (
+    _Geometry2,
+    _shifted_g,
+    _store_parts,
+    _window_offsets,
+    _window_origin,
+)
+from .window_nmf import _apply_bwd_kernel, _apply_bwd_tile_kernel
+from .window_nmf import _Geometry as _Geometry1
+
+
+@triton.jit
+def _parts_bwd_kernel(
+    x_ptr, dy_ptr, g0_ptr, rowmask_ptr, kpart_ptr, ppart_ptr,
+    C, E, HEADS, NWIN, NVOX, S1, S2, NW1, NW2,
+    SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr,
+    P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+    BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
+    BLOCK_E: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    bh = tl.program_id(1)
+    offset = ((bh // HEADS) * C + (bh % HEADS) * E).to(tl.int64) * NVOX
+    e = tl.arange(0, BLOCK_E)
+    emask = e < E
+    e4 = e[:, None, None, None]
+    rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
+    for j in range(0, WPP):
+        w = tl.program_id(0) * WPP + j
+        if w < NWIN:
+            w0, w1, w2 = _window_origin(w, NW1, NW2)
+            ptrs, mask = _window_offsets(offset, e, emask, w0, w1, w2, NVOX, S1, S2,
+                                         P0, P1, P2, BP0, BP1, BP2)  # fmt: skip
+            x = tl.load(x_ptr + ptrs, mask=mask, other=0).to(ACC)
+            x = tl.maximum(x, 0) * rowmask[:, None, None, None]  # (BLOCK_E, BP0, BP1, BP2)
+            dy = tl.load(dy_ptr + ptrs, mask=mask, other=0).to(ACC)
+            slot = (bh * NWIN + w) * (NSHIFT * 8)
+            for i in tl.static_range(BLOCK_E):
+                xi = tl.sum(tl.where(e4 == i, x, 0), axis=0)[None, :, :, :]  # row i of X
+                dyi = tl.sum(tl.where(e4 == i, dy, 0), axis=0)[None, :, :, :]  # row i of dY
+                row_ok = emask & (tl.full((BLOCK_E,), i, tl.int32) < E)
+                for k in tl.static_range(NSHIFT):
+                    xs = x
+                    xsi = xi
+                    if MU:
+                        g = _shifted_g(g0_ptr, SHIFTS[k][0], SHIFTS[k][1], SHIFTS[k][2],
+                                       P0, P1, P2, BP0, BP1, BP2)  # fmt: skip
+                        xs = tl.where(g > 0, x, 0)
+                        xsi = tl.where(g > 0, xi, 0)
+                    part = (slot + k * 8) * E * E + i * E
+                    _store_parts(xs * xsi, kpart_ptr + part, E * E, e, row_ok,
+                                 SHIFTS[k][0], SHIFTS[k][1], SHIFTS[k][2],
+                                 P0, P1, P2, BP0, BP1, BP2)  # fmt: skip
+                    _store_parts(xs * dyi, ppart_ptr + part, E * E, e, row_ok,
+                                 SHIFTS[k][0], SHIFTS[k][1], SHIFTS[k][2],
+                                 P0, P1, P2, BP0, BP1, BP2)  # fmt: skip
+
+
+@triton.jit
+def _solve_bwd_kernel(
+    kpart_ptr, ppart_ptr, hats_ptr, norms_ptr, sym_ptr, hbar_ptr,
+    E, NWIN, ITERS, NW0, NW1, NW2,
+    SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, BLOCK_E: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    om = tl.program_id(0)  # a shifted window
+    bh = tl.program_id(1)
+    o0, o1, o2 = _window_origin(om, NW1, NW2)
+    e = tl.arange(0, BLOCK_E)
+    emask = e < E
+    ee = e[:, None] * E + e[None, :]
+    emask2 = emask[:, None] & emask[None, :]
+    for k in tl.static_range(NSHIFT):
+        k_mat = tl.zeros((BLOCK_E, BLOCK_E), dtype=ACC)
+        dp = tl.zeros((BLOCK_E, BLOCK_E), dtype=ACC)
+        for b2 in tl.static_range(2 if SHIFTS[k][2] else 1):
+            w2 = (o2 - b2 - SHIFTS[k][5] + 2 * NW2) % NW2
+            for b1 in tl.static_range(2 if SHIFTS[k][1] else 1):
+                w1 = (o1 - b1 - SHIFTS[k][4] + 2 * NW1) % NW1
+                for b0 in tl.static_range(2 if SHIFTS[k][0] else 1):
+                    w0 = (o0 - b0 - SHIFTS[k][3] + 2 * NW0) % NW0
+                    w = (w0 * NW1 + w1) * NW2 + w2  # the unshifted window holding this part
+                    slot = (bh * NWIN + w) * (NSHIFT * 8) + k * 8 + (b0 * 2 + b1) * 2 + b2
+                    k_mat += tl.load(kpart_ptr + slot * E * E + ee, mask=emask2, other=0)
+                    dp += tl.load(ppart_ptr + slot * E * E + ee, mask=emask2, other=0)
+        dp = dp / NSHIFT  # rows: dY_s = dY / n_shifts
+        prog = (bh * NSHIFT + k) * NWIN + om
+        sym, hbar = _power_steps_backward(k_mat, dp, hats_ptr + prog * ITERS * E,
+                                          norms_ptr + prog * ITERS, e, emask, E, ITERS, BLOCK_E,
+                                          ACC)  # fmt: skip
+        tl.store(sym_ptr + prog * E * E + ee, sym, mask=emask2)
+        tl.store(hbar_ptr + prog * E + e, hbar, mask=emask)
+
+
+def backward2(x, g0, rowmask, hats, norms, dy, geo: _Geometry2, geo1: _Geometry1, iters: int,
+              mu: bool) -> torch.Tensor:  # fmt: skip
+    """dL/dx of the second design from the saved iterates (three launches)."""
+    dev = x.device
+    f32 = hats.dtype
+    acc = acc_dtype(x.dtype)
+    slots = geo.bh * geo.nwin * geo.nshift * 8
+    kpart = torch.empty(slots, geo.E, geo.E, dtype=f32, device=dev)  # unused slots stay unread
+    ppart = torch.empty(slots, geo.E, geo.E, dtype=f32, device=dev)
+    progs = hats.shape[0]
+    sym = torch.empty(progs, geo.E, geo.E, dtype=f32, device=dev)
+    hbar = torch.empty(progs, geo.E, dtype=f32, device=dev)
+    _parts_bwd_kernel[(triton.cdiv(geo.nwin, geo.wpp), geo.bh)](
+        x, dy, g0, rowmask, kpart, ppart,
+        geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, geo.S[1], geo.S[2], *geo.NW[1:],
+        **geo.consts(), **geo.block(), MU=mu, ACC=acc, num_warps=geo.warps,
+    )  # fmt: skip
+    _solve_bwd_kernel[(geo.nwin, geo.bh)](
+        kpart, ppart, hats, norms, sym, hbar, geo.E, geo.nwin, iters, *geo.NW,
+        SHIFTS=geo.shifts, NSHIFT=geo.nshift, BLOCK_E=geo.block_e, ACC=acc, num_warps=1,
+    )  # fmt: skip
+    dx = torch.empty_like(x)
+    args = (x, dy, dx, g0, rowmask, geo1.shifts, hats, sym, hbar, *geo1.common(), iters,
+            *geo1.spatial_args())  # fmt: skip
+    if geo1.tiled:
+        _apply_bwd_tile_kernel[(geo1.ntiles, geo.bh)](
+            *args, *geo1.tile_args(), BLOCK_E=geo1.block_e, HB=geo1.hb, MU=mu, ACC=acc,
+            num_warps=geo1.tile_warps,
+        )  # fmt: skip
+    else:
+        block_v = geo1.block_v
+        _apply_bwd_kernel[(triton.cdiv(geo1.nvox, block_v), geo.bh)](
+            *args, BLOCK_E=geo1.block_e, BLOCK_V=block_v, MU=mu, ACC=acc, num_warps=4,
+        )  # fmt: skip
+    return dx
