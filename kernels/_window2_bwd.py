@@ -33,7 +33,8 @@ import triton.language as tl
 from ._common import _power_steps_backward, acc_dtype
 from ._window2_common import (
     _Geometry2,
-    _shifted_g,
+    _pick,
+    _shifted_g_all,
     _store_parts,
     _window_offsets,
     _window_origin,
@@ -49,7 +50,7 @@ def _parts_bwd_kernel(
     SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr,
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
-    BLOCK_E: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_E: tl.constexpr, NSB: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(1)
     offset = ((bh // HEADS) * C + (bh % HEADS) * E).to(tl.int64) * NVOX
@@ -57,6 +58,9 @@ def _parts_bwd_kernel(
     emask = e < E
     e4 = e[:, None, None, None]
     rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
+    g_all = tl.zeros((NSB, BP0, BP1, BP2), dtype=ACC)
+    if MU:  # g0 under every shift, once per program
+        g_all = _shifted_g_all(g0_ptr, SHIFTS, NSHIFT, NSB, P0, P1, P2, BP0, BP1, BP2).to(ACC)
     for j in range(0, WPP):
         w = tl.program_id(0) * WPP + j
         if w < NWIN:
@@ -75,8 +79,7 @@ def _parts_bwd_kernel(
                     xs = x
                     xsi = xi
                     if MU:
-                        g = _shifted_g(g0_ptr, SHIFTS[k][0], SHIFTS[k][1], SHIFTS[k][2],
-                                       P0, P1, P2, BP0, BP1, BP2)  # fmt: skip
+                        g = _pick(g_all, k, NSB)
                         xs = tl.where(g > 0, x, 0)
                         xsi = tl.where(g > 0, xi, 0)
                     part = (slot + k * 8) * E * E + i * E

@@ -63,6 +63,38 @@ def _shifted_g(g0_ptr, SH0: tl.constexpr, SH1: tl.constexpr, SH2: tl.constexpr,
 
 
 @triton.jit
+def _shifted_g_all(g0_ptr, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, NSB: tl.constexpr,
+                   P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+                   BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr):  # fmt: skip
+    """(NSB, BP0, BP1, BP2): for every shift k, g0 at the position each voxel of a window has
+    under shift k (0 on the padding); loaded once per program, picked by :func:`_pick`."""
+    q0, q1, q2 = _block_coords(BP0, BP1, BP2)
+    s4 = tl.arange(0, NSB)[:, None, None, None]
+    sh0 = tl.zeros((NSB, 1, 1, 1), dtype=tl.int32)
+    sh1 = tl.zeros((NSB, 1, 1, 1), dtype=tl.int32)
+    sh2 = tl.zeros((NSB, 1, 1, 1), dtype=tl.int32)
+    for k in tl.static_range(NSHIFT):
+        sh0 = tl.where(s4 == k, SHIFTS[k][0], sh0)
+        sh1 = tl.where(s4 == k, SHIFTS[k][1], sh1)
+        sh2 = tl.where(s4 == k, SHIFTS[k][2], sh2)
+    p0 = q0 + sh0
+    p1 = q1 + sh1
+    p2 = q2 + sh2
+    p0 = tl.where(p0 >= P0, p0 - P0, p0)
+    p1 = tl.where(p1 >= P1, p1 - P1, p1)
+    p2 = tl.where(p2 >= P2, p2 - P2, p2)
+    m = (s4 < NSHIFT) & (q0 < P0) & (q1 < P1) & (q2 < P2)
+    return tl.load(g0_ptr + (p0 * P1 + p1) * P2 + p2, mask=m, other=0)
+
+
+@triton.jit
+def _pick(g_all, k: tl.constexpr, NSB: tl.constexpr):
+    """Shift k's (1, BP0, BP1, BP2) slice of :func:`_shifted_g_all`."""
+    s4 = tl.arange(0, NSB)[:, None, None, None]
+    return tl.sum(tl.where(s4 == k, g_all, 0), axis=0)[None, :, :, :]
+
+
+@triton.jit
 def _store_parts(z, dst, stride, e, emask, SH0: tl.constexpr, SH1: tl.constexpr,
                  SH2: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
                  BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr):  # fmt: skip
@@ -122,4 +154,4 @@ class _Geometry2:
 
     def block(self) -> dict:
         return dict(WPP=self.wpp, BP0=self.bp[0], BP1=self.bp[1], BP2=self.bp[2],
-                    BLOCK_E=self.block_e)  # fmt: skip
+                    BLOCK_E=self.block_e, NSB=triton.next_power_of_2(self.nshift))  # fmt: skip

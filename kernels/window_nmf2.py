@@ -58,7 +58,8 @@ from ._window2_common import (
     TUNING,
     _block_coords,
     _Geometry2,
-    _shifted_g,
+    _pick,
+    _shifted_g_all,
     _store_parts,
     _window_offsets,
     _window_origin,
@@ -75,7 +76,7 @@ def _parts_kernel(
     SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr,
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
-    BLOCK_E: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_E: tl.constexpr, NSB: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(1)
     offset = ((bh // HEADS) * C + (bh % HEADS) * E).to(tl.int64) * NVOX
@@ -83,6 +84,8 @@ def _parts_kernel(
     emask = e < E
     e4 = e[:, None, None, None]
     rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
+    # g0 under every shift, once per program
+    g_all = _shifted_g_all(g0_ptr, SHIFTS, NSHIFT, NSB, P0, P1, P2, BP0, BP1, BP2).to(ACC)
     for j in range(0, WPP):
         w = tl.program_id(0) * WPP + j
         if w < NWIN:
@@ -93,8 +96,7 @@ def _parts_kernel(
             x = tl.maximum(x, 0) * rowmask[:, None, None, None]  # (BLOCK_E, BP0, BP1, BP2)
             slot = (bh * NWIN + w) * (NSHIFT * 8)
             for k in tl.static_range(NSHIFT):
-                g = _shifted_g(g0_ptr, SHIFTS[k][0], SHIFTS[k][1], SHIFTS[k][2],
-                               P0, P1, P2, BP0, BP1, BP2).to(ACC)  # fmt: skip
+                g = _pick(g_all, k, NSB)
                 xs = x
                 if MU:
                     xs = tl.where(g > 0, x, 0)
@@ -106,8 +108,7 @@ def _parts_kernel(
                 for k in tl.static_range(NSHIFT):
                     z = x * xi  # (BLOCK_E, BP0, BP1, BP2): row i of each voxel's x x^T
                     if MU:
-                        g = _shifted_g(g0_ptr, SHIFTS[k][0], SHIFTS[k][1], SHIFTS[k][2],
-                                       P0, P1, P2, BP0, BP1, BP2)  # fmt: skip
+                        g = _pick(g_all, k, NSB)
                         z = tl.where(g > 0, z, 0)
                     row_ok = emask & (tl.full((BLOCK_E,), i, tl.int32) < E)
                     _store_parts(z, kpart_ptr + (slot + k * 8) * E * E + i * E, E * E, e, row_ok,
@@ -155,13 +156,16 @@ def _apply_kernel(
     SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr,
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
-    BLOCK_E: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_E: tl.constexpr, NSB: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(1)
     offset = ((bh // HEADS) * C + (bh % HEADS) * E).to(tl.int64) * NVOX
     e = tl.arange(0, BLOCK_E)
     emask = e < E
     rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
+    g_all = tl.zeros((NSB, BP0, BP1, BP2), dtype=ACC)
+    if MU:  # g0 under every shift, once per program
+        g_all = _shifted_g_all(g0_ptr, SHIFTS, NSHIFT, NSB, P0, P1, P2, BP0, BP1, BP2).to(ACC)
     q0, q1, q2 = _block_coords(BP0, BP1, BP2)
     for j in range(0, WPP):
         w = tl.program_id(0) * WPP + j
@@ -188,8 +192,7 @@ def _apply_kernel(
                             uu = tl.where(m0 & m1 & m2, u[:, None, None, None], uu)
                 xs = x
                 if MU:
-                    g = _shifted_g(g0_ptr, SHIFTS[k][0], SHIFTS[k][1], SHIFTS[k][2],
-                                   P0, P1, P2, BP0, BP1, BP2)  # fmt: skip
+                    g = _pick(g_all, k, NSB)
                     xs = tl.where(g > 0, x, 0)
                 c = tl.sum(uu * xs, axis=0)[None, :, :, :]  # u^T x(v) per voxel
                 y += uu * c
