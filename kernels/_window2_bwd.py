@@ -32,6 +32,7 @@ import triton.language as tl
 
 from ._common import _power_steps_backward, acc_dtype
 from ._window2_common import (
+    _block_coords,
     _Geometry2,
     _pick,
     _shifted_g_all,
@@ -39,8 +40,6 @@ from ._window2_common import (
     _window_offsets,
     _window_origin,
 )
-from .window_nmf import _apply_bwd_kernel, _apply_bwd_tile_kernel
-from .window_nmf import _Geometry as _Geometry1
 
 
 @triton.jit
@@ -126,7 +125,76 @@ def _solve_bwd_kernel(
         tl.store(hbar_ptr + prog * E + e, hbar, mask=emask)
 
 
-def backward2(x, g0, rowmask, hats, norms, dy, geo: _Geometry2, geo1: _Geometry1, iters: int,
+@triton.jit
+def _apply_bwd_kernel2(
+    x_ptr, dy_ptr, dx_ptr, g0_ptr, rowmask_ptr, hats_ptr, sym_ptr, hbar_ptr,
+    C, E, HEADS, NWIN, NVOX, ITERS, S1, S2, NW0, NW1, NW2,
+    SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr,
+    P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+    BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
+    BLOCK_E: tl.constexpr, NSB: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """dX = sum_s [u (u^T dY_s) + S x + h̄ g0_s^T] times ReLU'(x), per unshifted window, each
+    part's (u, S, h̄) those of the shifted window it lies in (S applied column by column)."""
+    bh = tl.program_id(1)
+    offset = ((bh // HEADS) * C + (bh % HEADS) * E).to(tl.int64) * NVOX
+    e = tl.arange(0, BLOCK_E)
+    emask = e < E
+    e4 = e[:, None, None, None]
+    rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
+    g_all = _shifted_g_all(g0_ptr, SHIFTS, NSHIFT, NSB, P0, P1, P2, BP0, BP1, BP2).to(ACC)
+    q0, q1, q2 = _block_coords(BP0, BP1, BP2)
+    for j in range(0, WPP):
+        w = tl.program_id(0) * WPP + j
+        if w < NWIN:
+            w0, w1, w2 = _window_origin(w, NW1, NW2)
+            ptrs, mask = _window_offsets(offset, e, emask, w0, w1, w2, NVOX, S1, S2,
+                                         P0, P1, P2, BP0, BP1, BP2)  # fmt: skip
+            x_raw = tl.load(x_ptr + ptrs, mask=mask, other=0).to(ACC)
+            x = tl.maximum(x_raw, 0) * rowmask[:, None, None, None]  # (BLOCK_E, BP0, BP1, BP2)
+            dy = tl.load(dy_ptr + ptrs, mask=mask, other=0).to(ACC) / NSHIFT
+            dx = tl.zeros((BLOCK_E, BP0, BP1, BP2), dtype=ACC)
+            for k in tl.static_range(NSHIFT):
+                g = _pick(g_all, k, NSB)
+                xs = x
+                if MU:
+                    xs = tl.where(g > 0, x, 0)
+                uu = tl.zeros((BLOCK_E, BP0, BP1, BP2), dtype=ACC)  # u of each voxel's window
+                hh = tl.zeros((BLOCK_E, BP0, BP1, BP2), dtype=ACC)  # h̄ likewise
+                term = tl.zeros((BLOCK_E, BP0, BP1, BP2), dtype=ACC)  # S x
+                for b2 in tl.static_range(2 if SHIFTS[k][2] else 1):
+                    m2 = (q2 >= P2 - SHIFTS[k][2]).to(tl.int32) == b2
+                    o2 = (w2 + b2 + SHIFTS[k][5]) % NW2
+                    for b1 in tl.static_range(2 if SHIFTS[k][1] else 1):
+                        m1 = (q1 >= P1 - SHIFTS[k][1]).to(tl.int32) == b1
+                        o1 = (w1 + b1 + SHIFTS[k][4]) % NW1
+                        for b0 in tl.static_range(2 if SHIFTS[k][0] else 1):
+                            m = ((q0 >= P0 - SHIFTS[k][0]).to(tl.int32) == b0) & m1 & m2
+                            o0 = (w0 + b0 + SHIFTS[k][3]) % NW0
+                            prog = (bh * NSHIFT + k) * NWIN + (o0 * NW1 + o1) * NW2 + o2
+                            u = tl.load(hats_ptr + (prog * ITERS + ITERS - 1) * E + e,
+                                        mask=emask, other=0)  # fmt: skip
+                            hb = tl.load(hbar_ptr + prog * E + e, mask=emask, other=0)
+                            uu = tl.where(m, u[:, None, None, None], uu)
+                            hh = tl.where(m, hb[:, None, None, None], hh)
+                            sxb = tl.zeros((BLOCK_E, BP0, BP1, BP2), dtype=ACC)
+                            for c in tl.static_range(BLOCK_E):  # S x = sum_c S[:, c] x_c
+                                col = tl.load(sym_ptr + prog * E * E + e * E + c,
+                                              mask=emask & (tl.full((BLOCK_E,), c, tl.int32) < E),
+                                              other=0)  # fmt: skip
+                                xc = tl.sum(tl.where(e4 == c, xs, 0), axis=0)[None, :, :, :]
+                                sxb += col[:, None, None, None] * xc
+                            term = tl.where(m, sxb, term)
+                cu = tl.sum(uu * dy, axis=0)[None, :, :, :]  # u^T dY_s per voxel
+                t = uu * cu + term + hh * g
+                if MU:
+                    t = tl.where(g > 0, t, 0)
+                dx += t
+            dx = tl.where(x_raw > 0, dx * rowmask[:, None, None, None], 0)
+            tl.store(dx_ptr + ptrs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def backward2(x, g0, rowmask, hats, norms, dy, geo: _Geometry2, iters: int,
               mu: bool) -> torch.Tensor:  # fmt: skip
     """dL/dx of the second design from the saved iterates (three launches)."""
     dev = x.device
@@ -148,16 +216,9 @@ def backward2(x, g0, rowmask, hats, norms, dy, geo: _Geometry2, geo1: _Geometry1
         SHIFTS=geo.shifts, NSHIFT=geo.nshift, BLOCK_E=geo.block_e, ACC=acc, num_warps=1,
     )  # fmt: skip
     dx = torch.empty_like(x)
-    args = (x, dy, dx, g0, rowmask, geo1.shifts, hats, sym, hbar, *geo1.common(), iters,
-            *geo1.spatial_args())  # fmt: skip
-    if geo1.tiled:
-        _apply_bwd_tile_kernel[(geo1.ntiles, geo.bh)](
-            *args, *geo1.tile_args(), BLOCK_E=geo1.block_e, HB=geo1.hb, MU=mu, ACC=acc,
-            num_warps=geo1.tile_warps,
-        )  # fmt: skip
-    else:
-        block_v = geo1.block_v
-        _apply_bwd_kernel[(triton.cdiv(geo1.nvox, block_v), geo.bh)](
-            *args, BLOCK_E=geo1.block_e, BLOCK_V=block_v, MU=mu, ACC=acc, num_warps=4,
-        )  # fmt: skip
+    _apply_bwd_kernel2[(triton.cdiv(geo.nwin, geo.wpp), geo.bh)](
+        x, dy, dx, g0, rowmask, hats, sym, hbar,
+        geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, iters, geo.S[1], geo.S[2], *geo.NW,
+        **geo.consts(), **geo.block(), MU=mu, ACC=acc, num_warps=geo.warps,
+    )  # fmt: skip
     return dx

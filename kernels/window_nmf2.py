@@ -64,7 +64,6 @@ from ._window2_common import (
     _window_offsets,
     _window_origin,
 )
-from .window_nmf import _Geometry as _Geometry1
 
 __all__ = ["TUNING", "WindowNMF2", "window_nmf2"]
 
@@ -251,8 +250,7 @@ class WindowNMF2(torch.autograd.Function):
     def backward(ctx, dy):
         x, g0, rowmask, hats, norms = ctx.saved_tensors
         head_dim, patch, shifts, iters, mu = ctx.args
-        geo1 = _Geometry1(x, head_dim, patch, shifts)  # for the first design's output pass
-        dx = backward2(x, g0, rowmask, hats, norms, dy.contiguous(), ctx.geo, geo1, iters, mu)
+        dx = backward2(x, g0, rowmask, hats, norms, dy.contiguous(), ctx.geo, iters, mu)
         return dx, None, None, None, None, None, None, None
 
 
