@@ -121,20 +121,23 @@ class _Spy:
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_design2_three_launches_and_deterministic(gen, design2, monkeypatch, device):
-    """Forward: the three kernels of the second design, once each; bitwise the same twice."""
+    """Forward and backward: the three kernels of the second design each, once each; bitwise
+    the same twice."""
+    bwd2 = importlib.import_module("fastnmf.kernels._window2_bwd")
     launched = []
     for name in ("_parts_kernel", "_solve_kernel", "_apply_kernel"):
         monkeypatch.setattr(wn2, name, _Spy(name, getattr(wn2, name), launched))
+    for name in ("_parts_bwd_kernel", "_solve_bwd_kernel", "_apply_bwd_kernel2"):
+        monkeypatch.setattr(bwd2, name, _Spy(name, getattr(bwd2, name), launched))
     for name in ("_stats_fwd_kernel", "_apply_fwd_kernel", "_apply_fwd_tile_kernel"):
         monkeypatch.setattr(wn, name, _Spy(name, getattr(wn, name), launched))
-    x, v0, _ = _inputs(gen, (1, 8, 8, 8, 8), 4)
-    kw = dict(head_dim=4, patch_size=4, shifts=[None, 2], kernel="triton")
-    x = x.float().to(device)
-    v0 = v0.float().to(device)
-    y1 = fastnmf.matricized_nmf(x, v0, **kw)
-    assert launched == ["_parts_kernel", "_solve_kernel", "_apply_kernel"]
-    y2 = fastnmf.matricized_nmf(x, v0, **kw)
-    assert torch.equal(y1, y2)
+    x, v0, dy = _inputs(gen, (1, 8, 8, 8, 8), 4)
+    kw = dict(head_dim=4, patch_size=4, shifts=[None, 2])
+    y1, dx1 = _run("triton", x, v0, dy, torch.float32, device, **kw)
+    assert launched == ["_parts_kernel", "_solve_kernel", "_apply_kernel", "_parts_bwd_kernel",
+                        "_solve_bwd_kernel", "_apply_bwd_kernel2"]  # fmt: skip
+    y2, dx2 = _run("triton", x, v0, dy, torch.float32, device, **kw)
+    assert torch.equal(y1, y2) and torch.equal(dx1, dx2)
 
 
 def test_unknown_design_rejected(monkeypatch):
