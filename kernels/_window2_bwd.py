@@ -17,8 +17,18 @@ Three launches:
    row i of x x^T and of dy x^T for every voxel and split-sums them into every shift's parts;
 2. ``_solve_bwd_kernel``, per (batch*head, shifted window): sums the parts of each shift and runs
    ``_power_steps_backward`` from the saved iterates; writes S and h̄ in the first design's layout;
-3. the first design's output pass (``_apply_bwd_tile_kernel`` or ``_apply_bwd_kernel``): per
-   voxel block, the sum over shifts of the three terms of dX, reading x and dy a second time.
+3. ``_apply_bwd_kernel2``, per (batch*head, WPP unshifted windows): reads x and dy a second time
+   and sums the three terms of dX over the shifts, each part's (u, S, h̄) loaded once per window
+   and shift (S x column by column: S[:, c] x_c).
+
+Derivation of the power-step backward (``_power_steps_backward``, kernels/_common.py): with
+â_1 = h / ||h||, â_t = K â_{t-1} / ||K â_{t-1}||, u = â_T and P = u u^T, the loss reaches u
+through dP: ū = (dP + dP^T) u. Back through a normalisation a_hat = a / ||a||:
+ā = (ū - â (â^T ū)) / ||a||; through a_t = K â_{t-1}: K̄ += ā_t â_{t-1}^T, ū_{t-1} = K^T ā_t
+= K ā_t (K symmetric); at t = 1, h̄ = ā_1. K = X X^T and h = X g0 give
+dX = (K̄ + K̄^T) X + h̄ g0^T, and Y = P X adds P^T dY_s = u (u^T dY_s); per shift, the rows
+of dX are gathered back to the unshifted voxels (each part to its own window), summed over the
+shifts and multiplied by ReLU'(x) (and the MU row and column masks).
 
 With MU and zero entries of g0 the dropped columns depend on the shift, so x is masked per shift
 before the split sums (as in the forward).

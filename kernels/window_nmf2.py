@@ -31,10 +31,19 @@ parts. Three launches per call:
 MU with zero entries of g0: those columns are dropped, and which columns that are depends on the
 shift, so with ``MU`` the Gram rows are masked per shift before the split sums.
 
-Backward: the iterates are saved in the first design's layout ((bh * n_shifts + s) * n_windows +
-window), so :func:`.window_nmf._backward` computes the exact gradient from them (derivation in
-the first design's docstring and fastnmf/closed_form.py). A backward of this design (per-part dP
-= dY X^T, shift-independent per part in the same way as K) is not written yet.
+Backward (kernels/_window2_bwd.py, derivation there): the same split. K and dP = dY_s X^T of a
+shifted window are sums over its parts, so one read of x and dy gives every shift's parts, a tiny
+launch runs the power-step backward per shifted window, and an output pass per unshifted window
+sums u (u^T dY_s) + (K̄ + K̄^T) X + h̄ g0_s^T over the shifts. Three launches each way; nothing
+is copied host -> device (the shifts are compile-time constants).
+
+Traffic (bytes asked / ideal, counted under the interpreter at 1x8x16^3, E = P = 8, fp32;
+``fastnmf.profile.static.counter``): forward 1.71x ([None, 4]) and 2.05x ([None, 2, 4, 6]),
+forward + backward 1.86x and 2.29x (first design: 2.17x / 3.69x forward, 2.40x / 4.87x both).
+The per-part statistics are fp32 (E^2 + E floats per part, up to 8 parts per shift), so bf16
+inputs pay relatively twice as much for them (2.61x / 2.98x with the four shifts). Register use
+is high (the (E, P0, P1, P2) block of a window lives in registers; the Gram rows are unrolled):
+see the report of issue 16.
 
 No atomics: every output element is written by one program in a fixed order, so results are
 bitwise deterministic.
