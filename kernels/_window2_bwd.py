@@ -166,12 +166,8 @@ def _apply_bwd_kernel2(
             dx = tl.zeros((BLOCK_E, BP0, BP1, BP2), dtype=ACC)
             for k in tl.static_range(NSHIFT):
                 g = _pick(g_all, k, NSB)
-                xs = x
-                if MU:
-                    xs = tl.where(g > 0, x, 0)
                 uu = tl.zeros((BLOCK_E, BP0, BP1, BP2), dtype=ACC)  # u of each voxel's window
                 hh = tl.zeros((BLOCK_E, BP0, BP1, BP2), dtype=ACC)  # h̄ likewise
-                term = tl.zeros((BLOCK_E, BP0, BP1, BP2), dtype=ACC)  # S x
                 for b2 in tl.static_range(2 if SHIFTS[k][2] else 1):
                     m2 = (q2 >= P2 - SHIFTS[k][2]).to(tl.int32) == b2
                     o2 = (w2 + b2 + SHIFTS[k][5]) % NW2
@@ -187,16 +183,25 @@ def _apply_bwd_kernel2(
                             hb = tl.load(hbar_ptr + prog * E + e, mask=emask, other=0)
                             uu = tl.where(m, u[:, None, None, None], uu)
                             hh = tl.where(m, hb[:, None, None, None], hh)
-                            sxb = tl.zeros((BLOCK_E, BP0, BP1, BP2), dtype=ACC)
-                            for c in tl.static_range(BLOCK_E):  # S x = sum_c S[:, c] x_c
+                cu = tl.sum(uu * dy, axis=0)[None, :, :, :]  # u^T dY_s per voxel
+                t = uu * cu + hh * g
+                for c in tl.static_range(BLOCK_E):  # S x = sum_c S[:, c] x_c, S per part
+                    scol = tl.zeros((BLOCK_E, BP0, BP1, BP2), dtype=ACC)
+                    for b2 in tl.static_range(2 if SHIFTS[k][2] else 1):
+                        m2 = (q2 >= P2 - SHIFTS[k][2]).to(tl.int32) == b2
+                        o2 = (w2 + b2 + SHIFTS[k][5]) % NW2
+                        for b1 in tl.static_range(2 if SHIFTS[k][1] else 1):
+                            m1 = (q1 >= P1 - SHIFTS[k][1]).to(tl.int32) == b1
+                            o1 = (w1 + b1 + SHIFTS[k][4]) % NW1
+                            for b0 in tl.static_range(2 if SHIFTS[k][0] else 1):
+                                m = ((q0 >= P0 - SHIFTS[k][0]).to(tl.int32) == b0) & m1 & m2
+                                o0 = (w0 + b0 + SHIFTS[k][3]) % NW0
+                                prog = (bh * NSHIFT + k) * NWIN + (o0 * NW1 + o1) * NW2 + o2
                                 col = tl.load(sym_ptr + prog * E * E + e * E + c,
                                               mask=emask & (tl.full((BLOCK_E,), c, tl.int32) < E),
                                               other=0)  # fmt: skip
-                                xc = tl.sum(tl.where(e4 == c, xs, 0), axis=0)[None, :, :, :]
-                                sxb += col[:, None, None, None] * xc
-                            term = tl.where(m, sxb, term)
-                cu = tl.sum(uu * dy, axis=0)[None, :, :, :]  # u^T dY_s per voxel
-                t = uu * cu + term + hh * g
+                                scol = tl.where(m, col[:, None, None, None], scol)
+                    t += scol * tl.sum(tl.where(e4 == c, x, 0), axis=0)[None, :, :, :]
                 if MU:
                     t = tl.where(g > 0, t, 0)
                 dx += t
