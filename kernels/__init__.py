@@ -1,6 +1,9 @@
 """Fused Triton kernels for the NMF layer (installed as ``fastnmf.kernels``).
 
 - :mod:`.window_nmf`: rank one over (shifted) windows, forward and backward;
+- :mod:`.window_nmf2`: the same, second design (every shift's statistics from one read of x;
+  backward in :mod:`._window2_bwd`), selected by ``window_nmf.TUNING["design"] = 2`` until it
+  has been timed on a GPU;
 - :mod:`.global_nmf`: rank one over whole matrices (global matricization, plain NMF);
 - :mod:`.window_nmf_rank`: rank R > 1 over (shifted) windows, the literal MU / HALS loop on chip,
   forward and backward;
