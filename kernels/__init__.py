@@ -1,6 +1,9 @@
 """Fused Triton kernels for the NMF layer (installed as ``fastnmf.kernels``).
 
 - :mod:`.window_nmf`: rank one over (shifted) windows, forward and backward;
+- :mod:`.window_nmf2`: the same, second design (every shift's statistics from one read of x;
+  backward in :mod:`._window2_bwd`), selected by ``window_nmf.TUNING["design"] = 2`` until it
+  has been timed on a GPU;
 - :mod:`.global_nmf`: rank one over whole matrices (global matricization, plain NMF);
 - :mod:`.window_nmf_rank`: rank R > 1 over (shifted) windows, the literal MU / HALS loop on chip,
   forward and backward;
@@ -29,7 +32,9 @@ import triton
 
 from .global_nmf import global_nmf
 from .global_nmf_rank import global_nmf_rank
+from .window_nmf import TUNING as _WINDOW_TUNING
 from .window_nmf import window_nmf
+from .window_nmf2 import window_nmf2
 from .window_nmf_rank import window_nmf_rank
 
 __all__ = ["nmf", "matricized_nmf"]
@@ -97,8 +102,12 @@ def matricized_nmf(
     if patch_size is None:
         return global_nmf(x, v0, rows=head_dim, spatial=x.shape[2:], shifts=shifts, u0=u0,
                           iters=iters, solver=solver, relu=True)  # fmt: skip
-    return window_nmf(x, v0, head_dim=head_dim, patch_size=patch_size, shifts=shifts, u0=u0,
-                      iters=iters, solver=solver)  # fmt: skip
+    design = _WINDOW_TUNING["design"]
+    if design not in (1, 2):
+        raise ValueError(f"window_nmf.TUNING['design'] is {design!r}; valid options: 1, 2")
+    window = window_nmf2 if design == 2 else window_nmf
+    return window(x, v0, head_dim=head_dim, patch_size=patch_size, shifts=shifts, u0=u0,
+                  iters=iters, solver=solver)  # fmt: skip
 
 
 def nmf(x, v0, *, u0=None, iters=5, solver="hals", num_grad_steps=None):

@@ -78,6 +78,7 @@ TUNING: dict = {
     "tile": None,
     "gram": "sum",
     "fuse": True,
+    "design": 1,  # 2: kernels/window_nmf2.py (one read of x for every shift's statistics)
 }
 
 # Tiled apply kernels when a tile (a block inside one window under every shift) has at least

@@ -1,0 +1,157 @@
+"""Shared by the second design's forward (window_nmf2.py) and backward (_window2_bwd.py): the
+device helpers that read an unshifted window as an (E, P0, P1, P2) block and split-sum it into
+the parts of every shift, and the host geometry with the compile-time shift constants."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from fastnmf.layout import padded_shift_table
+
+from ._common import INTERPRET
+
+
+@triton.jit
+def _block_coords(BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr):
+    """Local voxel coordinates of a window block as broadcastable (1, BP0, 1, 1) etc."""
+    q0 = tl.arange(0, BP0)[None, :, None, None]
+    q1 = tl.arange(0, BP1)[None, None, :, None]
+    q2 = tl.arange(0, BP2)[None, None, None, :]
+    return q0, q1, q2
+
+
+@triton.jit
+def _window_origin(w, NW1, NW2):
+    """Grid coordinates of flat window w."""
+    w2 = w % NW2
+    w1 = (w // NW2) % NW1
+    w0 = w // (NW1 * NW2)
+    return w0, w1, w2
+
+
+@triton.jit
+def _window_offsets(offset, e, emask, w0, w1, w2, nvox, S1, S2,
+                 P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+                 BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr):  # fmt: skip
+    """(BLOCK_E, BP0, BP1, BP2) element offsets and mask of unshifted window (w0, w1, w2)."""
+    q0, q1, q2 = _block_coords(BP0, BP1, BP2)
+    e4 = e[:, None, None, None]
+    v = ((w0 * P0 + q0) * S1 + w1 * P1 + q1) * S2 + w2 * P2 + q2
+    mask = emask[:, None, None, None] & (q0 < P0) & (q1 < P1) & (q2 < P2)
+    return offset + e4.to(tl.int64) * nvox + v, mask
+
+
+@triton.jit
+def _shifted_g(g0_ptr, SH0: tl.constexpr, SH1: tl.constexpr, SH2: tl.constexpr,
+               P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+               BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr):  # fmt: skip
+    """(1, BP0, BP1, BP2): g0 at the position each voxel of a window has under the shift whose
+    in-window offsets are (SH0, SH1, SH2) = s mod P (0 on the padding)."""
+    q0, q1, q2 = _block_coords(BP0, BP1, BP2)
+    p0 = q0 + SH0 % P0
+    p1 = q1 + SH1 % P1
+    p2 = q2 + SH2 % P2
+    p0 = tl.where(p0 >= P0, p0 - P0, p0)
+    p1 = tl.where(p1 >= P1, p1 - P1, p1)
+    p2 = tl.where(p2 >= P2, p2 - P2, p2)
+    m = (q0 < P0) & (q1 < P1) & (q2 < P2)
+    return tl.load(g0_ptr + (p0 * P1 + p1) * P2 + p2, mask=m, other=0)
+
+
+@triton.jit
+def _shifted_g_all(g0_ptr, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, NSB: tl.constexpr,
+                   P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+                   BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr):  # fmt: skip
+    """(NSB, BP0, BP1, BP2): for every shift k, g0 at the position each voxel of a window has
+    under shift k (0 on the padding); loaded once per program, picked by :func:`_pick`."""
+    q0, q1, q2 = _block_coords(BP0, BP1, BP2)
+    s4 = tl.arange(0, NSB)[:, None, None, None]
+    sh0 = tl.zeros((NSB, 1, 1, 1), dtype=tl.int32)
+    sh1 = tl.zeros((NSB, 1, 1, 1), dtype=tl.int32)
+    sh2 = tl.zeros((NSB, 1, 1, 1), dtype=tl.int32)
+    for k in tl.static_range(NSHIFT):
+        sh0 = tl.where(s4 == k, SHIFTS[k][0], sh0)
+        sh1 = tl.where(s4 == k, SHIFTS[k][1], sh1)
+        sh2 = tl.where(s4 == k, SHIFTS[k][2], sh2)
+    p0 = q0 + sh0
+    p1 = q1 + sh1
+    p2 = q2 + sh2
+    p0 = tl.where(p0 >= P0, p0 - P0, p0)
+    p1 = tl.where(p1 >= P1, p1 - P1, p1)
+    p2 = tl.where(p2 >= P2, p2 - P2, p2)
+    m = (s4 < NSHIFT) & (q0 < P0) & (q1 < P1) & (q2 < P2)
+    return tl.load(g0_ptr + (p0 * P1 + p1) * P2 + p2, mask=m, other=0)
+
+
+@triton.jit
+def _pick(g_all, k: tl.constexpr, NSB: tl.constexpr):
+    """Shift k's (1, BP0, BP1, BP2) slice of :func:`_shifted_g_all`."""
+    s4 = tl.arange(0, NSB)[:, None, None, None]
+    return tl.sum(tl.where(s4 == k, g_all, 0), axis=0)[None, :, :, :]
+
+
+@triton.jit
+def _store_parts(z, dst, stride, e, emask, SH0: tl.constexpr, SH1: tl.constexpr,
+                 SH2: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+                 BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr):  # fmt: skip
+    """Split sums of z (BLOCK_E, BP0, BP1, BP2) over the parts of one shift, part b stored at
+    dst + b * stride (b = (b0 * 2 + b1) * 2 + b2); axis by axis, the big axis first."""
+    r0 = tl.arange(0, BP0)[None, :]
+    r1 = tl.arange(0, BP1)[None, None, :]
+    r2 = tl.arange(0, BP2)[None, None, None, :]
+    for b2 in tl.static_range(2 if SH2 % P2 else 1):
+        z2 = tl.sum(tl.where((r2 >= P2 - SH2 % P2).to(tl.int32) == b2, z, 0), axis=3)
+        for b1 in tl.static_range(2 if SH1 % P1 else 1):
+            z1 = tl.sum(tl.where((r1 >= P1 - SH1 % P1).to(tl.int32) == b1, z2, 0), axis=2)
+            for b0 in tl.static_range(2 if SH0 % P0 else 1):
+                z0 = tl.sum(tl.where((r0 >= P0 - SH0 % P0).to(tl.int32) == b0, z1, 0), axis=1)
+                tl.store(dst + ((b0 * 2 + b1) * 2 + b2) * stride + e, z0, mask=emask)
+
+
+# Unshifted windows per program of the parts and apply kernels (the interpreter pays per
+# program, so it takes more); read by the launcher at each call.
+TUNING: dict = {"wpp": None, "warps": None}
+
+
+def _shift_constants(shifts, spatial, patch3) -> tuple[tuple[int, ...], ...]:
+    """Each shift as (s'0, s'1, s'2, Q0, Q1, Q2): s mod S = Q P + s' per axis (compile-time)."""
+    rows = padded_shift_table(shifts, spatial)  # 3D, reduced mod S
+    return tuple(
+        tuple(r[d] % patch3[d] for d in range(3)) + tuple(r[d] // patch3[d] for d in range(3))
+        for r in rows
+    )
+
+
+class _Geometry2:
+    """Sizes of a (B, C, *S) input as 3D and the compile-time constants of the kernels."""
+
+    def __init__(self, x: torch.Tensor, head_dim: int, patch, shifts):
+        spatial = tuple(x.shape[2:])
+        pad = 3 - len(spatial)
+        self.batch, self.channels = x.shape[:2]
+        self.E = head_dim
+        self.heads = self.channels // head_dim
+        self.S = (1,) * pad + spatial
+        self.P = (1,) * pad + tuple(patch)
+        self.NW = tuple(s // p for s, p in zip(self.S, self.P, strict=True))
+        self.nwin = math.prod(self.NW)
+        self.nvox = math.prod(self.S)
+        self.bp = tuple(triton.next_power_of_2(p) for p in self.P)
+        self.shifts = _shift_constants(shifts, spatial, self.P)
+        self.nshift = len(self.shifts)
+        self.block_e = max(triton.next_power_of_2(head_dim), 2)
+        self.wpp = TUNING["wpp"] or (16 if INTERPRET else 4)
+        self.warps = TUNING["warps"] or 4
+        self.bh = self.batch * self.heads
+
+    def consts(self) -> dict:
+        return dict(SHIFTS=self.shifts, NSHIFT=self.nshift, P0=self.P[0], P1=self.P[1],
+                    P2=self.P[2])  # fmt: skip
+
+    def block(self) -> dict:
+        return dict(WPP=self.wpp, BP0=self.bp[0], BP1=self.bp[1], BP2=self.bp[2],
+                    BLOCK_E=self.block_e, NSB=triton.next_power_of_2(self.nshift))  # fmt: skip

@@ -1,0 +1,275 @@
+"""Rank-one window NMF, second design: every shift's statistics from one read of x.
+
+Same interface and result as :mod:`.window_nmf` (selected by ``window_nmf.TUNING["design"] = 2``;
+the first design stays the default until this one has been timed on a GPU).
+
+Idea (DESIGN.md §6 (a)). Shift s rolls voxel v to r = v + s; its window is r // P, its position
+r mod P. Take an *unshifted* window W (grid coordinates w, local voxel q, 0 <= q < P per axis) and
+write s_d = Q_d P_d + s'_d (0 <= s'_d < P_d). Along axis d the voxels with q_d < P_d - s'_d land
+in shifted window w_d + Q_d, the others in w_d + Q_d + 1; their position is (q_d + s'_d) mod P_d.
+So under every shift W splits into at most 2^3 boxes ("parts", b in {0, 1}^3; one part along an
+axis with s'_d = 0), and each part lies inside one shifted window. The statistics of a shifted
+window are the sums over the (at most 8) parts that fall into it:
+
+    K_s(omega) = sum_parts X_b X_b^T,   h_s(omega) = sum_parts X_b g0_s,b
+
+where g0_s,b is g0 read at the part's positions under shift s. One read of x gives every shift's
+parts. Three launches per call:
+
+1. ``_parts_kernel``, one program per (batch*head, WPP unshifted windows): loads a window as an
+   (E, P0, P1, P2) block (P and the shifts are compile-time constants: no integer division per
+   voxel, contiguous rows), forms each Gram row x_i * x, and reduces it by split sums along the
+   three axes into every shift's parts (E x E and E floats per part);
+2. ``_solve_kernel``, one program per (batch*head, shifted window): for every shift sums its
+   parts from the neighbouring unshifted windows, runs the T - 1 normalised power steps
+   (``_power_steps``) and writes u (and the iterates for backward, in the layout of the first
+   design);
+3. ``_apply_kernel``, one program per (batch*head, WPP unshifted windows): reads x again and
+   writes y = mean_s u_s,b (u_s,b^T x) with u_s,b the vector of the shifted window each part lies
+   in.
+
+MU with zero entries of g0: those columns are dropped, and which columns that are depends on the
+shift, so with ``MU`` the Gram rows are masked per shift before the split sums.
+
+Backward (kernels/_window2_bwd.py, derivation there): the same split. K and dP = dY_s X^T of a
+shifted window are sums over its parts, so one read of x and dy gives every shift's parts, a tiny
+launch runs the power-step backward per shifted window, and an output pass per unshifted window
+sums u (u^T dY_s) + (K̄ + K̄^T) X + h̄ g0_s^T over the shifts. Three launches each way; nothing
+is copied host -> device (the shifts are compile-time constants).
+
+Traffic (bytes asked / ideal, counted under the interpreter at 1x8x16^3, E = P = 8, fp32;
+``fastnmf.profile.static.counter``): forward 1.71x ([None, 4]) and 2.05x ([None, 2, 4, 6]),
+forward + backward 1.86x and 2.29x (first design: 2.17x / 3.69x forward, 2.40x / 4.87x both).
+The per-part statistics are fp32 (E^2 + E floats per part, up to 8 parts per shift), so bf16
+inputs pay relatively twice as much for them (2.61x / 2.98x with the four shifts). Register use
+is high (the (E, P0, P1, P2) block of a window lives in registers; the Gram rows are unrolled):
+see the report of issue 16.
+
+No atomics: every output element is written by one program in a fixed order, so results are
+bitwise deterministic.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    _power_steps,
+    acc_dtype,
+    check_window_inputs,
+    compute_dtype,
+    row_mask,
+)
+from ._window2_bwd import backward2
+from ._window2_common import (
+    TUNING,
+    _block_coords,
+    _Geometry2,
+    _pick,
+    _shifted_g_all,
+    _store_parts,
+    _window_offsets,
+    _window_origin,
+)
+
+__all__ = ["TUNING", "WindowNMF2", "window_nmf2"]
+
+
+@triton.jit
+def _parts_kernel(
+    x_ptr, g0_ptr, rowmask_ptr, kpart_ptr, hpart_ptr,
+    C, E, HEADS, NWIN, NVOX, S1, S2, NW1, NW2,
+    SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr,
+    P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+    BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
+    BLOCK_E: tl.constexpr, NSB: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    bh = tl.program_id(1)
+    offset = ((bh // HEADS) * C + (bh % HEADS) * E).to(tl.int64) * NVOX
+    e = tl.arange(0, BLOCK_E)
+    emask = e < E
+    e4 = e[:, None, None, None]
+    rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
+    # g0 under every shift, once per program
+    g_all = _shifted_g_all(g0_ptr, SHIFTS, NSHIFT, NSB, P0, P1, P2, BP0, BP1, BP2).to(ACC)
+    for j in range(0, WPP):
+        w = tl.program_id(0) * WPP + j
+        if w < NWIN:
+            w0, w1, w2 = _window_origin(w, NW1, NW2)
+            ptrs, mask = _window_offsets(offset, e, emask, w0, w1, w2, NVOX, S1, S2,
+                                      P0, P1, P2, BP0, BP1, BP2)  # fmt: skip
+            x = tl.load(x_ptr + ptrs, mask=mask, other=0).to(ACC)
+            x = tl.maximum(x, 0) * rowmask[:, None, None, None]  # (BLOCK_E, BP0, BP1, BP2)
+            slot = (bh * NWIN + w) * (NSHIFT * 8)
+            for k in tl.static_range(NSHIFT):
+                g = _pick(g_all, k, NSB)
+                xs = x
+                if MU:
+                    xs = tl.where(g > 0, x, 0)
+                _store_parts(xs * g, hpart_ptr + (slot + k * 8) * E, E, e, emask,
+                             SHIFTS[k][0], SHIFTS[k][1], SHIFTS[k][2],
+                             P0, P1, P2, BP0, BP1, BP2)  # fmt: skip
+            for i in tl.static_range(BLOCK_E):
+                xi = tl.sum(tl.where(e4 == i, x, 0), axis=0)[None, :, :, :]  # row i of X
+                for k in tl.static_range(NSHIFT):
+                    z = x * xi  # (BLOCK_E, BP0, BP1, BP2): row i of each voxel's x x^T
+                    if MU:
+                        g = _pick(g_all, k, NSB)
+                        z = tl.where(g > 0, z, 0)
+                    row_ok = emask & (tl.full((BLOCK_E,), i, tl.int32) < E)
+                    _store_parts(z, kpart_ptr + (slot + k * 8) * E * E + i * E, E * E, e, row_ok,
+                                 SHIFTS[k][0], SHIFTS[k][1], SHIFTS[k][2],
+                                 P0, P1, P2, BP0, BP1, BP2)  # fmt: skip
+
+
+@triton.jit
+def _solve_kernel(
+    kpart_ptr, hpart_ptr, u_ptr, hats_ptr, norms_ptr,
+    E, NWIN, ITERS, NW0, NW1, NW2,
+    SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr,
+    P2: tl.constexpr, BLOCK_E: tl.constexpr, SAVE: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    om = tl.program_id(0)  # a shifted window
+    bh = tl.program_id(1)
+    o0, o1, o2 = _window_origin(om, NW1, NW2)
+    e = tl.arange(0, BLOCK_E)
+    emask = e < E
+    ee = e[:, None] * E + e[None, :]
+    emask2 = emask[:, None] & emask[None, :]
+    for k in tl.static_range(NSHIFT):
+        k_mat = tl.zeros((BLOCK_E, BLOCK_E), dtype=ACC)
+        h = tl.zeros((BLOCK_E,), dtype=ACC)
+        for b2 in tl.static_range(2 if SHIFTS[k][2] else 1):
+            w2 = (o2 - b2 - SHIFTS[k][5] + 2 * NW2) % NW2
+            for b1 in tl.static_range(2 if SHIFTS[k][1] else 1):
+                w1 = (o1 - b1 - SHIFTS[k][4] + 2 * NW1) % NW1
+                for b0 in tl.static_range(2 if SHIFTS[k][0] else 1):
+                    w0 = (o0 - b0 - SHIFTS[k][3] + 2 * NW0) % NW0
+                    w = (w0 * NW1 + w1) * NW2 + w2  # the unshifted window holding this part
+                    slot = (bh * NWIN + w) * (NSHIFT * 8) + k * 8 + (b0 * 2 + b1) * 2 + b2
+                    k_mat += tl.load(kpart_ptr + slot * E * E + ee, mask=emask2, other=0)
+                    h += tl.load(hpart_ptr + slot * E + e, mask=emask, other=0)
+        prog = (bh * NSHIFT + k) * NWIN + om
+        a_hat = _power_steps(k_mat, h, hats_ptr + prog * ITERS * E, norms_ptr + prog * ITERS, e,
+                             emask, E, ITERS, SAVE)  # fmt: skip
+        tl.store(u_ptr + prog * E + e, a_hat, mask=emask)
+
+
+@triton.jit
+def _apply_kernel(
+    x_ptr, y_ptr, g0_ptr, rowmask_ptr, u_ptr,
+    C, E, HEADS, NWIN, NVOX, S1, S2, NW0, NW1, NW2,
+    SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr,
+    P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+    BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
+    BLOCK_E: tl.constexpr, NSB: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    bh = tl.program_id(1)
+    offset = ((bh // HEADS) * C + (bh % HEADS) * E).to(tl.int64) * NVOX
+    e = tl.arange(0, BLOCK_E)
+    emask = e < E
+    rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
+    g_all = tl.zeros((NSB, BP0, BP1, BP2), dtype=ACC)
+    if MU:  # g0 under every shift, once per program
+        g_all = _shifted_g_all(g0_ptr, SHIFTS, NSHIFT, NSB, P0, P1, P2, BP0, BP1, BP2).to(ACC)
+    q0, q1, q2 = _block_coords(BP0, BP1, BP2)
+    for j in range(0, WPP):
+        w = tl.program_id(0) * WPP + j
+        if w < NWIN:
+            w0, w1, w2 = _window_origin(w, NW1, NW2)
+            ptrs, mask = _window_offsets(offset, e, emask, w0, w1, w2, NVOX, S1, S2,
+                                      P0, P1, P2, BP0, BP1, BP2)  # fmt: skip
+            x = tl.load(x_ptr + ptrs, mask=mask, other=0).to(ACC)
+            x = tl.maximum(x, 0) * rowmask[:, None, None, None]  # (BLOCK_E, BP0, BP1, BP2)
+            y = tl.zeros((BLOCK_E, BP0, BP1, BP2), dtype=ACC)
+            for k in tl.static_range(NSHIFT):
+                uu = tl.zeros((BLOCK_E, BP0, BP1, BP2), dtype=ACC)  # u of each voxel's window
+                for b2 in tl.static_range(2 if SHIFTS[k][2] else 1):
+                    m2 = (q2 >= P2 - SHIFTS[k][2]).to(tl.int32) == b2
+                    o2 = (w2 + b2 + SHIFTS[k][5]) % NW2
+                    for b1 in tl.static_range(2 if SHIFTS[k][1] else 1):
+                        m1 = (q1 >= P1 - SHIFTS[k][1]).to(tl.int32) == b1
+                        o1 = (w1 + b1 + SHIFTS[k][4]) % NW1
+                        for b0 in tl.static_range(2 if SHIFTS[k][0] else 1):
+                            m0 = (q0 >= P0 - SHIFTS[k][0]).to(tl.int32) == b0
+                            o0 = (w0 + b0 + SHIFTS[k][3]) % NW0
+                            prog = (bh * NSHIFT + k) * NWIN + (o0 * NW1 + o1) * NW2 + o2
+                            u = tl.load(u_ptr + prog * E + e, mask=emask, other=0)
+                            uu = tl.where(m0 & m1 & m2, u[:, None, None, None], uu)
+                xs = x
+                if MU:
+                    g = _pick(g_all, k, NSB)
+                    xs = tl.where(g > 0, x, 0)
+                c = tl.sum(uu * xs, axis=0)[None, :, :, :]  # u^T x(v) per voxel
+                y += uu * c
+            y = y / NSHIFT
+            tl.store(y_ptr + ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------------------------------------------------------
+# Launchers
+# ------------------------------------------------------------------------------------------------
+
+def _forward(x, g0, rowmask, geo: _Geometry2, iters: int, mu: bool, save: bool):
+    f32 = compute_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
+    dev = x.device
+    slots = geo.bh * geo.nwin * geo.nshift * 8
+    kpart = torch.empty(slots, geo.E, geo.E, dtype=f32, device=dev)  # unused slots stay unread
+    hpart = torch.empty(slots, geo.E, dtype=f32, device=dev)
+    progs = geo.bh * geo.nshift * geo.nwin
+    u = torch.empty(progs, geo.E, dtype=f32, device=dev)
+    hats = torch.empty(progs, iters, geo.E, dtype=f32, device=dev) if save else u
+    norms = torch.empty(progs, iters, dtype=f32, device=dev) if save else u
+    y = torch.empty_like(x)
+    grid = (triton.cdiv(geo.nwin, geo.wpp), geo.bh)
+    _parts_kernel[grid](
+        x, g0, rowmask, kpart, hpart,
+        geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, geo.S[1], geo.S[2], *geo.NW[1:],
+        **geo.consts(), **geo.block(), MU=mu, ACC=acc, num_warps=geo.warps,
+    )  # fmt: skip
+    _solve_kernel[(geo.nwin, geo.bh)](
+        kpart, hpart, u, hats, norms, geo.E, geo.nwin, iters, *geo.NW,
+        **geo.consts(), BLOCK_E=geo.block_e, SAVE=save, ACC=acc, num_warps=1,
+    )  # fmt: skip
+    _apply_kernel[grid](
+        x, y, g0, rowmask, u,
+        geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, geo.S[1], geo.S[2], *geo.NW,
+        **geo.consts(), **geo.block(), MU=mu, ACC=acc, num_warps=geo.warps,
+    )  # fmt: skip
+    if not save:
+        hats = norms = None
+    return y, hats, norms
+
+
+class WindowNMF2(torch.autograd.Function):
+    """Rank-one matricized NMF over windows, second design; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, x, g0, rowmask, head_dim, patch, shifts, iters, mu):
+        geo = _Geometry2(x, head_dim, patch, shifts)
+        y, hats, norms = _forward(x, g0, rowmask, geo, iters, mu, save=ctx.needs_input_grad[0])
+        ctx.save_for_backward(x, g0, rowmask, hats, norms)
+        ctx.geo, ctx.args = geo, (head_dim, patch, shifts, iters, mu)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, g0, rowmask, hats, norms = ctx.saved_tensors
+        head_dim, patch, shifts, iters, mu = ctx.args
+        dx = backward2(x, g0, rowmask, hats, norms, dy.contiguous(), ctx.geo, iters, mu)
+        return dx, None, None, None, None, None, None, None
+
+
+def window_nmf2(x, v0, *, head_dim, patch_size, shifts, u0=None, iters=5, solver="hals"):
+    """Rank-one matricized NMF over (shifted) windows, second design (same interface as
+    :func:`.window_nmf.window_nmf`; arguments assumed validated by :func:`fastnmf.matricized_nmf`).
+    """
+    check_window_inputs(x, v0, head_dim)
+    cdt = compute_dtype(x.dtype)
+    g0 = v0[:, 0].detach().to(cdt).contiguous()
+    mu = solver == "mu"
+    rowmask = row_mask(head_dim, u0, mu, cdt, x.device)
+    return WindowNMF2.apply(x, g0, rowmask, head_dim, tuple(patch_size), shifts, iters, mu)

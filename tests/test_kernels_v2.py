@@ -1,0 +1,148 @@
+"""The second design of the rank-one window kernels (kernels/window_nmf2.py) against the float64
+reference and against the first design.
+
+Selected with ``window_nmf.TUNING["design"] = 2``; without a GPU the kernels run under
+TRITON_INTERPRET=1 (conftest.py), so the shapes are small.
+"""
+
+import importlib
+
+import pytest
+import torch
+from conftest import DEVICES, n_columns, rel_err
+
+import fastnmf
+
+wn = importlib.import_module("fastnmf.kernels.window_nmf")
+wn2 = importlib.import_module("fastnmf.kernels.window_nmf2")
+
+
+@pytest.fixture
+def design2(monkeypatch):
+    monkeypatch.setitem(wn.TUNING, "design", 2)
+
+
+def _run(kernel, x, v0, dy, dtype, device, **kw):
+    xi = x.detach().to(device=device, dtype=dtype).requires_grad_()
+    y = fastnmf.matricized_nmf(xi, v0.to(device=device, dtype=dtype), kernel=kernel, **kw)
+    (dx,) = torch.autograd.grad(y, xi, dy.to(device=device, dtype=dtype))
+    return y.cpu(), dx.cpu()
+
+
+def _inputs(gen, shape, patch, zero_windows=False, zero_g0=False):
+    x = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    if zero_windows:  # a zero window of every head in batch 0, and zero columns
+        x[0, :, ..., :4, :4] = -1.0
+        x[-1, :, ..., 1, :] = -0.5
+    v0 = torch.rand(n_columns(shape[2:], patch), 1, generator=gen, dtype=torch.float64)
+    if zero_g0:  # MU drops these columns, at a different voxel under each shift
+        v0[1] = 0
+        v0[-3] = 0
+    dy = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    return x, v0, dy
+
+
+CASES = [
+    # shape, head_dim, patch, shifts, solver, iters, zero_windows, zero_g0
+    ((1, 8, 8, 8, 8), 4, 4, [None, 2], "hals", 5, True, False),  # swin 3D, degenerate
+    ((1, 8, 8, 16, 8), 8, 8, [None, 4], "hals", 5, False, False),  # P = 8, C = E, non-cubic
+    ((2, 8, 8, 8, 8), 8, 8, [None, 2, 4, 6], "mu", 2, False, True),  # BraTS shifts, MU masks
+    ((1, 12, 8, 8, 8), 6, 4, None, "hals", 5, False, False),  # local, E = 6
+    ((2, 8, 8, 12), 4, 4, [None, 2], "hals", 5, True, False),  # swin 2D, batch 2
+    ((1, 8, 8, 8, 4), 4, (4, 2, 4), [None, (1, 1, 2)], "hals", 3, False, False),  # anisotropic
+    ((1, 4, 12, 12), 4, (6, 3), [None, (3, 1), (7, 5)], "mu", 5, False, False),  # P not 2^k,
+]  # shifts beyond P
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,head_dim,patch,shifts,solver,iters,zero,zero_g0", CASES)
+def test_design2_fp32_matches_reference(gen, design2, device, shape, head_dim, patch, shifts,
+                                        solver, iters, zero, zero_g0):  # fmt: skip
+    x, v0, dy = _inputs(gen, shape, patch, zero, zero_g0)
+    kw = dict(head_dim=head_dim, patch_size=patch, shifts=shifts, solver=solver, iters=iters)
+    y_ref, dx_ref = _run("reference", x, v0, dy, torch.float64, "cpu", **kw)
+    y, dx = _run("triton", x, v0, dy, torch.float32, device, **kw)
+    assert y.dtype == torch.float32 and y.shape == x.shape
+    assert rel_err(y, y_ref) <= 1e-5
+    assert rel_err(dx, dx_ref) <= 1e-4
+    assert torch.isfinite(dx).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "shape,patch,shifts,solver",
+    [((1, 8, 8, 8, 8), 8, [None, 2, 4, 6], "hals"), ((1, 4, 8, 12), (4, 2), [None, 2], "mu")],
+)
+def test_design2_matches_design1(gen, monkeypatch, device, shape, patch, shifts, solver):
+    x, v0, dy = _inputs(gen, shape, patch, zero_windows=True)
+    kw = dict(head_dim=4, patch_size=patch, shifts=shifts, solver=solver)
+    one = _run("triton", x, v0, dy, torch.float64, device, **kw)
+    monkeypatch.setitem(wn.TUNING, "design", 2)
+    two = _run("triton", x, v0, dy, torch.float64, device, **kw)
+    assert rel_err(two[0], one[0]) <= 1e-12 and rel_err(two[1], one[1]) <= 1e-12
+    assert two[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_design2_low_precision(gen, design2, device, dtype):
+    """Within 2x the reference's own error at that dtype, plus an atol."""
+    x, v0, dy = _inputs(gen, (1, 8, 8, 8, 8), 4)
+    kw = dict(head_dim=4, patch_size=4, shifts=[None, 2])
+    y64, dx64 = _run("reference", x, v0, dy, torch.float64, "cpu", **kw)
+    y_low, dx_low = _run("reference", x, v0, dy, dtype, "cpu", **kw)
+    y, dx = _run("triton", x, v0, dy, dtype, device, **kw)
+    assert y.dtype == dtype and dx.dtype == dtype
+    assert rel_err(y, y64) <= 2 * rel_err(y_low, y64) + 1e-3
+    assert rel_err(dx, dx64) <= 2 * rel_err(dx_low, dx64) + 1e-3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_design2_zero_input(gen, design2, device):
+    """All windows zero after ReLU: zero output and gradient, never NaN."""
+    x = -torch.rand(1, 8, 8, 8, 8, generator=gen, dtype=torch.float64)
+    v0 = torch.rand(64, 1, generator=gen, dtype=torch.float64)
+    dy = torch.randn(1, 8, 8, 8, 8, generator=gen, dtype=torch.float64)
+    y, dx = _run("triton", x, v0, dy, torch.float32, device, head_dim=4, patch_size=4,
+                 shifts=[None, 2])  # fmt: skip
+    assert torch.equal(y, torch.zeros_like(y)) and torch.equal(dx, torch.zeros_like(dx))
+
+
+class _Spy:
+    """Stands in for a Triton kernel and records its name in ``launched`` at each launch."""
+
+    def __init__(self, name, kernel, launched):
+        self.name, self.kernel, self.launched = name, kernel, launched
+
+    def __getitem__(self, grid):
+        self.launched.append(self.name)
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_design2_three_launches_and_deterministic(gen, design2, monkeypatch, device):
+    """Forward and backward: the three kernels of the second design each, once each; bitwise
+    the same twice."""
+    bwd2 = importlib.import_module("fastnmf.kernels._window2_bwd")
+    launched = []
+    for name in ("_parts_kernel", "_solve_kernel", "_apply_kernel"):
+        monkeypatch.setattr(wn2, name, _Spy(name, getattr(wn2, name), launched))
+    for name in ("_parts_bwd_kernel", "_solve_bwd_kernel", "_apply_bwd_kernel2"):
+        monkeypatch.setattr(bwd2, name, _Spy(name, getattr(bwd2, name), launched))
+    for name in ("_stats_fwd_kernel", "_apply_fwd_kernel", "_apply_fwd_tile_kernel"):
+        monkeypatch.setattr(wn, name, _Spy(name, getattr(wn, name), launched))
+    x, v0, dy = _inputs(gen, (1, 8, 8, 8, 8), 4)
+    kw = dict(head_dim=4, patch_size=4, shifts=[None, 2])
+    y1, dx1 = _run("triton", x, v0, dy, torch.float32, device, **kw)
+    assert launched == ["_parts_kernel", "_solve_kernel", "_apply_kernel", "_parts_bwd_kernel",
+                        "_solve_bwd_kernel", "_apply_bwd_kernel2"]  # fmt: skip
+    y2, dx2 = _run("triton", x, v0, dy, torch.float32, device, **kw)
+    assert torch.equal(y1, y2) and torch.equal(dx1, dx2)
+
+
+def test_unknown_design_rejected(monkeypatch):
+    monkeypatch.setitem(wn.TUNING, "design", 3)
+    x = torch.rand(1, 4, 4, 4)
+    with pytest.raises(ValueError, match="valid options: 1, 2"):
+        fastnmf.matricized_nmf(x, torch.rand(4, 1), head_dim=4, patch_size=2, shifts=None,
+                               kernel="triton")  # fmt: skip
