@@ -8,6 +8,7 @@ roll, and the normalised power steps of the rank-one closed form with their back
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -175,3 +176,21 @@ def _power_steps_backward(k, dp, hats_ptr, norms_ptr, e, emask, E, ITERS, BLOCK_
         hbar = a_bar  # the last pass (t = 0) leaves h̄ = ā_1
         grad = tl.sum(k * a_bar[None, :], axis=1)
     return kbar + tl.trans(kbar), hbar
+
+
+class WindowSizes:
+    """Sizes of a (B, C, *S) input as 3D (a 2D input gets a leading spatial dim of 1), its
+    windows P and their grid NW: what the window launchers of both designs start from."""
+
+    def __init__(self, x: torch.Tensor, head_dim: int, patch):
+        spatial = tuple(x.shape[2:])
+        pad = 3 - len(spatial)
+        self.batch, self.channels = x.shape[:2]
+        self.E = head_dim
+        self.heads = self.channels // head_dim
+        self.S = (1,) * pad + spatial
+        self.P = (1,) * pad + tuple(patch)
+        self.NW = tuple(s // p for s, p in zip(self.S, self.P, strict=True))
+        self.nwin = math.prod(self.NW)
+        self.nvox = math.prod(self.S)
+        self.block_e = max(triton.next_power_of_2(head_dim), 2)

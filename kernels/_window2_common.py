@@ -4,15 +4,13 @@ the parts of every shift, and the host geometry with the compile-time shift cons
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from fastnmf.layout import padded_shift_table
 
-from ._common import INTERPRET
+from ._common import INTERPRET, WindowSizes
 
 
 @triton.jit
@@ -126,24 +124,14 @@ def _shift_constants(shifts, spatial, patch3) -> tuple[tuple[int, ...], ...]:
     )
 
 
-class _Geometry2:
-    """Sizes of a (B, C, *S) input as 3D and the compile-time constants of the kernels."""
+class _Geometry2(WindowSizes):
+    """WindowSizes plus the compile-time constants of the second design's kernels."""
 
     def __init__(self, x: torch.Tensor, head_dim: int, patch, shifts):
-        spatial = tuple(x.shape[2:])
-        pad = 3 - len(spatial)
-        self.batch, self.channels = x.shape[:2]
-        self.E = head_dim
-        self.heads = self.channels // head_dim
-        self.S = (1,) * pad + spatial
-        self.P = (1,) * pad + tuple(patch)
-        self.NW = tuple(s // p for s, p in zip(self.S, self.P, strict=True))
-        self.nwin = math.prod(self.NW)
-        self.nvox = math.prod(self.S)
+        super().__init__(x, head_dim, patch)
         self.bp = tuple(triton.next_power_of_2(p) for p in self.P)
-        self.shifts = _shift_constants(shifts, spatial, self.P)
+        self.shifts = _shift_constants(shifts, tuple(x.shape[2:]), self.P)
         self.nshift = len(self.shifts)
-        self.block_e = max(triton.next_power_of_2(head_dim), 2)
         self.wpp = TUNING["wpp"] or (16 if INTERPRET else 4)
         self.warps = TUNING["warps"] or 4
         self.bh = self.batch * self.heads

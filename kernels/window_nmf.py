@@ -51,6 +51,7 @@ from fastnmf.layout import padded_shift_table
 
 from ._common import (
     INTERPRET,
+    WindowSizes,
     _head_block,
     _load_shift,
     _power_steps,
@@ -407,25 +408,15 @@ def _apply_bwd_tile_kernel(
 # ------------------------------------------------------------------------------------------------
 
 
-class _Geometry:
-    """Sizes of a (B, C, *S) input as 3D (a 2D input gets a leading spatial dim of 1)."""
+class _Geometry(WindowSizes):
+    """WindowSizes plus the shift table and the launch geometry of the first design."""
 
     def __init__(self, x: torch.Tensor, head_dim: int, patch, shifts):
-        spatial = tuple(x.shape[2:])
-        pad = 3 - len(spatial)
-        self.batch, self.channels = x.shape[:2]
-        self.E = head_dim
-        self.heads = self.channels // head_dim
-        self.S = (1,) * pad + spatial
-        self.P = (1,) * pad + tuple(patch)
-        self.NW = tuple(s // p for s, p in zip(self.S, self.P, strict=True))
-        self.nwin = math.prod(self.NW)
+        super().__init__(x, head_dim, patch)
         self.pn = math.prod(self.P)
-        self.nvox = math.prod(self.S)
-        rows = padded_shift_table(shifts, spatial)  # one 3D roll per shift, reduced mod S
+        rows = padded_shift_table(shifts, tuple(x.shape[2:]))  # one 3D roll per shift, mod S
         self.shifts = torch.tensor(rows, dtype=torch.int32, device=x.device)  # (nshift, 3)
         self.nshift = len(rows)
-        self.block_e = max(triton.next_power_of_2(head_dim), 2)
         if INTERPRET:  # the CPU interpreter pays per operation, not per register: big tiles
             self.chunk = triton.next_power_of_2(self.pn)
             self.block_v = 1024
