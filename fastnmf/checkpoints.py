@@ -49,7 +49,9 @@ __all__ = [
 # the layout of the dict above; bump it (and read the old one, or refuse it clearly) on a change
 CHECKPOINT_FORMAT = 1
 # config keys a resumed run may change: they do not alter what the run computes
-RUNTIME_KEYS = frozenset({"device", "num_workers", "evaluate", "log_every", "deterministic"})
+RUNTIME_KEYS = frozenset(
+    {"device", "num_workers", "evaluate", "log_every", "deterministic", "compile"}
+)
 
 
 class CheckpointError(ValueError):

@@ -3,6 +3,7 @@
 - ``fastnmf train``: with no arguments, the main job: a small swin Factorizer trained on the demo
   set (fold 0), then inference and evaluation of the validation fold; ``--preset brats|isles``
   with ``--data PATH`` for the paper's settings. Works under ``torchrun`` (DDP).
+- ``fastnmf plan``: the batch size, crop and checkpointing whose training step fits a GPU.
 - ``fastnmf infer``: sliding-window segmentation → NIfTI (input's affine/header) + overlay PNG.
 - ``fastnmf evaluate``: Dice and HD95 per region → per-case CSV and summary.
 - ``fastnmf export``: a MONAI bundle of a checkpoint, for ``python -m monai.bundle run``.
@@ -140,6 +141,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size,
         "crop_size": args.crop_size,
         "amp": args.amp,
+        "compile": args.compile,
+        "gpu_memory": args.gpu_memory,
         "device": args.device,
         "lr": args.lr,
         "weight_decay": args.weight_decay,
@@ -229,6 +232,29 @@ def _print_train_summary(result, cfg, out: Path, *, wall: float) -> None:
             "validation fold"
         )
         print("  predictions/metrics.csv, summary.json  Dice and HD95 per case, summary")
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Print the batch size, crop and checkpointing whose training step fits ``--gpu-memory``."""
+    from .plan import plan
+
+    p = plan(model=args.model, preset=args.preset, gpu_memory=args.gpu_memory,
+             amp=args.amp or "none", max_batch=args.max_batch, crop=args.crop,
+             headroom=args.headroom)  # fmt: skip
+    print("candidates asked (training-step account; predictions, not measurements):")
+    for t in p.tried:
+        what = f"crop {t['crop']}^3, batch {t['batch']}, checkpointing " + (
+            "on" if t["checkpoint"] else "off")  # fmt: skip
+        peak = t.get("predicted_peak_bytes")
+        print(f"  {what}: " + (f"{peak / 1e9:.2f} GB" if peak is not None else t["error"]))
+    print(f"plan: {p.summary()}")
+    ckpt = f" --model-opt checkpoint={str(p.checkpoint).lower()}" if args.model.endswith(
+        "factorizer") else ""  # fmt: skip
+    amp = f" --amp {p.amp}" if p.amp != "none" else ""
+    print(f"train with: fastnmf train --preset {p.preset} --model {p.model} --batch-size "
+          f"{p.batch} --crop-size {p.crop}{amp}{ckpt}  (or: --gpu-memory {args.gpu_memory}"
+          f"{amp})")  # fmt: skip
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -369,6 +395,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
                 patch=args.patch,
                 batch=args.batch,
                 checkpoint=args.checkpoint,
+                compile=args.compile,
             )
         rows += P.run_suite(
             suite,
@@ -412,6 +439,7 @@ def _cmd_profile_static(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "train": cmd_train,
+    "plan": cmd_plan,
     "infer": cmd_infer,
     "evaluate": cmd_evaluate,
     "export": cmd_export,

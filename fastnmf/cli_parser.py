@@ -26,13 +26,49 @@ def build_parser(commands) -> argparse.ArgumentParser:
         help="show the full traceback of any error (by default bad input is one line)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_train, _add_infer, _add_evaluate, _add_export, _add_compare,
+    for add in (_add_train, _add_plan, _add_infer, _add_evaluate, _add_export, _add_compare,
                 _add_components, _add_info, _add_bench_layer, _add_profile):  # fmt: skip
         add(sub, commands)
     for command in {id(p): p for p in sub.choices.values()}.values():  # also after the command
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="show the full traceback of any error")  # fmt: skip
     return parser
+
+
+def _command(sub, commands, name: str, **kwargs) -> argparse.ArgumentParser:
+    """The subcommand ``name`` (``add_parser`` keyword arguments), run by ``commands[name]``."""
+    parser = sub.add_parser(name, **kwargs)
+    parser.set_defaults(func=commands[name])
+    return parser
+
+
+def _checkpoint_inputs(p, *, case_flag: str = "--cases", case_help: str) -> None:
+    """--checkpoint, --data, --cases / --case, --fold: a trained run and the cases it reads."""
+    p.add_argument("--checkpoint", required=True, help="checkpoint or run folder (best.pt)")
+    p.add_argument("--data", help="data set, 'demo' or one NIfTI image (default: training's)")
+    p.add_argument(case_flag, default="val", help=case_help)
+    p.add_argument("--fold", type=int, help="fold for val (default: training's)")
+
+
+def _amp_option(p, *, help: str) -> None:
+    """--amp [MODE]: mixed precision; the flag alone is bf16 (train and plan)."""
+    from .config import AMP_MODES
+
+    p.add_argument("--amp", choices=AMP_MODES, nargs="?", const="bf16", help=help)
+
+
+def _compile_option(p, *, help: str) -> None:
+    """--compile [BACKEND]: torch.compile; the flag alone is inductor (train and profile)."""
+    from .config import COMPILE_BACKENDS
+
+    p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                   choices=[b for b in COMPILE_BACKENDS if b != "none"],
+                   help=f"{help} (the flag alone: inductor; aot_eager / eager: no C++ "
+                   "compiler needed)")  # fmt: skip
+
+
+def _gpu_memory_option(p, *, required: bool, help: str) -> None:
+    p.add_argument("--gpu-memory", required=required, metavar="SIZE", help=help)
 
 
 class _DeprecatedPatch(argparse.Action):
@@ -50,9 +86,11 @@ class _DeprecatedPatch(argparse.Action):
 
 
 def _add_train(sub, commands) -> None:
-    from .config import AMP_MODES, CROPS, RUN_PRESETS
+    from .config import CROPS, RUN_PRESETS
 
-    tr = sub.add_parser(
+    tr = _command(
+        sub,
+        commands,
         "train",
         help="train a model (no arguments: the demo main job: train, infer, evaluate)",
         description="Train a segmentation model. With no arguments: the main job (preset "
@@ -71,7 +109,11 @@ def _add_train(sub, commands) -> None:
         "--crop-size", type=int, help="cubic training crop edge (the model's spatial size)"
     )
     tr.add_argument("--patch", type=int, action=_DeprecatedPatch, help=argparse.SUPPRESS)
-    tr.add_argument("--amp", choices=AMP_MODES, help="mixed precision (default none)")
+    _amp_option(tr, help="mixed precision: none (default), bf16 (the flag alone), fp16")
+    _compile_option(tr, help="torch.compile the training step")
+    _gpu_memory_option(tr, required=False, help="plan batch size, crop and checkpointing for a "
+                       "GPU of this size (24GB, 24GiB, 8000MB); --batch-size / --crop-size are "
+                       "then the largest tried")  # fmt: skip
     tr.add_argument("--out", help="run folder (default runs/<preset>-<time>)")
     tr.add_argument(
         "--resume",
@@ -116,15 +158,35 @@ def _add_train(sub, commands) -> None:
     tr.add_argument("--stop-at", type=int, help="stop after this step (resume later)")
     tr.add_argument("--no-eval", action="store_true", help="skip the final infer + evaluate")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
-    tr.set_defaults(func=commands["train"])
+
+
+def _add_plan(sub, commands) -> None:
+    pl = _command(
+        sub,
+        commands,
+        "plan",
+        help="the batch size, crop and checkpointing whose training step fits a GPU",
+        description="Ask the training-step account (fake tensors on the CPU, no GPU needed) "
+        "about crops from the preset's patch down, batches from --max-batch down, without and "
+        "then with activation checkpointing; print the first that fits the GPU memory minus "
+        "the headroom, and its predicted peak.",
+    )
+    # checked by fastnmf.plan.plan (an unknown name is an error listing the valid ones)
+    pl.add_argument("--model", required=True, help="model name (fastnmf.models.available())")
+    pl.add_argument("--preset", default="brats",
+                    help="model preset: channels, E, window, shifts, patch (default brats)")
+    _gpu_memory_option(pl, required=True, help="GPU memory: 24GB (10^9), 24GiB (2^30), 8000MB")
+    _amp_option(pl, help="mixed precision: none (default), bf16 (the flag alone), fp16")
+    pl.add_argument("--max-batch", type=int, default=2, help="largest batch to try (default 2)")
+    pl.add_argument("--crop", type=int, help="largest cubic crop to try (default: the preset's)")
+    pl.add_argument("--headroom", type=float, default=0.15,
+                    help="share of the memory kept free for what the account leaves out "
+                    "(allocator, CUDA context, workspaces; default 0.15)")  # fmt: skip
 
 
 def _add_infer(sub, commands) -> None:
-    inf = sub.add_parser("infer", help="segment volumes: NIfTI label maps + overlay PNGs")
-    inf.add_argument("--checkpoint", required=True, help="checkpoint or run folder (best.pt)")
-    inf.add_argument("--data", help="data set, 'demo' or one NIfTI image (default: training's)")
-    inf.add_argument("--cases", default="val", help="val (default) | all | ID,ID,...")
-    inf.add_argument("--fold", type=int, help="fold for --cases val (default: training's)")
+    inf = _command(sub, commands, "infer", help="segment volumes: NIfTI label maps + PNGs")
+    _checkpoint_inputs(inf, case_help="val (default) | all | ID,ID,...")
     inf.add_argument("--out", help="output folder (default <run>/predictions)")
     inf.add_argument("--device", default="auto")
     inf.add_argument("--kernel", choices=C.KERNELS, help="NMF kernel at inference")
@@ -134,11 +196,10 @@ def _add_infer(sub, commands) -> None:
     )
     inf.add_argument("--overlap", type=float, default=0.5)
     inf.add_argument("--no-png", action="store_true")
-    inf.set_defaults(func=commands["infer"])
 
 
 def _add_evaluate(sub, commands) -> None:
-    ev = sub.add_parser("evaluate", help="Dice and HD95 per region: per-case CSV and summary")
+    ev = _command(sub, commands, "evaluate", help="Dice and HD95 per region: CSV and summary")
     ev.add_argument("--pred", required=True, help="folder of <id>.nii.gz predictions")
     ev.add_argument("--data", help="data set with labels (default: the checkpoint's, or demo)")
     ev.add_argument("--checkpoint", help="take data and fold from this checkpoint / run folder")
@@ -150,11 +211,12 @@ def _add_evaluate(sub, commands) -> None:
         action="store_true",
         help="score predictions whose affine differs from the label's (same shape needed)",
     )
-    ev.set_defaults(func=commands["evaluate"])
 
 
 def _add_export(sub, commands) -> None:
-    exp = sub.add_parser(
+    exp = _command(
+        sub,
+        commands,
         "export",
         help="export a checkpoint as a MONAI bundle (python -m monai.bundle run ...)",
         description="Write a MONAI bundle: configs/metadata.json, configs/inference.json, "
@@ -164,37 +226,32 @@ def _add_export(sub, commands) -> None:
     exp.add_argument("--checkpoint", required=True, help="checkpoint or run folder (best.pt)")
     exp.add_argument("--bundle", required=True, help="bundle folder to write (new or empty)")
     exp.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
-    exp.set_defaults(func=commands["export"])
 
 
 def _add_compare(sub, commands) -> None:
-    cmp = sub.add_parser("compare", help="paired Wilcoxon tests between two runs' metrics")
+    cmp = _command(sub, commands, "compare", help="paired Wilcoxon tests between two runs")
     cmp.add_argument("a", help="metrics.csv (or its folder) of run A")
     cmp.add_argument("b", help="metrics.csv (or its folder) of run B")
     cmp.add_argument("--out", help="write the table as CSV")
-    cmp.set_defaults(func=commands["compare"])
 
 
 def _add_components(sub, commands) -> None:
-    co = sub.add_parser("components", help="NMF component maps of a block for one case")
-    co.add_argument("--checkpoint", required=True, help="checkpoint or run folder (best.pt)")
+    co = _command(sub, commands, "components", help="NMF component maps of a block for one case")
+    _checkpoint_inputs(co, case_flag="--case", case_help="case id (default: first val case)")
     co.add_argument("--block", type=int, required=True, help="NMF block index (0 = first)")
-    co.add_argument("--data", help="data set, 'demo' or one NIfTI image (default: training's)")
-    co.add_argument("--case", default="val", help="case id (default: first validation case)")
-    co.add_argument("--fold", type=int)
     co.add_argument("--iters", type=int, help="NMF iterations T")
     co.add_argument("--out", help="output folder (default <run>/components)")
     co.add_argument("--device", default="auto")
-    co.set_defaults(func=commands["components"])
 
 
 def _add_info(sub, commands) -> None:
-    info = sub.add_parser("info", help="print versions, devices and kernels")
-    info.set_defaults(func=commands["info"])
+    _command(sub, commands, "info", help="print versions, devices and kernels")
 
 
 def _add_bench_layer(sub, commands) -> None:
-    bench = sub.add_parser(
+    bench = _command(
+        sub,
+        commands,
         "bench-layer",
         aliases=["demo"],  # the name the README used before the training pipeline
         help="run the swin NMF layer over a volume and time it",
@@ -209,11 +266,12 @@ def _add_bench_layer(sub, commands) -> None:
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--seed", type=int, default=0)
-    bench.set_defaults(func=commands["bench-layer"])
 
 
 def _add_profile(sub, commands) -> None:
-    pr = sub.add_parser(
+    pr = _command(
+        sub,
+        commands,
         "profile",
         help="NMF layer and Factorizers vs attention and CNN baselines: table + plots",
         description="Run the layer suite (context mixers: NMF vs windowed/global SDPA, MONAI "
@@ -263,6 +321,7 @@ def _add_profile(sub, commands) -> None:
         default=None,
         help="model: Factorizers with activation checkpointing (less memory, one more forward)",
     )
+    _compile_option(pr, help="model: torch.compile every model")
     pr.add_argument(
         "--threads",
         type=int,
@@ -270,4 +329,3 @@ def _add_profile(sub, commands) -> None:
         "and OpenMP threads on a busy machine stall)",
     )
     pr.add_argument("--quiet", action="store_true", help="no line per case")
-    pr.set_defaults(func=commands["profile"])

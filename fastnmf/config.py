@@ -41,9 +41,14 @@ from typing import Any
 
 from . import _checks as C
 
-__all__ = ["TrainConfig", "RUN_PRESETS", "PRESETS", "AMP_MODES", "resolve", "model_preset_for"]
+__all__ = [
+    "TrainConfig", "RUN_PRESETS", "PRESETS", "AMP_MODES", "COMPILE_BACKENDS", "resolve",
+    "model_preset_for",
+]  # fmt: skip
 
 AMP_MODES = ("none", "bf16", "fp16")
+# torch.compile backends of ``compile`` ("none": eager); aot_eager / eager: CPU tests, debugging
+COMPILE_BACKENDS = ("none", "inductor", "aot_eager", "eager")
 CROPS = ("random", "posneg")
 # nnU-Net centres one patch in three on foreground: small lesions are seen without a bias to them
 DEFAULT_POS_RATIO = 1 / 3
@@ -72,6 +77,14 @@ class TrainConfig:
         lr, weight_decay: AdamW.
         grad_clip: max gradient norm (0: off).
         amp: ``none`` | ``bf16`` (autocast) | ``fp16`` (autocast + GradScaler, CUDA).
+        compile: ``torch.compile`` backend of the training step (:data:`COMPILE_BACKENDS`;
+            ``none``: eager). Checkpoints hold the plain model's weights either way.
+        gpu_memory: plan the run for a GPU of this size (``"24GB"``, ``"24GiB"``, ``"8000MB"``;
+            :func:`fastnmf.plan.parse_memory`): :func:`fastnmf.plan.plan_run` picks
+            ``batch_size``, ``crop_size`` (the values given are the largest tried) and
+            activation checkpointing from the training-step account; ``None``: no plan.
+        plan: what the planner chose (batch, crop, checkpoint, predicted peak, budget), filled
+            in when the run starts; empty without ``gpu_memory``.
         deep_supervision: loss weights of the outputs [full, 1/2, 1/4, ...] (paper 1, .5, .25);
             normalised to sum to one.
         crop: training patch sampling: ``random`` (uniform, the paper's BraTS setting; the demo
@@ -110,6 +123,9 @@ class TrainConfig:
     weight_decay: float = 1e-2
     grad_clip: float = 1.0
     amp: str = "none"
+    compile: str = "none"
+    gpu_memory: str | None = None
+    plan: dict[str, Any] = field(default_factory=dict)
     deep_supervision: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.25])
     crop: str = "random"
     pos_ratio: float = DEFAULT_POS_RATIO
@@ -147,6 +163,9 @@ class TrainConfig:
             d.pop("demo")
         if self.crop != "posneg":
             d.pop("pos_ratio")
+        if self.gpu_memory is None:
+            d.pop("gpu_memory")
+            d.pop("plan")
         return d
 
     def save(self, path: str | Path) -> None:
@@ -238,6 +257,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     C.check_choice("kernel", cfg.kernel, C.KERNELS)
     if cfg.amp not in AMP_MODES:
         raise ValueError(f"unknown amp mode {cfg.amp!r}; valid: {', '.join(AMP_MODES)}")
+    C.check_choice("compile", cfg.compile, COMPILE_BACKENDS)
+    if cfg.gpu_memory is not None:
+        from .plan import parse_memory
+
+        parse_memory(cfg.gpu_memory)  # a clear error for a bad size string
     if cfg.crop not in CROPS:
         raise ValueError(f"unknown crop {cfg.crop!r}; valid: {', '.join(CROPS)}")
     for name in ("steps", "batch_size", "crop_size", "val_every", "log_every", "sw_batch_size"):

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from . import _checks as C
 
-__all__ = ["Plan", "plan", "parse_memory", "AMP_DTYPES"]
+__all__ = ["Plan", "plan", "parse_memory", "AMP_DTYPES", "plan_run", "check_peak"]
 
 # amp mode of TrainConfig -> the step account's dtype (fp16 has bf16's element size)
 AMP_DTYPES = {"none": "fp32", "bf16": "bf16", "fp16": "bf16"}
@@ -90,14 +90,21 @@ def _crops(model: str, preset: str, crop: int | None) -> list[int]:
     return list(range(top - top % _STEP, _STEP - 1, -_STEP))
 
 
-def _preset_overrides(model: str, preset: str) -> dict:
-    """The preset's model settings the builder takes (the account builds on brats' defaults)."""
+# builder options the account sets itself (crop, checkpointing) or that do not change memory
+_ACCOUNT_SETS = ("spatial_size", "checkpoint", "kernel", "seed")
+
+
+def _preset_overrides(model: str, preset: str, model_options: dict | None = None) -> dict:
+    """The preset's model settings the builder takes (the account builds on brats' defaults),
+    updated with ``model_options`` (a run's ``--model-opt``; lists become tuples)."""
     from fastnmf import models
 
     C.check_choice("preset", preset, models.presets(), listing="valid presets")
     name = "swin_factorizer" if model == "factorizer" else model
     params = inspect.signature(models.MODELS[name]).parameters
-    return {k: v for k, v in models.PRESETS[preset].items() if k in params and k != "spatial_size"}
+    given = {**models.PRESETS[preset], **(model_options or {})}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()
+            if k in params and k not in _ACCOUNT_SETS}  # fmt: skip
 
 
 def _default_account(model, *, dtype, checkpoint, size, batch, overrides):
@@ -116,6 +123,7 @@ def plan(
     max_batch: int = 2,
     crop: int | None = None,
     headroom: float = 0.15,
+    model_options: dict | None = None,
     account: Callable[..., dict] | None = None,
 ) -> Plan:
     """The first setting (order in the module docstring) whose predicted peak fits.
@@ -128,6 +136,7 @@ def plan(
         max_batch: the largest batch to try.
         crop: the largest cube side to try (None: the preset's patch).
         headroom: fraction of ``gpu_memory`` kept free for what the account leaves out.
+        model_options: builder options over the preset's (a run's widths, window, channels...).
         account: ``account_step``-like callable (tests); default the real step account.
 
     Raises:
@@ -143,7 +152,7 @@ def plan(
     total = parse_memory(gpu_memory)
     budget = int(total * (1 - headroom))
     account = account or _default_account
-    overrides = _preset_overrides(model, preset)
+    overrides = _preset_overrides(model, preset, model_options)
     ckpts = (False, True) if model in _FACTORIZERS else (False,)
     tried: list[dict] = []
     for size in _crops(model, preset, crop):
@@ -169,3 +178,54 @@ def plan(
         f"no batch / crop / checkpointing of {model} ({preset}, amp {amp}) fits "
         f"{budget / 1e9:.2f} GB ({total / 1e9:.2f} GB minus {headroom:.0%} headroom): {smallest}"
     )
+
+
+def plan_run(cfg, info):
+    """``cfg`` (a :class:`~fastnmf.config.TrainConfig` with ``gpu_memory``) with the plan for its
+    model, preset, amp and data channels applied: ``batch_size`` and ``crop_size`` (the config's
+    values are the largest tried), ``model_options["checkpoint"]`` (Factorizers) and ``plan``
+    (the choice, the predicted peak and the budget, saved in config.json and every checkpoint).
+    A config that already holds a plan (a resumed run) is returned as it is."""
+    import dataclasses
+
+    from .config import model_preset_for
+
+    if cfg.gpu_memory is None or cfg.plan:
+        return cfg
+    preset = cfg.model_preset or model_preset_for(info.kind)
+    opts = {**cfg.model_options, "out_channels": info.out_channels}
+    if info.in_channels is not None:
+        opts["in_channels"] = info.in_channels
+    p = plan(model=cfg.model, preset=preset, gpu_memory=cfg.gpu_memory, amp=cfg.amp,
+             max_batch=cfg.batch_size, crop=cfg.crop_size, model_options=opts)  # fmt: skip
+    model_options = dict(cfg.model_options)
+    if cfg.model in _FACTORIZERS:
+        model_options["checkpoint"] = p.checkpoint
+    chosen = {k: getattr(p, k) for k in ("batch", "crop", "checkpoint", "predicted_peak_bytes",
+                                         "budget_bytes", "gpu_memory_bytes")}  # fmt: skip
+    chosen["summary"] = p.summary()
+    return dataclasses.replace(cfg, batch_size=p.batch, crop_size=p.crop,
+                               model_options=model_options, plan=chosen)  # fmt: skip
+
+
+def check_peak(cfg, device, out=None) -> str | None:
+    """After training on a GPU: the measured peak (``torch.cuda.max_memory_allocated``) beside
+    the planner's prediction, as a line, also written to ``out/memory.json`` when ``out`` is
+    given; ``None`` without a plan or off CUDA."""
+    import json
+    from pathlib import Path
+
+    import torch
+
+    if not cfg.plan or device.type != "cuda":
+        return None
+    measured = int(torch.cuda.max_memory_allocated(device))
+    predicted = int(cfg.plan["predicted_peak_bytes"])
+    error = predicted / measured - 1 if measured else None
+    if out is not None:
+        doc = {"predicted_peak_bytes": predicted, "measured_peak_bytes": measured,
+               "error": error, "plan": cfg.plan, "device": torch.cuda.get_device_name(device)}
+        (Path(out) / "memory.json").write_text(json.dumps(doc, indent=2) + "\n")  # fmt: skip
+    err = f"{error:+.0%}" if error is not None else "n/a"
+    return (f"GPU peak memory: measured {measured / 1e9:.2f} GB (max allocated), planner "
+            f"predicted {predicted / 1e9:.2f} GB ({err}); memory.json")  # fmt: skip

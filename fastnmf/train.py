@@ -44,6 +44,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from monai.data import MetaTensor
 from torch import nn
 
 from . import data as fdata
@@ -312,6 +313,10 @@ class TrainRun:
         demo_kwargs = dict(cfg.demo) if cfg.data == "demo" else {}
         self.ds = fdata.open_dataset(cfg.data, **demo_kwargs)
         self.info = self.ds.info
+        if cfg.gpu_memory is not None and not cfg.plan:  # --gpu-memory: batch, crop, checkpoint
+            from .plan import plan_run
+
+            self.cfg = cfg = plan_run(cfg, self.info)
         self.train_cases, self.val_cases = fdata.split(
             self.ds.cases, cfg.fold, n_folds=cfg.n_folds, seed=cfg.split_seed
         )
@@ -342,6 +347,10 @@ class TrainRun:
             self.model = nn.parallel.DistributedDataParallel(
                 self.raw_model, device_ids=[device.index] if device.type == "cuda" else None
             )
+        if cfg.compile != "none":  # the training step only; checkpoints hold raw_model's weights
+            from .custom_op import maybe_compile
+
+            self.model = maybe_compile(self.model, enabled=True, backend=cfg.compile)
         self.loss_fn = DeepSupervisionLoss(weights=cfg.deep_supervision)
         self.opt = torch.optim.AdamW(
             self.raw_model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
@@ -381,6 +390,8 @@ class TrainRun:
         if self.distributed:
             dist.barrier()
         self.say(f"fastnmf train: config (saved to {out / 'config.json'})\n{cfg.summary()}")
+        if cfg.plan:
+            self.say(f"memory plan for {cfg.gpu_memory}: {cfg.plan['summary']}")
         self.say(
             f"data: {self.ds.kind} at {self.ds.root}: {len(self.train_cases)} training / "
             f"{len(self.val_cases)} validation cases (fold {cfg.fold} of {cfg.n_folds}); model "
@@ -465,6 +476,11 @@ class TrainRun:
         finally:
             bar.close()
             self.logs.close()
+        from .plan import check_peak
+
+        line = check_peak(self.cfg, self.device, self.out if self.is_main else None)
+        if line:
+            self.say(line)
         return self._finish()
 
     def _step(self, batch: dict[str, Any]) -> tuple[float, float]:
@@ -473,6 +489,8 @@ class TrainRun:
         cfg, device, params = self.cfg, self.device, self.raw_model.parameters
         rng_at_start = _rng_state()
         image = batch["image"].to(device, non_blocking=True)
+        if isinstance(image, MetaTensor):  # a plain tensor: torch.compile does not take MONAI's
+            image = image.as_tensor()
         label = batch["label"].to(device, non_blocking=True)
         dtype = self.amp_dtype
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):

@@ -31,6 +31,7 @@ class ModelCase:
     tiny: bool = False
     skip: str = ""  # reason to leave the case out of this run (a row says so)
     checkpoint: bool = False  # Factorizers: activation checkpointing of every block
+    compile: str | None = None  # torch.compile backend (None: eager)
 
     @property
     def id(self) -> str:
@@ -40,7 +41,8 @@ class ModelCase:
             else "v" + "x".join(map(str, self.volume))
         )
         ckpt = "-ckpt" if self.checkpoint else ""
-        return f"{self.model}-{self.kernel}{ckpt}-{self.task}-{where}-{self.dtype}"
+        comp = f"-compile_{self.compile}" if self.compile else ""
+        return f"{self.model}-{self.kernel}{ckpt}{comp}-{self.task}-{where}-{self.dtype}"
 
 
 FACTORIZERS = ("swin_factorizer", "local_factorizer", "global_factorizer")
@@ -79,13 +81,20 @@ def model_cases(
     batch: int | None = None,
     patch: int | None = None,
     checkpoint: bool = False,
+    compile: str | None = None,
 ) -> list[ModelCase]:
     """The model suite's cases: GPU: brats models at 128^3, batch 2, fp32 + bf16 autocast,
     inference over 240 x 240 x 155; CPU (``tiny``): small models at 16^3 (SwinUNETR 32^3),
     batch 1, inference over 24 x 24 x 16; SwinUNETR (64^3, its smallest size: seconds per step
     on a CPU) only when ``models`` names it. ``patch`` overrides every model's
     patch edge; ``checkpoint`` turns on the Factorizers' activation checkpointing (the
-    baselines are run as they are)."""
+    baselines are run as they are); ``compile`` (a backend of
+    :data:`fastnmf.config.COMPILE_BACKENDS`) times every model under ``torch.compile``."""
+    from fastnmf.config import COMPILE_BACKENDS
+
+    if compile is not None and compile not in COMPILE_BACKENDS[1:]:
+        raise ValueError(f"unknown compile backend {compile!r}; valid: "
+                         f"{', '.join(COMPILE_BACKENDS[1:])}")  # fmt: skip
     dev = pick_device(device)
     gpu = dev.type == "cuda"
     tiny = (not gpu) if tiny is None else tiny
@@ -111,7 +120,7 @@ def model_cases(
                 for k in kernels if fact else ["-"]:
                     cases.append(
                         ModelCase(name, k, task, dtype, b, edge, volume, tiny, skip,
-                                  checkpoint=checkpoint and fact)
+                                  checkpoint=checkpoint and fact, compile=compile)
                     )  # fmt: skip
     return cases
 
@@ -165,6 +174,10 @@ def prepare_model(case: ModelCase, device: torch.device | str | None = None) -> 
     net = build_model(case).to(dev)
     gen = torch.Generator().manual_seed(0)
     cin = net.in_channels
+    if case.compile:  # compiled at the first (untimed) run below
+        from fastnmf.custom_op import maybe_compile
+
+        net = maybe_compile(net, enabled=True, backend=case.compile)
 
     def autocast():
         return torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None)
@@ -229,6 +242,7 @@ def model_row(case: ModelCase) -> dict:
         "dtype": case.dtype,
         "task": case.task,
         "checkpoint": case.checkpoint,
+        "compile": case.compile or "none",
     }
 
 

@@ -64,7 +64,8 @@ def _model_md(rows: list[dict]) -> list[str]:
 
     def cells(r, ok):
         return [
-            r["subject"], r["impl"] + (" + checkpointing" if r.get("checkpoint") else ""),
+            r["subject"], r["impl"] + (" + checkpointing" if r.get("checkpoint") else "")
+            + (f" + compile ({r['compile']})" if r.get("compile", "none") != "none" else ""),
             r["task"], r["shape"], r["dtype"],
             _fmt(r.get("median_ms")) if ok else "", _fmt(r.get("per_s")) if ok else "",
             _mib(r.get("peak_bytes")), _fmt(r["params"] / 1e6, 4) if r.get("params") else "",
