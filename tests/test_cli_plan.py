@@ -94,6 +94,10 @@ def test_model_suite_compiled_case():
     (case,) = model_cases("cpu", models=["swin_factorizer"], kernels=["torch"], tasks=["train"],
                           compile="aot_eager")  # fmt: skip
     assert case.id.startswith("swin_factorizer-torch-compile_aot_eager-train")
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     row = run_model_case(case, "cpu", repeats=1, warmup=0)
+    assert counters["stats"]["unique_graphs"] >= 1  # the model was compiled
     assert row["status"] == "ok" and row["compile"] == "aot_eager", row.get("reason")
     assert row["median_ms"] > 0
