@@ -23,6 +23,7 @@ from torch import nn
 
 from fastnmf import MatricizedNMF
 from fastnmf._checks import check_heads, renamed_argument
+from fastnmf.channel_norm import channel_layer_norm
 
 __all__ = [
     "pointwise_conv",
@@ -44,15 +45,18 @@ def pointwise_conv(
 
 
 class ChannelLayerNorm(nn.Module):
-    """LayerNorm over the channel dim of a channels-first (B, C, *S) tensor."""
+    """LayerNorm over the channel dim of a channels-first (B, C, *S) tensor, in place of layout:
+    :func:`fastnmf.channel_norm.channel_layer_norm` (a Triton kernel on CUDA) reads x and
+    writes y as (B, C, *S), so nothing is transposed or copied and the next pointwise conv gets a
+    contiguous tensor. The parameters stay those of ``self.norm`` (an ``nn.LayerNorm(C)``: the
+    same names and shapes as before, so old checkpoints load)."""
 
     def __init__(self, channels: int, *, eps: float = 1e-5):
         super().__init__()
         self.norm = nn.LayerNorm(channels, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.norm(x.movedim(1, -1))  # (B, *S, C)
-        return y.movedim(-1, 1)  # (B, C, *S)
+        return channel_layer_norm(x, self.norm.weight, self.norm.bias, self.norm.eps)
 
 
 class MLP(nn.Module):

@@ -1,0 +1,137 @@
+"""LayerNorm over the channel axis of a channels-first (B, C, *S) tensor, without a transpose.
+
+``channel_layer_norm(x, weight, bias, eps)`` equals ``nn.LayerNorm(C)`` applied to
+``x.movedim(1, -1)`` and moved back, but reads and writes x in its own layout: the old
+formulation made the CUDA layer norm copy the channels-last view to contiguous memory in forward
+and both arguments in backward (17 GB per BraTS training step, issue 17), and handed the next
+pointwise convolution a channels-last tensor.
+
+It is one registered op, ``torch.ops.fastnmf.channel_layer_norm(x, weight, bias, eps) -> (y,
+mean, rstd)``, with a fake implementation, an autocast rule (float32, as CUDA autocast runs
+``layer_norm``) and a hand-written backward op ``fastnmf::channel_layer_norm_backward``:
+
+- CUDA: the Triton kernels of :mod:`fastnmf.kernels.channel_norm` (x read once forward; x and dy
+  once backward; the derivation is written above the backward kernel);
+- elsewhere (CPU): the same formulas in PyTorch over dim 1 (``var_mean``; no layout change).
+
+Autograd keeps x (the block's residual stream itself, not a copy), weight and the per-voxel
+mean / rstd (B × S fp32 each). The op is opaque to ``torch.compile`` (no graph break).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["channel_layer_norm"]
+
+
+def _shape(x: torch.Tensor) -> tuple[int, ...]:
+    """(1, C, 1, ..., 1): a per-channel vector broadcast over (B, C, *S)."""
+    return (1, x.shape[1]) + (1,) * (x.dim() - 2)
+
+
+def _acc(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    if x.device.type != "cuda":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _torch_forward(x, weight, bias, eps):
+    xa = x.to(_acc(x))
+    var, mean = torch.var_mean(xa, dim=1, keepdim=True, correction=0)  # (B, 1, *S) each
+    rstd = torch.rsqrt(var + eps)
+    y = (xa - mean) * rstd * weight.to(xa.dtype).view(_shape(x)) + bias.to(xa.dtype).view(
+        _shape(x))  # fmt: skip
+    b = x.shape[0]
+    return y.to(x.dtype), mean.reshape(b, -1), rstd.reshape(b, -1)  # mean, rstd: (B, S)
+
+
+def _torch_backward(dy, x, weight, mean, rstd):
+    """The backward formula of :mod:`fastnmf.kernels.channel_norm`, in PyTorch."""
+    acc = _acc(x)
+    stat = (x.shape[0], 1, *x.shape[2:])
+    mean, rstd = mean.view(stat), rstd.view(stat)  # (B, 1, *S)
+    xhat = (x.to(acc) - mean) * rstd
+    dya = dy.to(acc)
+    g = dya * weight.to(acc).view(_shape(x))
+    c1 = (g * xhat).mean(dim=1, keepdim=True)  # (B, 1, *S)
+    c2 = g.mean(dim=1, keepdim=True)
+    dx = (g - c2 - xhat * c1) * rstd
+    dims = [0, *range(2, x.dim())]
+    dw = (dya * xhat).sum(dim=dims)
+    db = dya.sum(dim=dims)
+    return dx.to(x.dtype), dw.to(weight.dtype), db.to(weight.dtype)
+
+
+@torch.library.custom_op("fastnmf::channel_layer_norm", mutates_args=())
+def _op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if _use_triton(x):
+        from .kernels.channel_norm import channel_norm_forward
+
+        return channel_norm_forward(x, weight, bias, eps)
+    return _torch_forward(x, weight, bias, eps)
+
+
+@_op.register_fake
+def _op_fake(x, weight, bias, eps):
+    stat = (x.shape[0], x[0, 0].numel())  # (B, S)
+    return torch.empty_like(x), x.new_empty(stat, dtype=_acc(x)), x.new_empty(stat, dtype=_acc(x))
+
+
+@torch.library.custom_op("fastnmf::channel_layer_norm_backward", mutates_args=())
+def _backward_op(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+    rstd: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    if _use_triton(x):
+        from .kernels.channel_norm import channel_norm_backward
+
+        return channel_norm_backward(dy, x, weight, mean, rstd)
+    return _torch_backward(dy, x, weight, mean, rstd)
+
+
+@_backward_op.register_fake
+def _backward_fake(dy, x, weight, mean, rstd):
+    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, _bias, _eps = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    dx, dw, db = _backward_op(dy, x, weight, mean, rstd)
+    return dx, dw, db, None
+
+
+_op.register_autograd(_backward, setup_context=_setup_context)
+for _device in ("cuda", "cpu"):  # as autocast runs layer_norm: in float32
+    torch.library.register_autocast("fastnmf::channel_layer_norm", _device, torch.float32)
+
+
+def channel_layer_norm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5
+) -> torch.Tensor:
+    """LayerNorm over dim 1 of (B, C, *S) with per-channel ``weight`` and ``bias`` (C,)."""
+    if x.dim() < 3:
+        raise ValueError(f"channel_layer_norm expects (B, C, *spatial), got {tuple(x.shape)}")
+    if weight.shape != (x.shape[1],) or bias.shape != (x.shape[1],):
+        raise ValueError(
+            f"weight and bias must have shape ({x.shape[1]},) for C={x.shape[1]}, got "
+            f"{tuple(weight.shape)} and {tuple(bias.shape)}"
+        )
+    return _op(x, weight, bias, float(eps))[0]

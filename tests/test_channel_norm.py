@@ -1,0 +1,143 @@
+"""The channels-first LayerNorm (fastnmf.channel_norm, kernels/channel_norm.py) against
+``nn.LayerNorm`` on the channels-last view (the formulation it replaces), in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICES
+from torch import nn
+
+from fastnmf.channel_norm import channel_layer_norm
+
+SHAPES = [(2, 5, 3, 4, 7), (1, 32, 6, 6, 6), (3, 8, 5, 9), (2, 1, 4, 4, 4), (1, 48, 33)]
+
+
+def rel_err(a: torch.Tensor, e: torch.Tensor) -> float:
+    """max |a - e| / (max |e| + 1): relative, but an exact zero (dx for C = 1) against the
+    reference's rounding noise is not a failure."""
+    a, e = a.detach().double().cpu(), e.detach().double().cpu()
+    return ((a - e).abs().max() / (e.abs().max() + 1)).item()
+
+
+def _inputs(gen, shape, dtype=torch.float64):
+    c = shape[1]
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 3 + 1).to(dtype)
+    w = (torch.randn(c, generator=gen, dtype=torch.float64) + 1).to(dtype)
+    b = torch.randn(c, generator=gen, dtype=torch.float64).to(dtype)
+    dy = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    return x, w, b, dy
+
+
+def _old(x, w, b, eps):
+    """What models.layers.ChannelLayerNorm computed before: nn.LayerNorm on x.movedim(1, -1)."""
+    norm = nn.LayerNorm(x.shape[1], eps=eps).to(x.dtype)
+    with torch.no_grad():
+        norm.weight.copy_(w)
+        norm.bias.copy_(b)
+    return norm(x.movedim(1, -1)).movedim(-1, 1), norm
+
+
+def _grads(fn, x, w, b, dy):
+    x = x.detach().requires_grad_()
+    w = w.detach().requires_grad_()
+    b = b.detach().requires_grad_()
+    y = fn(x, w, b)
+    return (y, *torch.autograd.grad(y, (x, w, b), dy))
+
+
+def _old_fn(eps):
+    def fn(x, w, b):
+        norm = nn.LayerNorm(x.shape[1], eps=eps).to(x.dtype)
+        return nn.functional.layer_norm(x.movedim(1, -1), norm.normalized_shape, w, b,
+                                        eps).movedim(-1, 1)  # fmt: skip
+
+    return fn
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_torch_path_equals_layer_norm_float64(shape, gen):
+    x, w, b, dy = _inputs(gen, shape)
+    new = _grads(lambda x, w, b: channel_layer_norm(x, w, b, 1e-5), x, w, b, dy)
+    old = _grads(_old_fn(1e-5), x, w, b, dy)
+    for a, e in zip(new, old, strict=True):
+        assert a.shape == e.shape and a.dtype == torch.float64
+        assert rel_err(a, e) < 1e-12
+    assert new[0].is_contiguous()  # channels-first in, channels-first out
+
+
+def test_torch_path_gradcheck(gen):
+    x, w, b, _ = _inputs(gen, (2, 4, 3, 5))
+    args = [t.detach().requires_grad_() for t in (x, w, b)]
+    assert torch.autograd.gradcheck(lambda x, w, b: channel_layer_norm(x, w, b, 1e-5), args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", SHAPES[:4])
+def test_triton_kernels_against_layer_norm(shape, device, gen):
+    from fastnmf.kernels.channel_norm import channel_norm_backward, channel_norm_forward
+
+    x, w, b, dy = _inputs(gen, shape)
+    ref, dx_ref, dw_ref, db_ref = _grads(_old_fn(1e-5), x, w, b, dy)
+    for dtype, tol_fwd, tol_bwd in ((torch.float64, 1e-12, 1e-11), (torch.float32, 1e-5, 1e-4)):
+        xd, wd, bd, dyd = (t.to(device=device, dtype=dtype) for t in (x, w, b, dy))
+        y, mean, rstd = channel_norm_forward(xd, wd, bd, 1e-5)
+        dx, dw, db = channel_norm_backward(dyd, xd, wd, mean, rstd)
+        assert y.dtype == dtype and y.shape == x.shape
+        assert rel_err(y.cpu(), ref) < tol_fwd
+        assert rel_err(dx.cpu(), dx_ref) < tol_bwd
+        assert rel_err(dw.cpu(), dw_ref) < tol_bwd
+        assert rel_err(db.cpu(), db_ref) < tol_bwd
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_kernel_bf16_within_twice_torchs_own_error(device, gen):
+    from fastnmf.kernels.channel_norm import channel_norm_forward
+
+    x, w, b, _ = _inputs(gen, (2, 16, 4, 4, 8))
+    ref = _old_fn(1e-5)(x, w, b)
+    own = _old_fn(1e-5)(x.bfloat16(), w.bfloat16(), b.bfloat16()).double()
+    y, _, _ = channel_norm_forward(*(t.bfloat16().to(device) for t in (x, w, b)), 1e-5)
+    assert y.dtype == torch.bfloat16
+    assert (y.cpu().double() - ref).abs().max() <= 2 * (own - ref).abs().max() + 1e-2
+
+
+def test_block_norm_equals_the_old_formulation_and_loads_old_keys(gen):
+    """models.layers.ChannelLayerNorm: the same parameters (names, shapes) as before, and the
+    same output as nn.LayerNorm on the channels-last view (fp32), forward and backward."""
+    from fastnmf.models.layers import ChannelLayerNorm
+
+    x, w, b, dy = _inputs(gen, (2, 16, 8, 8, 8), torch.float32)
+    new = ChannelLayerNorm(16)
+    old_state = {"norm.weight": w, "norm.bias": b}  # the keys a checkpoint of the old module had
+    new.load_state_dict(old_state)
+    assert set(new.state_dict()) == set(old_state)
+    xg = x.clone().requires_grad_()
+    y = new(xg)
+    (dx,) = torch.autograd.grad(y, xg, dy)
+    xo = x.clone().requires_grad_()
+    y_old, _ = _old(xo, w, b, 1e-5)
+    (dx_old,) = torch.autograd.grad(y_old, xo, dy)
+    assert rel_err(y, y_old) < 1e-5 and rel_err(dx, dx_old) < 1e-4
+    assert y.is_contiguous()
+
+
+def test_autocast_runs_in_float32_as_layer_norm(gen):
+    x, w, b, _ = _inputs(gen, (1, 8, 4, 4, 4), torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = channel_layer_norm(x.bfloat16(), w, b)
+    assert y.dtype == torch.float32
+    assert rel_err(y, _old_fn(1e-5)(x.bfloat16().float(), w, b)) < 1e-5
+
+
+def test_bad_shapes_are_named():
+    with pytest.raises(ValueError, match=r"\(B, C, \*spatial\)"):
+        channel_layer_norm(torch.zeros(2, 3), torch.ones(3), torch.zeros(3))
+    with pytest.raises(ValueError, match=r"shape \(4,\) for C=4"):
+        channel_layer_norm(torch.zeros(1, 4, 2, 2), torch.ones(3), torch.zeros(3))
+
+
+def test_compiles_without_graph_breaks(gen):
+    x, w, b, _ = _inputs(gen, (1, 8, 4, 4, 4), torch.float32)
+    explained = torch._dynamo.explain(channel_layer_norm)(x, w, b)
+    assert explained.graph_break_count == 0
