@@ -110,10 +110,13 @@ def _setup_context(ctx, inputs, output):
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, mean, rstd)
     ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # no zero tensors for mean / rstd's (absent) gradients
 
 
 def _backward(ctx, dy, _dmean, _drstd):
     x, weight, mean, rstd = ctx.saved_tensors
+    if dy is None:  # y unused by the loss (grads are not materialised)
+        return None, None, None, None
     dx, dw, db = _backward_op(dy, x, weight, mean, rstd)
     return dx, dw, db, None
 

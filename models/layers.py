@@ -17,6 +17,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 import torch.utils.checkpoint
 from monai.networks.layers.factories import Conv
 from torch import nn
@@ -267,6 +268,26 @@ class FactorizerBlock(nn.Module):
     def _context(self, x: torch.Tensor) -> torch.Tensor:
         x = self.adapter(x)
         return x + self.mixer(self.norm1(x))
+
+    def _context_skip(self, skip: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        # the adapter's 1x1 conv of cat([skip, x]) as the sum of its two halves' convs: no
+        # concatenated copy is written (or kept for backward)
+        conv, drop = self.adapter
+        w, cs = conv.weight, skip.shape[1]  # w: (C_out, C_skip + C_x, 1, ...)
+        fn = (F.conv1d, F.conv2d, F.conv3d)[skip.dim() - 3]
+        x = drop(fn(skip, w[:, :cs]) + fn(x, w[:, cs:]))
+        return x + self.mixer(self.norm1(x))
+
+    def forward_skip(self, skip: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``forward(torch.cat([skip, x], dim=1))`` of a decoder block, without the
+        concatenation (the U-Net calls this)."""
+        if isinstance(self.adapter, nn.Identity):
+            return self(torch.cat([skip, x], dim=1))  # (B, C_skip + C_x, *S)
+        if self.checkpoint and self.training and torch.is_grad_enabled():
+            ckpt = torch.utils.checkpoint.checkpoint
+            x = ckpt(self._context_skip, skip, x, use_reentrant=False)
+            return ckpt(self._mlp, x, use_reentrant=False)
+        return self._mlp(self._context_skip(skip, x))
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.mlp(self.norm2(x))

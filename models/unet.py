@@ -215,7 +215,11 @@ class UNet(nn.Module):
         feats = list(skips)
         for i, lvl in enumerate(range(levels - 2, -1, -1)):
             x = self.up[i](x)
-            x = self.decoder[i](torch.cat([skips[lvl], x], dim=1))  # (B, 2 C_l, *S_l) in
+            block = self.decoder[i]
+            if hasattr(block, "forward_skip"):  # block(cat([skip, x])) without the copy
+                x = block.forward_skip(skips[lvl], x)
+            else:
+                x = block(torch.cat([skips[lvl], x], dim=1))  # (B, 2 C_l, *S_l) in
             feats[lvl] = x
         return feats
 

@@ -141,3 +141,51 @@ def test_compiles_without_graph_breaks(gen):
     x, w, b, _ = _inputs(gen, (1, 8, 4, 4, 4), torch.float32)
     explained = torch._dynamo.explain(channel_layer_norm)(x, w, b)
     assert explained.graph_break_count == 0
+
+
+def _old_layer_norm_forward(self, x):
+    """models.layers.ChannelLayerNorm.forward before issue 17 (channels moved last and back)."""
+    return self.norm(x.movedim(1, -1)).movedim(-1, 1)
+
+
+@pytest.mark.parametrize(
+    "name, kw",
+    [
+        ("swin_factorizer", dict(checkpoint=False)),
+        ("swin_factorizer", dict(checkpoint=True)),
+        ("performer", dict(spatial_size=(16, 16, 16))),
+    ],
+)
+def test_models_equal_the_old_formulation(name, kw, gen, monkeypatch):
+    """Whole models, training step: outputs and every parameter gradient of the copy-free
+    blocks (channels-first LayerNorm, decoder adapter without the concatenation) equal those of
+    the old formulation (nn.LayerNorm on the channels-last view, torch.cat of skip and x) in
+    fp32, and the old model's state dict loads into the new one as it is."""
+    from fastnmf.models import layers
+
+    from fastnmf import models
+
+    opts = dict(widths=(8, 16, 32), head_dim=4, deep_supervision=2, **kw)
+    if name == "swin_factorizer":
+        opts.update(window=4, kernel="torch", seed=0, spatial_size=(16, 16, 16))
+    x = torch.randn(2, 4, 16, 16, 16, generator=gen)
+    runs = []
+    for old in (True, False):
+        with monkeypatch.context() as m:
+            if old:
+                m.setattr(layers.ChannelLayerNorm, "forward", _old_layer_norm_forward)
+                m.delattr(layers.FactorizerBlock, "forward_skip")
+            torch.manual_seed(0)
+            net = models.build(name, "brats", **opts).train()
+            if runs:
+                net.load_state_dict(runs[0][2])  # the old model's checkpoint
+            outs = net(x)
+            sum((o * torch.linspace(-1, 1, o.numel()).view(o.shape)).sum() for o in outs).backward()
+            runs.append(([o.detach() for o in outs], [p.grad for p in net.parameters()],
+                         net.state_dict()))  # fmt: skip
+    (o_old, g_old, s_old), (o_new, g_new, s_new) = runs
+    assert list(s_old) == list(s_new)
+    for a, e in zip(o_new, o_old, strict=True):
+        assert rel_err(a, e) < 1e-5
+    for a, e in zip(g_new, g_old, strict=True):
+        assert rel_err(a, e) < 1e-4

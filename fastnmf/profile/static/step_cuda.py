@@ -50,6 +50,7 @@ FP32 = frozenset({
     "binary_cross_entropy_with_logits", "dist", "pdist", "cdist", "renorm", "logsumexp",
     "softmax", "log_softmax", "softmin", "cumprod", "cumsum", "prod", "sum", "normalize",
     "cross_entropy",
+    "channel_layer_norm",  # fastnmf's op, registered with CUDA autocast's float32 rule
 })  # fmt: skip
 PROMOTE = frozenset({
     "addcdiv", "addcmul", "atan2", "bilinear", "cross", "dot", "grid_sample", "index_put",
@@ -74,6 +75,8 @@ class CudaPolicy(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
+        if isinstance(func, torch._ops.OpOverload) and func.namespace == "fastnmf":
+            name = func.overloadpacket.__name__  # "channel_layer_norm", not "....default"
         if name == "dropout":
             return _dropout(*args, **kwargs)
         target = None if self.amp is None else self._target(name, args, kwargs)

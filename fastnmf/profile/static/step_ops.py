@@ -5,11 +5,15 @@ Per op (as it reaches the dispatcher below autograd: composite ops arrive decomp
 - **bytes read** = every distinct tensor input's touched bytes (itemsize x the product of the
   sizes whose stride is not 0, so a broadcast input counts once); **bytes written** = every new
   output's plus every argument the op mutates (``add_``, ``_foreach_mul_``...). Ops that only write
-  their first argument (``copy_``, ``fill_``, ``zero_``, ``bernoulli_``...) do not read it. Views
+  their first argument (``copy_``, ``fill_``, ``zero_``, ``bernoulli_``...) do not read it, nor do
+  factories that take only its shape (``new_zeros``, ``zeros_like``...). Views
   (aliasing outputs: ``view``, ``permute``, ``movedim``, ``expand``...) and allocations (``empty*``)
   move no bytes. What an op does inside its kernel is not seen: e.g. the CUDA layer norm copies a
-  non-contiguous input (``ChannelLayerNorm``'s ``movedim``) to contiguous memory first; that copy
-  is added explicitly (``IMPLICIT_CONTIGUOUS``) and counted as a layout copy.
+  non-contiguous input (the old ``ChannelLayerNorm``'s ``movedim``) to contiguous memory first;
+  that copy is added explicitly (``IMPLICIT_CONTIGUOUS``) and counted as a layout copy.
+  fastnmf's channels-first LayerNorm (``fastnmf::channel_layer_norm`` and its backward op,
+  :data:`COUNTED_FASTNMF_OPS`) is counted as one op: its inputs read once, its outputs written
+  once, as its Triton kernels do on CUDA.
 - **FLOPs**: ``torch.utils.flop_counter``'s formulas for matrix products, convolutions and
   attention (2 per multiply-add); any other op is counted as one FLOP per output element (a
   rough figure, but such ops are bandwidth-bound by orders of magnitude, so it never sets their
@@ -59,8 +63,16 @@ _ELEMENTWISE = {
 _NORM_WORDS = ("layer_norm", "group_norm", "batch_norm", "instance_norm", "rms_norm")
 _ALLOC = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}
 _WRITE_ONLY = {"copy_", "fill_", "zero_", "bernoulli_", "uniform_", "normal_", "random_"}
-# ops whose CUDA kernel makes these (non-contiguous) tensor arguments contiguous first
-IMPLICIT_CONTIGUOUS = {"native_layer_norm": (0,), "native_layer_norm_backward": (0, 1)}
+# factories that take only the shape, dtype and device of their tensor argument (read nothing)
+_SHAPE_ONLY = {"new_zeros", "new_ones", "new_full", "zeros_like", "ones_like", "full_like",
+               "rand_like", "randn_like"}  # fmt: skip
+# ops whose CUDA kernel (or launcher) makes these (non-contiguous) tensor arguments contiguous
+IMPLICIT_CONTIGUOUS = {"native_layer_norm": (0,), "native_layer_norm_backward": (0, 1),
+                       "channel_layer_norm": (0,), "channel_layer_norm_backward": (0, 1)}
+# fastnmf's own ops counted like aten ops: one kernel that reads each input once and writes each
+# output once (the channels-first LayerNorm's Triton kernels on CUDA); the NMF layer is counted
+# by the traffic model instead (step_nmf)
+COUNTED_FASTNMF_OPS = frozenset({"channel_layer_norm", "channel_layer_norm_backward"})
 
 
 def touched_bytes(t: torch.Tensor) -> int:
@@ -107,7 +119,7 @@ def op_bytes(func, args, kwargs, out) -> tuple[int, int]:
     mut_ids = {id(t) for t in mutated}
     in_ids = {id(t) for t in inputs}
     skip = mut_ids if name in _WRITE_ONLY else set()
-    read = sum(touched_bytes(t) for t in inputs if id(t) not in skip)
+    read = 0 if name in _SHAPE_ONLY else sum(touched_bytes(t) for t in inputs if id(t) not in skip)
     news = [t for t in _unique(_tensors(out)) if id(t) not in in_ids]
     written = sum(touched_bytes(t) for t in mutated) + sum(touched_bytes(t) for t in news)
     return read, written
@@ -226,7 +238,9 @@ class StepCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if func.namespace != "aten":
+        if func.namespace != "aten" and not (
+            func.namespace == "fastnmf" and func.overloadpacket.__name__ in COUNTED_FASTNMF_OPS
+        ):
             return out
         self.track(_tensors(out))
         if self._opaque:
