@@ -189,3 +189,27 @@ def test_models_equal_the_old_formulation(name, kw, gen, monkeypatch):
         assert rel_err(a, e) < 1e-5
     for a, e in zip(g_new, g_old, strict=True):
         assert rel_err(a, e) < 1e-4
+
+
+def test_nmf_layers_get_their_input_in_the_layout_the_kernels_read(gen, monkeypatch):
+    """The NMF kernels read (B, C, *S) contiguous (kernels.matricized_nmf copies anything else):
+    after the channels-first LayerNorm the in-projection hands every NMF layer a contiguous
+    tensor; after the old one (a channels-last view) it did not."""
+    from fastnmf import models
+    from fastnmf.models import layers
+
+    def contiguity():
+        torch.manual_seed(0)
+        net = models.build("swin_factorizer", "brats", widths=(8, 16, 32), head_dim=4, window=4,
+                           kernel="torch", seed=0, spatial_size=(16, 16, 16)).train()  # fmt: skip
+        seen = []
+        for m in net.modules():
+            if isinstance(m, layers.WrappedNMF):
+                m.nmf.register_forward_pre_hook(lambda mod, a: seen.append(a[0].is_contiguous()))
+        net(torch.randn(2, 4, 16, 16, 16, generator=gen))
+        return seen
+
+    new = contiguity()
+    assert len(new) == 5 and all(new)
+    monkeypatch.setattr(layers.ChannelLayerNorm, "forward", _old_layer_norm_forward)
+    assert not any(contiguity())
