@@ -195,8 +195,9 @@ def test_nmf_layers_get_their_input_in_the_layout_the_kernels_read(gen, monkeypa
     """The NMF kernels read (B, C, *S) contiguous (kernels.matricized_nmf copies anything else):
     after the channels-first LayerNorm the in-projection hands every NMF layer a contiguous
     tensor; after the old one (a channels-last view) it did not."""
-    from fastnmf import models
     from fastnmf.models import layers
+
+    from fastnmf import models
 
     def contiguity():
         torch.manual_seed(0)
