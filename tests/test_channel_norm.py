@@ -202,7 +202,8 @@ def test_nmf_layers_get_their_input_in_the_layout_the_kernels_read(gen, monkeypa
     def contiguity():
         torch.manual_seed(0)
         net = models.build("swin_factorizer", "brats", widths=(8, 16, 32), head_dim=4, window=4,
-                           kernel="torch", seed=0, spatial_size=(16, 16, 16)).train()  # fmt: skip
+                           kernel="torch", seed=0, spatial_size=(16, 16, 16),
+                           deep_supervision=2).train()  # fmt: skip
         seen = []
         for m in net.modules():
             if isinstance(m, layers.WrappedNMF):
