@@ -60,9 +60,11 @@ def test_torch_path_equals_layer_norm_float64(shape, gen):
     x, w, b, dy = _inputs(gen, shape)
     new = _grads(lambda x, w, b: channel_layer_norm(x, w, b, 1e-5), x, w, b, dy)
     old = _grads(_old_fn(1e-5), x, w, b, dy)
+    # float64 both; 1e-10 and not 1e-12: dw / db sum up to 168 voxels, and for C = 1 the exact
+    # dx and dw are 0 where nn.LayerNorm's xhat carries rounding noise (seen: 1.2e-12)
     for a, e in zip(new, old, strict=True):
         assert a.shape == e.shape and a.dtype == torch.float64
-        assert rel_err(a, e) < 1e-12
+        assert rel_err(a, e) < 1e-10
     assert new[0].is_contiguous()  # channels-first in, channels-first out
 
 
@@ -79,7 +81,7 @@ def test_triton_kernels_against_layer_norm(shape, device, gen):
 
     x, w, b, dy = _inputs(gen, shape)
     ref, dx_ref, dw_ref, db_ref = _grads(_old_fn(1e-5), x, w, b, dy)
-    for dtype, tol_fwd, tol_bwd in ((torch.float64, 1e-12, 1e-11), (torch.float32, 1e-5, 1e-4)):
+    for dtype, tol_fwd, tol_bwd in ((torch.float64, 1e-12, 1e-10), (torch.float32, 1e-5, 1e-4)):
         xd, wd, bd, dyd = (t.to(device=device, dtype=dtype) for t in (x, w, b, dy))
         y, mean, rstd = channel_norm_forward(xd, wd, bd, 1e-5)
         dx, dw, db = channel_norm_backward(dyd, xd, wd, mean, rstd)
