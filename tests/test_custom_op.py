@@ -172,8 +172,11 @@ def test_model_zero_graph_breaks_and_compiled_equals_eager(gen):
     x = torch.randn(1, 4, 16, 16, 16, generator=gen)
     explained = torch._dynamo.explain(eager)(x)
     assert explained.graph_break_count == 0
-    nmf_calls = [n for n in explained.graphs[0].graph.nodes if "fastnmf" in str(n.target)]
+    targets = [str(n.target) for n in explained.graphs[0].graph.nodes]
+    nmf_calls = [t for t in targets if "fastnmf.matricized_nmf" in t]
     assert len(nmf_calls) == len(models.nmf_layers(eager))
+    norms = [t for t in targets if "fastnmf.channel_layer_norm" in t]  # two per block
+    assert len(norms) == 2 * len(models.nmf_layers(eager))
     compiled = torch.compile(other, backend="aot_eager", fullgraph=True)
     ye, yc = eager(x), compiled(x)
     scalar_loss(ye).backward()
