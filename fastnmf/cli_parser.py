@@ -35,9 +35,59 @@ def build_parser(commands) -> argparse.ArgumentParser:
     return parser
 
 
+# help (the command list) and description (its --help) of each subcommand
+_TEXTS: dict[str, dict[str, str]] = {
+    "train": {
+        "help": "train a model (no arguments: the demo main job: train, infer, evaluate)",
+        "description": "Train a segmentation model. With no arguments: the main job (preset "
+            "'demo': a small swin Factorizer on the built-in demo data, fold 0, then inference "
+            "and evaluation of the validation fold). Unset options come from the preset.",
+    },
+    "plan": {
+        "help": "the batch size, crop and checkpointing whose training step fits a GPU",
+        "description": "Ask the training-step account (fake tensors on the CPU, no GPU "
+            "needed) about crops from the preset's patch down, batches from --max-batch down, "
+            "without and then with activation checkpointing; print the first that fits the GPU "
+            "memory minus the headroom, and its predicted peak.",
+    },
+    "infer": {
+        "help": "segment volumes: NIfTI label maps + overlay PNGs",
+    },
+    "evaluate": {
+        "help": "Dice and HD95 per region: per-case CSV and summary",
+    },
+    "export": {
+        "help": "export a checkpoint as a MONAI bundle (python -m monai.bundle run ...)",
+        "description": "Write a MONAI bundle: configs/metadata.json, configs/inference.json, "
+            "models/model.pt, docs/README.md, LICENSE. Its network is built by fastnmf, so "
+            "running it needs fastnmf installed. (An exported program, .pt2, is not written yet.)",
+    },
+    "compare": {
+        "help": "paired Wilcoxon tests between two runs' metrics",
+    },
+    "components": {
+        "help": "NMF component maps of a block for one case",
+    },
+    "info": {
+        "help": "print versions, devices and kernels",
+    },
+    "bench-layer": {
+        "help": "run the swin NMF layer over a volume and time it",
+    },
+    "profile": {
+        "help": "NMF layer and Factorizers vs attention and CNN baselines: table + plots",
+        "description": "Run the layer suite (context mixers: NMF vs windowed/global SDPA, MONAI "
+            "window attention, FAVOR+) and/or the model suite (training step, sliding-window "
+            "inference) and write table.md, table.csv, meta.json and PNG plots. On a GPU the "
+            "issue's shapes (128^3 batch 2, fp32 and bf16); on a CPU tiny shapes (seconds).",
+    },
+}
+
+
 def _command(sub, commands, name: str, **kwargs) -> argparse.ArgumentParser:
-    """The subcommand ``name`` (``add_parser`` keyword arguments), run by ``commands[name]``."""
-    parser = sub.add_parser(name, **kwargs)
+    """The subcommand ``name`` with its :data:`_TEXTS` (and ``add_parser`` keyword arguments),
+    run by ``commands[name]``."""
+    parser = sub.add_parser(name, **_TEXTS[name], **kwargs)
     parser.set_defaults(func=commands[name])
     return parser
 
@@ -48,6 +98,11 @@ def _checkpoint_inputs(p, *, case_flag: str = "--cases", case_help: str) -> None
     p.add_argument("--data", help="data set, 'demo' or one NIfTI image (default: training's)")
     p.add_argument(case_flag, default="val", help=case_help)
     p.add_argument("--fold", type=int, help="fold for val (default: training's)")
+
+
+def _repeatable(p, flag: str, metavar: str, help: str) -> None:
+    """An option that may be given more than once (a list, in order)."""
+    p.add_argument(flag, action="append", metavar=metavar, help=f"{help}; repeatable")
 
 
 def _amp_option(p, *, help: str) -> None:
@@ -88,15 +143,7 @@ class _DeprecatedPatch(argparse.Action):
 def _add_train(sub, commands) -> None:
     from .config import CROPS, RUN_PRESETS
 
-    tr = _command(
-        sub,
-        commands,
-        "train",
-        help="train a model (no arguments: the demo main job: train, infer, evaluate)",
-        description="Train a segmentation model. With no arguments: the main job (preset "
-        "'demo': a small swin Factorizer on the built-in demo data, fold 0, then inference and "
-        "evaluation of the validation fold). Unset options come from the preset.",
-    )
+    tr = _command(sub, commands, "train")
     tr.add_argument("--preset", choices=sorted(RUN_PRESETS), help="run preset (default demo)")
     tr.add_argument("--model", help="model name (fastnmf.models.available())")
     tr.add_argument("--data", help="'demo', a data-set folder or a JSON datalist")
@@ -147,12 +194,8 @@ def _add_train(sub, commands) -> None:
         help="deterministic algorithms (torch, cuDNN, cuBLAS): bitwise-repeatable runs",
     )
     tr.add_argument("--workers", type=int, help="DataLoader workers")
-    tr.add_argument(
-        "--model-opt",
-        action="append",
-        metavar="KEY=VALUE",
-        help="model builder option, VALUE as JSON (e.g. widths=[8,16,32,64]); repeatable",
-    )
+    _repeatable(tr, "--model-opt", "KEY=VALUE",
+                "model builder option, VALUE as JSON (e.g. widths=[8,16,32,64])")  # fmt: skip
     tr.add_argument("--demo-cases", type=int, help="number of demo cases (default 16)")
     tr.add_argument("--demo-size", type=int, help="demo volume edge (default 48)")
     tr.add_argument("--stop-at", type=int, help="stop after this step (resume later)")
@@ -161,16 +204,7 @@ def _add_train(sub, commands) -> None:
 
 
 def _add_plan(sub, commands) -> None:
-    pl = _command(
-        sub,
-        commands,
-        "plan",
-        help="the batch size, crop and checkpointing whose training step fits a GPU",
-        description="Ask the training-step account (fake tensors on the CPU, no GPU needed) "
-        "about crops from the preset's patch down, batches from --max-batch down, without and "
-        "then with activation checkpointing; print the first that fits the GPU memory minus "
-        "the headroom, and its predicted peak.",
-    )
+    pl = _command(sub, commands, "plan")
     # checked by fastnmf.plan.plan (an unknown name is an error listing the valid ones)
     pl.add_argument("--model", required=True, help="model name (fastnmf.models.available())")
     pl.add_argument("--preset", default="brats",
@@ -185,7 +219,7 @@ def _add_plan(sub, commands) -> None:
 
 
 def _add_infer(sub, commands) -> None:
-    inf = _command(sub, commands, "infer", help="segment volumes: NIfTI label maps + PNGs")
+    inf = _command(sub, commands, "infer")
     _checkpoint_inputs(inf, case_help="val (default) | all | ID,ID,...")
     inf.add_argument("--out", help="output folder (default <run>/predictions)")
     inf.add_argument("--device", default="auto")
@@ -199,7 +233,7 @@ def _add_infer(sub, commands) -> None:
 
 
 def _add_evaluate(sub, commands) -> None:
-    ev = _command(sub, commands, "evaluate", help="Dice and HD95 per region: CSV and summary")
+    ev = _command(sub, commands, "evaluate")
     ev.add_argument("--pred", required=True, help="folder of <id>.nii.gz predictions")
     ev.add_argument("--data", help="data set with labels (default: the checkpoint's, or demo)")
     ev.add_argument("--checkpoint", help="take data and fold from this checkpoint / run folder")
@@ -214,29 +248,21 @@ def _add_evaluate(sub, commands) -> None:
 
 
 def _add_export(sub, commands) -> None:
-    exp = _command(
-        sub,
-        commands,
-        "export",
-        help="export a checkpoint as a MONAI bundle (python -m monai.bundle run ...)",
-        description="Write a MONAI bundle: configs/metadata.json, configs/inference.json, "
-        "models/model.pt, docs/README.md, LICENSE. Its network is built by fastnmf, so running it "
-        "needs fastnmf installed. (An exported program, .pt2, is not written yet.)",
-    )
+    exp = _command(sub, commands, "export")
     exp.add_argument("--checkpoint", required=True, help="checkpoint or run folder (best.pt)")
     exp.add_argument("--bundle", required=True, help="bundle folder to write (new or empty)")
     exp.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
 
 
 def _add_compare(sub, commands) -> None:
-    cmp = _command(sub, commands, "compare", help="paired Wilcoxon tests between two runs")
+    cmp = _command(sub, commands, "compare")
     cmp.add_argument("a", help="metrics.csv (or its folder) of run A")
     cmp.add_argument("b", help="metrics.csv (or its folder) of run B")
     cmp.add_argument("--out", help="write the table as CSV")
 
 
 def _add_components(sub, commands) -> None:
-    co = _command(sub, commands, "components", help="NMF component maps of a block for one case")
+    co = _command(sub, commands, "components")
     _checkpoint_inputs(co, case_flag="--case", case_help="case id (default: first val case)")
     co.add_argument("--block", type=int, required=True, help="NMF block index (0 = first)")
     co.add_argument("--iters", type=int, help="NMF iterations T")
@@ -245,17 +271,12 @@ def _add_components(sub, commands) -> None:
 
 
 def _add_info(sub, commands) -> None:
-    _command(sub, commands, "info", help="print versions, devices and kernels")
+    _command(sub, commands, "info")
 
 
 def _add_bench_layer(sub, commands) -> None:
-    bench = _command(
-        sub,
-        commands,
-        "bench-layer",
-        aliases=["demo"],  # the name the README used before the training pipeline
-        help="run the swin NMF layer over a volume and time it",
-    )
+    # "demo": the name the README used before the training pipeline
+    bench = _command(sub, commands, "bench-layer", aliases=["demo"])
     bench.add_argument("--size", type=int, default=32, help="cubic volume side (default 32)")
     bench.add_argument("--channels", type=int, default=32)
     bench.add_argument("--batch", type=int, default=1)
@@ -269,16 +290,7 @@ def _add_bench_layer(sub, commands) -> None:
 
 
 def _add_profile(sub, commands) -> None:
-    pr = _command(
-        sub,
-        commands,
-        "profile",
-        help="NMF layer and Factorizers vs attention and CNN baselines: table + plots",
-        description="Run the layer suite (context mixers: NMF vs windowed/global SDPA, MONAI "
-        "window attention, FAVOR+) and/or the model suite (training step, sliding-window "
-        "inference) and write table.md, table.csv, meta.json and PNG plots. On a GPU the "
-        "issue's shapes (128^3 batch 2, fp32 and bf16); on a CPU tiny shapes (seconds).",
-    )
+    pr = _command(sub, commands, "profile")
     pr.add_argument(
         "--suite",
         choices=["layer", "model", "all", "static"],
@@ -294,12 +306,7 @@ def _add_profile(sub, commands) -> None:
     pr.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     pr.add_argument("--out", help="output folder (default runs/profile-<time>, static-<time>)")
     pr.add_argument("--repeats", type=int, help="timed repetitions per case (median)")
-    pr.add_argument(
-        "--only",
-        action="append",
-        metavar="TEXT",
-        help="run only cases whose id contains TEXT (repeatable: all must match)",
-    )
+    _repeatable(pr, "--only", "TEXT", "run only cases whose id contains TEXT (all must match)")
     pr.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16", "fp16"])
     pr.add_argument("--sizes", nargs="+", type=int, help="layer: cubic sizes at C=32")
     pr.add_argument(

@@ -33,17 +33,24 @@ def _blocks(c: int, s: int) -> tuple[int, int]:
 
 
 @triton.jit
-def _fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, C, S, eps,
-                C_PAD: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
-    pid_s = tl.program_id(0)
-    bi = tl.program_id(1)
+def _tile(C, S, C_PAD: tl.constexpr, BLOCK_S: tl.constexpr):
+    """This program's tile: batch item ``program_id(1)``, voxels ``program_id(0) * BLOCK_S``
+    onwards, every channel. Returns the channel indices, channel / voxel / tile masks, the
+    tile's offsets into (B, C, S) and the voxels' offsets into the (B, S) statistics."""
+    bi = tl.program_id(1).to(tl.int64)
     c = tl.arange(0, C_PAD)
-    s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
     cm = c < C
     sm = s < S
     mask = cm[:, None] & sm[None, :]
-    base = bi.to(tl.int64) * C * S
-    offs = base + c[:, None].to(tl.int64) * S + s[None, :]  # (C_PAD, BLOCK_S)
+    offs = bi * C * S + c[:, None].to(tl.int64) * S + s[None, :]  # (C_PAD, BLOCK_S)
+    return c, cm, sm, mask, offs, bi * S + s
+
+
+@triton.jit
+def _fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, C, S, eps,
+                C_PAD: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    c, cm, sm, mask, offs, stat = _tile(C, S, C_PAD, BLOCK_S)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
     mean = tl.sum(x, axis=0) / C  # (BLOCK_S,)
     xc = tl.where(mask, x - mean[None, :], 0.0)
@@ -53,8 +60,8 @@ def _fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, C, S, eps,
     b = tl.load(b_ptr + c, mask=cm, other=0.0).to(ACC)
     y = xc * rstd[None, :] * w[:, None] + b[:, None]
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
-    tl.store(mean_ptr + bi.to(tl.int64) * S + s, mean, mask=sm)
-    tl.store(rstd_ptr + bi.to(tl.int64) * S + s, rstd, mask=sm)
+    tl.store(mean_ptr + stat, mean, mask=sm)
+    tl.store(rstd_ptr + stat, rstd, mask=sm)
 
 
 # Backward. Per voxel (one column of the tile), with xhat = (x - mean) * rstd and g = dy * w:
@@ -72,18 +79,11 @@ def _fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, C, S, eps,
 @triton.jit
 def _bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db_ptr, C, S, n_s,
                 C_PAD: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
-    pid_s = tl.program_id(0)
-    bi = tl.program_id(1)
-    c = tl.arange(0, C_PAD)
-    s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
-    cm = c < C
-    sm = s < S
-    mask = cm[:, None] & sm[None, :]
-    offs = bi.to(tl.int64) * C * S + c[:, None].to(tl.int64) * S + s[None, :]
+    c, cm, sm, mask, offs, stat = _tile(C, S, C_PAD, BLOCK_S)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
     dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
-    mean = tl.load(mean_ptr + bi.to(tl.int64) * S + s, mask=sm, other=0.0)
-    rstd = tl.load(rstd_ptr + bi.to(tl.int64) * S + s, mask=sm, other=0.0)
+    mean = tl.load(mean_ptr + stat, mask=sm, other=0.0)
+    rstd = tl.load(rstd_ptr + stat, mask=sm, other=0.0)
     w = tl.load(w_ptr + c, mask=cm, other=0.0).to(ACC)
     xhat = tl.where(mask, (x - mean[None, :]) * rstd[None, :], 0.0)
     g = dy * w[:, None]
@@ -91,7 +91,7 @@ def _bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db_ptr
     c2 = tl.sum(g, axis=0) / C
     dx = (g - c2[None, :] - xhat * c1[None, :]) * rstd[None, :]
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-    row = (bi * n_s + pid_s).to(tl.int64) * C
+    row = (tl.program_id(1) * n_s + tl.program_id(0)).to(tl.int64) * C
     tl.store(dw_ptr + row + c, tl.sum(dy * xhat, axis=1), mask=cm)
     tl.store(db_ptr + row + c, tl.sum(dy, axis=1), mask=cm)
 
