@@ -101,3 +101,23 @@ def test_model_suite_compiled_case():
     assert counters["stats"]["unique_graphs"] >= 1  # the model was compiled
     assert row["status"] == "ok" and row["compile"] == "aot_eager", row.get("reason")
     assert row["median_ms"] > 0
+
+
+def test_check_peak_writes_measured_beside_predicted(tmp_path, monkeypatch):
+    """On CUDA the end of training compares the measured peak with the plan's prediction (here
+    the CUDA calls are stood in for: no GPU)."""
+    import dataclasses
+
+    from fastnmf.config import resolve
+    from fastnmf.plan import check_peak
+
+    cfg = resolve("demo", gpu_memory="8GB")
+    assert check_peak(cfg, torch.device("cuda"), tmp_path) is None  # no plan made yet
+    cfg = dataclasses.replace(cfg, plan={"predicted_peak_bytes": 3_000_000_000})
+    assert check_peak(cfg, torch.device("cpu"), tmp_path) is None  # no GPU, nothing measured
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 2_500_000_000)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "stand-in GPU")
+    line = check_peak(cfg, torch.device("cuda"), tmp_path)
+    assert "measured 2.50 GB" in line and "predicted 3.00 GB (+20%)" in line
+    doc = json.loads((tmp_path / "memory.json").read_text())
+    assert doc["measured_peak_bytes"] == 2_500_000_000 and doc["error"] == pytest.approx(0.2)
