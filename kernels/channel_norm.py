@@ -15,13 +15,15 @@ converted, y is stored in the input's dtype.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
 from ._common import acc_dtype, compute_dtype
 
-__all__ = ["channel_norm_forward", "channel_norm_backward"]
+__all__ = ["channel_norm_forward", "channel_norm_backward", "backward_workspace_bytes"]
 
 _TILE = 4096  # elements of x per program (C_PAD x BLOCK_S): registers, not shared memory
 
@@ -94,6 +96,14 @@ def _bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db_ptr
     row = (tl.program_id(1) * n_s + tl.program_id(0)).to(tl.int64) * C
     tl.store(dw_ptr + row + c, tl.sum(dy * xhat, axis=1), mask=cm)
     tl.store(db_ptr + row + c, tl.sum(dy, axis=1), mask=cm)
+
+
+def backward_workspace_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """Bytes the backward moves besides its inputs and outputs: the per-program partial sums of
+    dw and db, written by the kernel and read by their reduction."""
+    b, c, s = shape[0], shape[1], math.prod(shape[2:])
+    programs = b * triton.cdiv(s, _blocks(c, s)[1])
+    return 2 * 2 * programs * c * torch.empty((), dtype=compute_dtype(dtype)).element_size()
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, int, int]:

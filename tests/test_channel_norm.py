@@ -220,3 +220,32 @@ def test_nmf_layers_get_their_input_in_the_layout_the_kernels_read(gen, monkeypa
     assert len(new["nmf"]) == 5 and all(new["nmf"]) and all(new["in_proj"])
     monkeypatch.setattr(layers.ChannelLayerNorm, "forward", _old_layer_norm_forward)
     assert not any(contiguity()["in_proj"])
+
+
+def test_step_account_counts_the_op_as_its_kernels_move_bytes():
+    """The training-step account (fake tensors) counts the channels-first LayerNorm as one norm
+    op each way: forward reads x, w, b and writes y, mean, rstd; backward reads dy, x, w, mean,
+    rstd and writes dx, dw, db, plus the partial sums of dw / db; no layout copy."""
+    from fastnmf.kernels.channel_norm import backward_workspace_bytes
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fastnmf.profile.static.step_device import h200
+    from fastnmf.profile.static.step_ops import StepCounter
+
+    b, c, s = 2, 32, (8, 8, 12)
+    vox = 8 * 8 * 12
+    counter = StepCounter(h200())
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x = torch.empty(b, c, *s, requires_grad=True)
+        w = torch.empty(c, requires_grad=True)
+        bias = torch.empty(c, requires_grad=True)
+        with counter:
+            y = channel_layer_norm(x, w, bias)
+            y.backward(torch.empty_like(y))
+    n = counter.by_class["norm"]
+    big, stat, vec = 4 * b * c * vox, 4 * b * vox, 4 * c
+    extra = backward_workspace_bytes((b, c, *s), torch.float32)
+    assert n["ops"] == 3  # forward, backward, the backward's partial-sum reduction
+    assert n["bytes_read"] == (big + 2 * vec) + (2 * big + vec + 2 * stat) + extra // 2
+    assert n["bytes_written"] == (big + 2 * stat) + (big + 2 * vec) + extra // 2
+    assert counter.by_class["layout"]["bytes_read"] == 0

@@ -70,8 +70,9 @@ _SHAPE_ONLY = {"new_zeros", "new_ones", "new_full", "zeros_like", "ones_like", "
 IMPLICIT_CONTIGUOUS = {"native_layer_norm": (0,), "native_layer_norm_backward": (0, 1),
                        "channel_layer_norm": (0,), "channel_layer_norm_backward": (0, 1)}
 # fastnmf's own ops counted like aten ops: one kernel that reads each input once and writes each
-# output once (the channels-first LayerNorm's Triton kernels on CUDA); the NMF layer is counted
-# by the traffic model instead (step_nmf)
+# output once (the channels-first LayerNorm's Triton kernels on CUDA; the backward's partial sums
+# of dw / db, written and read once more, are added, with their reduction as one more op); the
+# NMF layer is counted by the traffic model instead (step_nmf)
 COUNTED_FASTNMF_OPS = frozenset({"channel_layer_norm", "channel_layer_norm_backward"})
 
 
@@ -260,6 +261,11 @@ class StepCounter(TorchDispatchMode):
         cls, dtype = classify(func, args, kwargs), _dtype(args)
         secs = self.device.op_seconds(read + written, flops, _kind(func), dtype)
         self.add(cls, read, written, flops, secs)
+        if func.overloadpacket.__name__ == "channel_layer_norm_backward":  # its partial sums
+            from fastnmf.kernels.channel_norm import backward_workspace_bytes
+
+            extra = backward_workspace_bytes(tuple(args[1].shape), args[1].dtype)
+            self.add(cls, extra // 2, extra // 2, 0, extra / self.device.copy_bytes_per_s, ops=1)
         for i in IMPLICIT_CONTIGUOUS.get(func.overloadpacket.__name__, ()):
             t = args[i] if i < len(args) else None
             if isinstance(t, torch.Tensor) and not t.is_contiguous():
