@@ -48,7 +48,7 @@ def exported(tmp_path_factory):
 def test_bundle_layout_and_metadata(exported):
     _, bundle, _, cfg = exported
     for f in ("configs/metadata.json", "configs/inference.json", "models/model.pt",
-              "docs/README.md", "LICENSE"):  # fmt: skip
+              "models/model.pt2", "docs/README.md", "LICENSE"):  # fmt: skip
         assert (bundle / f).is_file(), f
     meta = json.loads((bundle / "configs/metadata.json").read_text())
     # the mandatory keys of the MONAI bundle specification (docs/source/mb_specification.rst)
@@ -142,6 +142,30 @@ def test_bundle_runs_from_the_command_line(exported, tmp_path):
     bad = subprocess.run(cmd[:-4] + ["--dataset_dir", str(tmp_path / "nope")],
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert bad.returncode != 0 and "input folder not found" in bad.stderr
+
+
+def test_bundle_program_equals_the_network(exported, tmp_path):
+    """models/model.pt2: the eval network with the bundle's weights, the NMF layers as fastnmf's
+    op, any batch size; ``--no-program`` leaves it out."""
+    from fastnmf.bundle import network
+    from fastnmf.cli import main
+    from fastnmf.program import load_program
+
+    ckpt, bundle, _, cfg = exported
+    saved = torch.load(ckpt, weights_only=False)
+    net = network(config=saved["config"], info=saved["info"], kernel="torch")
+    net.load_state_dict(torch.load(bundle / "models/model.pt", weights_only=True))
+    program = load_program(bundle / "models/model.pt2")
+    assert any("fastnmf.matricized_nmf" in str(n.target) for n in program.graph.nodes)
+    gen = torch.Generator().manual_seed(5)
+    for batch in (1, 3):
+        x = torch.randn(batch, 1, *[cfg.crop_size] * 3, generator=gen)
+        with torch.no_grad():
+            torch.testing.assert_close(program(x), net(x), rtol=1e-6, atol=1e-7)
+    out = tmp_path / "b"
+    argv = ["export", "--checkpoint", str(ckpt), "--bundle", str(out), "--no-program"]
+    assert main(argv) == 0
+    assert (out / "models/model.pt").is_file() and not (out / "models/model.pt2").exists()
 
 
 def test_export_refuses_a_non_empty_folder(exported, capsys):
