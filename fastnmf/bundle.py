@@ -172,6 +172,7 @@ def _versions() -> dict[str, str]:
         "pytorch_version": torch.__version__.split("+")[0],
         "numpy_version": np.__version__,
         "required_packages_version": {"fastnmf": __version__, "nibabel": _version("nibabel")},
+        "optional_packages_version": {"triton": _version("triton"), "fire": _version("fire")},
     }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -88,19 +89,27 @@ def test_bundle_network_in_out_is_verified(exported):
 
 
 def test_bundle_metadata_against_monai_schema(exported, tmp_path):
-    """MONAI's verify_metadata downloads the schema named in metadata.json and needs jsonschema:
-    skipped where either is missing (no network in CI)."""
+    """MONAI's verify_metadata needs jsonschema and downloads the schema named in metadata.json;
+    offline, a local copy of it can be given as FASTNMF_MONAI_SCHEMA. Skipped without either."""
     pytest.importorskip("jsonschema")
     from monai.bundle import verify_metadata
 
     _, bundle, _, _ = exported
+    schema = tmp_path / "schema.json"
+    if os.environ.get("FASTNMF_MONAI_SCHEMA"):  # verify_metadata keeps an existing file
+        shutil.copy(os.environ["FASTNMF_MONAI_SCHEMA"], schema)
+    meta = bundle / "configs/metadata.json"
     try:
-        verify_metadata(meta_file=str(bundle / "configs/metadata.json"),
-                        filepath=str(tmp_path / "schema.json"))  # fmt: skip
+        verify_metadata(meta_file=str(meta), filepath=str(schema))
     except (OSError, RuntimeError) as e:  # download failed
-        if not (tmp_path / "schema.json").is_file():
+        if not schema.is_file():
             pytest.skip(f"schema not downloadable here: {e}")
         raise
+    broken = json.loads(meta.read_text())
+    del broken["copyright"]
+    (tmp_path / "broken.json").write_text(json.dumps(broken))
+    with pytest.raises(ValueError, match="'copyright' is a required property"):  # it does check something
+        verify_metadata(meta_file=str(tmp_path / "broken.json"), filepath=str(schema))
 
 
 def _same(a: Path, b: Path) -> None:
