@@ -108,7 +108,7 @@ def test_bundle_metadata_against_monai_schema(exported, tmp_path):
     broken = json.loads(meta.read_text())
     del broken["copyright"]
     (tmp_path / "broken.json").write_text(json.dumps(broken))
-    with pytest.raises(ValueError, match="'copyright' is a required property"):  # it does check something
+    with pytest.raises(ValueError, match="'copyright' is a required property"):
         verify_metadata(meta_file=str(tmp_path / "broken.json"), filepath=str(schema))
 
 
