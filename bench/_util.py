@@ -6,10 +6,13 @@ too); they are re-exported here for the suites.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
+import pytest
 import torch
 
+from fastnmf import profile as P
 from fastnmf.profile import (  # noqa: F401  (re-exported)
     copy_bandwidth_gbs,
     environment,
@@ -33,3 +36,42 @@ def timed_median_s(benchmark, run, device: torch.device) -> float:
     if benchmark.stats is None:
         return median_ms(run, device, repeats=1, warmup=0) / 1e3
     return benchmark.stats.stats.median
+
+
+def bench_case(
+    benchmark,
+    case,
+    *,
+    prepare,
+    row: dict,
+    group: str,
+    device: torch.device,
+    cuda_rounds: int,
+    rate_key: str,
+    absolute_peak: bool = False,
+) -> dict:
+    """Prepare, time and record one layer or model case of :mod:`fastnmf.profile`.
+
+    Skips with the reason when the case cannot run here; else times ``cuda_rounds`` rounds on a
+    GPU (2 on the CPU), stores the case, ``row``, the figures (the work rate under ``rate_key``)
+    and the environment in ``extra_info``, and returns the figures."""
+    reason = None
+    try:
+        prep = prepare(case, device)
+    except P.Unsupported as why:
+        reason = str(why)  # skip outside the handler: its traceback would keep GPU memory
+    if reason is not None:
+        pytest.skip(reason)
+    benchmark.group = group
+    rounds = cuda_rounds if device.type == "cuda" else 2
+    benchmark.pedantic(prep.run, rounds=rounds, warmup_rounds=1, iterations=1)
+    median_s = timed_median_s(benchmark, prep.run, device)
+    peak = P.peak_bytes(prep.run, device, absolute=absolute_peak)
+    figures = P.figures(prep, median_s * 1e3, device, peak)
+    assert figures["median_ms"] > 0 and figures["per_s"] > 0
+    benchmark.extra_info.update(dataclasses.asdict(case))
+    benchmark.extra_info.update(row, **{rate_key: figures.pop("per_s")}, **figures)
+    benchmark.extra_info.update(env_info(device))
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return figures
