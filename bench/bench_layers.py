@@ -22,24 +22,18 @@ GB/s and % of copy bandwidth (NMF core), device, torch/triton versions, commit.
 from __future__ import annotations
 
 import pytest
-from _util import bench_case
+from _util import Suite, bench_case
 
 from fastnmf import profile as P
 
 DEVICE = P.pick_device(None)
 CASES = P.layer_cases(DEVICE)
+SUITE = Suite(
+    prepare=P.prepare_layer, row=P.layer_row, cuda_rounds=10, rate_key="voxels_per_s",
+    group=lambda case, row: f"{row['shape']} {case.dtype} {case.pass_}",
+)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_layer(benchmark, case):
-    row = P.layer_row(case)
-    bench_case(
-        benchmark,
-        case,
-        prepare=P.prepare_layer,
-        row=row,
-        group=f"{row['shape']} {case.dtype} {case.pass_}",
-        device=DEVICE,
-        cuda_rounds=10,
-        rate_key="voxels_per_s",
-    )
+    bench_case(benchmark, case, suite=SUITE, device=DEVICE)

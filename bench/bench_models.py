@@ -19,26 +19,19 @@ memory (absolute, GPU), parameters, forward GFLOPs at batch 1, device, versions,
 from __future__ import annotations
 
 import pytest
-from _util import bench_case
+from _util import Suite, bench_case
 
 from fastnmf import profile as P
 
 DEVICE = P.pick_device(None)
 CASES = P.model_cases(DEVICE)
+SUITE = Suite(
+    prepare=P.prepare_model, row=P.model_row, cuda_rounds=5, rate_key="samples_per_s",
+    group=lambda case, row: f"{case.task} {row['shape']} {case.dtype}", absolute_peak=True,
+)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_model(benchmark, case):
-    row = P.model_row(case)
-    figures = bench_case(
-        benchmark,
-        case,
-        prepare=P.prepare_model,
-        row=row,
-        group=f"{case.task} {row['shape']} {case.dtype}",
-        device=DEVICE,
-        cuda_rounds=5,
-        rate_key="samples_per_s",
-        absolute_peak=True,
-    )
+    figures = bench_case(benchmark, case, suite=SUITE, device=DEVICE)
     assert figures["params"] > 0

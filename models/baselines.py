@@ -31,36 +31,8 @@ _NORM = ("group", {"num_groups": 8})
 _ACT = ("leakyrelu", {"inplace": True, "negative_slope": 0.01})
 
 
-def _conv_unet(
-    block_cls,
-    *,
-    in_channels: int,
-    out_channels: int,
-    spatial_size: Sequence[int],
-    widths: Sequence[int],
-    deep_supervision: int,
-) -> UNet:
-    nd = len(spatial_size)
-    bad = [w for w in widths if w % _NORM[1]["num_groups"]]
-    if bad:
-        raise ValueError(f"widths {tuple(widths)} must be multiples of 8 (GroupNorm groups)")
-
-    def make_block(cin: int, cout: int, size: tuple[int, ...], index: int) -> nn.Module:
-        return block_cls(nd, cin, cout, kernel_size=3, stride=1, norm_name=_NORM, act_name=_ACT)
-
-    return UNet(
-        in_channels=in_channels,
-        out_channels=out_channels,
-        spatial_size=spatial_size,
-        make_block=make_block,
-        widths=widths,
-        pos_embed=False,
-        deep_supervision=deep_supervision,
-    )
-
-
 def _conv_unet_builder(block_cls, name: str, doc: str):
-    """A builder with the keyword arguments of :func:`_conv_unet` for one block class."""
+    """A convolutional U-Net builder whose every block is ``block_cls`` (GroupNorm, LeakyReLU)."""
 
     def build(
         *,
@@ -70,8 +42,17 @@ def _conv_unet_builder(block_cls, name: str, doc: str):
         widths: Sequence[int] = (32, 64, 128, 256, 512),
         deep_supervision: int = 3,
     ) -> UNet:
+        nd = len(spatial_size)
+        if any(w % _NORM[1]["num_groups"] for w in widths):
+            raise ValueError(f"widths {tuple(widths)} must be multiples of 8 (GroupNorm groups)")
+
+        def make_block(cin: int, cout: int, size: tuple[int, ...], index: int) -> nn.Module:
+            return block_cls(nd, cin, cout, kernel_size=3, stride=1, norm_name=_NORM,
+                             act_name=_ACT)  # fmt: skip
+
         io = dict(in_channels=in_channels, out_channels=out_channels, spatial_size=spatial_size)
-        return _conv_unet(block_cls, **io, widths=widths, deep_supervision=deep_supervision)
+        arch = dict(make_block=make_block, widths=widths, deep_supervision=deep_supervision)
+        return UNet(**io, **arch, pos_embed=False)
 
     build.__name__ = build.__qualname__ = name
     build.__doc__ = doc
