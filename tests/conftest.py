@@ -41,6 +41,16 @@ TINY_TRAIN_ARGS = [
     *(f"--model-opt={k}={v}".replace(" ", "") for k, v in TINY_MODEL_OPTIONS.items()),
 ]
 
+
+def tiny_config(**kw):
+    """``resolve("demo", ...)`` of a tiny CPU run: the tiny model, lr 1e-3, no loader workers, no
+    final evaluation; ``kw`` adds to or overrides these (e.g. ``**TINY_RUN``, the steps)."""
+    from fastnmf.config import resolve
+
+    base = dict(model_options=dict(TINY_MODEL_OPTIONS), lr=1e-3, num_workers=0, evaluate=False,
+                device="cpu")  # fmt: skip
+    return resolve("demo", **{**base, **kw})
+
 # the kernel tests' devices: the interpreter on a CPU without a GPU, else the GPU
 DEVICES = [
     pytest.param(
