@@ -63,6 +63,18 @@ DEVICES = [
 ]
 
 
+def assert_same_training_state(a: dict, b: dict) -> None:
+    """Two checkpoints hold bitwise the same model weights and optimizer state."""
+    assert a["model"].keys() == b["model"].keys()
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for k, v in a["optimizer"]["state"].items():
+        for name, t in v.items():
+            other = b["optimizer"]["state"][k][name]
+            assert torch.equal(torch.as_tensor(t), torch.as_tensor(other)), (k, name)
+
+
 def n_columns(spatial, patch) -> int:
     """Columns N of each matrix: prod(patch) (an int: per spatial dim), prod(spatial) if None."""
     if patch is None:

@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_MODEL_OPTIONS, TINY_RUN, tiny_config
+from conftest import TINY_MODEL_OPTIONS, TINY_RUN, assert_same_training_state, tiny_config
 
 from fastnmf.determinism import restore, set_deterministic
 from fastnmf.infer import load_checkpoint
@@ -72,13 +72,7 @@ def test_two_deterministic_runs_are_bitwise_equal(demo_cache, tmp_path, device, 
     a = load_checkpoint(tmp_path / "a" / "last.pt")
     b = load_checkpoint(tmp_path / "b" / "last.pt")
     assert a["step"] == b["step"] == 3 and a["config"]["deterministic"] is True
-    for k, v in a["model"].items():
-        assert torch.equal(v, b["model"][k]), k
-    for k, v in a["optimizer"]["state"].items():
-        for name, t in v.items():
-            assert torch.equal(
-                torch.as_tensor(t), torch.as_tensor(b["optimizer"]["state"][k][name])
-            )
+    assert_same_training_state(a, b)
 
 
 def test_cli_flag_reaches_the_config():
