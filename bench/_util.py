@@ -1,4 +1,5 @@
-"""Shared helpers of the benchmark suites: timing, memory, bandwidth, environment.
+"""Shared helpers of the benchmark suites: timing, memory, bandwidth, environment, and
+:func:`bench_case`, which runs one layer or model case of a :class:`Suite`.
 
 The timing and memory helpers live in :mod:`fastnmf.profile` (which ``fastnmf profile`` uses
 too); they are re-exported here for the suites.

@@ -12,12 +12,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_MODEL_OPTIONS
 from realistic import make_dataset
 
 from fastnmf import data as fdata
 from fastnmf.config import resolve
 from fastnmf.infer import build_model, cases_for, infer, info_to_dict
+
+TINY_MODEL = {"widths": [8, 16, 32], "head_dim": 4, "window": 4, "deep_supervision": 2}
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("bundle")
     ds = fdata.open_dataset(make_dataset(root / "data", n=2))
     cfg = resolve("demo", data=str(ds.root), crop_size=16, n_folds=2, kernel="torch", device="cpu",
-                  model_options=TINY_MODEL_OPTIONS)  # fmt: skip
+                  model_options=TINY_MODEL)  # fmt: skip
     torch.manual_seed(0)
     model = build_model(cfg, ds.info)
     ckpt = root / "run" / "best.pt"
