@@ -21,36 +21,19 @@ GB/s and % of copy bandwidth (NMF core), device, torch/triton versions, commit.
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
-import torch
-from _util import env_info, timed_median_s
+from _util import Suite, bench_case
 
 from fastnmf import profile as P
 
 DEVICE = P.pick_device(None)
 CASES = P.layer_cases(DEVICE)
+SUITE = Suite(
+    prepare=P.prepare_layer, row=P.layer_row, cuda_rounds=10, rate_key="voxels_per_s",
+    group=lambda case, row: f"{row['shape']} {case.dtype} {case.pass_}",
+)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_layer(benchmark, case):
-    reason = None
-    try:
-        prep = P.prepare_layer(case, DEVICE)
-    except P.Unsupported as why:
-        reason = str(why)  # skip outside the handler: its traceback would keep GPU memory
-    if reason is not None:
-        pytest.skip(reason)
-    row = P.layer_row(case)
-    benchmark.group = f"{row['shape']} {case.dtype} {case.pass_}"
-    rounds = 10 if DEVICE.type == "cuda" else 2
-    benchmark.pedantic(prep.run, rounds=rounds, warmup_rounds=1, iterations=1)
-    median_s = timed_median_s(benchmark, prep.run, DEVICE)
-    figures = P.figures(prep, median_s * 1e3, DEVICE, P.peak_bytes(prep.run, DEVICE))
-    assert figures["median_ms"] > 0 and figures["per_s"] > 0
-    benchmark.extra_info.update(dataclasses.asdict(case))
-    benchmark.extra_info.update(row, voxels_per_s=figures.pop("per_s"), **figures)
-    benchmark.extra_info.update(env_info(DEVICE))
-    if DEVICE.type == "cuda":
-        torch.cuda.empty_cache()
+    bench_case(benchmark, case, suite=SUITE, device=DEVICE)

@@ -18,37 +18,20 @@ memory (absolute, GPU), parameters, forward GFLOPs at batch 1, device, versions,
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
-import torch
-from _util import env_info, timed_median_s
+from _util import Suite, bench_case
 
 from fastnmf import profile as P
 
 DEVICE = P.pick_device(None)
 CASES = P.model_cases(DEVICE)
+SUITE = Suite(
+    prepare=P.prepare_model, row=P.model_row, cuda_rounds=5, rate_key="samples_per_s",
+    group=lambda case, row: f"{case.task} {row['shape']} {case.dtype}", absolute_peak=True,
+)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_model(benchmark, case):
-    reason = None
-    try:
-        prep = P.prepare_model(case, DEVICE)
-    except P.Unsupported as why:
-        reason = str(why)  # skip outside the handler: its traceback would keep GPU memory
-    if reason is not None:
-        pytest.skip(reason)
-    row = P.model_row(case)
-    benchmark.group = f"{case.task} {row['shape']} {case.dtype}"
-    rounds = 5 if DEVICE.type == "cuda" else 2
-    benchmark.pedantic(prep.run, rounds=rounds, warmup_rounds=1, iterations=1)
-    median_s = timed_median_s(benchmark, prep.run, DEVICE)
-    peak = P.peak_bytes(prep.run, DEVICE, absolute=True)
-    figures = P.figures(prep, median_s * 1e3, DEVICE, peak)
-    assert figures["median_ms"] > 0 and figures["per_s"] > 0 and figures["params"] > 0
-    benchmark.extra_info.update(dataclasses.asdict(case))
-    benchmark.extra_info.update(row, samples_per_s=figures.pop("per_s"), **figures)
-    benchmark.extra_info.update(env_info(DEVICE))
-    if DEVICE.type == "cuda":
-        torch.cuda.empty_cache()
+    figures = bench_case(benchmark, case, suite=SUITE, device=DEVICE)
+    assert figures["params"] > 0

@@ -6,6 +6,7 @@
     DIR/configs/inference.json   the inference workflow (MONAI ConfigParser syntax)
     DIR/configs/logging.conf     logging for MONAI's bundle runner
     DIR/models/model.pt          the model's state dict (plain tensors)
+    DIR/models/model.pt2         the eval network as an exported program (torch.export)
     DIR/docs/README.md           what the model does and how to run it
     DIR/LICENSE
 
@@ -24,8 +25,9 @@ depend on). The network is built by :func:`network` from the training config sto
     python -m monai.bundle run --config_file DIR/configs/inference.json \\
         --dataset_dir /path/to/nifti --output_dir /path/to/out
 
-An exported program (``torch.export``, ``.pt2``) is not written yet (it waits for the NMF layer's
-custom op).
+``models/model.pt2`` (:mod:`fastnmf.program`) is the same network as a ``torch.export`` program
+for users who want the bare network without building it: windows in, logits out (no sliding
+window, sigmoid or threshold); ``--no-program`` skips it.
 """
 
 from __future__ import annotations
@@ -170,6 +172,7 @@ def _versions() -> dict[str, str]:
         "pytorch_version": torch.__version__.split("+")[0],
         "numpy_version": np.__version__,
         "required_packages_version": {"fastnmf": __version__, "nibabel": _version("nibabel")},
+        "optional_packages_version": {"triton": _version("triton"), "fire": _version("fire")},
     }
 
 
@@ -335,6 +338,10 @@ python -m monai.bundle run --config_file configs/inference.json \\
     --dataset_dir /path/to/nifti_folder --output_dir /path/to/output
 ```
 
+`models/model.pt2` is the same network as an exported program (`torch.export`; PyTorch path of
+the NMF layers; windows {"×".join([str(cfg.crop_size)] * 3)} in, logits out, any batch size):
+`import fastnmf, torch; net = torch.export.load("models/model.pt2").module()`.
+
 If the bundle was moved, add `--bundle_root /new/path/of/the/bundle`. On a GPU the NMF layers use
 fastnmf's Triton kernels (`--kernel auto`); `--kernel torch` forces the PyTorch path.
 
@@ -342,9 +349,12 @@ fastnmf's Triton kernels (`--kernel auto`); `--kernel torch` forces the PyTorch 
 """
 
 
-def export_bundle(checkpoint: str | Path, bundle: str | Path, *, overwrite: bool = False) -> Path:
+def export_bundle(
+    checkpoint: str | Path, bundle: str | Path, *, overwrite: bool = False, program: bool = True
+) -> Path:
     """Write a MONAI bundle for ``checkpoint`` into the folder ``bundle`` (see the module
-    docstring). An existing non-empty folder is refused unless ``overwrite``. Returns the path."""
+    docstring). An existing non-empty folder is refused unless ``overwrite``; ``program`` adds
+    ``models/model.pt2``. Returns the path."""
     from .config import TrainConfig
     from .infer import info_from_dict, load_checkpoint
 
@@ -360,6 +370,8 @@ def export_bundle(checkpoint: str | Path, bundle: str | Path, *, overwrite: bool
         (root / sub).mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in ckpt["model"].items()}
     torch.save(state, root / "models" / "model.pt")
+    if program:
+        _write_program(ckpt, state, root / "models" / "model.pt2")
     meta = _metadata(cfg, info, ckpt)
     (root / "configs" / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
     inference = _inference_config(cfg, info, root)
@@ -368,6 +380,14 @@ def export_bundle(checkpoint: str | Path, bundle: str | Path, *, overwrite: bool
     (root / "docs" / "README.md").write_text(_readme(cfg, info, meta))
     (root / "LICENSE").write_text(_license())
     return root
+
+
+def _write_program(ckpt: dict[str, Any], state: dict[str, torch.Tensor], path: Path) -> None:
+    from .program import export_program
+
+    net = network(config=ckpt["config"], info=ckpt["info"], kernel="torch")
+    net.load_state_dict(state)
+    export_program(net, in_channels=_info(ckpt["info"]).in_channels, path=path)
 
 
 def _license() -> str:

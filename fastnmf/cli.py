@@ -321,7 +321,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .checkpoints import checkpoint_path
 
     ckpt = checkpoint_path(args.checkpoint)
-    root = export_bundle(ckpt, args.bundle, overwrite=args.overwrite)
+    root = export_bundle(ckpt, args.bundle, overwrite=args.overwrite, program=not args.no_program)
     print(f"MONAI bundle of {ckpt} written to {root}/")
     print(
         f"run it: python -m monai.bundle run --config_file {root}/configs/inference.json "

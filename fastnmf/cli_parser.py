@@ -59,8 +59,9 @@ _TEXTS: dict[str, dict[str, str]] = {
     "export": {
         "help": "export a checkpoint as a MONAI bundle (python -m monai.bundle run ...)",
         "description": "Write a MONAI bundle: configs/metadata.json, configs/inference.json, "
-            "models/model.pt, docs/README.md, LICENSE. Its network is built by fastnmf, so "
-            "running it needs fastnmf installed. (An exported program, .pt2, is not written yet.)",
+            "models/model.pt, models/model.pt2 (the eval network as a torch.export program), "
+            "docs/README.md, LICENSE. Its network is built by fastnmf, so running it needs "
+            "fastnmf installed.",
     },
     "compare": {
         "help": "paired Wilcoxon tests between two runs' metrics",
@@ -252,6 +253,9 @@ def _add_export(sub, commands) -> None:
     exp.add_argument("--checkpoint", required=True, help="checkpoint or run folder (best.pt)")
     exp.add_argument("--bundle", required=True, help="bundle folder to write (new or empty)")
     exp.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
+    exp.add_argument(
+        "--no-program", action="store_true", help="skip models/model.pt2 (the exported program)"
+    )
 
 
 def _add_compare(sub, commands) -> None:

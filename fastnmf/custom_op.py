@@ -99,14 +99,19 @@ def wanted() -> bool:
 
 
 @contextlib.contextmanager
-def forced(enabled: bool = True):
-    """Route eager calls through the op too (tests compare the op with the direct path)."""
-    prev = getattr(_STATE, "forced", False)
-    _STATE.forced = enabled
+def _flag(name: str, value: bool):
+    """Set the thread-local flag ``name`` of ``_STATE`` for the block, then restore it."""
+    prev = getattr(_STATE, name, False)
+    setattr(_STATE, name, value)
     try:
         yield
     finally:
-        _STATE.forced = prev
+        setattr(_STATE, name, prev)
+
+
+def forced(enabled: bool = True):
+    """Route eager calls through the op too (tests compare the op with the direct path)."""
+    return _flag("forced", enabled)
 
 
 @contextlib.contextmanager
@@ -122,14 +127,9 @@ def _autograd_on():
             yield
 
 
-@contextlib.contextmanager
 def _inside():
-    prev = getattr(_STATE, "inside", False)
-    _STATE.inside = True
-    try:
-        yield
-    finally:
-        _STATE.inside = prev
+    """Mark the op's own call of the eager path (which must not route to the op again)."""
+    return _flag("inside", True)
 
 
 def _eager(x, v0, u0, head_dim, patch, shifts, iters, solver, kernel, num_grad_steps, check):
@@ -145,22 +145,23 @@ def _eager(x, v0, u0, head_dim, patch, shifts, iters, solver, kernel, num_grad_s
         )  # fmt: skip
 
 
-@torch.library.custom_op("fastnmf::matricized_nmf", mutates_args=())
-def _op(
-    x: torch.Tensor,
-    v0: torch.Tensor,
-    u0: torch.Tensor | None,
-    head_dim: int,
-    patch: list[int],
-    shifts: list[int],
-    iters: int,
-    solver: str,
-    kernel: str,
-    num_grad_steps: int | None,
-    check: bool | None,
-) -> torch.Tensor:
+# The attributes of both ops, in order: one source for their schemas and for the backward's
+# ``None`` gradients.
+_ATTR_SCHEMA = (
+    "int head_dim, int[] patch, int[] shifts, int iters, str solver, str kernel, "
+    "int? num_grad_steps, bool? check"
+)
+_ATTRS = tuple(arg.split()[-1] for arg in _ATTR_SCHEMA.split(", "))
+
+
+@torch.library.custom_op(
+    "fastnmf::matricized_nmf", mutates_args=(),
+    schema=f"(Tensor x, Tensor v0, Tensor? u0, {_ATTR_SCHEMA}) -> Tensor",
+)  # fmt: skip
+def _op(x: torch.Tensor, v0: torch.Tensor, u0: torch.Tensor | None, *attrs) -> torch.Tensor:
+    """y of the eager path; ``attrs`` as in ``_ATTRS``."""
     with torch.no_grad():
-        y = _eager(x, v0, u0, head_dim, patch, shifts, iters, solver, kernel, num_grad_steps, check)
+        y = _eager(x, v0, u0, *attrs)
     # an op output may not alias an input; the eager path always returns a fresh tensor, but
     # make it a guarantee (contiguous, like the fake)
     if y.data_ptr() == x.data_ptr():
@@ -169,34 +170,28 @@ def _op(
 
 
 @_op.register_fake
-def _op_fake(x, v0, u0, head_dim, patch, shifts, iters, solver, kernel, num_grad_steps, check):
+def _op_fake(x, v0, u0, *attrs):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("fastnmf::matricized_nmf_backward", mutates_args=())
+@torch.library.custom_op(
+    "fastnmf::matricized_nmf_backward", mutates_args=(),
+    schema=(
+        f"(Tensor dy, Tensor x, Tensor v0, Tensor? u0, {_ATTR_SCHEMA}, bool grad_v0, "
+        "bool grad_u0) -> (Tensor, Tensor, Tensor)"
+    ),
+)  # fmt: skip
 def _backward_op(
-    dy: torch.Tensor,
-    x: torch.Tensor,
-    v0: torch.Tensor,
-    u0: torch.Tensor | None,
-    head_dim: int,
-    patch: list[int],
-    shifts: list[int],
-    iters: int,
-    solver: str,
-    kernel: str,
-    num_grad_steps: int | None,
-    check: bool | None,
-    grad_v0: bool,
-    grad_u0: bool,
+    dy: torch.Tensor, x: torch.Tensor, v0: torch.Tensor, u0: torch.Tensor | None, *rest
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dv0, du0): dv0 / du0 are zeros when not asked for, du0 is empty when u0 is None."""
+    """(dx, dv0, du0): dv0 / du0 are zeros when not asked for, du0 is empty when u0 is None.
+    ``rest``: the attributes of ``_ATTRS``, then grad_v0 and grad_u0."""
+    *attrs, grad_v0, grad_u0 = rest
     with _autograd_on():
         xg = x.detach().requires_grad_(True)
         vg = v0.detach().requires_grad_(grad_v0)
         ug = None if u0 is None else u0.detach().requires_grad_(grad_u0)
-        y = _eager(xg, vg, ug, head_dim, patch, shifts, iters, solver, kernel, num_grad_steps,
-                   check)  # fmt: skip
+        y = _eager(xg, vg, ug, *attrs)
         inputs = [xg] + ([vg] if grad_v0 else []) + ([ug] if grad_u0 and ug is not None else [])
         grads = torch.autograd.grad(y, inputs, dy, allow_unused=True)
     dx = grads[0] if grads[0] is not None else torch.zeros_like(x)
@@ -209,13 +204,9 @@ def _backward_op(
 
 
 @_backward_op.register_fake
-def _backward_fake(dy, x, v0, u0, head_dim, patch, shifts, iters, solver, kernel,
-                   num_grad_steps, check, grad_v0, grad_u0):  # fmt: skip
+def _backward_fake(dy, x, v0, u0, *rest):
     du0 = x.new_empty(0) if u0 is None else u0.new_empty(u0.shape)
     return x.new_empty(x.shape), v0.new_empty(v0.shape), du0
-
-
-_ATTRS = ("head_dim", "patch", "shifts", "iters", "solver", "kernel", "num_grad_steps", "check")
 
 
 def _setup_context(ctx, inputs, output):

@@ -67,7 +67,7 @@ def model_from_checkpoint(
     return model.to(dev).eval(), cfg, info, ckpt
 
 
-def _roi(model: nn.Module) -> tuple[int, ...]:
+def model_window(model: nn.Module) -> tuple[int, ...]:
     size = getattr(model, "spatial_size", None)
     if size is None:
         raise ValueError("model has no spatial_size: cannot choose a sliding-window size")
@@ -92,7 +92,7 @@ def sliding_window_logits(
     """
     from monai.inferers import sliding_window_inference
 
-    roi = tuple(roi_size) if roi_size is not None else _roi(model)
+    roi = tuple(roi_size) if roi_size is not None else model_window(model)
     was_training = model.training
     model.eval()
     dev = next(model.parameters()).device

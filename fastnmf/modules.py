@@ -34,8 +34,33 @@ def draw_factor(rows: int, rank: int, seed: int, salt: int) -> torch.Tensor:
     return torch.stack(cols, dim=1).float()  # (rows, rank)
 
 
+class _Redrawn:
+    """A setting whose change redraws u0 and v0 (their sizes depend on it): ``check(name,
+    value)`` validates and normalises the new value, kept in ``_<name>``."""
+
+    def __init__(self, check, doc: str):
+        self.check, self.__doc__ = check, doc
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name, self.attr = name, "_" + name
+
+    def __get__(self, obj, objtype=None):
+        return self if obj is None else getattr(obj, self.attr)
+
+    def __set__(self, obj, value) -> None:
+        setattr(obj, self.attr, self.check(self.name, value))
+        obj._redraw()
+
+
+def _positive_int(name: str, value) -> int:
+    return C.check_int(name, value, 1)
+
+
 class _FactorBuffers(nn.Module):
-    """Keeps u0 (M, R) and v0 (N, R) in step with the rank and sizes."""
+    """Keeps u0 (M, R) and v0 (N, R) in step with the rank and sizes, and holds the solver
+    settings."""
+
+    rank = _Redrawn(_positive_int, "R, the rank of the factors.")
 
     def __init__(self, rows: int, cols: int, rank: int, seed: int | None):
         super().__init__()
@@ -44,24 +69,28 @@ class _FactorBuffers(nn.Module):
         self.register_buffer("u0", draw_factor(rows, rank, self.seed, 0))
         self.register_buffer("v0", draw_factor(cols, rank, self.seed, 1))
 
+    def _set_solver(self, iters: int, solver: str, kernel: str, num_grad_steps: int | None):
+        self.iters = C.check_int("iters", iters, 0)
+        self.solver = C.check_choice("solver", solver, C.SOLVERS)
+        self.kernel = C.check_choice("kernel", kernel, C.KERNELS)
+        if num_grad_steps is not None:
+            C.check_int("num_grad_steps", num_grad_steps, 0)
+        self.num_grad_steps = num_grad_steps
+
     def _solver_options(self) -> dict:
         """The keyword arguments of :func:`fastnmf.nmf` this layer holds (u0 and the settings)."""
         return dict(u0=self.u0, iters=self.iters, solver=self.solver, kernel=self.kernel,
                     num_grad_steps=self.num_grad_steps)  # fmt: skip
 
-    def _redraw(self, rows: int, cols: int, rank: int) -> None:
+    def _factor_rows_cols(self) -> tuple[int, int]:
+        """(M, N) of the factors after a change of the settings (here: unchanged)."""
+        return self.u0.shape[0], self.v0.shape[0]
+
+    def _redraw(self) -> None:
+        rows, cols = self._factor_rows_cols()
         device = self.v0.device
-        self.u0 = draw_factor(rows, rank, self.seed, 0).to(device)
-        self.v0 = draw_factor(cols, rank, self.seed, 1).to(device)
-
-    @property
-    def rank(self) -> int:
-        return self._rank
-
-    @rank.setter
-    def rank(self, value: int) -> None:
-        self._rank = C.check_int("rank", value, 1)
-        self._redraw(self.u0.shape[0], self.v0.shape[0], value)
+        self.u0 = draw_factor(rows, self.rank, self.seed, 0).to(device)
+        self.v0 = draw_factor(cols, self.rank, self.seed, 1).to(device)
 
 
 class NMF(_FactorBuffers):
@@ -90,10 +119,7 @@ class NMF(_FactorBuffers):
     ):
         m, n = (C.check_int("size[0]", size[0], 1), C.check_int("size[1]", size[1], 1))
         super().__init__(m, n, rank, seed)
-        self.iters = C.check_int("iters", iters, 0)
-        self.solver = C.check_choice("solver", solver, C.SOLVERS)
-        self.kernel = C.check_choice("kernel", kernel, C.KERNELS)
-        self.num_grad_steps = num_grad_steps
+        self._set_solver(iters, solver, kernel, num_grad_steps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nmf(x, self.v0, **self._solver_options())
@@ -150,12 +176,7 @@ class MatricizedNMF(_FactorBuffers):
         self.spatial_dims = spatial_dims
         super().__init__(self._head_dim, self._columns(), rank, seed)
         self.shifts = shifts
-        self.iters = C.check_int("iters", iters, 0)
-        self.solver = C.check_choice("solver", solver, C.SOLVERS)
-        self.kernel = C.check_choice("kernel", kernel, C.KERNELS)
-        if num_grad_steps is not None:
-            C.check_int("num_grad_steps", num_grad_steps, 0)
-        self.num_grad_steps = num_grad_steps
+        self._set_solver(iters, solver, kernel, num_grad_steps)
 
     def _columns(self) -> int:
         if self._window is None:
@@ -170,24 +191,18 @@ class MatricizedNMF(_FactorBuffers):
             raise ValueError(f"window must be positive, got {p}")
         return math.prod(p)
 
-    @property
-    def head_dim(self) -> int:
-        return self._head_dim
+    head_dim = _Redrawn(_positive_int, "E, channels per head (the rows of each matrix).")
+    window = _Redrawn(
+        lambda name, value: value,  # checked by _columns() as the factors are redrawn
+        "The NMF window (int or tuple, as given), or None for a global matricization.",
+    )
+    spatial_size = _Redrawn(
+        lambda name, value: None if value is None else tuple(value),
+        "The input's spatial size (N = prod(spatial_size) for a global matricization).",
+    )
 
-    @head_dim.setter
-    def head_dim(self, value: int) -> None:
-        self._head_dim = C.check_int("head_dim", value, 1)
-        self._redraw(value, self.v0.shape[0], self.rank)
-
-    @property
-    def window(self):
-        """The NMF window (int or tuple, as given), or None for a global matricization."""
-        return self._window
-
-    @window.setter
-    def window(self, value) -> None:
-        self._window = value
-        self._redraw(self._head_dim, self._columns(), self.rank)
+    def _factor_rows_cols(self) -> tuple[int, int]:
+        return self._head_dim, self._columns()
 
     @property
     def patch_size(self):
@@ -199,15 +214,6 @@ class MatricizedNMF(_FactorBuffers):
     def patch_size(self, value) -> None:
         _warn_patch_size()
         self.window = value
-
-    @property
-    def spatial_size(self):
-        return self._spatial_size
-
-    @spatial_size.setter
-    def spatial_size(self, value) -> None:
-        self._spatial_size = None if value is None else tuple(value)
-        self._redraw(self._head_dim, self._columns(), self.rank)
 
     def resolved_shifts(self, ndim: int):
         if isinstance(self.shifts, str):

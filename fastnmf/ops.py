@@ -341,26 +341,14 @@ def matricized_nmf(
             kw = dict(head_dim=head_dim, window=patch, shifts=shifts, iters=iters)
             kw.update(kernel=kernel, num_grad_steps=num_grad_steps)
             return _rescaled(matricized_nmf, x, v0, u0, k, head_dim, solver, **kw)
+    args = (head_dim, patch, shifts, u0, iters, solver, num_grad_steps)  # of every path below
     if kernel == "reference":
-        return _oracle().matricized_nmf(
-            x, v0, head_dim, patch, shifts, u0, iters, solver, num_grad_steps
-        )
+        return _oracle().matricized_nmf(x, v0, *args)
     if iters == 0 or (kernel == "torch" and rank > 1):  # iters == 0: u0 v0^T in every window
-        return _loop_matricized(
-            torch.relu(x), v0, head_dim, patch, shifts, u0, iters, solver, num_grad_steps
-        )
+        return _loop_matricized(torch.relu(x), v0, *args)
     if kernel == "triton":
         return _triton().matricized_nmf(
-            x,
-            v0,
-            head_dim=head_dim,
-            patch_size=patch,
-            shifts=shifts,
-            u0=u0,
-            iters=iters,
-            solver=solver,
-            num_grad_steps=num_grad_steps,
-        )
-    return _torch_matricized(
-        torch.relu(x), v0, head_dim, patch, shifts, u0, iters, solver, num_grad_steps
-    )
+            x, v0, head_dim=head_dim, patch_size=patch, shifts=shifts, u0=u0, iters=iters,
+            solver=solver, num_grad_steps=num_grad_steps,
+        )  # fmt: skip
+    return _torch_matricized(torch.relu(x), v0, *args)

@@ -126,14 +126,16 @@ def _head_block(bh, C, E, HEADS, NVOX, BLOCK_E: tl.constexpr):
 
 
 @triton.jit
-def _voxel_block(bh, C, E, HEADS, NVOX, BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Block program_id(0) of BLOCK_V voxels of head bh: the voxels v, their mask, the rows e,
-    their mask, the (BLOCK_E, BLOCK_V) mask and element offsets in the (B, C, *S) tensor."""
+def _voxel_block(C, E, HEADS, NVOX, BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Block program_id(0) of BLOCK_V voxels of head bh = program_id(1): bh, the voxels v, their
+    mask, the rows e, their mask, the (BLOCK_E, BLOCK_V) mask and element offsets in the
+    (B, C, *S) tensor."""
+    bh = tl.program_id(1)
     offset, e, emask = _head_block(bh, C, E, HEADS, NVOX, BLOCK_E)
     v = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
     vmask = v < NVOX
     mask = emask[:, None] & vmask[None, :]
-    return v, vmask, e, emask, mask, offset + e[:, None] * NVOX + v[None, :]
+    return bh, v, vmask, e, emask, mask, offset + e[:, None] * NVOX + v[None, :]
 
 
 @triton.jit

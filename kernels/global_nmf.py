@@ -44,19 +44,24 @@ __all__ = ["GlobalNMF", "global_nmf"]
 
 
 @triton.jit
-def _chunk_block(rowmask_ptr, E, NVOX, BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr,
-                 ACC: tl.constexpr):  # fmt: skip
-    """Program (chunk, matrix m): m, m's offset, the columns v of the chunk, the rows e, their
-    masks, the (BLOCK_E, BLOCK_V) mask and the MU row mask."""
+def _chunk_block(x_ptr, rowmask_ptr, E, S0, S1, S2, BLOCK_E: tl.constexpr,
+                 BLOCK_V: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """Program (chunk, matrix m) of the S0 * S1 * S2 columns: the chunk, m, the columns v of the
+    chunk, the rows e, their masks, the (BLOCK_E, BLOCK_V) mask and element offsets of the
+    chunk's block of m, the MU row mask, and that block of x (in ACC)."""
     chunk = tl.program_id(0)
     m = tl.program_id(1)
-    offset = m.to(tl.int64) * E * NVOX
+    nvox = S0 * S1 * S2
+    offset = m.to(tl.int64) * E * nvox
     v = chunk * BLOCK_V + tl.arange(0, BLOCK_V)
-    vmask = v < NVOX
+    vmask = v < nvox
     e = tl.arange(0, BLOCK_E)
     emask = e < E
     rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
-    return chunk, m, offset, v, vmask, e, emask, emask[:, None] & vmask[None, :], rowmask
+    ptrs = offset + e[:, None] * nvox + v[None, :]
+    mask = emask[:, None] & vmask[None, :]
+    x_raw = tl.load(x_ptr + ptrs, mask=mask, other=0).to(ACC)
+    return chunk, m, v, vmask, e, emask, mask, ptrs, rowmask, x_raw
 
 
 @triton.jit
@@ -67,8 +72,9 @@ def _rolled_g0(g0_ptr, shift_ptr, s, v, vmask, S0, S1, S2):
 
 
 @triton.jit
-def _load_x(x_ptr, offset, e, v, mask, nvox, rowmask, RELU: tl.constexpr, ACC: tl.constexpr):
-    x = tl.load(x_ptr + offset + e[:, None] * nvox + v[None, :], mask=mask, other=0).to(ACC)
+def _relu_rows(x_raw, rowmask, RELU: tl.constexpr):
+    """ReLU (if RELU) of x, then times the MU row mask."""
+    x = x_raw
     if RELU:
         x = tl.maximum(x, 0)
     return x * rowmask[:, None]
@@ -82,13 +88,12 @@ def _reduce_kernel(
     BACKWARD: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     """Forward: partial K_s = X_s X_s^T and h_s = X g0_s. Backward: partial dP_s = dY X_s^T."""
-    nvox = S0 * S1 * S2
-    chunk, m, offset, v, vmask, e, emask, mask, rowmask = _chunk_block(
-        rowmask_ptr, E, nvox, BLOCK_E, BLOCK_V, ACC
+    chunk, m, v, vmask, e, emask, mask, ptrs, rowmask, x_raw = _chunk_block(
+        x_ptr, rowmask_ptr, E, S0, S1, S2, BLOCK_E, BLOCK_V, ACC
     )
-    x = _load_x(x_ptr, offset, e, v, mask, nvox, rowmask, RELU, ACC)  # (BLOCK_E, BLOCK_V)
+    x = _relu_rows(x_raw, rowmask, RELU)  # (BLOCK_E, BLOCK_V)
     if BACKWARD:
-        a = tl.load(dy_ptr + offset + e[:, None] * nvox + v[None, :], mask=mask, other=0)
+        a = tl.load(dy_ptr + ptrs, mask=mask, other=0)
         a = a.to(ACC) / NSHIFT
     else:
         a = x
@@ -154,11 +159,10 @@ def _apply_fwd_kernel(
     BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr, RELU: tl.constexpr, MU: tl.constexpr,
     ACC: tl.constexpr,
 ):  # fmt: skip
-    nvox = S0 * S1 * S2
-    chunk, m, offset, v, vmask, e, emask, mask, rowmask = _chunk_block(
-        rowmask_ptr, E, nvox, BLOCK_E, BLOCK_V, ACC
+    chunk, m, v, vmask, e, emask, mask, ptrs, rowmask, x_raw = _chunk_block(
+        x_ptr, rowmask_ptr, E, S0, S1, S2, BLOCK_E, BLOCK_V, ACC
     )
-    x = _load_x(x_ptr, offset, e, v, mask, nvox, rowmask, RELU, ACC)
+    x = _relu_rows(x_raw, rowmask, RELU)
     y = tl.zeros((BLOCK_E, BLOCK_V), dtype=ACC)
     for s in range(0, NSHIFT):
         u = tl.load(u_ptr + (m * NSHIFT + s) * E + e, mask=emask, other=0).to(ACC)
@@ -169,8 +173,7 @@ def _apply_fwd_kernel(
         c = tl.sum(u[:, None] * xs, axis=0)  # (BLOCK_V,)
         y += u[:, None] * c[None, :]
     y = y / NSHIFT
-    ptrs = y_ptr + offset + e[:, None] * nvox + v[None, :]
-    tl.store(ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -180,12 +183,9 @@ def _apply_bwd_kernel(
     BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr, RELU: tl.constexpr, MU: tl.constexpr,
     ACC: tl.constexpr,
 ):  # fmt: skip
-    nvox = S0 * S1 * S2
-    chunk, m, offset, v, vmask, e, emask, mask, rowmask = _chunk_block(
-        rowmask_ptr, E, nvox, BLOCK_E, BLOCK_V, ACC
+    chunk, m, v, vmask, e, emask, mask, ptrs, rowmask, x_raw = _chunk_block(
+        x_ptr, rowmask_ptr, E, S0, S1, S2, BLOCK_E, BLOCK_V, ACC
     )
-    ptrs = offset + e[:, None] * nvox + v[None, :]
-    x_raw = tl.load(x_ptr + ptrs, mask=mask, other=0).to(ACC)
     x = x_raw * rowmask[:, None]
     if RELU:
         x = tl.maximum(x, 0)

@@ -131,10 +131,22 @@ def _gram(a, b, DOT: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
-def _tile_setup(t, bh, C, E, HEADS, S0, S1, S2, H0, H1, H2, NT1, NT2, BLOCK_E: tl.constexpr,
-                HB: tl.constexpr):  # fmt: skip
-    """Tile t of the (H0, H1, H2) tiling of head bh: the tile's origin, each lane's offsets in
-    it, and the (BLOCK_E, HB) element offsets and mask of its block of the input."""
+def _load_relu(x_ptr, rowmask_ptr, ptrs, mask, e, emask, ACC: tl.constexpr):
+    """x at ``ptrs`` (in ACC), the MU row mask, and ReLU(x) times the row mask."""
+    x_raw = tl.load(x_ptr + ptrs, mask=mask, other=0).to(ACC)
+    rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
+    return x_raw, rowmask, tl.maximum(x_raw, 0) * rowmask[:, None]
+
+
+@triton.jit
+def _tile_setup(x_ptr, rowmask_ptr, C, E, HEADS, S0, S1, S2, H0, H1, H2, NT1, NT2,
+                BLOCK_E: tl.constexpr, HB: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """Tile t = program_id(0) of the (H0, H1, H2) tiling of head bh = program_id(1): bh, the
+    tile's origin, each lane's offsets in it, the (BLOCK_E, HB) element offsets and mask of its
+    block of the input, and :func:`_load_relu` of that block (x, the row mask, ReLU(x) masked).
+    """
+    t = tl.program_id(0)
+    bh = tl.program_id(1)
     t2 = t % NT2
     t1 = (t // NT2) % NT1
     t0 = t // (NT1 * NT2)
@@ -153,7 +165,8 @@ def _tile_setup(t, bh, C, E, HEADS, S0, S1, S2, H0, H1, H2, NT1, NT2, BLOCK_E: t
     emask = e < E
     mask = emask[:, None] & qmask[None, :]
     ptrs = offset + e[:, None] * nvox + v[None, :]
-    return o0, o1, o2, q0, q1, q2, qmask, e, emask, mask, ptrs
+    x_raw, rowmask, x = _load_relu(x_ptr, rowmask_ptr, ptrs, mask, e, emask, ACC)
+    return bh, o0, o1, o2, q0, q1, q2, qmask, e, emask, mask, ptrs, x_raw, rowmask, x
 
 
 @triton.jit
@@ -227,11 +240,8 @@ def _apply_fwd_kernel(
     S0, S1, S2, P0, P1, P2, NW1, NW2,
     BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    bh = tl.program_id(1)
-    v, vmask, e, emask, mask, ptrs = _voxel_block(bh, C, E, HEADS, S0 * S1 * S2, BLOCK_E, BLOCK_V)
-    x = tl.load(x_ptr + ptrs, mask=mask, other=0)
-    rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
-    x = tl.maximum(x.to(ACC), 0) * rowmask[:, None]  # (BLOCK_E, BLOCK_V)
+    bh, v, vmask, e, emask, mask, ptrs = _voxel_block(C, E, HEADS, S0 * S1 * S2, BLOCK_E, BLOCK_V)
+    _, rowmask, x = _load_relu(x_ptr, rowmask_ptr, ptrs, mask, e, emask, ACC)  # (BLOCK_E, BLOCK_V)
     y = tl.zeros((BLOCK_E, BLOCK_V), dtype=ACC)
     for s in range(0, NSHIFT):
         s0, s1, s2 = _load_shift(shift_ptr, s)
@@ -255,13 +265,9 @@ def _apply_fwd_tile_kernel(
     S0, S1, S2, P0, P1, P2, NW1, NW2, H0, H1, H2, NT1, NT2,
     BLOCK_E: tl.constexpr, HB: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    bh = tl.program_id(1)
-    o0, o1, o2, q0, q1, q2, qmask, e, emask, mask, ptrs = _tile_setup(
-        tl.program_id(0), bh, C, E, HEADS, S0, S1, S2, H0, H1, H2, NT1, NT2, BLOCK_E, HB
-    )
-    x = tl.load(x_ptr + ptrs, mask=mask, other=0)
-    rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
-    x = tl.maximum(x.to(ACC), 0) * rowmask[:, None]  # (BLOCK_E, HB)
+    bh, o0, o1, o2, q0, q1, q2, qmask, e, emask, mask, ptrs, _, rowmask, x = _tile_setup(
+        x_ptr, rowmask_ptr, C, E, HEADS, S0, S1, S2, H0, H1, H2, NT1, NT2, BLOCK_E, HB, ACC
+    )  # x: (BLOCK_E, HB)
     y = tl.zeros((BLOCK_E, HB), dtype=ACC)
     for s in range(0, NSHIFT):
         w, p = _tile_window(shift_ptr, s, o0, o1, o2, q0, q1, q2, S0, S1, S2, P0, P1, P2, NW1, NW2)
@@ -342,11 +348,8 @@ def _apply_bwd_kernel(
     S0, S1, S2, P0, P1, P2, NW1, NW2,
     BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    bh = tl.program_id(1)
-    v, vmask, e, emask, mask, ptrs = _voxel_block(bh, C, E, HEADS, S0 * S1 * S2, BLOCK_E, BLOCK_V)
-    x_raw = tl.load(x_ptr + ptrs, mask=mask, other=0).to(ACC)
-    rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
-    x = tl.maximum(x_raw, 0) * rowmask[:, None]  # (BLOCK_E, BLOCK_V)
+    bh, v, vmask, e, emask, mask, ptrs = _voxel_block(C, E, HEADS, S0 * S1 * S2, BLOCK_E, BLOCK_V)
+    x_raw, rowmask, x = _load_relu(x_ptr, rowmask_ptr, ptrs, mask, e, emask, ACC)
     dy = tl.load(dy_ptr + ptrs, mask=mask, other=0).to(ACC) / NSHIFT
     dx = tl.zeros((BLOCK_E, BLOCK_V), dtype=ACC)
     for s in range(0, NSHIFT):
@@ -377,13 +380,9 @@ def _apply_bwd_tile_kernel(
     S0, S1, S2, P0, P1, P2, NW1, NW2, H0, H1, H2, NT1, NT2,
     BLOCK_E: tl.constexpr, HB: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    bh = tl.program_id(1)
-    o0, o1, o2, q0, q1, q2, qmask, e, emask, mask, ptrs = _tile_setup(
-        tl.program_id(0), bh, C, E, HEADS, S0, S1, S2, H0, H1, H2, NT1, NT2, BLOCK_E, HB
-    )
-    x_raw = tl.load(x_ptr + ptrs, mask=mask, other=0).to(ACC)
-    rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
-    x = tl.maximum(x_raw, 0) * rowmask[:, None]  # (BLOCK_E, HB)
+    bh, o0, o1, o2, q0, q1, q2, qmask, e, emask, mask, ptrs, x_raw, rowmask, x = _tile_setup(
+        x_ptr, rowmask_ptr, C, E, HEADS, S0, S1, S2, H0, H1, H2, NT1, NT2, BLOCK_E, HB, ACC
+    )  # x: (BLOCK_E, HB)
     dy = tl.load(dy_ptr + ptrs, mask=mask, other=0).to(ACC) / NSHIFT
     dx = tl.zeros((BLOCK_E, HB), dtype=ACC)
     emask2 = emask[:, None] & emask[None, :]

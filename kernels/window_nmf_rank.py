@@ -135,8 +135,7 @@ def _window_apply_kernel(
     S0, S1, S2, P0, P1, P2, NW1, NW2,
     R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    bh = tl.program_id(1)
-    v, vmask, e, emask, mask, ptrs = _voxel_block(bh, C, E, HEADS, S0 * S1 * S2, BLOCK_E, BLOCK_V)
+    bh, v, vmask, e, emask, mask, ptrs = _voxel_block(C, E, HEADS, S0 * S1 * S2, BLOCK_E, BLOCK_V)
     y = tl.zeros((BLOCK_E, BLOCK_V), dtype=ACC)
     for s in range(0, NSHIFT):
         s0, s1, s2 = _load_shift(shift_ptr, s)

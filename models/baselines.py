@@ -21,7 +21,8 @@ from monai.networks.blocks.dynunet_block import UnetBasicBlock, UnetResBlock
 from monai.networks.nets import UNETR, SegResNet, SwinUNETR
 from torch import nn
 
-from .layers import FactorizerBlock, FavorAttention
+from .factorizer import mixer_blocks
+from .layers import FavorAttention
 from .unet import UNet, _check_dtype_device
 
 __all__ = ["nnunet", "resunet", "performer", "unetr", "swin_unetr", "segresnet", "MonaiNet"]
@@ -30,36 +31,8 @@ _NORM = ("group", {"num_groups": 8})
 _ACT = ("leakyrelu", {"inplace": True, "negative_slope": 0.01})
 
 
-def _conv_unet(
-    block_cls,
-    *,
-    in_channels: int,
-    out_channels: int,
-    spatial_size: Sequence[int],
-    widths: Sequence[int],
-    deep_supervision: int,
-) -> UNet:
-    nd = len(spatial_size)
-    bad = [w for w in widths if w % _NORM[1]["num_groups"]]
-    if bad:
-        raise ValueError(f"widths {tuple(widths)} must be multiples of 8 (GroupNorm groups)")
-
-    def make_block(cin: int, cout: int, size: tuple[int, ...], index: int) -> nn.Module:
-        return block_cls(nd, cin, cout, kernel_size=3, stride=1, norm_name=_NORM, act_name=_ACT)
-
-    return UNet(
-        in_channels=in_channels,
-        out_channels=out_channels,
-        spatial_size=spatial_size,
-        make_block=make_block,
-        widths=widths,
-        pos_embed=False,
-        deep_supervision=deep_supervision,
-    )
-
-
 def _conv_unet_builder(block_cls, name: str, doc: str):
-    """A builder with the keyword arguments of :func:`_conv_unet` for one block class."""
+    """A convolutional U-Net builder whose every block is ``block_cls`` (GroupNorm, LeakyReLU)."""
 
     def build(
         *,
@@ -69,8 +42,17 @@ def _conv_unet_builder(block_cls, name: str, doc: str):
         widths: Sequence[int] = (32, 64, 128, 256, 512),
         deep_supervision: int = 3,
     ) -> UNet:
+        nd = len(spatial_size)
+        if any(w % _NORM[1]["num_groups"] for w in widths):
+            raise ValueError(f"widths {tuple(widths)} must be multiples of 8 (GroupNorm groups)")
+
+        def make_block(cin: int, cout: int, size: tuple[int, ...], index: int) -> nn.Module:
+            return block_cls(nd, cin, cout, kernel_size=3, stride=1, norm_name=_NORM,
+                             act_name=_ACT)  # fmt: skip
+
         io = dict(in_channels=in_channels, out_channels=out_channels, spatial_size=spatial_size)
-        return _conv_unet(block_cls, **io, widths=widths, deep_supervision=deep_supervision)
+        arch = dict(make_block=make_block, widths=widths, deep_supervision=deep_supervision)
+        return UNet(**io, **arch, pos_embed=False)
 
     build.__name__ = build.__qualname__ = name
     build.__doc__ = doc
@@ -104,19 +86,15 @@ def performer(
     """The Factorizer skeleton with ViT blocks whose attention is FAVOR+ (global, all voxels)."""
     nd = len(spatial_size)
 
-    def make_block(cin: int, cout: int, size: tuple[int, ...], index: int) -> nn.Module:
-        mixer = FavorAttention(
-            cout,
-            spatial_dims=nd,
-            head_dim=head_dim,
-            dropout=dropout,
-            num_features=num_features,
-            seed=None if seed is None else seed + index,
-        )
-        return FactorizerBlock(
-            cin, cout, mixer=mixer, spatial_dims=nd, mlp_ratio=mlp_ratio, dropout=dropout
-        )
+    def make_mixer(cout: int, size: tuple[int, ...], layer_seed: int | None) -> nn.Module:
+        return FavorAttention(
+            cout, spatial_dims=nd, head_dim=head_dim, dropout=dropout, num_features=num_features,
+            seed=layer_seed,
+        )  # fmt: skip
 
+    make_block = mixer_blocks(
+        make_mixer, spatial_dims=nd, mlp_ratio=mlp_ratio, dropout=dropout, seed=seed
+    )
     io = dict(in_channels=in_channels, out_channels=out_channels, spatial_size=spatial_size)
     arch = dict(make_block=make_block, widths=widths, deep_supervision=deep_supervision)
     return UNet(**io, **arch, pos_embed=pos_embed, pos_dropout=dropout)
@@ -175,6 +153,18 @@ class MonaiNet(nn.Module):
         return self.net(x)
 
 
+def _monai(
+    cls, *, in_channels: int, out_channels: int, spatial_size: Sequence[int], size_multiple: int,
+    fixed_size: bool, **kwargs,
+) -> MonaiNet:
+    """MONAI's ``cls(in_channels, out_channels, spatial_dims, **kwargs)`` in a MonaiNet."""
+    io = dict(in_channels=in_channels, out_channels=out_channels)
+    net = cls(**io, spatial_dims=len(spatial_size), **kwargs)
+    return MonaiNet(
+        net, **io, spatial_size=spatial_size, size_multiple=size_multiple, fixed_size=fixed_size
+    )
+
+
 def unetr(
     *,
     in_channels: int,
@@ -187,19 +177,12 @@ def unetr(
     dropout: float = 0.0,
 ) -> MonaiNet:
     """MONAI UNETR (16^d patches, ViT-B encoder); the original BraTS config uses feature_size 32."""
-    net = UNETR(
-        in_channels=in_channels,
-        out_channels=out_channels,
-        img_size=tuple(spatial_size),
-        feature_size=feature_size,
-        hidden_size=hidden_size,
-        mlp_dim=mlp_dim,
-        num_heads=num_heads,
-        dropout_rate=dropout,
-        spatial_dims=len(spatial_size),
-    )
     io = dict(in_channels=in_channels, out_channels=out_channels, spatial_size=spatial_size)
-    return MonaiNet(net, **io, size_multiple=16, fixed_size=True)
+    return _monai(
+        UNETR, **io, size_multiple=16, fixed_size=True, img_size=tuple(spatial_size),
+        feature_size=feature_size, hidden_size=hidden_size, mlp_dim=mlp_dim, num_heads=num_heads,
+        dropout_rate=dropout,
+    )  # fmt: skip
 
 
 def swin_unetr(
@@ -214,18 +197,12 @@ def swin_unetr(
     dropout: float = 0.0,
 ) -> MonaiNet:
     """MONAI SwinUNETR; the original BraTS config uses feature_size 48, depths (2, 2, 2, 2)."""
-    net = SwinUNETR(
-        in_channels=in_channels,
-        out_channels=out_channels,
-        feature_size=feature_size,
-        depths=tuple(depths),
-        num_heads=tuple(num_heads),
-        window_size=window_size,
-        drop_rate=dropout,
-        spatial_dims=len(spatial_size),
-    )
     io = dict(in_channels=in_channels, out_channels=out_channels, spatial_size=spatial_size)
-    return MonaiNet(net, **io, size_multiple=32, fixed_size=False)
+    return _monai(
+        SwinUNETR, **io, size_multiple=32, fixed_size=False, feature_size=feature_size,
+        depths=tuple(depths), num_heads=tuple(num_heads), window_size=window_size,
+        drop_rate=dropout,
+    )  # fmt: skip
 
 
 def segresnet(
@@ -239,14 +216,9 @@ def segresnet(
     dropout: float | None = None,
 ) -> MonaiNet:
     """MONAI SegResNet in Myronenko's BraTS configuration (init_filters 32)."""
-    net = SegResNet(
-        spatial_dims=len(spatial_size),
-        init_filters=init_filters,
-        in_channels=in_channels,
-        out_channels=out_channels,
-        dropout_prob=dropout,
-        blocks_down=tuple(blocks_down),
-        blocks_up=tuple(blocks_up),
-    )
     io = dict(in_channels=in_channels, out_channels=out_channels, spatial_size=spatial_size)
-    return MonaiNet(net, **io, size_multiple=2 ** (len(blocks_down) - 1), fixed_size=False)
+    return _monai(
+        SegResNet, **io, size_multiple=2 ** (len(blocks_down) - 1), fixed_size=False,
+        init_filters=init_filters, dropout_prob=dropout, blocks_down=tuple(blocks_down),
+        blocks_up=tuple(blocks_up),
+    )  # fmt: skip

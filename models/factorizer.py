@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -35,6 +35,29 @@ __all__ = [
 ]
 
 VARIANTS = ("global", "local", "swin")
+
+
+def mixer_blocks(
+    make_mixer: Callable[[int, tuple[int, ...], int | None], nn.Module],
+    *,
+    spatial_dims: int,
+    mlp_ratio: float,
+    dropout: float,
+    seed: int | None,
+    checkpoint: bool = False,
+) -> Callable[[int, int, tuple[int, ...], int], nn.Module]:
+    """The ``make_block`` of a Factorizer-skeleton :class:`UNet`: block ``index`` is a
+    :class:`FactorizerBlock` whose context mixer is ``make_mixer(cout, stage size, seed)``, the
+    seed ``seed + index`` (None: drawn from torch's RNG)."""
+
+    def make_block(cin: int, cout: int, size: tuple[int, ...], index: int) -> nn.Module:
+        mixer = make_mixer(cout, size, None if seed is None else seed + index)
+        return FactorizerBlock(
+            cin, cout, mixer=mixer, spatial_dims=spatial_dims, mlp_ratio=mlp_ratio,
+            dropout=dropout, checkpoint=checkpoint,
+        )  # fmt: skip
+
+    return make_block
 
 
 def factorizer(
@@ -91,31 +114,17 @@ def factorizer(
     layer_window = None if variant == "global" else window
     layer_shifts = shifts if variant == "swin" else None
 
-    def make_block(cin: int, cout: int, size: tuple[int, ...], index: int) -> nn.Module:
-        mixer = WrappedNMF(
-            cout,
-            spatial_dims=nd,
-            head_dim=head_dim,
-            window=layer_window,
-            spatial_size=size,
-            shifts=layer_shifts,
-            rank=rank,
-            iters=iters,
-            solver=solver,
-            kernel=kernel,
-            dropout=dropout,
-            seed=None if seed is None else seed + index,
-        )
-        return FactorizerBlock(
-            cin,
-            cout,
-            mixer=mixer,
-            spatial_dims=nd,
-            mlp_ratio=mlp_ratio,
-            dropout=dropout,
-            checkpoint=bool(checkpoint),
-        )
+    def make_mixer(cout: int, size: tuple[int, ...], layer_seed: int | None) -> nn.Module:
+        return WrappedNMF(
+            cout, spatial_dims=nd, head_dim=head_dim, window=layer_window, spatial_size=size,
+            shifts=layer_shifts, rank=rank, iters=iters, solver=solver, kernel=kernel,
+            dropout=dropout, seed=layer_seed,
+        )  # fmt: skip
 
+    make_block = mixer_blocks(
+        make_mixer, spatial_dims=nd, mlp_ratio=mlp_ratio, dropout=dropout, seed=seed,
+        checkpoint=bool(checkpoint),
+    )  # fmt: skip
     base = 2 ** (levels - 1)  # the deepest stage is 1 / base of the input
     return UNet(
         in_channels=in_channels, out_channels=out_channels, spatial_size=spatial_size,

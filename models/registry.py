@@ -29,25 +29,17 @@ from .factorizer import factorizer
 
 __all__ = ["ARCH_PRESETS", "PRESETS", "MODELS", "available", "presets", "build"]
 
+
+def _arch(in_channels: int, out_channels: int, crop: int, *, head_dim: int, window: int,
+          mlp_ratio: float, shifts: list) -> dict:  # fmt: skip
+    """An architecture preset: channels in and out, a cubic training crop, the NMF settings."""
+    return dict(in_channels=in_channels, out_channels=out_channels, spatial_size=(crop,) * 3,
+                head_dim=head_dim, window=window, mlp_ratio=mlp_ratio, shifts=shifts)  # fmt: skip
+
+
 ARCH_PRESETS: dict[str, dict] = {
-    "brats": {
-        "in_channels": 4,
-        "out_channels": 3,
-        "spatial_size": (128, 128, 128),
-        "head_dim": 8,
-        "window": 8,
-        "mlp_ratio": 2.0,
-        "shifts": [None, 2, 4, 6],
-    },
-    "isles": {
-        "in_channels": 2,
-        "out_channels": 1,
-        "spatial_size": (64, 64, 64),
-        "head_dim": 4,
-        "window": 4,
-        "mlp_ratio": 4.0,
-        "shifts": [None, 1, 2, 3],
-    },
+    "brats": _arch(4, 3, 128, head_dim=8, window=8, mlp_ratio=2.0, shifts=[None, 2, 4, 6]),
+    "isles": _arch(2, 1, 64, head_dim=4, window=4, mlp_ratio=4.0, shifts=[None, 1, 2, 3]),
 }
 PRESETS = ARCH_PRESETS  # the old name (fastnmf.config.RUN_PRESETS are the run presets)
 

@@ -41,6 +41,16 @@ TINY_TRAIN_ARGS = [
     *(f"--model-opt={k}={v}".replace(" ", "") for k, v in TINY_MODEL_OPTIONS.items()),
 ]
 
+
+def tiny_config(**kw):
+    """``resolve("demo", ...)`` of a tiny CPU run: the tiny model, lr 1e-3, no loader workers, no
+    final evaluation; ``kw`` adds to or overrides these (e.g. ``**TINY_RUN``, the steps)."""
+    from fastnmf.config import resolve
+
+    base = dict(model_options=dict(TINY_MODEL_OPTIONS), lr=1e-3, num_workers=0, evaluate=False,
+                device="cpu")  # fmt: skip
+    return resolve("demo", **{**base, **kw})
+
 # the kernel tests' devices: the interpreter on a CPU without a GPU, else the GPU
 DEVICES = [
     pytest.param(
@@ -51,6 +61,18 @@ DEVICES = [
         "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
     ),
 ]
+
+
+def assert_same_training_state(a: dict, b: dict) -> None:
+    """Two checkpoints hold bitwise the same model weights and optimizer state."""
+    assert a["model"].keys() == b["model"].keys()
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for k, v in a["optimizer"]["state"].items():
+        for name, t in v.items():
+            other = b["optimizer"]["state"][k][name]
+            assert torch.equal(torch.as_tensor(t), torch.as_tensor(other)), (k, name)
 
 
 def n_columns(spatial, patch) -> int:

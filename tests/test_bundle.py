@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -48,7 +49,7 @@ def exported(tmp_path_factory):
 def test_bundle_layout_and_metadata(exported):
     _, bundle, _, cfg = exported
     for f in ("configs/metadata.json", "configs/inference.json", "models/model.pt",
-              "docs/README.md", "LICENSE"):  # fmt: skip
+              "models/model.pt2", "docs/README.md", "LICENSE"):  # fmt: skip
         assert (bundle / f).is_file(), f
     meta = json.loads((bundle / "configs/metadata.json").read_text())
     # the mandatory keys of the MONAI bundle specification (docs/source/mb_specification.rst)
@@ -88,19 +89,27 @@ def test_bundle_network_in_out_is_verified(exported):
 
 
 def test_bundle_metadata_against_monai_schema(exported, tmp_path):
-    """MONAI's verify_metadata downloads the schema named in metadata.json and needs jsonschema:
-    skipped where either is missing (no network in CI)."""
+    """MONAI's verify_metadata needs jsonschema and downloads the schema named in metadata.json;
+    offline, a local copy of it can be given as FASTNMF_MONAI_SCHEMA. Skipped without either."""
     pytest.importorskip("jsonschema")
     from monai.bundle import verify_metadata
 
     _, bundle, _, _ = exported
+    schema = tmp_path / "schema.json"
+    if os.environ.get("FASTNMF_MONAI_SCHEMA"):  # verify_metadata keeps an existing file
+        shutil.copy(os.environ["FASTNMF_MONAI_SCHEMA"], schema)
+    meta = bundle / "configs/metadata.json"
     try:
-        verify_metadata(meta_file=str(bundle / "configs/metadata.json"),
-                        filepath=str(tmp_path / "schema.json"))  # fmt: skip
+        verify_metadata(meta_file=str(meta), filepath=str(schema))
     except (OSError, RuntimeError) as e:  # download failed
-        if not (tmp_path / "schema.json").is_file():
+        if not schema.is_file():
             pytest.skip(f"schema not downloadable here: {e}")
         raise
+    broken = json.loads(meta.read_text())
+    del broken["copyright"]
+    (tmp_path / "broken.json").write_text(json.dumps(broken))
+    with pytest.raises(ValueError, match="'copyright' is a required property"):
+        verify_metadata(meta_file=str(tmp_path / "broken.json"), filepath=str(schema))
 
 
 def _same(a: Path, b: Path) -> None:
@@ -142,6 +151,32 @@ def test_bundle_runs_from_the_command_line(exported, tmp_path):
     bad = subprocess.run(cmd[:-4] + ["--dataset_dir", str(tmp_path / "nope")],
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert bad.returncode != 0 and "input folder not found" in bad.stderr
+
+
+def test_bundle_program_equals_the_network(exported, tmp_path):
+    """models/model.pt2: the eval network with the bundle's weights, the NMF layers as fastnmf's
+    op, any batch size; ``--no-program`` leaves it out."""
+    from fastnmf.bundle import network
+    from fastnmf.cli import main
+    from fastnmf.program import load_program
+
+    ckpt, bundle, _, cfg = exported
+    saved = torch.load(ckpt, weights_only=False)
+    net = network(config=saved["config"], info=saved["info"], kernel="torch")
+    net.load_state_dict(torch.load(bundle / "models/model.pt", weights_only=True))
+    program = load_program(bundle / "models/model.pt2")
+    # no example input saved with it (67 MB for a 4-channel 128^3 batch of 2)
+    assert torch.export.load(bundle / "models/model.pt2").example_inputs is None
+    assert any("fastnmf.matricized_nmf" in str(n.target) for n in program.graph.nodes)
+    gen = torch.Generator().manual_seed(5)
+    for batch in (1, 3):
+        x = torch.randn(batch, 1, *[cfg.crop_size] * 3, generator=gen)
+        with torch.no_grad():
+            torch.testing.assert_close(program(x), net(x), rtol=1e-6, atol=1e-7)
+    out = tmp_path / "b"
+    argv = ["export", "--checkpoint", str(ckpt), "--bundle", str(out), "--no-program"]
+    assert main(argv) == 0
+    assert (out / "models/model.pt").is_file() and not (out / "models/model.pt2").exists()
 
 
 def test_export_refuses_a_non_empty_folder(exported, capsys):

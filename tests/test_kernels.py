@@ -8,43 +8,16 @@ import importlib
 
 import pytest
 import torch
-from conftest import DEVICES, n_columns, rel_err
+from conftest import DEVICES, rel_err
+from kernel_helpers import (
+    check_low_precision,
+    fp32_against_reference,
+    nmf_inputs,
+    run_grad,
+    spy_on,
+)
 
 import fastnmf
-
-HAS_CUDA = torch.cuda.is_available()
-
-
-_n = n_columns
-
-
-def _run(kernel, x, v0, dy, dtype, device, **kw):
-    xi = x.detach().to(device=device, dtype=dtype).requires_grad_()
-    y = fastnmf.matricized_nmf(xi, v0.to(device=device, dtype=dtype), kernel=kernel, **kw)
-    (dx,) = torch.autograd.grad(y, xi, dy.to(device=device, dtype=dtype))
-    return y.cpu(), dx.cpu()
-
-
-class _Spy:
-    """Stands in for a Triton kernel and records its name in ``launched`` at each launch."""
-
-    def __init__(self, name, kernel, launched):
-        self.name, self.kernel, self.launched = name, kernel, launched
-
-    def __getitem__(self, grid):
-        self.launched.append(self.name)
-        return self.kernel[grid]
-
-
-def _inputs(gen, shape, patch, zero_windows=False):
-    x = torch.randn(*shape, generator=gen, dtype=torch.float64)
-    if zero_windows:  # a zero window of every head in batch 0, and zero columns
-        x[0, :, ..., :4, :4] = -1.0
-        x[-1, :, ..., 1, :] = -0.5
-    v0 = torch.rand(_n(shape[2:], patch), 1, generator=gen, dtype=torch.float64)
-    dy = torch.randn(*shape, generator=gen, dtype=torch.float64)
-    return x, v0, dy
-
 
 CASES = [
     # shape, head_dim, patch, shifts, solver, iters, zero_windows
@@ -67,14 +40,10 @@ CASES = [
 @pytest.mark.parametrize("shape,head_dim,patch,shifts,solver,iters,zero", CASES)
 def test_triton_fp32_matches_reference(gen, device, shape, head_dim, patch, shifts, solver,
                                        iters, zero):  # fmt: skip
-    x, v0, dy = _inputs(gen, shape, patch, zero)
+    x, v0, dy = nmf_inputs(gen, shape, patch, zero_windows=zero)
     kw = dict(head_dim=head_dim, patch_size=patch, shifts=shifts, solver=solver, iters=iters)
-    y_ref, dx_ref = _run("reference", x, v0, dy, torch.float64, "cpu", **kw)
-    y, dx = _run("triton", x, v0, dy, torch.float32, device, **kw)
-    assert y.dtype == torch.float32 and y.shape == x.shape
-    assert rel_err(y, y_ref) <= 1e-5
+    dx, dx_ref = fp32_against_reference(x, v0, dy, device, **kw)
     assert rel_err(dx, dx_ref) <= 1e-4
-    assert torch.isfinite(dx).all()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -82,23 +51,22 @@ def test_triton_fp32_matches_reference(gen, device, shape, head_dim, patch, shif
 @pytest.mark.parametrize("patch,shifts", [(4, [None, 2]), (None, None)])
 def test_triton_low_precision(gen, device, dtype, patch, shifts):
     """Within 2x the reference's own error at that dtype, plus an atol."""
-    x, v0, dy = _inputs(gen, (2, 8, 8, 8, 8), patch)
-    kw = dict(head_dim=4, patch_size=patch, shifts=shifts)
-    y64, dx64 = _run("reference", x, v0, dy, torch.float64, "cpu", **kw)
-    y_low, dx_low = _run("reference", x, v0, dy, dtype, "cpu", **kw)
-    y, dx = _run("triton", x, v0, dy, dtype, device, **kw)
-    assert y.dtype == dtype and dx.dtype == dtype
-    assert rel_err(y, y64) <= 2 * rel_err(y_low, y64) + 1e-3
-    assert rel_err(dx, dx64) <= 2 * rel_err(dx_low, dx64) + 1e-3
+    x, v0, dy = nmf_inputs(gen, (2, 8, 8, 8, 8), patch)
+    check_low_precision(x, v0, dy, dtype, device, head_dim=4, patch_size=patch, shifts=shifts)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_triton_float64(gen, device):
-    x, v0, dy = _inputs(gen, (1, 8, 8, 8, 8), 4)
+    x, v0, dy = nmf_inputs(gen, (1, 8, 8, 8, 8), 4)
     kw = dict(head_dim=4, patch_size=4, shifts=[None, 2])
-    y_ref, dx_ref = _run("reference", x, v0, dy, torch.float64, "cpu", **kw)
-    y, dx = _run("triton", x, v0, dy, torch.float64, device, **kw)
+    y_ref, dx_ref = run_grad("reference", x, v0, dy, torch.float64, "cpu", **kw)
+    y, dx = run_grad("triton", x, v0, dy, torch.float64, device, **kw)
     assert rel_err(y, y_ref) <= 1e-12 and rel_err(dx, dx_ref) <= 1e-12
+
+
+_APPLY_KERNELS = (
+    "_apply_fwd_kernel", "_apply_fwd_tile_kernel", "_apply_bwd_kernel", "_apply_bwd_tile_kernel"
+)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -115,17 +83,15 @@ def test_tiled_apply_matches_per_voxel_lookup(gen, device, monkeypatch, shape, p
     """The tiled apply kernels (one window lookup per tile) give what the per-voxel ones give."""
     wn = importlib.import_module("fastnmf.kernels.window_nmf")
     launched = []
-    for name in ("_apply_fwd_kernel", "_apply_fwd_tile_kernel", "_apply_bwd_kernel",
-                 "_apply_bwd_tile_kernel"):  # fmt: skip
-        monkeypatch.setattr(wn, name, _Spy(name, getattr(wn, name), launched))
-    x, v0, dy = _inputs(gen, shape, patch)
+    spy_on(monkeypatch, wn, _APPLY_KERNELS, launched)
+    x, v0, dy = nmf_inputs(gen, shape, patch)
     kw = dict(head_dim=4, patch_size=patch, shifts=shifts, solver=solver)
     x64 = x.to(torch.float64)
     monkeypatch.setattr(wn, "_MIN_TILE", 4)  # the GPU's threshold (the interpreter's is higher)
-    tiled = _run("triton", x64, v0, dy, torch.float64, device, **kw)
+    tiled = run_grad("triton", x64, v0, dy, torch.float64, device, **kw)
     assert launched == ["_apply_fwd_tile_kernel", "_apply_bwd_tile_kernel"]
     monkeypatch.setattr(wn, "_MIN_TILE", 10**9)  # force the per-voxel lookup
-    lookup = _run("triton", x64, v0, dy, torch.float64, device, **kw)
+    lookup = run_grad("triton", x64, v0, dy, torch.float64, device, **kw)
     assert launched[2:] == ["_apply_fwd_kernel", "_apply_bwd_kernel"]
     assert rel_err(tiled[0], lookup[0]) <= 1e-13 and rel_err(tiled[1], lookup[1]) <= 1e-13
     assert tiled[1].abs().sum() > 0
@@ -140,19 +106,17 @@ def test_local_windows_fuse_the_output_pass(gen, device, monkeypatch, shape, pat
     """One shift: the stats kernels write y and dx; same result as the separate output pass."""
     wn = importlib.import_module("fastnmf.kernels.window_nmf")
     launched = []
-    for name in ("_apply_fwd_kernel", "_apply_fwd_tile_kernel", "_apply_bwd_kernel",
-                 "_apply_bwd_tile_kernel"):  # fmt: skip
-        monkeypatch.setattr(wn, name, _Spy(name, getattr(wn, name), launched))
-    x, v0, dy = _inputs(gen, shape, patch, zero_windows=True)
+    spy_on(monkeypatch, wn, _APPLY_KERNELS, launched)
+    x, v0, dy = nmf_inputs(gen, shape, patch, zero_windows=True)
     kw = dict(head_dim=4, patch_size=patch, shifts=None, solver=solver)
     x64 = x.to(torch.float64)
-    fused = _run("triton", x64, v0, dy, torch.float64, device, **kw)
+    fused = run_grad("triton", x64, v0, dy, torch.float64, device, **kw)
     assert launched == []  # no output pass
     monkeypatch.setitem(wn.TUNING, "fuse", False)
-    separate = _run("triton", x64, v0, dy, torch.float64, device, **kw)
+    separate = run_grad("triton", x64, v0, dy, torch.float64, device, **kw)
     assert [n[:10] for n in launched] == ["_apply_fwd", "_apply_bwd"]  # an output pass ran
     assert rel_err(fused[0], separate[0]) <= 1e-13 and rel_err(fused[1], separate[1]) <= 1e-13
-    y_ref, dx_ref = _run("reference", x64, v0, dy, torch.float64, "cpu", **kw)
+    y_ref, dx_ref = run_grad("reference", x64, v0, dy, torch.float64, "cpu", **kw)
     assert rel_err(fused[0], y_ref) <= 1e-12 and rel_err(fused[1], dx_ref) <= 1e-12
 
 
@@ -161,13 +125,13 @@ def test_local_windows_fuse_the_output_pass(gen, device, monkeypatch, shape, pat
 def test_gram_by_dot_matches_broadcast_sum(gen, device, monkeypatch, dtype):
     """TUNING["gram"] = "dot" (tl.dot in the stats kernels, a tuning option) computes the same."""
     wn = importlib.import_module("fastnmf.kernels.window_nmf")
-    x, v0, dy = _inputs(gen, (1, 8, 8, 8, 8), 4)
+    x, v0, dy = nmf_inputs(gen, (1, 8, 8, 8, 8), 4)
     kw = dict(head_dim=4, patch_size=4, shifts=[None, 2], solver="mu")
-    y_sum, dx_sum = _run("triton", x, v0, dy, dtype, device, **kw)
+    y_sum, dx_sum = run_grad("triton", x, v0, dy, dtype, device, **kw)
     monkeypatch.setitem(wn.TUNING, "gram", "dot")
     assert wn._Geometry(x.to(dtype), 4, (4, 4, 4), None).gram_dot
-    y_dot, dx_dot = _run("triton", x, v0, dy, dtype, device, **kw)
-    y64, dx64 = _run("reference", x, v0, dy, torch.float64, "cpu", **kw)
+    y_dot, dx_dot = run_grad("triton", x, v0, dy, dtype, device, **kw)
+    y64, dx64 = run_grad("reference", x, v0, dy, torch.float64, "cpu", **kw)
     assert rel_err(y_dot, y64) <= 2 * rel_err(y_sum, y64) + 1e-6
     assert rel_err(dx_dot, dx64) <= 2 * rel_err(dx_sum, dx64) + 1e-6
 
@@ -175,9 +139,9 @@ def test_gram_by_dot_matches_broadcast_sum(gen, device, monkeypatch, dtype):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("patch", [4, None])
 def test_triton_deterministic(gen, device, patch):
-    x, v0, dy = _inputs(gen, (1, 8, 8, 8, 8), patch)
+    x, v0, dy = nmf_inputs(gen, (1, 8, 8, 8, 8), patch)
     kw = dict(head_dim=4, patch_size=patch, shifts=[None, 2])
-    runs = [_run("triton", x, v0, dy, torch.float32, device, **kw) for _ in range(3)]
+    runs = [run_grad("triton", x, v0, dy, torch.float32, device, **kw) for _ in range(3)]
     for y, dx in runs[1:]:
         assert torch.equal(y, runs[0][0]) and torch.equal(dx, runs[0][1])
 
@@ -201,9 +165,9 @@ def test_triton_plain_nmf(gen, device, solver):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_triton_channels_last_and_autocast(gen, device):
-    x, v0, dy = _inputs(gen, (1, 8, 8, 8, 8), 4)
+    x, v0, dy = nmf_inputs(gen, (1, 8, 8, 8, 8), 4)
     kw = dict(head_dim=4, patch_size=4, shifts=[None, 2])
-    y_ref, _ = _run("reference", x, v0, dy, torch.float64, "cpu", **kw)
+    y_ref, _ = run_grad("reference", x, v0, dy, torch.float64, "cpu", **kw)
     xc = x.float().to(device).to(memory_format=torch.channels_last_3d)
     y = fastnmf.matricized_nmf(xc, v0.float().to(device), kernel="triton", **kw)
     assert rel_err(y.cpu(), y_ref) <= 1e-5

@@ -7,34 +7,10 @@ the interpreter pays per program and per operation.
 
 import pytest
 import torch
-from conftest import DEVICES, n_columns, rel_err
+from conftest import DEVICES, rel_err
+from kernel_helpers import fp32_against_reference, nmf_inputs, run_grad
 
 import fastnmf
-
-HAS_CUDA = torch.cuda.is_available()
-
-
-_n = n_columns
-
-
-def _run(kernel, x, v0, dy, dtype, device, u0=None, **kw):
-    xi = x.detach().to(device=device, dtype=dtype).requires_grad_()
-    if u0 is not None:
-        u0 = u0.to(device=device, dtype=dtype)
-    y = fastnmf.matricized_nmf(xi, v0.to(device=device, dtype=dtype), u0=u0, kernel=kernel, **kw)
-    (dx,) = torch.autograd.grad(y, xi, dy.to(device=device, dtype=dtype))
-    return y.cpu(), dx.cpu()
-
-
-def _inputs(gen, shape, patch, rank, zero_windows=False):
-    x = torch.randn(*shape, generator=gen, dtype=torch.float64)
-    if zero_windows:  # a zero window of every head in batch 0, and zero columns
-        x[0, :, ..., :4, :4] = -1.0
-        x[-1, :, ..., 1, :] = -0.5
-    v0 = torch.rand(_n(shape[2:], patch), rank, generator=gen, dtype=torch.float64)
-    dy = torch.randn(*shape, generator=gen, dtype=torch.float64)
-    return x, v0, dy
-
 
 WINDOW_CASES = [
     # shape, head_dim, patch, shifts, solver, rank, iters, zero_windows
@@ -55,20 +31,16 @@ WINDOW_CASES = [
 @pytest.mark.parametrize("shape,head_dim,patch,shifts,solver,rank,iters,zero", WINDOW_CASES)
 def test_window_rank_matches_reference(gen, device, shape, head_dim, patch, shifts, solver,
                                        rank, iters, zero):  # fmt: skip
-    x, v0, dy = _inputs(gen, shape, patch, rank, zero)
+    x, v0, dy = nmf_inputs(gen, shape, patch, rank=rank, zero_windows=zero)
     kw = dict(head_dim=head_dim, patch_size=patch, shifts=shifts, solver=solver, iters=iters)
-    y_ref, dx_ref = _run("reference", x, v0, dy, torch.float64, "cpu", **kw)
-    y, dx = _run("triton", x, v0, dy, torch.float32, device, **kw)
-    assert y.dtype == torch.float32 and y.shape == x.shape
-    assert rel_err(y, y_ref) <= 1e-5
-    assert torch.isfinite(dx).all()
+    dx, dx_ref = fp32_against_reference(x, v0, dy, device, **kw)
     err = rel_err(dx, dx_ref)
     if err > 1e-4:
         # HALS's gradient through T iterations can amplify fp32 rounding: on about 1 % of random
         # draws (seed sweep of these cases) the oracle itself, run in fp32, misses 1e-4. Only
         # then is the kernel held to the rule for reduced precision: within 2x the oracle's own
         # error at that precision. Any other miss fails.
-        _, dx_ref32 = _run("reference", x, v0, dy, torch.float32, "cpu", **kw)
+        _, dx_ref32 = run_grad("reference", x, v0, dy, torch.float32, "cpu", **kw)
         ref_err = rel_err(dx_ref32, dx_ref)
         assert ref_err > 1e-4, f"gradient error {err:.3g} > 1e-4 (fp32 reference: {ref_err:.3g})"
         assert err <= 2 * ref_err, f"gradient error {err:.3g} > 2 x fp32 reference's {ref_err:.3g}"
@@ -78,21 +50,21 @@ def test_window_rank_matches_reference(gen, device, shape, head_dim, patch, shif
 @pytest.mark.parametrize("solver", ["hals", "mu"])
 def test_window_rank_u0_with_zeros(gen, device, solver):
     """An explicit u0 with a zero entry (MU keeps it at zero; HALS does not)."""
-    x, v0, dy = _inputs(gen, (1, 4, 8, 8, 4), 4, 2, zero_windows=True)
+    x, v0, dy = nmf_inputs(gen, (1, 4, 8, 8, 4), 4, rank=2, zero_windows=True)
     u0 = torch.rand(4, 2, generator=gen, dtype=torch.float64)
     u0[1, 0] = 0
     kw = dict(head_dim=4, patch_size=4, shifts=[None, 2], solver=solver, iters=5)
-    y_ref, dx_ref = _run("reference", x, v0, dy, torch.float64, "cpu", u0=u0, **kw)
-    y, dx = _run("triton", x, v0, dy, torch.float32, device, u0=u0, **kw)
+    y_ref, dx_ref = run_grad("reference", x, v0, dy, torch.float64, "cpu", u0=u0, **kw)
+    y, dx = run_grad("triton", x, v0, dy, torch.float32, device, u0=u0, **kw)
     assert rel_err(y, y_ref) <= 1e-5 and rel_err(dx, dx_ref) <= 1e-4
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_window_rank_float64(gen, device):
-    x, v0, dy = _inputs(gen, (1, 4, 8, 8, 4), 4, 3, zero_windows=True)
+    x, v0, dy = nmf_inputs(gen, (1, 4, 8, 8, 4), 4, rank=3, zero_windows=True)
     kw = dict(head_dim=4, patch_size=4, shifts=[None, 2], solver="hals", iters=5)
-    y_ref, dx_ref = _run("reference", x, v0, dy, torch.float64, "cpu", **kw)
-    y, dx = _run("triton", x, v0, dy, torch.float64, device, **kw)
+    y_ref, dx_ref = run_grad("reference", x, v0, dy, torch.float64, "cpu", **kw)
+    y, dx = run_grad("triton", x, v0, dy, torch.float64, device, **kw)
     assert rel_err(y, y_ref) <= 1e-12 and rel_err(dx, dx_ref) <= 1e-12
 
 
@@ -109,9 +81,9 @@ def test_window_rank_all_zero_gives_zero(device, solver):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_window_rank_deterministic(gen, device):
-    x, v0, dy = _inputs(gen, (1, 4, 8, 8, 4), 4, 2, zero_windows=True)
+    x, v0, dy = nmf_inputs(gen, (1, 4, 8, 8, 4), 4, rank=2, zero_windows=True)
     kw = dict(head_dim=4, patch_size=4, shifts=[None, 1, 2, 3], solver="hals", iters=5)
-    runs = [_run("triton", x, v0, dy, torch.float32, device, **kw) for _ in range(2)]
+    runs = [run_grad("triton", x, v0, dy, torch.float32, device, **kw) for _ in range(2)]
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
 
 
@@ -128,7 +100,7 @@ GLOBAL_CASES = [
 @pytest.mark.parametrize("shape,head_dim,shifts,solver,iters,zero", GLOBAL_CASES)
 def test_global_rank_forward_matches_reference(gen, device, shape, head_dim, shifts, solver,
                                                iters, zero):  # fmt: skip
-    x, v0, _ = _inputs(gen, shape, None, 2, zero)
+    x, v0, _ = nmf_inputs(gen, shape, None, rank=2, zero_windows=zero)
     kw = dict(head_dim=head_dim, patch_size=None, shifts=shifts, solver=solver, iters=iters)
     y_ref = fastnmf.matricized_nmf(x, v0, kernel="reference", **kw)
     with torch.no_grad():
@@ -170,11 +142,11 @@ def test_global_rank_backward_not_implemented(gen):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_window_rank_low_precision(gen, device, dtype):
     """Low-precision in and out, fp32 inside: only the output rounding differs from float64."""
-    x, v0, dy = _inputs(gen, (1, 4, 8, 8, 4), 4, 2)
+    x, v0, dy = nmf_inputs(gen, (1, 4, 8, 8, 4), 4, rank=2)
     x, v0, dy = (t.to(dtype).double() for t in (x, v0, dy))  # exactly representable inputs
     kw = dict(head_dim=4, patch_size=4, shifts=[None, 2], solver="hals", iters=5)
-    y_ref, dx_ref = _run("reference", x, v0, dy, torch.float64, "cpu", **kw)
-    y, dx = _run("triton", x, v0, dy, dtype, device, **kw)
+    y_ref, dx_ref = run_grad("reference", x, v0, dy, torch.float64, "cpu", **kw)
+    y, dx = run_grad("triton", x, v0, dy, dtype, device, **kw)
     assert y.dtype == dtype and dx.dtype == dtype
     eps = torch.finfo(dtype).eps
     assert rel_err(y, y_ref) <= 2 * eps and rel_err(dx, dx_ref) <= 2 * eps

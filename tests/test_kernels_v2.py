@@ -9,7 +9,14 @@ import importlib
 
 import pytest
 import torch
-from conftest import DEVICES, n_columns, rel_err
+from conftest import DEVICES, rel_err
+from kernel_helpers import (
+    check_low_precision,
+    fp32_against_reference,
+    nmf_inputs,
+    run_grad,
+    spy_on,
+)
 
 import fastnmf
 
@@ -20,26 +27,6 @@ wn2 = importlib.import_module("fastnmf.kernels.window_nmf2")
 @pytest.fixture
 def design2(monkeypatch):
     monkeypatch.setitem(wn.TUNING, "design", 2)
-
-
-def _run(kernel, x, v0, dy, dtype, device, **kw):
-    xi = x.detach().to(device=device, dtype=dtype).requires_grad_()
-    y = fastnmf.matricized_nmf(xi, v0.to(device=device, dtype=dtype), kernel=kernel, **kw)
-    (dx,) = torch.autograd.grad(y, xi, dy.to(device=device, dtype=dtype))
-    return y.cpu(), dx.cpu()
-
-
-def _inputs(gen, shape, patch, zero_windows=False, zero_g0=False):
-    x = torch.randn(*shape, generator=gen, dtype=torch.float64)
-    if zero_windows:  # a zero window of every head in batch 0, and zero columns
-        x[0, :, ..., :4, :4] = -1.0
-        x[-1, :, ..., 1, :] = -0.5
-    v0 = torch.rand(n_columns(shape[2:], patch), 1, generator=gen, dtype=torch.float64)
-    if zero_g0:  # MU drops these columns, at a different voxel under each shift
-        v0[1] = 0
-        v0[-3] = 0
-    dy = torch.randn(*shape, generator=gen, dtype=torch.float64)
-    return x, v0, dy
 
 
 CASES = [
@@ -58,14 +45,10 @@ CASES = [
 @pytest.mark.parametrize("shape,head_dim,patch,shifts,solver,iters,zero,zero_g0", CASES)
 def test_design2_fp32_matches_reference(gen, design2, device, shape, head_dim, patch, shifts,
                                         solver, iters, zero, zero_g0):  # fmt: skip
-    x, v0, dy = _inputs(gen, shape, patch, zero, zero_g0)
+    x, v0, dy = nmf_inputs(gen, shape, patch, zero_windows=zero, zero_g0=zero_g0)
     kw = dict(head_dim=head_dim, patch_size=patch, shifts=shifts, solver=solver, iters=iters)
-    y_ref, dx_ref = _run("reference", x, v0, dy, torch.float64, "cpu", **kw)
-    y, dx = _run("triton", x, v0, dy, torch.float32, device, **kw)
-    assert y.dtype == torch.float32 and y.shape == x.shape
-    assert rel_err(y, y_ref) <= 1e-5
+    dx, dx_ref = fp32_against_reference(x, v0, dy, device, **kw)
     assert rel_err(dx, dx_ref) <= 1e-4
-    assert torch.isfinite(dx).all()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -74,11 +57,11 @@ def test_design2_fp32_matches_reference(gen, design2, device, shape, head_dim, p
     [((1, 8, 8, 8, 8), 8, [None, 2, 4, 6], "hals"), ((1, 4, 8, 12), (4, 2), [None, 2], "mu")],
 )
 def test_design2_matches_design1(gen, monkeypatch, device, shape, patch, shifts, solver):
-    x, v0, dy = _inputs(gen, shape, patch, zero_windows=True)
+    x, v0, dy = nmf_inputs(gen, shape, patch, zero_windows=True)
     kw = dict(head_dim=4, patch_size=patch, shifts=shifts, solver=solver)
-    one = _run("triton", x, v0, dy, torch.float64, device, **kw)
+    one = run_grad("triton", x, v0, dy, torch.float64, device, **kw)
     monkeypatch.setitem(wn.TUNING, "design", 2)
-    two = _run("triton", x, v0, dy, torch.float64, device, **kw)
+    two = run_grad("triton", x, v0, dy, torch.float64, device, **kw)
     assert rel_err(two[0], one[0]) <= 1e-12 and rel_err(two[1], one[1]) <= 1e-12
     assert two[0].abs().sum() > 0
 
@@ -87,14 +70,8 @@ def test_design2_matches_design1(gen, monkeypatch, device, shape, patch, shifts,
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_design2_low_precision(gen, design2, device, dtype):
     """Within 2x the reference's own error at that dtype, plus an atol."""
-    x, v0, dy = _inputs(gen, (1, 8, 8, 8, 8), 4)
-    kw = dict(head_dim=4, patch_size=4, shifts=[None, 2])
-    y64, dx64 = _run("reference", x, v0, dy, torch.float64, "cpu", **kw)
-    y_low, dx_low = _run("reference", x, v0, dy, dtype, "cpu", **kw)
-    y, dx = _run("triton", x, v0, dy, dtype, device, **kw)
-    assert y.dtype == dtype and dx.dtype == dtype
-    assert rel_err(y, y64) <= 2 * rel_err(y_low, y64) + 1e-3
-    assert rel_err(dx, dx64) <= 2 * rel_err(dx_low, dx64) + 1e-3
+    x, v0, dy = nmf_inputs(gen, (1, 8, 8, 8, 8), 4)
+    check_low_precision(x, v0, dy, dtype, device, head_dim=4, patch_size=4, shifts=[None, 2])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -103,20 +80,9 @@ def test_design2_zero_input(gen, design2, device):
     x = -torch.rand(1, 8, 8, 8, 8, generator=gen, dtype=torch.float64)
     v0 = torch.rand(64, 1, generator=gen, dtype=torch.float64)
     dy = torch.randn(1, 8, 8, 8, 8, generator=gen, dtype=torch.float64)
-    y, dx = _run("triton", x, v0, dy, torch.float32, device, head_dim=4, patch_size=4,
+    y, dx = run_grad("triton", x, v0, dy, torch.float32, device, head_dim=4, patch_size=4,
                  shifts=[None, 2])  # fmt: skip
     assert torch.equal(y, torch.zeros_like(y)) and torch.equal(dx, torch.zeros_like(dx))
-
-
-class _Spy:
-    """Stands in for a Triton kernel and records its name in ``launched`` at each launch."""
-
-    def __init__(self, name, kernel, launched):
-        self.name, self.kernel, self.launched = name, kernel, launched
-
-    def __getitem__(self, grid):
-        self.launched.append(self.name)
-        return self.kernel[grid]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -125,18 +91,17 @@ def test_design2_three_launches_and_deterministic(gen, design2, monkeypatch, dev
     the same twice."""
     bwd2 = importlib.import_module("fastnmf.kernels._window2_bwd")
     launched = []
-    for name in ("_parts_kernel", "_solve_kernel", "_apply_kernel"):
-        monkeypatch.setattr(wn2, name, _Spy(name, getattr(wn2, name), launched))
-    for name in ("_parts_bwd_kernel", "_solve_bwd_kernel", "_apply_bwd_kernel2"):
-        monkeypatch.setattr(bwd2, name, _Spy(name, getattr(bwd2, name), launched))
-    for name in ("_stats_fwd_kernel", "_apply_fwd_kernel", "_apply_fwd_tile_kernel"):
-        monkeypatch.setattr(wn, name, _Spy(name, getattr(wn, name), launched))
-    x, v0, dy = _inputs(gen, (1, 8, 8, 8, 8), 4)
+    spy_on(monkeypatch, wn2, ("_parts_kernel", "_solve_kernel", "_apply_kernel"), launched)
+    spy_on(monkeypatch, bwd2, ("_parts_bwd_kernel", "_solve_bwd_kernel", "_apply_bwd_kernel2"),
+           launched)  # fmt: skip
+    spy_on(monkeypatch, wn, ("_stats_fwd_kernel", "_apply_fwd_kernel", "_apply_fwd_tile_kernel"),
+           launched)  # fmt: skip
+    x, v0, dy = nmf_inputs(gen, (1, 8, 8, 8, 8), 4)
     kw = dict(head_dim=4, patch_size=4, shifts=[None, 2])
-    y1, dx1 = _run("triton", x, v0, dy, torch.float32, device, **kw)
+    y1, dx1 = run_grad("triton", x, v0, dy, torch.float32, device, **kw)
     assert launched == ["_parts_kernel", "_solve_kernel", "_apply_kernel", "_parts_bwd_kernel",
                         "_solve_bwd_kernel", "_apply_bwd_kernel2"]  # fmt: skip
-    y2, dx2 = _run("triton", x, v0, dy, torch.float32, device, **kw)
+    y2, dx2 = run_grad("triton", x, v0, dy, torch.float32, device, **kw)
     assert torch.equal(y1, y2) and torch.equal(dx1, dx2)
 
 

@@ -13,56 +13,30 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import (
+    TINY_MODEL_OPTIONS,
+    TINY_RUN,
+    TINY_TRAIN_ARGS,
+    assert_same_training_state,
+    tiny_config,
+)
 
 from fastnmf import data as fdata
-from fastnmf.config import TrainConfig, resolve
+from fastnmf.config import TrainConfig
 from fastnmf.evaluate import case_metrics, compare, evaluate
 from fastnmf.infer import cases_for, infer, load_checkpoint, model_from_checkpoint
 from fastnmf.train import DeepSupervisionLoss, TrainingDiverged, train, warmup_cosine
 
-TINY_MODEL = {
-    "widths": [8, 16, 32],
-    "head_dim": 4,
-    "window": 4,
-    "deep_supervision": 2,
-    "dropout": 0.1,  # exercises the RNG state on resume
-}
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """A private FASTNMF_CACHE holding the 4-case 32³ demo set."""
-    root = tmp_path_factory.mktemp("cache")
-    old = os.environ.get("FASTNMF_CACHE")
-    os.environ["FASTNMF_CACHE"] = str(root)
-    fdata.make_demo(n_cases=4, size=32)
-    yield root
-    if old is None:
-        os.environ.pop("FASTNMF_CACHE", None)
-    else:
-        os.environ["FASTNMF_CACHE"] = old
-
 
 def tiny(**kw) -> TrainConfig:
-    base = dict(
-        demo={"n_cases": 4, "size": 32, "seed": 0},
-        n_folds=4,
-        crop_size=16,
-        model_options=TINY_MODEL,
-        steps=4,
-        warmup=1,
-        val_every=2,
-        lr=1e-3,
-        num_workers=0,
-        evaluate=False,
-        device="cpu",
-    )
-    base.update(kw)
-    return resolve("demo", **base)
+    """The tiny demo run of these tests: 4 steps, dropout (exercises the RNG state on resume)."""
+    model = {**TINY_MODEL_OPTIONS, "dropout": 0.1}
+    base = dict(**TINY_RUN, model_options=model, steps=4, warmup=1, val_every=2)
+    return tiny_config(**{**base, **kw})
 
 
 @pytest.fixture(scope="module")
-def run(cache, tmp_path_factory):
+def run(demo_cache, tmp_path_factory):
     """A finished 4-step run with the final inference + evaluation."""
     out = tmp_path_factory.mktemp("run")
     result = train(tiny(evaluate=True), out=out, progress=False, verbose=False)
@@ -100,7 +74,7 @@ def test_checkpoints_are_atomic_and_safe(run):
     torch.load(out / "best.pt", weights_only=True)
 
 
-def test_resume_is_exact(cache, tmp_path):
+def test_resume_is_exact(demo_cache, tmp_path):
     cfg = tiny()
     a = train(cfg, out=tmp_path / "a", progress=False, verbose=False)
     b = train(cfg, out=tmp_path / "b", stop_at=2, progress=False, verbose=False)
@@ -112,18 +86,12 @@ def test_resume_is_exact(cache, tmp_path):
     assert b.step == 4
     ca = load_checkpoint(tmp_path / "a" / "last.pt")
     cb = load_checkpoint(tmp_path / "b" / "last.pt")
-    for k, v in ca["model"].items():
-        assert torch.equal(v, cb["model"][k]), k
-    for k, v in ca["optimizer"]["state"].items():
-        for name, t in v.items():
-            assert torch.equal(
-                torch.as_tensor(t), torch.as_tensor(cb["optimizer"]["state"][k][name])
-            )
+    assert_same_training_state(ca, cb)
     assert ca["scheduler"] == cb["scheduler"]
     assert torch.equal(ca["rng"][0]["torch"], cb["rng"][0]["torch"])
 
 
-def test_run_of_the_previous_release_resumes_and_infers(cache, tmp_path, capsys):
+def test_run_of_the_previous_release_resumes_and_infers(demo_cache, tmp_path, capsys):
     """A checkpoint whose config says ``patch`` and whose data info says ``patch_size`` (the old
     names of the crop size) resumes through the CLI, and its model loads, with a warning."""
     train(tiny(steps=2, evaluate=False), out=tmp_path, stop_at=1, progress=False, verbose=False)
@@ -141,14 +109,14 @@ def test_run_of_the_previous_release_resumes_and_infers(cache, tmp_path, capsys)
     assert load_checkpoint(tmp_path / "last.pt")["step"] == 2
 
 
-def test_resume_rejects_changed_config(cache, tmp_path):
+def test_resume_rejects_changed_config(demo_cache, tmp_path):
     cfg = tiny(steps=2)
     train(cfg, out=tmp_path, stop_at=1, progress=False, verbose=False)
     with pytest.raises(ValueError, match="lr"):
         train(tiny(steps=2, lr=0.5), out=tmp_path, resume=tmp_path / "last.pt", verbose=False)
 
 
-def test_nan_loss_stops_and_keeps_last_good_state(cache, tmp_path, monkeypatch):
+def test_nan_loss_stops_and_keeps_last_good_state(demo_cache, tmp_path, monkeypatch):
     calls = {"n": 0}
     forward = DeepSupervisionLoss.forward
 
@@ -177,7 +145,7 @@ def test_loss_and_schedule():
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_gloo(cache, tmp_path):
+def test_ddp_two_processes_gloo(demo_cache, tmp_path):
     out = tmp_path / "ddp"
     cmd = [
         sys.executable,
@@ -188,14 +156,7 @@ def test_ddp_two_processes_gloo(cache, tmp_path):
         "-m",
         "fastnmf",
         "train",
-        "--demo-cases=4",
-        "--demo-size=32",
-        "--folds=4",
-        "--crop-size=16",
-        "--model-opt=widths=[8,16,32]",
-        "--model-opt=head_dim=4",
-        "--model-opt=window=4",
-        "--model-opt=deep_supervision=2",
+        *TINY_TRAIN_ARGS,
         "--steps=2",
         "--val-every=2",
         "--workers=0",
@@ -288,7 +249,7 @@ def test_dice_and_hd95_on_hand_made_masks():
     assert same == {"dice_A": 1.0, "dice_B": 1.0, "hd95_A": 0.0, "hd95_B": 0.0}
 
 
-def test_evaluate_folder(cache, tmp_path):
+def test_evaluate_folder(demo_cache, tmp_path):
     ds = fdata.open_dataset("demo", n_cases=4, size=32)
     for c in ds.cases:  # perfect predictions: the labels themselves
         lab = nib.load(c["label"])
@@ -398,7 +359,7 @@ def test_cli_train_bad_data(capsys, tmp_path, kind, expect):
     assert expect in err and "Traceback" not in err
 
 
-def test_cli_wrong_channel_count(capsys, cache, tmp_path):
+def test_cli_wrong_channel_count(capsys, demo_cache, tmp_path):
     ds = fdata.open_dataset("demo", n_cases=4, size=32)
     img = nib.load(ds.cases[0]["image"][0])
     two = nib.Nifti1Image(np.asarray(img.dataobj)[..., :2], img.affine)
@@ -442,22 +403,10 @@ def test_cli_infer_evaluate_compare_components(run, capsys, tmp_path):
     assert rc == 2 and "out of range" in capsys.readouterr().err
 
 
-TINY_ARGS = [
-    "--demo-cases=4",
-    "--demo-size=32",
-    "--folds=4",
-    "--crop-size=16",
-    "--model-opt=widths=[8,16,32]",
-    "--model-opt=head_dim=4",
-    "--model-opt=window=4",
-    "--model-opt=deep_supervision=2",
-    "--workers=0",
-    "--device=cpu",
-    "--no-progress",
-]
+TINY_ARGS = [*TINY_TRAIN_ARGS, "--workers=0", "--device=cpu", "--no-progress"]
 
 
-def test_cli_train_main_job_summary_bf16_and_resume(cache, capsys, tmp_path):
+def test_cli_train_main_job_summary_bf16_and_resume(demo_cache, capsys, tmp_path):
     out = tmp_path / "r"
     args = ["train", *TINY_ARGS, "--steps=2", "--val-every=1", "--amp=bf16", f"--out={out}"]
     assert _cli(*args, "--stop-at=1") == 0

@@ -16,6 +16,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 from realistic import CASES, REGION, make_dataset, volume
 
 from fastnmf import data as fdata
@@ -24,8 +25,6 @@ from fastnmf.evaluate import evaluate
 from fastnmf.logs import Progress
 from fastnmf.overlay import lesion_slices, overlay_png
 from fastnmf.train import is_better, train
-
-TINY_MODEL = {"widths": [8, 16, 32], "head_dim": 4, "window": 4, "deep_supervision": 2}
 
 
 @pytest.fixture(scope="module")
@@ -93,21 +92,8 @@ def test_tie_goes_to_the_lower_validation_loss():
 
 
 def _tiny(dataset: Path, **kw) -> TrainConfig:
-    base = dict(
-        data=str(dataset),
-        n_folds=3,
-        crop_size=16,
-        model_options=TINY_MODEL,
-        kernel="torch",
-        steps=6,
-        val_every=2,
-        lr=1e-3,
-        num_workers=0,
-        evaluate=False,
-        device="cpu",
-    )
-    base.update(kw)
-    return resolve("demo", **base)
+    base = dict(data=str(dataset), n_folds=3, crop_size=16, kernel="torch", steps=6, val_every=2)
+    return tiny_config(**{**base, **kw})
 
 
 def test_best_checkpoint_on_a_dice_tie_and_progress_lines(dataset, tmp_path, monkeypatch, capsys):

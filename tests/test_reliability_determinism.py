@@ -12,9 +12,8 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_MODEL_OPTIONS, TINY_RUN
+from conftest import TINY_MODEL_OPTIONS, TINY_RUN, assert_same_training_state, tiny_config
 
-from fastnmf.config import resolve
 from fastnmf.determinism import restore, set_deterministic
 from fastnmf.infer import load_checkpoint
 from fastnmf.train import train
@@ -58,20 +57,9 @@ def test_set_deterministic_seeds_and_flags(restored):
 
 
 def _cfg(device):
-    return resolve(
-        "demo",
-        **TINY_RUN,
-        model_options={**TINY_MODEL_OPTIONS, "dropout": 0.1},
-        steps=3,
-        warmup=1,
-        val_every=3,
-        val_cases=1,
-        lr=1e-3,
-        num_workers=0,
-        evaluate=False,
-        device=device,
-        deterministic=True,
-    )
+    model = {**TINY_MODEL_OPTIONS, "dropout": 0.1}
+    return tiny_config(**TINY_RUN, model_options=model, steps=3, warmup=1, val_every=3,
+                       val_cases=1, device=device, deterministic=True)  # fmt: skip
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -84,13 +72,7 @@ def test_two_deterministic_runs_are_bitwise_equal(demo_cache, tmp_path, device, 
     a = load_checkpoint(tmp_path / "a" / "last.pt")
     b = load_checkpoint(tmp_path / "b" / "last.pt")
     assert a["step"] == b["step"] == 3 and a["config"]["deterministic"] is True
-    for k, v in a["model"].items():
-        assert torch.equal(v, b["model"][k]), k
-    for k, v in a["optimizer"]["state"].items():
-        for name, t in v.items():
-            assert torch.equal(
-                torch.as_tensor(t), torch.as_tensor(b["optimizer"]["state"][k][name])
-            )
+    assert_same_training_state(a, b)
 
 
 def test_cli_flag_reaches_the_config():

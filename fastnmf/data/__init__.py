@@ -17,19 +17,8 @@ Kinds: ``"demo"`` (default, synthetic, cached), ``"brats"`` (MSD Task01_BrainTum
 whose message starts with the offending file.
 """
 
-from .datasets import (
-    KINDS,
-    DataError,
-    Dataset,
-    DatasetInfo,
-    MissingFileError,
-    check_case,
-    dataset_info,
-    detect_kind,
-    load_datalist,
-    open_dataset,
-    read_case,
-)
+from . import datasets
+from .datasets import *  # noqa: F403  (re-exported: datasets.__all__ heads __all__ below)
 from .demo import cache_root, generate_case, make_demo
 from .splits import folds, split
 from .transforms import (
@@ -42,17 +31,7 @@ from .transforms import (
 )
 
 __all__ = [
-    "KINDS",
-    "DataError",
-    "MissingFileError",
-    "Dataset",
-    "DatasetInfo",
-    "dataset_info",
-    "detect_kind",
-    "open_dataset",
-    "load_datalist",
-    "check_case",
-    "read_case",
+    *datasets.__all__,
     "make_demo",
     "generate_case",
     "cache_root",

@@ -123,16 +123,6 @@ _INFOS = {
         label_mode="brats",
         crop_size=(128, 128, 128),
     ),
-    "demo": DatasetInfo(
-        kind="demo",
-        in_channels=4,
-        channel_names=_BRATS_CHANNELS,
-        out_channels=3,
-        regions=("ET", "TC", "WT"),
-        label_values=(0, 1, 2, 3),
-        label_mode="brats",
-        crop_size=(32, 32, 32),
-    ),
     "isles": DatasetInfo(
         kind="isles",
         in_channels=2,
@@ -155,6 +145,8 @@ _INFOS = {
         crop_size=(96, 96, 96),
     ),
 }
+# the demo set is synthetic BraTS-style data (the same channels, labels and regions), smaller
+_INFOS["demo"] = replace(_INFOS["brats"], kind="demo", crop_size=(32, 32, 32))
 
 
 def _check_kind(kind: str, *, allow_auto: bool = False) -> str:

@@ -19,7 +19,7 @@ from .competitors import (
     WindowSDPA,
     _sdpa_supported,
 )
-from .runner import Prepared, Unsupported, is_oom, row_base, run_case
+from .runner import Prepared, Unsupported, case_columns, is_oom, row_base, run_case
 from .timing import DTYPES, pick_device, saved_bytes, sync
 
 PASSES = ("fwd", "fwdbwd")
@@ -277,17 +277,11 @@ def prepare_layer(case: LayerCase, device: torch.device | str | None = None) -> 
 
 
 def layer_row(case: LayerCase) -> dict:
-    return {
-        "subject": case.mixer,
-        "impl": case.impl,
-        "scope": case.scope,
-        "shape": "x".join(map(str, case.shape[:2])) + f"x{case.size}^3",
-        "size": case.size,
-        "channels": case.channels,
-        "batch": case.batch,
-        "dtype": case.dtype,
-        "task": case.pass_,
-    }
+    shape = "x".join(map(str, case.shape[:2])) + f"x{case.size}^3"
+    return case_columns(
+        subject=case.mixer, impl=case.impl, scope=case.scope, shape=shape, size=case.size,
+        batch=case.batch, dtype=case.dtype, task=case.pass_, channels=case.channels,
+    )  # fmt: skip
 
 
 def run_layer_case(case: LayerCase, device=None, *, repeats: int = 10, warmup: int = 1) -> dict:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .runner import Prepared, Unsupported, is_oom, row_base, run_case
+from .runner import Prepared, Unsupported, case_columns, is_oom, row_base, run_case
 from .timing import DTYPES, pick_device, sync
 
 MODEL_TASKS = ("train", "infer")
@@ -232,29 +232,16 @@ def model_row(case: ModelCase) -> dict:
     shape = (
         f"{case.batch}x{case.patch}^3" if case.task == "train" else "x".join(map(str, case.volume))
     )
-    return {
-        "subject": case.model,
-        "impl": case.kernel,
-        "scope": "model",
-        "shape": shape,
-        "size": case.patch,
-        "batch": case.batch,
-        "dtype": case.dtype,
-        "task": case.task,
-        "checkpoint": case.checkpoint,
-        "compile": case.compile or "none",
-    }
+    return case_columns(
+        subject=case.model, impl=case.kernel, scope="model", shape=shape, size=case.patch,
+        batch=case.batch, dtype=case.dtype, task=case.task, checkpoint=case.checkpoint,
+        compile=case.compile or "none",
+    )  # fmt: skip
 
 
 def run_model_case(case: ModelCase, device=None, *, repeats: int = 5, warmup: int = 1) -> dict:
     """Time one model case; returns a row (``status`` ok, or unsupported with ``reason``)."""
     dev = pick_device(device)
     row = row_base("model", case.id, dev) | model_row(case)
-    return run_case(
-        row,
-        lambda: prepare_model(case, dev),
-        dev,
-        repeats=repeats,
-        warmup=warmup,
-        absolute_peak=True,
-    )
+    return run_case(row, lambda: prepare_model(case, dev), dev, repeats=repeats, warmup=warmup,
+                    absolute_peak=True)  # fmt: skip

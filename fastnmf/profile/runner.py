@@ -47,6 +47,14 @@ def row_base(suite: str, case_id: str, dev: torch.device) -> dict:
     return {"suite": suite, "id": case_id, "device": device_name(dev)}
 
 
+def case_columns(*, subject: str, impl: str, scope: str, shape: str, size: int, batch: int,
+                 dtype: str, task: str, **extra) -> dict:  # fmt: skip
+    """The columns that say what a layer or model case is (the report labels and groups rows by
+    them), then the suite's ``extra`` ones."""
+    return dict(subject=subject, impl=impl, scope=scope, shape=shape, size=size, batch=batch,
+                dtype=dtype, task=task, **extra)  # fmt: skip
+
+
 def run_case(
     row: dict,
     prepare: Callable[[], Prepared],

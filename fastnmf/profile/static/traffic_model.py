@@ -170,16 +170,23 @@ def _per_prog_vectors(n_progs: int, per_prog: int, count: int, offset: int = 0) 
     return int((last - first + 1).sum())
 
 
-def _stats_fwd(geo, case, isz) -> _Launch:
-    E, T, PN, CH = geo.E, case.iters, geo.pn, geo.chunk
+def _stats_launch(name: str, geo, isz: int):
+    """A stats kernel's launch (a program per window, shift and head) with its shift table and
+    row mask; its programs, passes over x (two when the output pass is fused) and the sectors
+    of one pass over every window."""
     progs = geo.nwin * geo.nshift * geo.batch * geo.heads
     bh = geo.batch * geo.heads
-    L = _Launch("_stats_fwd_kernel", (geo.nwin * geo.nshift, bh))
+    L = _Launch(name, (geo.nwin * geo.nshift, bh))
     _common_small(L, geo, progs, 1)
-    passes = 2 if geo.fused else 1
+    xsec = _window_rows_sectors(geo, isz) * bh * geo.E
+    return L, progs, 2 if geo.fused else 1, xsec
+
+
+def _stats_fwd(geo, case, isz) -> _Launch:
+    E, T, PN, CH = geo.E, case.iters, geo.pn, geo.chunk
     if CH % geo.P[2]:
         raise ModelUnsupported(f"chunk {CH} is not a multiple of the window row {geo.P[2]}")
-    xsec = _window_rows_sectors(geo, isz) * bh * E
+    L, progs, passes, xsec = _stats_launch("_stats_fwd_kernel", geo, isz)
     L.add("x_ptr", loaded=passes * progs * E * PN * isz, sectors=passes * xsec,
           unique=case.numel * isz)  # fmt: skip
     L.add("g0_ptr", loaded=progs * PN * F32, sectors=progs * _blocks_secs(PN, CH, F32),
@@ -196,12 +203,7 @@ def _stats_fwd(geo, case, isz) -> _Launch:
 
 def _stats_bwd(geo, case, isz) -> _Launch:
     E, T, PN, CH = geo.E, case.iters, geo.pn, geo.chunk
-    progs = geo.nwin * geo.nshift * geo.batch * geo.heads
-    bh = geo.batch * geo.heads
-    L = _Launch("_stats_bwd_kernel", (geo.nwin * geo.nshift, bh))
-    _common_small(L, geo, progs, 1)
-    passes = 2 if geo.fused else 1
-    xsec = _window_rows_sectors(geo, isz) * bh * E
+    L, progs, passes, xsec = _stats_launch("_stats_bwd_kernel", geo, isz)
     for name in ("x_ptr", "dy_ptr"):
         L.add(name, loaded=passes * progs * E * PN * isz, sectors=passes * xsec,
               unique=case.numel * isz)  # fmt: skip
