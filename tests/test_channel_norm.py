@@ -56,7 +56,9 @@ def _old_fn(eps):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_torch_path_equals_layer_norm_float64(shape, gen):
+def test_cpu_op_equals_layer_norm_float64(shape, gen):
+    """The op off CUDA (PyTorch's layer norm inside, its statistics kept in (B, S) for the
+    registered backward op): outputs and gradients as nn.LayerNorm's, a contiguous output."""
     x, w, b, dy = _inputs(gen, shape)
     new = _grads(lambda x, w, b: channel_layer_norm(x, w, b, 1e-5), x, w, b, dy)
     old = _grads(_old_fn(1e-5), x, w, b, dy)
@@ -68,7 +70,7 @@ def test_torch_path_equals_layer_norm_float64(shape, gen):
     assert new[0].is_contiguous()  # channels-first in, channels-first out
 
 
-def test_torch_path_gradcheck(gen):
+def test_cpu_op_gradcheck(gen):
     x, w, b, _ = _inputs(gen, (2, 4, 3, 5))
     args = [t.detach().requires_grad_() for t in (x, w, b)]
     assert torch.autograd.gradcheck(lambda x, w, b: channel_layer_norm(x, w, b, 1e-5), args)
