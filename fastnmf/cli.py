@@ -236,7 +236,7 @@ def _print_train_summary(result, cfg, out: Path, *, wall: float) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """Print the batch size, crop and checkpointing whose training step fits ``--gpu-memory``."""
-    from .plan import plan
+    from .plan import format_size, plan
 
     p = plan(model=args.model, preset=args.preset, gpu_memory=args.gpu_memory,
              amp=args.amp or "none", max_batch=args.max_batch, crop=args.crop,
@@ -246,7 +246,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         what = f"crop {t['crop']}^3, batch {t['batch']}, checkpointing " + (
             "on" if t["checkpoint"] else "off")  # fmt: skip
         peak = t.get("predicted_peak_bytes")
-        print(f"  {what}: " + (f"{peak / 1e9:.2f} GB" if peak is not None else t["error"]))
+        print(f"  {what}: " + (format_size(peak) if peak is not None else t["error"]))
     print(f"plan: {p.summary()}")
     ckpt = f" --model-opt checkpoint={str(p.checkpoint).lower()}" if args.model.endswith(
         "factorizer") else ""  # fmt: skip

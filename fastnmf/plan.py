@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from . import _checks as C
 
-__all__ = ["Plan", "plan", "parse_memory", "AMP_DTYPES", "plan_run", "check_peak"]
+__all__ = ["Plan", "plan", "parse_memory", "format_size", "AMP_DTYPES", "plan_run", "check_peak"]
 
 # amp mode of TrainConfig -> the step account's dtype (fp16 has bf16's element size)
 AMP_DTYPES = {"none": "fp32", "bf16": "bf16", "fp16": "bf16"}
@@ -56,6 +56,11 @@ def parse_memory(text: str | int | float) -> int:
     return int(value * _UNITS[unit])
 
 
+def format_size(nbytes: int | float) -> str:
+    """``20.08 GB`` (10^9 bytes); below 0.1 GB in MB (``9.6 MB``), so small sizes stay legible."""
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
+
+
 @dataclass(frozen=True)
 class Plan:
     """The chosen settings, the predicted peak and every candidate asked (in order)."""
@@ -72,12 +77,11 @@ class Plan:
     tried: list[dict] = field(default_factory=list)
 
     def summary(self) -> str:
-        gb = 1e9
         return (
             f"{self.model} ({self.preset}, amp {self.amp}): batch {self.batch}, crop "
             f"{self.crop}^3, checkpointing {'on' if self.checkpoint else 'off'}; predicted peak "
-            f"{self.predicted_peak_bytes / gb:.2f} GB of a {self.budget_bytes / gb:.2f} GB budget "
-            f"({self.gpu_memory_bytes / gb:.2f} GB GPU)"
+            f"{format_size(self.predicted_peak_bytes)} of a {format_size(self.budget_bytes)} "
+            f"budget ({format_size(self.gpu_memory_bytes)} GPU)"
         )
 
 
@@ -172,11 +176,11 @@ def plan(
             if tried and "error" in tried[-1]:
                 break  # this crop cannot be built: the next crop
     peaks = [t["predicted_peak_bytes"] for t in tried if "predicted_peak_bytes" in t]
-    smallest = f"the smallest predicted peak was {min(peaks) / 1e9:.2f} GB" if peaks else (
+    smallest = f"the smallest predicted peak was {format_size(min(peaks))}" if peaks else (
         "no candidate crop could be built for this model")  # fmt: skip
     raise ValueError(
         f"no batch / crop / checkpointing of {model} ({preset}, amp {amp}) fits "
-        f"{budget / 1e9:.2f} GB ({total / 1e9:.2f} GB minus {headroom:.0%} headroom): {smallest}"
+        f"{format_size(budget)} ({format_size(total)} minus {headroom:.0%} headroom): {smallest}"
     )
 
 

@@ -121,3 +121,11 @@ def test_check_peak_writes_measured_beside_predicted(tmp_path, monkeypatch):
     assert "measured 2.50 GB" in line and "predicted 3.00 GB (+20%)" in line
     doc = json.loads((tmp_path / "memory.json").read_text())
     assert doc["measured_peak_bytes"] == 2_500_000_000 and doc["error"] == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("nbytes, text", [(20_077_783_988, "20.08 GB"), (1e8, "0.10 GB"),
+                                          (9_589_204, "9.6 MB"), (850_000, "0.9 MB")])  # fmt: skip
+def test_format_size(nbytes, text):
+    from fastnmf.plan import format_size
+
+    assert format_size(nbytes) == text
