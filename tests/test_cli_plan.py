@@ -124,7 +124,7 @@ def test_check_peak_writes_measured_beside_predicted(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("nbytes, text", [(20_077_783_988, "20.08 GB"), (1e8, "0.10 GB"),
-                                          (9_589_204, "9.6 MB"), (850_000, "0.9 MB")])  # fmt: skip
+                                          (9_589_204, "9.6 MB"), (870_000, "0.9 MB")])  # fmt: skip
 def test_format_size(nbytes, text):
     from fastnmf.plan import format_size
 
