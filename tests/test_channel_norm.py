@@ -95,15 +95,21 @@ def test_triton_kernels_against_layer_norm(shape, device, gen):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_triton_kernel_bf16_within_twice_torchs_own_error(device, gen):
+def test_triton_kernel_bf16_is_one_rounding_of_the_exact_norm(device, gen):
+    """bf16 in and out, fp32 inside: y is the exact norm of the bf16 inputs rounded once to bf16
+    — within one bf16 ulp of it (Triton's interpreter converts to bf16 by truncation, up to one
+    ulp; CUDA rounds to nearest, half an ulp), plus fp32 rounding of the terms w x̂ and b."""
     from fastnmf.kernels.channel_norm import channel_norm_forward
 
     x, w, b, _ = _inputs(gen, (2, 16, 4, 4, 8))
-    ref = _old_fn(1e-5)(x, w, b)
-    own = _old_fn(1e-5)(x.bfloat16(), w.bfloat16(), b.bfloat16()).double()
-    y, _, _ = channel_norm_forward(*(t.bfloat16().to(device) for t in (x, w, b)), 1e-5)
+    xb, wb, bb = (t.bfloat16() for t in (x, w, b))
+    exact = _old_fn(1e-5)(xb.double(), wb.double(), bb.double())
+    y, _, _ = channel_norm_forward(xb.to(device), wb.to(device), bb.to(device), 1e-5)
     assert y.dtype == torch.bfloat16
-    assert (y.cpu().double() - ref).abs().max() <= 2 * (own - ref).abs().max() + 1e-2
+    ulp = torch.ldexp(torch.ones_like(exact), torch.floor(torch.log2(exact.abs())).int() - 7)
+    bias = bb.double().view(1, -1, 1, 1, 1)
+    terms = (exact - bias).abs() + bias.abs()
+    assert ((y.cpu().double() - exact).abs() <= ulp + 2**-20 * terms).all()
 
 
 def test_block_norm_equals_the_old_formulation_and_loads_old_keys(gen):
@@ -169,7 +175,9 @@ def test_models_equal_the_old_formulation(name, kw, gen, monkeypatch):
 
     from fastnmf import models
 
-    opts = dict(widths=(8, 16, 32), head_dim=4, deep_supervision=2, **kw)
+    # dropout 0: a dropout mask is drawn in memory order, and the old norm's output was
+    # channels-last, so the two formulations would draw different masks from the same seed
+    opts = dict(widths=(8, 16, 32), head_dim=4, deep_supervision=2, dropout=0.0, **kw)
     if name == "swin_factorizer":
         opts.update(window=4, kernel="torch", seed=0, spatial_size=(16, 16, 16))
     x = torch.randn(2, 4, 16, 16, 16, generator=gen)
