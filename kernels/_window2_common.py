@@ -4,6 +4,8 @@ the parts of every shift, and the host geometry with the compile-time shift cons
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -93,26 +95,88 @@ def _pick(g_all, k: tl.constexpr, NSB: tl.constexpr):
 
 
 @triton.jit
+def _part_vectors(ptr, STRIDE, e, emask, bh, w0, w1, w2, NWIN, NW0, NW1, NW2,
+                  k: tl.constexpr, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr,
+                  P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+                  BLOCK_E: tl.constexpr, BP0: tl.constexpr, BP1: tl.constexpr,
+                  BP2: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """(BLOCK_E, BP0, BP1, BP2): at every voxel of unshifted window (w0, w1, w2), the E-vector at
+    ptr + prog * STRIDE + e of the shifted window (shift k, prog = (bh * NSHIFT + k) * NWIN +
+    window) that the voxel's part lies in; one load per part."""
+    q0, q1, q2 = _block_coords(BP0, BP1, BP2)
+    vec = tl.zeros((BLOCK_E, BP0, BP1, BP2), dtype=ACC)
+    for b2 in tl.static_range(2 if SHIFTS[k][2] else 1):
+        m2 = (q2 >= P2 - SHIFTS[k][2]).to(tl.int32) == b2
+        o2 = (w2 + b2 + SHIFTS[k][5]) % NW2
+        for b1 in tl.static_range(2 if SHIFTS[k][1] else 1):
+            m1 = (q1 >= P1 - SHIFTS[k][1]).to(tl.int32) == b1
+            o1 = (w1 + b1 + SHIFTS[k][4]) % NW1
+            for b0 in tl.static_range(2 if SHIFTS[k][0] else 1):
+                m0 = (q0 >= P0 - SHIFTS[k][0]).to(tl.int32) == b0
+                o0 = (w0 + b0 + SHIFTS[k][3]) % NW0
+                prog = (bh * NSHIFT + k) * NWIN + (o0 * NW1 + o1) * NW2 + o2
+                v = tl.load(ptr + prog * STRIDE + e, mask=emask, other=0)
+                vec = tl.where(m0 & m1 & m2, v[:, None, None, None], vec)
+    return vec
+
+
+@triton.jit
+def _subboxes(z, BLOCK_E: tl.constexpr, BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
+              G0: tl.constexpr, G1: tl.constexpr, G2: tl.constexpr):  # fmt: skip
+    """(BLOCK_E, BP0 // G0, BP1 // G1, BP2 // G2): sums of z (BLOCK_E, BP0, BP1, BP2) over the
+    sub-boxes of G0 x G1 x G2 voxels. Every shift's parts are unions of sub-boxes (G_d divides P_d
+    and every in-window shift s'_d), so the per-voxel products are reduced once for all shifts."""
+    z = tl.reshape(z, (BLOCK_E, BP0 // G0, G0, BP1 // G1, G1, BP2 // G2, G2))
+    return tl.sum(tl.sum(tl.sum(z, axis=6), axis=4), axis=2)
+
+
+@triton.jit
 def _store_parts(z, dst, stride, e, emask, SH0: tl.constexpr, SH1: tl.constexpr,
                  SH2: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
-                 BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr):  # fmt: skip
-    """Split sums of z (BLOCK_E, BP0, BP1, BP2) over the parts of one shift, part b stored at
-    dst + b * stride (b = (b0 * 2 + b1) * 2 + b2); axis by axis, the big axis first."""
-    r0 = tl.arange(0, BP0)[None, :]
-    r1 = tl.arange(0, BP1)[None, None, :]
-    r2 = tl.arange(0, BP2)[None, None, None, :]
+                 BA0: tl.constexpr, BA1: tl.constexpr, BA2: tl.constexpr,
+                 G0: tl.constexpr, G1: tl.constexpr, G2: tl.constexpr):  # fmt: skip
+    """Split sums of the sub-box sums z (BLOCK_E, BA0, BA1, BA2) over the parts of one shift,
+    part b stored at dst + b * stride (b = (b0 * 2 + b1) * 2 + b2); axis by axis, the big axis
+    first. Sub-box a_d lies in part 1 along axis d when a_d G_d >= P_d - s'_d."""
+    r0 = tl.arange(0, BA0)[None, :]
+    r1 = tl.arange(0, BA1)[None, None, :]
+    r2 = tl.arange(0, BA2)[None, None, None, :]
     for b2 in tl.static_range(2 if SH2 % P2 else 1):
-        z2 = tl.sum(tl.where((r2 >= P2 - SH2 % P2).to(tl.int32) == b2, z, 0), axis=3)
+        z2 = tl.sum(tl.where((r2 * G2 >= P2 - SH2 % P2).to(tl.int32) == b2, z, 0), axis=3)
         for b1 in tl.static_range(2 if SH1 % P1 else 1):
-            z1 = tl.sum(tl.where((r1 >= P1 - SH1 % P1).to(tl.int32) == b1, z2, 0), axis=2)
+            z1 = tl.sum(tl.where((r1 * G1 >= P1 - SH1 % P1).to(tl.int32) == b1, z2, 0), axis=2)
             for b0 in tl.static_range(2 if SH0 % P0 else 1):
-                z0 = tl.sum(tl.where((r0 >= P0 - SH0 % P0).to(tl.int32) == b0, z1, 0), axis=1)
+                z0 = tl.sum(tl.where((r0 * G0 >= P0 - SH0 % P0).to(tl.int32) == b0, z1, 0),
+                            axis=1)  # fmt: skip
                 tl.store(dst + ((b0 * 2 + b1) * 2 + b2) * stride + e, z0, mask=emask)
+
+
+@triton.jit
+def _load_sym(ptr, e, emask, E):
+    """(BLOCK_E, BLOCK_E) symmetric matrix from its upper triangle (row i, columns j >= i) at
+    ptr + i * E + j (the lower triangle is never written or read)."""
+    i = e[:, None]
+    j = e[None, :]
+    upper = tl.load(ptr + i * E + j, mask=emask[:, None] & emask[None, :] & (j >= i), other=0)
+    return upper + tl.trans(upper) - tl.where(i == j, upper, 0)
 
 
 # Unshifted windows per program of the parts and apply kernels (the interpreter pays per
 # program, so it takes more); read by the launcher at each call.
 TUNING: dict = {"wpp": None, "warps": None}
+
+
+def _pow2_part(n: int) -> int:
+    """The largest power of two dividing n (n > 0)."""
+    return n & -n
+
+
+def _subbox_sizes(shifts, patch3) -> tuple[int, ...]:
+    """Per axis, G_d: the largest power of two dividing P_d and every in-window shift s'_d, so
+    that every shift's parts are unions of sub-boxes of G_0 x G_1 x G_2 voxels."""
+    return tuple(
+        _pow2_part(math.gcd(patch3[d], *(s[d] for s in shifts))) for d in range(3)
+    )
 
 
 def _shift_constants(shifts, spatial, patch3) -> tuple[tuple[int, ...], ...]:
@@ -132,6 +196,7 @@ class _Geometry2(WindowSizes):
         self.bp = tuple(triton.next_power_of_2(p) for p in self.P)
         self.shifts = _shift_constants(shifts, tuple(x.shape[2:]), self.P)
         self.nshift = len(self.shifts)
+        self.sub = _subbox_sizes(self.shifts, self.P)
         self.wpp = TUNING["wpp"] or (16 if INTERPRET else 4)
         self.warps = TUNING["warps"] or 4
         self.bh = self.batch * self.heads
@@ -142,4 +207,5 @@ class _Geometry2(WindowSizes):
 
     def block(self) -> dict:
         return dict(WPP=self.wpp, BP0=self.bp[0], BP1=self.bp[1], BP2=self.bp[2],
-                    BLOCK_E=self.block_e, NSB=triton.next_power_of_2(self.nshift))  # fmt: skip
+                    BLOCK_E=self.block_e, NSB=triton.next_power_of_2(self.nshift),
+                    G0=self.sub[0], G1=self.sub[1], G2=self.sub[2])  # fmt: skip

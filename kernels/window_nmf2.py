@@ -65,11 +65,13 @@ from ._common import (
 from ._window2_bwd import backward2
 from ._window2_common import (
     TUNING,
-    _block_coords,
     _Geometry2,
+    _load_sym,
+    _part_vectors,
     _pick,
     _shifted_g_all,
     _store_parts,
+    _subboxes,
     _window_offsets,
     _window_origin,
 )
@@ -84,8 +86,11 @@ def _parts_kernel(
     SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr,
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
-    BLOCK_E: tl.constexpr, NSB: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
+    G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
+    """Per unshifted window: every shift's part sums of X g0_s and of X X^T (upper triangle),
+    each Gram row reduced to sub-boxes once and then split per shift (MU: per shift)."""
     bh = tl.program_id(1)
     offset = ((bh // HEADS) * C + (bh % HEADS) * E).to(tl.int64) * NVOX
     e = tl.arange(0, BLOCK_E)
@@ -108,25 +113,31 @@ def _parts_kernel(
                 xs = x
                 if MU:
                     xs = tl.where(g > 0, x, 0)
-                _store_parts(xs * g, hpart_ptr + (slot + k * 8) * E, E, e, emask,
-                             SHIFTS[k][0], SHIFTS[k][1], SHIFTS[k][2],
-                             P0, P1, P2, BP0, BP1, BP2)  # fmt: skip
-            for i in tl.static_range(BLOCK_E):
+                _store_parts(_subboxes(xs * g, BLOCK_E, BP0, BP1, BP2, G0, G1, G2),
+                             hpart_ptr + (slot + k * 8) * E, E, e, emask,
+                             SHIFTS[k][0], SHIFTS[k][1], SHIFTS[k][2], P0, P1, P2,
+                             BP0 // G0, BP1 // G1, BP2 // G2, G0, G1, G2)  # fmt: skip
+            for i in range(0, E):  # Gram row i, columns j >= i (K is symmetric)
                 xi = tl.sum(tl.where(e4 == i, x, 0), axis=0)[None, :, :, :]  # row i of X
-                for k in tl.static_range(NSHIFT):
-                    z = x * xi  # (BLOCK_E, BP0, BP1, BP2): row i of each voxel's x x^T
-                    if MU:
-                        g = _pick(g_all, k, NSB)
-                        z = tl.where(g > 0, z, 0)
-                    row_ok = emask & (tl.full((BLOCK_E,), i, tl.int32) < E)
-                    _store_parts(z, kpart_ptr + (slot + k * 8) * E * E + i * E, E * E, e, row_ok,
-                                 SHIFTS[k][0], SHIFTS[k][1], SHIFTS[k][2],
-                                 P0, P1, P2, BP0, BP1, BP2)  # fmt: skip
+                upper = emask & (e >= i)
+                if MU:  # the dropped columns depend on the shift
+                    for k in tl.static_range(NSHIFT):
+                        z = tl.where(_pick(g_all, k, NSB) > 0, x * xi, 0)
+                        _store_parts(_subboxes(z, BLOCK_E, BP0, BP1, BP2, G0, G1, G2),
+                                     kpart_ptr + (slot + k * 8) * E * E + i * E, E * E, e,
+                                     upper, SHIFTS[k][0], SHIFTS[k][1], SHIFTS[k][2], P0, P1,
+                                     P2, BP0 // G0, BP1 // G1, BP2 // G2, G0, G1, G2)  # fmt: skip
+                else:
+                    z = _subboxes(x * xi, BLOCK_E, BP0, BP1, BP2, G0, G1, G2)
+                    for k in tl.static_range(NSHIFT):
+                        _store_parts(z, kpart_ptr + (slot + k * 8) * E * E + i * E, E * E, e,
+                                     upper, SHIFTS[k][0], SHIFTS[k][1], SHIFTS[k][2], P0, P1,
+                                     P2, BP0 // G0, BP1 // G1, BP2 // G2, G0, G1, G2)  # fmt: skip
 
 
 @triton.jit
 def _solve_kernel(
-    kpart_ptr, hpart_ptr, u_ptr, hats_ptr, norms_ptr,
+    kpart_ptr, hpart_ptr, u_ptr, hats_ptr, norms_ptr, kmat_ptr,
     E, NWIN, ITERS, NW0, NW1, NW2,
     SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr,
     P2: tl.constexpr, BLOCK_E: tl.constexpr, SAVE: tl.constexpr, ACC: tl.constexpr,
@@ -149,9 +160,12 @@ def _solve_kernel(
                     w0 = (o0 - b0 - SHIFTS[k][3] + 2 * NW0) % NW0
                     w = (w0 * NW1 + w1) * NW2 + w2  # the unshifted window holding this part
                     slot = (bh * NWIN + w) * (NSHIFT * 8) + k * 8 + (b0 * 2 + b1) * 2 + b2
-                    k_mat += tl.load(kpart_ptr + slot * E * E + ee, mask=emask2, other=0)
+                    k_mat += _load_sym(kpart_ptr + slot * E * E, e, emask, E)
                     h += tl.load(hpart_ptr + slot * E + e, mask=emask, other=0)
         prog = (bh * NSHIFT + k) * NWIN + om
+        if SAVE:  # K for the backward (upper triangle)
+            tl.store(kmat_ptr + prog * E * E + ee, k_mat,
+                     mask=emask2 & (e[None, :] >= e[:, None]))  # fmt: skip
         a_hat = _power_steps(k_mat, h, hats_ptr + prog * ITERS * E, norms_ptr + prog * ITERS, e,
                              emask, E, ITERS, SAVE)  # fmt: skip
         tl.store(u_ptr + prog * E + e, a_hat, mask=emask)
@@ -164,7 +178,8 @@ def _apply_kernel(
     SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr,
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
-    BLOCK_E: tl.constexpr, NSB: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
+    G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(1)
     offset = ((bh // HEADS) * C + (bh % HEADS) * E).to(tl.int64) * NVOX
@@ -174,7 +189,6 @@ def _apply_kernel(
     g_all = tl.zeros((NSB, BP0, BP1, BP2), dtype=ACC)
     if MU:  # g0 under every shift, once per program
         g_all = _shifted_g_all(g0_ptr, SHIFTS, NSHIFT, NSB, P0, P1, P2, BP0, BP1, BP2).to(ACC)
-    q0, q1, q2 = _block_coords(BP0, BP1, BP2)
     for j in range(0, WPP):
         w = tl.program_id(0) * WPP + j
         if w < NWIN:
@@ -185,19 +199,9 @@ def _apply_kernel(
             x = tl.maximum(x, 0) * rowmask[:, None, None, None]  # (BLOCK_E, BP0, BP1, BP2)
             y = tl.zeros((BLOCK_E, BP0, BP1, BP2), dtype=ACC)
             for k in tl.static_range(NSHIFT):
-                uu = tl.zeros((BLOCK_E, BP0, BP1, BP2), dtype=ACC)  # u of each voxel's window
-                for b2 in tl.static_range(2 if SHIFTS[k][2] else 1):
-                    m2 = (q2 >= P2 - SHIFTS[k][2]).to(tl.int32) == b2
-                    o2 = (w2 + b2 + SHIFTS[k][5]) % NW2
-                    for b1 in tl.static_range(2 if SHIFTS[k][1] else 1):
-                        m1 = (q1 >= P1 - SHIFTS[k][1]).to(tl.int32) == b1
-                        o1 = (w1 + b1 + SHIFTS[k][4]) % NW1
-                        for b0 in tl.static_range(2 if SHIFTS[k][0] else 1):
-                            m0 = (q0 >= P0 - SHIFTS[k][0]).to(tl.int32) == b0
-                            o0 = (w0 + b0 + SHIFTS[k][3]) % NW0
-                            prog = (bh * NSHIFT + k) * NWIN + (o0 * NW1 + o1) * NW2 + o2
-                            u = tl.load(u_ptr + prog * E + e, mask=emask, other=0)
-                            uu = tl.where(m0 & m1 & m2, u[:, None, None, None], uu)
+                uu = _part_vectors(u_ptr, E, e, emask, bh, w0, w1, w2, NWIN, NW0, NW1, NW2, k,
+                                   SHIFTS, NSHIFT, P0, P1, P2, BLOCK_E, BP0, BP1, BP2,
+                                   ACC)  # u of each voxel's window  # fmt: skip
                 xs = x
                 if MU:
                     g = _pick(g_all, k, NSB)
@@ -223,6 +227,7 @@ def _forward(x, g0, rowmask, geo: _Geometry2, iters: int, mu: bool, save: bool):
     u = torch.empty(progs, geo.E, dtype=f32, device=dev)
     hats = torch.empty(progs, iters, geo.E, dtype=f32, device=dev) if save else u
     norms = torch.empty(progs, iters, dtype=f32, device=dev) if save else u
+    kmat = torch.empty(progs, geo.E, geo.E, dtype=f32, device=dev) if save else u  # upper half
     y = torch.empty_like(x)
     grid = (triton.cdiv(geo.nwin, geo.wpp), geo.bh)
     _parts_kernel[grid](
@@ -231,7 +236,7 @@ def _forward(x, g0, rowmask, geo: _Geometry2, iters: int, mu: bool, save: bool):
         **geo.consts(), **geo.block(), MU=mu, ACC=acc, num_warps=geo.warps,
     )  # fmt: skip
     _solve_kernel[(geo.nwin, geo.bh)](
-        kpart, hpart, u, hats, norms, geo.E, geo.nwin, iters, *geo.NW,
+        kpart, hpart, u, hats, norms, kmat, geo.E, geo.nwin, iters, *geo.NW,
         **geo.consts(), BLOCK_E=geo.block_e, SAVE=save, ACC=acc, num_warps=1,
     )  # fmt: skip
     _apply_kernel[grid](
@@ -240,8 +245,8 @@ def _forward(x, g0, rowmask, geo: _Geometry2, iters: int, mu: bool, save: bool):
         **geo.consts(), **geo.block(), MU=mu, ACC=acc, num_warps=geo.warps,
     )  # fmt: skip
     if not save:
-        hats = norms = None
-    return y, hats, norms
+        hats = norms = kmat = None
+    return y, hats, norms, kmat
 
 
 class WindowNMF2(torch.autograd.Function):
@@ -250,16 +255,17 @@ class WindowNMF2(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, g0, rowmask, head_dim, patch, shifts, iters, mu):
         geo = _Geometry2(x, head_dim, patch, shifts)
-        y, hats, norms = _forward(x, g0, rowmask, geo, iters, mu, save=ctx.needs_input_grad[0])
-        ctx.save_for_backward(x, g0, rowmask, hats, norms)
+        y, hats, norms, kmat = _forward(x, g0, rowmask, geo, iters, mu,
+                                        save=ctx.needs_input_grad[0])  # fmt: skip
+        ctx.save_for_backward(x, g0, rowmask, hats, norms, kmat)
         ctx.geo, ctx.args = geo, (head_dim, patch, shifts, iters, mu)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, g0, rowmask, hats, norms = ctx.saved_tensors
+        x, g0, rowmask, hats, norms, kmat = ctx.saved_tensors
         head_dim, patch, shifts, iters, mu = ctx.args
-        dx = backward2(x, g0, rowmask, hats, norms, dy.contiguous(), ctx.geo, iters, mu)
+        dx = backward2(x, g0, rowmask, hats, norms, kmat, dy.contiguous(), ctx.geo, iters, mu)
         return dx, None, None, None, None, None, None, None
 
 
