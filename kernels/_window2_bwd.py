@@ -44,13 +44,13 @@ import triton.language as tl
 
 from ._common import acc_dtype
 from ._window2_common import (
+    _gather_sub,
     _Geometry2,
     _load_sym,
-    _part_vectors,
     _pick,
     _shifted_g_all,
     _store_parts,
-    _subboxes,
+    _to_sub,
     _window_offsets,
     _window_origin,
 )
@@ -106,17 +106,20 @@ def _parts_bwd_kernel(
             x = tl.maximum(x, 0) * rowmask[:, None, None, None]  # (BLOCK_E, BP0, BP1, BP2)
             dy = tl.load(dy_ptr + ptrs, mask=mask, other=0).to(ACC) / NSHIFT  # dY_s
             slot = (bh * NWIN + w) * (NSHIFT * 8)
+            x7 = _to_sub(x, BLOCK_E, BP0, BP1, BP2, G0, G1, G2)  # (E, A0, G0, A1, G1, A2, G2)
+            dy7 = _to_sub(dy, BLOCK_E, BP0, BP1, BP2, G0, G1, G2)
             for k in tl.static_range(NSHIFT):
-                uu = _part_vectors(hats_ptr + (ITERS - 1) * E, ITERS * E, e, emask, bh, w0, w1,
-                                   w2, NWIN, NW0, NW1, NW2, k, SHIFTS, NSHIFT, P0, P1, P2,
-                                   BLOCK_E, BP0, BP1, BP2, ACC)  # fmt: skip
-                xs = x
+                uu = _gather_sub(hats_ptr + (ITERS - 1) * E, ITERS * E, e, emask, bh, w0, w1, w2,
+                                 NWIN, NW0, NW1, NW2, k, SHIFTS, NSHIFT, P0, P1, P2,
+                                 BP0 // G0, BP1 // G1, BP2 // G2, G0, G1, G2)  # fmt: skip
+                xs = x7
                 if MU:
-                    xs = tl.where(_pick(g_all, k, NSB) > 0, x, 0)
-                cx = tl.sum(uu * xs, axis=0)[None, :, :, :]  # u^T x(v)
-                cdy = tl.sum(uu * dy, axis=0)[None, :, :, :]  # u^T dY_s(v)
-                _store_parts(_subboxes(dy * cx + xs * cdy, BLOCK_E, BP0, BP1, BP2, G0, G1, G2),
-                             gpart_ptr + (slot + k * 8) * E, E, e, emask,
+                    xs = tl.where(_to_sub(_pick(g_all, k, NSB), 1, BP0, BP1, BP2, G0, G1, G2) > 0,
+                                  x7, 0)  # fmt: skip
+                cx = tl.sum(uu * xs, axis=0)[None]  # u^T x(v)
+                cdy = tl.sum(uu * dy7, axis=0)[None]  # u^T dY_s(v)
+                z = tl.sum(tl.sum(tl.sum(dy7 * cx + xs * cdy, axis=6), axis=4), axis=2)
+                _store_parts(z, gpart_ptr + (slot + k * 8) * E, E, e, emask,
                              SHIFTS[k][0], SHIFTS[k][1], SHIFTS[k][2], P0, P1, P2,
                              BP0 // G0, BP1 // G1, BP2 // G2, G0, G1, G2)  # fmt: skip
 
@@ -171,7 +174,7 @@ def _apply_bwd_kernel2(
     offset = ((bh // HEADS) * C + (bh % HEADS) * E).to(tl.int64) * NVOX
     e = tl.arange(0, BLOCK_E)
     emask = e < E
-    e4 = e[:, None, None, None]
+    e7 = e[:, None, None, None, None, None, None]
     rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
     g_all = _shifted_g_all(g0_ptr, SHIFTS, NSHIFT, NSB, P0, P1, P2, BP0, BP1, BP2).to(ACC)
     for j in range(0, WPP):
@@ -183,26 +186,28 @@ def _apply_bwd_kernel2(
             x = tl.load(x_ptr + ptrs, mask=mask, other=0).to(ACC)
             x = tl.maximum(x, 0) * rowmask[:, None, None, None]  # (BLOCK_E, BP0, BP1, BP2)
             dy = tl.load(dy_ptr + ptrs, mask=mask, other=0).to(ACC) / NSHIFT
-            dx = tl.zeros((BLOCK_E, BP0, BP1, BP2), dtype=ACC)
+            x7 = _to_sub(x, BLOCK_E, BP0, BP1, BP2, G0, G1, G2)  # (E, A0, G0, A1, G1, A2, G2)
+            dy7 = _to_sub(dy, BLOCK_E, BP0, BP1, BP2, G0, G1, G2)
+            dx = tl.zeros((BLOCK_E, BP0 // G0, G0, BP1 // G1, G1, BP2 // G2, G2), dtype=ACC)
             for k in tl.static_range(NSHIFT):
-                g = _pick(g_all, k, NSB)
-                uu = _part_vectors(hats_ptr + (ITERS - 1) * E, ITERS * E, e, emask, bh, w0, w1,
-                                   w2, NWIN, NW0, NW1, NW2, k, SHIFTS, NSHIFT, P0, P1, P2,
-                                   BLOCK_E, BP0, BP1, BP2, ACC)  # fmt: skip
-                t = uu * tl.sum(uu * dy, axis=0)[None, :, :, :]  # u (u^T dY_s)
-                t += g * _part_vectors(hbar_ptr, E, e, emask, bh, w0, w1, w2, NWIN, NW0, NW1,
-                                       NW2, k, SHIFTS, NSHIFT, P0, P1, P2, BLOCK_E, BP0, BP1,
-                                       BP2, ACC)  # h̄ g0_s^T  # fmt: skip
-                for c in range(0, E):  # S x = sum_c S[:, c] x_c, S per part
-                    scol = _part_vectors(sym_ptr + c, E * E, e * E, emask, bh, w0, w1, w2,
-                                         NWIN, NW0, NW1, NW2, k, SHIFTS, NSHIFT, P0, P1, P2,
-                                         BLOCK_E, BP0, BP1, BP2, ACC)  # fmt: skip
-                    t += scol * tl.sum(tl.where(e4 == c, x, 0), axis=0)[None, :, :, :]
+                g = _to_sub(_pick(g_all, k, NSB), 1, BP0, BP1, BP2, G0, G1, G2)
+                uu = _gather_sub(hats_ptr + (ITERS - 1) * E, ITERS * E, e, emask, bh, w0, w1, w2,
+                                 NWIN, NW0, NW1, NW2, k, SHIFTS, NSHIFT, P0, P1, P2,
+                                 BP0 // G0, BP1 // G1, BP2 // G2, G0, G1, G2)  # fmt: skip
+                t = uu * tl.sum(uu * dy7, axis=0)[None]  # u (u^T dY_s)
+                t += g * _gather_sub(hbar_ptr, E, e, emask, bh, w0, w1, w2, NWIN, NW0, NW1, NW2,
+                                     k, SHIFTS, NSHIFT, P0, P1, P2, BP0 // G0, BP1 // G1,
+                                     BP2 // G2, G0, G1, G2)  # h̄ g0_s^T  # fmt: skip
+                for c in range(0, E):  # S x = sum_c S[:, c] x_c; S symmetric: column c = row c
+                    scol = _gather_sub(sym_ptr + c * E, E * E, e, emask, bh, w0, w1, w2, NWIN,
+                                       NW0, NW1, NW2, k, SHIFTS, NSHIFT, P0, P1, P2, BP0 // G0,
+                                       BP1 // G1, BP2 // G2, G0, G1, G2)  # fmt: skip
+                    t += scol * tl.sum(tl.where(e7 == c, x7, 0), axis=0)[None]
                 if MU:
                     t = tl.where(g > 0, t, 0)
                 dx += t
             # ReLU'(x) and the MU row mask (0/1): x > 0 exactly where both are nonzero
-            dx = tl.where(x > 0, dx, 0)
+            dx = tl.where(x > 0, tl.reshape(dx, (BLOCK_E, BP0, BP1, BP2)), 0)
             tl.store(dx_ptr + ptrs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 

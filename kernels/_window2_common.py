@@ -95,29 +95,41 @@ def _pick(g_all, k: tl.constexpr, NSB: tl.constexpr):
 
 
 @triton.jit
-def _part_vectors(ptr, STRIDE, e, emask, bh, w0, w1, w2, NWIN, NW0, NW1, NW2,
-                  k: tl.constexpr, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr,
-                  P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
-                  BLOCK_E: tl.constexpr, BP0: tl.constexpr, BP1: tl.constexpr,
-                  BP2: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
-    """(BLOCK_E, BP0, BP1, BP2): at every voxel of unshifted window (w0, w1, w2), the E-vector at
-    ptr + prog * STRIDE + e of the shifted window (shift k, prog = (bh * NSHIFT + k) * NWIN +
-    window) that the voxel's part lies in; one load per part."""
-    q0, q1, q2 = _block_coords(BP0, BP1, BP2)
-    vec = tl.zeros((BLOCK_E, BP0, BP1, BP2), dtype=ACC)
-    for b2 in tl.static_range(2 if SHIFTS[k][2] else 1):
-        m2 = (q2 >= P2 - SHIFTS[k][2]).to(tl.int32) == b2
-        o2 = (w2 + b2 + SHIFTS[k][5]) % NW2
-        for b1 in tl.static_range(2 if SHIFTS[k][1] else 1):
-            m1 = (q1 >= P1 - SHIFTS[k][1]).to(tl.int32) == b1
-            o1 = (w1 + b1 + SHIFTS[k][4]) % NW1
-            for b0 in tl.static_range(2 if SHIFTS[k][0] else 1):
-                m0 = (q0 >= P0 - SHIFTS[k][0]).to(tl.int32) == b0
-                o0 = (w0 + b0 + SHIFTS[k][3]) % NW0
-                prog = (bh * NSHIFT + k) * NWIN + (o0 * NW1 + o1) * NW2 + o2
-                v = tl.load(ptr + prog * STRIDE + e, mask=emask, other=0)
-                vec = tl.where(m0 & m1 & m2, v[:, None, None, None], vec)
-    return vec
+def _wrap_add(w, b, q, nw):
+    """(w + b + q) mod nw for 0 <= w, q < nw and b in {0, 1}: one conditional subtraction."""
+    o = w + b + q
+    return tl.where(o >= nw, o - nw, o)
+
+
+@triton.jit
+def _gather_sub(ptr, STRIDE, e, emask, bh, w0, w1, w2, NWIN, NW0, NW1, NW2,
+                k: tl.constexpr, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr,
+                P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+                BA0: tl.constexpr, BA1: tl.constexpr, BA2: tl.constexpr,
+                G0: tl.constexpr, G1: tl.constexpr, G2: tl.constexpr):  # fmt: skip
+    """(BLOCK_E, BA0, 1, BA1, 1, BA2, 1): for every sub-box of unshifted window (w0, w1, w2), the
+    E-vector at ptr + prog * STRIDE + e of the shifted window (shift k, prog = (bh * NSHIFT + k)
+    * NWIN + window) that the sub-box lies in. Broadcast over the voxels of a window reshaped to
+    (BLOCK_E, BA0, G0, BA1, G1, BA2, G2); each thread loads only its own sub-boxes' vectors (a
+    gather, from L1: at most 8 distinct vectors per shift and window)."""
+    a0 = tl.arange(0, BA0)[None, :, None, None, None, None, None] * G0
+    a1 = tl.arange(0, BA1)[None, None, None, :, None, None, None] * G1
+    a2 = tl.arange(0, BA2)[None, None, None, None, None, :, None] * G2
+    o0 = _wrap_add(w0, (a0 >= P0 - SHIFTS[k][0]).to(tl.int32), SHIFTS[k][3], NW0)
+    o1 = _wrap_add(w1, (a1 >= P1 - SHIFTS[k][1]).to(tl.int32), SHIFTS[k][4], NW1)
+    o2 = _wrap_add(w2, (a2 >= P2 - SHIFTS[k][2]).to(tl.int32), SHIFTS[k][5], NW2)
+    prog = (bh * NSHIFT + k) * NWIN + (o0 * NW1 + o1) * NW2 + o2
+    inside = (a0 < P0) & (a1 < P1) & (a2 < P2)  # padding sub-boxes load nothing
+    e7 = e[:, None, None, None, None, None, None]
+    mask = emask[:, None, None, None, None, None, None] & inside
+    return tl.load(ptr + prog * STRIDE + e7, mask=mask, other=0)
+
+
+@triton.jit
+def _to_sub(z, BLOCK_E: tl.constexpr, BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
+            G0: tl.constexpr, G1: tl.constexpr, G2: tl.constexpr):  # fmt: skip
+    """(BLOCK_E, BP0, BP1, BP2) -> (BLOCK_E, BP0 // G0, G0, BP1 // G1, G1, BP2 // G2, G2)."""
+    return tl.reshape(z, (BLOCK_E, BP0 // G0, G0, BP1 // G1, G1, BP2 // G2, G2))
 
 
 @triton.jit

@@ -65,13 +65,14 @@ from ._common import (
 from ._window2_bwd import backward2
 from ._window2_common import (
     TUNING,
+    _gather_sub,
     _Geometry2,
     _load_sym,
-    _part_vectors,
     _pick,
     _shifted_g_all,
     _store_parts,
     _subboxes,
+    _to_sub,
     _window_offsets,
     _window_origin,
 )
@@ -197,18 +198,18 @@ def _apply_kernel(
                                       P0, P1, P2, BP0, BP1, BP2)  # fmt: skip
             x = tl.load(x_ptr + ptrs, mask=mask, other=0).to(ACC)
             x = tl.maximum(x, 0) * rowmask[:, None, None, None]  # (BLOCK_E, BP0, BP1, BP2)
-            y = tl.zeros((BLOCK_E, BP0, BP1, BP2), dtype=ACC)
+            x7 = _to_sub(x, BLOCK_E, BP0, BP1, BP2, G0, G1, G2)  # (E, A0, G0, A1, G1, A2, G2)
+            y = tl.zeros((BLOCK_E, BP0 // G0, G0, BP1 // G1, G1, BP2 // G2, G2), dtype=ACC)
             for k in tl.static_range(NSHIFT):
-                uu = _part_vectors(u_ptr, E, e, emask, bh, w0, w1, w2, NWIN, NW0, NW1, NW2, k,
-                                   SHIFTS, NSHIFT, P0, P1, P2, BLOCK_E, BP0, BP1, BP2,
-                                   ACC)  # u of each voxel's window  # fmt: skip
-                xs = x
+                uu = _gather_sub(u_ptr, E, e, emask, bh, w0, w1, w2, NWIN, NW0, NW1, NW2, k,
+                                 SHIFTS, NSHIFT, P0, P1, P2, BP0 // G0, BP1 // G1, BP2 // G2,
+                                 G0, G1, G2)  # u of each sub-box's shifted window  # fmt: skip
+                xs = x7
                 if MU:
-                    g = _pick(g_all, k, NSB)
-                    xs = tl.where(g > 0, x, 0)
-                c = tl.sum(uu * xs, axis=0)[None, :, :, :]  # u^T x(v) per voxel
-                y += uu * c
-            y = y / NSHIFT
+                    g = _to_sub(_pick(g_all, k, NSB), 1, BP0, BP1, BP2, G0, G1, G2)
+                    xs = tl.where(g > 0, x7, 0)
+                y += uu * tl.sum(uu * xs, axis=0)[None]  # u (u^T x(v))
+            y = tl.reshape(y, (BLOCK_E, BP0, BP1, BP2)) / NSHIFT
             tl.store(y_ptr + ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
