@@ -47,6 +47,7 @@ from ._window2_common import (
     _gather_sub,
     _Geometry2,
     _load_sym,
+    _part_vectors,
     _pick,
     _shifted_g_all,
     _store_parts,
@@ -79,7 +80,7 @@ def _steps_backward(k, grad, hats_ptr, norms_ptr, e, emask, E, ITERS, BLOCK_E: t
 @triton.jit
 def _parts_bwd_kernel(
     x_ptr, dy_ptr, g0_ptr, rowmask_ptr, hats_ptr, gpart_ptr,
-    C, E, HEADS, NWIN, NVOX, ITERS, S1, S2, NW0, NW1, NW2,
+    C, E: tl.constexpr, HEADS, NWIN, NVOX, ITERS, S1, S2, NW0, NW1, NW2,
     SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr,
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
@@ -90,6 +91,7 @@ def _parts_bwd_kernel(
     vector of the shifted window each part lies in (X_s: x with MU's dropped columns)."""
     bh = tl.program_id(1)
     offset = ((bh // HEADS) * C + (bh % HEADS) * E).to(tl.int64) * NVOX
+    x_base, dy_base = x_ptr + offset, dy_ptr + offset  # the head's first element
     e = tl.arange(0, BLOCK_E)
     emask = e < E
     rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
@@ -100,11 +102,11 @@ def _parts_bwd_kernel(
         w = tl.program_id(0) * WPP + j
         if w < NWIN:
             w0, w1, w2 = _window_origin(w, NW1, NW2)
-            ptrs, mask = _window_offsets(offset, e, emask, w0, w1, w2, NVOX, S1, S2,
+            offs, mask = _window_offsets(e, emask, w0, w1, w2, NVOX, S1, S2,
                                          P0, P1, P2, BP0, BP1, BP2)  # fmt: skip
-            x = tl.load(x_ptr + ptrs, mask=mask, other=0).to(ACC)
+            x = tl.load(x_base + offs, mask=mask, other=0).to(ACC)
             x = tl.maximum(x, 0) * rowmask[:, None, None, None]  # (BLOCK_E, BP0, BP1, BP2)
-            dy = tl.load(dy_ptr + ptrs, mask=mask, other=0).to(ACC) / NSHIFT  # dY_s
+            dy = tl.load(dy_base + offs, mask=mask, other=0).to(ACC) / NSHIFT  # dY_s
             slot = (bh * NWIN + w) * (NSHIFT * 8)
             x7 = _to_sub(x, BLOCK_E, BP0, BP1, BP2, G0, G1, G2)  # (E, A0, G0, A1, G1, A2, G2)
             dy7 = _to_sub(dy, BLOCK_E, BP0, BP1, BP2, G0, G1, G2)
@@ -127,7 +129,7 @@ def _parts_bwd_kernel(
 @triton.jit
 def _solve_bwd_kernel(
     gpart_ptr, kmat_ptr, hats_ptr, norms_ptr, sym_ptr, hbar_ptr,
-    E, NWIN, ITERS, NW0, NW1, NW2,
+    E: tl.constexpr, NWIN, ITERS, NW0, NW1, NW2,
     SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, BLOCK_E: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     om = tl.program_id(0)  # a shifted window
@@ -160,7 +162,7 @@ def _solve_bwd_kernel(
 @triton.jit
 def _apply_bwd_kernel2(
     x_ptr, dy_ptr, dx_ptr, g0_ptr, rowmask_ptr, hats_ptr, sym_ptr, hbar_ptr,
-    C, E, HEADS, NWIN, NVOX, ITERS, S1, S2, NW0, NW1, NW2,
+    C, E: tl.constexpr, HEADS, NWIN, NVOX, ITERS, S1, S2, NW0, NW1, NW2,
     SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr,
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
@@ -172,6 +174,7 @@ def _apply_bwd_kernel2(
     the columns in a loop)."""
     bh = tl.program_id(1)
     offset = ((bh // HEADS) * C + (bh % HEADS) * E).to(tl.int64) * NVOX
+    x_base, dy_base, dx_base = x_ptr + offset, dy_ptr + offset, dx_ptr + offset
     e = tl.arange(0, BLOCK_E)
     emask = e < E
     e7 = e[:, None, None, None, None, None, None]
@@ -181,11 +184,11 @@ def _apply_bwd_kernel2(
         w = tl.program_id(0) * WPP + j
         if w < NWIN:
             w0, w1, w2 = _window_origin(w, NW1, NW2)
-            ptrs, mask = _window_offsets(offset, e, emask, w0, w1, w2, NVOX, S1, S2,
+            offs, mask = _window_offsets(e, emask, w0, w1, w2, NVOX, S1, S2,
                                          P0, P1, P2, BP0, BP1, BP2)  # fmt: skip
-            x = tl.load(x_ptr + ptrs, mask=mask, other=0).to(ACC)
+            x = tl.load(x_base + offs, mask=mask, other=0).to(ACC)
             x = tl.maximum(x, 0) * rowmask[:, None, None, None]  # (BLOCK_E, BP0, BP1, BP2)
-            dy = tl.load(dy_ptr + ptrs, mask=mask, other=0).to(ACC) / NSHIFT
+            dy = tl.load(dy_base + offs, mask=mask, other=0).to(ACC) / NSHIFT
             x7 = _to_sub(x, BLOCK_E, BP0, BP1, BP2, G0, G1, G2)  # (E, A0, G0, A1, G1, A2, G2)
             dy7 = _to_sub(dy, BLOCK_E, BP0, BP1, BP2, G0, G1, G2)
             dx = tl.zeros((BLOCK_E, BP0 // G0, G0, BP1 // G1, G1, BP2 // G2, G2), dtype=ACC)
@@ -198,17 +201,27 @@ def _apply_bwd_kernel2(
                 t += g * _gather_sub(hbar_ptr, E, e, emask, bh, w0, w1, w2, NWIN, NW0, NW1, NW2,
                                      k, SHIFTS, NSHIFT, P0, P1, P2, BP0 // G0, BP1 // G1,
                                      BP2 // G2, G0, G1, G2)  # h̄ g0_s^T  # fmt: skip
-                for c in range(0, E):  # S x = sum_c S[:, c] x_c; S symmetric: column c = row c
-                    scol = _gather_sub(sym_ptr + c * E, E * E, e, emask, bh, w0, w1, w2, NWIN,
-                                       NW0, NW1, NW2, k, SHIFTS, NSHIFT, P0, P1, P2, BP0 // G0,
-                                       BP1 // G1, BP2 // G2, G0, G1, G2)  # fmt: skip
-                    t += scol * tl.sum(tl.where(e7 == c, x7, 0), axis=0)[None]
-                if MU:
+                if MU:  # the dropped columns depend on the shift: S x per shift
+                    for c in range(0, E):  # S[:, c] x_c; S symmetric: column c = row c
+                        scol = _part_vectors(sym_ptr + c * E, E * E, e, emask, bh, w0, w1, w2,
+                                             NWIN, NW0, NW1, NW2, k, SHIFTS, NSHIFT, P0, P1, P2,
+                                             BP0 // G0, BP1 // G1, BP2 // G2, G0, G1,
+                                             G2)  # fmt: skip
+                        t += scol * tl.sum(tl.where(e7 == c, x7, 0), axis=0)[None]
                     t = tl.where(g > 0, t, 0)
                 dx += t
+            if not MU:  # x is the same under every shift: (sum_s S_s) x, column by column
+                for c in range(0, E):
+                    scol = tl.zeros((BLOCK_E, BP0 // G0, 1, BP1 // G1, 1, BP2 // G2, 1), ACC)
+                    for k in tl.static_range(NSHIFT):
+                        scol += _part_vectors(sym_ptr + c * E, E * E, e, emask, bh, w0, w1, w2,
+                                              NWIN, NW0, NW1, NW2, k, SHIFTS, NSHIFT, P0, P1, P2,
+                                              BP0 // G0, BP1 // G1, BP2 // G2, G0, G1,
+                                              G2)  # fmt: skip
+                    dx += scol * tl.sum(tl.where(e7 == c, x7, 0), axis=0)[None]
             # ReLU'(x) and the MU row mask (0/1): x > 0 exactly where both are nonzero
             dx = tl.where(x > 0, tl.reshape(dx, (BLOCK_E, BP0, BP1, BP2)), 0)
-            tl.store(dx_ptr + ptrs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            tl.store(dx_base + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 def backward2(x, g0, rowmask, hats, norms, kmat, dy, geo: _Geometry2, iters: int,

@@ -34,15 +34,15 @@ def _window_origin(w, NW1, NW2):
 
 
 @triton.jit
-def _window_offsets(offset, e, emask, w0, w1, w2, nvox, S1, S2,
+def _window_offsets(e, emask, w0, w1, w2, nvox, S1, S2,
                  P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
                  BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr):  # fmt: skip
-    """(BLOCK_E, BP0, BP1, BP2) element offsets and mask of unshifted window (w0, w1, w2)."""
+    """(BLOCK_E, BP0, BP1, BP2) int32 element offsets (from the head's first element; E * nvox
+    < 2^31, checked by the launcher) and mask of unshifted window (w0, w1, w2)."""
     q0, q1, q2 = _block_coords(BP0, BP1, BP2)
-    e4 = e[:, None, None, None]
     v = ((w0 * P0 + q0) * S1 + w1 * P1 + q1) * S2 + w2 * P2 + q2
     mask = emask[:, None, None, None] & (q0 < P0) & (q1 < P1) & (q2 < P2)
-    return offset + e4.to(tl.int64) * nvox + v, mask
+    return e[:, None, None, None] * nvox + v, mask
 
 
 @triton.jit
@@ -107,11 +107,9 @@ def _gather_sub(ptr, STRIDE, e, emask, bh, w0, w1, w2, NWIN, NW0, NW1, NW2,
                 P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
                 BA0: tl.constexpr, BA1: tl.constexpr, BA2: tl.constexpr,
                 G0: tl.constexpr, G1: tl.constexpr, G2: tl.constexpr):  # fmt: skip
-    """(BLOCK_E, BA0, 1, BA1, 1, BA2, 1): for every sub-box of unshifted window (w0, w1, w2), the
-    E-vector at ptr + prog * STRIDE + e of the shifted window (shift k, prog = (bh * NSHIFT + k)
-    * NWIN + window) that the sub-box lies in. Broadcast over the voxels of a window reshaped to
-    (BLOCK_E, BA0, G0, BA1, G1, BA2, G2); each thread loads only its own sub-boxes' vectors (a
-    gather, from L1: at most 8 distinct vectors per shift and window)."""
+    """:func:`_part_vectors` as a gather: each sub-box loads its part's vector itself (fewer
+    registers: a thread loads only its own sub-boxes' vectors, from L1; more bytes asked: one
+    E-vector per sub-box instead of per part)."""
     a0 = tl.arange(0, BA0)[None, :, None, None, None, None, None] * G0
     a1 = tl.arange(0, BA1)[None, None, None, :, None, None, None] * G1
     a2 = tl.arange(0, BA2)[None, None, None, None, None, :, None] * G2
@@ -123,6 +121,41 @@ def _gather_sub(ptr, STRIDE, e, emask, bh, w0, w1, w2, NWIN, NW0, NW1, NW2,
     e7 = e[:, None, None, None, None, None, None]
     mask = emask[:, None, None, None, None, None, None] & inside
     return tl.load(ptr + prog * STRIDE + e7, mask=mask, other=0)
+
+
+@triton.jit
+def _part_vectors(ptr, STRIDE, e, emask, bh, w0, w1, w2, NWIN, NW0, NW1, NW2,
+                  k: tl.constexpr, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr,
+                  P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+                  BA0: tl.constexpr, BA1: tl.constexpr, BA2: tl.constexpr,
+                  G0: tl.constexpr, G1: tl.constexpr, G2: tl.constexpr):  # fmt: skip
+    """(BLOCK_E, BA0, 1, BA1, 1, BA2, 1): for every sub-box of unshifted window (w0, w1, w2), the
+    E-vector at ptr + prog * STRIDE + e of the shifted window (shift k, prog = (bh * NSHIFT + k)
+    * NWIN + window) that the sub-box lies in; broadcast over the voxels of a window reshaped to
+    (BLOCK_E, BA0, G0, BA1, G1, BA2, G2). One load of the (E, 2, 2, 2) table of the shift's parts
+    (b0, b1, b2), then spread to the sub-boxes axis by axis (sums of one term and a zero: exact)."""
+    b0 = tl.arange(0, 2)[None, :, None, None]
+    b1 = tl.arange(0, 2)[None, None, :, None]
+    b2 = tl.arange(0, 2)[None, None, None, :]
+    o0 = _wrap_add(w0, b0, SHIFTS[k][3], NW0)
+    o1 = _wrap_add(w1, b1, SHIFTS[k][4], NW1)
+    o2 = _wrap_add(w2, b2, SHIFTS[k][5], NW2)
+    prog = (bh * NSHIFT + k) * NWIN + (o0 * NW1 + o1) * NW2 + o2
+    # part 1 along axis d exists only where the shift splits the axis (s'_d > 0)
+    exists = ((b0 <= (1 if SHIFTS[k][0] else 0)) & (b1 <= (1 if SHIFTS[k][1] else 0))
+              & (b2 <= (1 if SHIFTS[k][2] else 0)))  # fmt: skip
+    t = tl.load(ptr + prog * STRIDE + e[:, None, None, None],
+                mask=emask[:, None, None, None] & exists, other=0)  # (E, 2, 2, 2)  # fmt: skip
+    a2 = tl.arange(0, BA2)[None, None, None, None, :] * G2
+    m2 = (a2 >= P2 - SHIFTS[k][2]).to(tl.int32) == b2[:, :, :, :, None]  # (1, 1, 1, 2, BA2)
+    t = tl.sum(tl.where(m2, t[:, :, :, :, None], 0), axis=3)  # (E, 2, 2, BA2)
+    a1 = tl.arange(0, BA1)[None, None, None, :, None] * G1
+    m1 = (a1 >= P1 - SHIFTS[k][1]).to(tl.int32) == b1[:, :, :, :, None]  # (1, 1, 2, BA1, 1)
+    t = tl.sum(tl.where(m1, t[:, :, :, None, :], 0), axis=2)  # (E, 2, BA1, BA2)
+    a0 = tl.arange(0, BA0)[None, None, :, None, None] * G0
+    m0 = (a0 >= P0 - SHIFTS[k][0]).to(tl.int32) == b0[:, :, :, :, None]  # (1, 2, BA0, 1, 1)
+    t = tl.sum(tl.where(m0, t[:, :, None, :, :], 0), axis=1)  # (E, BA0, BA1, BA2)
+    return t[:, :, None, :, None, :, None]
 
 
 @triton.jit
@@ -212,6 +245,11 @@ class _Geometry2(WindowSizes):
         self.wpp = TUNING["wpp"] or (16 if INTERPRET else 4)
         self.warps = TUNING["warps"] or 4
         self.bh = self.batch * self.heads
+        if self.E * self.nvox >= 2**31:  # the kernels' in-head offsets are int32
+            raise ValueError(
+                f"head_dim x voxels = {self.E} x {self.nvox} is at least 2^31; the second window "
+                "design takes fewer (use window_nmf.TUNING['design'] = 1)"
+            )
 
     def consts(self) -> dict:
         return dict(SHIFTS=self.shifts, NSHIFT=self.nshift, P0=self.P[0], P1=self.P[1],

@@ -83,7 +83,7 @@ __all__ = ["TUNING", "WindowNMF2", "window_nmf2"]
 @triton.jit
 def _parts_kernel(
     x_ptr, g0_ptr, rowmask_ptr, kpart_ptr, hpart_ptr,
-    C, E, HEADS, NWIN, NVOX, S1, S2, NW1, NW2,
+    C, E: tl.constexpr, HEADS, NWIN, NVOX, S1, S2, NW1, NW2,
     SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr,
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
@@ -94,6 +94,7 @@ def _parts_kernel(
     each Gram row reduced to sub-boxes once and then split per shift (MU: per shift)."""
     bh = tl.program_id(1)
     offset = ((bh // HEADS) * C + (bh % HEADS) * E).to(tl.int64) * NVOX
+    x_base = x_ptr + offset  # the head's first element
     e = tl.arange(0, BLOCK_E)
     emask = e < E
     e4 = e[:, None, None, None]
@@ -104,9 +105,9 @@ def _parts_kernel(
         w = tl.program_id(0) * WPP + j
         if w < NWIN:
             w0, w1, w2 = _window_origin(w, NW1, NW2)
-            ptrs, mask = _window_offsets(offset, e, emask, w0, w1, w2, NVOX, S1, S2,
+            offs, mask = _window_offsets(e, emask, w0, w1, w2, NVOX, S1, S2,
                                       P0, P1, P2, BP0, BP1, BP2)  # fmt: skip
-            x = tl.load(x_ptr + ptrs, mask=mask, other=0).to(ACC)
+            x = tl.load(x_base + offs, mask=mask, other=0).to(ACC)
             x = tl.maximum(x, 0) * rowmask[:, None, None, None]  # (BLOCK_E, BP0, BP1, BP2)
             slot = (bh * NWIN + w) * (NSHIFT * 8)
             for k in tl.static_range(NSHIFT):
@@ -139,7 +140,7 @@ def _parts_kernel(
 @triton.jit
 def _solve_kernel(
     kpart_ptr, hpart_ptr, u_ptr, hats_ptr, norms_ptr, kmat_ptr,
-    E, NWIN, ITERS, NW0, NW1, NW2,
+    E: tl.constexpr, NWIN, ITERS, NW0, NW1, NW2,
     SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr,
     P2: tl.constexpr, BLOCK_E: tl.constexpr, SAVE: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
@@ -175,7 +176,7 @@ def _solve_kernel(
 @triton.jit
 def _apply_kernel(
     x_ptr, y_ptr, g0_ptr, rowmask_ptr, u_ptr,
-    C, E, HEADS, NWIN, NVOX, S1, S2, NW0, NW1, NW2,
+    C, E: tl.constexpr, HEADS, NWIN, NVOX, S1, S2, NW0, NW1, NW2,
     SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr,
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
@@ -184,6 +185,7 @@ def _apply_kernel(
 ):  # fmt: skip
     bh = tl.program_id(1)
     offset = ((bh // HEADS) * C + (bh % HEADS) * E).to(tl.int64) * NVOX
+    x_base, y_base = x_ptr + offset, y_ptr + offset  # the head's first element
     e = tl.arange(0, BLOCK_E)
     emask = e < E
     rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
@@ -194,9 +196,9 @@ def _apply_kernel(
         w = tl.program_id(0) * WPP + j
         if w < NWIN:
             w0, w1, w2 = _window_origin(w, NW1, NW2)
-            ptrs, mask = _window_offsets(offset, e, emask, w0, w1, w2, NVOX, S1, S2,
+            offs, mask = _window_offsets(e, emask, w0, w1, w2, NVOX, S1, S2,
                                       P0, P1, P2, BP0, BP1, BP2)  # fmt: skip
-            x = tl.load(x_ptr + ptrs, mask=mask, other=0).to(ACC)
+            x = tl.load(x_base + offs, mask=mask, other=0).to(ACC)
             x = tl.maximum(x, 0) * rowmask[:, None, None, None]  # (BLOCK_E, BP0, BP1, BP2)
             x7 = _to_sub(x, BLOCK_E, BP0, BP1, BP2, G0, G1, G2)  # (E, A0, G0, A1, G1, A2, G2)
             y = tl.zeros((BLOCK_E, BP0 // G0, G0, BP1 // G1, G1, BP2 // G2, G2), dtype=ACC)
@@ -210,7 +212,7 @@ def _apply_kernel(
                     xs = tl.where(g > 0, x7, 0)
                 y += uu * tl.sum(uu * xs, axis=0)[None]  # u (u^T x(v))
             y = tl.reshape(y, (BLOCK_E, BP0, BP1, BP2)) / NSHIFT
-            tl.store(y_ptr + ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.store(y_base + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------------
