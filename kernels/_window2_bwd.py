@@ -47,8 +47,8 @@ from ._window2_common import (
     _gather_sub,
     _Geometry2,
     _load_sym,
-    _part_vectors,
     _pick,
+    _shift_vectors,
     _shifted_g_all,
     _store_parts,
     _to_sub,
@@ -111,7 +111,7 @@ def _parts_bwd_kernel(
             x7 = _to_sub(x, BLOCK_E, BP0, BP1, BP2, G0, G1, G2)  # (E, A0, G0, A1, G1, A2, G2)
             dy7 = _to_sub(dy, BLOCK_E, BP0, BP1, BP2, G0, G1, G2)
             for k in tl.static_range(NSHIFT):
-                uu = _gather_sub(hats_ptr + (ITERS - 1) * E, ITERS * E, e, emask, bh, w0, w1, w2,
+                uu = _shift_vectors(hats_ptr + (ITERS - 1) * E, ITERS * E, e, emask, bh, w0, w1, w2,
                                  NWIN, NW0, NW1, NW2, k, SHIFTS, NSHIFT, P0, P1, P2,
                                  BP0 // G0, BP1 // G1, BP2 // G2, G0, G1, G2)  # fmt: skip
                 xs = x7
@@ -203,7 +203,7 @@ def _apply_bwd_kernel2(
                                      BP2 // G2, G0, G1, G2)  # h̄ g0_s^T  # fmt: skip
                 if MU:  # the dropped columns depend on the shift: S x per shift
                     for c in range(0, E):  # S[:, c] x_c; S symmetric: column c = row c
-                        scol = _part_vectors(sym_ptr + c * E, E * E, e, emask, bh, w0, w1, w2,
+                        scol = _shift_vectors(sym_ptr + c * E, E * E, e, emask, bh, w0, w1, w2,
                                              NWIN, NW0, NW1, NW2, k, SHIFTS, NSHIFT, P0, P1, P2,
                                              BP0 // G0, BP1 // G1, BP2 // G2, G0, G1,
                                              G2)  # fmt: skip
@@ -214,7 +214,7 @@ def _apply_bwd_kernel2(
                 for c in range(0, E):
                     scol = tl.zeros((BLOCK_E, BP0 // G0, 1, BP1 // G1, 1, BP2 // G2, 1), ACC)
                     for k in tl.static_range(NSHIFT):
-                        scol += _part_vectors(sym_ptr + c * E, E * E, e, emask, bh, w0, w1, w2,
+                        scol += _shift_vectors(sym_ptr + c * E, E * E, e, emask, bh, w0, w1, w2,
                                               NWIN, NW0, NW1, NW2, k, SHIFTS, NSHIFT, P0, P1, P2,
                                               BP0 // G0, BP1 // G1, BP2 // G2, G0, G1,
                                               G2)  # fmt: skip

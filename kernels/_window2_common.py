@@ -159,6 +159,23 @@ def _part_vectors(ptr, STRIDE, e, emask, bh, w0, w1, w2, NWIN, NW0, NW1, NW2,
 
 
 @triton.jit
+def _shift_vectors(ptr, STRIDE, e, emask, bh, w0, w1, w2, NWIN, NW0, NW1, NW2,
+                   k: tl.constexpr, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr,
+                   P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+                   BA0: tl.constexpr, BA1: tl.constexpr, BA2: tl.constexpr,
+                   G0: tl.constexpr, G1: tl.constexpr, G2: tl.constexpr):  # fmt: skip
+    """:func:`_gather_sub` where a window has at most 8 sub-boxes (the same bytes as the part
+    table, fewer registers), else :func:`_part_vectors` (one E-vector per part, not per sub-box)."""
+    if BA0 * BA1 * BA2 <= 8:
+        vec = _gather_sub(ptr, STRIDE, e, emask, bh, w0, w1, w2, NWIN, NW0, NW1, NW2, k, SHIFTS,
+                          NSHIFT, P0, P1, P2, BA0, BA1, BA2, G0, G1, G2)  # fmt: skip
+    else:
+        vec = _part_vectors(ptr, STRIDE, e, emask, bh, w0, w1, w2, NWIN, NW0, NW1, NW2, k,
+                            SHIFTS, NSHIFT, P0, P1, P2, BA0, BA1, BA2, G0, G1, G2)  # fmt: skip
+    return vec
+
+
+@triton.jit
 def _to_sub(z, BLOCK_E: tl.constexpr, BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
             G0: tl.constexpr, G1: tl.constexpr, G2: tl.constexpr):  # fmt: skip
     """(BLOCK_E, BP0, BP1, BP2) -> (BLOCK_E, BP0 // G0, G0, BP1 // G1, G1, BP2 // G2, G2)."""

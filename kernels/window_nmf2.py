@@ -65,10 +65,10 @@ from ._common import (
 from ._window2_bwd import backward2
 from ._window2_common import (
     TUNING,
-    _gather_sub,
     _Geometry2,
     _load_sym,
     _pick,
+    _shift_vectors,
     _shifted_g_all,
     _store_parts,
     _subboxes,
@@ -203,7 +203,7 @@ def _apply_kernel(
             x7 = _to_sub(x, BLOCK_E, BP0, BP1, BP2, G0, G1, G2)  # (E, A0, G0, A1, G1, A2, G2)
             y = tl.zeros((BLOCK_E, BP0 // G0, G0, BP1 // G1, G1, BP2 // G2, G2), dtype=ACC)
             for k in tl.static_range(NSHIFT):
-                uu = _gather_sub(u_ptr, E, e, emask, bh, w0, w1, w2, NWIN, NW0, NW1, NW2, k,
+                uu = _shift_vectors(u_ptr, E, e, emask, bh, w0, w1, w2, NWIN, NW0, NW1, NW2, k,
                                  SHIFTS, NSHIFT, P0, P1, P2, BP0 // G0, BP1 // G1, BP2 // G2,
                                  G0, G1, G2)  # u of each sub-box's shifted window  # fmt: skip
                 xs = x7
