@@ -20,8 +20,9 @@ u the vector of omega (E floats per part, no Gram matrix in the backward). Three
    the power-step backward (``_steps_backward``) from ū, the saved K and iterates; writes S and
    h̄ in the first design's layout;
 3. ``_apply_bwd_kernel2``, per (batch*head, WPP unshifted windows): reads x and dy a second time
-   and sums the three terms of dX over the shifts, each part's (u, S, h̄) loaded once per window
-   and shift (S x column by column: S[:, c] x_c).
+   and sums the three terms of dX over the shifts, each part's (u, S, h̄) spread to the window's
+   sub-boxes; S x column by column (S[:, c] x_c, S symmetric so column c is row c), with HALS
+   (no per-shift column masks) once for the sum of the shifts' S.
 
 Derivation of the power-step backward (``_power_steps_backward``, kernels/_common.py): with
 â_1 = h / ||h||, â_t = K â_{t-1} / ||K â_{t-1}||, u = â_T and P = u u^T, the loss reaches u

@@ -12,7 +12,7 @@ import triton.language as tl
 
 from fastnmf.layout import padded_shift_table
 
-from ._common import INTERPRET, WindowSizes
+from ._common import WindowSizes
 
 
 @triton.jit
@@ -223,9 +223,11 @@ def _load_sym(ptr, e, emask, E):
     return upper + tl.trans(upper) - tl.where(i == j, upper, 0)
 
 
-# Unshifted windows per program of the parts and apply kernels (the interpreter pays per
-# program, so it takes more); read by the launcher at each call.
+# Unshifted windows per program of the parts and apply kernels (default 16: g0's rolled copies,
+# loaded once per program, then cost 0.5 KB a window; 2048 programs at 2x32x128^3), warps per
+# program of every window pass (default: see _Geometry2); read by the launcher at each call.
 TUNING: dict = {"wpp": None, "warps": None}
+_DEFAULT_WPP = 16
 
 
 def _pow2_part(n: int) -> int:
@@ -259,8 +261,11 @@ class _Geometry2(WindowSizes):
         self.shifts = _shift_constants(shifts, tuple(x.shape[2:]), self.P)
         self.nshift = len(self.shifts)
         self.sub = _subbox_sizes(self.shifts, self.P)
-        self.wpp = TUNING["wpp"] or (16 if INTERPRET else 4)
-        self.warps = TUNING["warps"] or 4
+        self.wpp = TUNING["wpp"] or _DEFAULT_WPP
+        # warps per program: the forward parts pass at 4 (at 8, bf16 with [None, 2, 4, 6] spills
+        # on sm_90a), the other window passes at 8 (fewer registers a thread, more resident warps)
+        self.warps_parts = TUNING["warps"] or 4
+        self.warps = TUNING["warps"] or 8
         self.bh = self.batch * self.heads
         if self.E * self.nvox >= 2**31:  # the kernels' in-head offsets are int32
             raise ValueError(

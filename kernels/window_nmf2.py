@@ -14,36 +14,45 @@ window are the sums over the (at most 8) parts that fall into it:
     K_s(omega) = sum_parts X_b X_b^T,   h_s(omega) = sum_parts X_b g0_s,b
 
 where g0_s,b is g0 read at the part's positions under shift s. One read of x gives every shift's
-parts. Three launches per call:
+parts. The parts of every shift are unions of *sub-boxes* of G_0 x G_1 x G_2 voxels (G_d the
+largest power of two dividing P_d and every s'_d: 2 for [None, 2, 4, 6], 4 for [None, 4] with
+P = 8), so per-voxel products are summed once into sub-boxes and only those small sums are split
+per shift. Three launches per call:
 
 1. ``_parts_kernel``, one program per (batch*head, WPP unshifted windows): loads a window as an
    (E, P0, P1, P2) block (P and the shifts are compile-time constants: no integer division per
-   voxel, contiguous rows), forms each Gram row x_i * x, and reduces it by split sums along the
-   three axes into every shift's parts (E x E and E floats per part);
+   voxel, contiguous rows), forms each Gram row x_i * x (a runtime loop over i), sums it into
+   sub-boxes and split-sums those into every shift's parts: K's upper triangle (K is symmetric:
+   E (E + 1) / 2 of the E^2 floats written) and E floats of X g0 per part;
 2. ``_solve_kernel``, one program per (batch*head, shifted window): for every shift sums its
    parts from the neighbouring unshifted windows, runs the T - 1 normalised power steps
-   (``_power_steps``) and writes u (and the iterates for backward, in the layout of the first
-   design);
+   (``_power_steps``) and writes u (and, for the backward, the iterates in the layout of the first
+   design and K's upper triangle);
 3. ``_apply_kernel``, one program per (batch*head, WPP unshifted windows): reads x again and
    writes y = mean_s u_s,b (u_s,b^T x) with u_s,b the vector of the shifted window each part lies
-   in.
+   in, spread to the window's sub-boxes (``_shift_vectors``).
 
 MU with zero entries of g0: those columns are dropped, and which columns that are depends on the
-shift, so with ``MU`` the Gram rows are masked per shift before the split sums.
+shift, so with ``MU`` the Gram rows are masked per shift before the sub-box sums.
 
-Backward (kernels/_window2_bwd.py, derivation there): the same split. K and dP = dY_s X^T of a
-shifted window are sums over its parts, so one read of x and dy gives every shift's parts, a tiny
-launch runs the power-step backward per shifted window, and an output pass per unshifted window
-sums u (u^T dY_s) + (K̄ + K̄^T) X + h̄ g0_s^T over the shifts. Three launches each way; nothing
-is copied host -> device (the shifts are compile-time constants).
+Backward (kernels/_window2_bwd.py, derivation there): the same split, cheaper. The power-step
+backward needs dP = dY_s X^T only through (dP + dP^T) u, an E-vector that is a sum over the
+window's voxels (u known from the forward), and K, saved by the forward; so one read of x and dy
+gives E floats per part, a tiny launch runs the power-step backward per shifted window, and an
+output pass per unshifted window sums u (u^T dY_s) + (K̄ + K̄^T) X + h̄ g0_s^T over the shifts.
+Three launches each way; nothing is copied host -> device (the shifts are compile-time constants).
 
-Traffic (bytes asked / ideal, counted under the interpreter at 1x8x16^3, E = P = 8, fp32;
-``fastnmf.profile.static.counter``): forward 1.71x ([None, 4]) and 2.05x ([None, 2, 4, 6]),
-forward + backward 1.86x and 2.29x (first design: 2.17x / 3.69x forward, 2.40x / 4.87x both).
-The per-part statistics are fp32 (E^2 + E floats per part, up to 8 parts per shift), so bf16
-inputs pay relatively twice as much for them (2.61x / 2.98x with the four shifts). Register use
-is high (the (E, P0, P1, P2) block of a window lives in registers; the Gram rows are unrolled):
-see the report of issue 16.
+Traffic (bytes asked / ideal, counted under the interpreter at 1x8x16^3, E = P = 8;
+``fastnmf.profile.static.counter``), forward and forward + backward: fp32 1.67x / 1.77x
+([None, 4]) and 1.90x / 2.13x ([None, 2, 4, 6]); bf16 1.83x / 1.95x and 2.30x / 2.66x (the
+per-part statistics and tables are fp32, so bf16 pays relatively twice for them). First design,
+fp32: 2.17x / 2.40x and 3.69x / 4.87x.
+
+Compiled for sm_90a (Triton 3.9, ptxas 13, 2x32x128^3, E = P = 8, 4 warps; the static suite's
+kernel report): no kernel spills, fp32 or bf16, with either shift set; registers 89-178 (8-20
+resident warps per SM) for the window passes, 64-80 (24-32 warps) for the one-warp solves. A
+window's (E, P0, P1, P2) block lives in registers (32 floats a thread at 4 warps), which is what
+keeps these passes under 32 resident warps.
 
 No atomics: every output element is written by one program in a fixed order, so results are
 bitwise deterministic.
@@ -236,7 +245,7 @@ def _forward(x, g0, rowmask, geo: _Geometry2, iters: int, mu: bool, save: bool):
     _parts_kernel[grid](
         x, g0, rowmask, kpart, hpart,
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, geo.S[1], geo.S[2], *geo.NW[1:],
-        **geo.consts(), **geo.block(), MU=mu, ACC=acc, num_warps=geo.warps,
+        **geo.consts(), **geo.block(), MU=mu, ACC=acc, num_warps=geo.warps_parts,
     )  # fmt: skip
     _solve_kernel[(geo.nwin, geo.bh)](
         kpart, hpart, u, hats, norms, kmat, geo.E, geo.nwin, iters, *geo.NW,
