@@ -121,13 +121,13 @@ def coverage_cases(dtype: str = "fp32") -> list[StaticCase]:
     """Cases that launch every Triton kernel of the layer: the benchmark cases at the first
     benchmark shape (rank one and two, every shift set, global) plus shifts [None, 3], whose
     tiles of one voxel send the window apply passes to the per-voxel kernels, plus the second
-    window design with the BraTS shifts [None, 2, 4, 6] (one case: its compile is the slow one)."""
+    window design with both shift sets ([None, 4]: sub-boxes of 4^3, [None, 2, 4, 6]: of 2^3)."""
     cases = benchmark_cases(dtypes=(dtype,))
     cases = [c for c in cases if c.shape == cases[0].shape]
     odd = dataclasses.replace(cases[0], mode="window", shifts=(None, 3), window=WINDOW, rank=1)
-    two = dataclasses.replace(cases[0], mode="window", shifts=SHIFT_SETS["swin4"], window=WINDOW,
-                              rank=1, design=2)  # fmt: skip
-    return [*cases, odd, two]
+    two = [dataclasses.replace(cases[0], mode="window", shifts=SHIFT_SETS[name], window=WINDOW,
+                               rank=1, design=2) for name in ("swin2", "swin4")]  # fmt: skip
+    return [*cases, odd, *two]
 
 
 @contextlib.contextmanager
