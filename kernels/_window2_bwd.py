@@ -240,7 +240,7 @@ def backward2(x, g0, rowmask, hats, norms, kmat, dy, geo: _Geometry2, iters: int
     _parts_bwd_kernel[grid](
         x, dy, g0, rowmask, hats, gpart,
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, iters, geo.S[1], geo.S[2], *geo.NW,
-        **geo.consts(), **geo.block(), MU=mu, ACC=acc, num_warps=geo.warps,
+        **geo.consts(), **geo.block(), MU=mu, ACC=acc, num_warps=geo.warps["parts_bwd"],
     )  # fmt: skip
     _solve_bwd_kernel[(geo.nwin, geo.bh)](
         gpart, kmat, hats, norms, sym, hbar, geo.E, geo.nwin, iters, *geo.NW,
@@ -250,6 +250,6 @@ def backward2(x, g0, rowmask, hats, norms, kmat, dy, geo: _Geometry2, iters: int
     _apply_bwd_kernel2[grid](
         x, dy, dx, g0, rowmask, hats, sym, hbar,
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, iters, geo.S[1], geo.S[2], *geo.NW,
-        **geo.consts(), **geo.block(), MU=mu, ACC=acc, num_warps=geo.warps,
+        **geo.consts(), **geo.block(), MU=mu, ACC=acc, num_warps=geo.warps["apply_bwd"],
     )  # fmt: skip
     return dx

@@ -228,6 +228,7 @@ def _load_sym(ptr, e, emask, E):
 # program of every window pass (default: see _Geometry2); read by the launcher at each call.
 TUNING: dict = {"wpp": None, "warps": None}
 _DEFAULT_WPP = 16
+_WARPS = {"parts": 4, "apply": 8, "parts_bwd": 8, "apply_bwd": 16}
 
 
 def _pow2_part(n: int) -> int:
@@ -262,10 +263,10 @@ class _Geometry2(WindowSizes):
         self.nshift = len(self.shifts)
         self.sub = _subbox_sizes(self.shifts, self.P)
         self.wpp = TUNING["wpp"] or _DEFAULT_WPP
-        # warps per program: the forward parts pass at 4 (at 8, bf16 with [None, 2, 4, 6] spills
-        # on sm_90a), the other window passes at 8 (fewer registers a thread, more resident warps)
-        self.warps_parts = TUNING["warps"] or 4
-        self.warps = TUNING["warps"] or 8
+        # warps per program of each window pass, chosen from the sm_90a compiles (issue 16's
+        # report): the forward parts pass at 4 (at 8, bf16 with [None, 2, 4, 6] spills), the apply
+        # and backward parts passes at 8, the backward apply at 16 (twice the resident warps of 8)
+        self.warps = {name: TUNING["warps"] or n for name, n in _WARPS.items()}
         self.bh = self.batch * self.heads
         if self.E * self.nvox >= 2**31:  # the kernels' in-head offsets are int32
             raise ValueError(

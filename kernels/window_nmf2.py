@@ -245,7 +245,7 @@ def _forward(x, g0, rowmask, geo: _Geometry2, iters: int, mu: bool, save: bool):
     _parts_kernel[grid](
         x, g0, rowmask, kpart, hpart,
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, geo.S[1], geo.S[2], *geo.NW[1:],
-        **geo.consts(), **geo.block(), MU=mu, ACC=acc, num_warps=geo.warps_parts,
+        **geo.consts(), **geo.block(), MU=mu, ACC=acc, num_warps=geo.warps["parts"],
     )  # fmt: skip
     _solve_kernel[(geo.nwin, geo.bh)](
         kpart, hpart, u, hats, norms, kmat, geo.E, geo.nwin, iters, *geo.NW,
@@ -254,7 +254,7 @@ def _forward(x, g0, rowmask, geo: _Geometry2, iters: int, mu: bool, save: bool):
     _apply_kernel[grid](
         x, y, g0, rowmask, u,
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, geo.S[1], geo.S[2], *geo.NW,
-        **geo.consts(), **geo.block(), MU=mu, ACC=acc, num_warps=geo.warps,
+        **geo.consts(), **geo.block(), MU=mu, ACC=acc, num_warps=geo.warps["apply"],
     )  # fmt: skip
     if not save:
         hats = norms = kmat = None
