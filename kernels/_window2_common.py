@@ -228,7 +228,7 @@ def _load_sym(ptr, e, emask, E):
 # program of every window pass (default: see _Geometry2); read by the launcher at each call.
 TUNING: dict = {"wpp": None, "warps": None}
 _DEFAULT_WPP = 16
-_WARPS = {"parts": 4, "apply": 8, "parts_bwd": 8, "apply_bwd": 16}
+_WARPS = {"parts": 8, "apply": 8, "parts_bwd": 8, "apply_bwd": 16}
 
 
 def _pow2_part(n: int) -> int:
@@ -264,8 +264,7 @@ class _Geometry2(WindowSizes):
         self.sub = _subbox_sizes(self.shifts, self.P)
         self.wpp = TUNING["wpp"] or _DEFAULT_WPP
         # warps per program of each window pass, chosen from the sm_90a compiles (issue 16's
-        # report): the forward parts pass at 4 (at 8, bf16 with [None, 2, 4, 6] spills), the apply
-        # and backward parts passes at 8, the backward apply at 16 (twice the resident warps of 8)
+        # report): 8, and 16 for the backward apply (twice the resident warps of 8)
         self.warps = {name: TUNING["warps"] or n for name, n in _WARPS.items()}
         self.bh = self.batch * self.heads
         if self.E * self.nvox >= 2**31:  # the kernels' in-head offsets are int32
@@ -277,6 +276,18 @@ class _Geometry2(WindowSizes):
     def consts(self) -> dict:
         return dict(SHIFTS=self.shifts, NSHIFT=self.nshift, P0=self.P[0], P1=self.P[1],
                     P2=self.P[2])  # fmt: skip
+
+    def dot(self, acc, mu: bool) -> dict:
+        """The forward parts pass's matrix split of the Gram (``_gram_parts_dot``): fp32, HALS,
+        and tiles a GPU's tl.dot takes (E^2 and the sub-box count at least 16: sub-boxes halved,
+        the largest axis first, until there are 16)."""
+        sub = list(self.sub)
+        while math.prod(b // g for b, g in zip(self.bp, sub, strict=True)) < 16 and max(sub) > 1:
+            sub[sub.index(max(sub))] //= 2
+        nsub = math.prod(b // g for b, g in zip(self.bp, sub, strict=True))
+        use = acc == tl.float32 and not mu and nsub >= 16 and self.block_e**2 >= 16
+        return dict(DOT=use, D0=sub[0], D1=sub[1], D2=sub[2],
+                    NPB=max(16, triton.next_power_of_2(8 * self.nshift)))  # fmt: skip
 
     def block(self) -> dict:
         return dict(WPP=self.wpp, BP0=self.bp[0], BP1=self.bp[1], BP2=self.bp[2],

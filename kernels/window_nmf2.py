@@ -22,8 +22,9 @@ per shift. Three launches per call:
 1. ``_parts_kernel``, one program per (batch*head, WPP unshifted windows): loads a window as an
    (E, P0, P1, P2) block (P and the shifts are compile-time constants: no integer division per
    voxel, contiguous rows), forms each Gram row x_i * x (a runtime loop over i), sums it into
-   sub-boxes and split-sums those into every shift's parts: K's upper triangle (K is symmetric:
-   E (E + 1) / 2 of the E^2 floats written) and E floats of X g0 per part;
+   sub-boxes and splits those into every shift's parts (fp32 HALS: by one product with a 0/1
+   membership matrix, ``_gram_parts_dot``; else by masked sums): K's upper triangle (K is
+   symmetric: E (E + 1) / 2 of the E^2 floats written) and E floats of X g0 per part;
 2. ``_solve_kernel``, one program per (batch*head, shifted window): for every shift sums its
    parts from the neighbouring unshifted windows, runs the T - 1 normalised power steps
    (``_power_steps``) and writes u (and, for the backward, the iterates in the layout of the first
@@ -43,16 +44,16 @@ output pass per unshifted window sums u (u^T dY_s) + (K̄ + K̄^T) X + h̄ g0_s^
 Three launches each way; nothing is copied host -> device (the shifts are compile-time constants).
 
 Traffic (bytes asked / ideal, counted under the interpreter at 1x8x16^3, E = P = 8;
-``fastnmf.profile.static.counter``), forward and forward + backward: fp32 1.67x / 1.77x
-([None, 4]) and 1.90x / 2.13x ([None, 2, 4, 6]); bf16 1.83x / 1.95x and 2.30x / 2.66x (the
+``fastnmf.profile.static.counter``), forward and forward + backward: fp32 1.65x / 1.76x
+([None, 4]) and 1.87x / 2.11x ([None, 2, 4, 6]); bf16 1.80x / 1.92x and 2.24x / 2.61x (the
 per-part statistics and tables are fp32, so bf16 pays relatively twice for them). First design,
 fp32: 2.17x / 2.40x and 3.69x / 4.87x.
 
-Compiled for sm_90a (Triton 3.9, ptxas 13, 2x32x128^3, E = P = 8, 4 warps; the static suite's
-kernel report): no kernel spills, fp32 or bf16, with either shift set; registers 89-178 (8-20
-resident warps per SM) for the window passes, 64-80 (24-32 warps) for the one-warp solves. A
-window's (E, P0, P1, P2) block lives in registers (32 floats a thread at 4 warps), which is what
-keeps these passes under 32 resident warps.
+Compiled for sm_90a (Triton 3.9, ptxas 13, 2x32x128^3, E = P = 8; the static suite's kernel
+report): no kernel spills, fp32 or bf16, with either shift set; the window passes (8 warps, the
+backward apply 16) at 64-128 registers, 16-32 resident warps per SM; the one-warp solves at
+64-72 registers, 28-32 warps. A window's (E, P0, P1, P2) block lives in registers, which keeps
+the window passes at 16 resident warps with the four shifts.
 
 No atomics: every output element is written by one program in a fixed order, so results are
 bitwise deterministic.
@@ -97,10 +98,14 @@ def _parts_kernel(
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
     BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
-    G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
+    G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+    D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, NPB: tl.constexpr,
 ):  # fmt: skip
     """Per unshifted window: every shift's part sums of X g0_s and of X X^T (upper triangle),
-    each Gram row reduced to sub-boxes once and then split per shift (MU: per shift)."""
+    each Gram row reduced to sub-boxes once and then split per shift (MU: per shift). With DOT
+    (fp32, no MU), the Gram rows' sums over sub-boxes of D0 x D1 x D2 voxels are collected in an
+    (E^2, sub-boxes) matrix and split into every shift's parts by one product with the 0/1
+    membership matrix (``_membership``): FMAs with 1 and 0 add exactly, and no lane shuffles."""
     bh = tl.program_id(1)
     offset = ((bh // HEADS) * C + (bh % HEADS) * E).to(tl.int64) * NVOX
     x_base = x_ptr + offset  # the head's first element
@@ -110,6 +115,11 @@ def _parts_kernel(
     rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
     # g0 under every shift, once per program
     g_all = _shifted_g_all(g0_ptr, SHIFTS, NSHIFT, NSB, P0, P1, P2, BP0, BP1, BP2).to(ACC)
+    member = 0
+    exists = 0
+    if DOT:
+        member, exists = _membership(SHIFTS, NSHIFT, P0, P1, P2, BP0 // D0, BP1 // D1,
+                                     BP2 // D2, D0, D1, D2, NPB, ACC)  # fmt: skip
     for j in range(0, WPP):
         w = tl.program_id(0) * WPP + j
         if w < NWIN:
@@ -128,22 +138,82 @@ def _parts_kernel(
                              hpart_ptr + (slot + k * 8) * E, E, e, emask,
                              SHIFTS[k][0], SHIFTS[k][1], SHIFTS[k][2], P0, P1, P2,
                              BP0 // G0, BP1 // G1, BP2 // G2, G0, G1, G2)  # fmt: skip
-            for i in range(0, E):  # Gram row i, columns j >= i (K is symmetric)
-                xi = tl.sum(tl.where(e4 == i, x, 0), axis=0)[None, :, :, :]  # row i of X
-                upper = emask & (e >= i)
-                if MU:  # the dropped columns depend on the shift
+            if DOT:
+                _gram_parts_dot(x, member, exists, kpart_ptr, slot, E, BLOCK_E, BP0, BP1, BP2, D0,
+                                D1, D2, NPB, ACC)  # fmt: skip
+            else:
+                for i in range(0, E):  # Gram row i, columns j >= i (K is symmetric)
+                    xi = tl.sum(tl.where(e4 == i, x, 0), axis=0)[None, :, :, :]  # row i of X
+                    upper = emask & (e >= i)
                     for k in tl.static_range(NSHIFT):
-                        z = tl.where(_pick(g_all, k, NSB) > 0, x * xi, 0)
+                        z = x * xi
+                        if MU:  # the dropped columns depend on the shift
+                            z = tl.where(_pick(g_all, k, NSB) > 0, z, 0)
                         _store_parts(_subboxes(z, BLOCK_E, BP0, BP1, BP2, G0, G1, G2),
                                      kpart_ptr + (slot + k * 8) * E * E + i * E, E * E, e,
                                      upper, SHIFTS[k][0], SHIFTS[k][1], SHIFTS[k][2], P0, P1,
                                      P2, BP0 // G0, BP1 // G1, BP2 // G2, G0, G1, G2)  # fmt: skip
-                else:
-                    z = _subboxes(x * xi, BLOCK_E, BP0, BP1, BP2, G0, G1, G2)
-                    for k in tl.static_range(NSHIFT):
-                        _store_parts(z, kpart_ptr + (slot + k * 8) * E * E + i * E, E * E, e,
-                                     upper, SHIFTS[k][0], SHIFTS[k][1], SHIFTS[k][2], P0, P1,
-                                     P2, BP0 // G0, BP1 // G1, BP2 // G2, G0, G1, G2)  # fmt: skip
+
+
+@triton.jit
+def _membership(SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, P0: tl.constexpr,
+                P1: tl.constexpr, P2: tl.constexpr, BA0: tl.constexpr, BA1: tl.constexpr,
+                BA2: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+                NPB: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """(BA0 BA1 BA2, NPB) 0/1: sub-box n (of D0 x D1 x D2 voxels, flat) lies in part b of shift k
+    (column k * 8 + b); columns of parts a shift does not have, and padding, are 0. Also
+    (1, NPB): which columns are parts."""
+    n = tl.arange(0, BA0 * BA1 * BA2)[:, None]
+    a0 = (n // (BA1 * BA2)) * D0  # first voxel of the sub-box per axis (powers of two: shifts)
+    a1 = ((n // BA2) % BA1) * D1
+    a2 = (n % BA2) * D2
+    p = tl.arange(0, NPB)[None, :]
+    kk = p // 8
+    b0 = (p // 4) % 2
+    b1 = (p // 2) % 2
+    b2 = p % 2
+    s0 = tl.zeros((1, NPB), dtype=tl.int32)
+    s1 = tl.zeros((1, NPB), dtype=tl.int32)
+    s2 = tl.zeros((1, NPB), dtype=tl.int32)
+    for j in tl.static_range(NSHIFT):
+        s0 = tl.where(kk == j, SHIFTS[j][0], s0)
+        s1 = tl.where(kk == j, SHIFTS[j][1], s1)
+        s2 = tl.where(kk == j, SHIFTS[j][2], s2)
+    inside = (a0 < P0) & (a1 < P1) & (a2 < P2)
+    exists = (kk < NSHIFT) & ((b0 == 0) | (s0 > 0)) & ((b1 == 0) | (s1 > 0))
+    exists = exists & ((b2 == 0) | (s2 > 0))
+    member = (((a0 >= P0 - s0).to(tl.int32) == b0) & ((a1 >= P1 - s1).to(tl.int32) == b1)
+              & ((a2 >= P2 - s2).to(tl.int32) == b2))  # fmt: skip
+    return (member & inside & exists).to(ACC), exists
+
+
+@triton.jit
+def _gram_parts_dot(x, member, exists, kpart_ptr, slot, E: tl.constexpr,
+                    BLOCK_E: tl.constexpr, BP0: tl.constexpr, BP1: tl.constexpr,
+                    BP2: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+                    NPB: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """Every shift's part sums of X X^T (upper triangle) for one window x (BLOCK_E, BP0, BP1,
+    BP2): the Gram rows' sub-box sums (rows, sub-boxes) times ``member`` (sub-boxes, NPB), stored
+    for the parts that exist (``exists``, (1, NPB))."""
+    NSUB: tl.constexpr = (BP0 // D0) * (BP1 // D1) * (BP2 // D2)
+    RC: tl.constexpr = max(16 // BLOCK_E, 1)  # Gram rows per product: at least 16 rows of A
+    e = tl.arange(0, BLOCK_E)
+    e4 = e[:, None, None, None]
+    ii = tl.arange(0, RC)[:, None, None]
+    r = tl.arange(0, RC * BLOCK_E)[:, None]
+    p = tl.arange(0, NPB)[None, :]
+    for i0 in range(0, E, RC):
+        sub = tl.zeros((RC, BLOCK_E, NSUB), dtype=ACC)  # (row i0 + ii, column j, sub-box)
+        for di in tl.static_range(RC):
+            xi = tl.sum(tl.where(e4 == i0 + di, x, 0), axis=0)[None, :, :, :]  # row of X
+            z = _subboxes(x * xi, BLOCK_E, BP0, BP1, BP2, D0, D1, D2)  # (E, BA0, BA1, BA2)
+            sub = tl.where(ii == di, tl.reshape(z, (BLOCK_E, NSUB))[None, :, :], sub)
+        parts = tl.dot(tl.reshape(sub, (RC * BLOCK_E, NSUB)), member,
+                       input_precision="ieee")  # (RC E, NPB)  # fmt: skip
+        ri = i0 + r // BLOCK_E
+        rj = r % BLOCK_E
+        mask = (ri < E) & (rj < E) & (rj >= ri) & exists
+        tl.store(kpart_ptr + (slot + p) * E * E + ri * E + rj, parts, mask=mask)
 
 
 @triton.jit
@@ -245,7 +315,8 @@ def _forward(x, g0, rowmask, geo: _Geometry2, iters: int, mu: bool, save: bool):
     _parts_kernel[grid](
         x, g0, rowmask, kpart, hpart,
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, geo.S[1], geo.S[2], *geo.NW[1:],
-        **geo.consts(), **geo.block(), MU=mu, ACC=acc, num_warps=geo.warps["parts"],
+        **geo.consts(), **geo.block(), MU=mu, ACC=acc, **geo.dot(acc, mu),
+        num_warps=geo.warps["parts"],
     )  # fmt: skip
     _solve_kernel[(geo.nwin, geo.bh)](
         kpart, hpart, u, hats, norms, kmat, geo.E, geo.nwin, iters, *geo.NW,
