@@ -214,12 +214,19 @@ def _store_parts(z, dst, stride, e, emask, SH0: tl.constexpr, SH1: tl.constexpr,
 
 
 @triton.jit
+def _tri(i, j, E):
+    """Position of (i, j), i <= j, in the upper triangle of an E x E matrix packed row by row
+    (E (E + 1) / 2 floats: whole 32-byte sectors, not one partial sector per row)."""
+    return i * E - (i * (i - 1)) // 2 + (j - i)
+
+
+@triton.jit
 def _load_sym(ptr, e, emask, E):
-    """(BLOCK_E, BLOCK_E) symmetric matrix from its upper triangle (row i, columns j >= i) at
-    ptr + i * E + j (the lower triangle is never written or read)."""
+    """(BLOCK_E, BLOCK_E) symmetric matrix from its packed upper triangle at ptr (:func:`_tri`)."""
     i = e[:, None]
     j = e[None, :]
-    upper = tl.load(ptr + i * E + j, mask=emask[:, None] & emask[None, :] & (j >= i), other=0)
+    upper = tl.load(ptr + _tri(i, j, E), mask=emask[:, None] & emask[None, :] & (j >= i),
+                    other=0)  # fmt: skip
     return upper + tl.trans(upper) - tl.where(i == j, upper, 0)
 
 

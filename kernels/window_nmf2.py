@@ -83,6 +83,7 @@ from ._window2_common import (
     _store_parts,
     _subboxes,
     _to_sub,
+    _tri,
     _window_offsets,
     _window_origin,
 )
@@ -150,9 +151,10 @@ def _parts_kernel(
                         if MU:  # the dropped columns depend on the shift
                             z = tl.where(_pick(g_all, k, NSB) > 0, z, 0)
                         _store_parts(_subboxes(z, BLOCK_E, BP0, BP1, BP2, G0, G1, G2),
-                                     kpart_ptr + (slot + k * 8) * E * E + i * E, E * E, e,
-                                     upper, SHIFTS[k][0], SHIFTS[k][1], SHIFTS[k][2], P0, P1,
-                                     P2, BP0 // G0, BP1 // G1, BP2 // G2, G0, G1, G2)  # fmt: skip
+                                     kpart_ptr + (slot + k * 8) * E * E + _tri(i, 0, E),
+                                     E * E, e, upper, SHIFTS[k][0], SHIFTS[k][1],
+                                     SHIFTS[k][2], P0, P1, P2, BP0 // G0, BP1 // G1, BP2 // G2,
+                                     G0, G1, G2)  # fmt: skip
 
 
 @triton.jit
@@ -213,7 +215,7 @@ def _gram_parts_dot(x, member, exists, kpart_ptr, slot, E: tl.constexpr,
         ri = i0 + r // BLOCK_E
         rj = r % BLOCK_E
         mask = (ri < E) & (rj < E) & (rj >= ri) & exists
-        tl.store(kpart_ptr + (slot + p) * E * E + ri * E + rj, parts, mask=mask)
+        tl.store(kpart_ptr + (slot + p) * E * E + _tri(ri, rj, E), parts, mask=mask)
 
 
 @triton.jit
@@ -228,7 +230,6 @@ def _solve_kernel(
     o0, o1, o2 = _window_origin(om, NW1, NW2)
     e = tl.arange(0, BLOCK_E)
     emask = e < E
-    ee = e[:, None] * E + e[None, :]
     emask2 = emask[:, None] & emask[None, :]
     for k in tl.static_range(NSHIFT):
         k_mat = tl.zeros((BLOCK_E, BLOCK_E), dtype=ACC)
@@ -244,8 +245,8 @@ def _solve_kernel(
                     k_mat += _load_sym(kpart_ptr + slot * E * E, e, emask, E)
                     h += tl.load(hpart_ptr + slot * E + e, mask=emask, other=0)
         prog = (bh * NSHIFT + k) * NWIN + om
-        if SAVE:  # K for the backward (upper triangle)
-            tl.store(kmat_ptr + prog * E * E + ee, k_mat,
+        if SAVE:  # K for the backward (packed upper triangle)
+            tl.store(kmat_ptr + prog * E * E + _tri(e[:, None], e[None, :], E), k_mat,
                      mask=emask2 & (e[None, :] >= e[:, None]))  # fmt: skip
         a_hat = _power_steps(k_mat, h, hats_ptr + prog * ITERS * E, norms_ptr + prog * ITERS, e,
                              emask, E, ITERS, SAVE)  # fmt: skip
