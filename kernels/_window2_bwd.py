@@ -5,21 +5,24 @@ Per shifted window (first design's docstring, fastnmf/closed_form.py), with dY_s
     dP = dY_s X^T,  then back through the power steps: S = K̄ + K̄^T and h̄ (E^2 + E floats),
     dX = u (u^T dY_s) + S X + h̄ g0^T (per shift, summed), times ReLU'(x).
 
-Both statistics the power-step backward needs, K = X X^T and dP, are sums over the voxels of the
-window, so like K in the forward they split into parts: an unshifted window W meets at most 8
-shifted windows per shift, and
+The power-step backward needs K = X X^T, saved by the forward's solve (upper triangle), and dP
+only through ū = (dP + dP^T) u = dY_s (X^T u) + X (dY_s^T u): an E-vector that is a sum over
+the voxels of the window, with u known from the forward. So like h in the forward it splits into
+parts: an unshifted window W meets at most 8 shifted windows per shift, and
 
-    K_s(omega) = sum_parts X_b X_b^T,   dP_s(omega) = (1 / n_shifts) sum_parts dY_b X_b^T.
+    ū_s(omega) = sum_parts sum_{v in b} [dY_s(v) (u^T x(v)) + x(v) (u^T dY_s(v))],
 
-Three launches:
+u the vector of omega (E floats per part, no Gram matrix in the backward). Three launches:
 
-1. ``_parts_bwd_kernel``, per (batch*head, WPP unshifted windows): reads x and dy once, forms
-   row i of x x^T and of dy x^T for every voxel and split-sums them into every shift's parts;
+1. ``_parts_bwd_kernel``, per (batch*head, WPP unshifted windows): reads x and dy once and
+   split-sums the per-voxel terms of ū into every shift's parts (through sub-boxes);
 2. ``_solve_bwd_kernel``, per (batch*head, shifted window): sums the parts of each shift and runs
-   ``_power_steps_backward`` from the saved iterates; writes S and h̄ in the first design's layout;
+   the power-step backward (``_steps_backward``) from ū, the saved K and iterates; writes S and
+   h̄ in the first design's layout;
 3. ``_apply_bwd_kernel2``, per (batch*head, WPP unshifted windows): reads x and dy a second time
-   and sums the three terms of dX over the shifts, each part's (u, S, h̄) loaded once per window
-   and shift (S x column by column: S[:, c] x_c).
+   and sums the three terms of dX over the shifts, each part's (u, S, h̄) spread to the window's
+   sub-boxes; S x column by column (S[:, c] x_c, S symmetric so column c is row c), with HALS
+   (no per-shift column masks) once for the sum of the shifts' S.
 
 Derivation of the power-step backward (``_power_steps_backward``, kernels/_common.py): with
 â_1 = h / ||h||, â_t = K â_{t-1} / ||K â_{t-1}||, u = â_T and P = u u^T, the loss reaches u
@@ -40,32 +43,58 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _power_steps_backward, acc_dtype
+from ._common import acc_dtype
 from ._window2_common import (
-    _block_coords,
+    _gather_sub,
     _Geometry2,
+    _load_sym,
     _pick,
+    _shift_vectors,
     _shifted_g_all,
     _store_parts,
+    _to_sub,
     _window_offsets,
     _window_origin,
 )
 
 
 @triton.jit
+def _steps_backward(k, grad, hats_ptr, norms_ptr, e, emask, E, ITERS, BLOCK_E: tl.constexpr,
+                    ACC: tl.constexpr):  # fmt: skip
+    """From ū = (dP + dP^T) u back through the power steps: (K̄ + K̄^T, h̄). The loop of
+    ``_power_steps_backward`` (kernels/_common.py), which starts from dP instead."""
+    kbar = tl.zeros((BLOCK_E, BLOCK_E), dtype=ACC)
+    hbar = tl.zeros((BLOCK_E,), dtype=ACC)
+    for i in range(0, ITERS):
+        t = ITERS - 1 - i
+        a_hat = tl.load(hats_ptr + t * E + e, mask=emask, other=0)
+        norm = tl.load(norms_ptr + t)
+        radial = tl.sum(a_hat * grad, axis=0)
+        a_bar = tl.where(norm > 0, (grad - a_hat * radial) / tl.where(norm > 0, norm, 1), 0)
+        prev = tl.load(hats_ptr + tl.maximum(t - 1, 0) * E + e, mask=emask, other=0)
+        kbar += tl.where(t > 0, a_bar[:, None] * prev[None, :], 0.0)  # no K̄ term at t = 0
+        hbar = a_bar  # the last pass (t = 0) leaves h̄ = ā_1
+        grad = tl.sum(k * a_bar[None, :], axis=1)
+    return kbar + tl.trans(kbar), hbar
+
+
+@triton.jit
 def _parts_bwd_kernel(
-    x_ptr, dy_ptr, g0_ptr, rowmask_ptr, kpart_ptr, ppart_ptr,
-    C, E, HEADS, NWIN, NVOX, S1, S2, NW1, NW2,
+    x_ptr, dy_ptr, g0_ptr, rowmask_ptr, hats_ptr, gpart_ptr,
+    C, E: tl.constexpr, HEADS, NWIN, NVOX, ITERS, S1, S2, NW0, NW1, NW2,
     SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr,
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
-    BLOCK_E: tl.constexpr, NSB: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
+    G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
+    """Per unshifted window: every shift's part sums of dY_s (X_s^T u) + X_s (dY_s^T u), u the
+    vector of the shifted window each part lies in (X_s: x with MU's dropped columns)."""
     bh = tl.program_id(1)
     offset = ((bh // HEADS) * C + (bh % HEADS) * E).to(tl.int64) * NVOX
+    x_base, dy_base = x_ptr + offset, dy_ptr + offset  # the head's first element
     e = tl.arange(0, BLOCK_E)
     emask = e < E
-    e4 = e[:, None, None, None]
     rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
     g_all = tl.zeros((NSB, BP0, BP1, BP2), dtype=ACC)
     if MU:  # g0 under every shift, once per program
@@ -74,36 +103,34 @@ def _parts_bwd_kernel(
         w = tl.program_id(0) * WPP + j
         if w < NWIN:
             w0, w1, w2 = _window_origin(w, NW1, NW2)
-            ptrs, mask = _window_offsets(offset, e, emask, w0, w1, w2, NVOX, S1, S2,
+            offs, mask = _window_offsets(e, emask, w0, w1, w2, NVOX, S1, S2,
                                          P0, P1, P2, BP0, BP1, BP2)  # fmt: skip
-            x = tl.load(x_ptr + ptrs, mask=mask, other=0).to(ACC)
+            x = tl.load(x_base + offs, mask=mask, other=0).to(ACC)
             x = tl.maximum(x, 0) * rowmask[:, None, None, None]  # (BLOCK_E, BP0, BP1, BP2)
-            dy = tl.load(dy_ptr + ptrs, mask=mask, other=0).to(ACC)
+            dy = tl.load(dy_base + offs, mask=mask, other=0).to(ACC) / NSHIFT  # dY_s
             slot = (bh * NWIN + w) * (NSHIFT * 8)
-            for i in tl.static_range(BLOCK_E):
-                xi = tl.sum(tl.where(e4 == i, x, 0), axis=0)[None, :, :, :]  # row i of X
-                dyi = tl.sum(tl.where(e4 == i, dy, 0), axis=0)[None, :, :, :]  # row i of dY
-                row_ok = emask & (tl.full((BLOCK_E,), i, tl.int32) < E)
-                for k in tl.static_range(NSHIFT):
-                    xs = x
-                    xsi = xi
-                    if MU:
-                        g = _pick(g_all, k, NSB)
-                        xs = tl.where(g > 0, x, 0)
-                        xsi = tl.where(g > 0, xi, 0)
-                    part = (slot + k * 8) * E * E + i * E
-                    _store_parts(xs * xsi, kpart_ptr + part, E * E, e, row_ok,
-                                 SHIFTS[k][0], SHIFTS[k][1], SHIFTS[k][2],
-                                 P0, P1, P2, BP0, BP1, BP2)  # fmt: skip
-                    _store_parts(xs * dyi, ppart_ptr + part, E * E, e, row_ok,
-                                 SHIFTS[k][0], SHIFTS[k][1], SHIFTS[k][2],
-                                 P0, P1, P2, BP0, BP1, BP2)  # fmt: skip
+            x7 = _to_sub(x, BLOCK_E, BP0, BP1, BP2, G0, G1, G2)  # (E, A0, G0, A1, G1, A2, G2)
+            dy7 = _to_sub(dy, BLOCK_E, BP0, BP1, BP2, G0, G1, G2)
+            for k in tl.static_range(NSHIFT):
+                uu = _shift_vectors(hats_ptr + (ITERS - 1) * E, ITERS * E, e, emask, bh, w0, w1, w2,
+                                 NWIN, NW0, NW1, NW2, k, SHIFTS, NSHIFT, P0, P1, P2,
+                                 BP0 // G0, BP1 // G1, BP2 // G2, G0, G1, G2)  # fmt: skip
+                xs = x7
+                if MU:
+                    xs = tl.where(_to_sub(_pick(g_all, k, NSB), 1, BP0, BP1, BP2, G0, G1, G2) > 0,
+                                  x7, 0)  # fmt: skip
+                cx = tl.sum(uu * xs, axis=0)[None]  # u^T x(v)
+                cdy = tl.sum(uu * dy7, axis=0)[None]  # u^T dY_s(v)
+                z = tl.sum(tl.sum(tl.sum(dy7 * cx + xs * cdy, axis=6), axis=4), axis=2)
+                _store_parts(z, gpart_ptr + (slot + k * 8) * E, E, e, emask,
+                             SHIFTS[k][0], SHIFTS[k][1], SHIFTS[k][2], P0, P1, P2,
+                             BP0 // G0, BP1 // G1, BP2 // G2, G0, G1, G2)  # fmt: skip
 
 
 @triton.jit
 def _solve_bwd_kernel(
-    kpart_ptr, ppart_ptr, hats_ptr, norms_ptr, sym_ptr, hbar_ptr,
-    E, NWIN, ITERS, NW0, NW1, NW2,
+    gpart_ptr, kmat_ptr, hats_ptr, norms_ptr, sym_ptr, hbar_ptr,
+    E: tl.constexpr, NWIN, ITERS, NW0, NW1, NW2,
     SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, BLOCK_E: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     om = tl.program_id(0)  # a shifted window
@@ -114,8 +141,7 @@ def _solve_bwd_kernel(
     ee = e[:, None] * E + e[None, :]
     emask2 = emask[:, None] & emask[None, :]
     for k in tl.static_range(NSHIFT):
-        k_mat = tl.zeros((BLOCK_E, BLOCK_E), dtype=ACC)
-        dp = tl.zeros((BLOCK_E, BLOCK_E), dtype=ACC)
+        grad = tl.zeros((BLOCK_E,), dtype=ACC)
         for b2 in tl.static_range(2 if SHIFTS[k][2] else 1):
             w2 = (o2 - b2 - SHIFTS[k][5] + 2 * NW2) % NW2
             for b1 in tl.static_range(2 if SHIFTS[k][1] else 1):
@@ -124,13 +150,12 @@ def _solve_bwd_kernel(
                     w0 = (o0 - b0 - SHIFTS[k][3] + 2 * NW0) % NW0
                     w = (w0 * NW1 + w1) * NW2 + w2  # the unshifted window holding this part
                     slot = (bh * NWIN + w) * (NSHIFT * 8) + k * 8 + (b0 * 2 + b1) * 2 + b2
-                    k_mat += tl.load(kpart_ptr + slot * E * E + ee, mask=emask2, other=0)
-                    dp += tl.load(ppart_ptr + slot * E * E + ee, mask=emask2, other=0)
-        dp = dp / NSHIFT  # rows: dY_s = dY / n_shifts
+                    grad += tl.load(gpart_ptr + slot * E + e, mask=emask, other=0)
         prog = (bh * NSHIFT + k) * NWIN + om
-        sym, hbar = _power_steps_backward(k_mat, dp, hats_ptr + prog * ITERS * E,
-                                          norms_ptr + prog * ITERS, e, emask, E, ITERS, BLOCK_E,
-                                          ACC)  # fmt: skip
+        k_mat = _load_sym(kmat_ptr + prog * E * E, e, emask, E)
+        sym, hbar = _steps_backward(k_mat, grad, hats_ptr + prog * ITERS * E,
+                                    norms_ptr + prog * ITERS, e, emask, E, ITERS, BLOCK_E,
+                                    ACC)  # fmt: skip
         tl.store(sym_ptr + prog * E * E + ee, sym, mask=emask2)
         tl.store(hbar_ptr + prog * E + e, hbar, mask=emask)
 
@@ -138,102 +163,93 @@ def _solve_bwd_kernel(
 @triton.jit
 def _apply_bwd_kernel2(
     x_ptr, dy_ptr, dx_ptr, g0_ptr, rowmask_ptr, hats_ptr, sym_ptr, hbar_ptr,
-    C, E, HEADS, NWIN, NVOX, ITERS, S1, S2, NW0, NW1, NW2,
+    C, E: tl.constexpr, HEADS, NWIN, NVOX, ITERS, S1, S2, NW0, NW1, NW2,
     SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr,
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
-    BLOCK_E: tl.constexpr, NSB: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
+    G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     """dX = sum_s [u (u^T dY_s) + S x + h̄ g0_s^T] times ReLU'(x), per unshifted window, each
-    part's (u, S, h̄) those of the shifted window it lies in (S applied column by column)."""
+    part's (u, S, h̄) those of the shifted window it lies in (S x column by column: S[:, c] x_c,
+    the columns in a loop)."""
     bh = tl.program_id(1)
     offset = ((bh // HEADS) * C + (bh % HEADS) * E).to(tl.int64) * NVOX
+    x_base, dy_base, dx_base = x_ptr + offset, dy_ptr + offset, dx_ptr + offset
     e = tl.arange(0, BLOCK_E)
     emask = e < E
-    e4 = e[:, None, None, None]
+    e7 = e[:, None, None, None, None, None, None]
     rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
     g_all = _shifted_g_all(g0_ptr, SHIFTS, NSHIFT, NSB, P0, P1, P2, BP0, BP1, BP2).to(ACC)
-    q0, q1, q2 = _block_coords(BP0, BP1, BP2)
     for j in range(0, WPP):
         w = tl.program_id(0) * WPP + j
         if w < NWIN:
             w0, w1, w2 = _window_origin(w, NW1, NW2)
-            ptrs, mask = _window_offsets(offset, e, emask, w0, w1, w2, NVOX, S1, S2,
+            offs, mask = _window_offsets(e, emask, w0, w1, w2, NVOX, S1, S2,
                                          P0, P1, P2, BP0, BP1, BP2)  # fmt: skip
-            x_raw = tl.load(x_ptr + ptrs, mask=mask, other=0).to(ACC)
-            x = tl.maximum(x_raw, 0) * rowmask[:, None, None, None]  # (BLOCK_E, BP0, BP1, BP2)
-            dy = tl.load(dy_ptr + ptrs, mask=mask, other=0).to(ACC) / NSHIFT
-            dx = tl.zeros((BLOCK_E, BP0, BP1, BP2), dtype=ACC)
+            x = tl.load(x_base + offs, mask=mask, other=0).to(ACC)
+            x = tl.maximum(x, 0) * rowmask[:, None, None, None]  # (BLOCK_E, BP0, BP1, BP2)
+            dy = tl.load(dy_base + offs, mask=mask, other=0).to(ACC) / NSHIFT
+            x7 = _to_sub(x, BLOCK_E, BP0, BP1, BP2, G0, G1, G2)  # (E, A0, G0, A1, G1, A2, G2)
+            dy7 = _to_sub(dy, BLOCK_E, BP0, BP1, BP2, G0, G1, G2)
+            dx = tl.zeros((BLOCK_E, BP0 // G0, G0, BP1 // G1, G1, BP2 // G2, G2), dtype=ACC)
             for k in tl.static_range(NSHIFT):
-                g = _pick(g_all, k, NSB)
-                uu = tl.zeros((BLOCK_E, BP0, BP1, BP2), dtype=ACC)  # u of each voxel's window
-                hh = tl.zeros((BLOCK_E, BP0, BP1, BP2), dtype=ACC)  # h̄ likewise
-                for b2 in tl.static_range(2 if SHIFTS[k][2] else 1):
-                    m2 = (q2 >= P2 - SHIFTS[k][2]).to(tl.int32) == b2
-                    o2 = (w2 + b2 + SHIFTS[k][5]) % NW2
-                    for b1 in tl.static_range(2 if SHIFTS[k][1] else 1):
-                        m1 = (q1 >= P1 - SHIFTS[k][1]).to(tl.int32) == b1
-                        o1 = (w1 + b1 + SHIFTS[k][4]) % NW1
-                        for b0 in tl.static_range(2 if SHIFTS[k][0] else 1):
-                            m = ((q0 >= P0 - SHIFTS[k][0]).to(tl.int32) == b0) & m1 & m2
-                            o0 = (w0 + b0 + SHIFTS[k][3]) % NW0
-                            prog = (bh * NSHIFT + k) * NWIN + (o0 * NW1 + o1) * NW2 + o2
-                            u = tl.load(hats_ptr + (prog * ITERS + ITERS - 1) * E + e,
-                                        mask=emask, other=0)  # fmt: skip
-                            hb = tl.load(hbar_ptr + prog * E + e, mask=emask, other=0)
-                            uu = tl.where(m, u[:, None, None, None], uu)
-                            hh = tl.where(m, hb[:, None, None, None], hh)
-                cu = tl.sum(uu * dy, axis=0)[None, :, :, :]  # u^T dY_s per voxel
-                t = uu * cu + hh * g
-                for c in tl.static_range(BLOCK_E):  # S x = sum_c S[:, c] x_c, S per part
-                    scol = tl.zeros((BLOCK_E, BP0, BP1, BP2), dtype=ACC)
-                    for b2 in tl.static_range(2 if SHIFTS[k][2] else 1):
-                        m2 = (q2 >= P2 - SHIFTS[k][2]).to(tl.int32) == b2
-                        o2 = (w2 + b2 + SHIFTS[k][5]) % NW2
-                        for b1 in tl.static_range(2 if SHIFTS[k][1] else 1):
-                            m1 = (q1 >= P1 - SHIFTS[k][1]).to(tl.int32) == b1
-                            o1 = (w1 + b1 + SHIFTS[k][4]) % NW1
-                            for b0 in tl.static_range(2 if SHIFTS[k][0] else 1):
-                                m = ((q0 >= P0 - SHIFTS[k][0]).to(tl.int32) == b0) & m1 & m2
-                                o0 = (w0 + b0 + SHIFTS[k][3]) % NW0
-                                prog = (bh * NSHIFT + k) * NWIN + (o0 * NW1 + o1) * NW2 + o2
-                                col = tl.load(sym_ptr + prog * E * E + e * E + c,
-                                              mask=emask & (tl.full((BLOCK_E,), c, tl.int32) < E),
-                                              other=0)  # fmt: skip
-                                scol = tl.where(m, col[:, None, None, None], scol)
-                    t += scol * tl.sum(tl.where(e4 == c, x, 0), axis=0)[None, :, :, :]
-                if MU:
+                g = _to_sub(_pick(g_all, k, NSB), 1, BP0, BP1, BP2, G0, G1, G2)
+                uu = _gather_sub(hats_ptr + (ITERS - 1) * E, ITERS * E, e, emask, bh, w0, w1, w2,
+                                 NWIN, NW0, NW1, NW2, k, SHIFTS, NSHIFT, P0, P1, P2,
+                                 BP0 // G0, BP1 // G1, BP2 // G2, G0, G1, G2)  # fmt: skip
+                t = uu * tl.sum(uu * dy7, axis=0)[None]  # u (u^T dY_s)
+                t += g * _gather_sub(hbar_ptr, E, e, emask, bh, w0, w1, w2, NWIN, NW0, NW1, NW2,
+                                     k, SHIFTS, NSHIFT, P0, P1, P2, BP0 // G0, BP1 // G1,
+                                     BP2 // G2, G0, G1, G2)  # h̄ g0_s^T  # fmt: skip
+                if MU:  # the dropped columns depend on the shift: S x per shift
+                    for c in range(0, E):  # S[:, c] x_c; S symmetric: column c = row c
+                        scol = _shift_vectors(sym_ptr + c * E, E * E, e, emask, bh, w0, w1, w2,
+                                             NWIN, NW0, NW1, NW2, k, SHIFTS, NSHIFT, P0, P1, P2,
+                                             BP0 // G0, BP1 // G1, BP2 // G2, G0, G1,
+                                             G2)  # fmt: skip
+                        t += scol * tl.sum(tl.where(e7 == c, x7, 0), axis=0)[None]
                     t = tl.where(g > 0, t, 0)
                 dx += t
-            dx = tl.where(x_raw > 0, dx * rowmask[:, None, None, None], 0)
-            tl.store(dx_ptr + ptrs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            if not MU:  # x is the same under every shift: (sum_s S_s) x, column by column
+                for c in range(0, E):
+                    scol = tl.zeros((BLOCK_E, BP0 // G0, 1, BP1 // G1, 1, BP2 // G2, 1), ACC)
+                    for k in tl.static_range(NSHIFT):
+                        scol += _shift_vectors(sym_ptr + c * E, E * E, e, emask, bh, w0, w1, w2,
+                                              NWIN, NW0, NW1, NW2, k, SHIFTS, NSHIFT, P0, P1, P2,
+                                              BP0 // G0, BP1 // G1, BP2 // G2, G0, G1,
+                                              G2)  # fmt: skip
+                    dx += scol * tl.sum(tl.where(e7 == c, x7, 0), axis=0)[None]
+            # ReLU'(x) and the MU row mask (0/1): x > 0 exactly where both are nonzero
+            dx = tl.where(x > 0, tl.reshape(dx, (BLOCK_E, BP0, BP1, BP2)), 0)
+            tl.store(dx_base + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def backward2(x, g0, rowmask, hats, norms, dy, geo: _Geometry2, iters: int,
+def backward2(x, g0, rowmask, hats, norms, kmat, dy, geo: _Geometry2, iters: int,
               mu: bool) -> torch.Tensor:  # fmt: skip
-    """dL/dx of the second design from the saved iterates (three launches)."""
+    """dL/dx of the second design from the saved iterates and K (three launches)."""
     dev = x.device
     f32 = hats.dtype
     acc = acc_dtype(x.dtype)
     slots = geo.bh * geo.nwin * geo.nshift * 8
-    kpart = torch.empty(slots, geo.E, geo.E, dtype=f32, device=dev)  # unused slots stay unread
-    ppart = torch.empty(slots, geo.E, geo.E, dtype=f32, device=dev)
+    gpart = torch.empty(slots, geo.E, dtype=f32, device=dev)  # unused slots stay unread
     progs = hats.shape[0]
     sym = torch.empty(progs, geo.E, geo.E, dtype=f32, device=dev)
     hbar = torch.empty(progs, geo.E, dtype=f32, device=dev)
-    _parts_bwd_kernel[(triton.cdiv(geo.nwin, geo.wpp), geo.bh)](
-        x, dy, g0, rowmask, kpart, ppart,
-        geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, geo.S[1], geo.S[2], *geo.NW[1:],
-        **geo.consts(), **geo.block(), MU=mu, ACC=acc, num_warps=geo.warps,
+    grid = (triton.cdiv(geo.nwin, geo.wpp), geo.bh)
+    _parts_bwd_kernel[grid](
+        x, dy, g0, rowmask, hats, gpart,
+        geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, iters, geo.S[1], geo.S[2], *geo.NW,
+        **geo.consts(), **geo.block(), MU=mu, ACC=acc, num_warps=geo.warps["parts_bwd"],
     )  # fmt: skip
     _solve_bwd_kernel[(geo.nwin, geo.bh)](
-        kpart, ppart, hats, norms, sym, hbar, geo.E, geo.nwin, iters, *geo.NW,
+        gpart, kmat, hats, norms, sym, hbar, geo.E, geo.nwin, iters, *geo.NW,
         SHIFTS=geo.shifts, NSHIFT=geo.nshift, BLOCK_E=geo.block_e, ACC=acc, num_warps=1,
     )  # fmt: skip
     dx = torch.empty_like(x)
-    _apply_bwd_kernel2[(triton.cdiv(geo.nwin, geo.wpp), geo.bh)](
+    _apply_bwd_kernel2[grid](
         x, dy, dx, g0, rowmask, hats, sym, hbar,
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, iters, geo.S[1], geo.S[2], *geo.NW,
-        **geo.consts(), **geo.block(), MU=mu, ACC=acc, num_warps=geo.warps,
+        **geo.consts(), **geo.block(), MU=mu, ACC=acc, num_warps=geo.warps["apply_bwd"],
     )  # fmt: skip
     return dx

@@ -4,13 +4,15 @@ the parts of every shift, and the host geometry with the compile-time shift cons
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
 from fastnmf.layout import padded_shift_table
 
-from ._common import INTERPRET, WindowSizes
+from ._common import WindowSizes
 
 
 @triton.jit
@@ -32,15 +34,15 @@ def _window_origin(w, NW1, NW2):
 
 
 @triton.jit
-def _window_offsets(offset, e, emask, w0, w1, w2, nvox, S1, S2,
+def _window_offsets(e, emask, w0, w1, w2, nvox, S1, S2,
                  P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
                  BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr):  # fmt: skip
-    """(BLOCK_E, BP0, BP1, BP2) element offsets and mask of unshifted window (w0, w1, w2)."""
+    """(BLOCK_E, BP0, BP1, BP2) int32 element offsets (from the head's first element; E * nvox
+    < 2^31, checked by the launcher) and mask of unshifted window (w0, w1, w2)."""
     q0, q1, q2 = _block_coords(BP0, BP1, BP2)
-    e4 = e[:, None, None, None]
     v = ((w0 * P0 + q0) * S1 + w1 * P1 + q1) * S2 + w2 * P2 + q2
     mask = emask[:, None, None, None] & (q0 < P0) & (q1 < P1) & (q2 < P2)
-    return offset + e4.to(tl.int64) * nvox + v, mask
+    return e[:, None, None, None] * nvox + v, mask
 
 
 @triton.jit
@@ -93,26 +95,160 @@ def _pick(g_all, k: tl.constexpr, NSB: tl.constexpr):
 
 
 @triton.jit
+def _wrap_add(w, b, q, nw):
+    """(w + b + q) mod nw for 0 <= w, q < nw and b in {0, 1}: one conditional subtraction."""
+    o = w + b + q
+    return tl.where(o >= nw, o - nw, o)
+
+
+@triton.jit
+def _gather_sub(ptr, STRIDE, e, emask, bh, w0, w1, w2, NWIN, NW0, NW1, NW2,
+                k: tl.constexpr, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr,
+                P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+                BA0: tl.constexpr, BA1: tl.constexpr, BA2: tl.constexpr,
+                G0: tl.constexpr, G1: tl.constexpr, G2: tl.constexpr):  # fmt: skip
+    """:func:`_part_vectors` as a gather: each sub-box loads its part's vector itself (fewer
+    registers: a thread loads only its own sub-boxes' vectors, from L1; more bytes asked: one
+    E-vector per sub-box instead of per part)."""
+    a0 = tl.arange(0, BA0)[None, :, None, None, None, None, None] * G0
+    a1 = tl.arange(0, BA1)[None, None, None, :, None, None, None] * G1
+    a2 = tl.arange(0, BA2)[None, None, None, None, None, :, None] * G2
+    o0 = _wrap_add(w0, (a0 >= P0 - SHIFTS[k][0]).to(tl.int32), SHIFTS[k][3], NW0)
+    o1 = _wrap_add(w1, (a1 >= P1 - SHIFTS[k][1]).to(tl.int32), SHIFTS[k][4], NW1)
+    o2 = _wrap_add(w2, (a2 >= P2 - SHIFTS[k][2]).to(tl.int32), SHIFTS[k][5], NW2)
+    prog = (bh * NSHIFT + k) * NWIN + (o0 * NW1 + o1) * NW2 + o2
+    inside = (a0 < P0) & (a1 < P1) & (a2 < P2)  # padding sub-boxes load nothing
+    e7 = e[:, None, None, None, None, None, None]
+    mask = emask[:, None, None, None, None, None, None] & inside
+    return tl.load(ptr + prog * STRIDE + e7, mask=mask, other=0)
+
+
+@triton.jit
+def _part_vectors(ptr, STRIDE, e, emask, bh, w0, w1, w2, NWIN, NW0, NW1, NW2,
+                  k: tl.constexpr, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr,
+                  P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+                  BA0: tl.constexpr, BA1: tl.constexpr, BA2: tl.constexpr,
+                  G0: tl.constexpr, G1: tl.constexpr, G2: tl.constexpr):  # fmt: skip
+    """(BLOCK_E, BA0, 1, BA1, 1, BA2, 1): for every sub-box of unshifted window (w0, w1, w2), the
+    E-vector at ptr + prog * STRIDE + e of the shifted window (shift k, prog = (bh * NSHIFT + k)
+    * NWIN + window) that the sub-box lies in; broadcast over the voxels of a window reshaped to
+    (BLOCK_E, BA0, G0, BA1, G1, BA2, G2). One load of the (E, 2, 2, 2) table of the shift's parts
+    (b0, b1, b2), then spread to the sub-boxes axis by axis (sums of one term and a zero: exact)."""
+    b0 = tl.arange(0, 2)[None, :, None, None]
+    b1 = tl.arange(0, 2)[None, None, :, None]
+    b2 = tl.arange(0, 2)[None, None, None, :]
+    o0 = _wrap_add(w0, b0, SHIFTS[k][3], NW0)
+    o1 = _wrap_add(w1, b1, SHIFTS[k][4], NW1)
+    o2 = _wrap_add(w2, b2, SHIFTS[k][5], NW2)
+    prog = (bh * NSHIFT + k) * NWIN + (o0 * NW1 + o1) * NW2 + o2
+    # part 1 along axis d exists only where the shift splits the axis (s'_d > 0)
+    exists = ((b0 <= (1 if SHIFTS[k][0] else 0)) & (b1 <= (1 if SHIFTS[k][1] else 0))
+              & (b2 <= (1 if SHIFTS[k][2] else 0)))  # fmt: skip
+    t = tl.load(ptr + prog * STRIDE + e[:, None, None, None],
+                mask=emask[:, None, None, None] & exists, other=0)  # (E, 2, 2, 2)  # fmt: skip
+    a2 = tl.arange(0, BA2)[None, None, None, None, :] * G2
+    m2 = (a2 >= P2 - SHIFTS[k][2]).to(tl.int32) == b2[:, :, :, :, None]  # (1, 1, 1, 2, BA2)
+    t = tl.sum(tl.where(m2, t[:, :, :, :, None], 0), axis=3)  # (E, 2, 2, BA2)
+    a1 = tl.arange(0, BA1)[None, None, None, :, None] * G1
+    m1 = (a1 >= P1 - SHIFTS[k][1]).to(tl.int32) == b1[:, :, :, :, None]  # (1, 1, 2, BA1, 1)
+    t = tl.sum(tl.where(m1, t[:, :, :, None, :], 0), axis=2)  # (E, 2, BA1, BA2)
+    a0 = tl.arange(0, BA0)[None, None, :, None, None] * G0
+    m0 = (a0 >= P0 - SHIFTS[k][0]).to(tl.int32) == b0[:, :, :, :, None]  # (1, 2, BA0, 1, 1)
+    t = tl.sum(tl.where(m0, t[:, :, None, :, :], 0), axis=1)  # (E, BA0, BA1, BA2)
+    return t[:, :, None, :, None, :, None]
+
+
+@triton.jit
+def _shift_vectors(ptr, STRIDE, e, emask, bh, w0, w1, w2, NWIN, NW0, NW1, NW2,
+                   k: tl.constexpr, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr,
+                   P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+                   BA0: tl.constexpr, BA1: tl.constexpr, BA2: tl.constexpr,
+                   G0: tl.constexpr, G1: tl.constexpr, G2: tl.constexpr):  # fmt: skip
+    """:func:`_gather_sub` where a window has at most 8 sub-boxes (the same bytes as the part
+    table, fewer registers), else :func:`_part_vectors` (one E-vector per part, not per sub-box)."""
+    if BA0 * BA1 * BA2 <= 8:
+        vec = _gather_sub(ptr, STRIDE, e, emask, bh, w0, w1, w2, NWIN, NW0, NW1, NW2, k, SHIFTS,
+                          NSHIFT, P0, P1, P2, BA0, BA1, BA2, G0, G1, G2)  # fmt: skip
+    else:
+        vec = _part_vectors(ptr, STRIDE, e, emask, bh, w0, w1, w2, NWIN, NW0, NW1, NW2, k,
+                            SHIFTS, NSHIFT, P0, P1, P2, BA0, BA1, BA2, G0, G1, G2)  # fmt: skip
+    return vec
+
+
+@triton.jit
+def _to_sub(z, BLOCK_E: tl.constexpr, BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
+            G0: tl.constexpr, G1: tl.constexpr, G2: tl.constexpr):  # fmt: skip
+    """(BLOCK_E, BP0, BP1, BP2) -> (BLOCK_E, BP0 // G0, G0, BP1 // G1, G1, BP2 // G2, G2)."""
+    return tl.reshape(z, (BLOCK_E, BP0 // G0, G0, BP1 // G1, G1, BP2 // G2, G2))
+
+
+@triton.jit
+def _subboxes(z, BLOCK_E: tl.constexpr, BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
+              G0: tl.constexpr, G1: tl.constexpr, G2: tl.constexpr):  # fmt: skip
+    """(BLOCK_E, BP0 // G0, BP1 // G1, BP2 // G2): sums of z (BLOCK_E, BP0, BP1, BP2) over the
+    sub-boxes of G0 x G1 x G2 voxels. Every shift's parts are unions of sub-boxes (G_d divides P_d
+    and every in-window shift s'_d), so the per-voxel products are reduced once for all shifts."""
+    z = tl.reshape(z, (BLOCK_E, BP0 // G0, G0, BP1 // G1, G1, BP2 // G2, G2))
+    return tl.sum(tl.sum(tl.sum(z, axis=6), axis=4), axis=2)
+
+
+@triton.jit
 def _store_parts(z, dst, stride, e, emask, SH0: tl.constexpr, SH1: tl.constexpr,
                  SH2: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
-                 BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr):  # fmt: skip
-    """Split sums of z (BLOCK_E, BP0, BP1, BP2) over the parts of one shift, part b stored at
-    dst + b * stride (b = (b0 * 2 + b1) * 2 + b2); axis by axis, the big axis first."""
-    r0 = tl.arange(0, BP0)[None, :]
-    r1 = tl.arange(0, BP1)[None, None, :]
-    r2 = tl.arange(0, BP2)[None, None, None, :]
+                 BA0: tl.constexpr, BA1: tl.constexpr, BA2: tl.constexpr,
+                 G0: tl.constexpr, G1: tl.constexpr, G2: tl.constexpr):  # fmt: skip
+    """Split sums of the sub-box sums z (BLOCK_E, BA0, BA1, BA2) over the parts of one shift,
+    part b stored at dst + b * stride (b = (b0 * 2 + b1) * 2 + b2); axis by axis, the big axis
+    first. Sub-box a_d lies in part 1 along axis d when a_d G_d >= P_d - s'_d."""
+    r0 = tl.arange(0, BA0)[None, :]
+    r1 = tl.arange(0, BA1)[None, None, :]
+    r2 = tl.arange(0, BA2)[None, None, None, :]
     for b2 in tl.static_range(2 if SH2 % P2 else 1):
-        z2 = tl.sum(tl.where((r2 >= P2 - SH2 % P2).to(tl.int32) == b2, z, 0), axis=3)
+        z2 = tl.sum(tl.where((r2 * G2 >= P2 - SH2 % P2).to(tl.int32) == b2, z, 0), axis=3)
         for b1 in tl.static_range(2 if SH1 % P1 else 1):
-            z1 = tl.sum(tl.where((r1 >= P1 - SH1 % P1).to(tl.int32) == b1, z2, 0), axis=2)
+            z1 = tl.sum(tl.where((r1 * G1 >= P1 - SH1 % P1).to(tl.int32) == b1, z2, 0), axis=2)
             for b0 in tl.static_range(2 if SH0 % P0 else 1):
-                z0 = tl.sum(tl.where((r0 >= P0 - SH0 % P0).to(tl.int32) == b0, z1, 0), axis=1)
+                z0 = tl.sum(tl.where((r0 * G0 >= P0 - SH0 % P0).to(tl.int32) == b0, z1, 0),
+                            axis=1)  # fmt: skip
                 tl.store(dst + ((b0 * 2 + b1) * 2 + b2) * stride + e, z0, mask=emask)
 
 
-# Unshifted windows per program of the parts and apply kernels (the interpreter pays per
-# program, so it takes more); read by the launcher at each call.
+@triton.jit
+def _tri(i, j, E):
+    """Position of (i, j), i <= j, in the upper triangle of an E x E matrix packed row by row
+    (E (E + 1) / 2 floats: whole 32-byte sectors, not one partial sector per row)."""
+    return i * E - (i * (i - 1)) // 2 + (j - i)
+
+
+@triton.jit
+def _load_sym(ptr, e, emask, E):
+    """(BLOCK_E, BLOCK_E) symmetric matrix from its packed upper triangle at ptr (:func:`_tri`)."""
+    i = e[:, None]
+    j = e[None, :]
+    upper = tl.load(ptr + _tri(i, j, E), mask=emask[:, None] & emask[None, :] & (j >= i),
+                    other=0)  # fmt: skip
+    return upper + tl.trans(upper) - tl.where(i == j, upper, 0)
+
+
+# Unshifted windows per program of the parts and apply kernels (default 16: g0's rolled copies,
+# loaded once per program, then cost 0.5 KB a window; 2048 programs at 2x32x128^3), warps per
+# program of every window pass (default: see _Geometry2); read by the launcher at each call.
 TUNING: dict = {"wpp": None, "warps": None}
+_DEFAULT_WPP = 16
+_WARPS = {"parts": 8, "apply": 8, "parts_bwd": 8, "apply_bwd": 16}
+
+
+def _pow2_part(n: int) -> int:
+    """The largest power of two dividing n (n > 0)."""
+    return n & -n
+
+
+def _subbox_sizes(shifts, patch3) -> tuple[int, ...]:
+    """Per axis, G_d: the largest power of two dividing P_d and every in-window shift s'_d, so
+    that every shift's parts are unions of sub-boxes of G_0 x G_1 x G_2 voxels."""
+    return tuple(
+        _pow2_part(math.gcd(patch3[d], *(s[d] for s in shifts))) for d in range(3)
+    )
 
 
 def _shift_constants(shifts, spatial, patch3) -> tuple[tuple[int, ...], ...]:
@@ -132,14 +268,35 @@ class _Geometry2(WindowSizes):
         self.bp = tuple(triton.next_power_of_2(p) for p in self.P)
         self.shifts = _shift_constants(shifts, tuple(x.shape[2:]), self.P)
         self.nshift = len(self.shifts)
-        self.wpp = TUNING["wpp"] or (16 if INTERPRET else 4)
-        self.warps = TUNING["warps"] or 4
+        self.sub = _subbox_sizes(self.shifts, self.P)
+        self.wpp = TUNING["wpp"] or _DEFAULT_WPP
+        # warps per program of each window pass, chosen from the sm_90a compiles (issue 16's
+        # report): 8, and 16 for the backward apply (twice the resident warps of 8)
+        self.warps = {name: TUNING["warps"] or n for name, n in _WARPS.items()}
         self.bh = self.batch * self.heads
+        if self.E * self.nvox >= 2**31:  # the kernels' in-head offsets are int32
+            raise ValueError(
+                f"head_dim x voxels = {self.E} x {self.nvox} is at least 2^31; the second window "
+                "design takes fewer (use window_nmf.TUNING['design'] = 1)"
+            )
 
     def consts(self) -> dict:
         return dict(SHIFTS=self.shifts, NSHIFT=self.nshift, P0=self.P[0], P1=self.P[1],
                     P2=self.P[2])  # fmt: skip
 
+    def dot(self, acc, mu: bool) -> dict:
+        """The forward parts pass's matrix split of the Gram (``_gram_parts_dot``): fp32, HALS,
+        and tiles a GPU's tl.dot takes (E^2 and the sub-box count at least 16: sub-boxes halved,
+        the largest axis first, until there are 16)."""
+        sub = list(self.sub)
+        while math.prod(b // g for b, g in zip(self.bp, sub, strict=True)) < 16 and max(sub) > 1:
+            sub[sub.index(max(sub))] //= 2
+        nsub = math.prod(b // g for b, g in zip(self.bp, sub, strict=True))
+        use = acc == tl.float32 and not mu and nsub >= 16 and self.block_e**2 >= 16
+        return dict(DOT=use, D0=sub[0], D1=sub[1], D2=sub[2],
+                    NPB=max(16, triton.next_power_of_2(8 * self.nshift)))  # fmt: skip
+
     def block(self) -> dict:
         return dict(WPP=self.wpp, BP0=self.bp[0], BP1=self.bp[1], BP2=self.bp[2],
-                    BLOCK_E=self.block_e, NSB=triton.next_power_of_2(self.nshift))  # fmt: skip
+                    BLOCK_E=self.block_e, NSB=triton.next_power_of_2(self.nshift),
+                    G0=self.sub[0], G1=self.sub[1], G2=self.sub[2])  # fmt: skip

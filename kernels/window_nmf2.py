@@ -14,36 +14,46 @@ window are the sums over the (at most 8) parts that fall into it:
     K_s(omega) = sum_parts X_b X_b^T,   h_s(omega) = sum_parts X_b g0_s,b
 
 where g0_s,b is g0 read at the part's positions under shift s. One read of x gives every shift's
-parts. Three launches per call:
+parts. The parts of every shift are unions of *sub-boxes* of G_0 x G_1 x G_2 voxels (G_d the
+largest power of two dividing P_d and every s'_d: 2 for [None, 2, 4, 6], 4 for [None, 4] with
+P = 8), so per-voxel products are summed once into sub-boxes and only those small sums are split
+per shift. Three launches per call:
 
 1. ``_parts_kernel``, one program per (batch*head, WPP unshifted windows): loads a window as an
    (E, P0, P1, P2) block (P and the shifts are compile-time constants: no integer division per
-   voxel, contiguous rows), forms each Gram row x_i * x, and reduces it by split sums along the
-   three axes into every shift's parts (E x E and E floats per part);
+   voxel, contiguous rows), forms each Gram row x_i * x (a runtime loop over i), sums it into
+   sub-boxes and splits those into every shift's parts (fp32 HALS: by one product with a 0/1
+   membership matrix, ``_gram_parts_dot``; else by masked sums): K's upper triangle (K is
+   symmetric: E (E + 1) / 2 of the E^2 floats written) and E floats of X g0 per part;
 2. ``_solve_kernel``, one program per (batch*head, shifted window): for every shift sums its
    parts from the neighbouring unshifted windows, runs the T - 1 normalised power steps
-   (``_power_steps``) and writes u (and the iterates for backward, in the layout of the first
-   design);
+   (``_power_steps``) and writes u (and, for the backward, the iterates in the layout of the first
+   design and K's upper triangle);
 3. ``_apply_kernel``, one program per (batch*head, WPP unshifted windows): reads x again and
    writes y = mean_s u_s,b (u_s,b^T x) with u_s,b the vector of the shifted window each part lies
-   in.
+   in, spread to the window's sub-boxes (``_shift_vectors``).
 
 MU with zero entries of g0: those columns are dropped, and which columns that are depends on the
-shift, so with ``MU`` the Gram rows are masked per shift before the split sums.
+shift, so with ``MU`` the Gram rows are masked per shift before the sub-box sums.
 
-Backward (kernels/_window2_bwd.py, derivation there): the same split. K and dP = dY_s X^T of a
-shifted window are sums over its parts, so one read of x and dy gives every shift's parts, a tiny
-launch runs the power-step backward per shifted window, and an output pass per unshifted window
-sums u (u^T dY_s) + (K̄ + K̄^T) X + h̄ g0_s^T over the shifts. Three launches each way; nothing
-is copied host -> device (the shifts are compile-time constants).
+Backward (kernels/_window2_bwd.py, derivation there): the same split, cheaper. The power-step
+backward needs dP = dY_s X^T only through (dP + dP^T) u, an E-vector that is a sum over the
+window's voxels (u known from the forward), and K, saved by the forward; so one read of x and dy
+gives E floats per part, a tiny launch runs the power-step backward per shifted window, and an
+output pass per unshifted window sums u (u^T dY_s) + (K̄ + K̄^T) X + h̄ g0_s^T over the shifts.
+Three launches each way; nothing is copied host -> device (the shifts are compile-time constants).
 
-Traffic (bytes asked / ideal, counted under the interpreter at 1x8x16^3, E = P = 8, fp32;
-``fastnmf.profile.static.counter``): forward 1.71x ([None, 4]) and 2.05x ([None, 2, 4, 6]),
-forward + backward 1.86x and 2.29x (first design: 2.17x / 3.69x forward, 2.40x / 4.87x both).
-The per-part statistics are fp32 (E^2 + E floats per part, up to 8 parts per shift), so bf16
-inputs pay relatively twice as much for them (2.61x / 2.98x with the four shifts). Register use
-is high (the (E, P0, P1, P2) block of a window lives in registers; the Gram rows are unrolled):
-see the report of issue 16.
+Traffic (bytes asked / ideal, counted under the interpreter at 1x8x16^3, E = P = 8;
+``fastnmf.profile.static.counter``), forward and forward + backward: fp32 1.65x / 1.76x
+([None, 4]) and 1.87x / 2.11x ([None, 2, 4, 6]); bf16 1.80x / 1.92x and 2.24x / 2.61x (the
+per-part statistics and tables are fp32, so bf16 pays relatively twice for them). First design,
+fp32: 2.17x / 2.40x and 3.69x / 4.87x.
+
+Compiled for sm_90a (Triton 3.9, ptxas 13, 2x32x128^3, E = P = 8; the static suite's kernel
+report): no kernel spills, fp32 or bf16, with either shift set; the window passes (8 warps, the
+backward apply 16) at 64-128 registers, 16-32 resident warps per SM; the one-warp solves at
+64-72 registers, 28-32 warps. A window's (E, P0, P1, P2) block lives in registers, which keeps
+the window passes at 16 resident warps with the four shifts.
 
 No atomics: every output element is written by one program in a fixed order, so results are
 bitwise deterministic.
@@ -65,11 +75,15 @@ from ._common import (
 from ._window2_bwd import backward2
 from ._window2_common import (
     TUNING,
-    _block_coords,
     _Geometry2,
+    _load_sym,
     _pick,
+    _shift_vectors,
     _shifted_g_all,
     _store_parts,
+    _subboxes,
+    _to_sub,
+    _tri,
     _window_offsets,
     _window_origin,
 )
@@ -80,27 +94,40 @@ __all__ = ["TUNING", "WindowNMF2", "window_nmf2"]
 @triton.jit
 def _parts_kernel(
     x_ptr, g0_ptr, rowmask_ptr, kpart_ptr, hpart_ptr,
-    C, E, HEADS, NWIN, NVOX, S1, S2, NW1, NW2,
+    C, E: tl.constexpr, HEADS, NWIN, NVOX, S1, S2, NW1, NW2,
     SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr,
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
-    BLOCK_E: tl.constexpr, NSB: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
+    G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+    D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, NPB: tl.constexpr,
 ):  # fmt: skip
+    """Per unshifted window: every shift's part sums of X g0_s and of X X^T (upper triangle),
+    each Gram row reduced to sub-boxes once and then split per shift (MU: per shift). With DOT
+    (fp32, no MU), the Gram rows' sums over sub-boxes of D0 x D1 x D2 voxels are collected in an
+    (E^2, sub-boxes) matrix and split into every shift's parts by one product with the 0/1
+    membership matrix (``_membership``): FMAs with 1 and 0 add exactly, and no lane shuffles."""
     bh = tl.program_id(1)
     offset = ((bh // HEADS) * C + (bh % HEADS) * E).to(tl.int64) * NVOX
+    x_base = x_ptr + offset  # the head's first element
     e = tl.arange(0, BLOCK_E)
     emask = e < E
     e4 = e[:, None, None, None]
     rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
     # g0 under every shift, once per program
     g_all = _shifted_g_all(g0_ptr, SHIFTS, NSHIFT, NSB, P0, P1, P2, BP0, BP1, BP2).to(ACC)
+    member = 0
+    exists = 0
+    if DOT:
+        member, exists = _membership(SHIFTS, NSHIFT, P0, P1, P2, BP0 // D0, BP1 // D1,
+                                     BP2 // D2, D0, D1, D2, NPB, ACC)  # fmt: skip
     for j in range(0, WPP):
         w = tl.program_id(0) * WPP + j
         if w < NWIN:
             w0, w1, w2 = _window_origin(w, NW1, NW2)
-            ptrs, mask = _window_offsets(offset, e, emask, w0, w1, w2, NVOX, S1, S2,
+            offs, mask = _window_offsets(e, emask, w0, w1, w2, NVOX, S1, S2,
                                       P0, P1, P2, BP0, BP1, BP2)  # fmt: skip
-            x = tl.load(x_ptr + ptrs, mask=mask, other=0).to(ACC)
+            x = tl.load(x_base + offs, mask=mask, other=0).to(ACC)
             x = tl.maximum(x, 0) * rowmask[:, None, None, None]  # (BLOCK_E, BP0, BP1, BP2)
             slot = (bh * NWIN + w) * (NSHIFT * 8)
             for k in tl.static_range(NSHIFT):
@@ -108,26 +135,93 @@ def _parts_kernel(
                 xs = x
                 if MU:
                     xs = tl.where(g > 0, x, 0)
-                _store_parts(xs * g, hpart_ptr + (slot + k * 8) * E, E, e, emask,
-                             SHIFTS[k][0], SHIFTS[k][1], SHIFTS[k][2],
-                             P0, P1, P2, BP0, BP1, BP2)  # fmt: skip
-            for i in tl.static_range(BLOCK_E):
-                xi = tl.sum(tl.where(e4 == i, x, 0), axis=0)[None, :, :, :]  # row i of X
-                for k in tl.static_range(NSHIFT):
-                    z = x * xi  # (BLOCK_E, BP0, BP1, BP2): row i of each voxel's x x^T
-                    if MU:
-                        g = _pick(g_all, k, NSB)
-                        z = tl.where(g > 0, z, 0)
-                    row_ok = emask & (tl.full((BLOCK_E,), i, tl.int32) < E)
-                    _store_parts(z, kpart_ptr + (slot + k * 8) * E * E + i * E, E * E, e, row_ok,
-                                 SHIFTS[k][0], SHIFTS[k][1], SHIFTS[k][2],
-                                 P0, P1, P2, BP0, BP1, BP2)  # fmt: skip
+                _store_parts(_subboxes(xs * g, BLOCK_E, BP0, BP1, BP2, G0, G1, G2),
+                             hpart_ptr + (slot + k * 8) * E, E, e, emask,
+                             SHIFTS[k][0], SHIFTS[k][1], SHIFTS[k][2], P0, P1, P2,
+                             BP0 // G0, BP1 // G1, BP2 // G2, G0, G1, G2)  # fmt: skip
+            if DOT:
+                _gram_parts_dot(x, member, exists, kpart_ptr, slot, E, BLOCK_E, BP0, BP1, BP2, D0,
+                                D1, D2, NPB, ACC)  # fmt: skip
+            else:
+                for i in range(0, E):  # Gram row i, columns j >= i (K is symmetric)
+                    xi = tl.sum(tl.where(e4 == i, x, 0), axis=0)[None, :, :, :]  # row i of X
+                    upper = emask & (e >= i)
+                    for k in tl.static_range(NSHIFT):
+                        z = x * xi
+                        if MU:  # the dropped columns depend on the shift
+                            z = tl.where(_pick(g_all, k, NSB) > 0, z, 0)
+                        _store_parts(_subboxes(z, BLOCK_E, BP0, BP1, BP2, G0, G1, G2),
+                                     kpart_ptr + (slot + k * 8) * E * E + _tri(i, 0, E),
+                                     E * E, e, upper, SHIFTS[k][0], SHIFTS[k][1],
+                                     SHIFTS[k][2], P0, P1, P2, BP0 // G0, BP1 // G1, BP2 // G2,
+                                     G0, G1, G2)  # fmt: skip
+
+
+@triton.jit
+def _membership(SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, P0: tl.constexpr,
+                P1: tl.constexpr, P2: tl.constexpr, BA0: tl.constexpr, BA1: tl.constexpr,
+                BA2: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+                NPB: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """(BA0 BA1 BA2, NPB) 0/1: sub-box n (of D0 x D1 x D2 voxels, flat) lies in part b of shift k
+    (column k * 8 + b); columns of parts a shift does not have, and padding, are 0. Also
+    (1, NPB): which columns are parts."""
+    n = tl.arange(0, BA0 * BA1 * BA2)[:, None]
+    a0 = (n // (BA1 * BA2)) * D0  # first voxel of the sub-box per axis (powers of two: shifts)
+    a1 = ((n // BA2) % BA1) * D1
+    a2 = (n % BA2) * D2
+    p = tl.arange(0, NPB)[None, :]
+    kk = p // 8
+    b0 = (p // 4) % 2
+    b1 = (p // 2) % 2
+    b2 = p % 2
+    s0 = tl.zeros((1, NPB), dtype=tl.int32)
+    s1 = tl.zeros((1, NPB), dtype=tl.int32)
+    s2 = tl.zeros((1, NPB), dtype=tl.int32)
+    for j in tl.static_range(NSHIFT):
+        s0 = tl.where(kk == j, SHIFTS[j][0], s0)
+        s1 = tl.where(kk == j, SHIFTS[j][1], s1)
+        s2 = tl.where(kk == j, SHIFTS[j][2], s2)
+    inside = (a0 < P0) & (a1 < P1) & (a2 < P2)
+    exists = (kk < NSHIFT) & ((b0 == 0) | (s0 > 0)) & ((b1 == 0) | (s1 > 0))
+    exists = exists & ((b2 == 0) | (s2 > 0))
+    member = (((a0 >= P0 - s0).to(tl.int32) == b0) & ((a1 >= P1 - s1).to(tl.int32) == b1)
+              & ((a2 >= P2 - s2).to(tl.int32) == b2))  # fmt: skip
+    return (member & inside & exists).to(ACC), exists
+
+
+@triton.jit
+def _gram_parts_dot(x, member, exists, kpart_ptr, slot, E: tl.constexpr,
+                    BLOCK_E: tl.constexpr, BP0: tl.constexpr, BP1: tl.constexpr,
+                    BP2: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+                    NPB: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """Every shift's part sums of X X^T (upper triangle) for one window x (BLOCK_E, BP0, BP1,
+    BP2): the Gram rows' sub-box sums (rows, sub-boxes) times ``member`` (sub-boxes, NPB), stored
+    for the parts that exist (``exists``, (1, NPB))."""
+    NSUB: tl.constexpr = (BP0 // D0) * (BP1 // D1) * (BP2 // D2)
+    RC: tl.constexpr = max(16 // BLOCK_E, 1)  # Gram rows per product: at least 16 rows of A
+    e = tl.arange(0, BLOCK_E)
+    e4 = e[:, None, None, None]
+    ii = tl.arange(0, RC)[:, None, None]
+    r = tl.arange(0, RC * BLOCK_E)[:, None]
+    p = tl.arange(0, NPB)[None, :]
+    for i0 in range(0, E, RC):
+        sub = tl.zeros((RC, BLOCK_E, NSUB), dtype=ACC)  # (row i0 + ii, column j, sub-box)
+        for di in tl.static_range(RC):
+            xi = tl.sum(tl.where(e4 == i0 + di, x, 0), axis=0)[None, :, :, :]  # row of X
+            z = _subboxes(x * xi, BLOCK_E, BP0, BP1, BP2, D0, D1, D2)  # (E, BA0, BA1, BA2)
+            sub = tl.where(ii == di, tl.reshape(z, (BLOCK_E, NSUB))[None, :, :], sub)
+        parts = tl.dot(tl.reshape(sub, (RC * BLOCK_E, NSUB)), member,
+                       input_precision="ieee")  # (RC E, NPB)  # fmt: skip
+        ri = i0 + r // BLOCK_E
+        rj = r % BLOCK_E
+        mask = (ri < E) & (rj < E) & (rj >= ri) & exists
+        tl.store(kpart_ptr + (slot + p) * E * E + _tri(ri, rj, E), parts, mask=mask)
 
 
 @triton.jit
 def _solve_kernel(
-    kpart_ptr, hpart_ptr, u_ptr, hats_ptr, norms_ptr,
-    E, NWIN, ITERS, NW0, NW1, NW2,
+    kpart_ptr, hpart_ptr, u_ptr, hats_ptr, norms_ptr, kmat_ptr,
+    E: tl.constexpr, NWIN, ITERS, NW0, NW1, NW2,
     SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr,
     P2: tl.constexpr, BLOCK_E: tl.constexpr, SAVE: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
@@ -136,7 +230,6 @@ def _solve_kernel(
     o0, o1, o2 = _window_origin(om, NW1, NW2)
     e = tl.arange(0, BLOCK_E)
     emask = e < E
-    ee = e[:, None] * E + e[None, :]
     emask2 = emask[:, None] & emask[None, :]
     for k in tl.static_range(NSHIFT):
         k_mat = tl.zeros((BLOCK_E, BLOCK_E), dtype=ACC)
@@ -149,9 +242,12 @@ def _solve_kernel(
                     w0 = (o0 - b0 - SHIFTS[k][3] + 2 * NW0) % NW0
                     w = (w0 * NW1 + w1) * NW2 + w2  # the unshifted window holding this part
                     slot = (bh * NWIN + w) * (NSHIFT * 8) + k * 8 + (b0 * 2 + b1) * 2 + b2
-                    k_mat += tl.load(kpart_ptr + slot * E * E + ee, mask=emask2, other=0)
+                    k_mat += _load_sym(kpart_ptr + slot * E * E, e, emask, E)
                     h += tl.load(hpart_ptr + slot * E + e, mask=emask, other=0)
         prog = (bh * NSHIFT + k) * NWIN + om
+        if SAVE:  # K for the backward (packed upper triangle)
+            tl.store(kmat_ptr + prog * E * E + _tri(e[:, None], e[None, :], E), k_mat,
+                     mask=emask2 & (e[None, :] >= e[:, None]))  # fmt: skip
         a_hat = _power_steps(k_mat, h, hats_ptr + prog * ITERS * E, norms_ptr + prog * ITERS, e,
                              emask, E, ITERS, SAVE)  # fmt: skip
         tl.store(u_ptr + prog * E + e, a_hat, mask=emask)
@@ -160,52 +256,43 @@ def _solve_kernel(
 @triton.jit
 def _apply_kernel(
     x_ptr, y_ptr, g0_ptr, rowmask_ptr, u_ptr,
-    C, E, HEADS, NWIN, NVOX, S1, S2, NW0, NW1, NW2,
+    C, E: tl.constexpr, HEADS, NWIN, NVOX, S1, S2, NW0, NW1, NW2,
     SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr,
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
-    BLOCK_E: tl.constexpr, NSB: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
+    G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(1)
     offset = ((bh // HEADS) * C + (bh % HEADS) * E).to(tl.int64) * NVOX
+    x_base, y_base = x_ptr + offset, y_ptr + offset  # the head's first element
     e = tl.arange(0, BLOCK_E)
     emask = e < E
     rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
     g_all = tl.zeros((NSB, BP0, BP1, BP2), dtype=ACC)
     if MU:  # g0 under every shift, once per program
         g_all = _shifted_g_all(g0_ptr, SHIFTS, NSHIFT, NSB, P0, P1, P2, BP0, BP1, BP2).to(ACC)
-    q0, q1, q2 = _block_coords(BP0, BP1, BP2)
     for j in range(0, WPP):
         w = tl.program_id(0) * WPP + j
         if w < NWIN:
             w0, w1, w2 = _window_origin(w, NW1, NW2)
-            ptrs, mask = _window_offsets(offset, e, emask, w0, w1, w2, NVOX, S1, S2,
+            offs, mask = _window_offsets(e, emask, w0, w1, w2, NVOX, S1, S2,
                                       P0, P1, P2, BP0, BP1, BP2)  # fmt: skip
-            x = tl.load(x_ptr + ptrs, mask=mask, other=0).to(ACC)
+            x = tl.load(x_base + offs, mask=mask, other=0).to(ACC)
             x = tl.maximum(x, 0) * rowmask[:, None, None, None]  # (BLOCK_E, BP0, BP1, BP2)
-            y = tl.zeros((BLOCK_E, BP0, BP1, BP2), dtype=ACC)
+            x7 = _to_sub(x, BLOCK_E, BP0, BP1, BP2, G0, G1, G2)  # (E, A0, G0, A1, G1, A2, G2)
+            y = tl.zeros((BLOCK_E, BP0 // G0, G0, BP1 // G1, G1, BP2 // G2, G2), dtype=ACC)
             for k in tl.static_range(NSHIFT):
-                uu = tl.zeros((BLOCK_E, BP0, BP1, BP2), dtype=ACC)  # u of each voxel's window
-                for b2 in tl.static_range(2 if SHIFTS[k][2] else 1):
-                    m2 = (q2 >= P2 - SHIFTS[k][2]).to(tl.int32) == b2
-                    o2 = (w2 + b2 + SHIFTS[k][5]) % NW2
-                    for b1 in tl.static_range(2 if SHIFTS[k][1] else 1):
-                        m1 = (q1 >= P1 - SHIFTS[k][1]).to(tl.int32) == b1
-                        o1 = (w1 + b1 + SHIFTS[k][4]) % NW1
-                        for b0 in tl.static_range(2 if SHIFTS[k][0] else 1):
-                            m0 = (q0 >= P0 - SHIFTS[k][0]).to(tl.int32) == b0
-                            o0 = (w0 + b0 + SHIFTS[k][3]) % NW0
-                            prog = (bh * NSHIFT + k) * NWIN + (o0 * NW1 + o1) * NW2 + o2
-                            u = tl.load(u_ptr + prog * E + e, mask=emask, other=0)
-                            uu = tl.where(m0 & m1 & m2, u[:, None, None, None], uu)
-                xs = x
+                uu = _shift_vectors(u_ptr, E, e, emask, bh, w0, w1, w2, NWIN, NW0, NW1, NW2, k,
+                                 SHIFTS, NSHIFT, P0, P1, P2, BP0 // G0, BP1 // G1, BP2 // G2,
+                                 G0, G1, G2)  # u of each sub-box's shifted window  # fmt: skip
+                xs = x7
                 if MU:
-                    g = _pick(g_all, k, NSB)
-                    xs = tl.where(g > 0, x, 0)
-                c = tl.sum(uu * xs, axis=0)[None, :, :, :]  # u^T x(v) per voxel
-                y += uu * c
-            y = y / NSHIFT
-            tl.store(y_ptr + ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
+                    g = _to_sub(_pick(g_all, k, NSB), 1, BP0, BP1, BP2, G0, G1, G2)
+                    xs = tl.where(g > 0, x7, 0)
+                y += uu * tl.sum(uu * xs, axis=0)[None]  # u (u^T x(v))
+            y = tl.reshape(y, (BLOCK_E, BP0, BP1, BP2)) / NSHIFT
+            tl.store(y_base + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -223,25 +310,27 @@ def _forward(x, g0, rowmask, geo: _Geometry2, iters: int, mu: bool, save: bool):
     u = torch.empty(progs, geo.E, dtype=f32, device=dev)
     hats = torch.empty(progs, iters, geo.E, dtype=f32, device=dev) if save else u
     norms = torch.empty(progs, iters, dtype=f32, device=dev) if save else u
+    kmat = torch.empty(progs, geo.E, geo.E, dtype=f32, device=dev) if save else u  # upper half
     y = torch.empty_like(x)
     grid = (triton.cdiv(geo.nwin, geo.wpp), geo.bh)
     _parts_kernel[grid](
         x, g0, rowmask, kpart, hpart,
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, geo.S[1], geo.S[2], *geo.NW[1:],
-        **geo.consts(), **geo.block(), MU=mu, ACC=acc, num_warps=geo.warps,
+        **geo.consts(), **geo.block(), MU=mu, ACC=acc, **geo.dot(acc, mu),
+        num_warps=geo.warps["parts"],
     )  # fmt: skip
     _solve_kernel[(geo.nwin, geo.bh)](
-        kpart, hpart, u, hats, norms, geo.E, geo.nwin, iters, *geo.NW,
+        kpart, hpart, u, hats, norms, kmat, geo.E, geo.nwin, iters, *geo.NW,
         **geo.consts(), BLOCK_E=geo.block_e, SAVE=save, ACC=acc, num_warps=1,
     )  # fmt: skip
     _apply_kernel[grid](
         x, y, g0, rowmask, u,
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, geo.S[1], geo.S[2], *geo.NW,
-        **geo.consts(), **geo.block(), MU=mu, ACC=acc, num_warps=geo.warps,
+        **geo.consts(), **geo.block(), MU=mu, ACC=acc, num_warps=geo.warps["apply"],
     )  # fmt: skip
     if not save:
-        hats = norms = None
-    return y, hats, norms
+        hats = norms = kmat = None
+    return y, hats, norms, kmat
 
 
 class WindowNMF2(torch.autograd.Function):
@@ -250,16 +339,17 @@ class WindowNMF2(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, g0, rowmask, head_dim, patch, shifts, iters, mu):
         geo = _Geometry2(x, head_dim, patch, shifts)
-        y, hats, norms = _forward(x, g0, rowmask, geo, iters, mu, save=ctx.needs_input_grad[0])
-        ctx.save_for_backward(x, g0, rowmask, hats, norms)
+        y, hats, norms, kmat = _forward(x, g0, rowmask, geo, iters, mu,
+                                        save=ctx.needs_input_grad[0])  # fmt: skip
+        ctx.save_for_backward(x, g0, rowmask, hats, norms, kmat)
         ctx.geo, ctx.args = geo, (head_dim, patch, shifts, iters, mu)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, g0, rowmask, hats, norms = ctx.saved_tensors
+        x, g0, rowmask, hats, norms, kmat = ctx.saved_tensors
         head_dim, patch, shifts, iters, mu = ctx.args
-        dx = backward2(x, g0, rowmask, hats, norms, dy.contiguous(), ctx.geo, iters, mu)
+        dx = backward2(x, g0, rowmask, hats, norms, kmat, dy.contiguous(), ctx.geo, iters, mu)
         return dx, None, None, None, None, None, None, None
 
 

@@ -111,3 +111,13 @@ def test_unknown_design_rejected(monkeypatch):
     with pytest.raises(ValueError, match="valid options: 1, 2"):
         fastnmf.matricized_nmf(x, torch.rand(4, 1), head_dim=4, patch_size=2, shifts=None,
                                kernel="triton")  # fmt: skip
+
+
+def test_design2_rejects_head_offsets_beyond_int32():
+    """The second design's in-head offsets are int32: E x voxels >= 2^31 is a clear error (meta
+    tensors: nothing is allocated)."""
+    common = importlib.import_module("fastnmf.kernels._window2_common")
+    x = torch.empty(1, 8, 1024, 1024, 256, device="meta")  # 8 x 2^28 = 2^31
+    with pytest.raises(ValueError, match="2\\^31"):
+        common._Geometry2(x, 8, (8, 8, 8), [None, 4])
+    common._Geometry2(x[:, :, :, :, :128], 8, (8, 8, 8), [None, 4])  # 2^30: accepted

@@ -28,7 +28,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .cases import DTYPES, PASSES, StaticCase
+from .cases import DTYPES, PASSES, StaticCase, selected_design
 from .driver import Launch, stub_driver
 
 __all__ = ["CallRecord", "capture_case", "check_compiling"]
@@ -145,9 +145,10 @@ def _capture(case: StaticCase, stub, *, training: bool) -> dict[str, CallRecord]
     calls = {p: CallRecord(p, mode) for p in PASSES}
     x, v0 = _inputs(case, training)
     kw = dict(case.kwargs(), kernel="triton", check=False)
-    with torch.set_grad_enabled(training):
-        y = _record(stub, calls["fwd"], lambda: fastnmf.matricized_nmf(x, v0, **kw))
-    if training:
-        dy = torch.empty_like(y)
-        _record(stub, calls["bwd"], lambda: y.backward(dy))
+    with selected_design(case):
+        with torch.set_grad_enabled(training):
+            y = _record(stub, calls["fwd"], lambda: fastnmf.matricized_nmf(x, v0, **kw))
+        if training:
+            dy = torch.empty_like(y)
+            _record(stub, calls["bwd"], lambda: y.backward(dy))
     return calls

@@ -4,18 +4,22 @@ A :class:`StaticCase` is one call of ``fastnmf.matricized_nmf`` (the NMF layer's
 benchmark shapes of issue 14: 2x32x128^3 and 2x64x64^3, E = 8, P = 8, T = 5, shifts [None, 4]
 (the module default) and [None, 2, 4, 6] (the original code's BraTS config), fp32 and bf16, rank
 one and rank two; plus the global path. ``ideal_bytes`` is what a perfect kernel moves: forward
-reads x once and writes y once; backward reads x and dy once and writes dx once.
+reads x once and writes y once; backward reads x and dy once and writes dx once. ``design`` picks
+the window kernels (``fastnmf.kernels.window_nmf.TUNING["design"]``, 1 or 2) for the call.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib
 import math
 
 import torch
 
 __all__ = ["StaticCase", "case_to_json", "case_from_json", "benchmark_cases", "small_case",
-           "ideal_bytes", "coverage_cases", "DTYPES", "PASSES"]  # fmt: skip
+           "ideal_bytes", "coverage_cases", "selected_design", "DTYPES", "PASSES",
+           "DESIGNS"]  # fmt: skip
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PASSES = ("fwd", "bwd")
@@ -24,11 +28,13 @@ SHIFT_SETS = {"swin2": (None, 4), "swin4": (None, 2, 4, 6), "local": (None,)}
 HEAD_DIM = 8
 WINDOW = 8
 ITERS = 5
+DESIGNS = (1, 2)  # the window kernels' designs (kernels/window_nmf.py, kernels/window_nmf2.py)
 
 
 @dataclasses.dataclass(frozen=True)
 class StaticCase:
-    """One NMF layer call: ``mode`` "window" or "global"; ``shifts`` a tuple (None = unshifted)."""
+    """One NMF layer call: ``mode`` "window" or "global"; ``shifts`` a tuple (None = unshifted);
+    ``design`` the window kernels' design (1 or 2)."""
 
     mode: str
     batch: int
@@ -40,6 +46,11 @@ class StaticCase:
     window: int | None = WINDOW
     rank: int = 1
     iters: int = ITERS
+    design: int = 1
+
+    def __post_init__(self):
+        if self.design not in DESIGNS:
+            raise ValueError(f"design must be one of {DESIGNS}, got {self.design!r}")
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -62,7 +73,8 @@ class StaticCase:
     @property
     def id(self) -> str:
         size = "x".join(map(str, self.shape))
-        return f"{self.mode}-{self.shift_name}-{self.dtype}-r{self.rank}-{size}"
+        design = "" if self.design == 1 else f"-d{self.design}"  # design 1: the ids of before
+        return f"{self.mode}-{self.shift_name}-{self.dtype}-r{self.rank}-{size}{design}"
 
     def kwargs(self) -> dict:
         """Keyword arguments of ``fastnmf.matricized_nmf`` for this case (v0 excluded)."""
@@ -108,11 +120,26 @@ def small_case(case: StaticCase, side: int = 16) -> StaticCase:
 def coverage_cases(dtype: str = "fp32") -> list[StaticCase]:
     """Cases that launch every Triton kernel of the layer: the benchmark cases at the first
     benchmark shape (rank one and two, every shift set, global) plus shifts [None, 3], whose
-    tiles of one voxel send the window apply passes to the per-voxel kernels."""
+    tiles of one voxel send the window apply passes to the per-voxel kernels, plus the second
+    window design with both shift sets ([None, 4]: sub-boxes of 4^3, [None, 2, 4, 6]: of 2^3)."""
     cases = benchmark_cases(dtypes=(dtype,))
     cases = [c for c in cases if c.shape == cases[0].shape]
     odd = dataclasses.replace(cases[0], mode="window", shifts=(None, 3), window=WINDOW, rank=1)
-    return [*cases, odd]
+    two = [dataclasses.replace(cases[0], mode="window", shifts=SHIFT_SETS[name], window=WINDOW,
+                               rank=1, design=2) for name in ("swin2", "swin4")]  # fmt: skip
+    return [*cases, odd, *two]
+
+
+@contextlib.contextmanager
+def selected_design(case: StaticCase):
+    """Inside the block the window kernels of ``case.design`` serve the layer's calls."""
+    tuning = importlib.import_module("fastnmf.kernels.window_nmf").TUNING
+    saved = tuning["design"]
+    tuning["design"] = case.design
+    try:
+        yield
+    finally:
+        tuning["design"] = saved
 
 
 def _tuples(value):

@@ -423,17 +423,20 @@ def count_call(case, *, seed: int = 0) -> dict[str, CallCount]:
     """
     from fastnmf import kernels
 
+    from .cases import selected_design
+
     x, v0, kw, dy = _inputs(case, seed)
     out = {}
     train = has_backward(case)
     x.requires_grad_(train)
-    with counting() as fwd, torch.set_grad_enabled(train):
-        y = kernels.matricized_nmf(x, v0, **kw)
-    out["fwd"] = fwd
-    if train:
-        with counting() as bwd:
-            (dx,) = torch.autograd.grad(y, x, dy)
-        out["bwd"] = bwd
+    with selected_design(case):
+        with counting() as fwd, torch.set_grad_enabled(train):
+            y = kernels.matricized_nmf(x, v0, **kw)
+        out["fwd"] = fwd
+        if train:
+            with counting() as bwd:
+                (dx,) = torch.autograd.grad(y, x, dy)
+            out["bwd"] = bwd
     return out
 
 

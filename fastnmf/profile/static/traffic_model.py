@@ -454,6 +454,11 @@ def model_launches(case: StaticCase, pass_: str, *, sectors: bool = True) -> lis
     """
     if pass_ not in ("fwd", "bwd"):
         raise ValueError(f"pass_ must be 'fwd' or 'bwd', got {pass_!r}")
+    if case.design != 1:
+        raise ModelUnsupported(
+            f"the second window design (kernels/window_nmf2.py) of {case.id} is not modelled; "
+            "its bytes are the counter's"
+        )
     if not sectors:
         _ROW_CHECK["on"] = False
         try:
