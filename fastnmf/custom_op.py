@@ -316,15 +316,11 @@ def _direct_window_path(x, v0, u0, patch, iters, kernel, num_grad_steps, check) 
 def _window_triton(x, v0, u0, head_dim, patch, shifts, iters, solver):
     """kernels.matricized_nmf -> window_nmf's set-up (the same checks and inputs), then the op."""
     from .kernels import _interpreter_check
-    from .kernels._common import check_window_inputs, compute_dtype, row_mask
+    from .kernels._common import window_inputs
 
     _interpreter_check(x)
     x = x.contiguous()
-    check_window_inputs(x, v0, head_dim)
-    cdt = compute_dtype(x.dtype)
-    g0 = v0[:, 0].detach().to(cdt).contiguous()
-    mu = solver == "mu"
-    rowmask = row_mask(head_dim, u0, mu, cdt, x.device)
+    g0, rowmask, mu = window_inputs(x, v0, u0, head_dim=head_dim, solver=solver)
     y, _, _ = _window_op(x, g0, rowmask, head_dim, [int(p) for p in patch],
                          encode_shifts(shifts, x.dim() - 2), iters, mu)  # fmt: skip
     return y

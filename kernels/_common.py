@@ -63,6 +63,16 @@ def check_window_inputs(x: torch.Tensor, v0: torch.Tensor, head_dim: int) -> Non
         raise ValueError(f"v0 is on {v0.device} but x is on {x.device}")
 
 
+def window_inputs(x: torch.Tensor, v0: torch.Tensor, u0, *, head_dim: int, solver: str):
+    """The window launchers' shared set-up: checks (:func:`check_window_inputs`), then g0 (P,)
+    in the compute dtype, the row mask and whether the solver is MU: (g0, rowmask, mu)."""
+    check_window_inputs(x, v0, head_dim)
+    cdt = compute_dtype(x.dtype)
+    g0 = v0[:, 0].detach().to(cdt).contiguous()  # (prod(P), 1) -> (prod(P),)
+    mu = solver == "mu"
+    return g0, row_mask(head_dim, u0, mu, cdt, x.device), mu
+
+
 # ------------------------------------------------------------------------------------------------
 # Device functions
 # ------------------------------------------------------------------------------------------------
@@ -165,6 +175,15 @@ def _power_steps_backward(k, dp, hats_ptr, norms_ptr, e, emask, E, ITERS, BLOCK_
     """From dP (dL/dP of P = u u^T, u = â_T) back through the power steps: (K̄ + K̄^T, h̄)."""
     u = tl.load(hats_ptr + (ITERS - 1) * E + e, mask=emask, other=0)
     grad = tl.sum(dp * u[None, :], axis=1) + tl.sum(dp * u[:, None], axis=0)  # (dP + dP^T) u
+    return _steps_backward(k, grad, hats_ptr, norms_ptr, e, emask, E, ITERS, BLOCK_E, ACC)
+
+
+@triton.jit
+def _steps_backward(k, grad, hats_ptr, norms_ptr, e, emask, E, ITERS, BLOCK_E: tl.constexpr,
+                    ACC: tl.constexpr):  # fmt: skip
+    """From ū = (dP + dP^T) u back through the power steps: (K̄ + K̄^T, h̄). The loop of
+    :func:`_power_steps_backward`; the second window design's backward starts here (its ū is a
+    sum over parts)."""
     kbar = tl.zeros((BLOCK_E, BLOCK_E), dtype=ACC)
     hbar = tl.zeros((BLOCK_E,), dtype=ACC)
     for i in range(0, ITERS):

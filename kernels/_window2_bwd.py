@@ -17,8 +17,8 @@ u the vector of omega (E floats per part, no Gram matrix in the backward). Three
 1. ``_parts_bwd_kernel``, per (batch*head, WPP unshifted windows): reads x and dy once and
    split-sums the per-voxel terms of ū into every shift's parts (through sub-boxes);
 2. ``_solve_bwd_kernel``, per (batch*head, shifted window): sums the parts of each shift and runs
-   the power-step backward (``_steps_backward``) from ū, the saved K and iterates; writes S and
-   h̄ in the first design's layout;
+   the power-step backward (``_steps_backward``, kernels/_common.py) from ū, the saved K and
+   iterates; writes S and h̄ in the first design's layout;
 3. ``_apply_bwd_kernel2``, per (batch*head, WPP unshifted windows): reads x and dy a second time
    and sums the three terms of dX over the shifts, each part's (u, S, h̄) spread to the window's
    sub-boxes; S x column by column (S[:, c] x_c, S symmetric so column c is row c), with HALS
@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype
+from ._common import _steps_backward, acc_dtype
 from ._window2_common import (
     _gather_sub,
     _Geometry2,
@@ -56,26 +56,6 @@ from ._window2_common import (
     _window_offsets,
     _window_origin,
 )
-
-
-@triton.jit
-def _steps_backward(k, grad, hats_ptr, norms_ptr, e, emask, E, ITERS, BLOCK_E: tl.constexpr,
-                    ACC: tl.constexpr):  # fmt: skip
-    """From ū = (dP + dP^T) u back through the power steps: (K̄ + K̄^T, h̄). The loop of
-    ``_power_steps_backward`` (kernels/_common.py), which starts from dP instead."""
-    kbar = tl.zeros((BLOCK_E, BLOCK_E), dtype=ACC)
-    hbar = tl.zeros((BLOCK_E,), dtype=ACC)
-    for i in range(0, ITERS):
-        t = ITERS - 1 - i
-        a_hat = tl.load(hats_ptr + t * E + e, mask=emask, other=0)
-        norm = tl.load(norms_ptr + t)
-        radial = tl.sum(a_hat * grad, axis=0)
-        a_bar = tl.where(norm > 0, (grad - a_hat * radial) / tl.where(norm > 0, norm, 1), 0)
-        prev = tl.load(hats_ptr + tl.maximum(t - 1, 0) * E + e, mask=emask, other=0)
-        kbar += tl.where(t > 0, a_bar[:, None] * prev[None, :], 0.0)  # no K̄ term at t = 0
-        hbar = a_bar  # the last pass (t = 0) leaves h̄ = ā_1
-        grad = tl.sum(k * a_bar[None, :], axis=1)
-    return kbar + tl.trans(kbar), hbar
 
 
 @triton.jit

@@ -61,9 +61,8 @@ from ._common import (
     _window_and_shift,
     _window_coords,
     acc_dtype,
-    check_window_inputs,
     compute_dtype,
-    row_mask,
+    window_inputs,
 )
 
 __all__ = ["WindowNMF", "window_nmf"]
@@ -566,9 +565,5 @@ def window_nmf(x, v0, *, head_dim, patch_size, shifts, u0=None, iters=5, solver=
     shifts None or a list of None / tuples. Arguments are assumed validated by
     :func:`fastnmf.matricized_nmf`.
     """
-    check_window_inputs(x, v0, head_dim)
-    cdt = compute_dtype(x.dtype)
-    g0 = v0[:, 0].detach().to(cdt).contiguous()
-    mu = solver == "mu"
-    rowmask = row_mask(head_dim, u0, mu, cdt, x.device)
+    g0, rowmask, mu = window_inputs(x, v0, u0, head_dim=head_dim, solver=solver)
     return WindowNMF.apply(x, g0, rowmask, head_dim, tuple(patch_size), shifts, iters, mu)

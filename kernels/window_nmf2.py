@@ -68,9 +68,8 @@ import triton.language as tl
 from ._common import (
     _power_steps,
     acc_dtype,
-    check_window_inputs,
     compute_dtype,
-    row_mask,
+    window_inputs,
 )
 from ._window2_bwd import backward2
 from ._window2_common import (
@@ -357,9 +356,5 @@ def window_nmf2(x, v0, *, head_dim, patch_size, shifts, u0=None, iters=5, solver
     """Rank-one matricized NMF over (shifted) windows, second design (same interface as
     :func:`.window_nmf.window_nmf`; arguments assumed validated by :func:`fastnmf.matricized_nmf`).
     """
-    check_window_inputs(x, v0, head_dim)
-    cdt = compute_dtype(x.dtype)
-    g0 = v0[:, 0].detach().to(cdt).contiguous()
-    mu = solver == "mu"
-    rowmask = row_mask(head_dim, u0, mu, cdt, x.device)
+    g0, rowmask, mu = window_inputs(x, v0, u0, head_dim=head_dim, solver=solver)
     return WindowNMF2.apply(x, g0, rowmask, head_dim, tuple(patch_size), shifts, iters, mu)
