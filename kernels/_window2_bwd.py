@@ -48,14 +48,31 @@ from ._window2_common import (
     _gather_sub,
     _Geometry2,
     _load_sym,
+    _load_window,
+    _pass_rows,
     _pick,
     _shift_vectors,
     _shifted_g_all,
     _store_parts,
     _to_sub,
-    _window_offsets,
     _window_origin,
 )
+
+
+@triton.jit
+def _load_window_dy(x_base, dy_base, rowmask, e, emask, w, NVOX, S1, S2, NW1, NW2,
+                    NSHIFT: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+                    BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
+                    BLOCK_E: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr, G2: tl.constexpr,
+                    ACC: tl.constexpr):  # fmt: skip
+    """:func:`_load_window` of x, and dY_s = dy / n_shifts at the same offsets; x and dY_s also
+    as sub-box views (BLOCK_E, BP0 // G0, G0, BP1 // G1, G1, BP2 // G2, G2)."""
+    w0, w1, w2, offs, mask, x = _load_window(x_base, rowmask, e, emask, w, NVOX, S1, S2, NW1, NW2,
+                                             P0, P1, P2, BP0, BP1, BP2, ACC)  # fmt: skip
+    dy = tl.load(dy_base + offs, mask=mask, other=0).to(ACC) / NSHIFT  # dY_s
+    x7 = _to_sub(x, BLOCK_E, BP0, BP1, BP2, G0, G1, G2)  # (E, A0, G0, A1, G1, A2, G2)
+    dy7 = _to_sub(dy, BLOCK_E, BP0, BP1, BP2, G0, G1, G2)
+    return w0, w1, w2, offs, mask, x, x7, dy7
 
 
 @triton.jit
@@ -70,27 +87,16 @@ def _parts_bwd_kernel(
 ):  # fmt: skip
     """Per unshifted window: every shift's part sums of dY_s (X_s^T u) + X_s (dY_s^T u), u the
     vector of the shifted window each part lies in (X_s: x with MU's dropped columns)."""
-    bh = tl.program_id(1)
-    offset = ((bh // HEADS) * C + (bh % HEADS) * E).to(tl.int64) * NVOX
-    x_base, dy_base = x_ptr + offset, dy_ptr + offset  # the head's first element
-    e = tl.arange(0, BLOCK_E)
-    emask = e < E
-    rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
-    g_all = tl.zeros((NSB, BP0, BP1, BP2), dtype=ACC)
-    if MU:  # g0 under every shift, once per program
-        g_all = _shifted_g_all(g0_ptr, SHIFTS, NSHIFT, NSB, P0, P1, P2, BP0, BP1, BP2).to(ACC)
+    bh, offset, e, emask, rowmask = _pass_rows(rowmask_ptr, C, E, HEADS, NVOX, BLOCK_E, ACC)
+    # MU: g0 under every shift, once per program
+    g_all = _shifted_g_all(g0_ptr, SHIFTS, NSHIFT, NSB, P0, P1, P2, BP0, BP1, BP2, ACC, MU)
     for j in range(0, WPP):
         w = tl.program_id(0) * WPP + j
         if w < NWIN:
-            w0, w1, w2 = _window_origin(w, NW1, NW2)
-            offs, mask = _window_offsets(e, emask, w0, w1, w2, NVOX, S1, S2,
-                                         P0, P1, P2, BP0, BP1, BP2)  # fmt: skip
-            x = tl.load(x_base + offs, mask=mask, other=0).to(ACC)
-            x = tl.maximum(x, 0) * rowmask[:, None, None, None]  # (BLOCK_E, BP0, BP1, BP2)
-            dy = tl.load(dy_base + offs, mask=mask, other=0).to(ACC) / NSHIFT  # dY_s
+            w0, w1, w2, _, _, _, x7, dy7 = _load_window_dy(
+                x_ptr + offset, dy_ptr + offset, rowmask, e, emask, w, NVOX, S1, S2, NW1, NW2,
+                NSHIFT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, G0, G1, G2, ACC)  # fmt: skip
             slot = (bh * NWIN + w) * (NSHIFT * 8)
-            x7 = _to_sub(x, BLOCK_E, BP0, BP1, BP2, G0, G1, G2)  # (E, A0, G0, A1, G1, A2, G2)
-            dy7 = _to_sub(dy, BLOCK_E, BP0, BP1, BP2, G0, G1, G2)
             for k in tl.static_range(NSHIFT):
                 uu = _shift_vectors(hats_ptr + (ITERS - 1) * E, ITERS * E, e, emask, bh, w0, w1, w2,
                                  NWIN, NW0, NW1, NW2, k, SHIFTS, NSHIFT, P0, P1, P2,
@@ -153,25 +159,15 @@ def _apply_bwd_kernel2(
     """dX = sum_s [u (u^T dY_s) + S x + h̄ g0_s^T] times ReLU'(x), per unshifted window, each
     part's (u, S, h̄) those of the shifted window it lies in (S x column by column: S[:, c] x_c,
     the columns in a loop)."""
-    bh = tl.program_id(1)
-    offset = ((bh // HEADS) * C + (bh % HEADS) * E).to(tl.int64) * NVOX
-    x_base, dy_base, dx_base = x_ptr + offset, dy_ptr + offset, dx_ptr + offset
-    e = tl.arange(0, BLOCK_E)
-    emask = e < E
+    bh, offset, e, emask, rowmask = _pass_rows(rowmask_ptr, C, E, HEADS, NVOX, BLOCK_E, ACC)
     e7 = e[:, None, None, None, None, None, None]
-    rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
-    g_all = _shifted_g_all(g0_ptr, SHIFTS, NSHIFT, NSB, P0, P1, P2, BP0, BP1, BP2).to(ACC)
+    g_all = _shifted_g_all(g0_ptr, SHIFTS, NSHIFT, NSB, P0, P1, P2, BP0, BP1, BP2, ACC, True)
     for j in range(0, WPP):
         w = tl.program_id(0) * WPP + j
         if w < NWIN:
-            w0, w1, w2 = _window_origin(w, NW1, NW2)
-            offs, mask = _window_offsets(e, emask, w0, w1, w2, NVOX, S1, S2,
-                                         P0, P1, P2, BP0, BP1, BP2)  # fmt: skip
-            x = tl.load(x_base + offs, mask=mask, other=0).to(ACC)
-            x = tl.maximum(x, 0) * rowmask[:, None, None, None]  # (BLOCK_E, BP0, BP1, BP2)
-            dy = tl.load(dy_base + offs, mask=mask, other=0).to(ACC) / NSHIFT
-            x7 = _to_sub(x, BLOCK_E, BP0, BP1, BP2, G0, G1, G2)  # (E, A0, G0, A1, G1, A2, G2)
-            dy7 = _to_sub(dy, BLOCK_E, BP0, BP1, BP2, G0, G1, G2)
+            w0, w1, w2, offs, mask, x, x7, dy7 = _load_window_dy(
+                x_ptr + offset, dy_ptr + offset, rowmask, e, emask, w, NVOX, S1, S2, NW1, NW2,
+                NSHIFT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, G0, G1, G2, ACC)  # fmt: skip
             dx = tl.zeros((BLOCK_E, BP0 // G0, G0, BP1 // G1, G1, BP2 // G2, G2), dtype=ACC)
             for k in tl.static_range(NSHIFT):
                 g = _to_sub(_pick(g_all, k, NSB), 1, BP0, BP1, BP2, G0, G1, G2)
@@ -202,7 +198,7 @@ def _apply_bwd_kernel2(
                     dx += scol * tl.sum(tl.where(e7 == c, x7, 0), axis=0)[None]
             # ReLU'(x) and the MU row mask (0/1): x > 0 exactly where both are nonzero
             dx = tl.where(x > 0, tl.reshape(dx, (BLOCK_E, BP0, BP1, BP2)), 0)
-            tl.store(dx_base + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            tl.store(dx_ptr + offset + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 def backward2(x, g0, rowmask, hats, norms, kmat, dy, geo: _Geometry2, iters: int,

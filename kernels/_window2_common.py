@@ -46,6 +46,34 @@ def _window_offsets(e, emask, w0, w1, w2, nvox, S1, S2,
 
 
 @triton.jit
+def _pass_rows(rowmask_ptr, C, E: tl.constexpr, HEADS, NVOX, BLOCK_E: tl.constexpr,
+               ACC: tl.constexpr):  # fmt: skip
+    """Set-up of a window pass (program axis 1: batch * head): bh, the int64 offset of the head's
+    first element, the rows e (BLOCK_E,), their mask and the MU row mask (0/1, ACC)."""
+    bh = tl.program_id(1)
+    offset = ((bh // HEADS) * C + (bh % HEADS) * E).to(tl.int64) * NVOX
+    e = tl.arange(0, BLOCK_E)
+    emask = e < E
+    rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
+    return bh, offset, e, emask, rowmask
+
+
+@triton.jit
+def _load_window(x_base, rowmask, e, emask, w, NVOX, S1, S2, NW1, NW2,
+                 P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+                 BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
+                 ACC: tl.constexpr):  # fmt: skip
+    """Unshifted window w of the head at x_base: its grid coordinates (w0, w1, w2), the offsets
+    and mask of :func:`_window_offsets`, and x (BLOCK_E, BP0, BP1, BP2) after ReLU and the row
+    mask, in ACC."""
+    w0, w1, w2 = _window_origin(w, NW1, NW2)
+    offs, mask = _window_offsets(e, emask, w0, w1, w2, NVOX, S1, S2, P0, P1, P2, BP0, BP1, BP2)
+    x = tl.load(x_base + offs, mask=mask, other=0).to(ACC)
+    x = tl.maximum(x, 0) * rowmask[:, None, None, None]  # (BLOCK_E, BP0, BP1, BP2)
+    return w0, w1, w2, offs, mask, x
+
+
+@triton.jit
 def _shifted_g(g0_ptr, SH0: tl.constexpr, SH1: tl.constexpr, SH2: tl.constexpr,
                P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
                BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr):  # fmt: skip
@@ -65,26 +93,31 @@ def _shifted_g(g0_ptr, SH0: tl.constexpr, SH1: tl.constexpr, SH2: tl.constexpr,
 @triton.jit
 def _shifted_g_all(g0_ptr, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, NSB: tl.constexpr,
                    P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
-                   BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr):  # fmt: skip
-    """(NSB, BP0, BP1, BP2): for every shift k, g0 at the position each voxel of a window has
-    under shift k (0 on the padding); loaded once per program, picked by :func:`_pick`."""
-    q0, q1, q2 = _block_coords(BP0, BP1, BP2)
-    s4 = tl.arange(0, NSB)[:, None, None, None]
-    sh0 = tl.zeros((NSB, 1, 1, 1), dtype=tl.int32)
-    sh1 = tl.zeros((NSB, 1, 1, 1), dtype=tl.int32)
-    sh2 = tl.zeros((NSB, 1, 1, 1), dtype=tl.int32)
-    for k in tl.static_range(NSHIFT):
-        sh0 = tl.where(s4 == k, SHIFTS[k][0], sh0)
-        sh1 = tl.where(s4 == k, SHIFTS[k][1], sh1)
-        sh2 = tl.where(s4 == k, SHIFTS[k][2], sh2)
-    p0 = q0 + sh0
-    p1 = q1 + sh1
-    p2 = q2 + sh2
-    p0 = tl.where(p0 >= P0, p0 - P0, p0)
-    p1 = tl.where(p1 >= P1, p1 - P1, p1)
-    p2 = tl.where(p2 >= P2, p2 - P2, p2)
-    m = (s4 < NSHIFT) & (q0 < P0) & (q1 < P1) & (q2 < P2)
-    return tl.load(g0_ptr + (p0 * P1 + p1) * P2 + p2, mask=m, other=0)
+                   BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
+                   ACC: tl.constexpr, LOAD: tl.constexpr):  # fmt: skip
+    """(NSB, BP0, BP1, BP2) in ACC: for every shift k, g0 at the position each voxel of a window
+    has under shift k (0 on the padding); loaded once per program, picked by :func:`_pick`.
+    Zeros without LOAD (passes that need g0 only for MU)."""
+    g = tl.zeros((NSB, BP0, BP1, BP2), dtype=ACC)
+    if LOAD:
+        q0, q1, q2 = _block_coords(BP0, BP1, BP2)
+        s4 = tl.arange(0, NSB)[:, None, None, None]
+        sh0 = tl.zeros((NSB, 1, 1, 1), dtype=tl.int32)
+        sh1 = tl.zeros((NSB, 1, 1, 1), dtype=tl.int32)
+        sh2 = tl.zeros((NSB, 1, 1, 1), dtype=tl.int32)
+        for k in tl.static_range(NSHIFT):
+            sh0 = tl.where(s4 == k, SHIFTS[k][0], sh0)
+            sh1 = tl.where(s4 == k, SHIFTS[k][1], sh1)
+            sh2 = tl.where(s4 == k, SHIFTS[k][2], sh2)
+        p0 = q0 + sh0
+        p1 = q1 + sh1
+        p2 = q2 + sh2
+        p0 = tl.where(p0 >= P0, p0 - P0, p0)
+        p1 = tl.where(p1 >= P1, p1 - P1, p1)
+        p2 = tl.where(p2 >= P2, p2 - P2, p2)
+        m = (s4 < NSHIFT) & (q0 < P0) & (q1 < P1) & (q2 < P2)
+        g = tl.load(g0_ptr + (p0 * P1 + p1) * P2 + p2, mask=m, other=0).to(ACC)
+    return g
 
 
 @triton.jit

@@ -76,6 +76,8 @@ from ._window2_common import (
     TUNING,
     _Geometry2,
     _load_sym,
+    _load_window,
+    _pass_rows,
     _pick,
     _shift_vectors,
     _shifted_g_all,
@@ -83,7 +85,6 @@ from ._window2_common import (
     _subboxes,
     _to_sub,
     _tri,
-    _window_offsets,
     _window_origin,
 )
 
@@ -106,15 +107,11 @@ def _parts_kernel(
     (fp32, no MU), the Gram rows' sums over sub-boxes of D0 x D1 x D2 voxels are collected in an
     (E^2, sub-boxes) matrix and split into every shift's parts by one product with the 0/1
     membership matrix (``_membership``): FMAs with 1 and 0 add exactly, and no lane shuffles."""
-    bh = tl.program_id(1)
-    offset = ((bh // HEADS) * C + (bh % HEADS) * E).to(tl.int64) * NVOX
+    bh, offset, e, emask, rowmask = _pass_rows(rowmask_ptr, C, E, HEADS, NVOX, BLOCK_E, ACC)
     x_base = x_ptr + offset  # the head's first element
-    e = tl.arange(0, BLOCK_E)
-    emask = e < E
     e4 = e[:, None, None, None]
-    rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
     # g0 under every shift, once per program
-    g_all = _shifted_g_all(g0_ptr, SHIFTS, NSHIFT, NSB, P0, P1, P2, BP0, BP1, BP2).to(ACC)
+    g_all = _shifted_g_all(g0_ptr, SHIFTS, NSHIFT, NSB, P0, P1, P2, BP0, BP1, BP2, ACC, True)
     member = 0
     exists = 0
     if DOT:
@@ -123,11 +120,8 @@ def _parts_kernel(
     for j in range(0, WPP):
         w = tl.program_id(0) * WPP + j
         if w < NWIN:
-            w0, w1, w2 = _window_origin(w, NW1, NW2)
-            offs, mask = _window_offsets(e, emask, w0, w1, w2, NVOX, S1, S2,
-                                      P0, P1, P2, BP0, BP1, BP2)  # fmt: skip
-            x = tl.load(x_base + offs, mask=mask, other=0).to(ACC)
-            x = tl.maximum(x, 0) * rowmask[:, None, None, None]  # (BLOCK_E, BP0, BP1, BP2)
+            _, _, _, _, _, x = _load_window(x_base, rowmask, e, emask, w, NVOX, S1, S2, NW1, NW2,
+                                            P0, P1, P2, BP0, BP1, BP2, ACC)  # fmt: skip
             slot = (bh * NWIN + w) * (NSHIFT * 8)
             for k in tl.static_range(NSHIFT):
                 g = _pick(g_all, k, NSB)
@@ -262,23 +256,16 @@ def _apply_kernel(
     BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
     G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    bh = tl.program_id(1)
-    offset = ((bh // HEADS) * C + (bh % HEADS) * E).to(tl.int64) * NVOX
+    bh, offset, e, emask, rowmask = _pass_rows(rowmask_ptr, C, E, HEADS, NVOX, BLOCK_E, ACC)
     x_base, y_base = x_ptr + offset, y_ptr + offset  # the head's first element
-    e = tl.arange(0, BLOCK_E)
-    emask = e < E
-    rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
-    g_all = tl.zeros((NSB, BP0, BP1, BP2), dtype=ACC)
-    if MU:  # g0 under every shift, once per program
-        g_all = _shifted_g_all(g0_ptr, SHIFTS, NSHIFT, NSB, P0, P1, P2, BP0, BP1, BP2).to(ACC)
+    # MU: g0 under every shift, once per program
+    g_all = _shifted_g_all(g0_ptr, SHIFTS, NSHIFT, NSB, P0, P1, P2, BP0, BP1, BP2, ACC, MU)
     for j in range(0, WPP):
         w = tl.program_id(0) * WPP + j
         if w < NWIN:
-            w0, w1, w2 = _window_origin(w, NW1, NW2)
-            offs, mask = _window_offsets(e, emask, w0, w1, w2, NVOX, S1, S2,
-                                      P0, P1, P2, BP0, BP1, BP2)  # fmt: skip
-            x = tl.load(x_base + offs, mask=mask, other=0).to(ACC)
-            x = tl.maximum(x, 0) * rowmask[:, None, None, None]  # (BLOCK_E, BP0, BP1, BP2)
+            w0, w1, w2, offs, mask, x = _load_window(x_base, rowmask, e, emask, w, NVOX, S1, S2,
+                                                     NW1, NW2, P0, P1, P2, BP0, BP1, BP2,
+                                                     ACC)  # fmt: skip
             x7 = _to_sub(x, BLOCK_E, BP0, BP1, BP2, G0, G1, G2)  # (E, A0, G0, A1, G1, A2, G2)
             y = tl.zeros((BLOCK_E, BP0 // G0, G0, BP1 // G1, G1, BP2 // G2, G2), dtype=ACC)
             for k in tl.static_range(NSHIFT):
