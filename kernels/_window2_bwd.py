@@ -45,7 +45,6 @@ import triton.language as tl
 
 from ._common import _steps_backward, acc_dtype
 from ._window2_common import (
-    _gather_sub,
     _Geometry2,
     _load_sym,
     _load_window,
@@ -54,6 +53,7 @@ from ._window2_common import (
     _shift_vectors,
     _shifted_g_all,
     _store_parts,
+    _sum_parts,
     _to_sub,
     _window_origin,
 )
@@ -127,16 +127,8 @@ def _solve_bwd_kernel(
     ee = e[:, None] * E + e[None, :]
     emask2 = emask[:, None] & emask[None, :]
     for k in tl.static_range(NSHIFT):
-        grad = tl.zeros((BLOCK_E,), dtype=ACC)
-        for b2 in tl.static_range(2 if SHIFTS[k][2] else 1):
-            w2 = (o2 - b2 - SHIFTS[k][5] + 2 * NW2) % NW2
-            for b1 in tl.static_range(2 if SHIFTS[k][1] else 1):
-                w1 = (o1 - b1 - SHIFTS[k][4] + 2 * NW1) % NW1
-                for b0 in tl.static_range(2 if SHIFTS[k][0] else 1):
-                    w0 = (o0 - b0 - SHIFTS[k][3] + 2 * NW0) % NW0
-                    w = (w0 * NW1 + w1) * NW2 + w2  # the unshifted window holding this part
-                    slot = (bh * NWIN + w) * (NSHIFT * 8) + k * 8 + (b0 * 2 + b1) * 2 + b2
-                    grad += tl.load(gpart_ptr + slot * E + e, mask=emask, other=0)
+        grad = _sum_parts(gpart_ptr, E, e, emask, bh, o0, o1, o2, NWIN, NW0, NW1, NW2, k, SHIFTS,
+                          NSHIFT, E, BLOCK_E, ACC, False)  # ū from the parts  # fmt: skip
         prog = (bh * NSHIFT + k) * NWIN + om
         k_mat = _load_sym(kmat_ptr + prog * E * E, e, emask, E)
         sym, hbar = _steps_backward(k_mat, grad, hats_ptr + prog * ITERS * E,
@@ -171,13 +163,15 @@ def _apply_bwd_kernel2(
             dx = tl.zeros((BLOCK_E, BP0 // G0, G0, BP1 // G1, G1, BP2 // G2, G2), dtype=ACC)
             for k in tl.static_range(NSHIFT):
                 g = _to_sub(_pick(g_all, k, NSB), 1, BP0, BP1, BP2, G0, G1, G2)
-                uu = _gather_sub(hats_ptr + (ITERS - 1) * E, ITERS * E, e, emask, bh, w0, w1, w2,
-                                 NWIN, NW0, NW1, NW2, k, SHIFTS, NSHIFT, P0, P1, P2,
-                                 BP0 // G0, BP1 // G1, BP2 // G2, G0, G1, G2)  # fmt: skip
+                uu = _shift_vectors(hats_ptr + (ITERS - 1) * E, ITERS * E, e, emask, bh, w0, w1, w2,
+                                    NWIN, NW0, NW1, NW2, k, SHIFTS, NSHIFT, P0, P1, P2,
+                                    BP0 // G0, BP1 // G1, BP2 // G2, G0, G1, G2,
+                                    GATHER=True)  # fmt: skip
                 t = uu * tl.sum(uu * dy7, axis=0)[None]  # u (u^T dY_s)
-                t += g * _gather_sub(hbar_ptr, E, e, emask, bh, w0, w1, w2, NWIN, NW0, NW1, NW2,
-                                     k, SHIFTS, NSHIFT, P0, P1, P2, BP0 // G0, BP1 // G1,
-                                     BP2 // G2, G0, G1, G2)  # h̄ g0_s^T  # fmt: skip
+                t += g * _shift_vectors(hbar_ptr, E, e, emask, bh, w0, w1, w2, NWIN, NW0, NW1,
+                                        NW2, k, SHIFTS, NSHIFT, P0, P1, P2, BP0 // G0,
+                                        BP1 // G1, BP2 // G2, G0, G1, G2,
+                                        GATHER=True)  # h̄ g0_s^T  # fmt: skip
                 if MU:  # the dropped columns depend on the shift: S x per shift
                     for c in range(0, E):  # S[:, c] x_c; S symmetric: column c = row c
                         scol = _shift_vectors(sym_ptr + c * E, E * E, e, emask, bh, w0, w1, w2,

@@ -135,76 +135,57 @@ def _wrap_add(w, b, q, nw):
 
 
 @triton.jit
-def _gather_sub(ptr, STRIDE, e, emask, bh, w0, w1, w2, NWIN, NW0, NW1, NW2,
-                k: tl.constexpr, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr,
-                P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
-                BA0: tl.constexpr, BA1: tl.constexpr, BA2: tl.constexpr,
-                G0: tl.constexpr, G1: tl.constexpr, G2: tl.constexpr):  # fmt: skip
-    """:func:`_part_vectors` as a gather: each sub-box loads its part's vector itself (fewer
-    registers: a thread loads only its own sub-boxes' vectors, from L1; more bytes asked: one
-    E-vector per sub-box instead of per part)."""
-    a0 = tl.arange(0, BA0)[None, :, None, None, None, None, None] * G0
-    a1 = tl.arange(0, BA1)[None, None, None, :, None, None, None] * G1
-    a2 = tl.arange(0, BA2)[None, None, None, None, None, :, None] * G2
-    o0 = _wrap_add(w0, (a0 >= P0 - SHIFTS[k][0]).to(tl.int32), SHIFTS[k][3], NW0)
-    o1 = _wrap_add(w1, (a1 >= P1 - SHIFTS[k][1]).to(tl.int32), SHIFTS[k][4], NW1)
-    o2 = _wrap_add(w2, (a2 >= P2 - SHIFTS[k][2]).to(tl.int32), SHIFTS[k][5], NW2)
-    prog = (bh * NSHIFT + k) * NWIN + (o0 * NW1 + o1) * NW2 + o2
-    inside = (a0 < P0) & (a1 < P1) & (a2 < P2)  # padding sub-boxes load nothing
-    e7 = e[:, None, None, None, None, None, None]
-    mask = emask[:, None, None, None, None, None, None] & inside
-    return tl.load(ptr + prog * STRIDE + e7, mask=mask, other=0)
-
-
-@triton.jit
-def _part_vectors(ptr, STRIDE, e, emask, bh, w0, w1, w2, NWIN, NW0, NW1, NW2,
-                  k: tl.constexpr, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr,
-                  P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
-                  BA0: tl.constexpr, BA1: tl.constexpr, BA2: tl.constexpr,
-                  G0: tl.constexpr, G1: tl.constexpr, G2: tl.constexpr):  # fmt: skip
-    """(BLOCK_E, BA0, 1, BA1, 1, BA2, 1): for every sub-box of unshifted window (w0, w1, w2), the
-    E-vector at ptr + prog * STRIDE + e of the shifted window (shift k, prog = (bh * NSHIFT + k)
-    * NWIN + window) that the sub-box lies in; broadcast over the voxels of a window reshaped to
-    (BLOCK_E, BA0, G0, BA1, G1, BA2, G2). One load of the (E, 2, 2, 2) table of the shift's parts
-    (b0, b1, b2), then spread to the sub-boxes axis by axis (sums of one term and a zero: exact)."""
-    b0 = tl.arange(0, 2)[None, :, None, None]
-    b1 = tl.arange(0, 2)[None, None, :, None]
-    b2 = tl.arange(0, 2)[None, None, None, :]
-    o0 = _wrap_add(w0, b0, SHIFTS[k][3], NW0)
-    o1 = _wrap_add(w1, b1, SHIFTS[k][4], NW1)
-    o2 = _wrap_add(w2, b2, SHIFTS[k][5], NW2)
-    prog = (bh * NSHIFT + k) * NWIN + (o0 * NW1 + o1) * NW2 + o2
-    # part 1 along axis d exists only where the shift splits the axis (s'_d > 0)
-    exists = ((b0 <= (1 if SHIFTS[k][0] else 0)) & (b1 <= (1 if SHIFTS[k][1] else 0))
-              & (b2 <= (1 if SHIFTS[k][2] else 0)))  # fmt: skip
-    t = tl.load(ptr + prog * STRIDE + e[:, None, None, None],
-                mask=emask[:, None, None, None] & exists, other=0)  # (E, 2, 2, 2)  # fmt: skip
-    a2 = tl.arange(0, BA2)[None, None, None, None, :] * G2
-    m2 = (a2 >= P2 - SHIFTS[k][2]).to(tl.int32) == b2[:, :, :, :, None]  # (1, 1, 1, 2, BA2)
-    t = tl.sum(tl.where(m2, t[:, :, :, :, None], 0), axis=3)  # (E, 2, 2, BA2)
-    a1 = tl.arange(0, BA1)[None, None, None, :, None] * G1
-    m1 = (a1 >= P1 - SHIFTS[k][1]).to(tl.int32) == b1[:, :, :, :, None]  # (1, 1, 2, BA1, 1)
-    t = tl.sum(tl.where(m1, t[:, :, :, None, :], 0), axis=2)  # (E, 2, BA1, BA2)
-    a0 = tl.arange(0, BA0)[None, None, :, None, None] * G0
-    m0 = (a0 >= P0 - SHIFTS[k][0]).to(tl.int32) == b0[:, :, :, :, None]  # (1, 2, BA0, 1, 1)
-    t = tl.sum(tl.where(m0, t[:, :, None, :, :], 0), axis=1)  # (E, BA0, BA1, BA2)
-    return t[:, :, None, :, None, :, None]
-
-
-@triton.jit
 def _shift_vectors(ptr, STRIDE, e, emask, bh, w0, w1, w2, NWIN, NW0, NW1, NW2,
                    k: tl.constexpr, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr,
                    P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
                    BA0: tl.constexpr, BA1: tl.constexpr, BA2: tl.constexpr,
-                   G0: tl.constexpr, G1: tl.constexpr, G2: tl.constexpr):  # fmt: skip
-    """:func:`_gather_sub` where a window has at most 8 sub-boxes (the same bytes as the part
-    table, fewer registers), else :func:`_part_vectors` (one E-vector per part, not per sub-box)."""
-    if BA0 * BA1 * BA2 <= 8:
-        vec = _gather_sub(ptr, STRIDE, e, emask, bh, w0, w1, w2, NWIN, NW0, NW1, NW2, k, SHIFTS,
-                          NSHIFT, P0, P1, P2, BA0, BA1, BA2, G0, G1, G2)  # fmt: skip
+                   G0: tl.constexpr, G1: tl.constexpr, G2: tl.constexpr,
+                   GATHER: tl.constexpr = False):  # fmt: skip
+    """(BLOCK_E, BA0, 1, BA1, 1, BA2, 1): for every sub-box of unshifted window (w0, w1, w2), the
+    E-vector at ptr + prog * STRIDE + e of the shifted window (shift k, prog = (bh * NSHIFT + k)
+    * NWIN + window) that the sub-box lies in; broadcast over the voxels of a window reshaped to
+    (BLOCK_E, BA0, G0, BA1, G1, BA2, G2).
+
+    With GATHER, or where a window has at most 8 sub-boxes, a gather: each sub-box loads its
+    part's vector itself (fewer registers: a thread loads only its own sub-boxes' vectors, from
+    L1; with more sub-boxes, more bytes asked: one E-vector per sub-box instead of per part).
+    Else one load of the (E, 2, 2, 2) table of the shift's parts (b0, b1, b2), then spread to the
+    sub-boxes axis by axis (sums of one term and a zero: exact)."""
+    if GATHER or BA0 * BA1 * BA2 <= 8:
+        a0 = tl.arange(0, BA0)[None, :, None, None, None, None, None] * G0
+        a1 = tl.arange(0, BA1)[None, None, None, :, None, None, None] * G1
+        a2 = tl.arange(0, BA2)[None, None, None, None, None, :, None] * G2
+        o0 = _wrap_add(w0, (a0 >= P0 - SHIFTS[k][0]).to(tl.int32), SHIFTS[k][3], NW0)
+        o1 = _wrap_add(w1, (a1 >= P1 - SHIFTS[k][1]).to(tl.int32), SHIFTS[k][4], NW1)
+        o2 = _wrap_add(w2, (a2 >= P2 - SHIFTS[k][2]).to(tl.int32), SHIFTS[k][5], NW2)
+        prog = (bh * NSHIFT + k) * NWIN + (o0 * NW1 + o1) * NW2 + o2
+        inside = (a0 < P0) & (a1 < P1) & (a2 < P2)  # padding sub-boxes load nothing
+        e7 = e[:, None, None, None, None, None, None]
+        mask = emask[:, None, None, None, None, None, None] & inside
+        vec = tl.load(ptr + prog * STRIDE + e7, mask=mask, other=0)
     else:
-        vec = _part_vectors(ptr, STRIDE, e, emask, bh, w0, w1, w2, NWIN, NW0, NW1, NW2, k,
-                            SHIFTS, NSHIFT, P0, P1, P2, BA0, BA1, BA2, G0, G1, G2)  # fmt: skip
+        b0 = tl.arange(0, 2)[None, :, None, None]
+        b1 = tl.arange(0, 2)[None, None, :, None]
+        b2 = tl.arange(0, 2)[None, None, None, :]
+        o0 = _wrap_add(w0, b0, SHIFTS[k][3], NW0)
+        o1 = _wrap_add(w1, b1, SHIFTS[k][4], NW1)
+        o2 = _wrap_add(w2, b2, SHIFTS[k][5], NW2)
+        prog = (bh * NSHIFT + k) * NWIN + (o0 * NW1 + o1) * NW2 + o2
+        # part 1 along axis d exists only where the shift splits the axis (s'_d > 0)
+        exists = ((b0 <= (1 if SHIFTS[k][0] else 0)) & (b1 <= (1 if SHIFTS[k][1] else 0))
+                  & (b2 <= (1 if SHIFTS[k][2] else 0)))  # fmt: skip
+        t = tl.load(ptr + prog * STRIDE + e[:, None, None, None],
+                    mask=emask[:, None, None, None] & exists, other=0)  # (E, 2, 2, 2)  # fmt: skip
+        a2 = tl.arange(0, BA2)[None, None, None, None, :] * G2
+        m2 = (a2 >= P2 - SHIFTS[k][2]).to(tl.int32) == b2[:, :, :, :, None]  # (1, 1, 1, 2, BA2)
+        t = tl.sum(tl.where(m2, t[:, :, :, :, None], 0), axis=3)  # (E, 2, 2, BA2)
+        a1 = tl.arange(0, BA1)[None, None, None, :, None] * G1
+        m1 = (a1 >= P1 - SHIFTS[k][1]).to(tl.int32) == b1[:, :, :, :, None]  # (1, 1, 2, BA1, 1)
+        t = tl.sum(tl.where(m1, t[:, :, :, None, :], 0), axis=2)  # (E, 2, BA1, BA2)
+        a0 = tl.arange(0, BA0)[None, None, :, None, None] * G0
+        m0 = (a0 >= P0 - SHIFTS[k][0]).to(tl.int32) == b0[:, :, :, :, None]  # (1, 2, BA0, 1, 1)
+        t = tl.sum(tl.where(m0, t[:, :, None, :, :], 0), axis=1)  # (E, BA0, BA1, BA2)
+        vec = t[:, :, None, :, None, :, None]
     return vec
 
 
@@ -261,6 +242,33 @@ def _load_sym(ptr, e, emask, E):
     upper = tl.load(ptr + _tri(i, j, E), mask=emask[:, None] & emask[None, :] & (j >= i),
                     other=0)  # fmt: skip
     return upper + tl.trans(upper) - tl.where(i == j, upper, 0)
+
+
+@triton.jit
+def _sum_parts(ptr, STRIDE, e, emask, bh, o0, o1, o2, NWIN, NW0, NW1, NW2, k: tl.constexpr,
+               SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, E: tl.constexpr,
+               BLOCK_E: tl.constexpr, ACC: tl.constexpr, SYM: tl.constexpr):  # fmt: skip
+    """Sum over the parts of shifted window (o0, o1, o2) under shift k of the per-part tables at
+    ptr + slot * STRIDE (slot = (bh * NWIN + w) * NSHIFT * 8 + k * 8 + b, w the unshifted window
+    holding part b): E-vectors, or with SYM packed upper triangles (:func:`_load_sym`), summed
+    in the order b2, b1, b0."""
+    if SYM:
+        total = tl.zeros((BLOCK_E, BLOCK_E), dtype=ACC)
+    else:
+        total = tl.zeros((BLOCK_E,), dtype=ACC)
+    for b2 in tl.static_range(2 if SHIFTS[k][2] else 1):
+        w2 = (o2 - b2 - SHIFTS[k][5] + 2 * NW2) % NW2
+        for b1 in tl.static_range(2 if SHIFTS[k][1] else 1):
+            w1 = (o1 - b1 - SHIFTS[k][4] + 2 * NW1) % NW1
+            for b0 in tl.static_range(2 if SHIFTS[k][0] else 1):
+                w0 = (o0 - b0 - SHIFTS[k][3] + 2 * NW0) % NW0
+                w = (w0 * NW1 + w1) * NW2 + w2  # the unshifted window holding this part
+                slot = (bh * NWIN + w) * (NSHIFT * 8) + k * 8 + (b0 * 2 + b1) * 2 + b2
+                if SYM:
+                    total += _load_sym(ptr + slot * STRIDE, e, emask, E)
+                else:
+                    total += tl.load(ptr + slot * STRIDE + e, mask=emask, other=0)
+    return total
 
 
 # Unshifted windows per program of the parts and apply kernels (default 16: g0's rolled copies,

@@ -75,7 +75,6 @@ from ._window2_bwd import backward2
 from ._window2_common import (
     TUNING,
     _Geometry2,
-    _load_sym,
     _load_window,
     _pass_rows,
     _pick,
@@ -83,6 +82,7 @@ from ._window2_common import (
     _shifted_g_all,
     _store_parts,
     _subboxes,
+    _sum_parts,
     _to_sub,
     _tri,
     _window_origin,
@@ -225,18 +225,10 @@ def _solve_kernel(
     emask = e < E
     emask2 = emask[:, None] & emask[None, :]
     for k in tl.static_range(NSHIFT):
-        k_mat = tl.zeros((BLOCK_E, BLOCK_E), dtype=ACC)
-        h = tl.zeros((BLOCK_E,), dtype=ACC)
-        for b2 in tl.static_range(2 if SHIFTS[k][2] else 1):
-            w2 = (o2 - b2 - SHIFTS[k][5] + 2 * NW2) % NW2
-            for b1 in tl.static_range(2 if SHIFTS[k][1] else 1):
-                w1 = (o1 - b1 - SHIFTS[k][4] + 2 * NW1) % NW1
-                for b0 in tl.static_range(2 if SHIFTS[k][0] else 1):
-                    w0 = (o0 - b0 - SHIFTS[k][3] + 2 * NW0) % NW0
-                    w = (w0 * NW1 + w1) * NW2 + w2  # the unshifted window holding this part
-                    slot = (bh * NWIN + w) * (NSHIFT * 8) + k * 8 + (b0 * 2 + b1) * 2 + b2
-                    k_mat += _load_sym(kpart_ptr + slot * E * E, e, emask, E)
-                    h += tl.load(hpart_ptr + slot * E + e, mask=emask, other=0)
+        k_mat = _sum_parts(kpart_ptr, E * E, e, emask, bh, o0, o1, o2, NWIN, NW0, NW1, NW2, k,
+                           SHIFTS, NSHIFT, E, BLOCK_E, ACC, True)  # fmt: skip
+        h = _sum_parts(hpart_ptr, E, e, emask, bh, o0, o1, o2, NWIN, NW0, NW1, NW2, k, SHIFTS,
+                       NSHIFT, E, BLOCK_E, ACC, False)  # fmt: skip
         prog = (bh * NSHIFT + k) * NWIN + om
         if SAVE:  # K for the backward (packed upper triangle)
             tl.store(kmat_ptr + prog * E * E + _tri(e[:, None], e[None, :], E), k_mat,
