@@ -127,8 +127,8 @@ def _solve_bwd_kernel(
     ee = e[:, None] * E + e[None, :]
     emask2 = emask[:, None] & emask[None, :]
     for k in tl.static_range(NSHIFT):
-        grad = _sum_parts(gpart_ptr, E, e, emask, bh, o0, o1, o2, NWIN, NW0, NW1, NW2, k, SHIFTS,
-                          NSHIFT, E, BLOCK_E, ACC, False)  # ū from the parts  # fmt: skip
+        _, grad = _sum_parts(gpart_ptr, gpart_ptr, e, emask, bh, o0, o1, o2, NWIN, NW0, NW1, NW2,
+                             k, SHIFTS, NSHIFT, E, BLOCK_E, ACC, False)  # ū; no K  # fmt: skip
         prog = (bh * NSHIFT + k) * NWIN + om
         k_mat = _load_sym(kmat_ptr + prog * E * E, e, emask, E)
         sym, hbar = _steps_backward(k_mat, grad, hats_ptr + prog * ITERS * E,

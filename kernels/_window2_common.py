@@ -245,17 +245,15 @@ def _load_sym(ptr, e, emask, E):
 
 
 @triton.jit
-def _sum_parts(ptr, STRIDE, e, emask, bh, o0, o1, o2, NWIN, NW0, NW1, NW2, k: tl.constexpr,
-               SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, E: tl.constexpr,
-               BLOCK_E: tl.constexpr, ACC: tl.constexpr, SYM: tl.constexpr):  # fmt: skip
-    """Sum over the parts of shifted window (o0, o1, o2) under shift k of the per-part tables at
-    ptr + slot * STRIDE (slot = (bh * NWIN + w) * NSHIFT * 8 + k * 8 + b, w the unshifted window
-    holding part b): E-vectors, or with SYM packed upper triangles (:func:`_load_sym`), summed
-    in the order b2, b1, b0."""
-    if SYM:
-        total = tl.zeros((BLOCK_E, BLOCK_E), dtype=ACC)
-    else:
-        total = tl.zeros((BLOCK_E,), dtype=ACC)
+def _sum_parts(vpart_ptr, kpart_ptr, e, emask, bh, o0, o1, o2, NWIN, NW0, NW1, NW2,
+               k: tl.constexpr, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, E: tl.constexpr,
+               BLOCK_E: tl.constexpr, ACC: tl.constexpr, WITH_K: tl.constexpr):  # fmt: skip
+    """Sums over the parts of shifted window (o0, o1, o2) under shift k (in the order b2, b1, b0;
+    slot = (bh * NWIN + w) * NSHIFT * 8 + k * 8 + b, w the unshifted window holding part b) of
+    the E-vectors at vpart_ptr + slot * E and, with WITH_K, of the packed upper triangles at
+    kpart_ptr + slot * E * E (:func:`_load_sym`; else K stays 0): (K, vector), one loop."""
+    k_mat = tl.zeros((BLOCK_E, BLOCK_E), dtype=ACC)
+    vec = tl.zeros((BLOCK_E,), dtype=ACC)
     for b2 in tl.static_range(2 if SHIFTS[k][2] else 1):
         w2 = (o2 - b2 - SHIFTS[k][5] + 2 * NW2) % NW2
         for b1 in tl.static_range(2 if SHIFTS[k][1] else 1):
@@ -264,11 +262,10 @@ def _sum_parts(ptr, STRIDE, e, emask, bh, o0, o1, o2, NWIN, NW0, NW1, NW2, k: tl
                 w0 = (o0 - b0 - SHIFTS[k][3] + 2 * NW0) % NW0
                 w = (w0 * NW1 + w1) * NW2 + w2  # the unshifted window holding this part
                 slot = (bh * NWIN + w) * (NSHIFT * 8) + k * 8 + (b0 * 2 + b1) * 2 + b2
-                if SYM:
-                    total += _load_sym(ptr + slot * STRIDE, e, emask, E)
-                else:
-                    total += tl.load(ptr + slot * STRIDE + e, mask=emask, other=0)
-    return total
+                if WITH_K:
+                    k_mat += _load_sym(kpart_ptr + slot * E * E, e, emask, E)
+                vec += tl.load(vpart_ptr + slot * E + e, mask=emask, other=0)
+    return k_mat, vec
 
 
 # Unshifted windows per program of the parts and apply kernels (default 16: g0's rolled copies,

@@ -225,10 +225,8 @@ def _solve_kernel(
     emask = e < E
     emask2 = emask[:, None] & emask[None, :]
     for k in tl.static_range(NSHIFT):
-        k_mat = _sum_parts(kpart_ptr, E * E, e, emask, bh, o0, o1, o2, NWIN, NW0, NW1, NW2, k,
-                           SHIFTS, NSHIFT, E, BLOCK_E, ACC, True)  # fmt: skip
-        h = _sum_parts(hpart_ptr, E, e, emask, bh, o0, o1, o2, NWIN, NW0, NW1, NW2, k, SHIFTS,
-                       NSHIFT, E, BLOCK_E, ACC, False)  # fmt: skip
+        k_mat, h = _sum_parts(hpart_ptr, kpart_ptr, e, emask, bh, o0, o1, o2, NWIN, NW0, NW1,
+                              NW2, k, SHIFTS, NSHIFT, E, BLOCK_E, ACC, True)  # fmt: skip
         prog = (bh * NSHIFT + k) * NWIN + om
         if SAVE:  # K for the backward (packed upper triangle)
             tl.store(kmat_ptr + prog * E * E + _tri(e[:, None], e[None, :], E), k_mat,
