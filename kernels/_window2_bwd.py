@@ -52,10 +52,10 @@ from ._window2_common import (
     _pick,
     _shift_vectors,
     _shifted_g_all,
+    _solve_rows,
     _store_parts,
     _sum_parts,
     _to_sub,
-    _window_origin,
 )
 
 
@@ -119,11 +119,7 @@ def _solve_bwd_kernel(
     E: tl.constexpr, NWIN, ITERS, NW0, NW1, NW2,
     SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, BLOCK_E: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    om = tl.program_id(0)  # a shifted window
-    bh = tl.program_id(1)
-    o0, o1, o2 = _window_origin(om, NW1, NW2)
-    e = tl.arange(0, BLOCK_E)
-    emask = e < E
+    om, bh, o0, o1, o2, e, emask = _solve_rows(NW1, NW2, E, BLOCK_E)  # om: a shifted window
     ee = e[:, None] * E + e[None, :]
     emask2 = emask[:, None] & emask[None, :]
     for k in tl.static_range(NSHIFT):

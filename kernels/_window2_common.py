@@ -245,6 +245,18 @@ def _load_sym(ptr, e, emask, E):
 
 
 @triton.jit
+def _solve_rows(NW1, NW2, E: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Set-up of a solve (program axis 0: a shifted window, axis 1: batch * head): om, bh, the
+    window's grid coordinates (o0, o1, o2), the rows e (BLOCK_E,) and their mask."""
+    om = tl.program_id(0)
+    bh = tl.program_id(1)
+    o0, o1, o2 = _window_origin(om, NW1, NW2)
+    e = tl.arange(0, BLOCK_E)
+    emask = e < E
+    return om, bh, o0, o1, o2, e, emask
+
+
+@triton.jit
 def _sum_parts(vpart_ptr, kpart_ptr, e, emask, bh, o0, o1, o2, NWIN, NW0, NW1, NW2,
                k: tl.constexpr, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, E: tl.constexpr,
                BLOCK_E: tl.constexpr, ACC: tl.constexpr, WITH_K: tl.constexpr):  # fmt: skip

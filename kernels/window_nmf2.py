@@ -80,12 +80,12 @@ from ._window2_common import (
     _pick,
     _shift_vectors,
     _shifted_g_all,
+    _solve_rows,
     _store_parts,
     _subboxes,
     _sum_parts,
     _to_sub,
     _tri,
-    _window_origin,
 )
 
 __all__ = ["TUNING", "WindowNMF2", "window_nmf2"]
@@ -218,11 +218,7 @@ def _solve_kernel(
     SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr,
     P2: tl.constexpr, BLOCK_E: tl.constexpr, SAVE: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    om = tl.program_id(0)  # a shifted window
-    bh = tl.program_id(1)
-    o0, o1, o2 = _window_origin(om, NW1, NW2)
-    e = tl.arange(0, BLOCK_E)
-    emask = e < E
+    om, bh, o0, o1, o2, e, emask = _solve_rows(NW1, NW2, E, BLOCK_E)  # om: a shifted window
     emask2 = emask[:, None] & emask[None, :]
     for k in tl.static_range(NSHIFT):
         k_mat, h = _sum_parts(hpart_ptr, kpart_ptr, e, emask, bh, o0, o1, o2, NWIN, NW0, NW1,
