@@ -197,13 +197,10 @@ def backward2(x, g0, rowmask, hats, norms, kmat, dy, geo: _Geometry2, iters: int
     dev = x.device
     f32 = hats.dtype
     acc = acc_dtype(x.dtype)
-    slots = geo.bh * geo.nwin * geo.nshift * 8
-    gpart = torch.empty(slots, geo.E, dtype=f32, device=dev)  # unused slots stay unread
-    progs = hats.shape[0]
-    sym = torch.empty(progs, geo.E, geo.E, dtype=f32, device=dev)
-    hbar = torch.empty(progs, geo.E, dtype=f32, device=dev)
-    grid = (triton.cdiv(geo.nwin, geo.wpp), geo.bh)
-    _parts_bwd_kernel[grid](
+    gpart = torch.empty(geo.slots, geo.E, dtype=f32, device=dev)  # unused slots stay unread
+    sym = torch.empty(geo.progs, geo.E, geo.E, dtype=f32, device=dev)
+    hbar = torch.empty(geo.progs, geo.E, dtype=f32, device=dev)
+    _parts_bwd_kernel[geo.grid](
         x, dy, g0, rowmask, hats, gpart,
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, iters, geo.S[1], geo.S[2], *geo.NW,
         **geo.consts(), **geo.block(), MU=mu, ACC=acc, num_warps=geo.warps["parts_bwd"],
@@ -213,7 +210,7 @@ def backward2(x, g0, rowmask, hats, norms, kmat, dy, geo: _Geometry2, iters: int
         SHIFTS=geo.shifts, NSHIFT=geo.nshift, BLOCK_E=geo.block_e, ACC=acc, num_warps=1,
     )  # fmt: skip
     dx = torch.empty_like(x)
-    _apply_bwd_kernel2[grid](
+    _apply_bwd_kernel2[geo.grid](
         x, dy, dx, g0, rowmask, hats, sym, hbar,
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, iters, geo.S[1], geo.S[2], *geo.NW,
         **geo.consts(), **geo.block(), MU=mu, ACC=acc, num_warps=geo.warps["apply_bwd"],

@@ -324,6 +324,9 @@ class _Geometry2(WindowSizes):
         # report): 8, and 16 for the backward apply (twice the resident warps of 8)
         self.warps = {name: TUNING["warps"] or n for name, n in _WARPS.items()}
         self.bh = self.batch * self.heads
+        self.slots = self.bh * self.nwin * self.nshift * 8  # per-part statistics (8 per shift)
+        self.progs = self.bh * self.nshift * self.nwin  # shifted windows: the solves' outputs
+        self.grid = (triton.cdiv(self.nwin, self.wpp), self.bh)  # the window passes
         if self.E * self.nvox >= 2**31:  # the kernels' in-head offsets are int32
             raise ValueError(
                 f"head_dim x voxels = {self.E} x {self.nvox} is at least 2^31; the second window "

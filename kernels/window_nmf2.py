@@ -275,17 +275,14 @@ def _forward(x, g0, rowmask, geo: _Geometry2, iters: int, mu: bool, save: bool):
     f32 = compute_dtype(x.dtype)
     acc = acc_dtype(x.dtype)
     dev = x.device
-    slots = geo.bh * geo.nwin * geo.nshift * 8
-    kpart = torch.empty(slots, geo.E, geo.E, dtype=f32, device=dev)  # unused slots stay unread
-    hpart = torch.empty(slots, geo.E, dtype=f32, device=dev)
-    progs = geo.bh * geo.nshift * geo.nwin
-    u = torch.empty(progs, geo.E, dtype=f32, device=dev)
-    hats = torch.empty(progs, iters, geo.E, dtype=f32, device=dev) if save else u
-    norms = torch.empty(progs, iters, dtype=f32, device=dev) if save else u
-    kmat = torch.empty(progs, geo.E, geo.E, dtype=f32, device=dev) if save else u  # upper half
+    kpart = torch.empty(geo.slots, geo.E, geo.E, dtype=f32, device=dev)  # unused slots: unread
+    hpart = torch.empty(geo.slots, geo.E, dtype=f32, device=dev)
+    u = torch.empty(geo.progs, geo.E, dtype=f32, device=dev)
+    hats = torch.empty(geo.progs, iters, geo.E, dtype=f32, device=dev) if save else u
+    norms = torch.empty(geo.progs, iters, dtype=f32, device=dev) if save else u
+    kmat = torch.empty(geo.progs, geo.E, geo.E, dtype=f32, device=dev) if save else u  # upper half
     y = torch.empty_like(x)
-    grid = (triton.cdiv(geo.nwin, geo.wpp), geo.bh)
-    _parts_kernel[grid](
+    _parts_kernel[geo.grid](
         x, g0, rowmask, kpart, hpart,
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, geo.S[1], geo.S[2], *geo.NW[1:],
         **geo.consts(), **geo.block(), MU=mu, ACC=acc, **geo.dot(acc, mu),
@@ -295,7 +292,7 @@ def _forward(x, g0, rowmask, geo: _Geometry2, iters: int, mu: bool, save: bool):
         kpart, hpart, u, hats, norms, kmat, geo.E, geo.nwin, iters, *geo.NW,
         **geo.consts(), BLOCK_E=geo.block_e, SAVE=save, ACC=acc, num_warps=1,
     )  # fmt: skip
-    _apply_kernel[grid](
+    _apply_kernel[geo.grid](
         x, y, g0, rowmask, u,
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, geo.S[1], geo.S[2], *geo.NW,
         **geo.consts(), **geo.block(), MU=mu, ACC=acc, num_warps=geo.warps["apply"],
