@@ -74,23 +74,6 @@ def _load_window(x_base, rowmask, e, emask, w, NVOX, S1, S2, NW1, NW2,
 
 
 @triton.jit
-def _shifted_g(g0_ptr, SH0: tl.constexpr, SH1: tl.constexpr, SH2: tl.constexpr,
-               P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
-               BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr):  # fmt: skip
-    """(1, BP0, BP1, BP2): g0 at the position each voxel of a window has under the shift whose
-    in-window offsets are (SH0, SH1, SH2) = s mod P (0 on the padding)."""
-    q0, q1, q2 = _block_coords(BP0, BP1, BP2)
-    p0 = q0 + SH0 % P0
-    p1 = q1 + SH1 % P1
-    p2 = q2 + SH2 % P2
-    p0 = tl.where(p0 >= P0, p0 - P0, p0)
-    p1 = tl.where(p1 >= P1, p1 - P1, p1)
-    p2 = tl.where(p2 >= P2, p2 - P2, p2)
-    m = (q0 < P0) & (q1 < P1) & (q2 < P2)
-    return tl.load(g0_ptr + (p0 * P1 + p1) * P2 + p2, mask=m, other=0)
-
-
-@triton.jit
 def _shifted_g_all(g0_ptr, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, NSB: tl.constexpr,
                    P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
                    BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
