@@ -5,10 +5,14 @@ Public API:
 - :func:`nmf` and :func:`matricized_nmf`, the functional NMF layer;
 - :class:`NMF` and :class:`MatricizedNMF`, the same as ``torch.nn`` modules;
 - ``kernel=`` ``"auto" | "triton" | "torch" | "reference"`` everywhere.
+
+Importing fastnmf registers its PyTorch ops (``torch.ops.fastnmf.*``), so a saved
+``torch.export`` program of a fastnmf model loads after ``import fastnmf``.
 """
 
+from . import channel_norm as _channel_norm  # noqa: F401  (registers fastnmf::channel_layer_norm)
 from .modules import NMF, MatricizedNMF
-from .ops import matricized_nmf, nmf
+from .ops import matricized_nmf, nmf  # (ops registers fastnmf::matricized_nmf, custom_op.py)
 
 __version__ = "0.1.0"
 

@@ -173,6 +173,13 @@ def test_bundle_program_equals_the_network(exported, tmp_path):
         x = torch.randn(batch, 1, *[cfg.crop_size] * 3, generator=gen)
         with torch.no_grad():
             torch.testing.assert_close(program(x), net(x), rtol=1e-6, atol=1e-7)
+    # as the bundle's README says: a fresh process that imports only fastnmf and torch
+    code = ("import sys, fastnmf, torch; net = torch.export.load(sys.argv[1]).module(); "
+            "s = int(sys.argv[2]); print(list(net(torch.zeros(1, 1, s, s, s)).shape))")
+    r = subprocess.run([sys.executable, "-c", code, str(bundle / "models/model.pt2"),
+                        str(cfg.crop_size)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-800:]
+    assert r.stdout.strip() == str([1, 1] + [cfg.crop_size] * 3)
     out = tmp_path / "b"
     argv = ["export", "--checkpoint", str(ckpt), "--bundle", str(out), "--no-program"]
     assert main(argv) == 0
