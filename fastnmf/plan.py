@@ -88,7 +88,6 @@ class Plan:
 def _crops(model: str, preset: str, crop: int | None) -> list[int]:
     from fastnmf import models
 
-    C.check_choice("preset", preset, models.presets(), listing="valid presets")
     top = crop if crop is not None else int(models.PRESETS[preset]["spatial_size"][0])
     C.check_int("crop", top, _STEP)
     return list(range(top - top % _STEP, _STEP - 1, -_STEP))
@@ -103,7 +102,6 @@ def _preset_overrides(model: str, preset: str, model_options: dict | None = None
     updated with ``model_options`` (a run's ``--model-opt``; lists become tuples)."""
     from fastnmf import models
 
-    C.check_choice("preset", preset, models.presets(), listing="valid presets")
     name = "swin_factorizer" if model == "factorizer" else model
     params = inspect.signature(models.MODELS[name]).parameters
     given = {**models.PRESETS[preset], **(model_options or {})}
@@ -149,6 +147,7 @@ def plan(
     from fastnmf import models
 
     C.check_choice("model", model, models.available(), listing="available models")
+    C.check_choice("preset", preset, models.presets(), listing="valid presets")
     C.check_choice("amp", amp, tuple(AMP_DTYPES))
     C.check_int("max_batch", max_batch, 1)
     if not 0 <= headroom < 1:
@@ -231,5 +230,5 @@ def check_peak(cfg, device, out=None) -> str | None:
                "error": error, "plan": cfg.plan, "device": torch.cuda.get_device_name(device)}
         (Path(out) / "memory.json").write_text(json.dumps(doc, indent=2) + "\n")  # fmt: skip
     err = f"{error:+.0%}" if error is not None else "n/a"
-    return (f"GPU peak memory: measured {measured / 1e9:.2f} GB (max allocated), planner "
-            f"predicted {predicted / 1e9:.2f} GB ({err}); memory.json")  # fmt: skip
+    return (f"GPU peak memory: measured {format_size(measured)} (max allocated), planner "
+            f"predicted {format_size(predicted)} ({err}); memory.json")  # fmt: skip
