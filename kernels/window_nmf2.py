@@ -109,7 +109,6 @@ def _parts_kernel(
     membership matrix (``_membership``): FMAs with 1 and 0 add exactly, and no lane shuffles."""
     bh, offset, e, emask, rowmask = _pass_rows(rowmask_ptr, C, E, HEADS, NVOX, BLOCK_E, ACC)
     x_base = x_ptr + offset  # the head's first element
-    e4 = e[:, None, None, None]
     # g0 under every shift, once per program
     g_all = _shifted_g_all(g0_ptr, SHIFTS, NSHIFT, NSB, P0, P1, P2, BP0, BP1, BP2, ACC, True)
     member = 0
@@ -120,34 +119,54 @@ def _parts_kernel(
     for j in range(0, WPP):
         w = tl.program_id(0) * WPP + j
         if w < NWIN:
-            _, _, _, _, _, x = _load_window(x_base, rowmask, e, emask, w, NVOX, S1, S2, NW1, NW2,
-                                            P0, P1, P2, BP0, BP1, BP2, ACC)  # fmt: skip
-            slot = (bh * NWIN + w) * (NSHIFT * 8)
+            _parts_window(x_base, rowmask, e, emask, w, bh, g_all, member, exists, kpart_ptr,
+                          hpart_ptr, E, NWIN, NVOX, S1, S2, NW1, NW2, SHIFTS, NSHIFT, P0, P1, P2,
+                          BP0, BP1, BP2, BLOCK_E, NSB, G0, G1, G2, MU, ACC, DOT, D0, D1, D2,
+                          NPB)  # fmt: skip
+
+
+@triton.jit
+def _parts_window(
+    x_base, rowmask, e, emask, w, bh, g_all, member, exists, kpart_ptr, hpart_ptr,
+    E: tl.constexpr, NWIN, NVOX, S1, S2, NW1, NW2,
+    SHIFTS: tl.constexpr, NSHIFT: tl.constexpr,
+    P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+    BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
+    BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
+    G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+    D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, NPB: tl.constexpr,
+):  # fmt: skip
+    """The parts pass on unshifted window w of head bh (x_base: the head's first element): every
+    shift's part sums of X g0_s and of X X^T's upper triangle (see :func:`_parts_kernel`)."""
+    e4 = e[:, None, None, None]
+    _, _, _, _, _, x = _load_window(x_base, rowmask, e, emask, w, NVOX, S1, S2, NW1, NW2,
+                                    P0, P1, P2, BP0, BP1, BP2, ACC)  # fmt: skip
+    slot = (bh * NWIN + w) * (NSHIFT * 8)
+    for k in tl.static_range(NSHIFT):
+        g = _pick(g_all, k, NSB)
+        xs = x
+        if MU:
+            xs = tl.where(g > 0, x, 0)
+        _store_parts(_subboxes(xs * g, BLOCK_E, BP0, BP1, BP2, G0, G1, G2),
+                     hpart_ptr + (slot + k * 8) * E, E, e, emask,
+                     SHIFTS[k][0], SHIFTS[k][1], SHIFTS[k][2], P0, P1, P2,
+                     BP0 // G0, BP1 // G1, BP2 // G2, G0, G1, G2)  # fmt: skip
+    if DOT:
+        _gram_parts_dot(x, member, exists, kpart_ptr, slot, E, BLOCK_E, BP0, BP1, BP2, D0,
+                        D1, D2, NPB, ACC)  # fmt: skip
+    else:
+        for i in range(0, E):  # Gram row i, columns j >= i (K is symmetric)
+            xi = tl.sum(tl.where(e4 == i, x, 0), axis=0)[None, :, :, :]  # row i of X
+            upper = emask & (e >= i)
             for k in tl.static_range(NSHIFT):
-                g = _pick(g_all, k, NSB)
-                xs = x
-                if MU:
-                    xs = tl.where(g > 0, x, 0)
-                _store_parts(_subboxes(xs * g, BLOCK_E, BP0, BP1, BP2, G0, G1, G2),
-                             hpart_ptr + (slot + k * 8) * E, E, e, emask,
-                             SHIFTS[k][0], SHIFTS[k][1], SHIFTS[k][2], P0, P1, P2,
-                             BP0 // G0, BP1 // G1, BP2 // G2, G0, G1, G2)  # fmt: skip
-            if DOT:
-                _gram_parts_dot(x, member, exists, kpart_ptr, slot, E, BLOCK_E, BP0, BP1, BP2, D0,
-                                D1, D2, NPB, ACC)  # fmt: skip
-            else:
-                for i in range(0, E):  # Gram row i, columns j >= i (K is symmetric)
-                    xi = tl.sum(tl.where(e4 == i, x, 0), axis=0)[None, :, :, :]  # row i of X
-                    upper = emask & (e >= i)
-                    for k in tl.static_range(NSHIFT):
-                        z = x * xi
-                        if MU:  # the dropped columns depend on the shift
-                            z = tl.where(_pick(g_all, k, NSB) > 0, z, 0)
-                        _store_parts(_subboxes(z, BLOCK_E, BP0, BP1, BP2, G0, G1, G2),
-                                     kpart_ptr + (slot + k * 8) * E * E + _tri(i, 0, E),
-                                     E * E, e, upper, SHIFTS[k][0], SHIFTS[k][1],
-                                     SHIFTS[k][2], P0, P1, P2, BP0 // G0, BP1 // G1, BP2 // G2,
-                                     G0, G1, G2)  # fmt: skip
+                z = x * xi
+                if MU:  # the dropped columns depend on the shift
+                    z = tl.where(_pick(g_all, k, NSB) > 0, z, 0)
+                _store_parts(_subboxes(z, BLOCK_E, BP0, BP1, BP2, G0, G1, G2),
+                             kpart_ptr + (slot + k * 8) * E * E + _tri(i, 0, E),
+                             E * E, e, upper, SHIFTS[k][0], SHIFTS[k][1],
+                             SHIFTS[k][2], P0, P1, P2, BP0 // G0, BP1 // G1, BP2 // G2,
+                             G0, G1, G2)  # fmt: skip
 
 
 @triton.jit
@@ -249,22 +268,39 @@ def _apply_kernel(
     for j in range(0, WPP):
         w = tl.program_id(0) * WPP + j
         if w < NWIN:
-            w0, w1, w2, offs, mask, x = _load_window(x_base, rowmask, e, emask, w, NVOX, S1, S2,
-                                                     NW1, NW2, P0, P1, P2, BP0, BP1, BP2,
-                                                     ACC)  # fmt: skip
-            x7 = _to_sub(x, BLOCK_E, BP0, BP1, BP2, G0, G1, G2)  # (E, A0, G0, A1, G1, A2, G2)
-            y = tl.zeros((BLOCK_E, BP0 // G0, G0, BP1 // G1, G1, BP2 // G2, G2), dtype=ACC)
-            for k in tl.static_range(NSHIFT):
-                uu = _shift_vectors(u_ptr, E, e, emask, bh, w0, w1, w2, NWIN, NW0, NW1, NW2, k,
-                                 SHIFTS, NSHIFT, P0, P1, P2, BP0 // G0, BP1 // G1, BP2 // G2,
-                                 G0, G1, G2)  # u of each sub-box's shifted window  # fmt: skip
-                xs = x7
-                if MU:
-                    g = _to_sub(_pick(g_all, k, NSB), 1, BP0, BP1, BP2, G0, G1, G2)
-                    xs = tl.where(g > 0, x7, 0)
-                y += uu * tl.sum(uu * xs, axis=0)[None]  # u (u^T x(v))
-            y = tl.reshape(y, (BLOCK_E, BP0, BP1, BP2)) / NSHIFT
-            tl.store(y_base + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+            _apply_window(x_base, y_base, rowmask, e, emask, w, bh, g_all, u_ptr, E, NWIN, NVOX,
+                          S1, S2, NW0, NW1, NW2, SHIFTS, NSHIFT, P0, P1, P2, BP0, BP1, BP2,
+                          BLOCK_E, NSB, G0, G1, G2, MU, ACC)  # fmt: skip
+
+
+@triton.jit
+def _apply_window(
+    x_base, y_base, rowmask, e, emask, w, bh, g_all, u_ptr,
+    E: tl.constexpr, NWIN, NVOX, S1, S2, NW0, NW1, NW2,
+    SHIFTS: tl.constexpr, NSHIFT: tl.constexpr,
+    P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+    BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
+    BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
+    G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, CACHE: tl.constexpr = "",
+):  # fmt: skip
+    """The output pass on unshifted window w of head bh: y = mean_s u_s,b (u_s,b^T x) (see
+    :func:`_apply_kernel`; CACHE: the cache modifier of the loads of u)."""
+    w0, w1, w2, offs, mask, x = _load_window(x_base, rowmask, e, emask, w, NVOX, S1, S2,
+                                             NW1, NW2, P0, P1, P2, BP0, BP1, BP2,
+                                             ACC)  # fmt: skip
+    x7 = _to_sub(x, BLOCK_E, BP0, BP1, BP2, G0, G1, G2)  # (E, A0, G0, A1, G1, A2, G2)
+    y = tl.zeros((BLOCK_E, BP0 // G0, G0, BP1 // G1, G1, BP2 // G2, G2), dtype=ACC)
+    for k in tl.static_range(NSHIFT):
+        uu = _shift_vectors(u_ptr, E, e, emask, bh, w0, w1, w2, NWIN, NW0, NW1, NW2, k,
+                         SHIFTS, NSHIFT, P0, P1, P2, BP0 // G0, BP1 // G1, BP2 // G2,
+                         G0, G1, G2, CACHE=CACHE)  # u of each sub-box's shifted window  # fmt: skip
+        xs = x7
+        if MU:
+            g = _to_sub(_pick(g_all, k, NSB), 1, BP0, BP1, BP2, G0, G1, G2)
+            xs = tl.where(g > 0, x7, 0)
+        y += uu * tl.sum(uu * xs, axis=0)[None]  # u (u^T x(v))
+    y = tl.reshape(y, (BLOCK_E, BP0, BP1, BP2)) / NSHIFT
+    tl.store(y_base + offs, y.to(y_base.dtype.element_ty), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------------
