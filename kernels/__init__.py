@@ -4,6 +4,9 @@
 - :mod:`.window_nmf2`: the same, second design (every shift's statistics from one read of x;
   backward in :mod:`._window2_bwd`), selected by ``window_nmf.TUNING["design"] = 2`` until it
   has been timed on a GPU;
+- :mod:`.window_nmf3`: the same, third design (the second design's forward passes in one
+  persistent launch, pipelined plane by plane so x's second read comes from L2), selected by
+  ``window_nmf.TUNING["design"] = 3``;
 - :mod:`.global_nmf`: rank one over whole matrices (global matricization, plain NMF);
 - :mod:`.window_nmf_rank`: rank R > 1 over (shifted) windows, the literal MU / HALS loop on chip,
   forward and backward;
@@ -35,6 +38,7 @@ from .global_nmf_rank import global_nmf_rank
 from .window_nmf import TUNING as _WINDOW_TUNING
 from .window_nmf import window_nmf
 from .window_nmf2 import window_nmf2
+from .window_nmf3 import window_nmf3
 from .window_nmf_rank import window_nmf_rank
 
 __all__ = ["nmf", "matricized_nmf"]
@@ -103,9 +107,9 @@ def matricized_nmf(
         return global_nmf(x, v0, rows=head_dim, spatial=x.shape[2:], shifts=shifts, u0=u0,
                           iters=iters, solver=solver, relu=True)  # fmt: skip
     design = _WINDOW_TUNING["design"]
-    if design not in (1, 2):
-        raise ValueError(f"window_nmf.TUNING['design'] is {design!r}; valid options: 1, 2")
-    window = window_nmf2 if design == 2 else window_nmf
+    if design not in (1, 2, 3):
+        raise ValueError(f"window_nmf.TUNING['design'] is {design!r}; valid options: 1, 2, 3")
+    window = {1: window_nmf, 2: window_nmf2, 3: window_nmf3}[design]
     return window(x, v0, head_dim=head_dim, patch_size=patch_size, shifts=shifts, u0=u0,
                   iters=iters, solver=solver)  # fmt: skip
 

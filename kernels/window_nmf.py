@@ -78,7 +78,8 @@ TUNING: dict = {
     "tile": None,
     "gram": "sum",
     "fuse": True,
-    "design": 1,  # 2: kernels/window_nmf2.py (one read of x for every shift's statistics)
+    "design": 1,  # 2: kernels/window_nmf2.py (one read of x for every shift's statistics),
+    # 3: kernels/window_nmf3.py (2's forward fused into one launch, pipelined by planes)
 }
 
 # Tiled apply kernels when a tile (a block inside one window under every shift) has at least
