@@ -1,0 +1,145 @@
+"""The third design of the rank-one window kernels (kernels/window_nmf3.py): the second design's
+forward in one persistent launch, pipelined plane by plane.
+
+Selected with ``window_nmf.TUNING["design"] = 3``. Under TRITON_INTERPRET=1 programs run one
+after another, so program 0 takes every ticket in order and the waits return at once: these tests
+check the results, the schedule (against needs computed here by rolling coordinates, not with
+the module's own rule) and the launches; the waits between concurrent programs need a GPU.
+"""
+
+import importlib
+
+import numpy as np
+import pytest
+import torch
+from conftest import DEVICES, rel_err
+from kernel_helpers import (
+    check_low_precision,
+    fp32_against_reference,
+    nmf_inputs,
+    run_grad,
+    spy_on,
+)
+
+wn = importlib.import_module("fastnmf.kernels.window_nmf")
+wn2 = importlib.import_module("fastnmf.kernels.window_nmf2")
+wn3 = importlib.import_module("fastnmf.kernels.window_nmf3")
+common = importlib.import_module("fastnmf.kernels._window2_common")
+
+
+@pytest.fixture
+def design3(monkeypatch):
+    monkeypatch.setitem(wn.TUNING, "design", 3)
+
+
+CASES = [
+    # shape, head_dim, patch, shifts, solver, iters, zero_windows, zero_g0
+    ((1, 8, 16, 8, 8), 4, 4, [None, 2], "hals", 5, True, False),  # 4 planes: the main schedule
+    ((1, 8, 24, 8, 8), 8, 8, [None, 2, 4, 6], "mu", 2, False, True),  # BraTS shifts, MU masks
+    ((2, 8, 8, 12), 4, 4, [None, 2], "hals", 5, True, False),  # 2D: planes along axis 1
+    ((1, 12, 8, 8, 8), 6, 4, None, "hals", 5, False, False),  # local, E = 6
+    ((1, 4, 12, 12), 4, (6, 3), [None, (3, 1), (7, 5)], "mu", 5, False, False),  # Q = 1 along
+]  # the planes' axis, P not 2^k
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,head_dim,patch,shifts,solver,iters,zero,zero_g0", CASES)
+def test_design3_fp32_matches_reference(gen, design3, device, shape, head_dim, patch, shifts,
+                                        solver, iters, zero, zero_g0):  # fmt: skip
+    x, v0, dy = nmf_inputs(gen, shape, patch, zero_windows=zero, zero_g0=zero_g0)
+    kw = dict(head_dim=head_dim, patch_size=patch, shifts=shifts, solver=solver, iters=iters)
+    geo = common._Geometry2(x, head_dim, patch if isinstance(patch, tuple) else (patch,) *
+                            (x.dim() - 2), shifts)  # fmt: skip
+    assert wn3.fused_plan(tuple(geo.NW), geo.shifts) is not None  # the fused path runs
+    dx, dx_ref = fp32_against_reference(x, v0, dy, device, **kw)
+    assert rel_err(dx, dx_ref) <= 1e-4
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_design3_matches_design2(gen, monkeypatch, device):
+    """In float64 the fused forward (batched solves) gives the second design's output and, from
+    its saved iterates, the same gradient."""
+    x, v0, dy = nmf_inputs(gen, (1, 4, 12, 8, 8), 4, zero_windows=True)
+    kw = dict(head_dim=4, patch_size=4, shifts=[None, 2, (1, 3, 2)], solver="hals")
+    monkeypatch.setitem(wn.TUNING, "design", 2)
+    two = run_grad("triton", x, v0, dy, torch.float64, device, **kw)
+    monkeypatch.setitem(wn.TUNING, "design", 3)
+    three = run_grad("triton", x, v0, dy, torch.float64, device, **kw)
+    assert rel_err(three[0], two[0]) <= 1e-12 and rel_err(three[1], two[1]) <= 1e-12
+    assert three[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_design3_low_precision(gen, design3, device):
+    """bf16 within 2x the reference's own error at bf16, plus an atol."""
+    x, v0, dy = nmf_inputs(gen, (1, 8, 12, 8, 8), 4)
+    check_low_precision(x, v0, dy, torch.bfloat16, device, head_dim=4, patch_size=4,
+                        shifts=[None, 2])  # fmt: skip
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_design3_one_launch_and_deterministic(gen, design3, monkeypatch, device):
+    """Forward: the fused kernel once (plus the flags' zero fill); backward: the second design's
+    three kernels; bitwise the same twice."""
+    bwd2 = importlib.import_module("fastnmf.kernels._window2_bwd")
+    launched = []
+    spy_on(monkeypatch, wn3, ("_fused_kernel",), launched)
+    spy_on(monkeypatch, wn2, ("_parts_kernel", "_solve_kernel", "_apply_kernel"), launched)
+    spy_on(monkeypatch, bwd2, ("_parts_bwd_kernel", "_solve_bwd_kernel", "_apply_bwd_kernel2"),
+           launched)  # fmt: skip
+    x, v0, dy = nmf_inputs(gen, (1, 8, 12, 8, 8), 4)
+    kw = dict(head_dim=4, patch_size=4, shifts=[None, 2])
+    y1, dx1 = run_grad("triton", x, v0, dy, torch.float32, device, **kw)
+    assert launched == ["_fused_kernel", "_parts_bwd_kernel", "_solve_bwd_kernel",
+                        "_apply_bwd_kernel2"]  # fmt: skip
+    y2, dx2 = run_grad("triton", x, v0, dy, torch.float32, device, **kw)
+    assert torch.equal(y1, y2) and torch.equal(dx1, dx2)
+
+
+def test_design3_falls_back_where_the_schedule_cannot_wait(gen, design3, monkeypatch):
+    """A shift with a whole-window offset along the planes' axis (5 = 4 + 1 with P = 4) makes
+    solve(1) need parts(3): no fused plan, and the second design runs (same result)."""
+    shifts = [None, (5, 0, 0)]
+    x, v0, dy = nmf_inputs(gen, (1, 4, 16, 4, 4), 4)
+    geo = common._Geometry2(x, 4, (4, 4, 4), shifts)
+    assert wn3.fused_plan(tuple(geo.NW), geo.shifts) is None
+    launched = []
+    spy_on(monkeypatch, wn3, ("_fused_kernel",), launched)
+    spy_on(monkeypatch, wn2, ("_parts_kernel", "_solve_kernel", "_apply_kernel"), launched)
+    dx, dx_ref = fp32_against_reference(x, v0, dy, "cpu", head_dim=4, patch_size=4,
+                                        shifts=shifts)  # fmt: skip
+    assert launched == ["_parts_kernel", "_solve_kernel", "_apply_kernel"]
+    assert rel_err(dx, dx_ref) <= 1e-4
+
+
+def _needs_by_rolling(size: int, patch: int, shifts: list[int]):
+    """Along one axis of ``size`` voxels in windows of ``patch``, by rolling coordinates: the
+    planes whose voxels a shifted plane holds (solve <- parts), and the shifted planes an unshifted
+    plane's voxels land in (apply <- solve)."""
+    v = np.arange(size)
+    solve, apply = {}, {}
+    for s in shifts:
+        shifted = (v + s) % size // patch  # the shifted plane of each voxel
+        for o in range(size // patch):
+            solve.setdefault(o, set()).update((v[shifted == o] // patch).tolist())
+        for p in range(size // patch):
+            apply.setdefault(p, set()).update(shifted[v // patch == p].tolist())
+    return solve, apply
+
+
+@pytest.mark.parametrize("npl", [1, 2, 3, 5, 16])
+@pytest.mark.parametrize("shifts", [[0], [0, 4], [0, 2, 4, 6], [0, 1, 7]])
+def test_schedule_meets_every_need(npl, shifts):
+    """Each (pass, plane) once; every stage after the stages it needs, the needs found by rolling
+    voxel coordinates (P = 8)."""
+    patch = 8
+    consts = tuple((s % patch, 0, 0, s // patch, 0, 0) for s in shifts)
+    plan = wn3.fused_plan((npl, 1, 1), consts)
+    assert plan is not None
+    ax, order = plan
+    assert ax == 0 and sorted(order) == [(k, p) for k in range(3) for p in range(npl)]
+    solve, apply = _needs_by_rolling(npl * patch, patch, shifts)
+    position = {stage: i for i, stage in enumerate(order)}
+    for p in range(npl):
+        assert all(position[(0, q)] < position[(1, p)] for q in solve[p])
+        assert all(position[(1, q)] < position[(2, p)] for q in apply[p])
