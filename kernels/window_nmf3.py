@@ -53,10 +53,12 @@ from .window_nmf2 import WindowNMF2, _apply_window, _membership, _parts_window
 __all__ = ["window_nmf3", "fused_plan"]
 
 PASSES = ("parts", "solve", "apply")
-# programs per SM of the persistent launch on a GPU (8 warps each: 16 resident warps, what the
-# window passes' registers allow; see the static report); None: that default
-TUNING: dict = {"programs_per_sm": None}
-_PROGRAMS_PER_SM = 2
+# The persistent launch: programs per SM, warps per program (None: the defaults below, from the
+# sm_90a compiles of the static report), and the SM count where the device is not a GPU (the
+# static suite's stub driver sets it to its target's; None elsewhere: two programs)
+TUNING: dict = {"programs_per_sm": None, "warps": None, "sms": None}
+_PROGRAMS_PER_SM = 1
+_WARPS = 16
 
 
 @triton.jit
@@ -258,12 +260,16 @@ def _schedule_table(order: tuple, device: str) -> torch.Tensor:
 
 
 def _programs(device: torch.device, tickets: int) -> int:
-    """The persistent grid: resident programs (SMs x programs per SM) on a GPU; two under the
-    interpreter (the second finds no ticket left: the exit path is exercised)."""
-    if device.type != "cuda":
+    """The persistent grid: resident programs (SMs x programs per SM) on a GPU (or the SMs of
+    ``TUNING["sms"]``); else two (under the interpreter the second finds no ticket left: the
+    exit path is exercised)."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    elif TUNING["sms"]:
+        sms = TUNING["sms"]
+    else:
         return min(tickets, 2)
-    per_sm = TUNING["programs_per_sm"] or _PROGRAMS_PER_SM
-    return min(tickets, torch.cuda.get_device_properties(device).multi_processor_count * per_sm)
+    return min(tickets, sms * (TUNING["programs_per_sm"] or _PROGRAMS_PER_SM))
 
 
 def _fused_forward(x, g0, rowmask, geo: _Geometry2, plan, iters: int, mu: bool, save: bool):
@@ -289,7 +295,7 @@ def _fused_forward(x, g0, rowmask, geo: _Geometry2, plan, iters: int, mu: bool, 
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, iters, geo.S[1], geo.S[2], *geo.NW,
         tickets, cpp, len(order), nplane, npl,
         **geo.consts(), **geo.block(), AX=ax, MU=mu, ACC=acc, **geo.dot(acc, mu), SAVE=save,
-        num_warps=geo.warps["parts"],
+        num_warps=TUNING["warps"] or _WARPS,
     )  # fmt: skip
     if not save:
         hats = norms = kmat = None

@@ -26,7 +26,7 @@ from fastnmf.profile.static.kernel_report import LAUNCH_FIELDS, kernel_report
 from fastnmf.profile.static.suite import run_static
 
 KERNEL_MODULES = ("window_nmf", "window_nmf_rank", "global_nmf", "global_nmf_rank", "window_nmf2",
-                  "_window2_bwd")
+                  "_window2_bwd", "window_nmf3")
 _MISSING = ptx_tools.missing_tools(["sm_90a"])
 needs_ptxas = pytest.mark.skipif(bool(_MISSING), reason="; ".join(_MISSING) or "tools present")
 

@@ -21,7 +21,9 @@ by itself.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import importlib
 import math
 
 import torch
@@ -30,6 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .cases import DTYPES, PASSES, StaticCase, selected_design
 from .driver import Launch, stub_driver
+from .l2 import TARGETS
 
 __all__ = ["CallRecord", "capture_case", "check_compiling"]
 
@@ -129,13 +132,25 @@ def capture_case(case: StaticCase, *, target: str) -> dict[str, CallRecord]:
     recorded with an inference forward and ``unsupported`` set on the backward.
     """
     check_compiling()
-    with stub_driver(target) as stub:
+    with stub_driver(target) as stub, _persistent_grid(target):
         try:
             return _capture(case, stub, training=True)
         except NotImplementedError as err:
             calls = _capture(case, stub, training=False)
             calls["bwd"].unsupported = f"NotImplementedError: {err}"
             return calls
+
+
+@contextlib.contextmanager
+def _persistent_grid(target: str):
+    """Persistent kernels (kernels/window_nmf3.py) size their grid by the target's SM count."""
+    tuning = importlib.import_module("fastnmf.kernels.window_nmf3").TUNING
+    saved = tuning["sms"]
+    tuning["sms"] = TARGETS[target][1]
+    try:
+        yield
+    finally:
+        tuning["sms"] = saved
 
 
 def _capture(case: StaticCase, stub, *, training: bool) -> dict[str, CallRecord]:

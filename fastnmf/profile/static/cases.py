@@ -5,7 +5,7 @@ benchmark shapes of issue 14: 2x32x128^3 and 2x64x64^3, E = 8, P = 8, T = 5, shi
 (the module default) and [None, 2, 4, 6] (the original code's BraTS config), fp32 and bf16, rank
 one and rank two; plus the global path. ``ideal_bytes`` is what a perfect kernel moves: forward
 reads x once and writes y once; backward reads x and dy once and writes dx once. ``design`` picks
-the window kernels (``fastnmf.kernels.window_nmf.TUNING["design"]``, 1 or 2) for the call.
+the window kernels (``fastnmf.kernels.window_nmf.TUNING["design"]``, 1, 2 or 3) for the call.
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ SHIFT_SETS = {"swin2": (None, 4), "swin4": (None, 2, 4, 6), "local": (None,)}
 HEAD_DIM = 8
 WINDOW = 8
 ITERS = 5
-DESIGNS = (1, 2)  # the window kernels' designs (kernels/window_nmf.py, kernels/window_nmf2.py)
+DESIGNS = (1, 2, 3)  # the window kernels' designs (kernels/window_nmf.py, _nmf2.py, _nmf3.py)
 
 
 @dataclasses.dataclass(frozen=True)
 class StaticCase:
     """One NMF layer call: ``mode`` "window" or "global"; ``shifts`` a tuple (None = unshifted);
-    ``design`` the window kernels' design (1 or 2)."""
+    ``design`` the window kernels' design (1, 2 or 3)."""
 
     mode: str
     batch: int
@@ -121,12 +121,14 @@ def coverage_cases(dtype: str = "fp32") -> list[StaticCase]:
     """Cases that launch every Triton kernel of the layer: the benchmark cases at the first
     benchmark shape (rank one and two, every shift set, global) plus shifts [None, 3], whose
     tiles of one voxel send the window apply passes to the per-voxel kernels, plus the second
-    window design with both shift sets ([None, 4]: sub-boxes of 4^3, [None, 2, 4, 6]: of 2^3)."""
+    window design with both shift sets ([None, 4]: sub-boxes of 4^3, [None, 2, 4, 6]: of 2^3) and
+    the third (its fused forward) with both."""
     cases = benchmark_cases(dtypes=(dtype,))
     cases = [c for c in cases if c.shape == cases[0].shape]
     odd = dataclasses.replace(cases[0], mode="window", shifts=(None, 3), window=WINDOW, rank=1)
     two = [dataclasses.replace(cases[0], mode="window", shifts=SHIFT_SETS[name], window=WINDOW,
-                               rank=1, design=2) for name in ("swin2", "swin4")]  # fmt: skip
+                               rank=1, design=d) for d in (2, 3)
+           for name in ("swin2", "swin4")]  # fmt: skip
     return [*cases, odd, *two]
 
 

@@ -49,6 +49,10 @@ VOLUME_TENSORS = ("x_ptr", "y_ptr", "dy_ptr", "dx_ptr", "dy_ptr/x_ptr")
 DEFAULT_RESIDENT = {"_stats_fwd_kernel": 18, "_stats_bwd_kernel": 12,
                     "_apply_fwd_tile_kernel": 10, "_apply_bwd_tile_kernel": 5}  # fmt: skip
 FALLBACK_RESIDENT = 16
+# Persistent kernels (kernels/window_nmf3.py): their reuse distances scale with a plane of the
+# volume, not with the launch's programs in flight or the whole shape, so the small-shape replay's
+# capacities (:func:`l2.capacities`) do not apply; their DRAM estimate is left out (None, "n/a")
+PERSISTENT = ("_fused_kernel",)
 
 
 def counted_case(case: StaticCase, side: int = 16) -> StaticCase:
@@ -146,11 +150,13 @@ def launch_rows(cases, *, target: str = "sm_90a", small_side: int = 16,
                 launches, source, check = _scaled(counted, 1 / ratio), "counter-scaled", "-"
             if len(launches) != len(call.launches):
                 raise RuntimeError(f"{case.id} {pass_}: model and counter launch lists differ")
-            dram = _dram(call, ratio, target, resident)
+            persistent = any(launch.kernel in PERSISTENT for launch in call.launches)
+            dram = None if persistent else _dram(call, ratio, target, resident)
             for i, (launch, small_launch) in enumerate(zip(launches, counted, strict=True)):
                 # scaled back by the launch's own ratio of bytes (a fixed-size op stays put)
                 big, small = _bytes(launch), _bytes(small_launch)
-                est = int(round(dram[i] * (big / small if small else 1 / ratio)))
+                est = None if dram is None else int(round(dram[i] * (big / small if small
+                                                                     else 1 / ratio)))
                 rows.append(_row(case, pass_, i, launch, est, source, check, call, target))
     return rows
 
@@ -208,8 +214,10 @@ def _sum_call(rows: list[dict], pass_: str) -> dict:
     keys = ("case", "case_id", "mode", "shifts", "dtype", "rank", "shape", "target")
     row = {k: first[k] for k in keys}
     row["pass"] = pass_
-    for k in (*KEYS, "volume_sectors", "dram_estimate_bytes"):
+    for k in (*KEYS, "volume_sectors"):
         row[k] = sum(r[k] for r in rows)
+    dram = [r["dram_estimate_bytes"] for r in rows]
+    row["dram_estimate_bytes"] = None if None in dram else sum(dram)
     row["launches"] = len(rows)
     row["triton_launches"] = sum(r["kind"] == "triton" for r in rows)
     row["host_device_copies"] = first["host_device_copies_call"]
@@ -225,7 +233,8 @@ def _ratios(row: dict) -> dict:
     row["unique_over_ideal"] = row["unique_bytes"] / ideal
     row["sector_bytes_over_ideal"] = row["sectors"] * l2.SECTOR / ideal
     row["volume_sector_bytes_over_ideal"] = row["volume_sectors"] * l2.SECTOR / ideal
-    row["dram_over_ideal"] = row["dram_estimate_bytes"] / ideal
+    dram = row["dram_estimate_bytes"]
+    row["dram_over_ideal"] = None if dram is None else dram / ideal
     return row
 
 
@@ -249,8 +258,8 @@ def model_call(case: StaticCase, pass_: str) -> dict:
                 triton_launches=sum(x["kind"] == "triton" for x in launches), source=source)
 
 
-def _x(v: float) -> str:
-    return f"{v:.2f}x"
+def _x(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2f}x"
 
 
 def markdown(call_rows: list[dict]) -> list[str]:
