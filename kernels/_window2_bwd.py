@@ -93,24 +93,40 @@ def _parts_bwd_kernel(
     for j in range(0, WPP):
         w = tl.program_id(0) * WPP + j
         if w < NWIN:
-            w0, w1, w2, _, _, _, x7, dy7 = _load_window_dy(
-                x_ptr + offset, dy_ptr + offset, rowmask, e, emask, w, NVOX, S1, S2, NW1, NW2,
-                NSHIFT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, G0, G1, G2, ACC)  # fmt: skip
-            slot = (bh * NWIN + w) * (NSHIFT * 8)
-            for k in tl.static_range(NSHIFT):
-                uu = _shift_vectors(hats_ptr + (ITERS - 1) * E, ITERS * E, e, emask, bh, w0, w1, w2,
-                                 NWIN, NW0, NW1, NW2, k, SHIFTS, NSHIFT, P0, P1, P2,
-                                 BP0 // G0, BP1 // G1, BP2 // G2, G0, G1, G2)  # fmt: skip
-                xs = x7
-                if MU:
-                    xs = tl.where(_to_sub(_pick(g_all, k, NSB), 1, BP0, BP1, BP2, G0, G1, G2) > 0,
-                                  x7, 0)  # fmt: skip
-                cx = tl.sum(uu * xs, axis=0)[None]  # u^T x(v)
-                cdy = tl.sum(uu * dy7, axis=0)[None]  # u^T dY_s(v)
-                z = tl.sum(tl.sum(tl.sum(dy7 * cx + xs * cdy, axis=6), axis=4), axis=2)
-                _store_parts(z, gpart_ptr + (slot + k * 8) * E, E, e, emask,
-                             SHIFTS[k][0], SHIFTS[k][1], SHIFTS[k][2], P0, P1, P2,
-                             BP0 // G0, BP1 // G1, BP2 // G2, G0, G1, G2)  # fmt: skip
+            _parts_bwd_window(x_ptr + offset, dy_ptr + offset, rowmask, e, emask, w, bh, g_all,
+                              hats_ptr, gpart_ptr, E, NWIN, NVOX, ITERS, S1, S2, NW0, NW1, NW2,
+                              SHIFTS, NSHIFT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, G0, G1,
+                              G2, MU, ACC)  # fmt: skip
+
+@triton.jit
+def _parts_bwd_window(
+    x_base, dy_base, rowmask, e, emask, w, bh, g_all, hats_ptr, gpart_ptr,
+    E: tl.constexpr, NWIN, NVOX, ITERS, S1, S2, NW0, NW1, NW2,
+    SHIFTS: tl.constexpr, NSHIFT: tl.constexpr,
+    P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+    BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
+    BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
+    G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """The backward parts pass on unshifted window w of head bh (see :func:`_parts_bwd_kernel`)."""
+    w0, w1, w2, _, _, _, x7, dy7 = _load_window_dy(
+        x_base, dy_base, rowmask, e, emask, w, NVOX, S1, S2, NW1, NW2,
+        NSHIFT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, G0, G1, G2, ACC)  # fmt: skip
+    slot = (bh * NWIN + w) * (NSHIFT * 8)
+    for k in tl.static_range(NSHIFT):
+        uu = _shift_vectors(hats_ptr + (ITERS - 1) * E, ITERS * E, e, emask, bh, w0, w1, w2,
+                         NWIN, NW0, NW1, NW2, k, SHIFTS, NSHIFT, P0, P1, P2,
+                         BP0 // G0, BP1 // G1, BP2 // G2, G0, G1, G2)  # fmt: skip
+        xs = x7
+        if MU:
+            xs = tl.where(_to_sub(_pick(g_all, k, NSB), 1, BP0, BP1, BP2, G0, G1, G2) > 0,
+                          x7, 0)  # fmt: skip
+        cx = tl.sum(uu * xs, axis=0)[None]  # u^T x(v)
+        cdy = tl.sum(uu * dy7, axis=0)[None]  # u^T dY_s(v)
+        z = tl.sum(tl.sum(tl.sum(dy7 * cx + xs * cdy, axis=6), axis=4), axis=2)
+        _store_parts(z, gpart_ptr + (slot + k * 8) * E, E, e, emask,
+                     SHIFTS[k][0], SHIFTS[k][1], SHIFTS[k][2], P0, P1, P2,
+                     BP0 // G0, BP1 // G1, BP2 // G2, G0, G1, G2)  # fmt: skip
 
 
 @triton.jit
@@ -148,47 +164,65 @@ def _apply_bwd_kernel2(
     part's (u, S, h̄) those of the shifted window it lies in (S x column by column: S[:, c] x_c,
     the columns in a loop)."""
     bh, offset, e, emask, rowmask = _pass_rows(rowmask_ptr, C, E, HEADS, NVOX, BLOCK_E, ACC)
-    e7 = e[:, None, None, None, None, None, None]
     g_all = _shifted_g_all(g0_ptr, SHIFTS, NSHIFT, NSB, P0, P1, P2, BP0, BP1, BP2, ACC, True)
     for j in range(0, WPP):
         w = tl.program_id(0) * WPP + j
         if w < NWIN:
-            w0, w1, w2, offs, mask, x, x7, dy7 = _load_window_dy(
-                x_ptr + offset, dy_ptr + offset, rowmask, e, emask, w, NVOX, S1, S2, NW1, NW2,
-                NSHIFT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, G0, G1, G2, ACC)  # fmt: skip
-            dx = tl.zeros((BLOCK_E, BP0 // G0, G0, BP1 // G1, G1, BP2 // G2, G2), dtype=ACC)
+            _apply_bwd_window(x_ptr + offset, dy_ptr + offset, dx_ptr + offset, rowmask, e,
+                              emask, w, bh, g_all, hats_ptr, sym_ptr, hbar_ptr, E, NWIN, NVOX,
+                              ITERS, S1, S2, NW0, NW1, NW2, SHIFTS, NSHIFT, P0, P1, P2, BP0, BP1,
+                              BP2, BLOCK_E, NSB, G0, G1, G2, MU, ACC)  # fmt: skip
+
+
+@triton.jit
+def _apply_bwd_window(
+    x_base, dy_base, dx_base, rowmask, e, emask, w, bh, g_all, hats_ptr, sym_ptr, hbar_ptr,
+    E: tl.constexpr, NWIN, NVOX, ITERS, S1, S2, NW0, NW1, NW2,
+    SHIFTS: tl.constexpr, NSHIFT: tl.constexpr,
+    P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+    BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
+    BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
+    G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, CACHE: tl.constexpr = "",
+):  # fmt: skip
+    """The backward output pass on unshifted window w of head bh (see
+    :func:`_apply_bwd_kernel2`; CACHE: the cache modifier of the loads of S and h̄)."""
+    e7 = e[:, None, None, None, None, None, None]
+    w0, w1, w2, offs, mask, x, x7, dy7 = _load_window_dy(
+        x_base, dy_base, rowmask, e, emask, w, NVOX, S1, S2, NW1, NW2,
+        NSHIFT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, G0, G1, G2, ACC)  # fmt: skip
+    dx = tl.zeros((BLOCK_E, BP0 // G0, G0, BP1 // G1, G1, BP2 // G2, G2), dtype=ACC)
+    for k in tl.static_range(NSHIFT):
+        g = _to_sub(_pick(g_all, k, NSB), 1, BP0, BP1, BP2, G0, G1, G2)
+        uu = _shift_vectors(hats_ptr + (ITERS - 1) * E, ITERS * E, e, emask, bh, w0, w1, w2,
+                            NWIN, NW0, NW1, NW2, k, SHIFTS, NSHIFT, P0, P1, P2,
+                            BP0 // G0, BP1 // G1, BP2 // G2, G0, G1, G2,
+                            GATHER=True)  # fmt: skip
+        t = uu * tl.sum(uu * dy7, axis=0)[None]  # u (u^T dY_s)
+        t += g * _shift_vectors(hbar_ptr, E, e, emask, bh, w0, w1, w2, NWIN, NW0, NW1,
+                                NW2, k, SHIFTS, NSHIFT, P0, P1, P2, BP0 // G0,
+                                BP1 // G1, BP2 // G2, G0, G1, G2,
+                                GATHER=True, CACHE=CACHE)  # h̄ g0_s^T  # fmt: skip
+        if MU:  # the dropped columns depend on the shift: S x per shift
+            for c in range(0, E):  # S[:, c] x_c; S symmetric: column c = row c
+                scol = _shift_vectors(sym_ptr + c * E, E * E, e, emask, bh, w0, w1, w2,
+                                     NWIN, NW0, NW1, NW2, k, SHIFTS, NSHIFT, P0, P1, P2,
+                                     BP0 // G0, BP1 // G1, BP2 // G2, G0, G1,
+                                     G2, CACHE=CACHE)  # fmt: skip
+                t += scol * tl.sum(tl.where(e7 == c, x7, 0), axis=0)[None]
+            t = tl.where(g > 0, t, 0)
+        dx += t
+    if not MU:  # x is the same under every shift: (sum_s S_s) x, column by column
+        for c in range(0, E):
+            scol = tl.zeros((BLOCK_E, BP0 // G0, 1, BP1 // G1, 1, BP2 // G2, 1), ACC)
             for k in tl.static_range(NSHIFT):
-                g = _to_sub(_pick(g_all, k, NSB), 1, BP0, BP1, BP2, G0, G1, G2)
-                uu = _shift_vectors(hats_ptr + (ITERS - 1) * E, ITERS * E, e, emask, bh, w0, w1, w2,
-                                    NWIN, NW0, NW1, NW2, k, SHIFTS, NSHIFT, P0, P1, P2,
-                                    BP0 // G0, BP1 // G1, BP2 // G2, G0, G1, G2,
-                                    GATHER=True)  # fmt: skip
-                t = uu * tl.sum(uu * dy7, axis=0)[None]  # u (u^T dY_s)
-                t += g * _shift_vectors(hbar_ptr, E, e, emask, bh, w0, w1, w2, NWIN, NW0, NW1,
-                                        NW2, k, SHIFTS, NSHIFT, P0, P1, P2, BP0 // G0,
-                                        BP1 // G1, BP2 // G2, G0, G1, G2,
-                                        GATHER=True)  # h̄ g0_s^T  # fmt: skip
-                if MU:  # the dropped columns depend on the shift: S x per shift
-                    for c in range(0, E):  # S[:, c] x_c; S symmetric: column c = row c
-                        scol = _shift_vectors(sym_ptr + c * E, E * E, e, emask, bh, w0, w1, w2,
-                                             NWIN, NW0, NW1, NW2, k, SHIFTS, NSHIFT, P0, P1, P2,
-                                             BP0 // G0, BP1 // G1, BP2 // G2, G0, G1,
-                                             G2)  # fmt: skip
-                        t += scol * tl.sum(tl.where(e7 == c, x7, 0), axis=0)[None]
-                    t = tl.where(g > 0, t, 0)
-                dx += t
-            if not MU:  # x is the same under every shift: (sum_s S_s) x, column by column
-                for c in range(0, E):
-                    scol = tl.zeros((BLOCK_E, BP0 // G0, 1, BP1 // G1, 1, BP2 // G2, 1), ACC)
-                    for k in tl.static_range(NSHIFT):
-                        scol += _shift_vectors(sym_ptr + c * E, E * E, e, emask, bh, w0, w1, w2,
-                                              NWIN, NW0, NW1, NW2, k, SHIFTS, NSHIFT, P0, P1, P2,
-                                              BP0 // G0, BP1 // G1, BP2 // G2, G0, G1,
-                                              G2)  # fmt: skip
-                    dx += scol * tl.sum(tl.where(e7 == c, x7, 0), axis=0)[None]
-            # ReLU'(x) and the MU row mask (0/1): x > 0 exactly where both are nonzero
-            dx = tl.where(x > 0, tl.reshape(dx, (BLOCK_E, BP0, BP1, BP2)), 0)
-            tl.store(dx_ptr + offset + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+                scol += _shift_vectors(sym_ptr + c * E, E * E, e, emask, bh, w0, w1, w2,
+                                      NWIN, NW0, NW1, NW2, k, SHIFTS, NSHIFT, P0, P1, P2,
+                                      BP0 // G0, BP1 // G1, BP2 // G2, G0, G1,
+                                      G2, CACHE=CACHE)  # fmt: skip
+            dx += scol * tl.sum(tl.where(e7 == c, x7, 0), axis=0)[None]
+    # ReLU'(x) and the MU row mask (0/1): x > 0 exactly where both are nonzero
+    dx = tl.where(x > 0, tl.reshape(dx, (BLOCK_E, BP0, BP1, BP2)), 0)
+    tl.store(dx_base + offs, dx.to(dx_base.dtype.element_ty), mask=mask)
 
 
 def backward2(x, g0, rowmask, hats, norms, kmat, dy, geo: _Geometry2, iters: int,

@@ -1,5 +1,6 @@
-"""The third design of the rank-one window kernels (kernels/window_nmf3.py): the second design's
-forward in one persistent launch, pipelined plane by plane.
+"""The third design of the rank-one window kernels (kernels/window_nmf3.py, _window3_bwd.py,
+_window3_sched.py): the second design's passes in one persistent launch each way, pipelined plane
+by plane.
 
 Selected with ``window_nmf.TUNING["design"] = 3``. Under TRITON_INTERPRET=1 programs run one
 after another, so program 0 takes every ticket in order and the waits return at once: these tests
@@ -24,6 +25,8 @@ from kernel_helpers import (
 wn = importlib.import_module("fastnmf.kernels.window_nmf")
 wn2 = importlib.import_module("fastnmf.kernels.window_nmf2")
 wn3 = importlib.import_module("fastnmf.kernels.window_nmf3")
+bwd3 = importlib.import_module("fastnmf.kernels._window3_bwd")
+sched = importlib.import_module("fastnmf.kernels._window3_sched")
 common = importlib.import_module("fastnmf.kernels._window2_common")
 
 
@@ -50,15 +53,15 @@ def test_design3_fp32_matches_reference(gen, design3, device, shape, head_dim, p
     kw = dict(head_dim=head_dim, patch_size=patch, shifts=shifts, solver=solver, iters=iters)
     geo = common._Geometry2(x, head_dim, patch if isinstance(patch, tuple) else (patch,) *
                             (x.dim() - 2), shifts)  # fmt: skip
-    assert wn3.fused_plan(tuple(geo.NW), geo.shifts) is not None  # the fused path runs
+    assert sched.fused_plan(tuple(geo.NW), geo.shifts) is not None  # the fused path runs
     dx, dx_ref = fp32_against_reference(x, v0, dy, device, **kw)
     assert rel_err(dx, dx_ref) <= 1e-4
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_design3_matches_design2(gen, monkeypatch, device):
-    """In float64 the fused forward (batched solves) gives the second design's output and, from
-    its saved iterates, the same gradient."""
+    """In float64 the fused forward and backward (batched solves) give the second design's output
+    and gradient."""
     x, v0, dy = nmf_inputs(gen, (1, 4, 12, 8, 8), 4, zero_windows=True)
     kw = dict(head_dim=4, patch_size=4, shifts=[None, 2, (1, 3, 2)], solver="hals")
     monkeypatch.setitem(wn.TUNING, "design", 2)
@@ -79,19 +82,19 @@ def test_design3_low_precision(gen, design3, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_design3_one_launch_and_deterministic(gen, design3, monkeypatch, device):
-    """Forward: the fused kernel once (plus the flags' zero fill); backward: the second design's
-    three kernels; bitwise the same twice."""
+    """One persistent kernel each way (plus the flags' zero fill), none of the second design's;
+    bitwise the same twice."""
     bwd2 = importlib.import_module("fastnmf.kernels._window2_bwd")
     launched = []
     spy_on(monkeypatch, wn3, ("_fused_kernel",), launched)
+    spy_on(monkeypatch, bwd3, ("_fused_bwd_kernel",), launched)
     spy_on(monkeypatch, wn2, ("_parts_kernel", "_solve_kernel", "_apply_kernel"), launched)
     spy_on(monkeypatch, bwd2, ("_parts_bwd_kernel", "_solve_bwd_kernel", "_apply_bwd_kernel2"),
            launched)  # fmt: skip
     x, v0, dy = nmf_inputs(gen, (1, 8, 12, 8, 8), 4)
     kw = dict(head_dim=4, patch_size=4, shifts=[None, 2])
     y1, dx1 = run_grad("triton", x, v0, dy, torch.float32, device, **kw)
-    assert launched == ["_fused_kernel", "_parts_bwd_kernel", "_solve_bwd_kernel",
-                        "_apply_bwd_kernel2"]  # fmt: skip
+    assert launched == ["_fused_kernel", "_fused_bwd_kernel"]
     y2, dx2 = run_grad("triton", x, v0, dy, torch.float32, device, **kw)
     assert torch.equal(y1, y2) and torch.equal(dx1, dx2)
 
@@ -102,7 +105,7 @@ def test_design3_falls_back_where_the_schedule_cannot_wait(gen, design3, monkeyp
     shifts = [None, (5, 0, 0)]
     x, v0, dy = nmf_inputs(gen, (1, 4, 16, 4, 4), 4)
     geo = common._Geometry2(x, 4, (4, 4, 4), shifts)
-    assert wn3.fused_plan(tuple(geo.NW), geo.shifts) is None
+    assert sched.fused_plan(tuple(geo.NW), geo.shifts) is None
     launched = []
     spy_on(monkeypatch, wn3, ("_fused_kernel",), launched)
     spy_on(monkeypatch, wn2, ("_parts_kernel", "_solve_kernel", "_apply_kernel"), launched)
@@ -134,7 +137,7 @@ def test_schedule_meets_every_need(npl, shifts):
     voxel coordinates (P = 8)."""
     patch = 8
     consts = tuple((s % patch, 0, 0, s // patch, 0, 0) for s in shifts)
-    plan = wn3.fused_plan((npl, 1, 1), consts)
+    plan = sched.fused_plan((npl, 1, 1), consts)
     assert plan is not None
     ax, order = plan
     assert ax == 0 and sorted(order) == [(k, p) for k in range(3) for p in range(npl)]

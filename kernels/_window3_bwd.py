@@ -1,0 +1,138 @@
+"""Backward of the third window design (kernels/window_nmf3.py): the second design's three
+backward passes (kernels/_window2_bwd.py: parts of ū from one read of x and dy, the power-step
+backward per shifted window, the output pass dX) in one persistent launch on the same plane
+schedule (kernels/_window3_sched.py), so that the output pass reads x and dy from L2.
+
+The needs are the forward's: the backward solve of a shifted window sums the ū parts of the
+unshifted windows holding its parts, and the output pass of a window takes S and h̄ of the shifted
+windows it lies in. u, K and the iterates come from the forward (an earlier launch). The solves
+run WPP shifted windows at once (:func:`_solve_bwd_batch`, the loop of ``_steps_backward``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import acc_dtype
+from ._window2_bwd import _apply_bwd_window, _parts_bwd_window
+from ._window2_common import _Geometry2, _shifted_g_all
+from ._window3_sched import (
+    Pipeline,
+    _count_done,
+    _load_sym_batch,
+    _sum_parts_batch,
+    _take,
+    _wait_stage,
+)
+
+__all__ = ["backward3"]
+
+
+@triton.jit
+def _solve_bwd_batch(gpart_ptr, kmat_ptr, hats_ptr, norms_ptr, sym_ptr, hbar_ptr, bh, om, ok,
+                     E: tl.constexpr, NWIN, ITERS, NW0, NW1, NW2, SHIFTS: tl.constexpr,
+                     NSHIFT: tl.constexpr, NB: tl.constexpr, BLOCK_E: tl.constexpr,
+                     ACC: tl.constexpr):  # fmt: skip
+    """The second design's backward solve (``_solve_bwd_kernel``) for the shifted windows om
+    (NB,) (ok: which exist) at once: per shift, ū from its parts, then back through the power
+    steps with the saved K and iterates: S = K̄ + K̄^T and h̄."""
+    e = tl.arange(0, BLOCK_E)
+    i3 = e[None, :, None]
+    j3 = e[None, None, :]
+    m3 = ok[:, None, None] & (i3 < E) & (j3 < E)
+    m2 = ok[:, None] & (e[None, :] < E)
+    for k in tl.static_range(NSHIFT):
+        _, grad = _sum_parts_batch(gpart_ptr, gpart_ptr, bh, om, ok, k, NWIN, NW0, NW1, NW2,
+                                   SHIFTS, NSHIFT, E, NB, BLOCK_E, ACC, False)  # ū  # fmt: skip
+        prog = (bh * NSHIFT + k) * NWIN + om
+        k_mat = _load_sym_batch(kmat_ptr, prog, m3, i3, j3, E)
+        hp = hats_ptr + prog[:, None] * (ITERS * E) + e[None, :]
+        np_ = norms_ptr + prog * ITERS
+        kbar = tl.zeros((NB, BLOCK_E, BLOCK_E), dtype=ACC)
+        hbar = tl.zeros((NB, BLOCK_E), dtype=ACC)
+        for i in range(0, ITERS):
+            t = ITERS - 1 - i
+            a_hat = tl.load(hp + t * E, mask=m2, other=0)
+            norm = tl.load(np_ + t, mask=ok, other=0)
+            radial = tl.sum(a_hat * grad, axis=1)
+            safe = tl.where(norm > 0, norm, 1)[:, None]
+            a_bar = tl.where(norm[:, None] > 0, (grad - a_hat * radial[:, None]) / safe, 0)
+            prev = tl.load(hp + tl.maximum(t - 1, 0) * E, mask=m2, other=0)
+            kbar += tl.where(t > 0, a_bar[:, :, None] * prev[:, None, :], 0.0)  # none at t = 0
+            hbar = a_bar  # the last pass (t = 0) leaves h̄ = ā_1
+            grad = tl.sum(k_mat * a_bar[:, None, :], axis=2)
+        tl.store(sym_ptr + prog[:, None, None] * (E * E) + i3 * E + j3,
+                 kbar + tl.permute(kbar, (0, 2, 1)), mask=m3)  # fmt: skip
+        tl.store(hbar_ptr + prog[:, None] * E + e[None, :], hbar, mask=m2)
+
+
+@triton.jit
+def _fused_bwd_kernel(
+    x_ptr, dy_ptr, dx_ptr, g0_ptr, rowmask_ptr, hats_ptr, norms_ptr, kmat_ptr, gpart_ptr,
+    sym_ptr, hbar_ptr, sched_ptr, flag_ptr, NTICKET, CPP, NSTAGE, NPLANE, NPL,
+    C, E: tl.constexpr, HEADS, NWIN, NVOX, ITERS, S1, S2, NW0, NW1, NW2,
+    SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr, AX: tl.constexpr,
+    P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+    BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
+    BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
+    G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """Persistent, like the forward's ``_fused_kernel``: the backward parts, solves and output
+    passes of every (batch*head, plane, chunk) in ticket order."""
+    e = tl.arange(0, BLOCK_E)
+    emask = e < E
+    rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
+    g_all = _shifted_g_all(g0_ptr, SHIFTS, NSHIFT, NSB, P0, P1, P2, BP0, BP1, BP2, ACC, True)
+    ticket_ptr = flag_ptr + NTICKET // (NSTAGE * CPP) * 3 * NPL
+    t = tl.atomic_add(ticket_ptr, 1)
+    while t < NTICKET:
+        bh, phase, plane, chunk, offset, flags = _take(t, NSTAGE, CPP, sched_ptr, flag_ptr, NPL,
+                                                       HEADS, C, E, NVOX)  # fmt: skip
+        first = chunk * WPP  # in the plane
+        if phase == 0:
+            for j in range(0, WPP):
+                if first + j < NPLANE:
+                    _parts_bwd_window(x_ptr + offset, dy_ptr + offset, rowmask, e, emask,
+                                      plane * NPLANE + first + j, bh, g_all, hats_ptr, gpart_ptr,
+                                      E, NWIN, NVOX, ITERS, S1, S2, NW0, NW1, NW2, SHIFTS, NSHIFT,
+                                      P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, G0, G1, G2, MU,
+                                      ACC)  # fmt: skip
+        elif phase == 1:
+            _wait_stage(flags, NPL, plane, 1, CPP, SHIFTS, NSHIFT, AX)
+            i = first + tl.arange(0, WPP)
+            _solve_bwd_batch(gpart_ptr, kmat_ptr, hats_ptr, norms_ptr, sym_ptr, hbar_ptr, bh,
+                             plane * NPLANE + i, i < NPLANE, E, NWIN, ITERS, NW0, NW1, NW2,
+                             SHIFTS, NSHIFT, WPP, BLOCK_E, ACC)  # fmt: skip
+        else:
+            _wait_stage(flags, NPL, plane, 2, CPP, SHIFTS, NSHIFT, AX)
+            for j in range(0, WPP):
+                if first + j < NPLANE:
+                    _apply_bwd_window(x_ptr + offset, dy_ptr + offset, dx_ptr + offset, rowmask,
+                                      e, emask, plane * NPLANE + first + j, bh, g_all, hats_ptr,
+                                      sym_ptr, hbar_ptr, E, NWIN, NVOX, ITERS, S1, S2, NW0, NW1,
+                                      NW2, SHIFTS, NSHIFT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E,
+                                      NSB, G0, G1, G2, MU, ACC, ".cg")  # fmt: skip
+        _count_done(flags, phase, plane, NPL)
+        t = tl.atomic_add(ticket_ptr, 1)
+
+
+def backward3(x, g0, rowmask, hats, norms, kmat, dy, geo: _Geometry2, plan, iters: int,
+              mu: bool) -> torch.Tensor:  # fmt: skip
+    """dL/dx of the third design from the saved iterates and K (one persistent launch)."""
+    dev = x.device
+    f32 = hats.dtype
+    gpart = torch.empty(geo.slots, geo.E, dtype=f32, device=dev)  # unused slots stay unread
+    sym = torch.empty(geo.progs, geo.E, geo.E, dtype=f32, device=dev)
+    hbar = torch.empty(geo.progs, geo.E, dtype=f32, device=dev)
+    pipe = Pipeline(geo, plan, dev)
+    dx = torch.empty_like(x)
+    _fused_bwd_kernel[pipe.grid](
+        x, dy, dx, g0, rowmask, hats, norms, kmat, gpart, sym, hbar, *pipe.args(),
+        geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, iters, geo.S[1], geo.S[2], *geo.NW,
+        **geo.consts(), **geo.block(), AX=pipe.ax, MU=mu, ACC=acc_dtype(x.dtype),
+        num_warps=pipe.warps(),
+    )  # fmt: skip
+    return dx
+

@@ -1,0 +1,210 @@
+"""The third window design's pipeline (kernels/window_nmf3.py, kernels/_window3_bwd.py): the
+plane schedule, the tickets and the waits shared by its forward and backward persistent kernels,
+and the batched part sums of their solves.
+
+Per batch*head the work is a list of stages (pass, plane), each cut into chunks of WPP windows
+(tickets): ``parts(0), parts(1), solve(1), parts(2), solve(2), apply(1), ..., solve(0),
+apply(n-1), apply(0)`` (:func:`_schedule`). A program takes tickets in increasing order from a
+counter (the flag buffer's last int32) and waits (acquire, one thread, the result shared through
+shared memory: ``ld.global.gpu.acquire`` in the PTX) until the stages its stage needs have all
+their chunks counted; a chunk is counted after a barrier (every thread's stores first) with a
+release (``red.global.gpu.release.add``). A program waits only for tickets taken before its own,
+whose programs are running, so no grid size or residency deadlocks; under the interpreter program
+0 takes every ticket in order and no wait ever spins.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ._window2_common import _tri, _window_origin
+
+__all__ = ["TUNING", "PASSES", "Pipeline", "fused_plan"]
+
+PASSES = ("parts", "solve", "apply")
+# The persistent launch: programs per SM, warps per program (None: the defaults below, from the
+# sm_90a compiles of the static report), and the SM count where the device is not a GPU (the
+# static suite's stub driver sets it to its target's; None elsewhere: two programs)
+TUNING: dict = {"programs_per_sm": None, "warps": None, "sms": None}
+_PROGRAMS_PER_SM = 1
+_WARPS = 16
+
+
+@triton.jit
+def _wait_for(flag_ptr, need):
+    """Spin until the count at flag_ptr reaches need (acquire: what the counted programs wrote
+    before their release is visible after)."""
+    n = tl.atomic_add(flag_ptr, 0, sem="acquire")
+    while n < need:
+        n = tl.atomic_add(flag_ptr, 0, sem="acquire")
+
+
+@triton.jit
+def _wait_stage(flags, npl, plane, before: tl.constexpr, need, SHIFTS: tl.constexpr,
+                NSHIFT: tl.constexpr, AX: tl.constexpr):  # fmt: skip
+    """Wait for the planes a stage needs of the pass before it: for every shift, planes
+    plane -/+ (b + Q_AX) (b = 0, and 1 where the shift splits axis AX); ``before`` 1: parts -> solve
+    (minus), 2: solve -> apply (plus). flags: the batch*head's (pass, plane) counts."""
+    for k in tl.static_range(NSHIFT):
+        for b in tl.static_range(2 if SHIFTS[k][AX] else 1):
+            if before == 1:
+                dep = (plane - b - SHIFTS[k][3 + AX] + 2 * npl) % npl
+            else:
+                dep = (plane + b + SHIFTS[k][3 + AX]) % npl
+            _wait_for(flags + (before - 1) * npl + dep, need)
+
+
+@triton.jit
+def _take(t, NSTAGE, CPP, sched_ptr, flag_ptr, NPL, HEADS, C, E: tl.constexpr, NVOX):
+    """Ticket t as (bh, pass, plane, first window of its chunk in the plane, the int64 offset of
+    the head's first element, the batch*head's flag counts)."""
+    bh = t // (NSTAGE * CPP)
+    r = t - bh * (NSTAGE * CPP)
+    stage = r // CPP
+    phase = tl.load(sched_ptr + 2 * stage)
+    plane = tl.load(sched_ptr + 2 * stage + 1)
+    offset = ((bh // HEADS) * C + (bh % HEADS) * E).to(tl.int64) * NVOX
+    return bh, phase, plane, (r - stage * CPP), offset, flag_ptr + bh * 3 * NPL
+
+
+@triton.jit
+def _count_done(flags, phase, plane, NPL):
+    """Count a chunk of stage (phase, plane) done: every thread's stores first (barrier), then
+    one release."""
+    tl.debug_barrier()
+    tl.atomic_add(flags + phase * NPL + plane, 1, sem="release")
+
+
+def _schedule(npl: int) -> list[tuple[int, int]]:
+    """The stages (pass index into PASSES, plane) of one batch*head, in ticket order."""
+    order = []
+    for p in range(npl):
+        order.append((0, p))
+        if p >= 1:
+            order.append((1, p))
+        if p >= 2:
+            order.append((2, p - 1))
+    order.append((1, 0))
+    if npl >= 2:
+        order.append((2, npl - 1))
+    order.append((2, 0))
+    return order
+
+
+def _needs(stage: tuple[int, int], npl: int, splits: list[bool], offsets: list[int]):
+    """The (pass, plane) stages a stage needs: solve(p) the parts of the planes holding its
+    shifted windows' parts, apply(p) the solves of the shifted windows its windows lie in."""
+    phase, p = stage
+    if phase == 0:
+        return set()
+    sign = -1 if phase == 1 else 1
+    return {
+        (phase - 1, (p + sign * (b + q)) % npl)
+        for split, q in zip(splits, offsets, strict=True)
+        for b in ((0, 1) if split else (0,))
+    }
+
+
+@functools.lru_cache(maxsize=64)
+def fused_plan(nw: tuple[int, int, int], shifts: tuple) -> tuple | None:
+    """(pipelining axis, schedule) for a window grid nw and the shift constants of
+    :class:`_Geometry2`, or None where the schedule would wait on a later stage (a shift with a
+    whole-window offset along the axis): then the second design runs instead."""
+    ax = next((d for d in range(3) if nw[d] > 1), 0)
+    npl = nw[ax]
+    order = _schedule(npl)
+    splits = [s[ax] > 0 for s in shifts]
+    offsets = [s[3 + ax] for s in shifts]
+    done = set()
+    for stage in order:
+        if not _needs(stage, npl, splits, offsets) <= done:
+            return None
+        done.add(stage)
+    return ax, tuple(order)
+
+
+@functools.lru_cache(maxsize=64)
+def _schedule_table(order: tuple, device: str) -> torch.Tensor:
+    """The schedule as an int32 (stages, 2) device tensor, made once per schedule and device
+    (no host -> device copy per call)."""
+    return torch.tensor(order, dtype=torch.int32).to(device)
+
+
+def _programs(device: torch.device, tickets: int) -> int:
+    """The persistent grid: resident programs (SMs x programs per SM) on a GPU (or the SMs of
+    ``TUNING["sms"]``); else two (under the interpreter the second finds no ticket left: the
+    exit path is exercised)."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    elif TUNING["sms"]:
+        sms = TUNING["sms"]
+    else:
+        return min(tickets, 2)
+    return min(tickets, sms * (TUNING["programs_per_sm"] or _PROGRAMS_PER_SM))
+
+
+@triton.jit
+def _load_sym_batch(ptr, slot, m3, i3, j3, E: tl.constexpr):
+    """(NB, BLOCK_E, BLOCK_E) symmetric matrices from the packed upper triangles at
+    ptr + slot * E^2 (``_load_sym`` of the second design for NB slots; same arithmetic)."""
+    up = tl.load(ptr + slot[:, None, None] * (E * E) + _tri(i3, j3, E), mask=m3 & (j3 >= i3),
+                 other=0, cache_modifier=".cg")  # fmt: skip
+    return up + tl.permute(up, (0, 2, 1)) - tl.where(i3 == j3, up, 0)
+
+
+@triton.jit
+def _sum_parts_batch(vpart_ptr, kpart_ptr, bh, om, ok, k: tl.constexpr, NWIN, NW0, NW1, NW2,
+                     SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, E: tl.constexpr,
+                     NB: tl.constexpr, BLOCK_E: tl.constexpr, ACC: tl.constexpr,
+                     WITH_K: tl.constexpr):  # fmt: skip
+    """``_sum_parts`` of the second design for the shifted windows om (NB,) (ok: which exist) at
+    once, same order: (K (NB, BLOCK_E, BLOCK_E), vector (NB, BLOCK_E)) under shift k."""
+    e = tl.arange(0, BLOCK_E)
+    i3 = e[None, :, None]
+    j3 = e[None, None, :]
+    m3 = ok[:, None, None] & (i3 < E) & (j3 < E)
+    m2 = ok[:, None] & (e[None, :] < E)
+    o0, o1, o2 = _window_origin(om, NW1, NW2)
+    k_mat = tl.zeros((NB, BLOCK_E, BLOCK_E), dtype=ACC)
+    vec = tl.zeros((NB, BLOCK_E), dtype=ACC)
+    for b2 in tl.static_range(2 if SHIFTS[k][2] else 1):
+        w2 = (o2 - b2 - SHIFTS[k][5] + 2 * NW2) % NW2
+        for b1 in tl.static_range(2 if SHIFTS[k][1] else 1):
+            w1 = (o1 - b1 - SHIFTS[k][4] + 2 * NW1) % NW1
+            for b0 in tl.static_range(2 if SHIFTS[k][0] else 1):
+                w0 = (o0 - b0 - SHIFTS[k][3] + 2 * NW0) % NW0
+                w = (w0 * NW1 + w1) * NW2 + w2  # the unshifted windows holding part b
+                slot = (bh * NWIN + w) * (NSHIFT * 8) + k * 8 + (b0 * 2 + b1) * 2 + b2
+                if WITH_K:
+                    k_mat += _load_sym_batch(kpart_ptr, slot, m3, i3, j3, E)
+                vec += tl.load(vpart_ptr + slot[:, None] * E + e[None, :], mask=m2, other=0,
+                               cache_modifier=".cg")  # fmt: skip
+    return k_mat, vec
+
+
+class Pipeline:
+    """Host side of one persistent call: the schedule table, the zeroed flag buffer (+ the ticket
+    counter), the grid and the scalar arguments of the kernels (``args()``)."""
+
+    def __init__(self, geo, plan, device: torch.device):
+        ax, order = plan
+        self.ax = ax
+        self.npl = geo.NW[ax]
+        self.nplane = geo.nwin // self.npl  # windows per plane (contiguous in window order)
+        self.cpp = triton.cdiv(self.nplane, geo.wpp)
+        self.stages = len(order)
+        self.tickets = geo.bh * self.stages * self.cpp
+        self.table = _schedule_table(order, str(device))
+        self.flags = torch.zeros(geo.bh * 3 * self.npl + 1, dtype=torch.int32, device=device)
+        self.grid = (_programs(device, self.tickets),)
+
+    def args(self) -> tuple:
+        return (self.table, self.flags, self.tickets, self.cpp, self.stages, self.nplane,
+                self.npl)  # fmt: skip
+
+    def warps(self) -> int:
+        return TUNING["warps"] or _WARPS
