@@ -26,7 +26,7 @@ from fastnmf.profile.static.kernel_report import LAUNCH_FIELDS, kernel_report
 from fastnmf.profile.static.suite import run_static
 
 KERNEL_MODULES = ("window_nmf", "window_nmf_rank", "global_nmf", "global_nmf_rank", "window_nmf2",
-                  "_window2_bwd", "window_nmf3")
+                  "_window2_bwd", "window_nmf3", "_window3_bwd")
 _MISSING = ptx_tools.missing_tools(["sm_90a"])
 needs_ptxas = pytest.mark.skipif(bool(_MISSING), reason="; ".join(_MISSING) or "tools present")
 
@@ -41,6 +41,9 @@ KNOWN_SPILLS = {
         "registers, 8 B + 8 B",
     ("fastnmf.kernels.window_nmf_rank", "_window_bwd_kernel"):
         "rank-2 window backward (4 warps): 255 registers, 292 B + 564 B",
+    ("fastnmf.kernels._window3_bwd", "_fused_bwd_kernel"):
+        "third design's persistent backward, shifts [None, 4] (16 warps): 128 registers (the cap "
+        "at 16 warps), 16 B; [None, 2, 4, 6] does not spill",
 }  # fmt: skip
 
 

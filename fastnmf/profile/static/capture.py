@@ -143,8 +143,8 @@ def capture_case(case: StaticCase, *, target: str) -> dict[str, CallRecord]:
 
 @contextlib.contextmanager
 def _persistent_grid(target: str):
-    """Persistent kernels (kernels/window_nmf3.py) size their grid by the target's SM count."""
-    tuning = importlib.import_module("fastnmf.kernels.window_nmf3").TUNING
+    """Persistent kernels (kernels/_window3_sched.py) size their grid by the target's SMs."""
+    tuning = importlib.import_module("fastnmf.kernels._window3_sched").TUNING
     saved = tuning["sms"]
     tuning["sms"] = TARGETS[target][1]
     try:
