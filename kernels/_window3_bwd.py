@@ -131,7 +131,7 @@ def backward3(x, g0, rowmask, hats, norms, kmat, dy, geo: _Geometry2, plan, iter
     _fused_bwd_kernel[pipe.grid](
         x, dy, dx, g0, rowmask, hats, norms, kmat, gpart, sym, hbar, *pipe.args(),
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, iters, geo.S[1], geo.S[2], *geo.NW,
-        **geo.consts(), **geo.block(), AX=pipe.ax, MU=mu, ACC=acc_dtype(x.dtype),
+        **geo.consts(), **pipe.block(geo), AX=pipe.ax, MU=mu, ACC=acc_dtype(x.dtype),
         num_warps=pipe.warps(),
     )  # fmt: skip
     return dx

@@ -23,15 +23,23 @@ import triton.language as tl
 
 from ._window2_common import _tri, _window_origin
 
-__all__ = ["TUNING", "PASSES", "Pipeline", "fused_plan"]
+__all__ = ["TUNING", "PASSES", "Pipeline", "fused_plan", "wpp"]
 
 PASSES = ("parts", "solve", "apply")
-# The persistent launch: programs per SM, warps per program (None: the defaults below, from the
-# sm_90a compiles of the static report), and the SM count where the device is not a GPU (the
-# static suite's stub driver sets it to its target's; None elsewhere: two programs)
-TUNING: dict = {"programs_per_sm": None, "warps": None, "sms": None}
+# The persistent launch: programs per SM, warps per program, windows per ticket (None: the
+# defaults below; warps and programs from the sm_90a compiles of the static report, 4 windows a
+# ticket so that the tickets in flight hold little of L2: fastnmf/profile/static/pipeline_dram.py),
+# and the SM count where the device is not a GPU (the static suite's stub driver sets it to its
+# target's; None elsewhere: two programs)
+TUNING: dict = {"programs_per_sm": None, "warps": None, "wpp": None, "sms": None}
 _PROGRAMS_PER_SM = 1
 _WARPS = 16
+_WPP = 4
+
+
+def wpp() -> int:
+    """Windows per ticket (a chunk of a plane)."""
+    return TUNING["wpp"] or _WPP
 
 
 @triton.jit
@@ -195,7 +203,8 @@ class Pipeline:
         self.ax = ax
         self.npl = geo.NW[ax]
         self.nplane = geo.nwin // self.npl  # windows per plane (contiguous in window order)
-        self.cpp = triton.cdiv(self.nplane, geo.wpp)
+        self.wpp = wpp()
+        self.cpp = triton.cdiv(self.nplane, self.wpp)
         self.stages = len(order)
         self.tickets = geo.bh * self.stages * self.cpp
         self.table = _schedule_table(order, str(device))
@@ -208,3 +217,7 @@ class Pipeline:
 
     def warps(self) -> int:
         return TUNING["warps"] or _WARPS
+
+    def block(self, geo) -> dict:
+        """The geometry's block constants with this pipeline's windows per ticket."""
+        return {**geo.block(), "WPP": self.wpp}

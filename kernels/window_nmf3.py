@@ -165,8 +165,8 @@ def _fused_forward(x, g0, rowmask, geo: _Geometry2, plan, iters: int, mu: bool, 
     _fused_kernel[pipe.grid](
         x, y, g0, rowmask, kpart, hpart, u, hats, norms, kmat, *pipe.args(),
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, iters, geo.S[1], geo.S[2], *geo.NW,
-        **geo.consts(), **geo.block(), AX=pipe.ax, MU=mu, ACC=acc, **geo.dot(acc, mu), SAVE=save,
-        num_warps=pipe.warps(),
+        **geo.consts(), **pipe.block(geo), AX=pipe.ax, MU=mu, ACC=acc, **geo.dot(acc, mu),
+        SAVE=save, num_warps=pipe.warps(),
     )  # fmt: skip
     if not save:
         hats = norms = kmat = None

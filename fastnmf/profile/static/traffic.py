@@ -51,8 +51,9 @@ DEFAULT_RESIDENT = {"_stats_fwd_kernel": 18, "_stats_bwd_kernel": 12,
 FALLBACK_RESIDENT = 16
 # Persistent kernels (kernels/window_nmf3.py): their reuse distances scale with a plane of the
 # volume, not with the launch's programs in flight or the whole shape, so the small-shape replay's
-# capacities (:func:`l2.capacities`) do not apply; their DRAM estimate is left out (None, "n/a")
-PERSISTENT = ("_fused_kernel",)
+# capacities (:func:`l2.capacities`) do not apply; their DRAM estimate is the block-level model of
+# the plane schedule at the case's own shape (:mod:`.pipeline_dram`)
+PERSISTENT = ("_fused_kernel", "_fused_bwd_kernel")
 
 
 def counted_case(case: StaticCase, side: int = 16) -> StaticCase:
@@ -118,6 +119,21 @@ def _dram(call, ratio: float, target: str, resident: dict) -> list[int]:
     return np.bincount(owner, weights=read + write, minlength=len(call.launches)).tolist()
 
 
+def _persistent_dram(case: StaticCase, pass_: str, call, target: str) -> list[int]:
+    """DRAM bytes per launch of a call with a persistent kernel, at the case's shape: the
+    kernel's from :func:`.pipeline_dram.pipeline_dram`, the other launches' (fills of a few
+    bytes) their bytes at the small shape."""
+    from .pipeline_dram import pipeline_dram
+
+    out = []
+    for launch in call.launches:
+        if launch.kernel in PERSISTENT:
+            out.append(pipeline_dram(case, pass_, target=target)["dram_bytes"])
+        else:
+            out.append(launch.total("bytes_loaded") + launch.total("bytes_stored"))
+    return out
+
+
 def _check(model: list[dict], counted: list[dict]) -> str:
     return "equal" if model == counted else "DIFFERS"
 
@@ -151,12 +167,13 @@ def launch_rows(cases, *, target: str = "sm_90a", small_side: int = 16,
             if len(launches) != len(call.launches):
                 raise RuntimeError(f"{case.id} {pass_}: model and counter launch lists differ")
             persistent = any(launch.kernel in PERSISTENT for launch in call.launches)
-            dram = None if persistent else _dram(call, ratio, target, resident)
+            dram = _persistent_dram(case, pass_, call, target) if persistent else (
+                _dram(call, ratio, target, resident))  # fmt: skip
             for i, (launch, small_launch) in enumerate(zip(launches, counted, strict=True)):
                 # scaled back by the launch's own ratio of bytes (a fixed-size op stays put)
                 big, small = _bytes(launch), _bytes(small_launch)
-                est = None if dram is None else int(round(dram[i] * (big / small if small
-                                                                     else 1 / ratio)))
+                est = dram[i] if persistent else int(round(dram[i] * (big / small if small
+                                                                      else 1 / ratio)))
                 rows.append(_row(case, pass_, i, launch, est, source, check, call, target))
     return rows
 

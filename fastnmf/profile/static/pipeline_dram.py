@@ -1,0 +1,141 @@
+"""DRAM estimate of the third window design's persistent launches (kernels/window_nmf3.py): a
+block-level L2 model at the benchmark shape itself (an estimate, not a measure).
+
+The sector replay of :mod:`.l2` scales a small-shape trace to the target by the launch's programs
+in flight or the whole shape; neither fits a persistent launch, whose reuse distances are set by
+the plane schedule (kernels/_window3_sched.py): x is read by parts(p) and again by apply(p) about
+one plane later. So here the schedule is walked at the target shape, ticket by ticket, each
+ticket touching *blocks* (one chunk of WPP windows of a tensor, or the statistics a chunk writes):
+
+- forward: parts(p, c) reads x[p, c] and writes the chunk's part statistics (K's upper triangle
+  and X g0 per part); solve(p, c) reads the statistics of the planes it needs and writes u, the
+  iterates and K of its shifted windows; apply(p, c) reads x[p, c] and the solves of the planes
+  it needs and writes y[p, c];
+- backward: parts reads x, dy and u (the forward's iterates), writes the ū parts; solve reads
+  them, K and the iterates, writes S and h̄; apply reads x, dy, u, S, h̄ and writes dx.
+
+L2 is one LRU of whole blocks in bytes: a read of a block not resident reads it from DRAM; a
+write allocates it without a read; a written block is written back once when evicted or at the
+end. Capacity: the target's L2 less the data of the tickets in flight (programs x the largest
+ticket's bytes: a conservative bound on the lines recently touched by running programs).
+Left out: sector granularity (blocks are read whole), the part of a statistics block a stage
+really reads (whole blocks: errs high), set associativity and the real replacement policy, what
+earlier launches left in L2.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+
+import torch
+
+from .cases import StaticCase, ideal_bytes
+from .l2 import TARGETS
+
+__all__ = ["pipeline_dram", "ticket_blocks"]
+
+F32 = 4
+
+
+def _geometry(case: StaticCase):
+    from fastnmf.kernels._window2_common import _Geometry2
+    from fastnmf.kernels._window3_sched import fused_plan, wpp
+
+    x = torch.empty(case.shape, device="meta")
+    patch = (case.window,) * len(case.spatial)
+    geo = _Geometry2(x, case.head_dim, patch, list(case.shifts))
+    plan = fused_plan(tuple(geo.NW), geo.shifts)
+    if plan is None:
+        raise ValueError(f"{case.id}: no fused plan (the second design runs)")
+    return geo, plan, wpp()
+
+
+def _sizes(case: StaticCase, geo, per_chunk: int) -> dict:
+    """Bytes of one block of each kind (a chunk of ``per_chunk`` windows)."""
+    e, t = geo.E, case.iters
+    vol = e * math.prod(geo.P) * case.itemsize  # one window of x (y, dy, dx)
+    parts = sum(math.prod(2 if s[d] else 1 for d in range(3)) for s in geo.shifts)
+    tri = e * (e + 1) // 2
+    n = geo.nshift
+    return {
+        "vol": per_chunk * vol,
+        "parts_fwd": per_chunk * parts * (tri + e) * F32,  # K upper triangle + X g0 per part
+        "solve_fwd": per_chunk * n * (e + t * e + t + tri) * F32,  # u, iterates, norms, K
+        "parts_bwd": per_chunk * parts * e * F32,  # ū per part
+        "saved": per_chunk * n * (t * e + t + tri) * F32,  # the forward's iterates, norms, K
+        "solve_bwd": per_chunk * n * (e * e + e) * F32,  # S, h̄
+    }
+
+
+def _needs(plane: int, npl: int, shifts, ax: int, sign: int) -> set[int]:
+    return {(plane + sign * (b + s[3 + ax])) % npl for s in shifts
+            for b in ((0, 1) if s[ax] else (0,))}  # fmt: skip
+
+
+def ticket_blocks(case: StaticCase, pass_: str):
+    """The blocks each ticket touches, in ticket order: a list of tickets, each a list of
+    (block key, bytes, store)."""
+    geo, (ax, order), per_chunk = _geometry(case)
+    npl = geo.NW[ax]
+    nplane = geo.nwin // npl
+    cpp = math.ceil(nplane / per_chunk)
+    sizes = [_sizes(case, geo, min(per_chunk, nplane - c * per_chunk)) for c in range(cpp)]
+    fwd = pass_ == "fwd"
+    vol_in = ("x",) if fwd else ("x", "dy")
+    tickets = []
+    for bh in range(geo.bh):
+        for phase, p in order:
+            for c in range(cpp):
+                def blk(name, plane, kind, store=False, bh=bh, c=c):
+                    return ((name, bh, plane, c), sizes[c][kind], store)
+
+                if phase == 0:
+                    acc = [blk(v, p, "vol") for v in vol_in]
+                    if not fwd:
+                        acc.append(blk("saved", p, "saved"))
+                    acc.append(blk("parts", p, "parts_fwd" if fwd else "parts_bwd", True))
+                elif phase == 1:
+                    acc = [blk("parts", q, "parts_fwd" if fwd else "parts_bwd")
+                           for q in sorted(_needs(p, npl, geo.shifts, ax, -1))]  # fmt: skip
+                    if not fwd:
+                        acc.append(blk("saved", p, "saved"))
+                    acc.append(blk("solve", p, "solve_fwd" if fwd else "solve_bwd", True))
+                else:
+                    acc = [blk(v, p, "vol") for v in vol_in]
+                    acc += [blk("solve", q, "solve_fwd" if fwd else "solve_bwd")
+                            for q in sorted(_needs(p, npl, geo.shifts, ax, 1))]  # fmt: skip
+                    acc.append(blk("y" if fwd else "dx", p, "vol", True))
+                tickets.append(acc)
+    return tickets
+
+
+def pipeline_dram(case: StaticCase, pass_: str, *, target: str = "sm_90a",
+                  programs_per_sm: int = 1) -> dict:  # fmt: skip
+    """DRAM bytes read and written by the persistent launch of ``case``'s ``pass_`` ("fwd" or
+    "bwd") at its own shape, and the ratio to the ideal (see the module docstring)."""
+    l2_bytes, sms = TARGETS[target]
+    tickets = ticket_blocks(case, pass_)
+    inflight = sms * programs_per_sm * max(sum(b for _, b, _ in t) for t in tickets)
+    capacity = l2_bytes - inflight
+    resident: collections.OrderedDict = collections.OrderedDict()  # key -> (bytes, dirty)
+    used = read = written = 0
+    for ticket in tickets:
+        for key, nbytes, store in ticket:
+            if key in resident:
+                b, dirty = resident.pop(key)
+                resident[key] = (b, dirty or store)
+                continue
+            if not store:
+                read += nbytes
+            resident[key] = (nbytes, store)
+            used += nbytes
+            while used > capacity and resident:
+                _, (b, dirty) = resident.popitem(last=False)
+                used -= b
+                written += b if dirty else 0
+    written += sum(b for b, dirty in resident.values() if dirty)
+    ideal = ideal_bytes(case, pass_)
+    return dict(read=read, written=written, dram_bytes=read + written, ideal_bytes=ideal,
+                dram_over_ideal=(read + written) / ideal, capacity=capacity,
+                inflight=inflight)  # fmt: skip

@@ -1,0 +1,67 @@
+"""The DRAM model of the third window design's persistent launches
+(fastnmf/profile/static/pipeline_dram.py): its blocks carry the bytes the interpreter's counter
+counts for the same launch, and its L2 behaves as an LRU (a large cache reads x once, none at all
+twice)."""
+
+import dataclasses
+
+import pytest
+
+from fastnmf.profile.static import counter, pipeline_dram
+from fastnmf.profile.static.cases import StaticCase
+
+# 1 x 8 x 24 x 8 x 8, E = P = 8: three planes (the main schedule), one head
+CASES = [
+    StaticCase("window", 1, 8, (24, 8, 8), "fp32", (None, 4), design=3),
+    StaticCase("window", 1, 8, (24, 8, 8), "bf16", (None, 2, 4, 6), design=3),
+]
+# the model's block -> the kernel arguments it stands for
+VOLUME = {"fwd": {"x": ("x_ptr", "load"), "y": ("y_ptr", "store")},
+          "bwd": {"x": ("x_ptr", "load"), "dy": ("dy_ptr", "load"), "dx": ("dx_ptr", "store")}}
+PARTS = {"fwd": ("kpart_ptr", "hpart_ptr"), "bwd": ("gpart_ptr",)}
+
+
+def _model_bytes(case, pass_):
+    """Bytes per block name over the whole schedule: (loaded, stored)."""
+    loaded, stored = {}, {}
+    for ticket in pipeline_dram.ticket_blocks(case, pass_):
+        for (name, *_), nbytes, store in ticket:
+            side = stored if store else loaded
+            side[name] = side.get(name, 0) + nbytes
+    return loaded, stored
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_blocks_carry_the_counted_bytes(case):
+    """x, dy read twice, y / dx written once, the part statistics written once: the model's
+    blocks equal the counter's bytes for the persistent launch, tensor by tensor."""
+    counts = counter.count_call(case)
+    for pass_ in ("fwd", "bwd"):
+        (launch,) = [la for la in counts[pass_].launches if la.kernel.startswith("_fused")]
+        loaded, stored = _model_bytes(case, pass_)
+        for block, (arg, side) in VOLUME[pass_].items():
+            got = launch.args[arg]["bytes_loaded" if side == "load" else "bytes_stored"]
+            want = loaded.get(block, 0) if side == "load" else stored.get(block, 0)
+            assert got == want, (pass_, block, got, want)
+        assert stored["parts"] == sum(launch.args[a]["bytes_stored"] for a in PARTS[pass_])
+
+
+def test_lru_reads_x_once_with_room_and_twice_without(monkeypatch):
+    case = CASES[0]
+    x = case.numel * case.itemsize
+    big = pipeline_dram.pipeline_dram(case, "fwd")  # 60 MB for a 48 KB case: x read once
+    assert big["read"] == x and big["written"] >= x  # y, the statistics and the saved state
+    monkeypatch.setitem(pipeline_dram.TARGETS, "sm_90a", (0, 1))  # no L2 at all
+    none = pipeline_dram.pipeline_dram(case, "fwd")
+    assert none["read"] >= 2 * x and none["dram_bytes"] > big["dram_bytes"]
+
+
+def test_benchmark_shape_estimates_use_the_tickets_in_flight():
+    """At 2 x 32 x 128^3 the capacity is the L2 less the tickets in flight (132 programs), and
+    a forward of the second design's size would not fit: the estimate is below 2x ideal."""
+    case = StaticCase("window", 2, 32, (128,) * 3, "fp32", (None, 4), design=3)
+    est = pipeline_dram.pipeline_dram(case, "fwd")
+    assert 0 < est["inflight"] < est["capacity"] + est["inflight"] == 60 * 2**20
+    assert 1.0 < est["dram_over_ideal"] < 2.0
+    half = pipeline_dram.pipeline_dram(dataclasses.replace(case, dtype="bf16"), "fwd")
+    assert half["inflight"] < est["inflight"]
