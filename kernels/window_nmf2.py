@@ -234,8 +234,8 @@ def _gram_parts_dot(x, member, exists, kpart_ptr, slot, E: tl.constexpr,
 def _solve_kernel(
     kpart_ptr, hpart_ptr, u_ptr, hats_ptr, norms_ptr, kmat_ptr,
     E: tl.constexpr, NWIN, ITERS, NW0, NW1, NW2,
-    SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr,
-    P2: tl.constexpr, BLOCK_E: tl.constexpr, SAVE: tl.constexpr, ACC: tl.constexpr,
+    SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, BLOCK_E: tl.constexpr, SAVE: tl.constexpr,
+    ACC: tl.constexpr,
 ):  # fmt: skip
     om, bh, o0, o1, o2, e, emask = _solve_rows(NW1, NW2, E, BLOCK_E)  # om: a shifted window
     emask2 = emask[:, None] & emask[None, :]
@@ -326,7 +326,8 @@ def _forward(x, g0, rowmask, geo: _Geometry2, iters: int, mu: bool, save: bool):
     )  # fmt: skip
     _solve_kernel[(geo.nwin, geo.bh)](
         kpart, hpart, u, hats, norms, kmat, geo.E, geo.nwin, iters, *geo.NW,
-        **geo.consts(), BLOCK_E=geo.block_e, SAVE=save, ACC=acc, num_warps=1,
+        SHIFTS=geo.shifts, NSHIFT=geo.nshift, BLOCK_E=geo.block_e, SAVE=save, ACC=acc,
+        num_warps=1,
     )  # fmt: skip
     _apply_kernel[geo.grid](
         x, y, g0, rowmask, u,
