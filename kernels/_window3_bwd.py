@@ -71,7 +71,7 @@ def _solve_bwd_batch(gpart_ptr, kmat_ptr, hats_ptr, norms_ptr, sym_ptr, hbar_ptr
 @triton.jit
 def _fused_bwd_kernel(
     x_ptr, dy_ptr, dx_ptr, g0_ptr, rowmask_ptr, hats_ptr, norms_ptr, kmat_ptr, gpart_ptr,
-    sym_ptr, hbar_ptr, sched_ptr, flag_ptr, NTICKET, CPP, NSTAGE, NPLANE, NPL,
+    sym_ptr, hbar_ptr, flag_ptr, NTICKET, CPP, NSTAGE, NPLANE, NPL,
     C, E: tl.constexpr, HEADS, NWIN, NVOX, ITERS, S1, S2, NW0, NW1, NW2,
     SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr, AX: tl.constexpr,
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
@@ -88,8 +88,8 @@ def _fused_bwd_kernel(
     ticket_ptr = flag_ptr + NTICKET // (NSTAGE * CPP) * 3 * NPL
     t = tl.atomic_add(ticket_ptr, 1)
     while t < NTICKET:
-        bh, phase, plane, chunk, offset, flags = _take(t, NSTAGE, CPP, sched_ptr, flag_ptr, NPL,
-                                                       HEADS, C, E, NVOX)  # fmt: skip
+        bh, phase, plane, chunk, offset, flags = _take(t, NSTAGE, CPP, flag_ptr, NPL, HEADS, C,
+                                                       E, NVOX)  # fmt: skip
         first = chunk * WPP  # in the plane
         if phase == 0:
             for j in range(0, WPP):

@@ -67,14 +67,32 @@ def _wait_stage(flags, npl, plane, before: tl.constexpr, need, SHIFTS: tl.conste
 
 
 @triton.jit
-def _take(t, NSTAGE, CPP, sched_ptr, flag_ptr, NPL, HEADS, C, E: tl.constexpr, NVOX):
+def _stage(i, npl):
+    """Stage i of one batch*head's schedule as (pass, plane): :func:`_schedule` computed, no
+    table (nothing to copy to the device). npl >= 2: stages 0-2 are parts(0), parts(1),
+    solve(1); then triples parts(p), solve(p), apply(p - 1) for p >= 2; the last three solve(0),
+    apply(npl - 1), apply(0). npl = 1: parts, solve, apply of plane 0."""
+    k = (i - 3) % 3  # place in a triple (i >= 3)
+    phase = k
+    plane = tl.where(k == 2, (i - 3) // 3 + 1, (i - 3) // 3 + 2)
+    phase = tl.where(i < 3, tl.where(i == 2, 1, 0), phase)
+    plane = tl.where(i < 3, tl.where(i == 0, 0, 1), plane)
+    tail = i - (3 * npl - 3)  # 0, 1, 2: the last three stages
+    phase = tl.where(tail >= 0, tl.where(tail == 0, 1, 2), phase)
+    plane = tl.where(tail >= 0, tl.where(tail == 1, npl - 1, 0), plane)
+    phase = tl.where(npl == 1, i, phase)
+    plane = tl.where(npl == 1, 0, plane)
+    return phase, plane
+
+
+@triton.jit
+def _take(t, NSTAGE, CPP, flag_ptr, NPL, HEADS, C, E: tl.constexpr, NVOX):
     """Ticket t as (bh, pass, plane, first window of its chunk in the plane, the int64 offset of
     the head's first element, the batch*head's flag counts)."""
     bh = t // (NSTAGE * CPP)
     r = t - bh * (NSTAGE * CPP)
     stage = r // CPP
-    phase = tl.load(sched_ptr + 2 * stage)
-    plane = tl.load(sched_ptr + 2 * stage + 1)
+    phase, plane = _stage(stage, NPL)
     offset = ((bh // HEADS) * C + (bh % HEADS) * E).to(tl.int64) * NVOX
     return bh, phase, plane, (r - stage * CPP), offset, flag_ptr + bh * 3 * NPL
 
@@ -135,13 +153,6 @@ def fused_plan(nw: tuple[int, int, int], shifts: tuple) -> tuple | None:
     return ax, tuple(order)
 
 
-@functools.lru_cache(maxsize=64)
-def _schedule_table(order: tuple, device: str) -> torch.Tensor:
-    """The schedule as an int32 (stages, 2) device tensor, made once per schedule and device
-    (no host -> device copy per call)."""
-    return torch.tensor(order, dtype=torch.int32).to(device)
-
-
 def _programs(device: torch.device, tickets: int) -> int:
     """The persistent grid: resident programs (SMs x programs per SM) on a GPU (or the SMs of
     ``TUNING["sms"]``); else two (under the interpreter the second finds no ticket left: the
@@ -195,8 +206,8 @@ def _sum_parts_batch(vpart_ptr, kpart_ptr, bh, om, ok, k: tl.constexpr, NWIN, NW
 
 
 class Pipeline:
-    """Host side of one persistent call: the schedule table, the zeroed flag buffer (+ the ticket
-    counter), the grid and the scalar arguments of the kernels (``args()``)."""
+    """Host side of one persistent call: the zeroed flag buffer (+ the ticket counter), the grid
+    and the scalar arguments of the kernels (``args()``)."""
 
     def __init__(self, geo, plan, device: torch.device):
         ax, order = plan
@@ -207,13 +218,11 @@ class Pipeline:
         self.cpp = triton.cdiv(self.nplane, self.wpp)
         self.stages = len(order)
         self.tickets = geo.bh * self.stages * self.cpp
-        self.table = _schedule_table(order, str(device))
         self.flags = torch.zeros(geo.bh * 3 * self.npl + 1, dtype=torch.int32, device=device)
         self.grid = (_programs(device, self.tickets),)
 
     def args(self) -> tuple:
-        return (self.table, self.flags, self.tickets, self.cpp, self.stages, self.nplane,
-                self.npl)  # fmt: skip
+        return self.flags, self.tickets, self.cpp, self.stages, self.nplane, self.npl
 
     def warps(self) -> int:
         return TUNING["warps"] or _WARPS

@@ -13,6 +13,8 @@ import importlib
 import numpy as np
 import pytest
 import torch
+import triton
+import triton.language as tl
 from conftest import DEVICES, rel_err
 from kernel_helpers import (
     check_low_precision,
@@ -28,6 +30,7 @@ wn3 = importlib.import_module("fastnmf.kernels.window_nmf3")
 bwd3 = importlib.import_module("fastnmf.kernels._window3_bwd")
 sched = importlib.import_module("fastnmf.kernels._window3_sched")
 common = importlib.import_module("fastnmf.kernels._window2_common")
+_stage = sched._stage
 
 
 @pytest.fixture
@@ -146,3 +149,21 @@ def test_schedule_meets_every_need(npl, shifts):
     for p in range(npl):
         assert all(position[(0, q)] < position[(1, p)] for q in solve[p])
         assert all(position[(1, q)] < position[(2, p)] for q in apply[p])
+
+
+@triton.jit
+def _stages_kernel(out_ptr, NPL, N: tl.constexpr):
+    i = tl.arange(0, N)
+    phase, plane = _stage(i, NPL)
+    tl.store(out_ptr + 2 * i, phase, mask=i < 3 * NPL)
+    tl.store(out_ptr + 2 * i + 1, plane, mask=i < 3 * NPL)
+
+
+@pytest.mark.parametrize("npl", [1, 2, 3, 4, 7, 16])
+def test_kernels_decode_the_schedule(npl):
+    """The kernels compute each ticket's stage (no table copied to the device): the same list
+    as the host's schedule."""
+    out = torch.full((2 * triton.next_power_of_2(3 * npl),), -1, dtype=torch.int32)
+    _stages_kernel[(1,)](out, npl, N=triton.next_power_of_2(3 * npl))
+    got = [tuple(p) for p in out[: 6 * npl].view(-1, 2).tolist()]
+    assert got == sched._schedule(npl)
