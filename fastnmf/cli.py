@@ -425,7 +425,8 @@ def _cmd_profile_static(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / f"static-{time.strftime('%Y%m%d-%H%M%S')}"
     t0 = time.perf_counter()
     doc = run_static(targets=targets, out=out, parts=args.parts or PARTS, quick=args.quick,
-                     only=args.only or (), progress=None if args.quiet else print)  # fmt: skip
+                     only=args.only or (), designs=tuple(args.designs),
+                     progress=None if args.quiet else print)  # fmt: skip
     spills = sorted({r["kernel"] for r in doc["launches"] if r.get("spill_bytes")})
     print(f"{len(doc['launches'])} launch(es), {len(doc['calls'])} call row(s), "
           f"{len(doc['steps'])} step row(s) in {_duration(time.perf_counter() - t0)}; "

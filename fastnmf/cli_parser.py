@@ -307,6 +307,9 @@ def _add_profile(sub, commands) -> None:
     pr.add_argument("--parts", nargs="+", choices=["kernels", "traffic", "steps"],
                     help="static: parts to run (default all)")  # fmt: skip
     pr.add_argument("--quick", action="store_true", help="static: rank one fp32 at 128^3 only")
+    pr.add_argument("--designs", nargs="+", type=int, choices=[1, 2, 3], default=[1],
+                    help="static: window kernel designs of the rank-one window cases (1: "
+                         "window_nmf, 2: window_nmf2, 3: window_nmf3, persistent; default 1)")
     pr.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     pr.add_argument("--out", help="output folder (default runs/profile-<time>, static-<time>)")
     pr.add_argument("--repeats", type=int, help="timed repetitions per case (median)")

@@ -220,6 +220,19 @@ def test_static_suite_bad_input(tmp_path, capsys):
     args = ["profile", "--suite", "static", "--only", "no-such-case", "--out", str(tmp_path)]
     assert main(args) == 2
     assert "no static case id contains" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="designs must be"):
+        run_static(targets=("sm_90a",), out=tmp_path, parts=("kernels",), designs=(4,))
+
+
+def test_static_cases_per_design():
+    """Each rank-one window case once per design; rank two and global cases only once."""
+    from fastnmf.profile.static.suite import static_cases
+
+    one, three = static_cases(), static_cases(designs=(1, 3))
+    windows = [c for c in one if c.mode == "window" and c.rank == 1]
+    assert windows and len(three) == len(one) + len(windows)
+    assert {c.design for c in three} == {1, 3} and {c.design for c in one} == {1}
+    assert all(c.mode == "window" and c.rank == 1 for c in three if c.design == 3)
 
 
 @needs_ptxas

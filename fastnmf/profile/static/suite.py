@@ -11,13 +11,14 @@ Parts:
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import platform
 import subprocess
 from pathlib import Path
 
-from .cases import PASSES, StaticCase, benchmark_cases, ideal_bytes
+from .cases import DESIGNS, PASSES, StaticCase, benchmark_cases, ideal_bytes
 from .driver import TARGETS, check_target
 from .report_md import static_markdown
 
@@ -29,12 +30,19 @@ TRAFFIC_FIELDS = ("bytes_loaded", "bytes_stored", "unique_bytes", "sectors", "dr
 _SUMMED = ("programs", "spill_bytes") + TRAFFIC_FIELDS
 
 
-def static_cases(*, quick: bool = False, only=()) -> list[StaticCase]:
-    """The suite's cases: every benchmark case, or (quick) rank one fp32 at 2x32x128^3; ``only``
-    keeps the cases whose id contains every given text."""
+def static_cases(*, quick: bool = False, only=(), designs=(1,)) -> list[StaticCase]:
+    """The suite's cases: every benchmark case, or (quick) rank one fp32 at 2x32x128^3; each
+    rank-one window case once per window design of ``designs`` (1, 2, 3: the kernels of
+    kernels/window_nmf.py, window_nmf2.py, window_nmf3.py); ``only`` keeps the cases whose id
+    contains every given text."""
+    bad = [d for d in designs if d not in DESIGNS]
+    if bad or not designs:
+        raise ValueError(f"designs must be a non-empty subset of {DESIGNS}, got {list(designs)}")
     cases = benchmark_cases(ranks=(1,), dtypes=("fp32",)) if quick else benchmark_cases()
     if quick:
         cases = [c for c in cases if c.shape == cases[0].shape]
+    cases = [dataclasses.replace(c, design=d) if d != 1 else c for c in cases for d in designs
+             if d == 1 or (c.mode == "window" and c.rank == 1)]  # fmt: skip
     cases = [c for c in cases if all(text in c.id for text in only)]
     if not cases:
         raise ValueError(f"no static case id contains all of {list(only)}")
@@ -50,7 +58,7 @@ def _check_parts(parts) -> tuple[str, ...]:
 
 
 def run_static(*, targets=("sm_90a", "sm_80"), out, parts=PARTS, quick: bool = False,
-               only=(), cases=None, progress=None) -> dict:  # fmt: skip
+               only=(), designs=(1,), cases=None, progress=None) -> dict:  # fmt: skip
     """Run the static suite for ``targets`` and write ``out/static.json`` and ``out/static.md``.
 
     Args:
@@ -59,6 +67,7 @@ def run_static(*, targets=("sm_90a", "sm_80"), out, parts=PARTS, quick: bool = F
         parts: any of "kernels", "traffic", "steps".
         quick: fewer cases (rank one, fp32, 2x32x128^3).
         only: keep the cases whose id contains every given text.
+        designs: window designs of the rank-one window cases (see :func:`static_cases`).
         cases: explicit list of :class:`StaticCase` (overrides ``quick`` and ``only``).
         progress: callable taking a line of text (None: silent).
 
@@ -69,7 +78,8 @@ def run_static(*, targets=("sm_90a", "sm_80"), out, parts=PARTS, quick: bool = F
     for target in targets:
         check_target(target)
     parts = _check_parts(parts)
-    cases = list(cases) if cases is not None else static_cases(quick=quick, only=only)
+    cases = list(cases) if cases is not None else static_cases(quick=quick, only=only,
+                                                               designs=designs)  # fmt: skip
     say = progress or (lambda line: None)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
