@@ -26,6 +26,8 @@ from fastnmf import MatricizedNMF
 from fastnmf._checks import check_heads, renamed_argument
 from fastnmf.channel_norm import channel_layer_norm
 
+from .recompute import mlp_branch, norm_conv, use_lean_mlp
+
 __all__ = [
     "pointwise_conv",
     "ChannelLayerNorm",
@@ -129,7 +131,10 @@ class WrappedNMF(nn.Module):
         self.bypass = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.in_proj(x)  # (B, C, *S)
+        return self.after_in_proj(self.in_proj(x))  # in_proj(x): (B, C, *S)
+
+    def after_in_proj(self, z: torch.Tensor) -> torch.Tensor:
+        """The layer after ``in_proj``: NMF (or ReLU when bypassed), ``out_proj``, dropout."""
         z = torch.relu(z) if self.bypass else self.nmf(z)
         return self.dropout(self.out_proj(z))
 
@@ -265,9 +270,20 @@ class FactorizerBlock(nn.Module):
 
         self.checkpoint = checkpoint
 
+    def _lean(self, x: torch.Tensor) -> bool:
+        """Eager training without block checkpointing: the branches keep less for backward and
+        recompute cheap parts there (same results; models/recompute.py); with checkpointing
+        the whole branches are recomputed already."""
+        return not self.checkpoint and use_lean_mlp(self, x, self.mlp.drop1.p)
+
+    def _mix(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.mixer, WrappedNMF) and self._lean(x):
+            return self.mixer.after_in_proj(norm_conv(x, self.norm1, self.mixer.in_proj))
+        return self.mixer(self.norm1(x))
+
     def _context(self, x: torch.Tensor) -> torch.Tensor:
         x = self.adapter(x)
-        return x + self.mixer(self.norm1(x))
+        return x + self._mix(x)
 
     def _context_skip(self, skip: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         # the adapter's 1x1 conv of cat([skip, x]) as the sum of its two halves' convs: no
@@ -276,7 +292,7 @@ class FactorizerBlock(nn.Module):
         w, cs = conv.weight, skip.shape[1]  # w: (C_out, C_skip + C_x, 1, ...)
         fn = (F.conv1d, F.conv2d, F.conv3d)[skip.dim() - 3]
         x = drop(fn(skip, w[:, :cs]) + fn(x, w[:, cs:]))
-        return x + self.mixer(self.norm1(x))
+        return x + self._mix(x)
 
     def forward_skip(self, skip: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``forward(torch.cat([skip, x], dim=1))`` of a decoder block, without the
@@ -290,6 +306,8 @@ class FactorizerBlock(nn.Module):
         return self._mlp(self._context_skip(skip, x))
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        if self._lean(x):
+            return x + mlp_branch(x, self.norm2, self.mlp)
         return x + self.mlp(self.norm2(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
