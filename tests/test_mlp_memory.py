@@ -18,6 +18,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastnmf.profile.static.step_account import _lean_mlp_as_on_cuda, account_step
 from fastnmf.profile.static.step_cuda import CudaPolicy
+from fastnmf.profile.static.step_device import h200
+from fastnmf.profile.static.step_ops import StepCounter
 
 LEAN_NODES = {"_MLPBranchBackward", "_NormConvBackward"}
 
@@ -152,12 +154,19 @@ def _saved(fn):
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_branches_keep_only_x(dropout, gen):
+    """What autograd keeps (saved-tensor hooks) is x alone, and after the forward no storage it
+    made is alive but its output (the step account's live-storage tracking: this also sees
+    tensors a Function would stash on ctx)."""
     blk = make_block("nmf", dropout=dropout)
     x = torch.randn(2, 8, 4, 4, 4, generator=gen, requires_grad=True)
     params = {p.untyped_storage().data_ptr() for p in blk.parameters()}
     for fn in (lambda: recompute.mlp_branch(x, blk.norm2, blk.mlp),
                lambda: recompute.norm_conv(x, blk.norm1, blk.mixer.in_proj)):  # fmt: skip
-        _, kept = _saved(fn)
+        counter = StepCounter(h200())
+        with counter:
+            y, kept = _saved(fn)
+        counter.track([])  # drops what was freed
+        assert counter.live_bytes == y.untyped_storage().nbytes()
         acts = {t.untyped_storage().data_ptr() for t in kept} - params
         assert acts == {x.untyped_storage().data_ptr()}
     _, plain = _saved(lambda: blk.mlp(blk.norm2(x)))
