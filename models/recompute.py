@@ -161,6 +161,8 @@ class _MLPBranch(torch.autograd.Function):
         replay = _Replay(ctx, x, ln_w, ln_b, w1, b1)
         # 1-2: LN's output n (kept), the hidden g and dropout 1's mask; dropout 2's backward
         n, mean, rstd = replay.norm()
+        ln_dtype = n.dtype
+        n = n.to(ctx.hidden[1])  # as fc1 read it (autocast's cast, once; a no-op without)
         g, keep1 = replay.hidden(n)
         do = replay.dropout2_grad(dr)  # (B, C, *S)
         # 3: fc2's gradients, g freed before dg is made; dropout 1's backward
@@ -176,9 +178,9 @@ class _MLPBranch(torch.autograd.Function):
         dh = aten.gelu_backward.grad_input(da, h, approximate=approximate, grad_input=h)
         del da, h
         dw1, db1 = _conv_weight_grads(dh, n, w1, b1)
-        dn = _conv_input_grad(dh, w1, tuple(n.shape), n.dtype)
+        dn = _conv_input_grad(dh, w1, tuple(n.shape), ln_dtype)
         del dh, n
-        dx, dln_w, dln_b = _LN_BACKWARD(dn, x.to(dn.dtype), ln_w.to(dn.dtype), mean, rstd)
+        dx, dln_w, dln_b = _LN_BACKWARD(dn, x.to(ln_dtype), ln_w.to(ln_dtype), mean, rstd)
         grads = (dx.to(x.dtype), dln_w.to(ln_w.dtype), dln_b.to(ln_b.dtype), dw1, db1, dw2, db2)
         needs = ctx.needs_input_grad[: len(grads)]
         return (*(gr if need else None for gr, need in zip(grads, needs, strict=True)),
@@ -241,7 +243,9 @@ class _NormConv(torch.autograd.Function):
         ctx.eps = eps
         ctx.autocast = (torch.is_autocast_enabled(x.device.type),
                         torch.get_autocast_dtype(x.device.type))  # fmt: skip
-        z = conv(channel_layer_norm(x, ln_w, ln_b, eps), w, b)
+        n = channel_layer_norm(x, ln_w, ln_b, eps)
+        ctx.ln_dtype = n.dtype  # float32 under autocast
+        z = conv(n, w, b)
         ctx.save_for_backward(x, ln_w, ln_b, w, b)
         return z
 
@@ -250,12 +254,13 @@ class _NormConv(torch.autograd.Function):
     def backward(ctx, dz):
         x, ln_w, ln_b, w, b = ctx.saved_tensors
         enabled, dtype = ctx.autocast
+        xs, ws = x.to(ctx.ln_dtype), ln_w.to(ctx.ln_dtype)  # as the LN read them (autocast)
         with torch.autocast(x.device.type, dtype=dtype, enabled=enabled), _replay_context():
-            n, mean, rstd = _LN(x, ln_w, ln_b, ctx.eps)
+            n, mean, rstd = _LN(xs, ws, ln_b, ctx.eps)
         dw, db = _conv_weight_grads(dz, n, w, b)
         dn = _conv_input_grad(dz, w, tuple(n.shape), n.dtype)
         del n
-        dx, dln_w, dln_b = _LN_BACKWARD(dn, x.to(dn.dtype), ln_w.to(dn.dtype), mean, rstd)
+        dx, dln_w, dln_b = _LN_BACKWARD(dn, xs, ws, mean, rstd)
         grads = (dx.to(x.dtype), dln_w.to(ln_w.dtype), dln_b.to(ln_b.dtype), dw, db)
         needs = ctx.needs_input_grad[: len(grads)]
         return (*(gr if need else None for gr, need in zip(grads, needs, strict=True)), None)
