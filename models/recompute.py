@@ -115,14 +115,15 @@ def _replay_context() -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def _conv_weight_grads(dout, inp, weight, bias):
-    """(dW, db) of a pointwise conv computed in ``dout``'s dtype (as the forward was); db None
-    without a bias."""
+def _conv_grads(dout, inp, weight, bias, *, input_grad: bool):
+    """(dInput or None, dW, db or None) of a pointwise conv, in one ``convolution_backward`` as
+    autograd calls it, computed in ``dout``'s dtype (the forward's; dInput in ``inp``'s)."""
     nd, has_bias = inp.dim() - 2, bias is not None
-    _, dw, db = aten.convolution_backward(
+    di, dw, db = aten.convolution_backward(
         dout, inp.to(dout.dtype), weight.to(dout.dtype), [weight.shape[0]] if has_bias else None,
-        [1] * nd, [0] * nd, [1] * nd, False, [0] * nd, 1, [False, True, has_bias])  # fmt: skip
-    return dw.to(weight.dtype), (db.to(bias.dtype) if has_bias else None)
+        [1] * nd, [0] * nd, [1] * nd, False, [0] * nd, 1, [input_grad, True, has_bias])  # fmt: skip
+    return (di.to(inp.dtype) if input_grad else None, dw.to(weight.dtype),
+            db.to(bias.dtype) if has_bias else None)  # fmt: skip
 
 
 def _conv_input_grad(dout, weight, shape, dtype):
@@ -166,7 +167,7 @@ class _MLPBranch(torch.autograd.Function):
         g, keep1 = replay.hidden(n)
         do = replay.dropout2_grad(dr)  # (B, C, *S)
         # 3: fc2's gradients, g freed before dg is made; dropout 1's backward
-        dw2, db2 = _conv_weight_grads(do, g, w2, b2)
+        _, dw2, db2 = _conv_grads(do, g, w2, b2, input_grad=False)
         del g
         da = _conv_input_grad(do, w2, *ctx.hidden)  # (B, r C, *S)
         del do
@@ -177,9 +178,9 @@ class _MLPBranch(torch.autograd.Function):
         h = replay.fc1(n)
         dh = aten.gelu_backward.grad_input(da, h, approximate=approximate, grad_input=h)
         del da, h
-        dw1, db1 = _conv_weight_grads(dh, n, w1, b1)
-        dn = _conv_input_grad(dh, w1, tuple(n.shape), ln_dtype)
+        dn, dw1, db1 = _conv_grads(dh, n, w1, b1, input_grad=True)
         del dh, n
+        dn = dn.to(ln_dtype)
         dx, dln_w, dln_b = _LN_BACKWARD(dn, x.to(ln_dtype), ln_w.to(ln_dtype), mean, rstd)
         grads = (dx.to(x.dtype), dln_w.to(ln_w.dtype), dln_b.to(ln_b.dtype), dw1, db1, dw2, db2)
         needs = ctx.needs_input_grad[: len(grads)]
@@ -257,8 +258,7 @@ class _NormConv(torch.autograd.Function):
         xs, ws = x.to(ctx.ln_dtype), ln_w.to(ctx.ln_dtype)  # as the LN read them (autocast)
         with torch.autocast(x.device.type, dtype=dtype, enabled=enabled), _replay_context():
             n, mean, rstd = _LN(xs, ws, ln_b, ctx.eps)
-        dw, db = _conv_weight_grads(dz, n, w, b)
-        dn = _conv_input_grad(dz, w, tuple(n.shape), n.dtype)
+        dn, dw, db = _conv_grads(dz, n, w, b, input_grad=True)
         del n
         dx, dln_w, dln_b = _LN_BACKWARD(dn, xs, ws, mean, rstd)
         grads = (dx.to(x.dtype), dln_w.to(ln_w.dtype), dln_b.to(ln_b.dtype), dw, db)
