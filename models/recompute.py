@@ -1,21 +1,27 @@
-"""The MLP branch of a Factorizer block, ``MLP(LN(x))``, keeping only x for backward.
+"""The Factorizer block's branches keeping only their input x for backward (eager training).
 
-``mlp_branch(x, norm, mlp)`` = ``mlp(norm(x))`` (:class:`~fastnmf.models.layers.ChannelLayerNorm`,
-then :class:`~fastnmf.models.layers.MLP`: pointwise conv C -> r C, GELU, dropout, pointwise conv
--> C, dropout), the same results and gradients, but autograd keeps x alone (the block's residual
-stream, which nothing else keeps) where the plain formulation keeps the LayerNorm output, fc1's
-output, the dropout masks and fc2's input: 5.75 C values per voxel in fp32 (the MLPs held 8.2 of
-the 18.5 GB a BraTS step kept, issue 17). Backward recomputes what it needs, in an order that
-holds little at a time (sizes in C-channel tensors of x's dtype; the hidden ones are r C wide):
+- ``mlp_branch(x, norm, mlp)`` = ``mlp(norm(x))`` (:class:`~fastnmf.models.layers.ChannelLayerNorm`,
+  then :class:`~fastnmf.models.layers.MLP`: pointwise conv C -> r C, GELU, dropout, pointwise
+  conv -> C, dropout). The plain modules keep LN's output and statistics, fc1's output h, both
+  dropout masks and fc2's input g: 23 C + 8 bytes per voxel in fp32 beside x (the MLPs held 8.2
+  of the 18.5 GB a BraTS step kept, issue 17).
+- ``norm_conv(x, norm, conv)`` = ``conv(norm(x))`` (LN1, then the mixer's in-projection): the
+  plain modules keep LN's output (for the conv's weight gradient) and statistics beside x.
 
-1. LN, fc1, GELU again, and dropout 1 replayed: the hidden tensor g and its mask;
+Both keep x alone (the block's residual stream, which nothing else keeps) and recompute in
+backward. The MLP's backward, in an order that holds little at a time (in C-channel tensors;
+the hidden ones r C):
+
+1. LN's output n (kept to the end), fc1, GELU and dropout 1 replayed: g and dropout 1's mask;
 2. dropout 2's mask replayed, applied to the incoming gradient dr: ``do``;
-3. fc2's weight and bias gradients from (do, g), g freed, then its input gradient dg, dropout 1's
-   backward (-> da);
-4. LN and fc1 once more (n, h), GELU's backward written into h (-> dh), fc1's gradients from
-   (dh, n), LayerNorm's backward.
+3. fc2's weight and bias gradients from (do, g), g freed, then its input gradient dg and
+   dropout 1's backward (-> da);
+4. fc1 once more (h), GELU's backward written into h (-> dh), fc1's gradients from (dh, n),
+   LayerNorm's backward.
 
-Recomputing costs LN twice, fc1 twice, GELU and dropout 1 once (the step account counts them).
+What this recomputes: LN once per branch, fc1 twice, GELU and dropout 1 once, dropout 2's mask
+once. On the BraTS step (the training-step account, fake tensors: predictions) the fp32 peak
+falls from 20.08 to 11.93 GB and the step's bytes grow from 167.7 to 198.9 GB.
 
 Dropout masks are replayed exactly: the random-number generator's state of x's device is saved
 before each dropout, as :func:`torch.utils.checkpoint.checkpoint` saves it, and restored around the
@@ -25,7 +31,8 @@ replay calls what ``F.dropout`` runs: on CUDA (and the other devices ATen gives 
 Bernoulli noise tensor divided by 1 - p and multiplied in. Every gradient is computed by the op
 autograd itself would call (``convolution_backward``, ``gelu_backward``, the dropout backward,
 ``fastnmf::channel_layer_norm_backward``) on the same values, so outputs and gradients equal the
-plain formulation's bit for bit (tested on CPU, fp32 and bf16 autocast, dropout 0 and > 0).
+plain formulation's bit for bit (tested on CPU: fp32 and bf16 autocast, dropout 0 and > 0, and
+CUDA's fused dropout and autocast lists as the step account emulates them; not yet on a GPU).
 
 Under autocast the recomputation runs under the forward's autocast state; each convolution's
 backward gets its inputs in the dtype the forward computed it in (its output's dtype).
