@@ -27,7 +27,7 @@ from fastnmf import MatricizedNMF
 from fastnmf._checks import check_heads, renamed_argument
 from fastnmf.channel_norm import channel_layer_norm
 
-from .recompute import mlp_branch, norm_conv, use_lean_mlp
+from .recompute import lean_mlp_supported, mlp_branch, norm_conv, use_lean
 
 __all__ = [
     "pointwise_conv",
@@ -354,7 +354,7 @@ class FactorizerBlock(nn.Module):
         """Eager training without block checkpointing: the branches keep less for backward and
         recompute cheap parts there (same results; models/recompute.py); with checkpointing
         the whole branches are recomputed already."""
-        return not self.checkpoint and use_lean_mlp(self, x, self.mlp.drop1.p)
+        return not self.checkpoint and use_lean(self, x)
 
     def _mix(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.mixer, WrappedNMF) and self._lean(x):
@@ -384,7 +384,7 @@ class FactorizerBlock(nn.Module):
         return self._mlp(self._context_skip(skip, x))
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
-        if self._lean(x):
+        if self._lean(x) and lean_mlp_supported(self.mlp):
             return x + mlp_branch(x, self.norm2, self.mlp)
         return x + self.mlp(self.norm2(x))
 

@@ -37,7 +37,7 @@ CUDA's fused dropout and autocast lists as the step account emulates them; not y
 Under autocast the recomputation runs under the forward's autocast state; each convolution's
 backward gets its inputs in the dtype the forward computed it in (its output's dtype).
 
-Used while training in eager mode only (:func:`use_lean_mlp`); evaluation, ``torch.compile``
+Used while training in eager mode only (:func:`use_lean`); evaluation, ``torch.compile``
 (whose partitioner chooses what to keep) and ``torch.export`` run the plain modules.
 """
 
@@ -52,22 +52,32 @@ from torch.autograd.function import once_differentiable
 
 from fastnmf.channel_norm import channel_layer_norm
 
-__all__ = ["mlp_branch", "use_lean_mlp"]
+__all__ = ["mlp_branch", "norm_conv", "use_lean", "lean_mlp_supported"]
 
 aten = torch.ops.aten
 _LN = torch.ops.fastnmf.channel_layer_norm.default
 _LN_BACKWARD = torch.ops.fastnmf.channel_layer_norm_backward.default
 
 
-def use_lean_mlp(module: nn.Module, x: torch.Tensor, p: float) -> bool:
-    """Whether ``module`` (training) runs its MLP branch through :func:`mlp_branch`: eager
-    training with autograd on and a dropout rate below 1 (p = 1 zeroes the branch)."""
+def use_lean(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``module`` runs its branches lean: eager training with autograd on, a (B, C, *S)
+    input with 1-3 spatial dims."""
     return (
         module.training
         and torch.is_grad_enabled()
-        and p < 1
         and not torch.compiler.is_compiling()
         and x.dim() in (3, 4, 5)
+    )
+
+
+def lean_mlp_supported(mlp: nn.Module) -> bool:
+    """Whether :func:`mlp_branch` computes ``mlp``: a GELU, one dropout rate for both dropouts,
+    below 1 (p = 1 zeroes the branch). Anything else runs the plain modules."""
+    return (
+        isinstance(mlp.act, nn.GELU)
+        and isinstance(mlp.drop1, nn.Dropout)
+        and isinstance(mlp.drop2, nn.Dropout)
+        and mlp.drop1.p == mlp.drop2.p < 1
     )
 
 
@@ -283,10 +293,13 @@ def norm_conv(x: torch.Tensor, norm: nn.Module, conv: nn.Module) -> torch.Tensor
 def mlp_branch(x: torch.Tensor, norm: nn.Module, mlp: nn.Module) -> torch.Tensor:
     """``mlp(norm(x))`` keeping only x for backward (see the module docstring); ``norm`` a
     :class:`~fastnmf.models.layers.ChannelLayerNorm`, ``mlp`` a
-    :class:`~fastnmf.models.layers.MLP` whose two dropouts share one rate."""
-    ln = norm.norm
-    p = float(mlp.drop1.p)
-    if mlp.drop2.p != p:
-        raise ValueError(f"mlp_branch needs one dropout rate, got {mlp.drop1.p} and {mlp.drop2.p}")
+    :class:`~fastnmf.models.layers.MLP` with a GELU and one dropout rate below 1 for both
+    dropouts (:func:`lean_mlp_supported`)."""
+    if not lean_mlp_supported(mlp):
+        raise ValueError(
+            f"mlp_branch needs a GELU and one dropout rate below 1, got {type(mlp.act).__name__} "
+            f"and dropout rates {mlp.drop1.p} and {mlp.drop2.p}"
+        )
+    ln, p = norm.norm, float(mlp.drop1.p)
     return _MLPBranch.apply(x, ln.weight, ln.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight,
                             mlp.fc2.bias, float(ln.eps), p, mlp.act.approximate)  # fmt: skip

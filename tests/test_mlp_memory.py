@@ -53,7 +53,7 @@ def step(blk, inputs, dy, *, lean: bool, forward_ctx=contextlib.nullcontext):
     for p in blk.parameters():
         p.grad = None
     xs = [t.clone().requires_grad_(True) for t in inputs]
-    off = mock.patch.object(layers, "use_lean_mlp", lambda *a: False)
+    off = mock.patch.object(layers, "use_lean", lambda *a: False)
     with off if not lean else contextlib.nullcontext():
         torch.manual_seed(1234)
         with forward_ctx():
@@ -199,12 +199,19 @@ def test_eval_no_grad_and_compile_run_the_plain_modules(gen):
     torch.testing.assert_close(program.module()(x.detach()), blk(x.detach()))
 
 
-def test_rejects_two_dropout_rates():
+def test_two_dropout_rates_run_the_plain_mlp():
+    """The MLP's dropouts at different rates (not what the models build): the block trains with
+    the plain MLP; mlp_branch itself refuses them."""
     blk = make_block("nmf", dropout=0.1)
     blk.mlp.drop2.p = 0.3
     x = torch.randn(1, 8, 2, 2, 2, requires_grad=True)
-    with pytest.raises(ValueError, match="one dropout rate, got 0.1 and 0.3"):
-        blk(x)
+    nodes = graph_nodes(blk(x))
+    assert "_MLPBranchBackward" not in nodes and "_NormConvBackward" in nodes
+    with pytest.raises(ValueError, match="GELU and dropout rates 0.1 and 0.3"):
+        recompute.mlp_branch(x, blk.norm2, blk.mlp)
+    blk.mlp.drop2.p = blk.mlp.drop1.p = 1.0
+    with pytest.raises(ValueError, match="rate below 1"):
+        recompute.mlp_branch(x, blk.norm2, blk.mlp)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,7 +234,7 @@ def account_rows():
     rows = {}
     for dtype in ("fp32", "bf16"):
         for lean in (True, False):
-            off = mock.patch.object(layers, "use_lean_mlp", lambda *a: False)
+            off = mock.patch.object(layers, "use_lean", lambda *a: False)
             with off if not lean else contextlib.nullcontext():
                 rows[dtype, lean] = account_step("swin_factorizer", dtype=dtype, size=SIZE,
                                                  batch=1, overrides=SMALL)  # fmt: skip
