@@ -316,6 +316,11 @@ class FactorizerBlock(nn.Module):
     kept for backward and each branch is run again during backward, so activations are held one
     branch at a time. Results and gradients are the same; a training step costs about one more
     forward.
+
+    Without it, eager training still keeps less (:mod:`~fastnmf.models.recompute`): the MLP
+    branch and LN1 -> the NMF mixer's in-projection keep only their input and recompute the rest
+    in backward (bit for bit the same results; evaluation, torch.compile and export run the
+    plain modules).
     """
 
     def __init__(
