@@ -1,6 +1,7 @@
 """Building blocks of the Factorizer networks and the Performer baseline.
 
 - :class:`ChannelLayerNorm`: LayerNorm over the channels of a (B, C, *S) tensor.
+- :class:`SkipAdapter`: a decoder block's pointwise conv of cat([skip, x]) as two convs.
 - :class:`MLP`: pointwise conv -> GELU -> dropout -> pointwise conv -> dropout (Eq. 5).
 - :class:`WrappedNMF`: pointwise conv in -> matricized NMF -> pointwise conv out -> dropout
   (paper Eq. 6), the context sub-block of a Factorizer.
@@ -26,9 +27,12 @@ from fastnmf import MatricizedNMF
 from fastnmf._checks import check_heads, renamed_argument
 from fastnmf.channel_norm import channel_layer_norm
 
+from .recompute import lean_mlp_supported, mlp_branch, norm_conv, use_lean
+
 __all__ = [
     "pointwise_conv",
     "ChannelLayerNorm",
+    "SkipAdapter",
     "MLP",
     "WrappedNMF",
     "FavorAttention",
@@ -58,6 +62,77 @@ class ChannelLayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return channel_layer_norm(x, self.norm.weight, self.norm.bias, self.norm.eps)
+
+
+class SkipAdapter(nn.Module):
+    """The decoder blocks' adapter: a pointwise conv without bias of ``cat([skip, x], dim=1)``
+    (C_skip + C_x -> C_out), its weight held as two parameters, ``weight_skip`` (C_out, C_skip,
+    1, ...) and ``weight_x`` (C_out, C_x, 1, ...). :meth:`pair` runs one conv per input and sums
+    them: neither forward nor backward slices or concatenates anything (a sliced weight's
+    gradient is written into a zero-filled full-size tensor, once per slice, then summed).
+
+    The state dict holds the one weight of the ``nn.Conv`` this replaces (``weight``, (C_out,
+    C_skip + C_x, 1, ...)): merged when saved, split when loaded, so old and new checkpoints
+    load alike. The parameters start as that conv's weight would (the same random draws).
+    """
+
+    def __init__(self, skip_channels: int, x_channels: int, out_channels: int, *,
+                 spatial_dims: int):  # fmt: skip
+        super().__init__()
+        full = pointwise_conv(skip_channels + x_channels, out_channels, spatial_dims=spatial_dims,
+                              bias=False).weight.detach()  # fmt: skip
+        self.weight_skip = nn.Parameter(full[:, :skip_channels].clone())  # (C_out, C_skip, 1..)
+        self.weight_x = nn.Parameter(full[:, skip_channels:].clone())  # (C_out, C_x, 1, ...)
+        self.register_state_dict_post_hook(_merge_adapter_weight)
+        self.register_load_state_dict_pre_hook(_split_adapter_weight)
+
+    @property
+    def split(self) -> tuple[int, int]:
+        return self.weight_skip.shape[1], self.weight_x.shape[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The conv of an already concatenated (B, C_skip + C_x, *S) input."""
+        weight = torch.cat([self.weight_skip, self.weight_x], dim=1)  # (C_out, C_in, 1, ...)
+        return _pointwise(x)(x, weight)
+
+    def pair(self, skip: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``forward(torch.cat([skip, x], dim=1))`` without the concatenation."""
+        if (skip.shape[1], x.shape[1]) != self.split:
+            raise ValueError(
+                f"the adapter takes (skip, x) with {self.split[0]} and {self.split[1]} channels, "
+                f"got {skip.shape[1]} and {x.shape[1]} (shapes {tuple(skip.shape)}, "
+                f"{tuple(x.shape)})"
+            )
+        return _pointwise(skip)(skip, self.weight_skip) + _pointwise(x)(x, self.weight_x)
+
+    def extra_repr(self) -> str:
+        return f"skip={self.split[0]}, x={self.split[1]}, out={self.weight_x.shape[0]}"
+
+
+def _pointwise(x: torch.Tensor):
+    if x.dim() not in (3, 4, 5):
+        raise ValueError(f"expected a (B, C, *S) input with 1-3 spatial dims, got {tuple(x.shape)}")
+    return (F.conv1d, F.conv2d, F.conv3d)[x.dim() - 3]
+
+
+def _merge_adapter_weight(module, state_dict, prefix, local_metadata) -> None:
+    ws, wx = state_dict.pop(prefix + "weight_skip"), state_dict.pop(prefix + "weight_x")
+    state_dict[prefix + "weight"] = torch.cat([ws.detach(), wx.detach()], dim=1)
+
+
+def _split_adapter_weight(module, state_dict, prefix, local_metadata, strict, missing_keys,
+                          unexpected_keys, error_msgs) -> None:  # fmt: skip
+    key = prefix + "weight"
+    if key not in state_dict:
+        return
+    w = state_dict.pop(key)
+    cs, cx = module.split
+    expected = (module.weight_x.shape[0], cs + cx, *module.weight_x.shape[2:])
+    if tuple(w.shape) != expected:
+        error_msgs.append(f"size mismatch for {key}: copying a param with shape "
+                          f"{tuple(w.shape)}, the adapter's weight is {expected}")  # fmt: skip
+        return
+    state_dict[prefix + "weight_skip"], state_dict[prefix + "weight_x"] = w[:, :cs], w[:, cs:]
 
 
 class MLP(nn.Module):
@@ -129,7 +204,10 @@ class WrappedNMF(nn.Module):
         self.bypass = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.in_proj(x)  # (B, C, *S)
+        return self.after_in_proj(self.in_proj(x))  # in_proj(x): (B, C, *S)
+
+    def after_in_proj(self, z: torch.Tensor) -> torch.Tensor:
+        """The layer after ``in_proj``: NMF (or ReLU when bypassed), ``out_proj``, dropout."""
         z = torch.relu(z) if self.bypass else self.nmf(z)
         return self.dropout(self.out_proj(z))
 
@@ -229,14 +307,20 @@ class FactorizerBlock(nn.Module):
 
     With ``in_channels != out_channels`` (decoder blocks, after the skip concatenation) a
     pointwise conv without bias and a dropout first map the input to ``out_channels``, as in the
-    original code. ``mixer`` is a :class:`WrappedNMF` for a Factorizer, a
-    :class:`FavorAttention` for the Performer baseline.
+    original code (a :class:`SkipAdapter`: ``skip_channels`` of the input come from the skip,
+    default ``in_channels - out_channels``, the U-Net's). ``mixer`` is a :class:`WrappedNMF`
+    for a Factorizer, a :class:`FavorAttention` for the Performer baseline.
 
     ``checkpoint=True`` (activation checkpointing, :func:`torch.utils.checkpoint.checkpoint`):
     while training, only the inputs of the two residual branches (adapter + context, MLP) are
     kept for backward and each branch is run again during backward, so activations are held one
     branch at a time. Results and gradients are the same; a training step costs about one more
     forward.
+
+    Without it, eager training still keeps less (:mod:`~fastnmf.models.recompute`): the MLP
+    branch and LN1 -> the NMF mixer's in-projection keep only their input and recompute the rest
+    in backward (bit for bit the same results; evaluation, torch.compile and export run the
+    plain modules).
     """
 
     def __init__(
@@ -249,13 +333,19 @@ class FactorizerBlock(nn.Module):
         mlp_ratio: float,
         dropout: float,
         checkpoint: bool = False,
+        skip_channels: int | None = None,
     ):
         super().__init__()
         if in_channels != out_channels:
+            if skip_channels is None:  # the U-Net's decoder: skip and x of C_out channels each
+                skip_channels = in_channels - out_channels
+            if not 0 < skip_channels < in_channels:
+                raise ValueError(f"skip_channels={skip_channels} must be in 1..{in_channels - 1}")
             self.adapter = nn.Sequential(
-                pointwise_conv(in_channels, out_channels, spatial_dims=spatial_dims, bias=False),
+                SkipAdapter(skip_channels, in_channels - skip_channels, out_channels,
+                            spatial_dims=spatial_dims),
                 nn.Dropout(dropout),
-            )
+            )  # fmt: skip
         else:
             self.adapter = nn.Identity()
         self.norm1 = ChannelLayerNorm(out_channels)
@@ -265,18 +355,27 @@ class FactorizerBlock(nn.Module):
 
         self.checkpoint = checkpoint
 
+    def _lean(self, x: torch.Tensor) -> bool:
+        """Eager training without block checkpointing: the branches keep less for backward and
+        recompute cheap parts there (same results; models/recompute.py); with checkpointing
+        the whole branches are recomputed already."""
+        return not self.checkpoint and use_lean(self, x)
+
+    def _mix(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.mixer, WrappedNMF) and self._lean(x):
+            return self.mixer.after_in_proj(norm_conv(x, self.norm1, self.mixer.in_proj))
+        return self.mixer(self.norm1(x))
+
     def _context(self, x: torch.Tensor) -> torch.Tensor:
         x = self.adapter(x)
-        return x + self.mixer(self.norm1(x))
+        return x + self._mix(x)
 
     def _context_skip(self, skip: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         # the adapter's 1x1 conv of cat([skip, x]) as the sum of its two halves' convs: no
-        # concatenated copy is written (or kept for backward)
+        # concatenated copy is written (or kept for backward), no weight sliced
         conv, drop = self.adapter
-        w, cs = conv.weight, skip.shape[1]  # w: (C_out, C_skip + C_x, 1, ...)
-        fn = (F.conv1d, F.conv2d, F.conv3d)[skip.dim() - 3]
-        x = drop(fn(skip, w[:, :cs]) + fn(x, w[:, cs:]))
-        return x + self.mixer(self.norm1(x))
+        x = drop(conv.pair(skip, x))
+        return x + self._mix(x)
 
     def forward_skip(self, skip: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``forward(torch.cat([skip, x], dim=1))`` of a decoder block, without the
@@ -290,6 +389,8 @@ class FactorizerBlock(nn.Module):
         return self._mlp(self._context_skip(skip, x))
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        if self._lean(x) and lean_mlp_supported(self.mlp):
+            return x + mlp_branch(x, self.norm2, self.mlp)
         return x + self.mlp(self.norm2(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -64,7 +64,9 @@ def test_nnunet_has_no_nmf_and_more_conv_flops():
 
 def test_checkpointing_keeps_less_and_recomputes(swin, swin_ckpt):
     assert swin_ckpt["checkpoint_kept_bytes"] > 0
-    assert swin_ckpt["saved_bytes"] < swin["saved_bytes"] / 2
+    # without checkpointing the blocks' lean branches keep little already (x, the NMF's input
+    # and output, masks; models/recompute.py): checkpointing keeps the branch inputs alone
+    assert swin_ckpt["saved_bytes"] < 0.75 * swin["saved_bytes"]
     assert swin_ckpt["predicted_peak_bytes"] < swin["predicted_peak_bytes"]
     # the recomputation runs each block's forward again, NMF included
     assert swin_ckpt["bytes"]["nmf"] > swin["bytes"]["nmf"]

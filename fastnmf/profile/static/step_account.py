@@ -161,6 +161,18 @@ class _Saved:
                 yield
 
 
+@contextlib.contextmanager
+def _lean_mlp_as_on_cuda(amp: torch.dtype | None):
+    """The Factorizer blocks' MLP branch (:mod:`fastnmf.models.recompute`) recomputes in backward,
+    outside the forward's :class:`CudaPolicy`: its replay runs under the same policy (CUDA's
+    autocast lists), and its dropout replay takes CUDA's fused kernel (bool masks), as on a GPU."""
+    from fastnmf.models import recompute
+
+    with mock.patch.object(recompute, "_replay_context", lambda: CudaPolicy(amp)), \
+            mock.patch.object(recompute, "_fused_dropout", lambda t: True):  # fmt: skip
+        yield
+
+
 def _opt_state(opt) -> list[torch.Tensor]:
     return [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
 
@@ -176,12 +188,13 @@ def _run_step(net, counter, mode, *, dtype, size, batch, loss) -> dict:
     x = torch.empty(batch, net.in_channels, size, size, size)
     label = torch.empty(batch, net.out_channels, size, size, size)
     loss_fn = _loss_fn(loss)
-    amp = CudaPolicy(torch.bfloat16 if dtype == "bf16" else None)
-    with counter:
+    amp = CudaPolicy(torch.bfloat16 if dtype == "bf16" else None)  # the forward's policy
+    amp_dtype = torch.bfloat16 if dtype == "bf16" else None
+    with counter, _lean_mlp_as_on_cuda(amp_dtype):
         groups = {"params": set(counter.track([*net.parameters(), *net.buffers()])),
                   "optimizer": set(counter.track(_opt_state(opt))),
                   "inputs": set(counter.track([x, label]))}  # fmt: skip
-        saved = _Saved(counter, groups["params"], torch.bfloat16 if dtype == "bf16" else None)
+        saved = _Saved(counter, groups["params"], amp_dtype)
         counter.phase = "forward"
         with saved.hooks(), amp:
             outs = net(x)

@@ -51,12 +51,12 @@ _LAYOUT = {
     "slice_backward", "select_backward", "as_strided_scatter", "slice_scatter", "select_scatter",
     "repeat", "flip", "index", "index_put", "index_put_", "_unsafe_index", "scatter", "scatter_",
     "permute_copy", "expand_copy", "narrow_copy", "unfold_backward", "reflection_pad3d",
-    "replication_pad3d", "new_zeros",
+    "replication_pad3d",
 }  # fmt: skip
 _ELEMENTWISE = {
     "native_dropout", "native_dropout_backward", "bernoulli_", "bernoulli", "fill_", "zero_",
-    "zeros_like", "ones_like", "full_like", "zeros", "ones", "full", "scalar_tensor", "rand_like",
-    "uniform_", "normal_", "threshold_backward", "gelu_backward", "sigmoid_backward",
+    "new_zeros", "zeros_like", "ones_like", "full_like", "zeros", "ones", "full", "scalar_tensor",
+    "rand_like", "uniform_", "normal_", "threshold_backward", "gelu_backward", "sigmoid_backward",
     "silu_backward", "leaky_relu_backward", "elu_backward", "tanh_backward", "masked_fill",
     "masked_fill_", "_to_copy", "lerp_", "addcdiv_", "addcmul_",
 }  # fmt: skip
