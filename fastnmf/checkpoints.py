@@ -54,6 +54,40 @@ RUNTIME_KEYS = frozenset(
 )
 
 
+def upgrade_optimizer_state(model: torch.nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer state saved before the decoder adapters held two weights (one merged
+    (C_out, C_skip + C_x, 1, ...) parameter per adapter, one parameter group) mapped onto
+    ``model``'s parameters: each merged entry's tensors split along dim 1 into the adapter's
+    ``weight_skip`` and ``weight_x``. Any other state is returned as it is (PyTorch's own
+    load_state_dict then checks it)."""
+    from .models.layers import SkipAdapter
+
+    params = list(model.parameters())
+    groups = state.get("param_groups", [])
+    saved = [i for g in groups for i in g["params"]]
+    adapters = {id(m.weight_skip): m for m in model.modules() if isinstance(m, SkipAdapter)}
+    if len(groups) != 1 or len(saved) == len(params) or len(saved) + len(adapters) != len(params):
+        return state
+    old, new, j = state["state"], {}, 0
+    seconds = {id(m.weight_x) for m in adapters.values()}
+    for i, p in enumerate(params):
+        if id(p) in seconds:
+            continue  # filled with its adapter's first weight
+        entry = old.get(saved[j])
+        j += 1
+        if entry is None:
+            continue
+        if id(p) not in adapters:
+            new[i] = entry
+            continue
+        cs = adapters[id(p)].split[0]
+        merged = (p.shape[0], sum(adapters[id(p)].split), *p.shape[2:])
+        for k, part in ((i, slice(None, cs)), (i + 1, slice(cs, None))):
+            new[k] = {name: v[:, part].clone() if torch.is_tensor(v) and tuple(v.shape) == merged
+                      else v for name, v in entry.items()}  # fmt: skip
+    return {"state": new, "param_groups": [dict(groups[0], params=list(range(len(params))))]}
+
+
 class CheckpointError(ValueError):
     """A checkpoint file that is missing, unreadable or not a fastnmf checkpoint."""
 

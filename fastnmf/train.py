@@ -58,6 +58,7 @@ from .checkpoints import (
     info_to_dict,
     load_checkpoint,
     save_checkpoint,
+    upgrade_optimizer_state,
 )
 from .config import TrainConfig
 from .data.sampling import CropStream, StepBatches, case_seed
@@ -365,7 +366,7 @@ class TrainRun:
         """Model, optimiser, schedule, scaler, step and validation results of a checkpoint (its
         RNG states come last, in :meth:`_restore_rng`)."""
         self.raw_model.load_state_dict(ckpt["model"])
-        self.opt.load_state_dict(ckpt["optimizer"])
+        self.opt.load_state_dict(upgrade_optimizer_state(self.raw_model, ckpt["optimizer"]))
         self.sched.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.step = int(ckpt["step"])

@@ -82,3 +82,39 @@ def test_step_account_sees_no_layout_op():
                        overrides=dict(widths=(8, 16), deep_supervision=1))  # fmt: skip
     assert row["bytes"]["layout"] == 0 and row["ops"]["layout"] == 0
     assert row["bytes"]["pointwise_conv"] > 0
+
+
+def test_an_optimizer_state_of_the_merged_adapter_weight_resumes():
+    """A run saved while the adapter was one conv weight resumes: its AdamW state is split into
+    the two weights (the same moments as a run that always had two), a current state passes."""
+    from fastnmf.checkpoints import upgrade_optimizer_state
+
+    torch.manual_seed(0)
+    blk = new_block(20, 8, skip_channels=8)
+    opt = torch.optim.AdamW(blk.parameters(), lr=1e-3)
+    for _ in range(2):
+        blk(torch.rand(1, 20, 4, 4, 4)).square().sum().backward()
+        opt.step()
+    state = opt.state_dict()
+    params, adapter = list(blk.parameters()), blk.adapter[0]
+    first = next(j for j, p in enumerate(params) if p is adapter.weight_skip)
+    old = {}  # the saved layout of before: the two adapter entries merged into one
+    for j in range(len(params)):
+        if j == first + 1:
+            continue
+        entry = state["state"][j]
+        if j == first:
+            entry = {n: torch.cat([v, state["state"][j + 1][n]], 1) if v.dim() > 1 else v
+                     for n, v in entry.items()}  # fmt: skip
+        old[len(old)] = entry
+    group = dict(state["param_groups"][0], params=list(range(len(old))))
+    old = {"state": old, "param_groups": [group]}
+    fresh = torch.optim.AdamW(blk.parameters(), lr=1e-3)
+    with pytest.raises(ValueError, match="size"):
+        fresh.load_state_dict(old)  # what resuming such a run did without the upgrade
+    fresh.load_state_dict(upgrade_optimizer_state(blk, old))
+    got = fresh.state_dict()["state"]
+    assert got.keys() == state["state"].keys()
+    for j, entry in state["state"].items():
+        assert all(torch.equal(got[j][n], v) for n, v in entry.items()), j
+    assert upgrade_optimizer_state(blk, state) is state
