@@ -44,8 +44,8 @@ def _solve_bwd_batch(gpart_ptr, kmat_ptr, hats_ptr, norms_ptr, sym_ptr, hbar_ptr
     m3 = ok[:, None, None] & (i3 < E) & (j3 < E)
     m2 = ok[:, None] & (e[None, :] < E)
     for k in tl.static_range(NSHIFT):
-        _, grad = _sum_parts_batch(gpart_ptr, gpart_ptr, bh, om, ok, k, NWIN, NW0, NW1, NW2,
-                                   SHIFTS, NSHIFT, E, NB, BLOCK_E, ACC, False)  # ū  # fmt: skip
+        _, grad = _sum_parts_batch(gpart_ptr, gpart_ptr, bh, om, ok, k, NWIN, NW0, NW1, NW2, 1,
+                                   SHIFTS, NSHIFT, E, NB, BLOCK_E, ACC, False, 0)  # ū  # fmt: skip
         prog = (bh * NSHIFT + k) * NWIN + om
         k_mat = _load_sym_batch(kmat_ptr, prog, m3, i3, j3, E)
         hp = hats_ptr + prog[:, None] * (ITERS * E) + e[None, :]
@@ -77,10 +77,11 @@ def _fused_bwd_kernel(
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
     BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
-    G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
+    G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, RING: tl.constexpr,
 ):  # fmt: skip
     """Persistent, like the forward's ``_fused_kernel``: the backward parts, solves and output
-    passes of every (batch*head, plane, chunk) in ticket order."""
+    passes of every (batch*head, plane, chunk) in ticket order (RING is 0: the ū parts, E floats
+    each, stay flat)."""
     e = tl.arange(0, BLOCK_E)
     emask = e < E
     rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from ._window2_common import _tri, _window_origin
 
-__all__ = ["TUNING", "PASSES", "Pipeline", "fused_plan", "wpp"]
+__all__ = ["TUNING", "PASSES", "Pipeline", "fused_plan", "ring_regions", "wpp"]
 
 PASSES = ("parts", "solve", "apply")
 # The persistent launch: programs per SM, warps per program, windows per ticket (None: the
@@ -31,10 +31,14 @@ PASSES = ("parts", "solve", "apply")
 # ticket so that the tickets in flight hold little of L2: fastnmf/profile/static/pipeline_dram.py),
 # and the SM count where the device is not a GPU (the static suite's stub driver sets it to its
 # target's; None elsewhere: two programs)
-TUNING: dict = {"programs_per_sm": None, "warps": None, "wpp": None, "sms": None}
+TUNING: dict = {"programs_per_sm": None, "warps": None, "wpp": None, "ring": None, "sms": None}
 _PROGRAMS_PER_SM = 1
 _WARPS = 16
 _WPP = 4
+# The forward's part statistics of planes 1.. live in a ring of this many plane regions (plane 0,
+# read again by the last solve, has its own): each region is rewritten while it is still in L2,
+# so the dead statistics are not written back to DRAM once per plane (pipeline_dram.py)
+_RING = 3
 
 
 def wpp() -> int:
@@ -153,6 +157,16 @@ def fused_plan(nw: tuple[int, int, int], shifts: tuple) -> tuple | None:
     return ax, tuple(order)
 
 
+def ring_regions(shifts, ax: int) -> int:
+    """Plane regions of the forward's part-statistics ring (0: none, one region per plane).
+    Only where no shift has a whole-window offset along the axis: then a region's readers are the
+    solves of its plane and the next, which come RING - 1 plane steps before the parts that
+    overwrite it (and those parts wait for them)."""
+    if any(s[3 + ax] for s in shifts):
+        return 0
+    return max(TUNING["ring"] or _RING, 2)
+
+
 def _programs(device: torch.device, tickets: int) -> int:
     """The persistent grid: resident programs (SMs x programs per SM) on a GPU (or the SMs of
     ``TUNING["sms"]``); else two (under the interpreter the second finds no ticket left: the
@@ -176,12 +190,26 @@ def _load_sym_batch(ptr, slot, m3, i3, j3, E: tl.constexpr):
 
 
 @triton.jit
+def _part_slot(bh, w, NWIN, NPLANE, NSHIFT: tl.constexpr, RING: tl.constexpr):
+    """First part slot of unshifted window w of head bh: (bh * NWIN + w) * 8 * NSHIFT; with RING,
+    plane 0 in region 0 and plane p >= 1 in region 1 + (p - 1) % RING of the head's 1 + RING."""
+    if RING == 0:
+        slot = (bh * NWIN + w) * (NSHIFT * 8)
+    else:
+        plane = w // NPLANE
+        region = tl.where(plane == 0, 0, 1 + (plane - 1) % RING)
+        slot = ((bh * (1 + RING) + region) * NPLANE + (w - plane * NPLANE)) * (NSHIFT * 8)
+    return slot
+
+
+@triton.jit
 def _sum_parts_batch(vpart_ptr, kpart_ptr, bh, om, ok, k: tl.constexpr, NWIN, NW0, NW1, NW2,
-                     SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, E: tl.constexpr,
+                     NPLANE, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, E: tl.constexpr,
                      NB: tl.constexpr, BLOCK_E: tl.constexpr, ACC: tl.constexpr,
-                     WITH_K: tl.constexpr):  # fmt: skip
+                     WITH_K: tl.constexpr, RING: tl.constexpr):  # fmt: skip
     """``_sum_parts`` of the second design for the shifted windows om (NB,) (ok: which exist) at
-    once, same order: (K (NB, BLOCK_E, BLOCK_E), vector (NB, BLOCK_E)) under shift k."""
+    once, same order: (K (NB, BLOCK_E, BLOCK_E), vector (NB, BLOCK_E)) under shift k; the part
+    slots of :func:`_part_slot`."""
     e = tl.arange(0, BLOCK_E)
     i3 = e[None, :, None]
     j3 = e[None, None, :]
@@ -197,7 +225,8 @@ def _sum_parts_batch(vpart_ptr, kpart_ptr, bh, om, ok, k: tl.constexpr, NWIN, NW
             for b0 in tl.static_range(2 if SHIFTS[k][0] else 1):
                 w0 = (o0 - b0 - SHIFTS[k][3] + 2 * NW0) % NW0
                 w = (w0 * NW1 + w1) * NW2 + w2  # the unshifted windows holding part b
-                slot = (bh * NWIN + w) * (NSHIFT * 8) + k * 8 + (b0 * 2 + b1) * 2 + b2
+                slot = _part_slot(bh, w, NWIN, NPLANE, NSHIFT, RING) + k * 8 + ((b0 * 2 + b1) * 2
+                                                                                + b2)
                 if WITH_K:
                     k_mat += _load_sym_batch(kpart_ptr, slot, m3, i3, j3, E)
                 vec += tl.load(vpart_ptr + slot[:, None] * E + e[None, :], mask=m2, other=0,
@@ -209,11 +238,14 @@ class Pipeline:
     """Host side of one persistent call: the zeroed flag buffer (+ the ticket counter), the grid
     and the scalar arguments of the kernels (``args()``)."""
 
-    def __init__(self, geo, plan, device: torch.device):
+    def __init__(self, geo, plan, device: torch.device, *, ring: bool = False):
         ax, order = plan
         self.ax = ax
         self.npl = geo.NW[ax]
         self.nplane = geo.nwin // self.npl  # windows per plane (contiguous in window order)
+        self.ring = ring_regions(geo.shifts, ax) if ring else 0
+        regions = geo.bh * (1 + self.ring) * self.nplane if self.ring else geo.bh * geo.nwin
+        self.part_slots = regions * geo.nshift * 8
         self.wpp = wpp()
         self.cpp = triton.cdiv(self.nplane, self.wpp)
         self.stages = len(order)
@@ -228,5 +260,5 @@ class Pipeline:
         return TUNING["warps"] or _WARPS
 
     def block(self, geo) -> dict:
-        """The geometry's block constants with this pipeline's windows per ticket."""
-        return {**geo.block(), "WPP": self.wpp}
+        """The geometry's block constants with this pipeline's windows per ticket and ring."""
+        return {**geo.block(), "WPP": self.wpp, "RING": self.ring}

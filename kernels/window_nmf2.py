@@ -119,16 +119,16 @@ def _parts_kernel(
     for j in range(0, WPP):
         w = tl.program_id(0) * WPP + j
         if w < NWIN:
-            _parts_window(x_base, rowmask, e, emask, w, bh, g_all, member, exists, kpart_ptr,
-                          hpart_ptr, E, NWIN, NVOX, S1, S2, NW1, NW2, SHIFTS, NSHIFT, P0, P1, P2,
-                          BP0, BP1, BP2, BLOCK_E, NSB, G0, G1, G2, MU, ACC, DOT, D0, D1, D2,
-                          NPB)  # fmt: skip
+            _parts_window(x_base, rowmask, e, emask, w, (bh * NWIN + w) * (NSHIFT * 8), g_all,
+                          member, exists, kpart_ptr, hpart_ptr, E, NVOX, S1, S2, NW1, NW2, SHIFTS,
+                          NSHIFT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, G0, G1, G2, MU, ACC, DOT,
+                          D0, D1, D2, NPB)  # fmt: skip
 
 
 @triton.jit
 def _parts_window(
-    x_base, rowmask, e, emask, w, bh, g_all, member, exists, kpart_ptr, hpart_ptr,
-    E: tl.constexpr, NWIN, NVOX, S1, S2, NW1, NW2,
+    x_base, rowmask, e, emask, w, slot, g_all, member, exists, kpart_ptr, hpart_ptr,
+    E: tl.constexpr, NVOX, S1, S2, NW1, NW2,
     SHIFTS: tl.constexpr, NSHIFT: tl.constexpr,
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
@@ -136,12 +136,12 @@ def _parts_window(
     G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, NPB: tl.constexpr,
 ):  # fmt: skip
-    """The parts pass on unshifted window w of head bh (x_base: the head's first element): every
-    shift's part sums of X g0_s and of X X^T's upper triangle (see :func:`_parts_kernel`)."""
+    """The parts pass on unshifted window w (x_base: the head's first element): every shift's
+    part sums of X g0_s and of X X^T's upper triangle (see :func:`_parts_kernel`), stored at part
+    slots slot + k * 8 + b."""
     e4 = e[:, None, None, None]
     _, _, _, _, _, x = _load_window(x_base, rowmask, e, emask, w, NVOX, S1, S2, NW1, NW2,
                                     P0, P1, P2, BP0, BP1, BP2, ACC)  # fmt: skip
-    slot = (bh * NWIN + w) * (NSHIFT * 8)
     for k in tl.static_range(NSHIFT):
         g = _pick(g_all, k, NSB)
         xs = x

@@ -48,6 +48,7 @@ from ._window3_bwd import backward3
 from ._window3_sched import (
     Pipeline,
     _count_done,
+    _part_slot,
     _sum_parts_batch,
     _take,
     _wait_stage,
@@ -60,9 +61,9 @@ __all__ = ["window_nmf3", "fused_plan"]
 
 @triton.jit
 def _solve_batch(kpart_ptr, hpart_ptr, u_ptr, hats_ptr, norms_ptr, kmat_ptr, bh, om, ok,
-                 E: tl.constexpr, NWIN, ITERS, NW0, NW1, NW2, SHIFTS: tl.constexpr,
+                 E: tl.constexpr, NWIN, ITERS, NW0, NW1, NW2, NPLANE, SHIFTS: tl.constexpr,
                  NSHIFT: tl.constexpr, NB: tl.constexpr, BLOCK_E: tl.constexpr,
-                 SAVE: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+                 SAVE: tl.constexpr, ACC: tl.constexpr, RING: tl.constexpr):  # fmt: skip
     """The second design's solve (``_solve_kernel``) for the shifted windows om (NB,) (ok: which
     exist) at once: per shift, the part sums, K saved, the power steps (``_power_steps``), u."""
     e = tl.arange(0, BLOCK_E)
@@ -72,7 +73,8 @@ def _solve_batch(kpart_ptr, hpart_ptr, u_ptr, hats_ptr, norms_ptr, kmat_ptr, bh,
     m2 = ok[:, None] & (e[None, :] < E)
     for k in tl.static_range(NSHIFT):
         k_mat, h = _sum_parts_batch(hpart_ptr, kpart_ptr, bh, om, ok, k, NWIN, NW0, NW1, NW2,
-                                    SHIFTS, NSHIFT, E, NB, BLOCK_E, ACC, True)  # fmt: skip
+                                    NPLANE, SHIFTS, NSHIFT, E, NB, BLOCK_E, ACC, True,
+                                    RING)  # fmt: skip
         prog = (bh * NSHIFT + k) * NWIN + om
         hp = hats_ptr + prog[:, None] * (ITERS * E) + e[None, :]
         np_ = norms_ptr + prog * ITERS
@@ -105,10 +107,11 @@ def _fused_kernel(
     BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
     G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, NPB: tl.constexpr,
-    SAVE: tl.constexpr,
+    SAVE: tl.constexpr, RING: tl.constexpr,
 ):  # fmt: skip
     """Persistent: take tickets (batch*head, stage, chunk) in order until none is left; wait for
-    what the stage needs, run its chunk of WPP windows, count the chunk done."""
+    what the stage needs, run its chunk of WPP windows, count the chunk done. With RING, a parts
+    stage first waits for the solves that read the ring region it is about to overwrite."""
     e = tl.arange(0, BLOCK_E)
     emask = e < E
     rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
@@ -125,19 +128,23 @@ def _fused_kernel(
                                                        E, NVOX)  # fmt: skip
         first = chunk * WPP  # in the plane
         if phase == 0:
+            if RING > 0:
+                if plane - RING >= 1:  # its region held plane - RING's parts: their solves first
+                    _wait_stage(flags, NPL, plane - RING, 2, CPP, SHIFTS, NSHIFT, AX)
             for j in range(0, WPP):
                 if first + j < NPLANE:
-                    _parts_window(x_ptr + offset, rowmask, e, emask, plane * NPLANE + first + j,
-                                  bh, g_all, member, exists, kpart_ptr, hpart_ptr, E, NWIN, NVOX,
-                                  S1, S2, NW1, NW2, SHIFTS, NSHIFT, P0, P1, P2, BP0, BP1, BP2,
-                                  BLOCK_E, NSB, G0, G1, G2, MU, ACC, DOT, D0, D1, D2,
-                                  NPB)  # fmt: skip
+                    w = plane * NPLANE + first + j
+                    _parts_window(x_ptr + offset, rowmask, e, emask, w,
+                                  _part_slot(bh, w, NWIN, NPLANE, NSHIFT, RING), g_all, member,
+                                  exists, kpart_ptr, hpart_ptr, E, NVOX, S1, S2, NW1, NW2, SHIFTS,
+                                  NSHIFT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, G0, G1, G2,
+                                  MU, ACC, DOT, D0, D1, D2, NPB)  # fmt: skip
         elif phase == 1:
             _wait_stage(flags, NPL, plane, 1, CPP, SHIFTS, NSHIFT, AX)
             i = first + tl.arange(0, WPP)
             _solve_batch(kpart_ptr, hpart_ptr, u_ptr, hats_ptr, norms_ptr, kmat_ptr, bh,
-                         plane * NPLANE + i, i < NPLANE, E, NWIN, ITERS, NW0, NW1, NW2, SHIFTS,
-                         NSHIFT, WPP, BLOCK_E, SAVE, ACC)  # fmt: skip
+                         plane * NPLANE + i, i < NPLANE, E, NWIN, ITERS, NW0, NW1, NW2, NPLANE,
+                         SHIFTS, NSHIFT, WPP, BLOCK_E, SAVE, ACC, RING)  # fmt: skip
         else:
             _wait_stage(flags, NPL, plane, 2, CPP, SHIFTS, NSHIFT, AX)
             for j in range(0, WPP):
@@ -154,13 +161,13 @@ def _fused_forward(x, g0, rowmask, geo: _Geometry2, plan, iters: int, mu: bool, 
     f32 = compute_dtype(x.dtype)
     acc = acc_dtype(x.dtype)
     dev = x.device
-    kpart = torch.empty(geo.slots, geo.E, geo.E, dtype=f32, device=dev)  # unused slots: unread
-    hpart = torch.empty(geo.slots, geo.E, dtype=f32, device=dev)
+    pipe = Pipeline(geo, plan, dev, ring=True)
+    kpart = torch.empty(pipe.part_slots, geo.E, geo.E, dtype=f32, device=dev)  # unused: unread
+    hpart = torch.empty(pipe.part_slots, geo.E, dtype=f32, device=dev)
     u = torch.empty(geo.progs, geo.E, dtype=f32, device=dev)
     hats = torch.empty(geo.progs, iters, geo.E, dtype=f32, device=dev) if save else u
     norms = torch.empty(geo.progs, iters, dtype=f32, device=dev) if save else u
     kmat = torch.empty(geo.progs, geo.E, geo.E, dtype=f32, device=dev) if save else u
-    pipe = Pipeline(geo, plan, dev)
     y = torch.empty_like(x)
     _fused_kernel[pipe.grid](
         x, y, g0, rowmask, kpart, hpart, u, hats, norms, kmat, *pipe.args(),

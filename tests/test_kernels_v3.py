@@ -102,6 +102,19 @@ def test_design3_one_launch_and_deterministic(gen, design3, monkeypatch, device)
     assert torch.equal(y1, y2) and torch.equal(dx1, dx2)
 
 
+def test_design3_part_statistics_ring(gen, design3, monkeypatch):
+    """The forward's part statistics in a ring of 2 plane regions (+ plane 0's own): with 4
+    planes plane 3 reuses plane 1's region, and the result is still the oracle's."""
+    monkeypatch.setitem(sched.TUNING, "ring", 2)
+    x, v0, dy = nmf_inputs(gen, (1, 4, 16, 4, 4), 4)
+    geo = common._Geometry2(x, 4, (4, 4, 4), [None, 2])
+    pipe = sched.Pipeline(geo, sched.fused_plan(tuple(geo.NW), geo.shifts), x.device, ring=True)
+    assert pipe.ring == 2 and pipe.part_slots == 3 * geo.slots // 4  # regions 0, 1, 2 of 4
+    dx, dx_ref = fp32_against_reference(x, v0, dy, "cpu", head_dim=4, patch_size=4,
+                                        shifts=[None, 2])  # fmt: skip
+    assert rel_err(dx, dx_ref) <= 1e-4
+
+
 def test_design3_falls_back_where_the_schedule_cannot_wait(gen, design3, monkeypatch):
     """A shift with a whole-window offset along the planes' axis (5 = 4 + 1 with P = 4) makes
     solve(1) need parts(3): no fused plan, and the second design runs (same result)."""

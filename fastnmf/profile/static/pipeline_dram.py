@@ -8,9 +8,9 @@ one plane later. So here the schedule is walked at the target shape, ticket by t
 ticket touching *blocks* (one chunk of WPP windows of a tensor, or the statistics a chunk writes):
 
 - forward: parts(p, c) reads x[p, c] and writes the chunk's part statistics (K's upper triangle
-  and X g0 per part); solve(p, c) reads the statistics of the planes it needs and writes u, the
-  iterates and K of its shifted windows; apply(p, c) reads x[p, c] and the solves of the planes
-  it needs and writes y[p, c];
+  and X g0 per part; planes 1.. in a ring of plane regions, rewritten while in L2); solve(p, c)
+  reads the statistics of the planes it needs and writes u, the iterates and K of its shifted
+  windows; apply(p, c) reads x[p, c] and the solves of the planes it needs and writes y[p, c];
 - backward: parts reads x, dy and u (the forward's iterates), writes the ū parts; solve reads
   them, K and the iterates, writes S and h̄; apply reads x, dy, u, S, h̄ and writes dx.
 
@@ -40,7 +40,7 @@ F32 = 4
 
 def _geometry(case: StaticCase):
     from fastnmf.kernels._window2_common import _Geometry2
-    from fastnmf.kernels._window3_sched import fused_plan, wpp
+    from fastnmf.kernels._window3_sched import fused_plan, ring_regions, wpp
 
     x = torch.empty(case.shape, device="meta")
     patch = (case.window,) * len(case.spatial)
@@ -48,7 +48,7 @@ def _geometry(case: StaticCase):
     plan = fused_plan(tuple(geo.NW), geo.shifts)
     if plan is None:
         raise ValueError(f"{case.id}: no fused plan (the second design runs)")
-    return geo, plan, wpp()
+    return geo, plan, wpp(), ring_regions(geo.shifts, plan[0])
 
 
 def _sizes(case: StaticCase, geo, per_chunk: int) -> dict:
@@ -76,7 +76,13 @@ def _needs(plane: int, npl: int, shifts, ax: int, sign: int) -> set[int]:
 def ticket_blocks(case: StaticCase, pass_: str):
     """The blocks each ticket touches, in ticket order: a list of tickets, each a list of
     (block key, bytes, store)."""
-    geo, (ax, order), per_chunk = _geometry(case)
+    geo, (ax, order), per_chunk, ring = _geometry(case)
+    if pass_ != "fwd":
+        ring = 0  # the backward's ū parts are flat
+
+    def region(p: int) -> int:  # where plane p's parts live (kernels/_window3_sched._part_slot)
+        return p if ring == 0 or p == 0 else 1 + (p - 1) % ring
+
     npl = geo.NW[ax]
     nplane = geo.nwin // npl
     cpp = math.ceil(nplane / per_chunk)
@@ -94,9 +100,9 @@ def ticket_blocks(case: StaticCase, pass_: str):
                     acc = [blk(v, p, "vol") for v in vol_in]
                     if not fwd:
                         acc.append(blk("saved", p, "saved"))
-                    acc.append(blk("parts", p, "parts_fwd" if fwd else "parts_bwd", True))
+                    acc.append(blk("parts", region(p), "parts_fwd" if fwd else "parts_bwd", True))
                 elif phase == 1:
-                    acc = [blk("parts", q, "parts_fwd" if fwd else "parts_bwd")
+                    acc = [blk("parts", region(q), "parts_fwd" if fwd else "parts_bwd")
                            for q in sorted(_needs(p, npl, geo.shifts, ax, -1))]  # fmt: skip
                     if not fwd:
                         acc.append(blk("saved", p, "saved"))
