@@ -125,7 +125,7 @@ def test_nmf_zero_matrix_gives_zero_output_and_gradient(gen, kernel):
 @pytest.mark.parametrize("rank", [1, 2])
 def test_single_voxel_inputs(gen, kernel, rank):
     """(B, C, 1, 1, 1): one column per matrix, global and 1^3 windows."""
-    x = torch.randn(3, 8, 1, 1, 1, generator=gen, dtype=torch.float64)
+    x = torch.randn(3, 4, 1, 1, 1, generator=gen, dtype=torch.float64)
     x[0] = -x[0].abs()  # an all-zero sample after the ReLU
     dy = torch.randn_like(x)
     v0 = torch.rand(1, rank, generator=gen, dtype=torch.float64)
@@ -150,7 +150,7 @@ def test_single_nonzero_voxel_plain_nmf(gen, kernel):
 @pytest.mark.parametrize("scale", [1e6, 1e-6])
 @pytest.mark.parametrize("patch,shifts,rank,solver", GEOMETRIES[:2] + GEOMETRIES[3:4])
 def test_magnitudes_1e6(gen, kernel, scale, patch, shifts, rank, solver):
-    x = torch.randn(1, 8, 8, 8, 8, generator=gen, dtype=torch.float64) * scale
+    x = torch.randn(1, 4, 8, 8, 8, generator=gen, dtype=torch.float64) * scale
     v0 = _v0(gen, patch, rank)
     dy = torch.randn_like(x)
     _check(kernel, x, v0, dy, head_dim=4, patch_size=patch, shifts=shifts, solver=solver)
@@ -186,7 +186,7 @@ def test_near_range_limits(gen, kernel, dtype, exponent, patch, shifts):
     finite, matching the float64
     reference, and exactly the unit-scale result times 2^exponent (up to the rounding of outputs
     that are subnormal at that scale); gradients unchanged."""
-    x = _unit(gen, (1, 8, 8, 8, 8), dtype)
+    x = _unit(gen, (1, 4, 8, 8, 8), dtype)
     v0 = _v0(gen, patch, 1).float()
     dy = _unit(gen, x.shape, dtype)
     kw = dict(head_dim=4, patch_size=patch, shifts=shifts)
