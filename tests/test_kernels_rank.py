@@ -53,7 +53,7 @@ def test_window_rank_u0_with_zeros(gen, device, solver):
     x, v0, dy = nmf_inputs(gen, (1, 4, 4, 8, 4), 4, rank=2, zero_windows=True)
     u0 = torch.rand(4, 2, generator=gen, dtype=torch.float64)
     u0[1, 0] = 0
-    kw = dict(head_dim=4, patch_size=4, shifts=[None, 2], solver=solver, iters=5)
+    kw = dict(head_dim=4, patch_size=4, shifts=[None, 2], solver=solver, iters=2)
     y_ref, dx_ref = run_grad("reference", x, v0, dy, torch.float64, "cpu", u0=u0, **kw)
     y, dx = run_grad("triton", x, v0, dy, torch.float32, device, u0=u0, **kw)
     assert rel_err(y, y_ref) <= 1e-5 and rel_err(dx, dx_ref) <= 1e-4
@@ -62,7 +62,7 @@ def test_window_rank_u0_with_zeros(gen, device, solver):
 @pytest.mark.parametrize("device", DEVICES)
 def test_window_rank_float64(gen, device):
     x, v0, dy = nmf_inputs(gen, (1, 4, 4, 8, 4), 4, rank=3, zero_windows=True)
-    kw = dict(head_dim=4, patch_size=4, shifts=[None, 2], solver="hals", iters=5)
+    kw = dict(head_dim=4, patch_size=4, shifts=[None, 2], solver="hals", iters=2)
     y_ref, dx_ref = run_grad("reference", x, v0, dy, torch.float64, "cpu", **kw)
     y, dx = run_grad("triton", x, v0, dy, torch.float64, device, **kw)
     assert rel_err(y, y_ref) <= 1e-12 and rel_err(dx, dx_ref) <= 1e-12
@@ -144,7 +144,7 @@ def test_window_rank_low_precision(gen, device, dtype):
     """Low-precision in and out, fp32 inside: only the output rounding differs from float64."""
     x, v0, dy = nmf_inputs(gen, (1, 4, 4, 8, 4), 4, rank=2)
     x, v0, dy = (t.to(dtype).double() for t in (x, v0, dy))  # exactly representable inputs
-    kw = dict(head_dim=4, patch_size=4, shifts=[None, 2], solver="hals", iters=5)
+    kw = dict(head_dim=4, patch_size=4, shifts=[None, 2], solver="hals", iters=2)
     y_ref, dx_ref = run_grad("reference", x, v0, dy, torch.float64, "cpu", **kw)
     y, dx = run_grad("triton", x, v0, dy, dtype, device, **kw)
     assert y.dtype == dtype and dx.dtype == dtype
