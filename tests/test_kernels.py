@@ -100,7 +100,7 @@ def test_tiled_apply_matches_per_voxel_lookup(gen, device, monkeypatch, shape, p
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
     "shape,patch,solver",
-    [((1, 8, 8, 8, 8), 4, "hals"), ((2, 8, 8, 4), (4, 2), "mu")],  # 3D; 2D with MU masks
+    [((1, 4, 8, 8, 8), 4, "hals"), ((2, 8, 8, 4), (4, 2), "mu")],  # 3D; 2D with MU masks
 )
 def test_local_windows_fuse_the_output_pass(gen, device, monkeypatch, shape, patch, solver):
     """One shift: the stats kernels write y and dx; same result as the separate output pass."""
