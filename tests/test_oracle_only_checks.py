@@ -105,8 +105,8 @@ MATRICIZED = [
     # (shape, head_dim, window, shifts)
     ((1, 8, 8, 8, 8), 4, None, None),  # global 3D
     ((1, 8, 4, 4, 8), 4, None, [None, 2]),  # global, shifted
-    ((1, 8, 8, 8, 8), 4, 4, None),  # local 3D
-    ((1, 8, 8, 8, 8), 4, 4, [None, 2]),  # swin 3D
+    ((1, 4, 8, 8, 8), 4, 4, None),  # local 3D (one head: the interpreter pays per window)
+    ((1, 4, 8, 8, 8), 4, 4, [None, 2]),  # swin 3D
     ((1, 4, 8, 8), 4, 4, [None, 2]),  # swin 2D
     ((2, 4, 6, 10), 4, None, None),  # global 2D
 ]
