@@ -44,8 +44,9 @@ def _solve_bwd_batch(gpart_ptr, kmat_ptr, hats_ptr, norms_ptr, sym_ptr, hbar_ptr
     m3 = ok[:, None, None] & (i3 < E) & (j3 < E)
     m2 = ok[:, None] & (e[None, :] < E)
     for k in tl.static_range(NSHIFT):
+        # ū, its parts flat (no ring: the plane size, NB here, is unused)
         _, grad = _sum_parts_batch(gpart_ptr, gpart_ptr, bh, om, ok, k, NWIN, NW0, NW1, NW2, NB,
-                                   SHIFTS, NSHIFT, E, NB, BLOCK_E, ACC, False, 0)  # ū (flat: no ring)  # fmt: skip
+                                   SHIFTS, NSHIFT, E, NB, BLOCK_E, ACC, False, 0)  # fmt: skip
         prog = (bh * NSHIFT + k) * NWIN + om
         k_mat = _load_sym_batch(kmat_ptr, prog, m3, i3, j3, E)
         hp = hats_ptr + prog[:, None] * (ITERS * E) + e[None, :]
