@@ -33,7 +33,16 @@ the launch (part statistics, u) is loaded with ``.cg`` (L2, not a possibly stale
 Two launches per call each way (the flag buffer's zero fill and the kernel); the backward
 (kernels/_window3_bwd.py) runs the second design's backward passes on the same schedule. The
 solves run WPP shifted windows at once ((WPP, E, E) tiles) so that a program's warps are busy in
-that pass too.
+that pass too. The forward's part statistics of planes 1.. live in a ring of 3 plane regions
+(``_part_slot``; a parts stage first waits for the solves of the region it overwrites), so the
+dead statistics stay in L2 instead of being written back to DRAM once per plane.
+
+Static figures (sm_90a, 2x32x128^3, E = P = 8, T = 5; README "Window kernel designs"): 16 warps,
+one program per SM, 122-128 registers; 4 windows a ticket, so that the tickets in flight hold
+about 25 MB of L2 (16 would hold about 100 MB: fastnmf/profile/static/pipeline_dram.py).
+Not timed: per-ticket costs (a ticket fetch, an acquire wait, a release count: round trips to L2
+each) against 64 KB of x per ticket are the first thing a GPU must measure (``TUNING`` in
+_window3_sched.py: windows per ticket, warps, programs per SM, ring).
 """
 
 from __future__ import annotations
