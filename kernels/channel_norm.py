@@ -112,7 +112,7 @@ def _check(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, int, int]:
     b, c = x.shape[:2]
     if weight.shape != (c,):
         raise ValueError(f"weight must have shape ({c},) for C={c}, got {tuple(weight.shape)}")
-    return b, c, x[0, 0].numel()
+    return b, c, math.prod(x.shape[2:])
 
 
 def channel_norm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
