@@ -27,6 +27,7 @@ mean / rstd (B × S fp32 each). The op is opaque to ``torch.compile`` (no graph 
 from __future__ import annotations
 
 import importlib
+import math
 
 import torch
 
@@ -94,7 +95,7 @@ def _op(
 def _op_fake(x, weight, bias, eps):
     if _use_triton(x):
         _kernels()  # recorded before AOTAutograd computes its cache key (after this fake)
-    stat = (x.shape[0], x[0, 0].numel())  # (B, S)
+    stat = (x.shape[0], math.prod(x.shape[2:]))  # (B, S)
     return torch.empty_like(x), x.new_empty(stat, dtype=_acc(x)), x.new_empty(stat, dtype=_acc(x))
 
 
