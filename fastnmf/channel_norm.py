@@ -21,7 +21,13 @@ The training-step account (:mod:`fastnmf.profile.static.step_ops`) counts the op
 path moves bytes.
 
 Autograd keeps x (the block's residual stream itself, not a copy), weight and the per-voxel
-mean / rstd (B × S fp32 each). The op is opaque to ``torch.compile`` (no graph break).
+mean / rstd (B × S fp32 each).
+
+Both ops are ``torch.library.triton_op``s: on CUDA the launchers run with ``wrap=True``
+(``wrap_triton``), so torch.compile traces the op into its Triton launches; on CPU and under
+``TRITON_INTERPRET=1`` a traced graph keeps the op as one call (today's CPU results, also
+compiled), and torch.export keeps it whole everywhere (see fastnmf/custom_op.py, "Triton").
+No graph break either way.
 """
 
 from __future__ import annotations

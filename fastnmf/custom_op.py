@@ -29,9 +29,12 @@ Schema (every non-tensor argument is an attribute the schema allows)::
 
 Triton, rank one, windows, values unchecked (the default on a GPU): a second op,
 ``fastnmf::window_nmf_triton(x, g0, rowmask, head_dim, patch, shifts, iters, mu) -> (y, hats,
-norms)``, is WindowNMF's forward (``kernels.window_nmf._forward``) with the saved iterates as
-outputs, and ``fastnmf::window_nmf_triton_backward`` is its backward (``_backward``, the
-hand-written backward kernels): no recomputation, the same bits as eager.
+norms)``, is WindowNMF's forward (``kernels.window_nmf._forward``, the first window design) with
+the saved iterates as outputs, and ``fastnmf::window_nmf_triton_backward`` is its backward
+(``_backward``, the hand-written backward kernels): no recomputation, the same bits as eager.
+These two are ``torch.library.triton_op``s (see "Triton" below); ``matricized_nmf`` and its
+backward stay opaque ``custom_op``s (their bodies are the whole eager dispatch: value checks
+that read data, cached gather indices, the torch solvers).
 
 Autograd elsewhere: ``fastnmf::matricized_nmf_backward`` recomputes the layer's forward under
 ``torch.enable_grad()`` and back-propagates ``dy`` through it with ``torch.autograd.grad`` — i.e.
@@ -44,11 +47,29 @@ Autocast: the op has no autocast rule, so under ``torch.autocast`` it receives t
 producer made (bf16 after an autocast conv) and returns the same dtype; the kernels load bf16 and
 accumulate in fp32 (the closed form and the Triton kernels cast to fp32 themselves).
 
-Triton: the op wraps the Triton launchers as an opaque ``custom_op`` rather than a
-``torch.library.triton_op``: ``triton_op`` needs every kernel launch written as
-``wrap_triton(kernel)[grid](...)`` inside the op, and the launches live in ``fastnmf.kernels``'
-launchers, which call ``kernel[grid](...)`` directly. Inductor cannot look inside either way (it
-does not fuse into a user Triton kernel); what ``triton_op`` would add is AOTInductor packaging.
+Triton: ``fastnmf::window_nmf_triton`` and its backward (like ``fastnmf::channel_layer_norm``,
+fastnmf/channel_norm.py) are ``torch.library.triton_op``s. Their bodies call the launchers of
+``fastnmf.kernels`` with ``wrap=True``, and every launch there is
+``kernels._common.launch(kernel, wrap=...)[grid](...)``, i.e. ``wrap_triton(kernel)[grid](...)``
+inside the op and ``kernel[grid](...)`` outside it. What that gives:
+
+- eager: the op's implementation runs with wrap_triton disabled (``triton_op`` does so), so the
+  launches are the direct ones, bit for bit WindowNMF's;
+- torch.compile on CUDA: AOTAutograd traces the body under functionalization, so the graph holds
+  the kernels themselves (``triton_kernel_wrapper_functional`` nodes; the per-call shift table
+  built on the host becomes a graph constant), launched by Inductor's generated code. Checked
+  without a GPU by tracing with fake CUDA tensors (tests/test_triton_op.py); the Inductor run
+  itself is tested only where a GPU is present. The kernels are recorded for AOTAutograd's
+  cache key (:func:`record_kernels`);
+- where the body is not traceable, the graph keeps the op as one call with its fake, as a
+  ``custom_op`` would (:func:`decompose_only_when_traceable`): under ``TRITON_INTERPRET=1``
+  (``wrap_triton`` hands back an interpreted kernel as is: it has no traceable form and cannot
+  run on fake tensors) and off CUDA;
+- torch.export never decomposes a triton op: an exported program holds the op as one call.
+
+The window op runs the first window design's kernels whatever ``TUNING["design"]`` says (1, the
+default): the other designs (kernels/window_nmf2.py, window_nmf3.py) are reached only by the
+eager dispatch. Inductor does not fuse into a user Triton kernel; the glue around it is fused.
 """
 
 from __future__ import annotations
