@@ -71,39 +71,51 @@ def test_ops_are_triton_ops_with_their_kernels_recorded():
 # is read when triton is imported): each op's graph is its kernels' launches.
 _TRACE_SCRIPT = r"""
 import json, torch
+from torch._dynamo.source import ConstantSource
 from torch._subclasses import FakeTensorMode
 from torch._subclasses.functional_tensor import dispatch_functionalize
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 import fastnmf
 from fastnmf.custom_op import encode_shifts
 
 ops = torch.ops.fastnmf
 shifts = encode_shifts([None, (2, 2, 2)], 3)
-mode = FakeTensorMode()
-with mode:
-    x, dy = torch.empty(2, 8, 8, 8, 8, device="cuda"), torch.empty(2, 8, 8, 8, 8, device="cuda")
-    g0, rm = torch.empty(64, device="cuda"), torch.ones(4, device="cuda")
-    w, b = torch.empty(8, device="cuda"), torch.empty(8, device="cuda")
-    stat = torch.empty(2, 512, device="cuda")
-    hats, norms = torch.empty(64, 3, 4, device="cuda"), torch.empty(64, 3, device="cuda")
-calls = {
-    "window_nmf_triton": (lambda *a: ops.window_nmf_triton(*a, 4, [4, 4, 4], shifts, 3, False),
-                          (x, g0, rm)),
-    "window_nmf_triton_backward": (
-        lambda *a: ops.window_nmf_triton_backward(*a, 4, [4, 4, 4], shifts, 3, False),
-        (dy, x, g0, rm, hats, norms)),
-    "channel_layer_norm": (lambda *a: ops.channel_layer_norm(*a, 1e-5), (x, w, b)),
-    "channel_layer_norm_backward": (ops.channel_layer_norm_backward, (dy, x, w, stat, stat)),
-}
 out = {}
-for name, (fn, args) in calls.items():
+for dynamic in (False, True):  # dynamic: batch and spatial sizes symbolic (dynamic shapes)
+    env = ShapeEnv()
+    mode = FakeTensorMode(shape_env=env)
+    def size(name, hint):
+        if not dynamic:
+            return hint
+        sym = env.create_symbol(hint, ConstantSource(name), dynamic_dim=DimDynamic.DYNAMIC)
+        return env.create_symintnode(sym, hint=hint)
+    b, s = size("B", 2), size("S", 8)
     with mode:
-        gm = make_fx(dispatch_functionalize(fn))(*args)
-    targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
-    kernels = [kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__
-               for n in gm.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
-    out[name] = {"fastnmf_calls": [t for t in targets if "fastnmf" in t], "kernels": kernels}
+        x, dy = (torch.empty(b, 8, s, s, s, device="cuda") for _ in range(2))
+        g0, rm = torch.empty(64, device="cuda"), torch.ones(4, device="cuda")
+        w, bias = torch.empty(8, device="cuda"), torch.empty(8, device="cuda")
+        stat = torch.empty(b, s * s * s, device="cuda")
+        progs = b * 2 * 2 * (s // 4) ** 3
+        hats, norms = torch.empty(progs, 3, 4, device="cuda"), torch.empty(progs, 3, device="cuda")
+    calls = {
+        "window_nmf_triton": (
+            lambda *a: ops.window_nmf_triton(*a, 4, [4, 4, 4], shifts, 3, False), (x, g0, rm)),
+        "window_nmf_triton_backward": (
+            lambda *a: ops.window_nmf_triton_backward(*a, 4, [4, 4, 4], shifts, 3, False),
+            (dy, x, g0, rm, hats, norms)),
+        "channel_layer_norm": (lambda *a: ops.channel_layer_norm(*a, 1e-5), (x, w, bias)),
+        "channel_layer_norm_backward": (ops.channel_layer_norm_backward, (dy, x, w, stat, stat)),
+    }
+    for name, (fn, args) in calls.items():
+        with mode:
+            gm = make_fx(dispatch_functionalize(fn))(*args)
+        targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+        kernels = [kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__
+                   for n in gm.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
+        key = name + (" dynamic" if dynamic else "")
+        out[key] = {"fastnmf_calls": [t for t in targets if "fastnmf" in t], "kernels": kernels}
 print("RESULT " + json.dumps(out))
 """
 
@@ -113,22 +125,25 @@ def test_traced_for_cuda_each_op_is_its_triton_launches():
     """make_fx under functionalization (what AOTAutograd does for torch.compile) of each op on
     fake CUDA tensors: no fastnmf op left in the graph, only the wrapped launches of its kernels
     (the window ops with two shifts: the stats kernel, then the tiled apply kernel; the shift
-    table is a graph constant). Runs on a machine without a GPU: fake CUDA tensors hold no
-    memory, and no kernel is launched."""
+    table is a graph constant), with static and with symbolic (dynamic) batch and spatial
+    sizes. Runs on a machine without a GPU: fake CUDA tensors hold no memory, and no kernel is
+    launched."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", _TRACE_SCRIPT], env=env, capture_output=True,
                           text=True, timeout=600)  # fmt: skip
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     got = json.loads(lines[0][len("RESULT ") :])
-    for name in OPS:
-        assert got[name]["fastnmf_calls"] == [], (name, got[name])
-    assert got["window_nmf_triton"]["kernels"] == ["_stats_fwd_kernel", "_apply_fwd_tile_kernel"]
-    assert got["window_nmf_triton_backward"]["kernels"] == [
-        "_stats_bwd_kernel", "_apply_bwd_tile_kernel",
-    ]  # fmt: skip
-    assert got["channel_layer_norm"]["kernels"] == ["_fwd_kernel"]
-    assert got["channel_layer_norm_backward"]["kernels"] == ["_bwd_kernel"]
+    expected = {
+        "window_nmf_triton": ["_stats_fwd_kernel", "_apply_fwd_tile_kernel"],
+        "window_nmf_triton_backward": ["_stats_bwd_kernel", "_apply_bwd_tile_kernel"],
+        "channel_layer_norm": ["_fwd_kernel"],
+        "channel_layer_norm_backward": ["_bwd_kernel"],
+    }
+    assert set(expected) == set(OPS)
+    for name, kernels in expected.items():
+        for key in (name, name + " dynamic"):
+            assert got[key] == {"fastnmf_calls": [], "kernels": kernels}, (key, got[key])
 
 
 def _functional_graph_targets(fn, *args) -> list[str]:
