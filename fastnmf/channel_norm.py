@@ -21,12 +21,23 @@ The training-step account (:mod:`fastnmf.profile.static.step_ops`) counts the op
 path moves bytes.
 
 Autograd keeps x (the block's residual stream itself, not a copy), weight and the per-voxel
-mean / rstd (B × S fp32 each). The op is opaque to ``torch.compile`` (no graph break).
+mean / rstd (B × S fp32 each).
+
+Both ops are ``torch.library.triton_op``s: on CUDA the launchers run with ``wrap=True``
+(``wrap_triton``), so torch.compile traces the op into its Triton launches; on CPU and under
+``TRITON_INTERPRET=1`` a traced graph keeps the op as one call (today's CPU results, also
+compiled), and torch.export keeps it whole everywhere (see fastnmf/custom_op.py, "Triton").
+No graph break either way.
 """
 
 from __future__ import annotations
 
+import importlib
+import math
+
 import torch
+
+from .custom_op import decompose_only_when_traceable, record_kernels
 
 __all__ = ["channel_layer_norm"]
 
@@ -68,32 +79,39 @@ def _torch_backward(dy, x, weight, mean, rstd):
     return dx, dw.to(weight.dtype), db.to(weight.dtype)
 
 
-@torch.library.custom_op("fastnmf::channel_layer_norm", mutates_args=())
+def _kernels():
+    """The Triton launchers' module, its kernels recorded for both ops (``record_kernels``)."""
+    kernels = importlib.import_module("fastnmf.kernels.channel_norm")
+
+    record_kernels("fastnmf::channel_layer_norm", [kernels._fwd_kernel])
+    record_kernels("fastnmf::channel_layer_norm_backward", [kernels._bwd_kernel])
+    return kernels
+
+
+@torch.library.triton_op("fastnmf::channel_layer_norm", mutates_args=())
 def _op(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if _use_triton(x):
-        from .kernels.channel_norm import channel_norm_forward
-
-        return channel_norm_forward(x, weight, bias, eps)
+        return _kernels().channel_norm_forward(x, weight, bias, eps, wrap=True)
     return _torch_forward(x, weight, bias, eps)
 
 
 @_op.register_fake
 def _op_fake(x, weight, bias, eps):
-    stat = (x.shape[0], x[0, 0].numel())  # (B, S)
+    if _use_triton(x):
+        _kernels()  # recorded before AOTAutograd computes its cache key (after this fake)
+    stat = (x.shape[0], math.prod(x.shape[2:]))  # (B, S)
     return torch.empty_like(x), x.new_empty(stat, dtype=_acc(x)), x.new_empty(stat, dtype=_acc(x))
 
 
-@torch.library.custom_op("fastnmf::channel_layer_norm_backward", mutates_args=())
+@torch.library.triton_op("fastnmf::channel_layer_norm_backward", mutates_args=())
 def _backward_op(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
     rstd: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     if _use_triton(x):
-        from .kernels.channel_norm import channel_norm_backward
-
-        return channel_norm_backward(dy, x, weight, mean, rstd)
+        return _kernels().channel_norm_backward(dy, x, weight, mean, rstd, wrap=True)
     return _torch_backward(dy, x, weight, mean, rstd)
 
 
@@ -119,6 +137,8 @@ def _backward(ctx, dy, _dmean, _drstd):
 
 
 _op.register_autograd(_backward, setup_context=_setup_context)
+decompose_only_when_traceable(_op)  # dy, the backward's first argument, is on x's device
+decompose_only_when_traceable(_backward_op)
 for _device in ("cuda", "cpu"):  # as autocast runs layer_norm: in float32
     torch.library.register_autocast("fastnmf::channel_layer_norm", _device, torch.float32)
 

@@ -29,9 +29,12 @@ Schema (every non-tensor argument is an attribute the schema allows)::
 
 Triton, rank one, windows, values unchecked (the default on a GPU): a second op,
 ``fastnmf::window_nmf_triton(x, g0, rowmask, head_dim, patch, shifts, iters, mu) -> (y, hats,
-norms)``, is WindowNMF's forward (``kernels.window_nmf._forward``) with the saved iterates as
-outputs, and ``fastnmf::window_nmf_triton_backward`` is its backward (``_backward``, the
-hand-written backward kernels): no recomputation, the same bits as eager.
+norms)``, is WindowNMF's forward (``kernels.window_nmf._forward``, the first window design) with
+the saved iterates as outputs, and ``fastnmf::window_nmf_triton_backward`` is its backward
+(``_backward``, the hand-written backward kernels): no recomputation, the same bits as eager.
+These two are ``torch.library.triton_op``s (see "Triton" below); ``matricized_nmf`` and its
+backward stay opaque ``custom_op``s (their bodies are the whole eager dispatch: value checks
+that read data, cached gather indices, the torch solvers).
 
 Autograd elsewhere: ``fastnmf::matricized_nmf_backward`` recomputes the layer's forward under
 ``torch.enable_grad()`` and back-propagates ``dy`` through it with ``torch.autograd.grad`` — i.e.
@@ -44,16 +47,36 @@ Autocast: the op has no autocast rule, so under ``torch.autocast`` it receives t
 producer made (bf16 after an autocast conv) and returns the same dtype; the kernels load bf16 and
 accumulate in fp32 (the closed form and the Triton kernels cast to fp32 themselves).
 
-Triton: the op wraps the Triton launchers as an opaque ``custom_op`` rather than a
-``torch.library.triton_op``: ``triton_op`` needs every kernel launch written as
-``wrap_triton(kernel)[grid](...)`` inside the op, and the launches live in ``fastnmf.kernels``'
-launchers, which call ``kernel[grid](...)`` directly. Inductor cannot look inside either way (it
-does not fuse into a user Triton kernel); what ``triton_op`` would add is AOTInductor packaging.
+Triton: ``fastnmf::window_nmf_triton`` and its backward (like ``fastnmf::channel_layer_norm``,
+fastnmf/channel_norm.py) are ``torch.library.triton_op``s. Their bodies call the launchers of
+``fastnmf.kernels`` with ``wrap=True``, and every launch there is
+``kernels._common.launch(kernel, wrap=...)[grid](...)``, i.e. ``wrap_triton(kernel)[grid](...)``
+inside the op and ``kernel[grid](...)`` outside it. What that gives:
+
+- eager: the op's implementation runs with wrap_triton disabled (``triton_op`` does so), so the
+  launches are the direct ones, bit for bit WindowNMF's;
+- torch.compile on CUDA: AOTAutograd traces the body under functionalization, so the graph holds
+  the kernels themselves (``triton_kernel_wrapper_functional`` nodes; the per-call shift table
+  built on the host becomes a graph constant), launched by Inductor's generated code. Checked
+  without a GPU by tracing with fake CUDA tensors (tests/test_triton_op.py); the Inductor run
+  itself is tested only where a GPU is present. The kernels are recorded for AOTAutograd's
+  cache key (:func:`record_kernels`);
+- where the body is not traceable, the graph keeps the op as one call with its fake, as a
+  ``custom_op`` would (:func:`decompose_only_when_traceable`): under ``TRITON_INTERPRET=1``
+  (``wrap_triton`` hands back an interpreted kernel as is: it has no traceable form and cannot
+  run on fake tensors) and off CUDA;
+- torch.export never decomposes a triton op: an exported program holds the op as one call.
+
+The window op runs the first window design's kernels whatever ``TUNING["design"]`` says (1, the
+default): the other designs (kernels/window_nmf2.py, window_nmf3.py) are reached only by the
+eager dispatch. Inductor does not fuse into a user Triton kernel; the glue around it is fused.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
 import threading
 from collections.abc import Sequence
 
@@ -228,9 +251,52 @@ _op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------------------------
+# Triton ops (``torch.library.triton_op``): the launches inside go through ``wrap_triton``
+# (kernels._common.launch), so a traced call (torch.compile on CUDA) records the kernels themselves
+# in the graph; eager calls launch them directly, bit for bit the direct path.
+
+
+def triton_traceable(x: torch.Tensor) -> bool:
+    """Whether a triton op's body can be traced into a graph for input ``x``: its Triton kernels
+    run compiled (CUDA, Triton importable, not ``TRITON_INTERPRET=1``). Under the interpreter
+    ``wrap_triton`` hands back the interpreted kernel itself (no traceable wrapper exists for it),
+    which would run on fake tensors; off CUDA the body is not Triton at all."""
+    if x.device.type != "cuda" or importlib.util.find_spec("triton") is None:
+        return False
+    from .kernels._common import INTERPRET
+
+    return not INTERPRET
+
+
+def decompose_only_when_traceable(op) -> None:
+    """Let torch.compile trace into the triton op ``op`` (its default under functionalization)
+    only where :func:`triton_traceable` holds for its first tensor argument; elsewhere the graph
+    keeps the op as one call with its fake, like a ``custom_op`` (and like ``torch.export``,
+    which never decomposes a triton op)."""
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    trace_body = op._torch_dispatch_fns[FunctionalTensorMode]  # triton_op's own rule
+
+    def rule(mode, func, types, args, kwargs):
+        if triton_traceable(args[0]):
+            return trace_body(mode, func, types, args, kwargs)
+        return mode.__torch_dispatch__(func, types, args, kwargs)
+
+    op.register_torch_dispatch(FunctionalTensorMode, rule)
+
+
+def record_kernels(name: str, kernels) -> None:
+    """Name the Triton kernels of triton op ``name`` for AOTAutograd's cache key (their source
+    is part of it). ``triton_op`` finds them itself only when the body calls ``wrap_triton`` on a
+    kernel by name; here the launchers of ``fastnmf.kernels`` do it through ``launch``."""
+    from torch._library import triton as library_triton
+
+    library_triton.triton_ops_to_kernels[name] = list(kernels)
+
+
 # Triton, rank one, windows: the forward kernels' saved iterates are op outputs, and the backward
 # op calls the backward kernels on them (no recomputation). The pieces are WindowNMF's own:
-# kernels.window_nmf._forward / _backward on a _Geometry.
+# kernels.window_nmf._forward / _backward on a _Geometry (the first window design's launchers).
 
 
 def _window_geometry(x, head_dim, patch, shifts):
@@ -239,16 +305,26 @@ def _window_geometry(x, head_dim, patch, shifts):
     return _Geometry(x, head_dim, tuple(patch), decode_shifts(shifts, x.dim() - 2))
 
 
-@torch.library.custom_op("fastnmf::window_nmf_triton", mutates_args=())
+def _window_kernels():
+    """The first window design's launchers module, its kernels recorded for both window ops."""
+    wn = importlib.import_module("fastnmf.kernels.window_nmf")  # (kernels.window_nmf: a function)
+
+    fwd = (wn._stats_fwd_kernel, wn._apply_fwd_tile_kernel, wn._apply_fwd_kernel)
+    bwd = (wn._stats_bwd_kernel, wn._apply_bwd_tile_kernel, wn._apply_bwd_kernel)
+    record_kernels("fastnmf::window_nmf_triton", fwd)
+    record_kernels("fastnmf::window_nmf_triton_backward", bwd)
+    return wn
+
+
+@torch.library.triton_op("fastnmf::window_nmf_triton", mutates_args=())
 def _window_op(
     x: torch.Tensor, g0: torch.Tensor, rowmask: torch.Tensor, head_dim: int, patch: list[int],
     shifts: list[int], iters: int, mu: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, hats, norms) of WindowNMF's forward; hats / norms are what its backward needs."""
-    from .kernels.window_nmf import _forward
-
     geo = _window_geometry(x, head_dim, patch, shifts)
-    y, hats, norms = _forward(x, g0, rowmask, geo, iters, mu, save=True)
+    y, hats, norms = _window_kernels()._forward(x, g0, rowmask, geo, iters, mu, save=True,
+                                                wrap=True)  # fmt: skip
     return y, hats, norms
 
 
@@ -256,6 +332,7 @@ def _window_op(
 def _window_fake(x, g0, rowmask, head_dim, patch, shifts, iters, mu):
     from .kernels._common import compute_dtype
 
+    _window_kernels()  # recorded before AOTAutograd computes its cache key (after this fake)
     nshift = max(1, len(shifts) // max(1, x.dim() - 2))
     nwin = 1
     for s, q in zip(x.shape[2:], patch, strict=True):
@@ -266,21 +343,25 @@ def _window_fake(x, g0, rowmask, head_dim, patch, shifts, iters, mu):
     return x.new_empty(x.shape), hats, x.new_empty((progs, iters), dtype=f32)
 
 
-@torch.library.custom_op("fastnmf::window_nmf_triton_backward", mutates_args=())
+@torch.library.triton_op("fastnmf::window_nmf_triton_backward", mutates_args=())
 def _window_backward_op(
     dy: torch.Tensor, x: torch.Tensor, g0: torch.Tensor, rowmask: torch.Tensor,
     hats: torch.Tensor, norms: torch.Tensor, head_dim: int, patch: list[int], shifts: list[int],
     iters: int, mu: bool,
 ) -> torch.Tensor:
-    from .kernels.window_nmf import _backward
-
     geo = _window_geometry(x, head_dim, patch, shifts)
-    return _backward(x, g0, rowmask, hats, norms, dy.contiguous(), geo, iters, mu)
+    return _window_kernels()._backward(x, g0, rowmask, hats, norms, dy.contiguous(), geo, iters,
+                                       mu, wrap=True)  # fmt: skip
 
 
 @_window_backward_op.register_fake
 def _window_backward_fake(dy, x, g0, rowmask, hats, norms, head_dim, patch, shifts, iters, mu):
     return x.new_empty(x.shape)
+
+
+# dy is the backward op's first argument; the forward's is x: both on x's device
+decompose_only_when_traceable(_window_op)
+decompose_only_when_traceable(_window_backward_op)
 
 
 def _window_setup_context(ctx, inputs, output):

@@ -33,6 +33,23 @@ def acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def launch(kernel, *, wrap: bool):
+    """What a launcher indexes with its grid: ``kernel`` itself, or, with ``wrap`` (inside a
+    ``torch.library.triton_op``), ``torch.library.wrap_triton(kernel)``.
+
+    Traced (torch.compile's decomposition of the op on CUDA), the wrapped launch is recorded as a
+    ``triton_kernel_wrapper`` node; run eagerly, wrap_triton hands back the kernel itself (the
+    op's eager implementation disables wrapping, and under ``TRITON_INTERPRET=1`` an interpreted
+    kernel is returned as is), so the launch is the direct one. Outside an op (``wrap=False``)
+    nothing of torch.library is touched: the kernels import and launch without it.
+    """
+    if not wrap:
+        return kernel
+    from torch.library import wrap_triton
+
+    return wrap_triton(kernel)
+
+
 def shift_tensor(shifts, spatial, device) -> torch.Tensor:
     """The shift table of the kernels: (n_shifts, 3) int32, each roll as 3D (a 2D grid gets a
     leading axis of size 1) and reduced modulo the size of its axis."""

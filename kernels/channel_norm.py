@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, compute_dtype
+from ._common import acc_dtype, compute_dtype, launch
 
 __all__ = ["channel_norm_forward", "channel_norm_backward", "backward_workspace_bytes"]
 
@@ -112,11 +112,13 @@ def _check(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, int, int]:
     b, c = x.shape[:2]
     if weight.shape != (c,):
         raise ValueError(f"weight must have shape ({c},) for C={c}, got {tuple(weight.shape)}")
-    return b, c, x[0, 0].numel()
+    return b, c, math.prod(x.shape[2:])
 
 
-def channel_norm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
-    """``(y, mean, rstd)``: y like x; mean / rstd (B, S) in the accumulation dtype."""
+def channel_norm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                         *, wrap: bool = False):  # fmt: skip
+    """``(y, mean, rstd)``: y like x; mean / rstd (B, S) in the accumulation dtype. ``wrap``:
+    launch through ``torch.library.wrap_triton`` (inside the triton_op; :func:`launch`)."""
     b, c, s = _check(x, weight)
     x = x.contiguous()  # (B, C, *S); a no-op for the model's tensors
     acc = compute_dtype(x.dtype)
@@ -125,14 +127,17 @@ def channel_norm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     rstd = torch.empty(b, s, device=x.device, dtype=acc)  # (B, S)
     c_pad, block_s = _blocks(c, s)
     grid = (triton.cdiv(s, block_s), b)
-    _fwd_kernel[grid](x, weight, bias, y, mean, rstd, c, s, float(eps), C_PAD=c_pad,
-                      BLOCK_S=block_s, ACC=acc_dtype(x.dtype))  # fmt: skip
+    launch(_fwd_kernel, wrap=wrap)[grid](x, weight, bias, y, mean, rstd, c, s, float(eps),
+                                         C_PAD=c_pad, BLOCK_S=block_s,
+                                         ACC=acc_dtype(x.dtype))  # fmt: skip
     return y, mean, rstd
 
 
 def channel_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                          mean: torch.Tensor, rstd: torch.Tensor):  # fmt: skip
-    """``(dx, dweight, dbias)`` of :func:`channel_norm_forward` (derivation above the kernel)."""
+                          mean: torch.Tensor, rstd: torch.Tensor, *,
+                          wrap: bool = False):  # fmt: skip
+    """``(dx, dweight, dbias)`` of :func:`channel_norm_forward` (derivation above the kernel);
+    ``wrap`` as there."""
     b, c, s = _check(x, weight)
     x, dy = x.contiguous(), dy.contiguous()
     acc = compute_dtype(x.dtype)
@@ -141,6 +146,7 @@ def channel_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     dx = torch.empty_like(x)
     dw = torch.empty(b * n_s, c, device=x.device, dtype=acc)  # (programs, C) partial sums
     db = torch.empty(b * n_s, c, device=x.device, dtype=acc)  # (programs, C)
-    _bwd_kernel[(n_s, b)](dy, x, weight, mean, rstd, dx, dw, db, c, s, n_s, C_PAD=c_pad,
-                          BLOCK_S=block_s, ACC=acc_dtype(x.dtype))  # fmt: skip
+    launch(_bwd_kernel, wrap=wrap)[(n_s, b)](dy, x, weight, mean, rstd, dx, dw, db, c, s, n_s,
+                                             C_PAD=c_pad, BLOCK_S=block_s,
+                                             ACC=acc_dtype(x.dtype))  # fmt: skip
     return dx, dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)

@@ -62,6 +62,7 @@ from ._common import (
     _window_coords,
     acc_dtype,
     compute_dtype,
+    launch,
     window_inputs,
 )
 
@@ -492,7 +493,9 @@ class WindowNMF(torch.autograd.Function):
         return dx, None, None, None, None, None, None, None
 
 
-def _forward(x, g0, rowmask, geo: _Geometry, iters: int, mu: bool, save: bool):
+def _forward(x, g0, rowmask, geo: _Geometry, iters: int, mu: bool, save: bool, *,
+             wrap: bool = False):  # fmt: skip
+    """(y, hats, norms); ``wrap``: launches through :func:`launch` (inside the triton_op)."""
     progs = geo.batch * geo.heads * geo.nshift * geo.nwin
     f32 = compute_dtype(x.dtype)
     u = torch.empty(progs, geo.E, dtype=f32, device=x.device)
@@ -500,7 +503,7 @@ def _forward(x, g0, rowmask, geo: _Geometry, iters: int, mu: bool, save: bool):
     norms = torch.empty(progs, iters, dtype=f32, device=x.device) if save else u
     acc = acc_dtype(x.dtype)
     y = torch.empty_like(x)
-    _stats_fwd_kernel[(geo.nwin * geo.nshift, geo.batch * geo.heads)](
+    launch(_stats_fwd_kernel, wrap=wrap)[(geo.nwin * geo.nshift, geo.batch * geo.heads)](
         x, y, g0, rowmask, geo.shifts, u, hats, norms,
         *geo.common(), iters, geo.pn, *geo.spatial_args(),
         BLOCK_E=geo.stats_block_e, CHUNK=TUNING["chunk"] or geo.chunk, MU=mu, SAVE=save,
@@ -510,14 +513,15 @@ def _forward(x, g0, rowmask, geo: _Geometry, iters: int, mu: bool, save: bool):
     if geo.fused:
         pass  # the stats kernel wrote y
     elif geo.tiled:
-        _apply_fwd_tile_kernel[(geo.ntiles, geo.batch * geo.heads)](
+        launch(_apply_fwd_tile_kernel, wrap=wrap)[(geo.ntiles, geo.batch * geo.heads)](
             x, y, g0, rowmask, geo.shifts, u,
             *geo.common(), *geo.spatial_args(), *geo.tile_args(),
             BLOCK_E=geo.block_e, HB=geo.hb, MU=mu, ACC=acc, num_warps=geo.tile_warps,
         )  # fmt: skip
     else:
         block_v = TUNING["block_v"] or geo.block_v
-        _apply_fwd_kernel[(triton.cdiv(geo.nvox, block_v), geo.batch * geo.heads)](
+        grid = (triton.cdiv(geo.nvox, block_v), geo.batch * geo.heads)
+        launch(_apply_fwd_kernel, wrap=wrap)[grid](
             x, y, g0, rowmask, geo.shifts, u,
             *geo.common(), *geo.spatial_args(),
             BLOCK_E=geo.block_e, BLOCK_V=block_v, MU=mu, ACC=acc,
@@ -528,13 +532,15 @@ def _forward(x, g0, rowmask, geo: _Geometry, iters: int, mu: bool, save: bool):
     return y, hats, norms
 
 
-def _backward(x, g0, rowmask, hats, norms, dy, geo: _Geometry, iters: int, mu: bool):
+def _backward(x, g0, rowmask, hats, norms, dy, geo: _Geometry, iters: int, mu: bool, *,
+              wrap: bool = False):  # fmt: skip
+    """dx; ``wrap`` as in :func:`_forward`."""
     progs = hats.shape[0]
     sym = torch.empty(progs, geo.E, geo.E, dtype=hats.dtype, device=x.device)
     hbar = torch.empty(progs, geo.E, dtype=hats.dtype, device=x.device)
     acc = acc_dtype(x.dtype)
     dx = torch.empty_like(x)
-    _stats_bwd_kernel[(geo.nwin * geo.nshift, geo.batch * geo.heads)](
+    launch(_stats_bwd_kernel, wrap=wrap)[(geo.nwin * geo.nshift, geo.batch * geo.heads)](
         x, dy, dx, g0, rowmask, geo.shifts, hats, norms, sym, hbar,
         *geo.common(), iters, geo.pn, *geo.spatial_args(),
         BLOCK_E=geo.stats_block_e, CHUNK=TUNING["chunk"] or geo.chunk, MU=mu, ACC=acc,
@@ -543,14 +549,15 @@ def _backward(x, g0, rowmask, hats, norms, dy, geo: _Geometry, iters: int, mu: b
     if geo.fused:
         pass  # the stats kernel wrote dx
     elif geo.tiled:
-        _apply_bwd_tile_kernel[(geo.ntiles, geo.batch * geo.heads)](
+        launch(_apply_bwd_tile_kernel, wrap=wrap)[(geo.ntiles, geo.batch * geo.heads)](
             x, dy, dx, g0, rowmask, geo.shifts, hats, sym, hbar,
             *geo.common(), iters, *geo.spatial_args(), *geo.tile_args(),
             BLOCK_E=geo.block_e, HB=geo.hb, MU=mu, ACC=acc, num_warps=geo.tile_warps,
         )  # fmt: skip
     else:
         block_v = TUNING["block_v"] or geo.block_v
-        _apply_bwd_kernel[(triton.cdiv(geo.nvox, block_v), geo.batch * geo.heads)](
+        grid = (triton.cdiv(geo.nvox, block_v), geo.batch * geo.heads)
+        launch(_apply_bwd_kernel, wrap=wrap)[grid](
             x, dy, dx, g0, rowmask, geo.shifts, hats, sym, hbar,
             *geo.common(), iters, *geo.spatial_args(),
             BLOCK_E=geo.block_e, BLOCK_V=block_v, MU=mu, ACC=acc,
