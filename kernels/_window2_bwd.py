@@ -182,10 +182,10 @@ def _apply_bwd_window(
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
     BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
-    G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, CACHE: tl.constexpr = "",
+    G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, CG: tl.constexpr = False,
 ):  # fmt: skip
     """The backward output pass on unshifted window w of head bh (see
-    :func:`_apply_bwd_kernel2`; CACHE: the cache modifier of the loads of S and h̄)."""
+    :func:`_apply_bwd_kernel2`; CG: load S and h̄ past L1, ``.cg``)."""
     e7 = e[:, None, None, None, None, None, None]
     w0, w1, w2, offs, mask, x, x7, dy7 = _load_window_dy(
         x_base, dy_base, rowmask, e, emask, w, NVOX, S1, S2, NW1, NW2,
@@ -201,13 +201,13 @@ def _apply_bwd_window(
         t += g * _shift_vectors(hbar_ptr, E, e, emask, bh, w0, w1, w2, NWIN, NW0, NW1,
                                 NW2, k, SHIFTS, NSHIFT, P0, P1, P2, BP0 // G0,
                                 BP1 // G1, BP2 // G2, G0, G1, G2,
-                                GATHER=True, CACHE=CACHE)  # h̄ g0_s^T  # fmt: skip
+                                GATHER=True, CG=CG)  # h̄ g0_s^T  # fmt: skip
         if MU:  # the dropped columns depend on the shift: S x per shift
             for c in range(0, E):  # S[:, c] x_c; S symmetric: column c = row c
                 scol = _shift_vectors(sym_ptr + c * E, E * E, e, emask, bh, w0, w1, w2,
                                      NWIN, NW0, NW1, NW2, k, SHIFTS, NSHIFT, P0, P1, P2,
                                      BP0 // G0, BP1 // G1, BP2 // G2, G0, G1,
-                                     G2, CACHE=CACHE)  # fmt: skip
+                                     G2, CG=CG)  # fmt: skip
                 t += scol * tl.sum(tl.where(e7 == c, x7, 0), axis=0)[None]
             t = tl.where(g > 0, t, 0)
         dx += t
@@ -218,7 +218,7 @@ def _apply_bwd_window(
                 scol += _shift_vectors(sym_ptr + c * E, E * E, e, emask, bh, w0, w1, w2,
                                       NWIN, NW0, NW1, NW2, k, SHIFTS, NSHIFT, P0, P1, P2,
                                       BP0 // G0, BP1 // G1, BP2 // G2, G0, G1,
-                                      G2, CACHE=CACHE)  # fmt: skip
+                                      G2, CG=CG)  # fmt: skip
             dx += scol * tl.sum(tl.where(e7 == c, x7, 0), axis=0)[None]
     # ReLU'(x) and the MU row mask (0/1): x > 0 exactly where both are nonzero
     dx = tl.where(x > 0, tl.reshape(dx, (BLOCK_E, BP0, BP1, BP2)), 0)

@@ -123,7 +123,7 @@ def _shift_vectors(ptr, STRIDE, e, emask, bh, w0, w1, w2, NWIN, NW0, NW1, NW2,
                    P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
                    BA0: tl.constexpr, BA1: tl.constexpr, BA2: tl.constexpr,
                    G0: tl.constexpr, G1: tl.constexpr, G2: tl.constexpr,
-                   GATHER: tl.constexpr = False, CACHE: tl.constexpr = ""):  # fmt: skip
+                   GATHER: tl.constexpr = False, CG: tl.constexpr = False):  # fmt: skip
     """(BLOCK_E, BA0, 1, BA1, 1, BA2, 1): for every sub-box of unshifted window (w0, w1, w2), the
     E-vector at ptr + prog * STRIDE + e of the shifted window (shift k, prog = (bh * NSHIFT + k)
     * NWIN + window) that the sub-box lies in; broadcast over the voxels of a window reshaped to
@@ -133,8 +133,8 @@ def _shift_vectors(ptr, STRIDE, e, emask, bh, w0, w1, w2, NWIN, NW0, NW1, NW2,
     part's vector itself (fewer registers: a thread loads only its own sub-boxes' vectors, from
     L1; with more sub-boxes, more bytes asked: one E-vector per sub-box instead of per part).
     Else one load of the (E, 2, 2, 2) table of the shift's parts (b0, b1, b2), then spread to the
-    sub-boxes axis by axis (sums of one term and a zero: exact). CACHE: the loads' cache
-    modifier (".cg" where the vectors were written by other programs of the same launch)."""
+    sub-boxes axis by axis (sums of one term and a zero: exact). With CG the loads
+    bypass L1 (``.cg``: where the vectors were written by other programs of the same launch)."""
     if GATHER or BA0 * BA1 * BA2 <= 8:
         a0 = tl.arange(0, BA0)[None, :, None, None, None, None, None] * G0
         a1 = tl.arange(0, BA1)[None, None, None, :, None, None, None] * G1
@@ -146,7 +146,10 @@ def _shift_vectors(ptr, STRIDE, e, emask, bh, w0, w1, w2, NWIN, NW0, NW1, NW2,
         inside = (a0 < P0) & (a1 < P1) & (a2 < P2)  # padding sub-boxes load nothing
         e7 = e[:, None, None, None, None, None, None]
         mask = emask[:, None, None, None, None, None, None] & inside
-        vec = tl.load(ptr + prog * STRIDE + e7, mask=mask, other=0, cache_modifier=CACHE)
+        if CG:
+            vec = tl.load(ptr + prog * STRIDE + e7, mask=mask, other=0, cache_modifier=".cg")
+        else:
+            vec = tl.load(ptr + prog * STRIDE + e7, mask=mask, other=0)
     else:
         b0 = tl.arange(0, 2)[None, :, None, None]
         b1 = tl.arange(0, 2)[None, None, :, None]
@@ -158,9 +161,12 @@ def _shift_vectors(ptr, STRIDE, e, emask, bh, w0, w1, w2, NWIN, NW0, NW1, NW2,
         # part 1 along axis d exists only where the shift splits the axis (s'_d > 0)
         exists = ((b0 <= (1 if SHIFTS[k][0] else 0)) & (b1 <= (1 if SHIFTS[k][1] else 0))
                   & (b2 <= (1 if SHIFTS[k][2] else 0)))  # fmt: skip
-        t = tl.load(ptr + prog * STRIDE + e[:, None, None, None],
-                    mask=emask[:, None, None, None] & exists, other=0,
-                    cache_modifier=CACHE)  # (E, 2, 2, 2)  # fmt: skip
+        tmask = emask[:, None, None, None] & exists
+        if CG:
+            t = tl.load(ptr + prog * STRIDE + e[:, None, None, None], mask=tmask, other=0,
+                        cache_modifier=".cg")  # (E, 2, 2, 2)  # fmt: skip
+        else:
+            t = tl.load(ptr + prog * STRIDE + e[:, None, None, None], mask=tmask, other=0)
         a2 = tl.arange(0, BA2)[None, None, None, None, :] * G2
         m2 = (a2 >= P2 - SHIFTS[k][2]).to(tl.int32) == b2[:, :, :, :, None]  # (1, 1, 1, 2, BA2)
         t = tl.sum(tl.where(m2, t[:, :, :, :, None], 0), axis=3)  # (E, 2, 2, BA2)

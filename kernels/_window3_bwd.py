@@ -115,7 +115,7 @@ def _fused_bwd_kernel(
                                       e, emask, plane * NPLANE + first + j, bh, g_all, hats_ptr,
                                       sym_ptr, hbar_ptr, E, NWIN, NVOX, ITERS, S1, S2, NW0, NW1,
                                       NW2, SHIFTS, NSHIFT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E,
-                                      NSB, G0, G1, G2, MU, ACC, ".cg")  # fmt: skip
+                                      NSB, G0, G1, G2, MU, ACC, True)  # CG  # fmt: skip
         _count_done(flags, phase, plane, NPL)
         t = tl.atomic_add(ticket_ptr, 1)
 

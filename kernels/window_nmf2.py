@@ -281,10 +281,10 @@ def _apply_window(
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
     BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
-    G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, CACHE: tl.constexpr = "",
+    G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, CG: tl.constexpr = False,
 ):  # fmt: skip
     """The output pass on unshifted window w of head bh: y = mean_s u_s,b (u_s,b^T x) (see
-    :func:`_apply_kernel`; CACHE: the cache modifier of the loads of u)."""
+    :func:`_apply_kernel`; CG: load u past L1, ``.cg``)."""
     w0, w1, w2, offs, mask, x = _load_window(x_base, rowmask, e, emask, w, NVOX, S1, S2,
                                              NW1, NW2, P0, P1, P2, BP0, BP1, BP2,
                                              ACC)  # fmt: skip
@@ -293,7 +293,7 @@ def _apply_window(
     for k in tl.static_range(NSHIFT):
         uu = _shift_vectors(u_ptr, E, e, emask, bh, w0, w1, w2, NWIN, NW0, NW1, NW2, k,
                          SHIFTS, NSHIFT, P0, P1, P2, BP0 // G0, BP1 // G1, BP2 // G2,
-                         G0, G1, G2, CACHE=CACHE)  # u of each sub-box's shifted window  # fmt: skip
+                         G0, G1, G2, CG=CG)  # u of each sub-box's shifted window  # fmt: skip
         xs = x7
         if MU:
             g = _to_sub(_pick(g_all, k, NSB), 1, BP0, BP1, BP2, G0, G1, G2)

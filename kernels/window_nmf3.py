@@ -161,7 +161,7 @@ def _fused_kernel(
                     _apply_window(x_ptr + offset, y_ptr + offset, rowmask, e, emask,
                                   plane * NPLANE + first + j, bh, g_all, u_ptr, E, NWIN, NVOX,
                                   S1, S2, NW0, NW1, NW2, SHIFTS, NSHIFT, P0, P1, P2, BP0, BP1,
-                                  BP2, BLOCK_E, NSB, G0, G1, G2, MU, ACC, ".cg")  # fmt: skip
+                                  BP2, BLOCK_E, NSB, G0, G1, G2, MU, ACC, True)  # CG  # fmt: skip
         _count_done(flags, phase, plane, NPL)
         t = tl.atomic_add(ticket_ptr, 1)
 
