@@ -5,6 +5,9 @@
 #
 # Phases, in the order worth running them:
 #   setup     install the carried wheels (.whl/, see ../shared/device/README.md) and the project
+#   designs   bench/time_designs.py: the three rank-one window designs (and design 3's knobs) at
+#             2x32x128^3, fp32/bf16, both shift sets: ms, % of copy bandwidth, diff to design 1
+#             (issue 16's deciding measurement: run it first)
 #   check     CUDA variants of the test suite; 10-run bitwise determinism at 2x32x128^3;
 #             compute-sanitizer memcheck of one small forward+backward (if the tool is there)
 #   nmf       bench_nmf.py for triton, torch and reference (all shapes, fp32 + bf16) and the
@@ -25,12 +28,12 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/gpu}"
-[ $# -gt 0 ] || { echo "usage: bench/gpu_session.sh PHASE [PHASE ...] (setup, check, nmf, compiled, tune, layer, model, profile)" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: bench/gpu_session.sh PHASE [PHASE ...] (setup, designs, check, nmf, compiled, tune, layer, model, profile)" >&2; exit 2; }
 for phase in "$@"; do
     case "$phase" in
-    setup | check | nmf | compiled | tune | layer | model | profile) ;;
+    setup | designs | check | nmf | compiled | tune | layer | model | profile) ;;
     *)
-        echo "gpu_session.sh: error: unknown phase '$phase' (setup, check, nmf, compiled, tune, layer, model, profile)" >&2
+        echo "gpu_session.sh: error: unknown phase '$phase' (setup, designs, check, nmf, compiled, tune, layer, model, profile)" >&2
         exit 2
         ;;
     esac
@@ -64,6 +67,10 @@ for phase in "$@"; do
         step setup info 60 python3 -m fastnmf info
         nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader \
             >"$OUT/setup/nvidia-smi.txt" 2>&1
+        ;;
+    designs)
+        step designs time "${STEP_LIMIT_DESIGNS:-420}" python3 bench/time_designs.py \
+            --out "$OUT/designs/designs.json"
         ;;
     check)
         step check cuda-tests "${STEP_LIMIT_CHECK:-300}" python3 -m pytest tests -q -k cuda \

@@ -150,3 +150,23 @@ def test_check_determinism_bad_arguments(capsys, args, problem):
     with pytest.raises(SystemExit) as exc:
         _determinism_module().main(args)
     assert exc.value.code == 2 and problem in capsys.readouterr().err
+
+
+def test_time_designs_runs(tmp_path):
+    """bench/time_designs.py (issue 16's GPU measurement) at a tiny shape under the interpreter:
+    every requested variant gets a row with times and a difference to design 1 near fp32
+    rounding (2 planes: the persistent design's schedule runs)."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("time_designs", ROOT / "bench/time_designs.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "designs.json"
+    rc = mod.main(["--shape", "1", "8", "16", "8", "8", "--repeats", "1", "--dtypes", "fp32",
+                   "--shifts", "[None, 4]", "--variants", "design 1", "design 3",
+                   "--out", str(out)])  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    assert rc == 0 and [r["variant"] for r in rows] == ["design 1", "design 3"]
+    assert all(r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 for r in rows)
+    assert rows[0]["dx_rel_diff_vs_design1"] == 0 and rows[1]["dx_rel_diff_vs_design1"] < 1e-5

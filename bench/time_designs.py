@@ -1,0 +1,131 @@
+"""Time the rank-one window kernel designs side by side (issue 16's deciding measurement).
+
+    python3 bench/time_designs.py --out designs.json            # on a GPU: 2x32x128^3
+    python3 bench/time_designs.py --shape 1 8 16 16 16 --repeats 1   # anywhere (interpreter)
+
+For each dtype (fp32, bf16), shift set ([None, 4], [None, 2, 4, 6]) and variant (design 1, 2, 3,
+and design 3 with other ``_window3_sched.TUNING`` settings: warps 8, 4 / 16 windows a ticket),
+the layer's forward and forward+backward (``fastnmf.matricized_nmf``, kernel "triton", E = P = 8,
+T = 5) are timed (median of CUDA events), as % of the device's copy bandwidth for the ideal bytes
+(forward: read x + write y; backward: + read dy, write dx) and as a ratio to the first variant
+(design 1); every variant's output and gradient are compared with its (max relative
+difference). A variant that fails is recorded with its error and the others go on. Writes one
+JSON document and prints a table; nothing here gates anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+import torch
+
+import fastnmf
+from fastnmf.profile.timing import copy_bw, environment, median_ms, pick_device
+
+SHIFTS = {"[None, 4]": [None, 4], "[None, 2, 4, 6]": [None, 2, 4, 6]}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# (name, window design, third design's TUNING)
+VARIANTS = [
+    ("design 1", 1, {}),
+    ("design 2", 2, {}),
+    ("design 3", 3, {}),
+    ("design 3, 8 warps", 3, {"warps": 8}),
+    ("design 3, 16 windows a ticket", 3, {"wpp": 16}),
+    ("design 3, 8 warps, 2 programs/SM", 3, {"warps": 8, "programs_per_sm": 2}),
+]
+
+
+def _layer(x, v0, shifts):
+    return fastnmf.matricized_nmf(x, v0, head_dim=8, window=8, shifts=shifts, iters=5,
+                                  kernel="triton", check=False)  # fmt: skip
+
+
+def _run(design: int, tuning: dict, x, v0, dy, shifts, device, repeats: int) -> dict:
+    wn = importlib.import_module("fastnmf.kernels.window_nmf")
+    sched = importlib.import_module("fastnmf.kernels._window3_sched")
+    saved, saved3 = wn.TUNING["design"], dict(sched.TUNING)
+    wn.TUNING["design"] = design
+    sched.TUNING.update(tuning)
+    try:
+        xg = x.detach().requires_grad_()
+
+        def fwd():
+            with torch.no_grad():
+                return _layer(x, v0, shifts)
+
+        def fwdbwd():
+            (g,) = torch.autograd.grad(_layer(xg, v0, shifts), xg, dy)
+            return g
+
+        y, g = fwd(), fwdbwd()
+        return dict(fwd_ms=median_ms(fwd, device, repeats), fwdbwd_ms=median_ms(fwdbwd, device,
+                    repeats), y=y, dx=g)  # fmt: skip
+    finally:
+        wn.TUNING["design"] = saved
+        sched.TUNING.clear()
+        sched.TUNING.update(saved3)
+
+
+def _rel(a, b) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", type=int, nargs=5, default=[2, 32, 128, 128, 128],
+                    metavar=("B", "C", "D", "H", "W"))  # fmt: skip
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    ap.add_argument("--shifts", nargs="+", choices=list(SHIFTS), default=list(SHIFTS))
+    ap.add_argument("--variants", nargs="+", choices=[v[0] for v in VARIANTS],
+                    default=[v[0] for v in VARIANTS], help="the first one is the baseline")
+    ap.add_argument("--out", help="JSON file")
+    args = ap.parse_args(argv)
+    device = pick_device("auto")
+    bw = copy_bw(device)
+    rows = []
+    for dname in args.dtypes:
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        x = torch.randn(*args.shape, generator=gen).to(device, DTYPES[dname])
+        dy = torch.randn(*args.shape, generator=gen).to(device, DTYPES[dname])
+        v0 = torch.rand(512, 1, generator=gen).to(device, DTYPES[dname])
+        nbytes = x.numel() * x.element_size()
+        for sname in args.shifts:
+            shifts = SHIFTS[sname]
+            base = None
+            for name, design, tuning in [v for v in VARIANTS if v[0] in args.variants]:
+                row = dict(dtype=dname, shifts=sname, variant=name)
+                try:
+                    r = _run(design, tuning, x, v0, dy, shifts, device, args.repeats)
+                except Exception as e:  # noqa: BLE001 - recorded, the other variants go on
+                    rows.append(dict(row, error=f"{type(e).__name__}: {e}"))
+                    print(f"{dname} {sname} {name}: {type(e).__name__}: {e}", file=sys.stderr)
+                    continue
+                base = base or r
+                row.update(
+                    fwd_ms=r["fwd_ms"], fwdbwd_ms=r["fwdbwd_ms"],
+                    fwd_pct_copy_bw=100 * 2 * nbytes / (r["fwd_ms"] * 1e-3) / 1e9 / bw,
+                    fwdbwd_pct_copy_bw=100 * 5 * nbytes / (r["fwdbwd_ms"] * 1e-3) / 1e9 / bw,
+                    fwd_vs_design1=r["fwd_ms"] / base["fwd_ms"],
+                    fwdbwd_vs_design1=r["fwdbwd_ms"] / base["fwdbwd_ms"],
+                    y_rel_diff_vs_design1=_rel(r["y"], base["y"]),
+                    dx_rel_diff_vs_design1=_rel(r["dx"], base["dx"]),
+                )  # fmt: skip
+                rows.append(row)
+                print(f"{dname:5} {sname:16} {name:34} fwd {row['fwd_ms']:8.3f} ms "
+                      f"({row['fwd_pct_copy_bw']:5.1f} %)  fwd+bwd {row['fwdbwd_ms']:8.3f} ms "
+                      f"({row['fwdbwd_pct_copy_bw']:5.1f} %)  dx diff "
+                      f"{row['dx_rel_diff_vs_design1']:.1e}")  # fmt: skip
+    doc = dict(environment=environment(device), shape=args.shape, copy_bw_gbs=bw, rows=rows)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(doc, f, indent=1)
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
