@@ -74,11 +74,12 @@ def _fused_bwd_kernel(
     x_ptr, dy_ptr, dx_ptr, g0_ptr, rowmask_ptr, hats_ptr, norms_ptr, kmat_ptr, gpart_ptr,
     sym_ptr, hbar_ptr, flag_ptr, NTICKET, CPP, NSTAGE, NPLANE, NPL,
     C, E: tl.constexpr, HEADS, NWIN, NVOX, ITERS, S1, S2, NW0, NW1, NW2,
-    SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr, AX: tl.constexpr,
+    SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr,
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
     BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
     G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, RING: tl.constexpr,
+    OFFS: tl.constexpr, NOFF: tl.constexpr,
 ):  # fmt: skip
     """Persistent, like the forward's ``_fused_kernel``: the backward parts, solves and output
     passes of every (batch*head, plane, chunk) in ticket order (RING is 0: the ū parts, E floats
@@ -102,13 +103,13 @@ def _fused_bwd_kernel(
                                       P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, G0, G1, G2, MU,
                                       ACC)  # fmt: skip
         elif phase == 1:
-            _wait_stage(flags, NPL, plane, 1, CPP, SHIFTS, NSHIFT, AX)
+            _wait_stage(flags, NPL, plane, 1, CPP, OFFS, NOFF)
             i = first + tl.arange(0, WPP)
             _solve_bwd_batch(gpart_ptr, kmat_ptr, hats_ptr, norms_ptr, sym_ptr, hbar_ptr, bh,
                              plane * NPLANE + i, i < NPLANE, E, NWIN, ITERS, NW0, NW1, NW2,
                              SHIFTS, NSHIFT, WPP, BLOCK_E, ACC)  # fmt: skip
         else:
-            _wait_stage(flags, NPL, plane, 2, CPP, SHIFTS, NSHIFT, AX)
+            _wait_stage(flags, NPL, plane, 2, CPP, OFFS, NOFF)
             for j in range(0, WPP):
                 if first + j < NPLANE:
                     _apply_bwd_window(x_ptr + offset, dy_ptr + offset, dx_ptr + offset, rowmask,
@@ -133,7 +134,7 @@ def backward3(x, g0, rowmask, hats, norms, kmat, dy, geo: _Geometry2, plan, iter
     _fused_bwd_kernel[pipe.grid](
         x, dy, dx, g0, rowmask, hats, norms, kmat, gpart, sym, hbar, *pipe.args(),
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, iters, geo.S[1], geo.S[2], *geo.NW,
-        **geo.consts(), **pipe.block(geo), AX=pipe.ax, MU=mu, ACC=acc_dtype(x.dtype),
+        **geo.consts(), **pipe.block(geo), MU=mu, ACC=acc_dtype(x.dtype),
         num_warps=pipe.warps(),
     )  # fmt: skip
     return dx

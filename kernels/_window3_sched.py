@@ -23,7 +23,7 @@ import triton.language as tl
 
 from ._window2_common import _tri, _window_origin
 
-__all__ = ["TUNING", "PASSES", "Pipeline", "fused_plan", "ring_regions", "wpp"]
+__all__ = ["TUNING", "PASSES", "Pipeline", "fused_plan", "ring_regions", "wait_offsets", "wpp"]
 
 PASSES = ("parts", "solve", "apply")
 # The persistent launch: programs per SM, warps per program, windows per ticket (None: the
@@ -56,18 +56,18 @@ def _wait_for(flag_ptr, need):
 
 
 @triton.jit
-def _wait_stage(flags, npl, plane, before: tl.constexpr, need, SHIFTS: tl.constexpr,
-                NSHIFT: tl.constexpr, AX: tl.constexpr):  # fmt: skip
-    """Wait for the planes a stage needs of the pass before it: for every shift, planes
-    plane -/+ (b + Q_AX) (b = 0, and 1 where the shift splits axis AX); ``before`` 1: parts -> solve
-    (minus), 2: solve -> apply (plus). flags: the batch*head's (pass, plane) counts."""
-    for k in tl.static_range(NSHIFT):
-        for b in tl.static_range(2 if SHIFTS[k][AX] else 1):
-            if before == 1:
-                dep = (plane - b - SHIFTS[k][3 + AX] + 2 * npl) % npl
-            else:
-                dep = (plane + b + SHIFTS[k][3 + AX]) % npl
-            _wait_for(flags + (before - 1) * npl + dep, need)
+def _wait_stage(flags, npl, plane, before: tl.constexpr, need, OFFS: tl.constexpr,
+                NOFF: tl.constexpr):  # fmt: skip
+    """Wait for the planes a stage needs of the pass before it: planes plane -/+ o for each
+    distinct offset o = b + Q_AX of :func:`wait_offsets` (one wait per plane, not per shift);
+    ``before`` 1: parts -> solve (minus), 2: solve -> apply (plus). flags: the batch*head's
+    (pass, plane) counts."""
+    for i in tl.static_range(NOFF):
+        if before == 1:
+            dep = (plane - OFFS[i] + 2 * npl) % npl
+        else:
+            dep = (plane + OFFS[i]) % npl
+        _wait_for(flags + (before - 1) * npl + dep, need)
 
 
 @triton.jit
@@ -155,6 +155,13 @@ def fused_plan(nw: tuple[int, int, int], shifts: tuple) -> tuple | None:
             return None
         done.add(stage)
     return ax, tuple(order)
+
+
+def wait_offsets(shifts, ax: int) -> tuple[int, ...]:
+    """The distinct plane offsets b + Q_AX over the shifts (b = 0, and 1 where a shift splits the
+    axis): a shifted window of plane o holds parts of planes o - offset, and a window of plane p
+    lies in shifted windows of planes p + offset (the kernels wait on each plane once)."""
+    return tuple(sorted({b + s[3 + ax] for s in shifts for b in ((0, 1) if s[ax] else (0,))}))
 
 
 def ring_regions(shifts, ax: int) -> int:
@@ -260,5 +267,8 @@ class Pipeline:
         return TUNING["warps"] or _WARPS
 
     def block(self, geo) -> dict:
-        """The geometry's block constants with this pipeline's windows per ticket and ring."""
-        return {**geo.block(), "WPP": self.wpp, "RING": self.ring}
+        """The geometry's block constants with this pipeline's windows per ticket, ring and wait
+        offsets."""
+        offs = wait_offsets(geo.shifts, self.ax)
+        return {**geo.block(), "WPP": self.wpp, "RING": self.ring, "OFFS": offs,
+                "NOFF": len(offs)}  # fmt: skip

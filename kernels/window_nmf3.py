@@ -110,13 +110,13 @@ def _fused_kernel(
     x_ptr, y_ptr, g0_ptr, rowmask_ptr, kpart_ptr, hpart_ptr, u_ptr, hats_ptr, norms_ptr,
     kmat_ptr, flag_ptr, NTICKET, CPP, NSTAGE, NPLANE, NPL,
     C, E: tl.constexpr, HEADS, NWIN, NVOX, ITERS, S1, S2, NW0, NW1, NW2,
-    SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr, AX: tl.constexpr,
+    SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr,
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
     BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
     G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, NPB: tl.constexpr,
-    SAVE: tl.constexpr, RING: tl.constexpr,
+    SAVE: tl.constexpr, RING: tl.constexpr, OFFS: tl.constexpr, NOFF: tl.constexpr,
 ):  # fmt: skip
     """Persistent: take tickets (batch*head, stage, chunk) in order until none is left; wait for
     what the stage needs, run its chunk of WPP windows, count the chunk done. With RING, a parts
@@ -139,7 +139,7 @@ def _fused_kernel(
         if phase == 0:
             if RING > 0:
                 if plane - RING >= 1:  # its region held plane - RING's parts: their solves first
-                    _wait_stage(flags, NPL, plane - RING, 2, CPP, SHIFTS, NSHIFT, AX)
+                    _wait_stage(flags, NPL, plane - RING, 2, CPP, OFFS, NOFF)
             for j in range(0, WPP):
                 if first + j < NPLANE:
                     w = plane * NPLANE + first + j
@@ -149,13 +149,13 @@ def _fused_kernel(
                                   NSHIFT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, G0, G1, G2,
                                   MU, ACC, DOT, D0, D1, D2, NPB)  # fmt: skip
         elif phase == 1:
-            _wait_stage(flags, NPL, plane, 1, CPP, SHIFTS, NSHIFT, AX)
+            _wait_stage(flags, NPL, plane, 1, CPP, OFFS, NOFF)
             i = first + tl.arange(0, WPP)
             _solve_batch(kpart_ptr, hpart_ptr, u_ptr, hats_ptr, norms_ptr, kmat_ptr, bh,
                          plane * NPLANE + i, i < NPLANE, E, NWIN, ITERS, NW0, NW1, NW2, NPLANE,
                          SHIFTS, NSHIFT, WPP, BLOCK_E, SAVE, ACC, RING)  # fmt: skip
         else:
-            _wait_stage(flags, NPL, plane, 2, CPP, SHIFTS, NSHIFT, AX)
+            _wait_stage(flags, NPL, plane, 2, CPP, OFFS, NOFF)
             for j in range(0, WPP):
                 if first + j < NPLANE:
                     _apply_window(x_ptr + offset, y_ptr + offset, rowmask, e, emask,
@@ -181,7 +181,7 @@ def _fused_forward(x, g0, rowmask, geo: _Geometry2, plan, iters: int, mu: bool, 
     _fused_kernel[pipe.grid](
         x, y, g0, rowmask, kpart, hpart, u, hats, norms, kmat, *pipe.args(),
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, iters, geo.S[1], geo.S[2], *geo.NW,
-        **geo.consts(), **pipe.block(geo), AX=pipe.ax, MU=mu, ACC=acc, **geo.dot(acc, mu),
+        **geo.consts(), **pipe.block(geo), MU=mu, ACC=acc, **geo.dot(acc, mu),
         SAVE=save, num_warps=pipe.warps(),
     )  # fmt: skip
     if not save:

@@ -149,8 +149,8 @@ def _needs_by_rolling(size: int, patch: int, shifts: list[int]):
 @pytest.mark.parametrize("npl", [1, 2, 3, 5, 16])
 @pytest.mark.parametrize("shifts", [[0], [0, 4], [0, 2, 4, 6], [0, 1, 7]])
 def test_schedule_meets_every_need(npl, shifts):
-    """Each (pass, plane) once; every stage after the stages it needs, the needs found by rolling
-    voxel coordinates (P = 8)."""
+    """Each (pass, plane) once; every stage after the stages it needs, and the planes the kernels
+    wait on cover those needs, the needs found by rolling voxel coordinates (P = 8)."""
     patch = 8
     consts = tuple((s % patch, 0, 0, s // patch, 0, 0) for s in shifts)
     plan = sched.fused_plan((npl, 1, 1), consts)
@@ -159,9 +159,12 @@ def test_schedule_meets_every_need(npl, shifts):
     assert ax == 0 and sorted(order) == [(k, p) for k in range(3) for p in range(npl)]
     solve, apply = _needs_by_rolling(npl * patch, patch, shifts)
     position = {stage: i for i, stage in enumerate(order)}
+    offsets = sched.wait_offsets(consts, ax)  # what the kernels wait on
     for p in range(npl):
         assert all(position[(0, q)] < position[(1, p)] for q in solve[p])
         assert all(position[(1, q)] < position[(2, p)] for q in apply[p])
+        assert solve[p] <= {(p - o) % npl for o in offsets}
+        assert apply[p] <= {(p + o) % npl for o in offsets}
 
 
 @triton.jit
