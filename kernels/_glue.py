@@ -135,3 +135,19 @@ def dropout_scale(seed, b, k: tl.constexpr, c, v, S, p, N: tl.constexpr, DROP: t
         return tl.where(u >= p, 1.0 / (1.0 - p), 0.0)
     else:
         return tl.full((c.shape[0], v.shape[0]), 1.0, tl.float32)
+
+
+# Triton's CPU interpreter multiplies bf16 tl.dot operands as their raw uint16 bits (Triton 3.9):
+# there bf16 operands are carried as fp32 (exact: the same products, summed in fp32)
+_BF16_DOT_AS_FP32: tl.constexpr = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def dot_operand(a, DOT: tl.constexpr):
+    """``a`` rounded to ``DOT`` as a ``tl.dot`` operand (under the interpreter a bf16 operand
+    comes back as fp32 holding the same bf16 values, see ``_BF16_DOT_AS_FP32``)."""
+    a = a.to(DOT)
+    if _BF16_DOT_AS_FP32:
+        if DOT == tl.bfloat16:
+            a = a.to(tl.float32)
+    return a
