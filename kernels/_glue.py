@@ -35,7 +35,9 @@ from ._common import INTERPRET
 
 __all__ = ["N_MASKS", "dropout_seed", "check_offsets", "persistent_programs", "dot_dtype"]
 
-N_MASKS = 4  # dropout masks a call may draw per batch item (seed + N_MASKS * b + k, k < N_MASKS)
+# dropout masks a call may draw per batch item (seed + N_MASKS * b + k, k < N_MASKS); a constexpr,
+# since the kernels read it (Triton refuses other globals when it compiles)
+N_MASKS = tl.constexpr(4)
 PROGRAMS_PER_SM = 2  # persistent programs per SM on a GPU
 _INTERPRET_PROGRAMS = 3  # under the CPU interpreter (programs run one after another)
 _SQRT1_2 = 0.7071067811865476  # 1 / sqrt(2)
@@ -139,7 +141,7 @@ def dropout_scale(seed, b, k: tl.constexpr, c, v, S, p, N: tl.constexpr, DROP: t
 
 # Triton's CPU interpreter multiplies bf16 tl.dot operands as their raw uint16 bits (Triton 3.9):
 # there bf16 operands are carried as fp32 (exact: the same products, summed in fp32)
-_BF16_DOT_AS_FP32: tl.constexpr = tl.constexpr(INTERPRET)
+_BF16_DOT_AS_FP32 = tl.constexpr(INTERPRET)
 
 
 @triton.jit
