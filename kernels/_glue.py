@@ -40,8 +40,8 @@ __all__ = ["N_MASKS", "dropout_seed", "check_offsets", "persistent_programs", "d
 N_MASKS = tl.constexpr(4)
 PROGRAMS_PER_SM = 2  # persistent programs per SM on a GPU
 _INTERPRET_PROGRAMS = 3  # under the CPU interpreter (programs run one after another)
-_SQRT1_2 = 0.7071067811865476  # 1 / sqrt(2)
-_INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 pi)
+_SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2) (constexpr: read in kernels)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
 
 
 def dropout_seed() -> int:
