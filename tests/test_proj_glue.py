@@ -117,6 +117,26 @@ def test_proj_residual_float64(gen, shape, cout, p, device):
     _assert_close(got, want, 1e-12, torch.float64, PROJ_RESIDUAL_NAMES)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_norm_proj_degenerate(gen, device):
+    """Voxels whose channels are all equal (variance 0: xhat = 0, rstd = eps^-1/2) or tiny, and an
+    all-zero item: finite and exact. eps = 2^-17 is exact in fp32 (a Python float reaches a
+    compiled kernel as fp32)."""
+    eps = 2.0**-17
+    x, lnw, lnb, w, dz = _norm_proj_inputs(gen, (2, 24, 4, 5, 6), 16, torch.float64, device)
+    x[0, :, 1] = 3.0
+    x[0, :, 2] *= 1e-4
+    x[1] = 0.0
+    z = P.norm_proj_forward(x, lnw, lnb, eps, w)
+    grads = P.norm_proj_backward(dz, x, lnw, lnb, eps, w)
+    leaves = [t.detach().requires_grad_() for t in (x, lnw, lnb, w)]
+    n = F.layer_norm(leaves[0].movedim(1, -1), (24,), leaves[1], leaves[2], eps).movedim(-1, 1)
+    z_ref = _pointwise(leaves[3], n)
+    want = (z_ref, *torch.autograd.grad(z_ref, leaves, dz))
+    assert all(torch.isfinite(t).all() for t in (z, *grads))
+    _assert_close((z, *grads), want, 1e-12, torch.float64, NORM_PROJ_NAMES)
+
+
 # ----------------------------------------------------------------------------------------------
 # fp32 / bf16 / fp16 inputs: fp32 accumulation
 
