@@ -57,7 +57,8 @@ __all__ = ["norm_proj_forward", "norm_proj_backward", "proj_residual_forward",
            "proj_residual_workspace_bytes"]  # fmt: skip
 
 MAX_PARAM_ELEMENTS = 16384  # CIN_PAD * COUT_PAD: the weight and its gradient held in registers
-TILE_ELEMENTS = 2048  # C_PAD * BLOCK_V of the widest activation tile on a GPU
+# C_PAD * BLOCK_V of the widest activation tile on a GPU: forward, backward
+TILE_ELEMENTS = {False: 2048, True: 1024}
 
 
 def _pad(channels: int) -> int:
@@ -70,17 +71,18 @@ def supported(cin: int, cout: int) -> bool:
     return _pad(cin) * _pad(cout) <= MAX_PARAM_ELEMENTS
 
 
-def _config(cin_pad: int, cout_pad: int, voxels: int, *, backward: bool) -> tuple[int, int]:
+def _config(cin_pad: int, cout_pad: int, voxels: int, *, backward: bool,
+            fp64: bool) -> tuple[int, int]:  # fmt: skip
     """(BLOCK_V, warps): the widest (C_PAD, BLOCK_V) tile at TILE_ELEMENTS; 8 warps forward, 4
-    backward up to a 64 x 64 weight, 8 beyond (sm_90a, Triton 3.9: no spills at 32 to 128 channels,
-    fp32 and bf16, two programs or more resident per SM up to 64 channels); under the interpreter
-    the biggest tile (it pays per operation)."""
+    backward up to a 64 x 64 weight (32 x 32 in fp64), 8 beyond. Compiled for sm_90a (Triton
+    3.9): no spills at 16 to 128 channels in fp16 / bf16 / fp32, up to 64 in fp64 (the checking
+    dtype). Under the interpreter the biggest tile (it pays per operation)."""
     if INTERPRET:
         return max(16, min(256, triton.next_power_of_2(voxels))), 4
-    block_v = max(16, min(128, TILE_ELEMENTS // max(cin_pad, cout_pad)))
+    block_v = max(16, min(128, TILE_ELEMENTS[backward] // max(cin_pad, cout_pad)))
     if not backward:
         return block_v, 8
-    return block_v, 4 if cin_pad * cout_pad <= 64 * 64 else 8
+    return block_v, 4 if cin_pad * cout_pad * (4 if fp64 else 1) <= 64 * 64 else 8
 
 
 def _check_input(name: str, t: torch.Tensor) -> None:
@@ -136,7 +138,8 @@ def _check_proj_residual(z, w, p: float) -> tuple[int, int, int]:
 def _launch_args(x, cin: int, cout: int, s: int, *, backward: bool):
     """(programs, (tiles per item, tiles), constexprs) of a launch over x's batch and voxels."""
     cin_pad, cout_pad = _pad(cin), _pad(cout)
-    block_v, warps = _config(cin_pad, cout_pad, s, backward=backward)
+    block_v, warps = _config(cin_pad, cout_pad, s, backward=backward,
+                             fp64=x.dtype == torch.float64)  # fmt: skip
     per, tiles = n_tiles(x.shape[0], s, block_v)
     programs = persistent_programs(tiles, x.device)
     meta = dict(CI_PAD=cin_pad, CO_PAD=cout_pad, BLOCK_V=block_v, ACC=acc_dtype(x.dtype),
