@@ -57,8 +57,8 @@ __all__ = ["norm_proj_forward", "norm_proj_backward", "proj_residual_forward",
            "proj_residual_workspace_bytes"]  # fmt: skip
 
 MAX_PARAM_ELEMENTS = 16384  # CIN_PAD * COUT_PAD: the weight and its gradient held in registers
-# C_PAD * BLOCK_V of the widest activation tile on a GPU: forward, backward
-TILE_ELEMENTS = {False: 2048, True: 1024}
+FWD_TILE_ELEMENTS = 2048  # C_PAD * BLOCK_V of the widest activation tile on a GPU, forward
+BWD_TILE_ELEMENTS = 1024  # and backward
 
 
 def _pad(channels: int) -> int:
@@ -73,13 +73,14 @@ def supported(cin: int, cout: int) -> bool:
 
 def _config(cin_pad: int, cout_pad: int, voxels: int, *, backward: bool,
             fp64: bool) -> tuple[int, int]:  # fmt: skip
-    """(BLOCK_V, warps): the widest (C_PAD, BLOCK_V) tile at TILE_ELEMENTS; 8 warps forward, 4
+    """(BLOCK_V, warps): the widest (C_PAD, BLOCK_V) tile at *_TILE_ELEMENTS; 8 warps forward, 4
     backward up to a 64 x 64 weight (32 x 32 in fp64), 8 beyond. Compiled for sm_90a (Triton
     3.9): no spills at 16 to 128 channels in fp16 / bf16 / fp32, up to 64 in fp64 (the checking
     dtype). Under the interpreter the biggest tile (it pays per operation)."""
     if INTERPRET:
         return max(16, min(256, triton.next_power_of_2(voxels))), 4
-    block_v = max(16, min(128, TILE_ELEMENTS[backward] // max(cin_pad, cout_pad)))
+    elements = BWD_TILE_ELEMENTS if backward else FWD_TILE_ELEMENTS
+    block_v = max(16, min(128, elements // max(cin_pad, cout_pad)))
     if not backward:
         return block_v, 8
     return block_v, 4 if cin_pad * cout_pad * (4 if fp64 else 1) <= 64 * 64 else 8
