@@ -33,7 +33,8 @@ import triton.language as tl
 
 from ._common import INTERPRET
 
-__all__ = ["N_MASKS", "dropout_seed", "check_offsets", "persistent_programs", "dot_dtype"]
+__all__ = ["N_MASKS", "dropout_seed", "check_offsets", "persistent_programs", "matmul_dtype",
+           "dot_dtype"]
 
 N_MASKS = 4  # dropout masks a call may draw per batch item (seed + N_MASKS * b + k, k < N_MASKS)
 PROGRAMS_PER_SM = 2  # persistent programs per SM on a GPU
@@ -65,10 +66,16 @@ def persistent_programs(n_tiles: int, device: torch.device) -> int:
     return max(1, min(n_tiles, _INTERPRET_PROGRAMS))
 
 
-def dot_dtype(x: torch.Tensor):
-    """The ``DOT`` constexpr: autocast's dtype when autocast is on for x's device, else x's."""
+def matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The matrix products' operand dtype for input x: autocast's dtype when autocast is on for
+    x's device, else x's (decided by the caller in forward and kept for backward, which runs
+    outside autocast)."""
     dev = x.device.type
-    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+def dot_dtype(dtype: torch.dtype):
+    """The ``DOT`` constexpr for operand dtype ``dtype``."""
     return {torch.float64: tl.float64, torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
             torch.float16: tl.float16}[dtype]  # fmt: skip
 

@@ -29,8 +29,8 @@ import triton.language as tl
 
 from ._common import INTERPRET, acc_dtype, compute_dtype, launch
 from ._glue import (N_MASKS, check_offsets, dot_dtype, dropout_scale, gelu, gelu_grad,
-                    layer_norm_tile, layer_norm_tile_backward, n_tiles, persistent_programs,
-                    tile_coords)  # fmt: skip
+                    layer_norm_tile, layer_norm_tile_backward, matmul_dtype, n_tiles,
+                    persistent_programs, tile_coords)  # fmt: skip
 
 __all__ = ["mlp_forward", "mlp_backward", "supported", "backward_workspace_bytes"]
 
@@ -152,24 +152,25 @@ def _bwd_kernel(dy_ptr, x_ptr, lnw_ptr, lnb_ptr, w1_ptr, b1_ptr, w2_ptr, dx_ptr,
     tl.store(row + H + 2 * C + c, dlnb, mask=cm)
 
 
-def _launch_args(x, c, h, s, *, backward: bool):
+def _launch_args(x, c, h, s, *, backward: bool, dot: torch.dtype | None):
     c_pad, h_pad = _pads(c, h)
     block_v, warps = _config(h_pad, s, backward=backward)
     per, tiles = n_tiles(x.shape[0], s, block_v)
     programs = persistent_programs(tiles, x.device)
     meta = dict(C_PAD=c_pad, H_PAD=h_pad, BLOCK_V=block_v, ACC=acc_dtype(x.dtype),
-                DOT=dot_dtype(x), num_warps=warps)  # fmt: skip
+                DOT=dot_dtype(dot or matmul_dtype(x)), num_warps=warps)  # fmt: skip
     return programs, (per, tiles), meta
 
 
 def mlp_forward(x, ln_w, ln_b, eps: float, w1, b1, w2, b2, p: float, seed: int, *,
-                wrap: bool = False) -> torch.Tensor:  # fmt: skip
+                dot: torch.dtype | None = None, wrap: bool = False) -> torch.Tensor:  # fmt: skip
     """``y`` (like x) of the branch with its residual; ``p``: both dropouts' rate, ``seed``:
-    their Philox seed (:func:`fastnmf.kernels._glue.dropout_seed`)."""
+    their Philox seed (:func:`fastnmf.kernels._glue.dropout_seed`), ``dot``: the matrix
+    products' operand dtype (default :func:`~fastnmf.kernels._glue.matmul_dtype`)."""
     b, c, h, s = _check(x, ln_w, w1, w2)
     x = x.contiguous()
     y = torch.empty_like(x)
-    programs, (per, tiles), meta = _launch_args(x, c, h, s, backward=False)
+    programs, (per, tiles), meta = _launch_args(x, c, h, s, backward=False, dot=dot)
     launch(_fwd_kernel, wrap=wrap)[(programs,)](
         x, ln_w, ln_b, w1.contiguous(), b1, w2.contiguous(), b2, y, c, h, s, per, tiles,
         float(eps), float(p), int(seed), DROP=p > 0, **meta)  # fmt: skip
@@ -177,11 +178,12 @@ def mlp_forward(x, ln_w, ln_b, eps: float, w1, b1, w2, b2, p: float, seed: int, 
 
 
 def mlp_backward(dy, x, ln_w, ln_b, eps: float, w1, b1, w2, p: float, seed: int, *,
-                 wrap: bool = False):  # fmt: skip
-    """``(dx, d ln_w, d ln_b, dW1, db1, dW2, db2)`` of :func:`mlp_forward` (same p and seed)."""
+                 dot: torch.dtype | None = None, wrap: bool = False):  # fmt: skip
+    """``(dx, d ln_w, d ln_b, dW1, db1, dW2, db2)`` of :func:`mlp_forward` (same p, seed and
+    dot)."""
     b, c, h, s = _check(x, ln_w, w1, w2)
     x, dy = x.contiguous(), dy.contiguous()
-    programs, (per, tiles), meta = _launch_args(x, c, h, s, backward=True)
+    programs, (per, tiles), meta = _launch_args(x, c, h, s, backward=True, dot=dot)
     dx = torch.empty_like(x)
     acc = compute_dtype(x.dtype)
     ws = torch.empty(programs, 2 * c * h + h + 3 * c, device=x.device, dtype=acc)  # partial sums
