@@ -39,6 +39,10 @@ __all__ = ["N_MASKS", "dropout_seed", "check_offsets", "persistent_programs", "m
 N_MASKS = 4  # dropout masks a call may draw per batch item (seed + N_MASKS * b + k, k < N_MASKS)
 PROGRAMS_PER_SM = 2  # persistent programs per SM on a GPU
 _INTERPRET_PROGRAMS = 3  # under the CPU interpreter (programs run one after another)
+# The interpreter's tl.dot reads bf16 operands as raw bits (Triton 3.9: values off by 1e10) and
+# its fp32 -> bf16 cast truncates (a GPU rounds to nearest even): there operands are rounded to
+# the DOT dtype by :func:`to_dot` (to nearest even) and kept in ACC, so the products are a GPU's
+_WIDEN = tl.constexpr(INTERPRET)
 _SQRT1_2 = 0.7071067811865476  # 1 / sqrt(2)
 _INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 pi)
 
@@ -100,6 +104,21 @@ def tile_coords(t, tiles_per_item, C, S, C_PAD: tl.constexpr, BLOCK_V: tl.conste
     mask = (c < C)[:, None] & (v < S)[None, :]
     offs = b.to(tl.int64) * C * S + c[:, None].to(tl.int64) * S + v[None, :]
     return b, c, v, mask, offs
+
+
+@triton.jit
+def to_dot(a, DOT: tl.constexpr, ACC: tl.constexpr):
+    """A matrix product's operand in the DOT dtype (under the interpreter: its value rounded to
+    DOT, to nearest even, held in ACC; see ``_WIDEN``)."""
+    if _WIDEN:
+        if DOT == tl.bfloat16:
+            bits = a.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            return bits.to(tl.float32, bitcast=True).to(ACC)
+        else:
+            return a.to(DOT).to(ACC)
+    else:
+        return a.to(DOT)
 
 
 @triton.jit

@@ -28,9 +28,21 @@ import triton
 import triton.language as tl
 
 from ._common import INTERPRET, acc_dtype, compute_dtype, launch
-from ._glue import (N_MASKS, check_offsets, dot_dtype, dropout_scale, gelu, gelu_grad,
-                    layer_norm_tile, layer_norm_tile_backward, matmul_dtype, n_tiles,
-                    persistent_programs, tile_coords)  # fmt: skip
+from ._glue import (
+    N_MASKS,
+    check_offsets,
+    dot_dtype,
+    dropout_scale,
+    gelu,
+    gelu_grad,
+    layer_norm_tile,
+    layer_norm_tile_backward,
+    matmul_dtype,
+    n_tiles,
+    persistent_programs,
+    tile_coords,
+    to_dot,
+)
 
 __all__ = ["mlp_forward", "mlp_backward", "supported", "backward_workspace_bytes"]
 
@@ -85,7 +97,7 @@ def _fwd_kernel(x_ptr, lnw_ptr, lnb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, y_ptr,
     lnb = tl.load(lnb_ptr + c, mask=cm, other=0.0).to(ACC)
     w1 = tl.load(w1_ptr + k[:, None] * C + c[None, :], mask=km[:, None] & cm[None, :], other=0.0)
     w2 = tl.load(w2_ptr + c[:, None] * H + k[None, :], mask=cm[:, None] & km[None, :], other=0.0)
-    w1, w2 = w1.to(DOT), w2.to(DOT)  # (H_PAD, C_PAD), (C_PAD, H_PAD)
+    w1, w2 = to_dot(w1, DOT, ACC), to_dot(w2, DOT, ACC)  # (H_PAD, C_PAD), (C_PAD, H_PAD)
     b1 = tl.load(b1_ptr + k, mask=km, other=0.0).to(ACC)
     b2 = tl.load(b2_ptr + c, mask=cm, other=0.0).to(ACC)
     for t in range(tl.program_id(0), tiles, tl.num_programs(0)):
@@ -93,9 +105,9 @@ def _fwd_kernel(x_ptr, lnw_ptr, lnb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, y_ptr,
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)  # (C_PAD, BLOCK_V)
         xhat, rstd = layer_norm_tile(x, mask, C, eps)
         n = tl.where(mask, xhat * lnw[:, None] + lnb[:, None], 0.0)
-        h = tl.dot(w1, n.to(DOT), out_dtype=ACC) + b1[:, None]  # (H_PAD, BLOCK_V)
+        h = tl.dot(w1, to_dot(n, DOT, ACC), out_dtype=ACC) + b1[:, None]  # (H_PAD, BLOCK_V)
         g = gelu(h) * dropout_scale(seed, b, 0, k, v, S, p, N_MASKS, DROP)
-        o = tl.dot(w2, g.to(DOT), out_dtype=ACC) + b2[:, None]  # (C_PAD, BLOCK_V)
+        o = tl.dot(w2, to_dot(g, DOT, ACC), out_dtype=ACC) + b2[:, None]  # (C_PAD, BLOCK_V)
         y = x + o * dropout_scale(seed, b, 1, c, v, S, p, N_MASKS, DROP)
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -112,8 +124,8 @@ def _bwd_kernel(dy_ptr, x_ptr, lnw_ptr, lnb_ptr, w1_ptr, b1_ptr, w2_ptr, dx_ptr,
     lnb = tl.load(lnb_ptr + c, mask=cm, other=0.0).to(ACC)
     w1 = tl.load(w1_ptr + k[:, None] * C + c[None, :], mask=km[:, None] & cm[None, :], other=0.0)
     w2 = tl.load(w2_ptr + c[:, None] * H + k[None, :], mask=cm[:, None] & km[None, :], other=0.0)
-    w1t, w2t = tl.trans(w1.to(DOT)), tl.trans(w2.to(DOT))  # (C_PAD, H_PAD), (H_PAD, C_PAD)
-    w1 = w1.to(DOT)
+    w1, w2 = to_dot(w1, DOT, ACC), to_dot(w2, DOT, ACC)
+    w1t, w2t = tl.trans(w1), tl.trans(w2)  # (C_PAD, H_PAD), (H_PAD, C_PAD)
     b1 = tl.load(b1_ptr + k, mask=km, other=0.0).to(ACC)
     dw1 = tl.zeros((H_PAD, C_PAD), ACC)
     dw2 = tl.zeros((C_PAD, H_PAD), ACC)
@@ -125,17 +137,17 @@ def _bwd_kernel(dy_ptr, x_ptr, lnw_ptr, lnb_ptr, w1_ptr, b1_ptr, w2_ptr, dx_ptr,
         b, c, v, mask, offs = tile_coords(t, tiles_per_item, C, S, C_PAD, BLOCK_V)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)  # (C_PAD, BLOCK_V)
         xhat, rstd = layer_norm_tile(x, mask, C, eps)
-        n = tl.where(mask, xhat * lnw[:, None] + lnb[:, None], 0.0).to(DOT)
+        n = to_dot(tl.where(mask, xhat * lnw[:, None] + lnb[:, None], 0.0), DOT, ACC)
         h = tl.dot(w1, n, out_dtype=ACC) + b1[:, None]  # (H_PAD, BLOCK_V)
         s1 = dropout_scale(seed, b, 0, k, v, S, p, N_MASKS, DROP)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
-        do = (dy * dropout_scale(seed, b, 1, c, v, S, p, N_MASKS, DROP)).to(DOT)
-        dw2 += tl.dot(do, tl.trans((gelu(h) * s1).to(DOT)), out_dtype=ACC)  # (C_PAD, H_PAD)
+        do = to_dot(dy * dropout_scale(seed, b, 1, c, v, S, p, N_MASKS, DROP), DOT, ACC)
+        dw2 += tl.dot(do, tl.trans(to_dot(gelu(h) * s1, DOT, ACC)), out_dtype=ACC)  # (C_PAD, H_PAD)
         db2 += tl.sum(do.to(ACC), axis=1)
         dh = tl.dot(w2t, do, out_dtype=ACC) * s1 * gelu_grad(h)  # (H_PAD, BLOCK_V)
-        dw1 += tl.dot(dh.to(DOT), tl.trans(n), out_dtype=ACC)  # (H_PAD, C_PAD)
+        dw1 += tl.dot(to_dot(dh, DOT, ACC), tl.trans(n), out_dtype=ACC)  # (H_PAD, C_PAD)
         db1 += tl.sum(dh, axis=1)
-        dn = tl.dot(w1t, dh.to(DOT), out_dtype=ACC)  # (C_PAD, BLOCK_V)
+        dn = tl.dot(w1t, to_dot(dh, DOT, ACC), out_dtype=ACC)  # (C_PAD, BLOCK_V)
         dlnw += tl.sum(dn * xhat, axis=1)
         dlnb += tl.sum(dn, axis=1)
         dx = dy + layer_norm_tile_backward(dn, xhat, lnw, rstd, C)
@@ -190,8 +202,9 @@ def mlp_backward(dy, x, ln_w, ln_b, eps: float, w1, b1, w2, p: float, seed: int,
     launch(_bwd_kernel, wrap=wrap)[(programs,)](
         dy, x, ln_w, ln_b, w1.contiguous(), b1, w2.contiguous(), dx, ws, c, h, s, per, tiles,
         float(eps), float(p), int(seed), DROP=p > 0, **meta)  # fmt: skip
-    sums = ws.sum(0)  # (2 C H + H + 3 C,), a fixed order
-    dw1, dw2, db1, db2, dlnw, dlnb = sums.split([c * h, c * h, h, c, c, c])
+    # each gradient its own sum over the programs' rows (a fixed order), not a view of another
+    dw1, dw2, db1, db2, dlnw, dlnb = (part.sum(0) for part in
+                                      ws.split([c * h, c * h, h, c, c, c], dim=1))  # fmt: skip
     cast = ln_w.dtype
     return (dx, dlnw.to(cast), dlnb.to(cast), dw1.view(h, c).to(w1.dtype), db1.to(b1.dtype),
             dw2.view(c, h).to(w2.dtype), db2.to(cast))  # fmt: skip
