@@ -16,6 +16,8 @@ import math
 import torch
 from torch import nn
 
+from fastnmf.glue_ops import fused_mlp_branch
+
 from .recompute import lean_mlp_supported, use_lean
 
 __all__ = ["ENABLED", "fused_mlp_ok", "fused_mlp"]
@@ -43,8 +45,6 @@ def fused_mlp_ok(x: torch.Tensor, mlp: nn.Module) -> bool:
 def fused_mlp(x: torch.Tensor, norm: nn.Module, mlp: nn.Module) -> torch.Tensor:
     """``x + mlp(norm(x))`` as :func:`fastnmf.glue_ops.fused_mlp_branch` (``norm``: a
     ChannelLayerNorm, ``mlp``: an MLP)."""
-    from fastnmf.glue_ops import fused_mlp_branch
-
     c, h = x.shape[1], mlp.fc1.weight.shape[0]
     ln = norm.norm
     p = float(mlp.drop1.p) if mlp.training else 0.0
