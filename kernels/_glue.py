@@ -36,15 +36,16 @@ from ._common import INTERPRET
 __all__ = ["N_MASKS", "dropout_seed", "check_offsets", "persistent_programs", "matmul_dtype",
            "dot_dtype"]
 
-N_MASKS = 4  # dropout masks a call may draw per batch item (seed + N_MASKS * b + k, k < N_MASKS)
+# dropout masks a call may draw per batch item: seed + N_MASKS * b + k, k < N_MASKS
+N_MASKS = tl.constexpr(4)
 PROGRAMS_PER_SM = 2  # persistent programs per SM on a GPU
 _INTERPRET_PROGRAMS = 3  # under the CPU interpreter (programs run one after another)
 # The interpreter's tl.dot reads bf16 operands as raw bits (Triton 3.9: values off by 1e10) and
 # its fp32 -> bf16 cast truncates (a GPU rounds to nearest even): there operands are rounded to
 # the DOT dtype by :func:`to_dot` (to nearest even) and kept in ACC, so the products are a GPU's
 _WIDEN = tl.constexpr(INTERPRET)
-_SQRT1_2 = 0.7071067811865476  # 1 / sqrt(2)
-_INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 pi)
+_SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
 
 
 def dropout_seed() -> int:
@@ -75,7 +76,9 @@ def matmul_dtype(x: torch.Tensor) -> torch.dtype:
     x's device, else x's (decided by the caller in forward and kept for backward, which runs
     outside autocast)."""
     dev = x.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
 
 
 def dot_dtype(dtype: torch.dtype):

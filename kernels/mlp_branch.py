@@ -59,13 +59,19 @@ def supported(channels: int, hidden: int) -> bool:
     return 2 * c_pad * h_pad <= MAX_PARAM_ELEMENTS
 
 
+# the (H_PAD, BLOCK_V) hidden tile's elements and the warps, per pass (chosen for zero spills
+# at sm_90a, see supported())
+TUNING = {"fwd_elems": 2048, "fwd_warps": 4, "bwd_elems": 1024, "bwd_warps": 8}
+
+
 def _config(h_pad: int, voxels: int, *, backward: bool) -> tuple[int, int]:
-    """(BLOCK_V, warps): the (H_PAD, BLOCK_V) hidden tile at 8192 (forward) / 4096 (backward)
-    elements; under the interpreter the biggest tile (it pays per operation)."""
+    """(BLOCK_V, warps) of a pass (:data:`TUNING`); under the interpreter the biggest tile (it
+    pays per operation)."""
     if INTERPRET:
         return max(16, min(256, triton.next_power_of_2(voxels))), 4
-    block_v = max(16, min(128, (4096 if backward else 8192) // h_pad))
-    return block_v, 8 if backward else 4
+    pass_ = "bwd" if backward else "fwd"
+    block_v = max(16, min(128, TUNING[f"{pass_}_elems"] // h_pad))
+    return block_v, TUNING[f"{pass_}_warps"]
 
 
 def _check(x: torch.Tensor, ln_w, w1, w2) -> tuple[int, int, int, int]:
