@@ -33,14 +33,18 @@ import triton.language as tl
 
 from ._common import INTERPRET
 
-__all__ = ["N_MASKS", "dropout_seed", "check_offsets", "persistent_programs", "dot_dtype"]
+__all__ = ["N_MASKS", "dropout_seed", "check_offsets", "persistent_programs", "matmul_dtype",
+           "dot_dtype"]
 
-# dropout masks a call may draw per batch item (seed + N_MASKS * b + k, k < N_MASKS); a constexpr,
-# since the kernels read it (Triton refuses other globals when it compiles)
+# dropout masks a call may draw per batch item: seed + N_MASKS * b + k, k < N_MASKS
 N_MASKS = tl.constexpr(4)
 PROGRAMS_PER_SM = 2  # persistent programs per SM on a GPU
 _INTERPRET_PROGRAMS = 3  # under the CPU interpreter (programs run one after another)
-_SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2) (constexpr: read in kernels)
+# The interpreter's tl.dot reads bf16 operands as raw bits (Triton 3.9: values off by 1e10) and
+# its fp32 -> bf16 cast truncates (a GPU rounds to nearest even): there operands are rounded to
+# the DOT dtype by :func:`to_dot` (to nearest even) and kept in ACC, so the products are a GPU's
+_WIDEN = tl.constexpr(INTERPRET)
+_SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
 
 
@@ -67,10 +71,18 @@ def persistent_programs(n_tiles: int, device: torch.device) -> int:
     return max(1, min(n_tiles, _INTERPRET_PROGRAMS))
 
 
-def dot_dtype(x: torch.Tensor):
-    """The ``DOT`` constexpr: autocast's dtype when autocast is on for x's device, else x's."""
+def matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The matrix products' operand dtype for input x: autocast's dtype when autocast is on for
+    x's device, else x's (decided by the caller in forward and kept for backward, which runs
+    outside autocast)."""
     dev = x.device.type
-    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def dot_dtype(dtype: torch.dtype):
+    """The ``DOT`` constexpr for operand dtype ``dtype``."""
     return {torch.float64: tl.float64, torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
             torch.float16: tl.float16}[dtype]  # fmt: skip
 
@@ -95,6 +107,21 @@ def tile_coords(t, tiles_per_item, C, S, C_PAD: tl.constexpr, BLOCK_V: tl.conste
     mask = (c < C)[:, None] & (v < S)[None, :]
     offs = b.to(tl.int64) * C * S + c[:, None].to(tl.int64) * S + v[None, :]
     return b, c, v, mask, offs
+
+
+@triton.jit
+def to_dot(a, DOT: tl.constexpr, ACC: tl.constexpr):
+    """A matrix product's operand in the DOT dtype (under the interpreter: its value rounded to
+    DOT, to nearest even, held in ACC; see ``_WIDEN``)."""
+    if _WIDEN:
+        if DOT == tl.bfloat16:
+            bits = a.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            return bits.to(tl.float32, bitcast=True).to(ACC)
+        else:
+            return a.to(DOT).to(ACC)
+    else:
+        return a.to(DOT)
 
 
 @triton.jit
@@ -137,19 +164,3 @@ def dropout_scale(seed, b, k: tl.constexpr, c, v, S, p, N: tl.constexpr, DROP: t
         return tl.where(u >= p, 1.0 / (1.0 - p), 0.0)
     else:
         return tl.full((c.shape[0], v.shape[0]), 1.0, tl.float32)
-
-
-# Triton's CPU interpreter multiplies bf16 tl.dot operands as their raw uint16 bits (Triton 3.9):
-# there bf16 operands are carried as fp32 (exact: the same products, summed in fp32)
-_BF16_DOT_AS_FP32 = tl.constexpr(INTERPRET)
-
-
-@triton.jit
-def dot_operand(a, DOT: tl.constexpr):
-    """``a`` rounded to ``DOT`` as a ``tl.dot`` operand (under the interpreter a bf16 operand
-    comes back as fp32 holding the same bf16 values, see ``_BF16_DOT_AS_FP32``)."""
-    a = a.to(DOT)
-    if _BF16_DOT_AS_FP32:
-        if DOT == tl.bfloat16:
-            a = a.to(tl.float32)
-    return a

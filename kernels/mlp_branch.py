@@ -28,9 +28,21 @@ import triton
 import triton.language as tl
 
 from ._common import INTERPRET, acc_dtype, compute_dtype, launch
-from ._glue import (N_MASKS, check_offsets, dot_dtype, dropout_scale, gelu, gelu_grad,
-                    layer_norm_tile, layer_norm_tile_backward, n_tiles, persistent_programs,
-                    tile_coords)  # fmt: skip
+from ._glue import (
+    N_MASKS,
+    check_offsets,
+    dot_dtype,
+    dropout_scale,
+    gelu,
+    gelu_grad,
+    layer_norm_tile,
+    layer_norm_tile_backward,
+    matmul_dtype,
+    n_tiles,
+    persistent_programs,
+    tile_coords,
+    to_dot,
+)
 
 __all__ = ["mlp_forward", "mlp_backward", "supported", "backward_workspace_bytes"]
 
@@ -47,13 +59,19 @@ def supported(channels: int, hidden: int) -> bool:
     return 2 * c_pad * h_pad <= MAX_PARAM_ELEMENTS
 
 
+# the (H_PAD, BLOCK_V) hidden tile's elements and the warps, per pass (chosen for zero spills
+# at sm_90a, see supported())
+TUNING = {"fwd_elems": 2048, "fwd_warps": 4, "bwd_elems": 1024, "bwd_warps": 8}
+
+
 def _config(h_pad: int, voxels: int, *, backward: bool) -> tuple[int, int]:
-    """(BLOCK_V, warps): the (H_PAD, BLOCK_V) hidden tile at 8192 (forward) / 4096 (backward)
-    elements; under the interpreter the biggest tile (it pays per operation)."""
+    """(BLOCK_V, warps) of a pass (:data:`TUNING`); under the interpreter the biggest tile (it
+    pays per operation)."""
     if INTERPRET:
         return max(16, min(256, triton.next_power_of_2(voxels))), 4
-    block_v = max(16, min(128, (4096 if backward else 8192) // h_pad))
-    return block_v, 8 if backward else 4
+    pass_ = "bwd" if backward else "fwd"
+    block_v = max(16, min(128, TUNING[f"{pass_}_elems"] // h_pad))
+    return block_v, TUNING[f"{pass_}_warps"]
 
 
 def _check(x: torch.Tensor, ln_w, w1, w2) -> tuple[int, int, int, int]:
@@ -85,7 +103,7 @@ def _fwd_kernel(x_ptr, lnw_ptr, lnb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, y_ptr,
     lnb = tl.load(lnb_ptr + c, mask=cm, other=0.0).to(ACC)
     w1 = tl.load(w1_ptr + k[:, None] * C + c[None, :], mask=km[:, None] & cm[None, :], other=0.0)
     w2 = tl.load(w2_ptr + c[:, None] * H + k[None, :], mask=cm[:, None] & km[None, :], other=0.0)
-    w1, w2 = w1.to(DOT), w2.to(DOT)  # (H_PAD, C_PAD), (C_PAD, H_PAD)
+    w1, w2 = to_dot(w1, DOT, ACC), to_dot(w2, DOT, ACC)  # (H_PAD, C_PAD), (C_PAD, H_PAD)
     b1 = tl.load(b1_ptr + k, mask=km, other=0.0).to(ACC)
     b2 = tl.load(b2_ptr + c, mask=cm, other=0.0).to(ACC)
     for t in range(tl.program_id(0), tiles, tl.num_programs(0)):
@@ -93,9 +111,9 @@ def _fwd_kernel(x_ptr, lnw_ptr, lnb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, y_ptr,
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)  # (C_PAD, BLOCK_V)
         xhat, rstd = layer_norm_tile(x, mask, C, eps)
         n = tl.where(mask, xhat * lnw[:, None] + lnb[:, None], 0.0)
-        h = tl.dot(w1, n.to(DOT), out_dtype=ACC) + b1[:, None]  # (H_PAD, BLOCK_V)
+        h = tl.dot(w1, to_dot(n, DOT, ACC), out_dtype=ACC) + b1[:, None]  # (H_PAD, BLOCK_V)
         g = gelu(h) * dropout_scale(seed, b, 0, k, v, S, p, N_MASKS, DROP)
-        o = tl.dot(w2, g.to(DOT), out_dtype=ACC) + b2[:, None]  # (C_PAD, BLOCK_V)
+        o = tl.dot(w2, to_dot(g, DOT, ACC), out_dtype=ACC) + b2[:, None]  # (C_PAD, BLOCK_V)
         y = x + o * dropout_scale(seed, b, 1, c, v, S, p, N_MASKS, DROP)
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -112,8 +130,8 @@ def _bwd_kernel(dy_ptr, x_ptr, lnw_ptr, lnb_ptr, w1_ptr, b1_ptr, w2_ptr, dx_ptr,
     lnb = tl.load(lnb_ptr + c, mask=cm, other=0.0).to(ACC)
     w1 = tl.load(w1_ptr + k[:, None] * C + c[None, :], mask=km[:, None] & cm[None, :], other=0.0)
     w2 = tl.load(w2_ptr + c[:, None] * H + k[None, :], mask=cm[:, None] & km[None, :], other=0.0)
-    w1t, w2t = tl.trans(w1.to(DOT)), tl.trans(w2.to(DOT))  # (C_PAD, H_PAD), (H_PAD, C_PAD)
-    w1 = w1.to(DOT)
+    w1, w2 = to_dot(w1, DOT, ACC), to_dot(w2, DOT, ACC)
+    w1t, w2t = tl.trans(w1), tl.trans(w2)  # (C_PAD, H_PAD), (H_PAD, C_PAD)
     b1 = tl.load(b1_ptr + k, mask=km, other=0.0).to(ACC)
     dw1 = tl.zeros((H_PAD, C_PAD), ACC)
     dw2 = tl.zeros((C_PAD, H_PAD), ACC)
@@ -125,17 +143,17 @@ def _bwd_kernel(dy_ptr, x_ptr, lnw_ptr, lnb_ptr, w1_ptr, b1_ptr, w2_ptr, dx_ptr,
         b, c, v, mask, offs = tile_coords(t, tiles_per_item, C, S, C_PAD, BLOCK_V)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)  # (C_PAD, BLOCK_V)
         xhat, rstd = layer_norm_tile(x, mask, C, eps)
-        n = tl.where(mask, xhat * lnw[:, None] + lnb[:, None], 0.0).to(DOT)
+        n = to_dot(tl.where(mask, xhat * lnw[:, None] + lnb[:, None], 0.0), DOT, ACC)
         h = tl.dot(w1, n, out_dtype=ACC) + b1[:, None]  # (H_PAD, BLOCK_V)
         s1 = dropout_scale(seed, b, 0, k, v, S, p, N_MASKS, DROP)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
-        do = (dy * dropout_scale(seed, b, 1, c, v, S, p, N_MASKS, DROP)).to(DOT)
-        dw2 += tl.dot(do, tl.trans((gelu(h) * s1).to(DOT)), out_dtype=ACC)  # (C_PAD, H_PAD)
+        do = to_dot(dy * dropout_scale(seed, b, 1, c, v, S, p, N_MASKS, DROP), DOT, ACC)
+        dw2 += tl.dot(do, tl.trans(to_dot(gelu(h) * s1, DOT, ACC)), out_dtype=ACC)  # (C_PAD, H_PAD)
         db2 += tl.sum(do.to(ACC), axis=1)
         dh = tl.dot(w2t, do, out_dtype=ACC) * s1 * gelu_grad(h)  # (H_PAD, BLOCK_V)
-        dw1 += tl.dot(dh.to(DOT), tl.trans(n), out_dtype=ACC)  # (H_PAD, C_PAD)
+        dw1 += tl.dot(to_dot(dh, DOT, ACC), tl.trans(n), out_dtype=ACC)  # (H_PAD, C_PAD)
         db1 += tl.sum(dh, axis=1)
-        dn = tl.dot(w1t, dh.to(DOT), out_dtype=ACC)  # (C_PAD, BLOCK_V)
+        dn = tl.dot(w1t, to_dot(dh, DOT, ACC), out_dtype=ACC)  # (C_PAD, BLOCK_V)
         dlnw += tl.sum(dn * xhat, axis=1)
         dlnb += tl.sum(dn, axis=1)
         dx = dy + layer_norm_tile_backward(dn, xhat, lnw, rstd, C)
@@ -152,24 +170,25 @@ def _bwd_kernel(dy_ptr, x_ptr, lnw_ptr, lnb_ptr, w1_ptr, b1_ptr, w2_ptr, dx_ptr,
     tl.store(row + H + 2 * C + c, dlnb, mask=cm)
 
 
-def _launch_args(x, c, h, s, *, backward: bool):
+def _launch_args(x, c, h, s, *, backward: bool, dot: torch.dtype | None):
     c_pad, h_pad = _pads(c, h)
     block_v, warps = _config(h_pad, s, backward=backward)
     per, tiles = n_tiles(x.shape[0], s, block_v)
     programs = persistent_programs(tiles, x.device)
     meta = dict(C_PAD=c_pad, H_PAD=h_pad, BLOCK_V=block_v, ACC=acc_dtype(x.dtype),
-                DOT=dot_dtype(x), num_warps=warps)  # fmt: skip
+                DOT=dot_dtype(dot or matmul_dtype(x)), num_warps=warps)  # fmt: skip
     return programs, (per, tiles), meta
 
 
 def mlp_forward(x, ln_w, ln_b, eps: float, w1, b1, w2, b2, p: float, seed: int, *,
-                wrap: bool = False) -> torch.Tensor:  # fmt: skip
+                dot: torch.dtype | None = None, wrap: bool = False) -> torch.Tensor:  # fmt: skip
     """``y`` (like x) of the branch with its residual; ``p``: both dropouts' rate, ``seed``:
-    their Philox seed (:func:`fastnmf.kernels._glue.dropout_seed`)."""
+    their Philox seed (:func:`fastnmf.kernels._glue.dropout_seed`), ``dot``: the matrix
+    products' operand dtype (default :func:`~fastnmf.kernels._glue.matmul_dtype`)."""
     b, c, h, s = _check(x, ln_w, w1, w2)
     x = x.contiguous()
     y = torch.empty_like(x)
-    programs, (per, tiles), meta = _launch_args(x, c, h, s, backward=False)
+    programs, (per, tiles), meta = _launch_args(x, c, h, s, backward=False, dot=dot)
     launch(_fwd_kernel, wrap=wrap)[(programs,)](
         x, ln_w, ln_b, w1.contiguous(), b1, w2.contiguous(), b2, y, c, h, s, per, tiles,
         float(eps), float(p), int(seed), DROP=p > 0, **meta)  # fmt: skip
@@ -177,19 +196,21 @@ def mlp_forward(x, ln_w, ln_b, eps: float, w1, b1, w2, b2, p: float, seed: int, 
 
 
 def mlp_backward(dy, x, ln_w, ln_b, eps: float, w1, b1, w2, p: float, seed: int, *,
-                 wrap: bool = False):  # fmt: skip
-    """``(dx, d ln_w, d ln_b, dW1, db1, dW2, db2)`` of :func:`mlp_forward` (same p and seed)."""
+                 dot: torch.dtype | None = None, wrap: bool = False):  # fmt: skip
+    """``(dx, d ln_w, d ln_b, dW1, db1, dW2, db2)`` of :func:`mlp_forward` (same p, seed and
+    dot)."""
     b, c, h, s = _check(x, ln_w, w1, w2)
     x, dy = x.contiguous(), dy.contiguous()
-    programs, (per, tiles), meta = _launch_args(x, c, h, s, backward=True)
+    programs, (per, tiles), meta = _launch_args(x, c, h, s, backward=True, dot=dot)
     dx = torch.empty_like(x)
     acc = compute_dtype(x.dtype)
     ws = torch.empty(programs, 2 * c * h + h + 3 * c, device=x.device, dtype=acc)  # partial sums
     launch(_bwd_kernel, wrap=wrap)[(programs,)](
         dy, x, ln_w, ln_b, w1.contiguous(), b1, w2.contiguous(), dx, ws, c, h, s, per, tiles,
         float(eps), float(p), int(seed), DROP=p > 0, **meta)  # fmt: skip
-    sums = ws.sum(0)  # (2 C H + H + 3 C,), a fixed order
-    dw1, dw2, db1, db2, dlnw, dlnb = sums.split([c * h, c * h, h, c, c, c])
+    # each gradient its own sum over the programs' rows (a fixed order), not a view of another
+    dw1, dw2, db1, db2, dlnw, dlnb = (part.sum(0) for part in
+                                      ws.split([c * h, c * h, h, c, c, c], dim=1))  # fmt: skip
     cast = ln_w.dtype
     return (dx, dlnw.to(cast), dlnb.to(cast), dw1.view(h, c).to(w1.dtype), db1.to(b1.dtype),
             dw2.view(c, h).to(w2.dtype), db2.to(cast))  # fmt: skip

@@ -43,13 +43,14 @@ from ._glue import (
     N_MASKS,
     check_offsets,
     dot_dtype,
-    dot_operand,
     dropout_scale,
     layer_norm_tile,
     layer_norm_tile_backward,
+    matmul_dtype,
     n_tiles,
     persistent_programs,
     tile_coords,
+    to_dot,
 )
 
 __all__ = ["norm_proj_forward", "norm_proj_backward", "proj_residual_forward",
@@ -136,7 +137,7 @@ def _check_proj_residual(z, w, p: float) -> tuple[int, int, int]:
     return cin, cout, s
 
 
-def _launch_args(x, cin: int, cout: int, s: int, *, backward: bool):
+def _launch_args(x, cin: int, cout: int, s: int, *, backward: bool, dot: torch.dtype | None):
     """(programs, (tiles per item, tiles), constexprs) of a launch over x's batch and voxels."""
     cin_pad, cout_pad = _pad(cin), _pad(cout)
     block_v, warps = _config(cin_pad, cout_pad, s, backward=backward,
@@ -144,7 +145,7 @@ def _launch_args(x, cin: int, cout: int, s: int, *, backward: bool):
     per, tiles = n_tiles(x.shape[0], s, block_v)
     programs = persistent_programs(tiles, x.device)
     meta = dict(CI_PAD=cin_pad, CO_PAD=cout_pad, BLOCK_V=block_v, ACC=acc_dtype(x.dtype),
-                DOT=dot_dtype(x), num_warps=warps)  # fmt: skip
+                DOT=dot_dtype(dot or matmul_dtype(x)), num_warps=warps)  # fmt: skip
     return programs, (per, tiles), meta
 
 
@@ -163,14 +164,14 @@ def _norm_proj_fwd_kernel(x_ptr, lnw_ptr, lnb_ptr, w_ptr, z_ptr,
     lnw = tl.load(lnw_ptr + c, mask=cm, other=0.0).to(ACC)
     lnb = tl.load(lnb_ptr + c, mask=cm, other=0.0).to(ACC)
     w = tl.load(w_ptr + o[:, None] * CI + c[None, :], mask=om[:, None] & cm[None, :], other=0.0)
-    w = dot_operand(w, DOT)  # (CO_PAD, CI_PAD)
+    w = to_dot(w, DOT, ACC)  # (CO_PAD, CI_PAD)
     for t in range(tl.program_id(0), tiles, tl.num_programs(0)):
         b, c, v, mask, offs = tile_coords(t, tiles_per_item, CI, S, CI_PAD, BLOCK_V)
         _, _, _, zmask, zoffs = tile_coords(t, tiles_per_item, CO, S, CO_PAD, BLOCK_V)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)  # (CI_PAD, BLOCK_V)
         xhat, rstd = layer_norm_tile(x, mask, CI, eps)
         n = tl.where(mask, xhat * lnw[:, None] + lnb[:, None], 0.0)
-        z = tl.dot(w, dot_operand(n, DOT), out_dtype=ACC)  # (CO_PAD, BLOCK_V)
+        z = tl.dot(w, to_dot(n, DOT, ACC), out_dtype=ACC)  # (CO_PAD, BLOCK_V)
         tl.store(z_ptr + zoffs, z.to(z_ptr.dtype.element_ty), mask=zmask)
 
 
@@ -185,7 +186,7 @@ def _norm_proj_bwd_kernel(dz_ptr, x_ptr, lnw_ptr, lnb_ptr, w_ptr, dx_ptr, ws_ptr
     lnw = tl.load(lnw_ptr + c, mask=cm, other=0.0).to(ACC)
     lnb = tl.load(lnb_ptr + c, mask=cm, other=0.0).to(ACC)
     w = tl.load(w_ptr + o[:, None] * CI + c[None, :], mask=om[:, None] & cm[None, :], other=0.0)
-    wt = tl.trans(dot_operand(w, DOT))  # (CI_PAD, CO_PAD)
+    wt = tl.trans(to_dot(w, DOT, ACC))  # (CI_PAD, CO_PAD)
     dw = tl.zeros((CO_PAD, CI_PAD), ACC)
     dlnw = tl.zeros((CI_PAD,), ACC)
     dlnb = tl.zeros((CI_PAD,), ACC)
@@ -194,8 +195,8 @@ def _norm_proj_bwd_kernel(dz_ptr, x_ptr, lnw_ptr, lnb_ptr, w_ptr, dx_ptr, ws_ptr
         _, _, _, zmask, zoffs = tile_coords(t, tiles_per_item, CO, S, CO_PAD, BLOCK_V)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)  # (CI_PAD, BLOCK_V)
         xhat, rstd = layer_norm_tile(x, mask, CI, eps)
-        n = dot_operand(tl.where(mask, xhat * lnw[:, None] + lnb[:, None], 0.0), DOT)
-        dz = dot_operand(tl.load(dz_ptr + zoffs, mask=zmask, other=0.0), DOT)  # (CO_PAD, BLOCK_V)
+        n = to_dot(tl.where(mask, xhat * lnw[:, None] + lnb[:, None], 0.0), DOT, ACC)
+        dz = to_dot(tl.load(dz_ptr + zoffs, mask=zmask, other=0.0), DOT, ACC)  # (CO_PAD, BLOCK_V)
         dw += tl.dot(dz, tl.trans(n), out_dtype=ACC)  # (CO_PAD, CI_PAD)
         dn = tl.dot(wt, dz, out_dtype=ACC)  # (CI_PAD, BLOCK_V)
         dlnw += tl.sum(dn * xhat, axis=1)
@@ -209,31 +210,34 @@ def _norm_proj_bwd_kernel(dz_ptr, x_ptr, lnw_ptr, lnb_ptr, w_ptr, dx_ptr, ws_ptr
     tl.store(row + CO * CI + CI + c, dlnb, mask=cm)
 
 
-def norm_proj_forward(x, ln_w, ln_b, eps: float, w, *, wrap: bool = False) -> torch.Tensor:
+def norm_proj_forward(x, ln_w, ln_b, eps: float, w, *, dot: torch.dtype | None = None,
+                      wrap: bool = False) -> torch.Tensor:  # fmt: skip
     """``z`` (B, Cout, *spatial), x's dtype: the 1x1 conv ``w`` (Cout, C) of x's LayerNorm over
-    its channels (weight ``ln_w``, bias ``ln_b``, ``eps``)."""
+    its channels (weight ``ln_w``, bias ``ln_b``, ``eps``); ``dot``: the matrix product's operand
+    dtype (default :func:`~fastnmf.kernels._glue.matmul_dtype`)."""
     c, cout, s = _check_norm_proj(x, ln_w, ln_b, w)
     x = x.contiguous()
     z = torch.empty((x.shape[0], cout, *x.shape[2:]), device=x.device, dtype=x.dtype)
-    programs, (per, tiles), meta = _launch_args(x, c, cout, s, backward=False)
+    programs, (per, tiles), meta = _launch_args(x, c, cout, s, backward=False, dot=dot)
     launch(_norm_proj_fwd_kernel, wrap=wrap)[(programs,)](
         x, ln_w, ln_b, w.contiguous(), z, c, cout, s, per, tiles, float(eps), **meta)
     return z
 
 
-def norm_proj_backward(dz, x, ln_w, ln_b, eps: float, w, *, wrap: bool = False):
-    """``(dx, d ln_w, d ln_b, dW)`` of :func:`norm_proj_forward` given ``dz``."""
+def norm_proj_backward(dz, x, ln_w, ln_b, eps: float, w, *, dot: torch.dtype | None = None,
+                       wrap: bool = False):  # fmt: skip
+    """``(dx, d ln_w, d ln_b, dW)`` of :func:`norm_proj_forward` given ``dz`` (same dot)."""
     c, cout, s = _check_norm_proj(x, ln_w, ln_b, w)
     _check_grad("norm_proj", dz, (x.shape[0], cout, *x.shape[2:]))
     x, dz = x.contiguous(), dz.contiguous()
-    programs, (per, tiles), meta = _launch_args(x, c, cout, s, backward=True)
+    programs, (per, tiles), meta = _launch_args(x, c, cout, s, backward=True, dot=dot)
     dx = torch.empty_like(x)
     acc = compute_dtype(x.dtype)
     ws = torch.empty(programs, cout * c + 2 * c, device=x.device, dtype=acc)  # partial sums
     launch(_norm_proj_bwd_kernel, wrap=wrap)[(programs,)](
         dz, x, ln_w, ln_b, w.contiguous(), dx, ws, c, cout, s, per, tiles, float(eps), **meta)
-    sums = ws.sum(0)  # (Cout C + 2 C,), a fixed order
-    dw, dlnw, dlnb = sums.split([cout * c, c, c])
+    # each gradient its own sum over the programs' rows (a fixed order), not a view of another
+    dw, dlnw, dlnb = (part.sum(0) for part in ws.split([cout * c, c, c], dim=1))
     return dx, dlnw.to(ln_w.dtype), dlnb.to(ln_b.dtype), dw.view(cout, c).to(w.dtype)
 
 
@@ -260,12 +264,12 @@ def _proj_residual_fwd_kernel(z_ptr, x_ptr, w_ptr, bias_ptr, out_ptr,
     o = tl.arange(0, CO_PAD)
     im, om = i < CI, o < CO
     w = tl.load(w_ptr + o[:, None] * CI + i[None, :], mask=om[:, None] & im[None, :], other=0.0)
-    w = dot_operand(w, DOT)  # (CO_PAD, CI_PAD)
+    w = to_dot(w, DOT, ACC)  # (CO_PAD, CI_PAD)
     bias = tl.load(bias_ptr + o, mask=om, other=0.0).to(ACC)
     for t in range(tl.program_id(0), tiles, tl.num_programs(0)):
         _, _, _, zmask, zoffs = tile_coords(t, tiles_per_item, CI, S, CI_PAD, BLOCK_V)
         b, o, v, mask, offs = tile_coords(t, tiles_per_item, CO, S, CO_PAD, BLOCK_V)
-        z = dot_operand(tl.load(z_ptr + zoffs, mask=zmask, other=0.0), DOT)  # (CI_PAD, BLOCK_V)
+        z = to_dot(tl.load(z_ptr + zoffs, mask=zmask, other=0.0), DOT, ACC)  # (CI_PAD, BLOCK_V)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)  # (CO_PAD, BLOCK_V)
         h = tl.dot(w, z, out_dtype=ACC) + bias[:, None]
         out = x + h * dropout_scale(seed, b, 0, o, v, S, p, N_MASKS, DROP)
@@ -282,7 +286,7 @@ def _proj_residual_bwd_kernel(dout_ptr, z_ptr, w_ptr, dz_ptr, ws_ptr,
     o = tl.arange(0, CO_PAD)
     im, om = i < CI, o < CO
     w = tl.load(w_ptr + o[:, None] * CI + i[None, :], mask=om[:, None] & im[None, :], other=0.0)
-    wt = tl.trans(dot_operand(w, DOT))  # (CI_PAD, CO_PAD)
+    wt = tl.trans(to_dot(w, DOT, ACC))  # (CI_PAD, CO_PAD)
     dw = tl.zeros((CO_PAD, CI_PAD), ACC)
     db = tl.zeros((CO_PAD,), ACC)
     for t in range(tl.program_id(0), tiles, tl.num_programs(0)):
@@ -291,8 +295,8 @@ def _proj_residual_bwd_kernel(dout_ptr, z_ptr, w_ptr, dz_ptr, ws_ptr,
         dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(ACC)  # (CO_PAD, BLOCK_V)
         ds = dout * dropout_scale(seed, b, 0, o, v, S, p, N_MASKS, DROP)
         db += tl.sum(ds, axis=1)
-        do = dot_operand(ds, DOT)
-        z = dot_operand(tl.load(z_ptr + zoffs, mask=zmask, other=0.0), DOT)  # (CI_PAD, BLOCK_V)
+        do = to_dot(ds, DOT, ACC)
+        z = to_dot(tl.load(z_ptr + zoffs, mask=zmask, other=0.0), DOT, ACC)  # (CI_PAD, BLOCK_V)
         dw += tl.dot(do, tl.trans(z), out_dtype=ACC)  # (CO_PAD, CI_PAD)
         dz = tl.dot(wt, do, out_dtype=ACC)  # (CI_PAD, BLOCK_V)
         tl.store(dz_ptr + zoffs, dz.to(dz_ptr.dtype.element_ty), mask=zmask)
@@ -302,10 +306,12 @@ def _proj_residual_bwd_kernel(dout_ptr, z_ptr, w_ptr, dz_ptr, ws_ptr,
     tl.store(row + CO * CI + o, db, mask=om)
 
 
-def proj_residual_forward(z, x, w, b, p: float, seed: int, *, wrap: bool = False) -> torch.Tensor:
+def proj_residual_forward(z, x, w, b, p: float, seed: int, *, dot: torch.dtype | None = None,
+                          wrap: bool = False) -> torch.Tensor:  # fmt: skip
     """``out = x + drop(w z + b)`` (like x: (B, Cout, *spatial)); z: (B, Cin, *spatial), w:
     (Cout, Cin), b: (Cout,); ``p``: the dropout's rate, ``seed``: its Philox seed
-    (:func:`fastnmf.kernels._glue.dropout_seed`)."""
+    (:func:`fastnmf.kernels._glue.dropout_seed`), ``dot``: the matrix product's operand dtype
+    (default :func:`~fastnmf.kernels._glue.matmul_dtype`)."""
     cin, cout, s = _check_proj_residual(z, w, p)
     if tuple(x.shape) != (z.shape[0], cout, *z.shape[2:]) or b.shape != (cout,):
         raise ValueError(f"proj_residual: for z {tuple(z.shape)} and W {tuple(w.shape)} expects "
@@ -313,28 +319,29 @@ def proj_residual_forward(z, x, w, b, p: float, seed: int, *, wrap: bool = False
                          f"{tuple(x.shape)} and {tuple(b.shape)}")  # fmt: skip
     z, x = z.contiguous(), x.contiguous()
     out = torch.empty_like(x)
-    programs, (per, tiles), meta = _launch_args(z, cin, cout, s, backward=False)
+    programs, (per, tiles), meta = _launch_args(z, cin, cout, s, backward=False, dot=dot)
     launch(_proj_residual_fwd_kernel, wrap=wrap)[(programs,)](
         z, x, w.contiguous(), b, out, cin, cout, s, per, tiles, float(p), int(seed), DROP=p > 0,
         **meta)  # fmt: skip
     return out
 
 
-def proj_residual_backward(dout, z, w, p: float, seed: int, *, wrap: bool = False):
-    """``(dz, dW, db)`` of :func:`proj_residual_forward` (same p and seed) given ``dout``; the
-    residual's gradient dx is ``dout`` itself."""
+def proj_residual_backward(dout, z, w, p: float, seed: int, *, dot: torch.dtype | None = None,
+                           wrap: bool = False):  # fmt: skip
+    """``(dz, dW, db)`` of :func:`proj_residual_forward` (same p, seed and dot) given ``dout``;
+    the residual's gradient dx is ``dout`` itself."""
     cin, cout, s = _check_proj_residual(z, w, p)
     _check_grad("proj_residual", dout, (z.shape[0], cout, *z.shape[2:]))
     z, dout = z.contiguous(), dout.contiguous()
-    programs, (per, tiles), meta = _launch_args(z, cin, cout, s, backward=True)
+    programs, (per, tiles), meta = _launch_args(z, cin, cout, s, backward=True, dot=dot)
     dz = torch.empty_like(z)
     acc = compute_dtype(z.dtype)
     ws = torch.empty(programs, cout * cin + cout, device=z.device, dtype=acc)  # partial sums
     launch(_proj_residual_bwd_kernel, wrap=wrap)[(programs,)](
         dout, z, w.contiguous(), dz, ws, cin, cout, s, per, tiles, float(p), int(seed),
         DROP=p > 0, **meta)  # fmt: skip
-    sums = ws.sum(0)  # (Cout Cin + Cout,), a fixed order
-    dw, db = sums.split([cout * cin, cout])
+    # each gradient its own sum over the programs' rows (a fixed order), not a view of another
+    dw, db = (part.sum(0) for part in ws.split([cout * cin, cout], dim=1))
     return dz, dw.view(cout, cin).to(w.dtype), db.to(w.dtype)
 
 

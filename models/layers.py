@@ -27,6 +27,7 @@ from fastnmf import MatricizedNMF
 from fastnmf._checks import check_heads, renamed_argument
 from fastnmf.channel_norm import channel_layer_norm
 
+from .fused import fused_mlp, fused_mlp_ok
 from .recompute import lean_mlp_supported, mlp_branch, norm_conv, use_lean
 
 __all__ = [
@@ -320,7 +321,8 @@ class FactorizerBlock(nn.Module):
     Without it, eager training still keeps less (:mod:`~fastnmf.models.recompute`): the MLP
     branch and LN1 -> the NMF mixer's in-projection keep only their input and recompute the rest
     in backward (bit for bit the same results; evaluation, torch.compile and export run the
-    plain modules).
+    plain modules). On a GPU the MLP branch with its residual is one fused op instead
+    (:mod:`~fastnmf.models.fused`: one Triton kernel each way, Philox dropout masks).
     """
 
     def __init__(
@@ -389,6 +391,8 @@ class FactorizerBlock(nn.Module):
         return self._mlp(self._context_skip(skip, x))
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.checkpoint and fused_mlp_ok(x, self.mlp):  # eager training on a GPU
+            return fused_mlp(x, self.norm2, self.mlp)
         if self._lean(x) and lean_mlp_supported(self.mlp):
             return x + mlp_branch(x, self.norm2, self.mlp)
         return x + self.mlp(self.norm2(x))

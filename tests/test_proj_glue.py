@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _glue_masks import dropout_masks
+from _glue_masks import kernel_masks
 from conftest import DEVICES, rel_err
 from fastnmf.kernels import proj_glue as P
 
@@ -34,7 +34,7 @@ def _mask(shape, p, seed, dtype, device):
     if p == 0:
         return None
     b, c = shape[:2]
-    return dropout_masks(b, c, shape[2:].numel(), 0, p, seed, device=device).view(shape).to(dtype)
+    return kernel_masks(b, c, shape[2:].numel(), 0, p, seed, device=device).view(shape).to(dtype)
 
 
 def _proj_residual_ref(z, x, w, b, mask):
@@ -166,17 +166,24 @@ def test_proj_residual_low_precision(gen, dtype, device):
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="interpreter: on a GPU fp32 products are TF32")
-def test_autocast_reaches_the_dot(gen):
-    """fp32 tensors under bf16 autocast: the products take bf16 operands (an error of bf16's
-    size, not fp32's), the results stay fp32."""
-    x, lnw, lnb, w, _ = _norm_proj_inputs(gen, (1, 32, 6, 7, 5), 32, torch.float32, "cpu")
-    plain = P.norm_proj_forward(x, lnw, lnb, EPS, w)
+def test_autocast_and_dot_reach_the_products(gen):
+    """fp32 tensors under bf16 autocast, or with ``dot=torch.bfloat16`` (how the backward, run
+    outside autocast, keeps the forward's choice): bf16 operands (an error of bf16's size, not
+    fp32's), fp32 results."""
+    x, lnw, lnb, w, dz = _norm_proj_inputs(gen, (1, 32, 6, 7, 5), 32, torch.float32, "cpu")
+    leaves = [t.double().requires_grad_() for t in (x, lnw, lnb, w)]
+    z_ref = _pointwise(leaves[3], _ln(*leaves[:3]))
+    dx_ref, *_ = torch.autograd.grad(z_ref, leaves, dz.double())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         auto = P.norm_proj_forward(x, lnw, lnb, EPS, w)
-    ref = _pointwise(w.double(), _ln(x.double(), lnw.double(), lnb.double()))
-    assert auto.dtype == torch.float32
-    assert rel_err(plain, ref) < 1e-5
-    assert 1e-4 < rel_err(auto, ref) < 2e-2
+    runs = {"plain": (P.norm_proj_forward(x, lnw, lnb, EPS, w),
+                      P.norm_proj_backward(dz, x, lnw, lnb, EPS, w)[0]),
+            "bf16": (auto, P.norm_proj_backward(dz, x, lnw, lnb, EPS, w, dot=torch.bfloat16)[0])}
+    for name, (z, dx) in runs.items():
+        assert z.dtype == dx.dtype == torch.float32
+        errs = rel_err(z, z_ref), rel_err(dx, dx_ref)
+        low, high = (0.0, 1e-5) if name == "plain" else (1e-4, 2e-2)
+        assert all(low <= e < high for e in errs), (name, errs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,11 +223,11 @@ def test_dropout_keeps_one_minus_p_and_seeds_differ():
 
 
 def test_mask_helper_draws_per_mask_index():
-    """Masks 0 and 1 of one call differ (the MLP branch draws two)."""
-    m0, m1 = (dropout_masks(1, 16, 1000, k, 0.5, 3, device=DEVICE) for k in (0, 1))
+    """Masks 0 and 1 of one call differ (the MLP branch draws two); no mask 4."""
+    m0, m1 = (kernel_masks(1, 16, 1000, k, 0.5, 3, device=DEVICE) for k in (0, 1))
     assert ((m0 == 0) != (m1 == 0)).double().mean().item() > 0.3
     with pytest.raises(ValueError, match="mask index"):
-        dropout_masks(1, 16, 1000, 4, 0.5, 3)
+        kernel_masks(1, 16, 1000, 4, 0.5, 3)
 
 
 # ----------------------------------------------------------------------------------------------

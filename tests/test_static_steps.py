@@ -149,6 +149,45 @@ def test_dropout_runs_as_cudas_fused_kernel_with_a_bool_mask():
     assert (e["ops"], e["bytes_read"], e["bytes_written"]) == (1, 4 * n, 4 * n + n)  # y + mask
 
 
+def test_fused_mlp_branch_by_hand():
+    """fastnmf::mlp_branch and its backward: one op each, x (and dy) read once, y (dx and the
+    gradients) written once, the partial sums' workspace, matrix-product FLOPs; and the Factorizer
+    account takes the fused branch at widths the kernels support."""
+    from fastnmf.kernels._glue import PROGRAMS_PER_SM
+    from fastnmf.kernels.mlp_branch import backward_workspace_bytes
+
+    from fastnmf.profile.static.step_ops import H200_SMS
+
+    b, c, h, vox = 2, 16, 32, 4 * 5 * 6
+    sizes = [(c,), (c,), (h, c), (h,), (c, h), (c,)]
+    params = 4 * sum(torch.Size(s).numel() for s in sizes)
+    x_bytes = 4 * b * c * vox
+
+    def fwd(x, *p):
+        return torch.ops.fastnmf.mlp_branch(x, p[0], p[1], 1e-5, *p[2:], 0.1, 3, torch.float32)
+
+    f = _count(fwd, (b, c, 4, 5, 6), *sizes).by_class["fused"]
+    assert (f["ops"], f["bytes_read"], f["bytes_written"]) == (1, x_bytes + params, x_bytes)
+    assert f["flops"] == 4 * b * c * vox * h
+
+    def bwd(dy, x, *p):
+        return torch.ops.fastnmf.mlp_branch_backward(dy, x, p[0], p[1], 1e-5, p[2], p[3], p[4],
+                                                     0.1, 3, torch.float32)  # fmt: skip
+
+    g = _count(bwd, (b, c, 4, 5, 6), (b, c, 4, 5, 6), *sizes[:5]).by_class["fused"]
+    ws = backward_workspace_bytes((b, c, vox), h, torch.float32, PROGRAMS_PER_SM * H200_SMS)
+    grads = params  # the six gradients, db2 like ln_b
+    assert g["ops"] == 2  # the kernel and the reduction of its partial sums
+    assert g["bytes_read"] == 2 * x_bytes + params - 4 * c + ws // 2  # dy, x; b2 is not an input
+    assert g["bytes_written"] == x_bytes + grads + ws // 2
+    assert g["flops"] == 10 * b * c * vox * h
+
+
+def test_factorizer_step_takes_the_fused_mlp_branch(swin):
+    assert swin["bytes"]["fused"] > 0
+    assert swin["ops"]["fused"] == 3 * 5  # 5 blocks at widths 8-32: forward, backward, reduction
+
+
 def test_traffic_adapter_falls_back_to_ideal_only_when_missing(monkeypatch):
     case = StaticCase("window", 1, 8, (16, 16, 16), "bf16", (None, 4))
     step_nmf._nmf_traffic.cache_clear()

@@ -165,11 +165,16 @@ class _Saved:
 def _lean_mlp_as_on_cuda(amp: torch.dtype | None):
     """The Factorizer blocks' MLP branch (:mod:`fastnmf.models.recompute`) recomputes in backward,
     outside the forward's :class:`CudaPolicy`: its replay runs under the same policy (CUDA's
-    autocast lists), and its dropout replay takes CUDA's fused kernel (bool masks), as on a GPU."""
-    from fastnmf.models import recompute
+    autocast lists), and its dropout replay takes CUDA's fused kernel (bool masks), as on a GPU.
+    Where a GPU runs the fused MLP branch (fastnmf/models/fused.py), so does the account (its
+    Philox seed, drawn on the host, is a constant here: fake tensors hold no values)."""
+    from fastnmf.kernels import _glue
+    from fastnmf.models import fused, recompute
 
     with mock.patch.object(recompute, "_replay_context", lambda: CudaPolicy(amp)), \
-            mock.patch.object(recompute, "_fused_dropout", lambda t: True):  # fmt: skip
+            mock.patch.object(recompute, "_fused_dropout", lambda t: True), \
+            mock.patch.object(fused, "_on_gpu", lambda t: True), \
+            mock.patch.object(_glue, "dropout_seed", lambda: 0):  # fmt: skip
         yield
 
 

@@ -41,7 +41,7 @@ from torch.utils.flop_counter import flop_registry
 
 __all__ = ["CLASSES", "StepCounter", "classify", "touched_bytes", "op_bytes"]
 
-CLASSES = ("nmf", "norm", "pointwise_conv", "conv", "elementwise", "layout", "other")
+CLASSES = ("nmf", "fused", "norm", "pointwise_conv", "conv", "elementwise", "layout", "other")
 
 aten = torch.ops.aten
 _CONV = {"convolution", "convolution_backward", "_convolution", "cudnn_convolution"}
@@ -73,7 +73,12 @@ IMPLICIT_CONTIGUOUS = {"native_layer_norm": (0,), "native_layer_norm_backward": 
 # output once (the channels-first LayerNorm's Triton kernels on CUDA; the backward's partial sums
 # of dw / db, written and read once more, are added, with their reduction as one more op); the
 # NMF layer is counted by the traffic model instead (step_nmf)
-COUNTED_FASTNMF_OPS = frozenset({"channel_layer_norm", "channel_layer_norm_backward"})
+COUNTED_FASTNMF_OPS = frozenset({"channel_layer_norm", "channel_layer_norm_backward",
+                                 "mlp_branch", "mlp_branch_backward"})  # fmt: skip
+# the fused glue ops (fastnmf/glue_ops.py): class "fused", matrix-product FLOPs per voxel in
+# units of C x H (forward: fc1 + fc2; backward: fc1 again, dW2, dg, dW1, dn: 2 each)
+_FUSED_MATMULS = {"mlp_branch": 4, "mlp_branch_backward": 10}
+H200_SMS = 132  # the persistent glue kernels' programs: PROGRAMS_PER_SM per SM
 
 
 def touched_bytes(t: torch.Tensor) -> int:
@@ -138,6 +143,8 @@ def classify(func, args, kwargs=None) -> str:
     dropout, fills, dtype casts, the optimizer's ``_foreach_*``), other (reductions, softmax,
     batched matrix products, attention, pooling, resampling, losses...)."""
     name = func.overloadpacket.__name__
+    if name in _FUSED_MATMULS:
+        return "fused"
     if name in _CONV:
         return "pointwise_conv" if _is_pointwise_conv(func, args) else "conv"
     if name in _LINEAR:
@@ -156,7 +163,7 @@ def classify(func, args, kwargs=None) -> str:
 
 def _kind(func) -> str:
     name = func.overloadpacket.__name__
-    if name in _CONV:
+    if name in _FUSED_MATMULS or name in _CONV:  # tensor cores, TF32 for fp32 (tl.dot's default)
         return "conv"
     return "matmul" if func.overloadpacket in flop_registry else "simt"
 
@@ -254,17 +261,28 @@ class StepCounter(TorchDispatchMode):
 
     def _count(self, func, args, kwargs, out) -> None:
         read, written = op_bytes(func, args, kwargs, out)
-        if func.overloadpacket in flop_registry:
+        name = func.overloadpacket.__name__
+        if name in _FUSED_MATMULS:  # x is the first argument of the forward, the second after
+            x, w1 = (args[0], args[4]) if name == "mlp_branch" else (args[1], args[5])
+            flops = _FUSED_MATMULS[name] * x.numel() * w1.shape[0]  # x.numel() = B C S
+        elif func.overloadpacket in flop_registry:
             flops = int(flop_registry[func.overloadpacket](*args, **kwargs, out_val=out))
         else:
             flops = sum(t.numel() for t in _tensors(out))
         cls, dtype = classify(func, args, kwargs), _dtype(args)
         secs = self.device.op_seconds(read + written, flops, _kind(func), dtype)
         self.add(cls, read, written, flops, secs)
-        if func.overloadpacket.__name__ == "channel_layer_norm_backward":  # its partial sums
+        if name == "channel_layer_norm_backward":  # its partial sums
             from fastnmf.kernels.channel_norm import backward_workspace_bytes
 
             extra = backward_workspace_bytes(tuple(args[1].shape), args[1].dtype)
+            self.add(cls, extra // 2, extra // 2, 0, extra / self.device.copy_bytes_per_s, ops=1)
+        if name == "mlp_branch_backward":  # its per-program partial sums
+            from fastnmf.kernels._glue import PROGRAMS_PER_SM
+            from fastnmf.kernels.mlp_branch import backward_workspace_bytes
+
+            extra = backward_workspace_bytes(tuple(args[1].shape), args[5].shape[0],
+                                             args[1].dtype, PROGRAMS_PER_SM * H200_SMS)  # fmt: skip
             self.add(cls, extra // 2, extra // 2, 0, extra / self.device.copy_bytes_per_s, ops=1)
         for i in IMPLICIT_CONTIGUOUS.get(func.overloadpacket.__name__, ()):
             t = args[i] if i < len(args) else None
