@@ -28,7 +28,7 @@ import torch
 
 from .custom_op import decompose_only_when_traceable, record_kernels
 
-__all__ = ["fused_mlp_branch"]
+__all__ = ["fused_mlp_branch", "fused_norm_proj", "fused_proj_residual"]
 
 
 def _triton_ready(x: torch.Tensor) -> bool:
@@ -114,3 +114,128 @@ def fused_mlp_branch(x: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, ep
 
     seed = dropout_seed() if p > 0 else 0
     return _mlp_op(x, ln_w, ln_b, float(eps), w1, b1, w2, b2, float(p), seed, matmul_dtype(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# The context branch: LN1 + in-projection (norm_proj), out-projection + dropout + residual
+# (proj_residual), around the NMF layer (kernels/proj_glue.py)
+
+
+def _proj_kernels():
+    kernels = importlib.import_module("fastnmf.kernels.proj_glue")
+    record_kernels("fastnmf::norm_proj", [kernels._norm_proj_fwd_kernel])
+    record_kernels("fastnmf::norm_proj_backward", [kernels._norm_proj_bwd_kernel])
+    record_kernels("fastnmf::proj_residual", [kernels._proj_residual_fwd_kernel])
+    record_kernels("fastnmf::proj_residual_backward", [kernels._proj_residual_bwd_kernel])
+    return kernels
+
+
+def _out_like(x: torch.Tensor, channels: int) -> torch.Tensor:
+    return x.new_empty((x.shape[0], channels, *x.shape[2:]))
+
+
+@torch.library.triton_op("fastnmf::norm_proj", mutates_args=())
+def _norm_proj_op(x: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, eps: float,
+                  w: torch.Tensor, dot: torch.dtype) -> torch.Tensor:  # fmt: skip
+    _need_triton(x, "norm_proj")
+    return _proj_kernels().norm_proj_forward(x, ln_w, ln_b, eps, w, dot=dot, wrap=True)
+
+
+@_norm_proj_op.register_fake
+def _norm_proj_fake(x, ln_w, ln_b, eps, w, dot):
+    return _out_like(x, w.shape[0])
+
+
+@torch.library.triton_op("fastnmf::norm_proj_backward", mutates_args=())
+def _norm_proj_backward_op(
+    dz: torch.Tensor, x: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, eps: float,
+    w: torch.Tensor, dot: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    _need_triton(x, "norm_proj_backward")
+    return _proj_kernels().norm_proj_backward(dz, x, ln_w, ln_b, eps, w, dot=dot, wrap=True)
+
+
+@_norm_proj_backward_op.register_fake
+def _norm_proj_backward_fake(dz, x, ln_w, ln_b, eps, w, dot):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(ln_w),
+            torch.empty_like(ln_b), torch.empty_like(w))  # fmt: skip
+
+
+def _norm_proj_setup(ctx, inputs, output):
+    x, ln_w, ln_b, eps, w, dot = inputs
+    ctx.save_for_backward(x, ln_w, ln_b, w)
+    ctx.args = (eps, dot)
+
+
+def _norm_proj_backward(ctx, dz):
+    x, ln_w, ln_b, w = ctx.saved_tensors
+    eps, dot = ctx.args
+    dx, dlnw, dlnb, dw = _norm_proj_backward_op(dz, x, ln_w, ln_b, eps, w, dot)
+    return dx, dlnw, dlnb, None, dw, None
+
+
+@torch.library.triton_op("fastnmf::proj_residual", mutates_args=())
+def _proj_residual_op(z: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
+                      p: float, seed: int, dot: torch.dtype) -> torch.Tensor:  # fmt: skip
+    _need_triton(z, "proj_residual")
+    return _proj_kernels().proj_residual_forward(z, x, w, b, p, seed, dot=dot, wrap=True)
+
+
+@_proj_residual_op.register_fake
+def _proj_residual_fake(z, x, w, b, p, seed, dot):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.triton_op("fastnmf::proj_residual_backward", mutates_args=())
+def _proj_residual_backward_op(
+    dout: torch.Tensor, z: torch.Tensor, w: torch.Tensor, p: float, seed: int, dot: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    _need_triton(z, "proj_residual_backward")
+    return _proj_kernels().proj_residual_backward(dout, z, w, p, seed, dot=dot, wrap=True)
+
+
+@_proj_residual_backward_op.register_fake
+def _proj_residual_backward_fake(dout, z, w, p, seed, dot):
+    return (torch.empty_like(z, memory_format=torch.contiguous_format), torch.empty_like(w),
+            w.new_empty(w.shape[0]))  # fmt: skip
+
+
+def _proj_residual_setup(ctx, inputs, output):
+    z, _x, w, _b, p, seed, dot = inputs
+    ctx.save_for_backward(z, w)
+    ctx.args = (p, seed, dot)
+
+
+def _proj_residual_backward(ctx, dout):
+    z, w = ctx.saved_tensors
+    p, seed, dot = ctx.args
+    dz, dw, db = _proj_residual_backward_op(dout, z, w, p, seed, dot)
+    return dz, dout, dw, db, None, None, None  # the residual's gradient is dout itself
+
+
+for _op, _bwd, _setup, _back in (
+    (_norm_proj_op, _norm_proj_backward_op, _norm_proj_setup, _norm_proj_backward),
+    (_proj_residual_op, _proj_residual_backward_op, _proj_residual_setup,
+     _proj_residual_backward),
+):  # fmt: skip
+    _op.register_autograd(_back, setup_context=_setup)
+    decompose_only_when_traceable(_op)
+    decompose_only_when_traceable(_bwd)
+
+
+def fused_norm_proj(x: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, eps: float,
+                    w: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """``W LN(x)`` (W: (Cout, C), no bias) in one fused op: LN1 and a mixer's in-projection."""
+    from .kernels._glue import matmul_dtype
+
+    return _norm_proj_op(x, ln_w, ln_b, float(eps), w, matmul_dtype(x))
+
+
+def fused_proj_residual(z: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
+                        p: float) -> torch.Tensor:  # fmt: skip
+    """``x + drop(W z + b)`` in one fused op (a fresh Philox seed per call): a mixer's
+    out-projection, its dropout and the block's residual add."""
+    from .kernels._glue import dropout_seed, matmul_dtype
+
+    seed = dropout_seed() if p > 0 else 0
+    return _proj_residual_op(z, x, w, b, float(p), seed, matmul_dtype(z))

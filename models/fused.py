@@ -5,6 +5,11 @@ but x) in eager training on a GPU, where the lean branches of :mod:`~fastnmf.mod
 would run otherwise, when :data:`ENABLED` and the kernels take the branch (exact GELU, both
 dropouts of one rate, biases, weight gradients that fit in a program's registers: C <= 64 at the
 default MLP ratio 2). Its dropout masks are Philox draws (see :mod:`fastnmf.kernels._glue`).
+The context branch of a block with a wrapped NMF mixer, ``x + drop(W_out NMF(W_in LN1(x)) +
+b_out)``, runs as two fused ops around the NMF layer under the same conditions (C <= 128):
+LN1 + in-projection (:func:`fastnmf.glue_ops.fused_norm_proj`: x read, z written) and
+out-projection + dropout + residual (:func:`fastnmf.glue_ops.fused_proj_residual`: the NMF
+output and x read, the block's stream written).
 Elsewhere (CPU, evaluation, torch.compile / export, wide deep stages) nothing changes.
 """
 
@@ -16,13 +21,14 @@ import math
 import torch
 from torch import nn
 
-from fastnmf.glue_ops import fused_mlp_branch
+from fastnmf.glue_ops import fused_mlp_branch, fused_norm_proj, fused_proj_residual
 
 from .recompute import lean_mlp_supported, use_lean
 
-__all__ = ["ENABLED", "fused_mlp_ok", "fused_mlp"]
+__all__ = ["ENABLED", "fused_mlp_ok", "fused_mlp", "fused_context_ok", "fused_context"]
 
-ENABLED = {"mlp": True}  # set False to run the lean branches instead (e.g. to compare)
+# set an entry False to run the lean branches instead (e.g. to compare)
+ENABLED = {"mlp": True, "context": True}
 
 
 def _on_gpu(x: torch.Tensor) -> bool:
@@ -50,3 +56,25 @@ def fused_mlp(x: torch.Tensor, norm: nn.Module, mlp: nn.Module) -> torch.Tensor:
     p = float(mlp.drop1.p) if mlp.training else 0.0
     return fused_mlp_branch(x, ln.weight, ln.bias, ln.eps, mlp.fc1.weight.view(h, c),
                             mlp.fc1.bias, mlp.fc2.weight.view(c, h), mlp.fc2.bias, p)  # fmt: skip
+
+
+def fused_context_ok(x: torch.Tensor, block: nn.Module) -> bool:
+    """Whether :func:`fused_context` runs ``block``'s context branch (a wrapped NMF mixer; see
+    the module doc)."""
+    if not (ENABLED["context"] and _on_gpu(x) and use_lean(block, x)):
+        return False
+    from fastnmf.kernels import proj_glue
+
+    c = x.shape[1]
+    return proj_glue.supported(c, c) and c * math.prod(x.shape[2:]) < 2**31
+
+
+def fused_context(x: torch.Tensor, norm: nn.Module, mixer: nn.Module) -> torch.Tensor:
+    """``x + mixer(norm(x))`` for a WrappedNMF ``mixer`` and a ChannelLayerNorm ``norm``: the
+    projections, LN1, the dropout and the residual add fused, the NMF layer between them."""
+    c, ln = x.shape[1], norm.norm
+    z = fused_norm_proj(x, ln.weight, ln.bias, ln.eps, mixer.in_proj.weight.view(c, c))
+    z = torch.relu(z) if mixer.bypass else mixer.nmf(z)
+    p = float(mixer.dropout.p) if mixer.training else 0.0
+    out = mixer.out_proj
+    return fused_proj_residual(z, x, out.weight.view(c, c), out.bias, p)

@@ -27,7 +27,7 @@ from fastnmf import MatricizedNMF
 from fastnmf._checks import check_heads, renamed_argument
 from fastnmf.channel_norm import channel_layer_norm
 
-from .fused import fused_mlp, fused_mlp_ok
+from .fused import fused_context, fused_context_ok, fused_mlp, fused_mlp_ok
 from .recompute import lean_mlp_supported, mlp_branch, norm_conv, use_lean
 
 __all__ = [
@@ -368,16 +368,20 @@ class FactorizerBlock(nn.Module):
             return self.mixer.after_in_proj(norm_conv(x, self.norm1, self.mixer.in_proj))
         return self.mixer(self.norm1(x))
 
-    def _context(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.adapter(x)
+    def _add_mix(self, x: torch.Tensor) -> torch.Tensor:
+        """``x + mixer(norm1(x))``: fused ops around the NMF layer in eager training on a GPU."""
+        if isinstance(self.mixer, WrappedNMF) and not self.checkpoint and fused_context_ok(x, self):
+            return fused_context(x, self.norm1, self.mixer)
         return x + self._mix(x)
+
+    def _context(self, x: torch.Tensor) -> torch.Tensor:
+        return self._add_mix(self.adapter(x))
 
     def _context_skip(self, skip: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         # the adapter's 1x1 conv of cat([skip, x]) as the sum of its two halves' convs: no
         # concatenated copy is written (or kept for backward), no weight sliced
         conv, drop = self.adapter
-        x = drop(conv.pair(skip, x))
-        return x + self._mix(x)
+        return self._add_mix(drop(conv.pair(skip, x)))
 
     def forward_skip(self, skip: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``forward(torch.cat([skip, x], dim=1))`` of a decoder block, without the

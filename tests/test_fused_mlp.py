@@ -114,6 +114,38 @@ def test_block_takes_fused_branch_and_matches_lean(gen):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_block_context_branch_fused_matches_lean(gen):
+    """On a "GPU" (patched) a block with a wrapped NMF mixer runs LN1 + in_proj and out_proj +
+    dropout + residual as fused ops around the NMF layer; equal to the lean branch (dropout 0),
+    encoder and decoder (skip adapter) blocks, output and every gradient."""
+    from fastnmf import models
+
+    torch.manual_seed(int(torch.randint(0, 2**30, (), generator=gen)))
+    net = models.build("swin_factorizer", "brats", spatial_size=(16,) * 3, widths=(16, 32),
+                       head_dim=8, window=4, dropout=0.0, kernel="torch", deep_supervision=1)
+    net.train()
+    x = torch.randn(1, 4, 16, 16, 16, generator=gen)
+    spies = {}
+
+    def run(on_gpu):
+        with mock.patch.object(fused, "_on_gpu", lambda t: on_gpu), \
+                mock.patch.object(layers, "fused_context", wraps=fused.fused_context) as spy:
+            out = net(x)
+            out = out[0] if isinstance(out, (list, tuple)) else out
+            grads = torch.autograd.grad(out.square().sum(), list(net.parameters()),
+                                        allow_unused=True)  # fmt: skip
+        spies[on_gpu] = spy.call_count
+        return out, grads
+
+    (y1, g1), (y0, g0) = run(True), run(False)
+    blocks = sum(isinstance(m, FactorizerBlock) for m in net.modules())
+    assert spies == {True: blocks, False: 0}
+    torch.testing.assert_close(y1, y0, rtol=1e-4, atol=1e-5)
+    for (name, _), a, b in zip(net.named_parameters(), g1, g0, strict=True):
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5, msg=name)
+
+
 def test_block_dropout_draws_fresh_masks_and_eval_skips(gen):
     block = _block(16, 0.25, gen)
     x = torch.randn(1, 16, 8, 8, 8, generator=gen)

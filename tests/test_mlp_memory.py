@@ -237,7 +237,7 @@ def account_rows():
             off = mock.patch.object(layers, "use_lean", lambda *a: False)
             with off if not lean else contextlib.nullcontext():
                 rows[dtype, lean] = account_step("swin_factorizer", dtype=dtype, size=SIZE,
-                                                 batch=1, overrides=SMALL)  # fmt: skip
+                                                 batch=1, overrides=SMALL, fused=False)  # fmt: skip
     return rows
 
 

@@ -30,6 +30,12 @@ def swin():
 
 
 @pytest.fixture(scope="module")
+def swin_lean():
+    """The blocks' lean branches (no fused glue ops), as a CPU-only GPU stack would run them."""
+    return _small("swin_factorizer", fused=False)
+
+
+@pytest.fixture(scope="module")
 def swin_ckpt():
     return _small("swin_factorizer", checkpoint=True)
 
@@ -40,7 +46,7 @@ def test_classes_and_phases_count_the_same_ops(swin):
     by_phase = sum(p["bytes_read"] + p["bytes_written"] for p in phases.values())
     assert sum(swin["bytes"][c] for c in CLASSES) == swin["bytes_total"] == by_phase
     assert sum(p["flops"] for p in phases.values()) == swin["flops_total"]
-    assert all(swin["bytes"][c] > 0 for c in ("nmf", "norm", "pointwise_conv", "elementwise"))
+    assert all(swin["bytes"][c] > 0 for c in ("nmf", "fused", "pointwise_conv", "elementwise"))
     roof = swin["roofline_ms"]
     assert roof["total"] == pytest.approx(sum(roof[c] for c in CLASSES))
 
@@ -62,12 +68,12 @@ def test_nnunet_has_no_nmf_and_more_conv_flops():
     assert row["flops"]["conv"] > 0 and row["bytes_total"] > 0
 
 
-def test_checkpointing_keeps_less_and_recomputes(swin, swin_ckpt):
+def test_checkpointing_keeps_less_and_recomputes(swin, swin_lean, swin_ckpt):
     assert swin_ckpt["checkpoint_kept_bytes"] > 0
     # without checkpointing the blocks' lean branches keep little already (x, the NMF's input
     # and output, masks; models/recompute.py): checkpointing keeps the branch inputs alone
-    assert swin_ckpt["saved_bytes"] < 0.75 * swin["saved_bytes"]
-    assert swin_ckpt["predicted_peak_bytes"] < swin["predicted_peak_bytes"]
+    assert swin_ckpt["saved_bytes"] < 0.75 * swin_lean["saved_bytes"]
+    assert swin_ckpt["predicted_peak_bytes"] < swin_lean["predicted_peak_bytes"]
     # the recomputation runs each block's forward again, NMF included
     assert swin_ckpt["bytes"]["nmf"] > swin["bytes"]["nmf"]
     assert swin_ckpt["bytes_total"] > swin["bytes_total"]
@@ -183,9 +189,16 @@ def test_fused_mlp_branch_by_hand():
     assert g["flops"] == 10 * b * c * vox * h
 
 
-def test_factorizer_step_takes_the_fused_mlp_branch(swin):
-    assert swin["bytes"]["fused"] > 0
-    assert swin["ops"]["fused"] == 3 * 5  # 5 blocks at widths 8-32: forward, backward, reduction
+def test_factorizer_step_takes_the_fused_glue_ops(swin, swin_lean):
+    """At widths 8-32 every block runs its MLP branch and both ends of its context branch as
+    fused ops (forward, backward, reduction of the partial sums: 3 x 3 per block), no LayerNorm
+    op is left, and the step moves fewer bytes and keeps less than with the lean branches."""
+    assert swin["ops"]["fused"] == 3 * 3 * 5
+    assert swin_lean["ops"]["fused"] == swin_lean["bytes"]["fused"] == 0
+    assert swin["bytes"]["norm"] == 0 < swin_lean["bytes"]["norm"]
+    assert swin["bytes_total"] < 0.75 * swin_lean["bytes_total"]
+    assert swin["saved_bytes"] <= swin_lean["saved_bytes"]
+    assert swin["bytes"]["nmf"] == swin_lean["bytes"]["nmf"]
 
 
 def test_traffic_adapter_falls_back_to_ideal_only_when_missing(monkeypatch):
@@ -227,8 +240,9 @@ def test_nmf_bytes_and_launches_come_from_the_traffic_model(monkeypatch, swin):
     assert [row["bytes"][c] for c in others] == [swin["bytes"][c] for c in others]
 
 
-def test_bf16_autocast_follows_cuda_and_reaches_the_recomputation(swin, swin_ckpt):
-    bf = _small("swin_factorizer", dtype="bf16")
+def test_bf16_autocast_follows_cuda_and_reaches_the_recomputation(swin_lean, swin_ckpt):
+    swin = swin_lean
+    bf = _small("swin_factorizer", dtype="bf16", fused=False)
     assert 0 < bf["bytes"]["nmf"] < swin["bytes"]["nmf"]  # the NMF runs on bf16 conv outputs
     assert bf["bytes"]["pointwise_conv"] < swin["bytes"]["pointwise_conv"]
     # CUDA autocast runs layer norm in fp32 (CPU autocast would not): its outputs stay fp32

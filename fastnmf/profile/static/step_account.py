@@ -165,15 +165,22 @@ class _Saved:
 def _lean_mlp_as_on_cuda(amp: torch.dtype | None):
     """The Factorizer blocks' MLP branch (:mod:`fastnmf.models.recompute`) recomputes in backward,
     outside the forward's :class:`CudaPolicy`: its replay runs under the same policy (CUDA's
-    autocast lists), and its dropout replay takes CUDA's fused kernel (bool masks), as on a GPU.
-    Where a GPU runs the fused MLP branch (fastnmf/models/fused.py), so does the account (its
-    Philox seed, drawn on the host, is a constant here: fake tensors hold no values)."""
-    from fastnmf.kernels import _glue
-    from fastnmf.models import fused, recompute
+    autocast lists), and its dropout replay takes CUDA's fused kernel (bool masks), as on a GPU."""
+    from fastnmf.models import recompute
 
     with mock.patch.object(recompute, "_replay_context", lambda: CudaPolicy(amp)), \
-            mock.patch.object(recompute, "_fused_dropout", lambda t: True), \
-            mock.patch.object(fused, "_on_gpu", lambda t: True), \
+            mock.patch.object(recompute, "_fused_dropout", lambda t: True):  # fmt: skip
+        yield
+
+
+@contextlib.contextmanager
+def _fused_as_on_gpu():
+    """Where a GPU runs the fused glue ops (fastnmf/models/fused.py), so does the account (their
+    Philox seed, drawn on the host, is a constant here: fake tensors hold no values)."""
+    from fastnmf.kernels import _glue
+    from fastnmf.models import fused
+
+    with mock.patch.object(fused, "_on_gpu", lambda t: True), \
             mock.patch.object(_glue, "dropout_seed", lambda: 0):  # fmt: skip
         yield
 
@@ -195,7 +202,7 @@ def _run_step(net, counter, mode, *, dtype, size, batch, loss) -> dict:
     loss_fn = _loss_fn(loss)
     amp = CudaPolicy(torch.bfloat16 if dtype == "bf16" else None)  # the forward's policy
     amp_dtype = torch.bfloat16 if dtype == "bf16" else None
-    with counter, _lean_mlp_as_on_cuda(amp_dtype):
+    with counter, _lean_mlp_as_on_cuda(amp_dtype), _fused_as_on_gpu():
         groups = {"params": set(counter.track([*net.parameters(), *net.buffers()])),
                   "optimizer": set(counter.track(_opt_state(opt))),
                   "inputs": set(counter.track([x, label]))}  # fmt: skip
@@ -235,8 +242,11 @@ def account_step(
     batch: int = 2,
     loss: str = "train",
     overrides: dict | None = None,
+    fused: bool = True,
 ) -> dict:
-    """The account of one training step (see the module docstring for every figure)."""
+    """The account of one training step (see the module docstring for every figure).
+    ``fused=False``: the Factorizer blocks' lean branches instead of the fused glue ops a GPU
+    runs (fastnmf/models/fused.py), for comparison."""
     if dtype not in STEP_DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(STEP_DTYPES)}")
     if loss not in LOSSES:
@@ -248,7 +258,11 @@ def account_step(
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     counter = StepCounter(device)
     no_checks = mock.patch("fastnmf._checks.want_value_checks", lambda check, x: False)
-    with mode, no_checks, nmf_as_opaque_op(counter):
+    from fastnmf.models import fused as fused_module
+
+    no_fused = {k: False for k in fused_module.ENABLED}
+    switch = contextlib.nullcontext() if fused else mock.patch.dict(fused_module.ENABLED, no_fused)
+    with mode, no_checks, nmf_as_opaque_op(counter), switch:
         _fake(net, mode)
         run = _run_step(net, counter, mode, dtype=dtype, size=size, batch=batch, loss=loss)
     row = _row(model, dtype, checkpoint, size, batch, loss, n_params, counter, run, device)

@@ -73,11 +73,23 @@ IMPLICIT_CONTIGUOUS = {"native_layer_norm": (0,), "native_layer_norm_backward": 
 # output once (the channels-first LayerNorm's Triton kernels on CUDA; the backward's partial sums
 # of dw / db, written and read once more, are added, with their reduction as one more op); the
 # NMF layer is counted by the traffic model instead (step_nmf)
+# the fused glue ops (fastnmf/glue_ops.py), class "fused": (k, i, j) = matrix-product FLOPs
+# k x args[i].numel() x args[j].shape[0] (activation x the weight's rows: 2 per multiply-add per
+# product; mlp forward fc1 + fc2, backward fc1 again, dW2, dg, dW1, dn; norm_proj forward W,
+# backward dn, dW; proj_residual forward W, backward dz, dW) and, for backward ops, the launcher
+# of their partial sums' workspace bytes (kernel module, function, index of the weight arg)
+_FUSED_MATMULS = {
+    "mlp_branch": (4, 0, 4), "mlp_branch_backward": (10, 1, 5),
+    "norm_proj": (2, 0, 4), "norm_proj_backward": (4, 1, 5),
+    "proj_residual": (2, 0, 2), "proj_residual_backward": (4, 1, 2),
+}  # fmt: skip
+_FUSED_WORKSPACE = {
+    "mlp_branch_backward": ("mlp_branch", "backward_workspace_bytes", 5),
+    "norm_proj_backward": ("proj_glue", "norm_proj_workspace_bytes", 5),
+    "proj_residual_backward": ("proj_glue", "proj_residual_workspace_bytes", 2),
+}  # fmt: skip
 COUNTED_FASTNMF_OPS = frozenset({"channel_layer_norm", "channel_layer_norm_backward",
-                                 "mlp_branch", "mlp_branch_backward"})  # fmt: skip
-# the fused glue ops (fastnmf/glue_ops.py): class "fused", matrix-product FLOPs per voxel in
-# units of C x H (forward: fc1 + fc2; backward: fc1 again, dW2, dg, dW1, dn: 2 each)
-_FUSED_MATMULS = {"mlp_branch": 4, "mlp_branch_backward": 10}
+                                 *_FUSED_MATMULS})  # fmt: skip
 H200_SMS = 132  # the persistent glue kernels' programs: PROGRAMS_PER_SM per SM
 
 
@@ -159,6 +171,18 @@ def classify(func, args, kwargs=None) -> str:
     if torch.Tag.pointwise in func.tags or name in _ELEMENTWISE or name.startswith("_foreach_"):
         return "elementwise"
     return "other"
+
+
+def _fused_workspace(name: str, args) -> int:
+    """Bytes of a fused backward op's partial sums (written by its kernel, read by the sum)."""
+    import importlib
+
+    from fastnmf.kernels._glue import PROGRAMS_PER_SM
+
+    module, fn, j = _FUSED_WORKSPACE[name]
+    bytes_of = getattr(importlib.import_module(f"fastnmf.kernels.{module}"), fn)
+    x = args[1]  # the activation the kernel tiles (x, or z for proj_residual)
+    return bytes_of(tuple(x.shape), args[j].shape[0], x.dtype, PROGRAMS_PER_SM * H200_SMS)
 
 
 def _kind(func) -> str:
@@ -262,9 +286,9 @@ class StepCounter(TorchDispatchMode):
     def _count(self, func, args, kwargs, out) -> None:
         read, written = op_bytes(func, args, kwargs, out)
         name = func.overloadpacket.__name__
-        if name in _FUSED_MATMULS:  # x is the first argument of the forward, the second after
-            x, w1 = (args[0], args[4]) if name == "mlp_branch" else (args[1], args[5])
-            flops = _FUSED_MATMULS[name] * x.numel() * w1.shape[0]  # x.numel() = B C S
+        if name in _FUSED_MATMULS:
+            k, i, j = _FUSED_MATMULS[name]
+            flops = k * args[i].numel() * args[j].shape[0]  # numel = B C S
         elif func.overloadpacket in flop_registry:
             flops = int(flop_registry[func.overloadpacket](*args, **kwargs, out_val=out))
         else:
@@ -277,12 +301,8 @@ class StepCounter(TorchDispatchMode):
 
             extra = backward_workspace_bytes(tuple(args[1].shape), args[1].dtype)
             self.add(cls, extra // 2, extra // 2, 0, extra / self.device.copy_bytes_per_s, ops=1)
-        if name == "mlp_branch_backward":  # its per-program partial sums
-            from fastnmf.kernels._glue import PROGRAMS_PER_SM
-            from fastnmf.kernels.mlp_branch import backward_workspace_bytes
-
-            extra = backward_workspace_bytes(tuple(args[1].shape), args[5].shape[0],
-                                             args[1].dtype, PROGRAMS_PER_SM * H200_SMS)  # fmt: skip
+        if name in _FUSED_WORKSPACE:  # its per-program partial sums
+            extra = _fused_workspace(name, args)
             self.add(cls, extra // 2, extra // 2, 0, extra / self.device.copy_bytes_per_s, ops=1)
         for i in IMPLICIT_CONTIGUOUS.get(func.overloadpacket.__name__, ()):
             t = args[i] if i < len(args) else None
