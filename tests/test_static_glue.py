@@ -1,5 +1,6 @@
-"""The fused glue kernels compile for sm_90a without spilling (a compiling subprocess: this
-process runs Triton's interpreter), at the BraTS step's widths, fp32 / bf16 autocast / bf16."""
+"""The fused glue kernels (the MLP branch, the context branch's projections, the decoder's skip
+adapter) compile for sm_90a without spilling (a compiling subprocess: this process runs Triton's
+interpreter), at the BraTS step's widths, fp32 / bf16 autocast / bf16."""
 
 from __future__ import annotations
 
@@ -23,8 +24,12 @@ def test_glue_kernels_compile_for_sm90a_without_spills():
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     rows = json.loads(done.stdout)
-    kernels = {r["kernel"].rsplit(".", 1)[1] for r in rows}
-    assert kernels == {"_fwd_kernel", "_bwd_kernel"}
+    kernels = {".".join(r["kernel"].rsplit(".", 2)[1:]) for r in rows}  # module.kernel
+    assert kernels == {
+        "mlp_branch._fwd_kernel", "mlp_branch._bwd_kernel", "proj_glue._norm_proj_fwd_kernel",
+        "proj_glue._norm_proj_bwd_kernel", "proj_glue._proj_residual_fwd_kernel",
+        "proj_glue._proj_residual_bwd_kernel", "pair_proj._fwd_kernel", "pair_proj._bwd_kernel"}
+    assert len(GLUE_CASES) == 3 * (2 + 3 + 3 + 2)  # 3 dtypes x the widths of the four ops
     assert len(rows) == 2 * len(GLUE_CASES)
     spilling = [r for r in rows if r["spill_bytes"]]
     assert not spilling, spilling

@@ -1,6 +1,9 @@
 """Registers, spills and occupancy of the fused glue kernels (fastnmf/kernels/_glue.py users),
-compiled for a GPU target without one, at the BraTS step's widths (2 x C x 128^3; C = 32 and 64,
-the stages the fused MLP branch takes; fp32, fp32 under bf16 autocast, bf16; dropout on).
+compiled for a GPU target without one, at the BraTS step's widths (2 x C x 128^3; fp32, fp32
+under bf16 autocast, bf16; dropout on): the MLP branch (kernels/mlp_branch.py) at C = 32 and 64
+(the stages it takes), the context branch's projections (kernels/proj_glue.py: norm_proj and
+proj_residual, Cout = C) at C = 32, 64 and 128, the decoder's skip adapter (kernels/pair_proj.py,
+Cs = Cx = Cout = C) at C = 32 and 64.
 
 ``python -m fastnmf.profile.static.glue_report [--target sm_90a]`` prints one JSON row per
 compiled kernel (it must run without ``TRITON_INTERPRET``: the tests call it in a subprocess).
@@ -15,19 +18,58 @@ import torch
 
 __all__ = ["glue_rows", "GLUE_CASES"]
 
-# (C, hidden, input dtype, autocast dtype or None)
-GLUE_CASES = [(c, 2 * c, dt, amp) for c in (32, 64)
-              for dt, amp in ((torch.float32, None), (torch.float32, torch.bfloat16),
-                              (torch.bfloat16, None))]  # fmt: skip
+_DTYPES = ((torch.float32, None), (torch.float32, torch.bfloat16), (torch.bfloat16, None))
+_WIDTHS = {"mlp": (32, 64), "norm_proj": (32, 64, 128), "proj_residual": (32, 64, 128),
+           "pair_proj": (32, 64)}  # fmt: skip
+# (op, C, width: the MLP's hidden channels or a projection's Cout, input dtype, autocast dtype
+# or None); each case launches one forward and one backward kernel
+GLUE_CASES = [(op, c, 2 * c if op == "mlp" else c, dt, amp)
+              for op, widths in _WIDTHS.items() for c in widths for dt, amp in _DTYPES]  # fmt: skip
+
+
+def _act(c: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(2, c, 128, 128, 128, dtype=dtype, device="meta")  # (B, C, *S)
+
+
+def _meta(*shape: int) -> torch.Tensor:
+    return torch.empty(shape, device="meta")
 
 
 def _launch_mlp(c, h, dtype, amp):
     from fastnmf.kernels import mlp_branch
 
-    x = torch.empty(2, c, 128, 128, 128, dtype=dtype, device="meta")
-    p = [torch.empty(s, device="meta") for s in [(c,), (c,), (h, c), (h,), (c, h), (c,)]]
+    x = _act(c, dtype)
+    p = [_meta(*s) for s in [(c,), (c,), (h, c), (h,), (c, h), (c,)]]
     mlp_branch.mlp_forward(x, p[0], p[1], 1e-5, *p[2:], 0.1, 1, dot=amp)
     mlp_branch.mlp_backward(x, x, p[0], p[1], 1e-5, p[2], p[3], p[4], 0.1, 1, dot=amp)
+
+
+def _launch_norm_proj(c, cout, dtype, amp):
+    from fastnmf.kernels import proj_glue
+
+    x, z, one, w = _act(c, dtype), _act(cout, dtype), _meta(c), _meta(cout, c)
+    proj_glue.norm_proj_forward(x, one, one, 1e-5, w, dot=amp)
+    proj_glue.norm_proj_backward(z, x, one, one, 1e-5, w, dot=amp)
+
+
+def _launch_proj_residual(c, cout, dtype, amp):
+    from fastnmf.kernels import proj_glue
+
+    z, x, w, b = _act(c, dtype), _act(cout, dtype), _meta(cout, c), _meta(cout)
+    proj_glue.proj_residual_forward(z, x, w, b, 0.1, 1, dot=amp)
+    proj_glue.proj_residual_backward(x, z, w, 0.1, 1, dot=amp)
+
+
+def _launch_pair_proj(c, cout, dtype, amp):
+    from fastnmf.kernels import pair_proj
+
+    s, a, w = _act(c, dtype), _act(cout, dtype), _meta(cout, c)
+    pair_proj.pair_proj_forward(s, s, w, w, 0.1, 1, dot=amp)
+    pair_proj.pair_proj_backward(a, s, s, w, w, 0.1, 1, dot=amp)
+
+
+_LAUNCHERS = {"mlp": _launch_mlp, "norm_proj": _launch_norm_proj,
+              "proj_residual": _launch_proj_residual, "pair_proj": _launch_pair_proj}  # fmt: skip
 
 
 def glue_rows(target: str = "sm_90a") -> list[dict]:
@@ -36,9 +78,9 @@ def glue_rows(target: str = "sm_90a") -> list[dict]:
     from .ptx_tools import occupancy, ptxas_info
 
     rows = []
-    for c, h, dtype, amp in GLUE_CASES:
+    for op, c, width, dtype, amp in GLUE_CASES:
         with stub_driver(target) as stub:
-            _launch_mlp(c, h, dtype, amp)
+            _LAUNCHERS[op](c, width, dtype, amp)
         for launch in stub.launches:
             compiled = launch.compiled
             meta = compiled.metadata
@@ -47,8 +89,8 @@ def glue_rows(target: str = "sm_90a") -> list[dict]:
             occ = occupancy(regs=info["regs"], warps=launch.num_warps,
                             smem=launch.shared + info["static_smem_bytes"], target=target)
             rows.append({
-                "kernel": f"{launch.module}.{launch.kernel}", "channels": c, "hidden": h,
-                "dtype": str(dtype).removeprefix("torch."),
+                "op": op, "kernel": f"{launch.module}.{launch.kernel}", "channels": c,
+                "width": width, "dtype": str(dtype).removeprefix("torch."),
                 "autocast": None if amp is None else str(amp).removeprefix("torch."),
                 "warps": launch.num_warps, "block_v": launch.constexprs["BLOCK_V"],
                 "regs": info["regs"],
