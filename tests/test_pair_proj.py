@@ -15,7 +15,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # of the tests without 
 # (skip's shape, Cx, Cout): odd voxel counts, several tiles per item and per program (the
 # interpreter's tiles have 256 voxels), 1-3 spatial dims, non-power-of-two and unequal channels
 SHAPES = [((2, 16, 9, 8, 7), 16, 16), ((1, 24, 3, 9, 5), 40, 16), ((2, 32, 17, 19), 16, 32),
-          ((3, 8, 11), 24, 40), ((1, 16, 5, 6, 7), 24, 24)]  # fmt: skip
+          ((3, 8, 11), 3, 40), ((1, 16, 5, 6, 7), 24, 24)]  # fmt: skip
 NAMES = ("a", "ds", "dx", "dWs", "dWx")
 
 
@@ -71,10 +71,11 @@ def test_pair_proj_float64(gen, shape, cx, cout, p, device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_matches_the_skip_adapter(gen, device):
     """The kernel with the adapter's own weights (flattened 1x1 conv weights) is the model's
-    ``SkipAdapter.pair`` (dropout 0), forward and gradients."""
+    ``SkipAdapter.pair`` (dropout 0), forward and gradients; x channels-last in memory (a
+    non-contiguous view)."""
     adapter = SkipAdapter(16, 24, 32, spatial_dims=3).double().to(device)
     s = torch.randn(2, 16, 5, 6, 7, generator=gen, dtype=torch.float64).to(device)
-    x = torch.randn(2, 24, 5, 6, 7, generator=gen, dtype=torch.float64).to(device)
+    x = torch.randn(2, 5, 6, 7, 24, generator=gen, dtype=torch.float64).to(device).movedim(-1, 1)
     da = torch.randn(2, 32, 5, 6, 7, generator=gen, dtype=torch.float64).to(device)
     ws, wx = adapter.weight_skip.detach().flatten(1), adapter.weight_x.detach().flatten(1)
     got = (P.pair_proj_forward(s, x, ws, wx, 0.0, 1),
