@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 
 import torch
 from torch import nn
@@ -27,8 +28,19 @@ from .recompute import lean_mlp_supported, use_lean
 
 __all__ = ["ENABLED", "fused_mlp_ok", "fused_mlp", "fused_context_ok", "fused_context"]
 
-# set an entry False to run the lean branches instead (e.g. to compare)
-ENABLED = {"mlp": True, "context": True}
+
+
+def _env_switch() -> bool:
+    """``FASTNMF_FUSED_GLUE``: ``1`` (default) or ``0`` (every block runs its lean branches)."""
+    value = os.environ.get("FASTNMF_FUSED_GLUE", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"FASTNMF_FUSED_GLUE must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+# set an entry False to run the lean branches instead (e.g. to compare); default from the
+# environment (FASTNMF_FUSED_GLUE=0 turns both off)
+ENABLED = dict.fromkeys(("mlp", "context"), _env_switch())
 
 
 def _on_gpu(x: torch.Tensor) -> bool:
