@@ -151,6 +151,54 @@ def test_block_context_branch_fused_matches_lean(gen):
                                        msg=name)  # fmt: skip
 
 
+def test_norm_proj_backward_adds_the_residual_gradient(gen):
+    """norm_proj's backward with ``dres``: dx is the plain backward's dx + dres (float64), the
+    other gradients unchanged."""
+    from fastnmf.kernels import proj_glue
+
+    b, c = 2, 24
+    x = torch.randn(b, c, 5, 3, 7, generator=gen, dtype=torch.float64).to(DEVICE)
+    lnw, lnb, w = (t.to(torch.float64) for t in _params(c, c, torch.float32, gen)[:3])
+    dz, dres = (torch.randn(x.shape, generator=gen, dtype=torch.float64).to(DEVICE)
+                for _ in range(2))  # fmt: skip
+    plain = proj_glue.norm_proj_backward(dz, x, lnw, lnb, EPS, w)
+    folded = proj_glue.norm_proj_backward(dz, x, lnw, lnb, EPS, w, dres=dres)
+    torch.testing.assert_close(folded[0], plain[0] + dres, rtol=0, atol=1e-13)
+    for a, b_ in zip(folded[1:], plain[1:], strict=True):
+        assert torch.equal(a, b_)
+    with pytest.raises(ValueError, match="dres"):
+        proj_glue.norm_proj_backward(dz, x, lnw, lnb, EPS, w, dres=dres[:, :8])
+
+
+def test_context_branch_against_pytorch(gen):
+    """fused_context_branch (norm_proj, a differentiable middle, proj_residual with dropout; the
+    residual's gradient folded into norm_proj's backward) against the same function in PyTorch
+    with the kernels' own mask, float64, output and every gradient."""
+    from fastnmf.glue_ops import fused_context_branch
+
+    b, c, p, seed = 2, 16, 0.25, 11
+    x = torch.randn(b, c, 3, 5, 4, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_()
+    lnw, lnb, w_in, _, _, b_out = (t.to(torch.float64).requires_grad_()
+                                   for t in _params(c, c, torch.float32, gen))  # fmt: skip
+    w_out = (torch.randn(c, c, generator=gen, dtype=torch.float64) / 4).to(DEVICE)
+    w_out.requires_grad_()
+    leaves = [x, lnw, lnb, w_in, w_out, b_out]
+    with mock.patch("fastnmf.kernels._glue.dropout_seed", lambda: seed):
+        got = fused_context_branch(x, lnw, lnb, EPS, w_in, torch.tanh, w_out, b_out, p)
+    xs = x.reshape(b, c, -1)  # (B, C, S)
+    n = F.layer_norm(xs.transpose(1, 2), (c,), lnw, lnb, EPS).transpose(1, 2)
+    m = torch.tanh(torch.einsum("oc,bcs->bos", w_in, n))
+    mask = kernel_masks(b, c, xs.shape[2], 0, p, seed, device=x.device).to(x.dtype)
+    want = (xs + mask * (torch.einsum("oc,bcs->bos", w_out, m) + b_out[:, None])).view(x.shape)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    dy = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(DEVICE)
+    names = ["dx", "dlnw", "dlnb", "dw_in", "dw_out", "db_out"]
+    grads = zip(names, torch.autograd.grad(got, leaves, dy), torch.autograd.grad(want, leaves, dy),
+                strict=True)  # fmt: skip
+    for name, g, w in grads:
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-11, msg=name)
+
+
 def test_block_dropout_draws_fresh_masks_and_eval_skips(gen):
     block = _block(16, 0.25, gen)
     x = torch.randn(1, 16, 8, 8, 8, generator=gen).to(DEVICE)
