@@ -8,6 +8,9 @@
 #   designs   bench/time_designs.py: the three rank-one window designs (and design 3's knobs) at
 #             2x32x128^3, fp32/bf16, both shift sets: ms, % of copy bandwidth, diff to design 1
 #             (issue 16's deciding measurement: run it first)
+#   glue      the fused glue kernels' tests on the GPU, then the swin Factorizer training step
+#             (fp32, bf16) with the fused glue (default) and without (FASTNMF_FUSED_GLUE=0):
+#             issue 17's deciding measurement
 #   check     CUDA variants of the test suite; 10-run bitwise determinism at 2x32x128^3;
 #             compute-sanitizer memcheck of one small forward+backward (if the tool is there)
 #   nmf       bench_nmf.py for triton, torch and reference (all shapes, fp32 + bf16) and the
@@ -28,12 +31,12 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/gpu}"
-[ $# -gt 0 ] || { echo "usage: bench/gpu_session.sh PHASE [PHASE ...] (setup, designs, check, nmf, compiled, tune, layer, model, profile)" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: bench/gpu_session.sh PHASE [PHASE ...] (setup, designs, glue, check, nmf, compiled, tune, layer, model, profile)" >&2; exit 2; }
 for phase in "$@"; do
     case "$phase" in
-    setup | designs | check | nmf | compiled | tune | layer | model | profile) ;;
+    setup | designs | glue | check | nmf | compiled | tune | layer | model | profile) ;;
     *)
-        echo "gpu_session.sh: error: unknown phase '$phase' (setup, designs, check, nmf, compiled, tune, layer, model, profile)" >&2
+        echo "gpu_session.sh: error: unknown phase '$phase' (setup, designs, glue, check, nmf, compiled, tune, layer, model, profile)" >&2
         exit 2
         ;;
     esac
@@ -71,6 +74,16 @@ for phase in "$@"; do
     designs)
         step designs time "${STEP_LIMIT_DESIGNS:-420}" python3 bench/time_designs.py \
             --out "$OUT/designs/designs.json"
+        ;;
+    glue)
+        step glue tests "${STEP_LIMIT_GLUE:-150}" python3 -m pytest -q -p no:cacheprovider -rs \
+            tests/test_fused_mlp.py tests/test_proj_glue.py tests/test_pair_proj.py
+        step glue step-fused "${STEP_LIMIT_GLUE:-150}" python3 -m fastnmf profile --suite model \
+            --tasks train --dtypes fp32 bf16 --kernels triton --models swin_factorizer nnunet \
+            --out "$OUT/glue/fused"
+        FASTNMF_FUSED_GLUE=0 step glue step-lean "${STEP_LIMIT_GLUE:-150}" python3 -m fastnmf \
+            profile --suite model --tasks train --dtypes fp32 bf16 --kernels triton \
+            --models swin_factorizer --out "$OUT/glue/lean"
         ;;
     check)
         step check cuda-tests "${STEP_LIMIT_CHECK:-300}" python3 -m pytest tests -q -k cuda \

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from collections.abc import Callable
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .custom_op import decompose_only_when_traceable, record_kernels
 
-__all__ = ["fused_mlp_branch", "fused_norm_proj", "fused_proj_residual"]
+__all__ = ["fused_mlp_branch", "fused_norm_proj", "fused_proj_residual", "fused_context_branch"]
 
 
 def _triton_ready(x: torch.Tensor) -> bool:
@@ -149,14 +151,15 @@ def _norm_proj_fake(x, ln_w, ln_b, eps, w, dot):
 @torch.library.triton_op("fastnmf::norm_proj_backward", mutates_args=())
 def _norm_proj_backward_op(
     dz: torch.Tensor, x: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, eps: float,
-    w: torch.Tensor, dot: torch.dtype,
+    w: torch.Tensor, dot: torch.dtype, dres: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     _need_triton(x, "norm_proj_backward")
-    return _proj_kernels().norm_proj_backward(dz, x, ln_w, ln_b, eps, w, dot=dot, wrap=True)
+    return _proj_kernels().norm_proj_backward(dz, x, ln_w, ln_b, eps, w, dres=dres, dot=dot,
+                                              wrap=True)  # fmt: skip
 
 
 @_norm_proj_backward_op.register_fake
-def _norm_proj_backward_fake(dz, x, ln_w, ln_b, eps, w, dot):
+def _norm_proj_backward_fake(dz, x, ln_w, ln_b, eps, w, dot, dres=None):
     return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(ln_w),
             torch.empty_like(ln_b), torch.empty_like(w))  # fmt: skip
 
@@ -239,3 +242,47 @@ def fused_proj_residual(z: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: to
 
     seed = dropout_seed() if p > 0 else 0
     return _proj_residual_op(z, x, w, b, float(p), seed, matmul_dtype(z))
+
+
+class _ContextBranch(torch.autograd.Function):
+    """``x + drop(W_out mid(W_in LN(x)) + b_out)``: norm_proj, ``mid`` (the NMF layer, with its
+    own autograd), proj_residual; backward: proj_residual's, mid's (``torch.autograd.grad``),
+    then norm_proj's with the residual's gradient ``dout`` added inside its kernel (x's two
+    gradients are not summed in another pass)."""
+
+    @staticmethod
+    def forward(ctx, x, ln_w, ln_b, w_in, w_out, b_out, mid, eps, p, seed, dot):
+        z = _norm_proj_op(x, ln_w, ln_b, eps, w_in, dot)
+        with torch.enable_grad():
+            z = z.detach().requires_grad_()
+            m = mid(z)  # (B, C, *S), its graph back to z kept for backward
+        kept = m.detach()
+        out = _proj_residual_op(kept, x, w_out, b_out, p, seed, dot)
+        ctx.save_for_backward(x, ln_w, ln_b, w_in, w_out, kept)
+        ctx.graph = (z, m)
+        ctx.args = (eps, p, seed, dot)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        x, ln_w, ln_b, w_in, w_out, kept = ctx.saved_tensors
+        (z, m), (eps, p, seed, dot) = ctx.graph, ctx.args
+        del ctx.graph
+        dm, dw_out, db_out = _proj_residual_backward_op(dout, kept, w_out, p, seed, dot)
+        (dz,) = torch.autograd.grad(m, z, dm)
+        dx, dlnw, dlnb, dw_in = _norm_proj_backward_op(dz, x, ln_w, ln_b, eps, w_in, dot, dout)
+        return dx, dlnw, dlnb, dw_in, dw_out, db_out, None, None, None, None, None
+
+
+def fused_context_branch(x: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, eps: float,
+                         w_in: torch.Tensor, mid: Callable[[torch.Tensor], torch.Tensor],
+                         w_out: torch.Tensor, b_out: torch.Tensor, p: float) -> torch.Tensor:
+    """``x + drop(W_out mid(W_in LN(x)) + b_out)`` (a block's context branch around its NMF layer
+    ``mid``) as :func:`fused_norm_proj`, ``mid`` and :func:`fused_proj_residual`, with x's
+    residual gradient added inside norm_proj's backward kernel."""  # fmt: skip
+    from .kernels._glue import dropout_seed, matmul_dtype
+
+    seed = dropout_seed() if p > 0 else 0
+    return _ContextBranch.apply(x, ln_w, ln_b, w_in, w_out, b_out, mid, float(eps), float(p),
+                                seed, matmul_dtype(x))  # fmt: skip

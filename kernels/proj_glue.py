@@ -10,9 +10,10 @@ no bias: the block's norm1 and the NMF layer's in_proj). Forward: x read once, z
 Backward, per tile, with ``n = xhat * lnw + lnb`` recomputed from x:
 
 - ``dW += dz n^T``; ``dn = W^T dz``; ``dlnw += sum dn xhat``, ``dlnb += sum dn``;
-- ``dx = LN'(dn)`` (:func:`~fastnmf.kernels._glue.layer_norm_tile_backward`).
+- ``dx = LN'(dn)`` (:func:`~fastnmf.kernels._glue.layer_norm_tile_backward`), plus ``dres``
+  when given (x's gradient from the block's residual, so that no separate pass adds the two).
 
-x and dz read once, dx written once.
+x and dz (and dres) read once, dx written once.
 
 **proj_residual**: ``out = x + drop(W z + b)`` per voxel (W: (Cout, Cin), b: (Cout,): the NMF
 layer's out_proj, its dropout (mask ``k = 0``, indexed by the output channel) and the block's
@@ -176,10 +177,10 @@ def _norm_proj_fwd_kernel(x_ptr, lnw_ptr, lnb_ptr, w_ptr, z_ptr,
 
 
 @triton.jit
-def _norm_proj_bwd_kernel(dz_ptr, x_ptr, lnw_ptr, lnb_ptr, w_ptr, dx_ptr, ws_ptr,
+def _norm_proj_bwd_kernel(dz_ptr, x_ptr, lnw_ptr, lnb_ptr, w_ptr, dx_ptr, ws_ptr, res_ptr,
                           CI, CO, S, tiles_per_item, tiles, eps,
                           CI_PAD: tl.constexpr, CO_PAD: tl.constexpr, BLOCK_V: tl.constexpr,
-                          ACC: tl.constexpr, DOT: tl.constexpr):  # fmt: skip
+                          ACC: tl.constexpr, DOT: tl.constexpr, RES: tl.constexpr):  # fmt: skip
     c = tl.arange(0, CI_PAD)
     o = tl.arange(0, CO_PAD)
     cm, om = c < CI, o < CO
@@ -202,6 +203,8 @@ def _norm_proj_bwd_kernel(dz_ptr, x_ptr, lnw_ptr, lnb_ptr, w_ptr, dx_ptr, ws_ptr
         dlnw += tl.sum(dn * xhat, axis=1)
         dlnb += tl.sum(dn, axis=1)
         dx = layer_norm_tile_backward(dn, xhat, lnw, rstd, CI)
+        if RES:  # x's other gradient (a residual's), added here instead of in another pass
+            dx += tl.load(res_ptr + offs, mask=mask, other=0.0).to(ACC)
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     # this program's row of partial sums: dW (CO, CI), dlnw, dlnb (CI)
     row = ws_ptr + tl.program_id(0).to(tl.int64) * (CO * CI + 2 * CI)
@@ -224,18 +227,23 @@ def norm_proj_forward(x, ln_w, ln_b, eps: float, w, *, dot: torch.dtype | None =
     return z
 
 
-def norm_proj_backward(dz, x, ln_w, ln_b, eps: float, w, *, dot: torch.dtype | None = None,
-                       wrap: bool = False):  # fmt: skip
-    """``(dx, d ln_w, d ln_b, dW)`` of :func:`norm_proj_forward` given ``dz`` (same dot)."""
+def norm_proj_backward(dz, x, ln_w, ln_b, eps: float, w, *, dres=None,
+                       dot: torch.dtype | None = None, wrap: bool = False):  # fmt: skip
+    """``(dx, d ln_w, d ln_b, dW)`` of :func:`norm_proj_forward` given ``dz`` (same dot);
+    ``dres`` (like x): a gradient of x from elsewhere (a residual's), added into dx."""
     c, cout, s = _check_norm_proj(x, ln_w, ln_b, w)
     _check_grad("norm_proj", dz, (x.shape[0], cout, *x.shape[2:]))
+    if dres is not None:
+        _check_grad("norm_proj (dres)", dres, tuple(x.shape))
     x, dz = x.contiguous(), dz.contiguous()
     programs, (per, tiles), meta = _launch_args(x, c, cout, s, backward=True, dot=dot)
     dx = torch.empty_like(x)
     acc = compute_dtype(x.dtype)
     ws = torch.empty(programs, cout * c + 2 * c, device=x.device, dtype=acc)  # partial sums
+    res = dx if dres is None else dres.contiguous()  # dx: a placeholder pointer, never read
     launch(_norm_proj_bwd_kernel, wrap=wrap)[(programs,)](
-        dz, x, ln_w, ln_b, w.contiguous(), dx, ws, c, cout, s, per, tiles, float(eps), **meta)
+        dz, x, ln_w, ln_b, w.contiguous(), dx, ws, res, c, cout, s, per, tiles, float(eps),
+        RES=dres is not None, **meta)  # fmt: skip
     # each gradient its own sum over the programs' rows (a fixed order), not a view of another
     dw, dlnw, dlnb = (part.sum(0) for part in ws.split([cout * c, c, c], dim=1))
     return dx, dlnw.to(ln_w.dtype), dlnb.to(ln_b.dtype), dw.view(cout, c).to(w.dtype)

@@ -7,9 +7,10 @@ dropouts of one rate, biases, weight gradients that fit in a program's registers
 default MLP ratio 2). Its dropout masks are Philox draws (see :mod:`fastnmf.kernels._glue`).
 The context branch of a block with a wrapped NMF mixer, ``x + drop(W_out NMF(W_in LN1(x)) +
 b_out)``, runs as two fused ops around the NMF layer under the same conditions (C <= 128):
-LN1 + in-projection (:func:`fastnmf.glue_ops.fused_norm_proj`: x read, z written) and
-out-projection + dropout + residual (:func:`fastnmf.glue_ops.fused_proj_residual`: the NMF
-output and x read, the block's stream written).
+LN1 + in-projection (``fastnmf::norm_proj``: x read, z written) and out-projection + dropout +
+residual (``fastnmf::proj_residual``: the NMF output and x read, the block's stream written),
+in :func:`fastnmf.glue_ops.fused_context_branch`, whose backward adds the residual's gradient
+inside norm_proj's backward kernel (no separate pass sums x's two gradients).
 Elsewhere (CPU, evaluation, torch.compile / export, wide deep stages) nothing changes.
 """
 
@@ -17,18 +18,30 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 
 import torch
 from torch import nn
 
-from fastnmf.glue_ops import fused_mlp_branch, fused_norm_proj, fused_proj_residual
+from fastnmf.glue_ops import fused_context_branch, fused_mlp_branch
 
 from .recompute import lean_mlp_supported, use_lean
 
 __all__ = ["ENABLED", "fused_mlp_ok", "fused_mlp", "fused_context_ok", "fused_context"]
 
-# set an entry False to run the lean branches instead (e.g. to compare)
-ENABLED = {"mlp": True, "context": True}
+
+
+def _env_switch() -> bool:
+    """``FASTNMF_FUSED_GLUE``: ``1`` (default) or ``0`` (every block runs its lean branches)."""
+    value = os.environ.get("FASTNMF_FUSED_GLUE", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"FASTNMF_FUSED_GLUE must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+# set an entry False to run the lean branches instead (e.g. to compare); default from the
+# environment (FASTNMF_FUSED_GLUE=0 turns both off)
+ENABLED = dict.fromkeys(("mlp", "context"), _env_switch())
 
 
 def _on_gpu(x: torch.Tensor) -> bool:
@@ -72,9 +85,8 @@ def fused_context_ok(x: torch.Tensor, block: nn.Module) -> bool:
 def fused_context(x: torch.Tensor, norm: nn.Module, mixer: nn.Module) -> torch.Tensor:
     """``x + mixer(norm(x))`` for a WrappedNMF ``mixer`` and a ChannelLayerNorm ``norm``: the
     projections, LN1, the dropout and the residual add fused, the NMF layer between them."""
-    c, ln = x.shape[1], norm.norm
-    z = fused_norm_proj(x, ln.weight, ln.bias, ln.eps, mixer.in_proj.weight.view(c, c))
-    z = torch.relu(z) if mixer.bypass else mixer.nmf(z)
+    c, ln, out = x.shape[1], norm.norm, mixer.out_proj
+    mid = torch.relu if mixer.bypass else mixer.nmf
     p = float(mixer.dropout.p) if mixer.training else 0.0
-    out = mixer.out_proj
-    return fused_proj_residual(z, x, out.weight.view(c, c), out.bias, p)
+    return fused_context_branch(x, ln.weight, ln.bias, ln.eps, mixer.in_proj.weight.view(c, c),
+                                mid, out.weight.view(c, c), out.bias, p)  # fmt: skip
