@@ -30,7 +30,9 @@ def test_glue_kernels_compile_for_sm90a_without_spills():
         "proj_glue._norm_proj_bwd_kernel", "proj_glue._proj_residual_fwd_kernel",
         "proj_glue._proj_residual_bwd_kernel", "pair_proj._fwd_kernel", "pair_proj._bwd_kernel"}
     assert len(GLUE_CASES) == 3 * (2 + 3 + 3 + 2)  # 3 dtypes x the widths of the four ops
-    assert len(rows) == 2 * len(GLUE_CASES)
+    # a forward and a backward per case; norm_proj's backward also with dres (RES)
+    assert len(rows) == 2 * len(GLUE_CASES) + sum(op == "norm_proj" for op, *_ in GLUE_CASES)
+    assert sum(r["res"] for r in rows) == 9
     spilling = [r for r in rows if r["spill_bytes"]]
     assert not spilling, spilling
     assert all(r["regs"] <= 255 and r["resident_warps_per_sm"] >= r["warps"] for r in rows)

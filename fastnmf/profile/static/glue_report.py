@@ -22,7 +22,8 @@ _DTYPES = ((torch.float32, None), (torch.float32, torch.bfloat16), (torch.bfloat
 _WIDTHS = {"mlp": (32, 64), "norm_proj": (32, 64, 128), "proj_residual": (32, 64, 128),
            "pair_proj": (32, 64)}  # fmt: skip
 # (op, C, width: the MLP's hidden channels or a projection's Cout, input dtype, autocast dtype
-# or None); each case launches one forward and one backward kernel
+# or None); each case launches one forward and one backward kernel (norm_proj two backwards:
+# without and with the residual's gradient dres, RES, as the fused context branch runs it)
 GLUE_CASES = [(op, c, 2 * c if op == "mlp" else c, dt, amp)
               for op, widths in _WIDTHS.items() for c in widths for dt, amp in _DTYPES]  # fmt: skip
 
@@ -50,6 +51,7 @@ def _launch_norm_proj(c, cout, dtype, amp):
     x, z, one, w = _act(c, dtype), _act(cout, dtype), _meta(c), _meta(cout, c)
     proj_glue.norm_proj_forward(x, one, one, 1e-5, w, dot=amp)
     proj_glue.norm_proj_backward(z, x, one, one, 1e-5, w, dot=amp)
+    proj_glue.norm_proj_backward(z, x, one, one, 1e-5, w, dres=x, dot=amp)  # the context branch's
 
 
 def _launch_proj_residual(c, cout, dtype, amp):
@@ -92,6 +94,7 @@ def glue_rows(target: str = "sm_90a") -> list[dict]:
                 "op": op, "kernel": f"{launch.module}.{launch.kernel}", "channels": c,
                 "width": width, "dtype": str(dtype).removeprefix("torch."),
                 "autocast": None if amp is None else str(amp).removeprefix("torch."),
+                "res": bool(launch.constexprs.get("RES", False)),
                 "warps": launch.num_warps, "block_v": launch.constexprs["BLOCK_V"],
                 "regs": info["regs"],
                 "spill_bytes": info["spill_store_bytes"] + info["spill_load_bytes"],
