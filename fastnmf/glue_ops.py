@@ -30,7 +30,8 @@ from torch.autograd.function import once_differentiable
 
 from .custom_op import decompose_only_when_traceable, record_kernels
 
-__all__ = ["fused_mlp_branch", "fused_norm_proj", "fused_proj_residual", "fused_context_branch"]
+__all__ = ["fused_mlp_branch", "fused_norm_proj", "fused_proj_residual", "fused_context_branch",
+           "fused_pair_proj"]
 
 
 def _triton_ready(x: torch.Tensor) -> bool:
@@ -286,3 +287,71 @@ def fused_context_branch(x: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor
     seed = dropout_seed() if p > 0 else 0
     return _ContextBranch.apply(x, ln_w, ln_b, w_in, w_out, b_out, mid, float(eps), float(p),
                                 seed, matmul_dtype(x))  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# A decoder block's skip adapter: drop(W_s skip + W_x x) (kernels/pair_proj.py)
+
+
+def _pair_kernels():
+    kernels = importlib.import_module("fastnmf.kernels.pair_proj")
+    record_kernels("fastnmf::pair_proj", [kernels._fwd_kernel])
+    record_kernels("fastnmf::pair_proj_backward", [kernels._bwd_kernel])
+    return kernels
+
+
+@torch.library.triton_op("fastnmf::pair_proj", mutates_args=())
+def _pair_proj_op(s: torch.Tensor, x: torch.Tensor, ws: torch.Tensor, wx: torch.Tensor,
+                  p: float, seed: int, dot: torch.dtype) -> torch.Tensor:  # fmt: skip
+    _need_triton(s, "pair_proj")
+    return _pair_kernels().pair_proj_forward(s, x, ws, wx, p, seed, dot=dot, out_dtype=dot,
+                                             wrap=True)  # fmt: skip
+
+
+@_pair_proj_op.register_fake
+def _pair_proj_fake(s, x, ws, wx, p, seed, dot):
+    return s.new_empty((s.shape[0], ws.shape[0], *s.shape[2:]), dtype=dot)
+
+
+@torch.library.triton_op("fastnmf::pair_proj_backward", mutates_args=())
+def _pair_proj_backward_op(
+    da: torch.Tensor, s: torch.Tensor, x: torch.Tensor, ws: torch.Tensor, wx: torch.Tensor,
+    p: float, seed: int, dot: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    _need_triton(s, "pair_proj_backward")
+    return _pair_kernels().pair_proj_backward(da, s, x, ws, wx, p, seed, dot=dot, wrap=True)
+
+
+@_pair_proj_backward_op.register_fake
+def _pair_proj_backward_fake(da, s, x, ws, wx, p, seed, dot):
+    return (torch.empty_like(s, memory_format=torch.contiguous_format),
+            torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(ws),
+            torch.empty_like(wx))  # fmt: skip
+
+
+def _pair_proj_setup(ctx, inputs, output):
+    s, x, ws, wx, p, seed, dot = inputs
+    ctx.save_for_backward(s, x, ws, wx)
+    ctx.args = (p, seed, dot)
+
+
+def _pair_proj_backward(ctx, da):
+    s, x, ws, wx = ctx.saved_tensors
+    p, seed, dot = ctx.args
+    ds, dx, dws, dwx = _pair_proj_backward_op(da, s, x, ws, wx, p, seed, dot)
+    return ds, dx, dws, dwx, None, None, None
+
+
+_pair_proj_op.register_autograd(_pair_proj_backward, setup_context=_pair_proj_setup)
+decompose_only_when_traceable(_pair_proj_op)
+decompose_only_when_traceable(_pair_proj_backward_op)
+
+
+def fused_pair_proj(s: torch.Tensor, x: torch.Tensor, ws: torch.Tensor, wx: torch.Tensor,
+                    p: float) -> torch.Tensor:  # fmt: skip
+    """``drop(W_s s + W_x x)`` in one fused op (W_s: (C, Cs), W_x: (C, Cx); a fresh Philox seed
+    per call); the result in the products' dtype (autocast's, as its convolutions)."""
+    from .kernels._glue import dropout_seed, matmul_dtype
+
+    seed = dropout_seed() if p > 0 else 0
+    return _pair_proj_op(s, x, ws, wx, float(p), seed, matmul_dtype(s))

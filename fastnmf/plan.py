@@ -12,7 +12,10 @@ first whose predicted peak fits the budget ``gpu_memory × (1 - headroom)``:
 
 The headroom (default 15 %) covers what the account leaves out: the CUDA context, the caching
 allocator's rounding and fragmentation, library workspaces (its errors against the H200 peaks were
-10–25 %, DESIGN.md §6). ``amp="fp16"`` is accounted as bf16 (same element size).
+10–25 %, DESIGN.md §6). ``amp="fp16"`` is accounted as bf16 (same element size). The account
+runs the blocks as a GPU does: with the fused glue ops (fastnmf/models/fused.py), unless
+``FASTNMF_FUSED_GLUE=0`` switches them off (then the lean branches, and checkpointing pays off
+sooner).
 """
 
 from __future__ import annotations

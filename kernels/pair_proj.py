@@ -178,14 +178,16 @@ def _bwd_kernel(da_ptr, s_ptr, x_ptr, wsk_ptr, wx_ptr, ds_ptr, dx_ptr, part_ptr,
 
 
 def pair_proj_forward(s, x, ws, wx, p: float, seed: int, *, dot: torch.dtype | None = None,
-                      wrap: bool = False) -> torch.Tensor:  # fmt: skip
-    """``a = drop(ws s + wx x)`` (B, C, *spatial), s's dtype; s: (B, Cs, *spatial), x: (B, Cx,
-    *spatial), ws: (C, Cs), wx: (C, Cx); ``p``: the dropout's rate, ``seed``: its Philox seed
-    (:func:`fastnmf.kernels._glue.dropout_seed`), ``dot``: the matrix products' operand dtype
-    (default :func:`~fastnmf.kernels._glue.matmul_dtype` of s)."""
+                      out_dtype: torch.dtype | None = None, wrap: bool = False) -> torch.Tensor:
+    """``a = drop(ws s + wx x)`` (B, C, *spatial), ``out_dtype`` (default s's); s: (B, Cs,
+    *spatial), x: (B, Cx, *spatial), ws: (C, Cs), wx: (C, Cx); ``p``: the dropout's rate,
+    ``seed``: its Philox seed (:func:`fastnmf.kernels._glue.dropout_seed`), ``dot``: the matrix
+    products' operand dtype (default :func:`~fastnmf.kernels._glue.matmul_dtype` of s). The
+    model's op stores a in ``dot``'s dtype, as autocast's convolutions return theirs."""
     cs, cx, cout, voxels = _check(s, x, ws, wx, p)
     s, x = s.contiguous(), x.contiguous()
-    a = torch.empty((s.shape[0], cout, *s.shape[2:]), device=s.device, dtype=s.dtype)
+    a = torch.empty((s.shape[0], cout, *s.shape[2:]), device=s.device,
+                    dtype=out_dtype or s.dtype)  # fmt: skip
     programs, (per, tiles), meta = _launch_args(s, cs, cx, cout, voxels, backward=False, dot=dot)
     launch(_fwd_kernel, wrap=wrap)[(programs,)](
         s, x, ws.contiguous(), wx.contiguous(), a, cs, cx, cout, voxels, per, tiles, float(p),

@@ -10,7 +10,9 @@ b_out)``, runs as two fused ops around the NMF layer under the same conditions (
 LN1 + in-projection (``fastnmf::norm_proj``: x read, z written) and out-projection + dropout +
 residual (``fastnmf::proj_residual``: the NMF output and x read, the block's stream written),
 in :func:`fastnmf.glue_ops.fused_context_branch`, whose backward adds the residual's gradient
-inside norm_proj's backward kernel (no separate pass sums x's two gradients).
+inside norm_proj's backward kernel (no separate pass sums x's two gradients). A decoder block's
+skip adapter ``drop(W_s skip + W_x x)`` is one fused op (``fastnmf::pair_proj``) where
+C_out * (C_skip + C_x) <= 16384 (C <= 64 in the U-Net).
 Elsewhere (CPU, evaluation, torch.compile / export, wide deep stages) nothing changes.
 """
 
@@ -23,11 +25,12 @@ import os
 import torch
 from torch import nn
 
-from fastnmf.glue_ops import fused_context_branch, fused_mlp_branch
+from fastnmf.glue_ops import fused_context_branch, fused_mlp_branch, fused_pair_proj
 
 from .recompute import lean_mlp_supported, use_lean
 
-__all__ = ["ENABLED", "fused_mlp_ok", "fused_mlp", "fused_context_ok", "fused_context"]
+__all__ = ["ENABLED", "fused_mlp_ok", "fused_mlp", "fused_context_ok", "fused_context",
+           "fused_adapter_ok", "fused_adapter"]
 
 
 
@@ -41,7 +44,7 @@ def _env_switch() -> bool:
 
 # set an entry False to run the lean branches instead (e.g. to compare); default from the
 # environment (FASTNMF_FUSED_GLUE=0 turns both off)
-ENABLED = dict.fromkeys(("mlp", "context"), _env_switch())
+ENABLED = dict.fromkeys(("mlp", "context", "adapter"), _env_switch())
 
 
 def _on_gpu(x: torch.Tensor) -> bool:
@@ -79,7 +82,8 @@ def fused_context_ok(x: torch.Tensor, block: nn.Module) -> bool:
     from fastnmf.kernels import proj_glue
 
     c = x.shape[1]
-    return proj_glue.supported(c, c) and c * math.prod(x.shape[2:]) < 2**31
+    fits = proj_glue.supported(c, c) and c * math.prod(x.shape[2:]) < 2**31
+    return fits and block.mixer.dropout.p < 1
 
 
 def fused_context(x: torch.Tensor, norm: nn.Module, mixer: nn.Module) -> torch.Tensor:
@@ -90,3 +94,28 @@ def fused_context(x: torch.Tensor, norm: nn.Module, mixer: nn.Module) -> torch.T
     p = float(mixer.dropout.p) if mixer.training else 0.0
     return fused_context_branch(x, ln.weight, ln.bias, ln.eps, mixer.in_proj.weight.view(c, c),
                                 mid, out.weight.view(c, c), out.bias, p)  # fmt: skip
+
+
+def fused_adapter_ok(skip: torch.Tensor, x: torch.Tensor, block: nn.Module) -> bool:
+    """Whether :func:`fused_adapter` runs ``block``'s skip adapter (see the module doc)."""
+    if not (ENABLED["adapter"] and _on_gpu(x) and use_lean(block, x)):
+        return False
+    from fastnmf.kernels import pair_proj
+
+    conv, drop = block.adapter
+    if drop.p >= 1:
+        return False
+    cs, cx = conv.split
+    cout = conv.weight_x.shape[0]
+    voxels = math.prod(x.shape[2:])
+    return pair_proj.supported(cs, cx, cout) and max(cs, cx, cout) * voxels < 2**31
+
+
+def fused_adapter(skip: torch.Tensor, x: torch.Tensor, adapter: nn.Module) -> torch.Tensor:
+    """``adapter``'s ``drop(conv.pair(skip, x))`` (a SkipAdapter and its dropout) in one op."""
+    conv, drop = adapter
+    cs, cx = conv.split
+    cout = conv.weight_x.shape[0]
+    p = float(drop.p) if drop.training else 0.0
+    return fused_pair_proj(skip, x, conv.weight_skip.view(cout, cs),
+                           conv.weight_x.view(cout, cx), p)  # fmt: skip

@@ -27,7 +27,14 @@ from fastnmf import MatricizedNMF
 from fastnmf._checks import check_heads, renamed_argument
 from fastnmf.channel_norm import channel_layer_norm
 
-from .fused import fused_context, fused_context_ok, fused_mlp, fused_mlp_ok
+from .fused import (
+    fused_adapter,
+    fused_adapter_ok,
+    fused_context,
+    fused_context_ok,
+    fused_mlp,
+    fused_mlp_ok,
+)
 from .recompute import lean_mlp_supported, mlp_branch, norm_conv, use_lean
 
 __all__ = [
@@ -380,6 +387,8 @@ class FactorizerBlock(nn.Module):
     def _context_skip(self, skip: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         # the adapter's 1x1 conv of cat([skip, x]) as the sum of its two halves' convs: no
         # concatenated copy is written (or kept for backward), no weight sliced
+        if not self.checkpoint and fused_adapter_ok(skip, x, self):  # eager training on a GPU
+            return self._add_mix(fused_adapter(skip, x, self.adapter))
         conv, drop = self.adapter
         return self._add_mix(drop(conv.pair(skip, x)))
 

@@ -120,8 +120,8 @@ def test_block_takes_fused_branch_and_matches_lean(gen):
 
 def test_block_context_branch_fused_matches_lean(gen):
     """On a "GPU" (patched) a block with a wrapped NMF mixer runs LN1 + in_proj and out_proj +
-    dropout + residual as fused ops around the NMF layer; equal to the lean branch (dropout 0),
-    encoder and decoder (skip adapter) blocks, output and every gradient."""
+    dropout + residual as fused ops around the NMF layer, and a decoder block its skip adapter
+    as one; equal to the lean branches (dropout 0), whole model, output and every gradient."""
     from fastnmf import models
 
     torch.manual_seed(int(torch.randint(0, 2**30, (), generator=gen)))
@@ -133,17 +133,20 @@ def test_block_context_branch_fused_matches_lean(gen):
 
     def run(on_gpu):
         with mock.patch.object(fused, "_on_gpu", lambda t: on_gpu), \
-                mock.patch.object(layers, "fused_context", wraps=fused.fused_context) as spy:
+                mock.patch.object(layers, "fused_context", wraps=fused.fused_context) as spy, \
+                mock.patch.object(layers, "fused_adapter", wraps=fused.fused_adapter) as ad:
             out = net(x)
             out = out[0] if isinstance(out, (list, tuple)) else out
             grads = torch.autograd.grad(out.square().sum(), list(net.parameters()),
                                         allow_unused=True)  # fmt: skip
-        spies[on_gpu] = spy.call_count
+        spies[on_gpu] = spy.call_count, ad.call_count
         return out, grads
 
     (y1, g1), (y0, g0) = run(True), run(False)
-    blocks = sum(isinstance(m, FactorizerBlock) for m in net.modules())
-    assert spies == {True: blocks, False: 0}
+    blocks = [m for m in net.modules() if isinstance(m, FactorizerBlock)]
+    decoders = sum(not isinstance(m.adapter, torch.nn.Identity) for m in blocks)
+    assert decoders > 0
+    assert spies == {True: (len(blocks), decoders), False: (0, 0)}
     torch.testing.assert_close(y1, y0, rtol=10 * FP32_TOL["rtol"], atol=FP32_TOL["atol"])
     for (name, _), a, b in zip(net.named_parameters(), g1, g0, strict=True):
         if b is not None:

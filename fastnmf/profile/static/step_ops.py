@@ -73,20 +73,33 @@ IMPLICIT_CONTIGUOUS = {"native_layer_norm": (0,), "native_layer_norm_backward": 
 # output once (the channels-first LayerNorm's Triton kernels on CUDA; the backward's partial sums
 # of dw / db, written and read once more, are added, with their reduction as one more op); the
 # NMF layer is counted by the traffic model instead (step_nmf)
-# the fused glue ops (fastnmf/glue_ops.py), class "fused": (k, i, j) = matrix-product FLOPs
-# k x args[i].numel() x args[j].shape[0] (activation x the weight's rows: 2 per multiply-add per
-# product; mlp forward fc1 + fc2, backward fc1 again, dW2, dg, dW1, dn; norm_proj forward W,
-# backward dn, dW; proj_residual forward W, backward dz, dW) and, for backward ops, the launcher
-# of their partial sums' workspace bytes (kernel module, function, index of the weight arg)
+# the fused glue ops (fastnmf/glue_ops.py), class "fused": their matrix-product FLOPs from the
+# arguments (2 per multiply-add per product, activation elements B C S x the weight's rows:
+# mlp forward fc1 + fc2, backward fc1 again, dW2, dg, dW1, dn; norm_proj forward W, backward dn,
+# dW; proj_residual forward W, backward dz, dW; pair_proj forward both weights, backward their
+# two input gradients and two weight gradients) and, for the backward ops, the launcher of their
+# partial sums' workspace bytes (kernel module, function, index of the weight arg)
+
+
+def _mm(k: int, i: int, j: int):
+    return lambda a: k * a[i].numel() * a[j].shape[0]
+
+
+def _pair(k: int, first: int):  # skip, x at first, first + 1; their weights at first + 2, + 3
+    return lambda a: k * a[first + 2].shape[0] * (a[first].numel() + a[first + 1].numel())
+
+
 _FUSED_MATMULS = {
-    "mlp_branch": (4, 0, 4), "mlp_branch_backward": (10, 1, 5),
-    "norm_proj": (2, 0, 4), "norm_proj_backward": (4, 1, 5),
-    "proj_residual": (2, 0, 2), "proj_residual_backward": (4, 1, 2),
+    "mlp_branch": _mm(4, 0, 4), "mlp_branch_backward": _mm(10, 1, 5),
+    "norm_proj": _mm(2, 0, 4), "norm_proj_backward": _mm(4, 1, 5),
+    "proj_residual": _mm(2, 0, 2), "proj_residual_backward": _mm(4, 1, 2),
+    "pair_proj": _pair(2, 0), "pair_proj_backward": _pair(4, 1),
 }  # fmt: skip
 _FUSED_WORKSPACE = {
     "mlp_branch_backward": ("mlp_branch", "backward_workspace_bytes", 5),
     "norm_proj_backward": ("proj_glue", "norm_proj_workspace_bytes", 5),
     "proj_residual_backward": ("proj_glue", "proj_residual_workspace_bytes", 2),
+    "pair_proj_backward": ("pair_proj", "pair_proj_workspace_bytes", 3),
 }  # fmt: skip
 COUNTED_FASTNMF_OPS = frozenset({"channel_layer_norm", "channel_layer_norm_backward",
                                  *_FUSED_MATMULS})  # fmt: skip
@@ -181,8 +194,10 @@ def _fused_workspace(name: str, args) -> int:
 
     module, fn, j = _FUSED_WORKSPACE[name]
     bytes_of = getattr(importlib.import_module(f"fastnmf.kernels.{module}"), fn)
-    x = args[1]  # the activation the kernel tiles (x, or z for proj_residual)
-    return bytes_of(tuple(x.shape), args[j].shape[0], x.dtype, PROGRAMS_PER_SM * H200_SMS)
+    x = args[1]  # the activation the kernel tiles (x; z for proj_residual, skip for pair_proj)
+    extra = {"x_channels": args[2].shape[1]} if name == "pair_proj_backward" else {}
+    return bytes_of(tuple(x.shape), args[j].shape[0], x.dtype, PROGRAMS_PER_SM * H200_SMS,
+                    **extra)  # fmt: skip
 
 
 def _kind(func) -> str:
@@ -287,8 +302,7 @@ class StepCounter(TorchDispatchMode):
         read, written = op_bytes(func, args, kwargs, out)
         name = func.overloadpacket.__name__
         if name in _FUSED_MATMULS:
-            k, i, j = _FUSED_MATMULS[name]
-            flops = k * args[i].numel() * args[j].shape[0]  # numel = B C S
+            flops = _FUSED_MATMULS[name](args)
         elif func.overloadpacket in flop_registry:
             flops = int(flop_registry[func.overloadpacket](*args, **kwargs, out_val=out))
         else:
