@@ -125,6 +125,23 @@ def to_dot(a, DOT: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
+def load_weight(w_ptr, CO, CI, CO_PAD: tl.constexpr, CI_PAD: tl.constexpr, ACC: tl.constexpr,
+                DOT: tl.constexpr):  # fmt: skip
+    """A row-major (CO, CI) weight as a (CO_PAD, CI_PAD) dot operand, the pad zero."""
+    o = tl.arange(0, CO_PAD)
+    i = tl.arange(0, CI_PAD)
+    mask = (o < CO)[:, None] & (i < CI)[None, :]
+    return to_dot(tl.load(w_ptr + o[:, None] * CI + i[None, :], mask=mask, other=0.0), DOT, ACC)
+
+
+@triton.jit
+def load_vector(ptr, N, N_PAD: tl.constexpr, ACC: tl.constexpr):
+    """A (N,) parameter vector as (N_PAD,) in ACC, the pad zero."""
+    i = tl.arange(0, N_PAD)
+    return tl.load(ptr + i, mask=i < N, other=0.0).to(ACC)
+
+
+@triton.jit
 def layer_norm_tile(x, mask, C, eps):
     """LayerNorm over axis 0 of a masked (C_PAD, BLOCK_V) tile: ``(xhat, rstd)``, xhat 0 where
     masked (biased variance, ``rstd = 1 / sqrt(var + eps)``)."""

@@ -37,6 +37,8 @@ from ._glue import (
     gelu_grad,
     layer_norm_tile,
     layer_norm_tile_backward,
+    load_vector,
+    load_weight,
     matmul_dtype,
     n_tiles,
     persistent_programs,
@@ -96,16 +98,12 @@ def _fwd_kernel(x_ptr, lnw_ptr, lnb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, y_ptr,
                 C, H, S, tiles_per_item, tiles, eps, p, seed,
                 C_PAD: tl.constexpr, H_PAD: tl.constexpr, BLOCK_V: tl.constexpr,
                 ACC: tl.constexpr, DOT: tl.constexpr, DROP: tl.constexpr):  # fmt: skip
-    c = tl.arange(0, C_PAD)
     k = tl.arange(0, H_PAD)
-    cm, km = c < C, k < H
-    lnw = tl.load(lnw_ptr + c, mask=cm, other=0.0).to(ACC)
-    lnb = tl.load(lnb_ptr + c, mask=cm, other=0.0).to(ACC)
-    w1 = tl.load(w1_ptr + k[:, None] * C + c[None, :], mask=km[:, None] & cm[None, :], other=0.0)
-    w2 = tl.load(w2_ptr + c[:, None] * H + k[None, :], mask=cm[:, None] & km[None, :], other=0.0)
-    w1, w2 = to_dot(w1, DOT, ACC), to_dot(w2, DOT, ACC)  # (H_PAD, C_PAD), (C_PAD, H_PAD)
-    b1 = tl.load(b1_ptr + k, mask=km, other=0.0).to(ACC)
-    b2 = tl.load(b2_ptr + c, mask=cm, other=0.0).to(ACC)
+    lnw, lnb = load_vector(lnw_ptr, C, C_PAD, ACC), load_vector(lnb_ptr, C, C_PAD, ACC)
+    w1 = load_weight(w1_ptr, H, C, H_PAD, C_PAD, ACC, DOT)  # (H_PAD, C_PAD)
+    w2 = load_weight(w2_ptr, C, H, C_PAD, H_PAD, ACC, DOT)  # (C_PAD, H_PAD)
+    b1 = load_vector(b1_ptr, H, H_PAD, ACC)
+    b2 = load_vector(b2_ptr, C, C_PAD, ACC)
     for t in range(tl.program_id(0), tiles, tl.num_programs(0)):
         b, c, v, mask, offs = tile_coords(t, tiles_per_item, C, S, C_PAD, BLOCK_V)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)  # (C_PAD, BLOCK_V)
@@ -126,13 +124,11 @@ def _bwd_kernel(dy_ptr, x_ptr, lnw_ptr, lnb_ptr, w1_ptr, b1_ptr, w2_ptr, dx_ptr,
     c = tl.arange(0, C_PAD)
     k = tl.arange(0, H_PAD)
     cm, km = c < C, k < H
-    lnw = tl.load(lnw_ptr + c, mask=cm, other=0.0).to(ACC)
-    lnb = tl.load(lnb_ptr + c, mask=cm, other=0.0).to(ACC)
-    w1 = tl.load(w1_ptr + k[:, None] * C + c[None, :], mask=km[:, None] & cm[None, :], other=0.0)
-    w2 = tl.load(w2_ptr + c[:, None] * H + k[None, :], mask=cm[:, None] & km[None, :], other=0.0)
-    w1, w2 = to_dot(w1, DOT, ACC), to_dot(w2, DOT, ACC)
+    lnw, lnb = load_vector(lnw_ptr, C, C_PAD, ACC), load_vector(lnb_ptr, C, C_PAD, ACC)
+    w1 = load_weight(w1_ptr, H, C, H_PAD, C_PAD, ACC, DOT)  # (H_PAD, C_PAD)
+    w2 = load_weight(w2_ptr, C, H, C_PAD, H_PAD, ACC, DOT)  # (C_PAD, H_PAD)
     w1t, w2t = tl.trans(w1), tl.trans(w2)  # (C_PAD, H_PAD), (H_PAD, C_PAD)
-    b1 = tl.load(b1_ptr + k, mask=km, other=0.0).to(ACC)
+    b1 = load_vector(b1_ptr, H, H_PAD, ACC)
     dw1 = tl.zeros((H_PAD, C_PAD), ACC)
     dw2 = tl.zeros((C_PAD, H_PAD), ACC)
     db1 = tl.zeros((H_PAD,), ACC)

@@ -32,6 +32,7 @@ from ._glue import (
     check_offsets,
     dot_dtype,
     dropout_scale,
+    load_weight,
     matmul_dtype,
     n_tiles,
     persistent_programs,
@@ -115,23 +116,13 @@ def _launch_args(s, cs: int, cx: int, cout: int, voxels: int, *, backward: bool,
 
 
 @triton.jit
-def _load_weight(w_ptr, CO, CI, CO_PAD: tl.constexpr, CI_PAD: tl.constexpr, ACC: tl.constexpr,
-                 DOT: tl.constexpr):  # fmt: skip
-    """A (CO, CI) weight as a (CO_PAD, CI_PAD) dot operand, the pad zero."""
-    o = tl.arange(0, CO_PAD)
-    i = tl.arange(0, CI_PAD)
-    mask = (o < CO)[:, None] & (i < CI)[None, :]
-    return to_dot(tl.load(w_ptr + o[:, None] * CI + i[None, :], mask=mask, other=0.0), DOT, ACC)
-
-
-@triton.jit
 def _fwd_kernel(s_ptr, x_ptr, wsk_ptr, wx_ptr, a_ptr,
                 CS, CX, CO, S, tiles_per_item, tiles, p, seed,
                 CS_PAD: tl.constexpr, CX_PAD: tl.constexpr, CO_PAD: tl.constexpr,
                 BLOCK_V: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
                 DROP: tl.constexpr):  # fmt: skip
-    wsk = _load_weight(wsk_ptr, CO, CS, CO_PAD, CS_PAD, ACC, DOT)  # (CO_PAD, CS_PAD)
-    wx = _load_weight(wx_ptr, CO, CX, CO_PAD, CX_PAD, ACC, DOT)  # (CO_PAD, CX_PAD)
+    wsk = load_weight(wsk_ptr, CO, CS, CO_PAD, CS_PAD, ACC, DOT)  # (CO_PAD, CS_PAD)
+    wx = load_weight(wx_ptr, CO, CX, CO_PAD, CX_PAD, ACC, DOT)  # (CO_PAD, CX_PAD)
     for t in range(tl.program_id(0), tiles, tl.num_programs(0)):
         _, _, _, smask, soffs = tile_coords(t, tiles_per_item, CS, S, CS_PAD, BLOCK_V)
         _, _, _, xmask, xoffs = tile_coords(t, tiles_per_item, CX, S, CX_PAD, BLOCK_V)
@@ -149,8 +140,8 @@ def _bwd_kernel(da_ptr, s_ptr, x_ptr, wsk_ptr, wx_ptr, ds_ptr, dx_ptr, part_ptr,
                 CS_PAD: tl.constexpr, CX_PAD: tl.constexpr, CO_PAD: tl.constexpr,
                 BLOCK_V: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
                 DROP: tl.constexpr):  # fmt: skip
-    wskt = tl.trans(_load_weight(wsk_ptr, CO, CS, CO_PAD, CS_PAD, ACC, DOT))  # (CS_PAD, CO_PAD)
-    wxt = tl.trans(_load_weight(wx_ptr, CO, CX, CO_PAD, CX_PAD, ACC, DOT))  # (CX_PAD, CO_PAD)
+    wskt = tl.trans(load_weight(wsk_ptr, CO, CS, CO_PAD, CS_PAD, ACC, DOT))  # (CS_PAD, CO_PAD)
+    wxt = tl.trans(load_weight(wx_ptr, CO, CX, CO_PAD, CX_PAD, ACC, DOT))  # (CX_PAD, CO_PAD)
     dwsk = tl.zeros((CO_PAD, CS_PAD), ACC)
     dwx = tl.zeros((CO_PAD, CX_PAD), ACC)
     for t in range(tl.program_id(0), tiles, tl.num_programs(0)):

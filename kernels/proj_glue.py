@@ -47,6 +47,8 @@ from ._glue import (
     dropout_scale,
     layer_norm_tile,
     layer_norm_tile_backward,
+    load_vector,
+    load_weight,
     matmul_dtype,
     n_tiles,
     persistent_programs,
@@ -159,13 +161,8 @@ def _norm_proj_fwd_kernel(x_ptr, lnw_ptr, lnb_ptr, w_ptr, z_ptr,
                           CI, CO, S, tiles_per_item, tiles, eps,
                           CI_PAD: tl.constexpr, CO_PAD: tl.constexpr, BLOCK_V: tl.constexpr,
                           ACC: tl.constexpr, DOT: tl.constexpr):  # fmt: skip
-    c = tl.arange(0, CI_PAD)
-    o = tl.arange(0, CO_PAD)
-    cm, om = c < CI, o < CO
-    lnw = tl.load(lnw_ptr + c, mask=cm, other=0.0).to(ACC)
-    lnb = tl.load(lnb_ptr + c, mask=cm, other=0.0).to(ACC)
-    w = tl.load(w_ptr + o[:, None] * CI + c[None, :], mask=om[:, None] & cm[None, :], other=0.0)
-    w = to_dot(w, DOT, ACC)  # (CO_PAD, CI_PAD)
+    lnw, lnb = load_vector(lnw_ptr, CI, CI_PAD, ACC), load_vector(lnb_ptr, CI, CI_PAD, ACC)
+    w = load_weight(w_ptr, CO, CI, CO_PAD, CI_PAD, ACC, DOT)  # (CO_PAD, CI_PAD)
     for t in range(tl.program_id(0), tiles, tl.num_programs(0)):
         b, c, v, mask, offs = tile_coords(t, tiles_per_item, CI, S, CI_PAD, BLOCK_V)
         _, _, _, zmask, zoffs = tile_coords(t, tiles_per_item, CO, S, CO_PAD, BLOCK_V)
@@ -184,10 +181,8 @@ def _norm_proj_bwd_kernel(dz_ptr, x_ptr, lnw_ptr, lnb_ptr, w_ptr, dx_ptr, ws_ptr
     c = tl.arange(0, CI_PAD)
     o = tl.arange(0, CO_PAD)
     cm, om = c < CI, o < CO
-    lnw = tl.load(lnw_ptr + c, mask=cm, other=0.0).to(ACC)
-    lnb = tl.load(lnb_ptr + c, mask=cm, other=0.0).to(ACC)
-    w = tl.load(w_ptr + o[:, None] * CI + c[None, :], mask=om[:, None] & cm[None, :], other=0.0)
-    wt = tl.trans(to_dot(w, DOT, ACC))  # (CI_PAD, CO_PAD)
+    lnw, lnb = load_vector(lnw_ptr, CI, CI_PAD, ACC), load_vector(lnb_ptr, CI, CI_PAD, ACC)
+    wt = tl.trans(load_weight(w_ptr, CO, CI, CO_PAD, CI_PAD, ACC, DOT))  # (CI_PAD, CO_PAD)
     dw = tl.zeros((CO_PAD, CI_PAD), ACC)
     dlnw = tl.zeros((CI_PAD,), ACC)
     dlnb = tl.zeros((CI_PAD,), ACC)
@@ -268,12 +263,8 @@ def _proj_residual_fwd_kernel(z_ptr, x_ptr, w_ptr, bias_ptr, out_ptr,
                               CI_PAD: tl.constexpr, CO_PAD: tl.constexpr, BLOCK_V: tl.constexpr,
                               ACC: tl.constexpr, DOT: tl.constexpr,
                               DROP: tl.constexpr):  # fmt: skip
-    i = tl.arange(0, CI_PAD)
-    o = tl.arange(0, CO_PAD)
-    im, om = i < CI, o < CO
-    w = tl.load(w_ptr + o[:, None] * CI + i[None, :], mask=om[:, None] & im[None, :], other=0.0)
-    w = to_dot(w, DOT, ACC)  # (CO_PAD, CI_PAD)
-    bias = tl.load(bias_ptr + o, mask=om, other=0.0).to(ACC)
+    w = load_weight(w_ptr, CO, CI, CO_PAD, CI_PAD, ACC, DOT)  # (CO_PAD, CI_PAD)
+    bias = load_vector(bias_ptr, CO, CO_PAD, ACC)
     for t in range(tl.program_id(0), tiles, tl.num_programs(0)):
         _, _, _, zmask, zoffs = tile_coords(t, tiles_per_item, CI, S, CI_PAD, BLOCK_V)
         b, o, v, mask, offs = tile_coords(t, tiles_per_item, CO, S, CO_PAD, BLOCK_V)
@@ -293,8 +284,7 @@ def _proj_residual_bwd_kernel(dout_ptr, z_ptr, w_ptr, dz_ptr, ws_ptr,
     i = tl.arange(0, CI_PAD)
     o = tl.arange(0, CO_PAD)
     im, om = i < CI, o < CO
-    w = tl.load(w_ptr + o[:, None] * CI + i[None, :], mask=om[:, None] & im[None, :], other=0.0)
-    wt = tl.trans(to_dot(w, DOT, ACC))  # (CI_PAD, CO_PAD)
+    wt = tl.trans(load_weight(w_ptr, CO, CI, CO_PAD, CI_PAD, ACC, DOT))  # (CI_PAD, CO_PAD)
     dw = tl.zeros((CO_PAD, CI_PAD), ACC)
     db = tl.zeros((CO_PAD,), ACC)
     for t in range(tl.program_id(0), tiles, tl.num_programs(0)):
