@@ -241,7 +241,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     p = plan(model=args.model, preset=args.preset, gpu_memory=args.gpu_memory,
              amp=args.amp or "none", max_batch=args.max_batch, crop=args.crop,
              headroom=args.headroom)  # fmt: skip
-    print("candidates asked (training-step account; predictions, not measurements):")
+    from .models import fused
+
+    glue = ("the fused glue ops a GPU runs" if any(fused.ENABLED.values())
+            else "the lean branches (FASTNMF_FUSED_GLUE=0)")  # fmt: skip
+    print(f"candidates asked (training-step account with {glue}; predictions, not "
+          "measurements):")  # fmt: skip
     for t in p.tried:
         what = f"crop {t['crop']}^3, batch {t['batch']}, checkpointing " + (
             "on" if t["checkpoint"] else "off")  # fmt: skip
