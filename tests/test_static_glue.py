@@ -36,3 +36,15 @@ def test_glue_kernels_compile_for_sm90a_without_spills():
     spilling = [r for r in rows if r["spill_bytes"]]
     assert not spilling, spilling
     assert all(r["regs"] <= 255 and r["resident_warps_per_sm"] >= r["warps"] for r in rows)
+
+
+def test_glue_markdown_rows():
+    from fastnmf.profile.static.glue_report import glue_markdown
+
+    row = {"target": "sm_90a", "kernel": "fastnmf.kernels.proj_glue._norm_proj_bwd_kernel",
+           "channels": 32, "width": 32, "dtype": "float32", "autocast": None, "warps": 4,
+           "block_v": 32, "regs": 202, "spill_bytes": 0, "resident_warps_per_sm": 8, "res": True}
+    lines = glue_markdown([row])
+    assert lines[0].startswith("## Fused glue kernels")
+    assert lines[-1] == ("| sm_90a | proj_glue._norm_proj_bwd_kernel (dres) | 32 | 32 | float32 | "
+                         "- | 4 | 32 | 202 | 0 | 8 |")  # fmt: skip

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 
 import torch
 
-__all__ = ["glue_rows", "GLUE_CASES"]
+__all__ = ["glue_rows", "glue_report", "glue_markdown", "GLUE_CASES"]
 
 _DTYPES = ((torch.float32, None), (torch.float32, torch.bfloat16), (torch.bfloat16, None))
 _WIDTHS = {"mlp": (32, 64), "norm_proj": (32, 64, 128), "proj_residual": (32, 64, 128),
@@ -101,6 +104,42 @@ def glue_rows(target: str = "sm_90a") -> list[dict]:
                 "resident_warps_per_sm": occ["resident_warps_per_sm"],
             })  # fmt: skip
     return rows
+
+
+def glue_report(targets=("sm_90a",)) -> list[dict]:
+    """:func:`glue_rows` for every target (``target`` added to each row), compiled here, or in a
+    subprocess where this process runs Triton's interpreter."""
+    from .kernel_report import _compiling_here
+
+    rows = []
+    for target in targets:
+        if _compiling_here():
+            got = glue_rows(target)
+        else:
+            env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+            cmd = [sys.executable, "-m", "fastnmf.profile.static.glue_report", "--target", target]
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(f"the glue report's compiling process failed "
+                                   f"({done.returncode}):\n{done.stderr[-4000:]}")  # fmt: skip
+            got = json.loads(done.stdout)
+        rows += [{**r, "target": target} for r in got]
+    return rows
+
+
+def glue_markdown(rows: list[dict]) -> list[str]:
+    """The rows as a markdown section."""
+    lines = ["## Fused glue kernels (fastnmf/kernels/_glue.py users; compiled, not run)", "",
+             "At 2 x C x 128^3, dropout on; one row per kernel and variant.", "",
+             "| target | kernel | C | width | dtype | autocast | warps | BLOCK_V | registers | "
+             "spill B | resident warps / SM |",
+             "|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        name = r["kernel"].removeprefix("fastnmf.kernels.") + (" (dres)" if r.get("res") else "")
+        lines.append(f"| {r['target']} | {name} | {r['channels']} | {r['width']} | {r['dtype']} | "
+                     f"{r['autocast'] or '-'} | {r['warps']} | {r['block_v']} | {r['regs']} | "
+                     f"{r['spill_bytes']} | {r['resident_warps_per_sm']} |")  # fmt: skip
+    return lines
 
 
 def main(argv=None) -> None:

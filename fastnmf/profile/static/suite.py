@@ -64,7 +64,8 @@ def run_static(*, targets=("sm_90a", "sm_80"), out, parts=PARTS, quick: bool = F
     Args:
         targets: GPU targets ("sm_90a", "sm_80") the kernels are compiled for.
         out: output folder (created; the two files are overwritten).
-        parts: any of "kernels", "traffic", "steps".
+        parts: any of "kernels", "traffic", "steps" ("kernels" of a whole report, neither
+            ``only`` nor ``cases`` given, also compiles the fused glue kernels: ``doc["glue"]``).
         quick: fewer cases (rank one, fp32, 2x32x128^3).
         only: keep the cases whose id contains every given text.
         designs: window designs of the rank-one window cases (see :func:`static_cases`).
@@ -92,6 +93,11 @@ def run_static(*, targets=("sm_90a", "sm_80"), out, parts=PARTS, quick: bool = F
         say(f"kernels: {len(cases)} case(s) x {len(targets)} target(s), compiling ...")
         report = kernel_report(cases, targets=targets)
         launches, kernel_calls = report["launches"], report["calls"]
+        if cases is None and not only:  # a whole report (not a selection of NMF cases)
+            from .glue_report import glue_report
+
+            say("kernels: the fused glue kernels, compiling ...")
+            doc["glue"] = glue_report(targets)
     traffic_calls = []
     if "traffic" in parts:
         say("traffic: counting bytes ...")
@@ -224,6 +230,10 @@ def _meta(targets, parts, quick, cases) -> dict:
 
 def _write(doc: dict, out: Path, parts, traffic_calls) -> None:
     lines = static_markdown(doc)
+    if doc.get("glue"):
+        from .glue_report import glue_markdown
+
+        lines += ["", *glue_markdown(doc["glue"])]
     if "traffic" in parts:
         from . import traffic
 
