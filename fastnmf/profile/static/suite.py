@@ -79,6 +79,7 @@ def run_static(*, targets=("sm_90a", "sm_80"), out, parts=PARTS, quick: bool = F
     for target in targets:
         check_target(target)
     parts = _check_parts(parts)
+    whole = cases is None and not only  # a whole report, not a selection of NMF cases
     cases = list(cases) if cases is not None else static_cases(quick=quick, only=only,
                                                                designs=designs)  # fmt: skip
     say = progress or (lambda line: None)
@@ -93,7 +94,7 @@ def run_static(*, targets=("sm_90a", "sm_80"), out, parts=PARTS, quick: bool = F
         say(f"kernels: {len(cases)} case(s) x {len(targets)} target(s), compiling ...")
         report = kernel_report(cases, targets=targets)
         launches, kernel_calls = report["launches"], report["calls"]
-        if cases is None and not only:  # a whole report (not a selection of NMF cases)
+        if whole:
             from .glue_report import glue_report
 
             say("kernels: the fused glue kernels, compiling ...")
