@@ -48,3 +48,24 @@ def test_glue_markdown_rows():
     assert lines[0].startswith("## Fused glue kernels")
     assert lines[-1] == ("| sm_90a | proj_glue._norm_proj_bwd_kernel (dres) | 32 | 32 | float32 | "
                          "- | 4 | 32 | 202 | 0 | 8 |")  # fmt: skip
+
+
+def test_whole_static_report_lists_the_glue_kernels(tmp_path, monkeypatch):
+    """A whole report (no case selection) adds the glue kernels' rows and section; a selection
+    of NMF cases does not (the kernel compiles stubbed out here)."""
+    from fastnmf.profile.static import glue_report as glue_module
+    from fastnmf.profile.static import kernel_report as kr_module
+    from fastnmf.profile.static.suite import run_static
+
+    row = {"target": "sm_90a", "kernel": "fastnmf.kernels.mlp_branch._fwd_kernel", "channels": 32,
+           "width": 64, "dtype": "float32", "autocast": None, "warps": 4, "block_v": 32,
+           "regs": 168, "spill_bytes": 0, "resident_warps_per_sm": 12, "res": False}
+    monkeypatch.setattr(kr_module, "kernel_report", lambda cases, targets: {"launches": [],
+                                                                            "calls": []})
+    monkeypatch.setattr(glue_module, "glue_report", lambda targets: [row])
+    doc = run_static(targets=("sm_90a",), out=tmp_path / "whole", parts=("kernels",))
+    assert doc["glue"] == [row]
+    assert "## Fused glue kernels" in (tmp_path / "whole" / "static.md").read_text()
+    part = run_static(targets=("sm_90a",), out=tmp_path / "part", parts=("kernels",),
+                      only=("window-[None, 4]-fp32-r1-2x32",))  # fmt: skip
+    assert "glue" not in part
