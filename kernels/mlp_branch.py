@@ -55,10 +55,17 @@ def _pads(c: int, h: int) -> tuple[int, int]:
     return max(16, triton.next_power_of_2(c)), max(16, triton.next_power_of_2(h))
 
 
-def supported(channels: int, hidden: int) -> bool:
-    """Whether the kernels take this branch: the weight gradients fit in a program's registers."""
+# before Hopper (sm_80) the backward spills at 2 * 64 * 128 (220-836 B at C = 64, ptxas of
+# Triton 3.9, the static suite's glue section): there the branch takes C <= 32 (ratio 2)
+MAX_PARAM_ELEMENTS_PRE_HOPPER = 4096
+
+
+def supported(channels: int, hidden: int, capability: int = 90) -> bool:
+    """Whether the kernels take this branch on a GPU of compute ``capability`` (90: sm_90a): the
+    weight gradients fit in a program's registers without spilling."""
     c_pad, h_pad = _pads(channels, hidden)
-    return 2 * c_pad * h_pad <= MAX_PARAM_ELEMENTS
+    limit = MAX_PARAM_ELEMENTS if capability >= 90 else MAX_PARAM_ELEMENTS_PRE_HOPPER
+    return 2 * c_pad * h_pad <= limit
 
 
 # the (H_PAD, BLOCK_V) hidden tile's elements and the warps, per pass (chosen for zero spills

@@ -61,7 +61,17 @@ def fused_mlp_ok(x: torch.Tensor, mlp: nn.Module) -> bool:
     from fastnmf.kernels import mlp_branch
 
     c, h = x.shape[1], mlp.fc1.weight.shape[0]
-    return mlp_branch.supported(c, h) and max(c, h) * math.prod(x.shape[2:]) < 2**31
+    fits = mlp_branch.supported(c, h, _capability(x))
+    return fits and max(c, h) * math.prod(x.shape[2:]) < 2**31
+
+
+def _capability(x: torch.Tensor) -> int:
+    """x's GPU's compute capability as 10 * major + minor (90 where x is not on a GPU: the step
+    account, which models an H200)."""
+    if x.device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(x.device)
+    return 10 * major + minor
 
 
 def fused_mlp(x: torch.Tensor, norm: nn.Module, mlp: nn.Module) -> torch.Tensor:

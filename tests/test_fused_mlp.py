@@ -245,6 +245,18 @@ def test_backward_bitwise_deterministic(gen):
         assert torch.equal(a, b_)
 
 
+def test_sm80_takes_the_fused_mlp_at_c32_only(gen):
+    """Before Hopper the MLP backward spills at C = 64 (the static suite): the block falls back
+    to the lean branch there, keeps the fused one at C = 32."""
+    assert M.supported(64, 128) and not M.supported(64, 128, 80) and M.supported(32, 64, 80)
+    for c, want in ((16, True), (64, False)):
+        block = _block(c, 0.0, gen)
+        x = torch.randn(1, c, 4, 4, 4, generator=gen).to(DEVICE).requires_grad_()
+        with mock.patch.object(fused, "_on_gpu", lambda t: True), \
+                mock.patch.object(fused, "_capability", lambda t: 80):  # fmt: skip
+            assert fused.fused_mlp_ok(x, block.mlp) is want
+
+
 def test_errors():
     x = torch.randn(1, 16, 4, 4)
     lnw, lnb = torch.ones(16), torch.zeros(16)

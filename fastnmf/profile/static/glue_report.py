@@ -78,12 +78,17 @@ _LAUNCHERS = {"mlp": _launch_mlp, "norm_proj": _launch_norm_proj,
 
 
 def glue_rows(target: str = "sm_90a") -> list[dict]:
-    """One row per kernel launch of every case in :data:`GLUE_CASES`."""
-    from .driver import stub_driver
+    """One row per kernel launch of every case in :data:`GLUE_CASES` the model takes on
+    ``target`` (sm_80: the MLP branch at C <= 32 only, ``mlp_branch.supported``)."""
+    from fastnmf.kernels import mlp_branch
+
+    from .driver import TARGETS, stub_driver
     from .ptx_tools import occupancy, ptxas_info
 
     rows = []
     for op, c, width, dtype, amp in GLUE_CASES:
+        if op == "mlp" and not mlp_branch.supported(c, width, TARGETS[target][0]):
+            continue
         with stub_driver(target) as stub:
             _LAUNCHERS[op](c, width, dtype, amp)
         for launch in stub.launches:
