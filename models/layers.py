@@ -328,8 +328,9 @@ class FactorizerBlock(nn.Module):
     Without it, eager training still keeps less (:mod:`~fastnmf.models.recompute`): the MLP
     branch and LN1 -> the NMF mixer's in-projection keep only their input and recompute the rest
     in backward (bit for bit the same results; evaluation, torch.compile and export run the
-    plain modules). On a GPU the MLP branch with its residual is one fused op instead
-    (:mod:`~fastnmf.models.fused`: one Triton kernel each way, Philox dropout masks).
+    plain modules). On a GPU the block's glue runs as fused ops instead (:mod:`~fastnmf.models.
+    fused`: the MLP branch with its residual; LN1 + in-projection and out-projection + dropout +
+    residual around the NMF layer; a decoder block's skip adapter; Philox dropout masks).
     """
 
     def __init__(
