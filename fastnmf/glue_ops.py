@@ -1,21 +1,26 @@
-"""The fused glue kernels (:mod:`fastnmf.kernels._glue`) as registered ops, and when the model
-uses them.
+"""The fused glue kernels (:mod:`fastnmf.kernels._glue`) as registered ops.
 
-``fastnmf::mlp_branch(x, ln_w, ln_b, eps, w1, b1, w2, b2, p, seed, dot) -> y`` is a Factorizer
-block's ``x + MLP(LN2(x))`` (:mod:`fastnmf.kernels.mlp_branch`: one kernel, x read once and y
-written once), with a hand-written backward op ``fastnmf::mlp_branch_backward`` (one kernel: x
-and dy read once, dx written once, parameter gradients from per-program partial sums). Autograd
-keeps x and the parameters; the dropout masks are regenerated from ``seed``.
+- ``fastnmf::mlp_branch(x, ln_w, ln_b, eps, w1, b1, w2, b2, p, seed, dot) -> y``: a Factorizer
+  block's ``x + MLP(LN2(x))`` (:mod:`fastnmf.kernels.mlp_branch`: one kernel, x read once and y
+  written once), with a hand-written backward op ``fastnmf::mlp_branch_backward`` (one kernel:
+  x and dy read once, dx written once, parameter gradients from per-program partial sums).
+  Autograd keeps x and the parameters; the dropout masks are regenerated from ``seed``.
+- ``fastnmf::norm_proj`` (LN1 + in-projection) and ``fastnmf::proj_residual`` (out-projection
+  + dropout + residual) with their backward ops (:mod:`fastnmf.kernels.proj_glue`); the model
+  runs them around its NMF layer in one autograd Function (:func:`fused_context_branch`) whose
+  backward hands the residual's gradient to norm_proj's backward kernel (``dres``).
+- ``fastnmf::pair_proj`` (+ backward): a decoder block's skip adapter ``drop(W_s skip + W_x x)``
+  (:mod:`fastnmf.kernels.pair_proj`).
 
-Both are ``torch.library.triton_op``s, like ``fastnmf::channel_layer_norm``
+All are ``torch.library.triton_op``s, like ``fastnmf::channel_layer_norm``
 (fastnmf/channel_norm.py): Triton kernels on CUDA (and on CPU tensors under
 ``TRITON_INTERPRET=1``, for the tests); nothing else runs them. The training-step account
 (:mod:`fastnmf.profile.static.step_ops`) counts each as one op, as the kernels move bytes.
 
 When the model uses them: :mod:`fastnmf.models.fused` decides (eager training on a GPU).
-Unlike the lean branches of :mod:`fastnmf.models.recompute`, the fused branch's dropout masks
-are Philox draws, not ``nn.Dropout``'s (same distribution, other values): with dropout 0 both
-compute the same function (up to rounding: the kernels keep the hidden tensor in fp32, TF32
+Unlike the lean branches of :mod:`fastnmf.models.recompute`, the fused ops' dropout masks are
+Philox draws, not ``nn.Dropout``'s (same distribution, other values): with dropout 0 both
+compute the same function (up to rounding: the kernels keep intermediates in fp32, TF32
 products on a GPU).
 """
 
@@ -30,8 +35,7 @@ from torch.autograd.function import once_differentiable
 
 from .custom_op import decompose_only_when_traceable, record_kernels
 
-__all__ = ["fused_mlp_branch", "fused_norm_proj", "fused_proj_residual", "fused_context_branch",
-           "fused_pair_proj"]
+__all__ = ["fused_mlp_branch", "fused_context_branch", "fused_pair_proj"]
 
 
 def _triton_ready(x: torch.Tensor) -> bool:
@@ -227,24 +231,6 @@ for _op, _bwd, _setup, _back in (
     decompose_only_when_traceable(_bwd)
 
 
-def fused_norm_proj(x: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, eps: float,
-                    w: torch.Tensor) -> torch.Tensor:  # fmt: skip
-    """``W LN(x)`` (W: (Cout, C), no bias) in one fused op: LN1 and a mixer's in-projection."""
-    from .kernels._glue import matmul_dtype
-
-    return _norm_proj_op(x, ln_w, ln_b, float(eps), w, matmul_dtype(x))
-
-
-def fused_proj_residual(z: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
-                        p: float) -> torch.Tensor:  # fmt: skip
-    """``x + drop(W z + b)`` in one fused op (a fresh Philox seed per call): a mixer's
-    out-projection, its dropout and the block's residual add."""
-    from .kernels._glue import dropout_seed, matmul_dtype
-
-    seed = dropout_seed() if p > 0 else 0
-    return _proj_residual_op(z, x, w, b, float(p), seed, matmul_dtype(z))
-
-
 class _ContextBranch(torch.autograd.Function):
     """``x + drop(W_out mid(W_in LN(x)) + b_out)``: norm_proj, ``mid`` (the NMF layer, with its
     own autograd), proj_residual; backward: proj_residual's, mid's (``torch.autograd.grad``),
@@ -280,7 +266,7 @@ def fused_context_branch(x: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor
                          w_in: torch.Tensor, mid: Callable[[torch.Tensor], torch.Tensor],
                          w_out: torch.Tensor, b_out: torch.Tensor, p: float) -> torch.Tensor:
     """``x + drop(W_out mid(W_in LN(x)) + b_out)`` (a block's context branch around its NMF layer
-    ``mid``) as :func:`fused_norm_proj`, ``mid`` and :func:`fused_proj_residual`, with x's
+    ``mid``) as ``fastnmf::norm_proj``, ``mid`` and ``fastnmf::proj_residual``, with x's
     residual gradient added inside norm_proj's backward kernel."""  # fmt: skip
     from .kernels._glue import dropout_seed, matmul_dtype
 
