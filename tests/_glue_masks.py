@@ -1,5 +1,6 @@
-"""The fused glue kernels' dropout masks read back (a test-only Triton kernel calling the
-kernels' own ``dropout_scale``), for PyTorch references of the fused ops."""
+"""Test helpers of the fused glue kernels: their dropout masks read back (a test-only Triton
+kernel calling the kernels' own ``dropout_scale``), for PyTorch references of the fused ops, and
+a launch recorder."""
 
 from __future__ import annotations
 
@@ -34,3 +35,17 @@ def kernel_masks(batch: int, channels: int, voxels: int, k: int, p: float, seed:
         out, int(seed), float(p), channels, voxels, K=k, C_PAD=triton.next_power_of_2(channels),
         BV=bv)  # fmt: skip
     return out
+
+
+class LaunchCapture:
+    """Stands in for a kernel: records the grid and arguments of its launch, then launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, []
+
+    def __getitem__(self, grid):
+        def run(*args, **kw):
+            self.calls.append((grid, args))
+            return self.kernel[grid](*args, **kw)
+
+        return run

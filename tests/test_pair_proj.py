@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _glue_masks import kernel_masks
+from _glue_masks import LaunchCapture, kernel_masks
 from conftest import DEVICES, rel_err
 from fastnmf.kernels import pair_proj as P
 from fastnmf.models.layers import SkipAdapter
@@ -206,25 +206,11 @@ def test_limits():
         P.pair_proj_forward(big, big, w, w, 0.1, 1)
 
 
-class _Capture:
-    """Stands in for a kernel: records the grid and arguments of its launch, then launches."""
-
-    def __init__(self, kernel):
-        self.kernel, self.calls = kernel, []
-
-    def __getitem__(self, grid):
-        def run(*args, **kw):
-            self.calls.append((grid, args))
-            return self.kernel[grid](*args, **kw)
-
-        return run
-
-
 @pytest.mark.parametrize("cx", [None, 24])
 def test_workspace_bytes(gen, cx, monkeypatch):
     """``pair_proj_workspace_bytes`` is what the backward's partial-sum workspace moves: written
     once by the kernel and read once by its reduction (x's channels default to skip's)."""
-    spy = _Capture(P._bwd_kernel)
+    spy = LaunchCapture(P._bwd_kernel)
     monkeypatch.setattr(P, "_bwd_kernel", spy)
     shape, cout = (2, 16, 9, 8, 7), 40
     s, x, ws, wx, da = _inputs(gen, shape, cx or 16, cout, torch.float32, DEVICE)

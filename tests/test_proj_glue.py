@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _glue_masks import kernel_masks
+from _glue_masks import LaunchCapture, kernel_masks
 from conftest import DEVICES, rel_err
 from fastnmf.kernels import proj_glue as P
 
@@ -280,25 +280,11 @@ def test_limits():
         P.proj_residual_forward(big, big, torch.empty(32, 32), torch.empty(32), 0.1, 1)
 
 
-class _Capture:
-    """Stands in for a kernel: records the grid and arguments of its launch, then launches."""
-
-    def __init__(self, kernel):
-        self.kernel, self.calls = kernel, []
-
-    def __getitem__(self, grid):
-        def run(*args, **kw):
-            self.calls.append((grid, args))
-            return self.kernel[grid](*args, **kw)
-
-        return run
-
-
 @pytest.mark.parametrize("op", ["norm_proj", "proj_residual"])
 def test_workspace_bytes(op, gen, monkeypatch):
     """``*_workspace_bytes`` is what the backward's partial-sum workspace moves: written once by
     the kernel and read once by its reduction."""
-    spy = _Capture(getattr(P, f"_{op}_bwd_kernel"))
+    spy = LaunchCapture(getattr(P, f"_{op}_bwd_kernel"))
     monkeypatch.setattr(P, f"_{op}_bwd_kernel", spy)
     shape, cout = (2, 24, 9, 8, 7), 40
     if op == "norm_proj":
