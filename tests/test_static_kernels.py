@@ -11,17 +11,17 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
-import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.runtime.jit import JITFunction
 
 from fastnmf.cli import main
 from fastnmf.profile.static import ptx_tools
 from fastnmf.profile.static.cases import coverage_cases
-from fastnmf.profile.static.driver import stub_driver
 from fastnmf.profile.static.kernel_report import LAUNCH_FIELDS, kernel_report
 from fastnmf.profile.static.suite import run_static
 
@@ -150,33 +150,16 @@ def test_occupancy_arithmetic():
         ptx_tools.occupancy(regs=32, warps=4, smem=0, target="sm_70")
 
 
-def _double(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(y_ptr + i, tl.load(x_ptr + i, mask=i < n) * 2, mask=i < n)
-
-
 @needs_ptxas
 def test_stub_driver_compiles_records_and_restores():
-    import torch
-    from triton.runtime.driver import driver
-
-    before = driver._active
-    kernel = JITFunction(_double)  # compiled even where @triton.jit would interpret
-    x = torch.empty(1000, device="meta")
-    with stub_driver("sm_80") as stub:
-        assert driver.active is stub
-        assert stub.get_current_target() == GPUTarget("cuda", 80, 32)
-        kernel[(8,)](x, torch.empty_like(x), 1000, BLOCK=128, num_warps=4)
-    assert driver._active is before
-    (launch,) = stub.launches
-    assert (launch.kernel, launch.grid, launch.num_warps) == ("_double", (8, 1, 1), 4)
-    assert launch.constexprs == {"BLOCK": 128} and launch.args[2] == 1000
-    assert ".target sm_80" in launch.compiled.asm["ptx"]
-    info = ptx_tools.ptxas_info(launch.compiled.asm["ptx"], "sm_80")
-    assert info["regs"] > 0 and info["spill_store_bytes"] == 0
-    with pytest.raises(ValueError, match="sm_90a"), stub_driver("sm_100"):
-        pass
-    assert driver._active is before
+    """In a compiling subprocess (tests/_stub_driver_check.py says why): the stub driver compiles
+    for its target, records the launch and restores the driver it replaced."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).with_name("_stub_driver_check.py")
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.strip().endswith("stub driver: ok")
 
 
 def test_missing_ptxas_is_a_clear_error(monkeypatch):
