@@ -5,8 +5,10 @@ schedule (kernels/_window3_sched.py), so that the output pass reads x and dy fro
 
 The needs are the forward's: the backward solve of a shifted window sums the ū parts of the
 unshifted windows holding its parts, and the output pass of a window takes S and h̄ of the shifted
-windows it lies in. u, K and the iterates come from the forward (an earlier launch). The solves
-run WPP shifted windows at once (:func:`_solve_bwd_batch`, the loop of ``_steps_backward``).
+windows it lies in. u, K and h come from the forward (an earlier launch); the power iterates are
+recomputed from K and h (:func:`_iterate_to`), so the forward saves E (E + 1) / 2 + 2 E floats per
+shifted window instead of the second design's (T + 1) E + T + E (E + 1) / 2. The solves run WPP
+shifted windows at once (:func:`_solve_bwd_batch`, the loop of ``_steps_backward``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from ._window3_sched import (
     Pipeline,
     _count_done,
     _load_sym_batch,
+    _normalize,
     _sum_parts_batch,
     _take,
     _wait_stage,
@@ -31,13 +34,28 @@ __all__ = ["backward3"]
 
 
 @triton.jit
-def _solve_bwd_batch(gpart_ptr, kmat_ptr, hats_ptr, norms_ptr, sym_ptr, hbar_ptr, bh, om, ok,
+def _iterate_to(k_mat, h, t):
+    """The forward's power iterates recomputed from K (NB, E, E) and h (NB, E): â_{t-1} (zeros at
+    t = 0), â_t and ||a_t|| (â_0 = h / ||h||, â_s = K â_{s-1} / ||K â_{s-1}||), the forward
+    solve's expressions (``_solve_batch``)."""
+    a_hat, norm = _normalize(h)
+    prev = tl.zeros_like(a_hat)
+    for _s in range(0, t):
+        prev = a_hat
+        a_hat, norm = _normalize(tl.sum(k_mat * a_hat[:, None, :], axis=2))
+    return prev, a_hat, norm
+
+
+@triton.jit
+def _solve_bwd_batch(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh, om, ok,
                      E: tl.constexpr, NWIN, ITERS, NW0, NW1, NW2, SHIFTS: tl.constexpr,
                      NSHIFT: tl.constexpr, NB: tl.constexpr, BLOCK_E: tl.constexpr,
                      ACC: tl.constexpr):  # fmt: skip
     """The second design's backward solve (``_solve_bwd_kernel``) for the shifted windows om
     (NB,) (ok: which exist) at once: per shift, ū from its parts, then back through the power
-    steps with the saved K and iterates: S = K̄ + K̄^T and h̄."""
+    steps with the saved K and the iterates recomputed from K and h (:func:`_iterate_to`:
+    T (T + 1) / 2 E x E products instead of reading T saved iterates and norms):
+    S = K̄ + K̄^T and h̄."""
     e = tl.arange(0, BLOCK_E)
     i3 = e[None, :, None]
     j3 = e[None, None, :]
@@ -49,18 +67,15 @@ def _solve_bwd_batch(gpart_ptr, kmat_ptr, hats_ptr, norms_ptr, sym_ptr, hbar_ptr
                                    SHIFTS, NSHIFT, E, NB, BLOCK_E, ACC, False, 0)  # fmt: skip
         prog = (bh * NSHIFT + k) * NWIN + om
         k_mat = _load_sym_batch(kmat_ptr, prog, m3, i3, j3, E)
-        hp = hats_ptr + prog[:, None] * (ITERS * E) + e[None, :]
-        np_ = norms_ptr + prog * ITERS
+        h = tl.load(hsave_ptr + prog[:, None] * E + e[None, :], mask=m2, other=0)
         kbar = tl.zeros((NB, BLOCK_E, BLOCK_E), dtype=ACC)
         hbar = tl.zeros((NB, BLOCK_E), dtype=ACC)
         for i in range(0, ITERS):
             t = ITERS - 1 - i
-            a_hat = tl.load(hp + t * E, mask=m2, other=0)
-            norm = tl.load(np_ + t, mask=ok, other=0)
+            prev, a_hat, norm = _iterate_to(k_mat, h, t)
             radial = tl.sum(a_hat * grad, axis=1)
             safe = tl.where(norm > 0, norm, 1)[:, None]
             a_bar = tl.where(norm[:, None] > 0, (grad - a_hat * radial[:, None]) / safe, 0)
-            prev = tl.load(hp + tl.maximum(t - 1, 0) * E, mask=m2, other=0)
             kbar += tl.where(t > 0, a_bar[:, :, None] * prev[:, None, :], 0.0)  # none at t = 0
             hbar = a_bar  # the last pass (t = 0) leaves h̄ = ā_1
             grad = tl.sum(k_mat * a_bar[:, None, :], axis=2)
@@ -71,7 +86,7 @@ def _solve_bwd_batch(gpart_ptr, kmat_ptr, hats_ptr, norms_ptr, sym_ptr, hbar_ptr
 
 @triton.jit
 def _fused_bwd_kernel(
-    x_ptr, dy_ptr, dx_ptr, g0_ptr, rowmask_ptr, hats_ptr, norms_ptr, kmat_ptr, gpart_ptr,
+    x_ptr, dy_ptr, dx_ptr, g0_ptr, rowmask_ptr, u_ptr, hsave_ptr, kmat_ptr, gpart_ptr,
     sym_ptr, hbar_ptr, flag_ptr, NTICKET, CPP, NSTAGE, NPLANE, NPL,
     C, E: tl.constexpr, HEADS, NWIN, NVOX, ITERS, S1, S2, NW0, NW1, NW2,
     SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr,
@@ -98,14 +113,14 @@ def _fused_bwd_kernel(
             for j in range(0, WPP):
                 if first + j < NPLANE:
                     _parts_bwd_window(x_ptr + offset, dy_ptr + offset, rowmask, e, emask,
-                                      plane * NPLANE + first + j, bh, g_all, hats_ptr, gpart_ptr,
-                                      E, NWIN, NVOX, ITERS, S1, S2, NW0, NW1, NW2, SHIFTS, NSHIFT,
+                                      plane * NPLANE + first + j, bh, g_all, u_ptr, gpart_ptr,
+                                      E, NWIN, NVOX, 1, S1, S2, NW0, NW1, NW2, SHIFTS, NSHIFT,
                                       P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, G0, G1, G2, MU,
                                       ACC)  # fmt: skip
         elif phase == 1:
             _wait_stage(flags, NPL, plane, 1, CPP, OFFS, NOFF)
             i = first + tl.arange(0, WPP)
-            _solve_bwd_batch(gpart_ptr, kmat_ptr, hats_ptr, norms_ptr, sym_ptr, hbar_ptr, bh,
+            _solve_bwd_batch(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh,
                              plane * NPLANE + i, i < NPLANE, E, NWIN, ITERS, NW0, NW1, NW2,
                              SHIFTS, NSHIFT, WPP, BLOCK_E, ACC)  # fmt: skip
         else:
@@ -113,26 +128,27 @@ def _fused_bwd_kernel(
             for j in range(0, WPP):
                 if first + j < NPLANE:
                     _apply_bwd_window(x_ptr + offset, dy_ptr + offset, dx_ptr + offset, rowmask,
-                                      e, emask, plane * NPLANE + first + j, bh, g_all, hats_ptr,
-                                      sym_ptr, hbar_ptr, E, NWIN, NVOX, ITERS, S1, S2, NW0, NW1,
+                                      e, emask, plane * NPLANE + first + j, bh, g_all, u_ptr,
+                                      sym_ptr, hbar_ptr, E, NWIN, NVOX, 1, S1, S2, NW0, NW1,
                                       NW2, SHIFTS, NSHIFT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E,
                                       NSB, G0, G1, G2, MU, ACC, True)  # CG  # fmt: skip
         _count_done(flags, phase, plane, NPL)
         t = tl.atomic_add(ticket_ptr, 1)
 
 
-def backward3(x, g0, rowmask, hats, norms, kmat, dy, geo: _Geometry2, plan, iters: int,
+def backward3(x, g0, rowmask, u, h, kmat, dy, geo: _Geometry2, plan, iters: int,
               mu: bool) -> torch.Tensor:  # fmt: skip
-    """dL/dx of the third design from the saved iterates and K (one persistent launch)."""
+    """dL/dx of the third design from the forward's u, h and K (one persistent launch; the
+    window bodies take u as the last of 1 iterate)."""
     dev = x.device
-    f32 = hats.dtype
+    f32 = u.dtype
     gpart = torch.empty(geo.slots, geo.E, dtype=f32, device=dev)  # unused slots stay unread
     sym = torch.empty(geo.progs, geo.E, geo.E, dtype=f32, device=dev)
     hbar = torch.empty(geo.progs, geo.E, dtype=f32, device=dev)
     pipe = Pipeline(geo, plan, dev)
     dx = torch.empty_like(x)
     _fused_bwd_kernel[pipe.grid](
-        x, dy, dx, g0, rowmask, hats, norms, kmat, gpart, sym, hbar, *pipe.args(),
+        x, dy, dx, g0, rowmask, u, h, kmat, gpart, sym, hbar, *pipe.args(),
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, iters, geo.S[1], geo.S[2], *geo.NW,
         **geo.consts(), **pipe.block(geo), MU=mu, ACC=acc_dtype(x.dtype),
         num_warps=pipe.warps(),

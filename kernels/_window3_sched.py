@@ -47,6 +47,14 @@ def wpp() -> int:
 
 
 @triton.jit
+def _normalize(a):
+    """(a / ||a||, ||a||) per row of a (NB, BLOCK_E); a zero row stays zero: one power step's
+    normalisation, shared by the forward's solve and the backward's recomputed iterates."""
+    norm = tl.sqrt(tl.sum(a * a, axis=1))
+    return tl.where(norm[:, None] > 0, a / tl.where(norm > 0, norm, 1)[:, None], 0), norm
+
+
+@triton.jit
 def _wait_for(flag_ptr, need):
     """Spin until the count at flag_ptr reaches need (acquire: what the counted programs wrote
     before their release is visible after)."""

@@ -35,7 +35,8 @@ Two launches per call each way (the flag buffer's zero fill and the kernel); the
 solves run WPP shifted windows at once ((WPP, E, E) tiles) so that a program's warps are busy in
 that pass too. The forward's part statistics of planes 1.. live in a ring of 3 plane regions
 (``_part_slot``; a parts stage first waits for the solves of the region it overwrites), so the
-dead statistics stay in L2 instead of being written back to DRAM once per plane.
+dead statistics stay in L2 instead of being written back to DRAM once per plane. For the backward
+the solve saves K and h (not the T iterates and norms: the backward recomputes them), and u.
 
 Static figures (sm_90a, 2x32x128^3, E = P = 8, T = 5; README "Window kernel designs"): 16 warps,
 one program per SM, 122-128 registers; 4 windows a ticket, so that the tickets in flight hold
@@ -57,6 +58,7 @@ from ._window3_bwd import backward3
 from ._window3_sched import (
     Pipeline,
     _count_done,
+    _normalize,
     _part_slot,
     _sum_parts_batch,
     _take,
@@ -69,12 +71,14 @@ __all__ = ["window_nmf3", "fused_plan"]
 
 
 @triton.jit
-def _solve_batch(kpart_ptr, hpart_ptr, u_ptr, hats_ptr, norms_ptr, kmat_ptr, bh, om, ok,
+def _solve_batch(kpart_ptr, hpart_ptr, u_ptr, hsave_ptr, kmat_ptr, bh, om, ok,
                  E: tl.constexpr, NWIN, ITERS, NW0, NW1, NW2, NPLANE, SHIFTS: tl.constexpr,
                  NSHIFT: tl.constexpr, NB: tl.constexpr, BLOCK_E: tl.constexpr,
                  SAVE: tl.constexpr, ACC: tl.constexpr, RING: tl.constexpr):  # fmt: skip
     """The second design's solve (``_solve_kernel``) for the shifted windows om (NB,) (ok: which
-    exist) at once: per shift, the part sums, K saved, the power steps (``_power_steps``), u."""
+    exist) at once: per shift, the part sums, the power steps, u. With SAVE, K (packed upper
+    triangle) and h for the backward, which recomputes the iterates from them
+    (``_iterate_to`` in _window3_bwd.py) instead of reading T + 1 saved vectors."""
     e = tl.arange(0, BLOCK_E)
     i3 = e[None, :, None]
     j3 = e[None, None, :]
@@ -85,30 +89,20 @@ def _solve_batch(kpart_ptr, hpart_ptr, u_ptr, hats_ptr, norms_ptr, kmat_ptr, bh,
                                     NPLANE, SHIFTS, NSHIFT, E, NB, BLOCK_E, ACC, True,
                                     RING)  # fmt: skip
         prog = (bh * NSHIFT + k) * NWIN + om
-        hp = hats_ptr + prog[:, None] * (ITERS * E) + e[None, :]
-        np_ = norms_ptr + prog * ITERS
-        if SAVE:  # K for the backward (packed upper triangle)
+        if SAVE:  # K and h for the backward
             tl.store(kmat_ptr + prog[:, None, None] * (E * E) + _tri(i3, j3, E), k_mat,
                      mask=m3 & (j3 >= i3))  # fmt: skip
-        norm = tl.sqrt(tl.sum(h * h, axis=1))
-        a_hat = tl.where(norm[:, None] > 0, h / tl.where(norm > 0, norm, 1)[:, None], 0)
-        if SAVE:
-            tl.store(hp, a_hat, mask=m2)
-            tl.store(np_, norm, mask=ok)
-        for t in range(1, ITERS):
-            a = tl.sum(k_mat * a_hat[:, None, :], axis=2)
-            norm = tl.sqrt(tl.sum(a * a, axis=1))
-            a_hat = tl.where(norm[:, None] > 0, a / tl.where(norm > 0, norm, 1)[:, None], 0)
-            if SAVE:
-                tl.store(hp + t * E, a_hat, mask=m2)
-                tl.store(np_ + t, norm, mask=ok)
+            tl.store(hsave_ptr + prog[:, None] * E + e[None, :], h, mask=m2)
+        a_hat, _ = _normalize(h)
+        for _t in range(1, ITERS):
+            a_hat, _ = _normalize(tl.sum(k_mat * a_hat[:, None, :], axis=2))
         tl.store(u_ptr + prog[:, None] * E + e[None, :], a_hat, mask=m2)
 
 
 @triton.jit
 def _fused_kernel(
-    x_ptr, y_ptr, g0_ptr, rowmask_ptr, kpart_ptr, hpart_ptr, u_ptr, hats_ptr, norms_ptr,
-    kmat_ptr, flag_ptr, NTICKET, CPP, NSTAGE, NPLANE, NPL,
+    x_ptr, y_ptr, g0_ptr, rowmask_ptr, kpart_ptr, hpart_ptr, u_ptr, hsave_ptr, kmat_ptr,
+    flag_ptr, NTICKET, CPP, NSTAGE, NPLANE, NPL,
     C, E: tl.constexpr, HEADS, NWIN, NVOX, ITERS, S1, S2, NW0, NW1, NW2,
     SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr,
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
@@ -151,7 +145,7 @@ def _fused_kernel(
         elif phase == 1:
             _wait_stage(flags, NPL, plane, 1, CPP, OFFS, NOFF)
             i = first + tl.arange(0, WPP)
-            _solve_batch(kpart_ptr, hpart_ptr, u_ptr, hats_ptr, norms_ptr, kmat_ptr, bh,
+            _solve_batch(kpart_ptr, hpart_ptr, u_ptr, hsave_ptr, kmat_ptr, bh,
                          plane * NPLANE + i, i < NPLANE, E, NWIN, ITERS, NW0, NW1, NW2, NPLANE,
                          SHIFTS, NSHIFT, WPP, BLOCK_E, SAVE, ACC, RING)  # fmt: skip
         else:
@@ -174,19 +168,18 @@ def _fused_forward(x, g0, rowmask, geo: _Geometry2, plan, iters: int, mu: bool, 
     kpart = torch.empty(pipe.part_slots, geo.E, geo.E, dtype=f32, device=dev)  # unused: unread
     hpart = torch.empty(pipe.part_slots, geo.E, dtype=f32, device=dev)
     u = torch.empty(geo.progs, geo.E, dtype=f32, device=dev)
-    hats = torch.empty(geo.progs, iters, geo.E, dtype=f32, device=dev) if save else u
-    norms = torch.empty(geo.progs, iters, dtype=f32, device=dev) if save else u
+    h = torch.empty(geo.progs, geo.E, dtype=f32, device=dev) if save else u
     kmat = torch.empty(geo.progs, geo.E, geo.E, dtype=f32, device=dev) if save else u
     y = torch.empty_like(x)
     _fused_kernel[pipe.grid](
-        x, y, g0, rowmask, kpart, hpart, u, hats, norms, kmat, *pipe.args(),
+        x, y, g0, rowmask, kpart, hpart, u, h, kmat, *pipe.args(),
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, iters, geo.S[1], geo.S[2], *geo.NW,
         **geo.consts(), **pipe.block(geo), MU=mu, ACC=acc, **geo.dot(acc, mu),
         SAVE=save, num_warps=pipe.warps(),
     )  # fmt: skip
     if not save:
-        hats = norms = kmat = None
-    return y, hats, norms, kmat
+        h = kmat = None
+    return y, u, h, kmat
 
 
 class WindowNMF3(torch.autograd.Function):
@@ -196,18 +189,18 @@ class WindowNMF3(torch.autograd.Function):
     def forward(ctx, x, g0, rowmask, head_dim, patch, shifts, iters, mu):
         geo = _Geometry2(x, head_dim, patch, shifts)
         plan = fused_plan(tuple(geo.NW), geo.shifts)
-        y, hats, norms, kmat = _fused_forward(x, g0, rowmask, geo, plan, iters, mu,
-                                              save=ctx.needs_input_grad[0])  # fmt: skip
-        ctx.save_for_backward(x, g0, rowmask, hats, norms, kmat)
+        y, u, h, kmat = _fused_forward(x, g0, rowmask, geo, plan, iters, mu,
+                                       save=ctx.needs_input_grad[0])  # fmt: skip
+        ctx.save_for_backward(x, g0, rowmask, u, h, kmat)
         ctx.geo, ctx.plan, ctx.args = geo, plan, (iters, mu)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, g0, rowmask, hats, norms, kmat = ctx.saved_tensors
+        x, g0, rowmask, u, h, kmat = ctx.saved_tensors
         iters, mu = ctx.args
-        dx = backward3(x, g0, rowmask, hats, norms, kmat, dy.contiguous(), ctx.geo, ctx.plan,
-                       iters, mu)  # fmt: skip
+        dx = backward3(x, g0, rowmask, u, h, kmat, dy.contiguous(), ctx.geo, ctx.plan, iters,
+                       mu)  # fmt: skip
         return dx, None, None, None, None, None, None, None
 
 

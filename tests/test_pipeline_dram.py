@@ -19,6 +19,8 @@ CASES = [
 VOLUME = {"fwd": {"x": ("x_ptr", "load"), "y": ("y_ptr", "store")},
           "bwd": {"x": ("x_ptr", "load"), "dy": ("dy_ptr", "load"), "dx": ("dx_ptr", "store")}}
 PARTS = {"fwd": ("kpart_ptr", "hpart_ptr"), "bwd": ("gpart_ptr",)}
+# the solves' outputs: u, h and K (for the backward) forward; S and h̄ backward
+SOLVE = {"fwd": ("u_ptr", "hsave_ptr", "kmat_ptr"), "bwd": ("sym_ptr", "hbar_ptr")}
 
 
 def _model_bytes(case, pass_):
@@ -33,8 +35,9 @@ def _model_bytes(case, pass_):
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_blocks_carry_the_counted_bytes(case):
-    """x, dy read twice, y / dx written once, the part statistics written once: the model's
-    blocks equal the counter's bytes for the persistent launch, tensor by tensor."""
+    """x, dy read twice, y / dx written once, the part statistics and the solves' outputs
+    written once: the model's blocks equal the counter's bytes for the persistent launch, tensor
+    by tensor."""
     counts = counter.count_call(case)
     for pass_ in ("fwd", "bwd"):
         (launch,) = [la for la in counts[pass_].launches if la.kernel.startswith("_fused")]
@@ -44,6 +47,7 @@ def test_blocks_carry_the_counted_bytes(case):
             want = loaded.get(block, 0) if side == "load" else stored.get(block, 0)
             assert got == want, (pass_, block, got, want)
         assert stored["parts"] == sum(launch.args[a]["bytes_stored"] for a in PARTS[pass_])
+        assert stored["solve"] == sum(launch.args[a]["bytes_stored"] for a in SOLVE[pass_])
 
 
 def test_lru_reads_x_once_with_room_and_twice_without(monkeypatch):

@@ -53,7 +53,7 @@ def _geometry(case: StaticCase):
 
 def _sizes(case: StaticCase, geo, per_chunk: int) -> dict:
     """Bytes of one block of each kind (a chunk of ``per_chunk`` windows)."""
-    e, t = geo.E, case.iters
+    e = geo.E
     vol = e * math.prod(geo.P) * case.itemsize  # one window of x (y, dy, dx)
     parts = sum(math.prod(2 if s[d] else 1 for d in range(3)) for s in geo.shifts)
     tri = e * (e + 1) // 2
@@ -61,9 +61,9 @@ def _sizes(case: StaticCase, geo, per_chunk: int) -> dict:
     return {
         "vol": per_chunk * vol,
         "parts_fwd": per_chunk * parts * (tri + e) * F32,  # K upper triangle + X g0 per part
-        "solve_fwd": per_chunk * n * (e + t * e + t + tri) * F32,  # u, iterates, norms, K
+        "solve_fwd": per_chunk * n * (2 * e + tri) * F32,  # u, h, K
         "parts_bwd": per_chunk * parts * e * F32,  # ū per part
-        "saved": per_chunk * n * (t * e + t + tri) * F32,  # the forward's iterates, norms, K
+        "saved": per_chunk * n * (2 * e + tri) * F32,  # the forward's u, h, K
         "solve_bwd": per_chunk * n * (e * e + e) * F32,  # S, h̄
     }
 
