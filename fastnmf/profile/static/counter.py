@@ -177,13 +177,15 @@ def _patch_interpreter():
                                              "create_atomic_rmw", "create_atomic_cas")}  # fmt: skip
     orig_call = it.GridExecutor.__call__
 
-    def masked_load(self, ptrs, mask, other, cache_policy, is_volatile):
+    # the cache arguments differ between Triton versions (3.9: cache_policy; 3.6: cache_modifier,
+    # eviction_policy): passed through as they come
+    def masked_load(self, ptrs, mask, *rest, **kw):
         _record("load", ptrs, mask)
-        return orig["create_masked_load"](self, ptrs, mask, other, cache_policy, is_volatile)
+        return orig["create_masked_load"](self, ptrs, mask, *rest, **kw)
 
-    def masked_store(self, ptrs, value, mask, cache_policy):
+    def masked_store(self, ptrs, value, mask, *rest, **kw):
         _record("store", ptrs, mask)
-        return orig["create_masked_store"](self, ptrs, value, mask, cache_policy)
+        return orig["create_masked_store"](self, ptrs, value, mask, *rest, **kw)
 
     def atomic_rmw(self, rmw_op, ptr, val, mask, sem, scope):
         _record("load", ptr, mask)
