@@ -272,3 +272,19 @@ def test_suite_joins_traffic_rows_on_case_pass_and_launch_index(report, tmp_path
     assert calls["fwd+bwd"]["ideal_bytes"] == ideal_bytes(cases[0], "fwd") + ideal_bytes(
         cases[0], "bwd")  # fmt: skip
     assert "## Traffic (stand-in)" in (tmp_path / "static.md").read_text()
+
+
+def test_ptxas_log_with_non_inlined_functions_sums_their_spills():
+    """A callee's spills count: ``ptxas -v`` reports each non-inlined function on its own."""
+    log = """ptxas info    : Compiling entry function '_fused_bwd_kernel' for 'sm_90a'
+ptxas info    : Function properties for _fused_bwd_kernel
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 124 registers, used 1 barriers
+ptxas info    : Function properties for fastnmf_$_kernels_$__window3_bwd_$__apply_chunk__Pfp32
+    48 bytes stack frame, 12 bytes spill stores, 8 bytes spill loads
+ptxas info    : Function properties for fastnmf_$_kernels_$__window3_bwd_$__solve_chunk__Pfp32
+    16 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads
+"""
+    info = ptx_tools._parse_ptxas(log)
+    assert (info["regs"], info["spill_store_bytes"], info["spill_load_bytes"]) == (124, 16, 12)
+    assert info["stack_bytes"] == 48

@@ -158,18 +158,26 @@ def _run_ptxas(ptx, target, fp_fusion, ptx_options) -> dict:
 
 
 def _parse_ptxas(log: str) -> dict:
+    """The kernel's figures from a ``ptxas -v`` log. A kernel that calls non-inlined functions
+    (``@triton.jit(noinline=True)``) has one "Function properties" block per function: the
+    spill bytes are summed over them and the stack frame is the largest (a lower bound of the
+    deepest call chain's), so a callee's spills are not hidden behind the entry's zero."""
+
     def grab(pattern, default=0):
         m = re.search(pattern, log)
         return int(m.group(1)) if m else default
+
+    def every(pattern):
+        return [int(v) for v in re.findall(pattern, log)]
 
     regs = grab(r"Used (\d+) registers", None)
     if regs is None:
         raise RuntimeError(f"no register count in the ptxas log:\n{log}")
     return {
         "regs": regs,
-        "spill_store_bytes": grab(r"(\d+) bytes spill stores"),
-        "spill_load_bytes": grab(r"(\d+) bytes spill loads"),
-        "stack_bytes": grab(r"(\d+) bytes stack frame"),
+        "spill_store_bytes": sum(every(r"(\d+) bytes spill stores")),
+        "spill_load_bytes": sum(every(r"(\d+) bytes spill loads")),
+        "stack_bytes": max(every(r"(\d+) bytes stack frame"), default=0),
         "static_smem_bytes": grab(r"(\d+) bytes smem"),
         "ptxas_version": (re.search(r"^(ptxas[\w-]*) info", log, re.M) or [None, "ptxas"])[1],
     }
