@@ -62,9 +62,9 @@ def _solve_bwd_batch(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh, om, 
     m3 = ok[:, None, None] & (i3 < E) & (j3 < E)
     m2 = ok[:, None] & (e[None, :] < E)
     for k in tl.static_range(NSHIFT):
-        # ū, its parts flat (no ring: the plane size, NB here, is unused)
+        # ū, its parts flat (no ring: the plane size and count, NB and 1 here, are unused)
         _, grad = _sum_parts_batch(gpart_ptr, gpart_ptr, bh, om, ok, k, NWIN, NW0, NW1, NW2, NB,
-                                   SHIFTS, NSHIFT, E, NB, BLOCK_E, ACC, False, 0)  # fmt: skip
+                                   1, SHIFTS, NSHIFT, E, NB, BLOCK_E, ACC, False, 0)  # fmt: skip
         prog = (bh * NSHIFT + k) * NWIN + om
         k_mat = _load_sym_batch(kmat_ptr, prog, m3, i3, j3, E)
         h = tl.load(hsave_ptr + prog[:, None] * E + e[None, :], mask=m2, other=0)

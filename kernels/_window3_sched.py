@@ -205,21 +205,43 @@ def _load_sym_batch(ptr, slot, m3, i3, j3, E: tl.constexpr):
 
 
 @triton.jit
-def _part_slot(bh, w, NWIN, NPLANE, NSHIFT: tl.constexpr, RING: tl.constexpr):
+def _ring_region(bh, plane, NPL, RING: tl.constexpr):
+    """The region of the forward's part-statistics ring that holds plane ``plane`` of head bh:
+    planes p >= 1 of all heads in ticket order take regions 0 .. RING - 1 in turn (the global
+    plane count g = bh (NPL - 1) + p - 1, region g % RING: the next head's planes rewrite the
+    ring while it is in L2, so it is written back to DRAM once a call, not once a head); plane 0,
+    read again by the head's last solve, takes region RING + bh % 2."""
+    g = bh * (NPL - 1) + plane - 1
+    return tl.where(plane == 0, RING + bh % 2, g % RING)
+
+
+@triton.jit
+def _ring_previous(bh, plane, NPL, RING: tl.constexpr):
+    """(head, plane) whose statistics the region of (bh, plane) held before (the same region's
+    last writer in ticket order; :func:`_ring_region`), and whether there is one."""
+    g = bh * (NPL - 1) + plane - 1 - RING  # the plane count RING planes before
+    npl1 = tl.maximum(NPL - 1, 1)
+    prev_bh = tl.where(plane == 0, bh - 2, g // npl1)
+    prev_plane = tl.where(plane == 0, 0, 1 + g % npl1)
+    return prev_bh, prev_plane, tl.where(plane == 0, bh >= 2, g >= 0)
+
+
+@triton.jit
+def _part_slot(bh, w, NWIN, NPLANE, NPL, NSHIFT: tl.constexpr, RING: tl.constexpr):
     """First part slot of unshifted window w of head bh: (bh * NWIN + w) * 8 * NSHIFT; with RING,
-    plane 0 in region 0 and plane p >= 1 in region 1 + (p - 1) % RING of the head's 1 + RING."""
+    its plane's ring region (:func:`_ring_region`) times the windows of a plane."""
     if RING == 0:
         slot = (bh * NWIN + w) * (NSHIFT * 8)
     else:
         plane = w // NPLANE
-        region = tl.where(plane == 0, 0, 1 + (plane - 1) % RING)
-        slot = ((bh * (1 + RING) + region) * NPLANE + (w - plane * NPLANE)) * (NSHIFT * 8)
+        region = _ring_region(bh, plane, NPL, RING)
+        slot = (region * NPLANE + (w - plane * NPLANE)) * (NSHIFT * 8)
     return slot
 
 
 @triton.jit
 def _sum_parts_batch(vpart_ptr, kpart_ptr, bh, om, ok, k: tl.constexpr, NWIN, NW0, NW1, NW2,
-                     NPLANE, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, E: tl.constexpr,
+                     NPLANE, NPL, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, E: tl.constexpr,
                      NB: tl.constexpr, BLOCK_E: tl.constexpr, ACC: tl.constexpr,
                      WITH_K: tl.constexpr, RING: tl.constexpr):  # fmt: skip
     """``_sum_parts`` of the second design for the shifted windows om (NB,) (ok: which exist) at
@@ -240,8 +262,8 @@ def _sum_parts_batch(vpart_ptr, kpart_ptr, bh, om, ok, k: tl.constexpr, NWIN, NW
             for b0 in tl.static_range(2 if SHIFTS[k][0] else 1):
                 w0 = (o0 - b0 - SHIFTS[k][3] + 2 * NW0) % NW0
                 w = (w0 * NW1 + w1) * NW2 + w2  # the unshifted windows holding part b
-                slot = _part_slot(bh, w, NWIN, NPLANE, NSHIFT, RING) + k * 8 + ((b0 * 2 + b1) * 2
-                                                                                + b2)
+                slot = (_part_slot(bh, w, NWIN, NPLANE, NPL, NSHIFT, RING) + k * 8
+                        + (b0 * 2 + b1) * 2 + b2)  # fmt: skip
                 if WITH_K:
                     k_mat += _load_sym_batch(kpart_ptr, slot, m3, i3, j3, E)
                 vec += tl.load(vpart_ptr + slot[:, None] * E + e[None, :], mask=m2, other=0,
@@ -259,7 +281,9 @@ class Pipeline:
         self.npl = geo.NW[ax]
         self.nplane = geo.nwin // self.npl  # windows per plane (contiguous in window order)
         self.ring = ring_regions(geo.shifts, ax) if ring else 0
-        regions = geo.bh * (1 + self.ring) * self.nplane if self.ring else geo.bh * geo.nwin
+        # the ring: RING regions shared by all heads' planes 1.., and plane 0's (two: alternate
+        # heads); without: every window of every head
+        regions = (self.ring + min(geo.bh, 2)) * self.nplane if self.ring else geo.bh * geo.nwin
         self.part_slots = regions * geo.nshift * 8
         self.wpp = wpp()
         self.cpp = triton.cdiv(self.nplane, self.wpp)

@@ -33,9 +33,11 @@ the launch (part statistics, u) is loaded with ``.cg`` (L2, not a possibly stale
 Two launches per call each way (the flag buffer's zero fill and the kernel); the backward
 (kernels/_window3_bwd.py) runs the second design's backward passes on the same schedule. The
 solves run WPP shifted windows at once ((WPP, E, E) tiles) so that a program's warps are busy in
-that pass too. The forward's part statistics of planes 1.. live in a ring of 3 plane regions
-(``_part_slot``; a parts stage first waits for the solves of the region it overwrites), so the
-dead statistics stay in L2 instead of being written back to DRAM once per plane. For the backward
+that pass too. The forward's part statistics of planes 1.. of all heads live in one ring of 3
+plane regions, plane 0's in one of two (alternate heads) (``_ring_region``, ``_part_slot``; a parts
+stage first waits for the solves that read what its region held, maybe another head's:
+``_ring_previous``), so the dead statistics are rewritten in L2 instead of being written back to
+DRAM once per plane or once per head. For the backward
 the solve saves K and h (not the T iterates and norms: the backward recomputes them), and u.
 
 Static figures (sm_90a, 2x32x128^3, E = P = 8, T = 5; README "Window kernel designs"): 16 warps,
@@ -60,6 +62,7 @@ from ._window3_sched import (
     _count_done,
     _normalize,
     _part_slot,
+    _ring_previous,
     _sum_parts_batch,
     _take,
     _wait_stage,
@@ -72,9 +75,10 @@ __all__ = ["window_nmf3", "fused_plan"]
 
 @triton.jit
 def _solve_batch(kpart_ptr, hpart_ptr, u_ptr, hsave_ptr, kmat_ptr, bh, om, ok,
-                 E: tl.constexpr, NWIN, ITERS, NW0, NW1, NW2, NPLANE, SHIFTS: tl.constexpr,
-                 NSHIFT: tl.constexpr, NB: tl.constexpr, BLOCK_E: tl.constexpr,
-                 SAVE: tl.constexpr, ACC: tl.constexpr, RING: tl.constexpr):  # fmt: skip
+                 E: tl.constexpr, NWIN, ITERS, NW0, NW1, NW2, NPLANE, NPL,
+                 SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, NB: tl.constexpr,
+                 BLOCK_E: tl.constexpr, SAVE: tl.constexpr, ACC: tl.constexpr,
+                 RING: tl.constexpr):  # fmt: skip
     """The second design's solve (``_solve_kernel``) for the shifted windows om (NB,) (ok: which
     exist) at once: per shift, the part sums, the power steps, u. With SAVE, K (packed upper
     triangle) and h for the backward, which recomputes the iterates from them
@@ -86,7 +90,7 @@ def _solve_batch(kpart_ptr, hpart_ptr, u_ptr, hsave_ptr, kmat_ptr, bh, om, ok,
     m2 = ok[:, None] & (e[None, :] < E)
     for k in tl.static_range(NSHIFT):
         k_mat, h = _sum_parts_batch(hpart_ptr, kpart_ptr, bh, om, ok, k, NWIN, NW0, NW1, NW2,
-                                    NPLANE, SHIFTS, NSHIFT, E, NB, BLOCK_E, ACC, True,
+                                    NPLANE, NPL, SHIFTS, NSHIFT, E, NB, BLOCK_E, ACC, True,
                                     RING)  # fmt: skip
         prog = (bh * NSHIFT + k) * NWIN + om
         if SAVE:  # K and h for the backward
@@ -131,14 +135,15 @@ def _fused_kernel(
                                                        E, NVOX)  # fmt: skip
         first = chunk * WPP  # in the plane
         if phase == 0:
-            if RING > 0:
-                if plane - RING >= 1:  # its region held plane - RING's parts: their solves first
-                    _wait_stage(flags, NPL, plane - RING, 2, CPP, OFFS, NOFF)
+            if RING > 0:  # the solves that read what its region held first (maybe another head's)
+                prev_bh, prev_plane, held = _ring_previous(bh, plane, NPL, RING)
+                if held:
+                    _wait_stage(flag_ptr + prev_bh * 3 * NPL, NPL, prev_plane, 2, CPP, OFFS, NOFF)
             for j in range(0, WPP):
                 if first + j < NPLANE:
                     w = plane * NPLANE + first + j
                     _parts_window(x_ptr + offset, rowmask, e, emask, w,
-                                  _part_slot(bh, w, NWIN, NPLANE, NSHIFT, RING), g_all, member,
+                                  _part_slot(bh, w, NWIN, NPLANE, NPL, NSHIFT, RING), g_all, member,
                                   exists, kpart_ptr, hpart_ptr, E, NVOX, S1, S2, NW1, NW2, SHIFTS,
                                   NSHIFT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, G0, G1, G2,
                                   MU, ACC, DOT, D0, D1, D2, NPB)  # fmt: skip
@@ -147,7 +152,7 @@ def _fused_kernel(
             i = first + tl.arange(0, WPP)
             _solve_batch(kpart_ptr, hpart_ptr, u_ptr, hsave_ptr, kmat_ptr, bh,
                          plane * NPLANE + i, i < NPLANE, E, NWIN, ITERS, NW0, NW1, NW2, NPLANE,
-                         SHIFTS, NSHIFT, WPP, BLOCK_E, SAVE, ACC, RING)  # fmt: skip
+                         NPL, SHIFTS, NSHIFT, WPP, BLOCK_E, SAVE, ACC, RING)  # fmt: skip
         else:
             _wait_stage(flags, NPL, plane, 2, CPP, OFFS, NOFF)
             for j in range(0, WPP):

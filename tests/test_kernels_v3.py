@@ -31,6 +31,8 @@ bwd3 = importlib.import_module("fastnmf.kernels._window3_bwd")
 sched = importlib.import_module("fastnmf.kernels._window3_sched")
 common = importlib.import_module("fastnmf.kernels._window2_common")
 _stage = sched._stage
+_ring_region = sched._ring_region
+_ring_previous = sched._ring_previous
 
 
 @pytest.fixture
@@ -103,16 +105,61 @@ def test_design3_one_launch_and_deterministic(gen, design3, monkeypatch, device)
 
 
 def test_design3_part_statistics_ring(gen, design3, monkeypatch):
-    """The forward's part statistics in a ring of 2 plane regions (+ plane 0's own): with 4
-    planes plane 3 reuses plane 1's region, and the result is still the oracle's."""
+    """The forward's part statistics in a ring of 2 plane regions shared by the heads (+ two for
+    plane 0, alternate heads): 2 x 2 heads of 4 planes in 4 regions, and the result is still the
+    oracle's."""
     monkeypatch.setitem(sched.TUNING, "ring", 2)
-    x, v0, dy = nmf_inputs(gen, (1, 4, 16, 4, 4), 4)
+    x, v0, dy = nmf_inputs(gen, (2, 8, 16, 4, 4), 4)
     geo = common._Geometry2(x, 4, (4, 4, 4), [None, 2])
     pipe = sched.Pipeline(geo, sched.fused_plan(tuple(geo.NW), geo.shifts), x.device, ring=True)
-    assert pipe.ring == 2 and pipe.part_slots == 3 * geo.slots // 4  # regions 0, 1, 2 of 4
+    assert geo.bh == 4 and pipe.npl == 4
+    assert pipe.ring == 2 and pipe.part_slots == 4 * geo.slots // 16  # 4 regions of 16 planes
     dx, dx_ref = fp32_against_reference(x, v0, dy, "cpu", head_dim=4, patch_size=4,
                                         shifts=[None, 2])  # fmt: skip
     assert rel_err(dx, dx_ref) <= 1e-4
+
+
+@triton.jit
+def _ring_kernel(out_ptr, NPL, BH, RING: tl.constexpr, N: tl.constexpr):
+    i = tl.arange(0, N)  # (head, plane) = divmod(i, NPL)
+    bh = i // NPL
+    plane = i % NPL
+    m = i < BH * NPL
+    prev_bh, prev_plane, held = _ring_previous(bh, plane, NPL, RING)
+    tl.store(out_ptr + 4 * i, _ring_region(bh, plane, NPL, RING), mask=m)
+    tl.store(out_ptr + 4 * i + 1, held.to(tl.int32), mask=m)
+    tl.store(out_ptr + 4 * i + 2, prev_bh, mask=m)
+    tl.store(out_ptr + 4 * i + 3, prev_plane, mask=m)
+
+
+@pytest.mark.parametrize(("npl", "heads", "ring"), [(1, 3, 2), (2, 3, 3), (3, 1, 2), (5, 3, 2),
+                                                    (5, 4, 3), (16, 3, 3)])  # fmt: skip
+def test_ring_regions_of_all_heads(npl, heads, ring):
+    """Walking the tickets in order (a shift that splits the planes' axis): every plane's region
+    is one of ring + min(heads, 2); the kernels' previous occupant of a region is its last writer;
+    and every solve that reads a plane's statistics comes before they are overwritten (the
+    kernels wait for exactly those solves, so the order holds on a GPU too)."""
+    n = triton.next_power_of_2(heads * npl)
+    out = torch.full((4 * n,), -7, dtype=torch.int32)
+    _ring_kernel[(1,)](out, npl, heads, RING=ring, N=n)
+    rows = out[: 4 * heads * npl].view(heads, npl, 4).tolist()
+    order = [(bh, st) for bh in range(heads) for st in sched._schedule(npl)]
+    readers = {p: [] for p in range(npl)}
+    for q in range(npl):  # solve(q) reads the statistics of these planes
+        for _, p in sched._needs((1, q), npl, [False, True], [0, 0]):
+            readers[p].append((1, q))
+    last = {}
+    for pos, (bh, (phase, p)) in enumerate(order):
+        if phase:
+            continue
+        region, held, prev_bh, prev_plane = rows[bh][p]
+        assert 0 <= region < ring + min(heads, 2)
+        assert (held == 1) == (region in last)
+        if held:
+            assert last[region] == (prev_bh, prev_plane)
+            for st in readers[prev_plane]:  # read before the overwrite
+                assert order.index((prev_bh, st)) < pos
+        last[region] = (bh, p)
 
 
 def test_design3_falls_back_where_the_schedule_cannot_wait(gen, design3, monkeypatch):

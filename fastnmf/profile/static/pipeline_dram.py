@@ -8,11 +8,13 @@ one plane later. So here the schedule is walked at the target shape, ticket by t
 ticket touching *blocks* (one chunk of WPP windows of a tensor, or the statistics a chunk writes):
 
 - forward: parts(p, c) reads x[p, c] and writes the chunk's part statistics (K's upper triangle
-  and X g0 per part; planes 1.. in a ring of plane regions, rewritten while in L2); solve(p, c)
-  reads the statistics of the planes it needs and writes u, the iterates and K of its shifted
-  windows; apply(p, c) reads x[p, c] and the solves of the planes it needs and writes y[p, c];
-- backward: parts reads x, dy and u (the forward's iterates), writes the ū parts; solve reads
-  them, K and the iterates, writes S and h̄; apply reads x, dy, u, S, h̄ and writes dx.
+  and X g0 per part; planes 1.. of every head in one ring of plane regions, plane 0 in one of two
+  regions, alternate heads: rewritten while in L2); solve(p, c) reads the statistics of the
+  planes it needs and writes u, h and K of its shifted windows; apply(p, c) reads x[p, c] and the
+  solves of the planes it needs and writes y[p, c];
+- backward: parts reads x, dy and u, h, K (the forward's, one block), writes the ū parts; solve
+  reads them and u, h, K (recomputing the iterates), writes S and h̄; apply reads x, dy, u, S, h̄
+  and writes dx.
 
 L2 is one LRU of whole blocks in bytes: a read of a block not resident reads it from DRAM; a
 write allocates it without a read; a written block is written back once when evicted or at the
@@ -80,8 +82,12 @@ def ticket_blocks(case: StaticCase, pass_: str):
     if pass_ != "fwd":
         ring = 0  # the backward's ū parts are flat
 
-    def region(p: int) -> int:  # where plane p's parts live (kernels/_window3_sched._part_slot)
-        return p if ring == 0 or p == 0 else 1 + (p - 1) % ring
+    def region(bh: int, p: int) -> tuple[int, int]:
+        """(owner, region) of plane p's parts (kernels/_window3_sched._ring_region): the ring's
+        regions are shared by all heads (owner -1)."""
+        if ring == 0:
+            return bh, p
+        return -1, ring + bh % 2 if p == 0 else (bh * (npl - 1) + p - 1) % ring
 
     npl = geo.NW[ax]
     nplane = geo.nwin // npl
@@ -96,14 +102,17 @@ def ticket_blocks(case: StaticCase, pass_: str):
                 def blk(name, plane, kind, store=False, bh=bh, c=c):
                     return ((name, bh, plane, c), sizes[c][kind], store)
 
+                def parts(q, store=False, bh=bh, c=c):
+                    kind = "parts_fwd" if fwd else "parts_bwd"
+                    return (("parts", *region(bh, q), c), sizes[c][kind], store)
+
                 if phase == 0:
                     acc = [blk(v, p, "vol") for v in vol_in]
                     if not fwd:
                         acc.append(blk("saved", p, "saved"))
-                    acc.append(blk("parts", region(p), "parts_fwd" if fwd else "parts_bwd", True))
+                    acc.append(parts(p, True))
                 elif phase == 1:
-                    acc = [blk("parts", region(q), "parts_fwd" if fwd else "parts_bwd")
-                           for q in sorted(_needs(p, npl, geo.shifts, ax, -1))]  # fmt: skip
+                    acc = [parts(q) for q in sorted(_needs(p, npl, geo.shifts, ax, -1))]
                     if not fwd:
                         acc.append(blk("saved", p, "saved"))
                     acc.append(blk("solve", p, "solve_fwd" if fwd else "solve_bwd", True))
