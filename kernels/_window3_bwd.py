@@ -65,17 +65,20 @@ def _solve_bwd_batch(gpart_ptr, kmat_ptr, hats_ptr, norms_ptr, sym_ptr, hbar_ptr
         np_ = norms_ptr + prog * ITERS
         kbar = tl.zeros((NB, BLOCK_E, BLOCK_E), dtype=ACC)
         hbar = tl.zeros((NB, BLOCK_E), dtype=ACC)
+        a_hat = tl.load(hp + (ITERS - 1) * E, mask=m2, other=0)
         for i in range(0, ITERS):
             t = ITERS - 1 - i
-            a_hat = tl.load(hp + t * E, mask=m2, other=0)
             norm = tl.load(np_ + t, mask=ok, other=0)
             radial = tl.sum(a_hat * grad, axis=1)
             safe = tl.where(norm > 0, norm, 1)[:, None]
             a_bar = tl.where(norm[:, None] > 0, (grad - a_hat * radial[:, None]) / safe, 0)
-            prev = tl.load(hp + tl.maximum(t - 1, 0) * E, mask=m2, other=0)
+            # the iterate before (none at t = 0), each iterate loaded once: the next pass's â
+            before = m2 & (tl.zeros((NB, BLOCK_E), tl.int32) + t > 0)
+            prev = tl.load(hp + tl.maximum(t - 1, 0) * E, mask=before, other=0)
             kbar += tl.where(t > 0, a_bar[:, :, None] * prev[:, None, :], 0.0)  # none at t = 0
             hbar = a_bar  # the last pass (t = 0) leaves h̄ = ā_1
             grad = tl.sum(k_mat * a_bar[:, None, :], axis=2)
+            a_hat = prev
         tl.store(sym_ptr + prog[:, None, None] * (E * E) + i3 * E + j3,
                  kbar + tl.permute(kbar, (0, 2, 1)), mask=m3)  # fmt: skip
         tl.store(hbar_ptr + prog[:, None] * E + e[None, :], hbar, mask=m2)
