@@ -196,12 +196,12 @@ def _apply_bwd_window(
         uu = _shift_vectors(hats_ptr + (ITERS - 1) * E, ITERS * E, e, emask, bh, w0, w1, w2,
                             NWIN, NW0, NW1, NW2, k, SHIFTS, NSHIFT, P0, P1, P2,
                             BP0 // G0, BP1 // G1, BP2 // G2, G0, G1, G2,
-                            GATHER=True)  # fmt: skip
+                            SELECT=True)  # fmt: skip
         t = uu * tl.sum(uu * dy7, axis=0)[None]  # u (u^T dY_s)
         t += g * _shift_vectors(hbar_ptr, E, e, emask, bh, w0, w1, w2, NWIN, NW0, NW1,
                                 NW2, k, SHIFTS, NSHIFT, P0, P1, P2, BP0 // G0,
                                 BP1 // G1, BP2 // G2, G0, G1, G2,
-                                GATHER=True, CG=CG)  # h̄ g0_s^T  # fmt: skip
+                                CG=CG, SELECT=True)  # h̄ g0_s^T  # fmt: skip
         if MU:  # the dropped columns depend on the shift: S x per shift
             for c in range(0, E):  # S[:, c] x_c; S symmetric: column c = row c
                 scol = _shift_vectors(sym_ptr + c * E, E * E, e, emask, bh, w0, w1, w2,

@@ -123,7 +123,8 @@ def _shift_vectors(ptr, STRIDE, e, emask, bh, w0, w1, w2, NWIN, NW0, NW1, NW2,
                    P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
                    BA0: tl.constexpr, BA1: tl.constexpr, BA2: tl.constexpr,
                    G0: tl.constexpr, G1: tl.constexpr, G2: tl.constexpr,
-                   GATHER: tl.constexpr = False, CG: tl.constexpr = False):  # fmt: skip
+                   GATHER: tl.constexpr = False, CG: tl.constexpr = False,
+                   SELECT: tl.constexpr = False):  # fmt: skip
     """(BLOCK_E, BA0, 1, BA1, 1, BA2, 1): for every sub-box of unshifted window (w0, w1, w2), the
     E-vector at ptr + prog * STRIDE + e of the shifted window (shift k, prog = (bh * NSHIFT + k)
     * NWIN + window) that the sub-box lies in; broadcast over the voxels of a window reshaped to
@@ -133,9 +134,36 @@ def _shift_vectors(ptr, STRIDE, e, emask, bh, w0, w1, w2, NWIN, NW0, NW1, NW2,
     part's vector itself (fewer registers: a thread loads only its own sub-boxes' vectors, from
     L1; with more sub-boxes, more bytes asked: one E-vector per sub-box instead of per part).
     Else one load of the (E, 2, 2, 2) table of the shift's parts (b0, b1, b2), then spread to the
-    sub-boxes axis by axis (sums of one term and a zero: exact). With CG the loads
-    bypass L1 (``.cg``: where the vectors were written by other programs of the same launch)."""
-    if GATHER or BA0 * BA1 * BA2 <= 8:
+    sub-boxes axis by axis (sums of one term and a zero: exact). With SELECT (before GATHER),
+    one (BLOCK_E, 1, ...) load per part of the shift (as few bytes as the table: each thread
+    loads its row's element) and a select per sub-box: no spread across threads, fewer registers
+    than the table's spread and fewer bytes than the gather. With CG the loads bypass L1
+    (``.cg``: where the vectors were written by other programs of the same launch)."""
+    if SELECT:
+        a0 = tl.arange(0, BA0)[None, :, None, None, None, None, None] * G0
+        a1 = tl.arange(0, BA1)[None, None, None, :, None, None, None] * G1
+        a2 = tl.arange(0, BA2)[None, None, None, None, None, :, None] * G2
+        in0 = (a0 >= P0 - SHIFTS[k][0]).to(tl.int32)  # the part along each axis (0 or 1)
+        in1 = (a1 >= P1 - SHIFTS[k][1]).to(tl.int32)
+        in2 = (a2 >= P2 - SHIFTS[k][2]).to(tl.int32)
+        inside = (a0 < P0) & (a1 < P1) & (a2 < P2)  # padding sub-boxes stay 0
+        e7 = e[:, None, None, None, None, None, None]
+        m7 = emask[:, None, None, None, None, None, None]
+        vec = tl.zeros((e7.shape[0], BA0, 1, BA1, 1, BA2, 1), dtype=ptr.dtype.element_ty)
+        for b0 in tl.static_range(2 if SHIFTS[k][0] else 1):
+            o0 = _wrap_add(w0, b0, SHIFTS[k][3], NW0)
+            for b1 in tl.static_range(2 if SHIFTS[k][1] else 1):
+                o1 = _wrap_add(w1, b1, SHIFTS[k][4], NW1)
+                for b2 in tl.static_range(2 if SHIFTS[k][2] else 1):
+                    o2 = _wrap_add(w2, b2, SHIFTS[k][5], NW2)
+                    prog = (bh * NSHIFT + k) * NWIN + (o0 * NW1 + o1) * NW2 + o2
+                    if CG:
+                        v = tl.load(ptr + prog * STRIDE + e7, mask=m7, other=0,
+                                    cache_modifier=".cg")  # fmt: skip
+                    else:
+                        v = tl.load(ptr + prog * STRIDE + e7, mask=m7, other=0)
+                    vec = tl.where(inside & (in0 == b0) & (in1 == b1) & (in2 == b2), v, vec)
+    elif GATHER or BA0 * BA1 * BA2 <= 8:
         a0 = tl.arange(0, BA0)[None, :, None, None, None, None, None] * G0
         a1 = tl.arange(0, BA1)[None, None, None, :, None, None, None] * G1
         a2 = tl.arange(0, BA2)[None, None, None, None, None, :, None] * G2

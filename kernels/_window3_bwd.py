@@ -33,6 +33,18 @@ from ._window3_sched import (
 __all__ = ["backward3"]
 
 
+@triton.jit(noinline=True)
+def _solve_chunk(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh, first, plane, NPLANE,
+                 E: tl.constexpr, NWIN, ITERS, NW0, NW1, NW2, SHIFTS: tl.constexpr,
+                 NSHIFT: tl.constexpr, NB: tl.constexpr, BLOCK_E: tl.constexpr,
+                 ACC: tl.constexpr):  # fmt: skip
+    """The backward solves of one ticket (WPP shifted windows of a plane from ``first``)."""
+    i = first + tl.arange(0, NB)
+    _solve_bwd_batch(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh,
+                     plane * NPLANE + i, i < NPLANE, E, NWIN, ITERS, NW0, NW1, NW2,
+                     SHIFTS, NSHIFT, NB, BLOCK_E, ACC)  # fmt: skip
+
+
 @triton.jit
 def _iterate_to(k_mat, h, t):
     """The forward's power iterates recomputed from K (NB, E, E) and h (NB, E): â_{t-1} (zeros at
@@ -84,6 +96,51 @@ def _solve_bwd_batch(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh, om, 
         tl.store(hbar_ptr + prog[:, None] * E + e[None, :], hbar, mask=m2)
 
 
+@triton.jit(noinline=True)
+def _apply_chunk(x_ptr, dy_ptr, dx_ptr, rowmask_ptr, g0_ptr, first, plane, NPLANE, bh, u_ptr,
+                 sym_ptr, hbar_ptr, E: tl.constexpr, NWIN, NVOX, ITERS, S1, S2, NW0, NW1, NW2,
+                 SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr,
+                 P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+                 BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
+                 BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
+                 G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """The output passes of one ticket (the windows of a plane from ``first``); g0 under every
+    shift is loaded once a ticket (from L1: 2 KB a shift in fp32)."""
+    e = tl.arange(0, BLOCK_E)
+    emask = e < E
+    rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
+    g_all = _shifted_g_all(g0_ptr, SHIFTS, NSHIFT, NSB, P0, P1, P2, BP0, BP1, BP2, ACC, True)
+    for j in range(0, WPP):
+        if first + j < NPLANE:
+            _apply_bwd_window(x_ptr, dy_ptr, dx_ptr, rowmask,
+                              e, emask, plane * NPLANE + first + j, bh, g_all, u_ptr,
+                              sym_ptr, hbar_ptr, E, NWIN, NVOX, ITERS, S1, S2, NW0, NW1,
+                              NW2, SHIFTS, NSHIFT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E,
+                              NSB, G0, G1, G2, MU, ACC, True)  # CG  # fmt: skip
+
+
+@triton.jit(noinline=True)
+def _parts_chunk(x_ptr, dy_ptr, rowmask_ptr, g0_ptr, first, plane, NPLANE, bh, u_ptr,
+                 gpart_ptr, E: tl.constexpr, NWIN, NVOX, ITERS, S1, S2, NW0, NW1, NW2,
+                 SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr,
+                 P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+                 BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
+                 BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
+                 G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """The backward parts passes of one ticket (g0 under every shift only with MU)."""
+    e = tl.arange(0, BLOCK_E)
+    emask = e < E
+    rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
+    g_all = _shifted_g_all(g0_ptr, SHIFTS, NSHIFT, NSB, P0, P1, P2, BP0, BP1, BP2, ACC, MU)
+    for j in range(0, WPP):
+        if first + j < NPLANE:
+            _parts_bwd_window(x_ptr, dy_ptr, rowmask, e, emask,
+                              plane * NPLANE + first + j, bh, g_all, u_ptr, gpart_ptr,
+                              E, NWIN, NVOX, ITERS, S1, S2, NW0, NW1, NW2, SHIFTS, NSHIFT,
+                              P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, G0, G1, G2, MU,
+                              ACC)  # fmt: skip
+
+
 @triton.jit
 def _fused_bwd_kernel(
     x_ptr, dy_ptr, dx_ptr, g0_ptr, rowmask_ptr, u_ptr, hsave_ptr, kmat_ptr, gpart_ptr,
@@ -98,11 +155,10 @@ def _fused_bwd_kernel(
 ):  # fmt: skip
     """Persistent, like the forward's ``_fused_kernel``: the backward parts, solves and output
     passes of every (batch*head, plane, chunk) in ticket order (RING is 0: the ū parts, E floats
-    each, stay flat)."""
-    e = tl.arange(0, BLOCK_E)
-    emask = e < E
-    rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
-    g_all = _shifted_g_all(g0_ptr, SHIFTS, NSHIFT, NSB, P0, P1, P2, BP0, BP1, BP2, ACC, True)
+    each, stay flat). Each pass is a function that is not inlined (``noinline``): inlined, the
+    compiler hoists every pass's loop-invariant index tensors out of the ticket loop, where they
+    hold registers through the other passes too (sm_90a, 16 warps, 128 registers: 8-44 spill
+    bytes with [None] and [None, 4]); called, each pass has the registers to itself."""
     ticket_ptr = flag_ptr + NTICKET // (NSTAGE * CPP) * 3 * NPL
     t = tl.atomic_add(ticket_ptr, 1)
     while t < NTICKET:
@@ -110,28 +166,21 @@ def _fused_bwd_kernel(
                                                        E, NVOX)  # fmt: skip
         first = chunk * WPP  # in the plane
         if phase == 0:
-            for j in range(0, WPP):
-                if first + j < NPLANE:
-                    _parts_bwd_window(x_ptr + offset, dy_ptr + offset, rowmask, e, emask,
-                                      plane * NPLANE + first + j, bh, g_all, u_ptr, gpart_ptr,
-                                      E, NWIN, NVOX, 1, S1, S2, NW0, NW1, NW2, SHIFTS, NSHIFT,
-                                      P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, G0, G1, G2, MU,
-                                      ACC)  # fmt: skip
+            _parts_chunk(x_ptr + offset, dy_ptr + offset, rowmask_ptr, g0_ptr, first, plane,
+                         NPLANE, bh, u_ptr, gpart_ptr, E, NWIN, NVOX, 1, S1, S2, NW0, NW1,
+                         NW2, SHIFTS, NSHIFT, WPP, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, G0,
+                         G1, G2, MU, ACC)  # fmt: skip
         elif phase == 1:
             _wait_stage(flags, NPL, plane, 1, CPP, OFFS, NOFF)
-            i = first + tl.arange(0, WPP)
-            _solve_bwd_batch(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh,
-                             plane * NPLANE + i, i < NPLANE, E, NWIN, ITERS, NW0, NW1, NW2,
-                             SHIFTS, NSHIFT, WPP, BLOCK_E, ACC)  # fmt: skip
+            _solve_chunk(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh, first,
+                         plane, NPLANE, E, NWIN, ITERS, NW0, NW1, NW2, SHIFTS, NSHIFT, WPP,
+                         BLOCK_E, ACC)  # fmt: skip
         else:
             _wait_stage(flags, NPL, plane, 2, CPP, OFFS, NOFF)
-            for j in range(0, WPP):
-                if first + j < NPLANE:
-                    _apply_bwd_window(x_ptr + offset, dy_ptr + offset, dx_ptr + offset, rowmask,
-                                      e, emask, plane * NPLANE + first + j, bh, g_all, u_ptr,
-                                      sym_ptr, hbar_ptr, E, NWIN, NVOX, 1, S1, S2, NW0, NW1,
-                                      NW2, SHIFTS, NSHIFT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E,
-                                      NSB, G0, G1, G2, MU, ACC, True)  # CG  # fmt: skip
+            _apply_chunk(x_ptr + offset, dy_ptr + offset, dx_ptr + offset, rowmask_ptr, g0_ptr,
+                         first, plane, NPLANE, bh, u_ptr, sym_ptr, hbar_ptr, E, NWIN,
+                         NVOX, 1, S1, S2, NW0, NW1, NW2, SHIFTS, NSHIFT, WPP, P0, P1, P2,
+                         BP0, BP1, BP2, BLOCK_E, NSB, G0, G1, G2, MU, ACC)  # fmt: skip
         _count_done(flags, phase, plane, NPL)
         t = tl.atomic_add(ticket_ptr, 1)
 

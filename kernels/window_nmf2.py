@@ -45,7 +45,7 @@ Three launches each way; nothing is copied host -> device (the shifts are compil
 
 Traffic (bytes asked / ideal, counted under the interpreter at 1x8x16^3, E = P = 8;
 ``fastnmf.profile.static.counter``), forward and forward + backward: fp32 1.65x / 1.76x
-([None, 4]) and 1.87x / 2.11x ([None, 2, 4, 6]); bf16 1.80x / 1.92x and 2.24x / 2.61x (the
+([None, 4]) and 1.87x / 1.92x ([None, 2, 4, 6]); bf16 1.80x / 1.91x and 2.24x / 2.25x (the
 per-part statistics and tables are fp32, so bf16 pays relatively twice for them). First design,
 fp32: 2.17x / 2.40x and 3.69x / 4.87x.
 
