@@ -41,9 +41,6 @@ KNOWN_SPILLS = {
         "registers, 8 B + 8 B",
     ("fastnmf.kernels.window_nmf_rank", "_window_bwd_kernel"):
         "rank-2 window backward (4 warps): 255 registers, 292 B + 564 B",
-    ("fastnmf.kernels._window3_bwd", "_fused_bwd_kernel"):
-        "third design's persistent backward, shifts [None, 4] (16 warps): 128 registers (the cap "
-        "at 16 warps), 16 B (4 windows a ticket); [None, 2, 4, 6] does not spill",
 }  # fmt: skip
 
 
