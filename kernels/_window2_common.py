@@ -123,18 +123,17 @@ def _shift_vectors(ptr, STRIDE, e, emask, bh, w0, w1, w2, NWIN, NW0, NW1, NW2,
                    P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
                    BA0: tl.constexpr, BA1: tl.constexpr, BA2: tl.constexpr,
                    G0: tl.constexpr, G1: tl.constexpr, G2: tl.constexpr,
-                   GATHER: tl.constexpr = False, CG: tl.constexpr = False,
-                   SELECT: tl.constexpr = False):  # fmt: skip
+                   CG: tl.constexpr = False, SELECT: tl.constexpr = False):  # fmt: skip
     """(BLOCK_E, BA0, 1, BA1, 1, BA2, 1): for every sub-box of unshifted window (w0, w1, w2), the
     E-vector at ptr + prog * STRIDE + e of the shifted window (shift k, prog = (bh * NSHIFT + k)
     * NWIN + window) that the sub-box lies in; broadcast over the voxels of a window reshaped to
     (BLOCK_E, BA0, G0, BA1, G1, BA2, G2).
 
-    With GATHER, or where a window has at most 8 sub-boxes, a gather: each sub-box loads its
+    Where a window has at most 8 sub-boxes, a gather: each sub-box loads its
     part's vector itself (fewer registers: a thread loads only its own sub-boxes' vectors, from
     L1; with more sub-boxes, more bytes asked: one E-vector per sub-box instead of per part).
     Else one load of the (E, 2, 2, 2) table of the shift's parts (b0, b1, b2), then spread to the
-    sub-boxes axis by axis (sums of one term and a zero: exact). With SELECT (before GATHER),
+    sub-boxes axis by axis (sums of one term and a zero: exact). With SELECT (any sub-box count),
     one (BLOCK_E, 1, ...) load per part of the shift (as few bytes as the table: each thread
     loads its row's element) and a select per sub-box: no spread across threads, fewer registers
     than the table's spread and fewer bytes than the gather. With CG the loads bypass L1
@@ -163,7 +162,7 @@ def _shift_vectors(ptr, STRIDE, e, emask, bh, w0, w1, w2, NWIN, NW0, NW1, NW2,
                     else:
                         v = tl.load(ptr + prog * STRIDE + e7, mask=m7, other=0)
                     vec = tl.where(inside & (in0 == b0) & (in1 == b1) & (in2 == b2), v, vec)
-    elif GATHER or BA0 * BA1 * BA2 <= 8:
+    elif BA0 * BA1 * BA2 <= 8:
         a0 = tl.arange(0, BA0)[None, :, None, None, None, None, None] * G0
         a1 = tl.arange(0, BA1)[None, None, None, :, None, None, None] * G1
         a2 = tl.arange(0, BA2)[None, None, None, None, None, :, None] * G2
