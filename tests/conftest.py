@@ -16,6 +16,22 @@ ROOT = Path(__file__).resolve().parents[1]
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist (`pytest -n auto`, the README's test command) each worker takes its share of
+# the cores: processes that each run PyTorch's default thread count on the same cores slow each
+# other many-fold. Subprocesses started by tests inherit the share through OMP_NUM_THREADS.
+MAX_WORKERS = 8  # `-n auto`: one worker per core, at most this many (each holds torch + Triton)
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _share = max(1, _CORES // _WORKERS)
+    torch.set_num_threads(_share)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_share))
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: one worker per core this process may run on, at most MAX_WORKERS."""
+    return min(_CORES, MAX_WORKERS)
+
 
 @pytest.fixture
 def gen():

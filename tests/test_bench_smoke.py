@@ -10,6 +10,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _child_env() -> dict:
+    """The environment of a child pytest: without PYTEST_ADDOPTS, and not taken for a
+    pytest-xdist worker when this test runs in one (pytest-benchmark turns itself off there)."""
+    return {k: v for k, v in os.environ.items()
+            if k != "PYTEST_ADDOPTS" and not k.startswith("PYTEST_XDIST")}  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "target,select",
     [
@@ -26,8 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ],
 )
 def test_bench_suite_runs(target, select):
-    env = dict(os.environ)
-    env.pop("PYTEST_ADDOPTS", None)
+    env = _child_env()
     env["OMP_NUM_THREADS"] = "1"  # untimed: one thread is steady on a busy machine
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", target, "--benchmark-disable", "-q", "-k", select,
@@ -40,8 +46,7 @@ def test_bench_suite_runs(target, select):
 
 def _collect(*args):
     """Test ids that ``pytest ARGS --collect-only`` collects from the repository root."""
-    env = dict(os.environ)
-    env.pop("PYTEST_ADDOPTS", None)
+    env = _child_env()
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", *args, "--collect-only", "-q", "-p", "no:cacheprovider"],
         cwd=ROOT, capture_output=True, text=True, env=env, timeout=300,

@@ -1,6 +1,7 @@
 """The README's Python examples run as written (docs that match the code)."""
 
 import re
+import warnings
 from pathlib import Path
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -10,7 +11,9 @@ def test_readme_python_blocks_run():
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     assert blocks, "README.md has no python example"
     for code in blocks:
-        exec(compile(code, "README.md", "exec"), {})
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DeprecationWarning)  # no deprecated name in the docs
+            exec(compile(code, "README.md", "exec"), {})
 
 
 def test_readme_has_exactly_two_setup_commands():
