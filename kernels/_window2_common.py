@@ -104,6 +104,21 @@ def _shifted_g_all(g0_ptr, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, NSB: tl.c
 
 
 @triton.jit
+def _lanes_rowmask_g(rowmask_ptr, g0_ptr, E: tl.constexpr, SHIFTS: tl.constexpr,
+                     NSHIFT: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+                     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
+                     BLOCK_E: tl.constexpr, NSB: tl.constexpr, ACC: tl.constexpr,
+                     NEED_G: tl.constexpr):  # fmt: skip
+    """What the third design's window passes share: the E lanes, their mask, the row mask and
+    g0 under every shift (``_shifted_g_all``; only if NEED_G)."""
+    e = tl.arange(0, BLOCK_E)
+    emask = e < E
+    rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
+    g_all = _shifted_g_all(g0_ptr, SHIFTS, NSHIFT, NSB, P0, P1, P2, BP0, BP1, BP2, ACC, NEED_G)
+    return e, emask, rowmask, g_all
+
+
+@triton.jit
 def _pick(g_all, k: tl.constexpr, NSB: tl.constexpr):
     """Shift k's (1, BP0, BP1, BP2) slice of :func:`_shifted_g_all`."""
     s4 = tl.arange(0, NSB)[:, None, None, None]

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from ._common import acc_dtype
 from ._window2_bwd import _apply_bwd_window, _parts_bwd_window
-from ._window2_common import _Geometry2, _shifted_g_all
+from ._window2_common import _Geometry2, _lanes_rowmask_g
 from ._window3_sched import (
     Pipeline,
     _count_done,
@@ -106,10 +106,8 @@ def _apply_chunk(x_ptr, dy_ptr, dx_ptr, rowmask_ptr, g0_ptr, first, plane, NPLAN
                  G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
     """The output passes of one ticket (the windows of a plane from ``first``); g0 under every
     shift is loaded once a ticket (from L1: 2 KB a shift in fp32)."""
-    e = tl.arange(0, BLOCK_E)
-    emask = e < E
-    rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
-    g_all = _shifted_g_all(g0_ptr, SHIFTS, NSHIFT, NSB, P0, P1, P2, BP0, BP1, BP2, ACC, True)
+    e, emask, rowmask, g_all = _lanes_rowmask_g(rowmask_ptr, g0_ptr, E, SHIFTS, NSHIFT, P0, P1,
+                                                P2, BP0, BP1, BP2, BLOCK_E, NSB, ACC, True)
     for j in range(0, WPP):
         if first + j < NPLANE:
             _apply_bwd_window(x_ptr, dy_ptr, dx_ptr, rowmask,
@@ -128,10 +126,8 @@ def _parts_chunk(x_ptr, dy_ptr, rowmask_ptr, g0_ptr, first, plane, NPLANE, bh, u
                  BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
                  G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
     """The backward parts passes of one ticket (g0 under every shift only with MU)."""
-    e = tl.arange(0, BLOCK_E)
-    emask = e < E
-    rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
-    g_all = _shifted_g_all(g0_ptr, SHIFTS, NSHIFT, NSB, P0, P1, P2, BP0, BP1, BP2, ACC, MU)
+    e, emask, rowmask, g_all = _lanes_rowmask_g(rowmask_ptr, g0_ptr, E, SHIFTS, NSHIFT, P0, P1,
+                                                P2, BP0, BP1, BP2, BLOCK_E, NSB, ACC, MU)
     for j in range(0, WPP):
         if first + j < NPLANE:
             _parts_bwd_window(x_ptr, dy_ptr, rowmask, e, emask,

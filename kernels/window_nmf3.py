@@ -58,7 +58,7 @@ import triton
 import triton.language as tl
 
 from ._common import acc_dtype, compute_dtype, window_inputs
-from ._window2_common import _Geometry2, _shifted_g_all, _tri
+from ._window2_common import _Geometry2, _lanes_rowmask_g, _tri
 from ._window3_bwd import backward3
 from ._window3_sched import (
     Pipeline,
@@ -122,10 +122,8 @@ def _fused_kernel(
     """Persistent: take tickets (batch*head, stage, chunk) in order until none is left; wait for
     what the stage needs, run its chunk of WPP windows, count the chunk done. With RING, a parts
     stage first waits for the solves that read the ring region it is about to overwrite."""
-    e = tl.arange(0, BLOCK_E)
-    emask = e < E
-    rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
-    g_all = _shifted_g_all(g0_ptr, SHIFTS, NSHIFT, NSB, P0, P1, P2, BP0, BP1, BP2, ACC, True)
+    e, emask, rowmask, g_all = _lanes_rowmask_g(rowmask_ptr, g0_ptr, E, SHIFTS, NSHIFT, P0, P1,
+                                                P2, BP0, BP1, BP2, BLOCK_E, NSB, ACC, True)
     member = 0
     exists = 0
     if DOT:

@@ -4,10 +4,12 @@ counts for the same launch, and its L2 behaves as an LRU (a large cache reads x 
 twice)."""
 
 import dataclasses
+import math
 
 import pytest
+from fastnmf.kernels._window3_sched import TUNING
 
-from fastnmf.profile.static import counter, pipeline_dram
+from fastnmf.profile.static import counter, pipeline_dram, traffic
 from fastnmf.profile.static.cases import StaticCase
 
 # 1 x 8 x 24 x 8 x 8, E = P = 8: three planes (the main schedule), one head
@@ -33,14 +35,29 @@ def _model_bytes(case, pass_):
     return loaded, stored
 
 
+_COUNTS: dict = {}
+
+
+def _counted(case):
+    """counter.count_call(case), once per test module (each count runs the interpreter)."""
+    if case not in _COUNTS:
+        _COUNTS[case] = counter.count_call(case)
+    return _COUNTS[case]
+
+
+def _fused(counts, pass_):
+    (launch,) = [la for la in counts[pass_].launches if la.kernel.startswith("_fused")]
+    return launch
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_blocks_carry_the_counted_bytes(case):
     """x, dy read twice, y / dx written once, the part statistics and the solves' outputs
     written once: the model's blocks equal the counter's bytes for the persistent launch, tensor
     by tensor."""
-    counts = counter.count_call(case)
+    counts = _counted(case)
     for pass_ in ("fwd", "bwd"):
-        (launch,) = [la for la in counts[pass_].launches if la.kernel.startswith("_fused")]
+        launch = _fused(counts, pass_)
         loaded, stored = _model_bytes(case, pass_)
         for block, (arg, side) in VOLUME[pass_].items():
             got = launch.args[arg]["bytes_loaded" if side == "load" else "bytes_stored"]
@@ -69,3 +86,31 @@ def test_benchmark_shape_estimates_use_the_tickets_in_flight():
     assert 1.0 < est["dram_over_ideal"] < 2.0
     half = pipeline_dram.pipeline_dram(dataclasses.replace(case, dtype="bf16"), "fwd")
     assert half["inflight"] < est["inflight"]
+
+
+def test_forward_reads_g0_and_the_row_mask_once_per_program(monkeypatch):
+    """The forward's PER_PROGRAM arguments are read once per program (one program: half the
+    bytes of two, x the same), so the suite scales them by the target's programs at the
+    benchmark shape, the other arguments by the volume."""
+    case = CASES[0]
+    two = _fused(_counted(case), "fwd")
+    monkeypatch.setitem(TUNING, "sms", 1)  # the grid: one program
+    one = _fused(counter.count_call(case), "fwd")
+    assert (math.prod(one.grid), math.prod(two.grid)) == (1, 2)
+    per_program = traffic.PER_PROGRAM["_fused_kernel"]
+    for arg in per_program:
+        assert two.args[arg]["bytes_loaded"] == 2 * one.args[arg]["bytes_loaded"] > 0, arg
+    assert two.args["x_ptr"] == one.args["x_ptr"]
+    counted = [dict(kind=two.kind, kernel=two.kernel, grid=two.grid, args=two.args)]
+    (big,) = traffic._scaled(counted, 1000.0, programs=132)
+    for arg, a in two.args.items():
+        f = 66 if arg in per_program else 1000
+        assert big["args"][arg]["bytes_loaded"] == f * a["bytes_loaded"], arg
+
+
+def test_persistent_programs_are_the_targets_sms_or_the_tickets():
+    big = StaticCase("window", 2, 32, (128,) * 3, "bf16", (None, 2, 4, 6), design=3)
+    assert pipeline_dram.persistent_programs(big) == 132
+    assert pipeline_dram.persistent_programs(big, "sm_80") == 108
+    tiny = CASES[0]  # fewer tickets than SMs
+    assert pipeline_dram.persistent_programs(tiny) == len(pipeline_dram.ticket_blocks(tiny, "fwd"))

@@ -34,7 +34,7 @@ from .cases import DTYPES, PASSES, StaticCase, selected_design
 from .driver import Launch, stub_driver
 from .l2 import TARGETS
 
-__all__ = ["CallRecord", "capture_case", "check_compiling"]
+__all__ = ["CallRecord", "capture_case", "check_compiling", "persistent_grid"]
 
 # aten ops that launch no device kernel (allocation, views, metadata)
 _NO_KERNEL = {
@@ -132,7 +132,7 @@ def capture_case(case: StaticCase, *, target: str) -> dict[str, CallRecord]:
     recorded with an inference forward and ``unsupported`` set on the backward.
     """
     check_compiling()
-    with stub_driver(target) as stub, _persistent_grid(target):
+    with stub_driver(target) as stub, persistent_grid(target):
         try:
             return _capture(case, stub, training=True)
         except NotImplementedError as err:
@@ -142,7 +142,7 @@ def capture_case(case: StaticCase, *, target: str) -> dict[str, CallRecord]:
 
 
 @contextlib.contextmanager
-def _persistent_grid(target: str):
+def persistent_grid(target: str):
     """Persistent kernels (kernels/_window3_sched.py) size their grid by the target's SMs."""
     tuning = importlib.import_module("fastnmf.kernels._window3_sched").TUNING
     saved = tuning["sms"]

@@ -35,7 +35,7 @@ import torch
 from .cases import StaticCase, ideal_bytes
 from .l2 import TARGETS
 
-__all__ = ["pipeline_dram", "ticket_blocks"]
+__all__ = ["pipeline_dram", "persistent_programs", "ticket_blocks"]
 
 F32 = 4
 
@@ -51,6 +51,19 @@ def _geometry(case: StaticCase):
     if plan is None:
         raise ValueError(f"{case.id}: no fused plan (the second design runs)")
     return geo, plan, wpp(), ring_regions(geo.shifts, plan[0])
+
+
+def persistent_programs(case: StaticCase, target: str = "sm_90a") -> int:
+    """Programs of the persistent launch of ``case`` at its own shape on ``target``: the grid
+    kernels/_window3_sched.py launches there (the target's SMs, fewer when there are fewer
+    tickets)."""
+    from fastnmf.kernels._window3_sched import Pipeline
+
+    from .capture import persistent_grid
+
+    geo, plan, _, _ = _geometry(case)
+    with persistent_grid(target):
+        return Pipeline(geo, plan, torch.device("meta")).grid[0]
 
 
 def _sizes(case: StaticCase, geo, per_chunk: int) -> dict:

@@ -54,6 +54,10 @@ FALLBACK_RESIDENT = 16
 # capacities (:func:`l2.capacities`) do not apply; their DRAM estimate is the block-level model of
 # the plane schedule at the case's own shape (:mod:`.pipeline_dram`)
 PERSISTENT = ("_fused_kernel", "_fused_bwd_kernel")
+# Arguments a persistent kernel reads once per program, before its ticket loop (the forward's g0
+# and its shifted copies, the row mask): scaled to the benchmark shape by the programs the target
+# launches there, not by the volume (the backward reads them once per ticket: volume-scaled)
+PER_PROGRAM = {"_fused_kernel": ("g0_ptr", "rowmask_ptr")}
 
 
 def counted_case(case: StaticCase, side: int = 16) -> StaticCase:
@@ -163,7 +167,8 @@ def launch_rows(cases, *, target: str = "sm_90a", small_side: int = 16,
                 launches, source = model_launches(case, pass_), "model"
                 check = _check(model_launches(sc, pass_), counted)
             except ModelUnsupported:
-                launches, source, check = _scaled(counted, 1 / ratio), "counter-scaled", "-"
+                launches = _scaled(counted, 1 / ratio, _programs(case, counted, target))
+                source, check = "counter-scaled", "-"
             if len(launches) != len(call.launches):
                 raise RuntimeError(f"{case.id} {pass_}: model and counter launch lists differ")
             persistent = any(launch.kernel in PERSISTENT for launch in call.launches)
@@ -182,11 +187,25 @@ def _bytes(launch: dict) -> int:
     return sum(a["bytes_loaded"] + a["bytes_stored"] for a in launch["args"].values())
 
 
-def _scaled(counted: list[dict], factor: float) -> list[dict]:
+def _programs(case: StaticCase, counted: list[dict], target: str) -> int | None:
+    """Programs of the case's persistent launch on ``target`` (None: the call has none)."""
+    if not any(launch["kernel"] in PER_PROGRAM for launch in counted):
+        return None
+    from .pipeline_dram import persistent_programs
+
+    return persistent_programs(case, target)
+
+
+def _scaled(counted: list[dict], factor: float, programs: int | None = None) -> list[dict]:
+    """The counted launches scaled by ``factor``; a persistent kernel's :data:`PER_PROGRAM`
+    arguments by ``programs`` over the programs counted."""
     out = []
     for launch in counted:
-        args = {k: {key: int(round(v * factor)) for key, v in a.items()}
-                for k, a in launch["args"].items()}  # fmt: skip
+        per_program = PER_PROGRAM.get(launch["kernel"], ()) if programs else ()
+        args = {}
+        for k, a in launch["args"].items():
+            f = programs / math.prod(launch["grid"]) if k in per_program else factor
+            args[k] = {key: int(round(v * f)) for key, v in a.items()}
         out.append({**launch, "args": args, "grid": None})
     return out
 
