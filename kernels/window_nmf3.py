@@ -41,14 +41,15 @@ DRAM once per plane or once per head. For the backward
 the solve saves K and h (not the T iterates and norms: the backward recomputes them), and u.
 
 Static figures (sm_90a, 2x32x128^3, E = P = 8, T = 5; README "Window kernel designs"): 16 warps,
-one program per SM; forward 120-128 registers, backward 88-120 (its passes are not inlined:
+one program per SM; forward 120-128 registers, backward 88-122 (its passes are not inlined:
 kernels/_window3_bwd.py), no spills with [None], [None, 4], [None, 2, 4, 6] in fp32 or bf16;
 4 windows a ticket, so that
 the tickets in flight hold about 25 MB of L2 (16 would hold about 100 MB:
 fastnmf/profile/static/pipeline_dram.py).
 Not timed: per-ticket costs (a ticket fetch, an acquire wait, a release count: round trips to L2
 each) against 64 KB of x per ticket are the first thing a GPU must measure (``TUNING`` in
-_window3_sched.py: windows per ticket, warps, programs per SM, ring).
+_window3_sched.py: windows per ticket, warps, programs per SM, ring, and ``merge``: the parts of
+neighbouring windows of a ticket merged, kernels/_window3_parts.py, off by default).
 """
 
 from __future__ import annotations
