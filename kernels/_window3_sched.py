@@ -29,9 +29,10 @@ PASSES = ("parts", "solve", "apply")
 # The persistent launch: programs per SM, warps per program, windows per ticket (None: the
 # defaults below; warps and programs from the sm_90a compiles of the static report, 4 windows a
 # ticket so that the tickets in flight hold little of L2: fastnmf/profile/static/pipeline_dram.py),
-# and the SM count where the device is not a GPU (the static suite's stub driver sets it to its
-# target's; None elsewhere: two programs)
-TUNING: dict = {"programs_per_sm": None, "warps": None, "wpp": None, "ring": None, "sms": None}
+# the SM count where the device is not a GPU (the static suite's stub driver sets it to its
+# target's; None elsewhere: two programs), and whether neighbours' parts are merged
+TUNING: dict = {"programs_per_sm": None, "warps": None, "wpp": None, "ring": None, "sms": None,
+                "merge": None}
 _PROGRAMS_PER_SM = 1
 _WARPS = 16
 _WPP = 4
@@ -39,6 +40,11 @@ _WPP = 4
 # read again by the last solve, has its own): each region is rewritten while it is still in L2,
 # so the dead statistics are not written back to DRAM once per plane (pipeline_dram.py)
 _RING = 3
+# Whether the forward's parts pass merges the parts of a ticket's neighbouring windows that lie in
+# the same shifted window (kernels/_window3_parts.py; where the Gram parts are a matrix product):
+# 3 of 8 part statistics of a shift splitting axis 2 fewer written and read, but at 16 warps the
+# forward then spills (sm_90a, Triton 3.9: 32-80 B). Off until a GPU has timed both.
+_MERGE = False
 
 
 def wpp() -> int:
@@ -240,13 +246,25 @@ def _part_slot(bh, w, NWIN, NPLANE, NPL, NSHIFT: tl.constexpr, RING: tl.constexp
 
 
 @triton.jit
+def _merges_next(w, NPLANE, NW2, WPP: tl.constexpr):
+    """Whether the forward's parts pass adds window w's high parts along axis 2 (b2 = 1) to the
+    low parts of window w + 1 and stores them in w + 1's slots (kernels/_window3_parts.py): w + 1
+    is w's neighbour along axis 2 (w is not the last of its row) in the same ticket (a chunk of
+    WPP windows of one plane)."""
+    i = w % NPLANE  # in the plane
+    return (w % NW2 != NW2 - 1) & (i % WPP != WPP - 1) & (i + 1 < NPLANE)
+
+
+@triton.jit
 def _sum_parts_batch(vpart_ptr, kpart_ptr, bh, om, ok, k: tl.constexpr, NWIN, NW0, NW1, NW2,
                      NPLANE, NPL, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, E: tl.constexpr,
                      NB: tl.constexpr, BLOCK_E: tl.constexpr, ACC: tl.constexpr,
-                     WITH_K: tl.constexpr, RING: tl.constexpr):  # fmt: skip
+                     WITH_K: tl.constexpr, RING: tl.constexpr, MERGE: tl.constexpr = False,
+                     WPP: tl.constexpr = 1):  # fmt: skip
     """``_sum_parts`` of the second design for the shifted windows om (NB,) (ok: which exist) at
     once, same order: (K (NB, BLOCK_E, BLOCK_E), vector (NB, BLOCK_E)) under shift k; the part
-    slots of :func:`_part_slot`."""
+    slots of :func:`_part_slot`. With MERGE, a high part along axis 2 that the parts pass merged
+    into its neighbour's low part (:func:`_merges_next`) is not read."""
     e = tl.arange(0, BLOCK_E)
     i3 = e[None, :, None]
     j3 = e[None, None, :]
@@ -264,10 +282,14 @@ def _sum_parts_batch(vpart_ptr, kpart_ptr, bh, om, ok, k: tl.constexpr, NWIN, NW
                 w = (w0 * NW1 + w1) * NW2 + w2  # the unshifted windows holding part b
                 slot = (_part_slot(bh, w, NWIN, NPLANE, NPL, NSHIFT, RING) + k * 8
                         + (b0 * 2 + b1) * 2 + b2)  # fmt: skip
+                read = ok
+                if MERGE and b2 == 1:
+                    read = ok & (_merges_next(w, NPLANE, NW2, WPP).to(tl.int32) == 0)
                 if WITH_K:
-                    k_mat += _load_sym_batch(kpart_ptr, slot, m3, i3, j3, E)
-                vec += tl.load(vpart_ptr + slot[:, None] * E + e[None, :], mask=m2, other=0,
-                               cache_modifier=".cg")  # fmt: skip
+                    k_mat += _load_sym_batch(kpart_ptr, slot, m3 & read[:, None, None], i3, j3,
+                                             E)  # fmt: skip
+                vec += tl.load(vpart_ptr + slot[:, None] * E + e[None, :],
+                               mask=m2 & read[:, None], other=0, cache_modifier=".cg")
     return k_mat, vec
 
 
@@ -294,6 +316,12 @@ class Pipeline:
 
     def args(self) -> tuple:
         return self.flags, self.tickets, self.cpp, self.stages, self.nplane, self.npl
+
+    @staticmethod
+    def merges(dot: bool) -> bool:
+        """Whether the forward's parts pass merges neighbours' parts (``TUNING["merge"]``; only
+        where the Gram parts are a matrix product, ``dot``)."""
+        return dot and (_MERGE if TUNING["merge"] is None else bool(TUNING["merge"]))
 
     def warps(self) -> int:
         return TUNING["warps"] or _WARPS

@@ -209,25 +209,33 @@ def _gram_parts_dot(x, member, exists, kpart_ptr, slot, E: tl.constexpr,
     """Every shift's part sums of X X^T (upper triangle) for one window x (BLOCK_E, BP0, BP1,
     BP2): the Gram rows' sub-box sums (rows, sub-boxes) times ``member`` (sub-boxes, NPB), stored
     for the parts that exist (``exists``, (1, NPB))."""
-    NSUB: tl.constexpr = (BP0 // D0) * (BP1 // D1) * (BP2 // D2)
     RC: tl.constexpr = max(16 // BLOCK_E, 1)  # Gram rows per product: at least 16 rows of A
-    e = tl.arange(0, BLOCK_E)
-    e4 = e[:, None, None, None]
-    ii = tl.arange(0, RC)[:, None, None]
-    r = tl.arange(0, RC * BLOCK_E)[:, None]
     p = tl.arange(0, NPB)[None, :]
     for i0 in range(0, E, RC):
-        sub = tl.zeros((RC, BLOCK_E, NSUB), dtype=ACC)  # (row i0 + ii, column j, sub-box)
-        for di in tl.static_range(RC):
-            xi = tl.sum(tl.where(e4 == i0 + di, x, 0), axis=0)[None, :, :, :]  # row of X
-            z = _subboxes(x * xi, BLOCK_E, BP0, BP1, BP2, D0, D1, D2)  # (E, BA0, BA1, BA2)
-            sub = tl.where(ii == di, tl.reshape(z, (BLOCK_E, NSUB))[None, :, :], sub)
-        parts = tl.dot(tl.reshape(sub, (RC * BLOCK_E, NSUB)), member,
-                       input_precision="ieee")  # (RC E, NPB)  # fmt: skip
-        ri = i0 + r // BLOCK_E
-        rj = r % BLOCK_E
+        parts, ri, rj = _gram_rows_dot(x, member, i0, RC, E, BLOCK_E, BP0, BP1, BP2, D0, D1, D2,
+                                       ACC)  # fmt: skip
         mask = (ri < E) & (rj < E) & (rj >= ri) & exists
         tl.store(kpart_ptr + (slot + p) * E * E + _tri(ri, rj, E), parts, mask=mask)
+
+
+@triton.jit
+def _gram_rows_dot(x, member, i0, RC: tl.constexpr, E: tl.constexpr, BLOCK_E: tl.constexpr,
+                   BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr, D0: tl.constexpr,
+                   D1: tl.constexpr, D2: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """Gram rows i0 .. i0 + RC - 1 of every part: (parts (RC BLOCK_E, NPB), their Gram row and
+    column (RC BLOCK_E, 1) each): the rows' sub-box sums times ``member``."""
+    NSUB: tl.constexpr = (BP0 // D0) * (BP1 // D1) * (BP2 // D2)
+    e4 = tl.arange(0, BLOCK_E)[:, None, None, None]
+    ii = tl.arange(0, RC)[:, None, None]
+    r = tl.arange(0, RC * BLOCK_E)[:, None]
+    sub = tl.zeros((RC, BLOCK_E, NSUB), dtype=ACC)  # (row i0 + ii, column j, sub-box)
+    for di in tl.static_range(RC):
+        xi = tl.sum(tl.where(e4 == i0 + di, x, 0), axis=0)[None, :, :, :]  # row of X
+        z = _subboxes(x * xi, BLOCK_E, BP0, BP1, BP2, D0, D1, D2)  # (E, BA0, BA1, BA2)
+        sub = tl.where(ii == di, tl.reshape(z, (BLOCK_E, NSUB))[None, :, :], sub)
+    parts = tl.dot(tl.reshape(sub, (RC * BLOCK_E, NSUB)), member,
+                   input_precision="ieee")  # (RC E, NPB)  # fmt: skip
+    return parts, i0 + r // BLOCK_E, r % BLOCK_E
 
 
 @triton.jit

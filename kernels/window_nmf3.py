@@ -41,14 +41,15 @@ DRAM once per plane or once per head. For the backward
 the solve saves K and h (not the T iterates and norms: the backward recomputes them), and u.
 
 Static figures (sm_90a, 2x32x128^3, E = P = 8, T = 5; README "Window kernel designs"): 16 warps,
-one program per SM; forward 120-128 registers, backward 88-120 (its passes are not inlined:
+one program per SM; forward 120-128 registers, backward 88-122 (its passes are not inlined:
 kernels/_window3_bwd.py), no spills with [None], [None, 4], [None, 2, 4, 6] in fp32 or bf16;
 4 windows a ticket, so that
 the tickets in flight hold about 25 MB of L2 (16 would hold about 100 MB:
 fastnmf/profile/static/pipeline_dram.py).
 Not timed: per-ticket costs (a ticket fetch, an acquire wait, a release count: round trips to L2
 each) against 64 KB of x per ticket are the first thing a GPU must measure (``TUNING`` in
-_window3_sched.py: windows per ticket, warps, programs per SM, ring).
+_window3_sched.py: windows per ticket, warps, programs per SM, ring, and ``merge``: the parts of
+neighbouring windows of a ticket merged, kernels/_window3_parts.py, off by default).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ import triton.language as tl
 from ._common import acc_dtype, compute_dtype, window_inputs
 from ._window2_common import _Geometry2, _lanes_rowmask_g, _tri
 from ._window3_bwd import backward3
+from ._window3_parts import _parts_chunk_merged
 from ._window3_sched import (
     Pipeline,
     _count_done,
@@ -81,11 +83,12 @@ def _solve_batch(kpart_ptr, hpart_ptr, u_ptr, hsave_ptr, kmat_ptr, bh, om, ok,
                  E: tl.constexpr, NWIN, ITERS, NW0, NW1, NW2, NPLANE, NPL,
                  SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, NB: tl.constexpr,
                  BLOCK_E: tl.constexpr, SAVE: tl.constexpr, ACC: tl.constexpr,
-                 RING: tl.constexpr):  # fmt: skip
+                 RING: tl.constexpr, MERGE: tl.constexpr):  # fmt: skip
     """The second design's solve (``_solve_kernel``) for the shifted windows om (NB,) (ok: which
     exist) at once: per shift, the part sums, the power steps, u. With SAVE, K (packed upper
     triangle) and h for the backward, which recomputes the iterates from them
-    (``_iterate_to`` in _window3_bwd.py) instead of reading T + 1 saved vectors."""
+    (``_iterate_to`` in _window3_bwd.py) instead of reading T + 1 saved vectors. With MERGE the
+    parts pass merged neighbours' parts (NB is the windows per ticket)."""
     e = tl.arange(0, BLOCK_E)
     i3 = e[None, :, None]
     j3 = e[None, None, :]
@@ -94,7 +97,7 @@ def _solve_batch(kpart_ptr, hpart_ptr, u_ptr, hsave_ptr, kmat_ptr, bh, om, ok,
     for k in tl.static_range(NSHIFT):
         k_mat, h = _sum_parts_batch(hpart_ptr, kpart_ptr, bh, om, ok, k, NWIN, NW0, NW1, NW2,
                                     NPLANE, NPL, SHIFTS, NSHIFT, E, NB, BLOCK_E, ACC, True,
-                                    RING)  # fmt: skip
+                                    RING, MERGE, NB)  # fmt: skip
         prog = (bh * NSHIFT + k) * NWIN + om
         if SAVE:  # K and h for the backward
             tl.store(kmat_ptr + prog[:, None, None] * (E * E) + _tri(i3, j3, E), k_mat,
@@ -118,6 +121,7 @@ def _fused_kernel(
     G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, NPB: tl.constexpr,
     SAVE: tl.constexpr, RING: tl.constexpr, OFFS: tl.constexpr, NOFF: tl.constexpr,
+    MERGE: tl.constexpr,
 ):  # fmt: skip
     """Persistent: take tickets (batch*head, stage, chunk) in order until none is left; wait for
     what the stage needs, run its chunk of WPP windows, count the chunk done. With RING, a parts
@@ -140,20 +144,27 @@ def _fused_kernel(
                 prev_bh, prev_plane, held = _ring_previous(bh, plane, NPL, RING)
                 if held:
                     _wait_stage(flag_ptr + prev_bh * 3 * NPL, NPL, prev_plane, 2, CPP, OFFS, NOFF)
-            for j in range(0, WPP):
-                if first + j < NPLANE:
-                    w = plane * NPLANE + first + j
-                    _parts_window(x_ptr + offset, rowmask, e, emask, w,
-                                  _part_slot(bh, w, NWIN, NPLANE, NPL, NSHIFT, RING), g_all, member,
-                                  exists, kpart_ptr, hpart_ptr, E, NVOX, S1, S2, NW1, NW2, SHIFTS,
-                                  NSHIFT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, G0, G1, G2,
-                                  MU, ACC, DOT, D0, D1, D2, NPB)  # fmt: skip
+            if MERGE:  # neighbours' parts merged (kernels/_window3_parts.py)
+                _parts_chunk_merged(x_ptr + offset, rowmask, e, emask, first, plane, bh, g_all,
+                                    member, exists, kpart_ptr, hpart_ptr, NWIN, NPLANE, NPL, E,
+                                    NVOX, S1, S2, NW1, NW2, SHIFTS, NSHIFT, WPP, P0, P1, P2, BP0,
+                                    BP1, BP2, BLOCK_E, NSB, G0, G1, G2, ACC, D0, D1, D2, NPB,
+                                    RING)  # fmt: skip
+            else:
+                for j in range(0, WPP):
+                    if first + j < NPLANE:
+                        w = plane * NPLANE + first + j
+                        _parts_window(x_ptr + offset, rowmask, e, emask, w,
+                                      _part_slot(bh, w, NWIN, NPLANE, NPL, NSHIFT, RING), g_all,
+                                      member, exists, kpart_ptr, hpart_ptr, E, NVOX, S1, S2, NW1,
+                                      NW2, SHIFTS, NSHIFT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E,
+                                      NSB, G0, G1, G2, MU, ACC, DOT, D0, D1, D2, NPB)  # fmt: skip
         elif phase == 1:
             _wait_stage(flags, NPL, plane, 1, CPP, OFFS, NOFF)
             i = first + tl.arange(0, WPP)
             _solve_batch(kpart_ptr, hpart_ptr, u_ptr, hsave_ptr, kmat_ptr, bh,
                          plane * NPLANE + i, i < NPLANE, E, NWIN, ITERS, NW0, NW1, NW2, NPLANE,
-                         NPL, SHIFTS, NSHIFT, WPP, BLOCK_E, SAVE, ACC, RING)  # fmt: skip
+                         NPL, SHIFTS, NSHIFT, WPP, BLOCK_E, SAVE, ACC, RING, MERGE)  # fmt: skip
         else:
             _wait_stage(flags, NPL, plane, 2, CPP, OFFS, NOFF)
             for j in range(0, WPP):
@@ -177,11 +188,12 @@ def _fused_forward(x, g0, rowmask, geo: _Geometry2, plan, iters: int, mu: bool, 
     h = torch.empty(geo.progs, geo.E, dtype=f32, device=dev) if save else u
     kmat = torch.empty(geo.progs, geo.E, geo.E, dtype=f32, device=dev) if save else u
     y = torch.empty_like(x)
+    dot = geo.dot(acc, mu)
     _fused_kernel[pipe.grid](
         x, y, g0, rowmask, kpart, hpart, u, h, kmat, *pipe.args(),
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, iters, geo.S[1], geo.S[2], *geo.NW,
-        **geo.consts(), **pipe.block(geo), MU=mu, ACC=acc, **geo.dot(acc, mu),
-        SAVE=save, num_warps=pipe.warps(),
+        **geo.consts(), **pipe.block(geo), MU=mu, ACC=acc, **dot, SAVE=save,
+        MERGE=pipe.merges(dot["DOT"]), num_warps=pipe.warps(),
     )  # fmt: skip
     if not save:
         h = kmat = None

@@ -119,6 +119,22 @@ def test_design3_part_statistics_ring(gen, design3, monkeypatch):
     assert rel_err(dx, dx_ref) <= 1e-4
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_design3_merged_parts_match_reference(gen, design3, monkeypatch, device):
+    """Neighbours' parts merged (``TUNING["merge"]``): rows of 6 windows along axis 2 in
+    tickets of 4 (merges inside a row, none across a row's end or a ticket's), a shift that
+    does not split axis 2 and one with a whole-window offset along it; the oracle's output and
+    gradient, and not the unmerged bits (the merge ran)."""
+    x, v0, dy = nmf_inputs(gen, (1, 4, 8, 8, 24), 4, zero_windows=True)
+    kw = dict(head_dim=4, patch_size=4, shifts=[None, 2, (1, 3, 6), (2, 1, 0)], solver="hals")
+    y_ref, dx_ref = run_grad("reference", x, v0, dy, torch.float64, "cpu", **kw)
+    unmerged, _ = run_grad("triton", x, v0, dy, torch.float32, device, **kw)
+    monkeypatch.setitem(sched.TUNING, "merge", True)
+    y, dx = run_grad("triton", x, v0, dy, torch.float32, device, **kw)
+    assert rel_err(y, y_ref) <= 1e-5 and rel_err(dx, dx_ref) <= 1e-4
+    assert not torch.equal(y, unmerged)
+
+
 @triton.jit
 def _ring_kernel(out_ptr, NPL, BH, RING: tl.constexpr, N: tl.constexpr):
     i = tl.arange(0, N)  # (head, plane) = divmod(i, NPL)

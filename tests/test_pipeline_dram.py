@@ -17,6 +17,8 @@ CASES = [
     StaticCase("window", 1, 8, (24, 8, 8), "fp32", (None, 4), design=3),
     StaticCase("window", 1, 8, (24, 8, 8), "bf16", (None, 2, 4, 6), design=3),
 ]
+# one plane of a row of 4 windows along axis 2 (one ticket: 3 merges a plane when merging)
+MERGED = StaticCase("window", 1, 8, (16, 8, 32), "fp32", (None, 4), design=3)
 # the model's block -> the kernel arguments it stands for
 VOLUME = {"fwd": {"x": ("x_ptr", "load"), "y": ("y_ptr", "store")},
           "bwd": {"x": ("x_ptr", "load"), "dy": ("dy_ptr", "load"), "dx": ("dx_ptr", "store")}}
@@ -38,11 +40,17 @@ def _model_bytes(case, pass_):
 _COUNTS: dict = {}
 
 
-def _counted(case):
-    """counter.count_call(case), once per test module (each count runs the interpreter)."""
-    if case not in _COUNTS:
-        _COUNTS[case] = counter.count_call(case)
-    return _COUNTS[case]
+def _counted(case, merge=None):
+    """counter.count_call(case) with TUNING["merge"] = merge, once per test module (each count
+    runs the interpreter)."""
+    if (case, merge) not in _COUNTS:
+        saved = TUNING["merge"]
+        TUNING["merge"] = merge
+        try:
+            _COUNTS[case, merge] = counter.count_call(case)
+        finally:
+            TUNING["merge"] = saved
+    return _COUNTS[case, merge]
 
 
 def _fused(counts, pass_):
@@ -50,12 +58,14 @@ def _fused(counts, pass_):
     return launch
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_blocks_carry_the_counted_bytes(case):
+@pytest.mark.parametrize(("case", "merge"), [(c, None) for c in CASES] + [(MERGED, True)],
+                         ids=lambda v: v.id if isinstance(v, StaticCase) else f"merge={v}")
+def test_blocks_carry_the_counted_bytes(monkeypatch, case, merge):
     """x, dy read twice, y / dx written once, the part statistics and the solves' outputs
     written once: the model's blocks equal the counter's bytes for the persistent launch, tensor
-    by tensor."""
-    counts = _counted(case)
+    by tensor (also with neighbours' parts merged)."""
+    monkeypatch.setitem(TUNING, "merge", merge)
+    counts = _counted(case, merge)
     for pass_ in ("fwd", "bwd"):
         launch = _fused(counts, pass_)
         loaded, stored = _model_bytes(case, pass_)
@@ -114,3 +124,15 @@ def test_persistent_programs_are_the_targets_sms_or_the_tickets():
     assert pipeline_dram.persistent_programs(big, "sm_80") == 108
     tiny = CASES[0]  # fewer tickets than SMs
     assert pipeline_dram.persistent_programs(tiny) == len(pipeline_dram.ticket_blocks(tiny, "fwd"))
+
+
+def test_merged_parts_are_fewer_statistics_written_and_read():
+    """With neighbours' parts merged, each of the 3 merges of a plane's ticket drops the 4 high
+    parts of shift 4 (K triangle + X g0, fp32): written once and read once fewer; x and y alike."""
+    on, off = _fused(_counted(MERGED, True), "fwd"), _fused(_counted(MERGED, False), "fwd")
+    planes, e = 2, 8
+    fewer = planes * 3 * 4 * (e * (e + 1) // 2 + e) * 4
+    for side in ("bytes_stored", "bytes_loaded"):
+        got = sum(off.args[a][side] - on.args[a][side] for a in ("kpart_ptr", "hpart_ptr"))
+        assert got == fewer, side
+    assert on.args["x_ptr"] == off.args["x_ptr"] and on.args["y_ptr"] == off.args["y_ptr"]

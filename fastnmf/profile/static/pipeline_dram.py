@@ -32,7 +32,7 @@ import math
 
 import torch
 
-from .cases import StaticCase, ideal_bytes
+from .cases import DTYPES, StaticCase, ideal_bytes
 from .l2 import TARGETS
 
 __all__ = ["pipeline_dram", "persistent_programs", "ticket_blocks"]
@@ -66,16 +66,34 @@ def persistent_programs(case: StaticCase, target: str = "sm_90a") -> int:
         return Pipeline(geo, plan, torch.device("meta")).grid[0]
 
 
-def _sizes(case: StaticCase, geo, per_chunk: int) -> dict:
-    """Bytes of one block of each kind (a chunk of ``per_chunk`` windows)."""
+def _merges(case: StaticCase, geo, wpp: int, nplane: int, c: int) -> int:
+    """Windows of chunk c of a plane whose high parts along axis 2 the forward's parts pass merges
+    into their neighbour's (kernels/_window3_sched._merges_next; 0 unless merging is on). A plane
+    starts a row of the window grid, so a window's place in its row is its place in the plane
+    modulo NW2."""
+    from fastnmf.kernels._common import acc_dtype
+    from fastnmf.kernels._window3_sched import Pipeline
+
+    on = Pipeline.merges(geo.dot(acc_dtype(DTYPES[case.dtype]), False)["DOT"])
+    nw2 = geo.NW[2]
+    windows = range(c * wpp, min((c + 1) * wpp, nplane))
+    return sum(on and i % nw2 != nw2 - 1 and i % wpp != wpp - 1 and i + 1 < nplane
+               for i in windows)  # fmt: skip
+
+
+def _sizes(case: StaticCase, geo, per_chunk: int, merges: int = 0) -> dict:
+    """Bytes of one block of each kind (a chunk of ``per_chunk`` windows, ``merges`` of them
+    merged into their neighbour: :func:`_merges`)."""
     e = geo.E
     vol = e * math.prod(geo.P) * case.itemsize  # one window of x (y, dy, dx)
     parts = sum(math.prod(2 if s[d] else 1 for d in range(3)) for s in geo.shifts)
+    high = sum(math.prod(2 if s[d] else 1 for d in range(2)) for s in geo.shifts if s[2])
     tri = e * (e + 1) // 2
     n = geo.nshift
     return {
         "vol": per_chunk * vol,
-        "parts_fwd": per_chunk * parts * (tri + e) * F32,  # K upper triangle + X g0 per part
+        # K upper triangle + X g0 per part (a merged window's high parts along axis 2: none)
+        "parts_fwd": (per_chunk * parts - merges * high) * (tri + e) * F32,
         "solve_fwd": per_chunk * n * (2 * e + tri) * F32,  # u, h, K
         "parts_bwd": per_chunk * parts * e * F32,  # ū per part
         "saved": per_chunk * n * (2 * e + tri) * F32,  # the forward's u, h, K
@@ -105,7 +123,8 @@ def ticket_blocks(case: StaticCase, pass_: str):
     npl = geo.NW[ax]
     nplane = geo.nwin // npl
     cpp = math.ceil(nplane / per_chunk)
-    sizes = [_sizes(case, geo, min(per_chunk, nplane - c * per_chunk)) for c in range(cpp)]
+    sizes = [_sizes(case, geo, min(per_chunk, nplane - c * per_chunk),
+                    _merges(case, geo, per_chunk, nplane, c)) for c in range(cpp)]  # fmt: skip
     fwd = pass_ == "fwd"
     vol_in = ("x",) if fwd else ("x", "dy")
     tickets = []

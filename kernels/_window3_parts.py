@@ -1,0 +1,137 @@
+"""The third design's forward parts pass, neighbours merged (kernels/window_nmf3.py).
+
+A shift that splits axis 2 cuts every window into a low part (b2 = 0) and a high part (b2 = 1)
+along it; the high part of window w and the low part of window w + 1 (its neighbour along axis 2)
+lie in the same shifted window. Where both windows are in the same ticket (``_merges_next``), the
+parts pass adds w's high parts to w + 1's low parts before storing them, and stores them once, in
+w + 1's slots; the solve skips w's high slots (``_sum_parts_batch`` with MERGE). With 4 windows a
+ticket that is 3 of every 8 part statistics of such a shift neither written nor read. Only the
+matrix form of the Gram parts (``DOT``: fp32 accumulation, HALS) merges; the sums are the same
+numbers added in another order.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._window2_common import _load_window, _pick, _subboxes, _tri
+from ._window3_sched import _merges_next, _part_slot
+from .window_nmf2 import _gram_rows_dot
+
+__all__: list[str] = []
+
+
+@triton.jit
+def _part_table(z, table, k: tl.constexpr, SH0: tl.constexpr, SH1: tl.constexpr,
+                SH2: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+                BA0: tl.constexpr, BA1: tl.constexpr, BA2: tl.constexpr, G0: tl.constexpr,
+                G1: tl.constexpr, G2: tl.constexpr, NPB: tl.constexpr):  # fmt: skip
+    """``_store_parts`` of the second design into a table: the part sums of shift k's sub-box
+    sums z (BLOCK_E, BA0, BA1, BA2) put in columns k * 8 + b of table (BLOCK_E, NPB)."""
+    p = tl.arange(0, NPB)[None, :]
+    r0 = tl.arange(0, BA0)[None, :]
+    r1 = tl.arange(0, BA1)[None, None, :]
+    r2 = tl.arange(0, BA2)[None, None, None, :]
+    for b2 in tl.static_range(2 if SH2 % P2 else 1):
+        z2 = tl.sum(tl.where((r2 * G2 >= P2 - SH2 % P2).to(tl.int32) == b2, z, 0), axis=3)
+        for b1 in tl.static_range(2 if SH1 % P1 else 1):
+            z1 = tl.sum(tl.where((r1 * G1 >= P1 - SH1 % P1).to(tl.int32) == b1, z2, 0), axis=2)
+            for b0 in tl.static_range(2 if SH0 % P0 else 1):
+                z0 = tl.sum(tl.where((r0 * G0 >= P0 - SH0 % P0).to(tl.int32) == b0, z1, 0),
+                            axis=1)  # fmt: skip
+                table = tl.where(p == k * 8 + (b0 * 2 + b1) * 2 + b2, z0[:, None], table)
+    return table
+
+
+@triton.jit
+def _halves(t, R: tl.constexpr, NPB: tl.constexpr):
+    """(low, high) part columns of t (R, NPB): columns 2q and 2q + 1 (b2 = 0 and 1)."""
+    return tl.split(tl.reshape(t, (R, NPB // 2, 2)))
+
+
+@triton.jit
+def _store_merged(ptr, stride, slot, rows, row_ok, t, carry, merge, ex_lo, ex_hi,
+                  R: tl.constexpr, NPB: tl.constexpr):  # fmt: skip
+    """Store the part columns of t (R, NPB) at ptr + (slot + column) * stride + rows: the low
+    ones plus ``carry`` (the previous window's high ones, or zeros), the high ones unless
+    ``merge`` (then they are returned as the next carry; else zeros)."""
+    q = tl.arange(0, NPB // 2)[None, :]
+    lo, hi = _halves(t, R, NPB)
+    tl.store(ptr + (slot + 2 * q) * stride + rows, lo + carry, mask=row_ok & ex_lo)
+    # merge broadcast to the tile first (under the interpreter, & with a 0-d mask is int32)
+    keep = (tl.zeros_like(hi).to(tl.int32) + merge.to(tl.int32)) == 0
+    tl.store(ptr + (slot + 2 * q + 1) * stride + rows, hi, mask=row_ok & ex_hi & keep)
+    return tl.where(merge, hi, 0.0)
+
+
+@triton.jit
+def _parts_window_merged(
+    x_base, rowmask, e, emask, w, slot, g_all, member, exists, kpart_ptr, hpart_ptr,
+    carry_k, carry_h, merge, E: tl.constexpr, NVOX, S1, S2, NW1, NW2,
+    SHIFTS: tl.constexpr, NSHIFT: tl.constexpr,
+    P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+    BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
+    BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
+    G2: tl.constexpr, ACC: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+    NPB: tl.constexpr,
+):  # fmt: skip
+    """The second design's ``_parts_window`` (DOT, HALS) on window w with the previous window's
+    high parts (carry_k (NCH, RC E, NPB / 2), carry_h (BLOCK_E, NPB / 2)) added to its low parts;
+    returns this window's high parts if ``merge`` (w + 1 takes them), else zeros."""
+    _, _, _, _, _, x = _load_window(x_base, rowmask, e, emask, w, NVOX, S1, S2, NW1, NW2,
+                                    P0, P1, P2, BP0, BP1, BP2, ACC)  # fmt: skip
+    ex_lo, ex_hi = _halves(exists.to(tl.int32), 1, NPB)
+    table = tl.zeros((BLOCK_E, NPB), dtype=ACC)
+    for k in tl.static_range(NSHIFT):  # X g0_s, every shift's parts
+        z = _subboxes(x * _pick(g_all, k, NSB), BLOCK_E, BP0, BP1, BP2, G0, G1, G2)
+        table = _part_table(z, table, k, SHIFTS[k][0], SHIFTS[k][1], SHIFTS[k][2], P0, P1, P2,
+                            BP0 // G0, BP1 // G1, BP2 // G2, G0, G1, G2, NPB)  # fmt: skip
+    carry_h = _store_merged(hpart_ptr, E, slot, e[:, None], emask[:, None], table, carry_h,
+                            merge, ex_lo != 0, ex_hi != 0, BLOCK_E, NPB)  # fmt: skip
+    # the Gram parts, RC rows a product (``_gram_parts_dot``): chunk i0 // RC of carry_k
+    RC: tl.constexpr = max(16 // BLOCK_E, 1)
+    c3 = tl.arange(0, carry_k.shape[0])[:, None, None]
+    new_k = tl.zeros_like(carry_k)
+    for i0 in range(0, E, RC):
+        parts, ri, rj = _gram_rows_dot(x, member, i0, RC, E, BLOCK_E, BP0, BP1, BP2, D0, D1, D2,
+                                       ACC)  # fmt: skip
+        ok = (ri < E) & (rj < E) & (rj >= ri)
+        chunk = c3 == i0 // RC
+        carry = tl.sum(tl.where(chunk, carry_k, 0.0), axis=0)
+        hi = _store_merged(kpart_ptr, E * E, slot, _tri(ri, rj, E), ok, parts, carry, merge,
+                           ex_lo != 0, ex_hi != 0, RC * BLOCK_E, NPB)  # fmt: skip
+        new_k = tl.where(chunk, hi[None, :, :], new_k)
+    return new_k, carry_h
+
+
+@triton.jit
+def _no_carry(BLOCK_E: tl.constexpr, NPB: tl.constexpr, ACC: tl.constexpr):
+    """Zero carries of :func:`_parts_window_merged`: (Gram row chunks, RC BLOCK_E, NPB / 2) and
+    (BLOCK_E, NPB / 2)."""
+    RC: tl.constexpr = max(16 // BLOCK_E, 1)
+    NCH: tl.constexpr = max(BLOCK_E // RC, 1)
+    return (tl.zeros((NCH, RC * BLOCK_E, NPB // 2), dtype=ACC),
+            tl.zeros((BLOCK_E, NPB // 2), dtype=ACC))
+
+
+@triton.jit
+def _parts_chunk_merged(
+    x_base, rowmask, e, emask, first, plane, bh, g_all, member, exists, kpart_ptr, hpart_ptr,
+    NWIN, NPLANE, NPL, E: tl.constexpr, NVOX, S1, S2, NW1, NW2, SHIFTS: tl.constexpr,
+    NSHIFT: tl.constexpr, WPP: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr,
+    P2: tl.constexpr, BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
+    BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
+    G2: tl.constexpr, ACC: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+    NPB: tl.constexpr, RING: tl.constexpr,
+):  # fmt: skip
+    """The parts pass of one ticket (the windows of a plane from ``first``), neighbours merged."""
+    carry_k, carry_h = _no_carry(BLOCK_E, NPB, ACC)
+    for j in range(0, WPP):
+        if first + j < NPLANE:
+            w = plane * NPLANE + first + j
+            carry_k, carry_h = _parts_window_merged(
+                x_base, rowmask, e, emask, w, _part_slot(bh, w, NWIN, NPLANE, NPL, NSHIFT, RING),
+                g_all, member, exists, kpart_ptr, hpart_ptr, carry_k, carry_h,
+                _merges_next(w, NPLANE, NW2, WPP), E, NVOX, S1, S2, NW1, NW2, SHIFTS, NSHIFT,
+                P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, G0, G1, G2, ACC, D0, D1, D2, NPB)
