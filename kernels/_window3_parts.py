@@ -17,7 +17,7 @@ import triton.language as tl
 
 from ._window2_common import _load_window, _pick, _subboxes, _tri
 from ._window3_sched import _merges_next, _part_slot
-from .window_nmf2 import _gram_rows_dot
+from .window_nmf2 import _rows_dot
 
 __all__: list[str] = []
 
@@ -94,8 +94,8 @@ def _parts_window_merged(
     c3 = tl.arange(0, carry_k.shape[0])[:, None, None]
     new_k = tl.zeros_like(carry_k)
     for i0 in range(0, E, RC):
-        parts, ri, rj = _gram_rows_dot(x, member, i0, RC, E, BLOCK_E, BP0, BP1, BP2, D0, D1, D2,
-                                       ACC)  # fmt: skip
+        parts, ri, rj = _rows_dot(x, g_all, True, member, i0, RC, BLOCK_E, BP0, BP1, BP2, D0,
+                                  D1, D2, ACC)  # fmt: skip
         ok = (ri < E) & (rj < E) & (rj >= ri)
         chunk = c3 == i0 // RC
         carry = tl.sum(tl.where(chunk, carry_k, 0.0), axis=0)

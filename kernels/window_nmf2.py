@@ -142,19 +142,19 @@ def _parts_window(
     e4 = e[:, None, None, None]
     _, _, _, _, _, x = _load_window(x_base, rowmask, e, emask, w, NVOX, S1, S2, NW1, NW2,
                                     P0, P1, P2, BP0, BP1, BP2, ACC)  # fmt: skip
-    for k in tl.static_range(NSHIFT):
-        g = _pick(g_all, k, NSB)
-        xs = x
-        if MU:
-            xs = tl.where(g > 0, x, 0)
-        _store_parts(_subboxes(xs * g, BLOCK_E, BP0, BP1, BP2, G0, G1, G2),
-                     hpart_ptr + (slot + k * 8) * E, E, e, emask,
-                     SHIFTS[k][0], SHIFTS[k][1], SHIFTS[k][2], P0, P1, P2,
-                     BP0 // G0, BP1 // G1, BP2 // G2, G0, G1, G2)  # fmt: skip
-    if DOT:
-        _gram_parts_dot(x, member, exists, kpart_ptr, slot, E, BLOCK_E, BP0, BP1, BP2, D0,
-                        D1, D2, NPB, ACC)  # fmt: skip
+    if DOT:  # X g0_s and the Gram rows split by products with ``member``
+        _parts_dot(x, g_all, member, exists, kpart_ptr, hpart_ptr, slot, E, NSHIFT, BLOCK_E,
+                   BP0, BP1, BP2, D0, D1, D2, NPB, ACC)  # fmt: skip
     else:
+        for k in tl.static_range(NSHIFT):
+            g = _pick(g_all, k, NSB)
+            xs = x
+            if MU:
+                xs = tl.where(g > 0, x, 0)
+            _store_parts(_subboxes(xs * g, BLOCK_E, BP0, BP1, BP2, G0, G1, G2),
+                         hpart_ptr + (slot + k * 8) * E, E, e, emask,
+                         SHIFTS[k][0], SHIFTS[k][1], SHIFTS[k][2], P0, P1, P2,
+                         BP0 // G0, BP1 // G1, BP2 // G2, G0, G1, G2)  # fmt: skip
         for i in range(0, E):  # Gram row i, columns j >= i (K is symmetric)
             xi = tl.sum(tl.where(e4 == i, x, 0), axis=0)[None, :, :, :]  # row i of X
             upper = emask & (e >= i)
@@ -202,35 +202,49 @@ def _membership(SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, P0: tl.constexpr,
 
 
 @triton.jit
-def _gram_parts_dot(x, member, exists, kpart_ptr, slot, E: tl.constexpr,
-                    BLOCK_E: tl.constexpr, BP0: tl.constexpr, BP1: tl.constexpr,
-                    BP2: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
-                    NPB: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
-    """Every shift's part sums of X X^T (upper triangle) for one window x (BLOCK_E, BP0, BP1,
-    BP2): the Gram rows' sub-box sums (rows, sub-boxes) times ``member`` (sub-boxes, NPB), stored
-    for the parts that exist (``exists``, (1, NPB))."""
-    RC: tl.constexpr = max(16 // BLOCK_E, 1)  # Gram rows per product: at least 16 rows of A
+def _parts_dot(x, g_all, member, exists, kpart_ptr, hpart_ptr, slot, E: tl.constexpr,
+               NSHIFT: tl.constexpr, BLOCK_E: tl.constexpr, BP0: tl.constexpr,
+               BP1: tl.constexpr, BP2: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+               D2: tl.constexpr, NPB: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """Every shift's part sums of X X^T (upper triangle) and of X g0_s for one window x
+    (BLOCK_E, BP0, BP1, BP2), RC rows a product (:func:`_rows_dot`): first the Gram rows, then
+    the rows (shift k, lane e) of x_e g0_k (``g_all``: g0 under every shift), of which row (k, e)
+    keeps only shift k's columns k * 8 + b; stored for the parts that exist (``exists``)."""
+    RC: tl.constexpr = max(16 // BLOCK_E, 1)  # rows per product: at least 16 rows of A
+    NG: tl.constexpr = (E + RC - 1) // RC  # products of Gram rows
     p = tl.arange(0, NPB)[None, :]
-    for i0 in range(0, E, RC):
-        parts, ri, rj = _gram_rows_dot(x, member, i0, RC, E, BLOCK_E, BP0, BP1, BP2, D0, D1, D2,
-                                       ACC)  # fmt: skip
-        mask = (ri < E) & (rj < E) & (rj >= ri) & exists
-        tl.store(kpart_ptr + (slot + p) * E * E + _tri(ri, rj, E), parts, mask=mask)
+    for c in range(0, NG + (NSHIFT + RC - 1) // RC):
+        gram = c < NG
+        i0 = tl.where(gram, c, c - NG) * RC
+        parts, ri, rj = _rows_dot(x, g_all, gram, member, i0, RC, BLOCK_E, BP0, BP1, BP2, D0,
+                                  D1, D2, ACC)  # fmt: skip
+        is_k = (ri * 0 + c) < NG  # (under the interpreter, & with a 0-d mask is int32)
+        ok = (rj < E) & exists
+        tl.store(kpart_ptr + (slot + p) * E * E + _tri(ri, rj, E), parts,
+                 mask=ok & is_k & (ri < E) & (rj >= ri))  # fmt: skip
+        tl.store(hpart_ptr + (slot + p) * E + rj, parts,
+                 mask=ok & (is_k == 0) & (p // 8 == ri) & (ri < NSHIFT))  # fmt: skip
 
 
 @triton.jit
-def _gram_rows_dot(x, member, i0, RC: tl.constexpr, E: tl.constexpr, BLOCK_E: tl.constexpr,
-                   BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr, D0: tl.constexpr,
-                   D1: tl.constexpr, D2: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
-    """Gram rows i0 .. i0 + RC - 1 of every part: (parts (RC BLOCK_E, NPB), their Gram row and
-    column (RC BLOCK_E, 1) each): the rows' sub-box sums times ``member``."""
+def _rows_dot(x, g_all, gram, member, i0, RC: tl.constexpr, BLOCK_E: tl.constexpr,
+              BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr, D0: tl.constexpr,
+              D1: tl.constexpr, D2: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """x times its rows i0 .. i0 + RC - 1 (``gram``: Gram rows) or times g0 under shifts i0 ..
+    i0 + RC - 1 (rows of ``g_all``), split into every part: (parts (RC BLOCK_E, NPB), each row's
+    Gram row or shift and lane of x (RC BLOCK_E, 1)): the products' sub-box sums times
+    ``member``."""
     NSUB: tl.constexpr = (BP0 // D0) * (BP1 // D1) * (BP2 // D2)
     e4 = tl.arange(0, BLOCK_E)[:, None, None, None]
+    s4 = tl.arange(0, g_all.shape[0])[:, None, None, None]
     ii = tl.arange(0, RC)[:, None, None]
     r = tl.arange(0, RC * BLOCK_E)[:, None]
-    sub = tl.zeros((RC, BLOCK_E, NSUB), dtype=ACC)  # (row i0 + ii, column j, sub-box)
+    sub = tl.zeros((RC, BLOCK_E, NSUB), dtype=ACC)  # (row i0 + ii, lane, sub-box)
     for di in tl.static_range(RC):
-        xi = tl.sum(tl.where(e4 == i0 + di, x, 0), axis=0)[None, :, :, :]  # row of X
+        if gram:
+            xi = tl.sum(tl.where(e4 == i0 + di, x, 0), axis=0)[None, :, :, :]  # row of X
+        else:
+            xi = tl.sum(tl.where(s4 == i0 + di, g_all, 0), axis=0)[None, :, :, :]  # g0 shifted
         z = _subboxes(x * xi, BLOCK_E, BP0, BP1, BP2, D0, D1, D2)  # (E, BA0, BA1, BA2)
         sub = tl.where(ii == di, tl.reshape(z, (BLOCK_E, NSUB))[None, :, :], sub)
     parts = tl.dot(tl.reshape(sub, (RC * BLOCK_E, NSUB)), member,
