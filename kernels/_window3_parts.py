@@ -15,33 +15,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._window2_common import _load_window, _pick, _subboxes, _tri
+from ._window2_common import _load_window, _tri
 from ._window3_sched import _merges_next, _part_slot
 from .window_nmf2 import _rows_dot
 
 __all__: list[str] = []
-
-
-@triton.jit
-def _part_table(z, table, k: tl.constexpr, SH0: tl.constexpr, SH1: tl.constexpr,
-                SH2: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
-                BA0: tl.constexpr, BA1: tl.constexpr, BA2: tl.constexpr, G0: tl.constexpr,
-                G1: tl.constexpr, G2: tl.constexpr, NPB: tl.constexpr):  # fmt: skip
-    """``_store_parts`` of the second design into a table: the part sums of shift k's sub-box
-    sums z (BLOCK_E, BA0, BA1, BA2) put in columns k * 8 + b of table (BLOCK_E, NPB)."""
-    p = tl.arange(0, NPB)[None, :]
-    r0 = tl.arange(0, BA0)[None, :]
-    r1 = tl.arange(0, BA1)[None, None, :]
-    r2 = tl.arange(0, BA2)[None, None, None, :]
-    for b2 in tl.static_range(2 if SH2 % P2 else 1):
-        z2 = tl.sum(tl.where((r2 * G2 >= P2 - SH2 % P2).to(tl.int32) == b2, z, 0), axis=3)
-        for b1 in tl.static_range(2 if SH1 % P1 else 1):
-            z1 = tl.sum(tl.where((r1 * G1 >= P1 - SH1 % P1).to(tl.int32) == b1, z2, 0), axis=2)
-            for b0 in tl.static_range(2 if SH0 % P0 else 1):
-                z0 = tl.sum(tl.where((r0 * G0 >= P0 - SH0 % P0).to(tl.int32) == b0, z1, 0),
-                            axis=1)  # fmt: skip
-                table = tl.where(p == k * 8 + (b0 * 2 + b1) * 2 + b2, z0[:, None], table)
-    return table
 
 
 @triton.jit
@@ -77,42 +55,46 @@ def _parts_window_merged(
     NPB: tl.constexpr,
 ):  # fmt: skip
     """The second design's ``_parts_window`` (DOT, HALS) on window w with the previous window's
-    high parts (carry_k (NCH, RC E, NPB / 2), carry_h (BLOCK_E, NPB / 2)) added to its low parts;
-    returns this window's high parts if ``merge`` (w + 1 takes them), else zeros."""
+    high parts (carry_k (Gram row chunks, RC BLOCK_E, NPB / 2), carry_h (X g0 shift chunks,
+    RC BLOCK_E, NPB / 2), the chunks of ``_parts_dot``) added to its low parts; returns this
+    window's high parts if ``merge`` (w + 1 takes them), else zeros."""
     _, _, _, _, _, x = _load_window(x_base, rowmask, e, emask, w, NVOX, S1, S2, NW1, NW2,
                                     P0, P1, P2, BP0, BP1, BP2, ACC)  # fmt: skip
     ex_lo, ex_hi = _halves(exists.to(tl.int32), 1, NPB)
-    table = tl.zeros((BLOCK_E, NPB), dtype=ACC)
-    for k in tl.static_range(NSHIFT):  # X g0_s, every shift's parts
-        z = _subboxes(x * _pick(g_all, k, NSB), BLOCK_E, BP0, BP1, BP2, G0, G1, G2)
-        table = _part_table(z, table, k, SHIFTS[k][0], SHIFTS[k][1], SHIFTS[k][2], P0, P1, P2,
-                            BP0 // G0, BP1 // G1, BP2 // G2, G0, G1, G2, NPB)  # fmt: skip
-    carry_h = _store_merged(hpart_ptr, E, slot, e[:, None], emask[:, None], table, carry_h,
-                            merge, ex_lo != 0, ex_hi != 0, BLOCK_E, NPB)  # fmt: skip
-    # the Gram parts, RC rows a product (``_gram_parts_dot``): chunk i0 // RC of carry_k
     RC: tl.constexpr = max(16 // BLOCK_E, 1)
-    c3 = tl.arange(0, carry_k.shape[0])[:, None, None]
+    NG: tl.constexpr = (E + RC - 1) // RC  # products of Gram rows, then of X g0 rows
+    ck = tl.arange(0, carry_k.shape[0])[:, None, None]
+    ch = tl.arange(0, carry_h.shape[0])[:, None, None]
+    q = tl.arange(0, NPB // 2)[None, :]  # columns 2q, 2q + 1: shift q // 4
     new_k = tl.zeros_like(carry_k)
-    for i0 in range(0, E, RC):
-        parts, ri, rj = _rows_dot(x, g_all, True, member, i0, RC, BLOCK_E, BP0, BP1, BP2, D0,
-                                  D1, D2, ACC)  # fmt: skip
-        ok = (ri < E) & (rj < E) & (rj >= ri)
-        chunk = c3 == i0 // RC
-        carry = tl.sum(tl.where(chunk, carry_k, 0.0), axis=0)
-        hi = _store_merged(kpart_ptr, E * E, slot, _tri(ri, rj, E), ok, parts, carry, merge,
+    new_h = tl.zeros_like(carry_h)
+    for c in range(0, NG + (NSHIFT + RC - 1) // RC):
+        gram = c < NG
+        parts, ri, rj = _rows_dot(x, g_all, gram, member, tl.where(gram, c, c - NG) * RC, RC,
+                                  BLOCK_E, BP0, BP1, BP2, D0, D1, D2, ACC)  # fmt: skip
+        in_k = ck == c
+        in_h = ch == c - NG
+        carry = (tl.sum(tl.where(in_k, carry_k, 0.0), axis=0)
+                 + tl.sum(tl.where(in_h, carry_h, 0.0), axis=0))  # fmt: skip
+        is_k = (ri * 0 + c) < NG
+        ok_k = is_k & (ri < E) & (rj < E) & (rj >= ri)
+        ok_h = (is_k == 0) & (ri < NSHIFT) & (rj < E) & (q // 4 == ri)
+        hi = _store_merged(kpart_ptr, E * E, slot, _tri(ri, rj, E), ok_k, parts, carry, merge,
                            ex_lo != 0, ex_hi != 0, RC * BLOCK_E, NPB)  # fmt: skip
-        new_k = tl.where(chunk, hi[None, :, :], new_k)
-    return new_k, carry_h
+        _store_merged(hpart_ptr, E, slot, rj, ok_h, parts, carry, merge, ex_lo != 0, ex_hi != 0,
+                      RC * BLOCK_E, NPB)  # fmt: skip
+        new_k = tl.where(in_k, hi[None, :, :], new_k)
+        new_h = tl.where(in_h, hi[None, :, :], new_h)
+    return new_k, new_h
 
 
 @triton.jit
-def _no_carry(BLOCK_E: tl.constexpr, NPB: tl.constexpr, ACC: tl.constexpr):
+def _no_carry(BLOCK_E: tl.constexpr, NSB: tl.constexpr, NPB: tl.constexpr, ACC: tl.constexpr):
     """Zero carries of :func:`_parts_window_merged`: (Gram row chunks, RC BLOCK_E, NPB / 2) and
-    (BLOCK_E, NPB / 2)."""
+    (X g0 shift chunks, RC BLOCK_E, NPB / 2)."""
     RC: tl.constexpr = max(16 // BLOCK_E, 1)
-    NCH: tl.constexpr = max(BLOCK_E // RC, 1)
-    return (tl.zeros((NCH, RC * BLOCK_E, NPB // 2), dtype=ACC),
-            tl.zeros((BLOCK_E, NPB // 2), dtype=ACC))
+    return (tl.zeros((max(BLOCK_E // RC, 1), RC * BLOCK_E, NPB // 2), dtype=ACC),
+            tl.zeros((max(NSB // RC, 1), RC * BLOCK_E, NPB // 2), dtype=ACC))
 
 
 @triton.jit
@@ -126,7 +108,7 @@ def _parts_chunk_merged(
     NPB: tl.constexpr, RING: tl.constexpr,
 ):  # fmt: skip
     """The parts pass of one ticket (the windows of a plane from ``first``), neighbours merged."""
-    carry_k, carry_h = _no_carry(BLOCK_E, NPB, ACC)
+    carry_k, carry_h = _no_carry(BLOCK_E, NSB, NPB, ACC)
     for j in range(0, WPP):
         if first + j < NPLANE:
             w = plane * NPLANE + first + j
