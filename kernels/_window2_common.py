@@ -371,7 +371,7 @@ class _Geometry2(WindowSizes):
                     P2=self.P[2])  # fmt: skip
 
     def dot(self, acc, mu: bool) -> dict:
-        """The forward parts pass's matrix split of the Gram (``_gram_parts_dot``): fp32, HALS,
+        """The forward parts pass's matrix split of the Gram and X g0 (``_parts_dot``): fp32, HALS,
         and tiles a GPU's tl.dot takes (E^2 and the sub-box count at least 16: sub-boxes halved,
         the largest axis first, until there are 16)."""
         sub = list(self.sub)

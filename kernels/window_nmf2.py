@@ -22,9 +22,10 @@ per shift. Three launches per call:
 1. ``_parts_kernel``, one program per (batch*head, WPP unshifted windows): loads a window as an
    (E, P0, P1, P2) block (P and the shifts are compile-time constants: no integer division per
    voxel, contiguous rows), forms each Gram row x_i * x (a runtime loop over i), sums it into
-   sub-boxes and splits those into every shift's parts (fp32 HALS: by one product with a 0/1
-   membership matrix, ``_gram_parts_dot``; else by masked sums): K's upper triangle (K is
-   symmetric: E (E + 1) / 2 of the E^2 floats written) and E floats of X g0 per part;
+   sub-boxes and splits those into every shift's parts (fp32 HALS: by products with a 0/1
+   membership matrix, ``_parts_dot``, which splits the sub-box sums of x_e g0_s the same way;
+   else by masked sums): K's upper triangle (K is symmetric: E (E + 1) / 2 of the E^2 floats
+   written) and E floats of X g0 per part;
 2. ``_solve_kernel``, one program per (batch*head, shifted window): for every shift sums its
    parts from the neighbouring unshifted windows, runs the T - 1 normalised power steps
    (``_power_steps``) and writes u (and, for the backward, the iterates in the layout of the first
@@ -104,9 +105,10 @@ def _parts_kernel(
 ):  # fmt: skip
     """Per unshifted window: every shift's part sums of X g0_s and of X X^T (upper triangle),
     each Gram row reduced to sub-boxes once and then split per shift (MU: per shift). With DOT
-    (fp32, no MU), the Gram rows' sums over sub-boxes of D0 x D1 x D2 voxels are collected in an
-    (E^2, sub-boxes) matrix and split into every shift's parts by one product with the 0/1
-    membership matrix (``_membership``): FMAs with 1 and 0 add exactly, and no lane shuffles."""
+    (fp32, no MU), the Gram rows' sums over sub-boxes of D0 x D1 x D2 voxels, and those of
+    x_e g0_s, are collected in (16, sub-boxes) matrices and split into every shift's parts by
+    products with the 0/1 membership matrix (``_membership``, ``_parts_dot``): FMAs with 1 and 0
+    add exactly, and no lane shuffles."""
     bh, offset, e, emask, rowmask = _pass_rows(rowmask_ptr, C, E, HEADS, NVOX, BLOCK_E, ACC)
     x_base = x_ptr + offset  # the head's first element
     # g0 under every shift, once per program
