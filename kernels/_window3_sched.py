@@ -319,10 +319,12 @@ class Pipeline:
         return self.flags, self.tickets, self.cpp, self.stages, self.nplane, self.npl
 
     @staticmethod
-    def merges(dot: bool) -> bool:
+    def merges(dot: bool, shifts) -> bool:
         """Whether the forward's parts pass merges neighbours' parts (``TUNING["merge"]``; only
-        where the Gram parts are a matrix product, ``dot``)."""
-        return dot and (_MERGE if TUNING["merge"] is None else bool(TUNING["merge"]))
+        where the Gram parts are a matrix product, ``dot``, and a shift splits axis 2: else
+        there is nothing to merge)."""
+        on = _MERGE if TUNING["merge"] is None else bool(TUNING["merge"])
+        return dot and on and any(s[2] for s in shifts)
 
     def warps(self) -> int:
         return TUNING["warps"] or _WARPS

@@ -193,7 +193,7 @@ def _fused_forward(x, g0, rowmask, geo: _Geometry2, plan, iters: int, mu: bool, 
         x, y, g0, rowmask, kpart, hpart, u, h, kmat, *pipe.args(),
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, iters, geo.S[1], geo.S[2], *geo.NW,
         **geo.consts(), **pipe.block(geo), MU=mu, ACC=acc, **dot, SAVE=save,
-        MERGE=pipe.merges(dot["DOT"]), num_warps=pipe.warps(),
+        MERGE=pipe.merges(dot["DOT"], geo.shifts), num_warps=pipe.warps(),
     )  # fmt: skip
     if not save:
         h = kmat = None

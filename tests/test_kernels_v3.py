@@ -135,6 +135,20 @@ def test_design3_merged_parts_match_reference(gen, design3, monkeypatch, device)
     assert not torch.equal(y, unmerged)
 
 
+def test_merge_only_where_a_shift_splits_axis_2(monkeypatch):
+    """The merged parts pass is compiled only where it merges something: the matrix form of the
+    parts (dot) and a shift that splits axis 2 (s'_2 != 0); never when merging is off."""
+    split = ((0, 0, 0, 0, 0, 0), (2, 2, 2, 0, 0, 0))
+    along_01 = ((0, 0, 0, 0, 0, 0), (2, 1, 0, 0, 0, 1))  # axis 2: whole windows only
+    monkeypatch.setitem(sched.TUNING, "merge", True)
+    assert sched.Pipeline.merges(True, split)
+    assert not sched.Pipeline.merges(True, along_01)
+    assert not sched.Pipeline.merges(True, ((0, 0, 0, 0, 0, 0),))
+    assert not sched.Pipeline.merges(False, split)
+    monkeypatch.setitem(sched.TUNING, "merge", False)
+    assert not sched.Pipeline.merges(True, split)
+
+
 @triton.jit
 def _ring_kernel(out_ptr, NPL, BH, RING: tl.constexpr, N: tl.constexpr):
     i = tl.arange(0, N)  # (head, plane) = divmod(i, NPL)

@@ -74,7 +74,7 @@ def _merges(case: StaticCase, geo, wpp: int, nplane: int, c: int) -> int:
     from fastnmf.kernels._common import acc_dtype
     from fastnmf.kernels._window3_sched import Pipeline
 
-    on = Pipeline.merges(geo.dot(acc_dtype(DTYPES[case.dtype]), False)["DOT"])
+    on = Pipeline.merges(geo.dot(acc_dtype(DTYPES[case.dtype]), False)["DOT"], geo.shifts)
     nw2 = geo.NW[2]
     windows = range(c * wpp, min((c + 1) * wpp, nplane))
     return sum(on and i % nw2 != nw2 - 1 and i % wpp != wpp - 1 and i + 1 < nplane
