@@ -46,13 +46,10 @@ def _store_merged(ptr, stride, slot, rows, row_ok, t, carry, merge, ex_lo, ex_hi
 @triton.jit
 def _parts_window_merged(
     x_base, rowmask, e, emask, w, slot, g_all, member, exists, kpart_ptr, hpart_ptr,
-    carry_k, carry_h, merge, E: tl.constexpr, NVOX, S1, S2, NW1, NW2,
-    SHIFTS: tl.constexpr, NSHIFT: tl.constexpr,
+    carry_k, carry_h, merge, E: tl.constexpr, NVOX, S1, S2, NW1, NW2, NSHIFT: tl.constexpr,
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
-    BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
-    BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
-    G2: tl.constexpr, ACC: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
-    NPB: tl.constexpr,
+    BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr, BLOCK_E: tl.constexpr,
+    ACC: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, NPB: tl.constexpr,
 ):  # fmt: skip
     """The second design's ``_parts_window`` (DOT, HALS) on window w with the previous window's
     high parts (carry_k (Gram row chunks, RC BLOCK_E, NPB / 2), carry_h (X g0 shift chunks,
@@ -100,12 +97,11 @@ def _no_carry(BLOCK_E: tl.constexpr, NSB: tl.constexpr, NPB: tl.constexpr, ACC: 
 @triton.jit
 def _parts_chunk_merged(
     x_base, rowmask, e, emask, first, plane, bh, g_all, member, exists, kpart_ptr, hpart_ptr,
-    NWIN, NPLANE, NPL, E: tl.constexpr, NVOX, S1, S2, NW1, NW2, SHIFTS: tl.constexpr,
+    NWIN, NPLANE, NPL, E: tl.constexpr, NVOX, S1, S2, NW1, NW2,
     NSHIFT: tl.constexpr, WPP: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr,
     P2: tl.constexpr, BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
-    BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
-    G2: tl.constexpr, ACC: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
-    NPB: tl.constexpr, RING: tl.constexpr,
+    BLOCK_E: tl.constexpr, NSB: tl.constexpr, ACC: tl.constexpr, D0: tl.constexpr,
+    D1: tl.constexpr, D2: tl.constexpr, NPB: tl.constexpr, RING: tl.constexpr,
 ):  # fmt: skip
     """The parts pass of one ticket (the windows of a plane from ``first``), neighbours merged."""
     carry_k, carry_h = _no_carry(BLOCK_E, NSB, NPB, ACC)
@@ -115,5 +111,5 @@ def _parts_chunk_merged(
             carry_k, carry_h = _parts_window_merged(
                 x_base, rowmask, e, emask, w, _part_slot(bh, w, NWIN, NPLANE, NPL, NSHIFT, RING),
                 g_all, member, exists, kpart_ptr, hpart_ptr, carry_k, carry_h,
-                _merges_next(w, NPLANE, NW2, WPP), E, NVOX, S1, S2, NW1, NW2, SHIFTS, NSHIFT,
-                P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, G0, G1, G2, ACC, D0, D1, D2, NPB)
+                _merges_next(w, NPLANE, NW2, WPP), E, NVOX, S1, S2, NW1, NW2, NSHIFT,
+                P0, P1, P2, BP0, BP1, BP2, BLOCK_E, ACC, D0, D1, D2, NPB)

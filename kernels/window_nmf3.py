@@ -147,9 +147,8 @@ def _fused_kernel(
             if MERGE:  # neighbours' parts merged (kernels/_window3_parts.py)
                 _parts_chunk_merged(x_ptr + offset, rowmask, e, emask, first, plane, bh, g_all,
                                     member, exists, kpart_ptr, hpart_ptr, NWIN, NPLANE, NPL, E,
-                                    NVOX, S1, S2, NW1, NW2, SHIFTS, NSHIFT, WPP, P0, P1, P2, BP0,
-                                    BP1, BP2, BLOCK_E, NSB, G0, G1, G2, ACC, D0, D1, D2, NPB,
-                                    RING)  # fmt: skip
+                                    NVOX, S1, S2, NW1, NW2, NSHIFT, WPP, P0, P1, P2, BP0, BP1,
+                                    BP2, BLOCK_E, NSB, ACC, D0, D1, D2, NPB, RING)  # fmt: skip
             else:
                 for j in range(0, WPP):
                     if first + j < NPLANE:
