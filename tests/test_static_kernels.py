@@ -169,7 +169,23 @@ def test_missing_ptxas_is_a_clear_error(monkeypatch):
     with pytest.raises(FileNotFoundError, match="/nowhere/bin/ptxas-blackwell"):
         ptx_tools.tool_path("ptxas-blackwell")
     missing = ptx_tools.missing_tools(["sm_90a"])
-    assert len(missing) == 2 and any("/nowhere/bin/ptxas-blackwell" in m for m in missing)
+    name = ptx_tools._ptxas_name(90)  # which one depends on the Triton version
+    assert len(missing) == 2 and any(f"/nowhere/bin/{name}" in m for m in missing)
+
+
+@pytest.mark.parametrize("blackwell_from", [90, 100])
+def test_ptxas_is_the_one_triton_runs(monkeypatch, blackwell_from):
+    """The report compiles with the ptxas the installed Triton would run for the target: Triton
+    3.9 takes ptxas-blackwell from sm_90 on, Triton 3.6 (the GPU machine's) only from sm_100."""
+    import triton
+    from triton.backends.nvidia import compiler
+
+    nv = triton.knobs.nvidia
+    monkeypatch.setattr(compiler, "get_ptxas",
+                        lambda arch: nv.ptxas_blackwell if arch >= blackwell_from else nv.ptxas)
+    assert ptx_tools._ptxas_name(90) == ("ptxas-blackwell" if blackwell_from == 90 else "ptxas")
+    assert ptx_tools._ptxas_name(80) == "ptxas"
+    assert ptx_tools._ptxas_name(100) == "ptxas-blackwell"
 
 
 @needs_ptxas

@@ -69,7 +69,16 @@ def _tool(binary: str):
 
 
 def _ptxas_name(capability: int) -> str:
-    return "ptxas-blackwell" if capability >= 90 else "ptxas"  # as triton's get_ptxas
+    """The ptxas the installed Triton runs for ``capability`` (its ``get_ptxas``: Triton 3.9 takes
+    ``ptxas-blackwell`` from sm_90 on, Triton 3.6 only from sm_100, ``ptxas`` below)."""
+    import triton
+
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+    except ImportError:  # no NVIDIA backend: Triton 3.9's rule
+        return "ptxas-blackwell" if capability >= 90 else "ptxas"
+    blackwell = get_ptxas(capability) is triton.knobs.nvidia.ptxas_blackwell
+    return "ptxas-blackwell" if blackwell else "ptxas"
 
 
 def tool_path(binary: str) -> str:
