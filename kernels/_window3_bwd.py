@@ -35,7 +35,7 @@ __all__ = ["backward3"]
 
 @triton.jit(noinline=True)
 def _solve_chunk(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh, first, plane, NPLANE,
-                 E: tl.constexpr, NWIN, ITERS, NW0, NW1, NW2, SHIFTS: tl.constexpr,
+                 flags, flag_ptr, NPL, E: tl.constexpr, NWIN, ITERS, NW0, NW1, NW2, SHIFTS: tl.constexpr,
                  NSHIFT: tl.constexpr, NB: tl.constexpr, BLOCK_E: tl.constexpr,
                  ACC: tl.constexpr):  # fmt: skip
     """The backward solves of one ticket (WPP shifted windows of a plane from ``first``)."""
@@ -43,6 +43,8 @@ def _solve_chunk(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh, first, p
     _solve_bwd_batch(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh,
                      plane * NPLANE + i, i < NPLANE, E, NWIN, ITERS, NW0, NW1, NW2,
                      SHIFTS, NSHIFT, NB, BLOCK_E, ACC)  # fmt: skip
+    _count_done(flags, 1, plane, NPL)
+    return tl.atomic_add(flag_ptr, 1)  # the next ticket
 
 
 @triton.jit
@@ -98,7 +100,7 @@ def _solve_bwd_batch(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh, om, 
 
 @triton.jit(noinline=True)
 def _apply_chunk(x_ptr, dy_ptr, dx_ptr, rowmask_ptr, g0_ptr, first, plane, NPLANE, bh, u_ptr,
-                 sym_ptr, hbar_ptr, E: tl.constexpr, NWIN, NVOX, ITERS, S1, S2, NW0, NW1, NW2,
+                 sym_ptr, hbar_ptr, flags, flag_ptr, NPL, E: tl.constexpr, NWIN, NVOX, ITERS, S1, S2, NW0, NW1, NW2,
                  SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr,
                  P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
                  BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
@@ -110,16 +112,22 @@ def _apply_chunk(x_ptr, dy_ptr, dx_ptr, rowmask_ptr, g0_ptr, first, plane, NPLAN
                                                 P2, BP0, BP1, BP2, BLOCK_E, NSB, ACC, True)
     for j in range(0, WPP):
         if first + j < NPLANE:
-            _apply_bwd_window(x_ptr, dy_ptr, dx_ptr, rowmask,
-                              e, emask, plane * NPLANE + first + j, bh, g_all, u_ptr,
-                              sym_ptr, hbar_ptr, E, NWIN, NVOX, ITERS, S1, S2, NW0, NW1,
-                              NW2, SHIFTS, NSHIFT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E,
-                              NSB, G0, G1, G2, MU, ACC, True)  # CG  # fmt: skip
+            w = plane * NPLANE + first + j
+            # w < NWIN always holds, but the compiler cannot tell: bh and g0 pass through a
+            # select on it, so what depends on them is computed per window, not hoisted out of
+            # this loop (Triton 3.6, sm_90a, bf16 [None, 2, 4, 6]: 72 spill bytes hoisted)
+            ok = w < NWIN
+            _apply_bwd_window(x_ptr, dy_ptr, dx_ptr, rowmask, e, emask, w, tl.where(ok, bh, 0),
+                              tl.where(ok, g_all, 0.0), u_ptr, sym_ptr, hbar_ptr, E, NWIN, NVOX,
+                              ITERS, S1, S2, NW0, NW1, NW2, SHIFTS, NSHIFT, P0, P1, P2, BP0, BP1,
+                              BP2, BLOCK_E, NSB, G0, G1, G2, MU, ACC, True)  # CG  # fmt: skip
+    _count_done(flags, 2, plane, NPL)
+    return tl.atomic_add(flag_ptr, 1)  # the next ticket
 
 
 @triton.jit(noinline=True)
 def _parts_chunk(x_ptr, dy_ptr, rowmask_ptr, g0_ptr, first, plane, NPLANE, bh, u_ptr,
-                 gpart_ptr, E: tl.constexpr, NWIN, NVOX, ITERS, S1, S2, NW0, NW1, NW2,
+                 gpart_ptr, flags, flag_ptr, NPL, E: tl.constexpr, NWIN, NVOX, ITERS, S1, S2, NW0, NW1, NW2,
                  SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr,
                  P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
                  BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
@@ -135,12 +143,14 @@ def _parts_chunk(x_ptr, dy_ptr, rowmask_ptr, g0_ptr, first, plane, NPLANE, bh, u
                               E, NWIN, NVOX, ITERS, S1, S2, NW0, NW1, NW2, SHIFTS, NSHIFT,
                               P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, G0, G1, G2, MU,
                               ACC)  # fmt: skip
+    _count_done(flags, 0, plane, NPL)
+    return tl.atomic_add(flag_ptr, 1)  # the next ticket
 
 
 @triton.jit
 def _fused_bwd_kernel(
     x_ptr, dy_ptr, dx_ptr, g0_ptr, rowmask_ptr, u_ptr, hsave_ptr, kmat_ptr, gpart_ptr,
-    sym_ptr, hbar_ptr, flag_ptr, NTICKET, CPP, NSTAGE, NPLANE, NPL,
+    sym_ptr, hbar_ptr, flag_ptr, NTICKET, SPB, CPP, NPLANE, NPL,
     C, E: tl.constexpr, HEADS, NWIN, NVOX, ITERS, S1, S2, NW0, NW1, NW2,
     SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr,
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
@@ -155,30 +165,27 @@ def _fused_bwd_kernel(
     compiler hoists every pass's loop-invariant index tensors out of the ticket loop, where they
     hold registers through the other passes too (sm_90a, 16 warps, 128 registers: 8-44 spill
     bytes with [None] and [None, 4]); called, each pass has the registers to itself."""
-    ticket_ptr = flag_ptr + NTICKET // (NSTAGE * CPP) * 3 * NPL
-    t = tl.atomic_add(ticket_ptr, 1)
+    t = tl.atomic_add(flag_ptr, 1)  # the ticket counter
     while t < NTICKET:
-        bh, phase, plane, chunk, offset, flags = _take(t, NSTAGE, CPP, flag_ptr, NPL, HEADS, C,
+        bh, phase, plane, chunk, offset, flags = _take(t, SPB, CPP, flag_ptr, NPL, HEADS, C,
                                                        E, NVOX)  # fmt: skip
         first = chunk * WPP  # in the plane
         if phase == 0:
-            _parts_chunk(x_ptr + offset, dy_ptr + offset, rowmask_ptr, g0_ptr, first, plane,
-                         NPLANE, bh, u_ptr, gpart_ptr, E, NWIN, NVOX, 1, S1, S2, NW0, NW1,
+            t = _parts_chunk(x_ptr + offset, dy_ptr + offset, rowmask_ptr, g0_ptr, first, plane,
+                         NPLANE, bh, u_ptr, gpart_ptr, flags, flag_ptr, NPL, E, NWIN, NVOX, 1, S1, S2, NW0, NW1,
                          NW2, SHIFTS, NSHIFT, WPP, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, G0,
                          G1, G2, MU, ACC)  # fmt: skip
         elif phase == 1:
             _wait_stage(flags, NPL, plane, 1, CPP, OFFS, NOFF)
-            _solve_chunk(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh, first,
-                         plane, NPLANE, E, NWIN, ITERS, NW0, NW1, NW2, SHIFTS, NSHIFT, WPP,
+            t = _solve_chunk(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh, first,
+                         plane, NPLANE, flags, flag_ptr, NPL, E, NWIN, ITERS, NW0, NW1, NW2, SHIFTS, NSHIFT, WPP,
                          BLOCK_E, ACC)  # fmt: skip
         else:
             _wait_stage(flags, NPL, plane, 2, CPP, OFFS, NOFF)
-            _apply_chunk(x_ptr + offset, dy_ptr + offset, dx_ptr + offset, rowmask_ptr, g0_ptr,
-                         first, plane, NPLANE, bh, u_ptr, sym_ptr, hbar_ptr, E, NWIN,
+            t = _apply_chunk(x_ptr + offset, dy_ptr + offset, dx_ptr + offset, rowmask_ptr, g0_ptr,
+                         first, plane, NPLANE, bh, u_ptr, sym_ptr, hbar_ptr, flags, flag_ptr, NPL, E, NWIN,
                          NVOX, 1, S1, S2, NW0, NW1, NW2, SHIFTS, NSHIFT, WPP, P0, P1, P2,
                          BP0, BP1, BP2, BLOCK_E, NSB, G0, G1, G2, MU, ACC)  # fmt: skip
-        _count_done(flags, phase, plane, NPL)
-        t = tl.atomic_add(ticket_ptr, 1)
 
 
 def backward3(x, g0, rowmask, u, h, kmat, dy, geo: _Geometry2, plan, iters: int,

@@ -105,15 +105,16 @@ def _stage(i, npl):
 
 
 @triton.jit
-def _take(t, NSTAGE, CPP, flag_ptr, NPL, HEADS, C, E: tl.constexpr, NVOX):
+def _take(t, SPB, CPP, flag_ptr, NPL, HEADS, C, E: tl.constexpr, NVOX):
     """Ticket t as (bh, pass, plane, first window of its chunk in the plane, the int64 offset of
-    the head's first element, the batch*head's flag counts)."""
-    bh = t // (NSTAGE * CPP)
-    r = t - bh * (NSTAGE * CPP)
+    the head's first element, the batch*head's flag counts). SPB: tickets a batch*head (its
+    stages x CPP chunks a stage); the counts follow the ticket counter at flag_ptr."""
+    bh = t // SPB
+    r = t - bh * SPB
     stage = r // CPP
     phase, plane = _stage(stage, NPL)
     offset = ((bh // HEADS) * C + (bh % HEADS) * E).to(tl.int64) * NVOX
-    return bh, phase, plane, (r - stage * CPP), offset, flag_ptr + bh * 3 * NPL
+    return bh, phase, plane, (r - stage * CPP), offset, flag_ptr + 1 + bh * 3 * NPL
 
 
 @triton.jit
@@ -316,7 +317,9 @@ class Pipeline:
         self.grid = (_programs(device, self.tickets),)
 
     def args(self) -> tuple:
-        return self.flags, self.tickets, self.cpp, self.stages, self.nplane, self.npl
+        """flag_ptr (the ticket counter, then the batch*heads' (pass, plane) counts), NTICKET,
+        SPB (tickets a batch*head), CPP, NPLANE, NPL."""
+        return self.flags, self.tickets, self.stages * self.cpp, self.cpp, self.nplane, self.npl
 
     @staticmethod
     def merges(dot: bool, shifts) -> bool:

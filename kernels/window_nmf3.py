@@ -112,7 +112,7 @@ def _solve_batch(kpart_ptr, hpart_ptr, u_ptr, hsave_ptr, kmat_ptr, bh, om, ok,
 @triton.jit
 def _fused_kernel(
     x_ptr, y_ptr, g0_ptr, rowmask_ptr, kpart_ptr, hpart_ptr, u_ptr, hsave_ptr, kmat_ptr,
-    flag_ptr, NTICKET, CPP, NSTAGE, NPLANE, NPL,
+    flag_ptr, NTICKET, SPB, CPP, NPLANE, NPL,
     C, E: tl.constexpr, HEADS, NWIN, NVOX, ITERS, S1, S2, NW0, NW1, NW2,
     SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr,
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
@@ -133,17 +133,16 @@ def _fused_kernel(
     if DOT:
         member, exists = _membership(SHIFTS, NSHIFT, P0, P1, P2, BP0 // D0, BP1 // D1,
                                      BP2 // D2, D0, D1, D2, NPB, ACC)  # fmt: skip
-    ticket_ptr = flag_ptr + NTICKET // (NSTAGE * CPP) * 3 * NPL
-    t = tl.atomic_add(ticket_ptr, 1)
+    t = tl.atomic_add(flag_ptr, 1)  # the ticket counter
     while t < NTICKET:
-        bh, phase, plane, chunk, offset, flags = _take(t, NSTAGE, CPP, flag_ptr, NPL, HEADS, C,
+        bh, phase, plane, chunk, offset, flags = _take(t, SPB, CPP, flag_ptr, NPL, HEADS, C,
                                                        E, NVOX)  # fmt: skip
         first = chunk * WPP  # in the plane
         if phase == 0:
             if RING > 0:  # the solves that read what its region held first (maybe another head's)
                 prev_bh, prev_plane, held = _ring_previous(bh, plane, NPL, RING)
                 if held:
-                    _wait_stage(flag_ptr + prev_bh * 3 * NPL, NPL, prev_plane, 2, CPP, OFFS, NOFF)
+                    _wait_stage(flag_ptr + 1 + prev_bh * 3 * NPL, NPL, prev_plane, 2, CPP, OFFS, NOFF)
             if MERGE:  # neighbours' parts merged (kernels/_window3_parts.py)
                 _parts_chunk_merged(x_ptr + offset, rowmask, e, emask, first, plane, bh, g_all,
                                     member, exists, kpart_ptr, hpart_ptr, NWIN, NPLANE, NPL, E,
@@ -173,7 +172,7 @@ def _fused_kernel(
                                   S1, S2, NW0, NW1, NW2, SHIFTS, NSHIFT, P0, P1, P2, BP0, BP1,
                                   BP2, BLOCK_E, NSB, G0, G1, G2, MU, ACC, True)  # CG  # fmt: skip
         _count_done(flags, phase, plane, NPL)
-        t = tl.atomic_add(ticket_ptr, 1)
+        t = tl.atomic_add(flag_ptr, 1)
 
 
 def _fused_forward(x, g0, rowmask, geo: _Geometry2, plan, iters: int, mu: bool, save: bool):
