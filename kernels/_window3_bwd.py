@@ -35,10 +35,12 @@ __all__ = ["backward3"]
 
 @triton.jit(noinline=True)
 def _solve_chunk(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh, first, plane, NPLANE,
-                 flags, flag_ptr, NPL, E: tl.constexpr, NWIN, ITERS, NW0, NW1, NW2, SHIFTS: tl.constexpr,
-                 NSHIFT: tl.constexpr, NB: tl.constexpr, BLOCK_E: tl.constexpr,
-                 ACC: tl.constexpr):  # fmt: skip
-    """The backward solves of one ticket (WPP shifted windows of a plane from ``first``)."""
+                 flags, flag_ptr, NPL, E: tl.constexpr, NWIN, ITERS, NW0, NW1, NW2,
+                 SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, NB: tl.constexpr,
+                 BLOCK_E: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """The backward solves of one ticket (WPP shifted windows of a plane from ``first``);
+    counts the chunk done and returns the next ticket (as the other passes: ``_fused_bwd_kernel``
+    says why)."""
     i = first + tl.arange(0, NB)
     _solve_bwd_batch(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh,
                      plane * NPLANE + i, i < NPLANE, E, NWIN, ITERS, NW0, NW1, NW2,
@@ -100,7 +102,8 @@ def _solve_bwd_batch(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh, om, 
 
 @triton.jit(noinline=True)
 def _apply_chunk(x_ptr, dy_ptr, dx_ptr, rowmask_ptr, g0_ptr, first, plane, NPLANE, bh, u_ptr,
-                 sym_ptr, hbar_ptr, flags, flag_ptr, NPL, E: tl.constexpr, NWIN, NVOX, ITERS, S1, S2, NW0, NW1, NW2,
+                 sym_ptr, hbar_ptr, flags, flag_ptr, NPL, E: tl.constexpr, NWIN, NVOX, ITERS,
+                 S1, S2, NW0, NW1, NW2,
                  SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr,
                  P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
                  BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
@@ -127,7 +130,8 @@ def _apply_chunk(x_ptr, dy_ptr, dx_ptr, rowmask_ptr, g0_ptr, first, plane, NPLAN
 
 @triton.jit(noinline=True)
 def _parts_chunk(x_ptr, dy_ptr, rowmask_ptr, g0_ptr, first, plane, NPLANE, bh, u_ptr,
-                 gpart_ptr, flags, flag_ptr, NPL, E: tl.constexpr, NWIN, NVOX, ITERS, S1, S2, NW0, NW1, NW2,
+                 gpart_ptr, flags, flag_ptr, NPL, E: tl.constexpr, NWIN, NVOX, ITERS, S1, S2,
+                 NW0, NW1, NW2,
                  SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr,
                  P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
                  BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
@@ -164,7 +168,10 @@ def _fused_bwd_kernel(
     each, stay flat). Each pass is a function that is not inlined (``noinline``): inlined, the
     compiler hoists every pass's loop-invariant index tensors out of the ticket loop, where they
     hold registers through the other passes too (sm_90a, 16 warps, 128 registers: 8-44 spill
-    bytes with [None] and [None, 4]); called, each pass has the registers to itself."""
+    bytes with [None] and [None, 4]); called, each pass has the registers to itself. Each pass
+    also counts its chunk done and takes the next ticket (the counter is flag_ptr itself), so
+    nothing but the ticket lives across a call (Triton 3.6 saved the counter's address and the
+    tickets-per-head product around the calls: 16-64 spill bytes with [None])."""
     t = tl.atomic_add(flag_ptr, 1)  # the ticket counter
     while t < NTICKET:
         bh, phase, plane, chunk, offset, flags = _take(t, SPB, CPP, flag_ptr, NPL, HEADS, C,
@@ -172,20 +179,21 @@ def _fused_bwd_kernel(
         first = chunk * WPP  # in the plane
         if phase == 0:
             t = _parts_chunk(x_ptr + offset, dy_ptr + offset, rowmask_ptr, g0_ptr, first, plane,
-                         NPLANE, bh, u_ptr, gpart_ptr, flags, flag_ptr, NPL, E, NWIN, NVOX, 1, S1, S2, NW0, NW1,
-                         NW2, SHIFTS, NSHIFT, WPP, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, G0,
-                         G1, G2, MU, ACC)  # fmt: skip
+                             NPLANE, bh, u_ptr, gpart_ptr, flags, flag_ptr, NPL, E, NWIN, NVOX, 1,
+                             S1, S2, NW0, NW1, NW2, SHIFTS, NSHIFT, WPP, P0, P1, P2, BP0, BP1, BP2,
+                             BLOCK_E, NSB, G0, G1, G2, MU, ACC)  # fmt: skip
         elif phase == 1:
             _wait_stage(flags, NPL, plane, 1, CPP, OFFS, NOFF)
             t = _solve_chunk(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh, first,
-                         plane, NPLANE, flags, flag_ptr, NPL, E, NWIN, ITERS, NW0, NW1, NW2, SHIFTS, NSHIFT, WPP,
-                         BLOCK_E, ACC)  # fmt: skip
+                             plane, NPLANE, flags, flag_ptr, NPL, E, NWIN, ITERS, NW0, NW1, NW2,
+                             SHIFTS, NSHIFT, WPP, BLOCK_E, ACC)  # fmt: skip
         else:
             _wait_stage(flags, NPL, plane, 2, CPP, OFFS, NOFF)
-            t = _apply_chunk(x_ptr + offset, dy_ptr + offset, dx_ptr + offset, rowmask_ptr, g0_ptr,
-                         first, plane, NPLANE, bh, u_ptr, sym_ptr, hbar_ptr, flags, flag_ptr, NPL, E, NWIN,
-                         NVOX, 1, S1, S2, NW0, NW1, NW2, SHIFTS, NSHIFT, WPP, P0, P1, P2,
-                         BP0, BP1, BP2, BLOCK_E, NSB, G0, G1, G2, MU, ACC)  # fmt: skip
+            t = _apply_chunk(x_ptr + offset, dy_ptr + offset, dx_ptr + offset, rowmask_ptr,
+                             g0_ptr, first, plane, NPLANE, bh, u_ptr, sym_ptr, hbar_ptr, flags,
+                             flag_ptr, NPL, E, NWIN, NVOX, 1, S1, S2, NW0, NW1, NW2, SHIFTS, NSHIFT,
+                             WPP, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, G0, G1, G2, MU,
+                             ACC)  # fmt: skip
 
 
 def backward3(x, g0, rowmask, u, h, kmat, dy, geo: _Geometry2, plan, iters: int,

@@ -5,7 +5,7 @@ and the batched part sums of their solves.
 Per batch*head the work is a list of stages (pass, plane), each cut into chunks of WPP windows
 (tickets): ``parts(0), parts(1), solve(1), parts(2), solve(2), apply(1), ..., solve(0),
 apply(n-1), apply(0)`` (:func:`_schedule`). A program takes tickets in increasing order from a
-counter (the flag buffer's last int32) and waits (acquire, one thread, the result shared through
+counter (the flag buffer's first int32) and waits (acquire, one thread, the result shared through
 shared memory: ``ld.global.gpu.acquire`` in the PTX) until the stages its stage needs have all
 their chunks counted; a chunk is counted after a barrier (every thread's stores first) with a
 release (``red.global.gpu.release.add``). A program waits only for tickets taken before its own,

@@ -142,7 +142,8 @@ def _fused_kernel(
             if RING > 0:  # the solves that read what its region held first (maybe another head's)
                 prev_bh, prev_plane, held = _ring_previous(bh, plane, NPL, RING)
                 if held:
-                    _wait_stage(flag_ptr + 1 + prev_bh * 3 * NPL, NPL, prev_plane, 2, CPP, OFFS, NOFF)
+                    _wait_stage(flag_ptr + 1 + prev_bh * 3 * NPL, NPL, prev_plane, 2, CPP, OFFS,
+                                NOFF)  # the counts follow the ticket counter  # fmt: skip
             if MERGE:  # neighbours' parts merged (kernels/_window3_parts.py)
                 _parts_chunk_merged(x_ptr + offset, rowmask, e, emask, first, plane, bh, g_all,
                                     member, exists, kpart_ptr, hpart_ptr, NWIN, NPLANE, NPL, E,
