@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import INTERPRET
 from ._window2_common import _tri, _window_origin
 
 __all__ = ["TUNING", "PASSES", "Pipeline", "fused_plan", "ring_regions", "wait_offsets", "wpp"]
@@ -46,6 +47,7 @@ _RING = 3
 # forward then spills (sm_90a, Triton 3.9: 32-96 B; none at 8 warps). Off until a GPU has timed
 # both.
 _MERGE = False
+_INTERPRET = tl.constexpr(INTERPRET)  # kernels/_common.py: Triton's CPU interpreter
 
 
 def wpp() -> int:
@@ -64,8 +66,11 @@ def _normalize(a):
 @triton.jit
 def _wait_for(flag_ptr, need):
     """Spin until the count at flag_ptr reaches need (acquire: what the counted programs wrote
-    before their release is visible after)."""
+    before their release is visible after). Under the interpreter the programs run one after
+    another, so a wait that finds its count short would spin forever: a schedule error, raised."""
     n = tl.atomic_add(flag_ptr, 0, sem="acquire")
+    if _INTERPRET:
+        assert n >= need, "window kernels: a stage waits for one that has not run (schedule error)"
     while n < need:
         n = tl.atomic_add(flag_ptr, 0, sem="acquire")
 

@@ -24,6 +24,8 @@ from kernel_helpers import (
     spy_on,
 )
 
+import fastnmf
+
 wn = importlib.import_module("fastnmf.kernels.window_nmf")
 wn2 = importlib.import_module("fastnmf.kernels.window_nmf2")
 wn3 = importlib.import_module("fastnmf.kernels.window_nmf3")
@@ -102,6 +104,30 @@ def test_design3_one_launch_and_deterministic(gen, design3, monkeypatch, device)
     assert launched == ["_fused_kernel", "_fused_bwd_kernel"]
     y2, dx2 = run_grad("triton", x, v0, dy, torch.float32, device, **kw)
     assert torch.equal(y1, y2) and torch.equal(dx1, dx2)
+
+
+@pytest.mark.skipif(not sched.INTERPRET, reason="under the interpreter programs run in turn")
+@pytest.mark.parametrize("backward", [False, True])
+def test_design3_schedule_error_raises_under_the_interpreter(gen, design3, monkeypatch, backward):
+    """A ticket skipped (the counter starts at 1: parts(0)'s first chunk never runs) leaves a
+    later stage waiting on a count that cannot grow while its program runs; under the
+    interpreter that is a clear error, not a hang (forward; backward after a good forward)."""
+    x, v0, dy = nmf_inputs(gen, (1, 8, 12, 8, 8), 4)
+    x = x.float().requires_grad_(backward)
+    kw = dict(head_dim=4, patch_size=4, shifts=[None, 2], kernel="triton")
+    y = fastnmf.matricized_nmf(x, v0.float(), **kw) if backward else None
+    init = sched.Pipeline.__init__
+
+    def skip_first_ticket(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.flags[0] = 1
+
+    monkeypatch.setattr(sched.Pipeline, "__init__", skip_first_ticket)
+    with pytest.raises(Exception, match="schedule error"):  # the interpreter wraps it
+        if backward:
+            y.backward(dy.float())
+        else:
+            fastnmf.matricized_nmf(x, v0.float(), **kw)
 
 
 def test_design3_part_statistics_ring(gen, design3, monkeypatch):
