@@ -44,8 +44,8 @@ _RING = 3
 # Whether the forward's parts pass merges the parts of a ticket's neighbouring windows that lie in
 # the same shifted window (kernels/_window3_parts.py; where the Gram parts are a matrix product):
 # 3 of 8 part statistics of a shift splitting axis 2 fewer written and read, but at 16 warps the
-# forward then spills (sm_90a, Triton 3.9: 32-96 B; none at 8 warps). Off until a GPU has timed
-# both.
+# [None, 2, 4, 6] forward then spills (sm_90a, Triton 3.9: 80-96 B; none at 8 warps; Triton 3.6
+# with its ptxas: 0-16 B, README "Window kernel designs"). Off until a GPU has timed both.
 _MERGE = False
 _INTERPRET = tl.constexpr(INTERPRET)  # kernels/_common.py: Triton's CPU interpreter
 
