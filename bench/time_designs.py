@@ -1,7 +1,9 @@
 """Time the rank-one window kernel designs side by side (issue 16's deciding measurement).
 
     python3 bench/time_designs.py --out designs.json            # on a GPU: 2x32x128^3
-    python3 bench/time_designs.py --shape 1 8 16 16 16 --repeats 1   # anywhere (interpreter)
+    python3 bench/time_designs.py --shape 1 8 16 16 16 --repeats 1   # anywhere (interpreter:
+        # slow, over 15 minutes for the fp32 half on 2 CPU cores; --dtypes / --shifts /
+        # --variants pick a part)
 
 For each dtype (fp32, bf16), shift set ([None, 4], [None, 2, 4, 6]) and variant (design 1, 2, 3,
 and design 3 with other ``_window3_sched.TUNING`` settings: warps 8, 4 / 16 windows a ticket,
