@@ -188,6 +188,33 @@ def test_ptxas_is_the_one_triton_runs(monkeypatch, blackwell_from):
     assert ptx_tools._ptxas_name(100) == "ptxas-blackwell"
 
 
+def test_ptxas_runs_as_triton_runs_it(monkeypatch):
+    """ptxas -v is Triton's own ``make_cubin`` for the target (its ptxas and its flags: Triton 3.9
+    adds --regAllocOptLevel=2, Triton 3.6 does not), its log read; the log knob is restored."""
+    import uuid
+
+    import triton
+    from triton.backends.nvidia.compiler import CUDABackend
+
+    seen = []
+
+    def make_cubin(self, src, metadata, opt, capability):
+        seen.append((src, opt.enable_fp_fusion, opt.ptx_options, capability))
+        assert triton.knobs.nvidia.dump_ptxas_log
+        print("ptxas info    : Function properties for k\n"
+              "    8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads\n"
+              "ptxas info    : Used 77 registers, used 1 barriers")  # fmt: skip
+        return b""
+
+    monkeypatch.setattr(CUDABackend, "make_cubin", make_cubin)
+    monkeypatch.setattr(ptx_tools, "_disk_cached", lambda *a, compute: compute())
+    ptx = f"// {uuid.uuid4()}"  # not in the in-memory cache
+    info = ptx_tools.ptxas_info(ptx, "sm_90a", fp_fusion=False, ptx_options="--opt-level 3")
+    assert (info["regs"], info["spill_store_bytes"], info["stack_bytes"]) == (77, 4, 8)
+    assert seen == [(ptx, False, "--opt-level 3", 90)]
+    assert not triton.knobs.nvidia.dump_ptxas_log
+
+
 @needs_ptxas
 def test_cli_static_suite_writes_json_and_markdown(tmp_path, capsys):
     out = tmp_path / "static"

@@ -1,10 +1,11 @@
 """Read a compiled Triton kernel: ``ptxas -v`` (registers, spills, shared memory), the SASS (global
 loads/stores by width, SHFL, integer-division sequences), the PTX, and occupancy per SM.
 
-The tools are the ones bundled with Triton (``triton/backends/nvidia/bin``): the ptxas Triton
-itself uses for the target (``ptxas-blackwell``, CUDA 13, for sm_90a; ``ptxas``, CUDA 12.9, for
-sm_80), run with the flags of Triton's ``make_cubin``, so the figures are those of the cubin a GPU
-would load; ``nvdisasm`` for the SASS of Triton's cubin. Results are cached in memory and on disk
+The tools are the ones bundled with Triton (``triton/backends/nvidia/bin``): ``ptxas -v`` is run
+by Triton's own ``make_cubin`` (the ptxas it takes for the target, with its flags: Triton 3.9 runs
+``ptxas-blackwell``, CUDA 13, with ``--regAllocOptLevel=2`` for sm_90a; Triton 3.6 ``ptxas``, CUDA
+12.8, without), so the figures are those of the cubin a GPU would load; ``nvdisasm`` for the SASS
+of Triton's cubin. Results are cached in memory and on disk
 beside Triton's own cache (``<triton cache dir>/fastnmf-static/``), keyed by a hash of the text,
 the target, the flags and the tool's version.
 """
@@ -144,26 +145,41 @@ def _tool_version(binary: str) -> str:
 
 @functools.cache
 def _ptxas_cached(ptx, target, fp_fusion, ptx_options):
+    import triton
+
     name = _ptxas_name(check_target(target))
     run = functools.partial(_run_ptxas, ptx, target, fp_fusion, ptx_options)
-    # the raw log is cached, not its reading: a change of the parser needs no invalidation
-    return _parse_ptxas(_disk_cached(name, ptx, target, fp_fusion, ptx_options, compute=run)["log"])
+    # the flags are Triton's (a key), the raw log is cached, not its reading: a change of the
+    # parser needs no invalidation
+    log = _disk_cached(name, ptx, target, fp_fusion, ptx_options, triton.__version__, compute=run)
+    return _parse_ptxas(log["log"])
 
 
 def _run_ptxas(ptx, target, fp_fusion, ptx_options) -> dict:
-    arch = "sm_90a" if check_target(target) >= 90 else target
-    ptxas = tool_path(_ptxas_name(check_target(target)))
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "kernel.ptx")
-        with open(src, "w") as f:
-            f.write(ptx)
-        cmd = [ptxas, "-lineinfo", *([] if fp_fusion else ["--fmad=false"]), "-v",
-               "--regAllocOptLevel=2", *ptx_options.split(), f"--gpu-name={arch}", src,
-               "-o", os.path.join(tmp, "kernel.o")]  # fmt: skip
-        done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr.strip()}")
-    return {"log": done.stderr}
+    """The ``ptxas -v`` log of Triton's own ``make_cubin`` for the target: its ptxas, its flags
+    (Triton 3.9 adds ``--regAllocOptLevel=2``, Triton 3.6 does not, and the allocation differs)."""
+    import contextlib
+    import io
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+
+    tool_path(_ptxas_name(check_target(target)))  # a clear error if it is missing
+    capability = check_target(target)
+    backend = CUDABackend(GPUTarget("cuda", capability, 32))
+    opt = backend.parse_options({"enable_fp_fusion": fp_fusion, "ptx_options": ptx_options or None})
+    out = io.StringIO()
+    knobs = triton.knobs.nvidia
+    dump, knobs.dump_ptxas_log = knobs.dump_ptxas_log, True  # Triton prints the log
+    try:
+        with contextlib.redirect_stdout(out):
+            backend.make_cubin(ptx, {}, opt, capability)
+    except Exception as err:  # Triton's PTXASError carries ptxas's stderr and the command
+        raise RuntimeError(f"ptxas failed for {target}: {err}") from None
+    finally:
+        knobs.dump_ptxas_log = dump
+    return {"log": out.getvalue()}
 
 
 def _parse_ptxas(log: str) -> dict:
