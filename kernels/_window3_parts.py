@@ -111,5 +111,5 @@ def _parts_chunk_merged(
             carry_k, carry_h = _parts_window_merged(
                 x_base, rowmask, e, emask, w, _part_slot(bh, w, NWIN, NPLANE, NPL, NSHIFT, RING),
                 g_all, member, exists, kpart_ptr, hpart_ptr, carry_k, carry_h,
-                _merges_next(w, NPLANE, NW2, WPP), E, NVOX, S1, S2, NW1, NW2, NSHIFT,
+                _merges_next(first + j, WPP), E, NVOX, S1, S2, NW1, NW2, NSHIFT,
                 P0, P1, P2, BP0, BP1, BP2, BLOCK_E, ACC, D0, D1, D2, NPB)

@@ -24,7 +24,8 @@ import triton.language as tl
 from ._common import INTERPRET
 from ._window2_common import _tri, _window_origin
 
-__all__ = ["TUNING", "PASSES", "Pipeline", "fused_plan", "ring_regions", "wait_offsets", "wpp"]
+__all__ = ["TUNING", "PASSES", "Pipeline", "fused_plan", "merge_on", "ring_regions", "wait_offsets",
+           "wpp"]
 
 PASSES = ("parts", "solve", "apply")
 # The persistent launch: programs per SM, warps per program, windows per ticket (None: the
@@ -253,13 +254,25 @@ def _part_slot(bh, w, NWIN, NPLANE, NPL, NSHIFT: tl.constexpr, RING: tl.constexp
 
 
 @triton.jit
-def _merges_next(w, NPLANE, NW2, WPP: tl.constexpr):
-    """Whether the forward's parts pass adds window w's high parts along axis 2 (b2 = 1) to the
-    low parts of window w + 1 and stores them in w + 1's slots (kernels/_window3_parts.py): w + 1
-    is w's neighbour along axis 2 (w is not the last of its row) in the same ticket (a chunk of
-    WPP windows of one plane)."""
-    i = w % NPLANE  # in the plane
-    return (w % NW2 != NW2 - 1) & (i % WPP != WPP - 1) & (i + 1 < NPLANE)
+def _merges_next(i, WPP: tl.constexpr):
+    """Whether the forward's parts pass adds the high parts along axis 2 (b2 = 1) of window i to
+    the low parts of window i + 1 and stores them in i + 1's slots (kernels/_window3_parts.py):
+    where merging is on (:func:`merge_on`) the tickets are whole chunks of rows along axis 2, so
+    i + 1 is i's neighbour there unless i is its ticket's last (i: the window's place in its plane
+    or its coordinate along axis 2, the same modulo WPP)."""
+    return i % WPP != WPP - 1
+
+
+def merge_on(dot: bool, shifts, nw2: int, nplane: int, wpp: int) -> bool:
+    """Whether the forward's parts pass merges neighbours' parts (``TUNING["merge"]``; only where
+    the Gram parts are a matrix product, ``dot``, a shift splits axis 2 (else there is nothing to
+    merge) and a ticket's WPP > 1 windows are always consecutive in one row along axis 2: the
+    windows of a row (nw2) and of a plane (nplane) multiples of WPP; then which window merges is
+    a test on its place in its ticket or row, no division: the general test cost the merged
+    forward 80-96 B of spills at 16 warps, sm_90a, Triton 3.9)."""
+    on = _MERGE if TUNING["merge"] is None else bool(TUNING["merge"])
+    whole = wpp > 1 and nw2 % wpp == 0 and nplane % wpp == 0
+    return dot and on and whole and any(s[2] for s in shifts)
 
 
 @triton.jit
@@ -271,7 +284,7 @@ def _sum_parts_batch(vpart_ptr, kpart_ptr, bh, om, ok, k: tl.constexpr, NWIN, NW
     """``_sum_parts`` of the second design for the shifted windows om (NB,) (ok: which exist) at
     once, same order: (K (NB, BLOCK_E, BLOCK_E), vector (NB, BLOCK_E)) under shift k; the part
     slots of :func:`_part_slot`. With MERGE, a high part along axis 2 that the parts pass merged
-    into its neighbour's low part (:func:`_merges_next`) is not read."""
+    into its neighbour's low part (:func:`_merges_next`; axis 2 place w2) is not read."""
     e = tl.arange(0, BLOCK_E)
     i3 = e[None, :, None]
     j3 = e[None, None, :]
@@ -291,7 +304,7 @@ def _sum_parts_batch(vpart_ptr, kpart_ptr, bh, om, ok, k: tl.constexpr, NWIN, NW
                         + (b0 * 2 + b1) * 2 + b2)  # fmt: skip
                 read = ok
                 if MERGE and b2 == 1:
-                    read = ok & (_merges_next(w, NPLANE, NW2, WPP).to(tl.int32) == 0)
+                    read = ok & (_merges_next(w2, WPP).to(tl.int32) == 0)
                 if WITH_K:
                     k_mat += _load_sym_batch(kpart_ptr, slot, m3 & read[:, None, None], i3, j3,
                                              E)  # fmt: skip
@@ -309,6 +322,7 @@ class Pipeline:
         self.ax = ax
         self.npl = geo.NW[ax]
         self.nplane = geo.nwin // self.npl  # windows per plane (contiguous in window order)
+        self.nw2, self.shifts = geo.NW[2], geo.shifts
         self.ring = ring_regions(geo.shifts, ax) if ring else 0
         # the ring: RING regions shared by all heads' planes 1.., and plane 0's (two: alternate
         # heads); without: every window of every head
@@ -326,13 +340,9 @@ class Pipeline:
         SPB (tickets a batch*head), CPP, NPLANE, NPL."""
         return self.flags, self.tickets, self.stages * self.cpp, self.cpp, self.nplane, self.npl
 
-    @staticmethod
-    def merges(dot: bool, shifts) -> bool:
-        """Whether the forward's parts pass merges neighbours' parts (``TUNING["merge"]``; only
-        where the Gram parts are a matrix product, ``dot``, and a shift splits axis 2: else
-        there is nothing to merge)."""
-        on = _MERGE if TUNING["merge"] is None else bool(TUNING["merge"])
-        return dot and on and any(s[2] for s in shifts)
+    def merges(self, dot: bool) -> bool:
+        """Whether the forward's parts pass merges neighbours' parts (:func:`merge_on`)."""
+        return merge_on(dot, self.shifts, self.nw2, self.nplane, self.wpp)
 
     def warps(self) -> int:
         return TUNING["warps"] or _WARPS

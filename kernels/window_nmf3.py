@@ -102,11 +102,12 @@ def _solve_batch(kpart_ptr, hpart_ptr, u_ptr, hsave_ptr, kmat_ptr, bh, om, ok,
         if SAVE:  # K and h for the backward
             tl.store(kmat_ptr + prog[:, None, None] * (E * E) + _tri(i3, j3, E), k_mat,
                      mask=m3 & (j3 >= i3))  # fmt: skip
-            tl.store(hsave_ptr + prog[:, None] * E + e[None, :], h, mask=m2)
         a_hat, _ = _normalize(h)
         for _t in range(1, ITERS):
             a_hat, _ = _normalize(tl.sum(k_mat * a_hat[:, None, :], axis=2))
         tl.store(u_ptr + prog[:, None] * E + e[None, :], a_hat, mask=m2)
+        if SAVE:
+            tl.store(hsave_ptr + prog[:, None] * E + e[None, :], h, mask=m2)
 
 
 @triton.jit
@@ -192,7 +193,7 @@ def _fused_forward(x, g0, rowmask, geo: _Geometry2, plan, iters: int, mu: bool, 
         x, y, g0, rowmask, kpart, hpart, u, h, kmat, *pipe.args(),
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, iters, geo.S[1], geo.S[2], *geo.NW,
         **geo.consts(), **pipe.block(geo), MU=mu, ACC=acc, **dot, SAVE=save,
-        MERGE=pipe.merges(dot["DOT"], geo.shifts), num_warps=pipe.warps(),
+        MERGE=pipe.merges(dot["DOT"]), num_warps=pipe.warps(),
     )  # fmt: skip
     if not save:
         h = kmat = None

@@ -146,33 +146,41 @@ def test_design3_part_statistics_ring(gen, design3, monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_design3_merged_parts_match_reference(gen, design3, monkeypatch, device):
-    """Neighbours' parts merged (``TUNING["merge"]``): rows of 6 windows along axis 2 in
-    tickets of 4 (merges inside a row, none across a row's end or a ticket's), a shift that
+@pytest.mark.parametrize("row", [8, 6])
+def test_design3_merged_parts_match_reference(gen, design3, monkeypatch, device, row):
+    """Neighbours' parts merged (``TUNING["merge"]``): rows of 8 windows along axis 2 in
+    tickets of 4 (merges inside a ticket, none across a ticket's end or a row's), a shift that
     does not split axis 2 and one with a whole-window offset along it; the oracle's output and
-    gradient, and not the unmerged bits (the merge ran)."""
-    x, v0, dy = nmf_inputs(gen, (1, 4, 8, 8, 24), 4, zero_windows=True)
+    gradient, and not the unmerged bits (the merge ran). Rows of 6 (a ticket would span two
+    rows): no merge (``merge_on``), the unmerged bits."""
+    x, v0, dy = nmf_inputs(gen, (1, 4, 8, 8, 4 * row), 4, zero_windows=True)
     kw = dict(head_dim=4, patch_size=4, shifts=[None, 2, (1, 3, 6), (2, 1, 0)], solver="hals")
     y_ref, dx_ref = run_grad("reference", x, v0, dy, torch.float64, "cpu", **kw)
+    monkeypatch.setitem(sched.TUNING, "merge", False)
     unmerged, _ = run_grad("triton", x, v0, dy, torch.float32, device, **kw)
     monkeypatch.setitem(sched.TUNING, "merge", True)
     y, dx = run_grad("triton", x, v0, dy, torch.float32, device, **kw)
     assert rel_err(y, y_ref) <= 1e-5 and rel_err(dx, dx_ref) <= 1e-4
-    assert not torch.equal(y, unmerged)
+    assert torch.equal(y, unmerged) == (row % sched.wpp() != 0)
 
 
-def test_merge_only_where_a_shift_splits_axis_2(monkeypatch):
-    """The merged parts pass is compiled only where it merges something: the matrix form of the
-    parts (dot) and a shift that splits axis 2 (s'_2 != 0); never when merging is off."""
+def test_merge_only_where_it_merges_by_place(monkeypatch):
+    """The merged parts pass is compiled only where it merges something and a window's place in
+    its ticket says whether it merges: the matrix form of the parts (dot), a shift that splits
+    axis 2 (s'_2 != 0), tickets of WPP > 1 windows that are whole chunks of rows along axis 2;
+    never when merging is off."""
     split = ((0, 0, 0, 0, 0, 0), (2, 2, 2, 0, 0, 0))
     along_01 = ((0, 0, 0, 0, 0, 0), (2, 1, 0, 0, 0, 1))  # axis 2: whole windows only
     monkeypatch.setitem(sched.TUNING, "merge", True)
-    assert sched.Pipeline.merges(True, split)
-    assert not sched.Pipeline.merges(True, along_01)
-    assert not sched.Pipeline.merges(True, ((0, 0, 0, 0, 0, 0),))
-    assert not sched.Pipeline.merges(False, split)
+    assert sched.merge_on(True, split, 16, 256, 4)
+    assert not sched.merge_on(True, along_01, 16, 256, 4)
+    assert not sched.merge_on(True, ((0, 0, 0, 0, 0, 0),), 16, 256, 4)
+    assert not sched.merge_on(False, split, 16, 256, 4)
+    assert not sched.merge_on(True, split, 6, 36, 4)  # a ticket would span two rows
+    assert not sched.merge_on(True, split, 4, 4, 8)  # or two planes
+    assert not sched.merge_on(True, split, 16, 256, 1)  # nothing to merge with
     monkeypatch.setitem(sched.TUNING, "merge", False)
-    assert not sched.Pipeline.merges(True, split)
+    assert not sched.merge_on(True, split, 16, 256, 4)
 
 
 @triton.jit

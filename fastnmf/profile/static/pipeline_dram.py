@@ -72,10 +72,11 @@ def _merges(case: StaticCase, geo, wpp: int, nplane: int, c: int) -> int:
     starts a row of the window grid, so a window's place in its row is its place in the plane
     modulo NW2."""
     from fastnmf.kernels._common import acc_dtype
-    from fastnmf.kernels._window3_sched import Pipeline
+    from fastnmf.kernels._window3_sched import merge_on
 
-    on = Pipeline.merges(geo.dot(acc_dtype(DTYPES[case.dtype]), False)["DOT"], geo.shifts)
     nw2 = geo.NW[2]
+    dot = geo.dot(acc_dtype(DTYPES[case.dtype]), False)["DOT"]
+    on = merge_on(dot, geo.shifts, nw2, nplane, wpp)
     windows = range(c * wpp, min((c + 1) * wpp, nplane))
     return sum(on and i % nw2 != nw2 - 1 and i % wpp != wpp - 1 and i + 1 < nplane
                for i in windows)  # fmt: skip
