@@ -43,11 +43,11 @@ _WPP = 4
 # so the dead statistics are not written back to DRAM once per plane (pipeline_dram.py)
 _RING = 3
 # Whether the forward's parts pass merges the parts of a ticket's neighbouring windows that lie in
-# the same shifted window (kernels/_window3_parts.py; where the Gram parts are a matrix product):
-# 3 of 8 part statistics of a shift splitting axis 2 fewer written and read, but at 16 warps the
-# [None, 2, 4, 6] forward then spills (sm_90a, Triton 3.9: 80-96 B; none at 8 warps; Triton 3.6
-# with its ptxas: 0-16 B, README "Window kernel designs"). Off until a GPU has timed both.
-_MERGE = False
+# the same shifted window (kernels/_window3_parts.py; where ``merge_on``): 3 of 8 part statistics
+# of a shift splitting axis 2 fewer written and read (bf16 [None, 2, 4, 6] forward 2.14x -> 1.95x
+# the ideal bytes), no spills at 16 warps (sm_90a, Triton 3.9 and 3.6: README "Window kernel
+# designs"); the GPU run times it against the unmerged forward (bench/time_designs.py)
+_MERGE = True
 _INTERPRET = tl.constexpr(INTERPRET)  # kernels/_common.py: Triton's CPU interpreter
 
 

@@ -49,7 +49,8 @@ fastnmf/profile/static/pipeline_dram.py).
 Not timed: per-ticket costs (a ticket fetch, an acquire wait, a release count: round trips to L2
 each) against 64 KB of x per ticket are the first thing a GPU must measure (``TUNING`` in
 _window3_sched.py: windows per ticket, warps, programs per SM, ring, and ``merge``: the parts of
-neighbouring windows of a ticket merged, kernels/_window3_parts.py, off by default).
+neighbouring windows of a ticket merged, kernels/_window3_parts.py, on by default where
+``merge_on``).
 """
 
 from __future__ import annotations

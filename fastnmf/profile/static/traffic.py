@@ -63,14 +63,29 @@ PER_PROGRAM = {"_fused_kernel": ("g0_ptr", "rowmask_ptr")}
 def counted_case(case: StaticCase, side: int = 16) -> StaticCase:
     """The case the counter runs for ``case``: ``side``^d, batch 1, one head (C = E); two heads
     for a global matricization (its backward copies ``hats[..., -1, :]`` only when there is more
-    than one matrix, so one head would launch one op fewer than the benchmark shape)."""
+    than one matrix, so one head would launch one op fewer than the benchmark shape); the third
+    window design's last axis a ticket's row of windows (:func:`_counted_row`)."""
     if case.mode == "window" and side % case.window:
         raise ValueError(
             f"small_side={side} is not a multiple of the window {case.window} of {case.id}; "
             f"use a multiple of {case.window}"
         )
     heads = 2 if case.mode == "global" and case.channels > case.head_dim else 1
-    return dataclasses.replace(small_case(case, side), channels=heads * case.head_dim)
+    small = dataclasses.replace(small_case(case, side), channels=heads * case.head_dim)
+    if case.mode == "window" and case.design == 3:
+        small = dataclasses.replace(small, spatial=(*small.spatial[:-1], _counted_row(case, side)))
+    return small
+
+
+def _counted_row(case: StaticCase, side: int) -> int:
+    """The counted length of the last axis for the third design: a ticket's windows
+    (kernels/_window3_sched.wpp) where the case's own rows hold whole tickets, as at the
+    benchmark shape; then the merged forward merges 3 of a ticket's 4 windows as there (rows of
+    2 windows, 16^3, would hold no whole ticket and merge nothing: ``merge_on``)."""
+    from fastnmf.kernels._window3_sched import wpp
+
+    row = case.window * wpp()
+    return row if side < row and case.spatial[-1] % row == 0 else side
 
 
 _COUNTS: dict = {}
