@@ -6,8 +6,9 @@ lie in the same shifted window. Where both windows are in the same ticket (``_me
 parts pass adds w's high parts to w + 1's low parts before storing them, and stores them once, in
 w + 1's slots; the solve skips w's high slots (``_sum_parts_batch`` with MERGE). With 4 windows a
 ticket that is 3 of every 8 part statistics of such a shift neither written nor read. Only the
-matrix form of the Gram parts (``DOT``: fp32 accumulation, HALS) merges; the sums are the same
-numbers added in another order.
+matrix form of the Gram parts (``DOT``: fp32 accumulation, HALS) merges, and only where a ticket's
+windows are always consecutive in one row along axis 2 (``merge_on``: then a window's place in its
+ticket says whether it merges); the sums are the same numbers added in another order.
 """
 
 from __future__ import annotations
