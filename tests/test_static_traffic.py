@@ -220,6 +220,21 @@ def test_dram_estimate_monotone_and_fits():
     assert int(read.sum()) == 32 * np.unique(sector).size and int(written.sum()) == 0
 
 
+def test_design3_is_counted_with_a_tickets_row(monkeypatch):
+    """The third design is counted with its last axis a ticket's row of windows (P x WPP) where
+    the case's rows hold whole tickets, so its merged forward merges in the count as at the
+    benchmark shape; the other designs, and rows that hold no whole ticket, at side^d."""
+    from fastnmf.kernels._window3_sched import TUNING
+
+    big = StaticCase("window", 2, 32, (128,) * 3, "bf16", (None, 2, 4, 6), design=3)
+    assert traffic.counted_case(big).shape == (1, 8, 16, 16, 32)
+    assert traffic.counted_case(StaticCase("window", 2, 32, (128,) * 3)).shape == (1, 8, 16, 16, 16)
+    odd = StaticCase("window", 1, 8, (24, 24, 24), design=3)  # rows of 3 windows
+    assert traffic.counted_case(odd).spatial == (16, 16, 16)
+    monkeypatch.setitem(TUNING, "wpp", 8)
+    assert traffic.counted_case(big).spatial == (16, 16, 64)
+
+
 @needs_interpreter
 def test_api_rows():
     case = StaticCase("window", 2, 16, (32, 32, 32), "fp32", (None,))
