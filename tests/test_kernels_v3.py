@@ -145,23 +145,32 @@ def test_design3_part_statistics_ring(gen, design3, monkeypatch):
     assert rel_err(dx, dx_ref) <= 1e-4
 
 
+MERGED_CASES = [
+    # shape, shifts, merges: rows of 8 windows along axis 2 in tickets of 4 (merges inside a
+    # ticket, none across a ticket's end or a row's); rows of 6 (a ticket would span two rows:
+    # no merge, ``merge_on``); 2D (planes along axis 1: a plane is a row)
+    ((1, 4, 8, 8, 32), [None, 2, (1, 3, 6), (2, 1, 0)], True),
+    ((1, 4, 8, 8, 24), [None, 2, (1, 3, 6), (2, 1, 0)], False),
+    ((2, 4, 8, 32), [None, 2, (3, 6)], True),
+]
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("row", [8, 6])
-def test_design3_merged_parts_match_reference(gen, design3, monkeypatch, device, row):
-    """Neighbours' parts merged (``TUNING["merge"]``): rows of 8 windows along axis 2 in
-    tickets of 4 (merges inside a ticket, none across a ticket's end or a row's), a shift that
-    does not split axis 2 and one with a whole-window offset along it; the oracle's output and
-    gradient, and not the unmerged bits (the merge ran). Rows of 6 (a ticket would span two
-    rows): no merge (``merge_on``), the unmerged bits."""
-    x, v0, dy = nmf_inputs(gen, (1, 4, 8, 8, 4 * row), 4, zero_windows=True)
-    kw = dict(head_dim=4, patch_size=4, shifts=[None, 2, (1, 3, 6), (2, 1, 0)], solver="hals")
+@pytest.mark.parametrize("shape,shifts,merges", MERGED_CASES)
+def test_design3_merged_parts_match_reference(gen, design3, monkeypatch, device, shape, shifts,
+                                              merges):  # fmt: skip
+    """Neighbours' parts merged (``TUNING["merge"]``, the default), with a shift that does not
+    split axis 2 and one with a whole-window offset along it: the oracle's output and gradient,
+    and not the unmerged bits where it merges (the merge ran), the unmerged bits where not."""
+    x, v0, dy = nmf_inputs(gen, shape, 4, zero_windows=True)
+    kw = dict(head_dim=4, patch_size=4, shifts=shifts, solver="hals")
     y_ref, dx_ref = run_grad("reference", x, v0, dy, torch.float64, "cpu", **kw)
     monkeypatch.setitem(sched.TUNING, "merge", False)
     unmerged, _ = run_grad("triton", x, v0, dy, torch.float32, device, **kw)
-    monkeypatch.setitem(sched.TUNING, "merge", True)
+    monkeypatch.setitem(sched.TUNING, "merge", None)  # the default
     y, dx = run_grad("triton", x, v0, dy, torch.float32, device, **kw)
     assert rel_err(y, y_ref) <= 1e-5 and rel_err(dx, dx_ref) <= 1e-4
-    assert torch.equal(y, unmerged) == (row % sched.wpp() != 0)
+    assert torch.equal(y, unmerged) != merges
 
 
 def test_merge_only_where_it_merges_by_place(monkeypatch):
