@@ -236,6 +236,20 @@ def test_design3_is_counted_with_a_tickets_row(monkeypatch):
 
 
 @needs_interpreter
+def test_model_call_scales_a_persistent_call_as_the_rows_do():
+    """A call the model does not cover (the third design: counter-scaled) has the same bytes in
+    ``model_call`` (the step account's source) as in the suite's rows: the persistent kernel's
+    g0 and row mask scaled by its programs, not by the volume."""
+    case = StaticCase("window", 2, 32, (128,) * 3, "bf16", (None, 4), design=3)
+    calls = {r["pass"]: r for r in traffic.call_rows(traffic.launch_rows([case]))}
+    for pass_ in ("fwd", "bwd"):
+        m = traffic.model_call(case, pass_)
+        assert m["source"] == "counter-scaled"
+        assert (m["bytes_loaded"], m["bytes_stored"]) == (calls[pass_]["bytes_loaded"],
+                                                          calls[pass_]["bytes_stored"])  # fmt: skip
+
+
+@needs_interpreter
 def test_api_rows():
     case = StaticCase("window", 2, 16, (32, 32, 32), "fp32", (None,))
     rows = traffic.launch_rows([case], small_side=16)

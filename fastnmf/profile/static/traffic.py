@@ -289,9 +289,11 @@ def _ratios(row: dict) -> dict:
     return row
 
 
-def model_call(case: StaticCase, pass_: str) -> dict:
+def model_call(case: StaticCase, pass_: str, target: str = "sm_90a") -> dict:
     """bytes_loaded, bytes_stored, launches (all), triton_launches of one call of ``case``:
-    the analytic model, or for cases it does not cover the counter at 16^d scaled."""
+    the analytic model, or for cases it does not cover the counter at 16^d scaled (a persistent
+    kernel's per-program arguments by the programs it launches on ``target``, as in
+    :func:`launch_rows`)."""
     if pass_ not in PASSES:
         raise ValueError(f"pass_ must be one of {PASSES}, got {pass_!r}")
     try:
@@ -301,7 +303,8 @@ def model_call(case: StaticCase, pass_: str) -> dict:
         (counts,) = _count([sc])
         if pass_ not in counts:
             raise NotImplementedError(f"{case.id}: the Triton path has no {pass_} call") from None
-        launches = _scaled([_as_model(x) for x in counts[pass_].launches], case.numel / sc.numel)
+        counted = [_as_model(x) for x in counts[pass_].launches]
+        launches = _scaled(counted, case.numel / sc.numel, _programs(case, counted, target))
         source = "counter-scaled"
     loaded = sum(a["bytes_loaded"] for x in launches for a in x["args"].values())
     stored = sum(a["bytes_stored"] for x in launches for a in x["args"].values())
