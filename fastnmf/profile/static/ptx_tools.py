@@ -5,9 +5,9 @@ The tools are the ones bundled with Triton (``triton/backends/nvidia/bin``): ``p
 by Triton's own ``make_cubin`` (the ptxas it takes for the target, with its flags: Triton 3.9 runs
 ``ptxas-blackwell``, CUDA 13, with ``--regAllocOptLevel=2`` for sm_90a; Triton 3.6 ``ptxas``, CUDA
 12.8, without), so the figures are those of the cubin a GPU would load; ``nvdisasm`` for the SASS
-of Triton's cubin. Results are cached in memory and on disk
-beside Triton's own cache (``<triton cache dir>/fastnmf-static/``), keyed by a hash of the text,
-the target, the flags and the tool's version.
+of Triton's cubin. Results are cached in memory and on disk beside Triton's own cache
+(``<triton cache dir>/fastnmf-static/``), keyed by a hash of the text, the target, the flags,
+the tool's version and Triton's (whose ``make_cubin`` picks the ptxas flags).
 """
 
 from __future__ import annotations
