@@ -188,6 +188,7 @@ def test_ptxas_is_the_one_triton_runs(monkeypatch, blackwell_from):
     assert ptx_tools._ptxas_name(100) == "ptxas-blackwell"
 
 
+@needs_ptxas  # the report checks for the binary before Triton runs it
 def test_ptxas_runs_as_triton_runs_it(monkeypatch):
     """ptxas -v is Triton's own ``make_cubin`` for the target (its ptxas and its flags: Triton 3.9
     adds --regAllocOptLevel=2, Triton 3.6 does not), its log read; the log knob is restored."""
