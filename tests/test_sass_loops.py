@@ -1,0 +1,61 @@
+"""The SASS loop reader (fastnmf/profile/static/sass_loops.py) on SASS text shaped like
+``nvdisasm -g -c`` output: nesting, own instructions, source lines, the command line."""
+
+from __future__ import annotations
+
+import pytest
+
+from fastnmf.profile.static import sass_loops
+
+# an outer loop (label .L_x_0, two branches back: the last one ends it) around an inner loop
+# (.L_x_1), a forward branch that is no loop, and an instruction after the loops
+SASS = """\
+\t.section\t.text.k,"ax",@progbits
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+\t//## File "/src/kernels/k.py", line 10
+        /*0010*/                   IMAD R2, R3, R4, RZ ;
+        /*0020*/               @P1 BRA `(.L_x_2) ;
+\t//## File "/src/kernels/k.py", line 12
+        /*0030*/                   FFMA R5, R5, R5, R5 ;
+.L_x_1:
+\t//## File "/src/kernels/k.py", line 20
+        /*0040*/                   FADD R6, R6, R6 ;
+        /*0050*/                   SHFL.BFLY PT, R7, R6, 0x1, 0x1f ;
+        /*0060*/               @P0 BRA `(.L_x_1) ;
+.L_x_2:
+\t//## File "/src/kernels/k.py", line 12
+        /*0070*/               @P2 BRA `(.L_x_0) ;
+        /*0080*/                   IADD3 R1, R1, 0x1, RZ ;
+        /*0090*/                   BRA `(.L_x_0) ;
+        /*00a0*/                   EXIT ;
+"""
+
+
+def test_loops_nesting_and_own_instructions():
+    instrs, labels = sass_loops.parse_sass(SASS)
+    assert len(instrs) == 11 and labels == {".L_x_0": 1, ".L_x_1": 4, ".L_x_2": 7}
+    outer, inner = sass_loops.find_loops(SASS)
+    assert (outer.start, outer.end, outer.depth, outer.instructions) == (1, 9, 0, 9)
+    assert (inner.start, inner.end, inner.depth, inner.instructions) == (4, 6, 1, 3)
+    assert outer.own == 6 and inner.own == 3
+    assert inner.lines == {"k.py:20": 3}
+    assert outer.lines == {"k.py:10": 2, "k.py:12": 4}
+
+
+def test_cli_prints_the_loops(tmp_path, capsys):
+    path = tmp_path / "k.sass"
+    path.write_text(SASS)
+    sass_loops.main([str(path), "--top", "1"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("11 instructions")
+    assert out[1:] == ["[1-9] 9 / 6: k.py:12 x4", "  [4-6] 3 / 3: k.py:20 x3"]
+
+
+@pytest.mark.parametrize("text", [None, "no instructions here\n"])
+def test_cli_bad_input_is_a_clear_error(tmp_path, text):
+    path = tmp_path / "k.sass"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(SystemExit, match="no such file" if text is None else "no SASS"):
+        sass_loops.main([str(path)])
