@@ -23,8 +23,8 @@ import tempfile
 
 from .driver import check_target
 
-__all__ = ["SM_LIMITS", "tool_path", "missing_tools", "ptxas_info", "sass_counts", "ptx_counts",
-           "occupancy"]  # fmt: skip
+__all__ = ["SM_LIMITS", "tool_path", "missing_tools", "ptxas_info", "sass_counts", "nvdisasm_text",
+           "ptx_counts", "occupancy"]  # fmt: skip
 
 # per SM: registers, resident warps, resident blocks, shared memory (bytes). The occupancy
 # arithmetic follows CUDA's cuda_occupancy.h (bundled with Triton): registers are allocated per
@@ -235,16 +235,22 @@ def _sass_cached(cubin):
 
 
 def _run_nvdisasm(cubin) -> dict:
+    # -c: code sections only; -ndf: no dataflow comments (half the time, same instructions)
+    text = nvdisasm_text(cubin, "-c", "-ndf")
+    return {"ops": [m.group(1) for m in _SASS_LINE.finditer(text)]}
+
+
+def nvdisasm_text(cubin: bytes, *flags: str) -> str:
+    """The output of Triton's bundled ``nvdisasm`` with ``flags`` on ``cubin``."""
     nvdisasm = tool_path("nvdisasm")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
-        # -c: code sections only; -ndf: no dataflow comments (half the time, same instructions)
-        done = subprocess.run([nvdisasm, "-c", "-ndf", path], capture_output=True, text=True)
+        done = subprocess.run([nvdisasm, *flags, path], capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"nvdisasm failed ({done.returncode}): {done.stderr.strip()}")
-    return {"ops": [m.group(1) for m in _SASS_LINE.finditer(done.stdout)]}
+    return done.stdout
 
 
 def _count_sass(ops: list[str]) -> dict:

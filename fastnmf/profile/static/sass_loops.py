@@ -22,8 +22,6 @@ import collections
 import dataclasses
 import os
 import re
-import subprocess
-import tempfile
 
 __all__ = ["Loop", "parse_sass", "find_loops", "disassemble", "main"]
 
@@ -82,18 +80,10 @@ def find_loops(text: str) -> list[Loop]:
 
 
 def disassemble(cubin: bytes) -> str:
-    """``nvdisasm -g -c`` of a cubin (Triton's bundled tool)."""
-    from .ptx_tools import tool_path
+    """``nvdisasm -g -c`` of a cubin (Triton's bundled tool): SASS with source lines."""
+    from .ptx_tools import nvdisasm_text
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "kernel.cubin")
-        with open(path, "wb") as f:
-            f.write(cubin)
-        done = subprocess.run([tool_path("nvdisasm"), "-g", "-c", path], capture_output=True,
-                              text=True)  # fmt: skip
-    if done.returncode:
-        raise RuntimeError(f"nvdisasm failed ({done.returncode}): {done.stderr.strip()}")
-    return done.stdout
+    return nvdisasm_text(cubin, "-g", "-c")
 
 
 def _read(path: str) -> str:
