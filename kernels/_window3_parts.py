@@ -70,7 +70,7 @@ def _parts_window_merged(
         gram = c < NG
         parts, ri, rj = _rows_dot(x, g_all, gram, member, tl.where(gram, c, c - NG) * RC, RC,
                                   BLOCK_E, BP0, BP1, BP2, D0, D1, D2, ACC)  # fmt: skip
-        in_k = ck == c
+        in_k = (ck == c) & gram  # (E < BLOCK_E: carry_k has chunks past the NG Gram products)
         in_h = ch == c - NG
         carry = (tl.sum(tl.where(in_k, carry_k, 0.0), axis=0)
                  + tl.sum(tl.where(in_h, carry_h, 0.0), axis=0))  # fmt: skip

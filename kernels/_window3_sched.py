@@ -32,9 +32,11 @@ PASSES = ("parts", "solve", "apply")
 # defaults below; warps and programs from the sm_90a compiles of the static report, 4 windows a
 # ticket so that the tickets in flight hold little of L2: fastnmf/profile/static/pipeline_dram.py),
 # the SM count where the device is not a GPU (the static suite's stub driver sets it to its
-# target's; None elsewhere: two programs), and whether neighbours' parts are merged
+# target's; None elsewhere: two programs), whether neighbours' parts are merged, and whether the
+# forward's parts pass takes a ticket's windows as one tile (kernels/_window3_tile.py; None: yes
+# where ``tile_plan`` allows)
 TUNING: dict = {"programs_per_sm": None, "warps": None, "wpp": None, "ring": None, "sms": None,
-                "merge": None}
+                "merge": None, "tile": None}
 _PROGRAMS_PER_SM = 1
 _WARPS = 16
 _WPP = 4

@@ -74,6 +74,7 @@ from ._window3_sched import (
     _wait_stage,
     fused_plan,
 )
+from ._window3_tile import _parts_tile, tile_plan
 from .window_nmf2 import WindowNMF2, _apply_window, _membership, _parts_window
 
 __all__ = ["window_nmf3", "fused_plan"]
@@ -123,7 +124,8 @@ def _fused_kernel(
     G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, NPB: tl.constexpr,
     SAVE: tl.constexpr, RING: tl.constexpr, OFFS: tl.constexpr, NOFF: tl.constexpr,
-    MERGE: tl.constexpr,
+    MERGE: tl.constexpr, TILE: tl.constexpr, TD0: tl.constexpr, TD1: tl.constexpr,
+    TD2: tl.constexpr, ROWS0: tl.constexpr,
 ):  # fmt: skip
     """Persistent: take tickets (batch*head, stage, chunk) in order until none is left; wait for
     what the stage needs, run its chunk of WPP windows, count the chunk done. With RING, a parts
@@ -146,7 +148,12 @@ def _fused_kernel(
                 if held:
                     _wait_stage(flag_ptr + 1 + prev_bh * 3 * NPL, NPL, prev_plane, 2, CPP, OFFS,
                                 NOFF)  # the counts follow the ticket counter  # fmt: skip
-            if MERGE:  # neighbours' parts merged (kernels/_window3_parts.py)
+            if TILE:  # the ticket's windows as one tile (kernels/_window3_tile.py)
+                _parts_tile(x_ptr + offset, g0_ptr, first, plane, bh, kpart_ptr,
+                            hpart_ptr, NWIN, NPLANE, NPL, E, NVOX, S1, S2, NW1, NW2, SHIFTS,
+                            NSHIFT, WPP, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, TD0, TD1, TD2,
+                            ROWS0, RING, MERGE)  # fmt: skip
+            elif MERGE:  # neighbours' parts merged (kernels/_window3_parts.py)
                 _parts_chunk_merged(x_ptr + offset, rowmask, e, emask, first, plane, bh, g_all,
                                     member, exists, kpart_ptr, hpart_ptr, NWIN, NPLANE, NPL, E,
                                     NVOX, S1, S2, NW1, NW2, NSHIFT, WPP, P0, P1, P2, BP0, BP1,
@@ -194,7 +201,8 @@ def _fused_forward(x, g0, rowmask, geo: _Geometry2, plan, iters: int, mu: bool, 
         x, y, g0, rowmask, kpart, hpart, u, h, kmat, *pipe.args(),
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, iters, geo.S[1], geo.S[2], *geo.NW,
         **geo.consts(), **pipe.block(geo), MU=mu, ACC=acc, **dot, SAVE=save,
-        MERGE=pipe.merges(dot["DOT"]), num_warps=pipe.warps(),
+        MERGE=pipe.merges(dot["DOT"]), **tile_plan(geo, dot, pipe.wpp, pipe.warps()),
+        num_warps=pipe.warps(),
     )  # fmt: skip
     if not save:
         h = kmat = None

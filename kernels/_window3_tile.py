@@ -1,0 +1,233 @@
+"""The third design's forward parts pass on a whole ticket at once (kernels/window_nmf3.py).
+
+The per-window parts pass (``_parts_window``, ``_parts_window_merged``) holds one window
+(E, 8, 8, 8) over 16 warps: 8 values a thread, the channel axis over 4 warps, so each Gram row it
+takes out of x is a reduction across warps and each product's sub-box sums cross lanes and warps
+(``bench/results/static_designs/instructions.md``: 1333-2252 warp instructions a window). Here the
+tile is the ticket's WPP windows, (BLOCK_E, WPP, BP0, BP1, BP2): with 4 windows of 8^3 voxels a
+thread holds all the channels of 4 voxels along axis 2 (Triton's blocked layout puts the warps on
+the window and axis-0 dimensions), so a Gram row is a choice of registers, a sub-box's sum along
+axis 2 is in the thread, and the products' sub-box sums meet the part matrix ``member`` in one
+``tl.dot`` per product (the cross-warp sums go through the dot's shared-memory operand).
+
+Sub-boxes (``tile_dot``): the coarsest that every shift's cuts allow; where there are more than 16,
+the dot contracts the sub-boxes of axes 1 and 2 (16 of them) and the axis-0 sub-boxes stay rows
+of the product, summed after it into the two halves of every shift along axis 0 (``ROWS0``), so
+``member`` stays (16, 4 * NSB) (its dot operand is 16 registers a thread; the whole sub-box
+matrix, 64 for [None, 2, 4, 6], spilled). With MERGE (kernels/_window3_parts.py,
+``merge_on``), window j's high parts along axis 2 are added to window j + 1's low parts, taken
+from the row above by ``tl.gather``, and not stored.
+"""
+
+from __future__ import annotations
+
+import math
+
+import triton
+import triton.language as tl
+
+from ._window2_common import _tri
+from ._window3_sched import TUNING, _part_slot
+
+__all__ = ["tile_plan"]
+
+
+@triton.jit
+def _col_shift(col, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, AX: tl.constexpr):
+    """The in-window shift along axis AX of shift ``col`` (elementwise; 0 past NSHIFT)."""
+    s = col * 0
+    for k in tl.static_range(NSHIFT):
+        s = tl.where(col == k, SHIFTS[k][AX], s)
+    return s
+
+
+@triton.jit
+def _tile_member(SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, P0: tl.constexpr,
+                 P1: tl.constexpr, P2: tl.constexpr, BA0K: tl.constexpr, BA1: tl.constexpr,
+                 BA2: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+                 NC: tl.constexpr, NB: tl.constexpr, live):  # fmt: skip
+    """(BA0K BA1 BA2, NC) 0/1: sub-box n of the dot lies in part column c. NB parts a shift
+    (8: c = k * 8 + b, the axis-0 sub-boxes in the dot; 4: c = k * 4 + b1 * 2 + b2, axis 0 in
+    the rows); ``live``: a true scalar (ANDed in)."""
+    n = tl.arange(0, BA0K * BA1 * BA2)[:, None]
+    a0 = (n // (BA1 * BA2)) * D0
+    a1 = ((n // BA2) % BA1) * D1
+    a2 = (n % BA2) * D2
+    c = tl.arange(0, NC)[None, :]
+    k = c // NB
+    b = c % NB
+    s0 = _col_shift(k, SHIFTS, NSHIFT, 0)
+    s1 = _col_shift(k, SHIFTS, NSHIFT, 1)
+    s2 = _col_shift(k, SHIFTS, NSHIFT, 2)
+    m = (((a0 >= P0 - s0).to(tl.int32) == (b // 4) % 2) & ((a1 >= P1 - s1).to(tl.int32) == (b // 2) % 2)
+         & ((a2 >= P2 - s2).to(tl.int32) == b % 2))  # fmt: skip
+    return (m & (a0 < P0) & (a1 < P1) & (a2 < P2) & (k < NSHIFT) & live).to(tl.float32)
+
+
+@triton.jit
+def _tile_sums(z, BLOCK_E: tl.constexpr, W: tl.constexpr, BP0: tl.constexpr, BP1: tl.constexpr,
+               BP2: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+               BA0R: tl.constexpr):  # fmt: skip
+    """z (BLOCK_E, W, BP0, BP1, BP2) summed over sub-boxes of D0 x D1 x D2 voxels, as the rows
+    (channel, window, axis-0 sub-box if BA0R > 1) and columns (the other sub-boxes) of a
+    product."""
+    BA0: tl.constexpr = BP0 // D0
+    BA1: tl.constexpr = BP1 // D1
+    BA2: tl.constexpr = BP2 // D2
+    z = tl.reshape(z, (BLOCK_E, W, BA0, D0, BA1, D1, BA2, D2))
+    z = tl.sum(tl.sum(tl.sum(z, axis=7), axis=5), axis=3)
+    return tl.reshape(z, (BLOCK_E * W * BA0R, (BA0 // BA0R) * BA1 * BA2))
+
+
+@triton.jit
+def _tile_product(z, member, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, P0: tl.constexpr,
+                  BLOCK_E: tl.constexpr, W: tl.constexpr, BP0: tl.constexpr, BP1: tl.constexpr,
+                  BP2: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+                  ROWS0: tl.constexpr, NC: tl.constexpr):  # fmt: skip
+    """Every shift's part sums of the per-voxel products z (BLOCK_E, W, BP0, BP1, BP2): (low,
+    high) (BLOCK_E W, NC), rows (channel, window), columns of ``_tile_member``; with ROWS0 the
+    halves along axis 0 of each column's shift (b0 = 0, 1), else the columns hold b0 and high is
+    low."""
+    BA0: tl.constexpr = BP0 // D0
+    BA0R: tl.constexpr = BA0 if ROWS0 else 1
+    t = tl.dot(_tile_sums(z, BLOCK_E, W, BP0, BP1, BP2, D0, D1, D2, BA0R), member,
+               input_precision="ieee")  # fmt: skip
+    if ROWS0:
+        t = tl.reshape(t, (BLOCK_E * W, BA0, NC))
+        a0 = tl.arange(0, BA0)[None, :, None] * D0
+        cut = P0 - _col_shift(tl.arange(0, NC)[None, None, :] // 4, SHIFTS, NSHIFT, 0)
+        return tl.sum(tl.where(a0 < cut, t, 0), axis=1), tl.sum(tl.where(a0 >= cut, t, 0), axis=1)
+    else:
+        return t, t
+
+
+@triton.jit
+def _tile_store(v, B0: tl.constexpr, ptr, stride, row, row_ok, slot, j, KSEL: tl.constexpr,
+                SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, W: tl.constexpr, NC: tl.constexpr,
+                NB: tl.constexpr, MERGE: tl.constexpr):  # fmt: skip
+    """Store the part sums v (R, NC) (columns of ``_tile_member`` plus B0: 4 for the high halves
+    along axis 0 of ROWS0) at ptr + (slot + k * 8 + b) * stride + row, the parts that exist, of
+    shift KSEL only if KSEL >= 0. With MERGE a high part along axis 2 (b2 = 1) of window j (the
+    row's window) is added to the low part of window j + 1 (the row below) unless j is the last."""
+    lo, hi = tl.split(tl.reshape(v, (v.shape[0], NC // 2, 2)))  # b2 = 0, 1
+    c = 2 * tl.arange(0, NC // 2)[None, :]
+    k = c // NB
+    b = c % NB + B0
+    s0 = _col_shift(k, SHIFTS, NSHIFT, 0)
+    s1 = _col_shift(k, SHIFTS, NSHIFT, 1)
+    s2 = _col_shift(k, SHIFTS, NSHIFT, 2)
+    ok = row_ok & (k < NSHIFT) & ((b < 4) | (s0 > 0)) & ((b % 4 < 2) | (s1 > 0))
+    if KSEL >= 0:
+        ok = ok & (k == KSEL)
+    keep_hi = ok & (s2 > 0)
+    if MERGE:
+        r = tl.arange(0, v.shape[0])[:, None] + c * 0
+        prev = tl.gather(hi, tl.where(j >= 1, r - 1, r), axis=0)  # window j - 1's, same channel
+        lo = lo + tl.where((j >= 1) & (s2 > 0), prev, 0)
+        keep_hi = keep_hi & (j == W - 1)
+    tl.store(ptr + (slot + k * 8 + b) * stride + row, lo, mask=ok)
+    tl.store(ptr + (slot + k * 8 + b + 1) * stride + row, hi, mask=keep_hi)
+
+
+@triton.jit
+def _tile_parts_store(z, member, ptr, stride, row, row_ok, slot, j, KSEL: tl.constexpr,
+                      SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, P0: tl.constexpr,
+                      BLOCK_E: tl.constexpr, W: tl.constexpr, BP0: tl.constexpr,
+                      BP1: tl.constexpr, BP2: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+                      D2: tl.constexpr, ROWS0: tl.constexpr, NC: tl.constexpr,
+                      MERGE: tl.constexpr):  # fmt: skip
+    """One product's part sums (``_tile_product``) stored (``_tile_store``)."""
+    lo, hi = _tile_product(z, member, SHIFTS, NSHIFT, P0, BLOCK_E, W, BP0, BP1, BP2, D0, D1, D2,
+                           ROWS0, NC)  # fmt: skip
+    NB: tl.constexpr = 4 if ROWS0 else 8
+    _tile_store(lo, 0, ptr, stride, row, row_ok, slot, j, KSEL, SHIFTS, NSHIFT, W, NC, NB, MERGE)
+    if ROWS0:
+        _tile_store(hi, 4, ptr, stride, row, row_ok, slot, j, KSEL, SHIFTS, NSHIFT, W, NC, NB,
+                    MERGE)  # fmt: skip
+
+
+@triton.jit
+def _parts_tile(
+    x_base, g0_ptr, first, plane, bh, kpart_ptr, hpart_ptr, NWIN, NPLANE, NPL,
+    E: tl.constexpr, NVOX, S1, S2, NW1, NW2, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr,
+    W: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, BP0: tl.constexpr,
+    BP1: tl.constexpr, BP2: tl.constexpr, BLOCK_E: tl.constexpr, NSB: tl.constexpr,
+    D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, ROWS0: tl.constexpr,
+    RING: tl.constexpr, MERGE: tl.constexpr,
+):  # fmt: skip
+    """The parts pass of one ticket (windows first .. first + W - 1 of a plane) as one tile:
+    every shift's part sums of X X^T (upper triangle) and X g0 (g0 under shift k read at the
+    rolled positions), stored at the part slots of ``_part_slot``. The channels in two halves
+    (H = BLOCK_E / 2 each): a product's rows are half as many (the dot's operand 32 registers a
+    thread, not 64), and Gram rows i >= H need only the high half."""
+    H: tl.constexpr = max(BLOCK_E // 2, 1)
+    j5 = tl.arange(0, W)[None, :, None, None, None]
+    q0 = tl.arange(0, BP0)[None, None, :, None, None]
+    q1 = tl.arange(0, BP1)[None, None, None, :, None]
+    q2 = tl.arange(0, BP2)[None, None, None, None, :]
+    inside = (q0 < P0) & (q1 < P1) & (q2 < P2)
+    w = plane * NPLANE + first + j5
+    w2 = w % NW2
+    w1 = (w // NW2) % NW1
+    w0 = w // (NW1 * NW2)
+    ch = tl.arange(0, H)[:, None, None, None, None]
+    voxel = ((w0 * P0 + q0) * S1 + w1 * P1 + q1) * S2 + w2 * P2 + q2
+    ok = inside & (first + j5 < NPLANE)
+    xa = tl.maximum(tl.load(x_base + ch * NVOX + voxel, mask=ok & (ch < E), other=0)
+                    .to(tl.float32), 0)  # fmt: skip
+    xb = tl.maximum(tl.load(x_base + (ch + H) * NVOX + voxel, mask=ok & (ch + H < E), other=0)
+                    .to(tl.float32), 0)  # fmt: skip
+    BA0K: tl.constexpr = 1 if ROWS0 else BP0 // D0
+    NB: tl.constexpr = 4 if ROWS0 else 8
+    NC: tl.constexpr = NB * NSB
+    # built per ticket: a member kept from the kernel's start would hold 16 registers a thread
+    # through the solve and output passes too (plane >= 0 always; the compiler cannot know)
+    live = (plane >= 0).to(tl.int32)
+    member = _tile_member(SHIFTS, NSHIFT, P0, P1, P2, BA0K, BP1 // D1, BP2 // D2, D0, D1, D2, NC,
+                          NB, live != 0)  # fmt: skip
+    r = tl.arange(0, H * W)[:, None]
+    ea = r // W  # a row's channel in the low half (H + ea in the high half)
+    j = r % W
+    slot = _part_slot(bh, plane * NPLANE + first + j, NWIN, NPLANE, NPL, NSHIFT, RING)
+    row_ok = first + j < NPLANE
+    for i in range(0, H):  # Gram rows i < H: columns e >= i in both halves
+        xi = tl.sum(tl.where(ch == i, xa, 0), axis=0)[None]  # a choice of registers
+        _tile_parts_store(xa * xi, member, kpart_ptr, E * E, _tri(i, ea, E), row_ok & (ea >= i),
+                          slot, j, -1, SHIFTS, NSHIFT, P0, H, W, BP0, BP1, BP2, D0, D1, D2,
+                          ROWS0, NC, MERGE)  # fmt: skip
+        _tile_parts_store(xb * xi, member, kpart_ptr, E * E, _tri(i, ea + H, E),
+                          row_ok & (ea + H < E), slot, j, -1, SHIFTS, NSHIFT, P0, H, W, BP0, BP1,
+                          BP2, D0, D1, D2, ROWS0, NC, MERGE)  # fmt: skip
+    for i in range(H, E):  # Gram rows i >= H: the high half only
+        xi = tl.sum(tl.where(ch == i - H, xb, 0), axis=0)[None]
+        _tile_parts_store(xb * xi, member, kpart_ptr, E * E, _tri(i, ea + H, E),
+                          row_ok & (ea + H >= i) & (ea + H < E), slot, j, -1, SHIFTS, NSHIFT, P0,
+                          H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0, NC, MERGE)  # fmt: skip
+    for k in tl.static_range(NSHIFT):  # X g0 under shift k
+        g = tl.load(g0_ptr + ((q0 + SHIFTS[k][0]) % P0 * P1 + (q1 + SHIFTS[k][1]) % P1) * P2
+                    + (q2 + SHIFTS[k][2]) % P2 + j5 * 0, mask=inside & (j5 >= 0), other=0)
+        g = g.to(tl.float32)
+        _tile_parts_store(xa * g, member, hpart_ptr, E, ea, row_ok & (ea < E), slot, j, k,
+                          SHIFTS, NSHIFT, P0, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0, NC,
+                          MERGE)  # fmt: skip
+        _tile_parts_store(xb * g, member, hpart_ptr, E, ea + H, row_ok & (ea + H < E), slot, j,
+                          k, SHIFTS, NSHIFT, P0, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0, NC,
+                          MERGE)  # fmt: skip
+
+def tile_plan(geo, dot: dict, wpp: int, warps: int) -> dict:
+    """The constexprs of the ticket-tile parts pass: TILE (whether it runs: ``TUNING["tile"]``,
+    the matrix form of the parts, ``dot``, a power-of-two WPP and a tile of at most 32 values a
+    thread), the sub-box TD0-TD2 and ROWS0 (module docstring). Where the dot would take fewer
+    than 16 or more than 32 sub-boxes, the per-window pass runs instead."""
+    sub = [dot["D0"], dot["D1"], dot["D2"]]
+    rows0 = False
+    if math.prod(b // g for b, g in zip(geo.bp, geo.sub, strict=True)) > 16:
+        sub, rows0 = list(geo.sub), True  # axis 0's sub-boxes as rows, axes 1 and 2 in the dot
+        while (geo.bp[1] // sub[1]) * (geo.bp[2] // sub[2]) < 16 and max(sub[1:]) > 1:
+            sub[1 if sub[1] >= sub[2] else 2] //= 2
+    k = math.prod(b // g for b, g in zip(geo.bp[1 if rows0 else 0:], sub[1 if rows0 else 0:],
+                                         strict=True))  # fmt: skip
+    tile_values = geo.block_e * wpp * math.prod(geo.bp) // (32 * warps)
+    on = TUNING["tile"] is None or bool(TUNING["tile"])
+    use = (on and dot["DOT"] and wpp & (wpp - 1) == 0 and tile_values <= 32 and 16 <= k <= 32)
+    return dict(TILE=use, TD0=sub[0], TD1=sub[1], TD2=sub[2], ROWS0=rows0)

@@ -1,0 +1,78 @@
+"""The third design's forward parts pass on a whole ticket at once (kernels/_window3_tile.py):
+which cases take it (``tile_plan``), and its results against the float64 oracle and against the
+per-window parts pass, under the interpreter (CPU) or on a GPU."""
+
+import importlib
+
+import pytest
+import torch
+import triton.language as tl
+from conftest import DEVICES, rel_err
+from kernel_helpers import fp32_against_reference, nmf_inputs, run_grad
+
+wn = importlib.import_module("fastnmf.kernels.window_nmf")
+sched = importlib.import_module("fastnmf.kernels._window3_sched")
+common = importlib.import_module("fastnmf.kernels._window2_common")
+tile = importlib.import_module("fastnmf.kernels._window3_tile")
+
+
+@pytest.fixture
+def design3(monkeypatch):
+    monkeypatch.setitem(wn.TUNING, "design", 3)
+
+
+def _plan(shape, head_dim, patch, shifts, mu=False):
+    """(tile_plan, merges) of the forward as the launcher computes them."""
+    x = torch.zeros(shape)
+    geo = common._Geometry2(x, head_dim, (patch,) * (x.dim() - 2), shifts)
+    pipe = sched.Pipeline(geo, sched.fused_plan(tuple(geo.NW), geo.shifts), x.device, ring=True)
+    dot = geo.dot(tl.float32, mu)
+    return tile.tile_plan(geo, dot, pipe.wpp, pipe.warps()), pipe.merges(dot["DOT"])
+
+
+def test_tile_plan_takes_the_static_suites_shapes():
+    """8^3 windows, E = 8, tickets of 4: [None, 2, 4, 6] has 64 sub-boxes of 2^3 (axis 0's in the
+    rows, ROWS0), [None, 4] 16 in the dot; MU (no matrix form), more than 32 values a thread
+    (E = 16) or TUNING["tile"] = False take the per-window pass."""
+    brats, merges = _plan((1, 8, 16, 8, 32), 8, 8, [None, 2, 4, 6])
+    assert brats == dict(TILE=True, TD0=2, TD1=2, TD2=2, ROWS0=True) and merges
+    four, _ = _plan((1, 8, 16, 8, 32), 8, 8, [None, 4])
+    assert four == dict(TILE=True, TD0=2, TD1=4, TD2=4, ROWS0=False)
+    assert not _plan((1, 8, 16, 8, 32), 8, 8, [None, 2, 4, 6], mu=True)[0]["TILE"]
+    assert not _plan((1, 16, 16, 8, 32), 16, 8, [None, 4])[0]["TILE"]
+    sched.TUNING["tile"] = False
+    try:
+        assert not _plan((1, 8, 16, 8, 32), 8, 8, [None, 4])[0]["TILE"]
+    finally:
+        sched.TUNING["tile"] = None
+
+
+TILE_CASES = [
+    # shape, head_dim, shifts, ROWS0, merges: 8^3 windows with the BraTS shifts (axis 0's
+    # sub-boxes as rows), rows of 4 windows along axis 2 (merged); rows of 3 (a ticket of 3
+    # windows, the fourth masked; no merge), E = 6 (channels past E in the high half masked)
+    ((1, 4, 16, 8, 32), 4, [None, 2, 4, 6], True, True),
+    ((1, 4, 16, 8, 24), 4, [None, 2, 4, 6], True, False),
+    ((1, 6, 16, 8, 32), 6, [None, (4, 2, 6)], True, True),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,head_dim,shifts,rows0,merges", TILE_CASES)
+def test_tile_parts_match_reference(gen, design3, monkeypatch, device, shape, head_dim, shifts,
+                                    rows0, merges):  # fmt: skip
+    """The tile's forward (and the backward from its saved K and h) against the float64 oracle;
+    the per-window pass's forward too (E = 6 with merging: the per-window merged pass once added
+    the last X g0 carry twice where E < BLOCK_E), and the two not bit for bit the same (the tile
+    ran)."""
+    plan, merged = _plan(shape, head_dim, 8, shifts)
+    assert plan["TILE"] and plan["ROWS0"] == rows0 and merged == merges
+    x, v0, dy = nmf_inputs(gen, shape, 8, zero_windows=True)
+    kw = dict(head_dim=head_dim, patch_size=8, shifts=shifts, solver="hals")
+    y_ref = run_grad("reference", x, v0, dy, torch.float64, "cpu", **kw)[0]
+    dx, dx_ref = fp32_against_reference(x, v0, dy, device, **kw)
+    assert rel_err(dx, dx_ref) <= 1e-4
+    y_tile = run_grad("triton", x, v0, dy, torch.float32, device, **kw)[0]
+    monkeypatch.setitem(sched.TUNING, "tile", False)
+    y_window = run_grad("triton", x, v0, dy, torch.float32, device, **kw)[0]
+    assert rel_err(y_window, y_ref) <= 1e-5 and not torch.equal(y_tile, y_window)
