@@ -59,7 +59,8 @@ def _tile_member(SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, P0: tl.constexpr,
     s0 = _col_shift(k, SHIFTS, NSHIFT, 0)
     s1 = _col_shift(k, SHIFTS, NSHIFT, 1)
     s2 = _col_shift(k, SHIFTS, NSHIFT, 2)
-    m = (((a0 >= P0 - s0).to(tl.int32) == (b // 4) % 2) & ((a1 >= P1 - s1).to(tl.int32) == (b // 2) % 2)
+    m = (((a0 >= P0 - s0).to(tl.int32) == (b // 4) % 2)
+         & ((a1 >= P1 - s1).to(tl.int32) == (b // 2) % 2)
          & ((a2 >= P2 - s2).to(tl.int32) == b % 2))  # fmt: skip
     return (m & (a0 < P0) & (a1 < P1) & (a2 < P2) & (k < NSHIFT) & live).to(tl.float32)
 
@@ -204,15 +205,16 @@ def _parts_tile(
                           row_ok & (ea + H >= i) & (ea + H < E), slot, j, -1, SHIFTS, NSHIFT, P0,
                           H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0, NC, MERGE)  # fmt: skip
     for k in tl.static_range(NSHIFT):  # X g0 under shift k
-        g = tl.load(g0_ptr + ((q0 + SHIFTS[k][0]) % P0 * P1 + (q1 + SHIFTS[k][1]) % P1) * P2
-                    + (q2 + SHIFTS[k][2]) % P2 + j5 * 0, mask=inside & (j5 >= 0), other=0)
-        g = g.to(tl.float32)
+        rolled = ((q0 + SHIFTS[k][0]) % P0 * P1 + (q1 + SHIFTS[k][1]) % P1) * P2
+        rolled += (q2 + SHIFTS[k][2]) % P2 + j5 * 0  # g0 where each voxel lies under shift k
+        g = tl.load(g0_ptr + rolled, mask=inside & (j5 >= 0), other=0).to(tl.float32)
         _tile_parts_store(xa * g, member, hpart_ptr, E, ea, row_ok & (ea < E), slot, j, k,
                           SHIFTS, NSHIFT, P0, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0, NC,
                           MERGE)  # fmt: skip
         _tile_parts_store(xb * g, member, hpart_ptr, E, ea + H, row_ok & (ea + H < E), slot, j,
                           k, SHIFTS, NSHIFT, P0, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0, NC,
                           MERGE)  # fmt: skip
+
 
 def tile_plan(geo, dot: dict, wpp: int, warps: int) -> dict:
     """The constexprs of the ticket-tile parts pass: TILE (whether it runs: ``TUNING["tile"]``,
