@@ -33,8 +33,8 @@ PASSES = ("parts", "solve", "apply")
 # ticket so that the tickets in flight hold little of L2: fastnmf/profile/static/pipeline_dram.py),
 # the SM count where the device is not a GPU (the static suite's stub driver sets it to its
 # target's; None elsewhere: two programs), whether neighbours' parts are merged, and whether the
-# forward's parts pass takes a ticket's windows as one tile (kernels/_window3_tile.py; None: yes
-# where ``tile_plan`` allows)
+# forward's parts pass takes a ticket's windows as one tile (kernels/_window3_tile.py, where
+# ``tile_plan`` allows; None: ``_TILE``)
 TUNING: dict = {"programs_per_sm": None, "warps": None, "wpp": None, "ring": None, "sms": None,
                 "merge": None, "tile": None}
 _PROGRAMS_PER_SM = 1
@@ -50,6 +50,11 @@ _RING = 3
 # the ideal bytes), no spills at 16 warps (sm_90a, Triton 3.9 and 3.6: README "Window kernel
 # designs"); the GPU run times it against the unmerged forward (bench/time_designs.py)
 _MERGE = True
+# The ticket tile (kernels/_window3_tile.py) issues about a third of the per-window parts pass's
+# instructions (bench/results/static_designs/instructions.md) but spills at 16 warps in the fused
+# kernel (sm_90a, fp32 [None, 2, 4, 6] 104 B; bf16 312-356 B): off by default until it does not;
+# the GPU run times it (bench/time_designs.py, "design 3, ticket tile")
+_TILE = False
 _INTERPRET = tl.constexpr(INTERPRET)  # kernels/_common.py: Triton's CPU interpreter
 
 

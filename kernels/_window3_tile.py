@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ._window2_common import _tri
-from ._window3_sched import TUNING, _part_slot
+from ._window3_sched import _TILE, TUNING, _part_slot
 
 __all__ = ["tile_plan"]
 
@@ -230,6 +230,6 @@ def tile_plan(geo, dot: dict, wpp: int, warps: int) -> dict:
     k = math.prod(b // g for b, g in zip(geo.bp[1 if rows0 else 0:], sub[1 if rows0 else 0:],
                                          strict=True))  # fmt: skip
     tile_values = geo.block_e * wpp * math.prod(geo.bp) // (32 * warps)
-    on = TUNING["tile"] is None or bool(TUNING["tile"])
+    on = _TILE if TUNING["tile"] is None else bool(TUNING["tile"])
     use = (on and dot["DOT"] and wpp & (wpp - 1) == 0 and tile_values <= 32 and 16 <= k <= 32)
     return dict(TILE=use, TD0=sub[0], TD1=sub[1], TD2=sub[2], ROWS0=rows0)

@@ -21,6 +21,12 @@ def design3(monkeypatch):
     monkeypatch.setitem(wn.TUNING, "design", 3)
 
 
+@pytest.fixture
+def tile_on(monkeypatch):
+    """The tile on (``_window3_sched._TILE``: off by default while it spills)."""
+    monkeypatch.setitem(sched.TUNING, "tile", True)
+
+
 def _plan(shape, head_dim, patch, shifts, mu=False):
     """(tile_plan, merges) of the forward as the launcher computes them."""
     x = torch.zeros(shape)
@@ -30,7 +36,7 @@ def _plan(shape, head_dim, patch, shifts, mu=False):
     return tile.tile_plan(geo, dot, pipe.wpp, pipe.warps()), pipe.merges(dot["DOT"])
 
 
-def test_tile_plan_takes_the_static_suites_shapes():
+def test_tile_plan_takes_the_static_suites_shapes(tile_on, monkeypatch):
     """8^3 windows, E = 8, tickets of 4: [None, 2, 4, 6] has 64 sub-boxes of 2^3 (axis 0's in the
     rows, ROWS0), [None, 4] 16 in the dot; MU (no matrix form), more than 32 values a thread
     (E = 16) or TUNING["tile"] = False take the per-window pass."""
@@ -40,11 +46,10 @@ def test_tile_plan_takes_the_static_suites_shapes():
     assert four == dict(TILE=True, TD0=2, TD1=4, TD2=4, ROWS0=False)
     assert not _plan((1, 8, 16, 8, 32), 8, 8, [None, 2, 4, 6], mu=True)[0]["TILE"]
     assert not _plan((1, 16, 16, 8, 32), 16, 8, [None, 4])[0]["TILE"]
-    sched.TUNING["tile"] = False
-    try:
-        assert not _plan((1, 8, 16, 8, 32), 8, 8, [None, 4])[0]["TILE"]
-    finally:
-        sched.TUNING["tile"] = None
+    monkeypatch.setitem(sched.TUNING, "tile", False)
+    assert not _plan((1, 8, 16, 8, 32), 8, 8, [None, 4])[0]["TILE"]
+    monkeypatch.setitem(sched.TUNING, "tile", None)  # the default
+    assert _plan((1, 8, 16, 8, 32), 8, 8, [None, 4])[0]["TILE"] == sched._TILE
 
 
 TILE_CASES = [
@@ -59,7 +64,7 @@ TILE_CASES = [
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape,head_dim,shifts,rows0,merges", TILE_CASES)
-def test_tile_parts_match_reference(gen, design3, monkeypatch, device, shape, head_dim, shifts,
+def test_tile_parts_match_reference(gen, design3, tile_on, monkeypatch, device, shape, head_dim, shifts,
                                     rows0, merges):  # fmt: skip
     """The tile's forward (and the backward from its saved K and h) against the float64 oracle;
     the per-window pass's forward too (E = 6 with merging: the per-window merged pass once added
