@@ -64,8 +64,8 @@ TILE_CASES = [
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape,head_dim,shifts,rows0,merges", TILE_CASES)
-def test_tile_parts_match_reference(gen, design3, tile_on, monkeypatch, device, shape, head_dim, shifts,
-                                    rows0, merges):  # fmt: skip
+def test_tile_parts_match_reference(gen, design3, tile_on, monkeypatch, device, shape, head_dim,
+                                    shifts, rows0, merges):  # fmt: skip
     """The tile's forward (and the backward from its saved K and h) against the float64 oracle;
     the per-window pass's forward too (E = 6 with merging: the per-window merged pass once added
     the last X g0 carry twice where E < BLOCK_E), and the two not bit for bit the same (the tile
