@@ -162,22 +162,28 @@ def _parts_tile(
     (H = BLOCK_E / 2 each): a product's rows are half as many (the dot's operand 32 registers a
     thread, not 64), and Gram rows i >= H need only the high half."""
     H: tl.constexpr = max(BLOCK_E // 2, 1)
-    j5 = tl.arange(0, W)[None, :, None, None, None]
-    q0 = tl.arange(0, BP0)[None, None, :, None, None]
-    q1 = tl.arange(0, BP1)[None, None, None, :, None]
-    q2 = tl.arange(0, BP2)[None, None, None, None, :]
+    # 6-d indices (.., BP2 / V, V): x's runs along axis 2 are V long, so a thread holds V voxels
+    # along axis 2 (16 bytes in fp32, 8 in bf16) and the layout's warps go to the windows and
+    # axis 0, never to the channels, whatever the dtype (5-d, bf16 runs of 8 would put them there)
+    V: tl.constexpr = 4 if BP2 % 4 == 0 else BP2
+    j5 = tl.arange(0, W)[None, :, None, None, None, None]
+    q0 = tl.arange(0, BP0)[None, None, :, None, None, None]
+    q1 = tl.arange(0, BP1)[None, None, None, :, None, None]
+    q2 = (tl.arange(0, BP2 // V)[:, None] * V + tl.arange(0, V)[None, :])[None, None, None, None]
     inside = (q0 < P0) & (q1 < P1) & (q2 < P2)
     w = plane * NPLANE + first + j5
     w2 = w % NW2
     w1 = (w // NW2) % NW1
     w0 = w // (NW1 * NW2)
-    ch = tl.arange(0, H)[:, None, None, None, None]
+    c6 = tl.arange(0, H)[:, None, None, None, None, None]
     voxel = ((w0 * P0 + q0) * S1 + w1 * P1 + q1) * S2 + w2 * P2 + q2
     ok = inside & (first + j5 < NPLANE)
-    xa = tl.maximum(tl.load(x_base + ch * NVOX + voxel, mask=ok & (ch < E), other=0)
-                    .to(tl.float32), 0)  # fmt: skip
-    xb = tl.maximum(tl.load(x_base + (ch + H) * NVOX + voxel, mask=ok & (ch + H < E), other=0)
-                    .to(tl.float32), 0)  # fmt: skip
+    shape: tl.constexpr = (H, W, BP0, BP1, BP2)
+    xa = tl.load(x_base + c6 * NVOX + voxel, mask=ok & (c6 < E), other=0)
+    xa = tl.maximum(tl.reshape(xa, shape).to(tl.float32), 0)
+    xb = tl.load(x_base + (c6 + H) * NVOX + voxel, mask=ok & (c6 + H < E), other=0)
+    xb = tl.maximum(tl.reshape(xb, shape).to(tl.float32), 0)
+    ch = tl.arange(0, H)[:, None, None, None, None]
     BA0K: tl.constexpr = 1 if ROWS0 else BP0 // D0
     NB: tl.constexpr = 4 if ROWS0 else 8
     NC: tl.constexpr = NB * NSB
@@ -207,7 +213,8 @@ def _parts_tile(
     for k in tl.static_range(NSHIFT):  # X g0 under shift k
         rolled = ((q0 + SHIFTS[k][0]) % P0 * P1 + (q1 + SHIFTS[k][1]) % P1) * P2
         rolled += (q2 + SHIFTS[k][2]) % P2 + j5 * 0  # g0 where each voxel lies under shift k
-        g = tl.load(g0_ptr + rolled, mask=inside & (j5 >= 0), other=0).to(tl.float32)
+        g = tl.load(g0_ptr + rolled, mask=inside & (j5 >= 0), other=0)
+        g = tl.reshape(g, (1, W, BP0, BP1, BP2)).to(tl.float32)
         _tile_parts_store(xa * g, member, hpart_ptr, E, ea, row_ok & (ea < E), slot, j, k,
                           SHIFTS, NSHIFT, P0, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0, NC,
                           MERGE)  # fmt: skip

@@ -8,7 +8,7 @@ import pytest
 import torch
 import triton.language as tl
 from conftest import DEVICES, rel_err
-from kernel_helpers import fp32_against_reference, nmf_inputs, run_grad
+from kernel_helpers import check_low_precision, fp32_against_reference, nmf_inputs, run_grad
 
 wn = importlib.import_module("fastnmf.kernels.window_nmf")
 sched = importlib.import_module("fastnmf.kernels._window3_sched")
@@ -81,3 +81,14 @@ def test_tile_parts_match_reference(gen, design3, tile_on, monkeypatch, device, 
     monkeypatch.setitem(sched.TUNING, "tile", False)
     y_window = run_grad("triton", x, v0, dy, torch.float32, device, **kw)[0]
     assert rel_err(y_window, y_ref) <= 1e-5 and not torch.equal(y_tile, y_window)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_tile_low_precision(gen, design3, tile_on, device):
+    """bf16 x through the tile (its loads: runs of 4 voxels, 8 bytes): within 2x the reference's
+    own error at bf16, plus an atol (``check_low_precision``)."""
+    shape, shifts = (1, 4, 16, 8, 32), [None, 2, 4, 6]
+    assert _plan(shape, 4, 8, shifts)[0]["TILE"]
+    x, v0, dy = nmf_inputs(gen, shape, 8)
+    check_low_precision(x, v0, dy, torch.bfloat16, device, head_dim=4, patch_size=8,
+                        shifts=shifts)  # fmt: skip
