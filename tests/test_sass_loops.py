@@ -59,3 +59,24 @@ def test_cli_bad_input_is_a_clear_error(tmp_path, text):
         path.write_text(text)
     with pytest.raises(SystemExit, match="no such file" if text is None else "no SASS"):
         sass_loops.main([str(path)])
+
+
+def test_span_counts_one_pass_of_a_files_code(tmp_path, capsys):
+    """The span from a file's first to its last instruction, its top-level loops counted their
+    trips: the inner loop's file alone (3 instructions, x3: 9); k.py's span [1, 10] with the
+    outer loop (9 instructions, the inner one inside it) x3: 10 + 2 x 9; a wrong number of trip
+    counts or a file with no instruction is an error; the command line prints one pass."""
+    text = SASS.replace('k.py", line 20', 'inner.py", line 20')
+    first, last, loops, total = sass_loops.span_count(text, "inner.py", [3])
+    assert (first, last, [(lp.start, lp.end) for lp in loops], total) == (4, 6, [(4, 6)], 9)
+    first, last, loops, total = sass_loops.span_count(text, "k.py", [3])
+    assert (first, last, [(lp.start, lp.end) for lp in loops], total) == (1, 10, [(1, 9)], 28)
+    with pytest.raises(ValueError, match="2 trip counts for 1 loops"):
+        sass_loops.span_count(text, "k.py", [2, 2])
+    with pytest.raises(ValueError, match="no instruction comes from other.py"):
+        sass_loops.span_count(text, "other.py")
+    path = tmp_path / "k.sass"
+    path.write_text(text)
+    sass_loops.main([str(path), "--span", "inner.py", "--trips", "3"])
+    assert "inner.py: span [4-6] 3 instructions; loops inside: [4-6] 3 x3; one pass: 9" in (
+        capsys.readouterr().out)

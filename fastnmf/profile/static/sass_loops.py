@@ -9,6 +9,11 @@ counts: a loop body counts once however often it runs, and each instruction once
 its lanes are predicated off; the trip counts come from the source (``lines``).
 
     python -m fastnmf.profile.static.sass_loops KERNEL.cubin|KERNEL.sass [--top N]
+        [--span FILE [--trips T ...]]
+
+``--span FILE``: the instructions one pass of the code from source file FILE issues: the SASS span
+from its first to its last instruction from FILE (what the compiler placed between them counts),
+the loops inside the span counted ``--trips`` times each (in order; default once).
 
 A cubin is disassembled with Triton's bundled ``nvdisasm -g`` (source lines from Triton's line
 info); a Triton cache folder holds ``<kernel>.cubin`` for every compiled kernel (the static report
@@ -23,7 +28,7 @@ import dataclasses
 import os
 import re
 
-__all__ = ["Loop", "parse_sass", "find_loops", "disassemble", "main"]
+__all__ = ["Loop", "parse_sass", "find_loops", "span_count", "disassemble", "main"]
 
 _LOC = re.compile(r'^\s*//## File "([^"]+)", line (\d+)')
 _LABEL = re.compile(r"^(\.L_x_\d+):")
@@ -79,6 +84,26 @@ def find_loops(text: str) -> list[Loop]:
     return loops
 
 
+def span_count(text: str, source: str, trips=()) -> tuple[int, int, list[Loop], int]:
+    """(first, last, loops inside, instructions one pass issues) of the span of SASS from the
+    first to the last instruction from source file ``source`` (a base name): the span's
+    instructions with each top-level loop inside it counted ``trips[i]`` times (default 1)."""
+    instrs, _ = parse_sass(text)
+    idx = [i for i, (_, loc) in enumerate(instrs) if loc.rsplit(":", 1)[0] == source]
+    if not idx:
+        raise ValueError(f"no instruction comes from {source}")
+    first, last = idx[0], idx[-1]
+    inside = [lp for lp in find_loops(text) if first <= lp.start and lp.end <= last]
+    top = [lp for lp in inside if not any(o is not lp and o.start <= lp.start and lp.end <= o.end
+                                          for o in inside)]  # fmt: skip
+    if len(trips) > len(top):
+        raise ValueError(f"{len(trips)} trip counts for {len(top)} loops in the span")
+    counts = list(trips) + [1] * (len(top) - len(trips))
+    extra = sum((t - 1) * lp.instructions for t, lp in zip(counts, top, strict=True))
+    total = last - first + 1 + extra
+    return first, last, top, total
+
+
 def disassemble(cubin: bytes) -> str:
     """``nvdisasm -g -c`` of a cubin (Triton's bundled tool): SASS with source lines."""
     from .ptx_tools import nvdisasm_text
@@ -101,11 +126,26 @@ def main(argv=None) -> None:
                                      description=__doc__.split("\n\n")[0])  # fmt: skip
     parser.add_argument("path", help="a .cubin (disassembled with nvdisasm -g) or SASS text")
     parser.add_argument("--top", type=int, default=4, help="source lines shown per loop")
+    parser.add_argument("--span", metavar="FILE",
+                        help="count one pass of FILE's code (a base name)")  # fmt: skip
+    parser.add_argument("--trips", type=int, nargs="+", default=[],
+                        help="trip counts of the loops inside the span, in order")  # fmt: skip
     args = parser.parse_args(argv)
     text = _read(args.path)
     total = len(parse_sass(text)[0])
     if total == 0:
         raise SystemExit(f"sass_loops: error: no SASS instructions in {args.path}")
+    if args.span:
+        try:
+            first, last, loops, count = span_count(text, args.span, args.trips)
+        except ValueError as e:
+            raise SystemExit(f"sass_loops: error: {e}") from None
+        trips = args.trips + [1] * (len(loops) - len(args.trips))
+        inner = ", ".join(f"[{lp.start}-{lp.end}] {lp.instructions} x{t}"
+                          for lp, t in zip(loops, trips, strict=True))  # fmt: skip
+        print(f"{args.span}: span [{first}-{last}] {last - first + 1} instructions; loops inside: "
+              f"{inner or 'none'}; one pass: {count}")  # fmt: skip
+        return
     print(f"{total} instructions; loops (instructions per trip: all / own, not in nested loops):")
     for loop in find_loops(text):
         top = ", ".join(f"{k} x{v}" for k, v in loop.lines.most_common(args.top))
