@@ -3,20 +3,25 @@
 The per-window parts pass (``_parts_window``, ``_parts_window_merged``) holds one window
 (E, 8, 8, 8) over 16 warps: 8 values a thread, the channel axis over 4 warps, so each Gram row it
 takes out of x is a reduction across warps and each product's sub-box sums cross lanes and warps
-(``bench/results/static_designs/instructions.md``: 1333-2252 warp instructions a window). Here the
-tile is the ticket's WPP windows, (BLOCK_E, WPP, BP0, BP1, BP2): with 4 windows of 8^3 voxels a
-thread holds all the channels of 4 voxels along axis 2 (Triton's blocked layout puts the warps on
-the window and axis-0 dimensions), so a Gram row is a choice of registers, a sub-box's sum along
-axis 2 is in the thread, and the products' sub-box sums meet the part matrix ``member`` in one
-``tl.dot`` per product (the cross-warp sums go through the dot's shared-memory operand).
+(``bench/results/static_designs/instructions.md``: 1333-2252 warp instructions a window). Here
+the tile is the ticket's WPP windows, (BLOCK_E, WPP, BP0, BP1, BP2), in two halves of the
+channels: with 4 windows of 8^3 voxels a thread holds all the channels of a half for 4 voxels
+along axis 2 (Triton's blocked layout puts the warps on the window and axis-0 dimensions), so a
+Gram row is a choice of registers, a sub-box's sum along axis 2 is in the thread, and the
+products' sub-box sums meet the part matrix ``member`` in one ``tl.dot`` per product (the
+cross-warp sums go through the dot's shared-memory operand).
 
-Sub-boxes (``tile_dot``): the coarsest that every shift's cuts allow; where there are more than 16,
-the dot contracts the sub-boxes of axes 1 and 2 (16 of them) and the axis-0 sub-boxes stay rows
-of the product, summed after it into the two halves of every shift along axis 0 (``ROWS0``), so
-``member`` stays (16, 4 * NSB) (its dot operand is 16 registers a thread; the whole sub-box
-matrix, 64 for [None, 2, 4, 6], spilled). With MERGE (kernels/_window3_parts.py,
-``merge_on``), window j's high parts along axis 2 are added to window j + 1's low parts, taken
-from the row above by ``tl.gather``, and not stored.
+Sub-boxes (``tile_plan``): the coarsest that every shift's cuts allow; where there are more than
+16, the dot contracts the sub-boxes of axes 1 and 2 (16 of them) and the axis-0 sub-boxes stay
+rows of the product, summed after it into the two halves of every shift along axis 0 (``ROWS0``),
+so ``member`` stays (16, 4 * NSB) (its dot operand is 16 registers a thread; the whole sub-box
+matrix, 64 for [None, 2, 4, 6], spilled). With MERGE (kernels/_window3_parts.py, ``merge_on``),
+window j's high parts along axis 2 are added to window j + 1's low parts, taken from the row
+above by ``tl.gather``, and not stored. g0 under each shift is read once a ticket (from L1 / L2;
+held in registers through the ticket loop it spilled): the static suite's byte count takes the
+forward's g0 as read once a program (``traffic.PER_PROGRAM``, the per-window pass's way), so with
+the tile on it counts a little less than is asked (about 0.01x of the ideal at 2 x 32 x 128^3,
+measured with g0 counted per ticket).
 """
 
 from __future__ import annotations

@@ -98,11 +98,10 @@ def test_benchmark_shape_estimates_use_the_tickets_in_flight():
     assert half["inflight"] < est["inflight"]
 
 
-def test_forward_reads_the_row_mask_once_per_program(monkeypatch):
-    """The forward's PER_PROGRAM arguments (the row mask) are read once per program (one
-    program: half the bytes of two, x the same), so the suite scales them by the target's
-    programs at the benchmark shape, the other arguments (g0 too: the tile parts pass reads it
-    once per ticket) by the volume."""
+def test_forward_reads_g0_and_the_row_mask_once_per_program(monkeypatch):
+    """The forward's PER_PROGRAM arguments are read once per program (one program: half the
+    bytes of two, x the same), so the suite scales them by the target's programs at the
+    benchmark shape, the other arguments by the volume."""
     case = CASES[0]
     two = _fused(_counted(case), "fwd")
     monkeypatch.setitem(TUNING, "sms", 1)  # the grid: one program

@@ -54,12 +54,10 @@ FALLBACK_RESIDENT = 16
 # capacities (:func:`l2.capacities`) do not apply; their DRAM estimate is the block-level model of
 # the plane schedule at the case's own shape (:mod:`.pipeline_dram`)
 PERSISTENT = ("_fused_kernel", "_fused_bwd_kernel")
-# Arguments a persistent kernel reads once per program, before its ticket loop (the forward's row
-# mask): scaled to the benchmark shape by the programs the target launches there, not by the
-# volume. g0 is volume-scaled: the forward's ticket-tile parts pass reads it once per ticket
-# (kernels/_window3_tile.py; the per-program copy for the output pass is the small part), and the
-# backward reads it once per ticket
-PER_PROGRAM = {"_fused_kernel": ("rowmask_ptr",)}
+# Arguments a persistent kernel reads once per program, before its ticket loop (the forward's g0
+# and its shifted copies, the row mask): scaled to the benchmark shape by the programs the target
+# launches there, not by the volume (the backward reads them once per ticket: volume-scaled)
+PER_PROGRAM = {"_fused_kernel": ("g0_ptr", "rowmask_ptr")}
 
 
 def counted_case(case: StaticCase, side: int = 16) -> StaticCase:
