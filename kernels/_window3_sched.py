@@ -50,11 +50,11 @@ _RING = 3
 # the ideal bytes), no spills at 16 warps (sm_90a, Triton 3.9 and 3.6: README "Window kernel
 # designs"); the GPU run times it against the unmerged forward (bench/time_designs.py)
 _MERGE = True
-# The ticket tile (kernels/_window3_tile.py) issues a third to 43 % of the per-window parts pass's
-# instructions (bench/results/static_designs/instructions.md) but the fused forward spills with it
-# at 16 warps (sm_90a, [None, 2, 4, 6]: 104 B fp32 / 112 B bf16 with Triton 3.9, 288 B / 200 B
-# with 3.6; [None, 4] fp32 60 B with 3.6): off by default until it does not; the GPU run times it
-# (bench/time_designs.py, "design 3, ticket tile")
+# The ticket tile (kernels/_window3_tile.py) issues a third to under half of the per-window parts
+# pass's instructions (bench/results/static_designs/instructions.md) but with [None, 2, 4, 6] the
+# fused forward spills with it at 16 warps (sm_90a: 56 B fp32 / 40 B bf16 with Triton 3.9, 80 B
+# with 3.6; [None, 4]: none): off by default until the GPU has timed it (bench/time_designs.py,
+# "design 3, ticket tile")
 _TILE = False
 _INTERPRET = tl.constexpr(INTERPRET)  # kernels/_common.py: Triton's CPU interpreter
 

@@ -108,7 +108,7 @@ def _tile_product(z, member, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, P0: tl.
 
 
 @triton.jit
-def _tile_store(v, B0: tl.constexpr, ptr, stride, row, row_ok, slot, j, KSEL: tl.constexpr,
+def _tile_store(v, B0: tl.constexpr, ptr, stride, row, row_ok, slot, j, KSEL,
                 SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, W: tl.constexpr, NC: tl.constexpr,
                 NB: tl.constexpr, MERGE: tl.constexpr):  # fmt: skip
     """Store the part sums v (R, NC) (columns of ``_tile_member`` plus B0: 4 for the high halves
@@ -123,8 +123,7 @@ def _tile_store(v, B0: tl.constexpr, ptr, stride, row, row_ok, slot, j, KSEL: tl
     s1 = _col_shift(k, SHIFTS, NSHIFT, 1)
     s2 = _col_shift(k, SHIFTS, NSHIFT, 2)
     ok = row_ok & (k < NSHIFT) & ((b < 4) | (s0 > 0)) & ((b % 4 < 2) | (s1 > 0))
-    if KSEL >= 0:
-        ok = ok & (k == KSEL)
+    ok = ok & ((k == KSEL) | (KSEL < 0))
     keep_hi = ok & (s2 > 0)
     if MERGE:
         r = tl.arange(0, v.shape[0])[:, None] + c * 0
@@ -136,7 +135,7 @@ def _tile_store(v, B0: tl.constexpr, ptr, stride, row, row_ok, slot, j, KSEL: tl
 
 
 @triton.jit
-def _tile_parts_store(z, member, ptr, stride, row, row_ok, slot, j, KSEL: tl.constexpr,
+def _tile_parts_store(z, member, ptr, stride, row, row_ok, slot, j, KSEL,
                       SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, P0: tl.constexpr,
                       BLOCK_E: tl.constexpr, W: tl.constexpr, BP0: tl.constexpr,
                       BP1: tl.constexpr, BP2: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
@@ -215,9 +214,12 @@ def _parts_tile(
         _tile_parts_store(xb * xi, member, kpart_ptr, E * E, _tri(i, ea + H, E),
                           row_ok & (ea + H >= i) & (ea + H < E), slot, j, -1, SHIFTS, NSHIFT, P0,
                           H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0, NC, MERGE)  # fmt: skip
-    for k in tl.static_range(NSHIFT):  # X g0 under shift k
-        rolled = ((q0 + SHIFTS[k][0]) % P0 * P1 + (q1 + SHIFTS[k][1]) % P1) * P2
-        rolled += (q2 + SHIFTS[k][2]) % P2 + j5 * 0  # g0 where each voxel lies under shift k
+    for k in tl.range(0, NSHIFT):  # X g0 under shift k (a loop: g0's addresses made per shift)
+        p0 = q0 + _col_shift(k, SHIFTS, NSHIFT, 0)
+        p1 = q1 + _col_shift(k, SHIFTS, NSHIFT, 1)
+        p2 = q2 + _col_shift(k, SHIFTS, NSHIFT, 2)
+        rolled = (tl.where(p0 >= P0, p0 - P0, p0) * P1 + tl.where(p1 >= P1, p1 - P1, p1)) * P2
+        rolled += tl.where(p2 >= P2, p2 - P2, p2) + j5 * 0  # g0 where each voxel lies under k
         g = tl.load(g0_ptr + rolled, mask=inside & (j5 >= 0), other=0)
         g = tl.reshape(g, (1, W, BP0, BP1, BP2)).to(tl.float32)
         _tile_parts_store(xa * g, member, hpart_ptr, E, ea, row_ok & (ea < E), slot, j, k,
