@@ -51,7 +51,7 @@ each) against 64 KB of x per ticket are the first thing a GPU must measure (``TU
 _window3_sched.py: windows per ticket, warps, programs per SM, ring, and ``merge``: the parts of
 neighbouring windows of a ticket merged, kernels/_window3_parts.py, on by default where
 ``merge_on``; ``tile``: the forward's parts pass on a whole ticket at once,
-kernels/_window3_tile.py, about a third of the per-window pass's instructions, off by default
+kernels/_window3_tile.py, a third to half the per-window pass's instructions, off by default
 while it spills).
 """
 
