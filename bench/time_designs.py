@@ -13,7 +13,8 @@ T = 5) are timed (median of CUDA events), as % of the device's copy bandwidth fo
 (forward: read x + write y; backward: + read dy, write dx) and as a ratio to the first variant
 (design 1); every variant's output and gradient are compared with its (max relative
 difference). A variant that fails is recorded with its error and the others go on. Writes one
-JSON document and prints a table; nothing here gates anything.
+JSON document (rewritten after every row, so a run stopped by the GPU session's time limit keeps
+what it measured) and prints a table (flushed row by row); nothing here gates anything.
 """
 
 from __future__ import annotations
@@ -108,7 +109,9 @@ def main(argv=None) -> int:
                     r = _run(design, tuning, x, v0, dy, shifts, device, args.repeats)
                 except Exception as e:  # noqa: BLE001 - recorded, the other variants go on
                     rows.append(dict(row, error=f"{type(e).__name__}: {e}"))
-                    print(f"{dname} {sname} {name}: {type(e).__name__}: {e}", file=sys.stderr)
+                    print(f"{dname} {sname} {name}: {type(e).__name__}: {e}", file=sys.stderr,
+                          flush=True)  # fmt: skip
+                    _write(args.out, device, args.shape, bw, rows)
                     continue
                 base = base or r
                 row.update(
@@ -124,12 +127,19 @@ def main(argv=None) -> int:
                 print(f"{dname:5} {sname:16} {name:34} fwd {row['fwd_ms']:8.3f} ms "
                       f"({row['fwd_pct_copy_bw']:5.1f} %)  fwd+bwd {row['fwdbwd_ms']:8.3f} ms "
                       f"({row['fwdbwd_pct_copy_bw']:5.1f} %)  dx diff "
-                      f"{row['dx_rel_diff_vs_design1']:.1e}")  # fmt: skip
-    doc = dict(environment=environment(device), shape=args.shape, copy_bw_gbs=bw, rows=rows)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(doc, f, indent=1)
+                      f"{row['dx_rel_diff_vs_design1']:.1e}", flush=True)  # fmt: skip
+                _write(args.out, device, args.shape, bw, rows)
+    _write(args.out, device, args.shape, bw, rows)
     return 1 if any("error" in r for r in rows) else 0
+
+
+def _write(out, device, shape, bw, rows) -> None:
+    """The JSON document so far (written after every row: a run cut short by the GPU session's
+    time limit keeps what it measured)."""
+    if out:
+        doc = dict(environment=environment(device), shape=shape, copy_bw_gbs=bw, rows=rows)
+        with open(out, "w") as f:
+            json.dump(doc, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -177,3 +177,31 @@ def test_time_designs_runs(tmp_path):
     assert all(r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 for r in rows)
     assert rows[0]["dx_rel_diff_vs_design1"] == 0
     assert all(r["dx_rel_diff_vs_design1"] < 1e-5 for r in rows[1:])
+
+
+def test_time_designs_keeps_what_it_measured_when_cut_short(tmp_path, monkeypatch):
+    """The GPU session stops a step at its time limit: the JSON is written after every row, so
+    a run stopped during the second variant still holds the first (``_run`` replaced: no
+    kernel runs here)."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("time_designs", ROOT / "bench/time_designs.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    calls = []
+
+    def fake_run(design, tuning, x, v0, dy, shifts, device, repeats):
+        calls.append(design)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what a timeout's signal would end the run with
+        return dict(fwd_ms=1.0, fwdbwd_ms=3.0, y=x, dx=x)
+
+    monkeypatch.setattr(mod, "_run", fake_run)
+    monkeypatch.setattr(mod, "copy_bw", lambda device: 1000.0)
+    out = tmp_path / "designs.json"
+    with pytest.raises(KeyboardInterrupt):
+        mod.main(["--shape", "1", "8", "8", "8", "8", "--dtypes", "fp32", "--shifts", "[None, 4]",
+                  "--variants", "design 1", "design 3", "--out", str(out)])  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["design 1"] and rows[0]["fwd_ms"] == 1.0
