@@ -261,6 +261,38 @@ def _store_parts(z, dst, stride, e, emask, SH0: tl.constexpr, SH1: tl.constexpr,
 
 
 @triton.jit
+def _shift_of(k, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, AX: tl.constexpr):
+    """The in-window shift along axis AX of shift k (elementwise over a tensor or a scalar k; 0
+    past NSHIFT)."""
+    s = k * 0
+    for j in tl.static_range(NSHIFT):
+        s = tl.where(k == j, SHIFTS[j][AX], s)
+    return s
+
+
+@triton.jit
+def _part_member(SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, P0: tl.constexpr,
+                 P1: tl.constexpr, P2: tl.constexpr, BA0: tl.constexpr, BA1: tl.constexpr,
+                 BA2: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+                 NC: tl.constexpr, NB: tl.constexpr, DT: tl.constexpr, live):  # fmt: skip
+    """(BA0 BA1 BA2, NC) 0/1 in DT: sub-box n (of D0 x D1 x D2 voxels, flat) lies in part column
+    c; NB columns a shift: 8 (c = k * 8 + b, b = (b0 * 2 + b1) * 2 + b2) or 4 (c = k * 4 + b1 * 2
+    + b2, axis 0 not split: BA0 = 1). Parts a shift does not have, padding and shifts past NSHIFT
+    are 0; ``live``: a true scalar ANDed in (the caller's way to keep it out of a loop's start)."""
+    n = tl.arange(0, BA0 * BA1 * BA2)[:, None]
+    a0 = (n // (BA1 * BA2)) * D0  # first voxel of the sub-box per axis (powers of two: shifts)
+    a1 = ((n // BA2) % BA1) * D1
+    a2 = (n % BA2) * D2
+    c = tl.arange(0, NC)[None, :]
+    k = c // NB
+    b = c % NB
+    m = (((a0 >= P0 - _shift_of(k, SHIFTS, NSHIFT, 0)).to(tl.int32) == (b // 4) % 2)
+         & ((a1 >= P1 - _shift_of(k, SHIFTS, NSHIFT, 1)).to(tl.int32) == (b // 2) % 2)
+         & ((a2 >= P2 - _shift_of(k, SHIFTS, NSHIFT, 2)).to(tl.int32) == b % 2))  # fmt: skip
+    return (m & (a0 < P0) & (a1 < P1) & (a2 < P2) & (k < NSHIFT) & live).to(DT)
+
+
+@triton.jit
 def _tri(i, j, E):
     """Position of (i, j), i <= j, in the upper triangle of an E x E matrix packed row by row
     (E (E + 1) / 2 floats: whole 32-byte sectors, not one partial sector per row)."""

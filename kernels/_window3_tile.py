@@ -31,43 +31,10 @@ import math
 import triton
 import triton.language as tl
 
-from ._window2_common import _tri
+from ._window2_common import _part_member, _shift_of, _tri
 from ._window3_sched import _TILE, TUNING, _part_slot
 
 __all__ = ["tile_plan"]
-
-
-@triton.jit
-def _col_shift(col, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, AX: tl.constexpr):
-    """The in-window shift along axis AX of shift ``col`` (elementwise; 0 past NSHIFT)."""
-    s = col * 0
-    for k in tl.static_range(NSHIFT):
-        s = tl.where(col == k, SHIFTS[k][AX], s)
-    return s
-
-
-@triton.jit
-def _tile_member(SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, P0: tl.constexpr,
-                 P1: tl.constexpr, P2: tl.constexpr, BA0K: tl.constexpr, BA1: tl.constexpr,
-                 BA2: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
-                 NC: tl.constexpr, NB: tl.constexpr, live):  # fmt: skip
-    """(BA0K BA1 BA2, NC) 0/1: sub-box n of the dot lies in part column c. NB parts a shift
-    (8: c = k * 8 + b, the axis-0 sub-boxes in the dot; 4: c = k * 4 + b1 * 2 + b2, axis 0 in
-    the rows); ``live``: a true scalar (ANDed in)."""
-    n = tl.arange(0, BA0K * BA1 * BA2)[:, None]
-    a0 = (n // (BA1 * BA2)) * D0
-    a1 = ((n // BA2) % BA1) * D1
-    a2 = (n % BA2) * D2
-    c = tl.arange(0, NC)[None, :]
-    k = c // NB
-    b = c % NB
-    s0 = _col_shift(k, SHIFTS, NSHIFT, 0)
-    s1 = _col_shift(k, SHIFTS, NSHIFT, 1)
-    s2 = _col_shift(k, SHIFTS, NSHIFT, 2)
-    m = (((a0 >= P0 - s0).to(tl.int32) == (b // 4) % 2)
-         & ((a1 >= P1 - s1).to(tl.int32) == (b // 2) % 2)
-         & ((a2 >= P2 - s2).to(tl.int32) == b % 2))  # fmt: skip
-    return (m & (a0 < P0) & (a1 < P1) & (a2 < P2) & (k < NSHIFT) & live).to(tl.float32)
 
 
 @triton.jit
@@ -91,7 +58,7 @@ def _tile_product(z, member, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, P0: tl.
                   BP2: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
                   ROWS0: tl.constexpr, NC: tl.constexpr):  # fmt: skip
     """Every shift's part sums of the per-voxel products z (BLOCK_E, W, BP0, BP1, BP2): (low,
-    high) (BLOCK_E W, NC), rows (channel, window), columns of ``_tile_member``; with ROWS0 the
+    high) (BLOCK_E W, NC), rows (channel, window), columns of ``_part_member``; with ROWS0 the
     halves along axis 0 of each column's shift (b0 = 0, 1), else the columns hold b0 and high is
     low."""
     BA0: tl.constexpr = BP0 // D0
@@ -101,7 +68,7 @@ def _tile_product(z, member, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, P0: tl.
     if ROWS0:
         t = tl.reshape(t, (BLOCK_E * W, BA0, NC))
         a0 = tl.arange(0, BA0)[None, :, None] * D0
-        cut = P0 - _col_shift(tl.arange(0, NC)[None, None, :] // 4, SHIFTS, NSHIFT, 0)
+        cut = P0 - _shift_of(tl.arange(0, NC)[None, None, :] // 4, SHIFTS, NSHIFT, 0)
         return tl.sum(tl.where(a0 < cut, t, 0), axis=1), tl.sum(tl.where(a0 >= cut, t, 0), axis=1)
     else:
         return t, t
@@ -111,7 +78,7 @@ def _tile_product(z, member, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, P0: tl.
 def _tile_store(v, B0: tl.constexpr, ptr, stride, row, row_ok, slot, j, KSEL,
                 SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, W: tl.constexpr, NC: tl.constexpr,
                 NB: tl.constexpr, MERGE: tl.constexpr):  # fmt: skip
-    """Store the part sums v (R, NC) (columns of ``_tile_member`` plus B0: 4 for the high halves
+    """Store the part sums v (R, NC) (columns of ``_part_member`` plus B0: 4 for the high halves
     along axis 0 of ROWS0) at ptr + (slot + k * 8 + b) * stride + row, the parts that exist, of
     shift KSEL only if KSEL >= 0. With MERGE a high part along axis 2 (b2 = 1) of window j (the
     row's window) is added to the low part of window j + 1 (the row below) unless j is the last."""
@@ -119,9 +86,9 @@ def _tile_store(v, B0: tl.constexpr, ptr, stride, row, row_ok, slot, j, KSEL,
     c = 2 * tl.arange(0, NC // 2)[None, :]
     k = c // NB
     b = c % NB + B0
-    s0 = _col_shift(k, SHIFTS, NSHIFT, 0)
-    s1 = _col_shift(k, SHIFTS, NSHIFT, 1)
-    s2 = _col_shift(k, SHIFTS, NSHIFT, 2)
+    s0 = _shift_of(k, SHIFTS, NSHIFT, 0)
+    s1 = _shift_of(k, SHIFTS, NSHIFT, 1)
+    s2 = _shift_of(k, SHIFTS, NSHIFT, 2)
     ok = row_ok & (k < NSHIFT) & ((b < 4) | (s0 > 0)) & ((b % 4 < 2) | (s1 > 0))
     ok = ok & ((k == KSEL) | (KSEL < 0))
     keep_hi = ok & (s2 > 0)
@@ -194,8 +161,8 @@ def _parts_tile(
     # built per ticket: a member kept from the kernel's start would hold 16 registers a thread
     # through the solve and output passes too (plane >= 0 always; the compiler cannot know)
     live = (plane >= 0).to(tl.int32)
-    member = _tile_member(SHIFTS, NSHIFT, P0, P1, P2, BA0K, BP1 // D1, BP2 // D2, D0, D1, D2, NC,
-                          NB, live != 0)  # fmt: skip
+    member = _part_member(SHIFTS, NSHIFT, P0, P1, P2, BA0K, BP1 // D1, BP2 // D2, D0, D1, D2, NC,
+                          NB, tl.float32, live != 0)  # fmt: skip
     r = tl.arange(0, H * W)[:, None]
     ea = r // W  # a row's channel in the low half (H + ea in the high half)
     j = r % W
@@ -215,9 +182,9 @@ def _parts_tile(
                           row_ok & (ea + H >= i) & (ea + H < E), slot, j, -1, SHIFTS, NSHIFT, P0,
                           H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0, NC, MERGE)  # fmt: skip
     for k in tl.range(0, NSHIFT):  # X g0 under shift k (a loop: g0's addresses made per shift)
-        p0 = q0 + _col_shift(k, SHIFTS, NSHIFT, 0)
-        p1 = q1 + _col_shift(k, SHIFTS, NSHIFT, 1)
-        p2 = q2 + _col_shift(k, SHIFTS, NSHIFT, 2)
+        p0 = q0 + _shift_of(k, SHIFTS, NSHIFT, 0)
+        p1 = q1 + _shift_of(k, SHIFTS, NSHIFT, 1)
+        p2 = q2 + _shift_of(k, SHIFTS, NSHIFT, 2)
         rolled = (tl.where(p0 >= P0, p0 - P0, p0) * P1 + tl.where(p1 >= P1, p1 - P1, p1)) * P2
         rolled += tl.where(p2 >= P2, p2 - P2, p2) + j5 * 0  # g0 where each voxel lies under k
         g = tl.load(g0_ptr + rolled, mask=inside & (j5 >= 0), other=0)

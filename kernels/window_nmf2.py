@@ -77,8 +77,10 @@ from ._window2_common import (
     TUNING,
     _Geometry2,
     _load_window,
+    _part_member,
     _pass_rows,
     _pick,
+    _shift_of,
     _shift_vectors,
     _shifted_g_all,
     _solve_rows,
@@ -177,30 +179,16 @@ def _membership(SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, P0: tl.constexpr,
                 BA2: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
                 NPB: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
     """(BA0 BA1 BA2, NPB) 0/1: sub-box n (of D0 x D1 x D2 voxels, flat) lies in part b of shift k
-    (column k * 8 + b); columns of parts a shift does not have, and padding, are 0. Also
-    (1, NPB): which columns are parts."""
-    n = tl.arange(0, BA0 * BA1 * BA2)[:, None]
-    a0 = (n // (BA1 * BA2)) * D0  # first voxel of the sub-box per axis (powers of two: shifts)
-    a1 = ((n // BA2) % BA1) * D1
-    a2 = (n % BA2) * D2
+    (column k * 8 + b; ``_part_member``); columns of parts a shift does not have, and padding,
+    are 0. Also (1, NPB): which columns are parts."""
     p = tl.arange(0, NPB)[None, :]
     kk = p // 8
-    b0 = (p // 4) % 2
-    b1 = (p // 2) % 2
-    b2 = p % 2
-    s0 = tl.zeros((1, NPB), dtype=tl.int32)
-    s1 = tl.zeros((1, NPB), dtype=tl.int32)
-    s2 = tl.zeros((1, NPB), dtype=tl.int32)
-    for j in tl.static_range(NSHIFT):
-        s0 = tl.where(kk == j, SHIFTS[j][0], s0)
-        s1 = tl.where(kk == j, SHIFTS[j][1], s1)
-        s2 = tl.where(kk == j, SHIFTS[j][2], s2)
-    inside = (a0 < P0) & (a1 < P1) & (a2 < P2)
-    exists = (kk < NSHIFT) & ((b0 == 0) | (s0 > 0)) & ((b1 == 0) | (s1 > 0))
-    exists = exists & ((b2 == 0) | (s2 > 0))
-    member = (((a0 >= P0 - s0).to(tl.int32) == b0) & ((a1 >= P1 - s1).to(tl.int32) == b1)
-              & ((a2 >= P2 - s2).to(tl.int32) == b2))  # fmt: skip
-    return (member & inside & exists).to(ACC), exists
+    exists = ((kk < NSHIFT) & (((p // 4) % 2 == 0) | (_shift_of(kk, SHIFTS, NSHIFT, 0) > 0))
+              & (((p // 2) % 2 == 0) | (_shift_of(kk, SHIFTS, NSHIFT, 1) > 0))
+              & ((p % 2 == 0) | (_shift_of(kk, SHIFTS, NSHIFT, 2) > 0)))  # fmt: skip
+    member = _part_member(SHIFTS, NSHIFT, P0, P1, P2, BA0, BA1, BA2, D0, D1, D2, NPB, 8, ACC,
+                          True)  # fmt: skip
+    return member, exists
 
 
 @triton.jit
