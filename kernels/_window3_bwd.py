@@ -20,6 +20,7 @@ import triton.language as tl
 from ._common import acc_dtype
 from ._window2_bwd import _apply_bwd_window, _parts_bwd_window
 from ._window2_common import _Geometry2, _lanes_rowmask_g
+from ._window3_bwd_tile import _apply_tile, bwd_tile_plan
 from ._window3_sched import (
     Pipeline,
     _count_done,
@@ -108,22 +109,31 @@ def _apply_chunk(x_ptr, dy_ptr, dx_ptr, rowmask_ptr, g0_ptr, first, plane, NPLAN
                  P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
                  BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
                  BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
-                 G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
-    """The output passes of one ticket (the windows of a plane from ``first``); g0 under every
-    shift is loaded once a ticket (from L1: 2 KB a shift in fp32)."""
-    e, emask, rowmask, g_all = _lanes_rowmask_g(rowmask_ptr, g0_ptr, E, SHIFTS, NSHIFT, P0, P1,
-                                                P2, BP0, BP1, BP2, BLOCK_E, NSB, ACC, True)
-    for j in range(0, WPP):
-        if first + j < NPLANE:
-            w = plane * NPLANE + first + j
-            # w < NWIN always holds, but the compiler cannot tell: bh and g0 pass through a
-            # select on it, so what depends on them is computed per window, not hoisted out of
-            # this loop (Triton 3.6, sm_90a, bf16 [None, 2, 4, 6]: 72 spill bytes hoisted)
-            ok = w < NWIN
-            _apply_bwd_window(x_ptr, dy_ptr, dx_ptr, rowmask, e, emask, w, tl.where(ok, bh, 0),
-                              tl.where(ok, g_all, 0.0), u_ptr, sym_ptr, hbar_ptr, E, NWIN, NVOX,
-                              ITERS, S1, S2, NW0, NW1, NW2, SHIFTS, NSHIFT, P0, P1, P2, BP0, BP1,
-                              BP2, BLOCK_E, NSB, G0, G1, G2, MU, ACC, True)  # CG  # fmt: skip
+                 G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, BTILE: tl.constexpr,
+                 R2: tl.constexpr):  # fmt: skip
+    """The output passes of one ticket (the windows of a plane from ``first``): as one tile
+    (BTILE, kernels/_window3_bwd_tile.py) or window by window, g0 under every shift loaded once
+    a ticket (from L1: 2 KB a shift in fp32)."""
+    if BTILE:
+        _apply_tile(x_ptr, dy_ptr, dx_ptr, g0_ptr, first, plane, NPLANE, bh, u_ptr, sym_ptr,
+                    hbar_ptr, E, NWIN, NVOX, S1, S2, NW0, NW1, NW2, SHIFTS, NSHIFT, WPP, P0, P1,
+                    P2, BP0, BP1, BP2, BLOCK_E, R2)  # fmt: skip
+    else:
+        e, emask, rowmask, g_all = _lanes_rowmask_g(rowmask_ptr, g0_ptr, E, SHIFTS, NSHIFT, P0,
+                                                    P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, ACC,
+                                                    True)  # fmt: skip
+        for j in range(0, WPP):
+            if first + j < NPLANE:
+                w = plane * NPLANE + first + j
+                # w < NWIN always holds, but the compiler cannot tell: bh and g0 pass through a
+                # select on it, so what depends on them is computed per window, not hoisted out
+                # of this loop (Triton 3.6, sm_90a, bf16 [None, 2, 4, 6]: 72 spill bytes hoisted)
+                ok = w < NWIN
+                _apply_bwd_window(x_ptr, dy_ptr, dx_ptr, rowmask, e, emask, w,
+                                  tl.where(ok, bh, 0), tl.where(ok, g_all, 0.0), u_ptr, sym_ptr,
+                                  hbar_ptr, E, NWIN, NVOX, ITERS, S1, S2, NW0, NW1, NW2, SHIFTS,
+                                  NSHIFT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, G0, G1, G2, MU,
+                                  ACC, True)  # CG  # fmt: skip
     _count_done(flags, 2, plane, NPL)
     return tl.atomic_add(flag_ptr, 1)  # the next ticket
 
@@ -161,7 +171,7 @@ def _fused_bwd_kernel(
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
     BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
     G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, RING: tl.constexpr,
-    OFFS: tl.constexpr, NOFF: tl.constexpr,
+    OFFS: tl.constexpr, NOFF: tl.constexpr, BTILE: tl.constexpr, R2: tl.constexpr,
 ):  # fmt: skip
     """Persistent, like the forward's ``_fused_kernel``: the backward parts, solves and output
     passes of every (batch*head, plane, chunk) in ticket order (RING is 0: the ū parts, E floats
@@ -193,7 +203,7 @@ def _fused_bwd_kernel(
                              g0_ptr, first, plane, NPLANE, bh, u_ptr, sym_ptr, hbar_ptr, flags,
                              flag_ptr, NPL, E, NWIN, NVOX, 1, S1, S2, NW0, NW1, NW2, SHIFTS, NSHIFT,
                              WPP, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, G0, G1, G2, MU,
-                             ACC)  # fmt: skip
+                             ACC, BTILE, R2)  # fmt: skip
 
 
 def backward3(x, g0, rowmask, u, h, kmat, dy, geo: _Geometry2, plan, iters: int,
@@ -211,7 +221,7 @@ def backward3(x, g0, rowmask, u, h, kmat, dy, geo: _Geometry2, plan, iters: int,
         x, dy, dx, g0, rowmask, u, h, kmat, gpart, sym, hbar, *pipe.args(),
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, iters, geo.S[1], geo.S[2], *geo.NW,
         **geo.consts(), **pipe.block(geo), MU=mu, ACC=acc_dtype(x.dtype),
-        num_warps=pipe.warps(),
+        **bwd_tile_plan(geo, mu, x.dtype, pipe.wpp, pipe.warps()), num_warps=pipe.warps(),
     )  # fmt: skip
     return dx
 

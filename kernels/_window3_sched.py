@@ -34,9 +34,10 @@ PASSES = ("parts", "solve", "apply")
 # the SM count where the device is not a GPU (the static suite's stub driver sets it to its
 # target's; None elsewhere: two programs), whether neighbours' parts are merged, and whether the
 # forward's parts pass takes a ticket's windows as one tile (kernels/_window3_tile.py, where
-# ``tile_plan`` allows; None: ``_TILE``)
+# ``tile_plan`` allows; None: ``_TILE``), and whether the backward's output pass does
+# (kernels/_window3_bwd_tile.py, where ``bwd_tile_plan`` allows; None: ``_BWD_TILE``)
 TUNING: dict = {"programs_per_sm": None, "warps": None, "wpp": None, "ring": None, "sms": None,
-                "merge": None, "tile": None}
+                "merge": None, "tile": None, "bwd_tile": None}
 _PROGRAMS_PER_SM = 1
 _WARPS = 16
 _WPP = 4
@@ -56,6 +57,10 @@ _MERGE = True
 # with 3.6; [None, 4]: none): off by default until the GPU has timed it (bench/time_designs.py,
 # "design 3, ticket tile")
 _TILE = False
+# The backward's output pass on a ticket's windows as one tile (kernels/_window3_bwd_tile.py):
+# a fifth to a quarter of the per-window pass's instructions, no spills in the fused backward
+# (README "Window kernel designs")
+_BWD_TILE = False
 _INTERPRET = tl.constexpr(INTERPRET)  # kernels/_common.py: Triton's CPU interpreter
 
 

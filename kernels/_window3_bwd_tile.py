@@ -1,0 +1,135 @@
+"""The third design's backward output pass on a whole ticket at once (kernels/_window3_bwd.py).
+
+PROTOTYPE.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._window2_common import _wrap_add
+from ._window3_sched import _BWD_TILE, TUNING
+
+__all__ = ["bwd_tile_plan"]
+
+
+@triton.jit
+def _run_prog(bh, w0, w1, w2, q0, q1, r2, NWIN, NW0, NW1, NW2, k: tl.constexpr,
+              SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr,
+              P2: tl.constexpr):  # fmt: skip
+    """The shifted window (its flat program index under shift k) that each run lies in."""
+    o0 = _wrap_add(w0, (q0 >= P0 - SHIFTS[k][0]).to(tl.int32), SHIFTS[k][3], NW0)
+    o1 = _wrap_add(w1, (q1 >= P1 - SHIFTS[k][1]).to(tl.int32), SHIFTS[k][4], NW1)
+    o2 = _wrap_add(w2, (r2 >= P2 - SHIFTS[k][2]).to(tl.int32), SHIFTS[k][5], NW2)
+    return (bh * NSHIFT + k) * NWIN + (o0 * NW1 + o1) * NW2 + o2
+
+
+@triton.jit
+def _pair(ptr):
+    """Two fp32 at ptr (8-byte aligned) from one 8-byte load (the halves of an int64)."""
+    v = tl.load(ptr.to(tl.pointer_type(tl.int64)), cache_modifier=".cg")
+    lo = v.to(tl.int32).to(tl.float32, bitcast=True)
+    hi = (v >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    return lo, hi
+
+
+@triton.jit
+def _vec(ptr, c6, E: tl.constexpr):
+    """The E-vector at ptr (one per run, 8-byte aligned) as the tile's channel axis: E / 2
+    8-byte loads, each half put in its channel's registers (selects on a known channel fold)."""
+    v = tl.zeros(c6.shape, dtype=tl.float32) + tl.zeros(ptr.shape, dtype=tl.float32)
+    for i in tl.static_range(E // 2):
+        lo, hi = _pair(ptr + 2 * i)
+        v = tl.where(c6 == 2 * i, lo, tl.where(c6 == 2 * i + 1, hi, v))
+    return v
+
+
+@triton.jit
+def _chan(t, c6, c: tl.constexpr):
+    """Channel c of the tile t (its registers: the others add -0.0, which folds)."""
+    return tl.sum(tl.where(c6 == c, t, -0.0), axis=0)[None]
+
+
+@triton.jit
+def _apply_tile(
+    x_base, dy_base, dx_base, g0_ptr, first, plane, NPLANE, bh, u_ptr, sym_ptr, hbar_ptr,
+    E: tl.constexpr, NWIN, NVOX, S1, S2, NW0, NW1, NW2, SHIFTS: tl.constexpr,
+    NSHIFT: tl.constexpr, W: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+    BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr, BLOCK_E: tl.constexpr,
+    R2: tl.constexpr,
+):  # fmt: skip
+    """dX of one ticket's windows as one tile (PROTOTYPE)."""
+    NR: tl.constexpr = BP2 // R2
+    c6 = tl.arange(0, BLOCK_E)[:, None, None, None, None, None]
+    cm = c6 < E
+    jj = tl.arange(0, W)[None, :, None, None, None, None]
+    q0 = tl.arange(0, BP0)[None, None, :, None, None, None]
+    q1 = tl.arange(0, BP1)[None, None, None, :, None, None]
+    r2 = (tl.arange(0, NR) * R2)[None, None, None, None, :, None]  # a run's first voxel
+    g2 = tl.arange(0, R2)[None, None, None, None, None, :]
+    ww = plane * NPLANE + first + jj
+    v2 = ww % NW2
+    v1 = (ww // NW2) % NW1
+    v0 = ww // (NW1 * NW2)
+    inside = (q0 < P0) & (q1 < P1) & (r2 + g2 < P2) & (jj >= 0)
+    voxel = ((v0 * P0 + q0) * S1 + v1 * P1 + q1) * S2 + v2 * P2 + r2 + g2
+    ok = inside & (first + jj < NPLANE) & cm
+    offs = c6 * NVOX + voxel
+    dy = tl.load(dy_base + offs, mask=ok, other=0).to(tl.float32) / NSHIFT
+    dx = tl.zeros((BLOCK_E, W, BP0, BP1, NR, R2), dtype=tl.float32)
+    for k in tl.static_range(NSHIFT):
+        prog = _run_prog(bh, v0, v1, v2, q0, q1, r2, NWIN, NW0, NW1, NW2, k, SHIFTS, NSHIFT,
+                         P0, P1, P2)  # fmt: skip
+        uk = _vec(u_ptr + prog * E, c6, E)
+        dx += uk * tl.sum(uk * dy, axis=0)[None]
+        m0 = q0 + SHIFTS[k][0]
+        m1 = q1 + SHIFTS[k][1]
+        m2 = r2 + SHIFTS[k][2]  # a run never straddles the roll's wrap (sub-box aligned)
+        rolled = (tl.where(m0 >= P0, m0 - P0, m0) * P1 + tl.where(m1 >= P1, m1 - P1, m1)) * P2
+        rolled += tl.where(m2 >= P2, m2 - P2, m2)
+        rolled = tl.multiple_of(rolled, [R2] * 6) + g2
+        g = tl.load(g0_ptr + rolled, mask=inside, other=0).to(tl.float32)
+        dx += _vec(hbar_ptr + prog * E, c6, E) * g
+    x = tl.maximum(tl.load(x_base + offs, mask=ok, other=0).to(tl.float32), 0)
+    for c in tl.static_range(E):  # S x with S symmetric: the entries (c, c2 >= c), in pairs
+        for i in tl.static_range(c // 2, E // 2):
+            lo = tl.zeros((1, W, BP0, BP1, NR, 1), dtype=tl.float32)
+            hi = tl.zeros((1, W, BP0, BP1, NR, 1), dtype=tl.float32)
+            for k in tl.static_range(NSHIFT):
+                prog = _run_prog(bh, v0, v1, v2, q0, q1, r2, NWIN, NW0, NW1, NW2, k, SHIFTS,
+                                 NSHIFT, P0, P1, P2)  # fmt: skip
+                a, b = _pair(sym_ptr + prog * (E * E) + c * E + 2 * i)
+                lo += a
+                hi += b
+            if 2 * i == c:
+                dx += tl.where(c6 == c, lo * _chan(x, c6, c), -0.0)
+            if 2 * i > c:
+                dx += tl.where(c6 == c, lo * _chan(x, c6, 2 * i), -0.0)
+                dx += tl.where(c6 == 2 * i, lo * _chan(x, c6, c), -0.0)
+            if 2 * i + 1 == c:
+                dx += tl.where(c6 == c, hi * _chan(x, c6, c), -0.0)
+            else:
+                dx += tl.where(c6 == c, hi * _chan(x, c6, 2 * i + 1), -0.0)
+                dx += tl.where(c6 == 2 * i + 1, hi * _chan(x, c6, c), -0.0)
+    dx = tl.where(x > 0, dx, 0)
+    tl.store(dx_base + offs, dx.to(dx_base.dtype.element_ty), mask=ok)
+
+
+def bwd_tile_plan(geo, mu: bool, dtype: torch.dtype, wpp: int, warps: int) -> dict:
+    """The constexprs of the ticket-tile output pass: BTILE (whether it runs:
+    ``TUNING["bwd_tile"]``, HALS, E even and the statistics in fp32 for the 8-byte pair loads, a
+    power-of-two WPP, at most 32 values of a tile a thread and at least a run a thread) and R2,
+    the run length along axis 2 (the sub-box's, at most 4: a run lies in one part of every
+    shift and never straddles a roll's wrap)."""
+    r2 = min(geo.sub[2], 4)
+    threads = 32 * warps
+    values = geo.block_e * wpp * math.prod(geo.bp) // threads
+    runs = wpp * geo.bp[0] * geo.bp[1] * geo.bp[2] // r2
+    on = _BWD_TILE if TUNING["bwd_tile"] is None else bool(TUNING["bwd_tile"])
+    use = (on and not mu and geo.E % 2 == 0 and dtype != torch.float64
+           and wpp & (wpp - 1) == 0 and values <= 32 and runs >= threads)  # fmt: skip
+    return dict(BTILE=use, R2=r2)

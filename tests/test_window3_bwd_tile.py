@@ -1,0 +1,89 @@
+"""The third design's backward output pass on a whole ticket at once
+(kernels/_window3_bwd_tile.py): which cases take it (``bwd_tile_plan``), and its gradient against
+the float64 oracle and against the per-window output pass, under the interpreter (CPU) or on a
+GPU."""
+
+import importlib
+
+import pytest
+import torch
+from conftest import DEVICES, rel_err
+from kernel_helpers import check_low_precision, fp32_against_reference, nmf_inputs, run_grad
+
+wn = importlib.import_module("fastnmf.kernels.window_nmf")
+sched = importlib.import_module("fastnmf.kernels._window3_sched")
+common = importlib.import_module("fastnmf.kernels._window2_common")
+btile = importlib.import_module("fastnmf.kernels._window3_bwd_tile")
+
+
+@pytest.fixture
+def design3(monkeypatch):
+    monkeypatch.setitem(wn.TUNING, "design", 3)
+
+
+def _plan(shape, head_dim, patch, shifts, mu=False, dtype=torch.float32):
+    """``bwd_tile_plan`` as the backward's launcher computes it."""
+    x = torch.zeros(shape, dtype=dtype)
+    geo = common._Geometry2(x, head_dim, (patch,) * (x.dim() - 2), shifts)
+    pipe = sched.Pipeline(geo, sched.fused_plan(tuple(geo.NW), geo.shifts), x.device)
+    return btile.bwd_tile_plan(geo, mu, dtype, pipe.wpp, pipe.warps())
+
+
+def test_bwd_tile_plan_takes_the_static_suites_shapes(monkeypatch):
+    """8^3 windows, E = 8, tickets of 4: runs of 2 voxels with [None, 2, 4, 6] (sub-boxes of 2),
+    of 4 with [None, 4]; MU, an odd E, float64, windows of 4^3 (fewer runs than threads) or
+    TUNING["bwd_tile"] = False take the per-window pass."""
+    shape = (1, 8, 16, 8, 32)
+    assert _plan(shape, 8, 8, [None, 2, 4, 6]) == dict(BTILE=True, R2=2)
+    assert _plan(shape, 8, 8, [None, 4]) == dict(BTILE=True, R2=4)
+    assert _plan((1, 6, 12, 12, 18), 6, 6, [None, 3]) == dict(BTILE=True, R2=1)
+    assert not _plan(shape, 8, 8, [None, 4], mu=True)["BTILE"]
+    assert not _plan((1, 5, 16, 8, 32), 5, 8, [None, 4])["BTILE"]
+    assert not _plan(shape, 8, 8, [None, 4], dtype=torch.float64)["BTILE"]
+    assert not _plan(shape, 8, 4, [None, 2])["BTILE"]
+    monkeypatch.setitem(sched.TUNING, "bwd_tile", False)
+    assert not _plan(shape, 8, 8, [None, 4])["BTILE"]
+    monkeypatch.setitem(sched.TUNING, "bwd_tile", None)  # the default
+    assert _plan(shape, 8, 8, [None, 4])["BTILE"] == sched._BWD_TILE
+
+
+TILE_CASES = [
+    # shape, head_dim, patch, shifts, R2: 8^3 windows with the BraTS shifts (runs of 2), two
+    # heads with [None, 4] (runs of 4); rows of 3 windows (a ticket's fourth masked); E = 6
+    # (channels past E masked) with one shift per axis; 6^3 windows padded to 8^3 with an odd
+    # shift (runs of one voxel)
+    ((1, 4, 16, 8, 32), 4, 8, [None, 2, 4, 6], 2),
+    ((1, 8, 16, 8, 32), 4, 8, [None, 4], 4),
+    ((1, 4, 16, 8, 24), 4, 8, [None, 2, 4, 6], 2),
+    ((1, 6, 16, 8, 32), 6, 8, [None, (4, 2, 6)], 2),
+    ((1, 4, 12, 6, 24), 4, 6, [None, 3], 1),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,head_dim,patch,shifts,r2", TILE_CASES)
+def test_bwd_tile_matches_reference(gen, design3, monkeypatch, device, shape, head_dim, patch,
+                                    shifts, r2):  # fmt: skip
+    """The tile's gradient against the float64 oracle, the per-window pass's too, and the two not
+    bit for bit the same (the tile ran)."""
+    assert _plan(shape, head_dim, patch, shifts) == dict(BTILE=True, R2=r2)
+    x, v0, dy = nmf_inputs(gen, shape, patch, zero_windows=True)
+    kw = dict(head_dim=head_dim, patch_size=patch, shifts=shifts, solver="hals")
+    monkeypatch.setitem(sched.TUNING, "bwd_tile", True)
+    dx, dx_ref = fp32_against_reference(x, v0, dy, device, **kw)
+    assert rel_err(dx, dx_ref) <= 1e-4
+    monkeypatch.setitem(sched.TUNING, "bwd_tile", False)
+    dx_window = run_grad("triton", x, v0, dy, torch.float32, device, **kw)[1]
+    assert rel_err(dx_window, dx_ref) <= 1e-4 and not torch.equal(dx, dx_window)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bwd_tile_low_precision(gen, design3, monkeypatch, device):
+    """bf16 x and dy through the tile (runs of 2 voxels, 4-byte loads): within 2x the reference's
+    own error at bf16, plus an atol (``check_low_precision``)."""
+    shape, shifts = (1, 4, 16, 8, 32), [None, 2, 4, 6]
+    monkeypatch.setitem(sched.TUNING, "bwd_tile", True)
+    assert _plan(shape, 4, 8, shifts, dtype=torch.bfloat16)["BTILE"]
+    x, v0, dy = nmf_inputs(gen, shape, 8)
+    check_low_precision(x, v0, dy, torch.bfloat16, device, head_dim=4, patch_size=8,
+                        shifts=shifts)  # fmt: skip
