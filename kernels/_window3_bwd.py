@@ -110,14 +110,14 @@ def _apply_chunk(x_ptr, dy_ptr, dx_ptr, rowmask_ptr, g0_ptr, first, plane, NPLAN
                  BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
                  BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
                  G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, BTILE: tl.constexpr,
-                 R2: tl.constexpr):  # fmt: skip
+                 R2: tl.constexpr, WT: tl.constexpr, EAX: tl.constexpr):  # fmt: skip
     """The output passes of one ticket (the windows of a plane from ``first``): as one tile
     (BTILE, kernels/_window3_bwd_tile.py) or window by window, g0 under every shift loaded once
     a ticket (from L1: 2 KB a shift in fp32)."""
     if BTILE:
         _apply_tile(x_ptr, dy_ptr, dx_ptr, g0_ptr, first, plane, NPLANE, bh, u_ptr, sym_ptr,
                     hbar_ptr, E, NWIN, NVOX, S1, S2, NW0, NW1, NW2, SHIFTS, NSHIFT, WPP, P0, P1,
-                    P2, BP0, BP1, BP2, BLOCK_E, R2)  # fmt: skip
+                    P2, BP0, BP1, BP2, BLOCK_E, R2, WT, EAX)  # fmt: skip
     else:
         e, emask, rowmask, g_all = _lanes_rowmask_g(rowmask_ptr, g0_ptr, E, SHIFTS, NSHIFT, P0,
                                                     P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, ACC,
@@ -172,6 +172,7 @@ def _fused_bwd_kernel(
     BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
     G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, RING: tl.constexpr,
     OFFS: tl.constexpr, NOFF: tl.constexpr, BTILE: tl.constexpr, R2: tl.constexpr,
+    WT: tl.constexpr, EAX: tl.constexpr,
 ):  # fmt: skip
     """Persistent, like the forward's ``_fused_kernel``: the backward parts, solves and output
     passes of every (batch*head, plane, chunk) in ticket order (RING is 0: the ū parts, E floats
@@ -203,7 +204,7 @@ def _fused_bwd_kernel(
                              g0_ptr, first, plane, NPLANE, bh, u_ptr, sym_ptr, hbar_ptr, flags,
                              flag_ptr, NPL, E, NWIN, NVOX, 1, S1, S2, NW0, NW1, NW2, SHIFTS, NSHIFT,
                              WPP, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, G0, G1, G2, MU,
-                             ACC, BTILE, R2)  # fmt: skip
+                             ACC, BTILE, R2, WT, EAX)  # fmt: skip
 
 
 def backward3(x, g0, rowmask, u, h, kmat, dy, geo: _Geometry2, plan, iters: int,

@@ -16,6 +16,14 @@ from ._window3_sched import _BWD_TILE, TUNING
 
 __all__ = ["bwd_tile_plan"]
 
+# Where the tile's channel axis goes so that Triton's load layouts keep a voxel's channels in one
+# thread: the layout orders the axes by the addresses' contiguity (the run's voxels first) and
+# breaks ties by axis position, last first in Triton 3.9 (channels first: their axis is the last
+# to get lanes), first first in 3.6 (channels second, after the runs). Either way the results are
+# the same; the other order puts the channels across lanes (sm_90a, Triton 3.6, the first order:
+# shuffles for every channel sum, 2 KB of spills)
+_E_AXIS = 0 if tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 7) else 1
+
 
 @triton.jit
 def _run_prog(bh, w0, w1, w2, q0, q1, r2, NWIN, NW0, NW1, NW2, k: tl.constexpr,
@@ -49,9 +57,21 @@ def _vec(ptr, c6, E: tl.constexpr):
 
 
 @triton.jit
-def _chan(t, c6, c: tl.constexpr):
+def _chan(t, c3, c: tl.constexpr, EAX: tl.constexpr):
     """Channel c of the tile t (its registers: the others add -0.0, which folds)."""
-    return tl.sum(tl.where(c6 == c, t, -0.0), axis=0)[None]
+    return tl.expand_dims(tl.sum(tl.where(c3 == c, t, -0.0), axis=EAX), EAX)
+
+
+@triton.jit
+def _axes(n, R2: tl.constexpr, BLOCK_E: tl.constexpr, EAX: tl.constexpr):
+    """The run n (N,) and the channels (BLOCK_E,) as two axes of a 3-d tile whose last axis is a
+    run's voxels (R2): (channel, run, voxel) or, EAX = 1, (run, channel, voxel)."""
+    c = tl.arange(0, BLOCK_E)
+    g3 = tl.arange(0, R2)[None, None, :]
+    if EAX == 0:
+        return n[None, :, None], c[:, None, None], g3
+    else:
+        return n[:, None, None], c[None, :, None], g3
 
 
 @triton.jit
@@ -60,45 +80,60 @@ def _apply_tile(
     E: tl.constexpr, NWIN, NVOX, S1, S2, NW0, NW1, NW2, SHIFTS: tl.constexpr,
     NSHIFT: tl.constexpr, W: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr, BLOCK_E: tl.constexpr,
-    R2: tl.constexpr,
+    R2: tl.constexpr, WT: tl.constexpr, EAX: tl.constexpr,
 ):  # fmt: skip
-    """dX of one ticket's windows as one tile (PROTOTYPE)."""
+    """dX of one ticket's windows as tiles of WT windows (module docstring)."""
+    for h in tl.static_range(W // WT):
+        _apply_subtile(x_base, dy_base, dx_base, g0_ptr, first + h * WT, plane, NPLANE, bh,
+                       u_ptr, sym_ptr, hbar_ptr, E, NWIN, NVOX, S1, S2, NW0, NW1, NW2, SHIFTS,
+                       NSHIFT, WT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, R2, EAX)  # fmt: skip
+
+
+@triton.jit
+def _apply_subtile(
+    x_base, dy_base, dx_base, g0_ptr, first, plane, NPLANE, bh, u_ptr, sym_ptr, hbar_ptr,
+    E: tl.constexpr, NWIN, NVOX, S1, S2, NW0, NW1, NW2, SHIFTS: tl.constexpr,
+    NSHIFT: tl.constexpr, W: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+    BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr, BLOCK_E: tl.constexpr,
+    R2: tl.constexpr, EAX: tl.constexpr,
+):  # fmt: skip
+    """dX of W windows from ``first`` as one tile: its runs (window, q0, q1, run along axis 2)
+    on one axis, the channels on another, a run's R2 voxels on the last."""
     NR: tl.constexpr = BP2 // R2
-    c6 = tl.arange(0, BLOCK_E)[:, None, None, None, None, None]
-    cm = c6 < E
-    jj = tl.arange(0, W)[None, :, None, None, None, None]
-    q0 = tl.arange(0, BP0)[None, None, :, None, None, None]
-    q1 = tl.arange(0, BP1)[None, None, None, :, None, None]
-    r2 = (tl.arange(0, NR) * R2)[None, None, None, None, :, None]  # a run's first voxel
-    g2 = tl.arange(0, R2)[None, None, None, None, None, :]
+    n, c3, g3 = _axes(tl.arange(0, W * BP0 * BP1 * NR), R2, BLOCK_E, EAX)
+    r2 = (n % NR) * R2  # a run's first voxel along axis 2
+    q1 = (n // NR) % BP1
+    q0 = (n // (NR * BP1)) % BP0
+    jj = n // (NR * BP1 * BP0)
     ww = plane * NPLANE + first + jj
     v2 = ww % NW2
     v1 = (ww // NW2) % NW1
     v0 = ww // (NW1 * NW2)
-    inside = (q0 < P0) & (q1 < P1) & (r2 + g2 < P2) & (jj >= 0)
-    voxel = ((v0 * P0 + q0) * S1 + v1 * P1 + q1) * S2 + v2 * P2 + r2 + g2
-    ok = inside & (first + jj < NPLANE) & cm
-    offs = c6 * NVOX + voxel
+    inside = (q0 < P0) & (q1 < P1) & (r2 < P2) & (g3 >= 0)  # R2 divides P2
+    voxel = ((v0 * P0 + q0) * S1 + v1 * P1 + q1) * S2 + v2 * P2 + r2
+    voxel = tl.multiple_of(voxel, [R2] * 3) + g3
+    ok = inside & (first + jj < NPLANE) & (c3 < E)
+    offs = c3 * NVOX + voxel
     dy = tl.load(dy_base + offs, mask=ok, other=0).to(tl.float32) / NSHIFT
-    dx = tl.zeros((BLOCK_E, W, BP0, BP1, NR, R2), dtype=tl.float32)
+    dx = tl.zeros(offs.shape, dtype=tl.float32)
     for k in tl.static_range(NSHIFT):
         prog = _run_prog(bh, v0, v1, v2, q0, q1, r2, NWIN, NW0, NW1, NW2, k, SHIFTS, NSHIFT,
                          P0, P1, P2)  # fmt: skip
-        uk = _vec(u_ptr + prog * E, c6, E)
-        dx += uk * tl.sum(uk * dy, axis=0)[None]
+        uk = _vec(u_ptr + prog * E, c3, E)
+        dx += uk * tl.expand_dims(tl.sum(uk * dy, axis=EAX), EAX)
         m0 = q0 + SHIFTS[k][0]
         m1 = q1 + SHIFTS[k][1]
         m2 = r2 + SHIFTS[k][2]  # a run never straddles the roll's wrap (sub-box aligned)
         rolled = (tl.where(m0 >= P0, m0 - P0, m0) * P1 + tl.where(m1 >= P1, m1 - P1, m1)) * P2
         rolled += tl.where(m2 >= P2, m2 - P2, m2)
-        rolled = tl.multiple_of(rolled, [R2] * 6) + g2
+        rolled = tl.multiple_of(rolled, [R2] * 3) + g3
         g = tl.load(g0_ptr + rolled, mask=inside, other=0).to(tl.float32)
-        dx += _vec(hbar_ptr + prog * E, c6, E) * g
+        dx += _vec(hbar_ptr + prog * E, c3, E) * g
     x = tl.maximum(tl.load(x_base + offs, mask=ok, other=0).to(tl.float32), 0)
     for c in tl.static_range(E):  # S x with S symmetric: the entries (c, c2 >= c), in pairs
         for i in tl.static_range(c // 2, E // 2):
-            lo = tl.zeros((1, W, BP0, BP1, NR, 1), dtype=tl.float32)
-            hi = tl.zeros((1, W, BP0, BP1, NR, 1), dtype=tl.float32)
+            lo = tl.zeros(n.shape, dtype=tl.float32)
+            hi = tl.zeros(n.shape, dtype=tl.float32)
             for k in tl.static_range(NSHIFT):
                 prog = _run_prog(bh, v0, v1, v2, q0, q1, r2, NWIN, NW0, NW1, NW2, k, SHIFTS,
                                  NSHIFT, P0, P1, P2)  # fmt: skip
@@ -106,15 +141,15 @@ def _apply_tile(
                 lo += a
                 hi += b
             if 2 * i == c:
-                dx += tl.where(c6 == c, lo * _chan(x, c6, c), -0.0)
+                dx += tl.where(c3 == c, lo * _chan(x, c3, c, EAX), -0.0)
             if 2 * i > c:
-                dx += tl.where(c6 == c, lo * _chan(x, c6, 2 * i), -0.0)
-                dx += tl.where(c6 == 2 * i, lo * _chan(x, c6, c), -0.0)
+                dx += tl.where(c3 == c, lo * _chan(x, c3, 2 * i, EAX), -0.0)
+                dx += tl.where(c3 == 2 * i, lo * _chan(x, c3, c, EAX), -0.0)
             if 2 * i + 1 == c:
-                dx += tl.where(c6 == c, hi * _chan(x, c6, c), -0.0)
+                dx += tl.where(c3 == c, hi * _chan(x, c3, c, EAX), -0.0)
             else:
-                dx += tl.where(c6 == c, hi * _chan(x, c6, 2 * i + 1), -0.0)
-                dx += tl.where(c6 == 2 * i + 1, hi * _chan(x, c6, c), -0.0)
+                dx += tl.where(c3 == c, hi * _chan(x, c3, 2 * i + 1, EAX), -0.0)
+                dx += tl.where(c3 == 2 * i + 1, hi * _chan(x, c3, c, EAX), -0.0)
     dx = tl.where(x > 0, dx, 0)
     tl.store(dx_base + offs, dx.to(dx_base.dtype.element_ty), mask=ok)
 
@@ -122,14 +157,16 @@ def _apply_tile(
 def bwd_tile_plan(geo, mu: bool, dtype: torch.dtype, wpp: int, warps: int) -> dict:
     """The constexprs of the ticket-tile output pass: BTILE (whether it runs:
     ``TUNING["bwd_tile"]``, HALS, E even and the statistics in fp32 for the 8-byte pair loads, a
-    power-of-two WPP, at most 32 values of a tile a thread and at least a run a thread) and R2,
-    the run length along axis 2 (the sub-box's, at most 4: a run lies in one part of every
-    shift and never straddles a roll's wrap)."""
-    r2 = min(geo.sub[2], 4)
+    power-of-two WPP, at most 32 values of a tile a thread and at least a run a thread); R2, the
+    run length along axis 2 (the sub-box's, so that a run lies in one part of every shift and
+    never straddles a roll's wrap, at most 2: runs of 4 spilled with bf16 [None, 4]); WT, the
+    windows of a tile (a run a thread: one window more a thread spilled); EAX (``_E_AXIS``)."""
+    r2 = min(geo.sub[2], 2)
     threads = 32 * warps
-    values = geo.block_e * wpp * math.prod(geo.bp) // threads
-    runs = wpp * geo.bp[0] * geo.bp[1] * geo.bp[2] // r2
+    wt = min(wpp, max(1, threads * r2 // math.prod(geo.bp)))  # windows a tile: a run a thread
+    values = geo.block_e * wt * math.prod(geo.bp) // threads
+    runs = wt * math.prod(geo.bp) // r2
     on = _BWD_TILE if TUNING["bwd_tile"] is None else bool(TUNING["bwd_tile"])
     use = (on and not mu and geo.E % 2 == 0 and dtype != torch.float64
            and wpp & (wpp - 1) == 0 and values <= 32 and runs >= threads)  # fmt: skip
-    return dict(BTILE=use, R2=r2)
+    return dict(BTILE=use, R2=r2, WT=wt, EAX=_E_AXIS)
