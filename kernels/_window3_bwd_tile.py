@@ -1,6 +1,21 @@
-"""The third design's backward output pass on a whole ticket at once (kernels/_window3_bwd.py).
+"""The third design's backward output pass on a ticket's windows at once (kernels/_window3_bwd.py).
 
-PROTOTYPE.
+The per-window output pass (``_apply_bwd_window``) holds one window (E, 8, 8, 8) over 16 warps with
+the channel axis across warps: every u^T dY and every column of S x is a reduction across warps,
+and each shift's u, h-bar and S columns are spread to the sub-boxes through shared memory
+(``bench/results/static_designs/instructions.md``: 995-2846 warp instructions a window). Here a
+tile is WT windows of the ticket as (channel, run, voxel): a run is R2 voxels along axis 2 that
+lie in one sub-box, so in one part (one shifted window) of every shift, and each thread holds one
+run with all its channels. Then per shift a thread loads its run's u and h-bar (E / 2 8-byte
+loads each) and S x is the symmetric S summed over the shifts, E (E + 1) / 2 entries loaded in
+8-byte pairs: every channel sum and every channel's product is in the thread, nothing crosses
+lanes or warps. The cost is in the bytes the lanes ask: a warp's 32 runs lie in a few parts, whose
+vectors each lane loads itself (from L1: one request serves the lanes that share an address), so
+the backward's bytes asked are 3-6x the ideal where the per-window pass asks 2x (its DRAM estimate
+and sectors barely change).
+
+dX = sum_s [u (u^T dY_s) + h-bar g0_s + S_s x] times ReLU'(x), dY_s = dY / n_shifts (HALS: the
+shifts' S are summed before the product; kernels/_window2_bwd.py derives it).
 """
 
 from __future__ import annotations

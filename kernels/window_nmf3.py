@@ -52,7 +52,9 @@ _window3_sched.py: windows per ticket, warps, programs per SM, ring, and ``merge
 neighbouring windows of a ticket merged, kernels/_window3_parts.py, on by default where
 ``merge_on``; ``tile``: the forward's parts pass on a whole ticket at once,
 kernels/_window3_tile.py, a third to half the per-window pass's instructions, off by default
-while it spills).
+while it spills; ``bwd_tile``: the backward's output pass the same way,
+kernels/_window3_bwd_tile.py, a quarter to a sixth of the instructions, off by default: its lanes
+ask 3-6x the ideal bytes, and it spills with Triton 3.6 and the BraTS shifts).
 """
 
 from __future__ import annotations
