@@ -10,9 +10,10 @@ run with all its channels. Then per shift a thread loads its run's u and h-bar (
 loads each) and S x is the symmetric S summed over the shifts, E (E + 1) / 2 entries loaded in
 8-byte pairs: every channel sum and every channel's product is in the thread, nothing crosses
 lanes or warps. The cost is in the bytes the lanes ask: a warp's 32 runs lie in a few parts, whose
-vectors each lane loads itself (from L1: one request serves the lanes that share an address), so
-the backward's bytes asked are 3-6x the ideal where the per-window pass asks 2x (its DRAM estimate
-and sectors barely change).
+vectors each lane loads itself (a warp's lanes that share an address make one request; S and
+h-bar, written by the same launch's solves, come from L2 past L1, u from L1), so the backward's
+bytes asked are 4-12x the ideal where the per-window pass asks 2x (its sectors and DRAM estimate
+barely change).
 
 dX = sum_s [u (u^T dY_s) + h-bar g0_s + S_s x] times ReLU'(x), dY_s = dY / n_shifts (HALS: the
 shifts' S are summed before the product; kernels/_window2_bwd.py derives it).
@@ -52,22 +53,26 @@ def _run_prog(bh, w0, w1, w2, q0, q1, r2, NWIN, NW0, NW1, NW2, k: tl.constexpr,
 
 
 @triton.jit
-def _pair(ptr):
-    """Two fp32 at ptr (8-byte aligned) from one 8-byte load (the halves of an int64)."""
-    v = tl.load(ptr.to(tl.pointer_type(tl.int64)), cache_modifier=".cg")
+def _pair(ptr, CG: tl.constexpr):
+    """Two fp32 at ptr (8-byte aligned) from one 8-byte load (the halves of an int64); with CG
+    past L1 (``.cg``: what other programs of the same launch wrote)."""
+    if CG:
+        v = tl.load(ptr.to(tl.pointer_type(tl.int64)), cache_modifier=".cg")
+    else:
+        v = tl.load(ptr.to(tl.pointer_type(tl.int64)))
     lo = v.to(tl.int32).to(tl.float32, bitcast=True)
     hi = (v >> 32).to(tl.int32).to(tl.float32, bitcast=True)
     return lo, hi
 
 
 @triton.jit
-def _vec(ptr, c6, E: tl.constexpr):
+def _vec(ptr, c3, E: tl.constexpr, CG: tl.constexpr):
     """The E-vector at ptr (one per run, 8-byte aligned) as the tile's channel axis: E / 2
     8-byte loads, each half put in its channel's registers (selects on a known channel fold)."""
-    v = tl.zeros(c6.shape, dtype=tl.float32) + tl.zeros(ptr.shape, dtype=tl.float32)
+    v = tl.zeros(c3.shape, dtype=tl.float32) + tl.zeros(ptr.shape, dtype=tl.float32)
     for i in tl.static_range(E // 2):
-        lo, hi = _pair(ptr + 2 * i)
-        v = tl.where(c6 == 2 * i, lo, tl.where(c6 == 2 * i + 1, hi, v))
+        lo, hi = _pair(ptr + 2 * i, CG)
+        v = tl.where(c3 == 2 * i, lo, tl.where(c3 == 2 * i + 1, hi, v))
     return v
 
 
@@ -134,7 +139,7 @@ def _apply_subtile(
     for k in tl.static_range(NSHIFT):
         prog = _run_prog(bh, v0, v1, v2, q0, q1, r2, NWIN, NW0, NW1, NW2, k, SHIFTS, NSHIFT,
                          P0, P1, P2)  # fmt: skip
-        uk = _vec(u_ptr + prog * E, c3, E)
+        uk = _vec(u_ptr + prog * E, c3, E, False)  # the forward's u
         dx += uk * tl.expand_dims(tl.sum(uk * dy, axis=EAX), EAX)
         m0 = q0 + SHIFTS[k][0]
         m1 = q1 + SHIFTS[k][1]
@@ -143,7 +148,7 @@ def _apply_subtile(
         rolled += tl.where(m2 >= P2, m2 - P2, m2)
         rolled = tl.multiple_of(rolled, [R2] * 3) + g3
         g = tl.load(g0_ptr + rolled, mask=inside, other=0).to(tl.float32)
-        dx += _vec(hbar_ptr + prog * E, c3, E) * g
+        dx += _vec(hbar_ptr + prog * E, c3, E, True) * g
     x = tl.maximum(tl.load(x_base + offs, mask=ok, other=0).to(tl.float32), 0)
     for c in tl.static_range(E):  # S x with S symmetric: the entries (c, c2 >= c), in pairs
         for i in tl.static_range(c // 2, E // 2):
@@ -152,7 +157,7 @@ def _apply_subtile(
             for k in tl.static_range(NSHIFT):
                 prog = _run_prog(bh, v0, v1, v2, q0, q1, r2, NWIN, NW0, NW1, NW2, k, SHIFTS,
                                  NSHIFT, P0, P1, P2)  # fmt: skip
-                a, b = _pair(sym_ptr + prog * (E * E) + c * E + 2 * i)
+                a, b = _pair(sym_ptr + prog * (E * E) + c * E + 2 * i, True)
                 lo += a
                 hi += b
             if 2 * i == c:

@@ -59,8 +59,8 @@ _MERGE = True
 _TILE = False
 # The backward's output pass on a ticket's windows as one tile (kernels/_window3_bwd_tile.py):
 # a quarter to a sixth of the per-window pass's instructions and no spills with Triton 3.9, but
-# every thread loads its own run's S, u and h-bar (from L1; a warp's lanes share a few parts), so
-# the bytes its lanes ask are 3-6x the ideal, and with Triton 3.6 the [None, 2, 4, 6] backward
+# every thread loads its own run's S, u and h-bar (a warp's lanes share a few parts), so the
+# bytes its lanes ask are 4-12x the ideal, and with Triton 3.6 the [None, 2, 4, 6] backward
 # spills (64 B fp32, 216 B bf16): off by default until the GPU has timed it
 # (bench/time_designs.py, "design 3, output-pass tile"; README "Window kernel designs")
 _BWD_TILE = False

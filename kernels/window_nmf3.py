@@ -54,7 +54,7 @@ neighbouring windows of a ticket merged, kernels/_window3_parts.py, on by defaul
 kernels/_window3_tile.py, a third to half the per-window pass's instructions, off by default
 while it spills; ``bwd_tile``: the backward's output pass the same way,
 kernels/_window3_bwd_tile.py, a quarter to a sixth of the instructions, off by default: its lanes
-ask 3-6x the ideal bytes, and it spills with Triton 3.6 and the BraTS shifts).
+ask 4-12x the ideal bytes, and it spills with Triton 3.6 and the BraTS shifts).
 """
 
 from __future__ import annotations
