@@ -125,7 +125,9 @@ def _apply_subtile(
     q1 = (n // NR) % BP1
     q0 = (n // (NR * BP1)) % BP0
     jj = n // (NR * BP1 * BP0)
-    ww = plane * NPLANE + first + jj
+    # a window past the plane's end (masked: nothing loaded from x or dy, nothing stored) takes
+    # the plane's last window's vectors, so that no load leaves u, S and h-bar
+    ww = plane * NPLANE + tl.minimum(first + jj, NPLANE - 1)
     v2 = ww % NW2
     v1 = (ww // NW2) % NW1
     v0 = ww // (NW1 * NW2)

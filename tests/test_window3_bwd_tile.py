@@ -57,13 +57,12 @@ def test_bwd_tile_plan_takes_the_static_suites_shapes(monkeypatch):
 
 TILE_CASES = [
     # shape, head_dim, patch, shifts, R2: 8^3 windows with the BraTS shifts (runs of 2), two
-    # heads with [None, 4]; rows of 3 windows (a ticket's fourth masked); E = 6
-    # (channels past E masked) with one shift per axis; 6^3 windows padded to 8^3 with an odd
-    # shift (runs of one voxel)
+    # heads with [None, 4]; rows of 3 windows (a ticket's fourth masked) and E = 6 (channels past
+    # E masked) with one shift per axis; 6^3 windows padded to 8^3 with an odd shift (runs of one
+    # voxel)
     ((1, 4, 16, 8, 32), 4, 8, [None, 2, 4, 6], 2),
     ((1, 8, 16, 8, 32), 4, 8, [None, 4], 2),
-    ((1, 4, 16, 8, 24), 4, 8, [None, 2, 4, 6], 2),
-    ((1, 6, 16, 8, 32), 6, 8, [None, (4, 2, 6)], 2),
+    ((1, 6, 16, 8, 24), 6, 8, [None, (4, 2, 6)], 2),
     ((1, 4, 12, 6, 24), 4, 6, [None, 3], 1),
 ]
 
@@ -72,8 +71,8 @@ TILE_CASES = [
 @pytest.mark.parametrize("shape,head_dim,patch,shifts,r2", TILE_CASES)
 def test_bwd_tile_matches_reference(gen, design3, monkeypatch, device, shape, head_dim, patch,
                                     shifts, r2):  # fmt: skip
-    """The tile's gradient against the float64 oracle, the per-window pass's too, and the two not
-    bit for bit the same (the tile ran)."""
+    """The tile's gradient against the float64 oracle; in the first case also the per-window
+    pass's, and the two not bit for bit the same (the tile ran)."""
     monkeypatch.setitem(sched.TUNING, "bwd_tile", True)
     plan = _plan(shape, head_dim, patch, shifts)
     assert plan["BTILE"] and plan["R2"] == r2
@@ -81,6 +80,8 @@ def test_bwd_tile_matches_reference(gen, design3, monkeypatch, device, shape, he
     kw = dict(head_dim=head_dim, patch_size=patch, shifts=shifts, solver="hals")
     dx, dx_ref = fp32_against_reference(x, v0, dy, device, **kw)
     assert rel_err(dx, dx_ref) <= 1e-4
+    if shape != TILE_CASES[0][0]:
+        return
     monkeypatch.setitem(sched.TUNING, "bwd_tile", False)
     dx_window = run_grad("triton", x, v0, dy, torch.float32, device, **kw)[1]
     assert rel_err(dx_window, dx_ref) <= 1e-4 and not torch.equal(dx, dx_window)
