@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._window2_common import _wrap_add
+from ._window2_common import _window_origin, _wrap_add
 from ._window3_sched import _BWD_TILE, TUNING
 
 __all__ = ["bwd_tile_plan"]
@@ -127,10 +127,7 @@ def _apply_subtile(
     jj = n // (NR * BP1 * BP0)
     # a window past the plane's end (masked: nothing loaded from x or dy, nothing stored) takes
     # the plane's last window's vectors, so that no load leaves u, S and h-bar
-    ww = plane * NPLANE + tl.minimum(first + jj, NPLANE - 1)
-    v2 = ww % NW2
-    v1 = (ww // NW2) % NW1
-    v0 = ww // (NW1 * NW2)
+    v0, v1, v2 = _window_origin(plane * NPLANE + tl.minimum(first + jj, NPLANE - 1), NW1, NW2)
     inside = (q0 < P0) & (q1 < P1) & (r2 < P2) & (g3 >= 0)  # R2 divides P2
     voxel = ((v0 * P0 + q0) * S1 + v1 * P1 + q1) * S2 + v2 * P2 + r2
     voxel = tl.multiple_of(voxel, [R2] * 3) + g3
