@@ -52,7 +52,8 @@ def _layer(x, v0, shifts):
                                   kernel="triton", check=False)  # fmt: skip
 
 
-def _run(design: int, tuning: dict, x, v0, dy, shifts, device, repeats: int) -> dict:
+def _run(design: int, tuning: dict, x, v0, dy, shifts, device, repeats: int,
+         warmup: int) -> dict:  # fmt: skip
     wn = importlib.import_module("fastnmf.kernels.window_nmf")
     sched = importlib.import_module("fastnmf.kernels._window3_sched")
     saved, saved3 = wn.TUNING["design"], dict(sched.TUNING)
@@ -70,8 +71,8 @@ def _run(design: int, tuning: dict, x, v0, dy, shifts, device, repeats: int) -> 
             return g
 
         y, g = fwd(), fwdbwd()
-        return dict(fwd_ms=median_ms(fwd, device, repeats), fwdbwd_ms=median_ms(fwdbwd, device,
-                    repeats), y=y, dx=g)  # fmt: skip
+        return dict(fwd_ms=median_ms(fwd, device, repeats, warmup),
+                    fwdbwd_ms=median_ms(fwdbwd, device, repeats, warmup), y=y, dx=g)
     finally:
         wn.TUNING["design"] = saved
         sched.TUNING.clear()
@@ -88,6 +89,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shape", type=int, nargs=5, default=[2, 32, 128, 128, 128],
                     metavar=("B", "C", "D", "H", "W"))  # fmt: skip
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2,
+                    help="untimed calls before the timed ones (after the first, compiling call)")
     ap.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     ap.add_argument("--shifts", nargs="+", choices=list(SHIFTS), default=list(SHIFTS))
     ap.add_argument("--variants", nargs="+", choices=[v[0] for v in VARIANTS],
@@ -109,7 +112,8 @@ def main(argv=None) -> int:
             for name, design, tuning in [v for v in VARIANTS if v[0] in args.variants]:
                 row = dict(dtype=dname, shifts=sname, variant=name)
                 try:
-                    r = _run(design, tuning, x, v0, dy, shifts, device, args.repeats)
+                    r = _run(design, tuning, x, v0, dy, shifts, device, args.repeats,
+                             args.warmup)  # fmt: skip
                 except Exception as e:  # noqa: BLE001 - recorded, the other variants go on
                     rows.append(dict(row, error=f"{type(e).__name__}: {e}"))
                     print(f"{dname} {sname} {name}: {type(e).__name__}: {e}", file=sys.stderr,

@@ -17,6 +17,15 @@ def run_grad(kernel, x, v0, dy, dtype, device, u0=None, **kw):
     return y.cpu(), dx.cpu()
 
 
+def training_forward(x, v0, device, **kw):
+    """The forward as training runs it (input requiring grad: K and h saved), without the
+    backward: the merge is the forward's parts pass alone."""
+    xi = x.detach().to(device=device, dtype=torch.float32).requires_grad_()
+    y = fastnmf.matricized_nmf(xi, v0.to(device=device, dtype=torch.float32), kernel="triton",
+                               **kw)  # fmt: skip
+    return y.detach().cpu()
+
+
 def nmf_inputs(gen, shape, patch, *, rank=1, zero_windows=False, zero_g0=False):
     """float64 (x, v0, dy): x of ``shape``, v0 (N, rank) for windows of ``patch`` (None: global).
 

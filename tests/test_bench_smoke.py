@@ -168,7 +168,8 @@ def test_time_designs_runs(tmp_path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     out = tmp_path / "designs.json"
-    rc = mod.main(["--shape", "1", "8", "16", "8", "8", "--repeats", "1", "--dtypes", "fp32",
+    rc = mod.main(["--shape", "1", "8", "16", "8", "8", "--repeats", "1", "--warmup", "0",
+                   "--dtypes", "fp32",
                    "--shifts", "[None, 4]", "--variants", "design 1", "design 3",
                    "design 3, ticket tile", "--out", str(out)])  # fmt: skip
     rows = json.loads(out.read_text())["rows"]

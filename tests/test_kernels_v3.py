@@ -22,6 +22,7 @@ from kernel_helpers import (
     nmf_inputs,
     run_grad,
     spy_on,
+    training_forward,
 )
 
 import fastnmf
@@ -82,7 +83,7 @@ def test_design3_matches_design2(gen, monkeypatch, device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_design3_low_precision(gen, design3, device):
     """bf16 within 2x the reference's own error at bf16, plus an atol."""
-    x, v0, dy = nmf_inputs(gen, (1, 8, 12, 8, 8), 4)
+    x, v0, dy = nmf_inputs(gen, (1, 4, 12, 8, 8), 4)
     check_low_precision(x, v0, dy, torch.bfloat16, device, head_dim=4, patch_size=4,
                         shifts=[None, 2])  # fmt: skip
 
@@ -98,7 +99,7 @@ def test_design3_one_launch_and_deterministic(gen, design3, monkeypatch, device)
     spy_on(monkeypatch, wn2, ("_parts_kernel", "_solve_kernel", "_apply_kernel"), launched)
     spy_on(monkeypatch, bwd2, ("_parts_bwd_kernel", "_solve_bwd_kernel", "_apply_bwd_kernel2"),
            launched)  # fmt: skip
-    x, v0, dy = nmf_inputs(gen, (1, 8, 12, 8, 8), 4)
+    x, v0, dy = nmf_inputs(gen, (1, 4, 12, 8, 8), 4)
     kw = dict(head_dim=4, patch_size=4, shifts=[None, 2])
     y1, dx1 = run_grad("triton", x, v0, dy, torch.float32, device, **kw)
     assert launched == ["_fused_kernel", "_fused_bwd_kernel"]
@@ -149,19 +150,10 @@ MERGED_CASES = [
     # shape, shifts, merges: rows of 8 windows along axis 2 in tickets of 4 (merges inside a
     # ticket, none across a ticket's end or a row's); rows of 6 (a ticket would span two rows:
     # no merge, ``merge_on``); 2D (planes along axis 1: a plane is a row)
-    ((1, 4, 8, 8, 32), [None, (1, 3, 6), (2, 1, 0)], True),
+    ((1, 4, 8, 4, 32), [None, (1, 3, 6), (2, 1, 0)], True),
     ((1, 4, 8, 8, 24), [None, 2], False),
     ((1, 4, 8, 32), [None, 2, (3, 6)], True),
 ]
-
-
-def _training_forward(x, v0, device, **kw):
-    """The forward as training runs it (input requiring grad: K and h saved), without the
-    backward: the merge is the forward's parts pass alone."""
-    xi = x.detach().to(device=device, dtype=torch.float32).requires_grad_()
-    y = fastnmf.matricized_nmf(xi, v0.to(device=device, dtype=torch.float32), kernel="triton",
-                               **kw)  # fmt: skip
-    return y.detach().cpu()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -175,10 +167,10 @@ def test_design3_merged_parts_match_reference(gen, design3, monkeypatch, device,
     x, v0, dy = nmf_inputs(gen, shape, 4, zero_windows=True)
     kw = dict(head_dim=4, patch_size=4, shifts=shifts, solver="hals")
     monkeypatch.setitem(sched.TUNING, "merge", False)
-    unmerged = _training_forward(x, v0, device, **kw)
+    unmerged = training_forward(x, v0, device, **kw)
     monkeypatch.setitem(sched.TUNING, "merge", None)  # the default
     if not merges:
-        assert torch.equal(_training_forward(x, v0, device, **kw), unmerged)
+        assert torch.equal(training_forward(x, v0, device, **kw), unmerged)
         return
     y, dx = run_grad("triton", x, v0, dy, torch.float32, device, **kw)
     y_ref, dx_ref = run_grad("reference", x, v0, dy, torch.float64, "cpu", **kw)
