@@ -31,12 +31,12 @@ def design2(monkeypatch):
 
 CASES = [
     # shape, head_dim, patch, shifts, solver, iters, zero_windows, zero_g0
-    ((1, 8, 8, 8, 8), 4, 4, [None, 2], "hals", 5, True, False),  # swin 3D, degenerate
+    ((1, 4, 8, 8, 8), 4, 4, [None, 2], "hals", 5, True, False),  # swin 3D, degenerate
     ((1, 8, 8, 16, 8), 8, 8, [None, 4], "hals", 5, False, False),  # P = 8, C = E, non-cubic
     ((2, 8, 8, 8, 8), 8, 8, [None, 2, 4, 6], "mu", 2, False, True),  # BraTS shifts, MU masks
     ((1, 12, 8, 8, 8), 6, 4, None, "hals", 5, False, False),  # local, E = 6
-    ((2, 8, 8, 12), 4, 4, [None, 2], "hals", 5, True, False),  # swin 2D, batch 2
-    ((1, 8, 8, 8, 4), 4, (4, 2, 4), [None, (1, 1, 2)], "hals", 3, False, False),  # anisotropic
+    ((2, 4, 8, 12), 4, 4, [None, 2], "hals", 5, True, False),  # swin 2D, batch 2
+    ((1, 4, 8, 8, 4), 4, (4, 2, 4), [None, (1, 1, 2)], "hals", 3, False, False),  # anisotropic
     ((1, 4, 12, 12), 4, (6, 3), [None, (3, 1), (7, 5)], "mu", 5, False, False),  # P not 2^k,
 ]  # shifts beyond P
 

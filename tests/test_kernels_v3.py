@@ -47,7 +47,7 @@ CASES = [
     # shape, head_dim, patch, shifts, solver, iters, zero_windows, zero_g0
     ((1, 8, 16, 8, 8), 4, 4, [None, 2], "hals", 5, True, False),  # 4 planes: the main schedule
     ((1, 8, 24, 8, 8), 8, 8, [None, 2, 4, 6], "mu", 2, False, True),  # BraTS shifts, MU masks
-    ((2, 8, 8, 12), 4, 4, [None, 2], "hals", 5, True, False),  # 2D: planes along axis 1
+    ((2, 4, 8, 12), 4, 4, [None, 2], "hals", 5, True, False),  # 2D: planes along axis 1
     ((1, 12, 8, 8, 8), 6, 4, None, "hals", 5, False, False),  # local, E = 6
     ((1, 4, 12, 12), 4, (6, 3), [None, (3, 1), (7, 5)], "mu", 5, False, False),  # Q = 1 along
 ]  # the planes' axis, P not 2^k
