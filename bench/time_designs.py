@@ -16,6 +16,11 @@ T = 5) are timed (median of CUDA events), as % of the device's copy bandwidth fo
 difference). A variant that fails is recorded with its error and the others go on. Writes one
 JSON document (rewritten after every row, so a run stopped by the GPU session's time limit keeps
 what it measured) and prints a table (flushed row by row); nothing here gates anything.
+
+On a GPU the cases' kernels are first compiled by ``--jobs`` processes at once (``--compile-only``
+each; Triton compiles one kernel at a time in a process, tens of seconds for a fused kernel, and
+the 40 cases would otherwise take most of the GPU session's step compiling); they share Triton's
+on-disk cache, and the timing starts when they are done or after ``--compile-budget`` seconds.
 """
 
 from __future__ import annotations
@@ -23,7 +28,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
+import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -53,7 +62,7 @@ def _layer(x, v0, shifts):
 
 
 def _run(design: int, tuning: dict, x, v0, dy, shifts, device, repeats: int,
-         warmup: int) -> dict:  # fmt: skip
+         warmup: int, timed: bool = True) -> dict:  # fmt: skip
     wn = importlib.import_module("fastnmf.kernels.window_nmf")
     sched = importlib.import_module("fastnmf.kernels._window3_sched")
     saved, saved3 = wn.TUNING["design"], dict(sched.TUNING)
@@ -70,7 +79,9 @@ def _run(design: int, tuning: dict, x, v0, dy, shifts, device, repeats: int,
             (g,) = torch.autograd.grad(_layer(xg, v0, shifts), xg, dy)
             return g
 
-        y, g = fwd(), fwdbwd()
+        y, g = fwd(), fwdbwd()  # the first calls compile
+        if not timed:
+            return dict(y=y, dx=g)
         return dict(fwd_ms=median_ms(fwd, device, repeats, warmup),
                     fwdbwd_ms=median_ms(fwdbwd, device, repeats, warmup), y=y, dx=g)
     finally:
@@ -84,7 +95,7 @@ def _rel(a, b) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", type=int, nargs=5, default=[2, 32, 128, 128, 128],
                     metavar=("B", "C", "D", "H", "W"))  # fmt: skip
@@ -96,48 +107,121 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", nargs="+", choices=[v[0] for v in VARIANTS],
                     default=[v[0] for v in VARIANTS], help="the first one is the baseline")
     ap.add_argument("--out", help="JSON file")
-    args = ap.parse_args(argv)
+    ap.add_argument("--jobs", type=int, default=None,
+                    help="processes that compile the cases' kernels before the timing (default: "
+                         "the CPU cores, at most 8, on a GPU; 1, none, elsewhere)")  # fmt: skip
+    ap.add_argument("--compile-budget", type=float, default=240,
+                    help="seconds the --jobs processes may take (then the timing starts)")
+    ap.add_argument("--compile-only", action="store_true",
+                    help="only the first (compiling) calls: what each --jobs process runs")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
     device = pick_device("auto")
+    if args.compile_only:
+        for dname, sname, _, design, tuning in _cases(args):
+            x, v0, dy = _inputs(args.shape, dname, device)
+            _run(design, tuning, x, v0, dy, SHIFTS[sname], device, 0, 0, timed=False)
+        return 0
+    jobs = args.jobs or (min(8, os.cpu_count() or 1) if device.type == "cuda" else 1)
+    if jobs > 1:
+        _compile_first(args, jobs)
     bw = copy_bw(device)
-    rows = []
-    for dname in args.dtypes:
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        x = torch.randn(*args.shape, generator=gen).to(device, DTYPES[dname])
-        dy = torch.randn(*args.shape, generator=gen).to(device, DTYPES[dname])
-        v0 = torch.rand(512, 1, generator=gen).to(device, DTYPES[dname])
+    rows, x, base = [], None, {}
+    for dname, sname, name, design, tuning in _cases(args):
+        if x is None or x.dtype != DTYPES[dname]:
+            x, v0, dy = _inputs(args.shape, dname, device)
         nbytes = x.numel() * x.element_size()
-        for sname in args.shifts:
-            shifts = SHIFTS[sname]
-            base = None
-            for name, design, tuning in [v for v in VARIANTS if v[0] in args.variants]:
-                row = dict(dtype=dname, shifts=sname, variant=name)
-                try:
-                    r = _run(design, tuning, x, v0, dy, shifts, device, args.repeats,
-                             args.warmup)  # fmt: skip
-                except Exception as e:  # noqa: BLE001 - recorded, the other variants go on
-                    rows.append(dict(row, error=f"{type(e).__name__}: {e}"))
-                    print(f"{dname} {sname} {name}: {type(e).__name__}: {e}", file=sys.stderr,
-                          flush=True)  # fmt: skip
-                    _write(args.out, device, args.shape, bw, rows)
-                    continue
-                base = base or r
-                row.update(
-                    fwd_ms=r["fwd_ms"], fwdbwd_ms=r["fwdbwd_ms"],
-                    fwd_pct_copy_bw=100 * 2 * nbytes / (r["fwd_ms"] * 1e-3) / 1e9 / bw,
-                    fwdbwd_pct_copy_bw=100 * 5 * nbytes / (r["fwdbwd_ms"] * 1e-3) / 1e9 / bw,
-                    fwd_vs_design1=r["fwd_ms"] / base["fwd_ms"],
-                    fwdbwd_vs_design1=r["fwdbwd_ms"] / base["fwdbwd_ms"],
-                    y_rel_diff_vs_design1=_rel(r["y"], base["y"]),
-                    dx_rel_diff_vs_design1=_rel(r["dx"], base["dx"]),
-                )  # fmt: skip
-                rows.append(row)
-                print(f"{dname:5} {sname:16} {name:34} fwd {row['fwd_ms']:8.3f} ms "
-                      f"({row['fwd_pct_copy_bw']:5.1f} %)  fwd+bwd {row['fwdbwd_ms']:8.3f} ms "
-                      f"({row['fwdbwd_pct_copy_bw']:5.1f} %)  dx diff "
-                      f"{row['dx_rel_diff_vs_design1']:.1e}", flush=True)  # fmt: skip
-                _write(args.out, device, args.shape, bw, rows)
+        row = dict(dtype=dname, shifts=sname, variant=name)
+        try:
+            r = _run(design, tuning, x, v0, dy, SHIFTS[sname], device, args.repeats, args.warmup)
+        except Exception as e:  # noqa: BLE001 - recorded, the other variants go on
+            rows.append(dict(row, error=f"{type(e).__name__}: {e}"))
+            print(f"{dname} {sname} {name}: {type(e).__name__}: {e}", file=sys.stderr,
+                  flush=True)  # fmt: skip
+            _write(args.out, device, args.shape, bw, rows)
+            continue
+        b = base.setdefault((dname, sname), r)  # the first variant that ran
+        row.update(
+            fwd_ms=r["fwd_ms"], fwdbwd_ms=r["fwdbwd_ms"],
+            fwd_pct_copy_bw=100 * 2 * nbytes / (r["fwd_ms"] * 1e-3) / 1e9 / bw,
+            fwdbwd_pct_copy_bw=100 * 5 * nbytes / (r["fwdbwd_ms"] * 1e-3) / 1e9 / bw,
+            fwd_vs_design1=r["fwd_ms"] / b["fwd_ms"],
+            fwdbwd_vs_design1=r["fwdbwd_ms"] / b["fwdbwd_ms"],
+            y_rel_diff_vs_design1=_rel(r["y"], b["y"]),
+            dx_rel_diff_vs_design1=_rel(r["dx"], b["dx"]),
+        )  # fmt: skip
+        rows.append(row)
+        print(f"{dname:5} {sname:16} {name:34} fwd {row['fwd_ms']:8.3f} ms "
+              f"({row['fwd_pct_copy_bw']:5.1f} %)  fwd+bwd {row['fwdbwd_ms']:8.3f} ms "
+              f"({row['fwdbwd_pct_copy_bw']:5.1f} %)  dx diff "
+              f"{row['dx_rel_diff_vs_design1']:.1e}", flush=True)  # fmt: skip
+        _write(args.out, device, args.shape, bw, rows)
     _write(args.out, device, args.shape, bw, rows)
     return 1 if any("error" in r for r in rows) else 0
+
+
+def _inputs(shape, dname, device):
+    """x, v0, dy of a dtype (the same seed for every dtype)."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(*shape, generator=gen).to(device, DTYPES[dname])
+    dy = torch.randn(*shape, generator=gen).to(device, DTYPES[dname])
+    v0 = torch.rand(512, 1, generator=gen).to(device, DTYPES[dname])
+    return x, v0, dy
+
+
+def _cases(args):
+    """(dtype, shift set, variant, design, TUNING) in the timing's order."""
+    for dname in args.dtypes:
+        for sname in args.shifts:
+            for name, design, tuning in VARIANTS:
+                if name in args.variants:
+                    yield dname, sname, name, design, tuning
+
+
+def _compile_commands(args) -> list[list[str]]:
+    """One ``--compile-only`` command a case, in the timing's order."""
+    base = [sys.executable, os.path.abspath(__file__), "--compile-only", "--shape",
+            *map(str, args.shape)]  # fmt: skip
+    return [[*base, "--dtypes", d, "--shifts", s, "--variants", v]
+            for d, s, v, _, _ in _cases(args)]  # fmt: skip
+
+
+def _compile_first(args, jobs: int, cmds=None) -> int:
+    """Compile every case's kernels in ``jobs`` processes at once, before the timing: Triton
+    compiles one kernel at a time in a process (tens of seconds each for the fused kernels), and
+    the processes share its on-disk cache, so the timing loads what they compiled. Processes
+    still running after ``args.compile_budget`` seconds are killed (the timing then compiles what
+    they did not: nothing else may use the GPU while it times). A case that fails or is killed
+    is only reported: the timing records its error. Returns the number of cases compiled."""
+    deadline = time.monotonic() + args.compile_budget
+    cmds = _compile_commands(args) if cmds is None else cmds
+
+    def one(cmd):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return "not started"
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            err = p.communicate(timeout=left)[1]
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.communicate()
+            return "killed at the budget"
+        return None if p.returncode == 0 else f"exit {p.returncode}: {err.strip()[-300:]}"
+
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        results = list(pool.map(one, cmds))
+    for cmd, why in zip(cmds, results, strict=True):
+        if why:
+            print(f"compile {' '.join(cmd[-6:])}: {why}", file=sys.stderr, flush=True)
+    done = sum(why is None for why in results)
+    print(f"compiled {done} of {len(cmds)} cases in {jobs} processes: "
+          f"{time.monotonic() - t0:.0f} s", flush=True)  # fmt: skip
+    return done
 
 
 def _write(out, device, shape, bw, rows) -> None:

@@ -192,7 +192,7 @@ def test_time_designs_keeps_what_it_measured_when_cut_short(tmp_path, monkeypatc
     spec.loader.exec_module(mod)
     calls = []
 
-    def fake_run(design, tuning, x, v0, dy, shifts, device, repeats):
+    def fake_run(design, tuning, x, v0, dy, shifts, device, repeats, warmup, timed=True):
         calls.append(design)
         if len(calls) == 2:
             raise KeyboardInterrupt  # what a timeout's signal would end the run with
@@ -206,3 +206,37 @@ def test_time_designs_keeps_what_it_measured_when_cut_short(tmp_path, monkeypatc
                   "--variants", "design 1", "design 3", "--out", str(out)])  # fmt: skip
     rows = json.loads(out.read_text())["rows"]
     assert [r["variant"] for r in rows] == ["design 1"] and rows[0]["fwd_ms"] == 1.0
+
+
+def test_time_designs_compiles_every_case_first_within_a_budget(tmp_path, capsys):
+    """On a GPU the cases' kernels are compiled by several processes before the timing: one
+    ``--compile-only`` command a case, in the timing's order, each selecting exactly that case;
+    the processes run at once, a failing one is reported, and one still running at the budget
+    is killed (stand-in commands here: no kernel compiles on a CPU)."""
+    import importlib.util
+    import sys
+    import time
+
+    spec = importlib.util.spec_from_file_location("time_designs", ROOT / "bench/time_designs.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    args = mod._parser().parse_args(["--shape", "1", "8", "16", "8", "8", "--variants",
+                                     "design 1", "design 3", "--compile-budget", "4"])  # fmt: skip
+    cases = [c[:3] for c in mod._cases(args)]
+    cmds = mod._compile_commands(args)
+    assert len(cases) == 8 and len(cmds) == 8  # 2 dtypes x 2 shift sets x 2 variants
+    for case, cmd in zip(cases, cmds, strict=True):
+        assert cmd[1] == str(ROOT / "bench/time_designs.py") and "--compile-only" in cmd
+        sub = mod._parser().parse_args(cmd[2:])
+        assert [c[:3] for c in mod._cases(sub)] == [case] and sub.shape == [1, 8, 16, 8, 8]
+    py = sys.executable
+    stand_ins = [[py, "-c", "import time; time.sleep(2)"]] * 3 + [
+        [py, "-c", "import sys; sys.exit('no kernel')"],
+        [py, "-c", "import time; time.sleep(60)"],
+    ]
+    t0 = time.monotonic()
+    assert mod._compile_first(args, 5, stand_ins) == 3
+    assert time.monotonic() - t0 < 30  # the 60-s one was killed; the three 2-s ones ran at once
+    # (one after another the third would have met the 4-s budget)
+    err = capsys.readouterr().err
+    assert "exit 1: no kernel" in err and "killed at the budget" in err
