@@ -7,7 +7,7 @@
 #   setup     install the carried wheels (.whl/, see ../shared/device/README.md) and the project
 #   designs   bench/time_designs.py: the three rank-one window designs (and design 3's knobs) at
 #             2x32x128^3, fp32/bf16, both shift sets: ms, % of copy bandwidth, diff to design 1
-#             (issue 16's deciding measurement: run it first; its 40 cases' kernels are compiled
+#             (issue 16's deciding measurement: run it first; its cases' kernels are compiled
 #             by 8 processes at once for up to 240 s, then timed)
 #   glue      the fused glue kernels' tests on the GPU, then the swin Factorizer training step
 #             (fp32, bf16) with the fused glue (default) and without (FASTNMF_FUSED_GLUE=0):

@@ -7,8 +7,9 @@
 
 For each dtype (fp32, bf16), shift set ([None, 4], [None, 2, 4, 6]) and variant (design 1, 2, 3,
 and design 3 with other ``_window3_sched.TUNING`` settings: warps 8, 16 windows a ticket,
-2 programs per SM, neighbours' parts not merged, the forward's parts pass or the backward's
-output pass on a ticket's tile, or both),
+2 programs per SM, 2 programs of 16 warps at 64 registers (32 resident warps an SM), neighbours'
+parts not merged, the forward's parts pass or the backward's output pass on a ticket's tile, or
+both),
 the layer's forward and forward+backward (``fastnmf.matricized_nmf``, kernel "triton", E = P = 8,
 T = 5) are timed (median of CUDA events), as % of the device's copy bandwidth for the ideal bytes
 (forward: read x + write y; backward: + read dy, write dx) and as a ratio to the first variant
@@ -19,7 +20,7 @@ what it measured) and prints a table (flushed row by row); nothing here gates an
 
 On a GPU the cases' kernels are first compiled by ``--jobs`` processes at once (``--compile-only``
 each; Triton compiles one kernel at a time in a process, tens of seconds for a fused kernel, and
-the 40 cases would otherwise take most of the GPU session's step compiling); they share Triton's
+the cases would otherwise take most of the GPU session's step compiling); they share Triton's
 on-disk cache, and the timing starts when they are done or after ``--compile-budget`` seconds.
 """
 
@@ -52,6 +53,8 @@ VARIANTS = [
     ("design 3, 8 warps", 3, {"warps": 8}),
     ("design 3, 16 windows a ticket", 3, {"wpp": 16}),
     ("design 3, 8 warps, 2 programs/SM", 3, {"warps": 8, "programs_per_sm": 2}),
+    # 32 resident warps an SM (64 registers a thread; spills 0.5-1.5 KB a thread: sm_90a, 3.9)
+    ("design 3, 64 registers, 2 programs/SM", 3, {"maxnreg": 64, "programs_per_sm": 2}),
     ("design 3, parts unmerged", 3, {"merge": False}),  # the default merges (fewer bytes)
 ]
 

@@ -222,7 +222,7 @@ def backward3(x, g0, rowmask, u, h, kmat, dy, geo: _Geometry2, plan, iters: int,
         x, dy, dx, g0, rowmask, u, h, kmat, gpart, sym, hbar, *pipe.args(),
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, iters, geo.S[1], geo.S[2], *geo.NW,
         **geo.consts(), **pipe.block(geo), MU=mu, ACC=acc_dtype(x.dtype),
-        **bwd_tile_plan(geo, mu, x.dtype, pipe.wpp, pipe.warps()), num_warps=pipe.warps(),
+        **bwd_tile_plan(geo, mu, x.dtype, pipe.wpp, pipe.warps()), **pipe.launch(),
     )  # fmt: skip
     return dx
 

@@ -35,9 +35,10 @@ PASSES = ("parts", "solve", "apply")
 # target's; None elsewhere: two programs), whether neighbours' parts are merged, and whether the
 # forward's parts pass takes a ticket's windows as one tile (kernels/_window3_tile.py, where
 # ``tile_plan`` allows; None: ``_TILE``), and whether the backward's output pass does
-# (kernels/_window3_bwd_tile.py, where ``bwd_tile_plan`` allows; None: ``_BWD_TILE``)
+# (kernels/_window3_bwd_tile.py, where ``bwd_tile_plan`` allows; None: ``_BWD_TILE``), and a cap
+# on the registers a thread (ptxas ``.maxnreg``; None: none, the 16-warp programs take up to 128)
 TUNING: dict = {"programs_per_sm": None, "warps": None, "wpp": None, "ring": None, "sms": None,
-                "merge": None, "tile": None, "bwd_tile": None}
+                "merge": None, "tile": None, "bwd_tile": None, "maxnreg": None}
 _PROGRAMS_PER_SM = 1
 _WARPS = 16
 _WPP = 4
@@ -362,6 +363,11 @@ class Pipeline:
 
     def warps(self) -> int:
         return TUNING["warps"] or _WARPS
+
+    def launch(self) -> dict:
+        """The launch options: warps a program, and the register cap if ``TUNING`` sets one."""
+        cap = TUNING["maxnreg"]
+        return {"num_warps": self.warps(), **({"maxnreg": cap} if cap else {})}
 
     def block(self, geo) -> dict:
         """The geometry's block constants with this pipeline's windows per ticket, ring and wait

@@ -206,7 +206,7 @@ def _fused_forward(x, g0, rowmask, geo: _Geometry2, plan, iters: int, mu: bool, 
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, iters, geo.S[1], geo.S[2], *geo.NW,
         **geo.consts(), **pipe.block(geo), MU=mu, ACC=acc, **dot, SAVE=save,
         MERGE=pipe.merges(dot["DOT"]), **tile_plan(geo, dot, pipe.wpp, pipe.warps()),
-        num_warps=pipe.warps(),
+        **pipe.launch(),
     )  # fmt: skip
     if not save:
         h = kmat = None

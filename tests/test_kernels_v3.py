@@ -107,6 +107,18 @@ def test_design3_one_launch_and_deterministic(gen, design3, monkeypatch, device)
     assert torch.equal(y1, y2) and torch.equal(dx1, dx2)
 
 
+def test_launch_options_cap_the_registers_only_when_asked(monkeypatch):
+    """``TUNING["maxnreg"]`` (bench/time_designs.py's 32-resident-warp variant) reaches both
+    launches as ptxas's register cap; by default no cap (the 16-warp programs take up to 128)."""
+    x = torch.zeros(1, 8, 16, 8, 8)
+    geo = common._Geometry2(x, 4, (4, 4, 4), [None, 2])
+    pipe = sched.Pipeline(geo, sched.fused_plan(tuple(geo.NW), geo.shifts), x.device)
+    assert pipe.launch() == {"num_warps": 16}
+    monkeypatch.setitem(sched.TUNING, "maxnreg", 64)
+    monkeypatch.setitem(sched.TUNING, "warps", 8)
+    assert pipe.launch() == {"num_warps": 8, "maxnreg": 64}
+
+
 @pytest.mark.skipif(not sched.INTERPRET, reason="under the interpreter programs run in turn")
 @pytest.mark.parametrize("backward", [False, True])
 def test_design3_schedule_error_raises_under_the_interpreter(gen, design3, monkeypatch, backward):
