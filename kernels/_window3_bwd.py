@@ -20,6 +20,7 @@ import triton.language as tl
 from ._common import acc_dtype
 from ._window2_bwd import _apply_bwd_window, _parts_bwd_window
 from ._window2_common import _Geometry2, _lanes_rowmask_g
+from ._window3_bwd_parts_tile import _parts_bwd_tile, bwd_parts_plan
 from ._window3_bwd_tile import _apply_tile, bwd_tile_plan
 from ._window3_sched import (
     Pipeline,
@@ -146,17 +147,27 @@ def _parts_chunk(x_ptr, dy_ptr, rowmask_ptr, g0_ptr, first, plane, NPLANE, bh, u
                  P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
                  BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
                  BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
-                 G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
-    """The backward parts passes of one ticket (g0 under every shift only with MU)."""
-    e, emask, rowmask, g_all = _lanes_rowmask_g(rowmask_ptr, g0_ptr, E, SHIFTS, NSHIFT, P0, P1,
-                                                P2, BP0, BP1, BP2, BLOCK_E, NSB, ACC, MU)
-    for j in range(0, WPP):
-        if first + j < NPLANE:
-            _parts_bwd_window(x_ptr, dy_ptr, rowmask, e, emask,
-                              plane * NPLANE + first + j, bh, g_all, u_ptr, gpart_ptr,
-                              E, NWIN, NVOX, ITERS, S1, S2, NW0, NW1, NW2, SHIFTS, NSHIFT,
-                              P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, G0, G1, G2, MU,
-                              ACC)  # fmt: skip
+                 G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, PTILE: tl.constexpr,
+                 PD0: tl.constexpr, PD1: tl.constexpr, PD2: tl.constexpr, PROWS0: tl.constexpr,
+                 PWT: tl.constexpr):  # fmt: skip
+    """The backward parts passes of one ticket: as tiles (PTILE,
+    kernels/_window3_bwd_parts_tile.py) or window by window (g0 under every shift only with
+    MU)."""
+    if PTILE:
+        _parts_bwd_tile(x_ptr, dy_ptr, first, plane, NPLANE, bh, u_ptr, gpart_ptr, E, NWIN, NVOX,
+                        S1, S2, NW0, NW1, NW2, SHIFTS, NSHIFT, WPP, P0, P1, P2, BP0, BP1, BP2,
+                        BLOCK_E, NSB, PD0, PD1, PD2, PROWS0, PWT)  # fmt: skip
+    else:
+        e, emask, rowmask, g_all = _lanes_rowmask_g(rowmask_ptr, g0_ptr, E, SHIFTS, NSHIFT, P0,
+                                                    P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, ACC,
+                                                    MU)  # fmt: skip
+        for j in range(0, WPP):
+            if first + j < NPLANE:
+                _parts_bwd_window(x_ptr, dy_ptr, rowmask, e, emask,
+                                  plane * NPLANE + first + j, bh, g_all, u_ptr, gpart_ptr,
+                                  E, NWIN, NVOX, ITERS, S1, S2, NW0, NW1, NW2, SHIFTS, NSHIFT,
+                                  P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, G0, G1, G2, MU,
+                                  ACC)  # fmt: skip
     _count_done(flags, 0, plane, NPL)
     return tl.atomic_add(flag_ptr, 1)  # the next ticket
 
@@ -172,7 +183,8 @@ def _fused_bwd_kernel(
     BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
     G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, RING: tl.constexpr,
     OFFS: tl.constexpr, NOFF: tl.constexpr, BTILE: tl.constexpr, R2: tl.constexpr,
-    WT: tl.constexpr, EAX: tl.constexpr,
+    WT: tl.constexpr, EAX: tl.constexpr, PTILE: tl.constexpr, PD0: tl.constexpr,
+    PD1: tl.constexpr, PD2: tl.constexpr, PROWS0: tl.constexpr, PWT: tl.constexpr,
 ):  # fmt: skip
     """Persistent, like the forward's ``_fused_kernel``: the backward parts, solves and output
     passes of every (batch*head, plane, chunk) in ticket order (RING is 0: the ū parts, E floats
@@ -192,7 +204,8 @@ def _fused_bwd_kernel(
             t = _parts_chunk(x_ptr + offset, dy_ptr + offset, rowmask_ptr, g0_ptr, first, plane,
                              NPLANE, bh, u_ptr, gpart_ptr, flags, flag_ptr, NPL, E, NWIN, NVOX, 1,
                              S1, S2, NW0, NW1, NW2, SHIFTS, NSHIFT, WPP, P0, P1, P2, BP0, BP1, BP2,
-                             BLOCK_E, NSB, G0, G1, G2, MU, ACC)  # fmt: skip
+                             BLOCK_E, NSB, G0, G1, G2, MU, ACC, PTILE, PD0, PD1, PD2, PROWS0,
+                             PWT)  # fmt: skip
         elif phase == 1:
             _wait_stage(flags, NPL, plane, 1, CPP, OFFS, NOFF)
             t = _solve_chunk(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh, first,
@@ -222,7 +235,8 @@ def backward3(x, g0, rowmask, u, h, kmat, dy, geo: _Geometry2, plan, iters: int,
         x, dy, dx, g0, rowmask, u, h, kmat, gpart, sym, hbar, *pipe.args(),
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, iters, geo.S[1], geo.S[2], *geo.NW,
         **geo.consts(), **pipe.block(geo), MU=mu, ACC=acc_dtype(x.dtype),
-        **bwd_tile_plan(geo, mu, x.dtype, pipe.wpp, pipe.warps()), **pipe.launch(),
+        **bwd_tile_plan(geo, mu, x.dtype, pipe.wpp, pipe.warps()),
+        **bwd_parts_plan(geo, mu, x.dtype, pipe.wpp, pipe.warps()), **pipe.launch(),
     )  # fmt: skip
     return dx
 

@@ -35,10 +35,12 @@ PASSES = ("parts", "solve", "apply")
 # target's; None elsewhere: two programs), whether neighbours' parts are merged, and whether the
 # forward's parts pass takes a ticket's windows as one tile (kernels/_window3_tile.py, where
 # ``tile_plan`` allows; None: ``_TILE``), and whether the backward's output pass does
-# (kernels/_window3_bwd_tile.py, where ``bwd_tile_plan`` allows; None: ``_BWD_TILE``), and a cap
-# on the registers a thread (ptxas ``.maxnreg``; None: none, the 16-warp programs take up to 128)
+# (kernels/_window3_bwd_tile.py, where ``bwd_tile_plan`` allows; None: ``_BWD_TILE``) and its
+# parts pass (kernels/_window3_bwd_parts_tile.py, ``bwd_parts_plan``; ``_BWD_PARTS_TILE``), and
+# a cap on the registers a thread (ptxas ``.maxnreg``; None: none, 16-warp programs take <= 128)
 TUNING: dict = {"programs_per_sm": None, "warps": None, "wpp": None, "ring": None, "sms": None,
-                "merge": None, "tile": None, "bwd_tile": None, "maxnreg": None}
+                "merge": None, "tile": None, "bwd_tile": None, "bwd_parts_tile": None,
+                "maxnreg": None}
 _PROGRAMS_PER_SM = 1
 _WARPS = 16
 _WPP = 4
@@ -65,6 +67,9 @@ _TILE = False
 # spills (64 B fp32, 216 B bf16): off by default until the GPU has timed it
 # (bench/time_designs.py, "design 3, output-pass tile"; README "Window kernel designs")
 _BWD_TILE = False
+# The backward's parts pass on a ticket's windows as tiles (kernels/_window3_bwd_parts_tile.py):
+# off by default until the GPU has timed it (bench/time_designs.py, "design 3, parts tile")
+_BWD_PARTS_TILE = False
 _INTERPRET = tl.constexpr(INTERPRET)  # kernels/_common.py: Triton's CPU interpreter
 
 

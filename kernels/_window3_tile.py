@@ -34,7 +34,7 @@ import triton.language as tl
 from ._window2_common import _part_member, _shift_of, _tri
 from ._window3_sched import _TILE, TUNING, _part_slot
 
-__all__ = ["tile_plan"]
+__all__ = ["tile_plan", "tile_subboxes"]
 
 
 @triton.jit
@@ -202,6 +202,16 @@ def tile_plan(geo, dot: dict, wpp: int, warps: int) -> dict:
     the matrix form of the parts, ``dot``, a power-of-two WPP and a tile of at most 32 values a
     thread), the sub-box TD0-TD2 and ROWS0 (module docstring). Where the dot would take fewer
     than 16 or more than 32 sub-boxes, the per-window pass runs instead."""
+    sub, rows0, k = tile_subboxes(geo, dot)
+    tile_values = geo.block_e * wpp * math.prod(geo.bp) // (32 * warps)
+    on = _TILE if TUNING["tile"] is None else bool(TUNING["tile"])
+    use = (on and dot["DOT"] and wpp & (wpp - 1) == 0 and tile_values <= 32 and 16 <= k <= 32)
+    return dict(TILE=use, TD0=sub[0], TD1=sub[1], TD2=sub[2], ROWS0=rows0)
+
+
+def tile_subboxes(geo, dot: dict) -> tuple[list[int], bool, int]:
+    """The sub-box of a tile's products (module docstring), whether axis 0's sub-boxes are rows
+    of the product (ROWS0), and the sub-boxes the dot contracts."""
     sub = [dot["D0"], dot["D1"], dot["D2"]]
     rows0 = False
     if math.prod(b // g for b, g in zip(geo.bp, geo.sub, strict=True)) > 16:
@@ -210,7 +220,4 @@ def tile_plan(geo, dot: dict, wpp: int, warps: int) -> dict:
             sub[1 if sub[1] >= sub[2] else 2] //= 2
     k = math.prod(b // g for b, g in zip(geo.bp[1 if rows0 else 0:], sub[1 if rows0 else 0:],
                                          strict=True))  # fmt: skip
-    tile_values = geo.block_e * wpp * math.prod(geo.bp) // (32 * warps)
-    on = _TILE if TUNING["tile"] is None else bool(TUNING["tile"])
-    use = (on and dot["DOT"] and wpp & (wpp - 1) == 0 and tile_values <= 32 and 16 <= k <= 32)
-    return dict(TILE=use, TD0=sub[0], TD1=sub[1], TD2=sub[2], ROWS0=rows0)
+    return sub, rows0, k

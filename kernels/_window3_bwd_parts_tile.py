@@ -1,0 +1,113 @@
+"""The third design's backward parts pass on a ticket's windows at once (kernels/_window3_bwd.py).
+
+The per-window parts pass (``_parts_bwd_window``) holds one window (E, 8, 8, 8) over 16 warps
+with the channel axis across warps: each shift's u^T x and u^T dY is a reduction across warps
+through shared memory, and every part's sums cross lanes (``bench/results/static_designs/
+instructions.md``: 569 / 1387 warp instructions a window, two thirds of them shuffles, barriers
+and the adds of reductions). Here a tile is WT windows (E, WT, BP0, BP1, BP2) laid out as the
+forward's ticket tile (kernels/_window3_tile.py): a thread holds all the channels of 2 voxels
+along axis 2 (a run inside one sub-box, so in one part of every shift), the warps go to the
+windows and axis 0. Per shift a thread loads its run's u (the shifted window's, E / 2 8-byte
+loads, as the output-pass tile does: kernels/_window3_bwd_tile.py), u^T x and u^T dY are sums in
+the thread, and the part sums of z = dY_s (u^T x) + x (u^T dY_s) come from one product of the
+sub-box sums with the 0/1 part matrix (``_tile_parts_store``, shift k's columns stored), into the
+same flat part slots the per-window pass writes. HALS only (MU masks x per shift), E even, x in
+fp32 / bf16 / fp16 (the product in fp32).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import acc_dtype
+from ._window2_common import _part_member, _window_origin
+from ._window3_bwd_tile import _run_prog, _vec
+from ._window3_sched import _BWD_PARTS_TILE, TUNING
+from ._window3_tile import _tile_parts_store, tile_subboxes
+
+__all__ = ["bwd_parts_plan"]
+
+
+@triton.jit
+def _parts_bwd_tile(
+    x_base, dy_base, first, plane, NPLANE, bh, u_ptr, gpart_ptr, E: tl.constexpr, NWIN, NVOX,
+    S1, S2, NW0, NW1, NW2, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, W: tl.constexpr,
+    P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, BP0: tl.constexpr, BP1: tl.constexpr,
+    BP2: tl.constexpr, BLOCK_E: tl.constexpr, NSB: tl.constexpr, D0: tl.constexpr,
+    D1: tl.constexpr, D2: tl.constexpr, ROWS0: tl.constexpr, WT: tl.constexpr,
+):  # fmt: skip
+    """The backward parts of one ticket's windows as tiles of WT windows (module docstring)."""
+    for h in tl.static_range(W // WT):
+        _parts_bwd_subtile(x_base, dy_base, first + h * WT, plane, NPLANE, bh, u_ptr, gpart_ptr,
+                           E, NWIN, NVOX, S1, S2, NW0, NW1, NW2, SHIFTS, NSHIFT, WT, P0, P1, P2,
+                           BP0, BP1, BP2, BLOCK_E, NSB, D0, D1, D2, ROWS0)  # fmt: skip
+
+
+@triton.jit
+def _parts_bwd_subtile(
+    x_base, dy_base, first, plane, NPLANE, bh, u_ptr, gpart_ptr, E: tl.constexpr, NWIN, NVOX,
+    S1, S2, NW0, NW1, NW2, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, W: tl.constexpr,
+    P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, BP0: tl.constexpr, BP1: tl.constexpr,
+    BP2: tl.constexpr, BLOCK_E: tl.constexpr, NSB: tl.constexpr, D0: tl.constexpr,
+    D1: tl.constexpr, D2: tl.constexpr, ROWS0: tl.constexpr,
+):  # fmt: skip
+    """Every shift's part sums of dY_s (u^T x) + x (u^T dY_s) of W windows from ``first``."""
+    V: tl.constexpr = 2  # a run: the voxels a thread holds along axis 2
+    c6 = tl.arange(0, BLOCK_E)[:, None, None, None, None, None]
+    j6 = tl.arange(0, W)[None, :, None, None, None, None]
+    q0 = tl.arange(0, BP0)[None, None, :, None, None, None]
+    q1 = tl.arange(0, BP1)[None, None, None, :, None, None]
+    r2 = (tl.arange(0, BP2 // V) * V)[None, None, None, None, :, None]  # a run's first voxel
+    g6 = tl.arange(0, V)[None, None, None, None, None, :]
+    # a window past the plane's end (masked: nothing loaded, nothing stored) takes the plane's
+    # last window's u, so that no load leaves u
+    v0, v1, v2 = _window_origin(plane * NPLANE + tl.minimum(first + j6, NPLANE - 1), NW1, NW2)
+    inside = (q0 < P0) & (q1 < P1) & (r2 + g6 < P2)
+    voxel = ((v0 * P0 + q0) * S1 + v1 * P1 + q1) * S2 + v2 * P2 + r2 + g6
+    offs = c6 * NVOX + voxel
+    ok = inside & (first + j6 < NPLANE) & (c6 < E)
+    x = tl.maximum(tl.load(x_base + offs, mask=ok, other=0).to(tl.float32), 0)
+    dy = tl.load(dy_base + offs, mask=ok, other=0).to(tl.float32) / NSHIFT  # dY_s
+    BA0K: tl.constexpr = 1 if ROWS0 else BP0 // D0
+    NB: tl.constexpr = 4 if ROWS0 else 8
+    NC: tl.constexpr = NB * NSB
+    live = (plane >= 0).to(tl.int32)  # built per ticket (kernels/_window3_tile.py says why)
+    member = _part_member(SHIFTS, NSHIFT, P0, P1, P2, BA0K, BP1 // D1, BP2 // D2, D0, D1, D2, NC,
+                          NB, tl.float32, live != 0)  # fmt: skip
+    r = tl.arange(0, BLOCK_E * W)[:, None]
+    ea = r // W  # a product row's channel and window
+    j = r % W
+    slot = (bh * NWIN + plane * NPLANE + first + j) * (NSHIFT * 8)  # the flat slots (no ring)
+    row_ok = (first + j < NPLANE) & (ea < E)
+    for k in tl.static_range(NSHIFT):
+        prog = _run_prog(bh, v0, v1, v2, q0, q1, r2, NWIN, NW0, NW1, NW2, k, SHIFTS, NSHIFT, P0,
+                         P1, P2)  # fmt: skip
+        uk = _vec(u_ptr + prog * E, c6, E, False)  # the forward's u, one vector a run
+        cx = tl.sum(uk * x, axis=0)[None]  # u^T x, in the thread
+        cdy = tl.sum(uk * dy, axis=0)[None]
+        z = tl.reshape(dy * cx + x * cdy, (BLOCK_E, W, BP0, BP1, BP2))
+        _tile_parts_store(z, member, gpart_ptr, E, ea, row_ok, slot, j, k, SHIFTS, NSHIFT, P0,
+                          BLOCK_E, W, BP0, BP1, BP2, D0, D1, D2, ROWS0, NC, False)  # fmt: skip
+
+
+def bwd_parts_plan(geo, mu: bool, dtype: torch.dtype, wpp: int, warps: int) -> dict:
+    """The constexprs of the ticket-tile backward parts pass: PTILE (whether it runs:
+    ``TUNING["bwd_parts_tile"]``, HALS, E even, not float64, the forward tile's product form
+    (``tile_subboxes``), sub-boxes at least 2 voxels wide along axis 2 (a run in one part), a
+    power-of-two WPP, a run a thread and the product at least 16 rows), the sub-box PD0-PD2,
+    PROWS0 and PWT, the windows of a tile."""
+    dot = geo.dot(acc_dtype(dtype), mu)
+    sub, rows0, k = tile_subboxes(geo, dot)
+    threads = 32 * warps
+    wt = min(wpp, max(1, threads * 2 // math.prod(geo.bp)))  # windows a tile: a run a thread
+    runs = wt * math.prod(geo.bp) // 2
+    rows = geo.block_e * wt * (geo.bp[0] // sub[0] if rows0 else 1)
+    on = _BWD_PARTS_TILE if TUNING["bwd_parts_tile"] is None else bool(TUNING["bwd_parts_tile"])
+    use = (on and dot["DOT"] and not mu and geo.E % 2 == 0 and dtype != torch.float64
+           and geo.sub[2] % 2 == 0 and sub[2] % 2 == 0 and wpp & (wpp - 1) == 0
+           and runs == threads and rows >= 16 and 16 <= k <= 32)  # fmt: skip
+    return dict(PTILE=use, PD0=sub[0], PD1=sub[1], PD2=sub[2], PROWS0=rows0, PWT=wt)
