@@ -34,6 +34,12 @@ def pytest_xdist_auto_num_workers(config):
 
 
 @pytest.fixture
+def design3(monkeypatch):
+    """The third window design (``window_nmf.TUNING["design"] = 3``) for one test."""
+    monkeypatch.setitem(importlib.import_module("fastnmf.kernels.window_nmf").TUNING, "design", 3)
+
+
+@pytest.fixture
 def gen():
     """A fresh, unseeded-by-the-test generator: every test run draws new inputs.
 

@@ -1,6 +1,8 @@
 """What the Triton kernel tests (test_kernels*.py) share: inputs, a forward + backward run, a
 launch spy, and the checks against the float64 oracle that several kernels pass alike."""
 
+import importlib
+
 import torch
 from conftest import n_columns, rel_err
 
@@ -24,6 +26,17 @@ def training_forward(x, v0, device, **kw):
     y = fastnmf.matricized_nmf(xi, v0.to(device=device, dtype=torch.float32), kernel="triton",
                                **kw)  # fmt: skip
     return y.detach().cpu()
+
+
+def design3_pipeline(shape, head_dim, patch, shifts, dtype=torch.float32, ring=False):
+    """(geometry, Pipeline) of the third design's launch for an x of ``shape`` and ``dtype``, as
+    the launchers compute them (for the tile plans)."""
+    common = importlib.import_module("fastnmf.kernels._window2_common")
+    sched = importlib.import_module("fastnmf.kernels._window3_sched")
+    x = torch.zeros(shape, dtype=dtype)
+    geo = common._Geometry2(x, head_dim, (patch,) * (x.dim() - 2), shifts)
+    return geo, sched.Pipeline(geo, sched.fused_plan(tuple(geo.NW), geo.shifts), x.device,
+                               ring=ring)  # fmt: skip
 
 
 def nmf_inputs(gen, shape, patch, *, rank=1, zero_windows=False, zero_g0=False):

@@ -38,11 +38,6 @@ _ring_region = sched._ring_region
 _ring_previous = sched._ring_previous
 
 
-@pytest.fixture
-def design3(monkeypatch):
-    monkeypatch.setitem(wn.TUNING, "design", 3)
-
-
 CASES = [
     # shape, head_dim, patch, shifts, solver, iters, zero_windows, zero_g0
     ((1, 8, 16, 8, 8), 4, 4, [None, 2], "hals", 5, True, False),  # 4 planes: the main schedule

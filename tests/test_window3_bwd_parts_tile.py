@@ -8,24 +8,15 @@ import importlib
 import pytest
 import torch
 from conftest import DEVICES, rel_err
-from kernel_helpers import check_low_precision, nmf_inputs, run_grad
+from kernel_helpers import check_low_precision, design3_pipeline, nmf_inputs, run_grad
 
-wn = importlib.import_module("fastnmf.kernels.window_nmf")
 sched = importlib.import_module("fastnmf.kernels._window3_sched")
-common = importlib.import_module("fastnmf.kernels._window2_common")
 ptile = importlib.import_module("fastnmf.kernels._window3_bwd_parts_tile")
-
-
-@pytest.fixture
-def design3(monkeypatch):
-    monkeypatch.setitem(wn.TUNING, "design", 3)
 
 
 def _plan(shape, head_dim, patch, shifts, mu=False, dtype=torch.float32):
     """``bwd_parts_plan`` as the backward's launcher computes it."""
-    x = torch.zeros(shape, dtype=dtype)
-    geo = common._Geometry2(x, head_dim, (patch,) * (x.dim() - 2), shifts)
-    pipe = sched.Pipeline(geo, sched.fused_plan(tuple(geo.NW), geo.shifts), x.device)
+    geo, pipe = design3_pipeline(shape, head_dim, patch, shifts, dtype)
     return ptile.bwd_parts_plan(geo, mu, dtype, pipe.wpp, pipe.warps())
 
 

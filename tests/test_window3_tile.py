@@ -8,17 +8,16 @@ import pytest
 import torch
 import triton.language as tl
 from conftest import DEVICES, rel_err
-from kernel_helpers import check_low_precision, nmf_inputs, run_grad, training_forward
+from kernel_helpers import (
+    check_low_precision,
+    design3_pipeline,
+    nmf_inputs,
+    run_grad,
+    training_forward,
+)
 
-wn = importlib.import_module("fastnmf.kernels.window_nmf")
 sched = importlib.import_module("fastnmf.kernels._window3_sched")
-common = importlib.import_module("fastnmf.kernels._window2_common")
 tile = importlib.import_module("fastnmf.kernels._window3_tile")
-
-
-@pytest.fixture
-def design3(monkeypatch):
-    monkeypatch.setitem(wn.TUNING, "design", 3)
 
 
 @pytest.fixture
@@ -29,9 +28,7 @@ def tile_on(monkeypatch):
 
 def _plan(shape, head_dim, patch, shifts, mu=False):
     """(tile_plan, merges) of the forward as the launcher computes them."""
-    x = torch.zeros(shape)
-    geo = common._Geometry2(x, head_dim, (patch,) * (x.dim() - 2), shifts)
-    pipe = sched.Pipeline(geo, sched.fused_plan(tuple(geo.NW), geo.shifts), x.device, ring=True)
+    geo, pipe = design3_pipeline(shape, head_dim, patch, shifts, ring=True)
     dot = geo.dot(tl.float32, mu)
     return tile.tile_plan(geo, dot, pipe.wpp, pipe.warps()), pipe.merges(dot["DOT"])
 
