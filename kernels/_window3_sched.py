@@ -55,10 +55,9 @@ _RING = 3
 # designs"); the GPU run times it against the unmerged forward (bench/time_designs.py)
 _MERGE = True
 # The ticket tile (kernels/_window3_tile.py) issues a third to under half of the per-window parts
-# pass's instructions (bench/results/static_designs/instructions.md) but with [None, 2, 4, 6] the
-# fused forward spills with it at 16 warps (sm_90a: 56 B fp32 / 40 B bf16 with Triton 3.9, 80 B
-# with 3.6; [None, 4]: none): off by default until the GPU has timed it (bench/time_designs.py,
-# "design 3, ticket tile")
+# pass's instructions (bench/results/static_designs/instructions.md); the fused forward spills
+# nothing with it at 16 warps with Triton 3.9 (sm_90a), 40 B with 3.6 and [None, 2, 4, 6]: off by
+# default until the GPU has timed it (bench/time_designs.py, "design 3, ticket tile")
 _TILE = False
 # The backward's output pass on a ticket's windows as one tile (kernels/_window3_bwd_tile.py):
 # a quarter to a sixth of the per-window pass's instructions and no spills with Triton 3.9, but

@@ -52,12 +52,12 @@ _window3_sched.py: windows per ticket, warps, programs per SM, ring, and ``merge
 neighbouring windows of a ticket merged, kernels/_window3_parts.py, on by default where
 ``merge_on``; ``tile``: the forward's parts pass on a whole ticket at once,
 kernels/_window3_tile.py, a third to half the per-window pass's instructions, off by default
-while it spills; ``bwd_tile``: the backward's output pass the same way,
-kernels/_window3_bwd_tile.py, a quarter to a sixth of the instructions, off by default: its lanes
-ask 4-12x the ideal bytes, and it spills with Triton 3.6 and the BraTS shifts; ``bwd_parts_tile``:
-the backward's parts pass on tiles of 2 windows, kernels/_window3_bwd_parts_tile.py, 0.4-0.6x
-the instructions, off by default until a GPU times it (with Triton 3.9 the fused backward spills
-with it); ``maxnreg``: a register cap).
+until a GPU times it (Triton 3.6 spills 40 B with it and the BraTS shifts); ``bwd_tile``: the
+backward's output pass the same way, kernels/_window3_bwd_tile.py, a quarter to a sixth of the
+instructions, off by default: its lanes ask 4-12x the ideal bytes, and alone it spills with Triton
+3.6 and the BraTS shifts; ``bwd_parts_tile``: the backward's parts pass on tiles of 2 windows,
+kernels/_window3_bwd_parts_tile.py, 0.4-0.6x the instructions, off by default until a GPU times
+it (with Triton 3.9 the fused backward spills with it); ``maxnreg``: a register cap).
 """
 
 from __future__ import annotations
