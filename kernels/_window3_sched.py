@@ -67,7 +67,8 @@ _TILE = False
 # (bench/time_designs.py, "design 3, output-pass tile"; README "Window kernel designs")
 _BWD_TILE = False
 # The backward's parts pass on a ticket's windows as tiles (kernels/_window3_bwd_parts_tile.py):
-# off by default until the GPU has timed it (bench/time_designs.py, "design 3, parts tile")
+# off by default until the GPU has timed it (bench/time_designs.py, "design 3, backward parts
+# tile", "design 3, three tiles")
 _BWD_PARTS_TILE = False
 _INTERPRET = tl.constexpr(INTERPRET)  # kernels/_common.py: Triton's CPU interpreter
 
