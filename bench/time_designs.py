@@ -8,7 +8,7 @@
 For each dtype (fp32, bf16), shift set ([None, 4], [None, 2, 4, 6]) and variant (design 1, 2, 3,
 and design 3 with other ``_window3_sched.TUNING`` settings: warps 8, 16 windows a ticket,
 2 programs per SM, 2 programs of 16 warps at 64 registers (32 resident warps an SM), neighbours'
-parts not merged, the forward's parts pass, the backward's output pass or its parts pass on a
+parts not merged, the forward's parts or output pass, the backward's output or parts pass on a
 ticket's tiles, or several),
 the layer's forward and forward+backward (``fastnmf.matricized_nmf``, kernel "triton", E = P = 8,
 T = 5) are timed (median of CUDA events), as % of the device's copy bandwidth for the ideal bytes
@@ -49,9 +49,11 @@ VARIANTS = [
     ("design 3", 3, {}),
     ("design 3, ticket tile", 3, {"tile": True}),  # kernels/_window3_tile.py (off by default)
     ("design 3, output-pass tile", 3, {"bwd_tile": True}),  # kernels/_window3_bwd_tile.py (off)
-    ("design 3, both tiles", 3, {"tile": True, "bwd_tile": True}),
+    ("design 3, forward output tile", 3, {"out_tile": True}),  # kernels/_window3_out_tile.py
     ("design 3, backward parts tile", 3, {"bwd_parts_tile": True}),  # _window3_bwd_parts_tile
     ("design 3, three tiles", 3, {"tile": True, "bwd_tile": True, "bwd_parts_tile": True}),
+    ("design 3, four tiles", 3, {"tile": True, "bwd_tile": True, "bwd_parts_tile": True,
+                                 "out_tile": True}),
     ("design 3, 8 warps", 3, {"warps": 8}),
     ("design 3, 16 windows a ticket", 3, {"wpp": 16}),
     ("design 3, 8 warps, 2 programs/SM", 3, {"warps": 8, "programs_per_sm": 2}),

@@ -30,7 +30,7 @@ import triton.language as tl
 from ._window2_common import _window_origin, _wrap_add
 from ._window3_sched import _BWD_TILE, TUNING
 
-__all__ = ["bwd_tile_plan"]
+__all__ = ["bwd_tile_plan", "run_tile_geometry"]
 
 # Where the tile's channel axis goes so that Triton's load layouts keep a voxel's channels in one
 # thread: the layout orders the axes by the addresses' contiguity (the run's voxels first) and
@@ -173,19 +173,27 @@ def _apply_subtile(
     tl.store(dx_base + offs, dx.to(dx_base.dtype.element_ty), mask=ok)
 
 
-def bwd_tile_plan(geo, mu: bool, dtype: torch.dtype, wpp: int, warps: int) -> dict:
-    """The constexprs of the ticket-tile output pass: BTILE (whether it runs:
-    ``TUNING["bwd_tile"]``, HALS, E even and the statistics in fp32 for the 8-byte pair loads, a
-    power-of-two WPP, at most 32 values of a tile a thread and at least a run a thread); R2, the
-    run length along axis 2 (the sub-box's, so that a run lies in one part of every shift and
-    never straddles a roll's wrap, at most 2: runs of 4 spilled with bf16 [None, 4]); WT, the
-    windows of a tile (a run a thread: one window more a thread spilled); EAX (``_E_AXIS``)."""
+def run_tile_geometry(geo, mu: bool, dtype: torch.dtype, wpp: int, warps: int) -> tuple:
+    """(fits, dict(R2, WT, EAX)) of the run tiles (this module's, and the forward's output-pass
+    tile: kernels/_window3_out_tile.py). fits: HALS, E even and the statistics in fp32 for the
+    8-byte pair loads, a power-of-two WPP, at most 32 values of a tile a thread and at least a
+    run a thread. R2, the run length along axis 2 (the sub-box's, so that a run lies in one part
+    of every shift and never straddles a roll's wrap, at most 2: runs of 4 spilled with bf16
+    [None, 4]); WT, the windows of a tile (a run a thread: one window more a thread spilled);
+    EAX (``_E_AXIS``)."""
     r2 = min(geo.sub[2], 2)
     threads = 32 * warps
     wt = min(wpp, max(1, threads * r2 // math.prod(geo.bp)))  # windows a tile: a run a thread
     values = geo.block_e * wt * math.prod(geo.bp) // threads
     runs = wt * math.prod(geo.bp) // r2
+    fits = (not mu and geo.E % 2 == 0 and dtype != torch.float64 and wpp & (wpp - 1) == 0
+            and values <= 32 and runs >= threads)  # fmt: skip
+    return fits, dict(R2=r2, WT=wt, EAX=_E_AXIS)
+
+
+def bwd_tile_plan(geo, mu: bool, dtype: torch.dtype, wpp: int, warps: int) -> dict:
+    """The constexprs of the ticket-tile output pass: BTILE (whether it runs:
+    ``TUNING["bwd_tile"]`` and the conditions of :func:`run_tile_geometry`), R2, WT, EAX."""
     on = _BWD_TILE if TUNING["bwd_tile"] is None else bool(TUNING["bwd_tile"])
-    use = (on and not mu and geo.E % 2 == 0 and dtype != torch.float64
-           and wpp & (wpp - 1) == 0 and values <= 32 and runs >= threads)  # fmt: skip
-    return dict(BTILE=use, R2=r2, WT=wt, EAX=_E_AXIS)
+    fits, geometry = run_tile_geometry(geo, mu, dtype, wpp, warps)
+    return dict(BTILE=on and fits, **geometry)

@@ -37,10 +37,11 @@ PASSES = ("parts", "solve", "apply")
 # ``tile_plan`` allows; None: ``_TILE``), and whether the backward's output pass does
 # (kernels/_window3_bwd_tile.py, where ``bwd_tile_plan`` allows; None: ``_BWD_TILE``) and its
 # parts pass (kernels/_window3_bwd_parts_tile.py, ``bwd_parts_plan``; ``_BWD_PARTS_TILE``), and
+# the forward's output pass (kernels/_window3_out_tile.py, ``out_tile_plan``; ``_OUT_TILE``), and
 # a cap on the registers a thread (ptxas ``.maxnreg``; None: none, 16-warp programs take <= 128)
 TUNING: dict = {"programs_per_sm": None, "warps": None, "wpp": None, "ring": None, "sms": None,
                 "merge": None, "tile": None, "bwd_tile": None, "bwd_parts_tile": None,
-                "maxnreg": None}
+                "out_tile": None, "maxnreg": None}
 _PROGRAMS_PER_SM = 1
 _WARPS = 16
 _WPP = 4
@@ -70,6 +71,9 @@ _BWD_TILE = False
 # off by default until the GPU has timed it (bench/time_designs.py, "design 3, backward parts
 # tile", "design 3, three tiles")
 _BWD_PARTS_TILE = False
+# The forward's output pass on a ticket's windows as tiles (kernels/_window3_out_tile.py, where
+# ``out_tile_plan`` allows): off by default until the GPU has timed it (bench/time_designs.py)
+_OUT_TILE = False
 _INTERPRET = tl.constexpr(INTERPRET)  # kernels/_common.py: Triton's CPU interpreter
 
 

@@ -69,6 +69,7 @@ import triton.language as tl
 from ._common import acc_dtype, compute_dtype, window_inputs
 from ._window2_common import _Geometry2, _lanes_rowmask_g, _tri
 from ._window3_bwd import backward3
+from ._window3_out_tile import _apply_fwd_tile, out_tile_plan
 from ._window3_parts import _parts_chunk_merged
 from ._window3_sched import (
     Pipeline,
@@ -156,7 +157,8 @@ def _fused_kernel(
     D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, NPB: tl.constexpr,
     SAVE: tl.constexpr, RING: tl.constexpr, OFFS: tl.constexpr, NOFF: tl.constexpr,
     MERGE: tl.constexpr, TILE: tl.constexpr, TD0: tl.constexpr, TD1: tl.constexpr,
-    TD2: tl.constexpr, ROWS0: tl.constexpr,
+    TD2: tl.constexpr, ROWS0: tl.constexpr, OTILE: tl.constexpr, R2: tl.constexpr,
+    WT: tl.constexpr, EAX: tl.constexpr,
 ):  # fmt: skip
     """Persistent: take tickets (batch*head, stage, chunk) in order until none is left; wait for
     what the stage needs, run its chunk of WPP windows, count the chunk done. With RING, a parts
@@ -206,7 +208,11 @@ def _fused_kernel(
                          NPL, SHIFTS, NSHIFT, WPP, BLOCK_E, SAVE, ACC, RING, MERGE)  # fmt: skip
         else:
             _wait_stage(flags, NPL, plane, 2, CPP, OFFS, NOFF)
-            if TILE and ROWS0:  # the output pass a function of its own (``_apply_chunk_fwd``)
+            if OTILE:  # the ticket's windows as tiles (kernels/_window3_out_tile.py)
+                _apply_fwd_tile(x_ptr + offset, y_ptr + offset, first, plane, NPLANE, bh, u_ptr,
+                                E, NWIN, NVOX, S1, S2, NW0, NW1, NW2, SHIFTS, NSHIFT, WPP, P0,
+                                P1, P2, BP0, BP1, BP2, BLOCK_E, R2, WT, EAX)  # fmt: skip
+            elif TILE and ROWS0:  # the output pass a function of its own (``_apply_chunk_fwd``)
                 _apply_chunk_fwd(x_ptr + offset, y_ptr + offset, rowmask_ptr, g0_ptr, first,
                                  plane, NPLANE, bh, u_ptr, E, NWIN, NVOX, S1, S2, NW0, NW1, NW2,
                                  SHIFTS, NSHIFT, WPP, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB,
@@ -240,7 +246,7 @@ def _fused_forward(x, g0, rowmask, geo: _Geometry2, plan, iters: int, mu: bool, 
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, iters, geo.S[1], geo.S[2], *geo.NW,
         **geo.consts(), **pipe.block(geo), MU=mu, ACC=acc, **dot, SAVE=save,
         MERGE=pipe.merges(dot["DOT"]), **tile_plan(geo, dot, pipe.wpp, pipe.warps()),
-        **pipe.launch(),
+        **out_tile_plan(geo, mu, x.dtype, pipe.wpp, pipe.warps()), **pipe.launch(),
     )  # fmt: skip
     if not save:
         h = kmat = None

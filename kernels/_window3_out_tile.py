@@ -1,0 +1,101 @@
+"""The third design's forward output pass on a ticket's windows at once (kernels/window_nmf3.py).
+
+The per-window output pass (``_apply_window``) holds one window (E, 8, 8, 8) over 16 warps with
+the channel axis across warps: each shift's u^T x is a reduction across warps and each shift's u
+is spread to the sub-boxes through shared memory (``bench/results/static_designs/
+instructions.md``: 283 / 514 warp instructions a window, ``[None, 4]`` / ``[None, 2, 4, 6]``).
+Here a tile is WT windows of the ticket in the backward output-pass tile's layout
+(kernels/_window3_bwd_tile.py): a thread holds one run of R2 voxels along axis 2 (inside one
+sub-box, so in one part of every shift) with all its channels, loads its run's u per shift (E / 2
+8-byte loads, past L1: the same launch's solves wrote it), and u^T x is a sum in the thread:
+nothing crosses lanes or warps.
+
+y = mean_s u_s (u_s^T ReLU(x)) (HALS; MU masks x per shift and takes the per-window pass).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._window2_common import _window_origin
+from ._window3_bwd_tile import _axes, _run_prog, _vec, run_tile_geometry
+from ._window3_sched import _OUT_TILE, TUNING
+
+__all__ = ["out_tile_plan"]
+
+
+@triton.jit
+def _apply_fwd_tile(
+    x_base, y_base, first, plane, NPLANE, bh, u_ptr, E: tl.constexpr, NWIN, NVOX, S1, S2, NW0,
+    NW1, NW2, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, W: tl.constexpr, P0: tl.constexpr,
+    P1: tl.constexpr, P2: tl.constexpr, BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
+    BLOCK_E: tl.constexpr, R2: tl.constexpr, WT: tl.constexpr, EAX: tl.constexpr,
+):  # fmt: skip
+    """y of one ticket's windows as tiles of WT windows (module docstring). With more than two
+    shifts each tile is a call (``_apply_fwd_subtile_call``), inlined otherwise: sm_90a, 16
+    warps, Triton 3.9, fp32, the fused forward's spills: [None, 2, 4, 6] 72 B inlined, 8 B called
+    (0 B with the ticket tile); [None, 4] 0 B inlined, 16 B called."""
+    for h in tl.static_range(W // WT):
+        if NSHIFT > 2:
+            _apply_fwd_subtile_call(x_base, y_base, first + h * WT, plane, NPLANE, bh, u_ptr, E,
+                                    NWIN, NVOX, S1, S2, NW0, NW1, NW2, SHIFTS, NSHIFT, WT, P0,
+                                    P1, P2, BP0, BP1, BP2, BLOCK_E, R2, EAX)  # fmt: skip
+        else:
+            _apply_fwd_subtile(x_base, y_base, first + h * WT, plane, NPLANE, bh, u_ptr, E,
+                               NWIN, NVOX, S1, S2, NW0, NW1, NW2, SHIFTS, NSHIFT, WT, P0, P1,
+                               P2, BP0, BP1, BP2, BLOCK_E, R2, EAX)  # fmt: skip
+
+
+@triton.jit(noinline=True)
+def _apply_fwd_subtile_call(
+    x_base, y_base, first, plane, NPLANE, bh, u_ptr, E: tl.constexpr, NWIN, NVOX, S1, S2, NW0,
+    NW1, NW2, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, W: tl.constexpr, P0: tl.constexpr,
+    P1: tl.constexpr, P2: tl.constexpr, BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
+    BLOCK_E: tl.constexpr, R2: tl.constexpr, EAX: tl.constexpr,
+):  # fmt: skip
+    """``_apply_fwd_subtile`` as a function of its own (not inlined)."""
+    _apply_fwd_subtile(x_base, y_base, first, plane, NPLANE, bh, u_ptr, E, NWIN, NVOX, S1, S2,
+                       NW0, NW1, NW2, SHIFTS, NSHIFT, W, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, R2,
+                       EAX)  # fmt: skip
+
+
+@triton.jit
+def _apply_fwd_subtile(
+    x_base, y_base, first, plane, NPLANE, bh, u_ptr, E: tl.constexpr, NWIN, NVOX, S1, S2, NW0,
+    NW1, NW2, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, W: tl.constexpr, P0: tl.constexpr,
+    P1: tl.constexpr, P2: tl.constexpr, BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
+    BLOCK_E: tl.constexpr, R2: tl.constexpr, EAX: tl.constexpr,
+):  # fmt: skip
+    """y of W windows from ``first`` as one tile: its runs (window, q0, q1, run along axis 2) on
+    one axis, the channels on another, a run's R2 voxels on the last."""
+    NR: tl.constexpr = BP2 // R2
+    n, c3, g3 = _axes(tl.arange(0, W * BP0 * BP1 * NR), R2, BLOCK_E, EAX)
+    r2 = (n % NR) * R2  # a run's first voxel along axis 2
+    q1 = (n // NR) % BP1
+    q0 = (n // (NR * BP1)) % BP0
+    jj = n // (NR * BP1 * BP0)
+    # a window past the plane's end (masked) takes the plane's last window's u: no load leaves u
+    v0, v1, v2 = _window_origin(plane * NPLANE + tl.minimum(first + jj, NPLANE - 1), NW1, NW2)
+    inside = (q0 < P0) & (q1 < P1) & (r2 < P2) & (g3 >= 0)  # R2 divides P2
+    voxel = ((v0 * P0 + q0) * S1 + v1 * P1 + q1) * S2 + v2 * P2 + r2
+    voxel = tl.multiple_of(voxel, [R2] * 3) + g3
+    ok = inside & (first + jj < NPLANE) & (c3 < E)
+    offs = c3 * NVOX + voxel
+    x = tl.maximum(tl.load(x_base + offs, mask=ok, other=0).to(tl.float32), 0)
+    y = tl.zeros(offs.shape, dtype=tl.float32)
+    for k in tl.static_range(NSHIFT):
+        prog = _run_prog(bh, v0, v1, v2, q0, q1, r2, NWIN, NW0, NW1, NW2, k, SHIFTS, NSHIFT,
+                         P0, P1, P2)  # fmt: skip
+        uk = _vec(u_ptr + prog * E, c3, E, True)  # this launch's solves wrote u: past L1
+        y += uk * tl.expand_dims(tl.sum(uk * x, axis=EAX), EAX)
+    tl.store(y_base + offs, (y / NSHIFT).to(y_base.dtype.element_ty), mask=ok)
+
+
+def out_tile_plan(geo, mu: bool, dtype, wpp: int, warps: int) -> dict:
+    """The constexprs of the forward's output-pass tile: OTILE (whether it runs:
+    ``TUNING["out_tile"]`` and the conditions of :func:`run_tile_geometry`), and its run length
+    R2, windows a tile WT and channel axis EAX."""
+    on = _OUT_TILE if TUNING["out_tile"] is None else bool(TUNING["out_tile"])
+    fits, geometry = run_tile_geometry(geo, mu, dtype, wpp, warps)
+    return dict(OTILE=on and fits, **geometry)

@@ -1,0 +1,96 @@
+"""The third design's forward output pass on a ticket's windows at once
+(kernels/_window3_out_tile.py): which cases take it (``out_tile_plan``), and its output against
+the float64 oracle and against the per-window output pass, under the interpreter (CPU) or on a
+GPU."""
+
+import importlib
+
+import pytest
+import torch
+from conftest import DEVICES, rel_err
+from kernel_helpers import check_low_precision, design3_pipeline, nmf_inputs, training_forward
+
+import fastnmf
+
+sched = importlib.import_module("fastnmf.kernels._window3_sched")
+otile = importlib.import_module("fastnmf.kernels._window3_out_tile")
+nmf3 = importlib.import_module("fastnmf.kernels.window_nmf3")
+
+
+def _plan(shape, head_dim, patch, shifts, mu=False, dtype=torch.float32):
+    """``out_tile_plan`` as the forward's launcher computes it."""
+    geo, pipe = design3_pipeline(shape, head_dim, patch, shifts, dtype)
+    return otile.out_tile_plan(geo, mu, dtype, pipe.wpp, pipe.warps())
+
+
+def test_out_tile_plan_takes_the_static_suites_shapes(monkeypatch):
+    """The backward output-pass tile's geometry (runs of 2 voxels, tiles of 2 windows; runs of
+    one voxel with an odd shift); MU, an odd E, float64, windows of 4^3 or TUNING["out_tile"] =
+    False take the per-window pass, None the module default."""
+    shape = (1, 8, 16, 8, 32)
+    monkeypatch.setitem(sched.TUNING, "out_tile", True)
+    plan = _plan(shape, 8, 8, [None, 2, 4, 6])
+    assert (plan["OTILE"], plan["R2"], plan["WT"]) == (True, 2, 2)
+    plan = _plan((1, 6, 12, 12, 18), 6, 6, [None, 3])
+    assert (plan["OTILE"], plan["R2"], plan["WT"]) == (True, 1, 1)
+    assert not _plan(shape, 8, 8, [None, 4], mu=True)["OTILE"]
+    assert not _plan((1, 5, 16, 8, 32), 5, 8, [None, 4])["OTILE"]
+    assert not _plan(shape, 8, 8, [None, 4], dtype=torch.float64)["OTILE"]
+    assert not _plan(shape, 8, 4, [None, 2])["OTILE"]
+    monkeypatch.setitem(sched.TUNING, "out_tile", False)
+    assert not _plan(shape, 8, 8, [None, 4])["OTILE"]
+    monkeypatch.setitem(sched.TUNING, "out_tile", None)  # the default
+    assert _plan(shape, 8, 8, [None, 4])["OTILE"] == sched._OUT_TILE
+
+
+OUT_CASES = [
+    # shape, head_dim, patch, shifts, R2: 8^3 windows with the BraTS shifts (runs of 2, each tile
+    # a call), two heads with [None, 4] (inlined); rows of 3 windows (a ticket's fourth masked)
+    # and E = 6 with one shift per axis; 6^3 windows padded to 8^3 with an odd shift (runs of one)
+    ((1, 4, 16, 8, 32), 4, 8, [None, 2, 4, 6], 2),
+    ((1, 8, 16, 8, 32), 4, 8, [None, 4], 2),
+    ((1, 6, 16, 8, 24), 6, 8, [None, (4, 2, 6)], 2),
+    ((1, 4, 12, 6, 24), 4, 6, [None, 3], 1),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,head_dim,patch,shifts,r2", OUT_CASES)
+def test_out_tile_matches_reference(gen, design3, monkeypatch, device, shape, head_dim, patch,
+                                    shifts, r2):  # fmt: skip
+    """The tile's output (training forward: K and h saved) against the float64 oracle, the
+    launcher seen taking the tile; in the first case also inference's (nothing saved) and the
+    per-window pass's. (Under the interpreter the two passes agree bit for bit: both sum the
+    channels of each shift's u^T x in order.)"""
+    monkeypatch.setitem(sched.TUNING, "out_tile", True)
+    plan = _plan(shape, head_dim, patch, shifts)
+    assert plan["OTILE"] and plan["R2"] == r2
+    taken = []
+    monkeypatch.setattr(nmf3, "out_tile_plan", lambda *a: taken.append(otile.out_tile_plan(*a))
+                        or taken[-1])  # fmt: skip
+    x, v0, _ = nmf_inputs(gen, shape, patch, zero_windows=True)
+    kw = dict(head_dim=head_dim, patch_size=patch, shifts=shifts, solver="hals")
+    y_ref = fastnmf.matricized_nmf(x, v0, kernel="reference", **kw).float()
+    y = training_forward(x, v0, device, **kw)
+    assert rel_err(y, y_ref) <= 1e-4 and [p["OTILE"] for p in taken] == [True]
+    if shape != OUT_CASES[0][0]:
+        return
+    with torch.no_grad():
+        y_infer = fastnmf.matricized_nmf(x.float().to(device), v0.float().to(device),
+                                         kernel="triton", **kw).cpu()  # fmt: skip
+    assert torch.equal(y_infer, y)
+    monkeypatch.setitem(sched.TUNING, "out_tile", False)
+    y_window = training_forward(x, v0, device, **kw)
+    assert rel_err(y_window, y_ref) <= 1e-4 and not taken[-1]["OTILE"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_out_tile_low_precision(gen, design3, monkeypatch, device):
+    """bf16 x through the forward output tile (and the backward's per-window passes): within 2x
+    the reference's own error at bf16, plus an atol (``check_low_precision``)."""
+    shape, shifts = (1, 4, 16, 8, 32), [None, 2, 4, 6]
+    monkeypatch.setitem(sched.TUNING, "out_tile", True)
+    assert _plan(shape, 4, 8, shifts, dtype=torch.bfloat16)["OTILE"]
+    x, v0, dy = nmf_inputs(gen, shape, 8)
+    check_low_precision(x, v0, dy, torch.bfloat16, device, head_dim=4, patch_size=8,
+                        shifts=shifts)  # fmt: skip
