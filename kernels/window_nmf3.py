@@ -57,7 +57,10 @@ backward's output pass the same way, kernels/_window3_bwd_tile.py, a quarter to 
 instructions, off by default: its lanes ask 4-12x the ideal bytes, and alone it spills with Triton
 3.6 and the BraTS shifts; ``bwd_parts_tile``: the backward's parts pass on tiles of 2 windows,
 kernels/_window3_bwd_parts_tile.py, 0.4-0.6x the instructions, off by default until a GPU times
-it (with Triton 3.9 the fused backward spills with it); ``maxnreg``: a register cap).
+it (with Triton 3.9 the fused backward spills with it); ``out_tile``: the forward's output pass
+on tiles of 2 windows, kernels/_window3_out_tile.py, about half the instructions, off by default
+until a GPU times it (its lanes ask 1.3-2x the bytes; Triton 3.9 spills 8 B with it alone and the
+BraTS shifts, 32 B with it and the ticket tile and [None, 4]); ``maxnreg``: a register cap).
 """
 
 from __future__ import annotations
