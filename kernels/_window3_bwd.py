@@ -27,7 +27,8 @@ from ._window3_sched import (
     _count_done,
     _load_sym_batch,
     _normalize,
-    _sum_parts_batch,
+    _solve_rows,
+    _sum_parts_rows,
     _take,
     _wait_stage,
 )
@@ -39,14 +40,13 @@ __all__ = ["backward3"]
 def _solve_chunk(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh, first, plane, NPLANE,
                  flags, flag_ptr, NPL, E: tl.constexpr, NWIN, ITERS, NW0, NW1, NW2,
                  SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, NB: tl.constexpr,
-                 BLOCK_E: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+                 NSB: tl.constexpr, BLOCK_E: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
     """The backward solves of one ticket (WPP shifted windows of a plane from ``first``);
     counts the chunk done and returns the next ticket (as the other passes: ``_fused_bwd_kernel``
     says why)."""
-    i = first + tl.arange(0, NB)
-    _solve_bwd_batch(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh,
-                     plane * NPLANE + i, i < NPLANE, E, NWIN, ITERS, NW0, NW1, NW2,
-                     SHIFTS, NSHIFT, NB, BLOCK_E, ACC)  # fmt: skip
+    _solve_bwd_batch(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh, first, plane,
+                     NPLANE, E, NWIN, ITERS, NW0, NW1, NW2, SHIFTS, NSHIFT, NB, NSB, BLOCK_E,
+                     ACC)  # fmt: skip
     _count_done(flags, 1, plane, NPL)
     return tl.atomic_add(flag_ptr, 1)  # the next ticket
 
@@ -65,41 +65,41 @@ def _iterate_to(k_mat, h, t):
 
 
 @triton.jit
-def _solve_bwd_batch(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh, om, ok,
-                     E: tl.constexpr, NWIN, ITERS, NW0, NW1, NW2, SHIFTS: tl.constexpr,
-                     NSHIFT: tl.constexpr, NB: tl.constexpr, BLOCK_E: tl.constexpr,
-                     ACC: tl.constexpr):  # fmt: skip
-    """The second design's backward solve (``_solve_bwd_kernel``) for the shifted windows om
-    (NB,) (ok: which exist) at once: per shift, ū from its parts, then back through the power
-    steps with the saved K and the iterates recomputed from K and h (:func:`_iterate_to`:
-    T (T + 1) / 2 E x E products instead of reading T saved iterates and norms):
-    S = K̄ + K̄^T and h̄."""
+def _solve_bwd_batch(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh, first, plane,
+                     NPLANE, E: tl.constexpr, NWIN, ITERS, NW0, NW1, NW2, SHIFTS: tl.constexpr,
+                     NSHIFT: tl.constexpr, NB: tl.constexpr, NSB: tl.constexpr,
+                     BLOCK_E: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """The second design's backward solve (``_solve_bwd_kernel``) for a ticket's NB shifted
+    windows from ``first`` under every shift at once (the rows of ``_solve_rows``): ū from its
+    parts, then back through the power steps with the saved K and the iterates recomputed from K
+    and h (:func:`_iterate_to`: T (T + 1) / 2 E x E products instead of reading T saved iterates
+    and norms): S = K̄ + K̄^T and h̄."""
     e = tl.arange(0, BLOCK_E)
     i3 = e[None, :, None]
     j3 = e[None, None, :]
+    k, om, ok = _solve_rows(first, plane, NPLANE, NB, NSB, NSHIFT)
     m3 = ok[:, None, None] & (i3 < E) & (j3 < E)
     m2 = ok[:, None] & (e[None, :] < E)
-    for k in tl.static_range(NSHIFT):
-        # ū, its parts flat (no ring: the plane size and count, NB and 1 here, are unused)
-        _, grad = _sum_parts_batch(gpart_ptr, gpart_ptr, bh, om, ok, k, NWIN, NW0, NW1, NW2, NB,
-                                   1, SHIFTS, NSHIFT, E, NB, BLOCK_E, ACC, False, 0)  # fmt: skip
-        prog = (bh * NSHIFT + k) * NWIN + om
-        k_mat = _load_sym_batch(kmat_ptr, prog, m3, i3, j3, E)
-        h = tl.load(hsave_ptr + prog[:, None] * E + e[None, :], mask=m2, other=0)
-        kbar = tl.zeros((NB, BLOCK_E, BLOCK_E), dtype=ACC)
-        hbar = tl.zeros((NB, BLOCK_E), dtype=ACC)
-        for i in range(0, ITERS):
-            t = ITERS - 1 - i
-            prev, a_hat, norm = _iterate_to(k_mat, h, t)
-            radial = tl.sum(a_hat * grad, axis=1)
-            safe = tl.where(norm > 0, norm, 1)[:, None]
-            a_bar = tl.where(norm[:, None] > 0, (grad - a_hat * radial[:, None]) / safe, 0)
-            kbar += tl.where(t > 0, a_bar[:, :, None] * prev[:, None, :], 0.0)  # none at t = 0
-            hbar = a_bar  # the last pass (t = 0) leaves h̄ = ā_1
-            grad = tl.sum(k_mat * a_bar[:, None, :], axis=2)
-        tl.store(sym_ptr + prog[:, None, None] * (E * E) + i3 * E + j3,
-                 kbar + tl.permute(kbar, (0, 2, 1)), mask=m3)  # fmt: skip
-        tl.store(hbar_ptr + prog[:, None] * E + e[None, :], hbar, mask=m2)
+    # ū, its parts flat (no ring: the plane size and count, NB and 1 here, are unused)
+    _, grad = _sum_parts_rows(gpart_ptr, gpart_ptr, bh, om, ok, k, NWIN, NW0, NW1, NW2, NB, 1,
+                              SHIFTS, NSHIFT, E, NSB * NB, BLOCK_E, ACC, False, 0)  # fmt: skip
+    prog = (bh * NSHIFT + k) * NWIN + om
+    k_mat = _load_sym_batch(kmat_ptr, prog, m3, i3, j3, E)
+    h = tl.load(hsave_ptr + prog[:, None] * E + e[None, :], mask=m2, other=0)
+    kbar = tl.zeros((NSB * NB, BLOCK_E, BLOCK_E), dtype=ACC)
+    hbar = tl.zeros((NSB * NB, BLOCK_E), dtype=ACC)
+    for i in range(0, ITERS):
+        t = ITERS - 1 - i
+        prev, a_hat, norm = _iterate_to(k_mat, h, t)
+        radial = tl.sum(a_hat * grad, axis=1)
+        safe = tl.where(norm > 0, norm, 1)[:, None]
+        a_bar = tl.where(norm[:, None] > 0, (grad - a_hat * radial[:, None]) / safe, 0)
+        kbar += tl.where(t > 0, a_bar[:, :, None] * prev[:, None, :], 0.0)  # none at t = 0
+        hbar = a_bar  # the last pass (t = 0) leaves h̄ = ā_1
+        grad = tl.sum(k_mat * a_bar[:, None, :], axis=2)
+    tl.store(sym_ptr + prog[:, None, None] * (E * E) + i3 * E + j3,
+             kbar + tl.permute(kbar, (0, 2, 1)), mask=m3)  # fmt: skip
+    tl.store(hbar_ptr + prog[:, None] * E + e[None, :], hbar, mask=m2)
 
 
 @triton.jit(noinline=True)
@@ -210,7 +210,7 @@ def _fused_bwd_kernel(
             _wait_stage(flags, NPL, plane, 1, CPP, OFFS, NOFF)
             t = _solve_chunk(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh, first,
                              plane, NPLANE, flags, flag_ptr, NPL, E, NWIN, ITERS, NW0, NW1, NW2,
-                             SHIFTS, NSHIFT, WPP, BLOCK_E, ACC)  # fmt: skip
+                             SHIFTS, NSHIFT, WPP, NSB, BLOCK_E, ACC)  # fmt: skip
         else:
             _wait_stage(flags, NPL, plane, 2, CPP, OFFS, NOFF)
             t = _apply_chunk(x_ptr + offset, dy_ptr + offset, dx_ptr + offset, rowmask_ptr,

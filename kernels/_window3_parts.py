@@ -4,7 +4,7 @@ A shift that splits axis 2 cuts every window into a low part (b2 = 0) and a high
 along it; the high part of window w and the low part of window w + 1 (its neighbour along axis 2)
 lie in the same shifted window. Where both windows are in the same ticket (``_merges_next``), the
 parts pass adds w's high parts to w + 1's low parts before storing them, and stores them once, in
-w + 1's slots; the solve skips w's high slots (``_sum_parts_batch`` with MERGE). With 4 windows a
+w + 1's slots; the solve skips w's high slots (``_sum_parts_rows`` with MERGE). With 4 windows a
 ticket that is 3 of every 8 part statistics of such a shift neither written nor read. Only the
 matrix form of the Gram parts (``DOT``: fp32 accumulation, HALS) merges, and only where a ticket's
 windows are always consecutive in one row along axis 2 (``merge_on``: then a window's place in its

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ._common import INTERPRET
-from ._window2_common import _tri, _window_origin
+from ._window2_common import _shift_of, _tri, _window_origin
 
 __all__ = ["TUNING", "PASSES", "Pipeline", "fused_plan", "merge_on", "ring_regions", "wait_offsets",
            "wpp"]
@@ -238,10 +238,11 @@ def _programs(device: torch.device, tickets: int) -> int:
 @triton.jit
 def _load_sym_batch(ptr, slot, m3, i3, j3, E: tl.constexpr):
     """(NB, BLOCK_E, BLOCK_E) symmetric matrices from the packed upper triangles at
-    ptr + slot * E^2 (``_load_sym`` of the second design for NB slots; same arithmetic)."""
-    up = tl.load(ptr + slot[:, None, None] * (E * E) + _tri(i3, j3, E), mask=m3 & (j3 >= i3),
-                 other=0, cache_modifier=".cg")  # fmt: skip
-    return up + tl.permute(up, (0, 2, 1)) - tl.where(i3 == j3, up, 0)
+    ptr + slot * E^2 (``_load_sym`` of the second design for NB slots; the same values): (i, j)
+    and (j, i) both loaded from the triangle's (min, max), no transpose through shared memory."""
+    lo = tl.minimum(i3, j3)
+    return tl.load(ptr + slot[:, None, None] * (E * E) + _tri(lo, tl.maximum(i3, j3), E),
+                   mask=m3, other=0, cache_modifier=".cg")  # fmt: skip
 
 
 @triton.jit
@@ -280,6 +281,30 @@ def _part_slot(bh, w, NWIN, NPLANE, NPL, NSHIFT: tl.constexpr, RING: tl.constexp
 
 
 @triton.jit
+def _wrap_sub(w, b, q, nw):
+    """(w - b - q) mod nw for 0 <= w, q < nw and b in {0, 1}: one conditional addition (the
+    shifts' whole-window offsets q are reduced modulo the grid)."""
+    o = w - b - q
+    return tl.where(o < 0, o + nw, o)
+
+
+@triton.jit
+def _part_slot_at(bh, w0, w1, w2, NWIN, NW0, NW1, NW2, NPLANE, NPL, NSHIFT: tl.constexpr,
+                  RING: tl.constexpr):  # fmt: skip
+    """:func:`_part_slot` of the window at grid coordinates (w0, w1, w2): its plane is its
+    coordinate along the pipelining axis (the first with more than one window:
+    :func:`fused_plan`), no division."""
+    w = (w0 * NW1 + w1) * NW2 + w2
+    if RING == 0:
+        slot = (bh * NWIN + w) * (NSHIFT * 8)
+    else:
+        plane = tl.where(NW0 > 1, w0, tl.where(NW1 > 1, w1, w2))
+        region = _ring_region(bh, plane, NPL, RING)
+        slot = (region * NPLANE + (w - plane * NPLANE)) * (NSHIFT * 8)
+    return slot
+
+
+@triton.jit
 def _merges_next(i, WPP: tl.constexpr):
     """Whether the forward's parts pass adds the high parts along axis 2 (b2 = 1) of window i to
     the low parts of window i + 1 and stores them in i + 1's slots (kernels/_window3_parts.py):
@@ -302,35 +327,58 @@ def merge_on(dot: bool, shifts, nw2: int, nplane: int, wpp: int) -> bool:
 
 
 @triton.jit
-def _sum_parts_batch(vpart_ptr, kpart_ptr, bh, om, ok, k: tl.constexpr, NWIN, NW0, NW1, NW2,
-                     NPLANE, NPL, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, E: tl.constexpr,
-                     NB: tl.constexpr, BLOCK_E: tl.constexpr, ACC: tl.constexpr,
-                     WITH_K: tl.constexpr, RING: tl.constexpr, MERGE: tl.constexpr = False,
-                     WPP: tl.constexpr = 1):  # fmt: skip
-    """``_sum_parts`` of the second design for the shifted windows om (NB,) (ok: which exist) at
-    once, same order: (K (NB, BLOCK_E, BLOCK_E), vector (NB, BLOCK_E)) under shift k; the part
-    slots of :func:`_part_slot`. With MERGE, a high part along axis 2 that the parts pass merged
-    into its neighbour's low part (:func:`_merges_next`; axis 2 place w2) is not read."""
+def _solve_rows(first, plane, NPLANE, NB: tl.constexpr, NSB: tl.constexpr,
+                NSHIFT: tl.constexpr):  # fmt: skip
+    """The rows of a ticket's solves, every shift's at once: row r is shift k = r // NB of the
+    ticket's window r % NB; (k, om: the window in the head, ok: whether both exist), (NSB NB,)."""
+    r = tl.arange(0, NSB * NB)
+    k = r // NB
+    i = first + r % NB
+    return k, plane * NPLANE + i, (i < NPLANE) & (k < NSHIFT)
+
+
+@triton.jit
+def _sum_parts_rows(vpart_ptr, kpart_ptr, bh, om, ok, k, NWIN, NW0, NW1, NW2, NPLANE, NPL,
+                    SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, E: tl.constexpr,
+                    NR: tl.constexpr, BLOCK_E: tl.constexpr, ACC: tl.constexpr,
+                    WITH_K: tl.constexpr, RING: tl.constexpr, MERGE: tl.constexpr = False,
+                    WPP: tl.constexpr = 1):  # fmt: skip
+    """``_sum_parts`` of the second design for the rows (k, om, ok) (NR,) of
+    :func:`_solve_rows`, every shift's at once: (K (NR, BLOCK_E, BLOCK_E), vector (NR, BLOCK_E))
+    summed over the 8 parts b of each row in the same order, a part read only where the row's
+    shift splits the axes b crosses; the part slots of :func:`_part_slot_at`. With MERGE, a high
+    part along axis 2 that the parts pass merged into its neighbour's low part
+    (:func:`_merges_next`; axis 2 place w2) is not read. Computing every shift's rows at once
+    keeps a program's 512 threads on 8-16 matrices, not 4 per shift: sm_90a, Triton 3.9, fp32,
+    the forward's solve issues 712 + 3 x 37 / 761 + 3 x 63 instructions a ticket for [None, 4] /
+    [None, 2, 4, 6], where the solve shift by shift issued about 1480 / 2090 (commit a516163:
+    bench/results/static_designs/instructions.md)."""
     e = tl.arange(0, BLOCK_E)
     i3 = e[None, :, None]
     j3 = e[None, None, :]
     m3 = ok[:, None, None] & (i3 < E) & (j3 < E)
     m2 = ok[:, None] & (e[None, :] < E)
     o0, o1, o2 = _window_origin(om, NW1, NW2)
-    k_mat = tl.zeros((NB, BLOCK_E, BLOCK_E), dtype=ACC)
-    vec = tl.zeros((NB, BLOCK_E), dtype=ACC)
-    for b2 in tl.static_range(2 if SHIFTS[k][2] else 1):
-        w2 = (o2 - b2 - SHIFTS[k][5] + 2 * NW2) % NW2
-        for b1 in tl.static_range(2 if SHIFTS[k][1] else 1):
-            w1 = (o1 - b1 - SHIFTS[k][4] + 2 * NW1) % NW1
-            for b0 in tl.static_range(2 if SHIFTS[k][0] else 1):
-                w0 = (o0 - b0 - SHIFTS[k][3] + 2 * NW0) % NW0
-                w = (w0 * NW1 + w1) * NW2 + w2  # the unshifted windows holding part b
-                slot = (_part_slot(bh, w, NWIN, NPLANE, NPL, NSHIFT, RING) + k * 8
-                        + (b0 * 2 + b1) * 2 + b2)  # fmt: skip
+    k_mat = tl.zeros((NR, BLOCK_E, BLOCK_E), dtype=ACC)
+    vec = tl.zeros((NR, BLOCK_E), dtype=ACC)
+    for b2 in tl.static_range(2):
+        w2 = _wrap_sub(o2, b2, _shift_of(k, SHIFTS, NSHIFT, 5), NW2)
+        for b1 in tl.static_range(2):
+            w1 = _wrap_sub(o1, b1, _shift_of(k, SHIFTS, NSHIFT, 4), NW1)
+            for b0 in tl.static_range(2):
+                w0 = _wrap_sub(o0, b0, _shift_of(k, SHIFTS, NSHIFT, 3), NW0)
+                # the unshifted window (w0, w1, w2) holds part b
+                slot = (_part_slot_at(bh, w0, w1, w2, NWIN, NW0, NW1, NW2, NPLANE, NPL, NSHIFT,
+                                      RING) + k * 8 + (b0 * 2 + b1) * 2 + b2)  # fmt: skip
                 read = ok
-                if MERGE and b2 == 1:
-                    read = ok & (_merges_next(w2, WPP).to(tl.int32) == 0)
+                if b0 == 1:
+                    read = read & (_shift_of(k, SHIFTS, NSHIFT, 0) != 0)
+                if b1 == 1:
+                    read = read & (_shift_of(k, SHIFTS, NSHIFT, 1) != 0)
+                if b2 == 1:
+                    read = read & (_shift_of(k, SHIFTS, NSHIFT, 2) != 0)
+                    if MERGE:
+                        read = read & (_merges_next(w2, WPP).to(tl.int32) == 0)
                 if WITH_K:
                     k_mat += _load_sym_batch(kpart_ptr, slot, m3 & read[:, None, None], i3, j3,
                                              E)  # fmt: skip

@@ -80,7 +80,8 @@ from ._window3_sched import (
     _normalize,
     _part_slot,
     _ring_previous,
-    _sum_parts_batch,
+    _solve_rows,
+    _sum_parts_rows,
     _take,
     _wait_stage,
     fused_plan,
@@ -91,36 +92,36 @@ from .window_nmf2 import WindowNMF2, _apply_window, _membership, _parts_window
 __all__ = ["window_nmf3", "fused_plan"]
 
 
-@triton.jit
-def _solve_batch(kpart_ptr, hpart_ptr, u_ptr, hsave_ptr, kmat_ptr, bh, om, ok,
+@triton.jit(noinline=True)
+def _solve_batch(kpart_ptr, hpart_ptr, u_ptr, hsave_ptr, kmat_ptr, bh, first, plane,
                  E: tl.constexpr, NWIN, ITERS, NW0, NW1, NW2, NPLANE, NPL,
                  SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, NB: tl.constexpr,
-                 BLOCK_E: tl.constexpr, SAVE: tl.constexpr, ACC: tl.constexpr,
-                 RING: tl.constexpr, MERGE: tl.constexpr):  # fmt: skip
-    """The second design's solve (``_solve_kernel``) for the shifted windows om (NB,) (ok: which
-    exist) at once: per shift, the part sums, the power steps, u. With SAVE, K (packed upper
-    triangle) and h for the backward, which recomputes the iterates from them
-    (``_iterate_to`` in _window3_bwd.py) instead of reading T + 1 saved vectors. With MERGE the
-    parts pass merged neighbours' parts (NB is the windows per ticket)."""
+                 NSB: tl.constexpr, BLOCK_E: tl.constexpr, SAVE: tl.constexpr,
+                 ACC: tl.constexpr, RING: tl.constexpr, MERGE: tl.constexpr):  # fmt: skip
+    """The second design's solve (``_solve_kernel``) for a ticket's NB shifted windows from
+    ``first`` under every shift at once (the rows of :func:`_solve_rows`): the part sums, the
+    power steps, u. With SAVE, K (packed upper triangle) and h for the backward, which
+    recomputes the iterates from them (``_iterate_to`` in _window3_bwd.py) instead of reading
+    T + 1 saved vectors. With MERGE the parts pass merged neighbours' parts."""
     e = tl.arange(0, BLOCK_E)
     i3 = e[None, :, None]
     j3 = e[None, None, :]
+    k, om, ok = _solve_rows(first, plane, NPLANE, NB, NSB, NSHIFT)
     m3 = ok[:, None, None] & (i3 < E) & (j3 < E)
     m2 = ok[:, None] & (e[None, :] < E)
-    for k in tl.static_range(NSHIFT):
-        k_mat, h = _sum_parts_batch(hpart_ptr, kpart_ptr, bh, om, ok, k, NWIN, NW0, NW1, NW2,
-                                    NPLANE, NPL, SHIFTS, NSHIFT, E, NB, BLOCK_E, ACC, True,
-                                    RING, MERGE, NB)  # fmt: skip
-        prog = (bh * NSHIFT + k) * NWIN + om
-        if SAVE:  # K and h for the backward
-            tl.store(kmat_ptr + prog[:, None, None] * (E * E) + _tri(i3, j3, E), k_mat,
-                     mask=m3 & (j3 >= i3))  # fmt: skip
-        a_hat, _ = _normalize(h)
-        for _t in range(1, ITERS):
-            a_hat, _ = _normalize(tl.sum(k_mat * a_hat[:, None, :], axis=2))
-        tl.store(u_ptr + prog[:, None] * E + e[None, :], a_hat, mask=m2)
-        if SAVE:
-            tl.store(hsave_ptr + prog[:, None] * E + e[None, :], h, mask=m2)
+    k_mat, h = _sum_parts_rows(hpart_ptr, kpart_ptr, bh, om, ok, k, NWIN, NW0, NW1, NW2, NPLANE,
+                               NPL, SHIFTS, NSHIFT, E, NSB * NB, BLOCK_E, ACC, True, RING, MERGE,
+                               NB)  # fmt: skip
+    prog = (bh * NSHIFT + k) * NWIN + om
+    if SAVE:  # K and h for the backward
+        tl.store(kmat_ptr + prog[:, None, None] * (E * E) + _tri(i3, j3, E), k_mat,
+                 mask=m3 & (j3 >= i3))  # fmt: skip
+    a_hat, _ = _normalize(h)
+    for _t in range(1, ITERS):
+        a_hat, _ = _normalize(tl.sum(k_mat * a_hat[:, None, :], axis=2))
+    tl.store(u_ptr + prog[:, None] * E + e[None, :], a_hat, mask=m2)
+    if SAVE:
+        tl.store(hsave_ptr + prog[:, None] * E + e[None, :], h, mask=m2)
 
 
 @triton.jit(noinline=True)
@@ -205,10 +206,9 @@ def _fused_kernel(
                                       NSB, G0, G1, G2, MU, ACC, DOT, D0, D1, D2, NPB)  # fmt: skip
         elif phase == 1:
             _wait_stage(flags, NPL, plane, 1, CPP, OFFS, NOFF)
-            i = first + tl.arange(0, WPP)
-            _solve_batch(kpart_ptr, hpart_ptr, u_ptr, hsave_ptr, kmat_ptr, bh,
-                         plane * NPLANE + i, i < NPLANE, E, NWIN, ITERS, NW0, NW1, NW2, NPLANE,
-                         NPL, SHIFTS, NSHIFT, WPP, BLOCK_E, SAVE, ACC, RING, MERGE)  # fmt: skip
+            _solve_batch(kpart_ptr, hpart_ptr, u_ptr, hsave_ptr, kmat_ptr, bh, first, plane, E,
+                         NWIN, ITERS, NW0, NW1, NW2, NPLANE, NPL, SHIFTS, NSHIFT, WPP, NSB,
+                         BLOCK_E, SAVE, ACC, RING, MERGE)  # fmt: skip
         else:
             _wait_stage(flags, NPL, plane, 2, CPP, OFFS, NOFF)
             if OTILE:  # the ticket's windows as tiles (kernels/_window3_out_tile.py)
