@@ -7,8 +7,9 @@ The needs are the forward's: the backward solve of a shifted window sums the ū 
 unshifted windows holding its parts, and the output pass of a window takes S and h̄ of the shifted
 windows it lies in. u, K and h come from the forward (an earlier launch); the power iterates are
 recomputed from K and h (:func:`_iterate_to`), so the forward saves E (E + 1) / 2 + 2 E floats per
-shifted window instead of the second design's (T + 1) E + T + E (E + 1) / 2. The solves run WPP
-shifted windows at once (:func:`_solve_bwd_batch`, the loop of ``_steps_backward``).
+shifted window instead of the second design's (T + 1) E + T + E (E + 1) / 2. The solves run a
+ticket's WPP shifted windows under every shift at once (:func:`_solve_bwd_batch`, the loop of
+``_steps_backward``).
 """
 
 from __future__ import annotations

@@ -31,14 +31,14 @@ program in a fixed order, so results are bitwise deterministic; data written by 
 the launch (part statistics, u) is loaded with ``.cg`` (L2, not a possibly stale L1 line).
 
 Two launches per call each way (the flag buffer's zero fill and the kernel); the backward
-(kernels/_window3_bwd.py) runs the second design's backward passes on the same schedule. The
-solves run WPP shifted windows at once ((WPP, E, E) tiles) so that a program's warps are busy in
-that pass too. The forward's part statistics of planes 1.. of all heads live in one ring of 3
-plane regions, plane 0's in one of two (alternate heads) (``_ring_region``, ``_part_slot``; a parts
-stage first waits for the solves that read what its region held, maybe another head's:
-``_ring_previous``), so the dead statistics are rewritten in L2 instead of being written back to
-DRAM once per plane or once per head. For the backward
-the solve saves K and h (not the T iterates and norms: the backward recomputes them), and u.
+(kernels/_window3_bwd.py) runs the second design's backward passes on the same schedule. The solves
+run a ticket's WPP shifted windows under every shift at once ((NSB WPP, E, E) tiles:
+``_solve_rows``) so that a program's warps are busy in that pass too. The forward's part statistics
+of planes 1.. of all heads live in one ring of 3 plane regions, plane 0's in one of two (alternate
+heads) (``_ring_region``, ``_part_slot``; a parts stage first waits for the solves that read what
+its region held, maybe another head's: ``_ring_previous``), so the dead statistics are rewritten in
+L2 instead of being written back to DRAM once per plane or once per head. For the backward the
+solve saves K and h (not the T iterates and norms: the backward recomputes them), and u.
 
 Static figures (sm_90a, 2x32x128^3, E = P = 8, T = 5; README "Window kernel designs"): 16 warps,
 one program per SM; forward 120-128 registers, backward 91-120 (its passes are not inlined:
