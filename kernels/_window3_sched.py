@@ -236,13 +236,24 @@ def _programs(device: torch.device, tickets: int) -> int:
 
 
 @triton.jit
+def _load_upper_batch(ptr, slot, m3, i3, j3, E: tl.constexpr):
+    """The packed upper triangles at ptr + slot * E^2 as (NB, BLOCK_E, BLOCK_E), zero below the
+    diagonal (:func:`_symmetric` makes them whole)."""
+    return tl.load(ptr + slot[:, None, None] * (E * E) + _tri(i3, j3, E), mask=m3 & (j3 >= i3),
+                   other=0, cache_modifier=".cg")  # fmt: skip
+
+
+@triton.jit
+def _symmetric(up, i3, j3):
+    """The symmetric matrices whose upper triangles are up (the diagonal exactly: 2d - d)."""
+    return up + tl.permute(up, (0, 2, 1)) - tl.where(i3 == j3, up, 0)
+
+
+@triton.jit
 def _load_sym_batch(ptr, slot, m3, i3, j3, E: tl.constexpr):
     """(NB, BLOCK_E, BLOCK_E) symmetric matrices from the packed upper triangles at
-    ptr + slot * E^2 (``_load_sym`` of the second design for NB slots; the same values): (i, j)
-    and (j, i) both loaded from the triangle's (min, max), no transpose through shared memory."""
-    lo = tl.minimum(i3, j3)
-    return tl.load(ptr + slot[:, None, None] * (E * E) + _tri(lo, tl.maximum(i3, j3), E),
-                   mask=m3, other=0, cache_modifier=".cg")  # fmt: skip
+    ptr + slot * E^2 (``_load_sym`` of the second design for NB slots; same arithmetic)."""
+    return _symmetric(_load_upper_batch(ptr, slot, m3, i3, j3, E), i3, j3)
 
 
 @triton.jit
@@ -345,7 +356,7 @@ def _sum_parts_rows(vpart_ptr, kpart_ptr, bh, om, ok, k, NWIN, NW0, NW1, NW2, NP
                     WPP: tl.constexpr = 1):  # fmt: skip
     """``_sum_parts`` of the second design for the rows (k, om, ok) (NR,) of
     :func:`_solve_rows`, every shift's at once: (K (NR, BLOCK_E, BLOCK_E), vector (NR, BLOCK_E))
-    summed over the 8 parts b of each row in the same order, a part read only where the row's
+    summed over the 8 parts b of each row, a part read only where the row's
     shift splits the axes b crosses; the part slots of :func:`_part_slot_at`. With MERGE, a high
     part along axis 2 that the parts pass merged into its neighbour's low part
     (:func:`_merges_next`; axis 2 place w2) is not read. Computing every shift's rows at once
@@ -359,7 +370,7 @@ def _sum_parts_rows(vpart_ptr, kpart_ptr, bh, om, ok, k, NWIN, NW0, NW1, NW2, NP
     m3 = ok[:, None, None] & (i3 < E) & (j3 < E)
     m2 = ok[:, None] & (e[None, :] < E)
     o0, o1, o2 = _window_origin(om, NW1, NW2)
-    k_mat = tl.zeros((NR, BLOCK_E, BLOCK_E), dtype=ACC)
+    k_up = tl.zeros((NR, BLOCK_E, BLOCK_E), dtype=ACC)
     vec = tl.zeros((NR, BLOCK_E), dtype=ACC)
     for b2 in tl.static_range(2):
         w2 = _wrap_sub(o2, b2, _shift_of(k, SHIFTS, NSHIFT, 5), NW2)
@@ -379,12 +390,12 @@ def _sum_parts_rows(vpart_ptr, kpart_ptr, bh, om, ok, k, NWIN, NW0, NW1, NW2, NP
                     read = read & (_shift_of(k, SHIFTS, NSHIFT, 2) != 0)
                     if MERGE:
                         read = read & (_merges_next(w2, WPP).to(tl.int32) == 0)
-                if WITH_K:
-                    k_mat += _load_sym_batch(kpart_ptr, slot, m3 & read[:, None, None], i3, j3,
-                                             E)  # fmt: skip
+                if WITH_K:  # the upper triangles summed, made whole once (the same values)
+                    k_up += _load_upper_batch(kpart_ptr, slot, m3 & read[:, None, None], i3, j3,
+                                              E)  # fmt: skip
                 vec += tl.load(vpart_ptr + slot[:, None] * E + e[None, :],
                                mask=m2 & read[:, None], other=0, cache_modifier=".cg")
-    return k_mat, vec
+    return _symmetric(k_up, i3, j3), vec
 
 
 class Pipeline:
