@@ -40,8 +40,9 @@ def _apply_fwd_tile(
 ):  # fmt: skip
     """y of one ticket's windows as tiles of WT windows (module docstring). With more than two
     shifts each tile is a call (``_apply_fwd_subtile_call``), inlined otherwise: sm_90a, 16
-    warps, Triton 3.9, fp32, the fused forward's spills: [None, 2, 4, 6] 72 B inlined, 8 B called
-    (0 B with the ticket tile); [None, 4] 0 B inlined, 16 B called."""
+    warps, Triton 3.9, fp32, the fused forward's spills at commit 50a8845 (the solves shift by
+    shift): [None, 2, 4, 6] 72 B inlined, 8 B called (0 B with the ticket tile); [None, 4] 0 B
+    inlined, 16 B called."""
     for h in tl.static_range(W // WT):
         if NSHIFT > 2:
             _apply_fwd_subtile_call(x_base, y_base, first + h * WT, plane, NPLANE, bh, u_ptr, E,

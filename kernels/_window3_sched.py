@@ -57,8 +57,9 @@ _RING = 3
 _MERGE = True
 # The ticket tile (kernels/_window3_tile.py) issues a third to under half of the per-window parts
 # pass's instructions (bench/results/static_designs/instructions.md); the fused forward spills
-# nothing with it at 16 warps with Triton 3.9 (sm_90a), 40 B with 3.6 and [None, 2, 4, 6]: off by
-# default until the GPU has timed it (bench/time_designs.py, "design 3, ticket tile")
+# nothing with it at 16 warps with Triton 3.9 or 3.6 (sm_90a, fp32; 3.6 spilled 40 B with the BraTS
+# shifts until the solves took every shift's rows at once): off by default until the GPU has
+# timed it (bench/time_designs.py, "design 3, ticket tile")
 _TILE = False
 # The backward's output pass on a ticket's windows as one tile (kernels/_window3_bwd_tile.py):
 # a quarter to a sixth of the per-window pass's instructions and no spills with Triton 3.9, but

@@ -43,7 +43,8 @@ solve saves K and h (not the T iterates and norms: the backward recomputes them)
 Static figures (sm_90a, 2x32x128^3, E = P = 8, T = 5; README "Window kernel designs"): 16 warps,
 one program per SM; forward 120-128 registers, backward 91-120 (its passes are not inlined:
 kernels/_window3_bwd.py), no spills with [None], [None, 4], [None, 2, 4, 6] in fp32 or bf16
-(Triton 3.9; Triton 3.6: 8 B in the fp32 [None, 2, 4, 6] backward); 4 windows a ticket, so that
+(Triton 3.9; Triton 3.6: 24 B fp32 / 8 B bf16 in the [None, 2, 4, 6] backward); 4 windows a
+ticket, so that
 the tickets in flight hold about 25 MB of L2 (16 would hold about 100 MB:
 fastnmf/profile/static/pipeline_dram.py).
 Not timed: per-ticket costs (a ticket fetch, an acquire wait, a release count: round trips to L2
@@ -52,15 +53,16 @@ _window3_sched.py: windows per ticket, warps, programs per SM, ring, and ``merge
 neighbouring windows of a ticket merged, kernels/_window3_parts.py, on by default where
 ``merge_on``; ``tile``: the forward's parts pass on a whole ticket at once,
 kernels/_window3_tile.py, a third to half the per-window pass's instructions, off by default
-until a GPU times it (Triton 3.6 spills 40 B with it and the BraTS shifts); ``bwd_tile``: the
+until a GPU times it (no spills with it in the forward since the solves take every shift's rows
+at once: ``_solve_rows``); ``bwd_tile``: the
 backward's output pass the same way, kernels/_window3_bwd_tile.py, a quarter to a sixth of the
 instructions, off by default: its lanes ask 4-12x the ideal bytes, and alone it spills with Triton
 3.6 and the BraTS shifts; ``bwd_parts_tile``: the backward's parts pass on tiles of 2 windows,
 kernels/_window3_bwd_parts_tile.py, 0.4-0.6x the instructions, off by default until a GPU times
 it (with Triton 3.9 the fused backward spills with it); ``out_tile``: the forward's output pass
 on tiles of 2 windows, kernels/_window3_out_tile.py, about half the instructions, off by default
-until a GPU times it (its lanes ask 1.3-2x the bytes; Triton 3.9 spills 8 B with it alone and the
-BraTS shifts, 32 B with it and the ticket tile and [None, 4]); ``maxnreg``: a register cap).
+until a GPU times it (its lanes ask 1.3-2x the bytes; no spills in the forward); ``maxnreg``: a
+register cap).
 """
 
 from __future__ import annotations
