@@ -362,7 +362,7 @@ def _sum_parts_rows(vpart_ptr, kpart_ptr, bh, om, ok, k, NWIN, NW0, NW1, NW2, NP
     part along axis 2 that the parts pass merged into its neighbour's low part
     (:func:`_merges_next`; axis 2 place w2) is not read. Computing every shift's rows at once
     keeps a program's 512 threads on 8-16 matrices, not 4 per shift: sm_90a, Triton 3.9, fp32,
-    the forward's solve issues 712 + 3 x 37 / 761 + 3 x 63 instructions a ticket for [None, 4] /
+    the forward's solve issues 686 + 3 x 37 / 771 + 3 x 63 instructions a ticket for [None, 4] /
     [None, 2, 4, 6], where the solve shift by shift issued about 1480 / 2090 (commit a516163:
     bench/results/static_designs/instructions.md)."""
     e = tl.arange(0, BLOCK_E)
