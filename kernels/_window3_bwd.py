@@ -40,14 +40,15 @@ __all__ = ["backward3"]
 @triton.jit(noinline=True)
 def _solve_chunk(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh, first, plane, NPLANE,
                  flags, flag_ptr, NPL, E: tl.constexpr, NWIN, ITERS, NW0, NW1, NW2,
-                 SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, NB: tl.constexpr,
-                 NSB: tl.constexpr, BLOCK_E: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+                 SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, SPLITS: tl.constexpr,
+                 NB: tl.constexpr, NSB: tl.constexpr, BLOCK_E: tl.constexpr,
+                 ACC: tl.constexpr):  # fmt: skip
     """The backward solves of one ticket (WPP shifted windows of a plane from ``first``);
     counts the chunk done and returns the next ticket (as the other passes: ``_fused_bwd_kernel``
     says why)."""
     _solve_bwd_batch(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh, first, plane,
-                     NPLANE, E, NWIN, ITERS, NW0, NW1, NW2, SHIFTS, NSHIFT, NB, NSB, BLOCK_E,
-                     ACC)  # fmt: skip
+                     NPLANE, E, NWIN, ITERS, NW0, NW1, NW2, SHIFTS, NSHIFT, SPLITS, NB, NSB,
+                     BLOCK_E, ACC)  # fmt: skip
     _count_done(flags, 1, plane, NPL)
     return tl.atomic_add(flag_ptr, 1)  # the next ticket
 
@@ -68,7 +69,8 @@ def _iterate_to(k_mat, h, t):
 @triton.jit
 def _solve_bwd_batch(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh, first, plane,
                      NPLANE, E: tl.constexpr, NWIN, ITERS, NW0, NW1, NW2, SHIFTS: tl.constexpr,
-                     NSHIFT: tl.constexpr, NB: tl.constexpr, NSB: tl.constexpr,
+                     NSHIFT: tl.constexpr, SPLITS: tl.constexpr, NB: tl.constexpr,
+                     NSB: tl.constexpr,
                      BLOCK_E: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
     """The second design's backward solve (``_solve_bwd_kernel``) for a ticket's NB shifted
     windows from ``first`` under every shift at once (the rows of ``_solve_rows``): ū from its
@@ -83,7 +85,8 @@ def _solve_bwd_batch(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh, firs
     m2 = ok[:, None] & (e[None, :] < E)
     # ū, its parts flat (no ring: the plane size and count, NB and 1 here, are unused)
     _, grad = _sum_parts_rows(gpart_ptr, gpart_ptr, bh, om, ok, k, NWIN, NW0, NW1, NW2, NB, 1,
-                              SHIFTS, NSHIFT, E, NSB * NB, BLOCK_E, ACC, False, 0)  # fmt: skip
+                              SHIFTS, NSHIFT, SPLITS, E, NSB * NB, BLOCK_E, ACC, False,
+                              0)  # fmt: skip
     prog = (bh * NSHIFT + k) * NWIN + om
     k_mat = _load_sym_batch(kmat_ptr, prog, m3, i3, j3, E)
     h = tl.load(hsave_ptr + prog[:, None] * E + e[None, :], mask=m2, other=0)
@@ -183,8 +186,8 @@ def _fused_bwd_kernel(
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
     BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
     G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, RING: tl.constexpr,
-    OFFS: tl.constexpr, NOFF: tl.constexpr, BTILE: tl.constexpr, R2: tl.constexpr,
-    WT: tl.constexpr, EAX: tl.constexpr, PTILE: tl.constexpr, PD0: tl.constexpr,
+    OFFS: tl.constexpr, NOFF: tl.constexpr, SPLITS: tl.constexpr, BTILE: tl.constexpr,
+    R2: tl.constexpr, WT: tl.constexpr, EAX: tl.constexpr, PTILE: tl.constexpr, PD0: tl.constexpr,
     PD1: tl.constexpr, PD2: tl.constexpr, PROWS0: tl.constexpr, PWT: tl.constexpr,
 ):  # fmt: skip
     """Persistent, like the forward's ``_fused_kernel``: the backward parts, solves and output
@@ -211,7 +214,7 @@ def _fused_bwd_kernel(
             _wait_stage(flags, NPL, plane, 1, CPP, OFFS, NOFF)
             t = _solve_chunk(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh, first,
                              plane, NPLANE, flags, flag_ptr, NPL, E, NWIN, ITERS, NW0, NW1, NW2,
-                             SHIFTS, NSHIFT, WPP, NSB, BLOCK_E, ACC)  # fmt: skip
+                             SHIFTS, NSHIFT, SPLITS, WPP, NSB, BLOCK_E, ACC)  # fmt: skip
         else:
             _wait_stage(flags, NPL, plane, 2, CPP, OFFS, NOFF)
             t = _apply_chunk(x_ptr + offset, dy_ptr + offset, dx_ptr + offset, rowmask_ptr,

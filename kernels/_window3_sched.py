@@ -206,6 +206,11 @@ def fused_plan(nw: tuple[int, int, int], shifts: tuple) -> tuple | None:
     return ax, tuple(order)
 
 
+def splits(shifts) -> tuple[bool, ...]:
+    """Per axis, whether some shift splits it (cuts its windows into two parts)."""
+    return tuple(any(s[ax] for s in shifts) for ax in range(3))
+
+
 def wait_offsets(shifts, ax: int) -> tuple[int, ...]:
     """The distinct plane offsets b + Q_AX over the shifts (b = 0, and 1 where a shift splits the
     axis): a shifted window of plane o holds parts of planes o - offset, and a window of plane p
@@ -351,15 +356,16 @@ def _solve_rows(first, plane, NPLANE, NB: tl.constexpr, NSB: tl.constexpr,
 
 @triton.jit
 def _sum_parts_rows(vpart_ptr, kpart_ptr, bh, om, ok, k, NWIN, NW0, NW1, NW2, NPLANE, NPL,
-                    SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, E: tl.constexpr,
+                    SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, SPLITS: tl.constexpr,
+                    E: tl.constexpr,
                     NR: tl.constexpr, BLOCK_E: tl.constexpr, ACC: tl.constexpr,
                     WITH_K: tl.constexpr, RING: tl.constexpr, MERGE: tl.constexpr = False,
                     WPP: tl.constexpr = 1):  # fmt: skip
-    """``_sum_parts`` of the second design for the rows (k, om, ok) (NR,) of
-    :func:`_solve_rows`, every shift's at once: (K (NR, BLOCK_E, BLOCK_E), vector (NR, BLOCK_E))
-    summed over the 8 parts b of each row, a part read only where the row's
-    shift splits the axes b crosses; the part slots of :func:`_part_slot_at`. With MERGE, a high
-    part along axis 2 that the parts pass merged into its neighbour's low part
+    """``_sum_parts`` of the second design for the rows (k, om, ok) (NR,) of :func:`_solve_rows`,
+    every shift's at once: (K (NR, BLOCK_E, BLOCK_E), vector (NR, BLOCK_E)) summed over the
+    parts b of each row (along the axes some shift splits: SPLITS), a part read only where the
+    row's shift splits the axes b crosses; the part slots of :func:`_part_slot_at`. With MERGE,
+    a high part along axis 2 that the parts pass merged into its neighbour's low part
     (:func:`_merges_next`; axis 2 place w2) is not read. Computing every shift's rows at once
     keeps a program's 512 threads on 8-16 matrices, not 4 per shift: sm_90a, Triton 3.9, fp32,
     the forward's solve issues 686 + 3 x 37 / 771 + 3 x 63 instructions a ticket for [None, 4] /
@@ -373,11 +379,11 @@ def _sum_parts_rows(vpart_ptr, kpart_ptr, bh, om, ok, k, NWIN, NW0, NW1, NW2, NP
     o0, o1, o2 = _window_origin(om, NW1, NW2)
     k_up = tl.zeros((NR, BLOCK_E, BLOCK_E), dtype=ACC)
     vec = tl.zeros((NR, BLOCK_E), dtype=ACC)
-    for b2 in tl.static_range(2):
+    for b2 in tl.static_range(2 if SPLITS[2] else 1):
         w2 = _wrap_sub(o2, b2, _shift_of(k, SHIFTS, NSHIFT, 5), NW2)
-        for b1 in tl.static_range(2):
+        for b1 in tl.static_range(2 if SPLITS[1] else 1):
             w1 = _wrap_sub(o1, b1, _shift_of(k, SHIFTS, NSHIFT, 4), NW1)
-            for b0 in tl.static_range(2):
+            for b0 in tl.static_range(2 if SPLITS[0] else 1):
                 w0 = _wrap_sub(o0, b0, _shift_of(k, SHIFTS, NSHIFT, 3), NW0)
                 # the unshifted window (w0, w1, w2) holds part b
                 slot = (_part_slot_at(bh, w0, w1, w2, NWIN, NW0, NW1, NW2, NPLANE, NPL, NSHIFT,
@@ -443,4 +449,4 @@ class Pipeline:
         offsets."""
         offs = wait_offsets(geo.shifts, self.ax)
         return {**geo.block(), "WPP": self.wpp, "RING": self.ring, "OFFS": offs,
-                "NOFF": len(offs)}  # fmt: skip
+                "NOFF": len(offs), "SPLITS": splits(geo.shifts)}  # fmt: skip

@@ -97,8 +97,8 @@ __all__ = ["window_nmf3", "fused_plan"]
 @triton.jit(noinline=True)
 def _solve_batch(kpart_ptr, hpart_ptr, u_ptr, hsave_ptr, kmat_ptr, bh, first, plane,
                  E: tl.constexpr, NWIN, ITERS, NW0, NW1, NW2, NPLANE, NPL,
-                 SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, NB: tl.constexpr,
-                 NSB: tl.constexpr, BLOCK_E: tl.constexpr, SAVE: tl.constexpr,
+                 SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, SPLITS: tl.constexpr,
+                 NB: tl.constexpr, NSB: tl.constexpr, BLOCK_E: tl.constexpr, SAVE: tl.constexpr,
                  ACC: tl.constexpr, RING: tl.constexpr, MERGE: tl.constexpr):  # fmt: skip
     """The second design's solve (``_solve_kernel``) for a ticket's NB shifted windows from
     ``first`` under every shift at once (the rows of :func:`_solve_rows`): the part sums, the
@@ -112,7 +112,8 @@ def _solve_batch(kpart_ptr, hpart_ptr, u_ptr, hsave_ptr, kmat_ptr, bh, first, pl
     m3 = ok[:, None, None] & (i3 < E) & (j3 < E)
     m2 = ok[:, None] & (e[None, :] < E)
     k_mat, h = _sum_parts_rows(hpart_ptr, kpart_ptr, bh, om, ok, k, NWIN, NW0, NW1, NW2, NPLANE,
-                               NPL, SHIFTS, NSHIFT, E, NSB * NB, BLOCK_E, ACC, True, RING, MERGE,
+                               NPL, SHIFTS, NSHIFT, SPLITS, E, NSB * NB, BLOCK_E, ACC, True, RING,
+                               MERGE,
                                NB)  # fmt: skip
     prog = (bh * NSHIFT + k) * NWIN + om
     if SAVE:  # K and h for the backward
@@ -162,6 +163,7 @@ def _fused_kernel(
     G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, NPB: tl.constexpr,
     SAVE: tl.constexpr, RING: tl.constexpr, OFFS: tl.constexpr, NOFF: tl.constexpr,
+    SPLITS: tl.constexpr,
     MERGE: tl.constexpr, TILE: tl.constexpr, TD0: tl.constexpr, TD1: tl.constexpr,
     TD2: tl.constexpr, ROWS0: tl.constexpr, OTILE: tl.constexpr, R2: tl.constexpr,
     WT: tl.constexpr, EAX: tl.constexpr,
@@ -209,7 +211,7 @@ def _fused_kernel(
         elif phase == 1:
             _wait_stage(flags, NPL, plane, 1, CPP, OFFS, NOFF)
             _solve_batch(kpart_ptr, hpart_ptr, u_ptr, hsave_ptr, kmat_ptr, bh, first, plane, E,
-                         NWIN, ITERS, NW0, NW1, NW2, NPLANE, NPL, SHIFTS, NSHIFT, WPP, NSB,
+                         NWIN, ITERS, NW0, NW1, NW2, NPLANE, NPL, SHIFTS, NSHIFT, SPLITS, WPP, NSB,
                          BLOCK_E, SAVE, ACC, RING, MERGE)  # fmt: skip
         else:
             _wait_stage(flags, NPL, plane, 2, CPP, OFFS, NOFF)
