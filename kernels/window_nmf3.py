@@ -43,8 +43,8 @@ solve saves K and h (not the T iterates and norms: the backward recomputes them)
 Static figures (sm_90a, 2x32x128^3, E = P = 8, T = 5; README "Window kernel designs"): 16 warps,
 one program per SM; forward 85-128 registers, backward 91-120 (its passes are not inlined:
 kernels/_window3_bwd.py), no spills with [None], [None, 4], [None, 2, 4, 6] in fp32 or bf16
-(Triton 3.9; Triton 3.6: 24 B fp32 / 8 B bf16 in the [None, 2, 4, 6] backward); 4 windows a
-ticket, so that
+(Triton 3.9; Triton 3.6: 24 B fp32 / 8 B bf16 in the [None, 2, 4, 6] backward, 16 B in the bf16
+[None] forward, which its ptxas compiles at 64 registers); 4 windows a ticket, so that
 the tickets in flight hold about 25 MB of L2 (16 would hold about 100 MB:
 fastnmf/profile/static/pipeline_dram.py).
 Not timed: per-ticket costs (a ticket fetch, an acquire wait, a release count: round trips to L2
@@ -104,7 +104,9 @@ def _solve_batch(kpart_ptr, hpart_ptr, u_ptr, hsave_ptr, kmat_ptr, bh, first, pl
     ``first`` under every shift at once (the rows of :func:`_solve_rows`): the part sums, the
     power steps, u. With SAVE, K (packed upper triangle) and h for the backward, which
     recomputes the iterates from them (``_iterate_to`` in _window3_bwd.py) instead of reading
-    T + 1 saved vectors. With MERGE the parts pass merged neighbours' parts."""
+    T + 1 saved vectors. With MERGE the parts pass merged neighbours' parts. Not inlined:
+    inlined, values of the kernel's prologue it uses were hoisted out of the ticket loop and
+    spilled (sm_90a, Triton 3.9, fp32 [None, 2, 4, 6]: 40 B)."""
     e = tl.arange(0, BLOCK_E)
     i3 = e[None, :, None]
     j3 = e[None, None, :]
