@@ -95,6 +95,32 @@ def _axes(n, R2: tl.constexpr, BLOCK_E: tl.constexpr, EAX: tl.constexpr):
 
 
 @triton.jit
+def _run_tile(first, plane, NPLANE, E: tl.constexpr, NVOX, S1, S2, NW1, NW2, W: tl.constexpr,
+              P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, BP0: tl.constexpr,
+              BP1: tl.constexpr, BP2: tl.constexpr, BLOCK_E: tl.constexpr, R2: tl.constexpr,
+              EAX: tl.constexpr):  # fmt: skip
+    """The run tile of W windows from ``first`` (this module's and the forward output tile's,
+    kernels/_window3_out_tile.py): the runs n (window, q0, q1, run along axis 2), channels c3 and
+    a run's voxels g3 (:func:`_axes`); each run's q0, q1, first voxel r2 along axis 2 and its
+    window's grid origin (v0, v1, v2); which elements lie in the window (inside) and exist (ok);
+    their offsets from the head's first element."""
+    NR: tl.constexpr = BP2 // R2
+    n, c3, g3 = _axes(tl.arange(0, W * BP0 * BP1 * NR), R2, BLOCK_E, EAX)
+    r2 = (n % NR) * R2  # a run's first voxel along axis 2
+    q1 = (n // NR) % BP1
+    q0 = (n // (NR * BP1)) % BP0
+    jj = n // (NR * BP1 * BP0)
+    # a window past the plane's end (masked: nothing loaded from x or dy, nothing stored) takes
+    # the plane's last window's vectors, so that no load leaves u, S and h-bar
+    v0, v1, v2 = _window_origin(plane * NPLANE + tl.minimum(first + jj, NPLANE - 1), NW1, NW2)
+    inside = (q0 < P0) & (q1 < P1) & (r2 < P2) & (g3 >= 0)  # R2 divides P2
+    voxel = ((v0 * P0 + q0) * S1 + v1 * P1 + q1) * S2 + v2 * P2 + r2
+    voxel = tl.multiple_of(voxel, [R2] * 3) + g3
+    ok = inside & (first + jj < NPLANE) & (c3 < E)
+    return n, c3, g3, q0, q1, r2, v0, v1, v2, inside, ok, c3 * NVOX + voxel
+
+
+@triton.jit
 def _apply_tile(
     x_base, dy_base, dx_base, g0_ptr, first, plane, NPLANE, bh, u_ptr, sym_ptr, hbar_ptr,
     E: tl.constexpr, NWIN, NVOX, S1, S2, NW0, NW1, NW2, SHIFTS: tl.constexpr,
@@ -119,20 +145,9 @@ def _apply_subtile(
 ):  # fmt: skip
     """dX of W windows from ``first`` as one tile: its runs (window, q0, q1, run along axis 2)
     on one axis, the channels on another, a run's R2 voxels on the last."""
-    NR: tl.constexpr = BP2 // R2
-    n, c3, g3 = _axes(tl.arange(0, W * BP0 * BP1 * NR), R2, BLOCK_E, EAX)
-    r2 = (n % NR) * R2  # a run's first voxel along axis 2
-    q1 = (n // NR) % BP1
-    q0 = (n // (NR * BP1)) % BP0
-    jj = n // (NR * BP1 * BP0)
-    # a window past the plane's end (masked: nothing loaded from x or dy, nothing stored) takes
-    # the plane's last window's vectors, so that no load leaves u, S and h-bar
-    v0, v1, v2 = _window_origin(plane * NPLANE + tl.minimum(first + jj, NPLANE - 1), NW1, NW2)
-    inside = (q0 < P0) & (q1 < P1) & (r2 < P2) & (g3 >= 0)  # R2 divides P2
-    voxel = ((v0 * P0 + q0) * S1 + v1 * P1 + q1) * S2 + v2 * P2 + r2
-    voxel = tl.multiple_of(voxel, [R2] * 3) + g3
-    ok = inside & (first + jj < NPLANE) & (c3 < E)
-    offs = c3 * NVOX + voxel
+    n, c3, g3, q0, q1, r2, v0, v1, v2, inside, ok, offs = _run_tile(
+        first, plane, NPLANE, E, NVOX, S1, S2, NW1, NW2, W, P0, P1, P2, BP0, BP1, BP2, BLOCK_E,
+        R2, EAX)  # fmt: skip
     dy = tl.load(dy_base + offs, mask=ok, other=0).to(tl.float32) / NSHIFT
     dx = tl.zeros(offs.shape, dtype=tl.float32)
     for k in tl.static_range(NSHIFT):

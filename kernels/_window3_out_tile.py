@@ -24,8 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._window2_common import _window_origin
-from ._window3_bwd_tile import _axes, _run_prog, _vec, run_tile_geometry
+from ._window3_bwd_tile import _run_prog, _run_tile, _vec, run_tile_geometry
 from ._window3_sched import _OUT_TILE, TUNING
 
 __all__ = ["out_tile_plan"]
@@ -76,19 +75,9 @@ def _apply_fwd_subtile(
 ):  # fmt: skip
     """y of W windows from ``first`` as one tile: its runs (window, q0, q1, run along axis 2) on
     one axis, the channels on another, a run's R2 voxels on the last."""
-    NR: tl.constexpr = BP2 // R2
-    n, c3, g3 = _axes(tl.arange(0, W * BP0 * BP1 * NR), R2, BLOCK_E, EAX)
-    r2 = (n % NR) * R2  # a run's first voxel along axis 2
-    q1 = (n // NR) % BP1
-    q0 = (n // (NR * BP1)) % BP0
-    jj = n // (NR * BP1 * BP0)
-    # a window past the plane's end (masked) takes the plane's last window's u: no load leaves u
-    v0, v1, v2 = _window_origin(plane * NPLANE + tl.minimum(first + jj, NPLANE - 1), NW1, NW2)
-    inside = (q0 < P0) & (q1 < P1) & (r2 < P2) & (g3 >= 0)  # R2 divides P2
-    voxel = ((v0 * P0 + q0) * S1 + v1 * P1 + q1) * S2 + v2 * P2 + r2
-    voxel = tl.multiple_of(voxel, [R2] * 3) + g3
-    ok = inside & (first + jj < NPLANE) & (c3 < E)
-    offs = c3 * NVOX + voxel
+    _, c3, _, q0, q1, r2, v0, v1, v2, _, ok, offs = _run_tile(
+        first, plane, NPLANE, E, NVOX, S1, S2, NW1, NW2, W, P0, P1, P2, BP0, BP1, BP2, BLOCK_E,
+        R2, EAX)  # fmt: skip
     x = tl.maximum(tl.load(x_base + offs, mask=ok, other=0).to(tl.float32), 0)
     y = tl.zeros(offs.shape, dtype=tl.float32)
     for k in tl.static_range(NSHIFT):
