@@ -240,7 +240,7 @@ def backward3(x, g0, rowmask, u, h, kmat, dy, geo: _Geometry2, plan, iters: int,
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, iters, geo.S[1], geo.S[2], *geo.NW,
         **geo.consts(), **pipe.block(geo), MU=mu, ACC=acc_dtype(x.dtype),
         **bwd_tile_plan(geo, mu, x.dtype, pipe.wpp, pipe.warps()),
-        **bwd_parts_plan(geo, mu, x.dtype, pipe.wpp, pipe.warps()), **pipe.launch(),
+        **bwd_parts_plan(geo, mu, x.dtype, pipe.wpp, pipe.warps()), **pipe.launch(share_cap=False),
     )  # fmt: skip
     return dx
 

@@ -38,12 +38,17 @@ PASSES = ("parts", "solve", "apply")
 # (kernels/_window3_bwd_tile.py, where ``bwd_tile_plan`` allows; None: ``_BWD_TILE``) and its
 # parts pass (kernels/_window3_bwd_parts_tile.py, ``bwd_parts_plan``; ``_BWD_PARTS_TILE``), and
 # the forward's output pass (kernels/_window3_out_tile.py, ``out_tile_plan``; ``_OUT_TILE``), and
-# a cap on the registers a thread (ptxas ``.maxnreg``; None: none, 16-warp programs take <= 128)
+# a cap on the registers a thread (ptxas ``.maxnreg``; None: the untiled forward's is its share
+# of the register file, the others none: ``Pipeline.launch``)
 TUNING: dict = {"programs_per_sm": None, "warps": None, "wpp": None, "ring": None, "sms": None,
                 "merge": None, "tile": None, "bwd_tile": None, "bwd_parts_tile": None,
                 "out_tile": None, "maxnreg": None}
 _PROGRAMS_PER_SM = 1
 _WARPS = 16
+# an SM's 32-bit registers over the 32 lanes of a warp (sm_80 and sm_90: 65,536), and the most
+# ptxas gives a thread
+_LANE_REGISTERS = 65536 // 32
+_MAX_REGISTERS = 255
 _WPP = 4
 # The forward's part statistics of planes 1.. live in a ring of this many plane regions (plane 0,
 # read again by the last solve, has its own): each region is rewritten while it is still in L2,
@@ -439,9 +444,20 @@ class Pipeline:
     def warps(self) -> int:
         return TUNING["warps"] or _WARPS
 
-    def launch(self) -> dict:
-        """The launch options: warps a program, and the register cap if ``TUNING`` sets one."""
+    def launch(self, *, share_cap: bool) -> dict:
+        """The launch options: warps a program and ptxas's register cap: ``TUNING["maxnreg"]`` if
+        set, else a thread's share of the register file at the programs per SM where more than
+        one program an SM must fit, or with ``share_cap``. At one program (16 warps: 128) the
+        hardware allows no more anyway, but ptxas allocates otherwise: the forward without its
+        tiles takes it (uncapped, Triton 3.6's ptxas gives the [None] bf16 forward 64 registers
+        and 16 spill bytes; capped, no forward without tiles spills with Triton 3.6 or 3.9:
+        sm_90a, 16 warps, the static suite's cases); the tiled forwards and the backward do not
+        (capped, they spill where uncapped they do not: 3.6 ticket tile [None, 2, 4, 6] 8 B, 3.9
+        ticket tile [None, 4] bf16 32 B; or more: 3.6 BraTS fp32 backward 40 B, not 24)."""
         cap = TUNING["maxnreg"]
+        programs = TUNING["programs_per_sm"] or _PROGRAMS_PER_SM
+        if not cap and (share_cap or programs > 1):
+            cap = min(_LANE_REGISTERS // (self.warps() * programs), _MAX_REGISTERS)
         return {"num_warps": self.warps(), **({"maxnreg": cap} if cap else {})}
 
     def block(self, geo) -> dict:

@@ -250,12 +250,14 @@ def _fused_forward(x, g0, rowmask, geo: _Geometry2, plan, iters: int, mu: bool, 
     kmat = torch.empty(geo.progs, geo.E, geo.E, dtype=f32, device=dev) if save else u
     y = torch.empty_like(x)
     dot = geo.dot(acc, mu)
+    tiles = {**tile_plan(geo, dot, pipe.wpp, pipe.warps()),
+             **out_tile_plan(geo, mu, x.dtype, pipe.wpp, pipe.warps())}  # fmt: skip
     _fused_kernel[pipe.grid](
         x, y, g0, rowmask, kpart, hpart, u, h, kmat, *pipe.args(),
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, iters, geo.S[1], geo.S[2], *geo.NW,
         **geo.consts(), **pipe.block(geo), MU=mu, ACC=acc, **dot, SAVE=save,
-        MERGE=pipe.merges(dot["DOT"]), **tile_plan(geo, dot, pipe.wpp, pipe.warps()),
-        **out_tile_plan(geo, mu, x.dtype, pipe.wpp, pipe.warps()), **pipe.launch(),
+        MERGE=pipe.merges(dot["DOT"]), **tiles,
+        **pipe.launch(share_cap=not (tiles["TILE"] or tiles["OTILE"])),
     )  # fmt: skip
     if not save:
         h = kmat = None

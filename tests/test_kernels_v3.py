@@ -102,16 +102,24 @@ def test_design3_one_launch_and_deterministic(gen, design3, monkeypatch, device)
     assert torch.equal(y1, y2) and torch.equal(dx1, dx2)
 
 
-def test_launch_options_cap_the_registers_only_when_asked(monkeypatch):
-    """``TUNING["maxnreg"]`` (bench/time_designs.py's 32-resident-warp variant) reaches both
-    launches as ptxas's register cap; by default no cap (the 16-warp programs take up to 128)."""
+def test_launch_options_register_cap(monkeypatch):
+    """The untiled forward's register cap is a thread's share of the register file at the
+    programs per SM (Triton 3.6's ptxas otherwise gives the [None] bf16 forward 64 registers and
+    spills), and every kernel's where two programs an SM must fit; the others have none;
+    ``TUNING["maxnreg"]`` (bench/time_designs.py's 32-resident-warp variant) caps all."""
     x = torch.zeros(1, 8, 16, 8, 8)
     geo = common._Geometry2(x, 4, (4, 4, 4), [None, 2])
     pipe = sched.Pipeline(geo, sched.fused_plan(tuple(geo.NW), geo.shifts), x.device)
-    assert pipe.launch() == {"num_warps": 16}
-    monkeypatch.setitem(sched.TUNING, "maxnreg", 64)
+    assert pipe.launch(share_cap=True) == {"num_warps": 16, "maxnreg": 128}
+    assert pipe.launch(share_cap=False) == {"num_warps": 16}
     monkeypatch.setitem(sched.TUNING, "warps", 8)
-    assert pipe.launch() == {"num_warps": 8, "maxnreg": 64}
+    assert pipe.launch(share_cap=True) == {"num_warps": 8, "maxnreg": 255}  # 256: ptxas's most
+    monkeypatch.setitem(sched.TUNING, "programs_per_sm", 2)  # two must fit: both capped
+    for share_cap in (True, False):
+        assert pipe.launch(share_cap=share_cap) == {"num_warps": 8, "maxnreg": 128}
+    monkeypatch.setitem(sched.TUNING, "maxnreg", 64)
+    for share_cap in (True, False):
+        assert pipe.launch(share_cap=share_cap) == {"num_warps": 8, "maxnreg": 64}
 
 
 @pytest.mark.skipif(not sched.INTERPRET, reason="under the interpreter programs run in turn")
