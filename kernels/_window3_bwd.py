@@ -6,10 +6,14 @@ schedule (kernels/_window3_sched.py), so that the output pass reads x and dy fro
 The needs are the forward's: the backward solve of a shifted window sums the ū parts of the
 unshifted windows holding its parts, and the output pass of a window takes S and h̄ of the shifted
 windows it lies in. u, K and h come from the forward (an earlier launch); the power iterates are
-recomputed from K and h (:func:`_iterate_to`), so the forward saves E (E + 1) / 2 + 2 E floats per
-shifted window instead of the second design's (T + 1) E + T + E (E + 1) / 2. The solves run a
-ticket's WPP shifted windows under every shift at once (:func:`_solve_bwd_batch`, the loop of
-``_steps_backward``).
+recomputed from K and h, so the forward saves E (E + 1) / 2 + 2 E floats per shifted window
+instead of the second design's (T + 1) E + T + E (E + 1) / 2. The solves run a ticket's WPP
+shifted windows under every shift at once (:func:`_solve_bwd_batch`, the loop of
+``_steps_backward``), with T compile-time: up to ``_HELD_ITERS`` steps the iterates are computed
+once and held (T - 1 products with K, not T (T - 1) / 2 recomputing them before each step back;
+sm_90a, fp32 [None, 2, 4, 6], T = 5: 722 warp instructions a ticket with Triton 3.9, 832 with
+3.6, where the recomputing solve issued 1,008 / 1,194), and no sum in them crosses warps (Triton
+3.6 spilled such sums' last values: the BraTS backward's solve 8 B).
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ from ._window3_sched import (
     Pipeline,
     _count_done,
     _load_sym_batch,
-    _normalize,
     _solve_rows,
     _sum_parts_rows,
     _take,
@@ -36,10 +39,15 @@ from ._window3_sched import (
 
 __all__ = ["backward3"]
 
+# Up to this many power steps (T, compile-time in the backward) the solve computes the iterates
+# once and holds them (T - 1 products of K and a vector, not T (T - 1) / 2 recomputing them): a
+# thread holds about 4 values an iterate (its rows, columns and norm; sm_90a, 16 warps, 16 rows)
+_HELD_ITERS = tl.constexpr(8)
+
 
 @triton.jit(noinline=True)
 def _solve_chunk(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh, first, plane, NPLANE,
-                 flags, flag_ptr, NPL, E: tl.constexpr, NWIN, ITERS, NW0, NW1, NW2,
+                 flags, flag_ptr, NPL, E: tl.constexpr, NWIN, ITERS: tl.constexpr, NW0, NW1, NW2,
                  SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, SPLITS: tl.constexpr,
                  NB: tl.constexpr, NSB: tl.constexpr, BLOCK_E: tl.constexpr,
                  ACC: tl.constexpr):  # fmt: skip
@@ -54,56 +62,103 @@ def _solve_chunk(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh, first, p
 
 
 @triton.jit
-def _iterate_to(k_mat, h, t):
-    """The forward's power iterates recomputed from K (NB, E, E) and h (NB, E): â_{t-1} (zeros at
-    t = 0), â_t and ||a_t|| (â_0 = h / ||h||, â_s = K â_{s-1} / ||K â_{s-1}||), the forward
-    solve's expressions (``_solve_batch``)."""
-    a_hat, norm = _normalize(h)
-    prev = tl.zeros_like(a_hat)
+def _first_iterate(h_row, h_col):
+    """â_0 = h / ||h|| as rows (NB, 1, E) and columns (NB, E, 1), and ||h|| (NB, 1, 1)."""
+    norm = tl.sqrt(tl.sum(h_row * h_row, axis=2))[:, :, None]
+    safe = tl.where(norm > 0, norm, 1)
+    return tl.where(norm > 0, h_row / safe, 0), tl.where(norm > 0, h_col / safe, 0), norm
+
+
+@triton.jit
+def _next_iterate(k_mat, row):
+    """â_s = K â_{s-1} / ||K â_{s-1}|| from â_{s-1}'s rows: rows, columns, norm. The product sums
+    along the last axis (within a warp) and gives the columns; the rows are them moved once; the
+    norm sums the rows along their last axis (within a warp too): no sum across warps (Triton
+    3.6's ptxas spills the predicated shared-memory read that ends one)."""
+    col = tl.sum(k_mat * row, axis=2)
+    row = col[:, None, :]
+    norm = tl.sqrt(tl.sum(row * row, axis=2))[:, :, None]
+    safe = tl.where(norm > 0, norm, 1)
+    return tl.where(norm > 0, row / safe, 0), tl.where(norm > 0, col[:, :, None] / safe, 0), norm
+
+
+@triton.jit
+def _iterate_to(k_mat, h_row, h_col, t):
+    """The forward's power iterates recomputed from K (NB, E, E) and h: â_{t-1} as columns (zeros
+    at t = 0), â_t as rows and ||a_t||."""
+    row, col, norm = _first_iterate(h_row, h_col)
+    prev = tl.zeros_like(col)
     for _s in range(0, t):
-        prev = a_hat
-        a_hat, norm = _normalize(tl.sum(k_mat * a_hat[:, None, :], axis=2))
-    return prev, a_hat, norm
+        prev = col
+        row, col, norm = _next_iterate(k_mat, row)
+    return prev, row, norm
+
+
+@triton.jit
+def _step_back(a_hat, norm, grad):
+    """ā of one power step back: the gradient through â = a / ||a|| (rows (NB, 1, E))."""
+    radial = tl.sum(a_hat * grad, axis=2)[:, :, None]
+    return tl.where(norm > 0, (grad - a_hat * radial) / tl.where(norm > 0, norm, 1), 0)
 
 
 @triton.jit
 def _solve_bwd_batch(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh, first, plane,
-                     NPLANE, E: tl.constexpr, NWIN, ITERS, NW0, NW1, NW2, SHIFTS: tl.constexpr,
+                     NPLANE, E: tl.constexpr, NWIN, ITERS: tl.constexpr, NW0, NW1, NW2,
+                     SHIFTS: tl.constexpr,
                      NSHIFT: tl.constexpr, SPLITS: tl.constexpr, NB: tl.constexpr,
                      NSB: tl.constexpr,
                      BLOCK_E: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
     """The second design's backward solve (``_solve_bwd_kernel``) for a ticket's NB shifted
     windows from ``first`` under every shift at once (the rows of ``_solve_rows``): ū from its
     parts, then back through the power steps with the saved K and the iterates recomputed from K
-    and h (:func:`_iterate_to`: T (T + 1) / 2 E x E products instead of reading T saved iterates
-    and norms): S = K̄ + K̄^T and h̄."""
+    and h, once and held up to ``_HELD_ITERS`` steps (T - 1 E x E products), else before each
+    step back (:func:`_iterate_to`: T (T - 1) / 2): S = K̄ + K̄^T and h̄. The vectors are rows
+    (NB, 1, E), the iterates also columns (NB, E, 1), and K̄ is summed transposed (â_{t-1} ā^T:
+    the same S), so that no sum crosses warps."""
     e = tl.arange(0, BLOCK_E)
     i3 = e[None, :, None]
     j3 = e[None, None, :]
     k, om, ok = _solve_rows(first, plane, NPLANE, NB, NSB, NSHIFT)
-    m3 = ok[:, None, None] & (i3 < E) & (j3 < E)
-    m2 = ok[:, None] & (e[None, :] < E)
+    ok3 = ok[:, None, None]
+    m3 = ok3 & (i3 < E) & (j3 < E)
     # ū, its parts flat (no ring: the plane size and count, NB and 1 here, are unused)
     _, grad = _sum_parts_rows(gpart_ptr, gpart_ptr, bh, om, ok, k, NWIN, NW0, NW1, NW2, NB, 1,
                               SHIFTS, NSHIFT, SPLITS, E, NSB * NB, BLOCK_E, ACC, False,
                               0)  # fmt: skip
-    prog = (bh * NSHIFT + k) * NWIN + om
-    k_mat = _load_sym_batch(kmat_ptr, prog, m3, i3, j3, E)
-    h = tl.load(hsave_ptr + prog[:, None] * E + e[None, :], mask=m2, other=0)
-    kbar = tl.zeros((NSB * NB, BLOCK_E, BLOCK_E), dtype=ACC)
-    hbar = tl.zeros((NSB * NB, BLOCK_E), dtype=ACC)
-    for i in range(0, ITERS):
-        t = ITERS - 1 - i
-        prev, a_hat, norm = _iterate_to(k_mat, h, t)
-        radial = tl.sum(a_hat * grad, axis=1)
-        safe = tl.where(norm > 0, norm, 1)[:, None]
-        a_bar = tl.where(norm[:, None] > 0, (grad - a_hat * radial[:, None]) / safe, 0)
-        kbar += tl.where(t > 0, a_bar[:, :, None] * prev[:, None, :], 0.0)  # none at t = 0
-        hbar = a_bar  # the last pass (t = 0) leaves h̄ = ā_1
-        grad = tl.sum(k_mat * a_bar[:, None, :], axis=2)
-    tl.store(sym_ptr + prog[:, None, None] * (E * E) + i3 * E + j3,
-             kbar + tl.permute(kbar, (0, 2, 1)), mask=m3)  # fmt: skip
-    tl.store(hbar_ptr + prog[:, None] * E + e[None, :], hbar, mask=m2)
+    grad = grad[:, None, :]
+    prog3 = ((bh * NSHIFT + k) * NWIN + om)[:, None, None]
+    k_mat = _load_sym_batch(kmat_ptr, (bh * NSHIFT + k) * NWIN + om, m3, i3, j3, E)
+    h_row = tl.load(hsave_ptr + prog3 * E + j3, mask=ok3 & (j3 < E), other=0)
+    h_col = tl.load(hsave_ptr + prog3 * E + i3, mask=ok3 & (i3 < E), other=0)
+    kbar_t = tl.zeros((NSB * NB, BLOCK_E, BLOCK_E), dtype=ACC)
+    hbar = tl.zeros((NSB * NB, 1, BLOCK_E), dtype=ACC)
+    if ITERS <= _HELD_ITERS:  # the iterates computed once and held (the same values)
+        row, col, norm = _first_iterate(h_row, h_col)
+        rows = (row,)
+        cols = (col,)
+        norms = (norm,)
+        for _s in tl.static_range(1, ITERS):
+            row, col, norm = _next_iterate(k_mat, row)
+            rows = rows + (row,)
+            cols = cols + (col,)
+            norms = norms + (norm,)
+        for i in tl.static_range(ITERS):  # the steps t = T - 1 - i
+            a_bar = _step_back(rows[ITERS - 1 - i], norms[ITERS - 1 - i], grad)
+            if i < ITERS - 1:  # none at t = 0
+                kbar_t += cols[ITERS - 2 - i] * a_bar
+            hbar = a_bar  # the last pass (t = 0) leaves h̄ = ā_1
+            grad = tl.sum(k_mat * a_bar, axis=2)[:, None, :]  # K ā (K symmetric)
+    else:
+        for i in range(0, ITERS):
+            t = ITERS - 1 - i
+            prev, a_hat, norm = _iterate_to(k_mat, h_row, h_col, t)
+            a_bar = _step_back(a_hat, norm, grad)
+            kbar_t += tl.where(t > 0, prev * a_bar, 0.0)  # none at t = 0
+            hbar = a_bar
+            grad = tl.sum(k_mat * a_bar, axis=2)[:, None, :]
+    tl.store(sym_ptr + prog3 * (E * E) + i3 * E + j3,
+             kbar_t + tl.permute(kbar_t, (0, 2, 1)), mask=m3)  # fmt: skip
+    tl.store(hbar_ptr + prog3 * E + j3, hbar, mask=ok3 & (j3 < E))
 
 
 @triton.jit(noinline=True)
@@ -180,7 +235,7 @@ def _parts_chunk(x_ptr, dy_ptr, rowmask_ptr, g0_ptr, first, plane, NPLANE, bh, u
 def _fused_bwd_kernel(
     x_ptr, dy_ptr, dx_ptr, g0_ptr, rowmask_ptr, u_ptr, hsave_ptr, kmat_ptr, gpart_ptr,
     sym_ptr, hbar_ptr, flag_ptr, NTICKET, SPB, CPP, NPLANE, NPL,
-    C, E: tl.constexpr, HEADS, NWIN, NVOX, ITERS, S1, S2, NW0, NW1, NW2,
+    C, E: tl.constexpr, HEADS, NWIN, NVOX, ITERS: tl.constexpr, S1, S2, NW0, NW1, NW2,
     SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr,
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,

@@ -102,6 +102,21 @@ def test_design3_one_launch_and_deterministic(gen, design3, monkeypatch, device)
     assert torch.equal(y1, y2) and torch.equal(dx1, dx2)
 
 
+@pytest.mark.skipif(not sched.INTERPRET, reason="a compiled kernel's globals stay as compiled")
+@pytest.mark.parametrize("iters", [1, 3])
+def test_design3_backward_holds_the_recomputed_iterates(gen, design3, monkeypatch, iters):
+    """Up to ``_HELD_ITERS`` power steps the backward solve computes the iterates once and holds
+    them (T compile-time) instead of recomputing them before each step back: the same values,
+    so dx is bitwise the recomputing solve's (``_HELD_ITERS`` 0 forces that one)."""
+    x, v0, dy = nmf_inputs(gen, (1, 8, 16, 8, 8), 4)
+    kw = dict(head_dim=4, patch_size=4, shifts=[None, 2], solver="hals", iters=iters)
+    assert iters <= bwd3._HELD_ITERS
+    _, held = run_grad("triton", x, v0, dy, torch.float32, "cpu", **kw)
+    monkeypatch.setattr(bwd3, "_HELD_ITERS", tl.constexpr(0))
+    _, recomputed = run_grad("triton", x, v0, dy, torch.float32, "cpu", **kw)
+    assert torch.equal(held, recomputed)
+
+
 def test_launch_options_register_cap(monkeypatch):
     """The untiled forward's register cap is a thread's share of the register file at the
     programs per SM (Triton 3.6's ptxas otherwise gives the [None] bf16 forward 64 registers and
