@@ -43,8 +43,8 @@ solve saves K and h (not the T iterates and norms: the backward recomputes them)
 Static figures (sm_90a, 2x32x128^3, E = P = 8, T = 5; README "Window kernel designs"): 16 warps,
 one program per SM; forward 102-128 registers (ptxas's cap at a thread's share:
 ``Pipeline.launch``), backward 91-120 (its passes are not inlined: kernels/_window3_bwd.py), no
-spills with [None], [None, 4], [None, 2, 4, 6] in fp32 or bf16 (Triton 3.9; Triton 3.6: 24 B
-fp32 / 8 B bf16 in the [None, 2, 4, 6] backward); 4 windows a ticket, so that
+spills with [None], [None, 4], [None, 2, 4, 6] in fp32 or bf16 (Triton 3.9; Triton 3.6: 16 B
+in the fp32 [None] backward, compiled at 64 registers); 4 windows a ticket, so that
 the tickets in flight hold about 25 MB of L2 (16 would hold about 100 MB:
 fastnmf/profile/static/pipeline_dram.py).
 Not timed: per-ticket costs (a ticket fetch, an acquire wait, a release count: round trips to L2
