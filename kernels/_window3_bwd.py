@@ -126,8 +126,9 @@ def _solve_bwd_batch(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh, firs
                               SHIFTS, NSHIFT, SPLITS, E, NSB * NB, BLOCK_E, ACC, False,
                               0)  # fmt: skip
     grad = grad[:, None, :]
-    prog3 = ((bh * NSHIFT + k) * NWIN + om)[:, None, None]
-    k_mat = _load_sym_batch(kmat_ptr, (bh * NSHIFT + k) * NWIN + om, m3, i3, j3, E)
+    prog = (bh * NSHIFT + k) * NWIN + om
+    prog3 = prog[:, None, None]
+    k_mat = _load_sym_batch(kmat_ptr, prog, m3, i3, j3, E)
     h_row = tl.load(hsave_ptr + prog3 * E + j3, mask=ok3 & (j3 < E), other=0)
     h_col = tl.load(hsave_ptr + prog3 * E + i3, mask=ok3 & (i3 < E), other=0)
     kbar_t = tl.zeros((NSB * NB, BLOCK_E, BLOCK_E), dtype=ACC)

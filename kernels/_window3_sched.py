@@ -453,8 +453,8 @@ class Pipeline:
         and 16 spill bytes; capped, no forward without tiles spills with Triton 3.6 or 3.9:
         sm_90a, 16 warps, the static suite's cases); the tiled forwards and the backward do not
         (capped, they spill where uncapped they do not: Triton 3.6's ticket tile and forward
-        output tile with [None, 2, 4, 6], 8 B; or more: the 3.6 BraTS fp32 backward 40 B, not 24;
-        bench/results/static_designs/instructions.md)."""
+        output tile with [None, 2, 4, 6], 8 B; the 3.6 BraTS fp32 backward 96 B, the 3.9
+        backward in five of six cases, 32-136 B; bench/results/static_designs/instructions.md)."""
         cap = TUNING["maxnreg"]
         programs = TUNING["programs_per_sm"] or _PROGRAMS_PER_SM
         if not cap and (share_cap or programs > 1):

@@ -42,7 +42,7 @@ solve saves K and h (not the T iterates and norms: the backward recomputes them)
 
 Static figures (sm_90a, 2x32x128^3, E = P = 8, T = 5; README "Window kernel designs"): 16 warps,
 one program per SM; forward 102-128 registers (ptxas's cap at a thread's share:
-``Pipeline.launch``), backward 91-120 (its passes are not inlined: kernels/_window3_bwd.py), no
+``Pipeline.launch``), backward 93-122 (its passes are not inlined: kernels/_window3_bwd.py), no
 spills with [None], [None, 4], [None, 2, 4, 6] in fp32 or bf16 (Triton 3.9; Triton 3.6: 16 B
 in the fp32 [None] backward, compiled at 64 registers); 4 windows a ticket, so that
 the tickets in flight hold about 25 MB of L2 (16 would hold about 100 MB:
