@@ -108,12 +108,16 @@ def test_design3_backward_holds_the_recomputed_iterates(gen, design3, monkeypatc
     """Up to ``_HELD_ITERS`` power steps the backward solve computes the iterates once and holds
     them (T compile-time) instead of recomputing them before each step back: the same values,
     so dx is bitwise the recomputing solve's (``_HELD_ITERS`` 0 forces that one)."""
-    x, v0, dy = nmf_inputs(gen, (1, 8, 16, 8, 8), 4)
-    kw = dict(head_dim=4, patch_size=4, shifts=[None, 2], solver="hals", iters=iters)
+    x, v0, dy = nmf_inputs(gen, (1, 4, 8, 8, 8), 4)  # 2 planes of 4 windows
+    geo = common._Geometry2(x, 4, (4, 4, 4), [None, 2])
+    assert sched.fused_plan(tuple(geo.NW), geo.shifts) is not None  # the fused path runs
+    x.requires_grad_()
+    y = fastnmf.matricized_nmf(x, v0, kernel="triton", head_dim=4, patch_size=4,
+                               shifts=[None, 2], solver="hals", iters=iters)  # fmt: skip
     assert iters <= bwd3._HELD_ITERS
-    _, held = run_grad("triton", x, v0, dy, torch.float32, "cpu", **kw)
+    (held,) = torch.autograd.grad(y, x, dy, retain_graph=True)
     monkeypatch.setattr(bwd3, "_HELD_ITERS", tl.constexpr(0))
-    _, recomputed = run_grad("triton", x, v0, dy, torch.float32, "cpu", **kw)
+    (recomputed,) = torch.autograd.grad(y, x, dy)
     assert torch.equal(held, recomputed)
 
 
