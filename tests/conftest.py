@@ -15,6 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    import fast_interpreter  # tests/: the interpreter without its repeated patching (docstring)
+
+    fast_interpreter.install()
 
 # Under pytest-xdist (`pytest -n auto`, the README's test command) each worker takes its share of
 # the cores: processes that each run PyTorch's default thread count on the same cores slow each
