@@ -20,6 +20,7 @@ import inspect
 
 _STATE = {"installed": None, "skipped": 0, "patched": 0}
 _RUNNING = []  # per running launch: the ids of the language modules patched so far
+_LANGS = {}  # function -> the ids of the language modules among its globals
 
 
 def _internals():
@@ -35,9 +36,14 @@ def _internals():
 
 
 def _language_modules(fn, tl) -> frozenset:
-    return frozenset(
-        id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core)
-    )
+    """The ids of the language modules `fn`'s globals hold (found once per function)."""
+    langs = _LANGS.get(fn)
+    if langs is None:
+        mods = (tl, tl.core)
+        mods_seen = (v for v in fn.__globals__.values() if inspect.ismodule(v) and v in mods)
+        langs = frozenset(id(v) for v in mods_seen)
+        _LANGS[fn] = langs
+    return langs
 
 
 def install() -> bool:
