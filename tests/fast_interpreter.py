@@ -63,7 +63,7 @@ def install() -> bool:
 
     def _patch_lang(fn):
         langs = _language_modules(fn, tl)
-        if _RUNNING and langs <= _RUNNING[-1]:
+        if _RUNNING and langs and langs <= _RUNNING[-1]:  # none seen: upstream asserts
             _STATE["skipped"] += 1
             return interpreter._LangPatchScope()  # nothing to restore
         scope = patch_lang(fn)
