@@ -28,6 +28,7 @@ from ._window2_common import _Geometry2, _lanes_rowmask_g
 from ._window3_bwd_parts_tile import _parts_bwd_tile, bwd_parts_plan
 from ._window3_bwd_tile import _apply_tile, bwd_tile_plan
 from ._window3_sched import (
+    _MAGIC_ARGS,
     Pipeline,
     _count_done,
     _load_sym_batch,
@@ -48,15 +49,15 @@ _HELD_ITERS = tl.constexpr(8)
 @triton.jit(noinline=True)
 def _solve_chunk(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh, first, plane, NPLANE,
                  flags, flag_ptr, NPL, E: tl.constexpr, NWIN, ITERS: tl.constexpr, NW0, NW1, NW2,
-                 SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, SPLITS: tl.constexpr,
+                 MW2, MW12, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, SPLITS: tl.constexpr,
                  NB: tl.constexpr, NSB: tl.constexpr, BLOCK_E: tl.constexpr,
                  ACC: tl.constexpr):  # fmt: skip
     """The backward solves of one ticket (WPP shifted windows of a plane from ``first``);
     counts the chunk done and returns the next ticket (as the other passes: ``_fused_bwd_kernel``
     says why)."""
     _solve_bwd_batch(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh, first, plane,
-                     NPLANE, E, NWIN, ITERS, NW0, NW1, NW2, SHIFTS, NSHIFT, SPLITS, NB, NSB,
-                     BLOCK_E, ACC)  # fmt: skip
+                     NPLANE, E, NWIN, ITERS, NW0, NW1, NW2, MW2, MW12, SHIFTS, NSHIFT, SPLITS,
+                     NB, NSB, BLOCK_E, ACC)  # fmt: skip
     _count_done(flags, 1, plane, NPL)
     return tl.atomic_add(flag_ptr, 1)  # the next ticket
 
@@ -103,8 +104,8 @@ def _step_back(a_hat, norm, grad):
 
 @triton.jit
 def _solve_bwd_batch(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh, first, plane,
-                     NPLANE, E: tl.constexpr, NWIN, ITERS: tl.constexpr, NW0, NW1, NW2,
-                     SHIFTS: tl.constexpr,
+                     NPLANE, E: tl.constexpr, NWIN, ITERS: tl.constexpr, NW0, NW1, NW2, MW2,
+                     MW12, SHIFTS: tl.constexpr,
                      NSHIFT: tl.constexpr, SPLITS: tl.constexpr, NB: tl.constexpr,
                      NSB: tl.constexpr,
                      BLOCK_E: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
@@ -124,7 +125,7 @@ def _solve_bwd_batch(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh, firs
     # ū, its parts flat (no ring: the plane size and count, NB and 1 here, are unused)
     _, grad = _sum_parts_rows(gpart_ptr, gpart_ptr, bh, om, ok, k, NWIN, NW0, NW1, NW2, NB, 1,
                               SHIFTS, NSHIFT, SPLITS, E, NSB * NB, BLOCK_E, ACC, False,
-                              0)  # fmt: skip
+                              0, False, 1, MW2, MW12)  # fmt: skip
     grad = grad[:, None, :]
     prog = (bh * NSHIFT + k) * NWIN + om
     prog3 = prog[:, None, None]
@@ -165,7 +166,7 @@ def _solve_bwd_batch(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh, firs
 @triton.jit(noinline=True)
 def _apply_chunk(x_ptr, dy_ptr, dx_ptr, rowmask_ptr, g0_ptr, first, plane, NPLANE, bh, u_ptr,
                  sym_ptr, hbar_ptr, flags, flag_ptr, NPL, E: tl.constexpr, NWIN, NVOX, ITERS,
-                 S1, S2, NW0, NW1, NW2,
+                 S1, S2, NW0, NW1, NW2, MW2, MW12,
                  SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr,
                  P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
                  BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
@@ -177,8 +178,8 @@ def _apply_chunk(x_ptr, dy_ptr, dx_ptr, rowmask_ptr, g0_ptr, first, plane, NPLAN
     a ticket (from L1: 2 KB a shift in fp32)."""
     if BTILE:
         _apply_tile(x_ptr, dy_ptr, dx_ptr, g0_ptr, first, plane, NPLANE, bh, u_ptr, sym_ptr,
-                    hbar_ptr, E, NWIN, NVOX, S1, S2, NW0, NW1, NW2, SHIFTS, NSHIFT, WPP, P0, P1,
-                    P2, BP0, BP1, BP2, BLOCK_E, R2, WT, EAX)  # fmt: skip
+                    hbar_ptr, E, NWIN, NVOX, S1, S2, NW0, NW1, NW2, MW2, MW12, SHIFTS, NSHIFT,
+                    WPP, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, R2, WT, EAX)  # fmt: skip
     else:
         e, emask, rowmask, g_all = _lanes_rowmask_g(rowmask_ptr, g0_ptr, E, SHIFTS, NSHIFT, P0,
                                                     P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, ACC,
@@ -194,7 +195,7 @@ def _apply_chunk(x_ptr, dy_ptr, dx_ptr, rowmask_ptr, g0_ptr, first, plane, NPLAN
                                   tl.where(ok, bh, 0), tl.where(ok, g_all, 0.0), u_ptr, sym_ptr,
                                   hbar_ptr, E, NWIN, NVOX, ITERS, S1, S2, NW0, NW1, NW2, SHIFTS,
                                   NSHIFT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, G0, G1, G2, MU,
-                                  ACC, True)  # CG  # fmt: skip
+                                  ACC, True, MW2, MW12)  # CG  # fmt: skip
     _count_done(flags, 2, plane, NPL)
     return tl.atomic_add(flag_ptr, 1)  # the next ticket
 
@@ -202,7 +203,7 @@ def _apply_chunk(x_ptr, dy_ptr, dx_ptr, rowmask_ptr, g0_ptr, first, plane, NPLAN
 @triton.jit(noinline=True)
 def _parts_chunk(x_ptr, dy_ptr, rowmask_ptr, g0_ptr, first, plane, NPLANE, bh, u_ptr,
                  gpart_ptr, flags, flag_ptr, NPL, E: tl.constexpr, NWIN, NVOX, ITERS, S1, S2,
-                 NW0, NW1, NW2,
+                 NW0, NW1, NW2, MW2, MW12,
                  SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr,
                  P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
                  BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
@@ -215,8 +216,8 @@ def _parts_chunk(x_ptr, dy_ptr, rowmask_ptr, g0_ptr, first, plane, NPLANE, bh, u
     MU)."""
     if PTILE:
         _parts_bwd_tile(x_ptr, dy_ptr, first, plane, NPLANE, bh, u_ptr, gpart_ptr, E, NWIN, NVOX,
-                        S1, S2, NW0, NW1, NW2, SHIFTS, NSHIFT, WPP, P0, P1, P2, BP0, BP1, BP2,
-                        BLOCK_E, NSB, PD0, PD1, PD2, PROWS0, PWT)  # fmt: skip
+                        S1, S2, NW0, NW1, NW2, MW2, MW12, SHIFTS, NSHIFT, WPP, P0, P1, P2, BP0,
+                        BP1, BP2, BLOCK_E, NSB, PD0, PD1, PD2, PROWS0, PWT)  # fmt: skip
     else:
         e, emask, rowmask, g_all = _lanes_rowmask_g(rowmask_ptr, g0_ptr, E, SHIFTS, NSHIFT, P0,
                                                     P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, ACC,
@@ -227,16 +228,17 @@ def _parts_chunk(x_ptr, dy_ptr, rowmask_ptr, g0_ptr, first, plane, NPLANE, bh, u
                                   plane * NPLANE + first + j, bh, g_all, u_ptr, gpart_ptr,
                                   E, NWIN, NVOX, ITERS, S1, S2, NW0, NW1, NW2, SHIFTS, NSHIFT,
                                   P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, G0, G1, G2, MU,
-                                  ACC)  # fmt: skip
+                                  ACC, MW2, MW12)  # fmt: skip
     _count_done(flags, 0, plane, NPL)
     return tl.atomic_add(flag_ptr, 1)  # the next ticket
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_MAGIC_ARGS)
 def _fused_bwd_kernel(
     x_ptr, dy_ptr, dx_ptr, g0_ptr, rowmask_ptr, u_ptr, hsave_ptr, kmat_ptr, gpart_ptr,
     sym_ptr, hbar_ptr, flag_ptr, NTICKET, SPB, CPP, NPLANE, NPL,
     C, E: tl.constexpr, HEADS, NWIN, NVOX, ITERS: tl.constexpr, S1, S2, NW0, NW1, NW2,
+    MSPB, MCPP, MHEADS, MNPL1, MW2, MW12,
     SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr,
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
@@ -254,30 +256,32 @@ def _fused_bwd_kernel(
     bytes with [None] and [None, 4]); called, each pass has the registers to itself. Each pass
     also counts its chunk done and takes the next ticket (the counter is flag_ptr itself), so
     nothing but the ticket lives across a call (Triton 3.6 saved the counter's address and the
-    tickets-per-head product around the calls: 16-64 spill bytes with [None])."""
+    tickets-per-head product around the calls: 16-64 spill bytes with [None]). M*: the magic
+    numbers of the run-time divisors (``Pipeline.magic``): no division."""
     t = tl.atomic_add(flag_ptr, 1)  # the ticket counter
     while t < NTICKET:
         bh, phase, plane, chunk, offset, flags = _take(t, SPB, CPP, flag_ptr, NPL, HEADS, C,
-                                                       E, NVOX)  # fmt: skip
+                                                       E, NVOX, MSPB, MCPP, MHEADS)  # fmt: skip
         first = chunk * WPP  # in the plane
         if phase == 0:
             t = _parts_chunk(x_ptr + offset, dy_ptr + offset, rowmask_ptr, g0_ptr, first, plane,
                              NPLANE, bh, u_ptr, gpart_ptr, flags, flag_ptr, NPL, E, NWIN, NVOX, 1,
-                             S1, S2, NW0, NW1, NW2, SHIFTS, NSHIFT, WPP, P0, P1, P2, BP0, BP1, BP2,
-                             BLOCK_E, NSB, G0, G1, G2, MU, ACC, PTILE, PD0, PD1, PD2, PROWS0,
-                             PWT)  # fmt: skip
+                             S1, S2, NW0, NW1, NW2, MW2, MW12, SHIFTS, NSHIFT, WPP, P0, P1, P2,
+                             BP0, BP1, BP2, BLOCK_E, NSB, G0, G1, G2, MU, ACC, PTILE, PD0, PD1,
+                             PD2, PROWS0, PWT)  # fmt: skip
         elif phase == 1:
             _wait_stage(flags, NPL, plane, 1, CPP, OFFS, NOFF)
             t = _solve_chunk(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh, first,
                              plane, NPLANE, flags, flag_ptr, NPL, E, NWIN, ITERS, NW0, NW1, NW2,
-                             SHIFTS, NSHIFT, SPLITS, WPP, NSB, BLOCK_E, ACC)  # fmt: skip
+                             MW2, MW12, SHIFTS, NSHIFT, SPLITS, WPP, NSB, BLOCK_E,
+                             ACC)  # fmt: skip
         else:
             _wait_stage(flags, NPL, plane, 2, CPP, OFFS, NOFF)
             t = _apply_chunk(x_ptr + offset, dy_ptr + offset, dx_ptr + offset, rowmask_ptr,
                              g0_ptr, first, plane, NPLANE, bh, u_ptr, sym_ptr, hbar_ptr, flags,
-                             flag_ptr, NPL, E, NWIN, NVOX, 1, S1, S2, NW0, NW1, NW2, SHIFTS, NSHIFT,
-                             WPP, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, G0, G1, G2, MU,
-                             ACC, BTILE, R2, WT, EAX)  # fmt: skip
+                             flag_ptr, NPL, E, NWIN, NVOX, 1, S1, S2, NW0, NW1, NW2, MW2, MW12,
+                             SHIFTS, NSHIFT, WPP, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, G0, G1,
+                             G2, MU, ACC, BTILE, R2, WT, EAX)  # fmt: skip
 
 
 def backward3(x, g0, rowmask, u, h, kmat, dy, geo: _Geometry2, plan, iters: int,
@@ -294,7 +298,7 @@ def backward3(x, g0, rowmask, u, h, kmat, dy, geo: _Geometry2, plan, iters: int,
     _fused_bwd_kernel[pipe.grid](
         x, dy, dx, g0, rowmask, u, h, kmat, gpart, sym, hbar, *pipe.args(),
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, iters, geo.S[1], geo.S[2], *geo.NW,
-        **geo.consts(), **pipe.block(geo), MU=mu, ACC=acc_dtype(x.dtype),
+        **pipe.magic(geo), **geo.consts(), **pipe.block(geo), MU=mu, ACC=acc_dtype(x.dtype),
         **bwd_tile_plan(geo, mu, x.dtype, pipe.wpp, pipe.warps()),
         **bwd_parts_plan(geo, mu, x.dtype, pipe.wpp, pipe.warps()), **pipe.launch(share_cap=False),
     )  # fmt: skip

@@ -47,7 +47,8 @@ def _store_merged(ptr, stride, slot, rows, row_ok, t, carry, merge, ex_lo, ex_hi
 @triton.jit
 def _parts_window_merged(
     x_base, rowmask, e, emask, w, slot, g_all, member, exists, kpart_ptr, hpart_ptr,
-    carry_k, carry_h, merge, E: tl.constexpr, NVOX, S1, S2, NW1, NW2, NSHIFT: tl.constexpr,
+    carry_k, carry_h, merge, E: tl.constexpr, NVOX, S1, S2, NW1, NW2, MW2, MW12,
+    NSHIFT: tl.constexpr,
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr, BLOCK_E: tl.constexpr,
     ACC: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, NPB: tl.constexpr,
@@ -55,9 +56,10 @@ def _parts_window_merged(
     """The second design's ``_parts_window`` (DOT, HALS) on window w with the previous window's
     high parts (carry_k (Gram row chunks, RC BLOCK_E, NPB / 2), carry_h (X g0 shift chunks,
     RC BLOCK_E, NPB / 2), the chunks of ``_parts_dot``) added to its low parts; returns this
-    window's high parts if ``merge`` (w + 1 takes them), else zeros."""
+    window's high parts if ``merge`` (w + 1 takes them), else zeros. MW2, MW12: the grid's
+    magic numbers (``_window_origin``)."""
     _, _, _, _, _, x = _load_window(x_base, rowmask, e, emask, w, NVOX, S1, S2, NW1, NW2,
-                                    P0, P1, P2, BP0, BP1, BP2, ACC)  # fmt: skip
+                                    P0, P1, P2, BP0, BP1, BP2, ACC, MW2, MW12)  # fmt: skip
     ex_lo, ex_hi = _halves(exists.to(tl.int32), 1, NPB)
     RC: tl.constexpr = max(16 // BLOCK_E, 1)
     NG: tl.constexpr = (E + RC - 1) // RC  # products of Gram rows, then of X g0 rows
@@ -98,7 +100,7 @@ def _no_carry(BLOCK_E: tl.constexpr, NSB: tl.constexpr, NPB: tl.constexpr, ACC: 
 @triton.jit
 def _parts_chunk_merged(
     x_base, rowmask, e, emask, first, plane, bh, g_all, member, exists, kpart_ptr, hpart_ptr,
-    NWIN, NPLANE, NPL, E: tl.constexpr, NVOX, S1, S2, NW1, NW2,
+    NWIN, NPLANE, NPL, E: tl.constexpr, NVOX, S1, S2, NW1, NW2, MW2, MW12,
     NSHIFT: tl.constexpr, WPP: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr,
     P2: tl.constexpr, BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
     BLOCK_E: tl.constexpr, NSB: tl.constexpr, ACC: tl.constexpr, D0: tl.constexpr,
@@ -108,9 +110,9 @@ def _parts_chunk_merged(
     carry_k, carry_h = _no_carry(BLOCK_E, NSB, NPB, ACC)
     for j in range(0, WPP):
         if first + j < NPLANE:
-            w = plane * NPLANE + first + j
             carry_k, carry_h = _parts_window_merged(
-                x_base, rowmask, e, emask, w, _part_slot(bh, w, NWIN, NPLANE, NPL, NSHIFT, RING),
+                x_base, rowmask, e, emask, plane * NPLANE + first + j,
+                _part_slot(bh, plane, first + j, NWIN, NPLANE, NPL, NSHIFT, RING),
                 g_all, member, exists, kpart_ptr, hpart_ptr, carry_k, carry_h,
-                _merges_next(first + j, WPP), E, NVOX, S1, S2, NW1, NW2, NSHIFT,
+                _merges_next(first + j, WPP), E, NVOX, S1, S2, NW1, NW2, MW2, MW12, NSHIFT,
                 P0, P1, P2, BP0, BP1, BP2, BLOCK_E, ACC, D0, D1, D2, NPB)

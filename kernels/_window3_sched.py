@@ -22,7 +22,8 @@ import triton
 import triton.language as tl
 
 from ._common import INTERPRET
-from ._window2_common import _shift_of, _tri, _window_origin
+from ._fastdiv import MAGIC_3, _fdivmod, magics
+from ._window2_common import _shift_of, _tri, _window_origin, _wrap_add
 
 __all__ = ["TUNING", "PASSES", "Pipeline", "fused_plan", "merge_on", "ring_regions", "wait_offsets",
            "wpp"]
@@ -44,6 +45,9 @@ TUNING: dict = {"programs_per_sm": None, "warps": None, "wpp": None, "ring": Non
                 "merge": None, "tile": None, "bwd_tile": None, "bwd_parts_tile": None,
                 "out_tile": None, "maxnreg": None}
 _PROGRAMS_PER_SM = 1
+# the persistent kernels' magic-number arguments (``Pipeline.magic``; kernels/_fastdiv.py), not
+# specialised: no value recompiles a kernel
+_MAGIC_ARGS = ("MSPB", "MCPP", "MHEADS", "MNPL1", "MW2", "MW12")
 _WARPS = 16
 # an SM's 32-bit registers over the 32 lanes of a warp (sm_80 and sm_90: 65,536), and the most
 # ptxas gives a thread
@@ -114,12 +118,13 @@ def _wait_stage(flags, npl, plane, before: tl.constexpr, need, OFFS: tl.constexp
     """Wait for the planes a stage needs of the pass before it: planes plane -/+ o for each
     distinct offset o = b + Q_AX of :func:`wait_offsets` (one wait per plane, not per shift);
     ``before`` 1: parts -> solve (minus), 2: solve -> apply (plus). flags: the batch*head's
-    (pass, plane) counts."""
+    (pass, plane) counts. An offset is at most npl (a shift's whole-window offset is reduced
+    modulo the grid: Q_AX < npl), so one conditional add or subtraction wraps it, no division."""
     for i in tl.static_range(NOFF):
         if before == 1:
-            dep = (plane - OFFS[i] + 2 * npl) % npl
+            dep = _wrap_sub(plane, 0, OFFS[i], npl)
         else:
-            dep = (plane + OFFS[i]) % npl
+            dep = _wrap_add(plane, 0, OFFS[i], npl)
         _wait_for(flags + (before - 1) * npl + dep, need)
 
 
@@ -129,9 +134,9 @@ def _stage(i, npl):
     table (nothing to copy to the device). npl >= 2: stages 0-2 are parts(0), parts(1),
     solve(1); then triples parts(p), solve(p), apply(p - 1) for p >= 2; the last three solve(0),
     apply(npl - 1), apply(0). npl = 1: parts, solve, apply of plane 0."""
-    k = (i - 3) % 3  # place in a triple (i >= 3)
+    triple, k = _fdivmod(tl.maximum(i - 3, 0), 3, MAGIC_3)  # place in a triple (i >= 3)
     phase = k
-    plane = tl.where(k == 2, (i - 3) // 3 + 1, (i - 3) // 3 + 2)
+    plane = tl.where(k == 2, triple + 1, triple + 2)
     phase = tl.where(i < 3, tl.where(i == 2, 1, 0), phase)
     plane = tl.where(i < 3, tl.where(i == 0, 0, 1), plane)
     tail = i - (3 * npl - 3)  # 0, 1, 2: the last three stages
@@ -143,16 +148,17 @@ def _stage(i, npl):
 
 
 @triton.jit
-def _take(t, SPB, CPP, flag_ptr, NPL, HEADS, C, E: tl.constexpr, NVOX):
-    """Ticket t as (bh, pass, plane, first window of its chunk in the plane, the int64 offset of
-    the head's first element, the batch*head's flag counts). SPB: tickets a batch*head (its
-    stages x CPP chunks a stage); the counts follow the ticket counter at flag_ptr."""
-    bh = t // SPB
-    r = t - bh * SPB
-    stage = r // CPP
+def _take(t, SPB, CPP, flag_ptr, NPL, HEADS, C, E: tl.constexpr, NVOX, MSPB, MCPP, MHEADS):
+    """Ticket t as (bh, pass, plane, chunk of the stage, the int64 offset of the head's first
+    element, the batch*head's flag counts). SPB: tickets a batch*head (its stages x CPP chunks a
+    stage); the counts follow the ticket counter at flag_ptr. M*: the divisors' magic numbers
+    (kernels/_fastdiv.py, :meth:`Pipeline.magic`)."""
+    bh, r = _fdivmod(t, SPB, MSPB)
+    stage, chunk = _fdivmod(r, CPP, MCPP)
     phase, plane = _stage(stage, NPL)
-    offset = ((bh // HEADS) * C + (bh % HEADS) * E).to(tl.int64) * NVOX
-    return bh, phase, plane, (r - stage * CPP), offset, flag_ptr + 1 + bh * 3 * NPL
+    batch, head = _fdivmod(bh, HEADS, MHEADS)
+    offset = (batch * C + head * E).to(tl.int64) * NVOX
+    return bh, phase, plane, chunk, offset, flag_ptr + 1 + bh * 3 * NPL
 
 
 @triton.jit
@@ -279,32 +285,34 @@ def _ring_region(bh, plane, NPL, RING: tl.constexpr):
 
 
 @triton.jit
-def _ring_previous(bh, plane, NPL, RING: tl.constexpr):
+def _ring_previous(bh, plane, NPL, RING: tl.constexpr, MNPL1):
     """(head, plane) whose statistics the region of (bh, plane) held before (the same region's
-    last writer in ticket order; :func:`_ring_region`), and whether there is one."""
+    last writer in ticket order; :func:`_ring_region`), and whether there is one. MNPL1: the
+    magic number of max(NPL - 1, 1) (a count g < 0 has no previous writer: clamped, unused)."""
     g = bh * (NPL - 1) + plane - 1 - RING  # the plane count RING planes before
     npl1 = tl.maximum(NPL - 1, 1)
-    prev_bh = tl.where(plane == 0, bh - 2, g // npl1)
-    prev_plane = tl.where(plane == 0, 0, 1 + g % npl1)
+    q, rem = _fdivmod(tl.maximum(g, 0), npl1, MNPL1)
+    prev_bh = tl.where(plane == 0, bh - 2, q)
+    prev_plane = tl.where(plane == 0, 0, 1 + rem)
     return prev_bh, prev_plane, tl.where(plane == 0, bh >= 2, g >= 0)
 
 
 @triton.jit
-def _part_slot(bh, w, NWIN, NPLANE, NPL, NSHIFT: tl.constexpr, RING: tl.constexpr):
-    """First part slot of unshifted window w of head bh: (bh * NWIN + w) * 8 * NSHIFT; with RING,
-    its plane's ring region (:func:`_ring_region`) times the windows of a plane."""
+def _part_slot(bh, plane, i, NWIN, NPLANE, NPL, NSHIFT: tl.constexpr, RING: tl.constexpr):
+    """First part slot of unshifted window i of plane ``plane`` of head bh (window w = plane
+    NPLANE + i): (bh * NWIN + w) * 8 * NSHIFT; with RING, its plane's ring region
+    (:func:`_ring_region`) times the windows of a plane."""
     if RING == 0:
-        slot = (bh * NWIN + w) * (NSHIFT * 8)
+        slot = (bh * NWIN + plane * NPLANE + i) * (NSHIFT * 8)
     else:
-        plane = w // NPLANE
         region = _ring_region(bh, plane, NPL, RING)
-        slot = (region * NPLANE + (w - plane * NPLANE)) * (NSHIFT * 8)
+        slot = (region * NPLANE + i) * (NSHIFT * 8)
     return slot
 
 
 @triton.jit
 def _wrap_sub(w, b, q, nw):
-    """(w - b - q) mod nw for 0 <= w, q < nw and b in {0, 1}: one conditional addition (the
+    """(w - b - q) mod nw for 0 <= w < nw, 0 <= b + q <= nw: one conditional addition (the
     shifts' whole-window offsets q are reduced modulo the grid)."""
     o = w - b - q
     return tl.where(o < 0, o + nw, o)
@@ -365,7 +373,7 @@ def _sum_parts_rows(vpart_ptr, kpart_ptr, bh, om, ok, k, NWIN, NW0, NW1, NW2, NP
                     E: tl.constexpr,
                     NR: tl.constexpr, BLOCK_E: tl.constexpr, ACC: tl.constexpr,
                     WITH_K: tl.constexpr, RING: tl.constexpr, MERGE: tl.constexpr = False,
-                    WPP: tl.constexpr = 1):  # fmt: skip
+                    WPP: tl.constexpr = 1, MW2=None, MW12=None):  # fmt: skip
     """``_sum_parts`` of the second design for the rows (k, om, ok) (NR,) of :func:`_solve_rows`,
     every shift's at once: (K (NR, BLOCK_E, BLOCK_E), vector (NR, BLOCK_E)) summed over the
     parts b of each row (along the axes some shift splits: SPLITS), a part read only where the
@@ -381,7 +389,7 @@ def _sum_parts_rows(vpart_ptr, kpart_ptr, bh, om, ok, k, NWIN, NW0, NW1, NW2, NP
     j3 = e[None, None, :]
     m3 = ok[:, None, None] & (i3 < E) & (j3 < E)
     m2 = ok[:, None] & (e[None, :] < E)
-    o0, o1, o2 = _window_origin(om, NW1, NW2)
+    o0, o1, o2 = _window_origin(om, NW1, NW2, MW2, MW12)
     k_up = tl.zeros((NR, BLOCK_E, BLOCK_E), dtype=ACC)
     vec = tl.zeros((NR, BLOCK_E), dtype=ACC)
     for b2 in tl.static_range(2 if SPLITS[2] else 1):
@@ -436,6 +444,14 @@ class Pipeline:
         """flag_ptr (the ticket counter, then the batch*heads' (pass, plane) counts), NTICKET,
         SPB (tickets a batch*head), CPP, NPLANE, NPL."""
         return self.flags, self.tickets, self.stages * self.cpp, self.cpp, self.nplane, self.npl
+
+    def magic(self, geo) -> dict:
+        """The magic numbers of the kernels' run-time divisors (kernels/_fastdiv.py): tickets a
+        batch*head (SPB), chunks a stage (CPP), heads, max(planes - 1, 1), and
+        the grid's NW2 and NW1 NW2 (``_window_origin``)."""
+        return magics(SPB=self.stages * self.cpp, CPP=self.cpp, HEADS=geo.heads,
+                      NPL1=max(self.npl - 1, 1), W2=geo.NW[2],
+                      W12=geo.NW[1] * geo.NW[2])  # fmt: skip
 
     def merges(self, dot: bool) -> bool:
         """Whether the forward's parts pass merges neighbours' parts (:func:`merge_on`)."""

@@ -31,7 +31,7 @@ import math
 import triton
 import triton.language as tl
 
-from ._window2_common import _part_member, _shift_of, _tri
+from ._window2_common import _part_member, _shift_of, _tri, _window_origin
 from ._window3_sched import _TILE, TUNING, _part_slot
 
 __all__ = ["tile_plan", "tile_subboxes"]
@@ -121,7 +121,8 @@ def _tile_parts_store(z, member, ptr, stride, row, row_ok, slot, j, KSEL,
 @triton.jit
 def _parts_tile(
     x_base, g0_ptr, first, plane, bh, kpart_ptr, hpart_ptr, NWIN, NPLANE, NPL,
-    E: tl.constexpr, NVOX, S1, S2, NW1, NW2, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr,
+    E: tl.constexpr, NVOX, S1, S2, NW1, NW2, MW2, MW12, SHIFTS: tl.constexpr,
+    NSHIFT: tl.constexpr,
     W: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, BP0: tl.constexpr,
     BP1: tl.constexpr, BP2: tl.constexpr, BLOCK_E: tl.constexpr, NSB: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, ROWS0: tl.constexpr,
@@ -142,10 +143,7 @@ def _parts_tile(
     q1 = tl.arange(0, BP1)[None, None, None, :, None, None]
     q2 = (tl.arange(0, BP2 // V)[:, None] * V + tl.arange(0, V)[None, :])[None, None, None, None]
     inside = (q0 < P0) & (q1 < P1) & (q2 < P2)
-    w = plane * NPLANE + first + j5
-    w2 = w % NW2
-    w1 = (w // NW2) % NW1
-    w0 = w // (NW1 * NW2)
+    w0, w1, w2 = _window_origin(plane * NPLANE + first + j5, NW1, NW2, MW2, MW12)
     c6 = tl.arange(0, H)[:, None, None, None, None, None]
     voxel = ((w0 * P0 + q0) * S1 + w1 * P1 + q1) * S2 + w2 * P2 + q2
     ok = inside & (first + j5 < NPLANE)
@@ -166,7 +164,7 @@ def _parts_tile(
     r = tl.arange(0, H * W)[:, None]
     ea = r // W  # a row's channel in the low half (H + ea in the high half)
     j = r % W
-    slot = _part_slot(bh, plane * NPLANE + first + j, NWIN, NPLANE, NPL, NSHIFT, RING)
+    slot = _part_slot(bh, plane, first + j, NWIN, NPLANE, NPL, NSHIFT, RING)
     row_ok = first + j < NPLANE
     for i in range(0, H):  # Gram rows i < H: columns e >= i in both halves
         xi = tl.sum(tl.where(ch == i, xa, 0), axis=0)[None]  # a choice of registers

@@ -77,6 +77,7 @@ from ._window3_bwd import backward3
 from ._window3_out_tile import _apply_fwd_tile, out_tile_plan
 from ._window3_parts import _parts_chunk_merged
 from ._window3_sched import (
+    _MAGIC_ARGS,
     Pipeline,
     _count_done,
     _normalize,
@@ -96,7 +97,7 @@ __all__ = ["window_nmf3", "fused_plan"]
 
 @triton.jit(noinline=True)
 def _solve_batch(kpart_ptr, hpart_ptr, u_ptr, hsave_ptr, kmat_ptr, bh, first, plane,
-                 E: tl.constexpr, NWIN, ITERS, NW0, NW1, NW2, NPLANE, NPL,
+                 E: tl.constexpr, NWIN, ITERS, NW0, NW1, NW2, MW2, MW12, NPLANE, NPL,
                  SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, SPLITS: tl.constexpr,
                  NB: tl.constexpr, NSB: tl.constexpr, BLOCK_E: tl.constexpr, SAVE: tl.constexpr,
                  ACC: tl.constexpr, RING: tl.constexpr, MERGE: tl.constexpr):  # fmt: skip
@@ -115,8 +116,7 @@ def _solve_batch(kpart_ptr, hpart_ptr, u_ptr, hsave_ptr, kmat_ptr, bh, first, pl
     m2 = ok[:, None] & (e[None, :] < E)
     k_mat, h = _sum_parts_rows(hpart_ptr, kpart_ptr, bh, om, ok, k, NWIN, NW0, NW1, NW2, NPLANE,
                                NPL, SHIFTS, NSHIFT, SPLITS, E, NSB * NB, BLOCK_E, ACC, True, RING,
-                               MERGE,
-                               NB)  # fmt: skip
+                               MERGE, NB, MW2, MW12)  # fmt: skip
     prog = (bh * NSHIFT + k) * NWIN + om
     if SAVE:  # K and h for the backward
         tl.store(kmat_ptr + prog[:, None, None] * (E * E) + _tri(i3, j3, E), k_mat,
@@ -131,7 +131,8 @@ def _solve_batch(kpart_ptr, hpart_ptr, u_ptr, hsave_ptr, kmat_ptr, bh, first, pl
 
 @triton.jit(noinline=True)
 def _apply_chunk_fwd(x_base, y_base, rowmask_ptr, g0_ptr, first, plane, NPLANE, bh, u_ptr,
-                     E: tl.constexpr, NWIN, NVOX, S1, S2, NW0, NW1, NW2, SHIFTS: tl.constexpr,
+                     E: tl.constexpr, NWIN, NVOX, S1, S2, NW0, NW1, NW2, MW2, MW12,
+                     SHIFTS: tl.constexpr,
                      NSHIFT: tl.constexpr, WPP: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr,
                      P2: tl.constexpr, BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
                      BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr,
@@ -150,14 +151,15 @@ def _apply_chunk_fwd(x_base, y_base, rowmask_ptr, g0_ptr, first, plane, NPLANE, 
             _apply_window(x_base, y_base, rowmask, e, emask, plane * NPLANE + first + j, bh,
                           g_all, u_ptr, E, NWIN, NVOX, S1, S2, NW0, NW1, NW2, SHIFTS, NSHIFT, P0,
                           P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, G0, G1, G2, MU, ACC,
-                          True)  # CG  # fmt: skip
+                          True, MW2, MW12)  # CG  # fmt: skip
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_MAGIC_ARGS)
 def _fused_kernel(
     x_ptr, y_ptr, g0_ptr, rowmask_ptr, kpart_ptr, hpart_ptr, u_ptr, hsave_ptr, kmat_ptr,
     flag_ptr, NTICKET, SPB, CPP, NPLANE, NPL,
     C, E: tl.constexpr, HEADS, NWIN, NVOX, ITERS, S1, S2, NW0, NW1, NW2,
+    MSPB, MCPP, MHEADS, MNPL1, MW2, MW12,
     SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr,
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
@@ -172,7 +174,8 @@ def _fused_kernel(
 ):  # fmt: skip
     """Persistent: take tickets (batch*head, stage, chunk) in order until none is left; wait for
     what the stage needs, run its chunk of WPP windows, count the chunk done. With RING, a parts
-    stage first waits for the solves that read the ring region it is about to overwrite."""
+    stage first waits for the solves that read the ring region it is about to overwrite. M*: the
+    magic numbers of the run-time divisors (``Pipeline.magic``): no division."""
     e, emask, rowmask, g_all = _lanes_rowmask_g(rowmask_ptr, g0_ptr, E, SHIFTS, NSHIFT, P0, P1,
                                                 P2, BP0, BP1, BP2, BLOCK_E, NSB, ACC, True)
     member = 0
@@ -183,49 +186,52 @@ def _fused_kernel(
     t = tl.atomic_add(flag_ptr, 1)  # the ticket counter
     while t < NTICKET:
         bh, phase, plane, chunk, offset, flags = _take(t, SPB, CPP, flag_ptr, NPL, HEADS, C,
-                                                       E, NVOX)  # fmt: skip
+                                                       E, NVOX, MSPB, MCPP, MHEADS)  # fmt: skip
         first = chunk * WPP  # in the plane
         if phase == 0:
             if RING > 0:  # the solves that read what its region held first (maybe another head's)
-                prev_bh, prev_plane, held = _ring_previous(bh, plane, NPL, RING)
+                prev_bh, prev_plane, held = _ring_previous(bh, plane, NPL, RING, MNPL1)
                 if held:
                     _wait_stage(flag_ptr + 1 + prev_bh * 3 * NPL, NPL, prev_plane, 2, CPP, OFFS,
                                 NOFF)  # the counts follow the ticket counter  # fmt: skip
             if TILE:  # the ticket's windows as one tile (kernels/_window3_tile.py)
                 _parts_tile(x_ptr + offset, g0_ptr, first, plane, bh, kpart_ptr,
-                            hpart_ptr, NWIN, NPLANE, NPL, E, NVOX, S1, S2, NW1, NW2, SHIFTS,
-                            NSHIFT, WPP, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, TD0, TD1, TD2,
-                            ROWS0, RING, MERGE)  # fmt: skip
+                            hpart_ptr, NWIN, NPLANE, NPL, E, NVOX, S1, S2, NW1, NW2, MW2, MW12,
+                            SHIFTS, NSHIFT, WPP, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, TD0,
+                            TD1, TD2, ROWS0, RING, MERGE)  # fmt: skip
             elif MERGE:  # neighbours' parts merged (kernels/_window3_parts.py)
                 _parts_chunk_merged(x_ptr + offset, rowmask, e, emask, first, plane, bh, g_all,
                                     member, exists, kpart_ptr, hpart_ptr, NWIN, NPLANE, NPL, E,
-                                    NVOX, S1, S2, NW1, NW2, NSHIFT, WPP, P0, P1, P2, BP0, BP1,
-                                    BP2, BLOCK_E, NSB, ACC, D0, D1, D2, NPB, RING)  # fmt: skip
+                                    NVOX, S1, S2, NW1, NW2, MW2, MW12, NSHIFT, WPP, P0, P1, P2,
+                                    BP0, BP1, BP2, BLOCK_E, NSB, ACC, D0, D1, D2, NPB,
+                                    RING)  # fmt: skip
             else:
                 for j in range(0, WPP):
                     if first + j < NPLANE:
-                        w = plane * NPLANE + first + j
-                        _parts_window(x_ptr + offset, rowmask, e, emask, w,
-                                      _part_slot(bh, w, NWIN, NPLANE, NPL, NSHIFT, RING), g_all,
+                        _parts_window(x_ptr + offset, rowmask, e, emask,
+                                      plane * NPLANE + first + j,
+                                      _part_slot(bh, plane, first + j, NWIN, NPLANE, NPL, NSHIFT,
+                                                 RING), g_all,
                                       member, exists, kpart_ptr, hpart_ptr, E, NVOX, S1, S2, NW1,
                                       NW2, SHIFTS, NSHIFT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E,
-                                      NSB, G0, G1, G2, MU, ACC, DOT, D0, D1, D2, NPB)  # fmt: skip
+                                      NSB, G0, G1, G2, MU, ACC, DOT, D0, D1, D2, NPB, MW2,
+                                      MW12)  # fmt: skip
         elif phase == 1:
             _wait_stage(flags, NPL, plane, 1, CPP, OFFS, NOFF)
             _solve_batch(kpart_ptr, hpart_ptr, u_ptr, hsave_ptr, kmat_ptr, bh, first, plane, E,
-                         NWIN, ITERS, NW0, NW1, NW2, NPLANE, NPL, SHIFTS, NSHIFT, SPLITS, WPP, NSB,
-                         BLOCK_E, SAVE, ACC, RING, MERGE)  # fmt: skip
+                         NWIN, ITERS, NW0, NW1, NW2, MW2, MW12, NPLANE, NPL, SHIFTS, NSHIFT,
+                         SPLITS, WPP, NSB, BLOCK_E, SAVE, ACC, RING, MERGE)  # fmt: skip
         else:
             _wait_stage(flags, NPL, plane, 2, CPP, OFFS, NOFF)
             if OTILE:  # the ticket's windows as tiles (kernels/_window3_out_tile.py)
                 _apply_fwd_tile(x_ptr + offset, y_ptr + offset, first, plane, NPLANE, bh, u_ptr,
-                                E, NWIN, NVOX, S1, S2, NW0, NW1, NW2, SHIFTS, NSHIFT, WPP, P0,
-                                P1, P2, BP0, BP1, BP2, BLOCK_E, R2, WT, EAX)  # fmt: skip
+                                E, NWIN, NVOX, S1, S2, NW0, NW1, NW2, MW2, MW12, SHIFTS, NSHIFT,
+                                WPP, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, R2, WT, EAX)  # fmt: skip
             elif TILE and ROWS0:  # the output pass a function of its own (``_apply_chunk_fwd``)
                 _apply_chunk_fwd(x_ptr + offset, y_ptr + offset, rowmask_ptr, g0_ptr, first,
                                  plane, NPLANE, bh, u_ptr, E, NWIN, NVOX, S1, S2, NW0, NW1, NW2,
-                                 SHIFTS, NSHIFT, WPP, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB,
-                                 G0, G1, G2, MU, ACC)  # fmt: skip
+                                 MW2, MW12, SHIFTS, NSHIFT, WPP, P0, P1, P2, BP0, BP1, BP2,
+                                 BLOCK_E, NSB, G0, G1, G2, MU, ACC)  # fmt: skip
             else:
                 for j in range(0, WPP):
                     if first + j < NPLANE:
@@ -233,7 +239,7 @@ def _fused_kernel(
                                       plane * NPLANE + first + j, bh, g_all, u_ptr, E, NWIN,
                                       NVOX, S1, S2, NW0, NW1, NW2, SHIFTS, NSHIFT, P0, P1, P2,
                                       BP0, BP1, BP2, BLOCK_E, NSB, G0, G1, G2, MU, ACC,
-                                      True)  # CG  # fmt: skip
+                                      True, MW2, MW12)  # CG  # fmt: skip
         _count_done(flags, phase, plane, NPL)
         t = tl.atomic_add(flag_ptr, 1)
 
@@ -255,7 +261,7 @@ def _fused_forward(x, g0, rowmask, geo: _Geometry2, plan, iters: int, mu: bool, 
     _fused_kernel[pipe.grid](
         x, y, g0, rowmask, kpart, hpart, u, h, kmat, *pipe.args(),
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, iters, geo.S[1], geo.S[2], *geo.NW,
-        **geo.consts(), **pipe.block(geo), MU=mu, ACC=acc, **dot, SAVE=save,
+        **pipe.magic(geo), **geo.consts(), **pipe.block(geo), MU=mu, ACC=acc, **dot, SAVE=save,
         MERGE=pipe.merges(dot["DOT"]), **tiles,
         **pipe.launch(share_cap=not (tiles["TILE"] or tiles["OTILE"])),
     )  # fmt: skip

@@ -33,6 +33,7 @@ wn3 = importlib.import_module("fastnmf.kernels.window_nmf3")
 bwd3 = importlib.import_module("fastnmf.kernels._window3_bwd")
 sched = importlib.import_module("fastnmf.kernels._window3_sched")
 common = importlib.import_module("fastnmf.kernels._window2_common")
+magic = importlib.import_module("fastnmf.kernels._fastdiv").magic
 _stage = sched._stage
 _ring_region = sched._ring_region
 _ring_previous = sched._ring_previous
@@ -232,12 +233,12 @@ def test_merge_only_where_it_merges_by_place(monkeypatch):
 
 
 @triton.jit
-def _ring_kernel(out_ptr, NPL, BH, RING: tl.constexpr, N: tl.constexpr):
+def _ring_kernel(out_ptr, NPL, BH, MNPL1, RING: tl.constexpr, N: tl.constexpr):
     i = tl.arange(0, N)  # (head, plane) = divmod(i, NPL)
     bh = i // NPL
     plane = i % NPL
     m = i < BH * NPL
-    prev_bh, prev_plane, held = _ring_previous(bh, plane, NPL, RING)
+    prev_bh, prev_plane, held = _ring_previous(bh, plane, NPL, RING, MNPL1)
     tl.store(out_ptr + 4 * i, _ring_region(bh, plane, NPL, RING), mask=m)
     tl.store(out_ptr + 4 * i + 1, held.to(tl.int32), mask=m)
     tl.store(out_ptr + 4 * i + 2, prev_bh, mask=m)
@@ -253,7 +254,7 @@ def test_ring_regions_of_all_heads(npl, heads, ring):
     kernels wait for exactly those solves, so the order holds on a GPU too)."""
     n = triton.next_power_of_2(heads * npl)
     out = torch.full((4 * n,), -7, dtype=torch.int32)
-    _ring_kernel[(1,)](out, npl, heads, RING=ring, N=n)
+    _ring_kernel[(1,)](out, npl, heads, magic(max(npl - 1, 1)), RING=ring, N=n)
     rows = out[: 4 * heads * npl].view(heads, npl, 4).tolist()
     order = [(bh, st) for bh in range(heads) for st in sched._schedule(npl)]
     readers = {p: [] for p in range(npl)}

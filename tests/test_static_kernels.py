@@ -96,6 +96,21 @@ def test_every_kernel_compiles_for_sm90a_without_spills(report, module, name):
 
 
 @needs_ptxas
+@pytest.mark.parametrize("name", ["_fused_kernel", "_fused_bwd_kernel"])
+def test_design3_kernels_divide_by_no_run_time_value(report, name):
+    """Issue 16: no integer division in the third design's loops. Its run-time divisors (grid,
+    plane, ticket sizes) come as magic numbers (kernels/_fastdiv.py): no division sequence in the
+    SASS (``I2F.RP``) and no div/rem in the PTX, in every case the coverage suite compiles."""
+    rows = [r for r in report["launches"] if r["kernel"] == name]
+    assert rows, f"{name} was never launched by the coverage cases"
+    for r in rows:
+        assert (r["int_div_seqs"], r["ptx_int_div"]) == (0, 0), (
+            f"{name} ({r['case']}, {r['pass']}, {r['constexprs']}): {r['int_div_seqs']} division "
+            f"sequences in the SASS, {r['ptx_int_div']} div/rem in the PTX"
+        )
+
+
+@needs_ptxas
 def test_report_rows_hold_the_launch_configuration(report):
     launches, calls = report["launches"], report["calls"]
     assert len(KERNELS) >= 10 and {(r["module"], r["kernel"]) for r in launches} == set(KERNELS)
