@@ -48,7 +48,8 @@ KNOWN_SPILLS_TRITON36 = {
     ("fastnmf.kernels.window_nmf2", "_parts_kernel"):
         "design 2, [None, 4] fp32 forward (8 warps): 80 registers, 12 B + 12 B",
     ("fastnmf.kernels._window3_bwd", "_fused_bwd_kernel"):
-        "design 3, [None, 2, 4, 6] fp32 backward (16 warps): 128 registers, 4 B + 4 B (README)",
+        "design 3 backward (16 warps; bench/results/static_designs_triton36: 16 B fp32 [None] "
+        "and [None, 2, 4, 6], 24 B bf16 [None]; README)",
 }  # fmt: skip
 if triton.__version__.split(".")[:2] == ["3", "6"]:
     KNOWN_SPILLS = {**KNOWN_SPILLS, **KNOWN_SPILLS_TRITON36}
