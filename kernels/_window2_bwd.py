@@ -64,12 +64,12 @@ def _load_window_dy(x_base, dy_base, rowmask, e, emask, w, NVOX, S1, S2, NW1, NW
                     NSHIFT: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
                     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
                     BLOCK_E: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr, G2: tl.constexpr,
-                    ACC: tl.constexpr, MW2=None, MW12=None):  # fmt: skip
+                    ACC: tl.constexpr, MW2=None, W0=None):  # fmt: skip
     """:func:`_load_window` of x, and dY_s = dy / n_shifts at the same offsets; x and dY_s also
     as sub-box views (BLOCK_E, BP0 // G0, G0, BP1 // G1, G1, BP2 // G2, G2)."""
     w0, w1, w2, offs, mask, x = _load_window(x_base, rowmask, e, emask, w, NVOX, S1, S2, NW1, NW2,
                                              P0, P1, P2, BP0, BP1, BP2, ACC, MW2,
-                                             MW12)  # fmt: skip
+                                             W0)  # fmt: skip
     dy = tl.load(dy_base + offs, mask=mask, other=0).to(ACC) / NSHIFT  # dY_s
     x7 = _to_sub(x, BLOCK_E, BP0, BP1, BP2, G0, G1, G2)  # (E, A0, G0, A1, G1, A2, G2)
     dy7 = _to_sub(dy, BLOCK_E, BP0, BP1, BP2, G0, G1, G2)
@@ -107,13 +107,13 @@ def _parts_bwd_window(
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
     BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
-    G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, MW2=None, MW12=None,
+    G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, MW2=None, W0=None,
 ):  # fmt: skip
     """The backward parts pass on unshifted window w of head bh (see :func:`_parts_bwd_kernel`;
-    MW2, MW12: ``_window_origin``)."""
+    MW2, W0: ``_window_origin``)."""
     w0, w1, w2, _, _, _, x7, dy7 = _load_window_dy(
         x_base, dy_base, rowmask, e, emask, w, NVOX, S1, S2, NW1, NW2,
-        NSHIFT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, G0, G1, G2, ACC, MW2, MW12)  # fmt: skip
+        NSHIFT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, G0, G1, G2, ACC, MW2, W0)  # fmt: skip
     slot = (bh * NWIN + w) * (NSHIFT * 8)
     for k in tl.static_range(NSHIFT):
         uu = _shift_vectors(hats_ptr + (ITERS - 1) * E, ITERS * E, e, emask, bh, w0, w1, w2,
@@ -185,15 +185,15 @@ def _apply_bwd_window(
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
     BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
     G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, CG: tl.constexpr = False,
-    MW2=None, MW12=None,
+    MW2=None, W0=None,
 ):  # fmt: skip
     """The backward output pass on unshifted window w of head bh (see
-    :func:`_apply_bwd_kernel2`; CG: load S and h̄ past L1, ``.cg``; MW2, MW12:
+    :func:`_apply_bwd_kernel2`; CG: load S and h̄ past L1, ``.cg``; MW2, W0:
     ``_window_origin``)."""
     e7 = e[:, None, None, None, None, None, None]
     w0, w1, w2, offs, mask, x, x7, dy7 = _load_window_dy(
         x_base, dy_base, rowmask, e, emask, w, NVOX, S1, S2, NW1, NW2,
-        NSHIFT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, G0, G1, G2, ACC, MW2, MW12)  # fmt: skip
+        NSHIFT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, G0, G1, G2, ACC, MW2, W0)  # fmt: skip
     dx = tl.zeros((BLOCK_E, BP0 // G0, G0, BP1 // G1, G1, BP2 // G2, G2), dtype=ACC)
     for k in tl.static_range(NSHIFT):
         g = _to_sub(_pick(g_all, k, NSB), 1, BP0, BP1, BP2, G0, G1, G2)

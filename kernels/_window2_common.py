@@ -13,7 +13,7 @@ import triton.language as tl
 from fastnmf.layout import padded_shift_table
 
 from ._common import WindowSizes
-from ._fastdiv import _fdiv, _fdivmod
+from ._fastdiv import _fdivmod
 
 
 @triton.jit
@@ -26,18 +26,26 @@ def _block_coords(BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr):
 
 
 @triton.jit
-def _window_origin(w, NW1, NW2, MW2=None, MW12=None):
-    """Grid coordinates of flat window w; with the magic numbers of NW2 and NW1 * NW2
-    (kernels/_fastdiv.py: the third design passes them) no division."""
+def _window_origin(w, NW1, NW2, MW2=None, W0=None):
+    """Grid coordinates of flat window w; given the magic number of NW2 (kernels/_fastdiv.py)
+    and w's coordinate W0 along axis 0 (the third design: the window's plane where the planes lie
+    along axis 0, else 0: :func:`_plane_w0`) no division."""
     if MW2 is None:
         w2 = w % NW2
         w1 = (w // NW2) % NW1
         w0 = w // (NW1 * NW2)
     else:
         q, w2 = _fdivmod(w, NW2, MW2)
-        w0 = _fdiv(w, MW12)
+        w0 = W0
         w1 = q - w0 * NW1
     return w0, w1, w2
+
+
+@triton.jit
+def _plane_w0(plane, NW0):
+    """The coordinate along axis 0 of every window of plane ``plane`` (the third design's planes
+    lie along the first axis with more than one window): the plane itself, or 0 where NW0 = 1."""
+    return tl.where(NW0 > 1, plane, 0)
 
 
 @triton.jit
@@ -69,11 +77,11 @@ def _pass_rows(rowmask_ptr, C, E: tl.constexpr, HEADS, NVOX, BLOCK_E: tl.constex
 def _load_window(x_base, rowmask, e, emask, w, NVOX, S1, S2, NW1, NW2,
                  P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
                  BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
-                 ACC: tl.constexpr, MW2=None, MW12=None):  # fmt: skip
+                 ACC: tl.constexpr, MW2=None, W0=None):  # fmt: skip
     """Unshifted window w of the head at x_base: its grid coordinates (w0, w1, w2), the offsets
     and mask of :func:`_window_offsets`, and x (BLOCK_E, BP0, BP1, BP2) after ReLU and the row
-    mask, in ACC (MW2, MW12: :func:`_window_origin`)."""
-    w0, w1, w2 = _window_origin(w, NW1, NW2, MW2, MW12)
+    mask, in ACC (MW2, W0: :func:`_window_origin`)."""
+    w0, w1, w2 = _window_origin(w, NW1, NW2, MW2, W0)
     offs, mask = _window_offsets(e, emask, w0, w1, w2, NVOX, S1, S2, P0, P1, P2, BP0, BP1, BP2)
     x = tl.load(x_base + offs, mask=mask, other=0).to(ACC)
     x = tl.maximum(x, 0) * rowmask[:, None, None, None]  # (BLOCK_E, BP0, BP1, BP2)

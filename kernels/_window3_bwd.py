@@ -24,7 +24,7 @@ import triton.language as tl
 
 from ._common import acc_dtype
 from ._window2_bwd import _apply_bwd_window, _parts_bwd_window
-from ._window2_common import _Geometry2, _lanes_rowmask_g
+from ._window2_common import _Geometry2, _lanes_rowmask_g, _plane_w0
 from ._window3_bwd_parts_tile import _parts_bwd_tile, bwd_parts_plan
 from ._window3_bwd_tile import _apply_tile, bwd_tile_plan
 from ._window3_sched import (
@@ -44,19 +44,31 @@ __all__ = ["backward3"]
 # once and holds them (T - 1 products of K and a vector, not T (T - 1) / 2 recomputing them): a
 # thread holds about 4 values an iterate (its rows, columns and norm; sm_90a, 16 warps, 16 rows)
 _HELD_ITERS = tl.constexpr(8)
+# Triton before 3.7 (3.6: the GPU machine's; its ptxas 12.8) compiles the one-shift backward at 64
+# registers and spills (sm_90a, 16 warps, [None]: fp32 48 B, bf16 0-24 B); at the register cap of
+# a thread's share (128) nothing. With more shifts, or with Triton 3.9, the cap spills more (3.6
+# [None, 2, 4, 6]: 88 B fp32, 140 B bf16; 3.9: 24-144 B): bench/results/static_designs/
+_CAP_ONE_SHIFT = tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 7)
+
+
+def share_cap(nshift: int) -> bool:
+    """Whether the backward launches at ptxas's register cap of a thread's share
+    (``Pipeline.launch``): only with one shift and a Triton before 3.7 (``_CAP_ONE_SHIFT``)."""
+    return _CAP_ONE_SHIFT and nshift == 1
 
 
 @triton.jit(noinline=True)
 def _solve_chunk(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh, first, plane, NPLANE,
                  flags, flag_ptr, NPL, E: tl.constexpr, NWIN, ITERS: tl.constexpr, NW0, NW1, NW2,
-                 MW2, MW12, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, SPLITS: tl.constexpr,
+                 MW2, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, SPLITS: tl.constexpr,
                  NB: tl.constexpr, NSB: tl.constexpr, BLOCK_E: tl.constexpr,
                  ACC: tl.constexpr):  # fmt: skip
     """The backward solves of one ticket (WPP shifted windows of a plane from ``first``);
     counts the chunk done and returns the next ticket (as the other passes: ``_fused_bwd_kernel``
     says why)."""
+    W0 = _plane_w0(plane, NW0)  # the windows' coordinate along axis 0
     _solve_bwd_batch(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh, first, plane,
-                     NPLANE, E, NWIN, ITERS, NW0, NW1, NW2, MW2, MW12, SHIFTS, NSHIFT, SPLITS,
+                     NPLANE, E, NWIN, ITERS, NW0, NW1, NW2, MW2, W0, SHIFTS, NSHIFT, SPLITS,
                      NB, NSB, BLOCK_E, ACC)  # fmt: skip
     _count_done(flags, 1, plane, NPL)
     return tl.atomic_add(flag_ptr, 1)  # the next ticket
@@ -105,7 +117,7 @@ def _step_back(a_hat, norm, grad):
 @triton.jit
 def _solve_bwd_batch(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh, first, plane,
                      NPLANE, E: tl.constexpr, NWIN, ITERS: tl.constexpr, NW0, NW1, NW2, MW2,
-                     MW12, SHIFTS: tl.constexpr,
+                     W0, SHIFTS: tl.constexpr,
                      NSHIFT: tl.constexpr, SPLITS: tl.constexpr, NB: tl.constexpr,
                      NSB: tl.constexpr,
                      BLOCK_E: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
@@ -125,7 +137,7 @@ def _solve_bwd_batch(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh, firs
     # ū, its parts flat (no ring: the plane size and count, NB and 1 here, are unused)
     _, grad = _sum_parts_rows(gpart_ptr, gpart_ptr, bh, om, ok, k, NWIN, NW0, NW1, NW2, NB, 1,
                               SHIFTS, NSHIFT, SPLITS, E, NSB * NB, BLOCK_E, ACC, False,
-                              0, False, 1, MW2, MW12)  # fmt: skip
+                              0, False, 1, MW2, W0)  # fmt: skip
     grad = grad[:, None, :]
     prog = (bh * NSHIFT + k) * NWIN + om
     prog3 = prog[:, None, None]
@@ -166,7 +178,7 @@ def _solve_bwd_batch(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh, firs
 @triton.jit(noinline=True)
 def _apply_chunk(x_ptr, dy_ptr, dx_ptr, rowmask_ptr, g0_ptr, first, plane, NPLANE, bh, u_ptr,
                  sym_ptr, hbar_ptr, flags, flag_ptr, NPL, E: tl.constexpr, NWIN, NVOX, ITERS,
-                 S1, S2, NW0, NW1, NW2, MW2, MW12,
+                 S1, S2, NW0, NW1, NW2, MW2,
                  SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr,
                  P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
                  BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
@@ -176,9 +188,10 @@ def _apply_chunk(x_ptr, dy_ptr, dx_ptr, rowmask_ptr, g0_ptr, first, plane, NPLAN
     """The output passes of one ticket (the windows of a plane from ``first``): as one tile
     (BTILE, kernels/_window3_bwd_tile.py) or window by window, g0 under every shift loaded once
     a ticket (from L1: 2 KB a shift in fp32)."""
+    W0 = _plane_w0(plane, NW0)  # the windows' coordinate along axis 0
     if BTILE:
         _apply_tile(x_ptr, dy_ptr, dx_ptr, g0_ptr, first, plane, NPLANE, bh, u_ptr, sym_ptr,
-                    hbar_ptr, E, NWIN, NVOX, S1, S2, NW0, NW1, NW2, MW2, MW12, SHIFTS, NSHIFT,
+                    hbar_ptr, E, NWIN, NVOX, S1, S2, NW0, NW1, NW2, MW2, W0, SHIFTS, NSHIFT,
                     WPP, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, R2, WT, EAX)  # fmt: skip
     else:
         e, emask, rowmask, g_all = _lanes_rowmask_g(rowmask_ptr, g0_ptr, E, SHIFTS, NSHIFT, P0,
@@ -187,15 +200,17 @@ def _apply_chunk(x_ptr, dy_ptr, dx_ptr, rowmask_ptr, g0_ptr, first, plane, NPLAN
         for j in range(0, WPP):
             if first + j < NPLANE:
                 w = plane * NPLANE + first + j
-                # w < NWIN always holds, but the compiler cannot tell: bh and g0 pass through a
-                # select on it, so what depends on them is computed per window, not hoisted out
-                # of this loop (Triton 3.6, sm_90a, bf16 [None, 2, 4, 6]: 72 spill bytes hoisted)
+                # w < NWIN always holds, but the compiler cannot tell: bh, g0 and NW2's magic
+                # number pass through a select on it, so what depends on them is computed per
+                # window, not hoisted out of this loop (Triton 3.6, sm_90a, bf16 [None, 2, 4, 6]:
+                # 72 spill bytes with bh and g0 hoisted, 24 B with the magic number's halves)
                 ok = w < NWIN
                 _apply_bwd_window(x_ptr, dy_ptr, dx_ptr, rowmask, e, emask, w,
                                   tl.where(ok, bh, 0), tl.where(ok, g_all, 0.0), u_ptr, sym_ptr,
                                   hbar_ptr, E, NWIN, NVOX, ITERS, S1, S2, NW0, NW1, NW2, SHIFTS,
                                   NSHIFT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, G0, G1, G2, MU,
-                                  ACC, True, MW2, MW12)  # CG  # fmt: skip
+                                  ACC, True, tl.where(ok, MW2, 0),
+                                  _plane_w0(tl.where(ok, plane, 0), NW0))  # CG  # fmt: skip
     _count_done(flags, 2, plane, NPL)
     return tl.atomic_add(flag_ptr, 1)  # the next ticket
 
@@ -203,7 +218,7 @@ def _apply_chunk(x_ptr, dy_ptr, dx_ptr, rowmask_ptr, g0_ptr, first, plane, NPLAN
 @triton.jit(noinline=True)
 def _parts_chunk(x_ptr, dy_ptr, rowmask_ptr, g0_ptr, first, plane, NPLANE, bh, u_ptr,
                  gpart_ptr, flags, flag_ptr, NPL, E: tl.constexpr, NWIN, NVOX, ITERS, S1, S2,
-                 NW0, NW1, NW2, MW2, MW12,
+                 NW0, NW1, NW2, MW2,
                  SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr,
                  P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
                  BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
@@ -214,9 +229,10 @@ def _parts_chunk(x_ptr, dy_ptr, rowmask_ptr, g0_ptr, first, plane, NPLANE, bh, u
     """The backward parts passes of one ticket: as tiles (PTILE,
     kernels/_window3_bwd_parts_tile.py) or window by window (g0 under every shift only with
     MU)."""
+    W0 = _plane_w0(plane, NW0)  # the windows' coordinate along axis 0
     if PTILE:
         _parts_bwd_tile(x_ptr, dy_ptr, first, plane, NPLANE, bh, u_ptr, gpart_ptr, E, NWIN, NVOX,
-                        S1, S2, NW0, NW1, NW2, MW2, MW12, SHIFTS, NSHIFT, WPP, P0, P1, P2, BP0,
+                        S1, S2, NW0, NW1, NW2, MW2, W0, SHIFTS, NSHIFT, WPP, P0, P1, P2, BP0,
                         BP1, BP2, BLOCK_E, NSB, PD0, PD1, PD2, PROWS0, PWT)  # fmt: skip
     else:
         e, emask, rowmask, g_all = _lanes_rowmask_g(rowmask_ptr, g0_ptr, E, SHIFTS, NSHIFT, P0,
@@ -228,7 +244,7 @@ def _parts_chunk(x_ptr, dy_ptr, rowmask_ptr, g0_ptr, first, plane, NPLANE, bh, u
                                   plane * NPLANE + first + j, bh, g_all, u_ptr, gpart_ptr,
                                   E, NWIN, NVOX, ITERS, S1, S2, NW0, NW1, NW2, SHIFTS, NSHIFT,
                                   P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, G0, G1, G2, MU,
-                                  ACC, MW2, MW12)  # fmt: skip
+                                  ACC, MW2, W0)  # fmt: skip
     _count_done(flags, 0, plane, NPL)
     return tl.atomic_add(flag_ptr, 1)  # the next ticket
 
@@ -238,7 +254,7 @@ def _fused_bwd_kernel(
     x_ptr, dy_ptr, dx_ptr, g0_ptr, rowmask_ptr, u_ptr, hsave_ptr, kmat_ptr, gpart_ptr,
     sym_ptr, hbar_ptr, flag_ptr, NTICKET, SPB, CPP, NPLANE, NPL,
     C, E: tl.constexpr, HEADS, NWIN, NVOX, ITERS: tl.constexpr, S1, S2, NW0, NW1, NW2,
-    MSPB, MCPP, MHEADS, MNPL1, MW2, MW12,
+    MSPB, MCPP, MHEADS, MNPL1, MW2,
     SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr,
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
@@ -266,20 +282,20 @@ def _fused_bwd_kernel(
         if phase == 0:
             t = _parts_chunk(x_ptr + offset, dy_ptr + offset, rowmask_ptr, g0_ptr, first, plane,
                              NPLANE, bh, u_ptr, gpart_ptr, flags, flag_ptr, NPL, E, NWIN, NVOX, 1,
-                             S1, S2, NW0, NW1, NW2, MW2, MW12, SHIFTS, NSHIFT, WPP, P0, P1, P2,
+                             S1, S2, NW0, NW1, NW2, MW2, SHIFTS, NSHIFT, WPP, P0, P1, P2,
                              BP0, BP1, BP2, BLOCK_E, NSB, G0, G1, G2, MU, ACC, PTILE, PD0, PD1,
                              PD2, PROWS0, PWT)  # fmt: skip
         elif phase == 1:
             _wait_stage(flags, NPL, plane, 1, CPP, OFFS, NOFF)
             t = _solve_chunk(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh, first,
                              plane, NPLANE, flags, flag_ptr, NPL, E, NWIN, ITERS, NW0, NW1, NW2,
-                             MW2, MW12, SHIFTS, NSHIFT, SPLITS, WPP, NSB, BLOCK_E,
+                             MW2, SHIFTS, NSHIFT, SPLITS, WPP, NSB, BLOCK_E,
                              ACC)  # fmt: skip
         else:
             _wait_stage(flags, NPL, plane, 2, CPP, OFFS, NOFF)
             t = _apply_chunk(x_ptr + offset, dy_ptr + offset, dx_ptr + offset, rowmask_ptr,
                              g0_ptr, first, plane, NPLANE, bh, u_ptr, sym_ptr, hbar_ptr, flags,
-                             flag_ptr, NPL, E, NWIN, NVOX, 1, S1, S2, NW0, NW1, NW2, MW2, MW12,
+                             flag_ptr, NPL, E, NWIN, NVOX, 1, S1, S2, NW0, NW1, NW2, MW2,
                              SHIFTS, NSHIFT, WPP, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, G0, G1,
                              G2, MU, ACC, BTILE, R2, WT, EAX)  # fmt: skip
 
@@ -300,7 +316,8 @@ def backward3(x, g0, rowmask, u, h, kmat, dy, geo: _Geometry2, plan, iters: int,
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, iters, geo.S[1], geo.S[2], *geo.NW,
         **pipe.magic(geo), **geo.consts(), **pipe.block(geo), MU=mu, ACC=acc_dtype(x.dtype),
         **bwd_tile_plan(geo, mu, x.dtype, pipe.wpp, pipe.warps()),
-        **bwd_parts_plan(geo, mu, x.dtype, pipe.wpp, pipe.warps()), **pipe.launch(share_cap=False),
+        **bwd_parts_plan(geo, mu, x.dtype, pipe.wpp, pipe.warps()),
+        **pipe.launch(share_cap=share_cap(geo.nshift)),
     )  # fmt: skip
     return dx
 

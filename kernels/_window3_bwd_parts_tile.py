@@ -35,7 +35,7 @@ __all__ = ["bwd_parts_plan"]
 @triton.jit
 def _parts_bwd_tile(
     x_base, dy_base, first, plane, NPLANE, bh, u_ptr, gpart_ptr, E: tl.constexpr, NWIN, NVOX,
-    S1, S2, NW0, NW1, NW2, MW2, MW12, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, W: tl.constexpr,
+    S1, S2, NW0, NW1, NW2, MW2, W0, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, W: tl.constexpr,
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, BP0: tl.constexpr, BP1: tl.constexpr,
     BP2: tl.constexpr, BLOCK_E: tl.constexpr, NSB: tl.constexpr, D0: tl.constexpr,
     D1: tl.constexpr, D2: tl.constexpr, ROWS0: tl.constexpr, WT: tl.constexpr,
@@ -43,14 +43,14 @@ def _parts_bwd_tile(
     """The backward parts of one ticket's windows as tiles of WT windows (module docstring)."""
     for h in tl.static_range(W // WT):
         _parts_bwd_subtile(x_base, dy_base, first + h * WT, plane, NPLANE, bh, u_ptr, gpart_ptr,
-                           E, NWIN, NVOX, S1, S2, NW0, NW1, NW2, MW2, MW12, SHIFTS, NSHIFT, WT,
+                           E, NWIN, NVOX, S1, S2, NW0, NW1, NW2, MW2, W0, SHIFTS, NSHIFT, WT,
                            P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, D0, D1, D2, ROWS0)  # fmt: skip
 
 
 @triton.jit
 def _parts_bwd_subtile(
     x_base, dy_base, first, plane, NPLANE, bh, u_ptr, gpart_ptr, E: tl.constexpr, NWIN, NVOX,
-    S1, S2, NW0, NW1, NW2, MW2, MW12, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, W: tl.constexpr,
+    S1, S2, NW0, NW1, NW2, MW2, W0, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, W: tl.constexpr,
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, BP0: tl.constexpr, BP1: tl.constexpr,
     BP2: tl.constexpr, BLOCK_E: tl.constexpr, NSB: tl.constexpr, D0: tl.constexpr,
     D1: tl.constexpr, D2: tl.constexpr, ROWS0: tl.constexpr,
@@ -66,7 +66,7 @@ def _parts_bwd_subtile(
     # a window past the plane's end (masked: nothing loaded, nothing stored) takes the plane's
     # last window's u, so that no load leaves u
     v0, v1, v2 = _window_origin(plane * NPLANE + tl.minimum(first + j6, NPLANE - 1), NW1, NW2,
-                                MW2, MW12)
+                                MW2, W0)
     inside = (q0 < P0) & (q1 < P1) & (r2 + g6 < P2)
     voxel = ((v0 * P0 + q0) * S1 + v1 * P1 + q1) * S2 + v2 * P2 + r2 + g6
     offs = c6 * NVOX + voxel

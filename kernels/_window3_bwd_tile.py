@@ -95,7 +95,7 @@ def _axes(n, R2: tl.constexpr, BLOCK_E: tl.constexpr, EAX: tl.constexpr):
 
 
 @triton.jit
-def _run_tile(first, plane, NPLANE, E: tl.constexpr, NVOX, S1, S2, NW1, NW2, MW2, MW12,
+def _run_tile(first, plane, NPLANE, E: tl.constexpr, NVOX, S1, S2, NW1, NW2, MW2, W0,
               W: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
               BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr, BLOCK_E: tl.constexpr,
               R2: tl.constexpr, EAX: tl.constexpr):  # fmt: skip
@@ -113,7 +113,7 @@ def _run_tile(first, plane, NPLANE, E: tl.constexpr, NVOX, S1, S2, NW1, NW2, MW2
     # a window past the plane's end (masked: nothing loaded from x or dy, nothing stored) takes
     # the plane's last window's vectors, so that no load leaves u, S and h-bar
     v0, v1, v2 = _window_origin(plane * NPLANE + tl.minimum(first + jj, NPLANE - 1), NW1, NW2,
-                                MW2, MW12)
+                                MW2, W0)
     inside = (q0 < P0) & (q1 < P1) & (r2 < P2) & (g3 >= 0)  # R2 divides P2
     voxel = ((v0 * P0 + q0) * S1 + v1 * P1 + q1) * S2 + v2 * P2 + r2
     voxel = tl.multiple_of(voxel, [R2] * 3) + g3
@@ -124,7 +124,7 @@ def _run_tile(first, plane, NPLANE, E: tl.constexpr, NVOX, S1, S2, NW1, NW2, MW2
 @triton.jit
 def _apply_tile(
     x_base, dy_base, dx_base, g0_ptr, first, plane, NPLANE, bh, u_ptr, sym_ptr, hbar_ptr,
-    E: tl.constexpr, NWIN, NVOX, S1, S2, NW0, NW1, NW2, MW2, MW12, SHIFTS: tl.constexpr,
+    E: tl.constexpr, NWIN, NVOX, S1, S2, NW0, NW1, NW2, MW2, W0, SHIFTS: tl.constexpr,
     NSHIFT: tl.constexpr, W: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr, BLOCK_E: tl.constexpr,
     R2: tl.constexpr, WT: tl.constexpr, EAX: tl.constexpr,
@@ -132,14 +132,14 @@ def _apply_tile(
     """dX of one ticket's windows as tiles of WT windows (module docstring)."""
     for h in tl.static_range(W // WT):
         _apply_subtile(x_base, dy_base, dx_base, g0_ptr, first + h * WT, plane, NPLANE, bh,
-                       u_ptr, sym_ptr, hbar_ptr, E, NWIN, NVOX, S1, S2, NW0, NW1, NW2, MW2, MW12,
+                       u_ptr, sym_ptr, hbar_ptr, E, NWIN, NVOX, S1, S2, NW0, NW1, NW2, MW2, W0,
                        SHIFTS, NSHIFT, WT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, R2, EAX)  # fmt: skip
 
 
 @triton.jit
 def _apply_subtile(
     x_base, dy_base, dx_base, g0_ptr, first, plane, NPLANE, bh, u_ptr, sym_ptr, hbar_ptr,
-    E: tl.constexpr, NWIN, NVOX, S1, S2, NW0, NW1, NW2, MW2, MW12, SHIFTS: tl.constexpr,
+    E: tl.constexpr, NWIN, NVOX, S1, S2, NW0, NW1, NW2, MW2, W0, SHIFTS: tl.constexpr,
     NSHIFT: tl.constexpr, W: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr, BLOCK_E: tl.constexpr,
     R2: tl.constexpr, EAX: tl.constexpr,
@@ -147,7 +147,7 @@ def _apply_subtile(
     """dX of W windows from ``first`` as one tile: its runs (window, q0, q1, run along axis 2)
     on one axis, the channels on another, a run's R2 voxels on the last."""
     n, c3, g3, q0, q1, r2, v0, v1, v2, inside, ok, offs = _run_tile(
-        first, plane, NPLANE, E, NVOX, S1, S2, NW1, NW2, MW2, MW12, W, P0, P1, P2, BP0, BP1, BP2,
+        first, plane, NPLANE, E, NVOX, S1, S2, NW1, NW2, MW2, W0, W, P0, P1, P2, BP0, BP1, BP2,
         BLOCK_E, R2, EAX)  # fmt: skip
     dy = tl.load(dy_base + offs, mask=ok, other=0).to(tl.float32) / NSHIFT
     dx = tl.zeros(offs.shape, dtype=tl.float32)

@@ -33,7 +33,7 @@ __all__ = ["out_tile_plan"]
 @triton.jit
 def _apply_fwd_tile(
     x_base, y_base, first, plane, NPLANE, bh, u_ptr, E: tl.constexpr, NWIN, NVOX, S1, S2, NW0,
-    NW1, NW2, MW2, MW12, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, W: tl.constexpr,
+    NW1, NW2, MW2, W0, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, W: tl.constexpr,
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, BP0: tl.constexpr, BP1: tl.constexpr,
     BP2: tl.constexpr, BLOCK_E: tl.constexpr, R2: tl.constexpr, WT: tl.constexpr, EAX: tl.constexpr,
 ):  # fmt: skip
@@ -45,38 +45,38 @@ def _apply_fwd_tile(
     for h in tl.static_range(W // WT):
         if NSHIFT > 2:
             _apply_fwd_subtile_call(x_base, y_base, first + h * WT, plane, NPLANE, bh, u_ptr, E,
-                                    NWIN, NVOX, S1, S2, NW0, NW1, NW2, MW2, MW12, SHIFTS, NSHIFT,
+                                    NWIN, NVOX, S1, S2, NW0, NW1, NW2, MW2, W0, SHIFTS, NSHIFT,
                                     WT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, R2, EAX)  # fmt: skip
         else:
             _apply_fwd_subtile(x_base, y_base, first + h * WT, plane, NPLANE, bh, u_ptr, E,
-                               NWIN, NVOX, S1, S2, NW0, NW1, NW2, MW2, MW12, SHIFTS, NSHIFT, WT,
+                               NWIN, NVOX, S1, S2, NW0, NW1, NW2, MW2, W0, SHIFTS, NSHIFT, WT,
                                P0, P1, P2, BP0, BP1, BP2, BLOCK_E, R2, EAX)  # fmt: skip
 
 
 @triton.jit(noinline=True)
 def _apply_fwd_subtile_call(
     x_base, y_base, first, plane, NPLANE, bh, u_ptr, E: tl.constexpr, NWIN, NVOX, S1, S2, NW0,
-    NW1, NW2, MW2, MW12, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, W: tl.constexpr,
+    NW1, NW2, MW2, W0, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, W: tl.constexpr,
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, BP0: tl.constexpr, BP1: tl.constexpr,
     BP2: tl.constexpr, BLOCK_E: tl.constexpr, R2: tl.constexpr, EAX: tl.constexpr,
 ):  # fmt: skip
     """``_apply_fwd_subtile`` as a function of its own (not inlined)."""
     _apply_fwd_subtile(x_base, y_base, first, plane, NPLANE, bh, u_ptr, E, NWIN, NVOX, S1, S2,
-                       NW0, NW1, NW2, MW2, MW12, SHIFTS, NSHIFT, W, P0, P1, P2, BP0, BP1, BP2,
+                       NW0, NW1, NW2, MW2, W0, SHIFTS, NSHIFT, W, P0, P1, P2, BP0, BP1, BP2,
                        BLOCK_E, R2, EAX)  # fmt: skip
 
 
 @triton.jit
 def _apply_fwd_subtile(
     x_base, y_base, first, plane, NPLANE, bh, u_ptr, E: tl.constexpr, NWIN, NVOX, S1, S2, NW0,
-    NW1, NW2, MW2, MW12, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, W: tl.constexpr,
+    NW1, NW2, MW2, W0, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, W: tl.constexpr,
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, BP0: tl.constexpr, BP1: tl.constexpr,
     BP2: tl.constexpr, BLOCK_E: tl.constexpr, R2: tl.constexpr, EAX: tl.constexpr,
 ):  # fmt: skip
     """y of W windows from ``first`` as one tile: its runs (window, q0, q1, run along axis 2) on
     one axis, the channels on another, a run's R2 voxels on the last."""
     _, c3, _, q0, q1, r2, v0, v1, v2, _, ok, offs = _run_tile(
-        first, plane, NPLANE, E, NVOX, S1, S2, NW1, NW2, MW2, MW12, W, P0, P1, P2, BP0, BP1, BP2,
+        first, plane, NPLANE, E, NVOX, S1, S2, NW1, NW2, MW2, W0, W, P0, P1, P2, BP0, BP1, BP2,
         BLOCK_E, R2, EAX)  # fmt: skip
     x = tl.maximum(tl.load(x_base + offs, mask=ok, other=0).to(tl.float32), 0)
     y = tl.zeros(offs.shape, dtype=tl.float32)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._window2_common import _load_window, _tri
+from ._window2_common import _load_window, _plane_w0, _tri
 from ._window3_sched import _merges_next, _part_slot
 from .window_nmf2 import _rows_dot
 
@@ -47,7 +47,7 @@ def _store_merged(ptr, stride, slot, rows, row_ok, t, carry, merge, ex_lo, ex_hi
 @triton.jit
 def _parts_window_merged(
     x_base, rowmask, e, emask, w, slot, g_all, member, exists, kpart_ptr, hpart_ptr,
-    carry_k, carry_h, merge, E: tl.constexpr, NVOX, S1, S2, NW1, NW2, MW2, MW12,
+    carry_k, carry_h, merge, E: tl.constexpr, NVOX, S1, S2, NW1, NW2, MW2, W0,
     NSHIFT: tl.constexpr,
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr, BLOCK_E: tl.constexpr,
@@ -56,10 +56,10 @@ def _parts_window_merged(
     """The second design's ``_parts_window`` (DOT, HALS) on window w with the previous window's
     high parts (carry_k (Gram row chunks, RC BLOCK_E, NPB / 2), carry_h (X g0 shift chunks,
     RC BLOCK_E, NPB / 2), the chunks of ``_parts_dot``) added to its low parts; returns this
-    window's high parts if ``merge`` (w + 1 takes them), else zeros. MW2, MW12: the grid's
+    window's high parts if ``merge`` (w + 1 takes them), else zeros. MW2, W0: the grid's
     magic numbers (``_window_origin``)."""
     _, _, _, _, _, x = _load_window(x_base, rowmask, e, emask, w, NVOX, S1, S2, NW1, NW2,
-                                    P0, P1, P2, BP0, BP1, BP2, ACC, MW2, MW12)  # fmt: skip
+                                    P0, P1, P2, BP0, BP1, BP2, ACC, MW2, W0)  # fmt: skip
     ex_lo, ex_hi = _halves(exists.to(tl.int32), 1, NPB)
     RC: tl.constexpr = max(16 // BLOCK_E, 1)
     NG: tl.constexpr = (E + RC - 1) // RC  # products of Gram rows, then of X g0 rows
@@ -100,19 +100,24 @@ def _no_carry(BLOCK_E: tl.constexpr, NSB: tl.constexpr, NPB: tl.constexpr, ACC: 
 @triton.jit
 def _parts_chunk_merged(
     x_base, rowmask, e, emask, first, plane, bh, g_all, member, exists, kpart_ptr, hpart_ptr,
-    NWIN, NPLANE, NPL, E: tl.constexpr, NVOX, S1, S2, NW1, NW2, MW2, MW12,
+    NWIN, NPLANE, NPL, E: tl.constexpr, NVOX, S1, S2, NW0, NW1, NW2, MW2,
     NSHIFT: tl.constexpr, WPP: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr,
     P2: tl.constexpr, BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
     BLOCK_E: tl.constexpr, NSB: tl.constexpr, ACC: tl.constexpr, D0: tl.constexpr,
     D1: tl.constexpr, D2: tl.constexpr, NPB: tl.constexpr, RING: tl.constexpr,
 ):  # fmt: skip
-    """The parts pass of one ticket (the windows of a plane from ``first``), neighbours merged."""
+    """The parts pass of one ticket (the windows of a plane from ``first``), neighbours merged.
+    A window's coordinate along axis 0 (``_plane_w0``) is made per window from a select the
+    compiler cannot fold (w < NWIN holds), not held through the ticket: held, the fused forward
+    spilled 8 B (sm_90a, Triton 3.9, [None, 2, 4, 6])."""
     carry_k, carry_h = _no_carry(BLOCK_E, NSB, NPB, ACC)
     for j in range(0, WPP):
         if first + j < NPLANE:
+            w = plane * NPLANE + first + j
             carry_k, carry_h = _parts_window_merged(
-                x_base, rowmask, e, emask, plane * NPLANE + first + j,
+                x_base, rowmask, e, emask, w,
                 _part_slot(bh, plane, first + j, NWIN, NPLANE, NPL, NSHIFT, RING),
                 g_all, member, exists, kpart_ptr, hpart_ptr, carry_k, carry_h,
-                _merges_next(first + j, WPP), E, NVOX, S1, S2, NW1, NW2, MW2, MW12, NSHIFT,
+                _merges_next(first + j, WPP), E, NVOX, S1, S2, NW1, NW2, MW2,
+                _plane_w0(tl.where(w < NWIN, plane, 0), NW0), NSHIFT,
                 P0, P1, P2, BP0, BP1, BP2, BLOCK_E, ACC, D0, D1, D2, NPB)

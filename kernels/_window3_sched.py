@@ -47,7 +47,7 @@ TUNING: dict = {"programs_per_sm": None, "warps": None, "wpp": None, "ring": Non
 _PROGRAMS_PER_SM = 1
 # the persistent kernels' magic-number arguments (``Pipeline.magic``; kernels/_fastdiv.py), not
 # specialised: no value recompiles a kernel
-_MAGIC_ARGS = ("MSPB", "MCPP", "MHEADS", "MNPL1", "MW2", "MW12")
+_MAGIC_ARGS = ("MSPB", "MCPP", "MHEADS", "MNPL1", "MW2")
 _WARPS = 16
 # an SM's 32-bit registers over the 32 lanes of a warp (sm_80 and sm_90: 65,536), and the most
 # ptxas gives a thread
@@ -373,7 +373,7 @@ def _sum_parts_rows(vpart_ptr, kpart_ptr, bh, om, ok, k, NWIN, NW0, NW1, NW2, NP
                     E: tl.constexpr,
                     NR: tl.constexpr, BLOCK_E: tl.constexpr, ACC: tl.constexpr,
                     WITH_K: tl.constexpr, RING: tl.constexpr, MERGE: tl.constexpr = False,
-                    WPP: tl.constexpr = 1, MW2=None, MW12=None):  # fmt: skip
+                    WPP: tl.constexpr = 1, MW2=None, W0=None):  # fmt: skip
     """``_sum_parts`` of the second design for the rows (k, om, ok) (NR,) of :func:`_solve_rows`,
     every shift's at once: (K (NR, BLOCK_E, BLOCK_E), vector (NR, BLOCK_E)) summed over the
     parts b of each row (along the axes some shift splits: SPLITS), a part read only where the
@@ -389,7 +389,7 @@ def _sum_parts_rows(vpart_ptr, kpart_ptr, bh, om, ok, k, NWIN, NW0, NW1, NW2, NP
     j3 = e[None, None, :]
     m3 = ok[:, None, None] & (i3 < E) & (j3 < E)
     m2 = ok[:, None] & (e[None, :] < E)
-    o0, o1, o2 = _window_origin(om, NW1, NW2, MW2, MW12)
+    o0, o1, o2 = _window_origin(om, NW1, NW2, MW2, W0)
     k_up = tl.zeros((NR, BLOCK_E, BLOCK_E), dtype=ACC)
     vec = tl.zeros((NR, BLOCK_E), dtype=ACC)
     for b2 in tl.static_range(2 if SPLITS[2] else 1):
@@ -447,11 +447,10 @@ class Pipeline:
 
     def magic(self, geo) -> dict:
         """The magic numbers of the kernels' run-time divisors (kernels/_fastdiv.py): tickets a
-        batch*head (SPB), chunks a stage (CPP), heads, max(planes - 1, 1), and
-        the grid's NW2 and NW1 NW2 (``_window_origin``)."""
+        batch*head (SPB), chunks a stage (CPP), heads, max(planes - 1, 1), and the grid's
+        NW2 (``_window_origin``)."""
         return magics(SPB=self.stages * self.cpp, CPP=self.cpp, HEADS=geo.heads,
-                      NPL1=max(self.npl - 1, 1), W2=geo.NW[2],
-                      W12=geo.NW[1] * geo.NW[2])  # fmt: skip
+                      NPL1=max(self.npl - 1, 1), W2=geo.NW[2])  # fmt: skip
 
     def merges(self, dot: bool) -> bool:
         """Whether the forward's parts pass merges neighbours' parts (:func:`merge_on`)."""

@@ -121,7 +121,7 @@ def _tile_parts_store(z, member, ptr, stride, row, row_ok, slot, j, KSEL,
 @triton.jit
 def _parts_tile(
     x_base, g0_ptr, first, plane, bh, kpart_ptr, hpart_ptr, NWIN, NPLANE, NPL,
-    E: tl.constexpr, NVOX, S1, S2, NW1, NW2, MW2, MW12, SHIFTS: tl.constexpr,
+    E: tl.constexpr, NVOX, S1, S2, NW1, NW2, MW2, W0, SHIFTS: tl.constexpr,
     NSHIFT: tl.constexpr,
     W: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, BP0: tl.constexpr,
     BP1: tl.constexpr, BP2: tl.constexpr, BLOCK_E: tl.constexpr, NSB: tl.constexpr,
@@ -143,7 +143,7 @@ def _parts_tile(
     q1 = tl.arange(0, BP1)[None, None, None, :, None, None]
     q2 = (tl.arange(0, BP2 // V)[:, None] * V + tl.arange(0, V)[None, :])[None, None, None, None]
     inside = (q0 < P0) & (q1 < P1) & (q2 < P2)
-    w0, w1, w2 = _window_origin(plane * NPLANE + first + j5, NW1, NW2, MW2, MW12)
+    w0, w1, w2 = _window_origin(plane * NPLANE + first + j5, NW1, NW2, MW2, W0)
     c6 = tl.arange(0, H)[:, None, None, None, None, None]
     voxel = ((w0 * P0 + q0) * S1 + w1 * P1 + q1) * S2 + w2 * P2 + q2
     ok = inside & (first + j5 < NPLANE)

@@ -139,14 +139,14 @@ def _parts_window(
     BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
     G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, NPB: tl.constexpr,
-    MW2=None, MW12=None,
+    MW2=None, W0=None,
 ):  # fmt: skip
     """The parts pass on unshifted window w (x_base: the head's first element): every shift's
     part sums of X g0_s and of X X^T's upper triangle (see :func:`_parts_kernel`), stored at part
-    slots slot + k * 8 + b (MW2, MW12: ``_window_origin``)."""
+    slots slot + k * 8 + b (MW2, W0: ``_window_origin``)."""
     e4 = e[:, None, None, None]
     _, _, _, _, _, x = _load_window(x_base, rowmask, e, emask, w, NVOX, S1, S2, NW1, NW2,
-                                    P0, P1, P2, BP0, BP1, BP2, ACC, MW2, MW12)  # fmt: skip
+                                    P0, P1, P2, BP0, BP1, BP2, ACC, MW2, W0)  # fmt: skip
     if DOT:  # X g0_s and the Gram rows split by products with ``member``
         _parts_dot(x, g_all, member, exists, kpart_ptr, hpart_ptr, slot, E, NSHIFT, BLOCK_E,
                    BP0, BP1, BP2, D0, D1, D2, NPB, ACC)  # fmt: skip
@@ -295,13 +295,13 @@ def _apply_window(
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
     BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
     G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, CG: tl.constexpr = False,
-    MW2=None, MW12=None,
+    MW2=None, W0=None,
 ):  # fmt: skip
     """The output pass on unshifted window w of head bh: y = mean_s u_s,b (u_s,b^T x) (see
-    :func:`_apply_kernel`; CG: load u past L1, ``.cg``; MW2, MW12: ``_window_origin``)."""
+    :func:`_apply_kernel`; CG: load u past L1, ``.cg``; MW2, W0: ``_window_origin``)."""
     w0, w1, w2, offs, mask, x = _load_window(x_base, rowmask, e, emask, w, NVOX, S1, S2,
                                              NW1, NW2, P0, P1, P2, BP0, BP1, BP2,
-                                             ACC, MW2, MW12)  # fmt: skip
+                                             ACC, MW2, W0)  # fmt: skip
     x7 = _to_sub(x, BLOCK_E, BP0, BP1, BP2, G0, G1, G2)  # (E, A0, G0, A1, G1, A2, G2)
     y = tl.zeros((BLOCK_E, BP0 // G0, G0, BP1 // G1, G1, BP2 // G2, G2), dtype=ACC)
     for k in tl.static_range(NSHIFT):

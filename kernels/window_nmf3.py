@@ -73,7 +73,7 @@ import triton
 import triton.language as tl
 
 from ._common import acc_dtype, compute_dtype, window_inputs
-from ._window2_common import _Geometry2, _lanes_rowmask_g, _tri
+from ._window2_common import _Geometry2, _lanes_rowmask_g, _plane_w0, _tri
 from ._window3_bwd import backward3
 from ._window3_out_tile import _apply_fwd_tile, out_tile_plan
 from ._window3_parts import _parts_chunk_merged
@@ -98,7 +98,7 @@ __all__ = ["window_nmf3", "fused_plan"]
 
 @triton.jit(noinline=True)
 def _solve_batch(kpart_ptr, hpart_ptr, u_ptr, hsave_ptr, kmat_ptr, bh, first, plane,
-                 E: tl.constexpr, NWIN, ITERS, NW0, NW1, NW2, MW2, MW12, NPLANE, NPL,
+                 E: tl.constexpr, NWIN, ITERS, NW0, NW1, NW2, MW2, NPLANE, NPL,
                  SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, SPLITS: tl.constexpr,
                  NB: tl.constexpr, NSB: tl.constexpr, BLOCK_E: tl.constexpr, SAVE: tl.constexpr,
                  ACC: tl.constexpr, RING: tl.constexpr, MERGE: tl.constexpr):  # fmt: skip
@@ -109,6 +109,7 @@ def _solve_batch(kpart_ptr, hpart_ptr, u_ptr, hsave_ptr, kmat_ptr, bh, first, pl
     T + 1 saved vectors. With MERGE the parts pass merged neighbours' parts. Not inlined:
     inlined, values of the kernel's prologue it uses were hoisted out of the ticket loop and
     spilled (sm_90a, Triton 3.9, fp32 [None, 2, 4, 6]: 40 B)."""
+    W0 = _plane_w0(plane, NW0)  # the windows' coordinate along axis 0
     e = tl.arange(0, BLOCK_E)
     i3 = e[None, :, None]
     j3 = e[None, None, :]
@@ -117,7 +118,7 @@ def _solve_batch(kpart_ptr, hpart_ptr, u_ptr, hsave_ptr, kmat_ptr, bh, first, pl
     m2 = ok[:, None] & (e[None, :] < E)
     k_mat, h = _sum_parts_rows(hpart_ptr, kpart_ptr, bh, om, ok, k, NWIN, NW0, NW1, NW2, NPLANE,
                                NPL, SHIFTS, NSHIFT, SPLITS, E, NSB * NB, BLOCK_E, ACC, True, RING,
-                               MERGE, NB, MW2, MW12)  # fmt: skip
+                               MERGE, NB, MW2, W0)  # fmt: skip
     prog = (bh * NSHIFT + k) * NWIN + om
     if SAVE:  # K and h for the backward
         tl.store(kmat_ptr + prog[:, None, None] * (E * E) + _tri(i3, j3, E), k_mat,
@@ -132,7 +133,7 @@ def _solve_batch(kpart_ptr, hpart_ptr, u_ptr, hsave_ptr, kmat_ptr, bh, first, pl
 
 @triton.jit(noinline=True)
 def _apply_chunk_fwd(x_base, y_base, rowmask_ptr, g0_ptr, first, plane, NPLANE, bh, u_ptr,
-                     E: tl.constexpr, NWIN, NVOX, S1, S2, NW0, NW1, NW2, MW2, MW12,
+                     E: tl.constexpr, NWIN, NVOX, S1, S2, NW0, NW1, NW2, MW2,
                      SHIFTS: tl.constexpr,
                      NSHIFT: tl.constexpr, WPP: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr,
                      P2: tl.constexpr, BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
@@ -145,6 +146,7 @@ def _apply_chunk_fwd(x_base, y_base, rowmask_ptr, g0_ptr, first, plane, NPLANE, 
     pass (sm_90a, 16 warps: the fused forward's 56 B fp32 / 40 B bf16 of spills with Triton 3.9
     go, 80 B -> 40 B with 3.6). Elsewhere the hoisted, inlined pass stays: called, it spilled 8 B
     in the per-window forward and 24 B with the tile and [None, 4] (3.9, fp32), none inlined."""
+    W0 = _plane_w0(plane, NW0)  # the windows' coordinate along axis 0
     e, emask, rowmask, g_all = _lanes_rowmask_g(rowmask_ptr, g0_ptr, E, SHIFTS, NSHIFT, P0, P1,
                                                 P2, BP0, BP1, BP2, BLOCK_E, NSB, ACC, True)
     for j in range(0, WPP):
@@ -152,7 +154,7 @@ def _apply_chunk_fwd(x_base, y_base, rowmask_ptr, g0_ptr, first, plane, NPLANE, 
             _apply_window(x_base, y_base, rowmask, e, emask, plane * NPLANE + first + j, bh,
                           g_all, u_ptr, E, NWIN, NVOX, S1, S2, NW0, NW1, NW2, SHIFTS, NSHIFT, P0,
                           P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, G0, G1, G2, MU, ACC,
-                          True, MW2, MW12)  # CG  # fmt: skip
+                          True, MW2, W0)  # CG  # fmt: skip
 
 
 @triton.jit(do_not_specialize=_MAGIC_ARGS)
@@ -160,7 +162,7 @@ def _fused_kernel(
     x_ptr, y_ptr, g0_ptr, rowmask_ptr, kpart_ptr, hpart_ptr, u_ptr, hsave_ptr, kmat_ptr,
     flag_ptr, NTICKET, SPB, CPP, NPLANE, NPL,
     C, E: tl.constexpr, HEADS, NWIN, NVOX, ITERS, S1, S2, NW0, NW1, NW2,
-    MSPB, MCPP, MHEADS, MNPL1, MW2, MW12,
+    MSPB, MCPP, MHEADS, MNPL1, MW2,
     SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr,
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
@@ -197,15 +199,15 @@ def _fused_kernel(
                                 NOFF)  # the counts follow the ticket counter  # fmt: skip
             if TILE:  # the ticket's windows as one tile (kernels/_window3_tile.py)
                 _parts_tile(x_ptr + offset, g0_ptr, first, plane, bh, kpart_ptr,
-                            hpart_ptr, NWIN, NPLANE, NPL, E, NVOX, S1, S2, NW1, NW2, MW2, MW12,
-                            SHIFTS, NSHIFT, WPP, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, TD0,
-                            TD1, TD2, ROWS0, RING, MERGE)  # fmt: skip
+                            hpart_ptr, NWIN, NPLANE, NPL, E, NVOX, S1, S2, NW1, NW2, MW2,
+                            _plane_w0(plane, NW0), SHIFTS, NSHIFT, WPP, P0, P1, P2, BP0, BP1, BP2,
+                            BLOCK_E, NSB, TD0, TD1, TD2, ROWS0, RING, MERGE)  # fmt: skip
             elif MERGE:  # neighbours' parts merged (kernels/_window3_parts.py)
                 _parts_chunk_merged(x_ptr + offset, rowmask, e, emask, first, plane, bh, g_all,
                                     member, exists, kpart_ptr, hpart_ptr, NWIN, NPLANE, NPL, E,
-                                    NVOX, S1, S2, NW1, NW2, MW2, MW12, NSHIFT, WPP, P0, P1, P2,
-                                    BP0, BP1, BP2, BLOCK_E, NSB, ACC, D0, D1, D2, NPB,
-                                    RING)  # fmt: skip
+                                    NVOX, S1, S2, NW0, NW1, NW2, MW2, NSHIFT,
+                                    WPP, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, ACC, D0, D1, D2,
+                                    NPB, RING)  # fmt: skip
             else:
                 for j in range(0, WPP):
                     if first + j < NPLANE:
@@ -216,22 +218,23 @@ def _fused_kernel(
                                       member, exists, kpart_ptr, hpart_ptr, E, NVOX, S1, S2, NW1,
                                       NW2, SHIFTS, NSHIFT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E,
                                       NSB, G0, G1, G2, MU, ACC, DOT, D0, D1, D2, NPB, MW2,
-                                      MW12)  # fmt: skip
+                                      _plane_w0(plane, NW0))  # fmt: skip
         elif phase == 1:
             _wait_stage(flags, NPL, plane, 1, CPP, OFFS, NOFF)
             _solve_batch(kpart_ptr, hpart_ptr, u_ptr, hsave_ptr, kmat_ptr, bh, first, plane, E,
-                         NWIN, ITERS, NW0, NW1, NW2, MW2, MW12, NPLANE, NPL, SHIFTS, NSHIFT,
+                         NWIN, ITERS, NW0, NW1, NW2, MW2, NPLANE, NPL, SHIFTS, NSHIFT,
                          SPLITS, WPP, NSB, BLOCK_E, SAVE, ACC, RING, MERGE)  # fmt: skip
         else:
             _wait_stage(flags, NPL, plane, 2, CPP, OFFS, NOFF)
             if OTILE:  # the ticket's windows as tiles (kernels/_window3_out_tile.py)
                 _apply_fwd_tile(x_ptr + offset, y_ptr + offset, first, plane, NPLANE, bh, u_ptr,
-                                E, NWIN, NVOX, S1, S2, NW0, NW1, NW2, MW2, MW12, SHIFTS, NSHIFT,
-                                WPP, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, R2, WT, EAX)  # fmt: skip
+                                E, NWIN, NVOX, S1, S2, NW0, NW1, NW2, MW2, _plane_w0(plane, NW0),
+                                SHIFTS, NSHIFT, WPP, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, R2, WT,
+                                EAX)  # fmt: skip
             elif TILE and ROWS0:  # the output pass a function of its own (``_apply_chunk_fwd``)
                 _apply_chunk_fwd(x_ptr + offset, y_ptr + offset, rowmask_ptr, g0_ptr, first,
                                  plane, NPLANE, bh, u_ptr, E, NWIN, NVOX, S1, S2, NW0, NW1, NW2,
-                                 MW2, MW12, SHIFTS, NSHIFT, WPP, P0, P1, P2, BP0, BP1, BP2,
+                                 MW2, SHIFTS, NSHIFT, WPP, P0, P1, P2, BP0, BP1, BP2,
                                  BLOCK_E, NSB, G0, G1, G2, MU, ACC)  # fmt: skip
             else:
                 for j in range(0, WPP):
@@ -240,7 +243,7 @@ def _fused_kernel(
                                       plane * NPLANE + first + j, bh, g_all, u_ptr, E, NWIN,
                                       NVOX, S1, S2, NW0, NW1, NW2, SHIFTS, NSHIFT, P0, P1, P2,
                                       BP0, BP1, BP2, BLOCK_E, NSB, G0, G1, G2, MU, ACC,
-                                      True, MW2, MW12)  # CG  # fmt: skip
+                                      True, MW2, _plane_w0(plane, NW0))  # CG  # fmt: skip
         _count_done(flags, phase, plane, NPL)
         t = tl.atomic_add(flag_ptr, 1)
 

@@ -85,24 +85,28 @@ def test_kernel_divmod_matches_floor_division(d):
 
 
 @triton.jit
-def _origin_kernel(w_ptr, out_ptr, N, NW1, NW2, MW2, MW12, BLOCK: tl.constexpr):
+def _origin_kernel(w_ptr, out_ptr, N, NW0, NW1, NW2, MW2, BLOCK: tl.constexpr):
     i = tl.arange(0, BLOCK)
     w = tl.load(w_ptr + i, mask=i < N, other=0)
-    w0, w1, w2 = common._window_origin(w, NW1, NW2, MW2, MW12)
+    plane = w // (NW1 * NW2)  # the planes along axis 0 (where NW0 > 1)
+    if NW0 == 1:
+        plane = tl.where(NW1 > 1, w // NW2, w)  # along axis 1, else 2
+    w0, w1, w2 = common._window_origin(w, NW1, NW2, MW2, common._plane_w0(plane, NW0))
     v0, v1, v2 = common._window_origin(w, NW1, NW2)  # the dividing form
     for k, v in enumerate((w0, w1, w2, v0, v1, v2)):
         tl.store(out_ptr + k * BLOCK + i, v, mask=i < N)
 
 
-@pytest.mark.parametrize("nw", [(16, 16, 16), (3, 5, 7), (1, 1, 9), (2, 1, 1), (6, 4, 12)])
+@pytest.mark.parametrize("nw", [(16, 16, 16), (3, 5, 7), (1, 1, 9), (2, 1, 1), (6, 4, 12),
+                                (1, 5, 3), (1, 4, 1)])
 def test_window_origin_with_magic_numbers(nw):
-    """Every window of odd and unit grids: the magic form gives the dividing form's coordinates."""
+    """Every window of odd and unit grids: the magic form, given the window's plane along the
+    planes' axis, gives the dividing form's coordinates."""
     total = nw[0] * nw[1] * nw[2]
     block = triton.next_power_of_2(total)
     w = torch.arange(total, dtype=torch.int32)
     out = torch.full((6, block), -1, dtype=torch.int32)
-    _origin_kernel[(1,)](w, out, total, nw[1], nw[2], fastdiv.magic(nw[2]),
-                         fastdiv.magic(nw[1] * nw[2]), BLOCK=block)  # fmt: skip
+    _origin_kernel[(1,)](w, out, total, *nw, fastdiv.magic(nw[2]), BLOCK=block)
     want = np.stack(np.unravel_index(np.arange(total), nw))
     np.testing.assert_array_equal(out[:3, :total].numpy(), want)
     np.testing.assert_array_equal(out[3:, :total].numpy(), want)
@@ -117,7 +121,7 @@ def test_pipeline_passes_one_magic_number_per_divisor_the_kernels_take():
     got = pipe.magic(geo)
     assert tuple(got) == sched._MAGIC_ARGS
     divisors = {"MSPB": pipe.stages * pipe.cpp, "MCPP": pipe.cpp, "MHEADS": geo.heads,
-                "MNPL1": max(pipe.npl - 1, 1), "MW2": geo.NW[2], "MW12": geo.NW[1] * geo.NW[2]}
+                "MNPL1": max(pipe.npl - 1, 1), "MW2": geo.NW[2]}
     assert got == {name: fastdiv.magic(d) for name, d in divisors.items()}
     for kernel in (wn3._fused_kernel, bwd3._fused_bwd_kernel):
         params = inspect.signature(kernel.fn).parameters
