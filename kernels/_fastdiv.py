@@ -1,12 +1,12 @@
 """Division by a run-time divisor without a division: a multiply-high and two shifts.
 
 The window kernels map a flat index (a ticket, a window) to coordinates by dividing by sizes
-known only at run time (the window grid, the windows of a plane, the tickets of a head). A
-32-bit division by a run-time value compiles to a sequence of about 20 instructions
-(``I2F.RP``, ``MUFU.RCP``, ``F2I``, multiplies and two corrections; sm_90a), issued by every
-warp every time: in the third design's fused forward (2x32x128^3, E = P = 8, [None, 4], fp32,
-Triton 3.9) 21 such sequences, about 230 of the 2,080 instructions a warp issues a window
-(``fastnmf profile --suite static`` and ``python -m fastnmf.profile.static.sass_loops``).
+known only at run time (the window grid, the tickets of a head, the heads). A 32-bit division by
+a run-time value compiles to a sequence of about 20 instructions (``I2F.RP``, ``MUFU.RCP``,
+``F2I``, multiplies and two corrections; sm_90a), issued by every warp every time: the third
+design's fused forward had 21 such sequences, its backward 17 (2x32x128^3, E = P = 8,
+[None, 4], fp32, Triton 3.9; ``fastnmf profile --suite static``, ``python -m
+fastnmf.profile.static.sass_loops``; bench/results/static_designs/instructions.md).
 
 Here the host computes, once per call, a *magic* multiplier m and shift l for each divisor d
 (:func:`magic`) and the kernel takes n // d as ``umulhi(2 n, m) >> l`` (:func:`_fdiv`): a shift,

@@ -41,11 +41,11 @@ L2 instead of being written back to DRAM once per plane or once per head. For th
 solve saves K and h (not the T iterates and norms: the backward recomputes them), and u.
 
 Static figures (sm_90a, 2x32x128^3, E = P = 8, T = 5; README "Window kernel designs"): 16 warps,
-one program per SM; forward 105-128 registers (ptxas's cap at a thread's share:
-``Pipeline.launch``), backward 92-122 (its passes are not inlined: kernels/_window3_bwd.py), no
-spills with [None], [None, 4], [None, 2, 4, 6] in fp32 or bf16 (Triton 3.9; Triton 3.6: 16 B
-in the fp32 [None] and [None, 2, 4, 6] backward, 24 B in the bf16 [None] backward); no division
-by a run-time value (the divisors' magic numbers: kernels/_fastdiv.py); 4 windows a ticket, so that
+one program per SM; forward 103-128 registers (ptxas's cap at a thread's share:
+``Pipeline.launch``), backward 88-120 (its passes are not inlined: kernels/_window3_bwd.py), no
+spills with [None], [None, 4], [None, 2, 4, 6] in fp32 or bf16 (Triton 3.9 and 3.6); no
+division by a run-time value (the divisors' magic numbers: kernels/_fastdiv.py); 4 windows a
+ticket, so that
 the tickets in flight hold about 25 MB of L2 (16 would hold about 100 MB:
 fastnmf/profile/static/pipeline_dram.py).
 Not timed: per-ticket costs (a ticket fetch, an acquire wait, a release count: round trips to L2
