@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import triton
 
+from ._common import version_tuple as _version
 from .global_nmf import global_nmf
 from .global_nmf_rank import global_nmf_rank
 from .window_nmf import TUNING as _WINDOW_TUNING
@@ -42,11 +43,6 @@ from .window_nmf3 import window_nmf3
 from .window_nmf_rank import window_nmf_rank
 
 __all__ = ["nmf", "matricized_nmf"]
-
-
-def _version(text: str) -> tuple[int, int]:
-    major, minor = (text.split("+")[0].split(".") + ["0"])[:2]
-    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
 
 
 # Triton reads TRITON_INTERPRET when the kernels are decorated, i.e. when this package is imported

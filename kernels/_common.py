@@ -18,6 +18,16 @@ import triton.language as tl
 from fastnmf._checks import FLOAT_DTYPES
 from fastnmf.layout import padded_shift_table
 
+
+def version_tuple(text: str) -> tuple[int, int]:
+    """(major, minor) of a version string such as "3.6.0", "2.13.0+cpu" or "3.7.0rc1"."""
+    major, minor = (text.split("+")[0].split(".") + ["0"])[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+# the installed Triton's (major, minor): its compilers differ (layout order, ptxas heuristics)
+TRITON_VERSION = version_tuple(triton.__version__)
+
 # Triton's CPU interpreter (no GPU): it pays per operation, not per register, so the launchers
 # pick big tiles there
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype
+from ._common import TRITON_VERSION, acc_dtype
 from ._window2_bwd import _apply_bwd_window, _parts_bwd_window
 from ._window2_common import _Geometry2, _lanes_rowmask_g, _plane_w0
 from ._window3_bwd_parts_tile import _parts_bwd_tile, bwd_parts_plan
@@ -48,7 +48,7 @@ _HELD_ITERS = tl.constexpr(8)
 # registers and spills (sm_90a, 16 warps, [None]: fp32 48 B, bf16 0-24 B); at the register cap of
 # a thread's share (128) nothing. With more shifts, or with Triton 3.9, the cap spills more (3.6
 # [None, 2, 4, 6]: 88 B fp32, 140 B bf16; 3.9: 24-144 B): bench/results/static_designs/
-_CAP_ONE_SHIFT = tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 7)
+_CAP_ONE_SHIFT = TRITON_VERSION < (3, 7)
 
 
 def share_cap(nshift: int) -> bool:

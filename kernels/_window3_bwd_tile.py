@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import TRITON_VERSION
 from ._window2_common import _window_origin, _wrap_add
 from ._window3_sched import _BWD_TILE, TUNING
 
@@ -38,7 +39,7 @@ __all__ = ["bwd_tile_plan", "run_tile_geometry"]
 # to get lanes), first first in 3.6 (channels second, after the runs). Either way the results are
 # the same; the other order puts the channels across lanes (sm_90a, Triton 3.6, the first order:
 # shuffles for every channel sum, 2 KB of spills)
-_E_AXIS = 0 if tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 7) else 1
+_E_AXIS = 0 if TRITON_VERSION >= (3, 7) else 1
 
 
 @triton.jit
