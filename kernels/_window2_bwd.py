@@ -44,7 +44,10 @@ import triton
 import triton.language as tl
 
 from ._common import _steps_backward, acc_dtype
+from ._fastdiv import _fdiv
 from ._window2_common import (
+    MAGIC_PASS,
+    MAGIC_SOLVE,
     _Geometry2,
     _load_sym,
     _load_window,
@@ -64,7 +67,7 @@ def _load_window_dy(x_base, dy_base, rowmask, e, emask, w, NVOX, S1, S2, NW1, NW
                     NSHIFT: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
                     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
                     BLOCK_E: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr, G2: tl.constexpr,
-                    ACC: tl.constexpr, MW2=None, W0=None):  # fmt: skip
+                    ACC: tl.constexpr, MW2, W0):  # fmt: skip
     """:func:`_load_window` of x, and dY_s = dy / n_shifts at the same offsets; x and dY_s also
     as sub-box views (BLOCK_E, BP0 // G0, G0, BP1 // G1, G1, BP2 // G2, G2)."""
     w0, w1, w2, offs, mask, x = _load_window(x_base, rowmask, e, emask, w, NVOX, S1, S2, NW1, NW2,
@@ -76,10 +79,10 @@ def _load_window_dy(x_base, dy_base, rowmask, e, emask, w, NVOX, S1, S2, NW1, NW
     return w0, w1, w2, offs, mask, x, x7, dy7
 
 
-@triton.jit
+@triton.jit(do_not_specialize=MAGIC_PASS)
 def _parts_bwd_kernel(
     x_ptr, dy_ptr, g0_ptr, rowmask_ptr, hats_ptr, gpart_ptr,
-    C, E: tl.constexpr, HEADS, NWIN, NVOX, ITERS, S1, S2, NW0, NW1, NW2,
+    C, E: tl.constexpr, HEADS, NWIN, NVOX, ITERS, S1, S2, NW0, NW1, NW2, MW12, MW2, MHEADS,
     SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr,
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
@@ -88,7 +91,8 @@ def _parts_bwd_kernel(
 ):  # fmt: skip
     """Per unshifted window: every shift's part sums of dY_s (X_s^T u) + X_s (dY_s^T u), u the
     vector of the shifted window each part lies in (X_s: x with MU's dropped columns)."""
-    bh, offset, e, emask, rowmask = _pass_rows(rowmask_ptr, C, E, HEADS, NVOX, BLOCK_E, ACC)
+    bh, offset, e, emask, rowmask = _pass_rows(rowmask_ptr, C, E, HEADS, MHEADS, NVOX, BLOCK_E,
+                                               ACC)  # fmt: skip
     # MU: g0 under every shift, once per program
     g_all = _shifted_g_all(g0_ptr, SHIFTS, NSHIFT, NSB, P0, P1, P2, BP0, BP1, BP2, ACC, MU)
     for j in range(0, WPP):
@@ -97,7 +101,7 @@ def _parts_bwd_kernel(
             _parts_bwd_window(x_ptr + offset, dy_ptr + offset, rowmask, e, emask, w, bh, g_all,
                               hats_ptr, gpart_ptr, E, NWIN, NVOX, ITERS, S1, S2, NW0, NW1, NW2,
                               SHIFTS, NSHIFT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, G0, G1,
-                              G2, MU, ACC)  # fmt: skip
+                              G2, MU, ACC, MW2, _fdiv(w, MW12))  # fmt: skip
 
 @triton.jit
 def _parts_bwd_window(
@@ -107,7 +111,7 @@ def _parts_bwd_window(
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
     BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
-    G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, MW2=None, W0=None,
+    G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, MW2, W0,
 ):  # fmt: skip
     """The backward parts pass on unshifted window w of head bh (see :func:`_parts_bwd_kernel`;
     MW2, W0: ``_window_origin``)."""
@@ -131,13 +135,13 @@ def _parts_bwd_window(
                      BP0 // G0, BP1 // G1, BP2 // G2, G0, G1, G2)  # fmt: skip
 
 
-@triton.jit
+@triton.jit(do_not_specialize=MAGIC_SOLVE)
 def _solve_bwd_kernel(
     gpart_ptr, kmat_ptr, hats_ptr, norms_ptr, sym_ptr, hbar_ptr,
-    E: tl.constexpr, NWIN, ITERS, NW0, NW1, NW2,
+    E: tl.constexpr, NWIN, ITERS, NW0, NW1, NW2, MW12, MW2,
     SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, BLOCK_E: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    om, bh, o0, o1, o2, e, emask = _solve_rows(NW1, NW2, E, BLOCK_E)  # om: a shifted window
+    om, bh, o0, o1, o2, e, emask = _solve_rows(NW1, NW2, MW12, MW2, E, BLOCK_E)  # a shifted om
     ee = e[:, None] * E + e[None, :]
     emask2 = emask[:, None] & emask[None, :]
     for k in tl.static_range(NSHIFT):
@@ -152,10 +156,10 @@ def _solve_bwd_kernel(
         tl.store(hbar_ptr + prog * E + e, hbar, mask=emask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=MAGIC_PASS)
 def _apply_bwd_kernel2(
     x_ptr, dy_ptr, dx_ptr, g0_ptr, rowmask_ptr, hats_ptr, sym_ptr, hbar_ptr,
-    C, E: tl.constexpr, HEADS, NWIN, NVOX, ITERS, S1, S2, NW0, NW1, NW2,
+    C, E: tl.constexpr, HEADS, NWIN, NVOX, ITERS, S1, S2, NW0, NW1, NW2, MW12, MW2, MHEADS,
     SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr,
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
@@ -165,7 +169,8 @@ def _apply_bwd_kernel2(
     """dX = sum_s [u (u^T dY_s) + S x + h̄ g0_s^T] times ReLU'(x), per unshifted window, each
     part's (u, S, h̄) those of the shifted window it lies in (S x column by column: S[:, c] x_c,
     the columns in a loop)."""
-    bh, offset, e, emask, rowmask = _pass_rows(rowmask_ptr, C, E, HEADS, NVOX, BLOCK_E, ACC)
+    bh, offset, e, emask, rowmask = _pass_rows(rowmask_ptr, C, E, HEADS, MHEADS, NVOX, BLOCK_E,
+                                               ACC)  # fmt: skip
     g_all = _shifted_g_all(g0_ptr, SHIFTS, NSHIFT, NSB, P0, P1, P2, BP0, BP1, BP2, ACC, True)
     for j in range(0, WPP):
         w = tl.program_id(0) * WPP + j
@@ -173,7 +178,8 @@ def _apply_bwd_kernel2(
             _apply_bwd_window(x_ptr + offset, dy_ptr + offset, dx_ptr + offset, rowmask, e,
                               emask, w, bh, g_all, hats_ptr, sym_ptr, hbar_ptr, E, NWIN, NVOX,
                               ITERS, S1, S2, NW0, NW1, NW2, SHIFTS, NSHIFT, P0, P1, P2, BP0, BP1,
-                              BP2, BLOCK_E, NSB, G0, G1, G2, MU, ACC)  # fmt: skip
+                              BP2, BLOCK_E, NSB, G0, G1, G2, MU, ACC, False, MW2,
+                              _fdiv(w, MW12))  # fmt: skip
 
 
 @triton.jit
@@ -184,8 +190,7 @@ def _apply_bwd_window(
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
     BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
-    G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, CG: tl.constexpr = False,
-    MW2=None, W0=None,
+    G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, CG: tl.constexpr, MW2, W0,
 ):  # fmt: skip
     """The backward output pass on unshifted window w of head bh (see
     :func:`_apply_bwd_kernel2`; CG: load S and h̄ past L1, ``.cg``; MW2, W0:
@@ -241,16 +246,19 @@ def backward2(x, g0, rowmask, hats, norms, kmat, dy, geo: _Geometry2, iters: int
     _parts_bwd_kernel[geo.grid](
         x, dy, g0, rowmask, hats, gpart,
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, iters, geo.S[1], geo.S[2], *geo.NW,
-        **geo.consts(), **geo.block(), MU=mu, ACC=acc, num_warps=geo.warps["parts_bwd"],
+        **geo.magic(), **geo.consts(), **geo.block(), MU=mu, ACC=acc,
+        num_warps=geo.warps["parts_bwd"],
     )  # fmt: skip
     _solve_bwd_kernel[(geo.nwin, geo.bh)](
         gpart, kmat, hats, norms, sym, hbar, geo.E, geo.nwin, iters, *geo.NW,
-        SHIFTS=geo.shifts, NSHIFT=geo.nshift, BLOCK_E=geo.block_e, ACC=acc, num_warps=1,
+        **geo.magic(heads=False), SHIFTS=geo.shifts, NSHIFT=geo.nshift, BLOCK_E=geo.block_e,
+        ACC=acc, num_warps=1,
     )  # fmt: skip
     dx = torch.empty_like(x)
     _apply_bwd_kernel2[geo.grid](
         x, dy, dx, g0, rowmask, hats, sym, hbar,
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, iters, geo.S[1], geo.S[2], *geo.NW,
-        **geo.consts(), **geo.block(), MU=mu, ACC=acc, num_warps=geo.warps["apply_bwd"],
+        **geo.magic(), **geo.consts(), **geo.block(), MU=mu, ACC=acc,
+        num_warps=geo.warps["apply_bwd"],
     )  # fmt: skip
     return dx

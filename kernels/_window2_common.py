@@ -13,7 +13,7 @@ import triton.language as tl
 from fastnmf.layout import padded_shift_table
 
 from ._common import WindowSizes
-from ._fastdiv import _fdivmod
+from ._fastdiv import _fdiv, _fdivmod, magics
 
 
 @triton.jit
@@ -26,19 +26,14 @@ def _block_coords(BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr):
 
 
 @triton.jit
-def _window_origin(w, NW1, NW2, MW2=None, W0=None):
-    """Grid coordinates of flat window w; given the magic number of NW2 (kernels/_fastdiv.py)
-    and w's coordinate W0 along axis 0 (the third design: the window's plane where the planes lie
-    along axis 0, else 0: :func:`_plane_w0`) no division."""
-    if MW2 is None:
-        w2 = w % NW2
-        w1 = (w // NW2) % NW1
-        w0 = w // (NW1 * NW2)
-    else:
-        q, w2 = _fdivmod(w, NW2, MW2)
-        w0 = W0
-        w1 = q - w0 * NW1
-    return w0, w1, w2
+def _window_origin(w, NW1, NW2, MW2, W0):
+    """Grid coordinates of flat window w, given the magic number MW2 of NW2 (kernels/_fastdiv.py)
+    and w's coordinate W0 along axis 0 (the second design: ``_fdiv(w, MW12)``, MW12 the magic
+    number of NW1 NW2; the third: the window's plane where the planes lie along axis 0, else 0:
+    :func:`_plane_w0`): no division."""
+    q, w2 = _fdivmod(w, NW2, MW2)
+    w1 = q - W0 * NW1
+    return W0, w1, w2
 
 
 @triton.jit
@@ -61,12 +56,14 @@ def _window_offsets(e, emask, w0, w1, w2, nvox, S1, S2,
 
 
 @triton.jit
-def _pass_rows(rowmask_ptr, C, E: tl.constexpr, HEADS, NVOX, BLOCK_E: tl.constexpr,
+def _pass_rows(rowmask_ptr, C, E: tl.constexpr, HEADS, MHEADS, NVOX, BLOCK_E: tl.constexpr,
                ACC: tl.constexpr):  # fmt: skip
     """Set-up of a window pass (program axis 1: batch * head): bh, the int64 offset of the head's
-    first element, the rows e (BLOCK_E,), their mask and the MU row mask (0/1, ACC)."""
+    first element, the rows e (BLOCK_E,), their mask and the MU row mask (0/1, ACC). MHEADS: the
+    magic number of HEADS."""
     bh = tl.program_id(1)
-    offset = ((bh // HEADS) * C + (bh % HEADS) * E).to(tl.int64) * NVOX
+    batch, head = _fdivmod(bh, HEADS, MHEADS)
+    offset = (batch * C + head * E).to(tl.int64) * NVOX
     e = tl.arange(0, BLOCK_E)
     emask = e < E
     rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
@@ -77,7 +74,7 @@ def _pass_rows(rowmask_ptr, C, E: tl.constexpr, HEADS, NVOX, BLOCK_E: tl.constex
 def _load_window(x_base, rowmask, e, emask, w, NVOX, S1, S2, NW1, NW2,
                  P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
                  BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
-                 ACC: tl.constexpr, MW2=None, W0=None):  # fmt: skip
+                 ACC: tl.constexpr, MW2, W0):  # fmt: skip
     """Unshifted window w of the head at x_base: its grid coordinates (w0, w1, w2), the offsets
     and mask of :func:`_window_offsets`, and x (BLOCK_E, BP0, BP1, BP2) after ReLU and the row
     mask, in ACC (MW2, W0: :func:`_window_origin`)."""
@@ -145,6 +142,14 @@ def _wrap_add(w, b, q, nw):
     """(w + b + q) mod nw for 0 <= w, q < nw and b in {0, 1}: one conditional subtraction."""
     o = w + b + q
     return tl.where(o >= nw, o - nw, o)
+
+
+@triton.jit
+def _wrap_sub(w, b, q, nw):
+    """(w - b - q) mod nw for 0 <= w < nw, 0 <= b + q <= nw: one conditional addition (the
+    shifts' whole-window offsets q are reduced modulo the grid)."""
+    o = w - b - q
+    return tl.where(o < 0, o + nw, o)
 
 
 @triton.jit
@@ -325,12 +330,12 @@ def _load_sym(ptr, e, emask, E):
 
 
 @triton.jit
-def _solve_rows(NW1, NW2, E: tl.constexpr, BLOCK_E: tl.constexpr):
+def _solve_rows(NW1, NW2, MW12, MW2, E: tl.constexpr, BLOCK_E: tl.constexpr):
     """Set-up of a solve (program axis 0: a shifted window, axis 1: batch * head): om, bh, the
     window's grid coordinates (o0, o1, o2), the rows e (BLOCK_E,) and their mask."""
     om = tl.program_id(0)
     bh = tl.program_id(1)
-    o0, o1, o2 = _window_origin(om, NW1, NW2)
+    o0, o1, o2 = _window_origin(om, NW1, NW2, MW2, _fdiv(om, MW12))
     e = tl.arange(0, BLOCK_E)
     emask = e < E
     return om, bh, o0, o1, o2, e, emask
@@ -347,11 +352,11 @@ def _sum_parts(vpart_ptr, kpart_ptr, e, emask, bh, o0, o1, o2, NWIN, NW0, NW1, N
     k_mat = tl.zeros((BLOCK_E, BLOCK_E), dtype=ACC)
     vec = tl.zeros((BLOCK_E,), dtype=ACC)
     for b2 in tl.static_range(2 if SHIFTS[k][2] else 1):
-        w2 = (o2 - b2 - SHIFTS[k][5] + 2 * NW2) % NW2
+        w2 = _wrap_sub(o2, b2, SHIFTS[k][5], NW2)
         for b1 in tl.static_range(2 if SHIFTS[k][1] else 1):
-            w1 = (o1 - b1 - SHIFTS[k][4] + 2 * NW1) % NW1
+            w1 = _wrap_sub(o1, b1, SHIFTS[k][4], NW1)
             for b0 in tl.static_range(2 if SHIFTS[k][0] else 1):
-                w0 = (o0 - b0 - SHIFTS[k][3] + 2 * NW0) % NW0
+                w0 = _wrap_sub(o0, b0, SHIFTS[k][3], NW0)
                 w = (w0 * NW1 + w1) * NW2 + w2  # the unshifted window holding this part
                 slot = (bh * NWIN + w) * (NSHIFT * 8) + k * 8 + (b0 * 2 + b1) * 2 + b2
                 if WITH_K:
@@ -359,6 +364,11 @@ def _sum_parts(vpart_ptr, kpart_ptr, e, emask, bh, o0, o1, o2, NWIN, NW0, NW1, N
                 vec += tl.load(vpart_ptr + slot * E + e, mask=emask, other=0)
     return k_mat, vec
 
+
+# The kernels' magic-number arguments (``_Geometry2.magic``), left unspecialised so that no grid
+# size recompiles: the solves take the first two, the window passes all three.
+MAGIC_SOLVE = ("MW12", "MW2")
+MAGIC_PASS = (*MAGIC_SOLVE, "MHEADS")
 
 # Unshifted windows per program of the parts and apply kernels (default 16: g0's rolled copies,
 # loaded once per program, then cost 0.5 KB a window; 2048 programs at 2x32x128^3), warps per
@@ -416,6 +426,12 @@ class _Geometry2(WindowSizes):
     def consts(self) -> dict:
         return dict(SHIFTS=self.shifts, NSHIFT=self.nshift, P0=self.P[0], P1=self.P[1],
                     P2=self.P[2])  # fmt: skip
+
+    def magic(self, heads: bool = True) -> dict:
+        """The magic numbers of the kernels' run-time divisors (kernels/_fastdiv.py): NW1 NW2 and
+        NW2 (``_window_origin``), with ``heads`` the heads (``_pass_rows``; not the solves)."""
+        divisors = dict(W12=self.NW[1] * self.NW[2], W2=self.NW[2])
+        return magics(**divisors, **(dict(HEADS=self.heads) if heads else {}))
 
     def dot(self, acc, mu: bool) -> dict:
         """The forward parts pass's matrix split of the Gram and X g0 (``_parts_dot``): fp32, HALS,

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from ._common import INTERPRET
 from ._fastdiv import MAGIC_3, _fdivmod, magics
-from ._window2_common import _shift_of, _tri, _window_origin, _wrap_add
+from ._window2_common import _shift_of, _tri, _window_origin, _wrap_add, _wrap_sub
 
 __all__ = ["TUNING", "PASSES", "Pipeline", "fused_plan", "merge_on", "ring_regions", "wait_offsets",
            "wpp"]
@@ -308,14 +308,6 @@ def _part_slot(bh, plane, i, NWIN, NPLANE, NPL, NSHIFT: tl.constexpr, RING: tl.c
         region = _ring_region(bh, plane, NPL, RING)
         slot = (region * NPLANE + i) * (NSHIFT * 8)
     return slot
-
-
-@triton.jit
-def _wrap_sub(w, b, q, nw):
-    """(w - b - q) mod nw for 0 <= w < nw, 0 <= b + q <= nw: one conditional addition (the
-    shifts' whole-window offsets q are reduced modulo the grid)."""
-    o = w - b - q
-    return tl.where(o < 0, o + nw, o)
 
 
 @triton.jit

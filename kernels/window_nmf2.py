@@ -72,8 +72,11 @@ from ._common import (
     compute_dtype,
     window_inputs,
 )
+from ._fastdiv import _fdiv
 from ._window2_bwd import backward2
 from ._window2_common import (
+    MAGIC_PASS,
+    MAGIC_SOLVE,
     TUNING,
     _Geometry2,
     _load_window,
@@ -94,10 +97,10 @@ from ._window2_common import (
 __all__ = ["TUNING", "WindowNMF2", "window_nmf2"]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=MAGIC_PASS)
 def _parts_kernel(
     x_ptr, g0_ptr, rowmask_ptr, kpart_ptr, hpart_ptr,
-    C, E: tl.constexpr, HEADS, NWIN, NVOX, S1, S2, NW1, NW2,
+    C, E: tl.constexpr, HEADS, NWIN, NVOX, S1, S2, NW1, NW2, MW12, MW2, MHEADS,
     SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr,
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
@@ -111,7 +114,8 @@ def _parts_kernel(
     x_e g0_s, are collected in (16, sub-boxes) matrices and split into every shift's parts by
     products with the 0/1 membership matrix (``_membership``, ``_parts_dot``): FMAs with 1 and 0
     add exactly, and no lane shuffles."""
-    bh, offset, e, emask, rowmask = _pass_rows(rowmask_ptr, C, E, HEADS, NVOX, BLOCK_E, ACC)
+    bh, offset, e, emask, rowmask = _pass_rows(rowmask_ptr, C, E, HEADS, MHEADS, NVOX, BLOCK_E,
+                                               ACC)  # fmt: skip
     x_base = x_ptr + offset  # the head's first element
     # g0 under every shift, once per program
     g_all = _shifted_g_all(g0_ptr, SHIFTS, NSHIFT, NSB, P0, P1, P2, BP0, BP1, BP2, ACC, True)
@@ -126,7 +130,7 @@ def _parts_kernel(
             _parts_window(x_base, rowmask, e, emask, w, (bh * NWIN + w) * (NSHIFT * 8), g_all,
                           member, exists, kpart_ptr, hpart_ptr, E, NVOX, S1, S2, NW1, NW2, SHIFTS,
                           NSHIFT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, G0, G1, G2, MU, ACC, DOT,
-                          D0, D1, D2, NPB)  # fmt: skip
+                          D0, D1, D2, NPB, MW2, _fdiv(w, MW12))  # fmt: skip
 
 
 @triton.jit
@@ -138,8 +142,7 @@ def _parts_window(
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
     BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
     G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
-    D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, NPB: tl.constexpr,
-    MW2=None, W0=None,
+    D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, NPB: tl.constexpr, MW2, W0,
 ):  # fmt: skip
     """The parts pass on unshifted window w (x_base: the head's first element): every shift's
     part sums of X g0_s and of X X^T's upper triangle (see :func:`_parts_kernel`), stored at part
@@ -243,14 +246,14 @@ def _rows_dot(x, g_all, gram, member, i0, RC: tl.constexpr, BLOCK_E: tl.constexp
     return parts, i0 + r // BLOCK_E, r % BLOCK_E
 
 
-@triton.jit
+@triton.jit(do_not_specialize=MAGIC_SOLVE)
 def _solve_kernel(
     kpart_ptr, hpart_ptr, u_ptr, hats_ptr, norms_ptr, kmat_ptr,
-    E: tl.constexpr, NWIN, ITERS, NW0, NW1, NW2,
+    E: tl.constexpr, NWIN, ITERS, NW0, NW1, NW2, MW12, MW2,
     SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, BLOCK_E: tl.constexpr, SAVE: tl.constexpr,
     ACC: tl.constexpr,
 ):  # fmt: skip
-    om, bh, o0, o1, o2, e, emask = _solve_rows(NW1, NW2, E, BLOCK_E)  # om: a shifted window
+    om, bh, o0, o1, o2, e, emask = _solve_rows(NW1, NW2, MW12, MW2, E, BLOCK_E)  # a shifted om
     emask2 = emask[:, None] & emask[None, :]
     for k in tl.static_range(NSHIFT):
         k_mat, h = _sum_parts(hpart_ptr, kpart_ptr, e, emask, bh, o0, o1, o2, NWIN, NW0, NW1,
@@ -264,17 +267,18 @@ def _solve_kernel(
         tl.store(u_ptr + prog * E + e, a_hat, mask=emask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=MAGIC_PASS)
 def _apply_kernel(
     x_ptr, y_ptr, g0_ptr, rowmask_ptr, u_ptr,
-    C, E: tl.constexpr, HEADS, NWIN, NVOX, S1, S2, NW0, NW1, NW2,
+    C, E: tl.constexpr, HEADS, NWIN, NVOX, S1, S2, NW0, NW1, NW2, MW12, MW2, MHEADS,
     SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr,
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
     BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
     G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    bh, offset, e, emask, rowmask = _pass_rows(rowmask_ptr, C, E, HEADS, NVOX, BLOCK_E, ACC)
+    bh, offset, e, emask, rowmask = _pass_rows(rowmask_ptr, C, E, HEADS, MHEADS, NVOX, BLOCK_E,
+                                               ACC)  # fmt: skip
     x_base, y_base = x_ptr + offset, y_ptr + offset  # the head's first element
     # MU: g0 under every shift, once per program
     g_all = _shifted_g_all(g0_ptr, SHIFTS, NSHIFT, NSB, P0, P1, P2, BP0, BP1, BP2, ACC, MU)
@@ -283,7 +287,8 @@ def _apply_kernel(
         if w < NWIN:
             _apply_window(x_base, y_base, rowmask, e, emask, w, bh, g_all, u_ptr, E, NWIN, NVOX,
                           S1, S2, NW0, NW1, NW2, SHIFTS, NSHIFT, P0, P1, P2, BP0, BP1, BP2,
-                          BLOCK_E, NSB, G0, G1, G2, MU, ACC)  # fmt: skip
+                          BLOCK_E, NSB, G0, G1, G2, MU, ACC, False, MW2,
+                          _fdiv(w, MW12))  # fmt: skip
 
 
 @triton.jit
@@ -294,8 +299,7 @@ def _apply_window(
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
     BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
-    G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, CG: tl.constexpr = False,
-    MW2=None, W0=None,
+    G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, CG: tl.constexpr, MW2, W0,
 ):  # fmt: skip
     """The output pass on unshifted window w of head bh: y = mean_s u_s,b (u_s,b^T x) (see
     :func:`_apply_kernel`; CG: load u past L1, ``.cg``; MW2, W0: ``_window_origin``)."""
@@ -335,18 +339,19 @@ def _forward(x, g0, rowmask, geo: _Geometry2, iters: int, mu: bool, save: bool):
     _parts_kernel[geo.grid](
         x, g0, rowmask, kpart, hpart,
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, geo.S[1], geo.S[2], *geo.NW[1:],
-        **geo.consts(), **geo.block(), MU=mu, ACC=acc, **geo.dot(acc, mu),
+        **geo.magic(), **geo.consts(), **geo.block(), MU=mu, ACC=acc, **geo.dot(acc, mu),
         num_warps=geo.warps["parts"],
     )  # fmt: skip
     _solve_kernel[(geo.nwin, geo.bh)](
         kpart, hpart, u, hats, norms, kmat, geo.E, geo.nwin, iters, *geo.NW,
-        SHIFTS=geo.shifts, NSHIFT=geo.nshift, BLOCK_E=geo.block_e, SAVE=save, ACC=acc,
-        num_warps=1,
+        **geo.magic(heads=False), SHIFTS=geo.shifts, NSHIFT=geo.nshift, BLOCK_E=geo.block_e,
+        SAVE=save, ACC=acc, num_warps=1,
     )  # fmt: skip
     _apply_kernel[geo.grid](
         x, y, g0, rowmask, u,
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, geo.S[1], geo.S[2], *geo.NW,
-        **geo.consts(), **geo.block(), MU=mu, ACC=acc, num_warps=geo.warps["apply"],
+        **geo.magic(), **geo.consts(), **geo.block(), MU=mu, ACC=acc,
+        num_warps=geo.warps["apply"],
     )  # fmt: skip
     if not save:
         hats = norms = kmat = None

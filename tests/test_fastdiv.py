@@ -85,14 +85,15 @@ def test_kernel_divmod_matches_floor_division(d):
 
 
 @triton.jit
-def _origin_kernel(w_ptr, out_ptr, N, NW0, NW1, NW2, MW2, BLOCK: tl.constexpr):
+def _origin_kernel(w_ptr, out_ptr, N, NW0, NW1, NW2, MW2, MW12, BLOCK: tl.constexpr):
     i = tl.arange(0, BLOCK)
     w = tl.load(w_ptr + i, mask=i < N, other=0)
     plane = w // (NW1 * NW2)  # the planes along axis 0 (where NW0 > 1)
     if NW0 == 1:
         plane = tl.where(NW1 > 1, w // NW2, w)  # along axis 1, else 2
+    # the third design's form (the plane's coordinate), then the second's (w // (NW1 NW2))
     w0, w1, w2 = common._window_origin(w, NW1, NW2, MW2, common._plane_w0(plane, NW0))
-    v0, v1, v2 = common._window_origin(w, NW1, NW2)  # the dividing form
+    v0, v1, v2 = common._window_origin(w, NW1, NW2, MW2, fastdiv._fdiv(w, MW12))
     for k, v in enumerate((w0, w1, w2, v0, v1, v2)):
         tl.store(out_ptr + k * BLOCK + i, v, mask=i < N)
 
@@ -100,13 +101,15 @@ def _origin_kernel(w_ptr, out_ptr, N, NW0, NW1, NW2, MW2, BLOCK: tl.constexpr):
 @pytest.mark.parametrize("nw", [(16, 16, 16), (3, 5, 7), (1, 1, 9), (2, 1, 1), (6, 4, 12),
                                 (1, 5, 3), (1, 4, 1)])
 def test_window_origin_with_magic_numbers(nw):
-    """Every window of odd and unit grids: the magic form, given the window's plane along the
-    planes' axis, gives the dividing form's coordinates."""
+    """Every window of odd and unit grids: the grid coordinates from NW2's magic number and the
+    window's coordinate along axis 0, taken from its plane (the third design) or from NW1 NW2's
+    magic number (the second)."""
     total = nw[0] * nw[1] * nw[2]
     block = triton.next_power_of_2(total)
     w = torch.arange(total, dtype=torch.int32)
     out = torch.full((6, block), -1, dtype=torch.int32)
-    _origin_kernel[(1,)](w, out, total, *nw, fastdiv.magic(nw[2]), BLOCK=block)
+    _origin_kernel[(1,)](w, out, total, *nw, fastdiv.magic(nw[2]), fastdiv.magic(nw[1] * nw[2]),
+                         BLOCK=block)  # fmt: skip
     want = np.stack(np.unravel_index(np.arange(total), nw))
     np.testing.assert_array_equal(out[:3, :total].numpy(), want)
     np.testing.assert_array_equal(out[3:, :total].numpy(), want)
@@ -126,3 +129,23 @@ def test_pipeline_passes_one_magic_number_per_divisor_the_kernels_take():
     for kernel in (wn3._fused_kernel, bwd3._fused_bwd_kernel):
         params = inspect.signature(kernel.fn).parameters
         assert set(sched._MAGIC_ARGS) <= set(params), kernel
+
+
+def test_second_design_passes_the_magic_numbers_its_kernels_take():
+    """``_Geometry2.magic`` names the window passes' and the solves' unspecialised magic
+    arguments, each the magic number of its divisor (NW1 NW2, NW2, heads)."""
+    wn2 = importlib.import_module("fastnmf.kernels.window_nmf2")
+    bwd2 = importlib.import_module("fastnmf.kernels._window2_bwd")
+    x = torch.zeros(2, 12, 8, 12, 20)
+    geo = common._Geometry2(x, 4, (4, 4, 4), [None, (2, 2, 2)])
+    divisors = {"MW12": 3 * 5, "MW2": 5, "MHEADS": 3}
+    assert geo.magic() == {name: fastdiv.magic(d) for name, d in divisors.items()}
+    assert tuple(geo.magic()) == common.MAGIC_PASS
+    assert tuple(geo.magic(heads=False)) == common.MAGIC_SOLVE
+    passes = (wn2._parts_kernel, wn2._apply_kernel, bwd2._parts_bwd_kernel,
+              bwd2._apply_bwd_kernel2)  # fmt: skip
+    for kernels, names in ((passes, common.MAGIC_PASS),
+                           ((wn2._solve_kernel, bwd2._solve_bwd_kernel), common.MAGIC_SOLVE)):
+        for kernel in kernels:
+            params = inspect.signature(kernel.fn).parameters
+            assert set(names) <= set(params), kernel

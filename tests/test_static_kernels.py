@@ -93,14 +93,24 @@ def test_every_kernel_compiles_for_sm90a_without_spills(report, module, name):
         )
 
 
+# The second and third window designs' kernels (issue 16: no integer division in their loops)
+DIVISION_FREE = (("window_nmf2", "_parts_kernel"), ("window_nmf2", "_solve_kernel"),
+                 ("window_nmf2", "_apply_kernel"), ("_window2_bwd", "_parts_bwd_kernel"),
+                 ("_window2_bwd", "_solve_bwd_kernel"), ("_window2_bwd", "_apply_bwd_kernel2"),
+                 ("window_nmf3", "_fused_kernel"),
+                 ("_window3_bwd", "_fused_bwd_kernel"))  # fmt: skip
+
+
 @needs_ptxas
-@pytest.mark.parametrize("name", ["_fused_kernel", "_fused_bwd_kernel"])
-def test_design3_kernels_divide_by_no_run_time_value(report, name):
-    """Issue 16: no integer division in the third design's loops. Its run-time divisors (grid,
-    plane, ticket sizes) come as magic numbers (kernels/_fastdiv.py): no division sequence in the
-    SASS (``I2F.RP``) and no div/rem in the PTX, in every case the coverage suite compiles."""
-    rows = [r for r in report["launches"] if r["kernel"] == name]
-    assert rows, f"{name} was never launched by the coverage cases"
+@pytest.mark.parametrize(("module", "name"), DIVISION_FREE, ids=[n for _, n in DIVISION_FREE])
+def test_window_designs_2_and_3_divide_by_no_run_time_value(report, module, name):
+    """Issue 16: no integer division in the second and third designs' loops. Their run-time
+    divisors (grid, heads; plane and ticket sizes) come as magic numbers (kernels/_fastdiv.py):
+    no division sequence in the SASS (``I2F.RP``) and no div/rem in the PTX, in every case the
+    coverage suite compiles."""
+    rows = [r for r in report["launches"]
+            if r["module"] == f"fastnmf.kernels.{module}" and r["kernel"] == name]  # fmt: skip
+    assert rows, f"{module}.{name} was never launched by the coverage cases"
     for r in rows:
         assert (r["int_div_seqs"], r["ptx_int_div"]) == (0, 0), (
             f"{name} ({r['case']}, {r['pass']}, {r['constexprs']}): {r['int_div_seqs']} division "
