@@ -9,12 +9,22 @@ from conftest import n_columns, rel_err
 import fastnmf
 
 
+def _window_kw(kw: dict) -> dict:
+    """The tests' ``patch_size=`` (the kernels' and the oracle's name) as ``matricized_nmf``'s
+    ``window=`` (patch_size there is deprecated; tests of the deprecation call it directly)."""
+    kw = dict(kw)
+    if "patch_size" in kw:
+        kw["window"] = kw.pop("patch_size")
+    return kw
+
+
 def run_grad(kernel, x, v0, dy, dtype, device, u0=None, **kw):
     """(y, dx) of ``matricized_nmf`` at ``dtype`` on ``device`` (returned on the CPU)."""
     xi = x.detach().to(device=device, dtype=dtype).requires_grad_()
     if u0 is not None:
         u0 = u0.to(device=device, dtype=dtype)
-    y = fastnmf.matricized_nmf(xi, v0.to(device=device, dtype=dtype), u0=u0, kernel=kernel, **kw)
+    y = fastnmf.matricized_nmf(xi, v0.to(device=device, dtype=dtype), u0=u0, kernel=kernel,
+                               **_window_kw(kw))  # fmt: skip
     (dx,) = torch.autograd.grad(y, xi, dy.to(device=device, dtype=dtype))
     return y.cpu(), dx.cpu()
 
@@ -24,7 +34,7 @@ def training_forward(x, v0, device, **kw):
     backward: the merge is the forward's parts pass alone."""
     xi = x.detach().to(device=device, dtype=torch.float32).requires_grad_()
     y = fastnmf.matricized_nmf(xi, v0.to(device=device, dtype=torch.float32), kernel="triton",
-                               **kw)  # fmt: skip
+                               **_window_kw(kw))  # fmt: skip
     return y.detach().cpu()
 
 

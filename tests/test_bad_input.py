@@ -127,7 +127,7 @@ def test_triton_interpreter_with_incompatible_numpy_says_how_to_fix(monkeypatch)
 def test_module_errors():
     with pytest.raises(ValueError, match="needs spatial_size"):
         fastnmf.MatricizedNMF(head_dim=4)
-    layer = fastnmf.MatricizedNMF(head_dim=4, patch_size=4)
+    layer = fastnmf.MatricizedNMF(head_dim=4, window=4)
     with pytest.raises(ValueError, match="built for 3 spatial dims"):
         layer(torch.randn(1, 8, 8, 8))
     with pytest.raises(ValueError, match="unknown solver"):

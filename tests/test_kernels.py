@@ -182,7 +182,7 @@ def test_triton_channels_last_and_autocast(gen, device):
 def test_triton_all_zero_window_gives_zero(device):
     x = -torch.ones(1, 4, 8, 8, 8, device=device, requires_grad=True)
     v0 = torch.rand(64, 1, device=device)
-    y = fastnmf.matricized_nmf(x, v0, head_dim=4, patch_size=4, shifts=[None, 2], kernel="triton")
+    y = fastnmf.matricized_nmf(x, v0, head_dim=4, window=4, shifts=[None, 2], kernel="triton")
     (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
     assert torch.equal(y, torch.zeros_like(y)) and torch.equal(dx, torch.zeros_like(dx))
 
@@ -190,7 +190,7 @@ def test_triton_all_zero_window_gives_zero(device):
 def test_triton_rejects_what_it_does_not_do(gen):
     x = torch.randn(1, 8, 8, 8, 8, generator=gen)
     with pytest.raises(NotImplementedError, match="num_grad_steps"):
-        fastnmf.matricized_nmf(x, torch.rand(64, 1), head_dim=4, patch_size=4, kernel="triton",
+        fastnmf.matricized_nmf(x, torch.rand(64, 1), head_dim=4, window=4, kernel="triton",
                                num_grad_steps=1)  # fmt: skip
     with pytest.raises(NotImplementedError, match="does not differentiate v0"):
         fastnmf.matricized_nmf(x, torch.rand(64, 1, requires_grad=True), head_dim=4,

@@ -109,7 +109,7 @@ def test_unknown_design_rejected(monkeypatch):
     monkeypatch.setitem(wn.TUNING, "design", 4)
     x = torch.rand(1, 4, 4, 4)
     with pytest.raises(ValueError, match="valid options: 1, 2, 3"):
-        fastnmf.matricized_nmf(x, torch.rand(4, 1), head_dim=4, patch_size=2, shifts=None,
+        fastnmf.matricized_nmf(x, torch.rand(4, 1), head_dim=4, window=2, shifts=None,
                                kernel="triton")  # fmt: skip
 
 

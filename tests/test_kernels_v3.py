@@ -113,7 +113,7 @@ def test_design3_backward_holds_the_recomputed_iterates(gen, design3, monkeypatc
     geo = common._Geometry2(x, 4, (4, 4, 4), [None, 2])
     assert sched.fused_plan(tuple(geo.NW), geo.shifts) is not None  # the fused path runs
     x.requires_grad_()
-    y = fastnmf.matricized_nmf(x, v0, kernel="triton", head_dim=4, patch_size=4,
+    y = fastnmf.matricized_nmf(x, v0, kernel="triton", head_dim=4, window=4,
                                shifts=[None, 2], solver="hals", iters=iters)  # fmt: skip
     assert iters <= bwd3._HELD_ITERS
     (held,) = torch.autograd.grad(y, x, dy, retain_graph=True)

@@ -91,7 +91,7 @@ def test_all_zero_and_all_negative_input(gen, kernel, solver, patch, shifts):
     """Nothing left after the ReLU: exactly zero output and zero gradient, no NaN."""
     v0 = torch.rand(64 if patch else 512, 1, generator=gen)
     for x in (torch.zeros(1, 4, 8, 8, 8), -torch.rand(1, 4, 8, 8, 8, generator=gen)):
-        y, dx = _layer(kernel, x, v0, patch_size=patch, shifts=shifts, solver=solver)
+        y, dx = _layer(kernel, x, v0, window=patch, shifts=shifts, solver=solver)
         assert torch.equal(y, torch.zeros_like(y))
         assert torch.equal(dx, torch.zeros_like(dx))
 
@@ -102,7 +102,7 @@ def test_single_nonzero_voxel_is_reproduced(gen, kernel):
     x = -torch.ones(1, 8, 8, 8, 8)
     x[0, 2, 3, 4, 5] = 2.5
     v0 = torch.rand(64, 1, generator=gen)
-    y, dx = _layer(kernel, x, v0, patch_size=4, shifts=[None, 2])
+    y, dx = _layer(kernel, x, v0, window=4, shifts=[None, 2])
     assert torch.isfinite(dx).all()
     want = torch.zeros_like(y)
     want[0, 2, 3, 4, 5] = 2.5
@@ -260,7 +260,7 @@ def test_v0_gradient_through_the_scaled_path(gen, kernel):
     grads = []
     for exponent in (0, 100):
         v = v0.clone().requires_grad_()
-        y = fastnmf.matricized_nmf(x * 2.0**exponent, v, head_dim=4, patch_size=4, kernel=kernel)
+        y = fastnmf.matricized_nmf(x * 2.0**exponent, v, head_dim=4, window=4, kernel=kernel)
         (g,) = torch.autograd.grad(y.sum(), v)
         grads.append(g.double() / 2.0**exponent)  # dY/dv0 is degree 1 in x
     assert rel_err(grads[1], grads[0]) <= 1e-6

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import n_columns, rel_err
+from conftest import check_fp32_gradient, n_columns, rel_err
 
 import fastnmf
 
@@ -96,8 +96,13 @@ def test_torch_rank_above_one_matches_reference(gen, shape, head_dim, patch, shi
     y_ref, dx_ref = _run("reference", x, v0, dy, torch.float64, **kw)
     y, dx = _run("torch", x, v0, dy, torch.float64, **kw)
     assert rel_err(y, y_ref) <= 1e-10 and rel_err(dx, dx_ref) <= 1e-10
-    y32, dx32 = _run("torch", x, v0, dy, torch.float32, **{**kw, "u0": u0.float()})
-    assert rel_err(y32, y_ref) <= 1e-4 and rel_err(dx32, dx_ref) <= 1e-3
+    kw32 = {**kw, "u0": u0.float()}
+    y32, dx32 = _run("torch", x, v0, dy, torch.float32, **kw32)
+    assert rel_err(y32, y_ref) <= 1e-4
+    # (rank 3, HALS, 2D BraTS shifts: 1 draw in 300 where the oracle in fp32 misses 1e-3 itself,
+    # by 4.6e-2, and the torch path with it)
+    check_fp32_gradient(dx32, dx_ref, 1e-3,
+                        lambda: _run("reference", x, v0, dy, torch.float32, **kw32)[1])
 
 
 @pytest.mark.parametrize("k", [0, 1, 3, 5])
@@ -166,7 +171,7 @@ def test_autocast_bfloat16_input(gen):
         x.double(), v0.double(), head_dim=4, patch_size=4, kernel="reference"
     )
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = fastnmf.matricized_nmf(x.bfloat16(), v0, head_dim=4, patch_size=4, kernel="torch")
+        y = fastnmf.matricized_nmf(x.bfloat16(), v0, head_dim=4, window=4, kernel="torch")
     assert y.dtype == torch.bfloat16
     y_bf_ref = fastnmf.matricized_nmf(
         x.bfloat16(), v0.bfloat16(), head_dim=4, patch_size=4, kernel="reference"
