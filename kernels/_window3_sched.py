@@ -61,8 +61,8 @@ _RING = 3
 # Whether the forward's parts pass merges the parts of a ticket's neighbouring windows that lie in
 # the same shifted window (kernels/_window3_parts.py; where ``merge_on``): 3 of 8 part statistics
 # of a shift splitting axis 2 fewer written and read (bf16 [None, 2, 4, 6] forward 2.14x -> 1.95x
-# the ideal bytes), no spills at 16 warps (sm_90a, Triton 3.9 and 3.6: README "Window kernel
-# designs"); the GPU run times it against the unmerged forward (bench/time_designs.py)
+# the ideal bytes), no spills at 16 warps (sm_90a, Triton 3.9 and 3.6: kernels/DESIGNS.md); the
+# GPU run times it against the unmerged forward (bench/time_designs.py)
 _MERGE = True
 # The ticket tile (kernels/_window3_tile.py) issues a third to under half of the per-window parts
 # pass's instructions (bench/results/static_designs/instructions.md); the fused forward spills
@@ -75,7 +75,7 @@ _TILE = False
 # every thread loads its own run's S, u and h-bar (a warp's lanes share a few parts), so the
 # bytes its lanes ask are 4-12x the ideal, and with Triton 3.6 the [None, 2, 4, 6] backward
 # spills (64 B fp32, 216 B bf16): off by default until the GPU has timed it
-# (bench/time_designs.py, "design 3, output-pass tile"; README "Window kernel designs")
+# (bench/time_designs.py, "design 3, output-pass tile"; kernels/DESIGNS.md)
 _BWD_TILE = False
 # The backward's parts pass on a ticket's windows as tiles (kernels/_window3_bwd_parts_tile.py):
 # off by default until the GPU has timed it (bench/time_designs.py, "design 3, backward parts

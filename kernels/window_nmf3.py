@@ -40,7 +40,7 @@ its region held, maybe another head's: ``_ring_previous``), so the dead statisti
 L2 instead of being written back to DRAM once per plane or once per head. For the backward the
 solve saves K and h (not the T iterates and norms: the backward recomputes them), and u.
 
-Static figures (sm_90a, 2x32x128^3, E = P = 8, T = 5; README "Window kernel designs"): 16 warps,
+Static figures (sm_90a, 2x32x128^3, E = P = 8, T = 5; kernels/DESIGNS.md): 16 warps,
 one program per SM; forward 103-128 registers (ptxas's cap at a thread's share:
 ``Pipeline.launch``), backward 88-120 (its passes are not inlined: kernels/_window3_bwd.py), no
 spills with [None], [None, 4], [None, 2, 4, 6] in fp32 or bf16 (Triton 3.9 and 3.6); no
