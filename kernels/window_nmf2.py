@@ -22,11 +22,11 @@ per shift. Three launches per call:
 1. ``_parts_kernel``, one program per (batch*head, WPP unshifted windows): loads a window as an
    (E, P0, P1, P2) block (P and the shifts are compile-time constants: no integer division per
    voxel, contiguous rows; the window's grid coordinates and the program's head from magic
-   numbers, kernels/_fastdiv.py: no division by a run-time value either), forms each Gram row x_i * x (a runtime loop over i), sums it into
-   sub-boxes and splits those into every shift's parts (fp32 HALS: by products with a 0/1
-   membership matrix, ``_parts_dot``, which splits the sub-box sums of x_e g0_s the same way;
-   else by masked sums): K's upper triangle (K is symmetric: E (E + 1) / 2 of the E^2 floats
-   written) and E floats of X g0 per part;
+   numbers, kernels/_fastdiv.py: no division by a run-time value either), forms each Gram row
+   x_i * x (a runtime loop over i), sums it into sub-boxes and splits those into every shift's
+   parts (fp32 HALS: by products with a 0/1 membership matrix, ``_parts_dot``, which splits the
+   sub-box sums of x_e g0_s the same way; else by masked sums): K's upper triangle (K is
+   symmetric: E (E + 1) / 2 of the E^2 floats written) and E floats of X g0 per part;
 2. ``_solve_kernel``, one program per (batch*head, shifted window): for every shift sums its
    parts from the neighbouring unshifted windows, runs the T - 1 normalised power steps
    (``_power_steps``) and writes u (and, for the backward, the iterates in the layout of the first
