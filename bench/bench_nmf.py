@@ -31,7 +31,7 @@ KERNELS = ["triton", "torch", "reference", "compiled-reference"] if CUDA else [
     "torch", "reference", "compiled-reference"
 ]  # fmt: skip
 DTYPES = [torch.float32, torch.bfloat16] if CUDA else [torch.float32]
-MODES = {"swin": dict(patch_size=8, shifts=[None, 4]), "global": dict(patch_size=None)}
+MODES = {"swin": dict(window=8, shifts=[None, 4]), "global": dict(window=None)}
 
 
 @functools.cache
@@ -47,7 +47,7 @@ def _compiled():
 def _layer(kernel, x, v0, mode, iters=5):
     kw = dict(head_dim=8, iters=iters, **MODES[mode])
     if kernel == "compiled-reference":
-        return _compiled()(x, v0, kw["head_dim"], kw["patch_size"], kw.get("shifts"), None, iters)
+        return _compiled()(x, v0, kw["head_dim"], kw["window"], kw.get("shifts"), None, iters)
     return fastnmf.matricized_nmf(x, v0, kernel=kernel, check=False, **kw)
 
 
@@ -62,7 +62,7 @@ def test_nmf_layer(benchmark, shape, dtype, mode, pass_, kernel):
         pytest.skip("the literal global loop at this size is too slow to be worth timing")
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(b, c, s, s, s, generator=gen).to(DEVICE, dtype).requires_grad_(pass_ != "fwd")
-    n = 8**3 if MODES[mode]["patch_size"] else s**3
+    n = 8**3 if MODES[mode]["window"] else s**3
     v0 = torch.rand(n, 1, generator=gen).to(DEVICE, dtype)
     dy = torch.randn_like(x)
     nbytes = x.numel() * x.element_size()

@@ -13,7 +13,7 @@ import torch
 import fastnmf
 
 SIZES = [32, 64]
-MODES = {"swin": dict(patch_size=8, shifts=[None, 4]), "global": dict(patch_size=None)}
+MODES = {"swin": dict(window=8, shifts=[None, 4]), "global": dict(window=None)}
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -25,7 +25,7 @@ def test_nmf_layer_cpu(benchmark, size, mode, iters, pass_, kernel):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, 32, size, size, size, generator=gen, requires_grad=pass_ != "fwd")
     kw = MODES[mode]
-    n = 8**3 if kw["patch_size"] else size**3
+    n = 8**3 if kw["window"] else size**3
     v0 = torch.rand(n, 1, generator=gen)
     benchmark.group = f"{mode} {size}^3 {pass_}"
     benchmark.extra_info.update(case=f"{mode}-{size}-{pass_}", iters=iters, kernel=kernel)

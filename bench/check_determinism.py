@@ -24,9 +24,9 @@ import fastnmf
 from fastnmf.profile import environment
 
 MODES = {
-    "swin": dict(patch_size=8, shifts=[None, 4]),
-    "local": dict(patch_size=8),
-    "global": dict(patch_size=None),
+    "swin": dict(window=8, shifts=[None, 4]),
+    "local": dict(window=8),
+    "global": dict(window=None),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -36,7 +36,7 @@ def check_case(kernel, device, shape, dtype, mode, runs, seed=0):
     gen = torch.Generator().manual_seed(seed)
     b, c, s = shape
     x = torch.randn(b, c, s, s, s, generator=gen).to(device, dtype)
-    n = 8**3 if MODES[mode]["patch_size"] else s**3
+    n = 8**3 if MODES[mode]["window"] else s**3
     v0 = torch.rand(n, 1, generator=gen).to(device, dtype)
     dy = torch.randn(x.shape, generator=gen).to(device, dtype)
     first = None

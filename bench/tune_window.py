@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     x = torch.randn(a.batch, a.channels, s, s, s, generator=gen).to(dev).requires_grad_()
     v0 = torch.rand(512, 1, generator=gen).to(dev)
     dy = torch.randn(x.shape, generator=gen).to(dev)
-    kw = dict(head_dim=8, patch_size=8, shifts=[None, *a.shifts], iters=5, check=False)
+    kw = dict(head_dim=8, window=8, shifts=[None, *a.shifts], iters=5, check=False)
     default = dict(wn.TUNING)
     geo = wn._Geometry(x, 8, (8, 8, 8), [None, *((sh,) * 3 for sh in a.shifts)])
     print(f"shape {tuple(x.shape)}, shifts {kw['shifts']}: tile {geo.tile}, program tile {geo.h}, "

@@ -124,19 +124,29 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return diff if scale == 0 else diff / scale
 
 
-def check_fp32_gradient(dx, dx_ref, tol, oracle_fp32) -> None:
-    """dx (fp32) within ``tol`` of the float64 oracle's dx_ref, relative. HALS's gradient through
-    T iterations can amplify fp32 rounding (a ReLU of a HALS update sits at its kink and flips
-    on rounding): on a few random draws in a hundred or a thousand, the oracle itself, run in
-    fp32, misses ``tol``. Only then is dx held to the rule for reduced precision: within 2x the
-    oracle's own fp32 error. ``oracle_fp32()`` returns the oracle's dx in fp32 (run only then);
-    any other miss fails."""
-    err = rel_err(dx, dx_ref)
+def window_kw(kw: dict) -> dict:
+    """The tests' ``patch_size=`` (the kernels' and the oracle's name) as ``matricized_nmf``'s
+    ``window=`` (patch_size there is deprecated; the deprecation's own tests call it directly)."""
+    kw = dict(kw)
+    if "patch_size" in kw:
+        kw["window"] = kw.pop("patch_size")
+    return kw
+
+
+def check_fp32(got, want, tol, oracle_fp32) -> None:
+    """An fp32 result ``got`` (output or gradient) within ``tol`` of the float64 oracle's
+    ``want``, relative. HALS through T iterations can amplify fp32 rounding (a ReLU of a HALS
+    update sits at its kink and flips on rounding): on a few random draws in a hundred to a
+    thousand the oracle itself, run in fp32, misses ``tol`` (seed sweeps; the rank-one closed
+    form is not affected). Only then is ``got`` held to the rule for reduced precision: within 2x
+    the oracle's own fp32 error. ``oracle_fp32()`` returns the oracle's fp32 result (run only
+    then); any other miss fails."""
+    err = rel_err(got, want)
     if err <= tol:
         return
-    ref_err = rel_err(oracle_fp32(), dx_ref)
-    assert ref_err > tol, f"gradient error {err:.3g} > {tol:g} (fp32 oracle: {ref_err:.3g})"
-    assert err <= 2 * ref_err, f"gradient error {err:.3g} > 2 x the fp32 oracle's {ref_err:.3g}"
+    ref_err = rel_err(oracle_fp32(), want)
+    assert ref_err > tol, f"error {err:.3g} > {tol:g} (the oracle in fp32: {ref_err:.3g})"
+    assert err <= 2 * ref_err, f"error {err:.3g} > 2 x the oracle's own fp32 error {ref_err:.3g}"
 
 
 @pytest.fixture(scope="module")

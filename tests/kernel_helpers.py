@@ -4,18 +4,9 @@ launch spy, and the checks against the float64 oracle that several kernels pass 
 import importlib
 
 import torch
-from conftest import n_columns, rel_err
+from conftest import n_columns, rel_err, window_kw
 
 import fastnmf
-
-
-def _window_kw(kw: dict) -> dict:
-    """The tests' ``patch_size=`` (the kernels' and the oracle's name) as ``matricized_nmf``'s
-    ``window=`` (patch_size there is deprecated; tests of the deprecation call it directly)."""
-    kw = dict(kw)
-    if "patch_size" in kw:
-        kw["window"] = kw.pop("patch_size")
-    return kw
 
 
 def run_grad(kernel, x, v0, dy, dtype, device, u0=None, **kw):
@@ -24,7 +15,7 @@ def run_grad(kernel, x, v0, dy, dtype, device, u0=None, **kw):
     if u0 is not None:
         u0 = u0.to(device=device, dtype=dtype)
     y = fastnmf.matricized_nmf(xi, v0.to(device=device, dtype=dtype), u0=u0, kernel=kernel,
-                               **_window_kw(kw))  # fmt: skip
+                               **window_kw(kw))  # fmt: skip
     (dx,) = torch.autograd.grad(y, xi, dy.to(device=device, dtype=dtype))
     return y.cpu(), dx.cpu()
 
@@ -34,7 +25,7 @@ def training_forward(x, v0, device, **kw):
     backward: the merge is the forward's parts pass alone."""
     xi = x.detach().to(device=device, dtype=torch.float32).requires_grad_()
     y = fastnmf.matricized_nmf(xi, v0.to(device=device, dtype=torch.float32), kernel="triton",
-                               **_window_kw(kw))  # fmt: skip
+                               **window_kw(kw))  # fmt: skip
     return y.detach().cpu()
 
 

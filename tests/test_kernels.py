@@ -166,7 +166,7 @@ def test_triton_plain_nmf(gen, device, solver):
 @pytest.mark.parametrize("device", DEVICES)
 def test_triton_channels_last_and_autocast(gen, device):
     x, v0, dy = nmf_inputs(gen, (1, 4, 8, 8, 8), 4)
-    kw = dict(head_dim=4, patch_size=4, shifts=[None, 2])
+    kw = dict(head_dim=4, window=4, shifts=[None, 2])
     y_ref, _ = run_grad("reference", x, v0, dy, torch.float64, "cpu", **kw)
     xc = x.float().to(device).to(memory_format=torch.channels_last_3d)
     y = fastnmf.matricized_nmf(xc, v0.float().to(device), kernel="triton", **kw)
@@ -194,7 +194,7 @@ def test_triton_rejects_what_it_does_not_do(gen):
                                num_grad_steps=1)  # fmt: skip
     with pytest.raises(NotImplementedError, match="does not differentiate v0"):
         fastnmf.matricized_nmf(x, torch.rand(64, 1, requires_grad=True), head_dim=4,
-                               patch_size=4, kernel="triton")  # fmt: skip
+                               window=4, kernel="triton")  # fmt: skip
 
 
 @pytest.mark.parametrize(

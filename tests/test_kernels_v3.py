@@ -150,7 +150,7 @@ def test_design3_schedule_error_raises_under_the_interpreter(gen, design3, monke
     interpreter that is a clear error, not a hang (forward; backward after a good forward)."""
     x, v0, dy = nmf_inputs(gen, (1, 8, 12, 8, 8), 4)
     x = x.float().requires_grad_(backward)
-    kw = dict(head_dim=4, patch_size=4, shifts=[None, 2], kernel="triton")
+    kw = dict(head_dim=4, window=4, shifts=[None, 2], kernel="triton")
     y = fastnmf.matricized_nmf(x, v0.float(), **kw) if backward else None
     init = sched.Pipeline.__init__
 

@@ -121,7 +121,7 @@ def test_matricized_paths_run_without_the_oracle(
     n = torch.Size(shape[2:]).numel() if window is None else window ** (len(shape) - 2)
     x = torch.randn(*shape, generator=gen, requires_grad=True)
     v0 = torch.rand(n, rank, generator=gen)
-    kw = dict(head_dim=head_dim, patch_size=window, shifts=shifts, iters=iters, kernel=kernel)
+    kw = dict(head_dim=head_dim, window=window, shifts=shifts, iters=iters, kernel=kernel)
     # the Triton rank > 1 kernels call no PyTorch code in backward that could reach the oracle;
     # their backward (slow under the interpreter) runs for one 2D case only
     grad = kernel == "torch" or rank == 1 or (window is not None and len(shape) == 4)

@@ -8,9 +8,11 @@ reference's own error at that dtype + 1e-3.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
-from conftest import rel_err
+from conftest import check_fp32, rel_err, window_kw
 
 import fastnmf
 
@@ -22,7 +24,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def _grad(kernel, x, v0, dy, dtype, device="cpu", **kw):
     xi = x.detach().to(device=device, dtype=dtype).requires_grad_()
-    y = fastnmf.matricized_nmf(xi, v0.to(device=device, dtype=dtype), kernel=kernel, **kw)
+    y = fastnmf.matricized_nmf(xi, v0.to(device=device, dtype=dtype), kernel=kernel,
+                               **window_kw(kw))  # fmt: skip
     (dx,) = torch.autograd.grad(y, xi, dy.to(device=device, dtype=dtype))
     return y.cpu(), dx.cpu()
 
@@ -32,13 +35,16 @@ def _dev(kernel):
 
 
 def _check(kernel, x, v0, dy, **kw):
-    """fp32 ``kernel`` against the float64 reference; both finite."""
+    """fp32 ``kernel`` against the float64 reference (output 1e-5, gradient 1e-4, or the rule of
+    ``check_fp32`` where the oracle in fp32 misses that itself: rank 2, HALS, seed 62855055, the
+    output 1.16e-5 off with every kernel); both finite."""
     y64, dx64 = _grad("reference", x, v0, dy, torch.float64, **kw)
     y, dx = _grad(kernel, x, v0, dy, torch.float32, _dev(kernel), **kw)
     assert torch.isfinite(y).all() and torch.isfinite(dx).all()
     assert torch.isfinite(y64).all() and torch.isfinite(dx64).all()
-    assert rel_err(y, y64) <= 1e-5, rel_err(y, y64)
-    assert rel_err(dx, dx64) <= 1e-4, rel_err(dx, dx64)
+    oracle32 = functools.cache(lambda: _grad("reference", x, v0, dy, torch.float32, **kw))
+    check_fp32(y, y64, 1e-5, lambda: oracle32()[0])
+    check_fp32(dx, dx64, 1e-4, lambda: oracle32()[1])
     return y, dx, y64
 
 

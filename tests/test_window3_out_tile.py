@@ -69,7 +69,7 @@ def test_out_tile_matches_reference(gen, design3, monkeypatch, device, shape, he
     monkeypatch.setattr(nmf3, "out_tile_plan", lambda *a: taken.append(otile.out_tile_plan(*a))
                         or taken[-1])  # fmt: skip
     x, v0, _ = nmf_inputs(gen, shape, patch, zero_windows=True)
-    kw = dict(head_dim=head_dim, patch_size=patch, shifts=shifts, solver="hals")
+    kw = dict(head_dim=head_dim, window=patch, shifts=shifts, solver="hals")
     y_ref = fastnmf.matricized_nmf(x, v0, kernel="reference", **kw).float()
     y = training_forward(x, v0, device, **kw)
     assert rel_err(y, y_ref) <= 1e-4 and [p["OTILE"] for p in taken] == [True]

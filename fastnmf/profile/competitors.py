@@ -158,11 +158,11 @@ class NMFCore(nn.Module):
         super().__init__()
         self.kw = dict(head_dim=head_dim, iters=ITERS)
         if variant == "global":
-            self.kw.update(patch_size=None, shifts=None)
+            self.kw.update(window=None, shifts=None)
             n = math.prod(size)
         else:
             self.kw.update(
-                patch_size=window, shifts=[None, window // 2] if variant == "swin" else None
+                window=window, shifts=[None, window // 2] if variant == "swin" else None
             )
             n = window ** len(size)
         gen = torch.Generator().manual_seed(0)
@@ -180,7 +180,7 @@ class NMFCore(nn.Module):
 
         if self.fn is not None:
             kw = self.kw
-            return self.fn(x, self.v0, kw["head_dim"], kw["patch_size"], kw["shifts"], None, ITERS)
+            return self.fn(x, self.v0, kw["head_dim"], kw["window"], kw["shifts"], None, ITERS)
         return matricized_nmf(x, self.v0, kernel=self.kernel, check=False, **self.kw)
 
 
