@@ -137,8 +137,8 @@ def check_fp32(got, want, tol, oracle_fp32) -> None:
     """An fp32 result ``got`` (output or gradient) within ``tol`` of the float64 oracle's
     ``want``, relative. HALS through T iterations can amplify fp32 rounding (a ReLU of a HALS
     update sits at its kink and flips on rounding): on a few random draws in a hundred to a
-    thousand the oracle itself, run in fp32, misses ``tol`` (seed sweeps; the rank-one closed
-    form is not affected). Only then is ``got`` held to the rule for reduced precision: within 2x
+    thousand the oracle itself, run in fp32, misses ``tol`` (seed sweeps of rank 2 and 3 cases).
+    Only then is ``got`` held to the rule for reduced precision: within 2x
     the oracle's own fp32 error. ``oracle_fp32()`` returns the oracle's fp32 result (run only
     then); any other miss fails."""
     err = rel_err(got, want)
