@@ -171,8 +171,11 @@ def _versions() -> dict[str, str]:
         "monai_version": monai.__version__,
         "pytorch_version": torch.__version__.split("+")[0],
         "numpy_version": np.__version__,
-        "required_packages_version": {"fastnmf": __version__, "nibabel": _version("nibabel")},
-        "optional_packages_version": {"triton": _version("triton"), "fire": _version("fire")},
+        # MONAI (1.6 here) reads an "optional_packages_version" as a deprecated name of this key and
+        # replaces this one with it: one list (fire: MONAI's bundle command line; triton comes
+        # with fastnmf and is used only on a GPU)
+        "required_packages_version": {"fastnmf": __version__, "nibabel": _version("nibabel"),
+                                      "fire": _version("fire")},  # fmt: skip
     }
 
 

@@ -13,6 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.bundle.utils import DEPRECATED_ID_MAPPING
 from realistic import make_dataset
 
 from fastnmf import data as fdata
@@ -62,6 +63,9 @@ def test_bundle_layout_and_metadata(exported):
     pred = meta["network_data_format"]["outputs"]["pred"]
     assert set(spec) <= set(image) and set(spec) - {"modality"} <= set(pred)
     assert pred["channel_def"] == {"0": "lesion"} and image["spatial_shape"] == [16] * 3
+    # no name MONAI takes as deprecated: it would replace the required packages' list on parsing
+    assert not set(meta) & set(DEPRECATED_ID_MAPPING)
+    assert {"fastnmf", "nibabel", "fire"} <= set(meta["required_packages_version"])
     inference = json.loads((bundle / "configs/inference.json").read_text())
     assert inference["network_def"]["_target_"] == "fastnmf.bundle.network"
     weights = torch.load(bundle / "models/model.pt", weights_only=True)
