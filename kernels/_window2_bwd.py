@@ -247,18 +247,18 @@ def backward2(x, g0, rowmask, hats, norms, kmat, dy, geo: _Geometry2, iters: int
         x, dy, g0, rowmask, hats, gpart,
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, iters, geo.S[1], geo.S[2], *geo.NW,
         **geo.magic(), **geo.consts(), **geo.block(), MU=mu, ACC=acc,
-        num_warps=geo.warps["parts_bwd"],
+        **geo.launch("parts_bwd"),
     )  # fmt: skip
     _solve_bwd_kernel[(geo.nwin, geo.bh)](
         gpart, kmat, hats, norms, sym, hbar, geo.E, geo.nwin, iters, *geo.NW,
         **geo.magic(heads=False), SHIFTS=geo.shifts, NSHIFT=geo.nshift, BLOCK_E=geo.block_e,
-        ACC=acc, num_warps=1,
+        ACC=acc, **geo.launch("solve"),
     )  # fmt: skip
     dx = torch.empty_like(x)
     _apply_bwd_kernel2[geo.grid](
         x, dy, dx, g0, rowmask, hats, sym, hbar,
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, iters, geo.S[1], geo.S[2], *geo.NW,
         **geo.magic(), **geo.consts(), **geo.block(), MU=mu, ACC=acc,
-        num_warps=geo.warps["apply_bwd"],
+        **geo.launch("apply_bwd"),
     )  # fmt: skip
     return dx

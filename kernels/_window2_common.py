@@ -372,8 +372,11 @@ MAGIC_PASS = (*MAGIC_SOLVE, "MHEADS")
 
 # Unshifted windows per program of the parts and apply kernels (default 16: g0's rolled copies,
 # loaded once per program, then cost 0.5 KB a window; 2048 programs at 2x32x128^3), warps per
-# program of every window pass (default: see _Geometry2); read by the launcher at each call.
-TUNING: dict = {"wpp": None, "warps": None}
+# program of every window pass (default: see _Geometry2), and a register cap for ptxas on every
+# launch (None: none; at 64, 32 resident warps an SM, the parts passes and the backward output
+# pass spill in most cases, up to 672 B a thread, and the forward solve 32-40 B: sm_90a, Triton
+# 3.9, bench/results/static_designs/instructions.md); read by the launcher at each call.
+TUNING: dict = {"wpp": None, "warps": None, "maxnreg": None}
 _DEFAULT_WPP = 16
 _WARPS = {"parts": 8, "apply": 8, "parts_bwd": 8, "apply_bwd": 16}
 
@@ -422,6 +425,12 @@ class _Geometry2(WindowSizes):
                 f"head_dim x voxels = {self.E} x {self.nvox} is at least 2^31; the second window "
                 "design takes fewer (use window_nmf.TUNING['design'] = 1)"
             )
+
+    def launch(self, name: str) -> dict:
+        """Launch options of pass ``name`` (a ``_WARPS`` name, or "solve": one warp): warps and,
+        with ``TUNING["maxnreg"]``, ptxas's register cap."""
+        cap = TUNING["maxnreg"]
+        return {"num_warps": self.warps.get(name, 1), **({"maxnreg": cap} if cap else {})}
 
     def consts(self) -> dict:
         return dict(SHIFTS=self.shifts, NSHIFT=self.nshift, P0=self.P[0], P1=self.P[1],

@@ -341,18 +341,18 @@ def _forward(x, g0, rowmask, geo: _Geometry2, iters: int, mu: bool, save: bool):
         x, g0, rowmask, kpart, hpart,
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, geo.S[1], geo.S[2], *geo.NW[1:],
         **geo.magic(), **geo.consts(), **geo.block(), MU=mu, ACC=acc, **geo.dot(acc, mu),
-        num_warps=geo.warps["parts"],
+        **geo.launch("parts"),
     )  # fmt: skip
     _solve_kernel[(geo.nwin, geo.bh)](
         kpart, hpart, u, hats, norms, kmat, geo.E, geo.nwin, iters, *geo.NW,
         **geo.magic(heads=False), SHIFTS=geo.shifts, NSHIFT=geo.nshift, BLOCK_E=geo.block_e,
-        SAVE=save, ACC=acc, num_warps=1,
+        SAVE=save, ACC=acc, **geo.launch("solve"),
     )  # fmt: skip
     _apply_kernel[geo.grid](
         x, y, g0, rowmask, u,
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, geo.S[1], geo.S[2], *geo.NW,
         **geo.magic(), **geo.consts(), **geo.block(), MU=mu, ACC=acc,
-        num_warps=geo.warps["apply"],
+        **geo.launch("apply"),
     )  # fmt: skip
     if not save:
         hats = norms = kmat = None

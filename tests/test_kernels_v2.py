@@ -86,6 +86,23 @@ def test_design2_zero_input(gen, design2, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_design2_register_cap_reaches_every_launch(gen, design2, monkeypatch, device):
+    """``TUNING["maxnreg"]`` (ptxas's register cap) goes with every launch of the second design
+    and changes no result (the interpreter ignores it; compiled at 64: 32 resident warps an SM)."""
+    common = importlib.import_module("fastnmf.kernels._window2_common")
+    geo = common._Geometry2(torch.zeros(1, 8, 8, 8, 8), 4, (4, 4, 4), [None, (2, 2, 2)])
+    assert geo.launch("parts") == {"num_warps": 8} and geo.launch("solve") == {"num_warps": 1}
+    monkeypatch.setitem(common.TUNING, "maxnreg", 64)
+    for name, warps in (("parts", 8), ("apply", 8), ("parts_bwd", 8), ("apply_bwd", 16),
+                        ("solve", 1)):  # fmt: skip
+        assert geo.launch(name) == {"num_warps": warps, "maxnreg": 64}, name
+    x, v0, dy = nmf_inputs(gen, (1, 4, 8, 8, 8), 4)
+    dx, dx_ref = fp32_against_reference(x, v0, dy, device, head_dim=4, patch_size=4,
+                                        shifts=[None, 2])  # fmt: skip
+    assert rel_err(dx, dx_ref) <= 1e-4
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_design2_three_launches_and_deterministic(gen, design2, monkeypatch, device):
     """Forward and backward: the three kernels of the second design each, once each; bitwise
     the same twice."""
