@@ -36,7 +36,7 @@ def test_window_rank_matches_reference(gen, device, shape, head_dim, patch, shif
     dx, dx_ref = fp32_against_reference(x, v0, dy, device, **kw)
     # (on about 1 % of random draws of these cases the oracle in fp32 misses 1e-4 itself)
     check_fp32(dx, dx_ref, 1e-4,
-                        lambda: run_grad("reference", x, v0, dy, torch.float32, "cpu", **kw)[1])
+               lambda: run_grad("reference", x, v0, dy, torch.float32, "cpu", **kw)[1])
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -102,7 +102,7 @@ def test_torch_rank_above_one_matches_reference(gen, shape, head_dim, patch, shi
     # (rank 3, HALS, 2D BraTS shifts: 1 draw in 300 where the oracle in fp32 misses 1e-3 itself,
     # by 4.6e-2, and the torch path with it)
     check_fp32(dx32, dx_ref, 1e-3,
-                        lambda: _run("reference", x, v0, dy, torch.float32, **kw32)[1])
+               lambda: _run("reference", x, v0, dy, torch.float32, **kw32)[1])
 
 
 @pytest.mark.parametrize("k", [0, 1, 3, 5])
