@@ -364,18 +364,19 @@ def _sum_parts_rows(vpart_ptr, kpart_ptr, bh, om, ok, k, NWIN, NW0, NW1, NW2, NP
                     SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, SPLITS: tl.constexpr,
                     E: tl.constexpr,
                     NR: tl.constexpr, BLOCK_E: tl.constexpr, ACC: tl.constexpr,
-                    WITH_K: tl.constexpr, RING: tl.constexpr, MERGE: tl.constexpr = False,
-                    WPP: tl.constexpr = 1, MW2=None, W0=None):  # fmt: skip
+                    WITH_K: tl.constexpr, RING: tl.constexpr, MERGE: tl.constexpr,
+                    WPP: tl.constexpr, MW2, W0):  # fmt: skip
     """``_sum_parts`` of the second design for the rows (k, om, ok) (NR,) of :func:`_solve_rows`,
     every shift's at once: (K (NR, BLOCK_E, BLOCK_E), vector (NR, BLOCK_E)) summed over the
     parts b of each row (along the axes some shift splits: SPLITS), a part read only where the
     row's shift splits the axes b crosses; the part slots of :func:`_part_slot_at`. With MERGE,
     a high part along axis 2 that the parts pass merged into its neighbour's low part
-    (:func:`_merges_next`; axis 2 place w2) is not read. Computing every shift's rows at once
-    keeps a program's 512 threads on 8-16 matrices, not 4 per shift: sm_90a, Triton 3.9, fp32,
-    the forward's solve issues 686 + 3 x 37 / 771 + 3 x 63 instructions a ticket for [None, 4] /
-    [None, 2, 4, 6], where the solve shift by shift issued about 1480 / 2090 (commit a516163:
-    bench/results/static_designs/instructions.md)."""
+    (:func:`_merges_next`; axis 2 place w2) is not read. The rows' window coordinates come from
+    ``_window_origin`` with MW2 (NW2's magic number) and W0 (the coordinate along axis 0).
+    Computing every shift's rows at once keeps a program's 512 threads on 8-16 matrices, not 4
+    per shift: sm_90a, Triton 3.9, fp32, the forward's solve issues 686 + 3 x 37 / 771 + 3 x 63
+    instructions a ticket for [None, 4] / [None, 2, 4, 6], where the solve shift by shift issued
+    about 1480 / 2090 (commit a516163: bench/results/static_designs/instructions.md)."""
     e = tl.arange(0, BLOCK_E)
     i3 = e[None, :, None]
     j3 = e[None, None, :]
