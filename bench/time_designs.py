@@ -4,6 +4,8 @@
     python3 bench/time_designs.py --shape 1 8 16 16 16 --repeats 1   # anywhere (interpreter:
         # slow, over 15 minutes for the fp32 half on 2 CPU cores; --dtypes / --shifts /
         # --variants pick a part)
+    python3 bench/time_designs.py --static      # no GPU: each case compiled for sm_90a, its
+        # launches' registers, spills and resident warps (the static report beside the timing)
 
 For each dtype (fp32, bf16), shift set ([None, 4], [None, 2, 4, 6]) and variant (design 1, 2, 3,
 and design 3 with other ``_window3_sched.TUNING`` settings: warps 8, 16 windows a ticket,
@@ -27,6 +29,7 @@ on-disk cache, and the timing starts when they are done or after ``--compile-bud
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -68,14 +71,25 @@ def _layer(x, v0, shifts):
                                   kernel="triton", check=False)  # fmt: skip
 
 
-def _run(design: int, tuning: dict, x, v0, dy, shifts, device, repeats: int,
-         warmup: int, timed: bool = True) -> dict:  # fmt: skip
+@contextlib.contextmanager
+def _tuned(design: int, tuning: dict):
+    """The window design and design 3's TUNING of a variant, restored afterwards."""
     wn = importlib.import_module("fastnmf.kernels.window_nmf")
     sched = importlib.import_module("fastnmf.kernels._window3_sched")
     saved, saved3 = wn.TUNING["design"], dict(sched.TUNING)
     wn.TUNING["design"] = design
     sched.TUNING.update(tuning)
     try:
+        yield
+    finally:
+        wn.TUNING["design"] = saved
+        sched.TUNING.clear()
+        sched.TUNING.update(saved3)
+
+
+def _run(design: int, tuning: dict, x, v0, dy, shifts, device, repeats: int,
+         warmup: int, timed: bool = True) -> dict:  # fmt: skip
+    with _tuned(design, tuning):
         xg = x.detach().requires_grad_()
 
         def fwd():
@@ -91,10 +105,6 @@ def _run(design: int, tuning: dict, x, v0, dy, shifts, device, repeats: int,
             return dict(y=y, dx=g)
         return dict(fwd_ms=median_ms(fwd, device, repeats, warmup),
                     fwdbwd_ms=median_ms(fwdbwd, device, repeats, warmup), y=y, dx=g)
-    finally:
-        wn.TUNING["design"] = saved
-        sched.TUNING.clear()
-        sched.TUNING.update(saved3)
 
 
 def _rel(a, b) -> float:
@@ -121,11 +131,17 @@ def _parser() -> argparse.ArgumentParser:
                     help="seconds the --jobs processes may take (then the timing starts)")
     ap.add_argument("--compile-only", action="store_true",
                     help="only the first (compiling) calls: what each --jobs process runs")
+    ap.add_argument("--static", action="store_true",
+                    help="no GPU needed: compile every case for sm_90a (the static suite's stub "
+                         "driver) and print each launch's registers, spills and resident warps "
+                         "(a markdown table; --out: JSON), times nothing")  # fmt: skip
     return ap
 
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    if args.static:
+        return _static(args, sys.argv[1:] if argv is None else list(argv))
     device = pick_device("auto")
     if args.compile_only:
         for dname, sname, _, design, tuning in _cases(args):
@@ -168,6 +184,48 @@ def main(argv=None) -> int:
         _write(args.out, device, args.shape, bw, rows)
     _write(args.out, device, args.shape, bw, rows)
     return 1 if any("error" in r for r in rows) else 0
+
+
+STATIC_FIELDS = ("pass", "kernel", "warps", "regs", "spill_bytes", "resident_warps_per_sm")
+
+
+def _static(args, argv: list[str]) -> int:
+    """Every case's launches compiled for sm_90a with its variant's settings, no GPU (what the
+    timing will run, beside it: a variant that spills or fails to compile shows before a GPU
+    session spends time on it). Returns 1 if a case failed to compile. Under the interpreter
+    (``TRITON_INTERPRET=1``) the static suite compiles in a process of its own, which the
+    variants' TUNING would not reach: this script then runs again without it."""
+    from fastnmf.profile.static import kernel_report as kr
+    from fastnmf.profile.static.cases import StaticCase
+
+    if not kr._compiling_here():
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        return subprocess.run([sys.executable, os.path.abspath(__file__), *argv], env=env,
+                              check=False).returncode  # fmt: skip
+    batch, channels, *spatial = args.shape
+    rows, failed = [], False
+    print("| dtype | shifts | variant | " + " | ".join(STATIC_FIELDS) + " |")
+    print("|---" * (3 + len(STATIC_FIELDS)) + "|", flush=True)
+    for dname, sname, name, design, tuning in _cases(args):
+        case = StaticCase("window", batch, channels, tuple(spatial), dtype=dname, head_dim=8,
+                          window=8, iters=5, shifts=tuple(SHIFTS[sname]), design=design)
+        row = dict(dtype=dname, shifts=sname, variant=name)
+        try:
+            with _tuned(design, tuning):
+                launches = kr.kernel_report([case], targets=("sm_90a",))["launches"]
+        except Exception as e:  # noqa: BLE001 - recorded, the other variants go on
+            failed = True
+            rows.append(dict(row, error=f"{type(e).__name__}: {e}"))
+            print(f"| {dname} | {sname} | {name} | error: {type(e).__name__}: {e} |", flush=True)
+            continue
+        for launch in launches:
+            rows.append(dict(row, **{f: launch[f] for f in STATIC_FIELDS}))
+            print(f"| {dname} | {sname} | {name} | "
+                  + " | ".join(str(launch[f]) for f in STATIC_FIELDS) + " |", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(target="sm_90a", shape=args.shape, rows=rows), f, indent=1)
+    return 1 if failed else 0
 
 
 def _inputs(shape, dname, device):

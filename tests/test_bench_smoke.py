@@ -180,6 +180,37 @@ def test_time_designs_runs(tmp_path):
     assert all(r["dx_rel_diff_vs_design1"] < 1e-5 for r in rows[1:])
 
 
+def test_time_designs_static_compiles_each_variant_with_its_settings(tmp_path):
+    """``--static`` (no GPU): each case's launches compiled for sm_90a with its variant's
+    settings. The register-capped variant's fused kernels at 64 registers and 32 resident warps
+    an SM, the default's above 64 at 16. Under pytest the interpreter is on, so the static suite
+    would compile in a process of its own that the variants' TUNING does not reach: the script
+    runs again without it, and the cap must still arrive."""
+    import importlib.util
+    import json
+
+    from fastnmf.profile.static import ptx_tools
+
+    if ptx_tools.missing_tools(["sm_90a"]):
+        pytest.skip("; ".join(ptx_tools.missing_tools(["sm_90a"])))
+    spec = importlib.util.spec_from_file_location("time_designs", ROOT / "bench/time_designs.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "static.json"
+    capped = "design 3, 64 registers, 2 programs/SM"
+    rc = mod.main(["--static", "--shape", "1", "8", "16", "16", "16", "--dtypes", "fp32",
+                   "--shifts", "[None, 4]", "--variants", "design 3", capped,
+                   "--out", str(out)])  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    by = {(r["variant"], r["pass"]): r for r in rows}
+    assert rc == 0 and len(rows) == 4 and len(by) == 4
+    for pass_, kernel in (("fwd", "_fused_kernel"), ("bwd", "_fused_bwd_kernel")):
+        default, low = by["design 3", pass_], by[capped, pass_]
+        assert default["kernel"] == low["kernel"] == kernel
+        assert default["regs"] > 64 and default["resident_warps_per_sm"] == 16
+        assert low["regs"] <= 64 and low["resident_warps_per_sm"] == 32
+
+
 def test_time_designs_keeps_what_it_measured_when_cut_short(tmp_path, monkeypatch):
     """The GPU session stops a step at its time limit: the JSON is written after every row, so
     a run stopped during the second variant still holds the first (``_run`` replaced: no
