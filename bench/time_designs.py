@@ -18,7 +18,9 @@ T = 5) are timed (median of CUDA events), as % of the device's copy bandwidth fo
 (design 1); every variant's output and gradient are compared with its (max relative
 difference). A variant that fails is recorded with its error and the others go on. Writes one
 JSON document (rewritten after every row, so a run stopped by the GPU session's time limit keeps
-what it measured) and prints a table (flushed row by row); nothing here gates anything.
+what it measured) and prints a table (flushed row by row), then the fastest variant of each dtype
+and shift set against issue 16's targets (forward 60 %, forward+backward 45 % of copy bandwidth:
+met, or missed by how much; "best" in the JSON); nothing here gates anything.
 
 On a GPU the cases' kernels are first compiled by ``--jobs`` processes at once (``--compile-only``
 each; Triton compiles one kernel at a time in a process, tens of seconds for a fused kernel, and
@@ -182,8 +184,36 @@ def main(argv=None) -> int:
               f"({row['fwdbwd_pct_copy_bw']:5.1f} %)  dx diff "
               f"{row['dx_rel_diff_vs_design1']:.1e}", flush=True)  # fmt: skip
         _write(args.out, device, args.shape, bw, rows)
-    _write(args.out, device, args.shape, bw, rows)
+    best = _best_lines(rows)
+    _write(args.out, device, args.shape, bw, rows, best)
+    for line in best:
+        print(line, flush=True)
     return 1 if any("error" in r for r in rows) else 0
+
+
+# issue 16's targets: % of the device's copy bandwidth for the ideal bytes (forward,
+# forward + backward)
+TARGETS = {"fwd": 60.0, "fwdbwd": 45.0}
+
+
+def _best_lines(rows) -> list[str]:
+    """Per dtype and shift set, the fastest variant forward and forward+backward against issue 16's
+    targets (met, or missed by how much)."""
+    lines = []
+    for key in dict.fromkeys((r["dtype"], r["shifts"]) for r in rows):
+        timed = [r for r in rows if (r["dtype"], r["shifts"]) == key and "error" not in r]
+        for pass_, goal in TARGETS.items():
+            if not timed:
+                lines.append(f"{key[0]} {key[1]} {pass_.replace('bwd', '+bwd')}: nothing timed")
+                continue
+            best = min(timed, key=lambda r: r[f"{pass_}_ms"])
+            pct = best[f"{pass_}_pct_copy_bw"]
+            how = "met" if pct >= goal else f"missed by {goal / pct:.2f}x"
+            lines.append(f"{key[0]} {key[1]} {pass_.replace('bwd', '+bwd')}: fastest "
+                         f"{best['variant']!r}, "
+                         f"{best[f'{pass_}_ms']:.3f} ms = {pct:.1f} % of copy bandwidth "
+                         f"(target {goal:.0f} %: {how})")  # fmt: skip
+    return lines
 
 
 STATIC_FIELDS = ("pass", "kernel", "warps", "regs", "spill_bytes", "resident_warps_per_sm")
@@ -289,11 +319,14 @@ def _compile_first(args, jobs: int, cmds=None) -> int:
     return done
 
 
-def _write(out, device, shape, bw, rows) -> None:
+def _write(out, device, shape, bw, rows, best=None) -> None:
     """The JSON document so far (written after every row: a run cut short by the GPU session's
-    time limit keeps what it measured)."""
+    time limit keeps what it measured); at the end with the fastest variants against the
+    targets (``best``)."""
     if out:
         doc = dict(environment=environment(device), shape=shape, copy_bw_gbs=bw, rows=rows)
+        if best is not None:
+            doc["best"] = best
         with open(out, "w") as f:
             json.dump(doc, f, indent=1)
 

@@ -239,6 +239,41 @@ def test_time_designs_keeps_what_it_measured_when_cut_short(tmp_path, monkeypatc
     assert [r["variant"] for r in rows] == ["design 1"] and rows[0]["fwd_ms"] == 1.0
 
 
+def test_time_designs_names_the_fastest_variant_against_the_targets(tmp_path, monkeypatch,
+                                                                     capsys):  # fmt: skip
+    """At the end the fastest variant of each dtype and shift set, forward and forward+backward,
+    against issue 16's targets (60 % / 45 % of copy bandwidth), printed and in the JSON; a
+    variant that failed is left out (``_run`` replaced: no kernel runs here)."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("time_designs", ROOT / "bench/time_designs.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    times = {1: (0.1, 0.4), 2: None, 3: (0.04, 0.3)}  # ms; design 2 fails
+
+    def fake_run(design, tuning, x, v0, dy, shifts, device, repeats, warmup, timed=True):
+        if times[design] is None:
+            raise RuntimeError("no kernel")
+        return dict(fwd_ms=times[design][0], fwdbwd_ms=times[design][1], y=x, dx=x)
+
+    monkeypatch.setattr(mod, "_run", fake_run)
+    monkeypatch.setattr(mod, "copy_bw", lambda device: 1.0)  # GB/s
+    out = tmp_path / "designs.json"
+    rc = mod.main(["--shape", "1", "8", "8", "8", "8", "--dtypes", "fp32", "--shifts",
+                   "[None, 4]", "--variants", "design 1", "design 2", "design 3",
+                   "--out", str(out)])  # fmt: skip
+    # 4096 fp32 values: forward 2 x 16384 B, ideally 0.0328 ms at 1 GB/s; fwd+bwd 5 x 16384 B
+    best = json.loads(out.read_text())["best"]
+    assert rc == 1 and best == [
+        "fp32 [None, 4] fwd: fastest 'design 3', 0.040 ms = 81.9 % of copy bandwidth "
+        "(target 60 %: met)",
+        "fp32 [None, 4] fwd+bwd: fastest 'design 3', 0.300 ms = 27.3 % of copy bandwidth "
+        "(target 45 %: missed by 1.65x)",
+    ]
+    assert best[1] in capsys.readouterr().out
+
+
 def test_time_designs_compiles_every_case_first_within_a_budget(tmp_path, capsys):
     """On a GPU the cases' kernels are compiled by several processes before the timing: one
     ``--compile-only`` command a case, in the timing's order, each selecting exactly that case;
