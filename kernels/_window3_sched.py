@@ -69,16 +69,14 @@ _MERGE = True
 # at 16 warps spills nothing with Triton 3.6, the GPU machine's (sm_90a, fp32 and bf16, both shift
 # sets: static_designs_triton36/variants.md), and with Triton 3.9 only with [None, 4] (8 B fp32,
 # 32 B bf16; none with the forward output tile beside it): off by default until the GPU has
-# timed it
-# (bench/time_designs.py, "design 3, ticket tile")
+# timed it (bench/time_designs.py, "design 3, ticket tile")
 _TILE = False
 # The backward's output pass on a ticket's windows as one tile (kernels/_window3_bwd_tile.py):
 # a quarter to a sixth of the per-window pass's instructions and no spills with Triton 3.9, but
 # every thread loads its own run's S, u and h-bar (a warp's lanes share a few parts), so the
 # bytes its lanes ask are 4-12x the ideal, and with Triton 3.6 the [None, 2, 4, 6] backward
 # spills (48 B fp32, 136 B bf16; none beside the backward parts tile): off by default until the
-# GPU has timed it
-# (bench/time_designs.py, "design 3, output-pass tile"; kernels/DESIGNS.md)
+# GPU has timed it (bench/time_designs.py, "design 3, output-pass tile"; kernels/DESIGNS.md)
 _BWD_TILE = False
 # The backward's parts pass on a ticket's windows as tiles (kernels/_window3_bwd_parts_tile.py):
 # off by default until the GPU has timed it (bench/time_designs.py, "design 3, backward parts
