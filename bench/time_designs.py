@@ -20,7 +20,8 @@ difference). A variant that fails is recorded with its error and the others go o
 JSON document (rewritten after every row, so a run stopped by the GPU session's time limit keeps
 what it measured) and prints a table (flushed row by row), then the fastest variant of each dtype
 and shift set against issue 16's targets (forward 60 %, forward+backward 45 % of copy bandwidth:
-met, or missed by how much; "best" in the JSON); nothing here gates anything.
+met, or missed by how much; "best" in the JSON, kept up to date row by row); nothing here gates
+anything.
 
 On a GPU the cases' kernels are first compiled by ``--jobs`` processes at once (``--compile-only``
 each; Triton compiles one kernel at a time in a process, tens of seconds for a fused kernel, and
@@ -166,7 +167,7 @@ def main(argv=None) -> int:
             rows.append(dict(row, error=f"{type(e).__name__}: {e}"))
             print(f"{dname} {sname} {name}: {type(e).__name__}: {e}", file=sys.stderr,
                   flush=True)  # fmt: skip
-            _write(args.out, device, args.shape, bw, rows)
+            _write(args.out, device, args.shape, bw, rows, _best_lines(rows))
             continue
         b = base.setdefault((dname, sname), r)  # the first variant that ran
         row.update(
@@ -183,7 +184,7 @@ def main(argv=None) -> int:
               f"({row['fwd_pct_copy_bw']:5.1f} %)  fwd+bwd {row['fwdbwd_ms']:8.3f} ms "
               f"({row['fwdbwd_pct_copy_bw']:5.1f} %)  dx diff "
               f"{row['dx_rel_diff_vs_design1']:.1e}", flush=True)  # fmt: skip
-        _write(args.out, device, args.shape, bw, rows)
+        _write(args.out, device, args.shape, bw, rows, _best_lines(rows))
     best = _best_lines(rows)
     _write(args.out, device, args.shape, bw, rows, best)
     for line in best:
@@ -319,14 +320,13 @@ def _compile_first(args, jobs: int, cmds=None) -> int:
     return done
 
 
-def _write(out, device, shape, bw, rows, best=None) -> None:
-    """The JSON document so far (written after every row: a run cut short by the GPU session's
-    time limit keeps what it measured); at the end with the fastest variants against the
-    targets (``best``)."""
+def _write(out, device, shape, bw, rows, best) -> None:
+    """The JSON document so far, with the fastest variants so far against the targets
+    (``best``): written after every row, so a run cut short by the GPU session's time limit
+    keeps what it measured."""
     if out:
-        doc = dict(environment=environment(device), shape=shape, copy_bw_gbs=bw, rows=rows)
-        if best is not None:
-            doc["best"] = best
+        doc = dict(environment=environment(device), shape=shape, copy_bw_gbs=bw, rows=rows,
+                   best=best)  # fmt: skip
         with open(out, "w") as f:
             json.dump(doc, f, indent=1)
 

@@ -235,8 +235,11 @@ def test_time_designs_keeps_what_it_measured_when_cut_short(tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         mod.main(["--shape", "1", "8", "8", "8", "8", "--dtypes", "fp32", "--shifts", "[None, 4]",
                   "--variants", "design 1", "design 3", "--out", str(out)])  # fmt: skip
-    rows = json.loads(out.read_text())["rows"]
-    assert [r["variant"] for r in rows] == ["design 1"] and rows[0]["fwd_ms"] == 1.0
+    doc = json.loads(out.read_text())
+    assert [r["variant"] for r in doc["rows"]] == ["design 1"] and doc["rows"][0]["fwd_ms"] == 1.0
+    assert [line.split(":")[0] for line in doc["best"]] == ["fp32 [None, 4] fwd",
+                                                            "fp32 [None, 4] fwd+bwd"]  # fmt: skip
+    assert all("fastest 'design 1'" in line for line in doc["best"])
 
 
 def test_time_designs_names_the_fastest_variant_against_the_targets(tmp_path, monkeypatch,
