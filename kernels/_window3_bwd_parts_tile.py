@@ -27,7 +27,7 @@ from ._common import acc_dtype
 from ._window2_common import _part_member, _window_origin
 from ._window3_bwd_tile import _run_prog, _vec
 from ._window3_sched import _BWD_PARTS_TILE, TUNING
-from ._window3_tile import _tile_parts_store, tile_subboxes
+from ._window3_tile import _ch_first, _tile_parts_store, tile_subboxes
 
 __all__ = ["bwd_parts_plan"]
 
@@ -39,12 +39,14 @@ def _parts_bwd_tile(
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, BP0: tl.constexpr, BP1: tl.constexpr,
     BP2: tl.constexpr, BLOCK_E: tl.constexpr, NSB: tl.constexpr, D0: tl.constexpr,
     D1: tl.constexpr, D2: tl.constexpr, ROWS0: tl.constexpr, WT: tl.constexpr,
+    EAX: tl.constexpr,
 ):  # fmt: skip
     """The backward parts of one ticket's windows as tiles of WT windows (module docstring)."""
     for h in tl.static_range(W // WT):
         _parts_bwd_subtile(x_base, dy_base, first + h * WT, plane, NPLANE, bh, u_ptr, gpart_ptr,
                            E, NWIN, NVOX, S1, S2, NW0, NW1, NW2, MW2, W0, SHIFTS, NSHIFT, WT,
-                           P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, D0, D1, D2, ROWS0)  # fmt: skip
+                           P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, D0, D1, D2, ROWS0,
+                           EAX)  # fmt: skip
 
 
 @triton.jit
@@ -53,16 +55,24 @@ def _parts_bwd_subtile(
     S1, S2, NW0, NW1, NW2, MW2, W0, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, W: tl.constexpr,
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, BP0: tl.constexpr, BP1: tl.constexpr,
     BP2: tl.constexpr, BLOCK_E: tl.constexpr, NSB: tl.constexpr, D0: tl.constexpr,
-    D1: tl.constexpr, D2: tl.constexpr, ROWS0: tl.constexpr,
+    D1: tl.constexpr, D2: tl.constexpr, ROWS0: tl.constexpr, EAX: tl.constexpr,
 ):  # fmt: skip
-    """Every shift's part sums of dY_s (u^T x) + x (u^T dY_s) of W windows from ``first``."""
+    """Every shift's part sums of dY_s (u^T x) + x (u^T dY_s) of W windows from ``first``. The
+    tiles loaded channels first, or fifth where EAX != 0 (kernels/_window3_tile.py says why)."""
     V: tl.constexpr = 2  # a run: the voxels a thread holds along axis 2
-    c6 = tl.arange(0, BLOCK_E)[:, None, None, None, None, None]
-    j6 = tl.arange(0, W)[None, :, None, None, None, None]
-    q0 = tl.arange(0, BP0)[None, None, :, None, None, None]
-    q1 = tl.arange(0, BP1)[None, None, None, :, None, None]
-    r2 = (tl.arange(0, BP2 // V) * V)[None, None, None, None, :, None]  # a run's first voxel
     g6 = tl.arange(0, V)[None, None, None, None, None, :]
+    if EAX != 0:
+        c6 = tl.arange(0, BLOCK_E)[None, None, None, None, :, None]
+        j6 = tl.arange(0, W)[:, None, None, None, None, None]
+        q0 = tl.arange(0, BP0)[None, :, None, None, None, None]
+        q1 = tl.arange(0, BP1)[None, None, :, None, None, None]
+        r2 = (tl.arange(0, BP2 // V) * V)[None, None, None, :, None, None]  # a run's first voxel
+    else:
+        c6 = tl.arange(0, BLOCK_E)[:, None, None, None, None, None]
+        j6 = tl.arange(0, W)[None, :, None, None, None, None]
+        q0 = tl.arange(0, BP0)[None, None, :, None, None, None]
+        q1 = tl.arange(0, BP1)[None, None, None, :, None, None]
+        r2 = (tl.arange(0, BP2 // V) * V)[None, None, None, None, :, None]
     # a window past the plane's end (masked: nothing loaded, nothing stored) takes the plane's
     # last window's u, so that no load leaves u
     v0, v1, v2 = _window_origin(plane * NPLANE + tl.minimum(first + j6, NPLANE - 1), NW1, NW2,
@@ -71,8 +81,8 @@ def _parts_bwd_subtile(
     voxel = ((v0 * P0 + q0) * S1 + v1 * P1 + q1) * S2 + v2 * P2 + r2 + g6
     offs = c6 * NVOX + voxel
     ok = inside & (first + j6 < NPLANE) & (c6 < E)
-    x = tl.maximum(tl.load(x_base + offs, mask=ok, other=0).to(tl.float32), 0)
-    dy = tl.load(dy_base + offs, mask=ok, other=0).to(tl.float32) / NSHIFT  # dY_s
+    x = _ch_first(tl.maximum(tl.load(x_base + offs, mask=ok, other=0).to(tl.float32), 0), EAX)
+    dy = _ch_first(tl.load(dy_base + offs, mask=ok, other=0).to(tl.float32) / NSHIFT, EAX)  # dY_s
     BA0K: tl.constexpr = 1 if ROWS0 else BP0 // D0
     NB: tl.constexpr = 4 if ROWS0 else 8
     NC: tl.constexpr = NB * NSB
@@ -87,7 +97,7 @@ def _parts_bwd_subtile(
     for k in tl.static_range(NSHIFT):
         prog = _run_prog(bh, v0, v1, v2, q0, q1, r2, NWIN, NW0, NW1, NW2, k, SHIFTS, NSHIFT, P0,
                          P1, P2)  # fmt: skip
-        uk = _vec(u_ptr + prog * E, c6, E, False)  # the forward's u, one vector a run
+        uk = _ch_first(_vec(u_ptr + prog * E, c6, E, False), EAX)  # the forward's u, a run's
         cx = tl.sum(uk * x, axis=0)[None]  # u^T x, in the thread
         cdy = tl.sum(uk * dy, axis=0)[None]
         z = tl.reshape(dy * cx + x * cdy, (BLOCK_E, W, BP0, BP1, BP2))

@@ -38,6 +38,16 @@ __all__ = ["tile_plan", "tile_subboxes"]
 
 
 @triton.jit
+def _ch_first(t, EAX: tl.constexpr):
+    """A tile loaded as (channel, window, axis 0, axis 1, runs, voxel), or with EAX != 0 as
+    (window, axis 0, axis 1, runs, channel, voxel), with its channel axis first."""
+    if EAX != 0:
+        return tl.permute(t, (4, 0, 1, 2, 3, 5))  # relabels the layout's axes: no data moves
+    else:
+        return t
+
+
+@triton.jit
 def _tile_sums(z, BLOCK_E: tl.constexpr, W: tl.constexpr, BP0: tl.constexpr, BP1: tl.constexpr,
                BP2: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
                BA0R: tl.constexpr):  # fmt: skip
@@ -126,7 +136,7 @@ def _parts_tile(
     W: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, BP0: tl.constexpr,
     BP1: tl.constexpr, BP2: tl.constexpr, BLOCK_E: tl.constexpr, NSB: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, ROWS0: tl.constexpr,
-    RING: tl.constexpr, MERGE: tl.constexpr,
+    RING: tl.constexpr, MERGE: tl.constexpr, EAX: tl.constexpr,
 ):  # fmt: skip
     """The parts pass of one ticket (windows first .. first + W - 1 of a plane) as one tile:
     every shift's part sums of X X^T (upper triangle) and X g0 (g0 under shift k read at the
@@ -136,22 +146,36 @@ def _parts_tile(
     H: tl.constexpr = max(BLOCK_E // 2, 1)
     # 6-d indices (.., BP2 / V, V): x's runs along axis 2 are V long, so a thread holds V voxels
     # along axis 2 (16 bytes in fp32, 8 in bf16) and the layout's warps go to the windows and
-    # axis 0, never to the channels, whatever the dtype (5-d, bf16 runs of 8 would put them there)
+    # axis 0, never to the channels, whatever the dtype (5-d, bf16 runs of 8 would put them there).
+    # The channel axis where Triton's load layout gives it lanes last (EAX, ``_E_AXIS`` of
+    # kernels/_window3_bwd_tile.py: ties in contiguity go to the last axis first in Triton 3.9, to
+    # the first in 3.6): first in 3.9, fifth in 3.6, so that a thread holds all the channels of its
+    # voxels (3.6 with the channels first put them across lanes: sm_90a, fp32, the tile issued
+    # 741 / 1578 instructions a window for [None, 4] / [None, 2, 4, 6], 549 / 1295 this way)
     V: tl.constexpr = 4 if BP2 % 4 == 0 else BP2
-    j5 = tl.arange(0, W)[None, :, None, None, None, None]
-    q0 = tl.arange(0, BP0)[None, None, :, None, None, None]
-    q1 = tl.arange(0, BP1)[None, None, None, :, None, None]
-    q2 = (tl.arange(0, BP2 // V)[:, None] * V + tl.arange(0, V)[None, :])[None, None, None, None]
+    if EAX != 0:
+        j5 = tl.arange(0, W)[:, None, None, None, None, None]
+        q0 = tl.arange(0, BP0)[None, :, None, None, None, None]
+        q1 = tl.arange(0, BP1)[None, None, :, None, None, None]
+        q2 = (tl.arange(0, BP2 // V)[:, None, None] * V
+              + tl.arange(0, V)[None, None, :])[None, None, None]
+        c6 = tl.arange(0, H)[None, None, None, None, :, None]
+    else:
+        j5 = tl.arange(0, W)[None, :, None, None, None, None]
+        q0 = tl.arange(0, BP0)[None, None, :, None, None, None]
+        q1 = tl.arange(0, BP1)[None, None, None, :, None, None]
+        q2 = (tl.arange(0, BP2 // V)[:, None] * V
+              + tl.arange(0, V)[None, :])[None, None, None, None]
+        c6 = tl.arange(0, H)[:, None, None, None, None, None]
     inside = (q0 < P0) & (q1 < P1) & (q2 < P2)
     w0, w1, w2 = _window_origin(plane * NPLANE + first + j5, NW1, NW2, MW2, W0)
-    c6 = tl.arange(0, H)[:, None, None, None, None, None]
     voxel = ((w0 * P0 + q0) * S1 + w1 * P1 + q1) * S2 + w2 * P2 + q2
     ok = inside & (first + j5 < NPLANE)
     shape: tl.constexpr = (H, W, BP0, BP1, BP2)
     xa = tl.load(x_base + c6 * NVOX + voxel, mask=ok & (c6 < E), other=0)
-    xa = tl.maximum(tl.reshape(xa, shape).to(tl.float32), 0)
+    xa = tl.maximum(tl.reshape(_ch_first(xa, EAX), shape).to(tl.float32), 0)
     xb = tl.load(x_base + (c6 + H) * NVOX + voxel, mask=ok & (c6 + H < E), other=0)
-    xb = tl.maximum(tl.reshape(xb, shape).to(tl.float32), 0)
+    xb = tl.maximum(tl.reshape(_ch_first(xb, EAX), shape).to(tl.float32), 0)
     ch = tl.arange(0, H)[:, None, None, None, None]
     BA0K: tl.constexpr = 1 if ROWS0 else BP0 // D0
     NB: tl.constexpr = 4 if ROWS0 else 8
@@ -186,7 +210,7 @@ def _parts_tile(
         rolled = (tl.where(p0 >= P0, p0 - P0, p0) * P1 + tl.where(p1 >= P1, p1 - P1, p1)) * P2
         rolled += tl.where(p2 >= P2, p2 - P2, p2) + j5 * 0  # g0 where each voxel lies under k
         g = tl.load(g0_ptr + rolled, mask=inside & (j5 >= 0), other=0)
-        g = tl.reshape(g, (1, W, BP0, BP1, BP2)).to(tl.float32)
+        g = tl.reshape(_ch_first(g, EAX), (1, W, BP0, BP1, BP2)).to(tl.float32)
         _tile_parts_store(xa * g, member, hpart_ptr, E, ea, row_ok & (ea < E), slot, j, k,
                           SHIFTS, NSHIFT, P0, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0, NC,
                           MERGE)  # fmt: skip

@@ -12,6 +12,7 @@ from kernel_helpers import check_low_precision, design3_pipeline, nmf_inputs, ru
 
 sched = importlib.import_module("fastnmf.kernels._window3_sched")
 ptile = importlib.import_module("fastnmf.kernels._window3_bwd_parts_tile")
+bwd_tile = importlib.import_module("fastnmf.kernels._window3_bwd_tile")
 
 
 def _plan(shape, head_dim, patch, shifts, mu=False, dtype=torch.float32):
@@ -54,11 +55,15 @@ TILE_CASES = [
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("eax", [0, 1])
 @pytest.mark.parametrize("shape,head_dim,shifts,rows0", TILE_CASES)
-def test_bwd_parts_tile_matches_reference(gen, design3, monkeypatch, device, shape, head_dim,
-                                          shifts, rows0):  # fmt: skip
+def test_bwd_parts_tile_matches_reference(gen, design3, monkeypatch, device, eax, shape,
+                                          head_dim, shifts, rows0):  # fmt: skip
     """The tile's gradient against the float64 oracle; in the first case also the per-window
-    pass's, and the two not bit for bit the same (the tile ran)."""
+    pass's, and the two not bit for bit the same (the tile ran). With x, dy and u loaded
+    channels first (EAX = 0, Triton 3.9's way) and channels fifth (EAX = 1, 3.6's:
+    ``_E_AXIS``), whichever Triton runs the test."""
+    monkeypatch.setattr(bwd_tile, "_E_AXIS", eax)
     monkeypatch.setitem(sched.TUNING, "bwd_parts_tile", True)
     plan = _plan(shape, head_dim, 8, shifts)
     assert plan["PTILE"] and plan["PROWS0"] == rows0
