@@ -27,7 +27,7 @@ from ._common import acc_dtype
 from ._window2_common import _part_member, _window_origin
 from ._window3_bwd_tile import _run_prog, _vec
 from ._window3_sched import _BWD_PARTS_TILE, TUNING
-from ._window3_tile import _ch_first, _tile_parts_store, tile_subboxes
+from ._window3_tile import _ch_first, _tile_axes, _tile_parts_store, tile_subboxes
 
 __all__ = ["bwd_parts_plan"]
 
@@ -60,19 +60,7 @@ def _parts_bwd_subtile(
     """Every shift's part sums of dY_s (u^T x) + x (u^T dY_s) of W windows from ``first``. The
     tiles loaded channels first, or fifth where EAX != 0 (kernels/_window3_tile.py says why)."""
     V: tl.constexpr = 2  # a run: the voxels a thread holds along axis 2
-    g6 = tl.arange(0, V)[None, None, None, None, None, :]
-    if EAX != 0:
-        c6 = tl.arange(0, BLOCK_E)[None, None, None, None, :, None]
-        j6 = tl.arange(0, W)[:, None, None, None, None, None]
-        q0 = tl.arange(0, BP0)[None, :, None, None, None, None]
-        q1 = tl.arange(0, BP1)[None, None, :, None, None, None]
-        r2 = (tl.arange(0, BP2 // V) * V)[None, None, None, :, None, None]  # a run's first voxel
-    else:
-        c6 = tl.arange(0, BLOCK_E)[:, None, None, None, None, None]
-        j6 = tl.arange(0, W)[None, :, None, None, None, None]
-        q0 = tl.arange(0, BP0)[None, None, :, None, None, None]
-        q1 = tl.arange(0, BP1)[None, None, None, :, None, None]
-        r2 = (tl.arange(0, BP2 // V) * V)[None, None, None, None, :, None]
+    c6, j6, q0, q1, r2, g6 = _tile_axes(BLOCK_E, W, BP0, BP1, BP2 // V, V, EAX)  # r2: a run's start
     # a window past the plane's end (masked: nothing loaded, nothing stored) takes the plane's
     # last window's u, so that no load leaves u
     v0, v1, v2 = _window_origin(plane * NPLANE + tl.minimum(first + j6, NPLANE - 1), NW1, NW2,

@@ -38,6 +38,27 @@ __all__ = ["tile_plan", "tile_subboxes"]
 
 
 @triton.jit
+def _tile_axes(C: tl.constexpr, W: tl.constexpr, BP0: tl.constexpr, BP1: tl.constexpr,
+               NRUN: tl.constexpr, V: tl.constexpr, EAX: tl.constexpr):  # fmt: skip
+    """Broadcastable 6-d indices of a tile's loads: channel, window, axis 0, axis 1, run (its
+    first voxel along axis 2) and voxel in the run, in the order :func:`_ch_first` undoes."""
+    g = tl.arange(0, V)[None, None, None, None, None, :]
+    if EAX != 0:
+        c = tl.arange(0, C)[None, None, None, None, :, None]
+        j = tl.arange(0, W)[:, None, None, None, None, None]
+        q0 = tl.arange(0, BP0)[None, :, None, None, None, None]
+        q1 = tl.arange(0, BP1)[None, None, :, None, None, None]
+        r = (tl.arange(0, NRUN) * V)[None, None, None, :, None, None]
+    else:
+        c = tl.arange(0, C)[:, None, None, None, None, None]
+        j = tl.arange(0, W)[None, :, None, None, None, None]
+        q0 = tl.arange(0, BP0)[None, None, :, None, None, None]
+        q1 = tl.arange(0, BP1)[None, None, None, :, None, None]
+        r = (tl.arange(0, NRUN) * V)[None, None, None, None, :, None]
+    return c, j, q0, q1, r, g
+
+
+@triton.jit
 def _ch_first(t, EAX: tl.constexpr):
     """A tile loaded as (channel, window, axis 0, axis 1, runs, voxel), or with EAX != 0 as
     (window, axis 0, axis 1, runs, channel, voxel), with its channel axis first."""
@@ -153,20 +174,8 @@ def _parts_tile(
     # voxels (3.6 with the channels first put them across lanes: sm_90a, fp32, the tile issued
     # 741 / 1578 instructions a window for [None, 4] / [None, 2, 4, 6], 549 / 1295 this way)
     V: tl.constexpr = 4 if BP2 % 4 == 0 else BP2
-    if EAX != 0:
-        j5 = tl.arange(0, W)[:, None, None, None, None, None]
-        q0 = tl.arange(0, BP0)[None, :, None, None, None, None]
-        q1 = tl.arange(0, BP1)[None, None, :, None, None, None]
-        q2 = (tl.arange(0, BP2 // V)[:, None, None] * V
-              + tl.arange(0, V)[None, None, :])[None, None, None]
-        c6 = tl.arange(0, H)[None, None, None, None, :, None]
-    else:
-        j5 = tl.arange(0, W)[None, :, None, None, None, None]
-        q0 = tl.arange(0, BP0)[None, None, :, None, None, None]
-        q1 = tl.arange(0, BP1)[None, None, None, :, None, None]
-        q2 = (tl.arange(0, BP2 // V)[:, None] * V
-              + tl.arange(0, V)[None, :])[None, None, None, None]
-        c6 = tl.arange(0, H)[:, None, None, None, None, None]
+    c6, j5, q0, q1, r2, g6 = _tile_axes(H, W, BP0, BP1, BP2 // V, V, EAX)
+    q2 = r2 + g6
     inside = (q0 < P0) & (q1 < P1) & (q2 < P2)
     w0, w1, w2 = _window_origin(plane * NPLANE + first + j5, NW1, NW2, MW2, W0)
     voxel = ((w0 * P0 + q0) * S1 + w1 * P1 + q1) * S2 + w2 * P2 + q2
