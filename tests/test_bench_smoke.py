@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -161,12 +162,9 @@ def test_time_designs_runs(tmp_path):
     """bench/time_designs.py (issue 16's GPU measurement) at a tiny shape under the interpreter:
     every requested variant gets a row with times and a difference to design 1 near fp32
     rounding (2 planes: the persistent design's schedule runs)."""
-    import importlib.util
     import json
 
-    spec = importlib.util.spec_from_file_location("time_designs", ROOT / "bench/time_designs.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_bench("time_designs")
     out = tmp_path / "designs.json"
     rc = mod.main(["--shape", "1", "8", "16", "8", "8", "--repeats", "1", "--warmup", "0",
                    "--dtypes", "fp32",
@@ -186,16 +184,13 @@ def test_time_designs_static_compiles_each_variant_with_its_settings(tmp_path):
     an SM, the default's above 64 at 16. Under pytest the interpreter is on, so the static suite
     would compile in a process of its own that the variants' TUNING does not reach: the script
     runs again without it, and the cap must still arrive."""
-    import importlib.util
     import json
 
     from fastnmf.profile.static import ptx_tools
 
     if ptx_tools.missing_tools(["sm_90a"]):
         pytest.skip("; ".join(ptx_tools.missing_tools(["sm_90a"])))
-    spec = importlib.util.spec_from_file_location("time_designs", ROOT / "bench/time_designs.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_bench("time_designs")
     out = tmp_path / "static.json"
     capped = "design 3, 64 registers, 2 programs/SM"
     rc = mod.main(["--static", "--shape", "1", "8", "16", "16", "16", "--dtypes", "fp32",
@@ -215,12 +210,9 @@ def test_time_designs_keeps_what_it_measured_when_cut_short(tmp_path, monkeypatc
     """The GPU session stops a step at its time limit: the JSON is written after every row, so
     a run stopped during the second variant still holds the first (``_run`` replaced: no
     kernel runs here)."""
-    import importlib.util
     import json
 
-    spec = importlib.util.spec_from_file_location("time_designs", ROOT / "bench/time_designs.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_bench("time_designs")
     calls = []
 
     def fake_run(design, tuning, x, v0, dy, shifts, device, repeats, warmup, timed=True):
@@ -247,12 +239,9 @@ def test_time_designs_names_the_fastest_variant_against_the_targets(tmp_path, mo
     """At the end the fastest variant of each dtype and shift set, forward and forward+backward,
     against issue 16's targets (60 % / 45 % of copy bandwidth), printed and in the JSON; a
     variant that failed is left out (``_run`` replaced: no kernel runs here)."""
-    import importlib.util
     import json
 
-    spec = importlib.util.spec_from_file_location("time_designs", ROOT / "bench/time_designs.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_bench("time_designs")
     times = {1: (0.1, 0.4), 2: None, 3: (0.04, 0.3)}  # ms; design 2 fails
 
     def fake_run(design, tuning, x, v0, dy, shifts, device, repeats, warmup, timed=True):
@@ -282,13 +271,10 @@ def test_time_designs_compiles_every_case_first_within_a_budget(tmp_path, capsys
     ``--compile-only`` command a case, in the timing's order, each selecting exactly that case;
     the processes run at once, a failing one is reported, and one still running at the budget
     is killed (stand-in commands here: no kernel compiles on a CPU)."""
-    import importlib.util
     import sys
     import time
 
-    spec = importlib.util.spec_from_file_location("time_designs", ROOT / "bench/time_designs.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_bench("time_designs")
     args = mod._parser().parse_args(["--shape", "1", "8", "16", "8", "8", "--variants",
                                      "design 1", "design 3", "--compile-budget", "4"])  # fmt: skip
     cases = [c[:3] for c in mod._cases(args)]
