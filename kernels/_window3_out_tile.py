@@ -13,7 +13,7 @@ nothing crosses lanes or warps.
 y = mean_s u_s (u_s^T ReLU(x)) (HALS; MU masks x per shift and takes the per-window pass).
 
 Static figures (sm_90a, 16 warps, 2x32x128^3, E = P = 8; bench/results/static_designs/
-instructions.md): 149 / 234 warp instructions a window with Triton 3.9 fp32 ([None, 4] /
+tiles.md): 149 / 234 warp instructions a window with Triton 3.9 fp32 ([None, 4] /
 [None, 2, 4, 6]; 3.6: 145 / 213), against 283 / 514; the forward's bytes asked 2.08x / 2.70x the
 ideal fp32 (1.59x / 1.72x per window: every lane loads its run's u), sectors 1.63x / 1.84x
 (1.62x / 1.79x), bf16 sectors 2.27x / 2.68x (3.23x / 3.58x), DRAM estimate unchanged.

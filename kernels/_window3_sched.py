@@ -65,7 +65,7 @@ _RING = 3
 # GPU run times it against the unmerged forward (bench/time_designs.py)
 _MERGE = True
 # The ticket tile (kernels/_window3_tile.py) issues a third to under half of the per-window parts
-# pass's instructions (bench/results/static_designs/instructions.md); the fused forward with it
+# pass's instructions (bench/results/static_designs/tiles.md); the fused forward with it
 # at 16 warps spills 8 B with Triton 3.6, the GPU machine's, only with the BraTS shifts in fp32
 # (one prologue value, loaded once a ticket: static_designs_triton36/variants.md), and with
 # Triton 3.9 only with [None, 4] (8 B fp32, 32 B bf16; none with the forward output tile beside
