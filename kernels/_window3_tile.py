@@ -84,18 +84,32 @@ def _tile_sums(z, BLOCK_E: tl.constexpr, W: tl.constexpr, BP0: tl.constexpr, BP1
 
 
 @triton.jit
-def _tile_product(z, member, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, P0: tl.constexpr,
-                  BLOCK_E: tl.constexpr, W: tl.constexpr, BP0: tl.constexpr, BP1: tl.constexpr,
-                  BP2: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
-                  ROWS0: tl.constexpr, NC: tl.constexpr):  # fmt: skip
-    """Every shift's part sums of the per-voxel products z (BLOCK_E, W, BP0, BP1, BP2): (low,
-    high) (BLOCK_E W, NC), rows (channel, window), columns of ``_part_member``; with ROWS0 the
-    halves along axis 0 of each column's shift (b0 = 0, 1), else the columns hold b0 and high is
-    low."""
+def _tile_dot(z, member, BLOCK_E: tl.constexpr, W: tl.constexpr, BP0: tl.constexpr,
+              BP1: tl.constexpr, BP2: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+              D2: tl.constexpr, ROWS0: tl.constexpr):  # fmt: skip
+    """The sub-box sums of the per-voxel products z (BLOCK_E, W, BP0, BP1, BP2) times the part
+    matrix: rows (channel, window, axis-0 sub-box with ROWS0), columns of ``_part_member``."""
+    BA0R: tl.constexpr = BP0 // D0 if ROWS0 else 1
+    return tl.dot(_tile_sums(z, BLOCK_E, W, BP0, BP1, BP2, D0, D1, D2, BA0R), member,
+                  input_precision="ieee")  # fmt: skip
+
+
+@triton.jit
+def _shift_columns(t, k, NB: tl.constexpr):
+    """A product t of :func:`_tile_dot` with only shift k's columns (column c is shift c // NB's),
+    the others 0: summed over the shifts (each shift's product of its own x g0), every column is
+    exactly its shift's (the other terms are exact zeros), and one split and one store serve all
+    shifts instead of one each."""
+    return tl.where(tl.arange(0, t.shape[1])[None, :] // NB == k, t, 0.0)
+
+
+@triton.jit
+def _tile_halves(t, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, P0: tl.constexpr,
+                 BLOCK_E: tl.constexpr, W: tl.constexpr, BP0: tl.constexpr, D0: tl.constexpr,
+                 ROWS0: tl.constexpr, NC: tl.constexpr):  # fmt: skip
+    """A product t of :func:`_tile_dot` as (low, high) (BLOCK_E W, NC): with ROWS0 the halves
+    along axis 0 of each column's shift (b0 = 0, 1), else the columns hold b0 and high is low."""
     BA0: tl.constexpr = BP0 // D0
-    BA0R: tl.constexpr = BA0 if ROWS0 else 1
-    t = tl.dot(_tile_sums(z, BLOCK_E, W, BP0, BP1, BP2, D0, D1, D2, BA0R), member,
-               input_precision="ieee")  # fmt: skip
     if ROWS0:
         t = tl.reshape(t, (BLOCK_E * W, BA0, NC))
         a0 = tl.arange(0, BA0)[None, :, None] * D0
@@ -133,20 +147,30 @@ def _tile_store(v, B0: tl.constexpr, ptr, stride, row, row_ok, slot, j, KSEL,
 
 
 @triton.jit
+def _tile_parts_write(t, ptr, stride, row, row_ok, slot, j, KSEL, SHIFTS: tl.constexpr,
+                      NSHIFT: tl.constexpr, P0: tl.constexpr, BLOCK_E: tl.constexpr,
+                      W: tl.constexpr, BP0: tl.constexpr, D0: tl.constexpr, ROWS0: tl.constexpr,
+                      NC: tl.constexpr, MERGE: tl.constexpr):  # fmt: skip
+    """A product's part sums (:func:`_tile_dot`) stored (``_tile_store``)."""
+    lo, hi = _tile_halves(t, SHIFTS, NSHIFT, P0, BLOCK_E, W, BP0, D0, ROWS0, NC)
+    NB: tl.constexpr = 4 if ROWS0 else 8
+    _tile_store(lo, 0, ptr, stride, row, row_ok, slot, j, KSEL, SHIFTS, NSHIFT, W, NC, NB, MERGE)
+    if ROWS0:
+        _tile_store(hi, 4, ptr, stride, row, row_ok, slot, j, KSEL, SHIFTS, NSHIFT, W, NC, NB,
+                    MERGE)  # fmt: skip
+
+
+@triton.jit
 def _tile_parts_store(z, member, ptr, stride, row, row_ok, slot, j, KSEL,
                       SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, P0: tl.constexpr,
                       BLOCK_E: tl.constexpr, W: tl.constexpr, BP0: tl.constexpr,
                       BP1: tl.constexpr, BP2: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
                       D2: tl.constexpr, ROWS0: tl.constexpr, NC: tl.constexpr,
                       MERGE: tl.constexpr):  # fmt: skip
-    """One product's part sums (``_tile_product``) stored (``_tile_store``)."""
-    lo, hi = _tile_product(z, member, SHIFTS, NSHIFT, P0, BLOCK_E, W, BP0, BP1, BP2, D0, D1, D2,
-                           ROWS0, NC)  # fmt: skip
-    NB: tl.constexpr = 4 if ROWS0 else 8
-    _tile_store(lo, 0, ptr, stride, row, row_ok, slot, j, KSEL, SHIFTS, NSHIFT, W, NC, NB, MERGE)
-    if ROWS0:
-        _tile_store(hi, 4, ptr, stride, row, row_ok, slot, j, KSEL, SHIFTS, NSHIFT, W, NC, NB,
-                    MERGE)  # fmt: skip
+    """One product's part sums computed (:func:`_tile_dot`) and stored."""
+    t = _tile_dot(z, member, BLOCK_E, W, BP0, BP1, BP2, D0, D1, D2, ROWS0)
+    _tile_parts_write(t, ptr, stride, row, row_ok, slot, j, KSEL, SHIFTS, NSHIFT, P0, BLOCK_E, W,
+                      BP0, D0, ROWS0, NC, MERGE)  # fmt: skip
 
 
 @triton.jit
@@ -212,7 +236,12 @@ def _parts_tile(
         _tile_parts_store(xb * xi, member, kpart_ptr, E * E, _tri(i, ea + H, E),
                           row_ok & (ea + H >= i) & (ea + H < E), slot, j, -1, SHIFTS, NSHIFT, P0,
                           H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0, NC, MERGE)  # fmt: skip
-    for k in tl.range(0, NSHIFT):  # X g0 under shift k (a loop: g0's addresses made per shift)
+    # X g0 under every shift, summed a half into one product of every shift's columns
+    # (``_shift_columns``) and stored once, not once a shift
+    BA0R: tl.constexpr = BP0 // D0 if ROWS0 else 1  # the product's rows: (H, W, BA0R)
+    acc_a = tl.zeros((H * W * BA0R, NC), tl.float32)
+    acc_b = tl.zeros((H * W * BA0R, NC), tl.float32)
+    for k in tl.range(0, NSHIFT):  # a loop: g0's addresses made per shift
         p0 = q0 + _shift_of(k, SHIFTS, NSHIFT, 0)
         p1 = q1 + _shift_of(k, SHIFTS, NSHIFT, 1)
         p2 = q2 + _shift_of(k, SHIFTS, NSHIFT, 2)
@@ -220,12 +249,14 @@ def _parts_tile(
         rolled += tl.where(p2 >= P2, p2 - P2, p2) + j5 * 0  # g0 where each voxel lies under k
         g = tl.load(g0_ptr + rolled, mask=inside & (j5 >= 0), other=0)
         g = tl.reshape(_ch_first(g, EAX), (1, W, BP0, BP1, BP2)).to(tl.float32)
-        _tile_parts_store(xa * g, member, hpart_ptr, E, ea, row_ok & (ea < E), slot, j, k,
-                          SHIFTS, NSHIFT, P0, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0, NC,
-                          MERGE)  # fmt: skip
-        _tile_parts_store(xb * g, member, hpart_ptr, E, ea + H, row_ok & (ea + H < E), slot, j,
-                          k, SHIFTS, NSHIFT, P0, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0, NC,
-                          MERGE)  # fmt: skip
+        acc_a += _shift_columns(_tile_dot(xa * g, member, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0),
+                                k, NB)  # fmt: skip
+        acc_b += _shift_columns(_tile_dot(xb * g, member, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0),
+                                k, NB)  # fmt: skip
+    _tile_parts_write(acc_a, hpart_ptr, E, ea, row_ok & (ea < E), slot, j, -1, SHIFTS, NSHIFT, P0,
+                      H, W, BP0, D0, ROWS0, NC, MERGE)  # fmt: skip
+    _tile_parts_write(acc_b, hpart_ptr, E, ea + H, row_ok & (ea + H < E), slot, j, -1, SHIFTS,
+                      NSHIFT, P0, H, W, BP0, D0, ROWS0, NC, MERGE)  # fmt: skip
 
 
 def tile_plan(geo, dot: dict, wpp: int, warps: int) -> dict:
