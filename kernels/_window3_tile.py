@@ -104,6 +104,12 @@ def _shift_columns(t, k, NB: tl.constexpr):
 
 
 @triton.jit
+def _stack_rows(a, b):
+    """Products a and b (R, NC) as one (2R, NC): a's rows, then b's."""
+    return tl.reshape(tl.permute(tl.join(a, b), (2, 0, 1)), (2 * a.shape[0], a.shape[1]))
+
+
+@triton.jit
 def _tile_halves(t, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, P0: tl.constexpr,
                  BLOCK_E: tl.constexpr, W: tl.constexpr, BP0: tl.constexpr, D0: tl.constexpr,
                  ROWS0: tl.constexpr, NC: tl.constexpr):  # fmt: skip
@@ -187,7 +193,9 @@ def _parts_tile(
     every shift's part sums of X X^T (upper triangle) and X g0 (g0 under shift k read at the
     rolled positions), stored at the part slots of ``_part_slot``. The channels in two halves
     (H = BLOCK_E / 2 each): a product's rows are half as many (the dot's operand 32 registers a
-    thread, not 64), and Gram rows i >= H need only the high half."""
+    thread, not 64), and Gram rows i >= H need only the high half. Products are split, merged
+    and stored two at a time (``_stack_rows``: a Gram row's two halves, two Gram rows of the high
+    half, X g0's two halves), which halves the stores' share of the instructions."""
     H: tl.constexpr = max(BLOCK_E // 2, 1)
     # 6-d indices (.., BP2 / V, V): x's runs along axis 2 are V long, so a thread holds V voxels
     # along axis 2 (16 bytes in fp32, 8 in bf16) and the layout's warps go to the windows and
@@ -218,24 +226,27 @@ def _parts_tile(
     live = (plane >= 0).to(tl.int32)
     member = _part_member(SHIFTS, NSHIFT, P0, P1, P2, BA0K, BP1 // D1, BP2 // D2, D0, D1, D2, NC,
                           NB, tl.float32, live != 0)  # fmt: skip
-    r = tl.arange(0, H * W)[:, None]
-    ea = r // W  # a row's channel in the low half (H + ea in the high half)
-    j = r % W
-    slot = _part_slot(bh, plane, first + j, NWIN, NPLANE, NPL, NSHIFT, RING)
-    row_ok = first + j < NPLANE
-    for i in range(0, H):  # Gram rows i < H: columns e >= i in both halves
+    r2 = tl.arange(0, 2 * H * W)[:, None]  # the rows of two products stacked (_stack_rows)
+    e2 = r2 // W  # the channel of a row of (xa, xb)'s products stacked
+    j2 = r2 % W
+    slot2 = _part_slot(bh, plane, first + j2, NWIN, NPLANE, NPL, NSHIFT, RING)
+    ok2 = (first + j2 < NPLANE) & (e2 < E)
+    for i in range(0, H):  # Gram rows i < H: columns e >= i in both halves, stored at once
         xi = tl.sum(tl.where(ch == i, xa, 0), axis=0)[None]  # a choice of registers
-        _tile_parts_store(xa * xi, member, kpart_ptr, E * E, _tri(i, ea, E), row_ok & (ea >= i),
-                          slot, j, -1, SHIFTS, NSHIFT, P0, H, W, BP0, BP1, BP2, D0, D1, D2,
-                          ROWS0, NC, MERGE)  # fmt: skip
-        _tile_parts_store(xb * xi, member, kpart_ptr, E * E, _tri(i, ea + H, E),
-                          row_ok & (ea + H < E), slot, j, -1, SHIFTS, NSHIFT, P0, H, W, BP0, BP1,
-                          BP2, D0, D1, D2, ROWS0, NC, MERGE)  # fmt: skip
-    for i in range(H, E):  # Gram rows i >= H: the high half only
-        xi = tl.sum(tl.where(ch == i - H, xb, 0), axis=0)[None]
-        _tile_parts_store(xb * xi, member, kpart_ptr, E * E, _tri(i, ea + H, E),
-                          row_ok & (ea + H >= i) & (ea + H < E), slot, j, -1, SHIFTS, NSHIFT, P0,
-                          H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0, NC, MERGE)  # fmt: skip
+        t2 = _stack_rows(_tile_dot(xa * xi, member, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0),
+                         _tile_dot(xb * xi, member, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0))
+        _tile_parts_write(t2, kpart_ptr, E * E, _tri(i, e2, E), ok2 & (e2 >= i), slot2, j2, -1,
+                          SHIFTS, NSHIFT, P0, 2 * H, W, BP0, D0, ROWS0, NC, MERGE)  # fmt: skip
+    eq = H + e2 % H  # a stacked row's channel in the high half; its Gram row i + e2 // H
+    for i in range(H, E, 2):  # Gram rows i >= H (the high half only), two at a time
+        x0 = tl.sum(tl.where(ch == i - H, xb, 0), axis=0)[None]
+        x1 = tl.sum(tl.where(ch == i + 1 - H, xb, 0), axis=0)[None]
+        t2 = _stack_rows(_tile_dot(xb * x0, member, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0),
+                         _tile_dot(xb * x1, member, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0))
+        ii = i + e2 // H
+        _tile_parts_write(t2, kpart_ptr, E * E, _tri(ii, eq, E), ok2 & (eq >= ii) & (eq < E),
+                          slot2, j2, -1, SHIFTS, NSHIFT, P0, 2 * H, W, BP0, D0, ROWS0, NC,
+                          MERGE)  # fmt: skip
     # X g0 under every shift, summed a half into one product of every shift's columns
     # (``_shift_columns``) and stored once, not once a shift
     BA0R: tl.constexpr = BP0 // D0 if ROWS0 else 1  # the product's rows: (H, W, BA0R)
@@ -253,11 +264,8 @@ def _parts_tile(
                                 k, NB)  # fmt: skip
         acc_b += _shift_columns(_tile_dot(xb * g, member, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0),
                                 k, NB)  # fmt: skip
-    _tile_parts_write(acc_a, hpart_ptr, E, ea, row_ok & (ea < E), slot, j, -1, SHIFTS, NSHIFT, P0,
-                      H, W, BP0, D0, ROWS0, NC, MERGE)  # fmt: skip
-    _tile_parts_write(acc_b, hpart_ptr, E, ea + H, row_ok & (ea + H < E), slot, j, -1, SHIFTS,
-                      NSHIFT, P0, H, W, BP0, D0, ROWS0, NC, MERGE)  # fmt: skip
-
+    _tile_parts_write(_stack_rows(acc_a, acc_b), hpart_ptr, E, e2, ok2, slot2, j2, -1, SHIFTS,
+                      NSHIFT, P0, 2 * H, W, BP0, D0, ROWS0, NC, MERGE)  # fmt: skip
 
 def tile_plan(geo, dot: dict, wpp: int, warps: int) -> dict:
     """The constexprs of the ticket-tile parts pass: TILE (whether it runs: ``TUNING["tile"]``,
