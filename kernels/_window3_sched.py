@@ -66,10 +66,9 @@ _RING = 3
 _MERGE = True
 # The ticket tile (kernels/_window3_tile.py) issues a third to under half of the per-window parts
 # pass's instructions (bench/results/static_designs/tiles.md); the fused forward with it
-# at 16 warps spills 8 B with Triton 3.6, the GPU machine's, only with the BraTS shifts in fp32
-# (one prologue value, loaded once a ticket: static_designs_triton36/variants.md), and with
-# Triton 3.9 only with [None, 4] (8 B fp32, 32 B bf16; none with the forward output tile beside
-# it): off by default until the GPU has timed it (bench/time_designs.py, "design 3, ticket tile")
+# at 16 warps spills nothing with Triton 3.6, the GPU machine's (static_designs_triton36/
+# variants.md), and 16-64 B with Triton 3.9 (a few values stored and loaded once a ticket):
+# off by default until the GPU has timed it (bench/time_designs.py, "design 3, ticket tile")
 _TILE = False
 # The backward's output pass on a ticket's windows as one tile (kernels/_window3_bwd_tile.py):
 # a quarter to a sixth of the per-window pass's instructions and no spills with Triton 3.9, but
