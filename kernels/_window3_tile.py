@@ -231,24 +231,9 @@ def _parts_tile(
     j2 = r2 % W
     slot2 = _part_slot(bh, plane, first + j2, NWIN, NPLANE, NPL, NSHIFT, RING)
     ok2 = (first + j2 < NPLANE) & (e2 < E)
-    for i in range(0, H):  # Gram rows i < H: columns e >= i in both halves, stored at once
-        xi = tl.sum(tl.where(ch == i, xa, 0), axis=0)[None]  # a choice of registers
-        t2 = _stack_rows(_tile_dot(xa * xi, member, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0),
-                         _tile_dot(xb * xi, member, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0))
-        _tile_parts_write(t2, kpart_ptr, E * E, _tri(i, e2, E), ok2 & (e2 >= i), slot2, j2, -1,
-                          SHIFTS, NSHIFT, P0, 2 * H, W, BP0, D0, ROWS0, NC, MERGE)  # fmt: skip
-    eq = H + e2 % H  # a stacked row's channel in the high half; its Gram row i + e2 // H
-    for i in range(H, E, 2):  # Gram rows i >= H (the high half only), two at a time
-        x0 = tl.sum(tl.where(ch == i - H, xb, 0), axis=0)[None]
-        x1 = tl.sum(tl.where(ch == i + 1 - H, xb, 0), axis=0)[None]
-        t2 = _stack_rows(_tile_dot(xb * x0, member, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0),
-                         _tile_dot(xb * x1, member, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0))
-        ii = i + e2 // H
-        _tile_parts_write(t2, kpart_ptr, E * E, _tri(ii, eq, E), ok2 & (eq >= ii) & (eq < E),
-                          slot2, j2, -1, SHIFTS, NSHIFT, P0, 2 * H, W, BP0, D0, ROWS0, NC,
-                          MERGE)  # fmt: skip
     # X g0 under every shift, summed a half into one product of every shift's columns
-    # (``_shift_columns``) and stored once, not once a shift
+    # (``_shift_columns``) and stored once, not once a shift; before the Gram rows (after them,
+    # the stores' addresses, held through this loop, spilled with Triton 3.9: 16-64 B)
     BA0R: tl.constexpr = BP0 // D0 if ROWS0 else 1  # the product's rows: (H, W, BA0R)
     acc_a = tl.zeros((H * W * BA0R, NC), tl.float32)
     acc_b = tl.zeros((H * W * BA0R, NC), tl.float32)
@@ -266,6 +251,23 @@ def _parts_tile(
                                 k, NB)  # fmt: skip
     _tile_parts_write(_stack_rows(acc_a, acc_b), hpart_ptr, E, e2, ok2, slot2, j2, -1, SHIFTS,
                       NSHIFT, P0, 2 * H, W, BP0, D0, ROWS0, NC, MERGE)  # fmt: skip
+    for i in range(0, H):  # Gram rows i < H: columns e >= i in both halves, stored at once
+        xi = tl.sum(tl.where(ch == i, xa, 0), axis=0)[None]  # a choice of registers
+        t2 = _stack_rows(_tile_dot(xa * xi, member, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0),
+                         _tile_dot(xb * xi, member, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0))
+        _tile_parts_write(t2, kpart_ptr, E * E, _tri(i, e2, E), ok2 & (e2 >= i), slot2, j2, -1,
+                          SHIFTS, NSHIFT, P0, 2 * H, W, BP0, D0, ROWS0, NC, MERGE)  # fmt: skip
+    eq = H + e2 % H  # a stacked row's channel in the high half; its Gram row i + e2 // H
+    for i in range(H, E, 2):  # Gram rows i >= H (the high half only), two at a time
+        x0 = tl.sum(tl.where(ch == i - H, xb, 0), axis=0)[None]
+        x1 = tl.sum(tl.where(ch == i + 1 - H, xb, 0), axis=0)[None]
+        t2 = _stack_rows(_tile_dot(xb * x0, member, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0),
+                         _tile_dot(xb * x1, member, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0))
+        ii = i + e2 // H
+        _tile_parts_write(t2, kpart_ptr, E * E, _tri(ii, eq, E), ok2 & (eq >= ii) & (eq < E),
+                          slot2, j2, -1, SHIFTS, NSHIFT, P0, 2 * H, W, BP0, D0, ROWS0, NC,
+                          MERGE)  # fmt: skip
+
 
 def tile_plan(geo, dot: dict, wpp: int, warps: int) -> dict:
     """The constexprs of the ticket-tile parts pass: TILE (whether it runs: ``TUNING["tile"]``,
