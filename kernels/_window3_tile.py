@@ -31,10 +31,19 @@ import math
 import triton
 import triton.language as tl
 
+from ._common import TRITON_VERSION
 from ._window2_common import _part_member, _shift_of, _tri, _window_origin
 from ._window3_sched import _TILE, TUNING, _part_slot
 
 __all__ = ["tile_plan", "tile_subboxes"]
+
+# Whether the tile's X g0 comes before its Gram rows (XG0F) with axis 0's sub-boxes as rows
+# (ROWS0, [None, 2, 4, 6]); without ROWS0 ([None, 4]) it always does. The order that each compiler
+# allocates without spilling (sm_90a, 16 warps, fp32 and bf16, bench/results/static_designs/
+# tiles.md): Triton 3.9 spilled 64 B with X g0 last (the stores' addresses held through its
+# loop), Triton 3.6 40 B with X g0 first (its pipelined loads' addresses, from the prologue);
+# 1 % apart in instructions either way
+_XG0_FIRST_ROWS0 = TRITON_VERSION >= (3, 7)
 
 
 @triton.jit
@@ -187,7 +196,7 @@ def _parts_tile(
     W: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, BP0: tl.constexpr,
     BP1: tl.constexpr, BP2: tl.constexpr, BLOCK_E: tl.constexpr, NSB: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, ROWS0: tl.constexpr,
-    RING: tl.constexpr, MERGE: tl.constexpr, EAX: tl.constexpr,
+    RING: tl.constexpr, MERGE: tl.constexpr, EAX: tl.constexpr, XG0F: tl.constexpr,
 ):  # fmt: skip
     """The parts pass of one ticket (windows first .. first + W - 1 of a plane) as one tile:
     every shift's part sums of X X^T (upper triangle) and X g0 (g0 under shift k read at the
@@ -231,9 +240,42 @@ def _parts_tile(
     j2 = r2 % W
     slot2 = _part_slot(bh, plane, first + j2, NWIN, NPLANE, NPL, NSHIFT, RING)
     ok2 = (first + j2 < NPLANE) & (e2 < E)
-    # X g0 under every shift, summed a half into one product of every shift's columns
-    # (``_shift_columns``) and stored once, not once a shift; before the Gram rows (after them,
-    # the stores' addresses, held through this loop, spilled with Triton 3.9: 16-64 B)
+    if XG0F:  # X g0 first (XG0F, ``tile_plan``)
+        _tile_xg0(xa, xb, g0_ptr, member, hpart_ptr, e2, ok2, slot2, j2, q0, q1, q2, j5, inside, E,
+                  SHIFTS, NSHIFT, P0, P1, P2, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0, NC, NB, MERGE,
+                  EAX)  # fmt: skip
+    for i in range(0, H):  # Gram rows i < H: columns e >= i in both halves, stored at once
+        xi = tl.sum(tl.where(ch == i, xa, 0), axis=0)[None]  # a choice of registers
+        t2 = _stack_rows(_tile_dot(xa * xi, member, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0),
+                         _tile_dot(xb * xi, member, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0))
+        _tile_parts_write(t2, kpart_ptr, E * E, _tri(i, e2, E), ok2 & (e2 >= i), slot2, j2, -1,
+                          SHIFTS, NSHIFT, P0, 2 * H, W, BP0, D0, ROWS0, NC, MERGE)  # fmt: skip
+    eq = H + e2 % H  # a stacked row's channel in the high half; its Gram row i + e2 // H
+    for i in range(H, E, 2):  # Gram rows i >= H (the high half only), two at a time
+        x0 = tl.sum(tl.where(ch == i - H, xb, 0), axis=0)[None]
+        x1 = tl.sum(tl.where(ch == i + 1 - H, xb, 0), axis=0)[None]
+        t2 = _stack_rows(_tile_dot(xb * x0, member, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0),
+                         _tile_dot(xb * x1, member, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0))
+        ii = i + e2 // H
+        _tile_parts_write(t2, kpart_ptr, E * E, _tri(ii, eq, E), ok2 & (eq >= ii) & (eq < E),
+                          slot2, j2, -1, SHIFTS, NSHIFT, P0, 2 * H, W, BP0, D0, ROWS0, NC,
+                          MERGE)  # fmt: skip
+    if not XG0F:
+        _tile_xg0(xa, xb, g0_ptr, member, hpart_ptr, e2, ok2, slot2, j2, q0, q1, q2, j5, inside, E,
+                  SHIFTS, NSHIFT, P0, P1, P2, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0, NC, NB, MERGE,
+                  EAX)  # fmt: skip
+
+
+@triton.jit
+def _tile_xg0(xa, xb, g0_ptr, member, hpart_ptr, e2, ok2, slot2, j2, q0, q1, q2, j5, inside,
+              E: tl.constexpr, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, P0: tl.constexpr,
+              P1: tl.constexpr, P2: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+              BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr, D0: tl.constexpr,
+              D1: tl.constexpr, D2: tl.constexpr, ROWS0: tl.constexpr, NC: tl.constexpr,
+              NB: tl.constexpr, MERGE: tl.constexpr, EAX: tl.constexpr):  # fmt: skip
+    """X g0 of a ticket's tile under every shift (g0 under shift k read at the rolled positions),
+    each shift's product summed a channel half into one product of every shift's columns
+    (``_shift_columns``), the two halves stored at once (``_stack_rows``), not once a shift."""
     BA0R: tl.constexpr = BP0 // D0 if ROWS0 else 1  # the product's rows: (H, W, BA0R)
     acc_a = tl.zeros((H * W * BA0R, NC), tl.float32)
     acc_b = tl.zeros((H * W * BA0R, NC), tl.float32)
@@ -251,34 +293,20 @@ def _parts_tile(
                                 k, NB)  # fmt: skip
     _tile_parts_write(_stack_rows(acc_a, acc_b), hpart_ptr, E, e2, ok2, slot2, j2, -1, SHIFTS,
                       NSHIFT, P0, 2 * H, W, BP0, D0, ROWS0, NC, MERGE)  # fmt: skip
-    for i in range(0, H):  # Gram rows i < H: columns e >= i in both halves, stored at once
-        xi = tl.sum(tl.where(ch == i, xa, 0), axis=0)[None]  # a choice of registers
-        t2 = _stack_rows(_tile_dot(xa * xi, member, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0),
-                         _tile_dot(xb * xi, member, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0))
-        _tile_parts_write(t2, kpart_ptr, E * E, _tri(i, e2, E), ok2 & (e2 >= i), slot2, j2, -1,
-                          SHIFTS, NSHIFT, P0, 2 * H, W, BP0, D0, ROWS0, NC, MERGE)  # fmt: skip
-    eq = H + e2 % H  # a stacked row's channel in the high half; its Gram row i + e2 // H
-    for i in range(H, E, 2):  # Gram rows i >= H (the high half only), two at a time
-        x0 = tl.sum(tl.where(ch == i - H, xb, 0), axis=0)[None]
-        x1 = tl.sum(tl.where(ch == i + 1 - H, xb, 0), axis=0)[None]
-        t2 = _stack_rows(_tile_dot(xb * x0, member, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0),
-                         _tile_dot(xb * x1, member, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0))
-        ii = i + e2 // H
-        _tile_parts_write(t2, kpart_ptr, E * E, _tri(ii, eq, E), ok2 & (eq >= ii) & (eq < E),
-                          slot2, j2, -1, SHIFTS, NSHIFT, P0, 2 * H, W, BP0, D0, ROWS0, NC,
-                          MERGE)  # fmt: skip
 
 
 def tile_plan(geo, dot: dict, wpp: int, warps: int) -> dict:
     """The constexprs of the ticket-tile parts pass: TILE (whether it runs: ``TUNING["tile"]``,
     the matrix form of the parts, ``dot``, a power-of-two WPP and a tile of at most 32 values a
-    thread), the sub-box TD0-TD2 and ROWS0 (module docstring). Where the dot would take fewer
-    than 16 or more than 32 sub-boxes, the per-window pass runs instead."""
+    thread), the sub-box TD0-TD2, ROWS0 (module docstring) and XG0F (``_XG0_FIRST_ROWS0``).
+    Where the dot would take fewer than 16 or more than 32 sub-boxes, the per-window pass runs
+    instead."""
     sub, rows0, k = tile_subboxes(geo, dot)
     tile_values = geo.block_e * wpp * math.prod(geo.bp) // (32 * warps)
     on = _TILE if TUNING["tile"] is None else bool(TUNING["tile"])
     use = (on and dot["DOT"] and wpp & (wpp - 1) == 0 and tile_values <= 32 and 16 <= k <= 32)
-    return dict(TILE=use, TD0=sub[0], TD1=sub[1], TD2=sub[2], ROWS0=rows0)
+    return dict(TILE=use, TD0=sub[0], TD1=sub[1], TD2=sub[2], ROWS0=rows0,
+                XG0F=not rows0 or _XG0_FIRST_ROWS0)
 
 
 def tile_subboxes(geo, dot: dict) -> tuple[list[int], bool, int]:
