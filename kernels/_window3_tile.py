@@ -9,7 +9,9 @@ channels: with 4 windows of 8^3 voxels a thread holds all the channels of a half
 along axis 2 (Triton's blocked layout puts the warps on the window and axis-0 dimensions), so a
 Gram row is a choice of registers, a sub-box's sum along axis 2 is in the thread, and the
 products' sub-box sums meet the part matrix ``member`` in one ``tl.dot`` per product (the
-cross-warp sums go through the dot's shared-memory operand).
+cross-warp sums go through the dot's shared-memory operand). With 2-voxel sub-boxes along axes 0
+and 2 ([None, 2, 4, 6]) a thread holds a run of 2 voxels along axis 2 and its axis-0 pair too
+(``_pair_axes``), so a sub-box's sums along those two axes are in the thread.
 
 Sub-boxes (``tile_plan``): the coarsest that every shift's cuts allow; where there are more than
 16, the dot contracts the sub-boxes of axes 1 and 2 (16 of them) and the axis-0 sub-boxes stay
@@ -31,19 +33,10 @@ import math
 import triton
 import triton.language as tl
 
-from ._common import TRITON_VERSION
 from ._window2_common import _part_member, _shift_of, _tri, _window_origin
 from ._window3_sched import _TILE, TUNING, _part_slot
 
 __all__ = ["tile_plan", "tile_subboxes"]
-
-# Whether the tile's X g0 comes before its Gram rows (XG0F) with axis 0's sub-boxes as rows
-# (ROWS0, [None, 2, 4, 6]); without ROWS0 ([None, 4]) it always does. The order that each compiler
-# allocates without spilling (sm_90a, 16 warps, fp32 and bf16, bench/results/static_designs/
-# tiles.md): Triton 3.9 spilled 64 B with X g0 last (the stores' addresses held through its
-# loop), Triton 3.6 40 B with X g0 first (its pipelined loads' addresses, from the prologue);
-# 1 % apart in instructions either way
-_XG0_FIRST_ROWS0 = TRITON_VERSION >= (3, 7)
 
 
 @triton.jit
@@ -75,6 +68,52 @@ def _ch_first(t, EAX: tl.constexpr):
         return tl.permute(t, (4, 0, 1, 2, 3, 5))  # relabels the layout's axes: no data moves
     else:
         return t
+
+
+@triton.jit
+def _pair_axes(C: tl.constexpr, W: tl.constexpr, BP0: tl.constexpr, BP1: tl.constexpr,
+               NRUN: tl.constexpr, V: tl.constexpr, EAX: tl.constexpr):  # fmt: skip
+    """7-d indices as :func:`_tile_axes`'s with axis 0 as (pair, its voxel a): channel, a,
+    window, pair, axis 1, run, voxel (EAX != 0: window, pair, axis 1, run, channel, a, voxel), so
+    that a thread holds both voxels of an axis-0 pair as it holds the channels."""
+    g = tl.arange(0, V)[None, None, None, None, None, None, :]
+    if EAX != 0:
+        j = tl.arange(0, W)[:, None, None, None, None, None, None]
+        b0 = tl.arange(0, BP0 // 2)[None, :, None, None, None, None, None]
+        q1 = tl.arange(0, BP1)[None, None, :, None, None, None, None]
+        r = (tl.arange(0, NRUN) * V)[None, None, None, :, None, None, None]
+        c = tl.arange(0, C)[None, None, None, None, :, None, None]
+        a = tl.arange(0, 2)[None, None, None, None, None, :, None]
+    else:
+        c = tl.arange(0, C)[:, None, None, None, None, None, None]
+        a = tl.arange(0, 2)[None, :, None, None, None, None, None]
+        j = tl.arange(0, W)[None, None, :, None, None, None, None]
+        b0 = tl.arange(0, BP0 // 2)[None, None, None, :, None, None, None]
+        q1 = tl.arange(0, BP1)[None, None, None, None, :, None, None]
+        r = (tl.arange(0, NRUN) * V)[None, None, None, None, None, :, None]
+    return c, j, 2 * b0 + a, q1, r, g
+
+
+@triton.jit
+def _pair_tile(t, EAX: tl.constexpr):
+    """A tile loaded on :func:`_pair_axes` as (channel, window, axis 0, axis 1, axis 2)."""
+    if EAX != 0:
+        t = tl.permute(t, (4, 0, 1, 5, 2, 3, 6))
+    else:
+        t = tl.permute(t, (0, 2, 3, 1, 4, 5, 6))
+    return tl.reshape(t, (t.shape[0], t.shape[1], t.shape[2] * t.shape[3], t.shape[4],
+                          t.shape[5] * t.shape[6]))
+
+
+@triton.jit
+def _as_tile(t, C: tl.constexpr, W: tl.constexpr, BP0: tl.constexpr, BP1: tl.constexpr,
+             BP2: tl.constexpr, EAX: tl.constexpr, PAIR: tl.constexpr):  # fmt: skip
+    """A tile loaded on :func:`_tile_axes` (or :func:`_pair_axes` with PAIR) as (C, W, BP0, BP1,
+    BP2)."""
+    if PAIR:
+        return _pair_tile(t, EAX)
+    else:
+        return tl.reshape(_ch_first(t, EAX), (C, W, BP0, BP1, BP2))
 
 
 @triton.jit
@@ -196,7 +235,7 @@ def _parts_tile(
     W: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, BP0: tl.constexpr,
     BP1: tl.constexpr, BP2: tl.constexpr, BLOCK_E: tl.constexpr, NSB: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, ROWS0: tl.constexpr,
-    RING: tl.constexpr, MERGE: tl.constexpr, EAX: tl.constexpr, XG0F: tl.constexpr,
+    RING: tl.constexpr, MERGE: tl.constexpr, EAX: tl.constexpr,
 ):  # fmt: skip
     """The parts pass of one ticket (windows first .. first + W - 1 of a plane) as one tile:
     every shift's part sums of X X^T (upper triangle) and X g0 (g0 under shift k read at the
@@ -214,18 +253,24 @@ def _parts_tile(
     # the first in 3.6): first in 3.9, fifth in 3.6, so that a thread holds all the channels of its
     # voxels (3.6 with the channels first put them across lanes: sm_90a, fp32, the tile issued
     # 741 / 1578 instructions a window for [None, 4] / [None, 2, 4, 6], 549 / 1295 this way)
-    V: tl.constexpr = 4 if BP2 % 4 == 0 else BP2
-    c6, j5, q0, q1, r2, g6 = _tile_axes(H, W, BP0, BP1, BP2 // V, V, EAX)
+    # With PAIR (ROWS0 and 2-voxel sub-boxes along axes 0 and 2: [None, 2, 4, 6]) a thread holds
+    # a sub-box's axis-0 pair too (``_pair_axes``) in runs of 2 along axis 2 (8 bytes in fp32),
+    # so two of a sub-box's three sums are in the thread (12-13 % fewer instructions)
+    PAIR: tl.constexpr = ROWS0 and D0 == 2 and D2 % 2 == 0
+    V: tl.constexpr = 2 if PAIR else (4 if BP2 % 4 == 0 else BP2)
+    if PAIR:
+        c6, j5, q0, q1, r2, g6 = _pair_axes(H, W, BP0, BP1, BP2 // V, V, EAX)
+    else:
+        c6, j5, q0, q1, r2, g6 = _tile_axes(H, W, BP0, BP1, BP2 // V, V, EAX)
     q2 = r2 + g6
     inside = (q0 < P0) & (q1 < P1) & (q2 < P2)
     w0, w1, w2 = _window_origin(plane * NPLANE + first + j5, NW1, NW2, MW2, W0)
     voxel = ((w0 * P0 + q0) * S1 + w1 * P1 + q1) * S2 + w2 * P2 + q2
     ok = inside & (first + j5 < NPLANE)
-    shape: tl.constexpr = (H, W, BP0, BP1, BP2)
     xa = tl.load(x_base + c6 * NVOX + voxel, mask=ok & (c6 < E), other=0)
-    xa = tl.maximum(tl.reshape(_ch_first(xa, EAX), shape).to(tl.float32), 0)
+    xa = tl.maximum(_as_tile(xa, H, W, BP0, BP1, BP2, EAX, PAIR).to(tl.float32), 0)
     xb = tl.load(x_base + (c6 + H) * NVOX + voxel, mask=ok & (c6 + H < E), other=0)
-    xb = tl.maximum(tl.reshape(_ch_first(xb, EAX), shape).to(tl.float32), 0)
+    xb = tl.maximum(_as_tile(xb, H, W, BP0, BP1, BP2, EAX, PAIR).to(tl.float32), 0)
     ch = tl.arange(0, H)[:, None, None, None, None]
     BA0K: tl.constexpr = 1 if ROWS0 else BP0 // D0
     NB: tl.constexpr = 4 if ROWS0 else 8
@@ -240,10 +285,11 @@ def _parts_tile(
     j2 = r2 % W
     slot2 = _part_slot(bh, plane, first + j2, NWIN, NPLANE, NPL, NSHIFT, RING)
     ok2 = (first + j2 < NPLANE) & (e2 < E)
-    if XG0F:  # X g0 first (XG0F, ``tile_plan``)
-        _tile_xg0(xa, xb, g0_ptr, member, hpart_ptr, e2, ok2, slot2, j2, q0, q1, q2, j5, inside, E,
-                  SHIFTS, NSHIFT, P0, P1, P2, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0, NC, NB, MERGE,
-                  EAX)  # fmt: skip
+    # X g0 first (after the Gram rows: 1 % more instructions with Triton 3.9, and pipelined, 64 B
+    # of spills: the stores' addresses held through its loop; bench/results/static_designs/tiles.md)
+    _tile_xg0(xa, xb, g0_ptr, member, hpart_ptr, e2, ok2, slot2, j2, q0, q1, q2, j5, inside, E,
+              SHIFTS, NSHIFT, P0, P1, P2, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0, NC, NB, MERGE,
+              EAX, PAIR)  # fmt: skip
     for i in range(0, H):  # Gram rows i < H: columns e >= i in both halves, stored at once
         xi = tl.sum(tl.where(ch == i, xa, 0), axis=0)[None]  # a choice of registers
         t2 = _stack_rows(_tile_dot(xa * xi, member, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0),
@@ -260,10 +306,6 @@ def _parts_tile(
         _tile_parts_write(t2, kpart_ptr, E * E, _tri(ii, eq, E), ok2 & (eq >= ii) & (eq < E),
                           slot2, j2, -1, SHIFTS, NSHIFT, P0, 2 * H, W, BP0, D0, ROWS0, NC,
                           MERGE)  # fmt: skip
-    if not XG0F:
-        _tile_xg0(xa, xb, g0_ptr, member, hpart_ptr, e2, ok2, slot2, j2, q0, q1, q2, j5, inside, E,
-                  SHIFTS, NSHIFT, P0, P1, P2, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0, NC, NB, MERGE,
-                  EAX)  # fmt: skip
 
 
 @triton.jit
@@ -272,21 +314,24 @@ def _tile_xg0(xa, xb, g0_ptr, member, hpart_ptr, e2, ok2, slot2, j2, q0, q1, q2,
               P1: tl.constexpr, P2: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
               BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr, D0: tl.constexpr,
               D1: tl.constexpr, D2: tl.constexpr, ROWS0: tl.constexpr, NC: tl.constexpr,
-              NB: tl.constexpr, MERGE: tl.constexpr, EAX: tl.constexpr):  # fmt: skip
+              NB: tl.constexpr, MERGE: tl.constexpr, EAX: tl.constexpr,
+              PAIR: tl.constexpr):  # fmt: skip
     """X g0 of a ticket's tile under every shift (g0 under shift k read at the rolled positions),
     each shift's product summed a channel half into one product of every shift's columns
     (``_shift_columns``), the two halves stored at once (``_stack_rows``), not once a shift."""
     BA0R: tl.constexpr = BP0 // D0 if ROWS0 else 1  # the product's rows: (H, W, BA0R)
     acc_a = tl.zeros((H * W * BA0R, NC), tl.float32)
     acc_b = tl.zeros((H * W * BA0R, NC), tl.float32)
-    for k in tl.range(0, NSHIFT):  # a loop: g0's addresses made per shift
+    # a loop: g0's addresses made per shift; not software-pipelined (pipelined, the first loads'
+    # addresses were computed before the ticket loop and spilled, 32-40 B)
+    for k in tl.range(0, NSHIFT, num_stages=1):
         p0 = q0 + _shift_of(k, SHIFTS, NSHIFT, 0)
         p1 = q1 + _shift_of(k, SHIFTS, NSHIFT, 1)
         p2 = q2 + _shift_of(k, SHIFTS, NSHIFT, 2)
         rolled = (tl.where(p0 >= P0, p0 - P0, p0) * P1 + tl.where(p1 >= P1, p1 - P1, p1)) * P2
         rolled += tl.where(p2 >= P2, p2 - P2, p2) + j5 * 0  # g0 where each voxel lies under k
         g = tl.load(g0_ptr + rolled, mask=inside & (j5 >= 0), other=0)
-        g = tl.reshape(_ch_first(g, EAX), (1, W, BP0, BP1, BP2)).to(tl.float32)
+        g = _as_tile(g, 1, W, BP0, BP1, BP2, EAX, PAIR).to(tl.float32)
         acc_a += _shift_columns(_tile_dot(xa * g, member, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0),
                                 k, NB)  # fmt: skip
         acc_b += _shift_columns(_tile_dot(xb * g, member, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0),
@@ -298,15 +343,13 @@ def _tile_xg0(xa, xb, g0_ptr, member, hpart_ptr, e2, ok2, slot2, j2, q0, q1, q2,
 def tile_plan(geo, dot: dict, wpp: int, warps: int) -> dict:
     """The constexprs of the ticket-tile parts pass: TILE (whether it runs: ``TUNING["tile"]``,
     the matrix form of the parts, ``dot``, a power-of-two WPP and a tile of at most 32 values a
-    thread), the sub-box TD0-TD2, ROWS0 (module docstring) and XG0F (``_XG0_FIRST_ROWS0``).
-    Where the dot would take fewer than 16 or more than 32 sub-boxes, the per-window pass runs
-    instead."""
+    thread), the sub-box TD0-TD2 and ROWS0 (module docstring). Where the dot would take fewer
+    than 16 or more than 32 sub-boxes, the per-window pass runs instead."""
     sub, rows0, k = tile_subboxes(geo, dot)
     tile_values = geo.block_e * wpp * math.prod(geo.bp) // (32 * warps)
     on = _TILE if TUNING["tile"] is None else bool(TUNING["tile"])
     use = (on and dot["DOT"] and wpp & (wpp - 1) == 0 and tile_values <= 32 and 16 <= k <= 32)
-    return dict(TILE=use, TD0=sub[0], TD1=sub[1], TD2=sub[2], ROWS0=rows0,
-                XG0F=not rows0 or _XG0_FIRST_ROWS0)
+    return dict(TILE=use, TD0=sub[0], TD1=sub[1], TD2=sub[2], ROWS0=rows0)
 
 
 def tile_subboxes(geo, dot: dict) -> tuple[list[int], bool, int]:

@@ -40,13 +40,9 @@ def test_tile_plan_takes_the_static_suites_shapes(tile_on, monkeypatch):
     rows, ROWS0), [None, 4] 16 in the dot; MU (no matrix form), more than 32 values a thread
     (E = 16) or TUNING["tile"] = False take the per-window pass."""
     brats, merges = _plan((1, 8, 16, 8, 32), 8, 8, [None, 2, 4, 6])
-    xg0f = tile._XG0_FIRST_ROWS0
-    assert brats == dict(TILE=True, TD0=2, TD1=2, TD2=2, ROWS0=True, XG0F=xg0f) and merges
+    assert brats == dict(TILE=True, TD0=2, TD1=2, TD2=2, ROWS0=True) and merges
     four, _ = _plan((1, 8, 16, 8, 32), 8, 8, [None, 4])
-    assert four == dict(TILE=True, TD0=2, TD1=4, TD2=4, ROWS0=False, XG0F=True)
-    monkeypatch.setattr(tile, "_XG0_FIRST_ROWS0", not xg0f)  # X g0 first: ROWS0 by the compiler
-    assert _plan((1, 8, 16, 8, 32), 8, 8, [None, 2, 4, 6])[0]["XG0F"] == (not xg0f)
-    assert _plan((1, 8, 16, 8, 32), 8, 8, [None, 4])[0]["XG0F"]
+    assert four == dict(TILE=True, TD0=2, TD1=4, TD2=4, ROWS0=False)
     assert not _plan((1, 8, 16, 8, 32), 8, 8, [None, 2, 4, 6], mu=True)[0]["TILE"]
     assert not _plan((1, 16, 16, 8, 32), 16, 8, [None, 4])[0]["TILE"]
     monkeypatch.setitem(sched.TUNING, "tile", False)
@@ -65,28 +61,23 @@ TILE_CASES = [
     # [None, 4]: the sub-boxes of axes 0-2 all in the dot (no ROWS0), merged along axis 2
     ((1, 8, 16, 8, 32), 8, [None, 4], False, True),
 ]
-# with ROWS0 each order of X g0 and the Gram rows (``_XG0_FIRST_ROWS0``: by the compiler)
-TILE_ORDERS = [(*case, first) for case in TILE_CASES for first in ((True, False) if case[3]
-                                                                    else (True,))]  # fmt: skip
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("eax", [0, 1])
-@pytest.mark.parametrize("shape,head_dim,shifts,rows0,merges,xg0_first", TILE_ORDERS)
+@pytest.mark.parametrize("shape,head_dim,shifts,rows0,merges", TILE_CASES)
 def test_tile_parts_match_reference(gen, design3, tile_on, monkeypatch, device, eax, shape,
-                                    head_dim, shifts, rows0, merges, xg0_first):  # fmt: skip
+                                    head_dim, shifts, rows0, merges):  # fmt: skip
     """The tile's forward (and the backward from its saved K and h) against the float64 oracle;
     the per-window pass's forward too (E = 6 with merging: the per-window merged pass once added
     the last X g0 carry twice where E < BLOCK_E). That the tile ran: under the interpreter its
     calls are counted; compiled, with ROWS0 its sums differ from the per-window pass's in the last
     bits (with [None, 4] they come out bit for bit the same). With x loaded channels first
     (EAX = 0, Triton 3.9's way) and channels fifth (EAX = 1, 3.6's: ``_E_AXIS``), whichever
-    Triton runs the test. With ROWS0, X g0 before and after the Gram rows."""
+    Triton runs the test."""
     monkeypatch.setattr(bwd_tile, "_E_AXIS", eax)
-    monkeypatch.setattr(tile, "_XG0_FIRST_ROWS0", xg0_first)
     plan, merged = _plan(shape, head_dim, 8, shifts)
     assert plan["TILE"] and plan["ROWS0"] == rows0 and merged == merges
-    assert plan["XG0F"] == xg0_first
     calls = []
     if device == "cpu":  # the interpreter calls the tile as Python: count the calls
         real = nmf3._parts_tile
