@@ -67,7 +67,7 @@ _MERGE = True
 # The ticket tile (kernels/_window3_tile.py) issues a third to under half of the per-window parts
 # pass's instructions (bench/results/static_designs/tiles.md); the fused forward with it
 # at 16 warps spills nothing with Triton 3.9 or 3.6, the GPU machine's (alone, in three or four
-# tiles: static_designs_triton36/variants.md; the 3.9 forward with four tiles 16 B, BraTS):
+# tiles: static_designs_triton36/variants.md; the 3.9 forward with four tiles 8 B, BraTS):
 # off by default until the GPU has timed it (bench/time_designs.py, "design 3, ticket tile")
 _TILE = False
 # The backward's output pass on a ticket's windows as one tile (kernels/_window3_bwd_tile.py):
