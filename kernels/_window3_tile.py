@@ -255,7 +255,7 @@ def _parts_tile(
     # 741 / 1578 instructions a window for [None, 4] / [None, 2, 4, 6], 549 / 1295 this way)
     # With PAIR (ROWS0 and 2-voxel sub-boxes along axes 0 and 2: [None, 2, 4, 6]) a thread holds
     # a sub-box's axis-0 pair too (``_pair_axes``) in runs of 2 along axis 2 (8 bytes in fp32),
-    # so two of a sub-box's three sums are in the thread (12-13 % fewer instructions)
+    # so two of a sub-box's three sums are in the thread (about 12 % fewer instructions)
     PAIR: tl.constexpr = ROWS0 and D0 == 2 and D2 % 2 == 0
     V: tl.constexpr = 2 if PAIR else (4 if BP2 % 4 == 0 else BP2)
     if PAIR:
