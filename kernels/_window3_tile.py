@@ -280,9 +280,9 @@ def _parts_tile(
     live = (plane >= 0).to(tl.int32)
     member = _part_member(SHIFTS, NSHIFT, P0, P1, P2, BA0K, BP1 // D1, BP2 // D2, D0, D1, D2, NC,
                           NB, tl.float32, live != 0)  # fmt: skip
-    r2 = tl.arange(0, 2 * H * W)[:, None]  # the rows of two products stacked (_stack_rows)
-    e2 = r2 // W  # the channel of a row of (xa, xb)'s products stacked
-    j2 = r2 % W
+    rs = tl.arange(0, 2 * H * W)[:, None]  # the rows of two products stacked (_stack_rows)
+    e2 = rs // W  # the channel of a row of (xa, xb)'s products stacked
+    j2 = rs % W
     slot2 = _part_slot(bh, plane, first + j2, NWIN, NPLANE, NPL, NSHIFT, RING)
     ok2 = (first + j2 < NPLANE) & (e2 < E)
     # X g0 first (after the Gram rows: 1 % more instructions with Triton 3.9, and pipelined, 64 B
