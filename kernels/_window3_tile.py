@@ -33,10 +33,19 @@ import math
 import triton
 import triton.language as tl
 
+from ._common import TRITON_VERSION
 from ._window2_common import _part_member, _shift_of, _tri, _window_origin
 from ._window3_sched import _TILE, TUNING, _part_slot
 
 __all__ = ["tile_plan", "tile_subboxes"]
+
+# Whether the tile's X g0 comes after its Gram (XG0F false) without axis 0's sub-boxes as rows
+# (no ROWS0: [None, 4]); with ROWS0 ([None, 2, 4, 6]) it always comes first. The order each
+# compiler allocates without spilling (sm_90a, 16 warps, fp32 and bf16,
+# bench/results/static_designs/tiles.md): X g0 first, Triton 3.9 spilled 16 B with [None, 4]
+# (two values of the prologue); last, 112 B with [None, 2, 4, 6] and Triton 3.6 8 B with
+# [None, 4]; 1-2 % apart in instructions either way
+_XG0_LAST_FLAT = TRITON_VERSION >= (3, 7)
 
 
 @triton.jit
@@ -157,6 +166,82 @@ def _stack_rows(a, b):
     return tl.reshape(tl.permute(tl.join(a, b), (2, 0, 1)), (2 * a.shape[0], a.shape[1]))
 
 
+@triton.constexpr_function
+def _log2(n):
+    """log2 of a power of two n (a constexpr)."""
+    return int(n).bit_length() - 1
+
+
+@triton.constexpr_function
+def _pow2(b):
+    """2 ** b (a constexpr)."""
+    return 1 << int(b)
+
+
+@triton.jit
+def _ch_split(t, b: tl.constexpr):
+    """A tile t (H, W, BP0, BP1, BP2), its channels in the thread, as (its channels whose bit b is
+    0, those whose bit b is 1), each (H / 2, W, BP0, BP1, BP2) in order: registers renamed."""
+    H: tl.constexpr = t.shape[0]
+    u = tl.reshape(t, (H // _pow2(b + 1), 2, _pow2(b), t.shape[1], t.shape[2], t.shape[3],
+                       t.shape[4]))  # fmt: skip
+    lo, hi = tl.split(tl.permute(u, (0, 2, 3, 4, 5, 6, 1)))
+    shape: tl.constexpr = (H // 2, t.shape[1], t.shape[2], t.shape[3], t.shape[4])
+    return tl.reshape(lo, shape), tl.reshape(hi, shape)
+
+
+@triton.jit
+def _ch_merge(lo, hi, b: tl.constexpr):
+    """The inverse of :func:`_ch_split`: lo's channels where bit b is 0, hi's where it is 1."""
+    H: tl.constexpr = 2 * lo.shape[0]
+    shape: tl.constexpr = (H // _pow2(b + 1), _pow2(b), lo.shape[1], lo.shape[2], lo.shape[3],
+                           lo.shape[4])  # fmt: skip
+    u = tl.join(tl.reshape(lo, shape), tl.reshape(hi, shape))
+    u = tl.permute(u, (0, 6, 1, 2, 3, 4, 5))
+    return tl.reshape(u, (H, lo.shape[1], lo.shape[2], lo.shape[3], lo.shape[4]))
+
+
+@triton.jit
+def _ch_xor(t, m: tl.constexpr):
+    """t with channel c holding t's channel c ^ m."""
+    for b in tl.static_range(_log2(t.shape[0])):
+        if (m >> b) % 2 == 1:
+            lo, hi = _ch_split(t, b)
+            t = _ch_merge(hi, lo, b)
+    return t
+
+
+@triton.jit
+def _gram_unit(xa, xb, d: tl.constexpr):
+    """Factors (F, G) of Gram unit d (1 <= d < 2H) of the channels x = (xa, xb), each (H, W, BP0,
+    BP1, BP2): F * G holds, for every unordered pair {c, c ^ d} of x's 2H channels, one product
+    x_c x_(c ^ d) (:func:`_unit_channels`). Unit d = 0 is x's squares, (xa, xa) and (xb, xb):
+    2H + 1 units of H products hold the 2H (2H + 1) / 2 of the Gram's upper triangle, none twice."""
+    H: tl.constexpr = xa.shape[0]
+    if d >= H:  # pairs across the halves: xa's channel c with xb's c ^ (d - H)
+        return xa, _ch_xor(xb, d - H)
+    else:  # pairs within each half, c below c ^ d: bit hb of d's highest set bit 0 in c
+        hb: tl.constexpr = _log2(d)
+        al, ah = _ch_split(xa, hb)
+        bl, bh = _ch_split(xb, hb)
+        top: tl.constexpr = _log2(H) - 1
+        return _ch_merge(al, bl, top), _ch_xor(_ch_merge(ah, bh, top), d - _pow2(hb))
+
+
+@triton.jit
+def _unit_channels(s, d: tl.constexpr, H: tl.constexpr):
+    """The channels (c, c') of x (c < c') whose product is slot s of Gram unit d (>= 1) of
+    :func:`_gram_unit`."""
+    if d >= H:
+        return s, H + (s ^ (d - H))
+    else:
+        hb: tl.constexpr = _log2(d)
+        half = s // (H // 2)
+        i = s % (H // 2)
+        c = half * H + (i >> hb) * _pow2(hb + 1) + i % _pow2(hb)
+        return c, c ^ d
+
+
 @triton.jit
 def _tile_halves(t, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, P0: tl.constexpr,
                  BLOCK_E: tl.constexpr, W: tl.constexpr, BP0: tl.constexpr, D0: tl.constexpr,
@@ -235,7 +320,7 @@ def _parts_tile(
     W: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, BP0: tl.constexpr,
     BP1: tl.constexpr, BP2: tl.constexpr, BLOCK_E: tl.constexpr, NSB: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, ROWS0: tl.constexpr,
-    RING: tl.constexpr, MERGE: tl.constexpr, EAX: tl.constexpr,
+    RING: tl.constexpr, MERGE: tl.constexpr, EAX: tl.constexpr, XG0F: tl.constexpr,
 ):  # fmt: skip
     """The parts pass of one ticket (windows first .. first + W - 1 of a plane) as one tile:
     every shift's part sums of X X^T (upper triangle) and X g0 (g0 under shift k read at the
@@ -271,7 +356,6 @@ def _parts_tile(
     xa = tl.maximum(_as_tile(xa, H, W, BP0, BP1, BP2, EAX, PAIR).to(tl.float32), 0)
     xb = tl.load(x_base + (c6 + H) * NVOX + voxel, mask=ok & (c6 + H < E), other=0)
     xb = tl.maximum(_as_tile(xb, H, W, BP0, BP1, BP2, EAX, PAIR).to(tl.float32), 0)
-    ch = tl.arange(0, H)[:, None, None, None, None]
     BA0K: tl.constexpr = 1 if ROWS0 else BP0 // D0
     NB: tl.constexpr = 4 if ROWS0 else 8
     NC: tl.constexpr = NB * NSB
@@ -285,27 +369,37 @@ def _parts_tile(
     j2 = rs % W
     slot2 = _part_slot(bh, plane, first + j2, NWIN, NPLANE, NPL, NSHIFT, RING)
     ok2 = (first + j2 < NPLANE) & (e2 < E)
-    # X g0 first (after the Gram rows: 1 % more instructions with Triton 3.9, and pipelined, 64 B
-    # of spills: the stores' addresses held through its loop; bench/results/static_designs/tiles.md)
-    _tile_xg0(xa, xb, g0_ptr, member, hpart_ptr, e2, ok2, slot2, j2, q0, q1, q2, j5, inside, E,
-              SHIFTS, NSHIFT, P0, P1, P2, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0, NC, NB, MERGE,
-              EAX, PAIR)  # fmt: skip
-    for i in range(0, H):  # Gram rows i < H: columns e >= i in both halves, stored at once
-        xi = tl.sum(tl.where(ch == i, xa, 0), axis=0)[None]  # a choice of registers
-        t2 = _stack_rows(_tile_dot(xa * xi, member, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0),
-                         _tile_dot(xb * xi, member, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0))
-        _tile_parts_write(t2, kpart_ptr, E * E, _tri(i, e2, E), ok2 & (e2 >= i), slot2, j2, -1,
+    if XG0F:  # X g0 first (``tile_plan``)
+        _tile_xg0(xa, xb, g0_ptr, member, hpart_ptr, e2, ok2, slot2, j2, q0, q1, q2, j5, inside,
+                  E, SHIFTS, NSHIFT, P0, P1, P2, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0, NC, NB,
+                  MERGE, EAX, PAIR)  # fmt: skip
+    # The Gram's upper triangle in 2H + 1 units of H products (``_gram_unit``), two stored at
+    # once: the squares, then units d = 1 .. 2H - 1 (the last alone)
+    okw = first + j2 < NPLANE
+    t2 = _stack_rows(_tile_dot(xa * xa, member, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0),
+                     _tile_dot(xb * xb, member, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0))
+    _tile_parts_write(t2, kpart_ptr, E * E, _tri(e2, e2, E), ok2, slot2, j2, -1, SHIFTS, NSHIFT,
+                      P0, 2 * H, W, BP0, D0, ROWS0, NC, MERGE)  # fmt: skip
+    for d in tl.static_range(1, 2 * H - 1, 2):
+        fa, ga = _gram_unit(xa, xb, d)
+        fb, gb = _gram_unit(xa, xb, d + 1)
+        t2 = _stack_rows(_tile_dot(fa * ga, member, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0),
+                         _tile_dot(fb * gb, member, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0))
+        ca, da = _unit_channels(e2 % H, d, H)
+        cb, db = _unit_channels(e2 % H, d + 1, H)
+        c, c2 = tl.where(e2 < H, ca, cb), tl.where(e2 < H, da, db)
+        _tile_parts_write(t2, kpart_ptr, E * E, _tri(c, c2, E), okw & (c2 < E), slot2, j2, -1,
                           SHIFTS, NSHIFT, P0, 2 * H, W, BP0, D0, ROWS0, NC, MERGE)  # fmt: skip
-    eq = H + e2 % H  # a stacked row's channel in the high half; its Gram row i + e2 // H
-    for i in range(H, E, 2):  # Gram rows i >= H (the high half only), two at a time
-        x0 = tl.sum(tl.where(ch == i - H, xb, 0), axis=0)[None]
-        x1 = tl.sum(tl.where(ch == i + 1 - H, xb, 0), axis=0)[None]
-        t2 = _stack_rows(_tile_dot(xb * x0, member, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0),
-                         _tile_dot(xb * x1, member, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0))
-        ii = i + e2 // H
-        _tile_parts_write(t2, kpart_ptr, E * E, _tri(ii, eq, E), ok2 & (eq >= ii) & (eq < E),
-                          slot2, j2, -1, SHIFTS, NSHIFT, P0, 2 * H, W, BP0, D0, ROWS0, NC,
-                          MERGE)  # fmt: skip
+    f, g = _gram_unit(xa, xb, 2 * H - 1)
+    t = _tile_dot(f * g, member, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0)
+    c, c2 = _unit_channels(e2 % H, 2 * H - 1, H)  # stacked on itself, the copy's rows masked
+    _tile_parts_write(_stack_rows(t, t), kpart_ptr, E * E, _tri(c, c2, E),
+                      okw & (e2 < H) & (c2 < E), slot2, j2, -1, SHIFTS, NSHIFT, P0, 2 * H, W,
+                      BP0, D0, ROWS0, NC, MERGE)  # fmt: skip
+    if not XG0F:
+        _tile_xg0(xa, xb, g0_ptr, member, hpart_ptr, e2, ok2, slot2, j2, q0, q1, q2, j5, inside,
+                  E, SHIFTS, NSHIFT, P0, P1, P2, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0, NC, NB,
+                  MERGE, EAX, PAIR)  # fmt: skip
 
 
 @triton.jit
@@ -343,13 +437,15 @@ def _tile_xg0(xa, xb, g0_ptr, member, hpart_ptr, e2, ok2, slot2, j2, q0, q1, q2,
 def tile_plan(geo, dot: dict, wpp: int, warps: int) -> dict:
     """The constexprs of the ticket-tile parts pass: TILE (whether it runs: ``TUNING["tile"]``,
     the matrix form of the parts, ``dot``, a power-of-two WPP and a tile of at most 32 values a
-    thread), the sub-box TD0-TD2 and ROWS0 (module docstring). Where the dot would take fewer
-    than 16 or more than 32 sub-boxes, the per-window pass runs instead."""
+    thread), the sub-box TD0-TD2, ROWS0 (module docstring) and XG0F (``_XG0_LAST_FLAT``).
+    Where the dot would take fewer than 16 or more than 32 sub-boxes, the per-window pass runs
+    instead."""
     sub, rows0, k = tile_subboxes(geo, dot)
     tile_values = geo.block_e * wpp * math.prod(geo.bp) // (32 * warps)
     on = _TILE if TUNING["tile"] is None else bool(TUNING["tile"])
     use = (on and dot["DOT"] and wpp & (wpp - 1) == 0 and tile_values <= 32 and 16 <= k <= 32)
-    return dict(TILE=use, TD0=sub[0], TD1=sub[1], TD2=sub[2], ROWS0=rows0)
+    return dict(TILE=use, TD0=sub[0], TD1=sub[1], TD2=sub[2], ROWS0=rows0,
+                XG0F=rows0 or not _XG0_LAST_FLAT)
 
 
 def tile_subboxes(geo, dot: dict) -> tuple[list[int], bool, int]:

@@ -172,8 +172,8 @@ def _fused_kernel(
     SAVE: tl.constexpr, RING: tl.constexpr, OFFS: tl.constexpr, NOFF: tl.constexpr,
     SPLITS: tl.constexpr,
     MERGE: tl.constexpr, TILE: tl.constexpr, TD0: tl.constexpr, TD1: tl.constexpr,
-    TD2: tl.constexpr, ROWS0: tl.constexpr, OTILE: tl.constexpr, R2: tl.constexpr,
-    WT: tl.constexpr, EAX: tl.constexpr,
+    TD2: tl.constexpr, ROWS0: tl.constexpr, XG0F: tl.constexpr, OTILE: tl.constexpr,
+    R2: tl.constexpr, WT: tl.constexpr, EAX: tl.constexpr,
 ):  # fmt: skip
     """Persistent: take tickets (batch*head, stage, chunk) in order until none is left; wait for
     what the stage needs, run its chunk of WPP windows, count the chunk done. With RING, a parts
@@ -201,7 +201,8 @@ def _fused_kernel(
                 _parts_tile(x_ptr + offset, g0_ptr, first, plane, bh, kpart_ptr,
                             hpart_ptr, NWIN, NPLANE, NPL, E, NVOX, S1, S2, NW1, NW2, MW2,
                             _plane_w0(plane, NW0), SHIFTS, NSHIFT, WPP, P0, P1, P2, BP0, BP1, BP2,
-                            BLOCK_E, NSB, TD0, TD1, TD2, ROWS0, RING, MERGE, EAX)  # fmt: skip
+                            BLOCK_E, NSB, TD0, TD1, TD2, ROWS0, RING, MERGE, EAX,
+                            XG0F)  # fmt: skip
             elif MERGE:  # neighbours' parts merged (kernels/_window3_parts.py)
                 _parts_chunk_merged(x_ptr + offset, rowmask, e, emask, first, plane, bh, g_all,
                                     member, exists, kpart_ptr, hpart_ptr, NWIN, NPLANE, NPL, E,

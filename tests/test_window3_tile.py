@@ -6,6 +6,7 @@ import importlib
 
 import pytest
 import torch
+import triton
 import triton.language as tl
 from conftest import DEVICES, rel_err
 from kernel_helpers import (
@@ -40,9 +41,13 @@ def test_tile_plan_takes_the_static_suites_shapes(tile_on, monkeypatch):
     rows, ROWS0), [None, 4] 16 in the dot; MU (no matrix form), more than 32 values a thread
     (E = 16) or TUNING["tile"] = False take the per-window pass."""
     brats, merges = _plan((1, 8, 16, 8, 32), 8, 8, [None, 2, 4, 6])
-    assert brats == dict(TILE=True, TD0=2, TD1=2, TD2=2, ROWS0=True) and merges
+    assert brats == dict(TILE=True, TD0=2, TD1=2, TD2=2, ROWS0=True, XG0F=True) and merges
     four, _ = _plan((1, 8, 16, 8, 32), 8, 8, [None, 4])
-    assert four == dict(TILE=True, TD0=2, TD1=4, TD2=4, ROWS0=False)
+    last = tile._XG0_LAST_FLAT
+    assert four == dict(TILE=True, TD0=2, TD1=4, TD2=4, ROWS0=False, XG0F=not last)
+    monkeypatch.setattr(tile, "_XG0_LAST_FLAT", not last)  # X g0 last: no ROWS0, by the compiler
+    assert _plan((1, 8, 16, 8, 32), 8, 8, [None, 4])[0]["XG0F"] == last
+    assert _plan((1, 8, 16, 8, 32), 8, 8, [None, 2, 4, 6])[0]["XG0F"]
     assert not _plan((1, 8, 16, 8, 32), 8, 8, [None, 2, 4, 6], mu=True)[0]["TILE"]
     assert not _plan((1, 16, 16, 8, 32), 16, 8, [None, 4])[0]["TILE"]
     monkeypatch.setitem(sched.TUNING, "tile", False)
@@ -60,24 +65,31 @@ TILE_CASES = [
     ((1, 6, 16, 8, 32), 6, [None, (4, 2, 6)], True, True),
     # [None, 4]: the sub-boxes of axes 0-2 all in the dot (no ROWS0), merged along axis 2
     ((1, 8, 16, 8, 32), 8, [None, 4], False, True),
+    # E = 5 of BLOCK_E = 8 (2 heads): the Gram units' products of channels past E masked
+    ((1, 10, 16, 8, 32), 5, [None, 4], False, True),
 ]
+# without ROWS0 each order of X g0 and the Gram (``_XG0_LAST_FLAT``: by the compiler)
+TILE_ORDERS = [(*case, first) for case in TILE_CASES
+               for first in ((True,) if case[3] else (True, False))]  # fmt: skip
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("eax", [0, 1])
-@pytest.mark.parametrize("shape,head_dim,shifts,rows0,merges", TILE_CASES)
+@pytest.mark.parametrize("shape,head_dim,shifts,rows0,merges,xg0_first", TILE_ORDERS)
 def test_tile_parts_match_reference(gen, design3, tile_on, monkeypatch, device, eax, shape,
-                                    head_dim, shifts, rows0, merges):  # fmt: skip
+                                    head_dim, shifts, rows0, merges, xg0_first):  # fmt: skip
     """The tile's forward (and the backward from its saved K and h) against the float64 oracle;
     the per-window pass's forward too (E = 6 with merging: the per-window merged pass once added
     the last X g0 carry twice where E < BLOCK_E). That the tile ran: under the interpreter its
     calls are counted; compiled, with ROWS0 its sums differ from the per-window pass's in the last
     bits (with [None, 4] they come out bit for bit the same). With x loaded channels first
     (EAX = 0, Triton 3.9's way) and channels fifth (EAX = 1, 3.6's: ``_E_AXIS``), whichever
-    Triton runs the test."""
+    Triton runs the test. Without ROWS0, X g0 before and after the Gram."""
     monkeypatch.setattr(bwd_tile, "_E_AXIS", eax)
+    monkeypatch.setattr(tile, "_XG0_LAST_FLAT", not xg0_first)
     plan, merged = _plan(shape, head_dim, 8, shifts)
     assert plan["TILE"] and plan["ROWS0"] == rows0 and merged == merges
+    assert plan["XG0F"] == xg0_first
     calls = []
     if device == "cpu":  # the interpreter calls the tile as Python: count the calls
         real = nmf3._parts_tile
@@ -103,3 +115,33 @@ def test_tile_low_precision(gen, design3, tile_on, device):
     x, v0, dy = nmf_inputs(gen, shape, 8)
     check_low_precision(x, v0, dy, torch.bfloat16, device, head_dim=4, patch_size=8,
                         shifts=shifts)  # fmt: skip
+
+
+@triton.jit
+def _units_kernel(f_ptr, g_ptr, c_ptr, c2_ptr, H: tl.constexpr):
+    """Unit d's factors of x = (channel index) (``_gram_unit``) and its channels
+    (``_unit_channels``) at row d - 1 of each output, slot by slot."""
+    x = tl.arange(0, H)[:, None, None, None, None] + tl.zeros((H, 2, 1, 1, 2), tl.int32)
+    s = tl.arange(0, H)
+    for d in tl.static_range(1, 2 * H):
+        f, g = tile._gram_unit(x, x + H, d)
+        tl.store(f_ptr + (d - 1) * H + s, tl.max(tl.reshape(f, (H, 4)), axis=1))
+        tl.store(g_ptr + (d - 1) * H + s, tl.min(tl.reshape(g, (H, 4)), axis=1))
+        c, c2 = tile._unit_channels(s, d, H)
+        tl.store(c_ptr + (d - 1) * H + s, c)
+        tl.store(c2_ptr + (d - 1) * H + s, c2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("half", [1, 2, 4, 8])
+def test_gram_units_cover_the_triangle_once(device, half):
+    """The units past the squares, d = 1 .. 2H - 1: every pair c < c' of the 2H channels exactly
+    once (with the squares, the whole upper triangle), each unit's factors the channels that
+    ``_unit_channels`` names (the store rows), on every voxel of the tile."""
+    out = [torch.zeros(2 * half - 1, half, dtype=torch.int32, device=device) for _ in range(4)]
+    _units_kernel[(1,)](*out, H=half)
+    f, g, c, c2 = (t.cpu() for t in out)
+    assert torch.equal(f, c) and torch.equal(g, c2)
+    assert bool((c < c2).all())
+    pairs = sorted(zip(c.flatten().tolist(), c2.flatten().tolist(), strict=True))
+    assert pairs == [(a, b) for a in range(2 * half) for b in range(a + 1, 2 * half)]
