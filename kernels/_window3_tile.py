@@ -6,8 +6,9 @@ takes out of x is a reduction across warps and each product's sub-box sums cross
 (``bench/results/static_designs/instructions.md``: 1333-2252 warp instructions a window). Here
 the tile is the ticket's WPP windows, (BLOCK_E, WPP, BP0, BP1, BP2), in two halves of the
 channels: with 4 windows of 8^3 voxels a thread holds all the channels of a half for 4 voxels
-along axis 2 (Triton's blocked layout puts the warps on the window and axis-0 dimensions), so a
-Gram row is a choice of registers, a sub-box's sum along axis 2 is in the thread, and the
+along axis 2 (Triton's blocked layout puts the warps on the window and axis-0 dimensions), so the
+Gram's channel pairs are choices of registers (``_gram_unit``: 2H + 1 products of H channel pairs
+each hold the upper triangle, none twice), a sub-box's sum along axis 2 is in the thread, and the
 products' sub-box sums meet the part matrix ``member`` in one ``tl.dot`` per product (the
 cross-warp sums go through the dot's shared-memory operand). With 2-voxel sub-boxes along axes 0
 and 2 ([None, 2, 4, 6]) a thread holds a run of 2 voxels along axis 2 and its axis-0 pair too
@@ -326,9 +327,10 @@ def _parts_tile(
     every shift's part sums of X X^T (upper triangle) and X g0 (g0 under shift k read at the
     rolled positions), stored at the part slots of ``_part_slot``. The channels in two halves
     (H = BLOCK_E / 2 each): a product's rows are half as many (the dot's operand 32 registers a
-    thread, not 64), and Gram rows i >= H need only the high half. Products are split, merged
-    and stored two at a time (``_stack_rows``: a Gram row's two halves, two Gram rows of the high
-    half, X g0's two halves), which halves the stores' share of the instructions."""
+    thread, not 64). The Gram in 2H + 1 units of H channel pairs (``_gram_unit``; as Gram rows
+    it took 3H products, at E = 8 a quarter of their values below the diagonal, thrown away).
+    Products are split, merged and stored two at a time (``_stack_rows``: two Gram units, X g0's
+    two halves), which halves the stores' share of the instructions."""
     H: tl.constexpr = max(BLOCK_E // 2, 1)
     # 6-d indices (.., BP2 / V, V): x's runs along axis 2 are V long, so a thread holds V voxels
     # along axis 2 (16 bytes in fp32, 8 in bf16) and the layout's warps go to the windows and
