@@ -80,3 +80,51 @@ def test_span_counts_one_pass_of_a_files_code(tmp_path, capsys):
     sass_loops.main([str(path), "--span", "inner.py", "--trips", "3"])
     assert "inner.py: span [4-6] 3 instructions; loops inside: [4-6] 3 x3; one pass: 9" in (
         capsys.readouterr().out)
+
+
+# a persistent kernel: a prologue, its ticket loop (.L_x_0) with an inner loop (.L_x_1) and two
+# calls of $f, then the called function $f with a loop of its own (.L_x_2)
+TICKET = """\
+\t.section\t.text.k,"ax",@progbits
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   MOV R2, c[0x0][0x30] ;
+.L_x_0:
+\t//## File "/src/kernels/k.py", line 10
+        /*0020*/                   IMAD R2, R3, R4, RZ ;
+.L_x_1:
+\t//## File "/src/kernels/k.py", line 20
+        /*0030*/                   FADD R6, R6, R6 ;
+        /*0040*/               @P0 BRA `(.L_x_1) ;
+\t//## File "/src/kernels/k.py", line 11
+        /*0050*/                   CALL.REL.NOINC `($k$f) ;
+        /*0060*/                   CALL.REL.NOINC `($k$f) ;
+        /*0070*/               @P2 BRA `(.L_x_0) ;
+        /*0080*/                   EXIT ;
+$k$f:
+\t//## File "/src/kernels/f.py", line 30
+        /*0090*/                   FMUL R8, R8, R8 ;
+.L_x_2:
+        /*00a0*/                   FFMA R9, R9, R9, R9 ;
+        /*00b0*/               @P1 BRA `(.L_x_2) ;
+        /*00c0*/                   RET.REL.NODEC R20 `(k) ;
+"""
+
+
+def test_ticket_counts_one_trip_with_its_calls_and_loops(tmp_path, capsys):
+    """One trip of the ticket loop [2-7]: its 6 instructions, the inner loop's 2 run 3 times
+    (k.py:20=3: +4), and $f called twice, each time 4 instructions with its 2-instruction loop run
+    twice (f.py:30=2: 4 + 2 = 6): 6 + 4 + 2 x 6 = 22; the prologue and the EXIT after the loop
+    count nothing; without trips, 6 + 2 x 4 = 14. A malformed trip is a clear error."""
+    ticket, calls, total = sass_loops.ticket_count(TICKET, {"k.py:20": 3, "f.py:30": 2})
+    assert (ticket.start, ticket.end, calls, total) == (2, 7, {"$k$f": 2}, 22)
+    assert sass_loops.ticket_count(TICKET, {})[2] == 14
+    with pytest.raises(ValueError, match="no loop"):
+        sass_loops.ticket_count(SASS.replace("BRA `(.L_x_0)", "BRA `(.L_x_9)")
+                                .replace("BRA `(.L_x_1)", "BRA `(.L_x_9)"), {})  # fmt: skip
+    path = tmp_path / "t.sass"
+    path.write_text(TICKET)
+    sass_loops.main([str(path), "--ticket", "--loop-trips", "k.py:20=3", "f.py:30=2"])
+    assert capsys.readouterr().out.strip() == (
+        "ticket loop [2-7] 6 instructions; calls: f x2; one ticket: 22")
+    with pytest.raises(SystemExit, match="FILE:LINE=N"):
+        sass_loops.main([str(path), "--ticket", "--loop-trips", "k.py:20"])

@@ -15,6 +15,12 @@ its lanes are predicated off; the trip counts come from the source (``lines``).
 from its first to its last instruction from FILE (what the compiler placed between them counts),
 the loops inside the span counted ``--trips`` times each (in order; default once).
 
+``--ticket [--loop-trips FILE:LINE=N ...]``: the instructions one trip of a persistent kernel's
+outermost loop issues (its ticket loop: one ticket of each pass, as the static count has each
+branch once), with the functions it calls (bodies after the kernel's own code) as often as it
+calls them, and every loop whose own instructions include source line FILE:LINE run N times
+(others once: spin waits). The ticket-taking code runs for every pass but counts once.
+
 A cubin is disassembled with Triton's bundled ``nvdisasm -g`` (source lines from Triton's line
 info); a Triton cache folder holds ``<kernel>.cubin`` for every compiled kernel (the static report
 compiles into it: ``TRITON_CACHE_DIR``).
@@ -28,10 +34,13 @@ import dataclasses
 import os
 import re
 
-__all__ = ["Loop", "parse_sass", "find_loops", "span_count", "disassemble", "main"]
+__all__ = ["Loop", "parse_sass", "find_loops", "span_count", "ticket_count", "disassemble",
+           "main"]
 
 _LOC = re.compile(r'^\s*//## File "([^"]+)", line (\d+)')
 _LABEL = re.compile(r"^(\.L_x_\d+):")
+_FUNC = re.compile(r"^(\$\S+):\s*$")  # a called function's first instruction (nvdisasm -c)
+_CALL = re.compile(r"\bCALL\.\S+\s+`\((\$[^)]+)\)")
 _INSTR = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 _BRANCH = re.compile(r"\bBRA\b.*`\((\.L_x_\d+)\)")
 
@@ -104,6 +113,48 @@ def span_count(text: str, source: str, trips=()) -> tuple[int, int, list[Loop], 
     return first, last, top, total
 
 
+def _functions(text: str) -> dict[str, tuple[int, int]]:
+    """name -> (first, last) instruction of each called function of SASS text: from its label to
+    the next function's (the kernel's own code comes first)."""
+    starts, n = [], 0
+    for line in text.splitlines():
+        if m := _FUNC.match(line):
+            starts.append((m.group(1), n))
+        elif _INSTR.match(line):
+            n += 1
+    ends = [s for _, s in starts[1:]] + [n]
+    return {name: (s, e - 1) for (name, s), e in zip(starts, ends[:len(starts)], strict=True)}
+
+
+def ticket_count(text: str, loop_trips: dict[str, int]) -> tuple[Loop, dict[str, int], int]:
+    """(the ticket loop, calls per function, instructions one trip issues) of a persistent
+    kernel's SASS (module docstring, ``--ticket``): the outermost loop of the kernel's own code
+    with the bodies of the functions it calls, each instruction weighted by the trips of the loops
+    around it (a loop's trips: ``loop_trips[FILE:LINE]`` of the first of its own source lines that
+    has one, else 1; the ticket loop itself once)."""
+    instrs, _ = parse_sass(text)
+    funcs = _functions(text)
+    own_end = min((s for s, _ in funcs.values()), default=len(instrs))
+    loops = find_loops(text)
+    body = [lp for lp in loops if lp.end < own_end]
+    if not body:
+        raise ValueError("no loop in the kernel's own code")
+    ticket = max(body, key=lambda lp: lp.instructions)
+    weight = [1] * len(instrs)
+    for lp in loops:
+        if lp is not ticket:
+            trips = next((loop_trips[k] for k in lp.lines if k in loop_trips), 1)
+            for i in range(lp.start, lp.end + 1):
+                weight[i] *= trips
+    calls = collections.Counter(m.group(1) for ins, _ in instrs[ticket.start:ticket.end + 1]
+                                if (m := _CALL.search(ins)))  # fmt: skip
+    total = sum(weight[ticket.start:ticket.end + 1])
+    for name, n in calls.items():
+        first, last = funcs[name]
+        total += n * sum(weight[first:last + 1])
+    return ticket, dict(calls), total
+
+
 def disassemble(cubin: bytes) -> str:
     """``nvdisasm -g -c`` of a cubin (Triton's bundled tool): SASS with source lines."""
     from .ptx_tools import nvdisasm_text
@@ -121,6 +172,22 @@ def _read(path: str) -> str:
         return f.read()
 
 
+def _print_ticket(text: str, specs: list[str]) -> None:
+    trips = {}
+    for spec in specs:
+        key, _, n = spec.rpartition("=")
+        if not key or ":" not in key or not n.isdigit():
+            raise SystemExit(f"sass_loops: error: --loop-trips takes FILE:LINE=N, not {spec!r}")
+        trips[key] = int(n)
+    try:
+        ticket, calls, total = ticket_count(text, trips)
+    except ValueError as e:
+        raise SystemExit(f"sass_loops: error: {e}") from None
+    called = ", ".join(f"{name.split('$')[-1][:40]} x{n}" for name, n in calls.items())
+    print(f"ticket loop [{ticket.start}-{ticket.end}] {ticket.instructions} instructions; calls: "
+          f"{called or 'none'}; one ticket: {total}")  # fmt: skip
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fastnmf.profile.static.sass_loops",
                                      description=__doc__.split("\n\n")[0])  # fmt: skip
@@ -130,11 +197,18 @@ def main(argv=None) -> None:
                         help="count one pass of FILE's code (a base name)")  # fmt: skip
     parser.add_argument("--trips", type=int, nargs="+", default=[],
                         help="trip counts of the loops inside the span, in order")  # fmt: skip
+    parser.add_argument("--ticket", action="store_true",
+                        help="count one trip of the kernel's ticket loop with what it calls")
+    parser.add_argument("--loop-trips", nargs="+", default=[], metavar="FILE:LINE=N",
+                        help="with --ticket: loops with own code from FILE:LINE run N times")
     args = parser.parse_args(argv)
     text = _read(args.path)
     total = len(parse_sass(text)[0])
     if total == 0:
         raise SystemExit(f"sass_loops: error: no SASS instructions in {args.path}")
+    if args.ticket:
+        _print_ticket(text, args.loop_trips)
+        return
     if args.span:
         try:
             first, last, loops, count = span_count(text, args.span, args.trips)
