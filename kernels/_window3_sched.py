@@ -64,10 +64,10 @@ _RING = 3
 # the ideal bytes), no spills at 16 warps (sm_90a, Triton 3.9 and 3.6: kernels/DESIGNS.md); the
 # GPU run times it against the unmerged forward (bench/time_designs.py)
 _MERGE = True
-# The ticket tile (kernels/_window3_tile.py) issues a third to under half of the per-window parts
+# The ticket tile (kernels/_window3_tile.py) issues about a quarter of the per-window parts
 # pass's instructions (bench/results/static_designs/tiles.md); the fused forward with it
 # at 16 warps spills nothing with Triton 3.9 or 3.6, the GPU machine's (alone, in three or four
-# tiles: static_designs_triton36/variants.md; the 3.9 forward with four tiles 8 B, BraTS):
+# tiles: static_designs_triton36/variants.md; the 3.9 forward with four tiles 72 B, BraTS):
 # off by default until the GPU has timed it (bench/time_designs.py, "design 3, ticket tile")
 _TILE = False
 # The backward's output pass on a ticket's windows as one tile (kernels/_window3_bwd_tile.py):
