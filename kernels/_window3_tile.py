@@ -376,7 +376,7 @@ def _parts_tile(
                   E, SHIFTS, NSHIFT, P0, P1, P2, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0, NC, NB,
                   MERGE, EAX, PAIR)  # fmt: skip
     # The Gram's upper triangle in 2H + 1 units of H products (``_gram_unit``), two stored at
-    # once: the squares, then units d = 1 .. 2H - 1 (the last alone)
+    # once: the squares, then units d = 1 .. 2H - 1 (the last stacked on itself)
     okw = first + j2 < NPLANE
     t2 = _stack_rows(_tile_dot(xa * xa, member, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0),
                      _tile_dot(xb * xb, member, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0))
