@@ -118,30 +118,40 @@ def test_tile_low_precision(gen, design3, tile_on, device):
 
 
 @triton.jit
-def _units_kernel(f_ptr, g_ptr, c_ptr, c2_ptr, H: tl.constexpr):
-    """Unit d's factors of x = (channel index) (``_gram_unit``) and its channels
-    (``_unit_channels``) at row d - 1 of each output, slot by slot."""
-    x = tl.arange(0, H)[:, None, None, None, None] + tl.zeros((H, 2, 1, 1, 2), tl.int32)
+def _units_kernel(out_ptr, H: tl.constexpr):
+    """For unit d, rows (H slots) of out[d - 1]: the least and most of each of its two factors over
+    the tile's 16 voxels, the voxel taken off (x = 16 channel + voxel: 16 times the channel on
+    every voxel unless a factor mixed voxels), then the two channels ``_unit_channels`` names."""
+    v = (tl.arange(0, 2)[None, :, None, None, None] * 8 + tl.arange(0, 2)[None, None, :, None, None]
+         * 4 + tl.arange(0, 2)[None, None, None, :, None] * 2
+         + tl.arange(0, 2)[None, None, None, None, :])  # fmt: skip
+    x = tl.arange(0, H)[:, None, None, None, None] * 16 + v
     s = tl.arange(0, H)
     for d in tl.static_range(1, 2 * H):
-        f, g = tile._gram_unit(x, x + H, d)
-        tl.store(f_ptr + (d - 1) * H + s, tl.max(tl.reshape(f, (H, 4)), axis=1))
-        tl.store(g_ptr + (d - 1) * H + s, tl.min(tl.reshape(g, (H, 4)), axis=1))
+        f, g = tile._gram_unit(x, x + 16 * H, d)
+        f = tl.reshape(f - v, (H, 16))
+        g = tl.reshape(g - v, (H, 16))
         c, c2 = tile._unit_channels(s, d, H)
-        tl.store(c_ptr + (d - 1) * H + s, c)
-        tl.store(c2_ptr + (d - 1) * H + s, c2)
+        row = out_ptr + (d - 1) * 6 * H + s
+        tl.store(row, tl.min(f, axis=1))
+        tl.store(row + H, tl.max(f, axis=1))
+        tl.store(row + 2 * H, tl.min(g, axis=1))
+        tl.store(row + 3 * H, tl.max(g, axis=1))
+        tl.store(row + 4 * H, c)
+        tl.store(row + 5 * H, c2)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("half", [1, 2, 4, 8])
 def test_gram_units_cover_the_triangle_once(device, half):
     """The units past the squares, d = 1 .. 2H - 1: every pair c < c' of the 2H channels exactly
-    once (with the squares, the whole upper triangle), each unit's factors the channels that
-    ``_unit_channels`` names (the store rows), on every voxel of the tile."""
-    out = [torch.zeros(2 * half - 1, half, dtype=torch.int32, device=device) for _ in range(4)]
-    _units_kernel[(1,)](*out, H=half)
-    f, g, c, c2 = (t.cpu() for t in out)
-    assert torch.equal(f, c) and torch.equal(g, c2)
+    once (with the squares, the whole upper triangle), each unit's factors on every voxel of the
+    tile the channels that ``_unit_channels`` names (the store rows)."""
+    out = torch.full((2 * half - 1, 6, half), -1, dtype=torch.int32, device=device)
+    _units_kernel[(1,)](out, H=half)
+    f_lo, f_hi, g_lo, g_hi, c, c2 = out.cpu().unbind(1)
+    assert torch.equal(f_lo, 16 * c) and torch.equal(f_hi, 16 * c)
+    assert torch.equal(g_lo, 16 * c2) and torch.equal(g_hi, 16 * c2)
     assert bool((c < c2).all())
     pairs = sorted(zip(c.flatten().tolist(), c2.flatten().tolist(), strict=True))
     assert pairs == [(a, b) for a in range(2 * half) for b in range(a + 1, 2 * half)]
