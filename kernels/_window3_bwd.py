@@ -137,7 +137,7 @@ def _solve_bwd_batch(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh, firs
     # ū, its parts flat (no ring: the plane size and count, NB and 1 here, are unused)
     _, grad = _sum_parts_rows(gpart_ptr, gpart_ptr, bh, om, ok, k, NWIN, NW0, NW1, NW2, NB, 1,
                               SHIFTS, NSHIFT, SPLITS, E, NSB * NB, BLOCK_E, ACC, False,
-                              0, False, 1, MW2, W0)  # fmt: skip
+                              0, False, 1, MW2, W0, 0)  # fmt: skip
     grad = grad[:, None, :]
     prog = (bh * NSHIFT + k) * NWIN + om
     prog3 = prog[:, None, None]

@@ -101,7 +101,8 @@ def _solve_batch(kpart_ptr, hpart_ptr, u_ptr, hsave_ptr, kmat_ptr, bh, first, pl
                  E: tl.constexpr, NWIN, ITERS, NW0, NW1, NW2, MW2, NPLANE, NPL,
                  SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, SPLITS: tl.constexpr,
                  NB: tl.constexpr, NSB: tl.constexpr, BLOCK_E: tl.constexpr, SAVE: tl.constexpr,
-                 ACC: tl.constexpr, RING: tl.constexpr, MERGE: tl.constexpr):  # fmt: skip
+                 ACC: tl.constexpr, RING: tl.constexpr, MERGE: tl.constexpr,
+                 PAX: tl.constexpr):  # fmt: skip
     """The second design's solve (``_solve_kernel``) for a ticket's NB shifted windows from
     ``first`` under every shift at once (the rows of :func:`_solve_rows`): the part sums, the
     power steps, u. With SAVE, K (packed upper triangle) and h for the backward, which
@@ -118,7 +119,7 @@ def _solve_batch(kpart_ptr, hpart_ptr, u_ptr, hsave_ptr, kmat_ptr, bh, first, pl
     m2 = ok[:, None] & (e[None, :] < E)
     k_mat, h = _sum_parts_rows(hpart_ptr, kpart_ptr, bh, om, ok, k, NWIN, NW0, NW1, NW2, NPLANE,
                                NPL, SHIFTS, NSHIFT, SPLITS, E, NSB * NB, BLOCK_E, ACC, True, RING,
-                               MERGE, NB, MW2, W0)  # fmt: skip
+                               MERGE, NB, MW2, W0, PAX)  # fmt: skip
     prog = (bh * NSHIFT + k) * NWIN + om
     if SAVE:  # K and h for the backward
         tl.store(kmat_ptr + prog[:, None, None] * (E * E) + _tri(i3, j3, E), k_mat,
@@ -170,7 +171,7 @@ def _fused_kernel(
     G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, NPB: tl.constexpr,
     SAVE: tl.constexpr, RING: tl.constexpr, OFFS: tl.constexpr, NOFF: tl.constexpr,
-    SPLITS: tl.constexpr,
+    SPLITS: tl.constexpr, PAX: tl.constexpr,
     MERGE: tl.constexpr, TILE: tl.constexpr, TD0: tl.constexpr, TD1: tl.constexpr,
     TD2: tl.constexpr, ROWS0: tl.constexpr, XG0F: tl.constexpr, OTILE: tl.constexpr,
     R2: tl.constexpr, WT: tl.constexpr, EAX: tl.constexpr,
@@ -178,7 +179,8 @@ def _fused_kernel(
     """Persistent: take tickets (batch*head, stage, chunk) in order until none is left; wait for
     what the stage needs, run its chunk of WPP windows, count the chunk done. With RING, a parts
     stage first waits for the solves that read the ring region it is about to overwrite. M*: the
-    magic numbers of the run-time divisors (``Pipeline.magic``): no division."""
+    magic numbers of the run-time divisors (``Pipeline.magic``): no division. PAX: the pipelining
+    axis (``fused_plan``)."""
     e, emask, rowmask, g_all = _lanes_rowmask_g(rowmask_ptr, g0_ptr, E, SHIFTS, NSHIFT, P0, P1,
                                                 P2, BP0, BP1, BP2, BLOCK_E, NSB, ACC, True)
     member = 0
@@ -224,7 +226,7 @@ def _fused_kernel(
             _wait_stage(flags, NPL, plane, 1, CPP, OFFS, NOFF)
             _solve_batch(kpart_ptr, hpart_ptr, u_ptr, hsave_ptr, kmat_ptr, bh, first, plane, E,
                          NWIN, ITERS, NW0, NW1, NW2, MW2, NPLANE, NPL, SHIFTS, NSHIFT,
-                         SPLITS, WPP, NSB, BLOCK_E, SAVE, ACC, RING, MERGE)  # fmt: skip
+                         SPLITS, WPP, NSB, BLOCK_E, SAVE, ACC, RING, MERGE, PAX)  # fmt: skip
         else:
             _wait_stage(flags, NPL, plane, 2, CPP, OFFS, NOFF)
             if OTILE:  # the ticket's windows as tiles (kernels/_window3_out_tile.py)
@@ -267,7 +269,7 @@ def _fused_forward(x, g0, rowmask, geo: _Geometry2, plan, iters: int, mu: bool, 
         x, y, g0, rowmask, kpart, hpart, u, h, kmat, *pipe.args(),
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, iters, geo.S[1], geo.S[2], *geo.NW,
         **pipe.magic(geo), **geo.consts(), **pipe.block(geo), MU=mu, ACC=acc, **dot, SAVE=save,
-        MERGE=pipe.merges(dot["DOT"]), **tiles,
+        MERGE=pipe.merges(dot["DOT"]), PAX=pipe.ax, **tiles,
         **pipe.launch(share_cap=not (tiles["TILE"] or tiles["OTILE"])),
     )  # fmt: skip
     if not save:

@@ -46,7 +46,9 @@ CASES = [
     ((2, 4, 8, 12), 4, 4, [None, 2], "hals", 5, True, False),  # 2D: planes along axis 1
     ((1, 12, 8, 8, 8), 6, 4, None, "hals", 5, False, False),  # local, E = 6
     ((1, 4, 12, 12), 4, (6, 3), [None, (3, 1), (7, 5)], "mu", 5, False, False),  # Q = 1 along
-]  # the planes' axis, P not 2^k
+    # the planes' axis, P not 2^k; one window along axes 0 and 1: planes along axis 2 (PAX = 2)
+    ((1, 4, 8, 8, 24), 4, 8, [None, 4], "hals", 5, True, False),
+]
 
 
 @pytest.mark.parametrize("device", DEVICES)
