@@ -379,7 +379,9 @@ def _sum_parts_rows(vpart_ptr, kpart_ptr, bh, om, ok, k, NWIN, NW0, NW1, NW2, NP
     Computing every shift's rows at once keeps a program's 512 threads on 8-16 matrices, not 4
     per shift: sm_90a, Triton 3.9, fp32, the forward's solve issues 686 + 3 x 37 / 771 + 3 x 63
     instructions a ticket for [None, 4] / [None, 2, 4, 6], where the solve shift by shift issued
-    about 1480 / 2090 (commit a516163: bench/results/static_designs/instructions.md)."""
+    about 1480 / 2090 (commit a516163: bench/results/static_designs/instructions.md); with the
+    pipelining axis a constexpr (PAX), 446 + 3 x 37 / 537 + 3 x 63 (commit df3d9af, all four
+    tiles: bench/results/static_designs/tiles.md)."""
     e = tl.arange(0, BLOCK_E)
     i3 = e[None, :, None]
     j3 = e[None, None, :]
