@@ -345,8 +345,8 @@ def _parts_tile(
     (H = BLOCK_E / 2 each): a product's rows are half as many (the dot's operand 32 registers a
     thread, not 64). The Gram in 2H + 1 units of H channel pairs (``_gram_unit``; as Gram rows
     it took 3H products, at E = 8 a quarter of their values below the diagonal, thrown away).
-    Products are split, merged and stored two at a time (``_stack_rows``: two Gram units, X g0's
-    two halves), which halves the stores' share of the instructions."""
+    Products are split, merged and stored two at a time (two Gram units, X g0's two halves:
+    ``_tile_dot2``), which halves the stores' share of the instructions."""
     H: tl.constexpr = max(BLOCK_E // 2, 1)
     # 6-d indices (.., BP2 / V, V): x's runs along axis 2 are V long, so a thread holds V voxels
     # along axis 2 (16 bytes in fp32, 8 in bf16) and the layout's warps go to the windows and
@@ -427,8 +427,8 @@ def _tile_xg0(xa, xb, g0_ptr, member, hpart_ptr, e2, ok2, slot2, j2, q0, q1, q2,
               NB: tl.constexpr, MERGE: tl.constexpr, EAX: tl.constexpr,
               PAIR: tl.constexpr):  # fmt: skip
     """X g0 of a ticket's tile under every shift (g0 under shift k read at the rolled positions),
-    each shift's product summed a channel half into one product of every shift's columns
-    (``_shift_columns``), the two halves stored at once (``_stack_rows``), not once a shift."""
+    each shift's product summed into one product of every shift's columns (``_shift_columns``),
+    both channel halves' rows in it (``_tile_dot2``), stored once, not once a shift."""
     BA0R: tl.constexpr = BP0 // D0 if ROWS0 else 1  # the product's rows: (H, W, BA0R)
     acc = tl.zeros((2 * H * W * BA0R, NC), tl.float32)  # both halves' rows (``_tile_dot2``)
     # a loop: g0's addresses made per shift; not software-pipelined (pipelined, the first loads'
