@@ -6,9 +6,16 @@
 # Phases, in the order worth running them:
 #   setup     install the carried wheels (.whl/, see ../shared/device/README.md) and the project
 #   designs   bench/time_designs.py: the three rank-one window designs (and design 3's knobs) at
-#             2x32x128^3, fp32/bf16, both shift sets: ms, % of copy bandwidth, diff to design 1
-#             (issue 16's deciding measurement: run it first; its cases' kernels are compiled
-#             by 8 processes at once for up to 240 s, then timed)
+#             2x32x128^3, fp32/bf16, both shift sets: ms, % of copy bandwidth, diff to design 1,
+#             bitwise repeats, the reference kernel (issue 16's deciding measurement: run it
+#             first; its cases' kernels are compiled by 8 processes at once for up to 240 s,
+#             then timed; DESIGNS_ARGS adds arguments, e.g. "--shortlist --compile-budget 140").
+#             Its JSON is also copied to runs/designs.json: the phases after it (v3tests,
+#             layer, check's determinism) then run the variant with the fastest fp32 [None, 4]
+#             forward + backward (bench/with_variant.py), not the code's default
+#   v3tests   design 3's CUDA tests (tests/test_kernels_v3.py, tests/test_window3_*.py), in 8
+#             pytest-xdist processes (a line a test: a call stopped at its limit still says
+#             which passed)
 #   glue      the fused glue kernels' tests on the GPU, then the swin Factorizer training step
 #             (fp32, bf16) with the fused glue (default) and without (FASTNMF_FUSED_GLUE=0):
 #             issue 17's deciding measurement
@@ -16,6 +23,7 @@
 #             compute-sanitizer memcheck of one small forward+backward (if the tool is there)
 #   nmf       bench_nmf.py for triton, torch and reference (all shapes, fp32 + bf16) and the
 #             global path's T sweep, as pytest-benchmark JSON
+#   global    the global path's T sweep alone (triton; T = 1, 5, 20), as pytest-benchmark JSON
 #   tune      bench/tune_window.py --quick: per-kernel time split and launch-parameter sweeps, for
 #             shifts [None, 4] (the layer target) and [None, 2, 4, 6] (the BraTS preset)
 #   compiled  bench_nmf.py for torch.compile(reference) (slow: one compilation per case)
@@ -27,17 +35,18 @@
 #
 # Every step has its own time limit (STEP_LIMIT_<PHASE>, seconds) so that a slow step cannot take
 # the whole call; its log, exit status and wall time go to $OUT/<phase>/ and a line to
-# $OUT/summary.txt. At the end each phase folder is packed into $OUT/<phase>.tgz (the device tool
-# brings back at most 8 files). Commit what matters under bench/results/.
+# $OUT/summary.txt. Each phase folder is packed into $OUT/<phase>.tgz as soon as the phase ends
+# (the device tool brings back at most 8 files, also from a call stopped at its limit). Commit
+# what matters under bench/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/gpu}"
-[ $# -gt 0 ] || { echo "usage: bench/gpu_session.sh PHASE [PHASE ...] (setup, designs, glue, check, nmf, compiled, tune, layer, model, profile)" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: bench/gpu_session.sh PHASE [PHASE ...] (setup, designs, v3tests, glue, check, nmf, global, compiled, tune, layer, model, profile)" >&2; exit 2; }
 for phase in "$@"; do
     case "$phase" in
-    setup | designs | glue | check | nmf | compiled | tune | layer | model | profile) ;;
+    setup | designs | v3tests | glue | check | nmf | global | compiled | tune | layer | model | profile) ;;
     *)
-        echo "gpu_session.sh: error: unknown phase '$phase' (setup, designs, glue, check, nmf, compiled, tune, layer, model, profile)" >&2
+        echo "gpu_session.sh: error: unknown phase '$phase' (setup, designs, v3tests, glue, check, nmf, global, compiled, tune, layer, model, profile)" >&2
         exit 2
         ;;
     esac
@@ -59,6 +68,14 @@ pack() {
     [ -d "$OUT/$1" ] && tar czf "$OUT/$1.tgz" -C "$OUT" "$1" && rm -rf "${OUT:?}/$1"
 }
 
+# the fastest variant of the designs phase (this call's or a warm machine's earlier one), else
+# the code's default
+DESIGNS_JSON=runs/designs.json
+variant() {  # sets PY: python3, or python3 under bench/with_variant.py --best if there is one
+    PY=(python3)
+    [ -f "$DESIGNS_JSON" ] && PY=(python3 bench/with_variant.py --best "$DESIGNS_JSON" --)
+}
+
 for phase in "$@"; do
     case "$phase" in
     setup)
@@ -73,8 +90,18 @@ for phase in "$@"; do
             >"$OUT/setup/nvidia-smi.txt" 2>&1
         ;;
     designs)
+        # shellcheck disable=SC2086  # DESIGNS_ARGS: words
         step designs time "${STEP_LIMIT_DESIGNS:-420}" python3 bench/time_designs.py \
-            --out "$OUT/designs/designs.json"
+            --out "$OUT/designs/designs.json" ${DESIGNS_ARGS:-}
+        mkdir -p runs && cp "$OUT/designs/designs.json" "$DESIGNS_JSON" 2>/dev/null
+        tail -n 60 "$OUT/designs/time.log"
+        ;;
+    v3tests)
+        step v3tests tests "${STEP_LIMIT_V3TESTS:-300}" python3 -m pytest -v -n 8 \
+            -p no:cacheprovider -rs -k cuda tests/test_kernels_v3.py tests/test_window3_tile.py \
+            tests/test_window3_bwd_tile.py tests/test_window3_out_tile.py \
+            tests/test_window3_bwd_parts_tile.py
+        tail -n 15 "$OUT/v3tests/tests.log"
         ;;
     glue)
         step glue tests "${STEP_LIMIT_GLUE:-150}" python3 -m pytest -q -p no:cacheprovider -rs \
@@ -89,7 +116,8 @@ for phase in "$@"; do
     check)
         step check cuda-tests "${STEP_LIMIT_CHECK:-300}" python3 -m pytest tests -q -k cuda \
             -p no:cacheprovider -rs
-        step check determinism 120 python3 bench/check_determinism.py --runs 10 \
+        variant
+        step check determinism 120 "${PY[@]}" bench/check_determinism.py --runs 10 \
             --dtypes fp32 bf16 fp16 --out "$OUT/check/determinism.json"
         if command -v compute-sanitizer >/dev/null; then
             step check memcheck 240 compute-sanitizer --tool memcheck --error-exitcode 1 \
@@ -110,6 +138,12 @@ for phase in "$@"; do
         step nmf summary 60 python3 bench/summarize_nmf.py "$OUT"/nmf/*.json \
             --json "$OUT/nmf/summary.json" --md "$OUT/nmf/summary.md"
         ;;
+    global)
+        step global iters "${STEP_LIMIT_GLOBAL:-120}" python3 -m pytest bench/bench_nmf.py \
+            --benchmark-only -q -p no:cacheprovider -k "global_iters and triton" \
+            --benchmark-json "$OUT/global/global_iters.json"
+        tail -n 30 "$OUT/global/iters.log"
+        ;;
     compiled)
         step compiled bench "${STEP_LIMIT_COMPILED:-540}" python3 -m pytest bench/bench_nmf.py \
             --benchmark-only -q -p no:cacheprovider -k "compiled and 2x32x128" \
@@ -122,9 +156,13 @@ for phase in "$@"; do
             --shifts 2 4 6 --out "$OUT/tune/tune_window_s246.json"
         ;;
     layer)
-        step layer swin-vs-sdpa "${STEP_LIMIT_LAYER:-400}" python3 -m fastnmf profile \
-            --suite layer --mixers nmf-swin sdpa-window nmf-swin-layer sdpa-window-layer \
-            --impls triton torch flash --repeats 5 --out "$OUT/layer/report"
+        variant
+        mixers=${LAYER_MIXERS:-nmf-swin sdpa-window nmf-swin-layer sdpa-window-layer}
+        impls=${LAYER_IMPLS:-triton torch flash}
+        # shellcheck disable=SC2086  # the mixers and impls: words
+        step layer swin-vs-sdpa "${STEP_LIMIT_LAYER:-400}" "${PY[@]}" -m fastnmf profile \
+            --suite layer --mixers $mixers --impls $impls --repeats 5 --out "$OUT/layer/report"
+        tail -n 40 "$OUT/layer/swin-vs-sdpa.log"
         ;;
     model)
         step model train "${STEP_LIMIT_MODEL:-300}" python3 -m fastnmf profile --suite model \
@@ -139,7 +177,5 @@ for phase in "$@"; do
             --out "$OUT/profile/report"
         ;;
     esac
-done
-for phase in "$@"; do
-    [ "$phase" = setup ] || pack "$phase"
+    pack "$phase"
 done

@@ -1,0 +1,114 @@
+"""bench/time_designs.py's reference row, bitwise repeats and shortlist, and bench/with_variant.py
+(what a GPU session runs after the designs' timing): no kernel runs here."""
+
+import importlib
+import json
+import sys
+
+import pytest
+from conftest import load_bench
+
+sched = importlib.import_module("fastnmf.kernels._window3_sched")
+wn = importlib.import_module("fastnmf.kernels.window_nmf")  # the package exports the function
+
+
+def _fake_times(mod, monkeypatch, times):
+    """``_run`` replaced: (fwd ms, fwd+bwd ms) a design (0: the reference), None: it fails."""
+
+    def fake_run(design, tuning, x, v0, dy, shifts, device, repeats, warmup, timed=True):
+        if times[design] is None:
+            raise RuntimeError("no kernel")
+        fwd, fwdbwd = times[design]
+        return dict(fwd_ms=fwd, fwdbwd_ms=fwdbwd, y=x, dx=x, bitwise_repeat=design != 2)
+
+    monkeypatch.setattr(mod, "_run", fake_run)
+    monkeypatch.setattr(mod, "copy_bw", lambda device: 1.0)  # GB/s
+
+
+def test_reference_row_and_speedup_against_the_target(tmp_path, monkeypatch):
+    """The reference is timed like a variant but never named the fastest (here its forward is
+    the fastest); the fastest variant's forward + backward over the reference's, against the 10x
+    target, and each row's bitwise repeat recorded."""
+    mod = load_bench("time_designs")
+    _fake_times(mod, monkeypatch, {1: (0.1, 0.4), 2: (0.2, 0.5), 3: (0.04, 0.3), 0: (0.03, 2.4)})
+    out = tmp_path / "designs.json"
+    rc = mod.main(["--shape", "1", "8", "8", "8", "8", "--dtypes", "fp32", "--shifts",
+                   "[None, 4]", "--variants", "design 1", "design 2", "design 3", "reference",
+                   "--out", str(out)])  # fmt: skip
+    doc = json.loads(out.read_text())
+    assert rc == 0 and [r["bitwise_repeat"] for r in doc["rows"]] == [True, False, True, True]
+    assert doc["best"][0].startswith("fp32 [None, 4] fwd: fastest 'design 3', 0.040 ms")
+    assert doc["best"][2] == ("fp32 [None, 4] fwd+bwd: fastest 'design 3' 8.0x the reference "
+                              "(2.400 ms; target 10x: missed by 1.25x)")  # fmt: skip
+    _fake_times(mod, monkeypatch, {1: (0.1, 0.4), 3: (0.04, 0.2), 0: (0.09, 2.4)})
+    mod.main(["--shape", "1", "8", "8", "8", "8", "--dtypes", "fp32", "--shifts", "[None, 4]",
+              "--variants", "design 1", "design 3", "reference", "--out", str(out)])  # fmt: skip
+    assert json.loads(out.read_text())["best"][2].endswith("12.0x the reference (2.400 ms; "
+                                                           "target 10x: met)")  # fmt: skip
+
+
+def test_shortlist_and_compile_commands(capsys):
+    """``--shortlist`` selects SHORTLIST (the reference last) and excludes ``--variants``; the
+    reference has no kernel, so no compile command."""
+    mod = load_bench("time_designs")
+    args = mod._parser().parse_args(["--variants", "design 3", "reference"])
+    assert [c[2] for c in mod._cases(args)] == ["design 3", "reference"] * 4
+    cmds = mod._compile_commands(args)
+    assert len(cmds) == 4 and all(cmd[-1] == "design 3" for cmd in cmds)
+    names = [v[0] for v in mod.VARIANTS]
+    assert set(mod.SHORTLIST) <= set(names) and mod.SHORTLIST[-1] == mod.REFERENCE
+    with pytest.raises(SystemExit) as exc:
+        mod.main(["--shortlist", "--variants", "design 1"])
+    assert exc.value.code == 2 and "--shortlist and --variants" in capsys.readouterr().err
+
+
+def _designs_json(path, rows):
+    path.write_text(json.dumps(dict(rows=rows)))
+    return str(path)
+
+
+def test_best_variant_is_the_fastest_forward_backward_of_its_case(tmp_path):
+    wv = load_bench("with_variant")
+    row = dict(dtype="fp32", shifts="[None, 4]")
+    rows = [dict(row, variant="design 1", fwdbwd_ms=3.0),
+            dict(row, variant="design 3, four tiles", fwdbwd_ms=1.0),
+            dict(row, variant="design 3", error="RuntimeError: no kernel"),
+            dict(row, variant="reference", fwdbwd_ms=0.5),  # never chosen
+            dict(row, variant="design 2", fwdbwd_ms=0.7, dtype="bf16"),
+            dict(row, variant="design 3", fwdbwd_ms=0.6, shifts="[None, 2, 4, 6]")]  # fmt: skip
+    path = _designs_json(tmp_path / "d.json", rows)
+    assert wv.best_variant(path) == "design 3, four tiles"
+    assert wv.best_variant(path, "bf16") == "design 2"
+    assert wv.best_variant(path, shifts="[None, 2, 4, 6]") == "design 3"
+    assert wv.best_variant(path, "fp16") is None
+
+
+def test_the_command_runs_with_the_variant_set_then_restored(tmp_path, monkeypatch):
+    """The script runs in this process as ``__main__`` with the variant's design and TUNING set,
+    and both are back to the code's defaults afterwards; its exit status is the command's."""
+    wv = load_bench("with_variant")
+    seen = tmp_path / "seen.json"
+    script = tmp_path / "show.py"
+    script.write_text(
+        "import importlib, json, sys\n"
+        "s = importlib.import_module('fastnmf.kernels._window3_sched')\n"
+        "w = importlib.import_module('fastnmf.kernels.window_nmf')\n"
+        f"json.dump([w.TUNING['design'], s.TUNING['tile'], s.TUNING['out_tile'], sys.argv[1:]], "
+        f"open({str(seen)!r}, 'w'))\n"
+        "sys.exit(3)\n"
+    )
+    before = (wn.TUNING["design"], dict(sched.TUNING))
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    with pytest.raises(SystemExit) as exc:
+        wv.main(["--variant", "design 3, four tiles", "--", str(script), "a", "b"])
+    assert exc.value.code == 3
+    assert json.loads(seen.read_text()) == [3, True, True, ["a", "b"]]
+    assert (wn.TUNING["design"], dict(sched.TUNING)) == before
+    row = dict(dtype="fp32", shifts="[None, 4]", variant="design 2", fwdbwd_ms=1.0)
+    path = _designs_json(tmp_path / "d.json", [row])
+    with pytest.raises(SystemExit):
+        wv.main(["--best", path, "--", str(script)])
+    assert json.loads(seen.read_text())[:2] == [2, None]
+    with pytest.raises(SystemExit):  # nothing timed: the code's defaults
+        wv.main(["--best", path, "--dtype", "bf16", "--", str(script)])
+    assert json.loads(seen.read_text())[:2] == [before[0], before[1]["tile"]]
