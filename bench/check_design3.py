@@ -12,7 +12,8 @@ as on the device or as one program (no two programs run at once: a race between 
 happen), run three times: its error against kernel "reference" (fp32, same device), whether the
 three runs are bitwise equal, and where the wrong voxels are (by window plane along axis 0, by
 head, by window position along axes 1 and 2). One JSON line a case, flushed: a run stopped at a
-time limit keeps what it printed.
+time limit keeps what it printed. Also the gradient (one forward + backward) against the
+reference's.
 """
 
 from __future__ import annotations
@@ -32,19 +33,18 @@ sched = importlib.import_module("fastnmf.kernels._window3_sched")
 wn = importlib.import_module("fastnmf.kernels.window_nmf")
 
 BRATS = [None, 2, 4, 6]
+UNTILED = {"tile": False, "bwd_tile": False, "bwd_parts_tile": False, "out_tile": False}
 # (name, shape, shifts, design 3 TUNING, one program)
 GPU_CASES = [
-    ("128^3 b2 default", (2, 32, 128, 128, 128), BRATS, {}, False),
-    ("128^3 b2 one program", (2, 32, 128, 128, 128), BRATS, {}, True),
-    ("128^3 b2 ring 16 (no region reused)", (2, 32, 128, 128, 128), BRATS, {"ring": 16}, False),
-    ("128x16x16 one head default", (1, 8, 128, 16, 16), BRATS, {}, False),
-    ("128x16x16 one head one program", (1, 8, 128, 16, 16), BRATS, {}, True),
-    ("24x8x8 (the CUDA test's) default", (1, 8, 24, 8, 8), BRATS, {}, False),
-    ("128^3 b2 [None, 4] default", (2, 32, 128, 128, 128), [None, 4], {}, False),
+    ("128^3 b2 untiled", (2, 32, 128, 128, 128), BRATS, UNTILED, False),
+    ("128^3 b2 untiled, one program", (2, 32, 128, 128, 128), BRATS, UNTILED, True),
+    ("128^3 b2 design 3 defaults (tiles)", (2, 32, 128, 128, 128), BRATS, {}, False),
+    ("128^3 b2 [None, 4] untiled", (2, 32, 128, 128, 128), [None, 4], UNTILED, False),
+    ("128x16x16 one head untiled, one program", (1, 8, 128, 16, 16), BRATS, UNTILED, True),
 ]
 SMALL_CASES = [
-    ("24x16x16 default", (1, 16, 24, 16, 16), BRATS, {}, False),
-    ("24x16x16 one program", (1, 16, 24, 16, 16), BRATS, {}, True),
+    ("24x16x16 untiled", (1, 16, 24, 16, 16), BRATS, UNTILED, False),
+    ("24x16x16 untiled, one program", (1, 16, 24, 16, 16), BRATS, UNTILED, True),
 ]
 
 
@@ -64,10 +64,23 @@ def _setting(tuning: dict, one_program: bool):
         wn.TUNING["design"] = saved_design
 
 
+def _layer(x, v0, shifts, kernel):
+    return fastnmf.matricized_nmf(x, v0, head_dim=8, window=8, shifts=shifts, iters=5,
+                                  kernel=kernel, check=False)  # fmt: skip
+
+
 def _forward(x, v0, shifts, kernel):
     with torch.no_grad():
-        return fastnmf.matricized_nmf(x, v0, head_dim=8, window=8, shifts=shifts, iters=5,
-                                      kernel=kernel, check=False)  # fmt: skip
+        return _layer(x, v0, shifts, kernel)
+
+
+def _grad(x, v0, dy, shifts, kernel):
+    xg = x.detach().requires_grad_()
+    return torch.autograd.grad(_layer(xg, v0, shifts, kernel), xg, dy)[0]
+
+
+def _rel(a, b) -> float:
+    return float(((a - b).abs().max() / b.abs().max()).nan_to_num(float("inf")))
 
 
 def _where(bad: torch.Tensor, shape) -> dict:
@@ -87,19 +100,22 @@ def run_case(name, shape, shifts, tuning, one_program, device) -> dict:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(*shape, generator=gen).to(device)
     v0 = torch.rand(512, 1, generator=gen).to(device)
-    ref = _forward(x, v0, shifts, "reference")
+    dy = torch.randn(*shape, generator=gen).to(device)
+    ref, dx_ref = _forward(x, v0, shifts, "reference"), _grad(x, v0, dy, shifts, "reference")
     t0 = time.perf_counter()
     with _setting(tuning, one_program):
         ys = [_forward(x, v0, shifts, "triton") for _ in range(3)]
+        dx = _grad(x, v0, dy, shifts, "triton")
     if device.type == "cuda":
         torch.cuda.synchronize()
     scale = ref.abs().max()
-    errs = [float(((y - ref).abs().max() / scale).nan_to_num(float("inf"))) for y in ys]
+    errs = [_rel(y, ref) for y in ys]
     bad = (ys[0] - ref).abs() > 1e-4 * scale
     bad |= ys[0].isnan()
     return dict(case=name, shape=list(shape), shifts=str(shifts), tuning=tuning,
                 one_program=one_program, seconds=round(time.perf_counter() - t0, 2),
-                rel_err=errs, bitwise_repeat=all(torch.equal(ys[0], y) for y in ys[1:]),
+                rel_err=errs, dx_rel_err=_rel(dx, dx_ref),
+                bitwise_repeat=all(torch.equal(ys[0], y) for y in ys[1:]),
                 nan=int(ys[0].isnan().sum()), wrong_voxels=int(bad.sum()),
                 where=_where(bad, shape))  # fmt: skip
 
@@ -117,7 +133,8 @@ def main(argv=None) -> int:
             continue
         try:
             row = run_case(*case, device)
-            failed |= row["wrong_voxels"] > 0 or not row["bitwise_repeat"]
+            failed |= (row["wrong_voxels"] > 0 or not row["bitwise_repeat"]
+                       or not row["dx_rel_err"] <= 1e-4)  # fmt: skip
         except Exception as e:  # noqa: BLE001 - recorded, the other cases go on
             row = dict(case=case[0], error=f"{type(e).__name__}: {e}")
             failed = True

@@ -49,33 +49,43 @@ from fastnmf.profile.timing import copy_bw, environment, median_ms, pick_device
 REFERENCE = "reference"  # the variant that runs kernel="reference" (design 0: no window design)
 SHIFTS = {"[None, 4]": [None, 4], "[None, 2, 4, 6]": [None, 2, 4, 6]}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# (name, window design, third design's TUNING)
+def _tiles(tile=False, bwd_tile=False, bwd_parts_tile=False, out_tile=False) -> dict:
+    """Design 3's four tiles, each on or off whatever the code's default."""
+    return dict(tile=tile, bwd_tile=bwd_tile, bwd_parts_tile=bwd_parts_tile, out_tile=out_tile)
+
+
+# (name, window design: None the code's choice (kernels.window_design), 0 the reference; third
+# design's TUNING). Design 3's variants run on its defaults (since the first GPU timing: all four
+# tiles) except what they name.
 VARIANTS = [
     ("design 1", 1, {}),
     ("design 2", 2, {}),
     ("design 3", 3, {}),
-    ("design 3, ticket tile", 3, {"tile": True}),  # kernels/_window3_tile.py (off by default)
-    ("design 3, output-pass tile", 3, {"bwd_tile": True}),  # kernels/_window3_bwd_tile.py (off)
-    ("design 3, forward output tile", 3, {"out_tile": True}),  # kernels/_window3_out_tile.py
-    ("design 3, backward parts tile", 3, {"bwd_parts_tile": True}),  # _window3_bwd_parts_tile
-    ("design 3, three tiles", 3, {"tile": True, "bwd_tile": True, "bwd_parts_tile": True}),
-    ("design 3, four tiles", 3, {"tile": True, "bwd_tile": True, "bwd_parts_tile": True,
-                                 "out_tile": True}),
+    ("default", None, {}),  # the design the code picks for the shift set
+    ("design 3, untiled", 3, _tiles()),  # the per-window passes
+    ("design 3, ticket tile", 3, _tiles(tile=True)),  # kernels/_window3_tile.py
+    ("design 3, output-pass tile", 3, _tiles(bwd_tile=True)),  # kernels/_window3_bwd_tile.py
+    ("design 3, forward output tile", 3, _tiles(out_tile=True)),  # kernels/_window3_out_tile.py
+    ("design 3, backward parts tile", 3, _tiles(bwd_parts_tile=True)),  # _bwd_parts_tile.py
+    ("design 3, three tiles", 3, _tiles(tile=True, bwd_tile=True, bwd_parts_tile=True)),
+    ("design 3, four tiles", 3, _tiles(True, True, True, True)),
     ("design 3, 8 warps", 3, {"warps": 8}),
+    ("design 3, untiled, 8 warps", 3, {**_tiles(), "warps": 8}),
     ("design 3, 16 windows a ticket", 3, {"wpp": 16}),
     ("design 3, 8 warps, 2 programs/SM", 3, {"warps": 8, "programs_per_sm": 2}),
     # 32 resident warps an SM (64 registers a thread; spills 0.5-1.5 KB a thread: sm_90a, 3.9)
     ("design 3, 64 registers, 2 programs/SM", 3, {"maxnreg": 64, "programs_per_sm": 2}),
     ("design 3, parts unmerged", 3, {"merge": False}),  # the default merges (fewer bytes)
+    ("design 3, untiled, parts unmerged", 3, {**_tiles(), "merge": False}),
     # the float64-checked oracle's kernel (issue 16: the fastest variant >= 10x faster)
     (REFERENCE, 0, {}),
 ]
 
-# what a short GPU lease times (``--shortlist``): the designs, design 3's tiles alone and together,
-# its unmerged parts and 8 warps, and the reference
-SHORTLIST = ("design 1", "design 2", "design 3", "design 3, ticket tile", "design 3, three tiles",
-             "design 3, four tiles", "design 3, parts unmerged", "design 3, 8 warps",
-             REFERENCE)  # fmt: skip
+# what a short GPU lease times (``--shortlist``): the designs, the code's choice, design 3
+# untiled and with its tiles alone and together, with 8 warps, and the reference
+SHORTLIST = ("design 1", "design 2", "default", "design 3, untiled", "design 3, ticket tile",
+             "design 3, three tiles", "design 3, four tiles", "design 3, 8 warps", REFERENCE)
+# fmt: skip
 
 
 def _layer(x, v0, shifts, kernel="triton"):
@@ -89,7 +99,7 @@ def _tuned(design: int, tuning: dict):
     wn = importlib.import_module("fastnmf.kernels.window_nmf")
     sched = importlib.import_module("fastnmf.kernels._window3_sched")
     saved, saved3 = wn.TUNING["design"], dict(sched.TUNING)
-    wn.TUNING["design"] = design or saved  # 0: the reference, no design
+    wn.TUNING["design"] = saved if design == 0 else design  # 0: the reference, no design
     sched.TUNING.update(tuning)
     try:
         yield
@@ -101,7 +111,7 @@ def _tuned(design: int, tuning: dict):
 
 def _run(design: int, tuning: dict, x, v0, dy, shifts, device, repeats: int,
          warmup: int, timed: bool = True) -> dict:  # fmt: skip
-    kernel = "triton" if design else "reference"
+    kernel = "reference" if design == 0 else "triton"
     with _tuned(design, tuning):
         xg = x.detach().requires_grad_()
 
@@ -272,8 +282,10 @@ def _static(args, argv: list[str]) -> int:
     print("| dtype | shifts | variant | " + " | ".join(STATIC_FIELDS) + " |")
     print("|---" * (3 + len(STATIC_FIELDS)) + "|", flush=True)
     for dname, sname, name, design, tuning in _cases(args):
-        if not design:  # the reference: no Triton kernel
+        if design == 0:  # the reference: no Triton kernel
             continue
+        if design is None:  # the code's choice for the shift set
+            design = importlib.import_module("fastnmf.kernels").window_design(SHIFTS[sname])
         case = StaticCase("window", batch, channels, tuple(spatial), dtype=dname, head_dim=8,
                           window=8, iters=5, shifts=tuple(SHIFTS[sname]), design=design)
         row = dict(dtype=dname, shifts=sname, variant=name)
@@ -318,7 +330,7 @@ def _compile_commands(args) -> list[list[str]]:
     base = [sys.executable, os.path.abspath(__file__), "--compile-only", "--shape",
             *map(str, args.shape)]  # fmt: skip
     return [[*base, "--dtypes", d, "--shifts", s, "--variants", v]
-            for d, s, v, design, _ in _cases(args) if design]  # fmt: skip  (nothing to compile)
+            for d, s, v, design, _ in _cases(args) if design != 0]  # fmt: skip
 
 
 def _compile_first(args, jobs: int, cmds=None) -> int:

@@ -36,7 +36,7 @@ def best_variant(path: str, dtype: str = "fp32", shifts: str = "[None, 4]") -> s
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     pick = ap.add_mutually_exclusive_group(required=True)
-    pick.add_argument("--variant", choices=[v[0] for v in VARIANTS if v[1]])
+    pick.add_argument("--variant", choices=[v[0] for v in VARIANTS if v[1] != 0])
     pick.add_argument("--best", metavar="FILE", help="bench/time_designs.py's JSON")
     ap.add_argument("--dtype", default="fp32", help="with --best (default fp32)")
     ap.add_argument("--shifts", default="[None, 4]", choices=list(SHIFTS), help="with --best")

@@ -86,6 +86,28 @@ def _common_checks(v0: torch.Tensor, iters: int, num_grad_steps) -> None:
         )
 
 
+# The rank-one window design by the number of shifted windowings (local windows: 1), from the
+# H200's timing of the three at 2 x 32 x 128^3, fp32 and bf16 (bench/results/designs_h200.md):
+# two shifts ([None, 4]) design 2 (forward + backward 5.05 ms fp32 against 9.52 for design 1 and
+# 7.79 for the fastest design-3 variant), three or more ([None, 2, 4, 6]) design 3 with its four
+# tiles (8.43 ms against 14.7 for design 1 and 20.4 for design 2); local windows, not timed, the
+# first design, which fuses their output pass into the statistics kernel.
+_DESIGN_BY_SHIFTS = {1: 1, 2: 2}
+_DESIGN_MANY_SHIFTS = 3
+
+
+def window_design(shifts) -> int:
+    """The rank-one window design for a shift list: ``window_nmf.TUNING["design"]`` if set
+    (1, 2 or 3), else by the number of shifted windowings (``_DESIGN_BY_SHIFTS``)."""
+    design = _WINDOW_TUNING["design"]
+    if design is None:
+        return _DESIGN_BY_SHIFTS.get(len(shifts) if shifts else 1, _DESIGN_MANY_SHIFTS)
+    if design not in (1, 2, 3):
+        raise ValueError(f"window_nmf.TUNING['design'] is {design!r}; valid options: None "
+                         "(by the shift count), 1, 2, 3")  # fmt: skip
+    return design
+
+
 def matricized_nmf(
     x, v0, *, head_dim, patch_size, shifts, u0=None, iters=5, solver="hals", num_grad_steps=None
 ):
@@ -102,10 +124,7 @@ def matricized_nmf(
     if patch_size is None:
         return global_nmf(x, v0, rows=head_dim, spatial=x.shape[2:], shifts=shifts, u0=u0,
                           iters=iters, solver=solver, relu=True)  # fmt: skip
-    design = _WINDOW_TUNING["design"]
-    if design not in (1, 2, 3):
-        raise ValueError(f"window_nmf.TUNING['design'] is {design!r}; valid options: 1, 2, 3")
-    window = {1: window_nmf, 2: window_nmf2, 3: window_nmf3}[design]
+    window = {1: window_nmf, 2: window_nmf2, 3: window_nmf3}[window_design(shifts)]
     return window(x, v0, head_dim=head_dim, patch_size=patch_size, shifts=shifts, u0=u0,
                   iters=iters, solver=solver)  # fmt: skip
 

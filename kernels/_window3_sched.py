@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET
+from ._common import INTERPRET, TRITON_VERSION
 from ._fastdiv import MAGIC_3, _fdivmod, magics
 from ._window2_common import _shift_of, _tri, _window_origin, _wrap_add, _wrap_sub
 
@@ -64,26 +64,22 @@ _RING = 3
 # the ideal bytes), no spills at 16 warps (sm_90a, Triton 3.9 and 3.6: kernels/DESIGNS.md); the
 # GPU run times it against the unmerged forward (bench/time_designs.py)
 _MERGE = True
-# The ticket tile (kernels/_window3_tile.py) issues about a quarter of the per-window parts
-# pass's instructions (bench/results/static_designs/tiles.md); the fused forward with it
-# at 16 warps spills nothing with Triton 3.9 or 3.6, the GPU machine's (alone, in three or four
-# tiles: static_designs_triton36/variants.md; the 3.9 forward with four tiles 72 B, BraTS):
-# off by default until the GPU has timed it (bench/time_designs.py, "design 3, ticket tile")
-_TILE = False
-# The backward's output pass on a ticket's windows as one tile (kernels/_window3_bwd_tile.py):
-# a quarter to a sixth of the per-window pass's instructions and no spills with Triton 3.9, but
-# every thread loads its own run's S, u and h-bar (a warp's lanes share a few parts), so the
-# bytes its lanes ask are 4-12x the ideal, and with Triton 3.6 the [None, 2, 4, 6] backward
-# spills (48 B fp32, 136 B bf16; none beside the backward parts tile): off by default until the
-# GPU has timed it (bench/time_designs.py, "design 3, output-pass tile"; kernels/DESIGNS.md)
-_BWD_TILE = False
-# The backward's parts pass on a ticket's windows as tiles (kernels/_window3_bwd_parts_tile.py):
-# off by default until the GPU has timed it (bench/time_designs.py, "design 3, backward parts
-# tile", "design 3, three tiles")
-_BWD_PARTS_TILE = False
-# The forward's output pass on a ticket's windows as tiles (kernels/_window3_out_tile.py, where
-# ``out_tile_plan`` allows): off by default until the GPU has timed it (bench/time_designs.py)
-_OUT_TILE = False
+# The four tiles below: the ticket tile (kernels/_window3_tile.py: the forward's parts pass on a
+# ticket's windows as one tile), the backward's output pass (_window3_bwd_tile.py) and parts pass
+# (_window3_bwd_parts_tile.py) and the forward's output pass (_window3_out_tile.py) on a ticket's
+# windows as tiles, each where its plan allows. On by default since the H200 timed them
+# (bench/results/designs_h200.md, 2x32x128^3, Triton 3.6): with [None, 2, 4, 6] design 3 with all
+# four is the fastest variant of every design (fp32 4.42 ms forward, 8.43 ms forward + backward;
+# bf16 4.50 / 8.37); with [None, 4] the design-3 variants all trail design 2, which the default
+# design choice takes there (kernels/__init__.py). Their static counts:
+# bench/results/static_designs/tiles.md, kernels/DESIGNS.md. The forward output tile only
+# before Triton 3.7: with it Triton 3.9's [None, 2, 4, 6] forward spills 72 B (sm_90a, fp32),
+# Triton 3.6's nothing; without it (three tiles: fp32 4.52 / 8.64 ms, bf16 4.96 / 8.63 on the
+# H200) neither spills.
+_TILE = True
+_BWD_TILE = True
+_BWD_PARTS_TILE = True
+_OUT_TILE = TRITON_VERSION < (3, 7)
 _INTERPRET = tl.constexpr(INTERPRET)  # kernels/_common.py: Triton's CPU interpreter
 
 

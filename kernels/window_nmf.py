@@ -79,8 +79,10 @@ TUNING: dict = {
     "tile": None,
     "gram": "sum",
     "fuse": True,
-    "design": 1,  # 2: kernels/window_nmf2.py (one read of x for every shift's statistics),
-    # 3: kernels/window_nmf3.py (2's forward fused into one launch, pipelined by planes)
+    # None: by the shift count (kernels/__init__.py, ``window_design``); 1: this file; 2:
+    # kernels/window_nmf2.py (one read of x for every shift's statistics); 3:
+    # kernels/window_nmf3.py (2's forward fused into one launch, pipelined by planes)
+    "design": None,
 }
 
 # Tiled apply kernels when a tile (a block inside one window under every shift) has at least

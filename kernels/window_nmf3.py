@@ -158,6 +158,25 @@ def _apply_chunk_fwd(x_base, y_base, rowmask_ptr, g0_ptr, first, plane, NPLANE, 
                           True, MW2, W0)  # CG  # fmt: skip
 
 
+@triton.jit
+def _member_matrix(SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, P0: tl.constexpr,
+                   P1: tl.constexpr, P2: tl.constexpr, BP0: tl.constexpr, BP1: tl.constexpr,
+                   BP2: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, D0: tl.constexpr,
+                   D1: tl.constexpr, D2: tl.constexpr, NPB: tl.constexpr):  # fmt: skip
+    """The per-window parts pass's 0/1 part matrix (``_membership``; 0 without DOT), made in
+    the ticket that uses it, not once before the ticket loop: held across the loop, Triton 3.6
+    kept it in shared memory, where the solve's non-inlined ``_solve_batch`` wrote its own
+    scratch over it (non-inlined callees use shared memory from offset 0, whatever the caller
+    holds: triton-lang/triton#11267), and every ticket after a program's first solve used a
+    corrupted matrix (bench/results/designs_h200.md)."""
+    member = 0
+    exists = 0
+    if DOT:
+        member, exists = _membership(SHIFTS, NSHIFT, P0, P1, P2, BP0 // D0, BP1 // D1,
+                                     BP2 // D2, D0, D1, D2, NPB, ACC)  # fmt: skip
+    return member, exists
+
+
 @triton.jit(do_not_specialize=_MAGIC_ARGS)
 def _fused_kernel(
     x_ptr, y_ptr, g0_ptr, rowmask_ptr, kpart_ptr, hpart_ptr, u_ptr, hsave_ptr, kmat_ptr,
@@ -183,11 +202,6 @@ def _fused_kernel(
     axis (``fused_plan``)."""
     e, emask, rowmask, g_all = _lanes_rowmask_g(rowmask_ptr, g0_ptr, E, SHIFTS, NSHIFT, P0, P1,
                                                 P2, BP0, BP1, BP2, BLOCK_E, NSB, ACC, True)
-    member = 0
-    exists = 0
-    if DOT:
-        member, exists = _membership(SHIFTS, NSHIFT, P0, P1, P2, BP0 // D0, BP1 // D1,
-                                     BP2 // D2, D0, D1, D2, NPB, ACC)  # fmt: skip
     t = tl.atomic_add(flag_ptr, 1)  # the ticket counter
     while t < NTICKET:
         bh, phase, plane, chunk, offset, flags = _take(t, SPB, CPP, flag_ptr, NPL, HEADS, C,
@@ -206,12 +220,16 @@ def _fused_kernel(
                             BLOCK_E, NSB, TD0, TD1, TD2, ROWS0, RING, MERGE, EAX,
                             XG0F)  # fmt: skip
             elif MERGE:  # neighbours' parts merged (kernels/_window3_parts.py)
+                member, exists = _member_matrix(SHIFTS, NSHIFT, P0, P1, P2, BP0, BP1, BP2, ACC,
+                                                DOT, D0, D1, D2, NPB)  # fmt: skip
                 _parts_chunk_merged(x_ptr + offset, rowmask, e, emask, first, plane, bh, g_all,
                                     member, exists, kpart_ptr, hpart_ptr, NWIN, NPLANE, NPL, E,
                                     NVOX, S1, S2, NW0, NW1, NW2, MW2, NSHIFT,
                                     WPP, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, ACC, D0, D1, D2,
                                     NPB, RING)  # fmt: skip
             else:
+                member, exists = _member_matrix(SHIFTS, NSHIFT, P0, P1, P2, BP0, BP1, BP2, ACC,
+                                                DOT, D0, D1, D2, NPB)  # fmt: skip
                 for j in range(0, WPP):
                     if first + j < NPLANE:
                         _parts_window(x_ptr + offset, rowmask, e, emask,

@@ -38,6 +38,13 @@ def pytest_xdist_auto_num_workers(config):
 
 
 @pytest.fixture
+def design1(monkeypatch):
+    """The first window design (``window_nmf.TUNING["design"] = 1``) for one test: what the
+    compiled and exported window op runs (fastnmf/custom_op.py), whatever the eager default."""
+    monkeypatch.setitem(importlib.import_module("fastnmf.kernels.window_nmf").TUNING, "design", 1)
+
+
+@pytest.fixture
 def design3(monkeypatch):
     """The third window design (``window_nmf.TUNING["design"] = 3``) for one test."""
     monkeypatch.setitem(importlib.import_module("fastnmf.kernels.window_nmf").TUNING, "design", 3)

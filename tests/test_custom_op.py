@@ -97,7 +97,7 @@ def test_op_matches_direct_path_bitwise(kernel, gen):
 
 
 @pytest.mark.parametrize("shifts", [[None, 2], None])
-def test_triton_window_op_saves_iterates_bitwise(shifts, gen):
+def test_triton_window_op_saves_iterates_bitwise(shifts, gen, design1):
     """Triton, windows, values unchecked (a GPU's default): fastnmf::window_nmf_triton runs
     WindowNMF's forward and backward kernels (no recomputation); compiled (fullgraph,
     aot_eager) and forced eager calls equal the direct path bit for bit."""

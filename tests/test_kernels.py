@@ -78,9 +78,10 @@ _APPLY_KERNELS = (
         ((1, 8, 8, 12), (4, 4), [None, (2, 2)], "hals"),  # 2D
     ],
 )
-def test_tiled_apply_matches_per_voxel_lookup(gen, device, monkeypatch, shape, patch, shifts,
-                                              solver):  # fmt: skip
-    """The tiled apply kernels (one window lookup per tile) give what the per-voxel ones give."""
+def test_tiled_apply_matches_per_voxel_lookup(gen, design1, device, monkeypatch, shape, patch,
+                                              shifts, solver):  # fmt: skip
+    """The tiled apply kernels (one window lookup per tile) give what the per-voxel ones give
+    (the first design's kernels)."""
     wn = importlib.import_module("fastnmf.kernels.window_nmf")
     launched = []
     spy_on(monkeypatch, wn, _APPLY_KERNELS, launched)

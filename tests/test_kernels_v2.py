@@ -125,7 +125,7 @@ def test_design2_three_launches_and_deterministic(gen, design2, monkeypatch, dev
 def test_unknown_design_rejected(monkeypatch):
     monkeypatch.setitem(wn.TUNING, "design", 4)
     x = torch.rand(1, 4, 4, 4)
-    with pytest.raises(ValueError, match="valid options: 1, 2, 3"):
+    with pytest.raises(ValueError, match=r"valid options: None \(by the shift count\), 1, 2, 3"):
         fastnmf.matricized_nmf(x, torch.rand(4, 1), head_dim=4, window=2, shifts=None,
                                kernel="triton")  # fmt: skip
 

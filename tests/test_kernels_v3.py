@@ -345,3 +345,41 @@ def test_kernels_decode_the_schedule(npl):
     _stages_kernel[(1,)](out, npl, N=triton.next_power_of_2(3 * npl))
     got = [tuple(p) for p in out[: 6 * npl].view(-1, 2).tolist()]
     assert got == sched._schedule(npl)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("tiles", [False, True], ids=["untiled", "four tiles"])
+def test_one_program_takes_every_ticket(gen, design3, monkeypatch, device, tiles):
+    """One persistent program for the whole call (a program's later tickets after its first
+    solve): the oracle's output and gradient, with the BraTS shifts. On the H200 the untiled
+    forward failed exactly so until the parts pass's 0/1 matrix was made per ticket (held across
+    the ticket loop in shared memory, it was overwritten by the non-inlined solve:
+    bench/results/designs_h200.md); under the interpreter program 0 takes every ticket anyway."""
+    for key in ("tile", "bwd_tile", "bwd_parts_tile", "out_tile"):
+        monkeypatch.setitem(sched.TUNING, key, tiles)
+    monkeypatch.setattr(sched, "_programs", lambda device, tickets: 1)
+    x, v0, dy = nmf_inputs(gen, (1, 8, 32, 16, 16), 8)
+    kw = dict(head_dim=8, patch_size=8, shifts=[None, 2, 4, 6], solver="hals", iters=3)
+    dx, dx_ref = fp32_against_reference(x, v0, dy, device, **kw)
+    assert rel_err(dx, dx_ref) <= 1e-4
+
+
+@pytest.mark.parametrize(("shifts", "design"),
+                         [(None, 1), ([None], 1), ([None, 4], 2), ([None, 2, 4, 6], 3),
+                          ([None, 2, 4], 3)])  # fmt: skip
+def test_default_design_follows_the_shift_count(monkeypatch, shifts, design):
+    """``TUNING["design"]`` None (the default): the design the H200's timing chose for the shift
+    count (local windows: 1, two shifts: 2, more: 3), and the call runs that design's entry;
+    a design set in TUNING wins."""
+    kernels = importlib.import_module("fastnmf.kernels")
+    assert wn.TUNING["design"] is None and kernels.window_design(shifts) == design
+    monkeypatch.setitem(wn.TUNING, "design", 2)
+    assert kernels.window_design([None, 2, 4, 6]) == 2
+    monkeypatch.setitem(wn.TUNING, "design", None)
+    called = []
+    for d, name in ((1, "window_nmf"), (2, "window_nmf2"), (3, "window_nmf3")):
+        monkeypatch.setattr(kernels, name, lambda *a, d=d, **k: called.append(d))
+    x = torch.rand(1, 4, 8, 8, 8)
+    fastnmf.matricized_nmf(x, torch.rand(512, 1), head_dim=4, window=8, shifts=shifts,
+                           kernel="triton", check=False)  # fmt: skip
+    assert called == [design]

@@ -219,7 +219,7 @@ class _Block(torch.nn.Module):
 
 
 @needs_triton
-def test_export_round_trip_holds_both_triton_ops(tmp_path, gen):
+def test_export_round_trip_holds_both_triton_ops(tmp_path, gen, design1):
     """torch.export (which never decomposes a triton op) of an eval block: the program holds
     both ops; saved and loaded, it gives eager's output bit for bit (the same op calls)."""
     block = _Block(gen).to(TRITON_DEVICE).eval()

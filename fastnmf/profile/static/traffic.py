@@ -56,7 +56,9 @@ FALLBACK_RESIDENT = 16
 PERSISTENT = ("_fused_kernel", "_fused_bwd_kernel")
 # Arguments a persistent kernel reads once per program, before its ticket loop (the forward's g0
 # and its shifted copies, the row mask): scaled to the benchmark shape by the programs the target
-# launches there, not by the volume (the backward reads them once per ticket: volume-scaled)
+# launches there, not by the volume (the backward reads them once per ticket: volume-scaled; the
+# forward's ticket tile, on by default, reads g0 again once a ticket, from L1: those asked bytes
+# are under-counted here, none of them DRAM bytes)
 PER_PROGRAM = {"_fused_kernel": ("g0_ptr", "rowmask_ptr")}
 
 
