@@ -3,10 +3,11 @@
     python3 bench/check_design3.py                 # on a GPU (the cases below)
     python3 bench/check_design3.py --small         # anywhere (interpreter: tiny shapes)
 
-The first GPU timing (bench/results/designs_h200.md) found design 3's forward with the per-window
-parts pass (no ticket tile) wrong with the BraTS shifts [None, 2, 4, 6] at 2x32x128^3 (output
-error ~1 relative to the largest value, NaN gradients, results that change from run to run),
-while the interpreter and the small CUDA tests agree with the oracle. Each case here is the
+The first GPU timing (bench/results/h200_2026-12-04/README.md) found design 3's forward with
+the per-window parts pass (no ticket tile) wrong with the BraTS shifts [None, 2, 4, 6] at
+2x32x128^3 (output error ~1 relative to the largest value, NaN gradients, results that change
+from run to run), while the interpreter and the small CUDA tests agree with the oracle (the
+cause: kernels/window_nmf3.py, ``_member_matrix``). Each case here is the
 forward (E = P = 8, T = 5) of one shape, shift set and design 3 setting, with the persistent grid
 as on the device or as one program (no two programs run at once: a race between programs cannot
 happen), run three times: its error against kernel "reference" (fp32, same device), whether the

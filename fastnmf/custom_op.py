@@ -67,9 +67,12 @@ inside the op and ``kernel[grid](...)`` outside it. What that gives:
   run on fake tensors) and off CUDA;
 - torch.export never decomposes a triton op: an exported program holds the op as one call.
 
-The window op runs the first window design's kernels whatever ``TUNING["design"]`` says (1, the
-default): the other designs (kernels/window_nmf2.py, window_nmf3.py) are reached only by the
-eager dispatch. Inductor does not fuse into a user Triton kernel; the glue around it is fused.
+The window op runs the first window design's kernels whatever ``TUNING["design"]`` says: the
+other designs (kernels/window_nmf2.py, window_nmf3.py), which the eager dispatch picks by the
+shift count (``fastnmf.kernels.window_design``), are reached only by it, so a compiled or exported
+model runs design 1 (slower with shifts: bench/results/h200_2026-12-04/) and its results differ
+from eager's by rounding. Inductor does not fuse into a user Triton kernel; the glue around it
+is fused.
 """
 
 from __future__ import annotations

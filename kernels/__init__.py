@@ -2,11 +2,11 @@
 
 - :mod:`.window_nmf`: rank one over (shifted) windows, forward and backward;
 - :mod:`.window_nmf2`: the same, second design (every shift's statistics from one read of x;
-  backward in :mod:`._window2_bwd`), selected by ``window_nmf.TUNING["design"] = 2`` until it
-  has been timed on a GPU;
+  backward in :mod:`._window2_bwd`);
 - :mod:`.window_nmf3`: the same, third design (the second design's forward passes in one
-  persistent launch, pipelined plane by plane so x's second read comes from L2), selected by
-  ``window_nmf.TUNING["design"] = 3``;
+  persistent launch, pipelined plane by plane so x's second read comes from L2);
+- which design runs: :func:`window_design` (by the shift count, from the H200's timing:
+  bench/results/h200_2026-12-04/), or ``window_nmf.TUNING["design"] = 1 | 2 | 3``;
 - :mod:`.global_nmf`: rank one over whole matrices (global matricization, plain NMF);
 - :mod:`.window_nmf_rank`: rank R > 1 over (shifted) windows, the literal MU / HALS loop on chip,
   forward and backward;
@@ -87,7 +87,7 @@ def _common_checks(v0: torch.Tensor, iters: int, num_grad_steps) -> None:
 
 
 # The rank-one window design by the number of shifted windowings (local windows: 1), from the
-# H200's timing of the three at 2 x 32 x 128^3, fp32 and bf16 (bench/results/designs_h200.md):
+# H200's timing of the three at 2 x 32 x 128^3, fp32 and bf16 (bench/results/h200_2026-12-04/):
 # two shifts ([None, 4]) design 2 (forward + backward 5.05 ms fp32 against 9.52 for design 1 and
 # 7.79 for the fastest design-3 variant), three or more ([None, 2, 4, 6]) design 3 with its four
 # tiles (8.43 ms against 14.7 for design 1 and 20.4 for design 2); local windows, not timed, the

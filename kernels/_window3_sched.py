@@ -68,7 +68,7 @@ _MERGE = True
 # ticket's windows as one tile), the backward's output pass (_window3_bwd_tile.py) and parts pass
 # (_window3_bwd_parts_tile.py) and the forward's output pass (_window3_out_tile.py) on a ticket's
 # windows as tiles, each where its plan allows. On by default since the H200 timed them
-# (bench/results/designs_h200.md, 2x32x128^3, Triton 3.6): with [None, 2, 4, 6] design 3 with all
+# (bench/results/h200_2026-12-04/, 2x32x128^3, Triton 3.6): with [None, 2, 4, 6] design 3 with all
 # four is the fastest variant of every design (fp32 4.42 ms forward, 8.43 ms forward + backward;
 # bf16 4.50 / 8.37); with [None, 4] the design-3 variants all trail design 2, which the default
 # design choice takes there (kernels/__init__.py). Their static counts:

@@ -1,7 +1,7 @@
 """Rank-one window NMF, second design: every shift's statistics from one read of x.
 
-Same interface and result as :mod:`.window_nmf` (selected by ``window_nmf.TUNING["design"] = 2``;
-the first design stays the default until this one has been timed on a GPU).
+Same interface and result as :mod:`.window_nmf` (the default with two shifted windowings, e.g.
+[None, 4]: ``fastnmf.kernels.window_design``; or ``window_nmf.TUNING["design"] = 2``).
 
 Idea (DESIGN.md §6 (a)). Shift s rolls voxel v to r = v + s; its window is r // P, its position
 r mod P. Take an *unshifted* window W (grid coordinates w, local voxel q, 0 <= q < P per axis) and

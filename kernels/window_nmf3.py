@@ -1,8 +1,9 @@
 """Rank-one window NMF, third design: the second design's three passes in one persistent launch,
 pipelined plane by plane so that the output pass reads x from L2, not DRAM.
 
-Same interface and result as :mod:`.window_nmf` (selected by ``window_nmf.TUNING["design"] = 3``;
-the first design stays the default until a GPU has timed the others). DESIGN.md §6 (b).
+Same interface and result as :mod:`.window_nmf` (the default with three or more shifted
+windowings, e.g. [None, 2, 4, 6]: ``fastnmf.kernels.window_design``; or
+``window_nmf.TUNING["design"] = 3``). DESIGN.md §6 (b).
 
 The second design (kernels/window_nmf2.py) reads x twice: once for every shift's part statistics,
 once for the output, and x (537 MB at 2x32x128^3 fp32) is far larger than L2, so the second read
@@ -48,22 +49,22 @@ division by a run-time value (the divisors' magic numbers: kernels/_fastdiv.py);
 ticket, so that
 the tickets in flight hold about 25 MB of L2 (16 would hold about 100 MB:
 fastnmf/profile/static/pipeline_dram.py).
-Not timed: per-ticket costs (a ticket fetch, an acquire wait, a release count: round trips to L2
-each) against 64 KB of x per ticket are the first thing a GPU must measure (``TUNING`` in
-_window3_sched.py: windows per ticket, warps, programs per SM, ring, and ``merge``: the parts of
-neighbouring windows of a ticket merged, kernels/_window3_parts.py, on by default where
-``merge_on``; ``tile``: the forward's parts pass on a whole ticket at once,
-kernels/_window3_tile.py, a third to half the per-window pass's instructions, off by default
-until a GPU times it (no spills with it in the forward since the solves take every shift's rows
-at once: ``_solve_rows``); ``bwd_tile``: the
-backward's output pass the same way, kernels/_window3_bwd_tile.py, a quarter to a sixth of the
-instructions, off by default: its lanes ask 4-12x the ideal bytes, and alone it spills with Triton
-3.6 and the BraTS shifts; ``bwd_parts_tile``: the backward's parts pass on tiles of 2 windows,
-kernels/_window3_bwd_parts_tile.py, 0.4-0.6x the instructions, off by default until a GPU times
-it (with Triton 3.9 the fused backward spills with it); ``out_tile``: the forward's output pass
-on tiles of 2 windows, kernels/_window3_out_tile.py, about half the instructions, off by default
-until a GPU times it (its lanes ask 1.3-2x the bytes; no spills in the forward); ``maxnreg``: a
-register cap).
+Timed on an H200 (bench/results/h200_2026-12-04/): with [None, 2, 4, 6] the fastest design, with
+[None, 4] slower than design 2; far below the static suite's issue-rate bound (Nsight Compute: a
+warp issues once every ~37 cycles, 40 % of the stalls at CTA barriers, 16 warps an SM). Knobs
+(``TUNING`` in _window3_sched.py): windows per ticket, warps, programs per SM, ring, a register
+cap (``maxnreg``), ``merge`` (the parts of neighbouring windows of a ticket merged,
+kernels/_window3_parts.py, on where ``merge_on``) and four tiles, each where its plan allows and
+on by default since that timing: ``tile`` (the forward's parts pass on a whole ticket at once,
+kernels/_window3_tile.py), ``bwd_tile`` (the backward's output pass, kernels/_window3_bwd_tile.py;
+its lanes ask 4-12x the ideal bytes), ``bwd_parts_tile`` (the backward's parts pass on tiles of
+2 windows, kernels/_window3_bwd_parts_tile.py) and ``out_tile`` (the forward's output pass on
+tiles of 2 windows, kernels/_window3_out_tile.py; on only before Triton 3.7: with 3.9 the fused
+forward spills 72 B with it and the BraTS shifts). A non-inlined function (``noinline``) must not
+be called while the kernel holds shared memory: Triton 3.6 gives such a callee shared memory from
+offset 0 whatever its caller holds (triton-lang/triton#11267), so values made once before the
+ticket loop that Triton may keep in shared memory (a ``tl.dot`` operand) are made per ticket
+(``_member_matrix``).
 """
 
 from __future__ import annotations
@@ -168,7 +169,7 @@ def _member_matrix(SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, P0: tl.constexpr,
     kept it in shared memory, where the solve's non-inlined ``_solve_batch`` wrote its own
     scratch over it (non-inlined callees use shared memory from offset 0, whatever the caller
     holds: triton-lang/triton#11267), and every ticket after a program's first solve used a
-    corrupted matrix (bench/results/designs_h200.md)."""
+    corrupted matrix (bench/results/h200_2026-12-04/README.md)."""
     member = 0
     exists = 0
     if DOT:

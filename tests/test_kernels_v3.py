@@ -354,7 +354,7 @@ def test_one_program_takes_every_ticket(gen, design3, monkeypatch, device, tiles
     solve): the oracle's output and gradient, with the BraTS shifts. On the H200 the untiled
     forward failed exactly so until the parts pass's 0/1 matrix was made per ticket (held across
     the ticket loop in shared memory, it was overwritten by the non-inlined solve:
-    bench/results/designs_h200.md); under the interpreter program 0 takes every ticket anyway."""
+    bench/results/h200_2026-12-04/); under the interpreter program 0 takes every ticket anyway."""
     for key in ("tile", "bwd_tile", "bwd_parts_tile", "out_tile"):
         monkeypatch.setitem(sched.TUNING, key, tiles)
     monkeypatch.setattr(sched, "_programs", lambda device, tickets: 1)
