@@ -261,7 +261,8 @@ def _best_lines(rows) -> list[str]:
     return lines
 
 
-STATIC_FIELDS = ("pass", "kernel", "warps", "regs", "spill_bytes", "resident_warps_per_sm")
+STATIC_FIELDS = ("pass", "kernel", "warps", "regs", "spill_bytes", "resident_warps_per_sm",
+                 "ptx_smem_held_across_calls")
 
 
 def _static(args, argv: list[str]) -> int:

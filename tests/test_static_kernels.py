@@ -118,6 +118,37 @@ def test_window_designs_2_and_3_divide_by_no_run_time_value(report, module, name
 
 
 @needs_ptxas
+def test_no_shared_memory_is_held_across_a_non_inlined_call(report):
+    """No kernel that calls non-inlined functions writes shared memory before its loop (what it
+    wrote would sit there through every call, and Triton 3.6 lets a non-inlined callee overwrite
+    it: kernels/window_nmf3.py), in every case the coverage suite compiles. Under Triton 3.6
+    this failed for design 3's untiled BraTS forward before its part matrix was made per
+    ticket."""
+    calling = [r for r in report["launches"] if r["calls"]]
+    assert calling, "no coverage case compiles a kernel with a non-inlined call"
+    for r in calling:
+        assert r["ptx_smem_held_across_calls"] == 0, (
+            f"{r['kernel']} ({r['case']}, {r['pass']}, {r['constexprs']}): "
+            f"{r['ptx_smem_held_across_calls']} shared-memory writes before its loop"
+        )
+
+
+def test_shared_memory_held_across_calls_is_found_in_the_ptx():
+    """The PTX rule on the two shapes Triton 3.6 gave design 3's forward: the part matrix stored
+    (stmatrix) before the ticket loop, or only the ticket's one-thread broadcast there."""
+    entry = (".func callee\n(\n);\n.visible .entry k(\n){\n"
+             "\t@%p11 st.shared.b32 [ %r162 + 0 ], %r160;\n{}"
+             "$L__BB0_2: // =>This Loop Header: Depth=1\n"
+             "\tstmatrix.sync.aligned.m8n8.x4.shared.b16 [%r9], {%r1, %r2, %r3, %r4};\n"
+             "\tcall.uni callee, ();\n}\n.func callee()\n{\n\tst.shared.b32 [%r1], %r2;\n}\n")
+    held = "\tstmatrix.sync.aligned.m8n8.x4.shared.b16 [%r210], {%r1, %r2, %r3, %r4};\n"
+    assert ptx_tools.smem_held_across_calls(entry.replace("{}", held, 1)) == 1
+    assert ptx_tools.smem_held_across_calls(entry.replace("{}", "", 1)) == 0
+    no_call = entry.replace("{}", held, 1).replace("call.uni", "// no call")
+    assert ptx_tools.smem_held_across_calls(no_call) == 0
+
+
+@needs_ptxas
 def test_report_rows_hold_the_launch_configuration(report):
     launches, calls = report["launches"], report["calls"]
     assert len(KERNELS) >= 10 and {(r["module"], r["kernel"]) for r in launches} == set(KERNELS)

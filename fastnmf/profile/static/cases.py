@@ -47,6 +47,7 @@ class StaticCase:
     rank: int = 1
     iters: int = ITERS
     design: int = 1
+    untiled: bool = False  # design 3 with its four tiles off (its per-window passes)
 
     def __post_init__(self):
         if self.design not in DESIGNS:
@@ -74,7 +75,8 @@ class StaticCase:
     def id(self) -> str:
         size = "x".join(map(str, self.shape))
         design = "" if self.design == 1 else f"-d{self.design}"  # design 1: the ids of before
-        return f"{self.mode}-{self.shift_name}-{self.dtype}-r{self.rank}-{size}{design}"
+        untiled = "-untiled" if self.untiled else ""
+        return f"{self.mode}-{self.shift_name}-{self.dtype}-r{self.rank}-{size}{design}{untiled}"
 
     def kwargs(self) -> dict:
         """Keyword arguments of ``fastnmf.matricized_nmf`` for this case (v0 excluded)."""
@@ -122,26 +124,32 @@ def coverage_cases(dtype: str = "fp32") -> list[StaticCase]:
     benchmark shape (rank one and two, every shift set, global) plus shifts [None, 3], whose
     tiles of one voxel send the window apply passes to the per-voxel kernels, plus the second
     window design with both shift sets ([None, 4]: sub-boxes of 4^3, [None, 2, 4, 6]: of 2^3) and
-    the third (its fused forward) with both."""
+    the third (its fused kernels) with both, with its tiles (the default) and without."""
     cases = benchmark_cases(dtypes=(dtype,))
     cases = [c for c in cases if c.shape == cases[0].shape]
     odd = dataclasses.replace(cases[0], mode="window", shifts=(None, 3), window=WINDOW, rank=1)
     two = [dataclasses.replace(cases[0], mode="window", shifts=SHIFT_SETS[name], window=WINDOW,
-                               rank=1, design=d) for d in (2, 3)
+                               rank=1, design=d, untiled=u)
+           for d, u in ((2, False), (3, False), (3, True))
            for name in ("swin2", "swin4")]  # fmt: skip
     return [*cases, odd, *two]
 
 
 @contextlib.contextmanager
 def selected_design(case: StaticCase):
-    """Inside the block the window kernels of ``case.design`` serve the layer's calls."""
+    """Inside the block the window kernels of ``case.design`` serve the layer's calls (design 3
+    with its tiles off where ``case.untiled``)."""
     tuning = importlib.import_module("fastnmf.kernels.window_nmf").TUNING
-    saved = tuning["design"]
+    tuning3 = importlib.import_module("fastnmf.kernels._window3_sched").TUNING
+    saved, saved3 = tuning["design"], dict(tuning3)
     tuning["design"] = case.design
+    if case.untiled:
+        tuning3.update(tile=False, bwd_tile=False, bwd_parts_tile=False, out_tile=False)
     try:
         yield
     finally:
         tuning["design"] = saved
+        tuning3.update(saved3)
 
 
 def _tuples(value):

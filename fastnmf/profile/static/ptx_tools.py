@@ -278,9 +278,38 @@ _PTX_INT_DIV = re.compile(r"^\s*(?:@%p\d+\s+)?(div|rem)\.(?:s|u)(?:32|64)\b", re
 _PTX_SHFL = re.compile(r"^\s*(?:@%p\d+\s+)?shfl\.sync\b", re.M)
 
 
+# A shared-memory write (a store, stmatrix, an async copy into shared memory) ...
+_PTX_SMEM_WRITE = re.compile(r"^\s*(?:@%p\d+\s+)?(st\.shared|stmatrix|cp\.async\S*shared)", re.M)
+# ... except one thread's store of a scalar (an atomic's result broadcast to the program through
+# shared memory, read right after the barrier that follows it)
+_PTX_SMEM_BROADCAST = re.compile(
+    r"^\s*@%p\d+\s+st\.shared(?:::cta)?\.b32\s+\[\s*%r\d+\s*\+\s*0\s*\]", re.M
+)
+_PTX_ENTRY = re.compile(r"^\.visible \.entry .*?(?=^\.(?:visible\s+)?\.?(?:func|entry)\b|\Z)",
+                        re.M | re.S)  # fmt: skip
+
+
+def smem_held_across_calls(ptx: str) -> int:
+    """Shared-memory writes of the kernel's entry function before its first loop header (in the
+    PTX's text order, which LLVM's block layout makes the loop's entry), where the module calls
+    non-inlined functions (``call.uni``; 0 otherwise), one thread's scalar broadcasts left out.
+    What such a write stores stays there through the loop, so through every call in it; and
+    Triton 3.6 gives a non-inlined callee shared memory from offset 0 whatever its caller holds
+    (triton-lang/triton#11267): design 3's forward lost its part matrix so on the H200."""
+    entry = _PTX_ENTRY.search(ptx)
+    if entry is None or "call.uni" not in ptx:
+        return 0
+    body = entry.group(0)
+    head = body.find("Loop Header: Depth=1")
+    before = body if head < 0 else body[:head]
+    return len(_PTX_SMEM_WRITE.findall(before)) - len(_PTX_SMEM_BROADCAST.findall(before))
+
+
 def ptx_counts(ptx: str) -> dict:
-    """Static counts in the PTX: integer div/rem instructions, shfl.sync."""
-    return {"ptx_int_div": len(_PTX_INT_DIV.findall(ptx)), "ptx_shfl": len(_PTX_SHFL.findall(ptx))}
+    """Static counts in the PTX: integer div/rem instructions, shfl.sync, and shared-memory
+    writes held across non-inlined calls (:func:`smem_held_across_calls`)."""
+    return {"ptx_int_div": len(_PTX_INT_DIV.findall(ptx)), "ptx_shfl": len(_PTX_SHFL.findall(ptx)),
+            "ptx_smem_held_across_calls": smem_held_across_calls(ptx)}  # fmt: skip
 
 
 def _round_up(value: int, unit: int) -> int:
