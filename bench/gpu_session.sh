@@ -13,6 +13,9 @@
 #             Its JSON is also copied to runs/designs.json: the phases after it (v3tests,
 #             layer, check's determinism) then run the variant with the fastest fp32 [None, 4]
 #             forward + backward (bench/with_variant.py), not the code's default
+#   check3    bench/check_design3.py: design 3's forward and gradient against the reference at
+#             2x32x128^3 (untiled, one program, tiled; BraTS and [None, 4]): whether the
+#             shared-memory fix of 274807b holds on the GPU (run it first next time)
 #   v3tests   design 3's CUDA tests (tests/test_kernels_v3.py, tests/test_window3_*.py), in 8
 #             pytest-xdist processes (a line a test: a call stopped at its limit still says
 #             which passed)
@@ -41,12 +44,12 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/gpu}"
-[ $# -gt 0 ] || { echo "usage: bench/gpu_session.sh PHASE [PHASE ...] (setup, designs, v3tests, glue, check, nmf, global, compiled, tune, layer, model, profile)" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: bench/gpu_session.sh PHASE [PHASE ...] (setup, designs, check3, v3tests, glue, check, nmf, global, compiled, tune, layer, model, profile)" >&2; exit 2; }
 for phase in "$@"; do
     case "$phase" in
-    setup | designs | v3tests | glue | check | nmf | global | compiled | tune | layer | model | profile) ;;
+    setup | designs | check3 | v3tests | glue | check | nmf | global | compiled | tune | layer | model | profile) ;;
     *)
-        echo "gpu_session.sh: error: unknown phase '$phase' (setup, designs, v3tests, glue, check, nmf, global, compiled, tune, layer, model, profile)" >&2
+        echo "gpu_session.sh: error: unknown phase '$phase' (setup, designs, check3, v3tests, glue, check, nmf, global, compiled, tune, layer, model, profile)" >&2
         exit 2
         ;;
     esac
@@ -95,6 +98,10 @@ for phase in "$@"; do
             --out "$OUT/designs/designs.json" ${DESIGNS_ARGS:-}
         mkdir -p runs && cp "$OUT/designs/designs.json" "$DESIGNS_JSON" 2>/dev/null
         tail -n 60 "$OUT/designs/time.log"
+        ;;
+    check3)
+        step check3 run "${STEP_LIMIT_CHECK3:-180}" python3 bench/check_design3.py
+        cat "$OUT/check3/run.log"
         ;;
     v3tests)
         step v3tests tests "${STEP_LIMIT_V3TESTS:-300}" python3 -m pytest -v -n 8 \

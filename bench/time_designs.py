@@ -73,6 +73,9 @@ VARIANTS = [
     ("design 3, untiled, 8 warps", 3, {**_tiles(), "warps": 8}),
     ("design 3, 16 windows a ticket", 3, {"wpp": 16}),
     ("design 3, 8 warps, 2 programs/SM", 3, {"warps": 8, "programs_per_sm": 2}),
+    # the H200's ncu: 40 % of the stalls at CTA barriers of 16 warps; 4 programs of 4 warps an SM
+    # (128 registers) keep 16 warps resident with barriers a quarter as wide
+    ("design 3, 4 warps, 4 programs/SM", 3, {"warps": 4, "programs_per_sm": 4}),
     # 32 resident warps an SM (64 registers a thread; spills 0.5-1.5 KB a thread: sm_90a, 3.9)
     ("design 3, 64 registers, 2 programs/SM", 3, {"maxnreg": 64, "programs_per_sm": 2}),
     ("design 3, parts unmerged", 3, {"merge": False}),  # the default merges (fewer bytes)
@@ -82,9 +85,12 @@ VARIANTS = [
 ]
 
 # what a short GPU lease times (``--shortlist``): the designs, the code's choice, design 3
-# untiled and with its tiles alone and together, with 8 warps, and the reference
-SHORTLIST = ("design 1", "design 2", "default", "design 3, untiled", "design 3, ticket tile",
-             "design 3, three tiles", "design 3, four tiles", "design 3, 8 warps", REFERENCE)
+# untiled and with three and four tiles, with 8 warps, with 2 programs of 8 warps an SM (no
+# spills with Triton 3.6: bench/results/static_designs_triton36/occupancy_variants.md), and the
+# reference
+SHORTLIST = ("design 1", "design 2", "default", "design 3, untiled", "design 3, three tiles",
+             "design 3, four tiles", "design 3, 8 warps", "design 3, 8 warps, 2 programs/SM",
+             REFERENCE)
 # fmt: skip
 
 
