@@ -49,6 +49,8 @@ from fastnmf.profile.timing import copy_bw, environment, median_ms, pick_device
 REFERENCE = "reference"  # the variant that runs kernel="reference" (design 0: no window design)
 SHIFTS = {"[None, 4]": [None, 4], "[None, 2, 4, 6]": [None, 2, 4, 6]}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 def _tiles(tile=False, bwd_tile=False, bwd_parts_tile=False, out_tile=False) -> dict:
     """Design 3's four tiles, each on or off whatever the code's default."""
     return dict(tile=tile, bwd_tile=bwd_tile, bwd_parts_tile=bwd_parts_tile, out_tile=out_tile)
@@ -90,8 +92,7 @@ VARIANTS = [
 # reference
 SHORTLIST = ("design 1", "design 2", "default", "design 3, untiled", "design 3, three tiles",
              "design 3, four tiles", "design 3, 8 warps", "design 3, 8 warps, 2 programs/SM",
-             REFERENCE)
-# fmt: skip
+             REFERENCE)  # fmt: skip
 
 
 def _layer(x, v0, shifts, kernel="triton"):
@@ -237,27 +238,33 @@ TARGETS = {"fwd": 60.0, "fwdbwd": 45.0}
 REFERENCE_SPEEDUP = 10.0
 
 
+def fastest(rows, pass_: str = "fwdbwd") -> dict | None:
+    """The timed window variant (no error, not the reference) with the shortest ``pass_`` time
+    among ``rows`` (one dtype and shift set), or None."""
+    timed = [r for r in rows if "error" not in r and r["variant"] != REFERENCE]
+    return min(timed, key=lambda r: r[f"{pass_}_ms"]) if timed else None
+
+
 def _best_lines(rows) -> list[str]:
     """Per dtype and shift set, the fastest variant forward and forward+backward against issue 16's
     targets (met, or missed by how much)."""
     lines = []
     for key in dict.fromkeys((r["dtype"], r["shifts"]) for r in rows):
-        ok = [r for r in rows if (r["dtype"], r["shifts"]) == key and "error" not in r]
-        timed = [r for r in ok if r["variant"] != REFERENCE]
-        ref = [r for r in ok if r["variant"] == REFERENCE]
+        group = [r for r in rows if (r["dtype"], r["shifts"]) == key]
+        ref = [r for r in group if r["variant"] == REFERENCE and "error" not in r]
         for pass_, goal in TARGETS.items():
-            if not timed:
+            best = fastest(group, pass_)
+            if best is None:
                 lines.append(f"{key[0]} {key[1]} {pass_.replace('bwd', '+bwd')}: nothing timed")
                 continue
-            best = min(timed, key=lambda r: r[f"{pass_}_ms"])
             pct = best[f"{pass_}_pct_copy_bw"]
             how = "met" if pct >= goal else f"missed by {goal / pct:.2f}x"
             lines.append(f"{key[0]} {key[1]} {pass_.replace('bwd', '+bwd')}: fastest "
                          f"{best['variant']!r}, "
                          f"{best[f'{pass_}_ms']:.3f} ms = {pct:.1f} % of copy bandwidth "
                          f"(target {goal:.0f} %: {how})")  # fmt: skip
-        if timed and ref:
-            best = min(timed, key=lambda r: r["fwdbwd_ms"])
+        best = fastest(group)
+        if best is not None and ref:
             speedup = ref[0]["fwdbwd_ms"] / best["fwdbwd_ms"]
             how = "met" if speedup >= REFERENCE_SPEEDUP else \
                 f"missed by {REFERENCE_SPEEDUP / speedup:.2f}x"

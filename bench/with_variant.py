@@ -20,7 +20,7 @@ import runpy
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/: also when imported
-from time_designs import REFERENCE, SHIFTS, VARIANTS, _tuned  # noqa: E402
+from time_designs import SHIFTS, VARIANTS, _tuned, fastest  # noqa: E402
 
 
 def best_variant(path: str, dtype: str = "fp32", shifts: str = "[None, 4]") -> str | None:
@@ -28,9 +28,8 @@ def best_variant(path: str, dtype: str = "fp32", shifts: str = "[None, 4]") -> s
     (None if it timed none of ``dtype`` and ``shifts``)."""
     with open(path) as f:
         rows = json.load(f)["rows"]
-    timed = [r for r in rows if r["dtype"] == dtype and r["shifts"] == shifts
-             and r["variant"] != REFERENCE and "error" not in r]  # fmt: skip
-    return min(timed, key=lambda r: r["fwdbwd_ms"])["variant"] if timed else None
+    best = fastest([r for r in rows if r["dtype"] == dtype and r["shifts"] == shifts])
+    return best["variant"] if best else None
 
 
 def main(argv=None) -> int:
