@@ -23,18 +23,20 @@ import argparse
 import contextlib
 import importlib
 import json
+import os
 import sys
 import time
 
 import torch
 
-import fastnmf
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/
+from time_designs import _layer, _tiles  # noqa: E402  (its layer call: E = P = 8, T = 5)
 
 sched = importlib.import_module("fastnmf.kernels._window3_sched")
 wn = importlib.import_module("fastnmf.kernels.window_nmf")
 
 BRATS = [None, 2, 4, 6]
-UNTILED = {"tile": False, "bwd_tile": False, "bwd_parts_tile": False, "out_tile": False}
+UNTILED = _tiles()  # design 3's four tiles off
 # (name, shape, shifts, design 3 TUNING, one program)
 GPU_CASES = [
     ("128^3 b2 untiled", (2, 32, 128, 128, 128), BRATS, UNTILED, False),
@@ -63,11 +65,6 @@ def _setting(tuning: dict, one_program: bool):
         sched.TUNING.update(saved)
         sched._programs = saved_programs
         wn.TUNING["design"] = saved_design
-
-
-def _layer(x, v0, shifts, kernel):
-    return fastnmf.matricized_nmf(x, v0, head_dim=8, window=8, shifts=shifts, iters=5,
-                                  kernel=kernel, check=False)  # fmt: skip
 
 
 def _forward(x, v0, shifts, kernel):

@@ -52,8 +52,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def _tiles(tile=False, bwd_tile=False, bwd_parts_tile=False, out_tile=False) -> dict:
-    """Design 3's four tiles, each on or off whatever the code's default."""
-    return dict(tile=tile, bwd_tile=bwd_tile, bwd_parts_tile=bwd_parts_tile, out_tile=out_tile)
+    """Design 3's four tiles (``_window3_sched.TILE_KEYS``), each on or off whatever the code's
+    default."""
+    keys = importlib.import_module("fastnmf.kernels._window3_sched").TILE_KEYS
+    return dict(zip(keys, (tile, bwd_tile, bwd_parts_tile, out_tile), strict=True))
 
 
 # (name, window design: None the code's choice (kernels.window_design), 0 the reference; third

@@ -25,8 +25,8 @@ from ._common import INTERPRET, TRITON_VERSION
 from ._fastdiv import MAGIC_3, _fdivmod, magics
 from ._window2_common import _shift_of, _tri, _window_origin, _wrap_add, _wrap_sub
 
-__all__ = ["TUNING", "PASSES", "Pipeline", "fused_plan", "merge_on", "ring_regions", "wait_offsets",
-           "wpp"]
+__all__ = ["TUNING", "TILE_KEYS", "PASSES", "Pipeline", "fused_plan", "merge_on", "ring_regions",
+           "wait_offsets", "wpp"]
 
 PASSES = ("parts", "solve", "apply")
 # The persistent launch: programs per SM, warps per program, windows per ticket (None: the
@@ -76,6 +76,7 @@ _MERGE = True
 # before Triton 3.7: with it Triton 3.9's [None, 2, 4, 6] forward spills 72 B (sm_90a, fp32),
 # Triton 3.6's nothing; without it (three tiles: fp32 4.52 / 8.64 ms, bf16 4.96 / 8.63 on the
 # H200) neither spills.
+TILE_KEYS = ("tile", "bwd_tile", "bwd_parts_tile", "out_tile")  # the four tiles' TUNING keys
 _TILE = True
 _BWD_TILE = True
 _BWD_PARTS_TILE = True

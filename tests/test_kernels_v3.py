@@ -355,7 +355,7 @@ def test_one_program_takes_every_ticket(gen, design3, monkeypatch, device, tiles
     forward failed exactly so until the parts pass's 0/1 matrix was made per ticket (held across
     the ticket loop in shared memory, it was overwritten by the non-inlined solve:
     bench/results/h200_2026-12-04/); under the interpreter program 0 takes every ticket anyway."""
-    for key in ("tile", "bwd_tile", "bwd_parts_tile", "out_tile"):
+    for key in sched.TILE_KEYS:
         monkeypatch.setitem(sched.TUNING, key, tiles)
     monkeypatch.setattr(sched, "_programs", lambda device, tickets: 1)
     x, v0, dy = nmf_inputs(gen, (1, 8, 32, 16, 16), 8)

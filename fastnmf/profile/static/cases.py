@@ -144,7 +144,8 @@ def selected_design(case: StaticCase):
     saved, saved3 = tuning["design"], dict(tuning3)
     tuning["design"] = case.design
     if case.untiled:
-        tuning3.update(tile=False, bwd_tile=False, bwd_parts_tile=False, out_tile=False)
+        sched = importlib.import_module("fastnmf.kernels._window3_sched")
+        tuning3.update(dict.fromkeys(sched.TILE_KEYS, False))
     try:
         yield
     finally:
