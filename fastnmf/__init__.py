@@ -11,6 +11,7 @@ Importing fastnmf registers its PyTorch ops (``torch.ops.fastnmf.*``), so a save
 """
 
 from . import channel_norm as _channel_norm  # noqa: F401  (registers fastnmf::channel_layer_norm)
+from . import window_op as _window_op  # noqa: F401  (registers fastnmf::window_nmf_triton)
 from .modules import NMF, MatricizedNMF
 from .ops import matricized_nmf, nmf  # (ops registers fastnmf::matricized_nmf, custom_op.py)
 

@@ -28,13 +28,13 @@ Schema (every non-tensor argument is an attribute the schema allows)::
 - ``kernel``: already resolved (``"torch"`` or ``"triton"``; ``"auto"`` is resolved before).
 
 Triton, rank one, windows, values unchecked (the default on a GPU): a second op,
-``fastnmf::window_nmf_triton(x, g0, rowmask, head_dim, patch, shifts, iters, mu) -> (y, hats,
-norms)``, is WindowNMF's forward (``kernels.window_nmf._forward``, the first window design) with
-the saved iterates as outputs, and ``fastnmf::window_nmf_triton_backward`` is its backward
-(``_backward``, the hand-written backward kernels): no recomputation, the same bits as eager.
-These two are ``torch.library.triton_op``s (see "Triton" below); ``matricized_nmf`` and its
-backward stay opaque ``custom_op``s (their bodies are the whole eager dispatch: value checks
-that read data, cached gather indices, the torch solvers).
+``fastnmf::window_nmf_triton`` (fastnmf/window_op.py), runs the forward kernels of the window
+design the eager dispatch picks (``fastnmf.kernels.design_for``) and returns what that design's
+backward reads as outputs, and ``fastnmf::window_nmf_triton_backward`` runs its hand-written
+backward kernels on them: no recomputation, the same bits as eager. These two are
+``torch.library.triton_op``s (see "Triton" below); ``matricized_nmf`` and its backward stay
+opaque ``custom_op``s (their bodies are the whole eager dispatch: value checks that read data,
+cached gather indices, the torch solvers).
 
 Autograd elsewhere: ``fastnmf::matricized_nmf_backward`` recomputes the layer's forward under
 ``torch.enable_grad()`` and back-propagates ``dy`` through it with ``torch.autograd.grad`` — i.e.
@@ -47,32 +47,27 @@ Autocast: the op has no autocast rule, so under ``torch.autocast`` it receives t
 producer made (bf16 after an autocast conv) and returns the same dtype; the kernels load bf16 and
 accumulate in fp32 (the closed form and the Triton kernels cast to fp32 themselves).
 
-Triton: ``fastnmf::window_nmf_triton`` and its backward (like ``fastnmf::channel_layer_norm``,
-fastnmf/channel_norm.py) are ``torch.library.triton_op``s. Their bodies call the launchers of
-``fastnmf.kernels`` with ``wrap=True``, and every launch there is
+Triton: ``fastnmf::window_nmf_triton`` and its backward (fastnmf/window_op.py; like
+``fastnmf::channel_layer_norm``, fastnmf/channel_norm.py) are ``torch.library.triton_op``s. Their
+bodies call the launchers of ``fastnmf.kernels`` with ``wrap=True``, and every launch there is
 ``kernels._common.launch(kernel, wrap=...)[grid](...)``, i.e. ``wrap_triton(kernel)[grid](...)``
 inside the op and ``kernel[grid](...)`` outside it. What that gives:
 
 - eager: the op's implementation runs with wrap_triton disabled (``triton_op`` does so), so the
-  launches are the direct ones, bit for bit WindowNMF's;
+  launches are the direct ones, bit for bit the eager path's;
 - torch.compile on CUDA: AOTAutograd traces the body under functionalization, so the graph holds
-  the kernels themselves (``triton_kernel_wrapper_functional`` nodes; the per-call shift table
-  built on the host becomes a graph constant), launched by Inductor's generated code. Checked
-  without a GPU by tracing with fake CUDA tensors (tests/test_triton_op.py); the Inductor run
-  itself is tested only where a GPU is present. The kernels are recorded for AOTAutograd's
-  cache key (:func:`record_kernels`);
+  the kernels themselves (``triton_kernel_wrapper_functional`` nodes; tables built on the host
+  become graph constants), launched by Inductor's generated code. Checked without a GPU by
+  tracing with fake CUDA tensors (tests/test_triton_op.py); the Inductor run itself is tested
+  only where a GPU is present. The kernels are recorded for AOTAutograd's cache key
+  (:func:`record_kernels`);
 - where the body is not traceable, the graph keeps the op as one call with its fake, as a
   ``custom_op`` would (:func:`decompose_only_when_traceable`): under ``TRITON_INTERPRET=1``
   (``wrap_triton`` hands back an interpreted kernel as is: it has no traceable form and cannot
   run on fake tensors) and off CUDA;
 - torch.export never decomposes a triton op: an exported program holds the op as one call.
 
-The window op runs the first window design's kernels whatever ``TUNING["design"]`` says: the
-other designs (kernels/window_nmf2.py, window_nmf3.py), which the eager dispatch picks by the
-shift count (``fastnmf.kernels.window_design``), are reached only by it, so a compiled or exported
-model runs design 1 (slower with shifts: bench/results/h200_2026-12-04/) and its results differ
-from eager's by rounding. Inductor does not fuse into a user Triton kernel; the glue around it
-is fused.
+Inductor does not fuse into a user Triton kernel; the glue around it is fused.
 """
 
 from __future__ import annotations
@@ -297,93 +292,6 @@ def record_kernels(name: str, kernels) -> None:
     library_triton.triton_ops_to_kernels[name] = list(kernels)
 
 
-# Triton, rank one, windows: the forward kernels' saved iterates are op outputs, and the backward
-# op calls the backward kernels on them (no recomputation). The pieces are WindowNMF's own:
-# kernels.window_nmf._forward / _backward on a _Geometry (the first window design's launchers).
-
-
-def _window_geometry(x, head_dim, patch, shifts):
-    from .kernels.window_nmf import _Geometry
-
-    return _Geometry(x, head_dim, tuple(patch), decode_shifts(shifts, x.dim() - 2))
-
-
-def _window_kernels():
-    """The first window design's launchers module, its kernels recorded for both window ops."""
-    wn = importlib.import_module("fastnmf.kernels.window_nmf")  # (kernels.window_nmf: a function)
-
-    fwd = (wn._stats_fwd_kernel, wn._apply_fwd_tile_kernel, wn._apply_fwd_kernel)
-    bwd = (wn._stats_bwd_kernel, wn._apply_bwd_tile_kernel, wn._apply_bwd_kernel)
-    record_kernels("fastnmf::window_nmf_triton", fwd)
-    record_kernels("fastnmf::window_nmf_triton_backward", bwd)
-    return wn
-
-
-@torch.library.triton_op("fastnmf::window_nmf_triton", mutates_args=())
-def _window_op(
-    x: torch.Tensor, g0: torch.Tensor, rowmask: torch.Tensor, head_dim: int, patch: list[int],
-    shifts: list[int], iters: int, mu: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, hats, norms) of WindowNMF's forward; hats / norms are what its backward needs."""
-    geo = _window_geometry(x, head_dim, patch, shifts)
-    y, hats, norms = _window_kernels()._forward(x, g0, rowmask, geo, iters, mu, save=True,
-                                                wrap=True)  # fmt: skip
-    return y, hats, norms
-
-
-@_window_op.register_fake
-def _window_fake(x, g0, rowmask, head_dim, patch, shifts, iters, mu):
-    from .kernels._common import compute_dtype
-
-    _window_kernels()  # recorded before AOTAutograd computes its cache key (after this fake)
-    nshift = max(1, len(shifts) // max(1, x.dim() - 2))
-    nwin = 1
-    for s, q in zip(x.shape[2:], patch, strict=True):
-        nwin *= s // q
-    progs = x.shape[0] * (x.shape[1] // head_dim) * nshift * nwin
-    f32 = compute_dtype(x.dtype)
-    hats = x.new_empty((progs, iters, head_dim), dtype=f32)
-    return x.new_empty(x.shape), hats, x.new_empty((progs, iters), dtype=f32)
-
-
-@torch.library.triton_op("fastnmf::window_nmf_triton_backward", mutates_args=())
-def _window_backward_op(
-    dy: torch.Tensor, x: torch.Tensor, g0: torch.Tensor, rowmask: torch.Tensor,
-    hats: torch.Tensor, norms: torch.Tensor, head_dim: int, patch: list[int], shifts: list[int],
-    iters: int, mu: bool,
-) -> torch.Tensor:
-    geo = _window_geometry(x, head_dim, patch, shifts)
-    return _window_kernels()._backward(x, g0, rowmask, hats, norms, dy.contiguous(), geo, iters,
-                                       mu, wrap=True)  # fmt: skip
-
-
-@_window_backward_op.register_fake
-def _window_backward_fake(dy, x, g0, rowmask, hats, norms, head_dim, patch, shifts, iters, mu):
-    return x.new_empty(x.shape)
-
-
-# dy is the backward op's first argument; the forward's is x: both on x's device
-decompose_only_when_traceable(_window_op)
-decompose_only_when_traceable(_window_backward_op)
-
-
-def _window_setup_context(ctx, inputs, output):
-    x, g0, rowmask, *attrs = inputs
-    _, hats, norms = output
-    ctx.save_for_backward(x, g0, rowmask, hats, norms)
-    ctx.attrs = attrs
-    ctx.mark_non_differentiable(hats, norms)
-
-
-def _window_backward(ctx, dy, _dhats, _dnorms):
-    x, g0, rowmask, hats, norms = ctx.saved_tensors
-    dx = _window_backward_op(dy, x, g0, rowmask, hats, norms, *ctx.attrs)
-    return (dx,) + (None,) * 7
-
-
-_window_op.register_autograd(_window_backward, setup_context=_window_setup_context)
-
-
 def _direct_window_path(x, v0, u0, patch, iters, kernel, num_grad_steps, check) -> bool:
     """Whether the eager path would reach WindowNMF with x as is: Triton, rank one, windows,
     iters >= 1, no value checks (no rescaling: the default on a GPU), the full gradient, v0
@@ -395,19 +303,6 @@ def _direct_window_path(x, v0, u0, patch, iters, kernel, num_grad_steps, check) 
         and not C.want_value_checks(check, x) and not v0.requires_grad
         and (num_grad_steps is None or num_grad_steps >= iters)
     )  # fmt: skip
-
-
-def _window_triton(x, v0, u0, head_dim, patch, shifts, iters, solver):
-    """kernels.matricized_nmf -> window_nmf's set-up (the same checks and inputs), then the op."""
-    from .kernels import _interpreter_check
-    from .kernels._common import window_inputs
-
-    _interpreter_check(x)
-    x = x.contiguous()
-    g0, rowmask, mu = window_inputs(x, v0, u0, head_dim=head_dim, solver=solver)
-    y, _, _ = _window_op(x, g0, rowmask, head_dim, [int(p) for p in patch],
-                         encode_shifts(shifts, x.dim() - 2), iters, mu)  # fmt: skip
-    return y
 
 
 def matricized_nmf_op(
@@ -429,7 +324,9 @@ def matricized_nmf_op(
     if kernel not in ("torch", "triton"):
         raise ValueError(f"the fastnmf op takes kernel 'torch' or 'triton', got {kernel!r}")
     if _direct_window_path(x, v0, u0, patch, iters, kernel, num_grad_steps, check):
-        return _window_triton(x, v0, u0, head_dim, patch, shifts, iters, solver)
+        from .window_op import window_triton
+
+        return window_triton(x, v0, u0, head_dim, patch, shifts, iters, solver)
     ndim = x.dim() - 2
     return _op(
         x, v0, u0, head_dim, [] if patch is None else [int(p) for p in patch],

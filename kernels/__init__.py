@@ -34,12 +34,13 @@ import torch
 import triton
 
 from ._common import version_tuple as _version
+from ._window2_common import _Geometry2
 from .global_nmf import global_nmf
 from .global_nmf_rank import global_nmf_rank
 from .window_nmf import TUNING as _WINDOW_TUNING
 from .window_nmf import window_nmf
 from .window_nmf2 import window_nmf2
-from .window_nmf3 import window_nmf3
+from .window_nmf3 import plane_plan, window_nmf3
 from .window_nmf_rank import window_nmf_rank
 
 __all__ = ["nmf", "matricized_nmf"]
@@ -105,6 +106,15 @@ def window_design(shifts) -> int:
     if design not in (1, 2, 3):
         raise ValueError(f"window_nmf.TUNING['design'] is {design!r}; valid options: None "
                          "(by the shift count), 1, 2, 3")  # fmt: skip
+    return design
+
+
+def design_for(x, head_dim: int, patch, shifts) -> int:
+    """The design that runs for these inputs: :func:`window_design`, the second where the third's
+    plane schedule does not apply (:func:`.window_nmf3.window_nmf3` falls back the same way)."""
+    design = window_design(shifts)
+    if design == 3 and plane_plan(_Geometry2(x, head_dim, tuple(patch), shifts)) is None:
+        return 2
     return design
 
 

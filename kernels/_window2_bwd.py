@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _steps_backward, acc_dtype
+from ._common import _steps_backward, acc_dtype, launch
 from ._fastdiv import _fdiv
 from ._window2_common import (
     MAGIC_PASS,
@@ -234,28 +234,29 @@ def _apply_bwd_window(
     tl.store(dx_base + offs, dx.to(dx_base.dtype.element_ty), mask=mask)
 
 
-def backward2(x, g0, rowmask, hats, norms, kmat, dy, geo: _Geometry2, iters: int,
-              mu: bool) -> torch.Tensor:  # fmt: skip
-    """dL/dx of the second design from the saved iterates and K (three launches)."""
+def backward2(x, g0, rowmask, hats, norms, kmat, dy, geo: _Geometry2, iters: int, mu: bool, *,
+              wrap: bool = False) -> torch.Tensor:  # fmt: skip
+    """dL/dx of the second design from the saved iterates and K (three launches; ``wrap`` as in
+    ``window_nmf2._forward``)."""
     dev = x.device
     f32 = hats.dtype
     acc = acc_dtype(x.dtype)
     gpart = torch.empty(geo.slots, geo.E, dtype=f32, device=dev)  # unused slots stay unread
     sym = torch.empty(geo.progs, geo.E, geo.E, dtype=f32, device=dev)
     hbar = torch.empty(geo.progs, geo.E, dtype=f32, device=dev)
-    _parts_bwd_kernel[geo.grid](
+    launch(_parts_bwd_kernel, wrap=wrap)[geo.grid](
         x, dy, g0, rowmask, hats, gpart,
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, iters, geo.S[1], geo.S[2], *geo.NW,
         **geo.magic(), **geo.consts(), **geo.block(), MU=mu, ACC=acc,
         **geo.launch("parts_bwd"),
     )  # fmt: skip
-    _solve_bwd_kernel[(geo.nwin, geo.bh)](
+    launch(_solve_bwd_kernel, wrap=wrap)[(geo.nwin, geo.bh)](
         gpart, kmat, hats, norms, sym, hbar, geo.E, geo.nwin, iters, *geo.NW,
         **geo.magic(heads=False), SHIFTS=geo.shifts, NSHIFT=geo.nshift, BLOCK_E=geo.block_e,
         ACC=acc, **geo.launch("solve"),
     )  # fmt: skip
     dx = torch.empty_like(x)
-    _apply_bwd_kernel2[geo.grid](
+    launch(_apply_bwd_kernel2, wrap=wrap)[geo.grid](
         x, dy, dx, g0, rowmask, hats, sym, hbar,
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, iters, geo.S[1], geo.S[2], *geo.NW,
         **geo.magic(), **geo.consts(), **geo.block(), MU=mu, ACC=acc,

@@ -395,10 +395,12 @@ def _subbox_sizes(shifts, patch3) -> tuple[int, ...]:
 
 
 def _shift_constants(shifts, spatial, patch3) -> tuple[tuple[int, ...], ...]:
-    """Each shift as (s'0, s'1, s'2, Q0, Q1, Q2): s mod S = Q P + s' per axis (compile-time)."""
+    """Each shift as (s'0, s'1, s'2, Q0, Q1, Q2): s mod S = Q P + s' per axis (compile-time: ints,
+    so a graph traced with symbolic sizes specialises on them)."""
     rows = padded_shift_table(shifts, spatial)  # 3D, reduced mod S
     return tuple(
-        tuple(r[d] % patch3[d] for d in range(3)) + tuple(r[d] // patch3[d] for d in range(3))
+        tuple(int(r[d] % patch3[d]) for d in range(3))
+        + tuple(int(r[d] // patch3[d]) for d in range(3))
         for r in rows
     )
 

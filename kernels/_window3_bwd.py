@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TRITON_VERSION, acc_dtype
+from ._common import TRITON_VERSION, acc_dtype, launch
 from ._window2_bwd import _apply_bwd_window, _parts_bwd_window
 from ._window2_common import _Geometry2, _lanes_rowmask_g, _plane_w0
 from ._window3_bwd_parts_tile import _parts_bwd_tile, bwd_parts_plan
@@ -300,10 +300,11 @@ def _fused_bwd_kernel(
                              G2, MU, ACC, BTILE, R2, WT, EAX)  # fmt: skip
 
 
-def backward3(x, g0, rowmask, u, h, kmat, dy, geo: _Geometry2, plan, iters: int,
-              mu: bool) -> torch.Tensor:  # fmt: skip
+def backward3(x, g0, rowmask, u, h, kmat, dy, geo: _Geometry2, plan, iters: int, mu: bool, *,
+              wrap: bool = False) -> torch.Tensor:  # fmt: skip
     """dL/dx of the third design from the forward's u, h and K (one persistent launch; the
-    window bodies take u as the last of 1 iterate)."""
+    window bodies take u as the last of 1 iterate; ``wrap`` as in
+    ``window_nmf3._fused_forward``)."""
     dev = x.device
     f32 = u.dtype
     gpart = torch.empty(geo.slots, geo.E, dtype=f32, device=dev)  # unused slots stay unread
@@ -311,7 +312,7 @@ def backward3(x, g0, rowmask, u, h, kmat, dy, geo: _Geometry2, plan, iters: int,
     hbar = torch.empty(geo.progs, geo.E, dtype=f32, device=dev)
     pipe = Pipeline(geo, plan, dev)
     dx = torch.empty_like(x)
-    _fused_bwd_kernel[pipe.grid](
+    launch(_fused_bwd_kernel, wrap=wrap)[pipe.grid](
         x, dy, dx, g0, rowmask, u, h, kmat, gpart, sym, hbar, *pipe.args(),
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, iters, geo.S[1], geo.S[2], *geo.NW,
         **pipe.magic(geo), **geo.consts(), **pipe.block(geo), MU=mu, ACC=acc_dtype(x.dtype),

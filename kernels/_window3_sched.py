@@ -237,13 +237,14 @@ def ring_regions(shifts, ax: int) -> int:
 
 
 def _programs(device: torch.device, tickets: int) -> int:
-    """The persistent grid: resident programs (SMs x programs per SM) on a GPU (or the SMs of
-    ``TUNING["sms"]``); else two (under the interpreter the second finds no ticket left: the
-    exit path is exercised)."""
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-    elif TUNING["sms"]:
+    """The persistent grid: resident programs (SMs x programs per SM) for the SMs of
+    ``TUNING["sms"]`` if set (the static suite's target; a trace for CUDA on a machine without
+    one), else of the GPU; off a GPU two (under the interpreter the second finds no ticket left:
+    the exit path is exercised)."""
+    if TUNING["sms"]:
         sms = TUNING["sms"]
+    elif device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
     else:
         return min(tickets, 2)
     return min(tickets, sms * (TUNING["programs_per_sm"] or _PROGRAMS_PER_SM))

@@ -71,6 +71,7 @@ from ._common import (
     _power_steps,
     acc_dtype,
     compute_dtype,
+    launch,
     window_inputs,
 )
 from ._fastdiv import _fdiv
@@ -326,7 +327,10 @@ def _apply_window(
 # Launchers
 # ------------------------------------------------------------------------------------------------
 
-def _forward(x, g0, rowmask, geo: _Geometry2, iters: int, mu: bool, save: bool):
+def _forward(x, g0, rowmask, geo: _Geometry2, iters: int, mu: bool, save: bool, *,
+             wrap: bool = False):  # fmt: skip
+    """(y, hats, norms, kmat); ``wrap``: launches through :func:`launch` (inside the triton op,
+    fastnmf/window_op.py)."""
     f32 = compute_dtype(x.dtype)
     acc = acc_dtype(x.dtype)
     dev = x.device
@@ -337,18 +341,18 @@ def _forward(x, g0, rowmask, geo: _Geometry2, iters: int, mu: bool, save: bool):
     norms = torch.empty(geo.progs, iters, dtype=f32, device=dev) if save else u
     kmat = torch.empty(geo.progs, geo.E, geo.E, dtype=f32, device=dev) if save else u  # upper half
     y = torch.empty_like(x)
-    _parts_kernel[geo.grid](
+    launch(_parts_kernel, wrap=wrap)[geo.grid](
         x, g0, rowmask, kpart, hpart,
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, geo.S[1], geo.S[2], *geo.NW[1:],
         **geo.magic(), **geo.consts(), **geo.block(), MU=mu, ACC=acc, **geo.dot(acc, mu),
         **geo.launch("parts"),
     )  # fmt: skip
-    _solve_kernel[(geo.nwin, geo.bh)](
+    launch(_solve_kernel, wrap=wrap)[(geo.nwin, geo.bh)](
         kpart, hpart, u, hats, norms, kmat, geo.E, geo.nwin, iters, *geo.NW,
         **geo.magic(heads=False), SHIFTS=geo.shifts, NSHIFT=geo.nshift, BLOCK_E=geo.block_e,
         SAVE=save, ACC=acc, **geo.launch("solve"),
     )  # fmt: skip
-    _apply_kernel[geo.grid](
+    launch(_apply_kernel, wrap=wrap)[geo.grid](
         x, y, g0, rowmask, u,
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, geo.S[1], geo.S[2], *geo.NW,
         **geo.magic(), **geo.consts(), **geo.block(), MU=mu, ACC=acc,

@@ -73,7 +73,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, compute_dtype, window_inputs
+from ._common import acc_dtype, compute_dtype, launch, window_inputs
 from ._window2_common import _Geometry2, _lanes_rowmask_g, _plane_w0, _tri
 from ._window3_bwd import backward3
 from ._window3_out_tile import _apply_fwd_tile, out_tile_plan
@@ -270,7 +270,10 @@ def _fused_kernel(
         t = tl.atomic_add(flag_ptr, 1)
 
 
-def _fused_forward(x, g0, rowmask, geo: _Geometry2, plan, iters: int, mu: bool, save: bool):
+def _fused_forward(x, g0, rowmask, geo: _Geometry2, plan, iters: int, mu: bool, save: bool, *,
+                   wrap: bool = False):  # fmt: skip
+    """(y, u, h, kmat); ``wrap``: launches through :func:`launch` (inside the triton op,
+    fastnmf/window_op.py)."""
     f32 = compute_dtype(x.dtype)
     acc = acc_dtype(x.dtype)
     dev = x.device
@@ -284,7 +287,7 @@ def _fused_forward(x, g0, rowmask, geo: _Geometry2, plan, iters: int, mu: bool, 
     dot = geo.dot(acc, mu)
     tiles = {**tile_plan(geo, dot, pipe.wpp, pipe.warps()),
              **out_tile_plan(geo, mu, x.dtype, pipe.wpp, pipe.warps())}  # fmt: skip
-    _fused_kernel[pipe.grid](
+    launch(_fused_kernel, wrap=wrap)[pipe.grid](
         x, y, g0, rowmask, kpart, hpart, u, h, kmat, *pipe.args(),
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, iters, geo.S[1], geo.S[2], *geo.NW,
         **pipe.magic(geo), **geo.consts(), **pipe.block(geo), MU=mu, ACC=acc, **dot, SAVE=save,
@@ -296,13 +299,20 @@ def _fused_forward(x, g0, rowmask, geo: _Geometry2, plan, iters: int, mu: bool, 
     return y, u, h, kmat
 
 
+def plane_plan(geo: _Geometry2):
+    """The plane schedule of the persistent launches (:func:`fused_plan`), or None where the
+    shifts do not allow it (the second design runs instead). The window counts as ints: a graph
+    traced with symbolic sizes specialises on them, as on the magic numbers."""
+    return fused_plan(tuple(int(n) for n in geo.NW), geo.shifts)
+
+
 class WindowNMF3(torch.autograd.Function):
     """Rank-one matricized NMF over windows, third design: one persistent launch each way."""
 
     @staticmethod
     def forward(ctx, x, g0, rowmask, head_dim, patch, shifts, iters, mu):
         geo = _Geometry2(x, head_dim, patch, shifts)
-        plan = fused_plan(tuple(geo.NW), geo.shifts)
+        plan = plane_plan(geo)
         y, u, h, kmat = _fused_forward(x, g0, rowmask, geo, plan, iters, mu,
                                        save=ctx.needs_input_grad[0])  # fmt: skip
         ctx.save_for_backward(x, g0, rowmask, u, h, kmat)
@@ -324,6 +334,6 @@ def window_nmf3(x, v0, *, head_dim, patch_size, shifts, u0=None, iters=5, solver
     schedule (:func:`fused_plan`)."""
     g0, rowmask, mu = window_inputs(x, v0, u0, head_dim=head_dim, solver=solver)
     geo = _Geometry2(x, head_dim, tuple(patch_size), shifts)
-    if fused_plan(tuple(geo.NW), geo.shifts) is None:
+    if plane_plan(geo) is None:
         return WindowNMF2.apply(x, g0, rowmask, head_dim, tuple(patch_size), shifts, iters, mu)
     return WindowNMF3.apply(x, g0, rowmask, head_dim, tuple(patch_size), shifts, iters, mu)

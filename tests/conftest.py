@@ -39,8 +39,7 @@ def pytest_xdist_auto_num_workers(config):
 
 @pytest.fixture
 def design1(monkeypatch):
-    """The first window design (``window_nmf.TUNING["design"] = 1``) for one test: what the
-    compiled and exported window op runs (fastnmf/custom_op.py), whatever the eager default."""
+    """The first window design (``window_nmf.TUNING["design"] = 1``) for one test."""
     monkeypatch.setitem(importlib.import_module("fastnmf.kernels.window_nmf").TUNING, "design", 1)
 
 

@@ -3,6 +3,7 @@ the same results as the eager path, torch.compile without graph breaks, torch.ex
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 
 import pytest
@@ -96,11 +97,14 @@ def test_op_matches_direct_path_bitwise(kernel, gen):
     assert outs[0][1].abs().sum() > 0
 
 
-@pytest.mark.parametrize("shifts", [[None, 2], None])
-def test_triton_window_op_saves_iterates_bitwise(shifts, gen, design1):
-    """Triton, windows, values unchecked (a GPU's default): fastnmf::window_nmf_triton runs
-    WindowNMF's forward and backward kernels (no recomputation); compiled (fullgraph,
-    aot_eager) and forced eager calls equal the direct path bit for bit."""
+@pytest.mark.parametrize("shifts", [[None, 2], None, [None, 1, 2]])
+@pytest.mark.parametrize("design", [1, 2, 3])
+def test_triton_window_op_saves_iterates_bitwise(shifts, design, gen, monkeypatch):
+    """Triton, windows, values unchecked (a GPU's default): fastnmf::window_nmf_triton runs the
+    forward and backward kernels of the design the eager path picks (no recomputation); compiled
+    (fullgraph, aot_eager) and forced eager calls equal the direct path bit for bit."""
+    wn = importlib.import_module("fastnmf.kernels.window_nmf")
+    monkeypatch.setitem(wn.TUNING, "design", design)
     dev = device_for("triton")
     torch._dynamo.reset()
     x = torch.randn(1, 4, 8, 8, 4, generator=gen).to(dev)  # small: the interpreter is slow
@@ -125,7 +129,7 @@ def test_triton_window_op_saves_iterates_bitwise(shifts, gen, design1):
         assert torch.equal(y, outs[0][0]) and torch.equal(dx, outs[0][1])
     g0 = v0[:, 0].double()
     args = (x.double().requires_grad_(True), g0, torch.ones(4, dtype=torch.float64, device=dev), 4,
-            [4, 4, 4], custom_op.encode_shifts(shifts, 3), 3, False)  # fmt: skip
+            [4, 4, 4], custom_op.encode_shifts(shifts, 3), 3, False, design)  # fmt: skip
     torch.library.opcheck(torch.ops.fastnmf.window_nmf_triton.default, args)
 
 

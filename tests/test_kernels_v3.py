@@ -34,6 +34,7 @@ bwd3 = importlib.import_module("fastnmf.kernels._window3_bwd")
 sched = importlib.import_module("fastnmf.kernels._window3_sched")
 common = importlib.import_module("fastnmf.kernels._window2_common")
 magic = importlib.import_module("fastnmf.kernels._fastdiv").magic
+design_for = importlib.import_module("fastnmf.kernels").design_for
 _stage = sched._stage
 _ring_region = sched._ring_region
 _ring_previous = sched._ring_previous
@@ -284,6 +285,9 @@ def test_design3_falls_back_where_the_schedule_cannot_wait(gen, design3, monkeyp
     x, v0, dy = nmf_inputs(gen, (1, 4, 16, 4, 4), 4)
     geo = common._Geometry2(x, 4, (4, 4, 4), shifts)
     assert sched.fused_plan(tuple(geo.NW), geo.shifts) is None
+    # the compiled / exported op (fastnmf/window_op.py) runs the same design as this eager call
+    assert design_for(x, 4, (4, 4, 4), shifts) == 2
+    assert design_for(x, 4, (4, 4, 4), [None, (2, 0, 0)]) == 3
     launched = []
     spy_on(monkeypatch, wn3, ("_fused_kernel",), launched)
     spy_on(monkeypatch, wn2, ("_parts_kernel", "_solve_kernel", "_apply_kernel"), launched)

@@ -22,7 +22,7 @@ from torch._subclasses import FakeTensorMode
 from torch._subclasses.functional_tensor import dispatch_functionalize
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from fastnmf import custom_op, matricized_nmf
+from fastnmf import custom_op, matricized_nmf, window_op
 from fastnmf.channel_norm import channel_layer_norm
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
@@ -32,17 +32,21 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 OPS = ("channel_layer_norm", "channel_layer_norm_backward", "window_nmf_triton",
        "window_nmf_triton_backward")  # fmt: skip
-# The first window design's kernels, per op (what the traced graph must launch)
-WINDOW_FWD = {"_stats_fwd_kernel", "_apply_fwd_tile_kernel", "_apply_fwd_kernel"}
-WINDOW_BWD = {"_stats_bwd_kernel", "_apply_bwd_tile_kernel", "_apply_bwd_kernel"}
+# Every window design's kernels, per op (recorded for AOTAutograd's cache key)
+WINDOW_FWD = {"_stats_fwd_kernel", "_apply_fwd_tile_kernel", "_apply_fwd_kernel", "_parts_kernel",
+              "_solve_kernel", "_apply_kernel", "_fused_kernel"}  # fmt: skip
+WINDOW_BWD = {"_stats_bwd_kernel", "_apply_bwd_tile_kernel", "_apply_bwd_kernel",
+              "_parts_bwd_kernel", "_solve_bwd_kernel", "_apply_bwd_kernel2",
+              "_fused_bwd_kernel"}  # fmt: skip
 
 
-def _window_args(gen, device, shifts=(None, 2), dtype=torch.float32):
+def _window_args(gen, device, shifts=(None, 2), dtype=torch.float32, design=1):
     """x (1, 8, 8, 8, 8), g0 (64,), an all-ones row mask and the attributes of the window op."""
     x = torch.randn(1, 8, 8, 8, 8, generator=gen, dtype=dtype).to(device)
     g0 = torch.rand(64, generator=gen, dtype=dtype).to(device)
     rowmask = torch.ones(4, dtype=dtype, device=device)
-    return x, g0, rowmask, 4, [4, 4, 4], custom_op.encode_shifts(list(shifts), 3), 3, False
+    return (x, g0, rowmask, 4, [4, 4, 4], custom_op.encode_shifts(list(shifts), 3), 3, False,
+            design)  # fmt: skip
 
 
 def test_ops_are_triton_ops_with_their_kernels_recorded():
@@ -55,7 +59,7 @@ def test_ops_are_triton_ops_with_their_kernels_recorded():
     assert "fastnmf::matricized_nmf" not in triton_ops_to_kernels  # an opaque custom_op
     if not HAVE_TRITON:
         return
-    custom_op._window_kernels()
+    window_op._record_kernels()
     importlib.import_module("fastnmf.channel_norm")._kernels()
 
     def names(op):
@@ -79,7 +83,10 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 import fastnmf
 from fastnmf.custom_op import encode_shifts
+from fastnmf.kernels import _window3_sched
+from fastnmf.window_op import _saved_shapes
 
+_window3_sched.TUNING["sms"] = 132  # the persistent grid without a GPU to ask (an H100's SMs)
 ops = torch.ops.fastnmf
 shifts = encode_shifts([None, (2, 2, 2)], 3)
 out = {}
@@ -98,16 +105,19 @@ for dynamic in (False, True):  # dynamic: batch and spatial sizes symbolic (dyna
         w, bias = torch.empty(8, device="cuda"), torch.empty(8, device="cuda")
         stat = torch.empty(b, s * s * s, device="cuda")
         progs = b * 2 * 2 * (s // 4) ** 3
-        hats, norms = torch.empty(progs, 3, 4, device="cuda"), torch.empty(progs, 3, device="cuda")
+        saved = {d: [torch.empty(shape, device="cuda") for shape in _saved_shapes(d, progs, 3, 4)]
+                 for d in (1, 2, 3)}
     calls = {
-        "window_nmf_triton": (
-            lambda *a: ops.window_nmf_triton(*a, 4, [4, 4, 4], shifts, 3, False), (x, g0, rm)),
-        "window_nmf_triton_backward": (
-            lambda *a: ops.window_nmf_triton_backward(*a, 4, [4, 4, 4], shifts, 3, False),
-            (dy, x, g0, rm, hats, norms)),
         "channel_layer_norm": (lambda *a: ops.channel_layer_norm(*a, 1e-5), (x, w, bias)),
         "channel_layer_norm_backward": (ops.channel_layer_norm_backward, (dy, x, w, stat, stat)),
     }
+    for d in (1, 2, 3):
+        attrs = (4, [4, 4, 4], shifts, 3, False, d)
+        calls[f"window_nmf_triton {d}"] = (
+            lambda *a, attrs=attrs: ops.window_nmf_triton(*a, *attrs), (x, g0, rm))
+        calls[f"window_nmf_triton_backward {d}"] = (
+            lambda *a, attrs=attrs: ops.window_nmf_triton_backward(*a, *attrs),
+            (dy, x, g0, rm, *saved[d]))
     for name, (fn, args) in calls.items():
         with mode:
             gm = make_fx(dispatch_functionalize(fn))(*args)
@@ -124,10 +134,10 @@ print("RESULT " + json.dumps(out))
 def test_traced_for_cuda_each_op_is_its_triton_launches():
     """make_fx under functionalization (what AOTAutograd does for torch.compile) of each op on
     fake CUDA tensors: no fastnmf op left in the graph, only the wrapped launches of its kernels
-    (the window ops with two shifts: the stats kernel, then the tiled apply kernel; the shift
-    table is a graph constant), with static and with symbolic (dynamic) batch and spatial
-    sizes. Runs on a machine without a GPU: fake CUDA tensors hold no memory, and no kernel is
-    launched."""
+    (the window ops with two shifts, each design: the first's stats kernel, then its tiled apply
+    kernel; the second's three passes; the third's one persistent kernel), with static and with
+    symbolic (dynamic) batch and spatial sizes. Runs on a machine without a GPU: fake CUDA
+    tensors hold no memory, and no kernel is launched."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", _TRACE_SCRIPT], env=env, capture_output=True,
                           text=True, timeout=600)  # fmt: skip
@@ -135,12 +145,17 @@ def test_traced_for_cuda_each_op_is_its_triton_launches():
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     got = json.loads(lines[0][len("RESULT ") :])
     expected = {
-        "window_nmf_triton": ["_stats_fwd_kernel", "_apply_fwd_tile_kernel"],
-        "window_nmf_triton_backward": ["_stats_bwd_kernel", "_apply_bwd_tile_kernel"],
+        "window_nmf_triton 1": ["_stats_fwd_kernel", "_apply_fwd_tile_kernel"],
+        "window_nmf_triton_backward 1": ["_stats_bwd_kernel", "_apply_bwd_tile_kernel"],
+        "window_nmf_triton 2": ["_parts_kernel", "_solve_kernel", "_apply_kernel"],
+        "window_nmf_triton_backward 2": ["_parts_bwd_kernel", "_solve_bwd_kernel",
+                                         "_apply_bwd_kernel2"],
+        "window_nmf_triton 3": ["_fused_kernel"],
+        "window_nmf_triton_backward 3": ["_fused_bwd_kernel"],
         "channel_layer_norm": ["_fwd_kernel"],
         "channel_layer_norm_backward": ["_bwd_kernel"],
     }
-    assert set(expected) == set(OPS)
+    assert {name.split()[0] for name in expected} == set(OPS)
     for name, kernels in expected.items():
         for key in (name, name + " dynamic"):
             assert got[key] == {"fastnmf_calls": [], "kernels": kernels}, (key, got[key])
@@ -191,12 +206,13 @@ def test_opcheck_cpu_layer_norm_path(gen):
 
 
 @needs_triton
-def test_opcheck_window_backward_op(gen):
-    x, g0, rm, *attrs = _window_args(gen, TRITON_DEVICE, dtype=torch.float64)
-    _, hats, norms = torch.ops.fastnmf.window_nmf_triton(x, g0, rm, *attrs)
+@pytest.mark.parametrize("design", [1, 2, 3])
+def test_opcheck_window_backward_op(gen, design):
+    x, g0, rm, *attrs = _window_args(gen, TRITON_DEVICE, dtype=torch.float64, design=design)
+    _, *saved = torch.ops.fastnmf.window_nmf_triton(x, g0, rm, *attrs)
     dy = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(TRITON_DEVICE)
     torch.library.opcheck(torch.ops.fastnmf.window_nmf_triton_backward.default,
-                          (dy, x, g0, rm, hats, norms, *attrs))  # fmt: skip
+                          (dy, x, g0, rm, *saved, *attrs))  # fmt: skip
 
 
 class _Block(torch.nn.Module):
@@ -219,7 +235,7 @@ class _Block(torch.nn.Module):
 
 
 @needs_triton
-def test_export_round_trip_holds_both_triton_ops(tmp_path, gen, design1):
+def test_export_round_trip_holds_both_triton_ops(tmp_path, gen):
     """torch.export (which never decomposes a triton op) of an eval block: the program holds
     both ops; saved and loaded, it gives eager's output bit for bit (the same op calls)."""
     block = _Block(gen).to(TRITON_DEVICE).eval()
@@ -267,9 +283,9 @@ def test_wrapped_launches_equal_direct_launches_bitwise(shifts, kind, gen):
     a GPU, called outside an op, wrap_triton dispatches through its HOP) and ``wrap=False``
     (WindowNMF's direct launches): the same bits, for the fused, tiled and per-voxel kernels."""
     wn = importlib.import_module("fastnmf.kernels.window_nmf")
-    x, g0, rm, head_dim, patch, flat, iters, mu = _window_args(gen, TRITON_DEVICE, shifts)
+    x, g0, rm, head_dim, patch, flat, iters, mu, _ = _window_args(gen, TRITON_DEVICE, shifts)
     dy = torch.randn(x.shape, generator=gen).to(TRITON_DEVICE)
-    geo = custom_op._window_geometry(x, head_dim, patch, flat)
+    geo = wn._Geometry(x, head_dim, tuple(patch), custom_op.decode_shifts(flat, 3))
     assert (geo.fused, not geo.fused and geo.tiled) == (kind == "fused", kind == "tiled")
     results = []
     for wrap in (False, True):
