@@ -19,6 +19,8 @@
 #   v3tests   design 3's CUDA tests (tests/test_kernels_v3.py, tests/test_window3_*.py), in 8
 #             pytest-xdist processes (a line a test: a call stopped at its limit still says
 #             which passed)
+#   winop     the window triton ops on the GPU (tests/test_triton_op.py, tests/test_custom_op.py):
+#             Inductor compiles a block with each window design's kernels, compiled = eager
 #   glue      the fused glue kernels' tests on the GPU, then the swin Factorizer training step
 #             (fp32, bf16) with the fused glue (default) and without (FASTNMF_FUSED_GLUE=0):
 #             issue 17's deciding measurement
@@ -44,12 +46,12 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/gpu}"
-[ $# -gt 0 ] || { echo "usage: bench/gpu_session.sh PHASE [PHASE ...] (setup, designs, check3, v3tests, glue, check, nmf, global, compiled, tune, layer, model, profile)" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: bench/gpu_session.sh PHASE [PHASE ...] (setup, designs, check3, v3tests, winop, glue, check, nmf, global, compiled, tune, layer, model, profile)" >&2; exit 2; }
 for phase in "$@"; do
     case "$phase" in
-    setup | designs | check3 | v3tests | glue | check | nmf | global | compiled | tune | layer | model | profile) ;;
+    setup | designs | check3 | v3tests | winop | glue | check | nmf | global | compiled | tune | layer | model | profile) ;;
     *)
-        echo "gpu_session.sh: error: unknown phase '$phase' (setup, designs, check3, v3tests, glue, check, nmf, global, compiled, tune, layer, model, profile)" >&2
+        echo "gpu_session.sh: error: unknown phase '$phase' (setup, designs, check3, v3tests, winop, glue, check, nmf, global, compiled, tune, layer, model, profile)" >&2
         exit 2
         ;;
     esac
@@ -109,6 +111,11 @@ for phase in "$@"; do
             tests/test_window3_bwd_tile.py tests/test_window3_out_tile.py \
             tests/test_window3_bwd_parts_tile.py
         tail -n 15 "$OUT/v3tests/tests.log"
+        ;;
+    winop)
+        step winop tests "${STEP_LIMIT_WINOP:-240}" python3 -m pytest -v -p no:cacheprovider -rs \
+            tests/test_triton_op.py tests/test_custom_op.py
+        tail -n 15 "$OUT/winop/tests.log"
         ;;
     glue)
         step glue tests "${STEP_LIMIT_GLUE:-150}" python3 -m pytest -q -p no:cacheprovider -rs \

@@ -299,9 +299,12 @@ def test_wrapped_launches_equal_direct_launches_bitwise(shifts, kind, gen):
 
 @needs_cuda
 @needs_triton
-def test_inductor_compiles_the_triton_ops_on_cuda(gen):
-    """On a GPU: Inductor compiles the block with both ops decomposed into their kernels;
-    compiled equals eager (forward and gradients) within float32 tolerance."""
+@pytest.mark.parametrize("design", [1, 2, 3])
+def test_inductor_compiles_the_triton_ops_on_cuda(gen, design, monkeypatch):
+    """On a GPU: Inductor compiles the block with both ops decomposed into the kernels of each
+    window design; compiled equals eager (forward and gradients) within float32 tolerance."""
+    wn = importlib.import_module("fastnmf.kernels.window_nmf")
+    monkeypatch.setitem(wn.TUNING, "design", design)
     torch._dynamo.reset()
     eager = _Block(gen).cuda()
     other = _Block(gen).cuda()
