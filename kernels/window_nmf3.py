@@ -307,12 +307,11 @@ def plane_plan(geo: _Geometry2):
 
 
 class WindowNMF3(torch.autograd.Function):
-    """Rank-one matricized NMF over windows, third design: one persistent launch each way."""
+    """Rank-one matricized NMF over windows, third design: one persistent launch each way (the
+    geometry and its plan built once by :func:`window_nmf3`)."""
 
     @staticmethod
-    def forward(ctx, x, g0, rowmask, head_dim, patch, shifts, iters, mu):
-        geo = _Geometry2(x, head_dim, patch, shifts)
-        plan = plane_plan(geo)
+    def forward(ctx, x, g0, rowmask, geo, plan, iters, mu):
         y, u, h, kmat = _fused_forward(x, g0, rowmask, geo, plan, iters, mu,
                                        save=ctx.needs_input_grad[0])  # fmt: skip
         ctx.save_for_backward(x, g0, rowmask, u, h, kmat)
@@ -325,7 +324,7 @@ class WindowNMF3(torch.autograd.Function):
         iters, mu = ctx.args
         dx = backward3(x, g0, rowmask, u, h, kmat, dy.contiguous(), ctx.geo, ctx.plan, iters,
                        mu)  # fmt: skip
-        return dx, None, None, None, None, None, None, None
+        return dx, None, None, None, None, None, None
 
 
 def window_nmf3(x, v0, *, head_dim, patch_size, shifts, u0=None, iters=5, solver="hals"):
@@ -334,6 +333,7 @@ def window_nmf3(x, v0, *, head_dim, patch_size, shifts, u0=None, iters=5, solver
     schedule (:func:`fused_plan`)."""
     g0, rowmask, mu = window_inputs(x, v0, u0, head_dim=head_dim, solver=solver)
     geo = _Geometry2(x, head_dim, tuple(patch_size), shifts)
-    if plane_plan(geo) is None:
+    plan = plane_plan(geo)
+    if plan is None:
         return WindowNMF2.apply(x, g0, rowmask, head_dim, tuple(patch_size), shifts, iters, mu)
-    return WindowNMF3.apply(x, g0, rowmask, head_dim, tuple(patch_size), shifts, iters, mu)
+    return WindowNMF3.apply(x, g0, rowmask, geo, plan, iters, mu)
