@@ -82,6 +82,16 @@ VARIANTS = [
     ("design 3, 4 warps, 4 programs/SM", 3, {"warps": 4, "programs_per_sm": 4}),
     # 32 resident warps an SM (64 registers a thread; spills 0.5-1.5 KB a thread: sm_90a, 3.9)
     ("design 3, 64 registers, 2 programs/SM", 3, {"maxnreg": 64, "programs_per_sm": 2}),
+    # 32 resident warps an SM with a thread's data as at the default (16 warps, 4 windows a
+    # ticket): half / a quarter of the warps with half / a quarter of the windows a ticket, at
+    # the 64 registers that 4 / 8 programs an SM leave a thread
+    ("design 3, 8 warps, 2 windows a ticket, 4 programs/SM", 3,
+     {"warps": 8, "wpp": 2, "programs_per_sm": 4}),
+    ("design 3, 4 warps, 1 window a ticket, 8 programs/SM", 3,
+     {"warps": 4, "wpp": 1, "programs_per_sm": 8}),
+    # the same, one program an SM: the registers ptxas takes when nothing caps them
+    ("design 3, 8 warps, 2 windows a ticket, uncapped", 3, {"warps": 8, "wpp": 2, "maxnreg": 255}),
+    ("design 3, 4 warps, 1 window a ticket, uncapped", 3, {"warps": 4, "wpp": 1, "maxnreg": 255}),
     ("design 3, parts unmerged", 3, {"merge": False}),  # the default merges (fewer bytes)
     ("design 3, untiled, parts unmerged", 3, {**_tiles(), "merge": False}),
     # the float64-checked oracle's kernel (issue 16: the fastest variant >= 10x faster)
