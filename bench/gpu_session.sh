@@ -19,6 +19,9 @@
 #   v3tests   design 3's CUDA tests (tests/test_kernels_v3.py, tests/test_window3_*.py), in 8
 #             pytest-xdist processes (a line a test: a call stopped at its limit still says
 #             which passed)
+#   local     bench/time_designs.py --shortlist for local windows (shifts [None]): whether design
+#             1, which local windows run by default (untimed), beats designs 2 and 3 there; what
+#             deleting design 1 waits for
 #   winop     the window triton ops on the GPU (tests/test_triton_op.py, tests/test_custom_op.py):
 #             Inductor compiles a block with each window design's kernels, compiled = eager
 #   glue      the fused glue kernels' tests on the GPU, then the swin Factorizer training step
@@ -46,12 +49,12 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/gpu}"
-[ $# -gt 0 ] || { echo "usage: bench/gpu_session.sh PHASE [PHASE ...] (setup, designs, check3, v3tests, winop, glue, check, nmf, global, compiled, tune, layer, model, profile)" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: bench/gpu_session.sh PHASE [PHASE ...] (setup, designs, check3, v3tests, local, winop, glue, check, nmf, global, compiled, tune, layer, model, profile)" >&2; exit 2; }
 for phase in "$@"; do
     case "$phase" in
-    setup | designs | check3 | v3tests | winop | glue | check | nmf | global | compiled | tune | layer | model | profile) ;;
+    setup | designs | check3 | v3tests | local | winop | glue | check | nmf | global | compiled | tune | layer | model | profile) ;;
     *)
-        echo "gpu_session.sh: error: unknown phase '$phase' (setup, designs, check3, v3tests, winop, glue, check, nmf, global, compiled, tune, layer, model, profile)" >&2
+        echo "gpu_session.sh: error: unknown phase '$phase' (setup, designs, check3, v3tests, local, winop, glue, check, nmf, global, compiled, tune, layer, model, profile)" >&2
         exit 2
         ;;
     esac
@@ -111,6 +114,11 @@ for phase in "$@"; do
             tests/test_window3_bwd_tile.py tests/test_window3_out_tile.py \
             tests/test_window3_bwd_parts_tile.py
         tail -n 15 "$OUT/v3tests/tests.log"
+        ;;
+    local)
+        step local time "${STEP_LIMIT_LOCAL:-200}" python3 bench/time_designs.py --shortlist \
+            --shifts "[None]" --compile-budget 90 --out "$OUT/local/designs_local.json"
+        tail -n 25 "$OUT/local/time.log"
         ;;
     winop)
         step winop tests "${STEP_LIMIT_WINOP:-240}" python3 -m pytest -v -p no:cacheprovider -rs \
