@@ -289,7 +289,7 @@ def _best_lines(rows) -> list[str]:
 
 
 STATIC_FIELDS = ("pass", "kernel", "warps", "regs", "spill_bytes", "resident_warps_per_sm",
-                 "ptx_smem_held_across_calls")
+                 "barriers", "ptx_smem_held_across_calls")
 
 
 def _static(args, argv: list[str]) -> int:

@@ -148,6 +148,16 @@ def test_shared_memory_held_across_calls_is_found_in_the_ptx():
     assert ptx_tools.smem_held_across_calls(no_call) == 0
 
 
+def test_sass_counts_count_cta_barriers():
+    """BAR.SYNC and its variants count as CTA barriers (what the H200's ncu found design 3
+    stalled on); warp-level syncs and other opcodes do not."""
+    ops = ["BAR.SYNC.DEFER_BLOCKING", "LDG.E.128", "BAR.SYNC", "WARPSYNC", "SHFL.BFLY",
+           "BAR.RED.POPC"]
+    counts = ptx_tools._count_sass(ops)
+    assert counts["barriers"] == 3
+    assert counts["shfl"] == 1 and counts["ldg_by_width"] == {"128": 1}
+
+
 @needs_ptxas
 def test_report_rows_hold_the_launch_configuration(report):
     launches, calls = report["launches"], report["calls"]

@@ -223,7 +223,8 @@ def _width(opcode: str) -> int:
 def sass_counts(cubin: bytes) -> dict:
     """Static instruction counts in the SASS of ``cubin`` (each instruction once, loops not
     unrolled by the count): global loads / stores by width in bits, SHFL, 32-bit integer
-    division sequences (``I2F.U32.RP``: one per runtime divisor), calls (64-bit division)."""
+    division sequences (``I2F.U32.RP``: one per runtime divisor), calls (64-bit division), CTA
+    barriers."""
     return dict(_sass_cached(cubin))
 
 
@@ -271,6 +272,9 @@ def _count_sass(ops: list[str]) -> dict:
         "calls": heads["CALL"],
         "atomics": heads["ATOM"] + heads["RED"] + heads["ATOMG"] + heads["REDG"],
         "local_mem_ops": heads["LDL"] + heads["STL"],
+        # CTA barriers (BAR.SYNC and kin): where a program's warps wait for each other; the
+        # H200's ncu put 40 % of design 3's stalls there (bench/results/h200_2026-12-04/)
+        "barriers": heads["BAR"],
     }
 
 
