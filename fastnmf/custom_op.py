@@ -293,9 +293,9 @@ def record_kernels(name: str, kernels) -> None:
 
 
 def _direct_window_path(x, v0, u0, patch, iters, kernel, num_grad_steps, check) -> bool:
-    """Whether the eager path would reach WindowNMF with x as is: Triton, rank one, windows,
-    iters >= 1, no value checks (no rescaling: the default on a GPU), the full gradient, v0
-    fixed."""
+    """Whether the eager path would reach the window kernels (kernels.design_for's design) with x
+    as is: Triton, rank one, windows, iters >= 1, no value checks (no rescaling: the default on a
+    GPU), the full gradient, v0 fixed."""
     from . import _checks as C
 
     return (
