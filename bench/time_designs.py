@@ -60,13 +60,21 @@ def _tiles(tile=False, bwd_tile=False, bwd_parts_tile=False, out_tile=False) -> 
     return dict(zip(keys, (tile, bwd_tile, bwd_parts_tile, out_tile), strict=True))
 
 
-# (name, window design: None the code's choice (kernels.window_design), 0 the reference; third
-# design's TUNING). Design 3's variants run on its defaults (since the first GPU timing: all four
-# tiles) except what they name.
+# the module whose TUNING a variant of a design sets
+_TUNING_MODULE = {2: "_window2_common", 3: "_window3_sched"}
+
+# (name, window design: None the code's choice (kernels.window_design), 0 the reference; the
+# design's TUNING, ``_TUNING_MODULE``). Design 3's variants run on its defaults (since the first
+# GPU timing: all four tiles) except what they name.
 VARIANTS = [
     ("design 1", 1, {}),
     ("design 2", 2, {}),
     ("design 3", 3, {}),
+    # design 2 with 16 warps a program in every pass (8 by default; the backward apply 16): its
+    # parts passes at 64 registers, 32 resident warps an SM (sm_90a; bench/results/
+    # static_designs_triton36/design2_warps.md)
+    ("design 2, 16 warps", 2, {"warps": 16}),
+    ("design 2, 4 warps", 2, {"warps": 4}),
     ("default", None, {}),  # the design the code picks for the shift set
     ("design 3, untiled", 3, _tiles()),  # the per-window passes
     ("design 3, ticket tile", 3, _tiles(tile=True)),  # kernels/_window3_tile.py
@@ -100,13 +108,13 @@ VARIANTS = [
     (REFERENCE, 0, {}),
 ]
 
-# what a short GPU lease times (``--shortlist``): the designs, the code's choice, design 3
-# untiled and with three and four tiles, with 8 warps, with 2 programs of 8 warps an SM (no
-# spills with Triton 3.6: bench/results/static_designs_triton36/occupancy_variants.md), and the
-# reference
-SHORTLIST = ("design 1", "design 2", "default", "design 3, untiled", "design 3, three tiles",
-             "design 3, four tiles", "design 3, 8 warps", "design 3, 8 warps, 2 programs/SM",
-             REFERENCE)  # fmt: skip
+# what a short GPU lease times (``--shortlist``): the designs, design 2 with 16 warps, the code's
+# choice, design 3 untiled and with three and four tiles, with 8 warps, with 2 programs of 8
+# warps an SM (no spills with Triton 3.6: bench/results/static_designs_triton36/
+# occupancy_variants.md), and the reference
+SHORTLIST = ("design 1", "design 2", "design 2, 16 warps", "default", "design 3, untiled",
+             "design 3, three tiles", "design 3, four tiles", "design 3, 8 warps",
+             "design 3, 8 warps, 2 programs/SM", REFERENCE)  # fmt: skip
 
 
 def _layer(x, v0, shifts, kernel="triton"):
@@ -116,18 +124,23 @@ def _layer(x, v0, shifts, kernel="triton"):
 
 @contextlib.contextmanager
 def _tuned(design: int, tuning: dict):
-    """The window design and design 3's TUNING of a variant, restored afterwards."""
+    """The window design and its TUNING (design 2's ``_window2_common.TUNING``, design 3's
+    ``_window3_sched.TUNING``) of a variant, restored afterwards."""
     wn = importlib.import_module("fastnmf.kernels.window_nmf")
-    sched = importlib.import_module("fastnmf.kernels._window3_sched")
-    saved, saved3 = wn.TUNING["design"], dict(sched.TUNING)
+    module = _TUNING_MODULE.get(design, "_window3_sched")
+    table = importlib.import_module(f"fastnmf.kernels.{module}").TUNING
+    unknown = set(tuning) - set(table)
+    if unknown:
+        raise ValueError(f"design {design}'s TUNING has no {sorted(unknown)}")
+    saved, saved_table = wn.TUNING["design"], dict(table)
     wn.TUNING["design"] = saved if design == 0 else design  # 0: the reference, no design
-    sched.TUNING.update(tuning)
+    table.update(tuning)
     try:
         yield
     finally:
         wn.TUNING["design"] = saved
-        sched.TUNING.clear()
-        sched.TUNING.update(saved3)
+        table.clear()
+        table.update(saved_table)
 
 
 def _run(design: int, tuning: dict, x, v0, dy, shifts, device, repeats: int,

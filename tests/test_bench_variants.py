@@ -112,3 +112,23 @@ def test_the_command_runs_with_the_variant_set_then_restored(tmp_path, monkeypat
     with pytest.raises(SystemExit):  # nothing timed: the code's defaults
         wv.main(["--best", path, "--dtype", "bf16", "--", str(script)])
     assert json.loads(seen.read_text())[:2] == [before[0], before[1]["tile"]]
+
+
+def test_each_design_variant_sets_its_own_tuning_then_restores_it():
+    """A design 2 variant sets ``_window2_common.TUNING`` (design 3's stays as it was), a design 3
+    variant ``_window3_sched.TUNING``; both are restored; a key the design's TUNING lacks is an
+    error that names it, not a setting silently ignored."""
+    mod = load_bench("time_designs")
+    common2 = importlib.import_module("fastnmf.kernels._window2_common")
+    before = (dict(common2.TUNING), dict(sched.TUNING), wn.TUNING["design"])
+    variants = {name: (design, tuning) for name, design, tuning in mod.VARIANTS}
+    with mod._tuned(*variants["design 2, 16 warps"]):
+        assert (wn.TUNING["design"], common2.TUNING["warps"]) == (2, 16)
+        assert sched.TUNING == before[1]
+    with mod._tuned(*variants["design 3, 8 warps"]):
+        assert (wn.TUNING["design"], sched.TUNING["warps"]) == (3, 8)
+        assert common2.TUNING == before[0]
+    assert (dict(common2.TUNING), dict(sched.TUNING), wn.TUNING["design"]) == before
+    with pytest.raises(ValueError, match="tile"):
+        with mod._tuned(2, {"tile": True}):
+            pass
