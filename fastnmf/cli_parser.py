@@ -101,6 +101,15 @@ def _checkpoint_inputs(p, *, case_flag: str = "--cases", case_help: str) -> None
     p.add_argument("--fold", type=int, help="fold for val (default: training's)")
 
 
+def _design_arg(text: str):
+    """``--designs`` item: "auto" or a window design number 1, 2, 3."""
+    if text == "auto":
+        return text
+    if text in ("1", "2", "3"):
+        return int(text)
+    raise argparse.ArgumentTypeError(f"invalid design {text!r} (choose from auto, 1, 2, 3)")
+
+
 def _repeatable(p, flag: str, metavar: str, help: str) -> None:
     """An option that may be given more than once (a list, in order)."""
     p.add_argument(flag, action="append", metavar=metavar, help=f"{help}; repeatable")
@@ -307,9 +316,11 @@ def _add_profile(sub, commands) -> None:
     pr.add_argument("--parts", nargs="+", choices=["kernels", "traffic", "steps"],
                     help="static: parts to run (default all)")  # fmt: skip
     pr.add_argument("--quick", action="store_true", help="static: rank one fp32 at 128^3 only")
-    pr.add_argument("--designs", nargs="+", type=int, choices=[1, 2, 3], default=[1],
-                    help="static: window kernel designs of the rank-one window cases (1: "
-                         "window_nmf, 2: window_nmf2, 3: window_nmf3, persistent; default 1)")
+    pr.add_argument("--designs", nargs="+", type=_design_arg, default=["auto"],
+                    metavar="{auto,1,2,3}",
+                    help="static: window kernel designs of the rank-one window cases (auto: the "
+                         "one the layer runs for the shifts; 1: window_nmf, 2: window_nmf2, 3: "
+                         "window_nmf3, persistent; default auto)")  # fmt: skip
     pr.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     pr.add_argument("--out", help="output folder (default runs/profile-<time>, static-<time>)")
     pr.add_argument("--repeats", type=int, help="timed repetitions per case (median)")

@@ -296,17 +296,31 @@ def test_cli_static_suite_writes_json_and_markdown(tmp_path, capsys):
             "--only", "window-[None, 4]-fp32-r1-2x32", "--out", str(out), "--quiet"]  # fmt: skip
     assert main(args) == 0
     doc = json.loads((out / "static.json").read_text())
-    assert doc["meta"]["cases"] == ["window-[None, 4]-fp32-r1-2x32x128x128x128"]
+    # by default the design the layer runs: two shifts, the second design's three passes each way
+    assert doc["meta"]["cases"] == ["window-[None, 4]-fp32-r1-2x32x128x128x128-d2"]
     kernels = [(r["pass"], r["launch_index"], r["kernel"]) for r in doc["launches"]]
-    assert kernels == [("fwd", 0, "_stats_fwd_kernel"), ("fwd", 1, "_apply_fwd_tile_kernel"),
-                       ("bwd", 0, "_stats_bwd_kernel"), ("bwd", 1, "_apply_bwd_tile_kernel")]
+    assert kernels == [("fwd", 0, "_parts_kernel"), ("fwd", 1, "_solve_kernel"),
+                       ("fwd", 2, "_apply_kernel"), ("bwd", 0, "_parts_bwd_kernel"),
+                       ("bwd", 1, "_solve_bwd_kernel"), ("bwd", 2, "_apply_bwd_kernel2")]
     both = [c for c in doc["calls"] if c["pass"] == "fwd+bwd"]
-    assert len(both) == 1 and both[0]["launches"] == 4
+    assert len(both) == 1 and both[0]["launches"] == 6
     assert both[0]["ideal_bytes"] == 5 * 2 * 32 * 128**3 * 4  # x, y; x, dy, dx
     md = (out / "static.md").read_text()
-    assert "## Kernels" in md and "_apply_bwd_tile_kernel" in md
+    assert "## Kernels" in md and "_apply_bwd_kernel2" in md
     assert "What these figures cannot tell" in md
     assert "kernels that spill" in capsys.readouterr().out
+
+
+def test_designs_option_takes_auto_and_the_design_numbers(capsys):
+    from fastnmf.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["profile", "--suite", "static", "--designs", "auto", "1", "3"])
+    assert args.designs == ["auto", 1, 3]
+    assert parser.parse_args(["profile", "--suite", "static"]).designs == ["auto"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["profile", "--suite", "static", "--designs", "4"])
+    assert "invalid design '4'" in capsys.readouterr().err
 
 
 def test_static_suite_bad_input(tmp_path, capsys):
@@ -322,14 +336,23 @@ def test_static_suite_bad_input(tmp_path, capsys):
 
 
 def test_static_cases_per_design():
-    """Each rank-one window case once per design; rank two and global cases only once."""
+    """Each rank-one window case once per design; rank two and global cases only once. By
+    default ("auto") each rank-one window case has the design the layer runs for its shifts
+    (two shifts: 2, the BraTS four: 3, local windows: 1), and a case two choices give is there
+    once."""
     from fastnmf.profile.static.suite import static_cases
 
-    one, three = static_cases(), static_cases(designs=(1, 3))
+    one, three = static_cases(designs=(1,)), static_cases(designs=(1, 3))
     windows = [c for c in one if c.mode == "window" and c.rank == 1]
     assert windows and len(three) == len(one) + len(windows)
     assert {c.design for c in three} == {1, 3} and {c.design for c in one} == {1}
     assert all(c.mode == "window" and c.rank == 1 for c in three if c.design == 3)
+    auto = static_cases()
+    assert len(auto) == len(one)
+    by_shifts = {c.shift_name: c.design for c in auto if c.mode == "window" and c.rank == 1}
+    assert by_shifts == {"[None, 4]": 2, "[None, 2, 4, 6]": 3, "[None]": 1}
+    assert all(c.design == 1 for c in auto if c.rank == 2 or c.mode == "global")
+    assert len(static_cases(designs=("auto", 2))) == len(one) + len(windows) - len(windows) // 3
 
 
 @needs_ptxas

@@ -30,23 +30,39 @@ TRAFFIC_FIELDS = ("bytes_loaded", "bytes_stored", "unique_bytes", "sectors", "dr
 _SUMMED = ("programs", "spill_bytes") + TRAFFIC_FIELDS
 
 
-def static_cases(*, quick: bool = False, only=(), designs=(1,)) -> list[StaticCase]:
+def static_cases(*, quick: bool = False, only=(), designs=("auto",)) -> list[StaticCase]:
     """The suite's cases: every benchmark case, or (quick) rank one fp32 at 2x32x128^3; each
     rank-one window case once per window design of ``designs`` (1, 2, 3: the kernels of
-    kernels/window_nmf.py, window_nmf2.py, window_nmf3.py); ``only`` keeps the cases whose id
-    contains every given text."""
-    bad = [d for d in designs if d not in DESIGNS]
+    kernels/window_nmf.py, window_nmf2.py, window_nmf3.py; "auto", the default: the design the
+    layer runs for the case's shifts, ``fastnmf.kernels.window_design``), a case two of them
+    give once; ``only`` keeps the cases whose id contains every given text."""
+    bad = [d for d in designs if d not in DESIGNS and d != "auto"]
     if bad or not designs:
-        raise ValueError(f"designs must be a non-empty subset of {DESIGNS}, got {list(designs)}")
+        raise ValueError(f"designs must be a non-empty subset of {DESIGNS} and 'auto', got "
+                         f"{list(designs)}")  # fmt: skip
     cases = benchmark_cases(ranks=(1,), dtypes=("fp32",)) if quick else benchmark_cases()
     if quick:
         cases = [c for c in cases if c.shape == cases[0].shape]
-    cases = [dataclasses.replace(c, design=d) if d != 1 else c for c in cases for d in designs
-             if d == 1 or (c.mode == "window" and c.rank == 1)]  # fmt: skip
+    chosen = []
+    for c in cases:
+        if not (c.mode == "window" and c.rank == 1):
+            chosen.append(c)  # one design only
+            continue
+        for d in designs:
+            design = _window_design(c.shifts) if d == "auto" else d
+            chosen.append(dataclasses.replace(c, design=design))
+    cases = list({c.id: c for c in chosen}.values())  # in order, each case once
     cases = [c for c in cases if all(text in c.id for text in only)]
     if not cases:
         raise ValueError(f"no static case id contains all of {list(only)}")
     return cases
+
+
+def _window_design(shifts) -> int:
+    """The design the layer runs for ``shifts`` (the kernels' own rule)."""
+    from fastnmf.kernels import window_design
+
+    return window_design(shifts)
 
 
 def _check_parts(parts) -> tuple[str, ...]:
@@ -58,7 +74,7 @@ def _check_parts(parts) -> tuple[str, ...]:
 
 
 def run_static(*, targets=("sm_90a", "sm_80"), out, parts=PARTS, quick: bool = False,
-               only=(), designs=(1,), cases=None, progress=None) -> dict:  # fmt: skip
+               only=(), designs=("auto",), cases=None, progress=None) -> dict:  # fmt: skip
     """Run the static suite for ``targets`` and write ``out/static.json`` and ``out/static.md``.
 
     Args:
