@@ -17,8 +17,8 @@ Schema::
 
 ``shifts`` as in fastnmf/custom_op.py (flat); ``design`` the window design the eager dispatch
 runs for these inputs (:func:`fastnmf.kernels.design_for`, resolved when the call is traced, so a
-graph holds the design it was made with). What the three saved tensors are (``_SAVED``; P = the
-shifted windows, ``progs``, E = head_dim, fp32):
+graph holds the design it was made with). What the three saved tensors are
+(``_saved_shapes``; P = the shifted windows, ``progs``, E = head_dim, fp32):
 
 - design 1 (``kernels.window_nmf``): the iterates (P, iters, E), their norms (P, iters), and an
   empty tensor;
@@ -66,7 +66,9 @@ def _record_kernels():
 
 
 def _forward(design, x, g0, rowmask, head_dim, patch, shifts, iters, mu):
-    """(y, s0, s1, s2) of ``design``'s forward launchers (the saved tensors of ``_SAVED``)."""
+    """(y, s0, s1, s2) of ``design``'s forward launchers (the saved tensors of the module
+    docstring)."""
+    _check_design(design)
     shifts = decode_shifts(shifts, x.dim() - 2)
     if design == 1:
         wn = _kernel_module("window_nmf")
@@ -90,6 +92,7 @@ def _forward(design, x, g0, rowmask, head_dim, patch, shifts, iters, mu):
 
 def _backward(design, dy, x, g0, rowmask, saved, head_dim, patch, shifts, iters, mu):
     """dx of ``design``'s backward launchers from the forward's saved tensors."""
+    _check_design(design)
     shifts = decode_shifts(shifts, x.dim() - 2)
     s0, s1, s2 = saved
     if design == 1:
@@ -105,8 +108,14 @@ def _backward(design, dy, x, g0, rowmask, saved, head_dim, patch, shifts, iters,
                                                     iters, mu, wrap=True)  # fmt: skip
 
 
+def _check_design(design: int) -> None:
+    if design not in (1, 2, 3):
+        raise ValueError(f"fastnmf::window_nmf_triton: design must be 1, 2 or 3, got {design!r}")
+
+
 def _saved_shapes(design: int, progs, iters: int, e: int) -> tuple:
     """The shapes of the saved tensors (module docstring) for ``progs`` shifted windows."""
+    _check_design(design)
     kmat = (progs, e, e)
     return {1: ((progs, iters, e), (progs, iters), (0,)),
             2: ((progs, iters, e), (progs, iters), kmat),

@@ -318,3 +318,10 @@ def test_inductor_compiles_the_triton_ops_on_cuda(gen, design, monkeypatch):
     for (name, pe), (_, pc) in zip(eager.named_parameters(), other.named_parameters(),
                                    strict=True):  # fmt: skip
         torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+@needs_triton
+def test_window_op_names_a_bad_design(gen):
+    x, g0, rm, *attrs = _window_args(gen, TRITON_DEVICE, design=4)
+    with pytest.raises(ValueError, match="design must be 1, 2 or 3, got 4"):
+        torch.ops.fastnmf.window_nmf_triton(x, g0, rm, *attrs)
