@@ -2,11 +2,10 @@
 
 Why: ``torch.compile`` and ``torch.export`` cannot trace through the eager dispatch of
 :func:`fastnmf.matricized_nmf` without graph breaks (the value checks read data with
-``float(t.amax())``, the window path caches gather indices with ``functools.lru_cache``, the
-Triton launchers build shift tables on the host). As one opaque op with a fake (meta)
-implementation and a registered autograd formula, the layer is a single node of the graph:
-zero graph breaks, Inductor fuses the convolutions / norms / activations around it, and an
-exported program holds ``fastnmf.matricized_nmf`` as one call.
+``float(t.amax())``, the window path caches gather indices with ``functools.lru_cache``). As
+one opaque op with a fake (meta) implementation and a registered autograd formula, the layer is
+a single node of the graph: zero graph breaks, Inductor fuses the convolutions / norms /
+activations around it, and an exported program holds ``fastnmf.matricized_nmf`` as one call.
 
 When it is used: :func:`fastnmf.matricized_nmf` routes to the op only while a graph is being
 captured (``torch.compiler.is_compiling()``: ``torch.compile`` and strict ``torch.export``; or

@@ -1,9 +1,10 @@
 """Helpers shared by the kernel families (the Liger-Kernel ``ops/utils.py`` habit).
 
-Host side: whether Triton runs its CPU interpreter, the accumulation dtype, the shift table the
-kernels read, the MU row mask and the input checks of the window launchers. Device side
-(``@triton.jit`` functions inlined into the kernels): voxel <-> window index arithmetic under a
-roll, and the normalised power steps of the rank-one closed form with their backward.
+Host side: whether Triton runs its CPU interpreter, the accumulation dtype, the shift table (a
+compile-time constant of the kernels), the MU row mask and the input checks of the window
+launchers. Device side (``@triton.jit`` functions inlined into the kernels): voxel <-> window
+index arithmetic under a roll, and the normalised power steps of the rank-one closed form with
+their backward.
 """
 
 from __future__ import annotations
@@ -60,11 +61,12 @@ def launch(kernel, *, wrap: bool):
     return wrap_triton(kernel)
 
 
-def shift_tensor(shifts, spatial, device) -> torch.Tensor:
-    """The shift table of the kernels: (n_shifts, 3) int32, each roll as 3D (a 2D grid gets a
-    leading axis of size 1) and reduced modulo the size of its axis."""
-    rows = padded_shift_table(shifts, tuple(spatial))
-    return torch.tensor(rows, dtype=torch.int32, device=device)  # (nshift, 3)
+def shift_rows(shifts, spatial) -> tuple[tuple[int, int, int], ...]:
+    """The shift table of the kernels, a compile-time constant (their ``SHIFTS``): one (s0, s1, s2)
+    roll per shift, as 3D (a 2D grid gets a leading axis of size 1) and reduced modulo the size of
+    its axis. Python ints, so nothing is copied to the device per call and a graph traced with
+    symbolic sizes specialises on them."""
+    return tuple(tuple(int(v) for v in r) for r in padded_shift_table(shifts, tuple(spatial)))
 
 
 def row_mask(rows: int, u0, mu: bool, dtype: torch.dtype, device) -> torch.Tensor:
@@ -106,19 +108,29 @@ def window_inputs(x: torch.Tensor, v0: torch.Tensor, u0, *, head_dim: int, solve
 
 
 @triton.jit
-def _load_shift(shift_ptr, s):
-    """Row s of the (n_shifts, 3) shift table."""
-    s0 = tl.load(shift_ptr + s * 3)
-    return s0, tl.load(shift_ptr + s * 3 + 1), tl.load(shift_ptr + s * 3 + 2)
+def _shift_of(k, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, AX: tl.constexpr):
+    """Entry AX of row k of the compile-time table SHIFTS (elementwise over a tensor or a scalar
+    k, a run-time index; 0 past NSHIFT): a select per row, no load."""
+    s = k * 0
+    for j in tl.static_range(NSHIFT):
+        s = tl.where(k == j, SHIFTS[j][AX], s)
+    return s
 
 
 @triton.jit
-def _window_and_shift(w, s, shift_ptr, NW1, NW2):
+def _load_shift(s, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr):
+    """The roll (s0, s1, s2) of shift s: row s of the :func:`shift_rows` table."""
+    s0 = _shift_of(s, SHIFTS, NSHIFT, 0)
+    return s0, _shift_of(s, SHIFTS, NSHIFT, 1), _shift_of(s, SHIFTS, NSHIFT, 2)
+
+
+@triton.jit
+def _window_and_shift(w, s, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, NW1, NW2):
     """Grid coordinates (w0, w1, w2) of window w and the roll (s0, s1, s2) of shift s."""
     w2 = w % NW2
     w1 = (w // NW2) % NW1
     w0 = w // (NW1 * NW2)
-    s0, s1, s2 = _load_shift(shift_ptr, s)
+    s0, s1, s2 = _load_shift(s, SHIFTS, NSHIFT)
     return w0, w1, w2, s0, s1, s2
 
 

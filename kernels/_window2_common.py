@@ -12,7 +12,7 @@ import triton.language as tl
 
 from fastnmf.layout import padded_shift_table
 
-from ._common import WindowSizes
+from ._common import WindowSizes, _shift_of  # _shift_of: also design 3's
 from ._fastdiv import _fdiv, _fdivmod, magics
 
 
@@ -278,16 +278,6 @@ def _store_parts(z, dst, stride, e, emask, SH0: tl.constexpr, SH1: tl.constexpr,
                 z0 = tl.sum(tl.where((r0 * G0 >= P0 - SH0 % P0).to(tl.int32) == b0, z1, 0),
                             axis=1)  # fmt: skip
                 tl.store(dst + ((b0 * 2 + b1) * 2 + b2) * stride + e, z0, mask=emask)
-
-
-@triton.jit
-def _shift_of(k, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, AX: tl.constexpr):
-    """The in-window shift along axis AX of shift k (elementwise over a tensor or a scalar k; 0
-    past NSHIFT)."""
-    s = k * 0
-    for j in tl.static_range(NSHIFT):
-        s = tl.where(k == j, SHIFTS[j][AX], s)
-    return s
 
 
 @triton.jit

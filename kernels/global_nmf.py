@@ -37,7 +37,7 @@ from ._common import (
     acc_dtype,
     compute_dtype,
     row_mask,
-    shift_tensor,
+    shift_rows,
 )
 
 __all__ = ["GlobalNMF", "global_nmf"]
@@ -65,9 +65,9 @@ def _chunk_block(x_ptr, rowmask_ptr, E, S0, S1, S2, BLOCK_E: tl.constexpr,
 
 
 @triton.jit
-def _rolled_g0(g0_ptr, shift_ptr, s, v, vmask, S0, S1, S2):
+def _rolled_g0(g0_ptr, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, s, v, vmask, S0, S1, S2):
     """g0_s(v) = g0[(v + s) mod S]: the start vector of shift s at columns v."""
-    s0, s1, s2 = _load_shift(shift_ptr, s)
+    s0, s1, s2 = _load_shift(s, SHIFTS, NSHIFT)
     return tl.load(g0_ptr + _rolled_index(v, s0, s1, s2, S0, S1, S2), mask=vmask, other=0)
 
 
@@ -82,8 +82,8 @@ def _relu_rows(x_raw, rowmask, RELU: tl.constexpr):
 
 @triton.jit
 def _reduce_kernel(
-    x_ptr, dy_ptr, g0_ptr, rowmask_ptr, shift_ptr, kp_ptr, hp_ptr,
-    E, NSHIFT, NK, NCHUNK, S0, S1, S2,
+    x_ptr, dy_ptr, g0_ptr, rowmask_ptr, SHIFTS: tl.constexpr, kp_ptr, hp_ptr,
+    E, NSHIFT: tl.constexpr, NK, NCHUNK, S0, S1, S2,
     BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr, RELU: tl.constexpr, MU: tl.constexpr,
     BACKWARD: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
@@ -101,7 +101,7 @@ def _reduce_kernel(
     kmask = emask[:, None] & emask[None, :]
     kofs = e[:, None] * E + e[None, :]
     for s in range(0, NSHIFT):
-        g = _rolled_g0(g0_ptr, shift_ptr, s, v, vmask, S0, S1, S2).to(ACC)
+        g = _rolled_g0(g0_ptr, SHIFTS, NSHIFT, s, v, vmask, S0, S1, S2).to(ACC)
         xs = x
         if MU:
             xs = tl.where(g[None, :] > 0, x, 0)
@@ -154,8 +154,8 @@ def _iterate_bwd_kernel(
 
 @triton.jit
 def _apply_fwd_kernel(
-    x_ptr, y_ptr, g0_ptr, rowmask_ptr, shift_ptr, u_ptr,
-    E, NSHIFT, S0, S1, S2,
+    x_ptr, y_ptr, g0_ptr, rowmask_ptr, SHIFTS: tl.constexpr, u_ptr,
+    E, NSHIFT: tl.constexpr, S0, S1, S2,
     BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr, RELU: tl.constexpr, MU: tl.constexpr,
     ACC: tl.constexpr,
 ):  # fmt: skip
@@ -168,7 +168,7 @@ def _apply_fwd_kernel(
         u = tl.load(u_ptr + (m * NSHIFT + s) * E + e, mask=emask, other=0).to(ACC)
         xs = x
         if MU:
-            g = _rolled_g0(g0_ptr, shift_ptr, s, v, vmask, S0, S1, S2)
+            g = _rolled_g0(g0_ptr, SHIFTS, NSHIFT, s, v, vmask, S0, S1, S2)
             xs = tl.where(g[None, :] > 0, x, 0)
         c = tl.sum(u[:, None] * xs, axis=0)  # (BLOCK_V,)
         y += u[:, None] * c[None, :]
@@ -178,8 +178,8 @@ def _apply_fwd_kernel(
 
 @triton.jit
 def _apply_bwd_kernel(
-    x_ptr, dy_ptr, dx_ptr, g0_ptr, rowmask_ptr, shift_ptr, u_ptr, sym_ptr, hbar_ptr,
-    E, NSHIFT, S0, S1, S2,
+    x_ptr, dy_ptr, dx_ptr, g0_ptr, rowmask_ptr, SHIFTS: tl.constexpr, u_ptr, sym_ptr, hbar_ptr,
+    E, NSHIFT: tl.constexpr, S0, S1, S2,
     BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr, RELU: tl.constexpr, MU: tl.constexpr,
     ACC: tl.constexpr,
 ):  # fmt: skip
@@ -197,7 +197,7 @@ def _apply_bwd_kernel(
         u = tl.load(u_ptr + ms * E + e, mask=emask, other=0).to(ACC)
         hb = tl.load(hbar_ptr + ms * E + e, mask=emask, other=0).to(ACC)
         sym = tl.load(sym_ptr + ms * E * E + e[:, None] * E + e[None, :], mask=kmask, other=0)
-        g = _rolled_g0(g0_ptr, shift_ptr, s, v, vmask, S0, S1, S2).to(ACC)
+        g = _rolled_g0(g0_ptr, SHIFTS, NSHIFT, s, v, vmask, S0, S1, S2).to(ACC)
         c = tl.sum(u[:, None] * dy, axis=0)  # (BLOCK_V,): u^T dY(v)
         term = u[:, None] * c[None, :] + tl.sum(sym.to(ACC)[:, :, None] * x[None, :, :], axis=1)
         term += hb[:, None] * g[None, :]
@@ -223,8 +223,8 @@ class _Plan:
         self.S = (1,) * (3 - len(spatial)) + tuple(spatial)
         self.nvox = math.prod(self.S)
         self.matrices = x.numel() // (rows * self.nvox)
-        self.shifts = shift_tensor(shifts, spatial, x.device)  # (nshift, 3)
-        self.nshift = self.shifts.shape[0]
+        self.shifts = shift_rows(shifts, spatial)  # the kernels' compile-time SHIFTS
+        self.nshift = len(self.shifts)
         self.nk = self.nshift if mu else 1
         self.block_e = max(triton.next_power_of_2(rows), 2)
         if INTERPRET:  # the CPU interpreter pays per operation, not per register: big tiles

@@ -35,7 +35,7 @@ import triton.language as tl
 
 from fastnmf import loop
 
-from ._common import INTERPRET, _load_shift, _rolled_index, acc_dtype, compute_dtype, shift_tensor
+from ._common import INTERPRET, _load_shift, _rolled_index, acc_dtype, compute_dtype, shift_rows
 from ._rank_algebra import _gram, _hals_sweep, _mu_update, _x_times, _xt_times
 
 __all__ = ["global_nmf_rank"]
@@ -43,8 +43,8 @@ __all__ = ["global_nmf_rank"]
 
 @triton.jit
 def _pass_kernel(
-    x_ptr, v0_ptr, shift_ptr, g_ptr, f_ptr, d_ptr, ap_ptr, bp_ptr,
-    E, NSHIFT, NCHUNK, S0, S1, S2,
+    x_ptr, v0_ptr, SHIFTS: tl.constexpr, g_ptr, f_ptr, d_ptr, ap_ptr, bp_ptr,
+    E, NSHIFT: tl.constexpr, NCHUNK, S0, S1, S2,
     R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_R: tl.constexpr,
     RELU: tl.constexpr, MU: tl.constexpr, UPDATE: tl.constexpr, PARTIALS: tl.constexpr,
     ACC: tl.constexpr,
@@ -80,7 +80,7 @@ def _pass_kernel(
         else:
             g = _hals_sweep(c, d, g, R, BLOCK_R)
     else:
-        s0, s1, s2 = _load_shift(shift_ptr, s)
+        s0, s1, s2 = _load_shift(s, SHIFTS, NSHIFT)
         idx = _rolled_index(v, s0, s1, s2, S0, S1, S2)
         g = tl.load(v0_ptr + idx[:, None] * R + rr[None, :], mask=gmask, other=0).to(ACC)
     tl.store(g_ptr + gofs, g, mask=gmask)
@@ -145,8 +145,8 @@ def global_nmf_rank(x, v0, *, rows, spatial, shifts=None, u0=None, iters=5, solv
     S = (1,) * pad + tuple(spatial)
     nvox = math.prod(S)
     matrices = x.numel() // (rows * nvox)
-    shift_t = shift_tensor(shifts, spatial, dev)  # (nshift, 3)
-    nshift = shift_t.shape[0]
+    shift_t = shift_rows(shifts, spatial)  # the kernel's compile-time SHIFTS
+    nshift = len(shift_t)
     block_e = max(triton.next_power_of_2(rows), 2)
     block_r = max(triton.next_power_of_2(rank), 2)
     if INTERPRET:  # the CPU interpreter pays per operation, not per register: big tiles

@@ -47,8 +47,6 @@ import torch
 import triton
 import triton.language as tl
 
-from fastnmf.layout import padded_shift_table
-
 from ._common import (
     INTERPRET,
     WindowSizes,
@@ -63,6 +61,7 @@ from ._common import (
     acc_dtype,
     compute_dtype,
     launch,
+    shift_rows,
     window_inputs,
 )
 
@@ -94,7 +93,8 @@ _MIN_TILE = 64 if INTERPRET else 4
 
 
 @triton.jit
-def _stats_program(shift_ptr, C, E, HEADS, NSHIFT, S0, S1, S2, NW1, NW2, BLOCK_E: tl.constexpr):
+def _stats_program(SHIFTS: tl.constexpr, C, E, HEADS, NSHIFT: tl.constexpr, S0, S1, S2, NW1, NW2,
+                   BLOCK_E: tl.constexpr):  # fmt: skip
     """What a stats program (window w, shift s, head bh) works on.
 
     The shifts of one window are neighbouring programs: they read overlapping voxels at about
@@ -105,7 +105,7 @@ def _stats_program(shift_ptr, C, E, HEADS, NSHIFT, S0, S1, S2, NW1, NW2, BLOCK_E
     bh = tl.program_id(1)
     nvox = S0 * S1 * S2
     offset, e, emask = _head_block(bh, C, E, HEADS, nvox, BLOCK_E)
-    w0, w1, w2, s0, s1, s2 = _window_and_shift(w, s, shift_ptr, NW1, NW2)
+    w0, w1, w2, s0, s1, s2 = _window_and_shift(w, s, SHIFTS, NSHIFT, NW1, NW2)
     return s, w, bh, nvox, offset, e, emask, w0, w1, w2, s0, s1, s2
 
 
@@ -173,12 +173,13 @@ def _tile_setup(x_ptr, rowmask_ptr, C, E, HEADS, S0, S1, S2, H0, H1, H2, NT1, NT
 
 
 @triton.jit
-def _tile_window(shift_ptr, s, o0, o1, o2, q0, q1, q2, S0, S1, S2, P0, P1, P2, NW1, NW2):
+def _tile_window(s, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, o0, o1, o2, q0, q1, q2, S0, S1, S2,
+                 P0, P1, P2, NW1, NW2):  # fmt: skip
     """Window of a whole tile under shift s (one index) and each lane's position in it.
 
     The tile lies inside one rolled window, so position = (rolled origin mod P) + lane offset.
     """
-    s0, s1, s2 = _load_shift(shift_ptr, s)
+    s0, s1, s2 = _load_shift(s, SHIFTS, NSHIFT)
     r0 = (o0 + s0) % S0
     r1 = (o1 + s1) % S1
     r2 = (o2 + s2) % S2
@@ -189,14 +190,14 @@ def _tile_window(shift_ptr, s, o0, o1, o2, q0, q1, q2, S0, S1, S2, P0, P1, P2, N
 
 @triton.jit
 def _stats_fwd_kernel(
-    x_ptr, y_ptr, g0_ptr, rowmask_ptr, shift_ptr, u_ptr, hats_ptr, norms_ptr,
-    C, E, HEADS, NSHIFT, NWIN, ITERS, PN,
+    x_ptr, y_ptr, g0_ptr, rowmask_ptr, SHIFTS: tl.constexpr, u_ptr, hats_ptr, norms_ptr,
+    C, E, HEADS, NSHIFT: tl.constexpr, NWIN, ITERS, PN,
     S0, S1, S2, P0, P1, P2, NW1, NW2,
     BLOCK_E: tl.constexpr, CHUNK: tl.constexpr, MU: tl.constexpr, SAVE: tl.constexpr,
     ACC: tl.constexpr, DOT: tl.constexpr, FUSE: tl.constexpr,
 ):  # fmt: skip
     s, w, bh, nvox, offset, e, emask, w0, w1, w2, s0, s1, s2 = _stats_program(
-        shift_ptr, C, E, HEADS, NSHIFT, S0, S1, S2, NW1, NW2, BLOCK_E
+        SHIFTS, C, E, HEADS, NSHIFT, S0, S1, S2, NW1, NW2, BLOCK_E
     )
     rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
     base = x_ptr + offset
@@ -238,8 +239,8 @@ def _stats_fwd_kernel(
 
 @triton.jit
 def _apply_fwd_kernel(
-    x_ptr, y_ptr, g0_ptr, rowmask_ptr, shift_ptr, u_ptr,
-    C, E, HEADS, NSHIFT, NWIN,
+    x_ptr, y_ptr, g0_ptr, rowmask_ptr, SHIFTS: tl.constexpr, u_ptr,
+    C, E, HEADS, NSHIFT: tl.constexpr, NWIN,
     S0, S1, S2, P0, P1, P2, NW1, NW2,
     BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
@@ -247,7 +248,7 @@ def _apply_fwd_kernel(
     _, rowmask, x = _load_relu(x_ptr, rowmask_ptr, ptrs, mask, e, emask, ACC)  # (BLOCK_E, BLOCK_V)
     y = tl.zeros((BLOCK_E, BLOCK_V), dtype=ACC)
     for s in range(0, NSHIFT):
-        s0, s1, s2 = _load_shift(shift_ptr, s)
+        s0, s1, s2 = _load_shift(s, SHIFTS, NSHIFT)
         w, p = _voxel_window(v, s0, s1, s2, S0, S1, S2, P0, P1, P2, NW1, NW2)
         prog = (bh * NSHIFT + s) * NWIN + w
         u = tl.load(u_ptr + prog[None, :] * E + e[:, None], mask=mask, other=0)
@@ -263,8 +264,8 @@ def _apply_fwd_kernel(
 
 @triton.jit
 def _apply_fwd_tile_kernel(
-    x_ptr, y_ptr, g0_ptr, rowmask_ptr, shift_ptr, u_ptr,
-    C, E, HEADS, NSHIFT, NWIN,
+    x_ptr, y_ptr, g0_ptr, rowmask_ptr, SHIFTS: tl.constexpr, u_ptr,
+    C, E, HEADS, NSHIFT: tl.constexpr, NWIN,
     S0, S1, S2, P0, P1, P2, NW1, NW2, H0, H1, H2, NT1, NT2,
     BLOCK_E: tl.constexpr, HB: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
@@ -273,7 +274,8 @@ def _apply_fwd_tile_kernel(
     )  # x: (BLOCK_E, HB)
     y = tl.zeros((BLOCK_E, HB), dtype=ACC)
     for s in range(0, NSHIFT):
-        w, p = _tile_window(shift_ptr, s, o0, o1, o2, q0, q1, q2, S0, S1, S2, P0, P1, P2, NW1, NW2)
+        w, p = _tile_window(s, SHIFTS, NSHIFT, o0, o1, o2, q0, q1, q2, S0, S1, S2, P0, P1, P2,
+                            NW1, NW2)  # fmt: skip
         prog = (bh * NSHIFT + s) * NWIN + w  # one window for the whole tile
         u = tl.load(u_ptr + prog * E + e, mask=emask, other=0).to(ACC)  # (BLOCK_E,)
         xs = x
@@ -288,14 +290,15 @@ def _apply_fwd_tile_kernel(
 
 @triton.jit
 def _stats_bwd_kernel(
-    x_ptr, dy_ptr, dx_ptr, g0_ptr, rowmask_ptr, shift_ptr, hats_ptr, norms_ptr, sym_ptr, hbar_ptr,
-    C, E, HEADS, NSHIFT, NWIN, ITERS, PN,
+    x_ptr, dy_ptr, dx_ptr, g0_ptr, rowmask_ptr, SHIFTS: tl.constexpr, hats_ptr, norms_ptr, sym_ptr,
+    hbar_ptr,
+    C, E, HEADS, NSHIFT: tl.constexpr, NWIN, ITERS, PN,
     S0, S1, S2, P0, P1, P2, NW1, NW2,
     BLOCK_E: tl.constexpr, CHUNK: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
     DOT: tl.constexpr, FUSE: tl.constexpr,
 ):  # fmt: skip
     s, w, bh, nvox, offset, e, emask, w0, w1, w2, s0, s1, s2 = _stats_program(
-        shift_ptr, C, E, HEADS, NSHIFT, S0, S1, S2, NW1, NW2, BLOCK_E
+        SHIFTS, C, E, HEADS, NSHIFT, S0, S1, S2, NW1, NW2, BLOCK_E
     )
     rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
     k = tl.zeros((BLOCK_E, BLOCK_E), dtype=ACC)
@@ -346,8 +349,9 @@ def _stats_bwd_kernel(
 
 @triton.jit
 def _apply_bwd_kernel(
-    x_ptr, dy_ptr, dx_ptr, g0_ptr, rowmask_ptr, shift_ptr, hats_ptr, sym_ptr, hbar_ptr,
-    C, E, HEADS, NSHIFT, NWIN, ITERS,
+    x_ptr, dy_ptr, dx_ptr, g0_ptr, rowmask_ptr, SHIFTS: tl.constexpr, hats_ptr, sym_ptr,
+    hbar_ptr,
+    C, E, HEADS, NSHIFT: tl.constexpr, NWIN, ITERS,
     S0, S1, S2, P0, P1, P2, NW1, NW2,
     BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
@@ -356,7 +360,7 @@ def _apply_bwd_kernel(
     dy = tl.load(dy_ptr + ptrs, mask=mask, other=0).to(ACC) / NSHIFT
     dx = tl.zeros((BLOCK_E, BLOCK_V), dtype=ACC)
     for s in range(0, NSHIFT):
-        s0, s1, s2 = _load_shift(shift_ptr, s)
+        s0, s1, s2 = _load_shift(s, SHIFTS, NSHIFT)
         w, p = _voxel_window(v, s0, s1, s2, S0, S1, S2, P0, P1, P2, NW1, NW2)
         prog = (bh * NSHIFT + s) * NWIN + w  # (BLOCK_V,)
         u = tl.load(hats_ptr + ((prog * ITERS + ITERS - 1) * E)[None, :] + e[:, None], mask=mask,
@@ -378,8 +382,9 @@ def _apply_bwd_kernel(
 
 @triton.jit
 def _apply_bwd_tile_kernel(
-    x_ptr, dy_ptr, dx_ptr, g0_ptr, rowmask_ptr, shift_ptr, hats_ptr, sym_ptr, hbar_ptr,
-    C, E, HEADS, NSHIFT, NWIN, ITERS,
+    x_ptr, dy_ptr, dx_ptr, g0_ptr, rowmask_ptr, SHIFTS: tl.constexpr, hats_ptr, sym_ptr,
+    hbar_ptr,
+    C, E, HEADS, NSHIFT: tl.constexpr, NWIN, ITERS,
     S0, S1, S2, P0, P1, P2, NW1, NW2, H0, H1, H2, NT1, NT2,
     BLOCK_E: tl.constexpr, HB: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
@@ -390,7 +395,8 @@ def _apply_bwd_tile_kernel(
     dx = tl.zeros((BLOCK_E, HB), dtype=ACC)
     emask2 = emask[:, None] & emask[None, :]
     for s in range(0, NSHIFT):
-        w, p = _tile_window(shift_ptr, s, o0, o1, o2, q0, q1, q2, S0, S1, S2, P0, P1, P2, NW1, NW2)
+        w, p = _tile_window(s, SHIFTS, NSHIFT, o0, o1, o2, q0, q1, q2, S0, S1, S2, P0, P1, P2,
+                            NW1, NW2)  # fmt: skip
         prog = (bh * NSHIFT + s) * NWIN + w  # one window for the whole tile
         u = tl.load(hats_ptr + (prog * ITERS + ITERS - 1) * E + e, mask=emask, other=0)
         hb = tl.load(hbar_ptr + prog * E + e, mask=emask, other=0)
@@ -416,8 +422,8 @@ class _Geometry(WindowSizes):
     def __init__(self, x: torch.Tensor, head_dim: int, patch, shifts):
         super().__init__(x, head_dim, patch)
         self.pn = math.prod(self.P)
-        rows = padded_shift_table(shifts, tuple(x.shape[2:]))  # one 3D roll per shift, mod S
-        self.shifts = torch.tensor(rows, dtype=torch.int32, device=x.device)  # (nshift, 3)
+        # one 3D roll per shift, mod S: the kernels' compile-time SHIFTS (no copy to the device)
+        self.shifts = rows = shift_rows(shifts, tuple(x.shape[2:]))
         self.nshift = len(rows)
         if INTERPRET:  # the CPU interpreter pays per operation, not per register: big tiles
             self.chunk = triton.next_power_of_2(self.pn)
@@ -461,10 +467,10 @@ class _Geometry(WindowSizes):
         return (*self.h, self.S[1] // self.h[1], self.S[2] // self.h[2])
 
 
-def _tile_shape(patch, shift_rows) -> tuple[int, ...]:
+def _tile_shape(patch, rows) -> tuple[int, ...]:
     """The largest block (per axis: a divisor of P and of every shift mod P) such that each
     aligned block lies inside one window under every shift."""
-    return tuple(math.gcd(p, *(r[d] % p for r in shift_rows)) for d, p in enumerate(patch))
+    return tuple(math.gcd(p, *(r[d] % p for r in rows)) for d, p in enumerate(patch))
 
 
 def _program_tile(tile, max_voxels: int) -> tuple[int, ...]:

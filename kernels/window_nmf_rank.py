@@ -63,12 +63,13 @@ _MAX_TILE = 65536  # E x N x R of the broadcast products (16 x 512 x 8)
 
 
 @triton.jit
-def _load_window(x_ptr, shift_ptr, w, s, bh, C, E, HEADS, PN, S0, S1, S2, P0, P1, P2, NW1, NW2,
-                 BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+def _load_window(x_ptr, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, w, s, bh, C, E, HEADS, PN,
+                 S0, S1, S2, P0, P1, P2, NW1, NW2, BLOCK_E: tl.constexpr,
+                 BLOCK_N: tl.constexpr):  # fmt: skip
     """Pointer offsets (BLOCK_E, BLOCK_N) of window w under shift s, and their mask."""
     nvox = S0 * S1 * S2
     offset, e, emask = _head_block(bh, C, E, HEADS, nvox, BLOCK_E)
-    w0, w1, w2, s0, s1, s2 = _window_and_shift(w, s, shift_ptr, NW1, NW2)
+    w0, w1, w2, s0, s1, s2 = _window_and_shift(w, s, SHIFTS, NSHIFT, NW1, NW2)
     p = tl.arange(0, BLOCK_N)
     vox = _window_coords(p, w0, w1, w2, s0, s1, s2, S0, S1, S2, P0, P1, P2)
     mask = emask[:, None] & (p < PN)[None, :]
@@ -89,7 +90,8 @@ def _load_init(u0_ptr, v0_ptr, E, PN, R: tl.constexpr, BLOCK_E: tl.constexpr,
 
 
 @triton.jit
-def _window_start(x_ptr, u0_ptr, v0_ptr, shift_ptr, C, E, HEADS, NSHIFT, NWIN, PN,
+def _window_start(x_ptr, u0_ptr, v0_ptr, SHIFTS: tl.constexpr, C, E, HEADS,
+                  NSHIFT: tl.constexpr, NWIN, PN,
                   S0, S1, S2, P0, P1, P2, NW1, NW2, R: tl.constexpr, BLOCK_E: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
     """Program (window w, shift s, head bh): s, the window's offsets and mask, X = ReLU of the
@@ -97,7 +99,7 @@ def _window_start(x_ptr, u0_ptr, v0_ptr, shift_ptr, C, E, HEADS, NSHIFT, NWIN, P
     w = tl.program_id(0)
     s = tl.program_id(1)
     bh = tl.program_id(2)
-    ptrs, mask = _load_window(x_ptr, shift_ptr, w, s, bh, C, E, HEADS, PN, S0, S1, S2, P0, P1,
+    ptrs, mask = _load_window(x_ptr, SHIFTS, NSHIFT, w, s, bh, C, E, HEADS, PN, S0, S1, S2, P0, P1,
                               P2, NW1, NW2, BLOCK_E, BLOCK_N)  # fmt: skip
     x = tl.maximum(tl.load(x_ptr + ptrs, mask=mask, other=0).to(ACC), 0)  # (BLOCK_E, BLOCK_N)
     f, g = _load_init(u0_ptr, v0_ptr, E, PN, R, BLOCK_E, BLOCK_N, BLOCK_R, ACC)
@@ -107,14 +109,14 @@ def _window_start(x_ptr, u0_ptr, v0_ptr, shift_ptr, C, E, HEADS, NSHIFT, NWIN, P
 
 @triton.jit
 def _window_fwd_kernel(
-    x_ptr, u0_ptr, v0_ptr, shift_ptr, f_ptr, g_ptr,
-    C, E, HEADS, NSHIFT, NWIN, ITERS, PN,
+    x_ptr, u0_ptr, v0_ptr, SHIFTS: tl.constexpr, f_ptr, g_ptr,
+    C, E, HEADS, NSHIFT: tl.constexpr, NWIN, ITERS, PN,
     S0, S1, S2, P0, P1, P2, NW1, NW2,
     R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     MU: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     s, ptrs, mask, x, f, g, prog = _window_start(
-        x_ptr, u0_ptr, v0_ptr, shift_ptr, C, E, HEADS, NSHIFT, NWIN, PN,
+        x_ptr, u0_ptr, v0_ptr, SHIFTS, C, E, HEADS, NSHIFT, NWIN, PN,
         S0, S1, S2, P0, P1, P2, NW1, NW2, R, BLOCK_E, BLOCK_N, BLOCK_R, ACC,
     )  # fmt: skip
     for _ in range(0, ITERS):
@@ -130,15 +132,15 @@ def _window_fwd_kernel(
 
 @triton.jit
 def _window_apply_kernel(
-    y_ptr, shift_ptr, f_ptr, g_ptr,
-    C, E, HEADS, NSHIFT, NWIN, PN,
+    y_ptr, SHIFTS: tl.constexpr, f_ptr, g_ptr,
+    C, E, HEADS, NSHIFT: tl.constexpr, NWIN, PN,
     S0, S1, S2, P0, P1, P2, NW1, NW2,
     R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     bh, v, vmask, e, emask, mask, ptrs = _voxel_block(C, E, HEADS, S0 * S1 * S2, BLOCK_E, BLOCK_V)
     y = tl.zeros((BLOCK_E, BLOCK_V), dtype=ACC)
     for s in range(0, NSHIFT):
-        s0, s1, s2 = _load_shift(shift_ptr, s)
+        s0, s1, s2 = _load_shift(s, SHIFTS, NSHIFT)
         w, p = _voxel_window(v, s0, s1, s2, S0, S1, S2, P0, P1, P2, NW1, NW2)
         prog = ((bh * NSHIFT + s) * NWIN + w).to(tl.int64)  # (BLOCK_V,)
         for r in tl.static_range(R):
@@ -187,14 +189,14 @@ def _window_apply_kernel(
 
 @triton.jit
 def _window_bwd_kernel(
-    x_ptr, dy_ptr, u0_ptr, v0_ptr, shift_ptr, fs_ptr, gs_ptr, dx_ptr,
-    C, E, HEADS, NSHIFT, NWIN, ITERS, PN, NUMEL,
+    x_ptr, dy_ptr, u0_ptr, v0_ptr, SHIFTS: tl.constexpr, fs_ptr, gs_ptr, dx_ptr,
+    C, E, HEADS, NSHIFT: tl.constexpr, NWIN, ITERS, PN, NUMEL,
     S0, S1, S2, P0, P1, P2, NW1, NW2,
     R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     MU: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     s, ptrs, mask, x, f, g, prog = _window_start(
-        x_ptr, u0_ptr, v0_ptr, shift_ptr, C, E, HEADS, NSHIFT, NWIN, PN,
+        x_ptr, u0_ptr, v0_ptr, SHIFTS, C, E, HEADS, NSHIFT, NWIN, PN,
         S0, S1, S2, P0, P1, P2, NW1, NW2, R, BLOCK_E, BLOCK_N, BLOCK_R, ACC,
     )  # fmt: skip
     e = tl.arange(0, BLOCK_E)

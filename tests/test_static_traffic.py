@@ -52,6 +52,15 @@ def test_counter_counts_a_copy_kernel(stride):
     assert call.host_device_copies == 0
 
 
+def test_counter_counts_a_host_to_device_copy():
+    """A tensor made from host data is a copy host->device on a GPU (aten.lift_fresh): counted,
+    so that the kernels' zero copies per call (above, and per case below) mean something."""
+    with counting() as call:
+        torch.tensor([1, 2, 3], dtype=torch.int32)
+        torch.zeros(3)  # a fill, not a copy
+    assert call.host_device_copies == 1
+
+
 @triton.jit
 def _atomic_kernel(out_ptr, BLOCK: tl.constexpr):
     i = tl.arange(0, BLOCK)
@@ -154,7 +163,7 @@ def test_model_equals_counter(case):
         assert [m["kernel"] for m in model] == [c["kernel"] for c in counted]
         for m, c in zip(model, counted, strict=True):
             assert m == c, (pass_, m["kernel"])
-        assert call.host_device_copies == (1 if pass_ == "fwd" else 0)  # the shift table
+        assert call.host_device_copies == 0  # the shift table is compile-time
 
 
 def test_model_refuses_what_it_does_not_cover():
@@ -264,7 +273,7 @@ def test_api_rows():
     x = case.numel * 4
     # fused local windows: x read twice (the second time from cache), y written once
     assert calls["fwd"]["bytes_loaded"] > 2 * x and calls["fwd"]["ideal_bytes"] == 2 * x
-    assert calls["fwd"]["host_device_copies"] == 1
+    assert calls["fwd"]["host_device_copies"] == 0  # the shift table is compile-time
     assert 2 * x <= calls["fwd"]["dram_estimate_bytes"] < calls["fwd"]["sectors"] * 32
     m = traffic.model_call(case, "fwd")
     assert (m["bytes_loaded"], m["bytes_stored"]) == (calls["fwd"]["bytes_loaded"],

@@ -27,8 +27,8 @@ _MEANINGS = [
     "the divisions and remainders by it) / integer div + rem instructions in the PTX.",
     "- **programs**: grid size; **waves**: programs / (resident programs per SM x SMs).",
     "- **H→D**: tensors built on the host from Python data per call (a host-to-device copy on a "
-    "GPU, e.g. the shift table). **torch ops**: other PyTorch ops of the call that launch a "
-    "device kernel on a GPU (fills, reductions, copies, elementwise).",
+    "GPU, e.g. a table made with `torch.tensor`). **torch ops**: other PyTorch ops of the call "
+    "that launch a device kernel on a GPU (fills, reductions, copies, elementwise).",
 ]
 _CANNOT_TELL = [
     "- No timing: nothing here ran on a GPU. Registers, spills and occupancy bound what a "

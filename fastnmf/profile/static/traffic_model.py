@@ -153,11 +153,9 @@ def _window_rows_sectors(geo, isz: int) -> int:
     return total * NW[0] * NW[1] * P[0] * P[1]
 
 
-def _common_small(launch: _Launch, geo, progs: int, shifts_per_prog: int):
-    """shift table (3 scalar loads per shift) and rowmask (one E-vector) of every program."""
+def _common_small(launch: _Launch, geo, progs: int):
+    """The row mask (one E-vector) of every program (the shift table is compile-time)."""
     E = geo.E
-    launch.add("shift_ptr", loaded=12 * shifts_per_prog * progs,
-               sectors=3 * shifts_per_prog * progs, unique=12 * geo.nshift)  # fmt: skip
     launch.add("rowmask_ptr", loaded=F32 * E * progs, sectors=_vec_secs(0, E, F32) * progs,
                unique=F32 * E)  # fmt: skip
 
@@ -171,13 +169,13 @@ def _per_prog_vectors(n_progs: int, per_prog: int, count: int, offset: int = 0) 
 
 
 def _stats_launch(name: str, geo, isz: int):
-    """A stats kernel's launch (a program per window, shift and head) with its shift table and
-    row mask; its programs, passes over x (two when the output pass is fused) and the sectors
-    of one pass over every window."""
+    """A stats kernel's launch (a program per window, shift and head) with its row mask; its
+    programs, passes over x (two when the output pass is fused) and the sectors of one pass over
+    every window."""
     progs = geo.nwin * geo.nshift * geo.batch * geo.heads
     bh = geo.batch * geo.heads
     L = _Launch(name, (geo.nwin * geo.nshift, bh))
-    _common_small(L, geo, progs, 1)
+    _common_small(L, geo, progs)
     xsec = _window_rows_sectors(geo, isz) * bh * geo.E
     return L, progs, 2 if geo.fused else 1, xsec
 
@@ -258,7 +256,7 @@ def _apply_tile(geo, case, isz, backward: bool) -> _Launch:
     valid = math.prod(geo.h)
     name = "_apply_bwd_tile_kernel" if backward else "_apply_fwd_tile_kernel"
     L = _Launch(name, (geo.ntiles, bh))
-    _common_small(L, geo, progs, NS)
+    _common_small(L, geo, progs)
     xsec = _tile_rows_sectors(geo, isz) * bh * E
     wins = geo.nwin * NS * bh  # every window of every shift is some tile's window
     ins = ("x_ptr", "dy_ptr") if backward else ("x_ptr",)
@@ -306,7 +304,7 @@ def _apply_voxel(geo, case, isz, backward: bool) -> _Launch:
     progs = nblk * bh
     name = "_apply_bwd_kernel" if backward else "_apply_fwd_kernel"
     L = _Launch(name, (nblk, bh))
-    _common_small(L, geo, progs, NS)
+    _common_small(L, geo, progs)
     xsec = _blocks_secs(nvox, BV, isz) * E * bh
     for n in ("x_ptr", "dy_ptr") if backward else ("x_ptr",):
         L.add(n, loaded=bh * E * nvox * isz, sectors=xsec, unique=case.numel * isz)
@@ -396,7 +394,6 @@ def _global_launches(case: StaticCase, pass_: str) -> list[_Launch]:
     red.add("x_ptr" if backward else "dy_ptr/x_ptr", loaded=xbytes, sectors=xsec, unique=xbytes)
     if backward:
         red.add("dy_ptr", loaded=xbytes, sectors=xsec, unique=xbytes)
-    red.add("shift_ptr", loaded=12 * NS * progs, sectors=3 * NS * progs, unique=12 * NS)
     red.add("g0_ptr", loaded=NS * M * nvox * F32, sectors=g0sec, unique=nvox * F32)
     kp = progs * NK * E * E * F32
     red.add("hp_ptr/kp_ptr" if backward else "kp_ptr", stored=kp, sectors=progs * NK * mat,
@@ -439,7 +436,6 @@ def _global_launches(case: StaticCase, pass_: str) -> list[_Launch]:
     ap.add("u_ptr", loaded=per * E * F32, sectors=per * vec, unique=ms * E * F32)
     ap.add("hbar_ptr", loaded=per * E * F32, sectors=per * vec, unique=ms * E * F32)
     ap.add("sym_ptr", loaded=per * E * E * F32, sectors=per * mat, unique=ms * E * E * F32)
-    ap.add("shift_ptr", loaded=12 * per, sectors=3 * per, unique=12 * NS)
     ap.add("g0_ptr", loaded=NS * M * nvox * F32, sectors=g0sec, unique=nvox * F32)
     ap.add("dx_ptr", stored=xbytes, sectors=xsec, unique=xbytes)
     return [red, k_sum, it, *copy, ap]

@@ -51,7 +51,6 @@ def window_rank_launches(case: StaticCase, pass_: str) -> list[_Launch]:
     xbytes = case.numel * isz
 
     def window_part(L):
-        L.add("shift_ptr", loaded=12 * progs, sectors=3 * progs, unique=12 * NS)
         L.add("x_ptr", loaded=progs * E * PN * isz, sectors=rows1, unique=xbytes)
         L.add("u0_ptr", loaded=progs * fsz, sectors=progs * _vec_secs(0, E * R, F32), unique=fsz)
         L.add("v0_ptr", loaded=progs * gsz, sectors=progs * _vec_secs(0, PN * R, F32),
@@ -90,9 +89,7 @@ def _window_rank_apply(geo, case) -> _Launch:
     R, E, PN, NS, BV, nvox = case.rank, geo.E, geo.pn, geo.nshift, geo.block_v, geo.nvox
     bh = geo.batch * geo.heads
     nblk = math.ceil(nvox / BV)
-    progs = nblk * bh
     L = _Launch("_window_apply_kernel", (nblk, bh))
-    L.add("shift_ptr", loaded=12 * NS * progs, sectors=3 * NS * progs, unique=12 * NS)
     block = np.arange(nvox, dtype=np.int64) // BV
     wins = geo.nwin * NS * bh
     for s, r in enumerate(geo.rows):
@@ -159,7 +156,6 @@ def global_rank_launches(case: StaticCase) -> list[_Launch]:
         L = _Launch("_pass_kernel", (NC, ms))
         L.add("x_ptr", loaded=NS * case.numel * isz, sectors=xsec, unique=case.numel * isz)
         if t == 0:
-            L.add("shift_ptr", loaded=12 * progs, sectors=3 * progs, unique=12 * NS)
             v0sec = sum(_rolled_g0_sectors(_PlanLike(nvox, BV), S, [r], scale=R) for r in rows)
             L.add("v0_ptr", loaded=ms * nvox * R * F32, sectors=v0sec * M,
                   unique=nvox * R * F32)  # fmt: skip
