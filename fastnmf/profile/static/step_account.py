@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections import Counter
 from collections.abc import Sequence
 from unittest import mock
 
@@ -290,6 +291,9 @@ def _row(model, dtype, checkpoint, size, batch, loss, n_params, counter, run, de
         "peak_phase": counter.peak_phase,
         "peak_breakdown": _peak_breakdown(counter.peak_sizes, run["groups"]),
         "nmf_calls": len(counter.nmf_calls),
+        # NMF calls by "dtype pass design" (e.g. "bf16 fwd d3"): what the account modelled
+        "nmf_calls_by": dict(sorted(Counter(f"{c.dtype} {p} d{c.design}"
+                                            for c, p in counter.nmf_calls).items())),
         "nmf_source": ", ".join(sorted(counter.nmf_sources)) or "-",
         "device": device.describe(),
     }  # fmt: skip

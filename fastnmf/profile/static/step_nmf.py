@@ -5,11 +5,15 @@ During the account every NMF layer runs with ``kernel="triton"``, and ``fastnmf.
 dispatch's hook to :mod:`fastnmf.kernels`) is replaced by :class:`_Shim`. Its
 ``matricized_nmf`` does what :func:`fastnmf.kernels.matricized_nmf` does around the kernels
 (``x.contiguous()``: a copy when x is not contiguous, counted as a layout copy), then runs the
-core as :class:`_OpaqueNMF`: forward allocates y and keeps for backward what
-``kernels.window_nmf.WindowNMF`` keeps (x, and the per-program power iterates ``hats`` / ``norms``:
-``programs x T x (E + 1)`` fp32 values, programs = B x heads x shifts x windows; rank > 1 keeps x
-only), backward allocates dx. The bytes, launches and FLOPs of each pass come from
-:func:`_nmf_traffic` for a :class:`~fastnmf.profile.static.cases.StaticCase` built from the call.
+core as :class:`_OpaqueNMF`: forward allocates y and keeps for backward x and what the kernels
+that run keep: for rank-one windows the design the layer picks for the call
+(:func:`fastnmf.kernels.design_for`), its saved tensors as ``fastnmf.window_op._saved_shapes``
+gives them (fp32, per shifted window: design 1 the power iterates and their norms, design 2 those
+and K, design 3 u, the last iterate and K); the global path its iterates and norms; rank > 1 x
+only. Backward allocates dx. The bytes, launches and FLOPs of each pass come from
+:func:`_nmf_traffic` for a :class:`~fastnmf.profile.static.cases.StaticCase` built from the call,
+with that design: the analytic model for design 1, the interpreter's counter at a small shape,
+scaled, for designs 2 and 3.
 """
 
 from __future__ import annotations
@@ -62,8 +66,18 @@ def _uniform(value):
     return value[0] if len(set(value)) == 1 else value
 
 
+def _design(x: torch.Tensor, v0: torch.Tensor, head_dim, patch_size, shifts) -> int:
+    """The window design that serves this call (1 where the window kernels do not run)."""
+    if patch_size is None or v0.shape[1] > 1:
+        return 1
+    from fastnmf.kernels import design_for
+
+    return design_for(x, head_dim, tuple(patch_size), shifts)
+
+
 def static_case(x: torch.Tensor, v0: torch.Tensor, *, head_dim, patch_size, shifts, iters):
-    """The :class:`StaticCase` of one ``matricized_nmf`` call (arguments as validated by ops)."""
+    """The :class:`StaticCase` of one ``matricized_nmf`` call (arguments as validated by ops),
+    with the window design that serves it."""
     if x.dtype not in _DTYPE_NAMES:
         raise ValueError(
             f"the step account models the NMF in {', '.join(DTYPES)}, got an input of {x.dtype}"
@@ -81,20 +95,24 @@ def static_case(x: torch.Tensor, v0: torch.Tensor, *, head_dim, patch_size, shif
         window=_uniform(patch_size),
         rank=v0.shape[1],
         iters=iters,
+        design=_design(x, v0, head_dim, patch_size, shifts),
     )
 
 
 def _saved_aux_numel(case: StaticCase) -> int:
-    """fp32 values the rank-one kernels keep for backward besides x (hats and norms)."""
+    """fp32 values the rank-one kernels keep for backward besides x (module docstring)."""
     if case.rank > 1:
         return 0
     heads = case.channels // case.head_dim
-    windows = 1
-    if case.mode == "window":
-        win = case.window if isinstance(case.window, tuple) else (case.window,) * len(case.spatial)
-        windows = math.prod(s // p for s, p in zip(case.spatial, win, strict=True))
+    if case.mode != "window":  # the global path: iterates and norms per matrix
+        return case.batch * heads * case.iters * (case.head_dim + 1)
+    from fastnmf.window_op import _saved_shapes
+
+    win = case.window if isinstance(case.window, tuple) else (case.window,) * len(case.spatial)
+    windows = math.prod(s // p for s, p in zip(case.spatial, win, strict=True))
     programs = case.batch * heads * len(case.shifts) * windows
-    return programs * case.iters * (case.head_dim + 1)
+    shapes = _saved_shapes(case.design, programs, case.iters, case.head_dim)
+    return sum(math.prod(shape) for shape in shapes)
 
 
 class _OpaqueNMF(torch.autograd.Function):
