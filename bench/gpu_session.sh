@@ -23,7 +23,8 @@
 #             1, which local windows run by default (untimed), beats designs 2 and 3 there; what
 #             deleting design 1 waits for
 #   winop     the window triton ops on the GPU (tests/test_triton_op.py, tests/test_custom_op.py):
-#             Inductor compiles a block with each window design's kernels, compiled = eager
+#             Inductor compiles a block with each window design's kernels, compiled = eager; and
+#             every Triton path of the layer captured in a CUDA graph (tests/test_cuda_graph.py)
 #   glue      the fused glue kernels' tests on the GPU, then the swin Factorizer training step
 #             (fp32, bf16) with the fused glue (default) and without (FASTNMF_FUSED_GLUE=0):
 #             issue 17's deciding measurement
@@ -122,7 +123,7 @@ for phase in "$@"; do
         ;;
     winop)
         step winop tests "${STEP_LIMIT_WINOP:-240}" python3 -m pytest -v -p no:cacheprovider -rs \
-            tests/test_triton_op.py tests/test_custom_op.py
+            tests/test_triton_op.py tests/test_custom_op.py tests/test_cuda_graph.py
         tail -n 15 "$OUT/winop/tests.log"
         ;;
     glue)
