@@ -135,34 +135,57 @@ def _window_and_shift(w, s, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, NW1, NW2
 
 
 @triton.jit
+def _wrap_below(t, n):
+    """t mod n for -n <= t < n: one conditional addition, no division."""
+    return tl.where(t < 0, t + n, t)
+
+
+@triton.jit
+def _wrap_above(t, n):
+    """t mod n for 0 <= t < 2n: one conditional subtraction, no division."""
+    return tl.where(t >= n, t - n, t)
+
+
+@triton.jit
 def _window_coords(p, w0, w1, w2, s0, s1, s2, S0, S1, S2, P0, P1, P2):
-    """Flat voxel index of position p of rolled window (w0, w1, w2) under shift (s0, s1, s2)."""
+    """Flat voxel index of position p of rolled window (w0, w1, w2) under shift (s0, s1, s2).
+
+    The kernels pass P as compile-time constants (the divisions by P are then a shift and a mask
+    for a power of two, a multiply-high otherwise) and each roll reduced modulo S, so the roll
+    back wraps by one conditional addition (positions p past the window give indices the
+    callers mask)."""
     p2 = p % P2
     p1 = (p // P2) % P1
     p0 = p // (P1 * P2)
-    v0 = (w0 * P0 + p0 - s0 + S0) % S0
-    v1 = (w1 * P1 + p1 - s1 + S1) % S1
-    v2 = (w2 * P2 + p2 - s2 + S2) % S2
+    v0 = _wrap_below(w0 * P0 + p0 - s0, S0)
+    v1 = _wrap_below(w1 * P1 + p1 - s1, S1)
+    v2 = _wrap_below(w2 * P2 + p2 - s2, S2)
     return (v0 * S1 + v1) * S2 + v2
 
 
 @triton.jit
 def _voxel_window(v, s0, s1, s2, S0, S1, S2, P0, P1, P2, NW1, NW2):
-    """For flat voxel v under shift s: (window index, position inside the window)."""
-    r2 = (v % S2 + s2) % S2
-    r1 = ((v // S2) % S1 + s1) % S1
-    r0 = (v // (S1 * S2) + s0) % S0
+    """For flat voxel v under shift s (reduced modulo S): (window index, position inside it)."""
+    r0, r1, r2 = _rolled_coords(v, s0, s1, s2, S0, S1, S2)
     w = ((r0 // P0) * NW1 + r1 // P1) * NW2 + r2 // P2
     p = ((r0 % P0) * P1 + r1 % P1) * P2 + r2 % P2
     return w, p
 
 
 @triton.jit
+def _rolled_coords(v, s0, s1, s2, S0, S1, S2):
+    """Coordinates of voxel (v + s) mod S, s reduced modulo S (the roll wraps by a conditional
+    subtraction; the split of v into its coordinates divides by S)."""
+    r2 = _wrap_above(v % S2 + s2, S2)
+    r1 = _wrap_above((v // S2) % S1 + s1, S1)
+    r0 = _wrap_above(v // (S1 * S2) + s0, S0)
+    return r0, r1, r2
+
+
+@triton.jit
 def _rolled_index(v, s0, s1, s2, S0, S1, S2):
     """Flat index of voxel (v + s) mod S."""
-    r2 = (v % S2 + s2) % S2
-    r1 = ((v // S2) % S1 + s1) % S1
-    r0 = (v // (S1 * S2) + s0) % S0
+    r0, r1, r2 = _rolled_coords(v, s0, s1, s2, S0, S1, S2)
     return (r0 * S1 + r1) * S2 + r2
 
 

@@ -58,6 +58,7 @@ from ._common import (
     _voxel_window,
     _window_and_shift,
     _window_coords,
+    _wrap_above,
     acc_dtype,
     compute_dtype,
     launch,
@@ -180,9 +181,9 @@ def _tile_window(s, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, o0, o1, o2, q0, 
     The tile lies inside one rolled window, so position = (rolled origin mod P) + lane offset.
     """
     s0, s1, s2 = _load_shift(s, SHIFTS, NSHIFT)
-    r0 = (o0 + s0) % S0
-    r1 = (o1 + s1) % S1
-    r2 = (o2 + s2) % S2
+    r0 = _wrap_above(o0 + s0, S0)
+    r1 = _wrap_above(o1 + s1, S1)
+    r2 = _wrap_above(o2 + s2, S2)
     w = ((r0 // P0) * NW1 + r1 // P1) * NW2 + r2 // P2
     p = ((r0 % P0 + q0) * P1 + r1 % P1 + q1) * P2 + r2 % P2 + q2
     return w, p
@@ -192,7 +193,7 @@ def _tile_window(s, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, o0, o1, o2, q0, 
 def _stats_fwd_kernel(
     x_ptr, y_ptr, g0_ptr, rowmask_ptr, SHIFTS: tl.constexpr, u_ptr, hats_ptr, norms_ptr,
     C, E, HEADS, NSHIFT: tl.constexpr, NWIN, ITERS, PN,
-    S0, S1, S2, P0, P1, P2, NW1, NW2,
+    S0, S1, S2, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, NW1, NW2,
     BLOCK_E: tl.constexpr, CHUNK: tl.constexpr, MU: tl.constexpr, SAVE: tl.constexpr,
     ACC: tl.constexpr, DOT: tl.constexpr, FUSE: tl.constexpr,
 ):  # fmt: skip
@@ -241,7 +242,7 @@ def _stats_fwd_kernel(
 def _apply_fwd_kernel(
     x_ptr, y_ptr, g0_ptr, rowmask_ptr, SHIFTS: tl.constexpr, u_ptr,
     C, E, HEADS, NSHIFT: tl.constexpr, NWIN,
-    S0, S1, S2, P0, P1, P2, NW1, NW2,
+    S0, S1, S2, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, NW1, NW2,
     BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     bh, v, vmask, e, emask, mask, ptrs = _voxel_block(C, E, HEADS, S0 * S1 * S2, BLOCK_E, BLOCK_V)
@@ -266,7 +267,8 @@ def _apply_fwd_kernel(
 def _apply_fwd_tile_kernel(
     x_ptr, y_ptr, g0_ptr, rowmask_ptr, SHIFTS: tl.constexpr, u_ptr,
     C, E, HEADS, NSHIFT: tl.constexpr, NWIN,
-    S0, S1, S2, P0, P1, P2, NW1, NW2, H0, H1, H2, NT1, NT2,
+    S0, S1, S2, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, NW1, NW2,
+    H0, H1, H2, NT1, NT2,
     BLOCK_E: tl.constexpr, HB: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     bh, o0, o1, o2, q0, q1, q2, qmask, e, emask, mask, ptrs, _, rowmask, x = _tile_setup(
@@ -293,7 +295,7 @@ def _stats_bwd_kernel(
     x_ptr, dy_ptr, dx_ptr, g0_ptr, rowmask_ptr, SHIFTS: tl.constexpr, hats_ptr, norms_ptr, sym_ptr,
     hbar_ptr,
     C, E, HEADS, NSHIFT: tl.constexpr, NWIN, ITERS, PN,
-    S0, S1, S2, P0, P1, P2, NW1, NW2,
+    S0, S1, S2, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, NW1, NW2,
     BLOCK_E: tl.constexpr, CHUNK: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
     DOT: tl.constexpr, FUSE: tl.constexpr,
 ):  # fmt: skip
@@ -352,7 +354,7 @@ def _apply_bwd_kernel(
     x_ptr, dy_ptr, dx_ptr, g0_ptr, rowmask_ptr, SHIFTS: tl.constexpr, hats_ptr, sym_ptr,
     hbar_ptr,
     C, E, HEADS, NSHIFT: tl.constexpr, NWIN, ITERS,
-    S0, S1, S2, P0, P1, P2, NW1, NW2,
+    S0, S1, S2, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, NW1, NW2,
     BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     bh, v, vmask, e, emask, mask, ptrs = _voxel_block(C, E, HEADS, S0 * S1 * S2, BLOCK_E, BLOCK_V)
@@ -385,7 +387,8 @@ def _apply_bwd_tile_kernel(
     x_ptr, dy_ptr, dx_ptr, g0_ptr, rowmask_ptr, SHIFTS: tl.constexpr, hats_ptr, sym_ptr,
     hbar_ptr,
     C, E, HEADS, NSHIFT: tl.constexpr, NWIN, ITERS,
-    S0, S1, S2, P0, P1, P2, NW1, NW2, H0, H1, H2, NT1, NT2,
+    S0, S1, S2, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, NW1, NW2,
+    H0, H1, H2, NT1, NT2,
     BLOCK_E: tl.constexpr, HB: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     bh, o0, o1, o2, q0, q1, q2, qmask, e, emask, mask, ptrs, x_raw, rowmask, x = _tile_setup(

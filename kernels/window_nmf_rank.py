@@ -111,7 +111,7 @@ def _window_start(x_ptr, u0_ptr, v0_ptr, SHIFTS: tl.constexpr, C, E, HEADS,
 def _window_fwd_kernel(
     x_ptr, u0_ptr, v0_ptr, SHIFTS: tl.constexpr, f_ptr, g_ptr,
     C, E, HEADS, NSHIFT: tl.constexpr, NWIN, ITERS, PN,
-    S0, S1, S2, P0, P1, P2, NW1, NW2,
+    S0, S1, S2, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, NW1, NW2,
     R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     MU: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
@@ -134,7 +134,7 @@ def _window_fwd_kernel(
 def _window_apply_kernel(
     y_ptr, SHIFTS: tl.constexpr, f_ptr, g_ptr,
     C, E, HEADS, NSHIFT: tl.constexpr, NWIN, PN,
-    S0, S1, S2, P0, P1, P2, NW1, NW2,
+    S0, S1, S2, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, NW1, NW2,
     R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     bh, v, vmask, e, emask, mask, ptrs = _voxel_block(C, E, HEADS, S0 * S1 * S2, BLOCK_E, BLOCK_V)
@@ -191,7 +191,7 @@ def _window_apply_kernel(
 def _window_bwd_kernel(
     x_ptr, dy_ptr, u0_ptr, v0_ptr, SHIFTS: tl.constexpr, fs_ptr, gs_ptr, dx_ptr,
     C, E, HEADS, NSHIFT: tl.constexpr, NWIN, ITERS, PN, NUMEL,
-    S0, S1, S2, P0, P1, P2, NW1, NW2,
+    S0, S1, S2, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, NW1, NW2,
     R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     MU: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip

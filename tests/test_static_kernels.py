@@ -35,8 +35,6 @@ needs_ptxas = pytest.mark.skipif(bool(_MISSING), reason="; ".join(_MISSING) or "
 # xfail, so the test fails as soon as one stops spilling (remove it here then) and any other kernel
 # that starts spilling fails at once.
 KNOWN_SPILLS = {
-    ("fastnmf.kernels.window_nmf", "_stats_bwd_kernel"):
-        "shifted windows: 168 registers, 8 B spill stores + 4 B spill loads",
     ("fastnmf.kernels.window_nmf", "_apply_bwd_kernel"):
         "per-voxel backward (tiles under 4 voxels, e.g. shift 3; BLOCK_V 128, 4 warps): 255 "
         "registers, 8 B + 8 B",

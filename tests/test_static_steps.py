@@ -89,6 +89,32 @@ def test_step_account_takes_the_window_design_that_runs(shape, shifts, rank, des
     assert step_nmf._saved_aux_numel(case) == (programs * per_window if rank == 1 else 0)
 
 
+def test_the_traffic_counter_leaves_no_trace_in_the_account():
+    """Design 3's traffic comes from the interpreter's counter, which runs the kernels forward and
+    backward on real tensors: with its caches cold (the counter runs inside the account) the step
+    keeps and moves what it does with them warm (the counter does not run)."""
+    from fastnmf.profile.static import traffic
+
+    step_nmf._nmf_traffic.cache_clear()
+    saved = dict(traffic._COUNTS)
+    traffic._COUNTS.clear()
+    try:
+        cold = _small("swin_factorizer", fused=False)
+        warm = _small("swin_factorizer", fused=False)
+        # what the counter counted inside the account: the kernels themselves (one persistent
+        # launch), not the account's stand-in op
+        case = StaticCase("window", 1, 8, (SIZE,) * 3, "fp32", (None, 2, 4, 6), design=3)
+        fwd = step_nmf._nmf_traffic(case, "fwd")
+        assert fwd["triton_launches"] == 1
+        assert fwd["bytes_loaded"] + fwd["bytes_stored"] > ideal_bytes(case, "fwd")
+    finally:
+        traffic._COUNTS.update(saved)
+        step_nmf._nmf_traffic.cache_clear()
+    assert set(cold["nmf_calls_by"]) == {"fp32 bwd d3", "fp32 fwd d3"}
+    for key in ("nmf_calls_by", "saved_bytes", "predicted_peak_bytes", "bytes_total", "ops"):
+        assert cold[key] == warm[key], key
+
+
 def test_nnunet_has_no_nmf_and_more_conv_flops():
     row = _small("nnunet")
     assert row["bytes"]["nmf"] == 0 and row["nmf_calls"] == 0

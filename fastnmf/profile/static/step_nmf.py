@@ -49,13 +49,19 @@ def _nmf_traffic(case: StaticCase, pass_: str) -> dict:
             "launches": None,
             "source": "ideal (traffic model missing)",
         }
-    # the counter fallback runs the kernels on real tensors: outside the account's fake-tensor
-    # and counting modes (what it moves is this call's traffic, added by the caller)
-    with _disable_current_modes():
+    # the counter fallback runs the kernels (forward and backward) on real tensors: outside the
+    # account's fake-tensor and counting modes and under hooks of its own that shadow the
+    # account's saved-tensor hooks (what it moves is this call's traffic, added by the caller;
+    # what it saves is not the step's)
+    with _disable_current_modes(), torch.autograd.graph.saved_tensors_hooks(_same, _same):
         out = dict(model_call(case, pass_))
     how = out.get("source")  # the traffic module's own label (e.g. analytic model or counter)
     out["source"] = f"traffic model ({how})" if how else "traffic model"
     return out
+
+
+def _same(t):
+    return t
 
 
 def _uniform(value):
