@@ -39,7 +39,7 @@ KNOWN_SPILLS = {
         "per-voxel backward (tiles under 4 voxels, e.g. shift 3; BLOCK_V 128, 4 warps): 255 "
         "registers, 8 B + 8 B",
     ("fastnmf.kernels.window_nmf_rank", "_window_bwd_kernel"):
-        "rank-2 window backward (4 warps): 255 registers, 292 B + 564 B",
+        "rank-2 window backward (4 warps): 255 registers, 76-416 B by shifts and dtype",
 }  # fmt: skip
 # With Triton 3.6 (the GPU machine's; it runs ptxas 12.8 without --regAllocOptLevel=2), the kernels
 # that spill there besides: none today (design 2's forward parts pass spilled 12 B + 12 B until its
