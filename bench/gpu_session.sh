@@ -19,9 +19,10 @@
 #   v3tests   design 3's CUDA tests (tests/test_kernels_v3.py, tests/test_window3_*.py), in 8
 #             pytest-xdist processes (a line a test: a call stopped at its limit still says
 #             which passed)
-#   local     bench/time_designs.py --shortlist for local windows (shifts [None]): whether design
-#             1, which local windows run by default (untimed), beats designs 2 and 3 there; what
-#             deleting design 1 waits for
+#   local     bench/time_designs.py for local windows (shifts [None]): whether design 1, which
+#             local windows run by default (untimed), beats designs 2 and 3 there (and with its
+#             stats kernels capped at 128 registers or in chunks of 64 voxels: 16 / 12 programs
+#             an SM, not 12 / 8); what deleting design 1 waits for
 #   winop     the window triton ops on the GPU (tests/test_triton_op.py, tests/test_custom_op.py):
 #             Inductor compiles a block with each window design's kernels, compiled = eager; and
 #             every Triton path of the layer captured in a CUDA graph (tests/test_cuda_graph.py)
@@ -117,8 +118,10 @@ for phase in "$@"; do
         tail -n 15 "$OUT/v3tests/tests.log"
         ;;
     local)
-        step local time "${STEP_LIMIT_LOCAL:-200}" python3 bench/time_designs.py --shortlist \
-            --shifts "[None]" --compile-budget 90 --out "$OUT/local/designs_local.json"
+        step local time "${STEP_LIMIT_LOCAL:-200}" python3 bench/time_designs.py --variants \
+            "design 1" "design 1, stats at 128 registers" "design 1, chunks of 64" "design 2" \
+            "design 2, 16 warps" "design 3" "design 3, untiled" "design 3, 8 warps, 2 programs/SM" \
+            reference --shifts "[None]" --compile-budget 90 --out "$OUT/local/designs_local.json"
         tail -n 25 "$OUT/local/time.log"
         ;;
     winop)

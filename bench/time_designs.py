@@ -61,13 +61,17 @@ def _tiles(tile=False, bwd_tile=False, bwd_parts_tile=False, out_tile=False) -> 
 
 
 # the module whose TUNING a variant of a design sets
-_TUNING_MODULE = {2: "_window2_common", 3: "_window3_sched"}
+_TUNING_MODULE = {1: "window_nmf", 2: "_window2_common", 3: "_window3_sched"}
 
 # (name, window design: None the code's choice (kernels.window_design), 0 the reference; the
 # design's TUNING, ``_TUNING_MODULE``). Design 3's variants run on its defaults (since the first
 # GPU timing: all four tiles) except what they name.
 VARIANTS = [
     ("design 1", 1, {}),
+    # its stats kernels at 16 one-warp programs an SM (uncapped, the forward takes 150 registers
+    # fp32, 202 bf16 since P is compile-time: 12 / 8 programs)
+    ("design 1, stats at 128 registers", 1, {"stats_maxnreg": 128}),
+    ("design 1, chunks of 64", 1, {"chunk": 64}),  # half the voxels a stats program holds
     ("design 2", 2, {}),
     ("design 3", 3, {}),
     # design 2 with 16 warps a program in every pass (8 by default; the backward apply 16): its

@@ -79,6 +79,10 @@ TUNING: dict = {
     "tile": None,
     "gram": "sum",
     "fuse": True,
+    # ptxas's register cap of the stats kernels (None: uncapped); 128 keeps 16 one-warp programs
+    # an SM where the compile-time P made the forward take 150-202 registers (a variant for the
+    # GPU to time: bench/time_designs.py)
+    "stats_maxnreg": None,
     # None: by the shift count (kernels/__init__.py, ``window_design``); 1: this file; 2:
     # kernels/window_nmf2.py (one read of x for every shift's statistics); 3:
     # kernels/window_nmf3.py (2's forward fused into one launch, pipelined by planes)
@@ -504,6 +508,13 @@ class WindowNMF(torch.autograd.Function):
         return dx, None, None, None, None, None, None, None
 
 
+def _stats_launch(geo: _Geometry) -> dict:
+    """Warps (and with ``TUNING["stats_maxnreg"]`` ptxas's register cap) of the stats kernels."""
+    cap = TUNING["stats_maxnreg"]
+    return {"num_warps": TUNING["stats_warps"] or geo.stats_warps,
+            **({"maxnreg": cap} if cap else {})}  # fmt: skip
+
+
 def _forward(x, g0, rowmask, geo: _Geometry, iters: int, mu: bool, save: bool, *,
              wrap: bool = False):  # fmt: skip
     """(y, hats, norms); ``wrap``: launches through :func:`launch` (inside the triton_op)."""
@@ -518,8 +529,7 @@ def _forward(x, g0, rowmask, geo: _Geometry, iters: int, mu: bool, save: bool, *
         x, y, g0, rowmask, geo.shifts, u, hats, norms,
         *geo.common(), iters, geo.pn, *geo.spatial_args(),
         BLOCK_E=geo.stats_block_e, CHUNK=TUNING["chunk"] or geo.chunk, MU=mu, SAVE=save,
-        ACC=acc, DOT=geo.gram_dot, FUSE=geo.fused,
-        num_warps=TUNING["stats_warps"] or geo.stats_warps,
+        ACC=acc, DOT=geo.gram_dot, FUSE=geo.fused, **_stats_launch(geo),
     )  # fmt: skip
     if geo.fused:
         pass  # the stats kernel wrote y
@@ -555,7 +565,7 @@ def _backward(x, g0, rowmask, hats, norms, dy, geo: _Geometry, iters: int, mu: b
         x, dy, dx, g0, rowmask, geo.shifts, hats, norms, sym, hbar,
         *geo.common(), iters, geo.pn, *geo.spatial_args(),
         BLOCK_E=geo.stats_block_e, CHUNK=TUNING["chunk"] or geo.chunk, MU=mu, ACC=acc,
-        DOT=geo.gram_dot, FUSE=geo.fused, num_warps=TUNING["stats_warps"] or geo.stats_warps,
+        DOT=geo.gram_dot, FUSE=geo.fused, **_stats_launch(geo),
     )  # fmt: skip
     if geo.fused:
         pass  # the stats kernel wrote dx

@@ -6,6 +6,7 @@ import json
 import sys
 
 import pytest
+import torch
 from conftest import load_bench
 
 sched = importlib.import_module("fastnmf.kernels._window3_sched")
@@ -129,6 +130,17 @@ def test_each_design_variant_sets_its_own_tuning_then_restores_it():
         assert (wn.TUNING["design"], sched.TUNING["warps"]) == (3, 8)
         assert common2.TUNING == before[0]
     assert (dict(common2.TUNING), dict(sched.TUNING), wn.TUNING["design"]) == before
+    # a design 1 variant: window_nmf.TUNING, which the stats launches read
+    x = torch.empty(1, 8, 16, 16, 16, device="meta")
+    geo = wn._Geometry(x, 8, (8, 8, 8), [None])
+    assert "maxnreg" not in wn._stats_launch(geo)
+    with mod._tuned(*variants["design 1, stats at 128 registers"]):
+        assert wn.TUNING["design"] == 1 and wn._stats_launch(geo)["maxnreg"] == 128
+        assert (common2.TUNING, sched.TUNING) == before[:2]
+    with mod._tuned(*variants["design 1, chunks of 64"]):
+        assert wn.TUNING["chunk"] == 64
+    assert (wn.TUNING["chunk"], wn.TUNING["stats_maxnreg"], wn.TUNING["design"]) == (
+        None, None, before[2])  # fmt: skip
     with pytest.raises(ValueError, match="tile"):
         with mod._tuned(2, {"tile": True}):
             pass
