@@ -12,7 +12,7 @@ import triton.language as tl
 
 from fastnmf.layout import padded_shift_table
 
-from ._common import WindowSizes, _shift_of  # _shift_of: also design 3's
+from ._common import WindowSizes, _shift_of
 from ._fastdiv import _fdiv, _fdivmod, magics
 
 

@@ -21,9 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, TRITON_VERSION
+from ._common import INTERPRET, TRITON_VERSION, _shift_of
 from ._fastdiv import MAGIC_3, _fdivmod, magics
-from ._window2_common import _shift_of, _tri, _window_origin, _wrap_add, _wrap_sub
+from ._window2_common import _tri, _window_origin, _wrap_add, _wrap_sub
 
 __all__ = ["TUNING", "TILE_KEYS", "PASSES", "Pipeline", "fused_plan", "merge_on", "ring_regions",
            "wait_offsets", "wpp"]

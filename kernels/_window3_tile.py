@@ -34,8 +34,8 @@ import math
 import triton
 import triton.language as tl
 
-from ._common import TRITON_VERSION
-from ._window2_common import _part_member, _shift_of, _tri, _window_origin
+from ._common import TRITON_VERSION, _shift_of
+from ._window2_common import _part_member, _tri, _window_origin
 from ._window3_sched import _TILE, TUNING, _part_slot
 
 __all__ = ["tile_plan", "tile_subboxes"]
