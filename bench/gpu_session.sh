@@ -21,8 +21,8 @@
 #             which passed)
 #   local     bench/time_designs.py for local windows (shifts [None]): whether design 1, which
 #             local windows run by default (untimed), beats designs 2 and 3 there (and with its
-#             stats kernels capped at 128 registers or in chunks of 64 voxels: 16 / 12 programs
-#             an SM, not 12 / 8); what deleting design 1 waits for
+#             stats kernels capped at 128 registers, 16 programs an SM with spills, or in chunks
+#             of 64 voxels, 16 / 12 fp32 / bf16; uncapped 12 / 8); what deleting design 1 waits for
 #   winop     the window triton ops on the GPU (tests/test_triton_op.py, tests/test_custom_op.py):
 #             Inductor compiles a block with each window design's kernels, compiled = eager; and
 #             every Triton path of the layer captured in a CUDA graph (tests/test_cuda_graph.py)
