@@ -120,7 +120,8 @@ for phase in "$@"; do
     local)
         step local time "${STEP_LIMIT_LOCAL:-200}" python3 bench/time_designs.py --variants \
             "design 1" "design 1, stats at 128 registers" "design 1, chunks of 64" "design 2" \
-            "design 2, 16 warps" "design 3" "design 3, untiled" "design 3, 8 warps, 2 programs/SM" \
+            "design 2, 16 warps, 64 registers" "design 3" "design 3, untiled" \
+            "design 3, 8 warps, 2 programs/SM" \
             reference --shifts "[None]" --compile-budget 90 --out "$OUT/local/designs_local.json"
         tail -n 25 "$OUT/local/time.log"
         ;;

@@ -129,9 +129,16 @@ def test_each_design_variant_sets_its_own_tuning_then_restores_it():
     with mod._tuned(*variants["design 3, 8 warps"]):
         assert (wn.TUNING["design"], sched.TUNING["warps"]) == (3, 8)
         assert common2.TUNING == before[0]
+    # 32 resident warps an SM: every design 2 launch at 16 warps (the solves one) and capped at 64
+    x = torch.empty(1, 8, 16, 16, 16, device="meta")
+    with mod._tuned(*variants["design 2, 16 warps, 64 registers"]):
+        geo2 = common2._Geometry2(x, 8, (8, 8, 8), [None, 4])
+        opts = {name: geo2.launch(name) for name in ("parts", "solve", "apply", "apply_bwd")}
+    assert opts["solve"] == {"num_warps": 1, "maxnreg": 64}
+    assert all(opts[n] == {"num_warps": 16, "maxnreg": 64} for n in ("parts", "apply", "apply_bwd"))
+    assert "maxnreg" not in common2._Geometry2(x, 8, (8, 8, 8), [None, 4]).launch("parts")
     assert (dict(common2.TUNING), dict(sched.TUNING), wn.TUNING["design"]) == before
     # a design 1 variant: window_nmf.TUNING, which the stats launches read
-    x = torch.empty(1, 8, 16, 16, 16, device="meta")
     geo = wn._Geometry(x, 8, (8, 8, 8), [None])
     assert "maxnreg" not in wn._stats_launch(geo)
     with mod._tuned(*variants["design 1, stats at 128 registers"]):
