@@ -360,14 +360,32 @@ def _sum_parts(vpart_ptr, kpart_ptr, e, emask, bh, o0, o1, o2, NWIN, NW0, NW1, N
 MAGIC_SOLVE = ("MW12", "MW2")
 MAGIC_PASS = (*MAGIC_SOLVE, "MHEADS")
 
-# Unshifted windows per program of the parts and apply kernels (default 16: g0's rolled copies,
-# loaded once per program, then cost 0.5 KB a window; 2048 programs at 2x32x128^3), warps per
+# Unshifted windows per program of the parts and apply kernels (None: up to 16, as many as leave
+# the launch at least _MIN_PROGRAMS programs, :func:`windows_per_program`), warps per
 # program of every window pass (default: see _Geometry2), and a register cap for ptxas on every
 # launch (None: none; at 64, 32 resident warps an SM, the parts passes and the backward output
 # pass spill in most cases, up to 672 B a thread, and the forward solve 32-40 B: sm_90a, Triton
 # 3.9, bench/results/static_designs/instructions.md); read by the launcher at each call.
 TUNING: dict = {"wpp": None, "warps": None, "maxnreg": None}
-_DEFAULT_WPP = 16
+_MAX_WPP = 16  # g0's rolled copies, loaded once a program, then cost 0.5 KB a window
+# Programs a window pass keeps at least, where the windows allow: about 3 waves of 8-warp
+# programs at 2-3 an SM on a 132-SM GPU. At 2x32x128^3 16 windows a program give 2048; at
+# 2x32x64^3 16 would give 256 programs (2 an SM, each through 16 windows one after another)
+# and 4 give 1024; at 16^3 a program takes one window.
+_MIN_PROGRAMS = 1024
+
+
+def windows_per_program(nwin: int, bh: int) -> int:
+    """Unshifted windows a program of the window passes takes (``WPP``): ``TUNING["wpp"]`` if
+    set, else the largest power of two up to ``_MAX_WPP`` that leaves ``_MIN_PROGRAMS`` programs
+    for nwin windows in each of bh heads (1 where none does). Which program takes a window
+    changes no value: each window's parts are stored in its own slots."""
+    if TUNING["wpp"]:
+        return TUNING["wpp"]
+    wpp = _MAX_WPP
+    while wpp > 1 and triton.cdiv(nwin, wpp) * bh < _MIN_PROGRAMS:
+        wpp //= 2
+    return wpp
 _WARPS = {"parts": 8, "apply": 8, "parts_bwd": 8, "apply_bwd": 16}
 
 
@@ -404,11 +422,11 @@ class _Geometry2(WindowSizes):
         self.shifts = _shift_constants(shifts, tuple(x.shape[2:]), self.P)
         self.nshift = len(self.shifts)
         self.sub = _subbox_sizes(self.shifts, self.P)
-        self.wpp = TUNING["wpp"] or _DEFAULT_WPP
         # warps per program of each window pass, chosen from the sm_90a compiles (issue 16's
         # report): 8, and 16 for the backward apply (twice the resident warps of 8)
         self.warps = {name: TUNING["warps"] or n for name, n in _WARPS.items()}
         self.bh = self.batch * self.heads
+        self.wpp = windows_per_program(self.nwin, self.bh)
         self.slots = self.bh * self.nwin * self.nshift * 8  # per-part statistics (8 per shift)
         self.progs = self.bh * self.nshift * self.nwin  # shifted windows: the solves' outputs
         self.grid = (triton.cdiv(self.nwin, self.wpp), self.bh)  # the window passes

@@ -35,6 +35,10 @@ per shift. Three launches per call:
    writes y = mean_s u_s,b (u_s,b^T x) with u_s,b the vector of the shifted window each part lies
    in, spread to the window's sub-boxes (``_shift_vectors``).
 
+WPP (``_window2_common.windows_per_program``): up to 16 windows a program, one after another,
+fewer where 16 would leave a window pass under 1024 programs (small volumes: 16^3 takes one window
+a program); which program takes a window changes no value.
+
 MU with zero entries of g0: those columns are dropped, and which columns that are depends on the
 shift, so with ``MU`` the Gram rows are masked per shift before the sub-box sums.
 

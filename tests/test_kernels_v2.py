@@ -122,6 +122,41 @@ def test_design2_three_launches_and_deterministic(gen, design2, monkeypatch, dev
     assert torch.equal(y1, y2) and torch.equal(dx1, dx2)
 
 
+def test_windows_per_program_keep_the_launch_wide():
+    """Up to 16 windows a program, fewer where 16 would leave under 1024 programs: at
+    2 x 32 x 128^3 16 (2048 programs), at 64^3 4 (1024; 16 gave 256), at 16^3 one (64);
+    ``TUNING["wpp"]`` wins."""
+    common = importlib.import_module("fastnmf.kernels._window2_common")
+
+    def geo(*shape):
+        return common._Geometry2(torch.empty(shape, device="meta"), 8, (8, 8, 8), [None, 4])
+
+    cases = {(2, 32, 128, 128, 128): (16, 2048), (2, 32, 64, 64, 64): (4, 1024),
+             (2, 64, 64, 64, 64): (8, 1024), (2, 32, 16, 16, 16): (1, 64)}  # fmt: skip
+    for shape, (wpp, programs) in cases.items():
+        g = geo(*shape)
+        assert (g.wpp, g.grid[0] * g.grid[1]) == (wpp, programs), shape
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(common.TUNING, "wpp", 2)
+        assert geo(2, 32, 128, 128, 128).wpp == 2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_design2_results_do_not_depend_on_windows_per_program(gen, design2, monkeypatch, device):
+    """y and dx bitwise the same with 1, 5 and 16 windows a program (12 windows a head: 5 leaves
+    a last program with 2, 16 one program with 4 idle window slots)."""
+    common = importlib.import_module("fastnmf.kernels._window2_common")
+    x, v0, dy = nmf_inputs(gen, (2, 8, 8, 8, 12), 4, zero_windows=True)
+    kw = dict(head_dim=4, patch_size=4, shifts=[None, 2], solver="hals")
+    runs = []
+    for wpp in (1, 5, 16):
+        monkeypatch.setitem(common.TUNING, "wpp", wpp)
+        runs.append(run_grad("triton", x, v0, dy, torch.float32, device, **kw))
+    assert runs[0][1].abs().sum() > 0
+    for y, dx in runs[1:]:
+        assert torch.equal(y, runs[0][0]) and torch.equal(dx, runs[0][1])
+
+
 def test_unknown_design_rejected(monkeypatch):
     monkeypatch.setitem(wn.TUNING, "design", 4)
     x = torch.rand(1, 4, 4, 4)

@@ -114,7 +114,7 @@ def test_forward_reads_g0_and_the_row_mask_once_per_program(monkeypatch):
         assert two.args[arg]["bytes_loaded"] == 2 * one.args[arg]["bytes_loaded"] > 0, arg
     assert two.args["x_ptr"] == one.args["x_ptr"]
     counted = [dict(kind=two.kind, kernel=two.kernel, grid=two.grid, args=two.args)]
-    (big,) = traffic._scaled(counted, 1000.0, programs=132)
+    (big,) = traffic._scaled(counted, 1000.0, programs={"_fused_kernel": 132})
     for arg, a in two.args.items():
         f = 66 if arg in per_program else 1000
         assert big["args"][arg]["bytes_loaded"] == f * a["bytes_loaded"], arg

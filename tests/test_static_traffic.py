@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 from collections import OrderedDict
 
 import numpy as np
@@ -256,6 +257,39 @@ def test_model_call_scales_a_persistent_call_as_the_rows_do():
         assert m["source"] == "counter-scaled"
         assert (m["bytes_loaded"], m["bytes_stored"]) == (calls[pass_]["bytes_loaded"],
                                                           calls[pass_]["bytes_stored"])  # fmt: skip
+
+
+@needs_interpreter
+def test_design2_reads_g0_and_the_row_mask_once_per_program(monkeypatch):
+    """The second design's window passes read g0 and the row mask once per program (16 windows
+    a program: a sixteenth of the bytes of one window a program, x the same), so the suite
+    scales them by the programs the benchmark shape launches (2048 at 2 x 32 x 128^3; the count
+    at 16^3 runs 8, one window each), the other arguments by the volume."""
+    from fastnmf.kernels._window2_common import TUNING
+
+    from fastnmf.profile.static.counter import count_call
+
+    big = StaticCase("window", 2, 32, (128,) * 3, "fp32", (None, 4), design=2)
+    small = traffic.counted_case(big)
+    counts = {}
+    for wpp in (1, 16):
+        monkeypatch.setitem(TUNING, "wpp", wpp)
+        counts[wpp] = {x.kernel: x for x in count_call(small)["bwd"].launches}
+    monkeypatch.setitem(TUNING, "wpp", None)
+    one, sixteen = counts[1]["_apply_bwd_kernel2"], counts[16]["_apply_bwd_kernel2"]
+    assert (math.prod(one.grid), math.prod(sixteen.grid)) == (8, 1)
+    for arg in traffic.PER_PROGRAM["_apply_bwd_kernel2"]:
+        assert one.args[arg]["bytes_loaded"] == 8 * sixteen.args[arg]["bytes_loaded"] > 0, arg
+    assert one.args["x_ptr"] == sixteen.args["x_ptr"]
+    counted = [traffic._as_model(x) for x in count_call(small)["bwd"].launches]
+    programs = traffic._programs(big, counted, "sm_90a")
+    assert programs == dict.fromkeys(("_parts_bwd_kernel", "_apply_bwd_kernel2"), 2048)
+    ratio = big.numel / small.numel
+    scaled = {x["kernel"]: x for x in traffic._scaled(counted, ratio, programs)}
+    for arg, a in one.args.items():
+        f = 2048 / 8 if arg in traffic.PER_PROGRAM["_apply_bwd_kernel2"] else ratio
+        assert scaled["_apply_bwd_kernel2"]["args"][arg]["bytes_loaded"] == int(
+            round(a["bytes_loaded"] * f)), arg  # fmt: skip
 
 
 @needs_interpreter

@@ -60,6 +60,11 @@ PERSISTENT = ("_fused_kernel", "_fused_bwd_kernel")
 # forward's ticket tile, on by default, reads g0 again once a ticket, from L1: those asked bytes
 # are under-counted here, none of them DRAM bytes)
 PER_PROGRAM = {"_fused_kernel": ("g0_ptr", "rowmask_ptr")}
+# The second design's window passes read them once per program too, before their window loop; a
+# program takes fewer windows at small shapes (kernels/_window2_common.windows_per_program), so
+# the counted case's programs are not the benchmark shape's scaled by the volume
+DESIGN2_PASSES = ("_parts_kernel", "_apply_kernel", "_parts_bwd_kernel", "_apply_bwd_kernel2")
+PER_PROGRAM.update(dict.fromkeys(DESIGN2_PASSES, ("g0_ptr", "rowmask_ptr")))
 
 
 def counted_case(case: StaticCase, side: int = 16) -> StaticCase:
@@ -204,24 +209,39 @@ def _bytes(launch: dict) -> int:
     return sum(a["bytes_loaded"] + a["bytes_stored"] for a in launch["args"].values())
 
 
-def _programs(case: StaticCase, counted: list[dict], target: str) -> int | None:
-    """Programs of the case's persistent launch on ``target`` (None: the call has none)."""
-    if not any(launch["kernel"] in PER_PROGRAM for launch in counted):
-        return None
-    from .pipeline_dram import persistent_programs
+def _programs(case: StaticCase, counted: list[dict], target: str) -> dict[str, int]:
+    """Programs at the case's own shape on ``target`` of each counted launch with
+    :data:`PER_PROGRAM` arguments, by kernel: the persistent launch's, the second design's window
+    passes' (empty: the call has none)."""
+    kernels = {launch["kernel"] for launch in counted} & set(PER_PROGRAM)
+    design2 = kernels & set(DESIGN2_PASSES) if case.mode == "window" and case.rank == 1 else set()
+    out = {}
+    if design2:  # (global rank > 1 has an _apply_kernel of its own, without these arguments)
+        import torch
 
-    return persistent_programs(case, target)
+        from fastnmf.kernels._window2_common import _Geometry2
+
+        x = torch.empty(case.shape, device="meta")
+        geo = _Geometry2(x, case.head_dim, (case.window,) * len(case.spatial), list(case.shifts))
+        out.update(dict.fromkeys(design2, math.prod(geo.grid)))
+    if kernels - set(DESIGN2_PASSES):
+        from .pipeline_dram import persistent_programs
+
+        out.update(dict.fromkeys(kernels - set(DESIGN2_PASSES), persistent_programs(case, target)))
+    return out
 
 
-def _scaled(counted: list[dict], factor: float, programs: int | None = None) -> list[dict]:
-    """The counted launches scaled by ``factor``; a persistent kernel's :data:`PER_PROGRAM`
-    arguments by ``programs`` over the programs counted."""
+def _scaled(counted: list[dict], factor: float, programs: dict | None = None) -> list[dict]:
+    """The counted launches scaled by ``factor``; the :data:`PER_PROGRAM` arguments of a kernel
+    in ``programs`` by its programs there over the programs counted."""
+    programs = programs or {}
     out = []
     for launch in counted:
-        per_program = PER_PROGRAM.get(launch["kernel"], ()) if programs else ()
+        per_program = PER_PROGRAM.get(launch["kernel"], ()) if launch["kernel"] in programs else ()
         args = {}
         for k, a in launch["args"].items():
-            f = programs / math.prod(launch["grid"]) if k in per_program else factor
+            f = (programs[launch["kernel"]] / math.prod(launch["grid"]) if k in per_program
+                 else factor)  # fmt: skip
             args[k] = {key: int(round(v * f)) for key, v in a.items()}
         out.append({**launch, "args": args, "grid": None})
     return out
