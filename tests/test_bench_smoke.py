@@ -295,3 +295,30 @@ def test_time_designs_compiles_every_case_first_within_a_budget(tmp_path, capsys
     # (one after another the third would have met the 4-s budget)
     err = capsys.readouterr().err
     assert "exit 1: no kernel" in err and "killed at the budget" in err
+
+
+def test_host_overhead_times_each_pass_without_a_gpu(tmp_path):
+    """bench/host_overhead.py: the Triton path's host time a call, its kernels compiled for sm_90a
+    by the stub driver and launched into nothing (no GPU); a row per pass, in microseconds. Under
+    pytest the interpreter is on: the script runs again without it. Its context puts back what
+    it replaced."""
+    import json
+
+    import fastnmf.kernels as kernels
+
+    from fastnmf.profile.static import ptx_tools
+    from fastnmf.profile.static.driver import StubDriver
+
+    if ptx_tools.missing_tools(["sm_90a"]):
+        pytest.skip("; ".join(ptx_tools.missing_tools(["sm_90a"])))
+    mod = load_bench("host_overhead")
+    saved = (kernels._interpreter_check, StubDriver.record)
+    with mod._host_only():
+        assert (kernels._interpreter_check, StubDriver.record) != saved
+    assert (kernels._interpreter_check, StubDriver.record) == saved
+    out = tmp_path / "host.json"
+    rc = mod.main(["--shifts", "[None]", "--calls", "2", "--repeats", "1", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert rc == 0 and [(r["shifts"], r["pass_"]) for r in rows] == [("[None]", "fwd"),
+                                                                      ("[None]", "fwd+bwd")]
+    assert all(0 < r["host_us"] < 1e6 for r in rows)

@@ -1,0 +1,129 @@
+"""Host time of one layer call on the Triton path, without a GPU: what bounds small volumes.
+
+    python bench/host_overhead.py                    # a markdown table, microseconds a call
+    python bench/host_overhead.py --out host.json
+
+On the H200 the window layer took 0.33 ms forward and 1.15 ms forward + backward at 2 x 32 x 16^3
+(fp32, `[None, 4]`, bench/results/h200_2026-12-04/layer/), where its kernels move 1 MB: the host,
+not the GPU, sets the time there. This script measures that host time on any machine: the kernels
+are compiled for sm_90a by the static suite's stub driver (fastnmf/profile/static/driver.py) and
+their launches go through Triton's whole launch path to a launcher that runs nothing; CPU tensors
+stand in for CUDA ones (allocation, views, autograd as on a GPU, minus CUDA's own launch cost, a
+few microseconds an op). The few PyTorch ops between the launches (fills, the global path's sums)
+do compute here, on the CPU, at a cost that grows with the volume where a GPU's would not: small
+shapes (the default, 2 x 32 x 16^3) are the fair measure. Each case: the median over --repeats
+rounds of --calls calls, after a warm-up (the first call compiles). Timed, so figures vary with
+the machine and its load; nothing here gates CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+SHIFTS = {"[None, 4]": [None, 4], "[None, 2, 4, 6]": [None, 2, 4, 6], "[None]": None,
+          "global": "global"}  # fmt: skip
+SHAPES = {"2x32x16^3": (2, 32, 16, 16, 16), "2x32x128^3": (2, 32, 128, 128, 128)}
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shifts", nargs="+", choices=list(SHIFTS), default=list(SHIFTS))
+    ap.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=["2x32x16^3"])
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    ap.add_argument("--calls", type=int, default=50, help="calls a timed round")
+    ap.add_argument("--repeats", type=int, default=5, help="timed rounds (the median is kept)")
+    ap.add_argument("--out", help="JSON file")
+    return ap
+
+
+@contextlib.contextmanager
+def _host_only():
+    """The stub driver for sm_90a, recording nothing, and CPU tensors accepted by the Triton path
+    (kernels._interpreter_check refuses them without the interpreter, rightly: here nothing
+    runs)."""
+    import fastnmf.kernels as kernels
+
+    from fastnmf.profile.static.capture import persistent_grid
+    from fastnmf.profile.static.driver import StubDriver, stub_driver
+
+    saved_check, saved_record = kernels._interpreter_check, StubDriver.record
+    kernels._interpreter_check = lambda x: None
+    StubDriver.record = lambda self, recorder, grid, args: None
+    try:
+        with stub_driver("sm_90a"), persistent_grid("sm_90a"):
+            yield
+    finally:
+        kernels._interpreter_check, StubDriver.record = saved_check, saved_record
+
+
+def _calls(shape, dtype, shifts):
+    import fastnmf
+
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    x = torch.empty(shape, dtype=dt).requires_grad_()
+    kw = dict(head_dim=8, iters=5, kernel="triton", check=False)
+    if shifts == "global":
+        v0 = torch.rand(int(torch.tensor(shape[2:]).prod()), 1)
+    else:
+        kw.update(window=8, shifts=shifts)
+        v0 = torch.rand(8 ** (len(shape) - 2), 1)
+
+    def fwd():
+        with torch.no_grad():
+            return fastnmf.matricized_nmf(x, v0, **kw)
+
+    def fwd_bwd():
+        y = fastnmf.matricized_nmf(x, v0, **kw)
+        return torch.autograd.grad(y, x, torch.empty_like(y))
+
+    return {"fwd": fwd, "fwd+bwd": fwd_bwd}
+
+
+def _median_us(fn, calls: int, repeats: int) -> float:
+    rounds = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        rounds.append((time.perf_counter() - t0) / calls * 1e6)
+    return statistics.median(rounds)
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the kernels must compile, not interpret
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        argv = sys.argv[1:] if argv is None else list(argv)
+        return subprocess.run([sys.executable, os.path.abspath(__file__), *argv], env=env,
+                              check=False).returncode  # fmt: skip
+    torch.set_num_threads(1)
+    rows = []
+    print("| shifts | shape | dtype | pass | host us a call |\n|---|---|---|---|---:|", flush=True)
+    with _host_only():
+        for sname in args.shifts:
+            for shape_name in args.shapes:
+                for pass_, fn in _calls(SHAPES[shape_name], args.dtype, SHIFTS[sname]).items():
+                    fn()  # compiles
+                    fn()
+                    us = _median_us(fn, args.calls, args.repeats)
+                    rows.append(dict(shifts=sname, shape=shape_name, dtype=args.dtype,
+                                     pass_=pass_, host_us=round(us, 1)))  # fmt: skip
+                    print(f"| {sname} | {shape_name} | {args.dtype} | {pass_} | {us:.0f} |",
+                          flush=True)  # fmt: skip
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(rows=rows, torch=torch.__version__), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
