@@ -75,7 +75,7 @@ def _forward(design, x, g0, rowmask, head_dim, patch, shifts, iters, mu):
         geo = wn._Geometry(x, head_dim, tuple(patch), shifts)
         y, hats, norms = wn._forward(x, g0, rowmask, geo, iters, mu, save=True, wrap=True)
         return y, hats, norms, hats.new_empty(0)
-    geo = _kernel_module("_window2_common")._Geometry2(x, head_dim, tuple(patch), shifts)
+    geo = _kernel_module("_window2_common").geometry(x, head_dim, tuple(patch), shifts)
     if design == 2:
         y, s0, s1, kmat = _kernel_module("window_nmf2")._forward(x, g0, rowmask, geo, iters, mu,
                                                                  save=True, wrap=True)  # fmt: skip
@@ -99,7 +99,7 @@ def _backward(design, dy, x, g0, rowmask, saved, head_dim, patch, shifts, iters,
         wn = _kernel_module("window_nmf")
         geo = wn._Geometry(x, head_dim, tuple(patch), shifts)
         return wn._backward(x, g0, rowmask, s0, s1, dy, geo, iters, mu, wrap=True)
-    geo = _kernel_module("_window2_common")._Geometry2(x, head_dim, tuple(patch), shifts)
+    geo = _kernel_module("_window2_common").geometry(x, head_dim, tuple(patch), shifts)
     if design == 2:
         return _kernel_module("_window2_bwd").backward2(x, g0, rowmask, s0, s1, s2, dy, geo, iters,
                                                         mu, wrap=True)  # fmt: skip

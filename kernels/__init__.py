@@ -34,7 +34,7 @@ import torch
 import triton
 
 from ._common import version_tuple as _version
-from ._window2_common import _Geometry2
+from ._window2_common import geometry
 from .global_nmf import global_nmf
 from .global_nmf_rank import global_nmf_rank
 from .window_nmf import TUNING as _WINDOW_TUNING
@@ -113,7 +113,7 @@ def design_for(x, head_dim: int, patch, shifts) -> int:
     """The design that runs for these inputs: :func:`window_design`, the second where the third's
     plane schedule does not apply (:func:`.window_nmf3.window_nmf3` falls back the same way)."""
     design = window_design(shifts)
-    if design == 3 and plane_plan(_Geometry2(x, head_dim, tuple(patch), shifts)) is None:
+    if design == 3 and plane_plan(geometry(x, head_dim, tuple(patch), shifts)) is None:
         return 2
     return design
 

@@ -414,10 +414,13 @@ def _shift_constants(shifts, spatial, patch3) -> tuple[tuple[int, ...], ...]:
 
 
 class _Geometry2(WindowSizes):
-    """WindowSizes plus the compile-time constants of the second design's kernels."""
+    """WindowSizes plus the compile-time constants of the second design's kernels (immutable once
+    built: :func:`geometry` hands one out to every call of the same sizes; its launch arguments
+    are computed once each)."""
 
     def __init__(self, x: torch.Tensor, head_dim: int, patch, shifts):
         super().__init__(x, head_dim, patch)
+        self._memo: dict = {}
         self.bp = tuple(triton.next_power_of_2(p) for p in self.P)
         self.shifts = _shift_constants(shifts, tuple(x.shape[2:]), self.P)
         self.nshift = len(self.shifts)
@@ -442,20 +445,31 @@ class _Geometry2(WindowSizes):
         cap = TUNING["maxnreg"]
         return {"num_warps": self.warps.get(name, 1), **({"maxnreg": cap} if cap else {})}
 
+    def _once(self, key, make) -> dict:
+        """``make()``, computed at the first call with ``key`` (the launch arguments below are
+        pure functions of the sizes; the callers only unpack them)."""
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
+
     def consts(self) -> dict:
-        return dict(SHIFTS=self.shifts, NSHIFT=self.nshift, P0=self.P[0], P1=self.P[1],
-                    P2=self.P[2])  # fmt: skip
+        return self._once("consts", lambda: dict(SHIFTS=self.shifts, NSHIFT=self.nshift,
+                                                 P0=self.P[0], P1=self.P[1], P2=self.P[2]))
 
     def magic(self, heads: bool = True) -> dict:
         """The magic numbers of the kernels' run-time divisors (kernels/_fastdiv.py): NW1 NW2 and
         NW2 (``_window_origin``), with ``heads`` the heads (``_pass_rows``; not the solves)."""
         divisors = dict(W12=self.NW[1] * self.NW[2], W2=self.NW[2])
-        return magics(**divisors, **(dict(HEADS=self.heads) if heads else {}))
+        return self._once(("magic", heads), lambda: magics(
+            **divisors, **(dict(HEADS=self.heads) if heads else {})))  # fmt: skip
 
     def dot(self, acc, mu: bool) -> dict:
         """The forward parts pass's matrix split of the Gram and X g0 (``_parts_dot``): fp32, HALS,
         and tiles a GPU's tl.dot takes (E^2 and the sub-box count at least 16: sub-boxes halved,
         the largest axis first, until there are 16)."""
+        return self._once(("dot", acc, mu), lambda: self._dot(acc, mu))
+
+    def _dot(self, acc, mu: bool) -> dict:
         sub = list(self.sub)
         while math.prod(b // g for b, g in zip(self.bp, sub, strict=True)) < 16 and max(sub) > 1:
             sub[sub.index(max(sub))] //= 2
@@ -465,6 +479,32 @@ class _Geometry2(WindowSizes):
                     NPB=max(16, triton.next_power_of_2(8 * self.nshift)))  # fmt: skip
 
     def block(self) -> dict:
-        return dict(WPP=self.wpp, BP0=self.bp[0], BP1=self.bp[1], BP2=self.bp[2],
-                    BLOCK_E=self.block_e, NSB=triton.next_power_of_2(self.nshift),
-                    G0=self.sub[0], G1=self.sub[1], G2=self.sub[2])  # fmt: skip
+        return self._once("block", lambda: dict(
+            WPP=self.wpp, BP0=self.bp[0], BP1=self.bp[1], BP2=self.bp[2], BLOCK_E=self.block_e,
+            NSB=triton.next_power_of_2(self.nshift), G0=self.sub[0], G1=self.sub[1],
+            G2=self.sub[2]))  # fmt: skip
+
+
+# geometries by (shape, head_dim, window, shifts, TUNING), for :func:`geometry`
+_GEOMETRIES: dict = {}
+_GEOMETRIES_KEPT = 256  # then the cache starts again (a model has a few dozen layer shapes)
+
+
+def geometry(x: torch.Tensor, head_dim: int, patch, shifts) -> _Geometry2:
+    """``_Geometry2(x, head_dim, patch, shifts)``, built once for each shape, head dim, window,
+    shift list and ``TUNING`` (about 20 us of host time a call, where a small volume's whole call
+    takes a few hundred: bench/host_overhead.py); built afresh where a size is symbolic (traced
+    for torch.compile / export)."""
+    shape = tuple(x.shape)
+    if not all(type(n) is int for n in shape):
+        return _Geometry2(x, head_dim, patch, shifts)
+    shift_key = None if shifts is None else tuple(None if s is None else tuple(s) if
+                                                  isinstance(s, (list, tuple)) else s
+                                                  for s in shifts)  # fmt: skip
+    key = (shape, head_dim, tuple(patch), shift_key, tuple(TUNING.items()))
+    geo = _GEOMETRIES.get(key)
+    if geo is None:
+        if len(_GEOMETRIES) >= _GEOMETRIES_KEPT:
+            _GEOMETRIES.clear()
+        geo = _GEOMETRIES[key] = _Geometry2(x, head_dim, patch, shifts)
+    return geo

@@ -98,6 +98,7 @@ from ._window2_common import (
     _sum_parts,
     _to_sub,
     _tri,
+    geometry,
 )
 
 __all__ = ["TUNING", "WindowNMF2", "window_nmf2"]
@@ -372,7 +373,7 @@ class WindowNMF2(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, g0, rowmask, head_dim, patch, shifts, iters, mu):
-        geo = _Geometry2(x, head_dim, patch, shifts)
+        geo = geometry(x, head_dim, patch, shifts)
         y, hats, norms, kmat = _forward(x, g0, rowmask, geo, iters, mu,
                                         save=ctx.needs_input_grad[0])  # fmt: skip
         ctx.save_for_backward(x, g0, rowmask, hats, norms, kmat)

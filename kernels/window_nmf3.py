@@ -74,7 +74,7 @@ import triton
 import triton.language as tl
 
 from ._common import acc_dtype, compute_dtype, launch, window_inputs
-from ._window2_common import _Geometry2, _lanes_rowmask_g, _plane_w0, _tri
+from ._window2_common import _Geometry2, _lanes_rowmask_g, _plane_w0, _tri, geometry
 from ._window3_bwd import backward3
 from ._window3_out_tile import _apply_fwd_tile, out_tile_plan
 from ._window3_parts import _parts_chunk_merged
@@ -332,7 +332,7 @@ def window_nmf3(x, v0, *, head_dim, patch_size, shifts, u0=None, iters=5, solver
     :func:`.window_nmf.window_nmf`); the second design where the shifts do not allow the plane
     schedule (:func:`fused_plan`)."""
     g0, rowmask, mu = window_inputs(x, v0, u0, head_dim=head_dim, solver=solver)
-    geo = _Geometry2(x, head_dim, tuple(patch_size), shifts)
+    geo = geometry(x, head_dim, tuple(patch_size), shifts)
     plan = plane_plan(geo)
     if plan is None:
         return WindowNMF2.apply(x, g0, rowmask, head_dim, tuple(patch_size), shifts, iters, mu)

@@ -141,6 +141,27 @@ def test_windows_per_program_keep_the_launch_wide():
         assert geo(2, 32, 128, 128, 128).wpp == 2
 
 
+def test_geometry_is_built_once_per_sizes_shifts_and_tuning(monkeypatch):
+    """``geometry`` (what every design 2 / 3 call starts from) hands the same geometry to calls
+    of the same shape, head dim, window and shifts, and a new one when any of them or the
+    design's TUNING differs; its launch arguments are computed once."""
+    common = importlib.import_module("fastnmf.kernels._window2_common")
+    monkeypatch.setattr(common, "_GEOMETRIES", {})
+    x, same = torch.empty(2, 8, 16, 16, 16, device="meta"), torch.empty(2, 8, 16, 16, 16)
+    geo = common.geometry(x, 4, (8, 8, 8), [None, (4, 4, 4)])
+    assert common.geometry(same, 4, (8, 8, 8), [None, (4, 4, 4)]) is geo
+    assert geo.magic() is geo.magic() and geo.block() is geo.block()
+    assert geo.magic(heads=False) == {k: v for k, v in geo.magic().items() if "HEADS" not in k}
+    others = [common.geometry(torch.empty(2, 8, 16, 16, 32), 4, (8, 8, 8), [None, (4, 4, 4)]),
+              common.geometry(x, 8, (8, 8, 8), [None, (4, 4, 4)]),
+              common.geometry(x, 4, (4, 4, 4), [None, (4, 4, 4)]),
+              common.geometry(x, 4, (8, 8, 8), [None, (2, 2, 2)])]  # fmt: skip
+    monkeypatch.setitem(common.TUNING, "wpp", 2)
+    others.append(common.geometry(x, 4, (8, 8, 8), [None, (4, 4, 4)]))
+    assert all(g is not geo for g in others) and others[-1].wpp == 2 != geo.wpp
+    assert len({id(g) for g in others}) == len(others)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_design2_results_do_not_depend_on_windows_per_program(gen, design2, monkeypatch, device):
     """y and dx bitwise the same with 1, 5 and 16 windows a program (12 windows a head: 5 leaves
