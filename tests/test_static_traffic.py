@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 from collections import OrderedDict
@@ -260,22 +261,19 @@ def test_model_call_scales_a_persistent_call_as_the_rows_do():
 
 
 @needs_interpreter
-def test_design2_reads_g0_and_the_row_mask_once_per_program(monkeypatch):
-    """The second design's window passes read g0 and the row mask once per program (16 windows
-    a program: a sixteenth of the bytes of one window a program, x the same), so the suite
-    scales them by the programs the benchmark shape launches (2048 at 2 x 32 x 128^3; the count
-    at 16^3 runs 8, one window each), the other arguments by the volume."""
-    from fastnmf.kernels._window2_common import TUNING
-
+def test_design2_reads_g0_and_the_row_mask_once_per_program():
+    """The second design's window passes read g0 and the row mask once per program (8 windows
+    in one program: an eighth of the bytes of one window a program, x the same), so the suite
+    counts at 16^3 with the benchmark shape's windows a program (16: one program) and scales
+    those reads by the programs the benchmark shape launches (2048 at 2 x 32 x 128^3), the other
+    arguments by the volume."""
     from fastnmf.profile.static.counter import count_call
 
     big = StaticCase("window", 2, 32, (128,) * 3, "fp32", (None, 4), design=2)
-    small = traffic.counted_case(big)
-    counts = {}
-    for wpp in (1, 16):
-        monkeypatch.setitem(TUNING, "wpp", wpp)
-        counts[wpp] = {x.kernel: x for x in count_call(small)["bwd"].launches}
-    monkeypatch.setitem(TUNING, "wpp", None)
+    small = traffic.counted_case(big)  # at the benchmark shape's 16 windows a program
+    assert small.shape == (1, 8, 16, 16, 16) and small.wpp == 16
+    counts = {wpp: {x.kernel: x for x in count_call(dataclasses.replace(small, wpp=wpp))["bwd"]
+                    .launches} for wpp in (1, 16)}  # fmt: skip
     one, sixteen = counts[1]["_apply_bwd_kernel2"], counts[16]["_apply_bwd_kernel2"]
     assert (math.prod(one.grid), math.prod(sixteen.grid)) == (8, 1)
     for arg in traffic.PER_PROGRAM["_apply_bwd_kernel2"]:
@@ -286,8 +284,8 @@ def test_design2_reads_g0_and_the_row_mask_once_per_program(monkeypatch):
     assert programs == dict.fromkeys(("_parts_bwd_kernel", "_apply_bwd_kernel2"), 2048)
     ratio = big.numel / small.numel
     scaled = {x["kernel"]: x for x in traffic._scaled(counted, ratio, programs)}
-    for arg, a in one.args.items():
-        f = 2048 / 8 if arg in traffic.PER_PROGRAM["_apply_bwd_kernel2"] else ratio
+    for arg, a in sixteen.args.items():
+        f = 2048 if arg in traffic.PER_PROGRAM["_apply_bwd_kernel2"] else ratio
         assert scaled["_apply_bwd_kernel2"]["args"][arg]["bytes_loaded"] == int(
             round(a["bytes_loaded"] * f)), arg  # fmt: skip
 

@@ -48,6 +48,9 @@ class StaticCase:
     iters: int = ITERS
     design: int = 1
     untiled: bool = False  # design 3 with its four tiles off (its per-window passes)
+    # design 2's windows a program where set (else its own choice for the shape): the traffic
+    # count at a small shape takes the benchmark shape's (traffic.counted_case)
+    wpp: int | None = None
 
     def __post_init__(self):
         if self.design not in DESIGNS:
@@ -138,18 +141,22 @@ def coverage_cases(dtype: str = "fp32") -> list[StaticCase]:
 @contextlib.contextmanager
 def selected_design(case: StaticCase):
     """Inside the block the window kernels of ``case.design`` serve the layer's calls (design 3
-    with its tiles off where ``case.untiled``)."""
+    with its tiles off where ``case.untiled``; design 2 with ``case.wpp`` windows a program
+    where set)."""
     tuning = importlib.import_module("fastnmf.kernels.window_nmf").TUNING
+    tuning2 = importlib.import_module("fastnmf.kernels._window2_common").TUNING
     tuning3 = importlib.import_module("fastnmf.kernels._window3_sched").TUNING
-    saved, saved3 = tuning["design"], dict(tuning3)
+    saved, saved2, saved3 = tuning["design"], tuning2["wpp"], dict(tuning3)
     tuning["design"] = case.design
+    if case.wpp:
+        tuning2["wpp"] = case.wpp
     if case.untiled:
         sched = importlib.import_module("fastnmf.kernels._window3_sched")
         tuning3.update(dict.fromkeys(sched.TILE_KEYS, False))
     try:
         yield
     finally:
-        tuning["design"] = saved
+        tuning["design"], tuning2["wpp"] = saved, saved2
         tuning3.update(saved3)
 
 

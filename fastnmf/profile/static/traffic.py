@@ -60,9 +60,9 @@ PERSISTENT = ("_fused_kernel", "_fused_bwd_kernel")
 # forward's ticket tile, on by default, reads g0 again once a ticket, from L1: those asked bytes
 # are under-counted here, none of them DRAM bytes)
 PER_PROGRAM = {"_fused_kernel": ("g0_ptr", "rowmask_ptr")}
-# The second design's window passes read them once per program too, before their window loop; a
-# program takes fewer windows at small shapes (kernels/_window2_common.windows_per_program), so
-# the counted case's programs are not the benchmark shape's scaled by the volume
+# The second design's window passes read them once per program too, before their window loop
+# (the count at 16^d takes the benchmark shape's windows a program, ``counted_case``: one program
+# there where the benchmark shape launches thousands)
 DESIGN2_PASSES = ("_parts_kernel", "_apply_kernel", "_parts_bwd_kernel", "_apply_bwd_kernel2")
 PER_PROGRAM.update(dict.fromkeys(DESIGN2_PASSES, ("g0_ptr", "rowmask_ptr")))
 
@@ -81,7 +81,22 @@ def counted_case(case: StaticCase, side: int = 16) -> StaticCase:
     small = dataclasses.replace(small_case(case, side), channels=heads * case.head_dim)
     if case.mode == "window" and case.design == 3:
         small = dataclasses.replace(small, spatial=(*small.spatial[:-1], _counted_row(case, side)))
+    if case.mode == "window" and case.design == 2 and case.rank == 1 and not case.wpp:
+        small = dataclasses.replace(small, wpp=_design2_geometry(case).wpp)
     return small
+
+
+def _design2_geometry(case: StaticCase):
+    """The second design's geometry of ``case`` at its own shape (its windows a program, grid)."""
+    import torch
+
+    from fastnmf.kernels._window2_common import _Geometry2
+
+    from .cases import selected_design
+
+    x = torch.empty(case.shape, device="meta")
+    with selected_design(case):
+        return _Geometry2(x, case.head_dim, (case.window,) * len(case.spatial), list(case.shifts))
 
 
 def _counted_row(case: StaticCase, side: int) -> int:
@@ -217,13 +232,7 @@ def _programs(case: StaticCase, counted: list[dict], target: str) -> dict[str, i
     design2 = kernels & set(DESIGN2_PASSES) if case.mode == "window" and case.rank == 1 else set()
     out = {}
     if design2:  # (global rank > 1 has an _apply_kernel of its own, without these arguments)
-        import torch
-
-        from fastnmf.kernels._window2_common import _Geometry2
-
-        x = torch.empty(case.shape, device="meta")
-        geo = _Geometry2(x, case.head_dim, (case.window,) * len(case.spatial), list(case.shifts))
-        out.update(dict.fromkeys(design2, math.prod(geo.grid)))
+        out.update(dict.fromkeys(design2, math.prod(_design2_geometry(case).grid)))
     if kernels - set(DESIGN2_PASSES):
         from .pipeline_dram import persistent_programs
 
