@@ -72,7 +72,7 @@ def _forward(design, x, g0, rowmask, head_dim, patch, shifts, iters, mu):
     shifts = decode_shifts(shifts, x.dim() - 2)
     if design == 1:
         wn = _kernel_module("window_nmf")
-        geo = wn._Geometry(x, head_dim, tuple(patch), shifts)
+        geo = wn.geometry(x, head_dim, tuple(patch), shifts)
         y, hats, norms = wn._forward(x, g0, rowmask, geo, iters, mu, save=True, wrap=True)
         return y, hats, norms, hats.new_empty(0)
     geo = _kernel_module("_window2_common").geometry(x, head_dim, tuple(patch), shifts)
@@ -97,7 +97,7 @@ def _backward(design, dy, x, g0, rowmask, saved, head_dim, patch, shifts, iters,
     s0, s1, s2 = saved
     if design == 1:
         wn = _kernel_module("window_nmf")
-        geo = wn._Geometry(x, head_dim, tuple(patch), shifts)
+        geo = wn.geometry(x, head_dim, tuple(patch), shifts)
         return wn._backward(x, g0, rowmask, s0, s1, dy, geo, iters, mu, wrap=True)
     geo = _kernel_module("_window2_common").geometry(x, head_dim, tuple(patch), shifts)
     if design == 2:

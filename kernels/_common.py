@@ -261,6 +261,31 @@ def _steps_backward(k, grad, hats_ptr, norms_ptr, e, emask, E, ITERS, BLOCK_E: t
     return kbar + tl.trans(kbar), hbar
 
 
+# geometries kept by :func:`shared_geometry` per cache (then it starts again; a model has a few
+# dozen layer shapes)
+_GEOMETRIES_KEPT = 256
+
+
+def shared_geometry(cache: dict, build, x: torch.Tensor, head_dim: int, patch, shifts, *key):
+    """``build(x, head_dim, patch, shifts)``, built once in ``cache`` for each shape, head dim,
+    window, shift list and ``key`` (what else the geometry reads: the dtype, its TUNING): a
+    window call's host time is a few hundred microseconds at small volumes, and building a
+    geometry was tens of them (bench/host_overhead.py). The geometries are read-only once
+    built. Built afresh where a size is symbolic (traced for torch.compile / export)."""
+    shape = tuple(x.shape)
+    if not all(type(n) is int for n in shape):
+        return build(x, head_dim, patch, shifts)
+    shift_key = None if shifts is None else tuple(
+        tuple(s) if isinstance(s, (list, tuple)) else s for s in shifts)  # fmt: skip
+    full = (shape, head_dim, tuple(patch), shift_key, *key)
+    geo = cache.get(full)
+    if geo is None:
+        if len(cache) >= _GEOMETRIES_KEPT:
+            cache.clear()
+        geo = cache[full] = build(x, head_dim, patch, shifts)
+    return geo
+
+
 class WindowSizes:
     """Sizes of a (B, C, *S) input as 3D (a 2D input gets a leading spatial dim of 1), its
     windows P and their grid NW: what the window launchers of both designs start from."""

@@ -12,7 +12,7 @@ import triton.language as tl
 
 from fastnmf.layout import padded_shift_table
 
-from ._common import WindowSizes, _shift_of
+from ._common import WindowSizes, _shift_of, shared_geometry
 from ._fastdiv import _fdiv, _fdivmod, magics
 
 
@@ -485,26 +485,11 @@ class _Geometry2(WindowSizes):
             G2=self.sub[2]))  # fmt: skip
 
 
-# geometries by (shape, head_dim, window, shifts, TUNING), for :func:`geometry`
-_GEOMETRIES: dict = {}
-_GEOMETRIES_KEPT = 256  # then the cache starts again (a model has a few dozen layer shapes)
+_GEOMETRIES: dict = {}  # :func:`geometry`'s
 
 
 def geometry(x: torch.Tensor, head_dim: int, patch, shifts) -> _Geometry2:
     """``_Geometry2(x, head_dim, patch, shifts)``, built once for each shape, head dim, window,
-    shift list and ``TUNING`` (about 20 us of host time a call, where a small volume's whole call
-    takes a few hundred: bench/host_overhead.py); built afresh where a size is symbolic (traced
-    for torch.compile / export)."""
-    shape = tuple(x.shape)
-    if not all(type(n) is int for n in shape):
-        return _Geometry2(x, head_dim, patch, shifts)
-    shift_key = None if shifts is None else tuple(None if s is None else tuple(s) if
-                                                  isinstance(s, (list, tuple)) else s
-                                                  for s in shifts)  # fmt: skip
-    key = (shape, head_dim, tuple(patch), shift_key, tuple(TUNING.items()))
-    geo = _GEOMETRIES.get(key)
-    if geo is None:
-        if len(_GEOMETRIES) >= _GEOMETRIES_KEPT:
-            _GEOMETRIES.clear()
-        geo = _GEOMETRIES[key] = _Geometry2(x, head_dim, patch, shifts)
-    return geo
+    shift list and ``TUNING`` (:func:`shared_geometry`)."""
+    return shared_geometry(_GEOMETRIES, _Geometry2, x, head_dim, patch, shifts,
+                           tuple(TUNING.items()))  # fmt: skip

@@ -59,6 +59,7 @@ from ._common import (
     acc_dtype,
     compute_dtype,
     launch,
+    shared_geometry,
     shift_rows,
     window_inputs,
 )
@@ -376,6 +377,16 @@ class _Geometry(WindowSizes):
         return (*self.h, self.S[1] // self.h[1], self.S[2] // self.h[2])
 
 
+_GEOMETRIES: dict = {}  # :func:`geometry`'s
+
+
+def geometry(x: torch.Tensor, head_dim: int, patch, shifts) -> _Geometry:
+    """``_Geometry(x, head_dim, patch, shifts)``, built once for each shape, dtype, head dim,
+    window, shift list and ``TUNING`` (:func:`shared_geometry`)."""
+    return shared_geometry(_GEOMETRIES, _Geometry, x, head_dim, patch, shifts, x.dtype,
+                           tuple(TUNING.items()))  # fmt: skip
+
+
 def _tile_shape(patch, rows) -> tuple[int, ...]:
     """The largest block (per axis: a divisor of P and of every shift mod P) such that each
     aligned block lies inside one window under every shift."""
@@ -397,7 +408,7 @@ class WindowNMF(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, g0, rowmask, head_dim, patch, shifts, iters, mu):
-        geo = _Geometry(x, head_dim, patch, shifts)
+        geo = geometry(x, head_dim, patch, shifts)
         y, hats, norms = _forward(x, g0, rowmask, geo, iters, mu, save=ctx.needs_input_grad[0])
         ctx.save_for_backward(x, g0, rowmask, hats, norms)
         ctx.geo, ctx.iters, ctx.mu = geo, iters, mu

@@ -50,7 +50,7 @@ from ._common import (
     _window_coords,
 )
 from ._rank_algebra import _step, _step_bwd, _x_times, _xt_times
-from .window_nmf import _Geometry
+from .window_nmf import _Geometry, geometry
 
 __all__ = ["WindowNMFRank", "window_nmf_rank"]
 
@@ -284,7 +284,7 @@ class WindowNMFRank(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, u0, v0, head_dim, patch, shifts, iters, mu):
-        geo = _Geometry(x, head_dim, patch, shifts)
+        geo = geometry(x, head_dim, patch, shifts)
         ctx.save_for_backward(x, u0, v0)
         ctx.geo, ctx.iters, ctx.mu = geo, iters, mu
         return _forward(x, u0, v0, geo, iters, mu)

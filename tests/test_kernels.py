@@ -121,6 +121,23 @@ def test_local_windows_fuse_the_output_pass(gen, device, monkeypatch, shape, pat
     assert rel_err(fused[0], y_ref) <= 1e-12 and rel_err(fused[1], dx_ref) <= 1e-12
 
 
+def test_geometry_is_built_once_per_sizes_dtype_and_tuning(monkeypatch):
+    """``window_nmf.geometry`` (design 1, rank > 1): one geometry for the calls of one shape,
+    dtype, head dim, window, shift list and TUNING; another when any differs (the dtype decides
+    ``gram_dot``, TUNING the tiles)."""
+    wn = importlib.import_module("fastnmf.kernels.window_nmf")
+    monkeypatch.setattr(wn, "_GEOMETRIES", {})
+    x, shifts = torch.empty(1, 8, 8, 8, 8), [None, (2, 2, 2)]
+    geo = wn.geometry(x, 4, (4, 4, 4), shifts)
+    assert wn.geometry(torch.empty(1, 8, 8, 8, 8), 4, (4, 4, 4), [None, (2, 2, 2)]) is geo
+    others = [wn.geometry(x.double(), 4, (4, 4, 4), shifts), wn.geometry(x, 4, (4, 4, 4), None),
+              wn.geometry(x, 8, (4, 4, 4), shifts), wn.geometry(x, 4, (4, 4, 2), shifts)]
+    monkeypatch.setitem(wn.TUNING, "gram", "dot")
+    others.append(wn.geometry(x, 4, (4, 4, 4), shifts))
+    assert all(g is not geo for g in others) and len({id(g) for g in others}) == len(others)
+    assert others[-1].gram_dot and not geo.gram_dot and not others[0].gram_dot
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gram_by_dot_matches_broadcast_sum(gen, device, monkeypatch, dtype):
