@@ -382,9 +382,10 @@ _GEOMETRIES: dict = {}  # :func:`geometry`'s
 
 def geometry(x: torch.Tensor, head_dim: int, patch, shifts) -> _Geometry:
     """``_Geometry(x, head_dim, patch, shifts)``, built once for each shape, dtype, head dim,
-    window, shift list and ``TUNING`` (:func:`shared_geometry`)."""
+    window, shift list, ``TUNING`` and the module values it reads (``INTERPRET``, ``_MIN_TILE``:
+    the static suite's counter sets the GPU's under the interpreter; :func:`shared_geometry`)."""
     return shared_geometry(_GEOMETRIES, _Geometry, x, head_dim, patch, shifts, x.dtype,
-                           tuple(TUNING.items()))  # fmt: skip
+                           tuple(TUNING.items()), INTERPRET, _MIN_TILE)  # fmt: skip
 
 
 def _tile_shape(patch, rows) -> tuple[int, ...]:

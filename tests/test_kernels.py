@@ -124,7 +124,10 @@ def test_local_windows_fuse_the_output_pass(gen, device, monkeypatch, shape, pat
 def test_geometry_is_built_once_per_sizes_dtype_and_tuning(monkeypatch):
     """``window_nmf.geometry`` (design 1, rank > 1): one geometry for the calls of one shape,
     dtype, head dim, window, shift list and TUNING; another when any differs (the dtype decides
-    ``gram_dot``, TUNING the tiles)."""
+    ``gram_dot``, TUNING the tiles), or the module values it reads (the interpreter's or the
+    GPU's launch geometry, the tile threshold)."""
+    from fastnmf.profile.static.counter import gpu_geometry
+
     wn = importlib.import_module("fastnmf.kernels.window_nmf")
     monkeypatch.setattr(wn, "_GEOMETRIES", {})
     x, shifts = torch.empty(1, 8, 8, 8, 8), [None, (2, 2, 2)]
@@ -132,10 +135,15 @@ def test_geometry_is_built_once_per_sizes_dtype_and_tuning(monkeypatch):
     assert wn.geometry(torch.empty(1, 8, 8, 8, 8), 4, (4, 4, 4), [None, (2, 2, 2)]) is geo
     others = [wn.geometry(x.double(), 4, (4, 4, 4), shifts), wn.geometry(x, 4, (4, 4, 4), None),
               wn.geometry(x, 8, (4, 4, 4), shifts), wn.geometry(x, 4, (4, 4, 2), shifts)]
+    with gpu_geometry():  # the module values the static suite's counter sets: the GPU's
+        others.append(wn.geometry(x, 4, (4, 4, 4), shifts))
+    monkeypatch.setattr(wn, "_MIN_TILE", 4)  # the GPU's (the interpreter's: 64)
+    others.append(wn.geometry(x, 4, (4, 4, 4), shifts))
     monkeypatch.setitem(wn.TUNING, "gram", "dot")
     others.append(wn.geometry(x, 4, (4, 4, 4), shifts))
     assert all(g is not geo for g in others) and len({id(g) for g in others}) == len(others)
     assert others[-1].gram_dot and not geo.gram_dot and not others[0].gram_dot
+    assert (others[-3].block_v, geo.block_v) == (128, 1024) and others[-2].tiled and not geo.tiled
 
 
 @pytest.mark.parametrize("device", DEVICES)
