@@ -41,8 +41,31 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     ap.add_argument("--calls", type=int, default=50, help="calls a timed round")
     ap.add_argument("--repeats", type=int, default=5, help="timed rounds (the median is kept)")
+    ap.add_argument("--ab", action="store_true",
+                    help="also time each case with the window geometries built every call "
+                         "(kernels._common.shared_geometry off), in alternating rounds")
     ap.add_argument("--out", help="JSON file")
     return ap
+
+
+@contextlib.contextmanager
+def _geometry_cache(on: bool):
+    """The window geometries built once per shape (the code's way) or, with ``on`` False, every
+    call (as before 2026-12-04): the modules that call ``shared_geometry`` get a builder."""
+    import importlib
+
+    modules = [importlib.import_module(f"fastnmf.kernels.{m}")
+               for m in ("window_nmf", "_window2_common")]  # fmt: skip
+    saved = [m.shared_geometry for m in modules]
+    if not on:
+        for m in modules:
+            m.shared_geometry = lambda cache, build, x, head_dim, patch, shifts, *key: build(
+                x, head_dim, patch, shifts)  # fmt: skip
+    try:
+        yield
+    finally:
+        for m, f in zip(modules, saved, strict=True):
+            m.shared_geometry = f
 
 
 @contextlib.contextmanager
@@ -98,6 +121,20 @@ def _median_us(fn, calls: int, repeats: int) -> float:
     return statistics.median(rounds)
 
 
+def _timed(fn, args) -> dict:
+    """host_us (and with --ab host_us_uncached): medians of --repeats rounds, the two settings
+    alternating round by round so that a drift of the machine's speed hits both alike."""
+    if not args.ab:
+        return dict(host_us=round(_median_us(fn, args.calls, args.repeats), 1))
+    times = {True: [], False: []}
+    for _ in range(args.repeats):
+        for on in (False, True):
+            with _geometry_cache(on):
+                times[on].append(_median_us(fn, args.calls, 1))
+    return dict(host_us=round(statistics.median(times[True]), 1),
+                host_us_uncached=round(statistics.median(times[False]), 1))
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":  # the kernels must compile, not interpret
@@ -107,18 +144,21 @@ def main(argv=None) -> int:
                               check=False).returncode  # fmt: skip
     torch.set_num_threads(1)
     rows = []
-    print("| shifts | shape | dtype | pass | host us a call |\n|---|---|---|---|---:|", flush=True)
+    ab = " | geometry every call |" if args.ab else " |"
+    print(f"| shifts | shape | dtype | pass | host us a call{ab}\n|---|---|---|---|---:|"
+          + ("---:|" if args.ab else ""), flush=True)  # fmt: skip
     with _host_only():
         for sname in args.shifts:
             for shape_name in args.shapes:
                 for pass_, fn in _calls(SHAPES[shape_name], args.dtype, SHIFTS[sname]).items():
                     fn()  # compiles
                     fn()
-                    us = _median_us(fn, args.calls, args.repeats)
-                    rows.append(dict(shifts=sname, shape=shape_name, dtype=args.dtype,
-                                     pass_=pass_, host_us=round(us, 1)))  # fmt: skip
-                    print(f"| {sname} | {shape_name} | {args.dtype} | {pass_} | {us:.0f} |",
-                          flush=True)  # fmt: skip
+                    row = dict(shifts=sname, shape=shape_name, dtype=args.dtype, pass_=pass_,
+                               **_timed(fn, args))  # fmt: skip
+                    rows.append(row)
+                    extra = f" | {row['host_us_uncached']:.0f}" if args.ab else ""
+                    print(f"| {sname} | {shape_name} | {args.dtype} | {pass_} | "
+                          f"{row['host_us']:.0f}{extra} |", flush=True)  # fmt: skip
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(rows=rows, torch=torch.__version__), f, indent=1)

@@ -302,6 +302,7 @@ def test_host_overhead_times_each_pass_without_a_gpu(tmp_path):
     by the stub driver and launched into nothing (no GPU); a row per pass, in microseconds. Under
     pytest the interpreter is on: the script runs again without it. Its context puts back what
     it replaced."""
+    import importlib
     import json
 
     import fastnmf.kernels as kernels
@@ -316,9 +317,15 @@ def test_host_overhead_times_each_pass_without_a_gpu(tmp_path):
     with mod._host_only():
         assert (kernels._interpreter_check, StubDriver.record) != saved
     assert (kernels._interpreter_check, StubDriver.record) == saved
+    users = [importlib.import_module(f"fastnmf.kernels.{m}") for m in ("window_nmf",
+                                                                       "_window2_common")]
+    with mod._geometry_cache(False):  # --ab: the geometries built every call, then put back
+        assert all(m.shared_geometry is not kernels._common.shared_geometry for m in users)
+    assert all(m.shared_geometry is kernels._common.shared_geometry for m in users)
     out = tmp_path / "host.json"
-    rc = mod.main(["--shifts", "[None]", "--calls", "2", "--repeats", "1", "--out", str(out)])
+    rc = mod.main(["--shifts", "[None]", "--calls", "2", "--repeats", "1", "--ab",
+                   "--out", str(out)])  # fmt: skip
     rows = json.loads(out.read_text())["rows"]
     assert rc == 0 and [(r["shifts"], r["pass_"]) for r in rows] == [("[None]", "fwd"),
                                                                       ("[None]", "fwd+bwd")]
-    assert all(0 < r["host_us"] < 1e6 for r in rows)
+    assert all(0 < r["host_us"] < 1e6 and 0 < r["host_us_uncached"] < 1e6 for r in rows)
