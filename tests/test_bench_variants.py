@@ -151,3 +151,25 @@ def test_each_design_variant_sets_its_own_tuning_then_restores_it():
     with pytest.raises(ValueError, match="tile"):
         with mod._tuned(2, {"tile": True}):
             pass
+
+
+def test_gpu_session_names_only_variants_that_exist():
+    """Each variant that bench/gpu_session.sh passes to ``time_designs.py --variants`` is one of
+    VARIANTS (a misspelt name would cost a GPU lease its phase: argparse refuses it there)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    mod = load_bench("time_designs")
+    script = (Path(__file__).resolve().parents[1] / "bench/gpu_session.sh").read_text()
+    words = shlex.split(script.replace("\\\n", " "), comments=True)
+    starts = [i for i, w in enumerate(words) if w == "--variants"]
+    assert starts, "gpu_session.sh no longer passes --variants: update this test"
+    names = {v[0] for v in mod.VARIANTS}
+    for i in starts:
+        given = []
+        for w in words[i + 1:]:
+            if w.startswith("--") or re.fullmatch(r"[;|&]+", w):
+                break
+            given.append(w)
+        assert given and set(given) <= names, sorted(set(given) - names)
