@@ -2,6 +2,7 @@
 
     python bench/host_overhead.py                    # a markdown table, microseconds a call
     python bench/host_overhead.py --out host.json
+    python bench/host_overhead.py --ab               # and with the geometries built every call
 
 On the H200 the window layer took 0.33 ms forward and 1.15 ms forward + backward at 2 x 32 x 16^3
 (fp32, `[None, 4]`, bench/results/h200_2026-12-04/layer/), where its kernels move 1 MB: the host,
