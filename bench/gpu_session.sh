@@ -7,7 +7,7 @@
 #   setup     install the carried wheels (.whl/, see ../shared/device/README.md) and the project
 #   designs   bench/time_designs.py: the three rank-one window designs (and design 3's knobs) at
 #             2x32x128^3, fp32/bf16, both shift sets: ms, % of copy bandwidth, diff to design 1,
-#             bitwise repeats, the reference kernel (issue 16's deciding measurement: run it
+#             bitwise repeats, each kernel's ms and launches a call, the reference kernel (issue 16's deciding measurement: run it
 #             first; its cases' kernels are compiled by 8 processes at once for up to 240 s,
 #             then timed; DESIGNS_ARGS adds arguments, e.g. "--shortlist --compile-budget 140").
 #             Its JSON is also copied to runs/designs.json: the phases after it (v3tests,

@@ -8,20 +8,20 @@
         # launches' registers, spills and resident warps (the static report beside the timing)
 
 For each dtype (fp32, bf16), shift set ([None, 4], [None, 2, 4, 6]) and variant (design 1, 2, 3,
-and design 3 with other ``_window3_sched.TUNING`` settings: warps 8, 16 windows a ticket,
-2 programs per SM, 2 programs of 16 warps at 64 registers (32 resident warps an SM), neighbours'
+and design 3 with other ``_window3_sched.TUNING`` settings: warps 8, 16 windows a ticket, 2
+programs per SM, 2 programs of 16 warps at 64 registers (32 resident warps an SM), neighbours'
 parts not merged, the forward's parts or output pass, the backward's output or parts pass on a
-ticket's tiles, or several),
-the layer's forward and forward+backward (``fastnmf.matricized_nmf``, kernel "triton", E = P = 8,
-T = 5) are timed (median of CUDA events), as % of the device's copy bandwidth for the ideal bytes
-(forward: read x + write y; backward: + read dy, write dx) and as a ratio to the first variant
-(design 1); every variant's output and gradient are compared with its (max relative
-difference). A variant that fails is recorded with its error and the others go on. Writes one
-JSON document (rewritten after every row, so a run stopped by the GPU session's time limit keeps
-what it measured) and prints a table (flushed row by row), then the fastest variant of each dtype
-and shift set against issue 16's targets (forward 60 %, forward+backward 45 % of copy bandwidth:
-met, or missed by how much; "best" in the JSON, kept up to date row by row); nothing here gates
-anything.
+ticket's tiles, or several), the layer's forward and forward+backward (``fastnmf.matricized_nmf``,
+kernel "triton", E = P = 8, T = 5) are timed (median of CUDA events), as % of the device's copy
+bandwidth for the ideal bytes (forward: read x + write y; backward: + read dy, write dx) and as a
+ratio to the first variant (design 1); every variant's output and gradient are compared with its
+(max relative difference), and on a GPU each kernel's time and launches a call (``torch.profiler``:
+where a variant's time goes, printed under its row). A variant that fails is recorded with its
+error and the others go on. Writes one JSON document (rewritten after every row, so a run stopped
+by the GPU session's time limit keeps what it measured) and prints a table (flushed row by row),
+then the fastest variant of each dtype and shift set against issue 16's targets (forward 60 %,
+forward+backward 45 % of copy bandwidth: met, or missed by how much; "best" in the JSON, kept up to
+date row by row); nothing here gates anything.
 
 On a GPU the cases' kernels are first compiled by ``--jobs`` processes at once (``--compile-only``
 each; Triton compiles one kernel at a time in a process, tens of seconds for a fused kernel, and
@@ -44,7 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 import fastnmf
-from fastnmf.profile.timing import copy_bw, environment, median_ms, pick_device
+from fastnmf.profile.timing import copy_bw, environment, kernel_ms, median_ms, pick_device
 
 REFERENCE = "reference"  # the variant that runs kernel="reference" (design 0: no window design)
 # the shift sets; "[None]" (local windows, not timed by default: design 1 runs them until timed)
@@ -173,6 +173,8 @@ def _run(design: int, tuning: dict, x, v0, dy, shifts, device, repeats: int,
                  fwdbwd_ms=median_ms(fwdbwd, device, repeats, warmup), y=y, dx=g)
         # after the timed calls, once more: bitwise what the first calls gave?
         r["bitwise_repeat"] = bool(torch.equal(fwd(), y) and torch.equal(fwdbwd(), g))
+        # where the time goes: each kernel's ms and launches a call (GPU only; {} elsewhere)
+        r["kernels"] = {"fwd": kernel_ms(fwd, device), "fwdbwd": kernel_ms(fwdbwd, device)}
         return r
 
 
@@ -251,7 +253,7 @@ def main(argv=None) -> int:
             fwdbwd_vs_design1=r["fwdbwd_ms"] / b["fwdbwd_ms"],
             y_rel_diff_vs_design1=_rel(r["y"], b["y"]),
             dx_rel_diff_vs_design1=_rel(r["dx"], b["dx"]),
-            bitwise_repeat=r.get("bitwise_repeat"),
+            bitwise_repeat=r.get("bitwise_repeat"), kernels=r.get("kernels", {}),
         )  # fmt: skip
         rows.append(row)
         print(f"{dname:5} {sname:16} {name:34} fwd {row['fwd_ms']:8.3f} ms "
@@ -259,6 +261,8 @@ def main(argv=None) -> int:
               f"({row['fwdbwd_pct_copy_bw']:5.1f} %)  dx diff "
               f"{row['dx_rel_diff_vs_design1']:.1e}  bitwise {row['bitwise_repeat']}",
               flush=True)  # fmt: skip
+        for line in kernel_lines(row["kernels"]):
+            print(line, flush=True)
         _write(args.out, device, args.shape, bw, rows, _best_lines(rows))
     best = _best_lines(rows)
     _write(args.out, device, args.shape, bw, rows, best)
@@ -272,6 +276,20 @@ def main(argv=None) -> int:
 TARGETS = {"fwd": 60.0, "fwdbwd": 45.0}
 # and the fastest forward + backward at least this many times the reference kernel's speed
 REFERENCE_SPEEDUP = 10.0
+
+
+def kernel_lines(kernels: dict, top: int = 6) -> list[str]:
+    """A row's per-kernel split (``kernel_ms`` of its forward and forward + backward) as indented
+    lines: the ``top`` kernels by time, "name ms xlaunches" (a call's), and their sum."""
+    lines = []
+    for pass_, split in kernels.items():
+        if not split:
+            continue
+        total = sum(k["ms"] for k in split.values())
+        parts = [f"{name[:40]} {k['ms']:.3f} x{k['launches']:g}"
+                 for name, k in list(split.items())[:top]]  # fmt: skip
+        lines.append(f"    {pass_:6} kernels {total:.3f} ms: " + ", ".join(parts))
+    return lines
 
 
 def fastest(rows, pass_: str = "fwdbwd") -> dict | None:

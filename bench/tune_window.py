@@ -69,6 +69,7 @@ def main(argv=None) -> int:
 
     import fastnmf
     from fastnmf.profile import environment
+    from fastnmf.profile.timing import kernel_ms
 
     gen = torch.Generator().manual_seed(0)
     s = a.size
@@ -106,21 +107,10 @@ def main(argv=None) -> int:
     print(f"default vs float64: y {ref_err[0]:.2e}, dx {ref_err[1]:.2e}")
 
     # 1. per-kernel breakdown at the defaults
-    breakdown = {}
-    if dev.type == "cuda":
-        for _ in range(3):
-            fwdbwd()
-        torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(10):
-                fwdbwd()
-            torch.cuda.synchronize()
-        for ev in prof.key_averages():
-            t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
-            if t:
-                breakdown[ev.key] = round(t / 10 / 1e3, 4)  # ms per fwd+bwd
+    breakdown = {k: v["ms"] for k, v in kernel_ms(fwdbwd, dev, calls=10).items()}
+    if breakdown:  # ms per fwd+bwd
         print("per-kernel CUDA ms per forward+backward (defaults):")
-        for k, v in sorted(breakdown.items(), key=lambda kv: -kv[1])[:12]:
+        for k, v in list(breakdown.items())[:12]:
             print(f"  {v:9.3f}  {k[:90]}")
 
     # 2. sweeps

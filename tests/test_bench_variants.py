@@ -20,10 +20,31 @@ def _fake_times(mod, monkeypatch, times):
         if times[design] is None:
             raise RuntimeError("no kernel")
         fwd, fwdbwd = times[design]
-        return dict(fwd_ms=fwd, fwdbwd_ms=fwdbwd, y=x, dx=x, bitwise_repeat=design != 2)
+        split = {"_parts_kernel": {"ms": fwd / 2, "launches": 1.0},
+                 "_solve_kernel": {"ms": fwd / 4, "launches": 2.0}}  # fmt: skip
+        return dict(fwd_ms=fwd, fwdbwd_ms=fwdbwd, y=x, dx=x, bitwise_repeat=design != 2,
+                    kernels={"fwd": split, "fwdbwd": {}})  # fmt: skip
 
     monkeypatch.setattr(mod, "_run", fake_run)
     monkeypatch.setattr(mod, "copy_bw", lambda device: 1.0)  # GB/s
+
+
+def test_rows_keep_and_print_the_kernel_split(tmp_path, monkeypatch, capsys):
+    """Each row's per-kernel split (``_run``'s "kernels": on a GPU ``kernel_ms`` of its forward
+    and forward + backward) goes into the JSON and is printed under the row, its sum first; an
+    empty split (off CUDA) prints nothing."""
+    mod = load_bench("time_designs")
+    _fake_times(mod, monkeypatch, {1: (0.4, 0.8), 2: (0.2, 0.5)})
+    out = tmp_path / "designs.json"
+    mod.main(["--shape", "1", "8", "8", "8", "8", "--dtypes", "fp32", "--shifts", "[None, 4]",
+              "--variants", "design 1", "design 2", "--out", str(out)])  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    assert rows[1]["kernels"]["fwd"]["_solve_kernel"] == {"ms": 0.05, "launches": 2.0}
+    printed = capsys.readouterr().out.splitlines()
+    i = next(i for i, line in enumerate(printed) if "design 2" in line)
+    assert printed[i + 1] == ("    fwd    kernels 0.150 ms: _parts_kernel 0.100 x1, "
+                              "_solve_kernel 0.050 x2")  # fmt: skip
+    assert "fwdbwd" not in "\n".join(printed)
 
 
 def test_reference_row_and_speedup_against_the_target(tmp_path, monkeypatch):

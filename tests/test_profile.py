@@ -203,3 +203,29 @@ def test_profile_cli_bad_input(capsys):
     if not torch.cuda.is_available():
         assert main(["profile", "--device", "cuda"]) == 2
         assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_per_call_splits_a_profile_by_name():
+    """``timing.per_call`` (what ``kernel_ms`` makes of a GPU profile) on a real CPU profile: an op
+    run 3 times a call over 2 calls counts 3 launches a call and its time over 2; the largest
+    time first; ``kernel_ms`` off CUDA has nothing to split."""
+    from fastnmf.profile.timing import kernel_ms, per_call
+
+    a = torch.randn(128, 128)
+
+    def call():
+        for _ in range(3):
+            torch.mm(a, a)
+        torch.relu(a)
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(2):
+            call()
+    averages = prof.key_averages()
+    split = per_call(averages, 2, "self_cpu_time_total")
+    assert split["aten::mm"]["launches"] == 3 and split["aten::relu"]["launches"] == 1
+    mm_total = next(ev.self_cpu_time_total for ev in averages if ev.key == "aten::mm")
+    assert split["aten::mm"]["ms"] == pytest.approx(mm_total / 2 / 1e3, abs=1e-4)
+    times = [v["ms"] for v in split.values()]
+    assert times == sorted(times, reverse=True) and all(t > 0 for t in times)
+    assert kernel_ms(call, torch.device("cpu")) == {}

@@ -43,6 +43,34 @@ def median_ms(fn: Callable[[], object], device: torch.device, repeats: int = 10,
     return times[len(times) // 2]
 
 
+def per_call(averages, calls: int, time_attr: str) -> dict[str, dict[str, float]]:
+    """``torch.profiler``'s ``key_averages()`` of ``calls`` calls as {name: {"ms": time per
+    call, "launches": events per call}} (``time_attr``: the event attribute in µs, e.g.
+    ``device_time_total``), largest time first; events with no time are left out."""
+    rows = {}
+    for ev in averages:
+        us = getattr(ev, time_attr, 0) or 0
+        if us > 0:
+            rows[ev.key] = {"ms": round(us / calls / 1e3, 4), "launches": ev.count / calls}
+    return dict(sorted(rows.items(), key=lambda kv: -kv[1]["ms"]))
+
+
+def kernel_ms(fn: Callable[[], object], device: torch.device, calls: int = 3):
+    """Where ``fn``'s GPU time goes: each CUDA kernel's (and copy's) device time per call and
+    launches per call (:func:`per_call`), from ``torch.profiler`` over ``calls`` calls after one
+    untimed call; {} off CUDA (nothing to split)."""
+    if device.type != "cuda":
+        return {}
+    fn()
+    sync(device)
+    activities = [torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(calls):
+            fn()
+        sync(device)
+    return per_call(prof.key_averages(), calls, "device_time_total")
+
+
 def copy_bandwidth_gbs(device: torch.device, nbytes: int = 256 * 2**20) -> float:
     """Device copy bandwidth (read + write bytes per second) of a large clone, GB/s."""
     x = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
