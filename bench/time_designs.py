@@ -84,6 +84,11 @@ VARIANTS = [
     # design2_occupancy.md)
     ("design 2, 16 warps, 64 registers", 2, {"warps": 16, "maxnreg": 64}),
     ("design 2, 4 warps", 2, {"warps": 4}),
+    # design 2 with its window passes' loop over their windows pipelined by Triton in 2 / 3 stages
+    # (the next windows' x, dy and u copied to shared memory while a window is computed; on the
+    # H200 design 3 waited on memory latency with few warps an SM; `_window2_common.TUNING`)
+    ("design 2, 2 stages", 2, {"stages": 2}),
+    ("design 2, 3 stages", 2, {"stages": 3}),
     ("default", None, {}),  # the design the code picks for the shift set
     ("design 3, untiled", 3, _tiles()),  # the per-window passes
     ("design 3, ticket tile", 3, _tiles(tile=True)),  # kernels/_window3_tile.py
@@ -118,11 +123,12 @@ VARIANTS = [
 ]
 
 # what a short GPU lease times (``--shortlist``): the designs, design 2 with 16 warps and 32
-# resident warps an SM, the code's choice, design 3 untiled and with three and four tiles, with 8
-# warps, with 2 programs of 8 warps an SM (no spills with Triton 3.6: bench/results/
-# static_designs_triton36/occupancy_variants.md), and the reference
-SHORTLIST = ("design 1", "design 2", "design 2, 16 warps, 64 registers", "default",
-             "design 3, untiled", "design 3, three tiles", "design 3, four tiles",
+# resident warps an SM, design 2 with two of its passes pipelined, the code's choice, design 3
+# untiled and with three and four tiles, with 8 warps, with 2 programs of 8 warps an SM (no
+# spills with Triton 3.6: bench/results/static_designs_triton36/occupancy_variants.md), and the
+# reference
+SHORTLIST = ("design 1", "design 2", "design 2, 16 warps, 64 registers", "design 2, 2 stages",
+             "default", "design 3, untiled", "design 3, three tiles", "design 3, four tiles",
              "design 3, 8 warps", "design 3, 8 warps, 2 programs/SM", REFERENCE)  # fmt: skip
 
 
@@ -329,7 +335,7 @@ def _best_lines(rows) -> list[str]:
 
 
 STATIC_FIELDS = ("pass", "kernel", "warps", "regs", "spill_bytes", "resident_warps_per_sm",
-                 "barriers", "ptx_smem_held_across_calls")
+                 "smem_bytes", "barriers", "async_copies", "ptx_smem_held_across_calls")
 
 
 def _static(args, argv: list[str]) -> int:

@@ -59,6 +59,7 @@ from ._window2_common import (
     _store_parts,
     _sum_parts,
     _to_sub,
+    _window_of,
 )
 
 
@@ -83,7 +84,7 @@ def _load_window_dy(x_base, dy_base, rowmask, e, emask, w, NVOX, S1, S2, NW1, NW
 def _parts_bwd_kernel(
     x_ptr, dy_ptr, g0_ptr, rowmask_ptr, hats_ptr, gpart_ptr,
     C, E: tl.constexpr, HEADS, NWIN, NVOX, ITERS, S1, S2, NW0, NW1, NW2, MW12, MW2, MHEADS,
-    SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr,
+    SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr, STAGES: tl.constexpr,
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
     BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
@@ -95,9 +96,9 @@ def _parts_bwd_kernel(
                                                ACC)  # fmt: skip
     # MU: g0 under every shift, once per program
     g_all = _shifted_g_all(g0_ptr, SHIFTS, NSHIFT, NSB, P0, P1, P2, BP0, BP1, BP2, ACC, MU)
-    for j in range(0, WPP):
-        w = tl.program_id(0) * WPP + j
-        if w < NWIN:
+    for j in tl.range(0, WPP, num_stages=STAGES):
+        w, run = _window_of(j, NWIN, WPP, STAGES)
+        if run:
             _parts_bwd_window(x_ptr + offset, dy_ptr + offset, rowmask, e, emask, w, bh, g_all,
                               hats_ptr, gpart_ptr, E, NWIN, NVOX, ITERS, S1, S2, NW0, NW1, NW2,
                               SHIFTS, NSHIFT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, G0, G1,
@@ -160,7 +161,7 @@ def _solve_bwd_kernel(
 def _apply_bwd_kernel2(
     x_ptr, dy_ptr, dx_ptr, g0_ptr, rowmask_ptr, hats_ptr, sym_ptr, hbar_ptr,
     C, E: tl.constexpr, HEADS, NWIN, NVOX, ITERS, S1, S2, NW0, NW1, NW2, MW12, MW2, MHEADS,
-    SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr,
+    SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr, STAGES: tl.constexpr,
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
     BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
@@ -172,9 +173,9 @@ def _apply_bwd_kernel2(
     bh, offset, e, emask, rowmask = _pass_rows(rowmask_ptr, C, E, HEADS, MHEADS, NVOX, BLOCK_E,
                                                ACC)  # fmt: skip
     g_all = _shifted_g_all(g0_ptr, SHIFTS, NSHIFT, NSB, P0, P1, P2, BP0, BP1, BP2, ACC, True)
-    for j in range(0, WPP):
-        w = tl.program_id(0) * WPP + j
-        if w < NWIN:
+    for j in tl.range(0, WPP, num_stages=STAGES):
+        w, run = _window_of(j, NWIN, WPP, STAGES)
+        if run:
             _apply_bwd_window(x_ptr + offset, dy_ptr + offset, dx_ptr + offset, rowmask, e,
                               emask, w, bh, g_all, hats_ptr, sym_ptr, hbar_ptr, E, NWIN, NVOX,
                               ITERS, S1, S2, NW0, NW1, NW2, SHIFTS, NSHIFT, P0, P1, P2, BP0, BP1,
@@ -248,7 +249,7 @@ def backward2(x, g0, rowmask, hats, norms, kmat, dy, geo: _Geometry2, iters: int
         x, dy, g0, rowmask, hats, gpart,
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, iters, geo.S[1], geo.S[2], *geo.NW,
         **geo.magic(), **geo.consts(), **geo.block(), MU=mu, ACC=acc,
-        **geo.launch("parts_bwd"),
+        STAGES=geo.stages("parts_bwd"), **geo.launch("parts_bwd"),
     )  # fmt: skip
     launch(_solve_bwd_kernel, wrap=wrap)[(geo.nwin, geo.bh)](
         gpart, kmat, hats, norms, sym, hbar, geo.E, geo.nwin, iters, *geo.NW,
@@ -260,6 +261,6 @@ def backward2(x, g0, rowmask, hats, norms, kmat, dy, geo: _Geometry2, iters: int
         x, dy, dx, g0, rowmask, hats, sym, hbar,
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, iters, geo.S[1], geo.S[2], *geo.NW,
         **geo.magic(), **geo.consts(), **geo.block(), MU=mu, ACC=acc,
-        **geo.launch("apply_bwd"),
+        STAGES=geo.stages("apply_bwd"), **geo.launch("apply_bwd"),
     )  # fmt: skip
     return dx

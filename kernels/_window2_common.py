@@ -71,6 +71,19 @@ def _pass_rows(rowmask_ptr, C, E: tl.constexpr, HEADS, MHEADS, NVOX, BLOCK_E: tl
 
 
 @triton.jit
+def _window_of(j, NWIN, WPP: tl.constexpr, STAGES: tl.constexpr):
+    """(w, whether to run it): unshifted window j of this program's WPP (program axis 0), to run
+    if w < NWIN. With STAGES (a pipelined loop, ``TUNING["stages"]``), past the head's last
+    window the last window again, always run: its values are computed and stored again, the same
+    ones, and the loop has no branch, which Triton's pipelining needs (the constant condition
+    folds away)."""
+    w = tl.program_id(0) * WPP + j
+    if STAGES is not None:
+        w = tl.minimum(w, NWIN - 1)
+    return w, (w < NWIN) | (STAGES is not None)
+
+
+@triton.jit
 def _load_window(x_base, rowmask, e, emask, w, NVOX, S1, S2, NW1, NW2,
                  P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
                  BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
@@ -366,7 +379,11 @@ MAGIC_PASS = (*MAGIC_SOLVE, "MHEADS")
 # launch (None: none; at 64, 32 resident warps an SM, the parts passes and the backward output
 # pass spill in most cases, up to 672 B a thread, and the forward solve 32-40 B: sm_90a, Triton
 # 3.9, bench/results/static_designs/instructions.md); read by the launcher at each call.
-TUNING: dict = {"wpp": None, "warps": None, "maxnreg": None}
+# wpp: windows a program (None: ``windows_per_program``); warps: warps a window pass (None:
+# ``_WARPS``); maxnreg: ptxas's register cap (None: none); stages: the window passes' loop over
+# their WPP windows pipelined by Triton in this many stages (``tl.range(num_stages=...)``: the next
+# windows' x, dy and u loaded into shared memory while this one is computed; None: not pipelined)
+TUNING: dict = {"wpp": None, "warps": None, "maxnreg": None, "stages": None}
 _MAX_WPP = 16  # g0's rolled copies, loaded once a program, then cost 0.5 KB a window
 # Programs a window pass keeps at least, where the windows allow: about 3 waves of 8-warp
 # programs at 2-3 an SM on a 132-SM GPU. At 2x32x128^3 16 windows a program give 2048; at
@@ -386,6 +403,13 @@ def windows_per_program(nwin: int, bh: int) -> int:
     while wpp > 1 and triton.cdiv(nwin, wpp) * bh < _MIN_PROGRAMS:
         wpp //= 2
     return wpp
+
+
+# The window passes whose loop over their windows Triton pipelines (``TUNING["stages"]``): it
+# pipelines only innermost loops, and the forward parts pass (its products, ``_parts_dot``) and
+# the backward apply (its columns of S) hold a loop inside theirs. Unrolled, those two took 146 /
+# 112 registers instead of 97 / 96 (sm_90a, Triton 3.9, fp32 [None, 4]): half the resident warps.
+_PIPELINED = ("apply", "parts_bwd")
 _WARPS = {"parts": 8, "apply": 8, "parts_bwd": 8, "apply_bwd": 16}
 
 
@@ -444,6 +468,11 @@ class _Geometry2(WindowSizes):
         with ``TUNING["maxnreg"]``, ptxas's register cap."""
         cap = TUNING["maxnreg"]
         return {"num_warps": self.warps.get(name, 1), **({"maxnreg": cap} if cap else {})}
+
+    def stages(self, name: str):
+        """STAGES of window pass ``name``: ``TUNING["stages"]`` for the passes Triton pipelines
+        (``_PIPELINED``), else None (their loop as it was, with its branch)."""
+        return TUNING["stages"] if name in _PIPELINED else None
 
     def _once(self, key, make) -> dict:
         """``make()``, computed at the first call with ``key`` (the launch arguments below are

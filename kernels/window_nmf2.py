@@ -98,6 +98,7 @@ from ._window2_common import (
     _sum_parts,
     _to_sub,
     _tri,
+    _window_of,
     geometry,
 )
 
@@ -108,7 +109,7 @@ __all__ = ["TUNING", "WindowNMF2", "window_nmf2"]
 def _parts_kernel(
     x_ptr, g0_ptr, rowmask_ptr, kpart_ptr, hpart_ptr,
     C, E: tl.constexpr, HEADS, NWIN, NVOX, S1, S2, NW1, NW2, MW12, MW2, MHEADS,
-    SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr,
+    SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr, STAGES: tl.constexpr,
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
     BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
@@ -131,9 +132,9 @@ def _parts_kernel(
     if DOT:
         member, exists = _membership(SHIFTS, NSHIFT, P0, P1, P2, BP0 // D0, BP1 // D1,
                                      BP2 // D2, D0, D1, D2, NPB, ACC)  # fmt: skip
-    for j in range(0, WPP):
-        w = tl.program_id(0) * WPP + j
-        if w < NWIN:
+    for j in tl.range(0, WPP, num_stages=STAGES):
+        w, run = _window_of(j, NWIN, WPP, STAGES)
+        if run:
             _parts_window(x_base, rowmask, e, emask, w, (bh * NWIN + w) * (NSHIFT * 8), g_all,
                           member, exists, kpart_ptr, hpart_ptr, E, NVOX, S1, S2, NW1, NW2, SHIFTS,
                           NSHIFT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, G0, G1, G2, MU, ACC, DOT,
@@ -278,7 +279,7 @@ def _solve_kernel(
 def _apply_kernel(
     x_ptr, y_ptr, g0_ptr, rowmask_ptr, u_ptr,
     C, E: tl.constexpr, HEADS, NWIN, NVOX, S1, S2, NW0, NW1, NW2, MW12, MW2, MHEADS,
-    SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr,
+    SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr, STAGES: tl.constexpr,
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
     BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
@@ -289,9 +290,9 @@ def _apply_kernel(
     x_base, y_base = x_ptr + offset, y_ptr + offset  # the head's first element
     # MU: g0 under every shift, once per program
     g_all = _shifted_g_all(g0_ptr, SHIFTS, NSHIFT, NSB, P0, P1, P2, BP0, BP1, BP2, ACC, MU)
-    for j in range(0, WPP):
-        w = tl.program_id(0) * WPP + j
-        if w < NWIN:
+    for j in tl.range(0, WPP, num_stages=STAGES):
+        w, run = _window_of(j, NWIN, WPP, STAGES)
+        if run:
             _apply_window(x_base, y_base, rowmask, e, emask, w, bh, g_all, u_ptr, E, NWIN, NVOX,
                           S1, S2, NW0, NW1, NW2, SHIFTS, NSHIFT, P0, P1, P2, BP0, BP1, BP2,
                           BLOCK_E, NSB, G0, G1, G2, MU, ACC, False, MW2,
@@ -349,8 +350,8 @@ def _forward(x, g0, rowmask, geo: _Geometry2, iters: int, mu: bool, save: bool, 
     launch(_parts_kernel, wrap=wrap)[geo.grid](
         x, g0, rowmask, kpart, hpart,
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, geo.S[1], geo.S[2], *geo.NW[1:],
-        **geo.magic(), **geo.consts(), **geo.block(), MU=mu, ACC=acc, **geo.dot(acc, mu),
-        **geo.launch("parts"),
+        **geo.magic(), **geo.consts(), **geo.block(), STAGES=geo.stages("parts"), MU=mu, ACC=acc,
+        **geo.dot(acc, mu), **geo.launch("parts"),
     )  # fmt: skip
     launch(_solve_kernel, wrap=wrap)[(geo.nwin, geo.bh)](
         kpart, hpart, u, hats, norms, kmat, geo.E, geo.nwin, iters, *geo.NW,
@@ -361,7 +362,7 @@ def _forward(x, g0, rowmask, geo: _Geometry2, iters: int, mu: bool, save: bool, 
         x, y, g0, rowmask, u,
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, geo.S[1], geo.S[2], *geo.NW,
         **geo.magic(), **geo.consts(), **geo.block(), MU=mu, ACC=acc,
-        **geo.launch("apply"),
+        STAGES=geo.stages("apply"), **geo.launch("apply"),
     )  # fmt: skip
     if not save:
         hats = norms = kmat = None

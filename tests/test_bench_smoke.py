@@ -206,6 +206,36 @@ def test_time_designs_static_compiles_each_variant_with_its_settings(tmp_path):
         assert low["regs"] <= 64 and low["resident_warps_per_sm"] == 32
 
 
+def test_time_designs_static_design2_stages_pipeline_two_passes(tmp_path):
+    """``"design 2, 2 stages"`` compiled for sm_90a: the two window passes Triton can pipeline
+    (forward apply, backward parts) copy their next windows into shared memory without waiting
+    (LDGSTS: cp.async) and hold more of it; the other two (a loop inside theirs) compile as at
+    the default, which has no such copy anywhere. At the benchmark shape (meta tensors): a
+    program takes 16 windows there (at 16^3 one: no loop to pipeline)."""
+    import json
+
+    from fastnmf.profile.static import ptx_tools
+
+    if ptx_tools.missing_tools(["sm_90a"]):
+        pytest.skip("; ".join(ptx_tools.missing_tools(["sm_90a"])))
+    mod = load_bench("time_designs")
+    out = tmp_path / "static.json"
+    rc = mod.main(["--static", "--shape", "2", "32", "128", "128", "128", "--dtypes", "fp32",
+                   "--shifts", "[None, 4]", "--variants", "design 2", "design 2, 2 stages",
+                   "--out", str(out)])  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    by = {(r["variant"], r["kernel"]): r for r in rows}
+    assert rc == 0 and len(rows) == 12 and len(by) == 12
+    assert all(r["async_copies"] == 0 for r in rows if r["variant"] == "design 2")
+    for kernel in ("_apply_kernel", "_parts_bwd_kernel"):
+        default, piped = by["design 2", kernel], by["design 2, 2 stages", kernel]
+        assert piped["async_copies"] > 0 and piped["smem_bytes"] > default["smem_bytes"]
+    for kernel in ("_parts_kernel", "_solve_kernel", "_apply_bwd_kernel2", "_solve_bwd_kernel"):
+        default, piped = by["design 2", kernel], by["design 2, 2 stages", kernel]
+        assert piped["async_copies"] == 0
+        assert (piped["regs"], piped["smem_bytes"]) == (default["regs"], default["smem_bytes"])
+
+
 def test_time_designs_keeps_what_it_measured_when_cut_short(tmp_path, monkeypatch):
     """The GPU session stops a step at its time limit: the JSON is written after every row, so
     a run stopped during the second variant still holds the first (``_run`` replaced: no

@@ -148,11 +148,12 @@ def test_shared_memory_held_across_calls_is_found_in_the_ptx():
 
 def test_sass_counts_count_cta_barriers():
     """BAR.SYNC and its variants count as CTA barriers (what the H200's ncu found design 3
-    stalled on); warp-level syncs and other opcodes do not."""
+    stalled on); warp-level syncs and other opcodes do not. Copies into shared memory that do
+    not wait (LDGSTS, TMA's UTMALDG; not their fence LDGDEPBAR) count as async copies."""
     ops = ["BAR.SYNC.DEFER_BLOCKING", "LDG.E.128", "BAR.SYNC", "WARPSYNC", "SHFL.BFLY",
-           "BAR.RED.POPC"]
+           "BAR.RED.POPC", "LDGSTS.E.BYPASS.LTC128B.128", "UTMALDG.3D", "LDGDEPBAR"]
     counts = ptx_tools._count_sass(ops)
-    assert counts["barriers"] == 3
+    assert counts["barriers"] == 3 and counts["async_copies"] == 2
     assert counts["shfl"] == 1 and counts["ldg_by_width"] == {"128": 1}
 
 

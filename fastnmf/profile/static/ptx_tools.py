@@ -275,6 +275,9 @@ def _count_sass(ops: list[str]) -> dict:
         # CTA barriers (BAR.SYNC and kin): where a program's warps wait for each other; the
         # H200's ncu put 40 % of design 3's stalls there (bench/results/h200_2026-12-04/)
         "barriers": heads["BAR"],
+        # copies from global into shared memory that do not wait (LDGSTS: cp.async; UTMALDG:
+        # TMA): what Triton's loop pipelining makes of a pipelined loop's loads
+        "async_copies": heads["LDGSTS"] + heads["UTMALDG"],
     }
 
 
