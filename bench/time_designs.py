@@ -89,6 +89,10 @@ VARIANTS = [
     # H200 design 3 waited on memory latency with few warps an SM; `_window2_common.TUNING`)
     ("design 2, 2 stages", 2, {"stages": 2}),
     ("design 2, 3 stages", 2, {"stages": 3}),
+    # the other two passes (a loop inside their window loop, which Triton does not pipeline)
+    # load the next window's x (and dy) into registers before computing this one
+    ("design 2, prefetch", 2, {"prefetch": True}),
+    ("design 2, 2 stages, prefetch", 2, {"stages": 2, "prefetch": True}),
     ("default", None, {}),  # the design the code picks for the shift set
     ("design 3, untiled", 3, _tiles()),  # the per-window passes
     ("design 3, ticket tile", 3, _tiles(tile=True)),  # kernels/_window3_tile.py

@@ -51,8 +51,10 @@ from ._window2_common import (
     _Geometry2,
     _load_sym,
     _load_window,
+    _next_raw,
     _pass_rows,
     _pick,
+    _relu_rows,
     _shift_vectors,
     _shifted_g_all,
     _solve_rows,
@@ -60,6 +62,8 @@ from ._window2_common import (
     _sum_parts,
     _to_sub,
     _window_of,
+    _window_offsets,
+    _window_origin,
 )
 
 
@@ -68,13 +72,23 @@ def _load_window_dy(x_base, dy_base, rowmask, e, emask, w, NVOX, S1, S2, NW1, NW
                     NSHIFT: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
                     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
                     BLOCK_E: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr, G2: tl.constexpr,
-                    ACC: tl.constexpr, MW2, W0):  # fmt: skip
+                    ACC: tl.constexpr, MW2, W0, PRE: tl.constexpr = False, pre_x=0,
+                    pre_dy=0):  # fmt: skip
     """:func:`_load_window` of x, and dY_s = dy / n_shifts at the same offsets; x and dY_s also
-    as sub-box views (BLOCK_E, BP0 // G0, G0, BP1 // G1, G1, BP2 // G2, G2)."""
-    w0, w1, w2, offs, mask, x = _load_window(x_base, rowmask, e, emask, w, NVOX, S1, S2, NW1, NW2,
-                                             P0, P1, P2, BP0, BP1, BP2, ACC, MW2,
-                                             W0)  # fmt: skip
-    dy = tl.load(dy_base + offs, mask=mask, other=0).to(ACC) / NSHIFT  # dY_s
+    as sub-box views (BLOCK_E, BP0 // G0, G0, BP1 // G1, G1, BP2 // G2, G2). PRE: x and dy
+    already loaded (pre_x, pre_dy: ``_next_raw``)."""
+    if PRE:
+        w0, w1, w2 = _window_origin(w, NW1, NW2, MW2, W0)
+        offs, mask = _window_offsets(e, emask, w0, w1, w2, NVOX, S1, S2, P0, P1, P2, BP0, BP1,
+                                     BP2)  # fmt: skip
+        x = _relu_rows(pre_x, rowmask, ACC)
+        dy = pre_dy
+    else:
+        w0, w1, w2, offs, mask, x = _load_window(x_base, rowmask, e, emask, w, NVOX, S1, S2, NW1,
+                                                 NW2, P0, P1, P2, BP0, BP1, BP2, ACC, MW2,
+                                                 W0)  # fmt: skip
+        dy = tl.load(dy_base + offs, mask=mask, other=0)
+    dy = dy.to(ACC) / NSHIFT  # dY_s
     x7 = _to_sub(x, BLOCK_E, BP0, BP1, BP2, G0, G1, G2)  # (E, A0, G0, A1, G1, A2, G2)
     dy7 = _to_sub(dy, BLOCK_E, BP0, BP1, BP2, G0, G1, G2)
     return w0, w1, w2, offs, mask, x, x7, dy7
@@ -165,22 +179,46 @@ def _apply_bwd_kernel2(
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
     BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
-    G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
+    G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
     """dX = sum_s [u (u^T dY_s) + S x + h̄ g0_s^T] times ReLU'(x), per unshifted window, each
     part's (u, S, h̄) those of the shifted window it lies in (S x column by column: S[:, c] x_c,
-    the columns in a loop)."""
+    the columns in a loop). PREFETCH: the next window's x and dy loaded a step ahead."""
     bh, offset, e, emask, rowmask = _pass_rows(rowmask_ptr, C, E, HEADS, MHEADS, NVOX, BLOCK_E,
                                                ACC)  # fmt: skip
     g_all = _shifted_g_all(g0_ptr, SHIFTS, NSHIFT, NSB, P0, P1, P2, BP0, BP1, BP2, ACC, True)
+    pre_x = 0
+    pre_dy = 0
+    if PREFETCH:
+        pre_x, pre_dy = _next_pair(x_ptr + offset, dy_ptr + offset, e, emask, 0, NWIN, WPP,
+                                   NVOX, S1, S2, NW1, NW2, MW12, MW2, P0, P1, P2, BP0, BP1,
+                                   BP2)  # fmt: skip
     for j in tl.range(0, WPP, num_stages=STAGES):
         w, run = _window_of(j, NWIN, WPP, STAGES)
+        cur_x = pre_x
+        cur_dy = pre_dy
+        if PREFETCH:
+            pre_x, pre_dy = _next_pair(x_ptr + offset, dy_ptr + offset, e, emask, j + 1, NWIN,
+                                       WPP, NVOX, S1, S2, NW1, NW2, MW12, MW2, P0, P1, P2, BP0,
+                                       BP1, BP2)  # fmt: skip
         if run:
             _apply_bwd_window(x_ptr + offset, dy_ptr + offset, dx_ptr + offset, rowmask, e,
                               emask, w, bh, g_all, hats_ptr, sym_ptr, hbar_ptr, E, NWIN, NVOX,
                               ITERS, S1, S2, NW0, NW1, NW2, SHIFTS, NSHIFT, P0, P1, P2, BP0, BP1,
                               BP2, BLOCK_E, NSB, G0, G1, G2, MU, ACC, False, MW2,
-                              _fdiv(w, MW12))  # fmt: skip
+                              _fdiv(w, MW12), PREFETCH, cur_x, cur_dy)  # fmt: skip
+
+
+@triton.jit
+def _next_pair(x_base, dy_base, e, emask, j, NWIN, WPP: tl.constexpr, NVOX, S1, S2, NW1, NW2,
+               MW12, MW2, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+               BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr):  # fmt: skip
+    """:func:`_next_raw` of x and of dy."""
+    x = _next_raw(x_base, e, emask, j, NWIN, WPP, NVOX, S1, S2, NW1, NW2, MW12, MW2, P0, P1, P2,
+                  BP0, BP1, BP2)  # fmt: skip
+    dy = _next_raw(dy_base, e, emask, j, NWIN, WPP, NVOX, S1, S2, NW1, NW2, MW12, MW2, P0, P1,
+                   P2, BP0, BP1, BP2)  # fmt: skip
+    return x, dy
 
 
 @triton.jit
@@ -192,14 +230,16 @@ def _apply_bwd_window(
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
     BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
     G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, CG: tl.constexpr, MW2, W0,
+    PRE: tl.constexpr = False, pre_x=0, pre_dy=0,
 ):  # fmt: skip
     """The backward output pass on unshifted window w of head bh (see
     :func:`_apply_bwd_kernel2`; CG: load S and h̄ past L1, ``.cg``; MW2, W0:
-    ``_window_origin``)."""
+    ``_window_origin``; PRE: x and dy already loaded, pre_x and pre_dy)."""
     e7 = e[:, None, None, None, None, None, None]
     w0, w1, w2, offs, mask, x, x7, dy7 = _load_window_dy(
         x_base, dy_base, rowmask, e, emask, w, NVOX, S1, S2, NW1, NW2,
-        NSHIFT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, G0, G1, G2, ACC, MW2, W0)  # fmt: skip
+        NSHIFT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, G0, G1, G2, ACC, MW2, W0,
+        PRE, pre_x, pre_dy)  # fmt: skip
     dx = tl.zeros((BLOCK_E, BP0 // G0, G0, BP1 // G1, G1, BP2 // G2, G2), dtype=ACC)
     for k in tl.static_range(NSHIFT):
         g = _to_sub(_pick(g_all, k, NSB), 1, BP0, BP1, BP2, G0, G1, G2)
@@ -261,6 +301,7 @@ def backward2(x, g0, rowmask, hats, norms, kmat, dy, geo: _Geometry2, iters: int
         x, dy, dx, g0, rowmask, hats, sym, hbar,
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, iters, geo.S[1], geo.S[2], *geo.NW,
         **geo.magic(), **geo.consts(), **geo.block(), MU=mu, ACC=acc,
-        STAGES=geo.stages("apply_bwd"), **geo.launch("apply_bwd"),
+        STAGES=geo.stages("apply_bwd"), PREFETCH=geo.prefetch("apply_bwd"),
+        **geo.launch("apply_bwd"),
     )  # fmt: skip
     return dx

@@ -84,6 +84,27 @@ def _window_of(j, NWIN, WPP: tl.constexpr, STAGES: tl.constexpr):
 
 
 @triton.jit
+def _next_raw(base, e, emask, j, NWIN, WPP: tl.constexpr, NVOX, S1, S2, NW1, NW2, MW12, MW2,
+              P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+              BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr):  # fmt: skip
+    """The elements at ``base`` (BLOCK_E, BP0, BP1, BP2; as stored, no ReLU) of the window this
+    program's loop takes at step j, 0 where it takes none (j = WPP, or past the head's last
+    window): what a loop that prefetches loads a step ahead (``TUNING["prefetch"]``)."""
+    w = tl.program_id(0) * WPP + j
+    w0, w1, w2 = _window_origin(w, NW1, NW2, MW2, _fdiv(w, MW12))
+    offs, mask = _window_offsets(e, emask, w0, w1, w2, NVOX, S1, S2, P0, P1, P2, BP0, BP1, BP2)
+    last = tl.minimum(NWIN, tl.program_id(0) * WPP + WPP)  # past this program's windows
+    return tl.load(base + offs, mask=mask & ((offs * 0 + w) < last), other=0)  # (full-shape: the
+    # interpreter makes int32 of a bool tensor & a 0-d one)
+
+
+@triton.jit
+def _relu_rows(raw, rowmask, ACC: tl.constexpr):
+    """A window's elements as stored to ACC, after ReLU and the MU row mask (0/1)."""
+    return tl.maximum(raw.to(ACC), 0) * rowmask[:, None, None, None]
+
+
+@triton.jit
 def _load_window(x_base, rowmask, e, emask, w, NVOX, S1, S2, NW1, NW2,
                  P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
                  BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
@@ -93,9 +114,8 @@ def _load_window(x_base, rowmask, e, emask, w, NVOX, S1, S2, NW1, NW2,
     mask, in ACC (MW2, W0: :func:`_window_origin`)."""
     w0, w1, w2 = _window_origin(w, NW1, NW2, MW2, W0)
     offs, mask = _window_offsets(e, emask, w0, w1, w2, NVOX, S1, S2, P0, P1, P2, BP0, BP1, BP2)
-    x = tl.load(x_base + offs, mask=mask, other=0).to(ACC)
-    x = tl.maximum(x, 0) * rowmask[:, None, None, None]  # (BLOCK_E, BP0, BP1, BP2)
-    return w0, w1, w2, offs, mask, x
+    x = _relu_rows(tl.load(x_base + offs, mask=mask, other=0), rowmask, ACC)
+    return w0, w1, w2, offs, mask, x  # x: (BLOCK_E, BP0, BP1, BP2)
 
 
 @triton.jit
@@ -382,8 +402,10 @@ MAGIC_PASS = (*MAGIC_SOLVE, "MHEADS")
 # wpp: windows a program (None: ``windows_per_program``); warps: warps a window pass (None:
 # ``_WARPS``); maxnreg: ptxas's register cap (None: none); stages: the window passes' loop over
 # their WPP windows pipelined by Triton in this many stages (``tl.range(num_stages=...)``: the next
-# windows' x, dy and u loaded into shared memory while this one is computed; None: not pipelined)
-TUNING: dict = {"wpp": None, "warps": None, "maxnreg": None, "stages": None}
+# windows' x, dy and u loaded into shared memory while this one is computed; None: not pipelined;
+# the passes ``_PIPELINED``); prefetch: the other two passes load the next window's x (and dy)
+# into registers before computing this one (``_next_raw``)
+TUNING: dict = {"wpp": None, "warps": None, "maxnreg": None, "stages": None, "prefetch": False}
 _MAX_WPP = 16  # g0's rolled copies, loaded once a program, then cost 0.5 KB a window
 # Programs a window pass keeps at least, where the windows allow: about 3 waves of 8-warp
 # programs at 2-3 an SM on a 132-SM GPU. At 2x32x128^3 16 windows a program give 2048; at
@@ -473,6 +495,11 @@ class _Geometry2(WindowSizes):
         """STAGES of window pass ``name``: ``TUNING["stages"]`` for the passes Triton pipelines
         (``_PIPELINED``), else None (their loop as it was, with its branch)."""
         return TUNING["stages"] if name in _PIPELINED else None
+
+    def prefetch(self, name: str) -> bool:
+        """PREFETCH of window pass ``name``: ``TUNING["prefetch"]`` for the two passes Triton
+        does not pipeline (a loop inside their window loop), else False."""
+        return bool(TUNING["prefetch"]) and name not in _PIPELINED
 
     def _once(self, key, make) -> dict:
         """``make()``, computed at the first call with ``key`` (the launch arguments below are

@@ -86,9 +86,11 @@ from ._window2_common import (
     TUNING,
     _Geometry2,
     _load_window,
+    _next_raw,
     _part_member,
     _pass_rows,
     _pick,
+    _relu_rows,
     _shift_of,
     _shift_vectors,
     _shifted_g_all,
@@ -115,6 +117,7 @@ def _parts_kernel(
     BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
     G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, NPB: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):  # fmt: skip
     """Per unshifted window: every shift's part sums of X g0_s and of X X^T (upper triangle),
     each Gram row reduced to sub-boxes once and then split per shift (MU: per shift). With DOT
@@ -132,13 +135,21 @@ def _parts_kernel(
     if DOT:
         member, exists = _membership(SHIFTS, NSHIFT, P0, P1, P2, BP0 // D0, BP1 // D1,
                                      BP2 // D2, D0, D1, D2, NPB, ACC)  # fmt: skip
+    pre = 0  # PREFETCH: the window of the loop's next step, loaded a step ahead
+    if PREFETCH:
+        pre = _next_raw(x_base, e, emask, 0, NWIN, WPP, NVOX, S1, S2, NW1, NW2, MW12, MW2,
+                        P0, P1, P2, BP0, BP1, BP2)  # fmt: skip
     for j in tl.range(0, WPP, num_stages=STAGES):
         w, run = _window_of(j, NWIN, WPP, STAGES)
+        cur = pre
+        if PREFETCH:
+            pre = _next_raw(x_base, e, emask, j + 1, NWIN, WPP, NVOX, S1, S2, NW1, NW2, MW12,
+                            MW2, P0, P1, P2, BP0, BP1, BP2)  # fmt: skip
         if run:
             _parts_window(x_base, rowmask, e, emask, w, (bh * NWIN + w) * (NSHIFT * 8), g_all,
                           member, exists, kpart_ptr, hpart_ptr, E, NVOX, S1, S2, NW1, NW2, SHIFTS,
                           NSHIFT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, G0, G1, G2, MU, ACC, DOT,
-                          D0, D1, D2, NPB, MW2, _fdiv(w, MW12))  # fmt: skip
+                          D0, D1, D2, NPB, MW2, _fdiv(w, MW12), PREFETCH, cur)  # fmt: skip
 
 
 @triton.jit
@@ -151,13 +162,17 @@ def _parts_window(
     BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
     G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, NPB: tl.constexpr, MW2, W0,
+    PRE: tl.constexpr, pre,
 ):  # fmt: skip
     """The parts pass on unshifted window w (x_base: the head's first element): every shift's
     part sums of X g0_s and of X X^T's upper triangle (see :func:`_parts_kernel`), stored at part
-    slots slot + k * 8 + b (MW2, W0: ``_window_origin``)."""
+    slots slot + k * 8 + b (MW2, W0: ``_window_origin``; PRE: the window already loaded, pre)."""
     e4 = e[:, None, None, None]
-    _, _, _, _, _, x = _load_window(x_base, rowmask, e, emask, w, NVOX, S1, S2, NW1, NW2,
-                                    P0, P1, P2, BP0, BP1, BP2, ACC, MW2, W0)  # fmt: skip
+    if PRE:
+        x = _relu_rows(pre, rowmask, ACC)
+    else:
+        _, _, _, _, _, x = _load_window(x_base, rowmask, e, emask, w, NVOX, S1, S2, NW1, NW2,
+                                        P0, P1, P2, BP0, BP1, BP2, ACC, MW2, W0)  # fmt: skip
     if DOT:  # X g0_s and the Gram rows split by products with ``member``
         _parts_dot(x, g_all, member, exists, kpart_ptr, hpart_ptr, slot, E, NSHIFT, BLOCK_E,
                    BP0, BP1, BP2, D0, D1, D2, NPB, ACC)  # fmt: skip
@@ -351,7 +366,7 @@ def _forward(x, g0, rowmask, geo: _Geometry2, iters: int, mu: bool, save: bool, 
         x, g0, rowmask, kpart, hpart,
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, geo.S[1], geo.S[2], *geo.NW[1:],
         **geo.magic(), **geo.consts(), **geo.block(), STAGES=geo.stages("parts"), MU=mu, ACC=acc,
-        **geo.dot(acc, mu), **geo.launch("parts"),
+        PREFETCH=geo.prefetch("parts"), **geo.dot(acc, mu), **geo.launch("parts"),
     )  # fmt: skip
     launch(_solve_kernel, wrap=wrap)[(geo.nwin, geo.bh)](
         kpart, hpart, u, hats, norms, kmat, geo.E, geo.nwin, iters, *geo.NW,

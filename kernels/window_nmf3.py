@@ -240,7 +240,7 @@ def _fused_kernel(
                                       member, exists, kpart_ptr, hpart_ptr, E, NVOX, S1, S2, NW1,
                                       NW2, SHIFTS, NSHIFT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E,
                                       NSB, G0, G1, G2, MU, ACC, DOT, D0, D1, D2, NPB, MW2,
-                                      _plane_w0(plane, NW0))  # fmt: skip
+                                      _plane_w0(plane, NW0), False, 0)  # fmt: skip
         elif phase == 1:
             _wait_stage(flags, NPL, plane, 1, CPP, OFFS, NOFF)
             _solve_batch(kpart_ptr, hpart_ptr, u_ptr, hsave_ptr, kmat_ptr, bh, first, plane, E,

@@ -210,7 +210,8 @@ def test_time_designs_static_design2_stages_pipeline_two_passes(tmp_path):
     """``"design 2, 2 stages"`` compiled for sm_90a: the two window passes Triton can pipeline
     (forward apply, backward parts) copy their next windows into shared memory without waiting
     (LDGSTS: cp.async) and hold more of it; the other two (a loop inside theirs) compile as at
-    the default, which has no such copy anywhere. At the benchmark shape (meta tensors): a
+    the default, which has no such copy anywhere; with ``"design 2, prefetch"`` the other two
+    hold the next window in registers. At the benchmark shape (meta tensors): a
     program takes 16 windows there (at 16^3 one: no loop to pipeline)."""
     import json
 
@@ -222,10 +223,10 @@ def test_time_designs_static_design2_stages_pipeline_two_passes(tmp_path):
     out = tmp_path / "static.json"
     rc = mod.main(["--static", "--shape", "2", "32", "128", "128", "128", "--dtypes", "fp32",
                    "--shifts", "[None, 4]", "--variants", "design 2", "design 2, 2 stages",
-                   "--out", str(out)])  # fmt: skip
+                   "design 2, prefetch", "--out", str(out)])  # fmt: skip
     rows = json.loads(out.read_text())["rows"]
     by = {(r["variant"], r["kernel"]): r for r in rows}
-    assert rc == 0 and len(rows) == 12 and len(by) == 12
+    assert rc == 0 and len(rows) == 18 and len(by) == 18
     assert all(r["async_copies"] == 0 for r in rows if r["variant"] == "design 2")
     for kernel in ("_apply_kernel", "_parts_bwd_kernel"):
         default, piped = by["design 2", kernel], by["design 2, 2 stages", kernel]
@@ -234,6 +235,13 @@ def test_time_designs_static_design2_stages_pipeline_two_passes(tmp_path):
         default, piped = by["design 2", kernel], by["design 2, 2 stages", kernel]
         assert piped["async_copies"] == 0
         assert (piped["regs"], piped["smem_bytes"]) == (default["regs"], default["smem_bytes"])
+    # "design 2, prefetch": those two hold the next window's x (and dy) in registers across
+    # their loop, without spilling; the pipelined two compile as at the default
+    for kernel in ("_parts_kernel", "_apply_bwd_kernel2"):
+        default, pre = by["design 2", kernel], by["design 2, prefetch", kernel]
+        assert pre["regs"] > default["regs"] and pre["spill_bytes"] == 0
+    for kernel in ("_apply_kernel", "_parts_bwd_kernel"):
+        assert by["design 2, prefetch", kernel]["regs"] == by["design 2", kernel]["regs"]
 
 
 def test_time_designs_keeps_what_it_measured_when_cut_short(tmp_path, monkeypatch):

@@ -165,15 +165,18 @@ def test_geometry_is_built_once_per_sizes_shifts_and_tuning(monkeypatch):
 @pytest.mark.parametrize("device", DEVICES)
 def test_design2_results_do_not_depend_on_windows_per_program(gen, design2, monkeypatch, device):
     """y and dx bitwise the same with 1, 5 and 16 windows a program (12 windows a head: 5 leaves
-    a last program with 2, 16 one program with 4 idle window slots), and with the pipelined
-    passes' loop (``TUNING["stages"]``), where a program past the last window runs it again."""
+    a last program with 2, 16 one program with 4 idle window slots), with the pipelined
+    passes' loop (``TUNING["stages"]``), where a program past the last window runs it again, and
+    with the other two passes loading each next window a step ahead (``TUNING["prefetch"]``)."""
     common = importlib.import_module("fastnmf.kernels._window2_common")
     x, v0, dy = nmf_inputs(gen, (2, 8, 8, 8, 12), 4, zero_windows=True)
     kw = dict(head_dim=4, patch_size=4, shifts=[None, 2], solver="hals")
     runs = []
-    for wpp, stages in ((1, None), (5, None), (16, None), (5, 2), (16, 3)):
+    for wpp, stages, prefetch in ((1, None, False), (5, None, False), (16, None, False),
+                                  (5, 2, False), (16, 3, False), (5, None, True), (16, 2, True)):
         monkeypatch.setitem(common.TUNING, "wpp", wpp)
         monkeypatch.setitem(common.TUNING, "stages", stages)
+        monkeypatch.setitem(common.TUNING, "prefetch", prefetch)
         runs.append(run_grad("triton", x, v0, dy, torch.float32, device, **kw))
     assert runs[0][1].abs().sum() > 0
     for y, dx in runs[1:]:
