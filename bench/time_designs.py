@@ -127,13 +127,14 @@ VARIANTS = [
 ]
 
 # what a short GPU lease times (``--shortlist``): the designs, design 2 with 16 warps and 32
-# resident warps an SM, design 2 with two of its passes pipelined, the code's choice, design 3
-# untiled and with three and four tiles, with 8 warps, with 2 programs of 8 warps an SM (no
-# spills with Triton 3.6: bench/results/static_designs_triton36/occupancy_variants.md), and the
-# reference
+# resident warps an SM, design 2 with its next windows' loads in flight (two passes pipelined, and
+# all four), the code's choice, design 3 untiled and with three and four tiles, with 8 warps, with
+# 2 programs of 8 warps an SM (no spills with Triton 3.6:
+# bench/results/static_designs_triton36/occupancy_variants.md), and the reference
 SHORTLIST = ("design 1", "design 2", "design 2, 16 warps, 64 registers", "design 2, 2 stages",
-             "default", "design 3, untiled", "design 3, three tiles", "design 3, four tiles",
-             "design 3, 8 warps", "design 3, 8 warps, 2 programs/SM", REFERENCE)  # fmt: skip
+             "design 2, 2 stages, prefetch", "default", "design 3, untiled",
+             "design 3, three tiles", "design 3, four tiles", "design 3, 8 warps",
+             "design 3, 8 warps, 2 programs/SM", REFERENCE)  # fmt: skip
 
 
 def _layer(x, v0, shifts, kernel="triton"):
@@ -183,8 +184,10 @@ def _run(design: int, tuning: dict, x, v0, dy, shifts, device, repeats: int,
                  fwdbwd_ms=median_ms(fwdbwd, device, repeats, warmup), y=y, dx=g)
         # after the timed calls, once more: bitwise what the first calls gave?
         r["bitwise_repeat"] = bool(torch.equal(fwd(), y) and torch.equal(fwdbwd(), g))
-        # where the time goes: each kernel's ms and launches a call (GPU only; {} elsewhere)
-        r["kernels"] = {"fwd": kernel_ms(fwd, device), "fwdbwd": kernel_ms(fwdbwd, device)}
+        # where the time goes: each kernel's ms and launches a call (GPU only; {} elsewhere),
+        # forward + backward only (its forward kernels are the forward's, storing what the
+        # backward reads): one profiler session a row, for the GPU session's time limit
+        r["kernels"] = {"fwdbwd": kernel_ms(fwdbwd, device, calls=2)}
         return r
 
 
@@ -289,7 +292,7 @@ REFERENCE_SPEEDUP = 10.0
 
 
 def kernel_lines(kernels: dict, top: int = 6) -> list[str]:
-    """A row's per-kernel split (``kernel_ms`` of its forward and forward + backward) as indented
+    """A row's per-kernel split (``kernel_ms``, by pass: forward + backward) as indented
     lines: the ``top`` kernels by time, "name ms xlaunches" (a call's), and their sum."""
     lines = []
     for pass_, split in kernels.items():

@@ -93,9 +93,8 @@ def _next_raw(base, e, emask, j, NWIN, WPP: tl.constexpr, NVOX, S1, S2, NW1, NW2
     w = tl.program_id(0) * WPP + j
     w0, w1, w2 = _window_origin(w, NW1, NW2, MW2, _fdiv(w, MW12))
     offs, mask = _window_offsets(e, emask, w0, w1, w2, NVOX, S1, S2, P0, P1, P2, BP0, BP1, BP2)
-    last = tl.minimum(NWIN, tl.program_id(0) * WPP + WPP)  # past this program's windows
-    return tl.load(base + offs, mask=mask & ((offs * 0 + w) < last), other=0)  # (full-shape: the
-    # interpreter makes int32 of a bool tensor & a 0-d one)
+    mask = (mask & (j < WPP) & (w < NWIN)) != 0  # (the interpreter holds & with 0-d as int32)
+    return tl.load(base + offs, mask=mask, other=0)
 
 
 @triton.jit
