@@ -403,8 +403,11 @@ MAGIC_PASS = (*MAGIC_SOLVE, "MHEADS")
 # their WPP windows pipelined by Triton in this many stages (``tl.range(num_stages=...)``: the next
 # windows' x, dy and u loaded into shared memory while this one is computed; None: not pipelined;
 # the passes ``_PIPELINED``); prefetch: the other two passes load the next window's x (and dy)
-# into registers before computing this one (``_next_raw``)
-TUNING: dict = {"wpp": None, "warps": None, "maxnreg": None, "stages": None, "prefetch": False}
+# into registers before computing this one (``_next_raw``); parts_tile: the forward parts pass
+# takes 4 windows at a time as one tile, at ``_TILE_WARPS`` warps (``window_nmf2.parts_tile``)
+TUNING: dict = {"wpp": None, "warps": None, "maxnreg": None, "stages": None, "prefetch": False,
+                "parts_tile": False}  # fmt: skip
+_TILE_WARPS = 16  # the tile's values spread over 16 warps: 32 a thread (kernels/_window3_tile.py)
 _MAX_WPP = 16  # g0's rolled copies, loaded once a program, then cost 0.5 KB a window
 # Programs a window pass keeps at least, where the windows allow: about 3 waves of 8-warp
 # programs at 2-3 an SM on a 132-SM GPU. At 2x32x128^3 16 windows a program give 2048; at
@@ -488,7 +491,10 @@ class _Geometry2(WindowSizes):
         """Launch options of pass ``name`` (a ``_WARPS`` name, or "solve": one warp): warps and,
         with ``TUNING["maxnreg"]``, ptxas's register cap."""
         cap = TUNING["maxnreg"]
-        return {"num_warps": self.warps.get(name, 1), **({"maxnreg": cap} if cap else {})}
+        warps = self.warps.get(name, 1)
+        if name == "parts" and TUNING["parts_tile"] and not TUNING["warps"]:
+            warps = _TILE_WARPS
+        return {"num_warps": warps, **({"maxnreg": cap} if cap else {})}
 
     def stages(self, name: str):
         """STAGES of window pass ``name``: ``TUNING["stages"]`` for the passes Triton pipelines

@@ -67,6 +67,8 @@ bitwise deterministic.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -81,6 +83,7 @@ from ._common import (
 from ._fastdiv import _fdiv
 from ._window2_bwd import backward2
 from ._window2_common import (
+    _TILE_WARPS,
     MAGIC_PASS,
     MAGIC_SOLVE,
     TUNING,
@@ -103,6 +106,8 @@ from ._window2_common import (
     _window_of,
     geometry,
 )
+from ._window3_bwd_tile import _E_AXIS
+from ._window3_tile import _XG0_LAST_FLAT, _parts_tile, tile_subboxes
 
 __all__ = ["TUNING", "WindowNMF2", "window_nmf2"]
 
@@ -117,7 +122,9 @@ def _parts_kernel(
     BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
     G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, NPB: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    PREFETCH: tl.constexpr, TILE: tl.constexpr, TW: tl.constexpr, TD0: tl.constexpr,
+    TD1: tl.constexpr, TD2: tl.constexpr, ROWS0: tl.constexpr, EAX: tl.constexpr,
+    XG0F: tl.constexpr,
 ):  # fmt: skip
     """Per unshifted window: every shift's part sums of X g0_s and of X X^T (upper triangle),
     each Gram row reduced to sub-boxes once and then split per shift (MU: per shift). With DOT
@@ -128,28 +135,38 @@ def _parts_kernel(
     bh, offset, e, emask, rowmask = _pass_rows(rowmask_ptr, C, E, HEADS, MHEADS, NVOX, BLOCK_E,
                                                ACC)  # fmt: skip
     x_base = x_ptr + offset  # the head's first element
-    # g0 under every shift, once per program
-    g_all = _shifted_g_all(g0_ptr, SHIFTS, NSHIFT, NSB, P0, P1, P2, BP0, BP1, BP2, ACC, True)
-    member = 0
-    exists = 0
-    if DOT:
-        member, exists = _membership(SHIFTS, NSHIFT, P0, P1, P2, BP0 // D0, BP1 // D1,
-                                     BP2 // D2, D0, D1, D2, NPB, ACC)  # fmt: skip
-    pre = 0  # PREFETCH: the window of the loop's next step, loaded a step ahead
-    if PREFETCH:
-        pre = _next_raw(x_base, e, emask, 0, NWIN, WPP, NVOX, S1, S2, NW1, NW2, MW12, MW2,
-                        P0, P1, P2, BP0, BP1, BP2)  # fmt: skip
-    for j in tl.range(0, WPP, num_stages=STAGES):
-        w, run = _window_of(j, NWIN, WPP, STAGES)
-        cur = pre
+    if TILE:  # TW windows at a time as one tile (the third design's, kernels/_window3_tile.py)
+        for t in range(0, WPP // TW):
+            first = tl.program_id(0) * WPP + t * TW  # its windows share their axis-0 coordinate
+            # (plane 0 of NWIN windows, no ring, parts not merged: the slots of this design)
+            _parts_tile(x_base, g0_ptr, first, first * 0, bh, kpart_ptr, hpart_ptr, NWIN, NWIN,
+                        1, E, NVOX, S1, S2, NW1, NW2, MW2, _fdiv(first, MW12), SHIFTS, NSHIFT, TW,
+                        P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, TD0, TD1, TD2, ROWS0, 0, False,
+                        EAX, XG0F)  # fmt: skip
+    else:
+        # g0 under every shift, once per program
+        g_all = _shifted_g_all(g0_ptr, SHIFTS, NSHIFT, NSB, P0, P1, P2, BP0, BP1, BP2, ACC, True)
+        member = 0
+        exists = 0
+        if DOT:
+            member, exists = _membership(SHIFTS, NSHIFT, P0, P1, P2, BP0 // D0, BP1 // D1,
+                                         BP2 // D2, D0, D1, D2, NPB, ACC)  # fmt: skip
+        pre = 0  # PREFETCH: the window of the loop's next step, loaded a step ahead
         if PREFETCH:
-            pre = _next_raw(x_base, e, emask, j + 1, NWIN, WPP, NVOX, S1, S2, NW1, NW2, MW12,
-                            MW2, P0, P1, P2, BP0, BP1, BP2)  # fmt: skip
-        if run:
-            _parts_window(x_base, rowmask, e, emask, w, (bh * NWIN + w) * (NSHIFT * 8), g_all,
-                          member, exists, kpart_ptr, hpart_ptr, E, NVOX, S1, S2, NW1, NW2, SHIFTS,
-                          NSHIFT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, G0, G1, G2, MU, ACC, DOT,
-                          D0, D1, D2, NPB, MW2, _fdiv(w, MW12), PREFETCH, cur)  # fmt: skip
+            pre = _next_raw(x_base, e, emask, 0, NWIN, WPP, NVOX, S1, S2, NW1, NW2, MW12, MW2,
+                            P0, P1, P2, BP0, BP1, BP2)  # fmt: skip
+        for j in tl.range(0, WPP, num_stages=STAGES):
+            w, run = _window_of(j, NWIN, WPP, STAGES)
+            cur = pre
+            if PREFETCH:
+                pre = _next_raw(x_base, e, emask, j + 1, NWIN, WPP, NVOX, S1, S2, NW1, NW2, MW12,
+                                MW2, P0, P1, P2, BP0, BP1, BP2)  # fmt: skip
+            if run:
+                _parts_window(x_base, rowmask, e, emask, w, (bh * NWIN + w) * (NSHIFT * 8),
+                              g_all, member, exists, kpart_ptr, hpart_ptr, E, NVOX, S1, S2, NW1,
+                              NW2, SHIFTS, NSHIFT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, G0,
+                              G1, G2, MU, ACC, DOT, D0, D1, D2, NPB, MW2, _fdiv(w, MW12),
+                              PREFETCH, cur)  # fmt: skip
 
 
 @triton.jit
@@ -366,7 +383,8 @@ def _forward(x, g0, rowmask, geo: _Geometry2, iters: int, mu: bool, save: bool, 
         x, g0, rowmask, kpart, hpart,
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, geo.S[1], geo.S[2], *geo.NW[1:],
         **geo.magic(), **geo.consts(), **geo.block(), STAGES=geo.stages("parts"), MU=mu, ACC=acc,
-        PREFETCH=geo.prefetch("parts"), **geo.dot(acc, mu), **geo.launch("parts"),
+        PREFETCH=geo.prefetch("parts"), **geo.dot(acc, mu), **parts_tile(geo, acc, mu),
+        **geo.launch("parts"),
     )  # fmt: skip
     launch(_solve_kernel, wrap=wrap)[(geo.nwin, geo.bh)](
         kpart, hpart, u, hats, norms, kmat, geo.E, geo.nwin, iters, *geo.NW,
@@ -382,6 +400,28 @@ def _forward(x, g0, rowmask, geo: _Geometry2, iters: int, mu: bool, save: bool, 
     if not save:
         hats = norms = kmat = None
     return y, hats, norms, kmat
+
+
+def parts_tile(geo: _Geometry2, acc, mu: bool) -> dict:
+    """The forward parts pass's tile constexprs (``TUNING["parts_tile"]``): TILE, whether the
+    pass takes TW windows at a time as one tile (``_window3_tile._parts_tile``: about a third of
+    the per-window pass's instructions in the third design, bench/results/static_designs/
+    tiles.md); TW (4, or WPP where fewer), the tile's sub-box TD0-TD2, ROWS0, EAX and XG0F
+    (:func:`.tile_plan`'s). The tile runs where the matrix form of the parts does (``dot``: fp32
+    accumulation, HALS), a tile's windows share their axis-0 coordinate (NW1 NW2 a multiple of
+    TW), the dot takes 16 to 32 sub-boxes and a thread holds at most 32 of the tile's values at
+    ``_TILE_WARPS`` warps."""
+    return geo._once(("tile", acc, mu), lambda: _parts_tile_plan(geo, geo.dot(acc, mu)))
+
+
+def _parts_tile_plan(geo: _Geometry2, dot: dict) -> dict:
+    sub, rows0, k = tile_subboxes(geo, dot)
+    tw = min(4, geo.wpp)
+    values = geo.block_e * tw * math.prod(geo.bp) // (32 * _TILE_WARPS)
+    use = (bool(TUNING["parts_tile"]) and dot["DOT"] and geo.NW[1] * geo.NW[2] % tw == 0
+           and 16 <= k <= 32 and values <= 32)  # fmt: skip
+    return dict(TILE=use, TW=tw, TD0=sub[0], TD1=sub[1], TD2=sub[2], ROWS0=rows0, EAX=_E_AXIS,
+                XG0F=rows0 or not _XG0_LAST_FLAT)  # fmt: skip
 
 
 class WindowNMF2(torch.autograd.Function):

@@ -223,10 +223,10 @@ def test_time_designs_static_design2_stages_pipeline_two_passes(tmp_path):
     out = tmp_path / "static.json"
     rc = mod.main(["--static", "--shape", "2", "32", "128", "128", "128", "--dtypes", "fp32",
                    "--shifts", "[None, 4]", "--variants", "design 2", "design 2, 2 stages",
-                   "design 2, prefetch", "--out", str(out)])  # fmt: skip
+                   "design 2, prefetch", "design 2, parts tile", "--out", str(out)])  # fmt: skip
     rows = json.loads(out.read_text())["rows"]
     by = {(r["variant"], r["kernel"]): r for r in rows}
-    assert rc == 0 and len(rows) == 18 and len(by) == 18
+    assert rc == 0 and len(rows) == 24 and len(by) == 24
     assert all(r["async_copies"] == 0 for r in rows if r["variant"] == "design 2")
     for kernel in ("_apply_kernel", "_parts_bwd_kernel"):
         default, piped = by["design 2", kernel], by["design 2, 2 stages", kernel]
@@ -242,6 +242,13 @@ def test_time_designs_static_design2_stages_pipeline_two_passes(tmp_path):
         assert pre["regs"] > default["regs"] and pre["spill_bytes"] == 0
     for kernel in ("_apply_kernel", "_parts_bwd_kernel"):
         assert by["design 2, prefetch", kernel]["regs"] == by["design 2", kernel]["regs"]
+    # "design 2, parts tile": the forward parts pass at 16 warps on the ticket tile (other
+    # code), without spilling; the other five as at the default
+    tile = by["design 2, parts tile", "_parts_kernel"]
+    assert (tile["warps"], tile["spill_bytes"]) == (16, 0)
+    assert tile["sass_instructions"] != by["design 2", "_parts_kernel"]["sass_instructions"]
+    for kernel in ("_solve_kernel", "_apply_kernel", "_parts_bwd_kernel", "_apply_bwd_kernel2"):
+        assert by["design 2, parts tile", kernel]["regs"] == by["design 2", kernel]["regs"]
 
 
 def test_time_designs_keeps_what_it_measured_when_cut_short(tmp_path, monkeypatch):
