@@ -48,6 +48,7 @@ from ._fastdiv import _fdiv
 from ._window2_common import (
     MAGIC_PASS,
     MAGIC_SOLVE,
+    TUNING,
     _Geometry2,
     _load_sym,
     _load_window,
@@ -65,6 +66,7 @@ from ._window2_common import (
     _window_offsets,
     _window_origin,
 )
+from ._window3_bwd_tile import _apply_subtile, run_tile_geometry
 
 
 @triton.jit
@@ -180,12 +182,42 @@ def _apply_bwd_kernel2(
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
     BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
     G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, PREFETCH: tl.constexpr,
+    BTILE: tl.constexpr, R2: tl.constexpr, WT: tl.constexpr, EAX: tl.constexpr,
+    USTRIDE: tl.constexpr,
 ):  # fmt: skip
     """dX = sum_s [u (u^T dY_s) + S x + h̄ g0_s^T] times ReLU'(x), per unshifted window, each
     part's (u, S, h̄) those of the shifted window it lies in (S x column by column: S[:, c] x_c,
     the columns in a loop). PREFETCH: the next window's x and dy loaded a step ahead."""
     bh, offset, e, emask, rowmask = _pass_rows(rowmask_ptr, C, E, HEADS, MHEADS, NVOX, BLOCK_E,
                                                ACC)  # fmt: skip
+    if BTILE:  # WT windows at a time as one run tile (the third design's: _window3_bwd_tile.py)
+        for t in range(0, WPP // WT):
+            first = tl.program_id(0) * WPP + t * WT  # its windows share their axis-0 coordinate
+            # (plane 0 of NWIN windows; u the last saved iterate, USTRIDE = T E apart)
+            _apply_subtile(x_ptr + offset, dy_ptr + offset, dx_ptr + offset, g0_ptr, first,
+                           first * 0, NWIN, bh, hats_ptr + (USTRIDE - E), sym_ptr, hbar_ptr, E,
+                           NWIN, NVOX, S1, S2, NW0, NW1, NW2, MW2, _fdiv(first, MW12), SHIFTS,
+                           NSHIFT, WT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, R2, EAX,
+                           USTRIDE)  # fmt: skip
+    else:
+        _apply_bwd_windows(x_ptr, dy_ptr, dx_ptr, g0_ptr, hats_ptr, sym_ptr, hbar_ptr, offset, bh,
+                           e, emask, rowmask, E, NWIN, NVOX, ITERS, S1, S2, NW0, NW1, NW2, MW12,
+                           MW2, SHIFTS, NSHIFT, WPP, STAGES, P0, P1, P2, BP0, BP1, BP2, BLOCK_E,
+                           NSB, G0, G1, G2, MU, ACC, PREFETCH)  # fmt: skip
+
+
+@triton.jit
+def _apply_bwd_windows(
+    x_ptr, dy_ptr, dx_ptr, g0_ptr, hats_ptr, sym_ptr, hbar_ptr, offset, bh, e, emask, rowmask,
+    E: tl.constexpr, NWIN, NVOX, ITERS, S1, S2, NW0, NW1, NW2, MW12, MW2,
+    SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr, STAGES: tl.constexpr,
+    P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+    BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
+    BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
+    G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, PREFETCH: tl.constexpr,
+):  # fmt: skip
+    """The backward apply's loop over its WPP windows, one window at a time
+    (:func:`_apply_bwd_window`)."""
     g_all = _shifted_g_all(g0_ptr, SHIFTS, NSHIFT, NSB, P0, P1, P2, BP0, BP1, BP2, ACC, True)
     pre_x = 0
     pre_dy = 0
@@ -275,6 +307,17 @@ def _apply_bwd_window(
     tl.store(dx_base + offs, dx.to(dx_base.dtype.element_ty), mask=mask)
 
 
+def apply_tile(geo: _Geometry2, mu: bool, dtype: torch.dtype, iters: int) -> dict:
+    """The backward apply's tile constexprs (``TUNING["apply_tile"]``): BTILE, whether it takes
+    WT windows at a time as one run tile (the third design's output-pass tile: about a third of
+    the per-window pass's instructions there, bench/results/static_designs/tiles.md), where
+    :func:`.run_tile_geometry` allows at the pass's warps and a tile's windows share their
+    axis-0 coordinate; R2, WT, EAX; USTRIDE = T E (u is the last iterate the forward saved)."""
+    fits, plan = run_tile_geometry(geo, mu, dtype, geo.wpp, geo.launch("apply_bwd")["num_warps"])
+    use = bool(TUNING["apply_tile"]) and fits and geo.NW[1] * geo.NW[2] % plan["WT"] == 0
+    return dict(BTILE=use, **plan, USTRIDE=iters * geo.E if use else geo.E)
+
+
 def backward2(x, g0, rowmask, hats, norms, kmat, dy, geo: _Geometry2, iters: int, mu: bool, *,
               wrap: bool = False) -> torch.Tensor:  # fmt: skip
     """dL/dx of the second design from the saved iterates and K (three launches; ``wrap`` as in
@@ -302,6 +345,6 @@ def backward2(x, g0, rowmask, hats, norms, kmat, dy, geo: _Geometry2, iters: int
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, iters, geo.S[1], geo.S[2], *geo.NW,
         **geo.magic(), **geo.consts(), **geo.block(), MU=mu, ACC=acc,
         STAGES=geo.stages("apply_bwd"), PREFETCH=geo.prefetch("apply_bwd"),
-        **geo.launch("apply_bwd"),
+        **apply_tile(geo, mu, x.dtype, iters), **geo.launch("apply_bwd"),
     )  # fmt: skip
     return dx

@@ -134,7 +134,8 @@ def _apply_tile(
     for h in tl.static_range(W // WT):
         _apply_subtile(x_base, dy_base, dx_base, g0_ptr, first + h * WT, plane, NPLANE, bh,
                        u_ptr, sym_ptr, hbar_ptr, E, NWIN, NVOX, S1, S2, NW0, NW1, NW2, MW2, W0,
-                       SHIFTS, NSHIFT, WT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, R2, EAX)  # fmt: skip
+                       SHIFTS, NSHIFT, WT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, R2, EAX,
+                       E)  # fmt: skip
 
 
 @triton.jit
@@ -143,10 +144,12 @@ def _apply_subtile(
     E: tl.constexpr, NWIN, NVOX, S1, S2, NW0, NW1, NW2, MW2, W0, SHIFTS: tl.constexpr,
     NSHIFT: tl.constexpr, W: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr, BLOCK_E: tl.constexpr,
-    R2: tl.constexpr, EAX: tl.constexpr,
+    R2: tl.constexpr, EAX: tl.constexpr, USTRIDE: tl.constexpr,
 ):  # fmt: skip
     """dX of W windows from ``first`` as one tile: its runs (window, q0, q1, run along axis 2)
-    on one axis, the channels on another, a run's R2 voxels on the last."""
+    on one axis, the channels on another, a run's R2 voxels on the last. u of shifted window
+    ``prog`` at u_ptr + prog * USTRIDE (the third design's u: E; the second's, the last saved
+    iterate: T E)."""
     n, c3, g3, q0, q1, r2, v0, v1, v2, inside, ok, offs = _run_tile(
         first, plane, NPLANE, E, NVOX, S1, S2, NW1, NW2, MW2, W0, W, P0, P1, P2, BP0, BP1, BP2,
         BLOCK_E, R2, EAX)  # fmt: skip
@@ -155,7 +158,7 @@ def _apply_subtile(
     for k in tl.static_range(NSHIFT):
         prog = _run_prog(bh, v0, v1, v2, q0, q1, r2, NWIN, NW0, NW1, NW2, k, SHIFTS, NSHIFT,
                          P0, P1, P2)  # fmt: skip
-        uk = _vec(u_ptr + prog * E, c3, E, False)  # the forward's u
+        uk = _vec(u_ptr + prog * USTRIDE, c3, E, False)  # the forward's u
         dx += uk * tl.expand_dims(tl.sum(uk * dy, axis=EAX), EAX)
         m0 = q0 + SHIFTS[k][0]
         m1 = q1 + SHIFTS[k][1]

@@ -211,8 +211,8 @@ def test_time_designs_static_design2_stages_pipeline_two_passes(tmp_path):
     (forward apply, backward parts) copy their next windows into shared memory without waiting
     (LDGSTS: cp.async) and hold more of it; the other two (a loop inside theirs) compile as at
     the default, which has no such copy anywhere; with ``"design 2, prefetch"`` the other two
-    hold the next window in registers. At the benchmark shape (meta tensors): a
-    program takes 16 windows there (at 16^3 one: no loop to pipeline)."""
+    hold the next window in registers; the tiles take other code. At the benchmark shape (meta
+    tensors): a program takes 16 windows there (at 16^3 one: no loop to pipeline)."""
     import json
 
     from fastnmf.profile.static import ptx_tools
@@ -223,10 +223,11 @@ def test_time_designs_static_design2_stages_pipeline_two_passes(tmp_path):
     out = tmp_path / "static.json"
     rc = mod.main(["--static", "--shape", "2", "32", "128", "128", "128", "--dtypes", "fp32",
                    "--shifts", "[None, 4]", "--variants", "design 2", "design 2, 2 stages",
-                   "design 2, prefetch", "design 2, parts tile", "--out", str(out)])  # fmt: skip
+                   "design 2, prefetch", "design 2, parts tile", "design 2, two tiles",
+                   "--out", str(out)])  # fmt: skip
     rows = json.loads(out.read_text())["rows"]
     by = {(r["variant"], r["kernel"]): r for r in rows}
-    assert rc == 0 and len(rows) == 24 and len(by) == 24
+    assert rc == 0 and len(rows) == 30 and len(by) == 30
     assert all(r["async_copies"] == 0 for r in rows if r["variant"] == "design 2")
     for kernel in ("_apply_kernel", "_parts_bwd_kernel"):
         default, piped = by["design 2", kernel], by["design 2, 2 stages", kernel]
@@ -249,6 +250,11 @@ def test_time_designs_static_design2_stages_pipeline_two_passes(tmp_path):
     assert tile["sass_instructions"] != by["design 2", "_parts_kernel"]["sass_instructions"]
     for kernel in ("_solve_kernel", "_apply_kernel", "_parts_bwd_kernel", "_apply_bwd_kernel2"):
         assert by["design 2, parts tile", kernel]["regs"] == by["design 2", kernel]["regs"]
+    # "design 2, two tiles": the backward apply on the run tile too: no CTA barrier (a thread
+    # holds its runs' channels; the per-window pass reduces across warps), no spill
+    tile = by["design 2, two tiles", "_apply_bwd_kernel2"]
+    assert (tile["barriers"], tile["spill_bytes"]) == (0, 0)
+    assert by["design 2", "_apply_bwd_kernel2"]["barriers"] > 0
 
 
 def test_time_designs_keeps_what_it_measured_when_cut_short(tmp_path, monkeypatch):

@@ -190,18 +190,24 @@ def test_design2_results_do_not_depend_on_windows_per_program(gen, design2, monk
     ((2, 8, 8, 16, 16), [None, 2, 4, 6], 2, True),  # axis 0's sub-boxes as rows (ROWS0)
     ((1, 8, 8, 24, 8), [None, 4], 4, False),  # NW1 NW2 = 3: a tile would span two axis-0 rows
 ])  # fmt: skip
-def test_design2_parts_tile_matches_reference(gen, design2, monkeypatch, device, shape, shifts,
-                                              wpp, tiled):  # fmt: skip
-    """``TUNING["parts_tile"]``: the forward parts pass on the third design's ticket tile, where
-    its windows share their axis-0 coordinate (else the per-window pass), against the float64
+def test_design2_tiles_match_reference(gen, design2, monkeypatch, device, shape, shifts, wpp,
+                                      tiled):  # fmt: skip
+    """``TUNING["parts_tile"]`` and ``["apply_tile"]``: the forward parts pass on the third
+    design's ticket tile and the backward apply on its run tile (2 windows), where a tile's
+    windows share their axis-0 coordinate (else the per-window passes), against the float64
     oracle at the fp32 tolerances."""
     common = importlib.import_module("fastnmf.kernels._window2_common")
+    w2b = importlib.import_module("fastnmf.kernels._window2_bwd")
     monkeypatch.setitem(common.TUNING, "parts_tile", True)
+    monkeypatch.setitem(common.TUNING, "apply_tile", True)
     monkeypatch.setitem(common.TUNING, "wpp", wpp)
     x, v0, dy = nmf_inputs(gen, shape, 8)
     geo = common.geometry(x.float(), 8, (8, 8, 8), shifts)
     plan = wn2.parts_tile(geo, tl.float32, False)
     assert (plan["TILE"], plan["TW"], geo.launch("parts")["num_warps"]) == (tiled, wpp, 16)
+    bplan = w2b.apply_tile(geo, False, torch.float32, 5)
+    assert (bplan["BTILE"], bplan["WT"]) == (tiled, 2)
+    assert bplan["USTRIDE"] == (5 * 8 if tiled else 8)
     kw = dict(head_dim=8, patch_size=8, shifts=shifts, solver="hals", iters=5)
     dx, dx_ref = fp32_against_reference(x, v0, dy, device, **kw)
     assert rel_err(dx, dx_ref) <= 1e-4
