@@ -66,7 +66,8 @@ from ._window2_common import (
     _window_offsets,
     _window_origin,
 )
-from ._window3_bwd_tile import _apply_subtile, run_tile_geometry
+from ._window3_bwd_parts_tile import _parts_bwd_subtile, bwd_parts_geometry
+from ._window3_bwd_tile import _E_AXIS, _apply_subtile, run_tile_geometry
 
 
 @triton.jit
@@ -104,21 +105,35 @@ def _parts_bwd_kernel(
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
     BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
-    G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
+    G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, PTILE: tl.constexpr,
+    PD0: tl.constexpr, PD1: tl.constexpr, PD2: tl.constexpr, PROWS0: tl.constexpr,
+    PWT: tl.constexpr, EAX: tl.constexpr, USTRIDE: tl.constexpr,
 ):  # fmt: skip
     """Per unshifted window: every shift's part sums of dY_s (X_s^T u) + X_s (dY_s^T u), u the
-    vector of the shifted window each part lies in (X_s: x with MU's dropped columns)."""
+    vector of the shifted window each part lies in (X_s: x with MU's dropped columns). PTILE:
+    PWT windows at a time as one tile (the third design's, kernels/_window3_bwd_parts_tile.py)."""
     bh, offset, e, emask, rowmask = _pass_rows(rowmask_ptr, C, E, HEADS, MHEADS, NVOX, BLOCK_E,
                                                ACC)  # fmt: skip
-    # MU: g0 under every shift, once per program
-    g_all = _shifted_g_all(g0_ptr, SHIFTS, NSHIFT, NSB, P0, P1, P2, BP0, BP1, BP2, ACC, MU)
-    for j in tl.range(0, WPP, num_stages=STAGES):
-        w, run = _window_of(j, NWIN, WPP, STAGES)
-        if run:
-            _parts_bwd_window(x_ptr + offset, dy_ptr + offset, rowmask, e, emask, w, bh, g_all,
-                              hats_ptr, gpart_ptr, E, NWIN, NVOX, ITERS, S1, S2, NW0, NW1, NW2,
-                              SHIFTS, NSHIFT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, G0, G1,
-                              G2, MU, ACC, MW2, _fdiv(w, MW12))  # fmt: skip
+    if PTILE:
+        for t in tl.range(0, WPP // PWT, num_stages=1):  # (as the third design runs them)
+            first = tl.program_id(0) * WPP + t * PWT  # its windows share their axis-0 coordinate
+            # (plane 0 of NWIN windows; u the last saved iterate, USTRIDE = T E apart)
+            _parts_bwd_subtile(x_ptr + offset, dy_ptr + offset, first, first * 0, NWIN, bh,
+                               hats_ptr + (USTRIDE - E), gpart_ptr, E, NWIN, NVOX, S1, S2, NW0,
+                               NW1, NW2, MW2, _fdiv(first, MW12), SHIFTS, NSHIFT, PWT, P0, P1,
+                               P2, BP0, BP1, BP2, BLOCK_E, NSB, PD0, PD1, PD2, PROWS0, EAX,
+                               USTRIDE)  # fmt: skip
+    else:
+        # MU: g0 under every shift, once per program
+        g_all = _shifted_g_all(g0_ptr, SHIFTS, NSHIFT, NSB, P0, P1, P2, BP0, BP1, BP2, ACC, MU)
+        for j in tl.range(0, WPP, num_stages=STAGES):
+            w, run = _window_of(j, NWIN, WPP, STAGES)
+            if run:
+                _parts_bwd_window(x_ptr + offset, dy_ptr + offset, rowmask, e, emask, w, bh,
+                                  g_all, hats_ptr, gpart_ptr, E, NWIN, NVOX, ITERS, S1, S2, NW0,
+                                  NW1, NW2, SHIFTS, NSHIFT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E,
+                                  NSB, G0, G1, G2, MU, ACC, MW2, _fdiv(w, MW12))  # fmt: skip
+
 
 @triton.jit
 def _parts_bwd_window(
@@ -191,7 +206,7 @@ def _apply_bwd_kernel2(
     bh, offset, e, emask, rowmask = _pass_rows(rowmask_ptr, C, E, HEADS, MHEADS, NVOX, BLOCK_E,
                                                ACC)  # fmt: skip
     if BTILE:  # WT windows at a time as one run tile (the third design's: _window3_bwd_tile.py)
-        for t in range(0, WPP // WT):
+        for t in tl.range(0, WPP // WT, num_stages=1):  # (as the third design runs them)
             first = tl.program_id(0) * WPP + t * WT  # its windows share their axis-0 coordinate
             # (plane 0 of NWIN windows; u the last saved iterate, USTRIDE = T E apart)
             _apply_subtile(x_ptr + offset, dy_ptr + offset, dx_ptr + offset, g0_ptr, first,
@@ -307,6 +322,17 @@ def _apply_bwd_window(
     tl.store(dx_base + offs, dx.to(dx_base.dtype.element_ty), mask=mask)
 
 
+def parts_bwd_tile(geo: _Geometry2, mu: bool, dtype: torch.dtype, iters: int) -> dict:
+    """The backward parts pass's tile constexprs (``TUNING["parts_bwd_tile"]``): PTILE, whether
+    it takes PWT windows at a time as one tile (the third design's backward parts tile), where
+    :func:`.bwd_parts_geometry` allows at the pass's warps and a tile's windows share their
+    axis-0 coordinate; PD0-PD2, PROWS0, PWT, EAX; USTRIDE = T E (u: the last saved iterate)."""
+    warps = geo.launch("parts_bwd")["num_warps"]
+    fits, plan = bwd_parts_geometry(geo, mu, dtype, geo.wpp, warps)
+    use = bool(TUNING["parts_bwd_tile"]) and fits and geo.NW[1] * geo.NW[2] % plan["PWT"] == 0
+    return dict(PTILE=use, **plan, EAX=_E_AXIS, USTRIDE=iters * geo.E if use else geo.E)
+
+
 def apply_tile(geo: _Geometry2, mu: bool, dtype: torch.dtype, iters: int) -> dict:
     """The backward apply's tile constexprs (``TUNING["apply_tile"]``): BTILE, whether it takes
     WT windows at a time as one run tile (the third design's output-pass tile: about a third of
@@ -332,7 +358,8 @@ def backward2(x, g0, rowmask, hats, norms, kmat, dy, geo: _Geometry2, iters: int
         x, dy, g0, rowmask, hats, gpart,
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, iters, geo.S[1], geo.S[2], *geo.NW,
         **geo.magic(), **geo.consts(), **geo.block(), MU=mu, ACC=acc,
-        STAGES=geo.stages("parts_bwd"), **geo.launch("parts_bwd"),
+        STAGES=geo.stages("parts_bwd"), **parts_bwd_tile(geo, mu, x.dtype, iters),
+        **geo.launch("parts_bwd"),
     )  # fmt: skip
     launch(_solve_bwd_kernel, wrap=wrap)[(geo.nwin, geo.bh)](
         gpart, kmat, hats, norms, sym, hbar, geo.E, geo.nwin, iters, *geo.NW,

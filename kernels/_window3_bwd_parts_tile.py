@@ -46,7 +46,7 @@ def _parts_bwd_tile(
         _parts_bwd_subtile(x_base, dy_base, first + h * WT, plane, NPLANE, bh, u_ptr, gpart_ptr,
                            E, NWIN, NVOX, S1, S2, NW0, NW1, NW2, MW2, W0, SHIFTS, NSHIFT, WT,
                            P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, D0, D1, D2, ROWS0,
-                           EAX)  # fmt: skip
+                           EAX, E)  # fmt: skip
 
 
 @triton.jit
@@ -56,9 +56,12 @@ def _parts_bwd_subtile(
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, BP0: tl.constexpr, BP1: tl.constexpr,
     BP2: tl.constexpr, BLOCK_E: tl.constexpr, NSB: tl.constexpr, D0: tl.constexpr,
     D1: tl.constexpr, D2: tl.constexpr, ROWS0: tl.constexpr, EAX: tl.constexpr,
+    USTRIDE: tl.constexpr,
 ):  # fmt: skip
     """Every shift's part sums of dY_s (u^T x) + x (u^T dY_s) of W windows from ``first``. The
-    tiles loaded channels first, or fifth where EAX != 0 (kernels/_window3_tile.py says why)."""
+    tiles loaded channels first, or fifth where EAX != 0 (kernels/_window3_tile.py says why).
+    u of shifted window ``prog`` at u_ptr + prog * USTRIDE (this design's: E; the second's,
+    the last saved iterate: T E)."""
     V: tl.constexpr = 2  # a run: the voxels a thread holds along axis 2
     c6, j6, q0, q1, r2, g6 = _tile_axes(BLOCK_E, W, BP0, BP1, BP2 // V, V, EAX)  # r2: a run's start
     # a window past the plane's end (masked: nothing loaded, nothing stored) takes the plane's
@@ -85,7 +88,7 @@ def _parts_bwd_subtile(
     for k in tl.static_range(NSHIFT):
         prog = _run_prog(bh, v0, v1, v2, q0, q1, r2, NWIN, NW0, NW1, NW2, k, SHIFTS, NSHIFT, P0,
                          P1, P2)  # fmt: skip
-        uk = _ch_first(_vec(u_ptr + prog * E, c6, E, False), EAX)  # the forward's u, a run's
+        uk = _ch_first(_vec(u_ptr + prog * USTRIDE, c6, E, False), EAX)  # the forward's u
         cx = tl.sum(uk * x, axis=0)[None]  # u^T x, in the thread
         cdy = tl.sum(uk * dy, axis=0)[None]
         z = tl.reshape(dy * cx + x * cdy, (BLOCK_E, W, BP0, BP1, BP2))
@@ -95,18 +98,26 @@ def _parts_bwd_subtile(
 
 def bwd_parts_plan(geo, mu: bool, dtype: torch.dtype, wpp: int, warps: int) -> dict:
     """The constexprs of the ticket-tile backward parts pass: PTILE (whether it runs:
-    ``TUNING["bwd_parts_tile"]``, HALS, E even, not float64, the forward tile's product form
+    ``TUNING["bwd_parts_tile"]`` and :func:`bwd_parts_geometry`'s conditions), the sub-box
+    PD0-PD2, PROWS0 and PWT, the windows of a tile."""
+    fits, plan = bwd_parts_geometry(geo, mu, dtype, wpp, warps)
+    on = _BWD_PARTS_TILE if TUNING["bwd_parts_tile"] is None else bool(TUNING["bwd_parts_tile"])
+    return dict(PTILE=on and fits, **plan)
+
+
+def bwd_parts_geometry(geo, mu: bool, dtype: torch.dtype, wpp: int,
+                       warps: int) -> tuple[bool, dict]:  # fmt: skip
+    """(fits, dict(PD0, PD1, PD2, PROWS0, PWT)) of this tile (this design's and the second's,
+    kernels/_window2_bwd.py). fits: HALS, E even, not float64, the forward tile's product form
     (``tile_subboxes``), sub-boxes at least 2 voxels wide along axis 2 (a run in one part), a
-    power-of-two WPP, a run a thread and the product at least 16 rows), the sub-box PD0-PD2,
-    PROWS0 and PWT, the windows of a tile."""
+    power-of-two WPP, a run a thread and the product at least 16 rows."""
     dot = geo.dot(acc_dtype(dtype), mu)
     sub, rows0, k = tile_subboxes(geo, dot)
     threads = 32 * warps
     wt = min(wpp, max(1, threads * 2 // math.prod(geo.bp)))  # windows a tile: a run a thread
     runs = wt * math.prod(geo.bp) // 2
     rows = geo.block_e * wt * (geo.bp[0] // sub[0] if rows0 else 1)
-    on = _BWD_PARTS_TILE if TUNING["bwd_parts_tile"] is None else bool(TUNING["bwd_parts_tile"])
-    use = (on and dot["DOT"] and not mu and geo.E % 2 == 0 and dtype != torch.float64
-           and geo.sub[2] % 2 == 0 and sub[2] % 2 == 0 and wpp & (wpp - 1) == 0
-           and runs == threads and rows >= 16 and 16 <= k <= 32)  # fmt: skip
-    return dict(PTILE=use, PD0=sub[0], PD1=sub[1], PD2=sub[2], PROWS0=rows0, PWT=wt)
+    fits = (dot["DOT"] and not mu and geo.E % 2 == 0 and dtype != torch.float64
+            and geo.sub[2] % 2 == 0 and sub[2] % 2 == 0 and wpp & (wpp - 1) == 0
+            and runs == threads and rows >= 16 and 16 <= k <= 32)  # fmt: skip
+    return fits, dict(PD0=sub[0], PD1=sub[1], PD2=sub[2], PROWS0=rows0, PWT=wt)

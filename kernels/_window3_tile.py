@@ -38,7 +38,7 @@ from ._common import TRITON_VERSION, _shift_of
 from ._window2_common import _part_member, _tri, _window_origin
 from ._window3_sched import _TILE, TUNING, _part_slot
 
-__all__ = ["tile_plan", "tile_subboxes"]
+__all__ = ["tile_geometry", "tile_plan", "tile_subboxes"]
 
 # Whether the tile's X g0 comes after its Gram (XG0F false) without axis 0's sub-boxes as rows
 # (no ROWS0: [None, 4]); with ROWS0 ([None, 2, 4, 6]) it always comes first. The order each
@@ -448,17 +448,24 @@ def _tile_xg0(xa, xb, g0_ptr, member, hpart_ptr, e2, ok2, slot2, j2, q0, q1, q2,
 
 
 def tile_plan(geo, dot: dict, wpp: int, warps: int) -> dict:
-    """The constexprs of the ticket-tile parts pass: TILE (whether it runs: ``TUNING["tile"]``,
-    the matrix form of the parts, ``dot``, a power-of-two WPP and a tile of at most 32 values a
-    thread), the sub-box TD0-TD2, ROWS0 (module docstring) and XG0F (``_XG0_LAST_FLAT``).
-    Where the dot would take fewer than 16 or more than 32 sub-boxes, the per-window pass runs
-    instead."""
+    """The constexprs of the ticket-tile parts pass: TILE (whether it runs: ``TUNING["tile"]``
+    and :func:`tile_geometry`'s conditions), the sub-box TD0-TD2, ROWS0 (module docstring) and
+    XG0F (``_XG0_LAST_FLAT``)."""
+    fits, plan = tile_geometry(geo, dot, wpp, warps)
+    on = _TILE if TUNING["tile"] is None else bool(TUNING["tile"])
+    return dict(TILE=on and fits, **plan)
+
+
+def tile_geometry(geo, dot: dict, wpp: int, warps: int) -> tuple[bool, dict]:
+    """(fits, dict(TD0, TD1, TD2, ROWS0, XG0F)) of a tile of ``wpp`` windows at ``warps`` warps
+    (this design's and the second's, kernels/window_nmf2.py). fits: the matrix form of the parts
+    (``dot``), a power-of-two WPP, at most 32 of the tile's values a thread and 16 to 32
+    sub-boxes in the dot (else the per-window pass runs)."""
     sub, rows0, k = tile_subboxes(geo, dot)
     tile_values = geo.block_e * wpp * math.prod(geo.bp) // (32 * warps)
-    on = _TILE if TUNING["tile"] is None else bool(TUNING["tile"])
-    use = (on and dot["DOT"] and wpp & (wpp - 1) == 0 and tile_values <= 32 and 16 <= k <= 32)
-    return dict(TILE=use, TD0=sub[0], TD1=sub[1], TD2=sub[2], ROWS0=rows0,
-                XG0F=rows0 or not _XG0_LAST_FLAT)
+    fits = dot["DOT"] and wpp & (wpp - 1) == 0 and tile_values <= 32 and 16 <= k <= 32
+    return fits, dict(TD0=sub[0], TD1=sub[1], TD2=sub[2], ROWS0=rows0,
+                      XG0F=rows0 or not _XG0_LAST_FLAT)  # fmt: skip
 
 
 def tile_subboxes(geo, dot: dict) -> tuple[list[int], bool, int]:

@@ -67,8 +67,6 @@ bitwise deterministic.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -107,7 +105,7 @@ from ._window2_common import (
     geometry,
 )
 from ._window3_bwd_tile import _E_AXIS
-from ._window3_tile import _XG0_LAST_FLAT, _parts_tile, tile_subboxes
+from ._window3_tile import _parts_tile, tile_geometry
 
 __all__ = ["TUNING", "WindowNMF2", "window_nmf2"]
 
@@ -136,7 +134,7 @@ def _parts_kernel(
                                                ACC)  # fmt: skip
     x_base = x_ptr + offset  # the head's first element
     if TILE:  # TW windows at a time as one tile (the third design's, kernels/_window3_tile.py)
-        for t in range(0, WPP // TW):
+        for t in tl.range(0, WPP // TW, num_stages=1):  # (as the third design runs them)
             first = tl.program_id(0) * WPP + t * TW  # its windows share their axis-0 coordinate
             # (plane 0 of NWIN windows, no ring, parts not merged: the slots of this design)
             _parts_tile(x_base, g0_ptr, first, first * 0, bh, kpart_ptr, hpart_ptr, NWIN, NWIN,
@@ -407,21 +405,17 @@ def parts_tile(geo: _Geometry2, acc, mu: bool) -> dict:
     pass takes TW windows at a time as one tile (``_window3_tile._parts_tile``: about a third of
     the per-window pass's instructions in the third design, bench/results/static_designs/
     tiles.md); TW (4, or WPP where fewer), the tile's sub-box TD0-TD2, ROWS0, EAX and XG0F
-    (:func:`.tile_plan`'s). The tile runs where the matrix form of the parts does (``dot``: fp32
-    accumulation, HALS), a tile's windows share their axis-0 coordinate (NW1 NW2 a multiple of
-    TW), the dot takes 16 to 32 sub-boxes and a thread holds at most 32 of the tile's values at
-    ``_TILE_WARPS`` warps."""
+    (:func:`.tile_geometry`'s). The tile runs where :func:`.tile_geometry` allows at
+    ``_TILE_WARPS`` warps and a tile's windows share their axis-0 coordinate (NW1 NW2 a multiple
+    of TW)."""
     return geo._once(("tile", acc, mu), lambda: _parts_tile_plan(geo, geo.dot(acc, mu)))
 
 
 def _parts_tile_plan(geo: _Geometry2, dot: dict) -> dict:
-    sub, rows0, k = tile_subboxes(geo, dot)
     tw = min(4, geo.wpp)
-    values = geo.block_e * tw * math.prod(geo.bp) // (32 * _TILE_WARPS)
-    use = (bool(TUNING["parts_tile"]) and dot["DOT"] and geo.NW[1] * geo.NW[2] % tw == 0
-           and 16 <= k <= 32 and values <= 32)  # fmt: skip
-    return dict(TILE=use, TW=tw, TD0=sub[0], TD1=sub[1], TD2=sub[2], ROWS0=rows0, EAX=_E_AXIS,
-                XG0F=rows0 or not _XG0_LAST_FLAT)  # fmt: skip
+    fits, plan = tile_geometry(geo, dot, tw, _TILE_WARPS)
+    use = bool(TUNING["parts_tile"]) and fits and geo.NW[1] * geo.NW[2] % tw == 0
+    return dict(TILE=use, TW=tw, EAX=_E_AXIS, **plan)
 
 
 class WindowNMF2(torch.autograd.Function):

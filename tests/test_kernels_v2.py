@@ -192,14 +192,15 @@ def test_design2_results_do_not_depend_on_windows_per_program(gen, design2, monk
 ])  # fmt: skip
 def test_design2_tiles_match_reference(gen, design2, monkeypatch, device, shape, shifts, wpp,
                                       tiled):  # fmt: skip
-    """``TUNING["parts_tile"]`` and ``["apply_tile"]``: the forward parts pass on the third
-    design's ticket tile and the backward apply on its run tile (2 windows), where a tile's
-    windows share their axis-0 coordinate (else the per-window passes), against the float64
-    oracle at the fp32 tolerances."""
+    """``TUNING["parts_tile"]``, ``["apply_tile"]`` and ``["parts_bwd_tile"]``: the forward
+    parts pass on the third design's ticket tile, the backward apply on its run tile and the
+    backward parts pass on its tile (2 windows each), where a tile's windows share their axis-0
+    coordinate (else the per-window passes), against the float64 oracle at the fp32
+    tolerances."""
     common = importlib.import_module("fastnmf.kernels._window2_common")
     w2b = importlib.import_module("fastnmf.kernels._window2_bwd")
-    monkeypatch.setitem(common.TUNING, "parts_tile", True)
-    monkeypatch.setitem(common.TUNING, "apply_tile", True)
+    for key in ("parts_tile", "apply_tile", "parts_bwd_tile"):
+        monkeypatch.setitem(common.TUNING, key, True)
     monkeypatch.setitem(common.TUNING, "wpp", wpp)
     x, v0, dy = nmf_inputs(gen, shape, 8)
     geo = common.geometry(x.float(), 8, (8, 8, 8), shifts)
@@ -208,6 +209,9 @@ def test_design2_tiles_match_reference(gen, design2, monkeypatch, device, shape,
     bplan = w2b.apply_tile(geo, False, torch.float32, 5)
     assert (bplan["BTILE"], bplan["WT"]) == (tiled, 2)
     assert bplan["USTRIDE"] == (5 * 8 if tiled else 8)
+    pplan = w2b.parts_bwd_tile(geo, False, torch.float32, 5)
+    assert (pplan["PTILE"], pplan["PWT"], pplan["USTRIDE"]) == (tiled, 2, 5 * 8 if tiled else 8)
+    assert geo.launch("parts_bwd")["num_warps"] == 16
     kw = dict(head_dim=8, patch_size=8, shifts=shifts, solver="hals", iters=5)
     dx, dx_ref = fp32_against_reference(x, v0, dy, device, **kw)
     assert rel_err(dx, dx_ref) <= 1e-4
