@@ -392,14 +392,14 @@ def _sum_parts(vpart_ptr, kpart_ptr, e, emask, bh, o0, o1, o2, NWIN, NW0, NW1, N
 MAGIC_SOLVE = ("MW12", "MW2")
 MAGIC_PASS = (*MAGIC_SOLVE, "MHEADS")
 
-# Unshifted windows per program of the parts and apply kernels (None: up to 16, as many as leave
-# the launch at least _MIN_PROGRAMS programs, :func:`windows_per_program`), warps per
-# program of every window pass (default: see _Geometry2), and a register cap for ptxas on every
-# launch (None: none; at 64, 32 resident warps an SM, the parts passes and the backward output
-# pass spill in most cases, up to 672 B a thread, and the forward solve 32-40 B: sm_90a, Triton
-# 3.9, bench/results/static_designs/instructions.md); read by the launcher at each call.
-# wpp: windows a program (None: ``windows_per_program``); warps: warps a window pass (None:
-# ``_WARPS``); maxnreg: ptxas's register cap (None: none); stages: the window passes' loop over
+# Read by the launchers at each call (the variants bench/time_designs.py times; all off by
+# default). wpp: unshifted windows a program of the window passes (None: up to 16, as many as
+# leave the launch at least _MIN_PROGRAMS programs, :func:`windows_per_program`); warps: warps a
+# window pass (None: ``_WARPS``); maxnreg: ptxas's register cap on every launch (None: none; at
+# 64, 32 resident warps an SM, with Triton 3.9 the parts passes and the backward output pass
+# spill in most cases, up to 672 B a thread, and the forward solve 32-40 B,
+# bench/results/static_designs/instructions.md; with Triton 3.6 none with [None, 4] at 16 warps,
+# bench/results/static_designs_triton36/design2_occupancy.md); stages: the window passes' loop over
 # their WPP windows pipelined by Triton in this many stages (``tl.range(num_stages=...)``: the next
 # windows' x, dy and u loaded into shared memory while this one is computed; None: not pipelined;
 # the passes ``_PIPELINED``); prefetch: the other two passes load the next window's x (and dy)
