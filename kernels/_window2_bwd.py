@@ -101,17 +101,25 @@ def _load_window_dy(x_base, dy_base, rowmask, e, emask, w, NVOX, S1, S2, NW1, NW
 def _parts_bwd_kernel(
     x_ptr, dy_ptr, g0_ptr, rowmask_ptr, hats_ptr, gpart_ptr,
     C, E: tl.constexpr, HEADS, NWIN, NVOX, ITERS, S1, S2, NW0, NW1, NW2, MW12, MW2, MHEADS,
-    SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr, STAGES: tl.constexpr,
+    SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr,
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
     BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
-    G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, PTILE: tl.constexpr,
-    PD0: tl.constexpr, PD1: tl.constexpr, PD2: tl.constexpr, PROWS0: tl.constexpr,
-    PWT: tl.constexpr, EAX: tl.constexpr, USTRIDE: tl.constexpr,
+    G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, OPTS: tl.constexpr,
 ):  # fmt: skip
     """Per unshifted window: every shift's part sums of dY_s (X_s^T u) + X_s (dY_s^T u), u the
     vector of the shifted window each part lies in (X_s: x with MU's dropped columns). PTILE:
-    PWT windows at a time as one tile (the third design's, kernels/_window3_bwd_parts_tile.py)."""
+    PWT windows at a time as one tile (the third design's, kernels/_window3_bwd_parts_tile.py).
+    OPTS: the variant's switches (:func:`parts_bwd_opts`)."""
+    STAGES: tl.constexpr = OPTS[0]
+    PTILE: tl.constexpr = OPTS[1]
+    PD0: tl.constexpr = OPTS[2]
+    PD1: tl.constexpr = OPTS[3]
+    PD2: tl.constexpr = OPTS[4]
+    PROWS0: tl.constexpr = OPTS[5]
+    PWT: tl.constexpr = OPTS[6]
+    EAX: tl.constexpr = OPTS[7]
+    USTRIDE: tl.constexpr = OPTS[8]
     bh, offset, e, emask, rowmask = _pass_rows(rowmask_ptr, C, E, HEADS, MHEADS, NVOX, BLOCK_E,
                                                ACC)  # fmt: skip
     if PTILE:
@@ -192,17 +200,23 @@ def _solve_bwd_kernel(
 def _apply_bwd_kernel2(
     x_ptr, dy_ptr, dx_ptr, g0_ptr, rowmask_ptr, hats_ptr, sym_ptr, hbar_ptr,
     C, E: tl.constexpr, HEADS, NWIN, NVOX, ITERS, S1, S2, NW0, NW1, NW2, MW12, MW2, MHEADS,
-    SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr, STAGES: tl.constexpr,
+    SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr,
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
     BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
-    G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, PREFETCH: tl.constexpr,
-    BTILE: tl.constexpr, R2: tl.constexpr, WT: tl.constexpr, EAX: tl.constexpr,
-    USTRIDE: tl.constexpr,
+    G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, OPTS: tl.constexpr,
 ):  # fmt: skip
     """dX = sum_s [u (u^T dY_s) + S x + h̄ g0_s^T] times ReLU'(x), per unshifted window, each
     part's (u, S, h̄) those of the shifted window it lies in (S x column by column: S[:, c] x_c,
-    the columns in a loop). PREFETCH: the next window's x and dy loaded a step ahead."""
+    the columns in a loop). PREFETCH: the next window's x and dy loaded a step ahead. OPTS: the
+    variant's switches (:func:`apply_bwd_opts`)."""
+    STAGES: tl.constexpr = OPTS[0]
+    PREFETCH: tl.constexpr = OPTS[1]
+    BTILE: tl.constexpr = OPTS[2]
+    R2: tl.constexpr = OPTS[3]
+    WT: tl.constexpr = OPTS[4]
+    EAX: tl.constexpr = OPTS[5]
+    USTRIDE: tl.constexpr = OPTS[6]
     bh, offset, e, emask, rowmask = _pass_rows(rowmask_ptr, C, E, HEADS, MHEADS, NVOX, BLOCK_E,
                                                ACC)  # fmt: skip
     if BTILE:  # WT windows at a time as one run tile (the third design's: _window3_bwd_tile.py)
@@ -322,11 +336,40 @@ def _apply_bwd_window(
     tl.store(dx_base + offs, dx.to(dx_base.dtype.element_ty), mask=mask)
 
 
+def parts_bwd_opts(geo: _Geometry2, mu: bool, dtype: torch.dtype, iters: int) -> tuple:
+    """The backward parts pass's switches as one constexpr (each launch argument costs host
+    time a call): STAGES and :func:`parts_bwd_tile`'s PTILE, PD0-PD2, PROWS0, PWT, EAX, USTRIDE,
+    in that order."""
+    def make():
+        t = parts_bwd_tile(geo, mu, dtype, iters)
+        return (geo.stages("parts_bwd"), t["PTILE"], t["PD0"], t["PD1"], t["PD2"], t["PROWS0"],
+                t["PWT"], t["EAX"], t["USTRIDE"])  # fmt: skip
+
+    return geo._once(("parts_bwd_opts", mu, dtype, iters), make)
+
+
+def apply_bwd_opts(geo: _Geometry2, mu: bool, dtype: torch.dtype, iters: int) -> tuple:
+    """The backward apply's switches as one constexpr: STAGES, PREFETCH and :func:`apply_tile`'s
+    BTILE, R2, WT, EAX, USTRIDE, in that order."""
+    def make():
+        t = apply_tile(geo, mu, dtype, iters)
+        return (geo.stages("apply_bwd"), geo.prefetch("apply_bwd"), t["BTILE"], t["R2"],
+                t["WT"], t["EAX"], t["USTRIDE"])  # fmt: skip
+
+    return geo._once(("apply_bwd_opts", mu, dtype, iters), make)
+
+
 def parts_bwd_tile(geo: _Geometry2, mu: bool, dtype: torch.dtype, iters: int) -> dict:
     """The backward parts pass's tile constexprs (``TUNING["parts_bwd_tile"]``): PTILE, whether
     it takes PWT windows at a time as one tile (the third design's backward parts tile), where
     :func:`.bwd_parts_geometry` allows at the pass's warps and a tile's windows share their
-    axis-0 coordinate; PD0-PD2, PROWS0, PWT, EAX; USTRIDE = T E (u: the last saved iterate)."""
+    axis-0 coordinate; PD0-PD2, PROWS0, PWT, EAX; USTRIDE = T E (u: the last saved iterate).
+    Built once per geometry and arguments."""
+    return geo._once(("parts_bwd_tile", mu, dtype, iters),
+                     lambda: _parts_bwd_tile_plan(geo, mu, dtype, iters))  # fmt: skip
+
+
+def _parts_bwd_tile_plan(geo: _Geometry2, mu: bool, dtype: torch.dtype, iters: int) -> dict:
     warps = geo.launch("parts_bwd")["num_warps"]
     fits, plan = bwd_parts_geometry(geo, mu, dtype, geo.wpp, warps)
     use = bool(TUNING["parts_bwd_tile"]) and fits and geo.NW[1] * geo.NW[2] % plan["PWT"] == 0
@@ -338,7 +381,13 @@ def apply_tile(geo: _Geometry2, mu: bool, dtype: torch.dtype, iters: int) -> dic
     WT windows at a time as one run tile (the third design's output-pass tile: about a third of
     the per-window pass's instructions there, bench/results/static_designs/tiles.md), where
     :func:`.run_tile_geometry` allows at the pass's warps and a tile's windows share their
-    axis-0 coordinate; R2, WT, EAX; USTRIDE = T E (u is the last iterate the forward saved)."""
+    axis-0 coordinate; R2, WT, EAX; USTRIDE = T E (u is the last iterate the forward saved).
+    Built once per geometry and arguments."""
+    return geo._once(("apply_tile", mu, dtype, iters),
+                     lambda: _apply_tile_plan(geo, mu, dtype, iters))  # fmt: skip
+
+
+def _apply_tile_plan(geo: _Geometry2, mu: bool, dtype: torch.dtype, iters: int) -> dict:
     fits, plan = run_tile_geometry(geo, mu, dtype, geo.wpp, geo.launch("apply_bwd")["num_warps"])
     use = bool(TUNING["apply_tile"]) and fits and geo.NW[1] * geo.NW[2] % plan["WT"] == 0
     return dict(BTILE=use, **plan, USTRIDE=iters * geo.E if use else geo.E)
@@ -358,8 +407,7 @@ def backward2(x, g0, rowmask, hats, norms, kmat, dy, geo: _Geometry2, iters: int
         x, dy, g0, rowmask, hats, gpart,
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, iters, geo.S[1], geo.S[2], *geo.NW,
         **geo.magic(), **geo.consts(), **geo.block(), MU=mu, ACC=acc,
-        STAGES=geo.stages("parts_bwd"), **parts_bwd_tile(geo, mu, x.dtype, iters),
-        **geo.launch("parts_bwd"),
+        OPTS=parts_bwd_opts(geo, mu, x.dtype, iters), **geo.launch("parts_bwd"),
     )  # fmt: skip
     launch(_solve_bwd_kernel, wrap=wrap)[(geo.nwin, geo.bh)](
         gpart, kmat, hats, norms, sym, hbar, geo.E, geo.nwin, iters, *geo.NW,
@@ -371,7 +419,6 @@ def backward2(x, g0, rowmask, hats, norms, kmat, dy, geo: _Geometry2, iters: int
         x, dy, dx, g0, rowmask, hats, sym, hbar,
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, iters, geo.S[1], geo.S[2], *geo.NW,
         **geo.magic(), **geo.consts(), **geo.block(), MU=mu, ACC=acc,
-        STAGES=geo.stages("apply_bwd"), PREFETCH=geo.prefetch("apply_bwd"),
-        **apply_tile(geo, mu, x.dtype, iters), **geo.launch("apply_bwd"),
+        OPTS=apply_bwd_opts(geo, mu, x.dtype, iters), **geo.launch("apply_bwd"),
     )  # fmt: skip
     return dx

@@ -114,22 +114,29 @@ __all__ = ["TUNING", "WindowNMF2", "window_nmf2"]
 def _parts_kernel(
     x_ptr, g0_ptr, rowmask_ptr, kpart_ptr, hpart_ptr,
     C, E: tl.constexpr, HEADS, NWIN, NVOX, S1, S2, NW1, NW2, MW12, MW2, MHEADS,
-    SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr, STAGES: tl.constexpr,
+    SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr,
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
     BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
     G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
-    D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, NPB: tl.constexpr,
-    PREFETCH: tl.constexpr, TILE: tl.constexpr, TW: tl.constexpr, TD0: tl.constexpr,
-    TD1: tl.constexpr, TD2: tl.constexpr, ROWS0: tl.constexpr, EAX: tl.constexpr,
-    XG0F: tl.constexpr,
+    D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, NPB: tl.constexpr, OPTS: tl.constexpr,
 ):  # fmt: skip
     """Per unshifted window: every shift's part sums of X g0_s and of X X^T (upper triangle),
     each Gram row reduced to sub-boxes once and then split per shift (MU: per shift). With DOT
     (fp32, no MU), the Gram rows' sums over sub-boxes of D0 x D1 x D2 voxels, and those of
     x_e g0_s, are collected in (16, sub-boxes) matrices and split into every shift's parts by
     products with the 0/1 membership matrix (``_membership``, ``_parts_dot``): FMAs with 1 and 0
-    add exactly, and no lane shuffles."""
+    add exactly, and no lane shuffles. OPTS: the variant's switches (:func:`parts_opts`)."""
+    STAGES: tl.constexpr = OPTS[0]
+    PREFETCH: tl.constexpr = OPTS[1]
+    TILE: tl.constexpr = OPTS[2]
+    TW: tl.constexpr = OPTS[3]
+    TD0: tl.constexpr = OPTS[4]
+    TD1: tl.constexpr = OPTS[5]
+    TD2: tl.constexpr = OPTS[6]
+    ROWS0: tl.constexpr = OPTS[7]
+    EAX: tl.constexpr = OPTS[8]
+    XG0F: tl.constexpr = OPTS[9]
     bh, offset, e, emask, rowmask = _pass_rows(rowmask_ptr, C, E, HEADS, MHEADS, NVOX, BLOCK_E,
                                                ACC)  # fmt: skip
     x_base = x_ptr + offset  # the head's first element
@@ -380,9 +387,8 @@ def _forward(x, g0, rowmask, geo: _Geometry2, iters: int, mu: bool, save: bool, 
     launch(_parts_kernel, wrap=wrap)[geo.grid](
         x, g0, rowmask, kpart, hpart,
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, geo.S[1], geo.S[2], *geo.NW[1:],
-        **geo.magic(), **geo.consts(), **geo.block(), STAGES=geo.stages("parts"), MU=mu, ACC=acc,
-        PREFETCH=geo.prefetch("parts"), **geo.dot(acc, mu), **parts_tile(geo, acc, mu),
-        **geo.launch("parts"),
+        **geo.magic(), **geo.consts(), **geo.block(), MU=mu, ACC=acc, **geo.dot(acc, mu),
+        OPTS=parts_opts(geo, acc, mu), **geo.launch("parts"),
     )  # fmt: skip
     launch(_solve_kernel, wrap=wrap)[(geo.nwin, geo.bh)](
         kpart, hpart, u, hats, norms, kmat, geo.E, geo.nwin, iters, *geo.NW,
@@ -398,6 +404,18 @@ def _forward(x, g0, rowmask, geo: _Geometry2, iters: int, mu: bool, save: bool, 
     if not save:
         hats = norms = kmat = None
     return y, hats, norms, kmat
+
+
+def parts_opts(geo: _Geometry2, acc, mu: bool) -> tuple:
+    """The forward parts pass's switches as one constexpr (each launch argument costs host time
+    a call in Triton's launch path): STAGES, PREFETCH and :func:`parts_tile`'s TILE, TW,
+    TD0-TD2, ROWS0, EAX, XG0F, in that order; built once per geometry."""
+    def make():
+        t = parts_tile(geo, acc, mu)
+        return (geo.stages("parts"), geo.prefetch("parts"), t["TILE"], t["TW"], t["TD0"],
+                t["TD1"], t["TD2"], t["ROWS0"], t["EAX"], t["XG0F"])  # fmt: skip
+
+    return geo._once(("parts_opts", acc, mu), make)
 
 
 def parts_tile(geo: _Geometry2, acc, mu: bool) -> dict:
