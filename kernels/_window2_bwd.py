@@ -372,7 +372,7 @@ def parts_bwd_tile(geo: _Geometry2, mu: bool, dtype: torch.dtype, iters: int) ->
 def _parts_bwd_tile_plan(geo: _Geometry2, mu: bool, dtype: torch.dtype, iters: int) -> dict:
     warps = geo.launch("parts_bwd")["num_warps"]
     fits, plan = bwd_parts_geometry(geo, mu, dtype, geo.wpp, warps)
-    use = bool(TUNING["parts_bwd_tile"]) and fits and geo.NW[1] * geo.NW[2] % plan["PWT"] == 0
+    use = bool(TUNING["parts_bwd_tile"]) and fits and geo.tiles_fit(plan["PWT"])
     return dict(PTILE=use, **plan, EAX=_E_AXIS, USTRIDE=iters * geo.E if use else geo.E)
 
 
@@ -389,7 +389,7 @@ def apply_tile(geo: _Geometry2, mu: bool, dtype: torch.dtype, iters: int) -> dic
 
 def _apply_tile_plan(geo: _Geometry2, mu: bool, dtype: torch.dtype, iters: int) -> dict:
     fits, plan = run_tile_geometry(geo, mu, dtype, geo.wpp, geo.launch("apply_bwd")["num_warps"])
-    use = bool(TUNING["apply_tile"]) and fits and geo.NW[1] * geo.NW[2] % plan["WT"] == 0
+    use = bool(TUNING["apply_tile"]) and fits and geo.tiles_fit(plan["WT"])
     return dict(BTILE=use, **plan, USTRIDE=iters * geo.E if use else geo.E)
 
 

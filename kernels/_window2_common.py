@@ -509,6 +509,12 @@ class _Geometry2(WindowSizes):
         does not pipeline (a loop inside their window loop), else False."""
         return bool(TUNING["prefetch"]) and name not in _PIPELINED
 
+    def tiles_fit(self, n: int) -> bool:
+        """Whether every tile of n consecutive windows (the first a multiple of n) lies in one
+        plane of the first axis (NW1 NW2 a multiple of n): the tiles of design 3 that design 2
+        runs (``TUNING["parts_tile"]`` and kin) take one axis-0 coordinate for all their windows."""
+        return self.NW[1] * self.NW[2] % n == 0
+
     def _once(self, key, make) -> dict:
         """``make()``, computed at the first call with ``key`` (the launch arguments below are
         pure functions of the sizes; the callers only unpack them)."""

@@ -432,7 +432,7 @@ def parts_tile(geo: _Geometry2, acc, mu: bool) -> dict:
 def _parts_tile_plan(geo: _Geometry2, dot: dict) -> dict:
     tw = min(4, geo.wpp)
     fits, plan = tile_geometry(geo, dot, tw, _TILE_WARPS)
-    use = bool(TUNING["parts_tile"]) and fits and geo.NW[1] * geo.NW[2] % tw == 0
+    use = bool(TUNING["parts_tile"]) and fits and geo.tiles_fit(tw)
     return dict(TILE=use, TW=tw, EAX=_E_AXIS, **plan)
 
 
