@@ -66,6 +66,7 @@ from ._window2_common import (
     _window_offsets,
     _window_origin,
 )
+from ._window2_loop import _tile_w0
 from ._window3_bwd_parts_tile import _parts_bwd_subtile, bwd_parts_geometry
 from ._window3_bwd_tile import _E_AXIS, _apply_subtile, run_tile_geometry
 
@@ -128,9 +129,9 @@ def _parts_bwd_kernel(
             # (plane 0 of NWIN windows; u the last saved iterate, USTRIDE = T E apart)
             _parts_bwd_subtile(x_ptr + offset, dy_ptr + offset, first, first * 0, NWIN, bh,
                                hats_ptr + (USTRIDE - E), gpart_ptr, E, NWIN, NVOX, S1, S2, NW0,
-                               NW1, NW2, MW2, _fdiv(first, MW12), SHIFTS, NSHIFT, PWT, P0, P1,
-                               P2, BP0, BP1, BP2, BLOCK_E, NSB, PD0, PD1, PD2, PROWS0, EAX,
-                               USTRIDE)  # fmt: skip
+                               NW1, NW2, MW2, _tile_w0(first, NWIN, MW12), SHIFTS, NSHIFT, PWT,
+                               P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, PD0, PD1, PD2, PROWS0,
+                               EAX, USTRIDE)  # fmt: skip
     else:
         # MU: g0 under every shift, once per program
         g_all = _shifted_g_all(g0_ptr, SHIFTS, NSHIFT, NSB, P0, P1, P2, BP0, BP1, BP2, ACC, MU)
@@ -225,8 +226,8 @@ def _apply_bwd_kernel2(
             # (plane 0 of NWIN windows; u the last saved iterate, USTRIDE = T E apart)
             _apply_subtile(x_ptr + offset, dy_ptr + offset, dx_ptr + offset, g0_ptr, first,
                            first * 0, NWIN, bh, hats_ptr + (USTRIDE - E), sym_ptr, hbar_ptr, E,
-                           NWIN, NVOX, S1, S2, NW0, NW1, NW2, MW2, _fdiv(first, MW12), SHIFTS,
-                           NSHIFT, WT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, R2, EAX,
+                           NWIN, NVOX, S1, S2, NW0, NW1, NW2, MW2, _tile_w0(first, NWIN, MW12),
+                           SHIFTS, NSHIFT, WT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, R2, EAX,
                            USTRIDE)  # fmt: skip
     else:
         _apply_bwd_windows(x_ptr, dy_ptr, dx_ptr, g0_ptr, hats_ptr, sym_ptr, hbar_ptr, offset, bh,

@@ -104,6 +104,7 @@ from ._window2_common import (
     _window_of,
     geometry,
 )
+from ._window2_loop import _tile_w0
 from ._window3_bwd_tile import _E_AXIS
 from ._window3_tile import _parts_tile, tile_geometry
 
@@ -145,9 +146,9 @@ def _parts_kernel(
             first = tl.program_id(0) * WPP + t * TW  # its windows share their axis-0 coordinate
             # (plane 0 of NWIN windows, no ring, parts not merged: the slots of this design)
             _parts_tile(x_base, g0_ptr, first, first * 0, bh, kpart_ptr, hpart_ptr, NWIN, NWIN,
-                        1, E, NVOX, S1, S2, NW1, NW2, MW2, _fdiv(first, MW12), SHIFTS, NSHIFT, TW,
-                        P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, TD0, TD1, TD2, ROWS0, 0, False,
-                        EAX, XG0F)  # fmt: skip
+                        1, E, NVOX, S1, S2, NW1, NW2, MW2, _tile_w0(first, NWIN, MW12), SHIFTS,
+                        NSHIFT, TW, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, TD0, TD1, TD2, ROWS0,
+                        0, False, EAX, XG0F)  # fmt: skip
     else:
         # g0 under every shift, once per program
         g_all = _shifted_g_all(g0_ptr, SHIFTS, NSHIFT, NSB, P0, P1, P2, BP0, BP1, BP2, ACC, True)

@@ -20,6 +20,7 @@ from kernel_helpers import (
 )
 
 import fastnmf
+from fastnmf.profile.static.counter import interpreting
 
 wn = importlib.import_module("fastnmf.kernels.window_nmf")
 wn2 = importlib.import_module("fastnmf.kernels.window_nmf2")
@@ -215,6 +216,32 @@ def test_design2_tiles_match_reference(gen, design2, monkeypatch, device, shape,
     kw = dict(head_dim=8, patch_size=8, shifts=shifts, solver="hals", iters=5)
     dx, dx_ref = fp32_against_reference(x, v0, dy, device, **kw)
     assert rel_err(dx, dx_ref) <= 1e-4
+
+
+@pytest.mark.skipif(not interpreting(), reason="the byte counter runs under TRITON_INTERPRET=1")
+def test_design2_tiles_stay_inside_their_tensors(design2, monkeypatch):
+    """The three tiles where a program's windows run past the head's last one (12 windows, 8 a
+    program: the second program's last tiles hold none): every active lane stays inside its
+    tensor (the byte counter refuses any other access). The tiles take such windows as the
+    head's last (values masked); their axis-0 coordinate must be that window's too, or the
+    vectors u, S, h-bar of a shifted window past the head are read (results still right)."""
+    from fastnmf.profile.static.cases import StaticCase
+    from fastnmf.profile.static.counter import count_call
+
+    common = importlib.import_module("fastnmf.kernels._window2_common")
+    w2b = importlib.import_module("fastnmf.kernels._window2_bwd")
+    for key in ("parts_tile", "apply_tile", "parts_bwd_tile"):
+        monkeypatch.setitem(common.TUNING, key, True)
+    case = StaticCase("window", 1, 8, (24, 16, 16), "fp32", (None, 4), design=2, wpp=8)
+    monkeypatch.setitem(common.TUNING, "wpp", 8)
+    geo = common.geometry(torch.empty(case.shape), 8, (8, 8, 8), [None, 4])
+    assert (geo.nwin, geo.grid) == (12, (2, 1))
+    assert wn2.parts_tile(geo, tl.float32, False)["TILE"]
+    assert w2b.apply_tile(geo, False, torch.float32, 5)["BTILE"]
+    assert w2b.parts_bwd_tile(geo, False, torch.float32, 5)["PTILE"]
+    calls = count_call(case)
+    assert [x.kernel for x in calls["bwd"].launches if x.kind == "triton"] == [
+        "_parts_bwd_kernel", "_solve_bwd_kernel", "_apply_bwd_kernel2"]
 
 
 def test_unknown_design_rejected(monkeypatch):

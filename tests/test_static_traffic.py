@@ -54,6 +54,19 @@ def test_counter_counts_a_copy_kernel(stride):
     assert call.host_device_copies == 0
 
 
+@needs_interpreter
+def test_counter_refuses_an_access_past_a_tensor():
+    """An active lane past the end of its tensor (here a mask that admits 8 elements too many)
+    is an error naming the kernel, the argument and the bytes, not a count: the counter doubles
+    as a bounds check of the kernels it runs (a GPU would read another buffer, or fault)."""
+    n, block = 1000, 128
+    x, y = torch.randn(n - 8), torch.empty(n)
+    with pytest.raises(RuntimeError, match=r"_copy_kernel: .* past the end of x_ptr \(bytes "
+                                           r"3996\.\.4000 of 3968"):
+        with counting():
+            _copy_kernel[(triton.cdiv(n, block),)](x, y, n, STRIDE=1, BLOCK=block)
+
+
 def test_counter_counts_a_host_to_device_copy():
     """A tensor made from host data is a copy host->device on a GPU (aten.lift_fresh): counted,
     so that the kernels' zero copies per call (above, and per case below) mean something."""

@@ -250,10 +250,16 @@ def _launch_from_accesses(session, kernel, grid, tensors, accesses) -> LaunchCou
             continue
         where = np.searchsorted(bases, addrs, side="right") - 1
         for i in np.unique(where):
+            if i < 0:
+                raise RuntimeError(f"{kernel}: an access falls before every tensor argument "
+                                   f"(program {prog})")  # fmt: skip
             base, nbytes, label, index = stor[int(i)]
             off = addrs[where == i] - np.uint64(base)
-            if i < 0 or int(off.max()) + itemsize > nbytes:
-                raise RuntimeError(f"{kernel}: an access falls outside its tensor argument")
+            if int(off.max()) + itemsize > nbytes:
+                raise RuntimeError(
+                    f"{kernel}: an access falls outside its tensor arguments: past the end of "
+                    f"{label} (bytes {int(off.max())}..{int(off.max()) + itemsize} of {nbytes}; "
+                    f"program {prog})")  # fmt: skip
             sec = np.unique(off >> np.uint64(5)).astype(np.int64) + (index << _STORAGE_SHIFT)
             st = stats[label]
             st["bytes_stored" if store else "bytes_loaded"] += off.size * itemsize
