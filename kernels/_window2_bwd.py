@@ -51,22 +51,24 @@ from ._window2_common import (
     TUNING,
     _Geometry2,
     _load_sym,
-    _load_window,
-    _next_raw,
-    _pass_rows,
     _pick,
-    _relu_rows,
     _shift_vectors,
     _shifted_g_all,
     _solve_rows,
     _store_parts,
     _sum_parts,
     _to_sub,
-    _window_of,
     _window_offsets,
     _window_origin,
 )
-from ._window2_loop import _tile_w0
+from ._window2_loop import (
+    _load_window,
+    _next_raw,
+    _pass_rows,
+    _relu_rows,
+    _tile_w0,
+    _window_of,
+)
 from ._window3_bwd_parts_tile import _parts_bwd_subtile, bwd_parts_geometry
 from ._window3_bwd_tile import _E_AXIS, _apply_subtile, run_tile_geometry
 

@@ -1,6 +1,7 @@
 """Shared by the second design's forward (window_nmf2.py) and backward (_window2_bwd.py): the
-device helpers that read an unshifted window as an (E, P0, P1, P2) block and split-sum it into
-the parts of every shift, and the host geometry with the compile-time shift constants."""
+device helpers that place an unshifted window as an (E, P0, P1, P2) block and split-sum it into
+the parts of every shift, and the host geometry with the compile-time shift constants (the
+window passes' loops over their windows: _window2_loop.py)."""
 
 from __future__ import annotations
 
@@ -53,68 +54,6 @@ def _window_offsets(e, emask, w0, w1, w2, nvox, S1, S2,
     v = ((w0 * P0 + q0) * S1 + w1 * P1 + q1) * S2 + w2 * P2 + q2
     mask = emask[:, None, None, None] & (q0 < P0) & (q1 < P1) & (q2 < P2)
     return e[:, None, None, None] * nvox + v, mask
-
-
-@triton.jit
-def _pass_rows(rowmask_ptr, C, E: tl.constexpr, HEADS, MHEADS, NVOX, BLOCK_E: tl.constexpr,
-               ACC: tl.constexpr):  # fmt: skip
-    """Set-up of a window pass (program axis 1: batch * head): bh, the int64 offset of the head's
-    first element, the rows e (BLOCK_E,), their mask and the MU row mask (0/1, ACC). MHEADS: the
-    magic number of HEADS."""
-    bh = tl.program_id(1)
-    batch, head = _fdivmod(bh, HEADS, MHEADS)
-    offset = (batch * C + head * E).to(tl.int64) * NVOX
-    e = tl.arange(0, BLOCK_E)
-    emask = e < E
-    rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
-    return bh, offset, e, emask, rowmask
-
-
-@triton.jit
-def _window_of(j, NWIN, WPP: tl.constexpr, STAGES: tl.constexpr):
-    """(w, whether to run it): unshifted window j of this program's WPP (program axis 0), to run
-    if w < NWIN. With STAGES (a pipelined loop, ``TUNING["stages"]``), past the head's last
-    window the last window again, always run: its values are computed and stored again, the same
-    ones, and the loop has no branch, which Triton's pipelining needs (the constant condition
-    folds away)."""
-    w = tl.program_id(0) * WPP + j
-    if STAGES is not None:
-        w = tl.minimum(w, NWIN - 1)
-    return w, (w < NWIN) | (STAGES is not None)
-
-
-@triton.jit
-def _next_raw(base, e, emask, j, NWIN, WPP: tl.constexpr, NVOX, S1, S2, NW1, NW2, MW12, MW2,
-              P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
-              BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr):  # fmt: skip
-    """The elements at ``base`` (BLOCK_E, BP0, BP1, BP2; as stored, no ReLU) of the window this
-    program's loop takes at step j, 0 where it takes none (j = WPP, or past the head's last
-    window): what a loop that prefetches loads a step ahead (``TUNING["prefetch"]``)."""
-    w = tl.program_id(0) * WPP + j
-    w0, w1, w2 = _window_origin(w, NW1, NW2, MW2, _fdiv(w, MW12))
-    offs, mask = _window_offsets(e, emask, w0, w1, w2, NVOX, S1, S2, P0, P1, P2, BP0, BP1, BP2)
-    mask = (mask & (j < WPP) & (w < NWIN)) != 0  # (the interpreter holds & with 0-d as int32)
-    return tl.load(base + offs, mask=mask, other=0)
-
-
-@triton.jit
-def _relu_rows(raw, rowmask, ACC: tl.constexpr):
-    """A window's elements as stored to ACC, after ReLU and the MU row mask (0/1)."""
-    return tl.maximum(raw.to(ACC), 0) * rowmask[:, None, None, None]
-
-
-@triton.jit
-def _load_window(x_base, rowmask, e, emask, w, NVOX, S1, S2, NW1, NW2,
-                 P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
-                 BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
-                 ACC: tl.constexpr, MW2, W0):  # fmt: skip
-    """Unshifted window w of the head at x_base: its grid coordinates (w0, w1, w2), the offsets
-    and mask of :func:`_window_offsets`, and x (BLOCK_E, BP0, BP1, BP2) after ReLU and the row
-    mask, in ACC (MW2, W0: :func:`_window_origin`)."""
-    w0, w1, w2 = _window_origin(w, NW1, NW2, MW2, W0)
-    offs, mask = _window_offsets(e, emask, w0, w1, w2, NVOX, S1, S2, P0, P1, P2, BP0, BP1, BP2)
-    x = _relu_rows(tl.load(x_base + offs, mask=mask, other=0), rowmask, ACC)
-    return w0, w1, w2, offs, mask, x  # x: (BLOCK_E, BP0, BP1, BP2)
 
 
 @triton.jit
@@ -403,10 +342,11 @@ MAGIC_PASS = (*MAGIC_SOLVE, "MHEADS")
 # their WPP windows pipelined by Triton in this many stages (``tl.range(num_stages=...)``: the next
 # windows' x, dy and u loaded into shared memory while this one is computed; None: not pipelined;
 # the passes ``_PIPELINED``); prefetch: the other two passes load the next window's x (and dy)
-# into registers before computing this one (``_next_raw``); parts_tile: the forward parts pass
-# takes 4 windows at a time as one tile, at ``_TILE_WARPS`` warps (``window_nmf2.parts_tile``);
-# apply_tile, parts_bwd_tile: the backward apply and parts pass take their windows a tile at a
-# time (``_window2_bwd.apply_tile``, ``parts_bwd_tile``; the latter at ``_TILE_WARPS`` warps)
+# into registers before computing this one (``_window2_loop._next_raw``); parts_tile: the
+# forward parts pass takes 4 windows at a time as one tile, at ``_TILE_WARPS`` warps
+# (``window_nmf2.parts_tile``); apply_tile, parts_bwd_tile: the backward apply and parts pass
+# take their windows a tile at a time (``_window2_bwd.apply_tile``, ``parts_bwd_tile``; the
+# latter at ``_TILE_WARPS`` warps; a tile past the head's last window: ``_window2_loop._tile_w0``)
 TUNING: dict = {"wpp": None, "warps": None, "maxnreg": None, "stages": None, "prefetch": False,
                 "parts_tile": False, "apply_tile": False, "parts_bwd_tile": False}  # fmt: skip
 _TILE_WARPS = 16  # the tile's values spread over 16 warps: 32 a thread (kernels/_window3_tile.py)
@@ -528,7 +468,8 @@ class _Geometry2(WindowSizes):
 
     def magic(self, heads: bool = True) -> dict:
         """The magic numbers of the kernels' run-time divisors (kernels/_fastdiv.py): NW1 NW2 and
-        NW2 (``_window_origin``), with ``heads`` the heads (``_pass_rows``; not the solves)."""
+        NW2 (``_window_origin``), with ``heads`` the heads (``_window2_loop._pass_rows``; not the
+        solves)."""
         divisors = dict(W12=self.NW[1] * self.NW[2], W2=self.NW[2])
         return self._once(("magic", heads), lambda: magics(
             **divisors, **(dict(HEADS=self.heads) if heads else {})))  # fmt: skip

@@ -16,7 +16,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._window2_common import _load_window, _plane_w0, _tri
+from ._window2_common import _plane_w0, _tri
+from ._window2_loop import _load_window
 from ._window3_sched import _merges_next, _part_slot
 from .window_nmf2 import _rows_dot
 

@@ -86,12 +86,8 @@ from ._window2_common import (
     MAGIC_SOLVE,
     TUNING,
     _Geometry2,
-    _load_window,
-    _next_raw,
     _part_member,
-    _pass_rows,
     _pick,
-    _relu_rows,
     _shift_of,
     _shift_vectors,
     _shifted_g_all,
@@ -101,10 +97,16 @@ from ._window2_common import (
     _sum_parts,
     _to_sub,
     _tri,
-    _window_of,
     geometry,
 )
-from ._window2_loop import _tile_w0
+from ._window2_loop import (
+    _load_window,
+    _next_raw,
+    _pass_rows,
+    _relu_rows,
+    _tile_w0,
+    _window_of,
+)
 from ._window3_bwd_tile import _E_AXIS
 from ._window3_tile import _parts_tile, tile_geometry
 

@@ -61,10 +61,33 @@ def test_counter_refuses_an_access_past_a_tensor():
     as a bounds check of the kernels it runs (a GPU would read another buffer, or fault)."""
     n, block = 1000, 128
     x, y = torch.randn(n - 8), torch.empty(n)
-    with pytest.raises(RuntimeError, match=r"_copy_kernel: .* past the end of x_ptr \(bytes "
-                                           r"3996\.\.4000 of 3968"):
+    with pytest.raises(RuntimeError, match=r"_copy_kernel: .*(past the end of x_ptr \(bytes "
+                                           r"3996\.\.4000 of 3968|spans the tensor arguments "
+                                           r"x_ptr and y_ptr)"):  # (y may lie just past x)
         with counting():
             _copy_kernel[(triton.cdiv(n, block),)](x, y, n, STRIDE=1, BLOCK=block)
+
+
+@triton.jit
+def _two_lanes_kernel(x_ptr, y_ptr, far):
+    lane = tl.arange(0, 2)
+    v = tl.load(x_ptr + lane * far)  # lane 1 "far" elements past x's first
+    tl.store(y_ptr + lane, v)
+
+
+@needs_interpreter
+def test_counter_refuses_an_access_into_another_tensor():
+    """A lane that lands inside another tensor argument (an offset gone wrong) is refused too:
+    each tl.load and tl.store has one base pointer, so its lanes lie in one tensor."""
+    x, y = torch.randn(64), torch.zeros(2)
+    far = (y.data_ptr() - x.data_ptr()) // 4  # y's first element, as an offset from x
+    with pytest.raises(RuntimeError, match="_two_lanes_kernel: one access spans the tensor "
+                                           "arguments (x_ptr and y_ptr|y_ptr and x_ptr)"):
+        with counting():
+            _two_lanes_kernel[(1,)](x, y, far)
+    with counting():  # both lanes inside x: counted
+        _two_lanes_kernel[(1,)](x, y, 63)
+    assert y.tolist() == [x[0].item(), x[63].item()]
 
 
 def test_counter_counts_a_host_to_device_copy():

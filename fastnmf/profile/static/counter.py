@@ -7,6 +7,10 @@ unmasked loads and stores go through them too, and atomics through ``create_atom
 gives, per launch and per tensor argument: bytes loaded and stored (active lanes x element size),
 unique bytes (distinct byte addresses), 32-byte sectors (per access: the distinct 32-byte-aligned
 sectors of the active lanes' addresses, summed over accesses) and the ordered sector trace.
+It checks bounds on the way: an active lane outside every tensor argument, past the end of one,
+or one access whose lanes lie in two (each ``tl.load`` / ``tl.store`` has one base pointer) is a
+``RuntimeError`` naming the kernel, the argument and the program (an access whose lanes all land
+inside another argument is not seen).
 
 Trace order: the interpreter runs the grid with axis 0 outermost; a GPU dispatches blocks in
 linear order with axis 0 fastest. Each access is tagged with its program's GPU linear id
@@ -249,7 +253,12 @@ def _launch_from_accesses(session, kernel, grid, tensors, accesses) -> LaunchCou
         if addrs.size == 0:
             continue
         where = np.searchsorted(bases, addrs, side="right") - 1
-        for i in np.unique(where):
+        spans = np.unique(where)
+        if spans.size > 1 and spans[0] >= 0:  # one tl.load / tl.store, one base pointer
+            names = " and ".join(stor[int(i)][2] for i in spans)
+            raise RuntimeError(f"{kernel}: one access spans the tensor arguments {names}: "
+                               f"some of its lanes lie outside their own (program {prog})")
+        for i in spans:
             if i < 0:
                 raise RuntimeError(f"{kernel}: an access falls before every tensor argument "
                                    f"(program {prog})")  # fmt: skip
