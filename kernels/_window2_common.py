@@ -346,9 +346,11 @@ MAGIC_PASS = (*MAGIC_SOLVE, "MHEADS")
 # forward parts pass takes 4 windows at a time as one tile, at ``_TILE_WARPS`` warps
 # (``window_nmf2.parts_tile``); apply_tile, parts_bwd_tile: the backward apply and parts pass
 # take their windows a tile at a time (``_window2_bwd.apply_tile``, ``parts_bwd_tile``; the
-# latter at ``_TILE_WARPS`` warps; a tile past the head's last window: ``_window2_loop._tile_w0``)
+# latter at ``_TILE_WARPS`` warps; a tile past the head's last window: ``_window2_loop._tile_w0``);
+# out_tile: the forward apply too (``window_nmf2.out_tile``, at ``_TILE_WARPS`` warps)
 TUNING: dict = {"wpp": None, "warps": None, "maxnreg": None, "stages": None, "prefetch": False,
-                "parts_tile": False, "apply_tile": False, "parts_bwd_tile": False}  # fmt: skip
+                "parts_tile": False, "apply_tile": False, "parts_bwd_tile": False,
+                "out_tile": False}  # fmt: skip
 _TILE_WARPS = 16  # the tile's values spread over 16 warps: 32 a thread (kernels/_window3_tile.py)
 _MAX_WPP = 16  # g0's rolled copies, loaded once a program, then cost 0.5 KB a window
 # Programs a window pass keeps at least, where the windows allow: about 3 waves of 8-warp
@@ -434,7 +436,8 @@ class _Geometry2(WindowSizes):
         with ``TUNING["maxnreg"]``, ptxas's register cap."""
         cap = TUNING["maxnreg"]
         warps = self.warps.get(name, 1)
-        tiled = {"parts": TUNING["parts_tile"], "parts_bwd": TUNING["parts_bwd_tile"]}
+        tiled = {"parts": TUNING["parts_tile"], "parts_bwd": TUNING["parts_bwd_tile"],
+                 "apply": TUNING["out_tile"]}
         if tiled.get(name) and not TUNING["warps"]:
             warps = _TILE_WARPS
         return {"num_warps": warps, **({"maxnreg": cap} if cap else {})}

@@ -107,7 +107,8 @@ from ._window2_loop import (
     _tile_w0,
     _window_of,
 )
-from ._window3_bwd_tile import _E_AXIS
+from ._window3_bwd_tile import _E_AXIS, run_tile_geometry
+from ._window3_out_tile import _apply_fwd_subtile
 from ._window3_tile import _parts_tile, tile_geometry
 
 __all__ = ["TUNING", "WindowNMF2", "window_nmf2"]
@@ -319,24 +320,39 @@ def _solve_kernel(
 def _apply_kernel(
     x_ptr, y_ptr, g0_ptr, rowmask_ptr, u_ptr,
     C, E: tl.constexpr, HEADS, NWIN, NVOX, S1, S2, NW0, NW1, NW2, MW12, MW2, MHEADS,
-    SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr, STAGES: tl.constexpr,
+    SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr,
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
     BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
-    G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr,
+    G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, OPTS: tl.constexpr,
 ):  # fmt: skip
+    """OPTS: the variant's switches (:func:`apply_opts`); OTILE: WT windows at a time as one run
+    tile (the third design's forward output tile, kernels/_window3_out_tile.py)."""
+    STAGES: tl.constexpr = OPTS[0]
+    OTILE: tl.constexpr = OPTS[1]
+    R2: tl.constexpr = OPTS[2]
+    WT: tl.constexpr = OPTS[3]
+    EAX: tl.constexpr = OPTS[4]
     bh, offset, e, emask, rowmask = _pass_rows(rowmask_ptr, C, E, HEADS, MHEADS, NVOX, BLOCK_E,
                                                ACC)  # fmt: skip
     x_base, y_base = x_ptr + offset, y_ptr + offset  # the head's first element
-    # MU: g0 under every shift, once per program
-    g_all = _shifted_g_all(g0_ptr, SHIFTS, NSHIFT, NSB, P0, P1, P2, BP0, BP1, BP2, ACC, MU)
-    for j in tl.range(0, WPP, num_stages=STAGES):
-        w, run = _window_of(j, NWIN, WPP, STAGES)
-        if run:
-            _apply_window(x_base, y_base, rowmask, e, emask, w, bh, g_all, u_ptr, E, NWIN, NVOX,
-                          S1, S2, NW0, NW1, NW2, SHIFTS, NSHIFT, P0, P1, P2, BP0, BP1, BP2,
-                          BLOCK_E, NSB, G0, G1, G2, MU, ACC, False, MW2,
-                          _fdiv(w, MW12))  # fmt: skip
+    if OTILE:
+        for t in tl.range(0, WPP // WT, num_stages=1):  # (as the third design runs them)
+            first = tl.program_id(0) * WPP + t * WT  # its windows share their axis-0 coordinate
+            _apply_fwd_subtile(x_base, y_base, first, first * 0, NWIN, bh, u_ptr, E, NWIN, NVOX,
+                               S1, S2, NW0, NW1, NW2, MW2, _tile_w0(first, NWIN, MW12), SHIFTS,
+                               NSHIFT, WT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, R2,
+                               EAX)  # fmt: skip
+    else:
+        # MU: g0 under every shift, once per program
+        g_all = _shifted_g_all(g0_ptr, SHIFTS, NSHIFT, NSB, P0, P1, P2, BP0, BP1, BP2, ACC, MU)
+        for j in tl.range(0, WPP, num_stages=STAGES):
+            w, run = _window_of(j, NWIN, WPP, STAGES)
+            if run:
+                _apply_window(x_base, y_base, rowmask, e, emask, w, bh, g_all, u_ptr, E, NWIN,
+                              NVOX, S1, S2, NW0, NW1, NW2, SHIFTS, NSHIFT, P0, P1, P2, BP0, BP1,
+                              BP2, BLOCK_E, NSB, G0, G1, G2, MU, ACC, False, MW2,
+                              _fdiv(w, MW12))  # fmt: skip
 
 
 @triton.jit
@@ -402,11 +418,37 @@ def _forward(x, g0, rowmask, geo: _Geometry2, iters: int, mu: bool, save: bool, 
         x, y, g0, rowmask, u,
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, geo.S[1], geo.S[2], *geo.NW,
         **geo.magic(), **geo.consts(), **geo.block(), MU=mu, ACC=acc,
-        STAGES=geo.stages("apply"), **geo.launch("apply"),
+        OPTS=apply_opts(geo, mu, x.dtype), **geo.launch("apply"),
     )  # fmt: skip
     if not save:
         hats = norms = kmat = None
     return y, hats, norms, kmat
+
+
+def apply_opts(geo: _Geometry2, mu: bool, dtype: torch.dtype) -> tuple:
+    """The forward apply's switches as one constexpr: STAGES and :func:`out_tile`'s OTILE, R2,
+    WT, EAX, in that order; built once per geometry."""
+    def make():
+        t = out_tile(geo, mu, dtype)
+        return (geo.stages("apply"), t["OTILE"], t["R2"], t["WT"], t["EAX"])
+
+    return geo._once(("apply_opts", mu, dtype), make)
+
+
+def out_tile(geo: _Geometry2, mu: bool, dtype: torch.dtype) -> dict:
+    """The forward apply's tile constexprs (``TUNING["out_tile"]``): OTILE, whether it takes WT
+    windows at a time as one run tile (``_window3_out_tile._apply_fwd_subtile``: each thread a
+    run of voxels with all its channels, nothing across lanes; the WT windows side by side along
+    the last axis, so that bf16's 32-byte sectors, two windows wide, are read and written by one
+    access, not two), where :func:`.run_tile_geometry` allows at the pass's warps
+    (``_TILE_WARPS`` with the tile) and a tile's windows share their axis-0 coordinate; R2, WT,
+    EAX."""
+    return geo._once(("out_tile", mu, dtype), lambda: _out_tile_plan(geo, mu, dtype))
+
+
+def _out_tile_plan(geo: _Geometry2, mu: bool, dtype: torch.dtype) -> dict:
+    fits, plan = run_tile_geometry(geo, mu, dtype, geo.wpp, geo.launch("apply")["num_warps"])
+    return dict(OTILE=bool(TUNING["out_tile"]) and fits and geo.tiles_fit(plan["WT"]), **plan)
 
 
 def parts_opts(geo: _Geometry2, acc, mu: bool) -> tuple:

@@ -223,7 +223,7 @@ def test_time_designs_static_design2_stages_pipeline_two_passes(tmp_path):
     out = tmp_path / "static.json"
     rc = mod.main(["--static", "--shape", "2", "32", "128", "128", "128", "--dtypes", "fp32",
                    "--shifts", "[None, 4]", "--variants", "design 2", "design 2, 2 stages",
-                   "design 2, prefetch", "design 2, parts tile", "design 2, three tiles",
+                   "design 2, prefetch", "design 2, parts tile", "design 2, four tiles",
                    "--out", str(out)])  # fmt: skip
     rows = json.loads(out.read_text())["rows"]
     by = {(r["variant"], r["kernel"]): r for r in rows}
@@ -250,14 +250,18 @@ def test_time_designs_static_design2_stages_pipeline_two_passes(tmp_path):
     assert tile["sass_instructions"] != by["design 2", "_parts_kernel"]["sass_instructions"]
     for kernel in ("_solve_kernel", "_apply_kernel", "_parts_bwd_kernel", "_apply_bwd_kernel2"):
         assert by["design 2, parts tile", kernel]["regs"] == by["design 2", kernel]["regs"]
-    # "design 2, three tiles": the backward apply on the run tile too: no CTA barrier (a thread
-    # holds its runs' channels; the per-window pass reduces across warps), no spill; and the
-    # backward parts pass on its tile at 16 warps, not pipelined (no async copy), no spill
-    tile = by["design 2, three tiles", "_apply_bwd_kernel2"]
+    # "design 2, four tiles": the backward apply on the run tile too: no CTA barrier (a thread
+    # holds its runs' channels; the per-window pass reduces across warps), no spill; the
+    # backward parts pass on its tile at 16 warps, not pipelined (no async copy), no spill; the
+    # forward apply on the forward output tile at 16 warps, no CTA barrier, no spill
+    tile = by["design 2, four tiles", "_apply_bwd_kernel2"]
     assert (tile["barriers"], tile["spill_bytes"]) == (0, 0)
     assert by["design 2", "_apply_bwd_kernel2"]["barriers"] > 0
-    tile = by["design 2, three tiles", "_parts_bwd_kernel"]
+    tile = by["design 2, four tiles", "_parts_bwd_kernel"]
     assert (tile["warps"], tile["spill_bytes"], tile["async_copies"]) == (16, 0, 0)
+    tile = by["design 2, four tiles", "_apply_kernel"]
+    assert (tile["warps"], tile["barriers"], tile["spill_bytes"]) == (16, 0, 0)
+    assert by["design 2", "_apply_kernel"]["warps"] == 8
 
 
 def test_time_designs_keeps_what_it_measured_when_cut_short(tmp_path, monkeypatch):

@@ -185,6 +185,9 @@ def test_design2_results_do_not_depend_on_windows_per_program(gen, design2, monk
         assert torch.equal(y, runs[0][0]) and torch.equal(dx, runs[0][1])
 
 
+TILE_KEYS = ("parts_tile", "apply_tile", "parts_bwd_tile", "out_tile")  # design 2's four tiles
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape,shifts,wpp,tiled", [
     ((1, 8, 16, 16, 16), [None, 4], 4, True),  # 4 windows a tile, 2 programs
@@ -193,14 +196,14 @@ def test_design2_results_do_not_depend_on_windows_per_program(gen, design2, monk
 ])  # fmt: skip
 def test_design2_tiles_match_reference(gen, design2, monkeypatch, device, shape, shifts, wpp,
                                       tiled):  # fmt: skip
-    """``TUNING["parts_tile"]``, ``["apply_tile"]`` and ``["parts_bwd_tile"]``: the forward
-    parts pass on the third design's ticket tile, the backward apply on its run tile and the
-    backward parts pass on its tile (2 windows each), where a tile's windows share their axis-0
-    coordinate (else the per-window passes), against the float64 oracle at the fp32
-    tolerances."""
+    """``TUNING["parts_tile"]``, ``["apply_tile"]``, ``["parts_bwd_tile"]`` and
+    ``["out_tile"]``: the forward parts pass on the third design's ticket tile, the backward
+    apply on its run tile, the backward parts pass on its tile and the forward apply on its
+    forward output tile (2 windows each), where a tile's windows share their axis-0 coordinate
+    (else the per-window passes), against the float64 oracle at the fp32 tolerances."""
     common = importlib.import_module("fastnmf.kernels._window2_common")
     w2b = importlib.import_module("fastnmf.kernels._window2_bwd")
-    for key in ("parts_tile", "apply_tile", "parts_bwd_tile"):
+    for key in TILE_KEYS:
         monkeypatch.setitem(common.TUNING, key, True)
     monkeypatch.setitem(common.TUNING, "wpp", wpp)
     x, v0, dy = nmf_inputs(gen, shape, 8)
@@ -213,14 +216,31 @@ def test_design2_tiles_match_reference(gen, design2, monkeypatch, device, shape,
     pplan = w2b.parts_bwd_tile(geo, False, torch.float32, 5)
     assert (pplan["PTILE"], pplan["PWT"], pplan["USTRIDE"]) == (tiled, 2, 5 * 8 if tiled else 8)
     assert geo.launch("parts_bwd")["num_warps"] == 16
+    oplan = wn2.out_tile(geo, False, torch.float32)
+    assert (oplan["OTILE"], oplan["WT"], geo.launch("apply")["num_warps"]) == (tiled, 2, 16)
     kw = dict(head_dim=8, patch_size=8, shifts=shifts, solver="hals", iters=5)
     dx, dx_ref = fp32_against_reference(x, v0, dy, device, **kw)
     assert rel_err(dx, dx_ref) <= 1e-4
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_design2_tiles_low_precision(gen, design2, monkeypatch, device):
+    """The four tiles with bf16 in and out (fp32 accumulation), within twice the oracle's own
+    bf16 error: the tiles' loads convert, their stores round, as the per-window passes do."""
+    common = importlib.import_module("fastnmf.kernels._window2_common")
+    for key in TILE_KEYS:
+        monkeypatch.setitem(common.TUNING, key, True)
+    monkeypatch.setitem(common.TUNING, "wpp", 4)
+    x, v0, dy = nmf_inputs(gen, (1, 8, 16, 16, 16), 8)
+    geo = common.geometry(x.to(torch.bfloat16), 8, (8, 8, 8), [None, 4])
+    assert wn2.out_tile(geo, False, torch.bfloat16)["OTILE"]
+    check_low_precision(x, v0, dy, torch.bfloat16, device, head_dim=8, patch_size=8,
+                        shifts=[None, 4], solver="hals", iters=5)  # fmt: skip
+
+
 @pytest.mark.skipif(not interpreting(), reason="the byte counter runs under TRITON_INTERPRET=1")
 def test_design2_tiles_stay_inside_their_tensors(design2, monkeypatch):
-    """The three tiles where a program's windows run past the head's last one (12 windows, 8 a
+    """The four tiles where a program's windows run past the head's last one (12 windows, 8 a
     program: the second program's last tiles hold none): every active lane stays inside its
     tensor (the byte counter refuses any other access). The tiles take such windows as the
     head's last (values masked); their axis-0 coordinate must be that window's too, or the
@@ -230,7 +250,7 @@ def test_design2_tiles_stay_inside_their_tensors(design2, monkeypatch):
 
     common = importlib.import_module("fastnmf.kernels._window2_common")
     w2b = importlib.import_module("fastnmf.kernels._window2_bwd")
-    for key in ("parts_tile", "apply_tile", "parts_bwd_tile"):
+    for key in TILE_KEYS:
         monkeypatch.setitem(common.TUNING, key, True)
     case = StaticCase("window", 1, 8, (24, 16, 16), "fp32", (None, 4), design=2, wpp=8)
     monkeypatch.setitem(common.TUNING, "wpp", 8)
@@ -239,6 +259,7 @@ def test_design2_tiles_stay_inside_their_tensors(design2, monkeypatch):
     assert wn2.parts_tile(geo, tl.float32, False)["TILE"]
     assert w2b.apply_tile(geo, False, torch.float32, 5)["BTILE"]
     assert w2b.parts_bwd_tile(geo, False, torch.float32, 5)["PTILE"]
+    assert wn2.out_tile(geo, False, torch.float32)["OTILE"]
     calls = count_call(case)
     assert [x.kernel for x in calls["bwd"].launches if x.kind == "triton"] == [
         "_parts_bwd_kernel", "_solve_bwd_kernel", "_apply_bwd_kernel2"]
