@@ -90,6 +90,23 @@ def test_counter_refuses_an_access_into_another_tensor():
     assert y.tolist() == [x[0].item(), x[63].item()]
 
 
+@needs_interpreter
+@pytest.mark.parametrize("design,shifts", [(2, (None, 4)), (2, (None, 2, 4, 6)),
+                                           (3, (None, 4)), (3, (None, 2, 4, 6))])  # fmt: skip
+def test_window_designs_stay_inside_their_tensors_at_a_ragged_shape(design, shifts):
+    """Designs 2 and 3 (their defaults) forward and backward under the counter's bounds check at
+    a shape whose windows fill no power of two: 1 x 16 (two heads) x 8 x 16 x 24, 6 windows a
+    head, design 2 at 4 windows a program (its second program runs past the last window)."""
+    from fastnmf.profile.static.counter import count_call
+
+    case = StaticCase("window", 1, 16, (8, 16, 24), "fp32", shifts, design=design,
+                      wpp=4 if design == 2 else None)  # fmt: skip
+    calls = count_call(case)
+    assert set(calls) == {"fwd", "bwd"}
+    x = [launch.args["x_ptr"] for launch in calls["fwd"].launches if "x_ptr" in launch.args]
+    assert x and sum(a["unique_bytes"] for a in x) >= 4 * math.prod(case.shape)
+
+
 def test_counter_counts_a_host_to_device_copy():
     """A tensor made from host data is a copy host->device on a GPU (aten.lift_fresh): counted,
     so that the kernels' zero copies per call (above, and per case below) mean something."""

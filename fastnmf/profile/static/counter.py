@@ -9,8 +9,9 @@ unique bytes (distinct byte addresses), 32-byte sectors (per access: the distinc
 sectors of the active lanes' addresses, summed over accesses) and the ordered sector trace.
 It checks bounds on the way: an active lane outside every tensor argument, past the end of one,
 or one access whose lanes lie in two (each ``tl.load`` / ``tl.store`` has one base pointer) is a
-``RuntimeError`` naming the kernel, the argument and the program (an access whose lanes all land
-inside another argument is not seen).
+:class:`OutOfBounds` (a ``RuntimeError``) naming the kernel, the argument and the program, raised
+before the interpreter touches the memory (an access whose lanes all land inside another argument
+is not seen).
 
 Trace order: the interpreter runs the grid with axis 0 outermost; a GPU dispatches blocks in
 linear order with axis 0 fastest. Each access is tagged with its program's GPU linear id
@@ -51,7 +52,7 @@ import numpy as np
 import torch
 
 __all__ = ["LaunchCount", "CallCount", "count_call", "counting", "torch_ops", "gpu_geometry",
-           "interpreting", "SECTOR"]  # fmt: skip
+           "interpreting", "SECTOR", "OutOfBounds"]  # fmt: skip
 
 SECTOR = 32  # bytes per L2 sector (NVIDIA sm_80 / sm_90)
 _STORAGE_SHIFT = 31  # canonical sector id = (storage index << 31) + sector in storage
@@ -148,6 +149,9 @@ class _Session:
         self.in_kernel = False
         self.accesses = None  # list of (prog, store, addrs, itemsize) during a launch
         self.grid = None
+        self.kernel = None  # during a launch: its name, its tensor arguments' storages and bases
+        self.stor: list = []
+        self.bases = np.zeros(0, dtype=np.uint64)
 
     def index(self, base: int) -> int:
         if base % SECTOR:
@@ -170,7 +174,34 @@ def _record(kind: str, ptrs, mask) -> None:
     itemsize = ptrs.get_element_ty().primitive_bitwidth // 8
     x, y, z = b.grid_idx
     gx, gy, _ = b.grid_dim
-    s.accesses.append((x + gx * (y + gy * z), kind == "store", addrs, itemsize))
+    prog = x + gx * (y + gy * z)
+    if addrs.size:  # before the interpreter touches the memory (out of bounds it may crash)
+        _check_bounds(s.kernel, s.stor, s.bases, addrs, itemsize, prog)
+    s.accesses.append((prog, kind == "store", addrs, itemsize))
+
+
+class OutOfBounds(RuntimeError):
+    """An active lane of a counted kernel outside its tensor argument (:func:`_check_bounds`)."""
+
+
+def _check_bounds(kernel, stor, bases, addrs, itemsize, prog) -> None:
+    """Every lane of one access inside one tensor argument (each tl.load / tl.store has one
+    base pointer), else :class:`OutOfBounds` naming the kernel, the argument and the program."""
+    where = np.searchsorted(bases, addrs, side="right") - 1
+    spans = np.unique(where)
+    if spans[0] < 0:
+        raise OutOfBounds(f"{kernel}: an access falls before every tensor argument "
+                          f"(program {prog})")  # fmt: skip
+    if spans.size > 1:
+        names = " and ".join(stor[int(i)][2] for i in spans)
+        raise OutOfBounds(f"{kernel}: one access spans the tensor arguments {names}: some of "
+                          f"its lanes lie outside their own (program {prog})")  # fmt: skip
+    base, nbytes, label, _ = stor[int(spans[0])]
+    end = int(addrs.max()) - base + itemsize
+    if end > nbytes:
+        raise OutOfBounds(
+            f"{kernel}: an access falls outside its tensor arguments: past the end of {label} "
+            f"(bytes {end - itemsize}..{end} of {nbytes}; program {prog})")  # fmt: skip
 
 
 def _patch_interpreter():
@@ -209,13 +240,22 @@ def _patch_interpreter():
         tensors = dict(zip(self.arg_names, args, strict=False))
         tensors.update(kwargs)
         tensors = {k: v for k, v in tensors.items() if isinstance(v, torch.Tensor)}
+        s.kernel, s.stor = self.fn.__name__, _storages(s, tensors)
+        s.bases = np.array([st[0] for st in s.stor], dtype=np.uint64)
         s.in_kernel, s.accesses = True, []
         try:
             orig_call(self, *args, **kwargs)
+        except Exception as e:  # the interpreter wraps a device function's errors: unwrap ours
+            cause = e
+            while cause is not None and not isinstance(cause, OutOfBounds):
+                cause = cause.__cause__ or cause.__context__
+            if cause is None or cause is e:
+                raise
+            raise cause from None
         finally:
             s.in_kernel = False
         grid = it.interpreter_builder.grid_dim
-        s.launches.append(_launch_from_accesses(s, self.fn.__name__, grid, tensors, s.accesses))
+        s.launches.append(_launch_from_accesses(s.kernel, grid, s.stor, s.bases, s.accesses))
         s.accesses = None
 
     patches = [(builder, "create_masked_load", masked_load),
@@ -243,40 +283,25 @@ def _storages(session: _Session, tensors: dict) -> list[tuple[int, int, str, int
     )
 
 
-def _launch_from_accesses(session, kernel, grid, tensors, accesses) -> LaunchCount:
-    stor = _storages(session, tensors)
-    bases = np.array([s[0] for s in stor], dtype=np.uint64)
+def _launch_from_accesses(kernel, grid, stor, bases, accesses) -> LaunchCount:
+    """The launch's counts from its accesses (each inside one argument: :func:`_check_bounds`,
+    at the access)."""
     stats = {s[2]: dict(bytes_loaded=0, bytes_stored=0, unique_bytes=0, sectors=0) for s in stor}
     touched = {s[2]: [] for s in stor}
     progs, sectors, stores = [], [], []
     for prog, store, addrs, itemsize in accesses:
         if addrs.size == 0:
             continue
-        where = np.searchsorted(bases, addrs, side="right") - 1
-        spans = np.unique(where)
-        if spans.size > 1 and spans[0] >= 0:  # one tl.load / tl.store, one base pointer
-            names = " and ".join(stor[int(i)][2] for i in spans)
-            raise RuntimeError(f"{kernel}: one access spans the tensor arguments {names}: "
-                               f"some of its lanes lie outside their own (program {prog})")
-        for i in spans:
-            if i < 0:
-                raise RuntimeError(f"{kernel}: an access falls before every tensor argument "
-                                   f"(program {prog})")  # fmt: skip
-            base, nbytes, label, index = stor[int(i)]
-            off = addrs[where == i] - np.uint64(base)
-            if int(off.max()) + itemsize > nbytes:
-                raise RuntimeError(
-                    f"{kernel}: an access falls outside its tensor arguments: past the end of "
-                    f"{label} (bytes {int(off.max())}..{int(off.max()) + itemsize} of {nbytes}; "
-                    f"program {prog})")  # fmt: skip
-            sec = np.unique(off >> np.uint64(5)).astype(np.int64) + (index << _STORAGE_SHIFT)
-            st = stats[label]
-            st["bytes_stored" if store else "bytes_loaded"] += off.size * itemsize
-            st["sectors"] += sec.size
-            touched[label].append((off, itemsize))
-            progs.append(np.full(sec.size, prog, dtype=np.int64))
-            sectors.append(sec)
-            stores.append(np.full(sec.size, store))
+        base, _, label, index = stor[int(np.searchsorted(bases, addrs[0], side="right")) - 1]
+        off = addrs - np.uint64(base)
+        sec = np.unique(off >> np.uint64(5)).astype(np.int64) + (index << _STORAGE_SHIFT)
+        st = stats[label]
+        st["bytes_stored" if store else "bytes_loaded"] += off.size * itemsize
+        st["sectors"] += sec.size
+        touched[label].append((off, itemsize))
+        progs.append(np.full(sec.size, prog, dtype=np.int64))
+        sectors.append(sec)
+        stores.append(np.full(sec.size, store))
     for label, items in touched.items():
         stats[label]["unique_bytes"] = _unique_bytes(items)
     stats = {k: v for k, v in stats.items() if v["bytes_loaded"] or v["bytes_stored"]}
