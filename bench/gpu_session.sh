@@ -22,7 +22,8 @@
 #   local     bench/time_designs.py for local windows (shifts [None]): whether design 1, which
 #             local windows run by default (untimed), beats designs 2 and 3 there (and with its
 #             stats kernels capped at 128 registers, 16 programs an SM with spills, or in chunks
-#             of 64 voxels, 16 / 12 fp32 / bf16; uncapped 12 / 8); what deleting design 1 waits for
+#             of 64 voxels, 16 / 12 fp32 / bf16; uncapped 12 / 8); what deleting design 1 waits for;
+#             design 2 with its four tiles asks for each bf16 sector once, design 1 twice
 #   winop     the window triton ops on the GPU (tests/test_triton_op.py, tests/test_custom_op.py):
 #             Inductor compiles a block with each window design's kernels, compiled = eager; and
 #             every Triton path of the layer captured in a CUDA graph (tests/test_cuda_graph.py)
@@ -120,7 +121,7 @@ for phase in "$@"; do
     local)
         step local time "${STEP_LIMIT_LOCAL:-200}" python3 bench/time_designs.py --variants \
             "design 1" "design 1, stats at 128 registers" "design 1, chunks of 64" "design 2" \
-            "design 2, 16 warps, 64 registers" "design 3" "design 3, untiled" \
+            "design 2, 16 warps, 64 registers" "design 2, four tiles" "design 3" "design 3, untiled" \
             "design 3, 8 warps, 2 programs/SM" \
             reference --shifts "[None]" --compile-budget 90 --out "$OUT/local/designs_local.json"
         tail -n 25 "$OUT/local/time.log"
