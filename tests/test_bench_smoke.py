@@ -393,3 +393,28 @@ def test_host_overhead_times_each_pass_without_a_gpu(tmp_path):
     assert rc == 0 and [(r["shifts"], r["pass_"]) for r in rows] == [("[None]", "fwd"),
                                                                       ("[None]", "fwd+bwd")]
     assert all(0 < r["host_us"] < 1e6 and 0 < r["host_us_uncached"] < 1e6 for r in rows)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs the interpreter")
+def test_check_bounds_runs_a_variant_and_fails_on_an_out_of_bounds_access(tmp_path, monkeypatch):
+    """bench/check_bounds.py: a variant at a ragged shape under the counter, a JSON row, exit 0;
+    exit 1 with the error in the row when the counter refuses an access."""
+    import json
+
+    from fastnmf.profile.static import counter
+
+    mod = load_bench("check_bounds")
+    out = tmp_path / "bounds.json"
+    args = ["--variants", "design 2, four tiles", "--shapes", "8x16x24", "--shifts", "[None, 4]",
+            "--out", str(out)]  # fmt: skip
+    assert mod.main(args) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert (row["variant"], row["ok"], row["error"]) == ("design 2, four tiles", True, None)
+
+    def refuse(case):
+        raise counter.OutOfBounds("_apply_kernel: an access falls before every tensor argument")
+
+    monkeypatch.setattr(counter, "count_call", refuse)
+    assert mod.main(args) == 1
+    (row,) = json.loads(out.read_text())["rows"]
+    assert not row["ok"] and row["error"].startswith("OutOfBounds: _apply_kernel")
