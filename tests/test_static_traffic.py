@@ -91,15 +91,17 @@ def test_counter_refuses_an_access_into_another_tensor():
 
 
 @needs_interpreter
-@pytest.mark.parametrize("design,shifts", [(2, (None, 4)), (2, (None, 2, 4, 6)),
-                                           (3, (None, 4)), (3, (None, 2, 4, 6))])  # fmt: skip
-def test_window_designs_stay_inside_their_tensors_at_a_ragged_shape(design, shifts):
-    """Designs 2 and 3 (their defaults) forward and backward under the counter's bounds check at
-    a shape whose windows fill no power of two: 1 x 16 (two heads) x 8 x 16 x 24, 6 windows a
-    head, design 2 at 4 windows a program (its second program runs past the last window)."""
+@pytest.mark.parametrize("design,shifts,rank", [
+    (2, (None, 4), 1), (2, (None, 2, 4, 6), 1), (3, (None, 4), 1), (3, (None, 2, 4, 6), 1),
+    (1, (None,), 1), (1, (None, 4), 1), (1, (None, 4), 2)])  # fmt: skip
+def test_window_designs_stay_inside_their_tensors_at_a_ragged_shape(design, shifts, rank):
+    """The window designs (their defaults; design 1 local windows' default, and the rank-two
+    kernels) forward and backward under the counter's bounds check at a shape whose windows fill
+    no power of two: 1 x 16 (two heads) x 8 x 16 x 24, 6 windows a head, design 2 at 4 windows a
+    program (its second program runs past the last window)."""
     from fastnmf.profile.static.counter import count_call
 
-    case = StaticCase("window", 1, 16, (8, 16, 24), "fp32", shifts, design=design,
+    case = StaticCase("window", 1, 16, (8, 16, 24), "fp32", shifts, design=design, rank=rank,
                       wpp=4 if design == 2 else None)  # fmt: skip
     calls = count_call(case)
     assert set(calls) == {"fwd", "bwd"}
