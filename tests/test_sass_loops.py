@@ -125,6 +125,27 @@ def test_ticket_counts_one_trip_with_its_calls_and_loops(tmp_path, capsys):
     path.write_text(TICKET)
     sass_loops.main([str(path), "--ticket", "--loop-trips", "k.py:20=3", "f.py:30=2"])
     assert capsys.readouterr().out.strip() == (
-        "ticket loop [2-7] 6 instructions; calls: f x2; one ticket: 22")
+        "ticket loop [2-7] 6 instructions; calls: f x2; one ticket: 22\n"
+        "  barriers: 0\n  shared: 0")
     with pytest.raises(SystemExit, match="FILE:LINE=N"):
         sass_loops.main([str(path), "--ticket", "--loop-trips", "k.py:20"])
+
+
+def test_ticket_counts_barriers_and_shared_memory_by_line(tmp_path, capsys):
+    """The ticket's CTA barriers and shared-memory instructions, weighted like the count: a
+    barrier in the inner loop (k.py:20, 3 trips) issues 3 a ticket; in $f (called twice) an LDS
+    before its loop issues 2 and a predicated STS inside the loop (2 trips) 4, both f.py:30; the
+    prologue's barrier counts nothing."""
+    text = (TICKET.replace("FADD R6, R6, R6", "BAR.SYNC.DEFER_BLOCKING 0x0")
+            .replace("FMUL R8, R8, R8", "LDS R8, [R2]")
+            .replace("FFMA R9, R9, R9, R9", "@!P0 STS [UR4], R9")
+            .replace("MOV R2, c[0x0][0x30]", "BAR.SYNC.DEFER_BLOCKING 0x0"))  # fmt: skip
+    trips = {"k.py:20": 3, "f.py:30": 2}
+    assert sass_loops.ticket_ops(text, trips, "barriers") == {"k.py:20": 3}
+    assert sass_loops.ticket_ops(text, trips, "shared") == {"f.py:30": 6}
+    assert sass_loops.ticket_count(text, trips)[2] == 22  # the kinds are a part of the count
+    path = tmp_path / "t.sass"
+    path.write_text(text)
+    sass_loops.main([str(path), "--ticket", "--loop-trips", "k.py:20=3", "f.py:30=2"])
+    assert capsys.readouterr().out.strip().splitlines()[1:] == [
+        "  barriers: 3 (k.py:20 x3)", "  shared: 6 (f.py:30 x6)"]

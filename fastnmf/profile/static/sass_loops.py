@@ -19,7 +19,9 @@ the loops inside the span counted ``--trips`` times each (in order; default once
 outermost loop issues (its ticket loop: one ticket of each pass, as the static count has each
 branch once), with the functions it calls (bodies after the kernel's own code) as often as it
 calls them, and every loop whose own instructions include source line FILE:LINE run N times
-(others once: spin waits). The ticket-taking code runs for every pass but counts once.
+(others once: spin waits). The ticket-taking code runs for every pass but counts once. Of that
+count, the CTA barriers (``BAR``) and the shared-memory instructions (``LDS``, ``STS``, ...)
+are printed too, each with the ``--top`` source lines that issue most.
 
 A cubin is disassembled with Triton's bundled ``nvdisasm -g`` (source lines from Triton's line
 info); a Triton cache folder holds ``<kernel>.cubin`` for every compiled kernel (the static report
@@ -34,8 +36,8 @@ import dataclasses
 import os
 import re
 
-__all__ = ["Loop", "parse_sass", "find_loops", "span_count", "ticket_count", "disassemble",
-           "main"]
+__all__ = ["Loop", "parse_sass", "find_loops", "span_count", "ticket_count", "ticket_ops",
+           "TICKET_OPS", "disassemble", "main"]
 
 _LOC = re.compile(r'^\s*//## File "([^"]+)", line (\d+)')
 _LABEL = re.compile(r"^(\.L_x_\d+):")
@@ -132,6 +134,34 @@ def ticket_count(text: str, loop_trips: dict[str, int]) -> tuple[Loop, dict[str,
     with the bodies of the functions it calls, each instruction weighted by the trips of the loops
     around it (a loop's trips: ``loop_trips[FILE:LINE]`` of the first of its own source lines that
     has one, else 1; the ticket loop itself once)."""
+    ticket, calls, weighted = _ticket_weights(text, loop_trips)
+    return ticket, calls, sum(w for _, _, w in weighted)
+
+
+# what the ticket count breaks out by kind (``ticket_ops``): CTA barriers (the stall Nsight
+# Compute found in design 3's forward: bench/results/h200_2026-12-04/) and shared-memory
+# instructions (each at least one L1 wavefront: its data pipe was the busiest unit there)
+TICKET_OPS = {
+    "barriers": re.compile(r"^(?:@!?U?P\w+\s+)?BAR\.(?:SYNC|RED|ARV)\b"),
+    "shared": re.compile(r"^(?:@!?U?P\w+\s+)?(?:LDS|STS|LDSM|STSM|ATOMS)\b"),
+}
+
+
+def ticket_ops(text: str, loop_trips: dict[str, int], kind: str) -> collections.Counter:
+    """The instructions of ``kind`` (a :data:`TICKET_OPS` key) one ticket issues, weighted as in
+    :func:`ticket_count`, by source line ("file:line")."""
+    pattern = TICKET_OPS[kind]
+    _, _, weighted = _ticket_weights(text, loop_trips)
+    ops: collections.Counter = collections.Counter()
+    for ins, loc, w in weighted:
+        if pattern.match(ins):
+            ops[loc] += w
+    return ops
+
+
+def _ticket_weights(text: str, loop_trips: dict[str, int]):
+    """(ticket loop, calls, [(instruction, file:line, times one ticket issues it)]): the ticket
+    loop's own instructions, then each called function's once per call."""
     instrs, _ = parse_sass(text)
     funcs = _functions(text)
     own_end = min((s for s, _ in funcs.values()), default=len(instrs))
@@ -148,11 +178,10 @@ def ticket_count(text: str, loop_trips: dict[str, int]) -> tuple[Loop, dict[str,
                 weight[i] *= trips
     calls = collections.Counter(m.group(1) for ins, _ in instrs[ticket.start:ticket.end + 1]
                                 if (m := _CALL.search(ins)))  # fmt: skip
-    total = sum(weight[ticket.start:ticket.end + 1])
-    for name, n in calls.items():
-        first, last = funcs[name]
-        total += n * sum(weight[first:last + 1])
-    return ticket, dict(calls), total
+    spans = [(ticket.start, ticket.end, 1)] + [(*funcs[name], n) for name, n in calls.items()]
+    weighted = [(instrs[i][0], instrs[i][1], weight[i] * n)
+                for first, last, n in spans for i in range(first, last + 1)]  # fmt: skip
+    return ticket, dict(calls), weighted
 
 
 def disassemble(cubin: bytes) -> str:
@@ -172,7 +201,7 @@ def _read(path: str) -> str:
         return f.read()
 
 
-def _print_ticket(text: str, specs: list[str]) -> None:
+def _print_ticket(text: str, specs: list[str], top: int) -> None:
     trips = {}
     for spec in specs:
         key, _, n = spec.rpartition("=")
@@ -186,6 +215,10 @@ def _print_ticket(text: str, specs: list[str]) -> None:
     called = ", ".join(f"{name.split('$')[-1][:40]} x{n}" for name, n in calls.items())
     print(f"ticket loop [{ticket.start}-{ticket.end}] {ticket.instructions} instructions; calls: "
           f"{called or 'none'}; one ticket: {total}")  # fmt: skip
+    for kind in TICKET_OPS:
+        ops = ticket_ops(text, trips, kind)
+        lines = ", ".join(f"{k} x{v}" for k, v in ops.most_common(top))
+        print(f"  {kind}: {sum(ops.values())}" + (f" ({lines})" if lines else ""))
 
 
 def main(argv=None) -> None:
@@ -207,7 +240,7 @@ def main(argv=None) -> None:
     if total == 0:
         raise SystemExit(f"sass_loops: error: no SASS instructions in {args.path}")
     if args.ticket:
-        _print_ticket(text, args.loop_trips)
+        _print_ticket(text, args.loop_trips, args.top)
         return
     if args.span:
         try:
