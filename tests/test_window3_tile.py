@@ -155,3 +155,48 @@ def test_gram_units_cover_the_triangle_once(device, half):
     assert bool((c < c2).all())
     pairs = sorted(zip(c.flatten().tolist(), c2.flatten().tolist(), strict=True))
     assert pairs == [(a, b) for a in range(2 * half) for b in range(a + 1, 2 * half)]
+
+
+@triton.jit
+def _prev_tree_kernel(x_ptr, out_ptr, N: tl.constexpr, LOG: tl.constexpr):
+    """``_last_two`` applied as a GPU scan applies it: in a tree, each step combining the prefix
+    that ends 2^d rows earlier (many rows) with this row's (as many), not one row at a time as the
+    interpreter's scan does."""
+    i = tl.arange(0, N)
+    v = tl.load(x_ptr + i)
+    f = tl.zeros([N], dtype=tl.int32)
+    p = tl.zeros([N], dtype=tl.float32)
+    for d in tl.static_range(LOG):
+        src = i - (1 << d)
+        ok = src >= 0
+        src = tl.where(ok, src, 0)
+        fa, pa, va = tl.gather(f, src, 0), tl.gather(p, src, 0), tl.gather(v, src, 0)
+        f2, p2, v2 = tile._last_two(fa, pa, va, f, p, v)
+        f, p, v = tl.where(ok, f2, f), tl.where(ok, p2, p), tl.where(ok, v2, v)
+    tl.store(out_ptr + i, p)
+    tl.store(out_ptr + N + i, _prev_rows_of(x_ptr, N))
+
+
+@triton.jit
+def _prev_rows_of(x_ptr, N: tl.constexpr):
+    """``_prev_row`` of the rows x (N / 4 channels of 4 windows, 2 columns)."""
+    r = tl.arange(0, N)
+    t = tl.load(x_ptr + r)[:, None] + tl.zeros([N, 2], dtype=tl.float32)
+    return tl.max(tile._prev_row(t, 4), axis=1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_merge_takes_the_previous_windows_row(device):
+    """The merge's row shift (``_prev_row``): the combine is associative (a tree of steps, as a
+    GPU's scan runs it, gives every row its predecessor: it fails if a combined run's "has two"
+    flag is not set), and the scan along the window axis gives window j window j - 1's row of the
+    same channel (window 0: zeros)."""
+    n = 16
+    x = torch.arange(1, n + 1, dtype=torch.float32, device=device)
+    out = torch.empty(2 * n, dtype=torch.float32, device=device)
+    _prev_tree_kernel[(1,)](x, out, N=n, LOG=4)
+    tree, rows = out.cpu().split(n)
+    assert torch.equal(tree, torch.cat([torch.zeros(1), x.cpu()[:-1]]))
+    prev = x.cpu().view(n // 4, 4).roll(1, dims=1)
+    prev[:, 0] = 0
+    assert torch.equal(rows, prev.flatten())
