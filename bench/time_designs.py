@@ -137,9 +137,10 @@ VARIANTS = [
     ("design 3, 4 warps, 1 window a ticket, uncapped", 3, {"warps": 4, "wpp": 1, "maxnreg": 255}),
     ("design 3, parts unmerged", 3, {"merge": False}),  # the default merges (fewer bytes)
     ("design 3, untiled, parts unmerged", 3, {**_tiles(), "merge": False}),
-    # merging neighbours' parts costs the forward's tile 24 / 48 of its 125 / 196 CTA barriers a
-    # ticket ([None, 4] / [None, 2, 4, 6], Triton 3.6 fp32: a gather and two layout conversions
-    # a store; `sass_loops --ticket`), the stall ncu found; unmerged, the parts cost more bytes
+    # merging neighbours' parts: since it shifts rows by a scan (no layout conversion) it costs
+    # the forward no CTA barrier and 34 / 118 of a ticket's 2,634 / 4,729 instructions
+    # ([None, 4] / [None, 2, 4, 6], Triton 3.6 fp32, `sass_loops --ticket`); unmerged, 3 of
+    # every 8 parts of a shift that splits axis 2 are written and read again
     ("design 3, four tiles, parts unmerged", 3, {**_tiles(True, True, True, True), "merge": False}),
     # the float64-checked oracle's kernel (issue 16: the fastest variant >= 10x faster)
     (REFERENCE, 0, {}),
@@ -149,7 +150,7 @@ VARIANTS = [
 # resident warps an SM, design 2 with its next windows' loads in flight (two passes pipelined, and
 # all four), with its forward parts pass and backward apply and parts pass on design 3's tiles
 # (and the forward apply on its tile too), design 3 untiled and with three and four tiles, with
-# four tiles and its parts unmerged (fewer CTA barriers, more bytes), with 8 warps, with 2
+# four tiles and its parts unmerged (fewer instructions, more bytes), with 8 warps, with 2
 # programs of 8 warps an SM (no spills with Triton 3.6:
 # bench/results/static_designs_triton36/occupancy_variants.md), and the reference. The code's
 # choice ("default") is one of these rows with the GPU machine's Triton 3.6 (design 2 for

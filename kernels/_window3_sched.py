@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, TRITON_VERSION, _shift_of
+from ._common import INTERPRET, _shift_of
 from ._fastdiv import MAGIC_3, _fdivmod, magics
 from ._window2_common import _tri, _window_origin, _wrap_add, _wrap_sub
 
@@ -72,15 +72,16 @@ _MERGE = True
 # four is the fastest variant of every design (fp32 4.42 ms forward, 8.43 ms forward + backward;
 # bf16 4.50 / 8.37); with [None, 4] the design-3 variants all trail design 2, which the default
 # design choice takes there (kernels/__init__.py). Their static counts:
-# bench/results/static_designs/tiles.md, kernels/DESIGNS.md. The forward output tile only
-# before Triton 3.7: with it Triton 3.9's [None, 2, 4, 6] forward spills 72 B (sm_90a, fp32),
-# Triton 3.6's nothing; without it (three tiles: fp32 4.52 / 8.64 ms, bf16 4.96 / 8.63 on the
-# H200) neither spills.
+# bench/results/static_designs/tiles.md, kernels/DESIGNS.md. The forward output tile was on
+# only before Triton 3.7 until the merged parts' row shift became a scan (_window3_tile.
+# _prev_row): with it Triton 3.9's [None, 2, 4, 6] forward spilled 72 B (sm_90a, fp32 and bf16),
+# now nothing, as with Triton 3.6 (three tiles, its replacement there, timed fp32 4.52 / 8.64
+# ms, bf16 4.96 / 8.63 on the H200: 2-10 % slower than four).
 TILE_KEYS = ("tile", "bwd_tile", "bwd_parts_tile", "out_tile")  # the four tiles' TUNING keys
 _TILE = True
 _BWD_TILE = True
 _BWD_PARTS_TILE = True
-_OUT_TILE = TRITON_VERSION < (3, 7)
+_OUT_TILE = True
 _INTERPRET = tl.constexpr(INTERPRET)  # kernels/_common.py: Triton's CPU interpreter
 
 

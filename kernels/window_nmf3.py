@@ -59,8 +59,9 @@ on by default since that timing: ``tile`` (the forward's parts pass on a whole t
 kernels/_window3_tile.py), ``bwd_tile`` (the backward's output pass, kernels/_window3_bwd_tile.py;
 its lanes ask 4-12x the ideal bytes), ``bwd_parts_tile`` (the backward's parts pass on tiles of
 2 windows, kernels/_window3_bwd_parts_tile.py) and ``out_tile`` (the forward's output pass on
-tiles of 2 windows, kernels/_window3_out_tile.py; on only before Triton 3.7: with 3.9 the fused
-forward spills 72 B with it and the BraTS shifts). A non-inlined function (``noinline``) must not
+tiles of 2 windows, kernels/_window3_out_tile.py; with Triton 3.9 the fused forward spilled 72 B
+with it and the BraTS shifts until the merged parts' row shift became a scan: on with every Triton
+since). A non-inlined function (``noinline``) must not
 be called while the kernel holds shared memory: Triton 3.6 gives such a callee shared memory from
 offset 0 whatever its caller holds (triton-lang/triton#11267), so values made once before the
 ticket loop that Triton may keep in shared memory (a ``tl.dot`` operand) are made per ticket
