@@ -1,0 +1,94 @@
+"""Random rank-one window cases of designs 2 and 3 (random tiles, windows a program, shapes,
+patches, head dims and shift lists) run as a GPU would launch them and bounds-checked (the byte
+counter: ``fastnmf.profile.static.counter``), against the float64 oracle.
+
+The kernel tests run with the interpreter's own launch geometry; here the counter sets the GPU's
+(``gpu_geometry``) and stops at any lane outside its tensor. A few seeded cases run in CI; a
+longer sweep: ``FASTNMF_FUZZ_CASES=400 pytest tests/test_window_fuzz.py -q`` (about 30 minutes on
+one CPU core; 400 cases passed on 2026-12-05 at commit b898500).
+"""
+
+import importlib
+import os
+import random
+
+import pytest
+import torch
+from conftest import rel_err
+from kernel_helpers import nmf_inputs, run_grad
+
+from fastnmf.profile.static.counter import counting, interpreting
+
+wn = importlib.import_module("fastnmf.kernels.window_nmf")
+common2 = importlib.import_module("fastnmf.kernels._window2_common")
+sched3 = importlib.import_module("fastnmf.kernels._window3_sched")
+
+TILES2 = ("parts_tile", "apply_tile", "parts_bwd_tile", "out_tile")  # design 2's TUNING keys
+CASES = int(os.environ.get("FASTNMF_FUZZ_CASES", "6"))
+
+pytestmark = pytest.mark.skipif(not interpreting(), reason="the counter needs TRITON_INTERPRET=1")
+
+
+def _production_case(rng: random.Random) -> dict:
+    """E = P = 8 (the tiles' shapes) with 1-3 windows an axis and the shift sets models use."""
+    nwin = [rng.choice([1, 2, 3]) for _ in range(3)]
+    if nwin[0] * nwin[1] * nwin[2] > 12:
+        nwin[0] = 1
+    shifts = rng.choice([[None, 4], [None, 2, 4, 6], [None], [None, 3], [None, 2, 6]])
+    return dict(shape=(rng.choice([1, 2]), 8 * rng.choice([1, 2]), *(8 * n for n in nwin)),
+                head_dim=8, patch=8, shifts=None if shifts == [None] else shifts)  # fmt: skip
+
+
+def _odd_case(rng: random.Random) -> dict:
+    """2D or 3D, anisotropic or non-power-of-two patches, small heads, shifts past P."""
+    nd = rng.choice([2, 3, 3])
+    patch = tuple(rng.choice([2, 3, 4, 6, 8]) for _ in range(nd))
+    nwin = [rng.choice([1, 2, 3, 5]) for _ in range(nd)]
+    while torch.Size([p * n for p, n in zip(patch, nwin, strict=True)]).numel() > 8192:
+        nwin[nwin.index(max(nwin))] -= 1
+    e = rng.choice([2, 4, 8, 16])
+    shifts = None
+    if rng.random() < 0.7:
+        shifts = [None] + [rng.randrange(1, 2 * max(patch)) if rng.random() < 0.5
+                           else tuple(rng.randrange(0, 2 * p) for p in patch)
+                           for _ in range(rng.choice([1, 2, 3]))]  # fmt: skip
+    return dict(shape=(rng.choice([1, 2]), e * rng.choice([1, 2]),
+                       *(p * n for p, n in zip(patch, nwin, strict=True))),
+                head_dim=e, patch=patch, shifts=shifts)  # fmt: skip
+
+
+def random_case(seed: int) -> dict:
+    """A case: the inputs' geometry, the solver, and the design with its knobs."""
+    rng = random.Random(seed)
+    case = _production_case(rng) if rng.random() < 0.6 else _odd_case(rng)
+    tiles = TILES2 + ("tile", "bwd_tile", "bwd_parts_tile")
+    return dict(case, solver=rng.choice(["hals", "hals", "mu"]), iters=rng.choice([1, 3, 5]),
+                design=rng.choice([2, 3]), tiles=[t for t in tiles if rng.random() < 0.5],
+                wpp=rng.choice([None, 1, 2, 3, 4, 8, 16]))  # fmt: skip
+
+
+def _tuning(case: dict) -> list[tuple[dict, str, object]]:
+    """(TUNING dict, key, value) settings of a case."""
+    out = [(wn.TUNING, "design", case["design"])]
+    if case["design"] == 2:
+        out += [(common2.TUNING, t, True) for t in case["tiles"] if t in TILES2]
+        out += [(common2.TUNING, "wpp", case["wpp"])] if case["wpp"] else []
+    else:
+        out += [(sched3.TUNING, t, True) for t in case["tiles"] if t in sched3.TUNING]
+    return out
+
+
+@pytest.mark.parametrize("seed", range(CASES))
+def test_random_window_case_matches_the_oracle_at_gpu_geometry(gen, monkeypatch, seed):
+    case = random_case(seed)
+    x, v0, dy = nmf_inputs(gen, case["shape"], case["patch"], zero_windows=seed % 3 == 0)
+    kw = dict(head_dim=case["head_dim"], patch_size=case["patch"], shifts=case["shifts"],
+              solver=case["solver"], iters=case["iters"])  # fmt: skip
+    y_ref, dx_ref = run_grad("reference", x, v0, dy, torch.float64, "cpu", **kw)
+    for table, key, value in _tuning(case):
+        monkeypatch.setitem(table, key, value)
+    with counting() as count:
+        y, dx = run_grad("triton", x, v0, dy, torch.float32, "cpu", **kw)
+    assert any(launch.kind == "triton" for launch in count.launches), case  # counted, checked
+    assert rel_err(y, y_ref) <= 1e-5, case
+    assert rel_err(dx, dx_ref) <= 1e-4, case
