@@ -20,11 +20,11 @@ rows of the product, summed after it into the two halves of every shift along ax
 so ``member`` stays (16, 4 * NSB) (its dot operand is 16 registers a thread; the whole sub-box
 matrix, 64 for [None, 2, 4, 6], spilled). With MERGE (kernels/_window3_parts.py, ``merge_on``),
 window j's high parts along axis 2 are added to window j + 1's low parts, taken from the row
-above by ``tl.gather``, and not stored. g0 under each shift is read once a ticket (from L1 / L2;
-held in registers through the ticket loop it spilled): the static suite's byte count takes the
-forward's g0 as read once a program (``traffic.PER_PROGRAM``, the per-window pass's way), so with
-the tile on it counts a little less than is asked (about 0.01x of the ideal at 2 x 32 x 128^3,
-measured with g0 counted per ticket).
+above by a scan along the window axis (``_prev_row``), and not stored. g0 under each shift is
+read once a ticket (from L1 / L2; held in registers through the ticket loop it spilled): the
+static suite's byte count takes the forward's g0 as read once a program (``traffic.PER_PROGRAM``,
+the per-window pass's way), so with the tile on it counts a little less than is asked (about
+0.01x of the ideal at 2 x 32 x 128^3, measured with g0 counted per ticket).
 """
 
 from __future__ import annotations
