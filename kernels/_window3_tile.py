@@ -18,7 +18,10 @@ Sub-boxes (``tile_plan``): the coarsest that every shift's cuts allow; where the
 16, the dot contracts the sub-boxes of axes 1 and 2 (16 of them) and the axis-0 sub-boxes stay
 rows of the product, summed after it into the two halves of every shift along axis 0 (``ROWS0``),
 so ``member`` stays (16, 4 * NSB) (its dot operand is 16 registers a thread; the whole sub-box
-matrix, 64 for [None, 2, 4, 6], spilled). With MERGE (kernels/_window3_parts.py, ``merge_on``),
+matrix, 64 for [None, 2, 4, 6], spilled). Those rows lie where that sum needs no other warp
+(``_rows0_low``): ordered (channel, window, sub-box) they spanned two warps, and the sums cost
+36 of a ticket's 148 CTA barriers forward, 48 of 163 backward (sm_90a, Triton 3.6, fp32,
+[None, 2, 4, 6]). With MERGE (kernels/_window3_parts.py, ``merge_on``),
 window j's high parts along axis 2 are added to window j + 1's low parts, taken from the row
 above by a scan along the window axis (``_prev_row``), and not stored. g0 under each shift is
 read once a ticket (from L1 / L2; held in registers through the ticket loop it spilled): the
@@ -129,15 +132,19 @@ def _as_tile(t, C: tl.constexpr, W: tl.constexpr, BP0: tl.constexpr, BP1: tl.con
 @triton.jit
 def _tile_sums(z, BLOCK_E: tl.constexpr, W: tl.constexpr, BP0: tl.constexpr, BP1: tl.constexpr,
                BP2: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
-               BA0R: tl.constexpr):  # fmt: skip
+               BA0R: tl.constexpr, A0L: tl.constexpr):  # fmt: skip
     """z (BLOCK_E, W, BP0, BP1, BP2) summed over sub-boxes of D0 x D1 x D2 voxels, as the rows
-    (channel, window, axis-0 sub-box if BA0R > 1) and columns (the other sub-boxes) of a
-    product."""
+    and columns (the other sub-boxes) of a product: rows (channel, window), or with BA0R > 1
+    axis 0's sub-boxes a0 = a0h A0L + a0l as rows too, (a0h, channel, window, a0l)
+    (:func:`_rows0_low`)."""
     BA0: tl.constexpr = BP0 // D0
     BA1: tl.constexpr = BP1 // D1
     BA2: tl.constexpr = BP2 // D2
     z = tl.reshape(z, (BLOCK_E, W, BA0, D0, BA1, D1, BA2, D2))
     z = tl.sum(tl.sum(tl.sum(z, axis=7), axis=5), axis=3)
+    if BA0R > 1:
+        z = tl.reshape(z, (BLOCK_E, W, BA0R // A0L, A0L, BA1 * BA2))
+        z = tl.permute(z, (2, 0, 1, 3, 4))
     return tl.reshape(z, (BLOCK_E * W * BA0R, (BA0 // BA0R) * BA1 * BA2))
 
 
@@ -146,9 +153,11 @@ def _tile_dot(z, member, BLOCK_E: tl.constexpr, W: tl.constexpr, BP0: tl.constex
               BP1: tl.constexpr, BP2: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
               D2: tl.constexpr, ROWS0: tl.constexpr):  # fmt: skip
     """The sub-box sums of the per-voxel products z (BLOCK_E, W, BP0, BP1, BP2) times the part
-    matrix: rows (channel, window, axis-0 sub-box with ROWS0), columns of ``_part_member``."""
+    matrix: rows (channel, window; with ROWS0 the axis-0 sub-boxes around them, ``_tile_sums``),
+    columns of ``_part_member``."""
     BA0R: tl.constexpr = BP0 // D0 if ROWS0 else 1
-    return tl.dot(_tile_sums(z, BLOCK_E, W, BP0, BP1, BP2, D0, D1, D2, BA0R), member,
+    A0L: tl.constexpr = _rows0_low(BA0R, member.shape[1])
+    return tl.dot(_tile_sums(z, BLOCK_E, W, BP0, BP1, BP2, D0, D1, D2, BA0R, A0L), member,
                   input_precision="ieee")  # fmt: skip
 
 
@@ -181,6 +190,17 @@ def _shift_columns(t, k, NB: tl.constexpr):
 def _stack_rows(a, b):
     """Products a and b (R, NC) as one (2R, NC): a's rows, then b's."""
     return tl.reshape(tl.permute(tl.join(a, b), (2, 0, 1)), (2 * a.shape[0], a.shape[1]))
+
+
+@triton.constexpr_function
+def _rows0_low(ba0, nc):
+    """How many of axis 0's BA0 sub-boxes are the low bits of a ROWS0 product's rows
+    (:func:`_tile_sums`): as many as the lanes a column of the (R, NC) product spans in the
+    layout Triton gives a dot's result (32 / NC lanes a warp along the rows, then the warps, then
+    a thread's registers), so that the rest, the high bits, fall on registers past the warps and
+    :func:`_tile_halves` sums within a warp (shuffles), not across warps (shared memory and CTA
+    barriers)."""
+    return max(1, min(int(ba0), 32 // int(nc)))
 
 
 @triton.constexpr_function
@@ -262,15 +282,21 @@ def _unit_channels(s, d: tl.constexpr, H: tl.constexpr):
 @triton.jit
 def _tile_halves(t, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, P0: tl.constexpr,
                  BLOCK_E: tl.constexpr, W: tl.constexpr, BP0: tl.constexpr, D0: tl.constexpr,
-                 ROWS0: tl.constexpr, NC: tl.constexpr):  # fmt: skip
-    """A product t of :func:`_tile_dot` as (low, high) (BLOCK_E W, NC): with ROWS0 the halves
-    along axis 0 of each column's shift (b0 = 0, 1), else the columns hold b0 and high is low."""
+                 ROWS0: tl.constexpr, NC: tl.constexpr, STACK: tl.constexpr):  # fmt: skip
+    """A product t of :func:`_tile_dot` (STACK of them stacked, ``_stack_rows``) as (low, high)
+    (BLOCK_E W, NC): with ROWS0 the halves along axis 0 of each column's shift (b0 = 0, 1),
+    else the columns hold b0 and high is low."""
     BA0: tl.constexpr = BP0 // D0
     if ROWS0:
-        t = tl.reshape(t, (BLOCK_E * W, BA0, NC))
-        a0 = tl.arange(0, BA0)[None, :, None] * D0
-        cut = P0 - _shift_of(tl.arange(0, NC)[None, None, :] // 4, SHIFTS, NSHIFT, 0)
-        return tl.sum(tl.where(a0 < cut, t, 0), axis=1), tl.sum(tl.where(a0 >= cut, t, 0), axis=1)
+        A0L: tl.constexpr = _rows0_low(BA0, NC)
+        Q: tl.constexpr = BLOCK_E * W // STACK
+        t = tl.reshape(t, (STACK, BA0 // A0L, Q, A0L, NC))
+        a0 = (tl.arange(0, BA0 // A0L)[None, :, None, None, None] * A0L
+              + tl.arange(0, A0L)[None, None, None, :, None]) * D0  # fmt: skip
+        cut = P0 - _shift_of(tl.arange(0, NC)[None, None, None, None, :] // 4, SHIFTS, NSHIFT, 0)
+        lo = tl.sum(tl.sum(tl.where(a0 < cut, t, 0), axis=3), axis=1)
+        hi = tl.sum(tl.sum(tl.where(a0 >= cut, t, 0), axis=3), axis=1)
+        return tl.reshape(lo, (BLOCK_E * W, NC)), tl.reshape(hi, (BLOCK_E * W, NC))
     else:
         return t, t
 
@@ -328,9 +354,10 @@ def _tile_store(v, B0: tl.constexpr, ptr, stride, row, row_ok, slot, j, KSEL,
 def _tile_parts_write(t, ptr, stride, row, row_ok, slot, j, KSEL, SHIFTS: tl.constexpr,
                       NSHIFT: tl.constexpr, P0: tl.constexpr, BLOCK_E: tl.constexpr,
                       W: tl.constexpr, BP0: tl.constexpr, D0: tl.constexpr, ROWS0: tl.constexpr,
-                      NC: tl.constexpr, MERGE: tl.constexpr):  # fmt: skip
-    """A product's part sums (:func:`_tile_dot`) stored (``_tile_store``)."""
-    lo, hi = _tile_halves(t, SHIFTS, NSHIFT, P0, BLOCK_E, W, BP0, D0, ROWS0, NC)
+                      NC: tl.constexpr, MERGE: tl.constexpr, STACK: tl.constexpr):  # fmt: skip
+    """A product's part sums (:func:`_tile_dot`; STACK of them stacked) stored
+    (``_tile_store``)."""
+    lo, hi = _tile_halves(t, SHIFTS, NSHIFT, P0, BLOCK_E, W, BP0, D0, ROWS0, NC, STACK)
     NB: tl.constexpr = 4 if ROWS0 else 8
     _tile_store(lo, 0, ptr, stride, row, row_ok, slot, j, KSEL, SHIFTS, NSHIFT, W, NC, NB, MERGE)
     if ROWS0:
@@ -348,7 +375,7 @@ def _tile_parts_store(z, member, ptr, stride, row, row_ok, slot, j, KSEL,
     """One product's part sums computed (:func:`_tile_dot`) and stored."""
     t = _tile_dot(z, member, BLOCK_E, W, BP0, BP1, BP2, D0, D1, D2, ROWS0)
     _tile_parts_write(t, ptr, stride, row, row_ok, slot, j, KSEL, SHIFTS, NSHIFT, P0, BLOCK_E, W,
-                      BP0, D0, ROWS0, NC, MERGE)  # fmt: skip
+                      BP0, D0, ROWS0, NC, MERGE, 1)  # fmt: skip
 
 
 @triton.jit
@@ -418,7 +445,7 @@ def _parts_tile(
     okw = first + j2 < NPLANE
     t2 = _tile_dot2(xa * xa, xb * xb, member, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0)
     _tile_parts_write(t2, kpart_ptr, E * E, _tri(e2, e2, E), ok2, slot2, j2, -1, SHIFTS, NSHIFT,
-                      P0, 2 * H, W, BP0, D0, ROWS0, NC, MERGE)  # fmt: skip
+                      P0, 2 * H, W, BP0, D0, ROWS0, NC, MERGE, 2)  # fmt: skip
     for d in tl.static_range(1, 2 * H - 1, 2):
         fa, ga = _gram_unit(xa, xb, d)
         fb, gb = _gram_unit(xa, xb, d + 1)
@@ -427,13 +454,13 @@ def _parts_tile(
         cb, db = _unit_channels(e2 % H, d + 1, H)
         c, c2 = tl.where(e2 < H, ca, cb), tl.where(e2 < H, da, db)
         _tile_parts_write(t2, kpart_ptr, E * E, _tri(c, c2, E), okw & (c2 < E), slot2, j2, -1,
-                          SHIFTS, NSHIFT, P0, 2 * H, W, BP0, D0, ROWS0, NC, MERGE)  # fmt: skip
+                          SHIFTS, NSHIFT, P0, 2 * H, W, BP0, D0, ROWS0, NC, MERGE, 2)  # fmt: skip
     f, g = _gram_unit(xa, xb, 2 * H - 1)
     t = _tile_dot(f * g, member, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0)
     c, c2 = _unit_channels(e2 % H, 2 * H - 1, H)  # stacked on itself, the copy's rows masked
     _tile_parts_write(_stack_rows(t, t), kpart_ptr, E * E, _tri(c, c2, E),
                       okw & (e2 < H) & (c2 < E), slot2, j2, -1, SHIFTS, NSHIFT, P0, 2 * H, W,
-                      BP0, D0, ROWS0, NC, MERGE)  # fmt: skip
+                      BP0, D0, ROWS0, NC, MERGE, 2)  # fmt: skip
     if not XG0F:
         _tile_xg0(xa, xb, g0_ptr, member, hpart_ptr, e2, ok2, slot2, j2, q0, q1, q2, j5, inside,
                   E, SHIFTS, NSHIFT, P0, P1, P2, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0, NC, NB,
@@ -466,7 +493,7 @@ def _tile_xg0(xa, xb, g0_ptr, member, hpart_ptr, e2, ok2, slot2, j2, q0, q1, q2,
         acc += _shift_columns(_tile_dot2(xa * g, xb * g, member, H, W, BP0, BP1, BP2, D0, D1, D2,
                                          ROWS0), k, NB)  # fmt: skip
     _tile_parts_write(acc, hpart_ptr, E, e2, ok2, slot2, j2, -1, SHIFTS, NSHIFT, P0, 2 * H, W,
-                      BP0, D0, ROWS0, NC, MERGE)  # fmt: skip
+                      BP0, D0, ROWS0, NC, MERGE, 2)  # fmt: skip
 
 
 def tile_plan(geo, dot: dict, wpp: int, warps: int) -> dict:
