@@ -131,6 +131,27 @@ def test_no_shared_memory_is_held_across_a_non_inlined_call(report):
         )
 
 
+# CTA barrier sites (SASS ``BAR``) in design 3's fused kernels with their tiles and the BraTS
+# shifts, sm_90a, the compiler CI runs (Triton 3.9; 3.6 compiles fewer): the stall the H200's ncu
+# found. 112 forward / 150 backward before the axis-0 sub-box rows of the tiles' products were
+# ordered so that their halves sum within a warp (kernels/_window3_tile.py, ``_rows0_low``); a
+# ceiling, so a change that brings cross-warp sums back fails here
+BARRIER_CEILING = {"_fused_kernel": 88, "_fused_bwd_kernel": 118}
+
+
+@needs_ptxas
+def test_design3_brats_tiles_keep_their_cta_barriers_down(report):
+    rows = [r for r in report["launches"]
+            if r["kernel"] in BARRIER_CEILING and r["target"] == "sm_90a"
+            and "[None, 2, 4, 6]" in r["case"] and r["case"].endswith("-d3")]  # fmt: skip
+    assert {r["kernel"] for r in rows} == set(BARRIER_CEILING), "no tiled BraTS design-3 case"
+    for r in rows:
+        assert r["barriers"] <= BARRIER_CEILING[r["kernel"]], (
+            f"{r['kernel']} ({r['case']}, {r['pass']}): {r['barriers']} CTA barrier sites, "
+            f"ceiling {BARRIER_CEILING[r['kernel']]}"
+        )
+
+
 def test_shared_memory_held_across_calls_is_found_in_the_ptx():
     """The PTX rule on the two shapes Triton 3.6 gave design 3's forward: the part matrix stored
     (stmatrix) before the ticket loop, or only the ticket's one-thread broadcast there."""
