@@ -134,9 +134,10 @@ def test_no_shared_memory_is_held_across_a_non_inlined_call(report):
 # CTA barrier sites (SASS ``BAR``) in design 3's fused kernels with their tiles and the BraTS
 # shifts, sm_90a, the compiler CI runs (Triton 3.9; 3.6 compiles fewer): the stall the H200's ncu
 # found. 112 forward / 150 backward before the axis-0 sub-box rows of the tiles' products were
-# ordered so that their halves sum within a warp (kernels/_window3_tile.py, ``_rows0_low``); a
-# ceiling, so a change that brings cross-warp sums back fails here
-BARRIER_CEILING = {"_fused_kernel": 88, "_fused_bwd_kernel": 118}
+# ordered so that their halves sum within a warp (kernels/_window3_tile.py, ``_rows0_low``: 88 /
+# 118), and both halves of a product reached the stores' layout by one conversion
+# (``_tile_store``); a ceiling, so a change that brings either back fails here
+BARRIER_CEILING = {"_fused_kernel": 76, "_fused_bwd_kernel": 102}
 
 
 @needs_ptxas
