@@ -149,3 +149,31 @@ def test_ticket_counts_barriers_and_shared_memory_by_line(tmp_path, capsys):
     sass_loops.main([str(path), "--ticket", "--loop-trips", "k.py:20=3", "f.py:30=2"])
     assert capsys.readouterr().out.strip().splitlines()[1:] == [
         "  barriers: 3 (k.py:20 x3)", "  shared: 6 (f.py:30 x6)"]
+
+
+def test_ticket_ops_name_the_kernel_line_before_a_library_line(tmp_path, capsys):
+    """With callers, an instruction from Triton's own library (a ``tl.sum``'s barrier in
+    triton/language/standard.py) is named with the kernel line before it: the barrier in the inner
+    loop (after k.py:20) and the LDS in $f (after f.py:30, not k.py:11, the last line before the
+    call site); the loop trips still match the kernel lines they name. Without, the library line
+    alone."""
+    lib = '\t//## File "/venv/lib/python3.12/site-packages/triton/language/standard.py", line 293\n'
+    back = '\t//## File "/src/kernels/k.py", line 20\n'  # the inner loop's branch: k.py:20 again
+    bar = "        /*0030*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;\n"
+    fadd = "        /*0030*/                   FADD R6, R6, R6 ;\n"
+    text = (TICKET.replace(fadd, lib + bar + back)
+            .replace("        /*00a0*/", lib + "        /*00a0*/")
+            .replace("FFMA R9, R9, R9, R9", "LDS R9, [R2]")
+            .replace("        /*00b0*/", back.replace("k.py\", line 20", "f.py\", line 30")
+                     + "        /*00b0*/"))  # fmt: skip
+    trips = {"k.py:20": 3, "f.py:30": 2}
+    assert sass_loops.ticket_ops(text, trips, "barriers", callers=True) == {
+        "standard.py:293<k.py:20": 3}
+    assert sass_loops.ticket_ops(text, trips, "shared", callers=True) == {
+        "standard.py:293<f.py:30": 4}
+    assert sass_loops.ticket_ops(text, trips, "barriers") == {"standard.py:293": 3}
+    path = tmp_path / "t.sass"
+    path.write_text(text)
+    sass_loops.main([str(path), "--ticket", "--callers", "--loop-trips", "k.py:20=3", "f.py:30=2"])
+    assert capsys.readouterr().out.strip().splitlines()[1:] == [
+        "  barriers: 3 (standard.py:293<k.py:20 x3)", "  shared: 4 (standard.py:293<f.py:30 x4)"]

@@ -21,7 +21,10 @@ branch once), with the functions it calls (bodies after the kernel's own code) a
 calls them, and every loop whose own instructions include source line FILE:LINE run N times
 (others once: spin waits). The ticket-taking code runs for every pass but counts once. Of that
 count, the CTA barriers (``BAR``) and the shared-memory instructions (``LDS``, ``STS``, ...)
-are printed too, each with the ``--top`` source lines that issue most.
+are printed too, each with the ``--top`` source lines that issue most. ``--callers``: a line of
+Triton's own library (``triton/language/``: ``standard.py:293`` is every ``tl.sum``) is shown
+with the kernel line that precedes it in the SASS, ``standard.py:293<_window3_tile.py:273``,
+which is most often the call that reached it (a heuristic: the disassembly keeps no inlining).
 
 A cubin is disassembled with Triton's bundled ``nvdisasm -g`` (source lines from Triton's line
 info); a Triton cache folder holds ``<kernel>.cubin`` for every compiled kernel (the static report
@@ -45,6 +48,7 @@ _FUNC = re.compile(r"^(\$\S+):\s*$")  # a called function's first instruction (n
 _CALL = re.compile(r"\bCALL\.\S+\s+`\((\$[^)]+)\)")
 _INSTR = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 _BRANCH = re.compile(r"\bBRA\b.*`\((\.L_x_\d+)\)")
+_LIBRARY = re.compile(r"[/\\]triton[/\\]language[/\\]")  # Triton's own tl.sum, tl.dot, ...
 
 
 @dataclasses.dataclass
@@ -60,13 +64,18 @@ class Loop:
         return self.end - self.start + 1
 
 
-def parse_sass(text: str):
+def parse_sass(text: str, callers: bool = False):
     """(instructions as (text, "file:line") in order, label -> index of the next instruction)
-    of ``nvdisasm -g`` output; "?" where no line info precedes an instruction."""
-    instrs, labels, loc = [], {}, "?"
+    of ``nvdisasm -g`` output; "?" where no line info precedes an instruction. With ``callers``
+    a line of Triton's library is "file:line<caller file:line" (the last other line before it)."""
+    instrs, labels, loc, caller = [], {}, "?", "?"
     for line in text.splitlines():
         if m := _LOC.match(line):
             loc = f"{os.path.basename(m.group(1))}:{m.group(2)}"
+            if not _LIBRARY.search(m.group(1)):
+                caller = loc
+            elif callers:
+                loc = f"{loc}<{caller}"
         elif m := _LABEL.match(line):
             labels[m.group(1)] = len(instrs)
         elif m := _INSTR.match(line):
@@ -147,11 +156,12 @@ TICKET_OPS = {
 }
 
 
-def ticket_ops(text: str, loop_trips: dict[str, int], kind: str) -> collections.Counter:
+def ticket_ops(text: str, loop_trips: dict[str, int], kind: str,
+               callers: bool = False) -> collections.Counter:  # fmt: skip
     """The instructions of ``kind`` (a :data:`TICKET_OPS` key) one ticket issues, weighted as in
-    :func:`ticket_count`, by source line ("file:line")."""
+    :func:`ticket_count`, by source line ("file:line"; with ``callers`` see :func:`parse_sass`)."""
     pattern = TICKET_OPS[kind]
-    _, _, weighted = _ticket_weights(text, loop_trips)
+    _, _, weighted = _ticket_weights(text, loop_trips, callers)
     ops: collections.Counter = collections.Counter()
     for ins, loc, w in weighted:
         if pattern.match(ins):
@@ -159,10 +169,10 @@ def ticket_ops(text: str, loop_trips: dict[str, int], kind: str) -> collections.
     return ops
 
 
-def _ticket_weights(text: str, loop_trips: dict[str, int]):
+def _ticket_weights(text: str, loop_trips: dict[str, int], callers: bool = False):
     """(ticket loop, calls, [(instruction, file:line, times one ticket issues it)]): the ticket
     loop's own instructions, then each called function's once per call."""
-    instrs, _ = parse_sass(text)
+    instrs, _ = parse_sass(text, callers)
     funcs = _functions(text)
     own_end = min((s for s, _ in funcs.values()), default=len(instrs))
     loops = find_loops(text)
@@ -201,7 +211,7 @@ def _read(path: str) -> str:
         return f.read()
 
 
-def _print_ticket(text: str, specs: list[str], top: int) -> None:
+def _print_ticket(text: str, specs: list[str], top: int, callers: bool = False) -> None:
     trips = {}
     for spec in specs:
         key, _, n = spec.rpartition("=")
@@ -216,7 +226,7 @@ def _print_ticket(text: str, specs: list[str], top: int) -> None:
     print(f"ticket loop [{ticket.start}-{ticket.end}] {ticket.instructions} instructions; calls: "
           f"{called or 'none'}; one ticket: {total}")  # fmt: skip
     for kind in TICKET_OPS:
-        ops = ticket_ops(text, trips, kind)
+        ops = ticket_ops(text, trips, kind, callers)
         lines = ", ".join(f"{k} x{v}" for k, v in ops.most_common(top))
         print(f"  {kind}: {sum(ops.values())}" + (f" ({lines})" if lines else ""))
 
@@ -234,13 +244,16 @@ def main(argv=None) -> None:
                         help="count one trip of the kernel's ticket loop with what it calls")
     parser.add_argument("--loop-trips", nargs="+", default=[], metavar="FILE:LINE=N",
                         help="with --ticket: loops with own code from FILE:LINE run N times")
+    parser.add_argument("--callers", action="store_true",
+                        help="with --ticket: show Triton's library lines with the kernel line "
+                             "before each")  # fmt: skip
     args = parser.parse_args(argv)
     text = _read(args.path)
     total = len(parse_sass(text)[0])
     if total == 0:
         raise SystemExit(f"sass_loops: error: no SASS instructions in {args.path}")
     if args.ticket:
-        _print_ticket(text, args.loop_trips, args.top)
+        _print_ticket(text, args.loop_trips, args.top, args.callers)
         return
     if args.span:
         try:
