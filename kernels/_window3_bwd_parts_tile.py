@@ -7,8 +7,9 @@ instructions.md``: 569 / 1387 warp instructions a window, two thirds of them shu
 and the adds of reductions). Here a tile is WT windows (E, WT, BP0, BP1, BP2) laid out as the
 forward's ticket tile (kernels/_window3_tile.py): a thread holds all the channels of 2 voxels
 along axis 2 (a run inside one sub-box, so in one part of every shift), the warps go to the
-windows and axis 0. Per shift a thread loads its run's u (the shifted window's, E / 2 8-byte
-loads, as the output-pass tile does: kernels/_window3_bwd_tile.py), u^T x and u^T dY are sums in
+windows and coarse bits of the axes (``_tile_axes``). Per shift a thread loads its run's u (the
+shifted window's, E / 2 8-byte loads, as the output-pass tile does: kernels/_window3_bwd_tile.py),
+u^T x and u^T dY are sums in
 the thread, and the part sums of z = dY_s (u^T x) + x (u^T dY_s) come from one product of the
 sub-box sums with the 0/1 part matrix (``_tile_parts_store``, shift k's columns stored), into the
 same flat part slots the per-window pass writes. HALS only (MU masks x per shift), E even, x in

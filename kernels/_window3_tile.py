@@ -6,7 +6,8 @@ takes out of x is a reduction across warps and each product's sub-box sums cross
 (``bench/results/static_designs/instructions.md``: 1333-2252 warp instructions a window). Here
 the tile is the ticket's WPP windows, (BLOCK_E, WPP, BP0, BP1, BP2), in two halves of the
 channels: with 4 windows of 8^3 voxels a thread holds all the channels of a half for 4 voxels
-along axis 2 (Triton's blocked layout puts the warps on the window and axis-0 dimensions), so the
+along axis 2 (Triton's blocked layout puts the warps on the windows and coarse bits of the axes,
+never inside a sub-box of [None, 4]: ``_tile_axes``), so the
 Gram's channel pairs are choices of registers (``_gram_unit``: 2H + 1 products of H channel pairs
 each hold the upper triangle, none twice), a sub-box's sum along axis 2 is in the thread, and the
 products' sub-box sums meet the part matrix ``member`` in one ``tl.dot`` per product (the
@@ -56,13 +57,20 @@ _XG0_LAST_FLAT = TRITON_VERSION >= (3, 7)
 def _tile_axes(C: tl.constexpr, W: tl.constexpr, BP0: tl.constexpr, BP1: tl.constexpr,
                NRUN: tl.constexpr, V: tl.constexpr, EAX: tl.constexpr):  # fmt: skip
     """Broadcastable 6-d indices of a tile's loads: channel, window, axis 0, axis 1, run (its
-    first voxel along axis 2) and voxel in the run, in the order :func:`_ch_first` undoes."""
+    first voxel along axis 2) and voxel in the run, or with EAX != 0 (Triton 3.6, whose load
+    layout gives lanes to the tied axes first to last) axis 0, axis 1, window, run, channel,
+    voxel, in the order :func:`_ch_first` undoes. There the lanes go to axis 0 and the low bits
+    of axis 1, the warps to axis 1's high bit, the windows and the runs: with sub-boxes of up to
+    2 x 4 along axes 0 and 1 ([None, 4]: 2 x 4 x 4) a sub-box's sums stay in a warp. Axes
+    (window, axis 0, axis 1, ...) put the warps on axis 1's low bits, and those sums crossed
+    warps (sm_90a, Triton 3.6, fp32 [None, 4], a ticket's forward: 2,634 -> 2,350 instructions,
+    101 -> 80 CTA barriers)."""
     g = tl.arange(0, V)[None, None, None, None, None, :]
     if EAX != 0:
         c = tl.arange(0, C)[None, None, None, None, :, None]
-        j = tl.arange(0, W)[:, None, None, None, None, None]
-        q0 = tl.arange(0, BP0)[None, :, None, None, None, None]
-        q1 = tl.arange(0, BP1)[None, None, :, None, None, None]
+        q0 = tl.arange(0, BP0)[:, None, None, None, None, None]
+        q1 = tl.arange(0, BP1)[None, :, None, None, None, None]
+        j = tl.arange(0, W)[None, None, :, None, None, None]
         r = (tl.arange(0, NRUN) * V)[None, None, None, :, None, None]
     else:
         c = tl.arange(0, C)[:, None, None, None, None, None]
@@ -76,9 +84,10 @@ def _tile_axes(C: tl.constexpr, W: tl.constexpr, BP0: tl.constexpr, BP1: tl.cons
 @triton.jit
 def _ch_first(t, EAX: tl.constexpr):
     """A tile loaded as (channel, window, axis 0, axis 1, runs, voxel), or with EAX != 0 as
-    (window, axis 0, axis 1, runs, channel, voxel), with its channel axis first."""
+    (axis 0, axis 1, window, runs, channel, voxel), as (channel, window, axis 0, axis 1, runs,
+    voxel)."""
     if EAX != 0:
-        return tl.permute(t, (4, 0, 1, 2, 3, 5))  # relabels the layout's axes: no data moves
+        return tl.permute(t, (4, 2, 0, 1, 3, 5))  # relabels the layout's axes: no data moves
     else:
         return t
 
@@ -420,8 +429,9 @@ def _parts_tile(
     ``_tile_dot2``), which halves the stores' share of the instructions."""
     H: tl.constexpr = max(BLOCK_E // 2, 1)
     # 6-d indices (.., BP2 / V, V): x's runs along axis 2 are V long, so a thread holds V voxels
-    # along axis 2 (16 bytes in fp32, 8 in bf16) and the layout's warps go to the windows and
-    # axis 0, never to the channels, whatever the dtype (5-d, bf16 runs of 8 would put them there).
+    # along axis 2 (16 bytes in fp32, 8 in bf16) and the layout's warps never go to the channels,
+    # whatever the dtype (5-d, bf16 runs of 8 would put them there; which axes they take:
+    # ``_tile_axes``).
     # The channel axis where Triton's load layout gives it lanes last (EAX, ``_E_AXIS`` of
     # kernels/_window3_bwd_tile.py: ties in contiguity go to the last axis first in Triton 3.9, to
     # the first in 3.6): first in 3.9, fifth in 3.6, so that a thread holds all the channels of its
