@@ -42,8 +42,13 @@ GPU_CASES = [
     ("128^3 b2 untiled", (2, 32, 128, 128, 128), BRATS, UNTILED, False),
     ("128^3 b2 untiled, one program", (2, 32, 128, 128, 128), BRATS, UNTILED, True),
     ("128^3 b2 design 3 defaults (tiles)", (2, 32, 128, 128, 128), BRATS, {}, False),
+    # every thread reads the wait counts with its own acquire load (not yet run on a GPU)
+    ("128^3 b2 tiles, thread waits", (2, 32, 128, 128, 128), BRATS, {"thread_waits": True},
+     False),
     ("128^3 b2 [None, 4] untiled", (2, 32, 128, 128, 128), [None, 4], UNTILED, False),
     ("128x16x16 one head untiled, one program", (1, 8, 128, 16, 16), BRATS, UNTILED, True),
+    ("128^3 b2 [None, 4] tiles, thread waits", (2, 32, 128, 128, 128), [None, 4],
+     {"thread_waits": True}, False),
 ]
 SMALL_CASES = [
     ("24x16x16 untiled", (1, 16, 24, 16, 16), BRATS, UNTILED, False),

@@ -142,6 +142,11 @@ VARIANTS = [
     # ([None, 4] / [None, 2, 4, 6], Triton 3.6 fp32, `sass_loops --ticket`); unmerged, 3 of
     # every 8 parts of a shift that splits axis 2 are written and read again
     ("design 3, four tiles, parts unmerged", 3, {**_tiles(True, True, True, True), "merge": False}),
+    # the waits read their counts in every thread (an acquire load each), not one thread's atomic
+    # shared through shared memory: a ticket's CTA barriers 100 -> 76 forward, 99 -> 83 backward
+    # (BraTS, Triton 3.6 fp32, `sass_loops --ticket`); off by default until timed here
+    ("design 3, four tiles, thread waits", 3,
+     {**_tiles(True, True, True, True), "thread_waits": True}),
     # the float64-checked oracle's kernel (issue 16: the fastest variant >= 10x faster)
     (REFERENCE, 0, {}),
 ]
@@ -150,7 +155,8 @@ VARIANTS = [
 # resident warps an SM, design 2 with its next windows' loads in flight (two passes pipelined, and
 # all four), with its forward parts pass and backward apply and parts pass on design 3's tiles
 # (and the forward apply on its tile too), design 3 untiled and with three and four tiles, with
-# four tiles and its parts unmerged (fewer instructions, more bytes), with 8 warps, with 2
+# four tiles and its parts unmerged (fewer instructions, more bytes), with four tiles and its
+# waits in every thread (fewer CTA barriers), with 8 warps, with 2
 # programs of 8 warps an SM (no spills with Triton 3.6:
 # bench/results/static_designs_triton36/occupancy_variants.md), and the reference. The code's
 # choice ("default") is one of these rows with the GPU machine's Triton 3.6 (design 2 for
@@ -158,7 +164,8 @@ VARIANTS = [
 SHORTLIST = ("design 1", "design 2", "design 2, 16 warps, 64 registers", "design 2, 2 stages",
              "design 2, 2 stages, prefetch", "design 2, three tiles",
              "design 2, four tiles", "design 3, four tiles, parts unmerged", "design 3, untiled",
-             "design 3, three tiles", "design 3, four tiles", "design 3, 8 warps",
+             "design 3, three tiles", "design 3, four tiles",
+             "design 3, four tiles, thread waits", "design 3, 8 warps",
              "design 3, 8 warps, 2 programs/SM", REFERENCE)  # fmt: skip
 
 

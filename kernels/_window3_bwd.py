@@ -260,7 +260,8 @@ def _fused_bwd_kernel(
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
     BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
     G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, RING: tl.constexpr,
-    OFFS: tl.constexpr, NOFF: tl.constexpr, SPLITS: tl.constexpr, BTILE: tl.constexpr,
+    OFFS: tl.constexpr, NOFF: tl.constexpr,
+    TWAIT: tl.constexpr, SPLITS: tl.constexpr, BTILE: tl.constexpr,
     R2: tl.constexpr, WT: tl.constexpr, EAX: tl.constexpr, PTILE: tl.constexpr, PD0: tl.constexpr,
     PD1: tl.constexpr, PD2: tl.constexpr, PROWS0: tl.constexpr, PWT: tl.constexpr,
 ):  # fmt: skip
@@ -286,13 +287,13 @@ def _fused_bwd_kernel(
                              BP0, BP1, BP2, BLOCK_E, NSB, G0, G1, G2, MU, ACC, PTILE, PD0, PD1,
                              PD2, PROWS0, PWT, EAX)  # fmt: skip
         elif phase == 1:
-            _wait_stage(flags, NPL, plane, 1, CPP, OFFS, NOFF)
+            _wait_stage(flags, NPL, plane, 1, CPP, OFFS, NOFF, TWAIT)
             t = _solve_chunk(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh, first,
                              plane, NPLANE, flags, flag_ptr, NPL, E, NWIN, ITERS, NW0, NW1, NW2,
                              MW2, SHIFTS, NSHIFT, SPLITS, WPP, NSB, BLOCK_E,
                              ACC)  # fmt: skip
         else:
-            _wait_stage(flags, NPL, plane, 2, CPP, OFFS, NOFF)
+            _wait_stage(flags, NPL, plane, 2, CPP, OFFS, NOFF, TWAIT)
             t = _apply_chunk(x_ptr + offset, dy_ptr + offset, dx_ptr + offset, rowmask_ptr,
                              g0_ptr, first, plane, NPLANE, bh, u_ptr, sym_ptr, hbar_ptr, flags,
                              flag_ptr, NPL, E, NWIN, NVOX, 1, S1, S2, NW0, NW1, NW2, MW2,

@@ -6,8 +6,9 @@ Per batch*head the work is a list of stages (pass, plane), each cut into chunks 
 (tickets): ``parts(0), parts(1), solve(1), parts(2), solve(2), apply(1), ..., solve(0),
 apply(n-1), apply(0)`` (:func:`_schedule`). A program takes tickets in increasing order from a
 counter (the flag buffer's first int32) and waits (acquire, one thread, the result shared through
-shared memory: ``ld.global.gpu.acquire`` in the PTX) until the stages its stage needs have all
-their chunks counted; a chunk is counted after a barrier (every thread's stores first) with a
+shared memory: ``ld.global.gpu.acquire`` in the PTX; with ``TUNING["thread_waits"]`` every thread
+reads the count with an acquire load of its own, no barrier) until the stages its stage needs have
+all their chunks counted; a chunk is counted after a barrier (every thread's stores first) with a
 release (``red.global.gpu.release.add``). A program waits only for tickets taken before its own,
 whose programs are running, so no grid size or residency deadlocks; under the interpreter program
 0 takes every ticket in order and no wait ever spins.
@@ -26,7 +27,7 @@ from ._fastdiv import MAGIC_3, _fdivmod, magics
 from ._window2_common import _tri, _window_origin, _wrap_add, _wrap_sub
 
 __all__ = ["TUNING", "TILE_KEYS", "PASSES", "Pipeline", "fused_plan", "merge_on", "ring_regions",
-           "wait_offsets", "wpp"]
+           "thread_waits", "wait_offsets", "wpp"]
 
 PASSES = ("parts", "solve", "apply")
 # The persistent launch: programs per SM, warps per program, windows per ticket (None: the
@@ -40,10 +41,11 @@ PASSES = ("parts", "solve", "apply")
 # parts pass (kernels/_window3_bwd_parts_tile.py, ``bwd_parts_plan``; ``_BWD_PARTS_TILE``), and
 # the forward's output pass (kernels/_window3_out_tile.py, ``out_tile_plan``; ``_OUT_TILE``), and
 # a cap on the registers a thread (ptxas ``.maxnreg``; None: the untiled forward's is its share
-# of the register file, the others none: ``Pipeline.launch``)
+# of the register file, the others none: ``Pipeline.launch``), and whether the waits read their
+# counts in every thread (None: ``_THREAD_WAITS``)
 TUNING: dict = {"programs_per_sm": None, "warps": None, "wpp": None, "ring": None, "sms": None,
                 "merge": None, "tile": None, "bwd_tile": None, "bwd_parts_tile": None,
-                "out_tile": None, "maxnreg": None}
+                "out_tile": None, "maxnreg": None, "thread_waits": None}
 _PROGRAMS_PER_SM = 1
 # the persistent kernels' magic-number arguments (``Pipeline.magic``; kernels/_fastdiv.py), not
 # specialised: no value recompiles a kernel
@@ -83,11 +85,23 @@ _BWD_TILE = True
 _BWD_PARTS_TILE = True
 _OUT_TILE = True
 _INTERPRET = tl.constexpr(INTERPRET)  # kernels/_common.py: Triton's CPU interpreter
+# Whether every thread of a program reads a stage's count itself (``ld.global.acquire.gpu``, PTX
+# inline assembly: :func:`_acquire_each`) instead of one thread's atomic whose result the others
+# take through shared memory (2 CTA barriers a read; a wait reads once where its count is met, and
+# the compiled wait has two reads, before and in its spin loop: 4 barrier sites). Off until a GPU
+# has run it (``TUNING["thread_waits"]``; the interpreter always takes the atomic: it runs no
+# inline assembly, and its programs run one after another, so no wait there ever spins)
+_THREAD_WAITS = False
 
 
 def wpp() -> int:
     """Windows per ticket (a chunk of a plane)."""
     return TUNING["wpp"] or _WPP
+
+
+def thread_waits() -> bool:
+    """Whether the waits read their counts in every thread (``_THREAD_WAITS``)."""
+    return _THREAD_WAITS if TUNING["thread_waits"] is None else bool(TUNING["thread_waits"])
 
 
 @triton.jit
@@ -99,20 +113,37 @@ def _normalize(a):
 
 
 @triton.jit
-def _wait_for(flag_ptr, need):
+def _acquire_each(ptr):
+    """The int32 at ptr, read by each thread with an acquire load of its own at GPU scope (what
+    the programs counted there wrote before their release is visible to this thread after it):
+    no thread waits for another, nothing goes through shared memory."""
+    return tl.inline_asm_elementwise("ld.global.acquire.gpu.b32 $0, [$1];", "=r,l", [ptr],
+                                     dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _wait_for(flag_ptr, need, TWAIT: tl.constexpr):
     """Spin until the count at flag_ptr reaches need (acquire: what the counted programs wrote
-    before their release is visible after). Under the interpreter the programs run one after
-    another, so a wait that finds its count short would spin forever: a schedule error, raised."""
-    n = tl.atomic_add(flag_ptr, 0, sem="acquire")
-    if _INTERPRET:
-        assert n >= need, "window kernels: a stage waits for one that has not run (schedule error)"
-    while n < need:
+    before their release is visible after): with TWAIT each thread reads the count itself
+    (:func:`_acquire_each`), else one thread's atomic read shared with the others. Under the
+    interpreter the programs run one after another, so a wait that finds its count short would
+    spin forever: a schedule error, raised."""
+    if TWAIT and not _INTERPRET:
+        n = _acquire_each(flag_ptr)
+        while n < need:
+            n = _acquire_each(flag_ptr)
+    else:
         n = tl.atomic_add(flag_ptr, 0, sem="acquire")
+        if _INTERPRET:
+            assert n >= need, ("window kernels: a stage waits for one that has not run "
+                               "(schedule error)")
+        while n < need:
+            n = tl.atomic_add(flag_ptr, 0, sem="acquire")
 
 
 @triton.jit
 def _wait_stage(flags, npl, plane, before: tl.constexpr, need, OFFS: tl.constexpr,
-                NOFF: tl.constexpr):  # fmt: skip
+                NOFF: tl.constexpr, TWAIT: tl.constexpr):  # fmt: skip
     """Wait for the planes a stage needs of the pass before it: planes plane -/+ o for each
     distinct offset o = b + Q_AX of :func:`wait_offsets` (one wait per plane, not per shift);
     ``before`` 1: parts -> solve (minus), 2: solve -> apply (plus). flags: the batch*head's
@@ -123,7 +154,7 @@ def _wait_stage(flags, npl, plane, before: tl.constexpr, need, OFFS: tl.constexp
             dep = _wrap_sub(plane, 0, OFFS[i], npl)
         else:
             dep = _wrap_add(plane, 0, OFFS[i], npl)
-        _wait_for(flags + (before - 1) * npl + dep, need)
+        _wait_for(flags + (before - 1) * npl + dep, need, TWAIT)
 
 
 @triton.jit
@@ -478,4 +509,5 @@ class Pipeline:
         offsets."""
         offs = wait_offsets(geo.shifts, self.ax)
         return {**geo.block(), "WPP": self.wpp, "RING": self.ring, "OFFS": offs,
-                "NOFF": len(offs), "SPLITS": splits(geo.shifts)}  # fmt: skip
+                "NOFF": len(offs), "SPLITS": splits(geo.shifts),
+                "TWAIT": thread_waits()}  # fmt: skip

@@ -192,7 +192,7 @@ def _fused_kernel(
     G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, NPB: tl.constexpr,
     SAVE: tl.constexpr, RING: tl.constexpr, OFFS: tl.constexpr, NOFF: tl.constexpr,
-    SPLITS: tl.constexpr, PAX: tl.constexpr,
+    TWAIT: tl.constexpr, SPLITS: tl.constexpr, PAX: tl.constexpr,
     MERGE: tl.constexpr, TILE: tl.constexpr, TD0: tl.constexpr, TD1: tl.constexpr,
     TD2: tl.constexpr, ROWS0: tl.constexpr, XG0F: tl.constexpr, OTILE: tl.constexpr,
     R2: tl.constexpr, WT: tl.constexpr, EAX: tl.constexpr,
@@ -214,7 +214,7 @@ def _fused_kernel(
                 prev_bh, prev_plane, held = _ring_previous(bh, plane, NPL, RING, MNPL1)
                 if held:
                     _wait_stage(flag_ptr + 1 + prev_bh * 3 * NPL, NPL, prev_plane, 2, CPP, OFFS,
-                                NOFF)  # the counts follow the ticket counter  # fmt: skip
+                                NOFF, TWAIT)  # the counts follow the ticket counter  # fmt: skip
             if TILE:  # the ticket's windows as one tile (kernels/_window3_tile.py)
                 _parts_tile(x_ptr + offset, g0_ptr, first, plane, bh, kpart_ptr,
                             hpart_ptr, NWIN, NPLANE, NPL, E, NVOX, S1, S2, NW1, NW2, MW2,
@@ -243,12 +243,12 @@ def _fused_kernel(
                                       NSB, G0, G1, G2, MU, ACC, DOT, D0, D1, D2, NPB, MW2,
                                       _plane_w0(plane, NW0), False, 0)  # fmt: skip
         elif phase == 1:
-            _wait_stage(flags, NPL, plane, 1, CPP, OFFS, NOFF)
+            _wait_stage(flags, NPL, plane, 1, CPP, OFFS, NOFF, TWAIT)
             _solve_batch(kpart_ptr, hpart_ptr, u_ptr, hsave_ptr, kmat_ptr, bh, first, plane, E,
                          NWIN, ITERS, NW0, NW1, NW2, MW2, NPLANE, NPL, SHIFTS, NSHIFT,
                          SPLITS, WPP, NSB, BLOCK_E, SAVE, ACC, RING, MERGE, PAX)  # fmt: skip
         else:
-            _wait_stage(flags, NPL, plane, 2, CPP, OFFS, NOFF)
+            _wait_stage(flags, NPL, plane, 2, CPP, OFFS, NOFF, TWAIT)
             if OTILE:  # the ticket's windows as tiles (kernels/_window3_out_tile.py)
                 _apply_fwd_tile(x_ptr + offset, y_ptr + offset, first, plane, NPLANE, bh, u_ptr,
                                 E, NWIN, NVOX, S1, S2, NW0, NW1, NW2, MW2, _plane_w0(plane, NW0),

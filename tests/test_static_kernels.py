@@ -8,6 +8,7 @@ Triton's interpreter), at the benchmark shape 2x32x128^3 fp32 on meta tensors.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import math
@@ -151,6 +152,46 @@ def test_design3_brats_tiles_keep_their_cta_barriers_down(report):
             f"{r['kernel']} ({r['case']}, {r['pass']}): {r['barriers']} CTA barrier sites, "
             f"ceiling {BARRIER_CEILING[r['kernel']]}"
         )
+
+
+# The CTA barrier sites that design 3's waits with counts read in every thread
+# (``_window3_sched.TUNING["thread_waits"]``) leave out of each fused kernel at least, against the
+# default (one thread's atomic shared through shared memory: 2 barriers a read, two reads a wait);
+# sm_90a, Triton 3.9, BraTS fp32: forward 76 -> 52, backward 102 -> 86 (the forward's six waits
+# and the backward's four, 4 sites each)
+THREAD_WAIT_SITES = {"_fused_kernel": 24, "_fused_bwd_kernel": 16}
+
+
+@pytest.fixture(scope="module")
+def thread_wait_report():
+    if _MISSING:
+        pytest.skip("; ".join(_MISSING))
+    brats = [c for c in coverage_cases() if c.design == 3 and not c.untiled
+             and c.shifts == (None, 2, 4, 6)]  # fmt: skip
+    assert len(brats) == 1
+    return kernel_report([dataclasses.replace(brats[0], thread_waits=True)], targets=("sm_90a",))
+
+
+@needs_ptxas
+def test_design3_thread_waits_drop_the_waits_cta_barriers(report, thread_wait_report):
+    """With the waits' counts read in every thread (an acquire load each, PTX
+    ``ld.global.acquire.gpu``) the fused kernels keep no barrier for them; nothing else
+    changes (no spill). Under the interpreter the waits take the atomic either way, so what the
+    GPU does with them is for a GPU to test (bench/check_design3.py)."""
+
+    def rows(rep, waits):
+        return {r["kernel"]: r for r in rep["launches"]
+                if r["kernel"] in THREAD_WAIT_SITES and r["case"].endswith(waits)
+                and "[None, 2, 4, 6]" in r["case"]}  # fmt: skip
+
+    default, waits = rows(report, "-d3"), rows(thread_wait_report, "-d3-thread-waits")
+    assert set(default) == set(waits) == set(THREAD_WAIT_SITES), (set(default), set(waits))
+    for name, fewer in THREAD_WAIT_SITES.items():
+        assert waits[name]["constexprs"]["TWAIT"] and not default[name]["constexprs"]["TWAIT"]
+        assert waits[name]["barriers"] <= default[name]["barriers"] - fewer, (
+            f"{name}: {default[name]['barriers']} -> {waits[name]['barriers']} CTA barrier sites"
+        )
+        assert waits[name]["spill_bytes"] == 0
 
 
 def test_shared_memory_held_across_calls_is_found_in_the_ptx():

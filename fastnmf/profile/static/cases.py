@@ -51,6 +51,9 @@ class StaticCase:
     # design 2's windows a program where set (else its own choice for the shape): the traffic
     # count at a small shape takes the benchmark shape's (traffic.counted_case)
     wpp: int | None = None
+    # design 3's waits read their counts in every thread (``_window3_sched.TUNING
+    # ["thread_waits"]``) where set
+    thread_waits: bool = False
 
     def __post_init__(self):
         if self.design not in DESIGNS:
@@ -79,7 +82,9 @@ class StaticCase:
         size = "x".join(map(str, self.shape))
         design = "" if self.design == 1 else f"-d{self.design}"  # design 1: the ids of before
         untiled = "-untiled" if self.untiled else ""
-        return f"{self.mode}-{self.shift_name}-{self.dtype}-r{self.rank}-{size}{design}{untiled}"
+        waits = "-thread-waits" if self.thread_waits else ""
+        return (f"{self.mode}-{self.shift_name}-{self.dtype}-r{self.rank}-{size}{design}"
+                f"{untiled}{waits}")  # fmt: skip
 
     def kwargs(self) -> dict:
         """Keyword arguments of ``fastnmf.matricized_nmf`` for this case (v0 excluded)."""
@@ -141,8 +146,8 @@ def coverage_cases(dtype: str = "fp32") -> list[StaticCase]:
 @contextlib.contextmanager
 def selected_design(case: StaticCase):
     """Inside the block the window kernels of ``case.design`` serve the layer's calls (design 3
-    with its tiles off where ``case.untiled``; design 2 with ``case.wpp`` windows a program
-    where set)."""
+    with its tiles off where ``case.untiled``, its waits in every thread where
+    ``case.thread_waits``; design 2 with ``case.wpp`` windows a program where set)."""
     tuning = importlib.import_module("fastnmf.kernels.window_nmf").TUNING
     tuning2 = importlib.import_module("fastnmf.kernels._window2_common").TUNING
     tuning3 = importlib.import_module("fastnmf.kernels._window3_sched").TUNING
@@ -153,6 +158,8 @@ def selected_design(case: StaticCase):
     if case.untiled:
         sched = importlib.import_module("fastnmf.kernels._window3_sched")
         tuning3.update(dict.fromkeys(sched.TILE_KEYS, False))
+    if case.thread_waits:
+        tuning3["thread_waits"] = True
     try:
         yield
     finally:
