@@ -147,6 +147,11 @@ VARIANTS = [
     # (BraTS, Triton 3.6 fp32, `sass_loops --ticket`); off by default until timed here
     ("design 3, four tiles, thread waits", 3,
      {**_tiles(True, True, True, True), "thread_waits": True}),
+    # the ticket tile's X g0 as one product for all the shifts (one operand staged, not one a
+    # shift): a ticket's forward 100 -> 84 CTA barriers, 4,375 -> 4,014 instructions with BraTS,
+    # but 24 B of spills (Triton 3.6 fp32); [None, 4] 80 -> 76; off by default until timed here
+    ("design 3, four tiles, X g0 joined", 3,
+     {**_tiles(True, True, True, True), "xg0_joined": True}),
     # the float64-checked oracle's kernel (issue 16: the fastest variant >= 10x faster)
     (REFERENCE, 0, {}),
 ]
@@ -156,7 +161,8 @@ VARIANTS = [
 # all four), with its forward parts pass and backward apply and parts pass on design 3's tiles
 # (and the forward apply on its tile too), design 3 untiled and with three and four tiles, with
 # four tiles and its parts unmerged (fewer instructions, more bytes), with four tiles and its
-# waits in every thread (fewer CTA barriers), with 8 warps, with 2
+# waits in every thread (fewer CTA barriers), with its X g0 one product for all the shifts
+# (fewer CTA barriers and instructions, a few spilled registers), with 8 warps, with 2
 # programs of 8 warps an SM (no spills with Triton 3.6:
 # bench/results/static_designs_triton36/occupancy_variants.md), and the reference. The code's
 # choice ("default") is one of these rows with the GPU machine's Triton 3.6 (design 2 for
@@ -165,7 +171,8 @@ SHORTLIST = ("design 1", "design 2", "design 2, 16 warps, 64 registers", "design
              "design 2, 2 stages, prefetch", "design 2, three tiles",
              "design 2, four tiles", "design 3, four tiles, parts unmerged", "design 3, untiled",
              "design 3, three tiles", "design 3, four tiles",
-             "design 3, four tiles, thread waits", "design 3, 8 warps",
+             "design 3, four tiles, thread waits", "design 3, four tiles, X g0 joined",
+             "design 3, 8 warps",
              "design 3, 8 warps, 2 programs/SM", REFERENCE)  # fmt: skip
 
 

@@ -260,7 +260,20 @@ def _part_member(SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, P0: tl.constexpr,
     c; NB columns a shift: 8 (c = k * 8 + b, b = (b0 * 2 + b1) * 2 + b2) or 4 (c = k * 4 + b1 * 2
     + b2, axis 0 not split: BA0 = 1). Parts a shift does not have, padding and shifts past NSHIFT
     are 0; ``live``: a true scalar ANDed in (the caller's way to keep it out of a loop's start)."""
-    n = tl.arange(0, BA0 * BA1 * BA2)[:, None]
+    return _part_member_by(SHIFTS, NSHIFT, P0, P1, P2, BA0, BA1, BA2, D0, D1, D2, NC, NB, DT, live,
+                           1)  # fmt: skip
+
+
+@triton.jit
+def _part_member_by(SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, P0: tl.constexpr,
+                    P1: tl.constexpr, P2: tl.constexpr, BA0: tl.constexpr, BA1: tl.constexpr,
+                    BA2: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+                    NC: tl.constexpr, NB: tl.constexpr, DT: tl.constexpr, live,
+                    NS: tl.constexpr):  # fmt: skip
+    """:func:`_part_member` with each sub-box's row NS times (NS > 1: row n NS + s holds only
+    shift s's columns), the part matrix of NS shifts' products side by side."""
+    r = tl.arange(0, BA0 * BA1 * BA2 * NS)[:, None]
+    n = r // NS
     a0 = (n // (BA1 * BA2)) * D0  # first voxel of the sub-box per axis (powers of two: shifts)
     a1 = ((n // BA2) % BA1) * D1
     a2 = (n % BA2) * D2
@@ -270,6 +283,7 @@ def _part_member(SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, P0: tl.constexpr,
     m = (((a0 >= P0 - _shift_of(k, SHIFTS, NSHIFT, 0)).to(tl.int32) == (b // 4) % 2)
          & ((a1 >= P1 - _shift_of(k, SHIFTS, NSHIFT, 1)).to(tl.int32) == (b // 2) % 2)
          & ((a2 >= P2 - _shift_of(k, SHIFTS, NSHIFT, 2)).to(tl.int32) == b % 2))  # fmt: skip
+    m = m & ((k == r % NS) | (NS == 1))
     return (m & (a0 < P0) & (a1 < P1) & (a2 < P2) & (k < NSHIFT) & live).to(DT)
 
 

@@ -27,7 +27,7 @@ from ._fastdiv import MAGIC_3, _fdivmod, magics
 from ._window2_common import _tri, _window_origin, _wrap_add, _wrap_sub
 
 __all__ = ["TUNING", "TILE_KEYS", "PASSES", "Pipeline", "fused_plan", "merge_on", "ring_regions",
-           "thread_waits", "wait_offsets", "wpp"]
+           "thread_waits", "wait_offsets", "wpp", "xg0_joined"]
 
 PASSES = ("parts", "solve", "apply")
 # The persistent launch: programs per SM, warps per program, windows per ticket (None: the
@@ -41,11 +41,12 @@ PASSES = ("parts", "solve", "apply")
 # parts pass (kernels/_window3_bwd_parts_tile.py, ``bwd_parts_plan``; ``_BWD_PARTS_TILE``), and
 # the forward's output pass (kernels/_window3_out_tile.py, ``out_tile_plan``; ``_OUT_TILE``), and
 # a cap on the registers a thread (ptxas ``.maxnreg``; None: the untiled forward's is its share
-# of the register file, the others none: ``Pipeline.launch``), and whether the waits read their
-# counts in every thread (None: ``_THREAD_WAITS``)
+# of the register file, the others none: ``Pipeline.launch``), whether the waits read their
+# counts in every thread (None: ``_THREAD_WAITS``), and whether the ticket tile's X g0 takes one
+# product for all its shifts (None: ``_XG0_JOINED``)
 TUNING: dict = {"programs_per_sm": None, "warps": None, "wpp": None, "ring": None, "sms": None,
                 "merge": None, "tile": None, "bwd_tile": None, "bwd_parts_tile": None,
-                "out_tile": None, "maxnreg": None, "thread_waits": None}
+                "out_tile": None, "maxnreg": None, "thread_waits": None, "xg0_joined": None}
 _PROGRAMS_PER_SM = 1
 # the persistent kernels' magic-number arguments (``Pipeline.magic``; kernels/_fastdiv.py), not
 # specialised: no value recompiles a kernel
@@ -75,7 +76,7 @@ _MERGE = True
 # bf16 4.50 / 8.37); with [None, 4] the design-3 variants all trail design 2, which the default
 # design choice takes there (kernels/__init__.py). Their static counts:
 # bench/results/static_designs/tiles.md, kernels/DESIGNS.md. The forward output tile was on
-# only before Triton 3.7 until the merged parts' row shift became a scan (_window3_tile.
+# only before Triton 3.7 until the merged parts' row shift became a scan (_window3_tile_store.
 # _prev_row): with it Triton 3.9's [None, 2, 4, 6] forward spilled 72 B (sm_90a, fp32 and bf16),
 # now nothing, as with Triton 3.6 (three tiles, its replacement there, timed fp32 4.52 / 8.64
 # ms, bf16 4.96 / 8.63 on the H200: 2-10 % slower than four).
@@ -92,11 +93,22 @@ _INTERPRET = tl.constexpr(INTERPRET)  # kernels/_common.py: Triton's CPU interpr
 # has run it (``TUNING["thread_waits"]``; the interpreter always takes the atomic: it runs no
 # inline assembly, and its programs run one after another, so no wait there ever spins)
 _THREAD_WAITS = False
+# Whether the ticket tile's X g0 (kernels/_window3_tile.py, ``_tile_xg0_joined``; 2 or 4 shifts)
+# takes every shift's sub-box sums side by side along one product's contraction, one operand
+# staged through shared memory instead of one a shift: sm_90a, Triton 3.6, fp32 [None, 2, 4, 6],
+# a ticket's forward 100 -> 84 CTA barriers, 4,375 -> 4,019 instructions, but 24 B of spills
+# (bf16 16 B; Triton 3.9 72 B); [None, 4] 80 -> 76, no spill. Off until a GPU has timed it
+_XG0_JOINED = False
 
 
 def wpp() -> int:
     """Windows per ticket (a chunk of a plane)."""
     return TUNING["wpp"] or _WPP
+
+
+def xg0_joined() -> bool:
+    """Whether the ticket tile's X g0 is one product for all its shifts (``_XG0_JOINED``)."""
+    return _XG0_JOINED if TUNING["xg0_joined"] is None else bool(TUNING["xg0_joined"])
 
 
 def thread_waits() -> bool:

@@ -24,7 +24,8 @@ matrix, 64 for [None, 2, 4, 6], spilled). Those rows lie where that sum needs no
 36 of a ticket's 148 CTA barriers forward, 48 of 163 backward (sm_90a, Triton 3.6, fp32,
 [None, 2, 4, 6]). With MERGE (kernels/_window3_parts.py, ``merge_on``),
 window j's high parts along axis 2 are added to window j + 1's low parts, taken from the row
-above by a scan along the window axis (``_prev_row``), and not stored. g0 under each shift is
+above by a scan along the window axis (``_prev_row``), and not stored (the stores:
+kernels/_window3_tile_store.py). g0 under each shift is
 read once a ticket (from L1 / L2; held in registers through the ticket loop it spilled): the
 static suite's byte count takes the forward's g0 as read once a program (``traffic.PER_PROGRAM``,
 the per-window pass's way), so with the tile on it counts a little less than is asked (about
@@ -39,8 +40,9 @@ import triton
 import triton.language as tl
 
 from ._common import TRITON_VERSION, _shift_of
-from ._window2_common import _part_member, _tri, _window_origin
-from ._window3_sched import _TILE, TUNING, _part_slot
+from ._window2_common import _part_member, _part_member_by, _tri, _window_origin
+from ._window3_sched import _TILE, TUNING, _part_slot, xg0_joined
+from ._window3_tile_store import _rows0_low, _tile_parts_write
 
 __all__ = ["tile_geometry", "tile_plan", "tile_subboxes"]
 
@@ -202,17 +204,6 @@ def _stack_rows(a, b):
 
 
 @triton.constexpr_function
-def _rows0_low(ba0, nc):
-    """How many of axis 0's BA0 sub-boxes are the low bits of a ROWS0 product's rows
-    (:func:`_tile_sums`): as many as the lanes a column of the (R, NC) product spans in the
-    layout Triton gives a dot's result (32 / NC lanes a warp along the rows, then the warps, then
-    a thread's registers), so that the rest, the high bits, fall on registers past the warps and
-    :func:`_tile_halves` sums within a warp (shuffles), not across warps (shared memory and CTA
-    barriers)."""
-    return max(1, min(int(ba0), 32 // int(nc)))
-
-
-@triton.constexpr_function
 def _log2(n):
     """log2 of a power of two n (a constexpr)."""
     return int(n).bit_length() - 1
@@ -289,114 +280,6 @@ def _unit_channels(s, d: tl.constexpr, H: tl.constexpr):
 
 
 @triton.jit
-def _tile_halves(t, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, P0: tl.constexpr,
-                 BLOCK_E: tl.constexpr, W: tl.constexpr, BP0: tl.constexpr, D0: tl.constexpr,
-                 ROWS0: tl.constexpr, NC: tl.constexpr, STACK: tl.constexpr):  # fmt: skip
-    """A product t of :func:`_tile_dot` (STACK of them stacked, ``_stack_rows``) as (low, high)
-    (BLOCK_E W, NC): with ROWS0 the halves along axis 0 of each column's shift (b0 = 0, 1),
-    else the columns hold b0 and high is low."""
-    BA0: tl.constexpr = BP0 // D0
-    if ROWS0:
-        A0L: tl.constexpr = _rows0_low(BA0, NC)
-        Q: tl.constexpr = BLOCK_E * W // STACK
-        t = tl.reshape(t, (STACK, BA0 // A0L, Q, A0L, NC))
-        a0 = (tl.arange(0, BA0 // A0L)[None, :, None, None, None] * A0L
-              + tl.arange(0, A0L)[None, None, None, :, None]) * D0  # fmt: skip
-        cut = P0 - _shift_of(tl.arange(0, NC)[None, None, None, None, :] // 4, SHIFTS, NSHIFT, 0)
-        lo = tl.sum(tl.sum(tl.where(a0 < cut, t, 0), axis=3), axis=1)
-        hi = tl.sum(tl.sum(tl.where(a0 >= cut, t, 0), axis=3), axis=1)
-        return tl.reshape(lo, (BLOCK_E * W, NC)), tl.reshape(hi, (BLOCK_E * W, NC))
-    else:
-        return t, t
-
-
-@triton.jit
-def _last_two(fa, pa, va, fb, pb, vb):
-    """The combine of :func:`_prev_row`'s scan: a run's (has two, second-to-last, last) values
-    from its two halves' (associative: the last two values of a concatenation)."""
-    return fa | 1, tl.where(fb != 0, pb, va), vb
-
-
-@triton.jit
-def _prev_row(t, W: tl.constexpr):
-    """t's row r - 1 at row r (rows (channel, window): window j - 1's at window j, zeros at
-    window 0), as an inclusive scan along the window axis that carries each prefix's last two
-    rows. The scan stays in t's layout (the rows lie in one warp: lanes exchange values by
-    shuffles); ``tl.gather`` took a layout of its own, and the store two more layout conversions
-    through shared memory, two CTA barriers each (sm_90a, four tiles, a ticket's forward: Triton
-    3.6 fp32 125 -> 101 barriers with [None, 4], 196 -> 148 with [None, 2, 4, 6]; Triton 3.9
-    spilled 72 B with the BraTS shifts, now nothing)."""
-    t3 = tl.reshape(t, (t.shape[0] // W, W, t.shape[1]))
-    flag = tl.zeros(t3.shape, dtype=tl.int32)
-    _, prev, _ = tl.associative_scan((flag, tl.zeros(t3.shape, dtype=t.dtype), t3), 1,
-                                     _last_two)  # fmt: skip
-    return tl.reshape(prev, t.shape)
-
-
-@triton.jit
-def _tile_store(v0, v1, ptr, stride, row, row_ok, slot, j, KSEL, SHIFTS: tl.constexpr,
-                NSHIFT: tl.constexpr, W: tl.constexpr, NC: tl.constexpr, NB: tl.constexpr,
-                MERGE: tl.constexpr, ROWS0: tl.constexpr):  # fmt: skip
-    """Store the part sums v0 (R, NC) (columns of ``_part_member``) and with ROWS0 v1, the high
-    halves along axis 0 (b = the column's + 4): joined first, so that one conversion into the
-    stores' layout serves both (one through shared memory is 2 CTA barriers; split by b0 first,
-    Triton converted each half on its own: 12 more barriers a ticket forward, 16
-    backward, [None, 2, 4, 6], sm_90a, Triton 3.6)."""
-    if ROWS0:
-        u = tl.reshape(tl.join(v0, v1), (v0.shape[0], NC // 2, 2, 2))  # (row, column pair, b2, b0)
-        lo, hi = tl.split(tl.permute(u, (0, 1, 3, 2)))  # b2 = 0, 1, each (row, pair, b0)
-        lo0, lo1 = tl.split(lo)
-        hi0, hi1 = tl.split(hi)
-        _tile_store_cols(lo0, hi0, 0, ptr, stride, row, row_ok, slot, j, KSEL, SHIFTS, NSHIFT, W,
-                         NC, NB, MERGE)  # fmt: skip
-        _tile_store_cols(lo1, hi1, 4, ptr, stride, row, row_ok, slot, j, KSEL, SHIFTS, NSHIFT, W,
-                         NC, NB, MERGE)  # fmt: skip
-    else:
-        lo, hi = tl.split(tl.reshape(v0, (v0.shape[0], NC // 2, 2)))  # b2 = 0, 1
-        _tile_store_cols(lo, hi, 0, ptr, stride, row, row_ok, slot, j, KSEL, SHIFTS, NSHIFT, W,
-                         NC, NB, MERGE)  # fmt: skip
-
-
-@triton.jit
-def _tile_store_cols(lo, hi, B0: tl.constexpr, ptr, stride, row, row_ok, slot, j, KSEL,
-                     SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, W: tl.constexpr,
-                     NC: tl.constexpr, NB: tl.constexpr, MERGE: tl.constexpr):  # fmt: skip
-    """Store the part sums lo, hi (R, NC / 2) (the even and odd columns of ``_part_member``, b2 =
-    0 and 1; plus B0: 4 for the high halves along axis 0 of ROWS0) at ptr + (slot + k * 8 + b) *
-    stride + row, the parts that exist, of shift KSEL only if KSEL >= 0. With MERGE a high part
-    along axis 2 (b2 = 1) of window j (the row's window) is added to the low part of window j + 1
-    (the row below) unless j is the last."""
-    c = 2 * tl.arange(0, NC // 2)[None, :]
-    k = c // NB
-    b = c % NB + B0
-    s0 = _shift_of(k, SHIFTS, NSHIFT, 0)
-    s1 = _shift_of(k, SHIFTS, NSHIFT, 1)
-    s2 = _shift_of(k, SHIFTS, NSHIFT, 2)
-    ok = row_ok & (k < NSHIFT) & ((b < 4) | (s0 > 0)) & ((b % 4 < 2) | (s1 > 0))
-    ok = ok & ((k == KSEL) | (KSEL < 0))
-    keep_hi = ok & (s2 > 0)
-    if MERGE:
-        prev = _prev_row(hi, W)  # row r - 1's: window j - 1's, same channel
-        lo = lo + tl.where((j >= 1) & (s2 > 0), prev, 0)
-        keep_hi = keep_hi & (j == W - 1)
-    tl.store(ptr + (slot + k * 8 + b) * stride + row, lo, mask=ok)
-    tl.store(ptr + (slot + k * 8 + b + 1) * stride + row, hi, mask=keep_hi)
-
-
-@triton.jit
-def _tile_parts_write(t, ptr, stride, row, row_ok, slot, j, KSEL, SHIFTS: tl.constexpr,
-                      NSHIFT: tl.constexpr, P0: tl.constexpr, BLOCK_E: tl.constexpr,
-                      W: tl.constexpr, BP0: tl.constexpr, D0: tl.constexpr, ROWS0: tl.constexpr,
-                      NC: tl.constexpr, MERGE: tl.constexpr, STACK: tl.constexpr):  # fmt: skip
-    """A product's part sums (:func:`_tile_dot`; STACK of them stacked) stored
-    (``_tile_store``)."""
-    lo, hi = _tile_halves(t, SHIFTS, NSHIFT, P0, BLOCK_E, W, BP0, D0, ROWS0, NC, STACK)
-    NB: tl.constexpr = 4 if ROWS0 else 8
-    _tile_store(lo, hi, ptr, stride, row, row_ok, slot, j, KSEL, SHIFTS, NSHIFT, W, NC, NB, MERGE,
-                ROWS0)  # fmt: skip
-
-
-@triton.jit
 def _tile_parts_store(z, member, ptr, stride, row, row_ok, slot, j, KSEL,
                       SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, P0: tl.constexpr,
                       BLOCK_E: tl.constexpr, W: tl.constexpr, BP0: tl.constexpr,
@@ -418,6 +301,7 @@ def _parts_tile(
     BP1: tl.constexpr, BP2: tl.constexpr, BLOCK_E: tl.constexpr, NSB: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, ROWS0: tl.constexpr,
     RING: tl.constexpr, MERGE: tl.constexpr, EAX: tl.constexpr, XG0F: tl.constexpr,
+    XG0J: tl.constexpr,
 ):  # fmt: skip
     """The parts pass of one ticket (windows first .. first + W - 1 of a plane) as one tile:
     every shift's part sums of X X^T (upper triangle) and X g0 (g0 under shift k read at the
@@ -463,15 +347,21 @@ def _parts_tile(
     live = (plane >= 0).to(tl.int32)
     member = _part_member(SHIFTS, NSHIFT, P0, P1, P2, BA0K, BP1 // D1, BP2 // D2, D0, D1, D2, NC,
                           NB, tl.float32, live != 0)  # fmt: skip
+    JOIN: tl.constexpr = XG0J and (NSHIFT == 2 or NSHIFT == 4)
+    if JOIN:  # X g0's part matrix: every shift's side by side (``_tile_xg0_joined``)
+        mg = _part_member_by(SHIFTS, NSHIFT, P0, P1, P2, BA0K, BP1 // D1, BP2 // D2, D0, D1, D2, NC,
+                             NB, tl.float32, live != 0, NSHIFT)  # fmt: skip
+    else:
+        mg = member
     rs = tl.arange(0, 2 * H * W)[:, None]  # the rows of two products stacked (_stack_rows)
     e2 = rs // W  # the channel of a row of (xa, xb)'s products stacked
     j2 = rs % W
     slot2 = _part_slot(bh, plane, first + j2, NWIN, NPLANE, NPL, NSHIFT, RING)
     ok2 = (first + j2 < NPLANE) & (e2 < E)
     if XG0F:  # X g0 first (``tile_plan``)
-        _tile_xg0(xa, xb, g0_ptr, member, hpart_ptr, e2, ok2, slot2, j2, q0, q1, q2, j5, inside,
+        _tile_xg0(xa, xb, g0_ptr, mg, hpart_ptr, e2, ok2, slot2, j2, q0, q1, q2, j5, inside,
                   E, SHIFTS, NSHIFT, P0, P1, P2, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0, NC, NB,
-                  MERGE, EAX, PAIR)  # fmt: skip
+                  MERGE, EAX, PAIR, JOIN)  # fmt: skip
     # The Gram's upper triangle in 2H + 1 units of H products (``_gram_unit``), two stored at
     # once: the squares, then units d = 1 .. 2H - 1 (the last stacked on itself)
     okw = first + j2 < NPLANE
@@ -494,9 +384,9 @@ def _parts_tile(
                       okw & (e2 < H) & (c2 < E), slot2, j2, -1, SHIFTS, NSHIFT, P0, 2 * H, W,
                       BP0, D0, ROWS0, NC, MERGE, 2)  # fmt: skip
     if not XG0F:
-        _tile_xg0(xa, xb, g0_ptr, member, hpart_ptr, e2, ok2, slot2, j2, q0, q1, q2, j5, inside,
+        _tile_xg0(xa, xb, g0_ptr, mg, hpart_ptr, e2, ok2, slot2, j2, q0, q1, q2, j5, inside,
                   E, SHIFTS, NSHIFT, P0, P1, P2, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0, NC, NB,
-                  MERGE, EAX, PAIR)  # fmt: skip
+                  MERGE, EAX, PAIR, JOIN)  # fmt: skip
 
 
 @triton.jit
@@ -505,48 +395,123 @@ def _tile_xg0(xa, xb, g0_ptr, member, hpart_ptr, e2, ok2, slot2, j2, q0, q1, q2,
               P1: tl.constexpr, P2: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
               BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr, D0: tl.constexpr,
               D1: tl.constexpr, D2: tl.constexpr, ROWS0: tl.constexpr, NC: tl.constexpr,
-              NB: tl.constexpr, MERGE: tl.constexpr, EAX: tl.constexpr,
-              PAIR: tl.constexpr):  # fmt: skip
+              NB: tl.constexpr, MERGE: tl.constexpr, EAX: tl.constexpr, PAIR: tl.constexpr,
+              JOIN: tl.constexpr):  # fmt: skip
     """X g0 of a ticket's tile under every shift (g0 under shift k read at the rolled positions),
-    each shift's product summed into one product of every shift's columns (``_shift_columns``),
-    both channel halves' rows in it (``_tile_dot2``), stored once, not once a shift."""
-    BA0R: tl.constexpr = BP0 // D0 if ROWS0 else 1  # the product's rows: (H, W, BA0R)
-    acc = tl.zeros((2 * H * W * BA0R, NC), tl.float32)  # both halves' rows (``_tile_dot2``)
-    # a loop: g0's addresses made per shift; not software-pipelined (pipelined, the first loads'
-    # addresses were computed before the ticket loop and spilled, 32-40 B)
-    for k in tl.range(0, NSHIFT, num_stages=1):
-        p0 = q0 + _shift_of(k, SHIFTS, NSHIFT, 0)
-        p1 = q1 + _shift_of(k, SHIFTS, NSHIFT, 1)
-        p2 = q2 + _shift_of(k, SHIFTS, NSHIFT, 2)
-        rolled = (tl.where(p0 >= P0, p0 - P0, p0) * P1 + tl.where(p1 >= P1, p1 - P1, p1)) * P2
-        rolled += tl.where(p2 >= P2, p2 - P2, p2) + j5 * 0  # g0 where each voxel lies under k
-        g = tl.load(g0_ptr + rolled, mask=inside & (j5 >= 0), other=0)
-        g = _as_tile(g, 1, W, BP0, BP1, BP2, EAX, PAIR).to(tl.float32)
-        acc += _shift_columns(_tile_dot2(xa * g, xb * g, member, H, W, BP0, BP1, BP2, D0, D1, D2,
-                                         ROWS0), k, NB)  # fmt: skip
+    both channel halves' rows in one product (``_tile_dot2``), stored once, not once a shift:
+    with JOIN one product for all the shifts (``_tile_xg0_joined``; member then
+    ``_part_member_by``'s), else each shift's product summed into one of every shift's columns
+    (``_shift_columns``)."""
+    if JOIN:
+        acc = _tile_xg0_joined(xa, xb, g0_ptr, member, q0, q1, q2, j5, inside, SHIFTS, NSHIFT, P0,
+                               P1, P2, H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0, NC, EAX, PAIR)
+    else:
+        BA0R: tl.constexpr = BP0 // D0 if ROWS0 else 1  # the product's rows: (H, W, BA0R)
+        acc = tl.zeros((2 * H * W * BA0R, NC), tl.float32)  # both halves' rows (``_tile_dot2``)
+        # a loop: g0's addresses made per shift; not software-pipelined (pipelined, the first
+        # loads' addresses were computed before the ticket loop and spilled, 32-40 B)
+        for k in tl.range(0, NSHIFT, num_stages=1):
+            g = _xg0_g(g0_ptr, k, q0, q1, q2, j5, inside, SHIFTS, NSHIFT, P0, P1, P2, W, BP0, BP1,
+                       BP2, EAX, PAIR)  # fmt: skip
+            acc += _shift_columns(_tile_dot2(xa * g, xb * g, member, H, W, BP0, BP1, BP2, D0, D1,
+                                             D2, ROWS0), k, NB)  # fmt: skip
     _tile_parts_write(acc, hpart_ptr, E, e2, ok2, slot2, j2, -1, SHIFTS, NSHIFT, P0, 2 * H, W,
                       BP0, D0, ROWS0, NC, MERGE, 2)  # fmt: skip
+
+
+@triton.jit
+def _xg0_g(g0_ptr, k, q0, q1, q2, j5, inside, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr,
+           P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, W: tl.constexpr,
+           BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr, EAX: tl.constexpr,
+           PAIR: tl.constexpr):  # fmt: skip
+    """g0 under shift k at the tile's voxels (where each lies under k), (1, W, BP0, BP1, BP2)."""
+    p0 = q0 + _shift_of(k, SHIFTS, NSHIFT, 0)
+    p1 = q1 + _shift_of(k, SHIFTS, NSHIFT, 1)
+    p2 = q2 + _shift_of(k, SHIFTS, NSHIFT, 2)
+    rolled = (tl.where(p0 >= P0, p0 - P0, p0) * P1 + tl.where(p1 >= P1, p1 - P1, p1)) * P2
+    rolled += tl.where(p2 >= P2, p2 - P2, p2) + j5 * 0
+    g = tl.load(g0_ptr + rolled, mask=inside & (j5 >= 0), other=0)
+    return _as_tile(g, 1, W, BP0, BP1, BP2, EAX, PAIR).to(tl.float32)
+
+
+@triton.jit
+def _xg0_rows(xa, xb, g, H: tl.constexpr, W: tl.constexpr, BP0: tl.constexpr, BP1: tl.constexpr,
+              BP2: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+              ROWS0: tl.constexpr, NC: tl.constexpr):  # fmt: skip
+    """The sub-box sums of x g under one shift as a product's rows (:func:`_tile_dot2`'s): with
+    ROWS0 xa's and xb's, else both halves' channels in one (returned twice)."""
+    if ROWS0:
+        BA0R: tl.constexpr = BP0 // D0
+        A0L: tl.constexpr = _rows0_low(BA0R, NC)
+        return (_tile_sums(xa * g, H, W, BP0, BP1, BP2, D0, D1, D2, BA0R, A0L),
+                _tile_sums(xb * g, H, W, BP0, BP1, BP2, D0, D1, D2, BA0R, A0L))
+    else:
+        s = _tile_sums(_ch_merge(xa * g, xb * g, _log2(H)), 2 * H, W, BP0, BP1, BP2, D0, D1, D2,
+                       1, 1)  # fmt: skip
+        return s, s
+
+
+@triton.jit
+def _join_k(a0, a1):
+    """Two (R, K) operands as one (R, 2 K): column 2 n + s is a_s's column n."""
+    return tl.reshape(tl.join(a0, a1), (a0.shape[0], 2 * a0.shape[1]))
+
+
+@triton.jit
+def _tile_xg0_joined(xa, xb, g0_ptr, member, q0, q1, q2, j5, inside, SHIFTS: tl.constexpr,
+                     NSHIFT: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+                     H: tl.constexpr, W: tl.constexpr, BP0: tl.constexpr, BP1: tl.constexpr,
+                     BP2: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+                     ROWS0: tl.constexpr, NC: tl.constexpr, EAX: tl.constexpr,
+                     PAIR: tl.constexpr):  # fmt: skip
+    """X g0's part sums under 2 or 4 shifts as one product (two with ROWS0, one a channel half):
+    the shifts' sub-box sums side by side along the contraction (column n NSHIFT + s: sub-box n
+    under shift s), against member = ``_part_member_by``'s (row n NSHIFT + s: sub-box n, shift
+    s's columns only). One operand staged for the dot, not one a shift: the terms a shift's
+    column takes from the other shifts' rows are exact zeros."""
+    a0, b0 = _xg0_rows(xa, xb, _xg0_g(g0_ptr, 0, q0, q1, q2, j5, inside, SHIFTS, NSHIFT, P0, P1,
+                                      P2, W, BP0, BP1, BP2, EAX, PAIR),
+                       H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0, NC)  # fmt: skip
+    a1, b1 = _xg0_rows(xa, xb, _xg0_g(g0_ptr, 1, q0, q1, q2, j5, inside, SHIFTS, NSHIFT, P0, P1,
+                                      P2, W, BP0, BP1, BP2, EAX, PAIR),
+                       H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0, NC)  # fmt: skip
+    if NSHIFT == 4:
+        a2, b2 = _xg0_rows(xa, xb, _xg0_g(g0_ptr, 2, q0, q1, q2, j5, inside, SHIFTS, NSHIFT, P0,
+                                          P1, P2, W, BP0, BP1, BP2, EAX, PAIR),
+                           H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0, NC)  # fmt: skip
+        a3, b3 = _xg0_rows(xa, xb, _xg0_g(g0_ptr, 3, q0, q1, q2, j5, inside, SHIFTS, NSHIFT, P0,
+                                          P1, P2, W, BP0, BP1, BP2, EAX, PAIR),
+                           H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0, NC)  # fmt: skip
+        ka = _join_k(_join_k(a0, a2), _join_k(a1, a3))  # column 4 n + 2 i + j: a_(2 i + j)'s n
+        kb = _join_k(_join_k(b0, b2), _join_k(b1, b3))
+    else:
+        ka = _join_k(a0, a1)
+        kb = _join_k(b0, b1)
+    acc = tl.dot(ka, member, input_precision="ieee")
+    if ROWS0:
+        acc = _stack_rows(acc, tl.dot(kb, member, input_precision="ieee"))
+    return acc
 
 
 def tile_plan(geo, dot: dict, wpp: int, warps: int) -> dict:
     """The constexprs of the ticket-tile parts pass: TILE (whether it runs: ``TUNING["tile"]``
     and :func:`tile_geometry`'s conditions), the sub-box TD0-TD2, ROWS0 (module docstring) and
-    XG0F (``_XG0_LAST_FLAT``)."""
+    XG0F (``_XG0_LAST_FLAT``) and XG0J (``_window3_sched.xg0_joined``)."""
     fits, plan = tile_geometry(geo, dot, wpp, warps)
     on = _TILE if TUNING["tile"] is None else bool(TUNING["tile"])
     return dict(TILE=on and fits, **plan)
 
 
 def tile_geometry(geo, dot: dict, wpp: int, warps: int) -> tuple[bool, dict]:
-    """(fits, dict(TD0, TD1, TD2, ROWS0, XG0F)) of a tile of ``wpp`` windows at ``warps`` warps
-    (this design's and the second's, kernels/window_nmf2.py). fits: the matrix form of the parts
-    (``dot``), a power-of-two WPP, at most 32 of the tile's values a thread and 16 to 32
+    """(fits, dict(TD0, TD1, TD2, ROWS0, XG0F, XG0J)) of a tile of ``wpp`` windows at ``warps``
+    warps (this design's and the second's, kernels/window_nmf2.py). fits: the matrix form of the
+    parts (``dot``), a power-of-two WPP, at most 32 of the tile's values a thread and 16 to 32
     sub-boxes in the dot (else the per-window pass runs)."""
     sub, rows0, k = tile_subboxes(geo, dot)
     tile_values = geo.block_e * wpp * math.prod(geo.bp) // (32 * warps)
     fits = dot["DOT"] and wpp & (wpp - 1) == 0 and tile_values <= 32 and 16 <= k <= 32
     return fits, dict(TD0=sub[0], TD1=sub[1], TD2=sub[2], ROWS0=rows0,
-                      XG0F=rows0 or not _XG0_LAST_FLAT)  # fmt: skip
+                      XG0F=rows0 or not _XG0_LAST_FLAT, XG0J=xg0_joined())  # fmt: skip
 
 
 def tile_subboxes(geo, dot: dict) -> tuple[list[int], bool, int]:

@@ -141,6 +141,7 @@ def _parts_kernel(
     ROWS0: tl.constexpr = OPTS[7]
     EAX: tl.constexpr = OPTS[8]
     XG0F: tl.constexpr = OPTS[9]
+    XG0J: tl.constexpr = OPTS[10]
     bh, offset, e, emask, rowmask = _pass_rows(rowmask_ptr, C, E, HEADS, MHEADS, NVOX, BLOCK_E,
                                                ACC)  # fmt: skip
     x_base = x_ptr + offset  # the head's first element
@@ -151,7 +152,7 @@ def _parts_kernel(
             _parts_tile(x_base, g0_ptr, first, first * 0, bh, kpart_ptr, hpart_ptr, NWIN, NWIN,
                         1, E, NVOX, S1, S2, NW1, NW2, MW2, _tile_w0(first, NWIN, MW12), SHIFTS,
                         NSHIFT, TW, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, TD0, TD1, TD2, ROWS0,
-                        0, False, EAX, XG0F)  # fmt: skip
+                        0, False, EAX, XG0F, XG0J)  # fmt: skip
     else:
         # g0 under every shift, once per program
         g_all = _shifted_g_all(g0_ptr, SHIFTS, NSHIFT, NSB, P0, P1, P2, BP0, BP1, BP2, ACC, True)
@@ -454,11 +455,11 @@ def _out_tile_plan(geo: _Geometry2, mu: bool, dtype: torch.dtype) -> dict:
 def parts_opts(geo: _Geometry2, acc, mu: bool) -> tuple:
     """The forward parts pass's switches as one constexpr (each launch argument costs host time
     a call in Triton's launch path): STAGES, PREFETCH and :func:`parts_tile`'s TILE, TW,
-    TD0-TD2, ROWS0, EAX, XG0F, in that order; built once per geometry."""
+    TD0-TD2, ROWS0, EAX, XG0F, XG0J, in that order; built once per geometry."""
     def make():
         t = parts_tile(geo, acc, mu)
         return (geo.stages("parts"), geo.prefetch("parts"), t["TILE"], t["TW"], t["TD0"],
-                t["TD1"], t["TD2"], t["ROWS0"], t["EAX"], t["XG0F"])  # fmt: skip
+                t["TD1"], t["TD2"], t["ROWS0"], t["EAX"], t["XG0F"], t["XG0J"])  # fmt: skip
 
     return geo._once(("parts_opts", acc, mu), make)
 
@@ -467,7 +468,7 @@ def parts_tile(geo: _Geometry2, acc, mu: bool) -> dict:
     """The forward parts pass's tile constexprs (``TUNING["parts_tile"]``): TILE, whether the
     pass takes TW windows at a time as one tile (``_window3_tile._parts_tile``: about a third of
     the per-window pass's instructions in the third design, bench/results/static_designs/
-    tiles.md); TW (4, or WPP where fewer), the tile's sub-box TD0-TD2, ROWS0, EAX and XG0F
+    tiles.md); TW (4, or WPP where fewer), the tile's sub-box TD0-TD2, ROWS0, EAX, XG0F and XG0J
     (:func:`.tile_geometry`'s). The tile runs where :func:`.tile_geometry` allows at
     ``_TILE_WARPS`` warps and a tile's windows share their axis-0 coordinate (NW1 NW2 a multiple
     of TW)."""

@@ -194,7 +194,8 @@ def _fused_kernel(
     SAVE: tl.constexpr, RING: tl.constexpr, OFFS: tl.constexpr, NOFF: tl.constexpr,
     TWAIT: tl.constexpr, SPLITS: tl.constexpr, PAX: tl.constexpr,
     MERGE: tl.constexpr, TILE: tl.constexpr, TD0: tl.constexpr, TD1: tl.constexpr,
-    TD2: tl.constexpr, ROWS0: tl.constexpr, XG0F: tl.constexpr, OTILE: tl.constexpr,
+    TD2: tl.constexpr, ROWS0: tl.constexpr, XG0F: tl.constexpr, XG0J: tl.constexpr,
+    OTILE: tl.constexpr,
     R2: tl.constexpr, WT: tl.constexpr, EAX: tl.constexpr,
 ):  # fmt: skip
     """Persistent: take tickets (batch*head, stage, chunk) in order until none is left; wait for
@@ -220,7 +221,7 @@ def _fused_kernel(
                             hpart_ptr, NWIN, NPLANE, NPL, E, NVOX, S1, S2, NW1, NW2, MW2,
                             _plane_w0(plane, NW0), SHIFTS, NSHIFT, WPP, P0, P1, P2, BP0, BP1, BP2,
                             BLOCK_E, NSB, TD0, TD1, TD2, ROWS0, RING, MERGE, EAX,
-                            XG0F)  # fmt: skip
+                            XG0F, XG0J)  # fmt: skip
             elif MERGE:  # neighbours' parts merged (kernels/_window3_parts.py)
                 member, exists = _member_matrix(SHIFTS, NSHIFT, P0, P1, P2, BP0, BP1, BP2, ACC,
                                                 DOT, D0, D1, D2, NPB)  # fmt: skip

@@ -19,6 +19,7 @@ from kernel_helpers import (
 
 sched = importlib.import_module("fastnmf.kernels._window3_sched")
 tile = importlib.import_module("fastnmf.kernels._window3_tile")
+store = importlib.import_module("fastnmf.kernels._window3_tile_store")
 bwd_tile = importlib.import_module("fastnmf.kernels._window3_bwd_tile")
 nmf3 = importlib.import_module("fastnmf.kernels.window_nmf3")
 
@@ -41,10 +42,12 @@ def test_tile_plan_takes_the_static_suites_shapes(tile_on, monkeypatch):
     rows, ROWS0), [None, 4] 16 in the dot; MU (no matrix form), more than 32 values a thread
     (E = 16) or TUNING["tile"] = False take the per-window pass."""
     brats, merges = _plan((1, 8, 16, 8, 32), 8, 8, [None, 2, 4, 6])
-    assert brats == dict(TILE=True, TD0=2, TD1=2, TD2=2, ROWS0=True, XG0F=True) and merges
+    assert brats == dict(TILE=True, TD0=2, TD1=2, TD2=2, ROWS0=True, XG0F=True,
+                         XG0J=sched._XG0_JOINED) and merges  # fmt: skip
     four, _ = _plan((1, 8, 16, 8, 32), 8, 8, [None, 4])
     last = tile._XG0_LAST_FLAT
-    assert four == dict(TILE=True, TD0=2, TD1=4, TD2=4, ROWS0=False, XG0F=not last)
+    assert four == dict(TILE=True, TD0=2, TD1=4, TD2=4, ROWS0=False, XG0F=not last,
+                        XG0J=sched._XG0_JOINED)  # fmt: skip
     monkeypatch.setattr(tile, "_XG0_LAST_FLAT", not last)  # X g0 last: no ROWS0, by the compiler
     assert _plan((1, 8, 16, 8, 32), 8, 8, [None, 4])[0]["XG0F"] == last
     assert _plan((1, 8, 16, 8, 32), 8, 8, [None, 2, 4, 6])[0]["XG0F"]
@@ -104,6 +107,31 @@ def test_tile_parts_match_reference(gen, design3, tile_on, monkeypatch, device, 
     y_window = training_forward(x, v0, device, **kw)
     assert rel_err(y_window, y_ref) <= 1e-5
     assert device == "cpu" or not rows0 or not torch.equal(y_tile, y_window)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,head_dim,shifts", [
+    ((1, 4, 16, 8, 32), 4, [None, 2, 4, 6]),  # ROWS0, merged: a product a channel half
+    ((1, 6, 16, 8, 32), 6, [None, (4, 2, 6)]),  # E = 6: the high half's channels past E masked
+    ((1, 10, 16, 8, 32), 5, [None, 4]),  # no ROWS0: both halves in one product, E = 5 of 8
+])  # fmt: skip
+def test_tile_xg0_joined_matches_reference(gen, design3, tile_on, monkeypatch, device, shape,
+                                           head_dim, shifts):  # fmt: skip
+    """X g0 with every shift's sub-box sums along one product's contraction
+    (``TUNING["xg0_joined"]``, ``_tile_xg0_joined``): the forward and the backward from its saved
+    statistics against the float64 oracle, at the tile test's tolerances."""
+    monkeypatch.setitem(sched.TUNING, "xg0_joined", True)
+    assert _plan(shape, head_dim, 8, shifts)[0]["XG0J"]
+    calls = []
+    if device == "cpu":  # the interpreter calls it as Python: count the calls
+        real = tile._tile_xg0_joined
+        monkeypatch.setattr(tile, "_tile_xg0_joined", lambda *a: calls.append(1) or real(*a))
+    x, v0, dy = nmf_inputs(gen, shape, 8, zero_windows=True)
+    kw = dict(head_dim=head_dim, patch_size=8, shifts=shifts, solver="hals")
+    y_ref, dx_ref = run_grad("reference", x, v0, dy, torch.float64, "cpu", **kw)
+    y, dx = run_grad("triton", x, v0, dy, torch.float32, device, **kw)
+    assert rel_err(y, y_ref) <= 1e-5 and rel_err(dx, dx_ref) <= 1e-4
+    assert calls or device != "cpu", "the joined X g0 did not run"
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -171,7 +199,7 @@ def _prev_tree_kernel(x_ptr, out_ptr, N: tl.constexpr, LOG: tl.constexpr):
         ok = src >= 0
         src = tl.where(ok, src, 0)
         fa, pa, va = tl.gather(f, src, 0), tl.gather(p, src, 0), tl.gather(v, src, 0)
-        f2, p2, v2 = tile._last_two(fa, pa, va, f, p, v)
+        f2, p2, v2 = store._last_two(fa, pa, va, f, p, v)
         f, p, v = tl.where(ok, f2, f), tl.where(ok, p2, p), tl.where(ok, v2, v)
     tl.store(out_ptr + i, p)
     tl.store(out_ptr + N + i, _prev_rows_of(x_ptr, N))
@@ -182,7 +210,7 @@ def _prev_rows_of(x_ptr, N: tl.constexpr):
     """``_prev_row`` of the rows x (N / 4 channels of 4 windows, 2 columns)."""
     r = tl.arange(0, N)
     t = tl.load(x_ptr + r)[:, None] + tl.zeros([N, 2], dtype=tl.float32)
-    return tl.max(tile._prev_row(t, 4), axis=1)
+    return tl.max(store._prev_row(t, 4), axis=1)
 
 
 @pytest.mark.parametrize("device", DEVICES)
