@@ -207,6 +207,11 @@ def test_shared_memory_held_across_calls_is_found_in_the_ptx():
     assert ptx_tools.smem_held_across_calls(entry.replace("{}", "", 1)) == 0
     no_call = entry.replace("{}", held, 1).replace("call.uni", "// no call")
     assert ptx_tools.smem_held_across_calls(no_call) == 0
+    # a block of the loop laid out before its header (LLVM marks it): not held from before it
+    body = "$L__BB0_9: // %.loopexit\n\t// in Loop: Header=BB0_2 Depth=1\n" + held
+    assert ptx_tools.smem_held_across_calls(entry.replace("{}", body, 1)) == 0
+    after = body + "$L__BB0_21: // %._crit_edge\n" + held  # a block after it is outside again
+    assert ptx_tools.smem_held_across_calls(entry.replace("{}", after, 1)) == 1
 
 
 def test_sass_counts_count_cta_barriers():

@@ -292,6 +292,8 @@ _PTX_SMEM_WRITE = re.compile(r"^\s*(?:@%p\d+\s+)?(st\.shared|stmatrix|cp\.async\
 _PTX_SMEM_BROADCAST = re.compile(
     r"^\s*@%p\d+\s+st\.shared(?:::cta)?\.b32\s+\[\s*%r\d+\s*\+\s*0\s*\]", re.M
 )
+# the first line of a basic block: its label, or LLVM's comment for one without (``// %bb.3:``)
+_PTX_BLOCK = re.compile(r"^(?:\$L__BB\d+_\d+:|//\s*%bb\.\d+:)")
 _PTX_ENTRY = re.compile(r"^\.visible \.entry .*?(?=^\.(?:visible\s+)?\.?(?:func|entry)\b|\Z)",
                         re.M | re.S)  # fmt: skip
 
@@ -308,8 +310,26 @@ def smem_held_across_calls(ptx: str) -> int:
         return 0
     body = entry.group(0)
     head = body.find("Loop Header: Depth=1")
-    before = body if head < 0 else body[:head]
+    before = _outside_loops(body if head < 0 else body[:head])
     return len(_PTX_SMEM_WRITE.findall(before)) - len(_PTX_SMEM_BROADCAST.findall(before))
+
+
+def _outside_loops(ptx: str) -> str:
+    """The lines of ptx outside the blocks LLVM marks as in a loop (``// in Loop: Header=...`` on
+    a block's label or the comment lines right after it): a loop's body can be laid out before its
+    header (sm_90a, Triton 3.6: design 3's forward with ``TUNING["xg0_joined"]`` put its parts
+    tile there), and what it stores is not held from before the loop."""
+    kept, in_loop, at_label = [], False, False
+    for line in ptx.splitlines(keepends=True):
+        if _PTX_BLOCK.match(line):
+            in_loop, at_label = "in Loop:" in line, True
+        elif at_label and line.lstrip().startswith("//"):
+            in_loop = in_loop or "in Loop:" in line
+        else:
+            at_label = False
+        if not in_loop:
+            kept.append(line)
+    return "".join(kept)
 
 
 def ptx_counts(ptx: str) -> dict:
