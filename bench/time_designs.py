@@ -152,6 +152,11 @@ VARIANTS = [
     # but 24 B of spills (Triton 3.6 fp32); [None, 4] 80 -> 76; off by default until timed here
     ("design 3, four tiles, X g0 joined", 3,
      {**_tiles(True, True, True, True), "xg0_joined": True}),
+    # the backward parts tile a product a shift (as timed on the H200 in 2026-12-04), not one
+    # for all the shifts (the default before Triton 3.7: a ticket's backward 99 -> 75 CTA
+    # barriers, 5,140 -> 4,731 instructions with BraTS, Triton 3.6 fp32, no spill)
+    ("design 3, four tiles, backward parts a shift at a time", 3,
+     {**_tiles(True, True, True, True), "bwd_parts_joined": False}),
     # the float64-checked oracle's kernel (issue 16: the fastest variant >= 10x faster)
     (REFERENCE, 0, {}),
 ]
@@ -162,7 +167,8 @@ VARIANTS = [
 # (and the forward apply on its tile too), design 3 untiled and with three and four tiles, with
 # four tiles and its parts unmerged (fewer instructions, more bytes), with four tiles and its
 # waits in every thread (fewer CTA barriers), with its X g0 one product for all the shifts
-# (fewer CTA barriers and instructions, a few spilled registers), with 8 warps, with 2
+# (fewer CTA barriers and instructions, a few spilled registers), with its backward parts a
+# product a shift (the default before 2026-12-05), with 8 warps, with 2
 # programs of 8 warps an SM (no spills with Triton 3.6:
 # bench/results/static_designs_triton36/occupancy_variants.md), and the reference. The code's
 # choice ("default") is one of these rows with the GPU machine's Triton 3.6 (design 2 for
@@ -172,6 +178,7 @@ SHORTLIST = ("design 1", "design 2", "design 2, 16 warps, 64 registers", "design
              "design 2, four tiles", "design 3, four tiles, parts unmerged", "design 3, untiled",
              "design 3, three tiles", "design 3, four tiles",
              "design 3, four tiles, thread waits", "design 3, four tiles, X g0 joined",
+             "design 3, four tiles, backward parts a shift at a time",
              "design 3, 8 warps",
              "design 3, 8 warps, 2 programs/SM", REFERENCE)  # fmt: skip
 

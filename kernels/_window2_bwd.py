@@ -123,6 +123,7 @@ def _parts_bwd_kernel(
     PWT: tl.constexpr = OPTS[6]
     EAX: tl.constexpr = OPTS[7]
     USTRIDE: tl.constexpr = OPTS[8]
+    PJOIN: tl.constexpr = OPTS[9]
     bh, offset, e, emask, rowmask = _pass_rows(rowmask_ptr, C, E, HEADS, MHEADS, NVOX, BLOCK_E,
                                                ACC)  # fmt: skip
     if PTILE:
@@ -133,7 +134,7 @@ def _parts_bwd_kernel(
                                hats_ptr + (USTRIDE - E), gpart_ptr, E, NWIN, NVOX, S1, S2, NW0,
                                NW1, NW2, MW2, _tile_w0(first, NWIN, MW12), SHIFTS, NSHIFT, PWT,
                                P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, PD0, PD1, PD2, PROWS0,
-                               EAX, USTRIDE)  # fmt: skip
+                               EAX, USTRIDE, PJOIN)  # fmt: skip
     else:
         # MU: g0 under every shift, once per program
         g_all = _shifted_g_all(g0_ptr, SHIFTS, NSHIFT, NSB, P0, P1, P2, BP0, BP1, BP2, ACC, MU)
@@ -342,11 +343,11 @@ def _apply_bwd_window(
 def parts_bwd_opts(geo: _Geometry2, mu: bool, dtype: torch.dtype, iters: int) -> tuple:
     """The backward parts pass's switches as one constexpr (each launch argument costs host
     time a call): STAGES and :func:`parts_bwd_tile`'s PTILE, PD0-PD2, PROWS0, PWT, EAX, USTRIDE,
-    in that order."""
+    PJOIN, in that order."""
     def make():
         t = parts_bwd_tile(geo, mu, dtype, iters)
         return (geo.stages("parts_bwd"), t["PTILE"], t["PD0"], t["PD1"], t["PD2"], t["PROWS0"],
-                t["PWT"], t["EAX"], t["USTRIDE"])  # fmt: skip
+                t["PWT"], t["EAX"], t["USTRIDE"], t["PJOIN"])  # fmt: skip
 
     return geo._once(("parts_bwd_opts", mu, dtype, iters), make)
 

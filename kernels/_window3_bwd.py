@@ -225,7 +225,7 @@ def _parts_chunk(x_ptr, dy_ptr, rowmask_ptr, g0_ptr, first, plane, NPLANE, bh, u
                  BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
                  G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, PTILE: tl.constexpr,
                  PD0: tl.constexpr, PD1: tl.constexpr, PD2: tl.constexpr, PROWS0: tl.constexpr,
-                 PWT: tl.constexpr, EAX: tl.constexpr):  # fmt: skip
+                 PWT: tl.constexpr, EAX: tl.constexpr, PJOIN: tl.constexpr):  # fmt: skip
     """The backward parts passes of one ticket: as tiles (PTILE,
     kernels/_window3_bwd_parts_tile.py) or window by window (g0 under every shift only with
     MU)."""
@@ -233,7 +233,8 @@ def _parts_chunk(x_ptr, dy_ptr, rowmask_ptr, g0_ptr, first, plane, NPLANE, bh, u
     if PTILE:
         _parts_bwd_tile(x_ptr, dy_ptr, first, plane, NPLANE, bh, u_ptr, gpart_ptr, E, NWIN, NVOX,
                         S1, S2, NW0, NW1, NW2, MW2, W0, SHIFTS, NSHIFT, WPP, P0, P1, P2, BP0,
-                        BP1, BP2, BLOCK_E, NSB, PD0, PD1, PD2, PROWS0, PWT, EAX)  # fmt: skip
+                        BP1, BP2, BLOCK_E, NSB, PD0, PD1, PD2, PROWS0, PWT, EAX,
+                        PJOIN)  # fmt: skip
     else:
         e, emask, rowmask, g_all = _lanes_rowmask_g(rowmask_ptr, g0_ptr, E, SHIFTS, NSHIFT, P0,
                                                     P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, ACC,
@@ -264,6 +265,7 @@ def _fused_bwd_kernel(
     TWAIT: tl.constexpr, SPLITS: tl.constexpr, BTILE: tl.constexpr,
     R2: tl.constexpr, WT: tl.constexpr, EAX: tl.constexpr, PTILE: tl.constexpr, PD0: tl.constexpr,
     PD1: tl.constexpr, PD2: tl.constexpr, PROWS0: tl.constexpr, PWT: tl.constexpr,
+    PJOIN: tl.constexpr,
 ):  # fmt: skip
     """Persistent, like the forward's ``_fused_kernel``: the backward parts, solves and output
     passes of every (batch*head, plane, chunk) in ticket order (RING is 0: the ū parts, E floats
@@ -285,7 +287,7 @@ def _fused_bwd_kernel(
                              NPLANE, bh, u_ptr, gpart_ptr, flags, flag_ptr, NPL, E, NWIN, NVOX, 1,
                              S1, S2, NW0, NW1, NW2, MW2, SHIFTS, NSHIFT, WPP, P0, P1, P2,
                              BP0, BP1, BP2, BLOCK_E, NSB, G0, G1, G2, MU, ACC, PTILE, PD0, PD1,
-                             PD2, PROWS0, PWT, EAX)  # fmt: skip
+                             PD2, PROWS0, PWT, EAX, PJOIN)  # fmt: skip
         elif phase == 1:
             _wait_stage(flags, NPL, plane, 1, CPP, OFFS, NOFF, TWAIT)
             t = _solve_chunk(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh, first,

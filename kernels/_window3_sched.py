@@ -42,11 +42,13 @@ PASSES = ("parts", "solve", "apply")
 # the forward's output pass (kernels/_window3_out_tile.py, ``out_tile_plan``; ``_OUT_TILE``), and
 # a cap on the registers a thread (ptxas ``.maxnreg``; None: the untiled forward's is its share
 # of the register file, the others none: ``Pipeline.launch``), whether the waits read their
-# counts in every thread (None: ``_THREAD_WAITS``), and whether the ticket tile's X g0 takes one
-# product for all its shifts (None: ``_XG0_JOINED``)
+# counts in every thread (None: ``_THREAD_WAITS``), whether the ticket tile's X g0 takes one
+# product for all its shifts (None: ``_XG0_JOINED``), and whether the backward parts tile does
+# (None: kernels/_window3_bwd_parts_tile.py's ``_JOINED``)
 TUNING: dict = {"programs_per_sm": None, "warps": None, "wpp": None, "ring": None, "sms": None,
                 "merge": None, "tile": None, "bwd_tile": None, "bwd_parts_tile": None,
-                "out_tile": None, "maxnreg": None, "thread_waits": None, "xg0_joined": None}
+                "out_tile": None, "maxnreg": None, "thread_waits": None, "xg0_joined": None,
+                "bwd_parts_joined": None}
 _PROGRAMS_PER_SM = 1
 # the persistent kernels' magic-number arguments (``Pipeline.magic``; kernels/_fastdiv.py), not
 # specialised: no value recompiles a kernel

@@ -30,9 +30,12 @@ def test_bwd_parts_plan_takes_the_static_suites_shapes(monkeypatch):
     shape = (1, 8, 16, 8, 32)
     monkeypatch.setitem(sched.TUNING, "bwd_parts_tile", True)
     brats = _plan(shape, 8, 8, [None, 2, 4, 6])
-    assert brats == dict(PTILE=True, PD0=2, PD1=2, PD2=2, PROWS0=True, PWT=2)
+    assert brats == dict(PTILE=True, PD0=2, PD1=2, PD2=2, PROWS0=True, PWT=2,
+                         PJOIN=ptile._JOINED)  # fmt: skip
     assert _plan(shape, 8, 8, [None, 4]) == dict(PTILE=True, PD0=2, PD1=4, PD2=4, PROWS0=False,
-                                                PWT=2)  # fmt: skip
+                                                PWT=2, PJOIN=ptile._JOINED)  # fmt: skip
+    monkeypatch.setitem(sched.TUNING, "bwd_parts_joined", not ptile._JOINED)
+    assert _plan(shape, 8, 8, [None, 4])["PJOIN"] == (not ptile._JOINED)
     assert not _plan(shape, 8, 8, [None, 4], mu=True)["PTILE"]
     assert not _plan((1, 5, 16, 8, 32), 5, 8, [None, 4])["PTILE"]
     assert not _plan(shape, 8, 8, [None, 4], dtype=torch.float64)["PTILE"]
@@ -55,23 +58,31 @@ TILE_CASES = [
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("join", [False, True])
 @pytest.mark.parametrize("eax", [0, 1])
 @pytest.mark.parametrize("shape,head_dim,shifts,rows0", TILE_CASES)
-def test_bwd_parts_tile_matches_reference(gen, design3, monkeypatch, device, eax, shape,
+def test_bwd_parts_tile_matches_reference(gen, design3, monkeypatch, device, eax, join, shape,
                                           head_dim, shifts, rows0):  # fmt: skip
     """The tile's gradient against the float64 oracle; in the first case also the per-window
     pass's, and the two not bit for bit the same (the tile ran). With x, dy and u loaded
     channels first (EAX = 0, Triton 3.9's way) and channels fifth (EAX = 1, 3.6's:
-    ``_E_AXIS``), whichever Triton runs the test."""
+    ``_E_AXIS``), whichever Triton runs the test; with the shifts' products one a shift and one
+    for all (``TUNING["bwd_parts_joined"]``: under the interpreter its joins are counted)."""
     monkeypatch.setattr(bwd_tile, "_E_AXIS", eax)
     monkeypatch.setitem(sched.TUNING, "bwd_parts_tile", True)
+    monkeypatch.setitem(sched.TUNING, "bwd_parts_joined", join)
     plan = _plan(shape, head_dim, 8, shifts)
-    assert plan["PTILE"] and plan["PROWS0"] == rows0
+    assert plan["PTILE"] and plan["PROWS0"] == rows0 and plan["PJOIN"] == join
+    joins = []
+    if device == "cpu":  # the interpreter calls it as Python: count the calls
+        real = ptile._join_k
+        monkeypatch.setattr(ptile, "_join_k", lambda *a: joins.append(1) or real(*a))
     x, v0, dy = nmf_inputs(gen, shape, 8, zero_windows=True)
     kw = dict(head_dim=head_dim, patch_size=8, shifts=shifts, solver="hals")
     y_ref, dx_ref = run_grad("reference", x, v0, dy, torch.float64, "cpu", **kw)
     y, dx = run_grad("triton", x, v0, dy, torch.float32, device, **kw)
     assert rel_err(y, y_ref) <= 1e-5 and rel_err(dx, dx_ref) <= 1e-4
+    assert device != "cpu" or bool(joins) == join, "the products were not joined as asked"
     if shape != TILE_CASES[0][0]:
         return
     monkeypatch.setitem(sched.TUNING, "bwd_parts_tile", False)
