@@ -47,14 +47,19 @@ __all__ = ["bwd_parts_plan", "bwd_parts_joined"]
 # terms a column takes from the other shifts' rows are exact zeros. sm_90a, a ticket's backward
 # (``sass_loops --ticket``), fp32: Triton 3.6 BraTS 5,140 -> 4,739 instructions, 99 -> 75 CTA
 # barriers, [None, 4] 3,425 -> 3,409 and 87 -> 79, no spill (bf16 alike); Triton 3.9 BraTS
-# 100 -> 76 barriers but 104 B of spills (bf16 112 B), so on only before 3.7
-# (``TUNING["bwd_parts_joined"]`` overrides)
+# 100 -> 76 barriers but 104 B of spills (bf16 112 B), so on only before 3.7, and only at 16
+# warps a program or more (Triton 3.6 at 8 warps, two programs an SM: 736 B of spills with BraTS)
+# (``TUNING["bwd_parts_joined"]`` overrides both)
 _JOINED = TRITON_VERSION < (3, 7)
+_JOINED_WARPS = 16
 
 
-def bwd_parts_joined() -> bool:
-    """Whether the backward parts tile takes its shifts as one product (``_JOINED``)."""
-    return _JOINED if TUNING["bwd_parts_joined"] is None else bool(TUNING["bwd_parts_joined"])
+def bwd_parts_joined(warps: int) -> bool:
+    """Whether the backward parts tile of a program of ``warps`` warps takes its shifts as one
+    product (``_JOINED``, ``_JOINED_WARPS``)."""
+    if TUNING["bwd_parts_joined"] is not None:
+        return bool(TUNING["bwd_parts_joined"])
+    return _JOINED and warps >= _JOINED_WARPS
 
 
 @triton.jit
@@ -188,4 +193,4 @@ def bwd_parts_geometry(geo, mu: bool, dtype: torch.dtype, wpp: int,
             and geo.sub[2] % 2 == 0 and sub[2] % 2 == 0 and wpp & (wpp - 1) == 0
             and runs == threads and rows >= 16 and 16 <= k <= 32)  # fmt: skip
     return fits, dict(PD0=sub[0], PD1=sub[1], PD2=sub[2], PROWS0=rows0, PWT=wt,
-                      PJOIN=bwd_parts_joined())  # fmt: skip
+                      PJOIN=bwd_parts_joined(warps))  # fmt: skip

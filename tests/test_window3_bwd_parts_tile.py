@@ -36,6 +36,10 @@ def test_bwd_parts_plan_takes_the_static_suites_shapes(monkeypatch):
                                                 PWT=2, PJOIN=ptile._JOINED)  # fmt: skip
     monkeypatch.setitem(sched.TUNING, "bwd_parts_joined", not ptile._JOINED)
     assert _plan(shape, 8, 8, [None, 4])["PJOIN"] == (not ptile._JOINED)
+    monkeypatch.setitem(sched.TUNING, "bwd_parts_joined", None)
+    monkeypatch.setitem(sched.TUNING, "warps", 8)  # joined only from 16 warps (it spilled at 8)
+    assert not _plan(shape, 8, 8, [None, 2, 4, 6])["PJOIN"]
+    monkeypatch.setitem(sched.TUNING, "warps", None)
     assert not _plan(shape, 8, 8, [None, 4], mu=True)["PTILE"]
     assert not _plan((1, 5, 16, 8, 32), 5, 8, [None, 4])["PTILE"]
     assert not _plan(shape, 8, 8, [None, 4], dtype=torch.float64)["PTILE"]
