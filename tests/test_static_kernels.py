@@ -194,6 +194,30 @@ def test_design3_thread_waits_drop_the_waits_cta_barriers(report, thread_wait_re
         assert waits[name]["spill_bytes"] == 0
 
 
+@pytest.fixture(scope="module")
+def joined_report():
+    if _MISSING:
+        pytest.skip("; ".join(_MISSING))
+    brats = [c for c in coverage_cases() if c.design == 3 and not c.untiled
+             and c.shifts == (None, 2, 4, 6)]  # fmt: skip
+    return kernel_report([dataclasses.replace(brats[0], bwd_parts_joined=v) for v in (False, True)],
+                         targets=("sm_90a",))  # fmt: skip
+
+
+@needs_ptxas
+def test_design3_bwd_parts_joined_drops_cta_barriers(joined_report):
+    """The backward parts tile with every shift in one product (one operand staged, one store
+    conversion for all four BraTS shifts, not one of each a shift): at least 20 fewer CTA
+    barrier sites in the fused backward (Triton 3.6: 100 -> 76, no spill, its default there;
+    3.9 alike in barriers, but it spills, so off by default there)."""
+    rows = {r["case"].rsplit("-", 1)[-1]: r for r in joined_report["launches"]
+            if r["kernel"] == "_fused_bwd_kernel"}  # fmt: skip
+    assert set(rows) == {"joined", "shift"}, set(rows)
+    assert rows["joined"]["constexprs"]["PJOIN"] and not rows["shift"]["constexprs"]["PJOIN"]
+    assert rows["joined"]["barriers"] <= rows["shift"]["barriers"] - 20, (
+        f"{rows['shift']['barriers']} -> {rows['joined']['barriers']} CTA barrier sites")
+
+
 def test_shared_memory_held_across_calls_is_found_in_the_ptx():
     """The PTX rule on the two shapes Triton 3.6 gave design 3's forward: the part matrix stored
     (stmatrix) before the ticket loop, or only the ticket's one-thread broadcast there."""
