@@ -74,6 +74,16 @@ def spy_on(monkeypatch, module, names, launched):
         monkeypatch.setattr(module, name, Spy(name, getattr(module, name), launched))
 
 
+def count_calls(monkeypatch, module, name, device) -> list:
+    """The calls of ``module.name`` from here on, one entry each, where the interpreter runs the
+    kernels (``device`` "cpu": it calls an inlined jit function as Python); compiled, none."""
+    calls: list = []
+    if device == "cpu":
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
 def fp32_against_reference(x, v0, dy, device, **kw):
     """Triton in fp32 against the float64 oracle: the output's dtype and shape, its error
     (<= 1e-5) and a finite gradient are checked here; returns (dx, dx_ref) for the caller's

@@ -162,14 +162,20 @@ def test_design3_brats_tiles_keep_their_cta_barriers_down(report):
 THREAD_WAIT_SITES = {"_fused_kernel": 24, "_fused_bwd_kernel": 16}
 
 
-@pytest.fixture(scope="module")
-def thread_wait_report():
+def _brats_design3(**change):
+    """The coverage suite's design-3 BraTS case (tiled), with ``change`` applied (``_MISSING``:
+    skipped)."""
     if _MISSING:
         pytest.skip("; ".join(_MISSING))
     brats = [c for c in coverage_cases() if c.design == 3 and not c.untiled
              and c.shifts == (None, 2, 4, 6)]  # fmt: skip
     assert len(brats) == 1
-    return kernel_report([dataclasses.replace(brats[0], thread_waits=True)], targets=("sm_90a",))
+    return dataclasses.replace(brats[0], **change)
+
+
+@pytest.fixture(scope="module")
+def thread_wait_report():
+    return kernel_report([_brats_design3(thread_waits=True)], targets=("sm_90a",))
 
 
 @needs_ptxas
@@ -196,11 +202,7 @@ def test_design3_thread_waits_drop_the_waits_cta_barriers(report, thread_wait_re
 
 @pytest.fixture(scope="module")
 def joined_report():
-    if _MISSING:
-        pytest.skip("; ".join(_MISSING))
-    brats = [c for c in coverage_cases() if c.design == 3 and not c.untiled
-             and c.shifts == (None, 2, 4, 6)]  # fmt: skip
-    return kernel_report([dataclasses.replace(brats[0], bwd_parts_joined=v) for v in (False, True)],
+    return kernel_report([_brats_design3(bwd_parts_joined=v) for v in (False, True)],
                          targets=("sm_90a",))  # fmt: skip
 
 

@@ -8,7 +8,13 @@ import importlib
 import pytest
 import torch
 from conftest import DEVICES, rel_err
-from kernel_helpers import check_low_precision, design3_pipeline, nmf_inputs, run_grad
+from kernel_helpers import (
+    check_low_precision,
+    count_calls,
+    design3_pipeline,
+    nmf_inputs,
+    run_grad,
+)
 
 sched = importlib.import_module("fastnmf.kernels._window3_sched")
 ptile = importlib.import_module("fastnmf.kernels._window3_bwd_parts_tile")
@@ -77,10 +83,7 @@ def test_bwd_parts_tile_matches_reference(gen, design3, monkeypatch, device, eax
     monkeypatch.setitem(sched.TUNING, "bwd_parts_joined", join)
     plan = _plan(shape, head_dim, 8, shifts)
     assert plan["PTILE"] and plan["PROWS0"] == rows0 and plan["PJOIN"] == join
-    joins = []
-    if device == "cpu":  # the interpreter calls it as Python: count the calls
-        real = ptile._join_k
-        monkeypatch.setattr(ptile, "_join_k", lambda *a: joins.append(1) or real(*a))
+    joins = count_calls(monkeypatch, ptile, "_join_k", device)
     x, v0, dy = nmf_inputs(gen, shape, 8, zero_windows=True)
     kw = dict(head_dim=head_dim, patch_size=8, shifts=shifts, solver="hals")
     y_ref, dx_ref = run_grad("reference", x, v0, dy, torch.float64, "cpu", **kw)

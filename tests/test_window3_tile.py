@@ -11,7 +11,9 @@ import triton.language as tl
 from conftest import DEVICES, rel_err
 from kernel_helpers import (
     check_low_precision,
+    count_calls,
     design3_pipeline,
+    fp32_against_reference,
     nmf_inputs,
     run_grad,
     training_forward,
@@ -122,15 +124,11 @@ def test_tile_xg0_joined_matches_reference(gen, design3, tile_on, monkeypatch, d
     statistics against the float64 oracle, at the tile test's tolerances."""
     monkeypatch.setitem(sched.TUNING, "xg0_joined", True)
     assert _plan(shape, head_dim, 8, shifts)[0]["XG0J"]
-    calls = []
-    if device == "cpu":  # the interpreter calls it as Python: count the calls
-        real = tile._tile_xg0_joined
-        monkeypatch.setattr(tile, "_tile_xg0_joined", lambda *a: calls.append(1) or real(*a))
+    calls = count_calls(monkeypatch, tile, "_tile_xg0_joined", device)
     x, v0, dy = nmf_inputs(gen, shape, 8, zero_windows=True)
-    kw = dict(head_dim=head_dim, patch_size=8, shifts=shifts, solver="hals")
-    y_ref, dx_ref = run_grad("reference", x, v0, dy, torch.float64, "cpu", **kw)
-    y, dx = run_grad("triton", x, v0, dy, torch.float32, device, **kw)
-    assert rel_err(y, y_ref) <= 1e-5 and rel_err(dx, dx_ref) <= 1e-4
+    dx, dx_ref = fp32_against_reference(x, v0, dy, device, head_dim=head_dim, patch_size=8,
+                                        shifts=shifts, solver="hals")  # fmt: skip
+    assert rel_err(dx, dx_ref) <= 1e-4
     assert calls or device != "cpu", "the joined X g0 did not run"
 
 
