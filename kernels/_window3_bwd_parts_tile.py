@@ -45,7 +45,7 @@ __all__ = ["bwd_parts_plan", "bwd_parts_joined"]
 # sub-box's row repeated a shift (``_part_member_by``), so one operand is staged through shared
 # memory and one layout conversion serves every shift's stores, not one of each a shift; the
 # terms a column takes from the other shifts' rows are exact zeros. sm_90a, a ticket's backward
-# (``sass_loops --ticket``), fp32: Triton 3.6 BraTS 5,140 -> 4,739 instructions, 99 -> 75 CTA
+# (``sass_loops --ticket``), fp32: Triton 3.6 BraTS 5,140 -> 4,731 instructions, 99 -> 75 CTA
 # barriers, [None, 4] 3,425 -> 3,409 and 87 -> 79, no spill (bf16 alike); Triton 3.9 BraTS
 # 100 -> 76 barriers but 104 B of spills (bf16 112 B), so on only before 3.7, and only at 16
 # warps a program or more (Triton 3.6 at 8 warps, two programs an SM: 736 B of spills with BraTS)
