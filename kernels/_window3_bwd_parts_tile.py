@@ -31,6 +31,7 @@ from ._window3_sched import _BWD_PARTS_TILE, TUNING
 from ._window3_tile import (
     _ch_first,
     _join_k,
+    _join_k4,
     _tile_axes,
     _tile_parts_store,
     _tile_sums,
@@ -134,7 +135,7 @@ def _parts_bwd_subtile(
                                      NW1, NW2, SHIFTS, NSHIFT, P0, P1, P2, E, BLOCK_E, W, BP0,
                                      BP1, BP2, EAX, USTRIDE),
                             BLOCK_E, W, BP0, BP1, BP2, D0, D1, D2, BA0R, A0L)  # fmt: skip
-            k4 = _join_k(_join_k(a0, a2), _join_k(a1, a3))  # column 4 n + s: a_s's n
+            k4 = _join_k4(a0, a1, a2, a3)
         else:
             k4 = _join_k(a0, a1)
         member = _part_member_by(SHIFTS, NSHIFT, P0, P1, P2, BA0K, BP1 // D1, BP2 // D2, D0, D1,

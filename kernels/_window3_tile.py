@@ -458,6 +458,14 @@ def _join_k(a0, a1):
 
 
 @triton.jit
+def _join_k4(a0, a1, a2, a3):
+    """Four (R, K) operands as one (R, 4 K): column 4 n + s is a_s's column n (joined as
+    (a0, a2) with (a1, a3): column 4 n + 2 i + j is a_(2 i + j)'s n), the rows of
+    ``_part_member_by``'s part matrix of 4 shifts."""
+    return _join_k(_join_k(a0, a2), _join_k(a1, a3))
+
+
+@triton.jit
 def _tile_xg0_joined(xa, xb, g0_ptr, member, q0, q1, q2, j5, inside, SHIFTS: tl.constexpr,
                      NSHIFT: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
                      H: tl.constexpr, W: tl.constexpr, BP0: tl.constexpr, BP1: tl.constexpr,
@@ -482,8 +490,8 @@ def _tile_xg0_joined(xa, xb, g0_ptr, member, q0, q1, q2, j5, inside, SHIFTS: tl.
         a3, b3 = _xg0_rows(xa, xb, _xg0_g(g0_ptr, 3, q0, q1, q2, j5, inside, SHIFTS, NSHIFT, P0,
                                           P1, P2, W, BP0, BP1, BP2, EAX, PAIR),
                            H, W, BP0, BP1, BP2, D0, D1, D2, ROWS0, NC)  # fmt: skip
-        ka = _join_k(_join_k(a0, a2), _join_k(a1, a3))  # column 4 n + 2 i + j: a_(2 i + j)'s n
-        kb = _join_k(_join_k(b0, b2), _join_k(b1, b3))
+        ka = _join_k4(a0, a1, a2, a3)
+        kb = _join_k4(b0, b1, b2, b3)
     else:
         ka = _join_k(a0, a1)
         kb = _join_k(b0, b1)

@@ -77,13 +77,14 @@ def test_bwd_parts_tile_matches_reference(gen, design3, monkeypatch, device, eax
     pass's, and the two not bit for bit the same (the tile ran). With x, dy and u loaded
     channels first (EAX = 0, Triton 3.9's way) and channels fifth (EAX = 1, 3.6's:
     ``_E_AXIS``), whichever Triton runs the test; with the shifts' products one a shift and one
-    for all (``TUNING["bwd_parts_joined"]``: under the interpreter its joins are counted)."""
+    for all (``TUNING["bwd_parts_joined"]``: under the interpreter its part matrices are
+    counted)."""
     monkeypatch.setattr(bwd_tile, "_E_AXIS", eax)
     monkeypatch.setitem(sched.TUNING, "bwd_parts_tile", True)
     monkeypatch.setitem(sched.TUNING, "bwd_parts_joined", join)
     plan = _plan(shape, head_dim, 8, shifts)
     assert plan["PTILE"] and plan["PROWS0"] == rows0 and plan["PJOIN"] == join
-    joins = count_calls(monkeypatch, ptile, "_join_k", device)
+    joins = count_calls(monkeypatch, ptile, "_part_member_by", device)
     x, v0, dy = nmf_inputs(gen, shape, 8, zero_windows=True)
     kw = dict(head_dim=head_dim, patch_size=8, shifts=shifts, solver="hals")
     y_ref, dx_ref = run_grad("reference", x, v0, dy, torch.float64, "cpu", **kw)
