@@ -157,6 +157,14 @@ VARIANTS = [
     # barriers, 5,140 -> 4,731 instructions with BraTS, Triton 3.6 fp32, no spill)
     ("design 3, four tiles, backward parts a shift at a time", 3,
      {**_tiles(True, True, True, True), "bwd_parts_joined": False}),
+    # the output passes' run tiles with a run a thread (the forward's before 2026-12-05), or two
+    # runs of one sub-box a thread in the backward's too (their vectors loaded once for both):
+    # a ticket's forward 4,375 -> 4,227 instructions with two (the default), backward 4,731 ->
+    # 4,410 but 24 B of spills (BraTS, Triton 3.6 fp32)
+    ("design 3, four tiles, a run a thread", 3, {**_tiles(True, True, True, True),
+                                                 "run_pairs": False}),  # fmt: skip
+    ("design 3, four tiles, backward run pairs", 3, {**_tiles(True, True, True, True),
+                                                     "bwd_run_pairs": True}),  # fmt: skip
     # the float64-checked oracle's kernel (issue 16: the fastest variant >= 10x faster)
     (REFERENCE, 0, {}),
 ]
@@ -164,11 +172,13 @@ VARIANTS = [
 # what a short GPU lease times (``--shortlist``): the designs, design 2 with 16 warps and 32
 # resident warps an SM, design 2 with its next windows' loads in flight (two passes pipelined, and
 # all four), with its forward parts pass and backward apply and parts pass on design 3's tiles
-# (and the forward apply on its tile too), design 3 untiled and with three and four tiles, with
+# (and the forward apply on its tile too), design 3 untiled and with four tiles (three: 2-10 %
+# slower than four on the H200, bench/results/h200_2026-12-04/), with
 # four tiles and its parts unmerged (fewer instructions, more bytes), with four tiles and its
 # waits in every thread (fewer CTA barriers), with its X g0 one product for all the shifts
 # (fewer CTA barriers and instructions, a few spilled registers), with its backward parts a
-# product a shift (the default before 2026-12-05), with 8 warps, with 2
+# product a shift (the default before 2026-12-05), its output passes a run a thread (the
+# forward's default before 2026-12-05) or two in the backward too, with 8 warps, with 2
 # programs of 8 warps an SM (no spills with Triton 3.6:
 # bench/results/static_designs_triton36/occupancy_variants.md), and the reference. The code's
 # choice ("default") is one of these rows with the GPU machine's Triton 3.6 (design 2 for
@@ -176,9 +186,10 @@ VARIANTS = [
 SHORTLIST = ("design 1", "design 2", "design 2, 16 warps, 64 registers", "design 2, 2 stages",
              "design 2, 2 stages, prefetch", "design 2, three tiles",
              "design 2, four tiles", "design 3, four tiles, parts unmerged", "design 3, untiled",
-             "design 3, three tiles", "design 3, four tiles",
-             "design 3, four tiles, thread waits", "design 3, four tiles, X g0 joined",
+             "design 3, four tiles", "design 3, four tiles, thread waits",
+             "design 3, four tiles, X g0 joined",
              "design 3, four tiles, backward parts a shift at a time",
+             "design 3, four tiles, a run a thread", "design 3, four tiles, backward run pairs",
              "design 3, 8 warps",
              "design 3, 8 warps, 2 programs/SM", REFERENCE)  # fmt: skip
 

@@ -221,6 +221,7 @@ def _apply_bwd_kernel2(
     WT: tl.constexpr = OPTS[4]
     EAX: tl.constexpr = OPTS[5]
     USTRIDE: tl.constexpr = OPTS[6]
+    R1: tl.constexpr = OPTS[7]
     bh, offset, e, emask, rowmask = _pass_rows(rowmask_ptr, C, E, HEADS, MHEADS, NVOX, BLOCK_E,
                                                ACC)  # fmt: skip
     if BTILE:  # WT windows at a time as one run tile (the third design's: _window3_bwd_tile.py)
@@ -230,7 +231,7 @@ def _apply_bwd_kernel2(
             _apply_subtile(x_ptr + offset, dy_ptr + offset, dx_ptr + offset, g0_ptr, first,
                            first * 0, NWIN, bh, hats_ptr + (USTRIDE - E), sym_ptr, hbar_ptr, E,
                            NWIN, NVOX, S1, S2, NW0, NW1, NW2, MW2, _tile_w0(first, NWIN, MW12),
-                           SHIFTS, NSHIFT, WT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, R2, EAX,
+                           SHIFTS, NSHIFT, WT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, R1, R2, EAX,
                            USTRIDE)  # fmt: skip
     else:
         _apply_bwd_windows(x_ptr, dy_ptr, dx_ptr, g0_ptr, hats_ptr, sym_ptr, hbar_ptr, offset, bh,
@@ -354,11 +355,11 @@ def parts_bwd_opts(geo: _Geometry2, mu: bool, dtype: torch.dtype, iters: int) ->
 
 def apply_bwd_opts(geo: _Geometry2, mu: bool, dtype: torch.dtype, iters: int) -> tuple:
     """The backward apply's switches as one constexpr: STAGES, PREFETCH and :func:`apply_tile`'s
-    BTILE, R2, WT, EAX, USTRIDE, in that order."""
+    BTILE, R2, WT, EAX, USTRIDE, R1, in that order."""
     def make():
         t = apply_tile(geo, mu, dtype, iters)
         return (geo.stages("apply_bwd"), geo.prefetch("apply_bwd"), t["BTILE"], t["R2"],
-                t["WT"], t["EAX"], t["USTRIDE"])  # fmt: skip
+                t["WT"], t["EAX"], t["USTRIDE"], t["R1"])  # fmt: skip
 
     return geo._once(("apply_bwd_opts", mu, dtype, iters), make)
 
@@ -392,7 +393,8 @@ def apply_tile(geo: _Geometry2, mu: bool, dtype: torch.dtype, iters: int) -> dic
 
 
 def _apply_tile_plan(geo: _Geometry2, mu: bool, dtype: torch.dtype, iters: int) -> dict:
-    fits, plan = run_tile_geometry(geo, mu, dtype, geo.wpp, geo.launch("apply_bwd")["num_warps"])
+    fits, plan = run_tile_geometry(geo, mu, dtype, geo.wpp, geo.launch("apply_bwd")["num_warps"],
+                                     True)  # fmt: skip
     use = bool(TUNING["apply_tile"]) and fits and geo.tiles_fit(plan["WT"])
     return dict(BTILE=use, **plan, USTRIDE=iters * geo.E if use else geo.E)
 

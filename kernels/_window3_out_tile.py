@@ -35,7 +35,8 @@ def _apply_fwd_tile(
     x_base, y_base, first, plane, NPLANE, bh, u_ptr, E: tl.constexpr, NWIN, NVOX, S1, S2, NW0,
     NW1, NW2, MW2, W0, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, W: tl.constexpr,
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, BP0: tl.constexpr, BP1: tl.constexpr,
-    BP2: tl.constexpr, BLOCK_E: tl.constexpr, R2: tl.constexpr, WT: tl.constexpr, EAX: tl.constexpr,
+    BP2: tl.constexpr, BLOCK_E: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, WT: tl.constexpr,
+    EAX: tl.constexpr,
 ):  # fmt: skip
     """y of one ticket's windows as tiles of WT windows (module docstring). With more than two
     shifts each tile is a call (``_apply_fwd_subtile_call``), inlined otherwise: sm_90a, 16
@@ -46,11 +47,12 @@ def _apply_fwd_tile(
         if NSHIFT > 2:
             _apply_fwd_subtile_call(x_base, y_base, first + h * WT, plane, NPLANE, bh, u_ptr, E,
                                     NWIN, NVOX, S1, S2, NW0, NW1, NW2, MW2, W0, SHIFTS, NSHIFT,
-                                    WT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, R2, EAX)  # fmt: skip
+                                    WT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, R1, R2,
+                                    EAX)  # fmt: skip
         else:
             _apply_fwd_subtile(x_base, y_base, first + h * WT, plane, NPLANE, bh, u_ptr, E,
                                NWIN, NVOX, S1, S2, NW0, NW1, NW2, MW2, W0, SHIFTS, NSHIFT, WT,
-                               P0, P1, P2, BP0, BP1, BP2, BLOCK_E, R2, EAX)  # fmt: skip
+                               P0, P1, P2, BP0, BP1, BP2, BLOCK_E, R1, R2, EAX)  # fmt: skip
 
 
 @triton.jit(noinline=True)
@@ -58,12 +60,13 @@ def _apply_fwd_subtile_call(
     x_base, y_base, first, plane, NPLANE, bh, u_ptr, E: tl.constexpr, NWIN, NVOX, S1, S2, NW0,
     NW1, NW2, MW2, W0, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, W: tl.constexpr,
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, BP0: tl.constexpr, BP1: tl.constexpr,
-    BP2: tl.constexpr, BLOCK_E: tl.constexpr, R2: tl.constexpr, EAX: tl.constexpr,
+    BP2: tl.constexpr, BLOCK_E: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr,
+    EAX: tl.constexpr,
 ):  # fmt: skip
     """``_apply_fwd_subtile`` as a function of its own (not inlined)."""
     _apply_fwd_subtile(x_base, y_base, first, plane, NPLANE, bh, u_ptr, E, NWIN, NVOX, S1, S2,
                        NW0, NW1, NW2, MW2, W0, SHIFTS, NSHIFT, W, P0, P1, P2, BP0, BP1, BP2,
-                       BLOCK_E, R2, EAX)  # fmt: skip
+                       BLOCK_E, R1, R2, EAX)  # fmt: skip
 
 
 @triton.jit
@@ -71,21 +74,29 @@ def _apply_fwd_subtile(
     x_base, y_base, first, plane, NPLANE, bh, u_ptr, E: tl.constexpr, NWIN, NVOX, S1, S2, NW0,
     NW1, NW2, MW2, W0, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, W: tl.constexpr,
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, BP0: tl.constexpr, BP1: tl.constexpr,
-    BP2: tl.constexpr, BLOCK_E: tl.constexpr, R2: tl.constexpr, EAX: tl.constexpr,
+    BP2: tl.constexpr, BLOCK_E: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr,
+    EAX: tl.constexpr,
 ):  # fmt: skip
     """y of W windows from ``first`` as one tile: its runs (window, q0, q1, run along axis 2) on
     one axis, the channels on another, a run's R2 voxels on the last."""
     _, c3, _, q0, q1, r2, v0, v1, v2, _, ok, offs = _run_tile(
         first, plane, NPLANE, E, NVOX, S1, S2, NW1, NW2, MW2, W0, W, P0, P1, P2, BP0, BP1, BP2,
-        BLOCK_E, R2, EAX)  # fmt: skip
+        BLOCK_E, R1, R2, EAX)  # fmt: skip
     x = tl.maximum(tl.load(x_base + offs, mask=ok, other=0).to(tl.float32), 0)
     y = tl.zeros(offs.shape, dtype=tl.float32)
+    if R1 == 2:  # the runs at q1 + 1 (the same sub-box: the same parts)
+        xb = tl.maximum(tl.load(x_base + offs + S2, mask=ok, other=0).to(tl.float32), 0)
+        yb = tl.zeros(offs.shape, dtype=tl.float32)
     for k in tl.static_range(NSHIFT):
         prog = _run_prog(bh, v0, v1, v2, q0, q1, r2, NWIN, NW0, NW1, NW2, k, SHIFTS, NSHIFT,
                          P0, P1, P2)  # fmt: skip
         uk = _vec(u_ptr + prog * E, c3, E, True)  # this launch's solves wrote u: past L1
         y += uk * tl.expand_dims(tl.sum(uk * x, axis=EAX), EAX)
+        if R1 == 2:
+            yb += uk * tl.expand_dims(tl.sum(uk * xb, axis=EAX), EAX)
     tl.store(y_base + offs, (y / NSHIFT).to(y_base.dtype.element_ty), mask=ok)
+    if R1 == 2:
+        tl.store(y_base + offs + S2, (yb / NSHIFT).to(y_base.dtype.element_ty), mask=ok)
 
 
 def out_tile_plan(geo, mu: bool, dtype, wpp: int, warps: int) -> dict:
@@ -93,5 +104,5 @@ def out_tile_plan(geo, mu: bool, dtype, wpp: int, warps: int) -> dict:
     ``TUNING["out_tile"]`` and the conditions of :func:`run_tile_geometry`), and its run length
     R2, windows a tile WT and channel axis EAX."""
     on = _OUT_TILE if TUNING["out_tile"] is None else bool(TUNING["out_tile"])
-    fits, geometry = run_tile_geometry(geo, mu, dtype, wpp, warps)
+    fits, geometry = run_tile_geometry(geo, mu, dtype, wpp, warps, False)
     return dict(OTILE=on and fits, **geometry)

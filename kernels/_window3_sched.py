@@ -27,7 +27,7 @@ from ._fastdiv import MAGIC_3, _fdivmod, magics
 from ._window2_common import _tri, _window_origin, _wrap_add, _wrap_sub
 
 __all__ = ["TUNING", "TILE_KEYS", "PASSES", "Pipeline", "fused_plan", "merge_on", "ring_regions",
-           "thread_waits", "wait_offsets", "wpp", "xg0_joined"]
+           "run_pairs", "thread_waits", "wait_offsets", "wpp", "xg0_joined"]
 
 PASSES = ("parts", "solve", "apply")
 # The persistent launch: programs per SM, warps per program, windows per ticket (None: the
@@ -43,12 +43,14 @@ PASSES = ("parts", "solve", "apply")
 # a cap on the registers a thread (ptxas ``.maxnreg``; None: the untiled forward's is its share
 # of the register file, the others none: ``Pipeline.launch``), whether the waits read their
 # counts in every thread (None: ``_THREAD_WAITS``), whether the ticket tile's X g0 takes one
-# product for all its shifts (None: ``_XG0_JOINED``), and whether the backward parts tile does
-# (None: kernels/_window3_bwd_parts_tile.py's ``_JOINED``)
+# product for all its shifts (None: ``_XG0_JOINED``), whether the backward parts tile does
+# (None: kernels/_window3_bwd_parts_tile.py's ``_JOINED``), and whether the forward's / the
+# backward's output-pass run tile gives a thread two runs of one sub-box (None: ``_RUN_PAIRS`` /
+# ``_BWD_RUN_PAIRS``)
 TUNING: dict = {"programs_per_sm": None, "warps": None, "wpp": None, "ring": None, "sms": None,
                 "merge": None, "tile": None, "bwd_tile": None, "bwd_parts_tile": None,
                 "out_tile": None, "maxnreg": None, "thread_waits": None, "xg0_joined": None,
-                "bwd_parts_joined": None}
+                "bwd_parts_joined": None, "run_pairs": None, "bwd_run_pairs": None}
 _PROGRAMS_PER_SM = 1
 # the persistent kernels' magic-number arguments (``Pipeline.magic``; kernels/_fastdiv.py), not
 # specialised: no value recompiles a kernel
@@ -101,6 +103,25 @@ _THREAD_WAITS = False
 # a ticket's forward 100 -> 84 CTA barriers, 4,375 -> 4,019 instructions, but 24 B of spills
 # (bf16 16 B; Triton 3.9 72 B); [None, 4] 80 -> 76, no spill. Off until a GPU has timed it
 _XG0_JOINED = False
+# Whether the output passes' run tiles (the forward's, kernels/_window3_out_tile.py; the
+# backward's, _window3_bwd_tile.py) give each thread the runs at q1 and q1 + 1 of one sub-box
+# (``run_tile_geometry``'s R1 = 2), which lie in the same part of every shift: their u (and
+# h-bar and S) loaded once for both. sm_90a, 16 warps, a ticket, [None, 2, 4, 6]: forward fp32
+# 4,375 -> 4,227 instructions with Triton 3.6, no spill (bf16 4,489 -> 4,323; Triton 3.9 fp32
+# 4,105 -> 3,937); backward fp32 4,731 -> 4,410 but 24 B of spills (bf16 16 B; Triton 3.9 8 B),
+# so the backward's is off until a GPU weighs them ([None, 4]: 3,417 -> 3,291, no spill)
+_RUN_PAIRS = True
+_BWD_RUN_PAIRS = False
+
+
+def run_pairs(backward: bool) -> bool:
+    """Whether the forward's (the backward's) output-pass run tile takes two runs a thread where
+    the sub-boxes allow (``TUNING["run_pairs"]``, ``["bwd_run_pairs"]``; None: ``_RUN_PAIRS``,
+    ``_BWD_RUN_PAIRS``)."""
+    on = TUNING["bwd_run_pairs" if backward else "run_pairs"]
+    if on is None:
+        return _BWD_RUN_PAIRS if backward else _RUN_PAIRS
+    return bool(on)
 
 
 def wpp() -> int:

@@ -334,6 +334,7 @@ def _apply_kernel(
     R2: tl.constexpr = OPTS[2]
     WT: tl.constexpr = OPTS[3]
     EAX: tl.constexpr = OPTS[4]
+    R1: tl.constexpr = OPTS[5]
     bh, offset, e, emask, rowmask = _pass_rows(rowmask_ptr, C, E, HEADS, MHEADS, NVOX, BLOCK_E,
                                                ACC)  # fmt: skip
     x_base, y_base = x_ptr + offset, y_ptr + offset  # the head's first element
@@ -342,7 +343,7 @@ def _apply_kernel(
             first = tl.program_id(0) * WPP + t * WT  # its windows share their axis-0 coordinate
             _apply_fwd_subtile(x_base, y_base, first, first * 0, NWIN, bh, u_ptr, E, NWIN, NVOX,
                                S1, S2, NW0, NW1, NW2, MW2, _tile_w0(first, NWIN, MW12), SHIFTS,
-                               NSHIFT, WT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, R2,
+                               NSHIFT, WT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, R1, R2,
                                EAX)  # fmt: skip
     else:
         # MU: g0 under every shift, once per program
@@ -428,10 +429,10 @@ def _forward(x, g0, rowmask, geo: _Geometry2, iters: int, mu: bool, save: bool, 
 
 def apply_opts(geo: _Geometry2, mu: bool, dtype: torch.dtype) -> tuple:
     """The forward apply's switches as one constexpr: STAGES and :func:`out_tile`'s OTILE, R2,
-    WT, EAX, in that order; built once per geometry."""
+    WT, EAX, R1, in that order; built once per geometry."""
     def make():
         t = out_tile(geo, mu, dtype)
-        return (geo.stages("apply"), t["OTILE"], t["R2"], t["WT"], t["EAX"])
+        return (geo.stages("apply"), t["OTILE"], t["R2"], t["WT"], t["EAX"], t["R1"])
 
     return geo._once(("apply_opts", mu, dtype), make)
 
@@ -448,7 +449,8 @@ def out_tile(geo: _Geometry2, mu: bool, dtype: torch.dtype) -> dict:
 
 
 def _out_tile_plan(geo: _Geometry2, mu: bool, dtype: torch.dtype) -> dict:
-    fits, plan = run_tile_geometry(geo, mu, dtype, geo.wpp, geo.launch("apply")["num_warps"])
+    fits, plan = run_tile_geometry(geo, mu, dtype, geo.wpp, geo.launch("apply")["num_warps"],
+                                     False)  # fmt: skip
     return dict(OTILE=bool(TUNING["out_tile"]) and fits and geo.tiles_fit(plan["WT"]), **plan)
 
 

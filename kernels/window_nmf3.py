@@ -196,7 +196,7 @@ def _fused_kernel(
     MERGE: tl.constexpr, TILE: tl.constexpr, TD0: tl.constexpr, TD1: tl.constexpr,
     TD2: tl.constexpr, ROWS0: tl.constexpr, XG0F: tl.constexpr, XG0J: tl.constexpr,
     OTILE: tl.constexpr,
-    R2: tl.constexpr, WT: tl.constexpr, EAX: tl.constexpr,
+    R1: tl.constexpr, R2: tl.constexpr, WT: tl.constexpr, EAX: tl.constexpr,
 ):  # fmt: skip
     """Persistent: take tickets (batch*head, stage, chunk) in order until none is left; wait for
     what the stage needs, run its chunk of WPP windows, count the chunk done. With RING, a parts
@@ -253,7 +253,7 @@ def _fused_kernel(
             if OTILE:  # the ticket's windows as tiles (kernels/_window3_out_tile.py)
                 _apply_fwd_tile(x_ptr + offset, y_ptr + offset, first, plane, NPLANE, bh, u_ptr,
                                 E, NWIN, NVOX, S1, S2, NW0, NW1, NW2, MW2, _plane_w0(plane, NW0),
-                                SHIFTS, NSHIFT, WPP, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, R2, WT,
+                                SHIFTS, NSHIFT, WPP, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, R1, R2, WT,
                                 EAX)  # fmt: skip
             elif TILE and ROWS0:  # the output pass a function of its own (``_apply_chunk_fwd``)
                 _apply_chunk_fwd(x_ptr + offset, y_ptr + offset, rowmask_ptr, g0_ptr, first,

@@ -199,8 +199,9 @@ def test_design2_tiles_match_reference(gen, design2, monkeypatch, device, shape,
     """``TUNING["parts_tile"]``, ``["apply_tile"]``, ``["parts_bwd_tile"]`` and
     ``["out_tile"]``: the forward parts pass on the third design's ticket tile, the backward
     apply on its run tile, the backward parts pass on its tile and the forward apply on its
-    forward output tile (2 windows each), where a tile's windows share their axis-0 coordinate
-    (else the per-window passes), against the float64 oracle at the fp32 tolerances."""
+    forward output tile (2 windows each; the last one 4 with two runs a thread where a ticket
+    has 4), where a tile's windows share their axis-0 coordinate (else the per-window passes),
+    against the float64 oracle at the fp32 tolerances."""
     common = importlib.import_module("fastnmf.kernels._window2_common")
     w2b = importlib.import_module("fastnmf.kernels._window2_bwd")
     for key in TILE_KEYS:
@@ -216,8 +217,9 @@ def test_design2_tiles_match_reference(gen, design2, monkeypatch, device, shape,
     pplan = w2b.parts_bwd_tile(geo, False, torch.float32, 5)
     assert (pplan["PTILE"], pplan["PWT"], pplan["USTRIDE"]) == (tiled, 2, 5 * 8 if tiled else 8)
     assert geo.launch("parts_bwd")["num_warps"] == 16
-    oplan = wn2.out_tile(geo, False, torch.float32)
-    assert (oplan["OTILE"], oplan["WT"], geo.launch("apply")["num_warps"]) == (tiled, 2, 16)
+    oplan = wn2.out_tile(geo, False, torch.float32)  # two runs a thread where 4 windows allow
+    assert (oplan["OTILE"], oplan["WT"], geo.launch("apply")["num_warps"]) == (tiled, wpp, 16)
+    assert oplan["R1"] == (2 if wpp == 4 else 1)
     kw = dict(head_dim=8, patch_size=8, shifts=shifts, solver="hals", iters=5)
     dx, dx_ref = fp32_against_reference(x, v0, dy, device, **kw)
     assert rel_err(dx, dx_ref) <= 1e-4
