@@ -15,6 +15,10 @@ h-bar, written by the same launch's solves, come from L2 past L1, u from L1), so
 bytes asked are 4-12x the ideal where the per-window pass asks 2x (its sectors and DRAM estimate
 barely change).
 
+With ``TUNING["bwd_run_pairs"]`` (off: 24 B of spills, sm_90a, Triton 3.6, fp32 BraTS shifts)
+a thread holds the runs at q1 and q1 + 1 of one sub-box (R1 = 2, ``run_tile_geometry``), whose
+u, h-bar and S are the same: loaded and summed once for both, half the lanes' bytes a voxel.
+
 dX = sum_s [u (u^T dY_s) + h-bar g0_s + S_s x] times ReLU'(x), dY_s = dY / n_shifts (HALS: the
 shifts' S are summed before the product; kernels/_window2_bwd.py derives it).
 """

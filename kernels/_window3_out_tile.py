@@ -8,7 +8,9 @@ Here a tile is WT windows of the ticket in the backward output-pass tile's layou
 (kernels/_window3_bwd_tile.py): a thread holds one run of R2 voxels along axis 2 (inside one
 sub-box, so in one part of every shift) with all its channels, loads its run's u per shift (E / 2
 8-byte loads, past L1: the same launch's solves wrote it), and u^T x is a sum in the thread:
-nothing crosses lanes or warps.
+nothing crosses lanes or warps. Where the sub-boxes are even along axis 1 (``run_tile_geometry``'s
+R1 = 2, ``_window3_sched._RUN_PAIRS``), a thread holds the runs at q1 and q1 + 1 as two tiles of
+one layout, both in the same parts: each u loaded once for two runs, tiles of twice the windows.
 
 y = mean_s u_s (u_s^T ReLU(x)) (HALS; MU masks x per shift and takes the per-window pass).
 
@@ -78,7 +80,8 @@ def _apply_fwd_subtile(
     EAX: tl.constexpr,
 ):  # fmt: skip
     """y of W windows from ``first`` as one tile: its runs (window, q0, q1, run along axis 2) on
-    one axis, the channels on another, a run's R2 voxels on the last."""
+    one axis, the channels on another, a run's R2 voxels on the last; with R1 = 2 the runs at
+    q1 + 1 as a second tile (suffix b) that takes the same u."""
     _, c3, _, q0, q1, r2, v0, v1, v2, _, ok, offs = _run_tile(
         first, plane, NPLANE, E, NVOX, S1, S2, NW1, NW2, MW2, W0, W, P0, P1, P2, BP0, BP1, BP2,
         BLOCK_E, R1, R2, EAX)  # fmt: skip
@@ -101,8 +104,8 @@ def _apply_fwd_subtile(
 
 def out_tile_plan(geo, mu: bool, dtype, wpp: int, warps: int) -> dict:
     """The constexprs of the forward's output-pass tile: OTILE (whether it runs:
-    ``TUNING["out_tile"]`` and the conditions of :func:`run_tile_geometry`), and its run length
-    R2, windows a tile WT and channel axis EAX."""
+    ``TUNING["out_tile"]`` and the conditions of :func:`run_tile_geometry`), and its runs a
+    thread R1, run length R2, windows a tile WT and channel axis EAX."""
     on = _OUT_TILE if TUNING["out_tile"] is None else bool(TUNING["out_tile"])
     fits, geometry = run_tile_geometry(geo, mu, dtype, wpp, warps, False)
     return dict(OTILE=on and fits, **geometry)
