@@ -6,14 +6,17 @@ schedule (kernels/_window3_sched.py), so that the output pass reads x and dy fro
 The needs are the forward's: the backward solve of a shifted window sums the ū parts of the
 unshifted windows holding its parts, and the output pass of a window takes S and h̄ of the shifted
 windows it lies in. u, K and h come from the forward (an earlier launch); the power iterates are
-recomputed from K and h, so the forward saves E (E + 1) / 2 + 2 E floats per shifted window
-instead of the second design's (T + 1) E + T + E (E + 1) / 2. The solves run a ticket's WPP
-shifted windows under every shift at once (:func:`_solve_bwd_batch`, the loop of
-``_steps_backward``), with T compile-time: up to ``_HELD_ITERS`` steps the iterates are computed
-once and held (T - 1 products with K, not T (T - 1) / 2 recomputing them before each step back;
-sm_90a, fp32 [None, 2, 4, 6], T = 5: 722 warp instructions a ticket with Triton 3.9, 832 with
-3.6, where the recomputing solve issued 1,008 / 1,194), and no sum in them crosses warps (Triton
-3.6 spilled such sums' last values: the BraTS backward's solve 8 B).
+recomputed from K and h, so the forward saves E^2 + 2 E floats per shifted window (K whole, so
+that it loads as rows of E^2 that lie in one warp: ``_load_square_batch``) instead of the second
+design's (T + 1) E + T + E (E + 1) / 2. The solves run a ticket's WPP shifted windows under every
+shift at once (:func:`_solve_bwd_batch`, the loop of ``_steps_backward``), with T compile-time:
+up to ``_HELD_ITERS`` steps the iterates are computed once and held (T - 1 products with K, not
+T (T - 1) / 2 recomputing them before each step back). Every vector is kept as rows and as
+columns, each form from the other's by a product with K, and S is summed from both outer products
+of a step (:func:`_steps_back`): nothing changes layout, and with K's rows in one warp no sum
+crosses warps (sm_90a, Triton 3.6, fp32 [None, 2, 4, 6], a ticket's backward: 75 -> 41 CTA
+barriers, 4,731 -> 4,795 instructions; [None, 4] 79 -> 53; the vectors moved between the forms'
+layouts through shared memory before).
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ from ._window3_sched import (
     _MAGIC_ARGS,
     Pipeline,
     _count_done,
-    _load_sym_batch,
+    _load_square_batch,
     _solve_rows,
+    _store_square_batch,
     _sum_parts_rows,
     _take,
     _wait_stage,
@@ -44,6 +48,9 @@ __all__ = ["backward3"]
 # once and holds them (T - 1 products of K and a vector, not T (T - 1) / 2 recomputing them): a
 # thread holds about 4 values an iterate (its rows, columns and norm; sm_90a, 16 warps, 16 rows)
 _HELD_ITERS = tl.constexpr(8)
+# The fewest rows (shifted windows) a backward solve takes, so that each row's K and S (E^2
+# entries, E = 8) lie in one warp: 2 entries a thread at 16 warps
+_SOLVE_ROWS = tl.constexpr(16)
 # Triton before 3.7 (3.6: the GPU machine's; its ptxas 12.8) compiles the one-shift backward at 64
 # registers and spills (sm_90a, 16 warps, [None]: fp32 48 B, bf16 0-24 B); at the register cap of
 # a thread's share (128) nothing. With more shifts, or with Triton 3.9, the cap spills more (3.6
@@ -67,51 +74,109 @@ def _solve_chunk(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh, first, p
     counts the chunk done and returns the next ticket (as the other passes: ``_fused_bwd_kernel``
     says why)."""
     W0 = _plane_w0(plane, NW0)  # the windows' coordinate along axis 0
+    # at least _SOLVE_ROWS rows (those past the shifts masked): with fewer, a row's E^2 entries
+    # lie across warps (sm_90a, 16 warps, E = 8, [None, 4]'s 8 rows: one entry a thread)
+    NSBP: tl.constexpr = NSB if NSB * NB >= _SOLVE_ROWS else _SOLVE_ROWS // NB
     _solve_bwd_batch(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh, first, plane,
                      NPLANE, E, NWIN, ITERS, NW0, NW1, NW2, MW2, W0, SHIFTS, NSHIFT, SPLITS,
-                     NB, NSB, BLOCK_E, ACC)  # fmt: skip
+                     NB, NSBP, BLOCK_E, ACC)  # fmt: skip
     _count_done(flags, 1, plane, NPL)
     return tl.atomic_add(flag_ptr, 1)  # the next ticket
 
 
 @triton.jit
-def _first_iterate(h_row, h_col):
-    """â_0 = h / ||h|| as rows (NB, 1, E) and columns (NB, E, 1), and ||h|| (NB, 1, 1)."""
-    norm = tl.sqrt(tl.sum(h_row * h_row, axis=2))[:, :, None]
-    safe = tl.where(norm > 0, norm, 1)
-    return tl.where(norm > 0, h_row / safe, 0), tl.where(norm > 0, h_col / safe, 0), norm
+def _normed(v, AX: tl.constexpr):
+    """v / ||v|| and ||v|| for vectors v as rows (NB, 1, E; AX = 2) or columns (NB, E, 1;
+    AX = 1): the norm sums along v's own axis, (NB, 1, 1) in v's layout."""
+    norm = tl.expand_dims(tl.sqrt(tl.sum(v * v, axis=AX)), AX)
+    return tl.where(norm > 0, v / tl.where(norm > 0, norm, 1), 0), norm
 
 
 @triton.jit
-def _next_iterate(k_mat, row):
-    """â_s = K â_{s-1} / ||K â_{s-1}|| from â_{s-1}'s rows: rows, columns, norm. The product sums
-    along the last axis (within a warp) and gives the columns; the rows are them moved once; the
-    norm sums the rows along their last axis (within a warp too): no sum across warps (Triton
-    3.6's ptxas spills the predicated shared-memory read that ends one)."""
-    col = tl.sum(k_mat * row, axis=2)
-    row = col[:, None, :]
-    norm = tl.sqrt(tl.sum(row * row, axis=2))[:, :, None]
-    safe = tl.where(norm > 0, norm, 1)
-    return tl.where(norm > 0, row / safe, 0), tl.where(norm > 0, col[:, :, None] / safe, 0), norm
+def _kdot(k_mat, v, AX: tl.constexpr):
+    """K v (K symmetric) for v as rows (AX = 2), as columns, or for v as columns (AX = 1), as
+    rows: the product sums along v's axis, and the other axis is left."""
+    return tl.expand_dims(tl.sum(k_mat * v, axis=AX), AX)
 
 
 @triton.jit
-def _iterate_to(k_mat, h_row, h_col, t):
-    """The forward's power iterates recomputed from K (NB, E, E) and h: â_{t-1} as columns (zeros
-    at t = 0), â_t as rows and ||a_t||."""
-    row, col, norm = _first_iterate(h_row, h_col)
-    prev = tl.zeros_like(col)
+def _next_both(k_mat, row, col):
+    """â_s = K â_{s-1} / ||K â_{s-1}|| as rows and as columns, and each form's norm: each form
+    from the other's (:func:`_kdot`), so that no vector changes layout."""
+    new_row, nr = _normed(_kdot(k_mat, col, 1), 2)
+    new_col, nc = _normed(_kdot(k_mat, row, 2), 1)
+    return new_row, new_col, nr, nc
+
+
+@triton.jit
+def _iterate_both_to(k_mat, h_row, h_col, t):
+    """The forward's power iterates recomputed from K and h: â_{t-1} as rows and columns (zeros
+    at t = 0), â_t as rows and columns, and their norms (:func:`_next_both`)."""
+    row, nr = _normed(h_row, 2)
+    col, nc = _normed(h_col, 1)
+    prev_row = tl.zeros_like(row)
+    prev_col = tl.zeros_like(col)
     for _s in range(0, t):
-        prev = col
-        row, col, norm = _next_iterate(k_mat, row)
-    return prev, row, norm
+        prev_row, prev_col = row, col
+        row, col, nr, nc = _next_both(k_mat, row, col)
+    return prev_row, prev_col, row, col, nr, nc
 
 
 @triton.jit
-def _step_back(a_hat, norm, grad):
-    """ā of one power step back: the gradient through â = a / ||a|| (rows (NB, 1, E))."""
-    radial = tl.sum(a_hat * grad, axis=2)[:, :, None]
+def _back(a_hat, norm, grad, AX: tl.constexpr):
+    """ā of one power step back, the gradient through â = a / ||a||, for rows (AX = 2) or
+    columns (AX = 1)."""
+    radial = tl.expand_dims(tl.sum(a_hat * grad, axis=AX), AX)
     return tl.where(norm > 0, (grad - a_hat * radial) / tl.where(norm > 0, norm, 1), 0)
+
+
+@triton.jit
+def _step_both(k_mat, row, col, nr, nc, g_row, g_col):
+    """One step back in both forms: ā_t as rows and columns from â_t and the gradient, and the
+    next gradient K ā_t in both forms."""
+    b_row = _back(row, nr, g_row, 2)
+    b_col = _back(col, nc, g_col, 1)
+    return b_row, b_col, _kdot(k_mat, b_col, 1), _kdot(k_mat, b_row, 2)
+
+
+@triton.jit
+def _steps_back(k_mat, h_row, h_col, grad, ITERS: tl.constexpr):
+    """S = K̄ + K̄^T (NB, E, E) and h̄ (rows) back through the T power steps from ū (NB, E):
+    every vector as rows (NB, 1, E) and as columns (NB, E, 1), and S summed as each step's
+    outer product â_{t-1} ā_t^T and its transpose, so nothing is transposed or moved between
+    the two forms' layouts. Up to ``_HELD_ITERS`` steps the iterates are computed once and held,
+    else recomputed before each step back (:func:`_iterate_both_to`): the same operations, so
+    the same values."""
+    g_row = grad[:, None, :]
+    g_col = grad[:, :, None]
+    sym = tl.zeros(k_mat.shape, dtype=k_mat.dtype)
+    if ITERS <= _HELD_ITERS:
+        row, nr = _normed(h_row, 2)
+        col, nc = _normed(h_col, 1)
+        rows = (row,)
+        cols = (col,)
+        nrs = (nr,)
+        ncs = (nc,)
+        for _s in tl.static_range(1, ITERS):
+            row, col, nr, nc = _next_both(k_mat, row, col)
+            rows = rows + (row,)
+            cols = cols + (col,)
+            nrs = nrs + (nr,)
+            ncs = ncs + (nc,)
+        for i in tl.static_range(ITERS):  # the steps t = T - 1 - i
+            b_row, b_col, g_row, g_col = _step_both(k_mat, rows[ITERS - 1 - i],
+                                                    cols[ITERS - 1 - i], nrs[ITERS - 1 - i],
+                                                    ncs[ITERS - 1 - i], g_row, g_col)  # fmt: skip
+            if i < ITERS - 1:  # none at t = 0
+                sym += cols[ITERS - 2 - i] * b_row + b_col * rows[ITERS - 2 - i]
+    else:
+        b_row = g_row
+        for i in range(0, ITERS):
+            t = ITERS - 1 - i
+            prev_row, prev_col, row, col, nr, nc = _iterate_both_to(k_mat, h_row, h_col, t)
+            b_row, b_col, g_row, g_col = _step_both(k_mat, row, col, nr, nc, g_row, g_col)
+            sym += tl.where(t > 0, prev_col * b_row + b_col * prev_row, 0.0)  # none at t = 0
+    return sym, b_row  # h̄ = ā_1
 
 
 @triton.jit
@@ -124,54 +189,24 @@ def _solve_bwd_batch(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh, firs
     """The second design's backward solve (``_solve_bwd_kernel``) for a ticket's NB shifted
     windows from ``first`` under every shift at once (the rows of ``_solve_rows``): ū from its
     parts, then back through the power steps with the saved K and the iterates recomputed from K
-    and h, once and held up to ``_HELD_ITERS`` steps (T - 1 E x E products), else before each
-    step back (:func:`_iterate_to`: T (T - 1) / 2): S = K̄ + K̄^T and h̄. The vectors are rows
-    (NB, 1, E), the iterates also columns (NB, E, 1), and K̄ is summed transposed (â_{t-1} ā^T:
-    the same S), so that no sum crosses warps."""
+    and h (:func:`_steps_back`): S = K̄ + K̄^T and h̄. K is loaded and S stored as rows of E^2
+    (``_load_square_batch``), which keeps every matrix in one warp: no sum crosses warps."""
     e = tl.arange(0, BLOCK_E)
     i3 = e[None, :, None]
     j3 = e[None, None, :]
     k, om, ok = _solve_rows(first, plane, NPLANE, NB, NSB, NSHIFT)
     ok3 = ok[:, None, None]
-    m3 = ok3 & (i3 < E) & (j3 < E)
     # ū, its parts flat (no ring: the plane size and count, NB and 1 here, are unused)
     _, grad = _sum_parts_rows(gpart_ptr, gpart_ptr, bh, om, ok, k, NWIN, NW0, NW1, NW2, NB, 1,
                               SHIFTS, NSHIFT, SPLITS, E, NSB * NB, BLOCK_E, ACC, False,
                               0, False, 1, MW2, W0, 0)  # fmt: skip
-    grad = grad[:, None, :]
     prog = (bh * NSHIFT + k) * NWIN + om
     prog3 = prog[:, None, None]
-    k_mat = _load_sym_batch(kmat_ptr, prog, m3, i3, j3, E)
+    k_mat = _load_square_batch(kmat_ptr, prog, ok, E, BLOCK_E)
     h_row = tl.load(hsave_ptr + prog3 * E + j3, mask=ok3 & (j3 < E), other=0)
     h_col = tl.load(hsave_ptr + prog3 * E + i3, mask=ok3 & (i3 < E), other=0)
-    kbar_t = tl.zeros((NSB * NB, BLOCK_E, BLOCK_E), dtype=ACC)
-    hbar = tl.zeros((NSB * NB, 1, BLOCK_E), dtype=ACC)
-    if ITERS <= _HELD_ITERS:  # the iterates computed once and held (the same values)
-        row, col, norm = _first_iterate(h_row, h_col)
-        rows = (row,)
-        cols = (col,)
-        norms = (norm,)
-        for _s in tl.static_range(1, ITERS):
-            row, col, norm = _next_iterate(k_mat, row)
-            rows = rows + (row,)
-            cols = cols + (col,)
-            norms = norms + (norm,)
-        for i in tl.static_range(ITERS):  # the steps t = T - 1 - i
-            a_bar = _step_back(rows[ITERS - 1 - i], norms[ITERS - 1 - i], grad)
-            if i < ITERS - 1:  # none at t = 0
-                kbar_t += cols[ITERS - 2 - i] * a_bar
-            hbar = a_bar  # the last pass (t = 0) leaves h̄ = ā_1
-            grad = tl.sum(k_mat * a_bar, axis=2)[:, None, :]  # K ā (K symmetric)
-    else:
-        for i in range(0, ITERS):
-            t = ITERS - 1 - i
-            prev, a_hat, norm = _iterate_to(k_mat, h_row, h_col, t)
-            a_bar = _step_back(a_hat, norm, grad)
-            kbar_t += tl.where(t > 0, prev * a_bar, 0.0)  # none at t = 0
-            hbar = a_bar
-            grad = tl.sum(k_mat * a_bar, axis=2)[:, None, :]
-    tl.store(sym_ptr + prog3 * (E * E) + i3 * E + j3,
-             kbar_t + tl.permute(kbar_t, (0, 2, 1)), mask=m3)  # fmt: skip
+    sym, hbar = _steps_back(k_mat, h_row, h_col, grad, ITERS)
+    _store_square_batch(sym_ptr, prog, sym, ok, E)
     tl.store(hbar_ptr + prog3 * E + j3, hbar, mask=ok3 & (j3 < E))
 
 

@@ -332,10 +332,34 @@ def _symmetric(up, i3, j3):
 
 
 @triton.jit
-def _load_sym_batch(ptr, slot, m3, i3, j3, E: tl.constexpr):
-    """(NB, BLOCK_E, BLOCK_E) symmetric matrices from the packed upper triangles at
-    ptr + slot * E^2 (``_load_sym`` of the second design for NB slots; same arithmetic)."""
-    return _symmetric(_load_upper_batch(ptr, slot, m3, i3, j3, E), i3, j3)
+def _flat_square(BLOCK_E: tl.constexpr):
+    """The entries (i, j) of a (BLOCK_E, BLOCK_E) matrix, row by row, as one axis (1, BLOCK_E^2)."""
+    f = tl.arange(0, BLOCK_E * BLOCK_E)[None, :]
+    return f // BLOCK_E, f % BLOCK_E
+
+
+@triton.jit
+def _load_square_batch(ptr, slot, ok, E: tl.constexpr, BLOCK_E: tl.constexpr):
+    """(NB, BLOCK_E, BLOCK_E) matrices stored whole (E x E, row by row) at ptr + slot * E^2,
+    loaded as (NB, BLOCK_E^2) rows: the addresses run along the last axis, so Triton's load
+    layout puts a matrix in one warp (lanes and registers), the slots on the warps, and every
+    sum along either matrix axis stays in the warp (loaded as (NB, E, E), a matrix axis went
+    across warps: sm_90a, Triton 3.6)."""
+    i, j = _flat_square(BLOCK_E)
+    m = tl.load(ptr + slot[:, None] * (E * E) + i * E + j,
+                mask=ok[:, None] & (i < E) & (j < E), other=0, cache_modifier=".cg")  # fmt: skip
+    return tl.reshape(m, (slot.shape[0], BLOCK_E, BLOCK_E))
+
+
+@triton.jit
+def _store_square_batch(ptr, slot, m, ok, E: tl.constexpr):
+    """m (NB, BLOCK_E, BLOCK_E) stored whole at ptr + slot * E^2 for the rows ok, as
+    :func:`_load_square_batch` loads it (as (NB, BLOCK_E^2) rows)."""
+    BLOCK_E: tl.constexpr = m.shape[1]
+    i, j = _flat_square(BLOCK_E)
+    tl.store(ptr + slot[:, None] * (E * E) + i * E + j,
+             tl.reshape(m, (m.shape[0], BLOCK_E * BLOCK_E)),
+             mask=ok[:, None] & (i < E) & (j < E))  # fmt: skip
 
 
 @triton.jit

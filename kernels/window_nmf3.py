@@ -75,7 +75,7 @@ import triton
 import triton.language as tl
 
 from ._common import acc_dtype, compute_dtype, launch, window_inputs
-from ._window2_common import _Geometry2, _lanes_rowmask_g, _plane_w0, _tri, geometry
+from ._window2_common import _Geometry2, _lanes_rowmask_g, _plane_w0, geometry
 from ._window3_bwd import backward3
 from ._window3_out_tile import _apply_fwd_tile, out_tile_plan
 from ._window3_parts import _parts_chunk_merged
@@ -107,25 +107,23 @@ def _solve_batch(kpart_ptr, hpart_ptr, u_ptr, hsave_ptr, kmat_ptr, bh, first, pl
                  PAX: tl.constexpr):  # fmt: skip
     """The second design's solve (``_solve_kernel``) for a ticket's NB shifted windows from
     ``first`` under every shift at once (the rows of :func:`_solve_rows`): the part sums, the
-    power steps, u. With SAVE, K (packed upper triangle) and h for the backward, which
-    recomputes the iterates from them (``_iterate_to`` in _window3_bwd.py) instead of reading
-    T + 1 saved vectors. With MERGE the parts pass merged neighbours' parts. Not inlined:
-    inlined, values of the kernel's prologue it uses were hoisted out of the ticket loop and
-    spilled (sm_90a, Triton 3.9, fp32 [None, 2, 4, 6]: 40 B)."""
+    power steps, u. With SAVE, K (whole, row by row: the backward loads it as rows of E^2) and h
+    for the backward, which recomputes the iterates from them (``_steps_back`` in
+    _window3_bwd.py) instead of reading T + 1 saved vectors. With MERGE the parts pass merged
+    neighbours' parts. Not inlined: inlined, values of the kernel's prologue it uses were hoisted
+    out of the ticket loop and spilled (sm_90a, Triton 3.9, fp32 [None, 2, 4, 6]: 40 B)."""
     W0 = _plane_w0(plane, NW0)  # the windows' coordinate along axis 0
     e = tl.arange(0, BLOCK_E)
-    i3 = e[None, :, None]
-    j3 = e[None, None, :]
     k, om, ok = _solve_rows(first, plane, NPLANE, NB, NSB, NSHIFT)
-    m3 = ok[:, None, None] & (i3 < E) & (j3 < E)
     m2 = ok[:, None] & (e[None, :] < E)
     k_mat, h = _sum_parts_rows(hpart_ptr, kpart_ptr, bh, om, ok, k, NWIN, NW0, NW1, NW2, NPLANE,
                                NPL, SHIFTS, NSHIFT, SPLITS, E, NSB * NB, BLOCK_E, ACC, True, RING,
                                MERGE, NB, MW2, W0, PAX)  # fmt: skip
     prog = (bh * NSHIFT + k) * NWIN + om
     if SAVE:  # K and h for the backward
-        tl.store(kmat_ptr + prog[:, None, None] * (E * E) + _tri(i3, j3, E), k_mat,
-                 mask=m3 & (j3 >= i3))  # fmt: skip
+        e3 = e[None, :, None] * E + e[None, None, :]  # K whole, row by row (the backward's rows)
+        tl.store(kmat_ptr + prog[:, None, None] * (E * E) + e3, k_mat,
+                 mask=ok[:, None, None] & (e[None, :, None] < E) & (e[None, None, :] < E))
     a_hat, _ = _normalize(h)
     for _t in range(1, ITERS):
         a_hat, _ = _normalize(tl.sum(k_mat * a_hat[:, None, :], axis=2))

@@ -131,6 +131,21 @@ def test_ticket_counts_one_trip_with_its_calls_and_loops(tmp_path, capsys):
         sass_loops.main([str(path), "--ticket", "--loop-trips", "k.py:20"])
 
 
+def test_ticket_warns_of_loop_trips_that_count_nothing(tmp_path, capsys):
+    """A --loop-trips line that no loop but the ticket loop has its own code at (a line an edit
+    moved: k.py:21; the ticket loop's own k.py:10) sets no trips: named on stderr, and the count
+    is the one without it."""
+    trips = {"k.py:20": 3, "k.py:21": 2, "k.py:10": 5, "f.py:30": 2}
+    assert sass_loops.unused_trips(TICKET, trips) == ["k.py:21", "k.py:10"]
+    assert sass_loops.unused_trips(TICKET, {"k.py:20": 3, "f.py:30": 2}) == []
+    path = tmp_path / "t.sass"
+    path.write_text(TICKET)
+    sass_loops.main([str(path), "--ticket", "--loop-trips", "k.py:21=3", "f.py:30=2"])
+    out, err = capsys.readouterr()
+    assert "one ticket: 18" in out  # 6 + 2 x 6: the inner loop once
+    assert "--loop-trips k.py:21: no loop here" in err and "f.py:30" not in err
+
+
 def test_ticket_counts_barriers_and_shared_memory_by_line(tmp_path, capsys):
     """The ticket's CTA barriers and shared-memory instructions, weighted like the count: a
     barrier in the inner loop (k.py:20, 3 trips) issues 3 a ticket; in $f (called twice) an LDS

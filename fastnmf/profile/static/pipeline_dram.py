@@ -95,9 +95,9 @@ def _sizes(case: StaticCase, geo, per_chunk: int, merges: int = 0) -> dict:
         "vol": per_chunk * vol,
         # K upper triangle + X g0 per part (a merged window's high parts along axis 2: none)
         "parts_fwd": (per_chunk * parts - merges * high) * (tri + e) * F32,
-        "solve_fwd": per_chunk * n * (2 * e + tri) * F32,  # u, h, K
+        "solve_fwd": per_chunk * n * (2 * e + e * e) * F32,  # u, h, K (whole)
         "parts_bwd": per_chunk * parts * e * F32,  # ū per part
-        "saved": per_chunk * n * (2 * e + tri) * F32,  # the forward's u, h, K
+        "saved": per_chunk * n * (2 * e + e * e) * F32,  # the forward's u, h, K
         "solve_bwd": per_chunk * n * (e * e + e) * F32,  # S, h̄
     }
 

@@ -38,6 +38,7 @@ import collections
 import dataclasses
 import os
 import re
+import sys
 
 __all__ = ["Loop", "parse_sass", "find_loops", "span_count", "ticket_count", "ticket_ops",
            "TICKET_OPS", "disassemble", "main"]
@@ -143,8 +144,15 @@ def ticket_count(text: str, loop_trips: dict[str, int]) -> tuple[Loop, dict[str,
     with the bodies of the functions it calls, each instruction weighted by the trips of the loops
     around it (a loop's trips: ``loop_trips[FILE:LINE]`` of the first of its own source lines that
     has one, else 1; the ticket loop itself once)."""
-    ticket, calls, weighted = _ticket_weights(text, loop_trips)
+    ticket, calls, weighted, _ = _ticket_weights(text, loop_trips)
     return ticket, calls, sum(w for _, _, w in weighted)
+
+
+def unused_trips(text: str, loop_trips: dict[str, int]) -> list[str]:
+    """The keys of ``loop_trips`` that set no loop's trips in :func:`ticket_count` (no loop but
+    the ticket loop has its own code at that line: a line an edit moved, or another kernel's)."""
+    used = _ticket_weights(text, loop_trips)[3]
+    return [k for k in loop_trips if k not in used]
 
 
 # what the ticket count breaks out by kind (``ticket_ops``): CTA barriers (the stall Nsight
@@ -161,7 +169,7 @@ def ticket_ops(text: str, loop_trips: dict[str, int], kind: str,
     """The instructions of ``kind`` (a :data:`TICKET_OPS` key) one ticket issues, weighted as in
     :func:`ticket_count`, by source line ("file:line"; with ``callers`` see :func:`parse_sass`)."""
     pattern = TICKET_OPS[kind]
-    _, _, weighted = _ticket_weights(text, loop_trips, callers)
+    _, _, weighted, _ = _ticket_weights(text, loop_trips, callers)
     ops: collections.Counter = collections.Counter()
     for ins, loc, w in weighted:
         if pattern.match(ins):
@@ -170,8 +178,9 @@ def ticket_ops(text: str, loop_trips: dict[str, int], kind: str,
 
 
 def _ticket_weights(text: str, loop_trips: dict[str, int], callers: bool = False):
-    """(ticket loop, calls, [(instruction, file:line, times one ticket issues it)]): the ticket
-    loop's own instructions, then each called function's once per call."""
+    """(ticket loop, calls, [(instruction, file:line, times one ticket issues it)], the
+    ``loop_trips`` keys used): the ticket loop's own instructions, then each called function's
+    once per call."""
     instrs, _ = parse_sass(text, callers)
     funcs = _functions(text)
     own_end = min((s for s, _ in funcs.values()), default=len(instrs))
@@ -181,17 +190,19 @@ def _ticket_weights(text: str, loop_trips: dict[str, int], callers: bool = False
         raise ValueError("no loop in the kernel's own code")
     ticket = max(body, key=lambda lp: lp.instructions)
     weight = [1] * len(instrs)
+    used = set()
     for lp in loops:
         if lp is not ticket:
-            trips = next((loop_trips[k] for k in lp.lines if k in loop_trips), 1)
+            key = next((k for k in lp.lines if k in loop_trips), None)
+            used.add(key)
             for i in range(lp.start, lp.end + 1):
-                weight[i] *= trips
+                weight[i] *= loop_trips.get(key, 1)
     calls = collections.Counter(m.group(1) for ins, _ in instrs[ticket.start:ticket.end + 1]
                                 if (m := _CALL.search(ins)))  # fmt: skip
     spans = [(ticket.start, ticket.end, 1)] + [(*funcs[name], n) for name, n in calls.items()]
     weighted = [(instrs[i][0], instrs[i][1], weight[i] * n)
                 for first, last, n in spans for i in range(first, last + 1)]  # fmt: skip
-    return ticket, dict(calls), weighted
+    return ticket, dict(calls), weighted, used
 
 
 def disassemble(cubin: bytes) -> str:
@@ -222,6 +233,10 @@ def _print_ticket(text: str, specs: list[str], top: int, callers: bool = False) 
         ticket, calls, total = ticket_count(text, trips)
     except ValueError as e:
         raise SystemExit(f"sass_loops: error: {e}") from None
+    for key in unused_trips(text, trips):
+        print(f"sass_loops: warning: --loop-trips {key}: no loop here has its own code at that "
+              "line, so it counts nothing (moved by an edit, or another kernel's?)",
+              file=sys.stderr)  # fmt: skip
     called = ", ".join(f"{name.split('$')[-1][:40]} x{n}" for name, n in calls.items())
     print(f"ticket loop [{ticket.start}-{ticket.end}] {ticket.instructions} instructions; calls: "
           f"{called or 'none'}; one ticket: {total}")  # fmt: skip
