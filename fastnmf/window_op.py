@@ -25,7 +25,8 @@ graph holds the design it was made with). What the three saved tensors are
 - design 2 (``kernels.window_nmf2``): the iterates, their norms, K (P, E, E: its upper triangle
   packed row by row in the first E (E + 1) / 2 floats of each window's E x E, as
   ``_window2_common._tri`` places it; zeros after);
-- design 3 (``kernels.window_nmf3``): u (P, E), the last iterate (P, E), K as for design 2.
+- design 3 (``kernels.window_nmf3``): u (P, E), the last iterate (P, E), K (P, E, E) whole, row
+  by row (its backward loads each K as a row of E^2).
 
 Tracing: the launches go through ``wrap_triton`` (``kernels._common.launch(kernel, wrap=True)``),
 so torch.compile on CUDA records the kernels themselves in the graph; under the interpreter and
@@ -79,12 +80,12 @@ def _forward(design, x, g0, rowmask, head_dim, patch, shifts, iters, mu):
     if design == 2:
         y, s0, s1, kmat = _kernel_module("window_nmf2")._forward(x, g0, rowmask, geo, iters, mu,
                                                                  save=True, wrap=True)  # fmt: skip
-    else:
+    else:  # the third design's forward writes K whole (its backward loads it as rows of E^2)
         wn3 = _kernel_module("window_nmf3")
-        y, s0, s1, kmat = wn3._fused_forward(x, g0, rowmask, geo, wn3.plane_plan(geo), iters, mu,
-                                             save=True, wrap=True)  # fmt: skip
-    # the kernels write K's packed upper triangle, all their backward reads; an op's outputs are
-    # whole (defined bits: opcheck, repeatable graphs)
+        return wn3._fused_forward(x, g0, rowmask, geo, wn3.plane_plan(geo), iters, mu, save=True,
+                                  wrap=True)  # fmt: skip
+    # the second design's kernels write K's packed upper triangle, all its backward reads; an op's
+    # outputs are whole (defined bits: opcheck, repeatable graphs)
     e = geo.E
     packed = torch.arange(e * e, device=kmat.device).view(e, e) < e * (e + 1) // 2
     return y, s0, s1, torch.where(packed, kmat, 0)
