@@ -30,6 +30,7 @@ from ._window2_bwd import _apply_bwd_window, _parts_bwd_window
 from ._window2_common import _Geometry2, _lanes_rowmask_g, _plane_w0
 from ._window3_bwd_parts_tile import _parts_bwd_tile, bwd_parts_plan
 from ._window3_bwd_tile import _apply_tile, bwd_tile_plan
+from ._window3_power import _iterate_both_to, _kdot, _load_both, _next_both, _normed
 from ._window3_sched import (
     _MAGIC_ARGS,
     Pipeline,
@@ -48,9 +49,6 @@ __all__ = ["backward3"]
 # once and holds them (T - 1 products of K and a vector, not T (T - 1) / 2 recomputing them): a
 # thread holds about 4 values an iterate (its rows, columns and norm; sm_90a, 16 warps, 16 rows)
 _HELD_ITERS = tl.constexpr(8)
-# The fewest rows (shifted windows) a backward solve takes, so that each row's K and S (E^2
-# entries, E = 8) lie in one warp: 2 entries a thread at 16 warps
-_SOLVE_ROWS = tl.constexpr(16)
 # Triton before 3.7 (3.6: the GPU machine's; its ptxas 12.8) compiles the one-shift backward at 64
 # registers and spills (sm_90a, 16 warps, [None]: fp32 48 B, bf16 0-24 B); at the register cap of
 # a thread's share (128) nothing. With more shifts, or with Triton 3.9, the cap spills more (3.6
@@ -68,58 +66,18 @@ def share_cap(nshift: int) -> bool:
 def _solve_chunk(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh, first, plane, NPLANE,
                  flags, flag_ptr, NPL, E: tl.constexpr, NWIN, ITERS: tl.constexpr, NW0, NW1, NW2,
                  MW2, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, SPLITS: tl.constexpr,
-                 NB: tl.constexpr, NSB: tl.constexpr, BLOCK_E: tl.constexpr,
+                 NB: tl.constexpr, NSBP: tl.constexpr, BLOCK_E: tl.constexpr,
                  ACC: tl.constexpr):  # fmt: skip
-    """The backward solves of one ticket (WPP shifted windows of a plane from ``first``);
+    """The backward solves of one ticket (WPP shifted windows of a plane from ``first``, NSBP
+    shift rows each: ``Pipeline.solve_shifts``);
     counts the chunk done and returns the next ticket (as the other passes: ``_fused_bwd_kernel``
     says why)."""
     W0 = _plane_w0(plane, NW0)  # the windows' coordinate along axis 0
-    # at least _SOLVE_ROWS rows (those past the shifts masked): with fewer, a row's E^2 entries
-    # lie across warps (sm_90a, 16 warps, E = 8, [None, 4]'s 8 rows: one entry a thread)
-    NSBP: tl.constexpr = NSB if NSB * NB >= _SOLVE_ROWS else _SOLVE_ROWS // NB
     _solve_bwd_batch(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh, first, plane,
                      NPLANE, E, NWIN, ITERS, NW0, NW1, NW2, MW2, W0, SHIFTS, NSHIFT, SPLITS,
                      NB, NSBP, BLOCK_E, ACC)  # fmt: skip
     _count_done(flags, 1, plane, NPL)
     return tl.atomic_add(flag_ptr, 1)  # the next ticket
-
-
-@triton.jit
-def _normed(v, AX: tl.constexpr):
-    """v / ||v|| and ||v|| for vectors v as rows (NB, 1, E; AX = 2) or columns (NB, E, 1;
-    AX = 1): the norm sums along v's own axis, (NB, 1, 1) in v's layout."""
-    norm = tl.expand_dims(tl.sqrt(tl.sum(v * v, axis=AX)), AX)
-    return tl.where(norm > 0, v / tl.where(norm > 0, norm, 1), 0), norm
-
-
-@triton.jit
-def _kdot(k_mat, v, AX: tl.constexpr):
-    """K v (K symmetric) for v as rows (AX = 2), as columns, or for v as columns (AX = 1), as
-    rows: the product sums along v's axis, and the other axis is left."""
-    return tl.expand_dims(tl.sum(k_mat * v, axis=AX), AX)
-
-
-@triton.jit
-def _next_both(k_mat, row, col):
-    """â_s = K â_{s-1} / ||K â_{s-1}|| as rows and as columns, and each form's norm: each form
-    from the other's (:func:`_kdot`), so that no vector changes layout."""
-    new_row, nr = _normed(_kdot(k_mat, col, 1), 2)
-    new_col, nc = _normed(_kdot(k_mat, row, 2), 1)
-    return new_row, new_col, nr, nc
-
-
-@triton.jit
-def _iterate_both_to(k_mat, h_row, h_col, t):
-    """The forward's power iterates recomputed from K and h: â_{t-1} as rows and columns (zeros
-    at t = 0), â_t as rows and columns, and their norms (:func:`_next_both`)."""
-    row, nr = _normed(h_row, 2)
-    col, nc = _normed(h_col, 1)
-    prev_row = tl.zeros_like(row)
-    prev_col = tl.zeros_like(col)
-    for _s in range(0, t):
-        prev_row, prev_col = row, col
-        row, col, nr, nc = _next_both(k_mat, row, col)
-    return prev_row, prev_col, row, col, nr, nc
 
 
 @triton.jit
@@ -192,7 +150,6 @@ def _solve_bwd_batch(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh, firs
     and h (:func:`_steps_back`): S = K̄ + K̄^T and h̄. K is loaded and S stored as rows of E^2
     (``_load_square_batch``), which keeps every matrix in one warp: no sum crosses warps."""
     e = tl.arange(0, BLOCK_E)
-    i3 = e[None, :, None]
     j3 = e[None, None, :]
     k, om, ok = _solve_rows(first, plane, NPLANE, NB, NSB, NSHIFT)
     ok3 = ok[:, None, None]
@@ -203,8 +160,7 @@ def _solve_bwd_batch(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh, firs
     prog = (bh * NSHIFT + k) * NWIN + om
     prog3 = prog[:, None, None]
     k_mat = _load_square_batch(kmat_ptr, prog, ok, E, BLOCK_E)
-    h_row = tl.load(hsave_ptr + prog3 * E + j3, mask=ok3 & (j3 < E), other=0)
-    h_col = tl.load(hsave_ptr + prog3 * E + i3, mask=ok3 & (i3 < E), other=0)
+    h_row, h_col = _load_both(hsave_ptr, prog, ok, E, BLOCK_E)
     sym, hbar = _steps_back(k_mat, h_row, h_col, grad, ITERS)
     _store_square_batch(sym_ptr, prog, sym, ok, E)
     tl.store(hbar_ptr + prog3 * E + j3, hbar, mask=ok3 & (j3 < E))
@@ -297,7 +253,7 @@ def _fused_bwd_kernel(
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
     BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
     G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, RING: tl.constexpr,
-    OFFS: tl.constexpr, NOFF: tl.constexpr,
+    OFFS: tl.constexpr, NOFF: tl.constexpr, NSBP: tl.constexpr,
     TWAIT: tl.constexpr, SPLITS: tl.constexpr, BTILE: tl.constexpr,
     R1: tl.constexpr, R2: tl.constexpr, WT: tl.constexpr, EAX: tl.constexpr, PTILE: tl.constexpr,
     PD0: tl.constexpr, PD1: tl.constexpr, PD2: tl.constexpr, PROWS0: tl.constexpr,
@@ -328,7 +284,7 @@ def _fused_bwd_kernel(
             _wait_stage(flags, NPL, plane, 1, CPP, OFFS, NOFF, TWAIT)
             t = _solve_chunk(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh, first,
                              plane, NPLANE, flags, flag_ptr, NPL, E, NWIN, ITERS, NW0, NW1, NW2,
-                             MW2, SHIFTS, NSHIFT, SPLITS, WPP, NSB, BLOCK_E,
+                             MW2, SHIFTS, NSHIFT, SPLITS, WPP, NSBP, BLOCK_E,
                              ACC)  # fmt: skip
         else:
             _wait_stage(flags, NPL, plane, 2, CPP, OFFS, NOFF, TWAIT)

@@ -52,6 +52,11 @@ TUNING: dict = {"programs_per_sm": None, "warps": None, "wpp": None, "ring": Non
                 "out_tile": None, "maxnreg": None, "thread_waits": None, "xg0_joined": None,
                 "bwd_parts_joined": None, "run_pairs": None, "bwd_run_pairs": None}
 _PROGRAMS_PER_SM = 1
+# The fewest rows (shifted windows) a solve takes, forward and backward, so that each row's K and
+# S (E^2 entries, E = 8), loaded as rows (``_load_square_batch``), lie in one warp: 2 entries a
+# thread at 16 warps ([None, 4]'s 8 rows leave one, and a matrix spans 2 warps); rows past the
+# shifts are masked
+_SOLVE_ROWS = 16
 # the persistent kernels' magic-number arguments (``Pipeline.magic``; kernels/_fastdiv.py), not
 # specialised: no value recompiles a kernel
 _MAGIC_ARGS = ("MSPB", "MCPP", "MHEADS", "MNPL1", "MW2")
@@ -137,14 +142,6 @@ def xg0_joined() -> bool:
 def thread_waits() -> bool:
     """Whether the waits read their counts in every thread (``_THREAD_WAITS``)."""
     return _THREAD_WAITS if TUNING["thread_waits"] is None else bool(TUNING["thread_waits"])
-
-
-@triton.jit
-def _normalize(a):
-    """(a / ||a||, ||a||) per row of a (NB, BLOCK_E); a zero row stays zero: one power step's
-    normalisation, shared by the forward's solve and the backward's recomputed iterates."""
-    norm = tl.sqrt(tl.sum(a * a, axis=1))
-    return tl.where(norm[:, None] > 0, a / tl.where(norm > 0, norm, 1)[:, None], 0), norm
 
 
 @triton.jit
@@ -569,4 +566,10 @@ class Pipeline:
         offs = wait_offsets(geo.shifts, self.ax)
         return {**geo.block(), "WPP": self.wpp, "RING": self.ring, "OFFS": offs,
                 "NOFF": len(offs), "SPLITS": splits(geo.shifts),
-                "TWAIT": thread_waits()}  # fmt: skip
+                "NSBP": self.solve_shifts(geo), "TWAIT": thread_waits()}  # fmt: skip
+
+    def solve_shifts(self, geo) -> int:
+        """The shift rows NSBP of a ticket's solves (WPP windows each): the shifts NSB, or more
+        (masked) where NSB * WPP is under ``_SOLVE_ROWS``."""
+        nsb = geo.block()["NSB"]
+        return nsb if nsb * self.wpp >= _SOLVE_ROWS else _SOLVE_ROWS // self.wpp

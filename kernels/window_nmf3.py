@@ -39,7 +39,10 @@ of planes 1.. of all heads live in one ring of 3 plane regions, plane 0's in one
 heads) (``_ring_region``, ``_part_slot``; a parts stage first waits for the solves that read what
 its region held, maybe another head's: ``_ring_previous``), so the dead statistics are rewritten in
 L2 instead of being written back to DRAM once per plane or once per head. For the backward the
-solve saves K and h (not the T iterates and norms: the backward recomputes them), and u.
+solve saves K and h (not the T iterates and norms: the backward recomputes them), and u. The
+solve stores K and h (saved, or in scratch rows of its program where nothing is saved) and loads
+them back as rows that keep each matrix in one warp for its power steps, the backward's
+recomputing steps (kernels/_window3_power.py): the same operations on the same layouts.
 
 Static figures (sm_90a, 2x32x128^3, E = P = 8, T = 5; kernels/DESIGNS.md): 16 warps,
 one program per SM; forward 103-128 registers (ptxas's cap at a thread's share:
@@ -79,11 +82,11 @@ from ._window2_common import _Geometry2, _lanes_rowmask_g, _plane_w0, geometry
 from ._window3_bwd import backward3
 from ._window3_out_tile import _apply_fwd_tile, out_tile_plan
 from ._window3_parts import _parts_chunk_merged
+from ._window3_power import _power_u
 from ._window3_sched import (
     _MAGIC_ARGS,
     Pipeline,
     _count_done,
-    _normalize,
     _part_slot,
     _ring_previous,
     _solve_rows,
@@ -102,34 +105,48 @@ __all__ = ["window_nmf3", "fused_plan"]
 def _solve_batch(kpart_ptr, hpart_ptr, u_ptr, hsave_ptr, kmat_ptr, bh, first, plane,
                  E: tl.constexpr, NWIN, ITERS, NW0, NW1, NW2, MW2, NPLANE, NPL,
                  SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, SPLITS: tl.constexpr,
-                 NB: tl.constexpr, NSB: tl.constexpr, BLOCK_E: tl.constexpr, SAVE: tl.constexpr,
-                 ACC: tl.constexpr, RING: tl.constexpr, MERGE: tl.constexpr,
-                 PAX: tl.constexpr):  # fmt: skip
+                 NB: tl.constexpr, NSB: tl.constexpr, NSBP: tl.constexpr,
+                 BLOCK_E: tl.constexpr, SAVE: tl.constexpr, ACC: tl.constexpr,
+                 RING: tl.constexpr, MERGE: tl.constexpr, PAX: tl.constexpr):  # fmt: skip
     """The second design's solve (``_solve_kernel``) for a ticket's NB shifted windows from
     ``first`` under every shift at once (the rows of :func:`_solve_rows`): the part sums, the
-    power steps, u. With SAVE, K (whole, row by row: the backward loads it as rows of E^2) and h
-    for the backward, which recomputes the iterates from them (``_steps_back`` in
-    _window3_bwd.py) instead of reading T + 1 saved vectors. With MERGE the parts pass merged
-    neighbours' parts. Not inlined: inlined, values of the kernel's prologue it uses were hoisted
-    out of the ticket loop and spilled (sm_90a, Triton 3.9, fp32 [None, 2, 4, 6]: 40 B)."""
+    power steps, u. K (whole, row by row) and h are stored (with SAVE in the windows' slots, for
+    the backward, which recomputes the iterates from them; else in this program's scratch rows:
+    :func:`_k_slot`) and loaded back as rows of E^2 for the power steps
+    (``_window3_power._power_u``, NSBP shift rows): summed from the parts, K lies across warps,
+    and the steps' sums and layout changes went through shared memory (sm_90a, Triton 3.6, a
+    ticket's forward: [None, 2, 4, 6] fp32 100 -> 78 CTA barriers, 4,250 -> 4,379 instructions;
+    [None, 4] 80 -> 58). With MERGE the parts pass merged neighbours' parts. Not inlined:
+    inlined, values of the kernel's prologue it uses were hoisted out of the ticket loop and
+    spilled (sm_90a, Triton 3.9, fp32 [None, 2, 4, 6]: 40 B)."""
     W0 = _plane_w0(plane, NW0)  # the windows' coordinate along axis 0
     e = tl.arange(0, BLOCK_E)
     k, om, ok = _solve_rows(first, plane, NPLANE, NB, NSB, NSHIFT)
-    m2 = ok[:, None] & (e[None, :] < E)
     k_mat, h = _sum_parts_rows(hpart_ptr, kpart_ptr, bh, om, ok, k, NWIN, NW0, NW1, NW2, NPLANE,
                                NPL, SHIFTS, NSHIFT, SPLITS, E, NSB * NB, BLOCK_E, ACC, True, RING,
                                MERGE, NB, MW2, W0, PAX)  # fmt: skip
+    slot = _k_slot((bh * NSHIFT + k) * NWIN + om, NSBP * NB, SAVE)
+    e3 = e[None, :, None] * E + e[None, None, :]  # stored in the sums' layout, row by row
+    tl.store(kmat_ptr + slot[:, None, None] * (E * E) + e3, k_mat,
+             mask=ok[:, None, None] & (e[None, :, None] < E) & (e[None, None, :] < E))
+    tl.store(hsave_ptr + slot[:, None] * E + e[None, :], h, mask=ok[:, None] & (e[None, :] < E))
+    tl.debug_barrier()  # every thread's stores before any thread's loads: one CTA barrier
+    k, om, ok = _solve_rows(first, plane, NPLANE, NB, NSBP, NSHIFT)
     prog = (bh * NSHIFT + k) * NWIN + om
-    if SAVE:  # K and h for the backward
-        e3 = e[None, :, None] * E + e[None, None, :]  # K whole, row by row (the backward's rows)
-        tl.store(kmat_ptr + prog[:, None, None] * (E * E) + e3, k_mat,
-                 mask=ok[:, None, None] & (e[None, :, None] < E) & (e[None, None, :] < E))
-    a_hat, _ = _normalize(h)
-    for _t in range(1, ITERS):
-        a_hat, _ = _normalize(tl.sum(k_mat * a_hat[:, None, :], axis=2))
-    tl.store(u_ptr + prog[:, None] * E + e[None, :], a_hat, mask=m2)
+    u = _power_u(kmat_ptr, hsave_ptr, _k_slot(prog, NSBP * NB, SAVE), ok, ITERS, E, BLOCK_E)
+    j3 = e[None, None, :]
+    tl.store(u_ptr + prog[:, None, None] * E + j3, u, mask=ok[:, None, None] & (j3 < E))
+
+
+@triton.jit
+def _k_slot(prog, NR: tl.constexpr, SAVE: tl.constexpr):
+    """Where the solve rows of the shifted windows ``prog`` keep K and h: the windows' own slots
+    (SAVE: the backward's), else this program's NR scratch rows (row r of :func:`_solve_rows` at
+    r, so that rows of either count find the same slots)."""
     if SAVE:
-        tl.store(hsave_ptr + prog[:, None] * E + e[None, :], h, mask=m2)
+        return prog
+    else:
+        return tl.program_id(0) * NR + tl.arange(0, prog.shape[0])
 
 
 @triton.jit(noinline=True)
@@ -190,7 +207,7 @@ def _fused_kernel(
     G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, NPB: tl.constexpr,
     SAVE: tl.constexpr, RING: tl.constexpr, OFFS: tl.constexpr, NOFF: tl.constexpr,
-    TWAIT: tl.constexpr, SPLITS: tl.constexpr, PAX: tl.constexpr,
+    NSBP: tl.constexpr, TWAIT: tl.constexpr, SPLITS: tl.constexpr, PAX: tl.constexpr,
     MERGE: tl.constexpr, TILE: tl.constexpr, TD0: tl.constexpr, TD1: tl.constexpr,
     TD2: tl.constexpr, ROWS0: tl.constexpr, XG0F: tl.constexpr, XG0J: tl.constexpr,
     OTILE: tl.constexpr,
@@ -245,7 +262,7 @@ def _fused_kernel(
             _wait_stage(flags, NPL, plane, 1, CPP, OFFS, NOFF, TWAIT)
             _solve_batch(kpart_ptr, hpart_ptr, u_ptr, hsave_ptr, kmat_ptr, bh, first, plane, E,
                          NWIN, ITERS, NW0, NW1, NW2, MW2, NPLANE, NPL, SHIFTS, NSHIFT,
-                         SPLITS, WPP, NSB, BLOCK_E, SAVE, ACC, RING, MERGE, PAX)  # fmt: skip
+                         SPLITS, WPP, NSB, NSBP, BLOCK_E, SAVE, ACC, RING, MERGE, PAX)  # fmt: skip
         else:
             _wait_stage(flags, NPL, plane, 2, CPP, OFFS, NOFF, TWAIT)
             if OTILE:  # the ticket's windows as tiles (kernels/_window3_out_tile.py)
@@ -281,8 +298,10 @@ def _fused_forward(x, g0, rowmask, geo: _Geometry2, plan, iters: int, mu: bool, 
     kpart = torch.empty(pipe.part_slots, geo.E, geo.E, dtype=f32, device=dev)  # unused: unread
     hpart = torch.empty(pipe.part_slots, geo.E, dtype=f32, device=dev)
     u = torch.empty(geo.progs, geo.E, dtype=f32, device=dev)
-    h = torch.empty(geo.progs, geo.E, dtype=f32, device=dev) if save else u
-    kmat = torch.empty(geo.progs, geo.E, geo.E, dtype=f32, device=dev) if save else u
+    # K and h: saved for the backward, else the solves' scratch rows, a program's own
+    rows = geo.progs if save else pipe.grid[0] * pipe.solve_shifts(geo) * pipe.wpp
+    h = torch.empty(rows, geo.E, dtype=f32, device=dev)
+    kmat = torch.empty(rows, geo.E, geo.E, dtype=f32, device=dev)
     y = torch.empty_like(x)
     dot = geo.dot(acc, mu)
     tiles = {**tile_plan(geo, dot, pipe.wpp, pipe.warps()),

@@ -125,6 +125,22 @@ def test_design3_backward_holds_the_recomputed_iterates(gen, design3, monkeypatc
     assert torch.equal(held, recomputed)
 
 
+@pytest.mark.parametrize("shifts", [[None], [None, 4], [None, 2, 4, 6]])
+@pytest.mark.parametrize("wpp", [2, 4, 16])
+def test_solves_take_the_rows_that_keep_a_matrix_in_a_warp(monkeypatch, shifts, wpp):
+    """Both solves take every shift of a ticket's windows (NSB) and, where those are fewer than
+    ``_SOLVE_ROWS``, masked rows up to it (NSBP): K, loaded as rows of E^2, then lies in one warp;
+    the forward's inference scratch holds that many rows a program."""
+    monkeypatch.setitem(sched.TUNING, "wpp", wpp)
+    x = torch.empty(1, 8, 16, 16, 64, device="meta")
+    geo = common._Geometry2(x, 8, (8, 8, 8), shifts)
+    pipe = sched.Pipeline(geo, sched.fused_plan(tuple(geo.NW), geo.shifts), x.device)
+    block = pipe.block(geo)
+    nsb, nsbp = block["NSB"], block["NSBP"]
+    assert block["WPP"] == wpp and nsb == len(shifts)
+    assert nsbp * wpp == max(nsb * wpp, sched._SOLVE_ROWS)
+
+
 def test_launch_options_register_cap(monkeypatch):
     """The untiled forward's register cap is a thread's share of the register file at the
     programs per SM (Triton 3.6's ptxas otherwise gives the [None] bf16 forward 64 registers and
