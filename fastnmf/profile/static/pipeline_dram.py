@@ -10,10 +10,12 @@ ticket touching *blocks* (one chunk of WPP windows of a tensor, or the statistic
 - forward: parts(p, c) reads x[p, c] and writes the chunk's part statistics (K's upper triangle
   and X g0 per part; planes 1.. of every head in one ring of plane regions, plane 0 in one of two
   regions, alternate heads: rewritten while in L2); solve(p, c) reads the statistics of the
-  planes it needs and writes u, h and K of its shifted windows; apply(p, c) reads x[p, c] and the
+  planes it needs and writes u, h and K of its shifted windows (K and h read back at once: the
+  same block, in L2); apply(p, c) reads x[p, c] and the
   solves of the planes it needs and writes y[p, c];
 - backward: parts reads x, dy and u, h, K (the forward's, one block), writes the ū parts; solve
-  reads them and u, h, K (recomputing the iterates), writes S and h̄; apply reads x, dy, u, S, h̄
+  reads them and u, h, K (recomputing the iterates), writes S and h̄ (ū through h̄'s slots
+  first: the same block); apply reads x, dy, u, S, h̄
   and writes dx.
 
 L2 is one LRU of whole blocks in bytes: a read of a block not resident reads it from DRAM; a
