@@ -2,8 +2,10 @@
 kernels/_window3_bwd.py's, which recomputes the forward's iterates): every vector held as rows
 (NB, 1, E) and as columns (NB, E, 1), each form from the other by a product with the symmetric K,
 so that no vector changes layout; with K loaded as rows of E^2 (``_load_square_batch``), a matrix
-lies in one warp and no sum crosses warps. The forward and the backward run the same operations
-on the same layouts, so the backward's recomputed iterates are the forward's.
+lies in one warp and no sum crosses warps. The forward and the backward run these same
+operations on the same rows (``Pipeline.solve_shifts``), so that the backward recomputes the
+forward's iterates (bit for bit under the interpreter; compiled, where both kernels contract
+their products alike).
 """
 
 from __future__ import annotations
