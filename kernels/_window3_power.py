@@ -71,11 +71,9 @@ def _load_both(ptr, slot, ok, E: tl.constexpr, BLOCK_E: tl.constexpr):
 @triton.jit
 def _power_u(kmat_ptr, hsave_ptr, slot, ok, ITERS, E: tl.constexpr, BLOCK_E: tl.constexpr):
     """u = â_T (rows, (NB, 1, BLOCK_E)) of the power steps â_1 = h / ||h||, â_t = K â_{t-1} /
-    ||K â_{t-1}|| for the rows ok, K and h loaded from their slots (:func:`_next_both`)."""
+    ||K â_{t-1}|| for the rows ok, K and h loaded from their slots: the backward's recomputation
+    (:func:`_iterate_both_to`)."""
     k_mat = _load_square_batch(kmat_ptr, slot, ok, E, BLOCK_E)
     h_row, h_col = _load_both(hsave_ptr, slot, ok, E, BLOCK_E)
-    row, _ = _normed(h_row, 2)
-    col, _ = _normed(h_col, 1)
-    for _t in range(1, ITERS):
-        row, col, _, _ = _next_both(k_mat, row, col)
+    _, _, row, _, _, _ = _iterate_both_to(k_mat, h_row, h_col, ITERS - 1)
     return row
