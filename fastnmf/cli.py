@@ -85,6 +85,17 @@ def cmd_bench_layer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cuda_device() -> str:
+    """The first CUDA device, with what the kernels' static model assumes of it (SMs, L2: the
+    DRAM estimate's capacity, kernels/DESIGNS.md), or "none"."""
+    if not torch.cuda.is_available():
+        return "none"
+    p = torch.cuda.get_device_properties(0)
+    l2 = getattr(p, "L2_cache_size", 0)
+    return (f"{torch.cuda.get_device_name(0)} (sm_{p.major}{p.minor}, {p.multi_processor_count} "
+            f"SMs, L2 {l2 / 2**20:g} MiB, {p.total_memory / 2**30:.0f} GiB)")  # fmt: skip
+
+
 def cmd_info(_args: argparse.Namespace) -> int:
     """Print versions and the devices and kernels available here."""
     from . import __version__
@@ -96,8 +107,7 @@ def cmd_info(_args: argparse.Namespace) -> int:
         print(f"triton {triton.__version__}")
     except ImportError:
         print("triton: not installed")
-    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    print(f"CUDA device: {cuda}")
+    print(f"CUDA device: {_cuda_device()}")
     print(f"kernels: {', '.join(C.KERNELS)} (auto = triton on CUDA, torch otherwise)")
     return 0
 

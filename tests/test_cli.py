@@ -2,6 +2,9 @@
 
 import subprocess
 import sys
+import types
+
+import torch
 
 from fastnmf.cli import main
 
@@ -18,6 +21,19 @@ def test_help_lists_subcommands(capsys):
 def test_info(capsys):
     assert main(["info"]) == 0
     assert "kernels:" in capsys.readouterr().out
+
+
+def test_info_names_the_gpus_sms_and_l2(monkeypatch, capsys):
+    """What the static model assumes of the GPU (kernels/DESIGNS.md: the L2 decides the DRAM
+    estimate), printed where the GPU session's setup logs it."""
+    props = types.SimpleNamespace(major=9, minor=0, multi_processor_count=132,
+                                  L2_cache_size=50 * 2**20, total_memory=80 * 2**30)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i=0: props)
+    assert main(["info"]) == 0
+    assert ("CUDA device: NVIDIA H100 80GB HBM3 (sm_90, 132 SMs, L2 50 MiB, 80 GiB)"
+            in capsys.readouterr().out)
 
 
 def test_bench_layer_runs_and_kernels_agree(capsys):

@@ -40,7 +40,9 @@ LINE = 128
 SECTOR = 32
 
 # target: (L2 bytes, SMs). H100/H200 (sm_90a): DESIGN.md takes 60 MB for the H200 (the H100 SXM
-# enables 50 MB); A100 (sm_80): 40 MB, 108 SMs.
+# enables 50 MB of the die's 60; the H200's datasheet gives no L2 size, and `fastnmf info` prints
+# the device's, which the GPU session's setup logs); A100 (sm_80): 40 MB, 108 SMs. At 50 MB the
+# third design's fp32 backward estimate is 1.6-1.7x (kernels/DESIGNS.md).
 TARGETS = {"sm_90a": (60 * 2**20, 132), "sm_80": (40 * 2**20, 108)}
 
 
