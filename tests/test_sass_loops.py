@@ -131,6 +131,24 @@ def test_ticket_counts_one_trip_with_its_calls_and_loops(tmp_path, capsys):
         sass_loops.main([str(path), "--ticket", "--loop-trips", "k.py:20"])
 
 
+def test_ticket_counts_the_calls_of_called_functions():
+    """A function that $f calls ($g, 2 instructions) counts once per call of $f (twice a ticket):
+    22 + 2 x 2 = 26 with the trips; a function that calls itself is an error, not a hang."""
+    text = TICKET.replace(
+        "        /*00c0*/                   RET.REL.NODEC R20 `(k) ;\n",
+        "        /*00b8*/                   CALL.REL.NOINC `($k$g) ;\n"
+        "        /*00c0*/                   RET.REL.NODEC R20 `(k) ;\n"
+        "$k$g:\n"
+        "        /*00d0*/                   FADD R3, R3, R3 ;\n"
+        "        /*00e0*/                   RET.REL.NODEC R20 `(k) ;\n")  # fmt: skip
+    _, calls, total = sass_loops.ticket_count(text, {"k.py:20": 3, "f.py:30": 2})
+    # $f: 5 instructions now (its CALL), the loop's 2 once more: 7; $g: 2
+    assert (calls, total) == ({"$k$f": 2, "$k$g": 2}, 6 + 4 + 2 * 7 + 2 * 2)
+    loop = text.replace("CALL.REL.NOINC `($k$g)", "CALL.REL.NOINC `($k$f)")
+    with pytest.raises(ValueError, match="recursive call"):
+        sass_loops.ticket_count(loop, {})
+
+
 def test_ticket_warns_of_loop_trips_that_count_nothing(tmp_path, capsys):
     """A --loop-trips line that no loop but the ticket loop has its own code at (a line an edit
     moved: k.py:21; the ticket loop's own k.py:10) sets no trips: named on stderr, and the count

@@ -177,10 +177,29 @@ def ticket_ops(text: str, loop_trips: dict[str, int], kind: str,
     return ops
 
 
+def _with_nested_calls(instrs, funcs: dict, calls: collections.Counter) -> collections.Counter:
+    """``calls`` (function -> calls a ticket) plus the calls those functions make, each call site
+    once per call of its function, down the call graph (depth-first; a cycle is an error)."""
+    total: collections.Counter = collections.Counter()
+
+    def visit(name: str, n: int, path: tuple) -> None:
+        if name in path:
+            raise ValueError(f"recursive call in the SASS: {' -> '.join(path + (name,))}")
+        total[name] += n
+        first, last = funcs[name]
+        for ins, _ in instrs[first:last + 1]:
+            if m := _CALL.search(ins):
+                visit(m.group(1), n, path + (name,))
+
+    for name, n in calls.items():
+        visit(name, n, ())
+    return total
+
+
 def _ticket_weights(text: str, loop_trips: dict[str, int], callers: bool = False):
     """(ticket loop, calls, [(instruction, file:line, times one ticket issues it)], the
     ``loop_trips`` keys used): the ticket loop's own instructions, then each called function's
-    once per call."""
+    once per call (also the functions they call: :func:`_with_nested_calls`)."""
     instrs, _ = parse_sass(text, callers)
     funcs = _functions(text)
     own_end = min((s for s, _ in funcs.values()), default=len(instrs))
@@ -199,6 +218,7 @@ def _ticket_weights(text: str, loop_trips: dict[str, int], callers: bool = False
                 weight[i] *= loop_trips.get(key, 1)
     calls = collections.Counter(m.group(1) for ins, _ in instrs[ticket.start:ticket.end + 1]
                                 if (m := _CALL.search(ins)))  # fmt: skip
+    calls = _with_nested_calls(instrs, funcs, calls)
     spans = [(ticket.start, ticket.end, 1)] + [(*funcs[name], n) for name, n in calls.items()]
     weighted = [(instrs[i][0], instrs[i][1], weight[i] * n)
                 for first, last, n in spans for i in range(first, last + 1)]  # fmt: skip
