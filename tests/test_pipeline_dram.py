@@ -143,3 +143,23 @@ def test_merged_parts_are_fewer_statistics_written_and_read():
         got = sum(off.args[a][side] - on.args[a][side] for a in ("kpart_ptr", "hpart_ptr"))
         assert got == fewer, side
     assert on.args["x_ptr"] == off.args["x_ptr"] and on.args["y_ptr"] == off.args["y_ptr"]
+
+
+def test_smaller_l2_notes_give_the_third_designs_estimates_at_an_h100s_l2(monkeypatch):
+    """The report notes each third-design case's persistent DRAM estimate with the smaller L2 of
+    the target's GPUs (l2.SMALLER_L2: an H100's 50 MB for sm_90a), the same figures as
+    pipeline_dram with that capacity; none for a target without one or another design. The
+    override itself: the target's own L2 gives the default estimate, no L2 reads x twice."""
+    case = CASES[0]
+    default = pipeline_dram.pipeline_dram(case, "bwd")
+    own = pipeline_dram.pipeline_dram(case, "bwd", l2_bytes=pipeline_dram.TARGETS["sm_90a"][0])
+    assert own == default
+    assert pipeline_dram.pipeline_dram(case, "bwd", l2_bytes=0)["read"] > default["read"]
+    monkeypatch.setitem(pipeline_dram.SMALLER_L2, "sm_90a", ("a GPU", 0))  # no L2 at all
+    other = dataclasses.replace(case, design=2)
+    notes = pipeline_dram.smaller_l2_notes([case, other], ("sm_90a", "sm_80"))
+    assert len(notes) == 1 and notes[0].startswith(f"sm_90a, {case.id}:")
+    est = {p: pipeline_dram.pipeline_dram(case, p, l2_bytes=0)["dram_over_ideal"]
+           for p in ("fwd", "bwd")}  # fmt: skip
+    assert f"forward {est['fwd']:.2f}x, backward {est['bwd']:.2f}x" in notes[0]
+    assert "a GPU's 0 MB L2 (the table: 60 MB)" in notes[0]

@@ -34,10 +34,10 @@ import math
 
 import torch
 
-from .cases import DTYPES, StaticCase, ideal_bytes
-from .l2 import TARGETS
+from .cases import DTYPES, StaticCase, ideal_bytes, selected_design
+from .l2 import SMALLER_L2, TARGETS
 
-__all__ = ["pipeline_dram", "persistent_programs", "ticket_blocks"]
+__all__ = ["pipeline_dram", "persistent_programs", "ticket_blocks", "smaller_l2_notes"]
 
 F32 = 4
 
@@ -161,10 +161,12 @@ def ticket_blocks(case: StaticCase, pass_: str):
 
 
 def pipeline_dram(case: StaticCase, pass_: str, *, target: str = "sm_90a",
-                  programs_per_sm: int = 1) -> dict:  # fmt: skip
+                  programs_per_sm: int = 1, l2_bytes: int | None = None) -> dict:  # fmt: skip
     """DRAM bytes read and written by the persistent launch of ``case``'s ``pass_`` ("fwd" or
-    "bwd") at its own shape, and the ratio to the ideal (see the module docstring)."""
-    l2_bytes, sms = TARGETS[target]
+    "bwd") at its own shape, and the ratio to the ideal (see the module docstring); ``l2_bytes``
+    in place of the target's L2."""
+    target_l2, sms = TARGETS[target]
+    l2_bytes = target_l2 if l2_bytes is None else l2_bytes
     tickets = ticket_blocks(case, pass_)
     inflight = sms * programs_per_sm * max(sum(b for _, b, _ in t) for t in tickets)
     capacity = l2_bytes - inflight
@@ -189,3 +191,31 @@ def pipeline_dram(case: StaticCase, pass_: str, *, target: str = "sm_90a",
     return dict(read=read, written=written, dram_bytes=read + written, ideal_bytes=ideal,
                 dram_over_ideal=(read + written) / ideal, capacity=capacity,
                 inflight=inflight)  # fmt: skip
+
+
+def smaller_l2_notes(cases, targets) -> list[str]:
+    """For each target with a smaller L2 among its GPUs (``l2.SMALLER_L2``) and each case that
+    runs the third design's persistent launches: that launch's DRAM estimate with the smaller L2,
+    forward, backward and both (the report's column takes the target's own)."""
+    notes = []
+    for target in targets:
+        if target not in SMALLER_L2:
+            continue
+        gpu, l2_bytes = SMALLER_L2[target]
+        for case in cases:
+            if (case.mode, case.rank, case.design) != ("window", 1, 3):
+                continue
+            try:
+                with selected_design(case):
+                    est = {p: pipeline_dram(case, p, target=target, l2_bytes=l2_bytes)
+                           for p in ("fwd", "bwd")}  # fmt: skip
+            except ValueError:  # no fused plan: the second design runs
+                continue
+            both = sum(e["dram_bytes"] for e in est.values()) / sum(
+                e["ideal_bytes"] for e in est.values())
+            notes.append(f"{target}, {case.id}: the persistent launches' DRAM estimate with "
+                         f"{gpu}'s {l2_bytes / 2**20:g} MB L2 (the table: "
+                         f"{TARGETS[target][0] / 2**20:g} MB): forward "
+                         f"{est['fwd']['dram_over_ideal']:.2f}x, backward "
+                         f"{est['bwd']['dram_over_ideal']:.2f}x, both {both:.2f}x")  # fmt: skip
+    return notes

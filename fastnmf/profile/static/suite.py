@@ -119,6 +119,9 @@ def run_static(*, targets=("sm_90a", "sm_80"), out, parts=PARTS, quick: bool = F
     if "traffic" in parts:
         say("traffic: counting bytes ...")
         launches, traffic_calls = _with_traffic(cases, targets, launches, doc["notes"])
+        from .pipeline_dram import smaller_l2_notes
+
+        doc["notes"] += smaller_l2_notes(cases, targets)
     doc["launches"] = launches
     doc["calls"] = _call_rows(cases, targets, launches, kernel_calls, traffic_calls)
     if "steps" in parts:
