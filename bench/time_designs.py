@@ -147,6 +147,10 @@ VARIANTS = [
     # (BraTS, Triton 3.6 fp32, `sass_loops --ticket`); off by default until timed here
     ("design 3, four tiles, thread waits", 3,
      {**_tiles(True, True, True, True), "thread_waits": True}),
+    # 2 windows a ticket: half the bytes in flight. The DRAM model fits the fp32 backward in an
+    # H100's 50 MB L2 only so (1.67x -> 1.11x with BraTS), for 28 % / 52 % more backward /
+    # forward instructions a window (Triton 3.6; kernels/DESIGNS.md): which bound comes first
+    ("design 3, four tiles, 2 windows a ticket", 3, {**_tiles(True, True, True, True), "wpp": 2}),
     # the ticket tile's X g0 as one product for all the shifts (one operand staged, not one a
     # shift): a ticket's forward 100 -> 84 CTA barriers, 4,375 -> 4,014 instructions with BraTS,
     # but 24 B of spills (Triton 3.6 fp32); [None, 4] 80 -> 76; off by default until timed here
@@ -175,7 +179,8 @@ VARIANTS = [
 # (and the forward apply on its tile too), design 3 untiled and with four tiles (three: 2-10 %
 # slower than four on the H200, bench/results/h200_2026-12-04/), with
 # four tiles and its parts unmerged (fewer instructions, more bytes), with four tiles and its
-# waits in every thread (fewer CTA barriers), with its X g0 one product for all the shifts
+# waits in every thread (fewer CTA barriers), with 2 windows a ticket (an H100's L2), with its X
+# g0 one product for all the shifts
 # (fewer CTA barriers and instructions, a few spilled registers), with its backward parts a
 # product a shift (the default before 2026-12-05), its output passes a run a thread (the
 # forward's default before 2026-12-05) or two in the backward too, with 8 warps, with 2
@@ -187,6 +192,7 @@ SHORTLIST = ("design 1", "design 2", "design 2, 16 warps, 64 registers", "design
              "design 2, 2 stages, prefetch", "design 2, three tiles",
              "design 2, four tiles", "design 3, four tiles, parts unmerged", "design 3, untiled",
              "design 3, four tiles", "design 3, four tiles, thread waits",
+             "design 3, four tiles, 2 windows a ticket",
              "design 3, four tiles, X g0 joined",
              "design 3, four tiles, backward parts a shift at a time",
              "design 3, four tiles, a run a thread", "design 3, four tiles, backward run pairs",

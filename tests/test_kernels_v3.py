@@ -66,6 +66,38 @@ def test_design3_fp32_matches_reference(gen, design3, device, shape, head_dim, p
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", [CASES[1], CASES[5]], ids=["brats-mu", "none4-hals"])
+def test_design3_two_windows_a_ticket_matches_reference(gen, design3, monkeypatch, device, case):
+    """2 windows a ticket (``TUNING["wpp"] = 2``: half the bytes in flight, the variant that an
+    H100's L2 may want; bench/time_designs.py times it) computes what 4 do."""
+    shape, head_dim, patch, shifts, solver, iters, zero, zero_g0 = case
+    monkeypatch.setitem(sched.TUNING, "wpp", 2)
+    seen = []
+    for module, name in ((wn3, "_fused_kernel"), (bwd3, "_fused_bwd_kernel")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, _WppSpy(real, seen))
+    x, v0, dy = nmf_inputs(gen, shape, patch, zero_windows=zero, zero_g0=zero_g0)
+    kw = dict(head_dim=head_dim, patch_size=patch, shifts=shifts, solver=solver, iters=iters)
+    dx, dx_ref = fp32_against_reference(x, v0, dy, device, **kw)
+    assert rel_err(dx, dx_ref) <= 1e-4
+    assert seen == [2, 2]  # both persistent kernels ran, at 2 windows a ticket
+
+
+class _WppSpy:
+    """Stands in for a persistent kernel: records the WPP of each launch, then launches it."""
+
+    def __init__(self, kernel, seen):
+        self.kernel, self.seen = kernel, seen
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.seen.append(kwargs["WPP"])
+            return self.kernel[grid](*args, **kwargs)
+
+        return run
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_design3_matches_design2(gen, monkeypatch, device):
     """In float64 the fused forward and backward (batched solves) give the second design's output
     and gradient."""
