@@ -152,10 +152,15 @@ VARIANTS = [
     # forward instructions a window (Triton 3.6; kernels/DESIGNS.md): which bound comes first
     ("design 3, four tiles, 2 windows a ticket", 3, {**_tiles(True, True, True, True), "wpp": 2}),
     # the ticket tile's X g0 as one product for all the shifts (one operand staged, not one a
-    # shift): a ticket's forward 100 -> 84 CTA barriers, 4,375 -> 4,014 instructions with BraTS,
-    # but 24 B of spills (Triton 3.6 fp32); [None, 4] 80 -> 76; off by default until timed here
+    # shift): the default with the BraTS shifts since 2026-12-05 (evening); with [None, 4] a
+    # ticket's forward 2,464 -> 2,633 instructions, 58 -> 56 CTA barriers (Triton 3.6 fp32)
     ("design 3, four tiles, X g0 joined", 3,
      {**_tiles(True, True, True, True), "xg0_joined": True}),
+    # the default before 2026-12-05 (evening) with the BraTS shifts: X g0 a product a shift, the
+    # parts tile inlined (4,379 instructions and 78 CTA barriers a ticket forward against 4,162
+    # and 64 joined, Triton 3.6 fp32)
+    ("design 3, four tiles, X g0 a product a shift", 3,
+     {**_tiles(True, True, True, True), "xg0_joined": False}),
     # the backward parts tile a product a shift (as timed on the H200 in 2026-12-04), not one
     # for all the shifts (the default before Triton 3.7: a ticket's backward 99 -> 75 CTA
     # barriers, 5,140 -> 4,731 instructions with BraTS, Triton 3.6 fp32, no spill)
@@ -180,8 +185,8 @@ VARIANTS = [
 # slower than four on the H200, bench/results/h200_2026-12-04/), with
 # four tiles and its parts unmerged (fewer instructions, more bytes), with four tiles and its
 # waits in every thread (fewer CTA barriers), with 2 windows a ticket (an H100's L2), with its X
-# g0 one product for all the shifts
-# (fewer CTA barriers and instructions, a few spilled registers), with its backward parts a
+# g0 one product for all the shifts and a product a shift (the default has the one with BraTS,
+# the other with [None, 4]), with its backward parts a
 # product a shift (the default before 2026-12-05), its output passes a run a thread (the
 # forward's default before 2026-12-05) or two in the backward too, with 8 warps, with 2
 # programs of 8 warps an SM (no spills with Triton 3.6:
@@ -194,6 +199,7 @@ SHORTLIST = ("design 1", "design 2", "design 2, 16 warps, 64 registers", "design
              "design 3, four tiles", "design 3, four tiles, thread waits",
              "design 3, four tiles, 2 windows a ticket",
              "design 3, four tiles, X g0 joined",
+             "design 3, four tiles, X g0 a product a shift",
              "design 3, four tiles, backward parts a shift at a time",
              "design 3, four tiles, a run a thread", "design 3, four tiles, backward run pairs",
              "design 3, 8 warps",

@@ -43,7 +43,7 @@ PASSES = ("parts", "solve", "apply")
 # a cap on the registers a thread (ptxas ``.maxnreg``; None: the untiled forward's is its share
 # of the register file, the others none: ``Pipeline.launch``), whether the waits read their
 # counts in every thread (None: ``_THREAD_WAITS``), whether the ticket tile's X g0 takes one
-# product for all its shifts (None: ``_XG0_JOINED``), whether the backward parts tile does
+# product for all its shifts (None: ``xg0_joined``), whether the backward parts tile does
 # (None: kernels/_window3_bwd_parts_tile.py's ``_JOINED``), and whether the forward's / the
 # backward's output-pass run tile gives a thread two runs of one sub-box (None: ``_RUN_PAIRS`` /
 # ``_BWD_RUN_PAIRS``)
@@ -104,10 +104,13 @@ _INTERPRET = tl.constexpr(INTERPRET)  # kernels/_common.py: Triton's CPU interpr
 _THREAD_WAITS = False
 # Whether the ticket tile's X g0 (kernels/_window3_tile.py, ``_tile_xg0_joined``; 2 or 4 shifts)
 # takes every shift's sub-box sums side by side along one product's contraction, one operand
-# staged through shared memory instead of one a shift: sm_90a, Triton 3.6, fp32 [None, 2, 4, 6],
-# a ticket's forward 100 -> 84 CTA barriers, 4,375 -> 4,019 instructions, but 24 B of spills
-# (bf16 16 B; Triton 3.9 72 B); [None, 4] 80 -> 76, no spill. Off until a GPU has timed it
-_XG0_JOINED = False
+# staged through shared memory instead of one a shift. The third design does with 4 shifts,
+# where its parts tile is then a call of its own (window_nmf3._parts_tile_chunk: inlined, the
+# kernel's ticket values spilled, 16-24 B): sm_90a, fp32 [None, 2, 4, 6], a ticket's forward,
+# Triton 3.6 4,379 -> 4,162 instructions, 78 -> 64 CTA barriers (bf16 4,483 -> 4,266, 78 -> 64),
+# Triton 3.9 3,932 -> 3,946 and 78 -> 68, no spill. Not with [None, 4] (2,464 -> 2,633
+# instructions, 58 -> 56 barriers), nor in the second design (its parts kernel: the knob only)
+_XG0_JOINED_SHIFTS = (4,)
 # Whether the output passes' run tiles (the forward's, kernels/_window3_out_tile.py; the
 # backward's, _window3_bwd_tile.py) give each thread the runs at q1 and q1 + 1 of one sub-box
 # (``run_tile_geometry``'s R1 = 2), which lie in the same part of every shift: their u (and
@@ -134,9 +137,13 @@ def wpp() -> int:
     return TUNING["wpp"] or _WPP
 
 
-def xg0_joined() -> bool:
-    """Whether the ticket tile's X g0 is one product for all its shifts (``_XG0_JOINED``)."""
-    return _XG0_JOINED if TUNING["xg0_joined"] is None else bool(TUNING["xg0_joined"])
+def xg0_joined(nshift: int | None = None) -> bool:
+    """Whether the ticket tile's X g0 is one product for all its shifts: ``TUNING["xg0_joined"]``
+    where set, else for the third design's ``nshift`` shifts (``_XG0_JOINED_SHIFTS``; None, the
+    second design's tile: no)."""
+    if TUNING["xg0_joined"] is not None:
+        return bool(TUNING["xg0_joined"])
+    return nshift in _XG0_JOINED_SHIFTS
 
 
 def thread_waits() -> bool:

@@ -504,10 +504,11 @@ def _tile_xg0_joined(xa, xb, g0_ptr, member, q0, q1, q2, j5, inside, SHIFTS: tl.
 def tile_plan(geo, dot: dict, wpp: int, warps: int) -> dict:
     """The constexprs of the ticket-tile parts pass: TILE (whether it runs: ``TUNING["tile"]``
     and :func:`tile_geometry`'s conditions), the sub-box TD0-TD2, ROWS0 (module docstring) and
-    XG0F (``_XG0_LAST_FLAT``) and XG0J (``_window3_sched.xg0_joined``)."""
+    XG0F (``_XG0_LAST_FLAT``) and XG0J (``_window3_sched.xg0_joined`` for this design's
+    shifts)."""
     fits, plan = tile_geometry(geo, dot, wpp, warps)
     on = _TILE if TUNING["tile"] is None else bool(TUNING["tile"])
-    return dict(TILE=on and fits, **plan)
+    return {"TILE": on and fits, **plan, "XG0J": xg0_joined(geo.nshift)}
 
 
 def tile_geometry(geo, dot: dict, wpp: int, warps: int) -> tuple[bool, dict]:

@@ -43,13 +43,18 @@ def test_tile_plan_takes_the_static_suites_shapes(tile_on, monkeypatch):
     """8^3 windows, E = 8, tickets of 4: [None, 2, 4, 6] has 64 sub-boxes of 2^3 (axis 0's in the
     rows, ROWS0), [None, 4] 16 in the dot; MU (no matrix form), more than 32 values a thread
     (E = 16) or TUNING["tile"] = False take the per-window pass."""
-    brats, merges = _plan((1, 8, 16, 8, 32), 8, 8, [None, 2, 4, 6])
+    brats, merges = _plan((1, 8, 16, 8, 32), 8, 8, [None, 2, 4, 6])  # 4 shifts: X g0 joined
     assert brats == dict(TILE=True, TD0=2, TD1=2, TD2=2, ROWS0=True, XG0F=True,
-                         XG0J=sched._XG0_JOINED) and merges  # fmt: skip
+                         XG0J=True) and merges  # fmt: skip
     four, _ = _plan((1, 8, 16, 8, 32), 8, 8, [None, 4])
     last = tile._XG0_LAST_FLAT
     assert four == dict(TILE=True, TD0=2, TD1=4, TD2=4, ROWS0=False, XG0F=not last,
-                        XG0J=sched._XG0_JOINED)  # fmt: skip
+                        XG0J=False)  # fmt: skip
+    monkeypatch.setitem(sched.TUNING, "xg0_joined", False)  # the knob wins either way
+    assert not _plan((1, 8, 16, 8, 32), 8, 8, [None, 2, 4, 6])[0]["XG0J"]
+    monkeypatch.setitem(sched.TUNING, "xg0_joined", True)
+    assert _plan((1, 8, 16, 8, 32), 8, 8, [None, 4])[0]["XG0J"]
+    monkeypatch.setitem(sched.TUNING, "xg0_joined", None)
     monkeypatch.setattr(tile, "_XG0_LAST_FLAT", not last)  # X g0 last: no ROWS0, by the compiler
     assert _plan((1, 8, 16, 8, 32), 8, 8, [None, 4])[0]["XG0F"] == last
     assert _plan((1, 8, 16, 8, 32), 8, 8, [None, 2, 4, 6])[0]["XG0F"]
