@@ -153,12 +153,12 @@ VARIANTS = [
     ("design 3, four tiles, 2 windows a ticket", 3, {**_tiles(True, True, True, True), "wpp": 2}),
     # the ticket tile's X g0 as one product for all the shifts (one operand staged, not one a
     # shift): the default with the BraTS shifts since 2026-12-05 (evening); with [None, 4] a
-    # ticket's forward 2,464 -> 2,633 instructions, 58 -> 56 CTA barriers (Triton 3.6 fp32)
+    # ticket's forward 2,464 -> 2,609 instructions, 58 -> 54 CTA barriers (Triton 3.6 fp32)
     ("design 3, four tiles, X g0 joined", 3,
      {**_tiles(True, True, True, True), "xg0_joined": True}),
     # the default before 2026-12-05 (evening) with the BraTS shifts: X g0 a product a shift, the
-    # parts tile inlined (4,379 instructions and 78 CTA barriers a ticket forward against 4,162
-    # and 64 joined, Triton 3.6 fp32)
+    # parts tile inlined (4,379 instructions and 78 CTA barriers a ticket forward against 4,146
+    # and 62 joined, Triton 3.6 fp32)
     ("design 3, four tiles, X g0 a product a shift", 3,
      {**_tiles(True, True, True, True), "xg0_joined": False}),
     # the backward parts tile a product a shift (as timed on the H200 in 2026-12-04), not one

@@ -105,11 +105,12 @@ _THREAD_WAITS = False
 # Whether the ticket tile's X g0 (kernels/_window3_tile.py, ``_tile_xg0_joined``; 2 or 4 shifts)
 # takes every shift's sub-box sums side by side along one product's contraction, one operand
 # staged through shared memory instead of one a shift. The third design does with 4 shifts,
-# where its parts tile is then a call of its own (window_nmf3._parts_tile_chunk: inlined, the
+# where its parts tile is then a call of its own (window_nmf3._parts_tile_call: inlined, the
 # kernel's ticket values spilled, 16-24 B): sm_90a, fp32 [None, 2, 4, 6], a ticket's forward,
-# Triton 3.6 4,379 -> 4,162 instructions, 78 -> 64 CTA barriers (bf16 4,483 -> 4,266, 78 -> 64),
-# Triton 3.9 3,932 -> 3,946 and 78 -> 68, no spill. Not with [None, 4] (2,464 -> 2,633
-# instructions, 58 -> 56 barriers), nor in the second design (its parts kernel: the knob only)
+# Triton 3.6 4,379 -> 4,146 instructions, 78 -> 62 CTA barriers (bf16 4,483 -> 4,242, 78 -> 62),
+# Triton 3.9 3,932 -> 3,914 and 78 -> 64, no spill. Not with [None, 4] (2,464 -> 2,609
+# instructions, 58 -> 54 barriers: the GPU weighs it), nor in the second
+# design (its parts kernel: the knob only)
 _XG0_JOINED_SHIFTS = (4,)
 # Whether the output passes' run tiles (the forward's, kernels/_window3_out_tile.py; the
 # backward's, _window3_bwd_tile.py) give each thread the runs at q1 and q1 + 1 of one sub-box

@@ -194,21 +194,9 @@ def _member_matrix(SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, P0: tl.constexpr,
     return member, exists
 
 
-@triton.jit
-def _wait_ring(flag_ptr, bh, plane, NPL, CPP, OFFS: tl.constexpr, NOFF: tl.constexpr,
-               TWAIT: tl.constexpr, RING: tl.constexpr, MNPL1):  # fmt: skip
-    """With RING, before a parts stage: wait for the solves that read what its ring region held
-    first (maybe another head's; their counts follow the ticket counter)."""
-    if RING > 0:
-        prev_bh, prev_plane, held = _ring_previous(bh, plane, NPL, RING, MNPL1)
-        if held:
-            _wait_stage(flag_ptr + 1 + prev_bh * 3 * NPL, NPL, prev_plane, 2, CPP, OFFS, NOFF,
-                        TWAIT)  # fmt: skip
-
-
 @triton.jit(noinline=True)
-def _parts_tile_chunk(
-    x_base, g0_ptr, first, plane, bh, kpart_ptr, hpart_ptr, flags, flag_ptr, NWIN, NPLANE, NPL,
+def _parts_tile_call(
+    x_base, g0_ptr, first, plane, bh, kpart_ptr, hpart_ptr, NWIN, NPLANE, NPL,
     E: tl.constexpr, NVOX, S1, S2, NW0, NW1, NW2, MW2, SHIFTS: tl.constexpr,
     NSHIFT: tl.constexpr, W: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr,
     P2: tl.constexpr, BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
@@ -216,18 +204,15 @@ def _parts_tile_chunk(
     D2: tl.constexpr, ROWS0: tl.constexpr, RING: tl.constexpr, MERGE: tl.constexpr,
     EAX: tl.constexpr, XG0F: tl.constexpr, XG0J: tl.constexpr,
 ):  # fmt: skip
-    """The parts pass of one ticket as one tile (``_parts_tile``), then its chunk counted done
-    and the next ticket taken: the kernel's PCALL (X g0 joined). Not inlined, like the
-    backward's passes (kernels/_window3_bwd.py): only the ticket lives across the call. Inlined,
-    the kernel held the ticket's values through the tile, whose joined product holds every
-    shift's sums, and spilled them (sm_90a, Triton 3.6, fp32 [None, 2, 4, 6]: 16 B). Without
-    X g0 joined the tile stays inlined: nothing spills there, and the call costs instructions."""
+    """The parts pass of one ticket as one tile (``_parts_tile``), not inlined: with X g0
+    joined (XG0J), whose product holds every shift's sums, the kernel inlining it held its
+    ticket values through the tile and spilled them (sm_90a, Triton 3.6, fp32 [None, 2, 4, 6]:
+    16 B); called, the tile has the registers to itself. Without XG0J the tile stays inlined:
+    nothing spills there, and the call would cost instructions."""
     _parts_tile(x_base, g0_ptr, first, plane, bh, kpart_ptr, hpart_ptr, NWIN, NPLANE, NPL, E,
                 NVOX, S1, S2, NW1, NW2, MW2, _plane_w0(plane, NW0), SHIFTS, NSHIFT, W, P0, P1,
                 P2, BP0, BP1, BP2, BLOCK_E, NSB, D0, D1, D2, ROWS0, RING, MERGE, EAX, XG0F,
                 XG0J)  # fmt: skip
-    _count_done(flags, 0, plane, NPL)
-    return tl.atomic_add(flag_ptr, 1)
 
 
 @triton.jit(do_not_specialize=_MAGIC_ARGS)
@@ -254,7 +239,6 @@ def _fused_kernel(
     stage first waits for the solves that read the ring region it is about to overwrite. M*: the
     magic numbers of the run-time divisors (``Pipeline.magic``): no division. PAX: the pipelining
     axis (``fused_plan``)."""
-    PCALL: tl.constexpr = TILE and XG0J  # the parts tile not inlined (``_parts_tile_chunk``)
     e, emask, rowmask, g_all = _lanes_rowmask_g(rowmask_ptr, g0_ptr, E, SHIFTS, NSHIFT, P0, P1,
                                                 P2, BP0, BP1, BP2, BLOCK_E, NSB, ACC, True)
     t = tl.atomic_add(flag_ptr, 1)  # the ticket counter
@@ -262,74 +246,71 @@ def _fused_kernel(
         bh, phase, plane, chunk, offset, flags = _take(t, SPB, CPP, flag_ptr, NPL, HEADS, C,
                                                        E, NVOX, MSPB, MCPP, MHEADS)  # fmt: skip
         first = chunk * WPP  # in the plane
-        if (phase == 0) & PCALL:  # the parts tile a call of its own, which takes the next ticket
-            _wait_ring(flag_ptr, bh, plane, NPL, CPP, OFFS, NOFF, TWAIT, RING, MNPL1)
-            t = _parts_tile_chunk(x_ptr + offset, g0_ptr, first, plane, bh, kpart_ptr, hpart_ptr,
-                                  flags, flag_ptr, NWIN, NPLANE, NPL, E, NVOX, S1, S2, NW0, NW1,
-                                  NW2, MW2, SHIFTS, NSHIFT, WPP, P0, P1, P2, BP0, BP1, BP2,
-                                  BLOCK_E, NSB, TD0, TD1, TD2, ROWS0, RING, MERGE, EAX, XG0F,
-                                  XG0J)  # fmt: skip
-        else:  # the other passes inlined; the chunk counted done, the next ticket
-            if phase == 0:  # (never with PCALL)
-                if not PCALL:
-                    _wait_ring(flag_ptr, bh, plane, NPL, CPP, OFFS, NOFF, TWAIT, RING, MNPL1)
-                if TILE:  # the ticket's windows as one tile (kernels/_window3_tile.py)
-                    if not PCALL:
-                        _parts_tile(x_ptr + offset, g0_ptr, first, plane, bh, kpart_ptr,
-                                    hpart_ptr, NWIN, NPLANE, NPL, E, NVOX, S1, S2, NW1, NW2, MW2,
-                                    _plane_w0(plane, NW0), SHIFTS, NSHIFT, WPP, P0, P1, P2, BP0,
-                                    BP1, BP2, BLOCK_E, NSB, TD0, TD1, TD2, ROWS0, RING, MERGE,
-                                    EAX, XG0F, XG0J)  # fmt: skip
-                elif MERGE:  # neighbours' parts merged (kernels/_window3_parts.py)
-                    member, exists = _member_matrix(SHIFTS, NSHIFT, P0, P1, P2, BP0, BP1, BP2, ACC,
-                                                    DOT, D0, D1, D2, NPB)  # fmt: skip
-                    _parts_chunk_merged(x_ptr + offset, rowmask, e, emask, first, plane, bh,
-                                        g_all, member, exists, kpart_ptr, hpart_ptr, NWIN,
-                                        NPLANE, NPL, E, NVOX, S1, S2, NW0, NW1, NW2, MW2, NSHIFT,
-                                        WPP, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, ACC, D0, D1,
-                                        D2, NPB, RING)  # fmt: skip
-                else:
-                    member, exists = _member_matrix(SHIFTS, NSHIFT, P0, P1, P2, BP0, BP1, BP2, ACC,
-                                                    DOT, D0, D1, D2, NPB)  # fmt: skip
-                    for j in range(0, WPP):
-                        if first + j < NPLANE:
-                            _parts_window(x_ptr + offset, rowmask, e, emask,
-                                          plane * NPLANE + first + j,
-                                          _part_slot(bh, plane, first + j, NWIN, NPLANE, NPL,
-                                                     NSHIFT, RING), g_all,
-                                          member, exists, kpart_ptr, hpart_ptr, E, NVOX, S1, S2,
-                                          NW1, NW2, SHIFTS, NSHIFT, P0, P1, P2, BP0, BP1, BP2,
-                                          BLOCK_E,
-                                          NSB, G0, G1, G2, MU, ACC, DOT, D0, D1, D2, NPB, MW2,
-                                          _plane_w0(plane, NW0), False, 0)  # fmt: skip
-            elif phase == 1:
-                _wait_stage(flags, NPL, plane, 1, CPP, OFFS, NOFF, TWAIT)
-                _solve_batch(kpart_ptr, hpart_ptr, u_ptr, hsave_ptr, kmat_ptr, bh, first, plane,
-                             E, NWIN, ITERS, NW0, NW1, NW2, MW2, NPLANE, NPL, SHIFTS, NSHIFT,
-                             SPLITS, WPP, NSB, NSBP, BLOCK_E, SAVE, ACC, RING, MERGE,
-                             PAX)  # fmt: skip
+        if phase == 0:
+            if RING > 0:  # the solves that read what its region held first (maybe another head's)
+                prev_bh, prev_plane, held = _ring_previous(bh, plane, NPL, RING, MNPL1)
+                if held:
+                    _wait_stage(flag_ptr + 1 + prev_bh * 3 * NPL, NPL, prev_plane, 2, CPP, OFFS,
+                                NOFF, TWAIT)  # the counts follow the ticket counter  # fmt: skip
+            if TILE and XG0J:  # the ticket's windows as one tile, a call (``_parts_tile_call``)
+                _parts_tile_call(x_ptr + offset, g0_ptr, first, plane, bh, kpart_ptr, hpart_ptr,
+                                 NWIN, NPLANE, NPL, E, NVOX, S1, S2, NW0, NW1, NW2, MW2, SHIFTS,
+                                 NSHIFT, WPP, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, TD0, TD1,
+                                 TD2, ROWS0, RING, MERGE, EAX, XG0F, XG0J)  # fmt: skip
+            elif TILE:  # the ticket's windows as one tile (kernels/_window3_tile.py)
+                _parts_tile(x_ptr + offset, g0_ptr, first, plane, bh, kpart_ptr,
+                            hpart_ptr, NWIN, NPLANE, NPL, E, NVOX, S1, S2, NW1, NW2, MW2,
+                            _plane_w0(plane, NW0), SHIFTS, NSHIFT, WPP, P0, P1, P2, BP0, BP1, BP2,
+                            BLOCK_E, NSB, TD0, TD1, TD2, ROWS0, RING, MERGE, EAX,
+                            XG0F, XG0J)  # fmt: skip
+            elif MERGE:  # neighbours' parts merged (kernels/_window3_parts.py)
+                member, exists = _member_matrix(SHIFTS, NSHIFT, P0, P1, P2, BP0, BP1, BP2, ACC,
+                                                DOT, D0, D1, D2, NPB)  # fmt: skip
+                _parts_chunk_merged(x_ptr + offset, rowmask, e, emask, first, plane, bh, g_all,
+                                    member, exists, kpart_ptr, hpart_ptr, NWIN, NPLANE, NPL, E,
+                                    NVOX, S1, S2, NW0, NW1, NW2, MW2, NSHIFT,
+                                    WPP, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, ACC, D0, D1, D2,
+                                    NPB, RING)  # fmt: skip
             else:
-                _wait_stage(flags, NPL, plane, 2, CPP, OFFS, NOFF, TWAIT)
-                if OTILE:  # the ticket's windows as tiles (kernels/_window3_out_tile.py)
-                    _apply_fwd_tile(x_ptr + offset, y_ptr + offset, first, plane, NPLANE, bh,
-                                    u_ptr, E, NWIN, NVOX, S1, S2, NW0, NW1, NW2, MW2,
-                                    _plane_w0(plane, NW0), SHIFTS, NSHIFT, WPP, P0, P1, P2, BP0,
-                                    BP1, BP2, BLOCK_E, R1, R2, WT, EAX)  # fmt: skip
-                elif TILE and ROWS0:  # the output pass a function of its own (``_apply_chunk_fwd``)
-                    _apply_chunk_fwd(x_ptr + offset, y_ptr + offset, rowmask_ptr, g0_ptr, first,
-                                     plane, NPLANE, bh, u_ptr, E, NWIN, NVOX, S1, S2, NW0, NW1, NW2,
-                                     MW2, SHIFTS, NSHIFT, WPP, P0, P1, P2, BP0, BP1, BP2,
-                                     BLOCK_E, NSB, G0, G1, G2, MU, ACC)  # fmt: skip
-                else:
-                    for j in range(0, WPP):
-                        if first + j < NPLANE:
-                            _apply_window(x_ptr + offset, y_ptr + offset, rowmask, e, emask,
-                                          plane * NPLANE + first + j, bh, g_all, u_ptr, E, NWIN,
-                                          NVOX, S1, S2, NW0, NW1, NW2, SHIFTS, NSHIFT, P0, P1, P2,
-                                          BP0, BP1, BP2, BLOCK_E, NSB, G0, G1, G2, MU, ACC,
-                                          True, MW2, _plane_w0(plane, NW0))  # CG  # fmt: skip
-            _count_done(flags, phase, plane, NPL)
-            t = tl.atomic_add(flag_ptr, 1)
+                member, exists = _member_matrix(SHIFTS, NSHIFT, P0, P1, P2, BP0, BP1, BP2, ACC,
+                                                DOT, D0, D1, D2, NPB)  # fmt: skip
+                for j in range(0, WPP):
+                    if first + j < NPLANE:
+                        _parts_window(x_ptr + offset, rowmask, e, emask,
+                                      plane * NPLANE + first + j,
+                                      _part_slot(bh, plane, first + j, NWIN, NPLANE, NPL, NSHIFT,
+                                                 RING), g_all,
+                                      member, exists, kpart_ptr, hpart_ptr, E, NVOX, S1, S2, NW1,
+                                      NW2, SHIFTS, NSHIFT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E,
+                                      NSB, G0, G1, G2, MU, ACC, DOT, D0, D1, D2, NPB, MW2,
+                                      _plane_w0(plane, NW0), False, 0)  # fmt: skip
+        elif phase == 1:
+            _wait_stage(flags, NPL, plane, 1, CPP, OFFS, NOFF, TWAIT)
+            _solve_batch(kpart_ptr, hpart_ptr, u_ptr, hsave_ptr, kmat_ptr, bh, first, plane, E,
+                         NWIN, ITERS, NW0, NW1, NW2, MW2, NPLANE, NPL, SHIFTS, NSHIFT,
+                         SPLITS, WPP, NSB, NSBP, BLOCK_E, SAVE, ACC, RING, MERGE, PAX)  # fmt: skip
+        else:
+            _wait_stage(flags, NPL, plane, 2, CPP, OFFS, NOFF, TWAIT)
+            if OTILE:  # the ticket's windows as tiles (kernels/_window3_out_tile.py)
+                _apply_fwd_tile(x_ptr + offset, y_ptr + offset, first, plane, NPLANE, bh, u_ptr,
+                                E, NWIN, NVOX, S1, S2, NW0, NW1, NW2, MW2, _plane_w0(plane, NW0),
+                                SHIFTS, NSHIFT, WPP, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, R1, R2, WT,
+                                EAX)  # fmt: skip
+            elif TILE and ROWS0:  # the output pass a function of its own (``_apply_chunk_fwd``)
+                _apply_chunk_fwd(x_ptr + offset, y_ptr + offset, rowmask_ptr, g0_ptr, first,
+                                 plane, NPLANE, bh, u_ptr, E, NWIN, NVOX, S1, S2, NW0, NW1, NW2,
+                                 MW2, SHIFTS, NSHIFT, WPP, P0, P1, P2, BP0, BP1, BP2,
+                                 BLOCK_E, NSB, G0, G1, G2, MU, ACC)  # fmt: skip
+            else:
+                for j in range(0, WPP):
+                    if first + j < NPLANE:
+                        _apply_window(x_ptr + offset, y_ptr + offset, rowmask, e, emask,
+                                      plane * NPLANE + first + j, bh, g_all, u_ptr, E, NWIN,
+                                      NVOX, S1, S2, NW0, NW1, NW2, SHIFTS, NSHIFT, P0, P1, P2,
+                                      BP0, BP1, BP2, BLOCK_E, NSB, G0, G1, G2, MU, ACC,
+                                      True, MW2, _plane_w0(plane, NW0))  # CG  # fmt: skip
+        _count_done(flags, phase, plane, NPL)
+        t = tl.atomic_add(flag_ptr, 1)
 
 
 def _fused_forward(x, g0, rowmask, geo: _Geometry2, plan, iters: int, mu: bool, save: bool, *,
