@@ -141,9 +141,11 @@ def test_no_shared_memory_is_held_across_a_non_inlined_call(report):
 # forms (kernels/_window3_bwd.py), and the forward saves K whole: forward 76 -> 70, backward
 # 102 -> 100; `[None, 4]` 64 and 86 -> 68. Since the forward solve loads K back as those rows for
 # its power steps (kernels/_window3_power.py): forward 70 -> 68, `[None, 4]` 64 -> 58; and the
-# backward's ū goes into both forms the same way: backward 100 -> 97, `[None, 4]` 68 -> 65. A
-# ceiling, so a change that brings any back fails here
-BARRIER_CEILING = {("_fused_kernel", "[None, 2, 4, 6]"): 68,
+# backward's ū goes into both forms the same way: backward 100 -> 97, `[None, 4]` 68 -> 65.
+# Since the BraTS forward's X g0 is one product (its parts tile a call of its own,
+# window_nmf3._parts_tile_call): forward 68 -> 66. A ceiling, so a change that brings any back
+# fails here
+BARRIER_CEILING = {("_fused_kernel", "[None, 2, 4, 6]"): 66,
                    ("_fused_bwd_kernel", "[None, 2, 4, 6]"): 97,
                    ("_fused_kernel", "[None, 4]"): 58,
                    ("_fused_bwd_kernel", "[None, 4]"): 65}  # fmt: skip
