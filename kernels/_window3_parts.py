@@ -18,7 +18,7 @@ import triton.language as tl
 
 from ._window2_common import _plane_w0, _tri
 from ._window2_loop import _load_window
-from ._window3_sched import _merges_next, _part_slot
+from ._window3_slots import _merges_next, _part_slot
 from .window_nmf2 import _rows_dot
 
 __all__: list[str] = []

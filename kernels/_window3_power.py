@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._window3_sched import _load_square_batch
+from ._window3_slots import _load_square_batch
 
 
 @triton.jit

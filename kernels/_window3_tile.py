@@ -41,7 +41,8 @@ import triton.language as tl
 
 from ._common import TRITON_VERSION, _shift_of
 from ._window2_common import _part_member, _part_member_by, _tri, _window_origin
-from ._window3_sched import _TILE, TUNING, _part_slot, xg0_joined
+from ._window3_sched import _TILE, TUNING, xg0_joined
+from ._window3_slots import _part_slot
 from ._window3_tile_store import _rows0_low, _tile_parts_write
 
 __all__ = ["tile_geometry", "tile_plan", "tile_subboxes"]

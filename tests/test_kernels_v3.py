@@ -32,12 +32,13 @@ wn2 = importlib.import_module("fastnmf.kernels.window_nmf2")
 wn3 = importlib.import_module("fastnmf.kernels.window_nmf3")
 bwd3 = importlib.import_module("fastnmf.kernels._window3_bwd")
 sched = importlib.import_module("fastnmf.kernels._window3_sched")
+slots = importlib.import_module("fastnmf.kernels._window3_slots")
 common = importlib.import_module("fastnmf.kernels._window2_common")
 magic = importlib.import_module("fastnmf.kernels._fastdiv").magic
 design_for = importlib.import_module("fastnmf.kernels").design_for
 _stage = sched._stage
-_ring_region = sched._ring_region
-_ring_previous = sched._ring_previous
+_ring_region = slots._ring_region
+_ring_previous = slots._ring_previous
 
 
 CASES = [

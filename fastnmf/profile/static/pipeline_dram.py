@@ -70,7 +70,7 @@ def persistent_programs(case: StaticCase, target: str = "sm_90a") -> int:
 
 def _merges(case: StaticCase, geo, wpp: int, nplane: int, c: int) -> int:
     """Windows of chunk c of a plane whose high parts along axis 2 the forward's parts pass merges
-    into their neighbour's (kernels/_window3_sched._merges_next; 0 unless merging is on). A plane
+    into their neighbour's (kernels/_window3_slots._merges_next; 0 unless merging is on). A plane
     starts a row of the window grid, so a window's place in its row is its place in the plane
     modulo NW2."""
     from fastnmf.kernels._common import acc_dtype
@@ -117,7 +117,7 @@ def ticket_blocks(case: StaticCase, pass_: str):
         ring = 0  # the backward's ū parts are flat
 
     def region(bh: int, p: int) -> tuple[int, int]:
-        """(owner, region) of plane p's parts (kernels/_window3_sched._ring_region): the ring's
+        """(owner, region) of plane p's parts (kernels/_window3_slots._ring_region): the ring's
         regions are shared by all heads (owner -1)."""
         if ring == 0:
             return bh, p
