@@ -9,7 +9,9 @@
 #             2x32x128^3, fp32/bf16, both shift sets: ms, % of copy bandwidth, diff to design 1,
 #             bitwise repeats, each kernel's ms and launches a call, the reference kernel (issue 16's deciding measurement: run it
 #             first; its cases' kernels are compiled by 8 processes at once for up to 240 s,
-#             then timed; DESIGNS_ARGS adds arguments, e.g. "--shortlist --compile-budget 140").
+#             then timed; DESIGNS_ARGS adds arguments, e.g. "--shortlist --compile-budget 140";
+#             compiled and timed variant by variant, each in all four cases, the shortlist's in
+#             priority order: a step cut at its limit keeps the first variants of every case).
 #             Its JSON is also copied to runs/designs.json: the phases after it (v3tests,
 #             layer, check's determinism) then run the variant with the fastest fp32 [None, 4]
 #             forward + backward (bench/with_variant.py), not the code's default

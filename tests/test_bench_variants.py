@@ -73,12 +73,17 @@ def test_shortlist_and_compile_commands(capsys):
     """``--shortlist`` selects SHORTLIST (the reference last) and excludes ``--variants``; the
     reference has no kernel, so no compile command."""
     mod = load_bench("time_designs")
-    args = mod._parser().parse_args(["--variants", "design 3", "reference"])
-    assert [c[2] for c in mod._cases(args)] == ["design 3", "reference"] * 4
+    args = mod._parser().parse_args(["--variants", "reference", "design 3", "design 1"])
+    # variant by variant in the order given, each in every dtype and shift set: a run cut short
+    # (or a compile budget run out) keeps the first variants of every case
+    groups = [(d, s) for d in mod.DTYPES for s in mod.DEFAULT_SHIFTS]
+    assert [c[:3] for c in mod._cases(args)] == [
+        (d, s, v) for v in ("reference", "design 3", "design 1") for d, s in groups]
     cmds = mod._compile_commands(args)
-    assert len(cmds) == 4 and all(cmd[-1] == "design 3" for cmd in cmds)
+    assert [cmd[-1] for cmd in cmds] == ["design 3"] * 4 + ["design 1"] * 4
     names = [v[0] for v in mod.VARIANTS]
-    assert set(mod.SHORTLIST) <= set(names) and mod.SHORTLIST[-1] == mod.REFERENCE
+    assert set(mod.SHORTLIST) <= set(names) and len(set(mod.SHORTLIST)) == len(mod.SHORTLIST)
+    assert mod.SHORTLIST[0] == "design 1" and mod.SHORTLIST[-1] == mod.REFERENCE
     with pytest.raises(SystemExit) as exc:
         mod.main(["--shortlist", "--variants", "design 1"])
     assert exc.value.code == 2 and "--shortlist and --variants" in capsys.readouterr().err
