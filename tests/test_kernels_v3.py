@@ -112,11 +112,12 @@ def test_design3_matches_design2(gen, monkeypatch, device):
     assert three[0].abs().sum() > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("device", DEVICES)
-def test_design3_low_precision(gen, design3, device):
-    """bf16 within 2x the reference's own error at bf16, plus an atol."""
+def test_design3_low_precision(gen, design3, device, dtype):
+    """fp16 / bf16 within 2x the reference's own error at that dtype, plus an atol."""
     x, v0, dy = nmf_inputs(gen, (1, 4, 12, 8, 8), 4)
-    check_low_precision(x, v0, dy, torch.bfloat16, device, head_dim=4, patch_size=4,
+    check_low_precision(x, v0, dy, dtype, device, head_dim=4, patch_size=4,
                         shifts=[None, 2])  # fmt: skip
 
 

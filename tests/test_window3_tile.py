@@ -23,12 +23,14 @@ sched = importlib.import_module("fastnmf.kernels._window3_sched")
 tile = importlib.import_module("fastnmf.kernels._window3_tile")
 store = importlib.import_module("fastnmf.kernels._window3_tile_store")
 bwd_tile = importlib.import_module("fastnmf.kernels._window3_bwd_tile")
+bwd_parts = importlib.import_module("fastnmf.kernels._window3_bwd_parts_tile")
+out_tile = importlib.import_module("fastnmf.kernels._window3_out_tile")
 nmf3 = importlib.import_module("fastnmf.kernels.window_nmf3")
 
 
 @pytest.fixture
 def tile_on(monkeypatch):
-    """The tile on (``_window3_sched._TILE``: off by default while it spills)."""
+    """The tile on (``_window3_sched.TUNING["tile"]``; on by default too: ``_TILE``)."""
     monkeypatch.setitem(sched.TUNING, "tile", True)
 
 
@@ -137,14 +139,20 @@ def test_tile_xg0_joined_matches_reference(gen, design3, tile_on, monkeypatch, d
     assert calls or device != "cpu", "the joined X g0 did not run"
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("device", DEVICES)
-def test_tile_low_precision(gen, design3, tile_on, device):
-    """bf16 x through the tile (its loads: runs of 4 voxels, 8 bytes): within 2x the reference's
-    own error at bf16, plus an atol (``check_low_precision``)."""
+def test_tile_low_precision(gen, design3, tile_on, device, dtype):
+    """fp16 / bf16 x through the tile (its loads: runs of 4 voxels, 8 bytes) and the other three
+    tiles (on by default): within 2x the reference's own error at that dtype, plus an atol
+    (``check_low_precision``)."""
     shape, shifts = (1, 4, 16, 8, 32), [None, 2, 4, 6]
     assert _plan(shape, 4, 8, shifts)[0]["TILE"]
+    geo, pipe = design3_pipeline(shape, 4, 8, shifts, dtype)
+    plans = [f(geo, False, dtype, pipe.wpp, pipe.warps()) for f in
+             (out_tile.out_tile_plan, bwd_tile.bwd_tile_plan, bwd_parts.bwd_parts_plan)]
+    assert [p[k] for p, k in zip(plans, ("OTILE", "BTILE", "PTILE"), strict=True)] == [True] * 3
     x, v0, dy = nmf_inputs(gen, shape, 8)
-    check_low_precision(x, v0, dy, torch.bfloat16, device, head_dim=4, patch_size=8,
+    check_low_precision(x, v0, dy, dtype, device, head_dim=4, patch_size=8,
                         shifts=shifts)  # fmt: skip
 
 
