@@ -184,8 +184,8 @@ VARIANTS = [
 # code's choices with the GPU machine's Triton 3.6: design 3 with four tiles for [None, 2, 4, 6],
 # design 2 for [None, 4], so "default" is not timed again), then the knobs that static counts
 # favour and only a GPU can weigh: design 3 with 2 programs of 8 warps an SM (the first candidate,
-# kernels/DESIGNS.md; no spills with Triton 3.6:
-# bench/results/static_designs_triton36/occupancy_variants.md), with its waits in every thread
+# kernels/DESIGNS.md; with Triton 3.6 32 B of spills in the fp32 BraTS forward, none elsewhere:
+# bench/results/static_designs_triton36/shortlist_2026-12-06.md), with its waits in every thread
 # (fewer CTA barriers), its backward output pass two runs a thread (7 % fewer instructions, 8-24 B
 # of spills), 2 windows a ticket (an H100's L2), its X g0 one product for all the shifts and a
 # product a shift (the default has the one with BraTS, the other with [None, 4]); design 2 with its
