@@ -121,6 +121,14 @@ VARIANTS = [
     ("design 3, untiled, 8 warps", 3, {**_tiles(), "warps": 8}),
     ("design 3, 16 windows a ticket", 3, {"wpp": 16}),
     ("design 3, 8 warps, 2 programs/SM", 3, {"warps": 8, "programs_per_sm": 2}),
+    # the same with 2 windows a ticket: a thread's tiles as at the default, so all four tiles run
+    # (at 4 windows the ticket tile does not fit 8 warps and the parts pass goes window by
+    # window); two programs an SM, each with its own barriers and waits. A window's warp
+    # instructions (a ticket's x warps / windows) against the default's, Triton 3.6 fp32: BraTS
+    # forward 16.9k / 16.6k, backward 21.6k / 19.2k; [None, 4] 10.2k / 9.9k and 14.2k / 14.2k;
+    # no spill (kernels/DESIGNS.md)
+    ("design 3, 8 warps, 2 windows a ticket, 2 programs/SM", 3,
+     {"warps": 8, "wpp": 2, "programs_per_sm": 2}),
     # the H200's ncu: 40 % of the stalls at CTA barriers of 16 warps; 4 programs of 4 warps an SM
     # (128 registers) keep 16 warps resident with barriers a quarter as wide
     ("design 3, 4 warps, 4 programs/SM", 3, {"warps": 4, "programs_per_sm": 4}),
@@ -148,6 +156,12 @@ VARIANTS = [
     # (BraTS, Triton 3.6 fp32, `sass_loops --ticket`); off by default until timed here
     ("design 3, four tiles, thread waits", 3,
      {**_tiles(True, True, True, True), "thread_waits": True}),
+    # a stage's waits plane by plane (as timed on the H200 in 2026-12-04), not all its planes'
+    # counts at once (the default before Triton 3.7 since 2026-12-06: a ticket's CTA barriers
+    # 62 -> 50 forward, 38 -> 30 backward with BraTS, 58 -> 46 and 50 -> 42 with [None, 4],
+    # Triton 3.6 fp32, `sass_loops --ticket`; one round trip to L2 a stage, not one a plane)
+    ("design 3, four tiles, plane-by-plane waits", 3,
+     {**_tiles(True, True, True, True), "count_waits": False}),
     # 2 windows a ticket: half the bytes in flight. The DRAM model fits the fp32 backward in an
     # H100's 50 MB L2 only so (1.67x -> 1.11x with BraTS), for 28 % / 52 % more backward /
     # forward instructions a window (Triton 3.6; kernels/DESIGNS.md): which bound comes first
@@ -184,9 +198,10 @@ VARIANTS = [
 # code's choices with the GPU machine's Triton 3.6: design 3 with four tiles for [None, 2, 4, 6],
 # design 2 for [None, 4], so "default" is not timed again), then the knobs that static counts
 # favour and only a GPU can weigh: design 3 with 2 programs of 8 warps an SM (the first candidate,
-# kernels/DESIGNS.md; with Triton 3.6 32 B of spills in the fp32 BraTS forward, none elsewhere:
+# kernels/DESIGNS.md), at 2 windows a ticket (all four tiles, no spill) and at 4 (the parts pass
+# window by window; with Triton 3.6 32 B of spills in the fp32 BraTS forward, none elsewhere:
 # bench/results/static_designs_triton36/shortlist_2026-12-06.md), with its waits in every thread
-# (fewer CTA barriers), its backward output pass two runs a thread (7 % fewer instructions, 8-24 B
+# (fewer CTA barriers) and plane by plane (the default before 2026-12-06), its backward output pass two runs a thread (7 % fewer instructions, 8-24 B
 # of spills), 2 windows a ticket (an H100's L2), its X g0 one product for all the shifts and a
 # product a shift (the default has the one with BraTS, the other with [None, 4]); design 2 with its
 # passes on design 3's tiles (four and three), with 16 warps and 32 resident warps an SM, with its
@@ -194,8 +209,11 @@ VARIANTS = [
 # unmerged (fewer instructions, more bytes), untiled, with its backward parts a product a shift and
 # its output passes a run a thread (the defaults before 2026-12-05), with 8 warps; and the
 # reference last (issue 16's 10x)
-SHORTLIST = ("design 1", "design 3, four tiles", "design 2", "design 3, 8 warps, 2 programs/SM",
-             "design 3, four tiles, thread waits", "design 3, four tiles, backward run pairs",
+SHORTLIST = ("design 1", "design 3, four tiles", "design 2",
+             "design 3, 8 warps, 2 windows a ticket, 2 programs/SM",
+             "design 3, 8 warps, 2 programs/SM", "design 3, four tiles, thread waits",
+             "design 3, four tiles, plane-by-plane waits",
+             "design 3, four tiles, backward run pairs",
              "design 3, four tiles, 2 windows a ticket",
              "design 3, four tiles, X g0 joined", "design 3, four tiles, X g0 a product a shift",
              "design 2, four tiles", "design 2, three tiles", "design 2, 16 warps, 64 registers",

@@ -5,9 +5,10 @@ plane schedule, the tickets and the waits shared by its forward and backward per
 Per batch*head the work is a list of stages (pass, plane), each cut into chunks of WPP windows
 (tickets): ``parts(0), parts(1), solve(1), parts(2), solve(2), apply(1), ..., solve(0),
 apply(n-1), apply(0)`` (:func:`_schedule`). A program takes tickets in increasing order from a
-counter (the flag buffer's first int32) and waits (acquire, one thread, the result shared through
-shared memory: ``ld.global.gpu.acquire`` in the PTX; with ``TUNING["thread_waits"]`` every thread
-reads the count with an acquire load of its own, no barrier) until the stages its stage needs have
+counter (the flag buffer's first int32) and waits (acquire, one thread a count, the result shared
+through shared memory: ``ld.global.gpu.acquire`` in the PTX, before Triton 3.7 the counts of all
+the planes a stage needs at once, ``_wait_stage``; with ``TUNING["thread_waits"]`` every thread
+reads the counts with acquire loads of its own, no barrier) until the stages its stage needs have
 all their chunks counted; a chunk is counted after a barrier (every thread's stores first) with a
 release (``red.global.gpu.release.add``). A program waits only for tickets taken before its own,
 whose programs are running, so no grid size or residency deadlocks; under the interpreter program
@@ -22,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET
+from ._common import INTERPRET, TRITON_VERSION
 from ._fastdiv import MAGIC_3, _fdivmod, magics
 from ._window2_common import _wrap_add, _wrap_sub
 
@@ -42,14 +43,16 @@ PASSES = ("parts", "solve", "apply")
 # the forward's output pass (kernels/_window3_out_tile.py, ``out_tile_plan``; ``_OUT_TILE``), and
 # a cap on the registers a thread (ptxas ``.maxnreg``; None: the untiled forward's is its share
 # of the register file, the others none: ``Pipeline.launch``), whether the waits read their
-# counts in every thread (None: ``_THREAD_WAITS``), whether the ticket tile's X g0 takes one
+# counts in every thread (None: ``_THREAD_WAITS``), whether a stage reads the counts of all its
+# planes at once (None: ``_COUNT_WAITS``), whether the ticket tile's X g0 takes one
 # product for all its shifts (None: ``xg0_joined``), whether the backward parts tile does
 # (None: kernels/_window3_bwd_parts_tile.py's ``_JOINED``), and whether the forward's / the
 # backward's output-pass run tile gives a thread two runs of one sub-box (None: ``_RUN_PAIRS`` /
 # ``_BWD_RUN_PAIRS``)
 TUNING: dict = {"programs_per_sm": None, "warps": None, "wpp": None, "ring": None, "sms": None,
                 "merge": None, "tile": None, "bwd_tile": None, "bwd_parts_tile": None,
-                "out_tile": None, "maxnreg": None, "thread_waits": None, "xg0_joined": None,
+                "out_tile": None, "maxnreg": None, "thread_waits": None, "count_waits": None,
+                "xg0_joined": None,
                 "bwd_parts_joined": None, "run_pairs": None, "bwd_run_pairs": None}
 _PROGRAMS_PER_SM = 1
 # The fewest rows (shifted windows) a solve takes, forward and backward, so that each row's K and
@@ -102,6 +105,16 @@ _INTERPRET = tl.constexpr(INTERPRET)  # kernels/_common.py: Triton's CPU interpr
 # has run it (``TUNING["thread_waits"]``; the interpreter always takes the atomic: it runs no
 # inline assembly, and its programs run one after another, so no wait there ever spins)
 _THREAD_WAITS = False
+# Whether (without thread waits) a stage that needs more than one plane reads all their counts at
+# once, one thread a count, and spins on their least (:func:`_wait_stage`): one round trip to L2
+# and one CTA barrier a stage where one plane after another took a round trip and 1-2 barriers
+# each. A ticket, sm_90a, 16 warps, four tiles, Triton 3.6 (``sass_loops --ticket``): BraTS fp32
+# forward 4,146 -> 4,168 instructions, 62 -> 50 CTA barriers, backward 4,795 -> 4,755, 38 -> 30,
+# no spill. With Triton 3.9 its ptxas then keeps the loads' memory descriptor in ordinary
+# registers in the called passes (R2UR before each load: 3,914 -> 5,303 instructions a ticket
+# forward, and 16 B of spills in the backward), so it is on only before Triton 3.7
+# (``TUNING["count_waits"]`` overrides)
+_COUNT_WAITS = TRITON_VERSION < (3, 7)
 # Whether the ticket tile's X g0 (kernels/_window3_tile.py, ``_tile_xg0_joined``; 2 or 4 shifts)
 # takes every shift's sub-box sums side by side along one product's contraction, one operand
 # staged through shared memory instead of one a shift. The third design does with 4 shifts,
@@ -152,6 +165,18 @@ def thread_waits() -> bool:
     return _THREAD_WAITS if TUNING["thread_waits"] is None else bool(TUNING["thread_waits"])
 
 
+def count_waits() -> bool:
+    """Whether a stage reads the counts of all the planes it needs at once (``_COUNT_WAITS``)."""
+    return _COUNT_WAITS if TUNING["count_waits"] is None else bool(TUNING["count_waits"])
+
+
+def wait_mode() -> int:
+    """The kernels' TWAIT: 1 every thread reads each count (:func:`thread_waits`), 2 one thread
+    a count, all of a stage's at once (:func:`count_waits`), 0 one thread a count, plane after
+    plane."""
+    return 1 if thread_waits() else (2 if count_waits() else 0)
+
+
 @triton.jit
 def _acquire_each(ptr):
     """The int32 at ptr, read by each thread with an acquire load of its own at GPU scope (what
@@ -168,33 +193,88 @@ def _wait_for(flag_ptr, need, TWAIT: tl.constexpr):
     (:func:`_acquire_each`), else one thread's atomic read shared with the others. Under the
     interpreter the programs run one after another, so a wait that finds its count short would
     spin forever: a schedule error, raised."""
-    if TWAIT and not _INTERPRET:
+    if TWAIT == 1 and not _INTERPRET:
         n = _acquire_each(flag_ptr)
         while n < need:
             n = _acquire_each(flag_ptr)
     else:
         n = tl.atomic_add(flag_ptr, 0, sem="acquire")
-        if _INTERPRET:
-            assert n >= need, ("window kernels: a stage waits for one that has not run "
-                               "(schedule error)")
+        _check_count(n, need)
         while n < need:
             n = tl.atomic_add(flag_ptr, 0, sem="acquire")
+
+
+@triton.jit
+def _check_count(n, need):
+    """Under the interpreter a count short of ``need`` is a schedule error (below)."""
+    if _INTERPRET:
+        assert n >= need, "window kernels: a stage waits for one that has not run (schedule error)"
 
 
 @triton.jit
 def _wait_stage(flags, npl, plane, before: tl.constexpr, need, OFFS: tl.constexpr,
                 NOFF: tl.constexpr, TWAIT: tl.constexpr):  # fmt: skip
     """Wait for the planes a stage needs of the pass before it: planes plane -/+ o for each
-    distinct offset o = b + Q_AX of :func:`wait_offsets` (one wait per plane, not per shift);
+    distinct offset o = b + Q_AX of :func:`wait_offsets` (one count per plane, not per shift);
     ``before`` 1: parts -> solve (minus), 2: solve -> apply (plus). flags: the batch*head's
     (pass, plane) counts. An offset is at most npl (a shift's whole-window offset is reduced
-    modulo the grid: Q_AX < npl), so one conditional add or subtraction wraps it, no division."""
-    for i in tl.static_range(NOFF):
-        if before == 1:
-            dep = _wrap_sub(plane, 0, OFFS[i], npl)
-        else:
-            dep = _wrap_add(plane, 0, OFFS[i], npl)
-        _wait_for(flags + (before - 1) * npl + dep, need, TWAIT)
+    modulo the grid: Q_AX < npl), so one conditional add or subtraction wraps it, no division.
+    TWAIT (:func:`wait_mode`): 0, one thread reads a count, shares it through shared memory,
+    and the next plane's is read after (:func:`_wait_for`); 2, with more than one plane (up to
+    8), the counts are read at once, one thread each, and the wait spins on their least: one
+    round trip to L2 a stage and one broadcast, one CTA barrier, for them all (Triton 3.6 PTX,
+    sm_90a: ``atom.global.gpu.acquire`` by 2 threads, ``bar.sync``, a shuffle for the least,
+    against ``ld.global.gpu.acquire`` and ``bar.sync`` a plane after another, 3 barriers for 2
+    planes); 1, every thread reads every count itself, all before it spins (no barrier)."""
+    if NOFF == 1 or TWAIT == 0 or NOFF > 8:
+        for k in tl.static_range(NOFF):
+            _wait_for(flags + (before - 1) * npl + _dep_plane(plane, before, OFFS[k], npl), need,
+                      TWAIT)  # fmt: skip
+    elif TWAIT == 1 and not _INTERPRET:
+        n = _acquire_least(flags, npl, plane, before, OFFS, NOFF)
+        while n < need:
+            n = _acquire_least(flags, npl, plane, before, OFFS, NOFF)
+    else:
+        NP2: tl.constexpr = 2 if NOFF == 2 else (4 if NOFF <= 4 else 8)
+        i = tl.arange(0, NP2)
+        offs = tl.full((NP2,), OFFS[0], tl.int32)  # padded with the first: read twice, no harm
+        for k in tl.static_range(1, NOFF):
+            offs = tl.where(i == k, OFFS[k], offs)
+        ptrs = flags + (before - 1) * npl + _dep_plane(plane, before, offs, npl)
+        n = tl.min(tl.atomic_add(ptrs, 0, sem="acquire"), 0)
+        _check_count(n, need)
+        while n < need:
+            n = tl.min(tl.atomic_add(ptrs, 0, sem="acquire"), 0)
+
+
+@triton.jit(noinline=True)
+def _wait_stage_call(flags, npl, plane, before: tl.constexpr, need, OFFS: tl.constexpr,
+                     NOFF: tl.constexpr, TWAIT: tl.constexpr):  # fmt: skip
+    """:func:`_wait_stage` as a function of its own (not inlined)."""
+    _wait_stage(flags, npl, plane, before, need, OFFS, NOFF, TWAIT)
+
+
+@triton.jit
+def _dep_plane(plane, before: tl.constexpr, o, npl):
+    """The plane a stage of ``plane`` needs at offset o (a scalar or a vector of offsets): minus
+    for the solves' parts (``before`` 1), plus for the applies' solves (2)."""
+    if before == 1:
+        return _wrap_sub(plane, 0, o, npl)
+    else:
+        return _wrap_add(plane, 0, o, npl)
+
+
+@triton.jit
+def _acquire_least(flags, npl, plane, before: tl.constexpr, OFFS: tl.constexpr,
+                   NOFF: tl.constexpr):  # fmt: skip
+    """The least of a stage's counts, each read by this thread with an acquire of its own
+    (:func:`_acquire_each`), issued one after another before any is used: their round trips
+    overlap."""
+    n = _acquire_each(flags + (before - 1) * npl + _dep_plane(plane, before, OFFS[0], npl))
+    for k in tl.static_range(1, NOFF):
+        n = tl.minimum(n, _acquire_each(flags + (before - 1) * npl +
+                                        _dep_plane(plane, before, OFFS[k], npl)))
+    return n
 
 
 @triton.jit
@@ -398,7 +478,7 @@ class Pipeline:
         offs = wait_offsets(geo.shifts, self.ax)
         return {**geo.block(), "WPP": self.wpp, "RING": self.ring, "OFFS": offs,
                 "NOFF": len(offs), "SPLITS": splits(geo.shifts),
-                "NSBP": self.solve_shifts(geo), "TWAIT": thread_waits()}  # fmt: skip
+                "NSBP": self.solve_shifts(geo), "TWAIT": wait_mode()}  # fmt: skip
 
     def solve_shifts(self, geo) -> int:
         """The shift rows NSBP of a ticket's solves (WPP windows each): the shifts NSB, or more

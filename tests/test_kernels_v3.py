@@ -84,15 +84,63 @@ def test_design3_two_windows_a_ticket_matches_reference(gen, design3, monkeypatc
     assert seen == [2, 2]  # both persistent kernels ran, at 2 windows a ticket
 
 
-class _WppSpy:
-    """Stands in for a persistent kernel: records the WPP of each launch, then launches it."""
+# the constexprs that say which tiles a launch runs, and their windows a tile
+_TILE_KEYS = ("WPP", "TILE", "OTILE", "WT", "BTILE", "PTILE", "PWT")
 
-    def __init__(self, kernel, seen):
-        self.kernel, self.seen = kernel, seen
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_design3_eight_warps_two_windows_run_every_tile(gen, design3, monkeypatch, device):
+    """8 warps at 2 windows a ticket (bench/time_designs.py's "design 3, 8 warps, 2 windows a
+    ticket, 2 programs/SM"): a thread holds what it holds at the default (16 warps, 4 windows),
+    so all four tiles run, the output passes and the backward parts in tiles of 2 / 1 / 1
+    windows (at 4 windows the ticket tile would hold 64 values a thread and 8 warps would not
+    take it); the output and gradient match the oracle (HALS, the BraTS shifts)."""
+    monkeypatch.setitem(sched.TUNING, "warps", 8)
+    monkeypatch.setitem(sched.TUNING, "wpp", 2)
+    monkeypatch.setitem(sched.TUNING, "programs_per_sm", 2)
+    for key in ("tile", "out_tile", "bwd_tile", "bwd_parts_tile"):
+        monkeypatch.setitem(sched.TUNING, key, True)
+    seen = []
+    for module, name in ((wn3, "_fused_kernel"), (bwd3, "_fused_bwd_kernel")):
+        monkeypatch.setattr(module, name, _WppSpy(getattr(module, name), seen, _TILE_KEYS))
+    x, v0, dy = nmf_inputs(gen, (1, 8, 16, 8, 32), 8, zero_windows=True)
+    kw = dict(head_dim=8, patch_size=8, shifts=[None, 2, 4, 6], solver="hals", iters=5)
+    dx, dx_ref = fp32_against_reference(x, v0, dy, device, **kw)
+    assert rel_err(dx, dx_ref) <= 1e-4
+    assert seen == [dict(WPP=2, TILE=True, OTILE=True, WT=2),
+                    dict(WPP=2, BTILE=True, WT=1, PTILE=True, PWT=1)]  # fmt: skip
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("count_waits", [False, True], ids=["plane-by-plane", "counts-at-once"])
+def test_design3_waits_either_way_match_reference(gen, design3, monkeypatch, device, count_waits):
+    """The stages' waits plane by plane or on all their planes' counts at once
+    (``TUNING["count_waits"]``; the default before Triton 3.7): the kernels take TWAIT 0 / 2 and
+    compute the oracle's output and gradient (the BraTS shifts: every stage waits on 2 planes)."""
+    monkeypatch.setitem(sched.TUNING, "count_waits", count_waits)
+    seen = []
+    for module, name in ((wn3, "_fused_kernel"), (bwd3, "_fused_bwd_kernel")):
+        monkeypatch.setattr(module, name, _WppSpy(getattr(module, name), seen, ("TWAIT", "NOFF")))
+    x, v0, dy = nmf_inputs(gen, (1, 4, 24, 8, 16), 8)
+    kw = dict(head_dim=4, patch_size=8, shifts=[None, 2, 4, 6], solver="hals", iters=5)
+    dx, dx_ref = fp32_against_reference(x, v0, dy, device, **kw)
+    assert rel_err(dx, dx_ref) <= 1e-4
+    assert seen == [dict(TWAIT=2 if count_waits else 0, NOFF=2)] * 2
+
+
+class _WppSpy:
+    """Stands in for a persistent kernel: records the WPP of each launch (or its constexprs among
+    ``keys``), then launches it."""
+
+    def __init__(self, kernel, seen, keys=None):
+        self.kernel, self.seen, self.keys = kernel, seen, keys
 
     def __getitem__(self, grid):
         def run(*args, **kwargs):
-            self.seen.append(kwargs["WPP"])
+            if self.keys:  # the launch's constexprs among ``keys``
+                self.seen.append({k: kwargs[k] for k in self.keys if k in kwargs})
+            else:
+                self.seen.append(kwargs["WPP"])
             return self.kernel[grid](*args, **kwargs)
 
         return run
@@ -381,6 +429,37 @@ def test_schedule_meets_every_need(npl, shifts):
         assert all(position[(1, q)] < position[(2, p)] for q in apply[p])
         assert solve[p] <= {(p - o) % npl for o in offsets}
         assert apply[p] <= {(p + o) % npl for o in offsets}
+
+
+@triton.jit
+def _wait_probe(flags, npl, plane, need, BEFORE: tl.constexpr, OFFS: tl.constexpr,
+                NOFF: tl.constexpr, TWAIT: tl.constexpr):  # fmt: skip
+    sched._wait_stage(flags, npl, plane, BEFORE, need, OFFS, NOFF, TWAIT)
+
+
+@pytest.mark.skipif(not sched.INTERPRET, reason="a short count spins forever on a GPU")
+@pytest.mark.parametrize("offsets", [(0,), (0, 1), (0, 1, 3)], ids=["one", "two", "three"])
+@pytest.mark.parametrize("before", [1, 2], ids=["solve-waits-parts", "apply-waits-solves"])
+@pytest.mark.parametrize("mode", [0, 2], ids=["plane-by-plane", "counts-at-once"])
+def test_waits_read_the_counts_of_their_planes(offsets, before, mode):
+    """A stage of plane p waits on the counts of planes p - o (solves: ``before`` 1) or p + o
+    (applies: 2) mod npl, o over the offsets, and on no other: with one count short (the others
+    complete) the wait finds it (under the interpreter a schedule error) exactly when its plane
+    is one of those; one offset, two and three (read at once: padded to four), plane by plane
+    (TWAIT 0) and all at once (2)."""
+    npl, need = 5, 3
+    for p in range(npl):
+        want = {(p - o if before == 1 else p + o) % npl for o in offsets}
+        for q in range(npl):
+            flags = torch.full((2 * npl,), need, dtype=torch.int32)
+            flags[(before - 1) * npl + q] = need - 1
+            if q in want:
+                with pytest.raises(Exception, match="schedule error"):
+                    _wait_probe[(1,)](flags, npl, p, need, BEFORE=before, OFFS=offsets,
+                                      NOFF=len(offsets), TWAIT=mode)  # fmt: skip
+            else:
+                _wait_probe[(1,)](flags, npl, p, need, BEFORE=before, OFFS=offsets,
+                                  NOFF=len(offsets), TWAIT=mode)  # fmt: skip
 
 
 @triton.jit
