@@ -201,8 +201,9 @@ VARIANTS = [
 # kernels/DESIGNS.md), at 2 windows a ticket (all four tiles, no spill) and at 4 (the parts pass
 # window by window; with Triton 3.6 32 B of spills in the fp32 BraTS forward, none elsewhere:
 # bench/results/static_designs_triton36/shortlist_2026-12-06.md), with its waits in every thread
-# (fewer CTA barriers) and plane by plane (the default before 2026-12-06), its backward output pass two runs a thread (7 % fewer instructions, 8-24 B
-# of spills), 2 windows a ticket (an H100's L2), its X g0 one product for all the shifts and a
+# (fewer CTA barriers) and plane by plane (the default before 2026-12-06), its backward output
+# pass two runs a thread (7 % fewer instructions, 8-24 B of spills), 2 windows a ticket (an
+# H100's L2), its X g0 one product for all the shifts and a
 # product a shift (the default has the one with BraTS, the other with [None, 4]); design 2 with its
 # passes on design 3's tiles (four and three), with 16 warps and 32 resident warps an SM, with its
 # next windows' loads in flight (two passes pipelined, and all four); design 3 with its parts

@@ -54,6 +54,9 @@ class StaticCase:
     # design 3's waits read their counts in every thread (``_window3_sched.TUNING
     # ["thread_waits"]``) where set
     thread_waits: bool = False
+    # design 3's stages read all their planes' counts at once (``_window3_sched.TUNING
+    # ["count_waits"]``) where set: True or False, None the code's choice (before Triton 3.7)
+    count_waits: bool | None = None
     # design 3's backward parts tile with every shift in one product (``_window3_sched.TUNING
     # ["bwd_parts_joined"]``) where set: True or False, None the code's choice
     bwd_parts_joined: bool | None = None
@@ -86,6 +89,7 @@ class StaticCase:
         design = "" if self.design == 1 else f"-d{self.design}"  # design 1: the ids of before
         untiled = "-untiled" if self.untiled else ""
         waits = "-thread-waits" if self.thread_waits else ""
+        waits += {None: "", True: "-count-waits", False: "-plane-waits"}[self.count_waits]
         joined = {None: "", True: "-bwd-joined", False: "-bwd-per-shift"}[self.bwd_parts_joined]
         return (f"{self.mode}-{self.shift_name}-{self.dtype}-r{self.rank}-{size}{design}"
                 f"{untiled}{waits}{joined}")  # fmt: skip
@@ -151,8 +155,9 @@ def coverage_cases(dtype: str = "fp32") -> list[StaticCase]:
 def selected_design(case: StaticCase):
     """Inside the block the window kernels of ``case.design`` serve the layer's calls (design 3
     with its tiles off where ``case.untiled``, its waits in every thread where
-    ``case.thread_waits``, its backward parts tile joined or not as ``case.bwd_parts_joined``
-    says; design 2 with ``case.wpp`` windows a program where set)."""
+    ``case.thread_waits``, all a stage's counts at once or not as ``case.count_waits``, its
+    backward parts tile joined or not as ``case.bwd_parts_joined`` says; design 2 with
+    ``case.wpp`` windows a program where set)."""
     tuning = importlib.import_module("fastnmf.kernels.window_nmf").TUNING
     tuning2 = importlib.import_module("fastnmf.kernels._window2_common").TUNING
     tuning3 = importlib.import_module("fastnmf.kernels._window3_sched").TUNING
@@ -165,6 +170,8 @@ def selected_design(case: StaticCase):
         tuning3.update(dict.fromkeys(sched.TILE_KEYS, False))
     if case.thread_waits:
         tuning3["thread_waits"] = True
+    if case.count_waits is not None:
+        tuning3["count_waits"] = case.count_waits
     if case.bwd_parts_joined is not None:
         tuning3["bwd_parts_joined"] = case.bwd_parts_joined
     try:
