@@ -31,7 +31,7 @@ from ._window2_common import _Geometry2, _lanes_rowmask_g, _plane_w0
 from ._window3_bwd_parts_tile import _parts_bwd_tile, bwd_parts_plan
 from ._window3_bwd_tile import _apply_tile, bwd_tile_plan
 from ._window3_power import _iterate_both_to, _kdot, _load_both, _next_both, _normed
-from ._window3_sched import _MAGIC_ARGS, Pipeline, _count_done, _take, _wait_stage_call
+from ._window3_sched import _MAGIC_ARGS, Pipeline, _count_done, _take, _wait
 from ._window3_slots import _load_square_batch, _solve_rows, _store_square_batch, _sum_parts_rows
 
 __all__ = ["backward3"]
@@ -280,13 +280,13 @@ def _fused_bwd_kernel(
                              BP0, BP1, BP2, BLOCK_E, NSB, G0, G1, G2, MU, ACC, PTILE, PD0, PD1,
                              PD2, PROWS0, PWT, EAX, PJOIN)  # fmt: skip
         elif phase == 1:
-            _wait_stage_call(flags, NPL, plane, 1, CPP, OFFS, NOFF, TWAIT)
+            _wait(flags, NPL, plane, 1, CPP, OFFS, NOFF, TWAIT)
             t = _solve_chunk(gpart_ptr, kmat_ptr, hsave_ptr, sym_ptr, hbar_ptr, bh, first,
                              plane, NPLANE, flags, flag_ptr, NPL, E, NWIN, ITERS, NW0, NW1, NW2,
                              MW2, SHIFTS, NSHIFT, SPLITS, WPP, NSBP, BLOCK_E,
                              ACC)  # fmt: skip
         else:
-            _wait_stage_call(flags, NPL, plane, 2, CPP, OFFS, NOFF, TWAIT)
+            _wait(flags, NPL, plane, 2, CPP, OFFS, NOFF, TWAIT)
             t = _apply_chunk(x_ptr + offset, dy_ptr + offset, dx_ptr + offset, rowmask_ptr,
                              g0_ptr, first, plane, NPLANE, bh, u_ptr, sym_ptr, hbar_ptr, flags,
                              flag_ptr, NPL, E, NWIN, NVOX, 1, S1, S2, NW0, NW1, NW2, MW2,

@@ -247,6 +247,19 @@ def _wait_stage(flags, npl, plane, before: tl.constexpr, need, OFFS: tl.constexp
             n = tl.min(tl.atomic_add(ptrs, 0, sem="acquire"), 0)
 
 
+@triton.jit
+def _wait(flags, npl, plane, before: tl.constexpr, need, OFFS: tl.constexpr, NOFF: tl.constexpr,
+          TWAIT: tl.constexpr):  # fmt: skip
+    """A stage's wait (:func:`_wait_stage`): with TWAIT 2 a function of its own (inlined, ptxas
+    hoisted the counts vector's lane arithmetic out of the backward's ticket loop and spilled it
+    across the pass calls: Triton 3.6, BraTS fp32, 20 B), else inlined as before (Triton 3.9's
+    bf16 BraTS backward spilled 8 B with the call)."""
+    if TWAIT == 2:
+        _wait_stage_call(flags, npl, plane, before, need, OFFS, NOFF, TWAIT)
+    else:
+        _wait_stage(flags, npl, plane, before, need, OFFS, NOFF, TWAIT)
+
+
 @triton.jit(noinline=True)
 def _wait_stage_call(flags, npl, plane, before: tl.constexpr, need, OFFS: tl.constexpr,
                      NOFF: tl.constexpr, TWAIT: tl.constexpr):  # fmt: skip

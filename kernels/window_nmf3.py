@@ -83,7 +83,7 @@ from ._window3_bwd import backward3
 from ._window3_out_tile import _apply_fwd_tile, out_tile_plan
 from ._window3_parts import _parts_chunk_merged
 from ._window3_power import _power_u
-from ._window3_sched import _MAGIC_ARGS, Pipeline, _count_done, _take, _wait_stage_call, fused_plan
+from ._window3_sched import _MAGIC_ARGS, Pipeline, _count_done, _take, _wait, fused_plan
 from ._window3_slots import _part_slot, _ring_previous, _solve_rows, _sum_parts_rows
 from ._window3_tile import _parts_tile, tile_plan
 from .window_nmf2 import WindowNMF2, _apply_window, _membership, _parts_window
@@ -240,8 +240,8 @@ def _fused_kernel(
             if RING > 0:  # the solves that read what its region held first (maybe another head's)
                 prev_bh, prev_plane, held = _ring_previous(bh, plane, NPL, RING, MNPL1)
                 if held:
-                    _wait_stage_call(flag_ptr + 1 + prev_bh * 3 * NPL, NPL, prev_plane, 2, CPP,
-                                     OFFS, NOFF, TWAIT)  # counts after the ticket counter
+                    _wait(flag_ptr + 1 + prev_bh * 3 * NPL, NPL, prev_plane, 2, CPP,
+                          OFFS, NOFF, TWAIT)  # counts after the ticket counter
             if TILE and XG0J:  # the ticket's windows as one tile, a call (``_parts_tile_call``)
                 _parts_tile_call(x_ptr + offset, g0_ptr, first, plane, bh, kpart_ptr, hpart_ptr,
                                  NWIN, NPLANE, NPL, E, NVOX, S1, S2, NW0, NW1, NW2, MW2, SHIFTS,
@@ -275,12 +275,12 @@ def _fused_kernel(
                                       NSB, G0, G1, G2, MU, ACC, DOT, D0, D1, D2, NPB, MW2,
                                       _plane_w0(plane, NW0), False, 0)  # fmt: skip
         elif phase == 1:
-            _wait_stage_call(flags, NPL, plane, 1, CPP, OFFS, NOFF, TWAIT)
+            _wait(flags, NPL, plane, 1, CPP, OFFS, NOFF, TWAIT)
             _solve_batch(kpart_ptr, hpart_ptr, u_ptr, hsave_ptr, kmat_ptr, bh, first, plane, E,
                          NWIN, ITERS, NW0, NW1, NW2, MW2, NPLANE, NPL, SHIFTS, NSHIFT,
                          SPLITS, WPP, NSB, NSBP, BLOCK_E, SAVE, ACC, RING, MERGE, PAX)  # fmt: skip
         else:
-            _wait_stage_call(flags, NPL, plane, 2, CPP, OFFS, NOFF, TWAIT)
+            _wait(flags, NPL, plane, 2, CPP, OFFS, NOFF, TWAIT)
             if OTILE:  # the ticket's windows as tiles (kernels/_window3_out_tile.py)
                 _apply_fwd_tile(x_ptr + offset, y_ptr + offset, first, plane, NPLANE, bh, u_ptr,
                                 E, NWIN, NVOX, S1, S2, NW0, NW1, NW2, MW2, _plane_w0(plane, NW0),
