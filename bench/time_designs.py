@@ -156,6 +156,14 @@ VARIANTS = [
     # (BraTS, Triton 3.6 fp32, `sass_loops --ticket`); off by default until timed here
     ("design 3, four tiles, thread waits", 3,
      {**_tiles(True, True, True, True), "thread_waits": True}),
+    # the stages in the skewed order (parts(p), apply(p - 2), solve(p)): no stage right after
+    # one it waits for. The model of the programs' waits
+    # (fastnmf/profile/static/schedule_waits.py, 2 x 32 x 128^3, 132 programs) has them waiting
+    # 30-38 % of the time in the plain order, 11-23 % skewed; the H200's ncu run showed 40 % of
+    # the stall cycles at CTA barriers, where the waiting warps are. Cost: fp32 DRAM estimate
+    # 1.10x -> 1.45x forward + backward with BraTS at 60 MB (bf16 unchanged); +14-35
+    # instructions a ticket, no spill (Triton 3.6 and 3.9)
+    ("design 3, four tiles, skewed schedule", 3, {**_tiles(True, True, True, True), "skew": True}),
     # a stage's waits plane by plane (as timed on the H200 in 2026-12-04), not all its planes'
     # counts at once (the default before Triton 3.7 since 2026-12-06: a ticket's CTA barriers
     # 62 -> 50 forward, 38 -> 30 backward with BraTS, 58 -> 46 and 50 -> 42 with [None, 4],
@@ -196,8 +204,10 @@ VARIANTS = [
 # what a short GPU lease times (``--shortlist``), in priority order (the timing's: ``_cases``):
 # design 1 (the baseline every row is compared with), design 3 with four tiles and design 2 (the
 # code's choices with the GPU machine's Triton 3.6: design 3 with four tiles for [None, 2, 4, 6],
-# design 2 for [None, 4], so "default" is not timed again), then the knobs that static counts
-# favour and only a GPU can weigh: design 3 with 2 programs of 8 warps an SM (the first candidate,
+# design 2 for [None, 4], so "default" is not timed again), design 3 in the skewed stage order
+# (the model of its programs' waits: 30-38 % of their time waiting in the plain order, 11-23 %
+# skewed), then the knobs that static counts favour and only a GPU can weigh: design 3 with 2
+# programs of 8 warps an SM (the first candidate,
 # kernels/DESIGNS.md), at 2 windows a ticket (all four tiles, no spill) and at 4 (the parts pass
 # window by window; with Triton 3.6 32 B of spills in the fp32 BraTS forward, none elsewhere:
 # bench/results/static_designs_triton36/shortlist_2026-12-06.md), with its waits in every thread
@@ -210,7 +220,8 @@ VARIANTS = [
 # unmerged (fewer instructions, more bytes), untiled, with its backward parts a product a shift and
 # its output passes a run a thread (the defaults before 2026-12-05), with 8 warps; and the
 # reference last (issue 16's 10x)
-SHORTLIST = ("design 1", "design 3, four tiles", "design 2",
+SHORTLIST = ("design 1", "design 3, four tiles", "design 3, four tiles, skewed schedule",
+             "design 2",
              "design 3, 8 warps, 2 windows a ticket, 2 programs/SM",
              "design 3, 8 warps, 2 programs/SM", "design 3, four tiles, thread waits",
              "design 3, four tiles, plane-by-plane waits",

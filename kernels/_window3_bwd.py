@@ -253,7 +253,7 @@ def _fused_bwd_kernel(
     BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
     G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, RING: tl.constexpr,
     OFFS: tl.constexpr, NOFF: tl.constexpr, NSBP: tl.constexpr,
-    TWAIT: tl.constexpr, SPLITS: tl.constexpr, BTILE: tl.constexpr,
+    TWAIT: tl.constexpr, SKEW: tl.constexpr, SPLITS: tl.constexpr, BTILE: tl.constexpr,
     R1: tl.constexpr, R2: tl.constexpr, WT: tl.constexpr, EAX: tl.constexpr, PTILE: tl.constexpr,
     PD0: tl.constexpr, PD1: tl.constexpr, PD2: tl.constexpr, PROWS0: tl.constexpr,
     PWT: tl.constexpr, PJOIN: tl.constexpr,
@@ -270,8 +270,9 @@ def _fused_bwd_kernel(
     numbers of the run-time divisors (``Pipeline.magic``): no division."""
     t = tl.atomic_add(flag_ptr, 1)  # the ticket counter
     while t < NTICKET:
-        bh, phase, plane, chunk, offset, flags = _take(t, SPB, CPP, flag_ptr, NPL, HEADS, C,
-                                                       E, NVOX, MSPB, MCPP, MHEADS)  # fmt: skip
+        bh, phase, plane, chunk, offset, flags = _take(t, SPB, CPP, flag_ptr, NPL, HEADS, C, E,
+                                                       NVOX, MSPB, MCPP, MHEADS,
+                                                       SKEW)  # fmt: skip
         first = chunk * WPP  # in the plane
         if phase == 0:
             t = _parts_chunk(x_ptr + offset, dy_ptr + offset, rowmask_ptr, g0_ptr, first, plane,

@@ -28,7 +28,7 @@ from ._fastdiv import MAGIC_3, _fdivmod, magics
 from ._window2_common import _wrap_add, _wrap_sub
 
 __all__ = ["TUNING", "TILE_KEYS", "PASSES", "Pipeline", "fused_plan", "merge_on", "ring_regions",
-           "run_pairs", "thread_waits", "wait_offsets", "wpp", "xg0_joined"]
+           "run_pairs", "skewed", "thread_waits", "wait_offsets", "wpp", "xg0_joined"]
 
 PASSES = ("parts", "solve", "apply")
 # The persistent launch: programs per SM, warps per program, windows per ticket (None: the
@@ -48,12 +48,13 @@ PASSES = ("parts", "solve", "apply")
 # product for all its shifts (None: ``xg0_joined``), whether the backward parts tile does
 # (None: kernels/_window3_bwd_parts_tile.py's ``_JOINED``), and whether the forward's / the
 # backward's output-pass run tile gives a thread two runs of one sub-box (None: ``_RUN_PAIRS`` /
-# ``_BWD_RUN_PAIRS``)
+# ``_BWD_RUN_PAIRS``), and whether the stages run in the skewed order (None: ``_SKEW``)
 TUNING: dict = {"programs_per_sm": None, "warps": None, "wpp": None, "ring": None, "sms": None,
                 "merge": None, "tile": None, "bwd_tile": None, "bwd_parts_tile": None,
                 "out_tile": None, "maxnreg": None, "thread_waits": None, "count_waits": None,
                 "xg0_joined": None,
-                "bwd_parts_joined": None, "run_pairs": None, "bwd_run_pairs": None}
+                "bwd_parts_joined": None, "run_pairs": None, "bwd_run_pairs": None,
+                "skew": None}
 _PROGRAMS_PER_SM = 1
 # The fewest rows (shifted windows) a solve takes, forward and backward, so that each row's K and
 # S (E^2 entries, E = 8), loaded as rows (``_load_square_batch``), lie in one warp: 2 entries a
@@ -134,6 +135,17 @@ _XG0_JOINED_SHIFTS = (4,)
 # so the backward's is off until a GPU weighs them ([None, 4]: 3,417 -> 3,291, no spill)
 _RUN_PAIRS = True
 _BWD_RUN_PAIRS = False
+# Whether a batch*head's stages run in the skewed order (:func:`_schedule`): each plane's applies
+# one triple later, after the next plane's parts, so that no stage directly follows a stage it
+# waits for. In the plain order solve(p) follows parts(p) and apply(p - 1) follows solve(p): with
+# a stage's chunks (64 tickets at 2 x 32 x 128^3) fewer than the programs in flight (132), half
+# the programs wait at any time; fastnmf/profile/static/schedule_waits.py models it: at 128^3,
+# 16 planes, 132 programs, the programs wait 30-38 % of the time in the plain order, 11-23 %
+# skewed (phase durations 1 : 0.2-1 : 0.4-1), about the 40 % of stall cycles the H200 showed at
+# CTA barriers, where the waiting warps are. The cost: x (and dy) of a plane wait 7 stages in L2
+# for their second read instead of 5 (pipeline_dram: fp32 BraTS backward 1.11x -> 1.69x DRAM at
+# 60 MB; bf16 unchanged). Off until a GPU weighs it ("design 3, four tiles, skewed schedule")
+_SKEW = False
 
 
 def run_pairs(backward: bool) -> bool:
@@ -144,6 +156,11 @@ def run_pairs(backward: bool) -> bool:
     if on is None:
         return _BWD_RUN_PAIRS if backward else _RUN_PAIRS
     return bool(on)
+
+
+def skewed() -> bool:
+    """Whether the stages run in the skewed order (``TUNING["skew"]``; None: ``_SKEW``)."""
+    return _SKEW if TUNING["skew"] is None else bool(TUNING["skew"])
 
 
 def wpp() -> int:
@@ -291,16 +308,27 @@ def _acquire_least(flags, npl, plane, before: tl.constexpr, OFFS: tl.constexpr,
 
 
 @triton.jit
-def _stage(i, npl):
+def _stage(i, npl, SKEW: tl.constexpr = False):
     """Stage i of one batch*head's schedule as (pass, plane): :func:`_schedule` computed, no
     table (nothing to copy to the device). npl >= 2: stages 0-2 are parts(0), parts(1),
     solve(1); then triples parts(p), solve(p), apply(p - 1) for p >= 2; the last three solve(0),
-    apply(npl - 1), apply(0). npl = 1: parts, solve, apply of plane 0."""
-    triple, k = _fdivmod(tl.maximum(i - 3, 0), 3, MAGIC_3)  # place in a triple (i >= 3)
-    phase = k
-    plane = tl.where(k == 2, triple + 1, triple + 2)
-    phase = tl.where(i < 3, tl.where(i == 2, 1, 0), phase)
-    plane = tl.where(i < 3, tl.where(i == 0, 0, 1), plane)
+    apply(npl - 1), apply(0). npl = 1: parts, solve, apply of plane 0. SKEW (npl >= 4; the same
+    order below): stages 3-4 parts(2), solve(2); triples parts(p), apply(p - 2), solve(p) for
+    3 <= p < npl; apply(npl - 2); the same last three."""
+    if SKEW:
+        triple, k = _fdivmod(tl.maximum(i - 5, 0), 3, MAGIC_3)  # place in a triple (i >= 5)
+        phase = tl.where(k == 1, 2, tl.where(k == 2, 1, 0))
+        plane = tl.where(k == 1, triple + 1, triple + 3)
+        phase = tl.where(i == 3 * npl - 4, 2, phase)
+        plane = tl.where(i == 3 * npl - 4, npl - 2, plane)
+        early = i < 5  # parts(0), parts(1), solve(1), parts(2), solve(2)
+        phase = tl.where(early, tl.where((i == 2) | (i == 4), 1, 0), phase)
+        plane = tl.where(early, tl.where(i == 0, 0, tl.where(i < 3, 1, 2)), plane)
+        pphase, pplane = _stage_plain(i, npl)
+        phase = tl.where(npl < 4, pphase, phase)  # the orders agree there (and i < 5 is early)
+        plane = tl.where(npl < 4, pplane, plane)
+    else:
+        phase, plane = _stage_plain(i, npl)
     tail = i - (3 * npl - 3)  # 0, 1, 2: the last three stages
     phase = tl.where(tail >= 0, tl.where(tail == 0, 1, 2), phase)
     plane = tl.where(tail >= 0, tl.where(tail == 1, npl - 1, 0), plane)
@@ -310,14 +338,26 @@ def _stage(i, npl):
 
 
 @triton.jit
-def _take(t, SPB, CPP, flag_ptr, NPL, HEADS, C, E: tl.constexpr, NVOX, MSPB, MCPP, MHEADS):
+def _stage_plain(i, npl):
+    """:func:`_stage`'s plain order before its last three stages."""
+    triple, k = _fdivmod(tl.maximum(i - 3, 0), 3, MAGIC_3)  # place in a triple (i >= 3)
+    phase = k
+    plane = tl.where(k == 2, triple + 1, triple + 2)
+    phase = tl.where(i < 3, tl.where(i == 2, 1, 0), phase)
+    plane = tl.where(i < 3, tl.where(i == 0, 0, 1), plane)
+    return phase, plane
+
+
+@triton.jit
+def _take(t, SPB, CPP, flag_ptr, NPL, HEADS, C, E: tl.constexpr, NVOX, MSPB, MCPP, MHEADS,
+          SKEW: tl.constexpr = False):  # fmt: skip
     """Ticket t as (bh, pass, plane, chunk of the stage, the int64 offset of the head's first
     element, the batch*head's flag counts). SPB: tickets a batch*head (its stages x CPP chunks a
     stage); the counts follow the ticket counter at flag_ptr. M*: the divisors' magic numbers
-    (kernels/_fastdiv.py, :meth:`Pipeline.magic`)."""
+    (kernels/_fastdiv.py, :meth:`Pipeline.magic`). SKEW: the skewed order (:func:`_stage`)."""
     bh, r = _fdivmod(t, SPB, MSPB)
     stage, chunk = _fdivmod(r, CPP, MCPP)
-    phase, plane = _stage(stage, NPL)
+    phase, plane = _stage(stage, NPL, SKEW)
     batch, head = _fdivmod(bh, HEADS, MHEADS)
     offset = (batch * C + head * E).to(tl.int64) * NVOX
     return bh, phase, plane, chunk, offset, flag_ptr + 1 + bh * 3 * NPL
@@ -331,15 +371,23 @@ def _count_done(flags, phase, plane, NPL):
     tl.atomic_add(flags + phase * NPL + plane, 1, sem="release")
 
 
-def _schedule(npl: int) -> list[tuple[int, int]]:
-    """The stages (pass index into PASSES, plane) of one batch*head, in ticket order."""
+def _schedule(npl: int, skew: bool = False) -> list[tuple[int, int]]:
+    """The stages (pass index into PASSES, plane) of one batch*head, in ticket order. Plain:
+    triples parts(p), solve(p), apply(p - 1). Skewed (``_SKEW``; from 4 planes, the same order
+    below): parts(p), apply(p - 2), solve(p), so that every stage comes at least two stages after
+    the last stage it waits for, then apply(npl - 2). Both end with solve(0), apply(npl - 1),
+    apply(0) (the stages that wait on plane npl - 1 or 0 across the wrap)."""
     order = []
     for p in range(npl):
         order.append((0, p))
+        if skew and npl >= 4 and 1 <= p - 2 <= npl - 2:
+            order.append((2, p - 2))
         if p >= 1:
             order.append((1, p))
-        if p >= 2:
+        if not (skew and npl >= 4) and p >= 2:
             order.append((2, p - 1))
+    if skew and npl >= 4:
+        order.append((2, npl - 2))
     order.append((1, 0))
     if npl >= 2:
         order.append((2, npl - 1))
@@ -361,14 +409,19 @@ def _needs(stage: tuple[int, int], npl: int, splits: list[bool], offsets: list[i
     }
 
 
-@functools.lru_cache(maxsize=64)
-def fused_plan(nw: tuple[int, int, int], shifts: tuple) -> tuple | None:
+def fused_plan(nw: tuple[int, int, int], shifts: tuple, skew: bool | None = None) -> tuple | None:
     """(pipelining axis, schedule) for a window grid nw and the shift constants of
     :class:`_Geometry2`, or None where the schedule would wait on a later stage (a shift with a
-    whole-window offset along the axis): then the second design runs instead."""
+    whole-window offset along the axis): then the second design runs instead. skew: the skewed
+    order (None: :func:`skewed`)."""
+    return _fused_plan(nw, shifts, skewed() if skew is None else bool(skew))
+
+
+@functools.lru_cache(maxsize=64)
+def _fused_plan(nw: tuple[int, int, int], shifts: tuple, skew: bool) -> tuple | None:
     ax = next((d for d in range(3) if nw[d] > 1), 0)
     npl = nw[ax]
-    order = _schedule(npl)
+    order = _schedule(npl, skew)
     splits = [s[ax] > 0 for s in shifts]
     offsets = [s[3 + ax] for s in shifts]
     done = set()
@@ -435,6 +488,8 @@ class Pipeline:
         ax, order = plan
         self.ax = ax
         self.npl = geo.NW[ax]
+        # the kernels decode the skewed order where it differs from the plain one
+        self.skew = self.npl >= 4 and order == tuple(_schedule(self.npl, True))
         self.nplane = geo.nwin // self.npl  # windows per plane (contiguous in window order)
         self.nw2, self.shifts = geo.NW[2], geo.shifts
         self.ring = ring_regions(geo.shifts, ax) if ring else 0
@@ -491,7 +546,8 @@ class Pipeline:
         offs = wait_offsets(geo.shifts, self.ax)
         return {**geo.block(), "WPP": self.wpp, "RING": self.ring, "OFFS": offs,
                 "NOFF": len(offs), "SPLITS": splits(geo.shifts),
-                "NSBP": self.solve_shifts(geo), "TWAIT": wait_mode()}  # fmt: skip
+                "NSBP": self.solve_shifts(geo), "TWAIT": wait_mode(),
+                "SKEW": self.skew}  # fmt: skip
 
     def solve_shifts(self, geo) -> int:
         """The shift rows NSBP of a ticket's solves (WPP windows each): the shifts NSB, or more

@@ -218,7 +218,8 @@ def _fused_kernel(
     G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, NPB: tl.constexpr,
     SAVE: tl.constexpr, RING: tl.constexpr, OFFS: tl.constexpr, NOFF: tl.constexpr,
-    NSBP: tl.constexpr, TWAIT: tl.constexpr, SPLITS: tl.constexpr, PAX: tl.constexpr,
+    NSBP: tl.constexpr, TWAIT: tl.constexpr, SKEW: tl.constexpr, SPLITS: tl.constexpr,
+    PAX: tl.constexpr,
     MERGE: tl.constexpr, TILE: tl.constexpr, TD0: tl.constexpr, TD1: tl.constexpr,
     TD2: tl.constexpr, ROWS0: tl.constexpr, XG0F: tl.constexpr, XG0J: tl.constexpr,
     OTILE: tl.constexpr,
@@ -233,8 +234,9 @@ def _fused_kernel(
                                                 P2, BP0, BP1, BP2, BLOCK_E, NSB, ACC, True)
     t = tl.atomic_add(flag_ptr, 1)  # the ticket counter
     while t < NTICKET:
-        bh, phase, plane, chunk, offset, flags = _take(t, SPB, CPP, flag_ptr, NPL, HEADS, C,
-                                                       E, NVOX, MSPB, MCPP, MHEADS)  # fmt: skip
+        bh, phase, plane, chunk, offset, flags = _take(t, SPB, CPP, flag_ptr, NPL, HEADS, C, E,
+                                                       NVOX, MSPB, MCPP, MHEADS,
+                                                       SKEW)  # fmt: skip
         first = chunk * WPP  # in the plane
         if phase == 0:
             if RING > 0:  # the solves that read what its region held first (maybe another head's)

@@ -348,7 +348,8 @@ def _ring_kernel(out_ptr, NPL, BH, MNPL1, RING: tl.constexpr, N: tl.constexpr):
 
 @pytest.mark.parametrize(("npl", "heads", "ring"), [(1, 3, 2), (2, 3, 3), (3, 1, 2), (5, 3, 2),
                                                     (5, 4, 3), (16, 3, 3)])  # fmt: skip
-def test_ring_regions_of_all_heads(npl, heads, ring):
+@pytest.mark.parametrize("skew", [False, True], ids=["plain", "skewed"])
+def test_ring_regions_of_all_heads(npl, heads, ring, skew):
     """Walking the tickets in order (a shift that splits the planes' axis): every plane's region
     is one of ring + min(heads, 2); the kernels' previous occupant of a region is its last writer;
     and every solve that reads a plane's statistics comes before they are overwritten (the
@@ -357,7 +358,7 @@ def test_ring_regions_of_all_heads(npl, heads, ring):
     out = torch.full((4 * n,), -7, dtype=torch.int32)
     _ring_kernel[(1,)](out, npl, heads, magic(max(npl - 1, 1)), RING=ring, N=n)
     rows = out[: 4 * heads * npl].view(heads, npl, 4).tolist()
-    order = [(bh, st) for bh in range(heads) for st in sched._schedule(npl)]
+    order = [(bh, st) for bh in range(heads) for st in sched._schedule(npl, skew)]
     readers = {p: [] for p in range(npl)}
     for q in range(npl):  # solve(q) reads the statistics of these planes
         for _, p in sched._needs((1, q), npl, [False, True], [0, 0]):
@@ -410,25 +411,33 @@ def _needs_by_rolling(size: int, patch: int, shifts: list[int]):
     return solve, apply
 
 
-@pytest.mark.parametrize("npl", [1, 2, 3, 5, 16])
+@pytest.mark.parametrize("npl", [1, 2, 3, 4, 5, 16])
 @pytest.mark.parametrize("shifts", [[0], [0, 4], [0, 2, 4, 6], [0, 1, 7]])
-def test_schedule_meets_every_need(npl, shifts):
+@pytest.mark.parametrize("skew", [False, True], ids=["plain", "skewed"])
+def test_schedule_meets_every_need(npl, shifts, skew):
     """Each (pass, plane) once; every stage after the stages it needs, and the planes the kernels
-    wait on cover those needs, the needs found by rolling voxel coordinates (P = 8)."""
+    wait on cover those needs, the needs found by rolling voxel coordinates (P = 8). In the
+    skewed order a stage right after one it needs is rare (the first planes' and the wrap's
+    stages: at most 4, however many planes), in the plain one every plane has one."""
     patch = 8
     consts = tuple((s % patch, 0, 0, s // patch, 0, 0) for s in shifts)
-    plan = sched.fused_plan((npl, 1, 1), consts)
+    plan = sched.fused_plan((npl, 1, 1), consts, skew)
     assert plan is not None
     ax, order = plan
     assert ax == 0 and sorted(order) == [(k, p) for k in range(3) for p in range(npl)]
     solve, apply = _needs_by_rolling(npl * patch, patch, shifts)
     position = {stage: i for i, stage in enumerate(order)}
     offsets = sched.wait_offsets(consts, ax)  # what the kernels wait on
+    adjacent = 0  # stages right after a stage they need
     for p in range(npl):
         assert all(position[(0, q)] < position[(1, p)] for q in solve[p])
         assert all(position[(1, q)] < position[(2, p)] for q in apply[p])
         assert solve[p] <= {(p - o) % npl for o in offsets}
         assert apply[p] <= {(p + o) % npl for o in offsets}
+        adjacent += any(position[(0, q)] == position[(1, p)] - 1 for q in solve[p])
+        adjacent += any(position[(1, q)] == position[(2, p)] - 1 for q in apply[p])
+    if npl >= 4 and len(shifts) > 1:
+        assert adjacent <= 4 if skew else adjacent >= npl
 
 
 @triton.jit
@@ -463,21 +472,23 @@ def test_waits_read_the_counts_of_their_planes(offsets, before, mode):
 
 
 @triton.jit
-def _stages_kernel(out_ptr, NPL, N: tl.constexpr):
+def _stages_kernel(out_ptr, NPL, N: tl.constexpr, SKEW: tl.constexpr):
     i = tl.arange(0, N)
-    phase, plane = _stage(i, NPL)
+    phase, plane = _stage(i, NPL, SKEW)
     tl.store(out_ptr + 2 * i, phase, mask=i < 3 * NPL)
     tl.store(out_ptr + 2 * i + 1, plane, mask=i < 3 * NPL)
 
 
-@pytest.mark.parametrize("npl", [1, 2, 3, 4, 7, 16])
-def test_kernels_decode_the_schedule(npl):
+@pytest.mark.parametrize("npl", [1, 2, 3, 4, 5, 7, 16])
+@pytest.mark.parametrize("skew", [False, True], ids=["plain", "skewed"])
+def test_kernels_decode_the_schedule(npl, skew):
     """The kernels compute each ticket's stage (no table copied to the device): the same list
-    as the host's schedule."""
+    as the host's schedule, plain or skewed."""
     out = torch.full((2 * triton.next_power_of_2(3 * npl),), -1, dtype=torch.int32)
-    _stages_kernel[(1,)](out, npl, N=triton.next_power_of_2(3 * npl))
+    _stages_kernel[(1,)](out, npl, N=triton.next_power_of_2(3 * npl), SKEW=skew)
     got = [tuple(p) for p in out[: 6 * npl].view(-1, 2).tolist()]
-    assert got == sched._schedule(npl)
+    assert got == sched._schedule(npl, skew)
+    assert (got != sched._schedule(npl)) == (skew and npl >= 4)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,0 +1,93 @@
+"""How long the third window design's programs wait on each other (kernels/_window3_sched.py): a
+discrete-event model of its persistent launch, no GPU (a model, not a measure).
+
+The launch's programs take tickets in order from one counter (``_take``): ticket t is chunk c
+of stage (pass, plane) of batch*head bh, in the schedule's order (``_schedule``). Before its
+work a ticket waits until every chunk of each stage it needs has been counted done (``_needs``:
+a solve the parts of its planes, an apply the solves). Here each ticket takes a fixed time for
+its pass (``durations``, relative: parts, solve, apply; optionally spread by +-``jitter`` / 2 with
+a fixed seed), a program takes the next ticket when its last one ends, and a ticket starts once
+both its program is free and its needs are done. Reported: the makespan over the work spread
+evenly (the programs' busy time over their count: what no waiting would take) and the share of
+the programs' time spent waiting.
+
+Left out: what a wait itself costs (the acquire round trips and spins), memory (the ticket's
+duration does not depend on what is in L2), the ring's waits (parts on the solves that read a
+region: with 3 regions they come 4-5 stages back, never binding here), other launches. The
+durations are assumptions: the H200 timed only whole launches (kernels/DESIGNS.md).
+
+``python -m fastnmf.profile.static.schedule_waits`` prints the plain and skewed orders at the
+benchmark shape (2 x 32 x 128^3, E = P = 8: 16 planes, 8 batch*heads, 64 chunks a stage, 132
+programs on an H100 / H200) for a few duration ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import random
+
+__all__ = ["schedule_waits", "main"]
+
+# the benchmark shape's schedule (2 x 32 x 128^3, E = P = 8, 4 windows a ticket) on an H100 / H200
+BENCH = dict(npl=16, bh=8, cpp=64, programs=132)
+# relative durations of a parts, a solve and an apply ticket (assumptions: the parts pass holds
+# most of a ticket's instructions, kernels/DESIGNS.md)
+DURATIONS = ((1.0, 0.4, 0.6), (1.0, 0.2, 0.4), (1.0, 1.0, 1.0))
+
+
+def schedule_waits(npl: int, bh: int, cpp: int, programs: int, durations=(1.0, 0.4, 0.6), *,
+                   skew: bool = False, splits=(True,), offsets=(0,), jitter: float = 0.0,
+                   seed: int = 0) -> dict:  # fmt: skip
+    """The modelled launch (module docstring) of ``bh`` batch*heads of ``npl`` planes, ``cpp``
+    chunks a stage, on ``programs`` programs; ``splits`` / ``offsets``: the shifts along the
+    planes' axis as ``_needs`` takes them (default: one shift that splits it, as [None, 4] and
+    [None, 2, 4, 6]). Returns makespan, even (the busy time over the programs), slowdown
+    (makespan / even) and wait_share (waiting time over programs x makespan)."""
+    from fastnmf.kernels._window3_sched import _needs, _schedule
+
+    order = _schedule(npl, skew)
+    rng = random.Random(seed)
+    free = [(0.0, i) for i in range(programs)]
+    last_end: dict = {}
+    done: dict = {}  # (bh, stage) -> the time its last chunk ended
+    busy = waited = 0.0
+    for b in range(bh):
+        for st in order:
+            needs = [done[(b, n)] for n in _needs(st, npl, list(splits), list(offsets))]
+            for _ in range(cpp):
+                t, prog = heapq.heappop(free)
+                start = max([t, *needs])
+                took = durations[st[0]] * (1 + jitter * (rng.random() - 0.5))
+                waited += start - t
+                busy += took
+                last_end[(b, st)] = max(last_end.get((b, st), 0.0), start + took)
+                heapq.heappush(free, (start + took, prog))
+            done[(b, st)] = last_end[(b, st)]
+    makespan = max(t for t, _ in free)
+    even = busy / programs
+    return dict(makespan=makespan, even=even, slowdown=makespan / even,
+                wait_share=waited / (programs * makespan))  # fmt: skip
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m fastnmf.profile.static.schedule_waits",
+                                description=__doc__.split("\n\n")[0])  # fmt: skip
+    p.add_argument("--npl", type=int, default=BENCH["npl"], help="planes a batch*head")
+    p.add_argument("--bh", type=int, default=BENCH["bh"], help="batch*heads")
+    p.add_argument("--cpp", type=int, default=BENCH["cpp"], help="chunks (tickets) a stage")
+    p.add_argument("--programs", type=int, default=BENCH["programs"])
+    p.add_argument("--jitter", type=float, default=0.2, help="ticket times spread +-jitter/2")
+    a = p.parse_args(argv)
+    print("| durations parts : solve : apply | order | slowdown | programs waiting |")
+    print("|---|---|---|---|")
+    for dur in DURATIONS:
+        for skew in (False, True):
+            r = schedule_waits(a.npl, a.bh, a.cpp, a.programs, dur, skew=skew, jitter=a.jitter)
+            name = "skewed" if skew else "plain"
+            print(f"| {' : '.join(f'{d:g}' for d in dur)} | {name} | {r['slowdown']:.2f}x | "
+                  f"{100 * r['wait_share']:.0f} % |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
