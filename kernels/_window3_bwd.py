@@ -246,14 +246,15 @@ def _fused_bwd_kernel(
     x_ptr, dy_ptr, dx_ptr, g0_ptr, rowmask_ptr, u_ptr, hsave_ptr, kmat_ptr, gpart_ptr,
     sym_ptr, hbar_ptr, flag_ptr, NTICKET, SPB, CPP, NPLANE, NPL,
     C, E: tl.constexpr, HEADS, NWIN, NVOX, ITERS: tl.constexpr, S1, S2, NW0, NW1, NW2,
-    MSPB, MCPP, MHEADS, MNPL1, MW2,
+    MSPB, MCPP, MHEADS, MNPL1, MW2, MGCPP,
     SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr,
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
     BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
     G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, RING: tl.constexpr,
     OFFS: tl.constexpr, NOFF: tl.constexpr, NSBP: tl.constexpr,
-    TWAIT: tl.constexpr, SKEW: tl.constexpr, SPLITS: tl.constexpr, BTILE: tl.constexpr,
+    TWAIT: tl.constexpr, SKEW: tl.constexpr, GROUP: tl.constexpr,
+    SPLITS: tl.constexpr, BTILE: tl.constexpr,
     R1: tl.constexpr, R2: tl.constexpr, WT: tl.constexpr, EAX: tl.constexpr, PTILE: tl.constexpr,
     PD0: tl.constexpr, PD1: tl.constexpr, PD2: tl.constexpr, PROWS0: tl.constexpr,
     PWT: tl.constexpr, PJOIN: tl.constexpr,
@@ -272,7 +273,7 @@ def _fused_bwd_kernel(
     while t < NTICKET:
         bh, phase, plane, chunk, offset, flags = _take(t, SPB, CPP, flag_ptr, NPL, HEADS, C, E,
                                                        NVOX, MSPB, MCPP, MHEADS,
-                                                       SKEW)  # fmt: skip
+                                                       SKEW, GROUP, MGCPP)  # fmt: skip
         first = chunk * WPP  # in the plane
         if phase == 0:
             t = _parts_chunk(x_ptr + offset, dy_ptr + offset, rowmask_ptr, g0_ptr, first, plane,

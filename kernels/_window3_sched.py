@@ -28,7 +28,7 @@ from ._fastdiv import MAGIC_3, _fdivmod, magics
 from ._window2_common import _wrap_add, _wrap_sub
 
 __all__ = ["TUNING", "TILE_KEYS", "PASSES", "Pipeline", "fused_plan", "merge_on", "ring_regions",
-           "run_pairs", "skewed", "thread_waits", "wait_offsets", "wpp", "xg0_joined"]
+           "head_group", "run_pairs", "skewed", "thread_waits", "wait_offsets", "wpp", "xg0_joined"]
 
 PASSES = ("parts", "solve", "apply")
 # The persistent launch: programs per SM, warps per program, windows per ticket (None: the
@@ -48,13 +48,14 @@ PASSES = ("parts", "solve", "apply")
 # product for all its shifts (None: ``xg0_joined``), whether the backward parts tile does
 # (None: kernels/_window3_bwd_parts_tile.py's ``_JOINED``), and whether the forward's / the
 # backward's output-pass run tile gives a thread two runs of one sub-box (None: ``_RUN_PAIRS`` /
-# ``_BWD_RUN_PAIRS``), and whether the stages run in the skewed order (None: ``_SKEW``)
+# ``_BWD_RUN_PAIRS``), whether the stages run in the skewed order (None: ``_SKEW``), and how many
+# batch*heads take their stages side by side (an int, "auto", or None: ``_GROUP``)
 TUNING: dict = {"programs_per_sm": None, "warps": None, "wpp": None, "ring": None, "sms": None,
                 "merge": None, "tile": None, "bwd_tile": None, "bwd_parts_tile": None,
                 "out_tile": None, "maxnreg": None, "thread_waits": None, "count_waits": None,
                 "xg0_joined": None,
                 "bwd_parts_joined": None, "run_pairs": None, "bwd_run_pairs": None,
-                "skew": None}
+                "skew": None, "group": None}
 _PROGRAMS_PER_SM = 1
 # The fewest rows (shifted windows) a solve takes, forward and backward, so that each row's K and
 # S (E^2 entries, E = 8), loaded as rows (``_load_square_batch``), lie in one warp: 2 entries a
@@ -63,7 +64,7 @@ _PROGRAMS_PER_SM = 1
 _SOLVE_ROWS = 16
 # the persistent kernels' magic-number arguments (``Pipeline.magic``; kernels/_fastdiv.py), not
 # specialised: no value recompiles a kernel
-_MAGIC_ARGS = ("MSPB", "MCPP", "MHEADS", "MNPL1", "MW2")
+_MAGIC_ARGS = ("MSPB", "MCPP", "MHEADS", "MNPL1", "MW2", "MGCPP")
 _WARPS = 16
 # an SM's 32-bit registers over the 32 lanes of a warp (sm_80 and sm_90: 65,536), and the most
 # ptxas gives a thread
@@ -146,6 +147,16 @@ _BWD_RUN_PAIRS = False
 # for their second read instead of 5 (pipeline_dram: fp32 BraTS backward 1.11x -> 1.69x DRAM at
 # 60 MB; bf16 unchanged). Off until a GPU weighs it ("design 3, four tiles, skewed schedule")
 _SKEW = False
+# How many batch*heads take each stage side by side (:func:`head_group`; 1: one batch*head after
+# another). A stage of a small volume has few chunks (2 x 64 x 64^3: 16; 32^3: 4) against 132
+# programs, so head by head nearly every ticket waits for the stage before it: the model
+# (schedule_waits.py) has the launch at 1.9-2.9x its wait-free time at 64^3-16^3, and at 1.0-1.3x
+# with the batch*heads' stages side by side up to ``_SLOT_TICKETS`` tickets a stage (64: the
+# tickets a stage at 128^3, whose L2 footprint the DRAM model fits). Side by side the
+# forward's ring of part statistics (shared by heads in turn) is off. Off until a GPU weighs it
+# ("design 3, four tiles, heads side by side" at 2 x 64 x 64^3)
+_GROUP = 1
+_SLOT_TICKETS = 64
 
 
 def run_pairs(backward: bool) -> bool:
@@ -156,6 +167,19 @@ def run_pairs(backward: bool) -> bool:
     if on is None:
         return _BWD_RUN_PAIRS if backward else _RUN_PAIRS
     return bool(on)
+
+
+def head_group(bh: int, cpp: int) -> int:
+    """Batch*heads that take their stages side by side (``TUNING["group"]``; None: ``_GROUP``):
+    a divisor of ``bh`` (the largest not above an int asked for); "auto": the largest whose
+    stages hold at most ``_SLOT_TICKETS`` tickets together (cpp chunks a stage each)."""
+    want = _GROUP if TUNING["group"] is None else TUNING["group"]
+    if want == "auto":
+        want = max(1, _SLOT_TICKETS // max(cpp, 1))
+    if not isinstance(want, int) or want < 1:
+        raise ValueError(f"_window3_sched.TUNING['group'] is {want!r}; valid: None, 'auto' or "
+                         "an int >= 1")  # fmt: skip
+    return max(g for g in range(1, min(want, bh) + 1) if bh % g == 0)
 
 
 def skewed() -> bool:
@@ -350,13 +374,21 @@ def _stage_plain(i, npl):
 
 @triton.jit
 def _take(t, SPB, CPP, flag_ptr, NPL, HEADS, C, E: tl.constexpr, NVOX, MSPB, MCPP, MHEADS,
-          SKEW: tl.constexpr = False):  # fmt: skip
+          SKEW: tl.constexpr = False, GROUP: tl.constexpr = 1, MGCPP=0):  # fmt: skip
     """Ticket t as (bh, pass, plane, chunk of the stage, the int64 offset of the head's first
     element, the batch*head's flag counts). SPB: tickets a batch*head (its stages x CPP chunks a
     stage); the counts follow the ticket counter at flag_ptr. M*: the divisors' magic numbers
-    (kernels/_fastdiv.py, :meth:`Pipeline.magic`). SKEW: the skewed order (:func:`_stage`)."""
-    bh, r = _fdivmod(t, SPB, MSPB)
-    stage, chunk = _fdivmod(r, CPP, MCPP)
+    (kernels/_fastdiv.py, :meth:`Pipeline.magic`; MSPB of GROUP x SPB, MGCPP of GROUP x CPP).
+    SKEW: the skewed order (:func:`_stage`). GROUP: batch*heads side by side (each stage's
+    chunks of GROUP batch*heads one after another, then the next stage: :func:`head_group`)."""
+    if GROUP == 1:
+        bh, r = _fdivmod(t, SPB, MSPB)
+        stage, chunk = _fdivmod(r, CPP, MCPP)
+    else:
+        group, r = _fdivmod(t, SPB * GROUP, MSPB)
+        stage, r = _fdivmod(r, CPP * GROUP, MGCPP)
+        b, chunk = _fdivmod(r, CPP, MCPP)
+        bh = group * GROUP + b
     phase, plane = _stage(stage, NPL, SKEW)
     batch, head = _fdivmod(bh, HEADS, MHEADS)
     offset = (batch * C + head * E).to(tl.int64) * NVOX
@@ -492,13 +524,15 @@ class Pipeline:
         self.skew = self.npl >= 4 and order == tuple(_schedule(self.npl, True))
         self.nplane = geo.nwin // self.npl  # windows per plane (contiguous in window order)
         self.nw2, self.shifts = geo.NW[2], geo.shifts
-        self.ring = ring_regions(geo.shifts, ax) if ring else 0
-        # the ring: RING regions shared by all heads' planes 1.., and plane 0's (two: alternate
-        # heads); without: every window of every head
-        regions = (self.ring + min(geo.bh, 2)) * self.nplane if self.ring else geo.bh * geo.nwin
-        self.part_slots = regions * geo.nshift * 8
         self.wpp = wpp()
         self.cpp = triton.cdiv(self.nplane, self.wpp)
+        self.group = head_group(geo.bh, self.cpp)
+        # the ring: RING regions shared by all heads' planes 1.., and plane 0's (two: alternate
+        # heads); without (and with heads side by side, as its regions pass from head to head in
+        # ticket order): every window of every head
+        self.ring = ring_regions(geo.shifts, ax) if ring and self.group == 1 else 0
+        regions = (self.ring + min(geo.bh, 2)) * self.nplane if self.ring else geo.bh * geo.nwin
+        self.part_slots = regions * geo.nshift * 8
         self.stages = len(order)
         self.tickets = geo.bh * self.stages * self.cpp
         self.flags = torch.zeros(geo.bh * 3 * self.npl + 1, dtype=torch.int32, device=device)
@@ -511,10 +545,11 @@ class Pipeline:
 
     def magic(self, geo) -> dict:
         """The magic numbers of the kernels' run-time divisors (kernels/_fastdiv.py): tickets a
-        batch*head (SPB), chunks a stage (CPP), heads, max(planes - 1, 1), and the grid's
-        NW2 (``_window_origin``)."""
-        return magics(SPB=self.stages * self.cpp, CPP=self.cpp, HEADS=geo.heads,
-                      NPL1=max(self.npl - 1, 1), W2=geo.NW[2])  # fmt: skip
+        batch*head (SPB) times the batch*heads side by side (GROUP), chunks a stage (CPP) and
+        times GROUP (GCPP), heads, max(planes - 1, 1), and the grid's NW2 (``_window_origin``)."""
+        return magics(SPB=self.group * self.stages * self.cpp, CPP=self.cpp, HEADS=geo.heads,
+                      NPL1=max(self.npl - 1, 1), W2=geo.NW[2],
+                      GCPP=self.group * self.cpp)  # fmt: skip
 
     def merges(self, dot: bool) -> bool:
         """Whether the forward's parts pass merges neighbours' parts (:func:`merge_on`)."""
@@ -547,7 +582,7 @@ class Pipeline:
         return {**geo.block(), "WPP": self.wpp, "RING": self.ring, "OFFS": offs,
                 "NOFF": len(offs), "SPLITS": splits(geo.shifts),
                 "NSBP": self.solve_shifts(geo), "TWAIT": wait_mode(),
-                "SKEW": self.skew}  # fmt: skip
+                "SKEW": self.skew, "GROUP": self.group}  # fmt: skip
 
     def solve_shifts(self, geo) -> int:
         """The shift rows NSBP of a ticket's solves (WPP windows each): the shifts NSB, or more

@@ -210,7 +210,7 @@ def _fused_kernel(
     x_ptr, y_ptr, g0_ptr, rowmask_ptr, kpart_ptr, hpart_ptr, u_ptr, hsave_ptr, kmat_ptr,
     flag_ptr, NTICKET, SPB, CPP, NPLANE, NPL,
     C, E: tl.constexpr, HEADS, NWIN, NVOX, ITERS, S1, S2, NW0, NW1, NW2,
-    MSPB, MCPP, MHEADS, MNPL1, MW2,
+    MSPB, MCPP, MHEADS, MNPL1, MW2, MGCPP,
     SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, WPP: tl.constexpr,
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
@@ -218,7 +218,8 @@ def _fused_kernel(
     G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, NPB: tl.constexpr,
     SAVE: tl.constexpr, RING: tl.constexpr, OFFS: tl.constexpr, NOFF: tl.constexpr,
-    NSBP: tl.constexpr, TWAIT: tl.constexpr, SKEW: tl.constexpr, SPLITS: tl.constexpr,
+    NSBP: tl.constexpr, TWAIT: tl.constexpr, SKEW: tl.constexpr, GROUP: tl.constexpr,
+    SPLITS: tl.constexpr,
     PAX: tl.constexpr,
     MERGE: tl.constexpr, TILE: tl.constexpr, TD0: tl.constexpr, TD1: tl.constexpr,
     TD2: tl.constexpr, ROWS0: tl.constexpr, XG0F: tl.constexpr, XG0J: tl.constexpr,
@@ -236,7 +237,7 @@ def _fused_kernel(
     while t < NTICKET:
         bh, phase, plane, chunk, offset, flags = _take(t, SPB, CPP, flag_ptr, NPL, HEADS, C, E,
                                                        NVOX, MSPB, MCPP, MHEADS,
-                                                       SKEW)  # fmt: skip
+                                                       SKEW, GROUP, MGCPP)  # fmt: skip
         first = chunk * WPP  # in the plane
         if phase == 0:
             if RING > 0:  # the solves that read what its region held first (maybe another head's)

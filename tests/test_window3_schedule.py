@@ -18,17 +18,25 @@ bwd3 = importlib.import_module("fastnmf.kernels._window3_bwd")
 
 
 class _Spy:
-    """Stands in for a persistent kernel: records each launch's SKEW, then launches it."""
+    """Stands in for a persistent kernel: records each launch's constexpr ``key``, then launches
+    it."""
 
-    def __init__(self, kernel, seen):
-        self.kernel, self.seen = kernel, seen
+    def __init__(self, kernel, seen, key):
+        self.kernel, self.seen, self.key = kernel, seen, key
 
     def __getitem__(self, grid):
         def run(*args, **kwargs):
-            self.seen.append(kwargs["SKEW"])
+            self.seen.append(kwargs[self.key])
             return self.kernel[grid](*args, **kwargs)
 
         return run
+
+
+def _spy(monkeypatch, key):
+    seen = []
+    for module, name in ((wn3, "_fused_kernel"), (bwd3, "_fused_bwd_kernel")):
+        monkeypatch.setattr(module, name, _Spy(getattr(module, name), seen, key))
+    return seen
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -42,14 +50,48 @@ def test_design3_skewed_schedule_matches_reference(gen, design3, monkeypatch, de
     kernels decode it (SKEW). Under the interpreter the programs run one after another and a wait
     on a stage not yet done is an error, so the order's needs are checked on every ticket."""
     monkeypatch.setitem(sched.TUNING, "skew", True)
-    seen = []
-    for module, name in ((wn3, "_fused_kernel"), (bwd3, "_fused_bwd_kernel")):
-        monkeypatch.setattr(module, name, _Spy(getattr(module, name), seen))
+    seen = _spy(monkeypatch, "SKEW")
     x, v0, dy = nmf_inputs(gen, shape, patch, zero_windows=True)
     kw = dict(head_dim=4, patch_size=patch, shifts=shifts, solver="hals", iters=5)
     dx, dx_ref = fp32_against_reference(x, v0, dy, device, **kw)
     assert rel_err(dx, dx_ref) <= 1e-4
     assert seen == [True, True]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,patch,shifts,group,skew,want", [
+    ((2, 8, 16, 8, 8), 4, [None, 2], 2, False, 2),  # 4 batch*heads, 4 planes: two side by side
+    ((1, 16, 40, 8, 8), 8, [None, 2, 4, 6], "auto", True, 4),  # all four, skewed, BraTS shifts
+    ((3, 8, 8, 8, 8), 4, [None, 2], 4, False, 3),  # 6 batch*heads: 4 is no divisor, so 3
+])  # fmt: skip
+def test_design3_heads_side_by_side_match_reference(gen, design3, monkeypatch, device, shape,
+                                                    patch, shifts, group, skew, want):  # fmt: skip
+    """Forward and backward with batch*heads taking their stages side by side (GROUP: the
+    tickets of each stage of GROUP batch*heads, then the next stage; the forward's ring off)
+    against the float64 oracle. Under the interpreter a ticket decoded wrong waits on a stage not
+    yet done (an error) or leaves windows unwritten (wrong results)."""
+    monkeypatch.setitem(sched.TUNING, "group", group)
+    monkeypatch.setitem(sched.TUNING, "skew", skew)
+    seen = _spy(monkeypatch, "GROUP")
+    x, v0, dy = nmf_inputs(gen, shape, patch, zero_windows=True)
+    kw = dict(head_dim=4, patch_size=patch, shifts=shifts, solver="hals", iters=5)
+    dx, dx_ref = fp32_against_reference(x, v0, dy, device, **kw)
+    assert rel_err(dx, dx_ref) <= 1e-4
+    assert seen == [want, want]
+
+
+def test_head_group_rule(monkeypatch):
+    """A divisor of the batch*heads: the largest not above the int asked for; "auto" the largest
+    whose stages hold at most _SLOT_TICKETS (64) tickets; None: one (the default)."""
+    assert sched.head_group(8, 64) == 1
+    monkeypatch.setitem(sched.TUNING, "group", "auto")
+    assert [sched.head_group(bh, cpp) for bh, cpp in ((8, 64), (16, 16), (32, 4), (64, 1),
+                                                      (7, 16), (12, 16))] == [1, 4, 16, 64, 1, 4]
+    monkeypatch.setitem(sched.TUNING, "group", 4)
+    assert sched.head_group(6, 1) == 3 and sched.head_group(2, 1) == 2
+    monkeypatch.setitem(sched.TUNING, "group", 0)
+    with pytest.raises(ValueError, match="TUNING\\['group'\\]"):
+        sched.head_group(4, 1)
 
 
 def test_schedule_waits_by_hand():
@@ -59,6 +101,15 @@ def test_schedule_waits_by_hand():
     r = schedule_waits(1, 1, 3, 2, (2.0, 1.0, 1.0))
     assert r["makespan"] == 8.0 and r["even"] == 6.0
     assert r["wait_share"] == pytest.approx(3 / (2 * 8))
+
+
+def test_heads_side_by_side_wait_less_at_small_volumes():
+    """At 2 x 64 x 64^3 (8 planes, 16 batch*heads, 16 chunks a stage) head by head the programs
+    wait most of the time; four side by side (64 tickets a stage, ``"auto"``) far less."""
+    small = dict(npl=8, bh=16, cpp=16, programs=BENCH["programs"])
+    one = schedule_waits(**small, durations=DURATIONS[0], jitter=0.2)
+    four = schedule_waits(**small, durations=DURATIONS[0], jitter=0.2, group=4)
+    assert one["wait_share"] > 0.4 and four["slowdown"] < one["slowdown"] - 0.4
 
 
 def test_one_program_never_waits():

@@ -109,9 +109,20 @@ def _needs(plane: int, npl: int, shifts, ax: int, sign: int) -> set[int]:
             for b in ((0, 1) if s[ax] else (0,))}  # fmt: skip
 
 
+def _stage_order(order, bh: int, group: int):
+    """(batch*head, stage) in ticket order: each stage of ``group`` batch*heads side by side
+    (kernels/_window3_sched._take)."""
+    for g in range(0, bh, group):
+        for stage in order:
+            for b in range(g, g + group):
+                yield b, stage
+
+
 def ticket_blocks(case: StaticCase, pass_: str):
     """The blocks each ticket touches, in ticket order: a list of tickets, each a list of
     (block key, bytes, store)."""
+    from fastnmf.kernels._window3_sched import head_group
+
     geo, (ax, order), per_chunk, ring = _geometry(case)
     if pass_ != "fwd":
         ring = 0  # the backward's ū parts are flat
@@ -126,37 +137,38 @@ def ticket_blocks(case: StaticCase, pass_: str):
     npl = geo.NW[ax]
     nplane = geo.nwin // npl
     cpp = math.ceil(nplane / per_chunk)
+    group = head_group(geo.bh, cpp)  # batch*heads side by side: no ring (Pipeline)
+    ring = ring if group == 1 else 0
     sizes = [_sizes(case, geo, min(per_chunk, nplane - c * per_chunk),
                     _merges(case, geo, per_chunk, nplane, c)) for c in range(cpp)]  # fmt: skip
     fwd = pass_ == "fwd"
     vol_in = ("x",) if fwd else ("x", "dy")
     tickets = []
-    for bh in range(geo.bh):
-        for phase, p in order:
-            for c in range(cpp):
-                def blk(name, plane, kind, store=False, bh=bh, c=c):
-                    return ((name, bh, plane, c), sizes[c][kind], store)
+    for bh, (phase, p) in _stage_order(order, geo.bh, group):
+        for c in range(cpp):
+            def blk(name, plane, kind, store=False, bh=bh, c=c):
+                return ((name, bh, plane, c), sizes[c][kind], store)
 
-                def parts(q, store=False, bh=bh, c=c):
-                    kind = "parts_fwd" if fwd else "parts_bwd"
-                    return (("parts", *region(bh, q), c), sizes[c][kind], store)
+            def parts(q, store=False, bh=bh, c=c):
+                kind = "parts_fwd" if fwd else "parts_bwd"
+                return (("parts", *region(bh, q), c), sizes[c][kind], store)
 
-                if phase == 0:
-                    acc = [blk(v, p, "vol") for v in vol_in]
-                    if not fwd:
-                        acc.append(blk("saved", p, "saved"))
-                    acc.append(parts(p, True))
-                elif phase == 1:
-                    acc = [parts(q) for q in sorted(_needs(p, npl, geo.shifts, ax, -1))]
-                    if not fwd:
-                        acc.append(blk("saved", p, "saved"))
-                    acc.append(blk("solve", p, "solve_fwd" if fwd else "solve_bwd", True))
-                else:
-                    acc = [blk(v, p, "vol") for v in vol_in]
-                    acc += [blk("solve", q, "solve_fwd" if fwd else "solve_bwd")
-                            for q in sorted(_needs(p, npl, geo.shifts, ax, 1))]  # fmt: skip
-                    acc.append(blk("y" if fwd else "dx", p, "vol", True))
-                tickets.append(acc)
+            if phase == 0:
+                acc = [blk(v, p, "vol") for v in vol_in]
+                if not fwd:
+                    acc.append(blk("saved", p, "saved"))
+                acc.append(parts(p, True))
+            elif phase == 1:
+                acc = [parts(q) for q in sorted(_needs(p, npl, geo.shifts, ax, -1))]
+                if not fwd:
+                    acc.append(blk("saved", p, "saved"))
+                acc.append(blk("solve", p, "solve_fwd" if fwd else "solve_bwd", True))
+            else:
+                acc = [blk(v, p, "vol") for v in vol_in]
+                acc += [blk("solve", q, "solve_fwd" if fwd else "solve_bwd")
+                        for q in sorted(_needs(p, npl, geo.shifts, ax, 1))]  # fmt: skip
+                acc.append(blk("y" if fwd else "dx", p, "vol", True))
+            tickets.append(acc)
     return tickets
 
 

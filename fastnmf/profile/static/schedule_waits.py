@@ -38,7 +38,7 @@ DURATIONS = ((1.0, 0.4, 0.6), (1.0, 0.2, 0.4), (1.0, 1.0, 1.0))
 
 def schedule_waits(npl: int, bh: int, cpp: int, programs: int, durations=(1.0, 0.4, 0.6), *,
                    skew: bool = False, splits=(True,), offsets=(0,), jitter: float = 0.0,
-                   seed: int = 0) -> dict:  # fmt: skip
+                   seed: int = 0, group: int = 1) -> dict:  # fmt: skip
     """The modelled launch (module docstring) of ``bh`` batch*heads of ``npl`` planes, ``cpp``
     chunks a stage, on ``programs`` programs; ``splits`` / ``offsets``: the shifts along the
     planes' axis as ``_needs`` takes them (default: one shift that splits it, as [None, 4] and
@@ -52,18 +52,19 @@ def schedule_waits(npl: int, bh: int, cpp: int, programs: int, durations=(1.0, 0
     last_end: dict = {}
     done: dict = {}  # (bh, stage) -> the time its last chunk ended
     busy = waited = 0.0
-    for b in range(bh):
+    for g in range(0, bh, group):
         for st in order:
-            needs = [done[(b, n)] for n in _needs(st, npl, list(splits), list(offsets))]
-            for _ in range(cpp):
-                t, prog = heapq.heappop(free)
-                start = max([t, *needs])
-                took = durations[st[0]] * (1 + jitter * (rng.random() - 0.5))
-                waited += start - t
-                busy += took
-                last_end[(b, st)] = max(last_end.get((b, st), 0.0), start + took)
-                heapq.heappush(free, (start + took, prog))
-            done[(b, st)] = last_end[(b, st)]
+            for b in range(g, min(g + group, bh)):
+                needs = [done[(b, n)] for n in _needs(st, npl, list(splits), list(offsets))]
+                for _ in range(cpp):
+                    t, prog = heapq.heappop(free)
+                    start = max([t, *needs])
+                    took = durations[st[0]] * (1 + jitter * (rng.random() - 0.5))
+                    waited += start - t
+                    busy += took
+                    last_end[(b, st)] = max(last_end.get((b, st), 0.0), start + took)
+                    heapq.heappush(free, (start + took, prog))
+                done[(b, st)] = last_end[(b, st)]
     makespan = max(t for t, _ in free)
     even = busy / programs
     return dict(makespan=makespan, even=even, slowdown=makespan / even,
