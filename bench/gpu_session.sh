@@ -15,6 +15,10 @@
 #             Its JSON is also copied to runs/designs.json: the phases after it (v3tests,
 #             layer, check's determinism) then run the variant with the fastest fp32 [None, 4]
 #             forward + backward (bench/with_variant.py), not the code's default
+#   schedule  bench/time_designs.py at 2x64x64^3 (16 chunks a stage against 132 programs), both
+#             shift sets, fp32/bf16: design 3 with four tiles head by head (the default), in the
+#             skewed stage order, with batch*heads side by side, and both (what the waits model of
+#             fastnmf/profile/static/schedule_waits.py predicts: 1.9-2.2x -> 1.1-1.5x)
 #   check3    bench/check_design3.py: design 3's forward and gradient against the reference at
 #             2x32x128^3 (untiled, one program, tiled; BraTS and [None, 4]): whether the
 #             shared-memory fix of 274807b holds on the GPU (run it first next time)
@@ -54,12 +58,12 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/gpu}"
-[ $# -gt 0 ] || { echo "usage: bench/gpu_session.sh PHASE [PHASE ...] (setup, designs, check3, v3tests, local, winop, glue, check, nmf, global, compiled, tune, layer, model, profile)" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: bench/gpu_session.sh PHASE [PHASE ...] (setup, designs, schedule, check3, v3tests, local, winop, glue, check, nmf, global, compiled, tune, layer, model, profile)" >&2; exit 2; }
 for phase in "$@"; do
     case "$phase" in
-    setup | designs | check3 | v3tests | local | winop | glue | check | nmf | global | compiled | tune | layer | model | profile) ;;
+    setup | designs | schedule | check3 | v3tests | local | winop | glue | check | nmf | global | compiled | tune | layer | model | profile) ;;
     *)
-        echo "gpu_session.sh: error: unknown phase '$phase' (setup, designs, check3, v3tests, local, winop, glue, check, nmf, global, compiled, tune, layer, model, profile)" >&2
+        echo "gpu_session.sh: error: unknown phase '$phase' (setup, designs, schedule, check3, v3tests, local, winop, glue, check, nmf, global, compiled, tune, layer, model, profile)" >&2
         exit 2
         ;;
     esac
@@ -108,6 +112,14 @@ for phase in "$@"; do
             --out "$OUT/designs/designs.json" ${DESIGNS_ARGS:-}
         mkdir -p runs && cp "$OUT/designs/designs.json" "$DESIGNS_JSON" 2>/dev/null
         tail -n 60 "$OUT/designs/time.log"
+        ;;
+    schedule)
+        step schedule time "${STEP_LIMIT_SCHEDULE:-150}" python3 bench/time_designs.py \
+            --shape 2 64 64 64 64 --repeats 5 \
+            --variants "design 3, four tiles" "design 3, four tiles, skewed schedule" \
+            "design 3, four tiles, heads side by side" \
+            "design 3, four tiles, heads side by side, skewed" --out "$OUT/schedule/schedule.json"
+        tail -n 40 "$OUT/schedule/time.log"
         ;;
     check3)
         step check3 run "${STEP_LIMIT_CHECK3:-180}" python3 bench/check_design3.py

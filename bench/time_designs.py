@@ -164,6 +164,15 @@ VARIANTS = [
     # 1.10x -> 1.45x forward + backward with BraTS at 60 MB (bf16 unchanged); +14-35
     # instructions a ticket, no spill (Triton 3.6 and 3.9)
     ("design 3, four tiles, skewed schedule", 3, {**_tiles(True, True, True, True), "skew": True}),
+    # batch*heads side by side ("auto": up to 64 tickets a stage; at 2 x 32 x 128^3 one, so the
+    # default): for smaller volumes, whose stages have few chunks (2 x 64 x 64^3: 16), where the
+    # waits model has head by head at 1.9-2.2x its wait-free time and four side by side at
+    # 1.4-1.5x (skewed too: 1.1-1.3x); the forward's ring off (DRAM estimate 1.06x -> 1.18x fp32
+    # BraTS forward + backward at 64^3). bench/gpu_session.sh's schedule phase times them there
+    ("design 3, four tiles, heads side by side", 3,
+     {**_tiles(True, True, True, True), "group": "auto"}),
+    ("design 3, four tiles, heads side by side, skewed", 3,
+     {**_tiles(True, True, True, True), "group": "auto", "skew": True}),
     # a stage's waits plane by plane (as timed on the H200 in 2026-12-04), not all its planes'
     # counts at once (the default before Triton 3.7 since 2026-12-06: a ticket's CTA barriers
     # 62 -> 50 forward, 38 -> 30 backward with BraTS, 58 -> 46 and 50 -> 42 with [None, 4],
