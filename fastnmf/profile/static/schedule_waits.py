@@ -16,9 +16,10 @@ duration does not depend on what is in L2), the ring's waits (parts on the solve
 region: with 3 regions they come 4-5 stages back, never binding here), other launches. The
 durations are assumptions: the H200 timed only whole launches (kernels/DESIGNS.md).
 
-``python -m fastnmf.profile.static.schedule_waits`` prints the plain and skewed orders at the
-benchmark shape (2 x 32 x 128^3, E = P = 8: 16 planes, 8 batch*heads, 64 chunks a stage, 132
-programs on an H100 / H200) for a few duration ratios.
+``python -m fastnmf.profile.static.schedule_waits`` prints the plain order, the skewed one,
+batch*heads side by side and both, for the layer's shapes from 2 x 32 x 128^3 (E = P = 8: 16
+planes, 8 batch*heads, 64 chunks a stage) down to 16^3, 132 programs (an H100 / H200), a few
+duration ratios (bench/results/schedule_cpu/).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import argparse
 import heapq
 import random
 
-__all__ = ["schedule_waits", "main"]
+__all__ = ["schedule_waits", "table", "main"]
 
 # the benchmark shape's schedule (2 x 32 x 128^3, E = P = 8, 4 windows a ticket) on an H100 / H200
 BENCH = dict(npl=16, bh=8, cpp=64, programs=132)
@@ -71,23 +72,46 @@ def schedule_waits(npl: int, bh: int, cpp: int, programs: int, durations=(1.0, 0
                 wait_share=waited / (programs * makespan))  # fmt: skip
 
 
+# the layer's shapes from 2 x 32 x 128^3 down, E = 8: (name, planes, batch*heads, chunks a stage)
+SHAPES = (("2 x 32 x 128^3 (8)", 16, 8, 64), ("2 x 64 x 64^3 (16)", 8, 16, 16),
+          ("2 x 128 x 32^3 (32)", 4, 32, 4), ("2 x 256 x 16^3 (64)", 2, 64, 1))  # fmt: skip
+
+
+def table(shapes=SHAPES, programs: int = BENCH["programs"], jitter: float = 0.2) -> str:
+    """A markdown table: per shape and durations, the plain order, the skewed one, batch*heads
+    side by side ("auto": kernels/_window3_sched.head_group) and both."""
+    from fastnmf.kernels._window3_sched import TUNING, head_group
+
+    rows = ["| shape (batch*heads) | planes, chunks a stage | durations | plain | skewed | "
+            "side by side (\"auto\": group) | both |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    saved = TUNING["group"]
+    try:
+        TUNING["group"] = "auto"
+        groups = [head_group(bh, cpp) for _, _, bh, cpp in shapes]
+    finally:
+        TUNING["group"] = saved
+    for (name, npl, bh, cpp), g in zip(shapes, groups, strict=True):
+        for dur in DURATIONS:
+            cells = []
+            for skew, group in ((False, 1), (True, 1), (False, g), (True, g)):
+                r = schedule_waits(npl, bh, cpp, programs, dur, skew=skew, group=group,
+                                   jitter=jitter)  # fmt: skip
+                cells.append(f"{r['slowdown']:.2f}x, {100 * r['wait_share']:.0f} %")
+            rows.append(f"| {name} | {npl}, {cpp} | {' : '.join(f'{d:g}' for d in dur)} | "
+                        f"{cells[0]} | {cells[1]} | {cells[2]} ({g}) | {cells[3]} |")  # fmt: skip
+    return "\n".join(rows)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m fastnmf.profile.static.schedule_waits",
                                 description=__doc__.split("\n\n")[0])  # fmt: skip
-    p.add_argument("--npl", type=int, default=BENCH["npl"], help="planes a batch*head")
-    p.add_argument("--bh", type=int, default=BENCH["bh"], help="batch*heads")
-    p.add_argument("--cpp", type=int, default=BENCH["cpp"], help="chunks (tickets) a stage")
+    p.add_argument("--shape", type=int, nargs=3, metavar=("NPL", "BH", "CPP"),
+                   help="one shape: planes, batch*heads, chunks a stage (default: SHAPES)")
     p.add_argument("--programs", type=int, default=BENCH["programs"])
     p.add_argument("--jitter", type=float, default=0.2, help="ticket times spread +-jitter/2")
     a = p.parse_args(argv)
-    print("| durations parts : solve : apply | order | slowdown | programs waiting |")
-    print("|---|---|---|---|")
-    for dur in DURATIONS:
-        for skew in (False, True):
-            r = schedule_waits(a.npl, a.bh, a.cpp, a.programs, dur, skew=skew, jitter=a.jitter)
-            name = "skewed" if skew else "plain"
-            print(f"| {' : '.join(f'{d:g}' for d in dur)} | {name} | {r['slowdown']:.2f}x | "
-                  f"{100 * r['wait_share']:.0f} % |")  # fmt: skip
+    shapes = SHAPES if a.shape is None else (("given", *a.shape),)
+    print(table(shapes, a.programs, a.jitter))
 
 
 if __name__ == "__main__":
