@@ -10,7 +10,7 @@ import pytest
 from conftest import DEVICES, rel_err
 from kernel_helpers import fp32_against_reference, nmf_inputs
 
-from fastnmf.profile.static.schedule_waits import BENCH, DURATIONS, schedule_waits
+from fastnmf.profile.static.schedule_waits import BENCH, DURATIONS, SHAPES, schedule_waits, table
 
 sched = importlib.import_module("fastnmf.kernels._window3_sched")
 wn3 = importlib.import_module("fastnmf.kernels.window_nmf3")
@@ -128,3 +128,14 @@ def test_skewed_order_waits_less_at_the_benchmark_shape(durations):
     assert 0.25 <= plain["wait_share"] <= 0.45
     assert skewed["wait_share"] < plain["wait_share"] - 0.1
     assert skewed["slowdown"] < plain["slowdown"]
+
+
+def test_table_has_every_shape_and_order():
+    """The command's table: a row per shape and durations; the "auto" group of each shape
+    (128^3: 1, so its side-by-side columns repeat the plain and skewed ones)."""
+    rows = table().splitlines()[2:]
+    assert len(rows) == len(SHAPES) * len(DURATIONS)
+    assert [r.split("|")[6].strip().split("(")[-1] for r in rows[:: len(DURATIONS)]] == [
+        "1)", "4)", "16)", "64)"]
+    first = [c.strip() for c in rows[0].split("|")]
+    assert first[4] == first[6].rsplit(" (", 1)[0] and first[5] == first[7]
