@@ -115,7 +115,7 @@ def test_window_origin_with_magic_numbers(nw):
     np.testing.assert_array_equal(out[3:, :total].numpy(), want)
 
 
-def test_pipeline_passes_one_magic_number_per_divisor_the_kernels_take():
+def test_pipeline_passes_one_magic_number_per_divisor_the_kernels_take(monkeypatch):
     """``Pipeline.magic`` names exactly the kernels' unspecialised magic arguments, each the magic
     number of the divisor it stands for."""
     x = torch.zeros(2, 12, 8, 12, 20)
@@ -124,8 +124,15 @@ def test_pipeline_passes_one_magic_number_per_divisor_the_kernels_take():
     got = pipe.magic(geo)
     assert tuple(got) == sched._MAGIC_ARGS
     divisors = {"MSPB": pipe.stages * pipe.cpp, "MCPP": pipe.cpp, "MHEADS": geo.heads,
-                "MNPL1": max(pipe.npl - 1, 1), "MW2": geo.NW[2]}
+                "MNPL1": max(pipe.npl - 1, 1), "MW2": geo.NW[2], "MGCPP": pipe.cpp}
     assert got == {name: fastdiv.magic(d) for name, d in divisors.items()}
+    # with batch*heads side by side (GROUP of them): a group's tickets and a stage's
+    monkeypatch.setitem(sched.TUNING, "group", 2)
+    pipe = sched.Pipeline(geo, sched.fused_plan(tuple(geo.NW), geo.shifts), x.device)
+    assert pipe.group == 2 and pipe.block(geo)["GROUP"] == 2
+    got = pipe.magic(geo)
+    assert got["MSPB"] == fastdiv.magic(2 * pipe.stages * pipe.cpp)
+    assert got["MGCPP"] == fastdiv.magic(2 * pipe.cpp)
     for kernel in (wn3._fused_kernel, bwd3._fused_bwd_kernel):
         params = inspect.signature(kernel.fn).parameters
         assert set(sched._MAGIC_ARGS) <= set(params), kernel
