@@ -40,39 +40,23 @@ def _spy(monkeypatch, key):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape,patch,shifts", [
-    ((1, 8, 40, 8, 8), 8, [None, 2, 4, 6]),  # 5 planes: BraTS shifts
-    ((2, 8, 16, 8, 8), 4, [None, 2]),  # 4 planes, two batch*heads
-])  # fmt: skip
-def test_design3_skewed_schedule_matches_reference(gen, design3, monkeypatch, device, shape,
-                                                   patch, shifts):  # fmt: skip
-    """Forward and backward in the skewed order against the float64 oracle; both persistent
-    kernels decode it (SKEW). Under the interpreter the programs run one after another and a wait
-    on a stage not yet done is an error, so the order's needs are checked on every ticket."""
-    monkeypatch.setitem(sched.TUNING, "skew", True)
-    seen = _spy(monkeypatch, "SKEW")
-    x, v0, dy = nmf_inputs(gen, shape, patch, zero_windows=True)
-    kw = dict(head_dim=4, patch_size=patch, shifts=shifts, solver="hals", iters=5)
-    dx, dx_ref = fp32_against_reference(x, v0, dy, device, **kw)
-    assert rel_err(dx, dx_ref) <= 1e-4
-    assert seen == [True, True]
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape,patch,shifts,group,skew,want", [
-    ((2, 8, 16, 8, 8), 4, [None, 2], 2, False, 2),  # 4 batch*heads, 4 planes: two side by side
-    ((1, 16, 40, 8, 8), 8, [None, 2, 4, 6], "auto", True, 4),  # all four, skewed, BraTS shifts
-    ((3, 8, 8, 8, 8), 4, [None, 2], 4, False, 3),  # 6 batch*heads: 4 is no divisor, so 3
-])  # fmt: skip
-def test_design3_heads_side_by_side_match_reference(gen, design3, monkeypatch, device, shape,
-                                                    patch, shifts, group, skew, want):  # fmt: skip
-    """Forward and backward with batch*heads taking their stages side by side (GROUP: the
+@pytest.mark.parametrize("shape,patch,shifts,tuning,key,want", [
+    ((1, 8, 40, 8, 8), 8, [None, 2, 4, 6], {"skew": True}, "SKEW", True),  # 5 planes, BraTS
+    ((2, 8, 16, 8, 8), 4, [None, 2], {"skew": True}, "SKEW", True),  # 4 planes, 2 batch*heads
+    ((2, 8, 16, 8, 8), 4, [None, 2], {"group": 2}, "GROUP", 2),  # 4 batch*heads, two by two
+    ((1, 16, 40, 8, 8), 8, [None, 2, 4, 6], {"group": "auto", "skew": True}, "GROUP", 4),  # all
+    ((3, 8, 8, 8, 8), 4, [None, 2], {"group": 4}, "GROUP", 3),  # 6 batch*heads: 4 no divisor
+], ids=["skewed-brats", "skewed", "side-by-side", "auto-skewed-brats", "side-by-side-3-of-6"])
+def test_design3_orders_match_reference(gen, design3, monkeypatch, device, shape, patch, shifts,
+                                        tuning, key, want):  # fmt: skip
+    """Forward and backward in the skewed order and with batch*heads side by side (GROUP: the
     tickets of each stage of GROUP batch*heads, then the next stage; the forward's ring off)
-    against the float64 oracle. Under the interpreter a ticket decoded wrong waits on a stage not
-    yet done (an error) or leaves windows unwritten (wrong results)."""
-    monkeypatch.setitem(sched.TUNING, "group", group)
-    monkeypatch.setitem(sched.TUNING, "skew", skew)
-    seen = _spy(monkeypatch, "GROUP")
+    against the float64 oracle; both persistent kernels get the order (SKEW, GROUP). Under the
+    interpreter the programs run one after another and a wait on a stage not yet done is an
+    error: a ticket decoded wrong fails so, or leaves windows unwritten (wrong results)."""
+    for name, value in tuning.items():
+        monkeypatch.setitem(sched.TUNING, name, value)
+    seen = _spy(monkeypatch, key)
     x, v0, dy = nmf_inputs(gen, shape, patch, zero_windows=True)
     kw = dict(head_dim=4, patch_size=patch, shifts=shifts, solver="hals", iters=5)
     dx, dx_ref = fp32_against_reference(x, v0, dy, device, **kw)
