@@ -169,11 +169,13 @@ def run_pairs(backward: bool) -> bool:
     return bool(on)
 
 
-def head_group(bh: int, cpp: int) -> int:
-    """Batch*heads that take their stages side by side (``TUNING["group"]``; None: ``_GROUP``):
-    a divisor of ``bh`` (the largest not above an int asked for); "auto": the largest whose
-    stages hold at most ``_SLOT_TICKETS`` tickets together (cpp chunks a stage each)."""
-    want = _GROUP if TUNING["group"] is None else TUNING["group"]
+def head_group(bh: int, cpp: int, want: int | str | None = None) -> int:
+    """Batch*heads that take their stages side by side (``want``, else ``TUNING["group"]``,
+    else ``_GROUP``): a divisor of ``bh`` (the largest not above an int asked for); "auto": the
+    largest whose stages hold at most ``_SLOT_TICKETS`` tickets together (cpp chunks a stage
+    each)."""
+    if want is None:
+        want = _GROUP if TUNING["group"] is None else TUNING["group"]
     if want == "auto":
         want = max(1, _SLOT_TICKETS // max(cpp, 1))
     if not isinstance(want, int) or want < 1:
@@ -427,6 +429,13 @@ def _schedule(npl: int, skew: bool = False) -> list[tuple[int, int]]:
     return order
 
 
+@functools.lru_cache(maxsize=64)
+def _skewed_schedule(npl: int) -> tuple:
+    """:func:`_schedule` skewed, as the plans hold it (once per plane count: a call's host path
+    compares its plan's order with it)."""
+    return tuple(_schedule(npl, True))
+
+
 def _needs(stage: tuple[int, int], npl: int, splits: list[bool], offsets: list[int]):
     """The (pass, plane) stages a stage needs: solve(p) the parts of the planes holding its
     shifted windows' parts, apply(p) the solves of the shifted windows its windows lie in."""
@@ -521,7 +530,7 @@ class Pipeline:
         self.ax = ax
         self.npl = geo.NW[ax]
         # the kernels decode the skewed order where it differs from the plain one
-        self.skew = self.npl >= 4 and order == tuple(_schedule(self.npl, True))
+        self.skew = self.npl >= 4 and order == _skewed_schedule(self.npl)
         self.nplane = geo.nwin // self.npl  # windows per plane (contiguous in window order)
         self.nw2, self.shifts = geo.NW[2], geo.shifts
         self.wpp = wpp()

@@ -1,6 +1,7 @@
-"""The third design's skewed stage order (kernels/_window3_sched.py, ``TUNING["skew"]``) and the
-model of its programs' waits (fastnmf/profile/static/schedule_waits.py). The orders' needs and
-the kernels' decoding of both orders: tests/test_kernels_v3.py."""
+"""The third design's skewed stage order and batch*heads side by side (kernels/_window3_sched.py,
+``TUNING["skew"]``, ``["group"]``) and the model of its programs' waits
+(fastnmf/profile/static/schedule_waits.py). The orders' needs and the kernels' decoding of both
+orders: tests/test_kernels_v3.py."""
 
 from __future__ import annotations
 
@@ -73,6 +74,7 @@ def test_head_group_rule(monkeypatch):
                                                       (7, 16), (12, 16))] == [1, 4, 16, 64, 1, 4]
     monkeypatch.setitem(sched.TUNING, "group", 4)
     assert sched.head_group(6, 1) == 3 and sched.head_group(2, 1) == 2
+    assert sched.head_group(16, 16, "auto") == 4  # asked for: TUNING not read
     monkeypatch.setitem(sched.TUNING, "group", 0)
     with pytest.raises(ValueError, match="TUNING\\['group'\\]"):
         sched.head_group(4, 1)

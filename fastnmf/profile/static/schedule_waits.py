@@ -50,22 +50,22 @@ def schedule_waits(npl: int, bh: int, cpp: int, programs: int, durations=(1.0, 0
     order = _schedule(npl, skew)
     rng = random.Random(seed)
     free = [(0.0, i) for i in range(programs)]
-    last_end: dict = {}
     done: dict = {}  # (bh, stage) -> the time its last chunk ended
     busy = waited = 0.0
     for g in range(0, bh, group):
         for st in order:
             for b in range(g, min(g + group, bh)):
                 needs = [done[(b, n)] for n in _needs(st, npl, list(splits), list(offsets))]
+                last = 0.0
                 for _ in range(cpp):
                     t, prog = heapq.heappop(free)
                     start = max([t, *needs])
                     took = durations[st[0]] * (1 + jitter * (rng.random() - 0.5))
                     waited += start - t
                     busy += took
-                    last_end[(b, st)] = max(last_end.get((b, st), 0.0), start + took)
+                    last = max(last, start + took)
                     heapq.heappush(free, (start + took, prog))
-                done[(b, st)] = last_end[(b, st)]
+                done[(b, st)] = last
     makespan = max(t for t, _ in free)
     even = busy / programs
     return dict(makespan=makespan, even=even, slowdown=makespan / even,
@@ -80,17 +80,12 @@ SHAPES = (("2 x 32 x 128^3 (8)", 16, 8, 64), ("2 x 64 x 64^3 (16)", 8, 16, 16),
 def table(shapes=SHAPES, programs: int = BENCH["programs"], jitter: float = 0.2) -> str:
     """A markdown table: per shape and durations, the plain order, the skewed one, batch*heads
     side by side ("auto": kernels/_window3_sched.head_group) and both."""
-    from fastnmf.kernels._window3_sched import TUNING, head_group
+    from fastnmf.kernels._window3_sched import head_group
 
     rows = ["| shape (batch*heads) | planes, chunks a stage | durations | plain | skewed | "
             "side by side (\"auto\": group) | both |", "|---|---|---|---|---|---|---|"]  # fmt: skip
-    saved = TUNING["group"]
-    try:
-        TUNING["group"] = "auto"
-        groups = [head_group(bh, cpp) for _, _, bh, cpp in shapes]
-    finally:
-        TUNING["group"] = saved
-    for (name, npl, bh, cpp), g in zip(shapes, groups, strict=True):
+    for name, npl, bh, cpp in shapes:
+        g = head_group(bh, cpp, "auto")
         for dur in DURATIONS:
             cells = []
             for skew, group in ((False, 1), (True, 1), (False, g), (True, g)):
