@@ -175,7 +175,7 @@ def _apply_chunk(x_ptr, dy_ptr, dx_ptr, rowmask_ptr, g0_ptr, first, plane, NPLAN
                  BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
                  G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, BTILE: tl.constexpr,
                  R1: tl.constexpr, R2: tl.constexpr, WT: tl.constexpr,
-                 EAX: tl.constexpr):  # fmt: skip
+                 EAX: tl.constexpr, LAST: tl.constexpr):  # fmt: skip
     """The output passes of one ticket (the windows of a plane from ``first``): as one tile
     (BTILE, kernels/_window3_bwd_tile.py) or window by window, g0 under every shift loaded once
     a ticket (from L1: 2 KB a shift in fp32)."""
@@ -183,7 +183,7 @@ def _apply_chunk(x_ptr, dy_ptr, dx_ptr, rowmask_ptr, g0_ptr, first, plane, NPLAN
     if BTILE:
         _apply_tile(x_ptr, dy_ptr, dx_ptr, g0_ptr, first, plane, NPLANE, bh, u_ptr, sym_ptr,
                     hbar_ptr, E, NWIN, NVOX, S1, S2, NW0, NW1, NW2, MW2, W0, SHIFTS, NSHIFT,
-                    WPP, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, R1, R2, WT, EAX)  # fmt: skip
+                    WPP, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, R1, R2, WT, EAX, LAST)  # fmt: skip
     else:
         e, emask, rowmask, g_all = _lanes_rowmask_g(rowmask_ptr, g0_ptr, E, SHIFTS, NSHIFT, P0,
                                                     P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, ACC,
@@ -253,7 +253,7 @@ def _fused_bwd_kernel(
     BLOCK_E: tl.constexpr, NSB: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
     G2: tl.constexpr, MU: tl.constexpr, ACC: tl.constexpr, RING: tl.constexpr,
     OFFS: tl.constexpr, NOFF: tl.constexpr, NSBP: tl.constexpr,
-    TWAIT: tl.constexpr, SKEW: tl.constexpr, GROUP: tl.constexpr,
+    TWAIT: tl.constexpr, SKEW: tl.constexpr, GROUP: tl.constexpr, LAST: tl.constexpr,
     SPLITS: tl.constexpr, BTILE: tl.constexpr,
     R1: tl.constexpr, R2: tl.constexpr, WT: tl.constexpr, EAX: tl.constexpr, PTILE: tl.constexpr,
     PD0: tl.constexpr, PD1: tl.constexpr, PD2: tl.constexpr, PROWS0: tl.constexpr,
@@ -293,7 +293,7 @@ def _fused_bwd_kernel(
                              g0_ptr, first, plane, NPLANE, bh, u_ptr, sym_ptr, hbar_ptr, flags,
                              flag_ptr, NPL, E, NWIN, NVOX, 1, S1, S2, NW0, NW1, NW2, MW2,
                              SHIFTS, NSHIFT, WPP, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, G0, G1,
-                             G2, MU, ACC, BTILE, R1, R2, WT, EAX)  # fmt: skip
+                             G2, MU, ACC, BTILE, R1, R2, WT, EAX, LAST)  # fmt: skip
 
 
 def backward3(x, g0, rowmask, u, h, kmat, dy, geo: _Geometry2, plan, iters: int, mu: bool, *,

@@ -58,6 +58,27 @@ def _run_prog(bh, w0, w1, w2, q0, q1, r2, NWIN, NW0, NW1, NW2, k: tl.constexpr,
 
 
 @triton.jit
+def _load_last(ptr, mask, LAST: tl.constexpr):
+    """tl.load(ptr, mask, other=0) of what the launch reads for the last time: evict-first with
+    LAST (``_window3_sched.last_use``: 2 ``.cs``, 1 an L2 evict_first policy), else plain."""
+    if LAST == 2:
+        return tl.load(ptr, mask=mask, other=0, cache_modifier=".cs")
+    elif LAST == 1:
+        return tl.load(ptr, mask=mask, other=0, eviction_policy="evict_first")
+    else:
+        return tl.load(ptr, mask=mask, other=0)
+
+
+@triton.jit
+def _store_last(ptr, value, mask, LAST: tl.constexpr):
+    """tl.store of what the launch does not read again: ``.cs`` (evict-first) with LAST."""
+    if LAST:
+        tl.store(ptr, value, mask=mask, cache_modifier=".cs")
+    else:
+        tl.store(ptr, value, mask=mask)
+
+
+@triton.jit
 def _pair(ptr, CG: tl.constexpr):
     """Two fp32 at ptr (8-byte aligned) from one 8-byte load (the halves of an int64); with CG
     past L1 (``.cg``: what other programs of the same launch wrote)."""
@@ -134,14 +155,15 @@ def _apply_tile(
     E: tl.constexpr, NWIN, NVOX, S1, S2, NW0, NW1, NW2, MW2, W0, SHIFTS: tl.constexpr,
     NSHIFT: tl.constexpr, W: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr, BLOCK_E: tl.constexpr,
-    R1: tl.constexpr, R2: tl.constexpr, WT: tl.constexpr, EAX: tl.constexpr,
+    R1: tl.constexpr, R2: tl.constexpr, WT: tl.constexpr, EAX: tl.constexpr, LAST: tl.constexpr,
 ):  # fmt: skip
-    """dX of one ticket's windows as tiles of WT windows (module docstring)."""
+    """dX of one ticket's windows as tiles of WT windows (module docstring); LAST: x and dy
+    loaded and dx stored evict-first (``_window3_sched.last_use``)."""
     for h in tl.static_range(W // WT):
         _apply_subtile(x_base, dy_base, dx_base, g0_ptr, first + h * WT, plane, NPLANE, bh,
                        u_ptr, sym_ptr, hbar_ptr, E, NWIN, NVOX, S1, S2, NW0, NW1, NW2, MW2, W0,
                        SHIFTS, NSHIFT, WT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, R1, R2, EAX,
-                       E)  # fmt: skip
+                       E, LAST)  # fmt: skip
 
 
 @triton.jit
@@ -175,19 +197,21 @@ def _apply_subtile(
     NSHIFT: tl.constexpr, W: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr, BLOCK_E: tl.constexpr,
     R1: tl.constexpr, R2: tl.constexpr, EAX: tl.constexpr, USTRIDE: tl.constexpr,
+    LAST: tl.constexpr = 0,
 ):  # fmt: skip
     """dX of W windows from ``first`` as one tile: its runs (window, q0, q1, run along axis 2)
     on one axis, the channels on another, a run's R2 voxels on the last; with R1 = 2 the runs
     at q1 + 1 as a second tile (suffix b) that takes the same loaded u, h-bar and S. u of
     shifted window ``prog`` at u_ptr + prog * USTRIDE (the third design's u: E; the second's,
-    the last saved iterate: T E)."""
+    the last saved iterate: T E). LAST: the loads of x and dy (their last in the launch) and
+    the stores of dx evict-first (``_load_last``; 0: not)."""
     n, c3, g3, q0, q1, r2, v0, v1, v2, inside, ok, offs = _run_tile(
         first, plane, NPLANE, E, NVOX, S1, S2, NW1, NW2, MW2, W0, W, P0, P1, P2, BP0, BP1, BP2,
         BLOCK_E, R1, R2, EAX)  # fmt: skip
-    dy = tl.load(dy_base + offs, mask=ok, other=0).to(tl.float32) / NSHIFT
+    dy = _load_last(dy_base + offs, ok, LAST).to(tl.float32) / NSHIFT
     dx = tl.zeros(offs.shape, dtype=tl.float32)
     if R1 == 2:
-        dyb = tl.load(dy_base + offs + S2, mask=ok, other=0).to(tl.float32) / NSHIFT
+        dyb = _load_last(dy_base + offs + S2, ok, LAST).to(tl.float32) / NSHIFT
         dxb = tl.zeros(offs.shape, dtype=tl.float32)
     for k in tl.static_range(NSHIFT):
         prog = _run_prog(bh, v0, v1, v2, q0, q1, r2, NWIN, NW0, NW1, NW2, k, SHIFTS, NSHIFT,
@@ -205,9 +229,9 @@ def _apply_subtile(
         if R1 == 2:  # q1 + 1: the next row of the rolled window (same sub-box: no wrap)
             dxb = _dy_terms(dxb, dyb, uk, hb, tl.load(g0_ptr + rolled + P2, mask=inside, other=0)
                             .to(tl.float32), EAX)  # fmt: skip
-    x = tl.maximum(tl.load(x_base + offs, mask=ok, other=0).to(tl.float32), 0)
+    x = tl.maximum(_load_last(x_base + offs, ok, LAST).to(tl.float32), 0)
     if R1 == 2:
-        xb = tl.maximum(tl.load(x_base + offs + S2, mask=ok, other=0).to(tl.float32), 0)
+        xb = tl.maximum(_load_last(x_base + offs + S2, ok, LAST).to(tl.float32), 0)
     for c in tl.static_range(E):  # S x with S symmetric: the entries (c, c2 >= c), in pairs
         for i in tl.static_range(c // 2, E // 2):
             lo = tl.zeros(n.shape, dtype=tl.float32)
@@ -222,10 +246,10 @@ def _apply_subtile(
             if R1 == 2:
                 dxb = _sym_terms(dxb, xb, lo, hi, c3, c, i, EAX)
     dx = tl.where(x > 0, dx, 0)
-    tl.store(dx_base + offs, dx.to(dx_base.dtype.element_ty), mask=ok)
+    _store_last(dx_base + offs, dx.to(dx_base.dtype.element_ty), ok, LAST)
     if R1 == 2:
         dxb = tl.where(xb > 0, dxb, 0)
-        tl.store(dx_base + offs + S2, dxb.to(dx_base.dtype.element_ty), mask=ok)
+        _store_last(dx_base + offs + S2, dxb.to(dx_base.dtype.element_ty), ok, LAST)
 
 
 def run_tile_geometry(geo, mu: bool, dtype: torch.dtype, wpp: int, warps: int,

@@ -26,7 +26,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._window3_bwd_tile import _run_prog, _run_tile, _vec, run_tile_geometry
+from ._window3_bwd_tile import (
+    _load_last,
+    _run_prog,
+    _run_tile,
+    _store_last,
+    _vec,
+    run_tile_geometry,
+)
 from ._window3_sched import _OUT_TILE, TUNING
 
 __all__ = ["out_tile_plan"]
@@ -38,7 +45,7 @@ def _apply_fwd_tile(
     NW1, NW2, MW2, W0, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, W: tl.constexpr,
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, BP0: tl.constexpr, BP1: tl.constexpr,
     BP2: tl.constexpr, BLOCK_E: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, WT: tl.constexpr,
-    EAX: tl.constexpr,
+    EAX: tl.constexpr, LAST: tl.constexpr,
 ):  # fmt: skip
     """y of one ticket's windows as tiles of WT windows (module docstring). With more than two
     shifts each tile is a call (``_apply_fwd_subtile_call``), inlined otherwise: sm_90a, 16
@@ -50,11 +57,12 @@ def _apply_fwd_tile(
             _apply_fwd_subtile_call(x_base, y_base, first + h * WT, plane, NPLANE, bh, u_ptr, E,
                                     NWIN, NVOX, S1, S2, NW0, NW1, NW2, MW2, W0, SHIFTS, NSHIFT,
                                     WT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, R1, R2,
-                                    EAX)  # fmt: skip
+                                    EAX, LAST)  # fmt: skip
         else:
             _apply_fwd_subtile(x_base, y_base, first + h * WT, plane, NPLANE, bh, u_ptr, E,
                                NWIN, NVOX, S1, S2, NW0, NW1, NW2, MW2, W0, SHIFTS, NSHIFT, WT,
-                               P0, P1, P2, BP0, BP1, BP2, BLOCK_E, R1, R2, EAX)  # fmt: skip
+                               P0, P1, P2, BP0, BP1, BP2, BLOCK_E, R1, R2, EAX,
+                               LAST)  # fmt: skip
 
 
 @triton.jit(noinline=True)
@@ -63,12 +71,12 @@ def _apply_fwd_subtile_call(
     NW1, NW2, MW2, W0, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, W: tl.constexpr,
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, BP0: tl.constexpr, BP1: tl.constexpr,
     BP2: tl.constexpr, BLOCK_E: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr,
-    EAX: tl.constexpr,
+    EAX: tl.constexpr, LAST: tl.constexpr,
 ):  # fmt: skip
     """``_apply_fwd_subtile`` as a function of its own (not inlined)."""
     _apply_fwd_subtile(x_base, y_base, first, plane, NPLANE, bh, u_ptr, E, NWIN, NVOX, S1, S2,
                        NW0, NW1, NW2, MW2, W0, SHIFTS, NSHIFT, W, P0, P1, P2, BP0, BP1, BP2,
-                       BLOCK_E, R1, R2, EAX)  # fmt: skip
+                       BLOCK_E, R1, R2, EAX, LAST)  # fmt: skip
 
 
 @triton.jit
@@ -77,18 +85,19 @@ def _apply_fwd_subtile(
     NW1, NW2, MW2, W0, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, W: tl.constexpr,
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, BP0: tl.constexpr, BP1: tl.constexpr,
     BP2: tl.constexpr, BLOCK_E: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr,
-    EAX: tl.constexpr,
+    EAX: tl.constexpr, LAST: tl.constexpr = 0,
 ):  # fmt: skip
     """y of W windows from ``first`` as one tile: its runs (window, q0, q1, run along axis 2) on
     one axis, the channels on another, a run's R2 voxels on the last; with R1 = 2 the runs at
-    q1 + 1 as a second tile (suffix b) that takes the same u."""
+    q1 + 1 as a second tile (suffix b) that takes the same u. LAST: x (its last read in the
+    launch) loaded and y stored evict-first (``_window3_sched.last_use``; 0: not)."""
     _, c3, _, q0, q1, r2, v0, v1, v2, _, ok, offs = _run_tile(
         first, plane, NPLANE, E, NVOX, S1, S2, NW1, NW2, MW2, W0, W, P0, P1, P2, BP0, BP1, BP2,
         BLOCK_E, R1, R2, EAX)  # fmt: skip
-    x = tl.maximum(tl.load(x_base + offs, mask=ok, other=0).to(tl.float32), 0)
+    x = tl.maximum(_load_last(x_base + offs, ok, LAST).to(tl.float32), 0)
     y = tl.zeros(offs.shape, dtype=tl.float32)
     if R1 == 2:  # the runs at q1 + 1 (the same sub-box: the same parts)
-        xb = tl.maximum(tl.load(x_base + offs + S2, mask=ok, other=0).to(tl.float32), 0)
+        xb = tl.maximum(_load_last(x_base + offs + S2, ok, LAST).to(tl.float32), 0)
         yb = tl.zeros(offs.shape, dtype=tl.float32)
     for k in tl.static_range(NSHIFT):
         prog = _run_prog(bh, v0, v1, v2, q0, q1, r2, NWIN, NW0, NW1, NW2, k, SHIFTS, NSHIFT,
@@ -97,9 +106,9 @@ def _apply_fwd_subtile(
         y += uk * tl.expand_dims(tl.sum(uk * x, axis=EAX), EAX)
         if R1 == 2:
             yb += uk * tl.expand_dims(tl.sum(uk * xb, axis=EAX), EAX)
-    tl.store(y_base + offs, (y / NSHIFT).to(y_base.dtype.element_ty), mask=ok)
+    _store_last(y_base + offs, (y / NSHIFT).to(y_base.dtype.element_ty), ok, LAST)
     if R1 == 2:
-        tl.store(y_base + offs + S2, (yb / NSHIFT).to(y_base.dtype.element_ty), mask=ok)
+        _store_last(y_base + offs + S2, (yb / NSHIFT).to(y_base.dtype.element_ty), ok, LAST)
 
 
 def out_tile_plan(geo, mu: bool, dtype, wpp: int, warps: int) -> dict:

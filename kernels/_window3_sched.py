@@ -28,7 +28,8 @@ from ._fastdiv import MAGIC_3, _fdivmod, magics
 from ._window2_common import _wrap_add, _wrap_sub
 
 __all__ = ["TUNING", "TILE_KEYS", "PASSES", "Pipeline", "fused_plan", "merge_on", "ring_regions",
-           "head_group", "run_pairs", "skewed", "thread_waits", "wait_offsets", "wpp", "xg0_joined"]
+           "head_group", "last_use", "run_pairs", "skewed", "thread_waits", "wait_offsets", "wpp",
+           "xg0_joined"]
 
 PASSES = ("parts", "solve", "apply")
 # The persistent launch: programs per SM, warps per program, windows per ticket (None: the
@@ -49,13 +50,15 @@ PASSES = ("parts", "solve", "apply")
 # (None: kernels/_window3_bwd_parts_tile.py's ``_JOINED``), and whether the forward's / the
 # backward's output-pass run tile gives a thread two runs of one sub-box (None: ``_RUN_PAIRS`` /
 # ``_BWD_RUN_PAIRS``), whether the stages run in the skewed order (None: ``_SKEW``), and how many
-# batch*heads take their stages side by side (an int, "auto", or None: ``_GROUP``)
+# batch*heads take their stages side by side (an int, "auto", or None: ``_GROUP``), and whether
+# the output passes mark their last reads and their stores to be evicted from L2 first (None:
+# ``_LAST_USE``)
 TUNING: dict = {"programs_per_sm": None, "warps": None, "wpp": None, "ring": None, "sms": None,
                 "merge": None, "tile": None, "bwd_tile": None, "bwd_parts_tile": None,
                 "out_tile": None, "maxnreg": None, "thread_waits": None, "count_waits": None,
                 "xg0_joined": None,
                 "bwd_parts_joined": None, "run_pairs": None, "bwd_run_pairs": None,
-                "skew": None, "group": None}
+                "skew": None, "group": None, "last_use": None}
 _PROGRAMS_PER_SM = 1
 # The fewest rows (shifted windows) a solve takes, forward and backward, so that each row's K and
 # S (E^2 entries, E = 8), loaded as rows (``_load_square_batch``), lie in one warp: 2 entries a
@@ -157,6 +160,18 @@ _SKEW = False
 # ("design 3, four tiles, heads side by side" at 2 x 64 x 64^3)
 _GROUP = 1
 _SLOT_TICKETS = 64
+# Whether the output passes mark their last reads of x (and dy) and their stores of y (dx) to
+# leave L2 first: evict-first (PTX ``.cs``, cache streaming, on the stores, and on the loads from
+# Triton 3.7; before it, whose loads take no ``.cs``, the loads' ``eviction_policy`` with an L2
+# evict_first policy: ``L2::cache_hint``), so that what no stage of the launch reads again goes
+# before what a stage will (x and dy between their parts pass and their output pass, the
+# statistics between the stages). The DRAM model (pipeline_dram.py, which follows this) at
+# 2 x 32 x 128^3, forward / backward over the ideal: with an H100's 50 MB of L2 BraTS fp32
+# 1.10 / 1.67 -> 1.04 / 1.11, [None, 4] 1.06 / 1.62 -> 1.02 / 1.06; with the H200's 60 MB
+# 1.09 / 1.11 -> 1.04 / 1.08; bf16 1.14 / 1.18 -> 1.08 / 1.13 at either. No value changes;
+# ``TUNING["last_use"] = False``: no hint ("design 3, four tiles, no L2 hints" in
+# bench/time_designs.py)
+_LAST_USE = True
 
 
 def run_pairs(backward: bool) -> bool:
@@ -187,6 +202,14 @@ def head_group(bh: int, cpp: int, want: int | str | None = None) -> int:
 def skewed() -> bool:
     """Whether the stages run in the skewed order (``TUNING["skew"]``; None: ``_SKEW``)."""
     return _SKEW if TUNING["skew"] is None else bool(TUNING["skew"])
+
+
+def last_use() -> int:
+    """How the output passes mark their last reads and their stores (``TUNING["last_use"]``;
+    None: ``_LAST_USE``): 0 not at all, else evict-first: 2 ``.cs`` loads (Triton 3.7 on), 1
+    loads with an L2 evict_first policy (before); the stores ``.cs`` either way."""
+    on = _LAST_USE if TUNING["last_use"] is None else bool(TUNING["last_use"])
+    return 0 if not on else 2 if TRITON_VERSION >= (3, 7) else 1
 
 
 def wpp() -> int:
@@ -591,7 +614,7 @@ class Pipeline:
         return {**geo.block(), "WPP": self.wpp, "RING": self.ring, "OFFS": offs,
                 "NOFF": len(offs), "SPLITS": splits(geo.shifts),
                 "NSBP": self.solve_shifts(geo), "TWAIT": wait_mode(),
-                "SKEW": self.skew, "GROUP": self.group}  # fmt: skip
+                "SKEW": self.skew, "GROUP": self.group, "LAST": last_use()}  # fmt: skip
 
     def solve_shifts(self, geo) -> int:
         """The shift rows NSBP of a ticket's solves (WPP windows each): the shifts NSB, or more

@@ -219,6 +219,7 @@ def _fused_kernel(
     D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, NPB: tl.constexpr,
     SAVE: tl.constexpr, RING: tl.constexpr, OFFS: tl.constexpr, NOFF: tl.constexpr,
     NSBP: tl.constexpr, TWAIT: tl.constexpr, SKEW: tl.constexpr, GROUP: tl.constexpr,
+    LAST: tl.constexpr,
     SPLITS: tl.constexpr,
     PAX: tl.constexpr,
     MERGE: tl.constexpr, TILE: tl.constexpr, TD0: tl.constexpr, TD1: tl.constexpr,
@@ -288,7 +289,7 @@ def _fused_kernel(
                 _apply_fwd_tile(x_ptr + offset, y_ptr + offset, first, plane, NPLANE, bh, u_ptr,
                                 E, NWIN, NVOX, S1, S2, NW0, NW1, NW2, MW2, _plane_w0(plane, NW0),
                                 SHIFTS, NSHIFT, WPP, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, R1, R2, WT,
-                                EAX)  # fmt: skip
+                                EAX, LAST)  # fmt: skip
             elif TILE and ROWS0:  # the output pass a function of its own (``_apply_chunk_fwd``)
                 _apply_chunk_fwd(x_ptr + offset, y_ptr + offset, rowmask_ptr, g0_ptr, first,
                                  plane, NPLANE, bh, u_ptr, E, NWIN, NVOX, S1, S2, NW0, NW1, NW2,

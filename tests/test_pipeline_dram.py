@@ -31,7 +31,7 @@ def _model_bytes(case, pass_):
     """Bytes per block name over the whole schedule: (loaded, stored)."""
     loaded, stored = {}, {}
     for ticket in pipeline_dram.ticket_blocks(case, pass_):
-        for (name, *_), nbytes, store in ticket:
+        for (name, *_), nbytes, store, _ in ticket:
             side = stored if store else loaded
             side[name] = side.get(name, 0) + nbytes
     return loaded, stored

@@ -166,6 +166,26 @@ def test_design3_tiles_keep_their_cta_barriers_down(report):
                 f"ceiling {ceiling}")
 
 
+@needs_ptxas
+def test_design3_output_passes_mark_their_last_reads_and_stores_evict_first(report):
+    """The tiled design 3's output passes load x (and dy) for the last time and store y (dx)
+    evict-first (``_window3_sched.last_use``: ``.cs``, or an L1::evict_first + L2 policy before
+    Triton 3.7), so that L2 keeps what a later stage reads (pipeline_dram.py); no other kernel
+    marks anything, the untiled design 3 (whose output passes are design 2's) included."""
+    fused = {"_fused_kernel": "fwd", "_fused_bwd_kernel": "bwd"}
+    seen = set()
+    for r in report["launches"]:
+        loads, stores = r["ptx_ld_evict_first"], r["ptx_st_evict_first"]
+        if r["kernel"] in fused and r["case"].endswith("-d3"):
+            # forward: x loads and y stores; backward: x and dy loads, dx stores
+            inputs = 1 if fused[r["kernel"]] == "fwd" else 2
+            assert stores > 0 and loads >= inputs * stores, (r["case"], loads, stores)
+            seen.add((r["kernel"], r["case"]))
+        else:
+            assert (loads, stores) == (0, 0), (r["kernel"], r["case"], loads, stores)
+    assert len(seen) == 4  # [None, 4] and [None, 2, 4, 6], forward and backward
+
+
 # The CTA barrier sites that design 3's waits with counts read in every thread
 # (``_window3_sched.TUNING["thread_waits"]``) leave out of each fused kernel at least, against the
 # default (one thread's atomic shared through shared memory: 2 barriers a read, two reads a wait);

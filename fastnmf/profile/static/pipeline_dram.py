@@ -20,7 +20,9 @@ ticket touching *blocks* (one chunk of WPP windows of a tensor, or the statistic
 
 L2 is one LRU of whole blocks in bytes: a read of a block not resident reads it from DRAM; a
 write allocates it without a read; a written block is written back once when evicted or at the
-end. Capacity: the target's L2 less the data of the tickets in flight (programs x the largest
+end. Blocks that the output passes read for the last time or store (x, dy, y, dx of an apply
+ticket) are evict-first where the kernels mark them so (``_window3_sched.last_use``): any such
+block leaves before every other block, the least recently used first. Capacity: the target's L2 less the data of the tickets in flight (programs x the largest
 ticket's bytes: a conservative bound on the lines recently touched by running programs).
 Left out: sector granularity (blocks are read whole), the part of a statistics block a stage
 really reads (whole blocks: errs high), set associativity and the real replacement policy, what
@@ -120,8 +122,8 @@ def _stage_order(order, bh: int, group: int):
 
 def ticket_blocks(case: StaticCase, pass_: str):
     """The blocks each ticket touches, in ticket order: a list of tickets, each a list of
-    (block key, bytes, store)."""
-    from fastnmf.kernels._window3_sched import head_group
+    (block key, bytes, store, evict-first)."""
+    from fastnmf.kernels._window3_sched import head_group, last_use
 
     geo, (ax, order), per_chunk, ring = _geometry(case)
     if pass_ != "fwd":
@@ -143,15 +145,16 @@ def ticket_blocks(case: StaticCase, pass_: str):
                     _merges(case, geo, per_chunk, nplane, c)) for c in range(cpp)]  # fmt: skip
     fwd = pass_ == "fwd"
     vol_in = ("x",) if fwd else ("x", "dy")
+    last = bool(last_use())  # the output passes' x, dy, y, dx: evict-first
     tickets = []
     for bh, (phase, p) in _stage_order(order, geo.bh, group):
         for c in range(cpp):
-            def blk(name, plane, kind, store=False, bh=bh, c=c):
-                return ((name, bh, plane, c), sizes[c][kind], store)
+            def blk(name, plane, kind, store=False, first=False, bh=bh, c=c):
+                return ((name, bh, plane, c), sizes[c][kind], store, first)
 
             def parts(q, store=False, bh=bh, c=c):
                 kind = "parts_fwd" if fwd else "parts_bwd"
-                return (("parts", *region(bh, q), c), sizes[c][kind], store)
+                return (("parts", *region(bh, q), c), sizes[c][kind], store, False)
 
             if phase == 0:
                 acc = [blk(v, p, "vol") for v in vol_in]
@@ -164,10 +167,10 @@ def ticket_blocks(case: StaticCase, pass_: str):
                     acc.append(blk("saved", p, "saved"))
                 acc.append(blk("solve", p, "solve_fwd" if fwd else "solve_bwd", True))
             else:
-                acc = [blk(v, p, "vol") for v in vol_in]
+                acc = [blk(v, p, "vol", first=last) for v in vol_in]
                 acc += [blk("solve", q, "solve_fwd" if fwd else "solve_bwd")
                         for q in sorted(_needs(p, npl, geo.shifts, ax, 1))]  # fmt: skip
-                acc.append(blk("y" if fwd else "dx", p, "vol", True))
+                acc.append(blk("y" if fwd else "dx", p, "vol", True, last))
             tickets.append(acc)
     return tickets
 
@@ -180,25 +183,24 @@ def pipeline_dram(case: StaticCase, pass_: str, *, target: str = "sm_90a",
     target_l2, sms = TARGETS[target]
     l2_bytes = target_l2 if l2_bytes is None else l2_bytes
     tickets = ticket_blocks(case, pass_)
-    inflight = sms * programs_per_sm * max(sum(b for _, b, _ in t) for t in tickets)
+    inflight = sms * programs_per_sm * max(sum(b for _, b, _, _ in t) for t in tickets)
     capacity = l2_bytes - inflight
-    resident: collections.OrderedDict = collections.OrderedDict()  # key -> (bytes, dirty)
+    # key -> (bytes, dirty): the evict-first blocks, then the others, each least recent first
+    first: collections.OrderedDict = collections.OrderedDict()
+    normal: collections.OrderedDict = collections.OrderedDict()
     used = read = written = 0
     for ticket in tickets:
-        for key, nbytes, store in ticket:
-            if key in resident:
-                b, dirty = resident.pop(key)
-                resident[key] = (b, dirty or store)
-                continue
-            if not store:
-                read += nbytes
-            resident[key] = (nbytes, store)
-            used += nbytes
-            while used > capacity and resident:
-                _, (b, dirty) = resident.popitem(last=False)
+        for key, nbytes, store, evict_first in ticket:
+            held = first.pop(key, None) or normal.pop(key, None)
+            if held is None:
+                read += 0 if store else nbytes
+                used += nbytes
+            (first if evict_first else normal)[key] = (nbytes, store or bool(held and held[1]))
+            while used > capacity and (first or normal):
+                _, (b, dirty) = (first or normal).popitem(last=False)
                 used -= b
                 written += b if dirty else 0
-    written += sum(b for b, dirty in resident.values() if dirty)
+    written += sum(b for d in (first, normal) for b, dirty in d.values() if dirty)
     ideal = ideal_bytes(case, pass_)
     return dict(read=read, written=written, dram_bytes=read + written, ideal_bytes=ideal,
                 dram_over_ideal=(read + written) / ideal, capacity=capacity,

@@ -283,6 +283,10 @@ def _count_sass(ops: list[str]) -> dict:
 
 _PTX_INT_DIV = re.compile(r"^\s*(?:@%p\d+\s+)?(div|rem)\.(?:s|u)(?:32|64)\b", re.M)
 _PTX_SHFL = re.compile(r"^\s*(?:@%p\d+\s+)?shfl\.sync\b", re.M)
+# global loads and stores marked evict-first: cache streaming (``.cs``) or an L1::evict_first
+# qualifier (Triton's ``eviction_policy="evict_first"``, with its L2 policy: ``L2::cache_hint``)
+_PTX_EVICT_FIRST = re.compile(
+    r"^\s*(?:@!?%p\d+\s+)?(ld|st)\.global\.(?:cs\b|L1::evict_first\b)", re.M)
 
 
 # A shared-memory write (a store, stmatrix, an async copy into shared memory) ...
@@ -333,10 +337,14 @@ def _outside_loops(ptx: str) -> str:
 
 
 def ptx_counts(ptx: str) -> dict:
-    """Static counts in the PTX: integer div/rem instructions, shfl.sync, and shared-memory
-    writes held across non-inlined calls (:func:`smem_held_across_calls`)."""
+    """Static counts in the PTX: integer div/rem instructions, shfl.sync, shared-memory writes
+    held across non-inlined calls (:func:`smem_held_across_calls`), and global loads and stores
+    marked evict-first."""
+    marked = _PTX_EVICT_FIRST.findall(ptx)
     return {"ptx_int_div": len(_PTX_INT_DIV.findall(ptx)), "ptx_shfl": len(_PTX_SHFL.findall(ptx)),
-            "ptx_smem_held_across_calls": smem_held_across_calls(ptx)}  # fmt: skip
+            "ptx_smem_held_across_calls": smem_held_across_calls(ptx),
+            "ptx_ld_evict_first": marked.count("ld"),
+            "ptx_st_evict_first": marked.count("st")}  # fmt: skip
 
 
 def _round_up(value: int, unit: int) -> int:
