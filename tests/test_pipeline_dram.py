@@ -92,6 +92,50 @@ def test_lru_reads_x_once_with_room_and_twice_without(monkeypatch):
     assert none["read"] >= 2 * x and none["dram_bytes"] > big["dram_bytes"]
 
 
+def test_evict_first_blocks_leave_before_the_others(monkeypatch):
+    """Hand-computed: A read, B read (evict-first), C stored, A read again, room for two blocks.
+    C evicts B, not the older A, so A hits (200 bytes read); in a plain LRU C evicts A, which is
+    read again (300). C is written back once, at the end, either way."""
+
+    def tickets(first):
+        return [[(("A",), 100, False, False)], [(("B",), 100, False, first)],
+                [(("C",), 100, True, False)], [(("A",), 100, False, False)]]  # fmt: skip
+
+    room = 132 * 100 + 200  # the tickets in flight (132 SMs x the largest ticket) + 2 blocks
+    got = {}
+    for first in (True, False):
+        monkeypatch.setattr(pipeline_dram, "ticket_blocks", lambda case, pass_, f=first: tickets(f))
+        got[first] = pipeline_dram.pipeline_dram(CASES[0], "fwd", l2_bytes=room)
+    assert got[True]["capacity"] == 200
+    assert (got[True]["read"], got[True]["written"]) == (200, 100)
+    assert (got[False]["read"], got[False]["written"]) == (300, 100)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_output_passes_last_reads_and_stores_are_evict_first(monkeypatch, case):
+    """With the kernels' evict-first marks (``_window3_sched.last_use``, on by default) the
+    apply tickets' x, dy, y and dx blocks are marked and no other; the estimate then reads and
+    writes no more at any L2 from the tickets in flight up, and less where the room is short.
+    Without them nothing is marked."""
+    sizes = range(0, 600 * 1024, 8 * 1024)
+    dram = {}
+    for on in (True, False):
+        monkeypatch.setitem(TUNING, "last_use", on)
+        for pass_ in ("fwd", "bwd"):
+            apply = {"y", "dx"}
+            for ticket in pipeline_dram.ticket_blocks(case, pass_):
+                applies = any(key[0] in apply and store for key, _, store, _ in ticket)
+                for (name, *_), _, _, first in ticket:
+                    assert first == (on and applies and name in {"x", "dy", "y", "dx"}), name
+            inflight = pipeline_dram.pipeline_dram(case, pass_, l2_bytes=0)["inflight"]
+            dram[on, pass_] = [pipeline_dram.pipeline_dram(case, pass_, l2_bytes=inflight + b)[
+                "dram_bytes"] for b in sizes]  # fmt: skip
+    for pass_ in ("fwd", "bwd"):
+        marked, plain = dram[True, pass_], dram[False, pass_]
+        assert all(m <= p for m, p in zip(marked, plain, strict=True)), pass_
+        assert sum(m < p for m, p in zip(marked, plain, strict=True)) > 0, pass_
+
+
 def test_benchmark_shape_estimates_use_the_tickets_in_flight():
     """At 2 x 32 x 128^3 the capacity is the L2 less the tickets in flight (132 programs), and
     a forward of the second design's size would not fit: the estimate is below 2x ideal."""
