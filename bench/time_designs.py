@@ -161,14 +161,15 @@ VARIANTS = [
     # (fastnmf/profile/static/schedule_waits.py, 2 x 32 x 128^3, 132 programs) has them waiting
     # 30-38 % of the time in the plain order, 11-23 % skewed; the H200's ncu run showed 40 % of
     # the stall cycles at CTA barriers, where the waiting warps are. Cost: fp32 DRAM estimate
-    # 1.10x -> 1.45x forward + backward with BraTS at 60 MB (bf16 unchanged); +14-35
-    # instructions a ticket, no spill (Triton 3.6 and 3.9)
+    # 1.06x -> 1.08x forward + backward with BraTS at 60 MB (1.10x -> 1.45x before the output
+    # passes' evict-first marks; bf16 unchanged); +14-35 instructions a ticket, no spill
     ("design 3, four tiles, skewed schedule", 3, {**_tiles(True, True, True, True), "skew": True}),
     # batch*heads side by side ("auto": up to 64 tickets a stage; at 2 x 32 x 128^3 one, so the
     # default): for smaller volumes, whose stages have few chunks (2 x 64 x 64^3: 16), where the
     # waits model has head by head at 1.9-2.2x its wait-free time and four side by side at
-    # 1.4-1.5x (skewed too: 1.1-1.3x); the forward's ring off (DRAM estimate 1.06x -> 1.18x fp32
-    # BraTS forward + backward at 64^3). bench/gpu_session.sh's schedule phase times them there
+    # 1.4-1.5x (skewed too: 1.1-1.3x); the forward's ring off (DRAM estimate 1.06x -> 1.09x fp32
+    # BraTS forward + backward at 64^3; 1.06x -> 1.18x before the output passes' evict-first
+    # marks). bench/gpu_session.sh's schedule phase times them there
     ("design 3, four tiles, heads side by side", 3,
      {**_tiles(True, True, True, True), "group": "auto"}),
     ("design 3, four tiles, heads side by side, skewed", 3,

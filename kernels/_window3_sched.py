@@ -148,7 +148,8 @@ _BWD_RUN_PAIRS = False
 # skewed (phase durations 1 : 0.2-1 : 0.4-1), about the 40 % of stall cycles the H200 showed at
 # CTA barriers, where the waiting warps are. The cost: x (and dy) of a plane wait 7 stages in L2
 # for their second read instead of 5 (pipeline_dram: fp32 BraTS backward 1.11x -> 1.69x DRAM at
-# 60 MB; bf16 unchanged). Off until a GPU weighs it ("design 3, four tiles, skewed schedule")
+# 60 MB without ``_LAST_USE``'s marks; with them 1.08x -> 1.11x; bf16 unchanged). Off until a GPU
+# weighs it ("design 3, four tiles, skewed schedule")
 _SKEW = False
 # How many batch*heads take each stage side by side (:func:`head_group`; 1: one batch*head after
 # another). A stage of a small volume has few chunks (2 x 64 x 64^3: 16; 32^3: 4) against 132
@@ -156,7 +157,8 @@ _SKEW = False
 # (schedule_waits.py) has the launch at 1.9-2.9x its wait-free time at 64^3-16^3, and at 1.0-1.3x
 # with the batch*heads' stages side by side up to ``_SLOT_TICKETS`` tickets a stage (64: the
 # tickets a stage at 128^3, whose L2 footprint the DRAM model fits). Side by side the
-# forward's ring of part statistics (shared by heads in turn) is off. Off until a GPU weighs it
+# forward's ring of part statistics (shared by heads in turn) is off (DRAM estimate, fp32 BraTS
+# forward at 2 x 64 x 64^3: 1.04x -> 1.12x with ``_LAST_USE``'s marks). Off until a GPU weighs it
 # ("design 3, four tiles, heads side by side" at 2 x 64 x 64^3)
 _GROUP = 1
 _SLOT_TICKETS = 64

@@ -22,8 +22,9 @@ L2 is one LRU of whole blocks in bytes: a read of a block not resident reads it 
 write allocates it without a read; a written block is written back once when evicted or at the
 end. Blocks that the output passes read for the last time or store (x, dy, y, dx of an apply
 ticket) are evict-first where the kernels mark them so (``_window3_sched.last_use``): any such
-block leaves before every other block, the least recently used first. Capacity: the target's L2 less the data of the tickets in flight (programs x the largest
-ticket's bytes: a conservative bound on the lines recently touched by running programs).
+block leaves before every other block, the least recently used first. Capacity: the target's
+L2 less the data of the tickets in flight (programs x the largest ticket's bytes: a
+conservative bound on the lines recently touched by running programs).
 Left out: sector granularity (blocks are read whole), the part of a statistics block a stage
 really reads (whole blocks: errs high), set associativity and the real replacement policy, what
 earlier launches left in L2.
