@@ -167,9 +167,10 @@ VARIANTS = [
     # batch*heads side by side ("auto": up to 64 tickets a stage; at 2 x 32 x 128^3 one, so the
     # default): for smaller volumes, whose stages have few chunks (2 x 64 x 64^3: 16), where the
     # waits model has head by head at 1.9-2.2x its wait-free time and four side by side at
-    # 1.4-1.5x (skewed too: 1.1-1.3x); the forward's ring off (DRAM estimate 1.06x -> 1.09x fp32
-    # BraTS forward + backward at 64^3; 1.06x -> 1.18x before the output passes' evict-first
-    # marks). bench/gpu_session.sh's schedule phase times them there
+    # 1.4-1.5x (skewed too: 1.1-1.3x); each head of a group its own ring of part statistics
+    # (DRAM estimate 1.06x fp32 BraTS forward + backward at 64^3 as head by head; 1.18x with the
+    # ring off, before the output passes' evict-first marks). bench/gpu_session.sh's schedule
+    # phase times them there
     ("design 3, four tiles, heads side by side", 3,
      {**_tiles(True, True, True, True), "group": "auto"}),
     ("design 3, four tiles, heads side by side, skewed", 3,

@@ -106,6 +106,7 @@ def _parts_chunk_merged(
     P2: tl.constexpr, BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
     BLOCK_E: tl.constexpr, NSB: tl.constexpr, ACC: tl.constexpr, D0: tl.constexpr,
     D1: tl.constexpr, D2: tl.constexpr, NPB: tl.constexpr, RING: tl.constexpr,
+    GROUP: tl.constexpr = 1,
 ):  # fmt: skip
     """The parts pass of one ticket (the windows of a plane from ``first``), neighbours merged.
     A window's coordinate along axis 0 (``_plane_w0``) is made per window from a select the
@@ -117,7 +118,7 @@ def _parts_chunk_merged(
             w = plane * NPLANE + first + j
             carry_k, carry_h = _parts_window_merged(
                 x_base, rowmask, e, emask, w,
-                _part_slot(bh, plane, first + j, NWIN, NPLANE, NPL, NSHIFT, RING),
+                _part_slot(bh, plane, first + j, NWIN, NPLANE, NPL, NSHIFT, RING, GROUP),
                 g_all, member, exists, kpart_ptr, hpart_ptr, carry_k, carry_h,
                 _merges_next(first + j, WPP), E, NVOX, S1, S2, NW1, NW2, MW2,
                 _plane_w0(tl.where(w < NWIN, plane, 0), NW0), NSHIFT,

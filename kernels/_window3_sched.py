@@ -157,8 +157,9 @@ _SKEW = False
 # (schedule_waits.py) has the launch at 1.9-2.9x its wait-free time at 64^3-16^3, and at 1.0-1.3x
 # with the batch*heads' stages side by side up to ``_SLOT_TICKETS`` tickets a stage (64: the
 # tickets a stage at 128^3, whose L2 footprint the DRAM model fits). Side by side the
-# forward's ring of part statistics (shared by heads in turn) is off (DRAM estimate, fp32 BraTS
-# forward at 2 x 64 x 64^3: 1.04x -> 1.12x with ``_LAST_USE``'s marks). Off until a GPU weighs it
+# forward's ring of part statistics is one for each head of a group, the groups in turn (DRAM
+# estimate, fp32 BraTS forward at 2 x 64 x 64^3 with ``_LAST_USE``'s marks: 1.04x head by head,
+# 1.05x four side by side, 1.12x with the ring off as it was at first). Off until a GPU weighs it
 # ("design 3, four tiles, heads side by side" at 2 x 64 x 64^3)
 _GROUP = 1
 _SLOT_TICKETS = 64
@@ -562,10 +563,12 @@ class Pipeline:
         self.cpp = triton.cdiv(self.nplane, self.wpp)
         self.group = head_group(geo.bh, self.cpp)
         # the ring: RING regions shared by all heads' planes 1.., and plane 0's (two: alternate
-        # heads); without (and with heads side by side, as its regions pass from head to head in
-        # ticket order): every window of every head
-        self.ring = ring_regions(geo.shifts, ax) if ring and self.group == 1 else 0
-        regions = (self.ring + min(geo.bh, 2)) * self.nplane if self.ring else geo.bh * geo.nwin
+        # heads); with heads side by side, one such ring for each head of a group, the groups in
+        # turn (kernels/_window3_slots._ring_region); without: every window of every head
+        self.ring = ring_regions(geo.shifts, ax) if ring else 0
+        groups = geo.bh // self.group
+        regions = ((self.ring + min(groups, 2)) * self.group * self.nplane if self.ring
+                   else geo.bh * geo.nwin)  # fmt: skip
         self.part_slots = regions * geo.nshift * 8
         self.stages = len(order)
         self.tickets = geo.bh * self.stages * self.cpp

@@ -61,45 +61,57 @@ def _store_square_batch(ptr, slot, m, ok, E: tl.constexpr):
 
 
 @triton.jit
-def _ring_region(bh, plane, NPL, RING: tl.constexpr):
+def _ring_region(bh, plane, NPL, RING: tl.constexpr, GROUP: tl.constexpr = 1):
     """The region of the forward's part-statistics ring that holds plane ``plane`` of head bh:
     planes p >= 1 of all heads in ticket order take regions 0 .. RING - 1 in turn (the global
     plane count g = bh (NPL - 1) + p - 1, region g % RING: the next head's planes rewrite the
     ring while it is in L2, so it is written back to DRAM once a call, not once a head); plane 0,
-    read again by the head's last solve, takes region RING + bh % 2."""
-    g = bh * (NPL - 1) + plane - 1
-    return tl.where(plane == 0, RING + bh % 2, g % RING)
+    read again by the head's last solve, takes region RING + bh % 2. With GROUP batch*heads side
+    by side (``_window3_sched.head_group``) each of a group's heads b = bh % GROUP has a ring of
+    its own, the groups taking the place of the heads: region r of the group's count becomes
+    r GROUP + b."""
+    h = bh if GROUP == 1 else bh // GROUP  # the head's (group's) count
+    g = h * (NPL - 1) + plane - 1
+    region = tl.where(plane == 0, RING + h % 2, g % RING)
+    if GROUP > 1:
+        region = region * GROUP + bh % GROUP
+    return region
 
 
 @triton.jit
-def _ring_previous(bh, plane, NPL, RING: tl.constexpr, MNPL1):
+def _ring_previous(bh, plane, NPL, RING: tl.constexpr, MNPL1, GROUP: tl.constexpr = 1):
     """(head, plane) whose statistics the region of (bh, plane) held before (the same region's
     last writer in ticket order; :func:`_ring_region`), and whether there is one. MNPL1: the
-    magic number of max(NPL - 1, 1) (a count g < 0 has no previous writer: clamped, unused)."""
-    g = bh * (NPL - 1) + plane - 1 - RING  # the plane count RING planes before
+    magic number of max(NPL - 1, 1) (a count g < 0 has no previous writer: clamped, unused).
+    With GROUP: the group's previous writer, the same head b = bh % GROUP of it."""
+    h = bh if GROUP == 1 else bh // GROUP  # the head's (group's) count
+    g = h * (NPL - 1) + plane - 1 - RING  # the plane count RING planes before
     npl1 = tl.maximum(NPL - 1, 1)
     q, rem = _fdivmod(tl.maximum(g, 0), npl1, MNPL1)
-    prev_bh = tl.where(plane == 0, bh - 2, q)
+    prev = tl.where(plane == 0, h - 2, q)
+    if GROUP > 1:
+        prev = prev * GROUP + bh % GROUP
     prev_plane = tl.where(plane == 0, 0, 1 + rem)
-    return prev_bh, prev_plane, tl.where(plane == 0, bh >= 2, g >= 0)
+    return prev, prev_plane, tl.where(plane == 0, h >= 2, g >= 0)
 
 
 @triton.jit
-def _part_slot(bh, plane, i, NWIN, NPLANE, NPL, NSHIFT: tl.constexpr, RING: tl.constexpr):
+def _part_slot(bh, plane, i, NWIN, NPLANE, NPL, NSHIFT: tl.constexpr, RING: tl.constexpr,
+               GROUP: tl.constexpr = 1):  # fmt: skip
     """First part slot of unshifted window i of plane ``plane`` of head bh (window w = plane
     NPLANE + i): (bh * NWIN + w) * 8 * NSHIFT; with RING, its plane's ring region
-    (:func:`_ring_region`) times the windows of a plane."""
+    (:func:`_ring_region`, GROUP heads side by side) times the windows of a plane."""
     if RING == 0:
         slot = (bh * NWIN + plane * NPLANE + i) * (NSHIFT * 8)
     else:
-        region = _ring_region(bh, plane, NPL, RING)
+        region = _ring_region(bh, plane, NPL, RING, GROUP)
         slot = (region * NPLANE + i) * (NSHIFT * 8)
     return slot
 
 
 @triton.jit
 def _part_slot_at(bh, w0, w1, w2, NWIN, NW0, NW1, NW2, NPLANE, NPL, NSHIFT: tl.constexpr,
-                  RING: tl.constexpr, PAX: tl.constexpr):  # fmt: skip
+                  RING: tl.constexpr, PAX: tl.constexpr, GROUP: tl.constexpr = 1):  # fmt: skip
     """:func:`_part_slot` of the window at grid coordinates (w0, w1, w2): its plane is its
     coordinate along the pipelining axis PAX (:func:`fused_plan`), no division. PAX a constexpr:
     a part's ring region then depends on that coordinate alone, computed once for the parts
@@ -110,7 +122,7 @@ def _part_slot_at(bh, w0, w1, w2, NWIN, NW0, NW1, NW2, NPLANE, NPL, NSHIFT: tl.c
         slot = (bh * NWIN + w) * (NSHIFT * 8)
     else:
         plane = w0 if PAX == 0 else (w1 if PAX == 1 else w2)
-        region = _ring_region(bh, plane, NPL, RING)
+        region = _ring_region(bh, plane, NPL, RING, GROUP)
         slot = (region * NPLANE + (w - plane * NPLANE)) * (NSHIFT * 8)
     return slot
 
@@ -142,7 +154,8 @@ def _sum_parts_rows(vpart_ptr, kpart_ptr, bh, om, ok, k, NWIN, NW0, NW1, NW2, NP
                     E: tl.constexpr,
                     NR: tl.constexpr, BLOCK_E: tl.constexpr, ACC: tl.constexpr,
                     WITH_K: tl.constexpr, RING: tl.constexpr, MERGE: tl.constexpr,
-                    WPP: tl.constexpr, MW2, W0, PAX: tl.constexpr):  # fmt: skip
+                    WPP: tl.constexpr, MW2, W0, PAX: tl.constexpr,
+                    GROUP: tl.constexpr = 1):  # fmt: skip
     """``_sum_parts`` of the second design for the rows (k, om, ok) (NR,) of :func:`_solve_rows`,
     every shift's at once: (K (NR, BLOCK_E, BLOCK_E), vector (NR, BLOCK_E)) summed over the
     parts b of each row (along the axes some shift splits: SPLITS), a part read only where the
@@ -150,7 +163,7 @@ def _sum_parts_rows(vpart_ptr, kpart_ptr, bh, om, ok, k, NWIN, NW0, NW1, NW2, NP
     a high part along axis 2 that the parts pass merged into its neighbour's low part
     (:func:`_merges_next`; axis 2 place w2) is not read. The rows' window coordinates come from
     ``_window_origin`` with MW2 (NW2's magic number) and W0 (the coordinate along axis 0); PAX
-    the pipelining axis (:func:`_part_slot_at`).
+    the pipelining axis and GROUP the heads side by side (:func:`_part_slot_at`).
     Computing every shift's rows at once keeps a program's 512 threads on 8-16 matrices, not 4
     per shift: sm_90a, Triton 3.9, fp32, the forward's solve issues 686 + 3 x 37 / 771 + 3 x 63
     instructions a ticket for [None, 4] / [None, 2, 4, 6], where the solve shift by shift issued
@@ -173,7 +186,8 @@ def _sum_parts_rows(vpart_ptr, kpart_ptr, bh, om, ok, k, NWIN, NW0, NW1, NW2, NP
                 w0 = _wrap_sub(o0, b0, _shift_of(k, SHIFTS, NSHIFT, 3), NW0)
                 # the unshifted window (w0, w1, w2) holds part b
                 slot = (_part_slot_at(bh, w0, w1, w2, NWIN, NW0, NW1, NW2, NPLANE, NPL, NSHIFT,
-                                      RING, PAX) + k * 8 + (b0 * 2 + b1) * 2 + b2)  # fmt: skip
+                                      RING, PAX, GROUP)
+                        + k * 8 + (b0 * 2 + b1) * 2 + b2)  # fmt: skip
                 read = ok
                 if b0 == 1:
                     read = read & (_shift_of(k, SHIFTS, NSHIFT, 0) != 0)

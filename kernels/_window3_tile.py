@@ -302,7 +302,7 @@ def _parts_tile(
     BP1: tl.constexpr, BP2: tl.constexpr, BLOCK_E: tl.constexpr, NSB: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, ROWS0: tl.constexpr,
     RING: tl.constexpr, MERGE: tl.constexpr, EAX: tl.constexpr, XG0F: tl.constexpr,
-    XG0J: tl.constexpr,
+    XG0J: tl.constexpr, GROUP: tl.constexpr = 1,
 ):  # fmt: skip
     """The parts pass of one ticket (windows first .. first + W - 1 of a plane) as one tile:
     every shift's part sums of X X^T (upper triangle) and X g0 (g0 under shift k read at the
@@ -357,7 +357,7 @@ def _parts_tile(
     rs = tl.arange(0, 2 * H * W)[:, None]  # the rows of two products stacked (_stack_rows)
     e2 = rs // W  # the channel of a row of (xa, xb)'s products stacked
     j2 = rs % W
-    slot2 = _part_slot(bh, plane, first + j2, NWIN, NPLANE, NPL, NSHIFT, RING)
+    slot2 = _part_slot(bh, plane, first + j2, NWIN, NPLANE, NPL, NSHIFT, RING, GROUP)
     ok2 = (first + j2 < NPLANE) & (e2 < E)
     if XG0F:  # X g0 first (``tile_plan``)
         _tile_xg0(xa, xb, g0_ptr, mg, hpart_ptr, e2, ok2, slot2, j2, q0, q1, q2, j5, inside,

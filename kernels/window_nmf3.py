@@ -97,7 +97,8 @@ def _solve_batch(kpart_ptr, hpart_ptr, u_ptr, hsave_ptr, kmat_ptr, bh, first, pl
                  SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, SPLITS: tl.constexpr,
                  NB: tl.constexpr, NSB: tl.constexpr, NSBP: tl.constexpr,
                  BLOCK_E: tl.constexpr, SAVE: tl.constexpr, ACC: tl.constexpr,
-                 RING: tl.constexpr, MERGE: tl.constexpr, PAX: tl.constexpr):  # fmt: skip
+                 RING: tl.constexpr, MERGE: tl.constexpr, PAX: tl.constexpr,
+                 GROUP: tl.constexpr):  # fmt: skip
     """The second design's solve (``_solve_kernel``) for a ticket's NB shifted windows from
     ``first`` under every shift at once (the rows of :func:`_solve_rows`): the part sums, the
     power steps, u. K (whole, row by row) and h are stored (with SAVE in the windows' slots, for
@@ -114,7 +115,7 @@ def _solve_batch(kpart_ptr, hpart_ptr, u_ptr, hsave_ptr, kmat_ptr, bh, first, pl
     k, om, ok = _solve_rows(first, plane, NPLANE, NB, NSB, NSHIFT)
     k_mat, h = _sum_parts_rows(hpart_ptr, kpart_ptr, bh, om, ok, k, NWIN, NW0, NW1, NW2, NPLANE,
                                NPL, SHIFTS, NSHIFT, SPLITS, E, NSB * NB, BLOCK_E, ACC, True, RING,
-                               MERGE, NB, MW2, W0, PAX)  # fmt: skip
+                               MERGE, NB, MW2, W0, PAX, GROUP)  # fmt: skip
     slot = _k_slot((bh * NSHIFT + k) * NWIN + om, NSBP * NB, SAVE)
     e3 = e[None, :, None] * E + e[None, None, :]  # stored in the sums' layout, row by row
     tl.store(kmat_ptr + slot[:, None, None] * (E * E) + e3, k_mat,
@@ -192,7 +193,7 @@ def _parts_tile_call(
     P2: tl.constexpr, BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr,
     BLOCK_E: tl.constexpr, NSB: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     D2: tl.constexpr, ROWS0: tl.constexpr, RING: tl.constexpr, MERGE: tl.constexpr,
-    EAX: tl.constexpr, XG0F: tl.constexpr, XG0J: tl.constexpr,
+    EAX: tl.constexpr, XG0F: tl.constexpr, XG0J: tl.constexpr, GROUP: tl.constexpr,
 ):  # fmt: skip
     """The parts pass of one ticket as one tile (``_parts_tile``), not inlined: with X g0
     joined (XG0J), whose product holds every shift's sums, the kernel inlining it held its
@@ -202,7 +203,7 @@ def _parts_tile_call(
     _parts_tile(x_base, g0_ptr, first, plane, bh, kpart_ptr, hpart_ptr, NWIN, NPLANE, NPL, E,
                 NVOX, S1, S2, NW1, NW2, MW2, _plane_w0(plane, NW0), SHIFTS, NSHIFT, W, P0, P1,
                 P2, BP0, BP1, BP2, BLOCK_E, NSB, D0, D1, D2, ROWS0, RING, MERGE, EAX, XG0F,
-                XG0J)  # fmt: skip
+                XG0J, GROUP)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=_MAGIC_ARGS)
@@ -242,7 +243,7 @@ def _fused_kernel(
         first = chunk * WPP  # in the plane
         if phase == 0:
             if RING > 0:  # the solves that read what its region held first (maybe another head's)
-                prev_bh, prev_plane, held = _ring_previous(bh, plane, NPL, RING, MNPL1)
+                prev_bh, prev_plane, held = _ring_previous(bh, plane, NPL, RING, MNPL1, GROUP)
                 if held:
                     _wait(flag_ptr + 1 + prev_bh * 3 * NPL, NPL, prev_plane, 2, CPP,
                           OFFS, NOFF, TWAIT)  # counts after the ticket counter
@@ -250,13 +251,13 @@ def _fused_kernel(
                 _parts_tile_call(x_ptr + offset, g0_ptr, first, plane, bh, kpart_ptr, hpart_ptr,
                                  NWIN, NPLANE, NPL, E, NVOX, S1, S2, NW0, NW1, NW2, MW2, SHIFTS,
                                  NSHIFT, WPP, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, TD0, TD1,
-                                 TD2, ROWS0, RING, MERGE, EAX, XG0F, XG0J)  # fmt: skip
+                                 TD2, ROWS0, RING, MERGE, EAX, XG0F, XG0J, GROUP)  # fmt: skip
             elif TILE:  # the ticket's windows as one tile (kernels/_window3_tile.py)
                 _parts_tile(x_ptr + offset, g0_ptr, first, plane, bh, kpart_ptr,
                             hpart_ptr, NWIN, NPLANE, NPL, E, NVOX, S1, S2, NW1, NW2, MW2,
                             _plane_w0(plane, NW0), SHIFTS, NSHIFT, WPP, P0, P1, P2, BP0, BP1, BP2,
                             BLOCK_E, NSB, TD0, TD1, TD2, ROWS0, RING, MERGE, EAX,
-                            XG0F, XG0J)  # fmt: skip
+                            XG0F, XG0J, GROUP)  # fmt: skip
             elif MERGE:  # neighbours' parts merged (kernels/_window3_parts.py)
                 member, exists = _member_matrix(SHIFTS, NSHIFT, P0, P1, P2, BP0, BP1, BP2, ACC,
                                                 DOT, D0, D1, D2, NPB)  # fmt: skip
@@ -264,7 +265,7 @@ def _fused_kernel(
                                     member, exists, kpart_ptr, hpart_ptr, NWIN, NPLANE, NPL, E,
                                     NVOX, S1, S2, NW0, NW1, NW2, MW2, NSHIFT,
                                     WPP, P0, P1, P2, BP0, BP1, BP2, BLOCK_E, NSB, ACC, D0, D1, D2,
-                                    NPB, RING)  # fmt: skip
+                                    NPB, RING, GROUP)  # fmt: skip
             else:
                 member, exists = _member_matrix(SHIFTS, NSHIFT, P0, P1, P2, BP0, BP1, BP2, ACC,
                                                 DOT, D0, D1, D2, NPB)  # fmt: skip
@@ -273,7 +274,7 @@ def _fused_kernel(
                         _parts_window(x_ptr + offset, rowmask, e, emask,
                                       plane * NPLANE + first + j,
                                       _part_slot(bh, plane, first + j, NWIN, NPLANE, NPL, NSHIFT,
-                                                 RING), g_all,
+                                                 RING, GROUP), g_all,
                                       member, exists, kpart_ptr, hpart_ptr, E, NVOX, S1, S2, NW1,
                                       NW2, SHIFTS, NSHIFT, P0, P1, P2, BP0, BP1, BP2, BLOCK_E,
                                       NSB, G0, G1, G2, MU, ACC, DOT, D0, D1, D2, NPB, MW2,
@@ -282,7 +283,8 @@ def _fused_kernel(
             _wait(flags, NPL, plane, 1, CPP, OFFS, NOFF, TWAIT)
             _solve_batch(kpart_ptr, hpart_ptr, u_ptr, hsave_ptr, kmat_ptr, bh, first, plane, E,
                          NWIN, ITERS, NW0, NW1, NW2, MW2, NPLANE, NPL, SHIFTS, NSHIFT,
-                         SPLITS, WPP, NSB, NSBP, BLOCK_E, SAVE, ACC, RING, MERGE, PAX)  # fmt: skip
+                         SPLITS, WPP, NSB, NSBP, BLOCK_E, SAVE, ACC, RING, MERGE, PAX,
+                         GROUP)  # fmt: skip
         else:
             _wait(flags, NPL, plane, 2, CPP, OFFS, NOFF, TWAIT)
             if OTILE:  # the ticket's windows as tiles (kernels/_window3_out_tile.py)

@@ -334,31 +334,38 @@ def test_merge_only_where_it_merges_by_place(monkeypatch):
 
 
 @triton.jit
-def _ring_kernel(out_ptr, NPL, BH, MNPL1, RING: tl.constexpr, N: tl.constexpr):
+def _ring_kernel(out_ptr, NPL, BH, MNPL1, RING: tl.constexpr, N: tl.constexpr,
+                 GROUP: tl.constexpr):  # fmt: skip
     i = tl.arange(0, N)  # (head, plane) = divmod(i, NPL)
     bh = i // NPL
     plane = i % NPL
     m = i < BH * NPL
-    prev_bh, prev_plane, held = _ring_previous(bh, plane, NPL, RING, MNPL1)
-    tl.store(out_ptr + 4 * i, _ring_region(bh, plane, NPL, RING), mask=m)
+    prev_bh, prev_plane, held = _ring_previous(bh, plane, NPL, RING, MNPL1, GROUP)
+    tl.store(out_ptr + 4 * i, _ring_region(bh, plane, NPL, RING, GROUP), mask=m)
     tl.store(out_ptr + 4 * i + 1, held.to(tl.int32), mask=m)
     tl.store(out_ptr + 4 * i + 2, prev_bh, mask=m)
     tl.store(out_ptr + 4 * i + 3, prev_plane, mask=m)
 
 
-@pytest.mark.parametrize(("npl", "heads", "ring"), [(1, 3, 2), (2, 3, 3), (3, 1, 2), (5, 3, 2),
-                                                    (5, 4, 3), (16, 3, 3)])  # fmt: skip
+@pytest.mark.parametrize(("npl", "heads", "ring", "group"),
+                         [(1, 3, 2, 1), (2, 3, 3, 1), (3, 1, 2, 1), (5, 3, 2, 1), (5, 4, 3, 1),
+                          (16, 3, 3, 1), (3, 2, 2, 2), (5, 4, 3, 2), (5, 6, 2, 3),
+                          (16, 8, 3, 4)])  # fmt: skip
 @pytest.mark.parametrize("skew", [False, True], ids=["plain", "skewed"])
-def test_ring_regions_of_all_heads(npl, heads, ring, skew):
-    """Walking the tickets in order (a shift that splits the planes' axis): every plane's region
-    is one of ring + min(heads, 2); the kernels' previous occupant of a region is its last writer;
-    and every solve that reads a plane's statistics comes before they are overwritten (the
-    kernels wait for exactly those solves, so the order holds on a GPU too)."""
+def test_ring_regions_of_all_heads(npl, heads, ring, group, skew):
+    """Walking the tickets in order (a shift that splits the planes' axis), head by head or
+    ``group`` heads side by side (each stage of a group's heads, then the next stage): every
+    plane's region is one of (ring + min(groups, 2)) x group; the kernels' previous occupant of a
+    region is its last writer; and every solve that reads a plane's statistics comes before they
+    are overwritten (the kernels wait for exactly those solves, so the order holds on a GPU
+    too)."""
     n = triton.next_power_of_2(heads * npl)
     out = torch.full((4 * n,), -7, dtype=torch.int32)
-    _ring_kernel[(1,)](out, npl, heads, magic(max(npl - 1, 1)), RING=ring, N=n)
+    _ring_kernel[(1,)](out, npl, heads, magic(max(npl - 1, 1)), RING=ring, N=n, GROUP=group)
     rows = out[: 4 * heads * npl].view(heads, npl, 4).tolist()
-    order = [(bh, st) for bh in range(heads) for st in sched._schedule(npl, skew)]
+    order = [(bh, st) for g in range(0, heads, group) for st in sched._schedule(npl, skew)
+             for bh in range(g, g + group)]  # fmt: skip
+    regions = (ring + min(heads // group, 2)) * group
     readers = {p: [] for p in range(npl)}
     for q in range(npl):  # solve(q) reads the statistics of these planes
         for _, p in sched._needs((1, q), npl, [False, True], [0, 0]):
@@ -368,7 +375,7 @@ def test_ring_regions_of_all_heads(npl, heads, ring, skew):
         if phase:
             continue
         region, held, prev_bh, prev_plane = rows[bh][p]
-        assert 0 <= region < ring + min(heads, 2)
+        assert 0 <= region < regions
         assert (held == 1) == (region in last)
         if held:
             assert last[region] == (prev_bh, prev_plane)

@@ -19,24 +19,24 @@ bwd3 = importlib.import_module("fastnmf.kernels._window3_bwd")
 
 
 class _Spy:
-    """Stands in for a persistent kernel: records each launch's constexpr ``key``, then launches
-    it."""
+    """Stands in for a persistent kernel: records each launch's constexprs ``keys``, then
+    launches it."""
 
-    def __init__(self, kernel, seen, key):
-        self.kernel, self.seen, self.key = kernel, seen, key
+    def __init__(self, kernel, seen, keys):
+        self.kernel, self.seen, self.keys = kernel, seen, keys
 
     def __getitem__(self, grid):
         def run(*args, **kwargs):
-            self.seen.append(kwargs[self.key])
+            self.seen.append(tuple(kwargs[k] for k in self.keys))
             return self.kernel[grid](*args, **kwargs)
 
         return run
 
 
-def _spy(monkeypatch, key):
+def _spy(monkeypatch, *keys):
     seen = []
     for module, name in ((wn3, "_fused_kernel"), (bwd3, "_fused_bwd_kernel")):
-        monkeypatch.setattr(module, name, _Spy(getattr(module, name), seen, key))
+        monkeypatch.setattr(module, name, _Spy(getattr(module, name), seen, keys))
     return seen
 
 
@@ -51,18 +51,20 @@ def _spy(monkeypatch, key):
 def test_design3_orders_match_reference(gen, design3, monkeypatch, device, shape, patch, shifts,
                                         tuning, key, want):  # fmt: skip
     """Forward and backward in the skewed order and with batch*heads side by side (GROUP: the
-    tickets of each stage of GROUP batch*heads, then the next stage; the forward's ring off)
-    against the float64 oracle; both persistent kernels get the order (SKEW, GROUP). Under the
+    tickets of each stage of GROUP batch*heads, then the next stage; the forward's ring of part
+    statistics one for each head of a group) against the float64 oracle; both persistent kernels
+    get the order (SKEW, GROUP), the forward its ring (RING 3; the backward none). Under the
     interpreter the programs run one after another and a wait on a stage not yet done is an
-    error: a ticket decoded wrong fails so, or leaves windows unwritten (wrong results)."""
+    error: a ticket decoded wrong fails so, or leaves windows unwritten (wrong results), and a
+    ring region taken by two heads at once leaves wrong statistics."""
     for name, value in tuning.items():
         monkeypatch.setitem(sched.TUNING, name, value)
-    seen = _spy(monkeypatch, key)
+    seen = _spy(monkeypatch, key, "RING")
     x, v0, dy = nmf_inputs(gen, shape, patch, zero_windows=True)
     kw = dict(head_dim=4, patch_size=patch, shifts=shifts, solver="hals", iters=5)
     dx, dx_ref = fp32_against_reference(x, v0, dy, device, **kw)
     assert rel_err(dx, dx_ref) <= 1e-4
-    assert seen == [want, want]
+    assert seen == [(want, 3), (want, 0)]
 
 
 def test_head_group_rule(monkeypatch):

@@ -132,16 +132,17 @@ def ticket_blocks(case: StaticCase, pass_: str):
 
     def region(bh: int, p: int) -> tuple[int, int]:
         """(owner, region) of plane p's parts (kernels/_window3_slots._ring_region): the ring's
-        regions are shared by all heads (owner -1)."""
+        regions are shared by all heads (owner -1), with heads side by side by all groups (each
+        head of a group its own regions)."""
         if ring == 0:
             return bh, p
-        return -1, ring + bh % 2 if p == 0 else (bh * (npl - 1) + p - 1) % ring
+        h, b = divmod(bh, group)
+        return -1, (ring + h % 2 if p == 0 else (h * (npl - 1) + p - 1) % ring) * group + b
 
     npl = geo.NW[ax]
     nplane = geo.nwin // npl
     cpp = math.ceil(nplane / per_chunk)
-    group = head_group(geo.bh, cpp)  # batch*heads side by side: no ring (Pipeline)
-    ring = ring if group == 1 else 0
+    group = head_group(geo.bh, cpp)  # batch*heads side by side (Pipeline)
     sizes = [_sizes(case, geo, min(per_chunk, nplane - c * per_chunk),
                     _merges(case, geo, per_chunk, nplane, c)) for c in range(cpp)]  # fmt: skip
     fwd = pass_ == "fwd"
