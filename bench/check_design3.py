@@ -42,6 +42,10 @@ GPU_CASES = [
     ("128^3 b2 untiled", (2, 32, 128, 128, 128), BRATS, UNTILED, False),
     ("128^3 b2 untiled, one program", (2, 32, 128, 128, 128), BRATS, UNTILED, True),
     ("128^3 b2 design 3 defaults (tiles)", (2, 32, 128, 128, 128), BRATS, {}, False),
+    # batch*heads side by side (4 at 64^3, each its own ring of part statistics) in the skewed
+    # order: the orders the waits model favours (off by default; not yet run on a GPU)
+    ("64^3 b2 C64 heads side by side, skewed", (2, 64, 64, 64, 64), BRATS,
+     {"group": "auto", "skew": True}, False),
     # every thread reads the wait counts with its own acquire load (not yet run on a GPU)
     ("128^3 b2 tiles, thread waits", (2, 32, 128, 128, 128), BRATS, {"thread_waits": True},
      False),
@@ -53,6 +57,8 @@ GPU_CASES = [
 SMALL_CASES = [
     ("24x16x16 untiled", (1, 16, 24, 16, 16), BRATS, UNTILED, False),
     ("24x16x16 untiled, one program", (1, 16, 24, 16, 16), BRATS, UNTILED, True),
+    ("40x16x16 two heads side by side, skewed", (1, 16, 40, 16, 16), BRATS,
+     {"group": 2, "skew": True}, False),
 ]
 
 
