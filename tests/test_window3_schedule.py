@@ -1,7 +1,8 @@
 """The third design's skewed stage order and batch*heads side by side (kernels/_window3_sched.py,
 ``TUNING["skew"]``, ``["group"]``) and the model of its programs' waits
-(fastnmf/profile/static/schedule_waits.py). The orders' needs and the kernels' decoding of both
-orders: tests/test_kernels_v3.py."""
+(fastnmf/profile/static/schedule_waits.py), and the output passes' evict-first marks
+(``TUNING["last_use"]``). The orders' needs and the kernels' decoding of both orders:
+tests/test_kernels_v3.py."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from fastnmf.profile.static.schedule_waits import BENCH, DURATIONS, SHAPES, sche
 sched = importlib.import_module("fastnmf.kernels._window3_sched")
 wn3 = importlib.import_module("fastnmf.kernels.window_nmf3")
 bwd3 = importlib.import_module("fastnmf.kernels._window3_bwd")
+TRITON_VERSION = importlib.import_module("fastnmf.kernels._common").TRITON_VERSION
 
 
 class _Spy:
@@ -47,7 +49,9 @@ def _spy(monkeypatch, *keys):
     ((2, 8, 16, 8, 8), 4, [None, 2], {"group": 2}, "GROUP", 2),  # 4 batch*heads, two by two
     ((1, 16, 40, 8, 8), 8, [None, 2, 4, 6], {"group": "auto", "skew": True}, "GROUP", 4),  # all
     ((3, 8, 8, 8, 8), 4, [None, 2], {"group": 4}, "GROUP", 3),  # 6 batch*heads: 4 no divisor
-], ids=["skewed-brats", "skewed", "side-by-side", "auto-skewed-brats", "side-by-side-3-of-6"])
+    ((1, 8, 40, 8, 8), 8, [None, 2, 4, 6], {"last_use": False}, "LAST", 0),  # no L2 hints
+], ids=["skewed-brats", "skewed", "side-by-side", "auto-skewed-brats", "side-by-side-3-of-6",
+        "no-l2-hints"])
 def test_design3_orders_match_reference(gen, design3, monkeypatch, device, shape, patch, shifts,
                                         tuning, key, want):  # fmt: skip
     """Forward and backward in the skewed order and with batch*heads side by side (GROUP: the
@@ -65,6 +69,17 @@ def test_design3_orders_match_reference(gen, design3, monkeypatch, device, shape
     dx, dx_ref = fp32_against_reference(x, v0, dy, device, **kw)
     assert rel_err(dx, dx_ref) <= 1e-4
     assert seen == [(want, 3), (want, 0)]
+
+
+def test_last_use_rule(monkeypatch):
+    """The output passes' evict-first marks (``last_use``): on by default, ``.cs`` loads (2)
+    from Triton 3.7, an L2 evict_first policy (1) before; 0 with ``TUNING["last_use"] = False``;
+    the persistent kernels get it as LAST."""
+    assert sched.last_use() == (2 if TRITON_VERSION >= (3, 7) else 1)
+    monkeypatch.setitem(sched.TUNING, "last_use", False)
+    assert sched.last_use() == 0
+    monkeypatch.setitem(sched.TUNING, "last_use", True)
+    assert sched.last_use() > 0
 
 
 def test_head_group_rule(monkeypatch):
