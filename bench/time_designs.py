@@ -188,9 +188,11 @@ VARIANTS = [
     # Triton 3.6 fp32, `sass_loops --ticket`; one round trip to L2 a stage, not one a plane)
     ("design 3, four tiles, plane-by-plane waits", 3,
      {**_tiles(True, True, True, True), "count_waits": False}),
-    # 2 windows a ticket: half the bytes in flight. The DRAM model fits the fp32 backward in an
-    # H100's 50 MB L2 only so (1.67x -> 1.11x with BraTS), for 28 % / 52 % more backward /
-    # forward instructions a window (Triton 3.6; kernels/DESIGNS.md): which bound comes first
+    # 2 windows a ticket: half the bytes in flight, twice the chunks a stage (fewer programs
+    # waiting, by the waits model). It was the DRAM model's only fit for the fp32 backward in an
+    # H100's 50 MB L2 (1.67x -> 1.11x with BraTS) until the output passes' evict-first marks
+    # (the default since 2026-12-06: 1.11x at 4 windows a ticket); 28 % / 52 % more backward /
+    # forward instructions a window (Triton 3.6; kernels/DESIGNS.md)
     ("design 3, four tiles, 2 windows a ticket", 3, {**_tiles(True, True, True, True), "wpp": 2}),
     # the ticket tile's X g0 as one product for all the shifts (one operand staged, not one a
     # shift): the default with the BraTS shifts since 2026-12-05 (evening); with [None, 4] a
@@ -231,8 +233,8 @@ VARIANTS = [
 # window by window; with Triton 3.6 32 B of spills in the fp32 BraTS forward, none elsewhere:
 # bench/results/static_designs_triton36/shortlist_2026-12-06.md), with its waits in every thread
 # (fewer CTA barriers) and plane by plane (the default before 2026-12-06), its backward output
-# pass two runs a thread (7 % fewer instructions, 8-24 B of spills), 2 windows a ticket (an
-# H100's L2), its X g0 one product for all the shifts and a
+# pass two runs a thread (7 % fewer instructions, 8-24 B of spills), 2 windows a ticket (half
+# the bytes in flight, twice the chunks a stage), its X g0 one product for all the shifts and a
 # product a shift (the default has the one with BraTS, the other with [None, 4]); design 2 with its
 # passes on design 3's tiles (four and three), with 16 warps and 32 resident warps an SM, with its
 # next windows' loads in flight (two passes pipelined, and all four); design 3 with its parts
