@@ -31,8 +31,9 @@ from ._window2_common import _Geometry2, _lanes_rowmask_g, _plane_w0
 from ._window3_bwd_parts_tile import _parts_bwd_tile, bwd_parts_plan
 from ._window3_bwd_tile import _apply_tile, bwd_tile_plan
 from ._window3_power import _iterate_both_to, _kdot, _load_both, _next_both, _normed
-from ._window3_sched import _MAGIC_ARGS, Pipeline, _count_done, _take, _wait
+from ._window3_sched import _MAGIC_ARGS, Pipeline, _take
 from ._window3_slots import _load_square_batch, _solve_rows, _store_square_batch, _sum_parts_rows
+from ._window3_waits import _count_done, _wait
 
 __all__ = ["backward3"]
 

@@ -83,9 +83,10 @@ from ._window3_bwd import backward3
 from ._window3_out_tile import _apply_fwd_tile, out_tile_plan
 from ._window3_parts import _parts_chunk_merged
 from ._window3_power import _power_u
-from ._window3_sched import _MAGIC_ARGS, Pipeline, _count_done, _take, _wait, fused_plan
+from ._window3_sched import _MAGIC_ARGS, Pipeline, _take, fused_plan
 from ._window3_slots import _part_slot, _ring_previous, _solve_rows, _sum_parts_rows
 from ._window3_tile import _parts_tile, tile_plan
+from ._window3_waits import _count_done, _wait
 from .window_nmf2 import WindowNMF2, _apply_window, _membership, _parts_window
 
 __all__ = ["window_nmf3", "fused_plan"]

@@ -32,6 +32,8 @@ wn2 = importlib.import_module("fastnmf.kernels.window_nmf2")
 wn3 = importlib.import_module("fastnmf.kernels.window_nmf3")
 bwd3 = importlib.import_module("fastnmf.kernels._window3_bwd")
 sched = importlib.import_module("fastnmf.kernels._window3_sched")
+waits = importlib.import_module("fastnmf.kernels._window3_waits")
+INTERPRET = importlib.import_module("fastnmf.kernels._common").INTERPRET
 slots = importlib.import_module("fastnmf.kernels._window3_slots")
 common = importlib.import_module("fastnmf.kernels._window2_common")
 magic = importlib.import_module("fastnmf.kernels._fastdiv").magic
@@ -188,7 +190,7 @@ def test_design3_one_launch_and_deterministic(gen, design3, monkeypatch, device)
     assert torch.equal(y1, y2) and torch.equal(dx1, dx2)
 
 
-@pytest.mark.skipif(not sched.INTERPRET, reason="a compiled kernel's globals stay as compiled")
+@pytest.mark.skipif(not INTERPRET, reason="a compiled kernel's globals stay as compiled")
 @pytest.mark.parametrize("iters", [1, 3])
 def test_design3_backward_holds_the_recomputed_iterates(gen, design3, monkeypatch, iters):
     """Up to ``_HELD_ITERS`` power steps the backward solve computes the iterates once and holds
@@ -243,7 +245,7 @@ def test_launch_options_register_cap(monkeypatch):
         assert pipe.launch(share_cap=share_cap) == {"num_warps": 8, "maxnreg": 64}
 
 
-@pytest.mark.skipif(not sched.INTERPRET, reason="under the interpreter programs run in turn")
+@pytest.mark.skipif(not INTERPRET, reason="under the interpreter programs run in turn")
 @pytest.mark.parametrize("backward", [False, True])
 def test_design3_schedule_error_raises_under_the_interpreter(gen, design3, monkeypatch, backward):
     """A ticket skipped (the counter starts at 1: parts(0)'s first chunk never runs) leaves a
@@ -450,10 +452,10 @@ def test_schedule_meets_every_need(npl, shifts, skew):
 @triton.jit
 def _wait_probe(flags, npl, plane, need, BEFORE: tl.constexpr, OFFS: tl.constexpr,
                 NOFF: tl.constexpr, TWAIT: tl.constexpr):  # fmt: skip
-    sched._wait_stage(flags, npl, plane, BEFORE, need, OFFS, NOFF, TWAIT)
+    waits._wait_stage(flags, npl, plane, BEFORE, need, OFFS, NOFF, TWAIT)
 
 
-@pytest.mark.skipif(not sched.INTERPRET, reason="a short count spins forever on a GPU")
+@pytest.mark.skipif(not INTERPRET, reason="a short count spins forever on a GPU")
 @pytest.mark.parametrize("offsets", [(0,), (0, 1), (0, 1, 3)], ids=["one", "two", "three"])
 @pytest.mark.parametrize("before", [1, 2], ids=["solve-waits-parts", "apply-waits-solves"])
 @pytest.mark.parametrize("mode", [0, 2], ids=["plane-by-plane", "counts-at-once"])
