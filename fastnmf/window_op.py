@@ -10,9 +10,9 @@ bits as eager. :func:`fastnmf.custom_op.matricized_nmf_op` calls them while a gr
 
 Schema::
 
-    fastnmf::window_nmf_triton(Tensor x, Tensor g0, Tensor rowmask, int head_dim, int[] patch,
+    fastnmf::window_nmf_triton(Tensor x, Tensor g0, Tensor? rowmask, int head_dim, int[] patch,
         int[] shifts, int iters, bool mu, int design) -> (Tensor, Tensor, Tensor, Tensor)
-    fastnmf::window_nmf_triton_backward(Tensor dy, Tensor x, Tensor g0, Tensor rowmask,
+    fastnmf::window_nmf_triton_backward(Tensor dy, Tensor x, Tensor g0, Tensor? rowmask,
         Tensor s0, Tensor s1, Tensor s2, <the same attributes>) -> Tensor
 
 ``shifts`` as in fastnmf/custom_op.py (flat); ``design`` the window design the eager dispatch
@@ -125,8 +125,8 @@ def _saved_shapes(design: int, progs, iters: int, e: int) -> tuple:
 
 @torch.library.triton_op(_FWD, mutates_args=())
 def _window_op(
-    x: torch.Tensor, g0: torch.Tensor, rowmask: torch.Tensor, head_dim: int, patch: list[int],
-    shifts: list[int], iters: int, mu: bool, design: int,
+    x: torch.Tensor, g0: torch.Tensor, rowmask: torch.Tensor | None, head_dim: int,
+    patch: list[int], shifts: list[int], iters: int, mu: bool, design: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, s0, s1, s2): the layer's output and what ``design``'s backward reads."""
     return tuple(_forward(design, x, g0, rowmask, head_dim, patch, shifts, iters, mu))
@@ -149,9 +149,9 @@ def _window_fake(x, g0, rowmask, head_dim, patch, shifts, iters, mu, design):
 
 @torch.library.triton_op(_BWD, mutates_args=())
 def _window_backward_op(
-    dy: torch.Tensor, x: torch.Tensor, g0: torch.Tensor, rowmask: torch.Tensor, s0: torch.Tensor,
-    s1: torch.Tensor, s2: torch.Tensor, head_dim: int, patch: list[int], shifts: list[int],
-    iters: int, mu: bool, design: int,
+    dy: torch.Tensor, x: torch.Tensor, g0: torch.Tensor, rowmask: torch.Tensor | None,
+    s0: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor, head_dim: int, patch: list[int],
+    shifts: list[int], iters: int, mu: bool, design: int,
 ) -> torch.Tensor:
     return _backward(design, dy.contiguous(), x, g0, rowmask, (s0, s1, s2), head_dim, patch,
                      shifts, iters, mu)  # fmt: skip

@@ -69,12 +69,13 @@ def shift_rows(shifts, spatial) -> tuple[tuple[int, int, int], ...]:
     return tuple(tuple(int(v) for v in r) for r in padded_shift_table(shifts, tuple(spatial)))
 
 
-def row_mask(rows: int, u0, mu: bool, dtype: torch.dtype, device) -> torch.Tensor:
-    """(rows,) 1/0: MU keeps a zero entry of u0 at zero for ever, so its row of X is dropped;
-    all ones for HALS or without u0."""
+def row_mask(rows: int, u0, mu: bool, dtype: torch.dtype, device) -> torch.Tensor | None:
+    """(rows,) 1/0: MU keeps a zero entry of u0 at zero for ever, so its row of X is dropped.
+    None for HALS or without u0, where no row is dropped: the kernels take every row
+    (:func:`_row_mask`), and a call makes no tensor of ones (a fill launch on a GPU)."""
     if mu and u0 is not None:
         return (u0[:, 0] > 0).to(device=device, dtype=dtype)
-    return torch.ones(rows, dtype=dtype, device=device)
+    return None
 
 
 def check_window_inputs(x: torch.Tensor, v0: torch.Tensor, head_dim: int) -> None:
@@ -105,6 +106,16 @@ def window_inputs(x: torch.Tensor, v0: torch.Tensor, u0, *, head_dim: int, solve
 # ------------------------------------------------------------------------------------------------
 # Device functions
 # ------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _row_mask(rowmask_ptr, e, emask, ACC: tl.constexpr):
+    """The row mask of rows e (0/1 in ACC; 0 past E): loaded, or, where the launcher passes None
+    (:func:`row_mask`: no row dropped), 1 for each row e < E without a load."""
+    if rowmask_ptr is None:
+        return tl.where(emask, 1.0, 0.0).to(ACC)
+    else:
+        return tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
 
 
 @triton.jit

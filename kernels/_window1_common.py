@@ -10,6 +10,7 @@ import triton.language as tl
 from ._common import (
     _head_block,
     _load_shift,
+    _row_mask,
     _window_and_shift,
     _wrap_above,
 )
@@ -60,7 +61,7 @@ def _gram(a, b, DOT: tl.constexpr, ACC: tl.constexpr):
 def _load_relu(x_ptr, rowmask_ptr, ptrs, mask, e, emask, ACC: tl.constexpr):
     """x at ``ptrs`` (in ACC), the MU row mask, and ReLU(x) times the row mask."""
     x_raw = tl.load(x_ptr + ptrs, mask=mask, other=0).to(ACC)
-    rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
+    rowmask = _row_mask(rowmask_ptr, e, emask, ACC)
     return x_raw, rowmask, tl.maximum(x_raw, 0) * rowmask[:, None]
 
 

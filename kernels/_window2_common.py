@@ -13,7 +13,7 @@ import triton.language as tl
 
 from fastnmf.layout import padded_shift_table
 
-from ._common import WindowSizes, _shift_of, shared_geometry
+from ._common import WindowSizes, _row_mask, _shift_of, shared_geometry
 from ._fastdiv import _fdiv, _fdivmod, magics
 
 
@@ -96,7 +96,7 @@ def _lanes_rowmask_g(rowmask_ptr, g0_ptr, E: tl.constexpr, SHIFTS: tl.constexpr,
     g0 under every shift (``_shifted_g_all``; only if NEED_G)."""
     e = tl.arange(0, BLOCK_E)
     emask = e < E
-    rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
+    rowmask = _row_mask(rowmask_ptr, e, emask, ACC)
     g_all = _shifted_g_all(g0_ptr, SHIFTS, NSHIFT, NSB, P0, P1, P2, BP0, BP1, BP2, ACC, NEED_G)
     return e, emask, rowmask, g_all
 

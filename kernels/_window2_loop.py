@@ -7,6 +7,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._common import _row_mask
 from ._fastdiv import _fdiv, _fdivmod
 from ._window2_common import _window_offsets, _window_origin
 
@@ -34,7 +35,7 @@ def _pass_rows(rowmask_ptr, C, E: tl.constexpr, HEADS, MHEADS, NVOX, BLOCK_E: tl
     offset = (batch * C + head * E).to(tl.int64) * NVOX
     e = tl.arange(0, BLOCK_E)
     emask = e < E
-    rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
+    rowmask = _row_mask(rowmask_ptr, e, emask, ACC)
     return bh, offset, e, emask, rowmask
 
 

@@ -34,6 +34,7 @@ from ._common import (
     _power_steps,
     _power_steps_backward,
     _rolled_index,
+    _row_mask,
     acc_dtype,
     compute_dtype,
     row_mask,
@@ -57,7 +58,7 @@ def _chunk_block(x_ptr, rowmask_ptr, E, S0, S1, S2, BLOCK_E: tl.constexpr,
     vmask = v < nvox
     e = tl.arange(0, BLOCK_E)
     emask = e < E
-    rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
+    rowmask = _row_mask(rowmask_ptr, e, emask, ACC)
     ptrs = offset + e[:, None] * nvox + v[None, :]
     mask = emask[:, None] & vmask[None, :]
     x_raw = tl.load(x_ptr + ptrs, mask=mask, other=0).to(ACC)

@@ -53,6 +53,7 @@ from ._common import (
     _load_shift,
     _power_steps,
     _power_steps_backward,
+    _row_mask,
     _voxel_block,
     _voxel_window,
     _window_coords,
@@ -107,7 +108,7 @@ def _stats_fwd_kernel(
     s, w, bh, nvox, offset, e, emask, w0, w1, w2, s0, s1, s2 = _stats_program(
         SHIFTS, C, E, HEADS, NSHIFT, S0, S1, S2, NW1, NW2, BLOCK_E
     )
-    rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
+    rowmask = _row_mask(rowmask_ptr, e, emask, ACC)
     base = x_ptr + offset
     k = tl.zeros((BLOCK_E, BLOCK_E), dtype=ACC)
     h = tl.zeros((BLOCK_E,), dtype=ACC)
@@ -209,7 +210,7 @@ def _stats_bwd_kernel(
     s, w, bh, nvox, offset, e, emask, w0, w1, w2, s0, s1, s2 = _stats_program(
         SHIFTS, C, E, HEADS, NSHIFT, S0, S1, S2, NW1, NW2, BLOCK_E
     )
-    rowmask = tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
+    rowmask = _row_mask(rowmask_ptr, e, emask, ACC)
     k = tl.zeros((BLOCK_E, BLOCK_E), dtype=ACC)
     dp = tl.zeros((BLOCK_E, BLOCK_E), dtype=ACC)
     for start in range(0, PN, CHUNK):

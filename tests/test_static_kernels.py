@@ -531,7 +531,7 @@ def test_suite_joins_traffic_rows_on_case_pass_and_launch_index(report, tmp_path
         assert resident and all(n >= 1 for n in resident.values())  # from the kernel rows
         rows = [r for r in report["launches"] if r["case"] in {c.id for c in cases_}]
         # the traffic part numbers every launch, PyTorch ops too (a fill before the forward's
-        # first kernel, as the launcher's row mask); the kernel report numbers Triton's only
+        # first kernel, as an MU launcher's row mask); the kernel report numbers Triton's only
         torch_op = {"case": cases_[0].id, "pass": "fwd", "launch_index": 0, "kind": "torch",
                     "kernel": "aten.ones", "bytes_loaded": 0, "bytes_stored": 32}
         shift = {"fwd": 1, "bwd": 0}

@@ -316,12 +316,12 @@ def test_model_call_scales_a_persistent_call_as_the_rows_do():
 
 
 @needs_interpreter
-def test_design2_reads_g0_and_the_row_mask_once_per_program():
-    """The second design's window passes read g0 and the row mask once per program (8 windows
-    in one program: an eighth of the bytes of one window a program, x the same), so the suite
-    counts at 16^3 with the benchmark shape's windows a program (16: one program) and scales
-    those reads by the programs the benchmark shape launches (2048 at 2 x 32 x 128^3), the other
-    arguments by the volume."""
+def test_design2_reads_g0_once_per_program():
+    """The second design's window passes read g0 once per program (8 windows in one program: an
+    eighth of the bytes of one window a program, x the same; with HALS no row mask at all), so
+    the suite counts at 16^3 with the benchmark shape's windows a program (16: one program) and
+    scales those reads by the programs the benchmark shape launches (2048 at 2 x 32 x 128^3), the
+    other arguments by the volume."""
     from fastnmf.profile.static.counter import count_call
 
     big = StaticCase("window", 2, 32, (128,) * 3, "fp32", (None, 4), design=2)
@@ -331,8 +331,8 @@ def test_design2_reads_g0_and_the_row_mask_once_per_program():
                     .launches} for wpp in (1, 16)}  # fmt: skip
     one, sixteen = counts[1]["_apply_bwd_kernel2"], counts[16]["_apply_bwd_kernel2"]
     assert (math.prod(one.grid), math.prod(sixteen.grid)) == (8, 1)
-    for arg in traffic.PER_PROGRAM["_apply_bwd_kernel2"]:
-        assert one.args[arg]["bytes_loaded"] == 8 * sixteen.args[arg]["bytes_loaded"] > 0, arg
+    assert "rowmask_ptr" not in one.args and "rowmask_ptr" not in sixteen.args
+    assert one.args["g0_ptr"]["bytes_loaded"] == 8 * sixteen.args["g0_ptr"]["bytes_loaded"] > 0
     assert one.args["x_ptr"] == sixteen.args["x_ptr"]
     counted = [traffic._as_model(x) for x in count_call(small)["bwd"].launches]
     programs = traffic._programs(big, counted, "sm_90a")
@@ -350,8 +350,8 @@ def test_api_rows():
     case = StaticCase("window", 2, 16, (32, 32, 32), "fp32", (None,))
     rows = traffic.launch_rows([case], small_side=16)
     assert [(r["pass"], r["launch_index"], r["kernel"]) for r in rows] == [
-        ("fwd", 0, "aten.ones"), ("fwd", 1, "_stats_fwd_kernel"), ("bwd", 0, "_stats_bwd_kernel")
-    ]  # fmt: skip
+        ("fwd", 0, "_stats_fwd_kernel"), ("bwd", 0, "_stats_bwd_kernel")
+    ]  # fmt: skip (no fill: HALS passes no row mask, kernels/_common.row_mask)
     assert all(r["model_check"] == "equal" and r["source"] == "model" for r in rows)
     calls = {r["pass"]: r for r in traffic.call_rows(rows)}
     both = calls["fwdbwd"]
@@ -385,3 +385,33 @@ def test_model_bytes_when_rows_are_not_whole_sectors():
                 assert a["sectors"] is None
                 assert (a["bytes_loaded"], a["bytes_stored"], a["unique_bytes"]) == (
                     got["bytes_loaded"], got["bytes_stored"], got["unique_bytes"])  # fmt: skip
+
+
+@needs_interpreter
+@pytest.mark.parametrize("mode, shifts, design", [("window", (None,), 1), ("window", (None, 4), 2),
+                                                  ("window", (None, 2, 4, 6), 3),
+                                                  ("global", (None,), 1)])  # fmt: skip
+def test_hals_calls_make_and_read_no_row_mask(mode, shifts, design):
+    """HALS drops no row (kernels/_common.row_mask is None): a call fills no tensor of ones (a
+    launch on a GPU) and no kernel reads a row mask; the design 2 forward is then its 3 Triton
+    launches and nothing else."""
+    from fastnmf.profile.static.counter import count_call
+
+    case = StaticCase(mode, 1, 16, (16, 16, 16), "fp32", shifts, design=design)
+    for pass_, call in count_call(case).items():
+        ops = [x.kernel for x in call.launches if x.kind == "torch"]
+        assert "aten.ones" not in ops, (pass_, ops)
+        assert all("rowmask_ptr" not in x.args for x in call.launches), pass_
+        if design == 2:
+            assert [x.kind for x in call.launches] == ["triton"] * 3, pass_
+
+
+def test_mu_with_a_zero_row_keeps_that_row_out():
+    """MU with a zero entry of u0 passes the 0/1 row mask, which the kernels read
+    (kernels/_common._row_mask); without u0 there is no mask (every row kept)."""
+    from fastnmf.kernels._common import row_mask
+
+    u0 = torch.tensor([[1.0], [0.0], [2.0]])
+    assert row_mask(3, u0, True, torch.float32, "cpu").tolist() == [1.0, 0.0, 1.0]
+    assert row_mask(3, None, True, torch.float32, "cpu") is None
+    assert row_mask(3, u0, False, torch.float32, "cpu") is None

@@ -153,13 +153,6 @@ def _window_rows_sectors(geo, isz: int) -> int:
     return total * NW[0] * NW[1] * P[0] * P[1]
 
 
-def _common_small(launch: _Launch, geo, progs: int):
-    """The row mask (one E-vector) of every program (the shift table is compile-time)."""
-    E = geo.E
-    launch.add("rowmask_ptr", loaded=F32 * E * progs, sectors=_vec_secs(0, E, F32) * progs,
-               unique=F32 * E)  # fmt: skip
-
-
 def _per_prog_vectors(n_progs: int, per_prog: int, count: int, offset: int = 0) -> int:
     """Sectors of ``count`` contiguous fp32 elements at prog * per_prog + offset, all programs."""
     starts = (np.arange(n_progs, dtype=np.int64) * per_prog + offset) * F32
@@ -169,13 +162,12 @@ def _per_prog_vectors(n_progs: int, per_prog: int, count: int, offset: int = 0) 
 
 
 def _stats_launch(name: str, geo, isz: int):
-    """A stats kernel's launch (a program per window, shift and head) with its row mask; its
-    programs, passes over x (two when the output pass is fused) and the sectors of one pass over
-    every window."""
+    """A stats kernel's launch (a program per window, shift and head; HALS reads no row mask:
+    kernels/_common.row_mask), its programs, passes over x (two when the output pass is fused)
+    and the sectors of one pass over every window."""
     progs = geo.nwin * geo.nshift * geo.batch * geo.heads
     bh = geo.batch * geo.heads
     L = _Launch(name, (geo.nwin * geo.nshift, bh))
-    _common_small(L, geo, progs)
     xsec = _window_rows_sectors(geo, isz) * bh * geo.E
     return L, progs, 2 if geo.fused else 1, xsec
 
@@ -256,7 +248,6 @@ def _apply_tile(geo, case, isz, backward: bool) -> _Launch:
     valid = math.prod(geo.h)
     name = "_apply_bwd_tile_kernel" if backward else "_apply_fwd_tile_kernel"
     L = _Launch(name, (geo.ntiles, bh))
-    _common_small(L, geo, progs)
     xsec = _tile_rows_sectors(geo, isz) * bh * E
     wins = geo.nwin * NS * bh  # every window of every shift is some tile's window
     ins = ("x_ptr", "dy_ptr") if backward else ("x_ptr",)
@@ -301,10 +292,8 @@ def _apply_voxel(geo, case, isz, backward: bool) -> _Launch:
     E, NS, BV, nvox = geo.E, geo.nshift, geo.block_v, geo.nvox
     bh = geo.batch * geo.heads
     nblk = math.ceil(nvox / BV)
-    progs = nblk * bh
     name = "_apply_bwd_kernel" if backward else "_apply_fwd_kernel"
     L = _Launch(name, (nblk, bh))
-    _common_small(L, geo, progs)
     xsec = _blocks_secs(nvox, BV, isz) * E * bh
     for n in ("x_ptr", "dy_ptr") if backward else ("x_ptr",):
         L.add(n, loaded=bh * E * nvox * isz, sectors=xsec, unique=case.numel * isz)
@@ -338,7 +327,7 @@ def _window_launches(case: StaticCase, pass_: str) -> list[_Launch]:
     if geo.E * F32 % SECTOR:
         raise ModelUnsupported(f"the model needs E * 4 a multiple of {SECTOR}, E = {geo.E}")
     if pass_ == "fwd":
-        out = [_torch_op("ones", outs=[geo.E * F32]), _stats_fwd(geo, case, isz)]
+        out = [_stats_fwd(geo, case, isz)]
         if not geo.fused:
             out.append((_apply_tile if geo.tiled else _apply_voxel)(geo, case, isz, False))
         return out
@@ -390,7 +379,6 @@ def _global_launches(case: StaticCase, pass_: str) -> list[_Launch]:
     xbytes = case.numel * isz
     backward = pass_ == "bwd"
     red = _Launch("_reduce_kernel", (NC, M))
-    red.add("rowmask_ptr", loaded=progs * E * F32, sectors=progs * vec, unique=E * F32)
     red.add("x_ptr" if backward else "dy_ptr/x_ptr", loaded=xbytes, sectors=xsec, unique=xbytes)
     if backward:
         red.add("dy_ptr", loaded=xbytes, sectors=xsec, unique=xbytes)
@@ -412,11 +400,10 @@ def _global_launches(case: StaticCase, pass_: str) -> list[_Launch]:
         it.add("norms_ptr", stored=ms * T * F32, sectors=ms * T, unique=ms * T * F32)
         it.add("u_ptr", stored=ms * E * F32, sectors=ms * vec, unique=ms * E * F32)
         ap = _Launch("_apply_fwd_kernel", (NC, M))
-        ap.add("rowmask_ptr", loaded=progs * E * F32, sectors=progs * vec, unique=E * F32)
         ap.add("x_ptr", loaded=xbytes, sectors=xsec, unique=xbytes)
         ap.add("u_ptr", loaded=progs * NS * E * F32, sectors=progs * NS * vec, unique=ms * E * F32)
         ap.add("y_ptr", stored=xbytes, sectors=xsec, unique=xbytes)
-        return [_torch_op("ones", outs=[E * F32]), red, k_sum, h_sum, it, ap]
+        return [red, k_sum, h_sum, it, ap]
     it = _Launch("_iterate_bwd_kernel", (NS, M))
     kk = M * NK * E * E * F32
     it.add("k_ptr", loaded=ms * E * E * F32, sectors=ms * mat, unique=kk)
@@ -429,7 +416,6 @@ def _global_launches(case: StaticCase, pass_: str) -> list[_Launch]:
     # hats[..., -1, :].contiguous(): a copy unless that view is already contiguous
     copy = [_torch_op("clone", ins=[ms * E * F32], outs=[ms * E * F32])] if ms > 1 < T else []
     ap = _Launch("_apply_bwd_kernel", (NC, M))
-    ap.add("rowmask_ptr", loaded=progs * E * F32, sectors=progs * vec, unique=E * F32)
     ap.add("x_ptr", loaded=xbytes, sectors=xsec, unique=xbytes)
     ap.add("dy_ptr", loaded=xbytes, sectors=xsec, unique=xbytes)
     per = progs * NS
