@@ -47,6 +47,23 @@ def test_triton_fp32_matches_reference(gen, device, shape, head_dim, patch, shif
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("design,patch,shifts,solver", [
+    (1, 4, [None, 2], "hals"), (2, 4, [None, 2], "hals"), (2, 4, [None, 2], "mu"),
+    (3, 4, [None, 2, 4, 6], "hals"), (1, None, None, "hals")])  # fmt: skip
+def test_triton_head_dim_below_its_block(gen, device, design, patch, shifts, solver,
+                                         monkeypatch):  # fmt: skip
+    """E = 6 rows in blocks of 8 (every other test's E is a power of two): the rows past E are
+    zeros (their loads masked) whatever the row mask holds there, which with HALS is all ones
+    (kernels/_common._row_mask: no mask tensor)."""
+    monkeypatch.setitem(importlib.import_module("fastnmf.kernels.window_nmf").TUNING, "design",
+                        design)  # fmt: skip
+    x, v0, dy = nmf_inputs(gen, (1, 12, 8, 8, 8), patch)
+    kw = dict(head_dim=6, patch_size=patch, shifts=shifts, solver=solver)
+    dx, dx_ref = fp32_against_reference(x, v0, dy, device, **kw)
+    assert rel_err(dx, dx_ref) <= 1e-4
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("patch,shifts", [(4, [None, 2]), (None, None)])
 def test_triton_low_precision(gen, device, dtype, patch, shifts):
