@@ -109,14 +109,19 @@ def window_inputs(x: torch.Tensor, v0: torch.Tensor, u0, *, head_dim: int, solve
 
 
 @triton.jit
-def _row_mask(rowmask_ptr, e, emask, ACC: tl.constexpr):
+def _row_mask(rowmask_ptr, e, emask, ACC: tl.constexpr, FOLD: tl.constexpr = True):
     """The row mask of rows e (0/1 in ACC): loaded (0 past E), or, where the launcher passes None
-    (:func:`row_mask`: no row dropped), all ones without a load, so the products by it fold away
-    (rows past E hold zeros: their loads are masked). Against a 0/1 select of the rows below E,
-    sm_90a, Triton 3.9: 8-160 instructions fewer in the global and local-window kernels, the bf16
-    local forward 200 -> 180 registers."""
+    (:func:`row_mask`: no row dropped), made without a load: with FOLD all ones, so the products
+    by it fold away (rows past E hold zeros: their loads are masked), else 1 below E and 0 past.
+    Against the 0/1 select, all ones takes 8-160 instructions fewer in the global and
+    local-window kernels (sm_90a, Triton 3.9; the bf16 local forward 200 -> 180 registers), but
+    design 1's stats kernels, at their 168-register cap, spill with it (sm_90a fp32 backward with
+    the BraTS shifts 12 B, sm_80 bf16 local forward 8 B): they pass FOLD False."""
     if rowmask_ptr is None:
-        return tl.full(e.shape, 1.0, ACC)
+        if FOLD:
+            return tl.full(e.shape, 1.0, ACC)
+        else:
+            return tl.where(emask, 1.0, 0.0).to(ACC)
     else:
         return tl.load(rowmask_ptr + e, mask=emask, other=0).to(ACC)
 

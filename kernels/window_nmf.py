@@ -108,7 +108,7 @@ def _stats_fwd_kernel(
     s, w, bh, nvox, offset, e, emask, w0, w1, w2, s0, s1, s2 = _stats_program(
         SHIFTS, C, E, HEADS, NSHIFT, S0, S1, S2, NW1, NW2, BLOCK_E
     )
-    rowmask = _row_mask(rowmask_ptr, e, emask, ACC)
+    rowmask = _row_mask(rowmask_ptr, e, emask, ACC, False)  # (FOLD: spills)
     base = x_ptr + offset
     k = tl.zeros((BLOCK_E, BLOCK_E), dtype=ACC)
     h = tl.zeros((BLOCK_E,), dtype=ACC)
@@ -210,7 +210,7 @@ def _stats_bwd_kernel(
     s, w, bh, nvox, offset, e, emask, w0, w1, w2, s0, s1, s2 = _stats_program(
         SHIFTS, C, E, HEADS, NSHIFT, S0, S1, S2, NW1, NW2, BLOCK_E
     )
-    rowmask = _row_mask(rowmask_ptr, e, emask, ACC)
+    rowmask = _row_mask(rowmask_ptr, e, emask, ACC, False)  # (FOLD: spills)
     k = tl.zeros((BLOCK_E, BLOCK_E), dtype=ACC)
     dp = tl.zeros((BLOCK_E, BLOCK_E), dtype=ACC)
     for start in range(0, PN, CHUNK):
