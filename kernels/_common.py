@@ -69,7 +69,7 @@ def shift_rows(shifts, spatial) -> tuple[tuple[int, int, int], ...]:
     return tuple(tuple(int(v) for v in r) for r in padded_shift_table(shifts, tuple(spatial)))
 
 
-def row_mask(rows: int, u0, mu: bool, dtype: torch.dtype, device) -> torch.Tensor | None:
+def row_mask(u0, mu: bool, dtype: torch.dtype, device) -> torch.Tensor | None:
     """(rows,) 1/0: MU keeps a zero entry of u0 at zero for ever, so its row of X is dropped.
     None for HALS or without u0, where no row is dropped: the kernels take every row
     (:func:`_row_mask`), and a call makes no tensor of ones (a fill launch on a GPU)."""
@@ -100,7 +100,7 @@ def window_inputs(x: torch.Tensor, v0: torch.Tensor, u0, *, head_dim: int, solve
     cdt = compute_dtype(x.dtype)
     g0 = v0[:, 0].detach().to(cdt).contiguous()  # (prod(P), 1) -> (prod(P),)
     mu = solver == "mu"
-    return g0, row_mask(head_dim, u0, mu, cdt, x.device), mu
+    return g0, row_mask(u0, mu, cdt, x.device), mu
 
 
 # ------------------------------------------------------------------------------------------------
@@ -113,10 +113,10 @@ def _row_mask(rowmask_ptr, e, emask, ACC: tl.constexpr, FOLD: tl.constexpr = Tru
     """The row mask of rows e (0/1 in ACC): loaded (0 past E), or, where the launcher passes None
     (:func:`row_mask`: no row dropped), made without a load: with FOLD all ones, so the products
     by it fold away (rows past E hold zeros: their loads are masked), else 1 below E and 0 past.
-    Against the 0/1 select, all ones takes 8-160 instructions fewer in the global and
-    local-window kernels (sm_90a, Triton 3.9; the bf16 local forward 200 -> 180 registers), but
-    design 1's stats kernels, at their 168-register cap, spill with it (sm_90a fp32 backward with
-    the BraTS shifts 12 B, sm_80 bf16 local forward 8 B): they pass FOLD False."""
+    Against the 0/1 select, all ones takes 16-48 instructions fewer in the global kernels
+    (sm_90a, Triton 3.9) and 72-160 in design 1's stats kernels, but those, at their 168-register
+    cap, then spill (sm_90a fp32 backward with the BraTS shifts 12 B, sm_80 bf16 local forward
+    8 B): they pass FOLD False."""
     if rowmask_ptr is None:
         if FOLD:
             return tl.full(e.shape, 1.0, ACC)

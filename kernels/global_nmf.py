@@ -316,5 +316,5 @@ def global_nmf(x, v0, *, rows, spatial, shifts=None, u0=None, iters=5, solver="h
     cdt = compute_dtype(x.dtype)
     g0 = v0[:, 0].detach().to(cdt).contiguous()
     mu = solver == "mu"
-    rowmask = row_mask(rows, u0, mu, cdt, x.device)
+    rowmask = row_mask(u0, mu, cdt, x.device)
     return GlobalNMF.apply(x, g0, rowmask, rows, tuple(spatial), shifts, iters, relu, mu)

@@ -412,6 +412,6 @@ def test_mu_with_a_zero_row_keeps_that_row_out():
     from fastnmf.kernels._common import row_mask
 
     u0 = torch.tensor([[1.0], [0.0], [2.0]])
-    assert row_mask(3, u0, True, torch.float32, "cpu").tolist() == [1.0, 0.0, 1.0]
-    assert row_mask(3, None, True, torch.float32, "cpu") is None
-    assert row_mask(3, u0, False, torch.float32, "cpu") is None
+    assert row_mask(u0, True, torch.float32, "cpu").tolist() == [1.0, 0.0, 1.0]
+    assert row_mask(None, True, torch.float32, "cpu") is None
+    assert row_mask(u0, False, torch.float32, "cpu") is None
