@@ -66,10 +66,34 @@ def _chunk_block(x_ptr, rowmask_ptr, E, S0, S1, S2, BLOCK_E: tl.constexpr,
 
 
 @triton.jit
+def _sub_block(x_ptr, chunk, j, m, e, emask, E, S0, S1, S2, BLOCK_V: tl.constexpr,
+               SUB: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """Columns j SUB .. (j + 1) SUB of chunk ``chunk`` of matrix m: v, their mask, the
+    (BLOCK_E, SUB) mask and element offsets, and that block of x (in ACC)."""
+    nvox = S0 * S1 * S2
+    v = chunk * BLOCK_V + j * SUB + tl.arange(0, SUB)
+    vmask = v < nvox
+    ptrs = m.to(tl.int64) * E * nvox + e[:, None] * nvox + v[None, :]
+    mask = emask[:, None] & vmask[None, :]
+    x_raw = tl.load(x_ptr + ptrs, mask=mask, other=0).to(ACC)
+    return v, vmask, mask, ptrs, x_raw
+
+
+@triton.jit
 def _rolled_g0(g0_ptr, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, s, v, vmask, S0, S1, S2):
     """g0_s(v) = g0[(v + s) mod S]: the start vector of shift s at columns v."""
     s0, s1, s2 = _load_shift(s, SHIFTS, NSHIFT)
     return tl.load(g0_ptr + _rolled_index(v, s0, s1, s2, S0, S1, S2), mask=vmask, other=0)
+
+
+@triton.jit
+def _g0_at(g0_ptr, SHIFTS: tl.constexpr, s: tl.constexpr, v, vmask, S0, S1, S2):
+    """g0_s(v) for a compile-time shift s: g0[v] where s is no roll (no division: the columns'
+    coordinates are only needed to roll them), else :func:`_rolled_g0`."""
+    if SHIFTS[s][0] == 0 and SHIFTS[s][1] == 0 and SHIFTS[s][2] == 0:
+        return tl.load(g0_ptr + v, mask=vmask, other=0)
+    else:
+        return _rolled_g0(g0_ptr, SHIFTS, len(SHIFTS), s, v, vmask, S0, S1, S2)
 
 
 @triton.jit
@@ -85,33 +109,54 @@ def _relu_rows(x_raw, rowmask, RELU: tl.constexpr):
 def _reduce_kernel(
     x_ptr, dy_ptr, g0_ptr, rowmask_ptr, SHIFTS: tl.constexpr, kp_ptr, hp_ptr,
     E, NSHIFT: tl.constexpr, NK, NCHUNK, S0, S1, S2,
-    BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr, RELU: tl.constexpr, MU: tl.constexpr,
-    BACKWARD: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr, SUB: tl.constexpr, NSB: tl.constexpr,
+    RELU: tl.constexpr, MU: tl.constexpr, BACKWARD: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    """Forward: partial K_s = X_s X_s^T and h_s = X g0_s. Backward: partial dP_s = dY X_s^T."""
-    chunk, m, v, vmask, e, emask, mask, ptrs, rowmask, x_raw = _chunk_block(
-        x_ptr, rowmask_ptr, E, S0, S1, S2, BLOCK_E, BLOCK_V, ACC
-    )
-    x = _relu_rows(x_raw, rowmask, RELU)  # (BLOCK_E, BLOCK_V)
-    if BACKWARD:
-        a = tl.load(dy_ptr + ptrs, mask=mask, other=0)
-        a = a.to(ACC) / NSHIFT
-    else:
-        a = x
+    """Forward: partial K_s = X_s X_s^T and h_s = X g0_s. Backward: partial dP_s = dY X_s^T.
+    The chunk's BLOCK_V columns SUB at a time (:func:`_sub_block`), summed in the program."""
+    chunk = tl.program_id(0)
+    m = tl.program_id(1)
+    e = tl.arange(0, BLOCK_E)
+    emask = e < E
+    rowmask = _row_mask(rowmask_ptr, e, emask, ACC)
+    srow = tl.arange(0, NSB)  # the shifts, as rows of the accumulators
+    # products summed over the steps elementwise, reduced across the columns once at the end;
+    # the steps unrolled (a scf.for, ``tl.range``, compiled to 8 B of spills in the sm_80 bf16
+    # backward, and with its default stages to cp.async copies through shared memory)
+    kacc = tl.zeros((BLOCK_E, BLOCK_E, SUB), dtype=ACC)  # K (or dP) of shift 0: all shifts' HALS
+    kmu = tl.zeros((NSB, BLOCK_E, BLOCK_E), dtype=ACC)  # MU: row s > 0, K of shift s
+    hacc = tl.zeros((NSB, BLOCK_E, SUB), dtype=ACC)  # row s: h of shift s
+    for j in tl.static_range(0, BLOCK_V // SUB):
+        v, vmask, mask, ptrs, x_raw = _sub_block(x_ptr, chunk, j, m, e, emask, E, S0, S1, S2,
+                                                 BLOCK_V, SUB, ACC)  # fmt: skip
+        x = _relu_rows(x_raw, rowmask, RELU)  # (BLOCK_E, SUB)
+        if BACKWARD:
+            a = tl.load(dy_ptr + ptrs, mask=mask, other=0)
+            a = a.to(ACC) / NSHIFT
+        else:
+            a = x
+        for s in tl.static_range(NSHIFT):
+            g = _g0_at(g0_ptr, SHIFTS, s, v, vmask, S0, S1, S2).to(ACC)
+            xs = x
+            if MU:
+                xs = tl.where(g[None, :] > 0, x, 0)
+            if s == 0:  # one K (or dP) for all shifts, except MU: the column masks differ
+                kacc += a[:, None, :] * xs[None, :, :]
+            elif MU:
+                k = tl.sum(a[:, None, :] * xs[None, :, :], axis=2)
+                kmu += tl.where(srow[:, None, None] == s, k[None, :, :], 0)
+            if not BACKWARD:
+                hacc += tl.where(srow[:, None, None] == s, (xs * g[None, :])[None, :, :], 0)
+    k0 = tl.sum(kacc, axis=2)
+    kall = tl.where(srow[:, None, None] == 0, k0[None, :, :], kmu)
     out = (m * NCHUNK + chunk).to(tl.int64)
-    kmask = emask[:, None] & emask[None, :]
-    kofs = e[:, None] * E + e[None, :]
-    for s in range(0, NSHIFT):
-        g = _rolled_g0(g0_ptr, SHIFTS, NSHIFT, s, v, vmask, S0, S1, S2).to(ACC)
-        xs = x
-        if MU:
-            xs = tl.where(g[None, :] > 0, x, 0)
-        if s < NK:  # one K (or dP) for all shifts, except MU where the column masks differ
-            k = tl.sum(a[:, None, :] * xs[None, :, :], axis=2)
-            tl.store(kp_ptr + (out * NK + s) * E * E + kofs, k, mask=kmask)
-        if not BACKWARD:
-            h = tl.sum(xs * g[None, :], axis=1)
-            tl.store(hp_ptr + (out * NSHIFT + s) * E + e, h, mask=emask)
+    kofs = ((out * NK + srow[:, None, None]) * E + e[None, :, None]) * E + e[None, None, :]
+    kmask = (srow[:, None, None] < NK) & emask[None, :, None] & emask[None, None, :]
+    tl.store(kp_ptr + kofs, kall, mask=kmask)
+    if not BACKWARD:
+        hofs = (out * NSHIFT + srow[:, None]) * E + e[None, :]
+        hmask = (srow[:, None] < NSHIFT) & emask[None, :]
+        tl.store(hp_ptr + hofs, tl.sum(hacc, axis=2), mask=hmask)
 
 
 @triton.jit
@@ -184,6 +229,9 @@ def _apply_bwd_kernel(
     BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr, RELU: tl.constexpr, MU: tl.constexpr,
     ACC: tl.constexpr,
 ):  # fmt: skip
+    """dX of the chunk's columns, in one step: taken SUB at a time like the reduction, its rows'
+    sums would cross threads (sm_90a, E = 8, fp32, 64 columns a step: 32 resident warps an SM
+    instead of 16, but about 1,090 instructions a program instead of 680)."""
     chunk, m, v, vmask, e, emask, mask, ptrs, rowmask, x_raw = _chunk_block(
         x_ptr, rowmask_ptr, E, S0, S1, S2, BLOCK_E, BLOCK_V, ACC
     )
@@ -193,12 +241,12 @@ def _apply_bwd_kernel(
     dy = tl.load(dy_ptr + ptrs, mask=mask, other=0).to(ACC) / NSHIFT
     kmask = emask[:, None] & emask[None, :]
     dx = tl.zeros((BLOCK_E, BLOCK_V), dtype=ACC)
-    for s in range(0, NSHIFT):
+    for s in tl.static_range(NSHIFT):
         ms = m * NSHIFT + s
         u = tl.load(u_ptr + ms * E + e, mask=emask, other=0).to(ACC)
         hb = tl.load(hbar_ptr + ms * E + e, mask=emask, other=0).to(ACC)
         sym = tl.load(sym_ptr + ms * E * E + e[:, None] * E + e[None, :], mask=kmask, other=0)
-        g = _rolled_g0(g0_ptr, SHIFTS, NSHIFT, s, v, vmask, S0, S1, S2).to(ACC)
+        g = _g0_at(g0_ptr, SHIFTS, s, v, vmask, S0, S1, S2).to(ACC)
         c = tl.sum(u[:, None] * dy, axis=0)  # (BLOCK_V,): u^T dY(v)
         term = u[:, None] * c[None, :] + tl.sum(sym.to(ACC)[:, :, None] * x[None, :, :], axis=1)
         term += hb[:, None] * g[None, :]
@@ -214,6 +262,10 @@ def _apply_bwd_kernel(
 # ------------------------------------------------------------------------------------------------
 # Launchers
 # ------------------------------------------------------------------------------------------------
+
+
+# The reduction's (E, E, SUB) products a step (_Plan.sub): 16 a thread at 4 warps
+_STEP_PRODUCTS = 2048
 
 
 class _Plan:
@@ -232,6 +284,14 @@ class _Plan:
             self.block_v = 1024
         else:
             self.block_v = max(16, min(256, 4096 // self.block_e**2 * 4))
+        # the reduction takes its chunk SUB columns at a time (E = 8: 32 of 256), summing the
+        # (E, E, SUB) products of the steps elementwise; the chunks, so the partial sums written,
+        # stay as they were. sm_90a, 2 x 32 x 128^3 fp32 / bf16, a program (4 warps), forward:
+        # 102 -> 48 registers (16 -> 40 resident warps an SM), 1,464 -> 720 / 1,432 -> 744 warp
+        # instructions; its x loads 8 bytes wide (16 before: 2 columns a thread)
+        self.sub = self.block_v if INTERPRET else min(
+            self.block_v, max(16, _STEP_PRODUCTS // self.block_e**2))  # fmt: skip
+        self.nsb = triton.next_power_of_2(self.nshift)
         self.nchunk = triton.cdiv(self.nvox, self.block_v)
         self.acc = acc_dtype(x.dtype)
         self.cdt = compute_dtype(x.dtype)
@@ -249,8 +309,8 @@ def _reduce(x, dy, g0, rowmask, plan: _Plan, relu: bool, mu: bool):
     _reduce_kernel[(plan.nchunk, plan.matrices)](
         x, dy if backward else x, g0, rowmask, plan.shifts, kp, hp,
         plan.E, plan.nshift, plan.nk, plan.nchunk, *plan.S,
-        BLOCK_E=plan.block_e, BLOCK_V=plan.block_v, RELU=relu, MU=mu, BACKWARD=backward,
-        ACC=plan.acc,
+        BLOCK_E=plan.block_e, BLOCK_V=plan.block_v, SUB=plan.sub, NSB=plan.nsb, RELU=relu, MU=mu,
+        BACKWARD=backward, ACC=plan.acc,
     )  # fmt: skip
     k = kp.sum(1)  # (Bm, nk, E, E): one per shift for MU, else one for all shifts
     return k, (None if backward else hp.sum(1))  # h: (Bm, nshift, E)

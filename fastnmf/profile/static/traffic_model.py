@@ -348,12 +348,12 @@ def _global_plan(case: StaticCase):
         return gn._Plan(x, case.head_dim, case.spatial, None, False)
 
 
-def _rolled_g0_sectors(plan, S, rows, scale: int = 1) -> int:
-    """Distinct sectors of g0[(v + s) mod S] per block of BLOCK_V voxels, summed over blocks and
-    shifts (one matrix); ``scale`` > 1: the ``scale`` fp32 entries of each voxel's row (v0 of
-    rank R: the R entries of row (v + s) mod S)."""
+def _rolled_g0_sectors(plan, S, rows, scale: int = 1, block_v: int | None = None) -> int:
+    """Distinct sectors of g0[(v + s) mod S] per block of ``block_v`` (default BLOCK_V) voxels,
+    summed over blocks and shifts (one matrix); ``scale`` > 1: the ``scale`` fp32 entries of each
+    voxel's row (v0 of rank R: the R entries of row (v + s) mod S)."""
     v = np.arange(plan.nvox, dtype=np.int64)
-    block = v // plan.block_v
+    block = v // (block_v or plan.block_v)
     total = 0
     for r in rows:
         r2 = (v % S[2] + r[2]) % S[2]
@@ -375,14 +375,17 @@ def _global_launches(case: StaticCase, pass_: str) -> list[_Launch]:
     progs = NC * M
     xsec = _blocks_secs(nvox, BV, isz) * E * M
     g0sec = _rolled_g0_sectors(plan, S, rows) * M
+    # the reduction reads its chunk SUB columns at a time
+    rsec, rg0sec = _blocks_secs(nvox, plan.sub, isz) * E * M, _rolled_g0_sectors(
+        plan, S, rows, block_v=plan.sub) * M  # fmt: skip
     vec, mat = _vec_secs(0, E, F32), _vec_secs(0, E * E, F32)
     xbytes = case.numel * isz
     backward = pass_ == "bwd"
     red = _Launch("_reduce_kernel", (NC, M))
-    red.add("x_ptr" if backward else "dy_ptr/x_ptr", loaded=xbytes, sectors=xsec, unique=xbytes)
+    red.add("x_ptr" if backward else "dy_ptr/x_ptr", loaded=xbytes, sectors=rsec, unique=xbytes)
     if backward:
-        red.add("dy_ptr", loaded=xbytes, sectors=xsec, unique=xbytes)
-    red.add("g0_ptr", loaded=NS * M * nvox * F32, sectors=g0sec, unique=nvox * F32)
+        red.add("dy_ptr", loaded=xbytes, sectors=rsec, unique=xbytes)
+    red.add("g0_ptr", loaded=NS * M * nvox * F32, sectors=rg0sec, unique=nvox * F32)
     kp = progs * NK * E * E * F32
     red.add("hp_ptr/kp_ptr" if backward else "kp_ptr", stored=kp, sectors=progs * NK * mat,
             unique=kp)  # fmt: skip
