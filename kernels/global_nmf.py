@@ -17,7 +17,8 @@ Backward: ``_reduce_kernel`` in its backward mode gives dP = dY X^T / n_shifts p
 fastnmf.closed_form.backprop_iterates, in registers, one launch) to S_s = K̄_s + K̄_s^T and h̄_s,
 and ``_apply_bwd_kernel`` writes
 dX(v) = sum_s [u_s (u_s^T dY(v)) / n_shifts + S_s x(v) + h̄_s g0_s(v)], times ReLU'(x).
-Saved for backward: the input, plus O(E^2) per matrix and shift.
+Saved for backward: the input, plus O(E^2) per matrix and shift (u among them: the backward
+makes no copy of it).
 """
 
 from __future__ import annotations
@@ -335,13 +336,13 @@ class GlobalNMF(torch.autograd.Function):
             x, y, g0, rowmask, plan.shifts, u, plan.E, plan.nshift, *plan.S,
             BLOCK_E=plan.block_e, BLOCK_V=plan.block_v, RELU=relu, MU=mu, ACC=plan.acc,
         )  # fmt: skip
-        ctx.save_for_backward(x, g0, rowmask, hats, norms, k)
+        ctx.save_for_backward(x, g0, rowmask, hats, norms, k, u)  # u: the apply's, (Bm, S, E)
         ctx.plan, ctx.relu, ctx.mu = plan, relu, mu
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, g0, rowmask, hats, norms, k = ctx.saved_tensors
+        x, g0, rowmask, hats, norms, k, u = ctx.saved_tensors
         plan, relu, mu = ctx.plan, ctx.relu, ctx.mu
         dy = dy.contiguous()
         dp, _ = _reduce(x, dy, g0, rowmask, plan, relu, mu)  # (Bm, nk, E, E)
@@ -352,7 +353,6 @@ class GlobalNMF(torch.autograd.Function):
             k, dp, hats, norms, sym, hbar, plan.E, plan.nshift, plan.nk, hats.shape[-2],
             BLOCK_E=plan.block_e, ACC=plan.acc,
         )  # fmt: skip
-        u = hats[..., -1, :].contiguous()
         dx = torch.empty_like(x)
         _apply_bwd_kernel[(plan.nchunk, plan.matrices)](
             x, dy, dx, g0, rowmask, plan.shifts, u, sym, hbar,

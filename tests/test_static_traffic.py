@@ -406,6 +406,18 @@ def test_hals_calls_make_and_read_no_row_mask(mode, shifts, design):
             assert [x.kind for x in call.launches] == ["triton"] * 3, pass_
 
 
+@needs_interpreter
+def test_global_backward_copies_no_u():
+    """The global path saves the u its forward apply read (kernels/global_nmf.py), so its backward
+    is 3 Triton launches and the one sum of the partial dP: no copy of ``hats[..., -1, :]``."""
+    from fastnmf.profile.static.counter import count_call
+
+    case = StaticCase("global", 1, 16, (16, 16, 16), "fp32", (None,), window=None)
+    call = count_call(case)["bwd"]
+    assert [x.kernel for x in call.launches] == [
+        "_reduce_kernel", "aten.sum", "_iterate_bwd_kernel", "_apply_bwd_kernel"]  # fmt: skip
+
+
 def test_mu_with_a_zero_row_keeps_that_row_out():
     """MU with a zero entry of u0 passes the 0/1 row mask, which the kernels read
     (kernels/_common._row_mask); without u0 there is no mask (every row kept)."""

@@ -69,8 +69,7 @@ PER_PROGRAM.update(dict.fromkeys(DESIGN2_PASSES, ("g0_ptr", "rowmask_ptr")))
 
 def counted_case(case: StaticCase, side: int = 16) -> StaticCase:
     """The case the counter runs for ``case``: ``side``^d, batch 1, one head (C = E); two heads
-    for a global matricization (its backward copies ``hats[..., -1, :]`` only when there is more
-    than one matrix, so one head would launch one op fewer than the benchmark shape); the third
+    for a global matricization (several matrices, as at the benchmark shape); the third
     window design's last axis a ticket's row of windows (:func:`_counted_row`)."""
     if case.mode == "window" and side % case.window:
         raise ValueError(

@@ -416,8 +416,6 @@ def _global_launches(case: StaticCase, pass_: str) -> list[_Launch]:
     it.add("norms_ptr", loaded=ms * T * F32, sectors=ms * T, unique=ms * T * F32)
     it.add("sym_ptr", stored=ms * E * E * F32, sectors=ms * mat, unique=ms * E * E * F32)
     it.add("hbar_ptr", stored=ms * E * F32, sectors=ms * vec, unique=ms * E * F32)
-    # hats[..., -1, :].contiguous(): a copy unless that view is already contiguous
-    copy = [_torch_op("clone", ins=[ms * E * F32], outs=[ms * E * F32])] if ms > 1 < T else []
     ap = _Launch("_apply_bwd_kernel", (NC, M))
     ap.add("x_ptr", loaded=xbytes, sectors=xsec, unique=xbytes)
     ap.add("dy_ptr", loaded=xbytes, sectors=xsec, unique=xbytes)
@@ -427,7 +425,7 @@ def _global_launches(case: StaticCase, pass_: str) -> list[_Launch]:
     ap.add("sym_ptr", loaded=per * E * E * F32, sectors=per * mat, unique=ms * E * E * F32)
     ap.add("g0_ptr", loaded=NS * M * nvox * F32, sectors=g0sec, unique=nvox * F32)
     ap.add("dx_ptr", stored=xbytes, sectors=xsec, unique=xbytes)
-    return [red, k_sum, it, *copy, ap]
+    return [red, k_sum, it, ap]
 
 
 def model_launches(case: StaticCase, pass_: str, *, sectors: bool = True) -> list[dict]:
