@@ -40,7 +40,9 @@
 #             compute-sanitizer memcheck of one small forward+backward (if the tool is there)
 #   nmf       bench_nmf.py for triton, torch and reference (all shapes, fp32 + bf16) and the
 #             global path's T sweep, as pytest-benchmark JSON
-#   global    the global path's T sweep alone (triton; T = 1, 5, 20), as pytest-benchmark JSON
+#   global    the global path's reduction in steps against its one-step form (bench/time_global.py:
+#             2x32x128^3, fp32/bf16, fwd and fwd+bwd), then its T sweep (triton; T = 1, 5, 20) as
+#             pytest-benchmark JSON
 #   tune      bench/tune_window.py --quick: per-kernel time split and launch-parameter sweeps, for
 #             shifts [None, 4] (the layer target) and [None, 2, 4, 6] (the BraTS preset)
 #   compiled  bench_nmf.py for torch.compile(reference) (slow: one compilation per case)
@@ -181,6 +183,9 @@ for phase in "$@"; do
             --json "$OUT/nmf/summary.json" --md "$OUT/nmf/summary.md"
         ;;
     global)
+        step global steps "${STEP_LIMIT_GLOBAL_STEPS:-150}" python3 bench/time_global.py \
+            --out "$OUT/global/global_steps.json"
+        cat "$OUT/global/steps.log"
         step global iters "${STEP_LIMIT_GLOBAL:-120}" python3 -m pytest bench/bench_nmf.py \
             --benchmark-only -q -p no:cacheprovider -k "global_iters and triton" \
             --benchmark-json "$OUT/global/global_iters.json"

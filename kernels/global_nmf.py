@@ -42,7 +42,7 @@ from ._common import (
     shift_rows,
 )
 
-__all__ = ["GlobalNMF", "global_nmf"]
+__all__ = ["GlobalNMF", "global_nmf", "TUNING"]
 
 
 @triton.jit
@@ -267,6 +267,9 @@ def _apply_bwd_kernel(
 
 # The reduction's (E, E, SUB) products a step (_Plan.sub): 16 a thread at 4 warps
 _STEP_PRODUCTS = 2048
+# sub: the reduction's columns a step where set (BLOCK_V: the whole chunk in one step, the code
+# before 2026-12-06; bench/time_global.py times both on a GPU), None: from _STEP_PRODUCTS
+TUNING: dict = {"sub": None}
 
 
 class _Plan:
@@ -290,8 +293,11 @@ class _Plan:
         # stay as they were. sm_90a, 2 x 32 x 128^3 fp32 / bf16, a program (4 warps), forward:
         # 102 -> 48 registers (16 -> 40 resident warps an SM), 1,464 -> 720 / 1,432 -> 744 warp
         # instructions; its x loads 8 bytes wide (16 before: 2 columns a thread)
-        self.sub = self.block_v if INTERPRET else min(
-            self.block_v, max(16, _STEP_PRODUCTS // self.block_e**2))  # fmt: skip
+        sub = TUNING["sub"] or max(16, _STEP_PRODUCTS // self.block_e**2)
+        self.sub = self.block_v if INTERPRET else min(self.block_v, sub)
+        if self.block_v % self.sub:
+            raise ValueError(f"global_nmf.TUNING['sub'] = {sub} does not divide the chunk of "
+                             f"{self.block_v} columns")  # fmt: skip
         self.nsb = triton.next_power_of_2(self.nshift)
         self.nchunk = triton.cdiv(self.nvox, self.block_v)
         self.acc = acc_dtype(x.dtype)

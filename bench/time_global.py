@@ -1,0 +1,121 @@
+"""Time the global path's reduction in steps against its one-step form, on a GPU.
+
+    python3 bench/time_global.py --out global_steps.json          # 2 x 32 x 128^3, fp32 + bf16
+    python3 bench/time_global.py --shape 1 8 16 16 16 --repeats 2  # any device (CPU: interpreter)
+
+The global path (``matricized_nmf(..., window=None, kernel="triton")``, kernels/global_nmf.py)
+reduces each chunk of 256 columns to partial Gram matrices. Since 2026-12-06 it takes the chunk
+2048 / E^2 columns a step (E = 8: 32), which the static suite predicts to be faster (sm_90a: 102
+-> 48-56 registers, 16 -> 36-40 resident warps, half the instructions); ``TUNING["sub"] =
+BLOCK_V`` is the one-step form that ran before. Each row: the median of ``--repeats`` timed
+calls of the forward (no grad) and the forward + backward, % of copy bandwidth for the ideal
+bytes (forward: read x, write y; forward + backward: also read x and dy, write dx), the largest
+difference to the first variant's output and gradient (relative to the largest value), and
+whether a repeat was bitwise equal. Timed, so nothing here gates CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import sys
+
+import torch
+
+import fastnmf
+from fastnmf.profile.timing import DTYPES, copy_bw, environment, median_ms, pick_device
+
+# (name, global_nmf.TUNING["sub"]): None the code's default, 0 the chunk in one step (BLOCK_V)
+VARIANTS = (("steps (default)", None), ("one step (before 2026-12-06)", 0))
+
+
+@contextlib.contextmanager
+def _sub(value):
+    """``global_nmf.TUNING["sub"]`` set for the variant (0: the chunk's BLOCK_V columns)."""
+    gn = importlib.import_module("fastnmf.kernels.global_nmf")
+    saved = gn.TUNING["sub"]
+    gn.TUNING["sub"] = 256 if value == 0 else value  # BLOCK_V at E = 8 (a larger value: capped)
+    try:
+        yield
+    finally:
+        gn.TUNING["sub"] = saved
+
+
+def _inputs(shape, dtype, device, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen).to(device, dtype)
+    v0 = torch.rand(int(torch.tensor(shape[2:]).prod()), 1, generator=gen).to(device, dtype)
+    dy = torch.randn(shape, generator=gen).to(device, dtype)
+    return x, v0, dy
+
+
+def _run(x, v0, dy, head_dim: int, iters: int, device, repeats: int) -> dict:
+    kw = dict(head_dim=head_dim, window=None, iters=iters, kernel="triton", check=False)
+    xg = x.detach().requires_grad_()
+
+    def fwd():
+        with torch.no_grad():
+            return fastnmf.matricized_nmf(x, v0, **kw)
+
+    def fwdbwd():
+        (dx,) = torch.autograd.grad(fastnmf.matricized_nmf(xg, v0, **kw), xg, dy)
+        return dx
+
+    y, dx = fwd(), fwdbwd()  # the first calls compile
+    repeat = bool(torch.equal(fwd(), y) and torch.equal(fwdbwd(), dx))
+    return dict(fwd_ms=median_ms(fwd, device, repeats, 1),
+                fwdbwd_ms=median_ms(fwdbwd, device, repeats, 1), y=y, dx=dx,
+                bitwise_repeat=repeat)  # fmt: skip
+
+
+def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", type=int, nargs="+", default=[2, 32, 128, 128, 128])
+    ap.add_argument("--head-dim", type=int, default=8)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    ap.add_argument("--out", help="JSON file")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    device = pick_device(args.device)
+    shape = tuple(args.shape)
+    bw = copy_bw(device)
+    rows = []
+    for dname in args.dtypes:
+        x, v0, dy = _inputs(shape, DTYPES[dname], device)
+        nbytes = x.numel() * x.element_size()
+        first = None
+        for name, sub in VARIANTS:
+            with _sub(sub):
+                r = _run(x, v0, dy, args.head_dim, args.iters, device, args.repeats)
+            first = first or r
+            row = dict(variant=name, dtype=dname, shape=list(shape), fwd_ms=r["fwd_ms"],
+                       fwdbwd_ms=r["fwdbwd_ms"],
+                       fwd_pct_copy_bw=100 * 2 * nbytes / (r["fwd_ms"] * 1e-3) / 1e9 / bw,
+                       fwdbwd_pct_copy_bw=100 * 5 * nbytes / (r["fwdbwd_ms"] * 1e-3) / 1e9 / bw,
+                       y_diff=_diff(r["y"], first["y"]), dx_diff=_diff(r["dx"], first["dx"]),
+                       bitwise_repeat=r["bitwise_repeat"])  # fmt: skip
+            rows.append(row)
+            print(f"{dname} {name:30} fwd {row['fwd_ms']:8.3f} ms ({row['fwd_pct_copy_bw']:5.1f} %)"
+                  f"  fwd+bwd {row['fwdbwd_ms']:8.3f} ms ({row['fwdbwd_pct_copy_bw']:5.1f} %)  "
+                  f"diff {row['y_diff']:.1e} / {row['dx_diff']:.1e}  "
+                  f"bitwise repeat {row['bitwise_repeat']}", flush=True)  # fmt: skip
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(rows=rows, copy_bw_gbs=bw, env=environment(device)), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
