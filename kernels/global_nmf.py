@@ -46,27 +46,6 @@ __all__ = ["GlobalNMF", "global_nmf", "TUNING"]
 
 
 @triton.jit
-def _chunk_block(x_ptr, rowmask_ptr, E, S0, S1, S2, BLOCK_E: tl.constexpr,
-                 BLOCK_V: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
-    """Program (chunk, matrix m) of the S0 * S1 * S2 columns: the chunk, m, the columns v of the
-    chunk, the rows e, their masks, the (BLOCK_E, BLOCK_V) mask and element offsets of the
-    chunk's block of m, the MU row mask, and that block of x (in ACC)."""
-    chunk = tl.program_id(0)
-    m = tl.program_id(1)
-    nvox = S0 * S1 * S2
-    offset = m.to(tl.int64) * E * nvox
-    v = chunk * BLOCK_V + tl.arange(0, BLOCK_V)
-    vmask = v < nvox
-    e = tl.arange(0, BLOCK_E)
-    emask = e < E
-    rowmask = _row_mask(rowmask_ptr, e, emask, ACC)
-    ptrs = offset + e[:, None] * nvox + v[None, :]
-    mask = emask[:, None] & vmask[None, :]
-    x_raw = tl.load(x_ptr + ptrs, mask=mask, other=0).to(ACC)
-    return chunk, m, v, vmask, e, emask, mask, ptrs, rowmask, x_raw
-
-
-@triton.jit
 def _sub_block(x_ptr, chunk, j, m, e, emask, E, S0, S1, S2, BLOCK_V: tl.constexpr,
                SUB: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
     """Columns j SUB .. (j + 1) SUB of chunk ``chunk`` of matrix m: v, their mask, the
@@ -78,6 +57,22 @@ def _sub_block(x_ptr, chunk, j, m, e, emask, E, S0, S1, S2, BLOCK_V: tl.constexp
     mask = emask[:, None] & vmask[None, :]
     x_raw = tl.load(x_ptr + ptrs, mask=mask, other=0).to(ACC)
     return v, vmask, mask, ptrs, x_raw
+
+
+@triton.jit
+def _chunk_block(x_ptr, rowmask_ptr, E, S0, S1, S2, BLOCK_E: tl.constexpr,
+                 BLOCK_V: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """Program (chunk, matrix m) of the S0 * S1 * S2 columns: the chunk, m, the columns v of the
+    chunk, the rows e, their masks, the (BLOCK_E, BLOCK_V) mask and element offsets of the
+    chunk's block of m, the MU row mask, and that block of x (in ACC)."""
+    chunk = tl.program_id(0)
+    m = tl.program_id(1)
+    e = tl.arange(0, BLOCK_E)
+    emask = e < E
+    rowmask = _row_mask(rowmask_ptr, e, emask, ACC)
+    v, vmask, mask, ptrs, x_raw = _sub_block(x_ptr, chunk, 0, m, e, emask, E, S0, S1, S2,
+                                             BLOCK_V, BLOCK_V, ACC)  # fmt: skip
+    return chunk, m, v, vmask, e, emask, mask, ptrs, rowmask, x_raw
 
 
 @triton.jit
@@ -290,9 +285,10 @@ class _Plan:
             self.block_v = max(16, min(256, 4096 // self.block_e**2 * 4))
         # the reduction takes its chunk SUB columns at a time (E = 8: 32 of 256), summing the
         # (E, E, SUB) products of the steps elementwise; the chunks, so the partial sums written,
-        # stay as they were. sm_90a, 2 x 32 x 128^3 fp32 / bf16, a program (4 warps), forward:
-        # 102 -> 48 registers (16 -> 40 resident warps an SM), 1,464 -> 720 / 1,432 -> 744 warp
-        # instructions; its x loads 8 bytes wide (16 before: 2 columns a thread)
+        # stay as they were. sm_90a, 2 x 32 x 128^3, a program (4 warps), forward fp32 / bf16:
+        # 102 / 103 -> 56 / 48 registers (16 -> 36 / 40 resident warps an SM), 1,464 / 1,432 ->
+        # 688 / 704 warp instructions; its x loads 8 bytes wide (16 before: 2 columns a thread);
+        # kernels/DESIGNS.md
         sub = TUNING["sub"] or max(16, _STEP_PRODUCTS // self.block_e**2)
         self.sub = self.block_v if INTERPRET else min(self.block_v, sub)
         if self.block_v % self.sub:
