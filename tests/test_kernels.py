@@ -194,6 +194,7 @@ def test_triton_deterministic(gen, device, patch):
     ((1, 8, 6, 10, 9), 8, None, "hals", False),  # 540 columns: the last chunk 28 wide
     ((1, 16, 4, 6, 12), 8, [None, 2], "mu", True),  # MU with shifts: a K per shift
     ((2, 8, 20, 30), 4, [None, (1, 3), (2, 5), 4], "hals", False),  # 2D, four shifts
+    ((1, 12, 6, 10, 9), 6, None, "mu", False),  # E = 6 in blocks of 8: rows past E masked
 ])  # fmt: skip
 def test_global_kernels_in_the_gpus_steps(gen, device, shape, head_dim, shifts, solver, zero_g0):
     """The global path with the GPU's launch geometry (``gpu_geometry``): chunks of 256 columns,
@@ -207,7 +208,7 @@ def test_global_kernels_in_the_gpus_steps(gen, device, shape, head_dim, shifts, 
     kw = dict(head_dim=head_dim, patch_size=None, shifts=shifts, solver=solver)
     with gpu_geometry():
         plan = gn._Plan(x, head_dim, shape[2:], shifts, solver == "mu")
-        assert (plan.block_v, plan.sub) == (256, {8: 32, 4: 128}[head_dim])
+        assert (plan.block_v, plan.sub) == (256, {8: 32, 6: 32, 4: 128}[head_dim])
         y, dx = run_grad("triton", x, v0, dy, torch.float64, device, **kw)
     y_ref, dx_ref = run_grad("reference", x, v0, dy, torch.float64, "cpu", **kw)
     assert rel_err(y, y_ref) <= 1e-12 and rel_err(dx, dx_ref) <= 1e-12
