@@ -1,4 +1,4 @@
-"""Time the global path's reduction in steps against its one-step form, on a GPU.
+"""Time the global path's reduction in steps (two a load, one a load) against its one-step form.
 
     python3 bench/time_global.py --out global_steps.json          # 2 x 32 x 128^3, fp32 + bf16
     python3 bench/time_global.py --shape 1 8 16 16 16 --repeats 2  # any device (CPU: interpreter)
@@ -6,12 +6,14 @@
 The global path (``matricized_nmf(..., window=None, kernel="triton")``, kernels/global_nmf.py)
 reduces each chunk of 256 columns to partial Gram matrices. Since 2026-12-06 it takes the chunk
 2048 / E^2 columns a step (E = 8: 32), which the static suite predicts to be faster (sm_90a: 102
--> 48-56 registers, 16 -> 36-40 resident warps, half the instructions); ``TUNING["sub"] =
-BLOCK_V`` is the one-step form that ran before. Each row: the median of ``--repeats`` timed
-calls of the forward (no grad) and the forward + backward, % of copy bandwidth for the ideal
-bytes (forward: read x, write y; forward + backward: also read x and dy, write dx), the largest
-difference to the first variant's output and gradient (relative to the largest value), and
-whether a repeat was bitwise equal. Timed, so nothing here gates CI.
+-> 48-56 registers, 16 -> 36-40 resident warps, half the instructions), and its forward loads
+two steps' columns at once (``TUNING["pair"]``: fp32 x 16 bytes a load, not 8, at 64 registers,
+32 warps and 8 % more instructions). The variants: the default; one step a load (``pair`` off);
+``TUNING["sub"] = BLOCK_V``, the one-step form that ran before. Each row: the median of
+``--repeats`` timed calls of the forward (no grad) and the forward + backward, % of copy bandwidth
+for the ideal bytes (forward: read x, write y; forward + backward: also read x and dy, write dx),
+the largest difference to the first variant's output and gradient (relative to the largest value),
+and whether a repeat was bitwise equal. Timed, so nothing here gates CI.
 """
 
 from __future__ import annotations
@@ -27,20 +29,27 @@ import torch
 import fastnmf
 from fastnmf.profile.timing import DTYPES, copy_bw, environment, median_ms, pick_device
 
-# (name, global_nmf.TUNING["sub"]): None the code's default, 0 the chunk in one step (BLOCK_V)
-VARIANTS = (("steps (default)", None), ("one step (before 2026-12-06)", 0))
+# (name, the global_nmf.TUNING settings): {} the code's defaults; sub 0 the chunk in one step
+VARIANTS = (
+    ("steps, two a load (default)", {}),
+    ("steps, one a load", {"pair": False}),
+    ("one step (before 2026-12-06)", {"sub": 0, "pair": False}),
+)
 
 
 @contextlib.contextmanager
-def _sub(value):
-    """``global_nmf.TUNING["sub"]`` set for the variant (0: the chunk's BLOCK_V columns)."""
+def _tuning(settings: dict):
+    """``global_nmf.TUNING`` with the variant's settings (sub 0: the chunk's BLOCK_V columns)."""
     gn = importlib.import_module("fastnmf.kernels.global_nmf")
-    saved = gn.TUNING["sub"]
-    gn.TUNING["sub"] = 256 if value == 0 else value  # BLOCK_V at E = 8 (a larger value: capped)
+    saved = dict(gn.TUNING)
+    gn.TUNING.update(settings)
+    if settings.get("sub") == 0:
+        gn.TUNING["sub"] = 256  # BLOCK_V at E = 8 (a larger chunk's: capped to it)
     try:
         yield
     finally:
-        gn.TUNING["sub"] = saved
+        gn.TUNING.clear()
+        gn.TUNING.update(saved)
 
 
 def _inputs(shape, dtype, device, seed: int = 0):
@@ -96,8 +105,8 @@ def main(argv=None) -> int:
         x, v0, dy = _inputs(shape, DTYPES[dname], device)
         nbytes = x.numel() * x.element_size()
         first = None
-        for name, sub in VARIANTS:
-            with _sub(sub):
+        for name, settings in VARIANTS:
+            with _tuning(settings):
                 r = _run(x, v0, dy, args.head_dim, args.iters, device, args.repeats)
             first = first or r
             row = dict(variant=name, dtype=dname, shape=list(shape), fwd_ms=r["fwd_ms"],
@@ -107,7 +116,7 @@ def main(argv=None) -> int:
                        y_diff=_diff(r["y"], first["y"]), dx_diff=_diff(r["dx"], first["dx"]),
                        bitwise_repeat=r["bitwise_repeat"])  # fmt: skip
             rows.append(row)
-            print(f"{dname} {name:30} fwd {row['fwd_ms']:8.3f} ms ({row['fwd_pct_copy_bw']:5.1f} %)"
+            print(f"{dname} {name:29} fwd {row['fwd_ms']:8.3f} ms ({row['fwd_pct_copy_bw']:5.1f} %)"
                   f"  fwd+bwd {row['fwdbwd_ms']:8.3f} ms ({row['fwdbwd_pct_copy_bw']:5.1f} %)  "
                   f"diff {row['y_diff']:.1e} / {row['dx_diff']:.1e}  "
                   f"bitwise repeat {row['bitwise_repeat']}", flush=True)  # fmt: skip

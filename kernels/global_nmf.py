@@ -93,6 +93,35 @@ def _g0_at(g0_ptr, SHIFTS: tl.constexpr, s: tl.constexpr, v, vmask, S0, S1, S2):
 
 
 @triton.jit
+def _halves(t, R: tl.constexpr, SUB: tl.constexpr):
+    """The even and odd columns of t (R, 2 SUB): two (R, SUB) tiles, each thread's pair of
+    adjacent columns split in its registers (a load 16 bytes wide feeds two steps)."""
+    return tl.split(tl.reshape(t, (R, SUB, 2)))
+
+
+@triton.jit
+def _outer(a, b, R: tl.constexpr, SUB: tl.constexpr, PAIR: tl.constexpr):
+    """a[:, None, :] * b[None, :, :] of the step's (R, SUB) tiles; PAIR: a and b are (R, 2 SUB),
+    their even and odd columns' products summed (R, R, SUB)."""
+    if PAIR == 2:
+        a0, a1 = _halves(a, R, SUB)
+        b0, b1 = _halves(b, R, SUB)
+        return a0[:, None, :] * b0[None, :, :] + a1[:, None, :] * b1[None, :, :]
+    else:
+        return a[:, None, :] * b[None, :, :]
+
+
+@triton.jit
+def _fold(t, R: tl.constexpr, SUB: tl.constexpr, PAIR: tl.constexpr):
+    """t (R, SUB), or with PAIR its even plus its odd columns."""
+    if PAIR == 2:
+        t0, t1 = _halves(t, R, SUB)
+        return t0 + t1
+    else:
+        return t
+
+
+@triton.jit
 def _relu_rows(x_raw, rowmask, RELU: tl.constexpr):
     """ReLU (if RELU) of x, then times the MU row mask."""
     x = x_raw
@@ -106,7 +135,8 @@ def _reduce_kernel(
     x_ptr, dy_ptr, g0_ptr, rowmask_ptr, SHIFTS: tl.constexpr, kp_ptr, hp_ptr,
     E, NSHIFT: tl.constexpr, NK, NCHUNK, S0, S1, S2,
     BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr, SUB: tl.constexpr, NSB: tl.constexpr,
-    RELU: tl.constexpr, MU: tl.constexpr, BACKWARD: tl.constexpr, ACC: tl.constexpr,
+    PAIR: tl.constexpr, RELU: tl.constexpr, MU: tl.constexpr, BACKWARD: tl.constexpr,
+    ACC: tl.constexpr,
 ):  # fmt: skip
     """Forward: partial K_s = X_s X_s^T and h_s = X g0_s. Backward: partial dP_s = dY X_s^T.
     The chunk's BLOCK_V columns SUB at a time (:func:`_sub_block`), summed in the program."""
@@ -122,10 +152,10 @@ def _reduce_kernel(
     kacc = tl.zeros((BLOCK_E, BLOCK_E, SUB), dtype=ACC)  # K (or dP) of shift 0: all shifts' HALS
     kmu = tl.zeros((NSB, BLOCK_E, BLOCK_E), dtype=ACC)  # MU: row s > 0, K of shift s
     hacc = tl.zeros((NSB, BLOCK_E, SUB), dtype=ACC)  # row s: h of shift s
-    for j in tl.static_range(0, BLOCK_V // SUB):
+    for j in tl.static_range(0, BLOCK_V // (SUB * PAIR)):
         v, vmask, mask, ptrs, x_raw = _sub_block(x_ptr, chunk, j, m, e, emask, E, S0, S1, S2,
-                                                 BLOCK_V, SUB, ACC)  # fmt: skip
-        x = _relu_rows(x_raw, rowmask, RELU)  # (BLOCK_E, SUB)
+                                                 BLOCK_V, SUB * PAIR, ACC)  # fmt: skip
+        x = _relu_rows(x_raw, rowmask, RELU)  # (BLOCK_E, SUB * PAIR)
         if BACKWARD:
             a = tl.load(dy_ptr + ptrs, mask=mask, other=0)
             a = a.to(ACC) / NSHIFT
@@ -137,12 +167,13 @@ def _reduce_kernel(
             if MU:
                 xs = tl.where(g[None, :] > 0, x, 0)
             if s == 0:  # one K (or dP) for all shifts, except MU: the column masks differ
-                kacc += a[:, None, :] * xs[None, :, :]
+                kacc += _outer(a, xs, BLOCK_E, SUB, PAIR)
             elif MU:
-                k = tl.sum(a[:, None, :] * xs[None, :, :], axis=2)
+                k = tl.sum(_outer(a, xs, BLOCK_E, SUB, PAIR), axis=2)
                 kmu += tl.where(srow[:, None, None] == s, k[None, :, :], 0)
             if not BACKWARD:
-                hacc += tl.where(srow[:, None, None] == s, (xs * g[None, :])[None, :, :], 0)
+                hs = _fold(xs * g[None, :], BLOCK_E, SUB, PAIR)
+                hacc += tl.where(srow[:, None, None] == s, hs[None, :, :], 0)
     k0 = tl.sum(kacc, axis=2)
     kall = tl.where(srow[:, None, None] == 0, k0[None, :, :], kmu)
     out = (m * NCHUNK + chunk).to(tl.int64)
@@ -262,9 +293,12 @@ def _apply_bwd_kernel(
 
 # The reduction's (E, E, SUB) products a step (_Plan.sub): 16 a thread at 4 warps
 _STEP_PRODUCTS = 2048
+# The elements a (BLOCK_E, SUB) block needs so that each thread of a 4-warp program loads 4 fp32
+_LOAD_ELEMS = 4 * 32 * 4
 # sub: the reduction's columns a step where set (BLOCK_V: the whole chunk in one step, the code
-# before 2026-12-06; bench/time_global.py times both on a GPU), None: from _STEP_PRODUCTS
-TUNING: dict = {"sub": None}
+# before 2026-12-06; bench/time_global.py times both on a GPU), None: from _STEP_PRODUCTS;
+# pair: the forward's two steps a load where a step is under _LOAD_ELEMS (_Plan.pair)
+TUNING: dict = {"sub": None, "pair": True}
 
 
 class _Plan:
@@ -287,13 +321,19 @@ class _Plan:
         # (E, E, SUB) products of the steps elementwise; the chunks, so the partial sums written,
         # stay as they were. sm_90a, 2 x 32 x 128^3, a program (4 warps), forward fp32 / bf16:
         # 102 / 103 -> 56 / 48 registers (16 -> 36 / 40 resident warps an SM), 1,464 / 1,432 ->
-        # 688 / 704 warp instructions; its x loads 8 bytes wide (16 before: 2 columns a thread);
-        # kernels/DESIGNS.md
+        # 688 / 704 warp instructions, x loaded 8 bytes wide (2 columns a thread); with two steps
+        # a load (pair, below) 64 / 64 registers, 32 warps, 744 / 760 instructions, x 16 / 8
+        # bytes a load (the backward keeps one step a load: two took 72 registers, 28 warps,
+        # with Triton 3.9); kernels/DESIGNS.md
         sub = TUNING["sub"] or max(16, _STEP_PRODUCTS // self.block_e**2)
         self.sub = self.block_v if INTERPRET else min(self.block_v, sub)
         if self.block_v % self.sub:
             raise ValueError(f"global_nmf.TUNING['sub'] = {sub} does not divide the chunk of "
                              f"{self.block_v} columns")  # fmt: skip
+        # the forward's reduction loads two steps' columns at once where a step's block gives a
+        # thread fewer than 4 (E = 8: 16-byte loads of fp32 x, 8-byte of bf16, not 8 / 4)
+        self.pair = 2 if (TUNING["pair"] and self.block_e * self.sub < _LOAD_ELEMS
+                          and self.block_v % (2 * self.sub) == 0) else 1  # fmt: skip
         self.nsb = triton.next_power_of_2(self.nshift)
         self.nchunk = triton.cdiv(self.nvox, self.block_v)
         self.acc = acc_dtype(x.dtype)
@@ -312,8 +352,8 @@ def _reduce(x, dy, g0, rowmask, plan: _Plan, relu: bool, mu: bool):
     _reduce_kernel[(plan.nchunk, plan.matrices)](
         x, dy if backward else x, g0, rowmask, plan.shifts, kp, hp,
         plan.E, plan.nshift, plan.nk, plan.nchunk, *plan.S,
-        BLOCK_E=plan.block_e, BLOCK_V=plan.block_v, SUB=plan.sub, NSB=plan.nsb, RELU=relu, MU=mu,
-        BACKWARD=backward, ACC=plan.acc,
+        BLOCK_E=plan.block_e, BLOCK_V=plan.block_v, SUB=plan.sub, NSB=plan.nsb,
+        PAIR=1 if backward else plan.pair, RELU=relu, MU=mu, BACKWARD=backward, ACC=plan.acc,
     )  # fmt: skip
     k = kp.sum(1)  # (Bm, nk, E, E): one per shift for MU, else one for all shifts
     return k, (None if backward else hp.sum(1))  # h: (Bm, nshift, E)

@@ -199,8 +199,8 @@ def test_triton_deterministic(gen, device, patch):
 def test_global_kernels_in_the_gpus_steps(gen, device, shape, head_dim, shifts, solver, zero_g0):
     """The global path with the GPU's launch geometry (``gpu_geometry``): chunks of 256 columns,
     which the reduction takes 32 (E = 8) or 128 (E = 4) at a time and sums in its program (under
-    the interpreter a chunk is 1024 columns in one step), against the float64 oracle, forward and
-    backward."""
+    the interpreter a chunk is 1024 columns in one step; E = 8: the forward loads 64 columns and
+    splits them into two steps), against the float64 oracle, forward and backward."""
     from fastnmf.profile.static.counter import gpu_geometry
 
     gn = importlib.import_module("fastnmf.kernels.global_nmf")
@@ -209,6 +209,7 @@ def test_global_kernels_in_the_gpus_steps(gen, device, shape, head_dim, shifts, 
     with gpu_geometry():
         plan = gn._Plan(x, head_dim, shape[2:], shifts, solver == "mu")
         assert (plan.block_v, plan.sub) == (256, {8: 32, 6: 32, 4: 128}[head_dim])
+        assert plan.pair == {8: 2, 6: 2, 4: 1}[head_dim]  # the forward's two steps a load
         y, dx = run_grad("triton", x, v0, dy, torch.float64, device, **kw)
     y_ref, dx_ref = run_grad("reference", x, v0, dy, torch.float64, "cpu", **kw)
     assert rel_err(y, y_ref) <= 1e-12 and rel_err(dx, dx_ref) <= 1e-12

@@ -375,12 +375,13 @@ def _global_launches(case: StaticCase, pass_: str) -> list[_Launch]:
     progs = NC * M
     xsec = _blocks_secs(nvox, BV, isz) * E * M
     g0sec = _rolled_g0_sectors(plan, S, rows) * M
-    # the reduction reads its chunk SUB columns at a time
-    rsec, rg0sec = _blocks_secs(nvox, plan.sub, isz) * E * M, _rolled_g0_sectors(
-        plan, S, rows, block_v=plan.sub) * M  # fmt: skip
+    backward = pass_ == "bwd"
+    # the reduction reads its chunk SUB columns at a time, the forward's PAIR steps a load
+    step = plan.sub * (1 if backward else plan.pair)
+    rsec, rg0sec = _blocks_secs(nvox, step, isz) * E * M, _rolled_g0_sectors(
+        plan, S, rows, block_v=step) * M  # fmt: skip
     vec, mat = _vec_secs(0, E, F32), _vec_secs(0, E * E, F32)
     xbytes = case.numel * isz
-    backward = pass_ == "bwd"
     red = _Launch("_reduce_kernel", (NC, M))
     red.add("x_ptr" if backward else "dy_ptr/x_ptr", loaded=xbytes, sectors=rsec, unique=xbytes)
     if backward:
