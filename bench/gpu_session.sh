@@ -40,7 +40,7 @@
 #             compute-sanitizer memcheck of one small forward+backward (if the tool is there)
 #   nmf       bench_nmf.py for triton, torch and reference (all shapes, fp32 + bf16) and the
 #             global path's T sweep, as pytest-benchmark JSON
-#   global    the global path's reduction in steps against its one-step form (bench/time_global.py:
+#   global    the global path's reduction in steps against a chunk in one step (time_global.py:
 #             2x32x128^3, fp32/bf16, fwd and fwd+bwd), then its T sweep (triton; T = 1, 5, 20) as
 #             pytest-benchmark JSON
 #   tune      bench/tune_window.py --quick: per-kernel time split and launch-parameter sweeps, for

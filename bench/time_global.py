@@ -1,15 +1,15 @@
-"""Time the global path's reduction in steps (two a load, one a load) against its one-step form.
+"""Time the global path's reduction in its steps (two a trip, one a trip) and a chunk in one step.
 
     python3 bench/time_global.py --out global_steps.json          # 2 x 32 x 128^3, fp32 + bf16
     python3 bench/time_global.py --shape 1 8 16 16 16 --repeats 2  # any device (CPU: interpreter)
 
 The global path (``matricized_nmf(..., window=None, kernel="triton")``, kernels/global_nmf.py)
 reduces each chunk of 256 columns to partial Gram matrices. Since 2026-12-06 it takes the chunk
-2048 / E^2 columns a step (E = 8: 32), which the static suite predicts to be faster (sm_90a: 102
--> 48-56 registers, 16 -> 36-40 resident warps, half the instructions), and its forward loads
-two steps' columns at once (``TUNING["pair"]``: fp32 x 16 bytes a load, not 8, at 64 registers,
-32 warps and 8 % more instructions). The variants: the default; one step a load (``pair`` off);
-``TUNING["sub"] = BLOCK_V``, the one-step form that ran before. Each row: the median of
+2048 / E^2 columns a step (E = 8: 32), two steps a trip of a loop over a few chunks a program,
+pipelined through shared memory (``TUNING["pair"]``: fp32 x copied 16 bytes at a time, not 8),
+which the static suite predicts to be faster (sm_90a: 102 -> 48 registers, 16 -> 40 resident
+warps, about a third of the instructions a chunk). The variants: the default; one step a trip
+(``pair`` off); ``TUNING["sub"] = BLOCK_V``, a chunk a trip in one step. Each row: the median of
 ``--repeats`` timed calls of the forward (no grad) and the forward + backward, % of copy bandwidth
 for the ideal bytes (forward: read x, write y; forward + backward: also read x and dy, write dx),
 the largest difference to the first variant's output and gradient (relative to the largest value),
@@ -31,9 +31,9 @@ from fastnmf.profile.timing import DTYPES, copy_bw, environment, median_ms, pick
 
 # (name, the global_nmf.TUNING settings): {} the code's defaults; sub 0 the chunk in one step
 VARIANTS = (
-    ("steps, two a load (default)", {}),
-    ("steps, one a load", {"pair": False}),
-    ("one step (before 2026-12-06)", {"sub": 0, "pair": False}),
+    ("steps, two a trip (default)", {}),
+    ("steps, one a trip", {"pair": False}),
+    ("a chunk in one step", {"sub": 0, "pair": False}),
 )
 
 

@@ -216,6 +216,29 @@ def test_global_kernels_in_the_gpus_steps(gen, device, shape, head_dim, shifts, 
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("solver,shifts", [("hals", [None, 2]), ("mu", [None, (1, 2, 3)])])
+def test_global_reduction_in_groups_of_chunks(gen, monkeypatch, device, solver, shifts):
+    """The reduction's programs each take several chunks (6 chunks a matrix in 3 groups: the
+    GPU's geometry with fewer programs), and the iterate kernels sum its partials 2 groups a load
+    (the second load half masked), against the float64 oracle, forward and backward."""
+    from fastnmf.profile.static.counter import gpu_geometry
+
+    gn = importlib.import_module("fastnmf.kernels.global_nmf")
+    monkeypatch.setattr(gn, "_MIN_PROGRAMS", 6)
+    monkeypatch.setattr(gn, "_GROUP_CHUNKS", 2)
+    monkeypatch.setattr(gn, "_SUM_ELEMS", 2 * 64)
+    shape = (1, 16, 10, 12, 11)  # 2 matrices of 1,320 columns
+    x, v0, dy = nmf_inputs(gen, shape, None, zero_windows=True)
+    kw = dict(head_dim=8, patch_size=None, shifts=shifts, solver=solver)
+    with gpu_geometry():
+        plan = gn._Plan(x, 8, shape[2:], shifts, solver == "mu")
+        assert (plan.nchunk, plan.ngroup, plan.block_g) == (6, 3, 2)
+        y, dx = run_grad("triton", x, v0, dy, torch.float64, device, **kw)
+    y_ref, dx_ref = run_grad("reference", x, v0, dy, torch.float64, "cpu", **kw)
+    assert rel_err(y, y_ref) <= 1e-12 and rel_err(dx, dx_ref) <= 1e-12
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("solver", ["hals", "mu"])
 def test_triton_plain_nmf(gen, device, solver):
     x = torch.rand(3, 2, 6, 50, generator=gen, dtype=torch.float64)

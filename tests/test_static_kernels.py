@@ -323,7 +323,8 @@ def test_report_rows_hold_the_launch_configuration(report):
         assert set(LAUNCH_FIELDS) <= set(r), set(LAUNCH_FIELDS) - set(r)
         assert r["programs"] == math.prod(r["grid"]) > 0
         assert r["warps"] <= r["resident_warps_per_sm"] <= 64, r
-        assert r["ldg_by_width"] and r["stg_by_width"], r  # every kernel reads and writes
+        # every kernel reads (plain loads or a pipelined loop's cp.async copies) and writes
+        assert (r["ldg_by_width"] or r["ldgsts_by_width"]) and r["stg_by_width"], r
         per_call.setdefault((r["case"], r["pass"]), []).append(r["launch_index"])
     assert all(sorted(ix) == list(range(len(ix))) for ix in per_call.values())
     # the GPU's geometry, not the interpreter's: 2x32x128^3, E = 8, P = 8 -> 4096 windows per

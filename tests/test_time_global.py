@@ -1,4 +1,4 @@
-"""bench/time_global.py (the global reduction's steps against its one-step form, for a GPU):
+"""bench/time_global.py (the global reduction's steps against a chunk in one step, for a GPU):
 its variants set what they name, and it runs end to end at a tiny shape (here on the CPU, under
 the interpreter, where every variant is one step: nothing is timed for real)."""
 
@@ -21,8 +21,8 @@ def _plan(e: int = 8):
 
 
 def test_variants_set_the_steps_they_name():
-    """The default takes 32 columns a step of the 256 a chunk (E = 8), the forward two steps a
-    load; "one a load" one step a load; "one step" the whole chunk, as before 2026-12-06. The
+    """The default takes 32 columns a step of the 256 a chunk (E = 8), two steps a trip of the
+    reduction's loop; "one a trip" one step a trip; "a chunk in one step" the whole chunk. The
     settings are restored after each."""
     mod = load_bench("time_global")
     before = dict(gn.TUNING)
@@ -32,9 +32,9 @@ def test_variants_set_the_steps_they_name():
             plan = _plan()
             steps[name] = (plan.block_v, plan.sub, plan.pair)
         assert gn.TUNING == before
-    assert steps == {"steps, two a load (default)": (256, 32, 2),
-                     "steps, one a load": (256, 32, 1),
-                     "one step (before 2026-12-06)": (256, 256, 1)}  # fmt: skip
+    assert steps == {"steps, two a trip (default)": (256, 32, 2),
+                     "steps, one a trip": (256, 32, 1),
+                     "a chunk in one step": (256, 256, 1)}  # fmt: skip
     with mod._tuning({"sub": 0}):  # E = 16: a chunk of 64 columns, capped there
         assert (_plan(16).block_v, _plan(16).sub) == (64, 64)
     assert (_plan(4).sub, _plan(4).pair) == (128, 1)  # E = 4: a step's loads are 16 B already
@@ -56,4 +56,4 @@ def test_runs_end_to_end_at_a_tiny_shape(tmp_path, capsys):
     assert [r["variant"] for r in rows] == [name for name, _ in mod.VARIANTS]
     assert all(r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 and r["bitwise_repeat"] for r in rows)
     assert all(r["y_diff"] == r["dx_diff"] == 0.0 for r in rows)  # here every variant is one step
-    assert "one step" in capsys.readouterr().out
+    assert "a chunk in one step" in capsys.readouterr().out

@@ -255,11 +255,13 @@ def nvdisasm_text(cubin: bytes, *flags: str) -> str:
 
 
 def _count_sass(ops: list[str]) -> dict:
-    loads, stores = collections.Counter(), collections.Counter()
+    loads, stores, copies = collections.Counter(), collections.Counter(), collections.Counter()
     for op in ops:
         head = op.split(".")[0]
         if head == "LDG":
             loads[_width(op)] += 1
+        elif head == "LDGSTS":
+            copies[_width(op)] += 1
         elif head == "STG":
             stores[_width(op)] += 1
     heads = collections.Counter(op.split(".")[0] for op in ops)
@@ -267,6 +269,8 @@ def _count_sass(ops: list[str]) -> dict:
         "sass_instructions": len(ops),
         "ldg_by_width": {str(k): v for k, v in sorted(loads.items())},
         "stg_by_width": {str(k): v for k, v in sorted(stores.items())},
+        # cp.async copies (global to shared) by width: a pipelined loop's loads
+        "ldgsts_by_width": {str(k): v for k, v in sorted(copies.items())},
         "shfl": heads["SHFL"],
         "int_div_seqs": sum(1 for op in ops if op.startswith("I2F") and op.endswith(".RP")),
         "calls": heads["CALL"],

@@ -74,11 +74,18 @@ def _kernel_table(launches: list[dict]) -> list[str]:
         lines.append(
             f"| {target} | {kernel} | {dtype} | {spec} | {warps} | {r['regs']} | "
             f"{r['spill_bytes']} | {r['smem_bytes']} | {r['resident_warps_per_sm']} | "
-            f"{r['occupancy_limited_by']} | {_widths(r['ldg_by_width'])} | "
+            f"{r['occupancy_limited_by']} | {_loads(r)} | "
             f"{_widths(r['stg_by_width'])} | {r['shfl']} | {r['int_div_seqs']} / "
             f"{r['ptx_int_div']} | {len(rows)} |"
         )
     return lines
+
+
+def _loads(r: dict) -> str:
+    """The LDG column: plain loads by width, then any cp.async copies (a pipelined loop's)."""
+    copies = r.get("ldgsts_by_width")  # absent from reports made before 2026-12-06
+    text = _widths(r["ldg_by_width"])
+    return f"{text}; cp.async {_widths(copies)}" if copies else text
 
 
 def _call_table(doc: dict) -> list[str]:

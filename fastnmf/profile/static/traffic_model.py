@@ -376,30 +376,33 @@ def _global_launches(case: StaticCase, pass_: str) -> list[_Launch]:
     xsec = _blocks_secs(nvox, BV, isz) * E * M
     g0sec = _rolled_g0_sectors(plan, S, rows) * M
     backward = pass_ == "bwd"
-    # the reduction reads its chunk SUB columns at a time, the forward's PAIR steps a load
-    step = plan.sub * (1 if backward else plan.pair)
+    # the reduction reads its chunks SUB * PAIR columns at a time
+    step = plan.sub * plan.pair
     rsec, rg0sec = _blocks_secs(nvox, step, isz) * E * M, _rolled_g0_sectors(
         plan, S, rows, block_v=step) * M  # fmt: skip
     vec, mat = _vec_secs(0, E, F32), _vec_secs(0, E * E, F32)
     xbytes = case.numel * isz
-    red = _Launch("_reduce_kernel", (NC, M))
+    NG = plan.ngroup  # the reduction's programs a matrix (groups of chunks), one partial each
+    red = _Launch("_reduce_kernel", (NG, M))
     red.add("x_ptr" if backward else "dy_ptr/x_ptr", loaded=xbytes, sectors=rsec, unique=xbytes)
     if backward:
         red.add("dy_ptr", loaded=xbytes, sectors=rsec, unique=xbytes)
     red.add("g0_ptr", loaded=NS * M * nvox * F32, sectors=rg0sec, unique=nvox * F32)
-    kp = progs * NK * E * E * F32
-    red.add("hp_ptr/kp_ptr" if backward else "kp_ptr", stored=kp, sectors=progs * NK * mat,
+    kp = NG * M * NK * E * E * F32
+    red.add("hp_ptr/kp_ptr" if backward else "kp_ptr", stored=kp, sectors=NG * M * NK * mat,
             unique=kp)  # fmt: skip
     if not backward:
-        hp = progs * NS * E * F32
-        red.add("hp_ptr", stored=hp, sectors=progs * NS * vec, unique=hp)
-    k_sum = _torch_op("sum", ins=[kp], outs=[M * NK * E * E * F32])
+        hp = NG * M * NS * E * F32
+        red.add("hp_ptr", stored=hp, sectors=NG * M * NS * vec, unique=hp)
     ms = M * NS
+    kk = M * NK * E * E * F32
+    # the iterate kernels: each (shift, matrix) sums its K's (dP's) partials, all groups
+    parts = dict(loaded=ms * NG * E * E * F32, sectors=ms * NG * mat, unique=kp)
     if not backward:
-        h_sum = _torch_op("sum", ins=[hp], outs=[ms * E * F32])
         it = _Launch("_iterate_kernel", (NS, M))
-        it.add("k_ptr", loaded=ms * E * E * F32, sectors=ms * mat, unique=M * NK * E * E * F32)
-        it.add("h_ptr", loaded=ms * E * F32, sectors=ms * vec, unique=ms * E * F32)
+        it.add("kp_ptr", **parts)
+        it.add("hp_ptr", loaded=ms * NG * E * F32, sectors=ms * NG * vec, unique=hp)
+        it.add("k_ptr", stored=kk, sectors=M * NK * mat, unique=kk)
         it.add("hats_ptr", stored=ms * T * E * F32, sectors=ms * T * vec, unique=ms * T * E * F32)
         it.add("norms_ptr", stored=ms * T * F32, sectors=ms * T, unique=ms * T * F32)
         it.add("u_ptr", stored=ms * E * F32, sectors=ms * vec, unique=ms * E * F32)
@@ -407,11 +410,10 @@ def _global_launches(case: StaticCase, pass_: str) -> list[_Launch]:
         ap.add("x_ptr", loaded=xbytes, sectors=xsec, unique=xbytes)
         ap.add("u_ptr", loaded=progs * NS * E * F32, sectors=progs * NS * vec, unique=ms * E * F32)
         ap.add("y_ptr", stored=xbytes, sectors=xsec, unique=xbytes)
-        return [red, k_sum, h_sum, it, ap]
+        return [red, it, ap]
     it = _Launch("_iterate_bwd_kernel", (NS, M))
-    kk = M * NK * E * E * F32
     it.add("k_ptr", loaded=ms * E * E * F32, sectors=ms * mat, unique=kk)
-    it.add("dp_ptr", loaded=ms * E * E * F32, sectors=ms * mat, unique=kk)
+    it.add("dpp_ptr", **parts)
     it.add("hats_ptr", loaded=ms * (1 + 2 * T) * E * F32, sectors=ms * (1 + 2 * T) * vec,
            unique=ms * T * E * F32)  # fmt: skip
     it.add("norms_ptr", loaded=ms * T * F32, sectors=ms * T, unique=ms * T * F32)
@@ -426,7 +428,7 @@ def _global_launches(case: StaticCase, pass_: str) -> list[_Launch]:
     ap.add("sym_ptr", loaded=per * E * E * F32, sectors=per * mat, unique=ms * E * E * F32)
     ap.add("g0_ptr", loaded=NS * M * nvox * F32, sectors=g0sec, unique=nvox * F32)
     ap.add("dx_ptr", stored=xbytes, sectors=xsec, unique=xbytes)
-    return [red, k_sum, it, ap]
+    return [red, it, ap]
 
 
 def model_launches(case: StaticCase, pass_: str, *, sectors: bool = True) -> list[dict]:
