@@ -207,9 +207,11 @@ def test_time_designs_static_compiles_each_variant_with_its_settings(tmp_path):
 
 
 def test_time_designs_static_design2_stages_pipeline_two_passes(tmp_path):
-    """``"design 2, 2 stages"`` compiled for sm_90a: the two window passes Triton can pipeline
+    """``"design 2, 3 stages"`` compiled for sm_90a: the two window passes Triton can pipeline
     (forward apply, backward parts) copy their next windows into shared memory without waiting
-    (LDGSTS: cp.async) and hold more of it; the other two (a loop inside theirs) compile as at
+    (LDGSTS: cp.async), with copies in flight while a window is computed (a loop's
+    ``cp.async.wait_group`` leaves some), and hold more of it; the other two (a loop inside theirs)
+    compile as at
     the default, which has no such copy anywhere; with ``"design 2, prefetch"`` the other two
     hold the next window in registers; the tiles take other code. At the benchmark shape (meta
     tensors): a program takes 16 windows there (at 16^3 one: no loop to pipeline)."""
@@ -222,7 +224,7 @@ def test_time_designs_static_design2_stages_pipeline_two_passes(tmp_path):
     mod = load_bench("time_designs")
     out = tmp_path / "static.json"
     rc = mod.main(["--static", "--shape", "2", "32", "128", "128", "128", "--dtypes", "fp32",
-                   "--shifts", "[None, 4]", "--variants", "design 2", "design 2, 2 stages",
+                   "--shifts", "[None, 4]", "--variants", "design 2", "design 2, 3 stages",
                    "design 2, prefetch", "design 2, parts tile", "design 2, four tiles",
                    "--out", str(out)])  # fmt: skip
     rows = json.loads(out.read_text())["rows"]
@@ -230,10 +232,11 @@ def test_time_designs_static_design2_stages_pipeline_two_passes(tmp_path):
     assert rc == 0 and len(rows) == 30 and len(by) == 30
     assert all(r["async_copies"] == 0 for r in rows if r["variant"] == "design 2")
     for kernel in ("_apply_kernel", "_parts_bwd_kernel"):
-        default, piped = by["design 2", kernel], by["design 2, 2 stages", kernel]
+        default, piped = by["design 2", kernel], by["design 2, 3 stages", kernel]
         assert piped["async_copies"] > 0 and piped["smem_bytes"] > default["smem_bytes"]
+        assert piped["ptx_async_wait_in_loop"] >= 1 and default["ptx_async_wait_in_loop"] == -1
     for kernel in ("_parts_kernel", "_solve_kernel", "_apply_bwd_kernel2", "_solve_bwd_kernel"):
-        default, piped = by["design 2", kernel], by["design 2, 2 stages", kernel]
+        default, piped = by["design 2", kernel], by["design 2, 3 stages", kernel]
         assert piped["async_copies"] == 0
         assert (piped["regs"], piped["smem_bytes"]) == (default["regs"], default["smem_bytes"])
     # "design 2, prefetch": those two hold the next window's x (and dy) in registers across

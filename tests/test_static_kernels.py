@@ -584,3 +584,20 @@ ptxas info    : Function properties for fastnmf_$_kernels_$__window3_bwd_$__solv
     info = ptx_tools._parse_ptxas(log)
     assert (info["regs"], info["spill_store_bytes"], info["spill_load_bytes"]) == (124, 16, 12)
     assert info["stack_bytes"] == 48
+
+
+def test_global_reduction_copies_overlap_its_sums():
+    """The global reduction's loop (kernels/global_nmf.py, ``_STAGES`` = 3) copies its next trip's
+    columns into shared memory while a trip is summed: its loop's ``cp.async.wait_group`` leaves
+    copies in flight, forward and backward (sm_90a, fp32 2 x 32 x 128^3). With 2 stages Triton
+    keeps one buffer and waits for every copy at each trip, so nothing overlaps (PTX: a wait
+    leaving 0 in flight), which is why the default is 3."""
+    from fastnmf.profile.static.cases import StaticCase
+    from fastnmf.profile.static.kernel_report import kernel_rows
+
+    if ptx_tools.missing_tools(["sm_90a"]):
+        pytest.skip("; ".join(ptx_tools.missing_tools(["sm_90a"])))
+    case = StaticCase("global", 2, 32, (128, 128, 128), "fp32", (None,), window=None)
+    rows = [r for r in kernel_rows([case], targets=("sm_90a",)) if r["kernel"] == "_reduce_kernel"]
+    assert len(rows) == 2  # forward and backward
+    assert all(r["async_copies"] > 0 and r["ptx_async_wait_in_loop"] >= 1 for r in rows), rows

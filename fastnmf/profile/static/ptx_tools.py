@@ -322,33 +322,51 @@ def smem_held_across_calls(ptx: str) -> int:
     return len(_PTX_SMEM_WRITE.findall(before)) - len(_PTX_SMEM_BROADCAST.findall(before))
 
 
-def _outside_loops(ptx: str) -> str:
+def _outside_loops(ptx: str, inside: bool = False, headers: bool = False) -> str:
     """The lines of ptx outside the blocks LLVM marks as in a loop (``// in Loop: Header=...`` on
     a block's label or the comment lines right after it): a loop's body can be laid out before its
     header (sm_90a, Triton 3.6: design 3's forward with ``TUNING["xg0_joined"]`` put its parts
-    tile there), and what it stores is not held from before the loop."""
+    tile there), and what it stores is not held from before the loop. ``inside``: the others;
+    ``headers``: a loop's header block (``Loop Header`` on its label) counts as in the loop."""
     kept, in_loop, at_label = [], False, False
     for line in ptx.splitlines(keepends=True):
         if _PTX_BLOCK.match(line):
-            in_loop, at_label = "in Loop:" in line, True
+            in_loop = "in Loop:" in line or (headers and "Loop Header" in line)
+            at_label = True
         elif at_label and line.lstrip().startswith("//"):
             in_loop = in_loop or "in Loop:" in line
         else:
             at_label = False
-        if not in_loop:
+        if in_loop == inside:
             kept.append(line)
     return "".join(kept)
 
 
+_PTX_ASYNC_WAIT = re.compile(r"^\s*cp\.async\.wait_group\s+(\d+)\s*;", re.M)
+
+
+def async_wait_in_loop(ptx: str) -> int:
+    """The fewest cp.async groups a loop's waits leave in flight (``cp.async.wait_group N``
+    inside a loop; -1: no such wait). 0 in a pipelined loop: each trip waits for every copy
+    issued, so no copy overlaps the trip's arithmetic (Triton's ``num_stages=2`` keeps one
+    buffer and issues the next trip's copies after this trip's reads: sm_90a, Triton 3.6 and
+    3.9); N > 0: the next trips' copies are in flight while this one computes."""
+    body = _outside_loops(ptx, inside=True, headers=True)
+    waits = [int(n) for n in _PTX_ASYNC_WAIT.findall(body)]
+    return min(waits) if waits else -1
+
+
 def ptx_counts(ptx: str) -> dict:
     """Static counts in the PTX: integer div/rem instructions, shfl.sync, shared-memory writes
-    held across non-inlined calls (:func:`smem_held_across_calls`), and global loads and stores
-    marked evict-first."""
+    held across non-inlined calls (:func:`smem_held_across_calls`), global loads and stores
+    marked evict-first, and the cp.async groups a loop leaves in flight
+    (:func:`async_wait_in_loop`)."""
     marked = _PTX_EVICT_FIRST.findall(ptx)
     return {"ptx_int_div": len(_PTX_INT_DIV.findall(ptx)), "ptx_shfl": len(_PTX_SHFL.findall(ptx)),
             "ptx_smem_held_across_calls": smem_held_across_calls(ptx),
             "ptx_ld_evict_first": marked.count("ld"),
-            "ptx_st_evict_first": marked.count("st")}  # fmt: skip
+            "ptx_st_evict_first": marked.count("st"),
+            "ptx_async_wait_in_loop": async_wait_in_loop(ptx)}  # fmt: skip
 
 
 def _round_up(value: int, unit: int) -> int:
