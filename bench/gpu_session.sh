@@ -183,7 +183,7 @@ for phase in "$@"; do
             --json "$OUT/nmf/summary.json" --md "$OUT/nmf/summary.md"
         ;;
     global)
-        step global steps "${STEP_LIMIT_GLOBAL_STEPS:-150}" python3 bench/time_global.py \
+        step global steps "${STEP_LIMIT_GLOBAL_STEPS:-240}" python3 bench/time_global.py \
             --out "$OUT/global/global_steps.json"
         cat "$OUT/global/steps.log"
         step global iters "${STEP_LIMIT_GLOBAL:-120}" python3 -m pytest bench/bench_nmf.py \
