@@ -352,8 +352,8 @@ _MIN_PROGRAMS = 8192
 _SUM_ELEMS = 2048
 # The elements a (BLOCK_E, SUB) block needs so that each thread of a 4-warp program loads 4 fp32
 _LOAD_ELEMS = 4 * 32 * 4
-# sub: the reduction's columns a step where set (BLOCK_V: the whole chunk in one step, the code
-# before 2026-12-06; bench/time_global.py times both on a GPU), None: from _STEP_PRODUCTS;
+# sub: the reduction's columns a step where set (BLOCK_V: a chunk a step, as before 2026-12-06
+# but in the grouped, pipelined loop; bench/time_global.py times it), None: from _STEP_PRODUCTS;
 # pair: two steps a load where a step is under _LOAD_ELEMS (_Plan.pair)
 TUNING: dict = {"sub": None, "pair": True}
 
