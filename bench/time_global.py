@@ -1,4 +1,5 @@
-"""Time the global path's reduction in its steps (two a trip, one a trip) and a chunk in one step.
+"""Time the global path: its reduction in steps (two a trip, one a trip) or a chunk in one step,
+and its backward's output pass in three forms.
 
     python3 bench/time_global.py --out global_steps.json          # 2 x 32 x 128^3, fp32 + bf16
     python3 bench/time_global.py --shape 1 8 16 16 16 --repeats 2  # any device (CPU: interpreter)
@@ -9,7 +10,12 @@ reduces each chunk of 256 columns to partial Gram matrices. Since 2026-12-06 it 
 pipelined through shared memory (``TUNING["pair"]``: fp32 x copied 16 bytes at a time, not 8),
 which the static suite predicts to be faster (sm_90a: 102 -> 48 registers, 16 -> 40 resident
 warps, about a third of the instructions a chunk). The variants: the default; one step a trip
-(``pair`` off); ``TUNING["sub"] = BLOCK_V``, a chunk a trip in one step. Each row: the median of
+(``pair`` off); ``TUNING["sub"] = BLOCK_V``, a chunk a trip in one step. Two more time the
+backward's output pass (kernels/_global_apply.py), which since 2026-12-06 holds all the rows of 4
+adjacent columns in a thread (sm_90a, E = 8: no CTA barrier, 24-28 resident warps, about 0.6x
+the instructions a column): against it the pass with the rows across threads (``apply_rows``
+off, the kernel before: 16 warps, 21 barriers a chunk) and 2 columns a thread (``apply_vec`` 2:
+fp32 loads 8 bytes, 32-40 warps). Each row: the median of
 ``--repeats`` timed calls of the forward (no grad) and the forward + backward, % of copy bandwidth
 for the ideal bytes (forward: read x, write y; forward + backward: also read x and dy, write dx),
 the largest difference to the first variant's output and gradient (relative to the largest value),
@@ -29,11 +35,14 @@ import torch
 import fastnmf
 from fastnmf.profile.timing import DTYPES, copy_bw, environment, median_ms, pick_device
 
-# (name, the global_nmf.TUNING settings): {} the code's defaults; sub 0 the chunk in one step
+# (name, the global_nmf.TUNING settings): {} the code's defaults; sub 0 the chunk in one step;
+# the last two change only the backward's output pass (kernels/_global_apply.py)
 VARIANTS = (
     ("steps, two a trip (default)", {}),
     ("steps, one a trip", {"pair": False}),
     ("a chunk in one step", {"sub": 0, "pair": False}),
+    ("backward pass, rows across threads", {"apply_rows": False}),
+    ("backward pass, 2 columns a thread", {"apply_vec": 2}),
 )
 
 
@@ -116,7 +125,7 @@ def main(argv=None) -> int:
                        y_diff=_diff(r["y"], first["y"]), dx_diff=_diff(r["dx"], first["dx"]),
                        bitwise_repeat=r["bitwise_repeat"])  # fmt: skip
             rows.append(row)
-            print(f"{dname} {name:29} fwd {row['fwd_ms']:8.3f} ms ({row['fwd_pct_copy_bw']:5.1f} %)"
+            print(f"{dname} {name:34} fwd {row['fwd_ms']:8.3f} ms ({row['fwd_pct_copy_bw']:5.1f} %)"
                   f"  fwd+bwd {row['fwdbwd_ms']:8.3f} ms ({row['fwdbwd_pct_copy_bw']:5.1f} %)  "
                   f"diff {row['y_diff']:.1e} / {row['dx_diff']:.1e}  "
                   f"bitwise repeat {row['bitwise_repeat']}", flush=True)  # fmt: skip

@@ -31,65 +31,25 @@ import triton.language as tl
 
 from ._common import (
     INTERPRET,
-    _load_shift,
     _power_steps,
     _power_steps_backward,
-    _rolled_index,
     _row_mask,
     acc_dtype,
     compute_dtype,
     row_mask,
     shift_rows,
 )
+from ._global_apply import (
+    ROWS_IN_THREAD,
+    _apply_bwd_kernel,
+    _apply_bwd_many_rows_kernel,
+    _apply_fwd_kernel,
+    _g0_at,
+    _relu_rows,
+    _sub_block,
+)
 
 __all__ = ["GlobalNMF", "global_nmf", "TUNING"]
-
-
-@triton.jit
-def _sub_block(x_ptr, chunk, j, m, e, emask, E, S0, S1, S2, BLOCK_V: tl.constexpr,
-               SUB: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
-    """Columns j SUB .. (j + 1) SUB of chunk ``chunk`` of matrix m: v, their mask, the
-    (BLOCK_E, SUB) mask and element offsets, and that block of x (in ACC)."""
-    nvox = S0 * S1 * S2
-    v = chunk * BLOCK_V + j * SUB + tl.arange(0, SUB)
-    vmask = v < nvox
-    ptrs = m.to(tl.int64) * E * nvox + e[:, None] * nvox + v[None, :]
-    mask = emask[:, None] & vmask[None, :]
-    x_raw = tl.load(x_ptr + ptrs, mask=mask, other=0).to(ACC)
-    return v, vmask, mask, ptrs, x_raw
-
-
-@triton.jit
-def _chunk_block(x_ptr, rowmask_ptr, E, S0, S1, S2, BLOCK_E: tl.constexpr,
-                 BLOCK_V: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
-    """Program (chunk, matrix m) of the S0 * S1 * S2 columns: the chunk, m, the columns v of the
-    chunk, the rows e, their masks, the (BLOCK_E, BLOCK_V) mask and element offsets of the
-    chunk's block of m, the MU row mask, and that block of x (in ACC)."""
-    chunk = tl.program_id(0)
-    m = tl.program_id(1)
-    e = tl.arange(0, BLOCK_E)
-    emask = e < E
-    rowmask = _row_mask(rowmask_ptr, e, emask, ACC)
-    v, vmask, mask, ptrs, x_raw = _sub_block(x_ptr, chunk, 0, m, e, emask, E, S0, S1, S2,
-                                             BLOCK_V, BLOCK_V, ACC)  # fmt: skip
-    return chunk, m, v, vmask, e, emask, mask, ptrs, rowmask, x_raw
-
-
-@triton.jit
-def _rolled_g0(g0_ptr, SHIFTS: tl.constexpr, NSHIFT: tl.constexpr, s, v, vmask, S0, S1, S2):
-    """g0_s(v) = g0[(v + s) mod S]: the start vector of shift s at columns v."""
-    s0, s1, s2 = _load_shift(s, SHIFTS, NSHIFT)
-    return tl.load(g0_ptr + _rolled_index(v, s0, s1, s2, S0, S1, S2), mask=vmask, other=0)
-
-
-@triton.jit
-def _g0_at(g0_ptr, SHIFTS: tl.constexpr, s: tl.constexpr, v, vmask, S0, S1, S2):
-    """g0_s(v) for a compile-time shift s: g0[v] where s is no roll (no division: the columns'
-    coordinates are only needed to roll them), else :func:`_rolled_g0`."""
-    if SHIFTS[s][0] == 0 and SHIFTS[s][1] == 0 and SHIFTS[s][2] == 0:
-        return tl.load(g0_ptr + v, mask=vmask, other=0)
-    else:
-        return _rolled_g0(g0_ptr, SHIFTS, len(SHIFTS), s, v, vmask, S0, S1, S2)
 
 
 @triton.jit
@@ -119,15 +79,6 @@ def _fold(t, R: tl.constexpr, SUB: tl.constexpr, PAIR: tl.constexpr):
         return t0 + t1
     else:
         return t
-
-
-@triton.jit
-def _relu_rows(x_raw, rowmask, RELU: tl.constexpr):
-    """ReLU (if RELU) of x, then times the MU row mask."""
-    x = x_raw
-    if RELU:
-        x = tl.maximum(x, 0)
-    return x * rowmask[:, None]
 
 
 @triton.jit
@@ -265,67 +216,6 @@ def _iterate_bwd_kernel(
     tl.store(hbar_ptr + ms * E + e, hbar, mask=emask)
 
 
-@triton.jit
-def _apply_fwd_kernel(
-    x_ptr, y_ptr, g0_ptr, rowmask_ptr, SHIFTS: tl.constexpr, u_ptr,
-    E, NSHIFT: tl.constexpr, S0, S1, S2,
-    BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr, RELU: tl.constexpr, MU: tl.constexpr,
-    ACC: tl.constexpr,
-):  # fmt: skip
-    chunk, m, v, vmask, e, emask, mask, ptrs, rowmask, x_raw = _chunk_block(
-        x_ptr, rowmask_ptr, E, S0, S1, S2, BLOCK_E, BLOCK_V, ACC
-    )
-    x = _relu_rows(x_raw, rowmask, RELU)
-    y = tl.zeros((BLOCK_E, BLOCK_V), dtype=ACC)
-    for s in range(0, NSHIFT):
-        u = tl.load(u_ptr + (m * NSHIFT + s) * E + e, mask=emask, other=0).to(ACC)
-        xs = x
-        if MU:
-            g = _rolled_g0(g0_ptr, SHIFTS, NSHIFT, s, v, vmask, S0, S1, S2)
-            xs = tl.where(g[None, :] > 0, x, 0)
-        c = tl.sum(u[:, None] * xs, axis=0)  # (BLOCK_V,)
-        y += u[:, None] * c[None, :]
-    y = y / NSHIFT
-    tl.store(y_ptr + ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _apply_bwd_kernel(
-    x_ptr, dy_ptr, dx_ptr, g0_ptr, rowmask_ptr, SHIFTS: tl.constexpr, u_ptr, sym_ptr, hbar_ptr,
-    E, NSHIFT: tl.constexpr, S0, S1, S2,
-    BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr, RELU: tl.constexpr, MU: tl.constexpr,
-    ACC: tl.constexpr,
-):  # fmt: skip
-    """dX of the chunk's columns, in one step: taken SUB at a time like the reduction, its rows'
-    sums would cross threads (sm_90a, E = 8, fp32, 64 columns a step: 32 resident warps an SM
-    instead of 16, but about 1,090 instructions a program instead of 680)."""
-    chunk, m, v, vmask, e, emask, mask, ptrs, rowmask, x_raw = _chunk_block(
-        x_ptr, rowmask_ptr, E, S0, S1, S2, BLOCK_E, BLOCK_V, ACC
-    )
-    x = x_raw * rowmask[:, None]
-    if RELU:
-        x = tl.maximum(x, 0)
-    dy = tl.load(dy_ptr + ptrs, mask=mask, other=0).to(ACC) / NSHIFT
-    kmask = emask[:, None] & emask[None, :]
-    dx = tl.zeros((BLOCK_E, BLOCK_V), dtype=ACC)
-    for s in tl.static_range(NSHIFT):
-        ms = m * NSHIFT + s
-        u = tl.load(u_ptr + ms * E + e, mask=emask, other=0).to(ACC)
-        hb = tl.load(hbar_ptr + ms * E + e, mask=emask, other=0).to(ACC)
-        sym = tl.load(sym_ptr + ms * E * E + e[:, None] * E + e[None, :], mask=kmask, other=0)
-        g = _g0_at(g0_ptr, SHIFTS, s, v, vmask, S0, S1, S2).to(ACC)
-        c = tl.sum(u[:, None] * dy, axis=0)  # (BLOCK_V,): u^T dY(v)
-        term = u[:, None] * c[None, :] + tl.sum(sym.to(ACC)[:, :, None] * x[None, :, :], axis=1)
-        term += hb[:, None] * g[None, :]
-        if MU:
-            term = tl.where(g[None, :] > 0, term, 0)
-        dx += term
-    dx = dx * rowmask[:, None]
-    if RELU:
-        dx = tl.where(x_raw > 0, dx, 0)
-    tl.store(dx_ptr + ptrs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-
-
 # ------------------------------------------------------------------------------------------------
 # Launchers
 # ------------------------------------------------------------------------------------------------
@@ -352,10 +242,16 @@ _MIN_PROGRAMS = 8192
 _SUM_ELEMS = 2048
 # The elements a (BLOCK_E, SUB) block needs so that each thread of a 4-warp program loads 4 fp32
 _LOAD_ELEMS = 4 * 32 * 4
+# The backward output pass's warps a program (kernels/_global_apply.py: 32 * warps * VEC columns)
+_APPLY_WARPS = 4
 # sub: the reduction's columns a step where set (BLOCK_V: a chunk a step, as before 2026-12-06
 # but in the grouped, pipelined loop; bench/time_global.py times it), None: from _STEP_PRODUCTS;
-# pair: two steps a load where a step is under _LOAD_ELEMS (_Plan.pair)
-TUNING: dict = {"sub": None, "pair": True}
+# pair: two steps a load where a step is under _LOAD_ELEMS (_Plan.pair); apply_vec: the adjacent
+# columns a thread of the backward's output pass (_global_apply._apply_bwd_kernel) holds, all
+# rows of each (fp32: 4, 16-byte loads, 24-28 resident warps; 2: 8 bytes, 32-40 warps);
+# apply_rows False: that pass with the rows across threads whatever E (the kernel before
+# 2026-12-06, _apply_bwd_many_rows_kernel), for bench/time_global.py to time against
+TUNING: dict = {"sub": None, "pair": True, "apply_vec": 4, "apply_rows": True}
 
 
 class _Plan:
@@ -399,6 +295,16 @@ class _Plan:
                                            triton.cdiv(_MIN_PROGRAMS, self.matrices)))  # fmt: skip
         self.block_g = max(1, min(triton.next_power_of_2(self.ngroup),
                                   _SUM_ELEMS // self.block_e**2))  # fmt: skip
+        # the backward's output pass: each thread holds every row of apply_vec adjacent columns
+        # where there are at most ROWS_IN_THREAD rows (_apply_bwd_kernel), else a chunk of
+        # BLOCK_V columns with the rows across threads (_apply_bwd_many_rows_kernel)
+        self.rows_in_thread = TUNING["apply_rows"] and self.block_e <= ROWS_IN_THREAD
+        vec = TUNING["apply_vec"]
+        if vec not in (1, 2, 4, 8):
+            raise ValueError(f"global_nmf.TUNING['apply_vec'] = {vec}: 1, 2, 4 or 8 columns")
+        self.apply_vec = vec
+        self.apply_v = vec * 32 * _APPLY_WARPS if self.rows_in_thread else self.block_v
+        self.apply_nchunk = triton.cdiv(self.nvox, self.apply_v)
         self.acc = acc_dtype(x.dtype)
         self.cdt = compute_dtype(x.dtype)
 
@@ -465,11 +371,14 @@ class GlobalNMF(torch.autograd.Function):
             STAGES=_STAGES,
         )  # fmt: skip
         dx = torch.empty_like(x)
-        _apply_bwd_kernel[(plan.nchunk, plan.matrices)](
-            x, dy, dx, g0, rowmask, plan.shifts, u, sym, hbar,
-            plan.E, plan.nshift, *plan.S,
-            BLOCK_E=plan.block_e, BLOCK_V=plan.block_v, RELU=relu, MU=mu, ACC=plan.acc,
-        )  # fmt: skip
+        args = (x, dy, dx, g0, rowmask, plan.shifts, u, sym, hbar, plan.E, plan.nshift, *plan.S)
+        flags = dict(BLOCK_E=plan.block_e, BLOCK_V=plan.apply_v, RELU=relu, MU=mu, ACC=plan.acc)
+        if plan.rows_in_thread:
+            _apply_bwd_kernel[(plan.apply_nchunk, plan.matrices)](
+                *args, VEC=plan.apply_vec, NSB=plan.nsb, num_warps=_APPLY_WARPS, **flags
+            )
+        else:
+            _apply_bwd_many_rows_kernel[(plan.apply_nchunk, plan.matrices)](*args, **flags)
         return dx, None, None, None, None, None, None, None, None
 
 

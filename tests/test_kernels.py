@@ -195,12 +195,15 @@ def test_triton_deterministic(gen, device, patch):
     ((1, 16, 4, 6, 12), 8, [None, 2], "mu", True),  # MU with shifts: a K per shift
     ((2, 8, 20, 30), 4, [None, (1, 3), (2, 5), 4], "hals", False),  # 2D, four shifts
     ((1, 12, 6, 10, 9), 6, None, "mu", False),  # E = 6 in blocks of 8: rows past E masked
+    ((1, 24, 6, 10, 9), 12, [None, 2], "mu", False),  # 12 rows: the backward's rows across threads
 ])  # fmt: skip
 def test_global_kernels_in_the_gpus_steps(gen, device, shape, head_dim, shifts, solver, zero_g0):
     """The global path with the GPU's launch geometry (``gpu_geometry``): chunks of 256 columns,
     which the reduction takes 32 (E = 8) or 128 (E = 4) at a time and sums in its program (under
     the interpreter a chunk is 1024 columns in one step; E = 8: the forward loads 64 columns and
-    splits them into two steps), against the float64 oracle, forward and backward."""
+    splits them into two steps); the backward's output pass in programs of 512 columns with all
+    their rows in a thread (up to 8 rows; 12: a chunk with the rows across threads), against the
+    float64 oracle, forward and backward."""
     from fastnmf.profile.static.counter import gpu_geometry
 
     gn = importlib.import_module("fastnmf.kernels.global_nmf")
@@ -208,8 +211,12 @@ def test_global_kernels_in_the_gpus_steps(gen, device, shape, head_dim, shifts, 
     kw = dict(head_dim=head_dim, patch_size=None, shifts=shifts, solver=solver)
     with gpu_geometry():
         plan = gn._Plan(x, head_dim, shape[2:], shifts, solver == "mu")
-        assert (plan.block_v, plan.sub) == (256, {8: 32, 6: 32, 4: 128}[head_dim])
-        assert plan.pair == {8: 2, 6: 2, 4: 1}[head_dim]  # the forward's two steps a load
+        assert (plan.block_v, plan.sub) == {8: (256, 32), 6: (256, 32), 4: (256, 128),
+                                            12: (64, 16)}[head_dim]  # fmt: skip
+        assert plan.pair == {8: 2, 6: 2, 4: 1, 12: 2}[head_dim]  # the forward's two steps a load
+        # the backward's output pass: 4 columns a thread with all their rows, up to 8 rows
+        assert (plan.rows_in_thread, plan.apply_v) == ((True, 512) if head_dim <= 8 else
+                                                       (False, plan.block_v))  # fmt: skip
         y, dx = run_grad("triton", x, v0, dy, torch.float64, device, **kw)
     y_ref, dx_ref = run_grad("reference", x, v0, dy, torch.float64, "cpu", **kw)
     assert rel_err(y, y_ref) <= 1e-12 and rel_err(dx, dx_ref) <= 1e-12

@@ -29,8 +29,8 @@ from fastnmf.profile.static.suite import run_static
 
 TRITON_VERSION = importlib.import_module("fastnmf.kernels._common").TRITON_VERSION
 
-KERNEL_MODULES = ("window_nmf", "window_nmf_rank", "global_nmf", "global_nmf_rank", "window_nmf2",
-                  "_window2_bwd", "window_nmf3", "_window3_bwd")
+KERNEL_MODULES = ("window_nmf", "window_nmf_rank", "global_nmf", "_global_apply", "global_nmf_rank",
+                  "window_nmf2", "_window2_bwd", "window_nmf3", "_window3_bwd")
 _MISSING = ptx_tools.missing_tools(["sm_90a"])
 needs_ptxas = pytest.mark.skipif(bool(_MISSING), reason="; ".join(_MISSING) or "tools present")
 
@@ -53,12 +53,14 @@ if triton.__version__.split(".")[:2] == ["3", "6"]:
 
 
 def _launched_kernels() -> list[tuple[str, str]]:
-    """Every ``*_kernel`` / ``*_kernel2`` Triton function of the kernel modules: (module, name)."""
+    """Every ``*_kernel`` / ``*_kernel2`` Triton function the kernel modules define (not those
+    they import): (module, name)."""
     found = []
     for short in KERNEL_MODULES:
         module = importlib.import_module(f"fastnmf.kernels.{short}")
         for name, obj in vars(module).items():
-            if re.search(r"_kernel\d?$", name) and hasattr(obj, "fn"):  # jit or interpreted
+            if (re.search(r"_kernel\d?$", name) and hasattr(obj, "fn")  # jit or interpreted
+                    and obj.fn.__module__ == module.__name__):  # fmt: skip
                 found.append((module.__name__, name))
     return found
 
@@ -601,3 +603,25 @@ def test_global_reduction_copies_overlap_its_sums():
     rows = [r for r in kernel_rows([case], targets=("sm_90a",)) if r["kernel"] == "_reduce_kernel"]
     assert len(rows) == 2  # forward and backward
     assert all(r["async_copies"] > 0 and r["ptx_async_wait_in_loop"] >= 1 for r in rows), rows
+
+
+@pytest.mark.parametrize("dtype,x_load_bits", [("fp32", 128), ("bf16", 64)])
+def test_global_backward_apply_keeps_each_columns_rows_in_a_thread(dtype, x_load_bits):
+    """The global backward's output pass at E = 8 (kernels/_global_apply.py, ``_apply_bwd_kernel``):
+    each thread holds all 8 rows of its 4 adjacent columns, so u^T dY and S x are sums in the
+    thread: no CTA barrier, no shuffle, no shared memory, x and dY loaded 4 columns at a time
+    (fp32 16 bytes, bf16 8), no spill, and more resident warps an SM than the 16 of the kernel
+    with the rows across threads (128 registers, 21 barriers a chunk, sm_90a, Triton 3.9)."""
+    from fastnmf.profile.static.cases import StaticCase
+    from fastnmf.profile.static.kernel_report import kernel_rows
+
+    if ptx_tools.missing_tools(["sm_90a"]):
+        pytest.skip("; ".join(ptx_tools.missing_tools(["sm_90a"])))
+    case = StaticCase("global", 2, 32, (128, 128, 128), dtype, (None,), window=None)
+    rows = kernel_rows([case], targets=("sm_90a",))
+    rows = [r for r in rows if r["kernel"] == "_apply_bwd_kernel"]
+    assert len(rows) == 1, rows
+    (r,) = rows
+    assert (r["barriers"], r["shfl"], r["smem_bytes"], r["spill_bytes"]) == (0, 0, 0, 0), r
+    assert r["ldg_by_width"].get(str(x_load_bits), 0) >= 16, r["ldg_by_width"]  # 8 rows x, 8 dY
+    assert r["resident_warps_per_sm"] >= 24, r

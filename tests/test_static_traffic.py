@@ -175,6 +175,8 @@ COVERED = [
     # global: reduce, iterate, apply (two matrices: the backward copies hats[..., -1, :])
     StaticCase("global", 1, 16, (16, 16, 16), "fp32", (None,), window=None),
     StaticCase("global", 1, 8, (16, 32), "bf16", (None,), window=None),
+    # 16 rows: the backward's output pass with the rows across threads (the many-rows kernel)
+    StaticCase("global", 1, 32, (16, 16, 16), "fp32", (None,), window=None, head_dim=16),
     # rank > 1, window: fwd, apply, bwd (per-shift dx buffer) and the PyTorch sum / where / to
     StaticCase("window", 1, 8, (16, 16), "bf16", (None, 2), rank=2),
     StaticCase("window", 1, 8, (16, 16), "fp32", (None,), rank=4),
@@ -189,7 +191,7 @@ def test_counts_from_the_counting_subprocess_equal_counts_in_process(monkeypatch
     the counts back from JSON and raw arrays (no pickle): the same counts as in this process."""
     from fastnmf.profile.static import counter
 
-    case = COVERED[6]  # 2D rank 2: cheap, and tuple shifts go through JSON
+    case = COVERED[7]  # 2D rank 2: cheap, and tuple shifts go through JSON
     # counter.count_call in this process, through traffic's cache: test_model_equals_counter
     # reuses this count of the same case instead of running the kernels again
     here = traffic._count([case])[0]

@@ -91,7 +91,8 @@ class StaticCase:
         waits = "-thread-waits" if self.thread_waits else ""
         waits += {None: "", True: "-count-waits", False: "-plane-waits"}[self.count_waits]
         joined = {None: "", True: "-bwd-joined", False: "-bwd-per-shift"}[self.bwd_parts_joined]
-        return (f"{self.mode}-{self.shift_name}-{self.dtype}-r{self.rank}-{size}{design}"
+        rows = "" if self.head_dim == HEAD_DIM else f"-e{self.head_dim}"  # E = 8: as before
+        return (f"{self.mode}-{self.shift_name}-{self.dtype}-r{self.rank}-{size}{rows}{design}"
                 f"{untiled}{waits}{joined}")  # fmt: skip
 
     def kwargs(self) -> dict:
@@ -140,7 +141,9 @@ def coverage_cases(dtype: str = "fp32") -> list[StaticCase]:
     benchmark shape (rank one and two, every shift set, global) plus shifts [None, 3], whose
     tiles of one voxel send the window apply passes to the per-voxel kernels, plus the second
     window design with both shift sets ([None, 4]: sub-boxes of 4^3, [None, 2, 4, 6]: of 2^3) and
-    the third (its fused kernels) with both, with its tiles (the default) and without."""
+    the third (its fused kernels) with both, with its tiles (the default) and without, plus the
+    global path with 16 rows a matrix (its backward output pass then spreads the rows over
+    threads: kernels/_global_apply.py)."""
     cases = benchmark_cases(dtypes=(dtype,))
     cases = [c for c in cases if c.shape == cases[0].shape]
     odd = dataclasses.replace(cases[0], mode="window", shifts=(None, 3), window=WINDOW, rank=1)
@@ -148,7 +151,9 @@ def coverage_cases(dtype: str = "fp32") -> list[StaticCase]:
                                rank=1, design=d, untiled=u)
            for d, u in ((2, False), (3, False), (3, True))
            for name in ("swin2", "swin4")]  # fmt: skip
-    return [*cases, odd, *two]
+    wide = dataclasses.replace(cases[0], mode="global", shifts=(None,), window=None, rank=1,
+                               head_dim=16)  # fmt: skip
+    return [*cases, odd, *two, wide]
 
 
 @contextlib.contextmanager

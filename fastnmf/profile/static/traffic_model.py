@@ -374,7 +374,6 @@ def _global_launches(case: StaticCase, pass_: str) -> list[_Launch]:
         raise ModelUnsupported(f"the model needs E * 4 a multiple of {SECTOR}, E = {E}")
     progs = NC * M
     xsec = _blocks_secs(nvox, BV, isz) * E * M
-    g0sec = _rolled_g0_sectors(plan, S, rows) * M
     backward = pass_ == "bwd"
     # the reduction reads its chunks SUB * PAIR columns at a time
     step = plan.sub * plan.pair
@@ -419,16 +418,40 @@ def _global_launches(case: StaticCase, pass_: str) -> list[_Launch]:
     it.add("norms_ptr", loaded=ms * T * F32, sectors=ms * T, unique=ms * T * F32)
     it.add("sym_ptr", stored=ms * E * E * F32, sectors=ms * mat, unique=ms * E * E * F32)
     it.add("hbar_ptr", stored=ms * E * F32, sectors=ms * vec, unique=ms * E * F32)
-    ap = _Launch("_apply_bwd_kernel", (NC, M))
+    ap = _global_apply_bwd(plan, case, S, rows, xbytes)
+    return [red, it, ap]
+
+
+def _global_apply_bwd(plan, case: StaticCase, S, rows, xbytes: int) -> _Launch:
+    """The global backward's output pass (kernels/_global_apply.py): with the rows in a thread
+    (``_apply_bwd_kernel``) a program of ``apply_v`` columns loads x and dY, each shift's u, then
+    row by row u and h̄ of every shift (a gather across the shifts) and S's row of each shift, and
+    stores dX row by row; else (``_apply_bwd_many_rows_kernel``) u, h̄ and S whole a shift."""
+    E, NS, M, isz = plan.E, plan.nshift, plan.matrices, case.itemsize
+    progs, ms = plan.apply_nchunk * M, M * NS
+    vec, mat = _vec_secs(0, E, F32), _vec_secs(0, E * E, F32)
+    xsec = _blocks_secs(plan.nvox, plan.apply_v, isz) * E * M
+    if plan.rows_in_thread:
+        ap = _Launch("_apply_bwd_kernel", (plan.apply_nchunk, M))
+        # a row's gather of one entry of every shift's E-vector: distinct sectors over the rows
+        gather = sum(len({((m * NS + s) * E + c) * F32 // SECTOR for s in range(NS)})
+                     for m in range(M) for c in range(E)) * plan.apply_nchunk  # fmt: skip
+        uvec = dict(loaded=2 * progs * NS * E * F32, sectors=progs * NS * vec + gather)
+        hvec = dict(loaded=progs * NS * E * F32, sectors=gather)
+        srows = dict(loaded=progs * NS * E * E * F32, sectors=progs * NS * E * vec)
+    else:
+        ap = _Launch("_apply_bwd_many_rows_kernel", (plan.apply_nchunk, M))
+        uvec = hvec = dict(loaded=progs * NS * E * F32, sectors=progs * NS * vec)
+        srows = dict(loaded=progs * NS * E * E * F32, sectors=progs * NS * mat)
     ap.add("x_ptr", loaded=xbytes, sectors=xsec, unique=xbytes)
     ap.add("dy_ptr", loaded=xbytes, sectors=xsec, unique=xbytes)
-    per = progs * NS
-    ap.add("u_ptr", loaded=per * E * F32, sectors=per * vec, unique=ms * E * F32)
-    ap.add("hbar_ptr", loaded=per * E * F32, sectors=per * vec, unique=ms * E * F32)
-    ap.add("sym_ptr", loaded=per * E * E * F32, sectors=per * mat, unique=ms * E * E * F32)
-    ap.add("g0_ptr", loaded=NS * M * nvox * F32, sectors=g0sec, unique=nvox * F32)
+    ap.add("u_ptr", **uvec, unique=ms * E * F32)
+    ap.add("hbar_ptr", **hvec, unique=ms * E * F32)
+    ap.add("sym_ptr", **srows, unique=ms * E * E * F32)
+    g0sec = _rolled_g0_sectors(plan, S, rows, block_v=plan.apply_v) * M
+    ap.add("g0_ptr", loaded=NS * M * plan.nvox * F32, sectors=g0sec, unique=plan.nvox * F32)
     ap.add("dx_ptr", stored=xbytes, sectors=xsec, unique=xbytes)
-    return [red, it, ap]
+    return ap
 
 
 def model_launches(case: StaticCase, pass_: str, *, sectors: bool = True) -> list[dict]:
