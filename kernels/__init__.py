@@ -7,7 +7,8 @@
   persistent launch, pipelined plane by plane so x's second read comes from L2);
 - which design runs: :func:`window_design` (by the shift count, from the H200's timing:
   bench/results/h200_2026-12-04/), or ``window_nmf.TUNING["design"] = 1 | 2 | 3``;
-- :mod:`.global_nmf`: rank one over whole matrices (global matricization, plain NMF);
+- :mod:`.global_nmf`: rank one over whole matrices (global matricization, plain NMF); its
+  output passes and column blocks in :mod:`._global_apply`;
 - :mod:`.window_nmf_rank`: rank R > 1 over (shifted) windows, the literal MU / HALS loop on chip,
   forward and backward;
 - :mod:`.global_nmf_rank`: rank R > 1 over whole matrices, forward only (one reduction pass per
