@@ -96,3 +96,24 @@ def test_random_window_case_matches_the_oracle_at_gpu_geometry(gen, monkeypatch,
     assert any(launch.kind == "triton" for launch in count.launches), case  # counted, checked
     assert rel_err(y, y_ref) <= 1e-5, case
     assert rel_err(dx, dx_ref) <= 1e-4, case
+
+
+@pytest.mark.skipif(not interpreting(), reason="CPU tensors need TRITON_INTERPRET=1")
+@pytest.mark.parametrize("preset", ["brats", "isles"])
+def test_each_presets_layer_config_matches_the_oracle_at_gpu_geometry(gen, preset):
+    """The swin layer of each model preset (models/registry.py: brats E = P = 8 with shifts
+    [None, 2, 4, 6], isles E = P = 4 with [None, 1, 2, 3], sub-boxes of one voxel), with the
+    design the code picks for it (kernels.design_for: the third for both), launched as a GPU
+    would launch it and bounds-checked, against the float64 oracle, forward and backward."""
+    arch = importlib.import_module("fastnmf.models.registry").ARCH_PRESETS[preset]
+    e, p, shifts = arch["head_dim"], arch["window"], arch["shifts"]
+    shape = (1, 2 * e, 2 * p, 3 * p, 2 * p)  # two heads; 12 windows, 3 along the middle axis
+    x, v0, dy = nmf_inputs(gen, shape, p)
+    kw = dict(head_dim=e, patch_size=p, shifts=shifts)
+    design = importlib.import_module("fastnmf.kernels").design_for(x, e, (p,) * 3, shifts)
+    assert design == 3, design
+    y_ref, dx_ref = run_grad("reference", x, v0, dy, torch.float64, "cpu", **kw)
+    with counting() as count:
+        y, dx = run_grad("triton", x, v0, dy, torch.float32, "cpu", **kw)
+    assert {launch.kernel for launch in count.launches} >= {"_fused_kernel", "_fused_bwd_kernel"}
+    assert rel_err(y, y_ref) <= 1e-5 and rel_err(dx, dx_ref) <= 1e-4
