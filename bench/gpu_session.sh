@@ -30,6 +30,11 @@
 #             stats kernels capped at 128 registers, 16 programs an SM with spills, or in chunks
 #             of 64 voxels, 16 / 12 fp32 / bf16; uncapped 12 / 8); what deleting design 1 waits for;
 #             design 2 with its four tiles asks for each bf16 sector once, design 1 twice
+#   isles     bench/time_designs.py for the isles preset's layer (E = P = 4, shifts [None, 1, 2, 3],
+#             sub-boxes of one voxel; 2x32x64^3, fp32/bf16): the code's choice (design 3, whose
+#             tiles do not fit windows of 64 voxels: its per-window passes, the backward 56 B of
+#             spills) against designs 1 and 2 (design 2's four tiles spill nothing) and design 3
+#             at 8 warps (no spill): which design that preset should take (2026-12-06, untimed)
 #   winop     the window triton ops on the GPU (tests/test_triton_op.py, tests/test_custom_op.py):
 #             Inductor compiles a block with each window design's kernels, compiled = eager; and
 #             every Triton path of the layer captured in a CUDA graph (tests/test_cuda_graph.py)
@@ -60,12 +65,12 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/gpu}"
-[ $# -gt 0 ] || { echo "usage: bench/gpu_session.sh PHASE [PHASE ...] (setup, designs, schedule, check3, v3tests, local, winop, glue, check, nmf, global, compiled, tune, layer, model, profile)" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: bench/gpu_session.sh PHASE [PHASE ...] (setup, designs, schedule, check3, v3tests, local, isles, winop, glue, check, nmf, global, compiled, tune, layer, model, profile)" >&2; exit 2; }
 for phase in "$@"; do
     case "$phase" in
-    setup | designs | schedule | check3 | v3tests | local | winop | glue | check | nmf | global | compiled | tune | layer | model | profile) ;;
+    setup | designs | schedule | check3 | v3tests | local | isles | winop | glue | check | nmf | global | compiled | tune | layer | model | profile) ;;
     *)
-        echo "gpu_session.sh: error: unknown phase '$phase' (setup, designs, schedule, check3, v3tests, local, winop, glue, check, nmf, global, compiled, tune, layer, model, profile)" >&2
+        echo "gpu_session.sh: error: unknown phase '$phase' (setup, designs, schedule, check3, v3tests, local, isles, winop, glue, check, nmf, global, compiled, tune, layer, model, profile)" >&2
         exit 2
         ;;
     esac
@@ -141,6 +146,14 @@ for phase in "$@"; do
             "design 3, 8 warps, 2 programs/SM" \
             reference --shifts "[None]" --compile-budget 90 --out "$OUT/local/designs_local.json"
         tail -n 25 "$OUT/local/time.log"
+        ;;
+    isles)
+        step isles time "${STEP_LIMIT_ISLES:-200}" python3 bench/time_designs.py --head-dim 4 \
+            --window 4 --shifts "[None, 1, 2, 3]" --shape 2 32 64 64 64 --variants \
+            "design 1" "default" "design 2" "design 2, four tiles" \
+            "design 3, 8 warps, 2 programs/SM" reference --compile-budget 90 \
+            --out "$OUT/isles/designs_isles.json"
+        tail -n 25 "$OUT/isles/time.log"
         ;;
     winop)
         step winop tests "${STEP_LIMIT_WINOP:-240}" python3 -m pytest -v -p no:cacheprovider -rs \

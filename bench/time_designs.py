@@ -6,23 +6,25 @@
         # --variants pick a part)
     python3 bench/time_designs.py --static      # no GPU: each case compiled for sm_90a, its
         # launches' registers, spills and resident warps (the static report beside the timing)
+    python3 bench/time_designs.py --head-dim 4 --window 4 --shifts "[None, 1, 2, 3]" \
+        --shape 2 32 64 64 64                   # the isles preset's layer (E = P = 4)
 
-For each dtype (fp32, bf16), shift set ([None, 4], [None, 2, 4, 6]) and variant (design 1, 2, 3,
-and design 3 with other ``_window3_sched.TUNING`` settings: warps 8, 16 windows a ticket, 2
-programs per SM, 2 programs of 16 warps at 64 registers (32 resident warps an SM), neighbours'
-parts not merged, the forward's parts or output pass, the backward's output or parts pass on a
-ticket's tiles, or several), the layer's forward and forward+backward (``fastnmf.matricized_nmf``,
-kernel "triton", E = P = 8, T = 5) are timed (median of CUDA events), as % of the device's copy
-bandwidth for the ideal bytes (forward: read x + write y; backward: + read dy, write dx) and as a
-ratio to the first variant (design 1), variant by variant in the order given (``_cases``: a run cut
-short keeps the first variants of every case); every variant's output and gradient are compared
-with its (max relative difference), and on a GPU each kernel's time and launches a call
-(``torch.profiler``: where a variant's time goes, printed under its row). A variant that fails is
-recorded with its error and the others go on. Writes one JSON document (rewritten after every row,
-so a run stopped by the GPU session's time limit keeps what it measured) and prints a table
-(flushed row by row), then the fastest variant of each dtype and shift set against issue 16's
-targets (forward 60 %, forward+backward 45 % of copy bandwidth: met, or missed by how much; "best"
-in the JSON, kept up to date row by row); nothing here gates anything.
+For each dtype (fp32, bf16), shift set ([None, 4], [None, 2, 4, 6]) and variant (design 1, 2, 3, and
+design 3 with other ``_window3_sched.TUNING`` settings: warps 8, 16 windows a ticket, 2 programs per
+SM, 2 programs of 16 warps at 64 registers (32 resident warps an SM), neighbours' parts not merged,
+the forward's parts or output pass, the backward's output or parts pass on a ticket's tiles, or
+several), the layer's forward and forward+backward (``fastnmf.matricized_nmf``, kernel "triton", E =
+P = 8 unless --head-dim / --window say, T = 5) are timed (median of CUDA events), as % of the
+device's copy bandwidth for the ideal bytes (forward: read x + write y; backward: + read dy, write
+dx) and as a ratio to the first variant (design 1), variant by variant in the order given
+(``_cases``: a run cut short keeps the first variants of every case); every variant's output and
+gradient are compared with its (max relative difference), and on a GPU each kernel's time and
+launches a call (``torch.profiler``: where a variant's time goes, printed under its row). A variant
+that fails is recorded with its error and the others go on. Writes one JSON document (rewritten
+after every row, so a run stopped by the GPU session's time limit keeps what it measured) and prints
+a table (flushed row by row), then the fastest variant of each dtype and shift set against issue
+16's targets (forward 60 %, forward+backward 45 % of copy bandwidth: met, or missed by how much;
+"best" in the JSON, kept up to date row by row); nothing here gates anything.
 
 On a GPU the cases' kernels are first compiled by ``--jobs`` processes at once (``--compile-only``
 each; Triton compiles one kernel at a time in a process, tens of seconds for a fused kernel, and
@@ -48,8 +50,10 @@ import fastnmf
 from fastnmf.profile.timing import copy_bw, environment, kernel_ms, median_ms, pick_device
 
 REFERENCE = "reference"  # the variant that runs kernel="reference" (design 0: no window design)
-# the shift sets; "[None]" (local windows, not timed by default: design 1 runs them until timed)
-SHIFTS = {"[None, 4]": [None, 4], "[None, 2, 4, 6]": [None, 2, 4, 6], "[None]": [None]}
+# the shift sets; "[None]" (local windows, not timed by default: design 1 runs them until timed);
+# "[None, 1, 2, 3]" the isles preset's (models/registry.py: with --head-dim 4 --window 4)
+SHIFTS = {"[None, 4]": [None, 4], "[None, 2, 4, 6]": [None, 2, 4, 6], "[None]": [None],
+          "[None, 1, 2, 3]": [None, 1, 2, 3]}
 DEFAULT_SHIFTS = ["[None, 4]", "[None, 2, 4, 6]"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -261,9 +265,9 @@ SHORTLIST = ("design 1", "design 3, four tiles", "design 3, four tiles, no L2 hi
              "design 3, four tiles, a run a thread", "design 3, 8 warps", REFERENCE)  # fmt: skip
 
 
-def _layer(x, v0, shifts, kernel="triton"):
-    return fastnmf.matricized_nmf(x, v0, head_dim=8, window=8, shifts=shifts, iters=5,
-                                  kernel=kernel, check=False)  # fmt: skip
+def _layer(x, v0, shifts, kernel="triton", head_dim: int = 8, window: int = 8):
+    return fastnmf.matricized_nmf(x, v0, head_dim=head_dim, window=window, shifts=shifts,
+                                  iters=5, kernel=kernel, check=False)  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -288,17 +292,19 @@ def _tuned(design: int, tuning: dict):
 
 
 def _run(design: int, tuning: dict, x, v0, dy, shifts, device, repeats: int,
-         warmup: int, timed: bool = True) -> dict:  # fmt: skip
+         warmup: int, timed: bool = True, layer: dict | None = None) -> dict:  # fmt: skip
+    """One variant's calls; ``layer``: the layer's head_dim and window (default 8, 8)."""
     kernel = "reference" if design == 0 else "triton"
+    layer = layer or {}
     with _tuned(design, tuning):
         xg = x.detach().requires_grad_()
 
         def fwd():
             with torch.no_grad():
-                return _layer(x, v0, shifts, kernel)
+                return _layer(x, v0, shifts, kernel, **layer)
 
         def fwdbwd():
-            (g,) = torch.autograd.grad(_layer(xg, v0, shifts, kernel), xg, dy)
+            (g,) = torch.autograd.grad(_layer(xg, v0, shifts, kernel, **layer), xg, dy)
             return g
 
         y, g = fwd(), fwdbwd()  # the first calls compile
@@ -324,6 +330,10 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", type=int, nargs=5, default=[2, 32, 128, 128, 128],
                     metavar=("B", "C", "D", "H", "W"))  # fmt: skip
+    ap.add_argument("--head-dim", type=int, default=8,
+                    help="E, channels a head (the isles preset: 4); C must be a multiple")
+    ap.add_argument("--window", type=int, default=8,
+                    help="P, the window's side (the isles preset: 4); the sides' divisor")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2,
                     help="untimed calls before the timed ones (after the first, compiling call)")
@@ -351,6 +361,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     ap = _parser()
     args = ap.parse_args(argv)
+    _, channels, *spatial = args.shape
+    if channels % args.head_dim or any(side % args.window for side in spatial):
+        ap.error(f"--shape {' '.join(map(str, args.shape))}: C must be a multiple of --head-dim "
+                 f"{args.head_dim} and D, H, W of --window {args.window}")  # fmt: skip
     if args.shortlist:
         if args.variants != ap.get_default("variants"):
             ap.error("--shortlist and --variants: give one")
@@ -360,8 +374,9 @@ def main(argv=None) -> int:
     device = pick_device("auto")
     if args.compile_only:
         for dname, sname, _, design, tuning in _cases(args):
-            x, v0, dy = _inputs(args.shape, dname, device)
-            _run(design, tuning, x, v0, dy, SHIFTS[sname], device, 0, 0, timed=False)
+            x, v0, dy = _inputs(args.shape, dname, device, args.window)
+            _run(design, tuning, x, v0, dy, SHIFTS[sname], device, 0, 0, timed=False,
+                 layer=_layer_args(args))  # fmt: skip
         return 0
     jobs = args.jobs or (min(8, os.cpu_count() or 1) if device.type == "cuda" else 1)
     if jobs > 1:
@@ -370,12 +385,13 @@ def main(argv=None) -> int:
     rows, inputs, base = [], {}, {}
     for dname, sname, name, design, tuning in _cases(args):
         if dname not in inputs:  # made once a dtype (the cases alternate dtypes)
-            inputs[dname] = _inputs(args.shape, dname, device)
+            inputs[dname] = _inputs(args.shape, dname, device, args.window)
         x, v0, dy = inputs[dname]
         nbytes = x.numel() * x.element_size()
         row = dict(dtype=dname, shifts=sname, variant=name)
         try:
-            r = _run(design, tuning, x, v0, dy, SHIFTS[sname], device, args.repeats, args.warmup)
+            r = _run(design, tuning, x, v0, dy, SHIFTS[sname], device, args.repeats, args.warmup,
+                     layer=_layer_args(args))  # fmt: skip
         except Exception as e:  # noqa: BLE001 - recorded, the other variants go on
             rows.append(dict(row, error=f"{type(e).__name__}: {e}"))
             print(f"{dname} {sname} {name}: {type(e).__name__}: {e}", file=sys.stderr,
@@ -493,8 +509,9 @@ def _static(args, argv: list[str]) -> int:
             continue
         if design is None:  # the code's choice for the shift set
             design = importlib.import_module("fastnmf.kernels").window_design(SHIFTS[sname])
-        case = StaticCase("window", batch, channels, tuple(spatial), dtype=dname, head_dim=8,
-                          window=8, iters=5, shifts=tuple(SHIFTS[sname]), design=design)
+        case = StaticCase("window", batch, channels, tuple(spatial), dtype=dname,
+                          head_dim=args.head_dim, window=args.window, iters=5,
+                          shifts=tuple(SHIFTS[sname]), design=design)  # fmt: skip
         row = dict(dtype=dname, shifts=sname, variant=name)
         try:
             with _tuned(design, tuning):
@@ -514,12 +531,17 @@ def _static(args, argv: list[str]) -> int:
     return 1 if failed else 0
 
 
-def _inputs(shape, dname, device):
-    """x, v0, dy of a dtype (the same seed for every dtype)."""
+def _layer_args(args) -> dict:
+    """The layer's head_dim and window (``_layer``) from the command line."""
+    return dict(head_dim=args.head_dim, window=args.window)
+
+
+def _inputs(shape, dname, device, window: int = 8):
+    """x, v0, dy of a dtype (the same seed for every dtype); v0 one entry a window voxel."""
     gen = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(*shape, generator=gen).to(device, DTYPES[dname])
     dy = torch.randn(*shape, generator=gen).to(device, DTYPES[dname])
-    v0 = torch.rand(512, 1, generator=gen).to(device, DTYPES[dname])
+    v0 = torch.rand(window**3, 1, generator=gen).to(device, DTYPES[dname])
     return x, v0, dy
 
 
@@ -541,7 +563,8 @@ def _cases(args):
 def _compile_commands(args) -> list[list[str]]:
     """One ``--compile-only`` command a case, in the timing's order."""
     base = [sys.executable, os.path.abspath(__file__), "--compile-only", "--shape",
-            *map(str, args.shape)]  # fmt: skip
+            *map(str, args.shape), "--head-dim", str(args.head_dim), "--window",
+            str(args.window)]  # fmt: skip
     return [[*base, "--dtypes", d, "--shifts", s, "--variants", v]
             for d, s, v, design, _ in _cases(args) if design != 0]  # fmt: skip
 

@@ -178,6 +178,33 @@ def test_time_designs_runs(tmp_path):
     assert all(r["dx_rel_diff_vs_design1"] < 1e-5 for r in rows[1:])
 
 
+def test_time_designs_times_the_isles_presets_layer(tmp_path, capsys):
+    """``--head-dim 4 --window 4 --shifts "[None, 1, 2, 3]"``: the isles preset's layer (E = P
+    = 4, sub-boxes of one voxel) runs under the interpreter with the design the code picks (a
+    head of 8 channels or a window of 8 would not fit the shape: the run would fail); the
+    compiling processes get the same layer; a shape the layer cannot take is refused before
+    anything runs. (tests/test_window_fuzz.py checks this layer's values against the oracle.)"""
+    import json
+
+    mod = load_bench("time_designs")
+    out = tmp_path / "isles.json"
+    isles = ["--head-dim", "4", "--window", "4", "--shifts", "[None, 1, 2, 3]"]
+    rc = mod.main(["--shape", "1", "4", "8", "4", "4", *isles, "--repeats", "1", "--warmup",
+                   "0", "--dtypes", "fp32", "--variants", "default",
+                   "--out", str(out)])  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    assert rc == 0 and [r["variant"] for r in rows] == ["default"], rows
+    assert rows[0]["fwd_ms"] > 0 and rows[0]["fwdbwd_ms"] > 0
+    args = mod._parser().parse_args(["--shape", "1", "8", "8", "12", "8", *isles])
+    for cmd in mod._compile_commands(args):
+        sub = mod._parser().parse_args(cmd[2:])
+        assert (sub.head_dim, sub.window, sub.shifts) == (4, 4, ["[None, 1, 2, 3]"])
+    with pytest.raises(SystemExit) as exc:
+        mod.main(["--shape", "1", "4", "8", "4", "4", "--window", "8"])
+    assert exc.value.code == 2
+    assert "D, H, W of --window 8" in capsys.readouterr().err
+
+
 def test_time_designs_static_compiles_each_variant_with_its_settings(tmp_path):
     """``--static`` (no GPU): each case's launches compiled for sm_90a with its variant's
     settings. The register-capped variant's fused kernels at 64 registers and 32 resident warps
