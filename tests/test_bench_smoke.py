@@ -303,7 +303,8 @@ def test_time_designs_keeps_what_it_measured_when_cut_short(tmp_path, monkeypatc
     mod = load_bench("time_designs")
     calls = []
 
-    def fake_run(design, tuning, x, v0, dy, shifts, device, repeats, warmup, timed=True):
+    def fake_run(design, tuning, x, v0, dy, shifts, device, repeats, warmup, timed=True,
+                 layer=None):
         calls.append(design)
         if len(calls) == 2:
             raise KeyboardInterrupt  # what a timeout's signal would end the run with
@@ -332,7 +333,8 @@ def test_time_designs_names_the_fastest_variant_against_the_targets(tmp_path, mo
     mod = load_bench("time_designs")
     times = {1: (0.1, 0.4), 2: None, 3: (0.04, 0.3)}  # ms; design 2 fails
 
-    def fake_run(design, tuning, x, v0, dy, shifts, device, repeats, warmup, timed=True):
+    def fake_run(design, tuning, x, v0, dy, shifts, device, repeats, warmup, timed=True,
+                 layer=None):
         if times[design] is None:
             raise RuntimeError("no kernel")
         return dict(fwd_ms=times[design][0], fwdbwd_ms=times[design][1], y=x, dx=x)

@@ -16,7 +16,8 @@ wn = importlib.import_module("fastnmf.kernels.window_nmf")  # the package export
 def _fake_times(mod, monkeypatch, times):
     """``_run`` replaced: (fwd ms, fwd+bwd ms) a design (0: the reference), None: it fails."""
 
-    def fake_run(design, tuning, x, v0, dy, shifts, device, repeats, warmup, timed=True):
+    def fake_run(design, tuning, x, v0, dy, shifts, device, repeats, warmup, timed=True,
+                 layer=None):
         if times[design] is None:
             raise RuntimeError("no kernel")
         fwd, fwdbwd = times[design]
