@@ -16,7 +16,9 @@ Backward: ``_reduce_kernel`` in its backward mode gives partial dP = dY X^T / n_
 ``_iterate_bwd_kernel`` sums them and goes back through the normalised power steps (the chain of
 fastnmf.closed_form.backprop_iterates, in registers, one launch) to S_s = K̄_s + K̄_s^T and h̄_s,
 and ``_apply_bwd_kernel`` writes
-dX(v) = sum_s [u_s (u_s^T dY(v)) / n_shifts + S_s x(v) + h̄_s g0_s(v)], times ReLU'(x).
+dX(v) = sum_s [u_s (u_s^T dY(v)) / n_shifts + S_s x(v) + h̄_s g0_s(v)], times ReLU'(x) (the
+output passes and the column blocks: kernels/_global_apply.py; up to 8 rows each thread holds
+all the rows of its columns there, more take ``_apply_bwd_many_rows_kernel``).
 Saved for backward: the input, plus O(E^2) per matrix and shift (u among them: the backward
 makes no copy of it). Three launches a call each way, nothing else (no PyTorch op).
 """
