@@ -22,6 +22,15 @@
 #   check3    bench/check_design3.py: design 3's forward and gradient against the reference at
 #             2x32x128^3 (untiled, one program, tiled; BraTS and [None, 4]): whether the
 #             shared-memory fix of 274807b holds on the GPU (run it first next time)
+#   ncu       Nsight Compute on every kernel of one training call (forward + backward,
+#             2x32x128^3) of each case of bench/ncu_designs.py (the code's choice for [None, 4]
+#             and for [None, 2, 4, 6], fp32 and bf16, then two latency candidates; NCU_CASES
+#             picks, NCU_ARGS adds arguments to each run): speed of light, occupancy, warp
+#             states, scheduler, memory. Each case first runs unprofiled, all at once, so that
+#             their kernels compile in parallel. Writes <case>.ncu-rep, its details page and raw
+#             metrics (CSV), and summary.md: per kernel the cycles between a warp's instructions
+#             and what the warps wait for, what timings cannot say (needs ncu on PATH, or
+#             NCU=path; clocks left alone)
 #   v3tests   design 3's CUDA tests (tests/test_kernels_v3.py, tests/test_window3_*.py), in 8
 #             pytest-xdist processes (a line a test: a call stopped at its limit still says
 #             which passed)
@@ -66,12 +75,12 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/gpu}"
-[ $# -gt 0 ] || { echo "usage: bench/gpu_session.sh PHASE [PHASE ...] (setup, designs, schedule, check3, v3tests, local, isles, winop, glue, check, nmf, global, compiled, tune, layer, model, profile)" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: bench/gpu_session.sh PHASE [PHASE ...] (setup, designs, schedule, check3, ncu, v3tests, local, isles, winop, glue, check, nmf, global, compiled, tune, layer, model, profile)" >&2; exit 2; }
 for phase in "$@"; do
     case "$phase" in
-    setup | designs | schedule | check3 | v3tests | local | isles | winop | glue | check | nmf | global | compiled | tune | layer | model | profile) ;;
+    setup | designs | schedule | check3 | ncu | v3tests | local | isles | winop | glue | check | nmf | global | compiled | tune | layer | model | profile) ;;
     *)
-        echo "gpu_session.sh: error: unknown phase '$phase' (setup, designs, schedule, check3, v3tests, local, isles, winop, glue, check, nmf, global, compiled, tune, layer, model, profile)" >&2
+        echo "gpu_session.sh: error: unknown phase '$phase' (setup, designs, schedule, check3, ncu, v3tests, local, isles, winop, glue, check, nmf, global, compiled, tune, layer, model, profile)" >&2
         exit 2
         ;;
     esac
@@ -132,6 +141,36 @@ for phase in "$@"; do
     check3)
         step check3 run "${STEP_LIMIT_CHECK3:-180}" python3 bench/check_design3.py
         cat "$OUT/check3/run.log"
+        ;;
+    ncu)
+        mkdir -p "$OUT/ncu"
+        NCU_BIN=${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)}
+        if [ -z "$NCU_BIN" ]; then
+            echo "ncu not found (PATH, /opt/nvidia/nsight-compute): set NCU" | tee "$OUT/ncu/missing.log"
+        else
+            cases=${NCU_CASES:-$(python3 bench/ncu_designs.py cases)}
+            # every case once without ncu, all at once: their kernels compiled into Triton's
+            # cache by as many processes, so that each profiled run below only loads them
+            # shellcheck disable=SC2086  # the cases and NCU_ARGS: words
+            for c in $cases; do
+                timeout "${STEP_LIMIT_NCU_WARM:-240}" python3 bench/ncu_designs.py run --case "$c" \
+                    ${NCU_ARGS:-} >"$OUT/ncu/$c.warm.log" 2>&1 &
+            done
+            wait
+            # shellcheck disable=SC2086
+            for c in $cases; do
+                step ncu "$c" "${STEP_LIMIT_NCU:-150}" "$NCU_BIN" --clock-control none \
+                    --profile-from-start off --section SpeedOfLight --section Occupancy \
+                    --section LaunchStats --section WarpStateStats --section SchedulerStats \
+                    --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \
+                    -f -o "$OUT/ncu/$c" python3 bench/ncu_designs.py run --case "$c" ${NCU_ARGS:-}
+                "$NCU_BIN" -i "$OUT/ncu/$c.ncu-rep" --page details >"$OUT/ncu/$c.details.txt" 2>&1
+                "$NCU_BIN" -i "$OUT/ncu/$c.ncu-rep" --page raw --csv >"$OUT/ncu/$c.raw.csv" 2>&1
+            done
+            step ncu summary 60 python3 bench/ncu_designs.py summarize "$OUT/ncu" \
+                --out "$OUT/ncu/summary.md"
+            cat "$OUT/ncu/summary.md"
+        fi
         ;;
     v3tests)
         step v3tests tests "${STEP_LIMIT_V3TESTS:-300}" python3 -m pytest -v -n 8 \
