@@ -20,7 +20,8 @@ GPU (the tests, under ``TRITON_INTERPRET=1``) the same calls run unprofiled.
 there is one ``DIR/<case>.raw.csv``, ``--page raw --csv``) and kernel: grid and block, registers,
 duration, achieved warps an SM, cycles between a warp's instructions, the throughputs (SM,
 L1/TEX, L2, DRAM; % of peak) and the stall reasons that cost the most (cycles per issued
-instruction from the raw metrics, else the rule texts of the details page).
+instruction from the raw metrics, else the rule texts of the details page), and the memory
+tables' rules on shared-memory bank conflicts and uncoalesced accesses where ncu printed any.
 """
 
 from __future__ import annotations
@@ -65,6 +66,12 @@ _METRIC = re.compile(r"^ {4}(\S.*?\S) {2,}(?:(\S+) +)?(-?[\d,]+(?:\.\d+)?)\s*$")
 _STALL_RULE = re.compile(r"spends ([\d.]+) cycles being stalled (.+?)\. .*?This stall type "
                          r"represents about ([\d.]+)% of the total", re.S)  # fmt: skip
 _RAW_STALL = re.compile(r"issue_stalled_([a-z_]+?)_per_issue_active\.ratio$")
+# the memory tables' rules on access patterns (wording of ncu's MemoryWorkloadAnalysis_Tables)
+_BANK_RULE = re.compile(r"([\d.]+) ?- ?way bank conflicts? across all ([\d,]+) shared "
+                        r"(load|store) requests", re.I)  # fmt: skip
+_UNCOALESCED_RULE = re.compile(r"uncoalesced (global|shared) accesses resulting in a total of "
+                               r"([\d,]+) excessive (?:sectors|wavefronts) \(([\d.]+)% of the "
+                               r"total", re.I)  # fmt: skip
 
 
 def _number(text: str) -> float:
@@ -93,6 +100,7 @@ def parse_details(text: str) -> list[dict]:
         elif line.startswith("    ") and not set(line.strip()) <= set("- "):
             prose.append(line.strip())
             current["stalls"] = _stall_rules(" ".join(prose))
+            current["access"] = _access_rules(" ".join(prose))
     return kernels
 
 
@@ -104,6 +112,14 @@ def _stall_rules(prose: str) -> list[tuple[str, float, float]]:
         what = re.sub(r"^(waiting (for |on )?|on )", "", m[2]).split(" (")[0]
         rules.append((what, float(m[1]), float(m[3])))
     return rules
+
+
+def _access_rules(prose: str) -> list[str]:
+    """Short forms of the memory tables' rules on bank conflicts and uncoalesced accesses."""
+    text = re.sub(r"\s+", " ", prose)
+    out = [f"shared {m[3]}s {m[1]}-way" for m in _BANK_RULE.finditer(text)]
+    out += [f"uncoalesced {m[1]} {m[3]} %" for m in _UNCOALESCED_RULE.finditer(text)]
+    return list(dict.fromkeys(out))
 
 
 def metric(kernel: dict, name: str, unit: str) -> float | None:
@@ -159,8 +175,9 @@ def _fmt(value: float | None) -> str:
 def summarize(folder: Path) -> str:
     """The markdown table of every case in ``folder`` (module docstring)."""
     cols = [c for c, _, _ in DETAILS]
-    lines = ["| case | kernel | grid x block | " + " | ".join(cols) + " | top stalls |",
-             "|---|---|---|" + "---:|" * len(cols) + "---|"]  # fmt: skip
+    lines = ["| case | kernel | grid x block | " + " | ".join(cols)
+             + " | top stalls | access rules |",
+             "|---|---|---|" + "---:|" * len(cols) + "---|---|"]  # fmt: skip
     totals = []
     details = sorted(folder.glob("*.details.txt"))
     if not details:
@@ -171,13 +188,15 @@ def summarize(folder: Path) -> str:
         raw_path = folder / f"{case}.raw.csv"
         raws = parse_raw(raw_path.read_text(errors="replace")) if raw_path.exists() else []
         if not kernels:
-            lines.append(f"| {case} | (no kernel in the details page) |||" + "|" * len(cols))
+            lines.append(f"| {case} | (no kernel in the details page) |||" + "|" * (len(cols) + 1))
             continue
         for i, k in enumerate(kernels):
             raw = raws[i] if i < len(raws) else None
             geo = f"{k['grid'][0]}x{k['grid'][1]}x{k['grid'][2]} x {k['block'][0]}"
             vals = " | ".join(_fmt(metric(k, name, unit)) for _, name, unit in DETAILS)
-            lines.append(f"| {case} | {k['name']} | {geo} | {vals} | {_stall_text(k, raw)} |")
+            access = ", ".join(k.get("access", [])) or "-"
+            lines.append(f"| {case} | {k['name']} | {geo} | {vals} | {_stall_text(k, raw)} "
+                         f"| {access} |")  # fmt: skip
         ms = [metric(k, "Duration", "ms") or 0.0 for k in kernels]
         totals.append(f"- {case}: {len(kernels)} kernels, {sum(ms):.3f} ms together")
     return "\n".join(lines + ["", "Kernel time a case (ncu's replays, clocks not locked):", ""]

@@ -51,6 +51,21 @@ def test_a_duration_in_microseconds_reads_as_milliseconds():
     assert nd.metric(k, "Registers Per Thread", "register/thread") is None
 
 
+def test_memory_table_rules_read_across_wrapped_lines():
+    """The two rule texts in the wording of ncu's memory tables, wrapped as ncu wraps them."""
+    text = ("  _apply_bwd_kernel2 (256, 8, 1)x(512, 1, 1), Context 1, Stream 7, Device 0, CC 9.0\n"
+            "    OPT   The memory access pattern for shared loads might not be optimal and causes\n"
+            "          on average a 4.3 - way bank conflict across all 1,310,720 shared load\n"
+            "          requests.\n"
+            "    OPT   Uncoalesced Global Accesses: This kernel has uncoalesced global accesses\n"
+            "          resulting in a total of 52,428,800 excessive sectors (38% of the total\n"
+            "          137,887,744 sectors).\n")  # fmt: skip
+    (k,) = nd.parse_details(text)
+    assert k["access"] == ["shared loads 4.3-way", "uncoalesced global 38 %"]
+    (plain,) = nd.parse_details(H200_DETAILS.read_text())
+    assert plain["access"] == []  # that run collected no memory tables
+
+
 def test_raw_export_gives_the_costliest_stalls_first():
     (row,) = nd.parse_raw(RAW)
     assert row["Kernel Name"] == "_fused_kernel"
@@ -71,9 +86,9 @@ def test_summary_has_a_row_a_kernel_with_the_raw_stalls(tmp_path: Path):
     assert set(rows) == {"d3-s4-fp32", "plain"}
     cells = [c.strip() for c in rows["d3-s4-fp32"].strip("|").split("|")]
     assert cells[:6] == ["d3-s4-fp32", "_fused_kernel", "132x1x1 x 512", "5.1", "128", "16"]
-    assert cells[-1] == "long_scoreboard 1203.5, barrier 14.8, mio_throttle 2.4"
+    assert cells[-2:] == ["long_scoreboard 1203.5, barrier 14.8, mio_throttle 2.4", "-"]
     # no raw export: the details page's stall rules
-    assert rows["plain"].rstrip(" |").endswith("sibling warps at a CTA barrier: 14.8 (40 %)")
+    assert rows["plain"].endswith("| sibling warps at a CTA barrier: 14.8 (40 %) | - |")
     assert "- plain: 1 kernels, 5.100 ms together" in table
 
 
