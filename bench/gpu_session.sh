@@ -31,6 +31,11 @@
 #             metrics (CSV), and summary.md: per kernel the cycles between a warp's instructions
 #             and what the warps wait for, what timings cannot say (needs ncu on PATH, or
 #             NCU=path; clocks left alone)
+#   host      bench/host_overhead.py --cuda at the layer suite's small shapes (2x32x16^3,
+#             2x32x32^3; [None, 4], fp32 and bf16): a call's host time, its time back to back,
+#             with a synchronisation (as the layer suite times it) and its kernels' GPU time:
+#             why the swin layer lost to windowed SDPA there (0.33 / 1.15 ms at 16^3 on the H200
+#             against about 0.1 / 0.25 ms of host time measured without a GPU)
 #   v3tests   design 3's CUDA tests (tests/test_kernels_v3.py, tests/test_window3_*.py), in 8
 #             pytest-xdist processes (a line a test: a call stopped at its limit still says
 #             which passed)
@@ -75,12 +80,12 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/gpu}"
-[ $# -gt 0 ] || { echo "usage: bench/gpu_session.sh PHASE [PHASE ...] (setup, designs, schedule, check3, ncu, v3tests, local, isles, winop, glue, check, nmf, global, compiled, tune, layer, model, profile)" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: bench/gpu_session.sh PHASE [PHASE ...] (setup, designs, schedule, check3, ncu, host, v3tests, local, isles, winop, glue, check, nmf, global, compiled, tune, layer, model, profile)" >&2; exit 2; }
 for phase in "$@"; do
     case "$phase" in
-    setup | designs | schedule | check3 | ncu | v3tests | local | isles | winop | glue | check | nmf | global | compiled | tune | layer | model | profile) ;;
+    setup | designs | schedule | check3 | ncu | host | v3tests | local | isles | winop | glue | check | nmf | global | compiled | tune | layer | model | profile) ;;
     *)
-        echo "gpu_session.sh: error: unknown phase '$phase' (setup, designs, schedule, check3, ncu, v3tests, local, isles, winop, glue, check, nmf, global, compiled, tune, layer, model, profile)" >&2
+        echo "gpu_session.sh: error: unknown phase '$phase' (setup, designs, schedule, check3, ncu, host, v3tests, local, isles, winop, glue, check, nmf, global, compiled, tune, layer, model, profile)" >&2
         exit 2
         ;;
     esac
@@ -171,6 +176,12 @@ for phase in "$@"; do
                 --out "$OUT/ncu/summary.md"
             cat "$OUT/ncu/summary.md"
         fi
+        ;;
+    host)
+        step host small "${STEP_LIMIT_HOST:-120}" python3 bench/host_overhead.py --cuda \
+            --shifts "[None, 4]" --shapes 2x32x16^3 2x32x32^3 --dtype fp32 bf16 --calls 20 \
+            --repeats 5 --out "$OUT/host/host_cuda.json"
+        cat "$OUT/host/small.log"
         ;;
     v3tests)
         step v3tests tests "${STEP_LIMIT_V3TESTS:-300}" python3 -m pytest -v -n 8 \

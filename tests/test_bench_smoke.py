@@ -427,6 +427,25 @@ def test_host_overhead_times_each_pass_without_a_gpu(tmp_path):
     assert all(0 < r["host_us"] < 1e6 and 0 < r["host_us_uncached"] < 1e6 for r in rows)
 
 
+def test_host_overhead_splits_a_call_into_host_pipelined_synced_and_kernel_time():
+    """bench/host_overhead.py --cuda's split of a call (a GPU's small-shape time), on a stand-in
+    call of 2 ms of host time on the CPU device (where synchronising does nothing and no kernel
+    runs); off a GPU --cuda refuses with a clear error."""
+    import time
+
+    import torch
+
+    mod = load_bench("host_overhead")
+    r = mod.device_split(lambda: time.sleep(0.002), torch.device("cpu"), calls=3, repeats=2)
+    assert r["kernel_us"] == 0 and r["kernels"] == {}
+    for key in ("host_us", "pipelined_us", "synced_us"):
+        assert 2000 <= r[key] < 20000, (key, r)
+    assert r["host_us"] <= r["pipelined_us"]  # the calls' own time, within the round's
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="--cuda: no CUDA device"):
+            mod.main(["--cuda", "--shifts", "[None, 4]"])
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs the interpreter")
 def test_check_bounds_runs_a_variant_and_fails_on_an_out_of_bounds_access(tmp_path, monkeypatch):
     """bench/check_bounds.py: a variant at a ragged shape under the counter, a JSON row, exit 0;
