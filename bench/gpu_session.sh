@@ -26,11 +26,12 @@
 #             2x32x128^3) of each case of bench/ncu_designs.py (the code's choice for [None, 4]
 #             and for [None, 2, 4, 6], fp32 and bf16, then two latency candidates; NCU_CASES
 #             picks, NCU_ARGS adds arguments to each run): speed of light, occupancy, warp
-#             states, scheduler, memory. Each case first runs unprofiled, all at once, so that
-#             their kernels compile in parallel. Writes <case>.ncu-rep, its details page and raw
-#             metrics (CSV), and summary.md: per kernel the cycles between a warp's instructions
-#             and what the warps wait for, what timings cannot say (needs ncu on PATH, or
-#             NCU=path; clocks left alone)
+#             states, scheduler, memory, source counters (where the warps stall: design 3's
+#             spin-waits between programs or its tiles). Each case first runs unprofiled, all
+#             at once, so that their kernels compile in parallel. Writes <case>.ncu-rep, its
+#             details page and raw metrics (CSV), and summary.md: per kernel the cycles between
+#             a warp's instructions and what the warps wait for, what timings cannot say (needs
+#             ncu on PATH, or NCU=path; clocks left alone)
 #   host      bench/host_overhead.py --cuda at the layer suite's small shapes (2x32x16^3,
 #             2x32x32^3; [None, 4], fp32 and bf16): a call's host time, its time back to back,
 #             with a synchronisation (as the layer suite times it) and its kernels' GPU time:
@@ -168,6 +169,7 @@ for phase in "$@"; do
                     --profile-from-start off --section SpeedOfLight --section Occupancy \
                     --section LaunchStats --section WarpStateStats --section SchedulerStats \
                     --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \
+                    --section SourceCounters \
                     -f -o "$OUT/ncu/$c" python3 bench/ncu_designs.py run --case "$c" ${NCU_ARGS:-}
                 "$NCU_BIN" -i "$OUT/ncu/$c.ncu-rep" --page details >"$OUT/ncu/$c.details.txt" 2>&1
                 "$NCU_BIN" -i "$OUT/ncu/$c.ncu-rep" --page raw --csv >"$OUT/ncu/$c.raw.csv" 2>&1
