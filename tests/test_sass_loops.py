@@ -126,7 +126,8 @@ def test_ticket_counts_one_trip_with_its_calls_and_loops(tmp_path, capsys):
     sass_loops.main([str(path), "--ticket", "--loop-trips", "k.py:20=3", "f.py:30=2"])
     assert capsys.readouterr().out.strip() == (
         "ticket loop [2-7] 6 instructions; calls: f x2; one ticket: 22\n"
-        "  barriers: 0\n  shared: 0")
+        "  barriers: 0\n  shared: 0\n  global: 0\n  shuffles: 0\n"
+        "  L1 wavefronts at least: 0 (shared 0, global 0; a warp, one a cycle an SM)")
     with pytest.raises(SystemExit, match="FILE:LINE=N"):
         sass_loops.main([str(path), "--ticket", "--loop-trips", "k.py:20"])
 
@@ -180,7 +181,7 @@ def test_ticket_counts_barriers_and_shared_memory_by_line(tmp_path, capsys):
     path = tmp_path / "t.sass"
     path.write_text(text)
     sass_loops.main([str(path), "--ticket", "--loop-trips", "k.py:20=3", "f.py:30=2"])
-    assert capsys.readouterr().out.strip().splitlines()[1:] == [
+    assert capsys.readouterr().out.strip().splitlines()[1:3] == [
         "  barriers: 3 (k.py:20 x3)", "  shared: 6 (f.py:30 x6)"]
 
 
@@ -208,5 +209,29 @@ def test_ticket_ops_name_the_kernel_line_before_a_library_line(tmp_path, capsys)
     path = tmp_path / "t.sass"
     path.write_text(text)
     sass_loops.main([str(path), "--ticket", "--callers", "--loop-trips", "k.py:20=3", "f.py:30=2"])
-    assert capsys.readouterr().out.strip().splitlines()[1:] == [
+    assert capsys.readouterr().out.strip().splitlines()[1:3] == [
         "  barriers: 3 (standard.py:293<k.py:20 x3)", "  shared: 4 (standard.py:293<f.py:30 x4)"]
+
+
+def test_ticket_counts_global_memory_shuffles_and_the_fewest_l1_wavefronts(tmp_path, capsys):
+    """Global loads and stores (an LDG.E.128 in the inner loop, 3 trips; an STG.E.64 in $f's
+    loop, twice a call, 2 calls) and shuffles by line; the L1 wavefronts they and the shared
+    instructions take at least: 32 lanes x 16 B = 4 wavefronts of 128 B for each LDG.E.128 (12),
+    2 for each STG.E.64 (8), 4 for the LDSM.16.M88.4 in $f (2 a ticket: 8); shuffles none."""
+    text = (TICKET.replace("FADD R6, R6, R6", "LDG.E.128 R4, desc[UR4][R2.64]")
+            .replace("FMUL R8, R8, R8", "LDSM.16.M88.4 R8, [R2]")
+            .replace("FFMA R9, R9, R9, R9", "@!P0 STG.E.64 desc[UR4][R2.64], R8")
+            .replace("MOV R2, c[0x0][0x30]", "SHFL.BFLY PT, R3, R2, 0x1, 0x1f"))  # fmt: skip
+    trips = {"k.py:20": 3, "f.py:30": 2}
+    assert sass_loops.ticket_ops(text, trips, "global") == {"k.py:20": 3, "f.py:30": 4}
+    assert sass_loops.ticket_ops(text, trips, "shuffles") == {}  # in the prologue: not a ticket's
+    assert [sass_loops.wavefronts(i) for i in ("LDS R1, [R2]", "LDS.64 R2, [R3]",
+            "@P0 STS.128 [R1], R4", "LDSM.16.MT88.2 R4, [R2]", "STSM.16.M88 [R1], R4",
+            "LDG.E.EF.64 R2, desc[UR4][R2.64]", "ATOMG.E.ADD.STRONG.GPU PT, R3, [R2], R4",
+            "SHFL.BFLY PT, R3, R2, 0x1, 0x1f", "FADD R1, R1, R1")] == [1, 2, 4, 2, 1, 2, 1, 0, 0]
+    path = tmp_path / "t.sass"
+    path.write_text(text)
+    sass_loops.main([str(path), "--ticket", "--loop-trips", "k.py:20=3", "f.py:30=2"])
+    assert capsys.readouterr().out.strip().splitlines()[2:] == [
+        "  shared: 2 (f.py:30 x2)", "  global: 7 (f.py:30 x4, k.py:20 x3)", "  shuffles: 0",
+        "  L1 wavefronts at least: 28 (shared 8, global 20; a warp, one a cycle an SM)"]

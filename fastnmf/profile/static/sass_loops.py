@@ -20,11 +20,15 @@ outermost loop issues (its ticket loop: one ticket of each pass, as the static c
 branch once), with the functions it calls (bodies after the kernel's own code) as often as it
 calls them, and every loop whose own instructions include source line FILE:LINE run N times
 (others once: spin waits). The ticket-taking code runs for every pass but counts once. Of that
-count, the CTA barriers (``BAR``) and the shared-memory instructions (``LDS``, ``STS``, ...)
-are printed too, each with the ``--top`` source lines that issue most. ``--callers``: a line of
-Triton's own library (``triton/language/``: ``standard.py:293`` is every ``tl.sum``) is shown
-with the kernel line that precedes it in the SASS, ``standard.py:293<_window3_tile.py:273``,
-which is most often the call that reached it (a heuristic: the disassembly keeps no inlining).
+count, the CTA barriers (``BAR``), the shared-memory instructions (``LDS``, ``STS``, ...), the
+global-memory ones (``LDG``, ``STG``, atomics) and the shuffles are printed too, each with the
+``--top`` source lines that issue most, and the fewest L1/TEX data wavefronts the shared and
+global ones take (:func:`wavefronts`: a bound without bank conflicts; the unit does at most one
+a cycle, and Nsight Compute found it 48 % busy in design 3's forward on the H200).
+``--callers``: a line of Triton's own library (``triton/language/``: ``standard.py:293`` is
+every ``tl.sum``) is shown with the kernel line that precedes it in the SASS,
+``standard.py:293<_window3_tile.py:273``, which is most often the call that reached it (a
+heuristic: the disassembly keeps no inlining).
 
 A cubin is disassembled with Triton's bundled ``nvdisasm -g`` (source lines from Triton's line
 info); a Triton cache folder holds ``<kernel>.cubin`` for every compiled kernel (the static report
@@ -41,7 +45,7 @@ import re
 import sys
 
 __all__ = ["Loop", "parse_sass", "find_loops", "span_count", "ticket_count", "ticket_ops",
-           "TICKET_OPS", "disassemble", "main"]
+           "TICKET_OPS", "wavefronts", "disassemble", "main"]
 
 _LOC = re.compile(r'^\s*//## File "([^"]+)", line (\d+)')
 _LABEL = re.compile(r"^(\.L_x_\d+):")
@@ -161,7 +165,30 @@ def unused_trips(text: str, loop_trips: dict[str, int]) -> list[str]:
 TICKET_OPS = {
     "barriers": re.compile(r"^(?:@!?U?P\w+\s+)?BAR\.(?:SYNC|RED|ARV)\b"),
     "shared": re.compile(r"^(?:@!?U?P\w+\s+)?(?:LDS|STS|LDSM|STSM|ATOMS)\b"),
+    # global memory through the L1/TEX unit: loads, stores, async copies, atomics (the spin-waits'
+    # polls among them); shuffles go through the SM's memory I/O queue as loads do
+    "global": re.compile(r"^(?:@!?U?P\w+\s+)?(?:LDG|STG|LDGSTS|ATOMG|RED|ATOM)\b"),
+    "shuffles": re.compile(r"^(?:@!?U?P\w+\s+)?SHFL\b"),
 }
+# a warp's bytes per lane by an instruction's width suffix (none: 4); ldmatrix / stmatrix move
+# 128 bytes a 8x8 matrix of 16-bit values (M88, .2 / .4: two or four)
+_WIDTH = re.compile(r"\.(64|128)\b")
+_MATRIX = re.compile(r"\b(?:LDSM|STSM)\.16\.M(?:T)?88(?:\.(2|4))?\b")
+_L1_BYTES = 128  # an L1/TEX wavefront: 128 bytes of a warp's request, at most one a cycle
+
+
+def wavefronts(instruction: str) -> int:
+    """The fewest L1/TEX data wavefronts one warp-wide shared or global memory instruction takes
+    (its 32 lanes' bytes over 128 a wavefront: LDS 1, LDS.64 2, LDS.128 4, LDSM.16.M88.4 4),
+    reached without bank conflicts and, for global memory, with every lane in one line; 0 for
+    any other instruction."""
+    if not (TICKET_OPS["shared"].match(instruction) or TICKET_OPS["global"].match(instruction)):
+        return 0
+    m = _MATRIX.search(instruction)
+    if m:
+        return int(m.group(1) or 1)
+    w = _WIDTH.search(instruction)
+    return max(1, 32 * (int(w.group(1)) // 8 if w else 4) // _L1_BYTES)
 
 
 def ticket_ops(text: str, loop_trips: dict[str, int], kind: str,
@@ -264,6 +291,11 @@ def _print_ticket(text: str, specs: list[str], top: int, callers: bool = False) 
         ops = ticket_ops(text, trips, kind, callers)
         lines = ", ".join(f"{k} x{v}" for k, v in ops.most_common(top))
         print(f"  {kind}: {sum(ops.values())}" + (f" ({lines})" if lines else ""))
+    _, _, weighted, _ = _ticket_weights(text, trips, callers)
+    shared = sum(wavefronts(i) * w for i, _, w in weighted if TICKET_OPS["shared"].match(i))
+    glob = sum(wavefronts(i) * w for i, _, w in weighted if TICKET_OPS["global"].match(i))
+    print(f"  L1 wavefronts at least: {shared + glob} (shared {shared}, global {glob}; a warp, "
+          f"one a cycle an SM)")  # fmt: skip
 
 
 def main(argv=None) -> None:
