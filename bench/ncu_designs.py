@@ -65,7 +65,10 @@ _KERNEL = re.compile(r"^  (\S+) \((\d+), (\d+), (\d+)\)x\((\d+), (\d+), (\d+)\),
 _METRIC = re.compile(r"^ {4}(\S.*?\S) {2,}(?:(\S+) +)?(-?[\d,]+(?:\.\d+)?)\s*$")
 _STALL_RULE = re.compile(r"spends ([\d.]+) cycles being stalled (.+?)\. .*?This stall type "
                          r"represents about ([\d.]+)% of the total", re.S)  # fmt: skip
-_RAW_STALL = re.compile(r"issue_stalled_([a-z_]+?)_per_issue_active\.ratio$")
+# the raw metrics of the stall reasons, by family in the order preferred: the warp states'
+# cycles per issued instruction, else the source counters' samples (the reasons' shares)
+_RAW_STALLS = (re.compile(r"issue_stalled_([a-z_]+?)_per_issue_active\.ratio$"),
+               re.compile(r"^smsp__pcsamp_warps_issue_stalled_([a-z_]+)$"))  # fmt: skip
 # the memory tables' rules on access patterns (wording of ncu's MemoryWorkloadAnalysis_Tables)
 _BANK_RULE = re.compile(r"([\d.]+) ?- ?way bank conflicts? across all ([\d,]+) shared "
                         r"(load|store) requests", re.I)  # fmt: skip
@@ -145,16 +148,21 @@ def parse_raw(text: str) -> list[dict]:
 
 
 def raw_stalls(row: dict, top: int = 3) -> list[tuple[str, float]]:
-    """The ``top`` stall reasons of a raw row by cycles per issued instruction, largest first."""
-    out = []
-    for name, value in row.items():
-        m = _RAW_STALL.search(name)
-        if m:
-            try:
-                out.append((m[1], _number(value)))
-            except ValueError:
-                continue
-    return sorted(out, key=lambda kv: -kv[1])[:top]
+    """The ``top`` stall reasons of a raw row, largest first: cycles per issued instruction
+    where the row has them, else the samples of each reason (the first family of
+    :data:`_RAW_STALLS` with a readable value)."""
+    for family in _RAW_STALLS:
+        out = []
+        for name, value in row.items():
+            m = family.search(name)
+            if m and not m[1].endswith("not_issued"):
+                try:
+                    out.append((m[1], _number(value)))
+                except ValueError:
+                    continue
+        if out:
+            return sorted(out, key=lambda kv: -kv[1])[:top]
+    return []
 
 
 def _stall_text(kernel: dict, raw: dict | None) -> str:

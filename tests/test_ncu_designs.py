@@ -74,6 +74,11 @@ def test_raw_export_gives_the_costliest_stalls_first():
                                   ("mio_throttle", 2.40)]  # fmt: skip
     assert nd.raw_stalls(row, top=1) == [("long_scoreboard", 1203.5)]
     assert nd.parse_raw("==ERROR== Failed to initialize the profiler\n") == []
+    # without the warp states' ratios, the source counters' samples (not-issued ones left out)
+    sampled = {"smsp__pcsamp_warps_issue_stalled_barrier": "9,120",
+               "smsp__pcsamp_warps_issue_stalled_barrier_not_issued": "99,999",
+               "smsp__pcsamp_warps_issue_stalled_wait": "310"}  # fmt: skip
+    assert nd.raw_stalls(sampled) == [("barrier", 9120.0), ("wait", 310.0)]
 
 
 def test_summary_has_a_row_a_kernel_with_the_raw_stalls(tmp_path: Path):
