@@ -227,8 +227,9 @@ def test_ticket_counts_global_memory_shuffles_and_the_fewest_l1_wavefronts(tmp_p
     assert sass_loops.ticket_ops(text, trips, "shuffles") == {}  # in the prologue: not a ticket's
     assert [sass_loops.wavefronts(i) for i in ("LDS R1, [R2]", "LDS.64 R2, [R3]",
             "@P0 STS.128 [R1], R4", "LDSM.16.MT88.2 R4, [R2]", "STSM.16.M88 [R1], R4",
-            "LDG.E.EF.64 R2, desc[UR4][R2.64]", "ATOMG.E.ADD.STRONG.GPU PT, R3, [R2], R4",
-            "SHFL.BFLY PT, R3, R2, 0x1, 0x1f", "FADD R1, R1, R1")] == [1, 2, 4, 2, 1, 2, 1, 0, 0]
+            "LDG.E.EF.64 R2, desc[UR4][R2.64]", "@!P1 LDG.E R4, desc[UR4][R2.64]",
+            "ATOMG.E.ADD.STRONG.GPU PT, R3, [R2], R4", "SHFL.BFLY PT, R3, R2, 0x1, 0x1f",
+            "FADD R1, R1, R1")] == [1, 2, 4, 2, 1, 2, 1, 1, 0, 0]
     path = tmp_path / "t.sass"
     path.write_text(text)
     sass_loops.main([str(path), "--ticket", "--loop-trips", "k.py:20=3", "f.py:30=2"])

@@ -184,10 +184,11 @@ def wavefronts(instruction: str) -> int:
     any other instruction."""
     if not (TICKET_OPS["shared"].match(instruction) or TICKET_OPS["global"].match(instruction)):
         return 0
-    m = _MATRIX.search(instruction)
+    opcode = re.sub(r"^@!?U?P\w+\s+", "", instruction).split()[0]  # not the operands' R2.64
+    m = _MATRIX.search(opcode)
     if m:
         return int(m.group(1) or 1)
-    w = _WIDTH.search(instruction)
+    w = _WIDTH.search(opcode)
     return max(1, 32 * (int(w.group(1)) // 8 if w else 4) // _L1_BYTES)
 
 
