@@ -90,10 +90,9 @@ def parse_details(text: str) -> list[dict]:
         m = _KERNEL.match(line)
         if m:
             current = dict(name=m[1], grid=tuple(int(v) for v in m.group(2, 3, 4)),
-                           block=tuple(int(v) for v in m.group(5, 6, 7)), metrics={},
-                           stalls=[])  # fmt: skip
-            kernels.append(current)
+                           block=tuple(int(v) for v in m.group(5, 6, 7)), metrics={})
             prose = []
+            kernels.append((current, prose))
             continue
         if current is None:
             continue
@@ -101,17 +100,18 @@ def parse_details(text: str) -> list[dict]:
         if m:
             current["metrics"].setdefault(m[1], []).append((m[2] or "", _number(m[3])))
         elif line.startswith("    ") and not set(line.strip()) <= set("- "):
-            prose.append(line.strip())
-            current["stalls"] = _stall_rules(" ".join(prose))
-            current["access"] = _access_rules(" ".join(prose))
-    return kernels
+            prose.append(line.strip())  # the rules' text, wrapped over lines
+    for kernel, lines in kernels:
+        text = re.sub(r"\s+", " ", " ".join(lines))
+        kernel.update(stalls=_stall_rules(text), access=_access_rules(text))
+    return [kernel for kernel, _ in kernels]
 
 
 def _stall_rules(prose: str) -> list[tuple[str, float, float]]:
     """(what the warps wait for, cycles, % of the cycles between two instructions) of each stall
     rule in a kernel's details text (the rules ncu prints for the stalls that cost the most)."""
     rules = []
-    for m in _STALL_RULE.finditer(re.sub(r"\s+", " ", prose)):
+    for m in _STALL_RULE.finditer(prose):
         what = re.sub(r"^(waiting (for |on )?|on )", "", m[2]).split(" (")[0]
         rules.append((what, float(m[1]), float(m[3])))
     return rules
@@ -119,9 +119,8 @@ def _stall_rules(prose: str) -> list[tuple[str, float, float]]:
 
 def _access_rules(prose: str) -> list[str]:
     """Short forms of the memory tables' rules on bank conflicts and uncoalesced accesses."""
-    text = re.sub(r"\s+", " ", prose)
-    out = [f"shared {m[3]}s {m[1]}-way" for m in _BANK_RULE.finditer(text)]
-    out += [f"uncoalesced {m[1]} {m[3]} %" for m in _UNCOALESCED_RULE.finditer(text)]
+    out = [f"shared {m[3]}s {m[1]}-way" for m in _BANK_RULE.finditer(prose)]
+    out += [f"uncoalesced {m[1]} {m[3]} %" for m in _UNCOALESCED_RULE.finditer(prose)]
     return list(dict.fromkeys(out))
 
 
@@ -202,7 +201,7 @@ def summarize(folder: Path) -> str:
             raw = raws[i] if i < len(raws) else None
             geo = f"{k['grid'][0]}x{k['grid'][1]}x{k['grid'][2]} x {k['block'][0]}"
             vals = " | ".join(_fmt(metric(k, name, unit)) for _, name, unit in DETAILS)
-            access = ", ".join(k.get("access", [])) or "-"
+            access = ", ".join(k["access"]) or "-"
             lines.append(f"| {case} | {k['name']} | {geo} | {vals} | {_stall_text(k, raw)} "
                          f"| {access} |")  # fmt: skip
         ms = [metric(k, "Duration", "ms") or 0.0 for k in kernels]
