@@ -21,6 +21,8 @@ layouts through shared memory before).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -46,12 +48,21 @@ _HELD_ITERS = tl.constexpr(8)
 # a thread's share (128) nothing. With more shifts, or with Triton 3.9, the cap spills more (3.6
 # [None, 2, 4, 6]: 88 B fp32, 140 B bf16; 3.9: 24-144 B): bench/results/static_designs/
 _CAP_ONE_SHIFT = TRITON_VERSION < (3, 7)
+# Triton from 3.7 (ptxas 13) gives the backward of windows smaller than its program (fewer
+# values E P^d than threads: the isles preset's E = P = 4) 64 registers unasked and spills (sm_90a,
+# 16 warps, [None, 1, 2, 3]: 56 B fp32 and bf16); at the cap, 122 registers, none, and 3,168
+# instructions against 3,224. Capped, E = 2, P = 4 and 2D E = 4, P = 8 do not spill either and
+# issue fewer too. Triton 3.6's ptxas spills there capped (E = 2, P = 4: 24 / 56 B), not uncapped.
+_CAP_SMALL_WINDOWS = TRITON_VERSION >= (3, 7)
 
 
-def share_cap(nshift: int) -> bool:
+def share_cap(geo: _Geometry2, warps: int) -> bool:
     """Whether the backward launches at ptxas's register cap of a thread's share
-    (``Pipeline.launch``): only with one shift and a Triton before 3.7 (``_CAP_ONE_SHIFT``)."""
-    return _CAP_ONE_SHIFT and nshift == 1
+    (``Pipeline.launch``): with one shift and a Triton before 3.7 (``_CAP_ONE_SHIFT``), or with
+    windows of fewer values than the program has threads and a Triton from 3.7
+    (``_CAP_SMALL_WINDOWS``)."""
+    small = geo.E * math.prod(geo.P) < 32 * warps
+    return (_CAP_ONE_SHIFT and geo.nshift == 1) or (_CAP_SMALL_WINDOWS and small)
 
 
 @triton.jit(noinline=True)
@@ -315,7 +326,7 @@ def backward3(x, g0, rowmask, u, h, kmat, dy, geo: _Geometry2, plan, iters: int,
         **pipe.magic(geo), **geo.consts(), **pipe.block(geo), MU=mu, ACC=acc_dtype(x.dtype),
         **bwd_tile_plan(geo, mu, x.dtype, pipe.wpp, pipe.warps()),
         **bwd_parts_plan(geo, mu, x.dtype, pipe.wpp, pipe.warps()),
-        **pipe.launch(share_cap=share_cap(geo.nshift)),
+        **pipe.launch(share_cap=share_cap(geo, pipe.warps())),
     )  # fmt: skip
     return dx
 

@@ -143,7 +143,8 @@ def coverage_cases(dtype: str = "fp32") -> list[StaticCase]:
     window design with both shift sets ([None, 4]: sub-boxes of 4^3, [None, 2, 4, 6]: of 2^3) and
     the third (its fused kernels) with both, with its tiles (the default) and without, plus the
     global path with 16 rows a matrix (its backward output pass then spreads the rows over
-    threads: kernels/_global_apply.py)."""
+    threads: kernels/_global_apply.py), plus the isles preset's layer (E = P = 4, shifts
+    [None, 1, 2, 3]: design 3 with windows smaller than its program, kernels/_window3_bwd.py)."""
     cases = benchmark_cases(dtypes=(dtype,))
     cases = [c for c in cases if c.shape == cases[0].shape]
     odd = dataclasses.replace(cases[0], mode="window", shifts=(None, 3), window=WINDOW, rank=1)
@@ -153,7 +154,9 @@ def coverage_cases(dtype: str = "fp32") -> list[StaticCase]:
            for name in ("swin2", "swin4")]  # fmt: skip
     wide = dataclasses.replace(cases[0], mode="global", shifts=(None,), window=None, rank=1,
                                head_dim=16)  # fmt: skip
-    return [*cases, odd, *two, wide]
+    isles = dataclasses.replace(cases[0], mode="window", shifts=(None, 1, 2, 3), window=4,
+                                head_dim=4, rank=1, design=3)  # fmt: skip
+    return [*cases, odd, *two, wide, isles]
 
 
 @contextlib.contextmanager
