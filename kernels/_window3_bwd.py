@@ -21,8 +21,6 @@ layouts through shared memory before).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -56,13 +54,13 @@ _CAP_ONE_SHIFT = TRITON_VERSION < (3, 7)
 _CAP_SMALL_WINDOWS = TRITON_VERSION >= (3, 7)
 
 
-def share_cap(geo: _Geometry2, warps: int) -> bool:
+def share_cap(geo: _Geometry2, pipe: Pipeline) -> bool:
     """Whether the backward launches at ptxas's register cap of a thread's share
     (``Pipeline.launch``): with one shift and a Triton before 3.7 (``_CAP_ONE_SHIFT``), or with
-    windows of fewer values than the program has threads and a Triton from 3.7
-    (``_CAP_SMALL_WINDOWS``)."""
-    small = geo.E * math.prod(geo.P) < 32 * warps
-    return (_CAP_ONE_SHIFT and geo.nshift == 1) or (_CAP_SMALL_WINDOWS and small)
+    windows of fewer values than the program has threads (``Pipeline.small_windows``) and a
+    Triton from 3.7 (``_CAP_SMALL_WINDOWS``)."""
+    return ((_CAP_ONE_SHIFT and geo.nshift == 1)
+            or (_CAP_SMALL_WINDOWS and pipe.small_windows(geo)))  # fmt: skip
 
 
 @triton.jit(noinline=True)
@@ -326,7 +324,7 @@ def backward3(x, g0, rowmask, u, h, kmat, dy, geo: _Geometry2, plan, iters: int,
         **pipe.magic(geo), **geo.consts(), **pipe.block(geo), MU=mu, ACC=acc_dtype(x.dtype),
         **bwd_tile_plan(geo, mu, x.dtype, pipe.wpp, pipe.warps()),
         **bwd_parts_plan(geo, mu, x.dtype, pipe.wpp, pipe.warps()),
-        **pipe.launch(share_cap=share_cap(geo, pipe.warps())),
+        **pipe.launch(share_cap=share_cap(geo, pipe)),
     )  # fmt: skip
     return dx
 

@@ -19,6 +19,7 @@ whose programs are running, so no grid size or residency deadlocks; under the in
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
@@ -473,6 +474,14 @@ class Pipeline:
     def warps(self) -> int:
         return TUNING["warps"] or _WARPS
 
+    def small_windows(self, geo) -> bool:
+        """Whether a window holds fewer values (E P^d) than a program has threads (the isles
+        preset's E = P = 4: 256 for 512): there, ptxas left to itself gives the fused kernels 64
+        registers and spills (sm_90a, 16 warps, [None, 1, 2, 3]: Triton 3.9's backward 56 B,
+        Triton 3.6's bf16 forward 8 B), at a thread's share none, with fewer instructions
+        (``launch``'s ``share_cap``; kernels/_window3_bwd.py says where the backward takes it)."""
+        return geo.E * math.prod(geo.P) < 32 * self.warps()
+
     def launch(self, *, share_cap: bool) -> dict:
         """The launch options: warps a program and ptxas's register cap: ``TUNING["maxnreg"]`` if
         set, else a thread's share of the register file at the programs per SM where more than
@@ -480,7 +489,8 @@ class Pipeline:
         hardware allows no more anyway, but ptxas allocates otherwise: the forward without its
         tiles takes it (uncapped, Triton 3.6's ptxas gives the [None] bf16 forward 64 registers
         and 16 spill bytes; capped, no forward without tiles spills with Triton 3.6 or 3.9:
-        sm_90a, 16 warps, the static suite's cases); the tiled forwards and the backward do not
+        sm_90a, 16 warps, the static suite's cases), and so do both passes of windows smaller
+        than the program (``small_windows``); otherwise the tiled forwards and the backward do not
         (capped, they spill where uncapped they do not: Triton 3.6's ticket tile and forward
         output tile with [None, 2, 4, 6], 8 B; the 3.6 BraTS fp32 backward 96 B, the 3.9
         backward in five of six cases, 32-136 B; bench/results/static_designs/instructions.md)."""

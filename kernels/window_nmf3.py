@@ -334,7 +334,7 @@ def _fused_forward(x, g0, rowmask, geo: _Geometry2, plan, iters: int, mu: bool, 
         geo.channels, geo.E, geo.heads, geo.nwin, geo.nvox, iters, geo.S[1], geo.S[2], *geo.NW,
         **pipe.magic(geo), **geo.consts(), **pipe.block(geo), MU=mu, ACC=acc, **dot, SAVE=save,
         MERGE=pipe.merges(dot["DOT"]), PAX=pipe.ax, **tiles,
-        **pipe.launch(share_cap=not (tiles["TILE"] or tiles["OTILE"])),
+        **pipe.launch(share_cap=not (tiles["TILE"] or tiles["OTILE"]) or pipe.small_windows(geo)),
     )  # fmt: skip
     if not save:
         h = kmat = None

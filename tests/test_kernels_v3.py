@@ -245,6 +245,28 @@ def test_launch_options_register_cap(monkeypatch):
         assert pipe.launch(share_cap=share_cap) == {"num_warps": 8, "maxnreg": 64}
 
 
+def test_windows_smaller_than_the_program_take_the_register_cap(monkeypatch):
+    """A window of fewer values (E P^d) than the program's threads (the isles preset's E = P = 4:
+    256 for 512) is "small": both fused kernels launch at the register cap there (the forward
+    always, the backward with a Triton from 3.7: kernels/_window3_bwd.py), none of the E = P = 8
+    layers does; the one-shift backward's cap before Triton 3.7 stays."""
+    def pipe_of(e, p, shifts, spatial=(16, 16, 16)):
+        x = torch.empty(1, 2 * e, *spatial, device="meta")
+        geo = common._Geometry2(x, e, (p, p, p), shifts)
+        return geo, sched.Pipeline(geo, sched.fused_plan(tuple(geo.NW), geo.shifts), x.device)
+
+    isles, isles_pipe = pipe_of(4, 4, [None, 1, 2, 3])
+    assert isles_pipe.small_windows(isles)  # 4 x 64 < 16 warps x 32
+    assert bwd3.share_cap(isles, isles_pipe) == bwd3._CAP_SMALL_WINDOWS
+    for e, p, shifts in ((8, 8, [None, 2, 4, 6]), (8, 4, [None, 1, 2, 3]), (4, 8, [None, 4])):
+        geo, pipe = pipe_of(e, p, shifts)
+        assert not pipe.small_windows(geo) and not bwd3.share_cap(geo, pipe), (e, p)
+    geo, pipe = pipe_of(8, 8, [None])
+    assert bwd3.share_cap(geo, pipe) == bwd3._CAP_ONE_SHIFT
+    monkeypatch.setitem(sched.TUNING, "warps", 8)  # 256 threads: a window of 256 values is not
+    assert not isles_pipe.small_windows(isles)
+
+
 @pytest.mark.skipif(not INTERPRET, reason="under the interpreter programs run in turn")
 @pytest.mark.parametrize("backward", [False, True])
 def test_design3_schedule_error_raises_under_the_interpreter(gen, design3, monkeypatch, backward):
