@@ -47,9 +47,9 @@
 #             design 2 with its four tiles asks for each bf16 sector once, design 1 twice
 #   isles     bench/time_designs.py for the isles preset's layer (E = P = 4, shifts [None, 1, 2, 3],
 #             sub-boxes of one voxel; 2x32x64^3, fp32/bf16): the code's choice (design 3, whose
-#             tiles do not fit windows of 64 voxels: its per-window passes; Triton 3.6's bf16
-#             forward spills 8 B, 3.9's backward 56 B) against designs 1 and 2 (design 2's four
-#             tiles spill nothing) and design 3 at 8 warps (no spill): which design that preset
+#             tiles but its ticket tile do not fit windows of 64 voxels: its per-window passes,
+#             at the register cap since 2026-12-06, no spill) against designs 1 and 2 (design 2's
+#             four tiles spill nothing) and design 3 at 8 warps (no spill): which design that preset
 #             should take (bench/results/static_designs/isles_2026-12-06.md; untimed)
 #   winop     the window triton ops on the GPU (tests/test_triton_op.py, tests/test_custom_op.py):
 #             Inductor compiles a block with each window design's kernels, compiled = eager; and
