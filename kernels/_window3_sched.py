@@ -478,7 +478,7 @@ class Pipeline:
         """Whether a window holds fewer values (E P^d) than a program has threads (the isles
         preset's E = P = 4: 256 for 512): there, ptxas left to itself gives the fused kernels 64
         registers and spills (sm_90a, 16 warps, [None, 1, 2, 3]: Triton 3.9's backward 56 B,
-        Triton 3.6's bf16 forward 8 B), at a thread's share none, with fewer instructions
+        Triton 3.6's bf16 forward 8 B), at a thread's share none, with as many instructions or fewer
         (``launch``'s ``share_cap``; kernels/_window3_bwd.py says where the backward takes it)."""
         return geo.E * math.prod(geo.P) < 32 * self.warps()
 
