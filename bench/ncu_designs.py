@@ -61,7 +61,8 @@ DETAILS = (
 # ncu prints durations in the unit that suits them: to ms
 _TIME_UNITS = {"ms": 1.0, "msecond": 1.0, "us": 1e-3, "usecond": 1e-3, "ns": 1e-6,
                "nsecond": 1e-6, "s": 1e3, "second": 1e3}  # fmt: skip
-_KERNEL = re.compile(r"^  (\S+) \((\d+), (\d+), (\d+)\)x\((\d+), (\d+), (\d+)\), Context")
+# a kernel's header line: its name (a demangled one may hold spaces and parentheses), grid, block
+_KERNEL = re.compile(r"^  (\S.*?) \((\d+), (\d+), (\d+)\)x\((\d+), (\d+), (\d+)\), Context")
 _METRIC = re.compile(r"^ {4}(\S.*?\S) {2,}(?:(\S+) +)?(-?[\d,]+(?:\.\d+)?)\s*$")
 _STALL_RULE = re.compile(r"spends ([\d.]+) cycles being stalled (.+?)\. .*?This stall type "
                          r"represents about ([\d.]+)% of the total", re.S)  # fmt: skip
@@ -164,6 +165,21 @@ def raw_stalls(row: dict, top: int = 3) -> list[tuple[str, float]]:
     return []
 
 
+def pair_raw(kernels: list[dict], raws: list[dict]) -> list[dict | None]:
+    """Each details kernel's raw row: the next row, in launch order, whose "Kernel Name" is the
+    kernel's (a kernel the raw export lacks, or one the details page lost, shifts no other);
+    without names in the export, the row of the same place."""
+    if not any("Kernel Name" in r for r in raws):
+        return [raws[i] if i < len(raws) else None for i in range(len(kernels))]
+    out, j = [], 0
+    for k in kernels:
+        nxt = next((i for i in range(j, len(raws))
+                    if raws[i].get("Kernel Name", "").strip() == k["name"]), None)  # fmt: skip
+        out.append(None if nxt is None else raws[nxt])
+        j = j if nxt is None else nxt + 1
+    return out
+
+
 def _stall_text(kernel: dict, raw: dict | None) -> str:
     if raw:
         stalls = raw_stalls(raw)
@@ -197,8 +213,7 @@ def summarize(folder: Path) -> str:
         if not kernels:
             lines.append(f"| {case} | (no kernel in the details page) |||" + "|" * (len(cols) + 1))
             continue
-        for i, k in enumerate(kernels):
-            raw = raws[i] if i < len(raws) else None
+        for k, raw in zip(kernels, pair_raw(kernels, raws), strict=True):
             geo = f"{k['grid'][0]}x{k['grid'][1]}x{k['grid'][2]} x {k['block'][0]}"
             vals = " | ".join(_fmt(metric(k, name, unit)) for _, name, unit in DETAILS)
             access = ", ".join(k["access"]) or "-"

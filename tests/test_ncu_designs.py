@@ -97,6 +97,26 @@ def test_summary_has_a_row_a_kernel_with_the_raw_stalls(tmp_path: Path):
     assert "- plain: 1 kernels, 5.100 ms together" in table
 
 
+def test_a_torch_kernel_before_ours_keeps_the_raw_rows_paired():
+    """A fill kernel with a demangled name (spaces, parentheses) launched before the fused
+    kernel is a kernel of its own in the details page, and the raw rows pair by name: the
+    fused kernel's stalls are its own, also when the raw export lacks the fill."""
+    text = ("  void at::native::fill<float>(int, float) (8, 1, 1)x(128, 1, 1), Context 1, "
+            "Stream 7, Device 0, CC 9.0\n"
+            "    Duration                         us         2.30\n"
+            "  _fused_kernel (132, 1, 1)x(512, 1, 1), Context 1, Stream 7, Device 0, CC 9.0\n"
+            "    Duration                         ms         5.10\n")  # fmt: skip
+    fill, fused = nd.parse_details(text)
+    assert fill["name"] == "void at::native::fill<float>(int, float)" and fill["grid"] == (8, 1, 1)
+    assert nd.metric(fused, "Duration", "ms") == pytest.approx(5.10)
+    (row,) = nd.parse_raw(RAW)  # _fused_kernel's row alone
+    assert nd.pair_raw([fill, fused], [row]) == [None, row]
+    other = dict(row, **{"Kernel Name": fill["name"]})
+    assert nd.pair_raw([fill, fused], [other, row]) == [other, row]
+    nameless = [{"x": "1"}, {"x": "2"}]  # no names: by place
+    assert nd.pair_raw([fill, fused], nameless) == nameless
+
+
 def test_summary_refuses_a_folder_without_details(tmp_path: Path):
     with pytest.raises(SystemExit, match="no <case>.details.txt"):
         nd.summarize(tmp_path)
