@@ -225,9 +225,9 @@ def summarize(folder: Path) -> str:
                      + totals) + "\n"  # fmt: skip
 
 
-def run_case(key: str, shape, device: str | None = None) -> list[str]:
-    """One training call of a case, profiled (module docstring); the names of the Triton
-    kernels it launched are not known here (ncu lists them): returns the case's description."""
+def run_case(key: str, shape) -> list[str]:
+    """One training call of a case, profiled on a GPU (module docstring); returns the case's
+    description (ncu names the kernels it launched)."""
     import torch
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -235,7 +235,7 @@ def run_case(key: str, shape, device: str | None = None) -> list[str]:
 
     variant, sname, dname = CASES[key]
     design, tuning = {name: (d, t) for name, d, t in VARIANTS}[variant]
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     x, v0, dy = _inputs(shape, dname, dev)
     with _tuned(design, tuning):
 

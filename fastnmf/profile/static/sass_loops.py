@@ -196,8 +196,12 @@ def ticket_ops(text: str, loop_trips: dict[str, int], kind: str,
                callers: bool = False) -> collections.Counter:  # fmt: skip
     """The instructions of ``kind`` (a :data:`TICKET_OPS` key) one ticket issues, weighted as in
     :func:`ticket_count`, by source line ("file:line"; with ``callers`` see :func:`parse_sass`)."""
+    return _ops_by_line(_ticket_weights(text, loop_trips, callers)[2], kind)
+
+
+def _ops_by_line(weighted, kind: str) -> collections.Counter:
+    """:func:`ticket_ops` of an already weighted ticket (:func:`_ticket_weights`)."""
     pattern = TICKET_OPS[kind]
-    _, _, weighted, _ = _ticket_weights(text, loop_trips, callers)
     ops: collections.Counter = collections.Counter()
     for ins, loc, w in weighted:
         if pattern.match(ins):
@@ -288,11 +292,11 @@ def _print_ticket(text: str, specs: list[str], top: int, callers: bool = False) 
     called = ", ".join(f"{name.split('$')[-1][:40]} x{n}" for name, n in calls.items())
     print(f"ticket loop [{ticket.start}-{ticket.end}] {ticket.instructions} instructions; calls: "
           f"{called or 'none'}; one ticket: {total}")  # fmt: skip
+    _, _, weighted, _ = _ticket_weights(text, trips, callers)  # once for every kind
     for kind in TICKET_OPS:
-        ops = ticket_ops(text, trips, kind, callers)
+        ops = _ops_by_line(weighted, kind)
         lines = ", ".join(f"{k} x{v}" for k, v in ops.most_common(top))
         print(f"  {kind}: {sum(ops.values())}" + (f" ({lines})" if lines else ""))
-    _, _, weighted, _ = _ticket_weights(text, trips, callers)
     shared = sum(wavefronts(i) * w for i, _, w in weighted if TICKET_OPS["shared"].match(i))
     glob = sum(wavefronts(i) * w for i, _, w in weighted if TICKET_OPS["global"].match(i))
     print(f"  L1 wavefronts at least: {shared + glob} (shared {shared}, global {glob}; a warp, "
