@@ -24,7 +24,8 @@
 #             shared-memory fix of 274807b holds on the GPU (run it first next time)
 #   ncu       Nsight Compute on every kernel of one training call (forward + backward,
 #             2x32x128^3) of each case of bench/ncu_designs.py (the code's choice for [None, 4]
-#             and for [None, 2, 4, 6], fp32 and bf16, then two latency candidates; NCU_CASES
+#             and for [None, 2, 4, 6] and design 3 with [None, 4], fp32, the choices in bf16,
+#             then two latency candidates; NCU_CASES
 #             picks, NCU_ARGS adds arguments to each run): speed of light, occupancy, warp
 #             states, scheduler, memory, source counters (where the warps stall: design 3's
 #             spin-waits between programs or its tiles). Each case first runs unprofiled, all

@@ -35,11 +35,14 @@ from pathlib import Path
 
 # (variant of bench/time_designs.py, shift set, dtype), in the order the GPU phase profiles them:
 # the code's choice for each shift set (design 2 for [None, 4], design 3 with four tiles for
-# [None, 2, 4, 6]) in fp32 and bf16, then the latency candidates of design 3 (two programs of 8
-# warps an SM: kernels/DESIGNS.md) and design 2 on design 3's tiles
+# [None, 2, 4, 6]) in fp32, design 3 with [None, 4] (on the H200 it held a floor there that the
+# BraTS shifts did not: bench/results/h200_2026-12-04/static_vs_time.md), the choices in bf16,
+# then the latency candidates of design 3 (two programs of 8 warps an SM: kernels/DESIGNS.md)
+# and design 2 on design 3's tiles
 CASES = {
     "d2-s4-fp32": ("design 2", "[None, 4]", "fp32"),
     "d3-s246-fp32": ("design 3, four tiles", "[None, 2, 4, 6]", "fp32"),
+    "d3-s4-fp32": ("design 3, four tiles", "[None, 4]", "fp32"),
     "d2-s4-bf16": ("design 2", "[None, 4]", "bf16"),
     "d3-s246-bf16": ("design 3, four tiles", "[None, 2, 4, 6]", "bf16"),
     "d3-2prog-s246-fp32": ("design 3, 8 warps, 2 programs/SM", "[None, 2, 4, 6]", "fp32"),
