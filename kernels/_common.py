@@ -44,21 +44,46 @@ def acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+# The compile options every direct launch passes. FMA contraction on: the kernels were written,
+# tested against the float64 oracle, counted (static suite) and timed with it, Triton's default up
+# to 3.9; Triton 3.9 warns that 3.10 turns it off by default (--fmad=false: separate multiply and
+# add, more instructions, other roundings), so it is asked for, not left to the default.
+COMPILE_OPTIONS = {"enable_fp_fusion": True}
+
+
+class _Direct:
+    """``kernel[grid](*args, **kwargs)`` with :data:`COMPILE_OPTIONS` added to the kwargs."""
+
+    __slots__ = ("kernel",)
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        run = self.kernel[grid]
+        return lambda *args, **kwargs: run(*args, **COMPILE_OPTIONS, **kwargs)
+
+
 def launch(kernel, *, wrap: bool):
-    """What a launcher indexes with its grid: ``kernel`` itself, or, with ``wrap`` (inside a
-    ``torch.library.triton_op``), ``torch.library.wrap_triton(kernel)``.
+    """What a launcher indexes with its grid: ``kernel`` itself, with :data:`COMPILE_OPTIONS`, or,
+    with ``wrap`` (inside a ``torch.library.triton_op``), ``torch.library.wrap_triton(kernel)``.
 
     Traced (torch.compile's decomposition of the op on CUDA), the wrapped launch is recorded as a
-    ``triton_kernel_wrapper`` node; run eagerly, wrap_triton hands back the kernel itself (the
-    op's eager implementation disables wrapping, and under ``TRITON_INTERPRET=1`` an interpreted
-    kernel is returned as is), so the launch is the direct one. Outside an op (``wrap=False``)
-    nothing of torch.library is touched: the kernels import and launch without it.
+    ``triton_kernel_wrapper`` node, which Inductor compiles and launches with its own options
+    (it takes no compile option but ``num_warps`` and the like from the call); run eagerly,
+    wrap_triton hands back the kernel itself (the op's eager implementation disables wrapping, and
+    under ``TRITON_INTERPRET=1`` an interpreted kernel is returned as is), so the launch is the
+    direct one, options included. Outside an op (``wrap=False``) nothing of torch.library is
+    touched: the kernels import and launch without it. Every launch in ``fastnmf.kernels`` goes
+    through here (tests/test_compile_options.py).
     """
-    if not wrap:
-        return kernel
-    from torch.library import wrap_triton
+    if wrap:
+        from torch.library import wrap_triton
 
-    return wrap_triton(kernel)
+        wrapped = wrap_triton(kernel)
+        if wrapped is not kernel:
+            return wrapped
+    return _Direct(kernel)
 
 
 def shift_rows(shifts, spatial) -> tuple[tuple[int, int, int], ...]:

@@ -38,6 +38,7 @@ from ._common import (
     _row_mask,
     acc_dtype,
     compute_dtype,
+    launch,
     row_mask,
     shift_rows,
 )
@@ -322,7 +323,7 @@ def _reduce(x, dy, g0, rowmask, plan: _Plan, relu: bool, mu: bool):
     hp = kp if backward else torch.empty(
         plan.matrices, plan.ngroup, plan.nshift, plan.E, dtype=plan.cdt, device=dev
     )  # fmt: skip
-    _reduce_kernel[(plan.ngroup, plan.matrices)](
+    launch(_reduce_kernel, wrap=False)[(plan.ngroup, plan.matrices)](
         x, dy if backward else x, g0, rowmask, plan.shifts, kp, hp,
         plan.E, plan.nshift, plan.nk, plan.nchunk, plan.ngroup, *plan.S,
         BLOCK_E=plan.block_e, BLOCK_V=plan.block_v, SUB=plan.sub, NSB=plan.nsb,
@@ -345,12 +346,12 @@ class GlobalNMF(torch.autograd.Function):
         hats = torch.empty(*shape, iters, plan.E, dtype=plan.cdt, device=x.device)
         norms = torch.empty(*shape, iters, dtype=plan.cdt, device=x.device)
         u = torch.empty(*shape, plan.E, dtype=plan.cdt, device=x.device)
-        _iterate_kernel[(plan.nshift, plan.matrices)](
+        launch(_iterate_kernel, wrap=False)[(plan.nshift, plan.matrices)](
             kp, hp, k, hats, norms, u, plan.E, plan.nshift, plan.nk, plan.ngroup, iters,
             BLOCK_E=plan.block_e, BLOCK_G=plan.block_g, STAGES=_STAGES,
         )  # fmt: skip
         y = torch.empty_like(x)
-        _apply_fwd_kernel[(plan.nchunk, plan.matrices)](
+        launch(_apply_fwd_kernel, wrap=False)[(plan.nchunk, plan.matrices)](
             x, y, g0, rowmask, plan.shifts, u, plan.E, plan.nshift, *plan.S,
             BLOCK_E=plan.block_e, BLOCK_V=plan.block_v, RELU=relu, MU=mu, ACC=plan.acc,
         )  # fmt: skip
@@ -367,7 +368,7 @@ class GlobalNMF(torch.autograd.Function):
         sym = torch.empty(plan.matrices, plan.nshift, plan.E, plan.E, dtype=plan.cdt,
                           device=x.device)  # fmt: skip
         hbar = torch.empty(plan.matrices, plan.nshift, plan.E, dtype=plan.cdt, device=x.device)
-        _iterate_bwd_kernel[(plan.nshift, plan.matrices)](
+        launch(_iterate_bwd_kernel, wrap=False)[(plan.nshift, plan.matrices)](
             k, dpp, hats, norms, sym, hbar, plan.E, plan.nshift, plan.nk, plan.ngroup,
             hats.shape[-2], BLOCK_E=plan.block_e, BLOCK_G=plan.block_g, ACC=plan.acc,
             STAGES=_STAGES,
@@ -376,11 +377,12 @@ class GlobalNMF(torch.autograd.Function):
         args = (x, dy, dx, g0, rowmask, plan.shifts, u, sym, hbar, plan.E, plan.nshift, *plan.S)
         flags = dict(BLOCK_E=plan.block_e, BLOCK_V=plan.apply_v, RELU=relu, MU=mu, ACC=plan.acc)
         if plan.rows_in_thread:
-            _apply_bwd_kernel[(plan.apply_nchunk, plan.matrices)](
+            launch(_apply_bwd_kernel, wrap=False)[(plan.apply_nchunk, plan.matrices)](
                 *args, VEC=plan.apply_vec, NSB=plan.nsb, num_warps=_APPLY_WARPS, **flags
             )
         else:
-            _apply_bwd_many_rows_kernel[(plan.apply_nchunk, plan.matrices)](*args, **flags)
+            grid = (plan.apply_nchunk, plan.matrices)
+            launch(_apply_bwd_many_rows_kernel, wrap=False)[grid](*args, **flags)
         return dx, None, None, None, None, None, None, None, None
 
 

@@ -35,7 +35,15 @@ import triton.language as tl
 
 from fastnmf import loop
 
-from ._common import INTERPRET, _load_shift, _rolled_index, acc_dtype, compute_dtype, shift_rows
+from ._common import (
+    INTERPRET,
+    _load_shift,
+    _rolled_index,
+    acc_dtype,
+    compute_dtype,
+    launch,
+    shift_rows,
+)
 from ._rank_algebra import _gram, _hals_sweep, _mu_update, _x_times, _xt_times
 
 __all__ = ["global_nmf_rank"]
@@ -169,7 +177,8 @@ def global_nmf_rank(x, v0, *, rows, spatial, shifts=None, u0=None, iters=5, solv
                 ACC=acc)  # fmt: skip
     grid = (nchunk, ms)
     args = (x, v0c, shift_t, g, f, d, ap, bp, rows, nshift, nchunk, *S)
-    _pass_kernel[grid](*args, UPDATE=False, PARTIALS=True, **meta)  # G_0 = rolled v0
+    # G_0 = rolled v0
+    launch(_pass_kernel, wrap=False)[grid](*args, UPDATE=False, PARTIALS=True, **meta)
     for t in range(1, iters + 1):
         a = ap.sum(1)  # (Bm*nshift, M, R): X G_{t-1}, fixed-order sum over chunks
         b = bp.sum(1)  # (Bm*nshift, R, R): G_{t-1}^T G_{t-1}
@@ -177,9 +186,9 @@ def global_nmf_rank(x, v0, *, rows, spatial, shifts=None, u0=None, iters=5, solv
         f = f.contiguous()
         torch.matmul(f.transpose(-1, -2), f, out=d)  # F_t^T F_t
         args = (x, v0c, shift_t, g, f, d, ap, bp, rows, nshift, nchunk, *S)
-        _pass_kernel[grid](*args, UPDATE=True, PARTIALS=t < iters, **meta)
+        launch(_pass_kernel, wrap=False)[grid](*args, UPDATE=True, PARTIALS=t < iters, **meta)
     y = torch.empty_like(x)
-    _apply_kernel[(nchunk, matrices)](
+    launch(_apply_kernel, wrap=False)[(nchunk, matrices)](
         y, f, g, rows, nshift, nvox, R=rank, BLOCK_E=block_e, BLOCK_V=block_v, ACC=acc
     )
     return y

@@ -48,6 +48,7 @@ from ._common import (
     _voxel_window,
     _window_and_shift,
     _window_coords,
+    launch,
 )
 from ._rank_algebra import _step, _step_bwd, _x_times, _xt_times
 from .window_nmf import _Geometry, geometry
@@ -252,12 +253,13 @@ def _forward(x, u0, v0, geo: _Geometry, iters: int, mu: bool):
     f = torch.empty(progs, geo.E, rank, dtype=u0.dtype, device=x.device)
     g = torch.empty(progs, geo.pn, rank, dtype=u0.dtype, device=x.device)
     meta = _meta(geo, rank, x, mu)
-    _window_fwd_kernel[(geo.nwin, geo.nshift, geo.batch * geo.heads)](
+    launch(_window_fwd_kernel, wrap=False)[(geo.nwin, geo.nshift, geo.batch * geo.heads)](
         x, u0, v0, geo.shifts, f, g,
         *geo.common(), iters, geo.pn, *geo.spatial_args(), **meta,
     )  # fmt: skip
     y = torch.empty_like(x)
-    _window_apply_kernel[(triton.cdiv(geo.nvox, geo.block_v), geo.batch * geo.heads)](
+    grid = (triton.cdiv(geo.nvox, geo.block_v), geo.batch * geo.heads)
+    launch(_window_apply_kernel, wrap=False)[grid](
         y, geo.shifts, f, g,
         *geo.common(), geo.pn, *geo.spatial_args(),
         R=rank, BLOCK_E=geo.block_e, BLOCK_V=geo.block_v, ACC=meta["ACC"],
@@ -271,7 +273,7 @@ def _backward(x, u0, v0, dy, geo: _Geometry, iters: int, mu: bool):
     fs = torch.empty(progs, iters, geo.E, rank, dtype=u0.dtype, device=x.device)
     gs = torch.empty(progs, iters, geo.pn, rank, dtype=u0.dtype, device=x.device)
     buf = torch.empty(geo.nshift, *x.shape, dtype=u0.dtype, device=x.device)  # (nshift, B, C, *S)
-    _window_bwd_kernel[(geo.nwin, geo.nshift, geo.batch * geo.heads)](
+    launch(_window_bwd_kernel, wrap=False)[(geo.nwin, geo.nshift, geo.batch * geo.heads)](
         x, dy, u0, v0, geo.shifts, fs, gs, buf,
         *geo.common(), iters, geo.pn, x.numel(), *geo.spatial_args(), **_meta(geo, rank, x, mu),
     )  # fmt: skip

@@ -270,8 +270,8 @@ def test_wrap_triton_under_the_interpreter_is_the_kernel_itself():
     wn = importlib.import_module("fastnmf.kernels.window_nmf")
     assert _common.INTERPRET
     for kernel in (wn._stats_fwd_kernel, wn._apply_bwd_kernel, cn._fwd_kernel):
-        assert _common.launch(kernel, wrap=True) is kernel
-        assert _common.launch(kernel, wrap=False) is kernel
+        for wrap in (True, False):  # the direct launch, with the compile options
+            assert _common.launch(kernel, wrap=wrap).kernel is kernel
 
 
 @needs_triton
