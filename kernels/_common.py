@@ -69,13 +69,14 @@ def launch(kernel, *, wrap: bool):
     with ``wrap`` (inside a ``torch.library.triton_op``), ``torch.library.wrap_triton(kernel)``.
 
     Traced (torch.compile's decomposition of the op on CUDA), the wrapped launch is recorded as a
-    ``triton_kernel_wrapper`` node, which Inductor compiles and launches with its own options
-    (it takes no compile option but ``num_warps`` and the like from the call); run eagerly,
-    wrap_triton hands back the kernel itself (the op's eager implementation disables wrapping, and
-    under ``TRITON_INTERPRET=1`` an interpreted kernel is returned as is), so the launch is the
-    direct one, options included. Outside an op (``wrap=False``) nothing of torch.library is
-    touched: the kernels import and launch without it. Every launch in ``fastnmf.kernels`` goes
-    through here (tests/test_compile_options.py).
+    ``triton_kernel_wrapper`` node, which Inductor compiles and launches itself: it takes
+    ``num_warps`` and the like from the call but no other compile option, so there FMA contraction
+    is Triton's default (on up to 3.9; with Triton >= 3.10 set ``TRITON_DEFAULT_FP_FUSION=1``).
+    Run eagerly, wrap_triton hands back the kernel itself (the op's eager implementation disables
+    wrapping, and under ``TRITON_INTERPRET=1`` an interpreted kernel is returned as is), so the
+    launch is the direct one, options included. Outside an op (``wrap=False``) nothing of
+    torch.library is touched: the kernels import and launch without it. Every launch in
+    ``fastnmf.kernels`` goes through here (tests/test_compile_options.py).
     """
     if wrap:
         from torch.library import wrap_triton

@@ -1,9 +1,9 @@
 """The body of test_compile_options.test_kernels_compile_with_fp_fusion_where_the_default_is_off,
-run as a script in a compiling subprocess (Triton's interpreter off) with TRITON_DEFAULT_FP_FUSION=0,
-Triton 3.10's announced default: the layer's kernels, compiled for sm_90a through the static
-suite's stub driver, must still be compiled with FMA contraction, the option they were written,
-tested and counted with. Prints one line a compiled kernel: its name, the option, and whether its
-PTX holds a fused multiply-add."""
+run as a script in a compiling subprocess (Triton's interpreter off) with
+TRITON_DEFAULT_FP_FUSION=0, Triton 3.10's announced default: the layer's kernels, compiled for
+sm_90a through the static suite's stub driver, must still be compiled with FMA contraction, the
+option they were written, tested and counted with. Prints one line a compiled kernel: its name,
+the option, and whether its PTX holds a fused multiply-add."""
 
 from __future__ import annotations
 

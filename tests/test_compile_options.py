@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from fastnmf.kernels import _common
+
 from fastnmf.profile.static import ptx_tools
 
 KERNEL_DIR = Path(_common.__file__).parent
