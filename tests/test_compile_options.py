@@ -5,16 +5,17 @@ and then compiles no fused multiply-add at all)."""
 from __future__ import annotations
 
 import ast
+import importlib
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from fastnmf.kernels import _common
 
 from fastnmf.profile.static import ptx_tools
 
+_common = importlib.import_module("fastnmf.kernels._common")
 KERNEL_DIR = Path(_common.__file__).parent
 _MISSING = ptx_tools.missing_tools(["sm_90a"])
 
