@@ -25,6 +25,8 @@ sched3 = importlib.import_module("fastnmf.kernels._window3_sched")
 
 TILES2 = ("parts_tile", "apply_tile", "parts_bwd_tile", "out_tile")  # design 2's TUNING keys
 CASES = int(os.environ.get("FASTNMF_FUZZ_CASES", "6"))
+# the same cases in bf16 (even seeds) and fp16 (odd)
+LOW_CASES = int(os.environ.get("FASTNMF_FUZZ_LOW_CASES", "2"))
 # seeds 0 .. CASES - 1, and 16: the first whose case merges neighbours' parts in design 3's
 # ticket tile (the BraTS shifts on rows of 4 windows: 2 x 8 x 8 x 16 x 32)
 SEEDS = sorted(set(range(CASES)) | {16})
@@ -96,6 +98,28 @@ def test_random_window_case_matches_the_oracle_at_gpu_geometry(gen, monkeypatch,
     assert any(launch.kind == "triton" for launch in count.launches), case  # counted, checked
     assert rel_err(y, y_ref) <= 1e-5, case
     assert rel_err(dx, dx_ref) <= 1e-4, case
+
+
+@pytest.mark.parametrize("seed", range(LOW_CASES))
+def test_random_window_case_in_low_precision(gen, monkeypatch, seed):
+    """The same random cases with bf16 / fp16 in and out (fp32 accumulation; the tiles' bf16
+    layouts among them), bounds-checked, within 2x the oracle's own error at that dtype plus an
+    atol of 1e-3 (check_low_precision's bound)."""
+    case = random_case(seed)
+    dtype = (torch.bfloat16, torch.float16)[seed % 2]
+    x, v0, dy = nmf_inputs(gen, case["shape"], case["patch"], zero_windows=seed % 3 == 0)
+    kw = dict(head_dim=case["head_dim"], patch_size=case["patch"], shifts=case["shifts"],
+              solver=case["solver"], iters=case["iters"])  # fmt: skip
+    y64, dx64 = run_grad("reference", x, v0, dy, torch.float64, "cpu", **kw)
+    y_low, dx_low = run_grad("reference", x, v0, dy, dtype, "cpu", **kw)
+    for table, key, value in _tuning(case):
+        monkeypatch.setitem(table, key, value)
+    with counting() as count:
+        y, dx = run_grad("triton", x, v0, dy, dtype, "cpu", **kw)
+    assert any(launch.kind == "triton" for launch in count.launches), case
+    assert y.dtype == dtype and dx.dtype == dtype
+    assert rel_err(y, y64) <= 2 * rel_err(y_low, y64) + 1e-3, case
+    assert rel_err(dx, dx64) <= 2 * rel_err(dx_low, dx64) + 1e-3, case
 
 
 @pytest.mark.skipif(not interpreting(), reason="CPU tensors need TRITON_INTERPRET=1")
