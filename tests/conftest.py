@@ -172,3 +172,15 @@ def demo_cache(tmp_path_factory):
             os.environ.pop("FASTNMF_CACHE", None)
         else:
             os.environ["FASTNMF_CACHE"] = old
+
+
+def _ptx_tools_missing() -> list[str]:
+    """What the static report lacks to compile for sm_90a (ptxas, nvdisasm; empty: nothing)."""
+    from fastnmf.profile.static import ptx_tools  # after TRITON_INTERPRET is set (above)
+
+    return ptx_tools.missing_tools(["sm_90a"])
+
+
+PTX_MISSING = _ptx_tools_missing()
+# the static tests: compiled for sm_90a by Triton's own ptxas (skipped, saying why, without it)
+needs_ptxas = pytest.mark.skipif(bool(PTX_MISSING), reason="; ".join(PTX_MISSING) or "present")

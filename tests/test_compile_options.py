@@ -11,13 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from fastnmf.profile.static import ptx_tools
+from conftest import needs_ptxas
 
 _common = importlib.import_module("fastnmf.kernels._common")
 KERNEL_DIR = Path(_common.__file__).parent
-_MISSING = ptx_tools.missing_tools(["sm_90a"])
 
 
 class _Recorder:
@@ -60,7 +57,7 @@ def test_the_check_finds_a_direct_launch(tmp_path):
     assert _direct_launches(path) == ["m.py:1 k[1,]", "m.py:3 d['a']"]
 
 
-@pytest.mark.skipif(bool(_MISSING), reason="; ".join(_MISSING) or "tools present")
+@needs_ptxas
 def test_kernels_compile_with_fp_fusion_where_the_default_is_off():
     """In a compiling subprocess with TRITON_DEFAULT_FP_FUSION=0 (tests/_compile_options_check.py):
     the global path's and every window design's kernels, forward and backward, compile for sm_90a

@@ -9,15 +9,12 @@ import os
 import subprocess
 import sys
 
-import pytest
+from conftest import needs_ptxas
 
-from fastnmf.profile.static import ptx_tools
 from fastnmf.profile.static.glue_report import GLUE_CASES
 
-_MISSING = ptx_tools.missing_tools(["sm_90a"])
 
-
-@pytest.mark.skipif(bool(_MISSING), reason="; ".join(_MISSING) or "tools present")
+@needs_ptxas
 def test_glue_kernels_compile_for_sm90a_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, "-m", "fastnmf.profile.static.glue_report", "--target", "sm_90a"]
